@@ -1,0 +1,15 @@
+"""jaxconv: convolutions and dense layers whose product is yours.
+
+Replace the multiply of a convolution or a dense layer with any elementwise ``combine`` and
+the sum with any associative ``reduce``; ``jit``, ``grad``, ``vmap`` and sharding work as
+with ``lax``.
+"""
+
+from jaxconv import ops as ops
+from jaxconv._src.algebra import Op as Op
+from jaxconv._src.conv import conv_general_dilated as conv_general_dilated
+from jaxconv._src.conv import dot_general as dot_general
+
+__version__ = "0.1.0"
+
+__all__ = ("Op", "conv_general_dilated", "dot_general", "ops", "__version__")

@@ -1,0 +1,237 @@
+"""The algebra: an :class:`Op` is an elementwise ``combine`` and an associative ``reduce``.
+
+A generalized product replaces ``x * w`` by ``combine(x, w)`` and the sum over the
+contraction by ``reduce``. This module holds the ``Op`` type and the reducers (``sum``,
+``max``, ``min``, ``prod``, ``logsumexp`` or a user's binary callable), each with its identity
+in every dtype, a reduction along an axis and the elementwise binary form used to accumulate
+across kernel taps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+BUILTIN_REDUCES = ("sum", "max", "min", "prod", "logsumexp")
+
+# Reduces whose backward pass jaxconv writes by hand (recomputing the products instead of
+# storing them). Other reduces (``prod``, user callables) are differentiated automatically,
+# block by block under ``jax.checkpoint``.
+HAND_VJP_REDUCES = ("sum", "max", "min", "logsumexp")
+
+
+@dataclasses.dataclass(frozen=True, eq=True)
+class Op:
+    """A generalized product: ``reduce`` over the contraction of ``combine(x, w)``.
+
+    Args:
+      combine: elementwise ``combine(x, w) -> y``, written for scalars with ``jnp``
+        functions; it is called on broadcast arrays of equal shape.
+      reduce: ``"sum" | "max" | "min" | "prod" | "logsumexp"`` or an associative,
+        commutative binary callable ``myadd(a, b)`` (then ``identity`` is required).
+      identity: the reduce's identity ``e`` (``reduce(a, e) == a``). Built-in reduces know
+        theirs (0, -inf, +inf, 1, -inf) in every dtype; a number given here overrides it.
+      pad_value: ``None``: padded taps (and the holes of ``lhs_dilation``) contribute the
+        identity, i.e. they are skipped. A number: padded input cells hold that value and go
+        through ``combine`` (AdderNet pads with 0, larq's ``pad_values``).
+      name: the name under which the op is known (``jaxconv.ops.get(name)``), also used in
+        error messages and checkpoints.
+      rewrite: optional fast path ``rewrite(product, lhs, rhs) -> out`` where ``product(a, b)``
+        is the *standard* convolution or dot product with every geometry argument bound
+        (zero padding, which is the identity of ``sum``). Used by ``xnor`` and ``l2``.
+      post: optional elementwise map applied to the reduced result (kernel methods).
+      doc: one paragraph shown by ``describe()``.
+
+    Ops are immutable and hashable, so they can be static arguments of ``jax.jit``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import jaxconv
+      >>> max_plus = jaxconv.Op(lambda x, w: x + w, reduce="max", name="my_max_plus")
+      >>> x = jnp.arange(4.0).reshape(1, 4, 1)            # N W C
+      >>> w = jnp.zeros((2, 1, 1))                         # W I O
+      >>> jaxconv.conv_general_dilated(x, w, (1,), "VALID",
+      ...     dimension_numbers=("NWC", "WIO", "NWC"), op=max_plus)[0, :, 0]
+      Array([1., 2., 3.], dtype=float32)
+    """
+
+    combine: Callable[[Any, Any], Any]
+    reduce: str | Callable[[Any, Any], Any] = "sum"
+    identity: float | int | None = None
+    pad_value: float | int | None = None
+    name: str | None = None
+    rewrite: Callable[..., Any] | None = dataclasses.field(default=None, compare=True)
+    post: Callable[[Any], Any] | None = None
+    doc: str = dataclasses.field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        if not callable(self.combine):
+            raise TypeError(
+                f"Op: `combine` must be a callable combine(x, w), got {type(self.combine)!r}."
+            )
+        if isinstance(self.reduce, str):
+            if self.reduce not in BUILTIN_REDUCES:
+                raise ValueError(
+                    f"Op: `reduce` must be one of {BUILTIN_REDUCES} or a binary callable, "
+                    f"got {self.reduce!r}."
+                )
+        elif callable(self.reduce):
+            if self.identity is None:
+                raise ValueError(
+                    "Op: a callable `reduce` needs `identity` (the value e with "
+                    "reduce(a, e) == a), e.g. identity=-inf for a max."
+                )
+        else:
+            raise TypeError(
+                f"Op: `reduce` must be a string or a binary callable, got {type(self.reduce)!r}."
+            )
+        for field in ("identity", "pad_value"):
+            v = getattr(self, field)
+            if v is not None and not isinstance(v, (int, float, np.integer, np.floating)):
+                raise TypeError(f"Op: `{field}` must be a Python number or None, got {v!r}.")
+        if isinstance(self.identity, bool) or isinstance(self.pad_value, bool):
+            raise TypeError("Op: `identity` and `pad_value` must be numbers, not bool.")
+        if self.rewrite is not None and not callable(self.rewrite):
+            raise TypeError("Op: `rewrite` must be callable or None.")
+        if self.post is not None and not callable(self.post):
+            raise TypeError("Op: `post` must be callable or None.")
+        if self.name is not None and not isinstance(self.name, str):
+            raise TypeError(f"Op: `name` must be a string or None, got {self.name!r}.")
+
+    def __repr__(self) -> str:
+        red = self.reduce if isinstance(self.reduce, str) else getattr(
+            self.reduce, "__name__", "callable")
+        return f"Op(name={self.name!r}, reduce={red!r}, pad_value={self.pad_value!r})"
+
+    @property
+    def reduce_name(self) -> str:
+        """The built-in reduce's name, or ``"custom"`` for a callable."""
+        return self.reduce if isinstance(self.reduce, str) else "custom"
+
+    def replace(self, **changes: Any) -> Op:
+        """Returns a copy with some fields changed (``dataclasses.replace``)."""
+        return dataclasses.replace(self, **changes)
+
+
+def identity_value(op: Op, dtype: Any) -> Array:
+    """The identity of ``op.reduce`` as a scalar of ``dtype`` (the dtype's own infinities)."""
+    dtype = jnp.dtype(dtype)
+    if op.identity is not None:
+        v = op.identity
+    else:
+        r = op.reduce
+        if r == "sum":
+            v = 0
+        elif r == "prod":
+            v = 1
+        elif r in ("max", "logsumexp"):
+            v = -math.inf
+        else:  # min
+            v = math.inf
+    if math.isinf(v) and not jnp.issubdtype(dtype, jnp.inexact):
+        info = jnp.iinfo(dtype) if jnp.issubdtype(dtype, jnp.integer) else None
+        if info is None:
+            raise TypeError(f"op {op.name!r}: no identity {v} in dtype {dtype}.")
+        v = info.min if v < 0 else info.max
+    return jnp.asarray(v, dtype)
+
+
+def binary(op: Op) -> Callable[[Array, Array], Array]:
+    """The elementwise binary form of the reduce, used to accumulate across taps."""
+    r = op.reduce
+    if callable(r):
+        return r
+    return {
+        "sum": jnp.add,
+        "max": jnp.maximum,
+        "min": jnp.minimum,
+        "prod": jnp.multiply,
+        "logsumexp": jnp.logaddexp,
+    }[r]
+
+
+def reduce_last(op: Op, c: Array, acc_dtype: Any) -> Array:
+    """Reduces ``c`` over its last axis with ``op.reduce``, accumulating in ``acc_dtype``.
+
+    XLA's vectorised CPU max/min reductions drop NaN; the engines restore NaN separately.
+    """
+    r = op.reduce
+    if r == "sum":
+        return jnp.sum(c, axis=-1, dtype=acc_dtype)
+    if r in ("max", "min"):
+        out = jnp.max(c, axis=-1) if r == "max" else jnp.min(c, axis=-1)
+        return out.astype(acc_dtype)
+    if r == "prod":
+        return jnp.prod(c, axis=-1, dtype=acc_dtype)
+    if r == "logsumexp":
+        c = c.astype(acc_dtype)
+        m = jnp.max(c, axis=-1, keepdims=True)
+        m = jnp.where(jnp.isfinite(m), m, 0).astype(acc_dtype)
+        s = jnp.sum(jnp.exp(c - m), axis=-1)
+        return jnp.log(s) + m[..., 0]
+    return tree_reduce_last(r, c, identity_value(op, c.dtype))
+
+
+def tree_reduce_last(fn: Callable[[Array, Array], Array], c: Array, identity: Array) -> Array:
+    """Reduces the last axis of ``c`` with the binary ``fn`` as a balanced tree.
+
+    Only elementwise calls of ``fn`` are made, so any jnp-traceable ``myadd`` works and is
+    differentiable by ``jax.grad``.
+    """
+    while c.shape[-1] > 1:
+        if c.shape[-1] % 2:
+            pad = jnp.broadcast_to(identity, c.shape[:-1] + (1,)).astype(c.dtype)
+            c = jnp.concatenate([c, pad], axis=-1)
+        h = c.shape[-1] // 2
+        c = fn(c[..., :h], c[..., h:])
+    return c[..., 0]
+
+
+def accumulation_dtype(op: Op, dtype: Any, preferred: Any | None) -> Any:
+    """The dtype partial results are accumulated in.
+
+    Sums and logsumexp of low-precision floats accumulate in float32 (or in
+    ``preferred_element_type``); max/min keep the input dtype (no rounding happens).
+    """
+    dtype = jnp.dtype(dtype)
+    if preferred is not None:
+        return jnp.dtype(preferred)
+    if op.reduce in ("sum", "prod", "logsumexp") and jnp.issubdtype(dtype, jnp.floating):
+        return jnp.promote_types(dtype, jnp.float32)
+    return dtype
+
+
+def check_combine(op: Op, dtype: Any) -> None:
+    """Checks on abstract values that ``combine`` (and a callable reduce) are elementwise."""
+    s = jax.ShapeDtypeStruct((2, 3), dtype)
+    try:
+        out = jax.eval_shape(op.combine, s, s)
+    except Exception as e:  # noqa: BLE001 - reported with the op's name
+        raise TypeError(
+            f"op {op.name!r}: `combine(x, w)` failed on two arrays of shape (2, 3): {e}"
+        ) from e
+    if not hasattr(out, "shape") or tuple(out.shape) != (2, 3):
+        raise ValueError(
+            f"op {op.name!r}: `combine` must be elementwise (shape (2, 3) in, (2, 3) out), "
+            f"got {getattr(out, 'shape', type(out))}."
+        )
+    if callable(op.reduce):
+        try:
+            r = jax.eval_shape(op.reduce, out, out)
+        except TypeError as e:
+            raise TypeError(
+                f"op {op.name!r}: `reduce` must be a binary callable myadd(a, b): {e}"
+            ) from e
+        if not hasattr(r, "shape") or tuple(r.shape) != (2, 3):
+            raise ValueError(
+                f"op {op.name!r}: a callable `reduce` must be elementwise and binary "
+                f"(two (2, 3) arrays in, one (2, 3) out), got {getattr(r, 'shape', type(r))}."
+            )

@@ -1,0 +1,420 @@
+"""Plain-loop numpy ground truth for generalized convolution and dot_general.
+
+Independent of jaxconv (and of jax): every index computation is written out
+explicitly, so the code reads like the algebra in DESIGN.md::
+
+    out[n, o, co] = REDUCE over (k in window, ci in group) of
+                    combine(x[n, o*stride + k*dilation - pad_lo, ci], w[k, ci, co])
+
+Argument meanings and defaults follow ``jax.lax.conv_general_dilated`` and
+``jax.lax.dot_general``. Taps that land in padding or in a hole inserted by
+``lhs_dilation`` are skipped when ``pad_value is None`` (they contribute the
+identity), otherwise they read ``pad_value`` and go through ``combine``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+
+Combine = Callable[[Any, Any], Any]
+Reduce = Callable[[Any, Any], Any]
+Specs = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
+
+__all__ = [
+    "NUMPY_OPS",
+    "NUMPY_REDUCE_AXIS",
+    "NumpyOp",
+    "conv_reference",
+    "dimension_specs",
+    "dot_general_reference",
+    "forum_unfold_recipe",
+    "resolve_padding",
+]
+
+
+# --------------------------------------------------------------------------
+# Built-in ops, written in numpy from the contract's table.
+# --------------------------------------------------------------------------
+
+
+class NumpyOp(NamedTuple):
+    """(combine, reduce, identity, default pad_value) of a built-in op."""
+
+    combine: Combine
+    reduce: Reduce
+    identity: float
+    pad_value: float | None
+
+
+def _sign_pos0(v: Any) -> Any:
+    """sign with sign(0) = +1 (also for -0.0); NaN stays NaN."""
+    v = np.asarray(v, dtype=np.float64)
+    return np.where(v == 0, 1.0, np.sign(v))[()]
+
+
+def _xnor(x: Any, w: Any) -> Any:
+    return _sign_pos0(x) * _sign_pos0(w)
+
+
+def _neg_abs_diff(x: Any, w: Any) -> Any:
+    return -np.abs(np.subtract(x, w))
+
+
+def _neg_sq_diff(x: Any, w: Any) -> Any:
+    return -np.square(np.subtract(x, w))
+
+
+_INF = float("inf")
+
+NUMPY_OPS: dict[str, NumpyOp] = {
+    "standard": NumpyOp(np.multiply, np.add, 0.0, None),
+    "xnor": NumpyOp(_xnor, np.add, 0.0, None),
+    "adder": NumpyOp(_neg_abs_diff, np.add, 0.0, 0.0),
+    "l1": NumpyOp(_neg_abs_diff, np.add, 0.0, None),
+    "l2": NumpyOp(_neg_sq_diff, np.add, 0.0, None),
+    "max_plus": NumpyOp(np.add, np.maximum, -_INF, None),
+    "min_plus": NumpyOp(np.add, np.minimum, _INF, None),
+    "max_min": NumpyOp(np.minimum, np.maximum, -_INF, None),
+    "min_max": NumpyOp(np.maximum, np.minimum, _INF, None),
+    "log": NumpyOp(np.add, np.logaddexp, -_INF, None),
+}
+"""Built-in op name -> NumpyOp(combine, reduce, identity, default pad_value).
+
+np.maximum / np.minimum propagate NaN; np.logaddexp(-inf, -inf) == -inf.
+"""
+
+
+def _logsumexp_axis(a: Any, axis: int) -> Any:
+    return np.logaddexp.reduce(a, axis=axis)
+
+
+NUMPY_REDUCE_AXIS: dict[str, Callable[..., Any]] = {
+    "standard": np.sum,
+    "xnor": np.sum,
+    "adder": np.sum,
+    "l1": np.sum,
+    "l2": np.sum,
+    "max_plus": np.max,
+    "min_plus": np.min,
+    "max_min": np.max,
+    "min_max": np.min,
+    "log": _logsumexp_axis,
+}
+"""Built-in op name -> ``f(array, axis=...)`` reducing an axis (for the forum recipe)."""
+
+
+# --------------------------------------------------------------------------
+# Dimension numbers and padding.
+# --------------------------------------------------------------------------
+
+
+def _specs_from_strings(lhs_s: str, rhs_s: str, out_s: str) -> Specs:
+    """Parse lax-style layout strings; spatial order is the rhs string's order."""
+    for spec, pair in ((lhs_s, "NC"), (rhs_s, "OI"), (out_s, "NC")):
+        if any(spec.count(c) != 1 for c in pair) or len(set(spec)) != len(spec):
+            raise ValueError(f"bad dimension_numbers string {spec!r} (needs {pair} once each)")
+    rhs_spatial = [c for c in rhs_s if c not in "OI"]
+    if not (
+        set(lhs_s) - set("NC") == set(rhs_spatial) == set(out_s) - set("NC")
+    ):
+        raise ValueError(f"spatial letters differ: {(lhs_s, rhs_s, out_s)}")
+    lhs = (lhs_s.index("N"), lhs_s.index("C")) + tuple(lhs_s.index(c) for c in rhs_spatial)
+    rhs = (rhs_s.index("O"), rhs_s.index("I")) + tuple(rhs_s.index(c) for c in rhs_spatial)
+    out = (out_s.index("N"), out_s.index("C")) + tuple(out_s.index(c) for c in rhs_spatial)
+    return lhs, rhs, out
+
+
+def dimension_specs(dimension_numbers: Any, ndim: int) -> Specs:
+    """Return (lhs_spec, rhs_spec, out_spec) int tuples: (batch/out-feat, feat, spatial...).
+
+    Accepts None (NC..., OI..., NC...), three layout strings, or a
+    ``lax.ConvDimensionNumbers`` (any 3-sequence of int sequences).
+    """
+    if dimension_numbers is None:
+        default = tuple(range(ndim))
+        return default, default, default
+    if hasattr(dimension_numbers, "lhs_spec"):
+        dimension_numbers = (
+            dimension_numbers.lhs_spec,
+            dimension_numbers.rhs_spec,
+            dimension_numbers.out_spec,
+        )
+    if len(dimension_numbers) != 3:
+        raise ValueError(f"dimension_numbers must have 3 entries, got {dimension_numbers!r}")
+    if all(isinstance(s, str) for s in dimension_numbers):
+        specs = _specs_from_strings(*dimension_numbers)
+    else:
+        specs = tuple(tuple(int(i) for i in s) for s in dimension_numbers)  # type: ignore[assignment]
+    for s in specs:
+        if sorted(s) != list(range(ndim)):
+            raise ValueError(f"spec {s} is not a permutation of range({ndim})")
+    return specs  # type: ignore[return-value]
+
+
+def resolve_padding(
+    padding: str | Sequence[tuple[int, int]],
+    in_spatial: Sequence[int],
+    dilated_kernel: Sequence[int],
+    strides: Sequence[int],
+) -> list[tuple[int, int]]:
+    """Explicit (lo, hi) pairs, computed as ``lax.padtype_to_pads`` does for strings.
+
+    ``in_spatial`` is the *undilated* input spatial shape (lax ignores lhs_dilation here).
+    """
+    if isinstance(padding, str):
+        mode = padding.upper()
+        if mode == "VALID":
+            return [(0, 0)] * len(in_spatial)
+        if mode not in ("SAME", "SAME_LOWER"):
+            raise ValueError(f"unknown padding {padding!r}")
+        pads = []
+        for size, k, s in zip(in_spatial, dilated_kernel, strides, strict=True):
+            out = -(-size // s)  # ceil(size / s)
+            total = max((out - 1) * s + k - size, 0)
+            if mode == "SAME":
+                pads.append((total // 2, total - total // 2))
+            else:
+                pads.append((total - total // 2, total // 2))
+        return pads
+    pads = [(int(lo), int(hi)) for lo, hi in padding]
+    if len(pads) != len(in_spatial):
+        raise ValueError(f"padding has {len(pads)} pairs, expected {len(in_spatial)}")
+    return pads
+
+
+def _dilate_dim(size: int, dilation: int) -> int:
+    return 0 if size == 0 else 1 + dilation * (size - 1)
+
+
+# --------------------------------------------------------------------------
+# Convolution.
+# --------------------------------------------------------------------------
+
+
+def conv_reference(
+    lhs: Any,
+    rhs: Any,
+    window_strides: Sequence[int],
+    padding: str | Sequence[tuple[int, int]],
+    lhs_dilation: Sequence[int] | None = None,
+    rhs_dilation: Sequence[int] | None = None,
+    dimension_numbers: Any = None,
+    feature_group_count: int = 1,
+    *,
+    combine: Combine,
+    reduce: Reduce,
+    identity: float,
+    pad_value: float | None = None,
+    dtype: Any = np.float64,
+) -> np.ndarray:
+    """Generalized ``lax.conv_general_dilated`` by explicit loops.
+
+    For every output cell the result is ``reduce``-folded from ``identity`` over
+    all (kernel tap, input channel of the group) pairs of ``combine(x, w)``.
+    """
+    lhs = np.asarray(lhs, dtype=dtype)
+    rhs = np.asarray(rhs, dtype=dtype)
+    if lhs.ndim != rhs.ndim or lhs.ndim < 3:
+        raise ValueError(f"lhs/rhs ranks must match and be >= 3: {lhs.shape}, {rhs.shape}")
+    nsp = lhs.ndim - 2
+    lhs_spec, rhs_spec, out_spec = dimension_specs(dimension_numbers, lhs.ndim)
+
+    # Canonical layouts: x (N, C, spatial...), w (O, I, spatial...).
+    x = np.transpose(lhs, lhs_spec)
+    w = np.transpose(rhs, rhs_spec)
+    n_batch, c_in = x.shape[:2]
+    c_out, c_in_group = w.shape[:2]
+    in_sp = x.shape[2:]
+    k_sp = w.shape[2:]
+
+    strides = tuple(int(s) for s in window_strides)
+    lhs_dil = tuple(int(d) for d in lhs_dilation) if lhs_dilation is not None else (1,) * nsp
+    if isinstance(padding, str) and any(d != 1 for d in lhs_dil):
+        # As lax: string padding is undefined for transposed (lhs-dilated) convolution.
+        raise ValueError("string padding with lhs_dilation != 1 is not supported (as lax)")
+    rhs_dil = tuple(int(d) for d in rhs_dilation) if rhs_dilation is not None else (1,) * nsp
+    if not (len(strides) == len(lhs_dil) == len(rhs_dil) == nsp):
+        raise ValueError("window_strides / dilations must have one entry per spatial dim")
+    if min(strides + lhs_dil + rhs_dil, default=1) < 1:
+        raise ValueError("strides and dilations must be >= 1")
+    groups = int(feature_group_count)
+    if groups < 1 or c_in != groups * c_in_group or c_out % groups != 0:
+        raise ValueError(
+            f"feature_group_count={groups} incompatible with C_in={c_in}, "
+            f"rhs I={c_in_group}, O={c_out}"
+        )
+
+    dil_kernel = [_dilate_dim(k, d) for k, d in zip(k_sp, rhs_dil, strict=True)]
+    pads = resolve_padding(padding, in_sp, dil_kernel, strides)
+    dil_in = [_dilate_dim(s, d) for s, d in zip(in_sp, lhs_dil, strict=True)]
+    out_sp = []
+    for size, (lo, hi), k, s in zip(dil_in, pads, dil_kernel, strides, strict=True):
+        padded = size + lo + hi
+        out_sp.append((padded - k) // s + 1 if padded >= k else 0)
+
+    identity = np.asarray(identity, dtype=dtype)[()]
+    pad = None if pad_value is None else np.asarray(pad_value, dtype=dtype)[()]
+    out = np.empty((n_batch, c_out) + tuple(out_sp), dtype=dtype)
+
+    with np.errstate(all="ignore"):  # IEEE results (NaN, inf) are wanted, not warnings
+        _conv_loops(x, w, out, out_sp, strides, pads, lhs_dil, rhs_dil, dil_in, groups,
+                    combine, reduce, identity, pad)
+    # canonical = transpose(out_final, out_spec)  =>  out_final = transpose(canonical, argsort)
+    return np.transpose(out, np.argsort(out_spec))
+
+
+def _conv_loops(
+    x: np.ndarray,
+    w: np.ndarray,
+    out: np.ndarray,
+    out_sp: Sequence[int],
+    strides: Sequence[int],
+    pads: Sequence[tuple[int, int]],
+    lhs_dil: Sequence[int],
+    rhs_dil: Sequence[int],
+    dil_in: Sequence[int],
+    groups: int,
+    combine: Combine,
+    reduce: Reduce,
+    identity: Any,
+    pad: Any,
+) -> None:
+    """Fill canonical ``out`` (N, O, spatial...) from x (N, C, ...) and w (O, I, ...)."""
+    n_batch = x.shape[0]
+    c_out, c_in_group = w.shape[:2]
+    k_sp = w.shape[2:]
+    nsp = len(k_sp)
+    out_per_group = c_out // groups
+    for o_idx in itertools.product(*(range(s) for s in out_sp)):
+        # For each tap: the input index (tuple) or None when in padding / a hole.
+        tap_src: list[tuple[tuple[int, ...], tuple[int, ...] | None]] = []
+        for k_idx in itertools.product(*(range(k) for k in k_sp)):
+            src: tuple[int, ...] | None = ()
+            for d in range(nsp):
+                # Position in the lhs-dilated, padded input (pad_lo may be negative).
+                pos = o_idx[d] * strides[d] + k_idx[d] * rhs_dil[d] - pads[d][0]
+                if pos < 0 or pos >= dil_in[d] or pos % lhs_dil[d] != 0:
+                    src = None  # padding or a hole inserted by lhs_dilation
+                    break
+                src = src + (pos // lhs_dil[d],)
+            tap_src.append((k_idx, src))
+        for n in range(n_batch):
+            for co in range(c_out):
+                g = co // out_per_group
+                acc = identity
+                for k_idx, src in tap_src:
+                    if src is None and pad is None:
+                        continue  # skipped tap: contributes the identity
+                    for ci in range(c_in_group):
+                        xv = pad if src is None else x[(n, g * c_in_group + ci) + src]
+                        acc = reduce(acc, combine(xv, w[(co, ci) + k_idx]))
+                out[(n, co) + o_idx] = acc
+
+
+# --------------------------------------------------------------------------
+# dot_general.
+# --------------------------------------------------------------------------
+
+
+def dot_general_reference(
+    lhs: Any,
+    rhs: Any,
+    dimension_numbers: Any,
+    *,
+    combine: Combine,
+    reduce: Reduce,
+    identity: float,
+    dtype: Any = np.float64,
+) -> np.ndarray:
+    """Generalized ``lax.dot_general``; output dims are (batch, lhs free, rhs free)."""
+    lhs = np.asarray(lhs, dtype=dtype)
+    rhs = np.asarray(rhs, dtype=dtype)
+    (lc, rc), (lb, rb) = dimension_numbers
+    lc, rc, lb, rb = (tuple(int(i) % a.ndim for i in t) for t, a in
+                      ((lc, lhs), (rc, rhs), (lb, lhs), (rb, rhs)))
+    if len(lc) != len(rc) or len(lb) != len(rb):
+        raise ValueError(f"mismatched dimension_numbers {dimension_numbers!r}")
+    for a, b in itertools.chain(zip(lc, rc, strict=True), zip(lb, rb, strict=True)):
+        if lhs.shape[a] != rhs.shape[b]:
+            raise ValueError(f"lhs dim {a} ({lhs.shape[a]}) != rhs dim {b} ({rhs.shape[b]})")
+    lf = tuple(i for i in range(lhs.ndim) if i not in lc and i not in lb)
+    rf = tuple(i for i in range(rhs.ndim) if i not in rc and i not in rb)
+
+    batch_shape = tuple(lhs.shape[i] for i in lb)
+    lf_shape = tuple(lhs.shape[i] for i in lf)
+    rf_shape = tuple(rhs.shape[i] for i in rf)
+    c_shape = tuple(lhs.shape[i] for i in lc)
+    identity = np.asarray(identity, dtype=dtype)[()]
+    out = np.empty(batch_shape + lf_shape + rf_shape, dtype=dtype)
+
+    def index(nd: int, pairs: Sequence[tuple[tuple[int, ...], tuple[int, ...]]]) -> tuple:
+        idx = [0] * nd
+        for axes, values in pairs:
+            for a, v in zip(axes, values, strict=True):
+                idx[a] = v
+        return tuple(idx)
+
+    for b in itertools.product(*(range(s) for s in batch_shape)):
+        for i in itertools.product(*(range(s) for s in lf_shape)):
+            for j in itertools.product(*(range(s) for s in rf_shape)):
+                acc = identity
+                for c in itertools.product(*(range(s) for s in c_shape)):
+                    xv = lhs[index(lhs.ndim, ((lb, b), (lf, i), (lc, c)))]
+                    wv = rhs[index(rhs.ndim, ((rb, b), (rf, j), (rc, c)))]
+                    with np.errstate(all="ignore"):
+                        acc = reduce(acc, combine(xv, wv))
+                out[b + i + j] = acc
+    return out
+
+
+# --------------------------------------------------------------------------
+# What users did: the PyTorch-forum unfold recipe, in numpy.
+# --------------------------------------------------------------------------
+
+
+def _pair(v: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(v, int | np.integer):
+        return int(v), int(v)
+    a, b = v
+    return int(a), int(b)
+
+
+def forum_unfold_recipe(
+    x_nchw: Any,
+    w_oihw: Any,
+    stride: int | Sequence[int],
+    padding: int | Sequence[int],
+    combine: Combine,
+    reduce_axis_fn: Callable[..., Any],
+) -> np.ndarray:
+    """2-D im2col recipe: ``F.unfold`` (ZERO padding), broadcast combine, reduce the window.
+
+    ``padding`` is torch-style (symmetric per dim). Builds the full
+    (N, L, Cin*kh*kw, Cout) tensor, as the recipe does. Returns (N, Cout, oh, ow).
+    """
+    x = np.asarray(x_nchw, dtype=np.float64)
+    w = np.asarray(w_oihw, dtype=np.float64)
+    n, c, h, wd = x.shape
+    c_out, c_in, kh, kw = w.shape
+    if c_in != c:
+        raise ValueError(f"channel mismatch: x has {c}, w expects {c_in}")
+    sh, sw = _pair(stride)
+    ph, pw = _pair(padding)
+    xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))  # zeros, as F.unfold
+    oh = (h + 2 * ph - kh) // sh + 1
+    ow = (wd + 2 * pw - kw) // sw + 1
+    # unfold: (N, C*kh*kw, L), channel-major then kh, kw; L = oh*ow row-major.
+    cols = np.empty((n, c * kh * kw, oh * ow))
+    for i in range(oh):
+        for j in range(ow):
+            patch = xp[:, :, i * sh : i * sh + kh, j * sw : j * sw + kw]
+            cols[:, :, i * ow + j] = patch.reshape(n, -1)
+    unf = cols.transpose(0, 2, 1)  # (N, L, Cin*kh*kw)
+    w_flat = w.reshape(c_out, -1).T  # (Cin*kh*kw, Cout)
+    prod = combine(unf[:, :, :, None], w_flat[None, None, :, :])  # (N, L, K, Cout)
+    res = reduce_axis_fn(prod, axis=2)  # (N, L, Cout)
+    return np.asarray(res).transpose(0, 2, 1).reshape(n, c_out, oh, ow)
