@@ -1,0 +1,1 @@
+"""Benchmarks of jaxconv's engines against ``lax`` (run ``python -m benchmarks.run --help``)."""
