@@ -9,7 +9,8 @@ from jaxconv import ops as ops
 from jaxconv._src.algebra import Op as Op
 from jaxconv._src.conv import conv_general_dilated as conv_general_dilated
 from jaxconv._src.conv import dot_general as dot_general
+from jaxconv._src.einsum import einsum as einsum
 
 __version__ = "0.1.0"
 
-__all__ = ("Op", "conv_general_dilated", "dot_general", "ops", "__version__")
+__all__ = ("Op", "conv_general_dilated", "dot_general", "einsum", "ops", "__version__")
