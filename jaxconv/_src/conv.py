@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxconv._src import engine_xla, validation
-from jaxconv._src.algebra import Op, check_combine
+from jaxconv._src.algebra import Op
 from jaxconv._src.ops import resolve, standard
 
 Array = jax.Array
@@ -123,6 +123,9 @@ def conv_general_dilated(
     pad = validation.padding_pairs(padding, nsd, lhs_dil)
     engine = validation.engine_name(engine)
     mbb = validation.max_block_bytes(max_block_bytes)
+    validation.window_sizes(rhs.shape, dn.rhs_spec)
+    preferred_element_type = validation.preferred_element_type(preferred_element_type, lhs, rhs)
+    validation.precision(precision)
 
     c_in = lhs.shape[dn.lhs_spec[1]]
     i_k = rhs.shape[dn.rhs_spec[1]]
@@ -151,8 +154,7 @@ def conv_general_dilated(
         return lax.conv_general_dilated(
             lhs, rhs, strides, pad, lhs_dil, rhs_dil, dn, groups, bgroups, precision,
             preferred_element_type, out_sharding=out_sharding)
-    validation.check_mixed_dtypes(lhs, rhs, generic=True)
-    check_combine(op, jnp.result_type(lhs.dtype, rhs.dtype))
+    validation.check_op(op, lhs, rhs)
 
     in_spatial = tuple(lhs.shape[d] for d in dn.lhs_spec[2:])
     window = tuple(rhs.shape[d] for d in dn.rhs_spec[2:])
@@ -248,12 +250,13 @@ def dot_general(
     (lc, rc), (lb, rb) = validation.dot_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
     engine = validation.engine_name(engine)
     mbb = validation.max_block_bytes(max_block_bytes)
+    preferred_element_type = validation.preferred_element_type(preferred_element_type, lhs, rhs)
+    validation.precision(precision)
     dnums = ((lc, rc), (lb, rb))
     if _is_standard(op):
         return lax.dot_general(lhs, rhs, dnums, precision, preferred_element_type,
                                out_sharding=out_sharding)
-    validation.check_mixed_dtypes(lhs, rhs, generic=True)
-    check_combine(op, jnp.result_type(lhs.dtype, rhs.dtype))
+    validation.check_op(op, lhs, rhs)
     if op.rewrite is not None:
         product = functools.partial(lax.dot_general, dimension_numbers=dnums, precision=precision,
                                     preferred_element_type=preferred_element_type)

@@ -6,6 +6,7 @@ Every check runs on shapes and Python values before any tracing work starts and 
 
 from __future__ import annotations
 
+import functools
 import operator
 from collections.abc import Sequence
 from typing import Any
@@ -114,7 +115,7 @@ def conv_dimension_numbers(lhs_shape, rhs_shape, dimension_numbers) -> lax.ConvD
             )
         if all(isinstance(s, str) for s in dimension_numbers):
             nd = len(lhs_shape)
-            for role, s in zip(("lhs", "rhs", "out"), dimension_numbers):
+            for role, s in zip(("lhs", "rhs", "out"), dimension_numbers, strict=True):
                 if len(s) != nd:
                     raise ValueError(
                         f"`dimension_numbers` {role} spec {s!r} has {len(s)} letters but the "
@@ -125,7 +126,7 @@ def conv_dimension_numbers(lhs_shape, rhs_shape, dimension_numbers) -> lax.ConvD
     except (TypeError, ValueError, KeyError, IndexError) as e:
         raise TypeError(f"invalid `dimension_numbers` {dimension_numbers!r}: {e}") from None
     nd = len(lhs_shape)
-    for role, spec in zip(("lhs", "rhs", "out"), dn):
+    for role, spec in zip(("lhs", "rhs", "out"), dn, strict=True):
         if sorted(spec) != list(range(nd)):
             raise TypeError(
                 f"invalid `dimension_numbers` {dimension_numbers!r}: the {role} spec {spec} is "
@@ -196,8 +197,9 @@ def dot_dimension_numbers(lhs_shape: Sequence[int], rhs_shape: Sequence[int],
             "`dimension_numbers` must be ((lhs_contracting, rhs_contracting), (lhs_batch, "
             f"rhs_batch)) tuples of ints, got {dimension_numbers!r}."
         ) from None
-    for name, dims, shape in (("lhs_contracting", lc, lhs_shape), ("rhs_contracting", rc, rhs_shape),
-                              ("lhs_batch", lb, lhs_shape), ("rhs_batch", rb, rhs_shape)):
+    checks = (("lhs_contracting", lc, lhs_shape), ("rhs_contracting", rc, rhs_shape),
+              ("lhs_batch", lb, lhs_shape), ("rhs_batch", rb, rhs_shape))
+    for name, dims, shape in checks:
         for d in dims:
             if not 0 <= d < len(shape):
                 raise ValueError(
@@ -216,10 +218,174 @@ def dot_dimension_numbers(lhs_shape: Sequence[int], rhs_shape: Sequence[int],
             f"got {dimension_numbers!r}."
         )
     for a, b, kind in ((lc, rc, "contracting"), (lb, rb, "batch")):
-        for i, j in zip(a, b):
+        for i, j in zip(a, b, strict=True):
             if lhs_shape[i] != rhs_shape[j]:
                 raise ValueError(
                     f"`dimension_numbers`: {kind} dimensions differ in size: lhs dim {i} has "
                     f"{lhs_shape[i]}, rhs dim {j} has {rhs_shape[j]}."
                 )
     return (lc, rc), (lb, rb)
+
+
+def window_sizes(rhs_shape: Sequence[int], rhs_spec: Sequence[int]) -> tuple[int, ...]:
+    """The kernel's spatial sizes, each required to be ``>= 1``."""
+    window = tuple(int(rhs_shape[d]) for d in rhs_spec[2:])
+    if any(k < 1 for k in window):
+        raise ValueError(
+            f"`rhs` kernel spatial sizes must be >= 1, got {window} (rhs.shape="
+            f"{tuple(rhs_shape)})."
+        )
+    return window
+
+
+def preferred_element_type(value: Any, lhs: Any, rhs: Any) -> Any:
+    """``preferred_element_type``: ``None`` or a real dtype of the inputs' kind (as lax)."""
+    if value is None:
+        return None
+    try:
+        dt = jnp.dtype(value)
+    except TypeError:
+        raise TypeError(
+            f"`preferred_element_type` must be None or a dtype (e.g. jnp.float32), got {value!r}."
+        ) from None
+    if jnp.issubdtype(dt, jnp.complexfloating) or not jnp.issubdtype(dt, jnp.number):
+        raise TypeError(
+            f"`preferred_element_type` must be a real numeric dtype, got {dt}."
+        )
+    inputs_float = jnp.issubdtype(jnp.result_type(lhs.dtype, rhs.dtype), jnp.inexact)
+    if inputs_float != jnp.issubdtype(dt, jnp.inexact):
+        kind = "floating" if inputs_float else "integer"
+        raise TypeError(
+            f"`preferred_element_type`={dt} must be a {kind} dtype like the inputs "
+            f"(lhs {lhs.dtype}, rhs {rhs.dtype})."
+        )
+    return dt
+
+
+def precision(value: Any) -> Any:
+    """``precision``: anything ``lax`` accepts (checked even where lax is not called)."""
+    if value is None:
+        return None
+    try:
+        from jax._src.lax.lax import canonicalize_precision
+    except ImportError:  # pragma: no cover - private jax API moved; lax checks it later
+        return value
+    try:
+        canonicalize_precision(value)
+    except (TypeError, ValueError):
+        raise ValueError(
+            "`precision` must be None, a lax.Precision, one of its names ('highest', ...) or a "
+            f"pair of them, got {value!r}."
+        ) from None
+    return value
+
+
+def check_op(op: Any, lhs: Any, rhs: Any) -> None:
+    """Checks that a generic ``op`` can run on ``lhs`` / ``rhs`` (dtypes, combine, reduce).
+
+    Rejects mixed integer/floating inputs, ``bool`` inputs, ``logsumexp`` on integers, a
+    ``combine`` (or callable ``reduce``) that is not elementwise, and a declared ``identity``
+    that is not the reduce's identity. The op-level checks run once per ``(op, dtype)``.
+    """
+    check_mixed_dtypes(lhs, rhs, generic=True)
+    dtype = jnp.result_type(lhs.dtype, rhs.dtype)
+    if dtype == jnp.bool_:
+        raise TypeError(
+            f"`lhs` ({lhs.dtype}) and `rhs` ({rhs.dtype}) are bool; op {op.name!r} needs "
+            "numeric inputs (cast to float32 or an integer dtype)."
+        )
+    if op.reduce == "logsumexp" and not jnp.issubdtype(dtype, jnp.inexact):
+        raise TypeError(
+            f"op {op.name!r} reduces with logsumexp, which needs floating inputs; got lhs "
+            f"{lhs.dtype} and rhs {rhs.dtype}."
+        )
+    try:
+        hash(op)
+    except TypeError:  # an Op holding an unhashable field: check without the cache
+        _check_op_dtype.__wrapped__(op, jnp.dtype(dtype))
+        return
+    _check_op_dtype(op, jnp.dtype(dtype))
+
+
+# The probe values: distinct, of both signs and including 0, so that a combine mixing up
+# positions (``w[0]``, a transpose, a broadcast constant) gives different numbers.
+_PROBE_X = np.array([[-1.5, 0.0, 2.0, 0.5, -0.25], [1.0, -2.0, 0.75, 3.0, -1.0],
+                     [0.25, 1.25, -0.5, -3.0, 2.5]])
+_PROBE_W = np.array([[0.5, -1.0, 1.5, -2.5, 0.0], [-0.75, 2.25, -1.25, 1.0, 0.25],
+                     [3.0, 0.125, -0.5, -1.75, 1.75]])
+
+
+def _probe(dtype: Any, values: np.ndarray) -> np.ndarray:
+    if jnp.issubdtype(dtype, jnp.unsignedinteger):
+        values = np.abs(values) * 2
+    elif jnp.issubdtype(dtype, jnp.integer):
+        values = values * 4
+    return np.asarray(values).astype(dtype)
+
+
+def _same(a: Any, b: Any) -> bool:
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    return a.shape == b.shape and bool(
+        np.allclose(a, b, rtol=1e-3, atol=1e-6, equal_nan=True))
+
+
+def _elementwise(fn: Any, what: str, op: Any, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Runs ``fn`` on the (3, 5) arrays and element by element; raises if they differ."""
+    sds = jax.ShapeDtypeStruct(a.shape, a.dtype)
+    try:
+        out = jax.eval_shape(fn, sds, jax.ShapeDtypeStruct(b.shape, b.dtype))
+    except Exception as e:  # noqa: BLE001 - reported with the op's name
+        if what == "combine" and not jnp.issubdtype(a.dtype, jnp.inexact):
+            raise TypeError(
+                f"op {op.name!r} does not accept {a.dtype} inputs: its `combine` failed on "
+                f"them ({e}); cast `lhs` and `rhs` to a floating dtype."
+            ) from e
+        raise TypeError(
+            f"op {op.name!r}: `{what}` must be a binary elementwise function f(a, b) of two "
+            f"arrays; calling it on two arrays of shape {a.shape} failed: {e}"
+        ) from e
+    if not hasattr(out, "shape") or tuple(out.shape) != a.shape:
+        raise ValueError(
+            f"op {op.name!r}: `{what}` must be elementwise (two arrays of shape {a.shape} in, "
+            f"one of shape {a.shape} out), got {getattr(out, 'shape', type(out).__name__)}; "
+            "nothing is broadcast for you."
+        )
+    with jax.ensure_compile_time_eval():
+        whole = np.asarray(fn(jnp.asarray(a), jnp.asarray(b)))
+        try:
+            each = np.asarray(jax.vmap(fn)(jnp.asarray(a.ravel()), jnp.asarray(b.ravel())))
+        except Exception as e:  # noqa: BLE001 - reported with the op's name
+            raise ValueError(
+                f"op {op.name!r}: `{what}` must be elementwise, written for scalars; calling "
+                f"it on scalars failed: {e}"
+            ) from e
+    if not _same(whole, each.reshape(a.shape)):
+        raise ValueError(
+            f"op {op.name!r}: `{what}` is not elementwise: on arrays of shape {a.shape} it "
+            "gives other values than element by element (does it index, transpose, reduce or "
+            "broadcast its arguments?)."
+        )
+    return whole
+
+
+@functools.lru_cache(maxsize=256)
+def _check_op_dtype(op: Any, dtype: Any) -> None:
+    a = _probe(dtype, _PROBE_X)
+    b = _probe(dtype, _PROBE_W)
+    c = _elementwise(op.combine, "combine", op, a, b)
+    if not callable(op.reduce):
+        return
+    c = np.asarray(c)
+    c2 = c[::-1, ::-1].copy()
+    _elementwise(op.reduce, "reduce", op, c, c2)
+    if np.isinf(op.identity) and not jnp.issubdtype(c.dtype, jnp.inexact):
+        return  # an integer reduce's infinite identity stands for the dtype's extreme
+    ident = np.full(c.shape, op.identity, dtype=c.dtype)
+    with jax.ensure_compile_time_eval():
+        got = np.asarray(op.reduce(jnp.asarray(c), jnp.asarray(ident)))
+    if not _same(got, c):
+        raise ValueError(
+            f"op {op.name!r}: `identity`={op.identity!r} is not an identity of `reduce`: "
+            "reduce(a, identity) must equal a (e.g. -inf for a max, 0 for a sum)."
+        )
