@@ -5,6 +5,8 @@ the sum with any associative ``reduce``; ``jit``, ``grad``, ``vmap`` and shardin
 with ``lax``.
 """
 
+from jaxconv import linen as linen
+from jaxconv import nnx as nnx
 from jaxconv import ops as ops
 from jaxconv._src.algebra import Op as Op
 from jaxconv._src.conv import conv_general_dilated as conv_general_dilated
@@ -13,4 +15,6 @@ from jaxconv._src.einsum import einsum as einsum
 
 __version__ = "0.1.0"
 
-__all__ = ("Op", "conv_general_dilated", "dot_general", "einsum", "ops", "__version__")
+__all__ = (
+    "Op", "conv_general_dilated", "dot_general", "einsum", "linen", "nnx", "ops", "__version__",
+)

@@ -1,0 +1,355 @@
+"""Logic shared by the Flax modules of :mod:`jaxconv.nnx` and :mod:`jaxconv.linen`.
+
+The modules follow Flax's ``Conv`` / ``Linear`` / ``Dense`` input handling (channels-last
+inputs, any number of leading batch dimensions, an int ``kernel_size`` meaning a 1-D kernel,
+Flax's padding forms) but compute the product with a :class:`jaxconv.Op` and keep Flax's
+zero-based tricks out of the way of ops whose identity is not zero:
+
+- ``'CIRCULAR'`` / ``'REFLECT'`` pad with real (wrapped / reflected) input values, which is
+  right for any op;
+- ``'SAME'``, ``'VALID'``, explicit and ``'CAUSAL'`` padding are passed to
+  :func:`jaxconv.conv_general_dilated`, so padded taps follow the op's padding semantics
+  (skipped, or ``op.pad_value``) instead of being zeros that go through ``combine``;
+- ``mask`` marks kernel taps as absent: for ``ops.standard`` the kernel is multiplied by it
+  (as Flax does); for other ops the taps are skipped (they contribute the reduce's
+  identity), see :func:`masked_op`.
+
+Everything here is a pure function of arrays and static Python values.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jaxconv import quantizers as _quantizers
+from jaxconv._src import conv as _conv
+from jaxconv._src.algebra import Op, identity_value
+from jaxconv._src.ops import resolve, standard
+
+Array = jax.Array
+
+PadPairs = list[tuple[int, int]]
+
+
+def is_standard(op: Op) -> bool:
+    """Whether ``op`` is the multiply-and-add product (computed by lax)."""
+    return op is standard or op == standard
+
+
+def kernel_size_tuple(kernel_size: int | Sequence[int]) -> tuple[int, ...]:
+    """Flax's rule: an int is a 1-D kernel ``(k,)``, a sequence is taken as it is."""
+    if isinstance(kernel_size, (int, np.integer)) and not isinstance(kernel_size, bool):
+        return (int(kernel_size),)
+    if isinstance(kernel_size, Sequence) and all(
+        isinstance(k, (int, np.integer)) and not isinstance(k, bool) for k in kernel_size
+    ):
+        return tuple(int(k) for k in kernel_size)
+    raise TypeError(
+        f"`kernel_size` must be an int (a 1-D kernel) or a sequence of ints, got {kernel_size!r}."
+    )
+
+
+def broadcast_ints(name: str, value: None | int | Sequence[int], n: int) -> tuple[int, ...]:
+    """``None`` -> 1, an int -> repeated ``n`` times, a sequence -> checked to have length ``n``."""
+    if value is None:
+        value = 1
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return (int(value),) * n
+    out = tuple(value)
+    if len(out) != n:
+        raise ValueError(
+            f"`{name}` must be an int or a sequence of {n} ints (one per spatial dimension), "
+            f"got {value!r}."
+        )
+    return out
+
+
+def canonicalize_padding(padding: Any, rank: int) -> str | PadPairs:
+    """Flax's padding forms -> a string or ``rank`` ``(low, high)`` pairs.
+
+    Strings are upper-cased (lax accepts any case); an int pads every side by it; a sequence of
+    ``rank`` ints or pairs gives per-dimension padding.
+    """
+    if isinstance(padding, str):
+        return padding.upper()
+    if isinstance(padding, (int, np.integer)) and not isinstance(padding, bool):
+        return [(int(padding), int(padding))] * rank
+    if isinstance(padding, Sequence) and len(padding) == rank:
+        pairs: PadPairs = []
+        for p in padding:
+            if isinstance(p, (int, np.integer)) and not isinstance(p, bool):
+                pairs.append((int(p), int(p)))
+            elif isinstance(p, Sequence) and len(p) == 2 and all(
+                isinstance(q, (int, np.integer)) and not isinstance(q, bool) for q in p
+            ):
+                pairs.append((int(p[0]), int(p[1])))
+            else:
+                break
+        if len(pairs) == rank:
+            return pairs
+    raise ValueError(
+        f"Invalid padding format: {padding}, should be str, int, or a sequence of len {rank} "
+        "where each element is an int or pair of ints."
+    )
+
+
+def flatten_batch(inputs: Array, num_spatial: int) -> tuple[Array, tuple[int, ...] | None]:
+    """Folds every leading batch dimension into one (adding one for unbatched inputs).
+
+    Returns:
+      The ``(N, *spatial, C)`` input and the original batch shape (``None`` if the input had
+      exactly one batch dimension and nothing was changed).
+    """
+    nb = inputs.ndim - (num_spatial + 1)
+    if nb < 0:
+        raise ValueError(
+            f"a {num_spatial}-D convolution needs inputs of rank >= {num_spatial + 1} "
+            f"(spatial dims and features, channels last), got shape {inputs.shape}."
+        )
+    if nb == 1:
+        return inputs, None
+    batch_shape = tuple(inputs.shape[:nb])
+    return jnp.reshape(inputs, (-1,) + tuple(inputs.shape[nb:])), batch_shape
+
+
+def unflatten_batch(y: Array, batch_shape: tuple[int, ...] | None) -> Array:
+    """Restores the batch dimensions folded by :func:`flatten_batch`."""
+    if batch_shape is None:
+        return y
+    return jnp.reshape(y, batch_shape + tuple(y.shape[1:]))
+
+
+def resolve_padding(
+    inputs: Array,
+    padding: Any,
+    kernel_size: tuple[int, ...],
+    kernel_dilation: tuple[int, ...],
+    input_dilation: tuple[int, ...],
+) -> tuple[Array, str | PadPairs]:
+    """Applies Flax's padding modes to ``(N, *spatial, C)`` inputs.
+
+    ``'CIRCULAR'`` / ``'REFLECT'`` pad the input itself with wrapped / reflected values by
+    ``((k_d - 1) // 2, k_d // 2)`` (``k_d`` the dilated kernel extent), as Flax, then run a
+    ``'VALID'`` convolution. ``'CAUSAL'`` (1-D only) becomes explicit left padding, which
+    jaxconv fills with the op's padding (the identity, or ``op.pad_value``); for the standard
+    op that is Flax's zero padding. Other forms are returned canonicalised.
+
+    Returns:
+      The (possibly padded) inputs and the padding to give :func:`jaxconv.conv_general_dilated`.
+    """
+    rank = len(kernel_size)
+    pad = canonicalize_padding(padding, rank)
+    if pad in ("CIRCULAR", "REFLECT"):
+        extents = [(k - 1) * d + 1 for k, d in zip(kernel_size, kernel_dilation, strict=True)]
+        widths = [(0, 0)] + [((e - 1) // 2, e // 2) for e in extents] + [(0, 0)]
+        mode = "wrap" if pad == "CIRCULAR" else "reflect"
+        return jnp.pad(inputs, widths, mode=mode), "VALID"
+    if pad == "CAUSAL":
+        if rank != 1:
+            raise ValueError("Causal padding is only implemented for 1D convolutions.")
+        # Flax zero-pads the undilated input, so each padded cell becomes `input_dilation`
+        # cells of the dilated input.
+        left = kernel_dilation[0] * (kernel_size[0] - 1) * input_dilation[0]
+        return inputs, [(left, 0)]
+    return inputs, pad
+
+
+def conv_dimension_numbers(ndim: int) -> lax.ConvDimensionNumbers:
+    """Channels-last input and output, ``(*window, I, O)`` kernel."""
+    lhs = (0, ndim - 1) + tuple(range(1, ndim - 1))
+    rhs = (ndim - 1, ndim - 2) + tuple(range(0, ndim - 2))
+    return lax.ConvDimensionNumbers(lhs, rhs, lhs)
+
+
+@functools.lru_cache(maxsize=256)
+def masked_op(op: Op) -> Op:
+    """The op whose ``combine`` skips kernel entries marked absent (NaN-encoded).
+
+    The layer encodes absent taps as NaN in the kernel it hands to the engine; this op's
+    ``combine`` returns the reduce's identity there (and evaluates ``op.combine`` on a
+    harmless 0 instead of the NaN, so no NaN reaches values or gradients). Native rewrites
+    are dropped (they bypass ``combine``), so a masked layer runs on the generic engine.
+    Cached, so that the same op gives the same (hashable) masked op.
+
+    Args:
+      op: the op to mask.
+
+    Returns:
+      An :class:`jaxconv.Op` with the same reduce, identity, padding and post-map.
+    """
+    inner = op.combine
+
+    def combine(x: Array, w: Array) -> Array:
+        absent = jnp.isnan(w)
+        y = inner(x, jnp.where(absent, jnp.zeros_like(w), w))
+        return jnp.where(absent, identity_value(op, y.dtype), y)
+
+    return Op(
+        combine, op.reduce, identity=op.identity, pad_value=op.pad_value,
+        name=f"masked({op.name})", rewrite=None, post=op.post,
+        doc=f"{op.name} with absent kernel taps skipped.",
+    )
+
+
+def check_mask(mask: Any, kernel_shape: tuple[int, ...]) -> None:
+    """Flax's check: a mask has exactly the kernel's shape."""
+    if mask is not None and tuple(np.shape(mask)) != tuple(kernel_shape):
+        raise ValueError(
+            "Mask needs to have the same shape as weights. "
+            f"Shapes are: {tuple(np.shape(mask))}, {tuple(kernel_shape)}"
+        )
+
+
+def resolve_quantizer(name: str, q: Any) -> Callable[[Array], Array] | None:
+    """A quantizer given by name (``"ste_sign"``), as a callable, or ``None``."""
+    try:
+        return _quantizers.get(q)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"`{name}`: {e}") from None
+
+
+def check_op(op: Any) -> Op:
+    """The ``op=`` argument of the modules: an :class:`jaxconv.Op` or a built-in name."""
+    return resolve(op)
+
+
+def conv_apply(
+    inputs: Array,
+    kernel: Array,
+    bias: Array | None,
+    *,
+    kernel_size: tuple[int, ...],
+    strides: Any,
+    padding: Any,
+    input_dilation: Any,
+    kernel_dilation: Any,
+    feature_group_count: int,
+    mask: Any,
+    precision: Any,
+    promote: Callable[[Array, Array, Array | None], tuple[Array, Array, Array | None]],
+    preferred_element_type: Any,
+    out_sharding: Any,
+    op: Op,
+    input_quantizer: Callable[[Array], Array] | None,
+    kernel_quantizer: Callable[[Array], Array] | None,
+    engine: str,
+    max_block_bytes: int | None,
+    hook: Callable[..., Array] | None,
+) -> Array:
+    """The forward pass of a jaxconv ``Conv`` layer (nnx and linen share it).
+
+    Steps: fold batch dimensions; apply Flax's padding modes (:func:`resolve_padding`);
+    promote dtypes; quantize inputs and kernel; apply the mask (multiply for the standard op,
+    skip taps for any other op); convolve with :func:`jaxconv.conv_general_dilated` (or the
+    user's ``hook``); add the bias; restore the batch dimensions.
+    """
+    nsd = len(kernel_size)
+    x, batch_shape = flatten_batch(inputs, nsd)
+    strides_t = broadcast_ints("strides", strides, nsd)
+    in_dil = broadcast_ints("input_dilation", input_dilation, nsd)
+    k_dil = broadcast_ints("kernel_dilation", kernel_dilation, nsd)
+    x, pad = resolve_padding(x, padding, kernel_size, k_dil, in_dil)
+    check_mask(mask, kernel.shape)
+    x, kernel, bias = promote(x, kernel, bias)
+    if input_quantizer is not None:
+        x = input_quantizer(x)
+    if kernel_quantizer is not None:
+        kernel = kernel_quantizer(kernel)
+
+    conv_op = op
+    nan_channels = None
+    if mask is not None:
+        present = jnp.asarray(mask) != 0
+        if hook is not None or is_standard(op):
+            kernel = kernel * jnp.asarray(mask, kernel.dtype)
+        else:
+            if not jnp.issubdtype(kernel.dtype, jnp.inexact):
+                raise TypeError(
+                    f"`mask` with op {op.name!r} needs a floating kernel, got {kernel.dtype}."
+                )
+            # NaN-in-NaN-out for a genuine NaN weight that is present: its whole output
+            # channel is NaN (the NaN encoding below would otherwise skip it).
+            nan_channels = jnp.any(jnp.isnan(kernel) & present, axis=tuple(range(nsd + 1)))
+            kernel = jnp.where(present, kernel, jnp.asarray(jnp.nan, kernel.dtype))
+            conv_op = masked_op(op)
+
+    dn = conv_dimension_numbers(x.ndim)
+    if hook is not None:
+        kwargs: dict[str, Any] = {}
+        if out_sharding is not None:
+            kwargs["out_sharding"] = out_sharding
+        if preferred_element_type is not None:
+            kwargs["preferred_element_type"] = preferred_element_type
+        y = hook(x, kernel, strides_t, pad, lhs_dilation=in_dil, rhs_dilation=k_dil,
+                 dimension_numbers=dn, feature_group_count=feature_group_count,
+                 precision=precision, **kwargs)
+    else:
+        y = _conv.conv_general_dilated(
+            x, kernel, strides_t, pad, in_dil, k_dil, dn, feature_group_count,
+            precision=precision, preferred_element_type=preferred_element_type,
+            out_sharding=out_sharding, op=conv_op, engine=engine,
+            max_block_bytes=max_block_bytes)
+    if nan_channels is not None:
+        y = jnp.where(nan_channels, jnp.asarray(jnp.nan, y.dtype), y)
+    if bias is not None:
+        y = y + jnp.reshape(bias, (1,) * (y.ndim - bias.ndim) + tuple(bias.shape))
+    return unflatten_batch(y, batch_shape)
+
+
+def dense_apply(
+    inputs: Array,
+    kernel: Array,
+    bias: Array | None,
+    *,
+    precision: Any,
+    promote: Callable[[Array, Array, Array | None], tuple[Array, Array, Array | None]],
+    preferred_element_type: Any,
+    out_sharding: Any,
+    op: Op,
+    input_quantizer: Callable[[Array], Array] | None,
+    kernel_quantizer: Callable[[Array], Array] | None,
+    engine: str,
+    max_block_bytes: int | None,
+    hook: Callable[..., Array] | None,
+) -> Array:
+    """The forward pass of a jaxconv ``Linear`` / ``Dense`` layer (last axis contracted)."""
+    x, kernel, bias = promote(inputs, kernel, bias)
+    if input_quantizer is not None:
+        x = input_quantizer(x)
+    if kernel_quantizer is not None:
+        kernel = kernel_quantizer(kernel)
+    dims = (((x.ndim - 1,), (0,)), ((), ()))
+    if hook is not None:
+        kwargs: dict[str, Any] = {}
+        if out_sharding is not None:
+            kwargs["out_sharding"] = out_sharding
+        if preferred_element_type is not None:
+            kwargs["preferred_element_type"] = preferred_element_type
+        y = hook(x, kernel, dims, precision=precision, **kwargs)
+    else:
+        y = _conv.dot_general(
+            x, kernel, dims, precision, preferred_element_type, out_sharding=out_sharding,
+            op=op, engine=engine, max_block_bytes=max_block_bytes)
+    if bias is not None:
+        y = y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+    return y
+
+
+def check_hook(name: str, hook: Any, op: Op) -> None:
+    """A Flax-style ``conv_general_dilated`` / ``dot_general`` hook excludes a custom op."""
+    if hook is None:
+        return
+    if not callable(hook):
+        raise TypeError(f"`{name}` must be a callable with lax's signature or None, got {hook!r}.")
+    if not is_standard(op):
+        raise ValueError(
+            f"pass either `op=` (got {op.name!r}) or a `{name}` hook, not both; a hook is "
+            f"called instead of jaxconv (bind the op into it with functools.partial)."
+        )
