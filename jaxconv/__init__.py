@@ -12,9 +12,12 @@ from jaxconv._src.algebra import Op as Op
 from jaxconv._src.conv import conv_general_dilated as conv_general_dilated
 from jaxconv._src.conv import dot_general as dot_general
 from jaxconv._src.einsum import einsum as einsum
+from jaxconv._src.kernel_ops import sharpened_cosine_conv as sharpened_cosine_conv
+from jaxconv._src.transpose import conv_transpose as conv_transpose
 
 __version__ = "0.1.0"
 
 __all__ = (
-    "Op", "conv_general_dilated", "dot_general", "einsum", "linen", "nnx", "ops", "__version__",
+    "Op", "conv_general_dilated", "conv_transpose", "dot_general", "einsum", "linen", "nnx", "ops",
+    "sharpened_cosine_conv", "__version__",
 )

@@ -3,6 +3,8 @@
 Each op's docstring gives its forward formula, gradient rule, padding default and source.
 """
 
+from jaxconv._src.kernel_ops import gaussian as gaussian
+from jaxconv._src.kernel_ops import polynomial as polynomial
 from jaxconv._src.ops import BUILTIN_OPS as BUILTIN_OPS
 from jaxconv._src.ops import adder as adder
 from jaxconv._src.ops import get as get
@@ -19,6 +21,6 @@ from jaxconv._src.ops import standard as standard
 from jaxconv._src.ops import xnor as xnor
 
 __all__ = (
-    "BUILTIN_OPS", "adder", "get", "l1", "l2", "l2_exact", "log", "max_min", "max_plus",
-    "min_max", "min_plus", "names", "standard", "xnor",
+    "BUILTIN_OPS", "adder", "gaussian", "get", "l1", "l2", "l2_exact", "log", "max_min",
+    "max_plus", "min_max", "min_plus", "names", "polynomial", "standard", "xnor",
 )
