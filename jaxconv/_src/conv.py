@@ -124,7 +124,8 @@ def conv_general_dilated(
     engine = validation.engine_name(engine)
     mbb = validation.max_block_bytes(max_block_bytes)
     validation.window_sizes(rhs.shape, dn.rhs_spec)
-    preferred_element_type = validation.preferred_element_type(preferred_element_type, lhs, rhs)
+    preferred_element_type = validation.preferred_element_type(
+        preferred_element_type, lhs, rhs, generic=not _is_standard(op))
     validation.precision(precision)
 
     c_in = lhs.shape[dn.lhs_spec[1]]
@@ -250,7 +251,8 @@ def dot_general(
     (lc, rc), (lb, rb) = validation.dot_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
     engine = validation.engine_name(engine)
     mbb = validation.max_block_bytes(max_block_bytes)
-    preferred_element_type = validation.preferred_element_type(preferred_element_type, lhs, rhs)
+    preferred_element_type = validation.preferred_element_type(
+        preferred_element_type, lhs, rhs, generic=not _is_standard(op))
     validation.precision(precision)
     dnums = ((lc, rc), (lb, rb))
     if _is_standard(op):

@@ -238,8 +238,12 @@ def window_sizes(rhs_shape: Sequence[int], rhs_spec: Sequence[int]) -> tuple[int
     return window
 
 
-def preferred_element_type(value: Any, lhs: Any, rhs: Any) -> Any:
-    """``preferred_element_type``: ``None`` or a real dtype of the inputs' kind (as lax)."""
+def preferred_element_type(value: Any, lhs: Any, rhs: Any, generic: bool) -> Any:
+    """``preferred_element_type``: ``None`` or a real numeric dtype.
+
+    As in lax, any real dtype is accepted for the standard op. A generic op with floating
+    inputs refuses an integer accumulation dtype (it would truncate every product).
+    """
     if value is None:
         return None
     try:
@@ -252,12 +256,11 @@ def preferred_element_type(value: Any, lhs: Any, rhs: Any) -> Any:
         raise TypeError(
             f"`preferred_element_type` must be a real numeric dtype, got {dt}."
         )
-    inputs_float = jnp.issubdtype(jnp.result_type(lhs.dtype, rhs.dtype), jnp.inexact)
-    if inputs_float != jnp.issubdtype(dt, jnp.inexact):
-        kind = "floating" if inputs_float else "integer"
+    inputs_float = jnp.issubdtype(_common_dtype(lhs, rhs), jnp.inexact)
+    if generic and inputs_float and not jnp.issubdtype(dt, jnp.inexact):
         raise TypeError(
-            f"`preferred_element_type`={dt} must be a {kind} dtype like the inputs "
-            f"(lhs {lhs.dtype}, rhs {rhs.dtype})."
+            f"`preferred_element_type`={dt} is an integer dtype but the inputs are floating "
+            f"(lhs {lhs.dtype}, rhs {rhs.dtype}); a generic op needs a floating one."
         )
     return dt
 
@@ -280,6 +283,11 @@ def precision(value: Any) -> Any:
     return value
 
 
+def _common_dtype(lhs: Any, rhs: Any) -> Any:
+    """The operands' promoted dtype, canonical (float64 is float32 without x64), no warning."""
+    return jax.dtypes.canonicalize_dtype(jnp.promote_types(lhs.dtype, rhs.dtype))
+
+
 def check_op(op: Any, lhs: Any, rhs: Any) -> None:
     """Checks that a generic ``op`` can run on ``lhs`` / ``rhs`` (dtypes, combine, reduce).
 
@@ -288,7 +296,7 @@ def check_op(op: Any, lhs: Any, rhs: Any) -> None:
     that is not the reduce's identity. The op-level checks run once per ``(op, dtype)``.
     """
     check_mixed_dtypes(lhs, rhs, generic=True)
-    dtype = jnp.result_type(lhs.dtype, rhs.dtype)
+    dtype = _common_dtype(lhs, rhs)
     if dtype == jnp.bool_:
         raise TypeError(
             f"`lhs` ({lhs.dtype}) and `rhs` ({rhs.dtype}) are bool; op {op.name!r} needs "
@@ -360,7 +368,7 @@ def _elementwise(fn: Any, what: str, op: Any, a: np.ndarray, b: np.ndarray) -> n
                 f"op {op.name!r}: `{what}` must be elementwise, written for scalars; calling "
                 f"it on scalars failed: {e}"
             ) from e
-    if not _same(whole, each.reshape(a.shape)):
+    if each.shape != (a.size,) or not _same(whole, each.reshape(a.shape)):
         raise ValueError(
             f"op {op.name!r}: `{what}` is not elementwise: on arrays of shape {a.shape} it "
             "gives other values than element by element (does it index, transpose, reduce or "
