@@ -83,6 +83,12 @@ def default_blocks(interpret: bool) -> BlockSizes:
     return TPU_BLOCKS if jax.default_backend() == "tpu" else GPU_BLOCKS
 
 
+def _ident(op: Op, dtype: Any) -> float | int:
+    """The reduce's identity as a Python scalar: a kernel may not capture array constants."""
+    with jax.ensure_compile_time_eval():
+        return np.asarray(algebra.identity_value(op, dtype)).item()
+
+
 def _round_up(v: int, m: int) -> int:
     return -(-v // m) * m
 
@@ -95,7 +101,7 @@ def _fit(blocks: BlockSizes, m: int, n: int, k: int) -> BlockSizes:
 
 
 def _pad_to(a: Array, shape: tuple[int, ...]) -> Array:
-    widths = [(0, s - d) for d, s in zip(a.shape, shape)]
+    widths = [(0, s - d) for d, s in zip(a.shape, shape, strict=True)]
     if all(hi == 0 for _, hi in widths):
         return a
     return jnp.pad(a, widths)
@@ -203,8 +209,6 @@ def _contract(
     if mask is not None:
         in_specs.append(pl.BlockSpec((bm, 1), lambda gi, i, j, kk: (i, 0)))
         args.append(mask)
-    # The identity goes in as a Python scalar: a kernel may not capture array constants.
-    ident = np.asarray(ident).item()
     kernel = functools.partial(
         _contract_kernel, term=term, binary=binary, ident=ident, acc_dtype=acc_dtype, bk=bk,
         k_total=k_total, has_y=y is not None, has_acc=acc is not None,
@@ -257,7 +261,7 @@ def semiring_matmul(
     out = _contract(
         _pad_to(a, (g, mp, kp)), _pad_to(b, (g, kp, np_)),
         term=lambda x, w, y: op.combine(x, w), binary=algebra.binary(op),
-        ident=algebra.identity_value(op, acc_dtype), acc_dtype=acc_dtype, blocks=bs,
+        ident=_ident(op, acc_dtype), acc_dtype=acc_dtype, blocks=bs,
         k_total=k, interpret=interpret)[:, :m, :n]
     if op.post is not None:
         out = op.post(out)
@@ -434,16 +438,17 @@ def _tap_tables(
         r = np.zeros((pr.mp, 1), np.int32)
         r[: pr.m, 0] = valid.reshape(-1)
         used.append(t)
-        offsets.append([k * d for k, d in zip(tap, geom.rhs_dilation)])
+        offsets.append([k * d for k, d in zip(tap, geom.rhs_dilation, strict=True)])
         rows.append(r)
     nsd = len(geom.window)
-    return (np.asarray(used, np.int32), np.asarray(offsets, np.int32).reshape(-1, nsd),
-            np.asarray(rows, np.int32).reshape(-1, pr.mp, 1))
+    t = len(used)
+    return (np.asarray(used, np.int32), np.asarray(offsets, np.int32).reshape(t, nsd),
+            np.asarray(rows, np.int32).reshape(t, pr.mp, 1))
 
 
 def _span(geom: Geometry) -> tuple[int, ...]:
     """Extent of one tap's strided slice in the padded input."""
-    return tuple((o - 1) * s + 1 for o, s in zip(geom.out_spatial, geom.strides))
+    return tuple((o - 1) * s + 1 for o, s in zip(geom.out_spatial, geom.strides, strict=True))
 
 
 def _tap_lhs(cfg: Config, pr: _Problem, xp: Array, off: Array) -> Array:
@@ -499,7 +504,7 @@ def _forward(cfg: Config, x: Array, w: Array) -> Array:
     op = cfg.op
     return _contract_taps(
         cfg, x, w, term=lambda xv, wv, y: op.combine(xv, wv), binary=algebra.binary(op),
-        ident=algebra.identity_value(op, cfg.acc_dtype))
+        ident=_ident(op, cfg.acc_dtype))
 
 
 def _unpad_output(cfg: Config, pr: _Problem, acc: Array) -> Array:

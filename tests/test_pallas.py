@@ -1,0 +1,196 @@
+"""The Pallas engine (interpret mode on CPU) against the numpy loop reference and XLA engine.
+
+Shapes are tiny and the kernels use 8 x 8 x 8 tiles, so every test still crosses several
+blocks and ragged edges (M, N and K not multiples of 8).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+from reference import NUMPY_OPS, conv_reference, dot_general_reference
+
+import jaxconv
+from jaxconv import ops
+from jaxconv._src import conv as conv_mod
+from jaxconv._src import engine_pallas
+
+# (name, layout, padding, strides, lhs_dilation, rhs_dilation, groups, x shape, w shape)
+CONFIGS = [
+    ("2d_same_groups", ("NHWC", "HWIO", "NHWC"), "SAME", (2, 1), None, None, 2,
+     (2, 5, 4, 6), (3, 2, 3, 10)),
+    ("1d_dilations_negpad", ("NCW", "OIW", "NWC"), ((2, -1),), (1,), (2,), (2,), 1,
+     (1, 3, 6), (9, 3, 3)),
+]
+
+OP_NAMES = ["adder", "l1", "max_plus", "min_plus", "max_min", "min_max", "log"]
+
+
+def _np_op(name: str):
+    return NUMPY_OPS[name]
+
+
+def _reference(name, x, w, cfg, pad_value="default"):
+    _, layout, padding, strides, lhs_dil, rhs_dil, groups, _, _ = cfg
+    r = _np_op(name)
+    return conv_reference(
+        x, w, strides, padding, lhs_dil, rhs_dil, layout, groups, combine=r.combine,
+        reduce=r.reduce, identity=r.identity,
+        pad_value=r.pad_value if pad_value == "default" else pad_value)
+
+
+def _conv(x, w, cfg, op, engine="pallas"):
+    _, layout, padding, strides, lhs_dil, rhs_dil, groups, _, _ = cfg
+    return jaxconv.conv_general_dilated(
+        x, w, strides, padding, lhs_dil, rhs_dil, layout, groups, op=op, engine=engine)
+
+
+def _data(cfg, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(cfg[7]).astype(np.float32)
+    w = rng.standard_normal(cfg[8]).astype(np.float32)
+    return x, w
+
+
+@pytest.mark.parametrize("name", OP_NAMES)
+@pytest.mark.parametrize("cfg", CONFIGS, ids=[c[0] for c in CONFIGS])
+def test_builtin_ops_against_reference(name, cfg):
+    x, w = _data(cfg)
+    got = _conv(x, w, cfg, ops.get(name))
+    np.testing.assert_allclose(got, _reference(name, x, w, cfg), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=[c[0] for c in CONFIGS])
+def test_user_multiply_equals_lax_and_xnor_without_rewrite(cfg):
+    x, w = _data(cfg, 1)
+    _, layout, padding, strides, lhs_dil, rhs_dil, groups, _, _ = cfg
+    mymult = jaxconv.Op(jnp.multiply, "sum", name="mymult")
+    expect = lax.conv_general_dilated(x, w, strides, padding, lhs_dil, rhs_dil, layout, groups,
+                                      precision=lax.Precision.HIGHEST)
+    np.testing.assert_allclose(_conv(x, w, cfg, mymult), expect, rtol=1e-5, atol=1e-5)
+    # xnor and l2 rewrites never reach an engine; the same ops without rewrite do.
+    xnor_generic = ops.xnor.replace(rewrite=None, name="xnor_generic")
+    np.testing.assert_array_equal(_conv(x, w, cfg, xnor_generic),
+                                  _reference("xnor", x, w, cfg))
+    np.testing.assert_allclose(_conv(x, w, cfg, ops.l2_exact), _reference("l2", x, w, cfg),
+                               rtol=1e-5, atol=1e-4)
+
+
+def test_pad_value_ops_pad_with_the_value():
+    cfg = CONFIGS[0]
+    x, w = _data(cfg, 2)
+    op = ops.max_plus.replace(pad_value=0.5, name="max_plus_pad")
+    np.testing.assert_allclose(_conv(x, w, cfg, op),
+                               _reference("max_plus", x, w, cfg, pad_value=0.5), rtol=1e-6)
+
+
+def test_infinities_and_nan_max_plus_same_borders():
+    # -inf in the data is dominated, +inf wins, NaN anywhere in a window gives NaN; the SAME
+    # border taps are skipped (never -inf + something from a zero pad).
+    cfg = ("2d_same", ("NHWC", "HWIO", "NHWC"), "SAME", (1, 1), None, None, 1,
+           (1, 5, 5, 2), (3, 3, 2, 3))
+    x, w = _data(cfg, 3)
+    x[0, 0, 0, 0] = -np.inf
+    x[0, 4, 4, 1] = np.inf
+    x[0, 2, 0, 0] = np.nan
+    for name in ("max_plus", "min_plus"):
+        got = np.asarray(_conv(x, w, cfg, ops.get(name)))
+        ref = _reference(name, x, w, cfg)
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(ref))
+        np.testing.assert_allclose(got, ref, rtol=1e-6)
+    x_all = np.full(cfg[7], -np.inf, np.float32)
+    got = np.asarray(_conv(x_all, w, cfg, ops.log))
+    assert np.all(np.isneginf(got))
+
+
+def test_semiring_matmul_every_reduce_ragged():
+    rng = np.random.default_rng(4)
+    a = rng.standard_normal((2, 9, 13)).astype(np.float32)
+    b = rng.standard_normal((2, 13, 11)).astype(np.float32)
+    cases = {
+        "max": (jnp.add, np.add, np.maximum, -np.inf),
+        "logsumexp": (jnp.add, np.add, np.logaddexp, -np.inf),
+        "prod": (lambda x, w: 1 + 0.1 * x * w, lambda x, w: 1 + 0.1 * x * w, np.multiply, 1.0),
+    }
+    for red, (comb, np_comb, np_red, ident) in cases.items():
+        op = jaxconv.Op(comb, red, name=f"t_{red}")
+        got = jax.jit(lambda p, q, op=op: engine_pallas.semiring_matmul(p, q, op))(a, b)
+        ref = np.stack([dot_general_reference(
+            a[g], b[g], (((1,), (0,)), ((), ())), combine=np_comb, reduce=np_red,
+            identity=ident) for g in range(2)])
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    # A user's binary reduce (a soft-OR), and 2-D operands.
+    soft_or = jaxconv.Op(lambda x, w: jax.nn.sigmoid(x * w), lambda p, q: p + q - p * q,
+                         identity=0.0, name="soft_or")
+    got = engine_pallas.semiring_matmul(a[0], b[0], soft_or)
+    ref = dot_general_reference(
+        a[0], b[0], (((1,), (0,)), ((), ())), combine=lambda x, w: 1 / (1 + np.exp(-x * w)),
+        reduce=lambda p, q: p + q - p * q, identity=0.0)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_dot_general_with_batch_dims():
+    rng = np.random.default_rng(5)
+    a = rng.standard_normal((3, 2, 10)).astype(np.float32)  # (M, B, K)
+    b = rng.standard_normal((2, 10, 9)).astype(np.float32)  # (B, K, N)
+    dn = (((2,), (1,)), ((1,), (0,)))
+    r = _np_op("max_plus")
+    got = jaxconv.dot_general(a, b, dn, op="max_plus", engine="pallas")
+    ref = dot_general_reference(a, b, dn, combine=r.combine, reduce=r.reduce,
+                                identity=r.identity)
+    np.testing.assert_allclose(got, ref, rtol=1e-6)
+
+
+GRAD_CASES = [
+    ("max_plus", True),  # integer data: many ties, split equally
+    ("min_max", False),
+    ("adder", False),  # AdderNet's own combine VJP inside the kernel
+    ("log", False),
+    ("prod", False),  # no kernel gradient: the XLA engine's backward
+]
+
+
+@pytest.mark.parametrize("name,ties", GRAD_CASES, ids=[c[0] for c in GRAD_CASES])
+def test_gradients_match_xla_engine(name, ties):
+    cfg = CONFIGS[0]
+    x, w = _data(cfg, 6)
+    if ties:
+        x, w = np.round(x), np.round(w)
+    if name == "prod":
+        op = jaxconv.Op(lambda p, q: 1 + 0.1 * p * q, "prod", name="soft_prod")
+    else:
+        op = ops.get(name)
+    cot = jnp.asarray(np.random.default_rng(7).standard_normal(
+        np.asarray(_conv(x, w, cfg, op, "xla")).shape).astype(np.float32))
+
+    def grads(engine):
+        return jax.grad(lambda p, q: jnp.sum(_conv(p, q, cfg, op, engine) * cot),
+                        argnums=(0, 1))(x, w)
+
+    for got, expect in zip(grads("pallas"), grads("xla"), strict=True):
+        np.testing.assert_allclose(got, expect, rtol=1e-4, atol=1e-4)
+
+
+def test_dense_gradient_sum():
+    rng = np.random.default_rng(8)
+    a = rng.standard_normal((5, 12)).astype(np.float32)
+    b = rng.standard_normal((12, 9)).astype(np.float32)
+    dn = (((1,), (0,)), ((), ()))
+
+    def grads(engine):
+        return jax.grad(lambda p, q: jnp.sum(jnp.sin(jaxconv.dot_general(
+            p, q, dn, op="l1", engine=engine))), argnums=(0, 1))(a, b)
+
+    for got, expect in zip(grads("pallas"), grads("xla"), strict=True):
+        np.testing.assert_allclose(got, expect, rtol=1e-4, atol=1e-5)
+
+
+def test_dispatch_and_interpret_detection():
+    assert engine_pallas.default_interpret() == (jax.default_backend() == "cpu")
+    # "auto" keeps the XLA engine on CPU; "pallas" forces the kernel (interpret mode here).
+    assert not conv_mod._pallas_is_default() or jax.default_backend() != "cpu"
+    blocks = engine_pallas.default_blocks(interpret=True)
+    assert (blocks.bm, blocks.bn, blocks.bk) == (8, 8, 8)
