@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxconv._src import engine_xla, validation
+from jaxconv._src import engine_xla, forward_mode, validation
 from jaxconv._src.algebra import Op
 from jaxconv._src.ops import resolve, standard
 
@@ -23,6 +23,10 @@ def _is_standard(op: Op) -> bool:
 
 def _dispatch_engine(engine: str, generic_args: tuple, generic_kwargs: dict) -> Array:
     """Runs the chosen engine on a canonical problem (``x``, ``w``, ``geom``, ``op``)."""
+    if forward_mode.has_jvp_tracer(*generic_args[:2]):
+        # Differentiated forward (jax.jvp / jacfwd): the engines' backward passes are
+        # custom VJPs, which JAX cannot push tangents through.
+        return forward_mode.generic_conv(*generic_args, **generic_kwargs)
     if engine == "pallas" or (engine == "auto" and _pallas_is_default()):
         from jaxconv._src import engine_pallas
 
@@ -156,6 +160,7 @@ def conv_general_dilated(
             lhs, rhs, strides, pad, lhs_dil, rhs_dil, dn, groups, bgroups, precision,
             preferred_element_type, out_sharding=out_sharding)
     validation.check_op(op, lhs, rhs)
+    forward_mode.check_op(op, lhs, rhs)
 
     in_spatial = tuple(lhs.shape[d] for d in dn.lhs_spec[2:])
     window = tuple(rhs.shape[d] for d in dn.rhs_spec[2:])
@@ -259,6 +264,7 @@ def dot_general(
         return lax.dot_general(lhs, rhs, dnums, precision, preferred_element_type,
                                out_sharding=out_sharding)
     validation.check_op(op, lhs, rhs)
+    forward_mode.check_op(op, lhs, rhs)
     if op.rewrite is not None:
         product = functools.partial(lax.dot_general, dimension_numbers=dnums, precision=precision,
                                     preferred_element_type=preferred_element_type)
