@@ -13,11 +13,13 @@ from jaxconv._src.conv import conv_general_dilated as conv_general_dilated
 from jaxconv._src.conv import dot_general as dot_general
 from jaxconv._src.einsum import einsum as einsum
 from jaxconv._src.kernel_ops import sharpened_cosine_conv as sharpened_cosine_conv
+from jaxconv._src.mixed import conv_multi as conv_multi
 from jaxconv._src.transpose import conv_transpose as conv_transpose
 
 __version__ = "0.1.0"
 
 __all__ = (
-    "Op", "conv_general_dilated", "conv_transpose", "dot_general", "einsum", "linen", "nnx", "ops",
+    "Op", "conv_general_dilated", "conv_multi", "conv_transpose", "dot_general", "einsum",
+    "linen", "nnx", "ops",
     "sharpened_cosine_conv", "__version__",
 )
