@@ -1,0 +1,413 @@
+"""Numerics: infinities, NaN, padding-only windows, ties, log's -inf windows, low precision.
+
+Expected values come from the algebra written out by hand, from ``tests/reference.py`` (numpy
+loops, IEEE arithmetic in float64) and, for gradients at ties, from ``jax.grad`` of a
+brute-force formula that gathers every window into an explicit axis and takes ``jnp.max``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from jax import lax
+from reference import NUMPY_OPS, conv_reference, dot_general_reference
+
+import jaxconv
+from jaxconv import ops
+
+INF = np.inf
+NAN = np.nan
+DN1 = ("NWC", "WIO", "NWC")
+DN2 = ("NHWC", "HWIO", "NHWC")
+ALL_OPS = list(ops.names())
+GENERIC_OPS = [n for n in ALL_OPS if n != "standard"]
+MAXMIN_OPS = ["max_plus", "min_plus", "max_min", "min_max"]
+
+
+def conv1(x: Any, w: Any, op: Any, padding: Any = "VALID", dtype: Any = jnp.float32,
+          **kw: Any) -> np.ndarray:
+    """A 1-D, one-channel convolution of the sequences ``x`` and ``w``."""
+    xa = jnp.asarray(np.asarray(x, np.float64).astype(dtype)).reshape(1, -1, 1)
+    wa = jnp.asarray(np.asarray(w, np.float64).astype(dtype)).reshape(-1, 1, 1)
+    y = jaxconv.conv_general_dilated(xa, wa, (1,), padding, dimension_numbers=DN1, op=op, **kw)
+    return np.asarray(y.astype(jnp.float32))[0, :, 0]
+
+
+# --------------------------------------------------------------------------------------------
+# Infinities: the algebra's answer, NaN only where IEEE has one (-inf + inf).
+# --------------------------------------------------------------------------------------------
+
+# (op, x, w, expected): windows of length 2 slide over x.
+INF_CASES = [
+    ("max_plus", [-INF, 1, 2], [0, 0], [1, 2]),           # -inf is dominated
+    ("max_plus", [INF, 1, 2], [0, 0], [INF, 2]),          # +inf wins
+    ("max_plus", [0, 1, 2], [-INF, 0], [1, 2]),           # a -inf weight removes its tap
+    ("max_plus", [-INF, -INF, 2], [0, 0], [-INF, 2]),     # nothing but -inf: -inf
+    ("max_plus", [-INF, 1, 2], [INF, 0], [NAN, INF]),     # -inf + inf is NaN
+    ("max_plus", [1, 2, 3], [INF, -INF], [INF, INF]),
+    ("min_plus", [INF, 1, 2], [0, 0], [1, 1]),            # +inf is dominated in a min
+    ("min_plus", [-INF, 1, 2], [0, 0], [-INF, 1]),
+    ("min_plus", [0, 1, 2], [-INF, 0], [-INF, -INF]),
+    ("min_plus", [INF, INF, 2], [0, 0], [INF, 2]),
+    ("min_plus", [-INF, 1, 2], [INF, 0], [NAN, 2]),
+    ("log", [-INF, 1, 2], [0, 0], [1, np.logaddexp(1, 2)]),
+    ("log", [INF, 1, 2], [0, 0], [INF, np.logaddexp(1, 2)]),
+    ("log", [0, 1, 2], [-INF, 0], [1, 2]),
+    ("log", [-INF, -INF, 2], [0, 0], [-INF, 2]),
+    ("log", [-INF, 1, 2], [INF, 0], [NAN, INF]),
+    ("log", [1000, 1000, 0], [0, 0], [1000 + np.log(2), 1000]),  # no overflow
+    ("log", [-1000, -1000, 0], [0, 0], [-1000 + np.log(2), 0]),  # no underflow
+    ("max_min", [-INF, 1, 2], [0, INF], [1, 2]),
+    ("max_min", [-INF, -INF, 2], [INF, INF], [-INF, 2]),
+    ("min_max", [INF, 1, 2], [0, -INF], [1, 1]),
+    ("min_max", [INF, INF, 2], [-INF, -INF], [INF, 2]),
+]
+
+
+@pytest.mark.parametrize("op,x,w,expected", INF_CASES)
+def test_infinities_follow_the_algebra(op: str, x: list, w: list, expected: list) -> None:
+    got = conv1(x, w, op)
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    ref = NUMPY_OPS[op]
+    xr = np.asarray(x, np.float32).reshape(1, -1, 1)
+    wr = np.asarray(w, np.float32).reshape(-1, 1, 1)
+    expect = conv_reference(xr, wr, (1,), "VALID", dimension_numbers=DN1, combine=ref.combine,
+                            reduce=ref.reduce, identity=ref.identity)[0, :, 0]
+    np.testing.assert_allclose(got, expect, rtol=1e-6)
+
+
+@pytest.mark.parametrize("op", ["max_plus", "min_plus", "log", "max_min", "min_max"])
+def test_infinities_at_scale_against_reference(op: str) -> None:
+    """Random +-inf in input and kernel, borders and strides included, under jit."""
+    rng = np.random.default_rng(10)
+    x = rng.standard_normal((2, 6, 5, 3)).astype(np.float32)
+    w = rng.standard_normal((3, 2, 3, 4)).astype(np.float32)
+    x[rng.random(x.shape) < 0.15] = -INF
+    x[rng.random(x.shape) < 0.05] = INF
+    w[rng.random(w.shape) < 0.15] = -INF if op != "min_plus" else INF
+    f = jax.jit(lambda a, b: jaxconv.conv_general_dilated(
+        a, b, (2, 1), "SAME", rhs_dilation=(1, 2), dimension_numbers=DN2, op=op))
+    got = np.asarray(f(x, w))
+    ref = NUMPY_OPS[op]
+    expect = conv_reference(x, w, (2, 1), "SAME", rhs_dilation=(1, 2), dimension_numbers=DN2,
+                            combine=ref.combine, reduce=ref.reduce, identity=ref.identity)
+    np.testing.assert_allclose(got, expect, rtol=1e-5, atol=1e-5)
+    assert np.isnan(got).sum() == np.isnan(expect).sum()
+
+
+# --------------------------------------------------------------------------------------------
+# Windows made only of padding give the identity (in the dtype's own infinities).
+# --------------------------------------------------------------------------------------------
+
+IDENTITY = {"max_plus": -INF, "min_plus": INF, "max_min": -INF, "min_max": INF, "log": -INF,
+            "xnor": 0.0, "l1": 0.0, "l2": 0.0, "l2_exact": 0.0, "standard": 0.0}
+
+
+PAD_CASES = [(op, jnp.float32) for op in sorted(IDENTITY)] + [
+    (op, dt) for op in ("max_plus", "min_plus", "log", "l1") for dt in (jnp.bfloat16, jnp.float16)]
+
+
+@pytest.mark.parametrize("op,dtype", PAD_CASES)
+def test_padding_only_windows_give_the_identity(op: str, dtype: Any) -> None:
+    # Padded: [p, p, p, x0, x1]; windows of 2 -> [p p] [p p] [p x0] [x0 x1].
+    x = [3.0, -2.0]
+    w = [0.5, -1.0]
+    got = conv1(x, w, op, padding=((3, 0),), dtype=dtype)
+    assert got[0] == IDENTITY[op] and got[1] == IDENTITY[op], got
+    ref = NUMPY_OPS["l2" if op == "l2_exact" else op]
+    expect = conv_reference(np.reshape(x, (1, 2, 1)), np.reshape(w, (2, 1, 1)), (1,),
+                            ((3, 0),), dimension_numbers=DN1, combine=ref.combine,
+                            reduce=ref.reduce, identity=ref.identity)[0, :, 0]
+    tol = 1e-6 if dtype == jnp.float32 else 2e-2
+    np.testing.assert_allclose(got, expect, rtol=tol)
+
+
+def test_adder_pads_with_zero_and_lhs_dilation_holes_are_padding() -> None:
+    # adder: padded cells hold 0 and each adds -|w|.
+    got = conv1([3.0, -2.0], [0.5, -1.0], "adder", padding=((3, 0),))
+    np.testing.assert_allclose(got[:2], [-1.5, -1.5])
+    # Holes of lhs_dilation behave as padding: max-plus skips them.
+    got = conv1([1.0, 2.0, 3.0], [0.0, 0.0, 0.0], "max_plus", padding=((0, 0),),
+                lhs_dilation=(3,))
+    np.testing.assert_array_equal(got, [1.0, 2.0, 2.0, 2.0, 3.0])
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_identities_are_the_dtypes_own_infinities(dtype: Any) -> None:
+    """Near the dtype's largest finite value nothing overflows and padding is skipped."""
+    big = float(jnp.finfo(dtype).max)
+    got = conv1([big, -big], [0.0, 0.0, 0.0], "max_plus", padding="SAME", dtype=dtype)
+    np.testing.assert_array_equal(got, [big, big])
+    got = conv1([-big, big], [0.0, 0.0, 0.0], "min_plus", padding="SAME", dtype=dtype)
+    np.testing.assert_array_equal(got, [-big, -big])
+    got = conv1([-big, -big], [0.0, 0.0, 0.0], "log", padding="SAME", dtype=dtype)
+    assert np.all(np.isfinite(got)) and np.all(got < -big / 2)
+
+
+def test_integer_identities_are_the_dtype_extremes() -> None:
+    """Integer max/min ops: a padding-only window gives iinfo.min / iinfo.max."""
+    x = jnp.asarray([[5], [7]], jnp.int32).reshape(1, 2, 1)
+    w = jnp.asarray([1, 2], jnp.int32).reshape(2, 1, 1)
+    y = jaxconv.conv_general_dilated(x, w, (1,), ((3, 0),), dimension_numbers=DN1,
+                                     op="max_plus")
+    assert y.dtype == jnp.int32
+    np.testing.assert_array_equal(y[0, :, 0], [np.iinfo(np.int32).min] * 2 + [7, 9])
+    y = jaxconv.conv_general_dilated(x, w, (1,), ((3, 0),), dimension_numbers=DN1,
+                                     op="min_plus")
+    np.testing.assert_array_equal(y[0, :, 0], [np.iinfo(np.int32).max] * 2 + [7, 6])
+
+
+# --------------------------------------------------------------------------------------------
+# NaN in, NaN out, for every op, with vectorised (64-channel) reductions.
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("op", ALL_OPS)
+def test_nan_propagates(op: str) -> None:
+    """A NaN in image 0 of the input and one in output channel 5 of the kernel."""
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((2, 5, 5, 64)).astype(np.float32)
+    w = rng.standard_normal((2, 2, 64, 8)).astype(np.float32)
+    x[0, 2, 3, 17] = NAN
+    w[1, 1, 33, 5] = NAN
+    expect = np.zeros((2, 5, 5, 8), bool)
+    expect[0, 1:3, 2:4, :] = True
+    expect[:, :, :, 5] = True
+    if ops.get(op).pad_value is None and op not in ("standard", "xnor", "l2"):
+        # Tap (1, 1) of the kernel lies in the padding for the last row and column: a
+        # skipped tap never reads its weight. (standard pads with real zeros as lax,
+        # 0 * NaN = NaN; adder pads with 0 through combine; the xnor and l2 rewrites are
+        # native convolutions over zero padding, so they give NaN there too.)
+        expect[:, 4, :, 5] = False
+        expect[:, :, 4, 5] = False
+    f = jax.jit(lambda a, b: jaxconv.conv_general_dilated(a, b, (1, 1), "SAME",
+                                                          dimension_numbers=DN2, op=op))
+    got = np.isnan(np.asarray(f(x, w)))
+    np.testing.assert_array_equal(got, expect)
+
+
+@pytest.mark.parametrize("op", ALL_OPS)
+def test_nan_propagates_in_dot_general(op: str) -> None:
+    rng = np.random.default_rng(12)
+    a = rng.standard_normal((8, 128)).astype(np.float32)
+    b = rng.standard_normal((128, 16)).astype(np.float32)
+    a[3, 70] = NAN
+    b[5, 9] = NAN
+    y = np.asarray(jaxconv.dot_general(a, b, (((1,), (0,)), ((), ())), op=op))
+    expect = np.zeros(y.shape, bool)
+    expect[3, :] = True
+    expect[:, 9] = True
+    np.testing.assert_array_equal(np.isnan(y), expect)
+
+
+@pytest.mark.parametrize("op", ["max_plus", "min_plus", "max_min", "min_max", "log"])
+def test_nan_wins_over_infinities(op: str) -> None:
+    """NaN next to +-inf (the non-finite path of max/min) still gives NaN."""
+    got = conv1([NAN, INF, -INF, 1.0, 2.0], [0.0, 0.0], op)
+    assert np.isnan(got[0]) and not np.isnan(got[2:]).any()
+
+
+# --------------------------------------------------------------------------------------------
+# Ties: the gradient is split equally among tied taps, as jax.grad(jnp.max) does.
+# --------------------------------------------------------------------------------------------
+
+def brute_force_conv(x: jax.Array, w: jax.Array, op: jaxconv.Op, strides: tuple[int, int],
+                     padding: tuple[tuple[int, int], ...], rhs_dilation: tuple[int, int],
+                     ) -> jax.Array:
+    """NHWC x HWIO: every window gathered into an explicit axis, then ``jnp.max``/``min``."""
+    n, h, wd, c = x.shape
+    kh, kw, _, o = w.shape
+    (plo, phi), (qlo, qhi) = padding
+    oh = (h + plo + phi - (kh - 1) * rhs_dilation[0] - 1) // strides[0] + 1
+    ow = (wd + qlo + qhi - (kw - 1) * rhs_dilation[1] - 1) // strides[1] + 1
+    ih = (np.arange(oh)[:, None] * strides[0] + np.arange(kh)[None, :] * rhs_dilation[0]
+          - plo)  # (oh, kh)
+    iw = (np.arange(ow)[:, None] * strides[1] + np.arange(kw)[None, :] * rhs_dilation[1]
+          - qlo)  # (ow, kw)
+    valid = ((ih >= 0) & (ih < h))[:, None, :, None] & ((iw >= 0) & (iw < wd))[None, :, None, :]
+    g = x[:, np.clip(ih, 0, h - 1)[:, None, :, None], np.clip(iw, 0, wd - 1)[None, :, None, :]]
+    # g: (n, oh, ow, kh, kw, c); products (n, oh, ow, kh, kw, c, o).
+    prod = op.combine(g[..., None], w[None, None, None])
+    ident = -jnp.inf if op.reduce == "max" else jnp.inf
+    prod = jnp.where(valid[None, :, :, :, :, None, None], prod, ident)
+    prod = prod.reshape(n, oh, ow, kh * kw * c, o)
+    return jnp.max(prod, axis=3) if op.reduce == "max" else jnp.min(prod, axis=3)
+
+
+GEOMETRIES = [((1, 1), ((1, 1), (1, 1)), (1, 1)), ((2, 1), ((0, 1), (2, 0)), (1, 2))]
+
+
+@pytest.mark.parametrize("op,geometry", [(op, GEOMETRIES[i % 2])
+                                         for i, op in enumerate(MAXMIN_OPS)])
+def test_tie_gradients_match_jnp_max(op: str, geometry: tuple) -> None:
+    strides, padding, rdil = geometry
+    rng = np.random.default_rng(13)
+    # Small integers: most windows have several tied winners.
+    x = jnp.asarray(rng.integers(-2, 3, (2, 5, 5, 3)).astype(np.float32))
+    w = jnp.asarray(rng.integers(-1, 2, (3, 2, 3, 2)).astype(np.float32))
+    o = ops.get(op)
+
+    def mine(a: jax.Array, b: jax.Array) -> jax.Array:
+        return jaxconv.conv_general_dilated(a, b, strides, padding, rhs_dilation=rdil,
+                                            dimension_numbers=DN2, op=o)
+
+    y = mine(x, w)
+    y_bf = brute_force_conv(x, w, o, strides, padding, rdil)
+    np.testing.assert_array_equal(y, y_bf)
+    ct = jnp.asarray(rng.standard_normal(y.shape).astype(np.float32))
+    g = jax.grad(lambda a, b: jnp.sum(mine(a, b) * ct), argnums=(0, 1))(x, w)
+    g_bf = jax.grad(lambda a, b: jnp.sum(brute_force_conv(a, b, o, strides, padding, rdil)
+                                         * ct), argnums=(0, 1))(x, w)
+    np.testing.assert_allclose(g[0], g_bf[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(g[1], g_bf[1], rtol=1e-5, atol=1e-5)
+
+
+def test_tie_gradient_split_by_hand() -> None:
+    """Three equal taps share the cotangent in thirds (max-plus, one window)."""
+    x = jnp.asarray([1.0, 2.0, 0.0]).reshape(1, 3, 1)
+    w = jnp.asarray([1.0, 0.0, 2.0]).reshape(3, 1, 1)
+    gx, gw = jax.grad(lambda a, b: jnp.sum(jaxconv.conv_general_dilated(
+        a, b, (1,), "VALID", dimension_numbers=DN1, op="max_plus")), argnums=(0, 1))(x, w)
+    np.testing.assert_allclose(gx.ravel(), [1 / 3] * 3, rtol=1e-6)
+    np.testing.assert_allclose(gw.ravel(), [1 / 3] * 3, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# log: an all -inf window gives -inf and a zero gradient, never NaN.
+# --------------------------------------------------------------------------------------------
+
+def test_log_all_neg_inf_window_has_zero_gradient() -> None:
+    x = jnp.asarray([-INF, -INF, -INF, 0.5, 1.0, -INF]).reshape(1, 6, 1)
+    w = jnp.asarray([0.0, -1.0]).reshape(2, 1, 1)
+
+    def f(a: jax.Array, b: jax.Array) -> jax.Array:
+        return jaxconv.conv_general_dilated(a, b, (1,), ((2, 1),), dimension_numbers=DN1,
+                                            op="log")
+
+    y = np.asarray(f(x, w))[0, :, 0]
+    # Windows: [p p] [p -inf] [-inf -inf] [-inf -inf] [-inf .5] [.5 1] [1 -inf] [-inf p].
+    assert np.isneginf(y[:4]).all() and np.isneginf(y[-1])
+    np.testing.assert_allclose(y[4:7], [0.5 - 1.0, np.logaddexp(0.5, 0.0), 1.0], rtol=1e-6)
+    gx, gw = jax.grad(lambda a, b: jnp.sum(jnp.where(jnp.isfinite(f(a, b)), f(a, b), 0.0)),
+                      argnums=(0, 1))(x, w)
+    assert np.isfinite(gx).all() and np.isfinite(gw).all()
+    ct_all = jax.vjp(f, x, w)[1](jnp.ones((1, 8, 1)))
+    assert all(np.isfinite(g).all() for g in ct_all)
+    np.testing.assert_array_equal(np.asarray(ct_all[0])[0, :3, 0], [0.0, 0.0, 0.0])
+
+
+# --------------------------------------------------------------------------------------------
+# Low precision: sums accumulate in float32 (or preferred_element_type).
+# --------------------------------------------------------------------------------------------
+
+def _bf16_sequential_sum(values: np.ndarray) -> float:
+    acc = ml_dtypes.bfloat16(0)
+    for v in values:
+        acc = ml_dtypes.bfloat16(acc + ml_dtypes.bfloat16(v))
+    return float(acc)
+
+
+@pytest.mark.parametrize("op", ["mul", "l1", "adder", "l2", "l2_exact", "log"])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_low_precision_sums_accumulate_in_float32(op: str, dtype: Any) -> None:
+    """One large term and 128 small ones: low-precision accumulation would drop the small."""
+    c = 129
+    if op in ("mul",):
+        xv = np.concatenate([[256.0], np.ones(c - 1)])
+        wv = np.ones(c)
+        o = jaxconv.Op(jnp.multiply, "sum", name="mul")
+    elif op in ("l1", "adder"):
+        xv = np.concatenate([[-256.0], -np.ones(c - 1)])
+        wv = np.zeros(c)
+        o = ops.get(op)
+    elif op in ("l2", "l2_exact"):
+        xv = np.concatenate([[16.0], np.ones(c - 1)])
+        wv = np.zeros(c)
+        o = ops.get(op)
+    else:  # log: exp-sum of one large and many small terms
+        xv = np.concatenate([[np.log(256.0)], np.zeros(c - 1)])
+        wv = np.zeros(c)
+        o = ops.log
+    x = jnp.asarray(xv.astype(np.float32)).astype(dtype).reshape(1, 1, c)
+    w = jnp.asarray(wv.astype(np.float32)).astype(dtype).reshape(1, c, 1)
+    exact = {"mul": 384.0, "l1": -384.0, "adder": -384.0, "l2": -384.0, "l2_exact": -384.0,
+             "log": float(np.log(np.sum(np.exp(np.asarray(x.astype(jnp.float32), np.float64)))))
+             }[op]
+    if dtype == jnp.bfloat16 and op != "log":
+        terms = {"mul": xv * wv, "log": None}.get(op, -np.abs(xv - wv) ** (2 if "l2" in op
+                                                                          else 1))
+        assert abs(_bf16_sequential_sum(terms) - exact) >= 64  # the case is discriminating
+    y = jaxconv.conv_general_dilated(x, w, (1,), "VALID", dimension_numbers=DN1, op=o)
+    assert y.dtype == dtype
+    np.testing.assert_allclose(float(y.ravel()[0]), exact, rtol=4e-3)
+    y32 = jaxconv.conv_general_dilated(x, w, (1,), "VALID", dimension_numbers=DN1, op=o,
+                                       preferred_element_type=jnp.float32)
+    assert y32.dtype == jnp.float32
+    np.testing.assert_allclose(float(y32.ravel()[0]), exact, rtol=1e-6)
+
+
+def test_low_precision_dot_accumulates_in_float32() -> None:
+    a = jnp.asarray(np.concatenate([[256.0], np.ones(128)]), jnp.bfloat16)[None]
+    b = jnp.zeros((129, 1), jnp.bfloat16)
+    y = jaxconv.dot_general(a, b, (((1,), (0,)), ((), ())), op="l1",
+                            preferred_element_type=jnp.float32)
+    np.testing.assert_allclose(np.asarray(y), [[-384.0]])
+
+
+@pytest.mark.parametrize("op,dtype", [("max_plus", jnp.bfloat16), ("min_max", jnp.bfloat16),
+                                      ("l1", jnp.bfloat16), ("log", jnp.float16),
+                                      ("min_plus", jnp.float16)])
+def test_low_precision_against_reference(op: str, dtype: Any) -> None:
+    rng = np.random.default_rng(14)
+    x = rng.standard_normal((2, 7, 3)).astype(np.float32)
+    w = rng.standard_normal((3, 3, 2)).astype(np.float32)
+    xl, wl = jnp.asarray(x).astype(dtype), jnp.asarray(w).astype(dtype)
+    y = jaxconv.conv_general_dilated(xl, wl, (1,), "SAME", dimension_numbers=DN1, op=op)
+    assert y.dtype == dtype
+    ref = NUMPY_OPS[op]
+    expect = conv_reference(np.asarray(xl.astype(jnp.float32)),
+                            np.asarray(wl.astype(jnp.float32)), (1,), "SAME",
+                            dimension_numbers=DN1, combine=ref.combine, reduce=ref.reduce,
+                            identity=ref.identity)
+    np.testing.assert_allclose(np.asarray(y.astype(jnp.float32)), expect, rtol=1e-2, atol=2e-2)
+
+
+# --------------------------------------------------------------------------------------------
+# Integer inputs.
+# --------------------------------------------------------------------------------------------
+
+def test_integer_inputs() -> None:
+    """standard as lax; sum/max ops exact in the integer dtype; xnor/log need floats."""
+    rng = np.random.default_rng(15)
+    x = rng.integers(-5, 6, (2, 6, 3)).astype(np.int32)
+    w = rng.integers(-3, 4, (3, 3, 4)).astype(np.int32)
+    y = jaxconv.conv_general_dilated(x, w, (1,), "SAME", dimension_numbers=DN1)
+    np.testing.assert_array_equal(y, lax.conv_general_dilated(x, w, (1,), "SAME",
+                                                              dimension_numbers=DN1))
+    assert y.dtype == jnp.int32
+    y8 = jaxconv.conv_general_dilated(x.astype(np.int8), w.astype(np.int8), (1,), "SAME",
+                                      dimension_numbers=DN1, preferred_element_type=jnp.int32)
+    np.testing.assert_array_equal(y8, y)
+    for op in ["max_plus", "min_plus", "l1", "l2_exact", "max_min", "min_max"]:
+        got = jaxconv.conv_general_dilated(x, w, (1,), "SAME", dimension_numbers=DN1, op=op)
+        assert got.dtype == jnp.int32, op
+        ref = NUMPY_OPS["l2" if op == "l2_exact" else op]
+        expect = conv_reference(x, w, (1,), "SAME", dimension_numbers=DN1,
+                                combine=ref.combine, reduce=ref.reduce, identity=ref.identity)
+        np.testing.assert_array_equal(got, expect, err_msg=op)
+    for op in ["xnor", "log"]:
+        with pytest.raises(TypeError, match=f"op '{op}'"):
+            jaxconv.conv_general_dilated(x, w, (1,), "SAME", dimension_numbers=DN1, op=op)
+
+
+def test_integer_dot_general() -> None:
+    a = np.arange(12, dtype=np.int32).reshape(3, 4) - 5
+    b = np.arange(8, dtype=np.int32).reshape(4, 2) - 3
+    dn = (((1,), (0,)), ((), ()))
+    got = jaxconv.dot_general(a, b, dn, op="max_plus")
+    expect = dot_general_reference(a, b, dn, combine=np.add, reduce=np.maximum, identity=-INF)
+    np.testing.assert_array_equal(got, expect)
