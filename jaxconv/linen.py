@@ -26,12 +26,13 @@ from flax.linen.dtypes import promote_dtype as _promote_dtype
 from jaxconv._src import modules as _m
 from jaxconv._src.algebra import Op
 from jaxconv._src.ops import standard
+from jaxconv._src.transpose_modules import LinenConvTranspose as ConvTranspose
 
 Array = jax.Array
 
 default_kernel_init = _init.lecun_normal()
 
-__all__ = ("Conv", "Dense")
+__all__ = ("Conv", "ConvTranspose", "Dense")
 
 
 def _promoter(fn: Callable[..., Any], dtype: Any) -> Callable[..., tuple[Any, Any, Any]]:

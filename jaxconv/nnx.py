@@ -49,13 +49,15 @@ from flax.nnx.nn import initializers as _init
 from jaxconv._src import modules as _m
 from jaxconv._src.algebra import Op
 from jaxconv._src.ops import standard
+from jaxconv._src.transpose_modules import MultiOpConv as MultiOpConv
+from jaxconv._src.transpose_modules import NnxConvTranspose as ConvTranspose
 
 Array = jax.Array
 
 default_kernel_init = _init.lecun_normal()
 default_bias_init = _init.zeros_init()
 
-__all__ = ("Conv", "Linear")
+__all__ = ("Conv", "ConvTranspose", "Linear", "MultiOpConv")
 
 
 def _promoter(fn: Callable[..., Any], dtype: Any) -> Callable[..., tuple[Any, Any, Any]]:

@@ -94,3 +94,52 @@ def test_holes_are_skipped_for_max_plus_and_grad():
     assert np.all(np.isfinite(y))
     g = jax.grad(lambda w: jnp.sum(jaxconv.conv_transpose(x, w, (2,), "SAME", op="max_plus")))(w)
     assert g.shape == w.shape and float(jnp.sum(g)) == y.size
+
+
+@pytest.mark.parametrize("kw", [
+    dict(padding="SAME", strides=2),
+    dict(padding="VALID", strides=(2, 1), kernel_dilation=(1, 2)),
+    dict(padding="CIRCULAR", strides=2),
+    dict(padding="CIRCULAR", strides=2, transpose_kernel=True),
+    dict(padding=((1, 0), (2, 1)), strides=1, use_bias=False),
+])
+def test_modules_equal_flax_for_standard(kw):
+    from flax import linen as nn
+    from flax import nnx
+
+    x = jnp.asarray(np.random.default_rng(2).standard_normal((2, 5, 4, 3)), jnp.float32)
+    ours = jaxconv.nnx.ConvTranspose(3, 4, (3, 2), rngs=nnx.Rngs(0), **kw)
+    theirs = nnx.ConvTranspose(3, 4, (3, 2), rngs=nnx.Rngs(0), **kw)
+    np.testing.assert_array_equal(ours.kernel[...], theirs.kernel[...])
+    np.testing.assert_allclose(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+    lk = dict(kw)
+    if isinstance(lk.get("strides"), int):
+        lk["strides"] = (lk["strides"],) * 2
+    lo = jaxconv.linen.ConvTranspose(4, (3, 2), **lk)
+    lt = nn.ConvTranspose(4, (3, 2), **lk)
+    v = lt.init(jax.random.key(0), x)
+    np.testing.assert_allclose(lo.apply(v, x), lt.apply(v, x), rtol=1e-5, atol=1e-5)
+
+
+def test_module_max_plus_mask_and_circular():
+    from flax import nnx
+
+    x = jnp.asarray(np.random.default_rng(3).standard_normal((1, 4, 2)), jnp.float32)
+    mask = np.ones((3, 2, 2), np.float32)
+    mask[1] = 0  # the middle tap is absent
+    layer = jaxconv.nnx.ConvTranspose(2, 2, 3, strides=2, op="max_plus", mask=mask,
+                                      rngs=nnx.Rngs(1))
+    k = np.asarray(layer.kernel[...])
+    y = layer(x)
+    # The absent tap is skipped: equal to the conv of the kernel without that tap.
+    k2 = np.stack([k[0], k[2]])
+    want = jaxconv.conv_transpose(x, k2, (2,), ((2, 1),), rhs_dilation=(2,), op="max_plus")
+    np.testing.assert_allclose(y, want + layer.bias[...], rtol=1e-6)
+    # CIRCULAR wraps with the op's reduce: the output has period len * stride.
+    circ = jaxconv.nnx.ConvTranspose(2, 2, 3, strides=2, padding="CIRCULAR", op="max_plus",
+                                     rngs=nnx.Rngs(1))
+    full = jaxconv.conv_transpose(x, circ.kernel[...], (2,), "VALID", op="max_plus")
+    yc = circ(x) - circ.bias[...]
+    assert yc.shape == (1, 8, 2)
+    # Every output cell of the full result appears in the wrapped one as a candidate max.
+    assert np.all(np.max(np.asarray(full), axis=1) <= np.max(np.asarray(yc), axis=1) + 1e-6)

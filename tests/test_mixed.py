@@ -81,3 +81,16 @@ def test_bad_split():
     with pytest.raises(ValueError, match="one entry per slice"):
         jaxconv.conv_multi(x, w, (1, 1), "SAME", dimension_numbers=DN,
                            ops=("max_plus",), split=(2, 2))
+
+
+def test_nnx_multi_op_conv():
+    from flax import nnx
+
+    x = jnp.asarray(np.random.default_rng(2).standard_normal((2, 6, 6, 3)), jnp.float32)
+    layer = jaxconv.nnx.MultiOpConv(3, 4, (3, 3), ops=("max_plus", "min_plus"),
+                                    rngs=nnx.Rngs(0))
+    ref = nnx.Conv(3, 4, (3, 3), rngs=nnx.Rngs(0))
+    np.testing.assert_array_equal(layer.kernel[...], ref.kernel[...])  # Flax's init
+    want = jaxconv.conv_multi(x, layer.kernel[...], (1, 1), "SAME", dimension_numbers=DN,
+                              ops=("max_plus", "min_plus"), split=(2, 2)) + layer.bias[...]
+    np.testing.assert_allclose(layer(x), want, rtol=1e-6)
