@@ -1,0 +1,1 @@
+"""jaxconv's private implementation; the public API is re-exported by ``jaxconv``."""
