@@ -15,11 +15,14 @@ from jaxconv._src.einsum import einsum as einsum
 from jaxconv._src.kernel_ops import sharpened_cosine_conv as sharpened_cosine_conv
 from jaxconv._src.mixed import conv_multi as conv_multi
 from jaxconv._src.transpose import conv_transpose as conv_transpose
+from jaxconv._src.wrappers import conv as conv
+from jaxconv._src.wrappers import dense as dense
 
 __version__ = "0.1.0"
 
 __all__ = (
-    "Op", "conv_general_dilated", "conv_multi", "conv_transpose", "dot_general", "einsum",
+    "Op", "conv", "conv_general_dilated", "conv_multi", "conv_transpose", "dense",
+    "dot_general", "einsum",
     "linen", "nnx", "ops",
     "sharpened_cosine_conv", "__version__",
 )

@@ -16,6 +16,7 @@ MODULES = [
     "jaxconv._src.mixed",
     "jaxconv._src.kernel_ops",
     "jaxconv._src.transpose_modules",
+    "jaxconv._src.wrappers",
     "jaxconv.nnx",
     "jaxconv.linen",
     "jaxconv.quantizers",
