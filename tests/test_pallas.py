@@ -42,10 +42,15 @@ def _reference(name, x, w, cfg, pad_value="default"):
         pad_value=r.pad_value if pad_value == "default" else pad_value)
 
 
-def _conv(x, w, cfg, op, engine="pallas"):
+def _conv_traced(x, w, cfg, op, engine="pallas"):
     _, layout, padding, strides, lhs_dil, rhs_dil, groups, _, _ = cfg
     return jaxconv.conv_general_dilated(
         x, w, strides, padding, lhs_dil, rhs_dil, layout, groups, op=op, engine=engine)
+
+
+def _conv(x, w, cfg, op, engine="pallas"):
+    # Under jit: eager dispatch of the tap scan and padding ops is slower than compiling.
+    return jax.jit(lambda p, q: _conv_traced(p, q, cfg, op, engine))(x, w)
 
 
 def _data(cfg, seed=0):
@@ -166,8 +171,8 @@ def test_gradients_match_xla_engine(name, ties):
         np.asarray(_conv(x, w, cfg, op, "xla")).shape).astype(np.float32))
 
     def grads(engine):
-        return jax.grad(lambda p, q: jnp.sum(_conv(p, q, cfg, op, engine) * cot),
-                        argnums=(0, 1))(x, w)
+        return jax.jit(jax.grad(lambda p, q: jnp.sum(_conv_traced(p, q, cfg, op, engine) * cot),
+                                argnums=(0, 1)))(x, w)
 
     for got, expect in zip(grads("pallas"), grads("xla"), strict=True):
         np.testing.assert_allclose(got, expect, rtol=1e-4, atol=1e-4)
@@ -180,8 +185,8 @@ def test_dense_gradient_sum():
     dn = (((1,), (0,)), ((), ()))
 
     def grads(engine):
-        return jax.grad(lambda p, q: jnp.sum(jnp.sin(jaxconv.dot_general(
-            p, q, dn, op="l1", engine=engine))), argnums=(0, 1))(a, b)
+        return jax.jit(jax.grad(lambda p, q: jnp.sum(jnp.sin(jaxconv.dot_general(
+            p, q, dn, op="l1", engine=engine))), argnums=(0, 1)))(a, b)
 
     for got, expect in zip(grads("pallas"), grads("xla"), strict=True):
         np.testing.assert_allclose(got, expect, rtol=1e-4, atol=1e-5)
