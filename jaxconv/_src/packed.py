@@ -324,28 +324,44 @@ def _packed_conv_canonical(
                                           preferred_element_type=jnp.int32)
         nvalid = jnp.asarray(_valid_taps(geom).astype(np.int32))[None, ..., None]
         return per * nvalid - 2 * mism
+    return _popcount_conv_xla(xq, wq, geom, per)
+
+
+def _popcount_conv_xla(xq: Array, wq: Array, geom: Geometry, per: int) -> Array:
+    """All taps in one fused XOR-popcount reduction over ``(taps, words)``.
+
+    Padded cells hold 0 words, so a padded tap adds ``popcount(w_tap)`` mismatches instead
+    of nothing; that is a static-mask x ``popcount(w)`` correction (a tiny integer matmul),
+    and the number of real taps per position replaces ``T`` in ``K * T - 2 * mismatches``.
+    The packed tap slices (``T / 32`` of the float input's bytes) feed the reduction.
+    """
     n = xq.shape[0]
     g = geom.groups
     words = wq.shape[-2]
     o = wq.shape[-1]
     og = o // g
+    taps = geom.taps()
+    t = len(taps)
     p = max(1, math.prod(geom.out_spatial))
     xp = lax.pad(xq, jnp.zeros((), xq.dtype), geom.pad_config)
+    cols = jnp.stack([engine_xla._tap_slice(xp, geom, tap) for tap in taps], axis=-2)
+    cols = cols.reshape(n, p, t, g, words).transpose(0, 1, 3, 2, 4).reshape(n, p, g, 1, t * words)
+    wt = wq.reshape(t, words, g, og).transpose(2, 3, 0, 1)  # (G, Og, T, words)
+    mism = jnp.sum(lax.population_count(cols ^ wt.reshape(g, og, t * words)), axis=-1,
+                   dtype=jnp.int32)  # (N, P, G, Og)
     mask = geom.valid_mask()
-    wt = wq.reshape(-1, words, g, og).transpose(0, 2, 3, 1)  # (T, G, Og, words)
-    acc = jnp.zeros((n, p, g, og), jnp.int32)
-    for t, tap in enumerate(geom.taps()):
-        m = geom.tap_mask(mask, tap)
-        if m is not None and not m.any():
-            continue
-        xs = engine_xla._tap_slice(xp, geom, tap).reshape(n, p, g, 1, words)
-        # XOR, popcount and the sum over words fuse into one reduction (no 5-D temp).
-        mism = jnp.sum(lax.population_count(xs ^ wt[t]), axis=-1, dtype=jnp.int32)
-        part = per - 2 * mism
-        if m is not None and not m.all():
-            part = jnp.where(jnp.asarray(m.reshape(1, p, 1, 1)), part, 0)
-        acc = acc + part
-    return acc.reshape(n, *geom.out_spatial, o)
+    nvalid = np.full((p,), t, np.int32)
+    if mask is not None:
+        invalid = np.stack([
+            np.logical_not(geom.tap_mask(mask, tap)).reshape(p) for tap in taps]).astype(np.int32)
+        if invalid.any():
+            pcw = jnp.sum(lax.population_count(wt), axis=-1, dtype=jnp.int32)  # (G, Og, T)
+            corr = jnp.einsum("tp,got->pgo", jnp.asarray(invalid), pcw,
+                              preferred_element_type=jnp.int32)
+            mism = mism - corr[None]
+            nvalid = nvalid - invalid.sum(axis=0, dtype=np.int32)
+    out = per * jnp.asarray(nvalid).reshape(1, p, 1, 1) - 2 * mism
+    return out.reshape(n, *geom.out_spatial, o)
 
 
 def packed_dense(
