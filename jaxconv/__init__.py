@@ -8,6 +8,7 @@ with ``lax``.
 from jaxconv import linen as linen
 from jaxconv import nnx as nnx
 from jaxconv import ops as ops
+from jaxconv import packed as packed
 from jaxconv._src.algebra import Op as Op
 from jaxconv._src.conv import conv_general_dilated as conv_general_dilated
 from jaxconv._src.conv import dot_general as dot_general
@@ -23,6 +24,6 @@ __version__ = "0.1.0"
 __all__ = (
     "Op", "conv", "conv_general_dilated", "conv_multi", "conv_transpose", "dense",
     "dot_general", "einsum",
-    "linen", "nnx", "ops",
+    "linen", "nnx", "ops", "packed",
     "sharpened_cosine_conv", "__version__",
 )
