@@ -277,7 +277,26 @@ def main(argv: Sequence[str] | None = None) -> float:
     def predict(p: dict, r: dict, x: Array) -> Array:
         return forward(eval_graphdef, p, r, x)[0]
 
+    # Batch norm for evaluation uses "precise" statistics: recomputed with the current
+    # weights on (up to) 1024 training images, instead of the running averages, which lag
+    # behind while adder/morphological activations move quickly at a high learning rate.
+    bns = [m for m in (getattr(model, n, None) for n in ("bn1", "bn2"))
+           if isinstance(m, nnx.BatchNorm)]
+    for bn in bns:
+        bn.momentum = 0.0
+    model.train()
+    calib_graphdef, _, _ = nnx.split(model, nnx.Param, ...)
+    for bn in bns:
+        bn.momentum = 0.9
+    x_calib = jnp.asarray(x_tr[:1024])
+
+    @jax.jit
+    def calibrate(p: dict, r: dict) -> dict:
+        return forward(calib_graphdef, p, r, x_calib)[1]
+
     def evaluate(p: dict, r: dict, x: np.ndarray, y: np.ndarray) -> float:
+        if bns:
+            r = calibrate(p, r)
         preds = [np.asarray(jnp.argmax(predict(p, r, x[i:i + 512]), -1))
                  for i in range(0, len(x), 512)]
         return float(np.mean(np.concatenate(preds) == y))
@@ -309,7 +328,10 @@ def main(argv: Sequence[str] | None = None) -> float:
     print(f"test accuracy: {test_acc:.2%} (op {args.op}, {len(x_te)} test images, "
           f"{time.perf_counter() - t0:.0f} s)")
 
+    if bns:
+        rest_d = calibrate(params_d, rest_d)
     nnx.update(model, _with(params, params_d), _with(rest, rest_d))
+    model.eval()
     if args.ckpt_dir:
         jc_checkpoint.save(args.ckpt_dir, model)
         fresh = DigitsNet(args.op, x_tr.shape[-1], x_tr.shape[1:3], n_classes,
