@@ -161,28 +161,118 @@ def _tap_unslice(g: Array, geom: Geometry, tap: tuple[int, ...]) -> Array:
     return lax.pad(g, jnp.zeros((), g.dtype), cfg)
 
 
-def _products(op: Op, xs: Array, wk: Array, groups: int) -> tuple[Array, Any]:
-    """``combine`` over ``(Nb, P, G, Og, I)`` for one tap, and its VJP function."""
-    nb = xs.shape[0]
-    p = math.prod(xs.shape[1:-1])
-    i = wk.shape[-1]
-    og = wk.shape[1]
-    xr = xs.reshape(nb, p, groups, 1, i)
-    shape = (nb, p, groups, og, i)
+def simple_primitive(fn: Any, dtype: Any = jnp.float32) -> str | None:
+    """``"add" | "mul" | "max" | "min"`` if ``fn(a, b)`` is that one primitive of a and b.
 
-    def f(xr_, wk_):
-        return op.combine(jnp.broadcast_to(xr_, shape), jnp.broadcast_to(wk_[None, None], shape))
+    Lets the engine treat a user's ``lambda a, b: a + b`` like the built-in ``sum`` (and a
+    ``combine`` of ``x + w`` like ``max_plus``'s), which they are, op for op.
+    """
+    s = jax.ShapeDtypeStruct((), dtype)
+    try:
+        jaxpr = jax.make_jaxpr(fn)(s, s).jaxpr
+    except Exception:  # noqa: BLE001 - anything untraceable is simply not simple
+        return None
+    if len(jaxpr.eqns) != 1 or len(jaxpr.outvars) != 1:
+        return None
+    eqn = jaxpr.eqns[0]
+    name = eqn.primitive.name
+    if name not in ("add", "mul", "max", "min"):
+        return None
+    if eqn.outvars[0] is not jaxpr.outvars[0]:
+        return None
+    if {id(v) for v in eqn.invars} != {id(v) for v in jaxpr.invars} or len(eqn.invars) != 2:
+        return None
+    return name
 
-    return f, xr
+
+_REDUCE_OF_PRIMITIVE = {"add": ("sum", 0.0), "mul": ("prod", 1.0), "max": ("max", -math.inf),
+                        "min": ("min", math.inf)}
 
 
-def _pad_input(x: Array, op: Op, geom: Geometry) -> Array:
-    fill = 0 if op.pad_value is None else op.pad_value
+def canonical_op(op: Op) -> Op:
+    """``op`` with a callable reduce that is one ``add``/``mul``/``max``/``min`` (and whose
+    identity is that reduce's identity) replaced by the built-in reduce of the same name, so
+    that it gets the hand-written backward pass instead of automatic differentiation."""
+    if not callable(op.reduce):
+        return op
+    prim = simple_primitive(op.reduce)
+    if prim is None:
+        return op
+    name, ident = _REDUCE_OF_PRIMITIVE[prim]
+    if op.identity is None or float(op.identity) != ident:
+        return op
+    return op.replace(reduce=name, identity=None)
+
+
+def dominated_fill(op: Op) -> float | None:
+    """A pad value whose products are provably dominated by ``op.reduce``, or None.
+
+    With identity padding (``pad_value=None``), filling the padding with this value gives
+    the identity for every padded tap without any mask: ``-inf + w = min(-inf, w) = -inf``
+    under max and logsumexp, ``+inf + w = max(+inf, w) = +inf`` under min, for every ``w``
+    except the infinity of the other sign and NaN. Callers use it only when the inputs make
+    that so (finite inputs for max/min, ``w < inf`` for logsumexp).
+    """
+    if op.pad_value is not None or op.identity is not None or not isinstance(op.reduce, str):
+        return None
+    comb = simple_primitive(op.combine)
+    if comb == "add":
+        return {"max": -math.inf, "logsumexp": -math.inf, "min": math.inf}.get(op.reduce)
+    if comb == "min" and op.reduce == "max":
+        return -math.inf
+    if comb == "max" and op.reduce == "min":
+        return math.inf
+    return None
+
+
+def _fill_ok(op: Op, x: Array, w: Array) -> Array:
+    """Whether :func:`dominated_fill` is exact for these inputs."""
+    if op.reduce == "logsumexp":
+        return jnp.all(w < jnp.inf)
+    return jnp.logical_not(_any_nonfinite(x, w))
+
+
+def _pad_input(x: Array, op: Op, geom: Geometry, fill: float | None = None) -> Array:
+    if fill is None:
+        fill = 0 if op.pad_value is None else op.pad_value
     return lax.pad(x, jnp.asarray(fill, x.dtype), geom.pad_config)
 
 
-def _forward_block(cfg: Config, xb: Array, wt: Array, exact_nan: bool) -> Array:
-    """One block of images: ``xb`` (Nb, *padded, C), ``wt`` (T, G, Og, I) -> (Nb, P, G, Og)."""
+def _tap_input(xb: Array, geom: Geometry, tap: tuple[int, ...], groups: int) -> Array:
+    """One tap's input slice as ``(Nb, P, G, I)``."""
+    xs = _tap_slice(xb, geom, tap)
+    nb, c = xs.shape[0], xs.shape[-1]
+    return xs.reshape(nb, max(1, math.prod(xs.shape[1:-1])), groups, c // groups)
+
+
+def _fwd_products(op: Op, xs: Array, wk: Array) -> Array:
+    """``combine`` over ``(Nb, P, G, Og, I)``: ``xs`` (Nb, P, G, I), ``wk`` (G, Og, I)."""
+    shape = (*xs.shape[:3], wk.shape[1], xs.shape[3])
+    return op.combine(jnp.broadcast_to(xs[:, :, :, None, :], shape),
+                      jnp.broadcast_to(wk[None, None], shape))
+
+
+def _reduce_tap(op: Op, xs: Array, wk: Array, acc_dtype: Any) -> Array:
+    """One tap's products reduced over the input channels: ``(Nb, P, G, Og)``."""
+    c = _fwd_products(op, xs, wk)
+    if op.reduce != "logsumexp":
+        return algebra.reduce_last(op, c, acc_dtype)
+    # Two passes (max, then the shifted sum of exponentials). The barrier stops XLA from
+    # sharing the products between them, which would write them to memory; recomputing
+    # them in each fused reduction is cheaper than storing them.
+    m = jnp.max(c, axis=-1).astype(acc_dtype)
+    m = jnp.where(jnp.isfinite(m), m, 0).astype(acc_dtype)
+    xs2, wk2 = lax.optimization_barrier((xs, wk))
+    c2 = _fwd_products(op, xs2, wk2).astype(acc_dtype)
+    s = jnp.sum(jnp.exp(c2 - m[..., None]), axis=-1)
+    return jnp.log(s) + m
+
+
+def _forward_block(cfg: Config, xb: Array, wt: Array, exact_nan: bool, fill: bool) -> Array:
+    """One block of images: ``xb`` (Nb, *padded, C), ``wt`` (T, G, Og, I) -> (Nb, P, G, Og).
+
+    ``fill``: the padding holds :func:`dominated_fill`'s value, so no mask is needed.
+    """
     op, geom = cfg.op, cfg.geom
     mask = geom.valid_mask() if op.pad_value is None else None
     ident = algebra.identity_value(op, cfg.acc_dtype)
@@ -195,11 +285,11 @@ def _forward_block(cfg: Config, xb: Array, wt: Array, exact_nan: bool) -> Array:
         m = geom.tap_mask(mask, tap)
         if m is not None and not m.any():
             continue  # a tap that only ever sees padding contributes the identity
-        f, xr = _products(op, _tap_slice(xb, geom, tap), wt[t], g)
-        part = algebra.reduce_last(op, f(xr, wt[t]), cfg.acc_dtype)
+        xs = _tap_input(xb, geom, tap, g)
+        part = lax.optimization_barrier(_reduce_tap(op, xs, wt[t], cfg.acc_dtype))
         if exact_nan:
-            part = jnp.where(_nan_flags(op, xr, wt[t]), jnp.nan, part)
-        if m is not None and not m.all():
+            part = jnp.where(_nan_flags(op, xs, wt[t]), jnp.nan, part)
+        if m is not None and not m.all() and not fill:
             part = jnp.where(jnp.asarray(m.reshape(1, p, 1, 1)), part, ident)
         acc = part if acc is None else binary(acc, part)
     if acc is None:
@@ -207,21 +297,22 @@ def _forward_block(cfg: Config, xb: Array, wt: Array, exact_nan: bool) -> Array:
     return acc
 
 
-def _nan_flags(op: Op, xr: Array, wk: Array) -> Array:
+def _nan_flags(op: Op, xs: Array, wk: Array) -> Array:
     """Which outputs of one tap have a NaN product, found channel by channel.
 
     XLA's vectorised CPU max/min reductions drop NaN. This loop over input channels uses
     only elementwise ops (so it keeps NaN) and holds one ``(Nb, P, G, Og)`` flag array.
     """
-    shape = xr.shape[:3] + wk.shape[1:2]
+    shape = xs.shape[:3] + wk.shape[1:2]
 
     def body(i, flag):
-        xi = lax.dynamic_index_in_dim(xr, i, axis=-1, keepdims=False)
+        xi = lax.dynamic_index_in_dim(xs, i, axis=-1, keepdims=False)
         wi = lax.dynamic_index_in_dim(wk, i, axis=-1, keepdims=False)
-        c = op.combine(jnp.broadcast_to(xi, shape), jnp.broadcast_to(wi[None, None], shape))
+        c = op.combine(jnp.broadcast_to(xi[..., None], shape),
+                       jnp.broadcast_to(wi[None, None], shape))
         return flag | jnp.isnan(c)
 
-    return lax.fori_loop(0, xr.shape[-1], body, jnp.zeros(shape, bool))
+    return lax.fori_loop(0, xs.shape[-1], body, jnp.zeros(shape, bool))
 
 
 def _blocks(x: Array, block: int) -> tuple[Array, int]:
@@ -233,13 +324,13 @@ def _blocks(x: Array, block: int) -> tuple[Array, int]:
     return x.reshape(nblk, block, *x.shape[1:]), n
 
 
-def _forward(cfg: Config, x: Array, w: Array, exact_nan: bool) -> Array:
+def _forward(cfg: Config, x: Array, w: Array, exact_nan: bool, fill: bool = False) -> Array:
     """Canonical forward without custom gradient: (N, *S, C), (*K, I, O) -> (N, P, G, Og)."""
     geom = cfg.geom
-    xp = _pad_input(x, cfg.op, geom)
+    xp = _pad_input(x, cfg.op, geom, dominated_fill(cfg.op) if fill else None)
     wt = _taps_major(w, geom.groups)
     xblocks, n = _blocks(xp, cfg.block)
-    fn = functools.partial(_forward_block, cfg, wt=wt, exact_nan=exact_nan)
+    fn = functools.partial(_forward_block, cfg, wt=wt, exact_nan=exact_nan, fill=fill)
     if cfg.op.reduce_name not in algebra.HAND_VJP_REDUCES:
         fn = jax.checkpoint(fn)
     if xblocks.shape[0] == 1:
@@ -257,7 +348,6 @@ def _taps_major(w: Array, groups: int) -> Array:
 
 
 def _taps_major_transpose(gt: Array, w_shape: tuple[int, ...], groups: int) -> Array:
-    *k, i, o = w_shape
     return gt.transpose(0, 3, 1, 2).reshape(w_shape)
 
 
@@ -267,12 +357,28 @@ def _any_nonfinite(*arrays: Array) -> Array:
     )
 
 
-def _forward_nan_safe(cfg: Config, x: Array, w: Array) -> Array:
-    """Max/min reductions: a fast path for finite inputs, a NaN-propagating one otherwise."""
-    if cfg.op.reduce in ("max", "min") and jnp.issubdtype(x.dtype, jnp.floating):
+def _forward_dispatch(cfg: Config, x: Array, w: Array) -> Array:
+    """Chooses the forward path from the inputs' values (``lax.cond``).
+
+    Max/min: XLA CPU's vectorised reductions drop NaN, so inputs with a non-finite value
+    take an exact, NaN-propagating path; finite inputs take the fast one (with the padding
+    filled by a dominated value where the op allows it). Logsumexp: the dominated fill is
+    exact unless ``w`` holds ``+inf``.
+    """
+    op = cfg.op
+    floating = jnp.issubdtype(x.dtype, jnp.floating)
+    can_fill = floating and dominated_fill(op) is not None
+    if op.reduce in ("max", "min") and floating:
         return lax.cond(
             _any_nonfinite(x, w),
             lambda a, b: _forward(cfg, a, b, True),
+            lambda a, b: _forward(cfg, a, b, False, can_fill),
+            x, w,
+        )
+    if can_fill:
+        return lax.cond(
+            _fill_ok(op, x, w),
+            lambda a, b: _forward(cfg, a, b, False, True),
             lambda a, b: _forward(cfg, a, b, False),
             x, w,
         )
@@ -281,75 +387,253 @@ def _forward_nan_safe(cfg: Config, x: Array, w: Array) -> Array:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _hand_vjp_conv(cfg: Config, x: Array, w: Array) -> Array:
-    return _forward_nan_safe(cfg, x, w)
+    return _forward_dispatch(cfg, x, w)
 
 
 def _hand_vjp_fwd(cfg: Config, x: Array, w: Array):
-    y = _forward_nan_safe(cfg, x, w)
+    y = _forward_dispatch(cfg, x, w)
     return y, (x, w, y)
 
 
-def _hand_vjp_bwd(cfg: Config, res, gy: Array):
-    x, w, y = res
+def _cotangent_of_products(red: str, c: Array, yl: Array, gl: Array, sl: Array | None,
+                           ml: np.ndarray | None, fast: bool, acc_dtype: Any) -> Array:
+    """d out / d products times the output cotangent, elementwise in any layout.
+
+    ``ml``: the tap's validity mask in this layout (None: every product is valid). ``fast``:
+    the inputs, outputs and padding are such that the formulas below need only the
+    arithmetic that XLA CPU fuses into its reduction kernels (add, multiply, abs, sign,
+    exp); comparisons and selects on the products would be written to memory instead.
+    For max/min that means finite ``x``, ``w`` and ``y`` with dominated padding: every
+    product is ``<= y`` (``>=`` for min) and equals it exactly at the winners, since it is
+    recomputed bit for bit, so ``1 - |sign(y - c)|`` marks the winners.
+    """
+    if red == "sum":
+        if ml is None:
+            return jnp.broadcast_to(gl, c.shape)
+        return jnp.broadcast_to(gl * jnp.asarray(ml, gl.dtype), c.shape)
+    if red in ("max", "min"):
+        d = jnp.where(c == yl, sl, 0)
+        if fast:
+            return d
+    else:
+        # logsumexp: the softmax weight of each product; ``gl`` and ``yl`` come in with an
+        # all -inf window's cotangent zeroed and its output replaced by 0 (no inf - inf).
+        d = gl * jnp.exp(c.astype(acc_dtype) - yl)
+    if ml is not None:
+        d = jnp.where(jnp.asarray(ml), d, 0)
+    return d
+
+
+# Positions per step when the kernel gradient sums over them; the products of one step,
+# (rows, G, Og, I), are reduced over their leading axis.
+_DW_ROWS = 64
+
+
+def _dw_rows(nbp: int) -> int:
+    """Rows per kernel-gradient step: a divisor of ``nbp`` near ``_DW_ROWS`` if there is one."""
+    for r in range(min(_DW_ROWS, nbp), _DW_ROWS // 4 - 1, -1):
+        if nbp % r == 0:
+            return r
+    return min(_DW_ROWS, nbp)
+
+
+def _dx_of_tap(op: Op, red: str, xs: Array, wk: Array, yf: Array, gf: Array,
+               sf: Array | None, m_pos: np.ndarray | None, fast: bool, acc: Any) -> Array:
+    """One tap's input gradient ``(NP, G, I)``: a loop over the output channels.
+
+    Each step adds ``dc * d combine / d x`` for one output channel, an elementwise update
+    of the ``(NP, G, I)`` accumulator that XLA fuses into one vectorised loop (a reduction
+    over the output channels as an axis is many times slower on CPU: the input is constant
+    along it).
+    """
+    og = wk.shape[1]
+    ml = None if m_pos is None else m_pos.reshape(-1, 1, 1)
+
+    def body(k: Any, a: Array) -> Array:
+        wo = lax.dynamic_index_in_dim(wk, k, axis=1, keepdims=False)  # (G, I)
+        yo = lax.dynamic_index_in_dim(yf, k, axis=2)  # (NP, G, 1)
+        go = lax.dynamic_index_in_dim(gf, k, axis=2)
+        so = None if sf is None else lax.dynamic_index_in_dim(sf, k, axis=2)
+        c, vjp = jax.vjp(op.combine, xs, jnp.broadcast_to(wo[None], xs.shape))
+        dc = _cotangent_of_products(red, c, yo, go, so, ml, fast, acc)
+        return a + vjp(dc.astype(c.dtype))[0].astype(acc)
+
+    return lax.fori_loop(0, og, body, jnp.zeros(xs.shape, acc), unroll=min(og, 8))
+
+
+def _dw_of_tap(op: Op, red: str, xs: Array, wk: Array, yf: Array, gf: Array,
+               sf: Array | None, m_pos: np.ndarray | None, fast: bool, acc: Any,
+               rows: int) -> Array:
+    """One tap's kernel gradient ``(G, Og, I)``: a scan over blocks of ``rows`` positions.
+
+    Each step reduces the ``(rows, G, Og, I)`` products over their leading axis.
+    """
+    nbp, g, i = xs.shape
+    og = wk.shape[1]
+    nblk = nbp // rows
+    seq = [xs.reshape(nblk, rows, g, i), yf.reshape(nblk, rows, g, og),
+           gf.reshape(nblk, rows, g, og)]
+    if sf is not None:
+        seq.append(sf.reshape(nblk, rows, g, og))
+    if m_pos is not None:
+        seq.append(jnp.asarray(m_pos.reshape(nblk, rows)))
+    shape = (rows, g, og, i)
+
+    def body(a: Array, blk: list[Array]) -> tuple[Array, None]:
+        xb_, yb_, gb_ = blk[:3]
+        rest = blk[3:]
+        sb_ = rest.pop(0)[..., None] if sf is not None else None
+        mb_ = rest.pop(0).reshape(rows, 1, 1, 1) if m_pos is not None else None
+        c, vjp = jax.vjp(op.combine, jnp.broadcast_to(xb_[:, :, None, :], shape),
+                         jnp.broadcast_to(wk[None], shape))
+        dc = _cotangent_of_products(red, c, yb_[..., None], gb_[..., None], sb_, mb_, fast,
+                                    acc)
+        return a + jnp.sum(vjp(dc.astype(c.dtype))[1], axis=0, dtype=acc), None
+
+    out, _ = lax.scan(body, jnp.zeros(wk.shape, acc), seq)
+    return out
+
+
+def _tap_table(geom: Geometry, taps: list) -> tuple[np.ndarray, np.ndarray | None]:
+    """Start offsets ``(T, nsd)`` of the given taps and their stacked masks ``(T, P)``."""
+    offs = np.array([[k * d for k, d in zip(tap, geom.rhs_dilation, strict=True)]
+                     for _, tap, _ in taps], np.int32).reshape(len(taps), len(geom.window))
+    masks = [m for _, _, m in taps]
+    if all(m is None for m in masks):
+        return offs, None
+    p = max(1, math.prod(geom.out_spatial))
+    return offs, np.stack([np.ones(p, bool) if m is None else m for m in masks])
+
+
+def _count_winners(op: Op, geom: Geometry, xb: Array, wt: Array, yb: Array, taps: list,
+                   fast: bool, acc: Any) -> Array:
+    """How many products of each window equal its max/min ``yb`` (ties split gradients).
+
+    A loop over the taps, so that each tap's comparison stays inside its own fused reduction
+    (unrolled, XLA CPU merges the taps' reductions into one kernel fed by stored products).
+    """
+    nb = xb.shape[0]
+    g = wt.shape[1]
+    p = max(1, math.prod(geom.out_spatial))
+    offs, masks = _tap_table(geom, taps)
+    t_idx = np.array([t for t, _, _ in taps], np.int32)
+    ext = [(o - 1) * s + 1 for o, s in zip(geom.out_spatial, geom.strides, strict=True)]
+    offs_j, t_j = jnp.asarray(offs), jnp.asarray(t_idx)
+    masks_j = None if masks is None else jnp.asarray(masks)
+
+    def body(k: Any, count: Array) -> Array:
+        start = (0, *(offs_j[k, j] for j in range(offs.shape[1])), 0)
+        xs = lax.dynamic_slice(xb, start, (nb, *ext, xb.shape[-1]))
+        xs = lax.slice(xs, (0,) * xs.ndim, xs.shape, (1, *geom.strides, 1))
+        xs = xs.reshape(nb, p, g, xs.shape[-1] // g)
+        wk = lax.dynamic_index_in_dim(wt, t_j[k], axis=0, keepdims=False)
+        c = _fwd_products(op, xs, wk)
+        eq = c == yb[..., None]
+        if not fast:
+            if masks_j is not None:
+                m = lax.dynamic_index_in_dim(masks_j, k, axis=0, keepdims=False)
+                eq = eq & m.reshape(1, p, 1, 1, 1)
+        return count + jnp.sum(eq, axis=-1, dtype=acc)
+
+    return lax.fori_loop(0, len(taps), body, jnp.zeros(yb.shape, acc))
+
+
+def _backward(cfg: Config, x: Array, w: Array, y: Array, gy: Array, fill: bool):
+    """Gradients of sum, max, min and logsumexp products without storing any products.
+
+    Per block and tap, the products are recomputed inside two fused reductions, laid out so
+    that the reduced axis is the innermost one: ``(Nb, P, G, I, Og)`` summed over ``Og`` for
+    the input gradient and ``(G, Og, I, Nb*P)`` summed over the positions for the kernel
+    gradient. The cotangent goes through ``combine``'s own VJP (so AdderNet's custom rule
+    applies). Max/min first count the winners of each window (ties split the gradient).
+    """
     op, geom = cfg.op, cfg.geom
-    xp = _pad_input(x, op, geom)
+    acc = cfg.acc_dtype
+    xp = _pad_input(x, op, geom, dominated_fill(op) if fill else None)
     wt = _taps_major(w, geom.groups)
     mask = geom.valid_mask() if op.pad_value is None else None
     p = max(1, math.prod(geom.out_spatial))
-    taps = geom.taps()
+    g, og, i = wt.shape[1:]
     red = op.reduce
-    g_groups = wt.shape[1]
+    taps = []
+    for t, tap in enumerate(geom.taps()):
+        m = geom.tap_mask(mask, tap)
+        if m is not None and not m.any():
+            continue
+        taps.append((t, tap, None if (m is None or m.all() or fill) else m.reshape(p)))
 
-    def block_grads(carry, blk):
-        gwt = carry
+    def block_grads(gwt: Array, blk: tuple[Array, Array, Array]) -> tuple[Array, Array]:
         xb, yb, gb = blk
-        gb = gb.astype(cfg.acc_dtype)
-        count = None
+        nb = xb.shape[0]
+        gb = gb.astype(acc)
+        scale = None
         if red in ("max", "min"):
-            count = jnp.zeros(yb.shape, cfg.acc_dtype)
-            for t, tap in enumerate(taps):
-                m = geom.tap_mask(mask, tap)
-                if m is not None and not m.any():
-                    continue
-                f, xr = _products(op, _tap_slice(xb, geom, tap), wt[t], g_groups)
-                eq = (f(xr, wt[t]) == yb[..., None]).astype(cfg.acc_dtype)
-                if m is not None and not m.all():
-                    eq = eq * jnp.asarray(m.reshape(1, p, 1, 1, 1), cfg.acc_dtype)
-                count = count + jnp.sum(eq, axis=-1)
+            count = _count_winners(op, geom, xb, wt, yb, taps, fill, acc)
             scale = jnp.where(count > 0, gb / jnp.maximum(count, 1), 0)
-        gxb = jnp.zeros(xb.shape, x.dtype)
-        for t, tap in enumerate(taps):
-            m = geom.tap_mask(mask, tap)
-            if m is not None and not m.any():
-                continue
-            f, xr = _products(op, _tap_slice(xb, geom, tap), wt[t], g_groups)
-            c, vjp = jax.vjp(f, xr, wt[t])
-            if red == "sum":
-                dc = jnp.broadcast_to(gb[..., None], c.shape)
-            elif red in ("max", "min"):
-                dc = jnp.where(c == yb[..., None], scale[..., None], 0)
-            else:  # logsumexp
-                yb_ = yb[..., None]
-                dc = gb[..., None] * jnp.where(
-                    jnp.isneginf(yb_), 0, jnp.exp(c.astype(cfg.acc_dtype) - yb_))
-            if m is not None and not m.all():
-                dc = jnp.where(jnp.asarray(m.reshape(1, p, 1, 1, 1)), dc, 0)
-            gxr, gwk = vjp(dc.astype(c.dtype))
-            gxb = gxb + _tap_unslice(
-                gxr.reshape(_tap_slice(xb, geom, tap).shape).astype(x.dtype), geom, tap)
-            gwt = gwt.at[t].add(gwk.astype(gwt.dtype))
-        return gwt, gxb
+        elif red == "logsumexp":
+            gb = jnp.where(jnp.isneginf(yb), 0, gb)
+            yb = jnp.where(jnp.isneginf(yb), 0, yb).astype(acc)
+        # Layout for the input gradient: (Nb, P, G, I, Og).
+        nbp = nb * p
+        # Per-position views (NP, G, Og) of the output, its cotangent and the max/min scale.
+        yf = yb.reshape(nbp, g, og)
+        gf = gb.reshape(nbp, g, og)
+        sf = None if scale is None else scale.reshape(nbp, g, og)
+        # Kernel-gradient blocks of positions: ``dw_rows`` positions per step of a scan.
+        rows = _dw_rows(nbp)
+        nbp_pad = -(-nbp // rows) * rows
+
+        def pad_rows(a: Array | None) -> Array | None:
+            if a is None or nbp_pad == nbp:
+                return a
+            return jnp.concatenate([a, jnp.zeros((nbp_pad - nbp, *a.shape[1:]), a.dtype)])
+
+        gxb = jnp.zeros(xb.shape, acc)
+        for t, tap, m in taps:
+            xs = _tap_input(xb, geom, tap, g).reshape(nbp, g, i)
+            wk = wt[t]
+            m_pos = None if m is None else np.tile(m, nb)  # (NP,) validity of this tap
+            dxs = _dx_of_tap(op, red, xs, wk, yf, gf, sf, m_pos, fill, acc)
+            gxb = gxb + _tap_unslice(dxs.reshape(_tap_slice(xb, geom, tap).shape), geom, tap)
+            if m_pos is None and nbp_pad != nbp:
+                m_pos = np.ones((nbp,), bool)
+            if m_pos is not None and nbp_pad != nbp:
+                m_pos = np.concatenate([m_pos, np.zeros((nbp_pad - nbp,), bool)])
+            dwk = _dw_of_tap(op, red, pad_rows(xs), wk, pad_rows(yf), pad_rows(gf),
+                             pad_rows(sf), m_pos, fill, acc, rows)
+            gwt = gwt.at[t].add(dwk.astype(gwt.dtype))
+        return gwt, gxb.astype(x.dtype)
 
     xblocks, n = _blocks(xp, cfg.block_bwd)
     yblocks, _ = _blocks(y, cfg.block_bwd)
     gblocks, _ = _blocks(gy, cfg.block_bwd)
     gwt0 = jnp.zeros(wt.shape, jnp.promote_types(w.dtype, jnp.float32))
-    gwt, gx_blocks = lax.scan(block_grads, gwt0, (xblocks, yblocks, gblocks))
-    gxp = gx_blocks.reshape(-1, *gx_blocks.shape[2:])[:n]
+    if xblocks.shape[0] == 1:
+        gwt, gxp = block_grads(gwt0, (xblocks[0], yblocks[0], gblocks[0]))
+    else:
+        gwt, gx_blocks = lax.scan(block_grads, gwt0, (xblocks, yblocks, gblocks))
+        gxp = gx_blocks.reshape(-1, *gx_blocks.shape[2:])
+    gxp = gxp[:n]
     _, pad_vjp = jax.vjp(lambda a: _pad_input(a, op, geom), x)
     (gx,) = pad_vjp(gxp)
     gw = _taps_major_transpose(gwt, w.shape, geom.groups).astype(w.dtype)
     return gx.astype(x.dtype), gw
+
+
+def _hand_vjp_bwd(cfg: Config, res, gy: Array):
+    x, w, y = res
+    op = cfg.op
+    if jnp.issubdtype(x.dtype, jnp.floating) and dominated_fill(op) is not None:
+        ok = _fill_ok(op, x, w)
+        if op.reduce in ("max", "min"):
+            ok = ok & jnp.all(jnp.isfinite(y))
+        return lax.cond(
+            ok,
+            lambda *a: _backward(cfg, *a, fill=True),
+            lambda *a: _backward(cfg, *a, fill=False),
+            x, w, y, gy,
+        )
+    return _backward(cfg, x, w, y, gy, fill=False)
 
 
 _hand_vjp_conv.defvjp(_hand_vjp_fwd, _hand_vjp_bwd)
@@ -382,6 +666,7 @@ def generic_conv(
     dtype = jnp.result_type(x.dtype, w.dtype)
     x = x.astype(dtype)
     w = w.astype(dtype)
+    op = canonical_op(op)
     acc_dtype = algebra.accumulation_dtype(op, dtype, preferred_element_type)
     mbb = DEFAULT_MAX_BLOCK_BYTES if max_block_bytes is None else int(max_block_bytes)
     n = x.shape[0]
