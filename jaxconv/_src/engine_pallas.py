@@ -108,13 +108,12 @@ def _pad_to(a: Array, shape: tuple[int, ...]) -> Array:
 
 
 def _compiler_params(ndims: int) -> Any:
-    """Marks the last grid axis as the reduction on TPU (others are parallel)."""
+    """Every grid axis is parallel (the contraction is a loop inside the kernel)."""
     if jax.default_backend() != "tpu":
         return None
     from jax.experimental.pallas import tpu as pltpu
 
-    return pltpu.CompilerParams(
-        dimension_semantics=("parallel",) * (ndims - 1) + ("arbitrary",))
+    return pltpu.CompilerParams(dimension_semantics=("parallel",) * ndims)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -132,7 +131,11 @@ def _contract_kernel(
     has_acc: bool,
     has_mask: bool,
 ) -> None:
-    """One ``(bm, bn)`` output tile, one K block: ``acc = binary(acc, term(combine))``."""
+    """One ``(bm, bn)`` output tile: ``acc = binary(acc, term(combine(a[:, k], b[k, :])))``.
+
+    The accumulator lives in registers / VMEM for the whole contraction: an outer loop over
+    K blocks of ``bk`` columns, an inner loop of rank-1 updates within a block.
+    """
     refs = list(refs)
     a_ref, b_ref = refs[0], refs[1]
     pos = 2
@@ -144,30 +147,26 @@ def _contract_kernel(
     if has_mask:
         mask_ref, pos = refs[pos], pos + 1
     o_ref = refs[pos]
-    kb = pl.program_id(3)
-
-    @pl.when(kb == 0)
-    def _init() -> None:
-        if acc_ref is not None:
-            o_ref[...] = acc_ref[...]
-        else:
-            o_ref[...] = jnp.full(o_ref.shape, ident, o_ref.dtype)
-
-    start = o_ref[0]
+    shape = o_ref.shape[1:]
+    if acc_ref is not None:
+        start = acc_ref[0]
+    else:
+        start = jnp.full(shape, ident, acc_dtype)
     y = y_ref[0] if y_ref is not None else None
-    shape = start.shape
 
-    def body(i: Any, acc: Array) -> Array:
-        col = a_ref[0, :, pl.ds(i, 1)]  # (bm, 1)
-        row = b_ref[0, pl.ds(i, 1), :]  # (1, bn)
+    def step(k: Any, acc: Array) -> Array:
+        col = a_ref[0, :, pl.ds(k, 1)]  # (bm, 1)
+        row = b_ref[0, pl.ds(k, 1), :]  # (1, bn)
         c = term(jnp.broadcast_to(col, shape), jnp.broadcast_to(row, shape), y)
-        new = binary(acc, c.astype(acc_dtype))
-        if k_total % bk:
-            # The zero padding of a ragged K must not go through combine into the result.
-            new = jnp.where(kb * bk + i < k_total, new, acc)
-        return new
+        return binary(acc, c.astype(acc_dtype))
 
-    acc = lax.fori_loop(0, bk, body, start)
+    def block(kb: Any, acc: Array) -> Array:
+        return lax.fori_loop(kb * bk, kb * bk + bk, step, acc)
+
+    # Full K blocks, then the ragged tail: the zero padding of K never reaches combine.
+    acc = lax.fori_loop(0, k_total // bk, block, start)
+    if k_total % bk:
+        acc = lax.fori_loop(k_total - k_total % bk, k_total, step, acc)
     if mask_ref is not None:
         # Rows whose tap lies in padding keep their previous value: the tap is skipped.
         acc = jnp.where(mask_ref[...] != 0, acc, start)
@@ -189,15 +188,19 @@ def _contract(
     acc: Array | None = None,
     mask: Array | None = None,
 ) -> Array:
-    """Padded operands ``a (G, Mp, Kp)``, ``b (G, Kp, Np)`` -> ``(G, Mp, Np)``."""
+    """Padded operands ``a (G, Mp, Kp)``, ``b (G, Kp, Np)`` -> ``(G, Mp, Np)``.
+
+    Grid ``(G, Mp / bm, Np / bn)``, every axis parallel (on GPU the programs of a grid run
+    concurrently, so the contraction is a loop inside the kernel, not a grid axis).
+    """
     g, mp, kp = a.shape
     np_ = b.shape[-1]
     bm, bn, bk = blocks.bm, blocks.bn, blocks.bk
-    grid = (g, mp // bm, np_ // bn, kp // bk)
-    out_spec = pl.BlockSpec((1, bm, bn), lambda gi, i, j, kk: (gi, i, j))
+    grid = (g, mp // bm, np_ // bn)
+    out_spec = pl.BlockSpec((1, bm, bn), lambda gi, i, j: (gi, i, j))
     in_specs = [
-        pl.BlockSpec((1, bm, bk), lambda gi, i, j, kk: (gi, i, kk)),
-        pl.BlockSpec((1, bk, bn), lambda gi, i, j, kk: (gi, kk, j)),
+        pl.BlockSpec((1, bm, kp), lambda gi, i, j: (gi, i, 0)),
+        pl.BlockSpec((1, kp, bn), lambda gi, i, j: (gi, 0, j)),
     ]
     args = [a, b]
     if y is not None:
@@ -207,7 +210,7 @@ def _contract(
         in_specs.append(out_spec)
         args.append(acc)
     if mask is not None:
-        in_specs.append(pl.BlockSpec((bm, 1), lambda gi, i, j, kk: (i, 0)))
+        in_specs.append(pl.BlockSpec((bm, 1), lambda gi, i, j: (i, 0)))
         args.append(mask)
     kernel = functools.partial(
         _contract_kernel, term=term, binary=binary, ident=ident, acc_dtype=acc_dtype, bk=bk,
@@ -220,7 +223,7 @@ def _contract(
         in_specs=in_specs,
         out_specs=out_spec,
         interpret=interpret,
-        compiler_params=_compiler_params(4),
+        compiler_params=_compiler_params(3),
         name="jaxconv_semiring_matmul",
     )(*args)
 
@@ -270,26 +273,20 @@ def semiring_matmul(
 
 def _grad_kernel(
     a_ref: Any, bt_ref: Any, y_ref: Any, s_ref: Any, mask_ref: Any, o_ref: Any, *,
-    op: Op, rule: Callable[..., Array], acc_dtype: Any, red_block: int, red_total: int,
-    wrt: int,
+    op: Op, rule: Callable[..., Array], acc_dtype: Any, red_total: int, wrt: int,
 ) -> None:
     """One gradient tile; ``wrt=0``: ``dx (bm, bk)`` summed over n, ``wrt=1``: ``dw (bk, bn)``.
 
-    ``wrt=0``: ``a_ref`` is ``a (bm, bk)``, ``bt_ref`` is ``b^T (bn, bk)``, ``y``/``s`` are
-    ``(bm, bn)``, ``mask`` ``(bm, 1)``; step ``j`` takes row ``j`` of ``b^T`` and column ``j`` of
-    ``y`` and ``s``. ``wrt=1``: ``a_ref`` is ``a^T (bk, bm)``, ``bt_ref`` is ``b (bk, bn)``,
-    ``y``/``s`` are ``(bm, bn)``, ``mask`` ``(bm, 1)``; step ``i`` takes column ``i`` of ``a^T``
-    and row ``i`` of ``y``, ``s`` and the mask.
+    ``wrt=0``: ``a_ref`` is ``a (bm, bk)``, ``bt_ref`` is ``b^T (Np, bk)``, ``y``/``s`` are
+    ``(bm, Np)``, ``mask`` ``(bm, 1)``; step ``j`` takes row ``j`` of ``b^T`` and column ``j`` of
+    ``y`` and ``s``. ``wrt=1``: ``a_ref`` is ``a^T (bk, Mp)``, ``bt_ref`` is ``b (bk, bn)``,
+    ``y``/``s`` are ``(Mp, bn)``, ``mask`` ``(Mp, 1)``; step ``i`` takes column ``i`` of ``a^T``
+    and row ``i`` of ``y``, ``s`` and the mask. The loop runs over the real rows / features
+    only, so padding never reaches combine's VJP.
     """
-    rb = pl.program_id(3)
-
-    @pl.when(rb == 0)
-    def _init() -> None:
-        o_ref[...] = jnp.zeros(o_ref.shape, o_ref.dtype)
-
     shape = o_ref.shape[1:]
 
-    def body(i: Any, acc: Array) -> Array:
+    def step(i: Any, acc: Array) -> Array:
         if wrt == 0:
             xv = a_ref[0]
             wv = jnp.broadcast_to(bt_ref[0, pl.ds(i, 1), :], shape)
@@ -304,12 +301,11 @@ def _grad_kernel(
             valid = mask_ref[pl.ds(i, 1), :] != 0
         c, vjp = jax.vjp(op.combine, xv, wv)
         dc = rule(c.astype(acc_dtype), yv, sv)
-        # Padded rows / features and skipped taps carry no gradient (and no 0 * inf).
-        valid = valid & (rb * red_block + i < red_total)
+        # Skipped (padded) taps carry no gradient, and no 0 * inf reaches it.
         dc = jnp.where(valid, dc, 0).astype(c.dtype)
         return acc + vjp(dc)[wrt].astype(acc_dtype)
 
-    o_ref[0] = lax.fori_loop(0, red_block, body, o_ref[0])
+    o_ref[0] = lax.fori_loop(0, red_total, step, jnp.zeros(shape, acc_dtype))
 
 
 def _grad_call(
@@ -318,40 +314,41 @@ def _grad_call(
 ) -> Array:
     """Padded ``a (G, Mp, Kp)``, ``b (G, Kp, Np)``, ``y, s (G, Mp, Np)``, ``mask (Mp, 1)``.
 
-    Returns ``dx (G, Mp, Kp)`` (``wrt=0``) or ``dw (G, Kp, Np)`` (``wrt=1``).
+    Returns ``dx (G, Mp, Kp)`` (``wrt=0``, grid over ``(G, M, K)`` tiles, a loop over the
+    output features) or ``dw (G, Kp, Np)`` (``wrt=1``, grid over ``(G, K, N)`` tiles, a loop
+    over the rows): the forward kernel with the roles transposed.
     """
     g, mp, kp = a.shape
     np_ = b.shape[-1]
     bm, bn, bk = blocks.bm, blocks.bn, blocks.bk
     if wrt == 0:
-        grid = (g, mp // bm, kp // bk, np_ // bn)
+        grid = (g, mp // bm, kp // bk)
         in_specs = [
-            pl.BlockSpec((1, bm, bk), lambda gi, i, kk, j: (gi, i, kk)),
-            pl.BlockSpec((1, bn, bk), lambda gi, i, kk, j: (gi, j, kk)),
-            pl.BlockSpec((1, bm, bn), lambda gi, i, kk, j: (gi, i, j)),
-            pl.BlockSpec((1, bm, bn), lambda gi, i, kk, j: (gi, i, j)),
-            pl.BlockSpec((bm, 1), lambda gi, i, kk, j: (i, 0)),
+            pl.BlockSpec((1, bm, bk), lambda gi, i, kk: (gi, i, kk)),
+            pl.BlockSpec((1, np_, bk), lambda gi, i, kk: (gi, 0, kk)),
+            pl.BlockSpec((1, bm, np_), lambda gi, i, kk: (gi, i, 0)),
+            pl.BlockSpec((1, bm, np_), lambda gi, i, kk: (gi, i, 0)),
+            pl.BlockSpec((bm, 1), lambda gi, i, kk: (i, 0)),
         ]
-        out_spec = pl.BlockSpec((1, bm, bk), lambda gi, i, kk, j: (gi, i, kk))
+        out_spec = pl.BlockSpec((1, bm, bk), lambda gi, i, kk: (gi, i, kk))
         out_shape = (g, mp, kp)
         args = (a, jnp.swapaxes(b, 1, 2), y, s, mask)
-        red_block, red_total = bn, n_total
+        red_total = n_total
     else:
-        grid = (g, kp // bk, np_ // bn, mp // bm)
+        grid = (g, kp // bk, np_ // bn)
         in_specs = [
-            pl.BlockSpec((1, bk, bm), lambda gi, kk, j, i: (gi, kk, i)),
-            pl.BlockSpec((1, bk, bn), lambda gi, kk, j, i: (gi, kk, j)),
-            pl.BlockSpec((1, bm, bn), lambda gi, kk, j, i: (gi, i, j)),
-            pl.BlockSpec((1, bm, bn), lambda gi, kk, j, i: (gi, i, j)),
-            pl.BlockSpec((bm, 1), lambda gi, kk, j, i: (i, 0)),
+            pl.BlockSpec((1, bk, mp), lambda gi, kk, j: (gi, kk, 0)),
+            pl.BlockSpec((1, bk, bn), lambda gi, kk, j: (gi, kk, j)),
+            pl.BlockSpec((1, mp, bn), lambda gi, kk, j: (gi, 0, j)),
+            pl.BlockSpec((1, mp, bn), lambda gi, kk, j: (gi, 0, j)),
+            pl.BlockSpec((mp, 1), lambda gi, kk, j: (0, 0)),
         ]
-        out_spec = pl.BlockSpec((1, bk, bn), lambda gi, kk, j, i: (gi, kk, j))
+        out_spec = pl.BlockSpec((1, bk, bn), lambda gi, kk, j: (gi, kk, j))
         out_shape = (g, kp, np_)
         args = (jnp.swapaxes(a, 1, 2), b, y, s, mask)
-        red_block, red_total = bm, m_total
+        red_total = m_total
     kernel = functools.partial(
-        _grad_kernel, op=op, rule=rule, acc_dtype=acc_dtype, red_block=red_block,
-        red_total=red_total, wrt=wrt)
+        _grad_kernel, op=op, rule=rule, acc_dtype=acc_dtype, red_total=red_total, wrt=wrt)
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct(out_shape, acc_dtype),
@@ -359,7 +356,7 @@ def _grad_call(
         in_specs=in_specs,
         out_specs=out_spec,
         interpret=interpret,
-        compiler_params=_compiler_params(4),
+        compiler_params=_compiler_params(3),
         name=f"jaxconv_semiring_grad_{'x' if wrt == 0 else 'w'}",
     )(*args)
 
