@@ -4,18 +4,21 @@ The core is :func:`semiring_matmul`, a Pallas kernel for
 
     out[g, m, n] = REDUCE_k combine(a[g, m, k], b[g, k, n])
 
-on a grid ``(G, M / bm, N / bn, K / bk)``: the output block ``(bm, bn)`` stays resident
-across the last (reduction) grid axis, is initialised once (with the reduce's identity or
-with the running result of the previous taps) and is updated by rank-1 steps
-``acc = reduce(acc, combine(a[:, k], b[k, :]))`` over the ``bk`` columns of each K block, so
-combine and reduce are fused and no ``(bm, bk, bn)`` product is ever stored. Only the binary
+on a grid ``(G, M / bm, N / bn)`` whose axes are all parallel: each program owns one
+``(bm, bn)`` output tile, keeps its accumulator in registers / VMEM (initialised with the
+reduce's identity, or with the running result of the previous taps) and walks K inside the
+kernel, in blocks of ``bk`` columns, by rank-1 steps
+``acc = reduce(acc, combine(a[:, k], b[k, :]))``. Combine and reduce are fused and no
+``(bm, bk, bn)`` product is ever stored. (K is a loop, not a grid axis: on GPU the programs
+of a grid run concurrently, so accumulating over a grid axis would race.) Only the binary
 form of the reduce is used, so any reduce works (``sum``, ``max``, ``min``, ``prod``,
 ``logsumexp``, a user's ``myadd``) and NaN propagates (elementwise ``maximum`` keeps NaN,
 unlike XLA CPU's vectorised max reductions).
 
 :func:`generic_conv` has the XLA engine's signature and semantics. For every kernel tap the
 (padded) input is sliced exactly as the XLA engine does (no im2col tensor), the tap is one
-``semiring_matmul`` call whose accumulator input is the previous taps' result, and a per-row
+``semiring_matmul`` call whose accumulator input is the previous taps' result (the taps are
+a ``lax.scan``, so each kernel is traced and compiled once), and a per-row
 mask leaves rows whose tap falls in padding (or an ``lhs_dilation`` hole) untouched, which is
 the identity-padding semantics; ops with a ``pad_value`` pad with the value instead. Feature
 groups are the kernel's leading grid axis; a dense product is a conv with one tap.
@@ -413,6 +416,24 @@ def _problem(cfg: Config, x: Array, w: Array) -> _Problem:
     return _Problem(n, p, g, i, og, _fit(cfg.blocks, n * p, og, i))
 
 
+def pad_input(x: Array, op: Op, geom: Geometry) -> Array:
+    """Pads ``(N, *S, C)`` (and inserts ``lhs_dilation`` holes) with 0 or ``op.pad_value``.
+
+    With identity padding the cells' value is irrelevant (the row masks skip those taps);
+    0 keeps ``combine`` finite there.
+    """
+    fill = 0 if op.pad_value is None else op.pad_value
+    return lax.pad(x, jnp.asarray(fill, x.dtype), geom.pad_config)
+
+
+def tap_slice(xp: Array, geom: Geometry, tap: tuple[int, ...]) -> Array:
+    """The strided window of padded ``xp`` that kernel tap ``tap`` reads: ``(N, *Os, C)``."""
+    lo = [k * d for k, d in zip(tap, geom.rhs_dilation, strict=True)]
+    hi = [s + e for s, e in zip(lo, _span(geom), strict=True)]
+    return lax.slice(xp, (0, *lo, 0), (xp.shape[0], *hi, xp.shape[-1]),
+                     (1, *geom.strides, 1))
+
+
 def _tap_tables(
     cfg: Config, pr: _Problem
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -477,7 +498,7 @@ def _contract_taps(
     """
     op = cfg.op
     pr = _problem(cfg, x, w)
-    xp = engine_xla._pad_input(x, op, cfg.geom)
+    xp = pad_input(x, op, cfg.geom)
     used, offsets, rows = _tap_tables(cfg, pr)
     acc0 = jnp.full((pr.g, pr.mp, pr.np_), ident, cfg.acc_dtype)
     if used.size == 0:
@@ -545,7 +566,7 @@ def _conv_hand_bwd(cfg: Config, res: tuple[Array, ...], gy: Array) -> tuple[Arra
     else:
         s = gy
     rule = _grad_rule(op.reduce)
-    xp = engine_xla._pad_input(x, op, geom)
+    xp = pad_input(x, op, geom)
     used, offsets, rows = _tap_tables(cfg, pr)
     w_taps = _weights_taps(w, pr)
     gw_full = jnp.zeros((w_taps.shape[0], pr.g, pr.i, pr.og), acc_dtype)
@@ -573,7 +594,7 @@ def _conv_hand_bwd(cfg: Config, res: tuple[Array, ...], gy: Array) -> tuple[Arra
         gxp, gw_used = lax.scan(
             step, gxp, (jnp.asarray(offsets), jnp.asarray(rows), w_taps[jnp.asarray(used)]))
         gw_full = gw_full.at[jnp.asarray(used)].set(gw_used)
-    _, pad_vjp = jax.vjp(lambda v: engine_xla._pad_input(v, op, geom), x)
+    _, pad_vjp = jax.vjp(lambda v: pad_input(v, op, geom), x)
     (gx,) = pad_vjp(gxp.astype(x.dtype))
     gw = gw_full.transpose(0, 2, 1, 3).reshape(w.shape)
     return gx.astype(x.dtype), gw.astype(w.dtype)

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxconv._src import engine_xla
+from jaxconv._src import engine_pallas
 from jaxconv._src.algebra import Op
 from jaxconv._src.engine_xla import Geometry
 
@@ -321,8 +321,6 @@ def _packed_conv_canonical(
     if pad_value is not None:
         xq, geom = _fill_padding(xq, geom, pad_value, per)
     if engine == "pallas":
-        from jaxconv._src import engine_pallas
-
         # sum of popcounts over the taps that read real cells (padded taps are skipped by the
         # engine's identity padding), then K * (#valid taps) - 2 * mismatches.
         mism = engine_pallas.generic_conv(xq, wq, geom, POPCOUNT_XOR,
@@ -349,7 +347,7 @@ def _popcount_conv_xla(xq: Array, wq: Array, geom: Geometry, per: int) -> Array:
     t = len(taps)
     p = max(1, math.prod(geom.out_spatial))
     xp = lax.pad(xq, jnp.zeros((), xq.dtype), geom.pad_config)
-    cols = jnp.stack([engine_xla._tap_slice(xp, geom, tap) for tap in taps], axis=-2)
+    cols = jnp.stack([engine_pallas.tap_slice(xp, geom, tap) for tap in taps], axis=-2)
     cols = cols.reshape(n, p, t, g, words).transpose(0, 1, 3, 2, 4).reshape(n, p, g, 1, t * words)
     wt = wq.reshape(t, words, g, og).transpose(2, 3, 0, 1)  # (G, Og, T, words)
     wflat = wt.reshape(g, og, t * words)
