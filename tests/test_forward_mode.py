@@ -112,3 +112,19 @@ def test_reverse_only_ops_raise_clear_error(name):
     with pytest.raises(TypeError, match=f"op '{name}'.*reverse-mode"):
         jax.jvp(f, (x,), (x,))
     jax.grad(lambda x: f(x).sum())(x)  # reverse mode still works
+
+
+def test_hessian_of_dense_log():
+    rng = np.random.default_rng(5)
+    a = jnp.asarray(rng.standard_normal((2, 3)), jnp.float32)
+    b = jnp.asarray(rng.standard_normal((3, 2)), jnp.float32)
+    dn = (((1,), (0,)), ((), ()))
+
+    def f(b):
+        return jnp.sum(jaxconv.dot_general(a, b, dn, op="log") ** 2)
+
+    def formula(b):
+        return jnp.sum(jax.nn.logsumexp(a[:, :, None] + b[None], axis=1) ** 2)
+
+    np.testing.assert_allclose(jax.hessian(f)(b), jax.hessian(formula)(b), rtol=1e-4,
+                               atol=1e-5)

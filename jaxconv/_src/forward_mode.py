@@ -15,7 +15,9 @@ The tangent of each term is the JVP of the op's ``combine``. Ops whose combine (
 defines only a reverse-mode rule -- ``xnor`` and ``adder``, whose straight-through /
 AdderNet gradients are ``custom_vjp`` -- have no forward-mode rule: a clear ``TypeError``
 says so. Apply ``jax.jit`` around (not inside) ``jax.jvp``: a product traced under ``jit``
-first and differentiated forward afterwards has already chosen the reverse-mode path.
+first and differentiated forward afterwards has already chosen the reverse-mode path. For
+the same reason ``jax.linearize`` (which traces like reverse mode) is not supported; use
+``jax.jvp``. ``jax.hessian`` (forward over reverse) works.
 """
 
 from __future__ import annotations
