@@ -198,3 +198,15 @@ def test_dispatch_and_interpret_detection():
     assert not conv_mod._pallas_is_default() or jax.default_backend() != "cpu"
     blocks = engine_pallas.default_blocks(interpret=True)
     assert (blocks.bm, blocks.bn, blocks.bk) == (8, 8, 8)
+
+
+def test_3d_depthwise_and_vmap():
+    cfg = ("3d_depthwise", ("NDHWC", "DHWIO", "NDHWC"), "SAME", (1, 2, 1), None, None, 3,
+           (1, 4, 5, 4, 3), (2, 3, 2, 1, 6))
+    x, w = _data(cfg, 9)
+    np.testing.assert_allclose(_conv(x, w, cfg, ops.max_min), _reference("max_min", x, w, cfg),
+                               rtol=1e-6)
+    # vmap over an extra leading axis batches the pallas_call.
+    xs = np.stack([x, -x])
+    got = jax.jit(jax.vmap(lambda v: _conv_traced(v, w, cfg, ops.max_min)))(xs)
+    np.testing.assert_allclose(got[1], _reference("max_min", -x, w, cfg), rtol=1e-6)
