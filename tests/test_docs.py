@@ -1,30 +1,24 @@
-"""Runs the doctests of the public modules' docstrings (``>>>`` examples)."""
+"""Runs the doctests (``>>>`` examples) of every jaxconv module's docstrings."""
 
 from __future__ import annotations
 
 import doctest
 import importlib
+import pkgutil
 
 import pytest
 
-MODULES = [
-    "jaxconv._src.algebra",
-    "jaxconv._src.ops",
-    "jaxconv._src.conv",
-    "jaxconv._src.einsum",
-    "jaxconv._src.transpose",
-    "jaxconv._src.mixed",
-    "jaxconv._src.kernel_ops",
-    "jaxconv._src.transpose_modules",
-    "jaxconv._src.wrappers",
-    "jaxconv.nnx",
-    "jaxconv.linen",
-    "jaxconv.quantizers",
-    "jaxconv.optim",
-]
+import jaxconv
 
 
-@pytest.mark.parametrize("name", MODULES)
+def _modules() -> list[str]:
+    names = ["jaxconv"]
+    for info in pkgutil.walk_packages(jaxconv.__path__, prefix="jaxconv."):
+        names.append(info.name)
+    return sorted(names)
+
+
+@pytest.mark.parametrize("name", _modules())
 def test_doctests(name):
     module = importlib.import_module(name)
     flags = doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS
