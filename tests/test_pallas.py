@@ -210,3 +210,26 @@ def test_3d_depthwise_and_vmap():
     xs = np.stack([x, -x])
     got = jax.jit(jax.vmap(lambda v: _conv_traced(v, w, cfg, ops.max_min)))(xs)
     np.testing.assert_allclose(got[1], _reference("max_min", -x, w, cfg), rtol=1e-6)
+
+
+def test_gpu_style_power_of_two_tiles_in_interpret_mode():
+    # The GPU configuration pads whole extents to powers of two (Triton block shapes); run
+    # that layout here in interpret mode, forward and backward, against the XLA engine.
+    from jaxconv._src.engine_xla import Geometry
+    from jaxconv._src.engine_xla import generic_conv as xla_conv
+
+    rng = np.random.default_rng(10)
+    x = rng.standard_normal((2, 5, 6, 20)).astype(np.float32)
+    w = rng.standard_normal((3, 3, 10, 6)).astype(np.float32)
+    geom = Geometry((5, 6), (3, 3), (1, 1), ((1, 1), (1, 1)), (1, 1), (1, 1), 2)
+    blocks = engine_pallas.BlockSizes(16, 16, 16, pow2=True)
+
+    def loss(conv, **kw):
+        return jax.jit(jax.value_and_grad(
+            lambda p, q: jnp.sum(jnp.cos(conv(p, q, geom, ops.log, **kw))),
+            argnums=(0, 1)))(x, w)
+
+    (v_p, g_p), (v_x, g_x) = loss(engine_pallas.generic_conv, blocks=blocks), loss(xla_conv)
+    np.testing.assert_allclose(v_p, v_x, rtol=1e-5)
+    for got, expect in zip(g_p, g_x, strict=True):
+        np.testing.assert_allclose(got, expect, rtol=1e-4, atol=1e-5)

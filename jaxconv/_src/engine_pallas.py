@@ -62,14 +62,20 @@ Array = jax.Array
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-    """Tile sizes of the semiring matmul: ``bm x bn`` output tiles, ``bk``-deep K blocks."""
+    """Tile sizes of the semiring matmul: ``bm x bn`` output tiles, ``bk``-deep K blocks.
+
+    ``pow2``: pad every extent a kernel sees whole (K in the forward, the reduced M or N in
+    the gradient kernels) to a power of two, and keep tiles powers of two -- Triton (GPU)
+    only handles power-of-two block shapes.
+    """
 
     bm: int
     bn: int
     bk: int
+    pow2: bool = False
 
 
-GPU_BLOCKS = BlockSizes(64, 64, 32)
+GPU_BLOCKS = BlockSizes(64, 64, 32, pow2=True)
 TPU_BLOCKS = BlockSizes(128, 128, 128)
 INTERPRET_BLOCKS = BlockSizes(8, 8, 8)
 
@@ -96,11 +102,27 @@ def _round_up(v: int, m: int) -> int:
     return -(-v // m) * m
 
 
+def _next_pow2(v: int) -> int:
+    return 1 << max(0, int(v) - 1).bit_length()
+
+
 def _fit(blocks: BlockSizes, m: int, n: int, k: int) -> BlockSizes:
-    """Shrinks tiles for small problems (to a multiple of 8, never above the block size)."""
-    return BlockSizes(
-        min(blocks.bm, _round_up(m, 8)), min(blocks.bn, _round_up(n, 8)),
-        min(blocks.bk, _round_up(k, 8)))
+    """Shrinks tiles for small problems (never above the block size).
+
+    Tiles become multiples of 8, or powers of two (at least 16) with ``pow2``.
+    """
+    if blocks.pow2:
+        def fit(b: int, v: int) -> int:
+            return min(b, max(16, _next_pow2(v)))
+    else:
+        def fit(b: int, v: int) -> int:
+            return min(b, _round_up(v, 8))
+    return BlockSizes(fit(blocks.bm, m), fit(blocks.bn, n), fit(blocks.bk, k), blocks.pow2)
+
+
+def _padded(v: int, block: int, pow2: bool) -> int:
+    """Extent of a padded axis: a multiple of ``block`` (a power of two with ``pow2``)."""
+    return max(block, _next_pow2(v)) if pow2 else _round_up(v, block)
 
 
 def _pad_to(a: Array, shape: tuple[int, ...]) -> Array:
@@ -263,7 +285,8 @@ def semiring_matmul(
     g, m, k = a.shape
     n = b.shape[-1]
     bs = _fit(blocks or default_blocks(interpret), m, n, k)
-    mp, np_, kp = _round_up(m, bs.bm), _round_up(n, bs.bn), _round_up(k, bs.bk)
+    mp, np_, kp = (_padded(m, bs.bm, bs.pow2), _padded(n, bs.bn, bs.pow2),
+                   _padded(k, bs.bk, bs.pow2))
     out = _contract(
         _pad_to(a, (g, mp, kp)), _pad_to(b, (g, kp, np_)),
         term=lambda x, w, y: op.combine(x, w), binary=algebra.binary(op),
@@ -396,15 +419,15 @@ class _Problem:
 
     @property
     def mp(self) -> int:
-        return _round_up(self.m, self.blocks.bm)
+        return _padded(self.m, self.blocks.bm, self.blocks.pow2)
 
     @property
     def kp(self) -> int:
-        return _round_up(self.i, self.blocks.bk)
+        return _padded(self.i, self.blocks.bk, self.blocks.pow2)
 
     @property
     def np_(self) -> int:
-        return _round_up(self.og, self.blocks.bn)
+        return _padded(self.og, self.blocks.bn, self.blocks.pow2)
 
 
 def _problem(cfg: Config, x: Array, w: Array) -> _Problem:
