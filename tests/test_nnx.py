@@ -246,9 +246,9 @@ def test_quantizers_equal_xnor_op_and_train():
 def test_checkpoint_roundtrip(tmp_path):
     class Net(nnx.Module):
         def __init__(self, rngs):
-            self.conv = jnn.Conv(1, 4, (3, 3), op="max_plus", use_bias=False, rngs=rngs)
+            self.conv = jnn.Conv(1, 4, (3, 3), op="xnor", use_bias=False, rngs=rngs)
             self.bn = nnx.BatchNorm(4, rngs=rngs)
-            self.head = jnn.Linear(4, 3, op="adder", rngs=rngs)
+            self.head = jnn.Linear(4, 3, op="l2", rngs=rngs)
 
         def __call__(self, x):
             return self.head(self.bn(self.conv(x)).mean(axis=(1, 2)))
