@@ -16,8 +16,10 @@ standard   conv16-ReLU, conv32-ReLU, pool                                   adam
 xnor       *standard* conv16 - BN - xnor conv32 (no bias) - pool - BN        adam 1e-3, xnor
                                                                             kernels clipped
                                                                             to [-1, 1]
-adder/l1/  op conv16 - BN - ReLU, op conv32 - BN - ReLU, pool               SGD 0.9, lr 0.1,
-l2                                                                          wd 5e-4,
+adder/l1   op conv16 - BN - ReLU, op conv32 - BN - ReLU, pool               SGD 0.9, lr 0.1,
+                                                                            wd 5e-4,
+                                                                            adder_scale(0.2)
+l2         as adder                                                         adam 1e-3,
                                                                             adder_scale(0.2)
 max_plus   (8 max_plus | 8 min_plus) - *standard* 1x1 conv16 - BN - ReLU,    adam 1e-3
 & other    (16 max_plus | 16 min_plus) - *standard* 1x1 conv32 - BN - ReLU,
@@ -59,6 +61,7 @@ from jaxconv.optim import adder_scale, clip_latent_weights
 Array = jax.Array
 
 DISTANCE_OPS = ("adder", "l1", "l2", "l2_exact")
+SGD_OPS = ("adder", "l1")  # AdderNet's recipe; l2 trains better with adam + adder_scale
 MORPH_DUALS = {"max_plus": "min_plus", "min_plus": "max_plus", "max_min": "min_max",
                "min_max": "max_min", "log": "log"}
 OPS = ("standard", "xnor", *DISTANCE_OPS, *MORPH_DUALS)
@@ -73,7 +76,9 @@ def layout_of(op: str) -> str:
 
 def default_lr(op: str) -> float:
     """Peak learning rate of each recipe (TRAINING_NOTES)."""
-    return {"standard": 3e-3, "distance": 0.1}.get(layout_of(op), 1e-3)
+    if op in SGD_OPS:
+        return 0.1
+    return 3e-3 if op == "standard" else 1e-3
 
 
 def _pool(x: Array) -> Array:
@@ -157,12 +162,14 @@ def op_kernel_mask(params: dict[str, Any], model: DigitsNet) -> dict[str, Any]:
 def make_optimizer(op: str, lr: float, total_steps: int, mask: Any) -> optax.GradientTransformation:
     """The optimiser of each recipe, with a cosine-decayed learning rate."""
     schedule = optax.cosine_decay_schedule(lr, max(total_steps, 1))
-    if layout_of(op) == "distance":
+    if op in SGD_OPS:
         return optax.chain(
             optax.masked(adder_scale(0.2), mask),
             optax.add_decayed_weights(5e-4),
             optax.sgd(schedule, momentum=0.9),
         )
+    if layout_of(op) == "distance":
+        return optax.chain(optax.masked(adder_scale(0.2), mask), optax.adam(schedule))
     return optax.adam(schedule)
 
 
@@ -249,8 +256,9 @@ def main(argv: Sequence[str] | None = None) -> float:
     tx = make_optimizer(args.op, lr, steps_per_epoch * args.epochs, mask)
     opt_state = tx.init(params_d)
     clip = layout_of(args.op) == "xnor"
-    opt_name = (f"SGD momentum 0.9, wd 5e-4, adder_scale(0.2) on the {args.op} kernels"
-                if layout_of(args.op) == "distance" else "adam")
+    opt_name = ("adam" if layout_of(args.op) != "distance" else
+                f"adder_scale(0.2) on the {args.op} kernels, "
+                + ("SGD momentum 0.9, wd 5e-4" if args.op in SGD_OPS else "adam"))
     print(f"optimiser: {opt_name}, lr {lr:g} cosine decay, batch {batch}, {args.epochs} epochs"
           + (", xnor kernels clipped to [-1, 1]" if clip else ""))
 
