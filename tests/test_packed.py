@@ -76,11 +76,15 @@ def test_packed_conv_equals_xnor_exactly(index, pad_value):
     wq = pk.pack_kernel(w)
     geo = dict(window_strides=strides, padding=padding, lhs_dilation=lhs_dil,
                rhs_dilation=rhs_dil, feature_group_count=groups, pad_value=pad_value)
-    got = _jit(pk.packed_conv, x, wq, **geo)
+
+    def both(a, b):
+        # Float activations (packed inside) and already-packed activations.
+        xq = pk.pack_signs(a, -1, groups=groups)
+        return (pk.packed_conv(a, b, **geo),
+                pk.packed_conv(xq, b, in_features=c // groups, **geo))
+
+    got, got_q = jax.jit(both)(x, wq)
     np.testing.assert_array_equal(got, expect)
-    # Already-packed activations give the same result.
-    xq = pk.pack_signs(x, -1, groups=groups)
-    got_q = _jit(pk.packed_conv, xq, wq, in_features=c // groups, **geo)
     np.testing.assert_array_equal(got_q, expect)
 
 
