@@ -429,12 +429,14 @@ def _cotangent_of_products(red: str, c: Array, yl: Array, gl: Array, sl: Array |
 _DW_ROWS = 64
 
 
-def _dw_rows(nbp: int) -> int:
-    """Rows per kernel-gradient step: a divisor of ``nbp`` near ``_DW_ROWS`` if there is one."""
-    for r in range(min(_DW_ROWS, nbp), _DW_ROWS // 4 - 1, -1):
+def _dw_rows(nbp: int, row_bytes: int, max_bytes: int) -> int:
+    """Rows per kernel-gradient step: a divisor of ``nbp`` near ``_DW_ROWS`` if there is one,
+    fewer where one step's products (``row_bytes`` per row) would pass ``max_bytes``."""
+    top = max(1, min(_DW_ROWS, nbp, max_bytes // max(row_bytes, 1)))
+    for r in range(top, max(1, top // 4) - 1, -1):
         if nbp % r == 0:
             return r
-    return min(_DW_ROWS, nbp)
+    return top
 
 
 def _dx_of_tap(op: Op, red: str, xs: Array, wk: Array, yf: Array, gf: Array,
@@ -506,11 +508,13 @@ def _tap_table(geom: Geometry, taps: list) -> tuple[np.ndarray, np.ndarray | Non
 
 
 def _count_winners(op: Op, geom: Geometry, xb: Array, wt: Array, yb: Array, taps: list,
-                   fast: bool, acc: Any) -> Array:
+                   fast: bool, acc: Any, max_bytes: int) -> Array:
     """How many products of each window equal its max/min ``yb`` (ties split gradients).
 
     A loop over the taps, so that each tap's comparison stays inside its own fused reduction
-    (unrolled, XLA CPU merges the taps' reductions into one kernel fed by stored products).
+    (unrolled, XLA CPU merges the taps' reductions into one kernel fed by stored products),
+    and over chunks of output channels, so that one step's comparisons, which XLA may store,
+    fit in ``max_bytes``.
     """
     nb = xb.shape[0]
     g = wt.shape[1]
@@ -520,6 +524,9 @@ def _count_winners(op: Op, geom: Geometry, xb: Array, wt: Array, yb: Array, taps
     ext = [(o - 1) * s + 1 for o, s in zip(geom.out_spatial, geom.strides, strict=True)]
     offs_j, t_j = jnp.asarray(offs), jnp.asarray(t_idx)
     masks_j = None if masks is None else jnp.asarray(masks)
+    og, i = wt.shape[2], wt.shape[3]
+    fit = max(1, max_bytes // max(1, nb * p * g * i * 4))
+    oc = max(d for d in range(1, og + 1) if og % d == 0 and d <= fit)
 
     def body(k: Any, count: Array) -> Array:
         start = (0, *(offs_j[k, j] for j in range(offs.shape[1])), 0)
@@ -527,13 +534,23 @@ def _count_winners(op: Op, geom: Geometry, xb: Array, wt: Array, yb: Array, taps
         xs = lax.slice(xs, (0,) * xs.ndim, xs.shape, (1, *geom.strides, 1))
         xs = xs.reshape(nb, p, g, xs.shape[-1] // g)
         wk = lax.dynamic_index_in_dim(wt, t_j[k], axis=0, keepdims=False)
-        c = _fwd_products(op, xs, wk)
-        eq = c == yb[..., None]
-        if not fast:
-            if masks_j is not None:
-                m = lax.dynamic_index_in_dim(masks_j, k, axis=0, keepdims=False)
+        m = None
+        if not fast and masks_j is not None:
+            m = lax.dynamic_index_in_dim(masks_j, k, axis=0, keepdims=False)
+
+        def chunk(j: Any, cnt: Array) -> Array:
+            wc = lax.dynamic_slice_in_dim(wk, j * oc, oc, axis=1)
+            yc = lax.dynamic_slice_in_dim(yb, j * oc, oc, axis=3)
+            eq = _fwd_products(op, xs, wc) == yc[..., None]
+            if m is not None:
                 eq = eq & m.reshape(1, p, 1, 1, 1)
-        return count + jnp.sum(eq, axis=-1, dtype=acc)
+            part = lax.dynamic_slice_in_dim(cnt, j * oc, oc, axis=3)
+            return lax.dynamic_update_slice_in_dim(
+                cnt, part + jnp.sum(eq, axis=-1, dtype=acc), j * oc, axis=3)
+
+        if oc == og:
+            return chunk(0, count)
+        return lax.fori_loop(0, og // oc, chunk, count)
 
     return lax.fori_loop(0, len(taps), body, jnp.zeros(yb.shape, acc))
 
@@ -568,7 +585,8 @@ def _backward(cfg: Config, x: Array, w: Array, y: Array, gy: Array, fill: bool):
         gb = gb.astype(acc)
         scale = None
         if red in ("max", "min"):
-            count = _count_winners(op, geom, xb, wt, yb, taps, fill, acc)
+            count = _count_winners(op, geom, xb, wt, yb, taps, fill, acc,
+                                   cfg.max_block_bytes // 2)
             scale = jnp.where(count > 0, gb / jnp.maximum(count, 1), 0)
         elif red == "logsumexp":
             gb = jnp.where(jnp.isneginf(yb), 0, gb)
@@ -580,7 +598,7 @@ def _backward(cfg: Config, x: Array, w: Array, y: Array, gy: Array, fill: bool):
         gf = gb.reshape(nbp, g, og)
         sf = None if scale is None else scale.reshape(nbp, g, og)
         # Kernel-gradient blocks of positions: ``dw_rows`` positions per step of a scan.
-        rows = _dw_rows(nbp)
+        rows = _dw_rows(nbp, g * og * i * 4, cfg.max_block_bytes // 2)
         nbp_pad = -(-nbp // rows) * rows
 
         def pad_rows(a: Array | None) -> Array | None:
@@ -639,6 +657,68 @@ def _hand_vjp_bwd(cfg: Config, res, gy: Array):
 _hand_vjp_conv.defvjp(_hand_vjp_fwd, _hand_vjp_bwd)
 
 
+# The fast log-semiring path is used only when every window's sum of exponentials, shifted
+# by the per-sample and per-channel maxima, is at least exp(LOG_FAST_MIN_EXPONENT): then its
+# largest term is within ~80 of the shift, every term that matters in float32 is a normal
+# number, and the native convolution's sum is accurate to a few ulps.
+LOG_FAST_MIN_EXPONENT = -60.0
+
+
+def is_log_semiring(op: Op) -> bool:
+    """Whether ``op`` is ``x + w`` under logsumexp with identity padding (``ops.log``)."""
+    return (op.reduce == "logsumexp" and op.pad_value is None and op.identity is None
+            and simple_primitive(op.combine) == "add")
+
+
+def _canonical_dimension_numbers(nsd: int) -> lax.ConvDimensionNumbers:
+    spatial = tuple(range(1, nsd + 1))
+    return lax.ConvDimensionNumbers(lhs_spec=(0, nsd + 1, *spatial),
+                                    rhs_spec=(nsd + 1, nsd, *range(nsd)),
+                                    out_spec=(0, nsd + 1, *spatial))
+
+
+def _log_fast_or_exact(cfg: Config, x: Array, w: Array) -> Array:
+    """The log semiring as a native product in exp space, or the exact engine where needed.
+
+    ``y = log(conv(exp(x - mx), exp(w - mw))) + mx + mw`` with ``mx`` the per-sample maximum
+    of ``x`` and ``mw`` the per-output-channel maximum of ``w`` (both constants for
+    differentiation, so the gradient is the exact softmax rule through the native
+    convolution's own transpose). Zero padding in exp space is the identity. Falls back to
+    the exact tap engine (``lax.cond``) when any input is NaN or ``+inf``, or when any window's
+    shifted sum is below ``exp(LOG_FAST_MIN_EXPONENT)`` -- windows far below the maximum of
+    their sample and channel, windows of only ``-inf`` (whose result is ``-inf`` and whose
+    gradient is zero on the exact path) and underflow.
+    """
+    geom, acc = cfg.geom, cfg.acc_dtype
+    n, nsd = x.shape[0], len(geom.window)
+    xa, wa = x.astype(acc), w.astype(acc)
+    mx = lax.stop_gradient(jnp.max(xa, axis=tuple(range(1, xa.ndim)), keepdims=True))
+    mx = jnp.where(jnp.isfinite(mx), mx, 0)
+    mw = lax.stop_gradient(jnp.max(wa, axis=tuple(range(wa.ndim - 1)), keepdims=True))
+    mw = jnp.where(jnp.isfinite(mw), mw, 0)
+    ex, ew = jnp.exp(xa - mx), jnp.exp(wa - mw)
+    hi = lax.Precision.HIGHEST
+    if nsd == 0:
+        g = geom.groups
+        s = jnp.einsum("ngi,igo->ngo", ex.reshape(n, g, -1), ew.reshape(ew.shape[0], g, -1),
+                       precision=hi).reshape(n, -1)
+    else:
+        s = lax.conv_general_dilated(
+            ex, ew, geom.strides, geom.padding, geom.lhs_dilation, geom.rhs_dilation,
+            _canonical_dimension_numbers(nsd), geom.groups, precision=hi)
+    shift = mx.reshape(n, *(1,) * nsd, 1) + mw.reshape(*(1,) * (nsd + 1), -1)
+    ok = (jnp.all(s >= math.exp(LOG_FAST_MIN_EXPONENT))
+          & jnp.all(jnp.logical_not(jnp.isnan(xa)) & (xa < jnp.inf))
+          & jnp.all(jnp.logical_not(jnp.isnan(wa)) & (wa < jnp.inf)))
+    out_shape = (n, max(1, math.prod(geom.out_spatial)), geom.groups, -1)
+    return lax.cond(
+        ok,
+        lambda s_, sh_, a, b: (jnp.log(s_) + sh_).reshape(out_shape),
+        lambda s_, sh_, a, b: _hand_vjp_conv(cfg, a, b).astype(acc).reshape(out_shape),
+        s, shift, x, w,
+    )
+
+
 def generic_conv(
     x: Array,
     w: Array,
@@ -680,7 +760,9 @@ def generic_conv(
     cfg = Config(op, geom, jnp.dtype(acc_dtype), mbb, block, block_bwd)
     if n == 0 or o == 0:
         return jnp.zeros((n, *geom.out_spatial, o), out_dtype)
-    if op.reduce_name in algebra.HAND_VJP_REDUCES:
+    if is_log_semiring(op) and jnp.issubdtype(dtype, jnp.floating):
+        y = _log_fast_or_exact(cfg, x, w)
+    elif op.reduce_name in algebra.HAND_VJP_REDUCES:
         y = _hand_vjp_conv(cfg, x, w)
     else:
         y = _forward(cfg, x, w, False)

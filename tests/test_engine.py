@@ -1,0 +1,238 @@
+"""The XLA engine's code paths against independent references, and its memory bound.
+
+Forward values are checked against the numpy loop reference (``reference.py``); gradients
+against ``jax.grad`` of a naive broadcast formulation written here with explicit numpy
+index arithmetic (it stores the whole product tensor, which is fine at these sizes).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from reference import NUMPY_OPS, conv_reference
+
+import jaxconv
+from jaxconv import ops
+from jaxconv._src import engine_xla
+
+DN = ("NHWC", "HWIO", "NHWC")
+
+
+def _user_add(a, b):
+    return a + b
+
+
+def _user_mult(x, w):
+    return x * w
+
+
+def _user_max(a, b):
+    return jnp.where(a > b, a, b)  # not a single primitive: the automatic-gradient path
+
+
+USER_SUM = jaxconv.Op(_user_mult, reduce=_user_add, identity=0.0, name="user_sum")
+USER_MAX = jaxconv.Op(lambda x, w: x - w, reduce=_user_max, identity=-np.inf, name="user_max")
+
+NUMPY_USER = {
+    "user_sum": (np.multiply, lambda a, b: a + b, 0.0),
+    "user_max": (np.subtract, max, -np.inf),
+}
+# One op per code path: sum with a custom combine VJP, sum, max, min, logsumexp, a user's
+# sum recognised as a built-in, a user's reduce differentiated automatically.
+OPS = ["adder", "l2_exact", "max_plus", "min_max", "log", "user_sum", "user_max"]
+
+
+def _op(name):
+    return {"user_sum": USER_SUM, "user_max": USER_MAX}.get(name) or ops.get(name)
+
+
+def _np_op(name):
+    if name in NUMPY_USER:
+        c, r, e = NUMPY_USER[name]
+        return c, r, e, None
+    ref = NUMPY_OPS["l2" if name == "l2_exact" else name]
+    return ref.combine, ref.reduce, ref.identity, ref.pad_value
+
+
+def _naive(op, x, w, pads, groups=1):
+    """Stride-1 NHWC/HWIO generalized conv from a stored (N, oh, ow, kh, kw, I, O) tensor."""
+    n, h, wd, c = x.shape
+    kh, kw, ci, co = w.shape
+    (pt, pb), (pl, pr) = pads
+    fill = 0.0 if op.pad_value is None else op.pad_value
+    xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)), constant_values=fill)
+    valid = np.pad(np.ones((h, wd), bool), ((pt, pb), (pl, pr)))
+    oh, ow = h + pt + pb - kh + 1, wd + pl + pr - kw + 1
+    ih = np.arange(oh)[:, None, None, None] + np.arange(kh)[None, None, :, None]
+    iw = np.arange(ow)[None, :, None, None] + np.arange(kw)[None, None, None, :]
+    patches = xp[:, ih, iw, :]  # (N, oh, ow, kh, kw, C)
+    ok = valid[ih, iw]  # (oh, ow, kh, kw)
+    og = co // groups
+    patches = patches.reshape(n, oh, ow, kh, kw, groups, 1, ci)
+    wg = w.reshape(kh, kw, ci, groups, og).transpose(0, 1, 3, 4, 2)  # kh kw G Og I
+    prod = op.combine(*jnp.broadcast_arrays(patches, wg[None, None, None]))
+    prod = prod.transpose(0, 1, 2, 5, 6, 3, 4, 7)  # N oh ow G Og kh kw I
+    e = engine_xla.algebra.identity_value(op, prod.dtype)
+    if op.pad_value is None:
+        prod = jnp.where(ok[None, :, :, None, None, :, :, None], prod, e)
+    prod = prod.reshape(n, oh, ow, groups * og, -1)
+    r = op.reduce
+    if r == "sum":
+        return prod.sum(-1)
+    if r == "max":
+        return prod.max(-1)
+    if r == "min":
+        return prod.min(-1)
+    if r == "logsumexp":
+        return jax.nn.logsumexp(prod, axis=-1)
+    return engine_xla.algebra.tree_reduce_last(r, prod, e)
+
+
+def _conv(op, x, w, pads, groups=1, mbb=None):
+    return jaxconv.conv_general_dilated(x, w, (1, 1), pads, dimension_numbers=DN,
+                                        feature_group_count=groups, op=op, max_block_bytes=mbb)
+
+
+def _grads(f, x, w, ct):
+    return jax.grad(lambda a, b: jnp.sum(f(a, b) * ct), argnums=(0, 1))(x, w)
+
+
+def _check(name, x, w, pads, groups=1, mbb=None, grad=True):
+    op = _op(name)
+    comb, red, ident, padv = _np_op(name)
+    got = jax.jit(lambda a, b: _conv(op, a, b, pads, groups, mbb))(x, w)
+    expect = conv_reference(x, w, (1, 1), pads, dimension_numbers=DN,
+                            feature_group_count=groups, combine=comb, reduce=red,
+                            identity=ident, pad_value=padv)
+    np.testing.assert_allclose(got, expect, rtol=1e-5, atol=2e-5)
+    if not grad:
+        return
+    ct = np.random.default_rng(9).standard_normal(got.shape).astype(np.float32)
+    g_got = jax.jit(lambda a, b: _grads(lambda u, v: _conv(op, u, v, pads, groups, mbb),
+                                        a, b, ct))(x, w)
+    g_ref = _grads(lambda u, v: _naive(op, u, v, pads, groups), x, w, ct)
+    for a, b in zip(g_got, g_ref, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_ragged_blocks_and_borders(name):
+    """SAME padding (dominated fill or masks), three images in blocks of two."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 5, 4, 3)).astype(np.float32)
+    w = rng.standard_normal((3, 2, 3, 4)).astype(np.float32)
+    per_image = 5 * 4 * 3 * 4 * 4  # one image's products of one tap, in bytes
+    _check(name, x, w, ((1, 1), (1, 0)), mbb=2 * per_image)
+
+
+@pytest.mark.parametrize("name", ["adder", "max_plus", "log", "user_sum"])
+def test_grouped_and_wide_padding(name):
+    """Depthwise groups, and padding wider than the window (all-padding output rows)."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 4, 4, 4)).astype(np.float32)
+    w = rng.standard_normal((2, 2, 1, 8)).astype(np.float32)
+    _check(name, x, w, ((1, 1), (0, 1)), groups=4)
+    if name != "log":  # an all -inf window of log has a zero gradient, checked below
+        _check(name, x, w[:, :, :, :4].reshape(2, 2, 1, 4), ((3, 0), (0, 0)), groups=4,
+               grad=name != "max_plus")
+
+
+def test_max_plus_nan_inf_and_ties():
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((2, 4, 4, 2)).astype(np.float32)
+    w = rng.standard_normal((2, 2, 2, 3)).astype(np.float32)
+    pads = ((1, 0), (0, 1))
+    xn = x.copy()
+    xn[0, 1, 1, 0] = np.nan
+    y = np.asarray(_conv(ops.max_plus, xn, w, pads))
+    expect = conv_reference(xn, w, (1, 1), pads, dimension_numbers=DN, combine=np.add,
+                            reduce=np.maximum, identity=-np.inf)  # NaN-propagating max
+    np.testing.assert_array_equal(np.isnan(y), np.isnan(expect))
+    assert np.isnan(y).any()
+    xi = x.copy()
+    xi[1, 2, :, 1] = -np.inf  # the exact (non-finite) path, forward and backward
+    _check("max_plus", xi, w, pads)
+    z = np.zeros_like(x)  # every product ties: the gradient is split equally
+    _check("max_plus", z, np.zeros_like(w), pads)
+
+
+def test_log_fast_path_fallbacks():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 5, 5, 2)).astype(np.float32)
+    w = rng.standard_normal((3, 3, 2, 2)).astype(np.float32)
+    pads = ((1, 1), (1, 1))
+    wide = x.copy()  # (the fast exp-space path is checked by the tests above)
+    wide[1, :2] -= 150.0  # windows far below the sample's maximum: exact path
+    _check("log", wide, w, pads)
+    xi = x.copy()
+    xi[0, :, :2] = -np.inf  # all -inf windows: -inf out, zero gradient, no NaN
+    y = _conv(ops.log, xi, w, pads)
+    assert np.isneginf(np.asarray(y)[0, :, 0]).all()
+    gx, gw = _grads(lambda a, b: _conv(ops.log, a, b, pads), xi, w, np.ones(y.shape, np.float32))
+    assert np.isfinite(np.asarray(gx)).all() and np.isfinite(np.asarray(gw)).all()
+    np.testing.assert_array_equal(np.asarray(gx)[0, :, :2], 0.0)
+
+
+@pytest.mark.parametrize("name", ["adder", "max_plus", "log", "user_sum"])
+def test_dense_blocks(name):
+    rng = np.random.default_rng(4)
+    a = rng.standard_normal((5, 6)).astype(np.float32)
+    b = rng.standard_normal((6, 3)).astype(np.float32)
+    op = _op(name)
+    comb, red, ident, _ = _np_op(name)
+    dn = (((1,), (0,)), ((), ()))
+    f = jax.jit(lambda u, v: jaxconv.dot_general(u, v, dn, op=op, max_block_bytes=2 * 6 * 3 * 4))
+    expect = np.array([[red_all(red, ident, [comb(a[m, k], b[k, n]) for k in range(6)])
+                        for n in range(3)] for m in range(5)])
+    np.testing.assert_allclose(f(a, b), expect, rtol=1e-5, atol=2e-5)
+    ct = rng.standard_normal((5, 3)).astype(np.float32)
+    g_got = _grads(f, a, b, ct)
+    g_ref = _grads(lambda u, v: _naive(op, u[:, None, None], v[None, None], ((0, 0), (0, 0)))[
+        :, 0, 0], a, b, ct)
+    for x1, x2 in zip(g_got, g_ref, strict=True):
+        np.testing.assert_allclose(x1, x2, rtol=1e-4, atol=1e-4)
+
+
+def red_all(red, ident, values):
+    acc = ident
+    for v in values:
+        acc = red(acc, v)
+    return acc
+
+
+def test_simple_user_reduce_is_canonicalised():
+    assert engine_xla.canonical_op(USER_SUM).reduce == "sum"
+    assert engine_xla.canonical_op(USER_MAX).reduce is _user_max
+    odd = jaxconv.Op(_user_mult, reduce=_user_add, identity=1.0)  # not sum's identity
+    assert engine_xla.canonical_op(odd).reduce is _user_add
+    assert engine_xla.dominated_fill(ops.max_plus) == -np.inf
+    assert engine_xla.dominated_fill(ops.min_max) == np.inf
+    assert engine_xla.dominated_fill(ops.adder) is None
+
+
+@pytest.mark.parametrize("name", ["adder", "max_plus", "log"])
+def test_memory_bound_forward_and_backward(name):
+    """Compiled temp memory stays within max_block_bytes (plus input-sized buffers), far
+    below the products' size. Blocks are whole images, so the bound is set to one image's
+    products of one tap (16 MiB here); the full products are 1.2 GB."""
+    x = jax.ShapeDtypeStruct((8, 32, 32, 64), jnp.float32)
+    w = jax.ShapeDtypeStruct((3, 3, 64, 64), jnp.float32)
+    mbb = 16 * 2**20
+    op = _op(name)
+
+    def f(a, b):
+        return _conv(op, a, b, "SAME", mbb=mbb)
+
+    def fb(a, b):
+        y, vjp = jax.vjp(f, a, b)
+        return vjp(y)
+
+    products = 8 * 32 * 32 * 64 * 64 * 9 * 4  # 1.2 GB
+    io = 8 * 8 * 32 * 32 * 64 * 4  # input/output-sized buffers (padding, gradients, counts)
+    for fn in (f, fb):
+        ma = jax.jit(fn).lower(x, w).compile().memory_analysis()
+        temp = ma.temp_size_in_bytes
+        assert temp < 2 * mbb + io, (fn.__name__, temp)
+        assert temp < products / 32
