@@ -1,0 +1,37 @@
+"""The benchmark CLI runs end to end on tiny shapes (``--smoke``) and writes its JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_benchmark_cli_smoke(tmp_path):
+    out = tmp_path / "bench.json"
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--smoke", "--layers", "A", "--ops",
+         "max_plus", "--no-torch", "--json", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "max_plus" in proc.stdout and "threads" in proc.stdout
+    data = json.loads(out.read_text())
+    assert data["meta"]["smoke"] is True and data["meta"]["threads"] >= 1
+    (row,) = data["results"]
+    assert row["layer"] == "A" and row["op"] == "max_plus"
+    for key in ("fwd_ms", "fwd_bwd_ms", "lax_fwd_ms", "lax_fwd_bwd_ms", "fwd_ratio",
+                "fwd_bwd_ratio"):
+        assert row[key] > 0, key
+    assert row["fwd_mem"] is not None and row["lax_fwd_mem"] is not None
+
+
+def test_benchmark_cli_rejects_unknown_names():
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--smoke", "--ops", "nope"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode != 0 and "unknown op" in proc.stderr
