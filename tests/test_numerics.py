@@ -29,12 +29,17 @@ GENERIC_OPS = [n for n in ALL_OPS if n != "standard"]
 MAXMIN_OPS = ["max_plus", "min_plus", "max_min", "min_max"]
 
 
+def jconv(x: Any, w: Any, *args: Any, **kw: Any) -> jax.Array:
+    """``jaxconv.conv_general_dilated`` under ``jit`` (compiling beats op-by-op dispatch)."""
+    return jax.jit(lambda a, b: jaxconv.conv_general_dilated(a, b, *args, **kw))(x, w)
+
+
 def conv1(x: Any, w: Any, op: Any, padding: Any = "VALID", dtype: Any = jnp.float32,
           **kw: Any) -> np.ndarray:
     """A 1-D, one-channel convolution of the sequences ``x`` and ``w``."""
     xa = jnp.asarray(np.asarray(x, np.float64).astype(dtype)).reshape(1, -1, 1)
     wa = jnp.asarray(np.asarray(w, np.float64).astype(dtype)).reshape(-1, 1, 1)
-    y = jaxconv.conv_general_dilated(xa, wa, (1,), padding, dimension_numbers=DN1, op=op, **kw)
+    y = jconv(xa, wa, (1,), padding, dimension_numbers=DN1, op=op, **kw)
     return np.asarray(y.astype(jnp.float32))[0, :, 0]
 
 
@@ -153,12 +158,10 @@ def test_integer_identities_are_the_dtype_extremes() -> None:
     """Integer max/min ops: a padding-only window gives iinfo.min / iinfo.max."""
     x = jnp.asarray([[5], [7]], jnp.int32).reshape(1, 2, 1)
     w = jnp.asarray([1, 2], jnp.int32).reshape(2, 1, 1)
-    y = jaxconv.conv_general_dilated(x, w, (1,), ((3, 0),), dimension_numbers=DN1,
-                                     op="max_plus")
+    y = jconv(x, w, (1,), ((3, 0),), dimension_numbers=DN1, op="max_plus")
     assert y.dtype == jnp.int32
     np.testing.assert_array_equal(y[0, :, 0], [np.iinfo(np.int32).min] * 2 + [7, 9])
-    y = jaxconv.conv_general_dilated(x, w, (1,), ((3, 0),), dimension_numbers=DN1,
-                                     op="min_plus")
+    y = jconv(x, w, (1,), ((3, 0),), dimension_numbers=DN1, op="min_plus")
     np.testing.assert_array_equal(y[0, :, 0], [np.iinfo(np.int32).max] * 2 + [7, 6])
 
 
@@ -255,13 +258,13 @@ def test_tie_gradients_match_jnp_max(op: str, geometry: tuple) -> None:
         return jaxconv.conv_general_dilated(a, b, strides, padding, rhs_dilation=rdil,
                                             dimension_numbers=DN2, op=o)
 
-    y = mine(x, w)
-    y_bf = brute_force_conv(x, w, o, strides, padding, rdil)
+    y = jax.jit(mine)(x, w)
+    y_bf = jax.jit(lambda a, b: brute_force_conv(a, b, o, strides, padding, rdil))(x, w)
     np.testing.assert_array_equal(y, y_bf)
     ct = jnp.asarray(rng.standard_normal(y.shape).astype(np.float32))
-    g = jax.grad(lambda a, b: jnp.sum(mine(a, b) * ct), argnums=(0, 1))(x, w)
-    g_bf = jax.grad(lambda a, b: jnp.sum(brute_force_conv(a, b, o, strides, padding, rdil)
-                                         * ct), argnums=(0, 1))(x, w)
+    g = jax.jit(jax.grad(lambda a, b: jnp.sum(mine(a, b) * ct), argnums=(0, 1)))(x, w)
+    g_bf = jax.jit(jax.grad(lambda a, b: jnp.sum(
+        brute_force_conv(a, b, o, strides, padding, rdil) * ct), argnums=(0, 1)))(x, w)
     np.testing.assert_allclose(g[0], g_bf[0], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(g[1], g_bf[1], rtol=1e-5, atol=1e-5)
 
@@ -270,8 +273,8 @@ def test_tie_gradient_split_by_hand() -> None:
     """Three equal taps share the cotangent in thirds (max-plus, one window)."""
     x = jnp.asarray([1.0, 2.0, 0.0]).reshape(1, 3, 1)
     w = jnp.asarray([1.0, 0.0, 2.0]).reshape(3, 1, 1)
-    gx, gw = jax.grad(lambda a, b: jnp.sum(jaxconv.conv_general_dilated(
-        a, b, (1,), "VALID", dimension_numbers=DN1, op="max_plus")), argnums=(0, 1))(x, w)
+    gx, gw = jax.jit(jax.grad(lambda a, b: jnp.sum(jaxconv.conv_general_dilated(
+        a, b, (1,), "VALID", dimension_numbers=DN1, op="max_plus")), argnums=(0, 1)))(x, w)
     np.testing.assert_allclose(gx.ravel(), [1 / 3] * 3, rtol=1e-6)
     np.testing.assert_allclose(gw.ravel(), [1 / 3] * 3, rtol=1e-6)
 
@@ -288,14 +291,14 @@ def test_log_all_neg_inf_window_has_zero_gradient() -> None:
         return jaxconv.conv_general_dilated(a, b, (1,), ((2, 1),), dimension_numbers=DN1,
                                             op="log")
 
-    y = np.asarray(f(x, w))[0, :, 0]
+    y = np.asarray(jax.jit(f)(x, w))[0, :, 0]
     # Windows: [p p] [p -inf] [-inf -inf] [-inf -inf] [-inf .5] [.5 1] [1 -inf] [-inf p].
     assert np.isneginf(y[:4]).all() and np.isneginf(y[-1])
     np.testing.assert_allclose(y[4:7], [0.5 - 1.0, np.logaddexp(0.5, 0.0), 1.0], rtol=1e-6)
-    gx, gw = jax.grad(lambda a, b: jnp.sum(jnp.where(jnp.isfinite(f(a, b)), f(a, b), 0.0)),
-                      argnums=(0, 1))(x, w)
+    gx, gw = jax.jit(jax.grad(lambda a, b: jnp.sum(
+        jnp.where(jnp.isfinite(f(a, b)), f(a, b), 0.0)), argnums=(0, 1)))(x, w)
     assert np.isfinite(gx).all() and np.isfinite(gw).all()
-    ct_all = jax.vjp(f, x, w)[1](jnp.ones((1, 8, 1)))
+    ct_all = jax.jit(lambda a, b: jax.vjp(f, a, b)[1](jnp.ones((1, 8, 1))))(x, w)
     assert all(np.isfinite(g).all() for g in ct_all)
     np.testing.assert_array_equal(np.asarray(ct_all[0])[0, :3, 0], [0.0, 0.0, 0.0])
 
@@ -342,11 +345,11 @@ def test_low_precision_sums_accumulate_in_float32(op: str, dtype: Any) -> None:
         terms = {"mul": xv * wv, "log": None}.get(op, -np.abs(xv - wv) ** (2 if "l2" in op
                                                                           else 1))
         assert abs(_bf16_sequential_sum(terms) - exact) >= 64  # the case is discriminating
-    y = jaxconv.conv_general_dilated(x, w, (1,), "VALID", dimension_numbers=DN1, op=o)
+    y = jconv(x, w, (1,), "VALID", dimension_numbers=DN1, op=o)
     assert y.dtype == dtype
     np.testing.assert_allclose(float(y.ravel()[0]), exact, rtol=4e-3)
-    y32 = jaxconv.conv_general_dilated(x, w, (1,), "VALID", dimension_numbers=DN1, op=o,
-                                       preferred_element_type=jnp.float32)
+    y32 = jconv(x, w, (1,), "VALID", dimension_numbers=DN1, op=o,
+                preferred_element_type=jnp.float32)
     assert y32.dtype == jnp.float32
     np.testing.assert_allclose(float(y32.ravel()[0]), exact, rtol=1e-6)
 
@@ -367,7 +370,7 @@ def test_low_precision_against_reference(op: str, dtype: Any) -> None:
     x = rng.standard_normal((2, 7, 3)).astype(np.float32)
     w = rng.standard_normal((3, 3, 2)).astype(np.float32)
     xl, wl = jnp.asarray(x).astype(dtype), jnp.asarray(w).astype(dtype)
-    y = jaxconv.conv_general_dilated(xl, wl, (1,), "SAME", dimension_numbers=DN1, op=op)
+    y = jconv(xl, wl, (1,), "SAME", dimension_numbers=DN1, op=op)
     assert y.dtype == dtype
     ref = NUMPY_OPS[op]
     expect = conv_reference(np.asarray(xl.astype(jnp.float32)),
@@ -394,7 +397,7 @@ def test_integer_inputs() -> None:
                                       dimension_numbers=DN1, preferred_element_type=jnp.int32)
     np.testing.assert_array_equal(y8, y)
     for op in ["max_plus", "min_plus", "l1", "l2_exact", "max_min", "min_max"]:
-        got = jaxconv.conv_general_dilated(x, w, (1,), "SAME", dimension_numbers=DN1, op=op)
+        got = jconv(x, w, (1,), "SAME", dimension_numbers=DN1, op=op)
         assert got.dtype == jnp.int32, op
         ref = NUMPY_OPS["l2" if op == "l2_exact" else op]
         expect = conv_reference(x, w, (1,), "SAME", dimension_numbers=DN1,
