@@ -25,15 +25,20 @@ def _close(a, b, tol=1e-5):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("kw, shape", [
+_CASES = [
     (dict(kernel_size=(3, 3), strides=(2, 1), padding="SAME", kernel_dilation=(1, 2),
           feature_group_count=2), (2, 7, 8, 4)),
     (dict(kernel_size=(3, 2), padding="CIRCULAR"), (2, 5, 6, 4)),
     (dict(kernel_size=(3, 3), padding="REFLECT", strides=2), (5, 6, 4)),
     (dict(kernel_size=3, padding="CAUSAL", kernel_dilation=2), (2, 3, 9, 4)),
     (dict(kernel_size=(2, 2), padding=[(1, 0), 2], input_dilation=(1, 2)), (1, 4, 4, 4)),
+]
+
+
+@pytest.mark.parametrize("kw, shape, op", [
+    *[(kw, shape, None) for kw, shape in _CASES],
+    *[(kw, shape, MUL) for kw, shape in _CASES[::2]],
 ])
-@pytest.mark.parametrize("op", [None, MUL])
 def test_conv_equals_flax(kw, shape, op):
     ref = nn.Conv(features=6, **kw)
     mine = jln.Conv(features=6, **kw, **({"op": op} if op is not None else {}))
