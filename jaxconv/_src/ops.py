@@ -113,8 +113,10 @@ def _l2_rewrite(product, lhs, rhs):
     # term count in-bounds taps only (the ones channel is 0 in the padding).
     kw = getattr(product, "keywords", None) or {}
     dn = kw.get("dimension_numbers")
-    if isinstance(dn, jax.lax.ConvDimensionNumbers):
-        return _l2_conv(product, lhs, rhs, dn, int(kw.get("feature_group_count", 1)))
+    if isinstance(dn, jax.lax.ConvDimensionNumbers) and kw.get("feature_group_count", 1) == 1:
+        # (Grouped: XLA CPU's grouped convolutions with a few channels per group are slow,
+        # far slower backward, so the three products below stay separate.)
+        return _l2_conv(product, lhs, rhs, dn, 1)
     if dn is not None and not isinstance(dn, jax.lax.ConvDimensionNumbers) and \
             getattr(product, "func", None) is jax.lax.dot_general:
         return _l2_dot(product, lhs, rhs, dn)
