@@ -18,7 +18,6 @@ the same step on a single device.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -45,7 +44,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cpu-devices", type=int, default=None, metavar="N",
                    help="simulate N CPU devices (jax_num_cpu_devices; before any device use)")
-    p.add_argument("--log-every", type=int, default=10, help="print the loss every K steps")
+    p.add_argument("--log-every", type=int, default=1,
+                   help="print the loss every K steps (default: every step)")
     return p.parse_args(argv)
 
 
@@ -164,4 +164,3 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 if __name__ == "__main__":
     main()
-    sys.exit(0)
