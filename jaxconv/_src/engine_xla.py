@@ -4,25 +4,32 @@ Layout inside the engine is canonical: ``x`` is ``(N, *spatial, C)`` and ``w`` i
 ``(*window, I, O)`` with ``C = G * I`` and ``O = G * Og`` for ``G`` feature groups. A dense
 product is the same problem with no spatial dimensions and one tap.
 
-For every kernel tap the input is sliced with the tap's offset and the strides (no im2col
-tensor is built), the products ``combine(x, w)`` of shape ``(rows, G, Og, I)`` are reduced over
-the input channels ``I`` (the innermost axis, which XLA's CPU reductions like best), and the
-partial results of the taps are accumulated with the reduce's binary form. XLA fuses the
-broadcast, the combine and the reduction, so the 4-D products are never written to memory.
-The batch is cut into blocks (``lax.map``) so that even an unfused 4-D block stays within
-``max_block_bytes``.
+Forward: for every kernel tap the input is sliced with the tap's offset and the strides (no
+im2col tensor is built), the products ``combine(x, w)`` of shape ``(rows, G, Og, I)`` are
+reduced over the input channels ``I`` (the innermost axis: XLA CPU fuses the broadcast, the
+combine and the reduction into one kernel) and the taps' partial results are accumulated
+with the reduce's binary form. The batch is cut into blocks of whole images (``lax.map``)
+whose products fit ``max_block_bytes``. A user's multiply-and-add tap is a matrix product.
 
-Padding: with ``op.pad_value is None`` padded cells (and ``lhs_dilation`` holes) are filled
-with 0 and a static mask replaces every padded tap's partial result by the identity, so a
-padded tap is skipped whatever ``combine`` is (and 0 * inf never happens). With a pad value
-the cells hold it and go through ``combine``.
+Padding: with ``op.pad_value is None`` padded cells (and ``lhs_dilation`` holes) are skipped.
+Where the op allows it (:func:`dominated_fill`: ``x + w``, ``min(x, w)``, ``max(x, w)`` under
+max, min or logsumexp) they are filled with a value whose products are dominated, and no mask
+is needed; otherwise they hold 0 and a static mask replaces every padded tap's partial result
+by the identity. With a pad value the cells hold it and go through ``combine``.
+
+Paths chosen from the values (``lax.cond``): max/min with a non-finite input take an exact,
+NaN-propagating path (XLA CPU's vectorised max reductions drop NaN); ``ops.log`` runs as a
+native convolution in exp space unless a window needs the exact two-pass path
+(:func:`_log_fast_or_exact`).
 
 Backward passes for sum, max, min and logsumexp are written by hand (``custom_vjp``): they
-keep only ``x``, ``w`` and the output, recompute the products tap by tap and push the
-cotangent through ``combine``'s own VJP (so an op whose combine has a custom gradient, such
-as AdderNet's, gets its rule). Max/min send the gradient to the winning taps, split equally
-among ties as ``jax.grad(jnp.max)`` does. Other reduces are differentiated automatically,
-block by block under ``jax.checkpoint``.
+keep only ``x``, ``w`` and the output and recompute the products, pushing the cotangent
+through ``combine``'s own VJP (so AdderNet's custom rule applies). No product tensor is
+stored: per tap, the input gradient is a loop over the output channels (an elementwise
+update that XLA fuses into one vectorised loop), the kernel gradient a scan over blocks of
+positions, and max/min first count each window's winners in a loop over taps and chunks of
+output channels (the gradient is split equally among ties, as ``jax.grad(jnp.max)`` does).
+Other reduces are differentiated automatically, block by block under ``jax.checkpoint``.
 """
 
 from __future__ import annotations
@@ -62,7 +69,8 @@ class Geometry:
     def padded_spatial(self) -> tuple[int, ...]:
         return tuple(
             (s - 1) * d + 1 + lo + hi if s > 0 else lo + hi
-            for s, d, (lo, hi) in zip(self.in_spatial, self.lhs_dilation, self.padding)
+            for s, d, (lo, hi) in zip(
+                self.in_spatial, self.lhs_dilation, self.padding, strict=True)
         )
 
     @property
@@ -70,13 +78,14 @@ class Geometry:
         return tuple(
             max(0, (p - (k - 1) * d - 1) // s + 1)
             for p, k, d, s in zip(
-                self.padded_spatial, self.window, self.rhs_dilation, self.strides)
+                self.padded_spatial, self.window, self.rhs_dilation, self.strides, strict=True)
         )
 
     @property
     def pad_config(self) -> list[tuple[int, int, int]]:
         """``lax.pad`` configuration for ``(N, *spatial, C)``."""
-        cfg = [(lo, hi, d - 1) for (lo, hi), d in zip(self.padding, self.lhs_dilation)]
+        cfg = [(lo, hi, d - 1)
+               for (lo, hi), d in zip(self.padding, self.lhs_dilation, strict=True)]
         return [(0, 0, 0), *cfg, (0, 0, 0)]
 
     def taps(self) -> list[tuple[int, ...]]:
@@ -89,7 +98,7 @@ class Geometry:
         ):
             return None
         m = np.ones(self.in_spatial, bool)
-        for axis, ((lo, hi), d) in enumerate(zip(self.padding, self.lhs_dilation)):
+        for axis, ((lo, hi), d) in enumerate(zip(self.padding, self.lhs_dilation, strict=True)):
             n = m.shape[axis]
             dil_shape = list(m.shape)
             dil_shape[axis] = (n - 1) * d + 1 if n > 0 else 0
@@ -113,7 +122,8 @@ class Geometry:
             return None
         idx = tuple(
             slice(k * d, k * d + (o - 1) * s + 1, s)
-            for k, d, o, s in zip(tap, self.rhs_dilation, self.out_spatial, self.strides)
+            for k, d, o, s in zip(
+                tap, self.rhs_dilation, self.out_spatial, self.strides, strict=True)
         )
         return mask[idx]
 
@@ -138,11 +148,12 @@ def block_size(
 
 
 def _tap_slice(xb: Array, geom: Geometry, tap: tuple[int, ...]) -> Array:
-    start = (0, *(k * d for k, d in zip(tap, geom.rhs_dilation)), 0)
+    start = (0, *(k * d for k, d in zip(tap, geom.rhs_dilation, strict=True)), 0)
     limit = (
         xb.shape[0],
         *(k * d + (o - 1) * s + 1
-          for k, d, o, s in zip(tap, geom.rhs_dilation, geom.out_spatial, geom.strides)),
+          for k, d, o, s in zip(
+              tap, geom.rhs_dilation, geom.out_spatial, geom.strides, strict=True)),
         xb.shape[-1],
     )
     return lax.slice(xb, start, limit, (1, *geom.strides, 1))
@@ -152,7 +163,7 @@ def _tap_unslice(g: Array, geom: Geometry, tap: tuple[int, ...]) -> Array:
     """Transpose of ``_tap_slice``: scatters a tap's gradient back onto the padded input."""
     cfg = [(0, 0, 0)]
     for k, d, o, s, p in zip(
-        tap, geom.rhs_dilation, geom.out_spatial, geom.strides, geom.padded_spatial
+        tap, geom.rhs_dilation, geom.out_spatial, geom.strides, geom.padded_spatial, strict=True
     ):
         lo = k * d
         used = (o - 1) * s + 1
@@ -760,6 +771,8 @@ def generic_conv(
     block = block_size(
         geom, n, w.shape[-2] * geom.groups, o // geom.groups,
         max(jnp.dtype(dtype).itemsize, jnp.dtype(acc_dtype).itemsize), mbb)
+    # Backward blocks stay small although the backward never holds a block's products:
+    # measured, one image per block runs faster than the whole batch (cache locality).
     block_bwd = block_size(
         geom, n, w.shape[-2] * geom.groups, o // geom.groups,
         max(jnp.dtype(dtype).itemsize, jnp.dtype(acc_dtype).itemsize), mbb // 4)
