@@ -277,13 +277,7 @@ def test_checkpoint(name: str) -> None:
 # jvp (forward mode)
 # --------------------------------------------------------------------------------------------
 
-JVP_CASES = [pytest.param(n, marks=pytest.mark.xfail(
-    reason="forward_mode.py: jnp.logaddexp(-inf, -inf) has a NaN JVP, so windows whose first "
-           "taps are padding get NaN tangents", strict=False)) if n == "log" else n
-    for n in PATHS]
-
-
-@pytest.mark.parametrize("name", JVP_CASES)
+@pytest.mark.parametrize("name", PATHS)
 def test_jvp(name: str) -> None:
     op = get_op(name)
     x, w = data(11)

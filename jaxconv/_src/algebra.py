@@ -158,6 +158,17 @@ def binary(op: Op) -> Callable[[Array, Array], Array]:
     }[r]
 
 
+def logaddexp(a: Array, b: Array) -> Array:
+    """``jnp.logaddexp`` whose JVP is zero, not NaN, where both terms are ``-inf``.
+
+    The double ``where``: the all ``-inf`` case is the constant ``-inf``, and the inner
+    ``logaddexp`` never sees it (its tangent would be ``exp(-inf - -inf)``).
+    """
+    empty = jnp.isneginf(a) & jnp.isneginf(b)
+    out = jnp.logaddexp(jnp.where(empty, 0, a), jnp.where(empty, 0, b))
+    return jnp.where(empty, -jnp.inf, out)
+
+
 def reduce_last(op: Op, c: Array, acc_dtype: Any) -> Array:
     """Reduces ``c`` over its last axis with ``op.reduce``, accumulating in ``acc_dtype``.
 
@@ -176,7 +187,11 @@ def reduce_last(op: Op, c: Array, acc_dtype: Any) -> Array:
         m = jnp.max(c, axis=-1, keepdims=True)
         m = jnp.where(jnp.isfinite(m), m, 0).astype(acc_dtype)
         s = jnp.sum(jnp.exp(c - m), axis=-1)
-        return jnp.log(s) + m[..., 0]
+        # All terms -inf: s == 0. Double where, so that the result is the constant -inf with
+        # a zero tangent (log's would be 0 / 0).
+        empty = s == 0
+        out = jnp.log(jnp.where(empty, 1, s)) + m[..., 0]
+        return jnp.where(empty, -jnp.inf, out).astype(acc_dtype)
     return tree_reduce_last(r, c, identity_value(op, c.dtype))
 
 

@@ -34,7 +34,7 @@ from jax import lax
 from jax._src import core
 from jax._src.interpreters import ad
 
-from jaxconv._src import algebra, engine_xla
+from jaxconv._src import algebra, engine_xla, taps
 from jaxconv._src.algebra import Op
 
 Array = jax.Array
@@ -100,25 +100,6 @@ def _reverse_only_part(op: Op, dtype: Any) -> str | None:
     return None
 
 
-def _taps_major(w: Array, groups: int) -> Array:
-    """(*K, I, O) -> (T, G, Og, I)."""
-    *k, i, o = w.shape
-    t = math.prod(k)
-    return w.reshape(t, i, groups, o // groups).transpose(0, 2, 3, 1)
-
-
-def _tap_slice(xb: Array, geom: Any, tap: tuple[int, ...]) -> Array:
-    """The input cells that tap ``tap`` reads for every output position (strided slice)."""
-    start = (0, *(k * d for k, d in zip(tap, geom.rhs_dilation, strict=True)), 0)
-    limit = (
-        xb.shape[0],
-        *(k * d + (o - 1) * s + 1 for k, d, o, s in zip(
-            tap, geom.rhs_dilation, geom.out_spatial, geom.strides, strict=True)),
-        xb.shape[-1],
-    )
-    return lax.slice(xb, start, limit, (1, *geom.strides, 1))
-
-
 class _Plain:
     """A plain (autodiff-friendly) tap loop over one block of images, for tangents."""
 
@@ -134,7 +115,7 @@ class _Plain:
 
     def terms(self, xb: Array, wk: Array, tap: tuple[int, ...]) -> Array:
         """``combine`` of one tap: ``(Nb, P, G, Og, I)``."""
-        xs = _tap_slice(xb, self.cfg.geom, tap)
+        xs = taps.tap_slice(xb, self.cfg.geom, tap)
         nb, i = xs.shape[0], wk.shape[-1]
         g, og = wk.shape[0], wk.shape[1]
         xr = xs.reshape(nb, self.p, g, 1, i)
@@ -150,7 +131,8 @@ class _Plain:
     def forward(self, xb: Array, wt: Array) -> Array:
         op, acc = self.cfg.op, self.cfg.acc_dtype
         ident = algebra.identity_value(op, acc)
-        binary = algebra.binary(op)
+        # algebra.logaddexp: jnp.logaddexp's JVP is NaN where a window's first taps are padding.
+        binary = algebra.logaddexp if op.reduce == "logsumexp" else algebra.binary(op)
         out = None
         for t, tap, m in self.taps:
             part = algebra.reduce_last(op, self.terms(xb, wt[t], tap), acc)
@@ -187,23 +169,6 @@ class _Cfg:
     engine_kwargs: tuple
 
 
-def _blocks(x: Array, block: int) -> tuple[Array, int]:
-    n = x.shape[0]
-    nblk = -(-n // block)
-    pad = nblk * block - n
-    if pad:
-        x = jnp.concatenate([x, jnp.zeros((pad, *x.shape[1:]), x.dtype)], axis=0)
-    return x.reshape(nblk, block, *x.shape[1:]), n
-
-
-def _unblock(y: Array, n: int) -> Array:
-    return y.reshape(-1, *y.shape[2:])[:n]
-
-
-def _pad(x: Array, cfg: _Cfg, fill: Any) -> Array:
-    return lax.pad(x, jnp.asarray(fill, x.dtype), cfg.geom.pad_config)
-
-
 def _primal(cfg: _Cfg, x: Array, w: Array) -> Array:
     """The engine's own forward pass: ``(N, P, G, Og)`` in the accumulation dtype."""
     y = engine_xla.generic_conv(x, w, cfg.geom, cfg.op.replace(post=None),
@@ -223,22 +188,21 @@ def _conv_fwd_mode_jvp(cfg: _Cfg, primals: tuple, tangents: tuple) -> tuple[Arra
     tx, tw = tangents
     op = cfg.op
     g = cfg.geom.groups
-    fill = 0 if op.pad_value is None else op.pad_value
-    xb, n = _blocks(_pad(x, cfg, fill), cfg.block)
-    txb, _ = _blocks(_pad(tx, cfg, 0), cfg.block)
-    wt, twt = _taps_major(w, g), _taps_major(tw, g)
+    xb, n = taps.blocks(taps.pad_input(x, op, cfg.geom), cfg.block)
+    txb, _ = taps.blocks(taps.pad_input(tx, op, cfg.geom, fill=0), cfg.block)
+    wt, twt = taps.taps_major(w, g), taps.taps_major(tw, g)
     plain = _Plain(cfg, wt)
     if op.reduce in ("max", "min"):
         y = _conv_fwd_mode(cfg, x, w)
-        yb, _ = _blocks(y, cfg.block)
+        yb, _ = taps.blocks(y, cfg.block)
         ty = lax.map(lambda a: plain.tangent_max_min(a[0], a[1], a[2], twt), (xb, txb, yb))
-        return y, _unblock(ty, n).astype(y.dtype)
+        return y, taps.unblock(ty, n).astype(y.dtype)
 
     def blockwise(xb_: Array, wt_: Array) -> Array:
         return lax.map(lambda a: plain.forward(a, wt_), xb_)
 
     y, ty = jax.jvp(blockwise, (xb, wt), (txb, twt))
-    return _unblock(y, n), _unblock(ty, n)
+    return taps.unblock(y, n), taps.unblock(ty, n)
 
 
 def generic_conv(
@@ -263,22 +227,15 @@ def generic_conv(
     Returns:
       ``(N, *out_spatial, O)``.
     """
-    out_dtype = jnp.dtype(preferred_element_type) if preferred_element_type is not None \
-        else jnp.result_type(x.dtype, w.dtype)
-    dtype = jnp.result_type(x.dtype, w.dtype)
-    x = x.astype(dtype)
-    w = w.astype(dtype)
-    acc_dtype = jnp.dtype(algebra.accumulation_dtype(op, dtype, preferred_element_type))
+    x, w, out_dtype, acc_dtype = taps.resolve_dtypes(x, w, op, preferred_element_type)
     n, o = x.shape[0], w.shape[-1]
     if n == 0 or o == 0:
         return jnp.zeros((n, *geom.out_spatial, o), out_dtype)
     mbb = engine_xla.DEFAULT_MAX_BLOCK_BYTES if max_block_bytes is None else int(max_block_bytes)
-    per_image = (max(1, math.prod(geom.out_spatial)) * w.shape[-2] * o
-                 * max(jnp.dtype(dtype).itemsize, acc_dtype.itemsize) * 4)
-    block = int(max(1, min(n, mbb // max(per_image, 1))))
+    # A quarter of the bound: a block's terms, their tangents and their JVP live at once.
+    block = engine_xla.block_size(geom, n, w.shape[-2] * geom.groups, o // geom.groups,
+                                  max(x.dtype.itemsize, acc_dtype.itemsize), mbb // 4)
     kwargs = () if max_block_bytes is None else (("max_block_bytes", int(max_block_bytes)),)
     cfg = _Cfg(op, geom, acc_dtype, block, kwargs)
     y = _conv_fwd_mode(cfg, x, w).reshape(n, *geom.out_spatial, o)
-    if op.post is not None:
-        y = op.post(y)
-    return y.astype(out_dtype)
+    return taps.finish(y, op, out_dtype)

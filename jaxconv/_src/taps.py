@@ -1,0 +1,121 @@
+"""Canonical-layout helpers shared by the engines (XLA, Pallas, forward mode, packed).
+
+Inside an engine ``x`` is ``(N, *spatial, C)`` and ``w`` is ``(*window, I, O)`` with
+``C = G * I`` and ``O = G * Og`` for ``G`` feature groups (see ``engine_xla``). A kernel tap
+reads a strided slice of the padded input; these are that slice, its transpose, the
+taps-major kernel layout, batch blocking, padding and the dtype resolution every engine's
+``generic_conv`` starts with.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxconv._src import algebra
+from jaxconv._src.algebra import Op
+
+Array = jax.Array
+
+
+def span(geom: Any) -> tuple[int, ...]:
+    """Extent of one tap's strided slice in the padded input, per spatial dimension."""
+    return tuple((o - 1) * s + 1 for o, s in zip(geom.out_spatial, geom.strides, strict=True))
+
+
+def tap_offset(geom: Any, tap: tuple[int, ...]) -> tuple[int, ...]:
+    """Where tap ``tap`` starts in the padded input."""
+    return tuple(k * d for k, d in zip(tap, geom.rhs_dilation, strict=True))
+
+
+def tap_slice(xp: Array, geom: Any, tap: tuple[int, ...]) -> Array:
+    """The cells of padded ``xp`` that tap ``tap`` reads for every output position.
+
+    ``(N, *padded, C) -> (N, *out_spatial, C)``: a static strided slice.
+    """
+    lo = tap_offset(geom, tap)
+    hi = tuple(s + e for s, e in zip(lo, span(geom), strict=True))
+    return lax.slice(xp, (0, *lo, 0), (xp.shape[0], *hi, xp.shape[-1]),
+                     (1, *geom.strides, 1))
+
+
+def tap_slice_at(xp: Array, geom: Any, offset: Array) -> Array:
+    """:func:`tap_slice` at a traced ``offset`` ``(nsd,)`` (a tap inside a loop or scan)."""
+    zero = jnp.zeros((), jnp.int32)
+    start = (zero, *(offset[d] for d in range(len(geom.window))), zero)
+    xs = lax.dynamic_slice(xp, start, (xp.shape[0], *span(geom), xp.shape[-1]))
+    return lax.slice(xs, (0,) * xs.ndim, xs.shape, (1, *geom.strides, 1))
+
+
+def tap_unslice(g: Array, geom: Any, tap: tuple[int, ...]) -> Array:
+    """Transpose of :func:`tap_slice`: scatters a tap's gradient back onto the padded input."""
+    cfg = [(0, 0, 0)]
+    for lo, used, s, p in zip(tap_offset(geom, tap), span(geom), geom.strides,
+                              geom.padded_spatial, strict=True):
+        cfg.append((lo, p - lo - used, s - 1))
+    cfg.append((0, 0, 0))
+    return lax.pad(g, jnp.zeros((), g.dtype), cfg)
+
+
+def taps_major(w: Array, groups: int) -> Array:
+    """``(*K, I, O) -> (T, G, Og, I)``: one ``(G, Og, I)`` kernel slice per tap."""
+    *k, i, o = w.shape
+    return w.reshape(math.prod(k), i, groups, o // groups).transpose(0, 2, 3, 1)
+
+
+def taps_major_transpose(gt: Array, w_shape: tuple[int, ...], groups: int) -> Array:
+    """Inverse of :func:`taps_major`: ``(T, G, Og, I) -> w_shape``."""
+    del groups  # implied by gt's shape; kept for symmetry with taps_major
+    return gt.transpose(0, 3, 1, 2).reshape(w_shape)
+
+
+def blocks(x: Array, block: int) -> tuple[Array, int]:
+    """``(N, ...) -> (ceil(N / block), block, ...)`` (zero rows pad the last block), ``N``."""
+    n = x.shape[0]
+    nblk = -(-n // block)
+    pad = nblk * block - n
+    if pad:
+        x = jnp.concatenate([x, jnp.zeros((pad, *x.shape[1:]), x.dtype)], axis=0)
+    return x.reshape(nblk, block, *x.shape[1:]), n
+
+
+def unblock(y: Array, n: int) -> Array:
+    """Inverse of :func:`blocks`: ``(B, block, ...) -> (n, ...)``."""
+    return y.reshape(-1, *y.shape[2:])[:n]
+
+
+def pad_input(x: Array, op: Op, geom: Any, fill: Any = None) -> Array:
+    """Pads ``(N, *S, C)`` and inserts the ``lhs_dilation`` holes.
+
+    ``fill`` defaults to ``op.pad_value``, or 0 with identity padding (the padded taps are
+    then masked, and 0 keeps ``combine`` finite there).
+    """
+    if fill is None:
+        fill = 0 if op.pad_value is None else op.pad_value
+    return lax.pad(x, jnp.asarray(fill, x.dtype), geom.pad_config)
+
+
+def resolve_dtypes(
+    x: Array, w: Array, op: Op, preferred_element_type: Any | None
+) -> tuple[Array, Array, Any, Any]:
+    """The dtype prologue of ``generic_conv``.
+
+    Returns ``x`` and ``w`` cast to their common dtype, the output dtype
+    (``preferred_element_type`` or the common dtype) and the accumulation dtype
+    (:func:`algebra.accumulation_dtype`).
+    """
+    dtype = jnp.result_type(x.dtype, w.dtype)
+    out_dtype = dtype if preferred_element_type is None else jnp.dtype(preferred_element_type)
+    acc_dtype = jnp.dtype(algebra.accumulation_dtype(op, dtype, preferred_element_type))
+    return x.astype(dtype), w.astype(dtype), out_dtype, acc_dtype
+
+
+def finish(y: Array, op: Op, out_dtype: Any) -> Array:
+    """The epilogue of ``generic_conv``: ``op.post`` (if any), then the output dtype."""
+    if op.post is not None:
+        y = op.post(y)
+    return y.astype(out_dtype)
