@@ -53,7 +53,7 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from jaxconv._src import algebra, engine_xla
+from jaxconv._src import algebra, engine_xla, taps
 from jaxconv._src.algebra import Op
 from jaxconv._src.engine_xla import Geometry
 
@@ -439,24 +439,6 @@ def _problem(cfg: Config, x: Array, w: Array) -> _Problem:
     return _Problem(n, p, g, i, og, _fit(cfg.blocks, n * p, og, i))
 
 
-def pad_input(x: Array, op: Op, geom: Geometry) -> Array:
-    """Pads ``(N, *S, C)`` (and inserts ``lhs_dilation`` holes) with 0 or ``op.pad_value``.
-
-    With identity padding the cells' value is irrelevant (the row masks skip those taps);
-    0 keeps ``combine`` finite there.
-    """
-    fill = 0 if op.pad_value is None else op.pad_value
-    return lax.pad(x, jnp.asarray(fill, x.dtype), geom.pad_config)
-
-
-def tap_slice(xp: Array, geom: Geometry, tap: tuple[int, ...]) -> Array:
-    """The strided window of padded ``xp`` that kernel tap ``tap`` reads: ``(N, *Os, C)``."""
-    lo = [k * d for k, d in zip(tap, geom.rhs_dilation, strict=True)]
-    hi = [s + e for s, e in zip(lo, _span(geom), strict=True)]
-    return lax.slice(xp, (0, *lo, 0), (xp.shape[0], *hi, xp.shape[-1]),
-                     (1, *geom.strides, 1))
-
-
 def _tap_tables(
     cfg: Config, pr: _Problem
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -479,7 +461,7 @@ def _tap_tables(
         r = np.zeros((pr.mp, 1), np.int32)
         r[: pr.m, 0] = valid.reshape(-1)
         used.append(t)
-        offsets.append([k * d for k, d in zip(tap, geom.rhs_dilation, strict=True)])
+        offsets.append(taps.tap_offset(geom, tap))
         rows.append(r)
     nsd = len(geom.window)
     t = len(used)
@@ -487,24 +469,18 @@ def _tap_tables(
             np.asarray(rows, np.int32).reshape(t, pr.mp, 1))
 
 
-def _span(geom: Geometry) -> tuple[int, ...]:
-    """Extent of one tap's strided slice in the padded input."""
-    return tuple((o - 1) * s + 1 for o, s in zip(geom.out_spatial, geom.strides, strict=True))
-
-
 def _tap_lhs(cfg: Config, pr: _Problem, xp: Array, off: Array) -> Array:
     """The tap at (traced) offset ``off``: padded input slice -> ``a (G, Mp, Kp)``."""
-    geom = cfg.geom
-    start = (jnp.zeros((), jnp.int32), *(off[d] for d in range(len(geom.window))),
-             jnp.zeros((), jnp.int32))
-    xs = lax.dynamic_slice(xp, start, (xp.shape[0], *_span(geom), xp.shape[-1]))
-    xs = lax.slice(xs, (0,) * xs.ndim, xs.shape, (1, *geom.strides, 1))  # (N, *Os, C)
+    xs = taps.tap_slice_at(xp, cfg.geom, off)  # (N, *Os, C)
     a = xs.reshape(pr.m, pr.g, pr.i).transpose(1, 0, 2)
     return _pad_to(a, (pr.g, pr.mp, pr.kp))
 
 
 def _weights_taps(w: Array, pr: _Problem) -> Array:
-    """(*K, I, O) -> padded ``(T, G, Kp, Np)``."""
+    """(*K, I, O) -> padded ``(T, G, Kp, Np)``.
+
+    Not ``taps.taps_major`` (``(T, G, Og, I)``): the matmul's ``b`` operand is K-major.
+    """
     *k, i, o = w.shape
     wt = w.reshape(math.prod(k), i, pr.g, pr.og).transpose(0, 2, 1, 3)
     return _pad_to(wt, (wt.shape[0], pr.g, pr.kp, pr.np_))
@@ -521,7 +497,7 @@ def _contract_taps(
     """
     op = cfg.op
     pr = _problem(cfg, x, w)
-    xp = pad_input(x, op, cfg.geom)
+    xp = taps.pad_input(x, op, cfg.geom)
     used, offsets, rows = _tap_tables(cfg, pr)
     acc0 = jnp.full((pr.g, pr.mp, pr.np_), ident, cfg.acc_dtype)
     if used.size == 0:
@@ -589,7 +565,7 @@ def _conv_hand_bwd(cfg: Config, res: tuple[Array, ...], gy: Array) -> tuple[Arra
     else:
         s = gy
     rule = _grad_rule(op.reduce)
-    xp = pad_input(x, op, geom)
+    xp = taps.pad_input(x, op, geom)
     used, offsets, rows = _tap_tables(cfg, pr)
     w_taps = _weights_taps(w, pr)
     gw_full = jnp.zeros((w_taps.shape[0], pr.g, pr.i, pr.og), acc_dtype)
@@ -597,7 +573,7 @@ def _conv_hand_bwd(cfg: Config, res: tuple[Array, ...], gy: Array) -> tuple[Arra
     if used.size:
         kw = dict(op=op, rule=rule, acc_dtype=acc_dtype, blocks=pr.blocks, m_total=pr.m,
                   n_total=pr.og, interpret=cfg.interpret)
-        span = _span(geom)
+        nsd = len(geom.window)
 
         def step(gxp: Array, tap: tuple[Array, Array, Array]) -> tuple[Array, Array]:
             off, r, b = tap
@@ -606,10 +582,11 @@ def _conv_hand_bwd(cfg: Config, res: tuple[Array, ...], gy: Array) -> tuple[Arra
             db = _grad_call(a, b, y, s, r, wrt=1, **kw)[:, : pr.i, : pr.og]
             da = da.transpose(1, 0, 2).reshape(pr.n, *geom.out_spatial, pr.g * pr.i)
             # Transpose of the strided tap slice: interleave the strides' holes, then add
-            # into the padded input's gradient at the tap's offset.
+            # into the padded input's gradient at the tap's offset (traced here, inside the
+            # scan, so not ``taps.tap_unslice``, which takes a static tap).
             cfg_pad = [(0, 0, 0), *((0, 0, st - 1) for st in geom.strides), (0, 0, 0)]
             da = lax.pad(da, jnp.zeros((), da.dtype), cfg_pad)
-            start = (jnp.zeros((), jnp.int32), *(off[d] for d in range(len(span))),
+            start = (jnp.zeros((), jnp.int32), *(off[d] for d in range(nsd)),
                      jnp.zeros((), jnp.int32))
             cur = lax.dynamic_slice(gxp, start, da.shape)
             return lax.dynamic_update_slice(gxp, cur + da, start), db
@@ -617,7 +594,7 @@ def _conv_hand_bwd(cfg: Config, res: tuple[Array, ...], gy: Array) -> tuple[Arra
         gxp, gw_used = lax.scan(
             step, gxp, (jnp.asarray(offsets), jnp.asarray(rows), w_taps[jnp.asarray(used)]))
         gw_full = gw_full.at[jnp.asarray(used)].set(gw_used)
-    _, pad_vjp = jax.vjp(lambda v: pad_input(v, op, geom), x)
+    _, pad_vjp = jax.vjp(lambda v: taps.pad_input(v, op, geom), x)
     (gx,) = pad_vjp(gxp.astype(x.dtype))
     gw = gw_full.transpose(0, 2, 1, 3).reshape(w.shape)
     return gx.astype(x.dtype), gw.astype(w.dtype)
@@ -685,12 +662,7 @@ def generic_conv(
     Returns:
       ``(N, *out_spatial, O)``.
     """
-    out_dtype = jnp.dtype(preferred_element_type) if preferred_element_type is not None \
-        else jnp.result_type(x.dtype, w.dtype)
-    dtype = jnp.result_type(x.dtype, w.dtype)
-    x = x.astype(dtype)
-    w = w.astype(dtype)
-    acc_dtype = jnp.dtype(algebra.accumulation_dtype(op, dtype, preferred_element_type))
+    x, w, out_dtype, acc_dtype = taps.resolve_dtypes(x, w, op, preferred_element_type)
     interpret = default_interpret() if interpret is None else bool(interpret)
     n, o = x.shape[0], w.shape[-1]
     if n == 0 or o == 0:
@@ -702,7 +674,4 @@ def generic_conv(
         acc = _conv_hand_vjp(cfg, x, w)
     else:
         acc = _conv_xla_vjp(cfg, x, w)
-    y = _unpad_output(cfg, pr, acc)
-    if op.post is not None:
-        y = op.post(y)
-    return y.astype(out_dtype)
+    return taps.finish(_unpad_output(cfg, pr, acc), op, out_dtype)

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxconv._src import engine_pallas
+from jaxconv._src import engine_pallas, taps
 from jaxconv._src.algebra import Op
 from jaxconv._src.engine_xla import Geometry
 
@@ -294,7 +294,7 @@ def packed_conv(
 
 def _fill_padding(xq: Array, geom: Geometry, pad_value: float, per: int) -> tuple[Array, Geometry]:
     """Pads packed ``x`` with ``sign(pad_value)`` words; returns it and a VALID geometry."""
-    xp = lax.pad(xq, jnp.zeros((), xq.dtype), geom.pad_config)
+    xp = taps.pad_input(xq, POPCOUNT_XOR, geom, fill=0)
     vm = geom.valid_mask()
     if vm is not None:
         word = _pad_word(pad_value, per, geom.groups)
@@ -343,11 +343,11 @@ def _popcount_conv_xla(xq: Array, wq: Array, geom: Geometry, per: int) -> Array:
     words = wq.shape[-2]
     o = wq.shape[-1]
     og = o // g
-    taps = geom.taps()
-    t = len(taps)
+    tap_list = geom.taps()
+    t = len(tap_list)
     p = max(1, math.prod(geom.out_spatial))
-    xp = lax.pad(xq, jnp.zeros((), xq.dtype), geom.pad_config)
-    cols = jnp.stack([engine_pallas.tap_slice(xp, geom, tap) for tap in taps], axis=-2)
+    xp = taps.pad_input(xq, POPCOUNT_XOR, geom, fill=0)
+    cols = jnp.stack([taps.tap_slice(xp, geom, tap) for tap in tap_list], axis=-2)
     cols = cols.reshape(n, p, t, g, words).transpose(0, 1, 3, 2, 4).reshape(n, p, g, 1, t * words)
     wt = wq.reshape(t, words, g, og).transpose(2, 3, 0, 1)  # (G, Og, T, words)
     wflat = wt.reshape(g, og, t * words)
@@ -360,8 +360,8 @@ def _popcount_conv_xla(xq: Array, wq: Array, geom: Geometry, per: int) -> Array:
     mask = geom.valid_mask()
     nvalid = np.full((p,), t, np.int32)
     if mask is not None:
-        invalid = np.stack([
-            np.logical_not(geom.tap_mask(mask, tap)).reshape(p) for tap in taps]).astype(np.int32)
+        invalid = np.stack([np.logical_not(geom.tap_mask(mask, tap)).reshape(p)
+                            for tap in tap_list]).astype(np.int32)
         if invalid.any():
             pcw = jnp.sum(lax.population_count(wt), axis=-1, dtype=jnp.int32)  # (G, Og, T)
             corr = jnp.einsum("tp,got->pgo", jnp.asarray(invalid), pcw,
