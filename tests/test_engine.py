@@ -236,3 +236,69 @@ def test_memory_bound_forward_and_backward(name):
         temp = ma.temp_size_in_bytes
         assert temp < 2 * mbb + io, (fn.__name__, temp)
         assert temp < products / 32
+
+
+# --- separable sums: the kernel gradient as a native product --------------------------------
+
+@jax.custom_vjp
+def _adder_copy(x, w):  # AdderNet's rule, but not the built-in object: the per-product path
+    return -jnp.abs(x - w)
+
+
+_adder_copy.defvjp(lambda x, w: (-jnp.abs(x - w), (x, w)),
+                   lambda r, g: (g * jnp.clip(r[1] - r[0], -1, 1), g * (r[0] - r[1])))
+
+
+def _mul_copy(x, w):
+    return (x * w) * 1.0  # two primitives: not recognised, the per-product path
+
+
+SEPARABLE_CASES = [  # (strides, padding, lhs_dilation, rhs_dilation, groups)
+    ((1, 1), ((1, 1), (1, 0)), (1, 1), (1, 1), 1),
+    ((2, 1), ((2, 0), (0, 3)), (1, 1), (1, 2), 2),
+    ((1, 2), ((1, 1), (1, 1)), (2, 1), (1, 1), 1),
+]
+
+
+@pytest.mark.parametrize("case", SEPARABLE_CASES)
+@pytest.mark.parametrize("pad_value", [0.0, None, 0.5])
+def test_separable_kernel_gradient_equals_per_product_path(case, pad_value):
+    """The adder's dW = conv-gradient(x, g) - w * sum(g over a tap's positions) and the
+    user multiply's native gradients against the per-product loops, on strides, both
+    dilations, groups, wide padding, masks (identity padding) and pad values."""
+    strides, pads, lhs_dil, rhs_dil, groups = case
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((3, 6, 5, 4)).astype(np.float32)
+    w = rng.standard_normal((2, 3, 4 // groups, 6)).astype(np.float32)
+    pv = pad_value
+    pairs = [(ops.adder.replace(pad_value=pv), jaxconv.Op(_adder_copy, pad_value=pv)),
+             (jaxconv.Op(_user_mult, pad_value=pv), jaxconv.Op(_mul_copy, pad_value=pv))]
+    for fast, slow in pairs:
+        assert engine_xla.separable_kind(fast) is not None
+        assert engine_xla.separable_kind(slow) is None
+
+        def f(a, b, op):
+            return jaxconv.conv_general_dilated(a, b, strides, pads, lhs_dil, rhs_dil, DN,
+                                                feature_group_count=groups, op=op)
+        y = f(x, w, fast)
+        ct = rng.standard_normal(y.shape).astype(np.float32)
+        got = jax.jit(lambda a, b, c, op=fast: _grads(lambda u, v: f(u, v, op), a, b, c))(
+            x, w, ct)
+        ref = jax.jit(lambda a, b, c, op=slow: _grads(lambda u, v: f(u, v, op), a, b, c))(
+            x, w, ct)
+        for a, b in zip(got, ref, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_separable_adder_gradient_rule_dense():
+    """AdderNet's stated rule on a dense product, written out directly."""
+    rng = np.random.default_rng(12)
+    a = rng.standard_normal((7, 5)).astype(np.float32)
+    b = rng.standard_normal((5, 4)).astype(np.float32)
+    ct = rng.standard_normal((7, 4)).astype(np.float32)
+    dn = (((1,), (0,)), ((), ()))
+    ga, gb = _grads(lambda u, v: jaxconv.dot_general(u, v, dn, op=ops.adder), a, b, ct)
+    d = a[:, :, None] - b[None]  # (M, K, N): x - w
+    np.testing.assert_allclose(gb, np.einsum("mn,mkn->kn", ct, d), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ga, np.einsum("mn,mkn->mk", ct, np.clip(-d, -1, 1)),
+                               rtol=1e-5, atol=1e-5)

@@ -572,6 +572,69 @@ def _count_winners(op: Op, geom: Geometry, xb: Array, wt: Array, yb: Array, taps
     return lax.fori_loop(0, len(taps), body, jnp.zeros(yb.shape, acc))
 
 
+def separable_kind(op: Op) -> str | None:
+    """``"mul"`` or ``"adder"`` when a sum's kernel gradient is a native product.
+
+    ``"mul"``: ``combine`` is one multiplication (a user's ``x * w``); both gradients are the
+    native convolution's own. ``"adder"``: the built-in AdderNet combine (any padding),
+    whose kernel rule ``g * (x - w)`` sums to ``sum g*x - w * sum g`` over each tap's
+    positions: the first term is the native convolution's kernel gradient, the second a
+    sum of the cotangent (over the positions a tap sees: all of them when padded cells go
+    through ``combine``, the valid ones otherwise).
+    """
+    if op.reduce != "sum":
+        return None
+    if simple_primitive(op.combine) == "mul":
+        return "mul"
+    from jaxconv._src import ops as builtin_ops  # noqa: PLC0415 - ops is built on this module's peers
+
+    if op.combine is builtin_ops.adder.combine:
+        return "adder"
+    return None
+
+
+def _native_valid(xp: Array, w: Array, geom: Geometry) -> Array:
+    """The standard product of the padded input ``xp`` (N, *padded, C) and ``w`` (*K, I, O):
+    ``(N, *out_spatial, O)`` (a dense product when there are no spatial dimensions)."""
+    nsd = len(geom.window)
+    hi = lax.Precision.HIGHEST
+    if nsd == 0:
+        n, g = xp.shape[0], geom.groups
+        return jnp.einsum("ngi,igo->ngo", xp.reshape(n, g, -1),
+                          w.reshape(w.shape[0], g, -1), precision=hi).reshape(n, -1)
+    return lax.conv_general_dilated(
+        xp, w, geom.strides, [(0, 0)] * nsd, None, geom.rhs_dilation,
+        _canonical_dimension_numbers(nsd), geom.groups, precision=hi)
+
+
+def _separable_grads(cfg: Config, kind: str, x: Array, w: Array, gy: Array
+                     ) -> tuple[Array | None, Array]:
+    """The kernel gradient of a :func:`separable_kind` op (and the input gradient for
+    ``"mul"``; ``None`` for ``"adder"``, whose clipped input rule is not separable)."""
+    op, geom = cfg.op, cfg.geom
+    acc = cfg.acc_dtype
+    # Padded cells hold the pad value (0 for identity padding: no contribution to sum g*x).
+    xp = _pad_input(x, op, geom).astype(acc)
+    n = x.shape[0]
+    g4 = gy.astype(acc).reshape(n, *geom.out_spatial, w.shape[-1])
+    _, vjp = jax.vjp(functools.partial(_native_valid, geom=geom), xp, w.astype(acc))
+    gxp, gw = vjp(g4)
+    if kind == "mul":
+        _, pad_vjp = jax.vjp(lambda a: _pad_input(a, op, geom), x)
+        return pad_vjp(gxp.astype(x.dtype))[0], gw.astype(w.dtype)
+    # adder: minus w times the sum of the cotangent over the positions each tap sees.
+    p = max(1, math.prod(geom.out_spatial))
+    gsum = jnp.sum(gy.astype(acc).reshape(n, p, -1), axis=0)  # (P, O)
+    mask = geom.valid_mask() if op.pad_value is None else None
+    if mask is None:
+        s = jnp.broadcast_to(jnp.sum(gsum, axis=0), (len(geom.taps()), gsum.shape[-1]))
+    else:
+        masks = np.stack([geom.tap_mask(mask, tap).reshape(p) for tap in geom.taps()])
+        s = jnp.asarray(masks, acc) @ gsum  # (T, O)
+    s = s.reshape(*geom.window, 1, w.shape[-1])
+    return None, (gw - w.astype(acc) * s).astype(w.dtype)
+
+
 def _backward(cfg: Config, x: Array, w: Array, y: Array, gy: Array, fill: bool):
     """Gradients of sum, max, min and logsumexp products without storing any products.
 
@@ -583,6 +646,12 @@ def _backward(cfg: Config, x: Array, w: Array, y: Array, gy: Array, fill: bool):
     """
     op, geom = cfg.op, cfg.geom
     acc = cfg.acc_dtype
+    kind = separable_kind(op) if jnp.issubdtype(x.dtype, jnp.floating) else None
+    gw_sep = None
+    if kind is not None:
+        gx_sep, gw_sep = _separable_grads(cfg, kind, x, w, gy)
+        if gx_sep is not None:
+            return gx_sep, gw_sep
     xp = _pad_input(x, op, geom, dominated_fill(op) if fill else None)
     wt = _taps_major(w, geom.groups)
     mask = geom.valid_mask() if op.pad_value is None else None
@@ -630,6 +699,8 @@ def _backward(cfg: Config, x: Array, w: Array, y: Array, gy: Array, fill: bool):
             m_pos = None if m is None else np.tile(m, nb)  # (NP,) validity of this tap
             dxs = _dx_of_tap(op, red, xs, wk, yf, gf, sf, m_pos, fill, acc)
             gxb = gxb + _tap_unslice(dxs.reshape(_tap_slice(xb, geom, tap).shape), geom, tap)
+            if gw_sep is not None:
+                continue  # the kernel gradient is already known (separable)
             if m_pos is None and nbp_pad != nbp:
                 m_pos = np.ones((nbp,), bool)
             if m_pos is not None and nbp_pad != nbp:
@@ -651,6 +722,8 @@ def _backward(cfg: Config, x: Array, w: Array, y: Array, gy: Array, fill: bool):
     gxp = gxp[:n]
     _, pad_vjp = jax.vjp(lambda a: _pad_input(a, op, geom), x)
     (gx,) = pad_vjp(gxp)
+    if gw_sep is not None:
+        return gx.astype(x.dtype), gw_sep
     gw = _taps_major_transpose(gwt, w.shape, geom.groups).astype(w.dtype)
     return gx.astype(x.dtype), gw
 
