@@ -35,17 +35,18 @@ default_kernel_init = _init.lecun_normal()
 __all__ = ("Conv", "ConvTranspose", "Dense")
 
 
-def _promoter(fn: Callable[..., Any], dtype: Any) -> Callable[..., tuple[Any, Any, Any]]:
-    """linen's ``promote_dtype`` is variadic."""
+def _checked_op_and_hook(module: _nn.Module, name: str) -> tuple[Op, Any]:
+    """The module's op and its Flax hook ``name`` (or ``name_cls()``), which excludes it."""
+    op = _m.check_op(module.op)
+    cls = getattr(module, f"{name}_cls")
+    hook = cls() if cls is not None else getattr(module, name)
+    _m.check_hook(name, hook, op)
+    return op, hook
 
-    def promote(x: Array, k: Array, b: Array | None) -> tuple[Any, Any, Any]:
-        return tuple(fn(x, k, b, dtype=dtype))  # type: ignore[return-value]
 
-    return promote
-
-
-def _pick_hook(fn: Any, cls: Any) -> Any:
-    return cls() if cls is not None else fn
+def _quantizers(module: _nn.Module) -> dict[str, Any]:
+    return {name: _m.resolve_quantizer(name, getattr(module, name))
+            for name in ("input_quantizer", "kernel_quantizer")}
 
 
 class Conv(_nn.Module):
@@ -119,30 +120,21 @@ class Conv(_nn.Module):
     def __call__(self, inputs: Array) -> Array:
         """Applies the convolution to ``(*batch_dims, *spatial, features)`` inputs."""
         kernel_size = _m.kernel_size_tuple(self.kernel_size)
-        op = _m.check_op(self.op)
-        hook = _pick_hook(self.conv_general_dilated, self.conv_general_dilated_cls)
-        _m.check_hook("conv_general_dilated", hook, op)
+        op, hook = _checked_op_and_hook(self, "conv_general_dilated")
         in_features = jnp.shape(inputs)[-1]
         groups = self.feature_group_count
-        if groups < 1 or in_features % groups:
-            raise ValueError(
-                f"`feature_group_count` (={groups}) must be >= 1 and divide the input "
-                f"features (={in_features})."
-            )
+        _m.check_groups(groups, in_features, "the input features")
         kernel_shape = kernel_size + (in_features // groups, self.features)
         _m.check_mask(self.mask, kernel_shape)
-        kernel = self.param("kernel", self.kernel_init, kernel_shape, self.param_dtype)
-        bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-                if self.use_bias else None)
+        kernel, bias = _m.linen_params(self, kernel_shape)
         return _m.conv_apply(
             inputs, kernel, bias, kernel_size=kernel_size, strides=self.strides,
             padding=self.padding, input_dilation=self.input_dilation,
             kernel_dilation=self.kernel_dilation, feature_group_count=groups, mask=self.mask,
-            precision=self.precision, promote=_promoter(self.promote_dtype, self.dtype),
+            precision=self.precision, promote=_m.linen_promoter(self.promote_dtype, self.dtype),
             preferred_element_type=self.preferred_element_type, out_sharding=None, op=op,
-            input_quantizer=_m.resolve_quantizer("input_quantizer", self.input_quantizer),
-            kernel_quantizer=_m.resolve_quantizer("kernel_quantizer", self.kernel_quantizer),
-            engine=self.engine, max_block_bytes=self.max_block_bytes, hook=hook)
+            **_quantizers(self), engine=self.engine, max_block_bytes=self.max_block_bytes,
+            hook=hook)
 
 
 class Dense(_nn.Module):
@@ -196,17 +188,11 @@ class Dense(_nn.Module):
     @_nn.compact
     def __call__(self, inputs: Array) -> Array:
         """Applies the dense layer over the last axis of ``inputs``."""
-        op = _m.check_op(self.op)
-        hook = _pick_hook(self.dot_general, self.dot_general_cls)
-        _m.check_hook("dot_general", hook, op)
-        kernel = self.param("kernel", self.kernel_init, (jnp.shape(inputs)[-1], self.features),
-                            self.param_dtype)
-        bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-                if self.use_bias else None)
+        op, hook = _checked_op_and_hook(self, "dot_general")
+        kernel, bias = _m.linen_params(self, (jnp.shape(inputs)[-1], self.features))
         return _m.dense_apply(
             inputs, kernel, bias, precision=self.precision,
-            promote=_promoter(self.promote_dtype, self.dtype),
+            promote=_m.linen_promoter(self.promote_dtype, self.dtype),
             preferred_element_type=self.preferred_element_type, out_sharding=None, op=op,
-            input_quantizer=_m.resolve_quantizer("input_quantizer", self.input_quantizer),
-            kernel_quantizer=_m.resolve_quantizer("kernel_quantizer", self.kernel_quantizer),
-            engine=self.engine, max_block_bytes=self.max_block_bytes, hook=hook)
+            **_quantizers(self), engine=self.engine, max_block_bytes=self.max_block_bytes,
+            hook=hook)

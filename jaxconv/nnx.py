@@ -60,13 +60,13 @@ default_bias_init = _init.zeros_init()
 __all__ = ("Conv", "ConvTranspose", "Linear", "MultiOpConv")
 
 
-def _promoter(fn: Callable[..., Any], dtype: Any) -> Callable[..., tuple[Any, Any, Any]]:
-    """nnx's ``promote_dtype`` takes one tuple ``(inputs, kernel, bias)``."""
-
-    def promote(x: Array, k: Array, b: Array | None) -> tuple[Any, Any, Any]:
-        return tuple(fn((x, k, b), dtype=dtype))  # type: ignore[return-value]
-
-    return promote
+def _init_product(module: _nnx.Module, op: Op | str, hook_name: str, hook: Any,
+                  input_quantizer: Any, kernel_quantizer: Any) -> None:
+    """Sets ``op`` and the quantizers (resolved and checked, a hook excluding a custom op)."""
+    module.op = _m.check_op(op)
+    _m.check_hook(hook_name, hook, module.op)
+    module.input_quantizer = _m.resolve_quantizer("input_quantizer", input_quantizer)
+    module.kernel_quantizer = _m.resolve_quantizer("kernel_quantizer", kernel_quantizer)
 
 
 class Conv(_nnx.Module):
@@ -156,26 +156,16 @@ class Conv(_nnx.Module):
         max_block_bytes: int | None = None,
     ):
         kernel_size = _m.kernel_size_tuple(kernel_size)
-        if feature_group_count < 1 or in_features % feature_group_count:
-            raise ValueError(
-                f"`feature_group_count` (={feature_group_count}) must be >= 1 and divide "
-                f"`in_features` (={in_features})."
-            )
-        self.op = _m.check_op(op)
-        _m.check_hook("conv_general_dilated", conv_general_dilated, self.op)
-        self.input_quantizer = _m.resolve_quantizer("input_quantizer", input_quantizer)
-        self.kernel_quantizer = _m.resolve_quantizer("kernel_quantizer", kernel_quantizer)
+        _m.check_groups(feature_group_count, in_features)
+        _init_product(self, op, "conv_general_dilated", conv_general_dilated, input_quantizer,
+                      kernel_quantizer)
         kernel_shape = kernel_size + (in_features // feature_group_count, out_features)
         _m.check_mask(mask, kernel_shape)
         self.kernel_shape = kernel_shape
-        self.kernel = _nnx.Param(
-            kernel_init(rngs.params(), kernel_shape, param_dtype), **kernel_metadata)
-        self.bias: _nnx.Param[Array] | None
-        if use_bias:
-            self.bias = _nnx.Param(
-                bias_init(rngs.params(), (out_features,), param_dtype), **bias_metadata)
-        else:
-            self.bias = _nnx.data(None)
+        self.kernel, self.bias = _m.nnx_params(
+            rngs, kernel_shape, out_features, use_bias=use_bias, param_dtype=param_dtype,
+            kernel_init=kernel_init, bias_init=bias_init, kernel_metadata=kernel_metadata,
+            bias_metadata=bias_metadata)
         self.in_features = in_features
         self.out_features = out_features
         self.kernel_size = kernel_size
@@ -206,11 +196,11 @@ class Conv(_nnx.Module):
           The convolved data, ``(*batch_dims, *out_spatial, out_features)``.
         """
         return _m.conv_apply(
-            inputs, self.kernel[...], self.bias[...] if self.bias is not None else None,
+            inputs, self.kernel[...], _m.nnx_value(self.bias),
             kernel_size=self.kernel_size, strides=self.strides, padding=self.padding,
             input_dilation=self.input_dilation, kernel_dilation=self.kernel_dilation,
             feature_group_count=self.feature_group_count, mask=self.mask,
-            precision=self.precision, promote=_promoter(self.promote_dtype, self.dtype),
+            precision=self.precision, promote=_m.nnx_promoter(self.promote_dtype, self.dtype),
             preferred_element_type=self.preferred_element_type, out_sharding=out_sharding,
             op=self.op, input_quantizer=self.input_quantizer,
             kernel_quantizer=self.kernel_quantizer, engine=self.engine,
@@ -277,19 +267,11 @@ class Linear(_nnx.Module):
         engine: str = "auto",
         max_block_bytes: int | None = None,
     ):
-        self.op = _m.check_op(op)
-        _m.check_hook("dot_general", dot_general, self.op)
-        self.input_quantizer = _m.resolve_quantizer("input_quantizer", input_quantizer)
-        self.kernel_quantizer = _m.resolve_quantizer("kernel_quantizer", kernel_quantizer)
-        self.kernel = _nnx.Param(
-            kernel_init(rngs.params(), (in_features, out_features), param_dtype),
-            **kernel_metadata)
-        self.bias: _nnx.Param[Array] | None
-        if use_bias:
-            self.bias = _nnx.Param(
-                bias_init(rngs.params(), (out_features,), param_dtype), **bias_metadata)
-        else:
-            self.bias = _nnx.data(None)
+        _init_product(self, op, "dot_general", dot_general, input_quantizer, kernel_quantizer)
+        self.kernel, self.bias = _m.nnx_params(
+            rngs, (in_features, out_features), out_features, use_bias=use_bias,
+            param_dtype=param_dtype, kernel_init=kernel_init, bias_init=bias_init,
+            kernel_metadata=kernel_metadata, bias_metadata=bias_metadata)
         self.in_features = in_features
         self.out_features = out_features
         self.use_bias = use_bias
@@ -313,8 +295,8 @@ class Linear(_nnx.Module):
           ``(..., out_features)``.
         """
         return _m.dense_apply(
-            inputs, self.kernel[...], self.bias[...] if self.bias is not None else None,
-            precision=self.precision, promote=_promoter(self.promote_dtype, self.dtype),
+            inputs, self.kernel[...], _m.nnx_value(self.bias),
+            precision=self.precision, promote=_m.nnx_promoter(self.promote_dtype, self.dtype),
             preferred_element_type=self.preferred_element_type, out_sharding=out_sharding,
             op=self.op, input_quantizer=self.input_quantizer,
             kernel_quantizer=self.kernel_quantizer, engine=self.engine,

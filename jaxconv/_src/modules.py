@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
+from types import MappingProxyType
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from jax import lax
 
 from jaxconv import quantizers as _quantizers
@@ -36,6 +38,7 @@ from jaxconv._src.ops import resolve, standard
 Array = jax.Array
 
 PadPairs = list[tuple[int, int]]
+Promote = Callable[[Array, Array, Array | None], tuple[Array, Array, Array | None]]
 
 
 def is_standard(op: Op) -> bool:
@@ -220,6 +223,99 @@ def check_op(op: Any) -> Op:
     return resolve(op)
 
 
+def nnx_promoter(fn: Callable[..., Any], dtype: Any) -> Promote:
+    """nnx's ``promote_dtype`` takes one tuple ``(inputs, kernel, bias)``."""
+
+    def promote(x: Array, k: Array, b: Array | None) -> tuple[Any, Any, Any]:
+        return tuple(fn((x, k, b), dtype=dtype))  # type: ignore[return-value]
+
+    return promote
+
+
+def linen_promoter(fn: Callable[..., Any], dtype: Any) -> Promote:
+    """linen's ``promote_dtype`` is variadic."""
+
+    def promote(x: Array, k: Array, b: Array | None) -> tuple[Any, Any, Any]:
+        return tuple(fn(x, k, b, dtype=dtype))  # type: ignore[return-value]
+
+    return promote
+
+
+def check_groups(groups: int, in_features: int, in_name: str = "`in_features`") -> None:
+    """``feature_group_count`` must be positive and divide the input features."""
+    if groups < 1 or in_features % groups:
+        raise ValueError(
+            f"`feature_group_count` (={groups}) must be >= 1 and divide {in_name} "
+            f"(={in_features})."
+        )
+
+
+def nnx_params(
+    rngs: Any, kernel_shape: tuple[int, ...], out_features: int, *, use_bias: bool,
+    param_dtype: Any, kernel_init: Callable[..., Array], bias_init: Callable[..., Array],
+    kernel_metadata: Any = MappingProxyType({}), bias_metadata: Any = MappingProxyType({}),
+) -> tuple[Any, Any]:
+    """An nnx layer's ``kernel`` and ``bias`` (``nnx.data(None)`` without bias), as Flax."""
+    kernel = nnx.Param(kernel_init(rngs.params(), kernel_shape, param_dtype), **kernel_metadata)
+    if not use_bias:
+        return kernel, nnx.data(None)
+    return kernel, nnx.Param(
+        bias_init(rngs.params(), (out_features,), param_dtype), **bias_metadata)
+
+
+def nnx_value(param: Any) -> Array | None:
+    """The array of an nnx ``Param``, or ``None`` for an absent one (no bias)."""
+    return None if param is None else param[...]
+
+
+def linen_params(module: Any, kernel_shape: tuple[int, ...]) -> tuple[Array, Array | None]:
+    """A linen layer's ``kernel`` and ``bias`` (``None`` without bias), as Flax."""
+    kernel = module.param("kernel", module.kernel_init, kernel_shape, module.param_dtype)
+    bias = (module.param("bias", module.bias_init, (module.features,), module.param_dtype)
+            if module.use_bias else None)
+    return kernel, bias
+
+
+def quantize(
+    x: Array, kernel: Array, input_quantizer: Callable[[Array], Array] | None,
+    kernel_quantizer: Callable[[Array], Array] | None,
+) -> tuple[Array, Array]:
+    """Applies the (optional) input and kernel quantizers."""
+    if input_quantizer is not None:
+        x = input_quantizer(x)
+    if kernel_quantizer is not None:
+        kernel = kernel_quantizer(kernel)
+    return x, kernel
+
+
+def hook_kwargs(out_sharding: Any, preferred_element_type: Any) -> dict[str, Any]:
+    """The optional keywords of a Flax hook call (omitted when None, as Flax does)."""
+    kwargs: dict[str, Any] = {}
+    if out_sharding is not None:
+        kwargs["out_sharding"] = out_sharding
+    if preferred_element_type is not None:
+        kwargs["preferred_element_type"] = preferred_element_type
+    return kwargs
+
+
+def mask_kernel(kernel: Array, mask: Any, op: Op, multiply: bool) -> tuple[Array, Op]:
+    """Applies ``mask`` to the kernel: multiplies it (``multiply``: the standard product or a
+    hook) or encodes absent taps as NaN for :func:`masked_op`, the op returned with it."""
+    if mask is None:
+        return kernel, op
+    if multiply:
+        return kernel * jnp.asarray(mask, kernel.dtype), op
+    present = jnp.asarray(mask) != 0
+    return jnp.where(present, kernel, jnp.asarray(jnp.nan, kernel.dtype)), masked_op(op)
+
+
+def add_bias(y: Array, bias: Array | None) -> Array:
+    """``y + bias`` over the trailing (feature) axes."""
+    if bias is None:
+        return y
+    return y + jnp.reshape(bias, (1,) * (y.ndim - bias.ndim) + tuple(bias.shape))
+
+
 def conv_apply(
     inputs: Array,
     kernel: Array,
@@ -233,7 +329,7 @@ def conv_apply(
     feature_group_count: int,
     mask: Any,
     precision: Any,
-    promote: Callable[[Array, Array, Array | None], tuple[Array, Array, Array | None]],
+    promote: Promote,
     preferred_element_type: Any,
     out_sharding: Any,
     op: Op,
@@ -258,38 +354,26 @@ def conv_apply(
     x, pad = resolve_padding(x, padding, kernel_size, k_dil, in_dil)
     check_mask(mask, kernel.shape)
     x, kernel, bias = promote(x, kernel, bias)
-    if input_quantizer is not None:
-        x = input_quantizer(x)
-    if kernel_quantizer is not None:
-        kernel = kernel_quantizer(kernel)
+    x, kernel = quantize(x, kernel, input_quantizer, kernel_quantizer)
 
-    conv_op = op
+    multiply = hook is not None or is_standard(op)
     nan_channels = None
-    if mask is not None:
+    if mask is not None and not multiply:
+        if not jnp.issubdtype(kernel.dtype, jnp.inexact):
+            raise TypeError(
+                f"`mask` with op {op.name!r} needs a floating kernel, got {kernel.dtype}."
+            )
+        # NaN-in-NaN-out for a genuine NaN weight that is present: its whole output
+        # channel is NaN (the NaN encoding of absent taps would otherwise skip it).
         present = jnp.asarray(mask) != 0
-        if hook is not None or is_standard(op):
-            kernel = kernel * jnp.asarray(mask, kernel.dtype)
-        else:
-            if not jnp.issubdtype(kernel.dtype, jnp.inexact):
-                raise TypeError(
-                    f"`mask` with op {op.name!r} needs a floating kernel, got {kernel.dtype}."
-                )
-            # NaN-in-NaN-out for a genuine NaN weight that is present: its whole output
-            # channel is NaN (the NaN encoding below would otherwise skip it).
-            nan_channels = jnp.any(jnp.isnan(kernel) & present, axis=tuple(range(nsd + 1)))
-            kernel = jnp.where(present, kernel, jnp.asarray(jnp.nan, kernel.dtype))
-            conv_op = masked_op(op)
+        nan_channels = jnp.any(jnp.isnan(kernel) & present, axis=tuple(range(nsd + 1)))
+    kernel, conv_op = mask_kernel(kernel, mask, op, multiply)
 
     dn = conv_dimension_numbers(x.ndim)
     if hook is not None:
-        kwargs: dict[str, Any] = {}
-        if out_sharding is not None:
-            kwargs["out_sharding"] = out_sharding
-        if preferred_element_type is not None:
-            kwargs["preferred_element_type"] = preferred_element_type
         y = hook(x, kernel, strides_t, pad, lhs_dilation=in_dil, rhs_dilation=k_dil,
                  dimension_numbers=dn, feature_group_count=feature_group_count,
-                 precision=precision, **kwargs)
+                 precision=precision, **hook_kwargs(out_sharding, preferred_element_type))
     else:
         y = _conv.conv_general_dilated(
             x, kernel, strides_t, pad, in_dil, k_dil, dn, feature_group_count,
@@ -298,9 +382,7 @@ def conv_apply(
             max_block_bytes=max_block_bytes)
     if nan_channels is not None:
         y = jnp.where(nan_channels, jnp.asarray(jnp.nan, y.dtype), y)
-    if bias is not None:
-        y = y + jnp.reshape(bias, (1,) * (y.ndim - bias.ndim) + tuple(bias.shape))
-    return unflatten_batch(y, batch_shape)
+    return unflatten_batch(add_bias(y, bias), batch_shape)
 
 
 def dense_apply(
@@ -309,7 +391,7 @@ def dense_apply(
     bias: Array | None,
     *,
     precision: Any,
-    promote: Callable[[Array, Array, Array | None], tuple[Array, Array, Array | None]],
+    promote: Promote,
     preferred_element_type: Any,
     out_sharding: Any,
     op: Op,
@@ -321,25 +403,16 @@ def dense_apply(
 ) -> Array:
     """The forward pass of a jaxconv ``Linear`` / ``Dense`` layer (last axis contracted)."""
     x, kernel, bias = promote(inputs, kernel, bias)
-    if input_quantizer is not None:
-        x = input_quantizer(x)
-    if kernel_quantizer is not None:
-        kernel = kernel_quantizer(kernel)
+    x, kernel = quantize(x, kernel, input_quantizer, kernel_quantizer)
     dims = (((x.ndim - 1,), (0,)), ((), ()))
     if hook is not None:
-        kwargs: dict[str, Any] = {}
-        if out_sharding is not None:
-            kwargs["out_sharding"] = out_sharding
-        if preferred_element_type is not None:
-            kwargs["preferred_element_type"] = preferred_element_type
-        y = hook(x, kernel, dims, precision=precision, **kwargs)
+        y = hook(x, kernel, dims, precision=precision,
+                 **hook_kwargs(out_sharding, preferred_element_type))
     else:
         y = _conv.dot_general(
             x, kernel, dims, precision, preferred_element_type, out_sharding=out_sharding,
             op=op, engine=engine, max_block_bytes=max_block_bytes)
-    if bias is not None:
-        y = y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
-    return y
+    return add_bias(y, bias)
 
 
 def check_hook(name: str, hook: Any, op: Op) -> None:

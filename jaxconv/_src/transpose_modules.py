@@ -79,23 +79,14 @@ def _transpose_apply(
                 "through its `post` function; use another padding.")
         pad = "VALID"
     x, kernel, bias = promote(x, kernel, bias)
-    conv_op = op
-    if mask is not None:
-        if _m.is_standard(op):
-            kernel = kernel * jnp.asarray(mask, kernel.dtype)
-        else:
-            present = jnp.asarray(mask) != 0
-            kernel = jnp.where(present, kernel, jnp.asarray(jnp.nan, kernel.dtype))
-            conv_op = _m.masked_op(op)
+    kernel, conv_op = _m.mask_kernel(kernel, mask, op, multiply=_m.is_standard(op))
     y = conv_transpose(x, kernel, strides_t, pad, rhs_dilation=k_dil,
                        transpose_kernel=transpose_kernel, precision=precision,
                        preferred_element_type=preferred_element_type, op=conv_op,
                        engine=engine, max_block_bytes=max_block_bytes)
     if circular:
         y = _circular_wrap(y, x.shape[1:-1], strides_t, transpose_kernel, op)
-    if bias is not None:
-        y = y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
-    return _m.unflatten_batch(y, batch_shape)
+    return _m.unflatten_batch(_m.add_bias(y, bias), batch_shape)
 
 
 class NnxConvTranspose(_nnx.Module):
@@ -186,14 +177,10 @@ class NnxConvTranspose(_nnx.Module):
         io = (out_features, in_features) if transpose_kernel else (in_features, out_features)
         self.kernel_shape = self.kernel_size + io
         _m.check_mask(mask, self.kernel_shape)
-        self.kernel = _nnx.Param(
-            kernel_init(rngs.params(), self.kernel_shape, param_dtype), **kernel_metadata)
-        self.bias: _nnx.Param[Array] | None
-        if use_bias:
-            self.bias = _nnx.Param(
-                bias_init(rngs.params(), (out_features,), param_dtype), **bias_metadata)
-        else:
-            self.bias = _nnx.data(None)
+        self.kernel, self.bias = _m.nnx_params(
+            rngs, self.kernel_shape, out_features, use_bias=use_bias, param_dtype=param_dtype,
+            kernel_init=kernel_init, bias_init=bias_init, kernel_metadata=kernel_metadata,
+            bias_metadata=bias_metadata)
 
     def __call__(self, inputs: Array) -> Array:
         """Applies the transposed convolution to ``(*batch_dims, *spatial, features)``.
@@ -204,14 +191,12 @@ class NnxConvTranspose(_nnx.Module):
         Returns:
           The output, ``(*batch_dims, *out_spatial, out_features)``.
         """
-        fn = self.promote_dtype
-        dtype = self.dtype
         return _transpose_apply(
-            inputs, self.kernel[...], self.bias[...] if self.bias is not None else None,
+            inputs, self.kernel[...], _m.nnx_value(self.bias),
             kernel_size=self.kernel_size, strides=self.strides, padding=self.padding,
             kernel_dilation=self.kernel_dilation, mask=self.mask, precision=self.precision,
             transpose_kernel=self.transpose_kernel,
-            promote=lambda x, k, b: tuple(fn((x, k, b), dtype=dtype)),
+            promote=_m.nnx_promoter(self.promote_dtype, self.dtype),
             preferred_element_type=self.preferred_element_type, op=self.op,
             engine=self.engine, max_block_bytes=self.max_block_bytes)
 
@@ -280,15 +265,12 @@ class LinenConvTranspose(_nn.Module):
             in_features, self.features)
         kernel_shape = kernel_size + io
         _m.check_mask(self.mask, kernel_shape)
-        kernel = self.param("kernel", self.kernel_init, kernel_shape, self.param_dtype)
-        bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-                if self.use_bias else None)
-        fn, dtype = self.promote_dtype, self.dtype
+        kernel, bias = _m.linen_params(self, kernel_shape)
         return _transpose_apply(
             inputs, kernel, bias, kernel_size=kernel_size, strides=self.strides,
             padding=self.padding, kernel_dilation=self.kernel_dilation, mask=self.mask,
             precision=self.precision, transpose_kernel=self.transpose_kernel,
-            promote=lambda x, k, b: tuple(fn(x, k, b, dtype=dtype)),
+            promote=_m.linen_promoter(self.promote_dtype, self.dtype),
             preferred_element_type=self.preferred_element_type, op=op, engine=self.engine,
             max_block_bytes=self.max_block_bytes)
 
@@ -373,20 +355,14 @@ class MultiOpConv(_nnx.Module):
             raise ValueError(
                 f"`split` {split_t} needs one entry per op ({len(ops_t)}) adding up to "
                 f"`out_features` (={out_features}).")
-        if feature_group_count < 1 or in_features % feature_group_count:
-            raise ValueError(
-                f"`feature_group_count` (={feature_group_count}) must be >= 1 and divide "
-                f"`in_features` (={in_features}).")
+        _m.check_groups(feature_group_count, in_features)
         self.ops, self.split = ops_t, split_t
         self.kernel_size = _m.kernel_size_tuple(kernel_size)
         self.kernel_shape = self.kernel_size + (in_features // feature_group_count,
                                                 out_features)
-        self.kernel = _nnx.Param(kernel_init(rngs.params(), self.kernel_shape, param_dtype))
-        self.bias: _nnx.Param[Array] | None
-        if use_bias:
-            self.bias = _nnx.Param(bias_init(rngs.params(), (out_features,), param_dtype))
-        else:
-            self.bias = _nnx.data(None)
+        self.kernel, self.bias = _m.nnx_params(
+            rngs, self.kernel_shape, out_features, use_bias=use_bias, param_dtype=param_dtype,
+            kernel_init=kernel_init, bias_init=bias_init)
         self.in_features, self.out_features = in_features, out_features
         self.strides, self.padding = strides, padding
         self.input_dilation, self.kernel_dilation = input_dilation, kernel_dilation
@@ -408,13 +384,12 @@ class MultiOpConv(_nnx.Module):
         """
         hook = functools.partial(conv_multi, ops=self.ops, split=self.split,
                                  engine=self.engine, max_block_bytes=self.max_block_bytes)
-        fn, dtype = self.promote_dtype, self.dtype
         return _m.conv_apply(
-            inputs, self.kernel[...], self.bias[...] if self.bias is not None else None,
+            inputs, self.kernel[...], _m.nnx_value(self.bias),
             kernel_size=self.kernel_size, strides=self.strides, padding=self.padding,
             input_dilation=self.input_dilation, kernel_dilation=self.kernel_dilation,
             feature_group_count=self.feature_group_count, mask=None,
-            precision=self.precision, promote=lambda x, k, b: tuple(fn((x, k, b), dtype=dtype)),
+            precision=self.precision, promote=_m.nnx_promoter(self.promote_dtype, self.dtype),
             preferred_element_type=self.preferred_element_type, out_sharding=out_sharding,
             op=standard, input_quantizer=None, kernel_quantizer=None, engine=self.engine,
             max_block_bytes=self.max_block_bytes, hook=hook)
