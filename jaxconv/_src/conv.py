@@ -50,6 +50,27 @@ def _with_out_sharding(y: Array, out_sharding: Any) -> Array:
     return jax.lax.with_sharding_constraint(y, out_sharding)
 
 
+def _common_options(
+    op: Op, lhs: Array, rhs: Array, engine: Any, max_block_bytes: Any,
+    preferred_element_type: Any, precision: Any,
+) -> tuple[str, int, Any]:
+    """Validates the options both products share: ``(engine, max_block_bytes, pet)``."""
+    engine = validation.engine_name(engine)
+    mbb = validation.max_block_bytes(max_block_bytes)
+    preferred_element_type = validation.preferred_element_type(
+        preferred_element_type, lhs, rhs, generic=not _is_standard(op))
+    validation.precision(precision)
+    return engine, mbb, preferred_element_type
+
+
+def _rewritten(op: Op, product: Any, lhs: Array, rhs: Array, out_sharding: Any) -> Array:
+    """The op's native rewrite (given the lax ``product`` to call), then its post-map."""
+    y = op.rewrite(product, lhs, rhs)
+    if op.post is not None:
+        y = op.post(y)
+    return _with_out_sharding(y, out_sharding)
+
+
 def conv_general_dilated(
     lhs: Any,
     rhs: Any,
@@ -126,12 +147,9 @@ def conv_general_dilated(
     bgroups = validation.positive_int("batch_group_count", batch_group_count)
     dn = validation.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
     pad = validation.padding_pairs(padding, nsd, lhs_dil)
-    engine = validation.engine_name(engine)
-    mbb = validation.max_block_bytes(max_block_bytes)
     validation.window_sizes(rhs.shape, dn.rhs_spec)
-    preferred_element_type = validation.preferred_element_type(
-        preferred_element_type, lhs, rhs, generic=not _is_standard(op))
-    validation.precision(precision)
+    engine, mbb, preferred_element_type = _common_options(
+        op, lhs, rhs, engine, max_block_bytes, preferred_element_type, precision)
 
     c_in = lhs.shape[dn.lhs_spec[1]]
     i_k = rhs.shape[dn.rhs_spec[1]]
@@ -165,13 +183,13 @@ def conv_general_dilated(
 
     in_spatial = tuple(lhs.shape[d] for d in dn.lhs_spec[2:])
     window = tuple(rhs.shape[d] for d in dn.rhs_spec[2:])
-    dil_in = tuple((s - 1) * d + 1 if s else 0 for s, d in zip(in_spatial, lhs_dil))
-    dil_win = tuple((k - 1) * d + 1 if k else 0 for k, d in zip(window, rhs_dil))
+    dil_in = tuple((s - 1) * d + 1 if s else 0 for s, d in zip(in_spatial, lhs_dil, strict=True))
+    dil_win = tuple((k - 1) * d + 1 if k else 0 for k, d in zip(window, rhs_dil, strict=True))
     if isinstance(pad, str):
         pads = tuple(tuple(p) for p in lax.padtype_to_pads(dil_in, dil_win, strides, pad))
     else:
         pads = pad
-    for ax, (s, (lo, hi), k) in enumerate(zip(dil_in, pads, dil_win)):
+    for ax, (s, (lo, hi), k) in enumerate(zip(dil_in, pads, dil_win, strict=True)):
         if s + lo + hi < k or k == 0:
             raise ValueError(
                 f"window larger than the padded input in spatial dimension {ax}: dilated "
@@ -186,7 +204,7 @@ def conv_general_dilated(
             any(lo or hi for lo, hi in pads) or any(d != 1 for d in lhs_dil)
         ):
             cfg = [(0, 0, 0)] * lhs.ndim
-            for d_ax, (lo, hi), ld in zip(dn.lhs_spec[2:], pads, lhs_dil):
+            for d_ax, (lo, hi), ld in zip(dn.lhs_spec[2:], pads, lhs_dil, strict=True):
                 cfg[d_ax] = (lo, hi, ld - 1)
             x = lax.pad(lhs, jnp.asarray(op.pad_value, lhs.dtype), cfg)
             pads_r, lhs_dil_r = ((0, 0),) * nsd, (1,) * nsd
@@ -195,10 +213,7 @@ def conv_general_dilated(
             lhs_dilation=lhs_dil_r, rhs_dilation=rhs_dil, dimension_numbers=dn,
             feature_group_count=groups, precision=precision,
             preferred_element_type=preferred_element_type)
-        y = op.rewrite(product, x, rhs)
-        if op.post is not None:
-            y = op.post(y)
-        return _with_out_sharding(y, out_sharding)
+        return _rewritten(op, product, x, rhs, out_sharding)
 
     x = jnp.transpose(lhs, (dn.lhs_spec[0], *dn.lhs_spec[2:], dn.lhs_spec[1]))
     w = jnp.transpose(rhs, (*dn.rhs_spec[2:], dn.rhs_spec[1], dn.rhs_spec[0]))
@@ -255,11 +270,8 @@ def dot_general(
     lhs = validation.as_array("lhs", lhs)
     rhs = validation.as_array("rhs", rhs)
     (lc, rc), (lb, rb) = validation.dot_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-    engine = validation.engine_name(engine)
-    mbb = validation.max_block_bytes(max_block_bytes)
-    preferred_element_type = validation.preferred_element_type(
-        preferred_element_type, lhs, rhs, generic=not _is_standard(op))
-    validation.precision(precision)
+    engine, mbb, preferred_element_type = _common_options(
+        op, lhs, rhs, engine, max_block_bytes, preferred_element_type, precision)
     dnums = ((lc, rc), (lb, rb))
     if _is_standard(op):
         return lax.dot_general(lhs, rhs, dnums, precision, preferred_element_type,
@@ -269,10 +281,7 @@ def dot_general(
     if op.rewrite is not None:
         product = functools.partial(lax.dot_general, dimension_numbers=dnums, precision=precision,
                                     preferred_element_type=preferred_element_type)
-        y = op.rewrite(product, lhs, rhs)
-        if op.post is not None:
-            y = op.post(y)
-        return _with_out_sharding(y, out_sharding)
+        return _rewritten(op, product, lhs, rhs, out_sharding)
 
     lf = tuple(d for d in range(lhs.ndim) if d not in lc + lb)
     rf = tuple(d for d in range(rhs.ndim) if d not in rc + rb)
