@@ -51,13 +51,33 @@ def _temp_bytes(fn: Callable[..., Any], *args: Any) -> int:
     return int(getattr(mem, "temp_size_in_bytes", 0)) if mem is not None else -1
 
 
+def _compare(
+    layer: str, float_xnor: Callable[..., Any], packed_float_in: Callable[..., Any],
+    packed_packed_in: Callable[..., Any], x: jax.Array, w: jax.Array, reps: int,
+) -> dict[str, Any]:
+    """Checks the packed layer against ``ops.xnor`` and measures bytes and times of all three
+    (float ``x`` and ``w``; packed ``w`` with float ``x``; packed ``w`` and ``x``)."""
+    wq, xq = packed.pack_kernel(w), packed.pack_signs(x)
+    f_ref, f_pf, f_pp = jax.jit(float_xnor), jax.jit(packed_float_in), jax.jit(packed_packed_in)
+    ref = f_ref(x, w)
+    if not (np.array_equal(ref, f_pf(x, wq)) and np.array_equal(ref, f_pp(xq, wq))):
+        raise AssertionError("packed result differs from ops.xnor")
+    return dict(
+        layer=layer,
+        w_bytes=(w.nbytes, wq.nbytes),
+        x_bytes=(x.nbytes, xq.nbytes),
+        temp=(_temp_bytes(float_xnor, x, w), _temp_bytes(packed_float_in, x, wq),
+              _temp_bytes(packed_packed_in, xq, wq)),
+        time=(_median_time(lambda: f_ref(x, w), reps), _median_time(lambda: f_pf(x, wq), reps),
+              _median_time(lambda: f_pp(xq, wq), reps)),
+    )
+
+
 def bench_conv(n: int, hw: int, c: int, o: int, reps: int) -> dict[str, Any]:
     """One SAME 3x3 convolution layer ``(n, hw, hw, c) -> (n, hw, hw, o)``."""
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((n, hw, hw, c)).astype(np.float32))
     w = jnp.asarray(rng.standard_normal((3, 3, c, o)).astype(np.float32))
-    wq = packed.pack_kernel(w)
-    xq = packed.pack_signs(x)
 
     def float_xnor(a: jax.Array, b: jax.Array) -> jax.Array:
         return jaxconv.conv_general_dilated(a, b, (1, 1), "SAME", dimension_numbers=NHWC,
@@ -69,19 +89,8 @@ def bench_conv(n: int, hw: int, c: int, o: int, reps: int) -> dict[str, Any]:
     def packed_packed_in(a: jax.Array, b: jax.Array) -> jax.Array:
         return packed.packed_conv(a, b, (1, 1), "SAME", in_features=c)
 
-    f_ref, f_pf, f_pp = jax.jit(float_xnor), jax.jit(packed_float_in), jax.jit(packed_packed_in)
-    ref = f_ref(x, w)
-    if not (np.array_equal(ref, f_pf(x, wq)) and np.array_equal(ref, f_pp(xq, wq))):
-        raise AssertionError("packed result differs from ops.xnor")
-    return dict(
-        layer=f"conv {n}x{hw}x{hw}x{c} -> {o}, 3x3 SAME",
-        w_bytes=(w.nbytes, wq.nbytes),
-        x_bytes=(x.nbytes, xq.nbytes),
-        temp=(_temp_bytes(float_xnor, x, w), _temp_bytes(packed_float_in, x, wq),
-              _temp_bytes(packed_packed_in, xq, wq)),
-        time=(_median_time(lambda: f_ref(x, w), reps), _median_time(lambda: f_pf(x, wq), reps),
-              _median_time(lambda: f_pp(xq, wq), reps)),
-    )
+    return _compare(f"conv {n}x{hw}x{hw}x{c} -> {o}, 3x3 SAME", float_xnor, packed_float_in,
+                    packed_packed_in, x, w, reps)
 
 
 def bench_dense(m: int, k: int, o: int, reps: int) -> dict[str, Any]:
@@ -89,8 +98,6 @@ def bench_dense(m: int, k: int, o: int, reps: int) -> dict[str, Any]:
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.standard_normal((m, k)).astype(np.float32))
     w = jnp.asarray(rng.standard_normal((k, o)).astype(np.float32))
-    wq = packed.pack_kernel(w)
-    xq = packed.pack_signs(x)
     dims = (((1,), (0,)), ((), ()))
 
     def float_xnor(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -102,19 +109,8 @@ def bench_dense(m: int, k: int, o: int, reps: int) -> dict[str, Any]:
     def packed_packed_in(a: jax.Array, b: jax.Array) -> jax.Array:
         return packed.packed_dense(a, b, in_features=k)
 
-    f_ref, f_pf, f_pp = jax.jit(float_xnor), jax.jit(packed_float_in), jax.jit(packed_packed_in)
-    ref = f_ref(x, w)
-    if not (np.array_equal(ref, f_pf(x, wq)) and np.array_equal(ref, f_pp(xq, wq))):
-        raise AssertionError("packed result differs from ops.xnor")
-    return dict(
-        layer=f"dense {m}x{k} @ {k}x{o}",
-        w_bytes=(w.nbytes, wq.nbytes),
-        x_bytes=(x.nbytes, xq.nbytes),
-        temp=(_temp_bytes(float_xnor, x, w), _temp_bytes(packed_float_in, x, wq),
-              _temp_bytes(packed_packed_in, xq, wq)),
-        time=(_median_time(lambda: f_ref(x, w), reps), _median_time(lambda: f_pf(x, wq), reps),
-              _median_time(lambda: f_pp(xq, wq), reps)),
-    )
+    return _compare(f"dense {m}x{k} @ {k}x{o}", float_xnor, packed_float_in, packed_packed_in,
+                    x, w, reps)
 
 
 def _mib(b: int) -> str:
