@@ -98,6 +98,24 @@ def _binary_pad_value(layer: Any) -> float | None:
         "quantizers allowed) or the standard op with sign quantizers on inputs and kernel.")
 
 
+def _init_packed(layer: _nnx.Module, kernel: Array, bias: Array | None, in_features: int,
+                 dtype: Any, engine: str) -> None:
+    """The attributes ``PackedConv`` and ``PackedLinear`` share (``kernel`` checked packed)."""
+    kernel = jnp.asarray(kernel)
+    if kernel.dtype != jnp.uint32:
+        raise TypeError(
+            f"{type(layer).__name__}: `kernel` must be packed uint32, got {kernel.dtype}.")
+    layer.kernel = PackedKernel(kernel)
+    layer.bias = _nnx.data(None) if bias is None else _nnx.Variable(jnp.asarray(bias))
+    layer.in_features = int(in_features)
+    layer.dtype = dtype
+    layer.engine = engine
+
+
+def _add_bias(layer: _nnx.Module, y: Array) -> Array:
+    return y if layer.bias is None else y + layer.bias[...].astype(y.dtype)
+
+
 class PackedConv(_nnx.Module):
     """Inference-only XNOR convolution on packed bits (channels last, Flax's input handling).
 
@@ -132,12 +150,7 @@ class PackedConv(_nnx.Module):
         dtype: Any = None,
         engine: str = "xla",
     ):
-        kernel = jnp.asarray(kernel)
-        if kernel.dtype != jnp.uint32:
-            raise TypeError(f"PackedConv: `kernel` must be packed uint32, got {kernel.dtype}.")
-        self.kernel = PackedKernel(kernel)
-        self.bias = _nnx.data(None) if bias is None else _nnx.Variable(jnp.asarray(bias))
-        self.in_features = int(in_features)
+        _init_packed(self, kernel, bias, in_features, dtype, engine)
         self.kernel_size = tuple(kernel_size)
         self.strides = strides
         self.padding = padding
@@ -145,8 +158,6 @@ class PackedConv(_nnx.Module):
         self.kernel_dilation = kernel_dilation
         self.feature_group_count = int(feature_group_count)
         self.pad_value = pad_value
-        self.dtype = dtype
-        self.engine = engine
 
     @classmethod
     def from_conv(cls, conv: _jnnx.Conv, *, engine: str = "xla") -> PackedConv:
@@ -163,9 +174,8 @@ class PackedConv(_nnx.Module):
         if conv.mask is not None or conv.conv_general_dilated is not None:
             raise ValueError("PackedConv.from_conv: layers with a `mask` or a hook can't be "
                              "packed.")
-        bias = conv.bias[...] if conv.bias is not None else None
         return cls(
-            pack_kernel(conv.kernel[...]), bias, in_features=conv.in_features,
+            pack_kernel(conv.kernel[...]), _m.nnx_value(conv.bias), in_features=conv.in_features,
             kernel_size=conv.kernel_size, strides=conv.strides, padding=conv.padding,
             input_dilation=conv.input_dilation, kernel_dilation=conv.kernel_dilation,
             feature_group_count=conv.feature_group_count, pad_value=pad_value,
@@ -189,9 +199,7 @@ class PackedConv(_nnx.Module):
         y = packed_conv(
             x, self.kernel[...], strides, pad, in_dil, k_dil, self.feature_group_count,
             pad_value=self.pad_value, out_dtype=self.dtype or jnp.float32, engine=self.engine)
-        if self.bias is not None:
-            y = y + self.bias[...].astype(y.dtype)
-        return _m.unflatten_batch(y, batch_shape)
+        return _m.unflatten_batch(_add_bias(self, y), batch_shape)
 
 
 class PackedLinear(_nnx.Module):
@@ -209,14 +217,7 @@ class PackedLinear(_nnx.Module):
         self, kernel: Array, bias: Array | None, *, in_features: int, dtype: Any = None,
         engine: str = "xla",
     ):
-        kernel = jnp.asarray(kernel)
-        if kernel.dtype != jnp.uint32:
-            raise TypeError(f"PackedLinear: `kernel` must be packed uint32, got {kernel.dtype}.")
-        self.kernel = PackedKernel(kernel)
-        self.bias = _nnx.data(None) if bias is None else _nnx.Variable(jnp.asarray(bias))
-        self.in_features = int(in_features)
-        self.dtype = dtype
-        self.engine = engine
+        _init_packed(self, kernel, bias, in_features, dtype, engine)
 
     @classmethod
     def from_linear(cls, linear: _jnnx.Linear, *, engine: str = "xla") -> PackedLinear:
@@ -232,17 +233,14 @@ class PackedLinear(_nnx.Module):
         _binary_pad_value(linear)
         if linear.dot_general is not None:
             raise ValueError("PackedLinear.from_linear: a layer with a hook can't be packed.")
-        bias = linear.bias[...] if linear.bias is not None else None
-        return cls(pack_kernel(linear.kernel[...]), bias, in_features=linear.in_features,
-                   dtype=linear.dtype, engine=engine)
+        return cls(pack_kernel(linear.kernel[...]), _m.nnx_value(linear.bias),
+                   in_features=linear.in_features, dtype=linear.dtype, engine=engine)
 
     def __call__(self, inputs: Array) -> Array:
         """Applies the layer over the last axis of float or packed ``inputs``."""
         y = packed_dense(inputs, self.kernel[...], in_features=self.in_features,
                          out_dtype=self.dtype or jnp.float32, engine=self.engine)
-        if self.bias is not None:
-            y = y + self.bias[...].astype(y.dtype)
-        return y
+        return _add_bias(self, y)
 
 
 def _is_binary(layer: Any) -> bool:
