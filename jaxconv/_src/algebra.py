@@ -222,31 +222,3 @@ def accumulation_dtype(op: Op, dtype: Any, preferred: Any | None) -> Any:
     if op.reduce in ("sum", "prod", "logsumexp") and jnp.issubdtype(dtype, jnp.floating):
         return jnp.promote_types(dtype, jnp.float32)
     return dtype
-
-
-def check_combine(op: Op, dtype: Any) -> None:
-    """Checks on abstract values that ``combine`` (and a callable reduce) are elementwise."""
-    s = jax.ShapeDtypeStruct((2, 3), dtype)
-    try:
-        out = jax.eval_shape(op.combine, s, s)
-    except Exception as e:  # noqa: BLE001 - reported with the op's name
-        raise TypeError(
-            f"op {op.name!r}: `combine(x, w)` failed on two arrays of shape (2, 3): {e}"
-        ) from e
-    if not hasattr(out, "shape") or tuple(out.shape) != (2, 3):
-        raise ValueError(
-            f"op {op.name!r}: `combine` must be elementwise (shape (2, 3) in, (2, 3) out), "
-            f"got {getattr(out, 'shape', type(out))}."
-        )
-    if callable(op.reduce):
-        try:
-            r = jax.eval_shape(op.reduce, out, out)
-        except TypeError as e:
-            raise TypeError(
-                f"op {op.name!r}: `reduce` must be a binary callable myadd(a, b): {e}"
-            ) from e
-        if not hasattr(r, "shape") or tuple(r.shape) != (2, 3):
-            raise ValueError(
-                f"op {op.name!r}: a callable `reduce` must be elementwise and binary "
-                f"(two (2, 3) arrays in, one (2, 3) out), got {getattr(r, 'shape', type(r))}."
-            )
