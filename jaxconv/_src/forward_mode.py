@@ -115,12 +115,10 @@ class _Plain:
 
     def terms(self, xb: Array, wk: Array, tap: tuple[int, ...]) -> Array:
         """``combine`` of one tap: ``(Nb, P, G, Og, I)``."""
-        xs = taps.tap_slice(xb, self.cfg.geom, tap)
-        nb, i = xs.shape[0], wk.shape[-1]
-        g, og = wk.shape[0], wk.shape[1]
-        xr = xs.reshape(nb, self.p, g, 1, i)
-        shape = (nb, self.p, g, og, i)
-        return self.cfg.op.combine(jnp.broadcast_to(xr, shape),
+        g, og, i = wk.shape
+        xs = taps.tap_input(xb, self.cfg.geom, tap, g)  # (Nb, P, G, I)
+        shape = (xs.shape[0], self.p, g, og, i)
+        return self.cfg.op.combine(jnp.broadcast_to(xs[:, :, :, None, :], shape),
                                    jnp.broadcast_to(wk[None, None], shape))
 
     def in_bounds(self, m: Any) -> Array | None:

@@ -43,6 +43,14 @@ def tap_slice(xp: Array, geom: Any, tap: tuple[int, ...]) -> Array:
                      (1, *geom.strides, 1))
 
 
+def tap_input(xp: Array, geom: Any, tap: tuple[int, ...], groups: int) -> Array:
+    """One tap's input as ``(N, P, G, I)``: :func:`tap_slice` with the positions flattened
+    and the channels split into groups."""
+    xs = tap_slice(xp, geom, tap)
+    n, c = xs.shape[0], xs.shape[-1]
+    return xs.reshape(n, max(1, math.prod(xs.shape[1:-1])), groups, c // groups)
+
+
 def tap_slice_at(xp: Array, geom: Any, offset: Array) -> Array:
     """:func:`tap_slice` at a traced ``offset`` ``(nsd,)`` (a tap inside a loop or scan)."""
     zero = jnp.zeros((), jnp.int32)
