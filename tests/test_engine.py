@@ -302,3 +302,59 @@ def test_separable_adder_gradient_rule_dense():
     np.testing.assert_allclose(gb, np.einsum("mn,mkn->kn", ct, d), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(ga, np.einsum("mn,mkn->mk", ct, np.clip(-d, -1, 1)),
                                rtol=1e-5, atol=1e-5)
+
+
+# --- max/min: gradients through each window's winner ------------------------------------
+
+def _int_data(seed, xs, ws, hi=3):
+    """Small integers: many tied windows, and x == w inside min/max combines."""
+    rng = np.random.default_rng(seed)
+    return (rng.integers(-hi, hi + 1, xs).astype(np.float32),
+            rng.integers(-hi, hi + 1, ws).astype(np.float32))
+
+
+@pytest.mark.parametrize("name", ["max_plus", "min_plus", "max_min", "min_max"])
+@pytest.mark.parametrize("max_ties", [1024, 3])
+def test_winner_path_ties_and_borders(name, max_ties, monkeypatch):
+    """Ties handled one window at a time (and, past ``MAX_SPARSE_TIES``, by the exact
+    path) against ``jax.grad`` of the naive formulation, which splits ties equally."""
+    monkeypatch.setattr(engine_xla, "MAX_SPARSE_TIES", max_ties)
+    x, w = _int_data(13, (2, 5, 4, 4), (3, 2, 2, 6))
+    _check(name, x, w, ((1, 1), (1, 0)), groups=2)
+    rng = np.random.default_rng(14)  # few ties: most windows through the scatter path
+    _check(name, rng.standard_normal((2, 5, 4, 3)).astype(np.float32),
+           np.round(rng.standard_normal((3, 2, 3, 4)), 1).astype(np.float32), ((2, 0), (0, 1)))
+
+
+@pytest.mark.parametrize("name", ["max_plus", "max_min"])
+def test_winner_path_equals_exact_path_on_strides_and_dilations(name, monkeypatch):
+    x, w = _int_data(15, (2, 7, 6, 4), (2, 3, 2, 4), hi=2)
+    op = _op(name)
+
+    def grads(a, b, ct):
+        return _grads(lambda u, v: jaxconv.conv_general_dilated(
+            u, v, (2, 1), ((1, 2), (2, 1)), (2, 1), (1, 2), DN, feature_group_count=2,
+            op=op), a, b, ct)
+
+    y = jaxconv.conv_general_dilated(x, w, (2, 1), ((1, 2), (2, 1)), (2, 1), (1, 2), DN,
+                                     feature_group_count=2, op=op)
+    ct = np.random.default_rng(16).standard_normal(y.shape).astype(np.float32)
+    got = jax.jit(grads)(x, w, ct)
+    monkeypatch.setattr(engine_xla, "_winner_base", lambda *a: None)  # the exact path
+    ref = jax.jit(grads)(x, w, ct)
+    for a, b in zip(got, ref, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["max_plus", "min_max"])
+def test_winner_path_dense_with_ties(name):
+    a, b = _int_data(17, (6, 9), (9, 5))
+    op = _op(name)
+    dn = (((1,), (0,)), ((), ()))
+    ct = np.random.default_rng(18).standard_normal((6, 5)).astype(np.float32)
+    got = jax.jit(lambda u, v: _grads(lambda p, q: jaxconv.dot_general(p, q, dn, op=op),
+                                      u, v, ct))(a, b)
+    ref = _grads(lambda u, v: _naive(op, u[:, None, None], v[None, None], ((0, 0), (0, 0)))[
+        :, 0, 0], a, b, ct)
+    for x1, x2 in zip(got, ref, strict=True):
+        np.testing.assert_allclose(x1, x2, rtol=1e-5, atol=1e-5)

@@ -728,16 +728,190 @@ def _backward(cfg: Config, x: Array, w: Array, y: Array, gy: Array, fill: bool):
     return gx.astype(x.dtype), gw
 
 
+# Tied windows (several winning products) that the winner path handles one by one; more
+# ties than this send the whole backward pass to the exact equal-split path.
+MAX_SPARSE_TIES = 1024
+
+
+def _winner_base(geom: Geometry, in_per_group: int) -> int | None:
+    """The code offset of :func:`_winner_codes` (a power of two above every product's index
+    ``t * I + i``), or None where the codes would not be exact float32 integers."""
+    n_prod = len(geom.taps()) * in_per_group
+    base = 1 << max(1, n_prod).bit_length()
+    return base if 4 * base <= 2**24 else None
+
+
+def _winner_codes(cfg: Config, xp: Array, wt: Array, y: Array, base: int) -> Array:
+    """Per output, ``sum over its winning products of (base + t * I + i)`` in float32.
+
+    One winner gives a code in ``[base, 2 base)`` that names it; ties give ``>= 2 base``. The
+    inputs are finite with dominated padding (so every product is ``<= y`` for max, ``>= y``
+    for min, equal at the winners bit for bit), and the indicator ``1 - sign(y - c)`` is
+    written as ``code - code * sign(d)``: the arithmetic form that XLA CPU keeps inside its
+    fused reduction kernels (a comparison, or ``code * (1 - sign)``, is stored or runs
+    several times slower). All sums are of integers below ``2**24``: exact.
+    """
+    op, geom = cfg.op, cfg.geom
+    g, og, i = wt.shape[1:]
+    p = max(1, math.prod(geom.out_spatial))
+    taps = [t for t, tap in enumerate(geom.taps())]
+    offs = np.array([[k * d for k, d in zip(tap, geom.rhs_dilation, strict=True)]
+                     for tap in geom.taps()], np.int32).reshape(len(taps), len(geom.window))
+    ext = [(o - 1) * s + 1 for o, s in zip(geom.out_spatial, geom.strides, strict=True)]
+    offs_j = jnp.asarray(offs)
+    is_max = op.reduce == "max"
+
+    def block(args: tuple[Array, Array]) -> Array:
+        xb, yb = args
+        nb = xb.shape[0]
+        fit = max(1, (cfg.max_block_bytes // 2) // max(1, nb * p * g * i * 4))
+        oc = max(d for d in range(1, og + 1) if og % d == 0 and d <= fit)
+
+        def body(k: Any, tot: Array) -> Array:
+            start = (0, *(offs_j[k, j] for j in range(offs.shape[1])), 0)
+            xs = lax.dynamic_slice(xb, start, (nb, *ext, xb.shape[-1]))
+            xs = lax.slice(xs, (0,) * xs.ndim, xs.shape, (1, *geom.strides, 1))
+            xs = xs.reshape(nb, p, g, i)
+            wk = lax.dynamic_index_in_dim(wt, k, axis=0, keepdims=False)
+            code = (base + k * i + jnp.arange(i)).astype(jnp.float32)
+
+            def chunk(j: Any, tot: Array) -> Array:
+                wc = lax.dynamic_slice_in_dim(wk, j * oc, oc, axis=1)
+                yc = lax.dynamic_slice_in_dim(yb, j * oc, oc, axis=3)
+                c = _fwd_products(op, xs, wc)
+                d = (yc[..., None] - c) if is_max else (c - yc[..., None])
+                part = jnp.sum(code - code * jnp.sign(d).astype(jnp.float32), axis=-1)
+                cur = lax.dynamic_slice_in_dim(tot, j * oc, oc, axis=3)
+                return lax.dynamic_update_slice_in_dim(tot, cur + part, j * oc, axis=3)
+
+            if oc == og:
+                return chunk(0, tot)
+            return lax.fori_loop(0, og // oc, chunk, tot)
+
+        return lax.fori_loop(0, len(taps), body, jnp.zeros(yb.shape, jnp.float32))
+
+    xblocks, n = _blocks(xp, cfg.block)
+    yblocks, _ = _blocks(y, cfg.block)
+    if xblocks.shape[0] == 1:
+        out = block((xblocks[0], yblocks[0]))[None]
+    else:
+        out = lax.map(block, (xblocks, yblocks))
+    return out.reshape(-1, *out.shape[2:])[:n]
+
+
+def _winner_backward(cfg: Config, x: Array, w: Array, y: Array, gy: Array) -> tuple:
+    """Max/min gradients through each window's winner, found by :func:`_winner_codes`.
+
+    Finite inputs with dominated padding only. Where a window has one winner, its cotangent
+    goes through ``combine``'s VJP at that one product (gathered) and is scatter-added onto
+    the input and the kernel; up to :data:`MAX_SPARSE_TIES` tied windows are recomputed
+    whole (their ``T x I`` products) and split equally among the tied products. More ties
+    take the exact path (``_backward``) under ``lax.cond``.
+    """
+    op, geom = cfg.op, cfg.geom
+    xp = _pad_input(x, op, geom, dominated_fill(op))
+    wt = _taps_major(w, geom.groups)
+    n = x.shape[0]
+    nt, g, og, i = wt.shape
+    nsd = len(geom.window)
+    p = max(1, math.prod(geom.out_spatial))
+    base = _winner_base(geom, i)
+    tot = _winner_codes(cfg, xp, wt, y, base)
+    flat = jnp.clip(tot - base, 0, nt * i - 1).astype(jnp.int32)
+    single = (tot >= base) & (tot < 2 * base)
+    tie = tot >= 2 * base
+    n_ties = jnp.sum(tie, dtype=jnp.int32)
+    ok = jnp.all(tot >= base) & (n_ties <= MAX_SPARSE_TIES)
+    gdt = jnp.promote_types(x.dtype, jnp.float32)
+    offs = np.array([[k * d for k, d in zip(tap, geom.rhs_dilation, strict=True)]
+                     for tap in geom.taps()], np.int32).reshape(nt, nsd)
+    # Output coordinates times strides, per flat output position: (P, nsd).
+    ocoord = np.zeros((p, nsd), np.int32)
+    if nsd:
+        ocoord = (np.stack(np.unravel_index(np.arange(p), geom.out_spatial), -1)
+                  * np.array(geom.strides, np.int32).reshape(1, nsd)).astype(np.int32)
+
+    # Flat (row-major) strides of the padded input and of the taps-major kernel: scatters
+    # and gathers with one int32 index per element (a multi-dimensional index per element
+    # would be stored as an (elements, rank) array).
+    xstr = np.cumprod((1, *xp.shape[::-1]))[:-1][::-1].astype(np.int64)
+
+    def x_index(nn: Array, pos: list[Array], chan: Array) -> Array:
+        idx = nn * int(xstr[0]) + chan
+        for j, a in enumerate(pos):
+            idx = idx + a * int(xstr[j + 1])
+        return idx
+
+    def w_index(tt: Array, gg: Array, oo: Array, ii: Array) -> Array:
+        return ((tt * g + gg) * og + oo) * i + ii
+
+    def sparse(xp: Array, wt: Array, y: Array, gy: Array) -> tuple[Array, Array]:
+        shp = (n, p, g, og)
+        n_i = lax.broadcasted_iota(jnp.int32, shp, 0)
+        p_i = lax.broadcasted_iota(jnp.int32, shp, 1)
+        g_i = lax.broadcasted_iota(jnp.int32, shp, 2)
+        o_i = lax.broadcasted_iota(jnp.int32, shp, 3)
+        t_w, i_w = flat // i, flat % i
+        pos = [jnp.asarray(ocoord[:, j])[p_i] + jnp.asarray(offs[:, j])[t_w]
+               for j in range(nsd)]
+        xi = x_index(n_i, pos, g_i * i + i_w).reshape(-1)
+        wi = w_index(t_w, g_i, o_i, i_w).reshape(-1)
+        xf, wf = xp.reshape(-1), wt.reshape(-1)
+        ct = jnp.where(single, gy, 0).astype(xf.dtype).reshape(-1)
+        _, vjp = jax.vjp(op.combine, xf[xi], wf[wi])
+        dx, dw = vjp(ct)
+        gxf = jnp.zeros(xf.shape, gdt).at[xi].add(dx.astype(gdt))
+        gwf = jnp.zeros(wf.shape, gdt).at[wi].add(dw.astype(gdt))
+        # Tied windows, one by one: (K, T, I) products each.
+        k = min(MAX_SPARSE_TIES, n * p * g * og)
+        (sel,) = jnp.nonzero(tie.reshape(-1), size=k, fill_value=0)
+        valid = jnp.arange(k) < n_ties
+        kn, kp, kg, ko = jnp.unravel_index(sel, shp)
+        kt = jnp.arange(nt).reshape(1, nt, 1)
+        ki = jnp.arange(i).reshape(1, 1, i)
+        kpos = [(jnp.asarray(ocoord[:, j])[kp].reshape(k, 1, 1)
+                 + jnp.asarray(offs[:, j]).reshape(1, nt, 1)) for j in range(nsd)]
+        kxi = jnp.broadcast_to(
+            x_index(kn.reshape(k, 1, 1), kpos, kg.reshape(k, 1, 1) * i + ki), (k, nt, i))
+        kwi = jnp.broadcast_to(
+            w_index(kt, kg.reshape(k, 1, 1), ko.reshape(k, 1, 1), ki), (k, nt, i))
+        ck, vjpk = jax.vjp(op.combine, xf[kxi], wf[kwi])
+        yk = y[kn, kp, kg, ko].reshape(k, 1, 1)
+        eq = ck == yk
+        cnt = jnp.maximum(jnp.sum(eq, axis=(1, 2)), 1)
+        sk = jnp.where(valid, gy[kn, kp, kg, ko].astype(gdt) / cnt, 0).reshape(k, 1, 1)
+        dxk, dwk = vjpk(jnp.where(eq, sk, 0).astype(ck.dtype))
+        gxf = gxf.at[kxi].add(dxk.astype(gdt))
+        gwf = gwf.at[kwi].add(dwk.astype(gdt))
+        _, pad_vjp = jax.vjp(lambda a: _pad_input(a, op, geom), x)
+        gx = pad_vjp(gxf.reshape(xp.shape).astype(x.dtype))[0]
+        gwt = gwf.reshape(wt.shape)
+        return gx, _taps_major_transpose(gwt, w.shape, geom.groups).astype(w.dtype)
+
+    return lax.cond(
+        ok,
+        lambda xp_, wt_, x_, w_, y_, gy_: sparse(xp_, wt_, y_, gy_),
+        lambda xp_, wt_, x_, w_, y_, gy_: _backward(cfg, x_, w_, y_, gy_, fill=True),
+        xp, wt, x, w, y, gy,
+    )
+
+
 def _hand_vjp_bwd(cfg: Config, res, gy: Array):
     x, w, y = res
     op = cfg.op
     if jnp.issubdtype(x.dtype, jnp.floating) and dominated_fill(op) is not None:
         ok = _fill_ok(op, x, w)
+        fast = functools.partial(_backward, cfg, fill=True)
         if op.reduce in ("max", "min"):
             ok = ok & jnp.all(jnp.isfinite(y))
+            geom = cfg.geom
+            xp_size = x.shape[0] * math.prod(geom.padded_spatial) * x.shape[-1]
+            if (_winner_base(geom, w.shape[-2]) is not None and max(xp_size, w.size) < 2**31
+                    and (not geom.window or math.prod(geom.out_spatial) > 0)):
+                fast = functools.partial(_winner_backward, cfg)
         return lax.cond(
             ok,
-            lambda *a: _backward(cfg, *a, fill=True),
+            lambda *a: fast(*a),
             lambda *a: _backward(cfg, *a, fill=False),
             x, w, y, gy,
         )
