@@ -30,7 +30,7 @@ CONFIGS = [
 
 
 def _shapes(dims, layout, groups, rng):
-    n, c, o, k = 2, 4, 4, 3
+    n, c, o = 2, 4, 4
     spatial = {1: (7,), 2: (6, 5), 3: (4, 5, 4)}[dims]
     window = {1: (3,), 2: (3, 2), 3: (2, 3, 2)}[dims]
     if groups == "depthwise":
@@ -42,11 +42,10 @@ def _shapes(dims, layout, groups, rng):
     else:
         ls, rs, _ = layout
         sp = [ch for ch in rs if ch not in "OI"]  # spatial order follows the rhs spec
-        lhs_dims = {"N": n, "C": c, **dict(zip(sp, spatial))}
-        rhs_dims = {"O": o, "I": ci, **dict(zip(sp, window))}
+        lhs_dims = {"N": n, "C": c, **dict(zip(sp, spatial, strict=True))}
+        rhs_dims = {"O": o, "I": ci, **dict(zip(sp, window, strict=True))}
         lhs_shape = tuple(lhs_dims[ch] for ch in ls)
         rhs_shape = tuple(rhs_dims[ch] for ch in rs)
-    del k
     x = rng.standard_normal(lhs_shape).astype(np.float32)
     w = rng.standard_normal(rhs_shape).astype(np.float32)
     return x, w, groups
