@@ -358,3 +358,21 @@ def test_winner_path_dense_with_ties(name):
         :, 0, 0], a, b, ct)
     for x1, x2 in zip(got, ref, strict=True):
         np.testing.assert_allclose(x1, x2, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("pad_value", [None, 0.5])
+@pytest.mark.parametrize("inf_w", [False, True])
+def test_user_multiply_native_forward(pad_value, inf_w):
+    """A user's ``x * w`` sum runs as one native product; with identity padding and a
+    non-finite kernel the masked loop keeps padded taps out (no ``0 * inf`` at borders)."""
+    rng = np.random.default_rng(19)
+    x = np.abs(rng.standard_normal((2, 5, 4, 3))).astype(np.float32) + 0.1
+    w = rng.standard_normal((3, 2, 3, 4)).astype(np.float32)
+    if inf_w:
+        w[0, 0, 1, 2] = np.inf
+    op = jaxconv.Op(_user_mult, pad_value=pad_value)
+    pads = ((1, 1), (1, 0))
+    got = jax.jit(lambda a, b: _conv(op, a, b, pads))(x, w)
+    expect = conv_reference(x, w, (1, 1), pads, dimension_numbers=DN, combine=np.multiply,
+                            reduce=np.add, identity=0.0, pad_value=pad_value)
+    np.testing.assert_allclose(got, expect, rtol=1e-5, atol=2e-5)

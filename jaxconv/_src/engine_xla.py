@@ -384,6 +384,8 @@ def _forward_dispatch(cfg: Config, x: Array, w: Array) -> Array:
     """
     op = cfg.op
     floating = jnp.issubdtype(x.dtype, jnp.floating)
+    if floating and separable_kind(op) == "mul":
+        return _native_mul_forward(cfg, x, w)
     can_fill = floating and dominated_fill(op) is not None
     if op.reduce in ("max", "min") and floating:
         return lax.cond(
@@ -572,6 +574,9 @@ def _count_winners(op: Op, geom: Geometry, xb: Array, wt: Array, yb: Array, taps
     return lax.fori_loop(0, len(taps), body, jnp.zeros(yb.shape, acc))
 
 
+_DX_ACC_BYTES = 2**20
+
+
 def separable_kind(op: Op) -> str | None:
     """``"mul"`` or ``"adder"`` when a sum's kernel gradient is a native product.
 
@@ -593,7 +598,7 @@ def separable_kind(op: Op) -> str | None:
     return None
 
 
-def _native_valid(xp: Array, w: Array, geom: Geometry) -> Array:
+def _native_valid(xp: Array, w: Array, geom: Geometry, out_dtype: Any = None) -> Array:
     """The standard product of the padded input ``xp`` (N, *padded, C) and ``w`` (*K, I, O):
     ``(N, *out_spatial, O)`` (a dense product when there are no spatial dimensions)."""
     nsd = len(geom.window)
@@ -601,10 +606,32 @@ def _native_valid(xp: Array, w: Array, geom: Geometry) -> Array:
     if nsd == 0:
         n, g = xp.shape[0], geom.groups
         return jnp.einsum("ngi,igo->ngo", xp.reshape(n, g, -1),
-                          w.reshape(w.shape[0], g, -1), precision=hi).reshape(n, -1)
+                          w.reshape(w.shape[0], g, -1), precision=hi,
+                          preferred_element_type=out_dtype).reshape(n, -1)
     return lax.conv_general_dilated(
         xp, w, geom.strides, [(0, 0)] * nsd, None, geom.rhs_dilation,
-        _canonical_dimension_numbers(nsd), geom.groups, precision=hi)
+        _canonical_dimension_numbers(nsd), geom.groups, precision=hi,
+        preferred_element_type=out_dtype)
+
+
+def _native_mul_forward(cfg: Config, x: Array, w: Array) -> Array:
+    """A user's multiply-and-add as one native product of the padded input: ``(N, P, G, Og)``.
+
+    Padded cells hold the pad value (they go through ``x * w``) or, with identity padding,
+    0, whose products ``0 * w`` are the identity unless ``w`` is not finite: then (``lax.cond``)
+    the masked tap loop runs instead.
+    """
+    geom = cfg.geom
+    shape = (x.shape[0], max(1, math.prod(geom.out_spatial)), geom.groups, -1)
+
+    def native(a: Array, b: Array) -> Array:
+        xp = _pad_input(a, cfg.op, geom)
+        return _native_valid(xp, b, geom, cfg.acc_dtype).astype(cfg.acc_dtype).reshape(shape)
+
+    if cfg.op.pad_value is not None or geom.valid_mask() is None:
+        return native(x, w)
+    return lax.cond(jnp.all(jnp.isfinite(w)), native,
+                    lambda a, b: _forward(cfg, a, b, False).astype(cfg.acc_dtype), x, w)
 
 
 def _separable_grads(cfg: Config, kind: str, x: Array, w: Array, gy: Array
@@ -710,9 +737,16 @@ def _backward(cfg: Config, x: Array, w: Array, y: Array, gy: Array, fill: bool):
             gwt = gwt.at[t].add(dwk.astype(gwt.dtype))
         return gwt, gxb.astype(x.dtype)
 
-    xblocks, n = _blocks(xp, cfg.block_bwd)
-    yblocks, _ = _blocks(y, cfg.block_bwd)
-    gblocks, _ = _blocks(gy, cfg.block_bwd)
+    block = cfg.block_bwd
+    if gw_sep is not None:
+        # Input gradient only: no products are held, and the loop over output channels runs
+        # fastest on an accumulator of about 1 MiB (measured: 4 images of layer A, 256 rows
+        # of a 1024-wide dense layer; the per-step overhead dominates smaller blocks).
+        row = max(1, math.prod(xp.shape[1:]) * jnp.dtype(acc).itemsize)
+        block = int(max(1, min(x.shape[0], _DX_ACC_BYTES // row)))
+    xblocks, n = _blocks(xp, block)
+    yblocks, _ = _blocks(y, block)
+    gblocks, _ = _blocks(gy, block)
     gwt0 = jnp.zeros(wt.shape, jnp.promote_types(w.dtype, jnp.float32))
     if xblocks.shape[0] == 1:
         gwt, gxp = block_grads(gwt0, (xblocks[0], yblocks[0], gblocks[0]))
