@@ -30,6 +30,22 @@ update that XLA fuses into one vectorised loop), the kernel gradient a scan over
 positions, and max/min first count each window's winners in a loop over taps and chunks of
 output channels (the gradient is split equally among ties, as ``jax.grad(jnp.max)`` does).
 Other reduces are differentiated automatically, block by block under ``jax.checkpoint``.
+
+Faster backward paths where the op allows them:
+
+- Separable sums (:func:`separable_kind`): a user's ``x * w`` runs forward and backward as one
+  native convolution of the padded input; AdderNet's kernel gradient ``sum g * (x - w)`` is
+  the native convolution's kernel gradient minus ``w`` times the sum of the cotangent over
+  each tap's positions, and only its clipped input gradient keeps the loop above.
+- Max/min with finite inputs and dominated padding (:func:`_winner_backward`): one fused
+  reduction per tap writes, for each output, the sum of ``base + index`` over its winning
+  products, which names the winner when there is one; the cotangent then goes through
+  ``combine``'s VJP at that product and is scatter-added onto the input and the kernel. Up
+  to :data:`MAX_SPARSE_TIES` tied windows are recomputed one by one and split equally;
+  more take the exact path above (``lax.cond``).
+
+The canonical-layout helpers (tap slices, taps-major kernels, batch blocks, padding, dtypes)
+are :mod:`jaxconv._src.taps`, shared with the other engines.
 """
 
 from __future__ import annotations
@@ -45,7 +61,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxconv._src import algebra
+from jaxconv._src import algebra, taps
 from jaxconv._src.algebra import Op
 
 Array = jax.Array
@@ -147,31 +163,6 @@ def block_size(
     return int(max(1, min(n, max_block_bytes // max(per_image, 1))))
 
 
-def _tap_slice(xb: Array, geom: Geometry, tap: tuple[int, ...]) -> Array:
-    start = (0, *(k * d for k, d in zip(tap, geom.rhs_dilation, strict=True)), 0)
-    limit = (
-        xb.shape[0],
-        *(k * d + (o - 1) * s + 1
-          for k, d, o, s in zip(
-              tap, geom.rhs_dilation, geom.out_spatial, geom.strides, strict=True)),
-        xb.shape[-1],
-    )
-    return lax.slice(xb, start, limit, (1, *geom.strides, 1))
-
-
-def _tap_unslice(g: Array, geom: Geometry, tap: tuple[int, ...]) -> Array:
-    """Transpose of ``_tap_slice``: scatters a tap's gradient back onto the padded input."""
-    cfg = [(0, 0, 0)]
-    for k, d, o, s, p in zip(
-        tap, geom.rhs_dilation, geom.out_spatial, geom.strides, geom.padded_spatial, strict=True
-    ):
-        lo = k * d
-        used = (o - 1) * s + 1
-        cfg.append((lo, p - lo - used, s - 1))
-    cfg.append((0, 0, 0))
-    return lax.pad(g, jnp.zeros((), g.dtype), cfg)
-
-
 def simple_primitive(fn: Any, dtype: Any = jnp.float32) -> str | None:
     """``"add" | "mul" | "max" | "min"`` if ``fn(a, b)`` is that one primitive of a and b.
 
@@ -243,19 +234,6 @@ def _fill_ok(op: Op, x: Array, w: Array) -> Array:
     return jnp.logical_not(_any_nonfinite(x, w))
 
 
-def _pad_input(x: Array, op: Op, geom: Geometry, fill: float | None = None) -> Array:
-    if fill is None:
-        fill = 0 if op.pad_value is None else op.pad_value
-    return lax.pad(x, jnp.asarray(fill, x.dtype), geom.pad_config)
-
-
-def _tap_input(xb: Array, geom: Geometry, tap: tuple[int, ...], groups: int) -> Array:
-    """One tap's input slice as ``(Nb, P, G, I)``."""
-    xs = _tap_slice(xb, geom, tap)
-    nb, c = xs.shape[0], xs.shape[-1]
-    return xs.reshape(nb, max(1, math.prod(xs.shape[1:-1])), groups, c // groups)
-
-
 def _fwd_products(op: Op, xs: Array, wk: Array) -> Array:
     """``combine`` over ``(Nb, P, G, Og, I)``: ``xs`` (Nb, P, G, I), ``wk`` (G, Og, I)."""
     shape = (*xs.shape[:3], wk.shape[1], xs.shape[3])
@@ -302,7 +280,7 @@ def _forward_block(cfg: Config, xb: Array, wt: Array, exact_nan: bool, fill: boo
         m = geom.tap_mask(mask, tap)
         if m is not None and not m.any():
             continue  # a tap that only ever sees padding contributes the identity
-        xs = _tap_input(xb, geom, tap, g)
+        xs = taps.tap_input(xb, geom, tap, g)
         part = _reduce_tap(op, xs, wt[t], cfg.acc_dtype)
         if exact_nan:
             part = jnp.where(_nan_flags(op, xs, wt[t]), jnp.nan, part)
@@ -332,21 +310,12 @@ def _nan_flags(op: Op, xs: Array, wk: Array) -> Array:
     return lax.fori_loop(0, xs.shape[-1], body, jnp.zeros(shape, bool))
 
 
-def _blocks(x: Array, block: int) -> tuple[Array, int]:
-    n = x.shape[0]
-    nblk = -(-n // block)
-    pad = nblk * block - n
-    if pad:
-        x = jnp.concatenate([x, jnp.zeros((pad, *x.shape[1:]), x.dtype)], axis=0)
-    return x.reshape(nblk, block, *x.shape[1:]), n
-
-
 def _forward(cfg: Config, x: Array, w: Array, exact_nan: bool, fill: bool = False) -> Array:
     """Canonical forward without custom gradient: (N, *S, C), (*K, I, O) -> (N, P, G, Og)."""
     geom = cfg.geom
-    xp = _pad_input(x, cfg.op, geom, dominated_fill(cfg.op) if fill else None)
-    wt = _taps_major(w, geom.groups)
-    xblocks, n = _blocks(xp, cfg.block)
+    xp = taps.pad_input(x, cfg.op, geom, dominated_fill(cfg.op) if fill else None)
+    wt = taps.taps_major(w, geom.groups)
+    xblocks, n = taps.blocks(xp, cfg.block)
     fn = functools.partial(_forward_block, cfg, wt=wt, exact_nan=exact_nan, fill=fill)
     if cfg.op.reduce_name not in algebra.HAND_VJP_REDUCES:
         fn = jax.checkpoint(fn)
@@ -354,18 +323,7 @@ def _forward(cfg: Config, x: Array, w: Array, exact_nan: bool, fill: bool = Fals
         out = fn(xblocks[0])[None]
     else:
         out = lax.map(fn, xblocks)
-    return out.reshape(-1, *out.shape[2:])[:n]
-
-
-def _taps_major(w: Array, groups: int) -> Array:
-    """(*K, I, O) -> (T, G, Og, I)."""
-    *k, i, o = w.shape
-    t = math.prod(k)
-    return w.reshape(t, i, groups, o // groups).transpose(0, 2, 3, 1)
-
-
-def _taps_major_transpose(gt: Array, w_shape: tuple[int, ...], groups: int) -> Array:
-    return gt.transpose(0, 3, 1, 2).reshape(w_shape)
+    return taps.unblock(out, n)
 
 
 def _any_nonfinite(*arrays: Array) -> Array:
@@ -526,7 +484,7 @@ def _tap_table(geom: Geometry, taps: list) -> tuple[np.ndarray, np.ndarray | Non
     return offs, np.stack([np.ones(p, bool) if m is None else m for m in masks])
 
 
-def _count_winners(op: Op, geom: Geometry, xb: Array, wt: Array, yb: Array, taps: list,
+def _count_winners(op: Op, geom: Geometry, xb: Array, wt: Array, yb: Array, tap_list: list,
                    fast: bool, acc: Any, max_bytes: int) -> Array:
     """How many products of each window equal its max/min ``yb`` (ties split gradients).
 
@@ -538,9 +496,8 @@ def _count_winners(op: Op, geom: Geometry, xb: Array, wt: Array, yb: Array, taps
     nb = xb.shape[0]
     g = wt.shape[1]
     p = max(1, math.prod(geom.out_spatial))
-    offs, masks = _tap_table(geom, taps)
-    t_idx = np.array([t for t, _, _ in taps], np.int32)
-    ext = [(o - 1) * s + 1 for o, s in zip(geom.out_spatial, geom.strides, strict=True)]
+    offs, masks = _tap_table(geom, tap_list)
+    t_idx = np.array([t for t, _, _ in tap_list], np.int32)
     offs_j, t_j = jnp.asarray(offs), jnp.asarray(t_idx)
     masks_j = None if masks is None else jnp.asarray(masks)
     og, i = wt.shape[2], wt.shape[3]
@@ -548,9 +505,7 @@ def _count_winners(op: Op, geom: Geometry, xb: Array, wt: Array, yb: Array, taps
     oc = max(d for d in range(1, og + 1) if og % d == 0 and d <= fit)
 
     def body(k: Any, count: Array) -> Array:
-        start = (0, *(offs_j[k, j] for j in range(offs.shape[1])), 0)
-        xs = lax.dynamic_slice(xb, start, (nb, *ext, xb.shape[-1]))
-        xs = lax.slice(xs, (0,) * xs.ndim, xs.shape, (1, *geom.strides, 1))
+        xs = taps.tap_slice_at(xb, geom, offs_j[k])
         xs = xs.reshape(nb, p, g, xs.shape[-1] // g)
         wk = lax.dynamic_index_in_dim(wt, t_j[k], axis=0, keepdims=False)
         m = None
@@ -571,7 +526,7 @@ def _count_winners(op: Op, geom: Geometry, xb: Array, wt: Array, yb: Array, taps
             return chunk(0, count)
         return lax.fori_loop(0, og // oc, chunk, count)
 
-    return lax.fori_loop(0, len(taps), body, jnp.zeros(yb.shape, acc))
+    return lax.fori_loop(0, len(tap_list), body, jnp.zeros(yb.shape, acc))
 
 
 _DX_ACC_BYTES = 2**20
@@ -625,7 +580,7 @@ def _native_mul_forward(cfg: Config, x: Array, w: Array) -> Array:
     shape = (x.shape[0], max(1, math.prod(geom.out_spatial)), geom.groups, -1)
 
     def native(a: Array, b: Array) -> Array:
-        xp = _pad_input(a, cfg.op, geom)
+        xp = taps.pad_input(a, cfg.op, geom)
         return _native_valid(xp, b, geom, cfg.acc_dtype).astype(cfg.acc_dtype).reshape(shape)
 
     if cfg.op.pad_value is not None or geom.valid_mask() is None:
@@ -641,13 +596,13 @@ def _separable_grads(cfg: Config, kind: str, x: Array, w: Array, gy: Array
     op, geom = cfg.op, cfg.geom
     acc = cfg.acc_dtype
     # Padded cells hold the pad value (0 for identity padding: no contribution to sum g*x).
-    xp = _pad_input(x, op, geom).astype(acc)
+    xp = taps.pad_input(x, op, geom).astype(acc)
     n = x.shape[0]
     g4 = gy.astype(acc).reshape(n, *geom.out_spatial, w.shape[-1])
     _, vjp = jax.vjp(functools.partial(_native_valid, geom=geom), xp, w.astype(acc))
     gxp, gw = vjp(g4)
     if kind == "mul":
-        _, pad_vjp = jax.vjp(lambda a: _pad_input(a, op, geom), x)
+        _, pad_vjp = jax.vjp(lambda a: taps.pad_input(a, op, geom), x)
         return pad_vjp(gxp.astype(x.dtype))[0], gw.astype(w.dtype)
     # adder: minus w times the sum of the cotangent over the positions each tap sees.
     p = max(1, math.prod(geom.out_spatial))
@@ -679,18 +634,18 @@ def _backward(cfg: Config, x: Array, w: Array, y: Array, gy: Array, fill: bool):
         gx_sep, gw_sep = _separable_grads(cfg, kind, x, w, gy)
         if gx_sep is not None:
             return gx_sep, gw_sep
-    xp = _pad_input(x, op, geom, dominated_fill(op) if fill else None)
-    wt = _taps_major(w, geom.groups)
+    xp = taps.pad_input(x, op, geom, dominated_fill(op) if fill else None)
+    wt = taps.taps_major(w, geom.groups)
     mask = geom.valid_mask() if op.pad_value is None else None
     p = max(1, math.prod(geom.out_spatial))
     g, og, i = wt.shape[1:]
     red = op.reduce
-    taps = []
+    tap_list = []
     for t, tap in enumerate(geom.taps()):
         m = geom.tap_mask(mask, tap)
         if m is not None and not m.any():
             continue
-        taps.append((t, tap, None if (m is None or m.all() or fill) else m.reshape(p)))
+        tap_list.append((t, tap, None if (m is None or m.all() or fill) else m.reshape(p)))
 
     def block_grads(gwt: Array, blk: tuple[Array, Array, Array]) -> tuple[Array, Array]:
         xb, yb, gb = blk
@@ -698,7 +653,7 @@ def _backward(cfg: Config, x: Array, w: Array, y: Array, gy: Array, fill: bool):
         gb = gb.astype(acc)
         scale = None
         if red in ("max", "min"):
-            count = _count_winners(op, geom, xb, wt, yb, taps, fill, acc,
+            count = _count_winners(op, geom, xb, wt, yb, tap_list, fill, acc,
                                    cfg.max_block_bytes // 2)
             scale = jnp.where(count > 0, gb / jnp.maximum(count, 1), 0)
         elif red == "logsumexp":
@@ -720,12 +675,13 @@ def _backward(cfg: Config, x: Array, w: Array, y: Array, gy: Array, fill: bool):
             return jnp.concatenate([a, jnp.zeros((nbp_pad - nbp, *a.shape[1:]), a.dtype)])
 
         gxb = jnp.zeros(xb.shape, acc)
-        for t, tap, m in taps:
-            xs = _tap_input(xb, geom, tap, g).reshape(nbp, g, i)
+        for t, tap, m in tap_list:
+            xs = taps.tap_input(xb, geom, tap, g).reshape(nbp, g, i)
             wk = wt[t]
             m_pos = None if m is None else np.tile(m, nb)  # (NP,) validity of this tap
             dxs = _dx_of_tap(op, red, xs, wk, yf, gf, sf, m_pos, fill, acc)
-            gxb = gxb + _tap_unslice(dxs.reshape(_tap_slice(xb, geom, tap).shape), geom, tap)
+            gxb = gxb + taps.tap_unslice(dxs.reshape(taps.tap_slice(xb, geom, tap).shape),
+                                         geom, tap)
             if gw_sep is not None:
                 continue  # the kernel gradient is already known (separable)
             if m_pos is None and nbp_pad != nbp:
@@ -744,9 +700,9 @@ def _backward(cfg: Config, x: Array, w: Array, y: Array, gy: Array, fill: bool):
         # of a 1024-wide dense layer; the per-step overhead dominates smaller blocks).
         row = max(1, math.prod(xp.shape[1:]) * jnp.dtype(acc).itemsize)
         block = int(max(1, min(x.shape[0], _DX_ACC_BYTES // row)))
-    xblocks, n = _blocks(xp, block)
-    yblocks, _ = _blocks(y, block)
-    gblocks, _ = _blocks(gy, block)
+    xblocks, n = taps.blocks(xp, block)
+    yblocks, _ = taps.blocks(y, block)
+    gblocks, _ = taps.blocks(gy, block)
     gwt0 = jnp.zeros(wt.shape, jnp.promote_types(w.dtype, jnp.float32))
     if xblocks.shape[0] == 1:
         gwt, gxp = block_grads(gwt0, (xblocks[0], yblocks[0], gblocks[0]))
@@ -754,11 +710,11 @@ def _backward(cfg: Config, x: Array, w: Array, y: Array, gy: Array, fill: bool):
         gwt, gx_blocks = lax.scan(block_grads, gwt0, (xblocks, yblocks, gblocks))
         gxp = gx_blocks.reshape(-1, *gx_blocks.shape[2:])
     gxp = gxp[:n]
-    _, pad_vjp = jax.vjp(lambda a: _pad_input(a, op, geom), x)
+    _, pad_vjp = jax.vjp(lambda a: taps.pad_input(a, op, geom), x)
     (gx,) = pad_vjp(gxp)
     if gw_sep is not None:
         return gx.astype(x.dtype), gw_sep
-    gw = _taps_major_transpose(gwt, w.shape, geom.groups).astype(w.dtype)
+    gw = taps.taps_major_transpose(gwt, w.shape, geom.groups).astype(w.dtype)
     return gx.astype(x.dtype), gw
 
 
@@ -788,10 +744,9 @@ def _winner_codes(cfg: Config, xp: Array, wt: Array, y: Array, base: int) -> Arr
     op, geom = cfg.op, cfg.geom
     g, og, i = wt.shape[1:]
     p = max(1, math.prod(geom.out_spatial))
-    taps = [t for t, tap in enumerate(geom.taps())]
+    nt = len(geom.taps())
     offs = np.array([[k * d for k, d in zip(tap, geom.rhs_dilation, strict=True)]
-                     for tap in geom.taps()], np.int32).reshape(len(taps), len(geom.window))
-    ext = [(o - 1) * s + 1 for o, s in zip(geom.out_spatial, geom.strides, strict=True)]
+                     for tap in geom.taps()], np.int32).reshape(nt, len(geom.window))
     offs_j = jnp.asarray(offs)
     is_max = op.reduce == "max"
 
@@ -802,10 +757,7 @@ def _winner_codes(cfg: Config, xp: Array, wt: Array, y: Array, base: int) -> Arr
         oc = max(d for d in range(1, og + 1) if og % d == 0 and d <= fit)
 
         def body(k: Any, tot: Array) -> Array:
-            start = (0, *(offs_j[k, j] for j in range(offs.shape[1])), 0)
-            xs = lax.dynamic_slice(xb, start, (nb, *ext, xb.shape[-1]))
-            xs = lax.slice(xs, (0,) * xs.ndim, xs.shape, (1, *geom.strides, 1))
-            xs = xs.reshape(nb, p, g, i)
+            xs = taps.tap_slice_at(xb, geom, offs_j[k]).reshape(nb, p, g, i)
             wk = lax.dynamic_index_in_dim(wt, k, axis=0, keepdims=False)
             code = (base + k * i + jnp.arange(i)).astype(jnp.float32)
 
@@ -822,15 +774,15 @@ def _winner_codes(cfg: Config, xp: Array, wt: Array, y: Array, base: int) -> Arr
                 return chunk(0, tot)
             return lax.fori_loop(0, og // oc, chunk, tot)
 
-        return lax.fori_loop(0, len(taps), body, jnp.zeros(yb.shape, jnp.float32))
+        return lax.fori_loop(0, nt, body, jnp.zeros(yb.shape, jnp.float32))
 
-    xblocks, n = _blocks(xp, cfg.block)
-    yblocks, _ = _blocks(y, cfg.block)
+    xblocks, n = taps.blocks(xp, cfg.block)
+    yblocks, _ = taps.blocks(y, cfg.block)
     if xblocks.shape[0] == 1:
         out = block((xblocks[0], yblocks[0]))[None]
     else:
         out = lax.map(block, (xblocks, yblocks))
-    return out.reshape(-1, *out.shape[2:])[:n]
+    return taps.unblock(out, n)
 
 
 def _winner_backward(cfg: Config, x: Array, w: Array, y: Array, gy: Array) -> tuple:
@@ -843,8 +795,8 @@ def _winner_backward(cfg: Config, x: Array, w: Array, y: Array, gy: Array) -> tu
     take the exact path (``_backward``) under ``lax.cond``.
     """
     op, geom = cfg.op, cfg.geom
-    xp = _pad_input(x, op, geom, dominated_fill(op))
-    wt = _taps_major(w, geom.groups)
+    xp = taps.pad_input(x, op, geom, dominated_fill(op))
+    wt = taps.taps_major(w, geom.groups)
     n = x.shape[0]
     nt, g, og, i = wt.shape
     nsd = len(geom.window)
@@ -917,10 +869,10 @@ def _winner_backward(cfg: Config, x: Array, w: Array, y: Array, gy: Array) -> tu
         dxk, dwk = vjpk(jnp.where(eq, sk, 0).astype(ck.dtype))
         gxf = gxf.at[kxi].add(dxk.astype(gdt))
         gwf = gwf.at[kwi].add(dwk.astype(gdt))
-        _, pad_vjp = jax.vjp(lambda a: _pad_input(a, op, geom), x)
+        _, pad_vjp = jax.vjp(lambda a: taps.pad_input(a, op, geom), x)
         gx = pad_vjp(gxf.reshape(xp.shape).astype(x.dtype))[0]
         gwt = gwf.reshape(wt.shape)
-        return gx, _taps_major_transpose(gwt, w.shape, geom.groups).astype(w.dtype)
+        return gx, taps.taps_major_transpose(gwt, w.shape, geom.groups).astype(w.dtype)
 
     return lax.cond(
         ok,
@@ -1039,13 +991,9 @@ def generic_conv(
     Returns:
       ``(N, *out_spatial, O)``.
     """
-    out_dtype = jnp.dtype(preferred_element_type) if preferred_element_type is not None \
-        else jnp.result_type(x.dtype, w.dtype)
-    dtype = jnp.result_type(x.dtype, w.dtype)
-    x = x.astype(dtype)
-    w = w.astype(dtype)
     op = canonical_op(op)
-    acc_dtype = algebra.accumulation_dtype(op, dtype, preferred_element_type)
+    x, w, out_dtype, acc_dtype = taps.resolve_dtypes(x, w, op, preferred_element_type)
+    dtype = x.dtype
     mbb = DEFAULT_MAX_BLOCK_BYTES if max_block_bytes is None else int(max_block_bytes)
     n = x.shape[0]
     o = w.shape[-1]
@@ -1066,7 +1014,4 @@ def generic_conv(
         y = _hand_vjp_conv(cfg, x, w)
     else:
         y = _forward(cfg, x, w, False)
-    y = y.reshape(n, *geom.out_spatial, o)
-    if op.post is not None:
-        y = op.post(y)
-    return y.astype(out_dtype)
+    return taps.finish(y.reshape(n, *geom.out_spatial, o), op, out_dtype)
