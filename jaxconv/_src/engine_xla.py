@@ -877,7 +877,11 @@ def _winner_backward(cfg: Config, x: Array, w: Array, y: Array, gy: Array) -> tu
     return lax.cond(
         ok,
         lambda xp_, wt_, x_, w_, y_, gy_: sparse(xp_, wt_, y_, gy_),
-        lambda xp_, wt_, x_, w_, y_, gy_: _backward(cfg, x_, w_, y_, gy_, fill=True),
+        # The exact fallback (many ties) with smaller chunks: it is rare, and the compiled
+        # executable's memory is that of its larger branch.
+        lambda xp_, wt_, x_, w_, y_, gy_: _backward(
+            dataclasses.replace(cfg, max_block_bytes=max(1, cfg.max_block_bytes // 16)),
+            x_, w_, y_, gy_, fill=True),
         xp, wt, x, w, y, gy,
     )
 
