@@ -92,11 +92,26 @@ def _user_add(a: Any, b: Any) -> Any:
 USER_OP = jaxconv.Op(_user_mult, reduce=_user_add, identity=0.0, name="user_mul_add")
 
 
+def _soft_mult(x: Any, w: Any) -> Any:
+    return jnp.tanh(x - w)
+
+
+def _soft_or(a: Any, b: Any) -> Any:
+    return jnp.maximum(a, b)
+
+
+# A user op the engine cannot map to a native product (a tanh-distance with a hand-written
+# max): the generic tap loop with the hand-written max backward.
+USER_GENERIC_OP = jaxconv.Op(_soft_mult, reduce=_soft_or, identity=-float("inf"),
+                             name="user_tanh_max")
+USER_OPS = {"user": USER_OP, "user_generic": USER_GENERIC_OP}
+
+
 def _op(name: str) -> jaxconv.Op:
-    return USER_OP if name == "user" else ops.get(name)
+    return USER_OPS[name] if name in USER_OPS else ops.get(name)
 
 
-ALL_OPS = ("standard", "xnor", "l2", "adder", "max_plus", "log", "user")
+ALL_OPS = ("standard", "xnor", "l2", "adder", "max_plus", "log", "user", "user_generic")
 
 
 def _product_fn(layer: Layer, op: jaxconv.Op | None) -> Callable[[Any, Any], Any]:
@@ -289,7 +304,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="comma-separated layer names (default: A,B,C,D,E)")
     p.add_argument("--ops", default=",".join(ALL_OPS),
                    help=f"comma-separated ops among {','.join(ALL_OPS)} (default: all); "
-                        "'user' is a user op built from plain functions (x*w, a+b)")
+                        "'user' is a user op built from plain functions (x*w, a+b), 'user_generic' "
+                        "one the engine cannot rewrite (tanh(x-w), max)")
     p.add_argument("--repeats", type=int, default=5, help="timed runs after warm-up")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON here")
     p.add_argument("--smoke", action="store_true",
