@@ -56,17 +56,19 @@ def _np_op(name):
     return ref.combine, ref.reduce, ref.identity, ref.pad_value
 
 
-def _naive(op, x, w, pads, groups=1):
-    """Stride-1 NHWC/HWIO generalized conv from a stored (N, oh, ow, kh, kw, I, O) tensor."""
+def _naive(op, x, w, pads, groups=1, strides=(1, 1), rhs_dilation=(1, 1)):
+    """NHWC/HWIO generalized conv from a stored (N, oh, ow, kh, kw, I, O) tensor."""
     n, h, wd, c = x.shape
     kh, kw, ci, co = w.shape
     (pt, pb), (pl, pr) = pads
+    (sh, sw), (dh, dw) = strides, rhs_dilation
     fill = 0.0 if op.pad_value is None else op.pad_value
     xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)), constant_values=fill)
     valid = np.pad(np.ones((h, wd), bool), ((pt, pb), (pl, pr)))
-    oh, ow = h + pt + pb - kh + 1, wd + pl + pr - kw + 1
-    ih = np.arange(oh)[:, None, None, None] + np.arange(kh)[None, None, :, None]
-    iw = np.arange(ow)[None, :, None, None] + np.arange(kw)[None, None, None, :]
+    oh = (h + pt + pb - (kh - 1) * dh - 1) // sh + 1
+    ow = (wd + pl + pr - (kw - 1) * dw - 1) // sw + 1
+    ih = np.arange(oh)[:, None, None, None] * sh + np.arange(kh)[None, None, :, None] * dh
+    iw = np.arange(ow)[None, :, None, None] * sw + np.arange(kw)[None, None, None, :] * dw
     patches = xp[:, ih, iw, :]  # (N, oh, ow, kh, kw, C)
     ok = valid[ih, iw]  # (oh, ow, kh, kw)
     og = co // groups
@@ -376,3 +378,49 @@ def test_user_multiply_native_forward(pad_value, inf_w):
     expect = conv_reference(x, w, (1, 1), pads, dimension_numbers=DN, combine=np.multiply,
                             reduce=np.add, identity=0.0, pad_value=pad_value)
     np.testing.assert_allclose(got, expect, rtol=1e-5, atol=2e-5)
+
+
+# --- the winner path without a dominated fill: a pad value, or identity padding masked --
+
+USER_TANH_MAX = jaxconv.Op(lambda x, w: jnp.tanh(x - w), reduce=lambda a, b: jnp.maximum(a, b),
+                           identity=-np.inf, name="user_tanh_max")
+
+
+@pytest.mark.parametrize("name", ["user_tanh_max", "mp0"])
+@pytest.mark.parametrize("geometry", [((1, 1), (1, 1), 1), ((2, 1), (1, 2), 2)])
+@pytest.mark.parametrize("data", ["int", "random"])
+@pytest.mark.parametrize("max_ties", [1024, 3])
+def test_winner_path_pad_value_and_masked_identity(name, geometry, data, max_ties,
+                                                   monkeypatch):
+    """A user's ``tanh(x - w)`` under max (identity padding: 0-filled, taps masked; a padded
+    ``tanh(0 - w)`` may beat every real product) and max_plus with ``pad_value=0`` (padded
+    cells are real products), SAME padding, against ``jax.grad`` of the naive formulation
+    (whose max splits ties equally)."""
+    monkeypatch.setattr(engine_xla, "MAX_SPARSE_TIES", max_ties)
+    op = USER_TANH_MAX if name == "user_tanh_max" else ops.max_plus.replace(pad_value=0.0,
+                                                                             name="mp0")
+    strides, dil, groups = geometry
+    xs, ws = (2, 7, 6, 4), (3, 2, 4 // groups, 6)
+    if data == "int":
+        x, w = _int_data(21, xs, ws, hi=2)
+    else:
+        rng = np.random.default_rng(22)
+        x = rng.standard_normal(xs).astype(np.float32)
+        w = rng.standard_normal(ws).astype(np.float32)
+    pads = jax.lax.padtype_to_pads(
+        xs[1:3], [(k - 1) * d + 1 for k, d in zip(ws[:2], dil, strict=True)], strides, "SAME")
+
+    def f(u, v):
+        return jaxconv.conv_general_dilated(u, v, strides, "SAME", None, dil, DN,
+                                           feature_group_count=groups, op=op)
+
+    def ref(u, v):  # the built-in max: ties split equally (a tree of maximums would not)
+        return _naive(engine_xla.canonical_op(op), u, v, pads, groups, strides, dil)
+
+    y = jax.jit(f)(x, w)
+    np.testing.assert_allclose(y, ref(x, w), rtol=1e-6, atol=1e-6)
+    ct = np.random.default_rng(23).standard_normal(y.shape).astype(np.float32)
+    got = jax.jit(lambda a, b: _grads(f, a, b, ct))(x, w)
+    expect = _grads(ref, x, w, ct)
+    for a, b in zip(got, expect, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)

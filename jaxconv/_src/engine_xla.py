@@ -37,7 +37,8 @@ Faster backward paths where the op allows them:
   native convolution of the padded input; AdderNet's kernel gradient ``sum g * (x - w)`` is
   the native convolution's kernel gradient minus ``w`` times the sum of the cotangent over
   each tap's positions, and only its clipped input gradient keeps the loop above.
-- Max/min with finite inputs and dominated padding (:func:`_winner_backward`): one fused
+- Max/min with finite inputs and outputs (:func:`_winner_backward`; padding dominated, a
+  pad value, or identity padding held as 0 with the padded taps masked statically): one fused
   reduction per tap writes, for each output, the sum of ``base + index`` over its winning
   products, which names the winner when there is one; the cotangent then goes through
   ``combine``'s VJP at that product and is scatter-added onto the input and the kernel. Up
@@ -731,7 +732,8 @@ def _winner_base(geom: Geometry, in_per_group: int) -> int | None:
     return base if 4 * base <= 2**24 else None
 
 
-def _winner_codes(cfg: Config, xp: Array, wt: Array, y: Array, base: int) -> Array:
+def _winner_codes(cfg: Config, xp: Array, wt: Array, y: Array, base: int,
+                  tmask: np.ndarray | None = None) -> Array:
     """Per output, ``sum over its winning products of (base + t * I + i)`` in float32.
 
     One winner gives a code in ``[base, 2 base)`` that names it; ties give ``>= 2 base``. The
@@ -740,6 +742,11 @@ def _winner_codes(cfg: Config, xp: Array, wt: Array, y: Array, base: int) -> Arr
     written as ``code - code * sign(d)``: the arithmetic form that XLA CPU keeps inside its
     fused reduction kernels (a comparison, or ``code * (1 - sign)``, is stored or runs
     several times slower). All sums are of integers below ``2**24``: exact.
+
+    ``tmask`` (T, P): with identity padding and no dominated fill, the static validity of
+    each tap at each output position; the padded cells hold 0, whose products may beat
+    ``y``, so a tap's reduced codes are zeroed (a select on the reduced ``(Nb, P, G, Og)``
+    part, outside the products' reduction) where the tap sees padding.
     """
     op, geom = cfg.op, cfg.geom
     g, og, i = wt.shape[1:]
@@ -748,6 +755,7 @@ def _winner_codes(cfg: Config, xp: Array, wt: Array, y: Array, base: int) -> Arr
     offs = np.array([[k * d for k, d in zip(tap, geom.rhs_dilation, strict=True)]
                      for tap in geom.taps()], np.int32).reshape(nt, len(geom.window))
     offs_j = jnp.asarray(offs)
+    tmask_j = None if tmask is None else jnp.asarray(tmask)
     is_max = op.reduce == "max"
 
     def block(args: tuple[Array, Array]) -> Array:
@@ -760,6 +768,10 @@ def _winner_codes(cfg: Config, xp: Array, wt: Array, y: Array, base: int) -> Arr
             xs = taps.tap_slice_at(xb, geom, offs_j[k]).reshape(nb, p, g, i)
             wk = lax.dynamic_index_in_dim(wt, k, axis=0, keepdims=False)
             code = (base + k * i + jnp.arange(i)).astype(jnp.float32)
+            mk = None
+            if tmask_j is not None:
+                mk = lax.dynamic_index_in_dim(tmask_j, k, axis=0, keepdims=False)
+                mk = mk.reshape(1, p, 1, 1)
 
             def chunk(j: Any, tot: Array) -> Array:
                 wc = lax.dynamic_slice_in_dim(wk, j * oc, oc, axis=1)
@@ -767,6 +779,8 @@ def _winner_codes(cfg: Config, xp: Array, wt: Array, y: Array, base: int) -> Arr
                 c = _fwd_products(op, xs, wc)
                 d = (yc[..., None] - c) if is_max else (c - yc[..., None])
                 part = jnp.sum(code - code * jnp.sign(d).astype(jnp.float32), axis=-1)
+                if mk is not None:
+                    part = jnp.where(mk, part, 0)
                 cur = lax.dynamic_slice_in_dim(tot, j * oc, oc, axis=3)
                 return lax.dynamic_update_slice_in_dim(tot, cur + part, j * oc, axis=3)
 
@@ -788,21 +802,33 @@ def _winner_codes(cfg: Config, xp: Array, wt: Array, y: Array, base: int) -> Arr
 def _winner_backward(cfg: Config, x: Array, w: Array, y: Array, gy: Array) -> tuple:
     """Max/min gradients through each window's winner, found by :func:`_winner_codes`.
 
-    Finite inputs with dominated padding only. Where a window has one winner, its cotangent
-    goes through ``combine``'s VJP at that one product (gathered) and is scatter-added onto
-    the input and the kernel; up to :data:`MAX_SPARSE_TIES` tied windows are recomputed
-    whole (their ``T x I`` products) and split equally among the tied products. More ties
-    take the exact path (``_backward``) under ``lax.cond``.
+    Finite inputs and outputs. The padding is :func:`dominated_fill`'s value where the op has
+    one, else ``op.pad_value`` (padded cells are real products), else 0 with the padded taps
+    masked out (statically: of the codes and of the tied windows' products). Where a window
+    has one winner, its cotangent goes through ``combine``'s VJP at that one product
+    (gathered) and is scatter-added onto the input and the kernel; up to
+    :data:`MAX_SPARSE_TIES` tied windows are recomputed whole (their ``T x I`` products) and
+    split equally among the tied products. More ties take the exact path (``_backward``)
+    under ``lax.cond``.
     """
     op, geom = cfg.op, cfg.geom
-    xp = taps.pad_input(x, op, geom, dominated_fill(op))
+    fill = dominated_fill(op)
+    xp = taps.pad_input(x, op, geom, fill)
     wt = taps.taps_major(w, geom.groups)
     n = x.shape[0]
     nt, g, og, i = wt.shape
     nsd = len(geom.window)
     p = max(1, math.prod(geom.out_spatial))
+    # Identity padding without a dominated fill: the validity of each tap at each output
+    # position, (T, P) (None: every product is real).
+    mask = geom.valid_mask() if fill is None and op.pad_value is None else None
+    tmask = None
+    if mask is not None:
+        tmask = np.stack([geom.tap_mask(mask, tap).reshape(p) for tap in geom.taps()])
+        if tmask.all():
+            tmask = None
     base = _winner_base(geom, i)
-    tot = _winner_codes(cfg, xp, wt, y, base)
+    tot = _winner_codes(cfg, xp, wt, y, base, tmask)
     flat = jnp.clip(tot - base, 0, nt * i - 1).astype(jnp.int32)
     single = (tot >= base) & (tot < 2 * base)
     tie = tot >= 2 * base
@@ -864,6 +890,8 @@ def _winner_backward(cfg: Config, x: Array, w: Array, y: Array, gy: Array) -> tu
         ck, vjpk = jax.vjp(op.combine, xf[kxi], wf[kwi])
         yk = y[kn, kp, kg, ko].reshape(k, 1, 1)
         eq = ck == yk
+        if tmask is not None:  # padded taps are not products
+            eq = eq & jnp.asarray(tmask.T)[kp].reshape(k, nt, 1)
         cnt = jnp.maximum(jnp.sum(eq, axis=(1, 2)), 1)
         sk = jnp.where(valid, gy[kn, kp, kg, ko].astype(gdt) / cnt, 0).reshape(k, 1, 1)
         dxk, dwk = vjpk(jnp.where(eq, sk, 0).astype(ck.dtype))
@@ -881,7 +909,7 @@ def _winner_backward(cfg: Config, x: Array, w: Array, y: Array, gy: Array) -> tu
         # executable's memory is that of its larger branch.
         lambda xp_, wt_, x_, w_, y_, gy_: _backward(
             dataclasses.replace(cfg, max_block_bytes=max(1, cfg.max_block_bytes // 16)),
-            x_, w_, y_, gy_, fill=True),
+            x_, w_, y_, gy_, fill=fill is not None),
         xp, wt, x, w, y, gy,
     )
 
@@ -894,10 +922,7 @@ def _hand_vjp_bwd(cfg: Config, res, gy: Array):
         fast = functools.partial(_backward, cfg, fill=True)
         if op.reduce in ("max", "min"):
             ok = ok & jnp.all(jnp.isfinite(y))
-            geom = cfg.geom
-            xp_size = x.shape[0] * math.prod(geom.padded_spatial) * x.shape[-1]
-            if (_winner_base(geom, w.shape[-2]) is not None and max(xp_size, w.size) < 2**31
-                    and (not geom.window or math.prod(geom.out_spatial) > 0)):
+            if _winner_ok(cfg, x, w):
                 fast = functools.partial(_winner_backward, cfg)
         return lax.cond(
             ok,
@@ -905,7 +930,26 @@ def _hand_vjp_bwd(cfg: Config, res, gy: Array):
             lambda *a: _backward(cfg, *a, fill=False),
             x, w, y, gy,
         )
+    if (jnp.issubdtype(x.dtype, jnp.floating) and op.reduce in ("max", "min")
+            and _winner_ok(cfg, x, w)):
+        # Any other max/min (a pad value, or identity padding masked): the winner path for
+        # finite inputs and outputs (an all-padding window's output is the identity, +-inf).
+        ok = jnp.logical_not(_any_nonfinite(x, w)) & jnp.all(jnp.isfinite(y))
+        return lax.cond(
+            ok,
+            lambda *a: _winner_backward(cfg, *a),
+            lambda *a: _backward(cfg, *a, fill=False),
+            x, w, y, gy,
+        )
     return _backward(cfg, x, w, y, gy, fill=False)
+
+
+def _winner_ok(cfg: Config, x: Array, w: Array) -> bool:
+    """Whether :func:`_winner_backward`'s codes and int32 flat indices are exact here."""
+    geom = cfg.geom
+    xp_size = x.shape[0] * math.prod(geom.padded_spatial) * x.shape[-1]
+    return (_winner_base(geom, w.shape[-2]) is not None and max(xp_size, w.size) < 2**31
+            and (not geom.window or math.prod(geom.out_spatial) > 0))
 
 
 _hand_vjp_conv.defvjp(_hand_vjp_fwd, _hand_vjp_bwd)
