@@ -15,7 +15,7 @@ from reference import NUMPY_OPS, conv_reference
 
 import jaxconv
 from jaxconv import ops
-from jaxconv._src import engine_xla
+from jaxconv._src.engines import xla as engine_xla
 
 DN = ("NHWC", "HWIO", "NHWC")
 

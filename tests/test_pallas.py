@@ -16,7 +16,7 @@ from reference import NUMPY_OPS, conv_reference, dot_general_reference
 import jaxconv
 from jaxconv import ops
 from jaxconv._src import conv as conv_mod
-from jaxconv._src import engine_pallas
+from jaxconv._src.engines import pallas as engine_pallas
 
 # (name, layout, padding, strides, lhs_dilation, rhs_dilation, groups, x shape, w shape)
 CONFIGS = [
@@ -213,8 +213,8 @@ def test_3d_depthwise_and_vmap():
 def test_gpu_style_power_of_two_tiles_in_interpret_mode():
     # The GPU configuration pads whole extents to powers of two (Triton block shapes); run
     # that layout here in interpret mode, forward and backward, against the XLA engine.
-    from jaxconv._src.engine_xla import Geometry
-    from jaxconv._src.engine_xla import generic_conv as xla_conv
+    from jaxconv._src.engines.xla import Geometry
+    from jaxconv._src.engines.xla import generic_conv as xla_conv
 
     rng = np.random.default_rng(10)
     x = rng.standard_normal((2, 5, 6, 20)).astype(np.float32)

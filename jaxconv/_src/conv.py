@@ -10,9 +10,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxconv._src import engine_xla, forward_mode, validation
-from jaxconv._src.algebra import Op
-from jaxconv._src.ops import resolve, standard
+from jaxconv._src.core import validation
+from jaxconv._src.core.algebra import Op
+from jaxconv._src.core.ops import resolve, standard
+from jaxconv._src.engines import forward_mode
+from jaxconv._src.engines import xla as engine_xla
 
 Array = jax.Array
 
@@ -28,7 +30,7 @@ def _dispatch_engine(engine: str, generic_args: tuple, generic_kwargs: dict) -> 
         # custom VJPs, which JAX cannot push tangents through.
         return forward_mode.generic_conv(*generic_args, **generic_kwargs)
     if engine == "pallas" or (engine == "auto" and _pallas_is_default()):
-        from jaxconv._src import engine_pallas
+        from jaxconv._src.engines import pallas as engine_pallas
 
         return engine_pallas.generic_conv(*generic_args, **generic_kwargs)
     return engine_xla.generic_conv(*generic_args, **generic_kwargs)

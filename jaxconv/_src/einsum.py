@@ -33,10 +33,10 @@ import jax.numpy as jnp
 import opt_einsum
 from opt_einsum import parser
 
-from jaxconv._src import algebra, validation
-from jaxconv._src.algebra import Op
 from jaxconv._src.conv import dot_general
-from jaxconv._src.ops import resolve, standard
+from jaxconv._src.core import algebra, validation
+from jaxconv._src.core.algebra import Op
+from jaxconv._src.core.ops import resolve, standard
 
 Array = jax.Array
 
@@ -45,7 +45,7 @@ _NOT_SEMIRING_NAMES = frozenset({"xnor", "adder", "l1", "l2", "l2_exact"})
 
 
 def _builtin(op: Op) -> Op | None:
-    from jaxconv._src.ops import BUILTIN_OPS
+    from jaxconv._src.core.ops import BUILTIN_OPS
 
     b = BUILTIN_OPS.get(op.name) if op.name is not None else None
     return b if b is not None and b == op else None

@@ -24,9 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxconv._src import validation
-from jaxconv._src.algebra import Op
 from jaxconv._src.conv import conv_general_dilated
+from jaxconv._src.core import validation
+from jaxconv._src.core.algebra import Op
 
 Array = jax.Array
 

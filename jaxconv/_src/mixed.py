@@ -21,10 +21,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxconv._src import validation
-from jaxconv._src.algebra import Op
 from jaxconv._src.conv import conv_general_dilated
-from jaxconv._src.ops import max_min, max_plus, min_max, min_plus, resolve
+from jaxconv._src.core import validation
+from jaxconv._src.core.algebra import Op
+from jaxconv._src.core.ops import max_min, max_plus, min_max, min_plus, resolve
 
 Array = jax.Array
 

@@ -29,9 +29,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxconv._src import engine_pallas, taps
-from jaxconv._src.algebra import Op
-from jaxconv._src.engine_xla import Geometry
+from jaxconv._src.core.algebra import Op
+from jaxconv._src.engines import pallas as engine_pallas
+from jaxconv._src.engines import taps
+from jaxconv._src.engines.xla import Geometry
 
 Array = jax.Array
 

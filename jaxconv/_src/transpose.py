@@ -7,10 +7,10 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxconv._src import validation
-from jaxconv._src.algebra import Op
 from jaxconv._src.conv import conv_general_dilated
-from jaxconv._src.ops import standard
+from jaxconv._src.core import validation
+from jaxconv._src.core.algebra import Op
+from jaxconv._src.core.ops import standard
 
 Array = jax.Array
 

@@ -34,8 +34,10 @@ from jax import lax
 from jax._src import core
 from jax._src.interpreters import ad
 
-from jaxconv._src import algebra, engine_xla, taps
-from jaxconv._src.algebra import Op
+from jaxconv._src.core import algebra
+from jaxconv._src.core.algebra import Op
+from jaxconv._src.engines import taps
+from jaxconv._src.engines import xla as engine_xla
 
 Array = jax.Array
 

@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxconv._src import algebra
-from jaxconv._src.algebra import Op
+from jaxconv._src.core import algebra
+from jaxconv._src.core.algebra import Op
 
 Array = jax.Array
 

@@ -48,7 +48,10 @@ class Op:
         is the *standard* convolution or dot product with every geometry argument bound
         (zero padding, which is the identity of ``sum``). Used by ``xnor`` and ``l2``.
       post: optional elementwise map applied to the reduced result (kernel methods).
-      doc: one paragraph shown by ``describe()``.
+      doc: one paragraph describing the op (its formula, gradient, padding and source).
+      native: the id of the compiled CPU kernel functor that computes this op
+        (``"max_plus"``, ``"adder"``, ...), declared by built-in ops; ``None``: no native
+        kernel (the XLA engine serves it).
 
     Ops are immutable and hashable, so they can be static arguments of ``jax.jit``.
 
@@ -71,6 +74,7 @@ class Op:
     rewrite: Callable[..., Any] | None = dataclasses.field(default=None, compare=True)
     post: Callable[[Any], Any] | None = None
     doc: str = dataclasses.field(default="", compare=False)
+    native: str | None = None
 
     def __post_init__(self) -> None:
         if not callable(self.combine):

@@ -53,9 +53,11 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from jaxconv._src import algebra, engine_xla, taps
-from jaxconv._src.algebra import Op
-from jaxconv._src.engine_xla import Geometry
+from jaxconv._src.core import algebra
+from jaxconv._src.core.algebra import Op
+from jaxconv._src.engines import taps
+from jaxconv._src.engines import xla as engine_xla
+from jaxconv._src.engines.xla import Geometry
 
 Array = jax.Array
 

@@ -7,7 +7,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxconv._src.algebra import Op
+from jaxconv._src.core.algebra import Op
 
 
 def _multiply(x, w):
@@ -26,13 +26,13 @@ standard = Op(
 # --- xnor --------------------------------------------------------------------------------
 
 def _xnor_combine(x, w):
-    from jaxconv.quantizers import ste_sign
+    from jaxconv._src.quantizers import ste_sign
 
     return ste_sign(x) * ste_sign(w)
 
 
 def _xnor_rewrite(product, lhs, rhs):
-    from jaxconv.quantizers import ste_sign
+    from jaxconv._src.quantizers import ste_sign
 
     # sign(x)*sign(w) summed over the window is a standard product of the signs; padded cells
     # are zero after the sign, so they contribute the sum's identity (the tap is skipped).
@@ -74,7 +74,7 @@ def _adder_bwd(res, g):
 _adder_combine.defvjp(_adder_fwd, _adder_bwd)
 
 adder = Op(
-    _adder_combine, "sum", pad_value=0.0, name="adder",
+    _adder_combine, "sum", pad_value=0.0, name="adder", native="adder",
     doc="""AdderNet: ``combine = -|x - w|``, sum; pads with 0 (each padded tap adds ``-|w|``).
 
     Gradient (AdderNet's rules, not the exact subgradient): ``dW = sum g*(x - w)``,
@@ -90,7 +90,7 @@ def _l1_combine(x, w):
 
 
 l1 = Op(
-    _l1_combine, "sum", name="l1",
+    _l1_combine, "sum", name="l1", native="l1",
     doc="""Negative L1 distance: ``combine = -|x - w|``, sum, identity padding (skipped taps).
 
     Gradient: the exact subgradient (``-sign(x - w)``, 0 at ``x == w``). Differs from
@@ -164,7 +164,7 @@ l2 = Op(
 )
 
 l2_exact = Op(
-    _l2_combine, "sum", name="l2_exact",
+    _l2_combine, "sum", name="l2_exact", native="l2_exact",
     doc="""``l2`` computed directly by the generic engine (no cancellation).""",
 )
 
@@ -176,7 +176,7 @@ def _add(x, w):
 
 
 max_plus = Op(
-    _add, "max", name="max_plus",
+    _add, "max", name="max_plus", native="max_plus",
     doc="""Tropical (max-plus) product, morphological dilation: ``combine = x + w``, max.
 
     Padding: the identity (-inf in effect: padded taps are skipped). Gradient: to the
@@ -188,7 +188,7 @@ max_plus = Op(
 )
 
 min_plus = Op(
-    _add, "min", name="min_plus",
+    _add, "min", name="min_plus", native="min_plus",
     doc="""Min-plus product (tropical, morphological erosion with ``-w``): ``x + w``, min.
 
     Padding: the identity (+inf in effect). Gradient: to the winning tap, ties split equally.
@@ -196,7 +196,7 @@ min_plus = Op(
 )
 
 max_min = Op(
-    jnp.minimum, "max", name="max_min",
+    jnp.minimum, "max", name="max_min", native="max_min",
     doc="""Fuzzy max-min composition: ``combine = min(x, w)``, max.
 
     Padding: the identity. Gradient: to the winning tap through ``min`` (split 1/2 when
@@ -204,7 +204,7 @@ max_min = Op(
 )
 
 min_max = Op(
-    jnp.maximum, "min", name="min_max",
+    jnp.maximum, "min", name="min_max", native="min_max",
     doc="""Fuzzy min-max composition: ``combine = max(x, w)``, min.
 
     Padding: the identity. Gradient: to the winning tap. Source: as ``max_min``.""",

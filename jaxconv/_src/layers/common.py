@@ -30,10 +30,10 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
-from jaxconv import quantizers as _quantizers
 from jaxconv._src import conv as _conv
-from jaxconv._src.algebra import Op, identity_value
-from jaxconv._src.ops import resolve, standard
+from jaxconv._src import quantizers as _quantizers
+from jaxconv._src.core.algebra import Op, identity_value
+from jaxconv._src.core.ops import resolve, standard
 
 Array = jax.Array
 

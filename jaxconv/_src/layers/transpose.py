@@ -27,11 +27,11 @@ from flax.linen.dtypes import promote_dtype as _linen_promote_dtype
 from flax.nnx.nn import dtypes as _dtypes
 from flax.nnx.nn import initializers as _init
 
-from jaxconv._src import algebra
-from jaxconv._src import modules as _m
-from jaxconv._src.algebra import Op
+from jaxconv._src.core import algebra
+from jaxconv._src.core.algebra import Op
+from jaxconv._src.core.ops import standard
+from jaxconv._src.layers import common as _m
 from jaxconv._src.mixed import conv_multi
-from jaxconv._src.ops import standard
 from jaxconv._src.transpose import conv_transpose
 
 Array = jax.Array

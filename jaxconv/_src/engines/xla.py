@@ -46,7 +46,7 @@ Faster backward paths where the op allows them:
   more take the exact path above (``lax.cond``).
 
 The canonical-layout helpers (tap slices, taps-major kernels, batch blocks, padding, dtypes)
-are :mod:`jaxconv._src.taps`, shared with the other engines.
+are :mod:`jaxconv._src.engines.taps`, shared with the other engines.
 """
 
 from __future__ import annotations
@@ -62,8 +62,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxconv._src import algebra, taps
-from jaxconv._src.algebra import Op
+from jaxconv._src.core import algebra
+from jaxconv._src.core.algebra import Op
+from jaxconv._src.engines import taps
 
 Array = jax.Array
 
@@ -547,7 +548,7 @@ def separable_kind(op: Op) -> str | None:
         return None
     if simple_primitive(op.combine) == "mul":
         return "mul"
-    from jaxconv._src import ops as builtin_ops  # noqa: PLC0415 - ops is built on this module's peers
+    from jaxconv._src.core import ops as builtin_ops  # noqa: PLC0415 - ops is built on this module's peers
 
     if op.combine is builtin_ops.adder.combine:
         return "adder"
