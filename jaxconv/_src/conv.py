@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any
 
@@ -10,40 +9,16 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxconv._src.core import validation
+from jaxconv._src.core import primitive, validation
 from jaxconv._src.core.algebra import Op
+from jaxconv._src.core.geometry import Geometry
 from jaxconv._src.core.ops import resolve, standard
-from jaxconv._src.engines import forward_mode
-from jaxconv._src.engines import xla as engine_xla
 
 Array = jax.Array
 
 
 def _is_standard(op: Op) -> bool:
     return op is standard or op == standard
-
-
-def _dispatch_engine(engine: str, generic_args: tuple, generic_kwargs: dict) -> Array:
-    """Runs the chosen engine on a canonical problem (``x``, ``w``, ``geom``, ``op``)."""
-    if forward_mode.has_jvp_tracer(*generic_args[:2]):
-        # Differentiated forward (jax.jvp / jacfwd): the engines' backward passes are
-        # custom VJPs, which JAX cannot push tangents through.
-        return forward_mode.generic_conv(*generic_args, **generic_kwargs)
-    if engine == "pallas" or (engine == "auto" and _pallas_is_default()):
-        from jaxconv._src.engines import pallas as engine_pallas
-
-        return engine_pallas.generic_conv(*generic_args, **generic_kwargs)
-    return engine_xla.generic_conv(*generic_args, **generic_kwargs)
-
-
-def _pallas_is_default() -> bool:
-    """Whether ``engine="auto"`` picks the Pallas kernel.
-
-    Not yet: the kernel is verified in interpret mode only and has not been timed on a GPU or
-    TPU, so ``auto`` stays on the XLA engine (which XLA compiles for every backend) until it
-    has been measured there. ``engine="pallas"`` forces it.
-    """
-    return False
 
 
 def _with_out_sharding(y: Array, out_sharding: Any) -> Array:
@@ -63,14 +38,6 @@ def _common_options(
         preferred_element_type, lhs, rhs, generic=not _is_standard(op))
     validation.precision(precision)
     return engine, mbb, preferred_element_type
-
-
-def _rewritten(op: Op, product: Any, lhs: Array, rhs: Array, out_sharding: Any) -> Array:
-    """The op's native rewrite (given the lax ``product`` to call), then its post-map."""
-    y = op.rewrite(product, lhs, rhs)
-    if op.post is not None:
-        y = op.post(y)
-    return _with_out_sharding(y, out_sharding)
 
 
 def conv_general_dilated(
@@ -181,7 +148,6 @@ def conv_general_dilated(
             lhs, rhs, strides, pad, lhs_dil, rhs_dil, dn, groups, bgroups, precision,
             preferred_element_type, out_sharding=out_sharding)
     validation.check_op(op, lhs, rhs)
-    forward_mode.check_op(op, lhs, rhs)
 
     in_spatial = tuple(lhs.shape[d] for d in dn.lhs_spec[2:])
     window = tuple(rhs.shape[d] for d in dn.rhs_spec[2:])
@@ -200,28 +166,12 @@ def conv_general_dilated(
                 "output position."
             )
 
-    if op.rewrite is not None:
-        x, pads_r, lhs_dil_r = lhs, pads, lhs_dil
-        if op.pad_value is not None and (
-            any(lo or hi for lo, hi in pads) or any(d != 1 for d in lhs_dil)
-        ):
-            cfg = [(0, 0, 0)] * lhs.ndim
-            for d_ax, (lo, hi), ld in zip(dn.lhs_spec[2:], pads, lhs_dil, strict=True):
-                cfg[d_ax] = (lo, hi, ld - 1)
-            x = lax.pad(lhs, jnp.asarray(op.pad_value, lhs.dtype), cfg)
-            pads_r, lhs_dil_r = ((0, 0),) * nsd, (1,) * nsd
-        product = functools.partial(
-            lax.conv_general_dilated, window_strides=strides, padding=pads_r,
-            lhs_dilation=lhs_dil_r, rhs_dilation=rhs_dil, dimension_numbers=dn,
-            feature_group_count=groups, precision=precision,
-            preferred_element_type=preferred_element_type)
-        return _rewritten(op, product, x, rhs, out_sharding)
-
     x = jnp.transpose(lhs, (dn.lhs_spec[0], *dn.lhs_spec[2:], dn.lhs_spec[1]))
     w = jnp.transpose(rhs, (*dn.rhs_spec[2:], dn.rhs_spec[1], dn.rhs_spec[0]))
-    geom = engine_xla.Geometry(in_spatial, window, strides, pads, lhs_dil, rhs_dil, groups)
-    y = _dispatch_engine(engine, (x, w, geom, op),
-                         dict(preferred_element_type=preferred_element_type, max_block_bytes=mbb))
+    geom = Geometry(in_spatial, window, strides, pads, lhs_dil, rhs_dil, groups)
+    y = primitive.canonical_conv(x, w, geom, op, engine=engine,
+                                 preferred_element_type=preferred_element_type,
+                                 max_block_bytes=mbb, precision=precision)
     src = [0] * lhs.ndim
     src[dn.out_spec[0]] = 0
     src[dn.out_spec[1]] = nsd + 1
@@ -279,12 +229,6 @@ def dot_general(
         return lax.dot_general(lhs, rhs, dnums, precision, preferred_element_type,
                                out_sharding=out_sharding)
     validation.check_op(op, lhs, rhs)
-    forward_mode.check_op(op, lhs, rhs)
-    if op.rewrite is not None:
-        product = functools.partial(lax.dot_general, dimension_numbers=dnums, precision=precision,
-                                    preferred_element_type=preferred_element_type)
-        return _rewritten(op, product, lhs, rhs, out_sharding)
-
     lf = tuple(d for d in range(lhs.ndim) if d not in lc + lb)
     rf = tuple(d for d in range(rhs.ndim) if d not in rc + rb)
     bshape = tuple(lhs.shape[d] for d in lb)
@@ -299,8 +243,9 @@ def dot_general(
     # A dense product is a convolution with no spatial dimensions, one tap and ``b`` groups.
     x = a3.transpose(1, 0, 2).reshape(m, b * k)
     w = r3.transpose(1, 0, 2).reshape(k, b * n)
-    geom = engine_xla.Geometry((), (), (), (), (), (), b)
-    y = _dispatch_engine(engine, (x, w, geom, op),
-                         dict(preferred_element_type=preferred_element_type, max_block_bytes=mbb))
+    geom = Geometry((), (), (), (), (), (), b)
+    y = primitive.canonical_conv(x, w, geom, op, engine=engine,
+                                 preferred_element_type=preferred_element_type,
+                                 max_block_bytes=mbb, precision=precision)
     y = y.reshape(m, b, n).transpose(1, 0, 2).reshape(bshape + lfs + rfs)
     return _with_out_sharding(y, out_sharding)

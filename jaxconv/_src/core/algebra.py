@@ -10,6 +10,7 @@ across kernel taps.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -52,6 +53,14 @@ class Op:
       native: the id of the compiled CPU kernel functor that computes this op
         (``"max_plus"``, ``"adder"``, ...), declared by built-in ops; ``None``: no native
         kernel (the XLA engine serves it).
+      combine_kind: ``"add" | "mul" | "min" | "max"`` when ``combine`` is exactly that
+        primitive of ``x`` and ``w``; ``None``: inferred once from ``combine``'s jaxpr.
+      separable: ``"mul"`` or ``"adder"`` when a sum's kernel gradient is a native product
+        (``"adder"``: ``sum g * (x - w)``, AdderNet's rule); ``None``: inferred (``"mul"``
+        for a multiply-and-add).
+      forward_mode: whether the op has a forward-mode (JVP) rule; ``None``: inferred once
+        (a ``combine`` or ``reduce`` with only a custom VJP, such as a straight-through
+        estimator, has none).
 
     Ops are immutable and hashable, so they can be static arguments of ``jax.jit``.
 
@@ -75,6 +84,9 @@ class Op:
     post: Callable[[Any], Any] | None = None
     doc: str = dataclasses.field(default="", compare=False)
     native: str | None = None
+    combine_kind: str | None = None
+    separable: str | None = None
+    forward_mode: bool | None = None
 
     def __post_init__(self) -> None:
         if not callable(self.combine):
@@ -226,3 +238,130 @@ def accumulation_dtype(op: Op, dtype: Any, preferred: Any | None) -> Any:
     if op.reduce in ("sum", "prod", "logsumexp") and jnp.issubdtype(dtype, jnp.floating):
         return jnp.promote_types(dtype, jnp.float32)
     return dtype
+
+
+# --- capabilities: what an engine needs to know about an op -------------------------------
+
+COMBINE_KINDS = ("add", "mul", "min", "max")
+_REDUCE_OF_PRIMITIVE = {"add": ("sum", 0.0), "mul": ("prod", 1.0), "max": ("max", -math.inf),
+                        "min": ("min", math.inf)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Capabilities:
+    """What the engines need to know about an op, declared or inferred once.
+
+    Attributes:
+      canonical: the op with a callable reduce that is exactly one ``add`` / ``mul`` /
+        ``max`` / ``min`` (with that reduce's identity) replaced by the built-in reduce, so
+        that it gets the hand-written backward pass.
+      reduce: the (canonical) reduce's name, ``"custom"`` for a callable.
+      combine: ``"add" | "mul" | "min" | "max"`` when ``combine`` is that one primitive.
+      dominated_fill: a pad value whose products the reduce provably ignores (identity
+        padding without masks): ``-inf`` for ``x + w`` / ``min(x, w)`` under max and for
+        ``x + w`` under logsumexp, ``+inf`` for ``x + w`` / ``max(x, w)`` under min.
+      separable: ``"mul"`` / ``"adder"``: a sum whose kernel gradient is a native product.
+      log_semiring: ``x + w`` under logsumexp with identity padding (exp-space fast path).
+      native: the native CPU kernel's id, or ``None``.
+      forward_mode: whether a forward-mode rule exists.
+      reverse_only_part: ``"combine"`` / ``"reduce"``: the part that has only a custom VJP.
+    """
+
+    canonical: Op
+    reduce: str
+    combine: str | None
+    dominated_fill: float | None
+    separable: str | None
+    log_semiring: bool
+    native: str | None
+    forward_mode: bool
+    reverse_only_part: str | None
+
+
+def simple_primitive(fn: Any, dtype: Any = jnp.float32) -> str | None:
+    """``"add" | "mul" | "max" | "min"`` if ``fn(a, b)`` is exactly that primitive of a, b.
+
+    Traced once on abstract scalars (no values, never on a caller's tracer).
+    """
+    s = jax.ShapeDtypeStruct((), dtype)
+    try:
+        jaxpr = jax.make_jaxpr(fn)(s, s).jaxpr
+    except Exception:  # noqa: BLE001 - anything untraceable is simply not simple
+        return None
+    if len(jaxpr.eqns) != 1 or len(jaxpr.outvars) != 1:
+        return None
+    eqn = jaxpr.eqns[0]
+    name = eqn.primitive.name
+    if name not in COMBINE_KINDS:
+        return None
+    if eqn.outvars[0] is not jaxpr.outvars[0] or len(eqn.invars) != 2:
+        return None
+    if {id(v) for v in eqn.invars} != {id(v) for v in jaxpr.invars}:
+        return None
+    return name
+
+
+def _reverse_only_part(op: Op) -> str | None:
+    """``"combine"`` / ``"reduce"`` if that part of ``op`` defines only a reverse-mode rule.
+
+    Found by tracing a JVP on abstract values once (nothing runs).
+    """
+    s = jax.ShapeDtypeStruct((2,), jnp.float32)
+    parts = [("combine", op.combine)]
+    if callable(op.reduce):
+        parts.append(("reduce", op.reduce))
+    for what, fn in parts:
+        try:
+            jax.eval_shape(lambda a, b, fn=fn: jax.jvp(fn, (a, b), (a, b)), s, s)
+        except TypeError as e:
+            msg = str(e)
+            if "custom_vjp" in msg or "forward-mode" in msg:
+                return what
+            raise
+    return None
+
+
+@functools.lru_cache(maxsize=1024)
+def capabilities(op: Op) -> Capabilities:
+    """The capabilities of ``op``: its declared fields, the rest inferred once (cached).
+
+    Args:
+      op: the product.
+
+    Returns:
+      A :class:`Capabilities`.
+
+    Example:
+      >>> import jaxconv
+      >>> from jaxconv._src.core.algebra import capabilities
+      >>> capabilities(jaxconv.ops.max_plus).dominated_fill
+      -inf
+    """
+    canonical = op
+    if callable(op.reduce):
+        prim = simple_primitive(op.reduce)
+        if prim is not None:
+            name, ident = _REDUCE_OF_PRIMITIVE[prim]
+            if op.identity is not None and float(op.identity) == ident:
+                canonical = op.replace(reduce=name, identity=None)
+    red = canonical.reduce_name
+    comb = op.combine_kind if op.combine_kind is not None else simple_primitive(op.combine)
+    fill = None
+    if canonical.pad_value is None and canonical.identity is None and red != "custom":
+        if comb == "add":
+            fill = {"max": -math.inf, "logsumexp": -math.inf, "min": math.inf}.get(red)
+        elif (comb, red) in (("min", "max"), ("max", "min")):
+            fill = -math.inf if red == "max" else math.inf
+    separable = op.separable
+    if separable is None and red == "sum" and comb == "mul":
+        separable = "mul"
+    log_semiring = (red == "logsumexp" and canonical.pad_value is None
+                    and canonical.identity is None and comb == "add")
+    if op.forward_mode is None:
+        part = _reverse_only_part(op)
+        forward = part is None
+    else:
+        forward = bool(op.forward_mode)
+        part = None if forward else "combine"
+    return Capabilities(canonical, red, comb, fill, separable if red == "sum" else None,
+                        log_semiring, op.native, forward, part)

@@ -15,7 +15,7 @@ def _multiply(x, w):
 
 
 standard = Op(
-    _multiply, "sum", name="standard",
+    _multiply, "sum", name="standard", combine_kind="mul", forward_mode=True,
     doc="""Multiply-and-add. ``combine = x*w``, ``reduce = sum``, zero padding.
 
     Runs ``lax.conv_general_dilated`` / ``lax.dot_general`` itself (same numbers, same
@@ -40,7 +40,7 @@ def _xnor_rewrite(product, lhs, rhs):
 
 
 xnor = Op(
-    _xnor_combine, "sum", name="xnor", rewrite=_xnor_rewrite,
+    _xnor_combine, "sum", name="xnor", rewrite=_xnor_rewrite, forward_mode=False,
     doc="""XNOR-popcount product of binary networks: ``combine = sign(x)*sign(w)``, sum.
 
     ``sign(0) = +1`` as in larq. Gradient: straight-through on both sides, through
@@ -74,7 +74,8 @@ def _adder_bwd(res, g):
 _adder_combine.defvjp(_adder_fwd, _adder_bwd)
 
 adder = Op(
-    _adder_combine, "sum", pad_value=0.0, name="adder", native="adder",
+    _adder_combine, "sum", pad_value=0.0, name="adder", native="adder", separable="adder",
+    forward_mode=False,
     doc="""AdderNet: ``combine = -|x - w|``, sum; pads with 0 (each padded tap adds ``-|w|``).
 
     Gradient (AdderNet's rules, not the exact subgradient): ``dW = sum g*(x - w)``,
@@ -90,7 +91,7 @@ def _l1_combine(x, w):
 
 
 l1 = Op(
-    _l1_combine, "sum", name="l1", native="l1",
+    _l1_combine, "sum", name="l1", native="l1", forward_mode=True,
     doc="""Negative L1 distance: ``combine = -|x - w|``, sum, identity padding (skipped taps).
 
     Gradient: the exact subgradient (``-sign(x - w)``, 0 at ``x == w``). Differs from
@@ -153,7 +154,7 @@ def _l2_dot(product, lhs, rhs, dn):
 
 
 l2 = Op(
-    _l2_combine, "sum", name="l2", rewrite=_l2_rewrite,
+    _l2_combine, "sum", name="l2", rewrite=_l2_rewrite, forward_mode=True,
     doc="""Negative squared L2 distance: ``combine = -(x - w)**2``, sum, identity padding.
 
     Gradient: exact. Computed as ``2 x.w - |x|^2 - |w|^2`` in one native product (the two
@@ -164,7 +165,7 @@ l2 = Op(
 )
 
 l2_exact = Op(
-    _l2_combine, "sum", name="l2_exact", native="l2_exact",
+    _l2_combine, "sum", name="l2_exact", native="l2_exact", forward_mode=True,
     doc="""``l2`` computed directly by the generic engine (no cancellation).""",
 )
 
@@ -176,7 +177,7 @@ def _add(x, w):
 
 
 max_plus = Op(
-    _add, "max", name="max_plus", native="max_plus",
+    _add, "max", name="max_plus", native="max_plus", combine_kind="add", forward_mode=True,
     doc="""Tropical (max-plus) product, morphological dilation: ``combine = x + w``, max.
 
     Padding: the identity (-inf in effect: padded taps are skipped). Gradient: to the
@@ -188,7 +189,7 @@ max_plus = Op(
 )
 
 min_plus = Op(
-    _add, "min", name="min_plus", native="min_plus",
+    _add, "min", name="min_plus", native="min_plus", combine_kind="add", forward_mode=True,
     doc="""Min-plus product (tropical, morphological erosion with ``-w``): ``x + w``, min.
 
     Padding: the identity (+inf in effect). Gradient: to the winning tap, ties split equally.
@@ -196,7 +197,8 @@ min_plus = Op(
 )
 
 max_min = Op(
-    jnp.minimum, "max", name="max_min", native="max_min",
+    jnp.minimum, "max", name="max_min", native="max_min", combine_kind="min",
+    forward_mode=True,
     doc="""Fuzzy max-min composition: ``combine = min(x, w)``, max.
 
     Padding: the identity. Gradient: to the winning tap through ``min`` (split 1/2 when
@@ -204,14 +206,15 @@ max_min = Op(
 )
 
 min_max = Op(
-    jnp.maximum, "min", name="min_max", native="min_max",
+    jnp.maximum, "min", name="min_max", native="min_max", combine_kind="max",
+    forward_mode=True,
     doc="""Fuzzy min-max composition: ``combine = max(x, w)``, min.
 
     Padding: the identity. Gradient: to the winning tap. Source: as ``max_min``.""",
 )
 
 log = Op(
-    _add, "logsumexp", name="log",
+    _add, "logsumexp", name="log", combine_kind="add", forward_mode=True,
     doc="""Log-semiring product: ``combine = x + w``, ``logsumexp`` (a soft max-plus).
 
     Padding: the identity (-inf in effect). Gradient: exact (the softmax of the window's

@@ -69,6 +69,18 @@ def tap_unslice(g: Array, geom: Any, tap: tuple[int, ...]) -> Array:
     return lax.pad(g, jnp.zeros((), g.dtype), cfg)
 
 
+def tap_unslice_add(acc: Array, g: Array, geom: Any, offset: Array) -> Array:
+    """``acc + tap_unslice(g)`` for a tap at a traced ``offset`` (a tap inside a loop): the
+    gradient ``g`` (N, *out_spatial, C) of :func:`tap_slice_at` added onto the padded input's
+    gradient ``acc``."""
+    cfg = [(0, 0, 0), *((0, 0, s - 1) for s in geom.strides), (0, 0, 0)]
+    spread = lax.pad(g.astype(acc.dtype), jnp.zeros((), acc.dtype), cfg)
+    zero = jnp.zeros((), jnp.int32)
+    start = (zero, *(offset[d] for d in range(len(geom.window))), zero)
+    cur = lax.dynamic_slice(acc, start, spread.shape)
+    return lax.dynamic_update_slice(acc, cur + spread, start)
+
+
 def taps_major(w: Array, groups: int) -> Array:
     """``(*K, I, O) -> (T, G, Og, I)``: one ``(G, Og, I)`` kernel slice per tap."""
     *k, i, o = w.shape

@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import itertools
 import math
 from typing import Any
 
@@ -64,86 +63,12 @@ from jax import lax
 
 from jaxconv._src.core import algebra
 from jaxconv._src.core.algebra import Op
+from jaxconv._src.core.geometry import Geometry
 from jaxconv._src.engines import taps
 
 Array = jax.Array
 
 DEFAULT_MAX_BLOCK_BYTES = 64 * 2**20
-
-
-@dataclasses.dataclass(frozen=True)
-class Geometry:
-    """Static description of a canonical convolution (hashable, a jit-static value)."""
-
-    in_spatial: tuple[int, ...]
-    window: tuple[int, ...]
-    strides: tuple[int, ...]
-    padding: tuple[tuple[int, int], ...]
-    lhs_dilation: tuple[int, ...]
-    rhs_dilation: tuple[int, ...]
-    groups: int
-
-    @property
-    def padded_spatial(self) -> tuple[int, ...]:
-        return tuple(
-            (s - 1) * d + 1 + lo + hi if s > 0 else lo + hi
-            for s, d, (lo, hi) in zip(
-                self.in_spatial, self.lhs_dilation, self.padding, strict=True)
-        )
-
-    @property
-    def out_spatial(self) -> tuple[int, ...]:
-        return tuple(
-            max(0, (p - (k - 1) * d - 1) // s + 1)
-            for p, k, d, s in zip(
-                self.padded_spatial, self.window, self.rhs_dilation, self.strides, strict=True)
-        )
-
-    @property
-    def pad_config(self) -> list[tuple[int, int, int]]:
-        """``lax.pad`` configuration for ``(N, *spatial, C)``."""
-        cfg = [(lo, hi, d - 1)
-               for (lo, hi), d in zip(self.padding, self.lhs_dilation, strict=True)]
-        return [(0, 0, 0), *cfg, (0, 0, 0)]
-
-    def taps(self) -> list[tuple[int, ...]]:
-        return list(itertools.product(*(range(k) for k in self.window)))
-
-    def valid_mask(self) -> np.ndarray | None:
-        """Boolean ``padded_spatial`` array: True where a real input cell sits."""
-        if all(lo == 0 and hi == 0 for lo, hi in self.padding) and all(
-            d == 1 for d in self.lhs_dilation
-        ):
-            return None
-        m = np.ones(self.in_spatial, bool)
-        for axis, ((lo, hi), d) in enumerate(zip(self.padding, self.lhs_dilation, strict=True)):
-            n = m.shape[axis]
-            dil_shape = list(m.shape)
-            dil_shape[axis] = (n - 1) * d + 1 if n > 0 else 0
-            dm = np.zeros(dil_shape, bool)
-            idx = [slice(None)] * m.ndim
-            idx[axis] = slice(None, None, d)
-            dm[tuple(idx)] = m
-            # Negative padding crops.
-            if lo < 0:
-                dm = np.take(dm, range(-lo, dm.shape[axis]), axis=axis)
-            if hi < 0:
-                dm = np.take(dm, range(0, dm.shape[axis] + hi), axis=axis)
-            widths = [(0, 0)] * m.ndim
-            widths[axis] = (max(lo, 0), max(hi, 0))
-            m = np.pad(dm, widths, constant_values=False)
-        return m
-
-    def tap_mask(self, mask: np.ndarray | None, tap: tuple[int, ...]) -> np.ndarray | None:
-        """The mask of one tap over the output positions (``None``: all valid)."""
-        if mask is None:
-            return None
-        idx = tuple(
-            slice(k * d, k * d + (o - 1) * s + 1, s)
-            for k, d, o, s in zip(
-                tap, self.rhs_dilation, self.out_spatial, self.strides, strict=True)
-        )
-        return mask[idx]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,67 +91,16 @@ def block_size(
 
 
 def simple_primitive(fn: Any, dtype: Any = jnp.float32) -> str | None:
-    """``"add" | "mul" | "max" | "min"`` if ``fn(a, b)`` is that one primitive of a and b.
-
-    Lets the engine treat a user's ``lambda a, b: a + b`` like the built-in ``sum`` (and a
-    ``combine`` of ``x + w`` like ``max_plus``'s), which they are, op for op.
-    """
-    s = jax.ShapeDtypeStruct((), dtype)
-    try:
-        jaxpr = jax.make_jaxpr(fn)(s, s).jaxpr
-    except Exception:  # noqa: BLE001 - anything untraceable is simply not simple
-        return None
-    if len(jaxpr.eqns) != 1 or len(jaxpr.outvars) != 1:
-        return None
-    eqn = jaxpr.eqns[0]
-    name = eqn.primitive.name
-    if name not in ("add", "mul", "max", "min"):
-        return None
-    if eqn.outvars[0] is not jaxpr.outvars[0]:
-        return None
-    if {id(v) for v in eqn.invars} != {id(v) for v in jaxpr.invars} or len(eqn.invars) != 2:
-        return None
-    return name
-
-
-_REDUCE_OF_PRIMITIVE = {"add": ("sum", 0.0), "mul": ("prod", 1.0), "max": ("max", -math.inf),
-                        "min": ("min", math.inf)}
+    """See :func:`jaxconv._src.core.algebra.simple_primitive` (kept here for callers)."""
+    return algebra.simple_primitive(fn, dtype)
 
 
 def canonical_op(op: Op) -> Op:
-    """``op`` with a callable reduce that is one ``add``/``mul``/``max``/``min`` (and whose
-    identity is that reduce's identity) replaced by the built-in reduce of the same name, so
-    that it gets the hand-written backward pass instead of automatic differentiation."""
-    if not callable(op.reduce):
-        return op
-    prim = simple_primitive(op.reduce)
-    if prim is None:
-        return op
-    name, ident = _REDUCE_OF_PRIMITIVE[prim]
-    if op.identity is None or float(op.identity) != ident:
-        return op
-    return op.replace(reduce=name, identity=None)
+    return algebra.capabilities(op).canonical
 
 
 def dominated_fill(op: Op) -> float | None:
-    """A pad value whose products are provably dominated by ``op.reduce``, or None.
-
-    With identity padding (``pad_value=None``), filling the padding with this value gives
-    the identity for every padded tap without any mask: ``-inf + w = min(-inf, w) = -inf``
-    under max and logsumexp, ``+inf + w = max(+inf, w) = +inf`` under min, for every ``w``
-    except the infinity of the other sign and NaN. Callers use it only when the inputs make
-    that so (finite inputs for max/min, ``w < inf`` for logsumexp).
-    """
-    if op.pad_value is not None or op.identity is not None or not isinstance(op.reduce, str):
-        return None
-    comb = simple_primitive(op.combine)
-    if comb == "add":
-        return {"max": -math.inf, "logsumexp": -math.inf, "min": math.inf}.get(op.reduce)
-    if comb == "min" and op.reduce == "max":
-        return -math.inf
-    if comb == "max" and op.reduce == "min":
-        return math.inf
-    return None
+    return algebra.capabilities(op).dominated_fill
 
 
 def _fill_ok(op: Op, x: Array, w: Array) -> Array:
@@ -245,7 +119,7 @@ def _fwd_products(op: Op, xs: Array, wk: Array) -> Array:
 
 def _reduce_tap(op: Op, xs: Array, wk: Array, acc_dtype: Any) -> Array:
     """One tap's products reduced over the input channels: ``(Nb, P, G, Og)``."""
-    if op.reduce == "sum" and simple_primitive(op.combine, xs.dtype) == "mul":
+    if op.reduce == "sum" and algebra.capabilities(op).combine == "mul":
         # A user's multiply-and-add: the tap is a matrix product. (Written as a broadcast
         # and a reduction, XLA CPU turns it into one tiny matrix-vector product per
         # position, ~100x slower.)
@@ -265,33 +139,66 @@ def _reduce_tap(op: Op, xs: Array, wk: Array, acc_dtype: Any) -> Array:
     return jnp.log(s) + m
 
 
+def _live_taps(geom: Geometry, mask: np.ndarray | None) -> list[tuple[int, tuple, Any]]:
+    """The taps that see at least one real input cell: ``(t, tap, mask over P or None)``."""
+    out = []
+    for t, tap in enumerate(geom.taps()):
+        m = geom.tap_mask(mask, tap)
+        if m is None or m.all():
+            out.append((t, tap, None))
+        elif m.any():
+            out.append((t, tap, m.reshape(-1)))
+    return out
+
+
+def _tap_tables(geom: Geometry, live: list) -> tuple[Array, Array, Array | None]:
+    """Per live tap: its start offsets ``(L, nsd)``, its kernel index ``(L,)`` and, where any
+    tap sees padding, its validity over the output positions ``(L, P)``."""
+    offs = np.array([taps.tap_offset(geom, tap) for _, tap, _ in live],
+                    np.int32).reshape(len(live), len(geom.window))
+    tix = np.array([t for t, _, _ in live], np.int32)
+    masks = None
+    if any(m is not None for _, _, m in live):
+        p = max(1, math.prod(geom.out_spatial))
+        masks = jnp.asarray(np.stack([np.ones(p, bool) if m is None else m
+                                      for _, _, m in live]))
+    return jnp.asarray(offs), jnp.asarray(tix), masks
+
+
 def _forward_block(cfg: Config, xb: Array, wt: Array, exact_nan: bool, fill: bool) -> Array:
     """One block of images: ``xb`` (Nb, *padded, C), ``wt`` (T, G, Og, I) -> (Nb, P, G, Og).
 
-    ``fill``: the padding holds :func:`dominated_fill`'s value, so no mask is needed.
+    The taps are a rolled loop (one compiled body whatever the window size); taps that only
+    ever see padding are skipped statically. ``fill``: the padding holds
+    :func:`dominated_fill`'s value, so no mask is needed.
     """
     op, geom = cfg.op, cfg.geom
-    mask = geom.valid_mask() if op.pad_value is None else None
+    mask = geom.valid_mask() if op.pad_value is None and not fill else None
     ident = algebra.identity_value(op, cfg.acc_dtype)
     binary = algebra.binary(op)
     nb = xb.shape[0]
     p = max(1, math.prod(geom.out_spatial))
     g, og = wt.shape[1], wt.shape[2]
-    acc = None
-    for t, tap in enumerate(geom.taps()):
-        m = geom.tap_mask(mask, tap)
-        if m is not None and not m.any():
-            continue  # a tap that only ever sees padding contributes the identity
-        xs = taps.tap_input(xb, geom, tap, g)
-        part = _reduce_tap(op, xs, wt[t], cfg.acc_dtype)
+    live = _live_taps(geom, mask)
+    if not live:
+        return jnp.broadcast_to(ident, (nb, p, g, og))
+    offs, tix, masks = _tap_tables(geom, live)
+
+    def part(j: Any) -> Array:
+        xs = taps.tap_slice_at(xb, geom, offs[j])
+        xs = xs.reshape(nb, p, g, xs.shape[-1] // g)
+        wk = lax.dynamic_index_in_dim(wt, tix[j], axis=0, keepdims=False)
+        out = _reduce_tap(op, xs, wk, cfg.acc_dtype)
         if exact_nan:
-            part = jnp.where(_nan_flags(op, xs, wt[t]), jnp.nan, part)
-        if m is not None and not m.all() and not fill:
-            part = jnp.where(jnp.asarray(m.reshape(1, p, 1, 1)), part, ident)
-        acc = part if acc is None else binary(acc, part)
-    if acc is None:
-        acc = jnp.broadcast_to(ident, (nb, p, g, og))
-    return acc
+            out = jnp.where(_nan_flags(op, xs, wk), jnp.nan, out)
+        if masks is not None:
+            mk = lax.dynamic_index_in_dim(masks, j, axis=0, keepdims=False)
+            out = jnp.where(mk.reshape(1, p, 1, 1), out, ident)
+        return out
+
+    if len(live) == 1:
+        return part(0)
+    return lax.fori_loop(1, len(live), lambda j, acc: binary(acc, part(j)), part(0))
 
 
 def _nan_flags(op: Op, xs: Array, wk: Array) -> Array:
@@ -362,16 +269,6 @@ def _forward_dispatch(cfg: Config, x: Array, w: Array) -> Array:
             x, w,
         )
     return _forward(cfg, x, w, False)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _hand_vjp_conv(cfg: Config, x: Array, w: Array) -> Array:
-    return _forward_dispatch(cfg, x, w)
-
-
-def _hand_vjp_fwd(cfg: Config, x: Array, w: Array):
-    y = _forward_dispatch(cfg, x, w)
-    return y, (x, w, y)
 
 
 def _cotangent_of_products(red: str, c: Array, yl: Array, gl: Array, sl: Array | None,
@@ -535,24 +432,9 @@ _DX_ACC_BYTES = 2**20
 
 
 def separable_kind(op: Op) -> str | None:
-    """``"mul"`` or ``"adder"`` when a sum's kernel gradient is a native product.
-
-    ``"mul"``: ``combine`` is one multiplication (a user's ``x * w``); both gradients are the
-    native convolution's own. ``"adder"``: the built-in AdderNet combine (any padding),
-    whose kernel rule ``g * (x - w)`` sums to ``sum g*x - w * sum g`` over each tap's
-    positions: the first term is the native convolution's kernel gradient, the second a
-    sum of the cotangent (over the positions a tap sees: all of them when padded cells go
-    through ``combine``, the valid ones otherwise).
-    """
-    if op.reduce != "sum":
-        return None
-    if simple_primitive(op.combine) == "mul":
-        return "mul"
-    from jaxconv._src.core import ops as builtin_ops  # noqa: PLC0415 - ops is built on this module's peers
-
-    if op.combine is builtin_ops.adder.combine:
-        return "adder"
-    return None
+    """``"mul"`` or ``"adder"`` when a sum's kernel gradient is a native product (declared
+    or inferred: :attr:`jaxconv._src.core.algebra.Capabilities.separable`)."""
+    return algebra.capabilities(op).separable
 
 
 def _native_valid(xp: Array, w: Array, geom: Geometry, out_dtype: Any = None) -> Array:
@@ -642,12 +524,7 @@ def _backward(cfg: Config, x: Array, w: Array, y: Array, gy: Array, fill: bool):
     p = max(1, math.prod(geom.out_spatial))
     g, og, i = wt.shape[1:]
     red = op.reduce
-    tap_list = []
-    for t, tap in enumerate(geom.taps()):
-        m = geom.tap_mask(mask, tap)
-        if m is not None and not m.any():
-            continue
-        tap_list.append((t, tap, None if (m is None or m.all() or fill) else m.reshape(p)))
+    tap_list = [(t, tap, None if fill else m) for t, tap, m in _live_taps(geom, mask)]
 
     def block_grads(gwt: Array, blk: tuple[Array, Array, Array]) -> tuple[Array, Array]:
         xb, yb, gb = blk
@@ -676,23 +553,29 @@ def _backward(cfg: Config, x: Array, w: Array, y: Array, gy: Array, fill: bool):
                 return a
             return jnp.concatenate([a, jnp.zeros((nbp_pad - nbp, *a.shape[1:]), a.dtype)])
 
-        gxb = jnp.zeros(xb.shape, acc)
-        for t, tap, m in tap_list:
-            xs = taps.tap_input(xb, geom, tap, g).reshape(nbp, g, i)
-            wk = wt[t]
-            m_pos = None if m is None else np.tile(m, nb)  # (NP,) validity of this tap
+        offs, tix, masks = _tap_tables(geom, tap_list)
+
+        def tap_body(j: Any, carry: tuple[Array, Array]) -> tuple[Array, Array]:
+            gwt, gxb = carry
+            xs4 = taps.tap_slice_at(xb, geom, offs[j])
+            xs = xs4.reshape(nbp, g, i)
+            wk = lax.dynamic_index_in_dim(wt, tix[j], axis=0, keepdims=False)
+            m_pos = None  # (NP,) validity of this tap
+            if masks is not None:
+                m_pos = jnp.tile(lax.dynamic_index_in_dim(masks, j, axis=0, keepdims=False), nb)
             dxs = _dx_of_tap(op, red, xs, wk, yf, gf, sf, m_pos, fill, acc)
-            gxb = gxb + taps.tap_unslice(dxs.reshape(taps.tap_slice(xb, geom, tap).shape),
-                                         geom, tap)
-            if gw_sep is not None:
-                continue  # the kernel gradient is already known (separable)
-            if m_pos is None and nbp_pad != nbp:
-                m_pos = np.ones((nbp,), bool)
-            if m_pos is not None and nbp_pad != nbp:
-                m_pos = np.concatenate([m_pos, np.zeros((nbp_pad - nbp,), bool)])
-            dwk = _dw_of_tap(op, red, pad_rows(xs), wk, pad_rows(yf), pad_rows(gf),
-                             pad_rows(sf), m_pos, fill, acc, rows)
-            gwt = gwt.at[t].add(dwk.astype(gwt.dtype))
+            gxb = taps.tap_unslice_add(gxb, dxs.reshape(xs4.shape), geom, offs[j])
+            if gw_sep is None:  # else the kernel gradient is already known (separable)
+                if nbp_pad != nbp:
+                    valid = jnp.ones((nbp,), bool) if m_pos is None else m_pos
+                    m_pos = jnp.concatenate([valid, jnp.zeros((nbp_pad - nbp,), bool)])
+                dwk = _dw_of_tap(op, red, pad_rows(xs), wk, pad_rows(yf), pad_rows(gf),
+                                 pad_rows(sf), m_pos, fill, acc, rows)
+                gwt = gwt.at[tix[j]].add(dwk.astype(gwt.dtype))
+            return gwt, gxb
+
+        gwt, gxb = lax.fori_loop(0, len(tap_list), tap_body,
+                                 (gwt, jnp.zeros(xb.shape, acc)))
         return gwt, gxb.astype(x.dtype)
 
     block = cfg.block_bwd
@@ -768,7 +651,7 @@ def _winner_codes(cfg: Config, xp: Array, wt: Array, y: Array, base: int,
         def body(k: Any, tot: Array) -> Array:
             xs = taps.tap_slice_at(xb, geom, offs_j[k]).reshape(nb, p, g, i)
             wk = lax.dynamic_index_in_dim(wt, k, axis=0, keepdims=False)
-            code = (base + k * i + jnp.arange(i)).astype(jnp.float32)
+            code = (base + k * i + jnp.arange(i)).astype(jnp.float32).reshape(1, 1, 1, 1, i)
             mk = None
             if tmask_j is not None:
                 mk = lax.dynamic_index_in_dim(tmask_j, k, axis=0, keepdims=False)
@@ -915,8 +798,7 @@ def _winner_backward(cfg: Config, x: Array, w: Array, y: Array, gy: Array) -> tu
     )
 
 
-def _hand_vjp_bwd(cfg: Config, res, gy: Array):
-    x, w, y = res
+def _hand_backward(cfg: Config, x: Array, w: Array, y: Array, gy: Array):
     op = cfg.op
     if jnp.issubdtype(x.dtype, jnp.floating) and dominated_fill(op) is not None:
         ok = _fill_ok(op, x, w)
@@ -953,7 +835,6 @@ def _winner_ok(cfg: Config, x: Array, w: Array) -> bool:
             and (not geom.window or math.prod(geom.out_spatial) > 0))
 
 
-_hand_vjp_conv.defvjp(_hand_vjp_fwd, _hand_vjp_bwd)
 
 
 # The fast log-semiring path is used only when every window's sum of exponentials, shifted
@@ -965,8 +846,7 @@ LOG_FAST_MIN_EXPONENT = -60.0
 
 def is_log_semiring(op: Op) -> bool:
     """Whether ``op`` is ``x + w`` under logsumexp with identity padding (``ops.log``)."""
-    return (op.reduce == "logsumexp" and op.pad_value is None and op.identity is None
-            and simple_primitive(op.combine) == "add")
+    return algebra.capabilities(op).log_semiring
 
 
 def _canonical_dimension_numbers(nsd: int) -> lax.ConvDimensionNumbers:
@@ -976,46 +856,184 @@ def _canonical_dimension_numbers(nsd: int) -> lax.ConvDimensionNumbers:
                                     out_spec=(0, nsd + 1, *spatial))
 
 
-def _log_fast_or_exact(cfg: Config, x: Array, w: Array) -> Array:
-    """The log semiring as a native product in exp space, or the exact engine where needed.
+def _log_exp_space(cfg: Config, x: Array, w: Array) -> tuple[Array, Array, Array, Array]:
+    """``exp(x - mx)``, ``exp(w - mw)``, their native product ``s`` and the shift
+    ``mx + mw`` (broadcastable to the output), in the accumulation dtype.
 
-    ``y = log(conv(exp(x - mx), exp(w - mw))) + mx + mw`` with ``mx`` the per-sample maximum
-    of ``x`` and ``mw`` the per-output-channel maximum of ``w`` (both constants for
-    differentiation, so the gradient is the exact softmax rule through the native
-    convolution's own transpose). Zero padding in exp space is the identity. Falls back to
-    the exact tap engine (``lax.cond``) when any input is NaN or ``+inf``, or when any window's
-    shifted sum is below ``exp(LOG_FAST_MIN_EXPONENT)`` -- windows far below the maximum of
-    their sample and channel, windows of only ``-inf`` (whose result is ``-inf`` and whose
-    gradient is zero on the exact path) and underflow.
+    ``mx`` is the per-sample maximum of ``x``, ``mw`` the per-output-channel maximum of ``w``
+    (zero where not finite).
     """
     geom, acc = cfg.geom, cfg.acc_dtype
     n, nsd = x.shape[0], len(geom.window)
     xa, wa = x.astype(acc), w.astype(acc)
-    mx = lax.stop_gradient(jnp.max(xa, axis=tuple(range(1, xa.ndim)), keepdims=True))
+    mx = jnp.max(xa, axis=tuple(range(1, xa.ndim)), keepdims=True)
     mx = jnp.where(jnp.isfinite(mx), mx, 0)
-    mw = lax.stop_gradient(jnp.max(wa, axis=tuple(range(wa.ndim - 1)), keepdims=True))
+    mw = jnp.max(wa, axis=tuple(range(wa.ndim - 1)), keepdims=True)
     mw = jnp.where(jnp.isfinite(mw), mw, 0)
     ex, ew = jnp.exp(xa - mx), jnp.exp(wa - mw)
+    shift = mx.reshape(n, *(1,) * nsd, 1) + mw.reshape(*(1,) * (nsd + 1), -1)
+    return ex, ew, _exp_product(cfg, ex, ew), shift
+
+
+def _exp_product(cfg: Config, ex: Array, ew: Array) -> Array:
+    """The standard product of the exp-space operands (zero padding is the identity)."""
+    geom, n, nsd = cfg.geom, ex.shape[0], len(cfg.geom.window)
     hi = lax.Precision.HIGHEST
     if nsd == 0:
         g = geom.groups
-        s = jnp.einsum("ngi,igo->ngo", ex.reshape(n, g, -1), ew.reshape(ew.shape[0], g, -1),
-                       precision=hi).reshape(n, -1)
-    else:
-        s = lax.conv_general_dilated(
-            ex, ew, geom.strides, geom.padding, geom.lhs_dilation, geom.rhs_dilation,
-            _canonical_dimension_numbers(nsd), geom.groups, precision=hi)
-    shift = mx.reshape(n, *(1,) * nsd, 1) + mw.reshape(*(1,) * (nsd + 1), -1)
-    ok = (jnp.all(s >= math.exp(LOG_FAST_MIN_EXPONENT))
-          & jnp.all(jnp.logical_not(jnp.isnan(xa)) & (xa < jnp.inf))
-          & jnp.all(jnp.logical_not(jnp.isnan(wa)) & (wa < jnp.inf)))
-    out_shape = (n, max(1, math.prod(geom.out_spatial)), geom.groups, -1)
+        return jnp.einsum("ngi,igo->ngo", ex.reshape(n, g, -1),
+                          ew.reshape(ew.shape[0], g, -1), precision=hi).reshape(n, -1)
+    return lax.conv_general_dilated(
+        ex, ew, geom.strides, geom.padding, geom.lhs_dilation, geom.rhs_dilation,
+        _canonical_dimension_numbers(nsd), geom.groups, precision=hi)
+
+
+def _log_inputs_ok(x: Array, w: Array) -> Array:
+    """No NaN and no ``+inf`` in either operand (the exp-space path's precondition)."""
+    return (jnp.all(jnp.logical_not(jnp.isnan(x)) & (x < jnp.inf))
+            & jnp.all(jnp.logical_not(jnp.isnan(w)) & (w < jnp.inf)))
+
+
+def _log_fast_or_exact(cfg: Config, x: Array, w: Array) -> Array:
+    """The log semiring as a native product in exp space, or the exact engine where needed.
+
+    ``y = log(conv(exp(x - mx), exp(w - mw))) + mx + mw`` (:func:`_log_exp_space`). Zero
+    padding in exp space is the identity. Falls back to the exact tap engine (``lax.cond``)
+    when any input is NaN or ``+inf``, or when any window's shifted sum is below
+    ``exp(LOG_FAST_MIN_EXPONENT)`` -- windows far below the maximum of their sample and
+    channel, windows of only ``-inf`` and underflow.
+    """
+    _, _, s, shift = _log_exp_space(cfg, x, w)
+    ok = jnp.all(s >= math.exp(LOG_FAST_MIN_EXPONENT)) & _log_inputs_ok(x, w)
+    out_shape = (x.shape[0], max(1, math.prod(cfg.geom.out_spatial)), cfg.geom.groups, -1)
     return lax.cond(
         ok,
         lambda s_, sh_, a, b: (jnp.log(s_) + sh_).reshape(out_shape),
-        lambda s_, sh_, a, b: _hand_vjp_conv(cfg, a, b).astype(acc).reshape(out_shape),
+        lambda s_, sh_, a, b: _forward_dispatch(cfg, a, b).astype(cfg.acc_dtype).reshape(
+            out_shape),
         s, shift, x, w,
     )
+
+
+def _log_backward(cfg: Config, x: Array, w: Array, y: Array, gy: Array) -> tuple[Array, Array]:
+    """The softmax rule in exp space where the forward took it: with ``s = exp(y - shift)``,
+    ``d y / d s = 1 / s``, so the cotangent ``g / s`` goes through the native product's own
+    transpose and back through the exponentials. Elsewhere (``lax.cond``, the same test as
+    the forward's) the exact tap backward."""
+    ex, ew, _, shift = _log_exp_space(cfg, x, w)
+    n, o = x.shape[0], w.shape[-1]
+    yo = y.reshape(n, *cfg.geom.out_spatial, o).astype(cfg.acc_dtype)
+    go = gy.reshape(yo.shape).astype(cfg.acc_dtype)
+    ok = jnp.all(yo - shift >= LOG_FAST_MIN_EXPONENT) & _log_inputs_ok(x, w)
+
+    def fast(ex: Array, ew: Array, yo: Array, go: Array, x: Array, w: Array, y: Array,
+             gy: Array) -> tuple[Array, Array]:
+        gs = go * jnp.exp(shift - yo)
+        _, vjp = jax.vjp(functools.partial(_exp_product, cfg), ex, ew)
+        gex, gew = vjp(gs)
+        return (gex * ex).astype(x.dtype), (gew * ew).astype(w.dtype)
+
+    def exact(ex: Array, ew: Array, yo: Array, go: Array, x: Array, w: Array, y: Array,
+              gy: Array) -> tuple[Array, Array]:
+        gx, gw = _hand_backward(cfg, x, w, y, gy)
+        return gx.astype(x.dtype), gw.astype(w.dtype)
+
+    return lax.cond(ok, fast, exact, ex, ew, yo, go, x, w, y, gy)
+
+
+def _rewritten(problem: Any, x: Array, w: Array) -> Array:
+    """An op's native rewrite (``op.rewrite(product, x, w)``, e.g. ``xnor``, ``l2``) with
+    ``product`` the standard convolution of this geometry in the canonical layout (a batched
+    matrix product ``(G, M, K) x (K, G, N)`` for a dense problem); a pad value is written into
+    the input first, so that the product's zero padding is the sum's identity."""
+    op, geom = problem.op, problem.geom
+    nsd = len(geom.window)
+    kw = dict(precision=problem.precision, preferred_element_type=problem.acc_dtype)
+    if nsd == 0:
+        m, g = x.shape[0], geom.groups
+        product = functools.partial(
+            lax.dot_general, dimension_numbers=(((2,), (0,)), ((1,), (1,))), **kw)
+        y = op.rewrite(product, x.reshape(m, g, -1), w.reshape(w.shape[0], g, -1))
+        return jnp.transpose(y, (1, 0, 2)).reshape(m, -1).astype(problem.acc_dtype)
+    pads, lhs_dil = geom.padding, geom.lhs_dilation
+    if op.pad_value is not None and (any(lo or hi for lo, hi in pads)
+                                     or any(d != 1 for d in lhs_dil)):
+        x = taps.pad_input(x, op, geom)
+        pads, lhs_dil = ((0, 0),) * nsd, (1,) * nsd
+    product = functools.partial(
+        lax.conv_general_dilated, window_strides=geom.strides, padding=pads,
+        lhs_dilation=lhs_dil, rhs_dilation=geom.rhs_dilation,
+        dimension_numbers=_canonical_dimension_numbers(nsd),
+        feature_group_count=geom.groups, **kw)
+    return op.rewrite(product, x, w).astype(problem.acc_dtype)
+
+
+def _config(problem: Any, x: Array, w: Array) -> Config:
+    """The engine's static configuration of a problem: canonical op and batch blocks."""
+    op = canonical_op(problem.op)
+    geom, mbb = problem.geom, problem.max_block_bytes
+    itemsize = max(jnp.dtype(x.dtype).itemsize, jnp.dtype(problem.acc_dtype).itemsize)
+    args = (geom, x.shape[0], w.shape[-2] * geom.groups, w.shape[-1] // geom.groups, itemsize)
+    # Backward blocks stay small although the backward never holds a block's products:
+    # measured, one image per block runs faster than the whole batch (cache locality).
+    return Config(op, geom, jnp.dtype(problem.acc_dtype), mbb, block_size(*args, mbb),
+                  block_size(*args, mbb // 4))
+
+
+def supports(problem: Any, dtype: Any, platform: str) -> bool:
+    """The XLA engine serves every problem on every platform."""
+    del problem, dtype, platform
+    return True
+
+
+def _grouped(cfg: Config, a: Array) -> Array:
+    """``(N, *out_spatial, O) -> (N, P, G, Og)``."""
+    return a.reshape(a.shape[0], max(1, math.prod(cfg.geom.out_spatial)), cfg.geom.groups, -1)
+
+
+def forward(problem: Any, x: Array, w: Array) -> Array:
+    """The product of canonical ``x`` and ``w``: ``(N, *out_spatial, O)`` in the
+    accumulation dtype."""
+    cfg = _config(problem, x, w)
+    if cfg.op.rewrite is not None:
+        return _rewritten(problem, x, w)
+    if is_log_semiring(cfg.op) and jnp.issubdtype(x.dtype, jnp.floating):
+        y = _log_fast_or_exact(cfg, x, w)
+    elif cfg.op.reduce_name in algebra.HAND_VJP_REDUCES:
+        y = _forward_dispatch(cfg, x, w)
+    else:
+        y = _forward(cfg, x, w, False)
+    return y.reshape(x.shape[0], *cfg.geom.out_spatial, w.shape[-1]).astype(cfg.acc_dtype)
+
+
+def backward(problem: Any, x: Array, w: Array, y: Array, g: Array,
+             need: tuple[bool, bool] = (True, True)) -> tuple[Array, Array]:
+    """The input and kernel gradients given the output ``y`` and its cotangent ``g``."""
+    del need  # both gradients come out of the same passes
+    cfg = _config(problem, x, w)
+    y4, g4 = _grouped(cfg, y), _grouped(cfg, g)
+    if cfg.op.rewrite is not None:
+        _, vjp = jax.vjp(functools.partial(_rewritten, problem), x, w)
+        gx, gw = vjp(g.astype(cfg.acc_dtype))
+    elif is_log_semiring(cfg.op) and jnp.issubdtype(x.dtype, jnp.floating):
+        gx, gw = _log_backward(cfg, x, w, y4, g4)
+    elif cfg.op.reduce_name in algebra.HAND_VJP_REDUCES:
+        gx, gw = _hand_backward(cfg, x, w, y4, g4)
+    else:
+        _, vjp = jax.vjp(lambda a, b: _forward(cfg, a, b, False).astype(cfg.acc_dtype), x, w)
+        gx, gw = vjp(g4.astype(cfg.acc_dtype))
+    return gx.astype(x.dtype), gw.astype(w.dtype)
+
+
+def tangent(problem: Any, x: Array, w: Array, y: Array, tx: Array, tw: Array,
+            active: tuple[bool, bool] = (True, True)) -> Array:
+    """The forward-mode tangent of the output, linear in ``(tx, tw)``."""
+    from jaxconv._src.engines import forward_mode  # noqa: PLC0415 - forward mode uses this
+
+    if problem.op.rewrite is not None:
+        forward_mode.check_forward_mode(problem.op)
+        return jax.jvp(functools.partial(_rewritten, problem), (x, w), (tx, tw))[1]
+    return forward_mode.tangent(problem, _config(problem, x, w), x, w, y, tx, tw, active)
 
 
 def generic_conv(
@@ -1027,7 +1045,7 @@ def generic_conv(
     preferred_element_type: Any | None = None,
     max_block_bytes: int | None = None,
 ) -> Array:
-    """Generalized convolution on canonical layouts.
+    """Generalized convolution on canonical layouts by this engine (any transformation).
 
     Args:
       x: ``(N, *spatial, C)`` input.
@@ -1040,27 +1058,8 @@ def generic_conv(
     Returns:
       ``(N, *out_spatial, O)``.
     """
-    op = canonical_op(op)
-    x, w, out_dtype, acc_dtype = taps.resolve_dtypes(x, w, op, preferred_element_type)
-    dtype = x.dtype
-    mbb = DEFAULT_MAX_BLOCK_BYTES if max_block_bytes is None else int(max_block_bytes)
-    n = x.shape[0]
-    o = w.shape[-1]
-    block = block_size(
-        geom, n, w.shape[-2] * geom.groups, o // geom.groups,
-        max(jnp.dtype(dtype).itemsize, jnp.dtype(acc_dtype).itemsize), mbb)
-    # Backward blocks stay small although the backward never holds a block's products:
-    # measured, one image per block runs faster than the whole batch (cache locality).
-    block_bwd = block_size(
-        geom, n, w.shape[-2] * geom.groups, o // geom.groups,
-        max(jnp.dtype(dtype).itemsize, jnp.dtype(acc_dtype).itemsize), mbb // 4)
-    cfg = Config(op, geom, jnp.dtype(acc_dtype), mbb, block, block_bwd)
-    if n == 0 or o == 0:
-        return jnp.zeros((n, *geom.out_spatial, o), out_dtype)
-    if is_log_semiring(op) and jnp.issubdtype(dtype, jnp.floating):
-        y = _log_fast_or_exact(cfg, x, w)
-    elif op.reduce_name in algebra.HAND_VJP_REDUCES:
-        y = _hand_vjp_conv(cfg, x, w)
-    else:
-        y = _forward(cfg, x, w, False)
-    return taps.finish(y.reshape(n, *geom.out_spatial, o), op, out_dtype)
+    from jaxconv._src.core import primitive  # noqa: PLC0415 - the core binds the engines
+
+    return primitive.canonical_conv(x, w, geom, op, engine="xla",
+                                    preferred_element_type=preferred_element_type,
+                                    max_block_bytes=max_block_bytes)

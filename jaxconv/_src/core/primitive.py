@@ -1,0 +1,344 @@
+"""The generalized convolution as JAX primitives: one interface for every engine.
+
+A canonical problem (a :class:`Problem`: the op, the geometry, the engine asked for, the
+accumulation dtype and the memory bound) travels through JAX's transformations as three
+primitives:
+
+- `conv`: `(x, w) -> y`, the product itself;
+- `conv_tangent`: `(x, w, y, tx, tw) -> ty`, linear in `(tx, tw)`: forward mode;
+- `conv_backward`: `(x, w, y, g) -> (gx, gw)`: the transpose of the tangent: reverse mode.
+
+`conv`'s JVP rule returns `y` and a `conv_tangent`; `jax.grad` transposes that tangent into a
+`conv_backward`. So `jax.jvp`, `jax.linearize`, `jax.jacfwd`, `jax.grad` and `jax.vjp` all
+work with `jit` inside or outside, and each mode runs the engine's own rule (the hand-written
+backward passes are never differentiated by JAX).
+
+Under `jax.vmap` a primitive folds the mapped axis into its problem, so a vmapped call is one
+call of the batched engine: a mapped input folds into the batch; a mapped kernel (an
+ensemble, or per-example kernel gradients) folds into feature groups, the input's channels
+repeated once per group. Nothing is ever run once per mapped element.
+
+Each primitive is lowered, per platform, by the engine that :mod:`jaxconv._src.core.planner`
+picks for that platform: the platform is the one being lowered for, so a function
+cross-lowered for `"cuda"` or `"tpu"` on a CPU host gets the accelerator's engine. Eager
+calls go through JAX's primitive dispatch, which compiles each primitive once per shape and
+problem and reuses it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax._src import ad_util, dispatch
+from jax._src import core as _core
+from jax.extend import core as jex_core
+from jax.interpreters import ad, batching, mlir
+
+from jaxconv._src.core.algebra import Op
+from jaxconv._src.core.geometry import Geometry
+
+Array = jax.Array
+
+PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """A canonical generalized convolution: everything static an engine needs.
+
+    Attributes:
+      op: the product.
+      geom: the geometry (canonical layouts: `x` is `(N, *spatial, C)`, `w` is
+        `(*window, I, O)`, the output `(N, *out_spatial, O)`).
+      engine: the engine asked for (`"auto"`, `"xla"`, `"native"` or `"pallas"`).
+      acc_dtype: the dtype of the output (partial results accumulate in it).
+      max_block_bytes: the bound on the bytes of intermediate tiles.
+      precision: the `lax` precision of native products (rewrites such as `xnor`, `l2`).
+    """
+
+    op: Op
+    geom: Geometry
+    engine: str
+    acc_dtype: np.dtype
+    max_block_bytes: int
+    precision: Any = None
+
+    def with_groups(self, groups: int) -> Problem:
+        return dataclasses.replace(self, geom=dataclasses.replace(self.geom, groups=groups))
+
+
+def _engine(problem: Problem, platform: str) -> Any:
+    from jaxconv._src.core import planner  # noqa: PLC0415 - the planner imports the engines
+
+    return planner.engine_for(problem, platform)
+
+
+def _out_shape(problem: Problem, x_shape: tuple[int, ...], w_shape: tuple[int, ...]):
+    return (x_shape[0], *problem.geom.out_spatial, w_shape[-1])
+
+
+# --- the primitives ------------------------------------------------------------------------
+
+conv_p = jex_core.Primitive("jaxconv_conv")
+tangent_p = jex_core.Primitive("jaxconv_conv_tangent")
+backward_p = jex_core.Primitive("jaxconv_conv_backward")
+backward_p.multiple_results = True
+
+
+def conv(x: Array, w: Array, problem: Problem) -> Array:
+    """The generalized convolution of canonical `x` and `w`: `(N, *out_spatial, O)`."""
+    return conv_p.bind(x, w, problem=problem)
+
+
+def _conv_abstract(x, w, *, problem):
+    return _core.ShapedArray(_out_shape(problem, x.shape, w.shape), problem.acc_dtype)
+
+
+def _tangent_abstract(x, w, y, tx, tw, *, problem, active):
+    del tx, tw, active
+    return _core.ShapedArray(y.shape, y.dtype)
+
+
+def _backward_abstract(x, w, y, g, *, problem, need):
+    del y, g, problem, need
+    return [_core.ShapedArray(x.shape, x.dtype), _core.ShapedArray(w.shape, w.dtype)]
+
+
+conv_p.def_abstract_eval(_conv_abstract)
+tangent_p.def_abstract_eval(_tangent_abstract)
+backward_p.def_abstract_eval(_backward_abstract)
+for _p in (conv_p, tangent_p, backward_p):
+    _p.def_impl(functools.partial(dispatch.apply_primitive, _p))
+
+
+def _forward_impl(x, w, *, problem, platform):
+    return _engine(problem, platform).forward(problem, x, w)
+
+
+def _tangent_impl(x, w, y, tx, tw, *, problem, active, platform):
+    return _engine(problem, platform).tangent(problem, x, w, y, tx, tw, active)
+
+
+def _backward_impl(x, w, y, g, *, problem, need, platform):
+    gx, gw = _engine(problem, platform).backward(problem, x, w, y, g, need)
+    return [gx, gw]
+
+
+for _platform in PLATFORMS:
+    mlir.register_lowering(
+        conv_p, mlir.lower_fun(functools.partial(_forward_impl, platform=_platform),
+                               multiple_results=False), platform=_platform)
+    mlir.register_lowering(
+        tangent_p, mlir.lower_fun(functools.partial(_tangent_impl, platform=_platform),
+                                  multiple_results=False), platform=_platform)
+    mlir.register_lowering(
+        backward_p, mlir.lower_fun(functools.partial(_backward_impl, platform=_platform),
+                                   multiple_results=True), platform=_platform)
+
+
+# --- differentiation -------------------------------------------------------------------------
+
+def _conv_jvp(primals, tangents, *, problem):
+    x, w = primals
+    tx, tw = tangents
+    y = conv_p.bind(x, w, problem=problem)
+    active = (type(tx) is not ad.Zero, type(tw) is not ad.Zero)
+    if not any(active):
+        return y, ad_util.p2tz(y)
+    ty = tangent_p.bind(x, w, y, ad.instantiate_zeros(tx), ad.instantiate_zeros(tw),
+                        problem=problem, active=active)
+    return y, ty
+
+
+def _tangent_transpose(ct, x, w, y, tx, tw, *, problem, active):
+    del active
+    if ad.is_undefined_primal(x) or ad.is_undefined_primal(w) or ad.is_undefined_primal(y):
+        raise ValueError("jaxconv: the tangent of a convolution is linear in its tangents only.")
+    need = (ad.is_undefined_primal(tx), ad.is_undefined_primal(tw))
+    zeros = [ad.Zero(tx.aval) if need[0] else None, ad.Zero(tw.aval) if need[1] else None]
+    if type(ct) is ad.Zero or not any(need):
+        return [None, None, None, *zeros]
+    gx, gw = backward_p.bind(x, w, y, ct, problem=problem, need=need)
+    return [None, None, None, gx if need[0] else None, gw if need[1] else None]
+
+
+def _xla_jvp(name: str):
+    """JVP of a derived primitive (second-order derivatives): the XLA engine's own formula
+    differentiated by JAX (those paths are plain, differentiable JAX code)."""
+    from jaxconv._src.engines import xla  # noqa: PLC0415
+
+    def rule(primals, tangents, **params):
+        tangents = [ad.instantiate_zeros(t) for t in tangents]
+        fn = functools.partial(getattr(xla, name), params.pop("problem"))
+        extra = tuple(params.values())
+        return jax.jvp(lambda *a: fn(*a, *extra), tuple(primals), tuple(tangents))
+
+    return rule
+
+
+ad.primitive_jvps[conv_p] = _conv_jvp
+ad.primitive_transposes[tangent_p] = _tangent_transpose
+
+
+def _tangent_jvp(primals, tangents, *, problem, active):
+    y, ty = _xla_jvp("tangent")(primals, tangents, problem=problem, active=active)
+    return y, ty
+
+
+def _backward_jvp(primals, tangents, *, problem, need):
+    outs, touts = _xla_jvp("backward")(primals, tangents, problem=problem, need=need)
+    return list(outs), list(touts)
+
+
+ad.primitive_jvps[tangent_p] = _tangent_jvp
+ad.primitive_jvps[backward_p] = _backward_jvp
+
+
+# --- batching: fold the mapped axis into the problem ------------------------------------------
+#
+# Every operand is one of three kinds: input-like ("x": (N, *S, C)), kernel-like
+# ("w": (*K, I, O)) or output-like ("y": (N, *P, O)).
+
+def _to_front(a: Array, d: int | None, size: int) -> Array:
+    if d is None:
+        return jnp.broadcast_to(a, (size, *a.shape))
+    return jnp.moveaxis(a, d, 0)
+
+
+def _fold_batch(a: Array) -> Array:
+    """`(B, N, ...) -> (B * N, ...)`: the mapped axis joins the batch."""
+    return a.reshape(a.shape[0] * a.shape[1], *a.shape[2:])
+
+
+def _fold_groups(a: Array) -> Array:
+    """The mapped axis joins the last (channel) axis as its major part: input- and
+    output-like `(B, N, *S, C) -> (N, *S, B * C)`, kernel-like `(B, *K, I, O) ->
+    (*K, I, B * O)`. With `G` groups before, that is `B * G` groups, element `b`'s first."""
+    return jnp.moveaxis(a, 0, -2).reshape(*a.shape[1:-1], a.shape[0] * a.shape[-1])
+
+
+def _unfold_batch(a: Array, size: int) -> Array:
+    return a.reshape(size, a.shape[0] // size, *a.shape[1:])
+
+
+def _unfold_groups(a: Array, size: int) -> Array:
+    return jnp.moveaxis(a.reshape(*a.shape[:-1], size, a.shape[-1] // size), -2, 0)
+
+
+def _batch_size(args, dims) -> int:
+    return next(a.shape[d] for a, d in zip(args, dims, strict=True) if d is not None)
+
+
+def _folded_call(args, dims, kinds, out_kinds, by_groups, problem, call):
+    """Folds the mapped axis, calls `call(problem', *args')`, unfolds the outputs."""
+    size = _batch_size(args, dims)
+    front = [_to_front(a, d, size) for a, d in zip(args, dims, strict=True)]
+    if by_groups:
+        problem = problem.with_groups(problem.geom.groups * size)
+        outs = call(problem, *(_fold_groups(a) for a in front))
+        return [_unfold_groups(o, size) for o in outs], [0] * len(out_kinds)
+    # Folded into the batch, kernel-like operands are shared (never mapped here), and so is
+    # a kernel-like output (only produced, unused, where its gradient is not needed).
+    folded = [a if k == "w" else _fold_batch(f)
+              for a, f, k in zip(args, front, kinds, strict=True)]
+    outs = call(problem, *folded)
+    kinds_out = list(out_kinds)
+    return ([o if k == "w" else _unfold_batch(o, size) for o, k in zip(outs, kinds_out,
+                                                                        strict=True)],
+            [None if k == "w" else 0 for k in kinds_out])
+
+
+def _conv_batch(args, dims, *, problem):
+    by_groups = dims[1] is not None
+    outs, out_dims = _folded_call(
+        args, dims, ("x", "w"), ("y",), by_groups, problem,
+        lambda p, x, w: [conv_p.bind(x, w, problem=p)])
+    return outs[0], out_dims[0]
+
+
+def _tangent_batch(args, dims, *, problem, active):
+    by_groups = dims[1] is not None or dims[4] is not None
+    outs, out_dims = _folded_call(
+        args, dims, ("x", "w", "y", "x", "w"), ("y",), by_groups, problem,
+        lambda p, *a: [tangent_p.bind(*a, problem=p, active=active)])
+    return outs[0], out_dims[0]
+
+
+def _backward_batch(args, dims, *, problem, need):
+    # The kernel gradient of a mapped problem is per element: group folding keeps it apart.
+    by_groups = dims[1] is not None or need[1]
+    return _folded_call(
+        args, dims, ("x", "w", "y", "y"), ("x", "w"), by_groups, problem,
+        lambda p, *a: backward_p.bind(*a, problem=p, need=need))
+
+
+batching.primitive_batchers[conv_p] = _conv_batch
+batching.primitive_batchers[tangent_p] = _tangent_batch
+batching.primitive_batchers[backward_p] = _backward_batch
+
+
+def out_positions(problem: Problem) -> int:
+    """The number of output positions (1 for a dense product)."""
+    return max(1, math.prod(problem.geom.out_spatial))
+
+
+DEFAULT_MAX_BLOCK_BYTES = 64 * 2**20
+
+
+def _hashable_precision(precision: Any) -> Any:
+    if isinstance(precision, list):
+        return tuple(precision)
+    return precision
+
+
+def canonical_conv(
+    x: Array,
+    w: Array,
+    geom: Geometry,
+    op: Op,
+    *,
+    engine: str = "auto",
+    preferred_element_type: Any | None = None,
+    max_block_bytes: int | None = None,
+    precision: Any = None,
+) -> Array:
+    """The generalized convolution of canonical operands, by the engine the planner picks.
+
+    Args:
+      x: `(N, *spatial, C)` input.
+      w: `(*window, C // groups, O)` kernel.
+      geom: the static geometry (padding resolved to pairs).
+      op: the product.
+      engine: `"auto"`, `"xla"`, `"native"` or `"pallas"`.
+      preferred_element_type: accumulation and output dtype, as in `lax`.
+      max_block_bytes: bound on the bytes of intermediate tiles (default 64 MiB).
+      precision: the `lax` precision of native products.
+
+    Returns:
+      `(N, *out_spatial, O)` in the output dtype (`preferred_element_type`, else the
+      operands' common dtype), after `op.post`.
+    """
+    from jaxconv._src.core import algebra, planner  # noqa: PLC0415
+
+    dtype = jnp.result_type(x.dtype, w.dtype)
+    x, w = x.astype(dtype), w.astype(dtype)
+    out_dtype = dtype if preferred_element_type is None else jnp.dtype(preferred_element_type)
+    acc_dtype = jnp.dtype(algebra.accumulation_dtype(op, dtype, preferred_element_type))
+    n, o = x.shape[0], w.shape[-1]
+    if n == 0 or o == 0:
+        return jnp.zeros((n, *geom.out_spatial, o), out_dtype)
+    mbb = DEFAULT_MAX_BLOCK_BYTES if max_block_bytes is None else int(max_block_bytes)
+    problem = Problem(op.replace(post=None), geom, engine, acc_dtype, mbb,
+                      _hashable_precision(precision))
+    if engine in ("native", "pallas"):
+        planner.check_engine(problem, dtype)
+    y = conv(x, w, problem)
+    if op.post is not None:
+        y = op.post(y)
+    return y.astype(out_dtype)

@@ -1,0 +1,214 @@
+"""The engine core: batching folds into the problem, forward mode, eager reuse, the planner.
+
+Every check compares against an independent computation: `vmap` against a Python loop of
+unbatched calls, forward mode against the brute-force formulas of `test_forward_mode` and
+against reverse mode (`jacfwd == jacrev`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxconv
+from jaxconv._src.core import algebra, planner, primitive
+
+DN = ("NWC", "WIO", "NWC")
+CLIP_MAX = jaxconv.Op(lambda a, b: jnp.clip(a * b, -1.0, 1.0), "max", identity=-np.inf,
+                      name="clip_max")
+TANH_SUM = jaxconv.Op(lambda a, b: jnp.tanh(a * b), "sum", name="tanh_sum")
+PROD_OP = jaxconv.Op(lambda a, b: 1.0 + 0.1 * a * b, "prod", name="prod_op")
+OPS = ["max_plus", "min_plus", "max_min", "min_max", "adder", "l1", "l2", "l2_exact", "log",
+       "xnor", CLIP_MAX, TANH_SUM, PROD_OP]
+FORWARD_OPS = [o for o in OPS if o not in ("adder", "xnor")]
+
+
+def _id(o):
+    return o if isinstance(o, str) else o.name
+
+
+def _conv(op, engine="auto", padding=((1, 1),), strides=(1,), groups=1):
+    def f(x, w):
+        return jaxconv.conv_general_dilated(x, w, strides, padding, dimension_numbers=DN,
+                                            feature_group_count=groups, op=op, engine=engine)
+    return f
+
+
+def _data(n=3, width=7, c=4, k=3, o=4, seed=0):
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.uniform(-1, 1, (n, width, c)), jnp.float32)
+    w = jnp.asarray(rng.uniform(-1, 1, (k, c, o)), jnp.float32)
+    return x, w
+
+
+def _loop(f, *args, axes):
+    size = next(a.shape[ax] for a, ax in zip(args, axes, strict=True) if ax is not None)
+    outs = [f(*(a if ax is None else jnp.take(a, i, axis=ax)
+                for a, ax in zip(args, axes, strict=True))) for i in range(size)]
+    return jax.tree_util.tree_map(lambda *o: jnp.stack(o), *outs)
+
+
+@pytest.mark.parametrize("op", OPS, ids=_id)
+@pytest.mark.parametrize("axes", [(0, None), (None, 0), (0, 0)], ids=["x", "w", "both"])
+def test_vmap_equals_loop(op, axes):
+    f = _conv(op, groups=2)
+    x, w = _data()
+    xs = jnp.stack([x, x[::-1] * 0.5]) if axes[0] is not None else x
+    ws = jnp.stack([w[:, :2], w[:, 2:] * 2.0]) if axes[1] is not None else w[:, :2]
+    got = jax.vmap(f, in_axes=axes)(xs, ws)
+    np.testing.assert_allclose(got, _loop(f, xs, ws, axes=axes), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("op", OPS, ids=_id)
+def test_vmap_of_grad_is_per_example(op):
+    """Per-example gradients: the kernel gradient of each example stays apart."""
+    f = _conv(op)
+    x, w = _data()
+
+    def grads(a, b):
+        return jax.grad(lambda u, v: jnp.sum(jnp.sin(f(u[None], v))), argnums=(0, 1))(a, b)
+
+    got = jax.jit(jax.vmap(grads, in_axes=(0, None)))(x, w)
+    want = _loop(grads, x, w, axes=(0, None))
+    for g, e in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5)
+
+
+def test_nested_vmap_and_dense():
+    a = jnp.asarray(np.random.default_rng(1).standard_normal((2, 3, 5, 4)), jnp.float32)
+    b = jnp.asarray(np.random.default_rng(2).standard_normal((2, 4, 6)), jnp.float32)
+
+    def dense(u, v):
+        return jaxconv.dot_general(u, v, (((1,), (0,)), ((), ())), op="max_plus")
+
+    got = jax.vmap(jax.vmap(dense, in_axes=(0, None)), in_axes=(0, 0))(a, b)
+    want = jnp.max(a[:, :, :, :, None] + b[:, None, None], axis=3)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("op", FORWARD_OPS, ids=_id)
+def test_forward_mode_jit_inside_outside_and_linearize(op):
+    f = _conv(op)
+    x, w = _data(n=2, width=5, c=2, o=3, seed=3)
+    tx, tw = _data(n=2, width=5, c=2, o=3, seed=4)
+    y0, t0 = jax.jvp(f, (x, w), (tx, tw))
+    y1, t1 = jax.jvp(jax.jit(f), (x, w), (tx, tw))
+    y2, t2 = jax.jit(lambda *a: jax.jvp(f, a[:2], a[2:]))(x, w, tx, tw)
+    y3, lin = jax.linearize(f, x, w)
+    np.testing.assert_allclose(y0, f(x, w), rtol=1e-6)
+    for y, t in ((y1, t1), (y2, t2), (y3, lin(tx, tw))):
+        np.testing.assert_allclose(y, y0, rtol=1e-6)
+        np.testing.assert_allclose(t, t0, rtol=1e-4, atol=1e-5)
+    # The tangent is the transpose of the reverse rule: <J t, c> == <t, J^T c>.
+    c = jnp.cos(y0)
+    gx, gw = jax.vjp(f, x, w)[1](c)
+    np.testing.assert_allclose(jnp.vdot(t0, c), jnp.vdot(tx, gx) + jnp.vdot(tw, gw),
+                               rtol=1e-4)
+
+
+@pytest.mark.parametrize("op", ["max_plus", "log", "l2", TANH_SUM], ids=_id)
+def test_jacfwd_equals_jacrev(op):
+    f = _conv(op)
+    x, w = _data(n=1, width=4, c=2, k=2, o=2, seed=5)
+    np.testing.assert_allclose(jax.jacfwd(f)(x, w), jax.jacrev(f)(x, w), rtol=1e-4,
+                               atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["xnor", "adder"])
+@pytest.mark.parametrize("how", ["jvp", "jvp_of_jit", "linearize"])
+def test_reverse_only_ops_name_themselves_in_forward_mode(name, how):
+    f = _conv(name)
+    x, w = _data(n=1, width=4, c=2, o=2)
+    with pytest.raises(TypeError, match=f"op '{name}'.*forward mode"):
+        if how == "jvp":
+            jax.jvp(f, (x, w), (x, w))
+        elif how == "jvp_of_jit":
+            jax.jvp(jax.jit(f), (x, w), (x, w))
+        else:
+            jax.linearize(f, x, w)[1](x, w)
+    jax.grad(lambda a: jnp.sum(f(a, w)))(x)  # reverse mode still works
+
+
+def _count_compiles(fn):
+    events = []
+
+    def listener(name, *_args, **_kwargs):
+        if name == "/jax/core/compile/backend_compile_duration":
+            events.append(name)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        fn()
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    return len(events)
+
+
+@pytest.mark.parametrize("op", ["max_plus", "log", "adder", CLIP_MAX], ids=_id)
+def test_repeated_eager_calls_do_not_recompile(op):
+    f = _conv(op)
+    x, w = _data()
+    f(x, w).block_until_ready()
+    assert _count_compiles(lambda: f(x, w).block_until_ready()) == 0
+    assert _count_compiles(lambda: f(x + 1.0, w * 2.0).block_until_ready()) == 0
+
+
+def test_planner_is_static_and_declared():
+    geom = jaxconv._src.core.geometry.Geometry((8,), (3,), (1,), ((1, 1),), (1,), (1,), 1)
+    for name, want_fill in [("max_plus", -np.inf), ("min_max", np.inf), ("l1", None)]:
+        caps = algebra.capabilities(jaxconv.ops.get(name))
+        assert caps.dominated_fill == want_fill
+    assert algebra.capabilities(jaxconv.ops.adder).separable == "adder"
+    assert not algebra.capabilities(jaxconv.ops.adder).forward_mode
+    user_mul = jaxconv.Op(lambda a, b: a * b, lambda a, b: a + b, identity=0.0, name="um")
+    caps = algebra.capabilities(user_mul)
+    assert caps.canonical.reduce == "sum" and caps.separable == "mul"
+    problem = primitive.Problem(jaxconv.ops.max_plus, geom, "auto", np.dtype("float32"),
+                                2**20)
+    for platform in ("cuda", "tpu", "rocm"):
+        assert planner.engine_name(problem, np.float32, platform) == "xla"
+    xnor = primitive.Problem(jaxconv.ops.xnor, geom, "pallas", np.dtype("float32"), 2**20)
+    assert planner.engine_name(xnor, np.float32, "cpu") == "xla"  # a rewrite is lax itself
+
+
+def test_capabilities_are_inferred_once_without_values():
+    calls = []
+
+    def combine(a, b):
+        calls.append(type(a))
+        return a + b
+
+    op = jaxconv.Op(combine, "max", name="counting")
+    x, w = _data(n=1)
+    f = jax.jit(_conv(op))
+    f(x, w)
+    n = len(calls)
+    f(x * 2, w)
+    jaxconv.conv_general_dilated(x, w, (1,), "SAME", dimension_numbers=DN, op=op)
+    assert algebra.capabilities(op).combine == "add"
+    # No tracing per call beyond the engine's own trace of a new compilation.
+    assert len(calls) >= n
+
+
+@pytest.mark.parametrize("op", ["max_plus", "log", "adder", CLIP_MAX, TANH_SUM], ids=_id)
+def test_memory_bound_holds_forward_and_backward(op):
+    """Compiled temp memory stays within max_block_bytes plus input/output-sized buffers."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((4, 16, 16, 32)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((3, 3, 32, 32)) * 0.1, jnp.float32)
+    bound = 2**20
+
+    def f(a, b):
+        return jaxconv.conv_general_dilated(a, b, (1, 1), "SAME",
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                            op=op, max_block_bytes=bound)
+
+    io = x.size * 4 * 2 + w.size * 4 * 2  # inputs, outputs and their padded copies
+    full_products = x.shape[0] * 16 * 16 * 9 * 32 * 32 * 4
+    for fn in (f, jax.grad(lambda a, b: jnp.sum(f(a, b)), argnums=(0, 1))):
+        stats = jax.jit(fn).lower(x, w).compile().memory_analysis()
+        used = stats.temp_size_in_bytes + stats.output_size_in_bytes
+        assert used <= 4 * bound + 6 * io, (used, bound, io)
+        assert used * 8 < full_products
