@@ -12,6 +12,7 @@ from jaxconv._src.core.ops import l2_exact as l2_exact
 from jaxconv._src.core.ops import log as log
 from jaxconv._src.core.ops import max_min as max_min
 from jaxconv._src.core.ops import max_plus as max_plus
+from jaxconv._src.core.ops import max_times as max_times
 from jaxconv._src.core.ops import min_max as min_max
 from jaxconv._src.core.ops import min_plus as min_plus
 from jaxconv._src.core.ops import names as names

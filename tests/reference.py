@@ -80,6 +80,7 @@ NUMPY_OPS: dict[str, NumpyOp] = {
     "min_plus": NumpyOp(np.add, np.minimum, _INF, None),
     "max_min": NumpyOp(np.minimum, np.maximum, -_INF, None),
     "min_max": NumpyOp(np.maximum, np.minimum, _INF, None),
+    "max_times": NumpyOp(np.multiply, np.maximum, -_INF, None),
     "log": NumpyOp(np.add, np.logaddexp, -_INF, None),
 }
 """Built-in op name -> NumpyOp(combine, reduce, identity, default pad_value).
@@ -102,6 +103,7 @@ NUMPY_REDUCE_AXIS: dict[str, Callable[..., Any]] = {
     "min_plus": np.min,
     "max_min": np.max,
     "min_max": np.min,
+    "max_times": np.max,
     "log": _logsumexp_axis,
 }
 """Built-in op name -> ``f(array, axis=...)`` reducing an axis (for the forum recipe)."""

@@ -24,7 +24,7 @@ NP_OPS = {
     "l1": (lambda x, w: -np.abs(x - w), np.add, 0.0),
 }
 
-MAX_TIMES = jaxconv.Op(jnp.multiply, jnp.maximum, identity=-np.inf, name="max_times")
+MAX_TIMES = jaxconv.ops.max_times
 
 
 def _jax_op(name):

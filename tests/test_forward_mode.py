@@ -11,7 +11,7 @@ import jaxconv
 
 DN = ("NWC", "WIO", "NWC")
 TANH_MUL = jaxconv.Op(lambda x, w: jnp.tanh(x * w), "sum", name="tanh_mul")
-MAX_TIMES = jaxconv.Op(jnp.multiply, jnp.maximum, identity=-np.inf, name="max_times")
+MAX_TIMES = jaxconv.ops.max_times
 
 FORMULAS = {  # name -> (combine, reduce over axes, identity)
     "standard": (jnp.multiply, jnp.sum, 0.0),

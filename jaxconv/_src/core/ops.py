@@ -213,6 +213,17 @@ min_max = Op(
     Padding: the identity. Gradient: to the winning tap. Source: as ``max_min``.""",
 )
 
+max_times = Op(
+    _multiply, "max", name="max_times", combine_kind="mul", forward_mode=True,
+    doc="""Max-times (Viterbi) product: ``combine = x * w``, max, for nonnegative data.
+
+    Padding: the identity (padded taps are skipped). Gradient: to the winning tap, split
+    equally among ties. On nonnegative inputs and weights it is the semiring of
+    probabilities under max (the Viterbi semiring); with signs it is still well defined
+    but no longer a semiring product of probabilities.
+    Source: Goodman, "Semiring parsing" (1999), the Viterbi semiring.""",
+)
+
 log = Op(
     _add, "logsumexp", name="log", combine_kind="add", forward_mode=True,
     doc="""Log-semiring product: ``combine = x + w``, ``logsumexp`` (a soft max-plus).
@@ -230,7 +241,7 @@ log = Op(
 
 BUILTIN_OPS: dict[str, Op] = {
     o.name: o for o in (standard, xnor, adder, l1, l2, l2_exact, max_plus, min_plus, max_min,
-                        min_max, log)
+                        min_max, max_times, log)
 }
 
 

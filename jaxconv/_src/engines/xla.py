@@ -246,8 +246,7 @@ def _forward_dispatch(cfg: Config, x: Array, w: Array) -> Array:
 
     Max/min: XLA CPU's vectorised reductions drop NaN, so inputs with a non-finite value
     take an exact, NaN-propagating path; finite inputs take the fast one (with the padding
-    filled by a dominated value where the op allows it). Logsumexp: the dominated fill is
-    exact unless ``w`` holds ``+inf``.
+    filled by a dominated value where the op allows it). Other reduces mask the padding.
     """
     op = cfg.op
     floating = jnp.issubdtype(x.dtype, jnp.floating)
@@ -259,13 +258,6 @@ def _forward_dispatch(cfg: Config, x: Array, w: Array) -> Array:
             _any_nonfinite(x, w),
             lambda a, b: _forward(cfg, a, b, True),
             lambda a, b: _forward(cfg, a, b, False, can_fill),
-            x, w,
-        )
-    if can_fill:
-        return lax.cond(
-            _fill_ok(op, x, w),
-            lambda a, b: _forward(cfg, a, b, False, True),
-            lambda a, b: _forward(cfg, a, b, False),
             x, w,
         )
     return _forward(cfg, x, w, False)
@@ -717,7 +709,9 @@ def _winner_backward(cfg: Config, x: Array, w: Array, y: Array, gy: Array) -> tu
     single = (tot >= base) & (tot < 2 * base)
     tie = tot >= 2 * base
     n_ties = jnp.sum(tie, dtype=jnp.int32)
-    ok = jnp.all(tot >= base) & (n_ties <= MAX_SPARSE_TIES)
+    # Every window finite with one winner or few ties (a NaN or an infinity in a window
+    # makes its code NaN or its output non-finite).
+    ok = jnp.all(tot >= base) & jnp.all(jnp.isfinite(y)) & (n_ties <= MAX_SPARSE_TIES)
     gdt = jnp.promote_types(x.dtype, jnp.float32)
     offs = np.array([[k * d for k, d in zip(tap, geom.rhs_dilation, strict=True)]
                      for tap in geom.taps()], np.int32).reshape(nt, nsd)
@@ -799,31 +793,15 @@ def _winner_backward(cfg: Config, x: Array, w: Array, y: Array, gy: Array) -> tu
 
 
 def _hand_backward(cfg: Config, x: Array, w: Array, y: Array, gy: Array):
-    op = cfg.op
-    if jnp.issubdtype(x.dtype, jnp.floating) and dominated_fill(op) is not None:
-        ok = _fill_ok(op, x, w)
-        fast = functools.partial(_backward, cfg, fill=True)
-        if op.reduce in ("max", "min"):
-            ok = ok & jnp.all(jnp.isfinite(y))
-            if _winner_ok(cfg, x, w):
-                fast = functools.partial(_winner_backward, cfg)
-        return lax.cond(
-            ok,
-            lambda *a: fast(*a),
-            lambda *a: _backward(cfg, *a, fill=False),
-            x, w, y, gy,
-        )
-    if (jnp.issubdtype(x.dtype, jnp.floating) and op.reduce in ("max", "min")
+    """The hand-written backward pass of a sum, max, min or logsumexp product.
+
+    Max/min take the winner path (:func:`_winner_backward`, which falls back to the exact
+    equal-split pass itself where a window is not finite or ties are many); the others the
+    exact pass with identity padding masked statically.
+    """
+    if (jnp.issubdtype(x.dtype, jnp.floating) and cfg.op.reduce in ("max", "min")
             and _winner_ok(cfg, x, w)):
-        # Any other max/min (a pad value, or identity padding masked): the winner path for
-        # finite inputs and outputs (an all-padding window's output is the identity, +-inf).
-        ok = jnp.logical_not(_any_nonfinite(x, w)) & jnp.all(jnp.isfinite(y))
-        return lax.cond(
-            ok,
-            lambda *a: _winner_backward(cfg, *a),
-            lambda *a: _backward(cfg, *a, fill=False),
-            x, w, y, gy,
-        )
+        return _winner_backward(cfg, x, w, y, gy)
     return _backward(cfg, x, w, y, gy, fill=False)
 
 
