@@ -711,7 +711,9 @@ def _winner_backward(cfg: Config, x: Array, w: Array, y: Array, gy: Array) -> tu
     n_ties = jnp.sum(tie, dtype=jnp.int32)
     # Every window finite with one winner or few ties (a NaN or an infinity in a window
     # makes its code NaN or its output non-finite).
-    ok = jnp.all(tot >= base) & jnp.all(jnp.isfinite(y)) & (n_ties <= MAX_SPARSE_TIES)
+    max_ties = max(1, min(MAX_SPARSE_TIES, n * p * g * og,
+                          cfg.max_block_bytes // max(1, 8 * nt * i * 4)))
+    ok = jnp.all(tot >= base) & jnp.all(jnp.isfinite(y)) & (n_ties <= max_ties)
     gdt = jnp.promote_types(x.dtype, jnp.float32)
     offs = np.array([[k * d for k, d in zip(tap, geom.rhs_dilation, strict=True)]
                      for tap in geom.taps()], np.int32).reshape(nt, nsd)
@@ -753,7 +755,9 @@ def _winner_backward(cfg: Config, x: Array, w: Array, y: Array, gy: Array) -> tu
         gxf = jnp.zeros(xf.shape, gdt).at[xi].add(dx.astype(gdt))
         gwf = jnp.zeros(wf.shape, gdt).at[wi].add(dw.astype(gdt))
         # Tied windows, one by one: (K, T, I) products each.
-        k = min(MAX_SPARSE_TIES, n * p * g * og)
+        # Each tied window holds its T x I products in a few buffers: within the bound.
+        k = max(1, min(MAX_SPARSE_TIES, n * p * g * og,
+                       cfg.max_block_bytes // max(1, 8 * nt * i * 4)))
         (sel,) = jnp.nonzero(tie.reshape(-1), size=k, fill_value=0)
         valid = jnp.arange(k) < n_ties
         kn, kp, kg, ko = jnp.unravel_index(sel, shp)
