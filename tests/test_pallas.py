@@ -235,3 +235,75 @@ def test_gpu_style_power_of_two_tiles_in_interpret_mode():
     np.testing.assert_allclose(v_p, v_x, rtol=1e-5)
     for got, expect in zip(g_p, g_x, strict=True):
         np.testing.assert_allclose(got, expect, rtol=1e-4, atol=1e-5)
+
+
+# The TPU kernel form (aligned chunks walked with static slices, one kernel per tap) run in
+# interpret mode with 8-wide chunks, so its numerics are checked without a TPU.
+CHUNKED = engine_pallas.Backend("interpret", engine_pallas.INTERPRET_BLOCKS, style="chunked",
+                                lane=8)
+
+
+@pytest.mark.parametrize("name", ["max_plus", "adder", "log"])
+def test_tpu_chunked_form_in_interpret_mode(name):
+    from jaxconv._src.engines.xla import Geometry
+    from jaxconv._src.engines.xla import generic_conv as xla_conv
+
+    rng = np.random.default_rng(11)
+    # K = 12 (a full 8-chunk and a ragged one), M = 2*3*4 = 24 rows, O = 10 features.
+    x = np.round(rng.standard_normal((2, 5, 4, 24)), 1).astype(np.float32)
+    w = np.round(rng.standard_normal((3, 3, 12, 10)), 1).astype(np.float32)
+    geom = Geometry((5, 4), (3, 3), (2, 1), ((1, 1), (1, 1)), (1, 1), (1, 1), 2)
+    op = ops.get(name)
+    cot = rng.standard_normal((2, 3, 4, 10)).astype(np.float32)
+
+    def loss(conv, **kw):
+        return jax.jit(jax.value_and_grad(
+            lambda p, q: jnp.sum(conv(p, q, geom, op, **kw) * cot), argnums=(0, 1)))(x, w)
+
+    (v_p, g_p), (v_x, g_x) = loss(engine_pallas.generic_conv, backend=CHUNKED), loss(xla_conv)
+    np.testing.assert_allclose(v_p, v_x, rtol=1e-5)
+    for got, expect in zip(g_p, g_x, strict=True):
+        np.testing.assert_allclose(got, expect, rtol=1e-4, atol=1e-5)
+
+
+def test_custom_vjp_combine_keeps_its_rule():
+    # The kernel computes combine's primal; the backward still applies the custom rule
+    # (the straight-through sign's gradient, not the sign's zero derivative).
+    from jaxconv import quantizers
+
+    op = jaxconv.Op(lambda p, q: quantizers.ste_sign(p) * q, "sum", name="ste_times")
+    cfg = CONFIGS[0]
+    x, w = _data(cfg, 12)
+
+    def grads(engine):
+        return jax.jit(jax.grad(lambda p, q: jnp.sum(jnp.sin(_conv_traced(p, q, cfg, op,
+                                                                          engine))),
+                                argnums=(0, 1)))(x, w)
+
+    got, expect = grads("pallas"), grads("xla")
+    assert np.abs(np.asarray(got[0])).max() > 0
+    for g, e in zip(got, expect, strict=True):
+        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
+
+
+def test_primal_strips_custom_derivatives():
+    from jaxconv import quantizers
+    from jaxconv._src.engines.primal import primal
+
+    def f(p, q):
+        body = lambda i, acc: acc + quantizers.ste_sign(p) * jax.nn.relu(q)  # noqa: E731
+        return ops.adder.combine(p, q) + lax.fori_loop(0, 2, body, jnp.zeros_like(p))
+
+    def vjp(p, q, c):
+        return jax.vjp(f, p, q)[1](c)
+
+    p = jnp.linspace(-2, 2, 12).reshape(3, 4)
+    q = jnp.full((3, 4), 0.25)
+    for fn, args in ((f, (p, q)), (vjp, (p, q, p))):
+        text = str(jax.make_jaxpr(primal(fn))(*args))
+        assert "custom_vjp_call" not in text and "custom_jvp_call" not in text
+        for got, expect in zip(jax.tree.leaves(primal(fn)(*args)),
+                               jax.tree.leaves(fn(*args)), strict=True):
+            np.testing.assert_allclose(got, expect, rtol=1e-6)
+    # A function without custom rules is returned as is.
+    assert primal(jnp.add)(p, q).shape == (3, 4)
