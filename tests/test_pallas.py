@@ -307,3 +307,24 @@ def test_primal_strips_custom_derivatives():
             np.testing.assert_allclose(got, expect, rtol=1e-6)
     # A function without custom rules is returned as is.
     assert primal(jnp.add)(p, q).shape == (3, 4)
+
+
+@pytest.mark.parametrize("name", ["max_plus", "adder", "log"])
+def test_gradients_dilations_negative_padding_3d(name):
+    # lhs_dilation holes and cropping (1-D), and a strided 3-D depthwise layer: the implicit
+    # GEMM's phases, shifts and masks in the backward against the XLA engine.
+    cfg3 = ("3d_depthwise", ("NDHWC", "DHWIO", "NDHWC"), "SAME", (1, 2, 1), None, None, 3,
+            (1, 4, 5, 4, 3), (2, 3, 2, 1, 6))
+    op = ops.get(name)
+    for cfg in (CONFIGS[1], cfg3):
+        x, w = _data(cfg, 13)
+        y_shape = np.asarray(_conv(x, w, cfg, op, "xla")).shape
+        cot = jnp.asarray(np.random.default_rng(14).standard_normal(y_shape).astype(np.float32))
+
+        def grads(engine, cfg=cfg, cot=cot, x=x, w=w):
+            return jax.jit(jax.grad(
+                lambda p, q: jnp.sum(_conv_traced(p, q, cfg, op, engine) * cot),
+                argnums=(0, 1)))(x, w)
+
+        for got, expect in zip(grads("pallas"), grads("xla"), strict=True):
+            np.testing.assert_allclose(got, expect, rtol=1e-4, atol=1e-4)
