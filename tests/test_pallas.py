@@ -190,12 +190,16 @@ def test_gradients_match_xla_engine(name, ties):
         np.testing.assert_allclose(got, expect, rtol=1e-4, atol=1e-4)
 
 
-def test_dispatch_and_interpret_detection():
-    assert engine_pallas.default_interpret() == (jax.default_backend() == "cpu")
-    # "auto" keeps the XLA engine on CPU; "pallas" forces the kernel (interpret mode here).
-    assert not conv_mod._pallas_is_default() or jax.default_backend() != "cpu"
-    blocks = engine_pallas.default_blocks(interpret=True)
-    assert (blocks.bm, blocks.bn, blocks.bk) == (8, 8, 8)
+def test_dispatch_platform_chosen_at_lowering():
+    # No backend query: every platform gets its own kernel in one traced function.
+    backends = dict(engine_pallas.platform_backends())
+    assert backends["cpu"].kind == "interpret" and backends["tpu"].kind == "mosaic"
+    assert backends["cuda"].kind == "triton" and backends["rocm"].kind == "triton"
+    assert backends["cpu"].blocks == engine_pallas.INTERPRET_BLOCKS
+    assert all(be.kind == "interpret" for _, be in engine_pallas.platform_backends(
+        interpret=True))
+    # "auto" keeps the XLA engine (the Pallas kernels are not measured faster anywhere yet).
+    assert not conv_mod._pallas_is_default()
 
 
 def test_3d_depthwise_and_vmap():
@@ -231,3 +235,96 @@ def test_gpu_style_power_of_two_tiles_in_interpret_mode():
     np.testing.assert_allclose(v_p, v_x, rtol=1e-5)
     for got, expect in zip(g_p, g_x, strict=True):
         np.testing.assert_allclose(got, expect, rtol=1e-4, atol=1e-5)
+
+
+# The TPU kernel form (aligned chunks walked with static slices, one kernel per tap) run in
+# interpret mode with 8-wide chunks, so its numerics are checked without a TPU.
+CHUNKED = engine_pallas.Backend("interpret", engine_pallas.INTERPRET_BLOCKS, style="chunked",
+                                lane=8)
+
+
+@pytest.mark.parametrize("name", ["max_plus", "adder", "log"])
+def test_tpu_chunked_form_in_interpret_mode(name):
+    from jaxconv._src.engines.xla import Geometry
+    from jaxconv._src.engines.xla import generic_conv as xla_conv
+
+    rng = np.random.default_rng(11)
+    # K = 12 (a full 8-chunk and a ragged one), M = 2*3*4 = 24 rows, O = 10 features.
+    x = np.round(rng.standard_normal((2, 5, 4, 24)), 1).astype(np.float32)
+    w = np.round(rng.standard_normal((3, 3, 12, 10)), 1).astype(np.float32)
+    geom = Geometry((5, 4), (3, 3), (2, 1), ((1, 1), (1, 1)), (1, 1), (1, 1), 2)
+    op = ops.get(name)
+    cot = rng.standard_normal((2, 3, 4, 10)).astype(np.float32)
+
+    def loss(conv, **kw):
+        return jax.jit(jax.value_and_grad(
+            lambda p, q: jnp.sum(conv(p, q, geom, op, **kw) * cot), argnums=(0, 1)))(x, w)
+
+    (v_p, g_p), (v_x, g_x) = loss(engine_pallas.generic_conv, backend=CHUNKED), loss(xla_conv)
+    np.testing.assert_allclose(v_p, v_x, rtol=1e-5)
+    for got, expect in zip(g_p, g_x, strict=True):
+        np.testing.assert_allclose(got, expect, rtol=1e-4, atol=1e-5)
+
+
+def test_custom_vjp_combine_keeps_its_rule():
+    # The kernel computes combine's primal; the backward still applies the custom rule
+    # (the straight-through sign's gradient, not the sign's zero derivative).
+    from jaxconv import quantizers
+
+    op = jaxconv.Op(lambda p, q: quantizers.ste_sign(p) * q, "sum", name="ste_times")
+    cfg = CONFIGS[0]
+    x, w = _data(cfg, 12)
+
+    def grads(engine):
+        return jax.jit(jax.grad(lambda p, q: jnp.sum(jnp.sin(_conv_traced(p, q, cfg, op,
+                                                                          engine))),
+                                argnums=(0, 1)))(x, w)
+
+    got, expect = grads("pallas"), grads("xla")
+    assert np.abs(np.asarray(got[0])).max() > 0
+    for g, e in zip(got, expect, strict=True):
+        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
+
+
+def test_primal_strips_custom_derivatives():
+    from jaxconv import quantizers
+    from jaxconv._src.engines.primal import primal
+
+    def f(p, q):
+        body = lambda i, acc: acc + quantizers.ste_sign(p) * jax.nn.relu(q)  # noqa: E731
+        return ops.adder.combine(p, q) + lax.fori_loop(0, 2, body, jnp.zeros_like(p))
+
+    def vjp(p, q, c):
+        return jax.vjp(f, p, q)[1](c)
+
+    p = jnp.linspace(-2, 2, 12).reshape(3, 4)
+    q = jnp.full((3, 4), 0.25)
+    for fn, args in ((f, (p, q)), (vjp, (p, q, p))):
+        text = str(jax.make_jaxpr(primal(fn))(*args))
+        assert "custom_vjp_call" not in text and "custom_jvp_call" not in text
+        for got, expect in zip(jax.tree.leaves(primal(fn)(*args)),
+                               jax.tree.leaves(fn(*args)), strict=True):
+            np.testing.assert_allclose(got, expect, rtol=1e-6)
+    # A function without custom rules is returned as is.
+    assert primal(jnp.add)(p, q).shape == (3, 4)
+
+
+@pytest.mark.parametrize("name", ["max_plus", "adder", "log"])
+def test_gradients_dilations_negative_padding_3d(name):
+    # lhs_dilation holes and cropping (1-D), and a strided 3-D depthwise layer: the implicit
+    # GEMM's phases, shifts and masks in the backward against the XLA engine.
+    cfg3 = ("3d_depthwise", ("NDHWC", "DHWIO", "NDHWC"), "SAME", (1, 2, 1), None, None, 3,
+            (1, 4, 5, 4, 3), (2, 3, 2, 1, 6))
+    op = ops.get(name)
+    for cfg in (CONFIGS[1], cfg3):
+        x, w = _data(cfg, 13)
+        y_shape = np.asarray(_conv(x, w, cfg, op, "xla")).shape
+        cot = jnp.asarray(np.random.default_rng(14).standard_normal(y_shape).astype(np.float32))
+
+        def grads(engine, cfg=cfg, cot=cot, x=x, w=w):
+            return jax.jit(jax.grad(
+                lambda p, q: jnp.sum(_conv_traced(p, q, cfg, op, engine) * cot),
+                argnums=(0, 1)))(x, w)
+
+        for got, expect in zip(grads("pallas"), grads("xla"), strict=True):
+            np.testing.assert_allclose(got, expect, rtol=1e-4, atol=1e-4)

@@ -1,42 +1,73 @@
-"""The Pallas engine: any ``Op`` as a blocked semiring matmul, one kernel call per tap.
+"""The Pallas engine: any ``Op`` as a blocked semiring matmul, for GPU (Triton) and TPU (Mosaic).
 
-The core is :func:`semiring_matmul`, a Pallas kernel for
+The core is a Pallas kernel for
 
     out[g, m, n] = REDUCE_k combine(a[g, m, k], b[g, k, n])
 
 on a grid ``(G, M / bm, N / bn)`` whose axes are all parallel: each program owns one
-``(bm, bn)`` output tile, keeps its accumulator in registers / VMEM (initialised with the
-reduce's identity, or with the running result of the previous taps) and walks K inside the
-kernel, in blocks of ``bk`` columns, by rank-1 steps
-``acc = reduce(acc, combine(a[:, k], b[k, :]))``. Combine and reduce are fused and no
-``(bm, bk, bn)`` product is ever stored. (K is a loop, not a grid axis: on GPU the programs
-of a grid run concurrently, so accumulating over a grid axis would race.) Only the binary
-form of the reduce is used, so any reduce works (``sum``, ``max``, ``min``, ``prod``,
-``logsumexp``, a user's ``myadd``) and NaN propagates (elementwise ``maximum`` keeps NaN,
-unlike XLA CPU's vectorised max reductions).
+``(bm, bn)`` output tile, keeps its accumulator in registers (GPU) / vregs (TPU), initialised
+with the reduce's identity or with the running result of the previous taps, and walks K
+inside the kernel by rank-1 steps ``acc = reduce(acc, combine(a[:, k], b[k, :]))``. Combine
+and reduce are fused and no ``(bm, bk, bn)`` product is stored. K is a loop, not a grid
+axis: the programs of a GPU grid run concurrently, so accumulating over a grid axis would
+race. Only the binary form of the reduce is used, so any reduce works (``sum``, ``max``,
+``min``, ``prod``, ``logsumexp``, a user's ``myadd``) and NaN propagates.
+
+**One jitted function for every platform.** The platform is chosen when the program is
+lowered, never from ``jax.default_backend()``: :func:`generic_conv` traces one variant per
+platform and joins them with ``lax.platform_dependent`` (``cpu``: interpret mode; ``cuda`` /
+``rocm``: Triton; ``tpu``: Mosaic), so a function lowered for another platform than the
+host's (cross-lowering, ``jax.export``, a CPU host driving accelerators) gets that
+platform's kernel. The forward and the backward each dispatch on their own, and the values
+that cross between them are unpadded, so the platforms may use different tiles.
+
+**GPU: Triton, chosen explicitly** through ``compiler_params=pallas.triton.CompilerParams``.
+jax 0.10's default GPU backend for ``pallas_call`` is Mosaic GPU, which moves every block
+through shared memory with TMA copies: its global strides must be multiples of 16 bytes and
+the blocks must fit the 227 KiB of shared memory, so ragged channel counts (3, 10, 27, ...)
+and full-K blocks fail there, and it has no lowering for a ``custom_vjp`` combine at all.
+Triton addresses global memory through pointers, loads only what the kernel indexes (a
+``(bm, 1)`` column, a ``(1, bn)`` row), and accepts any stride; its one rule is that block
+shapes are powers of two, which :class:`BlockSizes` ``pow2`` meets by padding whole extents
+outside the kernel. The accumulator tile (64 x 64 f32, 32 registers per thread at 4 warps)
+lives in registers; nothing is staged in shared memory.
+
+**TPU: Mosaic** with the ``(8, 128)`` layout rules: every block's last two dimensions are
+multiples of ``(8, 128)`` (16 sublanes for bf16 hold, as tiles are 128 or the whole padded
+extent) or the full padded extent; operands are padded outside the kernel. The kernel loads
+aligned ``128``-wide chunks of K and walks each chunk with static slices (lane/sublane
+broadcasts), instead of the dynamic one-column loads the Triton form uses; every block fits
+the default scoped VMEM (the largest is ``128 x K`` of ``a``).
+
+**Combine in a kernel: primal only.** The kernels evaluate ``combine`` (and, in the backward,
+combine's VJP, traced to a jaxpr outside of any kernel logic) through
+:func:`jaxconv._src.engines.primal.primal`, which replaces every ``custom_vjp`` /
+``custom_jvp`` call by the computation it wraps: AdderNet's combine, a straight-through
+quantizer or ``jax.nn.relu`` lower on Triton and Mosaic. Gradients come from this engine's
+own backward kernels, never from differentiating inside a kernel.
 
 :func:`generic_conv` has the XLA engine's signature and semantics. For every kernel tap the
-(padded) input is sliced exactly as the XLA engine does (no im2col tensor), the tap is one
-``semiring_matmul`` call whose accumulator input is the previous taps' result (the taps are
-a ``lax.scan``, so each kernel is traced and compiled once), and a per-row
-mask leaves rows whose tap falls in padding (or an ``lhs_dilation`` hole) untouched, which is
-the identity-padding semantics; ops with a ``pad_value`` pad with the value instead. Feature
-groups are the kernel's leading grid axis; a dense product is a conv with one tap.
+(padded) input is sliced as the XLA engine does (no im2col tensor), the tap is one kernel
+call whose accumulator input is the previous taps' result (a ``lax.scan``, so each kernel is
+traced once), and a per-row mask leaves rows whose tap falls in padding (or an
+``lhs_dilation`` hole) untouched, which is identity padding; ops with a ``pad_value`` pad
+with the value. Feature groups are the kernel's leading grid axis; a dense product is a conv
+with one tap.
 
 Gradients (``custom_vjp``) for ``sum``, ``max``, ``min`` and ``logsumexp`` are Pallas kernels
-too: two kernels with the roles transposed (``dx`` reduces over the output features, ``dw``
-over the rows) recompute ``combine`` block by block and push the output cotangent through
-``combine``'s own VJP (so AdderNet's and the STE rules apply), with the reduce's rule:
-``sum`` passes ``g``; ``max``/``min`` pass ``g / count`` to the taps equal to the output
-(ties split equally, the count being one more semiring-matmul pass); ``logsumexp`` passes
-``g * exp(c - y)``. Other reduces (``prod``, user callables) run the Pallas forward and take
-their gradient from the XLA engine (recomputed there), because a winning-term rule does not
-exist for an arbitrary reduce.
+too: ``dx`` (grid over ``(G, M, K)`` tiles, a loop over the output features) and ``dw``
+(grid over ``(G, K, N)`` tiles and chunks of ``red`` rows, whose partial sums are added
+outside, so the GPU has enough programs) recompute ``combine`` and push the output
+cotangent through combine's own VJP (AdderNet's and the STE rules apply), with the reduce's
+rule: ``sum`` passes ``g``; ``max``/``min`` pass ``g / count`` to the taps equal to the output
+(ties split equally as ``jax.grad(jnp.max)``; the count is one more forward pass);
+``logsumexp`` passes ``g * exp(c - y)`` (the softmax). Other reduces (``prod``, user
+callables) run the Pallas forward and take their gradient from the XLA engine.
 
-Block sizes: 64 x 64 output tiles with 32-deep K blocks on GPU, 128 x 128 x 128 on TPU, and
-8 x 8 x 8 in interpret mode (CPU), small so that tests cover several blocks and ragged edges.
-On CPU the kernels run with ``interpret=True`` (detected from the backend): correct, but slow
--- the XLA engine is the CPU engine; this one is for accelerators.
+Block sizes: 64 x 64 output tiles on GPU (K padded to a power of two), 128 x 128 x 128 on
+TPU, 8 x 8 x 8 in interpret mode (CPU), small so that tests cover several blocks and ragged
+edges. On CPU the kernels run in interpret mode: correct, but slow -- the XLA and native
+engines are the CPU engines; this one is for accelerators.
 """
 
 from __future__ import annotations
@@ -57,6 +88,7 @@ from jaxconv._src.core import algebra
 from jaxconv._src.core.algebra import Op
 from jaxconv._src.engines import taps
 from jaxconv._src.engines import xla as engine_xla
+from jaxconv._src.engines.primal import primal
 from jaxconv._src.engines.xla import Geometry
 
 Array = jax.Array
@@ -66,32 +98,100 @@ Array = jax.Array
 class BlockSizes:
     """Tile sizes of the semiring matmul: ``bm x bn`` output tiles, ``bk``-deep K blocks.
 
-    ``pow2``: pad every extent a kernel sees whole (K in the forward, the reduced M or N in
-    the gradient kernels) to a power of two, and keep tiles powers of two -- Triton (GPU)
-    only handles power-of-two block shapes.
+    ``pow2``: pad every extent a kernel sees whole to a power of two and keep tiles powers
+    of two (Triton only handles power-of-two block shapes). ``red``: rows of M one program
+    of the ``dw`` kernel reduces (the partial sums of the chunks are added outside).
     """
 
     bm: int
     bn: int
     bk: int
     pow2: bool = False
+    red: int = 256
 
 
-GPU_BLOCKS = BlockSizes(64, 64, 32, pow2=True)
-TPU_BLOCKS = BlockSizes(128, 128, 128)
-INTERPRET_BLOCKS = BlockSizes(8, 8, 8)
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    """How the kernels of one platform are built.
+
+    Args:
+      kind: ``"interpret"`` (any platform, the CPU's), ``"triton"`` (CUDA / ROCm) or
+        ``"mosaic"`` (TPU).
+      blocks: the tile sizes.
+      style: ``"rank1"``: one column of ``a`` and one row of ``b`` loaded per step at a
+        dynamic offset (Triton's pointer loads); ``"chunked"``: aligned ``lane``-wide chunks
+        loaded, then walked with static slices (Mosaic's layout rules).
+      lane: chunk width of the ``"chunked"`` style (128 on TPU).
+      num_warps: Triton warps per program.
+      num_stages: Triton software-pipelining stages.
+    """
+
+    kind: str
+    blocks: BlockSizes
+    style: str = "rank1"
+    lane: int = 128
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("interpret", "triton", "mosaic"):
+            raise ValueError(f"Backend: `kind` must be 'interpret', 'triton' or 'mosaic', "
+                             f"got {self.kind!r}.")
+        if self.style not in ("rank1", "chunked"):
+            raise ValueError(f"Backend: `style` must be 'rank1' or 'chunked', got {self.style!r}.")
 
 
-def default_interpret() -> bool:
-    """Interpret mode everywhere except on GPU and TPU backends."""
-    return jax.default_backend() not in ("gpu", "tpu", "cuda", "rocm")
+GPU_BLOCKS = BlockSizes(64, 64, 32, pow2=True, red=256)
+TPU_BLOCKS = BlockSizes(128, 128, 128, red=512)
+INTERPRET_BLOCKS = BlockSizes(8, 8, 8, red=16)
+
+# The platforms ``lax.platform_dependent`` dispatches on, and their kernels.
+PLATFORM_BACKENDS: dict[str, Backend] = {
+    "cpu": Backend("interpret", INTERPRET_BLOCKS),
+    "cuda": Backend("triton", GPU_BLOCKS),
+    "rocm": Backend("triton", GPU_BLOCKS),
+    "tpu": Backend("mosaic", TPU_BLOCKS, style="chunked"),
+}
 
 
-def default_blocks(interpret: bool) -> BlockSizes:
-    """The block sizes for the current backend (or for interpret mode)."""
-    if interpret:
-        return INTERPRET_BLOCKS
-    return TPU_BLOCKS if jax.default_backend() == "tpu" else GPU_BLOCKS
+def platform_backends(
+    *, interpret: bool | None = None, blocks: BlockSizes | None = None,
+    backend: Backend | None = None,
+) -> tuple[tuple[str, Backend], ...]:
+    """The ``(platform, Backend)`` pairs a call dispatches on.
+
+    Args:
+      interpret: ``True``: interpret mode on every platform (debugging); ``None`` / ``False``:
+        each platform's kernel (CPU has no compiled Pallas, so it always interprets).
+      blocks: tile sizes for every platform (default: each platform's).
+      backend: one backend for every platform (overrides the other two).
+
+    Returns:
+      A hashable tuple, a static argument.
+    """
+    if backend is not None:
+        return tuple((p, backend) for p in PLATFORM_BACKENDS)
+    out = []
+    for p, be in PLATFORM_BACKENDS.items():
+        if interpret:
+            be = Backend("interpret", INTERPRET_BLOCKS)
+        if blocks is not None:
+            be = dataclasses.replace(be, blocks=blocks)
+        out.append((p, be))
+    return tuple(out)
+
+
+def _on_platforms(
+    backends: tuple[tuple[str, Backend], ...], make: Callable[[Backend], Callable[..., Any]],
+    *args: Any,
+) -> Any:
+    """``make(backend)(*args)`` for the platform the program is lowered for."""
+    kinds = {be for _, be in backends}
+    if len(kinds) == 1:
+        return make(next(iter(kinds)))(*args)
+    cache: dict[Backend, Callable[..., Any]] = {}
+    branches = {p: cache.setdefault(be, make(be)) for p, be in backends}
+    return lax.platform_dependent(*args, **branches)
 
 
 def _ident(op: Op, dtype: Any) -> float | int:
@@ -111,7 +211,8 @@ def _next_pow2(v: int) -> int:
 def _fit(blocks: BlockSizes, m: int, n: int, k: int) -> BlockSizes:
     """Shrinks tiles for small problems (never above the block size).
 
-    Tiles become multiples of 8, or powers of two (at least 16) with ``pow2``.
+    Tiles become multiples of 8 (then they equal the whole padded extent), or powers of two
+    (at least 16) with ``pow2``.
     """
     if blocks.pow2:
         def fit(b: int, v: int) -> int:
@@ -119,7 +220,8 @@ def _fit(blocks: BlockSizes, m: int, n: int, k: int) -> BlockSizes:
     else:
         def fit(b: int, v: int) -> int:
             return min(b, _round_up(v, 8))
-    return BlockSizes(fit(blocks.bm, m), fit(blocks.bn, n), fit(blocks.bk, k), blocks.pow2)
+    return dataclasses.replace(blocks, bm=fit(blocks.bm, m), bn=fit(blocks.bn, n),
+                               bk=fit(blocks.bk, k))
 
 
 def _padded(v: int, block: int, pow2: bool) -> int:
@@ -134,13 +236,62 @@ def _pad_to(a: Array, shape: tuple[int, ...]) -> Array:
     return jnp.pad(a, widths)
 
 
-def _compiler_params(ndims: int) -> Any:
-    """Every grid axis is parallel (the contraction is a loop inside the kernel)."""
-    if jax.default_backend() != "tpu":
-        return None
+def _call_options(backend: Backend, ndims: int) -> dict[str, Any]:
+    """``pallas_call`` keywords selecting the backend: every grid axis is parallel."""
+    if backend.kind == "interpret":
+        return {"interpret": True}
+    if backend.kind == "triton":
+        from jax.experimental.pallas import triton as pltriton
+
+        return {"compiler_params": pltriton.CompilerParams(
+            num_warps=backend.num_warps, num_stages=backend.num_stages)}
     from jax.experimental.pallas import tpu as pltpu
 
-    return pltpu.CompilerParams(dimension_semantics=("parallel",) * ndims)
+    return {"compiler_params": pltpu.CompilerParams(
+        dimension_semantics=("parallel",) * ndims)}
+
+
+def _chunk(backend: Backend, extent: int) -> int:
+    """Width of the static chunks the ``"chunked"`` style walks an axis of ``extent`` in."""
+    return backend.lane if extent % backend.lane == 0 else extent
+
+
+def _take(v: Array, j: int, axis: int) -> Array:
+    """Static slice ``j:j+1`` of ``v`` along ``axis`` (``v`` itself when it has one entry)."""
+    if v.shape[axis] == 1:
+        return v
+    return lax.slice_in_dim(v, j, j + 1, axis=axis)
+
+
+def _walk(
+    backend: Backend, total: int, extent: int, load: Callable[[Any, int], tuple[Array, ...]],
+    step: Callable[[Array, tuple[Array, ...], int], Array], acc: Array,
+) -> Array:
+    """``acc = step(acc, views, j)`` for every index ``0 <= i < total`` of a walked axis.
+
+    ``load(start, size)`` returns the operands' slices ``[start, start + size)`` along the
+    walked axis; ``step`` takes entry ``j`` of them (:func:`_take`). ``"rank1"``: one dynamic
+    slice of size 1 per index. ``"chunked"``: aligned chunks (``extent``, the padded length of
+    the axis, is a multiple of the chunk), each walked with static slices; the last chunk only
+    as far as ``total``.
+    """
+    if backend.style == "rank1":
+        return lax.fori_loop(0, total, lambda i, a: step(a, load(i, 1), 0), acc)
+    size = _chunk(backend, extent)
+
+    def chunk(a: Array, views: tuple[Array, ...], count: int) -> Array:
+        for j in range(count):
+            a = step(a, views, j)
+        return a
+
+    full = total // size
+    if full:
+        acc = lax.fori_loop(
+            0, full,
+            lambda c, a: chunk(a, load(pl.multiple_of(c * size, size), size), size), acc)
+    if total % size:
+        acc = chunk(acc, load(full * size, size), total % size)
+    return acc
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -148,21 +299,17 @@ def _compiler_params(ndims: int) -> Any:
 
 def _contract_kernel(
     *refs: Any,
+    backend: Backend,
     term: Callable[..., Array],
     binary: Callable[[Array, Array], Array],
     ident: Any,
     acc_dtype: Any,
-    bk: int,
     k_total: int,
     has_y: bool,
     has_acc: bool,
     has_mask: bool,
 ) -> None:
-    """One ``(bm, bn)`` output tile: ``acc = binary(acc, term(combine(a[:, k], b[k, :])))``.
-
-    The accumulator lives in registers / VMEM for the whole contraction: an outer loop over
-    K blocks of ``bk`` columns, an inner loop of rank-1 updates within a block.
-    """
+    """One ``(bm, bn)`` output tile: ``acc = binary(acc, term(combine(a[:, k], b[k, :])))``."""
     refs = list(refs)
     a_ref, b_ref = refs[0], refs[1]
     pos = 2
@@ -175,25 +322,19 @@ def _contract_kernel(
         mask_ref, pos = refs[pos], pos + 1
     o_ref = refs[pos]
     shape = o_ref.shape[1:]
-    if acc_ref is not None:
-        start = acc_ref[0]
-    else:
-        start = jnp.full(shape, ident, acc_dtype)
+    start = acc_ref[0] if acc_ref is not None else jnp.full(shape, ident, acc_dtype)
     y = y_ref[0] if y_ref is not None else None
 
-    def step(k: Any, acc: Array) -> Array:
-        col = a_ref[0, :, pl.ds(k, 1)]  # (bm, 1)
-        row = b_ref[0, pl.ds(k, 1), :]  # (1, bn)
-        c = term(jnp.broadcast_to(col, shape), jnp.broadcast_to(row, shape), y)
-        return binary(acc, c.astype(acc_dtype))
+    def load(k: Any, size: int) -> tuple[Array, Array]:
+        return a_ref[0, :, pl.ds(k, size)], b_ref[0, pl.ds(k, size), :]
 
-    def block(kb: Any, acc: Array) -> Array:
-        return lax.fori_loop(kb * bk, kb * bk + bk, step, acc)
+    def step(acc: Array, views: tuple[Array, Array], j: int) -> Array:
+        col = jnp.broadcast_to(_take(views[0], j, 1), shape)  # a[:, k] across the tile
+        row = jnp.broadcast_to(_take(views[1], j, 0), shape)  # b[k, :] down the tile
+        return binary(acc, term(col, row, y).astype(acc_dtype))
 
-    # Full K blocks, then the ragged tail: the zero padding of K never reaches combine.
-    acc = lax.fori_loop(0, k_total // bk, block, start)
-    if k_total % bk:
-        acc = lax.fori_loop(k_total - k_total % bk, k_total, step, acc)
+    # The loop runs over the real K only: the zero padding of K never reaches combine.
+    acc = _walk(backend, k_total, a_ref.shape[-1], load, step, start)
     if mask_ref is not None:
         # Rows whose tap lies in padding keep their previous value: the tap is skipped.
         acc = jnp.where(mask_ref[...] != 0, acc, start)
@@ -204,25 +345,24 @@ def _contract(
     a: Array,
     b: Array,
     *,
+    backend: Backend,
     term: Callable[..., Array],
     binary: Callable[[Array, Array], Array],
     ident: Any,
     acc_dtype: Any,
     blocks: BlockSizes,
     k_total: int,
-    interpret: bool,
     y: Array | None = None,
     acc: Array | None = None,
     mask: Array | None = None,
 ) -> Array:
     """Padded operands ``a (G, Mp, Kp)``, ``b (G, Kp, Np)`` -> ``(G, Mp, Np)``.
 
-    Grid ``(G, Mp / bm, Np / bn)``, every axis parallel (on GPU the programs of a grid run
-    concurrently, so the contraction is a loop inside the kernel, not a grid axis).
+    Grid ``(G, Mp / bm, Np / bn)``, every axis parallel.
     """
     g, mp, kp = a.shape
     np_ = b.shape[-1]
-    bm, bn, bk = blocks.bm, blocks.bn, blocks.bk
+    bm, bn = blocks.bm, blocks.bn
     grid = (g, mp // bm, np_ // bn)
     out_spec = pl.BlockSpec((1, bm, bn), lambda gi, i, j: (gi, i, j))
     in_specs = [
@@ -240,8 +380,8 @@ def _contract(
         in_specs.append(pl.BlockSpec((bm, 1), lambda gi, i, j: (i, 0)))
         args.append(mask)
     kernel = functools.partial(
-        _contract_kernel, term=term, binary=binary, ident=ident, acc_dtype=acc_dtype, bk=bk,
-        k_total=k_total, has_y=y is not None, has_acc=acc is not None,
+        _contract_kernel, backend=backend, term=term, binary=binary, ident=ident,
+        acc_dtype=acc_dtype, k_total=k_total, has_y=y is not None, has_acc=acc is not None,
         has_mask=mask is not None)
     return pl.pallas_call(
         kernel,
@@ -249,10 +389,26 @@ def _contract(
         grid=grid,
         in_specs=in_specs,
         out_specs=out_spec,
-        interpret=interpret,
-        compiler_params=_compiler_params(3),
         name="jaxconv_semiring_matmul",
+        **_call_options(backend, 3),
     )(*args)
+
+
+def _combine_term(op: Op) -> Callable[..., Array]:
+    comb = primal(op.combine)
+    return lambda xv, wv, y: comb(xv, wv)
+
+
+def _matmul_one(backend: Backend, op: Op, acc_dtype: Any, a: Array, b: Array) -> Array:
+    g, m, k = a.shape
+    n = b.shape[-1]
+    bs = _fit(backend.blocks, m, n, k)
+    mp, np_, kp = (_padded(m, bs.bm, bs.pow2), _padded(n, bs.bn, bs.pow2),
+                   _padded(k, bs.bk, bs.pow2))
+    return _contract(
+        _pad_to(a, (g, mp, kp)), _pad_to(b, (g, kp, np_)), backend=backend,
+        term=_combine_term(op), binary=algebra.binary(op), ident=_ident(op, acc_dtype),
+        acc_dtype=acc_dtype, blocks=bs, k_total=k)[:, :m, :n]
 
 
 def semiring_matmul(
@@ -263,19 +419,30 @@ def semiring_matmul(
     acc_dtype: Any | None = None,
     blocks: BlockSizes | None = None,
     interpret: bool | None = None,
+    backend: Backend | None = None,
 ) -> Array:
     """``out[g, m, n] = REDUCE_k combine(a[g, m, k], b[g, k, n])`` as one Pallas kernel.
+
+    The kernel is chosen per platform when the program is lowered (interpret mode on CPU,
+    Triton on CUDA / ROCm, Mosaic on TPU). Forward only (no gradient rule).
 
     Args:
       a: ``(G, M, K)`` or ``(M, K)`` left operand.
       b: ``(G, K, N)`` or ``(K, N)`` right operand.
       op: the product (``op.rewrite`` and ``op.pad_value`` are not used; ``op.post`` is).
       acc_dtype: accumulation and output dtype (default: the XLA engine's choice).
-      blocks: tile sizes (default: :func:`default_blocks`).
-      interpret: run the kernel in interpret mode (default: on CPU).
+      blocks: tile sizes for every platform (default: each platform's).
+      interpret: ``True``: interpret mode on every platform.
+      backend: one :class:`Backend` for every platform (tests).
 
     Returns:
       ``(G, M, N)`` (or ``(M, N)``) in ``acc_dtype``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxconv import ops
+      >>> semiring_matmul(jnp.zeros((2, 3)), jnp.ones((3, 4)), ops.max_plus).shape
+      (2, 4)
     """
     squeeze = a.ndim == 2
     if squeeze:
@@ -283,17 +450,9 @@ def semiring_matmul(
     dtype = jnp.result_type(a.dtype, b.dtype)
     a, b = a.astype(dtype), b.astype(dtype)
     acc_dtype = jnp.dtype(acc_dtype or algebra.accumulation_dtype(op, dtype, None))
-    interpret = default_interpret() if interpret is None else interpret
-    g, m, k = a.shape
-    n = b.shape[-1]
-    bs = _fit(blocks or default_blocks(interpret), m, n, k)
-    mp, np_, kp = (_padded(m, bs.bm, bs.pow2), _padded(n, bs.bn, bs.pow2),
-                   _padded(k, bs.bk, bs.pow2))
-    out = _contract(
-        _pad_to(a, (g, mp, kp)), _pad_to(b, (g, kp, np_)),
-        term=lambda x, w, y: op.combine(x, w), binary=algebra.binary(op),
-        ident=_ident(op, acc_dtype), acc_dtype=acc_dtype, blocks=bs,
-        k_total=k, interpret=interpret)[:, :m, :n]
+    backends = platform_backends(interpret=interpret, blocks=blocks, backend=backend)
+    out = _on_platforms(
+        backends, lambda be: functools.partial(_matmul_one, be, op, acc_dtype), a, b)
     if op.post is not None:
         out = op.post(out)
     return out[0] if squeeze else out
@@ -301,54 +460,75 @@ def semiring_matmul(
 
 def _grad_kernel(
     a_ref: Any, bt_ref: Any, y_ref: Any, s_ref: Any, mask_ref: Any, o_ref: Any, *,
-    op: Op, rule: Callable[..., Array], acc_dtype: Any, red_total: int, wrt: int,
+    backend: Backend, combine: Callable[..., Array], combine_vjp: Callable[..., Any],
+    rule: Callable[..., Array], acc_dtype: Any, red_total: int, wrt: int,
 ) -> None:
     """One gradient tile; ``wrt=0``: ``dx (bm, bk)`` summed over n, ``wrt=1``: ``dw (bk, bn)``.
 
     ``wrt=0``: ``a_ref`` is ``a (bm, bk)``, ``bt_ref`` is ``b^T (Np, bk)``, ``y``/``s`` are
-    ``(bm, Np)``, ``mask`` ``(bm, 1)``; step ``j`` takes row ``j`` of ``b^T`` and column ``j`` of
-    ``y`` and ``s``. ``wrt=1``: ``a_ref`` is ``a^T (bk, Mp)``, ``bt_ref`` is ``b (bk, bn)``,
-    ``y``/``s`` are ``(Mp, bn)``, ``mask`` ``(Mp, 1)``; step ``i`` takes column ``i`` of ``a^T``
-    and row ``i`` of ``y``, ``s`` and the mask. The loop runs over the real rows / features
-    only, so padding never reaches combine's VJP.
+    ``(bm, Np)``, ``mask`` ``(bm, 1)``; step ``j`` takes row ``j`` of ``b^T`` and column ``j``
+    of ``y`` and ``s``, over the real features only. ``wrt=1``: ``a_ref`` is ``a^T (bk, R)``
+    for a chunk of ``R`` rows, ``bt_ref`` is ``b (bk, bn)``, ``y``/``s`` are ``(R, bn)``,
+    ``mask`` ``(R, 1)``; step ``i`` takes column ``i`` of ``a^T`` and row ``i`` of ``y``, ``s``
+    and the mask. Masked rows (padding, padded taps) contribute exactly 0.
     """
-    shape = o_ref.shape[1:]
+    shape = o_ref.shape[-2:]
+    if wrt == 0:
+        xv = a_ref[0]
+        valid_rows = mask_ref[...] != 0
 
-    def step(i: Any, acc: Array) -> Array:
+        def load(i: Any, size: int) -> tuple[Array, ...]:
+            return (bt_ref[0, pl.ds(i, size), :], y_ref[0, :, pl.ds(i, size)],
+                    s_ref[0, :, pl.ds(i, size)])
+    else:
+        wv = bt_ref[0]
+
+        def load(i: Any, size: int) -> tuple[Array, ...]:
+            return (a_ref[0, :, pl.ds(i, size)], y_ref[0, pl.ds(i, size), :],
+                    s_ref[0, pl.ds(i, size), :], mask_ref[pl.ds(i, size), :])
+
+    def step(acc: Array, views: tuple[Array, ...], j: int) -> Array:
         if wrt == 0:
-            xv = a_ref[0]
-            wv = jnp.broadcast_to(bt_ref[0, pl.ds(i, 1), :], shape)
-            yv = y_ref[0, :, pl.ds(i, 1)]
-            sv = s_ref[0, :, pl.ds(i, 1)]
-            valid = mask_ref[...] != 0
+            x = xv
+            w = jnp.broadcast_to(_take(views[0], j, 0), shape)
+            yv, sv = _take(views[1], j, 1), _take(views[2], j, 1)
+            valid = valid_rows
         else:
-            xv = jnp.broadcast_to(a_ref[0, :, pl.ds(i, 1)], shape)
-            wv = bt_ref[0]
-            yv = y_ref[0, pl.ds(i, 1), :]
-            sv = s_ref[0, pl.ds(i, 1), :]
-            valid = mask_ref[pl.ds(i, 1), :] != 0
-        c, vjp = jax.vjp(op.combine, xv, wv)
-        dc = rule(c.astype(acc_dtype), yv, sv)
-        # Skipped (padded) taps carry no gradient, and no 0 * inf reaches it.
-        dc = jnp.where(valid, dc, 0).astype(c.dtype)
-        return acc + vjp(dc)[wrt].astype(acc_dtype)
+            x = jnp.broadcast_to(_take(views[0], j, 1), shape)
+            w = wv
+            yv, sv = _take(views[1], j, 0), _take(views[2], j, 0)
+            valid = _take(views[3], j, 0) != 0
+        c = combine(x, w)
+        dc = jnp.where(valid, rule(c.astype(acc_dtype), yv, sv), 0).astype(c.dtype)
+        d = combine_vjp(x, w, dc)[wrt].astype(acc_dtype)
+        # Skipped (padded) taps carry no gradient, even where the VJP is 0 * inf there.
+        return acc + jnp.where(valid, d, 0)
 
-    o_ref[0] = lax.fori_loop(0, red_total, step, jnp.zeros(shape, acc_dtype))
+    extent = bt_ref.shape[-2] if wrt == 0 else a_ref.shape[-1]
+    o_ref[...] = _walk(backend, red_total, extent, load, step,
+                       jnp.zeros(shape, acc_dtype)).reshape(o_ref.shape)
 
 
 def _grad_call(
-    a: Array, b: Array, y: Array, s: Array, mask: Array, *, op: Op, rule: Callable[..., Array],
-    acc_dtype: Any, blocks: BlockSizes, m_total: int, n_total: int, wrt: int, interpret: bool,
+    a: Array, b: Array, y: Array, s: Array, mask: Array, *, backend: Backend, op: Op,
+    rule: Callable[..., Array], acc_dtype: Any, blocks: BlockSizes, m_total: int,
+    n_total: int, wrt: int,
 ) -> Array:
     """Padded ``a (G, Mp, Kp)``, ``b (G, Kp, Np)``, ``y, s (G, Mp, Np)``, ``mask (Mp, 1)``.
 
-    Returns ``dx (G, Mp, Kp)`` (``wrt=0``, grid over ``(G, M, K)`` tiles, a loop over the
-    output features) or ``dw (G, Kp, Np)`` (``wrt=1``, grid over ``(G, K, N)`` tiles, a loop
-    over the rows): the forward kernel with the roles transposed.
+    Returns ``dx (G, Mp, Kp)`` (``wrt=0``: grid over ``(G, M, K)`` tiles, a loop over the
+    output features) or ``dw (G, Kp, Np)`` (``wrt=1``: grid over ``(G, K, N)`` tiles and
+    chunks of ``blocks.red`` rows, a loop over a chunk's rows; the chunks' partial sums are
+    added here, outside the kernel).
     """
     g, mp, kp = a.shape
     np_ = b.shape[-1]
     bm, bn, bk = blocks.bm, blocks.bn, blocks.bk
+    comb = primal(op.combine)
+    comb_vjp = primal(lambda xv, wv, dc: jax.vjp(op.combine, xv, wv)[1](dc))
+    kernel = functools.partial(
+        _grad_kernel, backend=backend, combine=comb, combine_vjp=comb_vjp, rule=rule,
+        acc_dtype=acc_dtype, red_total=n_total if wrt == 0 else 0, wrt=wrt)
     if wrt == 0:
         grid = (g, mp // bm, kp // bk)
         in_specs = [
@@ -358,35 +538,40 @@ def _grad_call(
             pl.BlockSpec((1, bm, np_), lambda gi, i, kk: (gi, i, 0)),
             pl.BlockSpec((bm, 1), lambda gi, i, kk: (i, 0)),
         ]
-        out_spec = pl.BlockSpec((1, bm, bk), lambda gi, i, kk: (gi, i, kk))
-        out_shape = (g, mp, kp)
-        args = (a, jnp.swapaxes(b, 1, 2), y, s, mask)
-        red_total = n_total
-    else:
-        grid = (g, kp // bk, np_ // bn)
-        in_specs = [
-            pl.BlockSpec((1, bk, mp), lambda gi, kk, j: (gi, kk, 0)),
-            pl.BlockSpec((1, bk, bn), lambda gi, kk, j: (gi, kk, j)),
-            pl.BlockSpec((1, mp, bn), lambda gi, kk, j: (gi, 0, j)),
-            pl.BlockSpec((1, mp, bn), lambda gi, kk, j: (gi, 0, j)),
-            pl.BlockSpec((mp, 1), lambda gi, kk, j: (0, 0)),
-        ]
-        out_spec = pl.BlockSpec((1, bk, bn), lambda gi, kk, j: (gi, kk, j))
-        out_shape = (g, kp, np_)
-        args = (jnp.swapaxes(a, 1, 2), b, y, s, mask)
-        red_total = m_total
-    kernel = functools.partial(
-        _grad_kernel, op=op, rule=rule, acc_dtype=acc_dtype, red_total=red_total, wrt=wrt)
-    return pl.pallas_call(
+        return pl.pallas_call(
+            kernel,
+            out_shape=jax.ShapeDtypeStruct((g, mp, kp), acc_dtype),
+            grid=grid,
+            in_specs=in_specs,
+            out_specs=pl.BlockSpec((1, bm, bk), lambda gi, i, kk: (gi, i, kk)),
+            name="jaxconv_semiring_grad_x",
+            **_call_options(backend, 3),
+        )(a, jnp.swapaxes(b, 1, 2), y, s, mask)
+    # dw: rows in chunks of `red` (a multiple of bm; padded rows carry a 0 mask).
+    red = min(_round_up(blocks.red, bm), mp)
+    if blocks.pow2:
+        red = min(_next_pow2(red), mp)
+    mr = _round_up(mp, red)
+    at = _pad_to(jnp.swapaxes(a, 1, 2), (g, kp, mr))
+    y, s, mask = _pad_to(y, (g, mr, np_)), _pad_to(s, (g, mr, np_)), _pad_to(mask, (mr, 1))
+    nred = mr // red
+    kernel = functools.partial(kernel, red_total=min(red, m_total) if nred == 1 else red)
+    part = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct(out_shape, acc_dtype),
-        grid=grid,
-        in_specs=in_specs,
-        out_specs=out_spec,
-        interpret=interpret,
-        compiler_params=_compiler_params(3),
-        name=f"jaxconv_semiring_grad_{'x' if wrt == 0 else 'w'}",
-    )(*args)
+        out_shape=jax.ShapeDtypeStruct((nred, g, kp, np_), acc_dtype),
+        grid=(g, kp // bk, np_ // bn, nred),
+        in_specs=[
+            pl.BlockSpec((1, bk, red), lambda gi, kk, j, r: (gi, kk, r)),
+            pl.BlockSpec((1, bk, bn), lambda gi, kk, j, r: (gi, kk, j)),
+            pl.BlockSpec((1, red, bn), lambda gi, kk, j, r: (gi, r, j)),
+            pl.BlockSpec((1, red, bn), lambda gi, kk, j, r: (gi, r, j)),
+            pl.BlockSpec((red, 1), lambda gi, kk, j, r: (r, 0)),
+        ],
+        out_specs=pl.BlockSpec((1, 1, bk, bn), lambda gi, kk, j, r: (r, gi, kk, j)),
+        name="jaxconv_semiring_grad_w",
+        **_call_options(backend, 4),
+    )(at, b, y, s, mask)
+    return part[0] if nred == 1 else jnp.sum(part, axis=0)
 
 
 # ----------------------------------------------------------------------------- conv
@@ -394,14 +579,27 @@ def _grad_call(
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Static parameters of one Pallas convolution (hashable: a ``custom_vjp`` static arg)."""
+    """Static parameters of one Pallas convolution on one backend (hashable)."""
 
     op: Op
     geom: Geometry
     acc_dtype: Any
-    blocks: BlockSizes
-    interpret: bool
+    backend: Backend
     max_block_bytes: int | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """Static parameters of one Pallas convolution on every platform (a ``custom_vjp`` arg)."""
+
+    op: Op
+    geom: Geometry
+    acc_dtype: Any
+    backends: tuple[tuple[str, Backend], ...]
+    max_block_bytes: int | None
+
+    def config(self, backend: Backend) -> Config:
+        return Config(self.op, self.geom, self.acc_dtype, backend, self.max_block_bytes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -438,7 +636,7 @@ def _problem(cfg: Config, x: Array, w: Array) -> _Problem:
     p = max(1, math.prod(cfg.geom.out_spatial))
     i = w.shape[-2]
     og = w.shape[-1] // g
-    return _Problem(n, p, g, i, og, _fit(cfg.blocks, n * p, og, i))
+    return _Problem(n, p, g, i, og, _fit(cfg.backend.blocks, n * p, og, i))
 
 
 def _tap_tables(
@@ -479,10 +677,7 @@ def _tap_lhs(cfg: Config, pr: _Problem, xp: Array, off: Array) -> Array:
 
 
 def _weights_taps(w: Array, pr: _Problem) -> Array:
-    """(*K, I, O) -> padded ``(T, G, Kp, Np)``.
-
-    Not ``taps.taps_major`` (``(T, G, Og, I)``): the matmul's ``b`` operand is K-major.
-    """
+    """(*K, I, O) -> padded ``(T, G, Kp, Np)`` (the matmul's ``b`` operand is K-major)."""
     *k, i, o = w.shape
     wt = w.reshape(math.prod(k), i, pr.g, pr.og).transpose(0, 2, 1, 3)
     return _pad_to(wt, (wt.shape[0], pr.g, pr.kp, pr.np_))
@@ -494,8 +689,8 @@ def _contract_taps(
 ) -> Array:
     """Accumulates ``term(combine)`` over every tap and channel: ``(G, Mp, Np)`` padded.
 
-    The taps are a ``lax.scan`` (the kernel is traced and compiled once); each step is one
-    kernel call whose accumulator input is the running result.
+    The taps are a ``lax.scan`` (the kernel is traced once); each step is one kernel call
+    whose accumulator input is the running result.
     """
     op = cfg.op
     pr = _problem(cfg, x, w)
@@ -509,27 +704,428 @@ def _contract_taps(
     def step(acc: Array, tap: tuple[Array, Array, Array]) -> tuple[Array, None]:
         off, r, b = tap
         acc = _contract(
-            _tap_lhs(cfg, pr, xp, off), b, term=term, binary=binary, ident=ident,
-            acc_dtype=cfg.acc_dtype, blocks=pr.blocks, k_total=pr.i, interpret=cfg.interpret,
-            y=y, acc=acc, mask=r)
+            _tap_lhs(cfg, pr, xp, off), b, backend=cfg.backend, term=term, binary=binary,
+            ident=ident, acc_dtype=cfg.acc_dtype, blocks=pr.blocks, k_total=pr.i, y=y,
+            acc=acc, mask=r)
         return acc, None
 
     acc, _ = lax.scan(step, acc0, (jnp.asarray(offsets), jnp.asarray(rows), w_taps))
     return acc
 
 
-def _forward(cfg: Config, x: Array, w: Array) -> Array:
-    """(N, *S, C), (*K, I, O) -> padded canonical ``(G, Mp, Np)`` in ``acc_dtype``."""
-    op = cfg.op
-    return _contract_taps(
-        cfg, x, w, term=lambda xv, wv, y: op.combine(xv, wv), binary=algebra.binary(op),
-        ident=_ident(op, cfg.acc_dtype))
+# ------------------------------------------------------------- implicit GEMM (taps inside)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """Static layout of the implicit-GEMM forward (every tap inside one kernel).
+
+    The padded input is split into stride phases (``xp[r::s]`` per spatial dimension); in
+    phase ``r`` the tap at offset ``k * d = q * s + r`` reads the cell ``o + q`` for output
+    ``o``. Each phase is cropped / zero-padded to ``lengths = out + max q`` and flattened to
+    rows ``(n, l)``, so a tap is a constant row shift of one phase: ``base = phase * rows_p +
+    sum_d q_d * stride_d``. The kernel computes "virtual" output rows ``(n, l)`` for every
+    ``l < lengths`` (the rows with ``l >= out`` are dropped afterwards, ~10% extra work for
+    a 3x3 SAME layer of 32 x 32).
+    """
+
+    lengths: tuple[int, ...]
+    phases: tuple[tuple[int, ...], ...]
+    tap_phase: tuple[int, ...]
+    shifts: tuple[int, ...]
+    used: tuple[int, ...]
+    masks: np.ndarray  # (T_used, prod(lengths)): 1 where a real output's tap reads a real cell
+    skips: bool  # identity padding: the forward masks the taps that read padding
+
+
+def _plan(geom: Geometry, op: Op) -> _Plan:
+    vmask = geom.valid_mask() if op.pad_value is None else None
+    used, qs, rs, masks = [], [], [], []
+    for t, tap in enumerate(geom.taps()):
+        m = geom.tap_mask(vmask, tap)
+        if m is not None and not m.any():
+            continue
+        off = taps.tap_offset(geom, tap)
+        used.append(t)
+        qs.append(tuple(o // st for o, st in zip(off, geom.strides, strict=True)))
+        rs.append(tuple(o % st for o, st in zip(off, geom.strides, strict=True)))
+        masks.append(m)
+    nsd = len(geom.window)
+    lengths = tuple(geom.out_spatial[d] + max((q[d] for q in qs), default=0)
+                    for d in range(nsd))
+    phases = tuple(sorted(set(rs)))
+    strides = [math.prod(lengths[d + 1:]) for d in range(nsd)]
+    shifts = tuple(sum(q[d] * strides[d] for d in range(nsd)) for q in qs)
+    out_masks = np.zeros((len(used), *lengths), np.int32)
+    region = tuple(slice(0, o) for o in geom.out_spatial)
+    for j, m in enumerate(masks):
+        out_masks[(j, *region)] = 1 if m is None else m
+    return _Plan(lengths, phases, tuple(phases.index(r) for r in rs), shifts, tuple(used),
+                 out_masks.reshape(len(used), -1), vmask is not None)
+
+
+def _phase_rows(xp: Array, geom: Geometry, plan: _Plan) -> Array:
+    """Padded input ``(N, *P, C)`` -> phases ``(R, N * prod(lengths), C)``."""
+    out = []
+    for r in plan.phases:
+        sl = xp[(slice(None), *(slice(ri, None, st) for ri, st in zip(r, geom.strides,
+                                                                     strict=True)))]
+        sl = sl[(slice(None), *(slice(0, ln) for ln in plan.lengths))]
+        sl = _pad_to(sl, (sl.shape[0], *plan.lengths, sl.shape[-1]))
+        out.append(sl.reshape(-1, sl.shape[-1]))
+    return jnp.stack(out)
+
+
+def _implicit_kernel(
+    *refs: Any, bases: tuple[int, ...], term: Callable[..., Array],
+    binary: Callable[[Array, Array], Array], ident: Any, acc_dtype: Any, k_total: int,
+    has_y: bool, has_mask: bool,
+) -> None:
+    """One ``(bm, bn)`` output tile, every tap and every K column walked inside the kernel.
+
+    ``a_ref`` is the whole phase-row input ``(1, R * rows_p, Kp)`` (Triton reads it through
+    pointers: only the ``(bm, 1)`` columns the kernel indexes are loaded), ``b_ref`` the
+    taps' weights ``(T, 1, Kp, bn)``, ``mask_ref`` ``(bm, T)``.
+    """
+    refs = list(refs)
+    a_ref, b_ref = refs[0], refs[1]
+    pos = 2
+    y_ref = mask_ref = None
+    if has_y:
+        y_ref, pos = refs[pos], pos + 1
+    if has_mask:
+        mask_ref, pos = refs[pos], pos + 1
+    o_ref = refs[pos]
+    shape = o_ref.shape[1:]
+    bm = shape[0]
+    row0 = pl.program_id(1) * bm
+    y = y_ref[0] if y_ref is not None else None
+    acc = jnp.full(shape, ident, acc_dtype)
+    for t, base in enumerate(bases):
+        def step(k: Any, acc: Array, t: int = t, base: int = base) -> Array:
+            col = a_ref[0, pl.ds(row0 + base, bm), pl.ds(k, 1)]
+            row = b_ref[t, 0, pl.ds(k, 1), :]
+            c = term(jnp.broadcast_to(col, shape), jnp.broadcast_to(row, shape), y)
+            return binary(acc, c.astype(acc_dtype))
+
+        new = lax.fori_loop(0, k_total, step, acc)
+        if mask_ref is not None:
+            # Rows whose tap reads padding keep their value: the tap is skipped there.
+            new = jnp.where(mask_ref[:, pl.ds(t, 1)] != 0, new, acc)
+        acc = new
+    o_ref[0] = acc
+
+
+def _to_virtual(y: Array, plan: _Plan, g: int, rows_to: int, cols_to: int) -> Array:
+    """``(N, *Os, G * Og)`` -> virtual-row canonical ``(G, rows_to, cols_to)``."""
+    n, o = y.shape[0], y.shape[-1]
+    y = _pad_to(y, (n, *plan.lengths, o)).reshape(-1, g, o // g).transpose(1, 0, 2)
+    return _pad_to(y, (g, rows_to, cols_to))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """Padded extents of the implicit-GEMM kernels for one problem."""
+
+    n: int
+    g: int
+    i: int
+    og: int
+    rows: int  # virtual output rows N * prod(lengths)
+    bs: BlockSizes
+    mp: int  # rows padded to the row tile
+    mr: int  # rows padded to the dw kernel's row chunk
+    red: int  # the dw kernel's row chunk
+    np_: int
+    kp: int
+    rows_p: int  # rows per phase in the kernels' input (room for the largest shift)
+    nph_p: int  # phases, padded
+    nt: int
+    nt_p: int  # used taps, padded
+    bases: tuple[int, ...]  # per used tap: its first row in the phase-row input
+
+    @property
+    def total_rows(self) -> int:
+        return self.nph_p * self.rows_p
+
+
+def _layout(cfg: Config, plan: _Plan, x: Array, w: Array) -> _Layout:
+    n, g = x.shape[0], cfg.geom.groups
+    i, og = w.shape[-2], w.shape[-1] // g
+    rows = n * math.prod(plan.lengths)
+    bs = _fit(cfg.backend.blocks, rows, og, i)
+    mp, np_, kp = (_padded(rows, bs.bm, bs.pow2), _padded(og, bs.bn, bs.pow2),
+                   _padded(i, bs.bk, bs.pow2))
+    red = min(_round_up(bs.red, bs.bm), mp)
+    if bs.pow2:
+        red = min(_next_pow2(red), mp)
+    mr = _round_up(mp, red)
+    rows_p = _padded(mr + max(plan.shifts), bs.bm, bs.pow2)
+    nph = len(plan.phases)
+    nph_p = _next_pow2(nph) if bs.pow2 else nph
+    nt = len(plan.used)
+    nt_p = _next_pow2(nt) if bs.pow2 else nt
+    bases = tuple(ph * rows_p + sh for ph, sh in zip(plan.tap_phase, plan.shifts, strict=True))
+    return _Layout(n, g, i, og, rows, bs, mp, mr, red, np_, kp, rows_p, nph_p, nt, nt_p, bases)
+
+
+def _implicit_operands(
+    cfg: Config, plan: _Plan, lay: _Layout, x: Array, w: Array
+) -> tuple[Array, Array]:
+    """Phase-row input ``(G, R * rows_p, Kp)`` and used taps' weights ``(T, G, Kp, Np)``."""
+    xr = _phase_rows(taps.pad_input(x, cfg.op, cfg.geom), cfg.geom, plan)  # (R, rows, C)
+    xr = xr.reshape(len(plan.phases), lay.rows, lay.g, lay.i).transpose(2, 0, 1, 3)
+    a = _pad_to(xr, (lay.g, lay.nph_p, lay.rows_p, lay.kp)).reshape(
+        lay.g, lay.total_rows, lay.kp)
+    wt = w.reshape(-1, lay.i, lay.g, lay.og).transpose(0, 2, 1, 3)[jnp.asarray(plan.used)]
+    return a, _pad_to(wt, (lay.nt_p, lay.g, lay.kp, lay.np_))
+
+
+def _mask_table(plan: _Plan, lay: _Layout, rows_to: int, front: int = 0) -> Array:
+    """``(front + rows_to, T_p)`` int32: tap validity per virtual output row."""
+    mk = np.zeros((front + rows_to, lay.nt_p), np.int32)
+    mk[front:front + lay.rows, :lay.nt] = np.tile(plan.masks, (1, lay.n)).T
+    return jnp.asarray(mk)
+
+
+def _from_virtual(out: Array, plan: _Plan, lay: _Layout, geom: Geometry) -> Array:
+    """Virtual-row canonical ``(G, >= rows, >= Og)`` -> ``(N, *Os, G * Og)``."""
+    out = out[:, :lay.rows, :lay.og].reshape(lay.g, lay.n, *plan.lengths, lay.og)
+    out = out[(slice(None), slice(None), *(slice(0, o) for o in geom.out_spatial))]
+    return jnp.moveaxis(out, 0, -2).reshape(lay.n, *geom.out_spatial, lay.g * lay.og)
+
+
+def _contract_implicit(
+    cfg: Config, x: Array, w: Array, *, term: Callable[..., Array],
+    binary: Callable[[Array, Array], Array], ident: Any, y: Array | None = None,
+) -> Array:
+    """The forward (or tie count) as one kernel with the taps inside: ``(N, *Os, O)``.
+
+    ``y``: the forward's output ``(N, *Os, O)``, for a ``term`` that compares with it.
+    """
+    geom = cfg.geom
+    plan = _plan(geom, cfg.op)
+    out_shape = (x.shape[0], *geom.out_spatial, w.shape[-1])
+    if not plan.used:
+        return jnp.full(out_shape, ident, cfg.acc_dtype)
+    lay = _layout(cfg, plan, x, w)
+    bs = lay.bs
+    a, b = _implicit_operands(cfg, plan, lay, x, w)
+    in_specs = [
+        pl.BlockSpec((1, lay.total_rows, lay.kp), lambda gi, i_, j: (gi, 0, 0)),
+        pl.BlockSpec((lay.nt_p, 1, lay.kp, bs.bn), lambda gi, i_, j: (0, gi, 0, j)),
+    ]
+    args = [a, b]
+    out_spec = pl.BlockSpec((1, bs.bm, bs.bn), lambda gi, i_, j: (gi, i_, j))
+    if y is not None:
+        in_specs.append(out_spec)
+        args.append(_to_virtual(y.astype(cfg.acc_dtype), plan, lay.g, lay.mp, lay.np_))
+    if plan.skips:
+        in_specs.append(pl.BlockSpec((bs.bm, lay.nt_p), lambda gi, i_, j: (i_, 0)))
+        args.append(_mask_table(plan, lay, lay.mp))
+    kernel = functools.partial(
+        _implicit_kernel, bases=lay.bases, term=term, binary=binary, ident=ident,
+        acc_dtype=cfg.acc_dtype, k_total=lay.i, has_y=y is not None, has_mask=plan.skips)
+    out = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((lay.g, lay.mp, lay.np_), cfg.acc_dtype),
+        grid=(lay.g, lay.mp // bs.bm, lay.np_ // bs.bn),
+        in_specs=in_specs,
+        out_specs=out_spec,
+        name="jaxconv_semiring_conv",
+        **_call_options(cfg.backend, 3),
+    )(*args)
+    return _from_virtual(out, plan, lay, geom)
+
+
+def _implicit_dw_kernel(
+    at_ref: Any, b_ref: Any, y_ref: Any, s_ref: Any, mask_ref: Any, o_ref: Any, *,
+    bases: tuple[int, ...], combine: Callable[..., Array], combine_vjp: Callable[..., Any],
+    rule: Callable[..., Array], acc_dtype: Any, red: int,
+) -> None:
+    """``dw`` of one tap (a grid axis), ``(bk, bn)`` tile, summed over a chunk of rows.
+
+    ``at_ref``: phase rows transposed ``(1, bk, R * rows_p)``; ``b_ref`` ``(1, 1, bk, bn)``;
+    ``y``/``s`` ``(1, red, bn)`` virtual rows; ``mask_ref`` ``(red, T_p)``.
+    """
+    t = pl.program_id(1)
+    base = jnp.int32(0)
+    for tt, bt in enumerate(bases):  # the tap's first row: scalar selects, no table load
+        base = lax.select(t == tt, jnp.int32(bt), base)
+    row0 = base + pl.program_id(4) * red
+    shape = o_ref.shape[-2:]
+    wv = b_ref[0, 0]
+
+    def step(i: Any, acc: Array) -> Array:
+        xv = jnp.broadcast_to(at_ref[0, :, pl.ds(row0 + i, 1)], shape)
+        yv, sv = y_ref[0, pl.ds(i, 1), :], s_ref[0, pl.ds(i, 1), :]
+        valid = mask_ref[pl.ds(i, 1), pl.ds(t, 1)] != 0
+        c = combine(xv, wv)
+        dc = jnp.where(valid, rule(c.astype(acc_dtype), yv, sv), 0).astype(c.dtype)
+        d = combine_vjp(xv, wv, dc)[1].astype(acc_dtype)
+        return acc + jnp.where(valid, d, 0)
+
+    o_ref[...] = lax.fori_loop(0, red, step, jnp.zeros(shape, acc_dtype)).reshape(o_ref.shape)
+
+
+def _implicit_dx_kernel(
+    a_ref: Any, bt_ref: Any, y_ref: Any, s_ref: Any, mask_ref: Any, o_ref: Any, *,
+    phase_taps: tuple[tuple[tuple[int, int], ...], ...], rows_p: int, front: int,
+    n_total: int, combine: Callable[..., Array], combine_vjp: Callable[..., Any],
+    rule: Callable[..., Array], acc_dtype: Any,
+) -> None:
+    """``dx`` of a ``(bm, bk)`` tile of phase rows: every tap reading that phase, every n.
+
+    Input row ``q`` of a phase gets the terms of the output rows ``q - shift`` of the taps
+    in that phase. ``bt_ref`` ``(T_p, 1, Np, bk)``; ``y``/``s`` ``(1, front + rows, Np)`` and
+    ``mask_ref`` ``(front + rows, T_p)`` start with ``front`` zero rows (shifts reach back).
+    """
+    shape = o_ref.shape[1:]
+    bm = shape[0]
+    row0 = pl.program_id(1) * bm
+    phase = lax.div(row0, jnp.int32(rows_p))  # (jnp floor division trips Triton)
+    q0 = row0 - phase * rows_p
+    xv = a_ref[0]
+
+    for ph, tap_list in enumerate(phase_taps):
+        @pl.when(phase == ph)
+        def _(tap_list: tuple[tuple[int, int], ...] = tap_list) -> None:
+            acc = jnp.zeros(shape, acc_dtype)
+            for t, shift in tap_list:
+                start = q0 - shift + front
+                valid = mask_ref[pl.ds(start, bm), pl.ds(t, 1)] != 0
+
+                def step(j: Any, acc: Array, t: int = t, start: Any = start,
+                         valid: Array = valid) -> Array:
+                    wv = jnp.broadcast_to(bt_ref[t, 0, pl.ds(j, 1), :], shape)
+                    yv = y_ref[0, pl.ds(start, bm), pl.ds(j, 1)]
+                    sv = s_ref[0, pl.ds(start, bm), pl.ds(j, 1)]
+                    c = combine(xv, wv)
+                    dc = jnp.where(valid, rule(c.astype(acc_dtype), yv, sv), 0).astype(c.dtype)
+                    d = combine_vjp(xv, wv, dc)[0].astype(acc_dtype)
+                    return acc + jnp.where(valid, d, 0)
+
+                acc = lax.fori_loop(0, n_total, step, acc)
+            o_ref[0] = acc
+
+    # Rows of the padding phases (a power-of-two count) are never read back.
+    @pl.when(phase >= len(phase_taps))
+    def _() -> None:
+        o_ref[0] = jnp.zeros(shape, acc_dtype)
+
+
+def _backward_implicit(
+    cfg: Config, x: Array, w: Array, s: Array, y: Array, rule: Callable[..., Array]
+) -> tuple[Array, Array]:
+    """``dx``, ``dw`` with the taps inside the kernels; ``s``, ``y`` are ``(N, *Os, O)``."""
+    op, geom, acc_dtype = cfg.op, cfg.geom, cfg.acc_dtype
+    plan = _plan(geom, op)
+    xp = taps.pad_input(x, op, geom)
+    t_all = math.prod(geom.window)
+    g = geom.groups
+    if not plan.used:
+        return (jnp.zeros(x.shape, x.dtype), jnp.zeros(w.shape, w.dtype))
+    lay = _layout(cfg, plan, x, w)
+    bs = lay.bs
+    a, b = _implicit_operands(cfg, plan, lay, x, w)
+    comb = primal(op.combine)
+    comb_vjp = primal(lambda xv, wv, dc: jax.vjp(op.combine, xv, wv)[1](dc))
+    kw = dict(combine=comb, combine_vjp=comb_vjp, rule=rule, acc_dtype=acc_dtype)
+
+    # dw: grid (G, taps, K tiles, N tiles, row chunks); the chunks' partial sums added here.
+    nred = lay.mr // lay.red
+    yv = _to_virtual(y, plan, g, lay.mr, lay.np_)
+    sv = _to_virtual(s, plan, g, lay.mr, lay.np_)
+    part = pl.pallas_call(
+        functools.partial(_implicit_dw_kernel, bases=lay.bases, red=lay.red, **kw),
+        out_shape=jax.ShapeDtypeStruct((nred, lay.nt_p, g, lay.kp, lay.np_), acc_dtype),
+        grid=(g, lay.nt, lay.kp // bs.bk, lay.np_ // bs.bn, nred),
+        in_specs=[
+            pl.BlockSpec((1, bs.bk, lay.total_rows), lambda gi, t, kk, j, r: (gi, kk, 0)),
+            pl.BlockSpec((1, 1, bs.bk, bs.bn), lambda gi, t, kk, j, r: (t, gi, kk, j)),
+            pl.BlockSpec((1, lay.red, bs.bn), lambda gi, t, kk, j, r: (gi, r, j)),
+            pl.BlockSpec((1, lay.red, bs.bn), lambda gi, t, kk, j, r: (gi, r, j)),
+            pl.BlockSpec((lay.red, lay.nt_p), lambda gi, t, kk, j, r: (r, 0)),
+        ],
+        out_specs=pl.BlockSpec((1, 1, 1, bs.bk, bs.bn),
+                               lambda gi, t, kk, j, r: (r, t, gi, kk, j)),
+        name="jaxconv_semiring_conv_grad_w",
+        **_call_options(cfg.backend, 5),
+    )(jnp.swapaxes(a, 1, 2), b, yv, sv, _mask_table(plan, lay, lay.mr))
+    gw_used = jnp.sum(part, axis=0)[:lay.nt, :, :lay.i, :lay.og]
+    gw_full = jnp.zeros((t_all, g, lay.i, lay.og), acc_dtype).at[
+        jnp.asarray(plan.used)].set(gw_used)
+    gw = gw_full.transpose(0, 2, 1, 3).reshape(w.shape)
+
+    # dx over phase rows: grid (G, R * rows_p / bm, K tiles).
+    front = max(plan.shifts)
+    yrows = _padded(front + lay.rows_p, bs.bm, bs.pow2)
+    yf = _pad_to(jnp.pad(yv, ((0, 0), (front, 0), (0, 0))), (g, yrows, lay.np_))
+    sf = _pad_to(jnp.pad(sv, ((0, 0), (front, 0), (0, 0))), (g, yrows, lay.np_))
+    mk = _pad_to(_mask_table(plan, lay, lay.mr, front), (yrows, lay.nt_p))
+    phase_taps = tuple(
+        tuple((t, sh) for t, (tp, sh) in enumerate(zip(plan.tap_phase, plan.shifts,
+                                                        strict=True)) if tp == ph)
+        for ph in range(len(plan.phases)))
+    dxr = pl.pallas_call(
+        functools.partial(_implicit_dx_kernel, phase_taps=phase_taps, rows_p=lay.rows_p,
+                          front=front, n_total=lay.og, **kw),
+        out_shape=jax.ShapeDtypeStruct((g, lay.total_rows, lay.kp), acc_dtype),
+        grid=(g, lay.total_rows // bs.bm, lay.kp // bs.bk),
+        in_specs=[
+            pl.BlockSpec((1, bs.bm, bs.bk), lambda gi, i_, kk: (gi, i_, kk)),
+            pl.BlockSpec((lay.nt_p, 1, lay.np_, bs.bk), lambda gi, i_, kk: (0, gi, 0, kk)),
+            pl.BlockSpec((1, yrows, lay.np_), lambda gi, i_, kk: (gi, 0, 0)),
+            pl.BlockSpec((1, yrows, lay.np_), lambda gi, i_, kk: (gi, 0, 0)),
+            pl.BlockSpec((yrows, lay.nt_p), lambda gi, i_, kk: (0, 0)),
+        ],
+        out_specs=pl.BlockSpec((1, bs.bm, bs.bk), lambda gi, i_, kk: (gi, i_, kk)),
+        name="jaxconv_semiring_conv_grad_x",
+        **_call_options(cfg.backend, 3),
+    )(a, jnp.swapaxes(b, 2, 3), yf, sf, mk)
+    # Phase rows back onto the padded input (the transpose of _phase_rows).
+    gxp = jnp.zeros(xp.shape, acc_dtype)
+    n, c = x.shape[0], x.shape[-1]
+    for ph, r in enumerate(plan.phases):
+        v = dxr[:, ph * lay.rows_p: ph * lay.rows_p + lay.rows, :lay.i]
+        v = v.transpose(1, 0, 2).reshape(n, *plan.lengths, c)
+        avail = [-(-(p - ri) // st) for p, ri, st in zip(geom.padded_spatial, r, geom.strides,
+                                                          strict=True)]
+        keep = [min(ln, av) for ln, av in zip(plan.lengths, avail, strict=True)]
+        v = v[(slice(None), *(slice(0, k) for k in keep))]
+        idx = (slice(None), *(slice(ri, ri + st * k, st)
+                              for ri, st, k in zip(r, geom.strides, keep, strict=True)))
+        gxp = gxp.at[idx].add(v)
+    _, pad_vjp = jax.vjp(lambda v: taps.pad_input(v, op, geom), x)
+    (gx,) = pad_vjp(gxp.astype(x.dtype))
+    return gx.astype(x.dtype), gw.astype(w.dtype)
+
+
+def _implicit(cfg: Config) -> bool:
+    """Whether the forward runs as one kernel with the taps inside (rank-1 backends)."""
+    return cfg.backend.style == "rank1"
+
+
+def _pad_output(cfg: Config, pr: _Problem, y: Array) -> Array:
+    """``(N, *Os, G * Og)`` -> padded canonical ``(G, Mp, Np)``."""
+    y = y.reshape(pr.m, pr.g, pr.og).transpose(1, 0, 2)
+    return _pad_to(y, (pr.g, pr.mp, pr.np_))
 
 
 def _unpad_output(cfg: Config, pr: _Problem, acc: Array) -> Array:
-    """``(G, Mp, Np)`` -> ``(N, *Os, G * Og)``."""
+    """Padded canonical ``(G, Mp, Np)`` -> ``(N, *Os, G * Og)``."""
     y = acc[:, : pr.m, : pr.og].transpose(1, 0, 2)
     return y.reshape(pr.n, *cfg.geom.out_spatial, pr.g * pr.og)
+
+
+def _forward(cfg: Config, x: Array, w: Array) -> Array:
+    """(N, *S, C), (*K, I, O) -> ``(N, *Os, O)`` in ``acc_dtype`` (before ``op.post``)."""
+    op = cfg.op
+    kw = dict(term=_combine_term(op), binary=algebra.binary(op),
+              ident=_ident(op, cfg.acc_dtype))
+    if _implicit(cfg):
+        return _contract_implicit(cfg, x, w, **kw)
+    return _unpad_output(cfg, _problem(cfg, x, w), _contract_taps(cfg, x, w, **kw))
 
 
 def _grad_rule(reduce: str) -> Callable[[Array, Array, Array], Array]:
@@ -542,39 +1138,43 @@ def _grad_rule(reduce: str) -> Callable[[Array, Array, Array], Array]:
     return lambda c, y, s: s * jnp.where(jnp.isneginf(y), 0, jnp.exp(c - y))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _conv_hand_vjp(cfg: Config, x: Array, w: Array) -> Array:
-    return _forward(cfg, x, w)
+def _count_term(cfg: Config) -> dict[str, Any]:
+    """The forward kernel's arguments that count the taps equal to the output (ties)."""
+    comb, acc_dtype = primal(cfg.op.combine), cfg.acc_dtype
+    return dict(term=lambda xv, wv, yv: (comb(xv, wv).astype(acc_dtype) == yv),
+                binary=jnp.add, ident=0)
 
 
-def _conv_hand_fwd(cfg: Config, x: Array, w: Array) -> tuple[Array, tuple[Array, ...]]:
-    y = _forward(cfg, x, w)
-    return y, (x, w, y)
+def _tie_scale(gy: Array, count: Array) -> Array:
+    """``g / count`` where some tap wins (ties split equally), else 0."""
+    return jnp.where(count > 0, gy / jnp.maximum(count, 1), 0).astype(gy.dtype)
 
 
-def _conv_hand_bwd(cfg: Config, res: tuple[Array, ...], gy: Array) -> tuple[Array, Array]:
-    x, w, y = res
+def _backward(cfg: Config, x: Array, w: Array, y: Array, gy: Array) -> tuple[Array, Array]:
+    """The hand-written backward on one backend; ``y``, ``gy`` are ``(N, *Os, O)``."""
     op, geom = cfg.op, cfg.geom
     pr = _problem(cfg, x, w)
     acc_dtype = cfg.acc_dtype
-    gy = gy.astype(acc_dtype)
-    if op.reduce in ("max", "min"):
-        # Number of tied winners per output: one more pass of the forward kernel.
-        count = _contract_taps(
-            cfg, x, w, term=lambda xv, wv, yv: (op.combine(xv, wv).astype(acc_dtype) == yv),
-            binary=jnp.add, ident=0, y=y)
-        s = jnp.where(count > 0, gy / jnp.maximum(count, 1), 0).astype(acc_dtype)
-    else:
-        s = gy
     rule = _grad_rule(op.reduce)
+    if _implicit(cfg):
+        y, gy = y.astype(acc_dtype), gy.astype(acc_dtype)
+        s = gy
+        if op.reduce in ("max", "min"):
+            s = _tie_scale(gy, _contract_implicit(cfg, x, w, y=y, **_count_term(cfg)))
+        return _backward_implicit(cfg, x, w, s, y, rule)
+    y = _pad_output(cfg, pr, y.astype(acc_dtype))
+    gy = _pad_output(cfg, pr, gy.astype(acc_dtype))
+    s = gy
+    if op.reduce in ("max", "min"):
+        s = _tie_scale(gy, _contract_taps(cfg, x, w, y=y, **_count_term(cfg)))
     xp = taps.pad_input(x, op, geom)
     used, offsets, rows = _tap_tables(cfg, pr)
     w_taps = _weights_taps(w, pr)
     gw_full = jnp.zeros((w_taps.shape[0], pr.g, pr.i, pr.og), acc_dtype)
     gxp = jnp.zeros(xp.shape, acc_dtype)
     if used.size:
-        kw = dict(op=op, rule=rule, acc_dtype=acc_dtype, blocks=pr.blocks, m_total=pr.m,
-                  n_total=pr.og, interpret=cfg.interpret)
+        kw = dict(backend=cfg.backend, op=op, rule=rule, acc_dtype=acc_dtype,
+                  blocks=pr.blocks, m_total=pr.m, n_total=pr.og)
         nsd = len(geom.window)
 
         def step(gxp: Array, tap: tuple[Array, Array, Array]) -> tuple[Array, Array]:
@@ -602,32 +1202,51 @@ def _conv_hand_bwd(cfg: Config, res: tuple[Array, ...], gy: Array) -> tuple[Arra
     return gx.astype(x.dtype), gw.astype(w.dtype)
 
 
+def _forward_all(spec: Spec, x: Array, w: Array) -> Array:
+    return _on_platforms(
+        spec.backends, lambda be: functools.partial(_forward, spec.config(be)), x, w)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _conv_hand_vjp(spec: Spec, x: Array, w: Array) -> Array:
+    return _forward_all(spec, x, w)
+
+
+def _conv_hand_fwd(spec: Spec, x: Array, w: Array) -> tuple[Array, tuple[Array, ...]]:
+    y = _forward_all(spec, x, w)
+    return y, (x, w, y)
+
+
+def _conv_hand_bwd(spec: Spec, res: tuple[Array, ...], gy: Array) -> tuple[Array, Array]:
+    x, w, y = res
+    return _on_platforms(
+        spec.backends, lambda be: functools.partial(_backward, spec.config(be)), x, w, y, gy)
+
+
 _conv_hand_vjp.defvjp(_conv_hand_fwd, _conv_hand_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _conv_xla_vjp(cfg: Config, x: Array, w: Array) -> Array:
-    return _forward(cfg, x, w)
+def _conv_xla_vjp(spec: Spec, x: Array, w: Array) -> Array:
+    return _forward_all(spec, x, w)
 
 
-def _conv_xla_fwd(cfg: Config, x: Array, w: Array) -> tuple[Array, tuple[Array, Array]]:
-    return _forward(cfg, x, w), (x, w)
+def _conv_xla_fwd(spec: Spec, x: Array, w: Array) -> tuple[Array, tuple[Array, Array]]:
+    return _forward_all(spec, x, w), (x, w)
 
 
-def _conv_xla_bwd(cfg: Config, res: tuple[Array, Array], gy: Array) -> tuple[Array, Array]:
+def _conv_xla_bwd(spec: Spec, res: tuple[Array, Array], gy: Array) -> tuple[Array, Array]:
     # prod and user reduces: no kernel form of the gradient; differentiate the XLA engine
     # (which recomputes its forward block by block under jax.checkpoint).
     x, w = res
-    pr = _problem(cfg, x, w)
-    gy = _unpad_output(cfg, pr, gy)
 
     def f(xv: Array, wv: Array) -> Array:
         return engine_xla.generic_conv(
-            xv, wv, cfg.geom, cfg.op.replace(post=None), preferred_element_type=cfg.acc_dtype,
-            max_block_bytes=cfg.max_block_bytes)
+            xv, wv, spec.geom, spec.op.replace(post=None),
+            preferred_element_type=spec.acc_dtype, max_block_bytes=spec.max_block_bytes)
 
     _, vjp = jax.vjp(f, x, w)
-    gx, gw = vjp(gy.astype(cfg.acc_dtype))
+    gx, gw = vjp(gy.astype(spec.acc_dtype))
     return gx.astype(x.dtype), gw.astype(w.dtype)
 
 
@@ -644,10 +1263,12 @@ def generic_conv(
     max_block_bytes: int | None = None,
     interpret: bool | None = None,
     blocks: BlockSizes | None = None,
+    backend: Backend | None = None,
 ) -> Array:
     """Generalized convolution on canonical layouts with Pallas kernels.
 
-    Same contract as :func:`jaxconv._src.engine_xla.generic_conv`.
+    Same contract as the XLA engine's ``generic_conv``. The kernels are chosen per platform
+    when the program is lowered: interpret mode on CPU, Triton on CUDA / ROCm, Mosaic on TPU.
 
     Args:
       x: ``(N, *spatial, C)`` input.
@@ -658,22 +1279,32 @@ def generic_conv(
       max_block_bytes: bound on intermediate bytes; the Pallas kernels keep one
         ``(bm, bn)`` tile per program, so it only matters for the XLA-engine backward of
         reduces without a kernel gradient (``prod``, user callables).
-      interpret: run the kernels in interpret mode (default: unless on GPU / TPU).
-      blocks: tile sizes (default: :func:`default_blocks`).
+      interpret: ``True``: interpret mode on every platform (debugging); default: each
+        platform's kernel.
+      blocks: tile sizes for every platform (default: each platform's).
+      backend: one :class:`Backend` for every platform (tests; overrides the other two).
 
     Returns:
       ``(N, *out_spatial, O)``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxconv import ops
+      >>> from jaxconv._src.engines.xla import Geometry
+      >>> geom = Geometry((4,), (2,), (1,), ((0, 0),), (1,), (1,), 1)
+      >>> generic_conv(jnp.arange(4.0).reshape(1, 4, 1), jnp.zeros((2, 1, 1)), geom,
+      ...              ops.max_plus)[0, :, 0]
+      Array([1., 2., 3.], dtype=float32)
     """
     x, w, out_dtype, acc_dtype = taps.resolve_dtypes(x, w, op, preferred_element_type)
-    interpret = default_interpret() if interpret is None else bool(interpret)
     n, o = x.shape[0], w.shape[-1]
     if n == 0 or o == 0:
         return jnp.zeros((n, *geom.out_spatial, o), out_dtype)
-    cfg = Config(op, geom, acc_dtype, blocks or default_blocks(interpret), interpret,
-                 max_block_bytes)
-    pr = _problem(cfg, x, w)
+    spec = Spec(op, geom, acc_dtype,
+                platform_backends(interpret=interpret, blocks=blocks, backend=backend),
+                max_block_bytes)
     if op.reduce_name in algebra.HAND_VJP_REDUCES:
-        acc = _conv_hand_vjp(cfg, x, w)
+        y = _conv_hand_vjp(spec, x, w)
     else:
-        acc = _conv_xla_vjp(cfg, x, w)
-    return taps.finish(_unpad_output(cfg, pr, acc), op, out_dtype)
+        y = _conv_xla_vjp(spec, x, w)
+    return taps.finish(y, op, out_dtype)
