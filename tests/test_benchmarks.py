@@ -35,3 +35,12 @@ def test_benchmark_cli_rejects_unknown_names():
         [sys.executable, "-m", "benchmarks.run", "--smoke", "--ops", "nope"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode != 0 and "unknown op" in proc.stderr
+
+
+def test_engine_core_benchmark_smoke():
+    from benchmarks import engine_core
+
+    rows = engine_core.main(["--smoke"])
+    assert [r["op"] for r in rows] == ["lax", "max_plus", "user_clip_max"]
+    for r in rows:
+        assert r["vmap_fwd"] > 0 and r["compile"] > 0 and r["mem_fb"][0] > 0

@@ -82,7 +82,7 @@ def pack_signs(x: Any, axis: int = -1, *, groups: int = 1) -> Array:
     bits = (xm >= 0).reshape(*xm.shape[:-1], groups, per)
     bits = jnp.pad(bits, [(0, 0)] * (bits.ndim - 1) + [(0, words * WORD_BITS - per)])
     bits = bits.reshape(*xm.shape[:-1], groups, words, WORD_BITS).astype(jnp.uint32)
-    shifts = jnp.arange(WORD_BITS, dtype=jnp.uint32)
+    shifts = jnp.arange(WORD_BITS, dtype=jnp.uint32).reshape((1,) * (bits.ndim - 1) + (-1,))
     # Distinct bits never carry, so the sum is the bitwise OR of the shifted bits.
     packed = jnp.sum(bits << shifts, axis=-1, dtype=jnp.uint32)
     packed = packed.reshape(*xm.shape[:-1], groups * words)
@@ -118,7 +118,7 @@ def unpack_signs(
             f"{groups} group(s) need {groups * words}.")
     pm = jnp.moveaxis(packed, axis, -1).reshape(*packed.shape[:axis] + packed.shape[axis + 1:],
                                                  groups, words, 1)
-    bits = (pm >> jnp.arange(WORD_BITS, dtype=jnp.uint32)) & 1
+    bits = (pm >> jnp.arange(WORD_BITS, dtype=jnp.uint32).reshape((1,) * (pm.ndim - 1) + (-1,))) & 1
     bits = bits.reshape(*bits.shape[:-2], words * WORD_BITS)[..., :per]
     vals = (2 * bits.astype(jnp.int32) - 1).astype(dtype)
     vals = vals.reshape(*vals.shape[:-2], size)
