@@ -221,8 +221,6 @@ CASES: list[tuple[str, Callable[[], Any], type, str]] = [
     ("dot_dims_not_distinct", lambda: dot(np.ones((3, 4)), np.ones((3, 4)),
                                           (((0,), (0,)), ((0,), (1,)))), ValueError,
      r"the lhs contracting \(0,\) and batch \(0,\) dimensions must be distinct"),
-    ("dot_empty_contraction", lambda: dot(np.ones((3, 0)), np.ones((0, 5))), ValueError,
-     r"op 'max_plus' needs a non-empty contraction, got size 0"),
     ("dot_complex", lambda: dot(a=A.astype(np.complex64)), TypeError,
      r"`lhs` has complex dtype complex64"),
     ("dot_mixed", lambda: dot(a=A.astype(np.int32)), TypeError,
@@ -338,3 +336,72 @@ def test_bad_op_definition(name: str, make: Callable[[], Any]) -> None:
     }[name]
     with pytest.raises(expected[0], match=expected[1]):
         make()
+
+
+# --------------------------------------------------------------------------------------------
+# An empty contraction (zero input channels): the reduce's identity, for every op and both
+# functions, as lax gives 0 (the identity of the standard op's sum).
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("op", jaxconv.ops.names())
+def test_empty_contraction_is_the_identity(op: str) -> None:
+    from jaxconv._src.core.algebra import identity_value
+
+    o = jaxconv.ops.get(op)
+    expect = float(identity_value(o, jnp.float32))
+    x, w = np.ones((1, 4, 4, 0), np.float32), np.ones((2, 2, 0, 3), np.float32)
+    y = jax.jit(lambda a, b: conv(a, b, padding="VALID", op=op))(x, w)
+    ref = jax.lax.conv_general_dilated(x, w, (1, 1), "VALID", dimension_numbers=DN)
+    assert y.shape == ref.shape and y.dtype == ref.dtype
+    np.testing.assert_array_equal(np.asarray(y), np.full(ref.shape, expect, np.float32))
+    d = dot(np.ones((3, 0), np.float32), np.ones((0, 5), np.float32), op=op)
+    np.testing.assert_array_equal(np.asarray(d), np.full((3, 5), expect, np.float32))
+    g = jax.grad(lambda a: jnp.sum(jnp.where(jnp.isfinite(y := conv(a, w, padding="VALID",
+                                                                    op=op)), y, 0)))(x)
+    assert g.shape == x.shape
+
+
+def test_empty_contraction_user_op_and_integers() -> None:
+    op = user(jnp.add, jnp.maximum, identity=-np.inf)
+    y = conv(np.ones((1, 3, 3, 0), np.int32), np.ones((2, 2, 0, 2), np.int32), padding="VALID",
+             op=op)
+    assert y.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(y), np.iinfo(np.int32).min)
+
+
+# --------------------------------------------------------------------------------------------
+# Messages that point at the layout mistake.
+# --------------------------------------------------------------------------------------------
+
+LAYOUT_MISTAKES = [
+    ("omitted", None, r"`dimension_numbers` was not given, so the default \('NCHW', 'OIHW', "
+                      r"'NCHW'\) applies: the channels of `lhs` are axis 1"),
+    ("nchw_for_nhwc", ("NCHW", "OIHW", "NCHW"), r"`dimension_numbers`=\('NCHW', 'OIHW', "
+                                                 r"'NCHW'\) reads lhs as 'NCHW' .* axis 1"),
+    ("typo", ("NHCW", "HWIO", "NHCW"), r"reads lhs as 'NHCW' .*the channels of `lhs` are "
+                                       r"axis 2"),
+]
+
+
+@pytest.mark.parametrize("dn,match", [c[1:] for c in LAYOUT_MISTAKES],
+                         ids=[c[0] for c in LAYOUT_MISTAKES])
+@pytest.mark.parametrize("op", ["max_plus", "standard"])
+def test_channel_mismatch_names_the_layout(dn: Any, match: str, op: str) -> None:
+    x, w = np.ones((1, 5, 5, 8), np.float32), np.ones((3, 3, 8, 4), np.float32)
+    with pytest.raises(ValueError, match=match) as info:
+        conv(x, w, dimension_numbers=dn, op=op)
+    assert "dimension_numbers=('NHWC', 'HWIO', 'NHWC')" in str(info.value)
+
+
+def test_invalid_layout_letters() -> None:
+    with pytest.raises(TypeError, match=r"invalid `dimension_numbers` .*'NHWX'.*'N' and 'C'"):
+        conv(dimension_numbers=("NHWX", "HWIO", "NHWC"))
+
+
+@pytest.mark.parametrize("padding", ["SAME_LOWER", "FULL"])
+def test_conv_transpose_padding_names_no_lhs_dilation(padding: str) -> None:
+    with pytest.raises(ValueError, match=r"`padding` of conv_transpose must be 'SAME', 'VALID'"
+                       ) as info:
+        jaxconv.conv_transpose(np.ones((1, 4, 4, 2)), np.ones((3, 3, 2, 4)), (2, 2), padding,
+                               dimension_numbers=DN, op="max_plus")
+    assert "lhs_dilation" not in str(info.value)

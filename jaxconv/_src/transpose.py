@@ -122,6 +122,13 @@ def conv_transpose(
     rhs_dil = validation.int_tuple("rhs_dilation", rhs_dilation, nsd)
     dn = validation.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
     k_sdims = [rhs.shape[d] for d in dn.rhs_spec[2:]]
+    if isinstance(padding, str):
+        if padding.upper() not in ("SAME", "VALID"):
+            raise ValueError(
+                f"`padding` of conv_transpose must be 'SAME', 'VALID' or (low, high) pairs, got "
+                f"{padding!r} (lax.conv_transpose has no {padding!r} either); give the pairs "
+                "of the transposed convolution explicitly for other paddings.")
+        padding = padding.upper()
     if use_consistent_padding or (isinstance(padding, str) and padding in ("SAME", "VALID")):
         eff = [(k - 1) * r + 1 if k else 0 for k, r in zip(k_sdims, rhs_dil, strict=True)]
         rep = [padding] * nsd if isinstance(padding, str) else [tuple(p) for p in padding]

@@ -135,6 +135,32 @@ def conv_dimension_numbers(lhs_shape, rhs_shape, dimension_numbers) -> lax.ConvD
     return dn
 
 
+def _spec_string(spec: Sequence[int], letters: str) -> str:
+    """A layout string for ``spec`` (``letters[0]`` at ``spec[0]``, ...; spatial ``0, 1..``)."""
+    out = [""] * len(spec)
+    out[spec[0]], out[spec[1]] = letters[0], letters[1]
+    for i, d in enumerate(spec[2:]):
+        out[d] = "DHW"[-(len(spec) - 2):][i] if len(spec) - 2 <= 3 else str(i)
+    return "".join(out)
+
+
+def describe_layout(dn: lax.ConvDimensionNumbers, given: Any) -> str:
+    """Says which layout was used and which axes were read as channels (for error messages)."""
+    lhs_s, rhs_s, out_s = (_spec_string(dn.lhs_spec, "NC"), _spec_string(dn.rhs_spec, "OI"),
+                           _spec_string(dn.out_spec, "NC"))
+    if given is None:
+        head = (f"`dimension_numbers` was not given, so the default ({lhs_s!r}, {rhs_s!r}, "
+                f"{out_s!r}) applies")
+    else:
+        head = f"`dimension_numbers`={given!r} reads lhs as {lhs_s!r} and rhs as {rhs_s!r}"
+    nsd = len(dn.lhs_spec) - 2
+    last = ("N" + "DHW"[-nsd:] + "C", "DHW"[-nsd:] + "IO", "N" + "DHW"[-nsd:] + "C") \
+        if 1 <= nsd <= 3 else None
+    hint = f" For channels-last data pass dimension_numbers={last}." if last else ""
+    return (f"{head}: the channels of `lhs` are axis {dn.lhs_spec[1]}, the in-features of `rhs` "
+            f"axis {dn.rhs_spec[1]} and its out-features axis {dn.rhs_spec[0]}.{hint}")
+
+
 def padding_pairs(padding: Any, nsd: int, lhs_dilation: tuple[int, ...]) -> str | tuple:
     """Canonical padding: an upper-case string or a tuple of ``nsd`` (lo, hi) int pairs."""
     if isinstance(padding, str):
