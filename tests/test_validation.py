@@ -200,7 +200,7 @@ CASES: list[tuple[str, Callable[[], Any], type, str]] = [
                                                identity=0.0)), ValueError,
      r"`reduce` is not elementwise"),
     ("identity_wrong", lambda: conv(op=user(jnp.add, jnp.maximum, identity=0.0)), ValueError,
-     r"`identity`=0.0 is not an identity of `reduce`: reduce\(a, identity\) must equal a"),
+     r"`identity`=0.0 is not a two-sided identity of `reduce`: reduce\(a, identity\) must equal a"),
     # dot_general
     ("dot_dn_malformed", lambda: dot(dn=((1,), (0,))), TypeError,
      r"`dimension_numbers` must be \(\(lhs_contracting, rhs_contracting\), \(lhs_batch, "
@@ -255,7 +255,7 @@ ABSTRACT = [
     ("combine_indexes_w", (2, 6, 6, 4), (3, 3, 4, 8), {"op": "bad"}, ValueError,
      r"`combine` must be elementwise"),
     ("identity_wrong", (2, 6, 6, 4), (3, 3, 4, 8), {"op": "bad_identity"}, ValueError,
-     r"is not an identity of `reduce`"),
+     r"is not a two-sided identity of `reduce`"),
 ]
 
 
@@ -405,3 +405,64 @@ def test_conv_transpose_padding_names_no_lhs_dilation(padding: str) -> None:
         jaxconv.conv_transpose(np.ones((1, 4, 4, 2)), np.ones((3, 3, 2, 4)), (2, 2), padding,
                                dimension_numbers=DN, op="max_plus")
     assert "lhs_dilation" not in str(info.value)
+
+
+# --------------------------------------------------------------------------------------------
+# A callable reduce is probed: two-sided identity, commutativity, associativity.
+# --------------------------------------------------------------------------------------------
+
+def _left_projection(a: Any, b: Any) -> Any:
+    """0 is a two-sided identity and the operation is associative, but not commutative."""
+    return jnp.where(a == 0, b, a)
+
+
+BAD_REDUCES = [
+    ("first_tap", lambda a, b: a, 0.0, r"not a two-sided identity of `reduce`: "
+                                       r"reduce\(identity, a\) must equal a"),
+    ("right_only", lambda a, b: b, 0.0, r"reduce\(a, identity\) must equal a"),
+    ("not_associative", lambda a, b: a + b + a**2 * b**2, 0.0, r"`reduce` is not associative"),
+    ("not_commutative", _left_projection, 0.0, r"`reduce` is not commutative"),
+]
+
+
+@pytest.mark.parametrize("reduce,identity,match", [c[1:] for c in BAD_REDUCES],
+                         ids=[c[0] for c in BAD_REDUCES])
+@pytest.mark.parametrize("fn", ["conv", "dot"])
+def test_bad_reduce_is_refused(reduce: Any, identity: float, match: str, fn: str) -> None:
+    op = jaxconv.Op(jnp.multiply, reduce, identity=identity, name=f"bad_{fn}")
+    with pytest.raises(ValueError, match=match):
+        conv(op=op) if fn == "conv" else dot(op=op)
+
+
+def test_good_reduces_are_accepted() -> None:
+    for reduce, identity in ((jnp.maximum, -np.inf), (jnp.add, 0.0), (jnp.logaddexp, -np.inf)):
+        op = jaxconv.Op(jnp.add, reduce, identity=identity, name="good")
+        assert conv(op=op).shape == (2, 6, 6, 8)
+    iop = jaxconv.Op(jnp.add, jnp.minimum, identity=np.inf, name="int_min")
+    assert conv(X.astype(np.int32), W.astype(np.int32), op=iop).dtype == jnp.int32
+
+
+_FIRST_USE_UNDER_TRANSFORM = """
+import jax, jax.numpy as jnp, jaxconv
+dn = ("NWC", "WIO", "NWC")
+f = lambda a: jaxconv.conv_general_dilated(a, jnp.ones((2, 2, 3)), (1,), "SAME",
+                                           dimension_numbers=dn, op={op})
+print(jax.vmap(f)(jnp.ones((3, 1, 4, 2))).shape)
+print(jax.jit(jax.vmap(jax.grad(lambda a: f(a).sum())))(jnp.ones((3, 1, 4, 2))).shape)
+"""
+
+
+@pytest.mark.parametrize("op", ['"adder"', 'jaxconv.Op(jnp.add, jnp.maximum, identity=-jnp.inf)'])
+def test_first_use_of_an_op_under_vmap(op: str) -> None:
+    """The op probes run on concrete values even when the first call is inside vmap."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    root = str(pathlib.Path(jaxconv.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", _FIRST_USE_UNDER_TRANSFORM.format(op=op)],
+                         capture_output=True, text=True, timeout=300, check=False, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["(3,", "1,", "4,", "3)", "(3,", "1,", "4,", "2)"]
