@@ -268,3 +268,10 @@ def test_checkpoint_roundtrip(tmp_path):
         restored.eval()
         _close(restored(x), want, tol=0)
         np.testing.assert_array_equal(restored.bn.mean[...], model.bn.mean[...])
+
+
+@pytest.mark.parametrize("kernel_size", [(3, 0), (0,), 0, -2, (2, -1)])
+@pytest.mark.parametrize("layer", ["Conv", "ConvTranspose"])
+def test_kernel_size_must_be_positive(kernel_size, layer):
+    with pytest.raises(ValueError, match=r"`kernel_size` entries must be positive ints"):
+        getattr(jnn, layer)(3, 4, kernel_size=kernel_size, rngs=nnx.Rngs(0))

@@ -47,16 +47,27 @@ def is_standard(op: Op) -> bool:
 
 
 def kernel_size_tuple(kernel_size: int | Sequence[int]) -> tuple[int, ...]:
-    """Flax's rule: an int is a 1-D kernel ``(k,)``, a sequence is taken as it is."""
+    """Flax's rule: an int is a 1-D kernel ``(k,)``, a sequence is taken as it is.
+
+    Every entry must be a positive int (a zero-size kernel has no taps).
+    """
     if isinstance(kernel_size, (int, np.integer)) and not isinstance(kernel_size, bool):
-        return (int(kernel_size),)
-    if isinstance(kernel_size, Sequence) and all(
+        out = (int(kernel_size),)
+    elif isinstance(kernel_size, Sequence) and all(
         isinstance(k, (int, np.integer)) and not isinstance(k, bool) for k in kernel_size
     ):
-        return tuple(int(k) for k in kernel_size)
-    raise TypeError(
-        f"`kernel_size` must be an int (a 1-D kernel) or a sequence of ints, got {kernel_size!r}."
-    )
+        out = tuple(int(k) for k in kernel_size)
+    else:
+        raise TypeError(
+            "`kernel_size` must be an int (a 1-D kernel) or a sequence of ints, got "
+            f"{kernel_size!r}."
+        )
+    if any(k < 1 for k in out):
+        raise ValueError(
+            f"`kernel_size` entries must be positive ints (every window dimension holds at "
+            f"least one tap), got {kernel_size!r}."
+        )
+    return out
 
 
 def broadcast_ints(name: str, value: None | int | Sequence[int], n: int) -> tuple[int, ...]:
