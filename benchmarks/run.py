@@ -11,7 +11,7 @@ lax's. When ``torch`` is importable, the forum recipe (``F.unfold`` + broadcast 
 is timed for ``adder`` and ``max_plus`` with the same thread count, as a ratio to lax; the
 table says so when torch is not installed.
 
-Example::
+Examples:
 
     python -m benchmarks.run --layers A,E --ops max_plus,adder --repeats 5 --json out.json
     python -m benchmarks.run --smoke

@@ -2,34 +2,39 @@
 
 AdderNet's adaptive learning rate
 ---------------------------------
-:func:`adder_scale` rescales each gradient leaf (a whole kernel) to the norm
+`adder_scale` rescales each gradient leaf (a whole kernel) to the norm
 ``eta * sqrt(size)``. Apply it to the raw gradients of the adder kernels, before
-the optimiser, by masking it::
+the optimiser, by masking it:
 
-    >>> import jax, jax.numpy as jnp, optax
-    >>> from jaxconv._src.optim import adder_scale
-    >>> params = {"adder": jnp.ones((3, 3, 4, 8)), "head": jnp.ones((8, 10))}
-    >>> mask = {"adder": True, "head": False}
-    >>> tx = optax.chain(
-    ...     optax.masked(adder_scale(eta=0.2), mask),
-    ...     optax.sgd(learning_rate=0.1, momentum=0.9),
-    ... )
-    >>> state = tx.init(params)
+```pycon
+>>> import jax, jax.numpy as jnp, optax
+>>> from jaxconv._src.optim import adder_scale
+>>> params = {"adder": jnp.ones((3, 3, 4, 8)), "head": jnp.ones((8, 10))}
+>>> mask = {"adder": True, "head": False}
+>>> tx = optax.chain(
+...     optax.masked(adder_scale(eta=0.2), mask),
+...     optax.sgd(learning_rate=0.1, momentum=0.9),
+... )
+>>> state = tx.init(params)
+
+```
 
 Latent-weight clipping for binary kernels
 -----------------------------------------
-A binary kernel quantizer (:func:`jaxconv.quantizers.ste_sign`, ...) keeps float
+A binary kernel quantizer (`jaxconv.quantizers.ste_sign`, ...) keeps float
 "latent" weights and binarizes them in the forward pass. Since the
 straight-through gradient is zero where ``|w| > 1``, latent weights that drift out
 of ``[-1, 1]`` stop learning ("starved weights"); larq prevents this with
 ``kernel_constraint="weight_clip"``. The optax equivalent is a projection after
-each update, :func:`optax.projections.projection_box`::
+each update, `optax.projections.projection_box`:
 
-    updates, state = tx.update(grads, state, params)
-    params = optax.apply_updates(params, updates)
-    params = clip_latent_weights(params, mask)  # mask: True for binary kernels
+```python
+updates, state = tx.update(grads, state, params)
+params = optax.apply_updates(params, updates)
+params = clip_latent_weights(params, mask)  # mask: True for binary kernels
+```
 
-:func:`clip_latent_weights` applies :func:`optax.projections.projection_box` to the
+`clip_latent_weights` applies `optax.projections.projection_box` to the
 masked leaves only. (Calling ``projection_box`` on a whole parameter dict with
 scalar bounds does not work in optax 0.2.8: it maps ``jnp.clip`` over the bound
 as a tree, so either pass bounds trees or project leaf by leaf, as this helper
@@ -67,13 +72,13 @@ def _check_positive(value: object, name: str, fn_name: str) -> float:
 def adder_scale(eta: float = 0.2, eps: float = 1e-12) -> optax.GradientTransformation:
     r"""Rescales each gradient leaf to norm ``eta * sqrt(size)`` (AdderNet's adaptive rate).
 
-    For every leaf :math:`g` of the updates (a whole kernel),
+    For every leaf $g$ of the updates (a whole kernel),
 
-    .. math::
+    $$
+    g \leftarrow \eta \sqrt{k} \, \frac{g}{\max(\|g\|_2, \epsilon)}
+    $$
 
-        g \leftarrow \eta \sqrt{k} \, \frac{g}{\max(\|g\|_2, \epsilon)}
-
-    where :math:`k` is the number of elements of the leaf and :math:`\|g\|_2` its
+    where $k$ is the number of elements of the leaf and $\|g\|_2$ its
     Frobenius norm. This is the adaptive learning rate of AdderNet (eq. 13), which
     compensates for the small magnitude of the gradients of adder layers; use it on the
     raw gradients of the adder kernels, before the optimiser, e.g.
@@ -83,11 +88,11 @@ def adder_scale(eta: float = 0.2, eps: float = 1e-12) -> optax.GradientTransform
     transform is stateless.
 
     Args:
-        eta: The scale :math:`\eta` (> 0); AdderNet uses 0.2.
+        eta: The scale $\eta$ (> 0); AdderNet uses 0.2.
         eps: Lower bound (> 0) on the norm, so that a zero gradient stays zero.
 
     Returns:
-        An :class:`optax.GradientTransformation` with state :class:`optax.EmptyState`.
+        An `optax.GradientTransformation` with state `optax.EmptyState`.
 
     Raises:
         ValueError: If ``eta`` or ``eps`` is not finite and positive.
@@ -162,7 +167,7 @@ def clip_latent_weights(
 
     The optax counterpart of larq's ``WeightClip`` kernel constraint for the latent
     (float) weights of binary kernels: call it after each ``optax.apply_updates``. Each
-    selected leaf is projected with :func:`optax.projections.projection_box`.
+    selected leaf is projected with `optax.projections.projection_box`.
 
     Args:
         params: A pytree of parameters, an ``nnx.State`` (a new pure state is returned) or

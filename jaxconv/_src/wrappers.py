@@ -1,4 +1,4 @@
-"""Friendly channels-last wrappers: :func:`conv` and :func:`dense`."""
+"""Friendly channels-last wrappers: `conv` and `dense`."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The algebra: an :class:`Op` is an elementwise ``combine`` and an associative ``reduce``.
+"""The algebra: an `Op` is an elementwise ``combine`` and an associative ``reduce``.
 
 A generalized product replaces ``x * w`` by ``combine(x, w)`` and the sum over the
 contraction by ``reduce``. This module holds the ``Op`` type and the reducers (``sum``,

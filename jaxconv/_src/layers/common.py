@@ -1,18 +1,18 @@
-"""Logic shared by the Flax modules of :mod:`jaxconv.nnx` and :mod:`jaxconv.linen`.
+"""Logic shared by the Flax modules of `jaxconv.nnx` and `jaxconv.linen`.
 
 The modules follow Flax's ``Conv`` / ``Linear`` / ``Dense`` input handling (channels-last
 inputs, any number of leading batch dimensions, an int ``kernel_size`` meaning a 1-D kernel,
-Flax's padding forms) but compute the product with a :class:`jaxconv.Op` and keep Flax's
+Flax's padding forms) but compute the product with a `jaxconv.Op` and keep Flax's
 zero-based tricks out of the way of ops whose identity is not zero:
 
 - ``'CIRCULAR'`` / ``'REFLECT'`` pad with real (wrapped / reflected) input values, which is
   right for any op;
 - ``'SAME'``, ``'VALID'``, explicit and ``'CAUSAL'`` padding are passed to
-  :func:`jaxconv.conv_general_dilated`, so padded taps follow the op's padding semantics
+  `jaxconv.conv_general_dilated`, so padded taps follow the op's padding semantics
   (skipped, or ``op.pad_value``) instead of being zeros that go through ``combine``;
 - ``mask`` marks kernel taps as absent: for ``ops.standard`` the kernel is multiplied by it
   (as Flax does); for other ops the taps are skipped (they contribute the reduce's
-  identity), see :func:`masked_op`.
+  identity), see `masked_op`.
 
 Everything here is a pure function of arrays and static Python values.
 """
@@ -134,7 +134,7 @@ def flatten_batch(inputs: Array, num_spatial: int) -> tuple[Array, tuple[int, ..
 
 
 def unflatten_batch(y: Array, batch_shape: tuple[int, ...] | None) -> Array:
-    """Restores the batch dimensions folded by :func:`flatten_batch`."""
+    """Restores the batch dimensions folded by `flatten_batch`."""
     if batch_shape is None:
         return y
     return jnp.reshape(y, batch_shape + tuple(y.shape[1:]))
@@ -156,7 +156,7 @@ def resolve_padding(
     op that is Flax's zero padding. Other forms are returned canonicalised.
 
     Returns:
-      The (possibly padded) inputs and the padding to give :func:`jaxconv.conv_general_dilated`.
+      The (possibly padded) inputs and the padding to give `jaxconv.conv_general_dilated`.
     """
     rank = len(kernel_size)
     pad = canonicalize_padding(padding, rank)
@@ -196,7 +196,7 @@ def masked_op(op: Op) -> Op:
       op: the op to mask.
 
     Returns:
-      An :class:`jaxconv.Op` with the same reduce, identity, padding and post-map.
+      An `jaxconv.Op` with the same reduce, identity, padding and post-map.
     """
     inner = op.combine
 
@@ -230,7 +230,7 @@ def resolve_quantizer(name: str, q: Any) -> Callable[[Array], Array] | None:
 
 
 def check_op(op: Any) -> Op:
-    """The ``op=`` argument of the modules: an :class:`jaxconv.Op` or a built-in name."""
+    """The ``op=`` argument of the modules: an `jaxconv.Op` or a built-in name."""
     return resolve(op)
 
 
@@ -311,7 +311,7 @@ def hook_kwargs(out_sharding: Any, preferred_element_type: Any) -> dict[str, Any
 
 def mask_kernel(kernel: Array, mask: Any, op: Op, multiply: bool) -> tuple[Array, Op]:
     """Applies ``mask`` to the kernel: multiplies it (``multiply``: the standard product or a
-    hook) or encodes absent taps as NaN for :func:`masked_op`, the op returned with it."""
+    hook) or encodes absent taps as NaN for `masked_op`, the op returned with it."""
     if mask is None:
         return kernel, op
     if multiply:
@@ -352,9 +352,9 @@ def conv_apply(
 ) -> Array:
     """The forward pass of a jaxconv ``Conv`` layer (nnx and linen share it).
 
-    Steps: fold batch dimensions; apply Flax's padding modes (:func:`resolve_padding`);
+    Steps: fold batch dimensions; apply Flax's padding modes (`resolve_padding`);
     promote dtypes; quantize inputs and kernel; apply the mask (multiply for the standard op,
-    skip taps for any other op); convolve with :func:`jaxconv.conv_general_dilated` (or the
+    skip taps for any other op); convolve with `jaxconv.conv_general_dilated` (or the
     user's ``hook``); add the bias; restore the batch dimensions.
     """
     nsd = len(kernel_size)
