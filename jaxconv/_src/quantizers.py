@@ -10,7 +10,7 @@ defaults of larq (``larq/quantizers.py``, ``larq/math.py``):
 | ``ste_sign`` | ``sign(x)`` | ``1{abs(x) <= clip_value}`` |
 | ``approx_sign`` | ``sign(x)`` | ``(2 - 2 abs(x)) * 1{abs(x) <= 1}`` |
 | ``swish_sign`` | ``sign(x)`` | SignSwish derivative (``beta``) |
-| ``magnitude_aware_sign`` | ``mean(abs(x)) * sign(x)`` | ``mean(abs(x)) * 1{abs(x) <= c}`` |
+| ``magnitude_aware_sign`` | ``mean(abs(x))*sign(x)`` | ``mean(abs(x))*1{abs(x)<=clip_value}`` |
 | ``ste_heaviside`` | ``1{x > 0}`` | ``1{abs(x) <= clip_value}`` |
 | ``ste_tern`` | ``{-1, 0, +1}`` | ``1{abs(x) <= clip_value}`` |
 
