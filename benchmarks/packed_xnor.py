@@ -1,8 +1,10 @@
 """Bit-packed XNOR (``jaxconv.packed``) against the float XNOR rewrite, on the current backend.
 
-Usage::
+Usage:
 
-    python benchmarks/packed_xnor.py [--reps 7] [--quick]
+```python
+python benchmarks/packed_xnor.py [--reps 7] [--quick]
+```
 
 For each layer it reports, packed / float:
 

@@ -1,14 +1,17 @@
 """Time and memory of jaxconv's products against ``lax`` on a fixed set of layers.
 
-Every number is taken under ``jax.jit``: the median of ``--repeats`` runs after warm-up, for
-the forward pass and for forward+backward (``jax.vjp`` with a fixed cotangent, both
-gradients). Ratios are against ``lax`` on the same shapes in the same run, measured right
-before the op, so that a machine shared with other work skews both alike. Extra memory is
+Every number is taken under ``jax.jit``: for the forward pass and for forward+backward
+(``jax.vjp`` with a fixed cotangent, both gradients). Each op is timed against ``lax`` on
+the same shapes in pairs, interleaved round by round (alternating which runs first), so that
+a machine shared with other work skews both alike; the ratio is the median of the per-round
+ratios, and a row whose ratios spread widely (or whose ``standard`` op, which is lax itself,
+is measured far from 1.0x) is flagged UNRELIABLE. Extra memory is
 the compiled executable's temp + output bytes (``compiled.memory_analysis()``), next to
 lax's. When ``torch`` is importable, the forum recipe (``F.unfold`` + broadcast + reduce)
-is timed for ``adder`` and ``max_plus`` with the same thread count, as a ratio to lax.
+is timed for ``adder`` and ``max_plus`` with the same thread count, as a ratio to lax; the
+table says so when torch is not installed.
 
-Example::
+Examples:
 
     python -m benchmarks.run --layers A,E --ops max_plus,adder --repeats 5 --json out.json
     python -m benchmarks.run --smoke
@@ -138,16 +141,46 @@ def _fwd_bwd(f: Callable[[Any, Any], Any]) -> Callable[[Any, Any, Any], Any]:
     return g
 
 
-def _time(fn: Callable[..., Any], args: Sequence[Any], repeats: int, warmup: int = 1) -> float:
-    """Median wall time in ms of ``fn(*args)`` (blocking on the result), after warm-up."""
+# A row is flagged when the per-round ratios spread more than this (interquartile range over
+# the median), or when the ``standard`` op (lax itself) is measured outside these bounds.
+NOISY_SPREAD = 0.25
+STANDARD_BOUNDS = (0.8, 1.25)
+
+
+def _time_pair(base: Callable[..., Any], fn: Callable[..., Any], args: Sequence[Any],
+               repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Times ``base`` (lax) and ``fn`` (the op) paired and interleaved, one of each per round.
+
+    The order alternates between rounds, so that a machine busy with other work skews both
+    alike. Returns the median times (ms), the median of the per-round ratios ``fn / base``
+    and their spread (interquartile range over the median; 0 for fewer than 2 rounds).
+    """
     for _ in range(warmup):
+        jax.block_until_ready(base(*args))
         jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
+
+    def once(f: Callable[..., Any]) -> float:
         t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+        jax.block_until_ready(f(*args))
+        return (time.perf_counter() - t0) * 1e3
+
+    tb, tf = [], []
+    for r in range(repeats):
+        if r % 2:
+            tf.append(once(fn))
+            tb.append(once(base))
+        else:
+            tb.append(once(base))
+            tf.append(once(fn))
+    ratios = [f / b for f, b in zip(tf, tb, strict=True)]
+    med = statistics.median(ratios)
+    if len(ratios) >= 2:
+        q = np.percentile(ratios, [25, 75])
+        spread = float((q[1] - q[0]) / med)
+    else:
+        spread = 0.0
+    return {"base_ms": statistics.median(tb), "ms": statistics.median(tf), "ratio": med,
+            "spread": spread}
 
 
 def _memory(jitted: Any, args: Sequence[Any]) -> int | None:
@@ -161,16 +194,43 @@ def _memory(jitted: Any, args: Sequence[Any]) -> int | None:
     return int(ma.temp_size_in_bytes + ma.output_size_in_bytes)
 
 
-def _measure(f: Callable[[Any, Any], Any], x: Any, w: Any, ct: Any, repeats: int
-             ) -> dict[str, Any]:
-    fwd = jax.jit(f)
-    both = jax.jit(_fwd_bwd(f))
+def _measure(f_lax: Callable[[Any, Any], Any], f: Callable[[Any, Any], Any], x: Any, w: Any,
+             ct: Any, repeats: int) -> dict[str, Any]:
+    """The op against lax, paired and interleaved, forward and forward+backward."""
+    fwd, fwd_lax = jax.jit(f), jax.jit(f_lax)
+    both, both_lax = jax.jit(_fwd_bwd(f)), jax.jit(_fwd_bwd(f_lax))
+    tf = _time_pair(fwd_lax, fwd, (x, w), repeats)
+    tb = _time_pair(both_lax, both, (x, w, ct), repeats)
     return {
-        "fwd_ms": _time(fwd, (x, w), repeats),
-        "fwd_bwd_ms": _time(both, (x, w, ct), repeats),
-        "fwd_mem": _memory(fwd, (x, w)),
-        "fwd_bwd_mem": _memory(both, (x, w, ct)),
+        "fwd_ms": tf["ms"], "fwd_bwd_ms": tb["ms"],
+        "lax_fwd_ms": tf["base_ms"], "lax_fwd_bwd_ms": tb["base_ms"],
+        "fwd_ratio": tf["ratio"], "fwd_bwd_ratio": tb["ratio"],
+        "fwd_spread": tf["spread"], "fwd_bwd_spread": tb["spread"],
+        "fwd_mem": _memory(fwd, (x, w)), "fwd_bwd_mem": _memory(both, (x, w, ct)),
+        "lax_fwd_mem": _memory(fwd_lax, (x, w)), "lax_fwd_bwd_mem": _memory(both_lax, (x, w, ct)),
     }
+
+
+def _flags(name: str, row: dict[str, Any]) -> list[str]:
+    """Why a row's ratio should not be trusted (empty when it can be)."""
+    flags = []
+    for kind in ("fwd", "fwd_bwd"):
+        if row[f"{kind}_spread"] > NOISY_SPREAD:
+            flags.append(f"{kind} ratios spread {row[f'{kind}_spread']:.0%}")
+        lo, hi = STANDARD_BOUNDS
+        if name == "standard" and not lo <= row[f"{kind}_ratio"] <= hi:
+            flags.append(f"standard (lax itself) measured at {row[f'{kind}_ratio']:.2f}x lax in "
+                         f"{kind}: timing noise (a busy machine, too few rounds) exceeds the "
+                         "differences measured")
+    return flags
+
+
+def _torch_available() -> bool:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _torch_recipe(layer: Layer, op_name: str, x: np.ndarray, w: np.ndarray, ct: np.ndarray,
@@ -246,13 +306,21 @@ def run(layers: Sequence[str], op_names: Sequence[str], repeats: int, smoke: boo
         "smoke": smoke,
     }
     print(f"# jaxconv benchmarks: jax {meta['jax']} on {meta['device']}, {threads} threads "
-          f"(XLA CPU's pool uses every core it may run on), median of {repeats} after warm-up",
+          f"(XLA CPU's pool uses every core it may run on); lax and the op timed in pairs, "
+          f"interleaved, {repeats} rounds after warm-up; ratio = median of the per-round ratios",
           file=out)
+    has_torch = torch_recipe and _torch_available()
+    meta["torch"] = has_torch
+    if torch_recipe and not has_torch:
+        print("# torch is not installed: the torch recipe column stays empty "
+              "(pip install torch to fill it, or pass --no-torch)", file=out)
     header = (f"{'layer':5} {'op':9} {'fwd ms':>8} {'x lax':>6} {'f+b ms':>8} {'x lax':>6} "
-              f"{'mem fwd MiB (lax)':>18} {'mem f+b MiB (lax)':>18} {'torch x lax f / f+b':>20}")
+              f"{'mem fwd MiB (lax)':>18} {'mem f+b MiB (lax)':>18} {'torch x lax f / f+b':>20}"
+              f"  note")
     print(header, file=out)
     print("-" * len(header), file=out)
     rows = []
+    flagged = 0
     rng = np.random.default_rng(0)
     for lname in layers:
         layer = all_layers[lname]
@@ -262,33 +330,34 @@ def run(layers: Sequence[str], op_names: Sequence[str], repeats: int, smoke: boo
         ct = rng.standard_normal(y_shape).astype(np.float32)
         xj, wj, cj = jnp.asarray(x), jnp.asarray(w), jnp.asarray(ct)
         for name in op_names:
-            base = _measure(_product_fn(layer, None), xj, wj, cj, repeats)
-            res = _measure(_product_fn(layer, _op(name)), xj, wj, cj, repeats)
-            row = {
-                "layer": lname, "layer_description": layer.description, "op": name,
-                **res,
-                "lax_fwd_ms": base["fwd_ms"], "lax_fwd_bwd_ms": base["fwd_bwd_ms"],
-                "lax_fwd_mem": base["fwd_mem"], "lax_fwd_bwd_mem": base["fwd_bwd_mem"],
-                "fwd_ratio": res["fwd_ms"] / base["fwd_ms"],
-                "fwd_bwd_ratio": res["fwd_bwd_ms"] / base["fwd_bwd_ms"],
-            }
+            res = _measure(_product_fn(layer, None), _product_fn(layer, _op(name)), xj, wj, cj,
+                           repeats)
+            row = {"layer": lname, "layer_description": layer.description, "op": name, **res}
+            row["flags"] = _flags(name, row)
+            flagged += bool(row["flags"])
             torch_txt = ""
             if torch_recipe and name in ("adder", "max_plus"):
                 tr = _torch_recipe(layer, name, x, w, ct, max(1, min(repeats, 3)), threads)
-                if tr is not None:
+                if tr is None:
+                    torch_txt = "no torch"
+                else:
                     row["torch_recipe"] = tr
                     if "skipped" in tr:
                         torch_txt = "skipped"
                     else:
-                        tr["fwd_ratio"] = tr["fwd_ms"] / base["fwd_ms"]
-                        tr["fwd_bwd_ratio"] = tr["fwd_bwd_ms"] / base["fwd_bwd_ms"]
+                        tr["fwd_ratio"] = tr["fwd_ms"] / res["lax_fwd_ms"]
+                        tr["fwd_bwd_ratio"] = tr["fwd_bwd_ms"] / res["lax_fwd_bwd_ms"]
                         torch_txt = f"{tr['fwd_ratio']:.1f} / {tr['fwd_bwd_ratio']:.1f}"
             rows.append(row)
-            mem_f = f"{_fmt_mem(res['fwd_mem'])} ({_fmt_mem(base['fwd_mem'])})"
-            mem_b = f"{_fmt_mem(res['fwd_bwd_mem'])} ({_fmt_mem(base['fwd_bwd_mem'])})"
+            mem_f = f"{_fmt_mem(res['fwd_mem'])} ({_fmt_mem(res['lax_fwd_mem'])})"
+            mem_b = f"{_fmt_mem(res['fwd_bwd_mem'])} ({_fmt_mem(res['lax_fwd_bwd_mem'])})"
+            note = "UNRELIABLE: " + "; ".join(row["flags"]) if row["flags"] else ""
             print(f"{lname:5} {name:9} {res['fwd_ms']:8.2f} {row['fwd_ratio']:6.2f} "
                   f"{res['fwd_bwd_ms']:8.2f} {row['fwd_bwd_ratio']:6.2f} {mem_f:>18} "
-                  f"{mem_b:>18} {torch_txt:>20}", file=out, flush=True)
+                  f"{mem_b:>18} {torch_txt:>20}  {note}", file=out, flush=True)
+    if flagged:
+        print(f"# {flagged} row(s) flagged UNRELIABLE: rerun on an idle machine or with more "
+              "--repeats", file=out)
     return {"meta": meta, "results": rows}
 
 

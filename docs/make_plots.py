@@ -1,8 +1,10 @@
 """Generates the plots and the per-op pages of the documentation.
 
-Run from the repository root::
+Run from the repository root:
 
-    python docs/make_plots.py
+```python
+python docs/make_plots.py
+```
 
 Each built-in op gets ``docs/ops/<name>.png`` (its response to a 1-D signal, computed with
 ``jaxconv.conv_general_dilated``) and ``docs/ops/<name>.md`` (formula, padding, gradient,

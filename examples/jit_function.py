@@ -2,8 +2,8 @@
 
 The forum question: *"how do I replace the multiplication (and the sum) inside conv2d and a
 dense layer by my own functions, and still jit and differentiate?"* With jaxconv you write
-them for scalars with ``jnp`` inside, wrap them in a :class:`jaxconv.Op`, and call
-:func:`jaxconv.conv_general_dilated` / :func:`jaxconv.dot_general` (lax's signatures) from
+them for scalars with ``jnp`` inside, wrap them in a `jaxconv.Op`, and call
+`jaxconv.conv_general_dilated` / `jaxconv.dot_general` (lax's signatures) from
 any pure function. This script
 
 1. defines ``mymult(a, b) = -(a - b)**2`` (a distance) and ``myadd(a, b) = logaddexp(a, b)``
@@ -14,9 +14,11 @@ any pure function. This script
    channel, and the gradients against central finite differences of that loop (float64);
 4. prints the maximum absolute errors and exits with status 1 if they are too large.
 
-Run::
+Run:
 
-  python examples/jit_function.py
+```python
+python examples/jit_function.py
+```
 """
 
 from __future__ import annotations

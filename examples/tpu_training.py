@@ -1,10 +1,12 @@
 """Data-parallel training of a jaxconv model over every device of a ``jax.sharding.Mesh``.
 
-The same file runs unchanged on a TPU slice, on GPUs, or on a CPU with simulated devices::
+The same file runs unchanged on a TPU slice, on GPUs, or on a CPU with simulated devices:
 
-  python examples/tpu_training.py                      # all devices of the default backend
-  XLA_FLAGS=--xla_force_host_platform_device_count=8 python examples/tpu_training.py
-  python examples/tpu_training.py --cpu-devices 8      # same, via jax.config
+```python
+python examples/tpu_training.py                      # all devices of the default backend
+XLA_FLAGS=--xla_force_host_platform_device_count=8 python examples/tpu_training.py
+python examples/tpu_training.py --cpu-devices 8      # same, via jax.config
+```
 
 Parameters and optimiser state are replicated (``NamedSharding(mesh, P())``); each batch is
 split along a ``'data'`` mesh axis (``NamedSharding(mesh, P('data'))``). ``jax.jit``

@@ -31,10 +31,12 @@ decay over the run. Progress is printed per epoch; the test accuracy at the end.
 ``--ckpt-dir`` the trained state is saved with Orbax (and restored once to check it);
 ``--plot curves.png`` writes the training curves.
 
-Run::
+Run:
 
-  python examples/train_digits.py --op adder
-  python examples/train_digits.py --op xnor --epochs 30 --plot xnor.png --ckpt-dir /tmp/xnor
+```python
+python examples/train_digits.py --op adder
+python examples/train_digits.py --op xnor --epochs 30 --plot xnor.png --ckpt-dir /tmp/xnor
+```
 """
 
 from __future__ import annotations

@@ -44,3 +44,32 @@ def test_engine_core_benchmark_smoke():
     assert [r["op"] for r in rows] == ["lax", "max_plus", "user_clip_max"]
     for r in rows:
         assert r["vmap_fwd"] > 0 and r["compile"] > 0 and r["mem_fb"][0] > 0
+def test_benchmark_pairs_timings_and_says_what_is_missing(monkeypatch):
+    import io
+
+    sys.path.insert(0, ROOT)
+    from benchmarks import run as bench
+
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch raises ImportError
+    out = io.StringIO()
+    result = bench.run(["A"], ["standard", "adder"], repeats=3, smoke=True, out=out)
+    text = out.getvalue()
+    assert "torch is not installed" in text and "no torch" in text
+    assert "interleaved" in text and result["meta"]["torch"] is False
+    for row in result["results"]:
+        assert row["fwd_spread"] >= 0 and row["fwd_bwd_spread"] >= 0
+        assert isinstance(row["flags"], list)
+
+
+def test_benchmark_flags_meaningless_ratios():
+    sys.path.insert(0, ROOT)
+    from benchmarks import run as bench
+
+    calm = {"fwd_ratio": 1.02, "fwd_bwd_ratio": 0.97, "fwd_spread": 0.05,
+            "fwd_bwd_spread": 0.1}
+    assert bench._flags("standard", calm) == []
+    assert bench._flags("adder", {**calm, "fwd_ratio": 3.0}) == []
+    busy = bench._flags("standard", {**calm, "fwd_ratio": 0.29})
+    assert len(busy) == 1 and "0.29x" in busy[0]
+    noisy = bench._flags("max_plus", {**calm, "fwd_bwd_spread": 0.6})
+    assert len(noisy) == 1 and "spread 60%" in noisy[0]

@@ -21,7 +21,8 @@ def _load(name: str):
     return mod
 
 
-@pytest.mark.parametrize("name", ["train_digits", "jit_function", "tpu_training"])
+@pytest.mark.parametrize("name", ["train_digits", "jit_function", "tpu_training",
+                                  "resnet20_adder"])
 def test_help(name, capsys):
     with pytest.raises(SystemExit) as e:
         _load(name).main(["--help"])
@@ -66,3 +67,27 @@ def test_tpu_training_on_8_cpu_devices(capsys):
     assert res["step_diff"] < 1e-5  # one sharded step == one single-device step
     losses = res["losses"]
     assert np.mean(losses[-5:]) < np.mean(losses[:5])
+
+
+def test_resnet20_adder_random_and_own_npz(tmp_path, capsys):
+    """The AdderNet recipe in its smallest form: random data, then a user's .npz by path."""
+    rn = _load("resnet20_adder")
+    tiny = ["--width", "2", "--blocks", "1", "--steps", "1", "--batch-size", "8"]
+    acc = rn.main(["--random", "8", "--summary", *tiny])
+    out = capsys.readouterr().out
+    assert 0.0 <= acc <= 1.0 and "ResNet-8 (adder blocks" in out and "test accuracy" in out
+    assert "blocks/0/conv1" in out and "adder" in out  # the summary
+    rng = np.random.default_rng(1)
+    path = tmp_path / "cifar_like.npz"
+    np.savez(path, x_train=rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8),
+             y_train=rng.integers(0, 10, 8), x_test=rng.integers(0, 256, (2, 32, 32, 3),
+                                                                dtype=np.uint8),
+             y_test=rng.integers(0, 10, 2))
+    # Evaluation only (no new optimizer to compile): the loading path is what is tested here.
+    acc = rn.main(["--data", str(path), *tiny[:-4], "--steps", "0", "--batch-size", "8"])
+    assert "8 train / 2 test images, 0 steps" in capsys.readouterr().out and 0.0 <= acc <= 1.0
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, x_train=np.zeros((2, 32, 32)), y_train=np.zeros(2), x_test=np.zeros((1, 32, 32)),
+             y_test=np.zeros(1))
+    with pytest.raises(ValueError, match="NHWC images with 3 channels"):
+        rn.main(["--data", str(bad), *tiny])

@@ -91,3 +91,11 @@ def test_quantizers_and_hooks():
         jln.Dense(2, op="adder", dot_general=jax.lax.dot_general).init(jax.random.key(0), x)
     g = jax.grad(lambda p: q.apply({"params": p}, x).sum())(v["params"])
     assert np.isfinite(np.asarray(g["kernel"])).all()
+
+
+@pytest.mark.parametrize("kernel_size", [(3, 0), 0, (2, -1)])
+@pytest.mark.parametrize("layer", ["Conv", "ConvTranspose"])
+def test_kernel_size_must_be_positive(kernel_size, layer):
+    module = getattr(jln, layer)(4, kernel_size)
+    with pytest.raises(ValueError, match=r"`kernel_size` entries must be positive ints"):
+        module.init(jax.random.key(0), jnp.ones((1, 5, 5, 3)))

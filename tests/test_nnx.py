@@ -268,3 +268,44 @@ def test_checkpoint_roundtrip(tmp_path):
         restored.eval()
         _close(restored(x), want, tol=0)
         np.testing.assert_array_equal(restored.bn.mean[...], model.bn.mean[...])
+
+
+@pytest.mark.parametrize("kernel_size", [(3, 0), (0,), 0, -2, (2, -1)])
+@pytest.mark.parametrize("layer", ["Conv", "ConvTranspose"])
+def test_kernel_size_must_be_positive(kernel_size, layer):
+    with pytest.raises(ValueError, match=r"`kernel_size` entries must be positive ints"):
+        getattr(jnn, layer)(3, 4, kernel_size=kernel_size, rngs=nnx.Rngs(0))
+
+
+def test_summary_counts_binary_parameters_and_packed_memory():
+    from jaxconv import packed
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.stem = jnn.Conv(3, 16, (3, 3), rngs=rngs)
+            self.bn = nnx.BatchNorm(16, rngs=rngs)
+            self.binary = jnn.Conv(16, 40, (3, 3), kernel_quantizer="ste_sign",
+                                   input_quantizer="ste_sign", use_bias=False, rngs=rngs)
+            self.adder = jnn.Conv(40, 8, (1, 1), op="adder", rngs=rngs)
+            self.head = jnn.Linear(8, 10, op="xnor", rngs=rngs)
+
+    model = Net(nnx.Rngs(0))
+    rows = {line.split()[0]: line.split() for line in jnn.summary(model).splitlines()[1:]}
+    assert rows["binary"][1:5] == ["Conv", "standard", "ste_sign", "ste_sign"]
+    assert rows["binary"][5:7] == [str(3 * 3 * 16 * 40)] * 2
+    # float32 latent weights vs one bit per weight, 32 in-features per uint32 word
+    assert float(rows["binary"][7]) == pytest.approx(3 * 3 * 16 * 40 * 4 / 1024, abs=0.05)
+    assert float(rows["binary"][8]) == pytest.approx(3 * 3 * 1 * 4 * 40 / 1024, abs=0.05)
+    assert rows["adder"][2] == "adder" and rows["adder"][6] == "0"
+    assert rows["head"][2] == "xnor" and rows["head"][6] == str(8 * 10)
+    assert rows["bn"][1] == "BatchNorm" and rows["bn"][5] == str(2 * 16 + 2 * 16)
+    total = rows["total"]
+    n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model)))
+    assert int(total[1]) == n_params and int(total[2]) == 3 * 3 * 16 * 40 + 80
+    # A packed model: the same binary count, the same packed memory.
+    prows = {line.split()[0]: line.split()
+             for line in jnn.summary(packed.pack_model(model)).splitlines()[1:]}
+    assert prows["binary"][1] == "PackedConv" and prows["binary"][6] == rows["binary"][6]
+    assert prows["binary"][-1] == rows["binary"][-1]
+    with pytest.raises(TypeError, match="`model` must be an nnx.Module"):
+        jnn.summary({"kernel": 1})

@@ -180,11 +180,12 @@ def test_nan_propagates(op: str) -> None:
     expect = np.zeros((2, 5, 5, 8), bool)
     expect[0, 1:3, 2:4, :] = True
     expect[:, :, :, 5] = True
-    if ops.get(op).pad_value is None and op not in ("standard", "xnor", "l2"):
+    if ops.get(op).pad_value is None and op not in ("standard", "xnor"):
         # Tap (1, 1) of the kernel lies in the padding for the last row and column: a
         # skipped tap never reads its weight. (standard pads with real zeros as lax,
-        # 0 * NaN = NaN; adder pads with 0 through combine; the xnor and l2 rewrites are
-        # native convolutions over zero padding, so they give NaN there too.)
+        # 0 * NaN = NaN; adder pads with 0 through combine; the xnor rewrite is a native
+        # convolution over zero padding, so it gives NaN there too. The l2 rewrite counts
+        # in-bounds NaN taps only.)
         expect[:, 4, :, 5] = False
         expect[:, :, 4, 5] = False
     f = jax.jit(lambda a, b: jaxconv.conv_general_dilated(a, b, (1, 1), "SAME",
@@ -415,3 +416,97 @@ def test_integer_dot_general() -> None:
     got = jaxconv.dot_general(a, b, dn, op="max_plus")
     expect = dot_general_reference(a, b, dn, combine=np.add, reduce=np.maximum, identity=-INF)
     np.testing.assert_array_equal(got, expect)
+
+
+# --------------------------------------------------------------------------------------------
+# The l2 rewrite (2 x.w - x^2 - w^2) where it cannot be used as is: infinities, NaN, values
+# whose squares overflow, integers. Expected: the numpy loop reference (float64, or the
+# dtype's own wrapping arithmetic), which l2_exact also follows.
+# --------------------------------------------------------------------------------------------
+
+L2_SPECIAL = [
+    ([1, INF, 2], [0.5, 0.25]),              # the issue's case: -inf, never NaN
+    ([1, -INF, 2, 3], [0.5, 0.25]),
+    ([1, INF, 2], [INF, 0.25]),              # +inf meets +inf at one tap: NaN there only
+    ([-INF, 1, 2], [-INF, 0.25]),
+    ([INF, 1, 2], [-INF, 0.25]),             # opposite infinities: -inf
+    ([1, 2, 3], [INF, 0.25]),
+    ([1, NAN, 3, 4], [1, 0.25]),
+    ([1, 2, 3], [NAN, 0.25]),
+    ([2e19, 2e19, 2e19], [2e19, 2e19]),      # squares overflow f32, the distance is 0
+    ([3e19, -1e19, 2e19], [1e19, 2e19]),     # large but representable results
+    ([1e25, 2e25, -1e25], [1.0, 0.5]),       # a true overflow: -inf, as summed directly
+]
+
+
+def _l2_reference(x: Any, w: Any, padding: Any, dtype: Any) -> np.ndarray:
+    combine, reduce, identity, _ = NUMPY_OPS["l2"]
+    ref = conv_reference(np.asarray(x, dtype).reshape(1, -1, 1),
+                         np.asarray(w, dtype).reshape(-1, 1, 1), (1,), padding,
+                         dimension_numbers=DN1, combine=combine, reduce=reduce,
+                         identity=identity, dtype=dtype)
+    return ref[0, :, 0]
+
+
+@pytest.mark.parametrize("padding", ["VALID", "SAME", ((2, 1),)])
+@pytest.mark.parametrize(("x", "w"), L2_SPECIAL)
+def test_l2_rewrite_non_finite_and_overflow(x: Any, w: Any, padding: Any) -> None:
+    with np.errstate(all="ignore"):
+        ref = _l2_reference(x, w, padding, np.float32)
+    np.testing.assert_allclose(conv1(x, w, "l2", padding), ref, rtol=1e-6)
+    np.testing.assert_allclose(conv1(x, w, "l2_exact", padding), ref, rtol=1e-6)
+
+
+def test_l2_rewrite_special_values_in_channels_and_dot_general() -> None:
+    """Many channels (the counts ride along in the norms), 2-D, and dot_general."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 6, 6, 8)).astype(np.float32)
+    w = rng.standard_normal((3, 3, 8, 4)).astype(np.float32)
+    x[0, 1, 2, 3], x[1, 4, 4, 0], x[0, 5, 0, 7] = INF, -INF, NAN
+    w[0, 1, 3, 2], w[2, 2, 5, 1] = INF, -INF
+    x[1, 0, 0, 5] = INF
+    kw = dict(dimension_numbers=DN2)
+    with np.errstate(all="ignore"):
+        ref = conv_reference(x, w, (1, 1), "SAME", **kw, combine=NUMPY_OPS["l2"][0],
+                             reduce=NUMPY_OPS["l2"][1], identity=NUMPY_OPS["l2"][2],
+                             dtype=np.float32)
+    got = np.asarray(jconv(x, w, (1, 1), "SAME", op="l2", **kw))
+    np.testing.assert_allclose(got, ref, rtol=2e-5, atol=1e-4)
+    a = np.array([[1.0, INF, 2.0], [NAN, 2.0, 1.0], [1.0, 2.0, 3.0]], np.float32)
+    b = np.array([[0.5, 2.0], [0.25, INF], [1.0, -INF]], np.float32)
+    dn = (((1,), (0,)), ((), ()))
+    with np.errstate(all="ignore"):
+        ref = dot_general_reference(a, b, dn, combine=NUMPY_OPS["l2"][0],
+                                    reduce=NUMPY_OPS["l2"][1], identity=NUMPY_OPS["l2"][2],
+                                    dtype=np.float32)
+    for op in ("l2", "l2_exact"):
+        got = jax.jit(lambda p, q, op=op: jaxconv.dot_general(p, q, dn, op=op))(a, b)
+        np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-6)
+
+
+def test_l2_rewrite_gradient_is_finite_data_unchanged() -> None:
+    """The scaling is exact: gradients of finite data equal those of l2_exact."""
+    rng = np.random.default_rng(6)
+    x = jnp.asarray(rng.standard_normal((1, 7, 3)), jnp.float32) * 1e3
+    w = jnp.asarray(rng.standard_normal((3, 3, 2)), jnp.float32)
+    grads = [jax.grad(lambda a, b, op=op: jnp.sum(jaxconv.conv_general_dilated(
+        a, b, (1,), "SAME", dimension_numbers=DN1, op=op)), argnums=(0, 1))(x, w)
+        for op in ("l2", "l2_exact")]
+    for g, e in zip(grads[0], grads[1], strict=True):
+        np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.int16, np.uint8, np.int32])
+def test_l2_integers_keep_dtype_and_wrap(dtype: Any) -> None:
+    rng = np.random.default_rng(7)
+    info = np.iinfo(dtype)
+    x = rng.integers(info.min, info.max, (1, 6, 3), endpoint=True).astype(dtype)
+    w = rng.integers(info.min, info.max, (2, 3, 2), endpoint=True).astype(dtype)
+    combine, reduce, identity, _ = NUMPY_OPS["l2"]
+    with np.errstate(all="ignore"):
+        ref = conv_reference(x, w, (1,), "SAME", dimension_numbers=DN1, combine=combine,
+                             reduce=reduce, identity=identity, dtype=dtype)
+    for op in ("l2", "l2_exact"):
+        got = jconv(jnp.asarray(x), jnp.asarray(w), (1,), "SAME", dimension_numbers=DN1, op=op)
+        assert got.dtype == dtype, op
+        np.testing.assert_array_equal(np.asarray(got), ref.astype(dtype))

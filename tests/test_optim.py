@@ -230,3 +230,128 @@ def test_clip_latent_weights_validates() -> None:
     # a whole-tree bool is a valid prefix
     new = clip_latent_weights(params, True)
     assert all(float(jnp.max(jnp.abs(leaf))) <= 1.0 for leaf in jax.tree.leaves(new))
+
+
+# --------------------------------------------------------------------------------------------
+# Masks for Flax NNX models, inside a real nnx.Optimizer step.
+# --------------------------------------------------------------------------------------------
+
+def _nnx_model():
+    from flax import nnx
+
+    import jaxconv
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.stem = jaxconv.nnx.Conv(2, 4, (3, 3), rngs=rngs)
+            self.adder = jaxconv.nnx.Conv(4, 4, (3, 3), op="adder", use_bias=False, rngs=rngs)
+            self.blocks = nnx.List([jaxconv.nnx.Linear(4, 6, kernel_quantizer="ste_sign",
+                                                       rngs=rngs)])
+            self.head = jaxconv.nnx.Linear(6, 3, rngs=rngs)
+
+        def __call__(self, x):
+            x = self.adder(self.stem(x)).mean(axis=(1, 2))
+            return self.head(self.blocks[0](x))
+
+    return Net(nnx.Rngs(0))
+
+
+def test_kernel_mask_selects_by_op_and_quantizer():
+    from flax import nnx
+
+    from jaxconv import optim
+
+    model = _nnx_model()
+    pure = nnx.state(model, nnx.Param).to_pure_dict()
+    adder = optim.kernel_mask(model, op="adder")(pure)
+    assert adder["adder"]["kernel"] and not adder["stem"]["kernel"]
+    assert not adder["blocks"][0]["kernel"] and not adder["head"]["kernel"]
+    binary = optim.kernel_mask(model, quantized=True)(pure)
+    assert binary["blocks"][0]["kernel"] and not binary["blocks"][0]["bias"]
+    assert sum(jax.tree.leaves(binary)) == 1
+    both = optim.kernel_mask(model, op=("adder", "standard"), quantized=False)(
+        nnx.state(model, nnx.Param))
+    assert sum(jax.tree.leaves(both)) == 3  # also on a State holding Variables
+    with pytest.raises(ValueError, match=r"no layer of the model has op='max_plus'.*"
+                                         r"adder \(op='adder'"):
+        optim.kernel_mask(model, op="max_plus")
+
+
+def test_nnx_optimizer_step_with_masks():
+    """adder_scale on the adder kernel only; weight_clip keeps latent weights in [-1, 1]."""
+    import optax
+    from flax import nnx
+
+    from jaxconv import optim
+
+    model = _nnx_model()
+    kernel = model.blocks[0].kernel
+    kernel[...] = kernel[...] * 4.0  # latent weights outside [-1, 1]
+    before = nnx.state(model, nnx.Param).to_pure_dict()
+    lr = 0.5
+    tx = optax.chain(optax.masked(optim.adder_scale(0.2), optim.kernel_mask(model, op="adder")),
+                     optax.sgd(lr), optim.weight_clip(optim.kernel_mask(model, quantized=True)))
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 6, 6, 2)), jnp.float32)
+
+    def loss(m):
+        return jnp.sum(m(x) ** 2)
+
+    grads = nnx.grad(loss)(model)
+    g = nnx.state(grads, nnx.Param).to_pure_dict()
+    optimizer.update(model, grads)
+    after = nnx.state(model, nnx.Param).to_pure_dict()
+    ga = g["adder"]["kernel"]
+    expect = before["adder"]["kernel"] - lr * 0.2 * np.sqrt(ga.size) * ga / np.linalg.norm(ga)
+    np.testing.assert_allclose(after["adder"]["kernel"], expect, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(after["stem"]["kernel"],
+                               before["stem"]["kernel"] - lr * g["stem"]["kernel"], rtol=1e-5)
+    latent = before["blocks"][0]["kernel"] - lr * g["blocks"][0]["kernel"]
+    np.testing.assert_allclose(after["blocks"][0]["kernel"], np.clip(latent, -1, 1), rtol=1e-6)
+    assert np.abs(latent).max() > 1
+    np.testing.assert_allclose(after["head"]["bias"],
+                               before["head"]["bias"] - lr * g["head"]["bias"], rtol=1e-5)
+
+
+def test_clip_latent_weights_on_nnx_module_and_state():
+    from flax import nnx
+
+    from jaxconv import optim
+
+    model = _nnx_model()
+    model.blocks[0].kernel[...] = model.blocks[0].kernel[...] * 10.0
+    model.head.kernel[...] = model.head.kernel[...] * 10.0
+    head_before = np.asarray(model.head.kernel[...])
+    mask = optim.kernel_mask(model, quantized=True)
+    state = nnx.state(model, nnx.Param)
+    new = optim.clip_latent_weights(state, mask)
+    assert np.abs(np.asarray(new["blocks"][0]["kernel"])).max() == 1.0
+    np.testing.assert_array_equal(new["head"]["kernel"], head_before)
+    # A path-based callable written against the nested dict works on a State too.
+    last_is_kernel = lambda p: jax.tree_util.tree_map_with_path(  # noqa: E731
+        lambda path, _: path[-1].key == "kernel" and path[0].key == "blocks", p)
+    new2 = optim.clip_latent_weights(state, last_is_kernel)
+    np.testing.assert_array_equal(new2["blocks"][0]["kernel"], new["blocks"][0]["kernel"])
+    # A prefix-dict mask on a State.
+    new3 = optim.clip_latent_weights(state, {"stem": False, "adder": False, "head": False,
+                                             "blocks": True})
+    np.testing.assert_array_equal(new3["blocks"][0]["kernel"], new["blocks"][0]["kernel"])
+    assert optim.clip_latent_weights(model, mask) is model
+    assert np.abs(np.asarray(model.blocks[0].kernel[...])).max() == 1.0
+    np.testing.assert_array_equal(model.head.kernel[...], head_before)
+
+
+def test_a_mask_selecting_nothing_raises():
+    from flax import nnx
+
+    from jaxconv import optim
+
+    model = _nnx_model()
+    state = nnx.state(model, nnx.Param)
+    nothing = lambda p: jax.tree.map(lambda _: False, p)  # noqa: E731
+    with pytest.raises(ValueError, match=r"`mask` selects no leaf of `params`"):
+        optim.clip_latent_weights(state, nothing)
+    with pytest.raises(ValueError, match=r"selects no leaf"):
+        optim.clip_latent_weights({"w": jnp.ones(3)}, {"w": False})
+    with pytest.raises(ValueError, match=r"`weight_clip`: `mask` selects no leaf"):
+        nnx.Optimizer(model, optim.weight_clip(nothing), wrt=nnx.Param)

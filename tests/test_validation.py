@@ -200,7 +200,7 @@ CASES: list[tuple[str, Callable[[], Any], type, str]] = [
                                                identity=0.0)), ValueError,
      r"`reduce` is not elementwise"),
     ("identity_wrong", lambda: conv(op=user(jnp.add, jnp.maximum, identity=0.0)), ValueError,
-     r"`identity`=0.0 is not an identity of `reduce`: reduce\(a, identity\) must equal a"),
+     r"`identity`=0.0 is not a two-sided identity of `reduce`: reduce\(a, identity\) must equal a"),
     # dot_general
     ("dot_dn_malformed", lambda: dot(dn=((1,), (0,))), TypeError,
      r"`dimension_numbers` must be \(\(lhs_contracting, rhs_contracting\), \(lhs_batch, "
@@ -221,8 +221,6 @@ CASES: list[tuple[str, Callable[[], Any], type, str]] = [
     ("dot_dims_not_distinct", lambda: dot(np.ones((3, 4)), np.ones((3, 4)),
                                           (((0,), (0,)), ((0,), (1,)))), ValueError,
      r"the lhs contracting \(0,\) and batch \(0,\) dimensions must be distinct"),
-    ("dot_empty_contraction", lambda: dot(np.ones((3, 0)), np.ones((0, 5))), ValueError,
-     r"op 'max_plus' needs a non-empty contraction, got size 0"),
     ("dot_complex", lambda: dot(a=A.astype(np.complex64)), TypeError,
      r"`lhs` has complex dtype complex64"),
     ("dot_mixed", lambda: dot(a=A.astype(np.int32)), TypeError,
@@ -257,7 +255,7 @@ ABSTRACT = [
     ("combine_indexes_w", (2, 6, 6, 4), (3, 3, 4, 8), {"op": "bad"}, ValueError,
      r"`combine` must be elementwise"),
     ("identity_wrong", (2, 6, 6, 4), (3, 3, 4, 8), {"op": "bad_identity"}, ValueError,
-     r"is not an identity of `reduce`"),
+     r"is not a two-sided identity of `reduce`"),
 ]
 
 
@@ -338,3 +336,133 @@ def test_bad_op_definition(name: str, make: Callable[[], Any]) -> None:
     }[name]
     with pytest.raises(expected[0], match=expected[1]):
         make()
+
+
+# --------------------------------------------------------------------------------------------
+# An empty contraction (zero input channels): the reduce's identity, for every op and both
+# functions, as lax gives 0 (the identity of the standard op's sum).
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("op", jaxconv.ops.names())
+def test_empty_contraction_is_the_identity(op: str) -> None:
+    from jaxconv._src.core.algebra import identity_value
+
+    o = jaxconv.ops.get(op)
+    expect = float(identity_value(o, jnp.float32))
+    x, w = np.ones((1, 4, 4, 0), np.float32), np.ones((2, 2, 0, 3), np.float32)
+    y = jax.jit(lambda a, b: conv(a, b, padding="VALID", op=op))(x, w)
+    ref = jax.lax.conv_general_dilated(x, w, (1, 1), "VALID", dimension_numbers=DN)
+    assert y.shape == ref.shape and y.dtype == ref.dtype
+    np.testing.assert_array_equal(np.asarray(y), np.full(ref.shape, expect, np.float32))
+    d = dot(np.ones((3, 0), np.float32), np.ones((0, 5), np.float32), op=op)
+    np.testing.assert_array_equal(np.asarray(d), np.full((3, 5), expect, np.float32))
+    g = jax.grad(lambda a: jnp.sum(jnp.where(jnp.isfinite(y := conv(a, w, padding="VALID",
+                                                                    op=op)), y, 0)))(x)
+    assert g.shape == x.shape
+
+
+def test_empty_contraction_user_op_and_integers() -> None:
+    op = user(jnp.add, jnp.maximum, identity=-np.inf)
+    y = conv(np.ones((1, 3, 3, 0), np.int32), np.ones((2, 2, 0, 2), np.int32), padding="VALID",
+             op=op)
+    assert y.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(y), np.iinfo(np.int32).min)
+
+
+# --------------------------------------------------------------------------------------------
+# Messages that point at the layout mistake.
+# --------------------------------------------------------------------------------------------
+
+LAYOUT_MISTAKES = [
+    ("omitted", None, r"`dimension_numbers` was not given, so the default \('NCHW', 'OIHW', "
+                      r"'NCHW'\) applies: the channels of `lhs` are axis 1"),
+    ("nchw_for_nhwc", ("NCHW", "OIHW", "NCHW"), r"`dimension_numbers`=\('NCHW', 'OIHW', "
+                                                 r"'NCHW'\) reads lhs as 'NCHW' .* axis 1"),
+    ("typo", ("NHCW", "HWIO", "NHCW"), r"reads lhs as 'NHCW' .*the channels of `lhs` are "
+                                       r"axis 2"),
+]
+
+
+@pytest.mark.parametrize("dn,match", [c[1:] for c in LAYOUT_MISTAKES],
+                         ids=[c[0] for c in LAYOUT_MISTAKES])
+@pytest.mark.parametrize("op", ["max_plus", "standard"])
+def test_channel_mismatch_names_the_layout(dn: Any, match: str, op: str) -> None:
+    x, w = np.ones((1, 5, 5, 8), np.float32), np.ones((3, 3, 8, 4), np.float32)
+    with pytest.raises(ValueError, match=match) as info:
+        conv(x, w, dimension_numbers=dn, op=op)
+    assert "dimension_numbers=('NHWC', 'HWIO', 'NHWC')" in str(info.value)
+
+
+def test_invalid_layout_letters() -> None:
+    with pytest.raises(TypeError, match=r"invalid `dimension_numbers` .*'NHWX'.*'N' and 'C'"):
+        conv(dimension_numbers=("NHWX", "HWIO", "NHWC"))
+
+
+@pytest.mark.parametrize("padding", ["SAME_LOWER", "FULL"])
+def test_conv_transpose_padding_names_no_lhs_dilation(padding: str) -> None:
+    with pytest.raises(ValueError, match=r"`padding` of conv_transpose must be 'SAME', 'VALID'"
+                       ) as info:
+        jaxconv.conv_transpose(np.ones((1, 4, 4, 2)), np.ones((3, 3, 2, 4)), (2, 2), padding,
+                               dimension_numbers=DN, op="max_plus")
+    assert "lhs_dilation" not in str(info.value)
+
+
+# --------------------------------------------------------------------------------------------
+# A callable reduce is probed: two-sided identity, commutativity, associativity.
+# --------------------------------------------------------------------------------------------
+
+def _left_projection(a: Any, b: Any) -> Any:
+    """0 is a two-sided identity and the operation is associative, but not commutative."""
+    return jnp.where(a == 0, b, a)
+
+
+BAD_REDUCES = [
+    ("first_tap", lambda a, b: a, 0.0, r"not a two-sided identity of `reduce`: "
+                                       r"reduce\(identity, a\) must equal a"),
+    ("right_only", lambda a, b: b, 0.0, r"reduce\(a, identity\) must equal a"),
+    ("not_associative", lambda a, b: a + b + a**2 * b**2, 0.0, r"`reduce` is not associative"),
+    ("not_commutative", _left_projection, 0.0, r"`reduce` is not commutative"),
+]
+
+
+@pytest.mark.parametrize("reduce,identity,match", [c[1:] for c in BAD_REDUCES],
+                         ids=[c[0] for c in BAD_REDUCES])
+@pytest.mark.parametrize("fn", ["conv", "dot"])
+def test_bad_reduce_is_refused(reduce: Any, identity: float, match: str, fn: str) -> None:
+    op = jaxconv.Op(jnp.multiply, reduce, identity=identity, name=f"bad_{fn}")
+    with pytest.raises(ValueError, match=match):
+        conv(op=op) if fn == "conv" else dot(op=op)
+
+
+def test_good_reduces_are_accepted() -> None:
+    for reduce, identity in ((jnp.maximum, -np.inf), (jnp.add, 0.0), (jnp.logaddexp, -np.inf)):
+        op = jaxconv.Op(jnp.add, reduce, identity=identity, name="good")
+        assert conv(op=op).shape == (2, 6, 6, 8)
+    iop = jaxconv.Op(jnp.add, jnp.minimum, identity=np.inf, name="int_min")
+    assert conv(X.astype(np.int32), W.astype(np.int32), op=iop).dtype == jnp.int32
+
+
+_FIRST_USE_UNDER_TRANSFORM = """
+import jax, jax.numpy as jnp, jaxconv
+dn = ("NWC", "WIO", "NWC")
+f = lambda a: jaxconv.conv_general_dilated(a, jnp.ones((2, 2, 3)), (1,), "SAME",
+                                           dimension_numbers=dn, op={op})
+print(jax.vmap(f)(jnp.ones((3, 1, 4, 2))).shape)
+print(jax.jit(jax.vmap(jax.grad(lambda a: f(a).sum())))(jnp.ones((3, 1, 4, 2))).shape)
+"""
+
+
+@pytest.mark.parametrize("op", ['"adder"', 'jaxconv.Op(jnp.add, jnp.maximum, identity=-jnp.inf)'])
+def test_first_use_of_an_op_under_vmap(op: str) -> None:
+    """The op probes run on concrete values even when the first call is inside vmap."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    root = str(pathlib.Path(jaxconv.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", _FIRST_USE_UNDER_TRANSFORM.format(op=op)],
+                         capture_output=True, text=True, timeout=300, check=False, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["(3,", "1,", "4,", "3)", "(3,", "1,", "4,", "2)"]

@@ -2,12 +2,12 @@
 
 jaxconv layers keep their parameters as ordinary ``nnx.Param`` s (``kernel`` / ``bias``) and
 their op, padding and quantizers as static attributes, so a checkpoint is just the model's
-state: these helpers write it with :class:`orbax.checkpoint.StandardCheckpointer` (as a plain
+state: these helpers write it with `orbax.checkpoint.StandardCheckpointer` (as a plain
 nested dict of arrays) and read it back into a model built with the same constructor. The op
 is part of the code that builds the model, not of the checkpoint; store its name
-(``op.name``, looked up with :func:`jaxconv.ops.get`) alongside if your script chooses it.
+(``op.name``, looked up with `jaxconv.ops.get`) alongside if your script chooses it.
 
-Example::
+Examples:
 
   >>> import tempfile, os
   >>> from flax import nnx
@@ -55,10 +55,10 @@ def save(directory: str | os.PathLike[str], model: nnx.Module, *, filter: Any = 
 
 def restore(directory: str | os.PathLike[str], model: nnx.Module, *,
             filter: Any = DEFAULT_FILTER) -> nnx.Module:
-    """Restores a state saved by :func:`save` into ``model`` (in place) and returns it.
+    """Restores a state saved by `save` into ``model`` (in place) and returns it.
 
     Args:
-      directory: checkpoint directory written by :func:`save`.
+      directory: checkpoint directory written by `save`.
       model: a model of the same structure (e.g. freshly constructed, or from
         ``nnx.eval_shape``); its variables give the target shapes and dtypes.
       filter: the nnx filter used when saving.

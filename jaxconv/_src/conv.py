@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -10,7 +11,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxconv._src.core import primitive, validation
-from jaxconv._src.core.algebra import Op
+from jaxconv._src.core.algebra import Op, identity_value
 from jaxconv._src.core.geometry import Geometry
 from jaxconv._src.core.ops import resolve, standard
 
@@ -40,6 +41,16 @@ def _common_options(
     return engine, mbb, preferred_element_type
 
 
+def _empty_contraction(op: Op, shape: tuple[int, ...], lhs: Array, rhs: Array,
+                       preferred_element_type: Any, out_sharding: Any) -> Array:
+    """The result of reducing over nothing: the reduce's identity (then ``op.post``)."""
+    dtype = preferred_element_type or jnp.result_type(lhs, rhs)
+    y = jnp.full(shape, identity_value(op, dtype), dtype)
+    if op.post is not None:
+        y = op.post(y)
+    return _with_out_sharding(y, out_sharding)
+
+
 def conv_general_dilated(
     lhs: Any,
     rhs: Any,
@@ -66,6 +77,10 @@ def conv_general_dilated(
 
         out[n, o, co] = REDUCE_{k, ci} op.combine(x[n, o*stride + k*dilation - pad_lo, ci],
                                                   w[k, ci, co])
+
+    An empty contraction (zero input channels) gives the reduce's identity everywhere, for
+    every op: 0 for sums (as lax), ``-inf`` for ``max_plus`` and ``log``, ``+inf`` for
+    ``min_plus``.
 
     Args:
       lhs: input, laid out as ``dimension_numbers[0]`` (default ``NC...``).
@@ -123,20 +138,22 @@ def conv_general_dilated(
     c_in = lhs.shape[dn.lhs_spec[1]]
     i_k = rhs.shape[dn.rhs_spec[1]]
     o_k = rhs.shape[dn.rhs_spec[0]]
+    layout = validation.describe_layout(dn, dimension_numbers)
     if c_in % groups:
         raise ValueError(
             f"`feature_group_count`={groups} must divide the input channels of `lhs` "
-            f"({c_in})."
+            f"({c_in}); lhs.shape={lhs.shape}. {layout}"
         )
     if o_k % groups:
         raise ValueError(
             f"`feature_group_count`={groups} must divide the output features of `rhs` "
-            f"({o_k})."
+            f"({o_k}); rhs.shape={rhs.shape}. {layout}"
         )
     if i_k * groups != c_in:
         raise ValueError(
             f"`rhs` in-features ({i_k}) x `feature_group_count` ({groups}) must equal the input "
-            f"channels of `lhs` ({c_in}); lhs.shape={lhs.shape}, rhs.shape={rhs.shape}."
+            f"channels of `lhs` ({c_in}); lhs.shape={lhs.shape}, rhs.shape={rhs.shape}. "
+            f"{layout}"
         )
     if bgroups != 1 and not _is_standard(op):
         raise ValueError(
@@ -148,6 +165,13 @@ def conv_general_dilated(
             lhs, rhs, strides, pad, lhs_dil, rhs_dil, dn, groups, bgroups, precision,
             preferred_element_type, out_sharding=out_sharding)
     validation.check_op(op, lhs, rhs)
+    if c_in == 0:
+        # An empty contraction: every output is the reduce's identity (lax gives 0, the
+        # identity of the standard op's sum); no engine sees K = 0.
+        out = jax.eval_shape(functools.partial(
+            lax.conv_general_dilated, window_strides=strides, padding=pad, lhs_dilation=lhs_dil,
+            rhs_dilation=rhs_dil, dimension_numbers=dn, feature_group_count=groups), lhs, rhs)
+        return _empty_contraction(op, out.shape, lhs, rhs, preferred_element_type, out_sharding)
 
     in_spatial = tuple(lhs.shape[d] for d in dn.lhs_spec[2:])
     window = tuple(rhs.shape[d] for d in dn.rhs_spec[2:])
@@ -195,7 +219,8 @@ def dot_general(
     """General dot product whose product is ``op``, with :func:`jax.lax.dot_general`'s API.
 
     ``out[b, m, n] = REDUCE_k op.combine(lhs[b, m, k], rhs[b, k, n])`` over the contracting
-    dimensions; batch, free and output dimension order are lax's.
+    dimensions; batch, free and output dimension order are lax's. An empty contraction
+    gives the reduce's identity everywhere (0 for sums, as lax; ``-inf`` for ``max_plus``).
 
     Args:
       lhs: left operand.
@@ -229,6 +254,10 @@ def dot_general(
         return lax.dot_general(lhs, rhs, dnums, precision, preferred_element_type,
                                out_sharding=out_sharding)
     validation.check_op(op, lhs, rhs)
+    if math.prod(lhs.shape[d] for d in lc) == 0:
+        out = jax.eval_shape(functools.partial(lax.dot_general, dimension_numbers=dnums),
+                             lhs, rhs)
+        return _empty_contraction(op, out.shape, lhs, rhs, preferred_element_type, out_sharding)
     lf = tuple(d for d in range(lhs.ndim) if d not in lc + lb)
     rf = tuple(d for d in range(rhs.ndim) if d not in rc + rb)
     bshape = tuple(lhs.shape[d] for d in lb)
@@ -238,8 +267,6 @@ def dot_general(
                   math.prod(rfs))
     a3 = jnp.transpose(lhs, lb + lf + lc).reshape(b, m, k)
     r3 = jnp.transpose(rhs, rb + rc + rf).reshape(b, k, n)
-    if k == 0:
-        raise ValueError(f"op {op.name!r} needs a non-empty contraction, got size 0.")
     # A dense product is a convolution with no spatial dimensions, one tap and ``b`` groups.
     x = a3.transpose(1, 0, 2).reshape(m, b * k)
     w = r3.transpose(1, 0, 2).reshape(k, b * n)

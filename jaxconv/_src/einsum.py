@@ -1,4 +1,4 @@
-"""``einsum`` over any :class:`jaxconv.Op`: semiring einsum (max-plus, min-plus, log, yours).
+"""``einsum`` over any `jaxconv.Op`: semiring einsum (max-plus, min-plus, log, yours).
 
 The semantics are those of torch-semiring-einsum (and of jax#37986's request): for an
 equation ``"ij,jk->ik"``
@@ -12,7 +12,7 @@ output is reduced too (``"ij->i"`` with max-plus is ``max_j A[i, j]``); a repeat
 one operand takes the diagonal (``"ii->i"``).
 
 The work is a sequence of pairwise contractions in an order chosen by
-``opt_einsum.contract_path``; each pairwise contraction is a :func:`jaxconv.dot_general`
+``opt_einsum.contract_path``; each pairwise contraction is a `jaxconv.dot_general`
 with the same ``op`` (memory-bounded, with the op's gradient rules). Splitting the fold into
 pairwise contractions, and reducing an index owned by one operand before the contraction,
 is exact when the op is a *semiring*: ``combine`` associative and commutative and
@@ -155,8 +155,8 @@ def einsum(
     """Einstein summation whose product is ``op`` (semiring einsum).
 
     ``out = REDUCE over all summed indices of combine-fold over the operands``, computed as
-    pairwise :func:`jaxconv.dot_general` contractions in the order ``opt_einsum`` chooses.
-    ``op=ops.standard`` is :func:`jax.numpy.einsum` itself. Repeated indices within an
+    pairwise `jaxconv.dot_general` contractions in the order ``opt_einsum`` chooses.
+    ``op=ops.standard`` is `jax.numpy.einsum` itself. Repeated indices within an
     operand take the diagonal; ``...`` broadcasting works as in numpy. See the module notes
     for when the pairwise order is exact (any op for one or two operands, a semiring for
     three or more).
@@ -164,7 +164,7 @@ def einsum(
     Args:
       subscripts: the equation, e.g. ``"bij,bjk->bik"`` (implicit output allowed).
       *operands: the arrays.
-      op: the product: a :class:`jaxconv.Op` or a built-in op's name.
+      op: the product: a `jaxconv.Op` or a built-in op's name.
       optimize: the ``opt_einsum`` path strategy (``"greedy"``, ``"optimal"``, ...), or an
         explicit path (list of tuples).
       precision: passed to lax for the standard op.

@@ -7,10 +7,10 @@ product of a window ``x`` with a kernel ``w`` by a kernel function ``k(x, w)``:
 - gaussian: ``k(x, w) = exp(-gamma * ||x - w||**2)`` -- the ``l2`` sum ``s = -||x - w||**2``,
   then ``exp(gamma * s)``.
 
-Both are :class:`jaxconv.Op` values with a ``post`` map, made by factories whose equal
+Both are `jaxconv.Op` values with a ``post`` map, made by factories whose equal
 parameters give equal (and equally hashed) ops. Sharpened cosine similarity (Pisoni and
 Rohrer, 2022) needs the norm of each input window as well, so it is a function,
-:func:`sharpened_cosine_conv`.
+`sharpened_cosine_conv`.
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ def polynomial(c: float = 1.0, p: int | float = 2) -> Op:
       p: the degree.
 
     Returns:
-      A hashable :class:`jaxconv.Op`; equal parameters give the same op.
+      A hashable `jaxconv.Op`; equal parameters give the same op.
 
     Example:
       >>> import jax.numpy as jnp, jaxconv
@@ -133,7 +133,7 @@ def gaussian(gamma: float = 1.0) -> Op:
       gamma: the inverse squared width, ``> 0``.
 
     Returns:
-      A hashable :class:`jaxconv.Op`; equal parameters give the same op.
+      A hashable `jaxconv.Op`; equal parameters give the same op.
 
     Example:
       >>> import jax.numpy as jnp, jaxconv
@@ -170,7 +170,7 @@ def sharpened_cosine_conv(
     broadcasting against the output channels (learnable, as in the paper).
 
     Args:
-      lhs: input, as in :func:`jaxconv.conv_general_dilated`.
+      lhs: input, as in `jaxconv.conv_general_dilated`.
       rhs: kernel.
       window_strides: strides.
       padding: ``'SAME'``, ``'SAME_LOWER'``, ``'VALID'`` or ``(low, high)`` pairs (padded taps

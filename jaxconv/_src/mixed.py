@@ -1,7 +1,7 @@
 """Multi-op convolutions: the output channels split among several ops in one call.
 
 Morphological networks use dilation (max-plus) and erosion (min-plus) channels side by side
-(Mondal et al. 2019; Franchi et al. 2020). :func:`conv_multi` computes such a layer from one
+(Mondal et al. 2019; Franchi et al. 2020). `conv_multi` computes such a layer from one
 kernel whose output channels are split into consecutive slices, slice ``j`` computed with
 ``ops[j]``.
 
@@ -63,7 +63,7 @@ def conv_multi(
     Output channels ``[s_0, s_0 + split[0])`` use ``ops[0]``, the next ``split[1]`` use
     ``ops[1]``, and so on; all slices share the input, the geometry and one kernel ``rhs``
     (whose output-feature axis has ``sum(split)`` entries). Arguments are those of
-    :func:`jaxconv.conv_general_dilated`. With feature groups, every slice must hold whole
+    `jaxconv.conv_general_dilated`. With feature groups, every slice must hold whole
     groups.
 
     A dual pair such as ``("max_plus", "min_plus")`` with equal slices (or with feature
@@ -72,7 +72,7 @@ def conv_multi(
     concatenation of one convolution per slice.
 
     Args:
-      lhs: input, as in :func:`jaxconv.conv_general_dilated`.
+      lhs: input, as in `jaxconv.conv_general_dilated`.
       rhs: kernel with ``sum(split)`` output features.
       window_strides: strides.
       padding: ``'SAME'``, ``'SAME_LOWER'``, ``'VALID'`` or ``(low, high)`` pairs.

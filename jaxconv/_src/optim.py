@@ -2,34 +2,39 @@
 
 AdderNet's adaptive learning rate
 ---------------------------------
-:func:`adder_scale` rescales each gradient leaf (a whole kernel) to the norm
+`adder_scale` rescales each gradient leaf (a whole kernel) to the norm
 ``eta * sqrt(size)``. Apply it to the raw gradients of the adder kernels, before
-the optimiser, by masking it::
+the optimiser, by masking it:
 
-    >>> import jax, jax.numpy as jnp, optax
-    >>> from jaxconv._src.optim import adder_scale
-    >>> params = {"adder": jnp.ones((3, 3, 4, 8)), "head": jnp.ones((8, 10))}
-    >>> mask = {"adder": True, "head": False}
-    >>> tx = optax.chain(
-    ...     optax.masked(adder_scale(eta=0.2), mask),
-    ...     optax.sgd(learning_rate=0.1, momentum=0.9),
-    ... )
-    >>> state = tx.init(params)
+```pycon
+>>> import jax, jax.numpy as jnp, optax
+>>> from jaxconv._src.optim import adder_scale
+>>> params = {"adder": jnp.ones((3, 3, 4, 8)), "head": jnp.ones((8, 10))}
+>>> mask = {"adder": True, "head": False}
+>>> tx = optax.chain(
+...     optax.masked(adder_scale(eta=0.2), mask),
+...     optax.sgd(learning_rate=0.1, momentum=0.9),
+... )
+>>> state = tx.init(params)
+
+```
 
 Latent-weight clipping for binary kernels
 -----------------------------------------
-A binary kernel quantizer (:func:`jaxconv.quantizers.ste_sign`, ...) keeps float
+A binary kernel quantizer (`jaxconv.quantizers.ste_sign`, ...) keeps float
 "latent" weights and binarizes them in the forward pass. Since the
 straight-through gradient is zero where ``|w| > 1``, latent weights that drift out
 of ``[-1, 1]`` stop learning ("starved weights"); larq prevents this with
 ``kernel_constraint="weight_clip"``. The optax equivalent is a projection after
-each update, :func:`optax.projections.projection_box`::
+each update, `optax.projections.projection_box`:
 
-    updates, state = tx.update(grads, state, params)
-    params = optax.apply_updates(params, updates)
-    params = clip_latent_weights(params, mask)  # mask: True for binary kernels
+```python
+updates, state = tx.update(grads, state, params)
+params = optax.apply_updates(params, updates)
+params = clip_latent_weights(params, mask)  # mask: True for binary kernels
+```
 
-:func:`clip_latent_weights` applies :func:`optax.projections.projection_box` to the
+`clip_latent_weights` applies `optax.projections.projection_box` to the
 masked leaves only. (Calling ``projection_box`` on a whole parameter dict with
 scalar bounds does not work in optax 0.2.8: it maps ``jnp.clip`` over the bound
 as a tree, so either pass bounds trees or project leaf by leaf, as this helper
@@ -47,7 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-__all__ = ["adder_scale", "clip_latent_weights"]
+__all__ = ["KernelMask", "adder_scale", "clip_latent_weights", "kernel_mask", "weight_clip"]
 
 
 def _check_positive(value: object, name: str, fn_name: str) -> float:
@@ -67,13 +72,13 @@ def _check_positive(value: object, name: str, fn_name: str) -> float:
 def adder_scale(eta: float = 0.2, eps: float = 1e-12) -> optax.GradientTransformation:
     r"""Rescales each gradient leaf to norm ``eta * sqrt(size)`` (AdderNet's adaptive rate).
 
-    For every leaf :math:`g` of the updates (a whole kernel),
+    For every leaf $g$ of the updates (a whole kernel),
 
-    .. math::
+    $$
+    g \leftarrow \eta \sqrt{k} \, \frac{g}{\max(\|g\|_2, \epsilon)}
+    $$
 
-        g \leftarrow \eta \sqrt{k} \, \frac{g}{\max(\|g\|_2, \epsilon)}
-
-    where :math:`k` is the number of elements of the leaf and :math:`\|g\|_2` its
+    where $k$ is the number of elements of the leaf and $\|g\|_2$ its
     Frobenius norm. This is the adaptive learning rate of AdderNet (eq. 13), which
     compensates for the small magnitude of the gradients of adder layers; use it on the
     raw gradients of the adder kernels, before the optimiser, e.g.
@@ -83,11 +88,11 @@ def adder_scale(eta: float = 0.2, eps: float = 1e-12) -> optax.GradientTransform
     transform is stateless.
 
     Args:
-        eta: The scale :math:`\eta` (> 0); AdderNet uses 0.2.
+        eta: The scale $\eta$ (> 0); AdderNet uses 0.2.
         eps: Lower bound (> 0) on the norm, so that a zero gradient stays zero.
 
     Returns:
-        An :class:`optax.GradientTransformation` with state :class:`optax.EmptyState`.
+        An `optax.GradientTransformation` with state `optax.EmptyState`.
 
     Raises:
         ValueError: If ``eta`` or ``eps`` is not finite and positive.
@@ -162,13 +167,17 @@ def clip_latent_weights(
 
     The optax counterpart of larq's ``WeightClip`` kernel constraint for the latent
     (float) weights of binary kernels: call it after each ``optax.apply_updates``. Each
-    selected leaf is projected with :func:`optax.projections.projection_box`.
+    selected leaf is projected with `optax.projections.projection_box`.
 
     Args:
-        params: A pytree of parameters.
+        params: A pytree of parameters, an ``nnx.State`` (a new pure state is returned) or
+            an ``nnx.Module`` (its ``nnx.Param`` variables are clipped in place and the
+            module is returned).
         mask: A pytree of bools with the structure of ``params`` (or a prefix of it, a
             bool then covering a whole subtree), or a callable mapping ``params`` to such
-            a tree, as for :func:`optax.masked`. True marks the leaves to clip.
+            a tree, as for `optax.masked` (e.g. `kernel_mask`). True marks the leaves to
+            clip. For an ``nnx.State`` or module, the mask sees the plain nested dict of
+            its parameters (paths without a trailing ``.value``).
         lo: Lower bound.
         hi: Upper bound (``lo <= hi``).
 
@@ -177,8 +186,8 @@ def clip_latent_weights(
         their dtypes.
 
     Raises:
-        ValueError: If ``lo > hi``, a bound is NaN, or ``mask`` does not match
-            ``params``.
+        ValueError: If ``lo > hi``, a bound is NaN, ``mask`` does not match ``params``
+            or selects no leaf.
         TypeError: If a mask leaf is not a bool.
 
     Example:
@@ -201,6 +210,19 @@ def clip_latent_weights(
     lo, hi = float(lo), float(hi)
     if lo > hi:
         raise ValueError(f"`clip_latent_weights`: `lo` (={lo}) must not exceed `hi` (={hi}).")
+    from flax import nnx
+
+    if isinstance(params, nnx.Module):
+        state = nnx.state(params, nnx.Param)
+        nnx.update(params, clip_latent_weights(state, mask, lo, hi))
+        return params
+    if isinstance(params, nnx.State):
+        # Work on the plain nested dict (the paths a user sees, no trailing ``.value``).
+        pure = params.to_pure_dict()
+        new = clip_latent_weights(pure, mask, lo, hi)
+        out = nnx.as_pure(params)
+        out.replace_by_pure_dict(new)
+        return out
     if callable(mask):
         mask = mask(params)
 
@@ -212,10 +234,164 @@ def clip_latent_weights(
             "`clip_latent_weights`: `mask` must have the structure of `params` or a "
             f"prefix of it: {err}"
         ) from None
+    selected = [_static_bool(m) for m in jax.tree.leaves(mask)]
+    if not any(s and jax.tree.leaves(sub) for s, sub in zip(selected, subtrees, strict=True)):
+        paths = [jax.tree_util.keystr(p) for p, _ in
+                 jax.tree_util.tree_flatten_with_path(params)[0]][:6]
+        raise ValueError(
+            "`clip_latent_weights`: `mask` selects no leaf of `params`, so nothing would be "
+            f"clipped; the leaves of `params` are at paths such as {paths}. Build the mask "
+            "with jaxconv.optim.kernel_mask(model, quantized=True)."
+        )
     clipped = [
         jax.tree.map(lambda leaf: optax.projections.projection_box(leaf, lo, hi), sub)
-        if _static_bool(m)
+        if m
         else sub
-        for m, sub in zip(jax.tree.leaves(mask), subtrees, strict=True)
+        for m, sub in zip(selected, subtrees, strict=True)
     ]
     return jax.tree.unflatten(mask_def, clipped)
+
+
+def _path_names(path: tuple) -> tuple[str, ...]:
+    """A pytree key path as plain names, without a Variable's trailing ``value``."""
+    names = []
+    for k in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                names.append(str(getattr(k, attr)))
+                break
+        else:
+            names.append(str(k))
+    if len(path) > 1 and names[-1] == "value" and isinstance(path[-1], jax.tree_util.GetAttrKey):
+        names.pop()
+    return tuple(names)
+
+
+class KernelMask:
+    """A mask selecting some layers' kernels, for `optax.masked` and `clip_latent_weights`.
+
+    Built by `kernel_mask`. Calling it on a parameter tree (an ``nnx.State``, pure or not,
+    or the same nested dict) gives a tree of bools of the same structure: True at the
+    selected kernels. ``paths`` holds the selected kernels' paths in the model.
+    """
+
+    def __init__(self, paths: Any) -> None:
+        self.paths = frozenset(tuple(str(k) for k in p) for p in paths)
+
+    def __call__(self, params: Any) -> Any:
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _: _path_names(path) in self.paths, params)
+
+    def __repr__(self) -> str:
+        return f"KernelMask({sorted('/'.join(p) for p in self.paths)})"
+
+
+def kernel_mask(model: Any, *, op: Any = None, quantized: bool | None = None) -> KernelMask:
+    """A mask of the kernels of ``model``'s jaxconv layers with a given op or quantizer.
+
+    Use it with `optax.masked` inside ``nnx.Optimizer`` (e.g. `adder_scale` on the adder
+    kernels only), with `weight_clip` and with `clip_latent_weights`.
+
+    Args:
+        model: an ``nnx.Module`` holding jaxconv layers (``jaxconv.nnx.Conv``, ``Linear``,
+            ``ConvTranspose``, ...), at any depth.
+        op: ``None`` (any op), an op or built-in op's name, or a sequence of them: only
+            layers computing one of these products are selected.
+        quantized: ``None`` (either), ``True`` (layers with a ``kernel_quantizer``: binary
+            or ternary kernels with float latent weights) or ``False`` (layers without).
+
+    Returns:
+        A `KernelMask`.
+
+    Raises:
+        ValueError: If no layer of ``model`` matches (the message lists the layers found).
+        TypeError: If ``model`` is not an ``nnx.Module``.
+
+    Example:
+        >>> import optax
+        >>> from flax import nnx
+        >>> import jaxconv
+        >>> model = jaxconv.nnx.Conv(3, 8, (3, 3), op="adder", rngs=nnx.Rngs(0))
+        >>> mask = jaxconv.optim.kernel_mask(model, op="adder")
+        >>> tx = optax.chain(optax.masked(jaxconv.optim.adder_scale(), mask), optax.sgd(0.1))
+        >>> optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+        >>> mask(nnx.state(model, nnx.Param).to_pure_dict())
+        {'bias': False, 'kernel': True}
+    """
+    from flax import nnx
+
+    from jaxconv._src.core.algebra import Op
+    from jaxconv._src.core.ops import resolve
+
+    if not isinstance(model, nnx.Module):
+        raise TypeError(f"`kernel_mask`: `model` must be an nnx.Module, got {type(model)!r}.")
+    if op is None:
+        ops = None
+    elif isinstance(op, (str, Op)):
+        ops = (resolve(op),)
+    else:
+        ops = tuple(resolve(o) for o in op)
+    if quantized not in (None, True, False):
+        raise TypeError(
+            f"`kernel_mask`: `quantized` must be None, True or False, got {quantized!r}.")
+    found, paths = [], []
+    for path, node in nnx.graph.iter_graph(model):
+        layer_op = getattr(node, "op", None) if isinstance(node, nnx.Module) else None
+        if not isinstance(layer_op, Op) or not isinstance(getattr(node, "kernel", None),
+                                                            nnx.Variable):
+            continue
+        has_q = getattr(node, "kernel_quantizer", None) is not None
+        found.append(f"{'/'.join(map(str, path)) or '<model>'} (op={layer_op.name!r}, "
+                     f"kernel_quantizer={'yes' if has_q else 'none'})")
+        if ops is not None and layer_op not in ops:
+            continue
+        if quantized is not None and has_q != quantized:
+            continue
+        paths.append((*path, "kernel"))
+    if not paths:
+        raise ValueError(
+            f"`kernel_mask`: no layer of the model has op={op!r} and quantized={quantized!r}; "
+            f"its jaxconv layers are: {found or 'none'}."
+        )
+    return KernelMask(paths)
+
+
+def weight_clip(mask: Any, clip_value: float = 1.0) -> optax.GradientTransformation:
+    """larq's ``kernel_constraint="weight_clip"`` as the last link of an optax chain.
+
+    Turns the updates of the masked leaves into those that land the parameters in
+    ``[-clip_value, clip_value]`` (``clip(p + u) - p``), so that ``nnx.Optimizer`` (or
+    ``optax.apply_updates``) leaves the latent weights of binary kernels clipped after each
+    step: ``optax.chain(optax.adam(1e-3), weight_clip(kernel_mask(model, quantized=True)))``.
+
+    Args:
+        mask: a tree of bools or a callable (e.g. `kernel_mask`), as for `optax.masked`.
+        clip_value: the bound (> 0); larq's default is 1.
+
+    Returns:
+        An `optax.GradientTransformation` whose ``update`` needs ``params``.
+
+    Raises:
+        ValueError: at ``init``, if ``mask`` selects no leaf of the parameters.
+    """
+    c = _check_positive(clip_value, "clip_value", "weight_clip")
+
+    def init_fn(params: Any) -> optax.EmptyState:
+        m = mask(params) if callable(mask) else mask
+        if not any(_static_bool(v) for v in jax.tree.leaves(m)):
+            raise ValueError("`weight_clip`: `mask` selects no leaf of the parameters, so "
+                             "nothing would be clipped.")
+        return optax.EmptyState()
+
+    def update_fn(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+        if params is None:
+            raise ValueError("`weight_clip` needs `params` in update (nnx.Optimizer passes "
+                             "them).")
+        new = jax.tree.map(lambda u, p: (jnp.clip(p + u, -c, c) - p).astype(u.dtype),
+                           updates, params)
+        return new, state
+
+    inner = optax.GradientTransformation(lambda p: optax.EmptyState(), update_fn)
+    masked = optax.masked(inner, mask)
+    return optax.GradientTransformation(
+        lambda p: (init_fn(p), masked.init(p))[1], masked.update)

@@ -92,10 +92,10 @@ def pack_signs(x: Any, axis: int = -1, *, groups: int = 1) -> Array:
 def unpack_signs(
     packed: Any, size: int, axis: int = -1, *, groups: int = 1, dtype: Any = jnp.float32
 ) -> Array:
-    """Inverse of :func:`pack_signs`: ``uint32`` words -> ``+-1`` values.
+    """Inverse of `pack_signs`: ``uint32`` words -> ``+-1`` values.
 
     Args:
-      packed: ``uint32`` array from :func:`pack_signs`.
+      packed: ``uint32`` array from `pack_signs`.
       size: the number of real channels along ``axis`` (all groups together).
       axis: the packed axis.
       groups: feature groups used when packing.
@@ -249,7 +249,7 @@ def packed_conv(
     Args:
       x: ``(N, *spatial, C)``: float (its signs are packed here) or already packed ``uint32``
         ``(N, *spatial, G * ceil(C / G / 32))`` from ``pack_signs(x, -1, groups=G)``.
-      w_packed: packed kernel ``(*window, ceil(I / 32), O)`` from :func:`pack_kernel`.
+      w_packed: packed kernel ``(*window, ceil(I / 32), O)`` from `pack_kernel`.
       window_strides: strides (default 1).
       padding: ``'SAME'``, ``'SAME_LOWER'``, ``'VALID'`` or ``(low, high)`` pairs.
       lhs_dilation: input dilation (holes behave like padding).
@@ -385,7 +385,7 @@ def packed_dense(
 
     Args:
       x: ``(..., K)`` float (packed here) or packed ``uint32`` ``(..., ceil(K / 32))``.
-      w_packed: packed kernel ``(ceil(K / 32), O)`` from :func:`pack_kernel`.
+      w_packed: packed kernel ``(ceil(K / 32), O)`` from `pack_kernel`.
       in_features: ``K`` (needed for a packed ``x``).
       out_dtype: result dtype (default float32).
       engine: ``"xla"`` or ``"pallas"``.

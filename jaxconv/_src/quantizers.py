@@ -2,45 +2,46 @@
 
 Each quantizer is a pure function ``f(x, *, param=...)`` whose forward pass
 quantizes ``x`` and whose backward pass is a pseudo-gradient defined with
-:func:`jax.custom_vjp`. They follow the forward and gradient definitions and the
+`jax.custom_vjp`. They follow the forward and gradient definitions and the
 defaults of larq (``larq/quantizers.py``, ``larq/math.py``):
 
-========================  ==========================  ==================================
-name                      forward                     gradient ``dq/dx``
-========================  ==========================  ==================================
-``ste_sign``              ``sign(x)``                 ``1{|x| <= clip_value}``
-``approx_sign``           ``sign(x)``                 ``(2 - 2|x|) * 1{|x| <= 1}``
-``swish_sign``            ``sign(x)``                 SignSwish derivative (``beta``)
-``magnitude_aware_sign``  ``mean|x| * sign(x)``       ``mean|x| * 1{|x| <= clip_value}``
-``ste_heaviside``         ``1{x > 0}``                ``1{|x| <= clip_value}``
-``ste_tern``              ``{-1, 0, +1}``             ``1{|x| <= clip_value}``
-========================  ==========================  ==================================
+| name | forward | gradient ``dq/dx`` |
+|---|---|---|
+| ``ste_sign`` | ``sign(x)`` | ``1{abs(x) <= clip_value}`` |
+| ``approx_sign`` | ``sign(x)`` | ``(2 - 2 abs(x)) * 1{abs(x) <= 1}`` |
+| ``swish_sign`` | ``sign(x)`` | SignSwish derivative (``beta``) |
+| ``magnitude_aware_sign`` | ``mean(abs(x))*sign(x)`` | ``mean(abs(x))*1{abs(x)<=clip_value}`` |
+| ``ste_heaviside`` | ``1{x > 0}`` | ``1{abs(x) <= clip_value}`` |
+| ``ste_tern`` | ``{-1, 0, +1}`` | ``1{abs(x) <= clip_value}`` |
 
 ``sign`` here is larq's ``sign``: ``sign(0) = +1`` (so a binarized value is
-never zero, which XNOR arithmetic relies on), unlike :func:`jax.numpy.sign`.
+never zero, which XNOR arithmetic relies on), unlike `jax.numpy.sign`.
 ``clip_value=None`` disables the gradient clipping. The pass-through test is
 inclusive, ``|x| <= clip_value``, as in larq.
 
 All quantizers keep the dtype of their input (``bfloat16`` in, ``bfloat16``
 out, for both the value and the gradient), propagate NaN in the forward pass,
-and work under :func:`jax.jit`, :func:`jax.vmap`, :func:`jax.grad` and
-:func:`jax.checkpoint` (reverse mode only: like any :func:`jax.custom_vjp`
-function they do not support :func:`jax.jvp` / :func:`jax.jacfwd`). Their
+and work under `jax.jit`, `jax.vmap`, `jax.grad` and
+`jax.checkpoint` (reverse mode only: like any `jax.custom_vjp`
+function they do not support `jax.jvp` / `jax.jacfwd`). Their
 parameters are static Python numbers. Pseudo-gradient formulas are evaluated in
 at least float32 and rounded once to the input dtype.
 
 Quantizers are plain functions, so they can be passed to layers directly, with
-non-default parameters bound by :func:`functools.partial`, or looked up by name
-with :func:`get`::
+non-default parameters bound by `functools.partial`, or looked up by name
+with `get`:
 
-    >>> import functools
-    >>> import jax.numpy as jnp
-    >>> from jaxconv import quantizers
-    >>> q = functools.partial(quantizers.ste_sign, clip_value=0.5)
-    >>> q(jnp.array([-0.3, 0.0, 2.0]))
-    Array([-1.,  1.,  1.], dtype=float32)
-    >>> quantizers.get("ste_tern") is quantizers.ste_tern
-    True
+```pycon
+>>> import functools
+>>> import jax.numpy as jnp
+>>> from jaxconv import quantizers
+>>> q = functools.partial(quantizers.ste_sign, clip_value=0.5)
+>>> q(jnp.array([-0.3, 0.0, 2.0]))
+Array([-1.,  1.,  1.], dtype=float32)
+>>> quantizers.get("ste_tern") is quantizers.ste_tern
+True
+
+```
 
 References:
     larq, https://github.com/larq/larq (``larq/quantizers.py``, ``larq/math.py``).
@@ -138,9 +139,9 @@ def _apply_mask(mask: jax.Array | None, g: jax.Array) -> jax.Array:
 def sign(x: jax.typing.ArrayLike) -> jax.Array:
     """Sign function that is never zero: ``-1`` for ``x < 0``, ``+1`` for ``x >= 0``.
 
-    This is larq's ``larq.math.sign``. Unlike :func:`jax.numpy.sign`, ``sign(0)``
+    This is larq's ``larq.math.sign``. Unlike `jax.numpy.sign`, ``sign(0)``
     and ``sign(-0.0)`` are ``+1``; NaN stays NaN. It is forward-only: its gradient
-    is zero almost everywhere, so use a quantizer such as :func:`ste_sign` to train
+    is zero almost everywhere, so use a quantizer such as `ste_sign` to train
     through it.
 
     Args:
@@ -275,16 +276,16 @@ def ste_sign(x: jax.typing.ArrayLike, *, clip_value: float | None = 1.0) -> jax.
 
     Forward:
 
-    .. math::
-
-        q(x) = \begin{cases} -1 & x < 0 \\ +1 & x \ge 0 \end{cases}
+    $$
+    q(x) = \begin{cases} -1 & x < 0 \\ +1 & x \ge 0 \end{cases}
+    $$
 
     Backward (a clipped identity):
 
-    .. math::
-
-        \frac{\partial q}{\partial x} =
-        \begin{cases} 1 & |x| \le \texttt{clip\_value} \\ 0 & \text{otherwise} \end{cases}
+    $$
+    \frac{\partial q}{\partial x} =
+    \begin{cases} 1 & |x| \le \texttt{clip\_value} \\ 0 & \text{otherwise} \end{cases}
+    $$
 
     Args:
         x: Input array of a real floating dtype.
@@ -317,13 +318,13 @@ def ste_sign(x: jax.typing.ArrayLike, *, clip_value: float | None = 1.0) -> jax.
 def approx_sign(x: jax.typing.ArrayLike) -> jax.Array:
     r"""Sign binarization with the ApproxSign (piecewise-polynomial) gradient.
 
-    Forward: :math:`q(x) = -1` for :math:`x < 0`, :math:`+1` for :math:`x \ge 0`.
+    Forward: $q(x) = -1$ for $x < 0$, $+1$ for $x \ge 0$.
     Backward:
 
-    .. math::
-
-        \frac{\partial q}{\partial x} =
-        \begin{cases} 2 - 2|x| & |x| \le 1 \\ 0 & \text{otherwise} \end{cases}
+    $$
+    \frac{\partial q}{\partial x} =
+    \begin{cases} 2 - 2|x| & |x| \le 1 \\ 0 & \text{otherwise} \end{cases}
+    $$
 
     the derivative of the piecewise quadratic approximation of ``sign`` in Bi-Real Net.
 
@@ -355,14 +356,14 @@ def approx_sign(x: jax.typing.ArrayLike) -> jax.Array:
 def swish_sign(x: jax.typing.ArrayLike, *, beta: float = 5.0) -> jax.Array:
     r"""Sign binarization with the SignSwish gradient.
 
-    Forward: :math:`q(x) = -1` for :math:`x < 0`, :math:`+1` for :math:`x \ge 0`.
-    Backward, the derivative of :math:`2\sigma(\beta x)(1 + \beta x (1 - \sigma(\beta x)))
-    - 1`:
+    Forward: $q(x) = -1$ for $x < 0$, $+1$ for $x \ge 0$.
+    Backward, the derivative of $2\sigma(\beta x)(1 + \beta x (1 - \sigma(\beta x)))
+    - 1$:
 
-    .. math::
-
-        \frac{\partial q}{\partial x} =
-        \frac{\beta \left(2 - \beta x \tanh(\beta x / 2)\right)}{1 + \cosh(\beta x)}
+    $$
+    \frac{\partial q}{\partial x} =
+    \frac{\beta \left(2 - \beta x \tanh(\beta x / 2)\right)}{1 + \cosh(\beta x)}
+    $$
 
     Args:
         x: Input array of a real floating dtype.
@@ -398,16 +399,16 @@ def magnitude_aware_sign(x: jax.typing.ArrayLike, *, clip_value: float | None = 
 
     Forward:
 
-    .. math::
-
-        q(x) = \operatorname{mean}_{\text{all axes but the last}}(|x|) \cdot
-        \operatorname{sign}(x)
+    $$
+    q(x) = \operatorname{mean}_{\text{all axes but the last}}(|x|) \cdot
+    \operatorname{sign}(x)
+    $$
 
     The scale is computed over every axis except the last one (the output-channel axis
     of an ``HWIO`` / ``(in, out)`` kernel), as in larq; for a 1-D (or 0-D) ``x`` there is
     nothing to average and the scale is ``|x|`` itself. The scale is treated as a
-    constant (``stop_gradient``), so the gradient is the scaled STE of :func:`ste_sign`:
-    ``scale * 1{|x| <= clip_value}``. Under :func:`jax.vmap` the mean is taken per
+    constant (``stop_gradient``), so the gradient is the scaled STE of `ste_sign`:
+    ``scale * 1{|x| <= clip_value}``. Under `jax.vmap` the mean is taken per
     mapped element.
 
     Args:
@@ -443,11 +444,11 @@ def ste_heaviside(x: jax.typing.ArrayLike, *, clip_value: float | None = 1.0) ->
 
     Forward:
 
-    .. math::
+    $$
+    q(x) = \begin{cases} 1 & x > 0 \\ 0 & x \le 0 \end{cases}
+    $$
 
-        q(x) = \begin{cases} 1 & x > 0 \\ 0 & x \le 0 \end{cases}
-
-    Backward: :math:`1` where :math:`|x| \le \texttt{clip\_value}`, :math:`0` elsewhere.
+    Backward: $1$ where $|x| \le \texttt{clip\_value}$, $0$ elsewhere.
 
     Args:
         x: Input array of a real floating dtype.
@@ -479,27 +480,27 @@ def ste_tern(
 ) -> jax.Array:
     r"""Ternarization to ``{-1, 0, +1}`` with the straight-through estimator.
 
-    Forward, with threshold :math:`\Delta`:
+    Forward, with threshold $\Delta$:
 
-    .. math::
+    $$
+    q(x) = \operatorname{sign}\left(\operatorname{sign}(x + \Delta)
+           + \operatorname{sign}(x - \Delta)\right)
+         = \begin{cases} +1 & x \ge \Delta \\ 0 & |x| < \Delta \\
+           -1 & x \le -\Delta \end{cases}
+         \quad (\Delta > 0)
+    $$
 
-        q(x) = \operatorname{sign}\left(\operatorname{sign}(x + \Delta)
-               + \operatorname{sign}(x - \Delta)\right)
-             = \begin{cases} +1 & x \ge \Delta \\ 0 & |x| < \Delta \\
-               -1 & x \le -\Delta \end{cases}
-             \quad (\Delta > 0)
-
-    (here ``sign(0) = 0``; with :math:`\Delta = 0` this is :func:`jax.numpy.sign`).
-    :math:`\Delta` is ``threshold_value``, or with ``ternary_weight_networks=True`` the
-    TWN estimate :math:`\Delta = 0.7 \cdot \frac{1}{n}\sum_i |x_i|` over the whole
-    array (per mapped element under :func:`jax.vmap`), treated as a constant.
-    Backward: :math:`1` where :math:`|x| \le \texttt{clip\_value}`, :math:`0` elsewhere.
+    (here ``sign(0) = 0``; with $\Delta = 0$ this is `jax.numpy.sign`).
+    $\Delta$ is ``threshold_value``, or with ``ternary_weight_networks=True`` the
+    TWN estimate $\Delta = 0.7 \cdot \frac{1}{n}\sum_i |x_i|$ over the whole
+    array (per mapped element under `jax.vmap`), treated as a constant.
+    Backward: $1$ where $|x| \le \texttt{clip\_value}$, $0$ elsewhere.
 
     Args:
         x: Input array of a real floating dtype.
-        threshold_value: The threshold :math:`\Delta` (>= 0), used unless
+        threshold_value: The threshold $\Delta$ (>= 0), used unless
             ``ternary_weight_networks`` is True.
-        ternary_weight_networks: Compute :math:`\Delta` from ``x`` as in TWN.
+        ternary_weight_networks: Compute $\Delta$ from ``x`` as in TWN.
         clip_value: Gradients pass where ``|x| <= clip_value``; ``None`` for no clipping.
 
     Returns:

@@ -1,4 +1,4 @@
-"""Transposed convolution for any :class:`jaxconv.Op`, with ``lax.conv_transpose``'s API."""
+"""Transposed convolution for any `jaxconv.Op`, with ``lax.conv_transpose``'s API."""
 
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ def conv_transpose(
 ) -> Array:
     """Transposed (fractionally strided) convolution whose product is ``op``.
 
-    Same arguments, defaults and semantics as :func:`jax.lax.conv_transpose`: the input is
+    Same arguments, defaults and semantics as `jax.lax.conv_transpose`: the input is
     dilated by ``strides`` and convolved with stride 1, with ``'SAME'`` / ``'VALID'`` padding
     strings computed as lax does (``dimension_numbers`` defaults to ``NHWC``/``HWIO``). The
     holes inserted between input cells are treated like padding: for ``pad_value=None`` ops
@@ -92,7 +92,7 @@ def conv_transpose(
       precision: passed to lax for the standard op.
       preferred_element_type: accumulation and output dtype.
       use_consistent_padding: pairs are the forward convolution's padding (PyTorch style).
-      op: the product: a :class:`jaxconv.Op` or a built-in op's name.
+      op: the product: a `jaxconv.Op` or a built-in op's name.
       engine: ``"auto"``, ``"xla"`` or ``"pallas"``.
       max_block_bytes: bound on the bytes of one block of intermediate products.
 
@@ -122,6 +122,13 @@ def conv_transpose(
     rhs_dil = validation.int_tuple("rhs_dilation", rhs_dilation, nsd)
     dn = validation.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
     k_sdims = [rhs.shape[d] for d in dn.rhs_spec[2:]]
+    if isinstance(padding, str):
+        if padding.upper() not in ("SAME", "VALID"):
+            raise ValueError(
+                f"`padding` of conv_transpose must be 'SAME', 'VALID' or (low, high) pairs, got "
+                f"{padding!r} (lax.conv_transpose has no {padding!r} either); give the pairs "
+                "of the transposed convolution explicitly for other paddings.")
+        padding = padding.upper()
     if use_consistent_padding or (isinstance(padding, str) and padding in ("SAME", "VALID")):
         eff = [(k - 1) * r + 1 if k else 0 for k, r in zip(k_sdims, rhs_dil, strict=True)]
         rep = [padding] * nsd if isinstance(padding, str) else [tuple(p) for p in padding]

@@ -1,4 +1,4 @@
-"""Friendly channels-last wrappers: :func:`conv` and :func:`dense`."""
+"""Friendly channels-last wrappers: `conv` and `dense`."""
 
 from __future__ import annotations
 
@@ -26,34 +26,54 @@ def _ints(name: str, v: int | Sequence[int], n: int) -> tuple[int, ...]:
     return t
 
 
+# Names other libraries use for the same arguments -> the lax / Flax name jaxconv uses.
+_RENAMED = {
+    "dilation": "kernel_dilation", "rhs_dilation": "kernel_dilation",
+    "lhs_dilation": "input_dilation", "groups": "feature_group_count",
+    "stride": "strides", "window_strides": "strides",
+}
+
+
+def _refuse_unknown(fn: str, unknown: dict[str, Any]) -> None:
+    for name in unknown:
+        if name in _RENAMED:
+            raise TypeError(
+                f"`{fn}` takes `{_RENAMED[name]}=` (the lax / Flax name), not `{name}=`.")
+        raise TypeError(f"`{fn}` got an unexpected keyword argument `{name}`.")
+
+
 def conv(
     x: Any,
     w: Any,
     strides: int | Sequence[int] = 1,
     padding: Any = "SAME",
     *,
-    dilation: int | Sequence[int] = 1,
     input_dilation: int | Sequence[int] = 1,
-    groups: int = 1,
+    kernel_dilation: int | Sequence[int] = 1,
+    feature_group_count: int = 1,
     op: Op | str = standard,
     precision: Any = None,
     preferred_element_type: Any = None,
     engine: str = "auto",
     max_block_bytes: int | None = None,
+    **unknown: Any,
 ) -> Array:
-    """A channels-last convolution: ``x (N, *spatial, C)``, ``w (*window, C // groups, O)``.
+    """A channels-last convolution: ``x (N, *spatial, C)``, ``w (*window, C // G, O)``.
 
     The number of spatial dimensions is ``w.ndim - 2``; ints broadcast to every spatial
-    dimension. Everything else is :func:`jaxconv.conv_general_dilated`.
+    dimension. Argument names are Flax's (``flax.nnx.Conv``): ``kernel_dilation``,
+    ``input_dilation``, ``feature_group_count``. Everything else is
+    `jaxconv.conv_general_dilated`.
 
     Args:
       x: input, ``(N, *spatial, C)``.
-      w: kernel, ``(*window, C // groups, O)`` (Flax's layout).
+      w: kernel, ``(*window, C // feature_group_count, O)`` (Flax's layout).
       strides: an int or one per spatial dimension.
       padding: ``'SAME'``, ``'SAME_LOWER'``, ``'VALID'`` or ``(low, high)`` pairs.
-      dilation: kernel dilation (an int or one per spatial dimension).
-      input_dilation: input dilation (holes treated like padding).
-      groups: feature groups.
+      input_dilation: input dilation (holes treated like padding), lax's ``lhs_dilation``.
+      kernel_dilation: kernel dilation (an int or one per spatial dimension), lax's
+        ``rhs_dilation``.
+      feature_group_count: feature groups (``C`` for a depthwise convolution).
       op: the product.
       precision: lax precision.
       preferred_element_type: accumulation and output dtype.
@@ -69,6 +89,7 @@ def conv(
       >>> jaxconv.conv(x, w, op="max_plus")[0, :, 0]       # a running max of 3
       Array([1., 2., 3., 4., 4.], dtype=float32)
     """
+    _refuse_unknown("conv", unknown)
     x = validation.as_array("x", x)
     w = validation.as_array("w", w)
     nsd = w.ndim - 2
@@ -81,7 +102,8 @@ def conv(
     return conv_general_dilated(
         x, w, _ints("strides", strides, nsd), padding, _ints("input_dilation",
                                                               input_dilation, nsd),
-        _ints("dilation", dilation, nsd), dn, groups, precision=precision,
+        _ints("kernel_dilation", kernel_dilation, nsd), dn, feature_group_count,
+        precision=precision,
         preferred_element_type=preferred_element_type, op=op, engine=engine,
         max_block_bytes=max_block_bytes)
 

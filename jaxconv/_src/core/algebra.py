@@ -1,4 +1,4 @@
-"""The algebra: an :class:`Op` is an elementwise ``combine`` and an associative ``reduce``.
+"""The algebra: an `Op` is an elementwise ``combine`` and an associative ``reduce``.
 
 A generalized product replaces ``x * w`` by ``combine(x, w)`` and the sum over the
 contraction by ``reduce``. This module holds the ``Op`` type and the reducers (``sum``,
@@ -38,8 +38,11 @@ class Op:
         functions; it is called on broadcast arrays of equal shape.
       reduce: ``"sum" | "max" | "min" | "prod" | "logsumexp"`` or an associative,
         commutative binary callable ``myadd(a, b)`` (then ``identity`` is required).
-      identity: the reduce's identity ``e`` (``reduce(a, e) == a``). Built-in reduces know
-        theirs (0, -inf, +inf, 1, -inf) in every dtype; a number given here overrides it.
+      identity: the reduce's two-sided identity ``e`` (``reduce(a, e) == reduce(e, a) == a``).
+        Built-in reduces know theirs (0, -inf, +inf, 1, -inf) in every dtype; a number given
+        here overrides it. A callable ``reduce`` is probed once per dtype, on concrete
+        values, for both sides of the identity, commutativity and associativity, and
+        refused with a ``ValueError`` naming ``reduce`` when a probe fails.
       pad_value: ``None``: padded taps (and the holes of ``lhs_dilation``) contribute the
         identity, i.e. they are skipped. A number: padded input cells hold that value and go
         through ``combine`` (AdderNet pads with 0, larq's ``pad_values``).

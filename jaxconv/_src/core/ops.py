@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import Any
 
 import jax
@@ -108,46 +110,150 @@ def _l2_combine(x, w):
 
 
 def _l2_rewrite(product, lhs, rhs):
-    # -(x - w)^2 = 2 x w - x^2 - w^2. The last two terms are rank one in the channels, so they
-    # ride along in the same native product as two extra input channels per group:
-    # lhs' = [x, sum_i x_i^2, 1], rhs' = [2 w, -1, -sum_i w_i^2]. Zero padding makes the w^2
-    # term count in-bounds taps only (the ones channel is 0 in the padding).
+    # -(x - w)^2 = 2 x w - x^2 - w^2, computed in one native product (see `_l2_products`).
+    dtype = jnp.result_type(lhs, rhs)
+    kw = getattr(product, "keywords", None) or {}
+    out_dtype = jnp.dtype(kw.get("preferred_element_type") or dtype)
+    if not jnp.issubdtype(dtype, jnp.inexact):
+        # Integers wrap: the sum of -(x - w)^2 modulo 2^bits does not depend on where the
+        # wrapping happens, so the rewrite in a wide integer, cast back, equals l2_exact.
+        wide = jnp.int64 if jax.config.jax_enable_x64 else jnp.int32
+        y = _l2_products(_with_dtype(product, wide), lhs.astype(wide), rhs.astype(wide),
+                         None, None)
+        return y.astype(out_dtype)
+    return _l2_float(product, lhs, rhs, out_dtype)
+
+
+def _with_dtype(product, dtype):
+    """``product`` accumulating in ``dtype`` (where it binds ``preferred_element_type``)."""
+    kw = getattr(product, "keywords", None)
+    if kw is None or "preferred_element_type" not in kw:
+        return product
+    return functools.partial(product, preferred_element_type=dtype)
+
+
+def _l2_float(product, lhs, rhs, out_dtype):
+    """The float rewrite, exact for infinities, NaN and values whose squares overflow.
+
+    Branch-free. Non-finite cells enter the product as 0 and their counts ride along in the
+    two norm channels, weighted by a power of two ``G`` far above any finite result: an
+    output whose window (in-bounds taps only) holds a NaN gives NaN, one holding an infinity
+    gives -inf, as ``-(x - w)^2`` summed directly does; ``+inf`` meeting ``+inf`` (or
+    ``-inf`` meeting ``-inf``) at one tap gives NaN, found by a second product of the
+    infinities' indicators. Where the largest finite magnitude exceeds ``limit`` (about
+    ``1e11`` to ``1e13`` in float32, depending on the window), all data is scaled by one
+    power of two into ``[-1, 1]`` (exactly) so that no square overflows.
+    """
+    acc = jnp.promote_types(jnp.result_type(lhs, rhs), jnp.float32)
+    x = lhs.astype(acc)
+    w = rhs.astype(acc)
+    fx, fw = jnp.isfinite(x), jnp.isfinite(w)
+    x0, w0 = jnp.where(fx, x, 0), jnp.where(fw, w, 0)
+    m = jnp.maximum(jnp.max(jnp.abs(x0), initial=0), jnp.max(jnp.abs(w0), initial=0))
+    taps = max(int(rhs.size) // max(_out_features(product, rhs), 1), 1)
+    # Flag weights, powers of two: a NaN counts M, an infinity 1 (at most 2 * taps < M / 2),
+    # both times G, with G * M * 4 * taps below the dtype's largest value.
+    big_m = 2.0 ** math.ceil(math.log2(4 * taps + 1))
+    big_g = 2.0 ** math.floor(math.log2(float(jnp.finfo(acc).max) / (64 * big_m * taps)))
+    # Finite windows give |y| <= 4 * taps * limit^2 = G / 4 when max|value| <= limit; beyond
+    # it a power of two s >= max|value| scales the data into [-1, 1] (exactly).
+    limit = math.sqrt(big_g / (16 * taps))
+    s = jnp.exp2(jnp.ceil(jnp.log2(jnp.where(m > limit, m, 1))))
+    s = jax.lax.stop_gradient(s)
+    cx = jnp.where(fx, 0, jnp.where(jnp.isnan(x), big_m, 1)).astype(acc) * big_g
+    cw = jnp.where(fw, 0, jnp.where(jnp.isnan(w), big_m, 1)).astype(acc) * big_g
+    prod = _with_dtype(product, acc)
+    y = _l2_products(prod, x0 / s, w0 / s, cx, cw)
+    # Indicators whose product is NaN exactly where +inf meets +inf or -inf meets -inf
+    # (inf * 0), and finite elsewhere; padded cells hold 1, so they never make a NaN.
+    ix, prod1 = _pad_like(prod, jnp.where(x == jnp.inf, jnp.inf, jnp.where(
+        x == -jnp.inf, 0, 1)).astype(acc))
+    both = prod1(ix, jnp.where(w == jnp.inf, 0, jnp.where(w == -jnp.inf, jnp.inf, 1)).astype(acc))
+    nan = (y > big_g * big_m / 2) | jnp.isnan(both) | jnp.isnan(y)
+    out = jnp.where(y > big_g / 2, -jnp.inf, y * s * s)
+    return jnp.where(nan, jnp.nan, out).astype(out_dtype)
+
+
+def _out_features(product, rhs) -> int:
+    kw = getattr(product, "keywords", None) or {}
+    dn = kw.get("dimension_numbers")
+    if isinstance(dn, jax.lax.ConvDimensionNumbers):
+        return int(rhs.shape[dn.rhs_spec[0]])
+    if dn is not None:  # dot_general: the contraction is the product of the contracting dims
+        (_, rc), _ = dn
+        return int(rhs.size) // max(math.prod(rhs.shape[d] for d in rc), 1)
+    return 1
+
+
+def _pad_like(product, x):
+    """``(x padded explicitly with ones, product without padding)`` for a padded conv.
+
+    Returns ``(x, product)`` unchanged where ``product`` pads nothing (or is not a conv).
+    """
+    kw = getattr(product, "keywords", None) or {}
+    dn = kw.get("dimension_numbers")
+    if not isinstance(dn, jax.lax.ConvDimensionNumbers):
+        return x, product
+    pads = kw.get("padding", ())
+    ldil = kw.get("lhs_dilation") or (1,) * len(pads)
+    if isinstance(pads, str) or (not any(lo or hi for lo, hi in pads) and all(
+            d == 1 for d in ldil)):
+        return x, product
+    cfg = [(0, 0, 0)] * x.ndim
+    for ax, (lo, hi), d in zip(dn.lhs_spec[2:], pads, ldil, strict=True):
+        cfg[ax] = (lo, hi, d - 1)
+    unpadded = functools.partial(product, padding=((0, 0),) * len(pads),
+                                 lhs_dilation=(1,) * len(pads))
+    return jax.lax.pad(x, jnp.asarray(1, x.dtype), cfg), unpadded
+
+
+def _l2_products(product, lhs, rhs, cx, cw):
+    """``2 x.w - |x|^2 - |w|^2``; ``cx`` / ``cw`` (or None) are subtracted inside the norms."""
     kw = getattr(product, "keywords", None) or {}
     dn = kw.get("dimension_numbers")
     if isinstance(dn, jax.lax.ConvDimensionNumbers) and kw.get("feature_group_count", 1) == 1:
         # (Grouped: XLA CPU's grouped convolutions with a few channels per group are slow,
         # far slower backward, so the three products below stay separate.)
-        return _l2_conv(product, lhs, rhs, dn, 1)
+        return _l2_conv(product, lhs, rhs, dn, 1, cx, cw)
     if dn is not None and not isinstance(dn, jax.lax.ConvDimensionNumbers) and \
             getattr(product, "func", None) is jax.lax.dot_general:
-        return _l2_dot(product, lhs, rhs, dn)
-    return (2 * product(lhs, rhs) - product(lhs * lhs, jnp.ones_like(rhs))
-            - product(jnp.ones_like(lhs), rhs * rhs))
+        return _l2_dot(product, lhs, rhs, dn, cx, cw)
+    x2, w2 = lhs * lhs, rhs * rhs
+    if cx is not None:
+        x2, w2 = x2 - cx, w2 - cw
+    return 2 * product(lhs, rhs) - product(x2, jnp.ones_like(rhs)) - product(
+        jnp.ones_like(lhs), w2)
 
 
-def _l2_conv(product, lhs, rhs, dn, groups):
+def _l2_conv(product, lhs, rhs, dn, groups, cx=None, cw=None):
     f_ax, i_ax = dn.lhs_spec[1], dn.rhs_spec[1]
     xs = jnp.moveaxis(lhs, f_ax, -1)
     xs = xs.reshape(*xs.shape[:-1], groups, xs.shape[-1] // groups)
     x2 = jnp.sum(xs * xs, axis=-1, keepdims=True)
+    if cx is not None:
+        c = jnp.moveaxis(cx, f_ax, -1)
+        x2 = x2 - jnp.sum(c.reshape(*c.shape[:-1], groups, c.shape[-1] // groups), axis=-1,
+                          keepdims=True)
     xn = jnp.concatenate([xs, x2, jnp.ones_like(x2)], axis=-1)
     xn = jnp.moveaxis(xn.reshape(*xn.shape[:-2], -1), -1, f_ax)
     w2 = jnp.sum(rhs * rhs, axis=i_ax, keepdims=True)
+    if cw is not None:
+        w2 = w2 - jnp.sum(cw, axis=i_ax, keepdims=True)
     wn = jnp.concatenate([2 * rhs, -jnp.ones_like(w2), -w2], axis=i_ax)
     return product(xn, wn)
 
 
-def _l2_dot(product, lhs, rhs, dn):
+def _l2_dot(product, lhs, rhs, dn, cx=None, cw=None):
     (lc, rc), (lb, rb) = dn
     lf = [d for d in range(lhs.ndim) if d not in lc and d not in lb]
     rf = [d for d in range(rhs.ndim) if d not in rc and d not in rb]
     y = 2 * product(lhs, rhs)  # batch + lhs free + rhs free
     keep_l = [d for d in range(lhs.ndim) if d not in lc]
-    x2 = jnp.sum(lhs * lhs, axis=tuple(lc)).astype(y.dtype)
+    x2 = jnp.sum(lhs * lhs if cx is None else lhs * lhs - cx, axis=tuple(lc)).astype(y.dtype)
     x2 = x2.transpose([keep_l.index(d) for d in (*lb, *lf)])
     x2 = x2.reshape(x2.shape + (1,) * len(rf))
     keep_r = [d for d in range(rhs.ndim) if d not in rc]
-    w2 = jnp.sum(rhs * rhs, axis=tuple(rc)).astype(y.dtype)
+    w2 = jnp.sum(rhs * rhs if cw is None else rhs * rhs - cw, axis=tuple(rc)).astype(y.dtype)
     w2 = w2.transpose([keep_r.index(d) for d in (*rb, *rf)])
     w2 = w2.reshape(w2.shape[:len(rb)] + (1,) * len(lf) + w2.shape[len(rb):])
     return y - x2 - w2
@@ -161,6 +267,10 @@ l2 = Op(
     norms are two extra input channels per group); that
     loses relative precision where the distance is tiny next to ``|x|^2`` (cancellation,
     ~1e-7 * |x|^2 absolute error in f32). Use ``l2_exact`` when that matters.
+    Infinities and NaN give what the direct sum gives (-inf, or NaN where IEEE has one), and
+    values whose squares would overflow are scaled by a power of two first (then a window
+    of values ~2^60 below the largest reads as 0). Integers keep their dtype and wrap as
+    ``l2_exact`` does.
     Source: Chen et al., AdderNet (L2 variant); kernel methods (RBF layers).""",
 )
 

@@ -135,6 +135,32 @@ def conv_dimension_numbers(lhs_shape, rhs_shape, dimension_numbers) -> lax.ConvD
     return dn
 
 
+def _spec_string(spec: Sequence[int], letters: str) -> str:
+    """A layout string for ``spec`` (``letters[0]`` at ``spec[0]``, ...; spatial ``0, 1..``)."""
+    out = [""] * len(spec)
+    out[spec[0]], out[spec[1]] = letters[0], letters[1]
+    for i, d in enumerate(spec[2:]):
+        out[d] = "DHW"[-(len(spec) - 2):][i] if len(spec) - 2 <= 3 else str(i)
+    return "".join(out)
+
+
+def describe_layout(dn: lax.ConvDimensionNumbers, given: Any) -> str:
+    """Says which layout was used and which axes were read as channels (for error messages)."""
+    lhs_s, rhs_s, out_s = (_spec_string(dn.lhs_spec, "NC"), _spec_string(dn.rhs_spec, "OI"),
+                           _spec_string(dn.out_spec, "NC"))
+    if given is None:
+        head = (f"`dimension_numbers` was not given, so the default ({lhs_s!r}, {rhs_s!r}, "
+                f"{out_s!r}) applies")
+    else:
+        head = f"`dimension_numbers`={given!r} reads lhs as {lhs_s!r} and rhs as {rhs_s!r}"
+    nsd = len(dn.lhs_spec) - 2
+    last = ("N" + "DHW"[-nsd:] + "C", "DHW"[-nsd:] + "IO", "N" + "DHW"[-nsd:] + "C") \
+        if 1 <= nsd <= 3 else None
+    hint = f" For channels-last data pass dimension_numbers={last}." if last else ""
+    return (f"{head}: the channels of `lhs` are axis {dn.lhs_spec[1]}, the in-features of `rhs` "
+            f"axis {dn.rhs_spec[1]} and its out-features axis {dn.rhs_spec[0]}.{hint}")
+
+
 def padding_pairs(padding: Any, nsd: int, lhs_dilation: tuple[int, ...]) -> str | tuple:
     """Canonical padding: an upper-case string or a tuple of ``nsd`` (lo, hi) int pairs."""
     if isinstance(padding, str):
@@ -292,8 +318,10 @@ def check_op(op: Any, lhs: Any, rhs: Any) -> None:
     """Checks that a generic ``op`` can run on ``lhs`` / ``rhs`` (dtypes, combine, reduce).
 
     Rejects mixed integer/floating inputs, ``bool`` inputs, ``logsumexp`` on integers, a
-    ``combine`` (or callable ``reduce``) that is not elementwise, and a declared ``identity``
-    that is not the reduce's identity. The op-level checks run once per ``(op, dtype)``.
+    ``combine`` (or callable ``reduce``) that is not elementwise, a declared ``identity``
+    that is not a two-sided identity of the reduce, and a callable ``reduce`` that is not
+    commutative and associative on probe values. The op-level checks run once per
+    ``(op, dtype)``, on concrete numpy values (never on the caller's tracers), and are cached.
     """
     check_mixed_dtypes(lhs, rhs, generic=True)
     dtype = _common_dtype(lhs, rhs)
@@ -359,15 +387,14 @@ def _elementwise(fn: Any, what: str, op: Any, a: np.ndarray, b: np.ndarray) -> n
             f"one of shape {a.shape} out), got {getattr(out, 'shape', type(out).__name__)}; "
             "nothing is broadcast for you."
         )
-    with jax.ensure_compile_time_eval():
-        whole = np.asarray(fn(jnp.asarray(a), jnp.asarray(b)))
-        try:
-            each = np.asarray(jax.vmap(fn)(jnp.asarray(a.ravel()), jnp.asarray(b.ravel())))
-        except Exception as e:  # noqa: BLE001 - reported with the op's name
-            raise ValueError(
-                f"op {op.name!r}: `{what}` must be elementwise, written for scalars; calling "
-                f"it on scalars failed: {e}"
-            ) from e
+    whole = _run(fn, a, b)
+    try:
+        each = _run(jax.vmap(fn), a.ravel(), b.ravel())
+    except Exception as e:  # noqa: BLE001 - reported with the op's name
+        raise ValueError(
+            f"op {op.name!r}: `{what}` must be elementwise, written for scalars; calling "
+            f"it on scalars failed: {e}"
+        ) from e
     if each.shape != (a.size,) or not _same(whole, each.reshape(a.shape)):
         raise ValueError(
             f"op {op.name!r}: `{what}` is not elementwise: on arrays of shape {a.shape} it "
@@ -377,6 +404,18 @@ def _elementwise(fn: Any, what: str, op: Any, a: np.ndarray, b: np.ndarray) -> n
     return whole
 
 
+def _run(fn: Any, *args: np.ndarray) -> np.ndarray:
+    """``fn`` on concrete numpy values, compiled on its own: never on the caller's tracers.
+
+    The probes run when an op is first used, which may be inside ``jit``, ``vmap`` or
+    ``grad`` of the user's function; a compiled executable called with numpy arrays takes
+    no part in those traces.
+    """
+    sds = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args]
+    compiled = jax.jit(fn).lower(*sds).compile()
+    return np.asarray(compiled(*args))
+
+
 @functools.lru_cache(maxsize=256)
 def _check_op_dtype(op: Any, dtype: Any) -> None:
     a = _probe(dtype, _PROBE_X)
@@ -384,16 +423,43 @@ def _check_op_dtype(op: Any, dtype: Any) -> None:
     c = _elementwise(op.combine, "combine", op, a, b)
     if not callable(op.reduce):
         return
-    c = np.asarray(c)
+    _check_reduce(op, np.asarray(c))
+
+
+def _check_reduce(op: Any, c: np.ndarray) -> None:
+    """Probes a callable ``reduce`` on the combine's outputs ``c``: a commutative monoid."""
     c2 = c[::-1, ::-1].copy()
-    _elementwise(op.reduce, "reduce", op, c, c2)
-    if np.isinf(op.identity) and not jnp.issubdtype(c.dtype, jnp.inexact):
-        return  # an integer reduce's infinite identity stands for the dtype's extreme
-    ident = np.full(c.shape, op.identity, dtype=c.dtype)
-    with jax.ensure_compile_time_eval():
-        got = np.asarray(op.reduce(jnp.asarray(c), jnp.asarray(ident)))
-    if not _same(got, c):
+    c3 = np.roll(c, 2, axis=1)
+    red = op.reduce
+    _elementwise(red, "reduce", op, c, c2)
+    v = op.identity
+    if np.isinf(v) and not jnp.issubdtype(c.dtype, jnp.inexact):
+        # An integer reduce's infinite identity stands for the dtype's extreme.
+        info = np.iinfo(c.dtype)
+        v = info.min if v < 0 else info.max
+    ident = np.full(c.shape, v, dtype=c.dtype)
+    def probes(a, b, d, e):
+        ab = red(a, b)
+        return red(a, e), red(e, a), ab, red(b, a), red(ab, d), red(a, red(b, d))
+
+    sds = [jax.ShapeDtypeStruct(c.shape, c.dtype)] * 4
+    ae, ea, ab, ba, left, right = (np.asarray(v) for v in jax.jit(probes).lower(*sds).compile()(
+        c, c2, c3, ident))
+    for side, got in (("reduce(a, identity)", ae), ("reduce(identity, a)", ea)):
+        if not _same(got, c):
+            raise ValueError(
+                f"op {op.name!r}: `identity`={op.identity!r} is not a two-sided identity of "
+                f"`reduce`: {side} must equal a (e.g. -inf for a max, 0 for a sum)."
+            )
+    if not _same(ab, ba):
         raise ValueError(
-            f"op {op.name!r}: `identity`={op.identity!r} is not an identity of `reduce`: "
-            "reduce(a, identity) must equal a (e.g. -inf for a max, 0 for a sum)."
+            f"op {op.name!r}: `reduce` is not commutative: reduce(a, b) != reduce(b, a) on probe "
+            "values; the taps of a window are reduced in no fixed order, so `reduce` must be "
+            "commutative and associative."
+        )
+    if not _same(left, right):
+        raise ValueError(
+            f"op {op.name!r}: `reduce` is not associative: reduce(reduce(a, b), c) != "
+            "reduce(a, reduce(b, c)) on probe values; the taps of a window are reduced in no "
+            "fixed order, so `reduce` must be commutative and associative."
         )

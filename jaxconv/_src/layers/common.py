@@ -1,18 +1,18 @@
-"""Logic shared by the Flax modules of :mod:`jaxconv.nnx` and :mod:`jaxconv.linen`.
+"""Logic shared by the Flax modules of `jaxconv.nnx` and `jaxconv.linen`.
 
 The modules follow Flax's ``Conv`` / ``Linear`` / ``Dense`` input handling (channels-last
 inputs, any number of leading batch dimensions, an int ``kernel_size`` meaning a 1-D kernel,
-Flax's padding forms) but compute the product with a :class:`jaxconv.Op` and keep Flax's
+Flax's padding forms) but compute the product with a `jaxconv.Op` and keep Flax's
 zero-based tricks out of the way of ops whose identity is not zero:
 
 - ``'CIRCULAR'`` / ``'REFLECT'`` pad with real (wrapped / reflected) input values, which is
   right for any op;
 - ``'SAME'``, ``'VALID'``, explicit and ``'CAUSAL'`` padding are passed to
-  :func:`jaxconv.conv_general_dilated`, so padded taps follow the op's padding semantics
+  `jaxconv.conv_general_dilated`, so padded taps follow the op's padding semantics
   (skipped, or ``op.pad_value``) instead of being zeros that go through ``combine``;
 - ``mask`` marks kernel taps as absent: for ``ops.standard`` the kernel is multiplied by it
   (as Flax does); for other ops the taps are skipped (they contribute the reduce's
-  identity), see :func:`masked_op`.
+  identity), see `masked_op`.
 
 Everything here is a pure function of arrays and static Python values.
 """
@@ -47,16 +47,27 @@ def is_standard(op: Op) -> bool:
 
 
 def kernel_size_tuple(kernel_size: int | Sequence[int]) -> tuple[int, ...]:
-    """Flax's rule: an int is a 1-D kernel ``(k,)``, a sequence is taken as it is."""
+    """Flax's rule: an int is a 1-D kernel ``(k,)``, a sequence is taken as it is.
+
+    Every entry must be a positive int (a zero-size kernel has no taps).
+    """
     if isinstance(kernel_size, (int, np.integer)) and not isinstance(kernel_size, bool):
-        return (int(kernel_size),)
-    if isinstance(kernel_size, Sequence) and all(
+        out = (int(kernel_size),)
+    elif isinstance(kernel_size, Sequence) and all(
         isinstance(k, (int, np.integer)) and not isinstance(k, bool) for k in kernel_size
     ):
-        return tuple(int(k) for k in kernel_size)
-    raise TypeError(
-        f"`kernel_size` must be an int (a 1-D kernel) or a sequence of ints, got {kernel_size!r}."
-    )
+        out = tuple(int(k) for k in kernel_size)
+    else:
+        raise TypeError(
+            "`kernel_size` must be an int (a 1-D kernel) or a sequence of ints, got "
+            f"{kernel_size!r}."
+        )
+    if any(k < 1 for k in out):
+        raise ValueError(
+            f"`kernel_size` entries must be positive ints (every window dimension holds at "
+            f"least one tap), got {kernel_size!r}."
+        )
+    return out
 
 
 def broadcast_ints(name: str, value: None | int | Sequence[int], n: int) -> tuple[int, ...]:
@@ -123,7 +134,7 @@ def flatten_batch(inputs: Array, num_spatial: int) -> tuple[Array, tuple[int, ..
 
 
 def unflatten_batch(y: Array, batch_shape: tuple[int, ...] | None) -> Array:
-    """Restores the batch dimensions folded by :func:`flatten_batch`."""
+    """Restores the batch dimensions folded by `flatten_batch`."""
     if batch_shape is None:
         return y
     return jnp.reshape(y, batch_shape + tuple(y.shape[1:]))
@@ -145,7 +156,7 @@ def resolve_padding(
     op that is Flax's zero padding. Other forms are returned canonicalised.
 
     Returns:
-      The (possibly padded) inputs and the padding to give :func:`jaxconv.conv_general_dilated`.
+      The (possibly padded) inputs and the padding to give `jaxconv.conv_general_dilated`.
     """
     rank = len(kernel_size)
     pad = canonicalize_padding(padding, rank)
@@ -185,7 +196,7 @@ def masked_op(op: Op) -> Op:
       op: the op to mask.
 
     Returns:
-      An :class:`jaxconv.Op` with the same reduce, identity, padding and post-map.
+      An `jaxconv.Op` with the same reduce, identity, padding and post-map.
     """
     inner = op.combine
 
@@ -219,7 +230,7 @@ def resolve_quantizer(name: str, q: Any) -> Callable[[Array], Array] | None:
 
 
 def check_op(op: Any) -> Op:
-    """The ``op=`` argument of the modules: an :class:`jaxconv.Op` or a built-in name."""
+    """The ``op=`` argument of the modules: an `jaxconv.Op` or a built-in name."""
     return resolve(op)
 
 
@@ -300,7 +311,7 @@ def hook_kwargs(out_sharding: Any, preferred_element_type: Any) -> dict[str, Any
 
 def mask_kernel(kernel: Array, mask: Any, op: Op, multiply: bool) -> tuple[Array, Op]:
     """Applies ``mask`` to the kernel: multiplies it (``multiply``: the standard product or a
-    hook) or encodes absent taps as NaN for :func:`masked_op`, the op returned with it."""
+    hook) or encodes absent taps as NaN for `masked_op`, the op returned with it."""
     if mask is None:
         return kernel, op
     if multiply:
@@ -341,9 +352,9 @@ def conv_apply(
 ) -> Array:
     """The forward pass of a jaxconv ``Conv`` layer (nnx and linen share it).
 
-    Steps: fold batch dimensions; apply Flax's padding modes (:func:`resolve_padding`);
+    Steps: fold batch dimensions; apply Flax's padding modes (`resolve_padding`);
     promote dtypes; quantize inputs and kernel; apply the mask (multiply for the standard op,
-    skip taps for any other op); convolve with :func:`jaxconv.conv_general_dilated` (or the
+    skip taps for any other op); convolve with `jaxconv.conv_general_dilated` (or the
     user's ``hook``); add the bias; restore the batch dimensions.
     """
     nsd = len(kernel_size)

@@ -1,15 +1,15 @@
-"""Flax Linen layers whose product is a :class:`jaxconv.Op`: ``Conv`` and ``Dense``.
+"""Flax Linen layers whose product is a `jaxconv.Op`: ``Conv`` and ``Dense``.
 
-Every attribute of :class:`flax.linen.Conv` / :class:`flax.linen.Dense` keeps its default
+Every attribute of `flax.linen.Conv` / `flax.linen.Dense` keeps its default
 and meaning (same parameter names ``kernel`` / ``bias``, same shapes, same initialisation
 from the same key), plus ``op``, ``input_quantizer``, ``kernel_quantizer``, ``engine``,
-``max_block_bytes`` and ``preferred_element_type``. See :mod:`jaxconv.nnx` for the padding,
+``max_block_bytes`` and ``preferred_element_type``. See `jaxconv.nnx` for the padding,
 mask and quantizer semantics, which are the same here. Flax's deprecated hooks
 (``conv_general_dilated[_cls]``, ``dot_general[_cls]``) are honoured and exclude a
 non-standard ``op``.
 
 Binary kernels: clip the latent weights to ``[-1, 1]`` after each step with
-:func:`jaxconv.optim.clip_latent_weights` (larq's ``kernel_constraint``).
+`jaxconv.optim.clip_latent_weights` (larq's ``kernel_constraint``).
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def _quantizers(module: _nn.Module) -> dict[str, Any]:
 class Conv(_nn.Module):
     """Convolution whose product is ``op`` (a Linen module, drop-in for ``flax.linen.Conv``).
 
-    Example::
+    Examples:
 
       >>> import jax, jax.numpy as jnp
       >>> import jaxconv
@@ -84,7 +84,7 @@ class Conv(_nn.Module):
       promote_dtype: variadic ``promote_dtype(inputs, kernel, bias, dtype=...)``.
       conv_general_dilated: deprecated Flax hook, called instead of jaxconv if given.
       conv_general_dilated_cls: deprecated Flax hook factory.
-      op: the product, an :class:`jaxconv.Op` or a built-in name (default standard).
+      op: the product, an `jaxconv.Op` or a built-in name (default standard).
       input_quantizer: ``None``, a quantizer name or a callable applied to the inputs.
       kernel_quantizer: ``None``, a quantizer name or a callable applied to the kernel.
       engine: ``"auto"``, ``"xla"`` or ``"pallas"``.
@@ -140,7 +140,7 @@ class Conv(_nn.Module):
 class Dense(_nn.Module):
     """Dense layer whose product is ``op`` (a Linen module, drop-in for ``flax.linen.Dense``).
 
-    Example::
+    Examples:
 
       >>> import jax, jax.numpy as jnp
       >>> import jaxconv
@@ -160,7 +160,7 @@ class Dense(_nn.Module):
       promote_dtype: variadic ``promote_dtype(inputs, kernel, bias, dtype=...)``.
       dot_general: Flax hook, called instead of jaxconv if given.
       dot_general_cls: Flax hook factory.
-      op: the product, an :class:`jaxconv.Op` or a built-in name (default standard).
+      op: the product, an `jaxconv.Op` or a built-in name (default standard).
       input_quantizer: ``None``, a quantizer name or a callable applied to the inputs.
       kernel_quantizer: ``None``, a quantizer name or a callable applied to the kernel.
       engine: ``"auto"``, ``"xla"`` or ``"pallas"``.

@@ -1,16 +1,16 @@
-"""Flax NNX layers whose product is a :class:`jaxconv.Op`: ``Conv`` and ``Linear``.
+"""Flax NNX layers whose product is a `jaxconv.Op`: ``Conv`` and ``Linear``.
 
-Every argument of :class:`flax.nnx.Conv` / :class:`flax.nnx.Linear` keeps its default and
+Every argument of `flax.nnx.Conv` / `flax.nnx.Linear` keeps its default and
 meaning (same parameter names ``kernel`` / ``bias``, same shapes, same initialisation from the
 same ``Rngs``), plus the keyword arguments
 
-- ``op``: the product, an :class:`jaxconv.Op` or a built-in name (default ``ops.standard``,
+- ``op``: the product, an `jaxconv.Op` or a built-in name (default ``ops.standard``,
   which gives exactly Flax's layer);
 - ``input_quantizer`` / ``kernel_quantizer``: ``None``, a name from
-  :mod:`jaxconv.quantizers` (``"ste_sign"``) or any callable ``q(x) -> x_q`` applied in the
+  `jaxconv.quantizers` (``"ste_sign"``) or any callable ``q(x) -> x_q`` applied in the
   forward pass (the stored latent weights stay real-valued);
-- ``engine`` and ``max_block_bytes``: passed to :func:`jaxconv.conv_general_dilated` /
-  :func:`jaxconv.dot_general`.
+- ``engine`` and ``max_block_bytes``: passed to `jaxconv.conv_general_dilated` /
+  `jaxconv.dot_general`.
 
 Padding and masks are identity-correct for any op: ``'SAME'``, explicit and ``'CAUSAL'``
 padding use the op's padding (padded taps skipped, or ``op.pad_value``), ``'CIRCULAR'`` and
@@ -23,11 +23,13 @@ gradient vanishes where ``|w| > 1``, so train the latent weights with a constrai
 ``jaxconv.optim.clip_latent_weights(params, mask)`` (or chain
 ``optax.projections.projection_box``). No warning is emitted when you don't.
 
-Flax's own layers accept jaxconv's functions as hooks too::
+Flax's own layers accept jaxconv's functions as hooks too:
 
-  flax.nnx.Conv(..., conv_general_dilated=functools.partial(
-      jaxconv.conv_general_dilated, op="max_plus"))
-  flax.nnx.Linear(..., dot_general=functools.partial(jaxconv.dot_general, op="max_plus"))
+```python
+flax.nnx.Conv(..., conv_general_dilated=functools.partial(
+    jaxconv.conv_general_dilated, op="max_plus"))
+flax.nnx.Linear(..., dot_general=functools.partial(jaxconv.dot_general, op="max_plus"))
+```
 
 but Flax multiplies the kernel by ``mask`` and zero-pads ``'CIRCULAR'``/``'CAUSAL'`` inputs
 before calling the hook, which is right for the standard product only; these layers are the
@@ -75,7 +77,7 @@ class Conv(_nnx.Module):
     Inputs are channels-last, ``(*batch_dims, *spatial, features)``; several batch
     dimensions are folded into one and restored, an unbatched input gets one temporarily.
 
-    Example::
+    Examples:
 
       >>> import jax.numpy as jnp
       >>> from flax import nnx
@@ -109,18 +111,18 @@ class Conv(_nnx.Module):
       kernel_init: initializer of the kernel (default lecun_normal, as Flax).
       bias_init: initializer of the bias (default zeros).
       conv_general_dilated: optional hook with lax's signature called instead of jaxconv
-        (Flax's argument; ``None`` uses :func:`jaxconv.conv_general_dilated` with ``op``).
+        (Flax's argument; ``None`` uses `jaxconv.conv_general_dilated` with ``op``).
         Excludes a non-standard ``op``.
       promote_dtype: ``promote_dtype((inputs, kernel, bias), dtype=...)`` as in Flax.
       preferred_element_type: accumulation / output dtype of the product.
       rngs: the ``nnx.Rngs`` (``params`` stream) for initialisation.
       kernel_metadata: metadata of the kernel ``nnx.Param``.
       bias_metadata: metadata of the bias ``nnx.Param``.
-      op: the product, an :class:`jaxconv.Op` or a built-in op's name (default standard).
+      op: the product, an `jaxconv.Op` or a built-in op's name (default standard).
       input_quantizer: ``None``, a quantizer name or a callable applied to the inputs.
       kernel_quantizer: ``None``, a quantizer name or a callable applied to the kernel in
         the forward pass (clip binary latent weights with
-        :func:`jaxconv.optim.clip_latent_weights`).
+        `jaxconv.optim.clip_latent_weights`).
       engine: ``"auto"``, ``"xla"`` or ``"pallas"``.
       max_block_bytes: bound on the bytes of intermediate blocks (default 64 MiB).
     """
@@ -212,7 +214,7 @@ class Linear(_nnx.Module):
 
     ``y = REDUCE_i op.combine(x[..., i], kernel[i, :]) + bias`` over the last input axis.
 
-    Example::
+    Examples:
 
       >>> import jax.numpy as jnp
       >>> from flax import nnx
@@ -231,13 +233,13 @@ class Linear(_nnx.Module):
       kernel_init: initializer of the ``(in_features, out_features)`` kernel.
       bias_init: initializer of the bias.
       dot_general: optional hook with lax's signature called instead of jaxconv (Flax's
-        argument; ``None`` uses :func:`jaxconv.dot_general` with ``op``).
+        argument; ``None`` uses `jaxconv.dot_general` with ``op``).
       promote_dtype: ``promote_dtype((inputs, kernel, bias), dtype=...)`` as in Flax.
       preferred_element_type: accumulation / output dtype of the product.
       rngs: the ``nnx.Rngs`` for initialisation.
       kernel_metadata: metadata of the kernel ``nnx.Param``.
       bias_metadata: metadata of the bias ``nnx.Param``.
-      op: the product, an :class:`jaxconv.Op` or a built-in op's name (default standard).
+      op: the product, an `jaxconv.Op` or a built-in op's name (default standard).
       input_quantizer: ``None``, a quantizer name or a callable applied to the inputs.
       kernel_quantizer: ``None``, a quantizer name or a callable applied to the kernel.
       engine: ``"auto"``, ``"xla"`` or ``"pallas"``.

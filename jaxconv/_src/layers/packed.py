@@ -7,15 +7,15 @@ so they can be packed 32 channels to a word and the product computed as
 
 Functions:
 
-- :func:`pack_signs` / :func:`unpack_signs`: ``+-1`` values <-> ``uint32`` words along an axis
+- `pack_signs` / `unpack_signs`: ``+-1`` values <-> ``uint32`` words along an axis
   (``sign(0) = +1``; feature groups packed separately);
-- :func:`pack_kernel`: a ``(*window, I, O)`` or ``(I, O)`` kernel -> ``(*window, ceil(I/32), O)``;
-- :func:`packed_conv` / :func:`packed_dense`: the XNOR-popcount products (channels last);
+- `pack_kernel`: a ``(*window, I, O)`` or ``(I, O)`` kernel -> ``(*window, ceil(I/32), O)``;
+- `packed_conv` / `packed_dense`: the XNOR-popcount products (channels last);
   inputs may be float (packed on the fly) or already packed.
 
-Flax: :class:`PackedConv` / :class:`PackedLinear` are NNX modules built from a trained
+Flax: `PackedConv` / `PackedLinear` are NNX modules built from a trained
 ``jaxconv.nnx.Conv`` / ``jaxconv.nnx.Linear`` (``PackedConv.from_conv(layer)``), and
-:func:`pack_model` replaces every binary layer of a model by its packed twin.
+`pack_model` replaces every binary layer of a model by its packed twin.
 
 Performance: XLA has no bit-GEMM on CPU; the popcount loop is vectorised but is not faster
 than the float XNOR rewrite (a native float convolution of the signs). The sure gain is
@@ -119,7 +119,7 @@ def _add_bias(layer: _nnx.Module, y: Array) -> Array:
 class PackedConv(_nnx.Module):
     """Inference-only XNOR convolution on packed bits (channels last, Flax's input handling).
 
-    Build it from a trained layer with :meth:`from_conv`; it gives the same outputs as the
+    Build it from a trained layer with `from_conv`; it gives the same outputs as the
     layer (exactly, the values being sums of ``+-1``) with a 32x smaller kernel.
 
     Args:
@@ -203,7 +203,7 @@ class PackedConv(_nnx.Module):
 
 
 class PackedLinear(_nnx.Module):
-    """Inference-only XNOR dense layer on packed bits; see :meth:`from_linear`.
+    """Inference-only XNOR dense layer on packed bits; see `from_linear`.
 
     Args:
       kernel: packed ``uint32`` kernel ``(ceil(K / 32), O)``.
@@ -255,7 +255,7 @@ def pack_model(model: _nnx.Module, *, engine: str = "xla") -> _nnx.Module:
     """A copy of ``model`` whose binary jaxconv layers are replaced by packed ones.
 
     Every ``jaxconv.nnx.Conv`` / ``jaxconv.nnx.Linear`` computing an XNOR product (see
-    :class:`PackedConv`) becomes a :class:`PackedConv` / :class:`PackedLinear`; every other
+    `PackedConv`) becomes a `PackedConv` / `PackedLinear`; every other
     layer (the standard first layer and head, batch norm, ...) is kept. The original model
     is not modified.
 

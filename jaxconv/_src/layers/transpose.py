@@ -1,6 +1,6 @@
 """Flax layers beyond ``Conv``: ``ConvTranspose`` (nnx and linen) and nnx ``MultiOpConv``.
 
-``ConvTranspose`` mirrors :class:`flax.nnx.ConvTranspose` / :class:`flax.linen.ConvTranspose`
+``ConvTranspose`` mirrors `flax.nnx.ConvTranspose` / `flax.linen.ConvTranspose`
 (same arguments, defaults, parameter names, shapes and initialisation) plus ``op``,
 ``engine`` and ``max_block_bytes``; with ``op=ops.standard`` it equals Flax's layer given
 the same parameters. The holes between input cells, the padding and masked taps are the
@@ -8,7 +8,7 @@ op's identity (skipped), and ``'CIRCULAR'`` padding wraps the output with the op
 (Flax sums), so a max-plus transposed layer stays a max-plus layer.
 
 ``MultiOpConv`` is ``jaxconv.nnx.Conv`` with its output channels split among several ops
-(:func:`jaxconv.conv_multi`), e.g. half dilation (max-plus) and half erosion (min-plus)
+(`jaxconv.conv_multi`), e.g. half dilation (max-plus) and half erosion (min-plus)
 channels, as morphological networks use.
 """
 
@@ -94,7 +94,7 @@ class NnxConvTranspose(_nnx.Module):
 
     Exported as ``jaxconv.nnx.ConvTranspose``.
 
-    Example::
+    Examples:
 
       >>> import jax.numpy as jnp
       >>> from flax import nnx
@@ -110,7 +110,7 @@ class NnxConvTranspose(_nnx.Module):
       kernel_size: the kernel's spatial shape (an int is a 1-D kernel).
       strides: the fractional stride (int or one per spatial dimension; default 1).
       padding: ``'SAME'``, ``'VALID'``, ``'CIRCULAR'``, an int or per-dimension pairs, as
-        :class:`flax.nnx.ConvTranspose`.
+        `flax.nnx.ConvTranspose`.
       kernel_dilation: kernel dilation (int or one per spatial dimension).
       use_bias: whether to add a bias.
       mask: optional array of the kernel's shape; zeros mark absent taps (skipped).
@@ -126,7 +126,7 @@ class NnxConvTranspose(_nnx.Module):
       rngs: the ``nnx.Rngs``.
       kernel_metadata: metadata of the kernel ``nnx.Param``.
       bias_metadata: metadata of the bias ``nnx.Param``.
-      op: the product (an :class:`jaxconv.Op` or a built-in name).
+      op: the product (an `jaxconv.Op` or a built-in name).
       engine: ``"auto"``, ``"xla"`` or ``"pallas"``.
       max_block_bytes: bound on the bytes of intermediate blocks.
     """
@@ -206,7 +206,7 @@ class LinenConvTranspose(_nn.Module):
 
     Exported as ``jaxconv.linen.ConvTranspose``.
 
-    Example::
+    Examples:
 
       >>> import jax, jax.numpy as jnp
       >>> import jaxconv
@@ -280,9 +280,9 @@ class MultiOpConv(_nnx.Module):
 
     Exported as ``jaxconv.nnx.MultiOpConv``. Arguments are those of ``jaxconv.nnx.Conv``
     (without ``mask`` and hooks) plus ``ops`` and ``split``; the output channels
-    ``[0, split[0])`` use ``ops[0]`` and so on (:func:`jaxconv.conv_multi`).
+    ``[0, split[0])`` use ``ops[0]`` and so on (`jaxconv.conv_multi`).
 
-    Example::
+    Examples:
 
       >>> import jax.numpy as jnp
       >>> from flax import nnx
