@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from typing import Any
 
 import jax
@@ -14,6 +15,7 @@ from jaxconv._src.core import validation
 from jaxconv._src.core.algebra import Op
 from jaxconv._src.core.ops import resolve, standard
 from jaxconv._src.engines import forward_mode
+from jaxconv._src.engines import native as engine_native
 from jaxconv._src.engines import xla as engine_xla
 
 Array = jax.Array
@@ -33,7 +35,44 @@ def _dispatch_engine(engine: str, generic_args: tuple, generic_kwargs: dict) -> 
         from jaxconv._src.engines import pallas as engine_pallas
 
         return engine_pallas.generic_conv(*generic_args, **generic_kwargs)
+    if engine == "native" or (engine == "auto" and _native_is_default(generic_args,
+                                                                      generic_kwargs)):
+        return _native_conv(generic_args, generic_kwargs)
     return engine_xla.generic_conv(*generic_args, **generic_kwargs)
+
+
+_native_warned = False
+
+
+def _native_is_default(generic_args: tuple, generic_kwargs: dict) -> bool:
+    """Whether ``engine="auto"`` picks the native engine: on CPU, where it has a kernel.
+
+    Where the compiled library cannot be loaded, ``auto`` falls back to the XLA engine with
+    one warning per process.
+    """
+    global _native_warned
+    x, w, geom, op = generic_args
+    if op.native is None or jax.default_backend() != "cpu":
+        return False
+    if not engine_native.available():
+        if not _native_warned:
+            _native_warned = True
+            warnings.warn(
+                "jaxconv: the native CPU engine could not be loaded "
+                f"({engine_native.load_error()}); engine='auto' uses the XLA engine.",
+                RuntimeWarning, stacklevel=4)
+        return False
+    return engine_native.serves(op, geom, x, w, generic_kwargs.get("preferred_element_type"))
+
+
+def _native_conv(generic_args: tuple, generic_kwargs: dict) -> Array:
+    x, w, geom, op = generic_args
+    if not engine_native.available():
+        raise RuntimeError(
+            f"engine='native' (op {op.name!r}): the compiled CPU kernels could not be loaded "
+            f"({engine_native.load_error()}); reinstall jaxconv from source with a C++17 "
+            "compiler, or use engine='auto' / 'xla'.")
+    return engine_native.generic_conv(*generic_args, **generic_kwargs)
 
 
 def _pallas_is_default() -> bool:
@@ -115,7 +154,7 @@ def conv_general_dilated(
       preferred_element_type: accumulation and output dtype.
       out_sharding: output sharding, as in lax.
       op: the product: an :class:`jaxconv.Op` or a built-in op's name.
-      engine: ``"auto"``, ``"xla"`` or ``"pallas"``.
+      engine: ``"auto"``, ``"xla"``, ``"native"`` (compiled CPU kernels) or ``"pallas"``.
       max_block_bytes: bound on the bytes of one block of intermediate products (forward and
         backward); default 64 MiB.
 
@@ -255,7 +294,7 @@ def dot_general(
       preferred_element_type: accumulation and output dtype.
       out_sharding: output sharding, as in lax.
       op: the product: an :class:`jaxconv.Op` or a built-in op's name.
-      engine: ``"auto"``, ``"xla"`` or ``"pallas"``.
+      engine: ``"auto"``, ``"xla"``, ``"native"`` (compiled CPU kernels) or ``"pallas"``.
       max_block_bytes: bound on the bytes of one block of intermediate products.
 
     Returns:
