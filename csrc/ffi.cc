@@ -153,7 +153,7 @@ ffi::Error backward_impl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                          ffi::Buffer<ffi::F32> y, ffi::Buffer<ffi::F32> g,
                          ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dw,
                          ffi::Span<const int64_t> geom, float pad, int64_t op,
-                         ffi::ThreadPool pool) {
+                         int64_t parts, ffi::ThreadPool pool) {
   jaxconv::Call call{};
   if (auto e = decode(geom, pad, op, call.geom); e.failure()) return e;
   call.op = op;
@@ -164,6 +164,7 @@ ffi::Error backward_impl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
   call.g = g.typed_data();
   call.out = dx->typed_data();
   call.out2 = dw->typed_data();
+  call.parts = parts;
   std::memset(call.out, 0, sizeof(float) * dx->element_count());
   std::memset(call.out2, 0, sizeof(float) * dw->element_count());
   call.par = {run_parallel, &pool};
@@ -193,6 +194,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxconvBackward, backward_impl,
                                   .Attr<ffi::Span<const int64_t>>("geom")
                                   .Attr<float>("pad")
                                   .Attr<int64_t>("op")
+                                  .Attr<int64_t>("parts")
                                   .Ctx<ffi::ThreadPool>());
 
 NB_MODULE(_native, m) {

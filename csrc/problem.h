@@ -31,6 +31,7 @@ struct Call {
   const float* g;  // backward: the output cotangent
   float* out;      // forward: y; backward: dx
   float* out2;     // backward: dw
+  int64_t parts;   // backward: bit 0 computes dx, bit 1 dw
   Parallel par;
 };
 

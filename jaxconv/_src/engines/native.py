@@ -25,6 +25,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from jaxconv._src.core.algebra import Op
 from jaxconv._src.engines import taps
@@ -156,14 +157,20 @@ class _Call:
 
     op_id: int
     geom: tuple[int, ...]
-    pad: float
+    pad: float | None
     x_shape: tuple[int, ...]
     w_shape: tuple[int, ...]
     y_shape: tuple[int, ...]
+    padding: tuple[tuple[int, int], ...]  # the 3-D geometry again, for the lax products
+    groups: int
 
     def attrs(self) -> dict[str, Any]:
-        return dict(geom=np.asarray(self.geom, np.int64), pad=np.float32(self.pad),
+        return dict(geom=np.asarray(self.geom, np.int64),
+                    pad=np.float32(0.0 if self.pad is None else self.pad),
                     op=np.int64(self.op_id))
+
+    def field(self, at: int) -> tuple[int, int, int]:
+        return tuple(self.geom[at:at + 3])
 
 
 def _call_spec(op: Op, geom: Any, x_shape: tuple[int, ...], w_shape: tuple[int, ...]) -> _Call:
@@ -184,8 +191,9 @@ def _call_spec(op: Op, geom: Any, x_shape: tuple[int, ...], w_shape: tuple[int, 
             0 if op.pad_value is None else 1)
     kid, _ = _kernel(op)
     return _Call(kid, tuple(int(v) for v in vals),
-                 0.0 if op.pad_value is None else float(op.pad_value),
-                 (n, *sp, c), (*k, i, o), (n, *os_, o))
+                 None if op.pad_value is None else float(op.pad_value),
+                 (n, *sp, c), (*k, i, o), (n, *os_, o),
+                 tuple((int(lo), int(hi)) for lo, hi in pads), int(geom.groups))
 
 
 def _forward_call(spec: _Call, x: Array, w: Array) -> Array:
@@ -193,11 +201,62 @@ def _forward_call(spec: _Call, x: Array, w: Array) -> Array:
     return jax.ffi.ffi_call(_FORWARD, out, vmap_method="broadcast_all")(x, w, **spec.attrs())
 
 
-def _backward_call(spec: _Call, x: Array, w: Array, y: Array, g: Array) -> tuple[Array, Array]:
+def _backward_call(spec: _Call, x: Array, w: Array, y: Array, g: Array,
+                   parts: int = 3) -> tuple[Array, Array]:
     outs = (jax.ShapeDtypeStruct(spec.x_shape, jnp.float32),
             jax.ShapeDtypeStruct(spec.w_shape, jnp.float32))
     return jax.ffi.ffi_call(_BACKWARD, outs, vmap_method="broadcast_all")(
-        x, w, y, g, **spec.attrs())
+        x, w, y, g, parts=np.int64(parts), **spec.attrs())
+
+
+# Separable gradients: sum_p g * (x - w) over a tap's positions is lax's kernel gradient of the
+# padded input minus w times the cotangent summed over the positions that tap reads, and
+# sum g * (x - w) over the outputs that read a cell is x times their summed cotangent minus
+# lax's input gradient. These run as lax's own (fast) products.
+_DN = ("NDHWC", "DHWIO", "NDHWC")
+_STRIDES, _LD, _RD = 14, 20, 23
+
+
+def _conv3(spec: _Call, x: Array, w: Array, groups: int, padded: bool) -> Array:
+    return lax.conv_general_dilated(
+        x, w, spec.field(_STRIDES), ((0, 0),) * 3 if padded else spec.padding,
+        (1, 1, 1) if padded else spec.field(_LD), spec.field(_RD), _DN, groups,
+        precision=lax.Precision.HIGHEST)
+
+
+def _pad_config(spec: _Call) -> list[tuple[int, int, int]]:
+    ld = spec.field(_LD)
+    return [(0, 0, 0), *((lo, hi, d - 1) for (lo, hi), d in zip(spec.padding, ld, strict=True)),
+            (0, 0, 0)]
+
+
+def _sep_dw(spec: _Call, x: Array, w: Array, g: Array) -> Array:
+    """``sum_p g[p, o] * (x[p, t, i] - w[t, i, o])`` over each tap's combined positions."""
+    fill = 0.0 if spec.pad is None else spec.pad
+    xp = lax.pad(x, jnp.asarray(fill, x.dtype), _pad_config(spec))
+    _, vjp = jax.vjp(lambda w_: _conv3(spec, xp, w_, spec.groups, True), w)
+    (prod,) = vjp(g)
+    if spec.pad is None:
+        ones = jnp.ones((1, *spec.x_shape[1:-1], 1), x.dtype)
+        mask = lax.pad(ones, jnp.zeros((), x.dtype), _pad_config(spec))
+        wm = jnp.zeros((*spec.w_shape[:3], 1, spec.w_shape[-1]), w.dtype)
+        _, vjp = jax.vjp(lambda w_: _conv3(spec, mask, w_, 1, True), wm)
+        (gsum,) = vjp(jnp.sum(g, axis=0, keepdims=True))
+    else:
+        gsum = jnp.sum(g, axis=(0, 1, 2, 3)).reshape(1, 1, 1, 1, -1)
+    return prod - w * gsum
+
+
+def _sep_dx(spec: _Call, x: Array, w: Array, g: Array) -> Array:
+    """``sum g[p, o] * (x[cell, i] - w[t, i, o])`` over the outputs that read each cell."""
+    _, vjp = jax.vjp(lambda x_: _conv3(spec, x_, w, spec.groups, False), x)
+    (prod,) = vjp(g)
+    grp = spec.groups
+    xg = jnp.zeros((*spec.x_shape[:-1], grp), x.dtype)
+    ones = jnp.ones((*spec.w_shape[:3], 1, spec.w_shape[-1]), w.dtype)
+    _, vjp = jax.vjp(lambda x_: _conv3(spec, x_, ones, grp, False), xg)
+    (gsum,) = vjp(g)
+    return x * jnp.repeat(gsum, spec.x_shape[-1] // grp, axis=-1) - prod
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -212,7 +271,13 @@ def _conv_fwd(spec: _Call, x: Array, w: Array) -> tuple[Array, tuple[Array, Arra
 
 def _conv_bwd(spec: _Call, res: tuple[Array, Array, Array], g: Array) -> tuple[Array, Array]:
     x, w, y = res
-    return _backward_call(spec, x, w, y, g.astype(jnp.float32))
+    g = g.astype(jnp.float32)
+    if spec.op_id == KERNELS["adder"][0]:
+        dx, _ = _backward_call(spec, x, w, y, g, parts=1)
+        return dx, _sep_dw(spec, x, w, g)
+    if spec.op_id == KERNELS["l2_exact"][0]:
+        return -2.0 * _sep_dx(spec, x, w, g), 2.0 * _sep_dw(spec, x, w, g)
+    return _backward_call(spec, x, w, y, g)
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
