@@ -28,6 +28,19 @@ struct S {
   static V madd(M m, V a, V b) { return _mm512_mask_add_ps(a, m, a, b); }  // m ? a + b : a
   static float lane(V a, int l) { alignas(64) float t[16]; _mm512_store_ps(t, a); return t[l]; }
   static float hsum(V a) { return _mm512_reduce_add_ps(a); }
+  // The order-preserving integer key of each float (an involution): b ^ ((b >> 31) >>> 1).
+  static V key(V a) {
+    const __m512i b = _mm512_castps_si512(a);
+    return _mm512_castsi512_ps(_mm512_xor_si512(
+        b, _mm512_srli_epi32(_mm512_srai_epi32(b, 31), 1)));
+  }
+  // Signed 32-bit min / max of the lanes' bits (the integer ports).
+  static V imin(V a, V b) {
+    return _mm512_castsi512_ps(_mm512_min_epi32(_mm512_castps_si512(a), _mm512_castps_si512(b)));
+  }
+  static V imax(V a, V b) {
+    return _mm512_castsi512_ps(_mm512_max_epi32(_mm512_castps_si512(a), _mm512_castps_si512(b)));
+  }
 };
 #elif defined(__AVX2__) && defined(__FMA__)
 struct S {
@@ -57,6 +70,17 @@ struct S {
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
     return _mm_cvtss_f32(s);
+  }
+  static V key(V a) {
+    const __m256i b = _mm256_castps_si256(a);
+    return _mm256_castsi256_ps(_mm256_xor_si256(
+        b, _mm256_srli_epi32(_mm256_srai_epi32(b, 31), 1)));
+  }
+  static V imin(V a, V b) {
+    return _mm256_castsi256_ps(_mm256_min_epi32(_mm256_castps_si256(a), _mm256_castps_si256(b)));
+  }
+  static V imax(V a, V b) {
+    return _mm256_castsi256_ps(_mm256_max_epi32(_mm256_castps_si256(a), _mm256_castps_si256(b)));
   }
 };
 #else
@@ -91,6 +115,13 @@ struct S {
   static V madd(M m, V a, V b) { return m ? a + b : a; }
   static float lane(V a, int l) { return a[l]; }
   static float hsum(V a) { return (a[0] + a[1]) + (a[2] + a[3]); }
+  static V key(V a) {
+    M b = (M)a;
+    typedef uint32_t U __attribute__((vector_size(16)));
+    return (V)(b ^ (M)((U)(b >> 31) >> 1));
+  }
+  static V imin(V a, V b) { M x = (M)a, y = (M)b; return (V)(x < y ? x : y); }
+  static V imax(V a, V b) { M x = (M)a, y = (M)b; return (V)(x > y ? x : y); }
 };
 #endif
 
