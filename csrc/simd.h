@@ -25,6 +25,7 @@ struct S {
   static M lt(V a, V b) { return _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ); }
   static M unord(V a) { return _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q); }
   static V select(M m, V a, V b) { return _mm512_mask_blend_ps(m, b, a); }
+  static M mask(bool b) { return b ? M(0xffff) : M(0); }
   static V madd(M m, V a, V b) { return _mm512_mask_add_ps(a, m, a, b); }  // m ? a + b : a
   static float lane(V a, int l) { alignas(64) float t[16]; _mm512_store_ps(t, a); return t[l]; }
   static float hsum(V a) { return _mm512_reduce_add_ps(a); }
@@ -63,6 +64,7 @@ struct S {
   static M lt(V a, V b) { return _mm256_cmp_ps(a, b, _CMP_LT_OQ); }
   static M unord(V a) { return _mm256_cmp_ps(a, a, _CMP_UNORD_Q); }
   static V select(M m, V a, V b) { return _mm256_blendv_ps(b, a, m); }
+  static M mask(bool b) { return _mm256_castsi256_ps(_mm256_set1_epi32(b ? -1 : 0)); }
   static V madd(M m, V a, V b) { return _mm256_add_ps(a, _mm256_and_ps(m, b)); }
   static float lane(V a, int l) { alignas(32) float t[8]; _mm256_store_ps(t, a); return t[l]; }
   static float hsum(V a) {
@@ -112,6 +114,7 @@ struct S {
   static M lt(V a, V b) { return a < b; }
   static M unord(V a) { return a != a; }
   static V select(M m, V a, V b) { return m ? a : b; }
+  static M mask(bool b) { const int32_t v = b ? -1 : 0; return M{v, v, v, v}; }
   static V madd(M m, V a, V b) { return m ? a + b : a; }
   static float lane(V a, int l) { return a[l]; }
   static float hsum(V a) { return (a[0] + a[1]) + (a[2] + a[3]); }
