@@ -97,7 +97,7 @@ def conv_general_dilated(
       preferred_element_type: accumulation and output dtype.
       out_sharding: output sharding, as in lax.
       op: the product: an :class:`jaxconv.Op` or a built-in op's name.
-      engine: ``"auto"``, ``"xla"`` or ``"pallas"``.
+      engine: ``"auto"``, ``"xla"``, ``"native"`` (compiled CPU kernels) or ``"pallas"``.
       max_block_bytes: bound on the bytes of one block of intermediate products (forward and
         backward); default 64 MiB.
 
@@ -230,7 +230,7 @@ def dot_general(
       preferred_element_type: accumulation and output dtype.
       out_sharding: output sharding, as in lax.
       op: the product: an :class:`jaxconv.Op` or a built-in op's name.
-      engine: ``"auto"``, ``"xla"`` or ``"pallas"``.
+      engine: ``"auto"``, ``"xla"``, ``"native"`` (compiled CPU kernels) or ``"pallas"``.
       max_block_bytes: bound on the bytes of one block of intermediate products.
 
     Returns:

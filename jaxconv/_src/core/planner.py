@@ -15,7 +15,9 @@ has one path.
 
 from __future__ import annotations
 
+import functools
 import types
+import warnings
 from typing import Any
 
 ENGINES = ("auto", "xla", "native", "pallas")
@@ -30,9 +32,9 @@ def _module(name: str) -> types.ModuleType:
         from jaxconv._src.engines import adapters  # noqa: PLC0415
 
         return adapters.PALLAS
-    from jaxconv._src.engines import native  # noqa: PLC0415
+    from jaxconv._src.engines import adapters  # noqa: PLC0415
 
-    return native
+    return adapters.NATIVE
 
 
 def engine_name(problem: Any, dtype: Any, platform: str) -> str:
@@ -53,11 +55,21 @@ def engine_name(problem: Any, dtype: Any, platform: str) -> str:
 
 
 def _native_serves(problem: Any, dtype: Any, platform: str) -> bool:
-    try:
-        native = _module("native")
-    except ImportError:
+    if problem.op.native is None:
+        return False
+    native = _module("native")
+    error = native.load_error()
+    if error is not None:
+        _warn_native_unavailable(error)
         return False
     return native.supports(problem, dtype, platform)
+
+
+@functools.cache
+def _warn_native_unavailable(error: str) -> None:
+    """Warns once per process that `engine="auto"` cannot use the native kernels."""
+    warnings.warn(f"jaxconv: the native CPU engine could not be loaded ({error}); "
+                  "engine='auto' uses the XLA engine.", RuntimeWarning, stacklevel=2)
 
 
 def check_engine(problem: Any, dtype: Any) -> None:

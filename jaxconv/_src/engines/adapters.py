@@ -1,16 +1,19 @@
-"""Engines given as a custom-VJP `generic_conv`, adapted to the planner's protocol.
+"""The Pallas and native engines on the planner's protocol.
 
 The Pallas engine computes its forward and backward passes in kernels behind a
-`jax.custom_vjp`; forward-mode tangents come from the XLA engine's formulas.
+`jax.custom_vjp`; the native engine is a pair of FFI calls. Forward-mode tangents come from
+the XLA engine's formulas.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
 import jax
+import numpy as np
 
 from jaxconv._src.engines import xla
 
@@ -55,3 +58,50 @@ def _pallas_conv() -> Callable[..., Array]:
 
 
 PALLAS = CustomVjpEngine(_pallas_conv)
+
+
+class NativeEngine:
+    """The compiled CPU kernels (:mod:`jaxconv._src.engines.native`) on the protocol: the
+    forward and backward FFI calls on the canonical problem, tangents from the XLA engine."""
+
+    @staticmethod
+    def _module() -> Any:
+        from jaxconv._src.engines import native  # noqa: PLC0415 - loads the library lazily
+
+        return native
+
+    def load_error(self) -> str | None:
+        return self._module().load_error()
+
+    def supports(self, problem: Any, dtype: Any, platform: str | None) -> bool:
+        native = self._module()
+        geom = problem.geom
+        image = math.prod(geom.in_spatial) * geom.groups
+        return (platform in (None, "cpu") and native.available()
+                and np.dtype(problem.acc_dtype) == np.dtype(dtype)
+                and native.supports(problem.op, geom, dtype) and image < 2**31 // 4096)
+
+    def _spec(self, problem: Any, x: Array, w: Array) -> Any:
+        native = self._module()
+        native._register()
+        return native._call_spec(problem.op, problem.geom, x.shape, w.shape)
+
+    def forward(self, problem: Any, x: Array, w: Array) -> Array:
+        spec = self._spec(problem, x, w)
+        y = self._module()._forward_call(spec, x.reshape(spec.x_shape), w.reshape(spec.w_shape))
+        return y.reshape(x.shape[0], *problem.geom.out_spatial, w.shape[-1])
+
+    def backward(self, problem: Any, x: Array, w: Array, y: Array, g: Array,
+                 need: tuple[bool, bool]) -> tuple[Array, Array]:
+        del need
+        spec = self._spec(problem, x, w)
+        res = (x.reshape(spec.x_shape), w.reshape(spec.w_shape), y.reshape(spec.y_shape))
+        gx, gw = self._module()._conv_bwd(spec, res, g.reshape(spec.y_shape))
+        return gx.reshape(x.shape).astype(x.dtype), gw.reshape(w.shape).astype(w.dtype)
+
+    def tangent(self, problem: Any, x: Array, w: Array, y: Array, tx: Array, tw: Array,
+                active: tuple[bool, bool]) -> Array:
+        return xla.tangent(problem, x, w, y, tx, tw, active)
+
+
+NATIVE = NativeEngine()

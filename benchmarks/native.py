@@ -1,0 +1,206 @@
+"""The native CPU engine against ``lax`` (and the XLA engine): paired, interleaved timing.
+
+Each round times lax once and the op once, alternately, under ``jax.jit``; the figure is the
+median (and the best) of the rounds' op/lax ratios, which cancels load drift on a shared
+machine. Forward, and forward+backward (``jax.vjp`` with a fixed cotangent, both gradients).
+Also: the compiled executable's temp + output bytes next to lax's, and the compile time of
+``jax.jit(jax.grad(conv))`` next to lax's.
+
+Example::
+
+    python -m benchmarks.native --layers A,E --ops max_plus,adder --rounds 15
+    python -m benchmarks.native --smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+import jaxconv
+from jaxconv._src.engines import native
+
+MiB = 2**20
+OPS = ("max_plus", "min_plus", "max_min", "min_max", "adder", "l1", "l2_exact")
+
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+    name: str
+    x_shape: tuple[int, ...]
+    w_shape: tuple[int, ...]
+    groups: int = 1
+    dense: bool = False
+
+    def describe(self) -> str:
+        kind = "dense" if self.dense else f"{len(self.x_shape) - 2}-D"
+        return f"{self.name} {kind} x{self.x_shape} w{self.w_shape} g{self.groups}"
+
+
+LAYERS = {
+    "A": Layer("A", (8, 32, 32, 64), (3, 3, 64, 64)),
+    "B": Layer("B", (32, 16, 16, 128), (3, 3, 128, 128)),
+    "C": Layer("C", (8, 32, 32, 64), (3, 3, 1, 64), groups=64),
+    "D": Layer("D", (16, 1024, 64), (5, 64, 64)),
+    "E": Layer("E", (256, 1024), (1024, 1024), dense=True),
+}
+SMOKE = {
+    "A": Layer("A", (2, 8, 8, 8), (3, 3, 8, 8)),
+    "C": Layer("C", (2, 8, 8, 8), (3, 3, 1, 8), groups=8),
+    "E": Layer("E", (16, 32), (32, 16), dense=True),
+}
+
+
+def product(layer: Layer, op: str | None, engine: str) -> Callable[[Any, Any], Any]:
+    """``f(x, w)``: lax's product when ``op`` is None, else jaxconv's with ``op`` / ``engine``."""
+    if layer.dense:
+        dn = (((1,), (0,)), ((), ()))
+        if op is None:
+            return lambda x, w: lax.dot_general(x, w, dn)
+        return lambda x, w: jaxconv.dot_general(x, w, dn, op=op, engine=engine)
+    nsd = len(layer.x_shape) - 2
+    sp = {1: "W", 2: "HW", 3: "DHW"}[nsd]
+    dnum = (f"N{sp}C", f"{sp}IO", f"N{sp}C")
+    kw = dict(window_strides=(1,) * nsd, padding="SAME", dimension_numbers=dnum,
+              feature_group_count=layer.groups)
+    if op is None:
+        return lambda x, w: lax.conv_general_dilated(x, w, **kw)
+    return lambda x, w: jaxconv.conv_general_dilated(x, w, op=op, engine=engine, **kw)
+
+
+def fwd_bwd(f: Callable, ct: Any) -> Callable:
+    def g(x, w):
+        y, vjp = jax.vjp(f, x, w)
+        return y, vjp(ct)
+    return g
+
+
+def _time_once(f: Callable, args: tuple, inner: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(inner):
+        jax.block_until_ready(f(*args))
+    return (time.perf_counter() - t0) / inner
+
+
+def paired(f_ref: Callable, f_op: Callable, args: tuple, rounds: int, inner: int) -> dict:
+    """Median / best of the per-round ``f_op / f_ref`` ratios, and the median times (ms)."""
+    for _ in range(2):
+        jax.block_until_ready(f_ref(*args))
+        jax.block_until_ready(f_op(*args))
+    ratios, t_ref, t_op = [], [], []
+    for _ in range(rounds):
+        a = _time_once(f_ref, args, inner)
+        b = _time_once(f_op, args, inner)
+        t_ref.append(a)
+        t_op.append(b)
+        ratios.append(b / a)
+    return dict(ratio=statistics.median(ratios), best=min(ratios),
+                ms=1e3 * statistics.median(t_op), lax_ms=1e3 * statistics.median(t_ref))
+
+
+def memory(f: Callable, args: tuple) -> int | None:
+    try:
+        m = jax.jit(f).lower(*args).compile().memory_analysis()
+        return int(m.temp_size_in_bytes + m.output_size_in_bytes)
+    except Exception:  # noqa: BLE001 - a backend without memory analysis
+        return None
+
+
+def compile_seconds(f: Callable, args: tuple) -> float:
+    loss = jax.jit(jax.grad(lambda x, w: jnp.sum(f(x, w)), argnums=(0, 1)))
+    t0 = time.perf_counter()
+    loss.lower(*args).compile()
+    return time.perf_counter() - t0
+
+
+def run(layers: list[Layer], ops_: list[str], engines: list[str], rounds: int, inner: int,
+        backward: bool, out: Any = sys.stdout) -> list[dict]:
+    rows = []
+    rng = np.random.default_rng(0)
+    for layer in layers:
+        x = jnp.asarray(rng.standard_normal(layer.x_shape), jnp.float32)
+        w = jnp.asarray(rng.standard_normal(layer.w_shape), jnp.float32)
+        ref = product(layer, None, "xla")
+        ct = jnp.asarray(rng.standard_normal(jax.eval_shape(ref, x, w).shape), jnp.float32)
+        ref_f = jax.jit(ref)
+        ref_fb = jax.jit(fwd_bwd(ref, ct))
+        lax_mem = memory(ref, (x, w))
+        lax_compile = compile_seconds(ref, (x, w))
+        for op in ops_:
+            for engine in engines:
+                f = product(layer, op, engine)
+                row = dict(layer=layer.name, op=op, engine=engine)
+                fw = paired(ref_f, jax.jit(f), (x, w), rounds, inner)
+                row.update(fwd_ratio=fw["ratio"], fwd_best=fw["best"], fwd_ms=fw["ms"],
+                           lax_fwd_ms=fw["lax_ms"])
+                if backward:
+                    fb = paired(ref_fb, jax.jit(fwd_bwd(f, ct)), (x, w), rounds, inner)
+                    row.update(fwd_bwd_ratio=fb["ratio"], fwd_bwd_best=fb["best"],
+                               fwd_bwd_ms=fb["ms"], lax_fwd_bwd_ms=fb["lax_ms"])
+                    row.update(compile_s=compile_seconds(f, (x, w)), lax_compile_s=lax_compile)
+                row.update(mem=memory(f, (x, w)), lax_mem=lax_mem)
+                rows.append(row)
+                print(_format(row), file=out, flush=True)
+    return rows
+
+
+def _format(r: dict) -> str:
+    s = (f"{r['layer']} {r['op']:>9} {r['engine']:>6}  fwd {r['fwd_ratio']:6.2f}x "
+         f"(best {r['fwd_best']:5.2f}x, {r['fwd_ms']:8.2f} ms vs lax {r['lax_fwd_ms']:7.2f})")
+    if "fwd_bwd_ratio" in r:
+        s += (f"  fwd+bwd {r['fwd_bwd_ratio']:6.2f}x (best {r['fwd_bwd_best']:5.2f}x, "
+              f"{r['fwd_bwd_ms']:8.2f} ms vs lax {r['lax_fwd_bwd_ms']:7.2f})"
+              f"  compile {r['compile_s']:5.2f}s vs {r['lax_compile_s']:4.2f}s")
+    if r["mem"] is not None and r["lax_mem"]:
+        s += f"  mem {r['mem'] / MiB:6.2f} MiB ({r['mem'] / r['lax_mem']:4.2f}x lax)"
+    return s
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--layers", default="A,B,C,D,E")
+    p.add_argument("--ops", default=",".join(OPS))
+    p.add_argument("--engines", default="native", help="comma list of native, xla")
+    p.add_argument("--rounds", type=int, default=11)
+    p.add_argument("--inner", type=int, default=3)
+    p.add_argument("--no-backward", action="store_true")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes, two rounds")
+    p.add_argument("--json", default=None)
+    a = p.parse_args(argv)
+    table = SMOKE if a.smoke else LAYERS
+    names = [n for n in a.layers.split(",") if n]
+    unknown = [n for n in names if n not in LAYERS] + [o for o in a.ops.split(",")
+                                                        if o not in OPS]
+    if unknown:
+        p.error(f"unknown layer or op: {unknown}")
+    layers = [table[n] for n in names if n in table]
+    rounds, inner = (2, 1) if a.smoke else (a.rounds, a.inner)
+    if not native.available():
+        print(f"native engine unavailable: {native.load_error()}", file=sys.stderr)
+        return 1
+    threads = os.environ.get("JAXCONV_NATIVE_THREADS") or str(os.cpu_count())
+    print(f"# jax {jax.__version__}, isa {native.isa()}, threads {threads}, "
+          f"rounds {rounds}x{inner}; layers: " + "; ".join(x.describe() for x in layers))
+    rows = run(layers, a.ops.split(","), a.engines.split(","), rounds, inner,
+               not a.no_backward)
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump(dict(meta=dict(smoke=a.smoke, isa=native.isa(), threads=int(threads),
+                                     jax=jax.__version__), results=rows), fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

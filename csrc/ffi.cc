@@ -1,0 +1,210 @@
+// XLA FFI handlers for the semiring kernels and the `jaxconv._native` extension module.
+//
+// The handlers decode the canonical geometry, pick the kernels built for the best instruction
+// set this CPU has (once per process) and share the work on XLA's intra-op thread pool.
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/string.h>
+
+#include <atomic>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <thread>
+
+#include "problem.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+namespace nb = nanobind;
+
+namespace jaxconv_base { int run(const jaxconv::Call& call, bool backward); }
+#if JAXCONV_X86
+namespace jaxconv_avx2 { int run(const jaxconv::Call& call, bool backward); }
+namespace jaxconv_avx512 { int run(const jaxconv::Call& call, bool backward); }
+#endif
+
+namespace {
+
+using RunFn = int (*)(const jaxconv::Call&, bool);
+
+struct Isa {
+  RunFn fn;
+  const char* name;
+};
+
+// JAXCONV_NATIVE_ISA=base|avx2|avx512 forces a lower instruction set (tests, benchmarks).
+Isa pick_isa() {
+  const char* env = std::getenv("JAXCONV_NATIVE_ISA");
+  const std::string want = env ? env : "";
+#if JAXCONV_X86
+  __builtin_cpu_init();
+  const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+                      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (avx512 && (want.empty() || want == "avx512")) return {jaxconv_avx512::run, "avx512"};
+  if (avx2 && want != "base") return {jaxconv_avx2::run, "avx2"};
+#endif
+  return {jaxconv_base::run, "base"};
+}
+
+const Isa& isa() {
+  static const Isa chosen = pick_isa();
+  return chosen;
+}
+
+// JAXCONV_NATIVE_THREADS=k caps the threads a call uses (results never depend on it).
+int64_t thread_cap() {
+  static const int64_t cap = [] {
+    const char* env = std::getenv("JAXCONV_NATIVE_THREADS");
+    return env ? std::atoll(env) : int64_t(0);
+  }();
+  return cap;
+}
+
+struct Shared {
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+  int64_t n = 0;
+  void (*fn)(void*, int64_t) = nullptr;
+  void* arg = nullptr;
+};
+
+void work(Shared& s) {
+  for (int64_t i; (i = s.next.fetch_add(1, std::memory_order_relaxed)) < s.n;) {
+    s.fn(s.arg, i);
+    s.done.fetch_add(1, std::memory_order_release);
+  }
+}
+
+// Items are handed out dynamically; the caller works too and returns once all are done.
+// A task that starts late finds no item left and touches only the shared state it owns.
+void run_parallel(void* ctx, int64_t n, void (*fn)(void*, int64_t), void* arg) {
+  auto* pool = static_cast<ffi::ThreadPool*>(ctx);
+  int64_t threads = pool ? pool->num_threads() : 1;
+  if (thread_cap() > 0 && threads > thread_cap()) threads = thread_cap();
+  const int64_t helpers = (threads < n ? threads : n) - 1;
+  if (helpers <= 0) {
+    for (int64_t i = 0; i < n; ++i) fn(arg, i);
+    return;
+  }
+  auto shared = std::make_shared<Shared>();
+  shared->n = n;
+  shared->fn = fn;
+  shared->arg = arg;
+  for (int64_t h = 0; h < helpers; ++h) pool->Schedule([shared] { work(*shared); });
+  work(*shared);
+  while (shared->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
+}
+
+constexpr int64_t kGeomLen = 27;
+
+ffi::Error decode(ffi::Span<const int64_t> gv, float pad, int64_t op, jaxconv::Geom& g) {
+  if (gv.size() != kGeomLen) return ffi::Error::InvalidArgument("jaxconv: bad geometry");
+  if (op < jaxconv::kMaxPlus || op > jaxconv::kL2)
+    return ffi::Error::InvalidArgument("jaxconv: unknown native op id");
+  const int64_t* v = gv.begin();
+  g.n = v[0];
+  for (int d = 0; d < 3; ++d) g.sp[d] = v[1 + d];
+  g.c = v[4];
+  for (int d = 0; d < 3; ++d) g.k[d] = v[5 + d];
+  g.i = v[8];
+  g.o = v[9];
+  g.g = v[10];
+  for (int d = 0; d < 3; ++d) {
+    g.os[d] = v[11 + d];
+    g.stride[d] = v[14 + d];
+    g.lo[d] = v[17 + d];
+    g.ld[d] = v[20 + d];
+    g.rd[d] = v[23 + d];
+  }
+  g.has_pad = v[26];
+  g.pad = pad;
+  return ffi::Error::Success();
+}
+
+int64_t batch_of(const jaxconv::Geom& g, size_t x_elems) {
+  const int64_t per = g.n * g.sp[0] * g.sp[1] * g.sp[2] * g.c;
+  return per > 0 ? int64_t(x_elems) / per : 0;
+}
+
+ffi::Error finish(int rc) {
+  if (rc == 0) return ffi::Error::Success();
+  if (rc == 2) return ffi::Error(ffi::ErrorCode::kResourceExhausted, "jaxconv: out of memory");
+  return ffi::Error::InvalidArgument("jaxconv: native kernel refused the call");
+}
+
+ffi::Error forward_impl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                        ffi::ResultBuffer<ffi::F32> y, ffi::Span<const int64_t> geom, float pad,
+                        int64_t op, ffi::ThreadPool pool) {
+  jaxconv::Call call{};
+  if (auto e = decode(geom, pad, op, call.geom); e.failure()) return e;
+  call.op = op;
+  call.batch = batch_of(call.geom, x.element_count());
+  call.x = x.typed_data();
+  call.w = w.typed_data();
+  call.out = y->typed_data();
+  call.par = {run_parallel, &pool};
+  return finish(isa().fn(call, false));
+}
+
+ffi::Error backward_impl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                         ffi::Buffer<ffi::F32> y, ffi::Buffer<ffi::F32> g,
+                         ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dw,
+                         ffi::Span<const int64_t> geom, float pad, int64_t op,
+                         int64_t parts, ffi::ThreadPool pool) {
+  jaxconv::Call call{};
+  if (auto e = decode(geom, pad, op, call.geom); e.failure()) return e;
+  call.op = op;
+  call.batch = batch_of(call.geom, x.element_count());
+  call.x = x.typed_data();
+  call.w = w.typed_data();
+  call.y = y.typed_data();
+  call.g = g.typed_data();
+  call.out = dx->typed_data();
+  call.out2 = dw->typed_data();
+  call.parts = parts;
+  std::memset(call.out, 0, sizeof(float) * dx->element_count());
+  std::memset(call.out2, 0, sizeof(float) * dw->element_count());
+  call.par = {run_parallel, &pool};
+  return finish(isa().fn(call, true));
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxconvForward, forward_impl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<ffi::Span<const int64_t>>("geom")
+                                  .Attr<float>("pad")
+                                  .Attr<int64_t>("op")
+                                  .Ctx<ffi::ThreadPool>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxconvBackward, backward_impl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<ffi::Span<const int64_t>>("geom")
+                                  .Attr<float>("pad")
+                                  .Attr<int64_t>("op")
+                                  .Attr<int64_t>("parts")
+                                  .Ctx<ffi::ThreadPool>());
+
+NB_MODULE(_native, m) {
+  m.doc() = "jaxconv's compiled CPU kernels (XLA FFI handlers).";
+  m.def("registrations", []() {
+    nb::dict d;
+    d["jaxconv_forward"] = nb::capsule(reinterpret_cast<void*>(JaxconvForward));
+    d["jaxconv_backward"] = nb::capsule(reinterpret_cast<void*>(JaxconvBackward));
+    return d;
+  });
+  m.def("isa", []() { return std::string(isa().name); },
+        "The instruction set whose kernels this process runs.");
+}

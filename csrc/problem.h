@@ -1,0 +1,38 @@
+// Plain data shared by ffi.cc and the per-ISA kernel translation units. No inline functions
+// here: the kernel TUs are compiled with different instruction sets and must not share code.
+#pragma once
+#include <cstdint>
+
+namespace jaxconv {
+
+// One canonical problem, always 3 spatial dims (missing ones have size 1): x (N, D, H, W, C),
+// w (KD, KH, KW, I, O), out (N, OD, OH, OW, O), C = G * I, O = G * Og.
+struct Geom {
+  int64_t n, sp[3], c, k[3], i, o, g, os[3], stride[3], lo[3], ld[3], rd[3];
+  int64_t has_pad;  // 0: identity padding (padded taps and lhs_dilation holes are skipped)
+  float pad;        // the pad value when has_pad
+};
+
+enum OpId : int64_t { kMaxPlus = 0, kMinPlus, kMaxMin, kMinMax, kAdder, kL1, kL2 };
+
+// A fork-join over `n` independent items, implemented on XLA's intra-op pool in ffi.cc.
+struct Parallel {
+  void (*run)(void* ctx, int64_t n, void (*fn)(void* arg, int64_t item), void* arg);
+  void* ctx;
+};
+
+struct Call {
+  int64_t op;
+  Geom geom;
+  int64_t batch;  // leading (vmap) batch: every operand holds `batch` problems
+  const float* x;
+  const float* w;
+  const float* y;  // backward: the forward output
+  const float* g;  // backward: the output cotangent
+  float* out;      // forward: y; backward: dx
+  float* out2;     // backward: dw
+  int64_t parts;   // backward: bit 0 computes dx, bit 1 dw
+  Parallel par;
+};
+
+}  // namespace jaxconv

@@ -1,0 +1,335 @@
+"""The native CPU engine: compiled semiring kernels called through the XLA FFI.
+
+The kernels (``csrc/``, the extension module ``jaxconv._native``) are one templated
+implicit-GEMM loop nest over combine/reduce functors, built for AVX-512, AVX2 and a portable
+baseline and picked at run time; they share their work on XLA's intra-op thread pool and give
+the same result whatever the thread count. The op's kernel is chosen from ``op.native`` only
+(with ``op.reduce`` and ``op.pad_value``); what the kernels do not serve is reported by
+:func:`supports`, so the caller falls back to the XLA engine statically.
+
+Forward and backward are two FFI calls under ``jax.custom_vjp``: max/min ops route the
+cotangent to the winning taps (ties split equally, as ``jax.grad(jnp.max)``), sums use the
+op's gradient rule (AdderNet's for ``adder``, the exact subgradient for ``l1``, exact for
+``l2_exact``). Under ``jax.vmap`` the calls take the mapped axis as an outer loop
+(``vmap_method="broadcast_all"``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import threading
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jaxconv._src.core.algebra import Op
+from jaxconv._src.engines import taps
+
+Array = jax.Array
+
+# Kernel ids (``Op.native``) -> (id in csrc/problem.h, the reduce the kernel implements).
+KERNELS: dict[str, tuple[int, str]] = {
+    "max_plus": (0, "max"),
+    "min_plus": (1, "min"),
+    "max_min": (2, "max"),
+    "min_max": (3, "min"),
+    "adder": (4, "sum"),
+    "l1": (5, "sum"),
+    "l2_exact": (6, "sum"),
+}
+DTYPES = (jnp.dtype(jnp.float32),)
+_FORWARD = "jaxconv_forward"
+_BACKWARD = "jaxconv_backward"
+
+_lock = threading.Lock()
+_state: dict[str, Any] = {"module": None, "error": None, "loaded": False, "registered": False}
+
+
+def _load() -> Any:
+    with _lock:
+        if not _state["loaded"]:
+            _state["loaded"] = True
+            try:
+                from jaxconv import _native  # noqa: PLC0415 - loaded on first use
+            except Exception as e:  # noqa: BLE001 - any failure means "not available"
+                _state["error"] = f"{type(e).__name__}: {e}"
+            else:
+                _state["module"] = _native
+        return _state["module"]
+
+
+def available() -> bool:
+    """Whether the compiled kernels (``jaxconv._native``) can be loaded in this process.
+
+    Returns:
+      True when the extension module imports.
+
+    Example:
+      >>> from jaxconv._src.engines import native
+      >>> isinstance(native.available(), bool)
+      True
+    """
+    return _load() is not None
+
+
+def load_error() -> str | None:
+    """Why the compiled kernels could not be loaded (``None`` when they load).
+
+    Returns:
+      The import error as text, or ``None``.
+
+    Example:
+      >>> from jaxconv._src.engines import native
+      >>> native.load_error() is None or isinstance(native.load_error(), str)
+      True
+    """
+    _load()
+    return _state["error"]
+
+
+def isa() -> str | None:
+    """The instruction set whose kernels run here (``"avx512"``, ``"avx2"`` or ``"base"``)."""
+    mod = _load()
+    return None if mod is None else str(mod.isa())
+
+
+def _register() -> None:
+    mod = _load()
+    if mod is None:
+        raise RuntimeError(f"jaxconv native engine: the compiled library could not be loaded "
+                           f"({load_error()}).")
+    with _lock:
+        if not _state["registered"]:
+            for name, capsule in mod.registrations().items():
+                jax.ffi.register_ffi_target(name, capsule, platform="cpu")
+            _state["registered"] = True
+
+
+def _kernel(op: Op) -> tuple[int, str] | None:
+    entry = KERNELS.get(op.native) if op.native is not None else None
+    if entry is None or op.reduce_name != entry[1]:
+        return None
+    return entry
+
+
+def supports(op: Op, geom: Any, dtype: Any) -> bool:
+    """Whether the native kernels serve ``op`` on ``geom`` in ``dtype`` (decided statically).
+
+    Args:
+      op: the product; served when ``op.native`` names a kernel whose reduce is ``op.reduce``.
+      geom: the canonical geometry (``engines.xla.Geometry``).
+      dtype: the common dtype of the two operands.
+
+    Returns:
+      True when :func:`generic_conv` can run it.
+
+    Example:
+      >>> from jaxconv import ops
+      >>> from jaxconv._src.engines import native, xla
+      >>> g = xla.Geometry((5,), (3,), (1,), ((1, 1),), (1,), (1,), 1)
+      >>> native.supports(ops.max_plus, g, "float32"), native.supports(ops.log, g, "float32")
+      (True, False)
+    """
+    if _kernel(op) is None or jnp.dtype(dtype) not in DTYPES:
+        return False
+    if op.pad_value is not None and not isinstance(op.pad_value, int | float):
+        return False
+    return len(geom.window) <= 3
+
+
+def serves(op: Op, geom: Any, x: Any, w: Any, preferred_element_type: Any | None) -> bool:
+    """:func:`supports` for concrete operands: also the output dtype (the kernels accumulate
+    in the operands' dtype) and the size of one image (32-bit offsets in the kernels)."""
+    dtype = jnp.result_type(x.dtype, w.dtype)
+    if preferred_element_type is not None and jnp.dtype(preferred_element_type) != dtype:
+        return False
+    return supports(op, geom, dtype) and math.prod(x.shape[1:]) < 2**31
+
+
+@dataclasses.dataclass(frozen=True)
+class _Call:
+    """Static attributes of one FFI call (hashable: the custom_vjp's static argument)."""
+
+    op_id: int
+    geom: tuple[int, ...]
+    pad: float | None
+    x_shape: tuple[int, ...]
+    w_shape: tuple[int, ...]
+    y_shape: tuple[int, ...]
+    padding: tuple[tuple[int, int], ...]  # the 3-D geometry again, for the lax products
+    groups: int
+
+    def attrs(self) -> dict[str, Any]:
+        return dict(geom=np.asarray(self.geom, np.int64),
+                    pad=np.float32(0.0 if self.pad is None else self.pad),
+                    op=np.int64(self.op_id))
+
+    def field(self, at: int) -> tuple[int, int, int]:
+        return tuple(self.geom[at:at + 3])
+
+
+def _call_spec(op: Op, geom: Any, x_shape: tuple[int, ...], w_shape: tuple[int, ...]) -> _Call:
+    nsd = len(geom.window)
+    lead = 3 - nsd
+
+    def three(t: tuple, fill: Any) -> tuple:
+        return (fill,) * lead + tuple(t)
+
+    n, c = x_shape[0], x_shape[-1]
+    i, o = w_shape[-2], w_shape[-1]
+    sp = three(geom.in_spatial, 1)
+    k = three(geom.window, 1)
+    os_ = three(geom.out_spatial, 1)
+    pads = three(geom.padding, (0, 0))
+    vals = (n, *sp, c, *k, i, o, geom.groups, *os_, *three(geom.strides, 1),
+            *(lo for lo, _ in pads), *three(geom.lhs_dilation, 1), *three(geom.rhs_dilation, 1),
+            0 if op.pad_value is None else 1)
+    kid, _ = _kernel(op)
+    return _Call(kid, tuple(int(v) for v in vals),
+                 None if op.pad_value is None else float(op.pad_value),
+                 (n, *sp, c), (*k, i, o), (n, *os_, o),
+                 tuple((int(lo), int(hi)) for lo, hi in pads), int(geom.groups))
+
+
+def _forward_call(spec: _Call, x: Array, w: Array) -> Array:
+    out = jax.ShapeDtypeStruct(spec.y_shape, jnp.float32)
+    return jax.ffi.ffi_call(_FORWARD, out, vmap_method="broadcast_all")(x, w, **spec.attrs())
+
+
+def _backward_call(spec: _Call, x: Array, w: Array, y: Array, g: Array,
+                   parts: int = 3) -> tuple[Array, Array]:
+    outs = (jax.ShapeDtypeStruct(spec.x_shape, jnp.float32),
+            jax.ShapeDtypeStruct(spec.w_shape, jnp.float32))
+    return jax.ffi.ffi_call(_BACKWARD, outs, vmap_method="broadcast_all")(
+        x, w, y, g, parts=np.int64(parts), **spec.attrs())
+
+
+# Separable gradients: sum_p g * (x - w) over a tap's positions is lax's kernel gradient of the
+# padded input minus w times the cotangent summed over the positions that tap reads, and
+# sum g * (x - w) over the outputs that read a cell is x times their summed cotangent minus
+# lax's input gradient. These run as lax's own (fast) products.
+_DN = ("NDHWC", "DHWIO", "NDHWC")
+_STRIDES, _LD, _RD = 14, 20, 23
+
+
+def _conv3(spec: _Call, x: Array, w: Array, groups: int, padded: bool) -> Array:
+    return lax.conv_general_dilated(
+        x, w, spec.field(_STRIDES), ((0, 0),) * 3 if padded else spec.padding,
+        (1, 1, 1) if padded else spec.field(_LD), spec.field(_RD), _DN, groups,
+        precision=lax.Precision.HIGHEST)
+
+
+def _pad_config(spec: _Call) -> list[tuple[int, int, int]]:
+    ld = spec.field(_LD)
+    return [(0, 0, 0), *((lo, hi, d - 1) for (lo, hi), d in zip(spec.padding, ld, strict=True)),
+            (0, 0, 0)]
+
+
+def _sep_dw(spec: _Call, x: Array, w: Array, g: Array) -> Array:
+    """``sum_p g[p, o] * (x[p, t, i] - w[t, i, o])`` over each tap's combined positions."""
+    fill = 0.0 if spec.pad is None else spec.pad
+    xp = lax.pad(x, jnp.asarray(fill, x.dtype), _pad_config(spec))
+    _, vjp = jax.vjp(lambda w_: _conv3(spec, xp, w_, spec.groups, True), w)
+    (prod,) = vjp(g)
+    if spec.pad is None:
+        ones = jnp.ones((1, *spec.x_shape[1:-1], 1), x.dtype)
+        mask = lax.pad(ones, jnp.zeros((), x.dtype), _pad_config(spec))
+        wm = jnp.zeros((*spec.w_shape[:3], 1, spec.w_shape[-1]), w.dtype)
+        _, vjp = jax.vjp(lambda w_: _conv3(spec, mask, w_, 1, True), wm)
+        (gsum,) = vjp(jnp.sum(g, axis=0, keepdims=True))
+    else:
+        gsum = jnp.sum(g, axis=(0, 1, 2, 3)).reshape(1, 1, 1, 1, -1)
+    return prod - w * gsum
+
+
+def _sep_dx(spec: _Call, x: Array, w: Array, g: Array) -> Array:
+    """``sum g[p, o] * (x[cell, i] - w[t, i, o])`` over the outputs that read each cell."""
+    _, vjp = jax.vjp(lambda x_: _conv3(spec, x_, w, spec.groups, False), x)
+    (prod,) = vjp(g)
+    grp = spec.groups
+    xg = jnp.zeros((*spec.x_shape[:-1], grp), x.dtype)
+    ones = jnp.ones((*spec.w_shape[:3], 1, spec.w_shape[-1]), w.dtype)
+    _, vjp = jax.vjp(lambda x_: _conv3(spec, x_, ones, grp, False), xg)
+    (gsum,) = vjp(g)
+    return x * jnp.repeat(gsum, spec.x_shape[-1] // grp, axis=-1) - prod
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _conv(spec: _Call, x: Array, w: Array) -> Array:
+    return _forward_call(spec, x, w)
+
+
+def _conv_fwd(spec: _Call, x: Array, w: Array) -> tuple[Array, tuple[Array, Array, Array]]:
+    y = _forward_call(spec, x, w)
+    return y, (x, w, y)
+
+
+def _conv_bwd(spec: _Call, res: tuple[Array, Array, Array], g: Array) -> tuple[Array, Array]:
+    x, w, y = res
+    g = g.astype(jnp.float32)
+    if spec.op_id == KERNELS["adder"][0]:
+        dx, _ = _backward_call(spec, x, w, y, g, parts=1)
+        return dx, _sep_dw(spec, x, w, g)
+    if spec.op_id == KERNELS["l2_exact"][0]:
+        return -2.0 * _sep_dx(spec, x, w, g), 2.0 * _sep_dw(spec, x, w, g)
+    return _backward_call(spec, x, w, y, g)
+
+
+_conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+def generic_conv(
+    x: Array,
+    w: Array,
+    geom: Any,
+    op: Op,
+    *,
+    preferred_element_type: Any | None = None,
+    max_block_bytes: int | None = None,
+) -> Array:
+    """Generalized convolution on canonical layouts, computed by the native kernels.
+
+    Same contract as ``engines.xla.generic_conv``; the kernels hold no product tensor, so
+    ``max_block_bytes`` does not apply.
+
+    Args:
+      x: ``(N, *spatial, C)`` input.
+      w: ``(*window, C // groups, O)`` kernel.
+      geom: the static geometry (padding already resolved to pairs).
+      op: the product (``op.native`` names the kernel).
+      preferred_element_type: output dtype, as in ``lax``.
+      max_block_bytes: ignored.
+
+    Returns:
+      ``(N, *out_spatial, O)``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxconv import ops
+      >>> from jaxconv._src.engines import native, xla
+      >>> g = xla.Geometry((4,), (2,), (1,), ((0, 0),), (1,), (1,), 1)
+      >>> x = jnp.arange(4.0).reshape(1, 4, 1); w = jnp.zeros((2, 1, 1))
+      >>> native.generic_conv(x, w, g, ops.max_plus)[0, :, 0]
+      Array([1., 2., 3.], dtype=float32)
+    """
+    del max_block_bytes
+    if not serves(op, geom, x, w, preferred_element_type):
+        dtype = jnp.result_type(x.dtype, w.dtype)
+        raise ValueError(
+            f"engine='native' does not serve op {op.name!r} (native={op.native!r}) with dtype "
+            f"{jnp.dtype(dtype).name}, preferred_element_type={preferred_element_type!r} on "
+            f"this geometry (served: ops with a native kernel {sorted(KERNELS)}, float32); use "
+            "engine='xla' or engine='auto'.")
+    x, w, out_dtype, _ = taps.resolve_dtypes(x, w, op, preferred_element_type)
+    n, o = x.shape[0], w.shape[-1]
+    if n == 0 or o == 0:
+        return jnp.zeros((n, *geom.out_spatial, o), out_dtype)
+    _register()
+    spec = _call_spec(op, geom, x.shape, w.shape)
+    y = _conv(spec, x.reshape(spec.x_shape), w.reshape(spec.w_shape))
+    return taps.finish(y.reshape(n, *geom.out_spatial, o), op, out_dtype)

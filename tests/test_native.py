@@ -1,0 +1,414 @@
+"""The native CPU engine (``engine="native"``): values, gradients, IEEE cases, threads, vmap.
+
+Forward values are checked against the numpy loop reference (``reference.py``) over a covering
+set of ops x geometries, and against the XLA engine (max/min bit for bit); gradients against
+the XLA engine and against the stated rules written out as numpy loops here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from reference import NUMPY_OPS, conv_reference, dot_general_reference
+
+import jaxconv
+from jaxconv import ops
+from jaxconv._src.core import planner
+from jaxconv._src.engines import native
+
+pytestmark = pytest.mark.skipif(not native.available(),
+                                reason=f"native engine not built: {native.load_error()}")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NATIVE_OPS = ("max_plus", "min_plus", "max_min", "min_max", "adder", "l1", "l2_exact")
+MAXMIN = ("max_plus", "min_plus", "max_min", "min_max")
+
+
+@pytest.fixture(autouse=True)
+def _no_rank_promotion():
+    with jax.numpy_rank_promotion("raise"):
+        yield
+
+
+def _allow():
+    """The XLA engine (the yardstick here) is not written for rank-promotion "raise"."""
+    return jax.numpy_rank_promotion("allow")
+
+
+def _np_op(name: str):
+    return NUMPY_OPS["l2" if name == "l2_exact" else name]
+
+
+# name -> (x shape, w shape, conv kwargs); layouts NHWC-style unless given.
+CASES = {
+    "2d_same": ((2, 6, 5, 3), (3, 3, 3, 4), dict(window_strides=(1, 1), padding="SAME")),
+    "2d_stride_rhs_dil": ((2, 9, 8, 3), (3, 2, 3, 5), dict(
+        window_strides=(2, 1), padding=((1, 2), (2, 0)), rhs_dilation=(1, 2))),
+    "2d_lhs_dil": ((1, 5, 6, 2), (2, 3, 2, 3), dict(
+        window_strides=(1, 2), padding=((1, 1), (0, 2)), lhs_dilation=(2, 1))),
+    "2d_negative_pad": ((2, 7, 7, 2), (3, 3, 2, 3), dict(
+        window_strides=(1, 1), padding=((-1, 1), (1, -2)))),
+    "1d_valid": ((2, 11, 3), (4, 3, 5), dict(window_strides=(2,), padding="VALID")),
+    "3d": ((1, 4, 5, 4, 2), (2, 3, 2, 2, 3), dict(
+        window_strides=(1, 1, 2), padding="SAME", rhs_dilation=(1, 1, 2))),
+    "groups": ((2, 5, 5, 4), (3, 3, 2, 6), dict(
+        window_strides=(1, 1), padding="SAME", feature_group_count=2)),
+    "depthwise": ((2, 6, 6, 20), (3, 3, 1, 20), dict(
+        window_strides=(1, 1), padding="SAME", feature_group_count=20)),
+    "depth_multiplier": ((1, 5, 5, 3), (3, 3, 1, 6), dict(
+        window_strides=(2, 2), padding="SAME", feature_group_count=3)),
+    "wide": ((1, 4, 5, 17), (3, 2, 17, 70), dict(window_strides=(1, 1), padding="SAME")),
+    "nchw": ((2, 3, 6, 5), (4, 3, 3, 2), dict(
+        window_strides=(1, 1), padding="SAME", dimension_numbers=("NCHW", "OIHW", "NCHW"))),
+}
+
+
+def _dn(x_ndim: int) -> tuple[str, str, str]:
+    sp = {3: "W", 4: "HW", 5: "DHW"}[x_ndim]
+    return (f"N{sp}C", f"{sp}IO", f"N{sp}C")
+
+
+def _case(name: str, seed: int = 0):
+    xs, ws, kw = CASES[name]
+    kw = dict(kw)
+    kw.setdefault("dimension_numbers", _dn(len(xs)))
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(xs).astype(np.float32)
+    w = rng.standard_normal(ws).astype(np.float32)
+    return x, w, kw
+
+
+def _conv(op, engine, kw):
+    return jax.jit(lambda x, w: jaxconv.conv_general_dilated(x, w, op=op, engine=engine, **kw))
+
+
+def _reference(name, x, w, kw, pad_value="default"):
+    npop = _np_op(name)
+    kw = dict(kw)
+    return conv_reference(
+        x, w, kw.pop("window_strides"), kw.pop("padding"), kw.pop("lhs_dilation", None),
+        kw.pop("rhs_dilation", None), kw.pop("dimension_numbers"),
+        kw.pop("feature_group_count", 1), combine=npop.combine, reduce=npop.reduce,
+        identity=npop.identity, pad_value=npop.pad_value if pad_value == "default" else pad_value)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("name", NATIVE_OPS)
+def test_forward_matches_reference(name, case):
+    x, w, kw = _case(case)
+    y = np.asarray(_conv(name, "native", kw)(x, w))
+    ref = _reference(name, x, w, kw)
+    assert y.shape == ref.shape and y.dtype == np.float32
+    np.testing.assert_allclose(y, ref, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("case", ["2d_stride_rhs_dil", "2d_lhs_dil", "depthwise", "wide", "3d"])
+@pytest.mark.parametrize("name", NATIVE_OPS)
+def test_forward_matches_xla_engine(name, case):
+    x, w, kw = _case(case, seed=1)
+    a = np.asarray(_conv(name, "native", kw)(x, w))
+    with _allow():
+        b = np.asarray(_conv(name, "xla", kw)(x, w))
+    if name in MAXMIN:
+        np.testing.assert_array_equal(a, b)  # bit for bit
+    else:
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("name", ["max_plus", "max_min", "adder", "l1"])
+def test_dense_dot_general_with_batch(name):
+    rng = np.random.default_rng(2)
+    a = rng.standard_normal((3, 5, 7)).astype(np.float32)
+    b = rng.standard_normal((3, 7, 20)).astype(np.float32)
+    dn = (((2,), (1,)), ((0,), (0,)))
+    y = jax.jit(lambda a, b: jaxconv.dot_general(a, b, dn, op=name, engine="native"))(a, b)
+    npop = _np_op(name)
+    ref = dot_general_reference(a, b, dn, combine=npop.combine, reduce=npop.reduce,
+                                identity=npop.identity)
+    np.testing.assert_allclose(np.asarray(y), ref, rtol=2e-5, atol=2e-5)
+    with _allow():
+        x2 = jaxconv.dot_general(a, b, dn, op=name, engine="xla")
+    if name in MAXMIN:
+        np.testing.assert_array_equal(np.asarray(y), np.asarray(x2))
+
+
+def _grads(op, engine, kw, x, w, ct):
+    def loss(x, w):
+        return jnp.sum(jaxconv.conv_general_dilated(x, w, op=op, engine=engine, **kw) * ct)
+    return jax.jit(jax.grad(loss, argnums=(0, 1)))(x, w)
+
+
+@pytest.mark.parametrize("case", ["2d_stride_rhs_dil", "groups", "depthwise", "wide"])
+@pytest.mark.parametrize("name", NATIVE_OPS)
+def test_gradients_match_xla_engine(name, case):
+    x, w, kw = _case(case, seed=3)
+    y = _conv(name, "native", kw)(x, w)
+    ct = np.random.default_rng(4).standard_normal(y.shape).astype(np.float32)
+    dxa, dwa = _grads(name, "native", kw, x, w, ct)
+    with _allow():
+        dxb, dwb = _grads(name, "xla", kw, x, w, ct)
+    np.testing.assert_allclose(np.asarray(dxa), np.asarray(dxb), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(dwa), np.asarray(dwb), rtol=1e-4, atol=2e-4)
+
+
+# The stated gradient rules as loops: 1-D, stride 1, padding (lo, hi).
+def _partials(name):
+    one = lambda x, w: 1.0  # noqa: E731
+    if name in ("max_plus", "min_plus"):
+        return one, one
+    if name in ("max_min", "min_max"):
+        pick = (lambda a, b: 1.0 if a < b else 0.5 if a == b else 0.0) if name == "max_min" \
+            else (lambda a, b: 1.0 if a > b else 0.5 if a == b else 0.0)
+        return pick, lambda x, w: pick(w, x)
+    if name == "adder":
+        return (lambda x, w: float(np.clip(w - x, -1, 1))), (lambda x, w: x - w)
+    if name == "l1":
+        return (lambda x, w: -float(np.sign(x - w))), (lambda x, w: float(np.sign(x - w)))
+    return (lambda x, w: -2.0 * (x - w)), (lambda x, w: 2.0 * (x - w))
+
+
+def _rule_grads(name, x, w, pad, ct):
+    n, s, c = x.shape
+    k, _, o = w.shape
+    pv = _np_op(name).pad_value
+    hx, hw = _partials(name)
+    dx = np.zeros((n, s, c))
+    dw = np.zeros((k, c, o))
+    comb = _np_op(name).combine
+    for b in range(n):
+        for p in range(ct.shape[1]):
+            for co in range(o):
+                terms = []
+                for t in range(k):
+                    q = p + t - pad[0]
+                    inside = 0 <= q < s
+                    if not inside and pv is None:
+                        continue
+                    for ci in range(c):
+                        xv = float(x[b, q, ci]) if inside else pv
+                        terms.append((q if inside else None, t, ci, xv, float(w[t, ci, co])))
+                g = float(ct[b, p, co])
+                if name in MAXMIN:
+                    vals = [float(comb(np.float32(xv), np.float32(wv))) for *_, xv, wv in terms]
+                    y = max(vals) if name.startswith("max") else min(vals)
+                    win = [tm for tm, v in zip(terms, vals, strict=True) if v == y]
+                    share = g / len(win)
+                else:
+                    win, share = terms, g
+                for q, t, ci, xv, wv in win:
+                    if q is not None:
+                        dx[b, q, ci] += share * hx(xv, wv)
+                    dw[t, ci, co] += share * hw(xv, wv)
+    return dx, dw
+
+
+@pytest.mark.parametrize("name", NATIVE_OPS)
+def test_gradients_follow_the_stated_rules(name):
+    rng = np.random.default_rng(5)
+    # Integer-valued data: many ties (split equally) and many x == w (subgradient 0).
+    x = rng.integers(-2, 3, (2, 7, 3)).astype(np.float32)
+    w = rng.integers(-2, 3, (3, 3, 4)).astype(np.float32)
+    kw = dict(window_strides=(1,), padding=((1, 2),), dimension_numbers=_dn(3))
+    y = _conv(name, "native", kw)(x, w)
+    ct = rng.standard_normal(y.shape).astype(np.float32)
+    dx, dw = _grads(name, "native", kw, x, w, ct)
+    rdx, rdw = _rule_grads(name, x, w, (1, 2), ct)
+    np.testing.assert_allclose(np.asarray(dx), rdx, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(dw), rdw, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", MAXMIN)
+def test_constant_input_ties_split_like_jnp_max(name):
+    x = jnp.zeros((1, 6, 2), jnp.float32)
+    w = jnp.zeros((3, 2, 1), jnp.float32)
+    kw = dict(window_strides=(1,), padding="VALID", dimension_numbers=_dn(3))
+    dx, dw = jax.grad(lambda x, w: jnp.sum(jaxconv.conv_general_dilated(
+        x, w, op=name, engine="native", **kw)), argnums=(0, 1))(x, w)
+    red = jnp.max if name.startswith("max") else jnp.min
+    comb = {"max_plus": jnp.add, "min_plus": jnp.add, "max_min": jnp.minimum,
+            "min_max": jnp.maximum}[name]
+
+    def naive(x, w):
+        cols = jnp.stack([x[0, t:t + 4, :] for t in range(3)], axis=1)  # (4, 3, 2)
+        return jnp.sum(red(comb(cols, w[None, :, :, 0]), axis=(1, 2)))
+    ndx, ndw = jax.grad(naive, argnums=(0, 1))(x, w)
+    np.testing.assert_allclose(np.asarray(dx), np.asarray(ndx), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(dw), np.asarray(ndw), rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["max_plus", "min_plus", "max_min", "min_max", "adder", "l1"])
+def test_nan_in_nan_out(name):
+    x, w, kw = _case("2d_same", seed=6)
+    x[1, 2, 3, 1] = np.nan
+    y = np.asarray(_conv(name, "native", kw)(x, w))
+    ref = _reference(name, x, w, kw)
+    np.testing.assert_array_equal(np.isnan(y), np.isnan(ref))
+    assert np.isnan(y).any()
+    ok = ~np.isnan(ref)
+    np.testing.assert_allclose(y[ok], ref[ok], rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("name", MAXMIN)
+def test_infinities_and_identity_padding(name):
+    x, w, kw = _case("2d_same", seed=7)
+    w[0, 0, :, :] = np.inf  # a +inf weight on a tap that is padded at the top-left border
+    w[2, 1, 0, :] = -np.inf
+    x[0, 3, 3, :] = -np.inf
+    x[1, 0, 0, 0] = np.inf
+    y = np.asarray(_conv(name, "native", kw)(x, w))
+    ref = _reference(name, x, w, kw)
+    np.testing.assert_array_equal(np.isnan(y), np.isnan(ref))
+    np.testing.assert_array_equal(np.isinf(y), np.isinf(ref))
+    ok = np.isfinite(ref)
+    np.testing.assert_allclose(y[ok], ref[ok], rtol=1e-6, atol=1e-6)
+    with _allow():
+        np.testing.assert_array_equal(y, np.asarray(_conv(name, "xla", kw)(x, w)))
+
+
+def test_pad_value_goes_through_combine():
+    x, w, kw = _case("2d_stride_rhs_dil", seed=8)
+    op = ops.max_min.__class__(**{**ops.max_min.__dict__, "pad_value": 0.25})
+    y = np.asarray(_conv(op, "native", kw)(x, w))
+    np.testing.assert_allclose(y, _reference("max_min", x, w, kw, pad_value=0.25), rtol=1e-6)
+    with _allow():
+        np.testing.assert_array_equal(y, np.asarray(_conv(op, "xla", kw)(x, w)))
+
+
+_THREAD_SCRIPT = r"""
+import json, sys, numpy as np, jax, jax.numpy as jnp, jaxconv
+rng = np.random.default_rng(0)
+x = rng.standard_normal((3, 13, 11, 24)).astype(np.float32)
+w = rng.standard_normal((3, 3, 24, 40)).astype(np.float32)
+out = {}
+for op in ("max_plus", "adder", "l1"):
+    f = lambda x, w: jaxconv.conv_general_dilated(x, w, (1, 1), "SAME", op=op,
+        engine="native", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    y = jax.jit(f)(x, w)
+    dx, dw = jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.sin(f(x, w))), (0, 1)))(x, w)
+    out[op] = [np.asarray(a).tobytes().hex() for a in (y, dx, dw)]
+print(json.dumps(out))
+"""
+
+
+def _run_script(env_extra):
+    env = dict(os.environ, **env_extra)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", _THREAD_SCRIPT], env=env, capture_output=True,
+                          text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_results_do_not_depend_on_the_thread_count():
+    one = _run_script({"JAXCONV_NATIVE_THREADS": "1"})
+    many = _run_script({"JAXCONV_NATIVE_THREADS": "0"})
+    assert one == many
+
+
+def test_instruction_sets_agree():
+    """The AVX2 and baseline builds (forced) give the dispatched build's numbers."""
+    best = _run_script({})
+    for isa in ("avx2", "base"):
+        other = _run_script({"JAXCONV_NATIVE_ISA": isa})
+        assert other["max_plus"] == best["max_plus"], isa  # max/min: bit for bit
+        for op in ("adder", "l1"):
+            for a, b in zip(other[op], best[op], strict=True):
+                fa = np.frombuffer(bytes.fromhex(a), np.float32)
+                fb = np.frombuffer(bytes.fromhex(b), np.float32)
+                np.testing.assert_allclose(fa, fb, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["max_plus", "adder"])
+def test_vmap_jit_grad_checkpoint(name):
+    x, w, kw = _case("2d_same", seed=9)
+    xs = np.stack([x, x[::-1] * 0.5, x + 1.0])
+    ws = np.stack([w, -w, w * 2.0])
+
+    def f(x, w):
+        return jaxconv.conv_general_dilated(x, w, op=name, engine="native", **kw)
+    loop = lambda xs, ws: jnp.stack([f(a, b) for a, b in zip(xs, ws, strict=True)])  # noqa: E731
+    np.testing.assert_allclose(jax.jit(jax.vmap(f))(xs, ws), loop(xs, ws), rtol=1e-6)
+    np.testing.assert_allclose(jax.vmap(f, (0, None))(xs, w),
+                               loop(xs, [w] * 3), rtol=1e-6)
+    np.testing.assert_allclose(jax.vmap(f, (None, 0))(x, ws),
+                               loop([x] * 3, ws), rtol=1e-6)
+
+    def loss(x, w):
+        return jnp.sum(jnp.sin(jax.checkpoint(f)(x, w)))
+    g_vmap = jax.jit(jax.vmap(jax.grad(loss, argnums=(0, 1))))(xs, ws)
+    g_loop = [jax.grad(loss, argnums=(0, 1))(a, b) for a, b in zip(xs, ws, strict=True)]
+    for i in range(3):
+        np.testing.assert_allclose(g_vmap[0][i], g_loop[i][0], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(g_vmap[1][i], g_loop[i][1], rtol=1e-5, atol=1e-5)
+    hlo = jax.jit(jax.vmap(f)).lower(xs, ws).as_text()
+    assert "jaxconv_forward" in hlo and "while" not in hlo  # one batched call, no loop
+
+
+def test_auto_routes_to_native_on_cpu():
+    x, w, kw = _case("2d_same")
+    hlo = jax.jit(lambda x, w: jaxconv.conv_general_dilated(x, w, op="max_plus", **kw)).lower(
+        x, w).as_text()
+    assert "jaxconv_forward" in hlo
+    hlo = jax.jit(lambda x, w: jaxconv.conv_general_dilated(x, w, op="log", **kw)).lower(
+        x, w).as_text()
+    assert "jaxconv_forward" not in hlo
+
+
+def test_unsupported_is_a_clear_error_and_auto_falls_back():
+    x, w, kw = _case("2d_same")
+    with pytest.raises(ValueError, match="'log'"):
+        jaxconv.conv_general_dilated(x, w, op="log", engine="native", **kw)
+    xb, wb = jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16)
+    with pytest.raises(ValueError, match="bfloat16"):
+        jaxconv.conv_general_dilated(xb, wb, op="max_plus", engine="native", **kw)
+    with _allow():
+        y = jaxconv.conv_general_dilated(xb, wb, op="max_plus", **kw)
+        z = jaxconv.conv_general_dilated(xb, wb, op="max_plus", engine="xla", **kw)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(z))
+    assert not native.supports(ops.max_plus, _geom(), "float64")
+    assert native.supports(ops.l2_exact, _geom(), "float32")
+    assert not native.supports(ops.l2, _geom(), "float32")  # a lax rewrite, no kernel
+
+
+def _geom():
+    from jaxconv._src.engines import xla as engine_xla
+    return engine_xla.Geometry((5,), (3,), (1,), ((1, 1),), (1,), (1,), 1)
+
+
+def test_load_failure_warns_once_and_native_raises(monkeypatch):
+    monkeypatch.setitem(native._state, "module", None)
+    monkeypatch.setitem(native._state, "error", "ImportError: simulated")
+    planner._warn_native_unavailable.cache_clear()
+    x, w, kw = _case("2d_same")
+    with pytest.raises(RuntimeError, match="simulated"):
+        jaxconv.conv_general_dilated(x, w, op="max_plus", engine="native", **kw)
+    with pytest.warns(RuntimeWarning, match="native CPU engine could not be loaded"), _allow():
+        y = jaxconv.conv_general_dilated(x, w, op="max_plus", **kw)
+    np.testing.assert_allclose(np.asarray(y), _reference("max_plus", x, w, kw), rtol=1e-6)
+    import warnings
+    with warnings.catch_warnings(), _allow():
+        warnings.simplefilter("error")
+        jaxconv.conv_general_dilated(x, w, op="min_plus", **kw)  # no second warning
+
+
+def test_benchmark_smoke(tmp_path):
+    out = tmp_path / "native.json"
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.native", "--smoke", "--layers", "A,C,E", "--ops",
+         "max_plus,adder", "--json", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(out.read_text())
+    assert data["meta"]["smoke"] is True and data["meta"]["threads"] >= 1
+    assert {(r["layer"], r["op"]) for r in data["results"]} == {
+        (a, b) for a in "ACE" for b in ("max_plus", "adder")}
+    for r in data["results"]:
+        assert r["fwd_ratio"] > 0 and r["fwd_bwd_ratio"] > 0 and r["compile_s"] > 0
