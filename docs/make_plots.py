@@ -46,6 +46,7 @@ TABLE = {
                  "to the winning tap, ties split equally"),
     "max_min": ("min(x, w)", "max", "identity", "to the winning tap"),
     "min_max": ("max(x, w)", "min", "identity", "to the winning tap"),
+    "max_times": ("x * w", "max", "identity", "to the winning tap, ties split equally"),
     "log": ("x + w", "logsumexp", "identity (-inf in effect)",
             "exact (softmax); an all -inf window gives -inf and zero gradient"),
 }

@@ -1,5 +1,10 @@
 """The generic XLA engine: any ``Op`` as a loop over kernel taps, tiled to a memory bound.
 
+It implements the planner's protocol (:mod:`jaxconv._src.core.planner`): :func:`forward`,
+:func:`backward` (the transpose of the tangent, reverse mode) and :func:`tangent` (forward
+mode), each the lowering of one of the core's primitives (:mod:`jaxconv._src.core.primitive`),
+which also fold ``vmap`` into the problem. It serves every op on every platform.
+
 Layout inside the engine is canonical: ``x`` is ``(N, *spatial, C)`` and ``w`` is
 ``(*window, I, O)`` with ``C = G * I`` and ``O = G * Og`` for ``G`` feature groups. A dense
 product is the same problem with no spatial dimensions and one tap.
@@ -17,12 +22,16 @@ max, min or logsumexp) they are filled with a value whose products are dominated
 is needed; otherwise they hold 0 and a static mask replaces every padded tap's partial result
 by the identity. With a pad value the cells hold it and go through ``combine``.
 
-Paths chosen from the values (``lax.cond``): max/min with a non-finite input take an exact,
-NaN-propagating path (XLA CPU's vectorised max reductions drop NaN); ``ops.log`` runs as a
-native convolution in exp space unless a window needs the exact two-pass path
-(:func:`_log_fast_or_exact`).
+The taps are a rolled loop (dynamic slices at each tap's offset), so the compiled code does
+not grow with the window.
 
-Backward passes for sum, max, min and logsumexp are written by hand (``custom_vjp``): they
+Paths chosen from the values (``lax.cond``; under ``vmap`` the primitives fold the mapped axis
+into the problem, so the predicate stays a scalar and only one branch runs): max/min with a
+non-finite input take an exact, NaN-propagating path (XLA CPU's vectorised max reductions drop
+NaN); ``ops.log`` runs as a native convolution in exp space unless a window needs the exact
+two-pass path (:func:`_log_fast_or_exact`), and its backward follows the same test.
+
+Backward passes for sum, max, min and logsumexp are written by hand: they
 keep only ``x``, ``w`` and the output and recompute the products, pushing the cotangent
 through ``combine``'s own VJP (so AdderNet's custom rule applies). No product tensor is
 stored: per tap, the input gradient is a loop over the output channels (an elementwise
@@ -101,13 +110,6 @@ def canonical_op(op: Op) -> Op:
 
 def dominated_fill(op: Op) -> float | None:
     return algebra.capabilities(op).dominated_fill
-
-
-def _fill_ok(op: Op, x: Array, w: Array) -> Array:
-    """Whether :func:`dominated_fill` is exact for these inputs."""
-    if op.reduce == "logsumexp":
-        return jnp.all(w < jnp.inf)
-    return jnp.logical_not(_any_nonfinite(x, w))
 
 
 def _fwd_products(op: Op, xs: Array, wk: Array) -> Array:
