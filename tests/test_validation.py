@@ -160,7 +160,7 @@ CASES: list[tuple[str, Callable[[], Any], type, str]] = [
     ("op_int", lambda: conv(op=3), TypeError,
      r"`op` must be a jaxconv.Op or a built-in op's name, got 3"),
     ("engine_unknown", lambda: conv(engine="gpu"), ValueError,
-     r"`engine` must be one of \('auto', 'xla', 'pallas'.*got 'gpu'"),
+     r"`engine` must be one of \('auto', 'xla', 'native', 'pallas'.*got 'gpu'"),
     ("max_block_bytes_zero", lambda: conv(max_block_bytes=0), ValueError,
      r"`max_block_bytes` must be positive, got 0"),
     ("max_block_bytes_float", lambda: conv(max_block_bytes=1.5), TypeError,

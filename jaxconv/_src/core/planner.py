@@ -96,7 +96,8 @@ def check_engine(problem: Any, dtype: Any) -> None:
 
 def engine_for(problem: Any, platform: str, dtype: Any = None) -> types.ModuleType:
     """The engine module for `problem` on `platform` (see :func:`engine_name`)."""
-    dtype = problem.acc_dtype if dtype is None else dtype
+    if dtype is None:
+        dtype = problem.acc_dtype if problem.dtype is None else problem.dtype
     name = engine_name(problem, dtype, platform)
     module = _module(name)
     if name != "xla" and not module.supports(problem, dtype, platform):

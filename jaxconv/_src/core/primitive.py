@@ -60,6 +60,7 @@ class Problem:
       acc_dtype: the dtype of the output (partial results accumulate in it).
       max_block_bytes: the bound on the bytes of intermediate tiles.
       precision: the `lax` precision of native products (rewrites such as `xnor`, `l2`).
+      dtype: the operands' common dtype (`None`: the accumulation dtype).
     """
 
     op: Op
@@ -68,6 +69,7 @@ class Problem:
     acc_dtype: np.dtype
     max_block_bytes: int
     precision: Any = None
+    dtype: np.dtype | None = None
 
     def with_groups(self, groups: int) -> Problem:
         return dataclasses.replace(self, geom=dataclasses.replace(self.geom, groups=groups))
@@ -335,7 +337,7 @@ def canonical_conv(
         return jnp.zeros((n, *geom.out_spatial, o), out_dtype)
     mbb = DEFAULT_MAX_BLOCK_BYTES if max_block_bytes is None else int(max_block_bytes)
     problem = Problem(op.replace(post=None), geom, engine, acc_dtype, mbb,
-                      _hashable_precision(precision))
+                      _hashable_precision(precision), jnp.dtype(dtype))
     if engine in ("native", "pallas"):
         planner.check_engine(problem, dtype)
     y = conv(x, w, problem)

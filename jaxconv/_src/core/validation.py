@@ -418,12 +418,14 @@ def _run(fn: Any, *args: np.ndarray) -> np.ndarray:
 
 @functools.lru_cache(maxsize=256)
 def _check_op_dtype(op: Any, dtype: Any) -> None:
-    a = _probe(dtype, _PROBE_X)
-    b = _probe(dtype, _PROBE_W)
-    c = _elementwise(op.combine, "combine", op, a, b)
-    if not callable(op.reduce):
-        return
-    _check_reduce(op, np.asarray(c))
+    # The probes judge the op itself, whatever the caller's rank-promotion setting: a
+    # combine that broadcasts is refused as not elementwise either way.
+    with jax.numpy_rank_promotion("allow"):
+        a = _probe(dtype, _PROBE_X)
+        b = _probe(dtype, _PROBE_W)
+        c = _elementwise(op.combine, "combine", op, a, b)
+        if callable(op.reduce):
+            _check_reduce(op, np.asarray(c))
 
 
 def _check_reduce(op: Any, c: np.ndarray) -> None:
