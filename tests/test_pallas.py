@@ -315,8 +315,10 @@ def test_gradients_dilations_negative_padding_3d(name):
     # GEMM's phases, shifts and masks in the backward against the XLA engine.
     cfg3 = ("3d_depthwise", ("NDHWC", "DHWIO", "NDHWC"), "SAME", (1, 2, 1), None, None, 3,
             (1, 4, 5, 4, 3), (2, 3, 2, 1, 6))
+    cfg_s = ("1d_stride_lhs_rhs_dilation", ("NWC", "WIO", "NWC"), ((1, 2),), (2,), (2,), (2,),
+             1, (2, 7, 3), (3, 3, 4))
     op = ops.get(name)
-    for cfg in (CONFIGS[1], cfg3):
+    for cfg in (CONFIGS[1], cfg3, cfg_s):
         x, w = _data(cfg, 13)
         y_shape = np.asarray(_conv(x, w, cfg, op, "xla")).shape
         cot = jnp.asarray(np.random.default_rng(14).standard_normal(y_shape).astype(np.float32))

@@ -14,12 +14,15 @@ race. Only the binary form of the reduce is used, so any reduce works (``sum``, 
 ``min``, ``prod``, ``logsumexp``, a user's ``myadd``) and NaN propagates.
 
 **One jitted function for every platform.** The platform is chosen when the program is
-lowered, never from ``jax.default_backend()``: :func:`generic_conv` traces one variant per
+lowered, never from ``jax.default_backend()``: ``generic_conv`` traces one variant per
 platform and joins them with ``lax.platform_dependent`` (``cpu``: interpret mode; ``cuda`` /
 ``rocm``: Triton; ``tpu``: Mosaic), so a function lowered for another platform than the
-host's (cross-lowering, ``jax.export``, a CPU host driving accelerators) gets that
-platform's kernel. The forward and the backward each dispatch on their own, and the values
-that cross between them are unpadded, so the platforms may use different tiles.
+host's (cross-lowering, ``jax.export`` for that platform, a CPU host driving accelerators)
+gets that platform's kernel. The forward and the backward each dispatch on their own, and
+the values that cross between them are unpadded, so the platforms may use different tiles.
+(One lowering for several platforms at once, ``lowering_platforms=("cpu", "cuda")``, is not
+supported: jax 0.10 then lowers every branch for every platform, and a compiled Pallas
+kernel has no CPU lowering.)
 
 **GPU: Triton, chosen explicitly** through ``compiler_params=pallas.triton.CompilerParams``.
 jax 0.10's default GPU backend for ``pallas_call`` is Mosaic GPU, which moves every block
@@ -28,7 +31,7 @@ the blocks must fit the 227 KiB of shared memory, so ragged channel counts (3, 1
 and full-K blocks fail there, and it has no lowering for a ``custom_vjp`` combine at all.
 Triton addresses global memory through pointers, loads only what the kernel indexes (a
 ``(bm, 1)`` column, a ``(1, bn)`` row), and accepts any stride; its one rule is that block
-shapes are powers of two, which :class:`BlockSizes` ``pow2`` meets by padding whole extents
+shapes are powers of two, which `BlockSizes` ``pow2`` meets by padding whole extents
 outside the kernel. The accumulator tile (64 x 64 f32, 32 registers per thread at 4 warps)
 lives in registers; nothing is staged in shared memory.
 
@@ -41,30 +44,37 @@ the default scoped VMEM (the largest is ``128 x K`` of ``a``).
 
 **Combine in a kernel: primal only.** The kernels evaluate ``combine`` (and, in the backward,
 combine's VJP, traced to a jaxpr outside of any kernel logic) through
-:func:`jaxconv._src.engines.primal.primal`, which replaces every ``custom_vjp`` /
+``jaxconv._src.engines.primal.primal``, which replaces every ``custom_vjp`` /
 ``custom_jvp`` call by the computation it wraps: AdderNet's combine, a straight-through
 quantizer or ``jax.nn.relu`` lower on Triton and Mosaic. Gradients come from this engine's
 own backward kernels, never from differentiating inside a kernel.
 
-:func:`generic_conv` has the XLA engine's signature and semantics. For every kernel tap the
-(padded) input is sliced as the XLA engine does (no im2col tensor), the tap is one kernel
-call whose accumulator input is the previous taps' result (a ``lax.scan``, so each kernel is
-traced once), and a per-row mask leaves rows whose tap falls in padding (or an
-``lhs_dilation`` hole) untouched, which is identity padding; ops with a ``pad_value`` pad
-with the value. Feature groups are the kernel's leading grid axis; a dense product is a conv
-with one tap.
+``generic_conv`` has the XLA engine's signature and semantics. **On GPU (and in interpret
+mode) a convolution is an implicit GEMM: every tap inside one kernel.** The padded input is
+split into stride phases and flattened to rows ``(n, position)``, so that a tap is a constant
+row shift of one phase; the kernel walks the taps (statically) and K inside, computing one
+"virtual" output row per phase position (the few rows past the output are dropped), and a
+static per-tap row mask skips taps that read padding or an ``lhs_dilation`` hole (identity
+padding; ops with a ``pad_value`` pad with the value). No im2col tensor, one launch per
+layer. The gradients are one kernel each too: ``dw`` has the taps as a grid axis (and chunks
+of ``red`` rows, whose partial sums are added outside, so the GPU has enough programs);
+``dx`` runs over the phase rows, each program walking every tap of its phase and every output
+feature. **On TPU** the input is sliced per tap and each tap is one kernel call (a
+``lax.scan``) whose accumulator input is the previous taps' result, with a per-row mask: the
+shifted row windows of the implicit form are unaligned dynamic sublane offsets, which Mosaic
+handles poorly, and the whole input would have to sit in VMEM. Feature groups are the
+kernels' leading grid axis; a dense product is a conv with one tap.
 
-Gradients (``custom_vjp``) for ``sum``, ``max``, ``min`` and ``logsumexp`` are Pallas kernels
-too: ``dx`` (grid over ``(G, M, K)`` tiles, a loop over the output features) and ``dw``
-(grid over ``(G, K, N)`` tiles and chunks of ``red`` rows, whose partial sums are added
-outside, so the GPU has enough programs) recompute ``combine`` and push the output
-cotangent through combine's own VJP (AdderNet's and the STE rules apply), with the reduce's
-rule: ``sum`` passes ``g``; ``max``/``min`` pass ``g / count`` to the taps equal to the output
-(ties split equally as ``jax.grad(jnp.max)``; the count is one more forward pass);
-``logsumexp`` passes ``g * exp(c - y)`` (the softmax). Other reduces (``prod``, user
-callables) run the Pallas forward and take their gradient from the XLA engine.
+The gradient kernels (``custom_vjp``) serve ``sum``, ``max``, ``min`` and ``logsumexp``: they
+recompute ``combine`` and push the output cotangent through combine's own VJP (AdderNet's and
+the STE rules apply), with the reduce's rule: ``sum`` passes ``g``; ``max``/``min`` pass
+``g / count`` to the taps equal to the output (ties split equally as ``jax.grad(jnp.max)``;
+the count is one more forward pass); ``logsumexp`` passes ``g * exp(c - y)`` (the softmax).
+Other reduces (``prod``, user callables) run the Pallas forward and take their gradient from
+the XLA engine.
 
-Block sizes: 64 x 64 output tiles on GPU (K padded to a power of two), 128 x 128 x 128 on
+Block sizes: 64 x 64 output tiles on GPU (K and N padded to powers of two, rows to a multiple
+of the tile), 128 x 128 x 128 on
 TPU, 8 x 8 x 8 in interpret mode (CPU), small so that tests cover several blocks and ragged
 edges. On CPU the kernels run in interpret mode: correct, but slow -- the XLA and native
 engines are the CPU engines; this one is for accelerators.
@@ -270,7 +280,7 @@ def _walk(
     """``acc = step(acc, views, j)`` for every index ``0 <= i < total`` of a walked axis.
 
     ``load(start, size)`` returns the operands' slices ``[start, start + size)`` along the
-    walked axis; ``step`` takes entry ``j`` of them (:func:`_take`). ``"rank1"``: one dynamic
+    walked axis; ``step`` takes entry ``j`` of them (`_take`). ``"rank1"``: one dynamic
     slice of size 1 per index. ``"chunked"``: aligned chunks (``extent``, the padded length of
     the axis, is a multiple of the chunk), each walked with static slices; the last chunk only
     as far as ``total``.
@@ -433,7 +443,7 @@ def semiring_matmul(
       acc_dtype: accumulation and output dtype (default: the XLA engine's choice).
       blocks: tile sizes for every platform (default: each platform's).
       interpret: ``True``: interpret mode on every platform.
-      backend: one :class:`Backend` for every platform (tests).
+      backend: one `Backend` for every platform (tests).
 
     Returns:
       ``(G, M, N)`` (or ``(M, N)``) in ``acc_dtype``.
@@ -854,11 +864,12 @@ def _layout(cfg: Config, plan: _Plan, x: Array, w: Array) -> _Layout:
     i, og = w.shape[-2], w.shape[-1] // g
     rows = n * math.prod(plan.lengths)
     bs = _fit(cfg.backend.blocks, rows, og, i)
-    mp, np_, kp = (_padded(rows, bs.bm, bs.pow2), _padded(og, bs.bn, bs.pow2),
-                   _padded(i, bs.bk, bs.pow2))
-    red = min(_round_up(bs.red, bs.bm), mp)
-    if bs.pow2:
-        red = min(_next_pow2(red), mp)
+    # Rows are always cut into bm-row blocks, so they are padded to a multiple of bm only
+    # (no power of two: that would add programs); K and N are whole blocks somewhere.
+    mp = _round_up(rows, bs.bm)
+    np_, kp = _padded(og, bs.bn, bs.pow2), _padded(i, bs.bk, bs.pow2)
+    red = _round_up(bs.red, bs.bm)
+    red = min(_next_pow2(red), _next_pow2(mp)) if bs.pow2 else min(red, mp)
     mr = _round_up(mp, red)
     rows_p = _padded(mr + max(plan.shifts), bs.bm, bs.pow2)
     nph = len(plan.phases)
@@ -1282,7 +1293,7 @@ def generic_conv(
       interpret: ``True``: interpret mode on every platform (debugging); default: each
         platform's kernel.
       blocks: tile sizes for every platform (default: each platform's).
-      backend: one :class:`Backend` for every platform (tests; overrides the other two).
+      backend: one `Backend` for every platform (tests; overrides the other two).
 
     Returns:
       ``(N, *out_spatial, O)``.
