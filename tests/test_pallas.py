@@ -315,7 +315,7 @@ def test_gradients_dilations_negative_padding_3d(name):
     # GEMM's phases, shifts and masks in the backward against the XLA engine.
     cfg3 = ("3d_depthwise", ("NDHWC", "DHWIO", "NDHWC"), "SAME", (1, 2, 1), None, None, 3,
             (1, 4, 5, 4, 3), (2, 3, 2, 1, 6))
-    cfg_s = ("1d_stride_lhs_rhs_dilation", ("NWC", "WIO", "NWC"), ((1, 2),), (2,), (2,), (2,),
+    cfg_s = ("1d_stride_lhs_rhs_dilation", ("NWC", "WIO", "NWC"), ((2, 1),), (2,), (2,), (2,),
              1, (2, 7, 3), (3, 3, 4))
     op = ops.get(name)
     for cfg in (CONFIGS[1], cfg3, cfg_s):
@@ -330,3 +330,20 @@ def test_gradients_dilations_negative_padding_3d(name):
 
         for got, expect in zip(grads("pallas"), grads("xla"), strict=True):
             np.testing.assert_allclose(got, expect, rtol=1e-4, atol=1e-4)
+
+
+def test_every_tap_in_padding_gives_the_identity():
+    # Stride 2 over lhs_dilation holes: every tap reads a hole, so max_plus gives -inf and
+    # no gradient (no kernel runs at all).
+    x = np.ones((2, 7, 3), np.float32)
+    w = np.ones((3, 3, 4), np.float32)
+
+    def f(p, q):
+        return jaxconv.conv_general_dilated(p, q, (2,), ((1, 2),), (2,), (2,),
+                                            ("NWC", "WIO", "NWC"), op="max_plus",
+                                            engine="pallas")
+
+    assert np.all(np.isneginf(np.asarray(jax.jit(f)(x, w))))
+    gx, gw = jax.jit(jax.grad(lambda p, q: jnp.sum(jnp.where(jnp.isinf(f(p, q)), 0, f(p, q))),
+                              argnums=(0, 1)))(x, w)
+    assert not np.asarray(gx).any() and not np.asarray(gw).any()

@@ -771,7 +771,7 @@ def _plan(geom: Geometry, op: Op) -> _Plan:
     for j, m in enumerate(masks):
         out_masks[(j, *region)] = 1 if m is None else m
     return _Plan(lengths, phases, tuple(phases.index(r) for r in rs), shifts, tuple(used),
-                 out_masks.reshape(len(used), -1), vmask is not None)
+                 out_masks.reshape(len(used), math.prod(lengths)), vmask is not None)
 
 
 def _phase_rows(xp: Array, geom: Geometry, plan: _Plan) -> Array:
