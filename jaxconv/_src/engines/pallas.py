@@ -17,9 +17,11 @@ race. Only the binary form of the reduce is used, so any reduce works (``sum``, 
 lowered, never from ``jax.default_backend()``: ``generic_conv`` traces one variant per
 platform and joins them with ``lax.platform_dependent`` (``cpu``: interpret mode; ``cuda`` /
 ``rocm``: Triton; ``tpu``: Mosaic), so a function lowered for another platform than the
-host's (cross-lowering, ``jax.export`` for that platform, a CPU host driving accelerators)
-gets that platform's kernel. The forward and the backward each dispatch on their own, and
-the values that cross between them are unpadded, so the platforms may use different tiles.
+host's (cross-lowering, ``jax.export`` for that platform -- Triton calls need
+``DisabledSafetyCheck.custom_call`` there, having no compatibility guarantee --, a CPU host
+driving accelerators) gets that platform's kernel. The forward and the backward each
+dispatch on their own, and the values that cross between them are unpadded, so the
+platforms may use different tiles.
 (One lowering for several platforms at once, ``lowering_platforms=("cpu", "cuda")``, is not
 supported: jax 0.10 then lowers every branch for every platform, and a compiled Pallas
 kernel has no CPU lowering.)
@@ -40,7 +42,9 @@ multiples of ``(8, 128)`` (16 sublanes for bf16 hold, as tiles are 128 or the wh
 extent) or the full padded extent; operands are padded outside the kernel. The kernel loads
 aligned ``128``-wide chunks of K and walks each chunk with static slices (lane/sublane
 broadcasts), instead of the dynamic one-column loads the Triton form uses; every block fits
-the default scoped VMEM (the largest is ``128 x K`` of ``a``).
+the default scoped VMEM for K (input channels per group) up to ~4096 in f32 (the largest
+blocks are ``128 x K`` of ``a`` and ``K x 128`` of ``b``, double-buffered); a larger K would
+need K as an ``"arbitrary"`` grid axis (not done).
 
 **Combine in a kernel: primal only.** The kernels evaluate ``combine`` (and, in the backward,
 combine's VJP, traced to a jaxpr outside of any kernel logic) through
