@@ -249,12 +249,12 @@ def test_tpu_chunked_form_in_interpret_mode(name):
     from jaxconv._src.engines.xla import generic_conv as xla_conv
 
     rng = np.random.default_rng(11)
-    # K = 12 (a full 8-chunk and a ragged one), M = 2*3*4 = 24 rows, O = 10 features.
+    # K = 12 and 10 features per group (a full 8-block and a ragged one each), M = 24 rows.
     x = np.round(rng.standard_normal((2, 5, 4, 24)), 1).astype(np.float32)
-    w = np.round(rng.standard_normal((3, 3, 12, 10)), 1).astype(np.float32)
+    w = np.round(rng.standard_normal((3, 3, 12, 20)), 1).astype(np.float32)
     geom = Geometry((5, 4), (3, 3), (2, 1), ((1, 1), (1, 1)), (1, 1), (1, 1), 2)
     op = ops.get(name)
-    cot = rng.standard_normal((2, 3, 4, 10)).astype(np.float32)
+    cot = rng.standard_normal((2, 3, 4, 20)).astype(np.float32)
 
     def loss(conv, **kw):
         return jax.jit(jax.value_and_grad(

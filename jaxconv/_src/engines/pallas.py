@@ -39,12 +39,13 @@ lives in registers; nothing is staged in shared memory.
 
 **TPU: Mosaic** with the ``(8, 128)`` layout rules: every block's last two dimensions are
 multiples of ``(8, 128)`` (16 sublanes for bf16 hold, as tiles are 128 or the whole padded
-extent) or the full padded extent; operands are padded outside the kernel. The kernel loads
-aligned ``128``-wide chunks of K and walks each chunk with static slices (lane/sublane
-broadcasts), instead of the dynamic one-column loads the Triton form uses; every block fits
-the default scoped VMEM for K (input channels per group) up to ~4096 in f32 (the largest
-blocks are ``128 x K`` of ``a`` and ``K x 128`` of ``b``, double-buffered); a larger K would
-need K as an ``"arbitrary"`` grid axis (not done).
+extent) or the full padded extent; operands are padded outside the kernel. No kernel uses a
+dynamic offset inside a block: the walked axis (K in the forward, the output features in
+``dx``) is the last grid axis, ``"arbitrary"`` (the TPU runs it in order and the output
+block stays resident in VMEM as the accumulator), each program walking its ``128``-wide
+block with static slices (lane / sublane broadcasts); ``dw`` reduces chunks of 128 rows, one
+per program, whose partial sums are added outside. Every block is at most 128 x 128, so
+VMEM use does not grow with the layer.
 
 **Combine in a kernel: primal only.** The kernels evaluate ``combine`` (and, in the backward,
 combine's VJP, traced to a jaxpr outside of any kernel logic) through
@@ -156,7 +157,7 @@ class Backend:
 
 
 GPU_BLOCKS = BlockSizes(64, 64, 32, pow2=True, red=256)
-TPU_BLOCKS = BlockSizes(128, 128, 128, red=512)
+TPU_BLOCKS = BlockSizes(128, 128, 128, red=128)
 INTERPRET_BLOCKS = BlockSizes(8, 8, 8, red=16)
 
 # The platforms ``lax.platform_dependent`` dispatches on, and their kernels.
@@ -250,8 +251,13 @@ def _pad_to(a: Array, shape: tuple[int, ...]) -> Array:
     return jnp.pad(a, widths)
 
 
-def _call_options(backend: Backend, ndims: int) -> dict[str, Any]:
-    """``pallas_call`` keywords selecting the backend: every grid axis is parallel."""
+def _call_options(backend: Backend, ndims: int, arbitrary_last: bool = False
+                  ) -> dict[str, Any]:
+    """``pallas_call`` keywords selecting the backend.
+
+    Every grid axis is parallel, except the last with ``arbitrary_last`` (a reduction the
+    TPU runs in order, accumulating into the resident output block).
+    """
     if backend.kind == "interpret":
         return {"interpret": True}
     if backend.kind == "triton":
@@ -261,8 +267,8 @@ def _call_options(backend: Backend, ndims: int) -> dict[str, Any]:
             num_warps=backend.num_warps, num_stages=backend.num_stages)}
     from jax.experimental.pallas import tpu as pltpu
 
-    return {"compiler_params": pltpu.CompilerParams(
-        dimension_semantics=("parallel",) * ndims)}
+    sem = ("parallel",) * (ndims - 1) + ("arbitrary" if arbitrary_last else "parallel",)
+    return {"compiler_params": pltpu.CompilerParams(dimension_semantics=sem)}
 
 
 def _chunk(backend: Backend, extent: int) -> int:
@@ -299,13 +305,47 @@ def _walk(
         return a
 
     full = total // size
-    if full:
+    if full == 1:
+        acc = chunk(acc, load(0, size), size)  # one chunk: static offsets only
+    elif full:
         acc = lax.fori_loop(
             0, full,
             lambda c, a: chunk(a, load(pl.multiple_of(c * size, size), size), size), acc)
     if total % size:
         acc = chunk(acc, load(full * size, size), total % size)
     return acc
+
+
+def _grid_walk(
+    axis: int, total: int, size: int, views: Callable[[], tuple[Array, ...]],
+    step: Callable[[Array, tuple[Array, ...], int], Array], o_ref: Any,
+    start: Callable[[], Array],
+) -> None:
+    """The ``"chunked"`` style's walk when the walked axis is grid axis ``axis``.
+
+    Each program sees one ``size``-wide block of the walked axis (a BlockSpec block, so no
+    dynamic offset inside the kernel: Mosaic's layout rules) and walks it with static
+    slices, accumulating into the output block, which stays resident while the axis (the
+    last, ``"arbitrary"``) advances. The last block is walked only as far as ``total``.
+    """
+    kb = pl.program_id(axis)
+
+    @pl.when(kb == 0)
+    def _init() -> None:
+        o_ref[0] = start()
+
+    def run(count: int) -> None:
+        vs = views()
+        acc = o_ref[0]
+        for j in range(count):
+            acc = step(acc, vs, j)
+        o_ref[0] = acc
+
+    full, rem = divmod(total, size)
+    if full:
+        pl.when(kb < full)(lambda: run(size))
+    if rem:
+        pl.when(kb == full)(lambda: run(rem))
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -322,8 +362,12 @@ def _contract_kernel(
     has_y: bool,
     has_acc: bool,
     has_mask: bool,
+    grid_k: bool = False,
 ) -> None:
-    """One ``(bm, bn)`` output tile: ``acc = binary(acc, term(combine(a[:, k], b[k, :])))``."""
+    """One ``(bm, bn)`` output tile: ``acc = binary(acc, term(combine(a[:, k], b[k, :])))``.
+
+    ``grid_k``: K is the last grid axis (blocks of ``bk``), walked by ``_grid_walk``.
+    """
     refs = list(refs)
     a_ref, b_ref = refs[0], refs[1]
     pos = 2
@@ -347,6 +391,14 @@ def _contract_kernel(
         row = jnp.broadcast_to(_take(views[1], j, 0), shape)  # b[k, :] down the tile
         return binary(acc, term(col, row, y).astype(acc_dtype))
 
+    if grid_k:
+        _grid_walk(3, k_total, a_ref.shape[-1], lambda: (a_ref[0], b_ref[0]), step, o_ref,
+                   lambda: start)
+        if mask_ref is not None:
+            @pl.when(pl.program_id(3) == pl.num_programs(3) - 1)
+            def _skip() -> None:
+                o_ref[0] = jnp.where(mask_ref[...] != 0, o_ref[0], start)
+        return
     # The loop runs over the real K only: the zero padding of K never reaches combine.
     acc = _walk(backend, k_total, a_ref.shape[-1], load, step, start)
     if mask_ref is not None:
@@ -376,13 +428,25 @@ def _contract(
     """
     g, mp, kp = a.shape
     np_ = b.shape[-1]
-    bm, bn = blocks.bm, blocks.bn
-    grid = (g, mp // bm, np_ // bn)
-    out_spec = pl.BlockSpec((1, bm, bn), lambda gi, i, j: (gi, i, j))
-    in_specs = [
-        pl.BlockSpec((1, bm, kp), lambda gi, i, j: (gi, i, 0)),
-        pl.BlockSpec((1, kp, bn), lambda gi, i, j: (gi, 0, j)),
-    ]
+    bm, bn, bk = blocks.bm, blocks.bn, blocks.bk
+    # The chunked (TPU) form: K is the last grid axis, each program one (bm, bk) block.
+    grid_k = backend.style == "chunked"
+    if grid_k:
+        grid = (g, mp // bm, np_ // bn, kp // bk)
+        out_spec = pl.BlockSpec((1, bm, bn), lambda gi, i, j, kk: (gi, i, j))
+        in_specs = [
+            pl.BlockSpec((1, bm, bk), lambda gi, i, j, kk: (gi, i, kk)),
+            pl.BlockSpec((1, bk, bn), lambda gi, i, j, kk: (gi, kk, j)),
+        ]
+        mask_spec = pl.BlockSpec((bm, 1), lambda gi, i, j, kk: (i, 0))
+    else:
+        grid = (g, mp // bm, np_ // bn)
+        out_spec = pl.BlockSpec((1, bm, bn), lambda gi, i, j: (gi, i, j))
+        in_specs = [
+            pl.BlockSpec((1, bm, kp), lambda gi, i, j: (gi, i, 0)),
+            pl.BlockSpec((1, kp, bn), lambda gi, i, j: (gi, 0, j)),
+        ]
+        mask_spec = pl.BlockSpec((bm, 1), lambda gi, i, j: (i, 0))
     args = [a, b]
     if y is not None:
         in_specs.append(out_spec)
@@ -391,12 +455,12 @@ def _contract(
         in_specs.append(out_spec)
         args.append(acc)
     if mask is not None:
-        in_specs.append(pl.BlockSpec((bm, 1), lambda gi, i, j: (i, 0)))
+        in_specs.append(mask_spec)
         args.append(mask)
     kernel = functools.partial(
         _contract_kernel, backend=backend, term=term, binary=binary, ident=ident,
         acc_dtype=acc_dtype, k_total=k_total, has_y=y is not None, has_acc=acc is not None,
-        has_mask=mask is not None)
+        has_mask=mask is not None, grid_k=grid_k)
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((g, mp, np_), acc_dtype),
@@ -404,7 +468,7 @@ def _contract(
         in_specs=in_specs,
         out_specs=out_spec,
         name="jaxconv_semiring_matmul",
-        **_call_options(backend, 3),
+        **_call_options(backend, len(grid), arbitrary_last=grid_k),
     )(*args)
 
 
@@ -476,6 +540,7 @@ def _grad_kernel(
     a_ref: Any, bt_ref: Any, y_ref: Any, s_ref: Any, mask_ref: Any, o_ref: Any, *,
     backend: Backend, combine: Callable[..., Array], combine_vjp: Callable[..., Any],
     rule: Callable[..., Array], acc_dtype: Any, red_total: int, wrt: int,
+    grid_n: bool = False,
 ) -> None:
     """One gradient tile; ``wrt=0``: ``dx (bm, bk)`` summed over n, ``wrt=1``: ``dw (bk, bn)``.
 
@@ -518,6 +583,12 @@ def _grad_kernel(
         # Skipped (padded) taps carry no gradient, even where the VJP is 0 * inf there.
         return acc + jnp.where(valid, d, 0)
 
+    if grid_n:
+        # dx of the chunked (TPU) form: the output features are the last grid axis.
+        _grid_walk(3, red_total, bt_ref.shape[-2],
+                   lambda: (bt_ref[0], y_ref[0], s_ref[0]), step, o_ref,
+                   lambda: jnp.zeros(shape, acc_dtype))
+        return
     extent = bt_ref.shape[-2] if wrt == 0 else a_ref.shape[-1]
     o_ref[...] = _walk(backend, red_total, extent, load, step,
                        jnp.zeros(shape, acc_dtype)).reshape(o_ref.shape)
@@ -543,6 +614,22 @@ def _grad_call(
     kernel = functools.partial(
         _grad_kernel, backend=backend, combine=comb, combine_vjp=comb_vjp, rule=rule,
         acc_dtype=acc_dtype, red_total=n_total if wrt == 0 else 0, wrt=wrt)
+    if wrt == 0 and backend.style == "chunked":
+        return pl.pallas_call(
+            functools.partial(kernel, grid_n=True),
+            out_shape=jax.ShapeDtypeStruct((g, mp, kp), acc_dtype),
+            grid=(g, mp // bm, kp // bk, np_ // bn),
+            in_specs=[
+                pl.BlockSpec((1, bm, bk), lambda gi, i, kk, jn: (gi, i, kk)),
+                pl.BlockSpec((1, bn, bk), lambda gi, i, kk, jn: (gi, jn, kk)),
+                pl.BlockSpec((1, bm, bn), lambda gi, i, kk, jn: (gi, i, jn)),
+                pl.BlockSpec((1, bm, bn), lambda gi, i, kk, jn: (gi, i, jn)),
+                pl.BlockSpec((bm, 1), lambda gi, i, kk, jn: (i, 0)),
+            ],
+            out_specs=pl.BlockSpec((1, bm, bk), lambda gi, i, kk, jn: (gi, i, kk)),
+            name="jaxconv_semiring_grad_x",
+            **_call_options(backend, 4, arbitrary_last=True),
+        )(a, jnp.swapaxes(b, 1, 2), y, s, mask)
     if wrt == 0:
         grid = (g, mp // bm, kp // bk)
         in_specs = [
