@@ -347,3 +347,26 @@ def test_every_tap_in_padding_gives_the_identity():
     gx, gw = jax.jit(jax.grad(lambda p, q: jnp.sum(jnp.where(jnp.isinf(f(p, q)), 0, f(p, q))),
                               argnums=(0, 1)))(x, w)
     assert not np.asarray(gx).any() and not np.asarray(gw).any()
+
+
+def test_gpu_blocks_several_row_chunks_in_interpret_mode():
+    # The Triton configuration itself (64 x 64 tiles, K / N padded to powers of two, 256-row
+    # dw chunks) with rows = 2 * 14 * 14 = 392 virtual rows: several row tiles and two chunks.
+    from jaxconv._src.engines.xla import Geometry
+    from jaxconv._src.engines.xla import generic_conv as xla_conv
+
+    rng = np.random.default_rng(15)
+    x = np.round(rng.standard_normal((2, 12, 12, 40)), 1).astype(np.float32)
+    w = np.round(rng.standard_normal((3, 3, 40, 70)), 1).astype(np.float32)
+    geom = Geometry((12, 12), (3, 3), (1, 1), ((1, 1), (1, 1)), (1, 1), (1, 1), 1)
+    gpu = engine_pallas.Backend("interpret", engine_pallas.GPU_BLOCKS)
+    cot = rng.standard_normal((2, 12, 12, 70)).astype(np.float32)
+    for op in (ops.max_plus, ops.adder):
+        def loss(conv, op=op, **kw):
+            return jax.jit(jax.value_and_grad(
+                lambda p, q: jnp.sum(conv(p, q, geom, op, **kw) * cot), argnums=(0, 1)))(x, w)
+
+        (v_p, g_p), (v_x, g_x) = loss(engine_pallas.generic_conv, backend=gpu), loss(xla_conv)
+        np.testing.assert_allclose(v_p, v_x, rtol=1e-5)
+        for got, expect in zip(g_p, g_x, strict=True):
+            np.testing.assert_allclose(got, expect, rtol=1e-4, atol=1e-3)
