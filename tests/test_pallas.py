@@ -249,12 +249,12 @@ def test_tpu_chunked_form_in_interpret_mode(name):
     from jaxconv._src.engines.xla import generic_conv as xla_conv
 
     rng = np.random.default_rng(11)
-    # K = 12 (a full 8-chunk and a ragged one), M = 2*3*4 = 24 rows, O = 10 features.
+    # K = 12 and 10 features per group (a full 8-block and a ragged one each), M = 24 rows.
     x = np.round(rng.standard_normal((2, 5, 4, 24)), 1).astype(np.float32)
-    w = np.round(rng.standard_normal((3, 3, 12, 10)), 1).astype(np.float32)
+    w = np.round(rng.standard_normal((3, 3, 12, 20)), 1).astype(np.float32)
     geom = Geometry((5, 4), (3, 3), (2, 1), ((1, 1), (1, 1)), (1, 1), (1, 1), 2)
     op = ops.get(name)
-    cot = rng.standard_normal((2, 3, 4, 10)).astype(np.float32)
+    cot = rng.standard_normal((2, 3, 4, 20)).astype(np.float32)
 
     def loss(conv, **kw):
         return jax.jit(jax.value_and_grad(
@@ -315,8 +315,10 @@ def test_gradients_dilations_negative_padding_3d(name):
     # GEMM's phases, shifts and masks in the backward against the XLA engine.
     cfg3 = ("3d_depthwise", ("NDHWC", "DHWIO", "NDHWC"), "SAME", (1, 2, 1), None, None, 3,
             (1, 4, 5, 4, 3), (2, 3, 2, 1, 6))
+    cfg_s = ("1d_stride_lhs_rhs_dilation", ("NWC", "WIO", "NWC"), ((2, 1),), (2,), (2,), (2,),
+             1, (2, 7, 3), (3, 3, 4))
     op = ops.get(name)
-    for cfg in (CONFIGS[1], cfg3):
+    for cfg in (CONFIGS[1], cfg3, cfg_s):
         x, w = _data(cfg, 13)
         y_shape = np.asarray(_conv(x, w, cfg, op, "xla")).shape
         cot = jnp.asarray(np.random.default_rng(14).standard_normal(y_shape).astype(np.float32))
@@ -328,3 +330,43 @@ def test_gradients_dilations_negative_padding_3d(name):
 
         for got, expect in zip(grads("pallas"), grads("xla"), strict=True):
             np.testing.assert_allclose(got, expect, rtol=1e-4, atol=1e-4)
+
+
+def test_every_tap_in_padding_gives_the_identity():
+    # Stride 2 over lhs_dilation holes: every tap reads a hole, so max_plus gives -inf and
+    # no gradient (no kernel runs at all).
+    x = np.ones((2, 7, 3), np.float32)
+    w = np.ones((3, 3, 4), np.float32)
+
+    def f(p, q):
+        return jaxconv.conv_general_dilated(p, q, (2,), ((1, 2),), (2,), (2,),
+                                            ("NWC", "WIO", "NWC"), op="max_plus",
+                                            engine="pallas")
+
+    assert np.all(np.isneginf(np.asarray(jax.jit(f)(x, w))))
+    gx, gw = jax.jit(jax.grad(lambda p, q: jnp.sum(jnp.where(jnp.isinf(f(p, q)), 0, f(p, q))),
+                              argnums=(0, 1)))(x, w)
+    assert not np.asarray(gx).any() and not np.asarray(gw).any()
+
+
+def test_gpu_blocks_several_row_chunks_in_interpret_mode():
+    # The Triton configuration itself (64 x 64 tiles, K / N padded to powers of two, 256-row
+    # dw chunks) with rows = 2 * 14 * 14 = 392 virtual rows: several row tiles and two chunks.
+    from jaxconv._src.engines.xla import Geometry
+    from jaxconv._src.engines.xla import generic_conv as xla_conv
+
+    rng = np.random.default_rng(15)
+    x = np.round(rng.standard_normal((2, 12, 12, 40)), 1).astype(np.float32)
+    w = np.round(rng.standard_normal((3, 3, 40, 70)), 1).astype(np.float32)
+    geom = Geometry((12, 12), (3, 3), (1, 1), ((1, 1), (1, 1)), (1, 1), (1, 1), 1)
+    gpu = engine_pallas.Backend("interpret", engine_pallas.GPU_BLOCKS)
+    cot = rng.standard_normal((2, 12, 12, 70)).astype(np.float32)
+    for op in (ops.max_plus, ops.adder):
+        def loss(conv, op=op, **kw):
+            return jax.jit(jax.value_and_grad(
+                lambda p, q: jnp.sum(conv(p, q, geom, op, **kw) * cot), argnums=(0, 1)))(x, w)
+
+        (v_p, g_p), (v_x, g_x) = loss(engine_pallas.generic_conv, backend=gpu), loss(xla_conv)
+        np.testing.assert_allclose(v_p, v_x, rtol=1e-5)
+        for got, expect in zip(g_p, g_x, strict=True):
+            np.testing.assert_allclose(got, expect, rtol=1e-4, atol=1e-3)

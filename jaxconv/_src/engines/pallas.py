@@ -14,12 +14,17 @@ race. Only the binary form of the reduce is used, so any reduce works (``sum``, 
 ``min``, ``prod``, ``logsumexp``, a user's ``myadd``) and NaN propagates.
 
 **One jitted function for every platform.** The platform is chosen when the program is
-lowered, never from ``jax.default_backend()``: :func:`generic_conv` traces one variant per
+lowered, never from ``jax.default_backend()``: ``generic_conv`` traces one variant per
 platform and joins them with ``lax.platform_dependent`` (``cpu``: interpret mode; ``cuda`` /
 ``rocm``: Triton; ``tpu``: Mosaic), so a function lowered for another platform than the
-host's (cross-lowering, ``jax.export``, a CPU host driving accelerators) gets that
-platform's kernel. The forward and the backward each dispatch on their own, and the values
-that cross between them are unpadded, so the platforms may use different tiles.
+host's (cross-lowering, ``jax.export`` for that platform -- Triton calls need
+``DisabledSafetyCheck.custom_call`` there, having no compatibility guarantee --, a CPU host
+driving accelerators) gets that platform's kernel. The forward and the backward each
+dispatch on their own, and the values that cross between them are unpadded, so the
+platforms may use different tiles.
+(One lowering for several platforms at once, ``lowering_platforms=("cpu", "cuda")``, is not
+supported: jax 0.10 then lowers every branch for every platform, and a compiled Pallas
+kernel has no CPU lowering.)
 
 **GPU: Triton, chosen explicitly** through ``compiler_params=pallas.triton.CompilerParams``.
 jax 0.10's default GPU backend for ``pallas_call`` is Mosaic GPU, which moves every block
@@ -28,43 +33,53 @@ the blocks must fit the 227 KiB of shared memory, so ragged channel counts (3, 1
 and full-K blocks fail there, and it has no lowering for a ``custom_vjp`` combine at all.
 Triton addresses global memory through pointers, loads only what the kernel indexes (a
 ``(bm, 1)`` column, a ``(1, bn)`` row), and accepts any stride; its one rule is that block
-shapes are powers of two, which :class:`BlockSizes` ``pow2`` meets by padding whole extents
+shapes are powers of two, which `BlockSizes` ``pow2`` meets by padding whole extents
 outside the kernel. The accumulator tile (64 x 64 f32, 32 registers per thread at 4 warps)
 lives in registers; nothing is staged in shared memory.
 
 **TPU: Mosaic** with the ``(8, 128)`` layout rules: every block's last two dimensions are
 multiples of ``(8, 128)`` (16 sublanes for bf16 hold, as tiles are 128 or the whole padded
-extent) or the full padded extent; operands are padded outside the kernel. The kernel loads
-aligned ``128``-wide chunks of K and walks each chunk with static slices (lane/sublane
-broadcasts), instead of the dynamic one-column loads the Triton form uses; every block fits
-the default scoped VMEM (the largest is ``128 x K`` of ``a``).
+extent) or the full padded extent; operands are padded outside the kernel. No kernel uses a
+dynamic offset inside a block: the walked axis (K in the forward, the output features in
+``dx``) is the last grid axis, ``"arbitrary"`` (the TPU runs it in order and the output
+block stays resident in VMEM as the accumulator), each program walking its ``128``-wide
+block with static slices (lane / sublane broadcasts); ``dw`` reduces chunks of 128 rows, one
+per program, whose partial sums are added outside. Every block is at most 128 x 128, so
+VMEM use does not grow with the layer.
 
 **Combine in a kernel: primal only.** The kernels evaluate ``combine`` (and, in the backward,
 combine's VJP, traced to a jaxpr outside of any kernel logic) through
-:func:`jaxconv._src.engines.primal.primal`, which replaces every ``custom_vjp`` /
+``jaxconv._src.engines.primal.primal``, which replaces every ``custom_vjp`` /
 ``custom_jvp`` call by the computation it wraps: AdderNet's combine, a straight-through
 quantizer or ``jax.nn.relu`` lower on Triton and Mosaic. Gradients come from this engine's
 own backward kernels, never from differentiating inside a kernel.
 
-:func:`generic_conv` has the XLA engine's signature and semantics. For every kernel tap the
-(padded) input is sliced as the XLA engine does (no im2col tensor), the tap is one kernel
-call whose accumulator input is the previous taps' result (a ``lax.scan``, so each kernel is
-traced once), and a per-row mask leaves rows whose tap falls in padding (or an
-``lhs_dilation`` hole) untouched, which is identity padding; ops with a ``pad_value`` pad
-with the value. Feature groups are the kernel's leading grid axis; a dense product is a conv
-with one tap.
+``generic_conv`` has the XLA engine's signature and semantics. **On GPU (and in interpret
+mode) a convolution is an implicit GEMM: every tap inside one kernel.** The padded input is
+split into stride phases and flattened to rows ``(n, position)``, so that a tap is a constant
+row shift of one phase; the kernel walks the taps (statically) and K inside, computing one
+"virtual" output row per phase position (the few rows past the output are dropped), and a
+static per-tap row mask skips taps that read padding or an ``lhs_dilation`` hole (identity
+padding; ops with a ``pad_value`` pad with the value). No im2col tensor, one launch per
+layer. The gradients are one kernel each too: ``dw`` has the taps as a grid axis (and chunks
+of ``red`` rows, whose partial sums are added outside, so the GPU has enough programs);
+``dx`` runs over the phase rows, each program walking every tap of its phase and every output
+feature. **On TPU** the input is sliced per tap and each tap is one kernel call (a
+``lax.scan``) whose accumulator input is the previous taps' result, with a per-row mask: the
+shifted row windows of the implicit form are unaligned dynamic sublane offsets, which Mosaic
+handles poorly, and the whole input would have to sit in VMEM. Feature groups are the
+kernels' leading grid axis; a dense product is a conv with one tap.
 
-Gradients (``custom_vjp``) for ``sum``, ``max``, ``min`` and ``logsumexp`` are Pallas kernels
-too: ``dx`` (grid over ``(G, M, K)`` tiles, a loop over the output features) and ``dw``
-(grid over ``(G, K, N)`` tiles and chunks of ``red`` rows, whose partial sums are added
-outside, so the GPU has enough programs) recompute ``combine`` and push the output
-cotangent through combine's own VJP (AdderNet's and the STE rules apply), with the reduce's
-rule: ``sum`` passes ``g``; ``max``/``min`` pass ``g / count`` to the taps equal to the output
-(ties split equally as ``jax.grad(jnp.max)``; the count is one more forward pass);
-``logsumexp`` passes ``g * exp(c - y)`` (the softmax). Other reduces (``prod``, user
-callables) run the Pallas forward and take their gradient from the XLA engine.
+The gradient kernels (``custom_vjp``) serve ``sum``, ``max``, ``min`` and ``logsumexp``: they
+recompute ``combine`` and push the output cotangent through combine's own VJP (AdderNet's and
+the STE rules apply), with the reduce's rule: ``sum`` passes ``g``; ``max``/``min`` pass
+``g / count`` to the taps equal to the output (ties split equally as ``jax.grad(jnp.max)``;
+the count is one more forward pass); ``logsumexp`` passes ``g * exp(c - y)`` (the softmax).
+Other reduces (``prod``, user callables) run the Pallas forward and take their gradient from
+the XLA engine.
 
-Block sizes: 64 x 64 output tiles on GPU (K padded to a power of two), 128 x 128 x 128 on
+Block sizes: 64 x 64 output tiles on GPU (K and N padded to powers of two, rows to a multiple
+of the tile), 128 x 128 x 128 on
 TPU, 8 x 8 x 8 in interpret mode (CPU), small so that tests cover several blocks and ragged
 edges. On CPU the kernels run in interpret mode: correct, but slow -- the XLA and native
 engines are the CPU engines; this one is for accelerators.
@@ -142,7 +157,7 @@ class Backend:
 
 
 GPU_BLOCKS = BlockSizes(64, 64, 32, pow2=True, red=256)
-TPU_BLOCKS = BlockSizes(128, 128, 128, red=512)
+TPU_BLOCKS = BlockSizes(128, 128, 128, red=128)
 INTERPRET_BLOCKS = BlockSizes(8, 8, 8, red=16)
 
 # The platforms ``lax.platform_dependent`` dispatches on, and their kernels.
@@ -236,8 +251,13 @@ def _pad_to(a: Array, shape: tuple[int, ...]) -> Array:
     return jnp.pad(a, widths)
 
 
-def _call_options(backend: Backend, ndims: int) -> dict[str, Any]:
-    """``pallas_call`` keywords selecting the backend: every grid axis is parallel."""
+def _call_options(backend: Backend, ndims: int, arbitrary_last: bool = False
+                  ) -> dict[str, Any]:
+    """``pallas_call`` keywords selecting the backend.
+
+    Every grid axis is parallel, except the last with ``arbitrary_last`` (a reduction the
+    TPU runs in order, accumulating into the resident output block).
+    """
     if backend.kind == "interpret":
         return {"interpret": True}
     if backend.kind == "triton":
@@ -247,8 +267,8 @@ def _call_options(backend: Backend, ndims: int) -> dict[str, Any]:
             num_warps=backend.num_warps, num_stages=backend.num_stages)}
     from jax.experimental.pallas import tpu as pltpu
 
-    return {"compiler_params": pltpu.CompilerParams(
-        dimension_semantics=("parallel",) * ndims)}
+    sem = ("parallel",) * (ndims - 1) + ("arbitrary" if arbitrary_last else "parallel",)
+    return {"compiler_params": pltpu.CompilerParams(dimension_semantics=sem)}
 
 
 def _chunk(backend: Backend, extent: int) -> int:
@@ -270,7 +290,7 @@ def _walk(
     """``acc = step(acc, views, j)`` for every index ``0 <= i < total`` of a walked axis.
 
     ``load(start, size)`` returns the operands' slices ``[start, start + size)`` along the
-    walked axis; ``step`` takes entry ``j`` of them (:func:`_take`). ``"rank1"``: one dynamic
+    walked axis; ``step`` takes entry ``j`` of them (`_take`). ``"rank1"``: one dynamic
     slice of size 1 per index. ``"chunked"``: aligned chunks (``extent``, the padded length of
     the axis, is a multiple of the chunk), each walked with static slices; the last chunk only
     as far as ``total``.
@@ -285,13 +305,47 @@ def _walk(
         return a
 
     full = total // size
-    if full:
+    if full == 1:
+        acc = chunk(acc, load(0, size), size)  # one chunk: static offsets only
+    elif full:
         acc = lax.fori_loop(
             0, full,
             lambda c, a: chunk(a, load(pl.multiple_of(c * size, size), size), size), acc)
     if total % size:
         acc = chunk(acc, load(full * size, size), total % size)
     return acc
+
+
+def _grid_walk(
+    axis: int, total: int, size: int, views: Callable[[], tuple[Array, ...]],
+    step: Callable[[Array, tuple[Array, ...], int], Array], o_ref: Any,
+    start: Callable[[], Array],
+) -> None:
+    """The ``"chunked"`` style's walk when the walked axis is grid axis ``axis``.
+
+    Each program sees one ``size``-wide block of the walked axis (a BlockSpec block, so no
+    dynamic offset inside the kernel: Mosaic's layout rules) and walks it with static
+    slices, accumulating into the output block, which stays resident while the axis (the
+    last, ``"arbitrary"``) advances. The last block is walked only as far as ``total``.
+    """
+    kb = pl.program_id(axis)
+
+    @pl.when(kb == 0)
+    def _init() -> None:
+        o_ref[0] = start()
+
+    def run(count: int) -> None:
+        vs = views()
+        acc = o_ref[0]
+        for j in range(count):
+            acc = step(acc, vs, j)
+        o_ref[0] = acc
+
+    full, rem = divmod(total, size)
+    if full:
+        pl.when(kb < full)(lambda: run(size))
+    if rem:
+        pl.when(kb == full)(lambda: run(rem))
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -308,8 +362,12 @@ def _contract_kernel(
     has_y: bool,
     has_acc: bool,
     has_mask: bool,
+    grid_k: bool = False,
 ) -> None:
-    """One ``(bm, bn)`` output tile: ``acc = binary(acc, term(combine(a[:, k], b[k, :])))``."""
+    """One ``(bm, bn)`` output tile: ``acc = binary(acc, term(combine(a[:, k], b[k, :])))``.
+
+    ``grid_k``: K is the last grid axis (blocks of ``bk``), walked by ``_grid_walk``.
+    """
     refs = list(refs)
     a_ref, b_ref = refs[0], refs[1]
     pos = 2
@@ -333,6 +391,14 @@ def _contract_kernel(
         row = jnp.broadcast_to(_take(views[1], j, 0), shape)  # b[k, :] down the tile
         return binary(acc, term(col, row, y).astype(acc_dtype))
 
+    if grid_k:
+        _grid_walk(3, k_total, a_ref.shape[-1], lambda: (a_ref[0], b_ref[0]), step, o_ref,
+                   lambda: start)
+        if mask_ref is not None:
+            @pl.when(pl.program_id(3) == pl.num_programs(3) - 1)
+            def _skip() -> None:
+                o_ref[0] = jnp.where(mask_ref[...] != 0, o_ref[0], start)
+        return
     # The loop runs over the real K only: the zero padding of K never reaches combine.
     acc = _walk(backend, k_total, a_ref.shape[-1], load, step, start)
     if mask_ref is not None:
@@ -362,13 +428,25 @@ def _contract(
     """
     g, mp, kp = a.shape
     np_ = b.shape[-1]
-    bm, bn = blocks.bm, blocks.bn
-    grid = (g, mp // bm, np_ // bn)
-    out_spec = pl.BlockSpec((1, bm, bn), lambda gi, i, j: (gi, i, j))
-    in_specs = [
-        pl.BlockSpec((1, bm, kp), lambda gi, i, j: (gi, i, 0)),
-        pl.BlockSpec((1, kp, bn), lambda gi, i, j: (gi, 0, j)),
-    ]
+    bm, bn, bk = blocks.bm, blocks.bn, blocks.bk
+    # The chunked (TPU) form: K is the last grid axis, each program one (bm, bk) block.
+    grid_k = backend.style == "chunked"
+    if grid_k:
+        grid = (g, mp // bm, np_ // bn, kp // bk)
+        out_spec = pl.BlockSpec((1, bm, bn), lambda gi, i, j, kk: (gi, i, j))
+        in_specs = [
+            pl.BlockSpec((1, bm, bk), lambda gi, i, j, kk: (gi, i, kk)),
+            pl.BlockSpec((1, bk, bn), lambda gi, i, j, kk: (gi, kk, j)),
+        ]
+        mask_spec = pl.BlockSpec((bm, 1), lambda gi, i, j, kk: (i, 0))
+    else:
+        grid = (g, mp // bm, np_ // bn)
+        out_spec = pl.BlockSpec((1, bm, bn), lambda gi, i, j: (gi, i, j))
+        in_specs = [
+            pl.BlockSpec((1, bm, kp), lambda gi, i, j: (gi, i, 0)),
+            pl.BlockSpec((1, kp, bn), lambda gi, i, j: (gi, 0, j)),
+        ]
+        mask_spec = pl.BlockSpec((bm, 1), lambda gi, i, j: (i, 0))
     args = [a, b]
     if y is not None:
         in_specs.append(out_spec)
@@ -377,12 +455,12 @@ def _contract(
         in_specs.append(out_spec)
         args.append(acc)
     if mask is not None:
-        in_specs.append(pl.BlockSpec((bm, 1), lambda gi, i, j: (i, 0)))
+        in_specs.append(mask_spec)
         args.append(mask)
     kernel = functools.partial(
         _contract_kernel, backend=backend, term=term, binary=binary, ident=ident,
         acc_dtype=acc_dtype, k_total=k_total, has_y=y is not None, has_acc=acc is not None,
-        has_mask=mask is not None)
+        has_mask=mask is not None, grid_k=grid_k)
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((g, mp, np_), acc_dtype),
@@ -390,7 +468,7 @@ def _contract(
         in_specs=in_specs,
         out_specs=out_spec,
         name="jaxconv_semiring_matmul",
-        **_call_options(backend, 3),
+        **_call_options(backend, len(grid), arbitrary_last=grid_k),
     )(*args)
 
 
@@ -433,7 +511,7 @@ def semiring_matmul(
       acc_dtype: accumulation and output dtype (default: the XLA engine's choice).
       blocks: tile sizes for every platform (default: each platform's).
       interpret: ``True``: interpret mode on every platform.
-      backend: one :class:`Backend` for every platform (tests).
+      backend: one `Backend` for every platform (tests).
 
     Returns:
       ``(G, M, N)`` (or ``(M, N)``) in ``acc_dtype``.
@@ -462,6 +540,7 @@ def _grad_kernel(
     a_ref: Any, bt_ref: Any, y_ref: Any, s_ref: Any, mask_ref: Any, o_ref: Any, *,
     backend: Backend, combine: Callable[..., Array], combine_vjp: Callable[..., Any],
     rule: Callable[..., Array], acc_dtype: Any, red_total: int, wrt: int,
+    grid_n: bool = False,
 ) -> None:
     """One gradient tile; ``wrt=0``: ``dx (bm, bk)`` summed over n, ``wrt=1``: ``dw (bk, bn)``.
 
@@ -504,6 +583,12 @@ def _grad_kernel(
         # Skipped (padded) taps carry no gradient, even where the VJP is 0 * inf there.
         return acc + jnp.where(valid, d, 0)
 
+    if grid_n:
+        # dx of the chunked (TPU) form: the output features are the last grid axis.
+        _grid_walk(3, red_total, bt_ref.shape[-2],
+                   lambda: (bt_ref[0], y_ref[0], s_ref[0]), step, o_ref,
+                   lambda: jnp.zeros(shape, acc_dtype))
+        return
     extent = bt_ref.shape[-2] if wrt == 0 else a_ref.shape[-1]
     o_ref[...] = _walk(backend, red_total, extent, load, step,
                        jnp.zeros(shape, acc_dtype)).reshape(o_ref.shape)
@@ -529,6 +614,22 @@ def _grad_call(
     kernel = functools.partial(
         _grad_kernel, backend=backend, combine=comb, combine_vjp=comb_vjp, rule=rule,
         acc_dtype=acc_dtype, red_total=n_total if wrt == 0 else 0, wrt=wrt)
+    if wrt == 0 and backend.style == "chunked":
+        return pl.pallas_call(
+            functools.partial(kernel, grid_n=True),
+            out_shape=jax.ShapeDtypeStruct((g, mp, kp), acc_dtype),
+            grid=(g, mp // bm, kp // bk, np_ // bn),
+            in_specs=[
+                pl.BlockSpec((1, bm, bk), lambda gi, i, kk, jn: (gi, i, kk)),
+                pl.BlockSpec((1, bn, bk), lambda gi, i, kk, jn: (gi, jn, kk)),
+                pl.BlockSpec((1, bm, bn), lambda gi, i, kk, jn: (gi, i, jn)),
+                pl.BlockSpec((1, bm, bn), lambda gi, i, kk, jn: (gi, i, jn)),
+                pl.BlockSpec((bm, 1), lambda gi, i, kk, jn: (i, 0)),
+            ],
+            out_specs=pl.BlockSpec((1, bm, bk), lambda gi, i, kk, jn: (gi, i, kk)),
+            name="jaxconv_semiring_grad_x",
+            **_call_options(backend, 4, arbitrary_last=True),
+        )(a, jnp.swapaxes(b, 1, 2), y, s, mask)
     if wrt == 0:
         grid = (g, mp // bm, kp // bk)
         in_specs = [
@@ -761,7 +862,7 @@ def _plan(geom: Geometry, op: Op) -> _Plan:
     for j, m in enumerate(masks):
         out_masks[(j, *region)] = 1 if m is None else m
     return _Plan(lengths, phases, tuple(phases.index(r) for r in rs), shifts, tuple(used),
-                 out_masks.reshape(len(used), -1), vmask is not None)
+                 out_masks.reshape(len(used), math.prod(lengths)), vmask is not None)
 
 
 def _phase_rows(xp: Array, geom: Geometry, plan: _Plan) -> Array:
@@ -854,11 +955,12 @@ def _layout(cfg: Config, plan: _Plan, x: Array, w: Array) -> _Layout:
     i, og = w.shape[-2], w.shape[-1] // g
     rows = n * math.prod(plan.lengths)
     bs = _fit(cfg.backend.blocks, rows, og, i)
-    mp, np_, kp = (_padded(rows, bs.bm, bs.pow2), _padded(og, bs.bn, bs.pow2),
-                   _padded(i, bs.bk, bs.pow2))
-    red = min(_round_up(bs.red, bs.bm), mp)
-    if bs.pow2:
-        red = min(_next_pow2(red), mp)
+    # Rows are always cut into bm-row blocks, so they are padded to a multiple of bm only
+    # (no power of two: that would add programs); K and N are whole blocks somewhere.
+    mp = _round_up(rows, bs.bm)
+    np_, kp = _padded(og, bs.bn, bs.pow2), _padded(i, bs.bk, bs.pow2)
+    red = _round_up(bs.red, bs.bm)
+    red = min(_next_pow2(red), _next_pow2(mp)) if bs.pow2 else min(red, mp)
     mr = _round_up(mp, red)
     rows_p = _padded(mr + max(plan.shifts), bs.bm, bs.pow2)
     nph = len(plan.phases)
@@ -1282,7 +1384,7 @@ def generic_conv(
       interpret: ``True``: interpret mode on every platform (debugging); default: each
         platform's kernel.
       blocks: tile sizes for every platform (default: each platform's).
-      backend: one :class:`Backend` for every platform (tests; overrides the other two).
+      backend: one `Backend` for every platform (tests; overrides the other two).
 
     Returns:
       ``(N, *out_spatial, O)``.

@@ -7,7 +7,7 @@ such as ``jaxconv.quantizers.ste_sign``) or a ``jax.custom_jvp`` (``jax.nn.relu`
 equations that no kernel lowering implements. Inside a kernel nothing is differentiated (the
 engines supply gradients with their own backward passes, which evaluate the combine's VJP as
 a traced jaxpr with this same treatment), so those equations can be replaced by the primal
-jaxpr they wrap. :func:`primal` does that: it traces the function to a jaxpr once per call
+jaxpr they wrap. `primal` does that: it traces the function to a jaxpr once per call
 site and evaluates it equation by equation, inlining the primal of every custom-derivative
 call and of nested ``jit`` calls, and rewriting the bodies of control-flow primitives
 (``cond``, ``while``, ``scan``) the same way.
