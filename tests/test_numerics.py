@@ -510,3 +510,21 @@ def test_l2_integers_keep_dtype_and_wrap(dtype: Any) -> None:
         got = jconv(jnp.asarray(x), jnp.asarray(w), (1,), "SAME", dimension_numbers=DN1, op=op)
         assert got.dtype == dtype, op
         np.testing.assert_array_equal(np.asarray(got), ref.astype(dtype))
+
+
+@pytest.mark.parametrize("geometry", [
+    dict(padding=((2, 2),), lhs_dilation=(2,)),      # holes, padded explicitly with ones
+    dict(padding=((1, 0),), rhs_dilation=(2,)),
+    dict(padding="SAME", window_strides=(2,)),
+])
+def test_l2_rewrite_infinities_with_dilations_and_strides(geometry: dict) -> None:
+    x = np.array([1.0, INF, 2.0, -INF, 3.0], np.float32).reshape(1, 5, 1)
+    w = np.array([INF, 0.5, -INF], np.float32).reshape(3, 1, 1)
+    kw = {"window_strides": (1,), **geometry}
+    strides, padding = kw.pop("window_strides"), kw.pop("padding")
+    combine, reduce, identity, _ = NUMPY_OPS["l2"]
+    with np.errstate(all="ignore"):
+        ref = conv_reference(x, w, strides, padding, dimension_numbers=DN1, combine=combine,
+                             reduce=reduce, identity=identity, dtype=np.float32, **kw)
+    got = jconv(x, w, strides, padding, dimension_numbers=DN1, op="l2", **kw)
+    np.testing.assert_array_equal(np.asarray(got), ref)
