@@ -71,12 +71,14 @@ def conv_general_dilated(
 ) -> Array:
     """General dilated convolution whose product is ``op``.
 
-    Same arguments, defaults and output shape as :func:`jax.lax.conv_general_dilated`
+    Same arguments, defaults and output shape as `jax.lax.conv_general_dilated`
     (1-, 2- and 3-D, any ``dimension_numbers``, string or explicit padding, strides, both
-    dilations, feature groups); ``op`` replaces multiply-and-add::
+    dilations, feature groups); ``op`` replaces multiply-and-add:
 
-        out[n, o, co] = REDUCE_{k, ci} op.combine(x[n, o*stride + k*dilation - pad_lo, ci],
-                                                  w[k, ci, co])
+    ```python
+    out[n, o, co] = REDUCE_{k, ci} op.combine(x[n, o*stride + k*dilation - pad_lo, ci],
+                                              w[k, ci, co])
+    ```
 
     An empty contraction (zero input channels) gives the reduce's identity everywhere, for
     every op: 0 for sums (as lax), ``-inf`` for ``max_plus`` and ``log``, ``+inf`` for
@@ -96,7 +98,7 @@ def conv_general_dilated(
       precision: passed to lax for the standard op and native rewrites.
       preferred_element_type: accumulation and output dtype.
       out_sharding: output sharding, as in lax.
-      op: the product: an :class:`jaxconv.Op` or a built-in op's name.
+      op: the product: an `jaxconv.Op` or a built-in op's name.
       engine: ``"auto"``, ``"xla"``, ``"native"`` (compiled CPU kernels) or ``"pallas"``.
       max_block_bytes: bound on the bytes of one block of intermediate products (forward and
         backward); default 64 MiB.
@@ -216,7 +218,7 @@ def dot_general(
     engine: str = "auto",
     max_block_bytes: int | None = None,
 ) -> Array:
-    """General dot product whose product is ``op``, with :func:`jax.lax.dot_general`'s API.
+    """General dot product whose product is ``op``, with `jax.lax.dot_general`'s API.
 
     ``out[b, m, n] = REDUCE_k op.combine(lhs[b, m, k], rhs[b, k, n])`` over the contracting
     dimensions; batch, free and output dimension order are lax's. An empty contraction
@@ -229,7 +231,7 @@ def dot_general(
       precision: passed to lax for the standard op and native rewrites.
       preferred_element_type: accumulation and output dtype.
       out_sharding: output sharding, as in lax.
-      op: the product: an :class:`jaxconv.Op` or a built-in op's name.
+      op: the product: an `jaxconv.Op` or a built-in op's name.
       engine: ``"auto"``, ``"xla"``, ``"native"`` (compiled CPU kernels) or ``"pallas"``.
       max_block_bytes: bound on the bytes of one block of intermediate products.
 

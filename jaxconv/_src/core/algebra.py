@@ -332,7 +332,7 @@ def capabilities(op: Op) -> Capabilities:
       op: the product.
 
     Returns:
-      A :class:`Capabilities`.
+      A `Capabilities`.
 
     Example:
       >>> import jaxconv

@@ -1,7 +1,7 @@
 """The planner: which engine computes a problem on a platform, decided statically.
 
 Every engine module implements one small protocol on canonical problems
-(:class:`jaxconv._src.core.primitive.Problem`):
+(`jaxconv._src.core.primitive.Problem`):
 
 - `supports(problem, dtype, platform) -> bool`: whether it serves the problem there;
 - `forward(problem, x, w) -> y`;
@@ -95,7 +95,7 @@ def check_engine(problem: Any, dtype: Any) -> None:
 
 
 def engine_for(problem: Any, platform: str, dtype: Any = None) -> types.ModuleType:
-    """The engine module for `problem` on `platform` (see :func:`engine_name`)."""
+    """The engine module for `problem` on `platform` (see `engine_name`)."""
     if dtype is None:
         dtype = problem.acc_dtype if problem.dtype is None else problem.dtype
     name = engine_name(problem, dtype, platform)

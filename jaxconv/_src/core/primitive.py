@@ -1,6 +1,6 @@
 """The generalized convolution as JAX primitives: one interface for every engine.
 
-A canonical problem (a :class:`Problem`: the op, the geometry, the engine asked for, the
+A canonical problem (a `Problem`: the op, the geometry, the engine asked for, the
 accumulation dtype and the memory bound) travels through JAX's transformations as three
 primitives:
 
@@ -18,7 +18,7 @@ call of the batched engine: a mapped input folds into the batch; a mapped kernel
 ensemble, or per-example kernel gradients) folds into feature groups, the input's channels
 repeated once per group. Nothing is ever run once per mapped element.
 
-Each primitive is lowered, per platform, by the engine that :mod:`jaxconv._src.core.planner`
+Each primitive is lowered, per platform, by the engine that `jaxconv._src.core.planner`
 picks for that platform: the platform is the one being lowered for, so a function
 cross-lowered for `"cuda"` or `"tpu"` on a CPU host gets the accelerator's engine. Eager
 calls go through JAX's primitive dispatch, which compiles each primitive once per shape and

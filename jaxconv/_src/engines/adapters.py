@@ -61,7 +61,7 @@ PALLAS = CustomVjpEngine(_pallas_conv)
 
 
 class NativeEngine:
-    """The compiled CPU kernels (:mod:`jaxconv._src.engines.native`) on the protocol: the
+    """The compiled CPU kernels (`jaxconv._src.engines.native`) on the protocol: the
     forward and backward FFI calls on the canonical problem, tangents from the XLA engine."""
 
     @staticmethod

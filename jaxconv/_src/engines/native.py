@@ -5,7 +5,7 @@ implicit-GEMM loop nest over combine/reduce functors, built for AVX-512, AVX2 an
 baseline and picked at run time; they share their work on XLA's intra-op thread pool and give
 the same result whatever the thread count. The op's kernel is chosen from ``op.native`` only
 (with ``op.reduce`` and ``op.pad_value``); what the kernels do not serve is reported by
-:func:`supports`, so the caller falls back to the XLA engine statically.
+`supports`, so the caller falls back to the XLA engine statically.
 
 Forward and backward are two FFI calls under ``jax.custom_vjp``: max/min ops route the
 cotangent to the winning taps (ties split equally, as ``jax.grad(jnp.max)``), sums use the
@@ -126,7 +126,7 @@ def supports(op: Op, geom: Any, dtype: Any) -> bool:
       dtype: the common dtype of the two operands.
 
     Returns:
-      True when :func:`generic_conv` can run it.
+      True when `generic_conv` can run it.
 
     Example:
       >>> from jaxconv import ops
@@ -143,7 +143,7 @@ def supports(op: Op, geom: Any, dtype: Any) -> bool:
 
 
 def serves(op: Op, geom: Any, x: Any, w: Any, preferred_element_type: Any | None) -> bool:
-    """:func:`supports` for concrete operands: also the output dtype (the kernels accumulate
+    """`supports` for concrete operands: also the output dtype (the kernels accumulate
     in the operands' dtype) and the size of one image (32-bit offsets in the kernels)."""
     dtype = jnp.result_type(x.dtype, w.dtype)
     if preferred_element_type is not None and jnp.dtype(preferred_element_type) != dtype:

@@ -44,7 +44,7 @@ def tap_slice(xp: Array, geom: Any, tap: tuple[int, ...]) -> Array:
 
 
 def tap_input(xp: Array, geom: Any, tap: tuple[int, ...], groups: int) -> Array:
-    """One tap's input as ``(N, P, G, I)``: :func:`tap_slice` with the positions flattened
+    """One tap's input as ``(N, P, G, I)``: `tap_slice` with the positions flattened
     and the channels split into groups."""
     xs = tap_slice(xp, geom, tap)
     n, c = xs.shape[0], xs.shape[-1]
@@ -52,7 +52,7 @@ def tap_input(xp: Array, geom: Any, tap: tuple[int, ...], groups: int) -> Array:
 
 
 def tap_slice_at(xp: Array, geom: Any, offset: Array) -> Array:
-    """:func:`tap_slice` at a traced ``offset`` ``(nsd,)`` (a tap inside a loop or scan)."""
+    """`tap_slice` at a traced ``offset`` ``(nsd,)`` (a tap inside a loop or scan)."""
     zero = jnp.zeros((), jnp.int32)
     start = (zero, *(offset[d] for d in range(len(geom.window))), zero)
     xs = lax.dynamic_slice(xp, start, (xp.shape[0], *span(geom), xp.shape[-1]))
@@ -60,7 +60,7 @@ def tap_slice_at(xp: Array, geom: Any, offset: Array) -> Array:
 
 
 def tap_unslice(g: Array, geom: Any, tap: tuple[int, ...]) -> Array:
-    """Transpose of :func:`tap_slice`: scatters a tap's gradient back onto the padded input."""
+    """Transpose of `tap_slice`: scatters a tap's gradient back onto the padded input."""
     cfg = [(0, 0, 0)]
     for lo, used, s, p in zip(tap_offset(geom, tap), span(geom), geom.strides,
                               geom.padded_spatial, strict=True):
@@ -71,7 +71,7 @@ def tap_unslice(g: Array, geom: Any, tap: tuple[int, ...]) -> Array:
 
 def tap_unslice_add(acc: Array, g: Array, geom: Any, offset: Array) -> Array:
     """``acc + tap_unslice(g)`` for a tap at a traced ``offset`` (a tap inside a loop): the
-    gradient ``g`` (N, *out_spatial, C) of :func:`tap_slice_at` added onto the padded input's
+    gradient ``g`` (N, *out_spatial, C) of `tap_slice_at` added onto the padded input's
     gradient ``acc``."""
     cfg = [(0, 0, 0), *((0, 0, s - 1) for s in geom.strides), (0, 0, 0)]
     spread = lax.pad(g.astype(acc.dtype), jnp.zeros((), acc.dtype), cfg)
@@ -88,7 +88,7 @@ def taps_major(w: Array, groups: int) -> Array:
 
 
 def taps_major_transpose(gt: Array, w_shape: tuple[int, ...], groups: int) -> Array:
-    """Inverse of :func:`taps_major`: ``(T, G, Og, I) -> w_shape``."""
+    """Inverse of `taps_major`: ``(T, G, Og, I) -> w_shape``."""
     del groups  # implied by gt's shape; kept for symmetry with taps_major
     return gt.transpose(0, 3, 1, 2).reshape(w_shape)
 
@@ -104,7 +104,7 @@ def blocks(x: Array, block: int) -> tuple[Array, int]:
 
 
 def unblock(y: Array, n: int) -> Array:
-    """Inverse of :func:`blocks`: ``(B, block, ...) -> (n, ...)``."""
+    """Inverse of `blocks`: ``(B, block, ...) -> (n, ...)``."""
     return y.reshape(-1, *y.shape[2:])[:n]
 
 
@@ -126,7 +126,7 @@ def resolve_dtypes(
 
     Returns ``x`` and ``w`` cast to their common dtype, the output dtype
     (``preferred_element_type`` or the common dtype) and the accumulation dtype
-    (:func:`algebra.accumulation_dtype`).
+    (`algebra.accumulation_dtype`).
     """
     dtype = jnp.result_type(x.dtype, w.dtype)
     out_dtype = dtype if preferred_element_type is None else jnp.dtype(preferred_element_type)

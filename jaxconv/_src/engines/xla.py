@@ -1,8 +1,8 @@
 """The generic XLA engine: any ``Op`` as a loop over kernel taps, tiled to a memory bound.
 
-It implements the planner's protocol (:mod:`jaxconv._src.core.planner`): :func:`forward`,
-:func:`backward` (the transpose of the tangent, reverse mode) and :func:`tangent` (forward
-mode), each the lowering of one of the core's primitives (:mod:`jaxconv._src.core.primitive`),
+It implements the planner's protocol (`jaxconv._src.core.planner`): `forward`,
+`backward` (the transpose of the tangent, reverse mode) and `tangent` (forward
+mode), each the lowering of one of the core's primitives (`jaxconv._src.core.primitive`),
 which also fold ``vmap`` into the problem. It serves every op on every platform.
 
 Layout inside the engine is canonical: ``x`` is ``(N, *spatial, C)`` and ``w`` is
@@ -17,7 +17,7 @@ with the reduce's binary form. The batch is cut into blocks of whole images (``l
 whose products fit ``max_block_bytes``. A user's multiply-and-add tap is a matrix product.
 
 Padding: with ``op.pad_value is None`` padded cells (and ``lhs_dilation`` holes) are skipped.
-Where the op allows it (:func:`dominated_fill`: ``x + w``, ``min(x, w)``, ``max(x, w)`` under
+Where the op allows it (`dominated_fill`: ``x + w``, ``min(x, w)``, ``max(x, w)`` under
 max, min or logsumexp) they are filled with a value whose products are dominated, and no mask
 is needed; otherwise they hold 0 and a static mask replaces every padded tap's partial result
 by the identity. With a pad value the cells hold it and go through ``combine``.
@@ -29,7 +29,7 @@ Paths chosen from the values (``lax.cond``; under ``vmap`` the primitives fold t
 into the problem, so the predicate stays a scalar and only one branch runs): max/min with a
 non-finite input take an exact, NaN-propagating path (XLA CPU's vectorised max reductions drop
 NaN); ``ops.log`` runs as a native convolution in exp space unless a window needs the exact
-two-pass path (:func:`_log_fast_or_exact`), and its backward follows the same test.
+two-pass path (`_log_fast_or_exact`), and its backward follows the same test.
 
 Backward passes for sum, max, min and logsumexp are written by hand: they
 keep only ``x``, ``w`` and the output and recompute the products, pushing the cotangent
@@ -42,20 +42,20 @@ Other reduces are differentiated automatically, block by block under ``jax.check
 
 Faster backward paths where the op allows them:
 
-- Separable sums (:func:`separable_kind`): a user's ``x * w`` runs forward and backward as one
+- Separable sums (`separable_kind`): a user's ``x * w`` runs forward and backward as one
   native convolution of the padded input; AdderNet's kernel gradient ``sum g * (x - w)`` is
   the native convolution's kernel gradient minus ``w`` times the sum of the cotangent over
   each tap's positions, and only its clipped input gradient keeps the loop above.
-- Max/min with finite inputs and outputs (:func:`_winner_backward`; padding dominated, a
+- Max/min with finite inputs and outputs (`_winner_backward`; padding dominated, a
   pad value, or identity padding held as 0 with the padded taps masked statically): one fused
   reduction per tap writes, for each output, the sum of ``base + index`` over its winning
   products, which names the winner when there is one; the cotangent then goes through
   ``combine``'s VJP at that product and is scatter-added onto the input and the kernel. Up
-  to :data:`MAX_SPARSE_TIES` tied windows are recomputed one by one and split equally;
+  to `MAX_SPARSE_TIES` tied windows are recomputed one by one and split equally;
   more take the exact path above (``lax.cond``).
 
 The canonical-layout helpers (tap slices, taps-major kernels, batch blocks, padding, dtypes)
-are :mod:`jaxconv._src.engines.taps`, shared with the other engines.
+are `jaxconv._src.engines.taps`, shared with the other engines.
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def block_size(
 
 
 def simple_primitive(fn: Any, dtype: Any = jnp.float32) -> str | None:
-    """See :func:`jaxconv._src.core.algebra.simple_primitive` (kept here for callers)."""
+    """See `jaxconv._src.core.algebra.simple_primitive` (kept here for callers)."""
     return algebra.simple_primitive(fn, dtype)
 
 
@@ -172,7 +172,7 @@ def _forward_block(cfg: Config, xb: Array, wt: Array, exact_nan: bool, fill: boo
 
     The taps are a rolled loop (one compiled body whatever the window size); taps that only
     ever see padding are skipped statically. ``fill``: the padding holds
-    :func:`dominated_fill`'s value, so no mask is needed.
+    `dominated_fill`'s value, so no mask is needed.
     """
     op, geom = cfg.op, cfg.geom
     mask = geom.valid_mask() if op.pad_value is None and not fill else None
@@ -427,7 +427,7 @@ _DX_ACC_BYTES = 2**20
 
 def separable_kind(op: Op) -> str | None:
     """``"mul"`` or ``"adder"`` when a sum's kernel gradient is a native product (declared
-    or inferred: :attr:`jaxconv._src.core.algebra.Capabilities.separable`)."""
+    or inferred: `jaxconv._src.core.algebra.Capabilities.separable`)."""
     return algebra.capabilities(op).separable
 
 
@@ -469,7 +469,7 @@ def _native_mul_forward(cfg: Config, x: Array, w: Array) -> Array:
 
 def _separable_grads(cfg: Config, kind: str, x: Array, w: Array, gy: Array
                      ) -> tuple[Array | None, Array]:
-    """The kernel gradient of a :func:`separable_kind` op (and the input gradient for
+    """The kernel gradient of a `separable_kind` op (and the input gradient for
     ``"mul"``; ``None`` for ``"adder"``, whose clipped input rule is not separable)."""
     op, geom = cfg.op, cfg.geom
     acc = cfg.acc_dtype
@@ -519,6 +519,9 @@ def _backward(cfg: Config, x: Array, w: Array, y: Array, gy: Array, fill: bool):
     g, og, i = wt.shape[1:]
     red = op.reduce
     tap_list = [(t, tap, None if fill else m) for t, tap, m in _live_taps(geom, mask)]
+    if not tap_list:  # every tap of every window sees only padding: nothing depends on x, w
+        return jnp.zeros(x.shape, x.dtype), (gw_sep if gw_sep is not None
+                                             else jnp.zeros(w.shape, w.dtype))
 
     def block_grads(gwt: Array, blk: tuple[Array, Array, Array]) -> tuple[Array, Array]:
         xb, yb, gb = blk
@@ -603,7 +606,7 @@ MAX_SPARSE_TIES = 1024
 
 
 def _winner_base(geom: Geometry, in_per_group: int) -> int | None:
-    """The code offset of :func:`_winner_codes` (a power of two above every product's index
+    """The code offset of `_winner_codes` (a power of two above every product's index
     ``t * I + i``), or None where the codes would not be exact float32 integers."""
     n_prod = len(geom.taps()) * in_per_group
     base = 1 << max(1, n_prod).bit_length()
@@ -678,14 +681,14 @@ def _winner_codes(cfg: Config, xp: Array, wt: Array, y: Array, base: int,
 
 
 def _winner_backward(cfg: Config, x: Array, w: Array, y: Array, gy: Array) -> tuple:
-    """Max/min gradients through each window's winner, found by :func:`_winner_codes`.
+    """Max/min gradients through each window's winner, found by `_winner_codes`.
 
-    Finite inputs and outputs. The padding is :func:`dominated_fill`'s value where the op has
+    Finite inputs and outputs. The padding is `dominated_fill`'s value where the op has
     one, else ``op.pad_value`` (padded cells are real products), else 0 with the padded taps
     masked out (statically: of the codes and of the tied windows' products). Where a window
     has one winner, its cotangent goes through ``combine``'s VJP at that one product
     (gathered) and is scatter-added onto the input and the kernel; up to
-    :data:`MAX_SPARSE_TIES` tied windows are recomputed whole (their ``T x I`` products) and
+    `MAX_SPARSE_TIES` tied windows are recomputed whole (their ``T x I`` products) and
     split equally among the tied products. More ties take the exact path (``_backward``)
     under ``lax.cond``.
     """
@@ -801,7 +804,7 @@ def _winner_backward(cfg: Config, x: Array, w: Array, y: Array, gy: Array) -> tu
 def _hand_backward(cfg: Config, x: Array, w: Array, y: Array, gy: Array):
     """The hand-written backward pass of a sum, max, min or logsumexp product.
 
-    Max/min take the winner path (:func:`_winner_backward`, which falls back to the exact
+    Max/min take the winner path (`_winner_backward`, which falls back to the exact
     equal-split pass itself where a window is not finite or ties are many); the others the
     exact pass with identity padding masked statically.
     """
@@ -812,7 +815,7 @@ def _hand_backward(cfg: Config, x: Array, w: Array, y: Array, gy: Array):
 
 
 def _winner_ok(cfg: Config, x: Array, w: Array) -> bool:
-    """Whether :func:`_winner_backward`'s codes and int32 flat indices are exact here."""
+    """Whether `_winner_backward`'s codes and int32 flat indices are exact here."""
     geom = cfg.geom
     xp_size = x.shape[0] * math.prod(geom.padded_spatial) * x.shape[-1]
     return (_winner_base(geom, w.shape[-2]) is not None and max(xp_size, w.size) < 2**31
@@ -881,7 +884,7 @@ def _log_inputs_ok(x: Array, w: Array) -> Array:
 def _log_fast_or_exact(cfg: Config, x: Array, w: Array) -> Array:
     """The log semiring as a native product in exp space, or the exact engine where needed.
 
-    ``y = log(conv(exp(x - mx), exp(w - mw))) + mx + mw`` (:func:`_log_exp_space`). Zero
+    ``y = log(conv(exp(x - mx), exp(w - mw))) + mx + mw`` (`_log_exp_space`). Zero
     padding in exp space is the identity. Falls back to the exact tap engine (``lax.cond``)
     when any input is NaN or ``+inf``, or when any window's shifted sum is below
     ``exp(LOG_FAST_MIN_EXPONENT)`` -- windows far below the maximum of their sample and
