@@ -355,7 +355,8 @@ def _popcount_conv_xla(xq: Array, wq: Array, geom: Geometry, per: int) -> Array:
     mism = None  # (N, P, G, Og)
     for s in range(0, t * words, WORDS_PER_REDUCE):
         e = min(s + WORDS_PER_REDUCE, t * words)
-        part = jnp.sum(lax.population_count(cols[..., s:e] ^ wflat[..., s:e]), axis=-1,
+        part = jnp.sum(lax.population_count(cols[..., s:e] ^ wflat[None, None, :, :, s:e]),
+                       axis=-1,
                        dtype=jnp.int32)
         mism = part if mism is None else mism + part
     mask = geom.valid_mask()
@@ -367,7 +368,7 @@ def _popcount_conv_xla(xq: Array, wq: Array, geom: Geometry, per: int) -> Array:
             pcw = jnp.sum(lax.population_count(wt), axis=-1, dtype=jnp.int32)  # (G, Og, T)
             corr = jnp.einsum("tp,got->pgo", jnp.asarray(invalid), pcw,
                               preferred_element_type=jnp.int32)
-            mism = mism - corr[None]
+            mism = mism - corr[None, ...]
             nvalid = nvalid - invalid.sum(axis=0, dtype=np.int32)
     out = per * jnp.asarray(nvalid).reshape(1, p, 1, 1) - 2 * mism
     return out.reshape(n, *geom.out_spatial, o)

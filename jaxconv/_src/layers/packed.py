@@ -113,7 +113,7 @@ def _init_packed(layer: _nnx.Module, kernel: Array, bias: Array | None, in_featu
 
 
 def _add_bias(layer: _nnx.Module, y: Array) -> Array:
-    return y if layer.bias is None else y + layer.bias[...].astype(y.dtype)
+    return _m.add_bias(y, None if layer.bias is None else layer.bias[...].astype(y.dtype))
 
 
 class PackedConv(_nnx.Module):
