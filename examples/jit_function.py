@@ -53,7 +53,7 @@ def model(params: dict[str, jax.Array], x: jax.Array) -> jax.Array:
     """A pure function: conv (custom product) -> ReLU -> flatten -> dense (custom product)."""
     h = jaxconv.conv_general_dilated(x, params["w_conv"], (1, 1), "SAME",
                                      dimension_numbers=DN, op=OP)
-    h = jax.nn.relu(h + params["b_conv"])
+    h = jax.nn.relu(h + params["b_conv"].reshape(1, 1, 1, -1))
     h = h.reshape(h.shape[0], -1)
     return jaxconv.dot_general(h, params["w_dense"], (((1,), (0,)), ((), ())), op=OP)
 

@@ -136,12 +136,12 @@ def test_module_max_plus_mask_and_circular():
     # The absent tap is skipped: equal to the conv of the kernel without that tap.
     k2 = np.stack([k[0], k[2]])
     want = jaxconv.conv_transpose(x, k2, (2,), ((2, 1),), rhs_dilation=(2,), op="max_plus")
-    np.testing.assert_allclose(y, want + layer.bias[...], rtol=1e-6)
+    np.testing.assert_allclose(y, want + layer.bias[...].reshape(1, 1, -1), rtol=1e-6)
     # CIRCULAR wraps with the op's reduce: the output has period len * stride.
     circ = jaxconv.nnx.ConvTranspose(2, 2, 3, strides=2, padding="CIRCULAR", op="max_plus",
                                      rngs=nnx.Rngs(1))
     full = jaxconv.conv_transpose(x, circ.kernel[...], (2,), "VALID", op="max_plus")
-    yc = circ(x) - circ.bias[...]
+    yc = circ(x) - circ.bias[...].reshape(1, 1, -1)
     assert yc.shape == (1, 8, 2)
     # Every output cell of the full result appears in the wrapped one as a candidate max.
     assert np.all(np.max(np.asarray(full), axis=1) <= np.max(np.asarray(yc), axis=1) + 1e-6)

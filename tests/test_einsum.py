@@ -102,7 +102,7 @@ def test_standard_is_jnp_einsum_and_ellipsis():
     np.testing.assert_allclose(jaxconv.einsum("...j,jk->...k", a, b),
                                jnp.einsum("...j,jk->...k", a, b), rtol=1e-6)
     got = jaxconv.einsum("...j,jk->...k", a, b, op="max_plus")
-    want = jnp.max(a[..., :, None] + b, axis=-2)
+    want = jnp.max(a[..., :, None] + b[None, None], axis=-2)
     np.testing.assert_allclose(got, want, rtol=1e-6)
 
 

@@ -93,5 +93,6 @@ def test_nnx_multi_op_conv():
     ref = nnx.Conv(3, 4, (3, 3), rngs=nnx.Rngs(0))
     np.testing.assert_array_equal(layer.kernel[...], ref.kernel[...])  # Flax's init
     want = jaxconv.conv_multi(x, layer.kernel[...], (1, 1), "SAME", dimension_numbers=DN,
-                              ops=("max_plus", "min_plus"), split=(2, 2)) + layer.bias[...]
+                              ops=("max_plus", "min_plus"), split=(2, 2))
+    want = want + layer.bias[...].reshape(1, 1, 1, -1)
     np.testing.assert_allclose(layer(x), want, rtol=1e-6)

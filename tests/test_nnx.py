@@ -88,7 +88,7 @@ def test_causal_input_dilation_equals_explicit_zero_padding():
     xp = jnp.pad(x, ((0, 0), (1, 0), (0, 0)))
     want = jax.lax.conv_general_dilated(xp, mine.kernel[...], (1,), [(0, 0)], (2,),
                                         dimension_numbers=("NWC", "WIO", "NWC"))
-    _close(mine(x), want + mine.bias[...])
+    _close(mine(x), want + mine.bias[...].reshape(1, 1, -1))
 
 
 @pytest.mark.parametrize("op", [None, MUL])

@@ -343,7 +343,7 @@ def test_adder_2d_padded_taps_add_minus_abs_w() -> None:
 
 def test_numpy_ops_table() -> None:
     names = {"standard", "xnor", "adder", "l1", "l2", "max_plus", "min_plus",
-             "max_min", "min_max", "log"}
+             "max_min", "min_max", "max_times", "log"}
     assert set(NUMPY_OPS) == names == set(NUMPY_REDUCE_AXIS)
     for name, op in NUMPY_OPS.items():
         combine, reduce, identity, pad_value = op

@@ -40,25 +40,12 @@ from jaxconv._src.core.ops import resolve, standard
 
 Array = jax.Array
 
-_SEMIRING_NAMES = frozenset({"standard", "max_plus", "min_plus", "max_min", "min_max", "log"})
-_NOT_SEMIRING_NAMES = frozenset({"xnor", "adder", "l1", "l2", "l2_exact"})
-
-
-def _builtin(op: Op) -> Op | None:
-    from jaxconv._src.core.ops import BUILTIN_OPS
-
-    b = BUILTIN_OPS.get(op.name) if op.name is not None else None
-    return b if b is not None and b == op else None
-
-
 def is_semiring(op: Op) -> bool | None:
-    """Whether ``op`` is known to be a semiring: True, False, or None (unknown: a user op)."""
+    """Whether ``op`` is a semiring, as it declares (``Op.semiring``): True, False, or None
+    (undeclared, e.g. a user op); an op with a post map is not."""
     if op.post is not None:
         return False
-    b = _builtin(op)
-    if b is not None:
-        return b.name in _SEMIRING_NAMES
-    return None
+    return op.semiring
 
 
 def _reduce_axes(op: Op, a: Array, axes: tuple[int, ...]) -> Array:

@@ -64,6 +64,9 @@ class Op:
       forward_mode: whether the op has a forward-mode (JVP) rule; ``None``: inferred once
         (a ``combine`` or ``reduce`` with only a custom VJP, such as a straight-through
         estimator, has none).
+      semiring: whether ``combine`` distributes over ``reduce`` (a semiring product, so a
+        contraction of several operands may be split into pairwise products, as
+        ``jaxconv.einsum`` does); ``None``: not declared.
 
     Ops are immutable and hashable, so they can be static arguments of ``jax.jit``.
 
@@ -90,6 +93,7 @@ class Op:
     combine_kind: str | None = None
     separable: str | None = None
     forward_mode: bool | None = None
+    semiring: bool | None = None
 
     def __post_init__(self) -> None:
         if not callable(self.combine):

@@ -17,7 +17,7 @@ def _multiply(x, w):
 
 
 standard = Op(
-    _multiply, "sum", name="standard", combine_kind="mul", forward_mode=True,
+    _multiply, "sum", name="standard", semiring=True, combine_kind="mul", forward_mode=True,
     doc="""Multiply-and-add. ``combine = x*w``, ``reduce = sum``, zero padding.
 
     Runs ``lax.conv_general_dilated`` / ``lax.dot_general`` itself (same numbers, same
@@ -42,7 +42,7 @@ def _xnor_rewrite(product, lhs, rhs):
 
 
 xnor = Op(
-    _xnor_combine, "sum", name="xnor", rewrite=_xnor_rewrite, forward_mode=False,
+    _xnor_combine, "sum", name="xnor", semiring=False, rewrite=_xnor_rewrite, forward_mode=False,
     doc="""XNOR-popcount product of binary networks: ``combine = sign(x)*sign(w)``, sum.
 
     ``sign(0) = +1`` as in larq. Gradient: straight-through on both sides, through
@@ -76,7 +76,8 @@ def _adder_bwd(res, g):
 _adder_combine.defvjp(_adder_fwd, _adder_bwd)
 
 adder = Op(
-    _adder_combine, "sum", pad_value=0.0, name="adder", native="adder", separable="adder",
+    _adder_combine, "sum", pad_value=0.0, name="adder", semiring=False, native="adder",
+    separable="adder",
     forward_mode=False,
     doc="""AdderNet: ``combine = -|x - w|``, sum; pads with 0 (each padded tap adds ``-|w|``).
 
@@ -93,7 +94,7 @@ def _l1_combine(x, w):
 
 
 l1 = Op(
-    _l1_combine, "sum", name="l1", native="l1", forward_mode=True,
+    _l1_combine, "sum", name="l1", semiring=False, native="l1", forward_mode=True,
     doc="""Negative L1 distance: ``combine = -|x - w|``, sum, identity padding (skipped taps).
 
     Gradient: the exact subgradient (``-sign(x - w)``, 0 at ``x == w``). Differs from
@@ -260,7 +261,7 @@ def _l2_dot(product, lhs, rhs, dn, cx=None, cw=None):
 
 
 l2 = Op(
-    _l2_combine, "sum", name="l2", rewrite=_l2_rewrite, forward_mode=True,
+    _l2_combine, "sum", name="l2", semiring=False, rewrite=_l2_rewrite, forward_mode=True,
     doc="""Negative squared L2 distance: ``combine = -(x - w)**2``, sum, identity padding.
 
     Gradient: exact. Computed as ``2 x.w - |x|^2 - |w|^2`` in one native product (the two
@@ -275,7 +276,7 @@ l2 = Op(
 )
 
 l2_exact = Op(
-    _l2_combine, "sum", name="l2_exact", native="l2_exact", forward_mode=True,
+    _l2_combine, "sum", name="l2_exact", semiring=False, native="l2_exact", forward_mode=True,
     doc="""``l2`` computed directly by the generic engine (no cancellation).""",
 )
 
@@ -287,7 +288,8 @@ def _add(x, w):
 
 
 max_plus = Op(
-    _add, "max", name="max_plus", native="max_plus", combine_kind="add", forward_mode=True,
+    _add, "max", name="max_plus", semiring=True, native="max_plus", combine_kind="add",
+    forward_mode=True,
     doc="""Tropical (max-plus) product, morphological dilation: ``combine = x + w``, max.
 
     Padding: the identity (-inf in effect: padded taps are skipped). Gradient: to the
@@ -299,7 +301,8 @@ max_plus = Op(
 )
 
 min_plus = Op(
-    _add, "min", name="min_plus", native="min_plus", combine_kind="add", forward_mode=True,
+    _add, "min", name="min_plus", semiring=True, native="min_plus", combine_kind="add",
+    forward_mode=True,
     doc="""Min-plus product (tropical, morphological erosion with ``-w``): ``x + w``, min.
 
     Padding: the identity (+inf in effect). Gradient: to the winning tap, ties split equally.
@@ -307,7 +310,7 @@ min_plus = Op(
 )
 
 max_min = Op(
-    jnp.minimum, "max", name="max_min", native="max_min", combine_kind="min",
+    jnp.minimum, "max", name="max_min", semiring=True, native="max_min", combine_kind="min",
     forward_mode=True,
     doc="""Fuzzy max-min composition: ``combine = min(x, w)``, max.
 
@@ -316,7 +319,7 @@ max_min = Op(
 )
 
 min_max = Op(
-    jnp.maximum, "min", name="min_max", native="min_max", combine_kind="max",
+    jnp.maximum, "min", name="min_max", semiring=True, native="min_max", combine_kind="max",
     forward_mode=True,
     doc="""Fuzzy min-max composition: ``combine = max(x, w)``, min.
 
@@ -324,7 +327,7 @@ min_max = Op(
 )
 
 max_times = Op(
-    _multiply, "max", name="max_times", combine_kind="mul", forward_mode=True,
+    _multiply, "max", name="max_times", semiring=True, combine_kind="mul", forward_mode=True,
     doc="""Max-times (Viterbi) product: ``combine = x * w``, max, for nonnegative data.
 
     Padding: the identity (padded taps are skipped). Gradient: to the winning tap, split
@@ -335,7 +338,7 @@ max_times = Op(
 )
 
 log = Op(
-    _add, "logsumexp", name="log", combine_kind="add", forward_mode=True,
+    _add, "logsumexp", name="log", semiring=True, combine_kind="add", forward_mode=True,
     doc="""Log-semiring product: ``combine = x + w``, ``logsumexp`` (a soft max-plus).
 
     Padding: the identity (-inf in effect). Gradient: exact (the softmax of the window's

@@ -792,11 +792,12 @@ def _winner_backward(cfg: Config, x: Array, w: Array, y: Array, gy: Array) -> tu
     return lax.cond(
         ok,
         lambda xp_, wt_, x_, w_, y_, gy_: sparse(xp_, wt_, y_, gy_),
-        # The exact fallback (many ties) with smaller chunks: it is rare, and the compiled
-        # executable's memory is that of its larger branch.
+        # The exact fallback (many ties, or a window that is not finite) with smaller chunks:
+        # it is rare, and the compiled executable's memory is that of its larger branch. Its
+        # padding is masked, not filled: a window of only padding has no gradient at all.
         lambda xp_, wt_, x_, w_, y_, gy_: _backward(
             dataclasses.replace(cfg, max_block_bytes=max(1, cfg.max_block_bytes // 16)),
-            x_, w_, y_, gy_, fill=fill is not None),
+            x_, w_, y_, gy_, fill=False),
         xp, wt, x, w, y, gy,
     )
 
