@@ -16,6 +16,7 @@ struct S {
   // a + b issued on the FMA ports (bit-identical): leaves the add/max ports to the reduce.
   static V addf(V a, V b) { return _mm512_fmadd_ps(a, _mm512_set1_ps(1.0f), b); }
   static V sub(V a, V b) { return _mm512_sub_ps(a, b); }
+  static V subf(V a, V b) { return _mm512_fmsub_ps(a, _mm512_set1_ps(1.0f), b); }
   static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
   static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   static V max(V a, V b) { return _mm512_max_ps(a, b); }
@@ -55,6 +56,7 @@ struct S {
   static V add(V a, V b) { return _mm256_add_ps(a, b); }
   static V addf(V a, V b) { return _mm256_fmadd_ps(a, _mm256_set1_ps(1.0f), b); }
   static V sub(V a, V b) { return _mm256_sub_ps(a, b); }
+  static V subf(V a, V b) { return _mm256_fmsub_ps(a, _mm256_set1_ps(1.0f), b); }
   static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
   static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
   static V max(V a, V b) { return _mm256_max_ps(a, b); }
@@ -102,6 +104,7 @@ struct S {
   static V add(V a, V b) { return a + b; }
   static V addf(V a, V b) { return a + b; }
   static V sub(V a, V b) { return a - b; }
+  static V subf(V a, V b) { return a - b; }
   static V mul(V a, V b) { return a * b; }
   static V fma(V a, V b, V c) {
     return V{__builtin_fmaf(a[0], b[0], c[0]), __builtin_fmaf(a[1], b[1], c[1]),
@@ -140,6 +143,7 @@ struct Sc {
   static V add(V a, V b) { return a + b; }
   static V addf(V a, V b) { return a + b; }
   static V sub(V a, V b) { return a - b; }
+  static V subf(V a, V b) { return a - b; }
   static V mul(V a, V b) { return a * b; }
   static V fma(V a, V b, V c) { return __builtin_fmaf(a, b, c); }
   static V max(V a, V b) { return a > b ? a : b; }
