@@ -25,6 +25,9 @@ struct S {
   static M eq(V a, V b) { return _mm512_cmp_ps_mask(a, b, _CMP_EQ_OQ); }
   static M lt(V a, V b) { return _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ); }
   static M unord(V a) { return _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q); }
+  static M ieq(V a, V b) {
+    return _mm512_cmpeq_epi32_mask(_mm512_castps_si512(a), _mm512_castps_si512(b));
+  }
   static V select(M m, V a, V b) { return _mm512_mask_blend_ps(m, b, a); }
   static M mask(bool b) { return b ? M(0xffff) : M(0); }
   static V madd(M m, V a, V b) { return _mm512_mask_add_ps(a, m, a, b); }  // m ? a + b : a
@@ -65,6 +68,9 @@ struct S {
   static M eq(V a, V b) { return _mm256_cmp_ps(a, b, _CMP_EQ_OQ); }
   static M lt(V a, V b) { return _mm256_cmp_ps(a, b, _CMP_LT_OQ); }
   static M unord(V a) { return _mm256_cmp_ps(a, a, _CMP_UNORD_Q); }
+  static M ieq(V a, V b) {
+    return _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_castps_si256(a), _mm256_castps_si256(b)));
+  }
   static V select(M m, V a, V b) { return _mm256_blendv_ps(b, a, m); }
   static M mask(bool b) { return _mm256_castsi256_ps(_mm256_set1_epi32(b ? -1 : 0)); }
   static V madd(M m, V a, V b) { return _mm256_add_ps(a, _mm256_and_ps(m, b)); }
@@ -116,6 +122,7 @@ struct S {
   static M eq(V a, V b) { return a == b; }
   static M lt(V a, V b) { return a < b; }
   static M unord(V a) { return a != a; }
+  static M ieq(V a, V b) { return (M)a == (M)b; }
   static V select(M m, V a, V b) { return m ? a : b; }
   static M mask(bool b) { const int32_t v = b ? -1 : 0; return M{v, v, v, v}; }
   static V madd(M m, V a, V b) { return m ? a + b : a; }
