@@ -65,6 +65,8 @@ CASES = {
     "depth_multiplier": ((1, 5, 5, 3), (3, 3, 1, 6), dict(
         window_strides=(2, 2), padding="SAME", feature_group_count=3)),
     "wide": ((1, 4, 5, 17), (3, 2, 17, 70), dict(window_strides=(1, 1), padding="SAME")),
+    # Channel counts that fill whole vectors (and a partial register tile) on every ISA.
+    "channels_80": ((2, 5, 4, 80), (3, 3, 80, 20), dict(window_strides=(1, 1), padding="SAME")),
     "nchw": ((2, 3, 6, 5), (4, 3, 3, 2), dict(
         window_strides=(1, 1), padding="SAME", dimension_numbers=("NCHW", "OIHW", "NCHW"))),
 }
@@ -145,7 +147,8 @@ def _grads(op, engine, kw, x, w, ct):
     return jax.jit(jax.grad(loss, argnums=(0, 1)))(x, w)
 
 
-@pytest.mark.parametrize("case", ["2d_stride_rhs_dil", "groups", "depthwise", "wide"])
+@pytest.mark.parametrize("case", ["2d_stride_rhs_dil", "groups", "depthwise", "wide",
+                                  "channels_80"])
 @pytest.mark.parametrize("name", NATIVE_OPS)
 def test_gradients_match_xla_engine(name, case):
     x, w, kw = _case(case, seed=3)
