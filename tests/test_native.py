@@ -161,6 +161,25 @@ def test_gradients_match_xla_engine(name, case):
     np.testing.assert_allclose(np.asarray(dwa), np.asarray(dwb), rtol=1e-4, atol=2e-4)
 
 
+@pytest.mark.parametrize("name", ["max_plus", "min_max", "adder", "l1", "l2_exact"])
+def test_dense_gradients_match_xla_engine(name):
+    rng = np.random.default_rng(10)
+    a = rng.standard_normal((40, 96)).astype(np.float32)
+    b = rng.standard_normal((96, 70)).astype(np.float32)
+    ct = rng.standard_normal((40, 70)).astype(np.float32)
+    dn = (((1,), (0,)), ((), ()))
+
+    def grads(engine):
+        loss = lambda a, b: jnp.sum(jaxconv.dot_general(  # noqa: E731
+            a, b, dn, op=name, engine=engine) * ct)
+        return jax.jit(jax.grad(loss, argnums=(0, 1)))(a, b)
+    (da, db) = grads("native")
+    with _allow():
+        (xa, xb) = grads("xla")
+    np.testing.assert_allclose(np.asarray(da), np.asarray(xa), rtol=1e-4, atol=2e-4)
+    np.testing.assert_allclose(np.asarray(db), np.asarray(xb), rtol=1e-4, atol=2e-4)
+
+
 # The stated gradient rules as loops: 1-D, stride 1, padding (lo, hi).
 def _partials(name):
     one = lambda x, w: 1.0  # noqa: E731
