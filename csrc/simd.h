@@ -16,14 +16,19 @@ struct S {
   // a + b issued on the FMA ports (bit-identical): leaves the add/max ports to the reduce.
   static V addf(V a, V b) { return _mm512_fmadd_ps(a, _mm512_set1_ps(1.0f), b); }
   static V sub(V a, V b) { return _mm512_sub_ps(a, b); }
+  static V subf(V a, V b) { return _mm512_fmsub_ps(a, _mm512_set1_ps(1.0f), b); }
   static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
   static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static V fnma(V a, V b, V c) { return _mm512_fnmadd_ps(a, b, c); }  // c - a * b
   static V max(V a, V b) { return _mm512_max_ps(a, b); }
   static V min(V a, V b) { return _mm512_min_ps(a, b); }
   static V abs(V a) { return _mm512_abs_ps(a); }
   static M eq(V a, V b) { return _mm512_cmp_ps_mask(a, b, _CMP_EQ_OQ); }
   static M lt(V a, V b) { return _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ); }
   static M unord(V a) { return _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q); }
+  static M ieq(V a, V b) {
+    return _mm512_cmpeq_epi32_mask(_mm512_castps_si512(a), _mm512_castps_si512(b));
+  }
   static V select(M m, V a, V b) { return _mm512_mask_blend_ps(m, b, a); }
   static M mask(bool b) { return b ? M(0xffff) : M(0); }
   static V madd(M m, V a, V b) { return _mm512_mask_add_ps(a, m, a, b); }  // m ? a + b : a
@@ -55,14 +60,19 @@ struct S {
   static V add(V a, V b) { return _mm256_add_ps(a, b); }
   static V addf(V a, V b) { return _mm256_fmadd_ps(a, _mm256_set1_ps(1.0f), b); }
   static V sub(V a, V b) { return _mm256_sub_ps(a, b); }
+  static V subf(V a, V b) { return _mm256_fmsub_ps(a, _mm256_set1_ps(1.0f), b); }
   static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
   static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static V fnma(V a, V b, V c) { return _mm256_fnmadd_ps(a, b, c); }
   static V max(V a, V b) { return _mm256_max_ps(a, b); }
   static V min(V a, V b) { return _mm256_min_ps(a, b); }
   static V abs(V a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a); }
   static M eq(V a, V b) { return _mm256_cmp_ps(a, b, _CMP_EQ_OQ); }
   static M lt(V a, V b) { return _mm256_cmp_ps(a, b, _CMP_LT_OQ); }
   static M unord(V a) { return _mm256_cmp_ps(a, a, _CMP_UNORD_Q); }
+  static M ieq(V a, V b) {
+    return _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_castps_si256(a), _mm256_castps_si256(b)));
+  }
   static V select(M m, V a, V b) { return _mm256_blendv_ps(b, a, m); }
   static M mask(bool b) { return _mm256_castsi256_ps(_mm256_set1_epi32(b ? -1 : 0)); }
   static V madd(M m, V a, V b) { return _mm256_add_ps(a, _mm256_and_ps(m, b)); }
@@ -102,17 +112,20 @@ struct S {
   static V add(V a, V b) { return a + b; }
   static V addf(V a, V b) { return a + b; }
   static V sub(V a, V b) { return a - b; }
+  static V subf(V a, V b) { return a - b; }
   static V mul(V a, V b) { return a * b; }
   static V fma(V a, V b, V c) {
     return V{__builtin_fmaf(a[0], b[0], c[0]), __builtin_fmaf(a[1], b[1], c[1]),
              __builtin_fmaf(a[2], b[2], c[2]), __builtin_fmaf(a[3], b[3], c[3])};
   }
+  static V fnma(V a, V b, V c) { return fma(-a, b, c); }
   static V max(V a, V b) { return a > b ? a : b; }
   static V min(V a, V b) { return a < b ? a : b; }
   static V abs(V a) { return (V)((M)a & 0x7fffffff); }
   static M eq(V a, V b) { return a == b; }
   static M lt(V a, V b) { return a < b; }
   static M unord(V a) { return a != a; }
+  static M ieq(V a, V b) { return (M)a == (M)b; }
   static V select(M m, V a, V b) { return m ? a : b; }
   static M mask(bool b) { const int32_t v = b ? -1 : 0; return M{v, v, v, v}; }
   static V madd(M m, V a, V b) { return m ? a + b : a; }
@@ -140,8 +153,10 @@ struct Sc {
   static V add(V a, V b) { return a + b; }
   static V addf(V a, V b) { return a + b; }
   static V sub(V a, V b) { return a - b; }
+  static V subf(V a, V b) { return a - b; }
   static V mul(V a, V b) { return a * b; }
   static V fma(V a, V b, V c) { return __builtin_fmaf(a, b, c); }
+  static V fnma(V a, V b, V c) { return __builtin_fmaf(-a, b, c); }
   static V max(V a, V b) { return a > b ? a : b; }
   static V min(V a, V b) { return a < b ? a : b; }
   static V abs(V a) { return __builtin_fabsf(a); }

@@ -17,7 +17,7 @@ import numpy as np
 from jax import lax
 
 PADDING_STRINGS = ("VALID", "SAME", "SAME_LOWER")
-ENGINES = ("auto", "xla", "native", "pallas")
+ENGINES = ("auto", "xla", "pallas", "native")
 
 
 def as_array(name: str, x: Any) -> jax.Array:

@@ -163,6 +163,7 @@ class _Call:
     y_shape: tuple[int, ...]
     padding: tuple[tuple[int, int], ...]  # the 3-D geometry again, for the lax products
     groups: int
+    nsd: int
 
     def attrs(self) -> dict[str, Any]:
         return dict(geom=np.asarray(self.geom, np.int64),
@@ -193,7 +194,7 @@ def _call_spec(op: Op, geom: Any, x_shape: tuple[int, ...], w_shape: tuple[int, 
     return _Call(kid, tuple(int(v) for v in vals),
                  None if op.pad_value is None else float(op.pad_value),
                  (n, *sp, c), (*k, i, o), (n, *os_, o),
-                 tuple((int(lo), int(hi)) for lo, hi in pads), int(geom.groups))
+                 tuple((int(lo), int(hi)) for lo, hi in pads), int(geom.groups), nsd)
 
 
 def _forward_call(spec: _Call, x: Array, w: Array) -> Array:
@@ -213,15 +214,21 @@ def _backward_call(spec: _Call, x: Array, w: Array, y: Array, g: Array,
 # padded input minus w times the cotangent summed over the positions that tap reads, and
 # sum g * (x - w) over the outputs that read a cell is x times their summed cotangent minus
 # lax's input gradient. These run as lax's own (fast) products.
-_DN = ("NDHWC", "DHWIO", "NDHWC")
 _STRIDES, _LD, _RD = 14, 20, 23
+_SPATIAL = {1: "W", 2: "HW", 3: "DHW"}
 
 
 def _conv3(spec: _Call, x: Array, w: Array, groups: int, padded: bool) -> Array:
-    return lax.conv_general_dilated(
-        x, w, spec.field(_STRIDES), ((0, 0),) * 3 if padded else spec.padding,
-        (1, 1, 1) if padded else spec.field(_LD), spec.field(_RD), _DN, groups,
-        precision=lax.Precision.HIGHEST)
+    """A lax convolution on the 3-D canonical operands, run with the problem's own number of
+    spatial dims (XLA CPU's 3-D convolutions are much slower than its 1-D / 2-D ones)."""
+    m = max(spec.nsd, 1)
+    sp = _SPATIAL[m]
+    y = lax.conv_general_dilated(
+        x.reshape(x.shape[0], *x.shape[4 - m:]), w.reshape(w.shape[3 - m:]),
+        spec.field(_STRIDES)[3 - m:], ((0, 0),) * m if padded else spec.padding[3 - m:],
+        (1,) * m if padded else spec.field(_LD)[3 - m:], spec.field(_RD)[3 - m:],
+        (f"N{sp}C", f"{sp}IO", f"N{sp}C"), groups, precision=lax.Precision.HIGHEST)
+    return y.reshape(y.shape[0], *(1,) * (3 - m), *y.shape[1:])
 
 
 def _pad_config(spec: _Call) -> list[tuple[int, int, int]]:
