@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any
 
 import jax
@@ -283,11 +282,6 @@ def _backward_batch(args, dims, *, problem, need):
 batching.primitive_batchers[conv_p] = _conv_batch
 batching.primitive_batchers[tangent_p] = _tangent_batch
 batching.primitive_batchers[backward_p] = _backward_batch
-
-
-def out_positions(problem: Problem) -> int:
-    """The number of output positions (1 for a dense product)."""
-    return max(1, math.prod(problem.geom.out_spatial))
 
 
 DEFAULT_MAX_BLOCK_BYTES = 64 * 2**20

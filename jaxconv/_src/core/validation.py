@@ -16,8 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxconv._src.core import planner
+
 PADDING_STRINGS = ("VALID", "SAME", "SAME_LOWER")
-ENGINES = ("auto", "xla", "pallas", "native")
+ENGINES = planner.ENGINES
 
 
 def as_array(name: str, x: Any) -> jax.Array:

@@ -99,11 +99,6 @@ def block_size(
     return int(max(1, min(n, max_block_bytes // max(per_image, 1))))
 
 
-def simple_primitive(fn: Any, dtype: Any = jnp.float32) -> str | None:
-    """See `jaxconv._src.core.algebra.simple_primitive` (kept here for callers)."""
-    return algebra.simple_primitive(fn, dtype)
-
-
 def canonical_op(op: Op) -> Op:
     return algebra.capabilities(op).canonical
 
@@ -366,17 +361,6 @@ def _dw_of_tap(op: Op, red: str, xs: Array, wk: Array, yf: Array, gf: Array,
     return out
 
 
-def _tap_table(geom: Geometry, taps: list) -> tuple[np.ndarray, np.ndarray | None]:
-    """Start offsets ``(T, nsd)`` of the given taps and their stacked masks ``(T, P)``."""
-    offs = np.array([[k * d for k, d in zip(tap, geom.rhs_dilation, strict=True)]
-                     for _, tap, _ in taps], np.int32).reshape(len(taps), len(geom.window))
-    masks = [m for _, _, m in taps]
-    if all(m is None for m in masks):
-        return offs, None
-    p = max(1, math.prod(geom.out_spatial))
-    return offs, np.stack([np.ones(p, bool) if m is None else m for m in masks])
-
-
 def _count_winners(op: Op, geom: Geometry, xb: Array, wt: Array, yb: Array, tap_list: list,
                    fast: bool, acc: Any, max_bytes: int) -> Array:
     """How many products of each window equal its max/min ``yb`` (ties split gradients).
@@ -389,10 +373,7 @@ def _count_winners(op: Op, geom: Geometry, xb: Array, wt: Array, yb: Array, tap_
     nb = xb.shape[0]
     g = wt.shape[1]
     p = max(1, math.prod(geom.out_spatial))
-    offs, masks = _tap_table(geom, tap_list)
-    t_idx = np.array([t for t, _, _ in tap_list], np.int32)
-    offs_j, t_j = jnp.asarray(offs), jnp.asarray(t_idx)
-    masks_j = None if masks is None else jnp.asarray(masks)
+    offs_j, t_j, masks_j = _tap_tables(geom, tap_list)
     og, i = wt.shape[2], wt.shape[3]
     fit = max(1, max_bytes // max(1, nb * p * g * i * 4))
     oc = max(d for d in range(1, og + 1) if og % d == 0 and d <= fit)
