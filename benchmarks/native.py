@@ -1,5 +1,9 @@
 """The native CPU engine against ``lax`` (and the XLA engine): paired, interleaved timing.
 
+Built-in ops, and user ops compiled into the native kernel at first use (``user_*``: see
+`USER_OPS`); ``--compile-cost`` times compiling one user op in a fresh process with an
+empty kernel cache, then loading it from the cache in a second process.
+
 Each round times lax once and the op once, alternately, under ``jax.jit``; the figure is the
 median (and the best) of the rounds' op/lax ratios, which cancels load drift on a shared
 machine. Forward, and forward+backward (``jax.vjp`` with a fixed cotangent, both gradients).
@@ -9,6 +13,8 @@ Also: the compiled executable's temp + output bytes next to lax's, and the compi
 Example::
 
     python -m benchmarks.native --layers A,E --ops max_plus,adder --rounds 15
+    python -m benchmarks.native --layers A,E --ops user_tanh,user_clip --engines native,xla
+    python -m benchmarks.native --compile-cost
     python -m benchmarks.native --smoke
 """
 
@@ -34,6 +40,32 @@ from jaxconv._src.engines import native
 
 MiB = 2**20
 OPS = ("max_plus", "min_plus", "max_min", "min_max", "adder", "l1", "l2_exact")
+
+
+def _tanh_diff(x: Any, w: Any) -> Any:
+    return jnp.tanh(x - w)
+
+
+def _clip_mul(x: Any, w: Any) -> Any:
+    return jnp.clip(x * w, -1.0, 1.0)
+
+
+def _tanh_x_mul(x: Any, w: Any) -> Any:
+    return jnp.tanh(x) * w
+
+
+def _gauss(x: Any, w: Any) -> Any:
+    return jnp.exp(-jnp.square(x - w))
+
+
+# User ops (none has a built-in kernel): the first two are the issue's yardsticks (a monotone
+# map of the product: applied once per output), the last two run their map per product.
+USER_OPS = {
+    "user_tanh": jaxconv.Op(_tanh_diff, "max", name="user_tanh"),
+    "user_clip": jaxconv.Op(_clip_mul, "max", name="user_clip"),
+    "user_tanh_mul": jaxconv.Op(_tanh_x_mul, "max", name="user_tanh_mul"),
+    "user_gauss": jaxconv.Op(_gauss, "sum", name="user_gauss"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +97,7 @@ SMOKE = {
 
 def product(layer: Layer, op: str | None, engine: str) -> Callable[[Any, Any], Any]:
     """``f(x, w)``: lax's product when ``op`` is None, else jaxconv's with ``op`` / ``engine``."""
+    op = USER_OPS.get(op, op)
     if layer.dense:
         dn = (((1,), (0,)), ((), ()))
         if op is None:
@@ -168,6 +201,43 @@ def _format(r: dict) -> str:
     return s
 
 
+_COMPILE_SCRIPT = """
+import json, sys, time
+t0 = time.perf_counter()
+import jax.numpy as jnp
+from benchmarks.native import USER_OPS
+from jaxconv._src.engines import native
+t1 = time.perf_counter()
+k = native.user_kernel(USER_OPS[sys.argv[1]])
+t2 = time.perf_counter()
+print(json.dumps(dict(seconds=t2 - t1, compiled=k.compiled, import_s=t1 - t0)))
+"""
+
+
+def compile_cost(names: list[str], out: Any = sys.stdout) -> list[dict]:
+    """First use of each user op in a fresh process with an empty cache, then a second
+    process (a cache hit): translation + compilation + loading, in seconds."""
+    import subprocess  # noqa: PLC0415
+    import tempfile  # noqa: PLC0415
+
+    rows = []
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, JAXCONV_CACHE_DIR=cache)
+        for name in names:
+            row = dict(op=name)
+            for run_name in ("first", "second"):
+                proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, name], env=env,
+                                      capture_output=True, text=True, check=True)
+                got = json.loads(proc.stdout.strip().splitlines()[-1])
+                row[f"{run_name}_s"] = got["seconds"]
+                row[f"{run_name}_compiled"] = got["compiled"]
+            rows.append(row)
+            print(f"{name:>14}: first use {row['first_s']:5.2f} s (compiled: "
+                  f"{row['first_compiled']}), second process {row['second_s']:5.3f} s "
+                  f"(compiled: {row['second_compiled']})", file=out, flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--layers", default="A,B,C,D,E")
@@ -178,11 +248,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-backward", action="store_true")
     p.add_argument("--smoke", action="store_true", help="tiny shapes, two rounds")
     p.add_argument("--json", default=None)
+    p.add_argument("--compile-cost", action="store_true",
+                   help="time compiling the user ops (fresh processes, empty cache)")
     a = p.parse_args(argv)
+    if a.compile_cost:
+        compile_cost(list(USER_OPS))
+        return 0
     table = SMOKE if a.smoke else LAYERS
     names = [n for n in a.layers.split(",") if n]
     unknown = [n for n in names if n not in LAYERS] + [o for o in a.ops.split(",")
-                                                        if o not in OPS]
+                                                        if o not in OPS and o not in USER_OPS]
     if unknown:
         p.error(f"unknown layer or op: {unknown}")
     layers = [table[n] for n in names if n in table]

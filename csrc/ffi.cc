@@ -10,8 +10,11 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <mutex>
+#include <shared_mutex>
 #include <string>
 #include <thread>
+#include <unordered_map>
 
 #include "problem.h"
 #include "xla/ffi/api/ffi.h"
@@ -52,6 +55,32 @@ Isa pick_isa() {
 const Isa& isa() {
   static const Isa chosen = pick_isa();
   return chosen;
+}
+
+// User ops compiled at run time (jaxconv/_src/engines/user_kernels.py), by op id.
+using UserFn = int (*)(const jaxconv::Call*, int);
+
+struct UserKernels {
+  std::shared_mutex mu;
+  std::unordered_map<int64_t, UserFn> fns;
+};
+
+UserKernels& user_kernels() {
+  static UserKernels* table = new UserKernels();  // never destroyed: handlers may outlive exit
+  return *table;
+}
+
+// Runs the kernels of `call.op`: 3 when a user op id is not registered in this process.
+int run_kernels(const jaxconv::Call& call, bool backward) {
+  if (call.op < jaxconv::kUserBase) return isa().fn(call, backward);
+  UserFn fn = nullptr;
+  {
+    UserKernels& t = user_kernels();
+    std::shared_lock<std::shared_mutex> lock(t.mu);
+    auto it = t.fns.find(call.op);
+    if (it != t.fns.end()) fn = it->second;
+  }
+  return fn ? fn(&call, backward ? 1 : 0) : 3;
 }
 
 // JAXCONV_NATIVE_THREADS=k caps the threads a call uses (results never depend on it).
@@ -102,7 +131,7 @@ constexpr int64_t kGeomLen = 27;
 
 ffi::Error decode(ffi::Span<const int64_t> gv, float pad, int64_t op, jaxconv::Geom& g) {
   if (gv.size() != kGeomLen) return ffi::Error::InvalidArgument("jaxconv: bad geometry");
-  if (op < jaxconv::kMaxPlus || op > jaxconv::kL2)
+  if (op < jaxconv::kMaxPlus || (op > jaxconv::kL2 && op < jaxconv::kUserBase))
     return ffi::Error::InvalidArgument("jaxconv: unknown native op id");
   const int64_t* v = gv.begin();
   g.n = v[0];
@@ -132,6 +161,9 @@ int64_t batch_of(const jaxconv::Geom& g, size_t x_elems) {
 ffi::Error finish(int rc) {
   if (rc == 0) return ffi::Error::Success();
   if (rc == 2) return ffi::Error(ffi::ErrorCode::kResourceExhausted, "jaxconv: out of memory");
+  if (rc == 3)
+    return ffi::Error::InvalidArgument(
+        "jaxconv: this user op's compiled kernel is not registered in this process");
   return ffi::Error::InvalidArgument("jaxconv: native kernel refused the call");
 }
 
@@ -146,7 +178,7 @@ ffi::Error forward_impl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
   call.w = w.typed_data();
   call.out = y->typed_data();
   call.par = {run_parallel, &pool};
-  return finish(isa().fn(call, false));
+  return finish(run_kernels(call, false));
 }
 
 ffi::Error backward_impl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
@@ -168,7 +200,7 @@ ffi::Error backward_impl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
   std::memset(call.out, 0, sizeof(float) * dx->element_count());
   std::memset(call.out2, 0, sizeof(float) * dw->element_count());
   call.par = {run_parallel, &pool};
-  return finish(isa().fn(call, true));
+  return finish(run_kernels(call, true));
 }
 
 }  // namespace
@@ -207,4 +239,16 @@ NB_MODULE(_native, m) {
   });
   m.def("isa", []() { return std::string(isa().name); },
         "The instruction set whose kernels this process runs.");
+  m.def("abi", []() { return jaxconv::kAbiVersion; },
+        "The Call/Geom layout version a compiled user op must be built against.");
+  m.def(
+      "register_user_kernel",
+      [](int64_t op, uintptr_t address) {
+        if (op < jaxconv::kUserBase) throw nb::value_error("user op ids start at kUserBase");
+        UserKernels& t = user_kernels();
+        std::unique_lock<std::shared_mutex> lock(t.mu);
+        t.fns[op] = reinterpret_cast<UserFn>(address);
+      },
+      "Registers `jaxconv_user_run` of a loaded user-op library under op id `op`.");
+  m.def("user_base", []() { return jaxconv::kUserBase; });
 }

@@ -15,6 +15,13 @@ struct Geom {
 
 enum OpId : int64_t { kMaxPlus = 0, kMinPlus, kMaxMin, kMinMax, kAdder, kL1, kL2 };
 
+// Op ids from kUserBase up name user ops compiled at run time (registered by key in ffi.cc).
+constexpr int64_t kUserBase = int64_t(1) << 40;
+
+// The layout of Call and Geom: a compiled user op is loaded only if it was built against the
+// same version.
+constexpr int kAbiVersion = 1;
+
 // A fork-join over `n` independent items, implemented on XLA's intra-op pool in ffi.cc.
 struct Parallel {
   void (*run)(void* ctx, int64_t n, void (*fn)(void* arg, int64_t item), void* arg);

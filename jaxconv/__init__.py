@@ -13,6 +13,7 @@ from jaxconv import quantizers as quantizers
 from jaxconv._src.conv import conv_general_dilated as conv_general_dilated
 from jaxconv._src.conv import dot_general as dot_general
 from jaxconv._src.core.algebra import Op as Op
+from jaxconv._src.core.planner import explain as explain
 from jaxconv._src.einsum import einsum as einsum
 from jaxconv._src.kernel_ops import sharpened_cosine_conv as sharpened_cosine_conv
 from jaxconv._src.mixed import conv_multi as conv_multi
@@ -40,7 +41,7 @@ def __dir__() -> list[str]:
 
 __all__ = (
     "Op", "conv", "conv_general_dilated", "conv_multi", "conv_transpose", "dense",
-    "dot_general", "einsum",
+    "dot_general", "einsum", "explain",
     "checkpoint", "linen", "nnx", "ops", "optim", "packed", "quantizers",
     "sharpened_cosine_conv", "__version__",
 )

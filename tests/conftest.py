@@ -1,9 +1,14 @@
-"""Test configuration: 8 simulated CPU devices (for sharding tests), strict rank promotion."""
+"""Test configuration: 8 simulated CPU devices (for sharding tests), strict rank promotion, a
+kernel cache of the session's own."""
 
 import os
 import sys
+import tempfile
 
 import jax
+
+# User ops compiled by the native engine go to a cache of this test session, not the user's.
+os.environ.setdefault("JAXCONV_CACHE_DIR", tempfile.mkdtemp(prefix="jaxconv-test-cache-"))
 
 jax.config.update("jax_num_cpu_devices", 8)
 # No implicit rank promotion anywhere in the library: a silent broadcast is a bug.

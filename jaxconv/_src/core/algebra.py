@@ -372,3 +372,91 @@ def capabilities(op: Op) -> Capabilities:
         part = None if forward else "combine"
     return Capabilities(canonical, red, comb, fill, separable if red == "sum" else None,
                         log_semiring, op.native, forward, part)
+
+
+# --- the monotone form: f(c) under max is f(max c) ---------------------------------------------
+
+_DUAL = {"max": "min", "min": "max"}
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ProgramFn:
+    """A `ScalarProgram`'s first output as an elementwise function of arrays of one shape
+    (hashable by identity: one object per cached program)."""
+
+    program: Any
+    name: str
+
+    def __call__(self, *args: Array) -> Array:
+        from jaxconv._src.core import scalar_program  # noqa: PLC0415
+
+        shape = jnp.broadcast_shapes(*(jnp.shape(a) for a in args))
+        args = tuple(jnp.broadcast_to(a, shape) for a in args)
+        return scalar_program.evaluate(self.program, *args)[0]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class MonotoneForm:
+    """``op`` as ``outer(inner op)``: see `monotone_form`.
+
+    Attributes:
+      inner: the op whose combine is the inner part, under the same or the dual reduce.
+      outer: the monotone map applied to the inner op's result.
+    """
+
+    inner: Op
+    outer: ProgramFn
+
+
+def monotone_form(op: Op, dtype: Any) -> MonotoneForm | None:
+    """``max_t f(c_t) = f(max_t c_t)`` for a total monotone ``f`` (``min`` if decreasing).
+
+    When ``op``'s combine ends in a chain of total, monotone unary maps (``tanh``, ``clip``
+    by constants, ``exp``, scaling by a constant, ...) and its reduce is ``max`` or ``min``
+    with the default identity, the chain is applied once per output instead of once per
+    product. The result is the same (a NaN product still makes a NaN); only a gradient tie
+    can differ: where ``f`` is flat (a saturated ``clip``), taps whose products differ but
+    map to one value share the cotangent in the per-product form, and the largest product
+    takes it here -- with ``f``'s derivative there, which is zero on a flat part.
+
+    Args:
+      op: the product.
+      dtype: the operands' dtype.
+
+    Returns:
+      A `MonotoneForm`, or ``None`` when the op has no such chain (or declares a native
+      kernel, a rewrite or an identity of its own).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import jaxconv
+      >>> op = jaxconv.Op(lambda x, w: jnp.tanh(x - w), "max")
+      >>> form = monotone_form(op, jnp.float32)
+      >>> form.inner.reduce, float(form.outer(jnp.float32(0.0)))
+      ('max', 0.0)
+    """
+    return _monotone_form(op, np.dtype(dtype))
+
+
+@functools.lru_cache(maxsize=512)
+def _monotone_form(op: Op, dtype: np.dtype) -> MonotoneForm | None:
+    from jaxconv._src.core import scalar_program  # noqa: PLC0415
+
+    caps = capabilities(op)
+    canonical = caps.canonical
+    if (caps.reduce not in _DUAL or canonical.identity is not None or op.rewrite is not None
+            or op.native is not None):
+        return None
+    try:
+        program = scalar_program.combine_program(op.combine, jnp.dtype(dtype))
+    except scalar_program.Untranslatable:
+        return None
+    split = scalar_program.monotone_split(program)
+    if split is None:
+        return None
+    name = op.name or "user op"
+    reduce = caps.reduce if split.direction > 0 else _DUAL[caps.reduce]
+    inner = Op(ProgramFn(split.inner, f"{name} (inner)"), reduce,
+               pad_value=canonical.pad_value, name=f"{name} (inner)",
+               forward_mode=op.forward_mode)
+    return MonotoneForm(inner, ProgramFn(split.outer, f"{name} (outer)"))

@@ -86,3 +86,15 @@ class Geometry:
                 tap, self.rhs_dilation, self.out_spatial, self.strides, strict=True)
         )
         return mask[idx]
+
+    def empty_windows(self) -> np.ndarray | None:
+        """Boolean ``out_spatial`` array: True where no tap reads a real input cell (the
+        output is the reduce's identity under identity padding); ``None`` when there is none.
+        """
+        mask = self.valid_mask()
+        if mask is None:
+            return None
+        empty = np.ones(self.out_spatial, bool)
+        for tap in self.taps():
+            empty &= ~self.tap_mask(mask, tap)
+        return empty if empty.any() else None

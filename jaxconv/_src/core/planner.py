@@ -15,6 +15,7 @@ has one path.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import types
 import warnings
@@ -55,14 +56,28 @@ def engine_name(problem: Any, dtype: Any, platform: str) -> str:
 
 
 def _native_serves(problem: Any, dtype: Any, platform: str) -> bool:
-    if problem.op.native is None:
-        return False
     native = _module("native")
-    error = native.load_error()
-    if error is not None:
-        _warn_native_unavailable(error)
+    if problem.op.native is not None:
+        error = native.load_error()
+        if error is not None:
+            _warn_native_unavailable(error)
+            return False
+    elif native.load_error() is not None:
         return False
-    return native.supports(problem, dtype, platform)
+    refusal = native.refusal(problem, dtype)
+    if refusal is not None and refusal.compile_failed:
+        _warn_compile_failed(problem.op.name or repr(problem.op), refusal.reason)
+    if refusal is None and problem.op.native is None and native.scalar_math(problem.op):
+        return False  # libm lane by lane: slower than the XLA engine's vectorized math
+    return refusal is None and native.supports(problem, dtype, platform)
+
+
+@functools.cache
+def _warn_compile_failed(name: str, reason: str) -> None:
+    """Warns once per op that `engine="auto"` runs a user op on the XLA engine because its
+    native kernels could not be compiled."""
+    warnings.warn(f"jaxconv: op {name!r} runs on the XLA engine: {reason}", RuntimeWarning,
+                  stacklevel=2)
 
 
 @functools.cache
@@ -88,10 +103,11 @@ def check_engine(problem: Any, dtype: Any) -> None:
         raise RuntimeError(
             f"engine={name!r} cannot be used: {load_error}. Use engine='auto' or engine='xla'.")
     if not module.supports(problem, dtype, None):
+        why = getattr(module, "why_not", lambda *a: None)(problem, dtype)
         raise ValueError(
             f"engine={name!r} does not serve op {problem.op.name!r} with {dtype} inputs and "
-            "this geometry; use engine='auto' (which falls back to the XLA engine) or "
-            "engine='xla'.")
+            f"this geometry{f' ({why})' if why else ''}; use engine='auto' (which falls back "
+            "to the XLA engine) or engine='xla'.")
 
 
 def engine_for(problem: Any, platform: str, dtype: Any = None) -> types.ModuleType:
@@ -106,3 +122,103 @@ def engine_for(problem: Any, platform: str, dtype: Any = None) -> types.ModuleTy
             f"platform {platform!r}; use engine='auto' or engine='xla'."
         )
     return module
+
+
+# --- explain ------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """How an op is computed: the engine the planner picks and the path inside it.
+
+    Attributes:
+      op: the op's name.
+      platform: the platform planned for.
+      engine: ``"native"``, ``"xla"`` or ``"pallas"``.
+      details: one line per fact (the path, why another engine was not taken, where a
+        compiled user kernel lives).
+    """
+
+    op: str
+    platform: str
+    engine: str
+    details: tuple[str, ...]
+
+    def __str__(self) -> str:
+        lines = [f"op {self.op!r} on {self.platform}: engine {self.engine!r}"]
+        return "\n".join(lines + [f"  - {d}" for d in self.details])
+
+
+def explain(op: Any, *, dtype: Any = "float32", platform: str | None = None,
+            engine: str = "auto") -> Plan:
+    """Which engine and path compute ``op`` (a convolution or dense product with it).
+
+    For a user op on CPU this compiles its native kernels (once, as the first call would) and
+    says where they are cached, or why it is not compiled.
+
+    Args:
+      op: an `Op` or the name of a built-in op.
+      dtype: the operands' dtype.
+      platform: ``"cpu"``, ``"cuda"``, ``"rocm"`` or ``"tpu"``; default: JAX's default backend.
+      engine: the engine asked for (``"auto"`` lets the planner choose).
+
+    Returns:
+      A `Plan` (``print`` it for a report).
+
+    Example:
+      >>> import jaxconv
+      >>> plan = jaxconv.explain("max_plus", platform="cpu")
+      >>> plan.engine in ("native", "xla")
+      True
+    """
+    import jax  # noqa: PLC0415
+    import jax.numpy as jnp  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+
+    from jaxconv._src.core import algebra, ops, primitive  # noqa: PLC0415
+    from jaxconv._src.core.geometry import Geometry  # noqa: PLC0415
+
+    op = ops.get(op)
+    platform = platform or jax.default_backend()
+    dtype = jnp.dtype(dtype)
+    details: list[str] = []
+    form = algebra.monotone_form(op.replace(post=None), dtype)
+    inner = op.replace(post=None) if form is None else form.inner
+    if form is not None:
+        details.append(f"the monotone map {form.outer.program.primitives()} runs once per "
+                       f"output, after a {inner.reduce} of {inner.name!r}")
+    geom = Geometry((8, 8), (3, 3), (1, 1), ((1, 1), (1, 1)), (1, 1), (1, 1), 1)
+    acc = np.dtype(algebra.accumulation_dtype(inner, dtype, None))
+    problem = primitive.Problem(inner, geom, engine, acc, primitive.DEFAULT_MAX_BLOCK_BYTES,
+                                None, dtype)
+    chosen = engine_name(problem, dtype, platform)
+    caps = algebra.capabilities(inner)
+    if chosen == "native":
+        native = _module("native")._module()
+        if inner.native is not None:
+            details.append(f"built-in kernel {inner.native!r} ({native.isa()})")
+        else:
+            kernel = native.user_kernel(inner)
+            how = (f"compiled now in {kernel.seconds:.2f} s" if kernel.compiled
+                   else "loaded from the cache")
+            details.append(f"compiled user kernel ({native.isa()}, {how}): {kernel.path}")
+            details.append(f"primitives: {', '.join(kernel.functor.primitives)}")
+            if kernel.functor.scalar:
+                details.append("lane by lane with libm (not vectorized): "
+                               + ", ".join(kernel.functor.scalar))
+    else:
+        if platform == "cpu" and inner.rewrite is None:
+            why = _module("native").why_not(problem, dtype)
+            if why is None and inner.native is None:
+                why = "its kernel would evaluate libm lane by lane (slower than XLA)"
+            details.append(f"not native: {why}")
+        if inner.rewrite is not None:
+            details.append("a rewrite into standard lax products")
+        elif caps.separable == "mul":
+            details.append("one standard lax convolution (a multiply-and-add)")
+        elif caps.log_semiring:
+            details.append("the log-semiring in exp space (one lax convolution)")
+        elif caps.reduce in ("max", "min"):
+            details.append("blocked products, the winner backward pass")
+        else:
+            details.append(f"blocked products under {caps.reduce!r}")
+    return Plan(op.name or repr(op), platform, chosen, tuple(details))

@@ -330,11 +330,27 @@ def canonical_conv(
     if n == 0 or o == 0:
         return jnp.zeros((n, *geom.out_spatial, o), out_dtype)
     mbb = DEFAULT_MAX_BLOCK_BYTES if max_block_bytes is None else int(max_block_bytes)
-    problem = Problem(op.replace(post=None), geom, engine, acc_dtype, mbb,
-                      _hashable_precision(precision), jnp.dtype(dtype))
+    form = algebra.monotone_form(op.replace(post=None), dtype)
+    inner = op.replace(post=None) if form is None else form.inner
+    problem = Problem(inner, geom, engine, acc_dtype, mbb, _hashable_precision(precision),
+                      jnp.dtype(dtype))
     if engine in ("native", "pallas"):
         planner.check_engine(problem, dtype)
     y = conv(x, w, problem)
+    if form is not None:
+        y = _apply_outer(y, form.outer, op, geom)
     if op.post is not None:
         y = op.post(y)
     return y.astype(out_dtype)
+
+
+def _apply_outer(y: Array, outer: Any, op: Op, geom: Geometry) -> Array:
+    """`outer(y)`, keeping the reduce's identity on windows that read no input cell."""
+    from jaxconv._src.core import algebra  # noqa: PLC0415
+
+    out = outer(y)
+    empty = geom.empty_windows() if op.pad_value is None else None
+    if empty is None:
+        return out
+    mask = jnp.asarray(empty).reshape(1, *empty.shape, 1)
+    return jnp.where(mask, algebra.identity_value(op, y.dtype), out)

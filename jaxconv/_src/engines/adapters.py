@@ -81,6 +81,25 @@ class NativeEngine:
                 and np.dtype(problem.acc_dtype) == np.dtype(dtype)
                 and native.supports(problem.op, geom, dtype) and image < 2**31 // 4096)
 
+    def refusal(self, problem: Any, dtype: Any) -> Any:
+        """Why a user op (no built-in kernel) has no compiled kernels, or ``None``."""
+        native = self._module()
+        if problem.op.native is not None or np.dtype(dtype) not in native.DTYPES:
+            return None
+        got = native.user_kernel(problem.op)
+        return got if isinstance(got, native.Refusal) else None
+
+    def scalar_math(self, op: Any) -> bool:
+        """Whether a compiled user op evaluates some function with libm lane by lane."""
+        return self._module().scalar_math(op)
+
+    def why_not(self, problem: Any, dtype: Any) -> str | None:
+        """Why the native engine does not serve `problem` (``None``: it does)."""
+        native = self._module()
+        if not native.available():
+            return f"the native library could not be loaded ({native.load_error()})"
+        return native.why_not(problem.op, problem.geom, dtype)
+
     def _spec(self, problem: Any, x: Array, w: Array) -> Any:
         native = self._module()
         native._register()

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxconv._src.core import algebra
 from jaxconv._src.core.algebra import Op
 from jaxconv._src.engines import taps
 
@@ -117,11 +118,84 @@ def _kernel(op: Op) -> tuple[int, str] | None:
     return entry
 
 
+@functools.lru_cache(maxsize=256)
+def user_kernel(op: Op) -> Any:
+    """The compiled kernels of a user op, or why it has none (decided once per op).
+
+    Args:
+      op: an op without a built-in kernel (``op.native is None``).
+
+    Returns:
+      A `user_kernels.Kernel`, or a `Refusal` saying why the op is not compiled.
+    """
+    from jaxconv._src.engines import codegen, user_kernels  # noqa: PLC0415
+
+    if op.native is not None or op.rewrite is not None:
+        return Refusal("it is a built-in op or a rewrite", compile_failed=False)
+    caps = algebra.capabilities(op)
+    if caps.reduce == "sum" and caps.separable == "mul":
+        return Refusal("it is a multiply-and-add (a standard convolution is faster)",
+                       compile_failed=False)
+    try:
+        functor = codegen.functor(op)
+    except codegen.Untranslatable as e:
+        return Refusal(f"it is not translated: {e}", compile_failed=False)
+    if not available():
+        return Refusal(f"the native library could not be loaded ({load_error()})",
+                       compile_failed=False)
+    try:
+        return user_kernels.build(functor)
+    except user_kernels.CompileError as e:
+        return Refusal(f"it could not be compiled: {e}", compile_failed=True)
+
+
+def scalar_math(op: Op) -> bool:
+    """Whether a compiled user op evaluates some function with libm lane by lane."""
+    got = user_kernel(op)
+    return not isinstance(got, Refusal) and bool(got.functor.scalar)
+
+
+@dataclasses.dataclass(frozen=True)
+class Refusal:
+    """Why the native engine does not serve an op."""
+
+    reason: str
+    compile_failed: bool
+
+
+def why_not(op: Op, geom: Any, dtype: Any) -> str | None:
+    """Why the native kernels do not serve ``op`` on ``geom`` in ``dtype`` (``None``: they do).
+
+    Args:
+      op: the product.
+      geom: the canonical geometry.
+      dtype: the common dtype of the two operands.
+
+    Returns:
+      ``None``, or the reason as text.
+    """
+    if jnp.dtype(dtype) not in DTYPES:
+        return f"dtype {jnp.dtype(dtype).name} is not served (float32 only)"
+    if len(geom.window) > 3:
+        return "more than 3 spatial dimensions"
+    if op.pad_value is not None and not isinstance(op.pad_value, int | float):
+        return "a non-numeric pad_value"
+    if _kernel(op) is not None:
+        return None
+    if op.native is not None:
+        return f"no kernel {op.native!r} with reduce {op.reduce_name!r}"
+    got = user_kernel(op)
+    return got.reason if isinstance(got, Refusal) else None
+
+
 def supports(op: Op, geom: Any, dtype: Any) -> bool:
     """Whether the native kernels serve ``op`` on ``geom`` in ``dtype`` (decided statically).
 
+    Built-in ops are served by their kernel (``op.native``); a user op by its kernels
+    compiled at first use (`user_kernel`).
+
     Args:
-      op: the product; served when ``op.native`` names a kernel whose reduce is ``op.reduce``.
+      op: the product.
       geom: the canonical geometry (``engines.xla.Geometry``).
       dtype: the common dtype of the two operands.
 
@@ -135,11 +209,7 @@ def supports(op: Op, geom: Any, dtype: Any) -> bool:
       >>> native.supports(ops.max_plus, g, "float32"), native.supports(ops.log, g, "float32")
       (True, False)
     """
-    if _kernel(op) is None or jnp.dtype(dtype) not in DTYPES:
-        return False
-    if op.pad_value is not None and not isinstance(op.pad_value, int | float):
-        return False
-    return len(geom.window) <= 3
+    return why_not(op, geom, dtype) is None
 
 
 def serves(op: Op, geom: Any, x: Any, w: Any, preferred_element_type: Any | None) -> bool:
@@ -190,7 +260,8 @@ def _call_spec(op: Op, geom: Any, x_shape: tuple[int, ...], w_shape: tuple[int, 
     vals = (n, *sp, c, *k, i, o, geom.groups, *os_, *three(geom.strides, 1),
             *(lo for lo, _ in pads), *three(geom.lhs_dilation, 1), *three(geom.rhs_dilation, 1),
             0 if op.pad_value is None else 1)
-    kid, _ = _kernel(op)
+    entry = _kernel(op)
+    kid = entry[0] if entry is not None else user_kernel(op).op_id
     return _Call(kid, tuple(int(v) for v in vals),
                  None if op.pad_value is None else float(op.pad_value),
                  (n, *sp, c), (*k, i, o), (n, *os_, o),

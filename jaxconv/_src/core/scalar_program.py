@@ -1,0 +1,446 @@
+"""An op's scalar functions as a flat program of elementwise primitives.
+
+A user's ``combine(x, w)`` (and its partial derivatives, from ``jax.grad``) is traced once on
+scalars of the call's dtype into a jaxpr, whose calls (``jit``, ``custom_jvp_call``, ...) are
+inlined and whose constant subexpressions are folded. The result, a `ScalarProgram`, is what
+the native engine's code generator translates to C++, and what the planner analyses:
+
+- `monotone_split`: ``combine = f(inner(x, w))`` with ``f`` a chain of total, monotone unary
+  maps (``tanh``, ``clip`` with constants, ``exp``, ``x * 2``, ...). Under a max or min,
+  ``max_t f(c_t) = f(max_t c_t)`` (``min`` for a decreasing ``f``), so ``f`` runs once per
+  output instead of once per product.
+- `nan_free`: whether finite inputs can make a NaN (the kernels' fast max/min loop assumes
+  they cannot).
+
+Nothing here runs the user's function on values: tracing is abstract, and constants are
+folded with the primitives themselves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+
+class Untranslatable(ValueError):
+    """A scalar function that has no flat program (the reason is the message)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Const:
+    """A scalar constant of the program."""
+
+    value: float | bool
+    dtype: np.dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class Arg:
+    """The program's ``index``-th argument."""
+
+    index: int
+
+
+Ref = Const | Arg | int  # an int is the index of a node
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Node:
+    """One elementwise primitive applied to earlier values."""
+
+    primitive: Any
+    params: dict[str, Any]
+    args: tuple[Ref, ...]
+    dtype: np.dtype
+
+    @property
+    def name(self) -> str:
+        return self.primitive.name
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ScalarProgram:
+    """A flat program: `nodes` in order, the values of `outputs`, `n_args` arguments.
+
+    Attributes:
+      nodes: the primitives, each reading arguments, constants or earlier nodes.
+      outputs: the program's results.
+      n_args: how many scalar arguments it takes.
+      dtype: the arguments' dtype.
+      custom_jvp: whether a ``custom_jvp`` function was inlined (its rule is then not part of
+        the program: only its primal computation is).
+    """
+
+    nodes: tuple[Node, ...]
+    outputs: tuple[Ref, ...]
+    n_args: int
+    dtype: np.dtype
+    custom_jvp: bool
+
+    def primitives(self) -> tuple[str, ...]:
+        """The names of the primitives the live part of the program uses, sorted."""
+        return tuple(sorted({self.nodes[k].name for k in self.live()}))
+
+    def live(self) -> list[int]:
+        """The nodes the outputs depend on, in order."""
+        return self.live_of(*self.outputs)
+
+    def live_of(self, *refs: Ref) -> list[int]:
+        """The nodes `refs` depend on, in order."""
+        seen: set[int] = set()
+        stack = [r for r in refs if isinstance(r, int)]
+        while stack:
+            k = stack.pop()
+            if k in seen:
+                continue
+            seen.add(k)
+            stack.extend(a for a in self.nodes[k].args if isinstance(a, int))
+        return sorted(seen)
+
+
+# Primitives that call another jaxpr: inlined.
+_CALLS = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr",
+          "core_call": "call_jaxpr", "remat": "jaxpr", "checkpoint": "jaxpr",
+          "custom_jvp_call": "call_jaxpr"}
+# Primitives that are the identity on scalars.
+_PASS = ("broadcast_in_dim", "reshape", "squeeze", "copy", "copy_p", "expand_dims")
+ELEMENTWISE = frozenset({
+    "add", "sub", "mul", "div", "neg", "abs", "sign", "max", "min", "exp", "exp2", "log",
+    "log1p", "expm1", "tanh", "logistic", "sqrt", "rsqrt", "cbrt", "pow", "integer_pow",
+    "square", "floor", "ceil", "round", "eq", "ne", "lt", "le", "gt", "ge", "select_n",
+    "clamp", "convert_element_type", "and", "or", "not", "xor", "is_finite", "copysign",
+    "sin", "cos", "tan", "atan", "atan2", "sinh", "cosh", "asinh", "acosh", "atanh", "erf",
+    "erfc", "rem", "nextafter", "add_any",
+})
+_FLOATS = (np.dtype(np.float32), np.dtype(np.float64), np.dtype(jnp.bfloat16),
+           np.dtype(np.float16))
+
+
+def _scalar_dtype(aval: Any, what: str) -> np.dtype:
+    shape = getattr(aval, "shape", None)
+    dtype = np.dtype(getattr(aval, "dtype", np.float32))
+    if shape != ():
+        raise Untranslatable(f"{what} is not a scalar (shape {shape})")
+    if dtype != np.dtype(bool) and dtype not in _FLOATS:
+        raise Untranslatable(f"{what} has dtype {dtype.name} (only floats and bools are "
+                             "translated)")
+    return dtype
+
+
+class _Builder:
+    def __init__(self, arg_dtype: np.dtype) -> None:
+        self.arg_dtype = arg_dtype
+        self.nodes: list[Node] = []
+        self.custom_jvp = False
+
+    def const(self, value: Any, what: str) -> Const:
+        arr = np.asarray(value)
+        if arr.shape != ():
+            raise Untranslatable(f"{what} captures a non-scalar constant of shape {arr.shape}")
+        dtype = _scalar_dtype(arr, what)
+        return Const(bool(arr) if dtype == np.dtype(bool) else float(arr), dtype)
+
+    def inline(self, closed: Any, args: list[Ref]) -> list[Ref]:
+        jaxpr = getattr(closed, "jaxpr", closed)
+        consts = list(getattr(closed, "consts", ()))
+        env: dict[Any, Ref] = {}
+        for v, c in zip(jaxpr.constvars, consts, strict=True):
+            env[v] = self.const(c, "the function")
+        for v, a in zip(jaxpr.invars, args, strict=True):
+            env[v] = a
+
+        def read(v: Any) -> Ref:
+            if hasattr(v, "val"):  # a literal
+                return self.const(v.val, "the function")
+            return env[v]
+
+        for eqn in jaxpr.eqns:
+            name = eqn.primitive.name
+            ins = [read(v) for v in eqn.invars]
+            if name in _CALLS:
+                if name == "custom_jvp_call":
+                    self.custom_jvp = True
+                outs = self.inline(eqn.params[_CALLS[name]], ins)
+            elif name.startswith("custom_vjp"):
+                raise Untranslatable("it calls a function with a custom VJP (such as a "
+                                     "straight-through estimator)")
+            elif name in _PASS:
+                outs = ins[:1]
+            elif name in ELEMENTWISE:
+                outs = [self.add(eqn, ins)]
+            else:
+                raise Untranslatable(f"primitive {name!r} is not translated")
+            for v, r in zip(eqn.outvars, outs, strict=True):
+                if type(v).__name__ != "DropVar":
+                    env[v] = r
+        return [read(v) for v in jaxpr.outvars]
+
+    def add(self, eqn: Any, ins: list[Ref]) -> Ref:
+        (out,) = eqn.outvars
+        dtype = _scalar_dtype(out.aval, f"the result of {eqn.primitive.name!r}")
+        if eqn.primitive.name == "convert_element_type" and self.dtype_of(ins[0]) == dtype:
+            return ins[0]
+        if all(isinstance(a, Const) for a in ins):
+            vals = [np.asarray(a.value, a.dtype) for a in ins]
+            with jax.ensure_compile_time_eval():  # concrete even inside a caller's jit
+                folded = np.asarray(eqn.primitive.bind(*vals, **eqn.params))
+            return self.const(folded,
+                              f"the constant {eqn.primitive.name!r}")
+        return self._node(eqn, ins, dtype)
+
+    def dtype_of(self, r: Ref) -> np.dtype | None:
+        if isinstance(r, Const):
+            return r.dtype
+        if isinstance(r, int):
+            return self.nodes[r].dtype
+        return self.arg_dtype
+
+    def _node(self, eqn: Any, ins: list[Ref], dtype: np.dtype) -> int:
+        self.nodes.append(Node(eqn.primitive, dict(eqn.params), tuple(ins), dtype))
+        return len(self.nodes) - 1
+
+
+def trace(fn: Callable[..., Any], dtype: Any, n_args: int) -> ScalarProgram:
+    """The flat program of ``fn`` on ``n_args`` scalars of ``dtype``.
+
+    Args:
+      fn: a scalar function written with ``jax.numpy`` / ``lax``.
+      dtype: the arguments' dtype.
+      n_args: the number of arguments.
+
+    Returns:
+      A `ScalarProgram` (its ``outputs`` are ``fn``'s results, flattened).
+
+    Raises:
+      Untranslatable: when ``fn`` cannot be traced on scalars or uses something that is not
+        an elementwise primitive on scalars (the message says what).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxconv._src.core import scalar_program
+      >>> p = scalar_program.trace(lambda x, w: jnp.tanh(x - w), "float32", 2)
+      >>> p.primitives()
+      ('sub', 'tanh')
+    """
+    dtype = np.dtype(dtype)
+    s = jax.ShapeDtypeStruct((), dtype)
+    try:
+        closed = jax.make_jaxpr(fn)(*([s] * n_args))
+    except Exception as e:  # noqa: BLE001 - any tracing failure means "not translatable"
+        raise Untranslatable(f"it cannot be traced on scalars ({type(e).__name__}: {e})") \
+            from None
+    b = _Builder(dtype)
+    outs = b.inline(closed, [Arg(i) for i in range(n_args)])
+    return ScalarProgram(tuple(b.nodes), tuple(outs), n_args, dtype, b.custom_jvp)
+
+
+@functools.lru_cache(maxsize=512)
+def combine_program(combine: Callable[..., Any], dtype: Any) -> ScalarProgram:
+    """`trace` of ``combine(x, w)``, once per function and dtype (cached)."""
+    return trace(combine, dtype, 2)
+
+
+@functools.lru_cache(maxsize=512)
+def partials_program(combine: Callable[..., Any], dtype: Any) -> ScalarProgram:
+    """The program of ``(d combine / dx, d combine / dw)`` from ``jax.grad`` (cached)."""
+    return trace(jax.grad(combine, argnums=(0, 1)), dtype, 2)
+
+
+def evaluate(program: ScalarProgram, *args: Array) -> list[Array]:
+    """Runs `program` elementwise on arrays of one shape (the primitives themselves).
+
+    Args:
+      program: the program.
+      *args: its arguments, arrays of one shape.
+
+    Returns:
+      Its outputs, arrays of that shape.
+    """
+    shape = jnp.shape(args[0])
+    vals: list[Array] = []
+
+    def read(r: Ref) -> Array:
+        if isinstance(r, Const):
+            return jnp.full(shape, r.value, r.dtype)
+        if isinstance(r, Arg):
+            return args[r.index]
+        return vals[r]
+
+    for node in program.nodes:
+        vals.append(node.primitive.bind(*(read(a) for a in node.args), **node.params))
+    return [read(r) for r in program.outputs]
+
+
+# --- analyses ---------------------------------------------------------------------------------
+
+def _finite_const(r: Ref) -> bool:
+    return isinstance(r, Const) and isinstance(r.value, float) and math.isfinite(r.value)
+
+
+def _direction(node: Node, var: int) -> int | None:
+    """+1 / -1 when `node`, as a function of its argument `var` (the others constant), is a
+    total non-decreasing / non-increasing map (never NaN from a non-NaN input); else None."""
+    name, args = node.name, node.args
+    others = [a for i, a in enumerate(args) if i != var]
+    if name in ("tanh", "logistic", "exp", "exp2", "expm1", "atan", "erf", "asinh", "cbrt",
+                "floor", "ceil", "round", "sign", "sinh"):
+        return 1
+    if name == "neg":
+        return -1
+    if name == "integer_pow":
+        y = node.params["y"]
+        return 1 if y > 0 and y % 2 == 1 else None
+    if not all(isinstance(a, Const) and not (isinstance(a.value, float) and math.isnan(a.value))
+               for a in others):
+        return None
+    if name in ("max", "min"):
+        return 1
+    if name == "clamp":
+        return 1 if var == 1 else None
+    if not all(_finite_const(a) for a in others):
+        return None
+    if name == "add":
+        return 1
+    if name == "sub":
+        return 1 if var == 0 else -1
+    if name in ("mul", "div"):
+        if name == "div" and var != 0:
+            return None
+        c = others[0].value
+        return None if c == 0 else (1 if c > 0 else -1)
+    return None
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class MonotoneSplit:
+    """``program = outer(inner(x, w))``, `outer` a monotone chain (see `monotone_split`).
+
+    Attributes:
+      inner: the program of ``inner(x, w)``.
+      outer: the program of ``outer(c)`` (one argument).
+      direction: ``+1`` (non-decreasing ``outer``) or ``-1`` (non-increasing).
+    """
+
+    inner: ScalarProgram
+    outer: ScalarProgram
+    direction: int
+
+
+def monotone_split(program: ScalarProgram) -> MonotoneSplit | None:
+    """Splits off the longest total, monotone unary tail of a one-output program.
+
+    A tail step is a node whose only non-constant argument is the previous value, used by
+    nothing else. ``None`` when there is no such tail, when nothing would be left inside, or
+    when a ``custom_jvp`` function was inlined (its rule would be lost on the JAX side).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxconv._src.core import scalar_program as sp
+      >>> s = sp.monotone_split(sp.trace(lambda x, w: jnp.clip(x * w, -1.0, 1.0), "float32", 2))
+      >>> s.inner.primitives(), s.outer.primitives(), s.direction
+      (('mul',), ('max', 'min'), 1)
+    """
+    if len(program.outputs) != 1 or program.custom_jvp:
+        return None
+    uses: dict[int, int] = {}
+    for k in program.live():
+        for a in program.nodes[k].args:
+            if isinstance(a, int):
+                uses[a] = uses.get(a, 0) + 1
+    chain: list[tuple[int, int]] = []  # (node, position of the variable argument), outermost 1st
+    direction = 1
+    r = program.outputs[0]
+    while isinstance(r, int):
+        node = program.nodes[r]
+        variables = [i for i, a in enumerate(node.args) if not isinstance(a, Const)]
+        if len(variables) != 1 or node.dtype != program.dtype:
+            break
+        var = variables[0]
+        d = _direction(node, var)
+        inner_ref = node.args[var]
+        if d is None or not isinstance(inner_ref, int) or uses.get(inner_ref, 0) != 1:
+            break
+        if program.nodes[inner_ref].dtype != program.dtype:
+            break
+        chain.append((r, var))
+        direction *= d
+        r = inner_ref
+    if not chain:
+        return None
+    inner = dataclasses.replace(program, outputs=(r,))
+    outer_nodes: list[Node] = []
+    prev: Ref = Arg(0)
+    for k, var in reversed(chain):
+        node = program.nodes[k]
+        args = tuple(prev if i == var else a for i, a in enumerate(node.args))
+        outer_nodes.append(dataclasses.replace(node, args=args))
+        prev = len(outer_nodes) - 1
+    outer = ScalarProgram(tuple(outer_nodes), (prev,), 1, program.dtype, False)
+    return MonotoneSplit(inner, outer, direction)
+
+
+_BOUNDED = ("tanh", "logistic", "atan", "erf", "erfc", "sign", "is_finite")
+_GROWING = ("exp", "exp2", "expm1", "sinh", "cosh", "square", "integer_pow")
+_KEEPS = ("neg", "abs", "floor", "ceil", "round", "max", "min", "clamp", "copysign", "select_n")
+
+
+def nan_free(program: ScalarProgram) -> bool:
+    """Whether finite arguments can never make a NaN output (a conservative analysis).
+
+    Each value is finite, maybe infinite, or maybe NaN: sums and products of finite values
+    may overflow to infinity, and infinity meets infinity (``inf - inf``, ``0 * inf``) in a
+    NaN; ``log``, ``sqrt``, ``div``, ``pow``, ... may make a NaN from finite values.
+
+    Example:
+      >>> from jaxconv._src.core import scalar_program as sp
+      >>> sp.nan_free(sp.trace(lambda x, w: x * w, "float32", 2))
+      True
+      >>> sp.nan_free(sp.trace(lambda x, w: x * w - w, "float32", 2))
+      False
+    """
+    finite, inf, nan = 0, 1, 2
+    state: list[int] = []
+
+    def of(r: Ref) -> int:
+        if isinstance(r, Arg):
+            return finite
+        if isinstance(r, Const):
+            if isinstance(r.value, bool) or math.isfinite(r.value):
+                return finite
+            return nan if math.isnan(r.value) else inf
+        return state[r]
+
+    for node in program.nodes:
+        s = [of(a) for a in node.args]
+        name = node.name
+        from_bool = name == "convert_element_type" and isinstance(node.args[0], int) and \
+            program.nodes[node.args[0]].dtype == np.dtype(bool)
+        if node.dtype == np.dtype(bool) or from_bool:
+            out = finite
+        elif name in ("add", "sub"):
+            out = nan if max(s) == nan or s.count(inf) > 1 else inf  # inf - inf
+        elif name == "mul":
+            # inf * 0, unless the other factor is a nonzero finite constant.
+            scaled = any(_finite_const(a) and a.value != 0 for a in node.args)
+            out = nan if max(s) == nan or (inf in s and not scaled) else inf
+        elif name in _KEEPS:
+            out = max(s[1:] if name == "select_n" else s)
+        elif name in _BOUNDED:
+            out = nan if max(s) == nan else finite
+        elif name in _GROWING:
+            out = nan if max(s) == nan else inf
+        elif name == "div" and _finite_const(node.args[1]) and node.args[1].value != 0:
+            out = nan if s[0] == nan else inf
+        else:
+            out = nan
+        state.append(out)
+    return all(of(r) != nan for r in program.outputs)

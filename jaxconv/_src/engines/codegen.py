@@ -1,0 +1,226 @@
+"""The native engine's code generator: a user op as a C++ functor of the kernel template.
+
+A user op's ``combine`` and its partial derivatives (`scalar_program`) are written as C++
+over the kernel template's vector type (``csrc/userop.h``: lax's semantics, NaN in, NaN
+out), with the reduce, identity and NaN behaviour the kernels need (``csrc/kernels.inc``):
+
+- ``max`` / ``min``: ``comb`` per product, the winner backward through ``dcx`` / ``dcw``;
+- ``sum``: ``step = acc + comb``, the backward through ``hx`` / ``hw``.
+
+What is not translated (another reduce, a primitive outside `scalar_program.ELEMENTWISE`, a
+dtype other than float32, a custom VJP inside) raises `Untranslatable` with the reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import numpy as np
+
+from jaxconv._src.core import scalar_program as sp
+from jaxconv._src.core.algebra import Op, capabilities, identity_value
+
+Untranslatable = sp.Untranslatable
+
+REDUCES = {"max": "MaxR", "min": "MinR", "sum": "SumR"}
+_F32 = np.dtype(np.float32)
+
+_BINARY = {"add", "sub", "mul", "div", "max", "min", "pow", "atan2", "rem", "copysign",
+           "nextafter", "eq", "ne", "lt", "le", "gt", "ge", "and", "or", "xor"}
+_UNARY = {"neg", "abs", "sign", "exp", "exp2", "log", "log1p", "expm1", "tanh", "logistic",
+          "sqrt", "rsqrt", "cbrt", "floor", "ceil", "sin", "cos", "tan", "atan", "sinh",
+          "cosh", "asinh", "acosh", "atanh", "erf", "erfc", "is_finite", "not", "square"}
+# Evaluated lane by lane with libm (correct, not vectorized).
+SCALAR_LIBM = frozenset({"div", "pow", "atan2", "rem", "copysign", "nextafter", "sign", "exp",
+                         "exp2", "log", "log1p", "expm1", "tanh", "logistic", "sqrt", "rsqrt",
+                         "cbrt", "floor", "ceil", "round", "sin", "cos", "tan", "atan", "sinh",
+                         "cosh", "asinh", "acosh", "atanh", "erf", "erfc"})
+
+
+def literal(value: float | bool) -> str:
+    """A float as an exact C++ float literal."""
+    v = float(value)
+    if math.isnan(v):
+        return '__builtin_nanf("")'
+    if math.isinf(v):
+        return "__builtin_inff()" if v > 0 else "-__builtin_inff()"
+    return f"{float(np.float32(v)).hex()}f"
+
+
+def _ref(r: sp.Ref) -> str:
+    if isinstance(r, sp.Const):
+        return f"T::set1({literal(r.value)})"
+    if isinstance(r, sp.Arg):
+        return ("x", "w")[r.index]
+    return f"v{r}"
+
+
+def _expr(node: sp.Node) -> str:
+    name = node.name
+    a = [_ref(r) for r in node.args]
+    if node.dtype not in (_F32, np.dtype(bool)):
+        raise Untranslatable(f"it computes in {node.dtype.name} (the native kernels are "
+                             "float32)")
+    if name in _BINARY:
+        return f"u_{name}<T>({a[0]}, {a[1]})"
+    if name == "add_any":  # the sum of two cotangents
+        return f"u_add<T>({a[0]}, {a[1]})"
+    if name in _UNARY:
+        return f"u_{name}<T>({a[0]})"
+    if name == "round":
+        method = int(node.params.get("rounding_method", 0))
+        return f"u_round_{'even' if method == 1 else 'away'}<T>({a[0]})"
+    if name == "clamp":
+        return f"u_clamp<T>({a[0]}, {a[1]}, {a[2]})"
+    if name == "select_n":
+        if len(a) != 3:
+            raise Untranslatable("select_n with more than two cases is not translated")
+        return f"u_select<T>({a[0]}, {a[1]}, {a[2]})"
+    if name == "convert_element_type":
+        # Booleans are 0 / 1 floats: bool -> float is the identity, float -> bool is != 0.
+        if node.dtype == np.dtype(bool):
+            return f"u_ne<T>({a[0]}, T::zero())"
+        return a[0]
+    if name == "integer_pow":
+        return _integer_pow(a[0], int(node.params["y"]))
+    raise Untranslatable(f"primitive {name!r} is not translated")
+
+
+def _integer_pow(x: str, y: int) -> str:
+    """``x ** y`` by the multiplications of JAX's own lowering (the same rounding)."""
+    if y == 0:
+        return "T::set1(1.0f)"
+    recip, y = y < 0, abs(y)
+    acc = None
+    while y > 0:
+        if y & 1:
+            acc = x if acc is None else f"T::mul({acc}, {x})"
+        y >>= 1
+        if y > 0:
+            x = f"T::mul({x}, {x})"
+    return f"u_div<T>(T::set1(1.0f), {acc})" if recip else acc
+
+
+def function(name: str, program: sp.ScalarProgram, output: int) -> str:
+    """One templated static member ``name(x, w)`` returning `program`'s `output`."""
+    if program.dtype != _F32:
+        raise Untranslatable(f"its dtype is {program.dtype.name} (the native kernels are "
+                             "float32)")
+    lines = [f"  template <class T> static VT<T> {name}(VT<T> x, VT<T> w) {{",
+             "    (void)x;", "    (void)w;"]
+    live = set(program.live_of(program.outputs[output]))
+    for k, node in enumerate(program.nodes):
+        if k in live:
+            lines.append(f"    const VT<T> v{k} = {_expr(node)};")
+    lines.append(f"    return {_ref(program.outputs[output])};")
+    lines.append("  }")
+    return "\n".join(lines)
+
+
+@dataclasses.dataclass(frozen=True)
+class Functor:
+    """The generated functor of one op.
+
+    Attributes:
+      source: the complete C++ translation unit.
+      primitives: the primitives the forward and backward use.
+      scalar: those of them evaluated lane by lane with libm (not vectorized).
+      nan_free: whether finite inputs never make a NaN product (the fast max/min loop).
+    """
+
+    source: str
+    primitives: tuple[str, ...]
+    scalar: tuple[str, ...]
+    nan_free: bool
+
+
+PRELUDE = """\
+// Generated by jaxconv for the op {name}: its combine and partial derivatives as a functor
+// of the kernel template (csrc/kernels.inc). Do not edit: the cache key is this text.
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#endif
+#include <cmath>
+#define JAXCONV_USER_OP 1
+#include "kernels.inc"
+
+namespace {{
+#include "userop.h"
+
+struct UserOp : {reduce} {{
+  static constexpr bool kDominated = false;
+  static constexpr bool kNanFree = {nan_free};
+  static float ident() {{ return {ident}; }}
+"""
+
+EPILOGUE = """\
+}};
+
+}}  // namespace
+
+#define JAXCONV_EXPORT extern "C" __attribute__((visibility("default")))
+JAXCONV_EXPORT int jaxconv_user_run(const jaxconv::Call* call, int backward) {{
+  return run_op<UserOp>(*call, backward != 0);
+}}
+JAXCONV_EXPORT int jaxconv_user_abi() {{ return jaxconv::kAbiVersion; }}
+"""
+
+
+def functor(op: Op, dtype: object = np.float32) -> Functor:
+    """The C++ source of `op`'s kernels.
+
+    Args:
+      op: a user op with a ``sum``, ``max`` or ``min`` reduce (after
+        `algebra.capabilities`' canonicalization of a callable reduce) and no rewrite.
+      dtype: the operands' dtype (float32).
+
+    Returns:
+      A `Functor`.
+
+    Raises:
+      Untranslatable: with the reason, when the op cannot be compiled.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import jaxconv
+      >>> from jaxconv._src.engines import codegen
+      >>> f = codegen.functor(jaxconv.Op(lambda x, w: x * w, "max"))
+      >>> f.primitives, f.nan_free
+      (('mul',), True)
+    """
+    dtype = np.dtype(dtype)
+    if dtype != _F32:
+        raise Untranslatable(f"its dtype is {dtype.name} (the native kernels are float32)")
+    caps = capabilities(op)
+    if op.rewrite is not None:
+        raise Untranslatable("it is a rewrite of a standard product")
+    if caps.reduce not in REDUCES:
+        raise Untranslatable(f"its reduce {caps.reduce!r} has no native kernel (served: "
+                             f"{sorted(REDUCES)})")
+    if op.pad_value is not None and not math.isfinite(float(op.pad_value)):
+        raise Untranslatable("its pad_value is not finite")
+    comb = sp.combine_program(op.combine, dtype)
+    if len(comb.outputs) != 1:
+        raise Untranslatable("its combine returns more than one value")
+    parts = sp.partials_program(op.combine, dtype)
+    with jax.ensure_compile_time_eval():
+        ident = float(identity_value(caps.canonical, dtype))
+    body = [function("comb", comb, 0), function("dcx", parts, 0), function("dcw", parts, 1)]
+    if caps.reduce == "sum":
+        body.append("  template <class T> static VT<T> step(VT<T> acc, VT<T> x, VT<T> w) {\n"
+                    "    return T::add(acc, comb<T>(x, w));\n  }")
+        body.append("  template <class T> static VT<T> hx(VT<T> x, VT<T> w) "
+                    "{ return dcx<T>(x, w); }")
+        body.append("  template <class T> static VT<T> hw(VT<T> x, VT<T> w) "
+                    "{ return dcw<T>(x, w); }")
+    else:
+        body.append("  template <class T> static VT<T> comb_safe(VT<T> x, VT<T> w) "
+                    "{ return comb<T>(x, w); }")
+    nan_free = sp.nan_free(comb)
+    source = (PRELUDE.format(name=op.name or "(unnamed)", reduce=REDUCES[caps.reduce],
+                             nan_free="true" if nan_free else "false", ident=literal(ident))
+              + "\n".join(body) + "\n" + EPILOGUE.format())
+    used = tuple(sorted(set(comb.primitives()) | set(parts.primitives())))
+    return Functor(source, used, tuple(p for p in used if p in SCALAR_LIBM), nan_free)

@@ -1,0 +1,409 @@
+"""User ops compiled into the native CPU engine (``codegen``, ``user_kernels``).
+
+The translation of each primitive is checked against ``jax.numpy`` on a grid of values with
+zeros, infinities and NaN (a dense product with a contraction of one is the combine itself);
+the generated kernels against the numpy loop reference and the XLA engine over a covering set
+of user ops and geometries, gradients included; the cache, the file lock and every fallback
+(an untranslated primitive, no compiler, a failing compiler) in fresh processes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from reference import conv_reference, dot_general_reference
+
+import jaxconv
+from jaxconv._src.engines import codegen, native
+
+pytestmark = pytest.mark.skipif(not native.available(),
+                                reason=f"native engine not built: {native.load_error()}")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+F32 = np.float32
+SPECIAL = np.array([-7.25, -2.0, -1.0, -0.5, -0.0, 0.0, 0.25, 0.5, 1.0, 1.5, 3.0, 20.0,
+                    1e-30, -1e30, np.inf, -np.inf, np.nan], F32)
+
+
+def _pairs(fn, reduce="sum", **kw):
+    """``fn`` on every pair of SPECIAL values, by the native engine and by jnp."""
+    op = jaxconv.Op(fn, reduce, name=f"test_{reduce}", **kw)
+    x = SPECIAL.reshape(-1, 1)
+    w = SPECIAL.reshape(1, -1)
+    dn = (((1,), (0,)), ((), ()))
+    got = jax.jit(lambda a, b: jaxconv.dot_general(a, b, dn, op=op, engine="native"))(x, w)
+    want = fn(jnp.asarray(np.broadcast_to(x, (x.size, w.size))),
+              jnp.asarray(np.broadcast_to(w, (x.size, w.size))))
+    return np.asarray(got), np.asarray(want)
+
+
+# One entry per translated primitive (the name is the primitive); "exact" ones are IEEE
+# operations, the others libm functions (a few ulp).
+PRIMITIVES = {
+    "add": (lambda x, w: x + w, True), "sub": (lambda x, w: x - w, True),
+    "mul": (lambda x, w: (x * w) * 1.0, True), "div": (lambda x, w: x / w, True),
+    "neg": (lambda x, w: -x + w, True), "abs": (lambda x, w: jnp.abs(x) - w, True),
+    "sign": (lambda x, w: jnp.sign(x) + w, True),
+    "max": (lambda x, w: jnp.maximum(x, w), True), "min": (lambda x, w: jnp.minimum(x, w), True),
+    "exp": (lambda x, w: jnp.exp(x) + w, False), "exp2": (lambda x, w: jnp.exp2(x) + w, False),
+    "log": (lambda x, w: jnp.log(x) + w, False), "log1p": (lambda x, w: jnp.log1p(x) + w, False),
+    "expm1": (lambda x, w: jnp.expm1(x) + w, False),
+    "tanh": (lambda x, w: jnp.tanh(x) + w, False),
+    "logistic": (lambda x, w: jax.nn.sigmoid(x) + w, False),
+    "sqrt": (lambda x, w: jnp.sqrt(x) + w, False), "rsqrt": (lambda x, w: jax.lax.rsqrt(x) + w,
+                                                             False),
+    "cbrt": (lambda x, w: jnp.cbrt(x) + w, False),
+    "pow": (lambda x, w: jnp.power(x, w), False),
+    "integer_pow": (lambda x, w: x ** 3 - w ** -2, True),
+    "square": (lambda x, w: jnp.square(x) + w, True),
+    "floor": (lambda x, w: jnp.floor(x) + w, True), "ceil": (lambda x, w: jnp.ceil(x) + w, True),
+    "round": (lambda x, w: jnp.round(x) + jax.lax.round(w), True),
+    "compare": (lambda x, w: jnp.where(x < w, 1.0, 0.0) + jnp.where(x <= w, 2.0, 0.0)
+                + jnp.where(x > w, 4.0, 0.0) + jnp.where(x >= w, 8.0, 0.0)
+                + jnp.where(x == w, 16.0, 0.0) + jnp.where(x != w, 32.0, 0.0), True),
+    "logic": (lambda x, w: jnp.where((x > 0) & (w > 0) | ~(x < w) ^ (w == 1.0), x, w), True),
+    "select_n": (lambda x, w: jnp.where(x > w, x * 2.0, w), True),
+    "clamp": (lambda x, w: jax.lax.clamp(-1.0, x, 2.0) + w, True),
+    "convert": (lambda x, w: (x > w).astype(jnp.float32) + w, True),
+    "is_finite": (lambda x, w: jnp.where(jnp.isfinite(x), w, 0.0), True),
+    "trig": (lambda x, w: jnp.sin(x) + jnp.cos(w) + jnp.arctan(x) + jnp.arctan2(x, w), False),
+    "hyperbolic": (lambda x, w: jnp.sinh(x) + jnp.cosh(w) + jnp.arcsinh(x), False),
+    "erf": (lambda x, w: jax.scipy.special.erf(x) + w, False),
+    "rem": (lambda x, w: jnp.fmod(x, w), True),
+    "constants": (lambda x, w: x * np.float32(0.1) + jnp.pi - jnp.float32(2.0) * w, True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PRIMITIVES))
+def test_each_primitive_matches_jnp(name):
+    fn, exact = PRIMITIVES[name]
+    got, want = _pairs(fn)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    if exact:
+        np.testing.assert_array_equal(got, want)
+    else:  # libm against XLA's approximations: a few ulp of the operands' scale
+        np.testing.assert_allclose(got, want, rtol=3e-6, atol=3e-7)
+
+
+@pytest.mark.parametrize("reduce", ["max", "min"])
+def test_max_min_reduce_of_a_pair_is_the_combine(reduce):
+    fn = PRIMITIVES["select_n"][0]
+    got, want = _pairs(fn, reduce)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_integer_dtypes_stay_on_the_xla_engine():
+    op = jaxconv.Op(lambda x, w: jnp.maximum(x - w, 0), "sum", name="int_op")
+    x = np.arange(12, dtype=np.int32).reshape(3, 4)
+    w = np.arange(8, dtype=np.int32).reshape(4, 2)
+    dn = (((1,), (0,)), ((), ()))
+    with pytest.raises(ValueError, match="int32"):
+        jaxconv.dot_general(x, w, dn, op=op, engine="native")
+    got = jaxconv.dot_general(x, w, dn, op=op)
+    want = dot_general_reference(x, w, dn, combine=lambda a, b: np.maximum(a - b, 0),
+                                 reduce=np.add, identity=0)
+    np.testing.assert_array_equal(np.asarray(got), want)
+
+
+# --- kernels against the numpy reference and the XLA engine ------------------------------------
+
+def _tanh_sub(x, w):
+    return np.tanh(np.subtract(x, w))
+
+
+def _clip_mul(x, w):
+    return np.clip(np.multiply(x, w), -1.0, 1.0)
+
+
+def _tanh_x_mul(x, w):
+    return np.tanh(x) * w
+
+
+def _gauss(x, w):
+    return np.exp(-np.square(np.subtract(x, w)))
+
+
+def _hinge(x, w):
+    return np.where(x > w, x - w, 0.5 * (w - x))
+
+
+USER_OPS = {
+    # name: (op, numpy combine, numpy reduce, identity)
+    "tanh_sub_max": (jaxconv.Op(lambda x, w: jnp.tanh(x - w), "max"), _tanh_sub, np.maximum,
+                     -math.inf),
+    "clip_mul_max": (jaxconv.Op(lambda x, w: jnp.clip(x * w, -1.0, 1.0), "max"), _clip_mul,
+                     np.maximum, -math.inf),
+    "tanh_x_mul_max": (jaxconv.Op(lambda x, w: jnp.tanh(x) * w, "max"), _tanh_x_mul,
+                       np.maximum, -math.inf),
+    "gauss_sum": (jaxconv.Op(lambda x, w: jnp.exp(-jnp.square(x - w)), "sum"), _gauss, np.add,
+                  0.0),
+    "hinge_min": (jaxconv.Op(lambda x, w: jnp.where(x > w, x - w, 0.5 * (w - x)), "min"),
+                  _hinge, np.minimum, math.inf),
+    "cube_sum_pad": (jaxconv.Op(lambda x, w: (x - w) ** 3, "sum", pad_value=0.5),
+                     lambda x, w: np.subtract(x, w) ** 3, np.add, 0.0),
+    "callable_max": (jaxconv.Op(lambda x, w: x * w - w, jnp.maximum, identity=-math.inf),
+                     lambda x, w: x * w - w, np.maximum, -math.inf),
+}
+GEOMETRIES = {
+    "2d_same": ((2, 6, 5, 3), (3, 3, 3, 4), dict(window_strides=(1, 1), padding="SAME")),
+    "1d_stride": ((2, 11, 3), (4, 3, 5), dict(window_strides=(2,), padding=((1, 2),))),
+    "rhs_dil_groups": ((2, 7, 6, 4), (3, 2, 2, 6), dict(
+        window_strides=(1, 2), padding="SAME", rhs_dilation=(2, 1), feature_group_count=2)),
+    "depthwise": ((2, 6, 6, 20), (3, 3, 1, 20), dict(
+        window_strides=(1, 1), padding="SAME", feature_group_count=20)),
+    "3d": ((1, 4, 5, 4, 2), (2, 3, 2, 2, 3), dict(window_strides=(1, 1, 2), padding="SAME")),
+    "lhs_dil_empty": ((1, 3, 3, 2), (2, 2, 2, 3), dict(
+        window_strides=(2, 2), padding=((3, 3), (2, 2)), lhs_dilation=(3, 3))),
+    "wide": ((1, 4, 5, 17), (3, 2, 17, 70), dict(window_strides=(1, 1), padding="SAME")),
+}
+# A covering set: every op and every geometry at least once, not their product.
+COVER = [("tanh_sub_max", "2d_same"), ("tanh_sub_max", "lhs_dil_empty"),
+         ("clip_mul_max", "rhs_dil_groups"), ("clip_mul_max", "wide"),
+         ("tanh_x_mul_max", "depthwise"), ("tanh_x_mul_max", "2d_same"),
+         ("gauss_sum", "1d_stride"), ("gauss_sum", "3d"), ("hinge_min", "rhs_dil_groups"),
+         ("hinge_min", "lhs_dil_empty"), ("cube_sum_pad", "2d_same"),
+         ("cube_sum_pad", "1d_stride"), ("callable_max", "wide"), ("callable_max", "3d")]
+
+
+# Max / min of these give the XLA engine's numbers bit for bit (but a mul next to an add may
+# be contracted into an fma by XLA).
+EXACT = {"add", "sub", "max", "min", "neg", "abs", "select_n", "gt", "lt", "ge", "le", "eq",
+         "mul"}
+
+
+def _inner(op):
+    """The op the kernels compute (its monotone tail runs once per output)."""
+    form = jaxconv._src.core.algebra.monotone_form(op, F32)
+    return op if form is None else form.inner
+
+
+def _dn(ndim):
+    sp = {3: "W", 4: "HW", 5: "DHW"}[ndim]
+    return (f"N{sp}C", f"{sp}IO", f"N{sp}C")
+
+
+def _data(geometry, seed=0, specials=False):
+    xs, ws, kw = GEOMETRIES[geometry]
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(xs).astype(F32)
+    w = rng.standard_normal(ws).astype(F32)
+    if specials:
+        flat = x.reshape(-1)
+        flat[rng.choice(flat.size, 3, replace=False)] = [np.nan, np.inf, -np.inf]
+    return x, w, dict(kw, dimension_numbers=_dn(len(xs)))
+
+
+def _conv(op, engine, kw):
+    return jax.jit(lambda x, w: jaxconv.conv_general_dilated(x, w, op=op, engine=engine, **kw))
+
+
+@pytest.mark.parametrize("name, geometry", COVER)
+def test_kernels_match_reference_and_xla(name, geometry):
+    op, combine, reduce, identity = USER_OPS[name]
+    x, w, kw = _data(geometry)
+    got = np.asarray(_conv(op, "native", kw)(x, w))
+    k = dict(kw)
+    ref = conv_reference(x, w, k.pop("window_strides"), k.pop("padding"),
+                         k.pop("lhs_dilation", None), k.pop("rhs_dilation", None),
+                         k.pop("dimension_numbers"), k.pop("feature_group_count", 1),
+                         combine=combine, reduce=reduce, identity=identity,
+                         pad_value=op.pad_value)
+    np.testing.assert_allclose(got, ref, rtol=2e-5, atol=2e-5)
+    with jax.numpy_rank_promotion("allow"):
+        xla = np.asarray(_conv(op, "xla", kw)(x, w))
+    used = set(codegen.functor(_inner(op)).primitives)
+    fma = "mul" in used and used & {"add", "sub"}
+    if reduce is not np.add and used <= EXACT and not fma:
+        np.testing.assert_array_equal(got, xla)  # the same products, bit for bit
+    else:
+        # libm against XLA's approximations; XLA may contract x * w - w into an fma.
+        np.testing.assert_allclose(got, xla, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("name", ["tanh_sub_max", "tanh_x_mul_max", "hinge_min", "gauss_sum"])
+def test_nan_and_infinity_as_the_xla_engine(name):
+    op = USER_OPS[name][0]
+    x, w, kw = _data("2d_same", seed=3, specials=True)
+    got = np.asarray(_conv(op, "native", kw)(x, w))
+    with jax.numpy_rank_promotion("allow"):
+        want = np.asarray(_conv(op, "xla", kw)(x, w))
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+
+
+def _grads(op, engine, kw, x, w, ct):
+    def loss(a, b):
+        return jnp.sum(jaxconv.conv_general_dilated(a, b, op=op, engine=engine, **kw) * ct)
+    return jax.jit(jax.grad(loss, argnums=(0, 1)))(x, w)
+
+
+@pytest.mark.parametrize("name, geometry", [("tanh_sub_max", "rhs_dil_groups"),
+                                            ("tanh_x_mul_max", "2d_same"),
+                                            ("gauss_sum", "3d"), ("hinge_min", "depthwise"),
+                                            ("cube_sum_pad", "1d_stride")])
+def test_gradients_match_xla_engine(name, geometry):
+    op = USER_OPS[name][0]
+    x, w, kw = _data(geometry, seed=4)
+    y = _conv(op, "xla", kw)(x, w)
+    ct = np.random.default_rng(5).standard_normal(y.shape).astype(F32)
+    got = _grads(op, "native", kw, x, w, ct)
+    with jax.numpy_rank_promotion("allow"):
+        want = _grads(op, "xla", kw, x, w, ct)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5)
+
+
+def test_gradient_matches_finite_differences():
+    op = USER_OPS["gauss_sum"][0]
+    x, w, kw = _data("1d_stride", seed=6)
+    x, w = x.astype(np.float64), w.astype(np.float64)
+    ct = np.random.default_rng(7).standard_normal(
+        _conv(op, "native", kw)(x.astype(F32), w.astype(F32)).shape)
+    gx, gw = _grads(op, "native", kw, x.astype(F32), w.astype(F32), ct.astype(F32))
+
+    def f(a, b):
+        k = dict(kw)
+        y = conv_reference(a, b, k.pop("window_strides"), k.pop("padding"), None, None,
+                           k.pop("dimension_numbers"), combine=_gauss, reduce=np.add,
+                           identity=0.0)
+        return float(np.sum(y * ct))
+
+    rng = np.random.default_rng(8)
+    for arr, grad, which in ((x, gx, 0), (w, gw, 1)):
+        for idx in [tuple(rng.integers(0, s) for s in arr.shape) for _ in range(4)]:
+            e = np.zeros_like(arr)
+            e[idx] = 1e-4
+            args_p = (x + e, w) if which == 0 else (x, w + e)
+            args_m = (x - e, w) if which == 0 else (x, w - e)
+            fd = (f(*args_p) - f(*args_m)) / 2e-4
+            np.testing.assert_allclose(float(np.asarray(grad)[idx]), fd, rtol=1e-3, atol=1e-4)
+
+
+def test_vmap_of_a_user_op_is_the_batched_call():
+    op = USER_OPS["clip_mul_max"][0]
+    x, w, kw = _data("2d_same", seed=9)
+    f = _conv(op, "native", kw)
+    batched = np.asarray(f(x, w))
+    mapped = np.asarray(jax.vmap(lambda a: f(a[None], w)[0])(x))
+    np.testing.assert_array_equal(mapped, batched)
+
+
+# --- planner, explain, refusals -----------------------------------------------------------------
+
+def test_auto_compiles_vectorized_ops_and_explains():
+    op = USER_OPS["tanh_sub_max"][0]
+    plan = jaxconv.explain(op, platform="cpu")
+    assert plan.engine == "native"
+    assert any("compiled user kernel" in d for d in plan.details)
+    assert any("('tanh',)" in d for d in plan.details)
+    assert "engine 'native'" in str(plan)
+
+
+def test_auto_keeps_lane_by_lane_math_on_xla():
+    op = USER_OPS["gauss_sum"][0]
+    plan = jaxconv.explain(op, platform="cpu")
+    assert codegen.functor(op).scalar == ("exp",) or plan.engine == "native"
+    if codegen.functor(op).scalar:
+        assert plan.engine == "xla" and "lane by lane" in plan.details[0]
+
+
+def test_untranslated_primitive():
+    op = jaxconv.Op(lambda x, w: jax.lax.lgamma(x * x + 1.0) - w, "max", name="lgamma_op")
+    x, w, kw = _data("2d_same")
+    with pytest.raises(ValueError, match=r"lgamma_op.*primitive 'lgamma' is not translated"):
+        jaxconv.conv_general_dilated(x, w, op=op, engine="native", **kw)
+    assert jaxconv.explain(op, platform="cpu").engine == "xla"
+    # auto: silently the XLA engine.
+    y = jaxconv.conv_general_dilated(x, w, op=op, **kw)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(_conv(op, "xla", kw)(x, w)))
+
+
+def test_multiply_and_add_stays_a_standard_convolution():
+    op = jaxconv.Op(lambda x, w: x * w, "sum", name="mymult")
+    assert "multiply-and-add" in native.why_not(op, _geometry(), "float32")
+
+
+def _geometry():
+    from jaxconv._src.core.geometry import Geometry
+
+    return Geometry((5,), (3,), (1,), ((1, 1),), (1,), (1,), 1)
+
+
+# --- the cache and the fallbacks, in fresh processes ------------------------------------------
+
+_SCRIPT = textwrap.dedent("""
+    import json, sys, warnings
+    import jax.numpy as jnp, numpy as np
+    import jaxconv
+    from jaxconv._src.engines import native
+    op = jaxconv.Op(lambda x, w: jnp.tanh(x - w) * {scale}, "max", name="cached_op")
+    x = np.linspace(-1, 1, 2 * 5 * 3, dtype=np.float32).reshape(2, 5, 3)
+    w = np.linspace(1, -1, 2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4)
+    kw = dict(window_strides=(1,), padding="SAME", dimension_numbers=("NWC", "WIO", "NWC"))
+    out = dict()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y = jaxconv.conv_general_dilated(x, w, op=op, **kw)
+    out["warnings"] = [str(c.message) for c in caught]
+    xla = jaxconv.conv_general_dilated(x, w, op=op, engine="xla", **kw)
+    out["equal_to_xla"] = bool(np.array_equal(np.asarray(y), np.asarray(xla)))
+    got = native.user_kernel(jaxconv._src.core.algebra.monotone_form(op, np.float32).inner)
+    out["compiled"] = getattr(got, "compiled", None)
+    out["refusal"] = getattr(got, "reason", None)
+    try:
+        jaxconv.conv_general_dilated(x, w, op=op, engine="native", **kw)
+        out["native_error"] = None
+    except ValueError as e:
+        out["native_error"] = str(e)
+    print(json.dumps(out))
+""")
+
+
+def _run(tmp_path, scale="1.0", **env):
+    full = dict(os.environ, JAXCONV_CACHE_DIR=str(tmp_path), **env)
+    proc = subprocess.run([sys.executable, "-c", _SCRIPT.format(scale=scale)], env=full,
+                          capture_output=True, text=True, cwd=ROOT, check=False, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_cache_hit_in_a_second_process(tmp_path):
+    first = _run(tmp_path)
+    second = _run(tmp_path)
+    assert first["compiled"] is True and second["compiled"] is False
+    assert first["equal_to_xla"] and second["equal_to_xla"]
+    assert first["warnings"] == [] and first["native_error"] is None
+    assert len(list((tmp_path / "kernels").glob("*.so"))) == 1
+
+
+def test_processes_compiling_one_op_at_once(tmp_path):
+    full = dict(os.environ, JAXCONV_CACHE_DIR=str(tmp_path))
+    procs = [subprocess.Popen([sys.executable, "-c", _SCRIPT.format(scale="2.0")], env=full,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              cwd=ROOT) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [e[-2000:] for _, e in outs]
+    results = [json.loads(o.strip().splitlines()[-1]) for o, _ in outs]
+    assert sorted(r["compiled"] for r in results) == [False, True]  # one compiled, one waited
+    assert all(r["equal_to_xla"] for r in results)
+
+
+@pytest.mark.parametrize("cxx, message", [("/nonexistent/c++", "no C\\+\\+ compiler"),
+                                          ("false", "C\\+\\+ compiler .* failed")])
+def test_compile_failure_falls_back_with_one_warning(tmp_path, cxx, message):
+    out = _run(tmp_path, scale="3.0", JAXCONV_CXX=cxx)
+    assert out["compiled"] is None and out["equal_to_xla"]
+    (warning,) = out["warnings"]
+    assert "cached_op" in warning and "XLA engine" in warning
+    assert re.search(message, warning)
+    assert "cached_op" in out["native_error"] and "compile" in out["native_error"]
