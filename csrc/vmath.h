@@ -1,0 +1,258 @@
+// Elementwise transcendental functions over the structs of simd.h (S of any instruction set,
+// and Sc): branch-free across lanes, IEEE special values as lax / C. Included right after
+// simd.h, inside the same anonymous namespace.
+//
+// Method: range reduction to a small interval (x = k ln2 + r for the exponentials, x = 2^e m
+// with m in [sqrt(1/2), sqrt(2)) for the logarithms), polynomials fitted (near-minimax, for
+// relative error) on that interval, and the exponent put back by building 2^k from its bits.
+// pow needs log(x) to ~2^-34 relative (its error is amplified by |y log x| up to ~104), so it
+// runs in double: the lanes are split into vectors of doubles (T::to_d) for log and exp.
+
+template <class T>
+using VmV = typename T::V;
+
+// c[0] + x (c[1] + x (c[2] + ...)), coefficients in increasing order.
+template <class T>
+VmV<T> vm_poly(VmV<T>, float c) {
+  return T::set1(c);
+}
+template <class T, class... R>
+VmV<T> vm_poly(VmV<T> x, float c, R... r) {
+  return T::mad(vm_poly<T>(x, r...), x, T::set1(c));
+}
+
+// 2^k for integer-valued k in [-126, 127].
+template <class T>
+VmV<T> vm_pow2i(VmV<T> k) {
+  return T::template shl<23>(T::iadd(T::ftoi(k), T::from_bits(127)));
+}
+
+// p * 2^k for integer-valued k in [-152, 129]: two factors, each a normal power of two, so
+// that only the last product rounds (once, also into the denormals).
+template <class T>
+VmV<T> vm_scale(VmV<T> p, VmV<T> k) {
+  const VmV<T> k1 = T::floor(T::mul(k, T::set1(0.5f)));
+  return T::mul(T::mul(p, vm_pow2i<T>(k1)), vm_pow2i<T>(T::sub(k, k1)));
+}
+
+// NaN-preserving clamp: T::min / T::max return their second operand when one is NaN.
+template <class T>
+VmV<T> vm_clamp(VmV<T> x, float lo, float hi) {
+  return T::max(T::set1(lo), T::min(T::set1(hi), x));
+}
+
+// x = k ln2 + r, |r| <= ln2 / 2 (ln2 split so that k * kLn2Hi is exact even without FMA).
+constexpr float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
+template <class T>
+VmV<T> vm_reduce(VmV<T> x, VmV<T>* k) {
+  *k = T::round_even(T::mul(x, T::set1(1.44269504f)));
+  return T::mad(*k, T::set1(-kLn2Lo), T::mad(*k, T::set1(-kLn2Hi), x));
+}
+
+// e^r - 1 on |r| <= ln2 / 2: r + r^2 P(r), relative error 2^-28.6.
+template <class T>
+VmV<T> vm_expm1_r(VmV<T> r) {
+  const VmV<T> p = vm_poly<T>(r, 5.000000000e-01f, 1.666666567e-01f, 4.166634753e-02f,
+                              8.333391510e-03f, 1.394165331e-03f, 1.984595729e-04f);
+  return T::mad(T::mul(r, r), p, r);
+}
+
+template <class T>
+VmV<T> exp_(VmV<T> x) {
+  VmV<T> k;
+  const VmV<T> r = vm_reduce<T>(vm_clamp<T>(x, -104.0f, 89.0f), &k);
+  return vm_scale<T>(T::add(T::set1(1.0f), vm_expm1_r<T>(r)), k);
+}
+
+template <class T>
+VmV<T> exp2_(VmV<T> x) {
+  x = vm_clamp<T>(x, -152.0f, 129.0f);
+  const VmV<T> k = T::round_even(x), r = T::sub(x, k);
+  // 2^r = 1 + r Q(r) on |r| <= 1/2, relative error 2^-28.7.
+  const VmV<T> q = vm_poly<T>(r, 6.931471825e-01f, 2.402265072e-01f, 5.550410226e-02f,
+                              9.618038312e-03f, 1.333393506e-03f, 1.546675630e-04f,
+                              1.519615489e-05f);
+  return vm_scale<T>(T::mad(r, q, T::set1(1.0f)), k);
+}
+
+// expm1 = 2^k (e^r - 1) + (2^k - 1). For k = 128 (x in (88.38, 88.73)) 2^k would overflow: the
+// sum is then formed with 2^127 and h = 1/2 and doubled at the end.
+template <class T>
+VmV<T> expm1_(VmV<T> x) {
+  VmV<T> k;
+  const VmV<T> r = vm_reduce<T>(vm_clamp<T>(x, -30.0f, 89.0f), &k);
+  const auto top = T::gt(k, T::set1(127.0f));
+  const VmV<T> s = vm_pow2i<T>(T::select(top, T::set1(127.0f), k));
+  const VmV<T> h = T::select(top, T::set1(0.5f), T::set1(1.0f));
+  const VmV<T> y = T::mad(s, vm_expm1_r<T>(r), T::sub(s, h));
+  // expm1 has the sign of x: this keeps -0.0 (the reduction loses it).
+  return T::copysign(T::select(top, T::add(y, y), y), x);
+}
+
+// log(1 + f) on f in [sqrt(1/2) - 1, sqrt(2) - 1] plus a small `extra`:
+// f + (f^2 (-1/2 + f R(f)) + extra), relative error 2^-27.2.
+template <class T>
+VmV<T> vm_log1p_f(VmV<T> f, VmV<T> extra) {
+  const VmV<T> r = vm_poly<T>(f, -0.5f, 3.333333135e-01f, -2.500081956e-01f, 2.000122666e-01f,
+                              -1.662335694e-01f, 1.420176029e-01f, -1.316018999e-01f,
+                              1.276156306e-01f, -7.634460181e-02f);
+  return T::add(f, T::mad(T::mul(f, f), r, extra));
+}
+
+// u = 2^e m with m in [sqrt(1/2), sqrt(2)) for positive normal u; returns m - 1 (exact).
+template <class T>
+VmV<T> vm_split(VmV<T> u, VmV<T>* e) {
+  const VmV<T> c = T::from_bits(0x3f3504f3u);  // sqrt(1/2)
+  const VmV<T> d = T::isub(u, c);
+  *e = T::itof(T::template sar<23>(d));
+  return T::sub(T::iadd(T::band(d, T::from_bits(0x7fffffu)), c), T::set1(1.0f));
+}
+
+// log(u) = e ln2 + log1p(f) + extra; then the special values of log at u.
+template <class T>
+VmV<T> vm_log_finish(VmV<T> u, VmV<T> e, VmV<T> f, VmV<T> extra) {
+  const VmV<T> lo = T::mad(e, T::set1(kLn2Lo), extra);
+  VmV<T> y = T::mad(e, T::set1(kLn2Hi), vm_log1p_f<T>(f, lo));
+  const float inf = __builtin_inff();
+  y = T::select(T::lt(u, T::set1(inf)), y, u);  // +inf, NaN
+  y = T::select(T::lt(u, T::zero()), T::set1(__builtin_nanf("")), y);
+  return T::select(T::eq(u, T::zero()), T::set1(-inf), y);
+}
+
+template <class T>
+VmV<T> log_(VmV<T> x) {
+  // Denormals: scale by 2^23 first.
+  const auto tiny = T::lt(x, T::set1(1.17549435e-38f));
+  const VmV<T> u = T::select(tiny, T::mul(x, T::set1(8388608.0f)), x);
+  VmV<T> e;
+  const VmV<T> f = vm_split<T>(u, &e);
+  e = T::sub(e, T::select(tiny, T::set1(23.0f), T::zero()));
+  return vm_log_finish<T>(x, e, f, T::zero());
+}
+
+// u = 1 + x rounded, c its rounding error (two-sum, exact): log1p(x) = log(u + c)
+// = log(u) + c / u to far below an ulp.
+template <class T>
+VmV<T> log1p_(VmV<T> x) {
+  const VmV<T> one = T::set1(1.0f);
+  const VmV<T> u = T::add(one, x), z = T::sub(u, x);
+  const VmV<T> c = T::add(T::sub(one, z), T::sub(x, T::sub(u, z)));
+  VmV<T> e;
+  const VmV<T> f = vm_split<T>(u, &e);
+  // log1p has the sign of x (keeps -0.0).
+  return T::copysign(vm_log_finish<T>(u, e, f, T::div(c, u)), x);
+}
+
+template <class T>
+VmV<T> log2_(VmV<T> x) {
+  const auto tiny = T::lt(x, T::set1(1.17549435e-38f));
+  const VmV<T> u = T::select(tiny, T::mul(x, T::set1(8388608.0f)), x);
+  VmV<T> e;
+  const VmV<T> f = vm_split<T>(u, &e);
+  e = T::sub(e, T::select(tiny, T::set1(23.0f), T::zero()));
+  // log2 = e + log1p(f) log2(e), log2(e) split in two so the product keeps ~30 bits.
+  const VmV<T> l = vm_log1p_f<T>(f, T::zero());
+  VmV<T> y = T::mad(l, T::set1(1.44269502f), T::mad(l, T::set1(1.92596299e-8f), e));
+  const float inf = __builtin_inff();
+  y = T::select(T::lt(x, T::set1(inf)), y, x);
+  y = T::select(T::lt(x, T::zero()), T::set1(__builtin_nanf("")), y);
+  return T::select(T::eq(x, T::zero()), T::set1(-inf), y);
+}
+
+// |x| < 0.625: x + x^3 P(x^2) (relative error 2^-27.7); above, 1 - 2 / (e^2|x| + 1), which
+// is 1 once e^2|x| overflows.
+template <class T>
+VmV<T> tanh_(VmV<T> x) {
+  const VmV<T> a = T::abs(x), a2 = T::mul(a, a), one = T::set1(1.0f);
+  const VmV<T> p = vm_poly<T>(a2, -3.333333135e-01f, 1.333326101e-01f, -5.395322293e-02f,
+                              2.173379064e-02f, -8.254393004e-03f, 2.209657105e-03f);
+  const VmV<T> small = T::mad(T::mul(a, a2), p, a);
+  const VmV<T> big = T::sub(one, T::div(T::set1(2.0f), T::add(exp_<T>(T::add(a, a)), one)));
+  return T::copysign(T::select(T::lt(a, T::set1(0.625f)), small, big), x);
+}
+
+// With t = e^-|x| <= 1 (never overflows): 1 / (1 + t) for x >= 0, t / (1 + t) below.
+template <class T>
+VmV<T> logistic_(VmV<T> x) {
+  const VmV<T> t = exp_<T>(T::neg(T::abs(x))), one = T::set1(1.0f);
+  return T::div(T::select(T::lt(x, T::zero()), t, one), T::add(one, t));
+}
+
+// ---- double precision, for pow ----------------------------------------------------------
+template <class D>
+D vm_dsplat(double c) {
+  D r{};
+  return r + c;
+}
+
+// log(a) for positive normal a (every float is normal as a double); garbage otherwise.
+// a = 2^e m, m in [sqrt(1/2), sqrt(2)); log m = 2 atanh(s), s = (m - 1) / (m + 1), |s| < 0.172.
+template <class D, class U>
+D vm_dlog(D a) {
+  const U c = U{} + 0x3FE6A09E667F3BCDull;  // sqrt(1/2)
+  const U d = __builtin_bit_cast(U, a) - c;
+  // e + 1024 from the top bits, turned into a double through the 2^52 trick.
+  const U eb = ((d + (0x400ull << 52)) >> 52) | 0x4330000000000000ull;
+  const D e = __builtin_bit_cast(D, eb) - 4503599627371520.0;  // 2^52 + 1024
+  const D f = __builtin_bit_cast(D, (d & 0x000FFFFFFFFFFFFFull) + c) - 1.0;
+  const D s = f / (f + 2.0), s2 = s * s;
+  const D t = 1.0 + s2 * (1.0 / 3 + s2 * (1.0 / 5 + s2 * (1.0 / 7 + s2 * (1.0 / 9 + s2 * (
+      1.0 / 11 + s2 * (1.0 / 13 + s2 * (1.0 / 15)))))));
+  return e * 0.6931471805599453 + (s + s) * t;
+}
+
+// e^z for any z (NaN in, NaN out); results beyond +-200 are clamped (far outside float).
+template <class D, class U>
+D vm_dexp(D z) {
+  const D lo = vm_dsplat<D>(-200.0), hi = vm_dsplat<D>(200.0);
+  z = z < lo ? lo : z;
+  z = z > hi ? hi : z;
+  const double magic = 6755399441055744.0;  // 1.5 * 2^52: adding it rounds to an integer
+  const D kd = z * 1.4426950408889634 + magic;
+  const D k = kd - magic;
+  // ln2 = 0x1.62e42p-1 + 4.7493250390316726e-07; k * the first part is exact.
+  const D r = (z - k * 0.6931467056274414) - k * 4.7493250390316726e-07;
+  D p = vm_dsplat<D>(1.0 / 3628800);
+  p = p * r + 1.0 / 362880;
+  p = p * r + 1.0 / 40320;
+  p = p * r + 1.0 / 5040;
+  p = p * r + 1.0 / 720;
+  p = p * r + 1.0 / 120;
+  p = p * r + 1.0 / 24;
+  p = p * r + 1.0 / 6;
+  p = p * r + 0.5;
+  p = p * r + 1.0;
+  p = p * r + 1.0;
+  const U sb = (__builtin_bit_cast(U, kd) - 0x4338000000000000ull + 1023) << 52;
+  return p * __builtin_bit_cast(D, sb);
+}
+
+// C powf: |x|^y = e^(y log|x|) in double, then the sign and the special cases in float.
+template <class T>
+VmV<T> pow_(VmV<T> x, VmV<T> y) {
+  using V = VmV<T>;
+  using D = typename T::D;
+  using U = typename T::DU;
+  const V ax = T::abs(x), zero = T::zero(), one = T::set1(1.0f);
+  const float inf = __builtin_inff();
+  D xd[T::ND], yd[T::ND];
+  T::to_d(ax, xd);
+  T::to_d(y, yd);
+  for (int i = 0; i < T::ND; ++i) xd[i] = vm_dexp<D, U>(yd[i] * vm_dlog<D, U>(xd[i]));
+  V r = T::from_d(xd);
+  // |x| = 0 or inf: 0 or inf by the sign of y.
+  const auto y_neg = T::lt(y, zero), ax_inf = T::eq(ax, T::set1(inf));
+  r = T::select(T::mor(T::eq(ax, zero), ax_inf),
+                T::select(T::mxor(y_neg, ax_inf), T::set1(inf), zero), r);
+  r = T::select(T::mor(T::unord(x), T::unord(y)), T::add(x, y), r);
+  // y an integer (every float beyond 2^24 is even, as inf counts), odd: the sign of x.
+  const V ty = T::trunc(y), h = T::mul(y, T::set1(0.5f));
+  const auto y_int = T::eq(y, ty), odd = T::mand(y_int, T::ne(h, T::trunc(h)));
+  r = T::select(odd, T::bor(r, T::band(x, T::from_bits(0x80000000u))), r);
+  const auto neg_finite = T::mand(T::lt(x, zero), T::lt(ax, T::set1(inf)));
+  r = T::select(T::mand(neg_finite, T::mnot(y_int)), T::set1(__builtin_nanf("")), r);
+  // pow(x, +-0) = 1, pow(1, y) = 1, pow(-1, +-inf) = 1, NaN operands included.
+  const auto is_one = T::mor(T::mor(T::eq(y, zero), T::eq(x, one)),
+                             T::mand(T::eq(ax, one), T::eq(T::abs(y), T::set1(inf))));
+  return T::select(is_one, one, r);
+}
