@@ -11,7 +11,7 @@
 // patterns; `ftoi` truncates and is defined only for values that fit in int32. `mad` is
 // a * b + c fused where the target has FMA, two roundings where it would be a libm call.
 // `to_d` / `from_d` split the lanes into ND vectors of doubles and back (GCC vector types, so
-// that vmath.h can compute on them with operators).
+// that vmath.h can compute on them with operators); `dmad` is `mad` on them.
 
 // The operations defined once in terms of each struct's primitives.
 template <class T>
@@ -127,6 +127,7 @@ struct S : Derived<S> {
   static V I2V(__m512i a) { return _mm512_castsi512_ps(a); }
   static constexpr int ND = 2;
   using D = __m512d;
+  static D dmad(D a, D b, D c) { return _mm512_fmadd_pd(a, b, c); }
   typedef unsigned long long DU __attribute__((vector_size(64)));
   static void to_d(V a, D* d) {
     d[0] = _mm512_cvtps_pd(_mm512_castps512_ps256(a));
@@ -219,6 +220,7 @@ struct S : Derived<S> {
   static V I2V(__m256i a) { return _mm256_castsi256_ps(a); }
   static constexpr int ND = 2;
   using D = __m256d;
+  static D dmad(D a, D b, D c) { return _mm256_fmadd_pd(a, b, c); }
   typedef unsigned long long DU __attribute__((vector_size(32)));
   static void to_d(V a, D* d) {
     d[0] = _mm256_cvtps_pd(_mm256_castps256_ps128(a));
@@ -320,6 +322,7 @@ struct S : Derived<S> {
   static V copysign(V a, V b) { return (V)(((M)a & 0x7fffffff) | ((M)b & int32_t(0x80000000u))); }
   static constexpr int ND = 2;
   typedef double D __attribute__((vector_size(16)));
+  static D dmad(D a, D b, D c) { return a * b + c; }
   typedef unsigned long long DU __attribute__((vector_size(16)));
   typedef float F2 __attribute__((vector_size(8)));
   static void to_d(V a, D* d) {
@@ -395,6 +398,13 @@ struct Sc : Derived<Sc> {
   static V ftoi(V a) { return from_bits(uint32_t(int32_t(a))); }
   static constexpr int ND = 1;
   using D = double;
+  static D dmad(D a, D b, D c) {
+#if defined(__FP_FAST_FMA)
+    return __builtin_fma(a, b, c);
+#else
+    return a * b + c;
+#endif
+  }
   using DU = uint64_t;
   static void to_d(V a, D* d) { d[0] = a; }
   static V from_d(const D* d) { return float(d[0]); }
