@@ -135,7 +135,8 @@ def _pow_inputs():
 
 PRIMS = ["neg", "sqrt", "rsqrt", "floor", "ceil", "trunc", "round_even", "round_away", "sign",
          "div", "maxp", "minp", "copysign", "le", "gt", "ge", "ne", "isnan", "isfinite",
-         "mand", "mor", "mxor", "mnot", "mtrue"]
+         "mand", "mor", "mxor", "mnot", "mtrue", "band", "bor", "bxor", "bandn", "iadd", "isub",
+         "shl", "shr", "sar", "itof", "ftoi", "from_bits", "dmad"]
 
 
 @pytest.fixture(scope="module")
@@ -204,6 +205,15 @@ def _jax_max(x, y, fn, zero_op):
     return np.where(both0, zb, r)
 
 
+def _u32(f):
+    return lambda x, y: f(x.view(np.uint32), y.view(np.uint32)).astype(np.uint32).view(np.float32)
+
+
+def _ftoi(x):
+    ok = np.abs(x) < 2147483520.0
+    return np.where(ok, np.trunc(np.where(ok, x, 0)), 0).astype(np.int32).view(np.float32)
+
+
 def _mask(m):
     return m.astype(np.float32)
 
@@ -233,6 +243,19 @@ PRIM_REF = {
     "mxor": lambda x, y: _mask((x < y) ^ (x > 0)),
     "mnot": lambda x, y: _mask(~(x <= y)),
     "mtrue": lambda x, y: np.ones_like(x),
+    "band": _u32(np.bitwise_and),
+    "bor": _u32(np.bitwise_or),
+    "bxor": _u32(np.bitwise_xor),
+    "bandn": _u32(lambda a, b: a & ~b),
+    "iadd": _u32(np.add),
+    "isub": _u32(np.subtract),
+    "shl": _u32(lambda a, b: a << 3),
+    "shr": _u32(lambda a, b: a >> 3),
+    "sar": _u32(lambda a, b: (a.view(np.int32) >> 3).view(np.uint32)),
+    "itof": lambda x, y: x.view(np.int32).astype(np.float32),
+    "ftoi": lambda x, y: _ftoi(x),
+    "from_bits": lambda x, y: np.full_like(x, np.uint32(0x80800001).view(np.float32)),
+    "dmad": lambda x, y: (x.astype(np.float64) * y + x).astype(np.float32),
 }
 
 

@@ -23,6 +23,16 @@ using Fn = V<T> (*)(V<T>, V<T>);
 #define F2(name, e) {#name, [](V<T> x, V<T> y) -> V<T> { return e; }}
 #define FM(name, e) {#name, [](V<T> x, V<T> y) -> V<T> { (void)x, (void)y; return T::from_mask(e); }}
 
+// x * y + x in double (exact before the rounding to float).
+template <class T>
+V<T> dmad(V<T> x, V<T> y) {
+  typename T::D dx[T::ND], dy[T::ND];
+  T::to_d(x, dx);
+  T::to_d(y, dy);
+  for (int i = 0; i < T::ND; ++i) dx[i] = T::dmad(dx[i], dy[i], dx[i]);
+  return T::from_d(dx);
+}
+
 template <class T>
 Fn<T> lookup(const std::string& name) {
   struct Entry {
@@ -45,6 +55,12 @@ Fn<T> lookup(const std::string& name) {
       FM(mxor, T::mxor(T::lt(x, y), T::gt(x, T::zero()))),
       FM(mnot, T::mnot(T::le(x, y))),
       FM(mtrue, T::mand(T::mtrue(), T::mnot(T::mfalse()))),
+      F2(band, T::band(x, y)), F2(bor, T::bor(x, y)), F2(bxor, T::bxor(x, y)),
+      F2(bandn, T::bandn(x, y)), F2(iadd, T::iadd(x, y)), F2(isub, T::isub(x, y)),
+      F1(shl, T::template shl<3>(x)), F1(shr, T::template shr<3>(x)),
+      F1(sar, T::template sar<3>(x)), F1(itof, T::itof(x)),
+      F1(ftoi, T::ftoi(T::select(T::lt(T::abs(x), T::set1(2147483520.0f)), x, T::zero()))),
+      F1(from_bits, T::from_bits(0x80800001u)), F2(dmad, dmad<T>(x, y)),
   };
   for (const Entry& e : table)
     if (name == e.name) return e.f;
