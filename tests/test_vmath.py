@@ -81,8 +81,8 @@ def _specials():
     near = near[(near >= 0) & (near < 2**32)]
     # Denormals, tiny values (log1p / expm1 / tanh near 0), values around 1 (log, log1p).
     small = np.concatenate([np.arange(1, 4096), np.arange(1, 2**23, 4099),
-                            np.arange(0x3000_0000, 0x3300_0000, 997),
-                            np.arange(0x3F70_0000, 0x3F90_0000, 7)])
+                            np.arange(0x3000_0000, 0x3300_0000, 3989),
+                            np.arange(0x3F70_0000, 0x3F90_0000, 61)])
     small = np.concatenate([small, small | 0x8000_0000])
     return np.concatenate([_f32(near), _f32(small)])
 
