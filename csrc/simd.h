@@ -13,38 +13,42 @@
 // `to_d` / `from_d` split the lanes into ND vectors of doubles and back (GCC vector types, so
 // that vmath.h can compute on them with operators); `dmad` is `mad` on them.
 
-// The operations defined once in terms of each struct's primitives.
+// The operations defined once in terms of each struct's primitives. (`U = T` defers the use of
+// T, incomplete while it derives from Derived<T>; U is never deduced, so arguments convert.)
 template <class T>
 struct Derived {
-  template <class V> static V neg(V a) { return T::bxor(a, T::from_bits(0x80000000u)); }
-  template <class V> static V rsqrt(V a) { return T::div(T::set1(1.0f), T::sqrt(a)); }
-  template <class V> static V copysign(V a, V b) {
-    return T::bor(T::band(a, T::from_bits(0x7fffffffu)), T::band(b, T::from_bits(0x80000000u)));
+  template <class U> using V_ = typename U::V;
+  template <class U> using M_ = typename U::M;
+  template <class U = T> static V_<U> neg(V_<U> a) { return U::bxor(a, U::from_bits(0x80000000u)); }
+  template <class U = T> static V_<U> rsqrt(V_<U> a) { return U::div(U::set1(1.0f), U::sqrt(a)); }
+  template <class U = T> static V_<U> copysign(V_<U> a, V_<U> b) {
+    return U::bor(U::band(a, U::from_bits(0x7fffffffu)), U::band(b, U::from_bits(0x80000000u)));
   }
   // The result always has the sign of `a` (so -0.4 -> -0.0); a - trunc(a) is exact.
-  template <class V> static V round_away(V a) {
-    const V t = T::trunc(a);
-    const V r = T::select(T::ge(T::abs(T::sub(a, t)), T::set1(0.5f)),
-                          T::add(t, copysign(T::set1(1.0f), a)), t);
-    return copysign(r, a);
+  template <class U = T> static V_<U> round_away(V_<U> a) {
+    const V_<U> t = U::trunc(a);
+    const V_<U> r = U::select(U::ge(U::abs(U::sub(a, t)), U::set1(0.5f)),
+                              U::add(t, U::copysign(U::set1(1.0f), a)), t);
+    return U::copysign(r, a);
   }
-  template <class V> static V sign(V a) {
-    return T::select(T::mor(T::eq(a, T::zero()), T::unord(a)), a, copysign(T::set1(1.0f), a));
+  template <class U = T> static V_<U> sign(V_<U> a) {
+    return U::select(U::mor(U::eq(a, U::zero()), U::unord(a)), a,
+                     U::copysign(U::set1(1.0f), a));
   }
-  template <class V> static V maxp(V a, V b) {
-    return T::select(T::mor(T::unord(a), T::unord(b)), T::add(a, b),
-                     T::select(T::eq(a, b), T::band(a, b), T::max(a, b)));
+  template <class U = T> static V_<U> maxp(V_<U> a, V_<U> b) {
+    return U::select(U::mor(U::unord(a), U::unord(b)), U::add(a, b),
+                     U::select(U::eq(a, b), U::band(a, b), U::max(a, b)));
   }
-  template <class V> static V minp(V a, V b) {
-    return T::select(T::mor(T::unord(a), T::unord(b)), T::add(a, b),
-                     T::select(T::eq(a, b), T::bor(a, b), T::min(a, b)));
+  template <class U = T> static V_<U> minp(V_<U> a, V_<U> b) {
+    return U::select(U::mor(U::unord(a), U::unord(b)), U::add(a, b),
+                     U::select(U::eq(a, b), U::bor(a, b), U::min(a, b)));
   }
-  template <class V> static auto isnan_m(V a) { return T::unord(a); }
-  template <class V> static auto isfinite_m(V a) {
-    return T::lt(T::abs(a), T::set1(__builtin_inff()));
+  template <class U = T> static M_<U> isnan_m(V_<U> a) { return U::unord(a); }
+  template <class U = T> static M_<U> isfinite_m(V_<U> a) {
+    return U::lt(U::abs(a), U::set1(__builtin_inff()));
   }
-  template <class M> static auto from_mask(M m) {
-    return T::select(m, T::set1(1.0f), T::zero());
+  template <class U = T> static V_<U> from_mask(M_<U> m) {
+    return U::select(m, U::set1(1.0f), U::zero());
   }
 };
 #if defined(__AVX512F__)

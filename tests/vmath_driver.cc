@@ -21,7 +21,8 @@ using Fn = V<T> (*)(V<T>, V<T>);
 
 #define F1(name, e) {#name, [](V<T> x, V<T>) -> V<T> { return e; }}
 #define F2(name, e) {#name, [](V<T> x, V<T> y) -> V<T> { return e; }}
-#define FM(name, e) {#name, [](V<T> x, V<T> y) -> V<T> { (void)x, (void)y; return T::from_mask(e); }}
+#define FM(name, e) \
+  {#name, [](V<T> x, V<T> y) -> V<T> { (void)x, (void)y; return T::from_mask(e); }}
 
 // x * y + x in double (exact before the rounding to float).
 template <class T>
