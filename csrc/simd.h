@@ -10,6 +10,7 @@
 // lax.round's default. The bit operations (`band` .. `ftoi`) act on the lanes' 32-bit
 // patterns; `ftoi` truncates and is defined only for values that fit in int32. `mad` is
 // a * b + c fused where the target has FMA, two roundings where it would be a libm call.
+// `any(m)`: whether any lane of m is set (for a branch taken by the whole vector).
 // `to_d` / `from_d` split the lanes into ND vectors of doubles and back (GCC vector types, so
 // that vmath.h can compute on them with operators); `dmad` is `mad` on them.
 
@@ -113,6 +114,7 @@ struct S : Derived<S> {
   static M mnot(M a) { return M(~a); }
   static M mtrue() { return M(0xffff); }
   static M mfalse() { return M(0); }
+  static bool any(M a) { return a != 0; }
   static V from_mask(M m) { return _mm512_maskz_mov_ps(m, _mm512_set1_ps(1.0f)); }
   static V mad(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   static V from_bits(uint32_t b) { return _mm512_castsi512_ps(_mm512_set1_epi32(int32_t(b))); }
@@ -206,6 +208,7 @@ struct S : Derived<S> {
   static M mnot(M a) { return _mm256_xor_ps(a, mtrue()); }
   static M mtrue() { return _mm256_castsi256_ps(_mm256_set1_epi32(-1)); }
   static M mfalse() { return _mm256_setzero_ps(); }
+  static bool any(M a) { return _mm256_movemask_ps(a) != 0; }
   static V from_mask(M m) { return _mm256_and_ps(m, _mm256_set1_ps(1.0f)); }
   static V mad(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
   static V from_bits(uint32_t b) { return _mm256_castsi256_ps(_mm256_set1_epi32(int32_t(b))); }
@@ -303,6 +306,7 @@ struct S : Derived<S> {
   static M mnot(M a) { return ~a; }
   static M mtrue() { return mask(true); }
   static M mfalse() { return mask(false); }
+  static bool any(M a) { return (a[0] | a[1] | a[2] | a[3]) != 0; }
   static V mad(V a, V b, V c) {
 #if defined(__FP_FAST_FMAF)
     return fma(a, b, c);
@@ -380,6 +384,7 @@ struct Sc : Derived<Sc> {
   static M mnot(M a) { return !a; }
   static M mtrue() { return true; }
   static M mfalse() { return false; }
+  static bool any(M a) { return a; }
   static V mad(V a, V b, V c) {
 #if defined(__FP_FAST_FMAF)
     return __builtin_fmaf(a, b, c);

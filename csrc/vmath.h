@@ -256,3 +256,85 @@ VmV<T> pow_(VmV<T> x, VmV<T> y) {
                              T::mand(T::eq(ax, one), T::eq(T::abs(y), T::set1(inf))));
   return T::select(is_one, one, r);
 }
+
+// ---- sin, cos ------------------------------------------------------------------------------
+// In double: a = |x| = k pi/2 + r, |r| <= pi/4, then a polynomial for sin r or cos r chosen by
+// the quadrant k mod 4. Below 2^23 (k < 2^24) a three-part pi/2 (28 + 28 bits + a double)
+// keeps r exact to ~2^-80. From 2^23 on, a (2/pi) mod 4 is summed from the products of a with
+// 28-bit pieces of 2/pi (each exact, a having 24 bits), each taken mod 4 exactly; pieces whose
+// product is a multiple of 4 drop out, so the magnitude of a never matters.
+
+// The nearest integer of |v| < 2^51 (round to nearest even).
+template <class D>
+D vm_drint(D v) {
+  const double magic = 6755399441055744.0;
+  return (v + magic) - magic;
+}
+
+// r and the quadrant (in the low two bits of *q) of a = |x| < 2^23.
+template <class T, class D = typename T::D, class U = typename T::DU>
+D vm_dreduce_small(D a, U* q) {
+  const double magic = 6755399441055744.0;
+  const D kd = a * 0.6366197723675814 + magic, k = kd - magic;
+  *q = __builtin_bit_cast(U, kd);
+  return ((a - k * 0x1.921fb54p+0) - k * 0x1.10b461p-30) - k * 0x1.a62633145c06ep-58;
+}
+
+// The same for any finite a (exact for every float; slower).
+template <class T, class D = typename T::D, class U = typename T::DU>
+D vm_dreduce_big(D a, U* q) {
+  const D zero{}, big = vm_dsplat<D>(9007199254740992.0);  // 2^53
+  D hi = zero, lo = zero;
+  static constexpr double kPieces[] = {
+      0x1.45f306cp-1,   0x1.c9c882ap-29,  0x1.4fe13a8p-59,  0x1.f47d4d0p-86, 0x1.bb81b6cp-113,
+      0x1.4acc9e0p-143, 0x1.0e4107cp-170, 0x1.ca2c756p-197, 0x1.bd778acp-225};
+  for (const double c : kPieces) {
+    D t = a * c;
+    // t < 2^53 has its last bit at 2 or below: t - 4 rint(t / 4) is exact, in [-2, 2].
+    // Otherwise t is a multiple of 4.
+    t = t < big ? t - 4.0 * vm_drint(t * 0.25) : zero;
+    const D s = hi + t, b = s - hi;
+    lo = lo + ((hi - (s - b)) + (t - b));
+    hi = s - 4.0 * vm_drint(s * 0.25);
+  }
+  const D k = vm_drint(hi);
+  *q = __builtin_bit_cast(U, k + 6755399441055744.0);
+  return ((hi - k) + lo) * 1.5707963267948966;
+}
+
+template <class T, bool kCos>
+VmV<T> vm_sincos(VmV<T> x) {
+  using D = typename T::D;
+  using U = typename T::DU;
+  const VmV<T> ax = T::abs(x);
+  D a[T::ND], r[T::ND];
+  U q[T::ND];
+  T::to_d(ax, a);
+  if (T::any(T::ge(ax, T::set1(8388608.0f)))) {
+    for (int i = 0; i < T::ND; ++i) r[i] = vm_dreduce_big<T>(a[i], &q[i]);
+  } else {
+    for (int i = 0; i < T::ND; ++i) r[i] = vm_dreduce_small<T>(a[i], &q[i]);
+  }
+  for (int i = 0; i < T::ND; ++i) {
+    const D z = r[i] * r[i];
+    // Taylor on |r| <= pi/4: relative errors below 2^-36 (sin) and 2^-33 (cos).
+    const D s = T::dmad(r[i] * z, vm_dpoly<T>(z, -1.0 / 6, 1.0 / 120, -1.0 / 5040,
+                                             1.0 / 362880, -1.0 / 39916800), r[i]);
+    const D c = vm_dpoly<T>(z, 1.0, -0.5, 1.0 / 24, -1.0 / 720, 1.0 / 40320, -1.0 / 3628800);
+    const U k = q[i] + (kCos ? 1 : 0), zu{};
+    const D v = (k & 1) != zu ? c : s;
+    a[i] = (k & 2) != zu ? -v : v;
+  }
+  VmV<T> y = T::from_d(a);
+  if (!kCos) y = T::bxor(y, T::band(x, T::from_bits(0x80000000u)));  // sin is odd
+  return T::select(T::isfinite_m(x), y, T::set1(__builtin_nanf("")));
+}
+
+template <class T>
+VmV<T> sin_(VmV<T> x) {
+  return vm_sincos<T, false>(x);
+}
+template <class T>
+VmV<T> cos_(VmV<T> x) {
+  return vm_sincos<T, true>(x);
+}

@@ -48,7 +48,7 @@ CONFIGS = [("avx512", "vec"), ("avx2", "vec"), ("base", "vec"), ("base", "scalar
 
 # Max ulp error allowed (vs the float64 result), per function.
 ULP = {"exp": 2, "exp2": 2, "expm1": 2, "log": 2, "log1p": 2, "log2": 2, "tanh": 3,
-       "logistic": 3, "pow": 3}
+       "logistic": 3, "sin": 2, "cos": 2, "pow": 3}
 F64 = {
     "exp": np.exp,
     "exp2": np.exp2,
@@ -57,6 +57,8 @@ F64 = {
     "log1p": np.log1p,
     "log2": np.log2,
     "tanh": np.tanh,
+    "sin": np.sin,
+    "cos": np.cos,
     "logistic": lambda x: 1.0 / (1.0 + np.exp(-x)),
 }
 
@@ -73,7 +75,10 @@ def _specials():
     # Overflow / underflow thresholds of the exponentials, tanh / logistic saturation.
     for c in (88.0, 88.37, 88.38, 88.72, 88.7228, 88.72284, 88.7229, 89.0, 103.0, 103.97,
               103.98, 104.0, 126.0, 127.0, 127.99, 128.0, 128.01, 149.0, 149.5, 150.0, 151.0,
-              17.0, 17.4, 9.0, 9.01, 15.0, 16.7, 30.0, 1e10):
+              17.0, 17.4, 9.0, 9.01, 15.0, 16.7, 30.0, 1e10,
+              # Near multiples of pi/2 (sin / cos), either side of the 2^23 reduction switch.
+              1.5707964, 3.1415927, 4.712389, 6.2831855, 9.424778, 1e5 * np.pi, 8388607.0,
+              8388608.0, 8388609.0, 16777216.0 * np.pi, 1e22, 2.0**100, 2.0**127):
         v += [c, -c]
     x = np.array(v, np.float32)
     b = x.view(np.uint32)
