@@ -3,7 +3,7 @@
 A small driver (tests/vmath_driver.cc) is compiled once per instruction set this CPU has, and
 run on the vector struct `S` and on the scalar struct `Sc`. The primitives must match numpy
 bit for bit; the transcendental functions within an ulp bound of the float64 result, with
-their special values (+-0, +-inf, NaN positions) exact.
+their special values (+-0, +-inf, NaN positions) exact, and the same bits from S and Sc.
 """
 
 import os
@@ -335,3 +335,13 @@ def test_signed_zero(outputs, config, name):
         at = (x == 0) & (np.signbit(x) == np.signbit(z))
         assert at.any()
         assert (got[at] == 0).all() and (np.signbit(got[at]) == np.signbit(z)).all()
+
+
+@pytest.mark.parametrize("isa", ["avx512", "base"])
+@pytest.mark.parametrize("name", list(ULP))
+def test_vector_matches_scalar(outputs, isa, name):
+    """S and Sc of one instruction set agree bit for bit (a vector loop and its scalar tail)."""
+    _, _, vec = _get(outputs, (isa, "vec"), name)
+    x, y, sc = _get(outputs, (isa, "scalar"), name)
+    bad = _same_bits(vec, sc)
+    assert not bad.any(), (x[bad][:5], y[bad][:5], vec[bad][:5], sc[bad][:5])
