@@ -1,12 +1,18 @@
 // Elementwise transcendental functions over the structs of simd.h (S of any instruction set,
-// and Sc): branch-free across lanes, IEEE special values as lax / C. Included right after
-// simd.h, inside the same anonymous namespace.
+// and Sc): exp_, exp2_, expm1_, log_, log1p_, log2_, tanh_, logistic_, pow_, sin_, cos_, erf_.
+// Branch-free across lanes (sin_ / cos_ take one branch for the whole vector when a lane is
+// >= 2^23), IEEE special values as lax / C powf. Included right after simd.h, inside the same
+// anonymous namespace. S and Sc of one translation unit give the same bits.
 //
-// Method: range reduction to a small interval (x = k ln2 + r for the exponentials, x = 2^e m
+// Float: range reduction to a small interval (x = k ln2 + r for the exponentials, x = 2^e m
 // with m in [sqrt(1/2), sqrt(2)) for the logarithms), polynomials fitted (near-minimax, for
 // relative error) on that interval, and the exponent put back by building 2^k from its bits.
-// pow needs log(x) to ~2^-34 relative (its error is amplified by |y log x| up to ~104), so it
-// runs in double: the lanes are split into vectors of doubles (T::to_d) for log and exp.
+// Double (the lanes split into vectors of doubles by T::to_d): pow, whose log(x) must be good
+// to ~2^-34 (its error is amplified by |y log x| up to ~104), sin / cos (an exact reduction
+// for every float) and erf. Max errors measured over all floats (every 7th bit pattern, every
+// 61st for sin, cos, erf; pow on 2e7 random pairs), in ulps (without FMA): exp 0.97 (0.95),
+// exp2 0.86 (1.07), expm1 1.44, log 0.85 (0.92), log1p 0.87 (1.0), log2 1.62 (1.85), tanh 1.32,
+// logistic 2.33, pow / sin / cos / erf 0.51.
 
 template <class T>
 using VmV = typename T::V;
