@@ -332,14 +332,12 @@ struct S : Derived<S> {
   typedef double D __attribute__((vector_size(16)));
   static D dmad(D a, D b, D c) { return a * b + c; }
   typedef unsigned long long DU __attribute__((vector_size(16)));
-  typedef float F2 __attribute__((vector_size(8)));
   static void to_d(V a, D* d) {
-    d[0] = __builtin_convertvector(__builtin_shufflevector(a, a, 0, 1), D);
-    d[1] = __builtin_convertvector(__builtin_shufflevector(a, a, 2, 3), D);
+    d[0] = D{a[0], a[1]};
+    d[1] = D{a[2], a[3]};
   }
   static V from_d(const D* d) {
-    return __builtin_shufflevector(__builtin_convertvector(d[0], F2),
-                                   __builtin_convertvector(d[1], F2), 0, 1, 2, 3);
+    return V{float(d[0][0]), float(d[0][1]), float(d[1][0]), float(d[1][1])};
   }
 };
 #endif
