@@ -19,7 +19,7 @@ using V = typename T::V;
 template <class T>
 using Fn = V<T> (*)(V<T>, V<T>);
 
-#define F1(name, e) {#name, [](V<T> x, V<T>) -> V<T> { return e; }}
+#define F1(name, e) {#name, [](V<T> x, V<T>) -> V<T> { (void)x; return e; }}
 #define F2(name, e) {#name, [](V<T> x, V<T> y) -> V<T> { return e; }}
 #define FM(name, e) \
   {#name, [](V<T> x, V<T> y) -> V<T> { (void)x, (void)y; return T::from_mask(e); }}
