@@ -158,6 +158,11 @@ MONOTONE_OPS = {
                     np.minimum, math.inf),
     "tanh_sub_max_pad": (jaxconv.Op(FUNCTIONS["tanh_sub"], "max", pad_value=0.5),
                          _np_tanh_sub, np.maximum, -math.inf),
+    # Operand maps: tanh of the input and exp of the kernel run once per element.
+    "tanh_x_times_w_sum_pad": (jaxconv.Op(lambda x, w: jnp.tanh(x) * w, "sum", pad_value=0.5),
+                               lambda x, w: np.tanh(x) * w, np.add, 0.0),
+    "maps_and_outer_min": (jaxconv.Op(lambda x, w: -jnp.tanh(jnp.abs(x) - jnp.exp(w)), "min"),
+                           lambda x, w: -np.tanh(np.abs(x) - np.exp(w)), np.minimum, math.inf),
 }
 GEOMETRIES = {
     "same": ((2, 6, 5, 3), (3, 3, 3, 4), dict(window_strides=(1, 1), padding="SAME")),
@@ -170,8 +175,10 @@ GEOMETRIES = {
 @pytest.mark.parametrize("name, geometry", [("tanh_sub_max", "same"),
                                             ("exp_neg_min", "empty_windows"),
                                             ("tanh_sub_max", "empty_windows"),
-                                            ("tanh_sub_max_pad", "empty_windows")])
-def test_monotone_form_matches_reference(name, geometry):
+                                            ("tanh_sub_max_pad", "empty_windows"),
+                                            ("tanh_x_times_w_sum_pad", "empty_windows"),
+                                            ("maps_and_outer_min", "same")])
+def test_factored_form_matches_reference(name, geometry):
     op, combine, reduce, identity = MONOTONE_OPS[name]
     xs, ws, kw = GEOMETRIES[geometry]
     rng = np.random.default_rng(0)
@@ -179,7 +186,7 @@ def test_monotone_form_matches_reference(name, geometry):
     w = rng.standard_normal(ws).astype(F32)
     x[0, 1, 1, 0] = np.nan
     x[0, 0, 0, 1] = np.inf
-    assert algebra.monotone_form(op, F32) is not None
+    assert algebra.factored_form(op, F32) is not None
     dn = ("NHWC", "HWIO", "NHWC")
     ref = conv_reference(x, w, kw["window_strides"], kw["padding"], kw.get("lhs_dilation"),
                          None, dn, combine=combine, reduce=reduce, identity=identity,
@@ -190,11 +197,37 @@ def test_monotone_form_matches_reference(name, geometry):
         np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-5, atol=1e-6)
 
 
-def test_monotone_form_gradient_is_the_per_product_gradient():
+@pytest.mark.parametrize("fn, lhs, rhs, core", [
+    (lambda x, w: jnp.tanh(x) * w, ("tanh",), None, ("mul",)),
+    (lambda x, w: jnp.abs(x) - jnp.exp(w) * 2.0, ("abs",), ("exp", "mul"), ("sub",)),
+    (lambda x, w: jnp.where(x > 0, x, 0.1 * x) * jnp.sign(w) + x, None, ("sign",),
+     ("add", "gt", "mul", "select_n")),  # x reaches the core twice: not split
+])
+def test_operand_split(fn, lhs, rhs, core):
+    split = sp.operand_split(sp.trace(fn, F32, 2))
+    assert split is not None
+    assert (None if split.lhs is None else split.lhs.primitives()) == lhs
+    assert (None if split.rhs is None else split.rhs.primitives()) == rhs
+    assert split.core.primitives() == core
+    x, w = _grid()
+    a = jnp.asarray(x) if split.lhs is None else sp.evaluate(split.lhs, jnp.asarray(x))[0]
+    b = jnp.asarray(w) if split.rhs is None else sp.evaluate(split.rhs, jnp.asarray(w))[0]
+    np.testing.assert_array_equal(np.asarray(sp.evaluate(split.core, a, b)[0]),
+                                  np.asarray(fn(jnp.asarray(x), jnp.asarray(w))))
+
+
+def test_a_factored_multiply_and_add_is_a_standard_convolution():
+    plan = jaxconv.explain(jaxconv.Op(lambda x, w: jnp.tanh(x) * w, "sum"), platform="cpu")
+    assert plan.engine == "xla"
+    assert any("('tanh',) of the input" in d for d in plan.details)
+    assert any("standard lax convolution" in d for d in plan.details)
+
+
+def test_factored_form_gradient_is_the_per_product_gradient():
     """Away from ties, the gradient of f(max c) is that of max f(c): the winner's f'(c)."""
     op = MONOTONE_OPS["tanh_sub_max"][0]
     per_product = jaxconv.Op(lambda x, w: jnp.tanh(x - w) + 0.0 * jnp.abs(x), "max")
-    assert algebra.monotone_form(per_product, F32) is None
+    assert algebra.factored_form(per_product, F32) is None
     xs, ws, kw = GEOMETRIES["same"]
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.standard_normal(xs), F32)

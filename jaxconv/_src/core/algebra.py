@@ -374,7 +374,7 @@ def capabilities(op: Op) -> Capabilities:
                         log_semiring, op.native, forward, part)
 
 
-# --- the monotone form: f(c) under max is f(max c) ---------------------------------------------
+# --- the factored form: maps of one operand, and of the result, outside the product -------------
 
 _DUAL = {"max": "min", "min": "max"}
 
@@ -396,67 +396,108 @@ class ProgramFn:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class MonotoneForm:
-    """``op`` as ``outer(inner op)``: see `monotone_form`.
+class FactoredForm:
+    """``op`` as ``outer(inner(lhs_map(x), rhs_map(w)))``: see `factored_form`.
 
     Attributes:
-      inner: the op whose combine is the inner part, under the same or the dual reduce.
-      outer: the monotone map applied to the inner op's result.
+      inner: the op the engines compute.
+      outer: the monotone map of the reduced result, or ``None``.
+      lhs_map: the map of the input applied before the product, or ``None``.
+      rhs_map: the map of the kernel applied before the product, or ``None``.
     """
 
     inner: Op
-    outer: ProgramFn
+    outer: ProgramFn | None
+    lhs_map: ProgramFn | None
+    rhs_map: ProgramFn | None
+
+    def describe(self) -> list[str]:
+        """One line per factor, for `jaxconv.explain`."""
+        lines = []
+        for what, fn in (("input", self.lhs_map), ("kernel", self.rhs_map)):
+            if fn is not None:
+                lines.append(f"the map {fn.program.primitives()} of the {what} runs once per "
+                             "element, before the product")
+        if self.outer is not None:
+            lines.append(f"the monotone map {self.outer.program.primitives()} runs once per "
+                         f"output, after the {self.inner.reduce}")
+        return lines
 
 
-def monotone_form(op: Op, dtype: Any) -> MonotoneForm | None:
-    """``max_t f(c_t) = f(max_t c_t)`` for a total monotone ``f`` (``min`` if decreasing).
+def factored_form(op: Op, dtype: Any) -> FactoredForm | None:
+    """Moves what does not need to run once per product out of the product.
 
-    When ``op``'s combine ends in a chain of total, monotone unary maps (``tanh``, ``clip``
-    by constants, ``exp``, scaling by a constant, ...) and its reduce is ``max`` or ``min``
-    with the default identity, the chain is applied once per output instead of once per
-    product. The result is the same (a NaN product still makes a NaN); only a gradient tie
-    can differ: where ``f`` is flat (a saturated ``clip``), taps whose products differ but
-    map to one value share the cotangent in the per-product form, and the largest product
-    takes it here -- with ``f``'s derivative there, which is zero on a flat part.
+    - ``max_t f(c_t) = f(max_t c_t)`` for a total monotone ``f`` (``min`` if decreasing):
+      when ``op``'s combine ends in a chain of total, monotone unary maps (``tanh``, ``clip``
+      by constants, ``exp``, scaling by a constant, ...) and its reduce is ``max`` or ``min``
+      with the default identity, the chain runs once per output.
+    - ``combine(x, w) = core(u(x), v(w))``: the part of the combine that depends on one
+      operand only runs once per element of that operand (``tanh(x) * w``: ``tanh`` of the
+      input, then a product of ``*`` under the reduce).
+
+    Values are the same (NaN and infinities included: the maps are applied to the same
+    numbers). Only a gradient tie can differ for the monotone map: where ``f`` is flat (a
+    saturated ``clip``), taps whose products differ but map to one value share the cotangent
+    per product, and the largest product takes it here -- with ``f``'s derivative there, zero
+    on a flat part.
 
     Args:
       op: the product.
       dtype: the operands' dtype.
 
     Returns:
-      A `MonotoneForm`, or ``None`` when the op has no such chain (or declares a native
-      kernel, a rewrite or an identity of its own).
+      A `FactoredForm`, or ``None`` when nothing factors out (or the op declares a native
+      kernel or a rewrite).
 
     Example:
       >>> import jax.numpy as jnp
       >>> import jaxconv
       >>> op = jaxconv.Op(lambda x, w: jnp.tanh(x - w), "max")
-      >>> form = monotone_form(op, jnp.float32)
-      >>> form.inner.reduce, float(form.outer(jnp.float32(0.0)))
-      ('max', 0.0)
+      >>> form = factored_form(op, jnp.float32)
+      >>> form.inner.reduce, float(form.outer(jnp.float32(0.0))), form.lhs_map
+      ('max', 0.0, None)
     """
-    return _monotone_form(op, np.dtype(dtype))
+    return _factored_form(op, np.dtype(dtype))
 
 
 @functools.lru_cache(maxsize=512)
-def _monotone_form(op: Op, dtype: np.dtype) -> MonotoneForm | None:
-    from jaxconv._src.core import scalar_program  # noqa: PLC0415
+def _factored_form(op: Op, dtype: np.dtype) -> FactoredForm | None:
+    from jaxconv._src.core import scalar_program as sp  # noqa: PLC0415
 
+    if op.rewrite is not None or op.native is not None:
+        return None
     caps = capabilities(op)
     canonical = caps.canonical
-    if (caps.reduce not in _DUAL or canonical.identity is not None or op.rewrite is not None
-            or op.native is not None):
-        return None
     try:
-        program = scalar_program.combine_program(op.combine, jnp.dtype(dtype))
-    except scalar_program.Untranslatable:
-        return None
-    split = scalar_program.monotone_split(program)
-    if split is None:
+        program = sp.combine_program(op.combine, dtype)
+    except sp.Untranslatable:
         return None
     name = op.name or "user op"
-    reduce = caps.reduce if split.direction > 0 else _DUAL[caps.reduce]
-    inner = Op(ProgramFn(split.inner, f"{name} (inner)"), reduce,
-               pad_value=canonical.pad_value, name=f"{name} (inner)",
-               forward_mode=op.forward_mode)
-    return MonotoneForm(inner, ProgramFn(split.outer, f"{name} (outer)"))
+    reduce, outer = canonical.reduce, None
+    split = None
+    if caps.reduce in _DUAL and canonical.identity is None:
+        split = sp.monotone_split(program)
+    if split is not None:
+        program = split.inner
+        outer = ProgramFn(split.outer, f"{name} (outer)")
+        reduce = caps.reduce if split.direction > 0 else _DUAL[caps.reduce]
+    operands = sp.operand_split(program)
+    lhs_map = rhs_map = None
+    pad_value = canonical.pad_value
+    if operands is not None:
+        if operands.lhs is not None:
+            lhs_map = ProgramFn(operands.lhs, f"{name} (input map)")
+            if pad_value is not None:
+                with jax.ensure_compile_time_eval():
+                    pad_value = float(lhs_map(jnp.asarray(pad_value, dtype)))
+        if pad_value is None or math.isfinite(pad_value):
+            program = operands.core
+            rhs_map = None if operands.rhs is None else ProgramFn(operands.rhs,
+                                                                   f"{name} (kernel map)")
+        else:
+            lhs_map, pad_value = None, canonical.pad_value
+    if outer is None and lhs_map is None and rhs_map is None:
+        return None
+    inner = Op(ProgramFn(program, f"{name} (inner)"), reduce, identity=canonical.identity,
+               pad_value=pad_value, name=f"{name} (inner)", forward_mode=op.forward_mode)
+    return FactoredForm(inner, outer, lhs_map, rhs_map)

@@ -181,11 +181,10 @@ def explain(op: Any, *, dtype: Any = "float32", platform: str | None = None,
     platform = platform or jax.default_backend()
     dtype = jnp.dtype(dtype)
     details: list[str] = []
-    form = algebra.monotone_form(op.replace(post=None), dtype)
+    form = algebra.factored_form(op.replace(post=None), dtype)
     inner = op.replace(post=None) if form is None else form.inner
     if form is not None:
-        details.append(f"the monotone map {form.outer.program.primitives()} runs once per "
-                       f"output, after a {inner.reduce} of {inner.name!r}")
+        details.extend(form.describe())
     geom = Geometry((8, 8), (3, 3), (1, 1), ((1, 1), (1, 1)), (1, 1), (1, 1), 1)
     acc = np.dtype(algebra.accumulation_dtype(inner, dtype, None))
     problem = primitive.Problem(inner, geom, engine, acc, primitive.DEFAULT_MAX_BLOCK_BYTES,

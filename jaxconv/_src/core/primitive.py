@@ -330,14 +330,18 @@ def canonical_conv(
     if n == 0 or o == 0:
         return jnp.zeros((n, *geom.out_spatial, o), out_dtype)
     mbb = DEFAULT_MAX_BLOCK_BYTES if max_block_bytes is None else int(max_block_bytes)
-    form = algebra.monotone_form(op.replace(post=None), dtype)
+    form = algebra.factored_form(op.replace(post=None), dtype)
     inner = op.replace(post=None) if form is None else form.inner
+    if form is not None and form.lhs_map is not None:
+        x = form.lhs_map(x)
+    if form is not None and form.rhs_map is not None:
+        w = form.rhs_map(w)
     problem = Problem(inner, geom, engine, acc_dtype, mbb, _hashable_precision(precision),
                       jnp.dtype(dtype))
     if engine in ("native", "pallas"):
         planner.check_engine(problem, dtype)
     y = conv(x, w, problem)
-    if form is not None:
+    if form is not None and form.outer is not None:
         y = _apply_outer(y, form.outer, op, geom)
     if op.post is not None:
         y = op.post(y)

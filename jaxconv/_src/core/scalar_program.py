@@ -404,7 +404,7 @@ def nan_free(program: ScalarProgram) -> bool:
       >>> from jaxconv._src.core import scalar_program as sp
       >>> sp.nan_free(sp.trace(lambda x, w: x * w, "float32", 2))
       True
-      >>> sp.nan_free(sp.trace(lambda x, w: x * w - w, "float32", 2))
+      >>> sp.nan_free(sp.trace(lambda x, w: x * w - w * x, "float32", 2))
       False
     """
     finite, inf, nan = 0, 1, 2
@@ -444,3 +444,91 @@ def nan_free(program: ScalarProgram) -> bool:
             out = nan
         state.append(out)
     return all(of(r) != nan for r in program.outputs)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class OperandSplit:
+    """``program(x, w) = core(lhs(x), rhs(w))`` (see `operand_split`).
+
+    Attributes:
+      lhs: the one-argument program of ``x``'s own part, or ``None`` (``x`` itself).
+      rhs: the same for ``w``.
+      core: the two-argument program of what is left.
+    """
+
+    lhs: ScalarProgram | None
+    rhs: ScalarProgram | None
+    core: ScalarProgram
+
+
+def operand_split(program: ScalarProgram) -> OperandSplit | None:
+    """Splits off the parts of a two-argument program that depend on one argument only.
+
+    ``tanh(x) * w`` is ``core(a, b) = a * b`` of ``a = tanh(x)`` and ``b = w``: the map of an
+    operand runs once per element of the input (or kernel), not once per product. A side is
+    split when exactly one of its values reaches the rest of the program. ``None`` when
+    neither side is, or when a ``custom_jvp`` function was inlined.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxconv._src.core import scalar_program as sp
+      >>> s = sp.operand_split(sp.trace(lambda x, w: jnp.tanh(x) * w, "float32", 2))
+      >>> s.lhs.primitives(), s.rhs, s.core.primitives()
+      (('tanh',), None, ('mul',))
+    """
+    if len(program.outputs) != 1 or program.custom_jvp or program.n_args != 2:
+        return None
+    live = program.live()
+    deps: dict[int, frozenset[int]] = {}
+
+    def deps_of(r: Ref) -> frozenset[int]:
+        if isinstance(r, Arg):
+            return frozenset((r.index,))
+        return deps[r] if isinstance(r, int) else frozenset()
+
+    for k in live:
+        deps[k] = frozenset().union(*(deps_of(a) for a in program.nodes[k].args))
+    out = program.outputs[0]
+    both = frozenset((0, 1))
+    if deps_of(out) != both:
+        return None
+    frontier: dict[int, set[Ref]] = {0: set(), 1: set()}
+    for k in live:
+        if deps[k] != both:
+            continue
+        for a in program.nodes[k].args:
+            d = deps_of(a)
+            if len(d) == 1:
+                frontier[next(iter(d))].add(a)
+    maps: dict[int, int] = {}
+    for side, refs in frontier.items():
+        if len(refs) == 1:
+            (r,) = refs
+            if isinstance(r, int) and program.nodes[r].dtype == program.dtype:
+                maps[side] = r
+    if not maps:
+        return None
+
+    def side_program(side: int) -> ScalarProgram | None:
+        if side not in maps:
+            return None
+        new: dict[int, Ref] = {}
+        nodes: list[Node] = []
+        for k in program.live_of(maps[side]):
+            node = program.nodes[k]
+            args = tuple(Arg(0) if isinstance(a, Arg) else new.get(a, a) for a in node.args)
+            nodes.append(dataclasses.replace(node, args=args))
+            new[k] = len(nodes) - 1
+        return ScalarProgram(tuple(nodes), (new[maps[side]],), 1, program.dtype, False)
+
+    remap: dict[int, Ref] = {k: Arg(side) for side, k in maps.items()}
+    nodes = []
+    for k in live:
+        if k in remap or (len(deps[k]) == 1 and next(iter(deps[k])) in maps):
+            continue
+        node = program.nodes[k]
+        nodes.append(dataclasses.replace(
+            node, args=tuple(remap.get(a, a) if isinstance(a, int) else a for a in node.args)))
+        remap[k] = len(nodes) - 1
+    core = ScalarProgram(tuple(nodes), (remap[out],), 2, program.dtype, False)
+    return OperandSplit(side_program(0), side_program(1), core)

@@ -32,11 +32,9 @@ _BINARY = {"add", "sub", "mul", "div", "max", "min", "pow", "atan2", "rem", "cop
 _UNARY = {"neg", "abs", "sign", "exp", "exp2", "log", "log1p", "expm1", "tanh", "logistic",
           "sqrt", "rsqrt", "cbrt", "floor", "ceil", "sin", "cos", "tan", "atan", "sinh",
           "cosh", "asinh", "acosh", "atanh", "erf", "erfc", "is_finite", "not", "square"}
-# Evaluated lane by lane with libm (correct, not vectorized).
-SCALAR_LIBM = frozenset({"div", "pow", "atan2", "rem", "copysign", "nextafter", "sign", "exp",
-                         "exp2", "log", "log1p", "expm1", "tanh", "logistic", "sqrt", "rsqrt",
-                         "cbrt", "floor", "ceil", "round", "sin", "cos", "tan", "atan", "sinh",
-                         "cosh", "asinh", "acosh", "atanh", "erf", "erfc"})
+# Evaluated lane by lane with libm (correct, not vectorized; csrc/userop.h).
+SCALAR_LIBM = frozenset({"atan2", "rem", "nextafter", "cbrt", "tan", "atan", "sinh", "cosh",
+                         "asinh", "acosh", "atanh", "erfc"})
 
 
 def literal(value: float | bool) -> str:
