@@ -29,7 +29,9 @@ max/min    pool
 The head (``Linear`` to the classes) is always standard. Learning rates follow a cosine
 decay over the run. Progress is printed per epoch; the test accuracy at the end. With
 ``--ckpt-dir`` the trained state is saved with Orbax (and restored once to check it);
-``--plot curves.png`` writes the training curves.
+``--plot curves.png`` writes the training curves. ``--engine xla`` (or ``native``) fixes the
+engine of the custom-product layers (default ``auto``: the native kernels on CPU where they
+serve the op).
 
 Run:
 
@@ -91,7 +93,7 @@ class DigitsNet(nnx.Module):
     """Two conv blocks, a 2x2 max-pool and a standard dense head; ``op`` picks the layout."""
 
     def __init__(self, op: str, in_channels: int, spatial: tuple[int, int], n_classes: int, *,
-                 rngs: nnx.Rngs):
+                 rngs: nnx.Rngs, engine: str = "auto"):
         self.op = op
         self.layout = layout_of(op)
         c = in_channels
@@ -104,18 +106,24 @@ class DigitsNet(nnx.Module):
             self.conv2 = jnn.Conv(16, 32, (3, 3), use_bias=False, op="xnor", rngs=rngs)
             self.bn2 = nnx.BatchNorm(32, momentum=0.9, rngs=rngs)
         elif self.layout == "distance":
-            self.conv1 = jnn.Conv(c, 16, (3, 3), use_bias=False, op=op, rngs=rngs)
+            self.conv1 = jnn.Conv(c, 16, (3, 3), use_bias=False, op=op, engine=engine,
+                                  rngs=rngs)
             self.bn1 = nnx.BatchNorm(16, momentum=0.9, rngs=rngs)
-            self.conv2 = jnn.Conv(16, 32, (3, 3), use_bias=False, op=op, rngs=rngs)
+            self.conv2 = jnn.Conv(16, 32, (3, 3), use_bias=False, op=op, engine=engine,
+                                  rngs=rngs)
             self.bn2 = nnx.BatchNorm(32, momentum=0.9, rngs=rngs)
         else:
             dual = MORPH_DUALS[op]
-            self.conv1 = jnn.Conv(c, 8, (3, 3), use_bias=False, op=op, rngs=rngs)
-            self.conv1_dual = jnn.Conv(c, 8, (3, 3), use_bias=False, op=dual, rngs=rngs)
+            self.conv1 = jnn.Conv(c, 8, (3, 3), use_bias=False, op=op, engine=engine,
+                                  rngs=rngs)
+            self.conv1_dual = jnn.Conv(c, 8, (3, 3), use_bias=False, op=dual, engine=engine,
+                                       rngs=rngs)
             self.mix1 = jnn.Conv(16, 16, (1, 1), rngs=rngs)  # standard 1x1 mixing
             self.bn1 = nnx.BatchNorm(16, momentum=0.9, rngs=rngs)
-            self.conv2 = jnn.Conv(16, 16, (3, 3), use_bias=False, op=op, rngs=rngs)
-            self.conv2_dual = jnn.Conv(16, 16, (3, 3), use_bias=False, op=dual, rngs=rngs)
+            self.conv2 = jnn.Conv(16, 16, (3, 3), use_bias=False, op=op, engine=engine,
+                                  rngs=rngs)
+            self.conv2_dual = jnn.Conv(16, 16, (3, 3), use_bias=False, op=dual, engine=engine,
+                                       rngs=rngs)
             self.mix2 = jnn.Conv(32, 32, (1, 1), rngs=rngs)
             self.bn2 = nnx.BatchNorm(32, momentum=0.9, rngs=rngs)
         flat = (spatial[0] // 2) * (spatial[1] // 2) * 32
@@ -228,6 +236,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--ckpt-dir", default=None, help="save the trained state here (Orbax)")
     p.add_argument("--plot", default=None, metavar="PATH.png", help="write training curves")
     p.add_argument("--fast", action="store_true", help="tiny subset (for tests)")
+    p.add_argument("--engine", default="auto", choices=("auto", "xla", "native"),
+                   help="the engine of the custom-product layers (default: auto)")
     return p.parse_args(argv)
 
 
@@ -238,7 +248,7 @@ def main(argv: Sequence[str] | None = None) -> float:
     x_tr, y_tr, x_te, y_te = load_data(args.data, args.fast, args.seed)
     n_classes = int(max(y_tr.max(), y_te.max())) + 1
     model = DigitsNet(args.op, x_tr.shape[-1], x_tr.shape[1:3], n_classes,
-                      rngs=nnx.Rngs(args.seed))
+                      rngs=nnx.Rngs(args.seed), engine=args.engine)
     lr = args.lr if args.lr is not None else default_lr(args.op)
     print(f"jaxconv {jaxconv.__version__} | jax {jax.__version__} on "
           f"{jax.devices()[0].platform} | op {args.op}")
@@ -345,7 +355,7 @@ def main(argv: Sequence[str] | None = None) -> float:
     if args.ckpt_dir:
         jc_checkpoint.save(args.ckpt_dir, model)
         fresh = DigitsNet(args.op, x_tr.shape[-1], x_tr.shape[1:3], n_classes,
-                          rngs=nnx.Rngs(args.seed + 1))
+                          rngs=nnx.Rngs(args.seed + 1), engine=args.engine)
         jc_checkpoint.restore(args.ckpt_dir, fresh)
         fresh.eval()
         same = bool(jnp.allclose(fresh(jnp.asarray(x_te[:64])), model(jnp.asarray(x_te[:64])),

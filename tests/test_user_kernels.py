@@ -9,6 +9,7 @@ of user ops and geometries, gradients included; the cache, the file lock and eve
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import math
 import os
@@ -37,7 +38,7 @@ SPECIAL = np.array([-7.25, -2.0, -1.0, -0.5, -0.0, 0.0, 0.25, 0.5, 1.0, 1.5, 3.0
 
 def _pairs(fn, reduce="sum", **kw):
     """``fn`` on every pair of SPECIAL values, by the native engine and by jnp."""
-    op = jaxconv.Op(fn, reduce, name=f"test_{reduce}", **kw)
+    op = _pair_op(fn, reduce, **kw)
     x = SPECIAL.reshape(-1, 1)
     w = SPECIAL.reshape(1, -1)
     dn = (((1,), (0,)), ((), ()))
@@ -86,6 +87,19 @@ PRIMITIVES = {
     "rem": (lambda x, w: jnp.fmod(x, w), True),
     "constants": (lambda x, w: (x - w) * np.float32(0.1) + jnp.pi, True),
 }
+
+
+def _pair_op(fn, reduce="sum", **kw):
+    return jaxconv.Op(fn, reduce, name=f"test_{reduce}", **kw)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _compile_in_parallel():
+    """Compiles this module's kernels at once, one compiler per core (they are cached)."""
+    ops = [_pair_op(fn) for fn, _ in PRIMITIVES.values()]
+    ops += [_inner(op) for op, *_ in USER_OPS.values()]
+    with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        list(pool.map(native.user_kernel, ops))
 
 
 @pytest.mark.parametrize("name", sorted(PRIMITIVES))
