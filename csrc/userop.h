@@ -24,8 +24,10 @@ inline VT<T> u_lanes2(VT<T> a, VT<T> b, float (*f)(float, float)) {
 template <class T> inline VT<T> u_bool(typename T::M m) { return T::from_mask(m); }
 template <class T> inline typename T::M u_true(VT<T> b) { return T::eq(b, T::set1(1.0f)); }
 
-template <class T> inline VT<T> u_add(VT<T> a, VT<T> b) { return T::add(a, b); }
-template <class T> inline VT<T> u_sub(VT<T> a, VT<T> b) { return T::sub(a, b); }
+// a + b and a - b issued on the FMA ports (bit-identical), leaving the add ports (which run
+// max / min) to the reduce: the built-in max_plus does the same.
+template <class T> inline VT<T> u_add(VT<T> a, VT<T> b) { return T::addf(a, b); }
+template <class T> inline VT<T> u_sub(VT<T> a, VT<T> b) { return T::subf(a, b); }
 template <class T> inline VT<T> u_mul(VT<T> a, VT<T> b) { return T::mul(a, b); }
 template <class T> inline VT<T> u_div(VT<T> a, VT<T> b) { return T::div(a, b); }
 template <class T> inline VT<T> u_neg(VT<T> a) { return T::neg(a); }
