@@ -752,7 +752,7 @@ def _winner_backward(cfg: Config, x: Array, w: Array, y: Array, gy: Array) -> tu
     kernel entry would make it NaN. Where a window has one winner, its cotangent goes
     through ``combine``'s VJP at that one product (gathered) and is scatter-added onto the
     input and the kernel. The tied windows and those with an infinite output (the next
-    ones in index order, by ``top_k``) are recomputed whole (their ``T x I``
+    ones in index order, by ``nonzero``) are recomputed whole (their ``T x I``
     products), `MAX_SPARSE_TIES` at a time in a
     ``while_loop`` that runs once per such chunk (not at all without ties), and their
     cotangent is split equally among the tied products. A window with a NaN has no
@@ -835,11 +835,10 @@ def _winner_backward(cfg: Config, x: Array, w: Array, y: Array, gy: Array) -> tu
 
     def tie_chunk(carry: tuple) -> tuple:
         j, last, gxf, gwf = carry
-        # The next k tied windows after ``last``: the k largest of ``-index`` among them.
-        score = jnp.where(flat_tie & (idx > last), -idx, jnp.iinfo(jnp.int32).min)
-        top, _ = lax.top_k(score, k)
-        valid = top > jnp.iinfo(jnp.int32).min
-        sel = jnp.where(valid, -top, 0)
+        # The next k tied windows after ``last`` (``top_k`` is 10x slower on CPU).
+        (sel,) = jnp.nonzero(flat_tie & (idx > last), size=k, fill_value=-1)
+        valid = sel >= 0
+        sel = jnp.maximum(sel, 0).astype(jnp.int32)
         kn, kp, kg, ko = jnp.unravel_index(sel, shp)
         kpos = [(jnp.asarray(ocoord[:, d])[kp].reshape(k, 1, 1)
                  + jnp.asarray(offs[:, d]).reshape(1, nt, 1)) for d in range(nsd)]
@@ -854,7 +853,7 @@ def _winner_backward(cfg: Config, x: Array, w: Array, y: Array, gy: Array) -> tu
         cnt = jnp.maximum(jnp.sum(eq, axis=(1, 2)), 1)
         sk = jnp.where(valid, gf_all[sel].astype(gdt) / cnt, 0).reshape(k, 1, 1)
         dxk, dwk = vjpk(jnp.where(eq, sk, 0).astype(ck.dtype))
-        return (j + 1, jnp.max(sel), gxf.at[kxi].add(dxk.astype(gdt)),
+        return (j + 1, jnp.max(jnp.where(valid, sel, -1)), gxf.at[kxi].add(dxk.astype(gdt)),
                 gwf.at[kwi].add(dwk.astype(gdt)))
 
     _, _, gxf, gwf = lax.while_loop(lambda c: c[0] * k < n_ties, tie_chunk,
