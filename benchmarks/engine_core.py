@@ -2,6 +2,7 @@
 
     python -m benchmarks.engine_core            # layer A, every built-in op and two user ops
     python -m benchmarks.engine_core --smoke    # tiny shapes, a few seconds (run by the tests)
+    python -m benchmarks.engine_core --compile --engine xla   # compile and run time vs lax
 
 For each op on layer A (8x32x32x64 NHWC -> 64, 3x3 SAME, f32):
 
@@ -10,6 +11,11 @@ For each op on layer A (8x32x32x64 NHWC -> 64, 3x3 SAME, f32):
   the figure is the median of the rounds' ratios) and the compiled temp memory of each;
 - `compile s`: the compile time of `jax.jit(jax.grad(conv))`, next to lax's;
 - `eager / jit`: a repeated un-jitted call against the jitted one, after the first call.
+
+With `--compile` (and `--engine`, default `auto`), for each op: the compile time of
+`jax.jit(jax.grad(conv))` (median of `--compiles` fresh compilations, caches cleared between
+them) next to lax's, measured alternately in the same run, and the run time of the forward
+and of forward+backward as a ratio to lax's (paired, interleaved, median of the rounds).
 """
 
 from __future__ import annotations
@@ -69,10 +75,22 @@ def temp_mib(fn: Callable[..., Any], *args: Any) -> float:
 
 
 def compile_seconds(fn: Callable[..., Any], *args: Any) -> float:
+    """Seconds to compile ``jax.jit(fn)`` for ``args`` (after lowering; caches cleared)."""
+    jax.clear_caches()
     lowered = jax.jit(fn).lower(*args)
     t0 = time.perf_counter()
     lowered.compile()
     return time.perf_counter() - t0
+
+
+def paired_compile(ref: Callable[..., Any], fn: Callable[..., Any], args: tuple,
+                   repeats: int) -> tuple[float, float]:
+    """Median compile seconds of ``ref`` and ``fn``, compiled alternately."""
+    refs, fns = [], []
+    for _ in range(repeats):
+        refs.append(compile_seconds(ref, *args))
+        fns.append(compile_seconds(fn, *args))
+    return statistics.median(refs), statistics.median(fns)
 
 
 def _row(name: str, conv: Callable, x: Array, w: Array, rounds: int) -> dict[str, Any]:
@@ -105,23 +123,58 @@ def _row(name: str, conv: Callable, x: Array, w: Array, rounds: int) -> dict[str
     return row
 
 
-def run(shape: tuple[int, ...], cout: int, ops: tuple[str, ...], rounds: int) -> list[dict]:
+def _conv(name: str, engine: str = "auto") -> Callable[[Array, Array], Array]:
+    if name == "lax":
+        def conv(a, b):
+            return lax.conv_general_dilated(a, b, (1, 1), "SAME", dimension_numbers=DN)
+    else:
+        def conv(a, b, op=_op(name)):
+            return jaxconv.conv_general_dilated(a, b, (1, 1), "SAME", dimension_numbers=DN,
+                                                op=op, engine=engine)
+    return conv
+
+
+def _data(shape: tuple[int, ...], cout: int) -> tuple[Array, Array]:
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
     w = jnp.asarray(rng.standard_normal((3, 3, shape[-1], cout)) * 0.1, jnp.float32)
+    return x, w
+
+
+def compile_run(shape: tuple[int, ...], cout: int, ops: tuple[str, ...], engine: str,
+                rounds: int, compiles: int) -> list[dict]:
+    """Compile time of ``jit(grad)`` next to lax's and run time ratios to lax, per op."""
+    x, w = _data(shape, cout)
+    print(f"engine={engine}: compile s of jit(grad) (median of {compiles}, lax alternately); "
+          f"run time / lax (forward; forward+backward), median of {rounds} paired rounds")
+
+    def grad_of(conv):
+        return jax.grad(lambda a, b: jnp.sum(conv(a, b)), argnums=(0, 1))
+
+    ref = _conv("lax")
+    jref, gref = jax.jit(ref), jax.jit(grad_of(ref))
+    rows = []
+    for name in ops:
+        conv = _conv(name, engine)
+        lax_s, op_s = paired_compile(grad_of(ref), grad_of(conv), (x, w), compiles)
+        jf, gf = jax.jit(conv), jax.jit(grad_of(conv))
+        fwd = paired_ratio(lambda: jref(x, w), lambda jf=jf: jf(x, w), rounds)[0]
+        fb = paired_ratio(lambda: gref(x, w), lambda gf=gf: gf(x, w), rounds)[0]
+        row = {"op": name, "compile": op_s, "compile_lax": lax_s, "fwd": fwd, "fb": fb}
+        rows.append(row)
+        print(f"{name:14s} compile {op_s:.2f} s (lax {lax_s:.2f} s)  fwd {fwd:.2f}x  "
+              f"f+b {fb:.2f}x lax", flush=True)
+    return rows
+
+
+def run(shape: tuple[int, ...], cout: int, ops: tuple[str, ...], rounds: int) -> list[dict]:
+    x, w = _data(shape, cout)
     print("vmap/batched: time of jax.vmap over single images / the batched call (forward; "
           "grad of the summed vmapped loss; per-example gradients); temp+output MiB batched/"
           "vmapped; compile s of jit(grad); eager / jitted call")
     rows = []
     for name in ("lax", *ops):
-        if name == "lax":
-            def conv(a, b):
-                return lax.conv_general_dilated(a, b, (1, 1), "SAME", dimension_numbers=DN)
-        else:
-            def conv(a, b, op=_op(name)):
-                return jaxconv.conv_general_dilated(a, b, (1, 1), "SAME",
-                                                    dimension_numbers=DN, op=op)
-        row = _row(name, conv, x, w, rounds)
+        row = _row(name, _conv(name), x, w, rounds)
         rows.append(row)
         print(f"{name:14s} fwd {row['vmap_fwd']:.2f}x  f+b {row['vmap_fb']:.2f}x  "
               f"per-example {row['per_example']:.2f}x  MiB fwd {row['mem_fwd'][0]:.1f}/"
@@ -135,8 +188,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, two ops")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--ops", nargs="*", default=None)
+    parser.add_argument("--compile", action="store_true",
+                        help="only compile time and run time against lax")
+    parser.add_argument("--engine", default="auto", help="engine for --compile")
+    parser.add_argument("--compiles", type=int, default=3)
     args = parser.parse_args(argv)
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}")
+    if args.compile:
+        shape, cout = ((2, 6, 6, 4), 4) if args.smoke else ((8, 32, 32, 64), 64)
+        ops = tuple(args.ops or ("max_plus", "adder", "log", "user_tanh_max",
+                                 "user_clip_max"))
+        return compile_run(shape, cout, ops, args.engine, 2 if args.smoke else args.rounds,
+                           1 if args.smoke else args.compiles)
     if args.smoke:
         return run((2, 6, 6, 4), 4, tuple(args.ops or ("max_plus", "user_clip_max")), 2)
     return run((8, 32, 32, 64), 64, tuple(args.ops or OPS), args.rounds)

@@ -16,20 +16,23 @@ combine and the reduction into one kernel) and the taps' partial results are acc
 with the reduce's binary form. The batch is cut into blocks of whole images (``lax.map``)
 whose products fit ``max_block_bytes``. A user's multiply-and-add tap is a matrix product.
 
-Padding: with ``op.pad_value is None`` padded cells (and ``lhs_dilation`` holes) are skipped.
-Where the op allows it (`dominated_fill`: ``x + w``, ``min(x, w)``, ``max(x, w)`` under
-max, min or logsumexp) they are filled with a value whose products are dominated, and no mask
-is needed; otherwise they hold 0 and a static mask replaces every padded tap's partial result
-by the identity. With a pad value the cells hold it and go through ``combine``.
+Padding: with ``op.pad_value is None`` padded cells (and ``lhs_dilation`` holes) are skipped:
+they hold 0 and a static mask replaces every padded tap's partial result by the identity (a
+`dominated_fill` would need no mask, but a non-finite kernel entry turns it into NaN, and it
+measured no faster). With a pad value the cells hold it and go through ``combine``.
 
 The taps are a rolled loop (dynamic slices at each tap's offset), so the compiled code does
 not grow with the window.
 
-Paths chosen from the values (``lax.cond``; under ``vmap`` the primitives fold the mapped axis
-into the problem, so the predicate stays a scalar and only one branch runs): max/min with a
-non-finite input take an exact, NaN-propagating path (XLA CPU's vectorised max reductions drop
-NaN); ``ops.log`` runs as a native convolution in exp space unless a window needs the exact
-two-pass path (`_log_fast_or_exact`), and its backward follows the same test.
+Max/min have no branch on the values: XLA CPU's vectorised max reductions drop NaN, so the
+outputs with a NaN product are found by a native sum-convolution of 0/1 indicators
+(`_nan_outputs`; its channel-paired part, e.g. ``inf + -inf``, runs in a loop whose trip
+count is 0 unless the operands hold both infinities) and set to NaN; the padding of the tap
+loop is masked (no dominated fill, which a non-finite kernel entry would turn into NaN).
+``ops.log`` still chooses from the values (``lax.cond``; under ``vmap`` the primitives fold
+the mapped axis into the problem, so the predicate stays a scalar): a native convolution in
+exp space unless a window needs the exact two-pass path (`_log_fast_or_exact`), and its
+backward follows the same test.
 
 Backward passes for sum, max, min and logsumexp are written by hand: they
 keep only ``x``, ``w`` and the output and recompute the products, pushing the cotangent
@@ -46,13 +49,13 @@ Faster backward paths where the op allows them:
   native convolution of the padded input; AdderNet's kernel gradient ``sum g * (x - w)`` is
   the native convolution's kernel gradient minus ``w`` times the sum of the cotangent over
   each tap's positions, and only its clipped input gradient keeps the loop above.
-- Max/min with finite inputs and outputs (`_winner_backward`; padding dominated, a
-  pad value, or identity padding held as 0 with the padded taps masked statically): one fused
-  reduction per tap writes, for each output, the sum of ``base + index`` over its winning
-  products, which names the winner when there is one; the cotangent then goes through
-  ``combine``'s VJP at that product and is scatter-added onto the input and the kernel. Up
-  to `MAX_SPARSE_TIES` tied windows are recomputed one by one and split equally;
-  more take the exact path above (``lax.cond``).
+- Max/min (`_winner_backward`; a pad value, or identity padding held as 0 with the padded
+  taps masked statically): one fused reduction per tap writes, for each output, the sum of
+  ``base + index`` over its winning products, which names the winner when there is one;
+  the cotangent then goes through ``combine``'s VJP at that product and is scatter-added
+  onto the input and the kernel. Tied windows and infinite outputs are recomputed
+  `MAX_SPARSE_TIES` at a time in a ``while_loop`` (no iteration without them) and split
+  equally; there is no fallback branch.
 
 The canonical-layout helpers (tap slices, taps-major kernels, batch blocks, padding, dtypes)
 are `jaxconv._src.engines.taps`, shared with the other engines.
@@ -88,6 +91,7 @@ class Config:
     max_block_bytes: int
     block: int  # images (rows) per block in the forward pass
     block_bwd: int  # images per block in the backward pass (several products live at once)
+    unroll: int = 8  # steps of the input gradient's loop over output channels per iteration
 
 
 def block_size(
@@ -162,7 +166,7 @@ def _tap_tables(geom: Geometry, live: list) -> tuple[Array, Array, Array | None]
     return jnp.asarray(offs), jnp.asarray(tix), masks
 
 
-def _forward_block(cfg: Config, xb: Array, wt: Array, exact_nan: bool, fill: bool) -> Array:
+def _forward_block(cfg: Config, xb: Array, wt: Array, fill: bool) -> Array:
     """One block of images: ``xb`` (Nb, *padded, C), ``wt`` (T, G, Og, I) -> (Nb, P, G, Og).
 
     The taps are a rolled loop (one compiled body whatever the window size); taps that only
@@ -186,8 +190,6 @@ def _forward_block(cfg: Config, xb: Array, wt: Array, exact_nan: bool, fill: boo
         xs = xs.reshape(nb, p, g, xs.shape[-1] // g)
         wk = lax.dynamic_index_in_dim(wt, tix[j], axis=0, keepdims=False)
         out = _reduce_tap(op, xs, wk, cfg.acc_dtype)
-        if exact_nan:
-            out = jnp.where(_nan_flags(op, xs, wk), jnp.nan, out)
         if masks is not None:
             mk = lax.dynamic_index_in_dim(masks, j, axis=0, keepdims=False)
             out = jnp.where(mk.reshape(1, p, 1, 1), out, ident)
@@ -195,34 +197,19 @@ def _forward_block(cfg: Config, xb: Array, wt: Array, exact_nan: bool, fill: boo
 
     if len(live) == 1:
         return part(0)
-    return lax.fori_loop(1, len(live), lambda j, acc: binary(acc, part(j)), part(0))
+    # From the identity, so that the tap's reduction is compiled once (each copy of it is
+    # a large part of the compile time).
+    init = jnp.broadcast_to(ident, (nb, p, g, og))
+    return lax.fori_loop(0, len(live), lambda j, acc: binary(acc, part(j)), init)
 
 
-def _nan_flags(op: Op, xs: Array, wk: Array) -> Array:
-    """Which outputs of one tap have a NaN product, found channel by channel.
-
-    XLA's vectorised CPU max/min reductions drop NaN. This loop over input channels uses
-    only elementwise ops (so it keeps NaN) and holds one ``(Nb, P, G, Og)`` flag array.
-    """
-    shape = xs.shape[:3] + wk.shape[1:2]
-
-    def body(i, flag):
-        xi = lax.dynamic_index_in_dim(xs, i, axis=-1, keepdims=False)
-        wi = lax.dynamic_index_in_dim(wk, i, axis=-1, keepdims=False)
-        c = op.combine(jnp.broadcast_to(xi[..., None], shape),
-                       jnp.broadcast_to(wi[None, None], shape))
-        return flag | jnp.isnan(c)
-
-    return lax.fori_loop(0, xs.shape[-1], body, jnp.zeros(shape, bool))
-
-
-def _forward(cfg: Config, x: Array, w: Array, exact_nan: bool, fill: bool = False) -> Array:
+def _forward(cfg: Config, x: Array, w: Array, fill: bool = False) -> Array:
     """Canonical forward without custom gradient: (N, *S, C), (*K, I, O) -> (N, P, G, Og)."""
     geom = cfg.geom
     xp = taps.pad_input(x, cfg.op, geom, dominated_fill(cfg.op) if fill else None)
     wt = taps.taps_major(w, geom.groups)
     xblocks, n = taps.blocks(xp, cfg.block)
-    fn = functools.partial(_forward_block, cfg, wt=wt, exact_nan=exact_nan, fill=fill)
+    fn = functools.partial(_forward_block, cfg, wt=wt, fill=fill)
     if cfg.op.reduce_name not in algebra.HAND_VJP_REDUCES:
         fn = jax.checkpoint(fn)
     if xblocks.shape[0] == 1:
@@ -232,32 +219,125 @@ def _forward(cfg: Config, x: Array, w: Array, exact_nan: bool, fill: bool = Fals
     return taps.unblock(out, n)
 
 
-def _any_nonfinite(*arrays: Array) -> Array:
-    return jnp.logical_not(
-        functools.reduce(jnp.logical_and, [jnp.all(jnp.isfinite(a)) for a in arrays])
-    )
+def _nan_terms(op: Op, xs: Array, w: Array) -> tuple[list, Any, Array]:
+    """0/1 indicators of the products ``combine(x, w)`` that are NaN because of a
+    non-finite value: ``(always, paired, needed)``.
+
+    Each term is a pair ``(a, b)``, ``a`` over input cells ``(N, *S, G, k)`` and ``b`` over
+    kernel entries ``(*K, k, O)``; a product is NaN exactly where some term has
+    ``a = b = 1``, the ``k`` channels paired one to one (``k = 1``: a term that does not
+    depend on the pairing). ``always``: cheap terms (NaN in, NaN out: one channel each);
+    ``paired``: a function of ``(xs, w)`` building the channel-paired terms (called inside
+    the loop that runs where the scalar ``needed`` holds, so that nothing is computed for
+    them otherwise), or None.
+
+    ``combine_kind`` gives the IEEE rule (NaN in, NaN out; ``inf - inf``; ``0 * inf``); a
+    combine of unknown kind is evaluated at ``+-inf`` and NaN against every entry of the
+    other operand, so that its own rule applies (``masked_op``'s NaN-encoded absent taps are
+    not NaN products). Products of finite values are not examined.
+    """
+    kind = algebra.capabilities(op).combine
+    f32 = jnp.float32
+    pinf = jnp.asarray(jnp.inf, xs.dtype)
+
+    def ind(a: Array) -> Array:
+        return a.astype(f32)
+
+    def anyof(a: Array) -> Array:
+        return jnp.any(a)
+
+    if kind in ("add", "min", "max", "mul"):
+        always = [(jnp.sum(ind(jnp.isnan(xs)), axis=-1, keepdims=True),
+                   jnp.ones((*w.shape[:-2], 1, w.shape[-1]), f32)),
+                  (jnp.ones((*xs.shape[:-1], 1), f32),
+                   jnp.sum(ind(jnp.isnan(w)), axis=-2, keepdims=True))]
+        if kind == "add":  # inf + -inf
+            pairs = [(xs == pinf, w == -pinf), (xs == -pinf, w == pinf)]
+        elif kind == "mul":  # 0 * inf
+            pairs = [(xs == 0, jnp.isinf(w)), (jnp.isinf(xs), w == 0)]
+        else:
+            return always, None, jnp.asarray(False)
+        needed = functools.reduce(jnp.logical_or, [anyof(a) & anyof(b) for a, b in pairs])
+
+        def paired_kind(xs: Array, w: Array) -> list:
+            if kind == "add":
+                ps = [(xs == pinf, w == -pinf), (xs == -pinf, w == pinf)]
+            else:
+                ps = [(xs == 0, jnp.isinf(w)), (jnp.isinf(xs), w == 0)]
+            return [(ind(a), ind(b)) for a, b in ps]
+
+        return always, paired_kind, needed
+    nan = jnp.asarray(jnp.nan, xs.dtype)
+
+    def paired(xs: Array, w: Array) -> list:
+        out = []
+        for v, is_v in ((pinf, lambda a: a == pinf), (-pinf, lambda a: a == -pinf),
+                        (nan, jnp.isnan)):
+            out.append((ind(is_v(xs)),
+                        ind(jnp.isnan(op.combine(jnp.full(w.shape, v, w.dtype), w)))))
+            out.append((ind(jnp.isnan(op.combine(xs, jnp.full(xs.shape, v, xs.dtype)))),
+                        ind(is_v(w))))
+        return out
+
+    needed = anyof(jnp.logical_not(jnp.isfinite(xs))) | anyof(jnp.logical_not(jnp.isfinite(w)))
+    return [], paired, needed
+
+
+def _nan_outputs(cfg: Config, x: Array, w: Array) -> Array:
+    """Which outputs ``(N, P, G, Og)`` have a NaN product involving a non-finite value.
+
+    XLA CPU's vectorised max/min reductions drop NaN, so the engine restores it from native
+    sum-convolutions of the 0/1 indicators of `_nan_terms`: one of the cheap terms, and one
+    of the channel-paired terms (as costly as the standard product) inside a ``while_loop``
+    that runs it once where the operands hold the values it needs (``+inf`` and ``-inf``
+    for ``x + w``; any non-finite value for a combine of unknown kind) and else not at all.
+    That loop body is the only code compiled for it, and under ``vmap`` the primitive folds
+    the mapped axis into the batch, so its predicate stays one scalar.
+    """
+    op, geom = cfg.op, cfg.geom
+    g = geom.groups
+    n = x.shape[0]
+    # With a pad value the padded cells are products and their indicators count; with
+    # identity padding the indicator images are padded with 0.
+    xs = x if op.pad_value is None else taps.pad_input(x, op, geom)
+    xs = xs.reshape(*xs.shape[:-1], g, xs.shape[-1] // g)
+    always, paired, needed = _nan_terms(op, xs, w)
+
+    def count(terms: list) -> Array:
+        lhs = jnp.concatenate([a for a, _ in terms], axis=-1)
+        lhs = lhs.reshape(*lhs.shape[:-2], -1)
+        rhs = jnp.concatenate([b for _, b in terms], axis=-2)
+        if op.pad_value is None:
+            lhs = lax.pad(lhs, jnp.asarray(0, lhs.dtype), geom.pad_config)
+        return _native_valid(lhs, rhs, geom, jnp.float32)
+
+    shape = (n, *geom.out_spatial, w.shape[-1])
+    total = count(always) if always else jnp.zeros(shape, jnp.float32)
+    if paired is not None:
+        def body(carry: tuple[Array, Array]) -> tuple[Array, Array]:
+            # ``+ 0.0 * i`` (not simplified in floating point) keeps the indicators inside
+            # the loop: XLA hoists loop-invariant code out of it.
+            z = carry[0].astype(xs.dtype) * jnp.asarray(0, xs.dtype)
+            return carry[0] + 1, carry[1] + count(paired(xs + z, w + z.astype(w.dtype)))
+
+        _, total = lax.while_loop(lambda c: (c[0] == 0) & needed, body, (jnp.int32(0), total))
+    return total.reshape(n, max(1, math.prod(geom.out_spatial)), g, -1) > 0
 
 
 def _forward_dispatch(cfg: Config, x: Array, w: Array) -> Array:
-    """Chooses the forward path from the inputs' values (``lax.cond``).
+    """The forward pass of a sum, max, min or logsumexp product (no branch on the values).
 
-    Max/min: XLA CPU's vectorised reductions drop NaN, so inputs with a non-finite value
-    take an exact, NaN-propagating path; finite inputs take the fast one (with the padding
-    filled by a dominated value where the op allows it). Other reduces mask the padding.
+    Max/min: XLA CPU's vectorised reductions drop NaN, so the outputs with a NaN product
+    are set to NaN from `_nan_outputs`. The padding is masked statically.
     """
     op = cfg.op
     floating = jnp.issubdtype(x.dtype, jnp.floating)
     if floating and separable_kind(op) == "mul":
         return _native_mul_forward(cfg, x, w)
-    can_fill = floating and dominated_fill(op) is not None
+    y = _forward(cfg, x, w)
     if op.reduce in ("max", "min") and floating:
-        return lax.cond(
-            _any_nonfinite(x, w),
-            lambda a, b: _forward(cfg, a, b, True),
-            lambda a, b: _forward(cfg, a, b, False, can_fill),
-            x, w,
-        )
-    return _forward(cfg, x, w, False)
+        y = jnp.where(_nan_outputs(cfg, x, w), jnp.asarray(jnp.nan, y.dtype), y)
+    return y
 
 
 def _cotangent_of_products(red: str, c: Array, yl: Array, gl: Array, sl: Array | None,
@@ -305,7 +385,8 @@ def _dw_rows(nbp: int, row_bytes: int, max_bytes: int) -> int:
 
 
 def _dx_of_tap(op: Op, red: str, xs: Array, wk: Array, yf: Array, gf: Array,
-               sf: Array | None, m_pos: np.ndarray | None, fast: bool, acc: Any) -> Array:
+               sf: Array | None, m_pos: np.ndarray | None, fast: bool, acc: Any,
+               unroll: int = 8) -> Array:
     """One tap's input gradient ``(NP, G, I)``: a loop over the output channels.
 
     Each step adds ``dc * d combine / d x`` for one output channel, an elementwise update
@@ -325,7 +406,7 @@ def _dx_of_tap(op: Op, red: str, xs: Array, wk: Array, yf: Array, gf: Array,
         dc = _cotangent_of_products(red, c, yo, go, so, ml, fast, acc)
         return a + vjp(dc.astype(c.dtype))[0].astype(acc)
 
-    return lax.fori_loop(0, og, body, jnp.zeros(xs.shape, acc), unroll=min(og, 8))
+    return lax.fori_loop(0, og, body, jnp.zeros(xs.shape, acc), unroll=max(1, min(og, unroll)))
 
 
 def _dw_of_tap(op: Op, red: str, xs: Array, wk: Array, yf: Array, gf: Array,
@@ -445,7 +526,7 @@ def _native_mul_forward(cfg: Config, x: Array, w: Array) -> Array:
     if cfg.op.pad_value is not None or geom.valid_mask() is None:
         return native(x, w)
     return lax.cond(jnp.all(jnp.isfinite(w)), native,
-                    lambda a, b: _forward(cfg, a, b, False).astype(cfg.acc_dtype), x, w)
+                    lambda a, b: _forward(cfg, a, b).astype(cfg.acc_dtype), x, w)
 
 
 def _separable_grads(cfg: Config, kind: str, x: Array, w: Array, gy: Array
@@ -541,7 +622,7 @@ def _backward(cfg: Config, x: Array, w: Array, y: Array, gy: Array, fill: bool):
             m_pos = None  # (NP,) validity of this tap
             if masks is not None:
                 m_pos = jnp.tile(lax.dynamic_index_in_dim(masks, j, axis=0, keepdims=False), nb)
-            dxs = _dx_of_tap(op, red, xs, wk, yf, gf, sf, m_pos, fill, acc)
+            dxs = _dx_of_tap(op, red, xs, wk, yf, gf, sf, m_pos, fill, acc, cfg.unroll)
             gxb = taps.tap_unslice_add(gxb, dxs.reshape(xs4.shape), geom, offs[j])
             if gw_sep is None:  # else the kernel gradient is already known (separable)
                 if nbp_pad != nbp:
@@ -581,8 +662,8 @@ def _backward(cfg: Config, x: Array, w: Array, y: Array, gy: Array, fill: bool):
     return gx.astype(x.dtype), gw
 
 
-# Tied windows (several winning products) that the winner path handles one by one; more
-# ties than this send the whole backward pass to the exact equal-split path.
+# Tied windows (several winning products) that the winner path recomputes per step of its
+# loop over them.
 MAX_SPARSE_TIES = 1024
 
 
@@ -598,17 +679,18 @@ def _winner_codes(cfg: Config, xp: Array, wt: Array, y: Array, base: int,
                   tmask: np.ndarray | None = None) -> Array:
     """Per output, ``sum over its winning products of (base + t * I + i)`` in float32.
 
-    One winner gives a code in ``[base, 2 base)`` that names it; ties give ``>= 2 base``. The
-    inputs are finite with dominated padding (so every product is ``<= y`` for max, ``>= y``
-    for min, equal at the winners bit for bit), and the indicator ``1 - sign(y - c)`` is
-    written as ``code - code * sign(d)``: the arithmetic form that XLA CPU keeps inside its
-    fused reduction kernels (a comparison, or ``code * (1 - sign)``, is stored or runs
-    several times slower). All sums are of integers below ``2**24``: exact.
+    One winner gives a code in ``[base, 2 base)`` that names it; ties give ``>= 2 base``; a
+    window with a NaN or an infinite output gives NaN or garbage (the caller sends the
+    infinite ones to the tie pass). Every real product is ``<= y`` for max (``>= y`` for
+    min), equal at the winners bit for bit. The indicator ``1 - sign(d)`` is written as
+    ``code - code * sign(d)``: the arithmetic form that XLA CPU keeps inside its fused
+    reduction kernels (a comparison, or ``code * (1 - sign)``, is stored or runs several
+    times slower). All sums are of integers below ``2**24``: exact.
 
-    ``tmask`` (T, P): with identity padding and no dominated fill, the static validity of
-    each tap at each output position; the padded cells hold 0, whose products may beat
-    ``y``, so a tap's reduced codes are zeroed (a select on the reduced ``(Nb, P, G, Og)``
-    part, outside the products' reduction) where the tap sees padding.
+    ``tmask`` (T, P): with identity padding, the static validity of each tap at each output
+    position; the padded cells hold 0, whose products may beat ``y`` (or be NaN), so a tap's
+    reduced codes are zeroed (a select on the reduced ``(Nb, P, G, Og)`` part, outside the
+    products' reduction) where the tap sees padding.
     """
     op, geom = cfg.op, cfg.geom
     g, og, i = wt.shape[1:]
@@ -664,26 +746,31 @@ def _winner_codes(cfg: Config, xp: Array, wt: Array, y: Array, base: int,
 def _winner_backward(cfg: Config, x: Array, w: Array, y: Array, gy: Array) -> tuple:
     """Max/min gradients through each window's winner, found by `_winner_codes`.
 
-    Finite inputs and outputs. The padding is `dominated_fill`'s value where the op has
-    one, else ``op.pad_value`` (padded cells are real products), else 0 with the padded taps
-    masked out (statically: of the codes and of the tied windows' products). Where a window
-    has one winner, its cotangent goes through ``combine``'s VJP at that one product
-    (gathered) and is scatter-added onto the input and the kernel; up to
-    `MAX_SPARSE_TIES` tied windows are recomputed whole (their ``T x I`` products) and
-    split equally among the tied products. More ties take the exact path (``_backward``)
-    under ``lax.cond``.
+    Any values, no branch on them. The padded cells hold ``op.pad_value`` (real products)
+    or, with identity padding, 0 with the padded taps masked out (statically: of the codes
+    and of the tied windows' products); a dominated fill is not used, since a non-finite
+    kernel entry would make it NaN. Where a window has one winner, its cotangent goes
+    through ``combine``'s VJP at that one product (gathered) and is scatter-added onto the
+    input and the kernel. The tied windows and those with an infinite output (the next
+    ones in index order, by ``nonzero``) are recomputed whole (their ``T x I``
+    products), `MAX_SPARSE_TIES` at a time in a
+    ``while_loop`` that runs once per such chunk (not at all without ties), and their
+    cotangent is split equally among the tied products. A window with a NaN has no
+    gradient (none of its products equals its NaN output), as in the exact rule; so has a
+    window whose winner a user's combine does not recompute bit for bit (XLA may evaluate
+    ``tanh`` differently in two fused kernels; the codes' reduction is fused as the
+    forward's is, which keeps that rare).
     """
     op, geom = cfg.op, cfg.geom
-    fill = dominated_fill(op)
-    xp = taps.pad_input(x, op, geom, fill)
+    xp = taps.pad_input(x, op, geom)
     wt = taps.taps_major(w, geom.groups)
     n = x.shape[0]
     nt, g, og, i = wt.shape
     nsd = len(geom.window)
     p = max(1, math.prod(geom.out_spatial))
-    # Identity padding without a dominated fill: the validity of each tap at each output
-    # position, (T, P) (None: every product is real).
-    mask = geom.valid_mask() if fill is None and op.pad_value is None else None
+    # Identity padding: the validity of each tap at each output position, (T, P) (None:
+    # every product is real).
+    mask = geom.valid_mask() if op.pad_value is None else None
     tmask = None
     if mask is not None:
         tmask = np.stack([geom.tap_mask(mask, tap).reshape(p) for tap in geom.taps()])
@@ -692,14 +779,11 @@ def _winner_backward(cfg: Config, x: Array, w: Array, y: Array, gy: Array) -> tu
     base = _winner_base(geom, i)
     tot = _winner_codes(cfg, xp, wt, y, base, tmask)
     flat = jnp.clip(tot - base, 0, nt * i - 1).astype(jnp.int32)
-    single = (tot >= base) & (tot < 2 * base)
-    tie = tot >= 2 * base
+    # An infinite output's winners (``inf - inf`` in the codes) are found by the tie pass.
+    inf = jnp.isinf(y)
+    single = (tot >= base) & (tot < 2 * base) & jnp.logical_not(inf)
+    tie = (tot >= 2 * base) | inf
     n_ties = jnp.sum(tie, dtype=jnp.int32)
-    # Every window finite with one winner or few ties (a NaN or an infinity in a window
-    # makes its code NaN or its output non-finite).
-    max_ties = max(1, min(MAX_SPARSE_TIES, n * p * g * og,
-                          cfg.max_block_bytes // max(1, 8 * nt * i * 4)))
-    ok = jnp.all(tot >= base) & jnp.all(jnp.isfinite(y)) & (n_ties <= max_ties)
     gdt = jnp.promote_types(x.dtype, jnp.float32)
     offs = np.array([[k * d for k, d in zip(tap, geom.rhs_dilation, strict=True)]
                      for tap in geom.taps()], np.int32).reshape(nt, nsd)
@@ -723,72 +807,68 @@ def _winner_backward(cfg: Config, x: Array, w: Array, y: Array, gy: Array) -> tu
     def w_index(tt: Array, gg: Array, oo: Array, ii: Array) -> Array:
         return ((tt * g + gg) * og + oo) * i + ii
 
-    def sparse(xp: Array, wt: Array, y: Array, gy: Array) -> tuple[Array, Array]:
-        shp = (n, p, g, og)
-        n_i = lax.broadcasted_iota(jnp.int32, shp, 0)
-        p_i = lax.broadcasted_iota(jnp.int32, shp, 1)
-        g_i = lax.broadcasted_iota(jnp.int32, shp, 2)
-        o_i = lax.broadcasted_iota(jnp.int32, shp, 3)
-        t_w, i_w = flat // i, flat % i
-        pos = [jnp.asarray(ocoord[:, j])[p_i] + jnp.asarray(offs[:, j])[t_w]
-               for j in range(nsd)]
-        xi = x_index(n_i, pos, g_i * i + i_w).reshape(-1)
-        wi = w_index(t_w, g_i, o_i, i_w).reshape(-1)
-        xf, wf = xp.reshape(-1), wt.reshape(-1)
-        ct = jnp.where(single, gy, 0).astype(xf.dtype).reshape(-1)
-        _, vjp = jax.vjp(op.combine, xf[xi], wf[wi])
-        dx, dw = vjp(ct)
-        gxf = jnp.zeros(xf.shape, gdt).at[xi].add(dx.astype(gdt))
-        gwf = jnp.zeros(wf.shape, gdt).at[wi].add(dw.astype(gdt))
-        # Tied windows, one by one: (K, T, I) products each.
-        # Each tied window holds its T x I products in a few buffers: within the bound.
-        k = max(1, min(MAX_SPARSE_TIES, n * p * g * og,
-                       cfg.max_block_bytes // max(1, 8 * nt * i * 4)))
-        (sel,) = jnp.nonzero(tie.reshape(-1), size=k, fill_value=0)
-        valid = jnp.arange(k) < n_ties
+    shp = (n, p, g, og)
+    n_i = lax.broadcasted_iota(jnp.int32, shp, 0)
+    p_i = lax.broadcasted_iota(jnp.int32, shp, 1)
+    g_i = lax.broadcasted_iota(jnp.int32, shp, 2)
+    o_i = lax.broadcasted_iota(jnp.int32, shp, 3)
+    t_w, i_w = flat // i, flat % i
+    pos = [jnp.asarray(ocoord[:, j])[p_i] + jnp.asarray(offs[:, j])[t_w] for j in range(nsd)]
+    xi = x_index(n_i, pos, g_i * i + i_w).reshape(-1)
+    wi = w_index(t_w, g_i, o_i, i_w).reshape(-1)
+    xf, wf = xp.reshape(-1), wt.reshape(-1)
+    ct = jnp.where(single, gy, 0).astype(xf.dtype).reshape(-1)
+    _, vjp = jax.vjp(op.combine, xf[xi], wf[wi])
+    dx, dw = vjp(ct)
+    gxf = jnp.zeros(xf.shape, gdt).at[xi].add(dx.astype(gdt))
+    gwf = jnp.zeros(wf.shape, gdt).at[wi].add(dw.astype(gdt))
+
+    # Tied windows, a chunk of k at a time: (k, T, I) products each, within the bound.
+    total = n * p * g * og
+    k = max(1, min(MAX_SPARSE_TIES, total, cfg.max_block_bytes // max(1, 8 * nt * i * 4)))
+    flat_tie = tie.reshape(-1)
+    idx = jnp.arange(total, dtype=jnp.int32)
+    kt = jnp.arange(nt).reshape(1, nt, 1)
+    ki = jnp.arange(i).reshape(1, 1, i)
+    tmask_j = None if tmask is None else jnp.asarray(tmask.T)
+    yf_all, gf_all = y.reshape(-1), gy.reshape(-1)
+
+    def tie_chunk(carry: tuple) -> tuple:
+        j, last, gxf, gwf = carry
+        # The next k tied windows after ``last`` (``top_k`` is 10x slower on CPU).
+        (sel,) = jnp.nonzero(flat_tie & (idx > last), size=k, fill_value=-1)
+        valid = sel >= 0
+        sel = jnp.maximum(sel, 0).astype(jnp.int32)
         kn, kp, kg, ko = jnp.unravel_index(sel, shp)
-        kt = jnp.arange(nt).reshape(1, nt, 1)
-        ki = jnp.arange(i).reshape(1, 1, i)
-        kpos = [(jnp.asarray(ocoord[:, j])[kp].reshape(k, 1, 1)
-                 + jnp.asarray(offs[:, j]).reshape(1, nt, 1)) for j in range(nsd)]
+        kpos = [(jnp.asarray(ocoord[:, d])[kp].reshape(k, 1, 1)
+                 + jnp.asarray(offs[:, d]).reshape(1, nt, 1)) for d in range(nsd)]
         kxi = jnp.broadcast_to(
             x_index(kn.reshape(k, 1, 1), kpos, kg.reshape(k, 1, 1) * i + ki), (k, nt, i))
         kwi = jnp.broadcast_to(
             w_index(kt, kg.reshape(k, 1, 1), ko.reshape(k, 1, 1), ki), (k, nt, i))
         ck, vjpk = jax.vjp(op.combine, xf[kxi], wf[kwi])
-        yk = y[kn, kp, kg, ko].reshape(k, 1, 1)
-        eq = ck == yk
-        if tmask is not None:  # padded taps are not products
-            eq = eq & jnp.asarray(tmask.T)[kp].reshape(k, nt, 1)
+        eq = ck == yf_all[sel].reshape(k, 1, 1)
+        if tmask_j is not None:  # padded taps are not products
+            eq = eq & tmask_j[kp].reshape(k, nt, 1)
         cnt = jnp.maximum(jnp.sum(eq, axis=(1, 2)), 1)
-        sk = jnp.where(valid, gy[kn, kp, kg, ko].astype(gdt) / cnt, 0).reshape(k, 1, 1)
+        sk = jnp.where(valid, gf_all[sel].astype(gdt) / cnt, 0).reshape(k, 1, 1)
         dxk, dwk = vjpk(jnp.where(eq, sk, 0).astype(ck.dtype))
-        gxf = gxf.at[kxi].add(dxk.astype(gdt))
-        gwf = gwf.at[kwi].add(dwk.astype(gdt))
-        _, pad_vjp = jax.vjp(lambda a: taps.pad_input(a, op, geom), x)
-        gx = pad_vjp(gxf.reshape(xp.shape).astype(x.dtype))[0]
-        gwt = gwf.reshape(wt.shape)
-        return gx, taps.taps_major_transpose(gwt, w.shape, geom.groups).astype(w.dtype)
+        return (j + 1, jnp.max(jnp.where(valid, sel, -1)), gxf.at[kxi].add(dxk.astype(gdt)),
+                gwf.at[kwi].add(dwk.astype(gdt)))
 
-    return lax.cond(
-        ok,
-        lambda xp_, wt_, x_, w_, y_, gy_: sparse(xp_, wt_, y_, gy_),
-        # The exact fallback (many ties, or a window that is not finite) with smaller chunks:
-        # it is rare, and the compiled executable's memory is that of its larger branch. Its
-        # padding is masked, not filled: a window of only padding has no gradient at all.
-        lambda xp_, wt_, x_, w_, y_, gy_: _backward(
-            dataclasses.replace(cfg, max_block_bytes=max(1, cfg.max_block_bytes // 16)),
-            x_, w_, y_, gy_, fill=False),
-        xp, wt, x, w, y, gy,
-    )
+    _, _, gxf, gwf = lax.while_loop(lambda c: c[0] * k < n_ties, tie_chunk,
+                                    (jnp.int32(0), jnp.int32(-1), gxf, gwf))
+    _, pad_vjp = jax.vjp(lambda a: taps.pad_input(a, op, geom), x)
+    gx = pad_vjp(gxf.reshape(xp.shape).astype(x.dtype))[0]
+    gwt = gwf.reshape(wt.shape)
+    return gx, taps.taps_major_transpose(gwt, w.shape, geom.groups).astype(w.dtype)
 
 
 def _hand_backward(cfg: Config, x: Array, w: Array, y: Array, gy: Array):
     """The hand-written backward pass of a sum, max, min or logsumexp product.
 
-    Max/min take the winner path (`_winner_backward`, which falls back to the exact
-    equal-split pass itself where a window is not finite or ties are many); the others the
-    exact pass with identity padding masked statically.
+    Max/min take the winner path (`_winner_backward`) where its codes are exact (static);
+    the others the exact pass with identity padding masked statically.
     """
     if (jnp.issubdtype(x.dtype, jnp.floating) and cfg.op.reduce in ("max", "min")
             and _winner_ok(cfg, x, w)):
@@ -797,7 +877,7 @@ def _hand_backward(cfg: Config, x: Array, w: Array, y: Array, gy: Array):
 
 
 def _winner_ok(cfg: Config, x: Array, w: Array) -> bool:
-    """Whether `_winner_backward`'s codes and int32 flat indices are exact here."""
+    """Whether `_winner_backward`'s codes and int32 flat indices are exact here (static)."""
     geom = cfg.geom
     xp_size = x.shape[0] * math.prod(geom.padded_spatial) * x.shape[-1]
     return (_winner_base(geom, w.shape[-2]) is not None and max(xp_size, w.size) < 2**31
@@ -904,7 +984,8 @@ def _log_backward(cfg: Config, x: Array, w: Array, y: Array, gy: Array) -> tuple
 
     def exact(ex: Array, ew: Array, yo: Array, go: Array, x: Array, w: Array, y: Array,
               gy: Array) -> tuple[Array, Array]:
-        gx, gw = _hand_backward(cfg, x, w, y, gy)
+        # The rare exact branch is compiled without unrolling (less code to compile).
+        gx, gw = _hand_backward(dataclasses.replace(cfg, unroll=1), x, w, y, gy)
         return gx.astype(x.dtype), gw.astype(w.dtype)
 
     return lax.cond(ok, fast, exact, ex, ew, yo, go, x, w, y, gy)
@@ -971,7 +1052,7 @@ def forward(problem: Any, x: Array, w: Array) -> Array:
     elif cfg.op.reduce_name in algebra.HAND_VJP_REDUCES:
         y = _forward_dispatch(cfg, x, w)
     else:
-        y = _forward(cfg, x, w, False)
+        y = _forward(cfg, x, w)
     return y.reshape(x.shape[0], *cfg.geom.out_spatial, w.shape[-1]).astype(cfg.acc_dtype)
 
 
@@ -989,7 +1070,7 @@ def backward(problem: Any, x: Array, w: Array, y: Array, g: Array,
     elif cfg.op.reduce_name in algebra.HAND_VJP_REDUCES:
         gx, gw = _hand_backward(cfg, x, w, y4, g4)
     else:
-        _, vjp = jax.vjp(lambda a, b: _forward(cfg, a, b, False).astype(cfg.acc_dtype), x, w)
+        _, vjp = jax.vjp(lambda a, b: _forward(cfg, a, b).astype(cfg.acc_dtype), x, w)
         gx, gw = vjp(g4.astype(cfg.acc_dtype))
     return gx.astype(x.dtype), gw.astype(w.dtype)
 
