@@ -424,3 +424,35 @@ def test_winner_path_pad_value_and_masked_identity(name, geometry, data, max_tie
     expect = _grads(ref, x, w, ct)
     for a, b in zip(got, expect, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("engine", ["xla", "auto"])
+@pytest.mark.parametrize("padding", ["VALID", "SAME"])
+def test_max_times_gradient_on_mixed_signs_is_brute_force(engine, padding):
+    """x * w under max on signed data: the winner backward must find every winner (an
+    arithmetic y - x * w indicator is contracted into an fma by XLA CPU and finds none)."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((2, 6, 5, 3)).astype(np.float32)
+    w = rng.standard_normal((3, 3, 3, 4)).astype(np.float32)
+    dn = ("NHWC", "HWIO", "NHWC")
+    out = jax.eval_shape(lambda a: jax.lax.conv_general_dilated(
+        a, w, (1, 1), padding, dimension_numbers=dn), x).shape
+    ct = rng.standard_normal(out).astype(np.float32)
+
+    def brute(a, b):
+        def patches(v):
+            p = jax.lax.conv_general_dilated_patches(v, (3, 3), (1, 1), padding,
+                                                     dimension_numbers=dn)
+            return p.reshape(*p.shape[:3], 3, 9)
+        prod = patches(a)[..., None] * jnp.transpose(b.reshape(9, 3, 4), (1, 0, 2))[None, None,
+                                                                                    None]
+        prod = jnp.where(patches(jnp.ones_like(a))[..., None] > 0, prod, -jnp.inf)
+        return jnp.max(prod.reshape(*prod.shape[:3], 27, 4), axis=3)
+
+    def loss(f):
+        return jax.grad(lambda a, b: jnp.sum(f(a, b) * ct), argnums=(0, 1))(x, w)
+
+    got = loss(lambda a, b: jaxconv.conv_general_dilated(
+        a, b, (1, 1), padding, dimension_numbers=dn, op="max_times", engine=engine))
+    for a, b in zip(got, loss(brute), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)

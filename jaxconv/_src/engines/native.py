@@ -3,9 +3,10 @@
 The kernels (``csrc/``, the extension module ``jaxconv._native``) are one templated
 implicit-GEMM loop nest over combine/reduce functors, built for AVX-512, AVX2 and a portable
 baseline and picked at run time; they share their work on XLA's intra-op thread pool and give
-the same result whatever the thread count. The op's kernel is chosen from ``op.native`` only
-(with ``op.reduce`` and ``op.pad_value``); what the kernels do not serve is reported by
-`supports`, so the caller falls back to the XLA engine statically.
+the same result whatever the thread count. A built-in op's kernel is chosen from ``op.native``
+(with ``op.reduce`` and ``op.pad_value``); a user op's kernels are generated and compiled at
+first use (`user_kernel`: ``codegen`` and ``user_kernels``). What the kernels do not serve is
+reported by `supports` / `why_not`, so the caller falls back to the XLA engine statically.
 
 Forward and backward are two FFI calls under ``jax.custom_vjp``: max/min ops route the
 cotangent to the winning taps (ties split equally, as ``jax.grad(jnp.max)``), sums use the

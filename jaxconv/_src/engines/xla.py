@@ -682,10 +682,10 @@ def _winner_codes(cfg: Config, xp: Array, wt: Array, y: Array, base: int,
     One winner gives a code in ``[base, 2 base)`` that names it; ties give ``>= 2 base``; a
     window with a NaN or an infinite output gives NaN or garbage (the caller sends the
     infinite ones to the tie pass). Every real product is ``<= y`` for max (``>= y`` for
-    min), equal at the winners bit for bit. The indicator ``1 - sign(d)`` is written as
-    ``code - code * sign(d)``: the arithmetic form that XLA CPU keeps inside its fused
-    reduction kernels (a comparison, or ``code * (1 - sign)``, is stored or runs several
-    times slower). All sums are of integers below ``2**24``: exact.
+    min), equal at the winners bit for bit. The indicator is the comparison ``c == y``: the
+    arithmetic ``1 - sign(y - c)``, which XLA CPU keeps inside its fused reduction kernels,
+    is contracted into an fma for a multiplying combine, whose exact difference is not zero
+    at the winner. All sums are of integers below ``2**24``: exact.
 
     ``tmask`` (T, P): with identity padding, the static validity of each tap at each output
     position; the padded cells hold 0, whose products may beat ``y`` (or be NaN), so a tap's
@@ -700,7 +700,6 @@ def _winner_codes(cfg: Config, xp: Array, wt: Array, y: Array, base: int,
                      for tap in geom.taps()], np.int32).reshape(nt, len(geom.window))
     offs_j = jnp.asarray(offs)
     tmask_j = None if tmask is None else jnp.asarray(tmask)
-    is_max = op.reduce == "max"
 
     def block(args: tuple[Array, Array]) -> Array:
         xb, yb = args
@@ -721,8 +720,9 @@ def _winner_codes(cfg: Config, xp: Array, wt: Array, y: Array, base: int,
                 wc = lax.dynamic_slice_in_dim(wk, j * oc, oc, axis=1)
                 yc = lax.dynamic_slice_in_dim(yb, j * oc, oc, axis=3)
                 c = _fwd_products(op, xs, wc)
-                d = (yc[..., None] - c) if is_max else (c - yc[..., None])
-                part = jnp.sum(code - code * jnp.sign(d).astype(jnp.float32), axis=-1)
+                # A comparison, not 1 - sign(y - c): XLA CPU contracts y - x * w into an fma,
+                # whose exact difference is not 0 at the winner of a multiplying combine.
+                part = jnp.sum(jnp.where(c == yc[..., None], code, 0.0), axis=-1)
                 if mk is not None:
                     part = jnp.where(mk, part, 0)
                 cur = lax.dynamic_slice_in_dim(tot, j * oc, oc, axis=3)
