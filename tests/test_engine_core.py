@@ -76,6 +76,34 @@ def test_vmap_of_grad_is_per_example(op):
         np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("engine", ["auto", "xla"])
+@pytest.mark.parametrize("op", ["adder", "l2", "l2_exact",
+                                jaxconv.ops.l2_exact.replace(pad_value=0.5, name="l2_pad")],
+                         ids=_id)
+def test_per_example_kernel_gradient_in_lax_products(op, engine):
+    """The ops whose kernel gradient is lax products take it per example by `jax.vmap` of
+    those products (2-D, strided and dilated, nested vmap): the same as a loop."""
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.uniform(-1, 1, (2, 3, 6, 5, 3)), jnp.float32)
+    w = jnp.asarray(rng.uniform(-1, 1, (2, 2, 3, 4)), jnp.float32)
+
+    def grads(a, b):
+        def loss(u, v):
+            y = jaxconv.conv_general_dilated(
+                u[None], v, (2, 1), "SAME", rhs_dilation=(1, 2),
+                dimension_numbers=("NHWC", "HWIO", "NHWC"), op=op, engine=engine)
+            return jnp.sum(jnp.sin(y))
+        return jax.grad(loss, argnums=(0, 1))(a, b)
+
+    assert primitive._per_example_rule(primitive.Problem(
+        jaxconv.ops.get(op), None, engine, np.dtype("float32"), 1, None,
+        np.dtype("float32"))) is not None
+    got = jax.jit(jax.vmap(jax.vmap(grads, in_axes=(0, None)), in_axes=(0, None)))(x, w)
+    want = _loop(lambda xs, b: _loop(grads, xs, b, axes=(0, None)), x, w, axes=(0, None))
+    for g, e in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5)
+
+
 def test_nested_vmap_and_dense():
     a = jnp.asarray(np.random.default_rng(1).standard_normal((2, 3, 5, 4)), jnp.float32)
     b = jnp.asarray(np.random.default_rng(2).standard_normal((2, 4, 6)), jnp.float32)

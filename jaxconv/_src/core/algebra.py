@@ -58,8 +58,9 @@ class Op:
         kernel (the XLA engine serves it).
       combine_kind: ``"add" | "mul" | "min" | "max"`` when ``combine`` is exactly that
         primitive of ``x`` and ``w``; ``None``: inferred once from ``combine``'s jaxpr.
-      separable: ``"mul"`` or ``"adder"`` when a sum's kernel gradient is a native product
-        (``"adder"``: ``sum g * (x - w)``, AdderNet's rule); ``None``: inferred (``"mul"``
+      separable: ``"mul"``, ``"adder"`` or ``"sqdiff"`` when a sum's kernel gradient is a
+        native product (``"adder"``: ``sum g * (x - w)``, AdderNet's rule; ``"sqdiff"``:
+        twice that, the exact gradient of ``-(x - w)**2``); ``None``: inferred (``"mul"``
         for a multiply-and-add).
       forward_mode: whether the op has a forward-mode (JVP) rule; ``None``: inferred once
         (a ``combine`` or ``reduce`` with only a custom VJP, such as a straight-through

@@ -262,6 +262,7 @@ def _l2_dot(product, lhs, rhs, dn, cx=None, cw=None):
 
 l2 = Op(
     _l2_combine, "sum", name="l2", semiring=False, rewrite=_l2_rewrite, forward_mode=True,
+    separable="sqdiff",
     doc="""Negative squared L2 distance: ``combine = -(x - w)**2``, sum, identity padding.
 
     Gradient: exact. Computed as ``2 x.w - |x|^2 - |w|^2`` in one native product (the two
@@ -277,6 +278,7 @@ l2 = Op(
 
 l2_exact = Op(
     _l2_combine, "sum", name="l2_exact", semiring=False, native="l2_exact", forward_mode=True,
+    separable="sqdiff",
     doc="""``l2`` computed directly by the generic engine (no cancellation).""",
 )
 

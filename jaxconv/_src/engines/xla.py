@@ -532,7 +532,8 @@ def _native_mul_forward(cfg: Config, x: Array, w: Array) -> Array:
 def _separable_grads(cfg: Config, kind: str, x: Array, w: Array, gy: Array
                      ) -> tuple[Array | None, Array]:
     """The kernel gradient of a `separable_kind` op (and the input gradient for
-    ``"mul"``; ``None`` for ``"adder"``, whose clipped input rule is not separable)."""
+    ``"mul"``; ``None`` for ``"adder"``, whose clipped input rule is not separable, and for
+    ``"sqdiff"``, whose input gradient the tap loop computes)."""
     op, geom = cfg.op, cfg.geom
     acc = cfg.acc_dtype
     # Padded cells hold the pad value (0 for identity padding: no contribution to sum g*x).
@@ -544,7 +545,8 @@ def _separable_grads(cfg: Config, kind: str, x: Array, w: Array, gy: Array
     if kind == "mul":
         _, pad_vjp = jax.vjp(lambda a: taps.pad_input(a, op, geom), x)
         return pad_vjp(gxp.astype(x.dtype))[0], gw.astype(w.dtype)
-    # adder: minus w times the sum of the cotangent over the positions each tap sees.
+    # adder (sqdiff: twice that): minus w times the sum of the cotangent over the positions
+    # each tap sees.
     p = max(1, math.prod(geom.out_spatial))
     gsum = jnp.sum(gy.astype(acc).reshape(n, p, -1), axis=0)  # (P, O)
     mask = geom.valid_mask() if op.pad_value is None else None
@@ -554,7 +556,15 @@ def _separable_grads(cfg: Config, kind: str, x: Array, w: Array, gy: Array
         masks = np.stack([geom.tap_mask(mask, tap).reshape(p) for tap in geom.taps()])
         s = jnp.asarray(masks, acc) @ gsum  # (T, O)
     s = s.reshape(*geom.window, 1, w.shape[-1])
-    return None, (gw - w.astype(acc) * s).astype(w.dtype)
+    gw = gw - w.astype(acc) * s
+    return None, (2 * gw if kind == "sqdiff" else gw).astype(w.dtype)
+
+
+def separable_kernel_gradient(problem: Any, kind: str, x: Array, w: Array, g: Array) -> Array:
+    """The kernel gradient of a `separable_kind` op, in standard products (see
+    `_separable_grads`)."""
+    cfg = _config(problem, x, w)
+    return _separable_grads(cfg, kind, x, w, _grouped(cfg, g))[1]
 
 
 def _backward(cfg: Config, x: Array, w: Array, y: Array, gy: Array, fill: bool):
