@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -41,6 +40,7 @@ import numpy as np
 from jax import lax
 
 import jaxconv
+from benchmarks import timing
 from benchmarks.run import Layer
 from jaxconv import ops, quantizers
 from jaxconv._src import packed as pk
@@ -187,37 +187,13 @@ def _check_packed() -> dict[str, Any]:
                 grad_err=float("nan"), error=msg, s=time.perf_counter() - t0)
 
 
-def _calls_per_sample(fn: Callable[..., Any], args: Sequence[Any], target_s: float) -> int:
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    dt = max(time.perf_counter() - t0, 1e-6)
-    return max(1, min(100, int(target_s / dt)))
-
-
-def _sample(fn: Callable[..., Any], args: Sequence[Any], calls: int) -> float:
-    t0 = time.perf_counter()
-    out = None
-    for _ in range(calls):
-        out = fn(*args)
-    jax.block_until_ready(out)
-    return (time.perf_counter() - t0) * 1e3 / calls
-
-
 def paired_time(fn: Callable[..., Any], ref: Callable[..., Any], args: Sequence[Any],
                 rounds: int, target_s: float) -> tuple[float, float, float]:
-    """Interleaved timing: ``(op ms, lax ms, median of the rounds' op/lax ratios)``."""
-    for f in (fn, ref):
-        jax.block_until_ready(f(*args))  # compile and warm up
-    n_op = _calls_per_sample(fn, args, target_s)
-    n_ref = _calls_per_sample(ref, args, target_s)
-    ops_ms, ref_ms, ratios = [], [], []
-    for _ in range(rounds):
-        r = _sample(ref, args, n_ref)
-        o = _sample(fn, args, n_op)
-        ops_ms.append(o)
-        ref_ms.append(r)
-        ratios.append(o / r)
-    return statistics.median(ops_ms), statistics.median(ref_ms), statistics.median(ratios)
+    """Interleaved timing: ``(op ms, lax ms, median of the rounds' op/lax ratios)``, each
+    sample about ``target_s`` seconds long."""
+    calls = (timing.calls_for(ref, args, target_s), timing.calls_for(fn, args, target_s))
+    r = timing.paired(ref, fn, args, rounds=rounds, calls=calls, warmup=0)
+    return r.ms, r.ref_ms, r.ratio
 
 
 def time_layers(layer_set: dict[str, Layer], op_names: Sequence[str], engines: Sequence[str],

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -32,6 +31,7 @@ import numpy as np
 from jax import lax
 
 import jaxconv
+from benchmarks import timing
 
 Array = jax.Array
 DN = ("NHWC", "HWIO", "NHWC")
@@ -49,38 +49,18 @@ def _op(name: str) -> Any:
     return USER_OPS.get(name) or jaxconv.ops.get(name)
 
 
-def _block(tree: Any) -> None:
-    jax.tree_util.tree_map(lambda a: a.block_until_ready(), tree)
-
-
-def paired_ratio(ref: Callable[[], Any], fn: Callable[[], Any], rounds: int) -> tuple:
-    """`(median ratio fn/ref, best ratio, median ref seconds)`, timed alternately."""
-    _block(ref())
-    _block(fn())
-    ratios, refs = [], []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        _block(ref())
-        t1 = time.perf_counter()
-        _block(fn())
-        t2 = time.perf_counter()
-        ratios.append((t2 - t1) / (t1 - t0))
-        refs.append(t1 - t0)
-    return statistics.median(ratios), min(ratios), statistics.median(refs)
+def paired_ratio(ref: Callable[[], Any], fn: Callable[[], Any], rounds: int) -> float:
+    """The median of the rounds' ``fn / ref`` time ratios (`timing.paired`)."""
+    return timing.paired(ref, fn, rounds=rounds).ratio
 
 
 def temp_mib(fn: Callable[..., Any], *args: Any) -> float:
-    stats = jax.jit(fn).lower(*args).compile().memory_analysis()
-    return (stats.temp_size_in_bytes + stats.output_size_in_bytes) / 2**20
+    return (timing.memory_bytes(fn, args) or 0) / 2**20
 
 
 def compile_seconds(fn: Callable[..., Any], *args: Any) -> float:
     """Seconds to compile ``jax.jit(fn)`` for ``args`` (after lowering; caches cleared)."""
-    jax.clear_caches()
-    lowered = jax.jit(fn).lower(*args)
-    t0 = time.perf_counter()
-    lowered.compile()
-    return time.perf_counter() - t0
+    return timing.compile_seconds(fn, args, fresh=True)
 
 
 def paired_compile(ref: Callable[..., Any], fn: Callable[..., Any], args: tuple,
@@ -100,7 +80,7 @@ def _row(name: str, conv: Callable, x: Array, w: Array, rounds: int) -> dict[str
         return jnp.sum(conv(a, b))
 
     def per_image(a, b):
-        return conv(a[None], b)[0]
+        return conv(a[None], b)
 
     vmapped = jax.vmap(per_image, in_axes=(0, None))
     grad = jax.grad(loss, argnums=(0, 1))
@@ -119,13 +99,13 @@ def _row(name: str, conv: Callable, x: Array, w: Array, rounds: int) -> dict[str
     row["compile"] = compile_seconds(lambda a, b: grad(a, b), x, w)
     jb, jv, gb, gvm, gsq, gpe = (jax.jit(f) for f in (conv, vmapped, grad, grad_of_vmap,
                                                       sq_grad, per_example))
-    row["vmap_fwd"] = paired_ratio(lambda: jb(x, w), lambda: jv(x, w), rounds)[0]
-    row["vmap_fb"] = paired_ratio(lambda: gb(x, w), lambda: gvm(x, w), rounds)[0]
-    row["per_example"] = paired_ratio(lambda: gsq(x, w), lambda: gpe(x, w), rounds)[0]
+    row["vmap_fwd"] = paired_ratio(lambda: jb(x, w), lambda: jv(x, w), rounds)
+    row["vmap_fb"] = paired_ratio(lambda: gb(x, w), lambda: gvm(x, w), rounds)
+    row["per_example"] = paired_ratio(lambda: gsq(x, w), lambda: gpe(x, w), rounds)
     row["mem_fwd"] = (temp_mib(conv, x, w), temp_mib(vmapped, x, w))
     row["mem_fb"] = (temp_mib(grad, x, w), temp_mib(grad_of_vmap, x, w))
     conv(x, w).block_until_ready()  # the first eager call compiles
-    row["eager"] = paired_ratio(lambda: jb(x, w), lambda: conv(x, w), rounds)[0]
+    row["eager"] = paired_ratio(lambda: jb(x, w), lambda: conv(x, w), rounds)
     return row
 
 
@@ -164,8 +144,8 @@ def compile_run(shape: tuple[int, ...], cout: int, ops: tuple[str, ...], engine:
         conv = _conv(name, engine)
         lax_s, op_s = paired_compile(grad_of(ref), grad_of(conv), (x, w), compiles)
         jf, gf = jax.jit(conv), jax.jit(grad_of(conv))
-        fwd = paired_ratio(lambda: jref(x, w), lambda jf=jf: jf(x, w), rounds)[0]
-        fb = paired_ratio(lambda: gref(x, w), lambda gf=gf: gf(x, w), rounds)[0]
+        fwd = paired_ratio(lambda: jref(x, w), lambda jf=jf: jf(x, w), rounds)
+        fb = paired_ratio(lambda: gref(x, w), lambda gf=gf: gf(x, w), rounds)
         row = {"op": name, "compile": op_s, "compile_lax": lax_s, "fwd": fwd, "fb": fb}
         rows.append(row)
         print(f"{name:14s} compile {op_s:.2f} s (lax {lax_s:.2f} s)  fwd {fwd:.2f}x  "

@@ -24,9 +24,7 @@ import argparse
 import dataclasses
 import json
 import os
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -36,6 +34,7 @@ import numpy as np
 from jax import lax
 
 import jaxconv
+from benchmarks import timing
 from jaxconv._src.engines import native
 
 MiB = 2**20
@@ -120,42 +119,10 @@ def fwd_bwd(f: Callable, ct: Any) -> Callable:
     return g
 
 
-def _time_once(f: Callable, args: tuple, inner: int) -> float:
-    t0 = time.perf_counter()
-    for _ in range(inner):
-        jax.block_until_ready(f(*args))
-    return (time.perf_counter() - t0) / inner
-
-
-def paired(f_ref: Callable, f_op: Callable, args: tuple, rounds: int, inner: int) -> dict:
-    """Median / best of the per-round ``f_op / f_ref`` ratios, and the median times (ms)."""
-    for _ in range(2):
-        jax.block_until_ready(f_ref(*args))
-        jax.block_until_ready(f_op(*args))
-    ratios, t_ref, t_op = [], [], []
-    for _ in range(rounds):
-        a = _time_once(f_ref, args, inner)
-        b = _time_once(f_op, args, inner)
-        t_ref.append(a)
-        t_op.append(b)
-        ratios.append(b / a)
-    return dict(ratio=statistics.median(ratios), best=min(ratios),
-                ms=1e3 * statistics.median(t_op), lax_ms=1e3 * statistics.median(t_ref))
-
-
-def memory(f: Callable, args: tuple) -> int | None:
-    try:
-        m = jax.jit(f).lower(*args).compile().memory_analysis()
-        return int(m.temp_size_in_bytes + m.output_size_in_bytes)
-    except Exception:  # noqa: BLE001 - a backend without memory analysis
-        return None
-
-
 def compile_seconds(f: Callable, args: tuple) -> float:
-    loss = jax.jit(jax.grad(lambda x, w: jnp.sum(f(x, w)), argnums=(0, 1)))
-    t0 = time.perf_counter()
-    loss.lower(*args).compile()
-    return time.perf_counter() - t0
+    """Seconds to compile ``jax.jit(jax.grad(sum of f))`` (both gradients)."""
+    return timing.compile_seconds(jax.grad(lambda x, w: jnp.sum(f(x, w)), argnums=(0, 1)),
+                                  args)
 
 
 def run(layers: list[Layer], ops_: list[str], engines: list[str], rounds: int, inner: int,
@@ -169,21 +136,23 @@ def run(layers: list[Layer], ops_: list[str], engines: list[str], rounds: int, i
         ct = jnp.asarray(rng.standard_normal(jax.eval_shape(ref, x, w).shape), jnp.float32)
         ref_f = jax.jit(ref)
         ref_fb = jax.jit(fwd_bwd(ref, ct))
-        lax_mem = memory(ref, (x, w))
+        lax_mem = timing.memory_bytes(ref, (x, w))
         lax_compile = compile_seconds(ref, (x, w))
         for op in ops_:
             for engine in engines:
                 f = product(layer, op, engine)
                 row = dict(layer=layer.name, op=op, engine=engine)
-                fw = paired(ref_f, jax.jit(f), (x, w), rounds, inner)
-                row.update(fwd_ratio=fw["ratio"], fwd_best=fw["best"], fwd_ms=fw["ms"],
-                           lax_fwd_ms=fw["lax_ms"])
+                fw = timing.paired(ref_f, jax.jit(f), (x, w), rounds=rounds, calls=inner,
+                                   warmup=2)
+                row.update(fwd_ratio=fw.ratio, fwd_best=fw.best, fwd_ms=fw.ms,
+                           lax_fwd_ms=fw.ref_ms)
                 if backward:
-                    fb = paired(ref_fb, jax.jit(fwd_bwd(f, ct)), (x, w), rounds, inner)
-                    row.update(fwd_bwd_ratio=fb["ratio"], fwd_bwd_best=fb["best"],
-                               fwd_bwd_ms=fb["ms"], lax_fwd_bwd_ms=fb["lax_ms"])
+                    fb = timing.paired(ref_fb, jax.jit(fwd_bwd(f, ct)), (x, w),
+                                       rounds=rounds, calls=inner, warmup=2)
+                    row.update(fwd_bwd_ratio=fb.ratio, fwd_bwd_best=fb.best,
+                               fwd_bwd_ms=fb.ms, lax_fwd_bwd_ms=fb.ref_ms)
                     row.update(compile_s=compile_seconds(f, (x, w)), lax_compile_s=lax_compile)
-                row.update(mem=memory(f, (x, w)), lax_mem=lax_mem)
+                row.update(mem=timing.memory_bytes(f, (x, w)), lax_mem=lax_mem)
                 rows.append(row)
                 print(_format(row), file=out, flush=True)
     return rows

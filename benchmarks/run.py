@@ -36,6 +36,7 @@ import numpy as np
 from jax import lax
 
 import jaxconv
+from benchmarks import timing
 from jaxconv import ops
 
 MiB = 2**20
@@ -147,67 +148,21 @@ NOISY_SPREAD = 0.25
 STANDARD_BOUNDS = (0.8, 1.25)
 
 
-def _time_pair(base: Callable[..., Any], fn: Callable[..., Any], args: Sequence[Any],
-               repeats: int, warmup: int = 1) -> dict[str, float]:
-    """Times ``base`` (lax) and ``fn`` (the op) paired and interleaved, one of each per round.
-
-    The order alternates between rounds, so that a machine busy with other work skews both
-    alike. Returns the median times (ms), the median of the per-round ratios ``fn / base``
-    and their spread (interquartile range over the median; 0 for fewer than 2 rounds).
-    """
-    for _ in range(warmup):
-        jax.block_until_ready(base(*args))
-        jax.block_until_ready(fn(*args))
-
-    def once(f: Callable[..., Any]) -> float:
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        return (time.perf_counter() - t0) * 1e3
-
-    tb, tf = [], []
-    for r in range(repeats):
-        if r % 2:
-            tf.append(once(fn))
-            tb.append(once(base))
-        else:
-            tb.append(once(base))
-            tf.append(once(fn))
-    ratios = [f / b for f, b in zip(tf, tb, strict=True)]
-    med = statistics.median(ratios)
-    if len(ratios) >= 2:
-        q = np.percentile(ratios, [25, 75])
-        spread = float((q[1] - q[0]) / med)
-    else:
-        spread = 0.0
-    return {"base_ms": statistics.median(tb), "ms": statistics.median(tf), "ratio": med,
-            "spread": spread}
-
-
-def _memory(jitted: Any, args: Sequence[Any]) -> int | None:
-    """Temp + output bytes of the compiled executable, or None if XLA does not say."""
-    try:
-        ma = jitted.lower(*args).compile().memory_analysis()
-    except Exception:  # noqa: BLE001 - some backends have no memory analysis
-        return None
-    if ma is None:
-        return None
-    return int(ma.temp_size_in_bytes + ma.output_size_in_bytes)
-
-
 def _measure(f_lax: Callable[[Any, Any], Any], f: Callable[[Any, Any], Any], x: Any, w: Any,
              ct: Any, repeats: int) -> dict[str, Any]:
     """The op against lax, paired and interleaved, forward and forward+backward."""
     fwd, fwd_lax = jax.jit(f), jax.jit(f_lax)
     both, both_lax = jax.jit(_fwd_bwd(f)), jax.jit(_fwd_bwd(f_lax))
-    tf = _time_pair(fwd_lax, fwd, (x, w), repeats)
-    tb = _time_pair(both_lax, both, (x, w, ct), repeats)
+    tf = timing.paired(fwd_lax, fwd, (x, w), rounds=repeats)
+    tb = timing.paired(both_lax, both, (x, w, ct), rounds=repeats)
+    mem = timing.memory_bytes
     return {
-        "fwd_ms": tf["ms"], "fwd_bwd_ms": tb["ms"],
-        "lax_fwd_ms": tf["base_ms"], "lax_fwd_bwd_ms": tb["base_ms"],
-        "fwd_ratio": tf["ratio"], "fwd_bwd_ratio": tb["ratio"],
-        "fwd_spread": tf["spread"], "fwd_bwd_spread": tb["spread"],
-        "fwd_mem": _memory(fwd, (x, w)), "fwd_bwd_mem": _memory(both, (x, w, ct)),
-        "lax_fwd_mem": _memory(fwd_lax, (x, w)), "lax_fwd_bwd_mem": _memory(both_lax, (x, w, ct)),
+        "fwd_ms": tf.ms, "fwd_bwd_ms": tb.ms,
+        "lax_fwd_ms": tf.ref_ms, "lax_fwd_bwd_ms": tb.ref_ms,
+        "fwd_ratio": tf.ratio, "fwd_bwd_ratio": tb.ratio,
+        "fwd_spread": tf.spread, "fwd_bwd_spread": tb.spread,
+        "fwd_mem": mem(f, (x, w)), "fwd_bwd_mem": mem(_fwd_bwd(f), (x, w, ct)),
+        "lax_fwd_mem": mem(f_lax, (x, w)), "lax_fwd_bwd_mem": mem(_fwd_bwd(f_lax), (x, w, ct)),
     }
 
 
