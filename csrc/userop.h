@@ -100,7 +100,6 @@ template <class T> inline VT<T> u_atan2(VT<T> a, VT<T> b) {
 template <class T> inline VT<T> u_rem(VT<T> a, VT<T> b) {
   return u_lanes2<T>(a, b, [](float x, float y) { return std::fmod(x, y); });
 }
-template <class T> inline VT<T> u_copysign(VT<T> a, VT<T> b) { return T::copysign(a, b); }
 template <class T> inline VT<T> u_nextafter(VT<T> a, VT<T> b) {
   return u_lanes2<T>(a, b, [](float x, float y) { return std::nextafter(x, y); });
 }

@@ -117,7 +117,7 @@ ELEMENTWISE = frozenset({
     "add", "sub", "mul", "div", "neg", "abs", "sign", "max", "min", "exp", "exp2", "log",
     "log1p", "expm1", "tanh", "logistic", "sqrt", "rsqrt", "cbrt", "pow", "integer_pow",
     "square", "floor", "ceil", "round", "eq", "ne", "lt", "le", "gt", "ge", "select_n",
-    "clamp", "convert_element_type", "and", "or", "not", "xor", "is_finite", "copysign",
+    "clamp", "convert_element_type", "and", "or", "not", "xor", "is_finite",
     "sin", "cos", "tan", "atan", "atan2", "sinh", "cosh", "asinh", "acosh", "atanh", "erf",
     "erfc", "rem", "nextafter", "add_any",
 })
@@ -390,7 +390,7 @@ def monotone_split(program: ScalarProgram) -> MonotoneSplit | None:
 
 _BOUNDED = ("tanh", "logistic", "atan", "erf", "erfc", "sign", "is_finite")
 _GROWING = ("exp", "exp2", "expm1", "sinh", "cosh", "square", "integer_pow")
-_KEEPS = ("neg", "abs", "floor", "ceil", "round", "max", "min", "clamp", "copysign", "select_n")
+_KEEPS = ("neg", "abs", "floor", "ceil", "round", "max", "min", "clamp", "select_n")
 
 
 def nan_free(program: ScalarProgram) -> bool:

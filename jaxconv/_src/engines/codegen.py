@@ -27,7 +27,7 @@ Untranslatable = sp.Untranslatable
 REDUCES = {"max": "MaxR", "min": "MinR", "sum": "SumR"}
 _F32 = np.dtype(np.float32)
 
-_BINARY = {"add", "sub", "mul", "div", "max", "min", "pow", "atan2", "rem", "copysign",
+_BINARY = {"add", "sub", "mul", "div", "max", "min", "pow", "atan2", "rem",
            "nextafter", "eq", "ne", "lt", "le", "gt", "ge", "and", "or", "xor"}
 _UNARY = {"neg", "abs", "sign", "exp", "exp2", "log", "log1p", "expm1", "tanh", "logistic",
           "sqrt", "rsqrt", "cbrt", "floor", "ceil", "sin", "cos", "tan", "atan", "sinh",
