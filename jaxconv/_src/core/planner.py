@@ -30,9 +30,9 @@ def _module(name: str) -> types.ModuleType:
 
         return xla
     if name == "pallas":
-        from jaxconv._src.engines import adapters  # noqa: PLC0415
+        from jaxconv._src.engines import pallas  # noqa: PLC0415 - Pallas loads on first use
 
-        return adapters.PALLAS
+        return pallas
     from jaxconv._src.engines import adapters  # noqa: PLC0415
 
     return adapters.NATIVE

@@ -1355,6 +1355,40 @@ def _conv_xla_bwd(spec: Spec, res: tuple[Array, Array], gy: Array) -> tuple[Arra
 _conv_xla_vjp.defvjp(_conv_xla_fwd, _conv_xla_bwd)
 
 
+# --- the planner's protocol (`jaxconv._src.core.planner`) on canonical problems ------------
+
+def supports(problem: Any, dtype: Any, platform: str | None) -> bool:
+    """The Pallas engine serves every problem (interpret mode on CPU)."""
+    del problem, dtype, platform
+    return True
+
+
+def _spec_of(problem: Any) -> Spec:
+    return Spec(problem.op, problem.geom, problem.acc_dtype, platform_backends(),
+                problem.max_block_bytes)
+
+
+def forward(problem: Any, x: Array, w: Array) -> Array:
+    """The product of canonical ``x`` and ``w`` in the accumulation dtype."""
+    return _forward_all(_spec_of(problem), x, w).astype(problem.acc_dtype)
+
+
+def backward(problem: Any, x: Array, w: Array, y: Array, g: Array,
+             need: tuple[bool, bool]) -> tuple[Array, Array]:
+    """The input and kernel gradients from the forward's ``y`` (not recomputed)."""
+    del need
+    spec = _spec_of(problem)
+    if problem.op.reduce_name in algebra.HAND_VJP_REDUCES:
+        return _conv_hand_bwd(spec, (x, w, y), g.astype(problem.acc_dtype))
+    return _conv_xla_bwd(spec, (x, w), g)
+
+
+def tangent(problem: Any, x: Array, w: Array, y: Array, tx: Array, tw: Array,
+            active: tuple[bool, bool]) -> Array:
+    """Forward-mode tangents: the XLA engine's formulas."""
+    return engine_xla.tangent(problem, x, w, y, tx, tw, active)
+
+
 def generic_conv(
     x: Array,
     w: Array,
