@@ -162,12 +162,14 @@ def test_gradients_match_xla_engine(name, case):
 
 
 @pytest.mark.parametrize("name", ["max_plus", "min_max", "adder", "l1", "l2_exact"])
-def test_dense_gradients_match_xla_engine(name):
+@pytest.mark.parametrize("batch", [0, 3], ids=["plain", "batch_dims"])
+def test_dense_gradients_match_xla_engine(name, batch):
     rng = np.random.default_rng(10)
-    a = rng.standard_normal((40, 96)).astype(np.float32)
-    b = rng.standard_normal((96, 70)).astype(np.float32)
-    ct = rng.standard_normal((40, 70)).astype(np.float32)
-    dn = (((1,), (0,)), ((), ()))
+    lead = (batch,) if batch else ()
+    a = rng.standard_normal((*lead, 40, 96)).astype(np.float32)
+    b = rng.standard_normal((*lead, 96, 70)).astype(np.float32)
+    ct = rng.standard_normal((*lead, 40, 70)).astype(np.float32)
+    dn = (((2,), (1,)), ((0,), (0,))) if batch else (((1,), (0,)), ((), ()))
 
     def grads(engine):
         loss = lambda a, b: jnp.sum(jaxconv.dot_general(  # noqa: E731

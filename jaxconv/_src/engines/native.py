@@ -309,8 +309,21 @@ def _pad_config(spec: _Call) -> list[tuple[int, int, int]]:
             (0, 0, 0)]
 
 
+def _dense_parts(spec: _Call, x: Array, w: Array, g: Array) -> tuple[Array, Array, Array]:
+    """A dense problem's ``(N, G, I)`` input, ``(I, G, Og)`` kernel and ``(N, G, Og)``
+    cotangent: the separable gradients are then plain matrix products (XLA compiles a
+    dot several times faster than the 1-D convolution it would be otherwise)."""
+    n, grp = x.shape[0], spec.groups
+    return (x.reshape(n, grp, -1), w.reshape(w.shape[-2], grp, -1), g.reshape(n, grp, -1))
+
+
 def _sep_dw(spec: _Call, x: Array, w: Array, g: Array) -> Array:
     """``sum_p g[p, o] * (x[p, t, i] - w[t, i, o])`` over each tap's combined positions."""
+    if spec.nsd == 0:
+        xd, wd, gd = _dense_parts(spec, x, w, g)
+        hi = lax.Precision.HIGHEST
+        prod = jnp.einsum("ngi,ngo->igo", xd, gd, precision=hi)
+        return (prod - wd * jnp.sum(gd, axis=0, keepdims=True)).reshape(w.shape)
     fill = 0.0 if spec.pad is None else spec.pad
     xp = lax.pad(x, jnp.asarray(fill, x.dtype), _pad_config(spec))
     _, vjp = jax.vjp(lambda w_: _conv3(spec, xp, w_, spec.groups, True), w)
@@ -328,6 +341,10 @@ def _sep_dw(spec: _Call, x: Array, w: Array, g: Array) -> Array:
 
 def _sep_dx(spec: _Call, x: Array, w: Array, g: Array) -> Array:
     """``sum g[p, o] * (x[cell, i] - w[t, i, o])`` over the outputs that read each cell."""
+    if spec.nsd == 0:
+        xd, wd, gd = _dense_parts(spec, x, w, g)
+        prod = jnp.einsum("ngo,igo->ngi", gd, wd, precision=lax.Precision.HIGHEST)
+        return (xd * jnp.sum(gd, axis=-1, keepdims=True) - prod).reshape(x.shape)
     _, vjp = jax.vjp(lambda x_: _conv3(spec, x_, w, spec.groups, False), x)
     (prod,) = vjp(g)
     grp = spec.groups
