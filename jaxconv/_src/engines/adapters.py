@@ -69,8 +69,9 @@ class NativeEngine:
                  need: tuple[bool, bool]) -> tuple[Array, Array]:
         del need
         spec = self._spec(problem, x, w)
-        res = (x.reshape(spec.x_shape), w.reshape(spec.w_shape), y.reshape(spec.y_shape))
-        gx, gw = self._module()._conv_bwd(spec, res, g.reshape(spec.y_shape))
+        gx, gw = self._module().gradients(spec, x.reshape(spec.x_shape),
+                                          w.reshape(spec.w_shape), y.reshape(spec.y_shape),
+                                          g.reshape(spec.y_shape))
         return gx.reshape(x.shape).astype(x.dtype), gw.reshape(w.shape).astype(w.dtype)
 
     def tangent(self, problem: Any, x: Array, w: Array, y: Array, tx: Array, tw: Array,

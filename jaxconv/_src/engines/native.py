@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import threading
 from typing import Any
 
@@ -30,7 +29,6 @@ from jax import lax
 
 from jaxconv._src.core import algebra
 from jaxconv._src.core.algebra import Op
-from jaxconv._src.engines import taps
 
 Array = jax.Array
 
@@ -213,15 +211,6 @@ def supports(op: Op, geom: Any, dtype: Any) -> bool:
     return why_not(op, geom, dtype) is None
 
 
-def serves(op: Op, geom: Any, x: Any, w: Any, preferred_element_type: Any | None) -> bool:
-    """`supports` for concrete operands: also the output dtype (the kernels accumulate
-    in the operands' dtype) and the size of one image (32-bit offsets in the kernels)."""
-    dtype = jnp.result_type(x.dtype, w.dtype)
-    if preferred_element_type is not None and jnp.dtype(preferred_element_type) != dtype:
-        return False
-    return supports(op, geom, dtype) and math.prod(x.shape[1:]) < 2**31
-
-
 @dataclasses.dataclass(frozen=True)
 class _Call:
     """Static attributes of one FFI call (hashable: the custom_vjp's static argument)."""
@@ -355,18 +344,9 @@ def _sep_dx(spec: _Call, x: Array, w: Array, g: Array) -> Array:
     return x * jnp.repeat(gsum, spec.x_shape[-1] // grp, axis=-1) - prod
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _conv(spec: _Call, x: Array, w: Array) -> Array:
-    return _forward_call(spec, x, w)
-
-
-def _conv_fwd(spec: _Call, x: Array, w: Array) -> tuple[Array, tuple[Array, Array, Array]]:
-    y = _forward_call(spec, x, w)
-    return y, (x, w, y)
-
-
-def _conv_bwd(spec: _Call, res: tuple[Array, Array, Array], g: Array) -> tuple[Array, Array]:
-    x, w, y = res
+def gradients(spec: _Call, x: Array, w: Array, y: Array, g: Array) -> tuple[Array, Array]:
+    """The input and kernel gradients of the canonical 3-D operands, from the forward's
+    ``y`` and its cotangent ``g``: FFI kernels, and lax products where those are faster."""
     g = g.astype(jnp.float32)
     if spec.op_id == KERNELS["adder"][0]:
         dx, _ = _backward_call(spec, x, w, y, g, parts=1)
@@ -374,9 +354,6 @@ def _conv_bwd(spec: _Call, res: tuple[Array, Array, Array], g: Array) -> tuple[A
     if spec.op_id == KERNELS["l2_exact"][0]:
         return -2.0 * _sep_dx(spec, x, w, g), 2.0 * _sep_dw(spec, x, w, g)
     return _backward_call(spec, x, w, y, g)
-
-
-_conv.defvjp(_conv_fwd, _conv_bwd)
 
 
 def generic_conv(
@@ -413,19 +390,8 @@ def generic_conv(
       >>> native.generic_conv(x, w, g, ops.max_plus)[0, :, 0]
       Array([1., 2., 3.], dtype=float32)
     """
+    from jaxconv._src.core import primitive  # noqa: PLC0415 - the core binds the engines
+
     del max_block_bytes
-    if not serves(op, geom, x, w, preferred_element_type):
-        dtype = jnp.result_type(x.dtype, w.dtype)
-        raise ValueError(
-            f"engine='native' does not serve op {op.name!r} (native={op.native!r}) with dtype "
-            f"{jnp.dtype(dtype).name}, preferred_element_type={preferred_element_type!r} on "
-            f"this geometry (served: ops with a native kernel {sorted(KERNELS)}, float32); use "
-            "engine='xla' or engine='auto'.")
-    x, w, out_dtype, _ = taps.resolve_dtypes(x, w, op, preferred_element_type)
-    n, o = x.shape[0], w.shape[-1]
-    if n == 0 or o == 0:
-        return jnp.zeros((n, *geom.out_spatial, o), out_dtype)
-    _register()
-    spec = _call_spec(op, geom, x.shape, w.shape)
-    y = _conv(spec, x.reshape(spec.x_shape), w.reshape(spec.w_shape))
-    return taps.finish(y.reshape(n, *geom.out_spatial, o), op, out_dtype)
+    return primitive.canonical_conv(x, w, geom, op, engine="native",
+                                    preferred_element_type=preferred_element_type)
