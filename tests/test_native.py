@@ -182,6 +182,38 @@ def test_dense_gradients_match_xla_engine(name, batch):
     np.testing.assert_allclose(np.asarray(db), np.asarray(xb), rtol=1e-4, atol=2e-4)
 
 
+# Dense sizes around the kernel's blocks: K over several kernel-row panels with a tail (and
+# K = 1), O a partial block of output channels (and O = 1), M a partial register tile;
+# half-integer data for max/min give ties within and across panels.
+@pytest.mark.parametrize("shape", [(13, 150, 70), (7, 1, 5), (5, 65, 1), (1, 200, 130)])
+@pytest.mark.parametrize("name", NATIVE_OPS)
+def test_dense_odd_sizes(name, shape):
+    m, k, o = shape
+    rng = np.random.default_rng(11)
+    a = rng.standard_normal((m, k)).astype(np.float32)
+    b = rng.standard_normal((k, o)).astype(np.float32)
+    if name in MAXMIN:
+        a, b = np.round(a * 2) / 2, np.round(b * 2) / 2
+    ct = rng.standard_normal((m, o)).astype(np.float32)
+    dn = (((1,), (0,)), ((), ()))
+
+    def run(engine):
+        f = lambda a, b: jaxconv.dot_general(a, b, dn, op=name, engine=engine)  # noqa: E731
+        y, vjp = jax.vjp(f, a, b)
+        return (y, *vjp(ct))
+    y, da, db = jax.jit(lambda: run("native"))()
+    npop = _np_op(name)
+    ref = dot_general_reference(a, b, dn, combine=npop.combine, reduce=npop.reduce,
+                                identity=npop.identity)
+    np.testing.assert_allclose(np.asarray(y), ref, rtol=2e-5, atol=2e-5)
+    with _allow():
+        y2, xa, xb = jax.jit(lambda: run("xla"))()
+    if name in MAXMIN:
+        np.testing.assert_array_equal(np.asarray(y), np.asarray(y2))
+    np.testing.assert_allclose(np.asarray(da), np.asarray(xa), rtol=1e-4, atol=2e-4)
+    np.testing.assert_allclose(np.asarray(db), np.asarray(xb), rtol=1e-4, atol=2e-4)
+
+
 # The stated gradient rules as loops: 1-D, stride 1, padding (lo, hi).
 def _partials(name):
     one = lambda x, w: 1.0  # noqa: E731
