@@ -743,6 +743,23 @@ def _winner_codes(cfg: Config, xp: Array, wt: Array, y: Array, base: int,
     return taps.unblock(out, n)
 
 
+def _next_true(flags: Array, k: int) -> Array:
+    """The indices of the first ``k`` true entries of the flat ``flags`` in order (int32),
+    -1 past the last one.
+
+    A ``top_k`` of float32 keys (exact below ``2**24`` entries), else a sort: either
+    compiles to one operation, where ``jnp.nonzero``'s prefix sum is some twenty kernels.
+    """
+    idx = jnp.arange(flags.size, dtype=jnp.int32)
+    if flags.size <= 2**24:
+        key = jnp.where(flags, -idx.astype(jnp.float32), -jnp.inf)
+        top, _ = lax.top_k(key, k)
+        return jnp.where(top > -jnp.inf, -top, -1).astype(jnp.int32)
+    big = jnp.iinfo(jnp.int32).max
+    first = lax.sort(jnp.where(flags, idx, big))[:k]
+    return jnp.where(first < big, first, -1)
+
+
 def _winner_backward(cfg: Config, x: Array, w: Array, y: Array, gy: Array) -> tuple:
     """Max/min gradients through each window's winner, found by `_winner_codes`.
 
@@ -785,13 +802,16 @@ def _winner_backward(cfg: Config, x: Array, w: Array, y: Array, gy: Array) -> tu
     tie = (tot >= 2 * base) | inf
     n_ties = jnp.sum(tie, dtype=jnp.int32)
     gdt = jnp.promote_types(x.dtype, jnp.float32)
-    offs = np.array([[k * d for k, d in zip(tap, geom.rhs_dilation, strict=True)]
-                     for tap in geom.taps()], np.int32).reshape(nt, nsd)
-    # Output coordinates times strides, per flat output position: (P, nsd).
-    ocoord = np.zeros((p, nsd), np.int32)
-    if nsd:
-        ocoord = (np.stack(np.unravel_index(np.arange(p), geom.out_spatial), -1)
-                  * np.array(geom.strides, np.int32).reshape(1, nsd)).astype(np.int32)
+
+    def coords(pp: Array, tt: Array) -> list[Array]:
+        """Padded-input coordinates read at flat output position ``pp`` by tap ``tt``
+        (arithmetic: gathers from coordinate tables are as many more kernels to compile)."""
+        out = []
+        for d in range(nsd):
+            od = (pp // math.prod(geom.out_spatial[d + 1:])) % geom.out_spatial[d]
+            kd = (tt // math.prod(geom.window[d + 1:])) % geom.window[d]
+            out.append(od * geom.strides[d] + kd * geom.rhs_dilation[d])
+        return out
 
     # Flat (row-major) strides of the padded input and of the taps-major kernel: scatters
     # and gathers with one int32 index per element (a multi-dimensional index per element
@@ -813,8 +833,7 @@ def _winner_backward(cfg: Config, x: Array, w: Array, y: Array, gy: Array) -> tu
     g_i = lax.broadcasted_iota(jnp.int32, shp, 2)
     o_i = lax.broadcasted_iota(jnp.int32, shp, 3)
     t_w, i_w = flat // i, flat % i
-    pos = [jnp.asarray(ocoord[:, j])[p_i] + jnp.asarray(offs[:, j])[t_w] for j in range(nsd)]
-    xi = x_index(n_i, pos, g_i * i + i_w).reshape(-1)
+    xi = x_index(n_i, coords(p_i, t_w), g_i * i + i_w).reshape(-1)
     wi = w_index(t_w, g_i, o_i, i_w).reshape(-1)
     xf, wf = xp.reshape(-1), wt.reshape(-1)
     ct = jnp.where(single, gy, 0).astype(xf.dtype).reshape(-1)
@@ -835,15 +854,13 @@ def _winner_backward(cfg: Config, x: Array, w: Array, y: Array, gy: Array) -> tu
 
     def tie_chunk(carry: tuple) -> tuple:
         j, last, gxf, gwf = carry
-        # The next k tied windows after ``last`` (``top_k`` is 10x slower on CPU).
-        (sel,) = jnp.nonzero(flat_tie & (idx > last), size=k, fill_value=-1)
+        sel = _next_true(flat_tie & (idx > last), k)
         valid = sel >= 0
-        sel = jnp.maximum(sel, 0).astype(jnp.int32)
+        sel = jnp.maximum(sel, 0)
         kn, kp, kg, ko = jnp.unravel_index(sel, shp)
-        kpos = [(jnp.asarray(ocoord[:, d])[kp].reshape(k, 1, 1)
-                 + jnp.asarray(offs[:, d]).reshape(1, nt, 1)) for d in range(nsd)]
         kxi = jnp.broadcast_to(
-            x_index(kn.reshape(k, 1, 1), kpos, kg.reshape(k, 1, 1) * i + ki), (k, nt, i))
+            x_index(kn.reshape(k, 1, 1), coords(kp.reshape(k, 1, 1), kt),
+                    kg.reshape(k, 1, 1) * i + ki), (k, nt, i))
         kwi = jnp.broadcast_to(
             w_index(kt, kg.reshape(k, 1, 1), ko.reshape(k, 1, 1), ki), (k, nt, i))
         ck, vjpk = jax.vjp(op.combine, xf[kxi], wf[kwi])
