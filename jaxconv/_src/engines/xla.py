@@ -26,9 +26,10 @@ not grow with the window.
 
 Max/min have no branch on the values: XLA CPU's vectorised max reductions drop NaN, so the
 outputs with a NaN product are found by a native sum-convolution of 0/1 indicators
-(`_nan_outputs`; its channel-paired part, e.g. ``inf + -inf``, runs in a loop whose trip
-count is 0 unless the operands hold both infinities) and set to NaN; the padding of the tap
-loop is masked (no dominated fill, which a non-finite kernel entry would turn into NaN).
+(`_nan_outputs`, in a loop whose trip count is 0 unless the operands hold the values that
+make a NaN product: a NaN, or both infinities for ``x + w``) and set to NaN; the padding of
+the tap loop is masked (no dominated fill, which a non-finite kernel entry would turn into
+NaN).
 ``ops.log`` still chooses from the values (``lax.cond``; under ``vmap`` the primitives fold
 the mapped axis into the problem, so the predicate stays a scalar): a native convolution in
 exp space unless a window needs the exact two-pass path (`_log_fast_or_exact`), and its
@@ -166,27 +167,33 @@ def _tap_tables(geom: Geometry, live: list) -> tuple[Array, Array, Array | None]
     return jnp.asarray(offs), jnp.asarray(tix), masks
 
 
-def _forward_block(cfg: Config, xb: Array, wt: Array, fill: bool) -> Array:
-    """One block of images: ``xb`` (Nb, *padded, C), ``wt`` (T, G, Og, I) -> (Nb, P, G, Og).
+def _forward_block(cfg: Config, xb: Array, wt: Array, fill: bool, rows: int | None = None
+                   ) -> Array:
+    """Images ``xb`` (N, *padded, C), ``wt`` (T, G, Og, I) -> (N, P, G, Og), ``rows``
+    images (default: all) at a time.
 
-    The taps are a rolled loop (one compiled body whatever the window size); taps that only
-    ever see padding are skipped statically. ``fill``: the padding holds
-    `dominated_fill`'s value, so no mask is needed.
+    One rolled loop over the (block of ``rows`` images, tap) pairs: one compiled body
+    whatever the window size and the number of blocks (a loop over blocks around a loop over
+    taps is twice the loop code to compile); taps that only ever see padding are skipped
+    statically. ``fill``: the padding holds `dominated_fill`'s value, so no mask is needed.
     """
     op, geom = cfg.op, cfg.geom
     mask = geom.valid_mask() if op.pad_value is None and not fill else None
     ident = algebra.identity_value(op, cfg.acc_dtype)
     binary = algebra.binary(op)
-    nb = xb.shape[0]
+    nb = rows or xb.shape[0]
+    xb, n = taps.pad_rows(xb, nb)
+    nblk = xb.shape[0] // nb
     p = max(1, math.prod(geom.out_spatial))
     g, og = wt.shape[1], wt.shape[2]
     live = _live_taps(geom, mask)
     if not live:
-        return jnp.broadcast_to(ident, (nb, p, g, og))
+        return jnp.broadcast_to(ident, (n, p, g, og))
     offs, tix, masks = _tap_tables(geom, live)
+    nl = len(live)
 
-    def part(j: Any) -> Array:
-        xs = taps.tap_slice_at(xb, geom, offs[j])
+    def part(b: Any, j: Any) -> Array:
+        xs = taps.tap_slice_at(xb, geom, offs[j], b * nb, nb)
         xs = xs.reshape(nb, p, g, xs.shape[-1] // g)
         wk = lax.dynamic_index_in_dim(wt, tix[j], axis=0, keepdims=False)
         out = _reduce_tap(op, xs, wk, cfg.acc_dtype)
@@ -195,12 +202,18 @@ def _forward_block(cfg: Config, xb: Array, wt: Array, fill: bool) -> Array:
             out = jnp.where(mk.reshape(1, p, 1, 1), out, ident)
         return out
 
-    if len(live) == 1:
-        return part(0)
+    if nl == 1 and nblk == 1:
+        return part(0, 0)[:n]
+
+    def step(k: Any, acc: Array) -> Array:
+        b = k // nl
+        cur = lax.dynamic_slice_in_dim(acc, b * nb, nb, axis=0)
+        return lax.dynamic_update_slice_in_dim(acc, binary(cur, part(b, k % nl)), b * nb, 0)
+
     # From the identity, so that the tap's reduction is compiled once (each copy of it is
     # a large part of the compile time).
-    init = jnp.broadcast_to(ident, (nb, p, g, og))
-    return lax.fori_loop(0, len(live), lambda j, acc: binary(acc, part(j)), init)
+    init = jnp.broadcast_to(ident, (nblk * nb, p, g, og))
+    return lax.fori_loop(0, nblk * nl, step, init)[:n]
 
 
 def _forward(cfg: Config, x: Array, w: Array, fill: bool = False) -> Array:
@@ -208,10 +221,12 @@ def _forward(cfg: Config, x: Array, w: Array, fill: bool = False) -> Array:
     geom = cfg.geom
     xp = taps.pad_input(x, cfg.op, geom, dominated_fill(cfg.op) if fill else None)
     wt = taps.taps_major(w, geom.groups)
+    if cfg.op.reduce_name in algebra.HAND_VJP_REDUCES:
+        return _forward_block(cfg, xp, wt, fill, cfg.block)
+    # Differentiated automatically: blocks under ``jax.checkpoint`` (a loop carrying the
+    # whole output would keep it per step for the backward pass).
     xblocks, n = taps.blocks(xp, cfg.block)
-    fn = functools.partial(_forward_block, cfg, wt=wt, fill=fill)
-    if cfg.op.reduce_name not in algebra.HAND_VJP_REDUCES:
-        fn = jax.checkpoint(fn)
+    fn = jax.checkpoint(functools.partial(_forward_block, cfg, wt=wt, fill=fill))
     if xblocks.shape[0] == 1:
         out = fn(xblocks[0])[None]
     else:
@@ -219,17 +234,24 @@ def _forward(cfg: Config, x: Array, w: Array, fill: bool = False) -> Array:
     return taps.unblock(out, n)
 
 
-def _nan_terms(op: Op, xs: Array, w: Array) -> tuple[list, Any, Array]:
-    """0/1 indicators of the products ``combine(x, w)`` that are NaN because of a
-    non-finite value: ``(always, paired, needed)``.
+def _value_flags(a: Array) -> Array:
+    """Which special values ``a`` holds, as the bits of one int32 (one reduction):
+    ``+inf`` 1, ``-inf`` 2, NaN 4, zero 8."""
+    i32 = jnp.int32
+    bits = ((a == jnp.inf).astype(i32) | ((a == -jnp.inf).astype(i32) << 1)
+            | (jnp.isnan(a).astype(i32) << 2) | ((a == 0).astype(i32) << 3))
+    return lax.reduce(bits, np.int32(0), lax.bitwise_or, tuple(range(a.ndim)))
 
-    Each term is a pair ``(a, b)``, ``a`` over input cells ``(N, *S, G, k)`` and ``b`` over
-    kernel entries ``(*K, k, O)``; a product is NaN exactly where some term has
-    ``a = b = 1``, the ``k`` channels paired one to one (``k = 1``: a term that does not
-    depend on the pairing). ``always``: cheap terms (NaN in, NaN out: one channel each);
-    ``paired``: a function of ``(xs, w)`` building the channel-paired terms (called inside
-    the loop that runs where the scalar ``needed`` holds, so that nothing is computed for
-    them otherwise), or None.
+
+def _nan_terms(op: Op, xs: Array, w: Array) -> tuple[Any, Array]:
+    """0/1 indicators of the products ``combine(x, w)`` that are NaN because of a
+    non-finite value: ``(terms, needed)``.
+
+    ``terms(xs, w)`` builds pairs ``(a, b)``, ``a`` over input cells ``(N, *S, G, I)`` and
+    ``b`` over kernel entries ``(*K, I, O)``; a product is NaN exactly where some term has
+    ``a = b = 1``, the channels paired one to one. The scalar ``needed`` says whether any
+    product can be such a NaN (from one reduction of each operand, `_value_flags`); the
+    terms are built only then.
 
     ``combine_kind`` gives the IEEE rule (NaN in, NaN out; ``inf - inf``; ``0 * inf``); a
     combine of unknown kind is evaluated at ``+-inf`` and NaN against every entry of the
@@ -239,34 +261,31 @@ def _nan_terms(op: Op, xs: Array, w: Array) -> tuple[list, Any, Array]:
     kind = algebra.capabilities(op).combine
     f32 = jnp.float32
     pinf = jnp.asarray(jnp.inf, xs.dtype)
+    fx, fw = _value_flags(xs), _value_flags(w)
+
+    def has(f: Array, bit: int) -> Array:
+        return (f & bit) != 0
 
     def ind(a: Array) -> Array:
         return a.astype(f32)
 
-    def anyof(a: Array) -> Array:
-        return jnp.any(a)
-
     if kind in ("add", "min", "max", "mul"):
-        always = [(jnp.sum(ind(jnp.isnan(xs)), axis=-1, keepdims=True),
-                   jnp.ones((*w.shape[:-2], 1, w.shape[-1]), f32)),
-                  (jnp.ones((*xs.shape[:-1], 1), f32),
-                   jnp.sum(ind(jnp.isnan(w)), axis=-2, keepdims=True))]
-        if kind == "add":  # inf + -inf
-            pairs = [(xs == pinf, w == -pinf), (xs == -pinf, w == pinf)]
-        elif kind == "mul":  # 0 * inf
-            pairs = [(xs == 0, jnp.isinf(w)), (jnp.isinf(xs), w == 0)]
-        else:
-            return always, None, jnp.asarray(False)
-        needed = functools.reduce(jnp.logical_or, [anyof(a) & anyof(b) for a, b in pairs])
+        def terms(xs: Array, w: Array) -> list:
+            # NaN in, NaN out, as channel-paired terms too: no reduction to compile.
+            out = [(ind(jnp.isnan(xs)), jnp.ones(w.shape, f32)),
+                   (jnp.ones(xs.shape, f32), ind(jnp.isnan(w)))]
+            if kind == "add":  # inf + -inf
+                out += [(ind(xs == pinf), ind(w == -pinf)), (ind(xs == -pinf), ind(w == pinf))]
+            elif kind == "mul":  # 0 * inf
+                out += [(ind(xs == 0), ind(jnp.isinf(w))), (ind(jnp.isinf(xs)), ind(w == 0))]
+            return out
 
-        def paired_kind(xs: Array, w: Array) -> list:
-            if kind == "add":
-                ps = [(xs == pinf, w == -pinf), (xs == -pinf, w == pinf)]
-            else:
-                ps = [(xs == 0, jnp.isinf(w)), (jnp.isinf(xs), w == 0)]
-            return [(ind(a), ind(b)) for a, b in ps]
-
-        return always, paired_kind, needed
+        needed = has(fx, 4) | has(fw, 4)
+        if kind == "add":
+            needed |= (has(fx, 1) & has(fw, 2)) | (has(fx, 2) & has(fw, 1))
+        elif kind == "mul":
+            needed |= (has(fx, 8) & has(fw, 3)) | (has(fx, 3) & has(fw, 8))
+        return terms, needed
     nan = jnp.asarray(jnp.nan, xs.dtype)
 
     def paired(xs: Array, w: Array) -> list:
@@ -279,18 +298,16 @@ def _nan_terms(op: Op, xs: Array, w: Array) -> tuple[list, Any, Array]:
                         ind(is_v(w))))
         return out
 
-    needed = anyof(jnp.logical_not(jnp.isfinite(xs))) | anyof(jnp.logical_not(jnp.isfinite(w)))
-    return [], paired, needed
+    return paired, has(fx, 7) | has(fw, 7)
 
 
 def _nan_outputs(cfg: Config, x: Array, w: Array) -> Array:
     """Which outputs ``(N, P, G, Og)`` have a NaN product involving a non-finite value.
 
-    XLA CPU's vectorised max/min reductions drop NaN, so the engine restores it from native
-    sum-convolutions of the 0/1 indicators of `_nan_terms`: one of the cheap terms, and one
-    of the channel-paired terms (as costly as the standard product) inside a ``while_loop``
-    that runs it once where the operands hold the values it needs (``+inf`` and ``-inf``
-    for ``x + w``; any non-finite value for a combine of unknown kind) and else not at all.
+    XLA CPU's vectorised max/min reductions drop NaN, so the engine restores it from one
+    native sum-convolution of the 0/1 indicators of `_nan_terms`, inside a ``while_loop``
+    that runs it once where the operands hold the values it needs (a NaN, or ``+inf`` and
+    ``-inf`` for ``x + w``, ...) and else not at all: finite operands cost two reductions.
     That loop body is the only code compiled for it, and under ``vmap`` the primitive folds
     the mapped axis into the batch, so its predicate stays one scalar.
     """
@@ -301,7 +318,7 @@ def _nan_outputs(cfg: Config, x: Array, w: Array) -> Array:
     # identity padding the indicator images are padded with 0.
     xs = x if op.pad_value is None else taps.pad_input(x, op, geom)
     xs = xs.reshape(*xs.shape[:-1], g, xs.shape[-1] // g)
-    always, paired, needed = _nan_terms(op, xs, w)
+    terms, needed = _nan_terms(op, xs, w)
 
     def count(terms: list) -> Array:
         lhs = jnp.concatenate([a for a, _ in terms], axis=-1)
@@ -311,16 +328,14 @@ def _nan_outputs(cfg: Config, x: Array, w: Array) -> Array:
             lhs = lax.pad(lhs, jnp.asarray(0, lhs.dtype), geom.pad_config)
         return _native_valid(lhs, rhs, geom, jnp.float32)
 
-    shape = (n, *geom.out_spatial, w.shape[-1])
-    total = count(always) if always else jnp.zeros(shape, jnp.float32)
-    if paired is not None:
-        def body(carry: tuple[Array, Array]) -> tuple[Array, Array]:
-            # ``+ 0.0 * i`` (not simplified in floating point) keeps the indicators inside
-            # the loop: XLA hoists loop-invariant code out of it.
-            z = carry[0].astype(xs.dtype) * jnp.asarray(0, xs.dtype)
-            return carry[0] + 1, carry[1] + count(paired(xs + z, w + z.astype(w.dtype)))
+    def body(carry: tuple[Array, Array]) -> tuple[Array, Array]:
+        # ``+ 0.0 * i`` (not simplified in floating point) keeps the indicators inside
+        # the loop: XLA hoists loop-invariant code out of it.
+        z = carry[0].astype(xs.dtype) * jnp.asarray(0, xs.dtype)
+        return carry[0] + 1, carry[1] + count(terms(xs + z, w + z.astype(w.dtype)))
 
-        _, total = lax.while_loop(lambda c: (c[0] == 0) & needed, body, (jnp.int32(0), total))
+    total = jnp.zeros((n, *geom.out_spatial, w.shape[-1]), jnp.float32)
+    _, total = lax.while_loop(lambda c: (c[0] == 0) & needed, body, (jnp.int32(0), total))
     return total.reshape(n, max(1, math.prod(geom.out_spatial)), g, -1) > 0
 
 
@@ -701,46 +716,32 @@ def _winner_codes(cfg: Config, xp: Array, wt: Array, y: Array, base: int,
     offs_j = jnp.asarray(offs)
     tmask_j = None if tmask is None else jnp.asarray(tmask)
 
-    def block(args: tuple[Array, Array]) -> Array:
-        xb, yb = args
-        nb = xb.shape[0]
-        fit = max(1, (cfg.max_block_bytes // 2) // max(1, nb * p * g * i * 4))
-        oc = max(d for d in range(1, og + 1) if og % d == 0 and d <= fit)
+    nb = cfg.block
+    fit = max(1, (cfg.max_block_bytes // 2) // max(1, nb * p * g * i * 4))
+    oc = max(d for d in range(1, og + 1) if og % d == 0 and d <= fit)
+    nc = og // oc
+    xp, n = taps.pad_rows(xp, nb)
+    y, _ = taps.pad_rows(y, nb)
+    nblk = xp.shape[0] // nb
 
-        def body(k: Any, tot: Array) -> Array:
-            xs = taps.tap_slice_at(xb, geom, offs_j[k]).reshape(nb, p, g, i)
-            wk = lax.dynamic_index_in_dim(wt, k, axis=0, keepdims=False)
-            code = (base + k * i + jnp.arange(i)).astype(jnp.float32).reshape(1, 1, 1, 1, i)
-            mk = None
-            if tmask_j is not None:
-                mk = lax.dynamic_index_in_dim(tmask_j, k, axis=0, keepdims=False)
-                mk = mk.reshape(1, p, 1, 1)
+    def step(s: Any, tot: Array) -> Array:
+        # One loop over (block of images, tap, chunk of output channels): one compiled body.
+        b, k, j = s // (nt * nc), (s // nc) % nt, s % nc
+        xs = taps.tap_slice_at(xp, geom, offs_j[k], b * nb, nb).reshape(nb, p, g, i)
+        wc = lax.dynamic_slice(wt, (k, 0, j * oc, 0), (1, g, oc, i))[0]
+        at = (b * nb, 0, 0, j * oc)
+        yc = lax.dynamic_slice(y, at, (nb, p, g, oc))
+        code = (base + k * i + jnp.arange(i)).astype(jnp.float32).reshape(1, 1, 1, 1, i)
+        c = _fwd_products(op, xs, wc)
+        # A comparison, not 1 - sign(y - c): XLA CPU contracts y - x * w into an fma,
+        # whose exact difference is not 0 at the winner of a multiplying combine.
+        part = jnp.sum(jnp.where(c == yc[..., None], code, 0.0), axis=-1)
+        if tmask_j is not None:
+            mk = lax.dynamic_index_in_dim(tmask_j, k, axis=0, keepdims=False)
+            part = jnp.where(mk.reshape(1, p, 1, 1), part, 0)
+        return lax.dynamic_update_slice(tot, lax.dynamic_slice(tot, at, part.shape) + part, at)
 
-            def chunk(j: Any, tot: Array) -> Array:
-                wc = lax.dynamic_slice_in_dim(wk, j * oc, oc, axis=1)
-                yc = lax.dynamic_slice_in_dim(yb, j * oc, oc, axis=3)
-                c = _fwd_products(op, xs, wc)
-                # A comparison, not 1 - sign(y - c): XLA CPU contracts y - x * w into an fma,
-                # whose exact difference is not 0 at the winner of a multiplying combine.
-                part = jnp.sum(jnp.where(c == yc[..., None], code, 0.0), axis=-1)
-                if mk is not None:
-                    part = jnp.where(mk, part, 0)
-                cur = lax.dynamic_slice_in_dim(tot, j * oc, oc, axis=3)
-                return lax.dynamic_update_slice_in_dim(tot, cur + part, j * oc, axis=3)
-
-            if oc == og:
-                return chunk(0, tot)
-            return lax.fori_loop(0, og // oc, chunk, tot)
-
-        return lax.fori_loop(0, nt, body, jnp.zeros(yb.shape, jnp.float32))
-
-    xblocks, n = taps.blocks(xp, cfg.block)
-    yblocks, _ = taps.blocks(y, cfg.block)
-    if xblocks.shape[0] == 1:
-        out = block((xblocks[0], yblocks[0]))[None]
-    else:
-        out = lax.map(block, (xblocks, yblocks))
-    return taps.unblock(out, n)
+    return lax.fori_loop(0, nblk * nt * nc, step, jnp.zeros(y.shape, jnp.float32))[:n]
 
 
 def _next_true(flags: Array, k: int) -> Array:
@@ -854,9 +855,9 @@ def _winner_backward(cfg: Config, x: Array, w: Array, y: Array, gy: Array) -> tu
 
     def tie_chunk(carry: tuple) -> tuple:
         j, last, gxf, gwf = carry
-        sel = _next_true(flat_tie & (idx > last), k)
-        valid = sel >= 0
-        sel = jnp.maximum(sel, 0)
+        found = _next_true(flat_tie & (idx > last), k)
+        valid = found >= 0
+        sel = jnp.maximum(found, 0)
         kn, kp, kg, ko = jnp.unravel_index(sel, shp)
         kxi = jnp.broadcast_to(
             x_index(kn.reshape(k, 1, 1), coords(kp.reshape(k, 1, 1), kt),
@@ -870,7 +871,9 @@ def _winner_backward(cfg: Config, x: Array, w: Array, y: Array, gy: Array) -> tu
         cnt = jnp.maximum(jnp.sum(eq, axis=(1, 2)), 1)
         sk = jnp.where(valid, gf_all[sel].astype(gdt) / cnt, 0).reshape(k, 1, 1)
         dxk, dwk = vjpk(jnp.where(eq, sk, 0).astype(ck.dtype))
-        return (j + 1, jnp.max(jnp.where(valid, sel, -1)), gxf.at[kxi].add(dxk.astype(gdt)),
+        # The next chunk starts after this one's last window (where this one is not full,
+        # it was the last chunk).
+        return (j + 1, found[k - 1], gxf.at[kxi].add(dxk.astype(gdt)),
                 gwf.at[kwi].add(dwk.astype(gdt)))
 
     _, _, gxf, gwf = lax.while_loop(lambda c: c[0] * k < n_ties, tie_chunk,
