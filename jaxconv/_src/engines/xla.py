@@ -245,13 +245,13 @@ def _value_flags(a: Array) -> Array:
 
 def _nan_terms(op: Op, xs: Array, w: Array) -> tuple[Any, Array]:
     """0/1 indicators of the products ``combine(x, w)`` that are NaN because of a
-    non-finite value: ``(terms, needed)``.
+    non-finite value: ``(indicators, needed)``.
 
-    ``terms(xs, w)`` builds pairs ``(a, b)``, ``a`` over input cells ``(N, *S, G, I)`` and
-    ``b`` over kernel entries ``(*K, I, O)``; a product is NaN exactly where some term has
-    ``a = b = 1``, the channels paired one to one. The scalar ``needed`` says whether any
-    product can be such a NaN (from one reduction of each operand, `_value_flags`); the
-    terms are built only then.
+    ``indicators(xs, w)`` builds ``a`` over input cells ``(N, *S, G, J, I)`` and ``b`` over
+    kernel entries ``(*K, J, I, O)`` (``J`` terms, each one elementwise fusion): a product
+    is NaN exactly where some term ``j`` has ``a = b = 1``, the channels paired one to one.
+    The scalar ``needed`` says whether any product can be such a NaN (from one reduction
+    of each operand, `_value_flags`); the indicators are built only then.
 
     ``combine_kind`` gives the IEEE rule (NaN in, NaN out; ``inf - inf``; ``0 * inf``); a
     combine of unknown kind is evaluated at ``+-inf`` and NaN against every entry of the
@@ -259,46 +259,51 @@ def _nan_terms(op: Op, xs: Array, w: Array) -> tuple[Any, Array]:
     not NaN products). Products of finite values are not examined.
     """
     kind = algebra.capabilities(op).combine
-    f32 = jnp.float32
-    pinf = jnp.asarray(jnp.inf, xs.dtype)
     fx, fw = _value_flags(xs), _value_flags(w)
 
     def has(f: Array, bit: int) -> Array:
         return (f & bit) != 0
 
-    def ind(a: Array) -> Array:
-        return a.astype(f32)
+    def stack(fs: list, a: Array, axis: int) -> Array:
+        return jnp.stack([jnp.broadcast_to(f(a), a.shape) for f in fs],
+                         axis=axis).astype(jnp.float32)
 
     if kind in ("add", "min", "max", "mul"):
-        def terms(xs: Array, w: Array) -> list:
-            # NaN in, NaN out, as channel-paired terms too: no reduction to compile.
-            out = [(ind(jnp.isnan(xs)), jnp.ones(w.shape, f32)),
-                   (jnp.ones(xs.shape, f32), ind(jnp.isnan(w)))]
-            if kind == "add":  # inf + -inf
-                out += [(ind(xs == pinf), ind(w == -pinf)), (ind(xs == -pinf), ind(w == pinf))]
-            elif kind == "mul":  # 0 * inf
-                out += [(ind(xs == 0), ind(jnp.isinf(w))), (ind(jnp.isinf(xs)), ind(w == 0))]
-            return out
-
+        # NaN in, NaN out (against a term of ones), then the kind's pairs.
+        xf = [jnp.isnan, jnp.ones_like]
+        wf = [jnp.ones_like, jnp.isnan]
         needed = has(fx, 4) | has(fw, 4)
-        if kind == "add":
+        if kind == "add":  # inf + -inf
+            xf += [lambda a: a == jnp.inf, lambda a: a == -jnp.inf]
+            wf += [lambda a: a == -jnp.inf, lambda a: a == jnp.inf]
             needed |= (has(fx, 1) & has(fw, 2)) | (has(fx, 2) & has(fw, 1))
-        elif kind == "mul":
+        elif kind == "mul":  # 0 * inf
+            xf += [lambda a: a == 0, jnp.isinf]
+            wf += [jnp.isinf, lambda a: a == 0]
             needed |= (has(fx, 8) & has(fw, 3)) | (has(fx, 3) & has(fw, 8))
-        return terms, needed
-    nan = jnp.asarray(jnp.nan, xs.dtype)
 
-    def paired(xs: Array, w: Array) -> list:
-        out = []
-        for v, is_v in ((pinf, lambda a: a == pinf), (-pinf, lambda a: a == -pinf),
-                        (nan, jnp.isnan)):
-            out.append((ind(is_v(xs)),
-                        ind(jnp.isnan(op.combine(jnp.full(w.shape, v, w.dtype), w)))))
-            out.append((ind(jnp.isnan(op.combine(xs, jnp.full(xs.shape, v, xs.dtype)))),
-                        ind(is_v(w))))
-        return out
+        def indicators(xs: Array, w: Array) -> tuple[Array, Array]:
+            return stack(xf, xs, -2), stack(wf, w, -3)
 
-    return paired, has(fx, 7) | has(fw, 7)
+        return indicators, needed
+
+    def indicators(xs: Array, w: Array) -> tuple[Array, Array]:
+        # For v in (+inf, -inf, NaN): (x is v, combine(v, w) is NaN) and (combine(x, v) is
+        # NaN, w is v), each side one combine of the operand broadcast against the values.
+        vals = jnp.asarray([jnp.inf, -jnp.inf, jnp.nan], xs.dtype)
+
+        def is_v(a: Array, v: Array) -> Array:
+            return jnp.where(jnp.isnan(v), jnp.isnan(a), a == v)
+
+        xb = jnp.broadcast_to(xs[..., None, :], (*xs.shape[:-1], 3, xs.shape[-1]))
+        vx = jnp.broadcast_to(vals[:, None], xb.shape)
+        wb = jnp.broadcast_to(w[..., None, :, :], (*w.shape[:-2], 3, *w.shape[-2:]))
+        vw = jnp.broadcast_to(vals[:, None, None].astype(w.dtype), wb.shape)
+        a = jnp.concatenate([is_v(xb, vx), jnp.isnan(op.combine(xb, vx))], axis=-2)
+        b = jnp.concatenate([jnp.isnan(op.combine(vw, wb)), is_v(wb, vw)], axis=-3)
+        return a.astype(jnp.float32), b.astype(jnp.float32)
+
+    return indicators, has(fx, 7) | has(fw, 7)
 
 
 def _nan_outputs(cfg: Config, x: Array, w: Array) -> Array:
@@ -318,12 +323,12 @@ def _nan_outputs(cfg: Config, x: Array, w: Array) -> Array:
     # identity padding the indicator images are padded with 0.
     xs = x if op.pad_value is None else taps.pad_input(x, op, geom)
     xs = xs.reshape(*xs.shape[:-1], g, xs.shape[-1] // g)
-    terms, needed = _nan_terms(op, xs, w)
+    indicators, needed = _nan_terms(op, xs, w)
 
-    def count(terms: list) -> Array:
-        lhs = jnp.concatenate([a for a, _ in terms], axis=-1)
-        lhs = lhs.reshape(*lhs.shape[:-2], -1)
-        rhs = jnp.concatenate([b for _, b in terms], axis=-2)
+    def count(xs: Array, w: Array) -> Array:
+        lhs, rhs = indicators(xs, w)
+        lhs = lhs.reshape(*lhs.shape[:-3], -1)
+        rhs = rhs.reshape(*rhs.shape[:-3], -1, rhs.shape[-1])
         if op.pad_value is None:
             lhs = lax.pad(lhs, jnp.asarray(0, lhs.dtype), geom.pad_config)
         return _native_valid(lhs, rhs, geom, jnp.float32)
@@ -332,7 +337,7 @@ def _nan_outputs(cfg: Config, x: Array, w: Array) -> Array:
         # ``+ 0.0 * i`` (not simplified in floating point) keeps the indicators inside
         # the loop: XLA hoists loop-invariant code out of it.
         z = carry[0].astype(xs.dtype) * jnp.asarray(0, xs.dtype)
-        return carry[0] + 1, carry[1] + count(terms(xs + z, w + z.astype(w.dtype)))
+        return carry[0] + 1, carry[1] + count(xs + z, w + z.astype(w.dtype))
 
     total = jnp.zeros((n, *geom.out_spatial, w.shape[-1]), jnp.float32)
     _, total = lax.while_loop(lambda c: (c[0] == 0) & needed, body, (jnp.int32(0), total))
