@@ -206,9 +206,10 @@ def _forward_block(cfg: Config, xb: Array, wt: Array, fill: bool, rows: int | No
         return part(0, 0)[:n]
 
     def step(k: Any, acc: Array) -> Array:
-        b = k // nl
+        b = _div(k, nl)
         cur = lax.dynamic_slice_in_dim(acc, b * nb, nb, axis=0)
-        return lax.dynamic_update_slice_in_dim(acc, binary(cur, part(b, k % nl)), b * nb, 0)
+        return lax.dynamic_update_slice_in_dim(acc, binary(cur, part(b, _rem(k, nl))),
+                                               b * nb, 0)
 
     # From the identity, so that the tap's reduction is compiled once (each copy of it is
     # a large part of the compile time).
@@ -731,7 +732,7 @@ def _winner_codes(cfg: Config, xp: Array, wt: Array, y: Array, base: int,
 
     def step(s: Any, tot: Array) -> Array:
         # One loop over (block of images, tap, chunk of output channels): one compiled body.
-        b, k, j = s // (nt * nc), (s // nc) % nt, s % nc
+        b, k, j = _div(s, nt * nc), _rem(_div(s, nc), nt), _rem(s, nc)
         xs = taps.tap_slice_at(xp, geom, offs_j[k], b * nb, nb).reshape(nb, p, g, i)
         wc = lax.dynamic_slice(wt, (k, 0, j * oc, 0), (1, g, oc, i))[0]
         at = (b * nb, 0, 0, j * oc)
@@ -747,6 +748,23 @@ def _winner_codes(cfg: Config, xp: Array, wt: Array, y: Array, base: int,
         return lax.dynamic_update_slice(tot, lax.dynamic_slice(tot, at, part.shape) + part, at)
 
     return lax.fori_loop(0, nblk * nt * nc, step, jnp.zeros(y.shape, jnp.float32))[:n]
+
+
+def _div(a: Any, m: int) -> Array:
+    """``a // m`` for nonnegative integers ``a`` (lax's division: no floor correction)."""
+    a = jnp.asarray(a)
+    return lax.div(a, jnp.asarray(m, a.dtype))
+
+
+def _rem(a: Any, m: int) -> Array:
+    """``a % m`` for nonnegative integers ``a``."""
+    a = jnp.asarray(a)
+    return lax.rem(a, jnp.asarray(m, a.dtype))
+
+
+def _digit(flat: Array, shape: tuple[int, ...], d: int) -> Array:
+    """Index ``d`` of the row-major ``shape`` at the nonnegative integers ``flat``."""
+    return _rem(_div(flat, math.prod(shape[d + 1:])), shape[d])
 
 
 def _next_true(flags: Array, k: int) -> Array:
@@ -814,8 +832,8 @@ def _winner_backward(cfg: Config, x: Array, w: Array, y: Array, gy: Array) -> tu
         (arithmetic: gathers from coordinate tables are as many more kernels to compile)."""
         out = []
         for d in range(nsd):
-            od = (pp // math.prod(geom.out_spatial[d + 1:])) % geom.out_spatial[d]
-            kd = (tt // math.prod(geom.window[d + 1:])) % geom.window[d]
+            od = _digit(pp, geom.out_spatial, d)
+            kd = _digit(tt, geom.window, d)
             out.append(od * geom.strides[d] + kd * geom.rhs_dilation[d])
         return out
 
@@ -838,7 +856,7 @@ def _winner_backward(cfg: Config, x: Array, w: Array, y: Array, gy: Array) -> tu
     p_i = lax.broadcasted_iota(jnp.int32, shp, 1)
     g_i = lax.broadcasted_iota(jnp.int32, shp, 2)
     o_i = lax.broadcasted_iota(jnp.int32, shp, 3)
-    t_w, i_w = flat // i, flat % i
+    t_w, i_w = _div(flat, i), _rem(flat, i)
     xi = x_index(n_i, coords(p_i, t_w), g_i * i + i_w).reshape(-1)
     wi = w_index(t_w, g_i, o_i, i_w).reshape(-1)
     xf, wf = xp.reshape(-1), wt.reshape(-1)
@@ -863,7 +881,7 @@ def _winner_backward(cfg: Config, x: Array, w: Array, y: Array, gy: Array) -> tu
         found = _next_true(flat_tie & (idx > last), k)
         valid = found >= 0
         sel = jnp.maximum(found, 0)
-        kn, kp, kg, ko = jnp.unravel_index(sel, shp)
+        kn, kp, kg, ko = (_digit(sel, shp, d) for d in range(4))
         kxi = jnp.broadcast_to(
             x_index(kn.reshape(k, 1, 1), coords(kp.reshape(k, 1, 1), kt),
                     kg.reshape(k, 1, 1) * i + ki), (k, nt, i))
