@@ -13,8 +13,11 @@ Forward: for every kernel tap the input is sliced with the tap's offset and the 
 im2col tensor is built), the products ``combine(x, w)`` of shape ``(rows, G, Og, I)`` are
 reduced over the input channels ``I`` (the innermost axis: XLA CPU fuses the broadcast, the
 combine and the reduction into one kernel) and the taps' partial results are accumulated
-with the reduce's binary form. The batch is cut into blocks of whole images (``lax.map``)
-whose products fit ``max_block_bytes``. A user's multiply-and-add tap is a matrix product.
+with the reduce's binary form. The batch is cut into blocks of whole images whose products
+fit ``max_block_bytes``; blocks and taps are one rolled loop over their pairs (nested loops
+are twice the loop code to compile: XLA CPU's compile time is mostly LLVM compiling each
+kernel, so this engine keeps the number of distinct kernels low). A user's multiply-and-add
+tap is a matrix product.
 
 Padding: with ``op.pad_value is None`` padded cells (and ``lhs_dilation`` holes) are skipped:
 they hold 0 and a static mask replaces every padded tap's partial result by the identity (a
@@ -793,7 +796,7 @@ def _winner_backward(cfg: Config, x: Array, w: Array, y: Array, gy: Array) -> tu
     kernel entry would make it NaN. Where a window has one winner, its cotangent goes
     through ``combine``'s VJP at that one product (gathered) and is scatter-added onto the
     input and the kernel. The tied windows and those with an infinite output (the next
-    ones in index order, by ``nonzero``) are recomputed whole (their ``T x I``
+    ones in index order, by `_next_true`) are recomputed whole (their ``T x I``
     products), `MAX_SPARSE_TIES` at a time in a
     ``while_loop`` that runs once per such chunk (not at all without ties), and their
     cotangent is split equally among the tied products. A window with a NaN has no
