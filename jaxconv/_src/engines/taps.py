@@ -51,11 +51,14 @@ def tap_input(xp: Array, geom: Any, tap: tuple[int, ...], groups: int) -> Array:
     return xs.reshape(n, max(1, math.prod(xs.shape[1:-1])), groups, c // groups)
 
 
-def tap_slice_at(xp: Array, geom: Any, offset: Array) -> Array:
-    """`tap_slice` at a traced ``offset`` ``(nsd,)`` (a tap inside a loop or scan)."""
+def tap_slice_at(xp: Array, geom: Any, offset: Array, row: Any = 0,
+                 rows: int | None = None) -> Array:
+    """`tap_slice` at a traced ``offset`` ``(nsd,)`` (a tap inside a loop or scan), of
+    ``rows`` images (default: all) from image ``row`` on."""
     zero = jnp.zeros((), jnp.int32)
-    start = (zero, *(offset[d] for d in range(len(geom.window))), zero)
-    xs = lax.dynamic_slice(xp, start, (xp.shape[0], *span(geom), xp.shape[-1]))
+    start = (jnp.asarray(row, jnp.int32), *(offset[d] for d in range(len(geom.window))), zero)
+    rows = xp.shape[0] if rows is None else rows
+    xs = lax.dynamic_slice(xp, start, (rows, *span(geom), xp.shape[-1]))
     return lax.slice(xs, (0,) * xs.ndim, xs.shape, (1, *geom.strides, 1))
 
 
@@ -93,14 +96,19 @@ def taps_major_transpose(gt: Array, w_shape: tuple[int, ...], groups: int) -> Ar
     return gt.transpose(0, 3, 1, 2).reshape(w_shape)
 
 
-def blocks(x: Array, block: int) -> tuple[Array, int]:
-    """``(N, ...) -> (ceil(N / block), block, ...)`` (zero rows pad the last block), ``N``."""
+def pad_rows(x: Array, block: int) -> tuple[Array, int]:
+    """``x`` with zero rows appended up to a multiple of ``block`` rows, and ``N``."""
     n = x.shape[0]
-    nblk = -(-n // block)
-    pad = nblk * block - n
+    pad = -(-n // block) * block - n
     if pad:
         x = jnp.concatenate([x, jnp.zeros((pad, *x.shape[1:]), x.dtype)], axis=0)
-    return x.reshape(nblk, block, *x.shape[1:]), n
+    return x, n
+
+
+def blocks(x: Array, block: int) -> tuple[Array, int]:
+    """``(N, ...) -> (ceil(N / block), block, ...)`` (zero rows pad the last block), ``N``."""
+    x, n = pad_rows(x, block)
+    return x.reshape(-1, block, *x.shape[1:]), n
 
 
 def unblock(y: Array, n: int) -> Array:

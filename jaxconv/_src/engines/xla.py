@@ -13,8 +13,11 @@ Forward: for every kernel tap the input is sliced with the tap's offset and the 
 im2col tensor is built), the products ``combine(x, w)`` of shape ``(rows, G, Og, I)`` are
 reduced over the input channels ``I`` (the innermost axis: XLA CPU fuses the broadcast, the
 combine and the reduction into one kernel) and the taps' partial results are accumulated
-with the reduce's binary form. The batch is cut into blocks of whole images (``lax.map``)
-whose products fit ``max_block_bytes``. A user's multiply-and-add tap is a matrix product.
+with the reduce's binary form. The batch is cut into blocks of whole images whose products
+fit ``max_block_bytes``; blocks and taps are one rolled loop over their pairs (nested loops
+are twice the loop code to compile: XLA CPU's compile time is mostly LLVM compiling each
+kernel, so this engine keeps the number of distinct kernels low). A user's multiply-and-add
+tap is a matrix product.
 
 Padding: with ``op.pad_value is None`` padded cells (and ``lhs_dilation`` holes) are skipped:
 they hold 0 and a static mask replaces every padded tap's partial result by the identity (a
@@ -26,9 +29,10 @@ not grow with the window.
 
 Max/min have no branch on the values: XLA CPU's vectorised max reductions drop NaN, so the
 outputs with a NaN product are found by a native sum-convolution of 0/1 indicators
-(`_nan_outputs`; its channel-paired part, e.g. ``inf + -inf``, runs in a loop whose trip
-count is 0 unless the operands hold both infinities) and set to NaN; the padding of the tap
-loop is masked (no dominated fill, which a non-finite kernel entry would turn into NaN).
+(`_nan_outputs`, in a loop whose trip count is 0 unless the operands hold the values that
+make a NaN product: a NaN, or both infinities for ``x + w``) and set to NaN; the padding of
+the tap loop is masked (no dominated fill, which a non-finite kernel entry would turn into
+NaN).
 ``ops.log`` still chooses from the values (``lax.cond``; under ``vmap`` the primitives fold
 the mapped axis into the problem, so the predicate stays a scalar): a native convolution in
 exp space unless a window needs the exact two-pass path (`_log_fast_or_exact`), and its
@@ -166,27 +170,33 @@ def _tap_tables(geom: Geometry, live: list) -> tuple[Array, Array, Array | None]
     return jnp.asarray(offs), jnp.asarray(tix), masks
 
 
-def _forward_block(cfg: Config, xb: Array, wt: Array, fill: bool) -> Array:
-    """One block of images: ``xb`` (Nb, *padded, C), ``wt`` (T, G, Og, I) -> (Nb, P, G, Og).
+def _forward_block(cfg: Config, xb: Array, wt: Array, fill: bool, rows: int | None = None
+                   ) -> Array:
+    """Images ``xb`` (N, *padded, C), ``wt`` (T, G, Og, I) -> (N, P, G, Og), ``rows``
+    images (default: all) at a time.
 
-    The taps are a rolled loop (one compiled body whatever the window size); taps that only
-    ever see padding are skipped statically. ``fill``: the padding holds
-    `dominated_fill`'s value, so no mask is needed.
+    One rolled loop over the (block of ``rows`` images, tap) pairs: one compiled body
+    whatever the window size and the number of blocks (a loop over blocks around a loop over
+    taps is twice the loop code to compile); taps that only ever see padding are skipped
+    statically. ``fill``: the padding holds `dominated_fill`'s value, so no mask is needed.
     """
     op, geom = cfg.op, cfg.geom
     mask = geom.valid_mask() if op.pad_value is None and not fill else None
     ident = algebra.identity_value(op, cfg.acc_dtype)
     binary = algebra.binary(op)
-    nb = xb.shape[0]
+    nb = rows or xb.shape[0]
+    xb, n = taps.pad_rows(xb, nb)
+    nblk = xb.shape[0] // nb
     p = max(1, math.prod(geom.out_spatial))
     g, og = wt.shape[1], wt.shape[2]
     live = _live_taps(geom, mask)
     if not live:
-        return jnp.broadcast_to(ident, (nb, p, g, og))
+        return jnp.broadcast_to(ident, (n, p, g, og))
     offs, tix, masks = _tap_tables(geom, live)
+    nl = len(live)
 
-    def part(j: Any) -> Array:
-        xs = taps.tap_slice_at(xb, geom, offs[j])
+    def part(b: Any, j: Any) -> Array:
+        xs = taps.tap_slice_at(xb, geom, offs[j], b * nb, nb)
         xs = xs.reshape(nb, p, g, xs.shape[-1] // g)
         wk = lax.dynamic_index_in_dim(wt, tix[j], axis=0, keepdims=False)
         out = _reduce_tap(op, xs, wk, cfg.acc_dtype)
@@ -195,12 +205,19 @@ def _forward_block(cfg: Config, xb: Array, wt: Array, fill: bool) -> Array:
             out = jnp.where(mk.reshape(1, p, 1, 1), out, ident)
         return out
 
-    if len(live) == 1:
-        return part(0)
+    if nl == 1 and nblk == 1:
+        return part(0, 0)[:n]
+
+    def step(k: Any, acc: Array) -> Array:
+        b = _div(k, nl)
+        cur = lax.dynamic_slice_in_dim(acc, b * nb, nb, axis=0)
+        return lax.dynamic_update_slice_in_dim(acc, binary(cur, part(b, _rem(k, nl))),
+                                               b * nb, 0)
+
     # From the identity, so that the tap's reduction is compiled once (each copy of it is
     # a large part of the compile time).
-    init = jnp.broadcast_to(ident, (nb, p, g, og))
-    return lax.fori_loop(0, len(live), lambda j, acc: binary(acc, part(j)), init)
+    init = jnp.broadcast_to(ident, (nblk * nb, p, g, og))
+    return lax.fori_loop(0, nblk * nl, step, init)[:n]
 
 
 def _forward(cfg: Config, x: Array, w: Array, fill: bool = False) -> Array:
@@ -208,10 +225,12 @@ def _forward(cfg: Config, x: Array, w: Array, fill: bool = False) -> Array:
     geom = cfg.geom
     xp = taps.pad_input(x, cfg.op, geom, dominated_fill(cfg.op) if fill else None)
     wt = taps.taps_major(w, geom.groups)
+    if cfg.op.reduce_name in algebra.HAND_VJP_REDUCES:
+        return _forward_block(cfg, xp, wt, fill, cfg.block)
+    # Differentiated automatically: blocks under ``jax.checkpoint`` (a loop carrying the
+    # whole output would keep it per step for the backward pass).
     xblocks, n = taps.blocks(xp, cfg.block)
-    fn = functools.partial(_forward_block, cfg, wt=wt, fill=fill)
-    if cfg.op.reduce_name not in algebra.HAND_VJP_REDUCES:
-        fn = jax.checkpoint(fn)
+    fn = jax.checkpoint(functools.partial(_forward_block, cfg, wt=wt, fill=fill))
     if xblocks.shape[0] == 1:
         out = fn(xblocks[0])[None]
     else:
@@ -219,17 +238,24 @@ def _forward(cfg: Config, x: Array, w: Array, fill: bool = False) -> Array:
     return taps.unblock(out, n)
 
 
-def _nan_terms(op: Op, xs: Array, w: Array) -> tuple[list, Any, Array]:
-    """0/1 indicators of the products ``combine(x, w)`` that are NaN because of a
-    non-finite value: ``(always, paired, needed)``.
+def _value_flags(a: Array) -> Array:
+    """Which special values ``a`` holds, as the bits of one int32 (one reduction):
+    ``+inf`` 1, ``-inf`` 2, NaN 4, zero 8."""
+    i32 = jnp.int32
+    bits = ((a == jnp.inf).astype(i32) | ((a == -jnp.inf).astype(i32) << 1)
+            | (jnp.isnan(a).astype(i32) << 2) | ((a == 0).astype(i32) << 3))
+    return lax.reduce(bits, np.int32(0), lax.bitwise_or, tuple(range(a.ndim)))
 
-    Each term is a pair ``(a, b)``, ``a`` over input cells ``(N, *S, G, k)`` and ``b`` over
-    kernel entries ``(*K, k, O)``; a product is NaN exactly where some term has
-    ``a = b = 1``, the ``k`` channels paired one to one (``k = 1``: a term that does not
-    depend on the pairing). ``always``: cheap terms (NaN in, NaN out: one channel each);
-    ``paired``: a function of ``(xs, w)`` building the channel-paired terms (called inside
-    the loop that runs where the scalar ``needed`` holds, so that nothing is computed for
-    them otherwise), or None.
+
+def _nan_terms(op: Op, xs: Array, w: Array) -> tuple[Any, Array]:
+    """0/1 indicators of the products ``combine(x, w)`` that are NaN because of a
+    non-finite value: ``(indicators, needed)``.
+
+    ``indicators(xs, w)`` builds ``a`` over input cells ``(N, *S, G, J, I)`` and ``b`` over
+    kernel entries ``(*K, J, I, O)`` (``J`` terms, each one elementwise fusion): a product
+    is NaN exactly where some term ``j`` has ``a = b = 1``, the channels paired one to one.
+    The scalar ``needed`` says whether any product can be such a NaN (from one reduction
+    of each operand, `_value_flags`); the indicators are built only then.
 
     ``combine_kind`` gives the IEEE rule (NaN in, NaN out; ``inf - inf``; ``0 * inf``); a
     combine of unknown kind is evaluated at ``+-inf`` and NaN against every entry of the
@@ -237,60 +263,60 @@ def _nan_terms(op: Op, xs: Array, w: Array) -> tuple[list, Any, Array]:
     not NaN products). Products of finite values are not examined.
     """
     kind = algebra.capabilities(op).combine
-    f32 = jnp.float32
-    pinf = jnp.asarray(jnp.inf, xs.dtype)
+    fx, fw = _value_flags(xs), _value_flags(w)
 
-    def ind(a: Array) -> Array:
-        return a.astype(f32)
+    def has(f: Array, bit: int) -> Array:
+        return (f & bit) != 0
 
-    def anyof(a: Array) -> Array:
-        return jnp.any(a)
+    def stack(fs: list, a: Array, axis: int) -> Array:
+        return jnp.stack([jnp.broadcast_to(f(a), a.shape) for f in fs],
+                         axis=axis).astype(jnp.float32)
 
     if kind in ("add", "min", "max", "mul"):
-        always = [(jnp.sum(ind(jnp.isnan(xs)), axis=-1, keepdims=True),
-                   jnp.ones((*w.shape[:-2], 1, w.shape[-1]), f32)),
-                  (jnp.ones((*xs.shape[:-1], 1), f32),
-                   jnp.sum(ind(jnp.isnan(w)), axis=-2, keepdims=True))]
+        # NaN in, NaN out (against a term of ones), then the kind's pairs.
+        xf = [jnp.isnan, jnp.ones_like]
+        wf = [jnp.ones_like, jnp.isnan]
+        needed = has(fx, 4) | has(fw, 4)
         if kind == "add":  # inf + -inf
-            pairs = [(xs == pinf, w == -pinf), (xs == -pinf, w == pinf)]
+            xf += [lambda a: a == jnp.inf, lambda a: a == -jnp.inf]
+            wf += [lambda a: a == -jnp.inf, lambda a: a == jnp.inf]
+            needed |= (has(fx, 1) & has(fw, 2)) | (has(fx, 2) & has(fw, 1))
         elif kind == "mul":  # 0 * inf
-            pairs = [(xs == 0, jnp.isinf(w)), (jnp.isinf(xs), w == 0)]
-        else:
-            return always, None, jnp.asarray(False)
-        needed = functools.reduce(jnp.logical_or, [anyof(a) & anyof(b) for a, b in pairs])
+            xf += [lambda a: a == 0, jnp.isinf]
+            wf += [jnp.isinf, lambda a: a == 0]
+            needed |= (has(fx, 8) & has(fw, 3)) | (has(fx, 3) & has(fw, 8))
 
-        def paired_kind(xs: Array, w: Array) -> list:
-            if kind == "add":
-                ps = [(xs == pinf, w == -pinf), (xs == -pinf, w == pinf)]
-            else:
-                ps = [(xs == 0, jnp.isinf(w)), (jnp.isinf(xs), w == 0)]
-            return [(ind(a), ind(b)) for a, b in ps]
+        def indicators(xs: Array, w: Array) -> tuple[Array, Array]:
+            return stack(xf, xs, -2), stack(wf, w, -3)
 
-        return always, paired_kind, needed
-    nan = jnp.asarray(jnp.nan, xs.dtype)
+        return indicators, needed
 
-    def paired(xs: Array, w: Array) -> list:
-        out = []
-        for v, is_v in ((pinf, lambda a: a == pinf), (-pinf, lambda a: a == -pinf),
-                        (nan, jnp.isnan)):
-            out.append((ind(is_v(xs)),
-                        ind(jnp.isnan(op.combine(jnp.full(w.shape, v, w.dtype), w)))))
-            out.append((ind(jnp.isnan(op.combine(xs, jnp.full(xs.shape, v, xs.dtype)))),
-                        ind(is_v(w))))
-        return out
+    def indicators(xs: Array, w: Array) -> tuple[Array, Array]:
+        # For v in (+inf, -inf, NaN): (x is v, combine(v, w) is NaN) and (combine(x, v) is
+        # NaN, w is v), each side one combine of the operand broadcast against the values.
+        vals = jnp.asarray([jnp.inf, -jnp.inf, jnp.nan], xs.dtype)
 
-    needed = anyof(jnp.logical_not(jnp.isfinite(xs))) | anyof(jnp.logical_not(jnp.isfinite(w)))
-    return [], paired, needed
+        def is_v(a: Array, v: Array) -> Array:
+            return jnp.where(jnp.isnan(v), jnp.isnan(a), a == v)
+
+        xb = jnp.broadcast_to(xs[..., None, :], (*xs.shape[:-1], 3, xs.shape[-1]))
+        vx = jnp.broadcast_to(vals[:, None], xb.shape)
+        wb = jnp.broadcast_to(w[..., None, :, :], (*w.shape[:-2], 3, *w.shape[-2:]))
+        vw = jnp.broadcast_to(vals[:, None, None].astype(w.dtype), wb.shape)
+        a = jnp.concatenate([is_v(xb, vx), jnp.isnan(op.combine(xb, vx))], axis=-2)
+        b = jnp.concatenate([jnp.isnan(op.combine(vw, wb)), is_v(wb, vw)], axis=-3)
+        return a.astype(jnp.float32), b.astype(jnp.float32)
+
+    return indicators, has(fx, 7) | has(fw, 7)
 
 
 def _nan_outputs(cfg: Config, x: Array, w: Array) -> Array:
     """Which outputs ``(N, P, G, Og)`` have a NaN product involving a non-finite value.
 
-    XLA CPU's vectorised max/min reductions drop NaN, so the engine restores it from native
-    sum-convolutions of the 0/1 indicators of `_nan_terms`: one of the cheap terms, and one
-    of the channel-paired terms (as costly as the standard product) inside a ``while_loop``
-    that runs it once where the operands hold the values it needs (``+inf`` and ``-inf``
-    for ``x + w``; any non-finite value for a combine of unknown kind) and else not at all.
+    XLA CPU's vectorised max/min reductions drop NaN, so the engine restores it from one
+    native sum-convolution of the 0/1 indicators of `_nan_terms`, inside a ``while_loop``
+    that runs it once where the operands hold the values it needs (a NaN, or ``+inf`` and
+    ``-inf`` for ``x + w``, ...) and else not at all: finite operands cost two reductions.
     That loop body is the only code compiled for it, and under ``vmap`` the primitive folds
     the mapped axis into the batch, so its predicate stays one scalar.
     """
@@ -301,26 +327,24 @@ def _nan_outputs(cfg: Config, x: Array, w: Array) -> Array:
     # identity padding the indicator images are padded with 0.
     xs = x if op.pad_value is None else taps.pad_input(x, op, geom)
     xs = xs.reshape(*xs.shape[:-1], g, xs.shape[-1] // g)
-    always, paired, needed = _nan_terms(op, xs, w)
+    indicators, needed = _nan_terms(op, xs, w)
 
-    def count(terms: list) -> Array:
-        lhs = jnp.concatenate([a for a, _ in terms], axis=-1)
-        lhs = lhs.reshape(*lhs.shape[:-2], -1)
-        rhs = jnp.concatenate([b for _, b in terms], axis=-2)
+    def count(xs: Array, w: Array) -> Array:
+        lhs, rhs = indicators(xs, w)
+        lhs = lhs.reshape(*lhs.shape[:-3], -1)
+        rhs = rhs.reshape(*rhs.shape[:-3], -1, rhs.shape[-1])
         if op.pad_value is None:
             lhs = lax.pad(lhs, jnp.asarray(0, lhs.dtype), geom.pad_config)
         return _native_valid(lhs, rhs, geom, jnp.float32)
 
-    shape = (n, *geom.out_spatial, w.shape[-1])
-    total = count(always) if always else jnp.zeros(shape, jnp.float32)
-    if paired is not None:
-        def body(carry: tuple[Array, Array]) -> tuple[Array, Array]:
-            # ``+ 0.0 * i`` (not simplified in floating point) keeps the indicators inside
-            # the loop: XLA hoists loop-invariant code out of it.
-            z = carry[0].astype(xs.dtype) * jnp.asarray(0, xs.dtype)
-            return carry[0] + 1, carry[1] + count(paired(xs + z, w + z.astype(w.dtype)))
+    def body(carry: tuple[Array, Array]) -> tuple[Array, Array]:
+        # ``+ 0.0 * i`` (not simplified in floating point) keeps the indicators inside
+        # the loop: XLA hoists loop-invariant code out of it.
+        z = carry[0].astype(xs.dtype) * jnp.asarray(0, xs.dtype)
+        return carry[0] + 1, carry[1] + count(xs + z, w + z.astype(w.dtype))
 
-        _, total = lax.while_loop(lambda c: (c[0] == 0) & needed, body, (jnp.int32(0), total))
+    total = jnp.zeros((n, *geom.out_spatial, w.shape[-1]), jnp.float32)
+    _, total = lax.while_loop(lambda c: (c[0] == 0) & needed, body, (jnp.int32(0), total))
     return total.reshape(n, max(1, math.prod(geom.out_spatial)), g, -1) > 0
 
 
@@ -711,46 +735,66 @@ def _winner_codes(cfg: Config, xp: Array, wt: Array, y: Array, base: int,
     offs_j = jnp.asarray(offs)
     tmask_j = None if tmask is None else jnp.asarray(tmask)
 
-    def block(args: tuple[Array, Array]) -> Array:
-        xb, yb = args
-        nb = xb.shape[0]
-        fit = max(1, (cfg.max_block_bytes // 2) // max(1, nb * p * g * i * 4))
-        oc = max(d for d in range(1, og + 1) if og % d == 0 and d <= fit)
+    nb = cfg.block
+    fit = max(1, (cfg.max_block_bytes // 2) // max(1, nb * p * g * i * 4))
+    oc = max(d for d in range(1, og + 1) if og % d == 0 and d <= fit)
+    nc = og // oc
+    xp, n = taps.pad_rows(xp, nb)
+    y, _ = taps.pad_rows(y, nb)
+    nblk = xp.shape[0] // nb
 
-        def body(k: Any, tot: Array) -> Array:
-            xs = taps.tap_slice_at(xb, geom, offs_j[k]).reshape(nb, p, g, i)
-            wk = lax.dynamic_index_in_dim(wt, k, axis=0, keepdims=False)
-            code = (base + k * i + jnp.arange(i)).astype(jnp.float32).reshape(1, 1, 1, 1, i)
-            mk = None
-            if tmask_j is not None:
-                mk = lax.dynamic_index_in_dim(tmask_j, k, axis=0, keepdims=False)
-                mk = mk.reshape(1, p, 1, 1)
+    def step(s: Any, tot: Array) -> Array:
+        # One loop over (block of images, tap, chunk of output channels): one compiled body.
+        b, k, j = _div(s, nt * nc), _rem(_div(s, nc), nt), _rem(s, nc)
+        xs = taps.tap_slice_at(xp, geom, offs_j[k], b * nb, nb).reshape(nb, p, g, i)
+        wc = lax.dynamic_slice(wt, (k, 0, j * oc, 0), (1, g, oc, i))[0]
+        at = (b * nb, 0, 0, j * oc)
+        yc = lax.dynamic_slice(y, at, (nb, p, g, oc))
+        code = (base + k * i + jnp.arange(i)).astype(jnp.float32).reshape(1, 1, 1, 1, i)
+        c = _fwd_products(op, xs, wc)
+        # A comparison, not 1 - sign(y - c): XLA CPU contracts y - x * w into an fma,
+        # whose exact difference is not 0 at the winner of a multiplying combine.
+        part = jnp.sum(jnp.where(c == yc[..., None], code, 0.0), axis=-1)
+        if tmask_j is not None:
+            mk = lax.dynamic_index_in_dim(tmask_j, k, axis=0, keepdims=False)
+            part = jnp.where(mk.reshape(1, p, 1, 1), part, 0)
+        return lax.dynamic_update_slice(tot, lax.dynamic_slice(tot, at, part.shape) + part, at)
 
-            def chunk(j: Any, tot: Array) -> Array:
-                wc = lax.dynamic_slice_in_dim(wk, j * oc, oc, axis=1)
-                yc = lax.dynamic_slice_in_dim(yb, j * oc, oc, axis=3)
-                c = _fwd_products(op, xs, wc)
-                # A comparison, not 1 - sign(y - c): XLA CPU contracts y - x * w into an fma,
-                # whose exact difference is not 0 at the winner of a multiplying combine.
-                part = jnp.sum(jnp.where(c == yc[..., None], code, 0.0), axis=-1)
-                if mk is not None:
-                    part = jnp.where(mk, part, 0)
-                cur = lax.dynamic_slice_in_dim(tot, j * oc, oc, axis=3)
-                return lax.dynamic_update_slice_in_dim(tot, cur + part, j * oc, axis=3)
+    return lax.fori_loop(0, nblk * nt * nc, step, jnp.zeros(y.shape, jnp.float32))[:n]
 
-            if oc == og:
-                return chunk(0, tot)
-            return lax.fori_loop(0, og // oc, chunk, tot)
 
-        return lax.fori_loop(0, nt, body, jnp.zeros(yb.shape, jnp.float32))
+def _div(a: Any, m: int) -> Array:
+    """``a // m`` for nonnegative integers ``a`` (lax's division: no floor correction)."""
+    a = jnp.asarray(a)
+    return lax.div(a, jnp.asarray(m, a.dtype))
 
-    xblocks, n = taps.blocks(xp, cfg.block)
-    yblocks, _ = taps.blocks(y, cfg.block)
-    if xblocks.shape[0] == 1:
-        out = block((xblocks[0], yblocks[0]))[None]
-    else:
-        out = lax.map(block, (xblocks, yblocks))
-    return taps.unblock(out, n)
+
+def _rem(a: Any, m: int) -> Array:
+    """``a % m`` for nonnegative integers ``a``."""
+    a = jnp.asarray(a)
+    return lax.rem(a, jnp.asarray(m, a.dtype))
+
+
+def _digit(flat: Array, shape: tuple[int, ...], d: int) -> Array:
+    """Index ``d`` of the row-major ``shape`` at the nonnegative integers ``flat``."""
+    return _rem(_div(flat, math.prod(shape[d + 1:])), shape[d])
+
+
+def _next_true(flags: Array, k: int) -> Array:
+    """The indices of the first ``k`` true entries of the flat ``flags`` in order (int32),
+    -1 past the last one.
+
+    A ``top_k`` of float32 keys (exact below ``2**24`` entries), else a sort: either
+    compiles to one operation, where ``jnp.nonzero``'s prefix sum is some twenty kernels.
+    """
+    idx = jnp.arange(flags.size, dtype=jnp.int32)
+    if flags.size <= 2**24:
+        key = jnp.where(flags, -idx.astype(jnp.float32), -jnp.inf)
+        top, _ = lax.top_k(key, k)
+        return jnp.where(top > -jnp.inf, -top, -1).astype(jnp.int32)
+    big = jnp.iinfo(jnp.int32).max
+    first = lax.sort(jnp.where(flags, idx, big))[:k]
+    return jnp.where(first < big, first, -1)
 
 
 def _winner_backward(cfg: Config, x: Array, w: Array, y: Array, gy: Array) -> tuple:
@@ -762,7 +806,7 @@ def _winner_backward(cfg: Config, x: Array, w: Array, y: Array, gy: Array) -> tu
     kernel entry would make it NaN. Where a window has one winner, its cotangent goes
     through ``combine``'s VJP at that one product (gathered) and is scatter-added onto the
     input and the kernel. The tied windows and those with an infinite output (the next
-    ones in index order, by ``nonzero``) are recomputed whole (their ``T x I``
+    ones in index order, by `_next_true`) are recomputed whole (their ``T x I``
     products), `MAX_SPARSE_TIES` at a time in a
     ``while_loop`` that runs once per such chunk (not at all without ties), and their
     cotangent is split equally among the tied products. A window with a NaN has no
@@ -795,13 +839,16 @@ def _winner_backward(cfg: Config, x: Array, w: Array, y: Array, gy: Array) -> tu
     tie = (tot >= 2 * base) | inf
     n_ties = jnp.sum(tie, dtype=jnp.int32)
     gdt = jnp.promote_types(x.dtype, jnp.float32)
-    offs = np.array([[k * d for k, d in zip(tap, geom.rhs_dilation, strict=True)]
-                     for tap in geom.taps()], np.int32).reshape(nt, nsd)
-    # Output coordinates times strides, per flat output position: (P, nsd).
-    ocoord = np.zeros((p, nsd), np.int32)
-    if nsd:
-        ocoord = (np.stack(np.unravel_index(np.arange(p), geom.out_spatial), -1)
-                  * np.array(geom.strides, np.int32).reshape(1, nsd)).astype(np.int32)
+
+    def coords(pp: Array, tt: Array) -> list[Array]:
+        """Padded-input coordinates read at flat output position ``pp`` by tap ``tt``
+        (arithmetic: gathers from coordinate tables are as many more kernels to compile)."""
+        out = []
+        for d in range(nsd):
+            od = _digit(pp, geom.out_spatial, d)
+            kd = _digit(tt, geom.window, d)
+            out.append(od * geom.strides[d] + kd * geom.rhs_dilation[d])
+        return out
 
     # Flat (row-major) strides of the padded input and of the taps-major kernel: scatters
     # and gathers with one int32 index per element (a multi-dimensional index per element
@@ -822,9 +869,8 @@ def _winner_backward(cfg: Config, x: Array, w: Array, y: Array, gy: Array) -> tu
     p_i = lax.broadcasted_iota(jnp.int32, shp, 1)
     g_i = lax.broadcasted_iota(jnp.int32, shp, 2)
     o_i = lax.broadcasted_iota(jnp.int32, shp, 3)
-    t_w, i_w = flat // i, flat % i
-    pos = [jnp.asarray(ocoord[:, j])[p_i] + jnp.asarray(offs[:, j])[t_w] for j in range(nsd)]
-    xi = x_index(n_i, pos, g_i * i + i_w).reshape(-1)
+    t_w, i_w = _div(flat, i), _rem(flat, i)
+    xi = x_index(n_i, coords(p_i, t_w), g_i * i + i_w).reshape(-1)
     wi = w_index(t_w, g_i, o_i, i_w).reshape(-1)
     xf, wf = xp.reshape(-1), wt.reshape(-1)
     ct = jnp.where(single, gy, 0).astype(xf.dtype).reshape(-1)
@@ -845,15 +891,13 @@ def _winner_backward(cfg: Config, x: Array, w: Array, y: Array, gy: Array) -> tu
 
     def tie_chunk(carry: tuple) -> tuple:
         j, last, gxf, gwf = carry
-        # The next k tied windows after ``last`` (``top_k`` is 10x slower on CPU).
-        (sel,) = jnp.nonzero(flat_tie & (idx > last), size=k, fill_value=-1)
-        valid = sel >= 0
-        sel = jnp.maximum(sel, 0).astype(jnp.int32)
-        kn, kp, kg, ko = jnp.unravel_index(sel, shp)
-        kpos = [(jnp.asarray(ocoord[:, d])[kp].reshape(k, 1, 1)
-                 + jnp.asarray(offs[:, d]).reshape(1, nt, 1)) for d in range(nsd)]
+        found = _next_true(flat_tie & (idx > last), k)
+        valid = found >= 0
+        sel = jnp.maximum(found, 0)
+        kn, kp, kg, ko = (_digit(sel, shp, d) for d in range(4))
         kxi = jnp.broadcast_to(
-            x_index(kn.reshape(k, 1, 1), kpos, kg.reshape(k, 1, 1) * i + ki), (k, nt, i))
+            x_index(kn.reshape(k, 1, 1), coords(kp.reshape(k, 1, 1), kt),
+                    kg.reshape(k, 1, 1) * i + ki), (k, nt, i))
         kwi = jnp.broadcast_to(
             w_index(kt, kg.reshape(k, 1, 1), ko.reshape(k, 1, 1), ki), (k, nt, i))
         ck, vjpk = jax.vjp(op.combine, xf[kxi], wf[kwi])
@@ -863,7 +907,9 @@ def _winner_backward(cfg: Config, x: Array, w: Array, y: Array, gy: Array) -> tu
         cnt = jnp.maximum(jnp.sum(eq, axis=(1, 2)), 1)
         sk = jnp.where(valid, gf_all[sel].astype(gdt) / cnt, 0).reshape(k, 1, 1)
         dxk, dwk = vjpk(jnp.where(eq, sk, 0).astype(ck.dtype))
-        return (j + 1, jnp.max(jnp.where(valid, sel, -1)), gxf.at[kxi].add(dxk.astype(gdt)),
+        # The next chunk starts after this one's last window (where this one is not full,
+        # it was the last chunk).
+        return (j + 1, found[k - 1], gxf.at[kxi].add(dxk.astype(gdt)),
                 gwf.at[kwi].add(dwk.astype(gdt)))
 
     _, _, gxf, gwf = lax.while_loop(lambda c: c[0] * k < n_ties, tie_chunk,
