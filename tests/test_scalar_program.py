@@ -158,6 +158,10 @@ MONOTONE_OPS = {
                     np.minimum, math.inf),
     "tanh_sub_max_pad": (jaxconv.Op(FUNCTIONS["tanh_sub"], "max", pad_value=0.5),
                          _np_tanh_sub, np.maximum, -math.inf),
+    # Declaring max's own identity is the default: the op still factors.
+    "clip_mul_max_identity": (jaxconv.Op(lambda x, w: jnp.clip(x * w, -1.0, 1.0), "max",
+                                         identity=-math.inf),
+                              lambda x, w: np.clip(x * w, -1.0, 1.0), np.maximum, -math.inf),
     # Operand maps: tanh of the input and exp of the kernel run once per element.
     "tanh_x_times_w_sum_pad": (jaxconv.Op(lambda x, w: jnp.tanh(x) * w, "sum", pad_value=0.5),
                                lambda x, w: np.tanh(x) * w, np.add, 0.0),
@@ -176,6 +180,7 @@ GEOMETRIES = {
                                             ("exp_neg_min", "empty_windows"),
                                             ("tanh_sub_max", "empty_windows"),
                                             ("tanh_sub_max_pad", "empty_windows"),
+                                            ("clip_mul_max_identity", "empty_windows"),
                                             ("tanh_x_times_w_sum_pad", "empty_windows"),
                                             ("maps_and_outer_min", "same")])
 def test_factored_form_matches_reference(name, geometry):

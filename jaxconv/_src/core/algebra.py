@@ -253,6 +253,7 @@ def accumulation_dtype(op: Op, dtype: Any, preferred: Any | None) -> Any:
 COMBINE_KINDS = ("add", "mul", "min", "max")
 _REDUCE_OF_PRIMITIVE = {"add": ("sum", 0.0), "mul": ("prod", 1.0), "max": ("max", -math.inf),
                         "min": ("min", math.inf)}
+_DEFAULT_IDENTITY = {**dict(_REDUCE_OF_PRIMITIVE.values()), "logsumexp": -math.inf}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -352,6 +353,10 @@ def capabilities(op: Op) -> Capabilities:
             name, ident = _REDUCE_OF_PRIMITIVE[prim]
             if op.identity is not None and float(op.identity) == ident:
                 canonical = op.replace(reduce=name, identity=None)
+    elif op.identity is not None and float(op.identity) == _DEFAULT_IDENTITY.get(op.reduce):
+        # A declared identity that is the reduce's own (max's -inf): the default, which
+        # lets the engines fill padding, factor maps out of the product and so on.
+        canonical = op.replace(identity=None)
     red = canonical.reduce_name
     comb = op.combine_kind if op.combine_kind is not None else simple_primitive(op.combine)
     fill = None
