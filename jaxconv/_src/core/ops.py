@@ -90,10 +90,11 @@ adder = Op(
 
 
 def _l1_combine(x, w):
-    # -|d| written as -sign(d) * d (the same value, exactly): its derivative is the stated
-    # subgradient, 0 at x == w, where jnp.abs's derivative would be 1.
+    # -|d| written as -(max(d, 0) - min(d, 0)) (the same value, exactly): its derivative is
+    # the stated subgradient, 0 at x == w (max and min split a tie), where jnp.abs's would
+    # be 1. Only max/min, so that every engine's kernels lower it.
     d = x - w
-    return -(jnp.sign(d) * d)
+    return -(jnp.maximum(d, 0) - jnp.minimum(d, 0))
 
 
 l1 = Op(
