@@ -50,10 +50,11 @@ def _loop(f, *args, axes):
     return jax.tree_util.tree_map(lambda *o: jnp.stack(o), *outs)
 
 
+@pytest.mark.parametrize("engine", ["auto", "xla"])
 @pytest.mark.parametrize("op", OPS, ids=_id)
 @pytest.mark.parametrize("axes", [(0, None), (None, 0), (0, 0)], ids=["x", "w", "both"])
-def test_vmap_equals_loop(op, axes):
-    f = _conv(op, groups=2)
+def test_vmap_equals_loop(op, axes, engine):
+    f = _conv(op, engine, groups=2)
     x, w = _data()
     xs = jnp.stack([x, x[::-1] * 0.5]) if axes[0] is not None else x
     ws = jnp.stack([w[:, :2], w[:, 2:] * 2.0]) if axes[1] is not None else w[:, :2]
@@ -61,10 +62,11 @@ def test_vmap_equals_loop(op, axes):
     np.testing.assert_allclose(got, _loop(f, xs, ws, axes=axes), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("engine", ["auto", "xla"])
 @pytest.mark.parametrize("op", OPS, ids=_id)
-def test_vmap_of_grad_is_per_example(op):
+def test_vmap_of_grad_is_per_example(op, engine):
     """Per-example gradients: the kernel gradient of each example stays apart."""
-    f = _conv(op)
+    f = _conv(op, engine)
     x, w = _data()
 
     def grads(a, b):
@@ -100,6 +102,25 @@ def test_per_example_kernel_gradient_in_lax_products(op, engine):
         np.dtype("float32"))) is not None
     got = jax.jit(jax.vmap(jax.vmap(grads, in_axes=(0, None)), in_axes=(0, None)))(x, w)
     want = _loop(lambda xs, b: _loop(grads, xs, b, axes=(0, None)), x, w, axes=(0, None))
+    for g, e in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("op", ["max_plus", "adder", "log"])
+def test_vmap_and_per_example_on_pallas(op):
+    """The Pallas engine (interpret mode here) under the same folds: mapped input and
+    kernel, and per-example gradients."""
+    f = _conv(op, "pallas", groups=2)
+    x, w = _data()
+    xs, ws = jnp.stack([x, x[::-1] * 0.5]), jnp.stack([w[:, :2], w[:, 2:] * 2.0])
+    got = jax.jit(jax.vmap(f))(xs, ws)
+    np.testing.assert_allclose(got, _loop(f, xs, ws, axes=(0, 0)), rtol=1e-5, atol=1e-5)
+
+    def grads(a, b):
+        return jax.grad(lambda u, v: jnp.sum(jnp.sin(f(u[None], v))), argnums=(0, 1))(a, b)
+
+    got = jax.jit(jax.vmap(grads, in_axes=(0, None)))(x, w[:, :2])
+    want = _loop(grads, x, w[:, :2], axes=(0, None))
     for g, e in zip(got, want, strict=True):
         np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5)
 
