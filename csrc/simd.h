@@ -51,6 +51,10 @@ struct Derived {
   template <class U = T> static V_<U> from_mask(M_<U> m) {
     return U::select(m, U::set1(1.0f), U::zero());
   }
+  // a clipped to [-1, 1], NaN kept (max / min return their second operand on a NaN).
+  template <class U = T> static V_<U> clip1(V_<U> a) {
+    return U::min(U::set1(1.0f), U::max(U::set1(-1.0f), a));
+  }
 };
 #if defined(__AVX512F__)
 struct S : Derived<S> {
@@ -72,6 +76,8 @@ struct S : Derived<S> {
   static V max(V a, V b) { return _mm512_max_ps(a, b); }
   static V min(V a, V b) { return _mm512_min_ps(a, b); }
   static V abs(V a) { return _mm512_abs_ps(a); }
+  // One instruction: the operand of smaller magnitude of (a, 1), with a's sign.
+  static V clip1(V a) { return _mm512_range_ps(a, _mm512_set1_ps(1.0f), 0x02); }
   static M eq(V a, V b) { return _mm512_cmp_ps_mask(a, b, _CMP_EQ_OQ); }
   static M lt(V a, V b) { return _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ); }
   static M unord(V a) { return _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q); }
@@ -81,6 +87,9 @@ struct S : Derived<S> {
   static V select(M m, V a, V b) { return _mm512_mask_blend_ps(m, b, a); }
   static M mask(bool b) { return b ? M(0xffff) : M(0); }
   static V madd(M m, V a, V b) { return _mm512_mask_add_ps(a, m, a, b); }  // m ? a + b : a
+  static V msub(M m, V a, V b) { return _mm512_mask_sub_ps(a, m, a, b); }  // m ? a - b : a
+  // madd / msub are one instruction (mask registers).
+  static constexpr bool kMaskedAdd = true;
   static float lane(V a, int l) { alignas(64) float t[16]; _mm512_store_ps(t, a); return t[l]; }
   static float hsum(V a) { return _mm512_reduce_add_ps(a); }
   // The order-preserving integer key of each float (an involution): b ^ ((b >> 31) >>> 1).
@@ -172,6 +181,8 @@ struct S : Derived<S> {
   static V select(M m, V a, V b) { return _mm256_blendv_ps(b, a, m); }
   static M mask(bool b) { return _mm256_castsi256_ps(_mm256_set1_epi32(b ? -1 : 0)); }
   static V madd(M m, V a, V b) { return _mm256_add_ps(a, _mm256_and_ps(m, b)); }
+  static V msub(M m, V a, V b) { return _mm256_sub_ps(a, _mm256_and_ps(m, b)); }
+  static constexpr bool kMaskedAdd = false;
   static float lane(V a, int l) { alignas(32) float t[8]; _mm256_store_ps(t, a); return t[l]; }
   static float hsum(V a) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
@@ -271,6 +282,8 @@ struct S : Derived<S> {
   static V select(M m, V a, V b) { return m ? a : b; }
   static M mask(bool b) { const int32_t v = b ? -1 : 0; return M{v, v, v, v}; }
   static V madd(M m, V a, V b) { return m ? a + b : a; }
+  static V msub(M m, V a, V b) { return m ? a - b : a; }
+  static constexpr bool kMaskedAdd = false;
   static float lane(V a, int l) { return a[l]; }
   static float hsum(V a) { return (a[0] + a[1]) + (a[2] + a[3]); }
   static V key(V a) {
@@ -366,6 +379,8 @@ struct Sc : Derived<Sc> {
   static M unord(V a) { return a != a; }
   static V select(M m, V a, V b) { return m ? a : b; }
   static V madd(M m, V a, V b) { return m ? a + b : a; }
+  static V msub(M m, V a, V b) { return m ? a - b : a; }
+  static constexpr bool kMaskedAdd = false;
   static V div(V a, V b) { return a / b; }
   static V sqrt(V a) { return __builtin_sqrtf(a); }
   static V floor(V a) { return __builtin_floorf(a); }
