@@ -51,6 +51,11 @@ struct Derived {
   template <class U = T> static V_<U> from_mask(M_<U> m) {
     return U::select(m, U::set1(1.0f), U::zero());
   }
+  // 1, -1 or 0 by the sign of a (0 for +-0 and NaN).
+  template <class U = T> static V_<U> sign0(V_<U> a) {
+    return U::select(U::lt(U::zero(), a), U::set1(1.0f),
+                     U::select(U::lt(a, U::zero()), U::set1(-1.0f), U::zero()));
+  }
   // a clipped to [-1, 1], NaN kept (max / min return their second operand on a NaN).
   template <class U = T> static V_<U> clip1(V_<U> a) {
     return U::min(U::set1(1.0f), U::max(U::set1(-1.0f), a));
@@ -78,6 +83,11 @@ struct S : Derived<S> {
   static V abs(V a) { return _mm512_abs_ps(a); }
   // One instruction: the operand of smaller magnitude of (a, 1), with a's sign.
   static V clip1(V a) { return _mm512_range_ps(a, _mm512_set1_ps(1.0f), 0x02); }
+  // One instruction: a's class (NaN, zero, +1, -inf, +inf, negative, positive) picks
+  // +0, +0, +1, -1, +1, -1, +1 from the table.
+  static V sign0(V a) {
+    return _mm512_fixupimm_ps(a, a, _mm512_set1_epi32(int32_t(0xA9A9A888u)), 0);
+  }
   static M eq(V a, V b) { return _mm512_cmp_ps_mask(a, b, _CMP_EQ_OQ); }
   static M lt(V a, V b) { return _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ); }
   static M unord(V a) { return _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q); }
@@ -87,9 +97,6 @@ struct S : Derived<S> {
   static V select(M m, V a, V b) { return _mm512_mask_blend_ps(m, b, a); }
   static M mask(bool b) { return b ? M(0xffff) : M(0); }
   static V madd(M m, V a, V b) { return _mm512_mask_add_ps(a, m, a, b); }  // m ? a + b : a
-  static V msub(M m, V a, V b) { return _mm512_mask_sub_ps(a, m, a, b); }  // m ? a - b : a
-  // madd / msub are one instruction (mask registers).
-  static constexpr bool kMaskedAdd = true;
   static float lane(V a, int l) { alignas(64) float t[16]; _mm512_store_ps(t, a); return t[l]; }
   static float hsum(V a) { return _mm512_reduce_add_ps(a); }
   // The order-preserving integer key of each float (an involution): b ^ ((b >> 31) >>> 1).
@@ -181,8 +188,6 @@ struct S : Derived<S> {
   static V select(M m, V a, V b) { return _mm256_blendv_ps(b, a, m); }
   static M mask(bool b) { return _mm256_castsi256_ps(_mm256_set1_epi32(b ? -1 : 0)); }
   static V madd(M m, V a, V b) { return _mm256_add_ps(a, _mm256_and_ps(m, b)); }
-  static V msub(M m, V a, V b) { return _mm256_sub_ps(a, _mm256_and_ps(m, b)); }
-  static constexpr bool kMaskedAdd = false;
   static float lane(V a, int l) { alignas(32) float t[8]; _mm256_store_ps(t, a); return t[l]; }
   static float hsum(V a) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
@@ -282,8 +287,6 @@ struct S : Derived<S> {
   static V select(M m, V a, V b) { return m ? a : b; }
   static M mask(bool b) { const int32_t v = b ? -1 : 0; return M{v, v, v, v}; }
   static V madd(M m, V a, V b) { return m ? a + b : a; }
-  static V msub(M m, V a, V b) { return m ? a - b : a; }
-  static constexpr bool kMaskedAdd = false;
   static float lane(V a, int l) { return a[l]; }
   static float hsum(V a) { return (a[0] + a[1]) + (a[2] + a[3]); }
   static V key(V a) {
@@ -379,8 +382,6 @@ struct Sc : Derived<Sc> {
   static M unord(V a) { return a != a; }
   static V select(M m, V a, V b) { return m ? a : b; }
   static V madd(M m, V a, V b) { return m ? a + b : a; }
-  static V msub(M m, V a, V b) { return m ? a - b : a; }
-  static constexpr bool kMaskedAdd = false;
   static V div(V a, V b) { return a / b; }
   static V sqrt(V a) { return __builtin_sqrtf(a); }
   static V floor(V a) { return __builtin_floorf(a); }
