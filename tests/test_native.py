@@ -328,6 +328,43 @@ def test_infinities_and_identity_padding(name):
         np.testing.assert_array_equal(y, np.asarray(_conv(name, "xla", kw)(x, w)))
 
 
+@pytest.mark.parametrize("name", ["adder", "l1"])
+@pytest.mark.parametrize("offsets", [(100.0, 100.0), (1000.0, 1000.0), (100.0, 0.0), (0.0, -30.0)])
+def test_absolute_difference_sums_keep_their_precision_on_offset_data(name, offsets):
+    """adder / l1 run in the min form on finite inputs (2 min(x, w) - x - w, centred per
+    channel): data far from zero must keep a product's precision, not lose ~1% (100 +- 1)."""
+    x, w, kw = _case("channels_80", seed=10)
+    x, w = x + np.float32(offsets[0]), w + np.float32(offsets[1])
+    for case_kw, ws in ((kw, w), (dict(kw, feature_group_count=4), w[:, :, :20])):
+        y = np.asarray(_conv(name, "native", case_kw)(x, ws))
+        ref = _reference(name, x, ws, case_kw)
+        assert np.max(np.abs(y - ref)) <= 4e-6 * np.max(np.abs(ref))
+
+
+@pytest.mark.parametrize("name", ["adder", "l1"])
+def test_absolute_difference_sums_with_infinities_and_a_pad_value(name):
+    """Non-finite inputs take the exact loop (the min form would make -inf - -inf = NaN);
+    a declared pad value goes through the combine in the min form as in the exact loop."""
+    x, w, kw = _case("2d_same", seed=11)
+    x[0, 3, 3, :] = -np.inf
+    x[1, 0, 0, 0] = np.inf
+    w[2, 1, 0, :] = -np.inf
+    y = np.asarray(_conv(name, "native", kw)(x, w))
+    ref = _reference(name, x, w, kw)
+    np.testing.assert_array_equal(np.isnan(y), np.isnan(ref))
+    np.testing.assert_array_equal(np.isinf(y), np.isinf(ref))
+    assert np.isinf(ref).any()
+    ok = np.isfinite(ref)
+    np.testing.assert_allclose(y[ok], ref[ok], rtol=2e-5, atol=2e-5)
+    base = getattr(ops, name)
+    padded = base.__class__(**{**base.__dict__, "pad_value": 100.25})
+    x, w, kw = _case("2d_stride_rhs_dil", seed=12)
+    x, w = x + np.float32(100.0), w + np.float32(100.0)
+    y = np.asarray(_conv(padded, "native", kw)(x, w))
+    ref = _reference(name, x, w, kw, pad_value=100.25)
+    assert np.max(np.abs(y - ref)) <= 4e-6 * np.max(np.abs(ref))
+
+
 def test_pad_value_goes_through_combine():
     x, w, kw = _case("2d_stride_rhs_dil", seed=8)
     op = ops.max_min.__class__(**{**ops.max_min.__dict__, "pad_value": 0.25})
