@@ -7,6 +7,7 @@ the XLA engine and against the stated rules written out as numpy loops here.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -363,6 +364,38 @@ def test_absolute_difference_sums_with_infinities_and_a_pad_value(name):
     y = np.asarray(_conv(padded, "native", kw)(x, w))
     ref = _reference(name, x, w, kw, pad_value=100.25)
     assert np.max(np.abs(y - ref)) <= 4e-6 * np.max(np.abs(ref))
+
+
+@pytest.mark.parametrize("kind", ["dense", "one_tap_strided_grouped"])
+def test_l1_one_pass_dense_backward(kind):
+    """l1's dense backward computes sign(w - x) once for both gradients: against the XLA
+    engine, with position and kernel-row counts that leave partial blocks, and under vmap."""
+    rng = np.random.default_rng(13)
+    if kind == "dense":
+        x = rng.standard_normal((37, 21)).astype(np.float32)
+        w = rng.standard_normal((21, 48)).astype(np.float32)
+        w[3, :5] = x[2, 3]  # ties: a zero subgradient
+        f = lambda eng: lambda a, b: jaxconv.dot_general(  # noqa: E731
+            a, b, (((1,), (0,)), ((), ())), op="l1", engine=eng)
+    else:
+        x = rng.standard_normal((5, 3, 3, 10)).astype(np.float32)
+        w = rng.standard_normal((1, 1, 5, 64)).astype(np.float32)
+        kw = dict(window_strides=(3, 3), padding="VALID", feature_group_count=2,
+                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        f = lambda eng: _conv("l1", eng, kw)  # noqa: E731
+    ct = rng.standard_normal(jax.eval_shape(f("xla"), x, w).shape).astype(np.float32)
+
+    def grads(eng, a, b):
+        return jax.grad(lambda a, b: jnp.sum(f(eng)(a, b) * ct), (0, 1))(a, b)
+
+    xs, ws = np.stack([x, -x]), np.stack([w, 2 * w])
+    with _allow():
+        for args in ((x, w), (xs, ws)):
+            fn = (lambda e: jax.vmap(functools.partial(grads, e))) if args[0] is xs else (
+                lambda e: functools.partial(grads, e))
+            got, want = fn("native")(*args), fn("xla")(*args)
+            for a, b in zip(got, want, strict=True):
+                np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
 
 
 def test_pad_value_goes_through_combine():
