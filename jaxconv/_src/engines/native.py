@@ -311,10 +311,7 @@ def _sep_dw(spec: _Call, x: Array, w: Array, g: Array) -> Array:
     if spec.nsd == 0:
         xd, wd, gd = _dense_parts(spec, x, w, g)
         hi = lax.Precision.HIGHEST
-        if spec.groups == 1:  # a plain matrix product compiles faster than a batched one
-            prod = jnp.dot(xd[:, 0].T, gd[:, 0], precision=hi)[:, None]
-        else:
-            prod = jnp.einsum("ngi,ngo->igo", xd, gd, precision=hi)
+        prod = jnp.einsum("ngi,ngo->igo", xd, gd, precision=hi)
         return (prod - wd * jnp.sum(gd, axis=0, keepdims=True)).reshape(w.shape)
     fill = 0.0 if spec.pad is None else spec.pad
     xp = lax.pad(x, jnp.asarray(fill, x.dtype), _pad_config(spec))
@@ -335,11 +332,7 @@ def _sep_dx(spec: _Call, x: Array, w: Array, g: Array) -> Array:
     """``sum g[p, o] * (x[cell, i] - w[t, i, o])`` over the outputs that read each cell."""
     if spec.nsd == 0:
         xd, wd, gd = _dense_parts(spec, x, w, g)
-        hi = lax.Precision.HIGHEST
-        if spec.groups == 1:
-            prod = jnp.dot(gd[:, 0], wd[:, 0].T, precision=hi)[:, None]
-        else:
-            prod = jnp.einsum("ngo,igo->ngi", gd, wd, precision=hi)
+        prod = jnp.einsum("ngo,igo->ngi", gd, wd, precision=lax.Precision.HIGHEST)
         return (xd * jnp.sum(gd, axis=-1, keepdims=True) - prod).reshape(x.shape)
     _, vjp = jax.vjp(lambda x_: _conv3(spec, x_, w, spec.groups, False), x)
     (prod,) = vjp(g)
