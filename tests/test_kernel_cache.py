@@ -203,6 +203,28 @@ def test_trust_rule(tmp_path, where):
     assert not got.trusted and not got.writable and why in got.reason
 
 
+def test_read_only_directory_is_read(tmp_path, monkeypatch):
+    """A trusted directory this process cannot write (a pre-built cache on a read-only mount;
+    root writes through permission bits, so the probe is what says no): its verified entries
+    load, what it lacks is compiled privately, with one warning."""
+    there = jaxconv.Op(lambda x, w: jnp.abs(x - w) + jnp.minimum(x, w), "max", name="ro_a")
+    absent = jaxconv.Op(lambda x, w: jnp.abs(x - w) + jnp.maximum(x, w), "min", name="ro_b")
+    directory = tmp_path / "kernels"
+    directory.mkdir()
+    functor = codegen.functor(there)
+    user_kernels._compile(functor.source, user_kernels.compiler(), native.isa(), directory,
+                          _key(functor))
+    monkeypatch.setenv("JAXCONV_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(user_kernels, "_writable", lambda path: False)
+    entries = sorted(directory.iterdir())
+    got = user_kernels.build(functor)
+    assert got.path.parent == directory and not got.compiled
+    with pytest.warns(RuntimeWarning, match="not writable.*for this process only"):
+        other = user_kernels.build(codegen.functor(absent))
+    assert other.compiled and other.path.parent == user_kernels.private_dir()
+    assert sorted(directory.iterdir()) == entries  # nothing written there
+
+
 def test_trusted_directories():
     plain = user_kernels.cache(str(pathlib.Path(user_kernels.private_dir()) / "a" / "kernels"))
     assert plain.trusted and plain.writable and plain.reason is None

@@ -396,6 +396,7 @@ def _build_in(directory: pathlib.Path, key: str, functor: codegen.Functor, cxx: 
               isa: str) -> tuple[int, pathlib.Path, bool]:
     """Verifies, else (re)builds, and loads the entry `key` in a trusted writable directory."""
     lib = directory / f"jaxconv_{key}.so"
+    _makedirs(directory)  # it may have been deleted (the cache cleared) since `cache` saw it
     with _file_lock(directory / f"jaxconv_{key}.lock"):
         why = verify(directory, key)
         if why is not None:
