@@ -8,10 +8,12 @@ damaged entry is a copy of one library built once for the module.
 
 from __future__ import annotations
 
+import grp
 import json
 import logging
 import os
 import pathlib
+import pwd
 import shutil
 import stat
 import subprocess
@@ -230,6 +232,17 @@ def test_trusted_directories():
     assert plain.trusted and plain.writable and plain.reason is None
     for d in (plain.path, plain.path.parent):  # made writable by their owner only
         assert not d.stat().st_mode & 0o022
+
+
+def test_group_writable_only_for_a_private_group(tmp_path):
+    os.chmod(tmp_path, 0o770)
+    group = grp.getgrgid(os.getgid())
+    user = pwd.getpwuid(os.getuid()).pw_name
+    private = group.gr_name == user and set(group.gr_mem) <= {user}
+    assert (user_kernels.distrust(tmp_path, directory=True) is None) == private
+    if os.getuid() == 0:  # root can hand the directory to a group of others
+        os.chown(tmp_path, -1, 54321)
+        assert "writable by its group" in user_kernels.distrust(tmp_path, directory=True)
 
 
 def test_sticky_parent_and_links(tmp_path):

@@ -35,11 +35,13 @@ import ctypes
 import dataclasses
 import fcntl
 import functools
+import grp
 import hashlib
 import json
 import logging
 import os
 import pathlib
+import pwd
 import shutil
 import stat
 import subprocess
@@ -122,7 +124,9 @@ def distrust(path: str | os.PathLike[str], *, directory: bool = False,
     """Why the file or directory `path` cannot be trusted with code (``None``: it can).
 
     Trusted means owned by this user or by root and writable by nobody else (a sticky
-    directory, where others cannot rename or delete what is not theirs, with `sticky_ok`).
+    directory, where others cannot rename or delete what is not theirs, with `sticky_ok`; a
+    group of which this user is the only member and whose name is the user's counts as
+    nobody else).
 
     Args:
       path: what to check (a symbolic link is itself refused).
@@ -147,10 +151,23 @@ def distrust(path: str | os.PathLike[str], *, directory: bool = False,
     if st.st_uid not in (uid, 0):
         return (f"{os.fspath(path)} is owned by uid {st.st_uid}, not by this user ({uid}) "
                 "or root")
-    if st.st_mode & 0o022 and not (sticky_ok and st.st_mode & stat.S_ISVTX):
+    writers = st.st_mode & (0o002 if _private_group(st.st_gid) else 0o022)
+    if writers and not (sticky_ok and st.st_mode & stat.S_ISVTX):
         return (f"{os.fspath(path)} is writable by its group or others "
                 f"(mode {stat.S_IMODE(st.st_mode):o})")
     return None
+
+
+@functools.cache
+def _private_group(gid: int) -> bool:
+    """Whether `gid` is this user's own group (named after the user, no other member): the
+    default of many Linux distributions, whose umask 002 makes files group-writable."""
+    try:
+        user = pwd.getpwuid(os.getuid()).pw_name
+        group = grp.getgrgid(gid)
+    except KeyError:
+        return False
+    return gid == os.getgid() and group.gr_name == user and set(group.gr_mem) <= {user}
 
 
 def _tighten(path: pathlib.Path) -> None:
