@@ -144,6 +144,24 @@ def test_damaged_entry_is_rebuilt_or_skipped(tmp_path, built, damage, cxx):
         assert user_kernels.verify(lib.parent, key) is not None
 
 
+@pytest.mark.parametrize("damage", [None, _truncate])
+def test_without_a_compiler_a_prebuilt_library_loads(tmp_path, built, damage):
+    """A worker with no compiler loads what a machine with one pre-built into the cache,
+    only once verified."""
+    lib, _ = _entry(built, tmp_path)
+    if damage:
+        damage(lib)
+    out = _run(tmp_path, JAXCONV_CXX="/nonexistent/c++")
+    assert out["equal_to_xla"]
+    if damage is None:
+        assert out["compiled"] is False and out["warnings"] == [] and out["path"] == str(lib)
+        assert out["native_equal_to_xla"]
+    else:
+        (warning,) = out["warnings"]
+        assert "no C++ compiler" in warning and "pre-built" in warning
+        assert "cache_op" in out["native_error"]
+
+
 def test_record_is_written_after_a_complete_build(built):
     directory, key = built
     lib = directory / f"jaxconv_{key}.so"

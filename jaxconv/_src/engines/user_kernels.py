@@ -379,7 +379,8 @@ def _compile(source: str, cxx: str, isa: str, directory: pathlib.Path, key: str)
             raise CompileError(f"the C++ compiler ({cxx}) failed:\n{tail}")
         size, digest = _digest(out)
         record = pathlib.Path(tmp) / f"{stem}.json"
-        record.write_text(json.dumps({"key": key, "size": size, "sha256": digest}))
+        record.write_text(json.dumps({"key": key, "size": size, "sha256": digest,
+                                      "any_compiler": _key(source, isa, "")}))
         for f in (src, out, record):
             _tighten(f)
         # No reader may pair the old record with the new library.
@@ -427,6 +428,26 @@ def _build_in(directory: pathlib.Path, key: str, functor: codegen.Functor, cxx: 
     return op_id, lib, why is not None
 
 
+def _prebuilt(where: Cache, functor: codegen.Functor, isa: str) -> str | None:
+    """Without a compiler: the key of a verified library of `functor` in a trusted cache that
+    some compiler built (e.g. ``python -m jaxconv.prebuild`` on a machine that has one)."""
+    if not where.trusted:
+        return None
+    want = _key(functor.source, isa, "")
+    for record in sorted(where.path.glob("jaxconv_*.json")):
+        try:
+            meta = json.loads(record.read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(meta, dict):
+            continue
+        key = meta.get("key")
+        if (meta.get("any_compiler") == want and isinstance(key, str)
+                and record.name == f"jaxconv_{key}.json" and verify(where.path, key) is None):
+            return key
+    return None
+
+
 def build(functor: codegen.Functor) -> Kernel:
     """Finds in the cache (verified) or compiles, loads and registers `functor`'s kernels.
 
@@ -436,23 +457,30 @@ def build(functor: codegen.Functor) -> Kernel:
     Returns:
       A `Kernel`.
 
+    Without a compiler, a library of the same source that another compiler built into the
+    cache (same flags, instruction set, jaxconv version) is loaded.
+
     Raises:
-      CompileError: no compiler was found, it failed (the message has its output), or no
-        directory could hold the library.
+      CompileError: no compiler was found (and nothing pre-built), it failed (the message has
+        its output), or no directory could hold the library.
     """
     t0 = time.perf_counter()
     isa = str(_native().isa())
     cxx = compiler()
-    if cxx is None:
+    asked = cache_dir()
+    where = cache(str(asked))
+    key = _key(functor.source, isa, cxx) if cxx is not None else _prebuilt(where, functor, isa)
+    if key is None:
         raise CompileError("no C++ compiler was found (set JAXCONV_CXX, or install g++ or "
-                           "clang++)")
-    key = _key(functor.source, isa, cxx)
+                           "clang++), and the kernel cache holds no pre-built library of it")
     if key in _loaded:
         op_id = _load(key, _loaded[key][1])
         return Kernel(op_id, _loaded[key][1], False, time.perf_counter() - t0, functor)
-    asked = cache_dir()
-    where = cache(str(asked))
     try:
+        if cxx is None:  # pre-built, verified by `_prebuilt`
+            lib = where.path / f"jaxconv_{key}.so"
+            op_id = _load(key, lib)
+            return Kernel(op_id, lib, False, time.perf_counter() - t0, functor)
         if where.trusted and not where.writable and verify(where.path, key) is None:
             lib = where.path / f"jaxconv_{key}.so"
             op_id = _load(key, lib)
