@@ -57,6 +57,7 @@ from jaxconv._src.engines import codegen
 logger = logging.getLogger("jaxconv")
 
 _lock = threading.Lock()
+_dirs_lock = threading.Lock()  # one decision per directory, one private directory (threads)
 _loaded: dict[str, tuple[Any, pathlib.Path]] = {}  # key -> (ctypes library, its path)
 _MISSING = "missing"
 
@@ -468,7 +469,8 @@ def build(functor: codegen.Functor) -> Kernel:
     isa = str(_native().isa())
     cxx = compiler()
     asked = cache_dir()
-    where = cache(str(asked))
+    with _dirs_lock:
+        where = cache(str(asked))
     key = _key(functor.source, isa, cxx) if cxx is not None else _prebuilt(where, functor, isa)
     if key is None:
         raise CompileError("no C++ compiler was found (set JAXCONV_CXX, or install g++ or "
@@ -488,7 +490,8 @@ def build(functor: codegen.Functor) -> Kernel:
         if where.trusted and where.writable:
             directory = where.path
         else:
-            directory = private_dir()
+            with _dirs_lock:
+                directory = private_dir()
             _warn_private(str(asked), str(where.reason), str(directory))
         op_id, lib, compiled = _build_in(directory, key, functor, cxx, isa)
     except OSError as e:
