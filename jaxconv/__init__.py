@@ -17,6 +17,7 @@ from jaxconv._src.core.planner import explain as explain
 from jaxconv._src.einsum import einsum as einsum
 from jaxconv._src.kernel_ops import sharpened_cosine_conv as sharpened_cosine_conv
 from jaxconv._src.mixed import conv_multi as conv_multi
+from jaxconv._src.prebuild import compile_kernels as compile_kernels
 from jaxconv._src.transpose import conv_transpose as conv_transpose
 from jaxconv._src.wrappers import conv as conv
 from jaxconv._src.wrappers import dense as dense
@@ -40,8 +41,8 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY_SUBMODULES))
 
 __all__ = (
-    "Op", "conv", "conv_general_dilated", "conv_multi", "conv_transpose", "dense",
-    "dot_general", "einsum", "explain",
+    "Op", "compile_kernels", "conv", "conv_general_dilated", "conv_multi", "conv_transpose",
+    "dense", "dot_general", "einsum", "explain",
     "checkpoint", "linen", "nnx", "ops", "optim", "packed", "quantizers",
     "sharpened_cosine_conv", "__version__",
 )
