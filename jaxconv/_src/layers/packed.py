@@ -127,8 +127,12 @@ class PackedConv(_nnx.Module):
       bias: optional ``(O,)`` bias (kept as it is).
       in_features: real input channels (all groups).
       kernel_size: the kernel's window.
-      strides, padding, input_dilation, kernel_dilation, feature_group_count: as
-        ``jaxconv.nnx.Conv`` (Flax's forms, ``'CIRCULAR'`` and ``'REFLECT'`` included).
+      strides: as ``jaxconv.nnx.Conv`` (an int or one per spatial axis).
+      padding: as ``jaxconv.nnx.Conv`` (Flax's forms, ``'CIRCULAR'`` and ``'REFLECT'``
+        included).
+      input_dilation: as ``jaxconv.nnx.Conv``.
+      kernel_dilation: as ``jaxconv.nnx.Conv``.
+      feature_group_count: as ``jaxconv.nnx.Conv``.
       pad_value: ``None`` (padded taps contribute 0) or larq's ``pad_values`` (``+-1``).
       dtype: output dtype (default float32).
       engine: ``"xla"`` or ``"pallas"``.
