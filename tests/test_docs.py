@@ -68,6 +68,13 @@ def test_public_docstrings_are_markdown():
     assert not bad, "Sphinx markup in docstrings (run /work/docs_convert.py):\n" + "\n".join(bad)
 
 
+def test_public_examples_import_public_modules():
+    """A reader copies the examples: they import the public modules, never ``jaxconv._src``."""
+    bad = [where for where, doc in _public_docstrings() if doc and "jaxconv._src" in
+           "\n".join(line for line in doc.splitlines() if ">>>" in line or "import" in line)]
+    assert not bad, bad
+
+
 def test_api_reference_lists_every_public_module():
     api = (ROOT / "docs" / "api.md").read_text()
     for mod in PUBLIC_MODULES[1:]:
