@@ -341,7 +341,7 @@ def kernel_mask(model: Any, *, op: Any = None, quantized: bool | None = None) ->
                                                             nnx.Variable):
             continue
         has_q = getattr(node, "kernel_quantizer", None) is not None
-        found.append(f"{'/'.join(map(str, path)) or '<model>'} (op={layer_op.name!r}, "
+        found.append(f"{'/'.join(map(str, path)) or '<model>'} (op={layer_op.display_name!r}, "
                      f"kernel_quantizer={'yes' if has_q else 'none'})")
         if ops is not None and layer_op not in ops:
             continue

@@ -93,7 +93,7 @@ def _binary_pad_value(layer: Any) -> float | None:
     if (op is standard or op == standard) and qi is not None and qk is not None and quant_ok:
         return None  # sign(x) * sign(w) with zero padding: padded taps contribute 0
     raise ValueError(
-        f"{type(layer).__name__} is not a binary XNOR layer: op {op.name!r}, "
+        f"{type(layer).__name__} is not a binary XNOR layer: op {op.display_name!r}, "
         f"input_quantizer={qi!r}, kernel_quantizer={qk!r}. Packing needs op='xnor' (sign "
         "quantizers allowed) or the standard op with sign quantizers on inputs and kernel.")
 
