@@ -78,15 +78,20 @@ def response(name: str, x: np.ndarray, w: np.ndarray) -> np.ndarray:
 def plot(name: str) -> None:
     x, w = signal(), kernel(name)
     y = response(name, x, w)
-    fig, (a0, a1) = plt.subplots(2, 1, figsize=(6, 3.4), sharex=True)
+    # The kernel gets its own panel beside the signal, so that it hides no part of it.
+    fig = plt.figure(figsize=(7, 3.4))
+    grid = fig.add_gridspec(2, 2, width_ratios=(5, 1))
+    a0 = fig.add_subplot(grid[0, 0])
+    a1 = fig.add_subplot(grid[1, 0], sharex=a0)
     a0.plot(x, color="0.4", lw=1, label="input x")
     a0.legend(loc="upper left", fontsize=8, frameon=False)
+    a0.tick_params(labelbottom=False)
     a1.plot(y, color="C0", lw=1.5, label=f"{name}(x, w), 'SAME'")
     a1.legend(loc="upper left", fontsize=8, frameon=False)
-    inset = a0.inset_axes([0.8, 0.55, 0.18, 0.4])
-    inset.plot(w, "C1.-", lw=1)
-    inset.set_title("kernel w", fontsize=7)
-    inset.tick_params(labelsize=6)
+    ak = fig.add_subplot(grid[0, 1])
+    ak.plot(w, "C1.-", lw=1)
+    ak.set_title("kernel w", fontsize=8)
+    ak.tick_params(labelsize=6)
     fig.tight_layout()
     fig.savefig(HERE / f"{name}.png", dpi=72)
     plt.close(fig)
@@ -98,7 +103,7 @@ def page(name: str) -> str:
     doc = textwrap.dedent(inspect.cleandoc(op.doc)) if op.doc else ""
     return f"""# `{name}`
 
-| | |
+| property | value |
 |---|---|
 | combine | `{combine}` |
 | reduce | {reduce} |

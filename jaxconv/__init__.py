@@ -15,6 +15,8 @@ from jaxconv._src.conv import dot_general as dot_general
 from jaxconv._src.core.algebra import Op as Op
 from jaxconv._src.core.planner import explain as explain
 from jaxconv._src.einsum import einsum as einsum
+from jaxconv._src.export import export_disabled_checks as export_disabled_checks
+from jaxconv._src.export import register_native_targets as _register_native_targets
 from jaxconv._src.kernel_ops import sharpened_cosine_conv as sharpened_cosine_conv
 from jaxconv._src.mixed import conv_multi as conv_multi
 from jaxconv._src.prebuild import compile_kernels as compile_kernels
@@ -23,6 +25,10 @@ from jaxconv._src.wrappers import conv as conv
 from jaxconv._src.wrappers import dense as dense
 
 __version__ = "0.1.0"
+
+# A deserialized `jax.export` artifact that calls the native kernels runs in any process that
+# imported jaxconv: its FFI targets are registered here, not at the first product.
+_register_native_targets()
 
 # Submodules that import Flax, optax or orbax load on first use, so that ``import jaxconv``
 # stays light; each is an attribute of the package all the same (PEP 562).
@@ -42,7 +48,7 @@ def __dir__() -> list[str]:
 
 __all__ = (
     "Op", "compile_kernels", "conv", "conv_general_dilated", "conv_multi", "conv_transpose",
-    "dense", "dot_general", "einsum", "explain",
+    "dense", "dot_general", "einsum", "explain", "export_disabled_checks",
     "checkpoint", "linen", "nnx", "ops", "optim", "packed", "quantizers",
     "sharpened_cosine_conv", "__version__",
 )

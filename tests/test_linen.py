@@ -99,3 +99,10 @@ def test_kernel_size_must_be_positive(kernel_size, layer):
     module = getattr(jln, layer)(4, kernel_size)
     with pytest.raises(ValueError, match=r"`kernel_size` entries must be positive ints"):
         module.init(jax.random.key(0), jnp.ones((1, 5, 5, 3)))
+
+
+def test_unknown_padding_lists_every_accepted_value():
+    module = jln.Conv(4, (3, 3), padding="CIRCULR")
+    with pytest.raises(ValueError, match=r"`padding` must be one of \('VALID', 'SAME', "
+                       r"'SAME_LOWER', 'CIRCULAR', 'REFLECT', 'CAUSAL'\).*got 'CIRCULR'"):
+        module.init(jax.random.key(0), jnp.ones((1, 6, 6, 3)))

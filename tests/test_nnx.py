@@ -309,3 +309,36 @@ def test_summary_counts_binary_parameters_and_packed_memory():
     assert prows["binary"][-1] == rows["binary"][-1]
     with pytest.raises(TypeError, match="`model` must be an nnx.Module"):
         jnn.summary({"kernel": 1})
+
+
+@pytest.mark.parametrize("make,x_shape,match", [
+    (lambda: jnn.Conv(4, 8, (3, 3), rngs=nnx.Rngs(0)), (1, 8, 8, 3),
+     r"Conv: `in_features`=4, but the input has 3 channels \(its last axis; input shape "
+     r"\(1, 8, 8, 3\)\); build it with in_features=3\.$"),
+    (lambda: jnn.Conv(4, 8, (3, 3), rngs=nnx.Rngs(0)), (2, 4, 8, 3),
+     r"input has 3 channels .* if the data is channels-first, move its channels last "
+     r"\(`jnp.moveaxis\(x, 1, -1\)`\)"),
+    (lambda: jnn.Linear(4, 8, rngs=nnx.Rngs(0)), (2, 5),
+     r"Linear: `in_features`=4, but the input has 5 features \(its last axis; input shape "
+     r"\(2, 5\)\); build it with in_features=5\.$"),
+    (lambda: jnn.ConvTranspose(4, 8, (3,), rngs=nnx.Rngs(0)), (2, 6, 3),
+     r"ConvTranspose: `in_features`=4, but the input has 3 channels"),
+    (lambda: jnn.MultiOpConv(4, 8, (3,), ops=("max_plus", "min_plus"), rngs=nnx.Rngs(0)),
+     (2, 6, 5), r"MultiOpConv: `in_features`=4, but the input has 5 channels"),
+], ids=["conv", "conv_channels_first", "linear", "conv_transpose", "multi_op"])
+def test_in_features_mismatch_speaks_flax_terms(make, x_shape, match):
+    """The wrong number of input features is reported as Flax users think of it: the layer's
+    `in_features` against the input's last axis, not as a raw lax layout."""
+    with pytest.raises(ValueError, match=match) as info:
+        make()(jnp.ones(x_shape))
+    assert "ConvDimensionNumbers" not in str(info.value) and "rhs" not in str(info.value)
+
+
+@pytest.mark.parametrize("layer", ["Conv", "ConvTranspose"])
+def test_unknown_padding_lists_every_accepted_value(layer):
+    accepted = {"Conv": "'VALID', 'SAME', 'SAME_LOWER', 'CIRCULAR', 'REFLECT', 'CAUSAL'",
+                "ConvTranspose": "'VALID', 'SAME', 'CIRCULAR'"}[layer]
+    module = getattr(jnn, layer)(3, 4, (3,), padding="CIRCULR", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"`padding` must be one of \(" + accepted +
+                       r"\).* \(low, high\) pairs; got 'CIRCULR'"):
+        module(jnp.ones((1, 6, 3)))

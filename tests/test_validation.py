@@ -8,6 +8,8 @@ the checks run on shapes and Python values, before any XLA work.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -24,6 +26,7 @@ W = np.ones((3, 3, 4, 8), np.float32)
 A = np.ones((3, 4), np.float32)
 B = np.ones((4, 5), np.float32)
 DOT_DN = (((1,), (0,)), ((), ()))
+ONE_ELEMENT = np.full((1,), 2.0, np.float32)  # a constant of shape (1,) where a scalar belongs
 
 
 def conv(x: Any = X, w: Any = W, strides: Any = (1, 1), padding: Any = "SAME",
@@ -184,6 +187,9 @@ CASES: list[tuple[str, Callable[[], Any], type, str]] = [
     ("combine_broadcasts_constant", lambda: conv(op=user(lambda a, b: a * b + jnp.ones(5))),
      ValueError, r"`combine` is not elementwise: on arrays of shape \(3, 5\) it gives other "
      r"values than element by element"),
+    ("combine_shape_1_constant", lambda: conv(op=user(lambda a, b: a * b * ONE_ELEMENT)),
+     ValueError, r"op 'user': `combine` gives the right values, but called on two scalars it "
+     r"returns shape \(1,\), not a scalar: a captured array of shape \(1,\)"),
     ("combine_flips", lambda: conv(op=user(lambda a, b: a * jnp.flip(b))), ValueError,
      r"`combine` is not elementwise"),
     ("reduce_ternary", lambda: conv(op=user(jnp.add, lambda a, b, c: a, identity=0.0)),
@@ -391,6 +397,54 @@ def test_channel_mismatch_names_the_layout(dn: Any, match: str, op: str) -> None
     with pytest.raises(ValueError, match=match) as info:
         conv(x, w, dimension_numbers=dn, op=op)
     assert "dimension_numbers=('NHWC', 'HWIO', 'NHWC')" in str(info.value)
+
+
+@pytest.mark.parametrize("x_shape,w_shape,dn,read,found,guess", [
+    ((2, 3, 8, 8), (3, 3, 3, 4), ("NHWC", "HWIO", "NHWC"), 3, 1, "NCHW"),
+    ((2, 5, 9), (3, 5, 4), ("NWC", "WIO", "NWC"), 2, 1, "NCW"),
+    ((1, 6, 4, 5, 2), (2, 2, 2, 4, 3), ("NDHWC", "DHWIO", "NDHWC"), 4, 2, "NDCHW"),
+], ids=["nchw_as_nhwc", "ncw_as_nwc", "3d"])
+def test_transposed_data_with_given_layout(x_shape, w_shape, dn, read, found, guess) -> None:
+    """Data whose layout does not match the `dimension_numbers` given: the message says which
+    axis was read as channels and which one holds them, and does not suggest what was passed."""
+    with pytest.raises(ValueError) as info:
+        conv(np.ones(x_shape, np.float32), np.ones(w_shape, np.float32),
+             (1,) * (len(x_shape) - 2), "SAME", dimension_numbers=dn)
+    msg = str(info.value)
+    assert f"`lhs` axis {read} (size {x_shape[read]}) was read as channels, but its axis " \
+           f"{found} has the {w_shape[-2]} channels the kernel expects: the data's layout " \
+           f"looks transposed" in msg, msg
+    assert f"dimension_numbers=({guess!r}, {dn[1]!r}, {guess!r})" in msg
+    assert f"dimension_numbers={dn}" not in msg
+
+
+def tanh_diff(a: Any, b: Any) -> Any:
+    return jnp.tanh(a - b)
+
+
+def _flip(a: Any, b: Any) -> Any:
+    return a * jnp.flip(b)
+
+
+@pytest.mark.parametrize("op,name", [
+    (jaxconv.Op(tanh_diff, "max"), "tanh_diff/max"),
+    (jaxconv.Op(lambda a, b: a - b, "min"), "<lambda>/min"),
+    (jaxconv.Op(functools.partial(jnp.multiply), jnp.maximum, identity=-np.inf),
+     "multiply/maximum"),
+    (jaxconv.Op(tanh_diff, "max", name="td"), "td"),
+])
+def test_unnamed_ops_are_named_from_their_functions(op: jaxconv.Op, name: str) -> None:
+    """Messages and `explain` name an unnamed op by its functions, not as "op None"; the derived
+    name takes no part in equality or hashing."""
+    assert op.display_name == name
+    assert f"op {name!r}" in str(jaxconv.explain(op))
+    bad = op.replace(combine=_flip)
+    with pytest.raises(ValueError, match=f"op {bad.display_name!r}: `combine` is not "):
+        conv(op=bad)
+    assert "None" not in bad.display_name
+    twin = jaxconv.Op(op.combine, op.reduce, identity=op.identity, name=op.name)
+    assert twin == op and hash(twin) == hash(op)
+    assert "display_name" not in {f.name for f in dataclasses.fields(jaxconv.Op)}
 
 
 def test_invalid_layout_letters() -> None:

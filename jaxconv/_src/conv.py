@@ -140,7 +140,7 @@ def conv_general_dilated(
     c_in = lhs.shape[dn.lhs_spec[1]]
     i_k = rhs.shape[dn.rhs_spec[1]]
     o_k = rhs.shape[dn.rhs_spec[0]]
-    layout = validation.describe_layout(dn, dimension_numbers)
+    layout = validation.describe_layout(dn, dimension_numbers, lhs.shape, i_k * groups)
     if c_in % groups:
         raise ValueError(
             f"`feature_group_count`={groups} must divide the input channels of `lhs` "
@@ -160,7 +160,7 @@ def conv_general_dilated(
     if bgroups != 1 and not _is_standard(op):
         raise ValueError(
             f"`batch_group_count`={bgroups} is supported only for ops.standard (lax); op "
-            f"{op.name!r} needs batch_group_count=1."
+            f"{op.display_name!r} needs batch_group_count=1."
         )
     if _is_standard(op):
         return lax.conv_general_dilated(
@@ -188,8 +188,8 @@ def conv_general_dilated(
             raise ValueError(
                 f"window larger than the padded input in spatial dimension {ax}: dilated "
                 f"window {k} > padded input {s + lo + hi} (input {in_spatial[ax]}, padding "
-                f"{(lo, hi)}, lhs_dilation {lhs_dil[ax]}); op {op.name!r} needs at least one "
-                "output position."
+                f"{(lo, hi)}, lhs_dilation {lhs_dil[ax]}); op {op.display_name!r} needs at least "
+                "one output position."
             )
 
     x = jnp.transpose(lhs, (dn.lhs_spec[0], *dn.lhs_spec[2:], dn.lhs_spec[1]))

@@ -210,8 +210,8 @@ def einsum(
     semiring = is_semiring(op)
     if len(arrays) > 2 and semiring is False:
         raise ValueError(
-            f"einsum: op {op.name!r} is not a semiring (its combine does not distribute over "
-            "its reduce, or it has a post map), so a contraction of more than two operands "
+            f"einsum: op {op.display_name!r} is not a semiring (its combine does not distribute "
+            "over its reduce, or it has a post map), so a contraction of more than two operands "
             "cannot be split into pairwise products; contract two operands at a time.")
     dg_kwargs = dict(precision=precision, preferred_element_type=preferred_element_type,
                      engine=engine, max_block_bytes=max_block_bytes)

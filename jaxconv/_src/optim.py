@@ -8,7 +8,7 @@ the optimiser, by masking it:
 
 ```pycon
 >>> import jax, jax.numpy as jnp, optax
->>> from jaxconv._src.optim import adder_scale
+>>> from jaxconv.optim import adder_scale
 >>> params = {"adder": jnp.ones((3, 3, 4, 8)), "head": jnp.ones((8, 10))}
 >>> mask = {"adder": True, "head": False}
 >>> tx = optax.chain(
@@ -100,7 +100,7 @@ def adder_scale(eta: float = 0.2, eps: float = 1e-12) -> optax.GradientTransform
 
     Example:
         >>> import jax.numpy as jnp
-        >>> from jaxconv._src.optim import adder_scale
+        >>> from jaxconv.optim import adder_scale
         >>> tx = adder_scale(eta=0.2)
         >>> g = {"w": jnp.array([3.0, 4.0, 0.0, 0.0])}
         >>> updates, _ = tx.update(g, tx.init(g))
@@ -192,7 +192,7 @@ def clip_latent_weights(
 
     Example:
         >>> import jax.numpy as jnp
-        >>> from jaxconv._src.optim import clip_latent_weights
+        >>> from jaxconv.optim import clip_latent_weights
         >>> params = {"binary": jnp.array([-3.0, 0.5, 2.0]), "bias": jnp.array([2.0])}
         >>> new = clip_latent_weights(params, {"binary": True, "bias": False})
         >>> new["binary"], new["bias"]
@@ -341,7 +341,7 @@ def kernel_mask(model: Any, *, op: Any = None, quantized: bool | None = None) ->
                                                             nnx.Variable):
             continue
         has_q = getattr(node, "kernel_quantizer", None) is not None
-        found.append(f"{'/'.join(map(str, path)) or '<model>'} (op={layer_op.name!r}, "
+        found.append(f"{'/'.join(map(str, path)) or '<model>'} (op={layer_op.display_name!r}, "
                      f"kernel_quantizer={'yes' if has_q else 'none'})")
         if ops is not None and layer_op not in ops:
             continue

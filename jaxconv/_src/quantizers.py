@@ -156,7 +156,7 @@ def sign(x: jax.typing.ArrayLike) -> jax.Array:
 
     Example:
         >>> import jax.numpy as jnp
-        >>> from jaxconv._src.quantizers import sign
+        >>> from jaxconv.quantizers import sign
         >>> sign(jnp.array([-2.0, -0.0, 0.0, 3.0]))
         Array([-1.,  1.,  1.,  1.], dtype=float32)
 
@@ -297,7 +297,7 @@ def ste_sign(x: jax.typing.ArrayLike, *, clip_value: float | None = 1.0) -> jax.
 
     Example:
         >>> import jax, jax.numpy as jnp
-        >>> from jaxconv._src.quantizers import ste_sign
+        >>> from jaxconv.quantizers import ste_sign
         >>> x = jnp.array([-1.5, -0.5, 0.0, 1.0])
         >>> ste_sign(x)
         Array([-1., -1.,  1.,  1.], dtype=float32)
@@ -336,7 +336,7 @@ def approx_sign(x: jax.typing.ArrayLike) -> jax.Array:
 
     Example:
         >>> import jax, jax.numpy as jnp
-        >>> from jaxconv._src.quantizers import approx_sign
+        >>> from jaxconv.quantizers import approx_sign
         >>> x = jnp.array([-2.0, -0.5, 0.0, 0.75])
         >>> approx_sign(x)
         Array([-1., -1.,  1.,  1.], dtype=float32)
@@ -375,7 +375,7 @@ def swish_sign(x: jax.typing.ArrayLike, *, beta: float = 5.0) -> jax.Array:
 
     Example:
         >>> import jax, jax.numpy as jnp
-        >>> from jaxconv._src.quantizers import swish_sign
+        >>> from jaxconv.quantizers import swish_sign
         >>> x = jnp.array([-0.5, 0.0, 3.0])
         >>> swish_sign(x, beta=2.0)
         Array([-1.,  1.,  1.], dtype=float32)
@@ -420,7 +420,7 @@ def magnitude_aware_sign(x: jax.typing.ArrayLike, *, clip_value: float | None = 
 
     Example:
         >>> import jax.numpy as jnp
-        >>> from jaxconv._src.quantizers import magnitude_aware_sign
+        >>> from jaxconv.quantizers import magnitude_aware_sign
         >>> w = jnp.array([[0.5, -2.0], [-1.5, 1.0]])
         >>> magnitude_aware_sign(w)
         Array([[ 1. , -1.5],
@@ -459,7 +459,7 @@ def ste_heaviside(x: jax.typing.ArrayLike, *, clip_value: float | None = 1.0) ->
 
     Example:
         >>> import jax.numpy as jnp
-        >>> from jaxconv._src.quantizers import ste_heaviside
+        >>> from jaxconv.quantizers import ste_heaviside
         >>> ste_heaviside(jnp.array([-1.0, 0.0, 0.25]))
         Array([0., 0., 1.], dtype=float32)
 
@@ -508,7 +508,7 @@ def ste_tern(
 
     Example:
         >>> import jax.numpy as jnp
-        >>> from jaxconv._src.quantizers import ste_tern
+        >>> from jaxconv.quantizers import ste_tern
         >>> ste_tern(jnp.array([-0.5, -0.01, 0.0, 0.3]), threshold_value=0.1)
         Array([-1.,  0.,  0.,  1.], dtype=float32)
 

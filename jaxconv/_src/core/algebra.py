@@ -136,6 +136,24 @@ class Op:
         return f"Op(name={self.name!r}, reduce={red!r}, pad_value={self.pad_value!r})"
 
     @property
+    def display_name(self) -> str:
+        """The name that messages and ``explain`` show: ``name``, or for an unnamed op one made
+        from its functions, ``"<combine>/<reduce>"`` (e.g. ``"tanh_diff/max"``,
+        ``"<lambda>/sum"``). Derived, so it takes no part in equality or hashing.
+
+        Example:
+          >>> import jax.numpy as jnp
+          >>> import jaxconv
+          >>> def tanh_diff(x, w):
+          ...     return jnp.tanh(x - w)
+          >>> jaxconv.Op(tanh_diff, "max").display_name
+          'tanh_diff/max'
+        """
+        if self.name is not None:
+            return self.name
+        return f"{_callable_name(self.combine)}/{_callable_name(self.reduce)}"
+
+    @property
     def reduce_name(self) -> str:
         """The built-in reduce's name, or ``"custom"`` for a callable."""
         return self.reduce if isinstance(self.reduce, str) else "custom"
@@ -143,6 +161,16 @@ class Op:
     def replace(self, **changes: Any) -> Op:
         """Returns a copy with some fields changed (``dataclasses.replace``)."""
         return dataclasses.replace(self, **changes)
+
+
+def _callable_name(fn: Any) -> str:
+    """A function's name for messages: ``__name__``, through ``functools.partial`` layers."""
+    if isinstance(fn, str):
+        return fn
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    name = getattr(fn, "__name__", None) or getattr(fn, "name", None)
+    return name if isinstance(name, str) else type(fn).__name__
 
 
 def identity_value(op: Op, dtype: Any) -> Array:
@@ -163,7 +191,7 @@ def identity_value(op: Op, dtype: Any) -> Array:
     if math.isinf(v) and not jnp.issubdtype(dtype, jnp.inexact):
         info = jnp.iinfo(dtype) if jnp.issubdtype(dtype, jnp.integer) else None
         if info is None:
-            raise TypeError(f"op {op.name!r}: no identity {v} in dtype {dtype}.")
+            raise TypeError(f"op {op.display_name!r}: no identity {v} in dtype {dtype}.")
         v = info.min if v < 0 else info.max
     return jnp.asarray(v, dtype)
 

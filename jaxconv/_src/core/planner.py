@@ -66,7 +66,7 @@ def _native_serves(problem: Any, dtype: Any, platform: str) -> bool:
         return False
     refusal = native.refusal(problem, dtype)
     if refusal is not None and refusal.compile_failed:
-        _warn_compile_failed(problem.op.name or repr(problem.op), refusal.reason)
+        _warn_compile_failed(problem.op.display_name, refusal.reason)
     if refusal is None and problem.op.native is None and native.scalar_math(problem.op):
         return False  # libm lane by lane: slower than the XLA engine's vectorized math
     return refusal is None and native.supports(problem, dtype, platform)
@@ -105,8 +105,8 @@ def check_engine(problem: Any, dtype: Any) -> None:
     if not module.supports(problem, dtype, None):
         why = getattr(module, "why_not", lambda *a: None)(problem, dtype)
         raise ValueError(
-            f"engine={name!r} does not serve op {problem.op.name!r} with {dtype} inputs and "
-            f"this geometry{f' ({why})' if why else ''}; use engine='auto' (which falls back "
+            f"engine={name!r} does not serve op {problem.op.display_name!r} with {dtype} inputs "
+            f"and this geometry{f' ({why})' if why else ''}; use engine='auto' (which falls back "
             "to the XLA engine) or engine='xla'.")
 
 
@@ -118,7 +118,7 @@ def engine_for(problem: Any, platform: str, dtype: Any = None) -> types.ModuleTy
     module = _module(name)
     if name != "xla" and not module.supports(problem, dtype, platform):
         raise ValueError(
-            f"engine={name!r} does not serve op {problem.op.name!r} with {dtype} inputs on "
+            f"engine={name!r} does not serve op {problem.op.display_name!r} with {dtype} inputs on "
             f"platform {platform!r}; use engine='auto' or engine='xla'."
         )
     return module
@@ -220,4 +220,4 @@ def explain(op: Any, *, dtype: Any = "float32", platform: str | None = None,
             details.append("blocked products, the winner backward pass")
         else:
             details.append(f"blocked products under {caps.reduce!r}")
-    return Plan(op.name or repr(op), platform, chosen, tuple(details))
+    return Plan(op.display_name, platform, chosen, tuple(details))

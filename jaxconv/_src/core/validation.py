@@ -146,21 +146,48 @@ def _spec_string(spec: Sequence[int], letters: str) -> str:
     return "".join(out)
 
 
-def describe_layout(dn: lax.ConvDimensionNumbers, given: Any) -> str:
-    """Says which layout was used and which axes were read as channels (for error messages)."""
+def describe_layout(dn: lax.ConvDimensionNumbers, given: Any,
+                    lhs_shape: Sequence[int] | None = None,
+                    channels: int | None = None) -> str:
+    """Says which layout was used and which axes were read as channels (for error messages).
+
+    With ``lhs_shape`` and the number of input ``channels`` the kernel expects, a mismatch gets
+    a hint: when ``dimension_numbers`` were given and another axis of ``lhs`` has that many
+    entries, the data's layout looks transposed, and the message says so.
+    """
     lhs_s, rhs_s, out_s = (_spec_string(dn.lhs_spec, "NC"), _spec_string(dn.rhs_spec, "OI"),
                            _spec_string(dn.out_spec, "NC"))
     if given is None:
         head = (f"`dimension_numbers` was not given, so the default ({lhs_s!r}, {rhs_s!r}, "
                 f"{out_s!r}) applies")
     else:
+        if isinstance(given, lax.ConvDimensionNumbers):
+            given = (lhs_s, rhs_s, out_s)
         head = f"`dimension_numbers`={given!r} reads lhs as {lhs_s!r} and rhs as {rhs_s!r}"
     nsd = len(dn.lhs_spec) - 2
+    c_ax = dn.lhs_spec[1]
+    text = (f"{head}: the channels of `lhs` are axis {c_ax}, the in-features of `rhs` "
+            f"axis {dn.rhs_spec[1]} and its out-features axis {dn.rhs_spec[0]}.")
     last = ("N" + "DHW"[-nsd:] + "C", "DHW"[-nsd:] + "IO", "N" + "DHW"[-nsd:] + "C") \
         if 1 <= nsd <= 3 else None
-    hint = f" For channels-last data pass dimension_numbers={last}." if last else ""
-    return (f"{head}: the channels of `lhs` are axis {dn.lhs_spec[1]}, the in-features of `rhs` "
-            f"axis {dn.rhs_spec[1]} and its out-features axis {dn.rhs_spec[0]}.{hint}")
+    # Suggesting channels-last to a caller who passed exactly that would send them in a circle.
+    hint = (f" For channels-last data pass dimension_numbers={last}."
+            if last and (lhs_s, rhs_s, out_s) != last else "")
+    others = [] if given is None or lhs_shape is None or channels is None or \
+        lhs_shape[c_ax] == channels else [ax for ax in dn.lhs_spec[2:]
+                                          if lhs_shape[ax] == channels]
+    if not others:
+        return text + hint
+    ax = others[0]
+    # The same letters with C moved to the axis that has the kernel's channel count.
+    letters = [ch for ch in lhs_s if ch != "C"]
+    letters.insert(ax, "C")
+    guess = "".join(letters)
+    return (f"{text} `lhs` axis {c_ax} (size {lhs_shape[c_ax]}) was read as channels, but its "
+            f"axis {ax} has the {channels} channels the kernel expects: the data's layout looks "
+            f"transposed relative to {lhs_s!r}. If `lhs` is {guess!r}, pass "
+            f"dimension_numbers=({guess!r}, {rhs_s!r}, {guess!r}), or move its channels to axis "
+            f"{c_ax} (`jnp.moveaxis(lhs, {ax}, {c_ax})`).")
 
 
 def padding_pairs(padding: Any, nsd: int, lhs_dilation: tuple[int, ...]) -> str | tuple:
@@ -329,12 +356,12 @@ def check_op(op: Any, lhs: Any, rhs: Any) -> None:
     dtype = _common_dtype(lhs, rhs)
     if dtype == jnp.bool_:
         raise TypeError(
-            f"`lhs` ({lhs.dtype}) and `rhs` ({rhs.dtype}) are bool; op {op.name!r} needs "
+            f"`lhs` ({lhs.dtype}) and `rhs` ({rhs.dtype}) are bool; op {op.display_name!r} needs "
             "numeric inputs (cast to float32 or an integer dtype)."
         )
     if op.reduce == "logsumexp" and not jnp.issubdtype(dtype, jnp.inexact):
         raise TypeError(
-            f"op {op.name!r} reduces with logsumexp, which needs floating inputs; got lhs "
+            f"op {op.display_name!r} reduces with logsumexp, which needs floating inputs; got lhs "
             f"{lhs.dtype} and rhs {rhs.dtype}."
         )
     try:
@@ -376,17 +403,17 @@ def _elementwise(fn: Any, what: str, op: Any, a: np.ndarray, b: np.ndarray) -> n
     except Exception as e:  # noqa: BLE001 - reported with the op's name
         if what == "combine" and not jnp.issubdtype(a.dtype, jnp.inexact):
             raise TypeError(
-                f"op {op.name!r} does not accept {a.dtype} inputs: its `combine` failed on "
+                f"op {op.display_name!r} does not accept {a.dtype} inputs: its `combine` failed on "
                 f"them ({e}); cast `lhs` and `rhs` to a floating dtype."
             ) from e
         raise TypeError(
-            f"op {op.name!r}: `{what}` must be a binary elementwise function f(a, b) of two "
-            f"arrays; calling it on two arrays of shape {a.shape} failed: {e}"
+            f"op {op.display_name!r}: `{what}` must be a binary elementwise function f(a, b) of "
+            f"two arrays; calling it on two arrays of shape {a.shape} failed: {e}"
         ) from e
     if not hasattr(out, "shape") or tuple(out.shape) != a.shape:
         raise ValueError(
-            f"op {op.name!r}: `{what}` must be elementwise (two arrays of shape {a.shape} in, "
-            f"one of shape {a.shape} out), got {getattr(out, 'shape', type(out).__name__)}; "
+            f"op {op.display_name!r}: `{what}` must be elementwise (two arrays of shape {a.shape} "
+            f"in, one of shape {a.shape} out), got {getattr(out, 'shape', type(out).__name__)}; "
             "nothing is broadcast for you."
         )
     whole = _run(fn, a, b)
@@ -394,12 +421,19 @@ def _elementwise(fn: Any, what: str, op: Any, a: np.ndarray, b: np.ndarray) -> n
         each = _run(jax.vmap(fn), a.ravel(), b.ravel())
     except Exception as e:  # noqa: BLE001 - reported with the op's name
         raise ValueError(
-            f"op {op.name!r}: `{what}` must be elementwise, written for scalars; calling "
+            f"op {op.display_name!r}: `{what}` must be elementwise, written for scalars; calling "
             f"it on scalars failed: {e}"
         ) from e
+    if each.shape != (a.size,) and each.size == a.size and _same(whole, each.reshape(a.shape)):
+        raise ValueError(
+            f"op {op.display_name!r}: `{what}` gives the right values, but called on two "
+            f"scalars it returns shape {each.shape[1:]}, not a scalar: a captured array of "
+            f"shape {each.shape[1:]} broadcasts its result. Make that constant a scalar (a "
+            "Python number, `c.reshape(())` or `c[0]`)."
+        )
     if each.shape != (a.size,) or not _same(whole, each.reshape(a.shape)):
         raise ValueError(
-            f"op {op.name!r}: `{what}` is not elementwise: on arrays of shape {a.shape} it "
+            f"op {op.display_name!r}: `{what}` is not elementwise: on arrays of shape {a.shape} it "
             "gives other values than element by element (does it index, transpose, reduce or "
             "broadcast its arguments?)."
         )
@@ -452,18 +486,18 @@ def _check_reduce(op: Any, c: np.ndarray) -> None:
     for side, got in (("reduce(a, identity)", ae), ("reduce(identity, a)", ea)):
         if not _same(got, c):
             raise ValueError(
-                f"op {op.name!r}: `identity`={op.identity!r} is not a two-sided identity of "
-                f"`reduce`: {side} must equal a (e.g. -inf for a max, 0 for a sum)."
+                f"op {op.display_name!r}: `identity`={op.identity!r} is not a two-sided identity "
+                f"of `reduce`: {side} must equal a (e.g. -inf for a max, 0 for a sum)."
             )
     if not _same(ab, ba):
         raise ValueError(
-            f"op {op.name!r}: `reduce` is not commutative: reduce(a, b) != reduce(b, a) on probe "
-            "values; the taps of a window are reduced in no fixed order, so `reduce` must be "
-            "commutative and associative."
+            f"op {op.display_name!r}: `reduce` is not commutative: reduce(a, b) != reduce(b, a) "
+            "on probe values; the taps of a window are reduced in no fixed order, so `reduce` "
+            "must be commutative and associative."
         )
     if not _same(left, right):
         raise ValueError(
-            f"op {op.name!r}: `reduce` is not associative: reduce(reduce(a, b), c) != "
+            f"op {op.display_name!r}: `reduce` is not associative: reduce(reduce(a, b), c) != "
             "reduce(a, reduce(b, c)) on probe values; the taps of a window are reduced in no "
             "fixed order, so `reduce` must be commutative and associative."
         )

@@ -43,7 +43,7 @@ def check_forward_mode(op: Op) -> None:
     if not caps.forward_mode:
         part = caps.reverse_only_part or "combine"
         raise TypeError(
-            f"op {op.name!r} cannot be differentiated in forward mode (jax.jvp, "
+            f"op {op.display_name!r} cannot be differentiated in forward mode (jax.jvp, "
             f"jax.linearize, jax.jacfwd): its `{part}` defines only a reverse-mode rule (a "
             "custom VJP, e.g. a straight-through or AdderNet gradient). Use reverse mode "
             f"(jax.grad, jax.vjp, jax.jacrev) or an op with a differentiable `{part}`."

@@ -85,13 +85,25 @@ def broadcast_ints(name: str, value: None | int | Sequence[int], n: int) -> tupl
     return out
 
 
-def canonicalize_padding(padding: Any, rank: int) -> str | PadPairs:
+# The padding strings of the layers: lax's, then Flax's input-padding modes.
+CONV_PADDINGS = ("VALID", "SAME", "SAME_LOWER", "CIRCULAR", "REFLECT", "CAUSAL")
+TRANSPOSE_PADDINGS = ("VALID", "SAME", "CIRCULAR")
+
+
+def canonicalize_padding(padding: Any, rank: int,
+                         accepted: tuple[str, ...] = CONV_PADDINGS) -> str | PadPairs:
     """Flax's padding forms -> a string or ``rank`` ``(low, high)`` pairs.
 
-    Strings are upper-cased (lax accepts any case); an int pads every side by it; a sequence of
-    ``rank`` ints or pairs gives per-dimension padding.
+    Strings are upper-cased (lax accepts any case) and must be one of ``accepted``; an int pads
+    every side by it; a sequence of ``rank`` ints or pairs gives per-dimension padding.
     """
     if isinstance(padding, str):
+        if padding.upper() not in accepted:
+            causal = " ('CAUSAL' for 1-D only)" if "CAUSAL" in accepted else ""
+            raise ValueError(
+                f"`padding` must be one of {accepted}{causal}, an int, or a sequence of {rank} "
+                f"ints or (low, high) pairs; got {padding!r}."
+            )
         return padding.upper()
     if isinstance(padding, (int, np.integer)) and not isinstance(padding, bool):
         return [(int(padding), int(padding))] * rank
@@ -252,6 +264,28 @@ def linen_promoter(fn: Callable[..., Any], dtype: Any) -> Promote:
     return promote
 
 
+def check_in_features(layer: Any, inputs: Any, spatial: int | None = None) -> None:
+    """Input features (the last axis) against the layer's ``in_features``, in Flax's terms.
+
+    ``spatial``: the convolution's number of spatial dimensions (then a channels-first input,
+    whose axis after the batch has ``in_features`` entries, gets a hint), ``None`` for dense.
+    """
+    shape = tuple(jnp.shape(inputs))
+    expected = layer.in_features
+    if not shape or shape[-1] == expected:
+        return
+    name = type(layer).__name__
+    hint = (f"; build it with in_features={shape[-1]}" if shape[-1] else "")
+    if spatial is not None and len(shape) >= spatial + 2 and shape[-spatial - 1] == expected:
+        hint += (f", or, if the data is channels-first, move its channels last "
+                 f"(`jnp.moveaxis(x, {len(shape) - spatial - 1}, -1)`)")
+    raise ValueError(
+        f"{name}: `in_features`={expected}, but the input has {shape[-1]} "
+        f"{'channels' if spatial is not None else 'features'} (its last axis; input shape "
+        f"{shape}){hint}."
+    )
+
+
 def check_groups(groups: int, in_features: int, in_name: str = "`in_features`") -> None:
     """``feature_group_count`` must be positive and divide the input features."""
     if groups < 1 or in_features % groups:
@@ -372,7 +406,7 @@ def conv_apply(
     if mask is not None and not multiply:
         if not jnp.issubdtype(kernel.dtype, jnp.inexact):
             raise TypeError(
-                f"`mask` with op {op.name!r} needs a floating kernel, got {kernel.dtype}."
+                f"`mask` with op {op.display_name!r} needs a floating kernel, got {kernel.dtype}."
             )
         # NaN-in-NaN-out for a genuine NaN weight that is present: its whole output
         # channel is NaN (the NaN encoding of absent taps would otherwise skip it).
@@ -434,6 +468,6 @@ def check_hook(name: str, hook: Any, op: Op) -> None:
         raise TypeError(f"`{name}` must be a callable with lax's signature or None, got {hook!r}.")
     if not is_standard(op):
         raise ValueError(
-            f"pass either `op=` (got {op.name!r}) or a `{name}` hook, not both; a hook is "
+            f"pass either `op=` (got {op.display_name!r}) or a `{name}` hook, not both; a hook is "
             f"called instead of jaxconv (bind the op into it with functools.partial)."
         )

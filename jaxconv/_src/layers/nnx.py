@@ -197,6 +197,7 @@ class Conv(_nnx.Module):
         Returns:
           The convolved data, ``(*batch_dims, *out_spatial, out_features)``.
         """
+        _m.check_in_features(self, inputs, len(self.kernel_size))
         return _m.conv_apply(
             inputs, self.kernel[...], _m.nnx_value(self.bias),
             kernel_size=self.kernel_size, strides=self.strides, padding=self.padding,
@@ -296,6 +297,7 @@ class Linear(_nnx.Module):
         Returns:
           ``(..., out_features)``.
         """
+        _m.check_in_features(self, inputs)
         return _m.dense_apply(
             inputs, self.kernel[...], _m.nnx_value(self.bias),
             precision=self.precision, promote=_m.nnx_promoter(self.promote_dtype, self.dtype),

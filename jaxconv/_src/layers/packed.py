@@ -93,7 +93,7 @@ def _binary_pad_value(layer: Any) -> float | None:
     if (op is standard or op == standard) and qi is not None and qk is not None and quant_ok:
         return None  # sign(x) * sign(w) with zero padding: padded taps contribute 0
     raise ValueError(
-        f"{type(layer).__name__} is not a binary XNOR layer: op {op.name!r}, "
+        f"{type(layer).__name__} is not a binary XNOR layer: op {op.display_name!r}, "
         f"input_quantizer={qi!r}, kernel_quantizer={qk!r}. Packing needs op='xnor' (sign "
         "quantizers allowed) or the standard op with sign quantizers on inputs and kernel.")
 
@@ -127,8 +127,12 @@ class PackedConv(_nnx.Module):
       bias: optional ``(O,)`` bias (kept as it is).
       in_features: real input channels (all groups).
       kernel_size: the kernel's window.
-      strides, padding, input_dilation, kernel_dilation, feature_group_count: as
-        ``jaxconv.nnx.Conv`` (Flax's forms, ``'CIRCULAR'`` and ``'REFLECT'`` included).
+      strides: as ``jaxconv.nnx.Conv`` (an int or one per spatial axis).
+      padding: as ``jaxconv.nnx.Conv`` (Flax's forms, ``'CIRCULAR'`` and ``'REFLECT'``
+        included).
+      input_dilation: as ``jaxconv.nnx.Conv``.
+      kernel_dilation: as ``jaxconv.nnx.Conv``.
+      feature_group_count: as ``jaxconv.nnx.Conv``.
       pad_value: ``None`` (padded taps contribute 0) or larq's ``pad_values`` (``+-1``).
       dtype: output dtype (default float32).
       engine: ``"xla"`` or ``"pallas"``.

@@ -63,7 +63,7 @@ def _rows(model: nnx.Module) -> list[dict[str, Any]]:
                 packed_bytes += value.nbytes
         rows.append({
             "path": "/".join(map(str, path)) or "<model>", "layer": type(node).__name__,
-            "op": op.name if isinstance(op, Op) else ("xnor" if "Packed" in type(
+            "op": op.display_name if isinstance(op, Op) else ("xnor" if "Packed" in type(
                 node).__name__ else "-"),
             "input_quantizer": _name(getattr(node, "input_quantizer", None)),
             "kernel_quantizer": _name(kq), "params": params, "binary": binary,

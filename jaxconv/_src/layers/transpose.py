@@ -70,12 +70,12 @@ def _transpose_apply(
     strides_t = _m.broadcast_ints("strides", strides, nsd)
     k_dil = _m.broadcast_ints("kernel_dilation", kernel_dilation, nsd)
     _m.check_mask(mask, kernel.shape)
-    pad = _m.canonicalize_padding(padding, nsd)
+    pad = _m.canonicalize_padding(padding, nsd, _m.TRANSPOSE_PADDINGS)
     circular = pad == "CIRCULAR"
     if circular:
         if op.post is not None:
             raise ValueError(
-                f"'CIRCULAR' padding wraps the reduced output, which op {op.name!r} maps "
+                f"'CIRCULAR' padding wraps the reduced output, which op {op.display_name!r} maps "
                 "through its `post` function; use another padding.")
         pad = "VALID"
     x, kernel, bias = promote(x, kernel, bias)
@@ -191,6 +191,7 @@ class NnxConvTranspose(_nnx.Module):
         Returns:
           The output, ``(*batch_dims, *out_spatial, out_features)``.
         """
+        _m.check_in_features(self, inputs, len(self.kernel_size))
         return _transpose_apply(
             inputs, self.kernel[...], _m.nnx_value(self.bias),
             kernel_size=self.kernel_size, strides=self.strides, padding=self.padding,
@@ -384,6 +385,7 @@ class MultiOpConv(_nnx.Module):
         """
         hook = functools.partial(conv_multi, ops=self.ops, split=self.split,
                                  engine=self.engine, max_block_bytes=self.max_block_bytes)
+        _m.check_in_features(self, inputs, len(self.kernel_size))
         return _m.conv_apply(
             inputs, self.kernel[...], _m.nnx_value(self.bias),
             kernel_size=self.kernel_size, strides=self.strides, padding=self.padding,
