@@ -535,6 +535,59 @@ def _native_valid(xp: Array, w: Array, geom: Geometry, out_dtype: Any = None) ->
         preferred_element_type=out_dtype)
 
 
+def _valid_geometry(geom: Geometry, padded: tuple[int, ...]) -> Geometry:
+    """``geom`` on an input already padded (and dilated) to ``padded``."""
+    nsd = len(geom.window)
+    return Geometry(tuple(padded), geom.window, geom.strides, ((0, 0),) * nsd, (1,) * nsd,
+                    geom.rhs_dilation, geom.groups)
+
+
+def _per_example_kernel_grad(xp: Array, ct: Array, geom: Geometry, acc: Any) -> Array:
+    """The kernel gradients of the standard valid product, one per example: ``xp`` (B, N,
+    *padded, C) and the cotangent ``ct`` (B, N, *out_spatial, O) -> (B, *window, I, O).
+
+    Per tap, one matrix product with the examples as its batch dimension. (``jax.vmap`` of
+    the product's kernel gradient is a convolution with one feature group per example,
+    which XLA's SPMD partitioner gets wrong when the examples are sharded: measured on
+    jax 0.10 with 8 CPU devices, Shardy returned the first device's examples right and the
+    others wrong, and GSPMD failed to compile. A matrix product's batch dimension
+    partitions like the batch.)
+    """
+    b, n = xp.shape[:2]
+    vg = _valid_geometry(geom, xp.shape[2:-1])
+    g = geom.groups
+    p = max(1, math.prod(geom.out_spatial))
+    flat = xp.reshape(b * n, *xp.shape[2:])
+    cts = ct.reshape(b, n * p, g, -1)
+    parts = []
+    for tap in vg.taps():
+        xs = taps.tap_input(flat, vg, tap, g).reshape(b, n * p, g, -1)
+        parts.append(jnp.einsum("bmgi,bmgo->bigo", xs, cts, precision=lax.Precision.HIGHEST,
+                                preferred_element_type=acc))
+    out = jnp.stack(parts, axis=1)  # (B, T, I, G, Og)
+    return out.reshape(b, *geom.window, out.shape[2], g * out.shape[-1])
+
+
+@functools.lru_cache(maxsize=256)
+def _kernel_grad_fn(geom: Geometry, w_shape: tuple[int, ...], acc: Any) -> Any:
+    """``(xp, ct) -> gw``, the kernel gradient of `_native_valid` (``xp`` padded), batched
+    by `_per_example_kernel_grad` under ``jax.vmap``."""
+    acc = jnp.dtype(acc)
+
+    @jax.custom_batching.custom_vmap
+    def grad(xp: Array, ct: Array) -> Array:
+        _, vjp = jax.vjp(lambda b: _native_valid(xp, b, geom, acc), jnp.zeros(w_shape, acc))
+        return vjp(ct.astype(acc))[0]
+
+    @grad.def_vmap
+    def rule(size: int, batched: list[bool], xp: Array, ct: Array) -> tuple[Array, bool]:
+        xp, ct = (a if on else jnp.broadcast_to(a, (size, *a.shape))
+                  for a, on in zip((xp, ct), batched, strict=True))
+        return _per_example_kernel_grad(xp, ct, geom, acc), True
+
+    return grad
+
+
 def _native_mul_forward(cfg: Config, x: Array, w: Array) -> Array:
     """A user's multiply-and-add as one native product of the padded input: ``(N, P, G, Og)``.
 
@@ -571,8 +624,17 @@ def _separable_grads(cfg: Config, kind: str, x: Array, w: Array, gy: Array
     if kind == "mul":
         _, pad_vjp = jax.vjp(lambda a: taps.pad_input(a, op, geom), x)
         return pad_vjp(gxp.astype(x.dtype))[0], gw.astype(w.dtype)
-    # adder (sqdiff: twice that): minus w times the sum of the cotangent over the positions
-    # each tap sees.
+    return None, _adder_terms(cfg, kind, w, gy, gw)
+
+
+def _adder_terms(cfg: Config, kind: str, w: Array, gy: Array, gw: Array) -> Array:
+    """A separable kernel gradient from the standard product's ``gw``: itself for ``"mul"``;
+    for ``"adder"`` (``"sqdiff"``: twice that) minus ``w`` times the sum of the cotangent
+    ``gy`` (N, P, G, Og) over the positions each tap sees."""
+    op, geom, acc = cfg.op, cfg.geom, cfg.acc_dtype
+    if kind == "mul":
+        return gw.astype(w.dtype)
+    n = gy.shape[0]
     p = max(1, math.prod(geom.out_spatial))
     gsum = jnp.sum(gy.astype(acc).reshape(n, p, -1), axis=0)  # (P, O)
     mask = geom.valid_mask() if op.pad_value is None else None
@@ -583,14 +645,19 @@ def _separable_grads(cfg: Config, kind: str, x: Array, w: Array, gy: Array
         s = jnp.asarray(masks, acc) @ gsum  # (T, O)
     s = s.reshape(*geom.window, 1, w.shape[-1])
     gw = gw - w.astype(acc) * s
-    return None, (2 * gw if kind == "sqdiff" else gw).astype(w.dtype)
+    return (2 * gw if kind == "sqdiff" else gw).astype(w.dtype)
 
 
 def separable_kernel_gradient(problem: Any, kind: str, x: Array, w: Array, g: Array) -> Array:
     """The kernel gradient of a `separable_kind` op, in standard products (see
-    `_separable_grads`)."""
+    `_separable_grads`), for per-example gradients: under ``jax.vmap`` the product's kernel
+    gradient is `_per_example_kernel_grad`, which partitions over sharded examples."""
     cfg = _config(problem, x, w)
-    return _separable_grads(cfg, kind, x, w, _grouped(cfg, g))[1]
+    acc = cfg.acc_dtype
+    xp = taps.pad_input(x, cfg.op, cfg.geom).astype(acc)
+    g4 = g.astype(acc).reshape(x.shape[0], *cfg.geom.out_spatial, w.shape[-1])
+    gw = _kernel_grad_fn(cfg.geom, tuple(w.shape), acc)(xp, g4)
+    return _adder_terms(cfg, kind, w, _grouped(cfg, g), gw)
 
 
 def _backward(cfg: Config, x: Array, w: Array, y: Array, gy: Array, fill: bool):
@@ -1112,7 +1179,33 @@ def _log_backward(cfg: Config, x: Array, w: Array, y: Array, gy: Array) -> tuple
     return lax.cond(ok, fast, exact, ex, ew, yo, go, x, w, y, gy)
 
 
-def _rewritten(problem: Any, x: Array, w: Array) -> Array:
+def _per_example_product(product: Any, geom: Geometry) -> Any:
+    """``product`` (a standard convolution of ``geom``, padding included) whose kernel
+    gradient is `_kernel_grad_fn`'s: under ``jax.vmap`` (per-example gradients) one matrix
+    product per tap with the examples as its batch dimension, which XLA partitions over
+    sharded examples (see `_per_example_kernel_grad`)."""
+
+    @jax.custom_vjp
+    def prod(lhs: Array, rhs: Array) -> Array:
+        return product(lhs, rhs)
+
+    def fwd(lhs: Array, rhs: Array) -> tuple[Array, tuple[Array, Array]]:
+        return product(lhs, rhs), (lhs, rhs)
+
+    def bwd(res: tuple[Array, Array], ct: Array) -> tuple[Array, Array]:
+        lhs, rhs = res
+        _, vjp = jax.vjp(lambda a: product(a, rhs), lhs)
+        pgeom = dataclasses.replace(geom, in_spatial=tuple(lhs.shape[1:-1]))
+        lp = lax.pad(lhs, jnp.asarray(0, lhs.dtype), pgeom.pad_config)
+        acc = jnp.promote_types(ct.dtype, jnp.float32)
+        grhs = _kernel_grad_fn(pgeom, tuple(rhs.shape), acc)(lp, ct)
+        return vjp(ct)[0], grhs.astype(rhs.dtype)
+
+    prod.defvjp(fwd, bwd)
+    return prod
+
+
+def _rewritten(problem: Any, x: Array, w: Array, per_example: bool = False) -> Array:
     """An op's native rewrite (``op.rewrite(product, x, w)``, e.g. ``xnor``, ``l2``) with
     ``product`` the standard convolution of this geometry in the canonical layout (a batched
     matrix product ``(G, M, K) x (K, G, N)`` for a dense problem); a pad value is written into
@@ -1136,6 +1229,9 @@ def _rewritten(problem: Any, x: Array, w: Array) -> Array:
         lhs_dilation=lhs_dil, rhs_dilation=geom.rhs_dilation,
         dimension_numbers=_canonical_dimension_numbers(nsd),
         feature_group_count=geom.groups, **kw)
+    if per_example:
+        product = _per_example_product(product, dataclasses.replace(
+            geom, padding=tuple(pads), lhs_dilation=tuple(lhs_dil)))
     return op.rewrite(product, x, w).astype(problem.acc_dtype)
 
 
@@ -1178,13 +1274,20 @@ def forward(problem: Any, x: Array, w: Array) -> Array:
 
 
 def backward(problem: Any, x: Array, w: Array, y: Array, g: Array,
-             need: tuple[bool, bool] = (True, True)) -> tuple[Array, Array]:
-    """The input and kernel gradients given the output ``y`` and its cotangent ``g``."""
+             need: tuple[bool, bool] = (True, True), per_example: bool = False
+             ) -> tuple[Array, Array]:
+    """The input and kernel gradients given the output ``y`` and its cotangent ``g``.
+
+    ``per_example``: the call is ``jax.vmap``-ed over examples with a shared kernel (an op
+    with a rewrite then takes its kernel gradient in products that partition over sharded
+    examples: `_per_example_product`).
+    """
     del need  # both gradients come out of the same passes
     cfg = _config(problem, x, w)
     y4, g4 = _grouped(cfg, y), _grouped(cfg, g)
     if cfg.op.rewrite is not None:
-        _, vjp = jax.vjp(functools.partial(_rewritten, problem), x, w)
+        _, vjp = jax.vjp(functools.partial(_rewritten, problem, per_example=per_example),
+                         x, w)
         gx, gw = vjp(g.astype(cfg.acc_dtype))
     elif is_log_semiring(cfg.op) and jnp.issubdtype(x.dtype, jnp.floating):
         gx, gw = _log_backward(cfg, x, w, y4, g4)
