@@ -376,6 +376,28 @@ def test_per_example_kernel_gradients_under_batch_sharding(name: str, engine: st
     assert not re.search(r"all-gather|all-reduce|all-to-all|collective-permute", hlo)
 
 
+@pytest.mark.parametrize("name", ["adder", "l2", "xnor", "user_mac"])
+def test_per_example_kernel_gradients_with_groups_and_dilations(name: str) -> None:
+    # The per-example kernel gradient's own batching (one matrix product per tap) on a
+    # grouped, input- and kernel-dilated, strided and padded geometry equals a loop.
+    op = USER_MAC if name == "user_mac" else ops.get(name)
+    rng = np.random.default_rng(22)
+    x = jnp.asarray(rng.uniform(-1.5, 1.5, (3, 7, 6, 4)), jnp.float32)
+    w = jnp.asarray(rng.uniform(-1.5, 1.5, (2, 3, 2, 6)), jnp.float32)
+
+    def f(a: jax.Array, b: jax.Array) -> jax.Array:
+        return jaxconv.conv_general_dilated(
+            a, b, (2, 1), ((1, 0), (2, 1)), lhs_dilation=(1, 2), rhs_dilation=(2, 1),
+            dimension_numbers=DN, feature_group_count=2, op=op)
+
+    def loss(b: jax.Array, xi: jax.Array) -> jax.Array:
+        return jnp.sum(f(xi[None], b) ** 2)
+
+    got = jax.jit(jax.vmap(jax.grad(loss), in_axes=(None, 0)))(w, x)
+    for i in range(x.shape[0]):
+        np.testing.assert_allclose(got[i], jax.grad(loss)(w, x[i]), rtol=1e-5, atol=1e-4)
+
+
 def test_out_sharding_argument() -> None:
     devices = jax.devices()
     if len(devices) < 8:
