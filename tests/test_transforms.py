@@ -10,6 +10,7 @@ straight-through and AdderNet rules, the rule written out on the gathered window
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -334,6 +335,67 @@ def test_sharded_batch_equals_unsharded(name: str) -> None:
     g_ref = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, w)
     np.testing.assert_allclose(np.asarray(g[0]), g_ref[0], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(np.asarray(g[1]), g_ref[1], rtol=1e-4, atol=1e-4)
+
+
+USER_MAC = jaxconv.Op(lambda x, w: x * w, "sum", name="user_mac")
+
+
+@pytest.mark.parametrize("name,engine", [("adder", "native"), ("adder", "xla"),
+                                         ("l2_exact", "native"), ("l2", "xla"),
+                                         ("xnor", "auto"), ("user_mac", "xla")])
+def test_per_example_kernel_gradients_under_batch_sharding(name: str, engine: str) -> None:
+    # DP-SGD's per-example gradients with the examples sharded over 8 devices: every example
+    # equals the one-device result and a plain-JAX formulation under the same sharding.
+    devices = jax.devices()
+    if len(devices) < 8:
+        pytest.skip("needs 8 devices (tests/conftest.py sets jax_num_cpu_devices=8)")
+    op = USER_MAC if name == "user_mac" else ops.get(name)
+    mesh = Mesh(np.asarray(devices[:8]), ("data",))
+    x, w = data(21, n=16)
+
+    def per_example(f):
+        return jax.jit(jax.vmap(jax.grad(lambda b, xi: f(xi[None], b).sum()),
+                                in_axes=(None, 0)))
+
+    ours = per_example(lambda a, b: jaxconv.conv_general_dilated(
+        a, b, STRIDES, PADDING, rhs_dilation=RHS_DIL, dimension_numbers=DN, op=op,
+        engine=engine))
+    if name in ("adder", "xnor"):  # their stated rules, written out on the windows
+        ones = jnp.ones(conv(x[:1], w, op).shape, jnp.float32)
+        plain = jax.jit(jax.vmap(lambda b, xi: rule_grads(name, xi[None], b, ones)[1],
+                                 in_axes=(None, 0)))
+    else:
+        plain = per_example(lambda a, b: brute_force(a, b, op))
+    xs = jax.device_put(x, NamedSharding(mesh, P("data")))
+    ws = jax.device_put(w, NamedSharding(mesh, P()))
+    one_device = ours(w, x)
+    np.testing.assert_allclose(np.asarray(plain(ws, xs)), one_device, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(ours(ws, xs)), one_device, rtol=1e-5, atol=1e-5)
+    # Each device computes its own two examples' gradients: no collective at all.
+    hlo = ours.lower(ws, xs).compile().as_text()
+    assert not re.search(r"all-gather|all-reduce|all-to-all|collective-permute", hlo)
+
+
+@pytest.mark.parametrize("name", ["adder", "l2", "xnor", "user_mac"])
+def test_per_example_kernel_gradients_with_groups_and_dilations(name: str) -> None:
+    # The per-example kernel gradient's own batching (one matrix product per tap) on a
+    # grouped, input- and kernel-dilated, strided and padded geometry equals a loop.
+    op = USER_MAC if name == "user_mac" else ops.get(name)
+    rng = np.random.default_rng(22)
+    x = jnp.asarray(rng.uniform(-1.5, 1.5, (3, 7, 6, 4)), jnp.float32)
+    w = jnp.asarray(rng.uniform(-1.5, 1.5, (2, 3, 2, 6)), jnp.float32)
+
+    def f(a: jax.Array, b: jax.Array) -> jax.Array:
+        return jaxconv.conv_general_dilated(
+            a, b, (2, 1), ((1, 0), (2, 1)), lhs_dilation=(1, 2), rhs_dilation=(2, 1),
+            dimension_numbers=DN, feature_group_count=2, op=op)
+
+    def loss(b: jax.Array, xi: jax.Array) -> jax.Array:
+        return jnp.sum(f(xi[None], b) ** 2)
+
+    got = jax.jit(jax.vmap(jax.grad(loss), in_axes=(None, 0)))(w, x)
+    for i in range(x.shape[0]):
+        np.testing.assert_allclose(got[i], jax.grad(loss)(w, x[i]), rtol=1e-5, atol=1e-4)
 
 
 def test_out_sharding_argument() -> None:

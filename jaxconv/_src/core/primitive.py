@@ -289,9 +289,11 @@ def _per_example_rule(problem: Problem):
     those products; else `None`.
 
     Per-example kernel gradients (a mapped input, a shared kernel) of these ops are then
-    `jax.vmap` of those products, which JAX batches like its own convolutions'. Folding the
-    examples into feature groups would instead run the whole backward pass grouped (measured
-    20-35x slower on XLA CPU).
+    `jax.vmap` of those products, whose kernel gradient is batched as one matrix product per
+    tap with the examples as its batch dimension (`xla._per_example_kernel_grad`: JAX's own
+    batching, a convolution with a feature group per example, is mis-partitioned by XLA
+    when the examples are sharded). Folding the examples into feature groups would instead
+    run the whole backward pass grouped (measured 20-35x slower on XLA CPU).
     """
     from jaxconv._src.core import algebra  # noqa: PLC0415
     from jaxconv._src.engines import xla  # noqa: PLC0415 - the engines import the core
@@ -302,7 +304,7 @@ def _per_example_rule(problem: Problem):
         return (lambda x, w, y, g: xla.separable_kernel_gradient(problem, kind, x, w, g),
                 False)
     if problem.op.rewrite is not None:  # a rewrite's whole backward is lax products
-        return functools.partial(xla.backward, problem), True
+        return functools.partial(xla.backward, problem, per_example=True), True
     return None
 
 

@@ -6,7 +6,9 @@ The tangent of a product is linear in the operands' tangents `(tx, tw)`:
   the softmax-weighted tangents of the terms);
 - `max` / `min`: the tangent of the winning term, averaged over tied terms -- the rule of
   `jax.jvp(jnp.max)` and the forward twin of the engines' reverse rule (so
-  `jacfwd == jacrev`).
+  `jacfwd == jacrev`). The winners are found together with a recomputed max, from one
+  computation of the terms, never as terms equal to the forward's output (another compiled
+  computation, which may round a user's combine differently).
 
 The tangent of each term is the JVP of the op's `combine`. It is the `conv_tangent`
 primitive's XLA lowering (`jaxconv._src.core.primitive`), whose transpose is the
@@ -28,7 +30,7 @@ from jax import lax
 
 from jaxconv._src.core import algebra
 from jaxconv._src.core.algebra import Op
-from jaxconv._src.engines import taps
+from jaxconv._src.engines import taps, xla
 
 Array = jax.Array
 
@@ -93,19 +95,35 @@ class _Plain:
         return out
 
     def tangent_max_min(self, xb: Array, txb: Array, yb: Array, twt: Array) -> Array:
+        """The tangent of the winning terms, averaged over ties, for one block of images.
+
+        The winners are found together with the max, from one computation of each tap's
+        recomputed terms (`xla.winner_terms`), and the taps' partial results are merged by
+        the same rule: never by comparing recomputed terms with the forward's ``yb``, which
+        a differently compiled forward (the native engine's, or an XLA kernel that contracts
+        ``x * w - x`` into an fma where this one does not) may have rounded otherwise. ``yb``
+        only marks the NaN windows, which have no tangent.
+        """
         acc = self.cfg.acc_dtype
-        count = jnp.zeros(yb.shape, acc)
-        num = jnp.zeros(yb.shape, acc)
+        red = self.cfg.op.reduce
+        best = count = num = None
         for t, tap, m in self.taps:
             c, tc = jax.jvp(lambda a, b, tap=tap: self.terms(a, b, tap), (xb, self.wt[t]),
                             (txb, twt[t]))
-            eq = c == yb[..., None]
+            ident = jnp.asarray(-jnp.inf if red == "max" else jnp.inf, c.dtype)
+            v, (k, s) = xla.winner_terms(red, c, (jnp.ones(c.shape, acc), tc.astype(acc)))
             mk = self.in_bounds(m)
-            if mk is not None:
-                eq = eq & mk
-            count = count + jnp.sum(eq, axis=-1, dtype=acc)
-            num = num + jnp.sum(jnp.where(eq, tc, 0), axis=-1, dtype=acc)
-        return jnp.where(count > 0, num / jnp.maximum(count, 1), 0)
+            if mk is not None:  # padded positions of this tap hold no term
+                on = mk[..., 0]
+                v, k, s = jnp.where(on, v, ident), jnp.where(on, k, 0), jnp.where(on, s, 0)
+            if best is None:
+                best, count, num = v, k, s
+            else:
+                best, (count, num) = xla.winner_merge(red, best, (count, num), v, (k, s))
+        if best is None:
+            return jnp.zeros(yb.shape, acc)
+        real = (count > 0) & jnp.logical_not(jnp.isnan(yb) | jnp.isnan(best))
+        return jnp.where(real, num / jnp.maximum(count, 1), 0).astype(acc)
 
 
 @dataclasses.dataclass(frozen=True)

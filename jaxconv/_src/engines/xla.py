@@ -54,12 +54,14 @@ Faster backward paths where the op allows them:
   the native convolution's kernel gradient minus ``w`` times the sum of the cotangent over
   each tap's positions, and only its clipped input gradient keeps the loop above.
 - Max/min (`_winner_backward`; a pad value, or identity padding held as 0 with the padded
-  taps masked statically): one fused reduction per tap writes, for each output, the sum of
-  ``base + index`` over its winning products, which names the winner when there is one;
-  the cotangent then goes through ``combine``'s VJP at that product and is scatter-added
-  onto the input and the kernel. Tied windows and infinite outputs are recomputed
+  taps masked statically): per tap, the recomputed products are computed once and their
+  max and, for each output, the sum of ``base + index`` over the products equal to it are
+  read from those values (`winner_terms`; merged over the taps), which names the winner
+  when there is one; the cotangent then goes through ``combine``'s VJP at that product and
+  is scatter-added onto the input and the kernel. Tied windows are recomputed
   `MAX_SPARSE_TIES` at a time in a ``while_loop`` (no iteration without them) and split
-  equally; there is no fallback branch.
+  equally; there is no fallback branch. Winners are never found by comparing products with
+  the forward's output, which another kernel may have rounded differently.
 
 The canonical-layout helpers (tap slices, taps-major kernels, batch blocks, padding, dtypes)
 are `jaxconv._src.engines.taps`, shared with the other engines.
@@ -533,6 +535,59 @@ def _native_valid(xp: Array, w: Array, geom: Geometry, out_dtype: Any = None) ->
         preferred_element_type=out_dtype)
 
 
+def _valid_geometry(geom: Geometry, padded: tuple[int, ...]) -> Geometry:
+    """``geom`` on an input already padded (and dilated) to ``padded``."""
+    nsd = len(geom.window)
+    return Geometry(tuple(padded), geom.window, geom.strides, ((0, 0),) * nsd, (1,) * nsd,
+                    geom.rhs_dilation, geom.groups)
+
+
+def _per_example_kernel_grad(xp: Array, ct: Array, geom: Geometry, acc: Any) -> Array:
+    """The kernel gradients of the standard valid product, one per example: ``xp`` (B, N,
+    *padded, C) and the cotangent ``ct`` (B, N, *out_spatial, O) -> (B, *window, I, O).
+
+    Per tap, one matrix product with the examples as its batch dimension. (``jax.vmap`` of
+    the product's kernel gradient is a convolution with one feature group per example,
+    which XLA's SPMD partitioner gets wrong when the examples are sharded: measured on
+    jax 0.10 with 8 CPU devices, Shardy returned the first device's examples right and the
+    others wrong, and GSPMD failed to compile. A matrix product's batch dimension
+    partitions like the batch.)
+    """
+    b, n = xp.shape[:2]
+    vg = _valid_geometry(geom, xp.shape[2:-1])
+    g = geom.groups
+    p = max(1, math.prod(geom.out_spatial))
+    flat = xp.reshape(b * n, *xp.shape[2:])
+    cts = ct.reshape(b, n * p, g, -1)
+    parts = []
+    for tap in vg.taps():
+        xs = taps.tap_input(flat, vg, tap, g).reshape(b, n * p, g, -1)
+        parts.append(jnp.einsum("bmgi,bmgo->bigo", xs, cts, precision=lax.Precision.HIGHEST,
+                                preferred_element_type=acc))
+    out = jnp.stack(parts, axis=1)  # (B, T, I, G, Og)
+    return out.reshape(b, *geom.window, out.shape[2], g * out.shape[-1])
+
+
+@functools.lru_cache(maxsize=256)
+def _kernel_grad_fn(geom: Geometry, w_shape: tuple[int, ...], acc: Any) -> Any:
+    """``(xp, ct) -> gw``, the kernel gradient of `_native_valid` (``xp`` padded), batched
+    by `_per_example_kernel_grad` under ``jax.vmap``."""
+    acc = jnp.dtype(acc)
+
+    @jax.custom_batching.custom_vmap
+    def grad(xp: Array, ct: Array) -> Array:
+        _, vjp = jax.vjp(lambda b: _native_valid(xp, b, geom, acc), jnp.zeros(w_shape, acc))
+        return vjp(ct.astype(acc))[0]
+
+    @grad.def_vmap
+    def rule(size: int, batched: list[bool], xp: Array, ct: Array) -> tuple[Array, bool]:
+        xp, ct = (a if on else jnp.broadcast_to(a, (size, *a.shape))
+                  for a, on in zip((xp, ct), batched, strict=True))
+        return _per_example_kernel_grad(xp, ct, geom, acc), True
+
+    return grad
+
+
 def _native_mul_forward(cfg: Config, x: Array, w: Array) -> Array:
     """A user's multiply-and-add as one native product of the padded input: ``(N, P, G, Og)``.
 
@@ -569,8 +624,17 @@ def _separable_grads(cfg: Config, kind: str, x: Array, w: Array, gy: Array
     if kind == "mul":
         _, pad_vjp = jax.vjp(lambda a: taps.pad_input(a, op, geom), x)
         return pad_vjp(gxp.astype(x.dtype))[0], gw.astype(w.dtype)
-    # adder (sqdiff: twice that): minus w times the sum of the cotangent over the positions
-    # each tap sees.
+    return None, _adder_terms(cfg, kind, w, gy, gw)
+
+
+def _adder_terms(cfg: Config, kind: str, w: Array, gy: Array, gw: Array) -> Array:
+    """A separable kernel gradient from the standard product's ``gw``: itself for ``"mul"``;
+    for ``"adder"`` (``"sqdiff"``: twice that) minus ``w`` times the sum of the cotangent
+    ``gy`` (N, P, G, Og) over the positions each tap sees."""
+    op, geom, acc = cfg.op, cfg.geom, cfg.acc_dtype
+    if kind == "mul":
+        return gw.astype(w.dtype)
+    n = gy.shape[0]
     p = max(1, math.prod(geom.out_spatial))
     gsum = jnp.sum(gy.astype(acc).reshape(n, p, -1), axis=0)  # (P, O)
     mask = geom.valid_mask() if op.pad_value is None else None
@@ -581,14 +645,19 @@ def _separable_grads(cfg: Config, kind: str, x: Array, w: Array, gy: Array
         s = jnp.asarray(masks, acc) @ gsum  # (T, O)
     s = s.reshape(*geom.window, 1, w.shape[-1])
     gw = gw - w.astype(acc) * s
-    return None, (2 * gw if kind == "sqdiff" else gw).astype(w.dtype)
+    return (2 * gw if kind == "sqdiff" else gw).astype(w.dtype)
 
 
 def separable_kernel_gradient(problem: Any, kind: str, x: Array, w: Array, g: Array) -> Array:
     """The kernel gradient of a `separable_kind` op, in standard products (see
-    `_separable_grads`)."""
+    `_separable_grads`), for per-example gradients: under ``jax.vmap`` the product's kernel
+    gradient is `_per_example_kernel_grad`, which partitions over sharded examples."""
     cfg = _config(problem, x, w)
-    return _separable_grads(cfg, kind, x, w, _grouped(cfg, g))[1]
+    acc = cfg.acc_dtype
+    xp = taps.pad_input(x, cfg.op, cfg.geom).astype(acc)
+    g4 = g.astype(acc).reshape(x.shape[0], *cfg.geom.out_spatial, w.shape[-1])
+    gw = _kernel_grad_fn(cfg.geom, tuple(w.shape), acc)(xp, g4)
+    return _adder_terms(cfg, kind, w, _grouped(cfg, g), gw)
 
 
 def _backward(cfg: Config, x: Array, w: Array, y: Array, gy: Array, fill: bool):
@@ -709,24 +778,74 @@ def _winner_base(geom: Geometry, in_per_group: int) -> int | None:
     return base if 4 * base <= 2**24 else None
 
 
-def _winner_codes(cfg: Config, xp: Array, wt: Array, y: Array, base: int,
-                  tmask: np.ndarray | None = None) -> Array:
-    """Per output, ``sum over its winning products of (base + t * I + i)`` in float32.
+def winner_merge(red: str, va: Array, pa: tuple, vb: Array, pb: tuple) -> tuple:
+    """Merges two partial max/min results (`winner_terms`) with the payloads summed over
+    their winners: ``(value, payloads)``, elementwise.
+
+    The larger value (smaller for ``"min"``) keeps its payloads; equal values (``-0 == 0``)
+    add them; NaN beats every number (its window has no gradient, and the callers mask it).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> v, (n,) = winner_merge("max", jnp.array([3.0]), (jnp.array([2.0]),),
+      ...                        jnp.array([3.0]), (jnp.array([1.0]),))
+      >>> float(v[0]), float(n[0])
+      (3.0, 3.0)
+    """
+    nan_a, nan_b = va != va, vb != vb  # noqa: PLR0124 - NaN test inside a reducer
+    a_wins = ((va > vb) if red == "max" else (va < vb)) | nan_a
+    b_wins = (((vb > va) if red == "max" else (vb < va)) | nan_b) & ~nan_a
+    a_wins = a_wins & ~nan_b
+    value = jnp.where(b_wins, vb, va)
+    return value, tuple(jnp.where(a_wins, a, jnp.where(b_wins, b, a + b))
+                        for a, b in zip(pa, pb, strict=True))
+
+
+def winner_terms(red: str, c: Array, payloads: tuple) -> tuple[Array, tuple]:
+    """The max (``red == "max"``) or min of ``c`` over its last axis and each payload summed
+    over the entries that attain it: ``(value, sums)``.
+
+    ``c`` is computed once (an optimization barrier: XLA stores it), and the max and the
+    comparisons read those stored values. Recomputed in two kernels, ``c`` may be rounded
+    differently in each (XLA contracts ``x * w - x`` into an fma in one kernel and not in
+    another), and then no entry would equal the max. A NaN may be dropped by the max
+    (XLA CPU's vectorised reductions): the callers mask NaN windows.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> ones, t = jnp.ones((1, 3)), jnp.array([[5.0, 1.0, 2.0]])
+      >>> v, (n, s) = winner_terms("max", jnp.array([[1.0, 3.0, 3.0]]), (ones, t))
+      >>> float(v[0]), float(n[0]), float(s[0])
+      (3.0, 2.0, 3.0)
+    """
+    c = lax.optimization_barrier(c)
+    value = (jnp.max if red == "max" else jnp.min)(c, axis=-1)
+    eq = c == value[..., None]
+    return value, tuple(jnp.sum(jnp.where(eq, p, jnp.zeros((), p.dtype)), axis=-1)
+                        for p in payloads)
+
+
+def _winner_codes(cfg: Config, xp: Array, wt: Array, base: int,
+                  tmask: np.ndarray | None = None) -> tuple[Array, Array]:
+    """Per output, its recomputed max/min and ``sum over its winning products of (base + t * I
+    + i)`` in float32: ``(value, code)``.
 
     One winner gives a code in ``[base, 2 base)`` that names it; ties give ``>= 2 base``; a
-    window with a NaN or an infinite output gives NaN or garbage (the caller sends the
-    infinite ones to the tie pass). Every real product is ``<= y`` for max (``>= y`` for
-    min), equal at the winners bit for bit. The indicator is the comparison ``c == y``: the
-    arithmetic ``1 - sign(y - c)``, which XLA CPU keeps inside its fused reduction kernels,
-    is contracted into an fma for a multiplying combine, whose exact difference is not zero
-    at the winner. All sums are of integers below ``2**24``: exact.
+    window with a NaN product gives garbage (the caller masks it). The winners are found
+    together with the max, from one computation of the recomputed products (`winner_terms`),
+    never by comparing the products with the forward's output: XLA may round a user's
+    combine differently in the forward's kernel (e.g. ``x * w - x`` with or without an fma),
+    and then no product would equal it. Where the two roundings order two nearly equal
+    products differently, the gradient goes to this computation's winner. All sums are of
+    integers below ``2**24``: exact.
 
     ``tmask`` (T, P): with identity padding, the static validity of each tap at each output
-    position; the padded cells hold 0, whose products may beat ``y`` (or be NaN), so a tap's
-    reduced codes are zeroed (a select on the reduced ``(Nb, P, G, Og)`` part, outside the
-    products' reduction) where the tap sees padding.
+    position; the padded cells hold 0, whose products may beat the window's (or be NaN), so
+    a tap's reduced part is replaced by the identity with no code (a select on the reduced
+    ``(Nb, P, G, Og)`` part, outside the products' reduction) where the tap sees padding.
     """
     op, geom = cfg.op, cfg.geom
+    red = op.reduce
     g, og, i = wt.shape[1:]
     p = max(1, math.prod(geom.out_spatial))
     nt = len(geom.taps())
@@ -740,27 +859,33 @@ def _winner_codes(cfg: Config, xp: Array, wt: Array, y: Array, base: int,
     oc = max(d for d in range(1, og + 1) if og % d == 0 and d <= fit)
     nc = og // oc
     xp, n = taps.pad_rows(xp, nb)
-    y, _ = taps.pad_rows(y, nb)
     nblk = xp.shape[0] // nb
+    dtype = jax.eval_shape(op.combine, jax.ShapeDtypeStruct((), xp.dtype),
+                           jax.ShapeDtypeStruct((), wt.dtype)).dtype
+    ident = jnp.asarray(-jnp.inf if red == "max" else jnp.inf, dtype)
 
-    def step(s: Any, tot: Array) -> Array:
+    def step(s: Any, carry: tuple[Array, Array]) -> tuple[Array, Array]:
         # One loop over (block of images, tap, chunk of output channels): one compiled body.
         b, k, j = _div(s, nt * nc), _rem(_div(s, nc), nt), _rem(s, nc)
         xs = taps.tap_slice_at(xp, geom, offs_j[k], b * nb, nb).reshape(nb, p, g, i)
         wc = lax.dynamic_slice(wt, (k, 0, j * oc, 0), (1, g, oc, i))[0]
         at = (b * nb, 0, 0, j * oc)
-        yc = lax.dynamic_slice(y, at, (nb, p, g, oc))
-        code = (base + k * i + jnp.arange(i)).astype(jnp.float32).reshape(1, 1, 1, 1, i)
         c = _fwd_products(op, xs, wc)
-        # A comparison, not 1 - sign(y - c): XLA CPU contracts y - x * w into an fma,
-        # whose exact difference is not 0 at the winner of a multiplying combine.
-        part = jnp.sum(jnp.where(c == yc[..., None], code, 0.0), axis=-1)
+        code = jnp.broadcast_to(
+            (base + k * i + jnp.arange(i)).astype(jnp.float32).reshape(1, 1, 1, 1, i), c.shape)
+        val, (part,) = winner_terms(red, c, (code,))
         if tmask_j is not None:
-            mk = lax.dynamic_index_in_dim(tmask_j, k, axis=0, keepdims=False)
-            part = jnp.where(mk.reshape(1, p, 1, 1), part, 0)
-        return lax.dynamic_update_slice(tot, lax.dynamic_slice(tot, at, part.shape) + part, at)
+            mk = lax.dynamic_index_in_dim(tmask_j, k, axis=0, keepdims=False).reshape(1, p, 1, 1)
+            val, part = jnp.where(mk, val, ident), jnp.where(mk, part, 0)
+        cur_v, cur_c = (lax.dynamic_slice(a, at, part.shape) for a in carry)
+        val, (part,) = winner_merge(red, cur_v, (cur_c,), val, (part,))
+        return (lax.dynamic_update_slice(carry[0], val, at),
+                lax.dynamic_update_slice(carry[1], part, at))
 
-    return lax.fori_loop(0, nblk * nt * nc, step, jnp.zeros(y.shape, jnp.float32))[:n]
+    shape = (nblk * nb, p, g, og)
+    init = (jnp.broadcast_to(ident, shape), jnp.zeros(shape, jnp.float32))
+    val, tot = lax.fori_loop(0, nblk * nt * nc, step, init)
+    return val[:n], tot[:n]
 
 
 def _div(a: Any, m: int) -> Array:
@@ -805,15 +930,13 @@ def _winner_backward(cfg: Config, x: Array, w: Array, y: Array, gy: Array) -> tu
     and of the tied windows' products); a dominated fill is not used, since a non-finite
     kernel entry would make it NaN. Where a window has one winner, its cotangent goes
     through ``combine``'s VJP at that one product (gathered) and is scatter-added onto the
-    input and the kernel. The tied windows and those with an infinite output (the next
-    ones in index order, by `_next_true`) are recomputed whole (their ``T x I``
-    products), `MAX_SPARSE_TIES` at a time in a
+    input and the kernel. The tied windows (the next ones in index order, by `_next_true`)
+    are recomputed whole (their ``T x I`` products), `MAX_SPARSE_TIES` at a time in a
     ``while_loop`` that runs once per such chunk (not at all without ties), and their
-    cotangent is split equally among the tied products. A window with a NaN has no
-    gradient (none of its products equals its NaN output), as in the exact rule; so has a
-    window whose winner a user's combine does not recompute bit for bit (XLA may evaluate
-    ``tanh`` differently in two fused kernels; the codes' reduction is fused as the
-    forward's is, which keeps that rare).
+    cotangent is split equally among the products equal to the max of that recomputation. A
+    window with a NaN has no gradient, as in the exact rule. Winners are never found by
+    comparing recomputed products with ``y``: the forward's kernel may round a user's
+    combine differently (see `_winner_codes`), so ``y`` only marks the NaN windows.
     """
     op, geom = cfg.op, cfg.geom
     xp = taps.pad_input(x, op, geom)
@@ -831,12 +954,12 @@ def _winner_backward(cfg: Config, x: Array, w: Array, y: Array, gy: Array) -> tu
         if tmask.all():
             tmask = None
     base = _winner_base(geom, i)
-    tot = _winner_codes(cfg, xp, wt, y, base, tmask)
+    val, tot = _winner_codes(cfg, xp, wt, base, tmask)
     flat = jnp.clip(tot - base, 0, nt * i - 1).astype(jnp.int32)
-    # An infinite output's winners (``inf - inf`` in the codes) are found by the tie pass.
-    inf = jnp.isinf(y)
-    single = (tot >= base) & (tot < 2 * base) & jnp.logical_not(inf)
-    tie = (tot >= 2 * base) | inf
+    # A window with a NaN (the forward's, or the recomputed products') has no gradient.
+    real = jnp.logical_not(jnp.isnan(y) | jnp.isnan(val))
+    single = (tot >= base) & (tot < 2 * base) & real
+    tie = (tot >= 2 * base) & real
     n_ties = jnp.sum(tie, dtype=jnp.int32)
     gdt = jnp.promote_types(x.dtype, jnp.float32)
 
@@ -887,7 +1010,9 @@ def _winner_backward(cfg: Config, x: Array, w: Array, y: Array, gy: Array) -> tu
     kt = jnp.arange(nt).reshape(1, nt, 1)
     ki = jnp.arange(i).reshape(1, 1, i)
     tmask_j = None if tmask is None else jnp.asarray(tmask.T)
-    yf_all, gf_all = y.reshape(-1), gy.reshape(-1)
+    gf_all = gy.reshape(-1)
+    red = op.reduce
+    ident = -jnp.inf if red == "max" else jnp.inf
 
     def tie_chunk(carry: tuple) -> tuple:
         j, last, gxf, gwf = carry
@@ -901,9 +1026,16 @@ def _winner_backward(cfg: Config, x: Array, w: Array, y: Array, gy: Array) -> tu
         kwi = jnp.broadcast_to(
             w_index(kt, kg.reshape(k, 1, 1), ko.reshape(k, 1, 1), ki), (k, nt, i))
         ck, vjpk = jax.vjp(op.combine, xf[kxi], wf[kwi])
-        eq = ck == yf_all[sel].reshape(k, 1, 1)
+        # The winners are those equal to the max of these very products: the barrier makes
+        # XLA compute them once, so that the max and the comparisons read the same values.
+        ck = lax.optimization_barrier(ck)
         if tmask_j is not None:  # padded taps are not products
-            eq = eq & tmask_j[kp].reshape(k, nt, 1)
+            on = jnp.broadcast_to(tmask_j[kp].reshape(k, nt, 1), ck.shape)
+            ck = jnp.where(on, ck, jnp.asarray(ident, ck.dtype))
+        top = (jnp.max if red == "max" else jnp.min)(ck, axis=(1, 2), keepdims=True)
+        eq = ck == top
+        if tmask_j is not None:
+            eq = eq & on
         cnt = jnp.maximum(jnp.sum(eq, axis=(1, 2)), 1)
         sk = jnp.where(valid, gf_all[sel].astype(gdt) / cnt, 0).reshape(k, 1, 1)
         dxk, dwk = vjpk(jnp.where(eq, sk, 0).astype(ck.dtype))
@@ -1047,7 +1179,33 @@ def _log_backward(cfg: Config, x: Array, w: Array, y: Array, gy: Array) -> tuple
     return lax.cond(ok, fast, exact, ex, ew, yo, go, x, w, y, gy)
 
 
-def _rewritten(problem: Any, x: Array, w: Array) -> Array:
+def _per_example_product(product: Any, geom: Geometry) -> Any:
+    """``product`` (a standard convolution of ``geom``, padding included) whose kernel
+    gradient is `_kernel_grad_fn`'s: under ``jax.vmap`` (per-example gradients) one matrix
+    product per tap with the examples as its batch dimension, which XLA partitions over
+    sharded examples (see `_per_example_kernel_grad`)."""
+
+    @jax.custom_vjp
+    def prod(lhs: Array, rhs: Array) -> Array:
+        return product(lhs, rhs)
+
+    def fwd(lhs: Array, rhs: Array) -> tuple[Array, tuple[Array, Array]]:
+        return product(lhs, rhs), (lhs, rhs)
+
+    def bwd(res: tuple[Array, Array], ct: Array) -> tuple[Array, Array]:
+        lhs, rhs = res
+        _, vjp = jax.vjp(lambda a: product(a, rhs), lhs)
+        pgeom = dataclasses.replace(geom, in_spatial=tuple(lhs.shape[1:-1]))
+        lp = lax.pad(lhs, jnp.asarray(0, lhs.dtype), pgeom.pad_config)
+        acc = jnp.promote_types(ct.dtype, jnp.float32)
+        grhs = _kernel_grad_fn(pgeom, tuple(rhs.shape), acc)(lp, ct)
+        return vjp(ct)[0], grhs.astype(rhs.dtype)
+
+    prod.defvjp(fwd, bwd)
+    return prod
+
+
+def _rewritten(problem: Any, x: Array, w: Array, per_example: bool = False) -> Array:
     """An op's native rewrite (``op.rewrite(product, x, w)``, e.g. ``xnor``, ``l2``) with
     ``product`` the standard convolution of this geometry in the canonical layout (a batched
     matrix product ``(G, M, K) x (K, G, N)`` for a dense problem); a pad value is written into
@@ -1071,6 +1229,9 @@ def _rewritten(problem: Any, x: Array, w: Array) -> Array:
         lhs_dilation=lhs_dil, rhs_dilation=geom.rhs_dilation,
         dimension_numbers=_canonical_dimension_numbers(nsd),
         feature_group_count=geom.groups, **kw)
+    if per_example:
+        product = _per_example_product(product, dataclasses.replace(
+            geom, padding=tuple(pads), lhs_dilation=tuple(lhs_dil)))
     return op.rewrite(product, x, w).astype(problem.acc_dtype)
 
 
@@ -1113,13 +1274,20 @@ def forward(problem: Any, x: Array, w: Array) -> Array:
 
 
 def backward(problem: Any, x: Array, w: Array, y: Array, g: Array,
-             need: tuple[bool, bool] = (True, True)) -> tuple[Array, Array]:
-    """The input and kernel gradients given the output ``y`` and its cotangent ``g``."""
+             need: tuple[bool, bool] = (True, True), per_example: bool = False
+             ) -> tuple[Array, Array]:
+    """The input and kernel gradients given the output ``y`` and its cotangent ``g``.
+
+    ``per_example``: the call is ``jax.vmap``-ed over examples with a shared kernel (an op
+    with a rewrite then takes its kernel gradient in products that partition over sharded
+    examples: `_per_example_product`).
+    """
     del need  # both gradients come out of the same passes
     cfg = _config(problem, x, w)
     y4, g4 = _grouped(cfg, y), _grouped(cfg, g)
     if cfg.op.rewrite is not None:
-        _, vjp = jax.vjp(functools.partial(_rewritten, problem), x, w)
+        _, vjp = jax.vjp(functools.partial(_rewritten, problem, per_example=per_example),
+                         x, w)
         gx, gw = vjp(g.astype(cfg.acc_dtype))
     elif is_log_semiring(cfg.op) and jnp.issubdtype(x.dtype, jnp.floating):
         gx, gw = _log_backward(cfg, x, w, y4, g4)
