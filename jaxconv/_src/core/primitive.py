@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax._src import ad_util, dispatch
+from jax._src import config as _config
 from jax._src import core as _core
 from jax.extend import core as jex_core
 from jax.interpreters import ad, batching, mlir
@@ -94,21 +95,51 @@ backward_p.multiple_results = True
 
 def conv(x: Array, w: Array, problem: Problem) -> Array:
     """The generalized convolution of canonical `x` and `w`: `(N, *out_spatial, O)`."""
-    return conv_p.bind(x, w, problem=problem)
+    return conv_p.bind(*_same_varying(x, w), problem=problem)
+
+
+# --- types under jax.shard_map: varying manual axes ----------------------------------------
+#
+# Inside `jax.shard_map` (with its default `check_vma=True`) every value's type says over
+# which manual mesh axes it varies. As lax's primitives do, the operands are first made to
+# vary over the union of their axes (`pvary`, whose transpose is the `psum` that sums a
+# replicated kernel's per-device gradients), and the outputs vary over that union; each
+# gradient has its primal's type.
+
+def _same_varying(*args: Array) -> list[Array]:
+    """`args`, each cast to vary over the union of the manual axes any of them varies over."""
+    if not _config._check_vma.value:
+        return list(args)
+    vmas = [_core.typeof(a).mat.varying for a in args]
+    union = frozenset().union(*vmas)
+    if not union:
+        return list(args)
+    return [a if vma == union else _core.pvary(a, tuple(n for n in union if n not in vma))
+            for a, vma in zip(args, vmas, strict=True)]
+
+
+def _out_aval(shape: tuple[int, ...], dtype: Any, *operands: Any) -> Any:
+    """The output type: varying over the operands' manual axes, else unsharded in type."""
+    vma = frozenset().union(*(a.mat.varying for a in operands))
+    if not vma:
+        return _core.ShapedArray(shape, dtype)
+    ref = next(a for a in operands if a.mat.varying)
+    return _core.ShapedArray(shape, dtype, sharding=_core.get_cur_mesh_sharding(),
+                             manual_axis_type=ref.mat.update(varying=vma))
 
 
 def _conv_abstract(x, w, *, problem):
-    return _core.ShapedArray(_out_shape(problem, x.shape, w.shape), problem.acc_dtype)
+    return _out_aval(_out_shape(problem, x.shape, w.shape), problem.acc_dtype, x, w)
 
 
 def _tangent_abstract(x, w, y, tx, tw, *, problem, active):
-    del tx, tw, active
-    return _core.ShapedArray(y.shape, y.dtype)
+    del problem, active
+    return _out_aval(y.shape, y.dtype, x, w, y, tx, tw)
 
 
 def _backward_abstract(x, w, y, g, *, problem, need):
     del y, g, problem, need
-    return [_core.ShapedArray(x.shape, x.dtype), _core.ShapedArray(w.shape, w.dtype)]
+    return [x.update(weak_type=False), w.update(weak_type=False)]
 
 
 conv_p.def_abstract_eval(_conv_abstract)
@@ -131,16 +162,39 @@ def _backward_impl(x, w, y, g, *, problem, need, platform):
     return [gx, gw]
 
 
+def _plain(aval: Any) -> Any:
+    return _core.ShapedArray(aval.shape, aval.dtype, aval.weak_type)
+
+
+def _per_device(impl, multiple_results: bool):
+    """The lowering of `impl`, traced on plain per-device types.
+
+    Inside `jax.shard_map` the operands' types say over which manual axes they vary; the
+    engines' loops start from constants (invariant) and update them with the operands
+    (varying), a difference only that typing sees, and the primitive's own abstract
+    evaluation has already typed its results. So the engine is traced as per-device code on
+    types without varying axes (or shardings)."""
+    lower = mlir.lower_fun(impl, multiple_results=multiple_results)
+
+    def rule(ctx, *args, **params):
+        outs = ctx.avals_out
+        ctx = ctx.replace(avals_in=[_plain(a) for a in ctx.avals_in],
+                          avals_out=None if outs is None else [_plain(a) for a in outs])
+        return lower(ctx, *args, **params)
+
+    return rule
+
+
 for _platform in PLATFORMS:
     mlir.register_lowering(
-        conv_p, mlir.lower_fun(functools.partial(_forward_impl, platform=_platform),
-                               multiple_results=False), platform=_platform)
+        conv_p, _per_device(functools.partial(_forward_impl, platform=_platform), False),
+        platform=_platform)
     mlir.register_lowering(
-        tangent_p, mlir.lower_fun(functools.partial(_tangent_impl, platform=_platform),
-                                  multiple_results=False), platform=_platform)
+        tangent_p, _per_device(functools.partial(_tangent_impl, platform=_platform), False),
+        platform=_platform)
     mlir.register_lowering(
-        backward_p, mlir.lower_fun(functools.partial(_backward_impl, platform=_platform),
-                                   multiple_results=True), platform=_platform)
+        backward_p, _per_device(functools.partial(_backward_impl, platform=_platform), True),
+        platform=_platform)
 
 
 # --- differentiation -------------------------------------------------------------------------
@@ -152,7 +206,8 @@ def _conv_jvp(primals, tangents, *, problem):
     active = (type(tx) is not ad.Zero, type(tw) is not ad.Zero)
     if not any(active):
         return y, ad_util.p2tz(y)
-    ty = tangent_p.bind(x, w, y, ad.instantiate_zeros(tx), ad.instantiate_zeros(tw),
+    ty = tangent_p.bind(*_same_varying(x, w, y, ad.instantiate_zeros(tx),
+                                       ad.instantiate_zeros(tw)),
                         problem=problem, active=active)
     return y, ty
 
@@ -165,7 +220,7 @@ def _tangent_transpose(ct, x, w, y, tx, tw, *, problem, active):
     zeros = [ad.Zero(tx.aval) if need[0] else None, ad.Zero(tw.aval) if need[1] else None]
     if type(ct) is ad.Zero or not any(need):
         return [None, None, None, *zeros]
-    gx, gw = backward_p.bind(x, w, y, ct, problem=problem, need=need)
+    gx, gw = backward_p.bind(*_same_varying(x, w, y, ct), problem=problem, need=need)
     return [None, None, None, gx if need[0] else None, gw if need[1] else None]
 
 
