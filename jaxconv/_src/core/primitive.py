@@ -20,9 +20,12 @@ repeated once per group. Nothing is ever run once per mapped element.
 
 Each primitive is lowered, per platform, by the engine that `jaxconv._src.core.planner`
 picks for that platform: the platform is the one being lowered for, so a function
-cross-lowered for `"cuda"` or `"tpu"` on a CPU host gets the accelerator's engine. Eager
-calls go through JAX's primitive dispatch, which compiles each primitive once per shape and
-problem and reuses it.
+cross-lowered for `"cuda"` or `"tpu"` on a CPU host gets the accelerator's engine. Under
+a mesh, the native engine's custom calls are partitioned by `jaxconv._src.core.partitioning`
+(each device's call on its local shapes); the other engines are plain lax code that JAX's
+partitioner partitions itself. Inside `jax.shard_map` the primitives type their results with
+the operands' varying mesh axes. Eager calls go through JAX's primitive dispatch, which
+compiles each primitive once per shape and problem and reuses it.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from jax._src import core as _core
 from jax.extend import core as jex_core
 from jax.interpreters import ad, batching, mlir
 
+from jaxconv._src.core import partitioning
 from jaxconv._src.core.algebra import Op
 from jaxconv._src.core.geometry import Geometry
 
@@ -147,10 +151,24 @@ tangent_p.def_abstract_eval(_tangent_abstract)
 backward_p.def_abstract_eval(_backward_abstract)
 for _p in (conv_p, tangent_p, backward_p):
     _p.def_impl(functools.partial(dispatch.apply_primitive, _p))
+# A native call is lowered through `custom_partitioning`, which needs the devices to lower.
+dispatch.prim_requires_devices_during_lowering.update((conv_p, backward_p))
+
+
+def _custom_call(engine: Any, platform: str) -> bool:
+    """Whether `engine` lowers to a custom call that the SPMD partitioner would replicate
+    (the native CPU engine): such calls are partitioned by `partitioning`. (Pallas on CPU
+    runs in interpret mode, plain lax code; on GPU / TPU no call goes through here.)"""
+    from jaxconv._src.engines import adapters  # noqa: PLC0415
+
+    return platform == "cpu" and engine is adapters.NATIVE
 
 
 def _forward_impl(x, w, *, problem, platform):
-    return _engine(problem, platform).forward(problem, x, w)
+    engine = _engine(problem, platform)
+    if _custom_call(engine, platform):
+        return partitioning.forward(problem, engine, x, w)
+    return engine.forward(problem, x, w)
 
 
 def _tangent_impl(x, w, y, tx, tw, *, problem, active, platform):
@@ -158,7 +176,11 @@ def _tangent_impl(x, w, y, tx, tw, *, problem, active, platform):
 
 
 def _backward_impl(x, w, y, g, *, problem, need, platform):
-    gx, gw = _engine(problem, platform).backward(problem, x, w, y, g, need)
+    engine = _engine(problem, platform)
+    if _custom_call(engine, platform):
+        gx, gw = partitioning.backward(problem, engine, x, w, y, g, need)
+    else:
+        gx, gw = engine.backward(problem, x, w, y, g, need)
     return [gx, gw]
 
 
