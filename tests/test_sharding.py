@@ -11,7 +11,11 @@ compiled HLO as well as on the numbers.
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -254,3 +258,33 @@ def test_scalar_translation_ignores_reductions_over_no_axes() -> None:
                                    "float32", 2)
     assert progs[0].primitives() == outside.primitives()
     assert "reduce_sum" not in progs[0].primitives()
+
+
+def test_benchmark_smoke(tmp_path) -> None:
+    """`python -m benchmarks.sharding --smoke` runs and reports the collectives it found."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "bench.json"
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.sharding", "--smoke", "--ops",
+                           "max_plus", "--json", str(out)], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["op"] == "max_plus" and row["one_ms"] > 0 and row["eight_ms"] > 0
+    assert row["fwd_collectives"] == [] and row["loss_rel_diff"] < 1e-5
+    assert all(c.startswith("all-reduce") for c in row["step_collectives"])
+
+
+@pytest.mark.parametrize("op", ["max_plus", "adder"])
+def test_sharded_contraction_is_gathered_correctly(op: str) -> None:
+    """Input channels sharded (x's last axis, w's input axis): the native call needs them
+    whole, so they are gathered -- same numbers as one device, calls on all channels."""
+    mesh = _mesh()
+    x, w = _data(7, c=8)
+    xs = jax.device_put(x, NamedSharding(mesh, P(None, None, None, "data")))
+    ws = jax.device_put(w, NamedSharding(mesh, P(None, None, "data", None)))
+    f = _conv(op)
+    hlo = jax.jit(f).lower(xs, ws).compile().as_text()
+    assert all(c[0][-1] == 8 for c in _native_calls(hlo))
+    _close(jax.jit(f)(xs, ws), f(x, w))
+    _close(jax.jit(_grad(f))(xs, ws), jax.jit(_grad(f))(x, w))
