@@ -288,3 +288,49 @@ def test_sharded_contraction_is_gathered_correctly(op: str) -> None:
     assert all(c[0][-1] == 8 for c in _native_calls(hlo))
     _close(jax.jit(f)(xs, ws), f(x, w))
     _close(jax.jit(_grad(f))(xs, ws), jax.jit(_grad(f))(x, w))
+
+
+def test_vmap_of_a_sharded_call_keeps_the_batch_split() -> None:
+    """The mapped axis folds into the batch as its minor part: the sharded images stay on
+    their devices (no collective), each call on 3 x 2 images."""
+    mesh = _mesh()
+    rng = np.random.default_rng(8)
+    x = jnp.asarray(rng.normal(size=(3, 16, 6, 7, 4)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(3, 3, 4, 8)), jnp.float32)
+    f = jax.vmap(_conv("max_plus"), in_axes=(0, None))
+    xs = jax.device_put(x, NamedSharding(mesh, P(None, "data")))
+    hlo = jax.jit(f).lower(xs, w).compile().as_text()
+    assert not _collectives(hlo)
+    assert all(c[0][0] == 6 for c in _native_calls(hlo))
+    y = jax.jit(f)(xs, w)
+    assert y.sharding.is_equivalent_to(NamedSharding(mesh, P(None, "data")), y.ndim)
+    _close(y, jax.jit(f)(x, w))
+
+
+@pytest.mark.parametrize(("op", "layout"), [("max_plus", "data"), ("adder", "model"),
+                                            ("log", "data")])
+def test_explicit_mesh_types_outputs_as_lax(op: str, layout: str) -> None:
+    """On an explicit-axes mesh the output is typed as lax's convolution's (batch axes from
+    the input, output-feature axes from the kernel); gradients keep their primals' types."""
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 devices")
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+    x, w = _data(9)
+    xspec, wspec = (P("data"), P()) if layout == "data" else (P(), P(None, None, None, "data"))
+    xs = jax.device_put(x, NamedSharding(mesh, xspec))
+    ws = jax.device_put(w, NamedSharding(mesh, wspec))
+    f = _conv(op)
+    with jax.set_mesh(mesh):
+        y = jax.jit(f)(xs, ws)
+        gx, gw = jax.jit(_grad(f))(xs, ws)
+        if layout == "data":
+            y_lax = jax.jit(lambda a, b: lax.conv_general_dilated(
+                a, b, (1, 1), "SAME", dimension_numbers=DN))(xs, ws)
+            assert jax.typeof(y).sharding.spec == jax.typeof(y_lax).sharding.spec
+    # (lax asks for out_sharding= when the kernel is sharded; the output features it gets)
+    want = P("data", None, None, None) if layout == "data" else P(None, None, None, "data")
+    assert jax.typeof(y).sharding.spec == want
+    assert gx.sharding.is_equivalent_to(xs.sharding, 4)
+    assert gw.sharding.is_equivalent_to(ws.sharding, 4)
+    _close(y, f(x, w))
+    _close((gx, gw), jax.jit(_grad(f))(x, w))

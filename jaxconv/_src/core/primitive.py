@@ -132,12 +132,33 @@ def _out_aval(shape: tuple[int, ...], dtype: Any, *operands: Any) -> Any:
                              manual_axis_type=ref.mat.update(varying=vma))
 
 
+def _explicit_spec(x: Any, w: Any) -> Any:
+    """On a mesh with explicit axes, the output's spec as lax's convolution types it: the
+    input's batch axes and the kernel's output-feature axes (`None`: not typed sharded)."""
+    mesh = x.sharding.mesh
+    if mesh.empty or not mesh.explicit_axes or x.mat.varying:
+        return None
+    from jax.sharding import PartitionSpec  # noqa: PLC0415
+
+    xs, ws = tuple(x.sharding.spec), tuple(w.sharding.spec)
+    batch = xs[0] if xs else None
+    out = ws[w.ndim - 1] if len(ws) == w.ndim else None
+    return PartitionSpec(batch, *(None,) * (x.ndim - 2), out)
+
+
 def _conv_abstract(x, w, *, problem):
-    return _out_aval(_out_shape(problem, x.shape, w.shape), problem.acc_dtype, x, w)
+    shape = _out_shape(problem, x.shape, w.shape)
+    spec = _explicit_spec(x, w)
+    if spec is not None:
+        return _core.ShapedArray(shape, problem.acc_dtype,
+                                 sharding=_core.get_cur_mesh_sharding(spec))
+    return _out_aval(shape, problem.acc_dtype, x, w)
 
 
 def _tangent_abstract(x, w, y, tx, tw, *, problem, active):
     del problem, active
+    if _explicit_spec(x, w) is not None:
+        return y.update(weak_type=False)
     return _out_aval(y.shape, y.dtype, x, w, y, tx, tw)
 
 
@@ -290,8 +311,11 @@ def _to_front(a: Array, d: int | None, size: int) -> Array:
 
 
 def _fold_batch(a: Array) -> Array:
-    """`(B, N, ...) -> (B * N, ...)`: the mapped axis joins the batch."""
-    return a.reshape(a.shape[0] * a.shape[1], *a.shape[2:])
+    """`(B, N, ...) -> (N * B, ...)`: the mapped axis joins the batch as its minor part.
+
+    Minor, so that a batch sharded over a mesh stays sharded (its blocks are the major
+    part of the folded axis) and each device's call runs on its own images."""
+    return jnp.moveaxis(a, 0, 1).reshape(a.shape[0] * a.shape[1], *a.shape[2:])
 
 
 def _fold_groups(a: Array) -> Array:
@@ -302,7 +326,7 @@ def _fold_groups(a: Array) -> Array:
 
 
 def _unfold_batch(a: Array, size: int) -> Array:
-    return a.reshape(size, a.shape[0] // size, *a.shape[1:])
+    return jnp.moveaxis(a.reshape(a.shape[0] // size, size, *a.shape[1:]), 1, 0)
 
 
 def _unfold_groups(a: Array, size: int) -> Array:
