@@ -20,9 +20,12 @@ repeated once per group. Nothing is ever run once per mapped element.
 
 Each primitive is lowered, per platform, by the engine that `jaxconv._src.core.planner`
 picks for that platform: the platform is the one being lowered for, so a function
-cross-lowered for `"cuda"` or `"tpu"` on a CPU host gets the accelerator's engine. Eager
-calls go through JAX's primitive dispatch, which compiles each primitive once per shape and
-problem and reuses it.
+cross-lowered for `"cuda"` or `"tpu"` on a CPU host gets the accelerator's engine. Under
+a mesh, the native engine's custom calls are partitioned by `jaxconv._src.core.partitioning`
+(each device's call on its local shapes); the other engines are plain lax code that JAX's
+partitioner partitions itself. Inside `jax.shard_map` the primitives type their results with
+the operands' varying mesh axes. Eager calls go through JAX's primitive dispatch, which
+compiles each primitive once per shape and problem and reuses it.
 """
 
 from __future__ import annotations
@@ -35,10 +38,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax._src import ad_util, dispatch
+from jax._src import config as _config
 from jax._src import core as _core
 from jax.extend import core as jex_core
 from jax.interpreters import ad, batching, mlir
 
+from jaxconv._src.core import partitioning
 from jaxconv._src.core.algebra import Op
 from jaxconv._src.core.geometry import Geometry
 
@@ -94,21 +99,72 @@ backward_p.multiple_results = True
 
 def conv(x: Array, w: Array, problem: Problem) -> Array:
     """The generalized convolution of canonical `x` and `w`: `(N, *out_spatial, O)`."""
-    return conv_p.bind(x, w, problem=problem)
+    return conv_p.bind(*_same_varying(x, w), problem=problem)
+
+
+# --- types under jax.shard_map: varying manual axes ----------------------------------------
+#
+# Inside `jax.shard_map` (with its default `check_vma=True`) every value's type says over
+# which manual mesh axes it varies. As lax's primitives do, the operands are first made to
+# vary over the union of their axes (`pvary`, whose transpose is the `psum` that sums a
+# replicated kernel's per-device gradients), and the outputs vary over that union; each
+# gradient has its primal's type.
+
+def _same_varying(*args: Array) -> list[Array]:
+    """`args`, each cast to vary over the union of the manual axes any of them varies over."""
+    if not _config._check_vma.value:
+        return list(args)
+    vmas = [_core.typeof(a).mat.varying for a in args]
+    union = frozenset().union(*vmas)
+    if not union:
+        return list(args)
+    return [a if vma == union else _core.pvary(a, tuple(n for n in union if n not in vma))
+            for a, vma in zip(args, vmas, strict=True)]
+
+
+def _out_aval(shape: tuple[int, ...], dtype: Any, *operands: Any) -> Any:
+    """The output type: varying over the operands' manual axes, else unsharded in type."""
+    vma = frozenset().union(*(a.mat.varying for a in operands))
+    if not vma:
+        return _core.ShapedArray(shape, dtype)
+    ref = next(a for a in operands if a.mat.varying)
+    return _core.ShapedArray(shape, dtype, sharding=_core.get_cur_mesh_sharding(),
+                             manual_axis_type=ref.mat.update(varying=vma))
+
+
+def _explicit_spec(x: Any, w: Any) -> Any:
+    """On a mesh with explicit axes, the output's spec as lax's convolution types it: the
+    input's batch axes and the kernel's output-feature axes (`None`: not typed sharded)."""
+    mesh = x.sharding.mesh
+    if mesh.empty or not mesh.explicit_axes or x.mat.varying:
+        return None
+    from jax.sharding import PartitionSpec  # noqa: PLC0415
+
+    xs, ws = tuple(x.sharding.spec), tuple(w.sharding.spec)
+    batch = xs[0] if xs else None
+    out = ws[w.ndim - 1] if len(ws) == w.ndim else None
+    return PartitionSpec(batch, *(None,) * (x.ndim - 2), out)
 
 
 def _conv_abstract(x, w, *, problem):
-    return _core.ShapedArray(_out_shape(problem, x.shape, w.shape), problem.acc_dtype)
+    shape = _out_shape(problem, x.shape, w.shape)
+    spec = _explicit_spec(x, w)
+    if spec is not None:
+        return _core.ShapedArray(shape, problem.acc_dtype,
+                                 sharding=_core.get_cur_mesh_sharding(spec))
+    return _out_aval(shape, problem.acc_dtype, x, w)
 
 
 def _tangent_abstract(x, w, y, tx, tw, *, problem, active):
-    del tx, tw, active
-    return _core.ShapedArray(y.shape, y.dtype)
+    del problem, active
+    if _explicit_spec(x, w) is not None:
+        return y.update(weak_type=False)
+    return _out_aval(y.shape, y.dtype, x, w, y, tx, tw)
 
 
 def _backward_abstract(x, w, y, g, *, problem, need):
     del y, g, problem, need
-    return [_core.ShapedArray(x.shape, x.dtype), _core.ShapedArray(w.shape, w.dtype)]
+    return [x.update(weak_type=False), w.update(weak_type=False)]
 
 
 conv_p.def_abstract_eval(_conv_abstract)
@@ -116,10 +172,24 @@ tangent_p.def_abstract_eval(_tangent_abstract)
 backward_p.def_abstract_eval(_backward_abstract)
 for _p in (conv_p, tangent_p, backward_p):
     _p.def_impl(functools.partial(dispatch.apply_primitive, _p))
+# A native call is lowered through `custom_partitioning`, which needs the devices to lower.
+dispatch.prim_requires_devices_during_lowering.update((conv_p, backward_p))
+
+
+def _custom_call(engine: Any, platform: str) -> bool:
+    """Whether `engine` lowers to a custom call that the SPMD partitioner would replicate
+    (the native CPU engine): such calls are partitioned by `partitioning`. (Pallas on CPU
+    runs in interpret mode, plain lax code; on GPU / TPU no call goes through here.)"""
+    from jaxconv._src.engines import adapters  # noqa: PLC0415
+
+    return platform == "cpu" and engine is adapters.NATIVE
 
 
 def _forward_impl(x, w, *, problem, platform):
-    return _engine(problem, platform).forward(problem, x, w)
+    engine = _engine(problem, platform)
+    if _custom_call(engine, platform):
+        return partitioning.forward(problem, engine, x, w)
+    return engine.forward(problem, x, w)
 
 
 def _tangent_impl(x, w, y, tx, tw, *, problem, active, platform):
@@ -127,20 +197,47 @@ def _tangent_impl(x, w, y, tx, tw, *, problem, active, platform):
 
 
 def _backward_impl(x, w, y, g, *, problem, need, platform):
-    gx, gw = _engine(problem, platform).backward(problem, x, w, y, g, need)
+    engine = _engine(problem, platform)
+    if _custom_call(engine, platform):
+        gx, gw = partitioning.backward(problem, engine, x, w, y, g, need)
+    else:
+        gx, gw = engine.backward(problem, x, w, y, g, need)
     return [gx, gw]
+
+
+def _plain(aval: Any) -> Any:
+    return _core.ShapedArray(aval.shape, aval.dtype, aval.weak_type)
+
+
+def _per_device(impl, multiple_results: bool):
+    """The lowering of `impl`, traced on plain per-device types.
+
+    Inside `jax.shard_map` the operands' types say over which manual axes they vary; the
+    engines' loops start from constants (invariant) and update them with the operands
+    (varying), a difference only that typing sees, and the primitive's own abstract
+    evaluation has already typed its results. So the engine is traced as per-device code on
+    types without varying axes (or shardings)."""
+    lower = mlir.lower_fun(impl, multiple_results=multiple_results)
+
+    def rule(ctx, *args, **params):
+        outs = ctx.avals_out
+        ctx = ctx.replace(avals_in=[_plain(a) for a in ctx.avals_in],
+                          avals_out=None if outs is None else [_plain(a) for a in outs])
+        return lower(ctx, *args, **params)
+
+    return rule
 
 
 for _platform in PLATFORMS:
     mlir.register_lowering(
-        conv_p, mlir.lower_fun(functools.partial(_forward_impl, platform=_platform),
-                               multiple_results=False), platform=_platform)
+        conv_p, _per_device(functools.partial(_forward_impl, platform=_platform), False),
+        platform=_platform)
     mlir.register_lowering(
-        tangent_p, mlir.lower_fun(functools.partial(_tangent_impl, platform=_platform),
-                                  multiple_results=False), platform=_platform)
+        tangent_p, _per_device(functools.partial(_tangent_impl, platform=_platform), False),
+        platform=_platform)
     mlir.register_lowering(
-        backward_p, mlir.lower_fun(functools.partial(_backward_impl, platform=_platform),
-                                   multiple_results=True), platform=_platform)
+        backward_p, _per_device(functools.partial(_backward_impl, platform=_platform), True),
+        platform=_platform)
 
 
 # --- differentiation -------------------------------------------------------------------------
@@ -152,7 +249,8 @@ def _conv_jvp(primals, tangents, *, problem):
     active = (type(tx) is not ad.Zero, type(tw) is not ad.Zero)
     if not any(active):
         return y, ad_util.p2tz(y)
-    ty = tangent_p.bind(x, w, y, ad.instantiate_zeros(tx), ad.instantiate_zeros(tw),
+    ty = tangent_p.bind(*_same_varying(x, w, y, ad.instantiate_zeros(tx),
+                                       ad.instantiate_zeros(tw)),
                         problem=problem, active=active)
     return y, ty
 
@@ -165,7 +263,7 @@ def _tangent_transpose(ct, x, w, y, tx, tw, *, problem, active):
     zeros = [ad.Zero(tx.aval) if need[0] else None, ad.Zero(tw.aval) if need[1] else None]
     if type(ct) is ad.Zero or not any(need):
         return [None, None, None, *zeros]
-    gx, gw = backward_p.bind(x, w, y, ct, problem=problem, need=need)
+    gx, gw = backward_p.bind(*_same_varying(x, w, y, ct), problem=problem, need=need)
     return [None, None, None, gx if need[0] else None, gw if need[1] else None]
 
 
@@ -213,8 +311,11 @@ def _to_front(a: Array, d: int | None, size: int) -> Array:
 
 
 def _fold_batch(a: Array) -> Array:
-    """`(B, N, ...) -> (B * N, ...)`: the mapped axis joins the batch."""
-    return a.reshape(a.shape[0] * a.shape[1], *a.shape[2:])
+    """`(B, N, ...) -> (N * B, ...)`: the mapped axis joins the batch as its minor part.
+
+    Minor, so that a batch sharded over a mesh stays sharded (its blocks are the major
+    part of the folded axis) and each device's call runs on its own images."""
+    return jnp.moveaxis(a, 0, 1).reshape(a.shape[0] * a.shape[1], *a.shape[2:])
 
 
 def _fold_groups(a: Array) -> Array:
@@ -225,7 +326,7 @@ def _fold_groups(a: Array) -> Array:
 
 
 def _unfold_batch(a: Array, size: int) -> Array:
-    return a.reshape(size, a.shape[0] // size, *a.shape[1:])
+    return jnp.moveaxis(a.reshape(a.shape[0] // size, size, *a.shape[1:]), 1, 0)
 
 
 def _unfold_groups(a: Array, size: int) -> Array:

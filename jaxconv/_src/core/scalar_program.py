@@ -113,6 +113,10 @@ _CALLS = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr",
           "custom_jvp_call": "call_jaxpr"}
 # Primitives that are the identity on scalars.
 _PASS = ("broadcast_in_dim", "reshape", "squeeze", "copy", "copy_p", "expand_dims")
+# Reductions that are the identity when they reduce no axis: `jax.grad` emits one for each
+# argument when traced inside `jax.shard_map` (the translation must not depend on where an
+# op is first used: its result is cached per op).
+_NO_AXES = ("reduce_sum", "reduce_max", "reduce_min", "reduce_prod")
 ELEMENTWISE = frozenset({
     "add", "sub", "mul", "div", "neg", "abs", "sign", "max", "min", "exp", "exp2", "log",
     "log1p", "expm1", "tanh", "logistic", "sqrt", "rsqrt", "cbrt", "pow", "integer_pow",
@@ -173,7 +177,7 @@ class _Builder:
             elif name.startswith("custom_vjp"):
                 raise Untranslatable("it calls a function with a custom VJP (such as a "
                                      "straight-through estimator)")
-            elif name in _PASS:
+            elif name in _PASS or (name in _NO_AXES and not eqn.params.get("axes")):
                 outs = ins[:1]
             elif name in ELEMENTWISE:
                 outs = [self.add(eqn, ins)]
@@ -269,8 +273,8 @@ def evaluate(program: ScalarProgram, *args: Array) -> list[Array]:
     vals: list[Array] = []
 
     def read(r: Ref) -> Array:
-        if isinstance(r, Const):
-            return jnp.full(shape, r.value, r.dtype)
+        if isinstance(r, Const):  # typed like the first argument (its varying mesh axes)
+            return jnp.full_like(args[0], r.value, dtype=r.dtype, shape=shape)
         if isinstance(r, Arg):
             return args[r.index]
         return vals[r]

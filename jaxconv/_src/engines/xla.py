@@ -241,12 +241,16 @@ def _forward(cfg: Config, x: Array, w: Array, fill: bool = False) -> Array:
 
 
 def _value_flags(a: Array) -> Array:
-    """Which special values ``a`` holds, as the bits of one int32 (one reduction):
-    ``+inf`` 1, ``-inf`` 2, NaN 4, zero 8."""
-    i32 = jnp.int32
-    bits = ((a == jnp.inf).astype(i32) | ((a == -jnp.inf).astype(i32) << 1)
-            | (jnp.isnan(a).astype(i32) << 2) | ((a == 0).astype(i32) << 3))
-    return lax.reduce(bits, np.int32(0), lax.bitwise_or, tuple(range(a.ndim)))
+    """Which special values ``a`` holds, as the bits of one int32: ``+inf`` 1, ``-inf`` 2,
+    NaN 4, zero 8.
+
+    One max reduction of the four 0/1 indicators (a trailing axis of 4), weighted into bits
+    afterwards: a max partitions into an all-reduce every collective implements (an integer
+    bitwise-or reduction does not lower on CPU or NCCL collectives)."""
+    ind = jnp.stack([a == jnp.inf, a == -jnp.inf, jnp.isnan(a), a == 0],
+                    axis=-1).astype(jnp.int32)
+    seen = jnp.max(ind, axis=tuple(range(a.ndim)))
+    return jnp.sum(seen * jnp.asarray([1, 2, 4, 8], jnp.int32))
 
 
 def _nan_terms(op: Op, xs: Array, w: Array) -> tuple[Any, Array]:

@@ -1,0 +1,255 @@
+"""SPMD partitioning of engines that are custom calls (the native CPU engine).
+
+A custom call is opaque to JAX's SPMD partitioner (Shardy or GSPMD): left alone it is
+replicated (every operand all-gathered, every device computing the whole batch) -- and its
+geometry, the batch size included, is baked into its attributes, so it must be lowered again
+on each device's local shapes. `forward` and `backward` wrap an engine's call in
+`jax.experimental.custom_partitioning`:
+
+- the batch axis and the output-feature axis pass through: each device runs the engine on its
+  own images and output features, with no collective in the forward;
+- with feature groups the output features are split group-aligned (the input channels with
+  them); an output-feature sharding that does not divide the groups is gathered;
+- the backward's collectives are lax's all-reduces: the kernel gradient is summed over the
+  batch's mesh axes, the input gradient (one group) over the output features' axes;
+- spatial axes and the contraction axis (input channels of one group) are gathered (correct,
+  not partitioned).
+
+Only the native engine on CPU goes through here: the XLA engine is plain lax code that the
+partitioner partitions itself, and accelerator programs (GPU / TPU) never contain a
+`custom_partitioning` call (it has had open problems on TPU). A single device and the inside
+of `jax.shard_map` (every axis manual) lower the engine directly.
+
+The interface is two functions, `forward` and `backward`, with an engine object that has the
+planner's protocol (`forward(problem, x, w)`, `backward(problem, x, w, y, g, need)`).
+
+Example:
+  >>> import jax, numpy as np
+  >>> from jaxconv import ops
+  >>> from jaxconv._src.core import partitioning, primitive
+  >>> from jaxconv._src.core.geometry import Geometry
+  >>> from jaxconv._src.engines import adapters
+  >>> geom = Geometry((4,), (2,), (1,), ((0, 0),), (1,), (1,), 1)
+  >>> p = primitive.Problem(ops.max_plus, geom, "native", np.dtype("float32"), 2**20)
+  >>> x, w = jax.numpy.ones((2, 4, 1)), jax.numpy.zeros((2, 1, 3))
+  >>> partitioning.forward(p, adapters.NATIVE, x, w).shape
+  (2, 3, 3)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import jax
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+Array = jax.Array
+
+
+def forward(problem: Any, engine: Any, x: Array, w: Array) -> Array:
+    """`engine.forward(problem, x, w)`, partitioned over batch and output features."""
+    return _forward_fn(problem, engine, x.shape, w.shape)(x, w)
+
+
+def backward(problem: Any, engine: Any, x: Array, w: Array, y: Array, g: Array,
+             need: tuple[bool, bool]) -> tuple[Array, Array]:
+    """`engine.backward(problem, x, w, y, g, need)`, partitioned as `forward` (the kernel
+    gradient all-reduced over the batch's axes, the input gradient over the output
+    features' axes)."""
+    return _backward_fn(problem, engine, need, x.shape, w.shape)(x, w, y, g)
+
+
+# --- the sharding rule -----------------------------------------------------------------------
+
+def _factors(nsd: int, groups: int, shape_w: tuple[int, ...]) -> tuple[str, str, str, dict]:
+    """Shardy's einsum-like factors of `x`, `w`, `y` and the compound factors' sizes."""
+    s = " ".join(f"s{d}" for d in range(nsd))
+    k = " ".join(f"k{d}" for d in range(nsd))
+    p = " ".join(f"p{d}" for d in range(nsd))
+    if groups == 1:
+        cx, cw, co, sizes = "i", "i o", "o", {}
+    else:
+        cx, cw, co = "(g i)", "i (g q)", "(g q)"
+        sizes = {"g": groups, "q": shape_w[-1] // groups}
+    join = lambda *parts: " ".join(q for q in parts if q)  # noqa: E731
+    return join("n", s, cx), join(k, cw), join("n", p, co), sizes
+
+
+def _replicated_factors(rule: str) -> tuple[str, ...]:
+    """The factors each device needs whole (spatial, window, contraction; within-group output
+    features), in the order they first appear in `rule` (Shardy wants them sorted)."""
+    seen: list[str] = []
+    for token in rule.replace("(", " ").replace(")", " ").replace(",", " ").split():
+        if token not in seen and token[0] in "skpiq":
+            seen.append(token)
+    return tuple(seen)
+
+
+# --- choosing each device's part ---------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class _Split:
+    """How a call is split: the mesh axes of the batch and of the output features (`None`:
+    not split), the local number of groups and the mesh."""
+
+    mesh: Any
+    batch: Any
+    out: Any
+    groups: int
+    nsd: int
+
+    def x(self) -> NamedSharding:
+        return self._named(self.batch, *(None,) * self.nsd, self.out if self.groups_split
+                           else None)
+
+    def w(self) -> NamedSharding:
+        return self._named(*(None,) * (self.nsd + 1), self.out)
+
+    def y(self) -> NamedSharding:
+        return self._named(self.batch, *(None,) * self.nsd, self.out)
+
+    @property
+    def groups_split(self) -> bool:
+        return self.out is not None and self.groups > 1
+
+    def _named(self, *spec: Any) -> NamedSharding:
+        return NamedSharding(self.mesh, P(*spec))
+
+
+def _axes(entry: Any) -> tuple[str, ...]:
+    if entry is None:
+        return ()
+    return tuple(entry) if isinstance(entry, tuple) else (entry,)
+
+
+def _size(mesh: Any, entry: Any) -> int:
+    return math.prod(mesh.shape[a] for a in _axes(entry))
+
+
+def _spec(sharding: Any, ndim: int) -> tuple[Any, ...] | None:
+    """The mesh axes of each dimension (`None`: a sharding not on the mesh)."""
+    if sharding is None:  # not yet decided by the partitioner: nothing split
+        return (None,) * ndim
+    if not isinstance(sharding, NamedSharding):
+        return None
+    spec = tuple(sharding.spec)
+    return spec + (None,) * (ndim - len(spec))
+
+
+def _split(problem: Any, mesh: Any, x_info: Any, w_info: Any) -> _Split:
+    """The split of a call whose operands the partitioner proposes sharded as given."""
+    nsd = len(problem.geom.window)
+    groups = problem.geom.groups
+    xs = _spec(x_info.sharding, len(x_info.shape))
+    ws = _spec(w_info.sharding, len(w_info.shape))
+    if xs is None or ws is None or mesh is None or mesh.empty:
+        return _Split(mesh, None, None, groups, nsd)
+    batch, out = xs[0], ws[-1]
+    if batch is not None and x_info.shape[0] % _size(mesh, batch):
+        batch = None
+    if out is not None:
+        k = _size(mesh, out)
+        if (set(_axes(out)) & set(_axes(batch)) or w_info.shape[-1] % k
+                or (groups > 1 and groups % k)):
+            out = None
+    return _Split(mesh, batch, out, groups, nsd)
+
+
+def _local_problem(problem: Any, split: _Split) -> Any:
+    if split.groups_split:
+        return problem.with_groups(problem.geom.groups // _size(split.mesh, split.out))
+    return problem
+
+
+def _replicated_like(info: Any) -> Any:
+    """A fully replicated sharding on the devices of `info`'s (non-named) sharding."""
+    from jax._src import sharding_impls  # noqa: PLC0415 - GSPMD shardings have no public type
+
+    return sharding_impls.GSPMDSharding.get_replicated(info.sharding._device_assignment)
+
+
+# --- the partitioned calls ---------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=512)
+def _forward_fn(problem: Any, engine: Any, x_shape: tuple[int, ...],
+                w_shape: tuple[int, ...]) -> Any:
+    nsd, groups = len(problem.geom.window), problem.geom.groups
+
+    @custom_partitioning
+    def call(x: Array, w: Array) -> Array:
+        return engine.forward(problem, x, w)
+
+    def infer(mesh: Any, arg_infos: Any, result_info: Any) -> Any:
+        del result_info
+        split = _split(problem, mesh, *arg_infos)
+        return split.y() if split.mesh is not None and not split.mesh.empty else None
+
+    def partition(mesh: Any, arg_infos: Any, result_info: Any) -> Any:
+        del result_info
+        split = _split(problem, mesh, *arg_infos)
+        if not isinstance(arg_infos[0].sharding, NamedSharding) or mesh.empty:
+            rep = _replicated_like(arg_infos[0])
+            return mesh, lambda x, w: engine.forward(problem, x, w), rep, (rep, rep)
+        local = _local_problem(problem, split)
+        return (mesh, lambda x, w: engine.forward(local, x, w), split.y(),
+                (split.x(), split.w()))
+
+    xf, wf, yf, sizes = _factors(nsd, groups, w_shape)
+    rule = f"{xf}, {wf} -> {yf}"
+    call.def_partition(partition, infer_sharding_from_operands=infer, sharding_rule=rule,
+                       need_replication_factors=_replicated_factors(rule), **sizes)
+    return call
+
+
+@functools.lru_cache(maxsize=512)
+def _backward_fn(problem: Any, engine: Any, need: tuple[bool, bool],
+                 x_shape: tuple[int, ...], w_shape: tuple[int, ...]) -> Any:
+    nsd, groups = len(problem.geom.window), problem.geom.groups
+
+    def run(p: Any, x: Array, w: Array, y: Array, g: Array) -> tuple[Array, Array]:
+        gx, gw = engine.backward(p, x, w, y, g, need)
+        return gx, gw
+
+    @custom_partitioning
+    def call(x: Array, w: Array, y: Array, g: Array) -> tuple[Array, Array]:
+        return run(problem, x, w, y, g)
+
+    def infer(mesh: Any, arg_infos: Any, result_info: Any) -> Any:
+        del result_info
+        split = _split(problem, mesh, arg_infos[0], arg_infos[1])
+        if split.mesh is None or split.mesh.empty:
+            return None
+        return split.x(), split.w()
+
+    def partition(mesh: Any, arg_infos: Any, result_info: Any) -> Any:
+        del result_info
+        split = _split(problem, mesh, arg_infos[0], arg_infos[1])
+        if not isinstance(arg_infos[0].sharding, NamedSharding) or mesh.empty:
+            rep = _replicated_like(arg_infos[0])
+            return (mesh, functools.partial(run, problem), (rep, rep), (rep,) * 4)
+        local = _local_problem(problem, split)
+        batch_axes, out_axes = _axes(split.batch), _axes(split.out)
+
+        def lower(x: Array, w: Array, y: Array, g: Array) -> tuple[Array, Array]:
+            gx, gw = run(local, x, w, y, g)
+            # lax's all-reduces: the kernel gradient sums over the images of every device,
+            # the input gradient (one group) over every device's output features.
+            if need[1] and batch_axes:
+                gw = jax.lax.psum(gw, batch_axes)
+            if need[0] and out_axes and not split.groups_split:
+                gx = jax.lax.psum(gx, out_axes)
+            return gx, gw
+
+        return (mesh, lower, (split.x(), split.w()),
+                (split.x(), split.w(), split.y(), split.y()))
+
+    xf, wf, yf, sizes = _factors(nsd, groups, w_shape)
+    rule = f"{xf}, {wf}, {yf}, {yf} -> {xf}, {wf}"
+    call.def_partition(partition, infer_sharding_from_operands=infer, sharding_rule=rule,
+                       need_replication_factors=_replicated_factors(rule), **sizes)
+    return call

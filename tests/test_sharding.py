@@ -1,0 +1,336 @@
+"""Partitioning over a mesh of 8 simulated CPU devices (tests/conftest.py), checked on the
+compiled HLO as well as on the numbers.
+
+- `jit` with sharded operands: the batch axis and the output-feature axis pass through the
+  native engine's calls (each device's call on its local shapes, no collective in the
+  forward; the backward's only collectives all-reduces); the XLA engine's max/min ops
+  compile sharded (no integer-or reduction);
+- `jax.shard_map` with its default varying-axes check: forward and gradient of every engine
+  path equal one device's, and a user op first used there keeps its native kernels.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jaxconv
+from jaxconv._src.core import scalar_program
+
+DN = ("NHWC", "HWIO", "NHWC")
+TANH_MAX = jaxconv.Op(lambda x, w: jnp.tanh(x - w), "max", name="tanh_max")
+SMOOTH_SUM = jaxconv.Op(lambda x, w: jnp.sin(x) * w + 0.5 * x * x, "sum", name="smooth_sum")
+COLLECTIVES = ("all-gather", "all-reduce", "all-to-all", "collective-permute",
+               "reduce-scatter")
+MOVES = ("all-gather", "all-to-all", "collective-permute")
+
+
+def _op(name: str):
+    return {"tanh_max": TANH_MAX, "smooth_sum": SMOOTH_SUM}.get(name, name)
+
+
+def _mesh(shape: tuple[int, ...] = (8,), names: tuple[str, ...] = ("data",)) -> Mesh:
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 devices (tests/conftest.py sets jax_num_cpu_devices=8)")
+    return Mesh(np.asarray(jax.devices()[:8]).reshape(shape), names)
+
+
+def _data(seed: int, n: int = 16, c: int = 4, o: int = 8, groups: int = 1):
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(-1.5, 1.5, (n, 6, 7, c)).astype(np.float32)
+    w = rng.uniform(-1.5, 1.5, (3, 3, c // groups, o)).astype(np.float32)
+    return jnp.asarray(x), jnp.asarray(w)
+
+
+def _conv(op, engine: str = "auto", groups: int = 1):
+    def f(x, w):
+        return jaxconv.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=DN,
+                                            op=_op(op), engine=engine,
+                                            feature_group_count=groups)
+    return f
+
+
+def _grad(f):
+    return jax.grad(lambda x, w: jnp.sum(jnp.tanh(f(x, w))), argnums=(0, 1))
+
+
+def _collectives(hlo: str) -> set[str]:
+    return {c for c in COLLECTIVES if re.search(rf"\b{c}(-start)?\(", hlo)}
+
+
+def _native_calls(hlo: str) -> list[list[tuple[int, ...]]]:
+    """The operand shapes of each native FFI call in compiled HLO text."""
+    calls = []
+    for line in hlo.splitlines():
+        if 'custom_call_target="jaxconv_' not in line:
+            continue
+        constraints = re.search(r"operand_layout_constraints=\{((?:[^{}]|\{[^{}]*\})*)\}", line)
+        assert constraints is not None, line
+        shapes = re.findall(r"f32\[([0-9,]*)\]", constraints.group(1))
+        calls.append([tuple(int(d) for d in s.split(",") if d) for s in shapes])
+    return calls
+
+
+def _close(got, want, tol: float = 1e-4) -> None:
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=tol, atol=tol)
+
+
+# Covering set: each engine path (built-in max kernel, built-in sum kernel with its lax
+# kernel gradient, a compiled user op, the XLA engine's max) under both layouts.
+CASES = [("max_plus", "auto", "data"), ("max_plus", "auto", "model"),
+         ("adder", "auto", "data"), ("adder", "auto", "model"),
+         ("tanh_max", "auto", "data"), ("tanh_max", "auto", "model"),
+         ("max_plus", "xla", "data"), ("max_plus", "xla", "model")]
+
+
+@pytest.mark.parametrize(("op", "engine", "layout"), CASES)
+def test_jit_partitions_batch_and_output_features(op: str, engine: str, layout: str) -> None:
+    mesh = _mesh()
+    x, w = _data(0)
+    xspec, wspec = (P("data"), P()) if layout == "data" else (P(), P(None, None, None, "data"))
+    xs = jax.device_put(x, NamedSharding(mesh, xspec))
+    ws = jax.device_put(w, NamedSharding(mesh, wspec))
+    f = _conv(op, engine)
+    native = engine == "auto"
+
+    fwd = jax.jit(f)
+    hlo = fwd.lower(xs, ws).compile().as_text()
+    y = fwd(xs, ws)
+    _close(y, jax.jit(f)(x, w))
+    # Sharded as lax's own convolution would be.
+    y_lax = jax.jit(lambda a, b: lax.conv_general_dilated(a, b, (1, 1), "SAME",
+                                                          dimension_numbers=DN))(xs, ws)
+    assert y.sharding.is_equivalent_to(y_lax.sharding, y.ndim), (y.sharding, y_lax.sharding)
+    assert not _collectives(hlo) & set(MOVES), _collectives(hlo)
+    if native:
+        assert not _collectives(hlo), _collectives(hlo)
+        calls = _native_calls(hlo)
+        assert calls, "no native call in the compiled forward"
+        for x_shape, w_shape in calls:
+            if layout == "data":  # (N, D, H, W, C) with 2 of the 16 images
+                assert x_shape[0] == 2 and w_shape[-1] == 8, (x_shape, w_shape)
+            else:  # all 16 images, 1 of the 8 output features
+                assert x_shape[0] == 16 and w_shape[-1] == 1, (x_shape, w_shape)
+
+    grad = jax.jit(_grad(f))
+    g = grad(xs, ws)
+    _close(g, jax.jit(_grad(f))(x, w))
+    if native:
+        hlo = grad.lower(xs, ws).compile().as_text()
+        assert _collectives(hlo) <= {"all-reduce"}, _collectives(hlo)
+        calls = _native_calls(hlo)
+        assert all(c[0][0] == (2 if layout == "data" else 16) for c in calls), calls
+
+
+def test_grouped_output_features_split_group_aligned() -> None:
+    """Two groups, output features over a 2-device axis (one group per device), the batch
+    over the other 4 devices: each call runs one group of 2 images."""
+    mesh = _mesh((4, 2), ("data", "model"))
+    x, w = _data(1, n=8, c=4, o=8, groups=2)
+    xs = jax.device_put(x, NamedSharding(mesh, P("data")))
+    ws = jax.device_put(w, NamedSharding(mesh, P(None, None, None, "model")))
+    f = _conv("max_plus", groups=2)
+    hlo = jax.jit(f).lower(xs, ws).compile().as_text()
+    assert not _collectives(hlo)
+    assert [c[:2] for c in _native_calls(hlo)] == [[(2, 1, 6, 7, 2), (1, 3, 3, 2, 4)]]
+    _close(jax.jit(f)(xs, ws), f(x, w))
+    g = jax.jit(_grad(f))(xs, ws)
+    _close(g, jax.jit(_grad(f))(x, w))
+    hlo = jax.jit(_grad(f)).lower(xs, ws).compile().as_text()
+    assert _collectives(hlo) <= {"all-reduce"}
+
+
+@pytest.mark.parametrize("spec", [(P("data"), P()), (P(), P(None, "data"))])
+def test_dot_general_rows_or_columns_sharded(spec: tuple[P, P]) -> None:
+    mesh = _mesh()
+    rng = np.random.default_rng(2)
+    a = jnp.asarray(rng.normal(size=(16, 12)), jnp.float32)
+    b = jnp.asarray(rng.normal(size=(12, 8)), jnp.float32)
+
+    def f(a, b):
+        return jaxconv.dot_general(a, b, (((1,), (0,)), ((), ())), op="max_plus")
+
+    sa, sb = (jax.device_put(v, NamedSharding(mesh, s)) for v, s in zip((a, b), spec,
+                                                                          strict=True))
+    y = jax.jit(f)(sa, sb)
+    _close(y, f(a, b))
+    y_lax = jax.jit(lambda p, q: p @ q)(sa, sb)
+    assert y.sharding.is_equivalent_to(y_lax.sharding, 2)
+    assert not _collectives(jax.jit(f).lower(sa, sb).compile().as_text())
+    _close(jax.jit(_grad(f))(sa, sb), jax.jit(_grad(f))(a, b))
+
+
+def test_gspmd_partitions_like_shardy() -> None:
+    mesh = _mesh()
+    x, w = _data(3)
+    xs = jax.device_put(x, NamedSharding(mesh, P("data")))
+    f = _conv("max_plus")
+    jax.config.update("jax_use_shardy_partitioner", False)
+    try:
+        hlo = jax.jit(f).lower(xs, w).compile().as_text()
+        y = jax.jit(f)(xs, w)
+        g = jax.jit(_grad(f))(xs, w)
+    finally:
+        jax.config.update("jax_use_shardy_partitioner", True)
+    assert not _collectives(hlo)
+    assert all(c[0][0] == 2 for c in _native_calls(hlo))
+    _close(y, f(x, w))
+    _close(g, jax.jit(_grad(f))(x, w))
+
+
+def test_xla_engine_max_keeps_special_values_sharded() -> None:
+    """The NaN / infinity flags reduce across devices (max of 0/1 indicators): a NaN or an
+    opposite infinity on one device's images gives the one-device outputs."""
+    mesh = _mesh()
+    x, w = _data(4)
+    x = x.at[3, 2, 2, 0].set(jnp.nan).at[9, 0, 0, 1].set(jnp.inf)
+    w = w.at[1, 1, 1, 2].set(-jnp.inf)
+    f = jax.jit(_conv("max_plus", "xla"))
+    xs = jax.device_put(x, NamedSharding(mesh, P("data")))
+    np.testing.assert_array_equal(np.asarray(f(xs, w)), np.asarray(f(x, w)))
+
+
+# --- shard_map (check_vma=True, the default) --------------------------------------------------
+
+# Covering set of engine paths: native max / min / sum kernels, the XLA engine's logsumexp,
+# a standard product, a compiled user max op and a user sum op.
+SHARD_MAP_OPS = ["max_plus", "min_max", "adder", "l1", "log", "standard", "tanh_max",
+                 "smooth_sum"]
+
+
+@pytest.mark.parametrize("op", SHARD_MAP_OPS)
+def test_shard_map_forward_and_gradient(op: str) -> None:
+    mesh = _mesh()
+    x, w = _data(5)
+    f = _conv(op)
+    fwd = jax.jit(jax.shard_map(f, mesh=mesh, in_specs=(P("data"), P()),
+                                out_specs=P("data")))
+    _close(fwd(x, w), jax.jit(f)(x, w))
+
+    def local_grad(a, b):  # the kernel's gradient sums over devices through pvary's transpose
+        return jax.grad(lambda a, b: lax.psum(jnp.sum(jnp.tanh(f(a, b))), "data"),
+                        argnums=(0, 1))(a, b)
+
+    grad = jax.jit(jax.shard_map(local_grad, mesh=mesh, in_specs=(P("data"), P()),
+                                 out_specs=(P("data"), P())))
+    _close(grad(x, w), jax.jit(_grad(f))(x, w))
+
+
+def test_user_op_first_used_in_shard_map_stays_native() -> None:
+    mesh = _mesh()
+    op = jaxconv.Op(lambda x, w: jnp.tanh(x - w) * 0.5, "max", name="first_in_shard_map")
+    x, w = _data(6)
+    f = _conv(op)
+
+    def local_grad(a, b):
+        return jax.grad(lambda a, b: lax.psum(jnp.sum(f(a, b)), "data"), argnums=(0, 1))(a, b)
+
+    jax.jit(jax.shard_map(local_grad, mesh=mesh, in_specs=(P("data"), P()),
+                          out_specs=(P("data"), P())))(x, w)
+    assert jaxconv.explain(op).engine == "native"
+
+
+def test_scalar_translation_ignores_reductions_over_no_axes() -> None:
+    """`jax.grad` traced inside `shard_map` adds a `reduce_sum` over no axes per argument."""
+    mesh = _mesh()
+    progs = []
+
+    def body(a):
+        progs.append(scalar_program.trace(
+            jax.grad(lambda x, w: jnp.tanh(x - w), argnums=(0, 1)), "float32", 2))
+        return a
+
+    jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P("data"), out_specs=P("data")))(
+        jnp.ones(8))
+    outside = scalar_program.trace(jax.grad(lambda x, w: jnp.tanh(x - w), argnums=(0, 1)),
+                                   "float32", 2)
+    assert progs[0].primitives() == outside.primitives()
+    assert "reduce_sum" not in progs[0].primitives()
+
+
+def test_benchmark_smoke(tmp_path) -> None:
+    """`python -m benchmarks.sharding --smoke` runs and reports the collectives it found."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "bench.json"
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.sharding", "--smoke", "--ops",
+                           "max_plus", "--json", str(out)], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["op"] == "max_plus" and row["one_ms"] > 0 and row["eight_ms"] > 0
+    assert row["fwd_collectives"] == [] and row["loss_rel_diff"] < 1e-5
+    assert all(c.startswith("all-reduce") for c in row["step_collectives"])
+
+
+@pytest.mark.parametrize("op", ["max_plus", "adder"])
+def test_sharded_contraction_is_gathered_correctly(op: str) -> None:
+    """Input channels sharded (x's last axis, w's input axis): the native call needs them
+    whole, so they are gathered -- same numbers as one device, calls on all channels."""
+    mesh = _mesh()
+    x, w = _data(7, c=8)
+    xs = jax.device_put(x, NamedSharding(mesh, P(None, None, None, "data")))
+    ws = jax.device_put(w, NamedSharding(mesh, P(None, None, "data", None)))
+    f = _conv(op)
+    hlo = jax.jit(f).lower(xs, ws).compile().as_text()
+    assert all(c[0][-1] == 8 for c in _native_calls(hlo))
+    _close(jax.jit(f)(xs, ws), f(x, w))
+    _close(jax.jit(_grad(f))(xs, ws), jax.jit(_grad(f))(x, w))
+
+
+def test_vmap_of_a_sharded_call_keeps_the_batch_split() -> None:
+    """The mapped axis folds into the batch as its minor part: the sharded images stay on
+    their devices (no collective), each call on 3 x 2 images."""
+    mesh = _mesh()
+    rng = np.random.default_rng(8)
+    x = jnp.asarray(rng.normal(size=(3, 16, 6, 7, 4)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(3, 3, 4, 8)), jnp.float32)
+    f = jax.vmap(_conv("max_plus"), in_axes=(0, None))
+    xs = jax.device_put(x, NamedSharding(mesh, P(None, "data")))
+    hlo = jax.jit(f).lower(xs, w).compile().as_text()
+    assert not _collectives(hlo)
+    assert all(c[0][0] == 6 for c in _native_calls(hlo))
+    y = jax.jit(f)(xs, w)
+    assert y.sharding.is_equivalent_to(NamedSharding(mesh, P(None, "data")), y.ndim)
+    _close(y, jax.jit(f)(x, w))
+
+
+@pytest.mark.parametrize(("op", "layout"), [("max_plus", "data"), ("adder", "model"),
+                                            ("log", "data")])
+def test_explicit_mesh_types_outputs_as_lax(op: str, layout: str) -> None:
+    """On an explicit-axes mesh the output is typed as lax's convolution's (batch axes from
+    the input, output-feature axes from the kernel); gradients keep their primals' types."""
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 devices")
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+    x, w = _data(9)
+    xspec, wspec = (P("data"), P()) if layout == "data" else (P(), P(None, None, None, "data"))
+    xs = jax.device_put(x, NamedSharding(mesh, xspec))
+    ws = jax.device_put(w, NamedSharding(mesh, wspec))
+    f = _conv(op)
+    with jax.set_mesh(mesh):
+        y = jax.jit(f)(xs, ws)
+        gx, gw = jax.jit(_grad(f))(xs, ws)
+        if layout == "data":
+            y_lax = jax.jit(lambda a, b: lax.conv_general_dilated(
+                a, b, (1, 1), "SAME", dimension_numbers=DN))(xs, ws)
+            assert jax.typeof(y).sharding.spec == jax.typeof(y_lax).sharding.spec
+    # (lax asks for out_sharding= when the kernel is sharded; the output features it gets)
+    want = P("data", None, None, None) if layout == "data" else P(None, None, None, "data")
+    assert jax.typeof(y).sharding.spec == want
+    assert gx.sharding.is_equivalent_to(xs.sharding, 4)
+    assert gw.sharding.is_equivalent_to(ws.sharding, 4)
+    _close(y, f(x, w))
+    _close((gx, gw), jax.jit(_grad(f))(x, w))
