@@ -264,19 +264,30 @@ def evaluate(program: ScalarProgram, *args: Array) -> list[Array]:
 
     Returns:
       Its outputs, arrays of that shape.
+
+    The program's literals and conversions in its own dtype take the arguments' dtype (a
+    ``-1.0`` traced for float64 arguments is a float64 constant, and a float32 one when the
+    program runs on float32 arrays), as a Python literal in the user's function would.
     """
     shape = jnp.shape(args[0])
+    own = np.dtype(args[0].dtype) if args else program.dtype
     vals: list[Array] = []
+
+    def dtype_of(dtype: np.dtype) -> np.dtype:
+        return own if dtype == program.dtype else dtype
 
     def read(r: Ref) -> Array:
         if isinstance(r, Const):
-            return jnp.full(shape, r.value, r.dtype)
+            return jnp.full(shape, r.value, dtype_of(r.dtype))
         if isinstance(r, Arg):
             return args[r.index]
         return vals[r]
 
     for node in program.nodes:
-        vals.append(node.primitive.bind(*(read(a) for a in node.args), **node.params))
+        params = node.params
+        if node.name == "convert_element_type" and own != program.dtype:
+            params = {**params, "new_dtype": dtype_of(np.dtype(params["new_dtype"]))}
+        vals.append(node.primitive.bind(*(read(a) for a in node.args), **params))
     return [read(r) for r in program.outputs]
 
 
