@@ -261,9 +261,10 @@ class Capabilities:
     """What the engines need to know about an op, declared or inferred once.
 
     Attributes:
-      canonical: the op with a callable reduce that is exactly one ``add`` / ``mul`` /
-        ``max`` / ``min`` (with that reduce's identity) replaced by the built-in reduce, so
-        that it gets the hand-written backward pass.
+      canonical: the op with a callable reduce that `recognised_reduce` finds to be a
+        built-in one (``add`` / ``mul`` / ``max`` / ``min`` exactly, or a logaddexp), with
+        that reduce's identity, replaced by the built-in reduce, so that it takes the
+        built-in's fast paths and hand-written backward pass.
       reduce: the (canonical) reduce's name, ``"custom"`` for a callable.
       combine: ``"add" | "mul" | "min" | "max"`` when ``combine`` is that one primitive.
       dominated_fill: a pad value whose products the reduce provably ignores (identity
@@ -310,6 +311,97 @@ def simple_primitive(fn: Any, dtype: Any = jnp.float32) -> str | None:
     return name
 
 
+# Probe values for recognising a logaddexp: both signs, ties, spreads beyond exp's range in
+# float32 (|a - b| > 88), zeros of both signs, the infinities and NaN.
+_LAE_PROBES = np.array([-np.inf, -1e4, -200.0, -88.5, -30.0, -3.5, -1.0, -0.6931472, -1e-3,
+                        -0.0, 0.0, 1e-6, 0.3, 1.0, 2.5, 17.0, 80.0, 100.0, 1e4, np.inf, np.nan],
+                       np.float32)
+
+
+def _single_primitive(program: Any) -> str | None:
+    """``"add" | "mul" | "max" | "min"`` if the program is that one primitive of its two
+    arguments (in either order), in its own dtype."""
+    from jaxconv._src.core import scalar_program as sp  # noqa: PLC0415
+
+    live = program.live()
+    if len(program.outputs) != 1 or len(live) != 1 or program.outputs[0] != live[0]:
+        return None
+    node = program.nodes[live[0]]
+    if node.name not in COMBINE_KINDS or node.dtype != program.dtype:
+        return None
+    return node.name if set(node.args) == {sp.Arg(0), sp.Arg(1)} else None
+
+
+def _computes_logaddexp(program: Any) -> bool:
+    """Whether a two-argument program is ``log(exp(a) + exp(b))`` on the probe values.
+
+    It must use an exponential and a logarithm, and match float64 ``logaddexp`` within a few
+    float32 rounding steps on every pair of probe values (NaN where an argument is NaN,
+    ``a`` exactly for ``(a, -inf)``, the identity). Where an argument is ``+inf``, or both
+    are ``-inf``, hand-written stable forms (``m + log(exp(a - m) + exp(b - m))``) give NaN:
+    accepted there, and the recognised reduce computes the built-in's answer (``+inf``;
+    ``-inf`` for two ``-inf``, the identity law).
+    """
+    from jaxconv._src.core import scalar_program as sp  # noqa: PLC0415
+
+    used = set(program.primitives())
+    if not used & {"exp", "exp2", "expm1", "logistic"} or not used & {"log", "log1p"}:
+        return False
+    a, b = (v.ravel() for v in np.meshgrid(_LAE_PROBES, _LAE_PROBES))
+    try:
+        with jax.ensure_compile_time_eval():
+            got = np.asarray(sp.evaluate(program, jnp.asarray(a), jnp.asarray(b))[0],
+                             np.float64)
+    except Exception:  # noqa: BLE001 - a program that fails on values is not a logaddexp
+        return False
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    nan_in = np.isnan(a64) | np.isnan(b64)
+    edge = ~nan_in & ((a64 == np.inf) | (b64 == np.inf) | ((a64 == -np.inf) & (b64 == -np.inf)))
+    with np.errstate(invalid="ignore"):
+        want = np.logaddexp(a64, b64)
+        scale = np.maximum(1.0, np.maximum(np.abs(a64), np.abs(b64)))
+        close = (got == want) | (np.abs(got - want) <= 8 * np.finfo(np.float32).eps * scale)
+    return bool(np.isnan(got[nan_in]).all() and close[~nan_in & ~edge].all()
+                and (close[edge] | np.isnan(got[edge])).all())
+
+
+@functools.lru_cache(maxsize=256)
+def recognised_reduce(fn: Callable[[Any, Any], Any]) -> str | None:
+    """The built-in reduce that a callable ``reduce`` computes, from its traced program.
+
+    ``"sum" | "prod" | "max" | "min"`` when the program (calls inlined) is exactly ``a + b``,
+    ``a * b``, ``max(a, b)`` or ``min(a, b)`` (``jnp.add``, ``lambda a, b: b + a``,
+    ``jnp.maximum``, ...); ``"logsumexp"`` when it computes ``log(exp(a) + exp(b))``
+    (``jnp.logaddexp``, a hand-written stable form): see `_computes_logaddexp`. ``None``
+    otherwise, or when it does not trace on scalars. Never decided by the function's
+    identity or name.
+
+    Args:
+      fn: the binary callable.
+
+    Returns:
+      The reduce's name, or ``None``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxconv._src.core.algebra import recognised_reduce
+      >>> recognised_reduce(jnp.logaddexp), recognised_reduce(lambda a, b: b * a)
+      ('logsumexp', 'prod')
+    """
+    from jaxconv._src.core import scalar_program as sp  # noqa: PLC0415
+
+    try:
+        program = sp.trace(fn, np.float32, 2)
+    except sp.Untranslatable:
+        return None
+    if len(program.outputs) != 1:
+        return None
+    prim = _single_primitive(program)
+    if prim is not None:
+        return _REDUCE_OF_PRIMITIVE[prim][0]
+    return "logsumexp" if _computes_logaddexp(program) else None
+
+
 def _reverse_only_part(op: Op) -> str | None:
     """``"combine"`` / ``"reduce"`` if that part of ``op`` defines only a reverse-mode rule.
 
@@ -348,11 +440,10 @@ def capabilities(op: Op) -> Capabilities:
     """
     canonical = op
     if callable(op.reduce):
-        prim = simple_primitive(op.reduce)
-        if prim is not None:
-            name, ident = _REDUCE_OF_PRIMITIVE[prim]
-            if op.identity is not None and float(op.identity) == ident:
-                canonical = op.replace(reduce=name, identity=None)
+        name = recognised_reduce(op.reduce)
+        if name is not None and op.identity is not None \
+                and float(op.identity) == _DEFAULT_IDENTITY[name]:
+            canonical = op.replace(reduce=name, identity=None)
     elif op.identity is not None and float(op.identity) == _DEFAULT_IDENTITY.get(op.reduce):
         # A declared identity that is the reduce's own (max's -inf): the default, which
         # lets the engines fill padding, factor maps out of the product and so on.
