@@ -146,3 +146,110 @@ def test_explain_names_the_recognised_reduce_and_the_generic_fold():
     plan = jaxconv.explain(jaxconv.Op(comb, REDUCES["tempered_lae"][0], identity=-math.inf),
                            platform="cpu")
     assert any("generic fold" in d and "slow path" in d for d in plan.details)
+
+
+# --- custom derivative rules of one operand: factored out, the rule kept exactly -------------
+
+@jax.custom_vjp
+def _ste(v):
+    return jnp.where(v >= 0, 1.0, -1.0)
+
+
+_ste.defvjp(lambda v: (_ste(v), v), lambda v, g: (g * (jnp.abs(v) <= 1.0),))
+
+
+@jax.custom_vjp
+def _ste_clipped_cotangent(v):  # a backward that is not linear in the cotangent
+    return jnp.where(v >= 0, 1.0, -1.0)
+
+
+_ste_clipped_cotangent.defvjp(lambda v: (_ste_clipped_cotangent(v), v),
+                              lambda v, g: (jnp.clip(g, -0.5, 0.5),))
+
+
+def _np_sign(v):
+    return np.where(v >= 0, 1.0, -1.0)
+
+
+RULE_OPS = {  # name -> (combine, numpy combine, reduce)
+    "ste_xnor": (lambda a, b: _ste(a) * _ste(b), lambda a, b: _np_sign(a) * _np_sign(b),
+                 "sum"),
+    "ste_sign_xnor": (lambda a, b: jaxconv.quantizers.ste_sign(a)
+                      * jaxconv.quantizers.ste_sign(b),
+                      lambda a, b: _np_sign(a) * _np_sign(b), "sum"),
+    "relu_times_max": (lambda a, b: jax.nn.relu(a) * b, lambda a, b: np.maximum(a, 0) * b,
+                       "max"),
+    "ste_minus_w": (lambda a, b: _ste(a) - 0.5 * b, lambda a, b: _np_sign(a) - 0.5 * b, "sum"),
+}
+
+
+def _brute_force_windows(x, w, combine, reduce, pad_value):
+    """SAME 3x3 conv: every product (custom rules apply per product), stacked and reduced
+    with ``jnp.sum`` / ``jnp.max`` (ties split equally, as the contract's gradients)."""
+    kh, kw, _, _ = w.shape
+    _, h, wd, _ = x.shape
+    fill = 0.0 if pad_value is None else pad_value
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=fill)
+    valid = jnp.pad(jnp.ones((h, wd), bool), 1) | (pad_value is not None)
+    ident = {"sum": 0.0, "max": -jnp.inf}[reduce]
+    terms = []
+    for i in range(kh):
+        for j in range(kw):
+            t = combine(xp[:, i:i + h, j:j + wd, :, None], w[i, j][None, None, None])
+            ok = valid[i:i + h, j:j + wd][None, :, :, None, None]
+            terms.append(jnp.where(ok, t, ident))
+    terms = jnp.concatenate(terms, axis=3)  # (N, H, W, taps * C, O)
+    return jnp.sum(terms, axis=3) if reduce == "sum" else jnp.max(terms, axis=3)
+
+
+@pytest.mark.parametrize("name, engine, pad_value", [
+    ("ste_xnor", "xla", None), ("ste_xnor", "auto", 0.0),
+    ("ste_sign_xnor", "auto", None),
+    ("relu_times_max", "auto", None), ("relu_times_max", "xla", None),
+    ("ste_minus_w", "auto", None),
+])
+def test_operand_rules_are_factored_values_and_gradients(name, engine, pad_value):
+    combine, np_combine, reduce = RULE_OPS[name]
+    op = jaxconv.Op(combine, reduce, pad_value=pad_value)
+    form = algebra.factored_form(op, np.float32)
+    assert form is not None and form.lhs_map is not None
+    assert algebra.per_product_rule(op, np.float32) is None
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((2, 5, 4, 3)) * 1.5).astype(np.float32)
+    w = (rng.standard_normal((3, 3, 3, 4)) * 1.5).astype(np.float32)
+    ref = conv_reference(x, w, (1, 1), "SAME", None, None, DN, combine=np_combine,
+                         reduce={"sum": np.add, "max": np.maximum}[reduce],
+                         identity={"sum": 0.0, "max": -math.inf}[reduce], pad_value=pad_value)
+
+    def ours(a, b):
+        return jaxconv.conv_general_dilated(a, b, (1, 1), "SAME", dimension_numbers=DN, op=op,
+                                            engine=engine)
+
+    np.testing.assert_allclose(np.asarray(ours(x, w)), ref, rtol=1e-5, atol=1e-5)
+    ct = jnp.asarray(rng.standard_normal(ref.shape), jnp.float32)
+    got = jax.jit(jax.grad(lambda a, b: jnp.sum(ct * ours(a, b)), argnums=(0, 1)))(x, w)
+    want = jax.grad(lambda a, b: jnp.sum(ct * _brute_force_windows(
+        a, b, combine, reduce, pad_value)), argnums=(0, 1))(x, w)
+    for g, g0 in zip(got, want, strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(g0), rtol=1e-5, atol=1e-5)
+
+
+def test_factored_ste_xnor_is_one_standard_convolution():
+    plan = jaxconv.explain(jaxconv.Op(RULE_OPS["ste_xnor"][0], "sum"), platform="cpu")
+    assert any("of the input" in d and "custom derivative rule" in d for d in plan.details)
+    assert any("of the kernel" in d for d in plan.details)
+    assert any("standard lax convolution" in d for d in plan.details)
+
+
+@pytest.mark.parametrize("combine, why", [
+    (lambda a, b: _ste(a * b), "depends on both operands"),
+    (lambda a, b: jax.nn.relu(a - b), "depends on both operands"),
+    (lambda a, b: _ste_clipped_cotangent(a) * _ste_clipped_cotangent(b), "not linear"),
+])
+def test_rules_that_stay_per_product_are_explained(combine, why):
+    op = jaxconv.Op(combine, "sum")
+    assert algebra.factored_form(op, np.float32) is None
+    assert why in algebra.per_product_rule(op, np.float32)
+    plan = jaxconv.explain(op, platform="cpu")
+    assert any(why in d and "slow" in d for d in plan.details)
+

@@ -513,8 +513,9 @@ class FactoredForm:
         lines = []
         for what, fn in (("input", self.lhs_map), ("kernel", self.rhs_map)):
             if fn is not None:
+                rule = " (with its custom derivative rule)" if fn.program.rules() else ""
                 lines.append(f"the map {fn.program.primitives()} of the {what} runs once per "
-                             "element, before the product")
+                             f"element, before the product{rule}")
         if self.outer is not None:
             lines.append(f"the monotone map {self.outer.program.primitives()} runs once per "
                          f"output, after the {self.inner.reduce}")
@@ -557,18 +558,68 @@ def factored_form(op: Op, dtype: Any) -> FactoredForm | None:
     return _factored_form(op, np.dtype(dtype))
 
 
-@functools.lru_cache(maxsize=512)
+def per_product_rule(op: Op, dtype: Any) -> str | None:
+    """Why a custom derivative rule in ``op``'s combine runs once per product, if it does.
+
+    A ``jax.custom_vjp`` / ``jax.custom_jvp`` function of one operand only (``ste(x)``) is
+    factored out by `factored_form`; this says why one is not (it reads both operands, or its
+    backward is not linear in the cotangent), for `jaxconv.explain`. ``None``: no rule runs
+    once per product.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> import jaxconv
+      >>> per_product_rule(jaxconv.Op(lambda x, w: jax.nn.relu(x) * w), jnp.float32) is None
+      True
+    """
+    return _factored(op, np.dtype(dtype))[1]
+
+
+def _linear_rule(node: Any, dtype: np.dtype) -> bool:
+    """Whether a custom-rule node's backward is linear in the cotangent (always true of a
+    custom JVP, whose tangent rule JAX transposes), checked by transposing it abstractly."""
+    from jaxconv._src.core import scalar_program as sp  # noqa: PLC0415
+
+    if node.name == "custom_jvp_call":
+        return True
+    args = [a for a in node.args if not isinstance(a, sp.Const)]
+    if len(args) != 1:
+        return False
+    var = node.args.index(args[0])
+    single = sp.ScalarProgram((dataclasses.replace(node, args=tuple(
+        sp.Arg(0) if i == var else a for i, a in enumerate(node.args))),), (0,), 1, dtype,
+        False)
+
+    def fn(v: Array) -> Array:
+        return sp.evaluate(single, v)[0]
+
+    s = jax.ShapeDtypeStruct((), dtype)
+    try:
+        jax.eval_shape(lambda x, g: jax.linear_transpose(
+            lambda c: jax.vjp(fn, x)[1](c)[0], g)(g), s, s)
+    except Exception:  # noqa: BLE001 - a rule JAX cannot transpose is not linear
+        return False
+    return True
+
+
 def _factored_form(op: Op, dtype: np.dtype) -> FactoredForm | None:
+    return _factored(op, dtype)[0]
+
+
+@functools.lru_cache(maxsize=512)
+def _factored(op: Op, dtype: np.dtype) -> tuple[FactoredForm | None, str | None]:
     from jaxconv._src.core import scalar_program as sp  # noqa: PLC0415
 
     if op.rewrite is not None or op.native is not None:
-        return None
+        return None, None
     caps = capabilities(op)
     canonical = caps.canonical
     try:
-        program = sp.combine_program(op.combine, dtype)
+        # Custom-rule calls stay whole: one of a single operand is moved out with its rule.
+        program = sp.rules_program(op.combine, dtype)
     except sp.Untranslatable:
-        return None
+        return None, None
+    rules = program.rules()
     name = op.name or "user op"
     reduce, outer = canonical.reduce, None
     split = None
@@ -579,6 +630,13 @@ def _factored_form(op: Op, dtype: np.dtype) -> FactoredForm | None:
         outer = ProgramFn(split.outer, f"{name} (outer)")
         reduce = caps.reduce if split.direction > 0 else _DUAL[caps.reduce]
     operands = sp.operand_split(program)
+    if operands is not None and rules:
+        side_rules = [p.nodes[k] for p in (operands.lhs, operands.rhs) if p is not None
+                      for k in p.rules()]
+        if not all(_linear_rule(n, dtype) for n in side_rules):
+            return None, ("its combine calls a custom-VJP function whose backward is not "
+                          "linear in the cotangent, so its rule runs once per product (the "
+                          "generic path, slow)")
     lhs_map = rhs_map = None
     pad_value = canonical.pad_value
     if operands is not None:
@@ -593,8 +651,14 @@ def _factored_form(op: Op, dtype: np.dtype) -> FactoredForm | None:
                                                                    f"{name} (kernel map)")
         else:
             lhs_map, pad_value = None, canonical.pad_value
+    if rules and (program.rules() or lhs_map is None and rhs_map is None):
+        # A rule on a value of both operands: the combine runs whole, once per product.
+        return None, ("its combine calls a function with a custom derivative rule "
+                      "(custom_vjp / custom_jvp) on a value that depends on both operands, so "
+                      "the rule runs once per product (the generic path, slow); a rule of one "
+                      "operand only, as in ste(x) * ste(w), is factored out")
     if outer is None and lhs_map is None and rhs_map is None:
-        return None
+        return None, None
     inner = Op(ProgramFn(program, f"{name} (inner)"), reduce, identity=canonical.identity,
                pad_value=pad_value, name=f"{name} (inner)", forward_mode=op.forward_mode)
-    return FactoredForm(inner, outer, lhs_map, rhs_map)
+    return FactoredForm(inner, outer, lhs_map, rhs_map), None

@@ -185,6 +185,9 @@ def explain(op: Any, *, dtype: Any = "float32", platform: str | None = None,
     inner = op.replace(post=None) if form is None else form.inner
     if form is not None:
         details.extend(form.describe())
+    rule = algebra.per_product_rule(op.replace(post=None), dtype)
+    if rule is not None:
+        details.append(rule)
     if callable(op.reduce) and algebra.capabilities(op).reduce != "custom":
         details.append(f"the callable reduce is {algebra.capabilities(op).reduce!r} "
                        "(recognised from its traced program)")
