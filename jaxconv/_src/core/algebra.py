@@ -42,7 +42,10 @@ class Op:
         Built-in reduces know theirs (0, -inf, +inf, 1, -inf) in every dtype; a number given
         here overrides it. A callable ``reduce`` is probed once per dtype, on concrete
         values, for both sides of the identity, commutativity and associativity, and
-        refused with a ``ValueError`` naming ``reduce`` when a probe fails.
+        refused with a ``ValueError`` naming ``reduce`` when a probe fails. A callable that
+        computes a built-in reduce (``jnp.logaddexp`` or a stable hand-written logaddexp,
+        ``jnp.maximum``, ``lambda a, b: a + b``, ...; recognised from its traced program,
+        never its name) with that reduce's identity runs as the built-in.
       pad_value: ``None``: padded taps (and the holes of ``lhs_dilation``) contribute the
         identity, i.e. they are skipped. A number: padded input cells hold that value and go
         through ``combine`` (AdderNet pads with 0, larq's ``pad_values``).
