@@ -89,6 +89,7 @@ ZOO = {
     "builtin_log": ZooOp("log", "float32", 'op="log" (x + w under logsumexp)'),
     "ste_xnor": ZooOp(jaxconv.Op(lambda a, b: ste(a) * ste(b), "sum", name="ste_xnor"),
                       "float32", "ste(x) * ste(w), ste a jax.custom_vjp"),
+    "builtin_xnor": ZooOp("xnor", "float32", 'op="xnor" (the yardstick of the STE rows)'),
     "ste_sign_xnor": ZooOp(jaxconv.Op(lambda a, b: jaxconv.quantizers.ste_sign(a)
                                       * jaxconv.quantizers.ste_sign(b), "sum",
                                       name="ste_sign_xnor"), "float32",

@@ -238,7 +238,7 @@ def test_factored_ste_xnor_is_one_standard_convolution():
     plan = jaxconv.explain(jaxconv.Op(RULE_OPS["ste_xnor"][0], "sum"), platform="cpu")
     assert any("of the input" in d and "custom derivative rule" in d for d in plan.details)
     assert any("of the kernel" in d for d in plan.details)
-    assert any("standard lax convolution" in d for d in plan.details)
+    assert any("rewrite into standard lax products" in d for d in plan.details)
 
 
 @pytest.mark.parametrize("combine, why", [
@@ -253,3 +253,24 @@ def test_rules_that_stay_per_product_are_explained(combine, why):
     plan = jaxconv.explain(op, platform="cpu")
     assert any(why in d and "slow" in d for d in plan.details)
 
+
+
+@pytest.mark.parametrize("name", ["relu_times_max", "relu_times_sum"])
+def test_factored_custom_jvp_rule_in_forward_mode(name):
+    """A custom JVP of one operand (jax.nn.relu) keeps forward mode after factoring."""
+    combine = RULE_OPS["relu_times_max"][0]
+    reduce = "max" if name == "relu_times_max" else "sum"
+    op = jaxconv.Op(combine, reduce)
+    assert algebra.factored_form(op, np.float32) is not None
+    rng = np.random.default_rng(4)
+    x, tx = (jnp.asarray(rng.standard_normal((1, 4, 5, 3)), jnp.float32) for _ in range(2))
+    w, tw = (jnp.asarray(rng.standard_normal((3, 3, 3, 2)), jnp.float32) for _ in range(2))
+
+    def ours(a, b):
+        return jaxconv.conv_general_dilated(a, b, (1, 1), "SAME", dimension_numbers=DN, op=op)
+
+    y, ty = jax.jit(lambda *a: jax.jvp(ours, a[:2], a[2:]))(x, w, tx, tw)
+    y0, ty0 = jax.jvp(lambda a, b: _brute_force_windows(a, b, combine, reduce, None),
+                      (x, w), (tx, tw))
+    np.testing.assert_allclose(np.asarray(y), np.asarray(y0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(ty), np.asarray(ty0), rtol=1e-4, atol=1e-5)

@@ -662,6 +662,17 @@ def _factored(op: Op, dtype: np.dtype) -> tuple[FactoredForm | None, str | None]
                       "operand only, as in ste(x) * ste(w), is factored out")
     if outer is None and lhs_map is None and rhs_map is None:
         return None, None
+    # What is left a multiply-and-add (ste(x) * ste(w), tanh(x) * w): one standard product,
+    # as op="xnor" runs, its gradient lax's own.
+    standard = reduce == "sum" and canonical.identity is None \
+        and _single_primitive(program) == "mul"
     inner = Op(ProgramFn(program, f"{name} (inner)"), reduce, identity=canonical.identity,
-               pad_value=pad_value, name=f"{name} (inner)", forward_mode=op.forward_mode)
+               pad_value=pad_value, name=f"{name} (inner)", forward_mode=op.forward_mode,
+               rewrite=_standard_product if standard else None)
     return FactoredForm(inner, outer, lhs_map, rhs_map), None
+
+
+def _standard_product(product: Callable[..., Array], lhs: Array, rhs: Array) -> Array:
+    """The rewrite of a factored multiply-and-add: the standard product of the mapped
+    operands, in full float32 precision on every platform (as the generic engine's)."""
+    return product(lhs, rhs, precision=jax.lax.Precision.HIGHEST)
