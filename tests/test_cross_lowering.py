@@ -24,7 +24,8 @@ KERNEL_CALL = {"cuda": "@__gpu$xla.gpu.triton", "tpu": "@tpu_custom_call"}
 
 # A user op whose combine carries a custom_vjp (larq's straight-through sign), and one whose
 # combine carries a custom_jvp (jax.nn.relu) under a max: neither may reach a kernel body.
-STE_TIMES = jaxconv.Op(lambda x, w: quantizers.ste_sign(x) * w, "sum", name="ste_times")
+# (The sign reads both operands: a rule of one operand is factored out of the product.)
+STE_TIMES = jaxconv.Op(lambda x, w: quantizers.ste_sign(x * w), "sum", name="ste_times")
 RELU_PLUS = jaxconv.Op(lambda x, w: jax.nn.relu(x) + w, "max", name="relu_plus")
 SOFT_PROD = jaxconv.Op(lambda x, w: 1 + 0.1 * x * w, "prod", name="soft_prod")
 

@@ -275,7 +275,8 @@ def test_custom_vjp_combine_keeps_its_rule():
     # (the straight-through sign's gradient, not the sign's zero derivative).
     from jaxconv import quantizers
 
-    op = jaxconv.Op(lambda p, q: quantizers.ste_sign(p) * q, "sum", name="ste_times")
+    # The sign reads both operands (a rule of one operand is factored out of the product).
+    op = jaxconv.Op(lambda p, q: quantizers.ste_sign(p * q), "sum", name="ste_times")
     cfg = CONFIGS[0]
     x, w = _data(cfg, 12)
 

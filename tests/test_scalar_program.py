@@ -225,7 +225,7 @@ def test_a_factored_multiply_and_add_is_a_standard_convolution():
     plan = jaxconv.explain(jaxconv.Op(lambda x, w: jnp.tanh(x) * w, "sum"), platform="cpu")
     assert plan.engine == "xla"
     assert any("('tanh',) of the input" in d for d in plan.details)
-    assert any("standard lax convolution" in d for d in plan.details)
+    assert any("rewrite into standard lax products" in d for d in plan.details)
 
 
 def test_factored_form_gradient_is_the_per_product_gradient():
@@ -245,3 +245,54 @@ def test_factored_form_gradient_is_the_per_product_gradient():
 
     for got, want in zip(loss(op)(x, w), loss(per_product)(x, w), strict=True):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+
+
+# --- float64 (jax_enable_x64): a combine's literals take the operands' dtype -----------------
+
+X64_OPS = {
+    # The factored form's outer clip carries the literals -1.0 and 1.0.
+    "clip_mul_max": (jaxconv.Op(lambda a, b: jnp.clip(a * b, -1.0, 1.0), "max"),
+                     lambda a, b: np.clip(a * b, -1.0, 1.0), np.maximum, -math.inf),
+    "where_literal_sum": (jaxconv.Op(lambda a, b: jnp.where(a > 0.5, a * b, 2.0 * b), "sum"),
+                          lambda a, b: np.where(a > 0.5, a * b, 2.0 * b), np.add, 0.0),
+    "tanh_map_plus_one_min": (jaxconv.Op(lambda a, b: jnp.tanh(a) - b + 1.0, "min"),
+                              lambda a, b: np.tanh(a) - b + 1.0, np.minimum, math.inf),
+}
+
+
+@pytest.mark.parametrize("name, engine", [("clip_mul_max", "xla"), ("clip_mul_max", "pallas"),
+                                          ("clip_mul_max", "auto"),
+                                          ("where_literal_sum", "pallas"),
+                                          ("tanh_map_plus_one_min", "xla")])
+def test_x64_user_op_literals_take_the_operands_dtype(name, engine):
+    op, combine, reduce, identity = X64_OPS[name]
+    xs, ws, kw = GEOMETRIES["same"]
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(xs) * 2
+    w = rng.standard_normal(ws)
+    dn = ("NHWC", "HWIO", "NHWC")
+    ref = conv_reference(x, w, kw["window_strides"], kw["padding"], None, None, dn,
+                         combine=combine, reduce=reduce, identity=identity)
+    with jax.enable_x64(True):
+        def f(a, b):
+            return jaxconv.conv_general_dilated(a, b, op=op, dimension_numbers=dn,
+                                                engine=engine, **kw)
+
+        xj, wj = jnp.asarray(x), jnp.asarray(w)
+        y = f(xj, wj)
+        gx, gw = jax.grad(lambda a, b: jnp.sum(jnp.sin(f(a, b))), argnums=(0, 1))(xj, wj)
+    assert y.dtype == gx.dtype == gw.dtype == np.float64
+    np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-12, atol=1e-12)
+    assert np.isfinite(np.asarray(gx)).all() and np.isfinite(np.asarray(gw)).all()
+
+
+def test_program_traced_for_float64_runs_on_float32():
+    """Capabilities are probed on float32: a float64 program's literals follow the arguments."""
+    with jax.enable_x64(True):
+        program = sp.trace(FUNCTIONS["clip_mul"], np.float64, 2)
+        x, w = _grid()
+        got = sp.evaluate(program, jnp.asarray(x), jnp.asarray(w))[0]
+    assert got.dtype == np.float32
+    with np.errstate(invalid="ignore"):  # inf * 0
+        want = np.clip(x * w, -1.0, 1.0)
+    np.testing.assert_array_equal(np.asarray(got), want)

@@ -42,7 +42,10 @@ class Op:
         Built-in reduces know theirs (0, -inf, +inf, 1, -inf) in every dtype; a number given
         here overrides it. A callable ``reduce`` is probed once per dtype, on concrete
         values, for both sides of the identity, commutativity and associativity, and
-        refused with a ``ValueError`` naming ``reduce`` when a probe fails.
+        refused with a ``ValueError`` naming ``reduce`` when a probe fails. A callable that
+        computes a built-in reduce (``jnp.logaddexp`` or a stable hand-written logaddexp,
+        ``jnp.maximum``, ``lambda a, b: a + b``, ...; recognised from its traced program,
+        never its name) with that reduce's identity runs as the built-in.
       pad_value: ``None``: padded taps (and the holes of ``lhs_dilation``) contribute the
         identity, i.e. they are skipped. A number: padded input cells hold that value and go
         through ``combine`` (AdderNet pads with 0, larq's ``pad_values``).
@@ -289,9 +292,10 @@ class Capabilities:
     """What the engines need to know about an op, declared or inferred once.
 
     Attributes:
-      canonical: the op with a callable reduce that is exactly one ``add`` / ``mul`` /
-        ``max`` / ``min`` (with that reduce's identity) replaced by the built-in reduce, so
-        that it gets the hand-written backward pass.
+      canonical: the op with a callable reduce that `recognised_reduce` finds to be a
+        built-in one (``add`` / ``mul`` / ``max`` / ``min`` exactly, or a logaddexp), with
+        that reduce's identity, replaced by the built-in reduce, so that it takes the
+        built-in's fast paths and hand-written backward pass.
       reduce: the (canonical) reduce's name, ``"custom"`` for a callable.
       combine: ``"add" | "mul" | "min" | "max"`` when ``combine`` is that one primitive.
       dominated_fill: a pad value whose products the reduce provably ignores (identity
@@ -338,6 +342,97 @@ def simple_primitive(fn: Any, dtype: Any = jnp.float32) -> str | None:
     return name
 
 
+# Probe values for recognising a logaddexp: both signs, ties, spreads beyond exp's range in
+# float32 (|a - b| > 88), zeros of both signs, the infinities and NaN.
+_LAE_PROBES = np.array([-np.inf, -1e4, -200.0, -88.5, -30.0, -3.5, -1.0, -0.6931472, -1e-3,
+                        -0.0, 0.0, 1e-6, 0.3, 1.0, 2.5, 17.0, 80.0, 100.0, 1e4, np.inf, np.nan],
+                       np.float32)
+
+
+def _single_primitive(program: Any) -> str | None:
+    """``"add" | "mul" | "max" | "min"`` if the program is that one primitive of its two
+    arguments (in either order), in its own dtype."""
+    from jaxconv._src.core import scalar_program as sp  # noqa: PLC0415
+
+    live = program.live()
+    if len(program.outputs) != 1 or len(live) != 1 or program.outputs[0] != live[0]:
+        return None
+    node = program.nodes[live[0]]
+    if node.name not in COMBINE_KINDS or node.dtype != program.dtype:
+        return None
+    return node.name if set(node.args) == {sp.Arg(0), sp.Arg(1)} else None
+
+
+def _computes_logaddexp(program: Any) -> bool:
+    """Whether a two-argument program is ``log(exp(a) + exp(b))`` on the probe values.
+
+    It must use an exponential and a logarithm, and match float64 ``logaddexp`` within a few
+    float32 rounding steps on every pair of probe values (NaN where an argument is NaN,
+    ``a`` exactly for ``(a, -inf)``, the identity). Where an argument is ``+inf``, or both
+    are ``-inf``, hand-written stable forms (``m + log(exp(a - m) + exp(b - m))``) give NaN:
+    accepted there, and the recognised reduce computes the built-in's answer (``+inf``;
+    ``-inf`` for two ``-inf``, the identity law).
+    """
+    from jaxconv._src.core import scalar_program as sp  # noqa: PLC0415
+
+    used = set(program.primitives())
+    if not used & {"exp", "exp2", "expm1", "logistic"} or not used & {"log", "log1p"}:
+        return False
+    a, b = (v.ravel() for v in np.meshgrid(_LAE_PROBES, _LAE_PROBES))
+    try:
+        with jax.ensure_compile_time_eval():
+            got = np.asarray(sp.evaluate(program, jnp.asarray(a), jnp.asarray(b))[0],
+                             np.float64)
+    except Exception:  # noqa: BLE001 - a program that fails on values is not a logaddexp
+        return False
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    nan_in = np.isnan(a64) | np.isnan(b64)
+    edge = ~nan_in & ((a64 == np.inf) | (b64 == np.inf) | ((a64 == -np.inf) & (b64 == -np.inf)))
+    with np.errstate(invalid="ignore"):
+        want = np.logaddexp(a64, b64)
+        scale = np.maximum(1.0, np.maximum(np.abs(a64), np.abs(b64)))
+        close = (got == want) | (np.abs(got - want) <= 8 * np.finfo(np.float32).eps * scale)
+    return bool(np.isnan(got[nan_in]).all() and close[~nan_in & ~edge].all()
+                and (close[edge] | np.isnan(got[edge])).all())
+
+
+@functools.lru_cache(maxsize=256)
+def recognised_reduce(fn: Callable[[Any, Any], Any]) -> str | None:
+    """The built-in reduce that a callable ``reduce`` computes, from its traced program.
+
+    ``"sum" | "prod" | "max" | "min"`` when the program (calls inlined) is exactly ``a + b``,
+    ``a * b``, ``max(a, b)`` or ``min(a, b)`` (``jnp.add``, ``lambda a, b: b + a``,
+    ``jnp.maximum``, ...); ``"logsumexp"`` when it computes ``log(exp(a) + exp(b))``
+    (``jnp.logaddexp``, a hand-written stable form): see `_computes_logaddexp`. ``None``
+    otherwise, or when it does not trace on scalars. Never decided by the function's
+    identity or name.
+
+    Args:
+      fn: the binary callable.
+
+    Returns:
+      The reduce's name, or ``None``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxconv._src.core.algebra import recognised_reduce
+      >>> recognised_reduce(jnp.logaddexp), recognised_reduce(lambda a, b: b * a)
+      ('logsumexp', 'prod')
+    """
+    from jaxconv._src.core import scalar_program as sp  # noqa: PLC0415
+
+    try:
+        program = sp.trace(fn, np.float32, 2)
+    except sp.Untranslatable:
+        return None
+    if len(program.outputs) != 1:
+        return None
+    prim = _single_primitive(program)
+    if prim is not None:
+        return _REDUCE_OF_PRIMITIVE[prim][0]
+    return "logsumexp" if _computes_logaddexp(program) else None
+
+
 def _reverse_only_part(op: Op) -> str | None:
     """``"combine"`` / ``"reduce"`` if that part of ``op`` defines only a reverse-mode rule.
 
@@ -376,11 +471,10 @@ def capabilities(op: Op) -> Capabilities:
     """
     canonical = op
     if callable(op.reduce):
-        prim = simple_primitive(op.reduce)
-        if prim is not None:
-            name, ident = _REDUCE_OF_PRIMITIVE[prim]
-            if op.identity is not None and float(op.identity) == ident:
-                canonical = op.replace(reduce=name, identity=None)
+        name = recognised_reduce(op.reduce)
+        if name is not None and op.identity is not None \
+                and float(op.identity) == _DEFAULT_IDENTITY[name]:
+            canonical = op.replace(reduce=name, identity=None)
     elif op.identity is not None and float(op.identity) == _DEFAULT_IDENTITY.get(op.reduce):
         # A declared identity that is the reduce's own (max's -inf): the default, which
         # lets the engines fill padding, factor maps out of the product and so on.
@@ -450,8 +544,9 @@ class FactoredForm:
         lines = []
         for what, fn in (("input", self.lhs_map), ("kernel", self.rhs_map)):
             if fn is not None:
+                rule = " (with its custom derivative rule)" if fn.program.rules() else ""
                 lines.append(f"the map {fn.program.primitives()} of the {what} runs once per "
-                             "element, before the product")
+                             f"element, before the product{rule}")
         if self.outer is not None:
             lines.append(f"the monotone map {self.outer.program.primitives()} runs once per "
                          f"output, after the {self.inner.reduce}")
@@ -494,18 +589,68 @@ def factored_form(op: Op, dtype: Any) -> FactoredForm | None:
     return _factored_form(op, np.dtype(dtype))
 
 
-@functools.lru_cache(maxsize=512)
+def per_product_rule(op: Op, dtype: Any) -> str | None:
+    """Why a custom derivative rule in ``op``'s combine runs once per product, if it does.
+
+    A ``jax.custom_vjp`` / ``jax.custom_jvp`` function of one operand only (``ste(x)``) is
+    factored out by `factored_form`; this says why one is not (it reads both operands, or its
+    backward is not linear in the cotangent), for `jaxconv.explain`. ``None``: no rule runs
+    once per product.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> import jaxconv
+      >>> per_product_rule(jaxconv.Op(lambda x, w: jax.nn.relu(x) * w), jnp.float32) is None
+      True
+    """
+    return _factored(op, np.dtype(dtype))[1]
+
+
+def _linear_rule(node: Any, dtype: np.dtype) -> bool:
+    """Whether a custom-rule node's backward is linear in the cotangent (always true of a
+    custom JVP, whose tangent rule JAX transposes), checked by transposing it abstractly."""
+    from jaxconv._src.core import scalar_program as sp  # noqa: PLC0415
+
+    if node.name == "custom_jvp_call":
+        return True
+    args = [a for a in node.args if not isinstance(a, sp.Const)]
+    if len(args) != 1:
+        return False
+    var = node.args.index(args[0])
+    single = sp.ScalarProgram((dataclasses.replace(node, args=tuple(
+        sp.Arg(0) if i == var else a for i, a in enumerate(node.args))),), (0,), 1, dtype,
+        False)
+
+    def fn(v: Array) -> Array:
+        return sp.evaluate(single, v)[0]
+
+    s = jax.ShapeDtypeStruct((), dtype)
+    try:
+        jax.eval_shape(lambda x, g: jax.linear_transpose(
+            lambda c: jax.vjp(fn, x)[1](c)[0], g)(g), s, s)
+    except Exception:  # noqa: BLE001 - a rule JAX cannot transpose is not linear
+        return False
+    return True
+
+
 def _factored_form(op: Op, dtype: np.dtype) -> FactoredForm | None:
+    return _factored(op, dtype)[0]
+
+
+@functools.lru_cache(maxsize=512)
+def _factored(op: Op, dtype: np.dtype) -> tuple[FactoredForm | None, str | None]:
     from jaxconv._src.core import scalar_program as sp  # noqa: PLC0415
 
     if op.rewrite is not None or op.native is not None:
-        return None
+        return None, None
     caps = capabilities(op)
     canonical = caps.canonical
     try:
-        program = sp.combine_program(op.combine, dtype)
+        # Custom-rule calls stay whole: one of a single operand is moved out with its rule.
+        program = sp.rules_program(op.combine, dtype)
     except sp.Untranslatable:
-        return None
+        return None, None
+    rules = program.rules()
     name = op.name or "user op"
     reduce, outer = canonical.reduce, None
     split = None
@@ -516,6 +661,13 @@ def _factored_form(op: Op, dtype: np.dtype) -> FactoredForm | None:
         outer = ProgramFn(split.outer, f"{name} (outer)")
         reduce = caps.reduce if split.direction > 0 else _DUAL[caps.reduce]
     operands = sp.operand_split(program)
+    if operands is not None and rules:
+        side_rules = [p.nodes[k] for p in (operands.lhs, operands.rhs) if p is not None
+                      for k in p.rules()]
+        if not all(_linear_rule(n, dtype) for n in side_rules):
+            return None, ("its combine calls a custom-VJP function whose backward is not "
+                          "linear in the cotangent, so its rule runs once per product (the "
+                          "generic path, slow)")
     lhs_map = rhs_map = None
     pad_value = canonical.pad_value
     if operands is not None:
@@ -530,8 +682,25 @@ def _factored_form(op: Op, dtype: np.dtype) -> FactoredForm | None:
                                                                    f"{name} (kernel map)")
         else:
             lhs_map, pad_value = None, canonical.pad_value
+    if rules and (program.rules() or lhs_map is None and rhs_map is None):
+        # A rule on a value of both operands: the combine runs whole, once per product.
+        return None, ("its combine calls a function with a custom derivative rule "
+                      "(custom_vjp / custom_jvp) on a value that depends on both operands, so "
+                      "the rule runs once per product (the generic path, slow); a rule of one "
+                      "operand only, as in ste(x) * ste(w), is factored out")
     if outer is None and lhs_map is None and rhs_map is None:
-        return None
+        return None, None
+    # What is left a multiply-and-add (ste(x) * ste(w), tanh(x) * w): one standard product,
+    # as op="xnor" runs, its gradient lax's own.
+    standard = reduce == "sum" and canonical.identity is None \
+        and _single_primitive(program) == "mul"
     inner = Op(ProgramFn(program, f"{name} (inner)"), reduce, identity=canonical.identity,
-               pad_value=pad_value, name=f"{name} (inner)", forward_mode=op.forward_mode)
-    return FactoredForm(inner, outer, lhs_map, rhs_map)
+               pad_value=pad_value, name=f"{name} (inner)", forward_mode=op.forward_mode,
+               rewrite=_standard_product if standard else None)
+    return FactoredForm(inner, outer, lhs_map, rhs_map), None
+
+
+def _standard_product(product: Callable[..., Array], lhs: Array, rhs: Array) -> Array:
+    """The rewrite of a factored multiply-and-add: the standard product of the mapped
+    operands, in full float32 precision on every platform (as the generic engine's)."""
+    return product(lhs, rhs, precision=jax.lax.Precision.HIGHEST)

@@ -185,6 +185,12 @@ def explain(op: Any, *, dtype: Any = "float32", platform: str | None = None,
     inner = op.replace(post=None) if form is None else form.inner
     if form is not None:
         details.extend(form.describe())
+    rule = algebra.per_product_rule(op.replace(post=None), dtype)
+    if rule is not None:
+        details.append(rule)
+    if callable(op.reduce) and algebra.capabilities(op).reduce != "custom":
+        details.append(f"the callable reduce is {algebra.capabilities(op).reduce!r} "
+                       "(recognised from its traced program)")
     geom = Geometry((8, 8), (3, 3), (1, 1), ((1, 1), (1, 1)), (1, 1), (1, 1), 1)
     acc = np.dtype(algebra.accumulation_dtype(inner, dtype, None))
     problem = primitive.Problem(inner, geom, engine, acc, primitive.DEFAULT_MAX_BLOCK_BYTES,
@@ -218,6 +224,9 @@ def explain(op: Any, *, dtype: Any = "float32", platform: str | None = None,
             details.append("the log-semiring in exp space (one lax convolution)")
         elif caps.reduce in ("max", "min"):
             details.append("blocked products, the winner backward pass")
+        elif caps.reduce == "custom":
+            details.append("a generic fold of the callable reduce, tap by tap (slow path: "
+                           "not recognised as sum, prod, max, min or logsumexp)")
         else:
             details.append(f"blocked products under {caps.reduce!r}")
     return Plan(op.display_name, platform, chosen, tuple(details))

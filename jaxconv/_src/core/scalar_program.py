@@ -66,6 +66,11 @@ class Node:
     def name(self) -> str:
         return self.primitive.name
 
+    @property
+    def rule(self) -> bool:
+        """Whether the node calls a function with a custom derivative rule (kept whole)."""
+        return self.name in RULE_CALLS
+
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class ScalarProgram:
@@ -85,6 +90,10 @@ class ScalarProgram:
     n_args: int
     dtype: np.dtype
     custom_jvp: bool
+
+    def rules(self) -> list[int]:
+        """The live nodes that call a function with a custom derivative rule."""
+        return [k for k in self.live() if self.nodes[k].rule]
 
     def primitives(self) -> tuple[str, ...]:
         """The names of the primitives the live part of the program uses, sorted."""
@@ -111,6 +120,9 @@ class ScalarProgram:
 _CALLS = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr",
           "core_call": "call_jaxpr", "remat": "jaxpr", "checkpoint": "jaxpr",
           "custom_jvp_call": "call_jaxpr"}
+# Calls of functions with custom derivative rules: kept whole (``keep_rules``) or refused /
+# inlined.
+RULE_CALLS = frozenset({"custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr"})
 # Primitives that are the identity on scalars.
 _PASS = ("broadcast_in_dim", "reshape", "squeeze", "copy", "copy_p", "expand_dims")
 # Reductions that are the identity when they reduce no axis: `jax.grad` emits one for each
@@ -141,8 +153,9 @@ def _scalar_dtype(aval: Any, what: str) -> np.dtype:
 
 
 class _Builder:
-    def __init__(self, arg_dtype: np.dtype) -> None:
+    def __init__(self, arg_dtype: np.dtype, keep_rules: bool = False) -> None:
         self.arg_dtype = arg_dtype
+        self.keep_rules = keep_rules
         self.nodes: list[Node] = []
         self.custom_jvp = False
 
@@ -170,7 +183,9 @@ class _Builder:
         for eqn in jaxpr.eqns:
             name = eqn.primitive.name
             ins = [read(v) for v in eqn.invars]
-            if name in _CALLS:
+            if self.keep_rules and name in RULE_CALLS:
+                outs = [self.rule(eqn, ins)]
+            elif name in _CALLS:
                 if name == "custom_jvp_call":
                     self.custom_jvp = True
                 outs = self.inline(eqn.params[_CALLS[name]], ins)
@@ -187,6 +202,14 @@ class _Builder:
                 if type(v).__name__ != "DropVar":
                     env[v] = r
         return [read(v) for v in jaxpr.outvars]
+
+    def rule(self, eqn: Any, ins: list[Ref]) -> int:
+        """A call of a function with a custom derivative rule, as one opaque node."""
+        if len(eqn.outvars) != 1:
+            raise Untranslatable("it calls a function with a custom derivative rule that "
+                                 "returns several values")
+        dtype = _scalar_dtype(eqn.outvars[0].aval, "the result of a custom-rule function")
+        return self._node(eqn, ins, dtype)
 
     def add(self, eqn: Any, ins: list[Ref]) -> Ref:
         (out,) = eqn.outvars
@@ -213,13 +236,17 @@ class _Builder:
         return len(self.nodes) - 1
 
 
-def trace(fn: Callable[..., Any], dtype: Any, n_args: int) -> ScalarProgram:
+def trace(fn: Callable[..., Any], dtype: Any, n_args: int,
+          keep_rules: bool = False) -> ScalarProgram:
     """The flat program of ``fn`` on ``n_args`` scalars of ``dtype``.
 
     Args:
       fn: a scalar function written with ``jax.numpy`` / ``lax``.
       dtype: the arguments' dtype.
       n_args: the number of arguments.
+      keep_rules: keep each call of a ``jax.custom_vjp`` / ``jax.custom_jvp`` function as
+        one node (`Node.rule`) that `evaluate` calls with its rule, instead of refusing a
+        custom VJP and inlining a custom JVP's primal.
 
     Returns:
       A `ScalarProgram` (its ``outputs`` are ``fn``'s results, flattened).
@@ -242,7 +269,7 @@ def trace(fn: Callable[..., Any], dtype: Any, n_args: int) -> ScalarProgram:
     except Exception as e:  # noqa: BLE001 - any tracing failure means "not translatable"
         raise Untranslatable(f"it cannot be traced on scalars ({type(e).__name__}: {e})") \
             from None
-    b = _Builder(dtype)
+    b = _Builder(dtype, keep_rules)
     outs = b.inline(closed, [Arg(i) for i in range(n_args)])
     return ScalarProgram(tuple(b.nodes), tuple(outs), n_args, dtype, b.custom_jvp)
 
@@ -251,6 +278,12 @@ def trace(fn: Callable[..., Any], dtype: Any, n_args: int) -> ScalarProgram:
 def combine_program(combine: Callable[..., Any], dtype: Any) -> ScalarProgram:
     """`trace` of ``combine(x, w)``, once per function and dtype (cached)."""
     return trace(combine, dtype, 2)
+
+
+@functools.lru_cache(maxsize=512)
+def rules_program(combine: Callable[..., Any], dtype: Any) -> ScalarProgram:
+    """`trace` of ``combine(x, w)`` keeping its custom-rule calls whole (cached)."""
+    return trace(combine, dtype, 2, keep_rules=True)
 
 
 @functools.lru_cache(maxsize=512)
@@ -268,19 +301,42 @@ def evaluate(program: ScalarProgram, *args: Array) -> list[Array]:
 
     Returns:
       Its outputs, arrays of that shape.
+
+    The program's literals and conversions in its own dtype take the arguments' dtype (a
+    ``-1.0`` traced for float64 arguments is a float64 constant, and a float32 one when the
+    program runs on float32 arrays), as a Python literal in the user's function would.
+
+    A custom-rule node (`Node.rule`) is the user's function traced on scalars, with its rule:
+    on arrays the program is mapped over their elements (``jax.vmap``), so that the rule
+    applies element by element, exactly as on scalars.
     """
     shape = jnp.shape(args[0])
+    if shape != () and any(node.rule for node in program.nodes):
+        flat = [jnp.ravel(a) for a in args]
+        outs = jax.vmap(lambda *s: evaluate(program, *s))(*flat)
+        return [o.reshape(shape) for o in outs]
+    own = np.dtype(args[0].dtype) if args else program.dtype
     vals: list[Array] = []
+
+    def dtype_of(dtype: np.dtype) -> np.dtype:
+        return own if dtype == program.dtype else dtype
 
     def read(r: Ref) -> Array:
         if isinstance(r, Const):  # typed like the first argument (its varying mesh axes)
-            return jnp.full_like(args[0], r.value, dtype=r.dtype, shape=shape)
+            return jnp.full_like(args[0], r.value, dtype=dtype_of(r.dtype), shape=shape)
         if isinstance(r, Arg):
             return args[r.index]
         return vals[r]
 
     for node in program.nodes:
-        vals.append(node.primitive.bind(*(read(a) for a in node.args), **node.params))
+        params = node.params
+        if node.name == "convert_element_type" and own != program.dtype:
+            params = {**params, "new_dtype": dtype_of(np.dtype(params["new_dtype"]))}
+        ins = [read(a) for a in node.args]
+        if node.rule:
+            vals.append(node.primitive.bind(*ins, **node.primitive.get_bind_params(params))[0])
+        else:
+            vals.append(node.primitive.bind(*ins, **params))
     return [read(r) for r in program.outputs]
 
 
