@@ -21,8 +21,7 @@ from reference import NUMPY_OPS, conv_reference, dot_general_reference
 
 import jaxconv
 from jaxconv import ops
-from jaxconv._src.core import planner
-from jaxconv._src.engines import native
+from jaxconv._src.engines import adapters, native
 
 pytestmark = pytest.mark.skipif(not native.available(),
                                 reason=f"native engine not built: {native.load_error()}")
@@ -509,14 +508,14 @@ def test_unsupported_is_a_clear_error_and_auto_falls_back():
 
 
 def _geom():
-    from jaxconv._src.engines import xla as engine_xla
-    return engine_xla.Geometry((5,), (3,), (1,), ((1, 1),), (1,), (1,), 1)
+    from jaxconv._src.core.geometry import Geometry
+    return Geometry((5,), (3,), (1,), ((1, 1),), (1,), (1,), 1)
 
 
 def test_load_failure_warns_once_and_native_raises(monkeypatch):
     monkeypatch.setitem(native._state, "module", None)
     monkeypatch.setitem(native._state, "error", "ImportError: simulated")
-    planner._warn_native_unavailable.cache_clear()
+    adapters._warn_native_unavailable.cache_clear()
     x, w, kw = _case("2d_same")
     with pytest.raises(RuntimeError, match="simulated"):
         jaxconv.conv_general_dilated(x, w, op="max_plus", engine="native", **kw)

@@ -27,56 +27,29 @@ problem and reuses it.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax._src import ad_util, dispatch
 from jax._src import core as _core
 from jax.extend import core as jex_core
 from jax.interpreters import ad, batching, mlir
 
+from jaxconv._src.core import algebra, planner
+from jaxconv._src.core import engine as registry
 from jaxconv._src.core.algebra import Op
+from jaxconv._src.core.engine import Engine
 from jaxconv._src.core.geometry import Geometry
+from jaxconv._src.core.problem import DEFAULT_MAX_BLOCK_BYTES, Problem
 
 Array = jax.Array
 
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 
 
-@dataclasses.dataclass(frozen=True)
-class Problem:
-    """A canonical generalized convolution: everything static an engine needs.
-
-    Attributes:
-      op: the product.
-      geom: the geometry (canonical layouts: `x` is `(N, *spatial, C)`, `w` is
-        `(*window, I, O)`, the output `(N, *out_spatial, O)`).
-      engine: the engine asked for (`"auto"`, `"xla"`, `"native"` or `"pallas"`).
-      acc_dtype: the dtype of the output (partial results accumulate in it).
-      max_block_bytes: the bound on the bytes of intermediate tiles.
-      precision: the `lax` precision of native products (rewrites such as `xnor`, `l2`).
-      dtype: the operands' common dtype (`None`: the accumulation dtype).
-    """
-
-    op: Op
-    geom: Geometry
-    engine: str
-    acc_dtype: np.dtype
-    max_block_bytes: int
-    precision: Any = None
-    dtype: np.dtype | None = None
-
-    def with_groups(self, groups: int) -> Problem:
-        return dataclasses.replace(self, geom=dataclasses.replace(self.geom, groups=groups))
-
-
-def _engine(problem: Problem, platform: str) -> Any:
-    from jaxconv._src.core import planner  # noqa: PLC0415 - the planner imports the engines
-
+def _engine(problem: Problem, platform: str) -> Engine:
     return planner.engine_for(problem, platform)
 
 
@@ -170,13 +143,13 @@ def _tangent_transpose(ct, x, w, y, tx, tw, *, problem, active):
 
 
 def _xla_jvp(name: str):
-    """JVP of a derived primitive (second-order derivatives): the XLA engine's own formula
-    differentiated by JAX (those paths are plain, differentiable JAX code)."""
-    from jaxconv._src.engines import xla  # noqa: PLC0415
+    """JVP of a derived primitive (second-order derivatives): the fallback (XLA) engine's own
+    formula differentiated by JAX (its paths are plain, differentiable JAX code)."""
 
     def rule(primals, tangents, **params):
         tangents = [ad.instantiate_zeros(t) for t in tangents]
-        fn = functools.partial(getattr(xla, name), params.pop("problem"))
+        fn = functools.partial(getattr(registry.get(planner.FALLBACK), name),
+                               params.pop("problem"))
         extra = tuple(params.values())
         return jax.jvp(lambda *a: fn(*a, *extra), tuple(primals), tuple(tangents))
 
@@ -293,9 +266,7 @@ def _per_example_rule(problem: Problem):
     examples into feature groups would instead run the whole backward pass grouped (measured
     20-35x slower on XLA CPU).
     """
-    from jaxconv._src.core import algebra  # noqa: PLC0415
-    from jaxconv._src.engines import xla  # noqa: PLC0415 - the engines import the core
-
+    xla = registry.get(planner.FALLBACK)
     kind = algebra.capabilities(problem.op).separable
     floating = problem.dtype is None or jnp.issubdtype(problem.dtype, jnp.floating)
     if kind is not None and floating:
@@ -328,9 +299,6 @@ batching.primitive_batchers[tangent_p] = _tangent_batch
 batching.primitive_batchers[backward_p] = _backward_batch
 
 
-DEFAULT_MAX_BLOCK_BYTES = 64 * 2**20
-
-
 def _hashable_precision(precision: Any) -> Any:
     if isinstance(precision, list):
         return tuple(precision)
@@ -355,7 +323,7 @@ def canonical_conv(
       w: `(*window, C // groups, O)` kernel.
       geom: the static geometry (padding resolved to pairs).
       op: the product.
-      engine: `"auto"`, `"xla"`, `"native"` or `"pallas"`.
+      engine: `"auto"` or a registered engine (`"xla"`, `"native"`, `"pallas"`).
       preferred_element_type: accumulation and output dtype, as in `lax`.
       max_block_bytes: bound on the bytes of intermediate tiles (default 64 MiB).
       precision: the `lax` precision of native products.
@@ -364,8 +332,6 @@ def canonical_conv(
       `(N, *out_spatial, O)` in the output dtype (`preferred_element_type`, else the
       operands' common dtype), after `op.post`.
     """
-    from jaxconv._src.core import algebra, planner  # noqa: PLC0415
-
     dtype = jnp.result_type(x.dtype, w.dtype)
     x, w = x.astype(dtype), w.astype(dtype)
     out_dtype = dtype if preferred_element_type is None else jnp.dtype(preferred_element_type)
@@ -382,7 +348,7 @@ def canonical_conv(
         w = form.rhs_map(w)
     problem = Problem(inner, geom, engine, acc_dtype, mbb, _hashable_precision(precision),
                       jnp.dtype(dtype))
-    if engine in ("native", "pallas"):
+    if engine not in (registry.AUTO, planner.FALLBACK):
         planner.check_engine(problem, dtype)
     y = conv(x, w, problem)
     if form is not None and form.outer is not None:
@@ -394,8 +360,6 @@ def canonical_conv(
 
 def _apply_outer(y: Array, outer: Any, op: Op, geom: Geometry) -> Array:
     """`outer(y)`, keeping the reduce's identity on windows that read no input cell."""
-    from jaxconv._src.core import algebra  # noqa: PLC0415
-
     out = outer(y)
     empty = geom.empty_windows() if op.pad_value is None else None
     if empty is None:

@@ -1,23 +1,44 @@
-"""The native engine on the planner's protocol: a pair of FFI calls on the canonical
-problem, loaded lazily. Forward-mode tangents come from the XLA engine's formulas.
+"""The native engine on the core's protocol: a pair of FFI calls on the canonical problem,
+loaded lazily. Forward-mode tangents come from the XLA engine's formulas.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import warnings
 from typing import Any
 
 import jax
 import numpy as np
+from jax.typing import DTypeLike
 
-from jaxconv._src.engines import xla
+from jaxconv._src.core import engine as registry
+from jaxconv._src.core.problem import Problem
 
 Array = jax.Array
 
 
-class NativeEngine:
+@functools.cache
+def _warn_compile_failed(name: str, reason: str) -> None:
+    """Warns once per op that `engine="auto"` runs a user op on the XLA engine because its
+    native kernels could not be compiled."""
+    warnings.warn(f"jaxconv: op {name!r} runs on the XLA engine: {reason}", RuntimeWarning,
+                  stacklevel=2)
+
+
+@functools.cache
+def _warn_native_unavailable(error: str) -> None:
+    """Warns once per process that `engine="auto"` cannot use the native kernels."""
+    warnings.warn(f"jaxconv: the native CPU engine could not be loaded ({error}); "
+                  "engine='auto' uses the XLA engine.", RuntimeWarning, stacklevel=2)
+
+
+class NativeEngine(registry.Engine):
     """The compiled CPU kernels (`jaxconv._src.engines.native`) on the protocol: the
     forward and backward FFI calls on the canonical problem, tangents from the XLA engine."""
+
+    name = "native"
 
     @staticmethod
     def _module() -> Any:
@@ -28,44 +49,57 @@ class NativeEngine:
     def load_error(self) -> str | None:
         return self._module().load_error()
 
-    def supports(self, problem: Any, dtype: Any, platform: str | None) -> bool:
+    def refusal(self, problem: Problem, dtype: DTypeLike, platform: str | None) -> str | None:
         native = self._module()
-        geom = problem.geom
-        image = math.prod(geom.in_spatial) * geom.groups
-        return (platform in (None, "cpu") and native.available()
-                and np.dtype(problem.acc_dtype) == np.dtype(dtype)
-                and native.supports(problem.op, geom, dtype) and image < 2**31 // 4096)
+        op, geom, auto = problem.op, problem.geom, problem.engine == registry.AUTO
+        if platform not in (None, "cpu"):
+            return f"it runs on CPU only, not on {platform!r}"
+        error = native.load_error()
+        if error is not None:
+            if auto and op.native is not None:
+                _warn_native_unavailable(error)
+            return f"the native library could not be loaded ({error})"
+        if np.dtype(problem.acc_dtype) != np.dtype(dtype):
+            return (f"it accumulates in the operands' dtype, not {np.dtype(problem.acc_dtype)}"
+                    f" from {np.dtype(dtype)}")
+        why = native.why_not(op, geom, dtype)
+        if why is not None:
+            got = native.user_kernel(op) if op.native is None else None
+            if auto and isinstance(got, native.Refusal) and got.compile_failed:
+                _warn_compile_failed(op.name or repr(op), got.reason)
+            return why
+        if math.prod(geom.in_spatial) * geom.groups >= 2**31 // 4096:
+            return "the image is too large for the kernels' 32-bit indexing"
+        if auto and op.native is None and native.scalar_math(op):
+            return "its kernel would evaluate libm lane by lane (slower than XLA)"
+        return None
 
-    def refusal(self, problem: Any, dtype: Any) -> Any:
-        """Why a user op (no built-in kernel) has no compiled kernels, or ``None``."""
+    def describe(self, problem: Problem, dtype: DTypeLike) -> tuple[str, ...]:
         native = self._module()
-        if problem.op.native is not None or np.dtype(dtype) not in native.DTYPES:
-            return None
-        got = native.user_kernel(problem.op)
-        return got if isinstance(got, native.Refusal) else None
+        op = problem.op
+        if op.native is not None:
+            return (f"built-in kernel {op.native!r} ({native.isa()})",)
+        kernel = native.user_kernel(op)
+        how = (f"compiled now in {kernel.seconds:.2f} s" if kernel.compiled
+               else "loaded from the cache")
+        lines = [f"compiled user kernel ({native.isa()}, {how}): {kernel.path}",
+                 f"primitives: {', '.join(kernel.functor.primitives)}"]
+        if kernel.functor.scalar:
+            lines.append("lane by lane with libm (not vectorized): "
+                         + ", ".join(kernel.functor.scalar))
+        return tuple(lines)
 
-    def scalar_math(self, op: Any) -> bool:
-        """Whether a compiled user op evaluates some function with libm lane by lane."""
-        return self._module().scalar_math(op)
-
-    def why_not(self, problem: Any, dtype: Any) -> str | None:
-        """Why the native engine does not serve `problem` (``None``: it does)."""
-        native = self._module()
-        if not native.available():
-            return f"the native library could not be loaded ({native.load_error()})"
-        return native.why_not(problem.op, problem.geom, dtype)
-
-    def _spec(self, problem: Any, x: Array, w: Array) -> Any:
+    def _spec(self, problem: Problem, x: Array, w: Array) -> Any:
         native = self._module()
         native._register()
         return native._call_spec(problem.op, problem.geom, x.shape, w.shape)
 
-    def forward(self, problem: Any, x: Array, w: Array) -> Array:
+    def forward(self, problem: Problem, x: Array, w: Array) -> Array:
         spec = self._spec(problem, x, w)
         y = self._module()._forward_call(spec, x.reshape(spec.x_shape), w.reshape(spec.w_shape))
         return y.reshape(x.shape[0], *problem.geom.out_spatial, w.shape[-1])
 
-    def backward(self, problem: Any, x: Array, w: Array, y: Array, g: Array,
+    def backward(self, problem: Problem, x: Array, w: Array, y: Array, g: Array,
                  need: tuple[bool, bool]) -> tuple[Array, Array]:
         del need
         spec = self._spec(problem, x, w)
@@ -74,9 +108,10 @@ class NativeEngine:
                                           g.reshape(spec.y_shape))
         return gx.reshape(x.shape).astype(x.dtype), gw.reshape(w.shape).astype(w.dtype)
 
-    def tangent(self, problem: Any, x: Array, w: Array, y: Array, tx: Array, tw: Array,
+    def tangent(self, problem: Problem, x: Array, w: Array, y: Array, tx: Array, tw: Array,
                 active: tuple[bool, bool]) -> Array:
-        return xla.tangent(problem, x, w, y, tx, tw, active)
+        return registry.get("xla").tangent(problem, x, w, y, tx, tw, active)
 
 
 NATIVE = NativeEngine()
+registry.register(NATIVE.name, lambda: NATIVE)

@@ -195,16 +195,17 @@ def supports(op: Op, geom: Any, dtype: Any) -> bool:
 
     Args:
       op: the product.
-      geom: the canonical geometry (``engines.xla.Geometry``).
+      geom: the canonical geometry (`jaxconv._src.core.geometry.Geometry`).
       dtype: the common dtype of the two operands.
 
     Returns:
-      True when `generic_conv` can run it.
+      True when the native kernels can run it.
 
     Example:
       >>> from jaxconv import ops
-      >>> from jaxconv._src.engines import native, xla
-      >>> g = xla.Geometry((5,), (3,), (1,), ((1, 1),), (1,), (1,), 1)
+      >>> from jaxconv._src.core.geometry import Geometry
+      >>> from jaxconv._src.engines import native
+      >>> g = Geometry((5,), (3,), (1,), ((1, 1),), (1,), (1,), 1)
       >>> native.supports(ops.max_plus, g, "float32"), native.supports(ops.log, g, "float32")
       (True, False)
     """
@@ -354,44 +355,3 @@ def gradients(spec: _Call, x: Array, w: Array, y: Array, g: Array) -> tuple[Arra
     if spec.op_id == KERNELS["l2_exact"][0]:
         return -2.0 * _sep_dx(spec, x, w, g), 2.0 * _sep_dw(spec, x, w, g)
     return _backward_call(spec, x, w, y, g)
-
-
-def generic_conv(
-    x: Array,
-    w: Array,
-    geom: Any,
-    op: Op,
-    *,
-    preferred_element_type: Any | None = None,
-    max_block_bytes: int | None = None,
-) -> Array:
-    """Generalized convolution on canonical layouts, computed by the native kernels.
-
-    Same contract as ``engines.xla.generic_conv``; the kernels hold no product tensor, so
-    ``max_block_bytes`` does not apply.
-
-    Args:
-      x: ``(N, *spatial, C)`` input.
-      w: ``(*window, C // groups, O)`` kernel.
-      geom: the static geometry (padding already resolved to pairs).
-      op: the product (``op.native`` names the kernel).
-      preferred_element_type: output dtype, as in ``lax``.
-      max_block_bytes: ignored.
-
-    Returns:
-      ``(N, *out_spatial, O)``.
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> from jaxconv import ops
-      >>> from jaxconv._src.engines import native, xla
-      >>> g = xla.Geometry((4,), (2,), (1,), ((0, 0),), (1,), (1,), 1)
-      >>> x = jnp.arange(4.0).reshape(1, 4, 1); w = jnp.zeros((2, 1, 1))
-      >>> native.generic_conv(x, w, g, ops.max_plus)[0, :, 0]
-      Array([1., 2., 3.], dtype=float32)
-    """
-    from jaxconv._src.core import primitive  # noqa: PLC0415 - the core binds the engines
-
-    del max_block_bytes
-    return primitive.canonical_conv(x, w, geom, op, engine="native",
-                                    preferred_element_type=preferred_element_type)

@@ -99,12 +99,13 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from jaxconv._src.core import algebra
+from jaxconv._src.core import algebra, primitive
+from jaxconv._src.core import engine as registry
 from jaxconv._src.core.algebra import Op
+from jaxconv._src.core.geometry import Geometry
+from jaxconv._src.core.problem import Problem
 from jaxconv._src.engines import taps
-from jaxconv._src.engines import xla as engine_xla
 from jaxconv._src.engines.primal import primal
-from jaxconv._src.engines.xla import Geometry
 
 Array = jax.Array
 
@@ -1343,8 +1344,8 @@ def _conv_xla_bwd(spec: Spec, res: tuple[Array, Array], gy: Array) -> tuple[Arra
     x, w = res
 
     def f(xv: Array, wv: Array) -> Array:
-        return engine_xla.generic_conv(
-            xv, wv, spec.geom, spec.op.replace(post=None),
+        return primitive.canonical_conv(
+            xv, wv, spec.geom, spec.op.replace(post=None), engine="xla",
             preferred_element_type=spec.acc_dtype, max_block_bytes=spec.max_block_bytes)
 
     _, vjp = jax.vjp(f, x, w)
@@ -1355,25 +1356,19 @@ def _conv_xla_bwd(spec: Spec, res: tuple[Array, Array], gy: Array) -> tuple[Arra
 _conv_xla_vjp.defvjp(_conv_xla_fwd, _conv_xla_bwd)
 
 
-# --- the planner's protocol (`jaxconv._src.core.planner`) on canonical problems ------------
+# --- the core's engine protocol (`jaxconv._src.core.engine`) on canonical problems ---------
 
-def supports(problem: Any, dtype: Any, platform: str | None) -> bool:
-    """The Pallas engine serves every problem (interpret mode on CPU)."""
-    del problem, dtype, platform
-    return True
-
-
-def _spec_of(problem: Any) -> Spec:
+def _spec_of(problem: Problem) -> Spec:
     return Spec(problem.op, problem.geom, problem.acc_dtype, platform_backends(),
                 problem.max_block_bytes)
 
 
-def forward(problem: Any, x: Array, w: Array) -> Array:
+def forward(problem: Problem, x: Array, w: Array) -> Array:
     """The product of canonical ``x`` and ``w`` in the accumulation dtype."""
     return _forward_all(_spec_of(problem), x, w).astype(problem.acc_dtype)
 
 
-def backward(problem: Any, x: Array, w: Array, y: Array, g: Array,
+def backward(problem: Problem, x: Array, w: Array, y: Array, g: Array,
              need: tuple[bool, bool]) -> tuple[Array, Array]:
     """The input and kernel gradients from the forward's ``y`` (not recomputed)."""
     del need
@@ -1383,10 +1378,34 @@ def backward(problem: Any, x: Array, w: Array, y: Array, g: Array,
     return _conv_xla_bwd(spec, (x, w), g)
 
 
-def tangent(problem: Any, x: Array, w: Array, y: Array, tx: Array, tw: Array,
-            active: tuple[bool, bool]) -> Array:
-    """Forward-mode tangents: the XLA engine's formulas."""
-    return engine_xla.tangent(problem, x, w, y, tx, tw, active)
+class PallasEngine(registry.Engine):
+    """The Pallas kernels on the core's protocol: every problem on every platform
+    (interpret mode on CPU); forward-mode tangents are the XLA engine's formulas."""
+
+    name = "pallas"
+
+    def refusal(self, problem: Problem, dtype: Any, platform: str | None) -> str | None:
+        del problem, dtype, platform
+        return None
+
+    def forward(self, problem: Problem, x: Array, w: Array) -> Array:
+        return forward(problem, x, w)
+
+    def backward(self, problem: Problem, x: Array, w: Array, y: Array, g: Array,
+                 need: tuple[bool, bool]) -> tuple[Array, Array]:
+        return backward(problem, x, w, y, g, need)
+
+    def tangent(self, problem: Problem, x: Array, w: Array, y: Array, tx: Array, tw: Array,
+                active: tuple[bool, bool]) -> Array:
+        return registry.get("xla").tangent(problem, x, w, y, tx, tw, active)
+
+    def describe(self, problem: Problem, dtype: Any) -> tuple[str, ...]:
+        del dtype
+        return (f"Pallas kernels under {algebra.capabilities(problem.op).reduce!r} "
+                "(interpret mode on CPU, Triton on GPU, Mosaic on TPU)",)
+
+
+ENGINE = PallasEngine()
 
 
 def generic_conv(
@@ -1426,7 +1445,7 @@ def generic_conv(
     Example:
       >>> import jax.numpy as jnp
       >>> from jaxconv import ops
-      >>> from jaxconv._src.engines.xla import Geometry
+      >>> from jaxconv._src.core.geometry import Geometry
       >>> geom = Geometry((4,), (2,), (1,), ((0, 0),), (1,), (1,), 1)
       >>> generic_conv(jnp.arange(4.0).reshape(1, 4, 1), jnp.zeros((2, 1, 1)), geom,
       ...              ops.max_plus)[0, :, 0]

@@ -78,14 +78,13 @@ import numpy as np
 from jax import lax
 
 from jaxconv._src.core import algebra
+from jaxconv._src.core import engine as registry
 from jaxconv._src.core.algebra import Op
 from jaxconv._src.core.geometry import Geometry
+from jaxconv._src.core.problem import Problem
 from jaxconv._src.engines import taps
 
 Array = jax.Array
-
-DEFAULT_MAX_BLOCK_BYTES = 64 * 2**20
-
 
 @dataclasses.dataclass(frozen=True)
 class Config:
@@ -584,7 +583,7 @@ def _separable_grads(cfg: Config, kind: str, x: Array, w: Array, gy: Array
     return None, (2 * gw if kind == "sqdiff" else gw).astype(w.dtype)
 
 
-def separable_kernel_gradient(problem: Any, kind: str, x: Array, w: Array, g: Array) -> Array:
+def separable_kernel_gradient(problem: Problem, kind: str, x: Array, w: Array, g: Array) -> Array:
     """The kernel gradient of a `separable_kind` op, in standard products (see
     `_separable_grads`)."""
     cfg = _config(problem, x, w)
@@ -1047,7 +1046,7 @@ def _log_backward(cfg: Config, x: Array, w: Array, y: Array, gy: Array) -> tuple
     return lax.cond(ok, fast, exact, ex, ew, yo, go, x, w, y, gy)
 
 
-def _rewritten(problem: Any, x: Array, w: Array) -> Array:
+def _rewritten(problem: Problem, x: Array, w: Array) -> Array:
     """An op's native rewrite (``op.rewrite(product, x, w)``, e.g. ``xnor``, ``l2``) with
     ``product`` the standard convolution of this geometry in the canonical layout (a batched
     matrix product ``(G, M, K) x (K, G, N)`` for a dense problem); a pad value is written into
@@ -1074,7 +1073,7 @@ def _rewritten(problem: Any, x: Array, w: Array) -> Array:
     return op.rewrite(product, x, w).astype(problem.acc_dtype)
 
 
-def _config(problem: Any, x: Array, w: Array) -> Config:
+def _config(problem: Problem, x: Array, w: Array) -> Config:
     """The engine's static configuration of a problem: canonical op and batch blocks."""
     op = canonical_op(problem.op)
     geom, mbb = problem.geom, problem.max_block_bytes
@@ -1086,18 +1085,12 @@ def _config(problem: Any, x: Array, w: Array) -> Config:
                   block_size(*args, mbb // 4))
 
 
-def supports(problem: Any, dtype: Any, platform: str) -> bool:
-    """The XLA engine serves every problem on every platform."""
-    del problem, dtype, platform
-    return True
-
-
 def _grouped(cfg: Config, a: Array) -> Array:
     """``(N, *out_spatial, O) -> (N, P, G, Og)``."""
     return a.reshape(a.shape[0], max(1, math.prod(cfg.geom.out_spatial)), cfg.geom.groups, -1)
 
 
-def forward(problem: Any, x: Array, w: Array) -> Array:
+def forward(problem: Problem, x: Array, w: Array) -> Array:
     """The product of canonical ``x`` and ``w``: ``(N, *out_spatial, O)`` in the
     accumulation dtype."""
     cfg = _config(problem, x, w)
@@ -1112,7 +1105,7 @@ def forward(problem: Any, x: Array, w: Array) -> Array:
     return y.reshape(x.shape[0], *cfg.geom.out_spatial, w.shape[-1]).astype(cfg.acc_dtype)
 
 
-def backward(problem: Any, x: Array, w: Array, y: Array, g: Array,
+def backward(problem: Problem, x: Array, w: Array, y: Array, g: Array,
              need: tuple[bool, bool] = (True, True)) -> tuple[Array, Array]:
     """The input and kernel gradients given the output ``y`` and its cotangent ``g``."""
     del need  # both gradients come out of the same passes
@@ -1131,7 +1124,7 @@ def backward(problem: Any, x: Array, w: Array, y: Array, g: Array,
     return gx.astype(x.dtype), gw.astype(w.dtype)
 
 
-def tangent(problem: Any, x: Array, w: Array, y: Array, tx: Array, tw: Array,
+def tangent(problem: Problem, x: Array, w: Array, y: Array, tx: Array, tw: Array,
             active: tuple[bool, bool] = (True, True)) -> Array:
     """The forward-mode tangent of the output, linear in ``(tx, tw)``."""
     from jaxconv._src.engines import forward_mode  # noqa: PLC0415 - forward mode uses this
@@ -1142,30 +1135,50 @@ def tangent(problem: Any, x: Array, w: Array, y: Array, tx: Array, tw: Array,
     return forward_mode.tangent(problem, _config(problem, x, w), x, w, y, tx, tw, active)
 
 
-def generic_conv(
-    x: Array,
-    w: Array,
-    geom: Geometry,
-    op: Op,
-    *,
-    preferred_element_type: Any | None = None,
-    max_block_bytes: int | None = None,
-) -> Array:
-    """Generalized convolution on canonical layouts by this engine (any transformation).
+def describe(problem: Problem) -> tuple[str, ...]:
+    """The path this engine takes for `problem` (one line, for `jaxconv.explain`)."""
+    op = problem.op
+    caps = algebra.capabilities(op)
+    if op.rewrite is not None:
+        return ("a rewrite into standard lax products",)
+    if caps.separable == "mul":
+        return ("one standard lax convolution (a multiply-and-add)",)
+    if caps.log_semiring:
+        return ("the log-semiring in exp space (one lax convolution)",)
+    if caps.reduce in ("max", "min"):
+        return ("blocked products, the winner backward pass",)
+    return (f"blocked products under {caps.reduce!r}",)
 
-    Args:
-      x: ``(N, *spatial, C)`` input.
-      w: ``(*window, C // groups, O)`` kernel.
-      geom: the static geometry (padding already resolved to pairs).
-      op: the product.
-      preferred_element_type: accumulation / output dtype, as in ``lax``.
-      max_block_bytes: bound on the bytes of one block of intermediate products.
 
-    Returns:
-      ``(N, *out_spatial, O)``.
-    """
-    from jaxconv._src.core import primitive  # noqa: PLC0415 - the core binds the engines
+class XlaEngine(registry.Engine):
+    """The XLA engine on the core's protocol: serves every problem on every platform, in
+    plain JAX code (which JAX can differentiate: the core's second-order rules use it)."""
 
-    return primitive.canonical_conv(x, w, geom, op, engine="xla",
-                                    preferred_element_type=preferred_element_type,
-                                    max_block_bytes=max_block_bytes)
+    name = "xla"
+
+    def refusal(self, problem: Problem, dtype: Any, platform: str | None) -> str | None:
+        del problem, dtype, platform
+        return None
+
+    def forward(self, problem: Problem, x: Array, w: Array) -> Array:
+        return forward(problem, x, w)
+
+    def backward(self, problem: Problem, x: Array, w: Array, y: Array, g: Array,
+                 need: tuple[bool, bool] = (True, True)) -> tuple[Array, Array]:
+        return backward(problem, x, w, y, g, need)
+
+    def tangent(self, problem: Problem, x: Array, w: Array, y: Array, tx: Array, tw: Array,
+                active: tuple[bool, bool] = (True, True)) -> Array:
+        return tangent(problem, x, w, y, tx, tw, active)
+
+    def describe(self, problem: Problem, dtype: Any) -> tuple[str, ...]:
+        del dtype
+        return describe(problem)
+
+    def separable_kernel_gradient(self, problem: Problem, kind: str, x: Array, w: Array,
+                                  g: Array) -> Array:
+        return separable_kernel_gradient(problem, kind, x, w, g)
+
+
+ENGINE = XlaEngine()
+registry.register(ENGINE.name, lambda: ENGINE)
