@@ -37,7 +37,7 @@ from jax._src import core as _core
 from jax.extend import core as jex_core
 from jax.interpreters import ad, batching, mlir
 
-from jaxconv._src.core import algebra, planner
+from jaxconv._src.core import algebra, planner, products
 from jaxconv._src.core import engine as registry
 from jaxconv._src.core.algebra import Op
 from jaxconv._src.core.engine import Engine
@@ -266,15 +266,27 @@ def _per_example_rule(problem: Problem):
     examples into feature groups would instead run the whole backward pass grouped (measured
     20-35x slower on XLA CPU).
     """
-    xla = registry.get(planner.FALLBACK)
+    if problem.engine != registry.AUTO:
+        rule = registry.get(problem.engine).per_example_kernel_gradient(problem)
+        if rule is not None:
+            return rule.fn, rule.both
     kind = algebra.capabilities(problem.op).separable
     floating = problem.dtype is None or jnp.issubdtype(problem.dtype, jnp.floating)
     if kind is not None and floating:
-        return (lambda x, w, y, g: xla.separable_kernel_gradient(problem, kind, x, w, g),
+        return (lambda x, w, y, g: products.separable_kernel_gradient(problem, kind, x, w, g),
                 False)
     if problem.op.rewrite is not None:  # a rewrite's whole backward is lax products
-        return functools.partial(xla.backward, problem), True
+        return functools.partial(_rewrite_backward, problem), True
     return None
+
+
+def _rewrite_backward(problem: Problem, x: Array, w: Array, y: Array, g: Array
+                      ) -> tuple[Array, Array]:
+    """A rewrite's gradients: JAX's, through its standard products."""
+    del y
+    _, vjp = jax.vjp(functools.partial(products.rewritten, problem), x, w)
+    gx, gw = vjp(g.astype(problem.acc_dtype))
+    return gx.astype(x.dtype), gw.astype(w.dtype)
 
 
 def _per_example_backward(args, dims, problem, need, fn, both):

@@ -10,9 +10,11 @@ import warnings
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.typing import DTypeLike
 
+from jaxconv._src.core import algebra, products
 from jaxconv._src.core import engine as registry
 from jaxconv._src.core.problem import Problem
 
@@ -101,11 +103,24 @@ class NativeEngine(registry.Engine):
 
     def backward(self, problem: Problem, x: Array, w: Array, y: Array, g: Array,
                  need: tuple[bool, bool]) -> tuple[Array, Array]:
+        """The FFI backward kernel, and standard products where those are faster: the
+        kernel gradient of a ``x - w`` sum (AdderNet) and both gradients of l2's."""
         del need
+        op, geom = problem.op, problem.geom
         spec = self._spec(problem, x, w)
-        gx, gw = self._module().gradients(spec, x.reshape(spec.x_shape),
-                                          w.reshape(spec.w_shape), y.reshape(spec.y_shape),
-                                          g.reshape(spec.y_shape))
+        g = g.astype(jnp.float32)
+        # Built-in kernels only: a user op's compiled backward computes both sides itself.
+        kind = algebra.capabilities(op).separable if op.native is not None else None
+        if kind == "sqdiff":
+            gx = -2.0 * products.difference_input_gradient(op, geom, x, w, g)
+            gw = products.separable_kernel_gradient(problem, kind, x, w, g)
+            return gx.astype(x.dtype), gw.astype(w.dtype)
+        parts = 1 if kind == "adder" else 3
+        gx, gw = self._module()._backward_call(
+            spec, x.reshape(spec.x_shape), w.reshape(spec.w_shape), y.reshape(spec.y_shape),
+            g.reshape(spec.y_shape), parts=parts)
+        if kind == "adder":
+            gw = products.separable_kernel_gradient(problem, kind, x, w, g)
         return gx.reshape(x.shape).astype(x.dtype), gw.reshape(w.shape).astype(w.dtype)
 
     def tangent(self, problem: Problem, x: Array, w: Array, y: Array, tx: Array, tw: Array,

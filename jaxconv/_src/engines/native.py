@@ -25,7 +25,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from jaxconv._src.core import algebra
 from jaxconv._src.core.algebra import Op
@@ -270,88 +269,3 @@ def _backward_call(spec: _Call, x: Array, w: Array, y: Array, g: Array,
             jax.ShapeDtypeStruct(spec.w_shape, jnp.float32))
     return jax.ffi.ffi_call(_BACKWARD, outs, vmap_method="broadcast_all")(
         x, w, y, g, parts=np.int64(parts), **spec.attrs())
-
-
-# Separable gradients: sum_p g * (x - w) over a tap's positions is lax's kernel gradient of the
-# padded input minus w times the cotangent summed over the positions that tap reads, and
-# sum g * (x - w) over the outputs that read a cell is x times their summed cotangent minus
-# lax's input gradient. These run as lax's own (fast) products.
-_STRIDES, _LD, _RD = 14, 20, 23
-_SPATIAL = {1: "W", 2: "HW", 3: "DHW"}
-
-
-def _conv3(spec: _Call, x: Array, w: Array, groups: int, padded: bool) -> Array:
-    """A lax convolution on the 3-D canonical operands, run with the problem's own number of
-    spatial dims (XLA CPU's 3-D convolutions are much slower than its 1-D / 2-D ones)."""
-    m = max(spec.nsd, 1)
-    sp = _SPATIAL[m]
-    y = lax.conv_general_dilated(
-        x.reshape(x.shape[0], *x.shape[4 - m:]), w.reshape(w.shape[3 - m:]),
-        spec.field(_STRIDES)[3 - m:], ((0, 0),) * m if padded else spec.padding[3 - m:],
-        (1,) * m if padded else spec.field(_LD)[3 - m:], spec.field(_RD)[3 - m:],
-        (f"N{sp}C", f"{sp}IO", f"N{sp}C"), groups, precision=lax.Precision.HIGHEST)
-    return y.reshape(y.shape[0], *(1,) * (3 - m), *y.shape[1:])
-
-
-def _pad_config(spec: _Call) -> list[tuple[int, int, int]]:
-    ld = spec.field(_LD)
-    return [(0, 0, 0), *((lo, hi, d - 1) for (lo, hi), d in zip(spec.padding, ld, strict=True)),
-            (0, 0, 0)]
-
-
-def _dense_parts(spec: _Call, x: Array, w: Array, g: Array) -> tuple[Array, Array, Array]:
-    """A dense problem's ``(N, G, I)`` input, ``(I, G, Og)`` kernel and ``(N, G, Og)``
-    cotangent: the separable gradients are then plain matrix products (XLA compiles a
-    dot several times faster than the 1-D convolution it would be otherwise)."""
-    n, grp = x.shape[0], spec.groups
-    return (x.reshape(n, grp, -1), w.reshape(w.shape[-2], grp, -1), g.reshape(n, grp, -1))
-
-
-def _sep_dw(spec: _Call, x: Array, w: Array, g: Array) -> Array:
-    """``sum_p g[p, o] * (x[p, t, i] - w[t, i, o])`` over each tap's combined positions."""
-    if spec.nsd == 0:
-        xd, wd, gd = _dense_parts(spec, x, w, g)
-        hi = lax.Precision.HIGHEST
-        prod = jnp.einsum("ngi,ngo->igo", xd, gd, precision=hi)
-        return (prod - wd * jnp.sum(gd, axis=0, keepdims=True)).reshape(w.shape)
-    fill = 0.0 if spec.pad is None else spec.pad
-    xp = lax.pad(x, jnp.asarray(fill, x.dtype), _pad_config(spec))
-    _, vjp = jax.vjp(lambda w_: _conv3(spec, xp, w_, spec.groups, True), w)
-    (prod,) = vjp(g)
-    if spec.pad is None:
-        ones = jnp.ones((1, *spec.x_shape[1:-1], 1), x.dtype)
-        mask = lax.pad(ones, jnp.zeros((), x.dtype), _pad_config(spec))
-        wm = jnp.zeros((*spec.w_shape[:3], 1, spec.w_shape[-1]), w.dtype)
-        _, vjp = jax.vjp(lambda w_: _conv3(spec, mask, w_, 1, True), wm)
-        (gsum,) = vjp(jnp.sum(g, axis=0, keepdims=True))
-    else:
-        gsum = jnp.sum(g, axis=(0, 1, 2, 3)).reshape(1, 1, 1, 1, -1)
-    return prod - w * gsum
-
-
-def _sep_dx(spec: _Call, x: Array, w: Array, g: Array) -> Array:
-    """``sum g[p, o] * (x[cell, i] - w[t, i, o])`` over the outputs that read each cell."""
-    if spec.nsd == 0:
-        xd, wd, gd = _dense_parts(spec, x, w, g)
-        prod = jnp.einsum("ngo,igo->ngi", gd, wd, precision=lax.Precision.HIGHEST)
-        return (xd * jnp.sum(gd, axis=-1, keepdims=True) - prod).reshape(x.shape)
-    _, vjp = jax.vjp(lambda x_: _conv3(spec, x_, w, spec.groups, False), x)
-    (prod,) = vjp(g)
-    grp = spec.groups
-    xg = jnp.zeros((*spec.x_shape[:-1], grp), x.dtype)
-    ones = jnp.ones((*spec.w_shape[:3], 1, spec.w_shape[-1]), w.dtype)
-    _, vjp = jax.vjp(lambda x_: _conv3(spec, x_, ones, grp, False), xg)
-    (gsum,) = vjp(g)
-    return x * jnp.repeat(gsum, spec.x_shape[-1] // grp, axis=-1) - prod
-
-
-def gradients(spec: _Call, x: Array, w: Array, y: Array, g: Array) -> tuple[Array, Array]:
-    """The input and kernel gradients of the canonical 3-D operands, from the forward's
-    ``y`` and its cotangent ``g``: FFI kernels, and lax products where those are faster."""
-    g = g.astype(jnp.float32)
-    if spec.op_id == KERNELS["adder"][0]:
-        dx, _ = _backward_call(spec, x, w, y, g, parts=1)
-        return dx, _sep_dw(spec, x, w, g)
-    if spec.op_id == KERNELS["l2_exact"][0]:
-        return -2.0 * _sep_dx(spec, x, w, g), 2.0 * _sep_dw(spec, x, w, g)
-    return _backward_call(spec, x, w, y, g)

@@ -18,6 +18,7 @@ from jax import lax
 
 from jaxconv._src.core import algebra
 from jaxconv._src.core.algebra import Op
+from jaxconv._src.core.products import pad_input as pad_input
 
 Array = jax.Array
 
@@ -114,17 +115,6 @@ def blocks(x: Array, block: int) -> tuple[Array, int]:
 def unblock(y: Array, n: int) -> Array:
     """Inverse of `blocks`: ``(B, block, ...) -> (n, ...)``."""
     return y.reshape(-1, *y.shape[2:])[:n]
-
-
-def pad_input(x: Array, op: Op, geom: Any, fill: Any = None) -> Array:
-    """Pads ``(N, *S, C)`` and inserts the ``lhs_dilation`` holes.
-
-    ``fill`` defaults to ``op.pad_value``, or 0 with identity padding (the padded taps are
-    then masked, and 0 keeps ``combine`` finite there).
-    """
-    if fill is None:
-        fill = 0 if op.pad_value is None else op.pad_value
-    return lax.pad(x, jnp.asarray(fill, x.dtype), geom.pad_config)
 
 
 def resolve_dtypes(

@@ -77,7 +77,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxconv._src.core import algebra
+from jaxconv._src.core import algebra, products
 from jaxconv._src.core import engine as registry
 from jaxconv._src.core.algebra import Op
 from jaxconv._src.core.geometry import Geometry
@@ -334,7 +334,7 @@ def _nan_outputs(cfg: Config, x: Array, w: Array) -> Array:
         rhs = rhs.reshape(*rhs.shape[:-3], -1, rhs.shape[-1])
         if op.pad_value is None:
             lhs = lax.pad(lhs, jnp.asarray(0, lhs.dtype), geom.pad_config)
-        return _native_valid(lhs, rhs, geom, jnp.float32)
+        return products.padded(lhs, rhs, geom, jnp.float32)
 
     def body(carry: tuple[Array, Array]) -> tuple[Array, Array]:
         # ``+ 0.0 * i`` (not simplified in floating point) keeps the indicators inside
@@ -516,22 +516,6 @@ def separable_kind(op: Op) -> str | None:
     return algebra.capabilities(op).separable
 
 
-def _native_valid(xp: Array, w: Array, geom: Geometry, out_dtype: Any = None) -> Array:
-    """The standard product of the padded input ``xp`` (N, *padded, C) and ``w`` (*K, I, O):
-    ``(N, *out_spatial, O)`` (a dense product when there are no spatial dimensions)."""
-    nsd = len(geom.window)
-    hi = lax.Precision.HIGHEST
-    if nsd == 0:
-        n, g = xp.shape[0], geom.groups
-        return jnp.einsum("ngi,igo->ngo", xp.reshape(n, g, -1),
-                          w.reshape(w.shape[0], g, -1), precision=hi,
-                          preferred_element_type=out_dtype).reshape(n, -1)
-    return lax.conv_general_dilated(
-        xp, w, geom.strides, [(0, 0)] * nsd, None, geom.rhs_dilation,
-        _canonical_dimension_numbers(nsd), geom.groups, precision=hi,
-        preferred_element_type=out_dtype)
-
-
 def _native_mul_forward(cfg: Config, x: Array, w: Array) -> Array:
     """A user's multiply-and-add as one native product of the padded input: ``(N, P, G, Og)``.
 
@@ -544,50 +528,12 @@ def _native_mul_forward(cfg: Config, x: Array, w: Array) -> Array:
 
     def native(a: Array, b: Array) -> Array:
         xp = taps.pad_input(a, cfg.op, geom)
-        return _native_valid(xp, b, geom, cfg.acc_dtype).astype(cfg.acc_dtype).reshape(shape)
+        return products.padded(xp, b, geom, cfg.acc_dtype).astype(cfg.acc_dtype).reshape(shape)
 
     if cfg.op.pad_value is not None or geom.valid_mask() is None:
         return native(x, w)
     return lax.cond(jnp.all(jnp.isfinite(w)), native,
                     lambda a, b: _forward(cfg, a, b).astype(cfg.acc_dtype), x, w)
-
-
-def _separable_grads(cfg: Config, kind: str, x: Array, w: Array, gy: Array
-                     ) -> tuple[Array | None, Array]:
-    """The kernel gradient of a `separable_kind` op (and the input gradient for
-    ``"mul"``; ``None`` for ``"adder"``, whose clipped input rule is not separable, and for
-    ``"sqdiff"``, whose input gradient the tap loop computes)."""
-    op, geom = cfg.op, cfg.geom
-    acc = cfg.acc_dtype
-    # Padded cells hold the pad value (0 for identity padding: no contribution to sum g*x).
-    xp = taps.pad_input(x, op, geom).astype(acc)
-    n = x.shape[0]
-    g4 = gy.astype(acc).reshape(n, *geom.out_spatial, w.shape[-1])
-    _, vjp = jax.vjp(functools.partial(_native_valid, geom=geom), xp, w.astype(acc))
-    gxp, gw = vjp(g4)
-    if kind == "mul":
-        _, pad_vjp = jax.vjp(lambda a: taps.pad_input(a, op, geom), x)
-        return pad_vjp(gxp.astype(x.dtype))[0], gw.astype(w.dtype)
-    # adder (sqdiff: twice that): minus w times the sum of the cotangent over the positions
-    # each tap sees.
-    p = max(1, math.prod(geom.out_spatial))
-    gsum = jnp.sum(gy.astype(acc).reshape(n, p, -1), axis=0)  # (P, O)
-    mask = geom.valid_mask() if op.pad_value is None else None
-    if mask is None:
-        s = jnp.broadcast_to(jnp.sum(gsum, axis=0), (len(geom.taps()), gsum.shape[-1]))
-    else:
-        masks = np.stack([geom.tap_mask(mask, tap).reshape(p) for tap in geom.taps()])
-        s = jnp.asarray(masks, acc) @ gsum  # (T, O)
-    s = s.reshape(*geom.window, 1, w.shape[-1])
-    gw = gw - w.astype(acc) * s
-    return None, (2 * gw if kind == "sqdiff" else gw).astype(w.dtype)
-
-
-def separable_kernel_gradient(problem: Problem, kind: str, x: Array, w: Array, g: Array) -> Array:
-    """The kernel gradient of a `separable_kind` op, in standard products (see
-    `_separable_grads`)."""
-    cfg = _config(problem, x, w)
-    return _separable_grads(cfg, kind, x, w, _grouped(cfg, g))[1]
 
 
 def _backward(cfg: Config, x: Array, w: Array, y: Array, gy: Array, fill: bool):
@@ -604,7 +550,7 @@ def _backward(cfg: Config, x: Array, w: Array, y: Array, gy: Array, fill: bool):
     kind = separable_kind(op) if jnp.issubdtype(x.dtype, jnp.floating) else None
     gw_sep = None
     if kind is not None:
-        gx_sep, gw_sep = _separable_grads(cfg, kind, x, w, gy)
+        gx_sep, gw_sep = products.separable_gradients(op, geom, acc, kind, x, w, gy)
         if gx_sep is not None:
             return gx_sep, gw_sep
     xp = taps.pad_input(x, op, geom, dominated_fill(op) if fill else None)
@@ -953,13 +899,6 @@ def is_log_semiring(op: Op) -> bool:
     return algebra.capabilities(op).log_semiring
 
 
-def _canonical_dimension_numbers(nsd: int) -> lax.ConvDimensionNumbers:
-    spatial = tuple(range(1, nsd + 1))
-    return lax.ConvDimensionNumbers(lhs_spec=(0, nsd + 1, *spatial),
-                                    rhs_spec=(nsd + 1, nsd, *range(nsd)),
-                                    out_spec=(0, nsd + 1, *spatial))
-
-
 def _log_exp_space(cfg: Config, x: Array, w: Array) -> tuple[Array, Array, Array, Array]:
     """``exp(x - mx)``, ``exp(w - mw)``, their native product ``s`` and the shift
     ``mx + mw`` (broadcastable to the output), in the accumulation dtype.
@@ -981,15 +920,7 @@ def _log_exp_space(cfg: Config, x: Array, w: Array) -> tuple[Array, Array, Array
 
 def _exp_product(cfg: Config, ex: Array, ew: Array) -> Array:
     """The standard product of the exp-space operands (zero padding is the identity)."""
-    geom, n, nsd = cfg.geom, ex.shape[0], len(cfg.geom.window)
-    hi = lax.Precision.HIGHEST
-    if nsd == 0:
-        g = geom.groups
-        return jnp.einsum("ngi,igo->ngo", ex.reshape(n, g, -1),
-                          ew.reshape(ew.shape[0], g, -1), precision=hi).reshape(n, -1)
-    return lax.conv_general_dilated(
-        ex, ew, geom.strides, geom.padding, geom.lhs_dilation, geom.rhs_dilation,
-        _canonical_dimension_numbers(nsd), geom.groups, precision=hi)
+    return products.standard(ex, ew, cfg.geom)
 
 
 def _log_inputs_ok(x: Array, w: Array) -> Array:
@@ -1046,33 +977,6 @@ def _log_backward(cfg: Config, x: Array, w: Array, y: Array, gy: Array) -> tuple
     return lax.cond(ok, fast, exact, ex, ew, yo, go, x, w, y, gy)
 
 
-def _rewritten(problem: Problem, x: Array, w: Array) -> Array:
-    """An op's native rewrite (``op.rewrite(product, x, w)``, e.g. ``xnor``, ``l2``) with
-    ``product`` the standard convolution of this geometry in the canonical layout (a batched
-    matrix product ``(G, M, K) x (K, G, N)`` for a dense problem); a pad value is written into
-    the input first, so that the product's zero padding is the sum's identity."""
-    op, geom = problem.op, problem.geom
-    nsd = len(geom.window)
-    kw = dict(precision=problem.precision, preferred_element_type=problem.acc_dtype)
-    if nsd == 0:
-        m, g = x.shape[0], geom.groups
-        product = functools.partial(
-            lax.dot_general, dimension_numbers=(((2,), (0,)), ((1,), (1,))), **kw)
-        y = op.rewrite(product, x.reshape(m, g, -1), w.reshape(w.shape[0], g, -1))
-        return jnp.transpose(y, (1, 0, 2)).reshape(m, -1).astype(problem.acc_dtype)
-    pads, lhs_dil = geom.padding, geom.lhs_dilation
-    if op.pad_value is not None and (any(lo or hi for lo, hi in pads)
-                                     or any(d != 1 for d in lhs_dil)):
-        x = taps.pad_input(x, op, geom)
-        pads, lhs_dil = ((0, 0),) * nsd, (1,) * nsd
-    product = functools.partial(
-        lax.conv_general_dilated, window_strides=geom.strides, padding=pads,
-        lhs_dilation=lhs_dil, rhs_dilation=geom.rhs_dilation,
-        dimension_numbers=_canonical_dimension_numbers(nsd),
-        feature_group_count=geom.groups, **kw)
-    return op.rewrite(product, x, w).astype(problem.acc_dtype)
-
-
 def _config(problem: Problem, x: Array, w: Array) -> Config:
     """The engine's static configuration of a problem: canonical op and batch blocks."""
     op = canonical_op(problem.op)
@@ -1095,7 +999,7 @@ def forward(problem: Problem, x: Array, w: Array) -> Array:
     accumulation dtype."""
     cfg = _config(problem, x, w)
     if cfg.op.rewrite is not None:
-        return _rewritten(problem, x, w)
+        return products.rewritten(problem, x, w)
     if is_log_semiring(cfg.op) and jnp.issubdtype(x.dtype, jnp.floating):
         y = _log_fast_or_exact(cfg, x, w)
     elif cfg.op.reduce_name in algebra.HAND_VJP_REDUCES:
@@ -1112,7 +1016,7 @@ def backward(problem: Problem, x: Array, w: Array, y: Array, g: Array,
     cfg = _config(problem, x, w)
     y4, g4 = _grouped(cfg, y), _grouped(cfg, g)
     if cfg.op.rewrite is not None:
-        _, vjp = jax.vjp(functools.partial(_rewritten, problem), x, w)
+        _, vjp = jax.vjp(functools.partial(products.rewritten, problem), x, w)
         gx, gw = vjp(g.astype(cfg.acc_dtype))
     elif is_log_semiring(cfg.op) and jnp.issubdtype(x.dtype, jnp.floating):
         gx, gw = _log_backward(cfg, x, w, y4, g4)
@@ -1131,7 +1035,7 @@ def tangent(problem: Problem, x: Array, w: Array, y: Array, tx: Array, tw: Array
 
     if problem.op.rewrite is not None:
         forward_mode.check_forward_mode(problem.op)
-        return jax.jvp(functools.partial(_rewritten, problem), (x, w), (tx, tw))[1]
+        return jax.jvp(functools.partial(products.rewritten, problem), (x, w), (tx, tw))[1]
     return forward_mode.tangent(problem, _config(problem, x, w), x, w, y, tx, tw, active)
 
 
@@ -1175,9 +1079,6 @@ class XlaEngine(registry.Engine):
         del dtype
         return describe(problem)
 
-    def separable_kernel_gradient(self, problem: Problem, kind: str, x: Array, w: Array,
-                                  g: Array) -> Array:
-        return separable_kernel_gradient(problem, kind, x, w, g)
 
 
 ENGINE = XlaEngine()
