@@ -25,7 +25,8 @@ import pytest
 from reference import conv_reference, dot_general_reference
 
 import jaxconv
-from jaxconv._src.engines import codegen, native
+from jaxconv._src.engines import native
+from jaxconv._src.engines.native import codegen, translation
 
 pytestmark = pytest.mark.skipif(not native.available(),
                                 reason=f"native engine not built: {native.load_error()}")
@@ -348,13 +349,7 @@ def test_untranslated_primitive():
 
 def test_multiply_and_add_stays_a_standard_convolution():
     op = jaxconv.Op(lambda x, w: x * w, "sum", name="mymult")
-    assert "multiply-and-add" in native.why_not(op, _geometry(), "float32")
-
-
-def _geometry():
-    from jaxconv._src.core.geometry import Geometry
-
-    return Geometry((5,), (3,), (1,), ((1, 1),), (1,), (1,), 1)
+    assert "multiply-and-add" in translation.translation(op).reason
 
 
 # --- the cache and the fallbacks, in fresh processes ------------------------------------------

@@ -178,5 +178,14 @@ def explain(op: Any, *, dtype: DTypeLike = "float32", platform: str | None = Non
             if name == chosen:
                 break
             details.append(f"not {name}: {_refusal(name, prob, dtype, platform)}")
-    details.extend(engine_for(prob, platform, dtype).describe(prob, dtype))
+    # Describing may build an engine's kernels (as the first call would); a build that
+    # fails changes the call's decision, so decide again.
+    lines = engine_for(prob, platform, dtype).describe(prob, dtype)
+    if engine != registry.AUTO:
+        check_engine(prob, dtype)
+    again = engine_name(prob, dtype, platform)
+    if again != chosen:
+        details.append(f"not {chosen}: {_refusal(chosen, prob, dtype, platform)}")
+        chosen, lines = again, registry.get(again).describe(prob, dtype)
+    details.extend(lines)
     return Plan(op.name or repr(op), platform, chosen, tuple(details))

@@ -7,7 +7,7 @@ module (and ``jax.experimental.pallas``) loads only when it is asked for.
 
 # The order of registration is the order `engine=` lists its values in.
 from jaxconv._src.engines import xla as _xla  # noqa: I001, F401 - registers "xla"
-from jaxconv._src.engines import adapters as _adapters  # noqa: F401 - registers "native"
+from jaxconv._src.engines import native as _native  # noqa: F401 - registers "native"
 
 import importlib
 

@@ -34,7 +34,7 @@ import threading
 import time
 from typing import Any
 
-from jaxconv._src.engines import codegen
+from jaxconv._src.engines.native import codegen
 
 _lock = threading.Lock()
 _loaded: dict[str, Any] = {}  # key -> ctypes library (kept alive for the process)
@@ -70,7 +70,7 @@ def cache_dir() -> pathlib.Path:
       The directory (not created).
 
     Example:
-      >>> from jaxconv._src.engines import user_kernels
+      >>> from jaxconv._src.engines.native import user_kernels
       >>> user_kernels.cache_dir().name
       'kernels'
     """

@@ -6,19 +6,18 @@ baseline and picked at run time; they share their work on XLA's intra-op thread 
 the same result whatever the thread count. A built-in op's kernel is chosen from ``op.native``
 (with ``op.reduce`` and ``op.pad_value``); a user op's kernels are generated and compiled at
 first use (`user_kernel`: ``codegen`` and ``user_kernels``). What the kernels do not serve is
-reported by `supports` / `why_not`, so the caller falls back to the XLA engine statically.
+decided by `eligibility.refusal`.
 
-Forward and backward are two FFI calls under ``jax.custom_vjp``: max/min ops route the
+This module holds the library's loading and the two FFI calls (forward and backward); the
+engine (`engine.NativeEngine`) lowers the core's primitives to them: max/min ops route the
 cotangent to the winning taps (ties split equally, as ``jax.grad(jnp.max)``), sums use the
 op's gradient rule (AdderNet's for ``adder``, the exact subgradient for ``l1``, exact for
-``l2_exact``). Under ``jax.vmap`` the calls take the mapped axis as an outer loop
-(``vmap_method="broadcast_all"``).
+``l2_exact``). Under ``jax.vmap`` the core folds the mapped axis into the problem.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import threading
 from typing import Any
 
@@ -26,8 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxconv._src.core import algebra
 from jaxconv._src.core.algebra import Op
+from jaxconv._src.engines.native import translation
 
 Array = jax.Array
 
@@ -41,7 +40,6 @@ KERNELS: dict[str, tuple[int, str]] = {
     "l1": (5, "sum"),
     "l2_exact": (6, "sum"),
 }
-DTYPES = (jnp.dtype(jnp.float32),)
 _FORWARD = "jaxconv_forward"
 _BACKWARD = "jaxconv_backward"
 
@@ -69,8 +67,8 @@ def available() -> bool:
       True when the extension module imports.
 
     Example:
-      >>> from jaxconv._src.engines import native
-      >>> isinstance(native.available(), bool)
+      >>> from jaxconv._src.engines.native import ffi
+      >>> isinstance(ffi.available(), bool)
       True
     """
     return _load() is not None
@@ -83,8 +81,8 @@ def load_error() -> str | None:
       The import error as text, or ``None``.
 
     Example:
-      >>> from jaxconv._src.engines import native
-      >>> native.load_error() is None or isinstance(native.load_error(), str)
+      >>> from jaxconv._src.engines.native import ffi
+      >>> ffi.load_error() is None or isinstance(ffi.load_error(), str)
       True
     """
     _load()
@@ -109,106 +107,49 @@ def _register() -> None:
             _state["registered"] = True
 
 
-def _kernel(op: Op) -> tuple[int, str] | None:
+def kernel_id(op: Op) -> int | None:
+    """The built-in kernel serving ``op`` (``op.native`` with its reduce), or ``None``."""
     entry = KERNELS.get(op.native) if op.native is not None else None
     if entry is None or op.reduce_name != entry[1]:
         return None
-    return entry
+    return entry[0]
 
 
-@functools.lru_cache(maxsize=256)
+_built: dict[Op, Any] = {}
+
+
+def built(op: Op) -> Any:
+    """What compiling ``op``'s kernels gave (a kernel or a `Refusal`), ``None`` if not yet
+    tried: read by the eligibility decision, which never compiles."""
+    return _built.get(op)
+
+
 def user_kernel(op: Op) -> Any:
-    """The compiled kernels of a user op, or why it has none (decided once per op).
+    """The compiled kernels of a user op, or why it has none (compiled once per op).
 
     Args:
       op: an op without a built-in kernel (``op.native is None``).
 
     Returns:
-      A `user_kernels.Kernel`, or a `Refusal` saying why the op is not compiled.
+      A `user_kernels.Kernel`, or an `translation.Refusal` saying why the op is not compiled.
     """
-    from jaxconv._src.engines import codegen, user_kernels  # noqa: PLC0415
+    from jaxconv._src.engines.native import user_kernels  # noqa: PLC0415 - compiles
 
-    if op.native is not None or op.rewrite is not None:
-        return Refusal("it is a built-in op or a rewrite", compile_failed=False)
-    caps = algebra.capabilities(op)
-    if caps.reduce == "sum" and caps.separable == "mul":
-        return Refusal("it is a multiply-and-add (a standard convolution is faster)",
-                       compile_failed=False)
-    try:
-        functor = codegen.functor(op)
-    except codegen.Untranslatable as e:
-        return Refusal(f"it is not translated: {e}", compile_failed=False)
+    with _lock:
+        if op in _built:
+            return _built[op]
+    got = translation.translation(op)
+    if isinstance(got, translation.Refusal):
+        return got
     if not available():
-        return Refusal(f"the native library could not be loaded ({load_error()})",
-                       compile_failed=False)
+        return translation.Refusal(f"the native library could not be loaded ({load_error()})",
+                                   compile_failed=False)
     try:
-        return user_kernels.build(functor)
+        out = user_kernels.build(got)
     except user_kernels.CompileError as e:
-        return Refusal(f"it could not be compiled: {e}", compile_failed=True)
-
-
-def scalar_math(op: Op) -> bool:
-    """Whether a compiled user op evaluates some function with libm lane by lane."""
-    got = user_kernel(op)
-    return not isinstance(got, Refusal) and bool(got.functor.scalar)
-
-
-@dataclasses.dataclass(frozen=True)
-class Refusal:
-    """Why the native engine does not serve an op."""
-
-    reason: str
-    compile_failed: bool
-
-
-def why_not(op: Op, geom: Any, dtype: Any) -> str | None:
-    """Why the native kernels do not serve ``op`` on ``geom`` in ``dtype`` (``None``: they do).
-
-    Args:
-      op: the product.
-      geom: the canonical geometry.
-      dtype: the common dtype of the two operands.
-
-    Returns:
-      ``None``, or the reason as text.
-    """
-    if jnp.dtype(dtype) not in DTYPES:
-        return f"dtype {jnp.dtype(dtype).name} is not served (float32 only)"
-    if len(geom.window) > 3:
-        return "more than 3 spatial dimensions"
-    if op.pad_value is not None and not isinstance(op.pad_value, int | float):
-        return "a non-numeric pad_value"
-    if _kernel(op) is not None:
-        return None
-    if op.native is not None:
-        return f"no kernel {op.native!r} with reduce {op.reduce_name!r}"
-    got = user_kernel(op)
-    return got.reason if isinstance(got, Refusal) else None
-
-
-def supports(op: Op, geom: Any, dtype: Any) -> bool:
-    """Whether the native kernels serve ``op`` on ``geom`` in ``dtype`` (decided statically).
-
-    Built-in ops are served by their kernel (``op.native``); a user op by its kernels
-    compiled at first use (`user_kernel`).
-
-    Args:
-      op: the product.
-      geom: the canonical geometry (`jaxconv._src.core.geometry.Geometry`).
-      dtype: the common dtype of the two operands.
-
-    Returns:
-      True when the native kernels can run it.
-
-    Example:
-      >>> from jaxconv import ops
-      >>> from jaxconv._src.core.geometry import Geometry
-      >>> from jaxconv._src.engines import native
-      >>> g = Geometry((5,), (3,), (1,), ((1, 1),), (1,), (1,), 1)
-      >>> native.supports(ops.max_plus, g, "float32"), native.supports(ops.log, g, "float32")
-      (True, False)
-    """
-    return why_not(op, geom, dtype) is None
+        out = translation.Refusal(f"it could not be compiled: {e}", compile_failed=True)
+    with _lock:
+        return _built.setdefault(op, out)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -250,8 +191,9 @@ def _call_spec(op: Op, geom: Any, x_shape: tuple[int, ...], w_shape: tuple[int, 
     vals = (n, *sp, c, *k, i, o, geom.groups, *os_, *three(geom.strides, 1),
             *(lo for lo, _ in pads), *three(geom.lhs_dilation, 1), *three(geom.rhs_dilation, 1),
             0 if op.pad_value is None else 1)
-    entry = _kernel(op)
-    kid = entry[0] if entry is not None else user_kernel(op).op_id
+    kid = kernel_id(op)
+    if kid is None:
+        kid = user_kernel(op).op_id
     return _Call(kid, tuple(int(v) for v in vals),
                  None if op.pad_value is None else float(op.pad_value),
                  (n, *sp, c), (*k, i, o), (n, *os_, o),
