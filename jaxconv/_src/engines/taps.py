@@ -1,10 +1,10 @@
 """Canonical-layout helpers shared by the engines (XLA, Pallas, forward mode, packed).
 
 Inside an engine ``x`` is ``(N, *spatial, C)`` and ``w`` is ``(*window, I, O)`` with
-``C = G * I`` and ``O = G * Og`` for ``G`` feature groups (see ``engine_xla``). A kernel tap
-reads a strided slice of the padded input; these are that slice, its transpose, the
-taps-major kernel layout, batch blocking, padding and the dtype resolution every engine's
-``generic_conv`` starts with.
+``C = G * I`` and ``O = G * Og`` for ``G`` feature groups (`jaxconv._src.core.geometry`). A
+kernel tap reads a strided slice of the padded input; these are that slice, its transpose,
+the taps-major kernel layout, batch blocking, padding and the dtype resolution that the
+Pallas engine's and the packed product's direct entry points start with.
 """
 
 from __future__ import annotations
@@ -18,22 +18,23 @@ from jax import lax
 
 from jaxconv._src.core import algebra
 from jaxconv._src.core.algebra import Op
+from jaxconv._src.core.geometry import Geometry
 from jaxconv._src.core.products import pad_input as pad_input
 
 Array = jax.Array
 
 
-def span(geom: Any) -> tuple[int, ...]:
+def span(geom: Geometry) -> tuple[int, ...]:
     """Extent of one tap's strided slice in the padded input, per spatial dimension."""
     return tuple((o - 1) * s + 1 for o, s in zip(geom.out_spatial, geom.strides, strict=True))
 
 
-def tap_offset(geom: Any, tap: tuple[int, ...]) -> tuple[int, ...]:
+def tap_offset(geom: Geometry, tap: tuple[int, ...]) -> tuple[int, ...]:
     """Where tap ``tap`` starts in the padded input."""
     return tuple(k * d for k, d in zip(tap, geom.rhs_dilation, strict=True))
 
 
-def tap_slice(xp: Array, geom: Any, tap: tuple[int, ...]) -> Array:
+def tap_slice(xp: Array, geom: Geometry, tap: tuple[int, ...]) -> Array:
     """The cells of padded ``xp`` that tap ``tap`` reads for every output position.
 
     ``(N, *padded, C) -> (N, *out_spatial, C)``: a static strided slice.
@@ -44,7 +45,7 @@ def tap_slice(xp: Array, geom: Any, tap: tuple[int, ...]) -> Array:
                      (1, *geom.strides, 1))
 
 
-def tap_input(xp: Array, geom: Any, tap: tuple[int, ...], groups: int) -> Array:
+def tap_input(xp: Array, geom: Geometry, tap: tuple[int, ...], groups: int) -> Array:
     """One tap's input as ``(N, P, G, I)``: `tap_slice` with the positions flattened
     and the channels split into groups."""
     xs = tap_slice(xp, geom, tap)
@@ -52,7 +53,7 @@ def tap_input(xp: Array, geom: Any, tap: tuple[int, ...], groups: int) -> Array:
     return xs.reshape(n, max(1, math.prod(xs.shape[1:-1])), groups, c // groups)
 
 
-def tap_slice_at(xp: Array, geom: Any, offset: Array, row: Any = 0,
+def tap_slice_at(xp: Array, geom: Geometry, offset: Array, row: Any = 0,
                  rows: int | None = None) -> Array:
     """`tap_slice` at a traced ``offset`` ``(nsd,)`` (a tap inside a loop or scan), of
     ``rows`` images (default: all) from image ``row`` on."""
@@ -63,7 +64,7 @@ def tap_slice_at(xp: Array, geom: Any, offset: Array, row: Any = 0,
     return lax.slice(xs, (0,) * xs.ndim, xs.shape, (1, *geom.strides, 1))
 
 
-def tap_unslice(g: Array, geom: Any, tap: tuple[int, ...]) -> Array:
+def tap_unslice(g: Array, geom: Geometry, tap: tuple[int, ...]) -> Array:
     """Transpose of `tap_slice`: scatters a tap's gradient back onto the padded input."""
     cfg = [(0, 0, 0)]
     for lo, used, s, p in zip(tap_offset(geom, tap), span(geom), geom.strides,
@@ -73,7 +74,7 @@ def tap_unslice(g: Array, geom: Any, tap: tuple[int, ...]) -> Array:
     return lax.pad(g, jnp.zeros((), g.dtype), cfg)
 
 
-def tap_unslice_add(acc: Array, g: Array, geom: Any, offset: Array) -> Array:
+def tap_unslice_add(acc: Array, g: Array, geom: Geometry, offset: Array) -> Array:
     """``acc + tap_unslice(g)`` for a tap at a traced ``offset`` (a tap inside a loop): the
     gradient ``g`` (N, *out_spatial, C) of `tap_slice_at` added onto the padded input's
     gradient ``acc``."""
@@ -120,7 +121,7 @@ def unblock(y: Array, n: int) -> Array:
 def resolve_dtypes(
     x: Array, w: Array, op: Op, preferred_element_type: Any | None
 ) -> tuple[Array, Array, Any, Any]:
-    """The dtype prologue of ``generic_conv``.
+    """The dtype prologue of a direct engine call (Pallas ``generic_conv``, packed).
 
     Returns ``x`` and ``w`` cast to their common dtype, the output dtype
     (``preferred_element_type`` or the common dtype) and the accumulation dtype
@@ -133,7 +134,7 @@ def resolve_dtypes(
 
 
 def finish(y: Array, op: Op, out_dtype: Any) -> Array:
-    """The epilogue of ``generic_conv``: ``op.post`` (if any), then the output dtype."""
+    """The epilogue of a direct engine call: ``op.post`` (if any), then the output dtype."""
     if op.post is not None:
         y = op.post(y)
     return y.astype(out_dtype)
