@@ -10,6 +10,7 @@ from typing import Any
 
 from jaxconv import ops as ops
 from jaxconv import quantizers as quantizers
+from jaxconv._src import engines as _engines  # noqa: F401 - the engines register themselves
 from jaxconv._src.conv import conv_general_dilated as conv_general_dilated
 from jaxconv._src.conv import dot_general as dot_general
 from jaxconv._src.core.algebra import Op as Op

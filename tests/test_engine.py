@@ -15,7 +15,9 @@ from reference import NUMPY_OPS, conv_reference
 
 import jaxconv
 from jaxconv import ops
+from jaxconv._src.core import algebra
 from jaxconv._src.engines import xla as engine_xla
+from jaxconv._src.engines.xla import winner as xla_winner
 
 DN = ("NHWC", "HWIO", "NHWC")
 
@@ -76,7 +78,7 @@ def _naive(op, x, w, pads, groups=1, strides=(1, 1), rhs_dilation=(1, 1)):
     wg = w.reshape(kh, kw, ci, groups, og).transpose(0, 1, 3, 4, 2)  # kh kw G Og I
     prod = op.combine(*jnp.broadcast_arrays(patches, wg[None, None, None]))
     prod = prod.transpose(0, 1, 2, 5, 6, 3, 4, 7)  # N oh ow G Og kh kw I
-    e = engine_xla.algebra.identity_value(op, prod.dtype)
+    e = algebra.identity_value(op, prod.dtype)
     if op.pad_value is None:
         prod = jnp.where(ok[None, :, :, None, None, :, :, None], prod, e)
     prod = prod.reshape(n, oh, ow, groups * og, -1)
@@ -89,7 +91,7 @@ def _naive(op, x, w, pads, groups=1, strides=(1, 1), rhs_dilation=(1, 1)):
         return prod.min(-1)
     if r == "logsumexp":
         return jax.nn.logsumexp(prod, axis=-1)
-    return engine_xla.algebra.tree_reduce_last(r, prod, e)
+    return algebra.tree_reduce_last(r, prod, e)
 
 
 def _conv(op, x, w, pads, groups=1, mbb=None):
@@ -320,7 +322,7 @@ def _int_data(seed, xs, ws, hi=3):
 def test_winner_path_ties_and_borders(name, max_ties, monkeypatch):
     """Ties handled one window at a time (and, past ``MAX_SPARSE_TIES``, by the exact
     path) against ``jax.grad`` of the naive formulation, which splits ties equally."""
-    monkeypatch.setattr(engine_xla, "MAX_SPARSE_TIES", max_ties)
+    monkeypatch.setattr(xla_winner, "MAX_SPARSE_TIES", max_ties)
     x, w = _int_data(13, (2, 5, 4, 4), (3, 2, 2, 6))
     _check(name, x, w, ((1, 1), (1, 0)), groups=2)
     rng = np.random.default_rng(14)  # few ties: most windows through the scatter path
@@ -342,7 +344,7 @@ def test_winner_path_equals_exact_path_on_strides_and_dilations(name, monkeypatc
                                      feature_group_count=2, op=op)
     ct = np.random.default_rng(16).standard_normal(y.shape).astype(np.float32)
     got = jax.jit(grads)(x, w, ct)
-    monkeypatch.setattr(engine_xla, "_winner_base", lambda *a: None)  # the exact path
+    monkeypatch.setattr(xla_winner, "_winner_base", lambda *a: None)  # the exact path
     ref = jax.jit(grads)(x, w, ct)
     for a, b in zip(got, ref, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
@@ -396,7 +398,7 @@ def test_winner_path_pad_value_and_masked_identity(name, geometry, data, max_tie
     ``tanh(0 - w)`` may beat every real product) and max_plus with ``pad_value=0`` (padded
     cells are real products), SAME padding, against ``jax.grad`` of the naive formulation
     (whose max splits ties equally)."""
-    monkeypatch.setattr(engine_xla, "MAX_SPARSE_TIES", max_ties)
+    monkeypatch.setattr(xla_winner, "MAX_SPARSE_TIES", max_ties)
     op = USER_TANH_MAX if name == "user_tanh_max" else ops.max_plus.replace(pad_value=0.0,
                                                                              name="mp0")
     strides, dil, groups = geometry

@@ -223,6 +223,33 @@ def test_planner_is_static_and_declared():
     assert planner.engine_name(xnor, np.float32, "cpu") == "xla"  # a rewrite is lax itself
 
 
+@pytest.mark.parametrize("explain_kw, call_kw, error", [
+    # The call refuses logsumexp on integers: explain used to show a plan.
+    (dict(op="log", dtype="int32"), dict(op="log", dtype="int32"), TypeError),
+    # The native kernels are float32: explain used to claim a bf16 kernel.
+    (dict(op="max_plus", dtype="bfloat16", engine="native"),
+     dict(op="max_plus", dtype="bfloat16", engine="native"), ValueError),
+])
+def test_explain_refuses_what_the_call_refuses(explain_kw, call_kw, error):
+    x = jnp.ones((1, 6, 6, 2), call_kw.pop("dtype"))
+    w = jnp.ones((3, 3, 2, 2), x.dtype)
+    with pytest.raises(error) as from_call:
+        jaxconv.conv_general_dilated(x, w, (1, 1), "SAME",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"), **call_kw)
+    with pytest.raises(error) as from_explain:
+        jaxconv.explain(platform="cpu", **explain_kw)
+    assert str(from_explain.value) == str(from_call.value)
+
+
+def test_explain_names_only_the_engines_it_passed_over():
+    plan = jaxconv.explain("max_plus", engine="pallas", platform="cpu")
+    assert plan.engine == "pallas"
+    assert not any("None" in d or d.startswith("not ") for d in plan.details), plan.details
+    auto = jaxconv.explain("max_plus", dtype="float64", platform="cpu")
+    assert auto.engine == "xla"
+    assert any(d.startswith("not native: ") and "float64" in d for d in auto.details)
+
+
 def test_capabilities_are_inferred_once_without_values():
     calls = []
 

@@ -25,7 +25,8 @@ import numpy as np
 import pytest
 
 import jaxconv
-from jaxconv._src.engines import codegen, native, user_kernels
+from jaxconv._src.engines import native
+from jaxconv._src.engines.native import codegen, user_kernels
 
 pytestmark = pytest.mark.skipif(not native.available(),
                                 reason=f"native engine not built: {native.load_error()}")

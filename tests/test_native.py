@@ -21,8 +21,9 @@ from reference import NUMPY_OPS, conv_reference, dot_general_reference
 
 import jaxconv
 from jaxconv import ops
-from jaxconv._src.core import planner
 from jaxconv._src.engines import native
+from jaxconv._src.engines.native import eligibility, ffi
+from jaxconv._src.engines.native import engine as native_engine
 
 pytestmark = pytest.mark.skipif(not native.available(),
                                 reason=f"native engine not built: {native.load_error()}")
@@ -503,20 +504,23 @@ def test_unsupported_is_a_clear_error_and_auto_falls_back():
         y = jaxconv.conv_general_dilated(xb, wb, op="max_plus", **kw)
         z = jaxconv.conv_general_dilated(xb, wb, op="max_plus", engine="xla", **kw)
     np.testing.assert_array_equal(np.asarray(y), np.asarray(z))
-    assert not native.supports(ops.max_plus, _geom(), "float64")
-    assert native.supports(ops.l2_exact, _geom(), "float32")
-    assert not native.supports(ops.l2, _geom(), "float32")  # a lax rewrite, no kernel
+    assert not _supports(ops.max_plus, "float64")
+    assert _supports(ops.l2_exact, "float32")
+    assert not _supports(ops.l2, "float32")  # a lax rewrite, no kernel
 
 
-def _geom():
-    from jaxconv._src.engines import xla as engine_xla
-    return engine_xla.Geometry((5,), (3,), (1,), ((1, 1),), (1,), (1,), 1)
+def _supports(op, dtype):
+    from jaxconv._src.core.geometry import Geometry
+    from jaxconv._src.core.problem import Problem
+    geom = Geometry((5,), (3,), (1,), ((1, 1),), (1,), (1,), 1)
+    problem = Problem(op, geom, "native", np.dtype(dtype), 2**20, None, np.dtype(dtype))
+    return eligibility.refusal(problem, dtype, "cpu") is None
 
 
 def test_load_failure_warns_once_and_native_raises(monkeypatch):
-    monkeypatch.setitem(native._state, "module", None)
-    monkeypatch.setitem(native._state, "error", "ImportError: simulated")
-    planner._warn_native_unavailable.cache_clear()
+    monkeypatch.setitem(ffi._state, "module", None)
+    monkeypatch.setitem(ffi._state, "error", "ImportError: simulated")
+    native_engine._warn_native_unavailable.cache_clear()
     x, w, kw = _case("2d_same")
     with pytest.raises(RuntimeError, match="simulated"):
         jaxconv.conv_general_dilated(x, w, op="max_plus", engine="native", **kw)

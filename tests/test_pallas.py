@@ -6,6 +6,8 @@ blocks and ragged edges (M, N and K not multiples of 8).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -221,8 +223,7 @@ def test_3d_depthwise_and_vmap():
 def test_gpu_style_power_of_two_tiles_in_interpret_mode():
     # The GPU configuration pads whole extents to powers of two (Triton block shapes); run
     # that layout here in interpret mode, forward and backward, against the XLA engine.
-    from jaxconv._src.engines.xla import Geometry
-    from jaxconv._src.engines.xla import generic_conv as xla_conv
+    xla_conv = functools.partial(primitive.canonical_conv, engine="xla")
 
     rng = np.random.default_rng(10)
     x = rng.standard_normal((2, 5, 6, 20)).astype(np.float32)
@@ -249,8 +250,7 @@ CHUNKED = engine_pallas.Backend("interpret", engine_pallas.INTERPRET_BLOCKS, sty
 
 @pytest.mark.parametrize("name", ["max_plus", "adder", "log"])
 def test_tpu_chunked_form_in_interpret_mode(name):
-    from jaxconv._src.engines.xla import Geometry
-    from jaxconv._src.engines.xla import generic_conv as xla_conv
+    xla_conv = functools.partial(primitive.canonical_conv, engine="xla")
 
     rng = np.random.default_rng(11)
     # K = 12 and 10 features per group (a full 8-block and a ragged one each), M = 24 rows.
@@ -359,8 +359,7 @@ def test_every_tap_in_padding_gives_the_identity():
 def test_gpu_blocks_several_row_chunks_in_interpret_mode():
     # The Triton configuration itself (64 x 64 tiles, K / N padded to powers of two, 256-row
     # dw chunks) with rows = 2 * 14 * 14 = 392 virtual rows: several row tiles and two chunks.
-    from jaxconv._src.engines.xla import Geometry
-    from jaxconv._src.engines.xla import generic_conv as xla_conv
+    xla_conv = functools.partial(primitive.canonical_conv, engine="xla")
 
     rng = np.random.default_rng(15)
     x = np.round(rng.standard_normal((2, 12, 12, 40)), 1).astype(np.float32)

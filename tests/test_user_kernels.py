@@ -25,7 +25,8 @@ import pytest
 from reference import conv_reference, dot_general_reference
 
 import jaxconv
-from jaxconv._src.engines import codegen, native
+from jaxconv._src.engines import native
+from jaxconv._src.engines.native import codegen, translation
 
 pytestmark = pytest.mark.skipif(not native.available(),
                                 reason=f"native engine not built: {native.load_error()}")
@@ -335,6 +336,23 @@ def test_auto_keeps_lane_by_lane_math_on_xla():
     assert jaxconv.explain(USER_OPS["gauss_sum"][0], platform="cpu").engine == "native"
 
 
+def test_planning_compiles_nothing(monkeypatch):
+    # The planner reads the eligibility decision; compiling is the first lowering's.
+    from jaxconv._src.core import planner
+    from jaxconv._src.core.geometry import Geometry
+    from jaxconv._src.core.problem import Problem
+    from jaxconv._src.engines.native import ffi, user_kernels
+
+    op = jaxconv.Op(lambda x, w: jnp.tanh(x - w) * 0.25, "max", name="planned_only")
+    built = []
+    monkeypatch.setattr(user_kernels, "build", built.append)
+    geom = Geometry((5,), (3,), (1,), ((1, 1),), (1,), (1,), 1)
+    f32 = np.dtype("float32")
+    problem = Problem(op, geom, "auto", f32, 2**20, None, f32)
+    assert planner.engine_name(problem, f32, "cpu") == "native"
+    assert built == [] and ffi.built(op) is None
+
+
 def test_untranslated_primitive():
     op = jaxconv.Op(lambda x, w: jax.lax.lgamma(x * x + 1.0) - w, "max", name="lgamma_op")
     x, w, kw = _data("2d_same")
@@ -348,13 +366,7 @@ def test_untranslated_primitive():
 
 def test_multiply_and_add_stays_a_standard_convolution():
     op = jaxconv.Op(lambda x, w: x * w, "sum", name="mymult")
-    assert "multiply-and-add" in native.why_not(op, _geometry(), "float32")
-
-
-def _geometry():
-    from jaxconv._src.core.geometry import Geometry
-
-    return Geometry((5,), (3,), (1,), ((1, 1),), (1,), (1,), 1)
+    assert "multiply-and-add" in translation.translation(op).reason
 
 
 # --- the cache and the fallbacks, in fresh processes ------------------------------------------

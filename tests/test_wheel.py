@@ -105,7 +105,7 @@ _PROBE = textwrap.dedent("""
     import numpy as np
     import jax.numpy as jnp
     import jaxconv, jaxconv._native
-    from jaxconv._src.engines import native, user_kernels
+    from jaxconv._src.engines.native import user_kernels
 
     def brute(x, w, combine, reduce):  # VALID, stride 1, NHWC / HWIO
         p = np.lib.stride_tricks.sliding_window_view(x, w.shape[:2], axis=(1, 2))

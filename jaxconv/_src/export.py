@@ -53,9 +53,9 @@ def register_native_targets() -> bool:
     Returns:
       Whether the targets are registered.
     """
-    from jaxconv._src.engines import native  # noqa: PLC0415 - the compiled library
+    from jaxconv._src.engines.native import ffi  # noqa: PLC0415 - the compiled library
 
-    if not native.available():
+    if not ffi.available():
         return False
-    native._register()  # noqa: SLF001 - the engine's own, idempotent registration
+    ffi._register()  # noqa: SLF001 - the engine's own, idempotent registration
     return True

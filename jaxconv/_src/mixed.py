@@ -85,7 +85,7 @@ def conv_multi(
       out_sharding: output sharding.
       ops: one op (or built-in name) per slice.
       split: the number of output channels of each slice.
-      engine: ``"auto"``, ``"xla"`` or ``"pallas"``.
+      engine: ``"auto"``, ``"xla"``, ``"native"`` or ``"pallas"``.
       max_block_bytes: bound on the bytes of one block of intermediate products.
 
     Returns:

@@ -30,9 +30,9 @@ import numpy as np
 from jax import lax
 
 from jaxconv._src.core.algebra import Op
+from jaxconv._src.core.geometry import Geometry
 from jaxconv._src.engines import pallas as engine_pallas
 from jaxconv._src.engines import taps
-from jaxconv._src.engines.xla import Geometry
 
 Array = jax.Array
 

@@ -70,13 +70,14 @@ def compile_kernels(ops: Op | Iterable[Op]) -> list[KernelInfo]:
 
 def _compile_one(op: Op) -> KernelInfo:
     from jaxconv._src.engines import native  # noqa: PLC0415 - loads the extension module
+    from jaxconv._src.engines.native.translation import Refusal  # noqa: PLC0415
 
     if op.native is not None:
         return KernelInfo(op, None, False, f"built-in kernel {op.native!r}", False)
     form = algebra.factored_form(op, np.float32)
     inner = op if form is None else form.inner
     got = native.user_kernel(inner)
-    if isinstance(got, native.Refusal):
+    if isinstance(got, Refusal):
         return KernelInfo(op, None, False, got.reason, got.compile_failed)
     return KernelInfo(op, got.path, got.compiled, None, False)
 
@@ -130,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     if not ops:
         print("no jaxconv.Op found in " + ", ".join(args.targets), file=sys.stderr)
         return 1
-    from jaxconv._src.engines import codegen  # noqa: PLC0415
+    from jaxconv._src.engines.native import codegen  # noqa: PLC0415
 
     status = 0
     for info in compile_kernels(ops):

@@ -93,7 +93,7 @@ def conv_transpose(
       preferred_element_type: accumulation and output dtype.
       use_consistent_padding: pairs are the forward convolution's padding (PyTorch style).
       op: the product: a `jaxconv.Op` or a built-in op's name.
-      engine: ``"auto"``, ``"xla"`` or ``"pallas"``.
+      engine: ``"auto"``, ``"xla"``, ``"native"`` or ``"pallas"``.
       max_block_bytes: bound on the bytes of one block of intermediate products.
 
     Returns:

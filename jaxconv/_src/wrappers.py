@@ -77,7 +77,7 @@ def conv(
       op: the product.
       precision: lax precision.
       preferred_element_type: accumulation and output dtype.
-      engine: ``"auto"``, ``"xla"`` or ``"pallas"``.
+      engine: ``"auto"``, ``"xla"``, ``"native"`` or ``"pallas"``.
       max_block_bytes: bound on the bytes of one block of intermediate products.
 
     Returns:
@@ -126,7 +126,7 @@ def dense(
       op: the product.
       precision: lax precision.
       preferred_element_type: accumulation and output dtype.
-      engine: ``"auto"``, ``"xla"`` or ``"pallas"``.
+      engine: ``"auto"``, ``"xla"``, ``"native"`` or ``"pallas"``.
       max_block_bytes: bound on the bytes of one block of intermediate products.
 
     Returns:

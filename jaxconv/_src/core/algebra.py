@@ -71,6 +71,9 @@ class Op:
       semiring: whether ``combine`` distributes over ``reduce`` (a semiring product, so a
         contraction of several operands may be split into pairwise products, as
         ``jaxconv.einsum`` does); ``None``: not declared.
+      binary: whether ``combine`` is ``sign(x) * sign(w)`` (sign(0) = +1), so that a layer
+        with this op under ``sum`` can be packed to one bit per weight (`jaxconv.packed`);
+        declared by ``xnor`` (and kept by ``xnor.replace(...)``).
 
     Ops are immutable and hashable, so they can be static arguments of ``jax.jit``.
 
@@ -98,6 +101,7 @@ class Op:
     separable: str | None = None
     forward_mode: bool | None = None
     semiring: bool | None = None
+    binary: bool = False
 
     def __post_init__(self) -> None:
         if not callable(self.combine):
@@ -433,23 +437,35 @@ def recognised_reduce(fn: Callable[[Any, Any], Any]) -> str | None:
     return "logsumexp" if _computes_logaddexp(program) else None
 
 
+def _has_reverse_only_rule(jaxpr: Any) -> bool:
+    """Whether ``jaxpr`` calls a ``custom_vjp`` function outside any ``custom_jvp`` one (whose
+    own JVP rule would cover it): such a program has no forward-mode rule."""
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name.startswith("custom_vjp"):
+            return True
+        if name.startswith("custom_jvp"):
+            continue
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, tuple | list) else (value,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns") and _has_reverse_only_rule(inner):
+                    return True
+    return False
+
+
 def _reverse_only_part(op: Op) -> str | None:
     """``"combine"`` / ``"reduce"`` if that part of ``op`` defines only a reverse-mode rule.
 
-    Found by tracing a JVP on abstract values once (nothing runs).
+    Found from the part's program, traced once on abstract values (nothing runs).
     """
     s = jax.ShapeDtypeStruct((2,), jnp.float32)
     parts = [("combine", op.combine)]
     if callable(op.reduce):
         parts.append(("reduce", op.reduce))
     for what, fn in parts:
-        try:
-            jax.eval_shape(lambda a, b, fn=fn: jax.jvp(fn, (a, b), (a, b)), s, s)
-        except TypeError as e:
-            msg = str(e)
-            if "custom_vjp" in msg or "forward-mode" in msg:
-                return what
-            raise
+        if _has_reverse_only_rule(jax.make_jaxpr(fn)(s, s).jaxpr):
+            return what
     return None
 
 

@@ -43,6 +43,7 @@ def _xnor_rewrite(product, lhs, rhs):
 
 xnor = Op(
     _xnor_combine, "sum", name="xnor", semiring=False, rewrite=_xnor_rewrite, forward_mode=False,
+    binary=True,
     doc="""XNOR-popcount product of binary networks: ``combine = sign(x)*sign(w)``, sum.
 
     ``sign(0) = +1`` as in larq. Gradient: straight-through on both sides, through

@@ -20,19 +20,20 @@ partitioner partitions itself, and accelerator programs (GPU / TPU) never contai
 `custom_partitioning` call (it has had open problems on TPU). A single device and the inside
 of `jax.shard_map` (every axis manual) lower the engine directly.
 
-The interface is two functions, `forward` and `backward`, with an engine object that has the
-planner's protocol (`forward(problem, x, w)`, `backward(problem, x, w, y, g, need)`).
+The interface is two functions, `forward` and `backward`, with an engine that has the core's
+protocol (`jaxconv._src.core.engine.Engine`) and declares its custom call
+(`Engine.opaque_call`).
 
 Example:
   >>> import jax, numpy as np
   >>> from jaxconv import ops
-  >>> from jaxconv._src.core import partitioning, primitive
+  >>> from jaxconv._src.core import engine, partitioning
   >>> from jaxconv._src.core.geometry import Geometry
-  >>> from jaxconv._src.engines import adapters
+  >>> from jaxconv._src.core.problem import Problem
   >>> geom = Geometry((4,), (2,), (1,), ((0, 0),), (1,), (1,), 1)
-  >>> p = primitive.Problem(ops.max_plus, geom, "native", np.dtype("float32"), 2**20)
+  >>> p = Problem(ops.max_plus, geom, "native", np.dtype("float32"), 2**20)
   >>> x, w = jax.numpy.ones((2, 4, 1)), jax.numpy.zeros((2, 1, 3))
-  >>> partitioning.forward(p, adapters.NATIVE, x, w).shape
+  >>> partitioning.forward(p, engine.get("native"), x, w).shape
   (2, 3, 3)
 """
 

@@ -1,12 +1,7 @@
 """The planner: which engine computes a problem on a platform, decided statically.
 
-Every engine module implements one small protocol on canonical problems
-(`jaxconv._src.core.primitive.Problem`):
-
-- `supports(problem, dtype, platform) -> bool`: whether it serves the problem there;
-- `forward(problem, x, w) -> y`;
-- `backward(problem, x, w, y, g, need) -> (gx, gw)` (`need`: which of the two are used);
-- `tangent(problem, x, w, y, tx, tw, active) -> ty` (`active`: which tangents are nonzero).
+Engines implement the protocol of `jaxconv._src.core.engine` and register themselves there;
+the planner looks them up by name and reads their `refusal`, never importing one.
 
 The choice depends only on the platform being lowered for, the engine asked for, the op's
 declared capabilities, the shapes and the dtypes -- never on values, so one compiled function
@@ -16,112 +11,89 @@ has one path.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import types
-import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-ENGINES = ("auto", "xla", "native", "pallas")
+from jax.typing import DTypeLike
 
+from jaxconv._src.core import engine as registry
 
-def _module(name: str) -> types.ModuleType:
-    if name == "xla":
-        from jaxconv._src.engines import xla  # noqa: PLC0415 - engines import the core
+if TYPE_CHECKING:
+    from jaxconv._src.core.engine import Engine
+    from jaxconv._src.core.problem import Problem
 
-        return xla
-    if name == "pallas":
-        from jaxconv._src.engines import pallas  # noqa: PLC0415 - Pallas loads on first use
-
-        return pallas
-    from jaxconv._src.engines import adapters  # noqa: PLC0415
-
-    return adapters.NATIVE
+# The engines `"auto"` prefers on each platform, fastest first, before the XLA engine (which
+# serves everything). Pallas joins a platform's list once measured faster there
+# (`python -m benchmarks.device_check`).
+PREFERRED: dict[str, tuple[str, ...]] = {"cpu": ("native",)}
+FALLBACK = "xla"
 
 
-def engine_name(problem: Any, dtype: Any, platform: str) -> str:
+def engines() -> tuple[str, ...]:
+    """The values `engine=` accepts: `"auto"` and every registered engine."""
+    return (registry.AUTO, *registry.names())
+
+
+def engine_name(problem: Problem, dtype: DTypeLike, platform: str) -> str:
     """The engine that computes `problem` (inputs of `dtype`) when lowered for `platform`.
 
-    `"auto"` picks the native CPU engine on CPU where it serves the op, dtype and geometry
-    (and its library loads), else the XLA engine; on GPU and TPU the XLA engine, until the
-    Pallas kernels are measured faster there (`python -m benchmarks.device_check`).
+    `"auto"` picks the first engine of `PREFERRED[platform]` that serves the problem (reads
+    its `refusal`), else the XLA engine: on CPU the native engine where it has a kernel for
+    the op, dtype and geometry (and its library loads); on GPU and TPU the XLA engine.
     """
     asked = problem.engine
     if problem.op.rewrite is not None:
-        return "xla"  # a rewrite is a native lax product: the best code on every platform
-    if asked != "auto":
+        return FALLBACK  # a rewrite is a native lax product: the best code on every platform
+    if asked != registry.AUTO:
         return asked
-    if platform == "cpu" and _native_serves(problem, dtype, platform):
-        return "native"
-    return "xla"
+    for name in PREFERRED.get(platform, ()):
+        if name in registry.names() and _refusal(name, problem, dtype, platform) is None:
+            return name
+    return FALLBACK
 
 
-def _native_serves(problem: Any, dtype: Any, platform: str) -> bool:
-    native = _module("native")
-    if problem.op.native is not None:
-        error = native.load_error()
-        if error is not None:
-            _warn_native_unavailable(error)
-            return False
-    elif native.load_error() is not None:
-        return False
-    refusal = native.refusal(problem, dtype)
-    if refusal is not None and refusal.compile_failed:
-        _warn_compile_failed(problem.op.display_name, refusal.reason)
-    if refusal is None and problem.op.native is None and native.scalar_math(problem.op):
-        return False  # libm lane by lane: slower than the XLA engine's vectorized math
-    return refusal is None and native.supports(problem, dtype, platform)
+def _refusal(name: str, problem: Problem, dtype: DTypeLike, platform: str | None) -> str | None:
+    try:
+        found = registry.get(name)
+    except ImportError as e:
+        return f"engine {name!r} is not available ({e})"
+    return found.refusal(problem, dtype, platform)
 
 
-@functools.cache
-def _warn_compile_failed(name: str, reason: str) -> None:
-    """Warns once per op that `engine="auto"` runs a user op on the XLA engine because its
-    native kernels could not be compiled."""
-    warnings.warn(f"jaxconv: op {name!r} runs on the XLA engine: {reason}", RuntimeWarning,
-                  stacklevel=2)
-
-
-@functools.cache
-def _warn_native_unavailable(error: str) -> None:
-    """Warns once per process that `engine="auto"` cannot use the native kernels."""
-    warnings.warn(f"jaxconv: the native CPU engine could not be loaded ({error}); "
-                  "engine='auto' uses the XLA engine.", RuntimeWarning, stacklevel=2)
-
-
-def check_engine(problem: Any, dtype: Any) -> None:
+def check_engine(problem: Problem, dtype: DTypeLike) -> None:
     """Raises a clear error, before any tracing, when the engine asked for cannot serve."""
     name = problem.engine
     if problem.op.rewrite is not None:
         return
     try:
-        module = _module(name)
+        found = registry.get(name)
     except ImportError as e:
         raise RuntimeError(
             f"engine={name!r} is not available ({e}); use engine='auto' or engine='xla'."
         ) from None
-    load_error = getattr(module, "load_error", lambda: None)()
+    load_error = found.load_error()
     if load_error is not None:
         raise RuntimeError(
             f"engine={name!r} cannot be used: {load_error}. Use engine='auto' or engine='xla'.")
-    if not module.supports(problem, dtype, None):
-        why = getattr(module, "why_not", lambda *a: None)(problem, dtype)
+    why = found.refusal(problem, dtype, None)
+    if why is not None:
         raise ValueError(
             f"engine={name!r} does not serve op {problem.op.display_name!r} with {dtype} inputs "
-            f"and this geometry{f' ({why})' if why else ''}; use engine='auto' (which falls back "
+            f"and this geometry ({why}); use engine='auto' (which falls back "
             "to the XLA engine) or engine='xla'.")
 
 
-def engine_for(problem: Any, platform: str, dtype: Any = None) -> types.ModuleType:
-    """The engine module for `problem` on `platform` (see `engine_name`)."""
+def engine_for(problem: Problem, platform: str, dtype: DTypeLike | None = None) -> Engine:
+    """The engine for `problem` on `platform` (see `engine_name`)."""
     if dtype is None:
-        dtype = problem.acc_dtype if problem.dtype is None else problem.dtype
+        dtype = problem.operand_dtype
     name = engine_name(problem, dtype, platform)
-    module = _module(name)
-    if name != "xla" and not module.supports(problem, dtype, platform):
+    found = registry.get(name)
+    if name != FALLBACK and found.refusal(problem, dtype, platform) is not None:
         raise ValueError(
             f"engine={name!r} does not serve op {problem.op.display_name!r} with {dtype} inputs on "
             f"platform {platform!r}; use engine='auto' or engine='xla'."
         )
-    return module
+    return found
 
 
 # --- explain ------------------------------------------------------------------------------------
@@ -148,12 +120,14 @@ class Plan:
         return "\n".join(lines + [f"  - {d}" for d in self.details])
 
 
-def explain(op: Any, *, dtype: Any = "float32", platform: str | None = None,
+def explain(op: Any, *, dtype: DTypeLike = "float32", platform: str | None = None,
             engine: str = "auto") -> Plan:
     """Which engine and path compute ``op`` (a convolution or dense product with it).
 
-    For a user op on CPU this compiles its native kernels (once, as the first call would) and
-    says where they are cached, or why it is not compiled.
+    The answer is the call's own decision: the same checks (an error the call would raise
+    is raised here), the same planner, each engine's own `refusal`. For a user op on CPU
+    the native engine compiles its kernels here (once, as the first call would) and says
+    where they are cached.
 
     Args:
       op: an `Op` or the name of a built-in op.
@@ -163,6 +137,9 @@ def explain(op: Any, *, dtype: Any = "float32", platform: str | None = None,
 
     Returns:
       A `Plan` (``print`` it for a report).
+
+    Raises:
+      TypeError, ValueError, RuntimeError: as the call would, for this op, dtype and engine.
 
     Example:
       >>> import jaxconv
@@ -174,12 +151,16 @@ def explain(op: Any, *, dtype: Any = "float32", platform: str | None = None,
     import jax.numpy as jnp  # noqa: PLC0415
     import numpy as np  # noqa: PLC0415
 
-    from jaxconv._src.core import algebra, ops, primitive  # noqa: PLC0415
+    from jaxconv._src.core import algebra, ops, problem, validation  # noqa: PLC0415
     from jaxconv._src.core.geometry import Geometry  # noqa: PLC0415
 
     op = ops.get(op)
+    validation.engine_name(engine)
     platform = platform or jax.default_backend()
     dtype = jnp.dtype(dtype)
+    operand = jax.ShapeDtypeStruct((1,), dtype)
+    if op.rewrite is None:
+        validation.check_op(op, operand, operand)
     details: list[str] = []
     form = algebra.factored_form(op.replace(post=None), dtype)
     inner = op.replace(post=None) if form is None else form.inner
@@ -193,40 +174,24 @@ def explain(op: Any, *, dtype: Any = "float32", platform: str | None = None,
                        "(recognised from its traced program)")
     geom = Geometry((8, 8), (3, 3), (1, 1), ((1, 1), (1, 1)), (1, 1), (1, 1), 1)
     acc = np.dtype(algebra.accumulation_dtype(inner, dtype, None))
-    problem = primitive.Problem(inner, geom, engine, acc, primitive.DEFAULT_MAX_BLOCK_BYTES,
-                                None, dtype)
-    chosen = engine_name(problem, dtype, platform)
-    caps = algebra.capabilities(inner)
-    if chosen == "native":
-        native = _module("native")._module()
-        if inner.native is not None:
-            details.append(f"built-in kernel {inner.native!r} ({native.isa()})")
-        else:
-            kernel = native.user_kernel(inner)
-            how = (f"compiled now in {kernel.seconds:.2f} s" if kernel.compiled
-                   else "loaded from the cache")
-            details.append(f"compiled user kernel ({native.isa()}, {how}): {kernel.path}")
-            details.append(f"primitives: {', '.join(kernel.functor.primitives)}")
-            if kernel.functor.scalar:
-                details.append("lane by lane with libm (not vectorized): "
-                               + ", ".join(kernel.functor.scalar))
-    else:
-        if platform == "cpu" and inner.rewrite is None:
-            why = _module("native").why_not(problem, dtype)
-            if why is None and inner.native is None:
-                why = "its kernel would evaluate libm lane by lane (slower than XLA)"
-            details.append(f"not native: {why}")
-        if inner.rewrite is not None:
-            details.append("a rewrite into standard lax products")
-        elif caps.separable == "mul":
-            details.append("one standard lax convolution (a multiply-and-add)")
-        elif caps.log_semiring:
-            details.append("the log-semiring in exp space (one lax convolution)")
-        elif caps.reduce in ("max", "min"):
-            details.append("blocked products, the winner backward pass")
-        elif caps.reduce == "custom":
-            details.append("a generic fold of the callable reduce, tap by tap (slow path: "
-                           "not recognised as sum, prod, max, min or logsumexp)")
-        else:
-            details.append(f"blocked products under {caps.reduce!r}")
+    prob = problem.Problem(inner, geom, engine, acc, problem.DEFAULT_MAX_BLOCK_BYTES, None,
+                           dtype)
+    if engine != registry.AUTO:
+        check_engine(prob, dtype)
+    chosen = engine_name(prob, dtype, platform)
+    if engine == registry.AUTO and inner.rewrite is None:
+        for name in PREFERRED.get(platform, ()):
+            if name == chosen:
+                break
+            details.append(f"not {name}: {_refusal(name, prob, dtype, platform)}")
+    # Describing may build an engine's kernels (as the first call would); a build that
+    # fails changes the call's decision, so decide again.
+    lines = engine_for(prob, platform, dtype).describe(prob, dtype)
+    if engine != registry.AUTO:
+        check_engine(prob, dtype)
+    again = engine_name(prob, dtype, platform)
+    if again != chosen:
+        details.append(f"not {chosen}: {_refusal(chosen, prob, dtype, platform)}")
+        chosen, lines = again, registry.get(again).describe(prob, dtype)
+    details.extend(lines)
     return Plan(op.display_name, platform, chosen, tuple(details))

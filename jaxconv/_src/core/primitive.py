@@ -30,58 +30,30 @@ compiles each primitive once per shape and problem and reuses it.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax._src import ad_util, dispatch
 from jax._src import config as _config
 from jax._src import core as _core
 from jax.extend import core as jex_core
 from jax.interpreters import ad, batching, mlir
 
-from jaxconv._src.core import partitioning
+from jaxconv._src.core import algebra, partitioning, planner, products
+from jaxconv._src.core import engine as registry
 from jaxconv._src.core.algebra import Op
+from jaxconv._src.core.engine import Engine
 from jaxconv._src.core.geometry import Geometry
+from jaxconv._src.core.problem import DEFAULT_MAX_BLOCK_BYTES, Problem
 
 Array = jax.Array
 
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 
 
-@dataclasses.dataclass(frozen=True)
-class Problem:
-    """A canonical generalized convolution: everything static an engine needs.
-
-    Attributes:
-      op: the product.
-      geom: the geometry (canonical layouts: `x` is `(N, *spatial, C)`, `w` is
-        `(*window, I, O)`, the output `(N, *out_spatial, O)`).
-      engine: the engine asked for (`"auto"`, `"xla"`, `"native"` or `"pallas"`).
-      acc_dtype: the dtype of the output (partial results accumulate in it).
-      max_block_bytes: the bound on the bytes of intermediate tiles.
-      precision: the `lax` precision of native products (rewrites such as `xnor`, `l2`).
-      dtype: the operands' common dtype (`None`: the accumulation dtype).
-    """
-
-    op: Op
-    geom: Geometry
-    engine: str
-    acc_dtype: np.dtype
-    max_block_bytes: int
-    precision: Any = None
-    dtype: np.dtype | None = None
-
-    def with_groups(self, groups: int) -> Problem:
-        return dataclasses.replace(self, geom=dataclasses.replace(self.geom, groups=groups))
-
-
-def _engine(problem: Problem, platform: str) -> Any:
-    from jaxconv._src.core import planner  # noqa: PLC0415 - the planner imports the engines
-
+def _engine(problem: Problem, platform: str) -> Engine:
     return planner.engine_for(problem, platform)
 
 
@@ -176,13 +148,11 @@ for _p in (conv_p, tangent_p, backward_p):
 dispatch.prim_requires_devices_during_lowering.update((conv_p, backward_p))
 
 
-def _custom_call(engine: Any, platform: str) -> bool:
+def _custom_call(engine: Engine, platform: str) -> bool:
     """Whether `engine` lowers to a custom call that the SPMD partitioner would replicate
-    (the native CPU engine): such calls are partitioned by `partitioning`. (Pallas on CPU
-    runs in interpret mode, plain lax code; on GPU / TPU no call goes through here.)"""
-    from jaxconv._src.engines import adapters  # noqa: PLC0415
-
-    return platform == "cpu" and engine is adapters.NATIVE
+    (declared by the engine: `Engine.opaque_call`): such calls are partitioned by
+    `partitioning`."""
+    return engine.opaque_call(platform)
 
 
 def _forward_impl(x, w, *, problem, platform):
@@ -268,13 +238,13 @@ def _tangent_transpose(ct, x, w, y, tx, tw, *, problem, active):
 
 
 def _xla_jvp(name: str):
-    """JVP of a derived primitive (second-order derivatives): the XLA engine's own formula
-    differentiated by JAX (those paths are plain, differentiable JAX code)."""
-    from jaxconv._src.engines import xla  # noqa: PLC0415
+    """JVP of a derived primitive (second-order derivatives): the fallback (XLA) engine's own
+    formula differentiated by JAX (its paths are plain, differentiable JAX code)."""
 
     def rule(primals, tangents, **params):
         tangents = [ad.instantiate_zeros(t) for t in tangents]
-        fn = functools.partial(getattr(xla, name), params.pop("problem"))
+        fn = functools.partial(getattr(registry.get(planner.FALLBACK), name),
+                               params.pop("problem"))
         extra = tuple(params.values())
         return jax.jvp(lambda *a: fn(*a, *extra), tuple(primals), tuple(tangents))
 
@@ -391,22 +361,33 @@ def _per_example_rule(problem: Problem):
 
     Per-example kernel gradients (a mapped input, a shared kernel) of these ops are then
     `jax.vmap` of those products, whose kernel gradient is batched as one matrix product per
-    tap with the examples as its batch dimension (`xla._per_example_kernel_grad`: JAX's own
+    tap with the examples as its batch dimension (`products.per_example_kernel_grad`: JAX's own
     batching, a convolution with a feature group per example, is mis-partitioned by XLA
     when the examples are sharded). Folding the examples into feature groups would instead
     run the whole backward pass grouped (measured 20-35x slower on XLA CPU).
     """
-    from jaxconv._src.core import algebra  # noqa: PLC0415
-    from jaxconv._src.engines import xla  # noqa: PLC0415 - the engines import the core
-
+    if problem.engine != registry.AUTO:
+        rule = registry.get(problem.engine).per_example_kernel_gradient(problem)
+        if rule is not None:
+            return rule.fn, rule.both
     kind = algebra.capabilities(problem.op).separable
     floating = problem.dtype is None or jnp.issubdtype(problem.dtype, jnp.floating)
     if kind is not None and floating:
-        return (lambda x, w, y, g: xla.separable_kernel_gradient(problem, kind, x, w, g),
+        return (lambda x, w, y, g: products.separable_kernel_gradient(problem, kind, x, w, g),
                 False)
     if problem.op.rewrite is not None:  # a rewrite's whole backward is lax products
-        return functools.partial(xla.backward, problem, per_example=True), True
+        return functools.partial(_rewrite_backward, problem), True
     return None
+
+
+def _rewrite_backward(problem: Problem, x: Array, w: Array, y: Array, g: Array
+                      ) -> tuple[Array, Array]:
+    """A rewrite's gradients, per example: JAX's, through its standard products, whose kernel
+    gradient partitions over sharded examples (`products.rewritten`'s ``per_example``)."""
+    del y
+    _, vjp = jax.vjp(functools.partial(products.rewritten, problem, per_example=True), x, w)
+    gx, gw = vjp(g.astype(problem.acc_dtype))
+    return gx.astype(x.dtype), gw.astype(w.dtype)
 
 
 def _per_example_backward(args, dims, problem, need, fn, both):
@@ -429,9 +410,6 @@ def _per_example_backward(args, dims, problem, need, fn, both):
 batching.primitive_batchers[conv_p] = _conv_batch
 batching.primitive_batchers[tangent_p] = _tangent_batch
 batching.primitive_batchers[backward_p] = _backward_batch
-
-
-DEFAULT_MAX_BLOCK_BYTES = 64 * 2**20
 
 
 def _hashable_precision(precision: Any) -> Any:
@@ -458,7 +436,7 @@ def canonical_conv(
       w: `(*window, C // groups, O)` kernel.
       geom: the static geometry (padding resolved to pairs).
       op: the product.
-      engine: `"auto"`, `"xla"`, `"native"` or `"pallas"`.
+      engine: `"auto"` or a registered engine (`"xla"`, `"native"`, `"pallas"`).
       preferred_element_type: accumulation and output dtype, as in `lax`.
       max_block_bytes: bound on the bytes of intermediate tiles (default 64 MiB).
       precision: the `lax` precision of native products.
@@ -467,8 +445,6 @@ def canonical_conv(
       `(N, *out_spatial, O)` in the output dtype (`preferred_element_type`, else the
       operands' common dtype), after `op.post`.
     """
-    from jaxconv._src.core import algebra, planner  # noqa: PLC0415
-
     dtype = jnp.result_type(x.dtype, w.dtype)
     x, w = x.astype(dtype), w.astype(dtype)
     out_dtype = dtype if preferred_element_type is None else jnp.dtype(preferred_element_type)
@@ -485,7 +461,7 @@ def canonical_conv(
         w = form.rhs_map(w)
     problem = Problem(inner, geom, engine, acc_dtype, mbb, _hashable_precision(precision),
                       jnp.dtype(dtype))
-    if engine in ("native", "pallas"):
+    if engine not in (registry.AUTO, planner.FALLBACK):
         planner.check_engine(problem, dtype)
     y = conv(x, w, problem)
     if form is not None and form.outer is not None:
@@ -497,8 +473,6 @@ def canonical_conv(
 
 def _apply_outer(y: Array, outer: Any, op: Op, geom: Geometry) -> Array:
     """`outer(y)`, keeping the reduce's identity on windows that read no input cell."""
-    from jaxconv._src.core import algebra  # noqa: PLC0415
-
     out = outer(y)
     empty = geom.empty_windows() if op.pad_value is None else None
     if empty is None:

@@ -16,10 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxconv._src.core import planner
+from jaxconv._src.core import engine as registry
 
 PADDING_STRINGS = ("VALID", "SAME", "SAME_LOWER")
-ENGINES = planner.ENGINES
 
 
 def as_array(name: str, x: Any) -> jax.Array:
@@ -224,8 +223,9 @@ def padding_pairs(padding: Any, nsd: int, lhs_dilation: tuple[int, ...]) -> str 
 
 
 def engine_name(engine: Any) -> str:
-    if engine not in ENGINES:
-        raise ValueError(f"`engine` must be one of {ENGINES}, got {engine!r}.")
+    allowed = (registry.AUTO, *registry.names())
+    if not isinstance(engine, str) or engine not in allowed:
+        raise ValueError(f"`engine` must be one of {allowed}, got {engine!r}.")
     return engine
 
 

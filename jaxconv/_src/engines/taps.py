@@ -1,10 +1,10 @@
 """Canonical-layout helpers shared by the engines (XLA, Pallas, forward mode, packed).
 
 Inside an engine ``x`` is ``(N, *spatial, C)`` and ``w`` is ``(*window, I, O)`` with
-``C = G * I`` and ``O = G * Og`` for ``G`` feature groups (see ``engine_xla``). A kernel tap
-reads a strided slice of the padded input; these are that slice, its transpose, the
-taps-major kernel layout, batch blocking, padding and the dtype resolution every engine's
-``generic_conv`` starts with.
+``C = G * I`` and ``O = G * Og`` for ``G`` feature groups (`jaxconv._src.core.geometry`). A
+kernel tap reads a strided slice of the padded input; these are that slice, its transpose,
+the taps-major kernel layout, batch blocking, padding and the dtype resolution that the
+Pallas engine's and the packed product's direct entry points start with.
 """
 
 from __future__ import annotations
@@ -18,40 +18,17 @@ from jax import lax
 
 from jaxconv._src.core import algebra
 from jaxconv._src.core.algebra import Op
+from jaxconv._src.core.geometry import Geometry
+from jaxconv._src.core.products import pad_input as pad_input
+from jaxconv._src.core.products import span as span
+from jaxconv._src.core.products import tap_input as tap_input
+from jaxconv._src.core.products import tap_offset as tap_offset
+from jaxconv._src.core.products import tap_slice as tap_slice
 
 Array = jax.Array
 
 
-def span(geom: Any) -> tuple[int, ...]:
-    """Extent of one tap's strided slice in the padded input, per spatial dimension."""
-    return tuple((o - 1) * s + 1 for o, s in zip(geom.out_spatial, geom.strides, strict=True))
-
-
-def tap_offset(geom: Any, tap: tuple[int, ...]) -> tuple[int, ...]:
-    """Where tap ``tap`` starts in the padded input."""
-    return tuple(k * d for k, d in zip(tap, geom.rhs_dilation, strict=True))
-
-
-def tap_slice(xp: Array, geom: Any, tap: tuple[int, ...]) -> Array:
-    """The cells of padded ``xp`` that tap ``tap`` reads for every output position.
-
-    ``(N, *padded, C) -> (N, *out_spatial, C)``: a static strided slice.
-    """
-    lo = tap_offset(geom, tap)
-    hi = tuple(s + e for s, e in zip(lo, span(geom), strict=True))
-    return lax.slice(xp, (0, *lo, 0), (xp.shape[0], *hi, xp.shape[-1]),
-                     (1, *geom.strides, 1))
-
-
-def tap_input(xp: Array, geom: Any, tap: tuple[int, ...], groups: int) -> Array:
-    """One tap's input as ``(N, P, G, I)``: `tap_slice` with the positions flattened
-    and the channels split into groups."""
-    xs = tap_slice(xp, geom, tap)
-    n, c = xs.shape[0], xs.shape[-1]
-    return xs.reshape(n, max(1, math.prod(xs.shape[1:-1])), groups, c // groups)
-
-
-def tap_slice_at(xp: Array, geom: Any, offset: Array, row: Any = 0,
+def tap_slice_at(xp: Array, geom: Geometry, offset: Array, row: Any = 0,
                  rows: int | None = None) -> Array:
     """`tap_slice` at a traced ``offset`` ``(nsd,)`` (a tap inside a loop or scan), of
     ``rows`` images (default: all) from image ``row`` on."""
@@ -62,7 +39,7 @@ def tap_slice_at(xp: Array, geom: Any, offset: Array, row: Any = 0,
     return lax.slice(xs, (0,) * xs.ndim, xs.shape, (1, *geom.strides, 1))
 
 
-def tap_unslice(g: Array, geom: Any, tap: tuple[int, ...]) -> Array:
+def tap_unslice(g: Array, geom: Geometry, tap: tuple[int, ...]) -> Array:
     """Transpose of `tap_slice`: scatters a tap's gradient back onto the padded input."""
     cfg = [(0, 0, 0)]
     for lo, used, s, p in zip(tap_offset(geom, tap), span(geom), geom.strides,
@@ -72,7 +49,7 @@ def tap_unslice(g: Array, geom: Any, tap: tuple[int, ...]) -> Array:
     return lax.pad(g, jnp.zeros((), g.dtype), cfg)
 
 
-def tap_unslice_add(acc: Array, g: Array, geom: Any, offset: Array) -> Array:
+def tap_unslice_add(acc: Array, g: Array, geom: Geometry, offset: Array) -> Array:
     """``acc + tap_unslice(g)`` for a tap at a traced ``offset`` (a tap inside a loop): the
     gradient ``g`` (N, *out_spatial, C) of `tap_slice_at` added onto the padded input's
     gradient ``acc``."""
@@ -116,21 +93,10 @@ def unblock(y: Array, n: int) -> Array:
     return y.reshape(-1, *y.shape[2:])[:n]
 
 
-def pad_input(x: Array, op: Op, geom: Any, fill: Any = None) -> Array:
-    """Pads ``(N, *S, C)`` and inserts the ``lhs_dilation`` holes.
-
-    ``fill`` defaults to ``op.pad_value``, or 0 with identity padding (the padded taps are
-    then masked, and 0 keeps ``combine`` finite there).
-    """
-    if fill is None:
-        fill = 0 if op.pad_value is None else op.pad_value
-    return lax.pad(x, jnp.asarray(fill, x.dtype), geom.pad_config)
-
-
 def resolve_dtypes(
     x: Array, w: Array, op: Op, preferred_element_type: Any | None
 ) -> tuple[Array, Array, Any, Any]:
-    """The dtype prologue of ``generic_conv``.
+    """The dtype prologue of a direct engine call (Pallas ``generic_conv``, packed).
 
     Returns ``x`` and ``w`` cast to their common dtype, the output dtype
     (``preferred_element_type`` or the common dtype) and the accumulation dtype
@@ -143,7 +109,7 @@ def resolve_dtypes(
 
 
 def finish(y: Array, op: Op, out_dtype: Any) -> Array:
-    """The epilogue of ``generic_conv``: ``op.post`` (if any), then the output dtype."""
+    """The epilogue of a direct engine call: ``op.post`` (if any), then the output dtype."""
     if op.post is not None:
         y = op.post(y)
     return y.astype(out_dtype)

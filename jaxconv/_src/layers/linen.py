@@ -87,7 +87,7 @@ class Conv(_nn.Module):
       op: the product, an `jaxconv.Op` or a built-in name (default standard).
       input_quantizer: ``None``, a quantizer name or a callable applied to the inputs.
       kernel_quantizer: ``None``, a quantizer name or a callable applied to the kernel.
-      engine: ``"auto"``, ``"xla"`` or ``"pallas"``.
+      engine: ``"auto"``, ``"xla"``, ``"native"`` or ``"pallas"``.
       max_block_bytes: bound on the bytes of intermediate blocks.
       preferred_element_type: accumulation / output dtype of the product.
     """
@@ -163,7 +163,7 @@ class Dense(_nn.Module):
       op: the product, an `jaxconv.Op` or a built-in name (default standard).
       input_quantizer: ``None``, a quantizer name or a callable applied to the inputs.
       kernel_quantizer: ``None``, a quantizer name or a callable applied to the kernel.
-      engine: ``"auto"``, ``"xla"`` or ``"pallas"``.
+      engine: ``"auto"``, ``"xla"``, ``"native"`` or ``"pallas"``.
       max_block_bytes: bound on the bytes of intermediate blocks.
       preferred_element_type: accumulation / output dtype of the product.
     """

@@ -123,7 +123,7 @@ class Conv(_nnx.Module):
       kernel_quantizer: ``None``, a quantizer name or a callable applied to the kernel in
         the forward pass (clip binary latent weights with
         `jaxconv.optim.clip_latent_weights`).
-      engine: ``"auto"``, ``"xla"`` or ``"pallas"``.
+      engine: ``"auto"``, ``"xla"``, ``"native"`` or ``"pallas"``.
       max_block_bytes: bound on the bytes of intermediate blocks (default 64 MiB).
     """
 
@@ -243,7 +243,7 @@ class Linear(_nnx.Module):
       op: the product, an `jaxconv.Op` or a built-in op's name (default standard).
       input_quantizer: ``None``, a quantizer name or a callable applied to the inputs.
       kernel_quantizer: ``None``, a quantizer name or a callable applied to the kernel.
-      engine: ``"auto"``, ``"xla"`` or ``"pallas"``.
+      engine: ``"auto"``, ``"xla"``, ``"native"`` or ``"pallas"``.
       max_block_bytes: bound on the bytes of intermediate blocks.
     """
 

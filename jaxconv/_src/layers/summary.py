@@ -9,7 +9,6 @@ import numpy as np
 from flax import nnx
 
 from jaxconv._src.core.algebra import Op
-from jaxconv._src.core.ops import xnor
 from jaxconv._src.layers.packed import PackedKernel, _is_sign
 
 
@@ -55,7 +54,7 @@ def _rows(model: nnx.Module) -> list[dict[str, Any]]:
             params += value.size
             float_bytes += value.nbytes
             is_binary_kernel = var is kernel and isinstance(op, Op) and value.ndim >= 2 and (
-                _is_sign(kq) if kq is not None else op.combine is xnor.combine)
+                _is_sign(kq) if kq is not None else op.binary)
             if is_binary_kernel:
                 binary += value.size
                 packed_bytes += _packed_bytes(value.shape)
@@ -63,8 +62,8 @@ def _rows(model: nnx.Module) -> list[dict[str, Any]]:
                 packed_bytes += value.nbytes
         rows.append({
             "path": "/".join(map(str, path)) or "<model>", "layer": type(node).__name__,
-            "op": op.display_name if isinstance(op, Op) else ("xnor" if "Packed" in type(
-                node).__name__ else "-"),
+            "op": op.display_name if isinstance(op, Op) else ("xnor" if any(
+                isinstance(v, PackedKernel) for v in variables.values()) else "-"),
             "input_quantizer": _name(getattr(node, "input_quantizer", None)),
             "kernel_quantizer": _name(kq), "params": params, "binary": binary,
             "float_bytes": float_bytes, "packed_bytes": packed_bytes,

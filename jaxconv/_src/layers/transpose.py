@@ -127,7 +127,7 @@ class NnxConvTranspose(_nnx.Module):
       kernel_metadata: metadata of the kernel ``nnx.Param``.
       bias_metadata: metadata of the bias ``nnx.Param``.
       op: the product (an `jaxconv.Op` or a built-in name).
-      engine: ``"auto"``, ``"xla"`` or ``"pallas"``.
+      engine: ``"auto"``, ``"xla"``, ``"native"`` or ``"pallas"``.
       max_block_bytes: bound on the bytes of intermediate blocks.
     """
 

@@ -30,7 +30,8 @@ from jax import lax
 
 from jaxconv._src.core import algebra
 from jaxconv._src.core.algebra import Op
-from jaxconv._src.engines import taps, xla
+from jaxconv._src.engines import taps
+from jaxconv._src.engines.xla import winner
 
 Array = jax.Array
 
@@ -98,7 +99,7 @@ class _Plain:
         """The tangent of the winning terms, averaged over ties, for one block of images.
 
         The winners are found together with the max, from one computation of each tap's
-        recomputed terms (`xla.winner_terms`), and the taps' partial results are merged by
+        recomputed terms (`winner.winner_terms`), and the taps' partial results are merged by
         the same rule: never by comparing recomputed terms with the forward's ``yb``, which
         a differently compiled forward (the native engine's, or an XLA kernel that contracts
         ``x * w - x`` into an fma where this one does not) may have rounded otherwise. ``yb``
@@ -111,7 +112,7 @@ class _Plain:
             c, tc = jax.jvp(lambda a, b, tap=tap: self.terms(a, b, tap), (xb, self.wt[t]),
                             (txb, twt[t]))
             ident = jnp.asarray(-jnp.inf if red == "max" else jnp.inf, c.dtype)
-            v, (k, s) = xla.winner_terms(red, c, (jnp.ones(c.shape, acc), tc.astype(acc)))
+            v, (k, s) = winner.winner_terms(red, c, (jnp.ones(c.shape, acc), tc.astype(acc)))
             mk = self.in_bounds(m)
             if mk is not None:  # padded positions of this tap hold no term
                 on = mk[..., 0]
@@ -119,7 +120,7 @@ class _Plain:
             if best is None:
                 best, count, num = v, k, s
             else:
-                best, (count, num) = xla.winner_merge(red, best, (count, num), v, (k, s))
+                best, (count, num) = winner.winner_merge(red, best, (count, num), v, (k, s))
         if best is None:
             return jnp.zeros(yb.shape, acc)
         real = (count > 0) & jnp.logical_not(jnp.isnan(yb) | jnp.isnan(best))

@@ -52,7 +52,7 @@ import warnings
 from collections.abc import Iterator
 from typing import Any
 
-from jaxconv._src.engines import codegen
+from jaxconv._src.engines.native import codegen
 
 logger = logging.getLogger("jaxconv")
 
@@ -92,7 +92,7 @@ def cache_dir() -> pathlib.Path:
       The directory asked for (not created, and not necessarily trusted: see `cache`).
 
     Example:
-      >>> from jaxconv._src.engines import user_kernels
+      >>> from jaxconv._src.engines.native import user_kernels
       >>> user_kernels.cache_dir().name
       'kernels'
     """
@@ -139,7 +139,7 @@ def distrust(path: str | os.PathLike[str], *, directory: bool = False,
 
     Example:
       >>> import tempfile
-      >>> from jaxconv._src.engines import user_kernels
+      >>> from jaxconv._src.engines.native import user_kernels
       >>> user_kernels.distrust(tempfile.mkdtemp(), directory=True) is None
       True
     """
@@ -215,7 +215,7 @@ def cache(path: str) -> Cache:
 
     Example:
       >>> import tempfile
-      >>> from jaxconv._src.engines import user_kernels
+      >>> from jaxconv._src.engines.native import user_kernels
       >>> c = user_kernels.cache(tempfile.mkdtemp() + "/kernels")
       >>> c.trusted, c.writable
       (True, True)

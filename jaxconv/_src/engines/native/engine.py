@@ -1,0 +1,145 @@
+"""The native engine on the core's protocol: the FFI calls (`ffi`) on the canonical problem,
+served where `eligibility.refusal` says so. Forward-mode tangents come from the XLA engine.
+
+A user op's kernels compile when the engine first lowers it (never while planning). If that
+compile fails, the call still computes: under ``engine="auto"`` it warns once and lowers on
+the XLA engine (and the planner, reading the remembered failure, picks that engine from then
+on); with ``engine="native"`` it raises.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.typing import DTypeLike
+
+from jaxconv._src.core import algebra, products
+from jaxconv._src.core import engine as registry
+from jaxconv._src.core.problem import Problem
+from jaxconv._src.engines.native import eligibility, ffi
+from jaxconv._src.engines.native.translation import Refusal
+
+Array = jax.Array
+
+
+@functools.cache
+def _warn_compile_failed(name: str, reason: str) -> None:
+    """Warns once per op that `engine="auto"` runs a user op on the XLA engine because its
+    native kernels could not be compiled."""
+    warnings.warn(f"jaxconv: op {name!r} runs on the XLA engine: {reason}", RuntimeWarning,
+                  stacklevel=2)
+
+
+@functools.cache
+def _warn_native_unavailable(error: str) -> None:
+    """Warns once per process that `engine="auto"` cannot use the native kernels."""
+    warnings.warn(f"jaxconv: the native CPU engine could not be loaded ({error}); "
+                  "engine='auto' uses the XLA engine.", RuntimeWarning, stacklevel=2)
+
+
+class NativeEngine(registry.Engine):
+    """The compiled CPU kernels on the protocol: the forward and backward FFI calls on the
+    canonical problem, tangents from the XLA engine.
+
+    Example:
+      >>> from jaxconv._src.core import engine
+      >>> engine.get("native").name
+      'native'
+    """
+
+    name = "native"
+
+    def load_error(self) -> str | None:
+        return ffi.load_error()
+
+    def refusal(self, problem: Problem, dtype: DTypeLike, platform: str | None) -> str | None:
+        if (problem.engine == registry.AUTO and problem.op.native is not None
+                and platform in (None, "cpu") and ffi.load_error() is not None):
+            _warn_native_unavailable(ffi.load_error())
+        return eligibility.refusal(problem, dtype, platform)
+
+    def opaque_call(self, platform: str) -> bool:
+        """On CPU the engine is an FFI custom call (partitioned by the core)."""
+        return platform == "cpu"
+
+    def describe(self, problem: Problem, dtype: DTypeLike) -> tuple[str, ...]:
+        """The kernel, compiling a user op's now (as the first call would)."""
+        del dtype
+        op = problem.op
+        if op.native is not None:
+            return (f"built-in kernel {op.native!r} ({ffi.isa()})",)
+        kernel = ffi.user_kernel(op)
+        if isinstance(kernel, Refusal):
+            return (kernel.reason,)
+        how = (f"compiled now in {kernel.seconds:.2f} s" if kernel.compiled
+               else "loaded from the cache")
+        lines = [f"compiled user kernel ({ffi.isa()}, {how}): {kernel.path}",
+                 f"primitives: {', '.join(kernel.functor.primitives)}"]
+        if kernel.functor.scalar:
+            lines.append("lane by lane with libm (not vectorized): "
+                         + ", ".join(kernel.functor.scalar))
+        return tuple(lines)
+
+    def _fallback(self, problem: Problem) -> registry.Engine | None:
+        """The XLA engine where a user op's kernels fail to compile under "auto" (with one
+        warning); raises under engine="native"; ``None`` when the kernels are there."""
+        if problem.op.native is not None:
+            return None
+        got = ffi.user_kernel(problem.op)
+        if not isinstance(got, Refusal):
+            return None
+        name = problem.op.display_name
+        if problem.engine != registry.AUTO:
+            raise ValueError(
+                f"engine='native' does not serve op {name!r} ({got.reason}); use "
+                "engine='auto' (which falls back to the XLA engine) or engine='xla'.")
+        if got.compile_failed:
+            _warn_compile_failed(name, got.reason)
+        return registry.get("xla")
+
+    def _spec(self, problem: Problem, x: Array, w: Array) -> Any:
+        ffi._register()
+        return ffi._call_spec(problem.op, problem.geom, x.shape, w.shape)
+
+    def forward(self, problem: Problem, x: Array, w: Array) -> Array:
+        other = self._fallback(problem)
+        if other is not None:
+            return other.forward(problem, x, w)
+        spec = self._spec(problem, x, w)
+        y = ffi._forward_call(spec, x.reshape(spec.x_shape), w.reshape(spec.w_shape))
+        return y.reshape(x.shape[0], *problem.geom.out_spatial, w.shape[-1])
+
+    def backward(self, problem: Problem, x: Array, w: Array, y: Array, g: Array,
+                 need: tuple[bool, bool]) -> tuple[Array, Array]:
+        """The FFI backward kernel, and standard products where those are faster: the
+        kernel gradient of a ``x - w`` sum (AdderNet) and both gradients of l2's."""
+        other = self._fallback(problem)
+        if other is not None:
+            return other.backward(problem, x, w, y, g, need)
+        op, geom = problem.op, problem.geom
+        spec = self._spec(problem, x, w)
+        g = g.astype(jnp.float32)
+        # Built-in kernels only: a user op's compiled backward computes both sides itself.
+        kind = algebra.capabilities(op).separable if op.native is not None else None
+        if kind == "sqdiff":
+            gx = -2.0 * products.difference_input_gradient(op, geom, x, w, g)
+            gw = products.separable_kernel_gradient(problem, kind, x, w, g)
+            return gx.astype(x.dtype), gw.astype(w.dtype)
+        parts = 1 if kind == "adder" else 3
+        gx, gw = ffi._backward_call(
+            spec, x.reshape(spec.x_shape), w.reshape(spec.w_shape), y.reshape(spec.y_shape),
+            g.reshape(spec.y_shape), parts=parts)
+        if kind == "adder":
+            gw = products.separable_kernel_gradient(problem, kind, x, w, g)
+        return gx.reshape(x.shape).astype(x.dtype), gw.reshape(w.shape).astype(w.dtype)
+
+    def tangent(self, problem: Problem, x: Array, w: Array, y: Array, tx: Array, tw: Array,
+                active: tuple[bool, bool]) -> Array:
+        return registry.get("xla").tangent(problem, x, w, y, tx, tw, active)
+
+
+ENGINE = NativeEngine()

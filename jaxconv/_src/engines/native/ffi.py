@@ -1,0 +1,213 @@
+"""The native CPU engine: compiled semiring kernels called through the XLA FFI.
+
+The kernels (``csrc/``, the extension module ``jaxconv._native``) are one templated
+implicit-GEMM loop nest over combine/reduce functors, built for AVX-512, AVX2 and a portable
+baseline and picked at run time; they share their work on XLA's intra-op thread pool and give
+the same result whatever the thread count. A built-in op's kernel is chosen from ``op.native``
+(with ``op.reduce`` and ``op.pad_value``); a user op's kernels are generated and compiled at
+first use (`user_kernel`: ``codegen`` and ``user_kernels``). What the kernels do not serve is
+decided by `eligibility.refusal`.
+
+This module holds the library's loading and the two FFI calls (forward and backward); the
+engine (`engine.NativeEngine`) lowers the core's primitives to them: max/min ops route the
+cotangent to the winning taps (ties split equally, as ``jax.grad(jnp.max)``), sums use the
+op's gradient rule (AdderNet's for ``adder``, the exact subgradient for ``l1``, exact for
+``l2_exact``). Under ``jax.vmap`` the core folds the mapped axis into the problem.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxconv._src.core.algebra import Op
+from jaxconv._src.engines.native import translation
+
+Array = jax.Array
+
+# Kernel ids (``Op.native``) -> (id in csrc/problem.h, the reduce the kernel implements).
+KERNELS: dict[str, tuple[int, str]] = {
+    "max_plus": (0, "max"),
+    "min_plus": (1, "min"),
+    "max_min": (2, "max"),
+    "min_max": (3, "min"),
+    "adder": (4, "sum"),
+    "l1": (5, "sum"),
+    "l2_exact": (6, "sum"),
+}
+_FORWARD = "jaxconv_forward"
+_BACKWARD = "jaxconv_backward"
+
+_lock = threading.Lock()
+_state: dict[str, Any] = {"module": None, "error": None, "loaded": False, "registered": False}
+
+
+def _load() -> Any:
+    with _lock:
+        if not _state["loaded"]:
+            _state["loaded"] = True
+            try:
+                from jaxconv import _native  # noqa: PLC0415 - loaded on first use
+            except Exception as e:  # noqa: BLE001 - any failure means "not available"
+                _state["error"] = f"{type(e).__name__}: {e}"
+            else:
+                _state["module"] = _native
+        return _state["module"]
+
+
+def available() -> bool:
+    """Whether the compiled kernels (``jaxconv._native``) can be loaded in this process.
+
+    Returns:
+      True when the extension module imports.
+
+    Example:
+      >>> from jaxconv._src.engines.native import ffi
+      >>> isinstance(ffi.available(), bool)
+      True
+    """
+    return _load() is not None
+
+
+def load_error() -> str | None:
+    """Why the compiled kernels could not be loaded (``None`` when they load).
+
+    Returns:
+      The import error as text, or ``None``.
+
+    Example:
+      >>> from jaxconv._src.engines.native import ffi
+      >>> ffi.load_error() is None or isinstance(ffi.load_error(), str)
+      True
+    """
+    _load()
+    return _state["error"]
+
+
+def isa() -> str | None:
+    """The instruction set whose kernels run here (``"avx512"``, ``"avx2"`` or ``"base"``)."""
+    mod = _load()
+    return None if mod is None else str(mod.isa())
+
+
+def _register() -> None:
+    mod = _load()
+    if mod is None:
+        raise RuntimeError(f"jaxconv native engine: the compiled library could not be loaded "
+                           f"({load_error()}).")
+    with _lock:
+        if not _state["registered"]:
+            for name, capsule in mod.registrations().items():
+                jax.ffi.register_ffi_target(name, capsule, platform="cpu")
+            _state["registered"] = True
+
+
+def kernel_id(op: Op) -> int | None:
+    """The built-in kernel serving ``op`` (``op.native`` with its reduce), or ``None``."""
+    entry = KERNELS.get(op.native) if op.native is not None else None
+    if entry is None or op.reduce_name != entry[1]:
+        return None
+    return entry[0]
+
+
+_built: dict[Op, Any] = {}
+
+
+def built(op: Op) -> Any:
+    """What compiling ``op``'s kernels gave (a kernel or a `Refusal`), ``None`` if not yet
+    tried: read by the eligibility decision, which never compiles."""
+    return _built.get(op)
+
+
+def user_kernel(op: Op) -> Any:
+    """The compiled kernels of a user op, or why it has none (compiled once per op).
+
+    Args:
+      op: an op without a built-in kernel (``op.native is None``).
+
+    Returns:
+      A `user_kernels.Kernel`, or an `translation.Refusal` saying why the op is not compiled.
+    """
+    from jaxconv._src.engines.native import user_kernels  # noqa: PLC0415 - compiles
+
+    with _lock:
+        if op in _built:
+            return _built[op]
+    got = translation.translation(op)
+    if isinstance(got, translation.Refusal):
+        return got
+    if not available():
+        return translation.Refusal(f"the native library could not be loaded ({load_error()})",
+                                   compile_failed=False)
+    try:
+        out = user_kernels.build(got)
+    except user_kernels.CompileError as e:
+        out = translation.Refusal(f"it could not be compiled: {e}", compile_failed=True)
+    with _lock:
+        return _built.setdefault(op, out)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Call:
+    """Static attributes of one FFI call (hashable: the custom_vjp's static argument)."""
+
+    op_id: int
+    geom: tuple[int, ...]
+    pad: float | None
+    x_shape: tuple[int, ...]
+    w_shape: tuple[int, ...]
+    y_shape: tuple[int, ...]
+    padding: tuple[tuple[int, int], ...]  # the 3-D geometry again, for the lax products
+    groups: int
+    nsd: int
+
+    def attrs(self) -> dict[str, Any]:
+        return dict(geom=np.asarray(self.geom, np.int64),
+                    pad=np.float32(0.0 if self.pad is None else self.pad),
+                    op=np.int64(self.op_id))
+
+    def field(self, at: int) -> tuple[int, int, int]:
+        return tuple(self.geom[at:at + 3])
+
+
+def _call_spec(op: Op, geom: Any, x_shape: tuple[int, ...], w_shape: tuple[int, ...]) -> _Call:
+    nsd = len(geom.window)
+    lead = 3 - nsd
+
+    def three(t: tuple, fill: Any) -> tuple:
+        return (fill,) * lead + tuple(t)
+
+    n, c = x_shape[0], x_shape[-1]
+    i, o = w_shape[-2], w_shape[-1]
+    sp = three(geom.in_spatial, 1)
+    k = three(geom.window, 1)
+    os_ = three(geom.out_spatial, 1)
+    pads = three(geom.padding, (0, 0))
+    vals = (n, *sp, c, *k, i, o, geom.groups, *os_, *three(geom.strides, 1),
+            *(lo for lo, _ in pads), *three(geom.lhs_dilation, 1), *three(geom.rhs_dilation, 1),
+            0 if op.pad_value is None else 1)
+    kid = kernel_id(op)
+    if kid is None:
+        kid = user_kernel(op).op_id
+    return _Call(kid, tuple(int(v) for v in vals),
+                 None if op.pad_value is None else float(op.pad_value),
+                 (n, *sp, c), (*k, i, o), (n, *os_, o),
+                 tuple((int(lo), int(hi)) for lo, hi in pads), int(geom.groups), nsd)
+
+
+def _forward_call(spec: _Call, x: Array, w: Array) -> Array:
+    out = jax.ShapeDtypeStruct(spec.y_shape, jnp.float32)
+    return jax.ffi.ffi_call(_FORWARD, out, vmap_method="broadcast_all")(x, w, **spec.attrs())
+
+
+def _backward_call(spec: _Call, x: Array, w: Array, y: Array, g: Array,
+                   parts: int = 3) -> tuple[Array, Array]:
+    outs = (jax.ShapeDtypeStruct(spec.x_shape, jnp.float32),
+            jax.ShapeDtypeStruct(spec.w_shape, jnp.float32))
+    return jax.ffi.ffi_call(_BACKWARD, outs, vmap_method="broadcast_all")(
+        x, w, y, g, parts=np.int64(parts), **spec.attrs())

@@ -1,0 +1,286 @@
+"""The exact backward pass of sum, max, min and logsumexp products, recomputing the
+products per tap (no product tensor stored)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jaxconv._src.core import products
+from jaxconv._src.core.algebra import Op
+from jaxconv._src.core.geometry import Geometry
+from jaxconv._src.engines import taps
+from jaxconv._src.engines.xla.common import Config, dominated_fill, separable_kind
+from jaxconv._src.engines.xla.forward import _fwd_products, _live_taps, _tap_tables
+from jaxconv._src.engines.xla.winner import _winner_backward, _winner_ok
+
+Array = jax.Array
+
+
+def _cotangent_of_products(red: str, c: Array, yl: Array, gl: Array, sl: Array | None,
+                           ml: np.ndarray | None, fast: bool, acc_dtype: Any) -> Array:
+    """d out / d products times the output cotangent, elementwise in any layout.
+
+    ``ml``: the tap's validity mask in this layout (None: every product is valid). ``fast``:
+    the inputs, outputs and padding are such that the formulas below need only the
+    arithmetic that XLA CPU fuses into its reduction kernels (add, multiply, abs, sign,
+    exp); comparisons and selects on the products would be written to memory instead.
+    For max/min that means finite ``x``, ``w`` and ``y`` with dominated padding: every
+    product is ``<= y`` (``>=`` for min) and equals it exactly at the winners, since it is
+    recomputed bit for bit, so ``1 - |sign(y - c)|`` marks the winners.
+    """
+    if red == "sum":
+        if ml is None:
+            return jnp.broadcast_to(gl, c.shape)
+        return jnp.broadcast_to(gl * jnp.asarray(ml, gl.dtype), c.shape)
+    if red in ("max", "min"):
+        d = jnp.where(c == yl, sl, 0)
+        if fast:
+            return d
+    else:
+        # logsumexp: the softmax weight of each product; ``gl`` and ``yl`` come in with an
+        # all -inf window's cotangent zeroed and its output replaced by 0 (no inf - inf).
+        d = gl * jnp.exp(c.astype(acc_dtype) - yl)
+    if ml is not None:
+        d = jnp.where(jnp.asarray(ml), d, 0)
+    return d
+
+
+# Positions per step when the kernel gradient sums over them; the products of one step,
+# (rows, G, Og, I), are reduced over their leading axis.
+_DW_ROWS = 64
+
+
+def _dw_rows(nbp: int, row_bytes: int, max_bytes: int) -> int:
+    """Rows per kernel-gradient step: a divisor of ``nbp`` near ``_DW_ROWS`` if there is one,
+    fewer where one step's products (``row_bytes`` per row) would pass ``max_bytes``."""
+    top = max(1, min(_DW_ROWS, nbp, max_bytes // max(row_bytes, 1)))
+    for r in range(top, max(1, top // 4) - 1, -1):
+        if nbp % r == 0:
+            return r
+    return top
+
+
+def _dx_of_tap(op: Op, red: str, xs: Array, wk: Array, yf: Array, gf: Array,
+               sf: Array | None, m_pos: np.ndarray | None, fast: bool, acc: Any,
+               unroll: int = 8) -> Array:
+    """One tap's input gradient ``(NP, G, I)``: a loop over the output channels.
+
+    Each step adds ``dc * d combine / d x`` for one output channel, an elementwise update
+    of the ``(NP, G, I)`` accumulator that XLA fuses into one vectorised loop (a reduction
+    over the output channels as an axis is many times slower on CPU: the input is constant
+    along it).
+    """
+    og = wk.shape[1]
+    ml = None if m_pos is None else m_pos.reshape(-1, 1, 1)
+
+    def body(k: Any, a: Array) -> Array:
+        wo = lax.dynamic_index_in_dim(wk, k, axis=1, keepdims=False)  # (G, I)
+        yo = lax.dynamic_index_in_dim(yf, k, axis=2)  # (NP, G, 1)
+        go = lax.dynamic_index_in_dim(gf, k, axis=2)
+        so = None if sf is None else lax.dynamic_index_in_dim(sf, k, axis=2)
+        c, vjp = jax.vjp(op.combine, xs, jnp.broadcast_to(wo[None], xs.shape))
+        dc = _cotangent_of_products(red, c, yo, go, so, ml, fast, acc)
+        return a + vjp(dc.astype(c.dtype))[0].astype(acc)
+
+    return lax.fori_loop(0, og, body, jnp.zeros(xs.shape, acc), unroll=max(1, min(og, unroll)))
+
+
+def _dw_of_tap(op: Op, red: str, xs: Array, wk: Array, yf: Array, gf: Array,
+               sf: Array | None, m_pos: np.ndarray | None, fast: bool, acc: Any,
+               rows: int) -> Array:
+    """One tap's kernel gradient ``(G, Og, I)``: a scan over blocks of ``rows`` positions.
+
+    Each step reduces the ``(rows, G, Og, I)`` products over their leading axis.
+    """
+    nbp, g, i = xs.shape
+    og = wk.shape[1]
+    nblk = nbp // rows
+    seq = [xs.reshape(nblk, rows, g, i), yf.reshape(nblk, rows, g, og),
+           gf.reshape(nblk, rows, g, og)]
+    if sf is not None:
+        seq.append(sf.reshape(nblk, rows, g, og))
+    if m_pos is not None:
+        seq.append(jnp.asarray(m_pos.reshape(nblk, rows)))
+    shape = (rows, g, og, i)
+
+    def body(a: Array, blk: list[Array]) -> tuple[Array, None]:
+        xb_, yb_, gb_ = blk[:3]
+        rest = blk[3:]
+        sb_ = rest.pop(0)[..., None] if sf is not None else None
+        mb_ = rest.pop(0).reshape(rows, 1, 1, 1) if m_pos is not None else None
+        c, vjp = jax.vjp(op.combine, jnp.broadcast_to(xb_[:, :, None, :], shape),
+                         jnp.broadcast_to(wk[None], shape))
+        dc = _cotangent_of_products(red, c, yb_[..., None], gb_[..., None], sb_, mb_, fast,
+                                    acc)
+        return a + jnp.sum(vjp(dc.astype(c.dtype))[1], axis=0, dtype=acc), None
+
+    out, _ = lax.scan(body, jnp.zeros(wk.shape, acc), seq)
+    return out
+
+
+def _count_winners(op: Op, geom: Geometry, xb: Array, wt: Array, yb: Array, tap_list: list,
+                   fast: bool, acc: Any, max_bytes: int) -> Array:
+    """How many products of each window equal its max/min ``yb`` (ties split gradients).
+
+    A loop over the taps, so that each tap's comparison stays inside its own fused reduction
+    (unrolled, XLA CPU merges the taps' reductions into one kernel fed by stored products),
+    and over chunks of output channels, so that one step's comparisons, which XLA may store,
+    fit in ``max_bytes``.
+    """
+    nb = xb.shape[0]
+    g = wt.shape[1]
+    p = max(1, math.prod(geom.out_spatial))
+    offs_j, t_j, masks_j = _tap_tables(geom, tap_list)
+    og, i = wt.shape[2], wt.shape[3]
+    fit = max(1, max_bytes // max(1, nb * p * g * i * 4))
+    oc = max(d for d in range(1, og + 1) if og % d == 0 and d <= fit)
+
+    def body(k: Any, count: Array) -> Array:
+        xs = taps.tap_slice_at(xb, geom, offs_j[k])
+        xs = xs.reshape(nb, p, g, xs.shape[-1] // g)
+        wk = lax.dynamic_index_in_dim(wt, t_j[k], axis=0, keepdims=False)
+        m = None
+        if not fast and masks_j is not None:
+            m = lax.dynamic_index_in_dim(masks_j, k, axis=0, keepdims=False)
+
+        def chunk(j: Any, cnt: Array) -> Array:
+            wc = lax.dynamic_slice_in_dim(wk, j * oc, oc, axis=1)
+            yc = lax.dynamic_slice_in_dim(yb, j * oc, oc, axis=3)
+            eq = _fwd_products(op, xs, wc) == yc[..., None]
+            if m is not None:
+                eq = eq & m.reshape(1, p, 1, 1, 1)
+            part = lax.dynamic_slice_in_dim(cnt, j * oc, oc, axis=3)
+            return lax.dynamic_update_slice_in_dim(
+                cnt, part + jnp.sum(eq, axis=-1, dtype=acc), j * oc, axis=3)
+
+        if oc == og:
+            return chunk(0, count)
+        return lax.fori_loop(0, og // oc, chunk, count)
+
+    return lax.fori_loop(0, len(tap_list), body, jnp.zeros(yb.shape, acc))
+
+
+_DX_ACC_BYTES = 2**20
+
+
+def _backward(cfg: Config, x: Array, w: Array, y: Array, gy: Array, fill: bool):
+    """Gradients of sum, max, min and logsumexp products without storing any products.
+
+    Per block and tap, the products are recomputed inside two fused reductions, laid out so
+    that the reduced axis is the innermost one: ``(Nb, P, G, I, Og)`` summed over ``Og`` for
+    the input gradient and ``(G, Og, I, Nb*P)`` summed over the positions for the kernel
+    gradient. The cotangent goes through ``combine``'s own VJP (so AdderNet's custom rule
+    applies). Max/min first count the winners of each window (ties split the gradient).
+    """
+    op, geom = cfg.op, cfg.geom
+    acc = cfg.acc_dtype
+    kind = separable_kind(op) if jnp.issubdtype(x.dtype, jnp.floating) else None
+    gw_sep = None
+    if kind is not None:
+        gx_sep, gw_sep = products.separable_gradients(op, geom, acc, kind, x, w, gy)
+        if gx_sep is not None:
+            return gx_sep, gw_sep
+    xp = taps.pad_input(x, op, geom, dominated_fill(op) if fill else None)
+    wt = taps.taps_major(w, geom.groups)
+    mask = geom.valid_mask() if op.pad_value is None else None
+    p = max(1, math.prod(geom.out_spatial))
+    g, og, i = wt.shape[1:]
+    red = op.reduce
+    tap_list = [(t, tap, None if fill else m) for t, tap, m in _live_taps(geom, mask)]
+    if not tap_list:  # every tap of every window sees only padding: nothing depends on x, w
+        return jnp.zeros(x.shape, x.dtype), (gw_sep if gw_sep is not None
+                                             else jnp.zeros(w.shape, w.dtype))
+
+    def block_grads(gwt: Array, blk: tuple[Array, Array, Array]) -> tuple[Array, Array]:
+        xb, yb, gb = blk
+        nb = xb.shape[0]
+        gb = gb.astype(acc)
+        scale = None
+        if red in ("max", "min"):
+            count = _count_winners(op, geom, xb, wt, yb, tap_list, fill, acc,
+                                   cfg.max_block_bytes // 2)
+            scale = jnp.where(count > 0, gb / jnp.maximum(count, 1), 0)
+        elif red == "logsumexp":
+            gb = jnp.where(jnp.isneginf(yb), 0, gb)
+            yb = jnp.where(jnp.isneginf(yb), 0, yb).astype(acc)
+        # Layout for the input gradient: (Nb, P, G, I, Og).
+        nbp = nb * p
+        # Per-position views (NP, G, Og) of the output, its cotangent and the max/min scale.
+        yf = yb.reshape(nbp, g, og)
+        gf = gb.reshape(nbp, g, og)
+        sf = None if scale is None else scale.reshape(nbp, g, og)
+        # Kernel-gradient blocks of positions: ``dw_rows`` positions per step of a scan.
+        rows = _dw_rows(nbp, g * og * i * 4, cfg.max_block_bytes // 2)
+        nbp_pad = -(-nbp // rows) * rows
+
+        def pad_rows(a: Array | None) -> Array | None:
+            if a is None or nbp_pad == nbp:
+                return a
+            return jnp.concatenate([a, jnp.zeros((nbp_pad - nbp, *a.shape[1:]), a.dtype)])
+
+        offs, tix, masks = _tap_tables(geom, tap_list)
+
+        def tap_body(j: Any, carry: tuple[Array, Array]) -> tuple[Array, Array]:
+            gwt, gxb = carry
+            xs4 = taps.tap_slice_at(xb, geom, offs[j])
+            xs = xs4.reshape(nbp, g, i)
+            wk = lax.dynamic_index_in_dim(wt, tix[j], axis=0, keepdims=False)
+            m_pos = None  # (NP,) validity of this tap
+            if masks is not None:
+                m_pos = jnp.tile(lax.dynamic_index_in_dim(masks, j, axis=0, keepdims=False), nb)
+            dxs = _dx_of_tap(op, red, xs, wk, yf, gf, sf, m_pos, fill, acc, cfg.unroll)
+            gxb = taps.tap_unslice_add(gxb, dxs.reshape(xs4.shape), geom, offs[j])
+            if gw_sep is None:  # else the kernel gradient is already known (separable)
+                if nbp_pad != nbp:
+                    valid = jnp.ones((nbp,), bool) if m_pos is None else m_pos
+                    m_pos = jnp.concatenate([valid, jnp.zeros((nbp_pad - nbp,), bool)])
+                dwk = _dw_of_tap(op, red, pad_rows(xs), wk, pad_rows(yf), pad_rows(gf),
+                                 pad_rows(sf), m_pos, fill, acc, rows)
+                gwt = gwt.at[tix[j]].add(dwk.astype(gwt.dtype))
+            return gwt, gxb
+
+        gwt, gxb = lax.fori_loop(0, len(tap_list), tap_body,
+                                 (gwt, jnp.zeros(xb.shape, acc)))
+        return gwt, gxb.astype(x.dtype)
+
+    block = cfg.block_bwd
+    if gw_sep is not None:
+        # Input gradient only: no products are held, and the loop over output channels runs
+        # fastest on an accumulator of about 1 MiB (measured: 4 images of layer A, 256 rows
+        # of a 1024-wide dense layer; the per-step overhead dominates smaller blocks).
+        row = max(1, math.prod(xp.shape[1:]) * jnp.dtype(acc).itemsize)
+        block = int(max(1, min(x.shape[0], _DX_ACC_BYTES // row)))
+    xblocks, n = taps.blocks(xp, block)
+    yblocks, _ = taps.blocks(y, block)
+    gblocks, _ = taps.blocks(gy, block)
+    gwt0 = jnp.zeros(wt.shape, jnp.promote_types(w.dtype, jnp.float32))
+    if xblocks.shape[0] == 1:
+        gwt, gxp = block_grads(gwt0, (xblocks[0], yblocks[0], gblocks[0]))
+    else:
+        gwt, gx_blocks = lax.scan(block_grads, gwt0, (xblocks, yblocks, gblocks))
+        gxp = gx_blocks.reshape(-1, *gx_blocks.shape[2:])
+    gxp = gxp[:n]
+    _, pad_vjp = jax.vjp(lambda a: taps.pad_input(a, op, geom), x)
+    (gx,) = pad_vjp(gxp)
+    if gw_sep is not None:
+        return gx.astype(x.dtype), gw_sep
+    gw = taps.taps_major_transpose(gwt, w.shape, geom.groups).astype(w.dtype)
+    return gx.astype(x.dtype), gw
+
+
+def _hand_backward(cfg: Config, x: Array, w: Array, y: Array, gy: Array):
+    """The hand-written backward pass of a sum, max, min or logsumexp product.
+
+    Max/min take the winner path (`_winner_backward`) where its codes are exact (static);
+    the others the exact pass with identity padding masked statically.
+    """
+    if (jnp.issubdtype(x.dtype, jnp.floating) and cfg.op.reduce in ("max", "min")
+            and _winner_ok(cfg, x, w)):
+        return _winner_backward(cfg, x, w, y, gy)
+    return _backward(cfg, x, w, y, gy, fill=False)

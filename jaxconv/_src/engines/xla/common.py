@@ -1,0 +1,63 @@
+"""The XLA engine's static configuration and the helpers its passes share."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxconv._src.core import algebra
+from jaxconv._src.core.algebra import Op
+from jaxconv._src.core.geometry import Geometry
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    op: Op
+    geom: Geometry
+    acc_dtype: Any
+    max_block_bytes: int
+    block: int  # images (rows) per block in the forward pass
+    block_bwd: int  # images per block in the backward pass (several products live at once)
+    unroll: int = 8  # steps of the input gradient's loop over output channels per iteration
+
+
+def block_size(
+    geom: Geometry, n: int, in_features: int, out_per_group: int, itemsize: int,
+    max_block_bytes: int,
+) -> int:
+    """Images per block so that one tap's ``(block, P, G, Og, I)`` products fit the bound."""
+    per_image = max(1, math.prod(geom.out_spatial)) * in_features * out_per_group * itemsize
+    return int(max(1, min(n, max_block_bytes // max(per_image, 1))))
+
+
+def canonical_op(op: Op) -> Op:
+    return algebra.capabilities(op).canonical
+
+
+def dominated_fill(op: Op) -> float | None:
+    return algebra.capabilities(op).dominated_fill
+
+
+def separable_kind(op: Op) -> str | None:
+    """``"mul"`` or ``"adder"`` when a sum's kernel gradient is a native product (declared
+    or inferred: `jaxconv._src.core.algebra.Capabilities.separable`)."""
+    return algebra.capabilities(op).separable
+
+
+def _div(a: Any, m: int) -> Array:
+    """``a // m`` for nonnegative integers ``a`` (lax's division: no floor correction)."""
+    a = jnp.asarray(a)
+    return lax.div(a, jnp.asarray(m, a.dtype))
+
+
+def _rem(a: Any, m: int) -> Array:
+    """``a % m`` for nonnegative integers ``a``."""
+    a = jnp.asarray(a)
+    return lax.rem(a, jnp.asarray(m, a.dtype))

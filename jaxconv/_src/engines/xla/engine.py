@@ -1,0 +1,130 @@
+"""The XLA engine on the core's protocol: `forward`, `backward`, `tangent`."""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxconv._src.core import algebra, products
+from jaxconv._src.core import engine as registry
+from jaxconv._src.core.problem import Problem
+from jaxconv._src.engines.xla import forward_mode
+from jaxconv._src.engines.xla.backward import _hand_backward
+from jaxconv._src.engines.xla.common import Config, block_size, canonical_op
+from jaxconv._src.engines.xla.forward import _forward
+from jaxconv._src.engines.xla.log import _log_backward, _log_fast_or_exact, is_log_semiring
+from jaxconv._src.engines.xla.nan import _forward_dispatch
+
+Array = jax.Array
+
+
+def _config(problem: Problem, x: Array, w: Array) -> Config:
+    """The engine's static configuration of a problem: canonical op and batch blocks."""
+    op = canonical_op(problem.op)
+    geom, mbb = problem.geom, problem.max_block_bytes
+    itemsize = max(jnp.dtype(x.dtype).itemsize, jnp.dtype(problem.acc_dtype).itemsize)
+    args = (geom, x.shape[0], w.shape[-2] * geom.groups, w.shape[-1] // geom.groups, itemsize)
+    # Backward blocks stay small although the backward never holds a block's products:
+    # measured, one image per block runs faster than the whole batch (cache locality).
+    return Config(op, geom, jnp.dtype(problem.acc_dtype), mbb, block_size(*args, mbb),
+                  block_size(*args, mbb // 4))
+
+
+def _grouped(cfg: Config, a: Array) -> Array:
+    """``(N, *out_spatial, O) -> (N, P, G, Og)``."""
+    return a.reshape(a.shape[0], max(1, math.prod(cfg.geom.out_spatial)), cfg.geom.groups, -1)
+
+
+def forward(problem: Problem, x: Array, w: Array) -> Array:
+    """The product of canonical ``x`` and ``w``: ``(N, *out_spatial, O)`` in the
+    accumulation dtype."""
+    cfg = _config(problem, x, w)
+    if cfg.op.rewrite is not None:
+        return products.rewritten(problem, x, w)
+    if is_log_semiring(cfg.op) and jnp.issubdtype(x.dtype, jnp.floating):
+        y = _log_fast_or_exact(cfg, x, w)
+    elif cfg.op.reduce_name in algebra.HAND_VJP_REDUCES:
+        y = _forward_dispatch(cfg, x, w)
+    else:
+        y = _forward(cfg, x, w)
+    return y.reshape(x.shape[0], *cfg.geom.out_spatial, w.shape[-1]).astype(cfg.acc_dtype)
+
+
+def backward(problem: Problem, x: Array, w: Array, y: Array, g: Array,
+             need: tuple[bool, bool] = (True, True)) -> tuple[Array, Array]:
+    """The input and kernel gradients given the output ``y`` and its cotangent ``g``."""
+    del need  # both gradients come out of the same passes
+    cfg = _config(problem, x, w)
+    y4, g4 = _grouped(cfg, y), _grouped(cfg, g)
+    if cfg.op.rewrite is not None:
+        _, vjp = jax.vjp(functools.partial(products.rewritten, problem), x, w)
+        gx, gw = vjp(g.astype(cfg.acc_dtype))
+    elif is_log_semiring(cfg.op) and jnp.issubdtype(x.dtype, jnp.floating):
+        gx, gw = _log_backward(cfg, x, w, y4, g4)
+    elif cfg.op.reduce_name in algebra.HAND_VJP_REDUCES:
+        gx, gw = _hand_backward(cfg, x, w, y4, g4)
+    else:
+        _, vjp = jax.vjp(lambda a, b: _forward(cfg, a, b).astype(cfg.acc_dtype), x, w)
+        gx, gw = vjp(g4.astype(cfg.acc_dtype))
+    return gx.astype(x.dtype), gw.astype(w.dtype)
+
+
+def tangent(problem: Problem, x: Array, w: Array, y: Array, tx: Array, tw: Array,
+            active: tuple[bool, bool] = (True, True)) -> Array:
+    """The forward-mode tangent of the output, linear in ``(tx, tw)``."""
+    if problem.op.rewrite is not None:
+        forward_mode.check_forward_mode(problem.op)
+        return jax.jvp(functools.partial(products.rewritten, problem), (x, w), (tx, tw))[1]
+    return forward_mode.tangent(problem, _config(problem, x, w), x, w, y, tx, tw, active)
+
+
+def describe(problem: Problem) -> tuple[str, ...]:
+    """The path this engine takes for `problem` (one line, for `jaxconv.explain`)."""
+    op = problem.op
+    caps = algebra.capabilities(op)
+    if op.rewrite is not None:
+        return ("a rewrite into standard lax products",)
+    if caps.separable == "mul":
+        return ("one standard lax convolution (a multiply-and-add)",)
+    if caps.log_semiring:
+        return ("the log-semiring in exp space (one lax convolution)",)
+    if caps.reduce in ("max", "min"):
+        return ("blocked products, the winner backward pass",)
+    if caps.reduce == "custom":
+        return ("a generic fold of the callable reduce, tap by tap (slow path: not recognised "
+                "as sum, prod, max, min or logsumexp)",)
+    return (f"blocked products under {caps.reduce!r}",)
+
+
+class XlaEngine(registry.Engine):
+    """The XLA engine on the core's protocol: serves every problem on every platform, in
+    plain JAX code (which JAX can differentiate: the core's second-order rules use it)."""
+
+    name = "xla"
+
+    def refusal(self, problem: Problem, dtype: Any, platform: str | None) -> str | None:
+        del problem, dtype, platform
+        return None
+
+    def forward(self, problem: Problem, x: Array, w: Array) -> Array:
+        return forward(problem, x, w)
+
+    def backward(self, problem: Problem, x: Array, w: Array, y: Array, g: Array,
+                 need: tuple[bool, bool] = (True, True)) -> tuple[Array, Array]:
+        return backward(problem, x, w, y, g, need)
+
+    def tangent(self, problem: Problem, x: Array, w: Array, y: Array, tx: Array, tw: Array,
+                active: tuple[bool, bool] = (True, True)) -> Array:
+        return tangent(problem, x, w, y, tx, tw, active)
+
+    def describe(self, problem: Problem, dtype: Any) -> tuple[str, ...]:
+        del dtype
+        return describe(problem)
+
+
+ENGINE = XlaEngine()
+registry.register(ENGINE.name, lambda: ENGINE)

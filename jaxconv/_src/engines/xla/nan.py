@@ -1,0 +1,148 @@
+"""NaN restoration for max/min products (XLA CPU's max reductions drop NaN)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxconv._src.core import algebra, products
+from jaxconv._src.core.algebra import Op
+from jaxconv._src.engines import taps
+from jaxconv._src.engines.xla.common import Config, separable_kind
+from jaxconv._src.engines.xla.forward import _forward, _native_mul_forward
+
+Array = jax.Array
+
+
+def _value_flags(a: Array) -> Array:
+    """Which special values ``a`` holds, as the bits of one int32: ``+inf`` 1, ``-inf`` 2,
+    NaN 4, zero 8.
+
+    One max reduction of the four 0/1 indicators (a trailing axis of 4), weighted into bits
+    afterwards: a max partitions into an all-reduce every collective implements (an integer
+    bitwise-or reduction does not lower on CPU or NCCL collectives)."""
+    ind = jnp.stack([a == jnp.inf, a == -jnp.inf, jnp.isnan(a), a == 0],
+                    axis=-1).astype(jnp.int32)
+    seen = jnp.max(ind, axis=tuple(range(a.ndim)))
+    return jnp.sum(seen * jnp.asarray([1, 2, 4, 8], jnp.int32))
+
+
+def _nan_terms(op: Op, xs: Array, w: Array) -> tuple[Any, Array]:
+    """0/1 indicators of the products ``combine(x, w)`` that are NaN because of a
+    non-finite value: ``(indicators, needed)``.
+
+    ``indicators(xs, w)`` builds ``a`` over input cells ``(N, *S, G, J, I)`` and ``b`` over
+    kernel entries ``(*K, J, I, O)`` (``J`` terms, each one elementwise fusion): a product
+    is NaN exactly where some term ``j`` has ``a = b = 1``, the channels paired one to one.
+    The scalar ``needed`` says whether any product can be such a NaN (from one reduction
+    of each operand, `_value_flags`); the indicators are built only then.
+
+    ``combine_kind`` gives the IEEE rule (NaN in, NaN out; ``inf - inf``; ``0 * inf``); a
+    combine of unknown kind is evaluated at ``+-inf`` and NaN against every entry of the
+    other operand, so that its own rule applies (``masked_op``'s NaN-encoded absent taps are
+    not NaN products). Products of finite values are not examined.
+    """
+    kind = algebra.capabilities(op).combine
+    fx, fw = _value_flags(xs), _value_flags(w)
+
+    def has(f: Array, bit: int) -> Array:
+        return (f & bit) != 0
+
+    def stack(fs: list, a: Array, axis: int) -> Array:
+        return jnp.stack([jnp.broadcast_to(f(a), a.shape) for f in fs],
+                         axis=axis).astype(jnp.float32)
+
+    if kind in ("add", "min", "max", "mul"):
+        # NaN in, NaN out (against a term of ones), then the kind's pairs.
+        xf = [jnp.isnan, jnp.ones_like]
+        wf = [jnp.ones_like, jnp.isnan]
+        needed = has(fx, 4) | has(fw, 4)
+        if kind == "add":  # inf + -inf
+            xf += [lambda a: a == jnp.inf, lambda a: a == -jnp.inf]
+            wf += [lambda a: a == -jnp.inf, lambda a: a == jnp.inf]
+            needed |= (has(fx, 1) & has(fw, 2)) | (has(fx, 2) & has(fw, 1))
+        elif kind == "mul":  # 0 * inf
+            xf += [lambda a: a == 0, jnp.isinf]
+            wf += [jnp.isinf, lambda a: a == 0]
+            needed |= (has(fx, 8) & has(fw, 3)) | (has(fx, 3) & has(fw, 8))
+
+        def indicators(xs: Array, w: Array) -> tuple[Array, Array]:
+            return stack(xf, xs, -2), stack(wf, w, -3)
+
+        return indicators, needed
+
+    def indicators(xs: Array, w: Array) -> tuple[Array, Array]:
+        # For v in (+inf, -inf, NaN): (x is v, combine(v, w) is NaN) and (combine(x, v) is
+        # NaN, w is v), each side one combine of the operand broadcast against the values.
+        vals = jnp.asarray([jnp.inf, -jnp.inf, jnp.nan], xs.dtype)
+
+        def is_v(a: Array, v: Array) -> Array:
+            return jnp.where(jnp.isnan(v), jnp.isnan(a), a == v)
+
+        xb = jnp.broadcast_to(xs[..., None, :], (*xs.shape[:-1], 3, xs.shape[-1]))
+        vx = jnp.broadcast_to(vals[:, None], xb.shape)
+        wb = jnp.broadcast_to(w[..., None, :, :], (*w.shape[:-2], 3, *w.shape[-2:]))
+        vw = jnp.broadcast_to(vals[:, None, None].astype(w.dtype), wb.shape)
+        a = jnp.concatenate([is_v(xb, vx), jnp.isnan(op.combine(xb, vx))], axis=-2)
+        b = jnp.concatenate([jnp.isnan(op.combine(vw, wb)), is_v(wb, vw)], axis=-3)
+        return a.astype(jnp.float32), b.astype(jnp.float32)
+
+    return indicators, has(fx, 7) | has(fw, 7)
+
+
+def _nan_outputs(cfg: Config, x: Array, w: Array) -> Array:
+    """Which outputs ``(N, P, G, Og)`` have a NaN product involving a non-finite value.
+
+    XLA CPU's vectorised max/min reductions drop NaN, so the engine restores it from one
+    native sum-convolution of the 0/1 indicators of `_nan_terms`, inside a ``while_loop``
+    that runs it once where the operands hold the values it needs (a NaN, or ``+inf`` and
+    ``-inf`` for ``x + w``, ...) and else not at all: finite operands cost two reductions.
+    That loop body is the only code compiled for it, and under ``vmap`` the primitive folds
+    the mapped axis into the batch, so its predicate stays one scalar.
+    """
+    op, geom = cfg.op, cfg.geom
+    g = geom.groups
+    n = x.shape[0]
+    # With a pad value the padded cells are products and their indicators count; with
+    # identity padding the indicator images are padded with 0.
+    xs = x if op.pad_value is None else taps.pad_input(x, op, geom)
+    xs = xs.reshape(*xs.shape[:-1], g, xs.shape[-1] // g)
+    indicators, needed = _nan_terms(op, xs, w)
+
+    def count(xs: Array, w: Array) -> Array:
+        lhs, rhs = indicators(xs, w)
+        lhs = lhs.reshape(*lhs.shape[:-3], -1)
+        rhs = rhs.reshape(*rhs.shape[:-3], -1, rhs.shape[-1])
+        if op.pad_value is None:
+            lhs = lax.pad(lhs, jnp.asarray(0, lhs.dtype), geom.pad_config)
+        return products.padded(lhs, rhs, geom, jnp.float32)
+
+    def body(carry: tuple[Array, Array]) -> tuple[Array, Array]:
+        # ``+ 0.0 * i`` (not simplified in floating point) keeps the indicators inside
+        # the loop: XLA hoists loop-invariant code out of it.
+        z = carry[0].astype(xs.dtype) * jnp.asarray(0, xs.dtype)
+        return carry[0] + 1, carry[1] + count(xs + z, w + z.astype(w.dtype))
+
+    total = jnp.zeros((n, *geom.out_spatial, w.shape[-1]), jnp.float32)
+    _, total = lax.while_loop(lambda c: (c[0] == 0) & needed, body, (jnp.int32(0), total))
+    return total.reshape(n, max(1, math.prod(geom.out_spatial)), g, -1) > 0
+
+
+def _forward_dispatch(cfg: Config, x: Array, w: Array) -> Array:
+    """The forward pass of a sum, max, min or logsumexp product (no branch on the values).
+
+    Max/min: XLA CPU's vectorised reductions drop NaN, so the outputs with a NaN product
+    are set to NaN from `_nan_outputs`. The padding is masked statically.
+    """
+    op = cfg.op
+    floating = jnp.issubdtype(x.dtype, jnp.floating)
+    if floating and separable_kind(op) == "mul":
+        return _native_mul_forward(cfg, x, w)
+    y = _forward(cfg, x, w)
+    if op.reduce in ("max", "min") and floating:
+        y = jnp.where(_nan_outputs(cfg, x, w), jnp.asarray(jnp.nan, y.dtype), y)
+    return y
