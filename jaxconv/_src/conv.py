@@ -18,10 +18,6 @@ from jaxconv._src.core.ops import resolve, standard
 Array = jax.Array
 
 
-def _is_standard(op: Op) -> bool:
-    return op is standard or op == standard
-
-
 def _with_out_sharding(y: Array, out_sharding: Any) -> Array:
     if out_sharding is None:
         return y
@@ -36,7 +32,7 @@ def _common_options(
     engine = validation.engine_name(engine)
     mbb = validation.max_block_bytes(max_block_bytes)
     preferred_element_type = validation.preferred_element_type(
-        preferred_element_type, lhs, rhs, generic=not _is_standard(op))
+        preferred_element_type, lhs, rhs, generic=not op.lax_product)
     validation.precision(precision)
     return engine, mbb, preferred_element_type
 
@@ -157,12 +153,12 @@ def conv_general_dilated(
             f"channels of `lhs` ({c_in}); lhs.shape={lhs.shape}, rhs.shape={rhs.shape}. "
             f"{layout}"
         )
-    if bgroups != 1 and not _is_standard(op):
+    if bgroups != 1 and not op.lax_product:
         raise ValueError(
             f"`batch_group_count`={bgroups} is supported only for ops.standard (lax); op "
             f"{op.display_name!r} needs batch_group_count=1."
         )
-    if _is_standard(op):
+    if op.lax_product:
         return lax.conv_general_dilated(
             lhs, rhs, strides, pad, lhs_dil, rhs_dil, dn, groups, bgroups, precision,
             preferred_element_type, out_sharding=out_sharding)
@@ -252,7 +248,7 @@ def dot_general(
     engine, mbb, preferred_element_type = _common_options(
         op, lhs, rhs, engine, max_block_bytes, preferred_element_type, precision)
     dnums = ((lc, rc), (lb, rb))
-    if _is_standard(op):
+    if op.lax_product:
         return lax.dot_general(lhs, rhs, dnums, precision, preferred_element_type,
                                out_sharding=out_sharding)
     validation.check_op(op, lhs, rhs)

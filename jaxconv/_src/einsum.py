@@ -178,7 +178,7 @@ def einsum(
         raise ValueError("einsum needs at least one operand.")
     arrays = [validation.as_array(f"operands[{i}]", a) for i, a in enumerate(operands)]
     arrays = [jnp.asarray(a) for a in arrays]
-    if op is standard or op == standard:
+    if op.lax_product:
         return jnp.einsum(subscripts, *arrays, optimize=optimize, precision=precision,
                           preferred_element_type=preferred_element_type)
     try:

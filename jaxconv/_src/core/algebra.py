@@ -74,6 +74,16 @@ class Op:
       binary: whether ``combine`` is ``sign(x) * sign(w)`` (sign(0) = +1), so that a layer
         with this op under ``sum`` can be packed to one bit per weight (`jaxconv.packed`);
         declared by ``xnor`` (and kept by ``xnor.replace(...)``).
+      lax_product: whether this op is exactly lax's multiply-and-add (``x * w``, ``sum``,
+        zero padding) and is computed by calling lax itself (``lax.conv_general_dilated``,
+        ``lax.dot_general``, ``jnp.einsum``: lax's numbers and gradients,
+        ``batch_group_count`` allowed, layers' masks multiply the kernel). Declared by
+        ``standard``; ``replace`` keeps it while ``combine``, ``reduce``, ``identity``,
+        ``pad_value``, ``rewrite`` and ``post`` stay the same (so
+        ``standard.replace(name="mine")`` still calls lax) and drops it when one of them
+        changes. An op that does not declare it, ``Op(jnp.multiply, "sum")`` included, runs
+        on the engines (whose result must equal lax's); it is never inferred. Requires
+        ``reduce="sum"`` and no ``identity``, ``pad_value``, ``rewrite`` or ``post``.
 
     Ops are immutable and hashable, so they can be static arguments of ``jax.jit``.
 
@@ -102,6 +112,7 @@ class Op:
     forward_mode: bool | None = None
     semiring: bool | None = None
     binary: bool = False
+    lax_product: bool = False
 
     def __post_init__(self) -> None:
         if not callable(self.combine):
@@ -136,6 +147,15 @@ class Op:
             raise TypeError("Op: `post` must be callable or None.")
         if self.name is not None and not isinstance(self.name, str):
             raise TypeError(f"Op: `name` must be a string or None, got {self.name!r}.")
+        if not isinstance(self.lax_product, bool):
+            raise TypeError(f"Op: `lax_product` must be a bool, got {self.lax_product!r}.")
+        if self.lax_product and (
+                self.reduce != "sum" or any(getattr(self, f) is not None for f in _LAX_FIXED)):
+            raise ValueError(
+                "Op: `lax_product=True` declares lax's multiply-and-add, which needs "
+                "reduce='sum' and identity, pad_value, rewrite and post all None; got "
+                f"reduce={self.reduce!r}, "
+                + ", ".join(f"{f}={getattr(self, f)!r}" for f in _LAX_FIXED) + ".")
 
     def __repr__(self) -> str:
         red = self.reduce if isinstance(self.reduce, str) else getattr(
@@ -166,8 +186,33 @@ class Op:
         return self.reduce if isinstance(self.reduce, str) else "custom"
 
     def replace(self, **changes: Any) -> Op:
-        """Returns a copy with some fields changed (``dataclasses.replace``)."""
+        """Returns a copy with some fields changed (``dataclasses.replace``).
+
+        Declared fields are kept, except ``lax_product``, which is dropped (unless given)
+        when the change touches the math it vouches for: ``combine``, ``reduce``,
+        ``identity``, ``pad_value``, ``rewrite`` or ``post``.
+
+        Example:
+          >>> import jaxconv
+          >>> jaxconv.ops.standard.replace(name="mine").lax_product
+          True
+          >>> jaxconv.ops.standard.replace(pad_value=1.0).lax_product
+          False
+        """
+        if self.lax_product and "lax_product" not in changes and any(
+                f in changes and not _same(changes[f], getattr(self, f)) for f in _LAX_MATH):
+            changes["lax_product"] = False
         return dataclasses.replace(self, **changes)
+
+
+# The fields that `Op.lax_product` vouches for, and those it requires to be None.
+_LAX_MATH = ("combine", "reduce", "identity", "pad_value", "rewrite", "post")
+_LAX_FIXED = ("identity", "pad_value", "rewrite", "post")
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Whether a field's new value is its old one (the same object, or an equal plain value)."""
+    return a is b or (type(a) is type(b) and isinstance(a, (str, int, float)) and a == b)
 
 
 def _callable_name(fn: Any) -> str:

@@ -18,6 +18,7 @@ def _multiply(x, w):
 
 standard = Op(
     _multiply, "sum", name="standard", semiring=True, combine_kind="mul", forward_mode=True,
+    lax_product=True,
     doc="""Multiply-and-add. ``combine = x*w``, ``reduce = sum``, zero padding.
 
     Runs ``lax.conv_general_dilated`` / ``lax.dot_general`` itself (same numbers, same

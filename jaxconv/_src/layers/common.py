@@ -33,17 +33,12 @@ from jax import lax
 from jaxconv._src import conv as _conv
 from jaxconv._src import quantizers as _quantizers
 from jaxconv._src.core.algebra import Op, identity_value
-from jaxconv._src.core.ops import resolve, standard
+from jaxconv._src.core.ops import resolve
 
 Array = jax.Array
 
 PadPairs = list[tuple[int, int]]
 Promote = Callable[[Array, Array, Array | None], tuple[Array, Array, Array | None]]
-
-
-def is_standard(op: Op) -> bool:
-    """Whether ``op`` is the multiply-and-add product (computed by lax)."""
-    return op is standard or op == standard
 
 
 def kernel_size_tuple(kernel_size: int | Sequence[int]) -> tuple[int, ...]:
@@ -401,7 +396,7 @@ def conv_apply(
     x, kernel, bias = promote(x, kernel, bias)
     x, kernel = quantize(x, kernel, input_quantizer, kernel_quantizer)
 
-    multiply = hook is not None or is_standard(op)
+    multiply = hook is not None or op.lax_product
     nan_channels = None
     if mask is not None and not multiply:
         if not jnp.issubdtype(kernel.dtype, jnp.inexact):
@@ -466,7 +461,7 @@ def check_hook(name: str, hook: Any, op: Op) -> None:
         return
     if not callable(hook):
         raise TypeError(f"`{name}` must be a callable with lax's signature or None, got {hook!r}.")
-    if not is_standard(op):
+    if not op.lax_product:
         raise ValueError(
             f"pass either `op=` (got {op.display_name!r}) or a `{name}` hook, not both; a hook is "
             f"called instead of jaxconv (bind the op into it with functools.partial)."

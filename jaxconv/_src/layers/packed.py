@@ -43,7 +43,6 @@ import jax.numpy as jnp
 from flax import nnx as _nnx
 
 from jaxconv._src import quantizers as _q
-from jaxconv._src.core.ops import standard
 from jaxconv._src.layers import common as _m
 from jaxconv._src.layers import nnx as _jnnx
 from jaxconv._src.packed import (
@@ -90,7 +89,7 @@ def _binary_pad_value(layer: Any) -> float | None:
     quant_ok = all(q is None or _is_sign(q) for q in (qi, qk))
     if op.binary and op.reduce == "sum" and op.post is None and quant_ok:
         return op.pad_value
-    if (op is standard or op == standard) and qi is not None and qk is not None and quant_ok:
+    if op.lax_product and qi is not None and qk is not None and quant_ok:
         return None  # sign(x) * sign(w) with zero padding: padded taps contribute 0
     raise ValueError(
         f"{type(layer).__name__} is not a binary XNOR layer: op {op.display_name!r}, "

@@ -79,7 +79,7 @@ def _transpose_apply(
                 "through its `post` function; use another padding.")
         pad = "VALID"
     x, kernel, bias = promote(x, kernel, bias)
-    kernel, conv_op = _m.mask_kernel(kernel, mask, op, multiply=_m.is_standard(op))
+    kernel, conv_op = _m.mask_kernel(kernel, mask, op, multiply=op.lax_product)
     y = conv_transpose(x, kernel, strides_t, pad, rhs_dilation=k_dil,
                        transpose_kernel=transpose_kernel, precision=precision,
                        preferred_element_type=preferred_element_type, op=conv_op,
