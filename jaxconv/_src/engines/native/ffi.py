@@ -19,14 +19,18 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxconv._src.core.algebra import Op
+from jaxconv._src.core.geometry import Geometry
 from jaxconv._src.engines.native import translation
+
+if TYPE_CHECKING:  # user_kernels is imported when an op is compiled
+    from jaxconv._src.engines.native.user_kernels import Kernel
 
 Array = jax.Array
 
@@ -115,16 +119,16 @@ def kernel_id(op: Op) -> int | None:
     return entry[0]
 
 
-_built: dict[Op, Any] = {}
+_built: dict[Op, Kernel | translation.Refusal] = {}
 
 
-def built(op: Op) -> Any:
+def built(op: Op) -> Kernel | translation.Refusal | None:
     """What compiling ``op``'s kernels gave (a kernel or a `Refusal`), ``None`` if not yet
     tried: read by the eligibility decision, which never compiles."""
     return _built.get(op)
 
 
-def user_kernel(op: Op) -> Any:
+def user_kernel(op: Op) -> Kernel | translation.Refusal:
     """The compiled kernels of a user op, or why it has none (compiled once per op).
 
     Args:
@@ -175,7 +179,7 @@ class _Call:
         return tuple(self.geom[at:at + 3])
 
 
-def _call_spec(op: Op, geom: Any, x_shape: tuple[int, ...], w_shape: tuple[int, ...]) -> _Call:
+def _call_spec(op: Op, geom: Geometry, x_shape: tuple[int, ...], w_shape: tuple[int, ...]) -> _Call:
     nsd = len(geom.window)
     lead = 3 - nsd
 

@@ -22,16 +22,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from jaxconv._src.core import algebra
 from jaxconv._src.core.algebra import Op
+from jaxconv._src.core.geometry import Geometry
+from jaxconv._src.core.problem import Problem
 from jaxconv._src.engines import taps
 from jaxconv._src.engines.xla import winner
+from jaxconv._src.engines.xla.common import Config
 
 Array = jax.Array
 
@@ -74,7 +77,7 @@ class _Plain:
         return self.cfg.op.combine(jnp.broadcast_to(xs[:, :, :, None, :], shape),
                                    jnp.broadcast_to(wk[None, None], shape))
 
-    def in_bounds(self, m: Any) -> Array | None:
+    def in_bounds(self, m: np.ndarray | None) -> Array | None:
         if m is None or m.all():
             return None
         return jnp.asarray(m.reshape(1, self.p, 1, 1, 1))
@@ -130,12 +133,12 @@ class _Plain:
 @dataclasses.dataclass(frozen=True)
 class _Cfg:
     op: Op
-    geom: Any
-    acc_dtype: Any
+    geom: Geometry
+    acc_dtype: np.dtype
     block: int
 
 
-def tangent(problem: Any, cfg: Any, x: Array, w: Array, y: Array, tx: Array, tw: Array,
+def tangent(problem: Problem, cfg: Config, x: Array, w: Array, y: Array, tx: Array, tw: Array,
             active: tuple[bool, bool]) -> Array:
     """The tangent of the product's output `(N, *out_spatial, O)`, linear in `(tx, tw)`.
 
