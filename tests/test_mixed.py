@@ -96,3 +96,32 @@ def test_nnx_multi_op_conv():
                               ops=("max_plus", "min_plus"), split=(2, 2))
     want = want + layer.bias[...].reshape(1, 1, 1, -1)
     np.testing.assert_allclose(layer(x), want, rtol=1e-6)
+
+
+_ERODE = jaxconv.ops.min_plus.replace(name="erosion")
+_USER_MAX_MIN = jaxconv.Op(lambda x, w: jnp.minimum(x, w), "max", name="user_max_min")
+
+
+@pytest.mark.parametrize("ops,ref,passes", [
+    ((jaxconv.ops.max_plus, _ERODE), ("max_plus", "min_plus"), 1),  # renamed built-in
+    ((_USER_MAX_MIN, "min_max"), ("max_min", "min_max"), 1),        # user op, inferred
+    ((_ERODE, jaxconv.Op(lambda x, w: x + w, "max")), ("min_plus", "max_plus"), 1),
+    (("max_plus", jaxconv.ops.min_plus.replace(pad_value=0.0)), ("max_plus", None), 2),
+    (("max_plus", jaxconv.Op(lambda x, w: x - w, "min")), ("max_plus", None), 2),
+])
+def test_dual_pairs_are_recognised_by_what_ops_compute(ops, ref, passes):
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((2, 5, 4, 3)).astype(np.float32)
+    w = rng.standard_normal((3, 2, 3, 4)).astype(np.float32)
+
+    def multi(x, w):
+        return jaxconv.conv_multi(x, w, (1, 1), "SAME", dimension_numbers=DN, ops=ops,
+                                  split=(2, 2))
+
+    jaxpr = jax.make_jaxpr(multi)(x, w)
+    assert sum(e.primitive.name == "jaxconv_conv" for e in jaxpr.eqns) == passes
+    y = multi(x, w)
+    for j, name in enumerate(ref):
+        if name is not None:
+            want = _ref_slice(x, w[..., 2 * j:2 * j + 2], name)
+            np.testing.assert_allclose(y[..., 2 * j:2 * j + 2], want, rtol=1e-5, atol=1e-5)

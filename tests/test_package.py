@@ -111,8 +111,8 @@ def _builtin_op_comparisons(source: str, builtins: set[str], *, defines: bool = 
                             ) -> list[str]:
     """The comparisons (``is``, ``==``, ``in``, ...) in ``source`` that recognise a built-in
     op: an operand that names one (imported from the ops module, reached through it, or,
-    with ``defines``, defined in ``source`` itself), or a name attribute compared with a
-    built-in's name."""
+    with ``defines``, defined in ``source`` itself), a name attribute compared with a
+    built-in's name, or a table keyed by built-in ops."""
     import ast
 
     tree = ast.parse(source)
@@ -142,9 +142,11 @@ def _builtin_op_comparisons(source: str, builtins: set[str], *, defines: bool = 
 
     return sorted(
         (f"line {node.lineno}: {ast.unparse(node)}" for node in ast.walk(tree)
-         if isinstance(node, ast.Compare) and (
+         if (isinstance(node, ast.Compare) and (
              any(builtin(e) for e in (node.left, *node.comparators))
-             or by_name([node.left, *node.comparators]))),
+             or by_name([node.left, *node.comparators])))
+         or (isinstance(node, ast.Dict) and any(k is not None and builtin(k)
+                                                for k in node.keys))),
         key=lambda f: int(f.split(":")[0].split()[1]))
 
 
@@ -156,10 +158,11 @@ def test_no_op_is_recognised_by_comparison_with_a_builtin() -> None:
     sample = ("from jaxconv._src.core.ops import standard as s, xnor\n"
               "from jaxconv._src.core import ops as o\nimport jaxconv\n"
               "a = op is s or op == o.standard\nb = op in (xnor,)\n"
-              "c = op != jaxconv.ops.adder\nd = op.name == 'xnor' or op.reduce == 'sum'\n")
+              "c = op != jaxconv.ops.adder\nd = op.name == 'xnor' or op.reduce == 'sum'\n"
+              "e = {o.l1: 1}\n")
     found = _builtin_op_comparisons(sample, builtins)
     assert [f.split(":")[0] for f in found] == ["line 4", "line 4", "line 5", "line 6",
-                                                "line 7"], found
+                                                "line 7", "line 8"], found
 
     src = pathlib.Path(jaxconv.__file__).parent
     bad = {}

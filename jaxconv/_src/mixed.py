@@ -10,6 +10,10 @@ Dual pairs run in a single pass of the engine: ``min_plus(x, w) = -max_plus(-x, 
 convolution of ``[x, -x]`` (channels concatenated) with two feature groups -- one pass over
 the taps computing both slices, instead of two convolutions. Every other combination is the
 concatenation of one convolution per slice (the same numbers, documented as such).
+A pair is recognised from what its ops declare or are inferred to compute (`combine` the
+same primitive ``x + w``, or ``min(x, w)`` against ``max(x, w)``; reduces max and min;
+identity padding, no ``post`` or ``rewrite``), never by name, so user ops and renamed
+built-ins pair too.
 """
 
 from __future__ import annotations
@@ -22,22 +26,34 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxconv._src.conv import conv_general_dilated
-from jaxconv._src.core import validation
+from jaxconv._src.core import algebra, validation
 from jaxconv._src.core.algebra import Op
-from jaxconv._src.core.ops import max_min, max_plus, min_max, min_plus, resolve
+from jaxconv._src.core.ops import resolve
 
 Array = jax.Array
 
-# op -> (the op it is computed with on negated operands, ...): b(x, w) = -a(-x, -w).
-_DUALS = {min_plus: max_plus, min_max: max_min}
+# (combine, reduce) of a max side -> that of its min side, b(x, w) = -a(-x, -w): negating
+# both operands negates x + w and swaps min(x, w) with max(x, w).
+_NEGATED = {("add", "max"): ("add", "min"), ("min", "max"): ("max", "min")}
 
 
-def _dual_base(op: Op) -> tuple[Op, bool]:
-    """``(base, negated)``: ``op(x, w) == -base(-x, -w)`` when ``negated``."""
-    for dual, base in _DUALS.items():
-        if op == dual:
-            return base, True
-    return op, False
+def _dual_sides(a: Op, b: Op) -> tuple[bool, bool] | None:
+    """``(negated_a, negated_b)`` when one op is the other on negated operands, negated
+    (``b(x, w) == -a(-x, -w)``: the max side is computed, the min side negated), else
+    ``None``."""
+    kinds = []
+    for op in (a, b):
+        caps = algebra.capabilities(op)
+        plain = caps.canonical
+        if (plain.pad_value is not None or plain.identity is not None or plain.post is not None
+                or plain.rewrite is not None):
+            return None
+        kinds.append((caps.combine, caps.reduce))
+    if _NEGATED.get(kinds[0]) == kinds[1]:
+        return False, True
+    if _NEGATED.get(kinds[1]) == kinds[0]:
+        return True, False
+    return None
 
 
 def conv_multi(
@@ -148,10 +164,10 @@ def conv_multi(
 
     if len(pieces) == 2:
         (a, na), (b, nb) = pieces
-        base_a, neg_a = _dual_base(a)
-        base_b, neg_b = _dual_base(b)
-        dual = (base_a == base_b and neg_a != neg_b and a.pad_value is None
-                and b.pad_value is None and jnp.issubdtype(lhs.dtype, jnp.floating))
+        sides = _dual_sides(a, b) if jnp.issubdtype(lhs.dtype, jnp.floating) else None
+        dual = sides is not None
+        neg_a, neg_b = sides or (False, False)
+        base = b if neg_a else a  # the max side, computed on [x, -x]
         sa, sb = (-1 if neg_a else 1), (-1 if neg_b else 1)
         ka = lax.slice_in_dim(rhs, 0, na, axis=o_axis) * sa
         kb = lax.slice_in_dim(rhs, na, na + nb, axis=o_axis) * sb
@@ -162,10 +178,10 @@ def conv_multi(
             split_c = (na // og) * (lhs.shape[c_axis] // groups)
             xa = lax.slice_in_dim(lhs, 0, split_c, axis=c_axis) * sa
             xb = lax.slice_in_dim(lhs, split_c, lhs.shape[c_axis], axis=c_axis) * sb
-            y = run(base_a, jnp.concatenate([xa, xb], axis=c_axis), k2, groups)
+            y = run(base, jnp.concatenate([xa, xb], axis=c_axis), k2, groups)
         elif dual and na == nb:
             # One pass over [s_a x, s_b x] with two groups (slice a reads the first half).
-            y = run(base_a, jnp.concatenate([lhs * sa, lhs * sb], axis=c_axis), k2, 2)
+            y = run(base, jnp.concatenate([lhs * sa, lhs * sb], axis=c_axis), k2, 2)
         else:
             y = None
         if y is not None:
