@@ -16,6 +16,10 @@
 #include <thread>
 #include <unordered_map>
 
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#endif
+
 #include "problem.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -83,6 +87,37 @@ int run_kernels(const jaxconv::Call& call, bool backward) {
   return fn ? fn(&call, backward ? 1 : 0) : 3;
 }
 
+// Denormal inputs read as zero and denormal results flush to zero (both keeping their sign),
+// on every thread a call runs on: XLA's CPU runtime does the same, and the engines must agree
+// (DESIGN.md, "Engines agree"). Restores the caller's mode on exit.
+class FlushDenormals {
+ public:
+  FlushDenormals() {
+#if defined(__x86_64__) || defined(_M_X64)
+    saved_ = _mm_getcsr();
+    _mm_setcsr(saved_ | 0x8040u);  // FTZ (bit 15) | DAZ (bit 6)
+#elif defined(__aarch64__)
+    uint64_t fpcr;
+    __asm__ __volatile__("mrs %0, fpcr" : "=r"(fpcr));
+    saved_ = fpcr;
+    fpcr |= uint64_t(1) << 24;  // FZ
+    __asm__ __volatile__("msr fpcr, %0" : : "r"(fpcr));
+#endif
+  }
+  ~FlushDenormals() {
+#if defined(__x86_64__) || defined(_M_X64)
+    _mm_setcsr(static_cast<unsigned>(saved_));
+#elif defined(__aarch64__)
+    __asm__ __volatile__("msr fpcr, %0" : : "r"(saved_));
+#endif
+  }
+  FlushDenormals(const FlushDenormals&) = delete;
+  FlushDenormals& operator=(const FlushDenormals&) = delete;
+
+ private:
+  uint64_t saved_ = 0;
+};
+
 // JAXCONV_NATIVE_THREADS=k caps the threads a call uses (results never depend on it).
 int64_t thread_cap() {
   static const int64_t cap = [] {
@@ -101,6 +136,7 @@ struct Shared {
 };
 
 void work(Shared& s) {
+  FlushDenormals flush;
   for (int64_t i; (i = s.next.fetch_add(1, std::memory_order_relaxed)) < s.n;) {
     s.fn(s.arg, i);
     s.done.fetch_add(1, std::memory_order_release);
@@ -153,9 +189,13 @@ ffi::Error decode(ffi::Span<const int64_t> gv, float pad, int64_t op, jaxconv::G
   return ffi::Error::Success();
 }
 
-int64_t batch_of(const jaxconv::Geom& g, size_t x_elems) {
-  const int64_t per = g.n * g.sp[0] * g.sp[1] * g.sp[2] * g.c;
-  return per > 0 ? int64_t(x_elems) / per : 0;
+// The leading (vmap) batch: the dimensions in front of x's canonical five (N, D, H, W, C).
+// Read from the shape, not divided out of the element count: an input with an empty
+// spatial dimension (every window padding) still has a batch.
+int64_t batch_of(ffi::Span<const int64_t> dims) {
+  int64_t b = 1;
+  for (size_t d = 0; d + 5 < dims.size(); ++d) b *= dims[d];
+  return b;
 }
 
 ffi::Error finish(int rc) {
@@ -173,11 +213,12 @@ ffi::Error forward_impl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
   jaxconv::Call call{};
   if (auto e = decode(geom, pad, op, call.geom); e.failure()) return e;
   call.op = op;
-  call.batch = batch_of(call.geom, x.element_count());
+  call.batch = batch_of(x.dimensions());
   call.x = x.typed_data();
   call.w = w.typed_data();
   call.out = y->typed_data();
   call.par = {run_parallel, &pool};
+  FlushDenormals flush;
   return finish(run_kernels(call, false));
 }
 
@@ -189,7 +230,7 @@ ffi::Error backward_impl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
   jaxconv::Call call{};
   if (auto e = decode(geom, pad, op, call.geom); e.failure()) return e;
   call.op = op;
-  call.batch = batch_of(call.geom, x.element_count());
+  call.batch = batch_of(x.dimensions());
   call.x = x.typed_data();
   call.w = w.typed_data();
   call.y = y.typed_data();
@@ -200,6 +241,7 @@ ffi::Error backward_impl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
   std::memset(call.out, 0, sizeof(float) * dx->element_count());
   std::memset(call.out2, 0, sizeof(float) * dw->element_count());
   call.par = {run_parallel, &pool};
+  FlushDenormals flush;
   return finish(run_kernels(call, true));
 }
 
