@@ -676,3 +676,12 @@ def test_denormals_read_as_zero_on_every_path(name, path):
     ref = _reference(name, flush(x).astype(np.float64), flush(w).astype(np.float64), kw)
     np.testing.assert_array_equal(finite, flush(ref.astype(np.float32)))
     assert not (np.abs(finite[finite != 0]) < np.finfo(np.float32).tiny).any()
+
+
+def test_kernel_table_is_the_librarys_own_list():
+    """The op list is defined once in C++ (csrc/problem.h) and the Python table equals it."""
+    from jaxconv import _native
+
+    built = {name: (int(kid), str(red)) for name, (kid, red) in _native.kernels().items()}
+    assert built == native.KERNELS
+    assert sorted(kid for kid, _ in built.values()) == list(range(len(built)))
