@@ -687,5 +687,5 @@ def test_kernel_table_is_the_librarys_own_list():
     from jaxconv import _native
 
     built = {name: (int(kid), str(red)) for name, (kid, red) in _native.kernels().items()}
-    assert built == native.KERNELS
+    assert built == ffi.KERNELS
     assert sorted(kid for kid, _ in built.values()) == list(range(len(built)))
