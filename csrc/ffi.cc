@@ -16,6 +16,10 @@
 #include <thread>
 #include <unordered_map>
 
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#endif
+
 #include "problem.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -83,6 +87,37 @@ int run_kernels(const jaxconv::Call& call, bool backward) {
   return fn ? fn(&call, backward ? 1 : 0) : 3;
 }
 
+// Denormal inputs read as zero and denormal results flush to zero (both keeping their sign),
+// on every thread a call runs on: XLA's CPU runtime does the same, and the engines must agree
+// (DESIGN.md, "Engines agree"). Restores the caller's mode on exit.
+class FlushDenormals {
+ public:
+  FlushDenormals() {
+#if defined(__x86_64__) || defined(_M_X64)
+    saved_ = _mm_getcsr();
+    _mm_setcsr(saved_ | 0x8040u);  // FTZ (bit 15) | DAZ (bit 6)
+#elif defined(__aarch64__)
+    uint64_t fpcr;
+    __asm__ __volatile__("mrs %0, fpcr" : "=r"(fpcr));
+    saved_ = fpcr;
+    fpcr |= uint64_t(1) << 24;  // FZ
+    __asm__ __volatile__("msr fpcr, %0" : : "r"(fpcr));
+#endif
+  }
+  ~FlushDenormals() {
+#if defined(__x86_64__) || defined(_M_X64)
+    _mm_setcsr(static_cast<unsigned>(saved_));
+#elif defined(__aarch64__)
+    __asm__ __volatile__("msr fpcr, %0" : : "r"(saved_));
+#endif
+  }
+  FlushDenormals(const FlushDenormals&) = delete;
+  FlushDenormals& operator=(const FlushDenormals&) = delete;
+
+ private:
+  uint64_t saved_ = 0;
+};
+
 // JAXCONV_NATIVE_THREADS=k caps the threads a call uses (results never depend on it).
 int64_t thread_cap() {
   static const int64_t cap = [] {
@@ -101,6 +136,7 @@ struct Shared {
 };
 
 void work(Shared& s) {
+  FlushDenormals flush;
   for (int64_t i; (i = s.next.fetch_add(1, std::memory_order_relaxed)) < s.n;) {
     s.fn(s.arg, i);
     s.done.fetch_add(1, std::memory_order_release);
@@ -127,35 +163,60 @@ void run_parallel(void* ctx, int64_t n, void (*fn)(void*, int64_t), void* arg) {
   while (shared->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
 }
 
-constexpr int64_t kGeomLen = 27;
+// The geometry and the op cross the FFI as named attributes (jaxconv/_src/engines/native.py,
+// `_Call.attrs`), one list here: X(type, name). Spatial triples are int64 arrays (D, H, W).
+using Triple = ffi::Span<const int64_t>;
+// The struct decoder takes its members as a list with a leading one, hence op apart.
+#define JAXCONV_CALL_ATTRS_AFTER_OP(X)                                                     \
+  X(float, pad) X(int64_t, has_pad) X(int64_t, n) X(Triple, spatial) X(int64_t, c)          \
+  X(Triple, window) X(int64_t, i) X(int64_t, o) X(int64_t, groups) X(Triple, out_spatial)   \
+  X(Triple, strides) X(Triple, pad_lo) X(Triple, lhs_dilation) X(Triple, rhs_dilation)
+#define JAXCONV_CALL_ATTRS(X) X(int64_t, op) JAXCONV_CALL_ATTRS_AFTER_OP(X)
+#define JAXCONV_ATTR_FIELD(type, name) type name;
 
-ffi::Error decode(ffi::Span<const int64_t> gv, float pad, int64_t op, jaxconv::Geom& g) {
-  if (gv.size() != kGeomLen) return ffi::Error::InvalidArgument("jaxconv: bad geometry");
-  if (op < jaxconv::kMaxPlus || (op > jaxconv::kL2 && op < jaxconv::kUserBase))
+struct ForwardAttrs {
+  JAXCONV_CALL_ATTRS(JAXCONV_ATTR_FIELD)
+};
+struct BackwardAttrs {
+  JAXCONV_CALL_ATTRS(JAXCONV_ATTR_FIELD)
+  int64_t parts;  // bit 0 computes dx, bit 1 dw
+};
+#undef JAXCONV_ATTR_FIELD
+
+template <class A>
+ffi::Error decode(const A& a, jaxconv::Geom& g) {
+  if (a.op < 0 || (a.op >= jaxconv::kNumBuiltinOps && a.op < jaxconv::kUserBase))
     return ffi::Error::InvalidArgument("jaxconv: unknown native op id");
-  const int64_t* v = gv.begin();
-  g.n = v[0];
-  for (int d = 0; d < 3; ++d) g.sp[d] = v[1 + d];
-  g.c = v[4];
-  for (int d = 0; d < 3; ++d) g.k[d] = v[5 + d];
-  g.i = v[8];
-  g.o = v[9];
-  g.g = v[10];
+  const Triple* triples[] = {&a.spatial, &a.window, &a.out_spatial, &a.strides,
+                             &a.pad_lo, &a.lhs_dilation, &a.rhs_dilation};
+  for (const Triple* t : triples)
+    if (t->size() != 3) return ffi::Error::InvalidArgument("jaxconv: a spatial attribute is not 3 long");
+  g.n = a.n;
+  g.c = a.c;
+  g.i = a.i;
+  g.o = a.o;
+  g.g = a.groups;
   for (int d = 0; d < 3; ++d) {
-    g.os[d] = v[11 + d];
-    g.stride[d] = v[14 + d];
-    g.lo[d] = v[17 + d];
-    g.ld[d] = v[20 + d];
-    g.rd[d] = v[23 + d];
+    g.sp[d] = a.spatial[d];
+    g.k[d] = a.window[d];
+    g.os[d] = a.out_spatial[d];
+    g.stride[d] = a.strides[d];
+    g.lo[d] = a.pad_lo[d];
+    g.ld[d] = a.lhs_dilation[d];
+    g.rd[d] = a.rhs_dilation[d];
   }
-  g.has_pad = v[26];
-  g.pad = pad;
+  g.has_pad = a.has_pad;
+  g.pad = a.pad;
   return ffi::Error::Success();
 }
 
-int64_t batch_of(const jaxconv::Geom& g, size_t x_elems) {
-  const int64_t per = g.n * g.sp[0] * g.sp[1] * g.sp[2] * g.c;
-  return per > 0 ? int64_t(x_elems) / per : 0;
+// The leading (vmap) batch: the dimensions in front of x's canonical five (N, D, H, W, C).
+// Read from the shape, not divided out of the element count: an input with an empty
+// spatial dimension (every window padding) still has a batch.
+int64_t batch_of(ffi::Span<const int64_t> dims) {
+  int64_t b = 1;
+  for (size_t d = 0; d + 5 < dims.size(); ++d) b *= dims[d];
+  return b;
 }
 
 ffi::Error finish(int rc) {
@@ -168,51 +229,57 @@ ffi::Error finish(int rc) {
 }
 
 ffi::Error forward_impl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                        ffi::ResultBuffer<ffi::F32> y, ffi::Span<const int64_t> geom, float pad,
-                        int64_t op, ffi::ThreadPool pool) {
+                        ffi::ResultBuffer<ffi::F32> y, ForwardAttrs attrs, ffi::ThreadPool pool) {
   jaxconv::Call call{};
-  if (auto e = decode(geom, pad, op, call.geom); e.failure()) return e;
-  call.op = op;
-  call.batch = batch_of(call.geom, x.element_count());
+  if (auto e = decode(attrs, call.geom); e.failure()) return e;
+  call.op = attrs.op;
+  call.batch = batch_of(x.dimensions());
   call.x = x.typed_data();
   call.w = w.typed_data();
   call.out = y->typed_data();
   call.par = {run_parallel, &pool};
+  FlushDenormals flush;
   return finish(run_kernels(call, false));
 }
 
 ffi::Error backward_impl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                          ffi::Buffer<ffi::F32> y, ffi::Buffer<ffi::F32> g,
                          ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dw,
-                         ffi::Span<const int64_t> geom, float pad, int64_t op,
-                         int64_t parts, ffi::ThreadPool pool) {
+                         BackwardAttrs attrs, ffi::ThreadPool pool) {
   jaxconv::Call call{};
-  if (auto e = decode(geom, pad, op, call.geom); e.failure()) return e;
-  call.op = op;
-  call.batch = batch_of(call.geom, x.element_count());
+  if (auto e = decode(attrs, call.geom); e.failure()) return e;
+  call.op = attrs.op;
+  call.batch = batch_of(x.dimensions());
   call.x = x.typed_data();
   call.w = w.typed_data();
   call.y = y.typed_data();
   call.g = g.typed_data();
   call.out = dx->typed_data();
   call.out2 = dw->typed_data();
-  call.parts = parts;
+  call.parts = attrs.parts;
   std::memset(call.out, 0, sizeof(float) * dx->element_count());
   std::memset(call.out2, 0, sizeof(float) * dw->element_count());
   call.par = {run_parallel, &pool};
+  FlushDenormals flush;
   return finish(run_kernels(call, true));
 }
 
 }  // namespace
+
+#define JAXCONV_ATTR_MEMBER(type, name) , ::xla::ffi::StructMember<type>(#name)
+XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(ForwardAttrs, ::xla::ffi::StructMember<int64_t>("op")
+                                      JAXCONV_CALL_ATTRS_AFTER_OP(JAXCONV_ATTR_MEMBER));
+XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(BackwardAttrs, ::xla::ffi::StructMember<int64_t>("op")
+                                      JAXCONV_CALL_ATTRS_AFTER_OP(JAXCONV_ATTR_MEMBER),
+                                      ::xla::ffi::StructMember<int64_t>("parts"));
+#undef JAXCONV_ATTR_MEMBER
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxconvForward, forward_impl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<ffi::Span<const int64_t>>("geom")
-                                  .Attr<float>("pad")
-                                  .Attr<int64_t>("op")
+                                  .Attrs<ForwardAttrs>()
                                   .Ctx<ffi::ThreadPool>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxconvBackward, backward_impl,
@@ -223,10 +290,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxconvBackward, backward_impl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<ffi::Span<const int64_t>>("geom")
-                                  .Attr<float>("pad")
-                                  .Attr<int64_t>("op")
-                                  .Attr<int64_t>("parts")
+                                  .Attrs<BackwardAttrs>()
                                   .Ctx<ffi::ThreadPool>());
 
 NB_MODULE(_native, m) {
@@ -251,4 +315,15 @@ NB_MODULE(_native, m) {
       },
       "Registers `jaxconv_user_run` of a loaded user-op library under op id `op`.");
   m.def("user_base", []() { return jaxconv::kUserBase; });
+  m.def(
+      "kernels",
+      []() {
+        nb::dict d;
+#define JAXCONV_OP_ENTRY(e, functor, name, reduce) \
+  d[name] = nb::make_tuple(int64_t(jaxconv::e), reduce);
+        JAXCONV_BUILTIN_OPS(JAXCONV_OP_ENTRY)
+#undef JAXCONV_OP_ENTRY
+        return d;
+      },
+      "The built-in kernels: {name: (op id, reduce)}, from csrc/problem.h's one list.");
 }

@@ -13,7 +13,21 @@ struct Geom {
   float pad;        // the pad value when has_pad
 };
 
-enum OpId : int64_t { kMaxPlus = 0, kMinPlus, kMaxMin, kMinMax, kAdder, kL1, kL2 };
+// The built-in ops, listed once: X(enumerator, kernel functor, name, reduce). Their ids are
+// their positions. The kernel switch (kernels.inc), the FFI's range check and the table that
+// `jaxconv._native.kernels()` hands to Python (checked against native.KERNELS) expand it.
+#define JAXCONV_BUILTIN_OPS(X)             \
+  X(kMaxPlus, MaxPlus, "max_plus", "max")  \
+  X(kMinPlus, MinPlus, "min_plus", "min")  \
+  X(kMaxMin, MaxMin, "max_min", "max")     \
+  X(kMinMax, MinMax, "min_max", "min")     \
+  X(kAdder, Adder, "adder", "sum")         \
+  X(kL1, L1, "l1", "sum")                  \
+  X(kL2, L2, "l2_exact", "sum")
+
+#define JAXCONV_OP_ENUMERATOR(e, functor, name, reduce) e,
+enum OpId : int64_t { JAXCONV_BUILTIN_OPS(JAXCONV_OP_ENUMERATOR) kNumBuiltinOps };
+#undef JAXCONV_OP_ENUMERATOR
 
 // Op ids from kUserBase up name user ops compiled at run time (registered by key in ffi.cc).
 constexpr int64_t kUserBase = int64_t(1) << 40;

@@ -17,7 +17,7 @@ import pytest
 from reference import conv_reference
 
 import jaxconv
-from jaxconv._src.core import algebra
+from jaxconv._src.core import algebra, factoring
 
 
 def _stable_lae(a, b):
@@ -211,9 +211,9 @@ def _brute_force_windows(x, w, combine, reduce, pad_value):
 def test_operand_rules_are_factored_values_and_gradients(name, engine, pad_value):
     combine, np_combine, reduce = RULE_OPS[name]
     op = jaxconv.Op(combine, reduce, pad_value=pad_value)
-    form = algebra.factored_form(op, np.float32)
+    form = factoring.factored_form(op, np.float32)
     assert form is not None and form.lhs_map is not None
-    assert algebra.per_product_rule(op, np.float32) is None
+    assert factoring.per_product_rule(op, np.float32) is None
     rng = np.random.default_rng(1)
     x = (rng.standard_normal((2, 5, 4, 3)) * 1.5).astype(np.float32)
     w = (rng.standard_normal((3, 3, 3, 4)) * 1.5).astype(np.float32)
@@ -248,8 +248,8 @@ def test_factored_ste_xnor_is_one_standard_convolution():
 ])
 def test_rules_that_stay_per_product_are_explained(combine, why):
     op = jaxconv.Op(combine, "sum")
-    assert algebra.factored_form(op, np.float32) is None
-    assert why in algebra.per_product_rule(op, np.float32)
+    assert factoring.factored_form(op, np.float32) is None
+    assert why in factoring.per_product_rule(op, np.float32)
     plan = jaxconv.explain(op, platform="cpu")
     assert any(why in d and "slow" in d for d in plan.details)
 
@@ -261,7 +261,7 @@ def test_factored_custom_jvp_rule_in_forward_mode(name):
     combine = RULE_OPS["relu_times_max"][0]
     reduce = "max" if name == "relu_times_max" else "sum"
     op = jaxconv.Op(combine, reduce)
-    assert algebra.factored_form(op, np.float32) is not None
+    assert factoring.factored_form(op, np.float32) is not None
     rng = np.random.default_rng(4)
     x, tx = (jnp.asarray(rng.standard_normal((1, 4, 5, 3)), jnp.float32) for _ in range(2))
     w, tw = (jnp.asarray(rng.standard_normal((3, 3, 3, 2)), jnp.float32) for _ in range(2))

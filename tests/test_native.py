@@ -547,3 +547,145 @@ def test_benchmark_smoke(tmp_path):
         (a, b) for a in "ACE" for b in ("max_plus", "adder")}
     for r in data["results"]:
         assert r["fwd_ratio"] > 0 and r["fwd_bwd_ratio"] > 0 and r["compile_s"] > 0
+
+
+# --- adversarial numerics (issue 25): overflow in the min form, signed zeros, denormals ------
+
+
+@pytest.mark.parametrize("name,wrow,expected", [
+    ("adder", [3e38, 3e38, -3e38], [-3e38, -3e38, -3e38]),
+    ("l1", [1e38, 1e38, 1e38, -2e38], [-1e38, -1e38, -1e38, -2e38]),
+])
+def test_absolute_difference_sums_do_not_overflow_on_large_finite_data(name, wrow, expected):
+    """The min form's centring must not overflow where the direct sum does not."""
+    w = jnp.asarray([wrow], jnp.float32)
+    y = jaxconv.dot_general(jnp.zeros((1, 1), jnp.float32), w, (((1,), (0,)), ((), ())),
+                            op=name, engine="native")
+    np.testing.assert_array_equal(np.asarray(y), np.asarray([expected], np.float32))
+
+
+@pytest.mark.parametrize("name", ["adder", "l1"])
+@pytest.mark.parametrize("scale", [1e28, 1e36])
+def test_absolute_difference_sums_on_large_data_match_the_reference(name, scale):
+    x, w, kw = _case("2d_same", seed=11)
+    x, w = x * np.float32(scale), w * np.float32(scale)
+    y = np.asarray(_conv(name, "native", kw)(x, w))
+    ref = _reference(name, x.astype(np.float64), w.astype(np.float64), kw)
+    assert np.isfinite(y).all()
+    np.testing.assert_allclose(y, ref, rtol=2e-5, atol=0)
+
+
+def _key_extreme(vals: np.ndarray, axis: int, largest: bool) -> np.ndarray:
+    """max / min with -0 ordered below +0 (lax.max / lax.min), via order-preserving keys."""
+    b = np.ascontiguousarray(vals, np.float32).view(np.int32)
+    keys = b ^ ((b >> 31) & 0x7FFFFFFF)
+    k = keys.max(axis=axis) if largest else keys.min(axis=axis)
+    return (k ^ ((k >> 31) & 0x7FFFFFFF)).astype(np.int32).view(np.float32)
+
+
+def _signed_zero_reference(name, x, w):
+    """A VALID 1-D convolution (N, L, C) x (K, C, O) under the signed-zero rule."""
+    k = w.shape[0]
+    cols = np.stack([x[:, t:x.shape[1] - k + 1 + t, :] for t in range(k)], axis=2)
+    a, b = cols[..., None], w[None, None]  # (N, P, K, C, 1), (1, 1, K, C, O)
+    with np.errstate(invalid="ignore"):
+        if name in ("max_plus", "min_plus"):
+            prod = a + b
+        else:  # the combine's own zero rule: min(-0, +0) = -0, max(-0, +0) = +0
+            both = np.broadcast_arrays(a, b)
+            prod = _key_extreme(np.stack(both), 0, largest=name == "min_max")
+    prod = prod.reshape(*prod.shape[:2], -1, prod.shape[-1])
+    return _key_extreme(prod, 2, largest=name.startswith("max"))
+
+
+@pytest.mark.parametrize("name", MAXMIN)
+@pytest.mark.parametrize("path", ["issue", "packed", "depthwise", "non_finite"])
+def test_signed_zeros_follow_one_rule_on_every_engine(name, path):
+    """-0 orders below +0 in every max / min (lax.max / lax.min): bit for bit on both engines,
+    on the packed (keyed or float), depthwise and NaN-propagating paths."""
+    if path == "issue":
+        x = np.asarray([-0.0, 0.0, -0.0], np.float32).reshape(1, 3, 1)
+        w = np.asarray([0.0, -0.0, -0.0], np.float32).reshape(3, 1, 1)
+    else:
+        rng = np.random.default_rng(3)
+        c, o = (5, 5) if path == "depthwise" else (3, 17)
+        x = np.where(rng.random((2, 9, c)) < 0.5, -0.0, 0.0).astype(np.float32)
+        w = np.where(rng.random((3, 1 if path == "depthwise" else c, o)) < 0.5,
+                     -0.0, 0.0).astype(np.float32)
+        if path == "non_finite":  # an infinity in one window: the NaN-propagating loop
+            x[1, 8, 0] = np.inf if name.startswith("min") else -np.inf
+    groups = 5 if path == "depthwise" else 1
+    kw = dict(window_strides=(1,), padding="VALID", dimension_numbers=_dn(3),
+              feature_group_count=groups)
+    a = np.asarray(_conv(name, "native", kw)(x, w))
+    with _allow():
+        b = np.asarray(_conv(name, "xla", kw)(x, w))
+    np.testing.assert_array_equal(a.view(np.int32), b.view(np.int32))
+    if groups == 1 and path != "non_finite":
+        ref = _signed_zero_reference(name, x, w)
+        np.testing.assert_array_equal(a.view(np.int32), ref.view(np.int32))
+
+
+@pytest.mark.parametrize("name", ["max_min", "min_max"])
+@pytest.mark.parametrize("taps", [(0.0, 0.0, -0.0), (0.0, -0.0, -0.0)])
+def test_signed_zero_ties_split_like_jnp_max(name, taps):
+    """A +0 / -0 tie is a tie (jax.grad of jnp.max splits between equal floats), on the
+    integer-key path (two output channels: not depthwise) as on the float path."""
+    x = jnp.zeros((1, 3, 1), jnp.float32)
+    w = jnp.asarray(np.repeat(np.asarray(taps, np.float32).reshape(3, 1, 1), 2, axis=2))
+    kw = dict(window_strides=(1,), padding="VALID", dimension_numbers=_dn(3))
+    red = jnp.max if name.startswith("max") else jnp.min
+    comb = jnp.minimum if name == "max_min" else jnp.maximum
+
+    def naive(x, w):
+        return jnp.sum(red(comb(x[0, :, :, None], w), axis=(0, 1)))
+
+    want = jax.grad(naive, argnums=(0, 1))(x, w)
+    for engine in ("native", "xla"):
+        with _allow():
+            got = jax.grad(lambda x, w, e=engine: jnp.sum(jaxconv.conv_general_dilated(
+                x, w, op=name, engine=e, **kw)), argnums=(0, 1))(x, w)
+        for g, e in zip(got, want, strict=True):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-6, atol=0)
+
+
+DENORMAL = np.float32(1e-40)
+
+
+@pytest.mark.parametrize("name", MAXMIN)
+@pytest.mark.parametrize("path", ["packed", "depthwise"])
+def test_denormals_read_as_zero_on_every_path(name, path):
+    """One rule (XLA CPU's): denormal inputs read as zero of their sign and denormal results
+    flush to zero. The result of a window does not change when an unrelated input becomes
+    infinite (which switches the native kernels to their NaN-propagating loop)."""
+    rng = np.random.default_rng(4)
+    c, o = (4, 4) if path == "depthwise" else (3, 5)
+    x = (rng.integers(-3, 4, (1, 12, c)) * DENORMAL).astype(np.float32)
+    w = np.where(rng.random((3, 1 if path == "depthwise" else c, o)) < 0.5, 1.0,
+                 -1.0).astype(np.float32) * rng.choice([1.0, DENORMAL], (3, 1, o))
+    w = w.astype(np.float32)
+    kw = dict(window_strides=(1,), padding="VALID", dimension_numbers=_dn(3),
+              feature_group_count=c if path == "depthwise" else 1)
+    finite = np.asarray(_conv(name, "native", kw)(x, w))
+    x_inf = x.copy()
+    x_inf[0, 11, 0] = np.inf
+    with_inf = np.asarray(_conv(name, "native", kw)(x_inf, w))
+    with _allow():
+        xla = np.asarray(_conv(name, "xla", kw)(x, w))
+    np.testing.assert_array_equal(finite.view(np.int32), xla.view(np.int32))
+    np.testing.assert_array_equal(finite[:, :8].view(np.int32), with_inf[:, :8].view(np.int32))
+    # The rule, by hand: flush the inputs, compute in float64 (no denormal result survives
+    # the flush of a float32 result either).
+    flush = lambda a: np.where(np.abs(a) < np.finfo(np.float32).tiny, 0.0 * a, a)  # noqa: E731
+    ref = _reference(name, flush(x).astype(np.float64), flush(w).astype(np.float64), kw)
+    np.testing.assert_array_equal(finite, flush(ref.astype(np.float32)))
+    assert not (np.abs(finite[finite != 0]) < np.finfo(np.float32).tiny).any()
+
+
+def test_kernel_table_is_the_librarys_own_list():
+    """The op list is defined once in C++ (csrc/problem.h) and the Python table equals it."""
+    from jaxconv import _native
+
+    built = {name: (int(kid), str(red)) for name, (kid, red) in _native.kernels().items()}
+    assert built == ffi.KERNELS
+    assert sorted(kid for kid, _ in built.values()) == list(range(len(built)))

@@ -528,3 +528,21 @@ def test_l2_rewrite_infinities_with_dilations_and_strides(geometry: dict) -> Non
                              reduce=reduce, identity=identity, dtype=np.float32, **kw)
     got = jconv(x, w, strides, padding, dimension_numbers=DN1, op="l2", **kw)
     np.testing.assert_array_equal(np.asarray(got), ref)
+
+
+# --------------------------------------------------------------------------------------------
+# An empty input with padding: every window is padding only, on every engine.
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("engine", ["native", "xla"])
+@pytest.mark.parametrize("op", ["max_plus", "min_max", "adder", "l1"])
+def test_empty_input_with_padding_gives_the_identity(op: str, engine: str) -> None:
+    x = np.zeros((1, 0, 1), np.float32)
+    w = (np.arange(6, dtype=np.float32) - 2.0).reshape(3, 1, 2)
+    y = np.asarray(jconv(x, w, (1,), ((2, 2),), dimension_numbers=DN1, op=op, engine=engine))
+    assert y.shape == (1, 2, 2)
+    # adder pads with 0 (each padded tap adds -|w|); the others pad with their identity.
+    expected = (-np.abs(w).sum(axis=(0, 1)) if op == "adder"
+                else np.full(2, IDENTITY[op], np.float32))
+    np.testing.assert_array_equal(y, np.broadcast_to(expected, y.shape))

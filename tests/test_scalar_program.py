@@ -17,7 +17,7 @@ import pytest
 from reference import conv_reference
 
 import jaxconv
-from jaxconv._src.core import algebra
+from jaxconv._src.core import factoring
 from jaxconv._src.core import scalar_program as sp
 
 F32 = np.float32
@@ -191,7 +191,7 @@ def test_factored_form_matches_reference(name, geometry):
     w = rng.standard_normal(ws).astype(F32)
     x[0, 1, 1, 0] = np.nan
     x[0, 0, 0, 1] = np.inf
-    assert algebra.factored_form(op, F32) is not None
+    assert factoring.factored_form(op, F32) is not None
     dn = ("NHWC", "HWIO", "NHWC")
     ref = conv_reference(x, w, kw["window_strides"], kw["padding"], kw.get("lhs_dilation"),
                          None, dn, combine=combine, reduce=reduce, identity=identity,
@@ -232,7 +232,7 @@ def test_factored_form_gradient_is_the_per_product_gradient():
     """Away from ties, the gradient of f(max c) is that of max f(c): the winner's f'(c)."""
     op = MONOTONE_OPS["tanh_sub_max"][0]
     per_product = jaxconv.Op(lambda x, w: jnp.tanh(x - w) + 0.0 * jnp.abs(x), "max")
-    assert algebra.factored_form(per_product, F32) is None
+    assert factoring.factored_form(per_product, F32) is None
     xs, ws, kw = GEOMETRIES["same"]
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.standard_normal(xs), F32)

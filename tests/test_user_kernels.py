@@ -202,7 +202,7 @@ EXACT = {"add", "sub", "max", "min", "neg", "abs", "select_n", "gt", "lt", "ge",
 
 def _inner(op):
     """The op the kernels compute (its monotone tail runs once per output)."""
-    form = jaxconv._src.core.algebra.factored_form(op, F32)
+    form = jaxconv._src.core.factoring.factored_form(op, F32)
     return op if form is None else form.inner
 
 
@@ -387,7 +387,7 @@ _SCRIPT = textwrap.dedent("""
     out["warnings"] = [str(c.message) for c in caught]
     xla = jaxconv.conv_general_dilated(x, w, op=op, engine="xla", **kw)
     out["equal_to_xla"] = bool(np.array_equal(np.asarray(y), np.asarray(xla)))
-    got = native.user_kernel(jaxconv._src.core.algebra.factored_form(op, np.float32).inner)
+    got = native.user_kernel(jaxconv._src.core.factoring.factored_form(op, np.float32).inner)
     out["compiled"] = getattr(got, "compiled", None)
     out["refusal"] = getattr(got, "reason", None)
     try:

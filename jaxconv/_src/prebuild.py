@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from jaxconv._src.core import algebra
+from jaxconv._src.core import factoring
 from jaxconv._src.core.algebra import Op
 
 
@@ -74,7 +74,7 @@ def _compile_one(op: Op) -> KernelInfo:
 
     if op.native is not None:
         return KernelInfo(op, None, False, f"built-in kernel {op.native!r}", False)
-    form = algebra.factored_form(op, np.float32)
+    form = factoring.factored_form(op, np.float32)
     inner = op if form is None else form.inner
     got = native.user_kernel(inner)
     if isinstance(got, Refusal):

@@ -183,7 +183,8 @@ def _forward_fn(problem: Any, engine: Any, x_shape: tuple[int, ...],
 
     @custom_partitioning
     def call(x: Array, w: Array) -> Array:
-        return engine.forward(problem, x, w)
+        # Under `jax.jit`: `custom_partitioning` refuses a body with hoisted constants.
+        return jax.jit(functools.partial(engine.forward, problem))(x, w)
 
     def infer(mesh: Any, arg_infos: Any, result_info: Any) -> Any:
         del result_info
@@ -218,7 +219,9 @@ def _backward_fn(problem: Any, engine: Any, need: tuple[bool, bool],
 
     @custom_partitioning
     def call(x: Array, w: Array, y: Array, g: Array) -> tuple[Array, Array]:
-        return run(problem, x, w, y, g)
+        # Under `jax.jit`: `custom_partitioning` refuses a body with hoisted constants, and
+        # the backward's lax products may hold some (the static masks of padded taps).
+        return jax.jit(functools.partial(run, problem))(x, w, y, g)
 
     def infer(mesh: Any, arg_infos: Any, result_info: Any) -> Any:
         del result_info

@@ -151,7 +151,7 @@ def explain(op: Any, *, dtype: DTypeLike = "float32", platform: str | None = Non
     import jax.numpy as jnp  # noqa: PLC0415
     import numpy as np  # noqa: PLC0415
 
-    from jaxconv._src.core import algebra, ops, problem, validation  # noqa: PLC0415
+    from jaxconv._src.core import algebra, factoring, ops, problem, validation  # noqa: PLC0415
     from jaxconv._src.core.geometry import Geometry  # noqa: PLC0415
 
     op = ops.get(op)
@@ -162,11 +162,11 @@ def explain(op: Any, *, dtype: DTypeLike = "float32", platform: str | None = Non
     if op.rewrite is None:
         validation.check_op(op, operand, operand)
     details: list[str] = []
-    form = algebra.factored_form(op.replace(post=None), dtype)
+    form = factoring.factored_form(op.replace(post=None), dtype)
     inner = op.replace(post=None) if form is None else form.inner
     if form is not None:
         details.extend(form.describe())
-    rule = algebra.per_product_rule(op.replace(post=None), dtype)
+    rule = factoring.per_product_rule(op.replace(post=None), dtype)
     if rule is not None:
         details.append(rule)
     if callable(op.reduce) and algebra.capabilities(op).reduce != "custom":

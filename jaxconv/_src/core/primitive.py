@@ -41,7 +41,7 @@ from jax._src import core as _core
 from jax.extend import core as jex_core
 from jax.interpreters import ad, batching, mlir
 
-from jaxconv._src.core import algebra, partitioning, planner, products
+from jaxconv._src.core import algebra, factoring, partitioning, planner, products
 from jaxconv._src.core import engine as registry
 from jaxconv._src.core.algebra import Op
 from jaxconv._src.core.engine import Engine
@@ -453,7 +453,7 @@ def canonical_conv(
     if n == 0 or o == 0:
         return jnp.zeros((n, *geom.out_spatial, o), out_dtype)
     mbb = DEFAULT_MAX_BLOCK_BYTES if max_block_bytes is None else int(max_block_bytes)
-    form = algebra.factored_form(op.replace(post=None), dtype)
+    form = factoring.factored_form(op.replace(post=None), dtype)
     inner = op.replace(post=None) if form is None else form.inner
     if form is not None and form.lhs_map is not None:
         x = form.lhs_map(x)

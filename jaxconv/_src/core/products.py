@@ -282,7 +282,7 @@ def _adder_terms(op: Op, geom: Geometry, acc: Any, kind: str, w: Array, gy: Arra
         s = jnp.asarray(masks, acc) @ gsum  # (T, O)
     s = s.reshape(*geom.window, 1, w.shape[-1])
     gw = gw - w.astype(acc) * s
-    return None, (2 * gw if kind == "sqdiff" else gw).astype(w.dtype)
+    return (2 * gw if kind == "sqdiff" else gw).astype(w.dtype)
 
 
 def separable_kernel_gradient(problem: Problem, kind: str, x: Array, w: Array,

@@ -34,7 +34,9 @@ if TYPE_CHECKING:  # user_kernels is imported when an op is compiled
 
 Array = jax.Array
 
-# Kernel ids (``Op.native``) -> (id in csrc/problem.h, the reduce the kernel implements).
+# Kernel ids (``Op.native``) -> (id in csrc/problem.h, the reduce the kernel implements): the
+# library's own list (``_native.kernels()``, from csrc/problem.h) must equal it, or the
+# library is refused as built from other sources.
 KERNELS: dict[str, tuple[int, str]] = {
     "max_plus": (0, "max"),
     "min_plus": (1, "min"),
@@ -60,7 +62,13 @@ def _load() -> Any:
             except Exception as e:  # noqa: BLE001 - any failure means "not available"
                 _state["error"] = f"{type(e).__name__}: {e}"
             else:
-                _state["module"] = _native
+                built = {name: (int(kid), str(red))
+                         for name, (kid, red) in _native.kernels().items()}
+                if built != KERNELS:
+                    _state["error"] = (f"the compiled kernels {built} do not match this "
+                                       f"package's table {KERNELS} (a stale build?)")
+                else:
+                    _state["module"] = _native
         return _state["module"]
 
 
@@ -156,52 +164,66 @@ def user_kernel(op: Op) -> Kernel | translation.Refusal:
         return _built.setdefault(op, out)
 
 
+Triple = tuple[int, int, int]
+
+
 @dataclasses.dataclass(frozen=True)
 class _Call:
-    """Static attributes of one FFI call (hashable: the custom_vjp's static argument)."""
+    """Static attributes of one FFI call (hashable: the custom_vjp's static argument), on
+    the 3-D canonical layout (missing spatial dims have size 1)."""
 
     op_id: int
-    geom: tuple[int, ...]
     pad: float | None
-    x_shape: tuple[int, ...]
-    w_shape: tuple[int, ...]
-    y_shape: tuple[int, ...]
-    padding: tuple[tuple[int, int], ...]  # the 3-D geometry again, for the lax products
+    x_shape: tuple[int, ...]  # (N, D, H, W, C)
+    w_shape: tuple[int, ...]  # (KD, KH, KW, I, O)
+    y_shape: tuple[int, ...]  # (N, OD, OH, OW, O)
+    strides: Triple
+    padding: tuple[tuple[int, int], ...]
+    lhs_dilation: Triple
+    rhs_dilation: Triple
     groups: int
     nsd: int
 
     def attrs(self) -> dict[str, Any]:
-        return dict(geom=np.asarray(self.geom, np.int64),
+        """The FFI attributes, by name (``csrc/ffi.cc``'s ``JAXCONV_CALL_ATTRS``)."""
+
+        def triple(t: tuple[int, ...]) -> np.ndarray:
+            return np.asarray(t, np.int64)
+
+        return dict(op=np.int64(self.op_id),
                     pad=np.float32(0.0 if self.pad is None else self.pad),
-                    op=np.int64(self.op_id))
+                    has_pad=np.int64(self.pad is not None),
+                    n=np.int64(self.x_shape[0]), spatial=triple(self.x_shape[1:4]),
+                    c=np.int64(self.x_shape[4]), window=triple(self.w_shape[:3]),
+                    i=np.int64(self.w_shape[3]), o=np.int64(self.w_shape[4]),
+                    groups=np.int64(self.groups), out_spatial=triple(self.y_shape[1:4]),
+                    strides=triple(self.strides),
+                    pad_lo=triple(tuple(lo for lo, _ in self.padding)),
+                    lhs_dilation=triple(self.lhs_dilation),
+                    rhs_dilation=triple(self.rhs_dilation))
 
-    def field(self, at: int) -> tuple[int, int, int]:
-        return tuple(self.geom[at:at + 3])
 
-
-def _call_spec(op: Op, geom: Geometry, x_shape: tuple[int, ...], w_shape: tuple[int, ...]) -> _Call:
-    nsd = len(geom.window)
-    lead = 3 - nsd
+def _call_spec(op: Op, geom: Geometry, x_shape: tuple[int, ...], w_shape: tuple[int, ...]
+               ) -> _Call:
+    lead = 3 - len(geom.window)
 
     def three(t: tuple, fill: Any) -> tuple:
-        return (fill,) * lead + tuple(t)
+        return tuple((fill,) * lead + tuple(t))
 
-    n, c = x_shape[0], x_shape[-1]
-    i, o = w_shape[-2], w_shape[-1]
-    sp = three(geom.in_spatial, 1)
-    k = three(geom.window, 1)
-    os_ = three(geom.out_spatial, 1)
-    pads = three(geom.padding, (0, 0))
-    vals = (n, *sp, c, *k, i, o, geom.groups, *os_, *three(geom.strides, 1),
-            *(lo for lo, _ in pads), *three(geom.lhs_dilation, 1), *three(geom.rhs_dilation, 1),
-            0 if op.pad_value is None else 1)
+    def ints(t: tuple) -> Triple:
+        return tuple(int(v) for v in t)  # type: ignore[return-value]
+
+    n, c = int(x_shape[0]), int(x_shape[-1])
+    i, o = int(w_shape[-2]), int(w_shape[-1])
     kid = kernel_id(op)
     if kid is None:
         kid = user_kernel(op).op_id
-    return _Call(kid, tuple(int(v) for v in vals),
-                 None if op.pad_value is None else float(op.pad_value),
-                 (n, *sp, c), (*k, i, o), (n, *os_, o),
-                 tuple((int(lo), int(hi)) for lo, hi in pads), int(geom.groups), nsd)
+    return _Call(kid, None if op.pad_value is None else float(op.pad_value),
+                 (n, *ints(three(geom.in_spatial, 1)), c), (*ints(three(geom.window, 1)), i, o),
+                 (n, *ints(three(geom.out_spatial, 1)), o), ints(three(geom.strides, 1)),
+                 tuple((int(lo), int(hi)) for lo, hi in three(geom.padding, (0, 0))),
+                 ints(three(geom.lhs_dilation, 1)), ints(three(geom.rhs_dilation, 1)),
+                 int(geom.groups), len(geom.window))
 
 
 def _forward_call(spec: _Call, x: Array, w: Array) -> Array:

@@ -307,8 +307,7 @@ def _key(source: str, isa: str, cxx: str) -> str:
     cfg = _build_config()
     text = json.dumps([source, isa, cxx, cfg["flags"], cfg["isa_flags"].get(isa, []),
                        __version__, int(_native().abi())])
-    headers = b"".join((_package_files() / f).read_bytes()
-                       for f in ("kernels.inc", "simd.h", "vmath.h", "problem.h", "userop.h"))
+    headers = b"".join((_package_files() / f).read_bytes() for f in cfg["headers"])
     return hashlib.sha256(text.encode() + headers).hexdigest()[:32]
 
 

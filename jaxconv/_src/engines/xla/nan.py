@@ -115,8 +115,9 @@ def _nan_outputs(cfg: Config, x: Array, w: Array) -> Array:
 
     def count(xs: Array, w: Array) -> Array:
         lhs, rhs = indicators(xs, w)
-        lhs = lhs.reshape(*lhs.shape[:-3], -1)
-        rhs = rhs.reshape(*rhs.shape[:-3], -1, rhs.shape[-1])
+        # Sizes written out, not -1: an empty input (all windows padding) has a 0 here.
+        lhs = lhs.reshape(*lhs.shape[:-3], math.prod(lhs.shape[-3:]))
+        rhs = rhs.reshape(*rhs.shape[:-3], math.prod(rhs.shape[-3:-1]), rhs.shape[-1])
         if op.pad_value is None:
             lhs = lax.pad(lhs, jnp.asarray(0, lhs.dtype), geom.pad_config)
         return products.padded(lhs, rhs, geom, jnp.float32)

@@ -1,0 +1,256 @@
+// The backward pass of sums: the input and kernel gradients of the op's elementwise rule
+// (hx, hw), and the one-pass dense backward of odd rules.
+//
+// Part of the kernel template: included by kernels.inc inside its anonymous namespace
+// (once per instruction set), never on its own.
+#pragma once
+
+// ---- backward: sums (elementwise gradient rules hx, hw) -------------------------------------
+// Input gradient of one (position, tap, group) row, NVI vectors of input channels at a time:
+// dx[i] += sum_o g[o] * hx(x[i], w[o, i]), with the tap's kernel transposed to (O, I).
+template <class Op, int NVI>
+void dx_block(const float* xr, float* dxr, const float* gg, const float* wt, int64_t Og,
+              int64_t I) {
+  using V = S::V;
+  V acc[NVI], xv[NVI];
+  for (int v = 0; v < NVI; ++v) {
+    acc[v] = S::zero();
+    xv[v] = S::load(xr + v * W);
+  }
+  for (int64_t o = 0; o < Og; ++o) {
+    const V gs = S::set1(gg[o]);
+    const float* wo = wt + o * I;
+    for (int v = 0; v < NVI; ++v)
+      acc[v] = S::fma(gs, Op::template hx<S>(xv[v], S::load(wo + v * W)), acc[v]);
+  }
+  for (int v = 0; v < NVI; ++v) S::store(dxr + v * W, S::add(S::load(dxr + v * W), acc[v]));
+}
+
+// Kernel gradient of RI kernel rows (tap t, input rows i0..) x NV vectors of output channels:
+// dw[i, o] += sum_p g[p, o] * hw(x[p, i], w[i, o]), one pass over the positions.
+template <class Op, int RI>
+void dw_block(const Ctx& c, const float* xb, const float* wb, const float* gb, float* dwb,
+              int64_t t, int64_t i0, int64_t grp, int64_t ob) {
+  using V = S::V;
+  const int64_t O = c.O;
+  V acc[RI][NV], wv[RI][NV];
+  for (int r = 0; r < RI; ++r)
+    for (int v = 0; v < NV; ++v) {
+      acc[r][v] = S::zero();
+      wv[r][v] = S::load(wb + (t * c.I + i0 + r) * O + ob + v * W);
+    }
+  for (int64_t p = 0; p < c.P; ++p) {
+    const float* xr = cell(c, xb, p / c.OS, p % c.OS, t, grp);
+    if (!xr) continue;
+    V xs[RI];
+    for (int r = 0; r < RI; ++r) xs[r] = S::set1(xr[i0 + r]);
+    const float* gr = gb + p * O + ob;
+    for (int v = 0; v < NV; ++v) {
+      const V gv = S::load(gr + v * W);
+      for (int r = 0; r < RI; ++r)
+        acc[r][v] = S::fma(gv, Op::template hw<S>(xs[r], wv[r][v]), acc[r][v]);
+    }
+  }
+  for (int r = 0; r < RI; ++r)
+    for (int v = 0; v < NV; ++v) S::store(dwb + (t * c.I + i0 + r) * O + ob + v * W, acc[r][v]);
+}
+
+// Both gradients of a dense problem (one tap, no padding) for an op with kOddRule: each
+// term's h = hx(x, w) feeds dx[p, k] += g[p, o] h and dw[k, o] -= g[p, o] h. An item owns
+// kKB kernel rows of one group (their dw rows, their dx columns); for each block of kPB
+// positions it keeps the dx sums as vectors over o in L1 and the dw sums in registers.
+template <class Op>
+void dense_odd_backward(Ctx& c) {
+  using V = S::V;
+  constexpr int kKB = 8;
+  constexpr int64_t kPB = 16;
+  const jaxconv::Call& call = *c.call;
+  const int64_t I = c.I, O = c.O, Og = c.Og, P = c.P;
+  const int64_t nkb = (I + kKB - 1) / kKB;
+  auto item = [&](int64_t it) {
+    const int64_t kb = it % nkb, grp = (it / nkb) % c.G, b = it / (nkb * c.G);
+    const int64_t k0 = kb * kKB;
+    const int kn = int(I - k0 < kKB ? I - k0 : kKB);
+    const float* xb = call.x + b * c.x_bs + grp * I + k0;
+    const float* wb = call.w + b * c.w_bs + k0 * O + grp * Og;
+    const float* gb = call.g + b * c.y_bs + grp * Og;
+    float* dxb = call.out + b * c.x_bs + grp * I + k0;
+    float* dwb = call.out2 + b * c.w_bs + k0 * O + grp * Og;
+    alignas(64) float dxp[kPB * kKB * W];
+    for (int64_t p0 = 0; p0 < P; p0 += kPB) {
+      const int64_t pn = P - p0 < kPB ? P - p0 : kPB;
+      std::memset(dxp, 0, sizeof(dxp));
+      for (int64_t o = 0; o < Og; o += W) {
+        V wv[kKB], dw[kKB];
+        for (int k = 0; k < kKB; ++k) {
+          wv[k] = k < kn ? S::load(wb + k * O + o) : S::zero();
+          dw[k] = S::zero();
+        }
+        for (int64_t p = 0; p < pn; ++p) {
+          const V gv = S::load(gb + (p0 + p) * O + o);
+          const float* xr = xb + (p0 + p) * c.img;  // one position per image
+          float* dr = dxp + p * kKB * W;
+          for (int k = 0; k < kKB; ++k) {
+            if (k >= kn) break;
+            const V h = Op::template hx<S>(S::set1(xr[k]), wv[k]);
+            S::store(dr + k * W, S::fma(gv, h, S::load(dr + k * W)));
+            dw[k] = S::fnma(gv, h, dw[k]);
+          }
+        }
+        for (int k = 0; k < kn; ++k) {
+          float* d = dwb + k * O + o;
+          S::store(d, p0 == 0 ? dw[k] : S::add(S::load(d), dw[k]));
+        }
+      }
+      for (int64_t p = 0; p < pn; ++p)
+        for (int k = 0; k < kn; ++k)
+          dxb[(p0 + p) * c.img + k] = S::hsum(S::load(dxp + (p * kKB + k) * W));
+    }
+  };
+  parallel(c, call.batch * c.G * nkb, item);
+}
+
+template <class Op>
+void sum_backward(Ctx& c, int64_t parts) {
+  const jaxconv::Call& call = *c.call;
+  if constexpr (Op::kOddRule) {
+    if (parts == 3 && c.T == 1 && c.OS == 1 && c.tab[0] == 0 && c.Og % W == 0) {
+      dense_odd_backward<Op>(c);
+      return;
+    }
+  }
+  const int64_t I = c.I, O = c.O, Og = c.Og, T = c.T;
+  const bool vec_i = I % W == 0;
+  // Each (tap, group, block of NR input rows) of the kernel transposed to (Og, NR), zero-padded,
+  // for the input gradient; a run of whole images (they own their dx) reuses each block.
+  const int64_t nIB = (I + NR - 1) / NR;
+  const int64_t blk = Og * NR;
+  if (vec_i) {
+    // Per (batch, tap, group, block of input rows); 16 output channels at a time, so that
+    // each kernel row is read along its length.
+    auto pack = [&](int64_t it) {
+      const int64_t ib = it % nIB, grp = (it / nIB) % c.G, t = (it / (nIB * c.G)) % T;
+      const int64_t b = it / (nIB * c.G * T);
+      const float* src = call.w + b * c.w_bs + t * I * O + grp * Og;
+      float* dst = c.wpack + it * blk;
+      const int64_t nl = I - ib * NR < NR ? I - ib * NR : NR;
+      for (int64_t o0 = 0; o0 < Og; o0 += 16) {
+        const int64_t o1 = o0 + 16 < Og ? o0 + 16 : Og;
+        for (int64_t l = 0; l < nl; ++l) {
+          const float* s = src + (ib * NR + l) * O;
+          for (int64_t o = o0; o < o1; ++o) dst[o * NR + l] = s[o];
+        }
+        for (int64_t l = nl; l < NR; ++l)
+          for (int64_t o = o0; o < o1; ++o) dst[o * NR + l] = 0.0f;
+      }
+    };
+    if (parts & 1) parallel(c, call.batch * T * c.G * nIB, pack);
+  }
+  const int64_t ipi = c.OS >= 32 ? 1 : (32 + c.OS - 1) / c.OS;
+  const int64_t runs = (c.g.n + ipi - 1) / ipi;
+  auto dx_item = [&](int64_t it) {  // (batch, run, group), as the max/min pass 1
+    const int64_t grp = it % c.G, bi = it / c.G;
+    const int64_t b = bi / runs, n0 = (bi % runs) * ipi;
+    const int64_t n1 = n0 + ipi < c.g.n ? n0 + ipi : c.g.n;
+    const float* xb = call.x + b * c.x_bs;
+    const float* wb = call.w + b * c.w_bs;
+    const float* gb = call.g + b * c.y_bs;
+    float* dxb = call.out + b * c.x_bs;
+    if (vec_i) {
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t ib = 0; ib < nIB; ++ib) {
+            const float* wt = c.wpack + (((b * T + t) * c.G + grp) * nIB + ib) * blk;
+            const int64_t nvi = ((I - ib * NR < NR) ? I - ib * NR : NR) / W;
+            for (int64_t p = n0 * c.OS; p < n1 * c.OS; ++p) {
+              const int32_t off = c.tab[(p % c.OS) * T + t];
+              if (off < 0) continue;  // padded cells' gradient is dropped
+              const int64_t base = (p / c.OS) * c.img + off + grp * I + ib * NR;
+              const float* gg = gb + p * O + grp * Og;
+              if (nvi == NV) {
+                dx_block<Op, NV>(xb + base, dxb + base, gg, wt, Og, NR);
+              } else {
+                for (int64_t v = 0; v < nvi; ++v)
+                  dx_block<Op, 1>(xb + base + v * W, dxb + base + v * W, gg, wt + v * W, Og,
+                                  NR);
+              }
+            }
+          }
+      return;
+    }
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t osi = 0; osi < c.OS; ++osi) {
+        const float* gr = gb + (n * c.OS + osi) * O;
+        for (int64_t t = 0; t < T; ++t) {
+          const int32_t off = c.tab[osi * T + t];
+          if (off < 0) continue;
+          const int64_t base = n * c.img + off;
+          {
+            const float* gg = gr + grp * Og;
+            for (int64_t i = 0; i < I; ++i) {
+              const float xv = xb[base + grp * I + i];
+              const float* wr = wb + (t * I + i) * O + grp * Og;
+              const S::V xs = S::set1(xv);
+              S::V acc = S::zero();
+              int64_t o = 0;
+              for (; o + W <= Og; o += W)
+                acc = S::fma(S::load(gg + o), Op::template hx<S>(xs, S::load(wr + o)), acc);
+              float s = S::hsum(acc);
+              for (; o < Og; ++o) s += gg[o] * Op::template hx<Sc>(xv, wr[o]);
+              dxb[base + grp * I + i] += s;
+            }
+          }
+        }
+      }
+  };
+  if (parts & 1) parallel(c, call.batch * runs * c.G, dx_item);
+  // Kernel gradient, per (batch, tap, block of kRows input rows): a pass over all positions.
+  constexpr int kRows = MR / 2;
+  const int64_t nib = (I + kRows - 1) / kRows;
+  auto dw_item = [&](int64_t it) {
+    const int64_t ib = it % nib, t = (it / nib) % T, b = it / (nib * T);
+    const float* xb = call.x + b * c.x_bs;
+    const float* wb = call.w + b * c.w_bs;
+    const float* gb = call.g + b * c.y_bs;
+    float* dwb = call.out2 + b * c.w_bs;
+    const int64_t i1 = (ib + 1) * kRows < I ? (ib + 1) * kRows : I;
+    for (int64_t grp = 0; grp < c.G; ++grp) {
+      for (int64_t o0 = 0; o0 < Og; o0 += NR) {
+        const int64_t nc = Og - o0 < NR ? Og - o0 : NR;
+        const int64_t nvec = nc / W;
+        const int64_t ob = grp * Og + o0;
+        if (nc == NR && i1 - ib * kRows == kRows) {
+          dw_block<Op, kRows>(c, xb, wb, gb, dwb, t, ib * kRows, grp, ob);
+          continue;
+        }
+        for (int64_t i = ib * kRows; i < i1; ++i) {
+          const float* wr = wb + (t * I + i) * O + ob;
+          S::V acc[NV], wv[NV];
+          float tacc[NR], twv[NR];
+          for (int v = 0; v < NV; ++v) {
+            acc[v] = S::zero();
+            wv[v] = v < nvec ? S::load(wr + v * W) : S::zero();
+          }
+          for (int64_t l = nvec * W; l < nc; ++l) {
+            tacc[l] = 0.0f;
+            twv[l] = wr[l];
+          }
+          for (int64_t p = 0; p < c.P; ++p) {
+            const float* xr = cell(c, xb, p / c.OS, p % c.OS, t, grp);
+            if (!xr) continue;
+            const float xv = xr[i];
+            const S::V xs = S::set1(xv);
+            const float* gr = gb + p * O + ob;
+            for (int v = 0; v < nvec; ++v)
+              acc[v] = S::fma(S::load(gr + v * W), Op::template hw<S>(xs, wv[v]), acc[v]);
+            for (int64_t l = nvec * W; l < nc; ++l)
+              tacc[l] += gr[l] * Op::template hw<Sc>(xv, twv[l]);
+          }
+          float* dst = dwb + (t * I + i) * O + ob;
+          for (int v = 0; v < nvec; ++v) S::store(dst + v * W, acc[v]);
+          for (int64_t l = nvec * W; l < nc; ++l) dst[l] = tacc[l];
+        }
+      }
+    }
+  };
+  if (parts & 2) parallel(c, call.batch * T * nib, dw_item);
+}

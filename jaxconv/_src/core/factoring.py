@@ -1,0 +1,226 @@
+"""The factored form of an op: what does not need both operands, taken out of the product.
+
+A combine such as ``tanh(x) * w`` or ``ste(x) * ste(w)`` has parts that read one operand
+only (maps applied once per element, with their own derivative rules) and a monotone map of
+the result that commutes with a max/min reduce. `factored_form` splits them off from the
+op's traced scalar program, so that the product left inside is one an engine serves fast (a
+built-in reduce of a simpler combine, or one standard lax product), and `per_product_rule`
+says why an op whose custom rule reads both operands stays on the per-product path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxconv._src.core.algebra import Op, capabilities, single_primitive
+
+Array = jax.Array
+
+_DUAL = {"max": "min", "min": "max"}
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ProgramFn:
+    """A `ScalarProgram`'s first output as an elementwise function of arrays of one shape
+    (hashable by identity: one object per cached program)."""
+
+    program: Any
+    name: str
+
+    def __call__(self, *args: Array) -> Array:
+        from jaxconv._src.core import scalar_program  # noqa: PLC0415
+
+        shape = jnp.broadcast_shapes(*(jnp.shape(a) for a in args))
+        args = tuple(jnp.broadcast_to(a, shape) for a in args)
+        return scalar_program.evaluate(self.program, *args)[0]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class FactoredForm:
+    """``op`` as ``outer(inner(lhs_map(x), rhs_map(w)))``: see `factored_form`.
+
+    Attributes:
+      inner: the op the engines compute.
+      outer: the monotone map of the reduced result, or ``None``.
+      lhs_map: the map of the input applied before the product, or ``None``.
+      rhs_map: the map of the kernel applied before the product, or ``None``.
+    """
+
+    inner: Op
+    outer: ProgramFn | None
+    lhs_map: ProgramFn | None
+    rhs_map: ProgramFn | None
+
+    def describe(self) -> list[str]:
+        """One line per factor, for `jaxconv.explain`."""
+        lines = []
+        for what, fn in (("input", self.lhs_map), ("kernel", self.rhs_map)):
+            if fn is not None:
+                rule = " (with its custom derivative rule)" if fn.program.rules() else ""
+                lines.append(f"the map {fn.program.primitives()} of the {what} runs once per "
+                             f"element, before the product{rule}")
+        if self.outer is not None:
+            lines.append(f"the monotone map {self.outer.program.primitives()} runs once per "
+                         f"output, after the {self.inner.reduce}")
+        return lines
+
+
+def factored_form(op: Op, dtype: Any) -> FactoredForm | None:
+    """Moves what does not need to run once per product out of the product.
+
+    - ``max_t f(c_t) = f(max_t c_t)`` for a total monotone ``f`` (``min`` if decreasing):
+      when ``op``'s combine ends in a chain of total, monotone unary maps (``tanh``, ``clip``
+      by constants, ``exp``, scaling by a constant, ...) and its reduce is ``max`` or ``min``
+      with the default identity, the chain runs once per output.
+    - ``combine(x, w) = core(u(x), v(w))``: the part of the combine that depends on one
+      operand only runs once per element of that operand (``tanh(x) * w``: ``tanh`` of the
+      input, then a product of ``*`` under the reduce).
+
+    Values are the same (NaN and infinities included: the maps are applied to the same
+    numbers). Only a gradient tie can differ for the monotone map: where ``f`` is flat (a
+    saturated ``clip``), taps whose products differ but map to one value share the cotangent
+    per product, and the largest product takes it here -- with ``f``'s derivative there, zero
+    on a flat part.
+
+    Args:
+      op: the product.
+      dtype: the operands' dtype.
+
+    Returns:
+      A `FactoredForm`, or ``None`` when nothing factors out (or the op declares a native
+      kernel or a rewrite).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import jaxconv
+      >>> op = jaxconv.Op(lambda x, w: jnp.tanh(x - w), "max")
+      >>> form = factored_form(op, jnp.float32)
+      >>> form.inner.reduce, float(form.outer(jnp.float32(0.0))), form.lhs_map
+      ('max', 0.0, None)
+    """
+    return _factored_form(op, np.dtype(dtype))
+
+
+def per_product_rule(op: Op, dtype: Any) -> str | None:
+    """Why a custom derivative rule in ``op``'s combine runs once per product, if it does.
+
+    A ``jax.custom_vjp`` / ``jax.custom_jvp`` function of one operand only (``ste(x)``) is
+    factored out by `factored_form`; this says why one is not (it reads both operands, or its
+    backward is not linear in the cotangent), for `jaxconv.explain`. ``None``: no rule runs
+    once per product.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> import jaxconv
+      >>> per_product_rule(jaxconv.Op(lambda x, w: jax.nn.relu(x) * w), jnp.float32) is None
+      True
+    """
+    return _factored(op, np.dtype(dtype))[1]
+
+
+def _linear_rule(node: Any, dtype: np.dtype) -> bool:
+    """Whether a custom-rule node's backward is linear in the cotangent (always true of a
+    custom JVP, whose tangent rule JAX transposes), checked by transposing it abstractly."""
+    from jaxconv._src.core import scalar_program as sp  # noqa: PLC0415
+
+    if node.name == "custom_jvp_call":
+        return True
+    args = [a for a in node.args if not isinstance(a, sp.Const)]
+    if len(args) != 1:
+        return False
+    var = node.args.index(args[0])
+    single = sp.ScalarProgram((dataclasses.replace(node, args=tuple(
+        sp.Arg(0) if i == var else a for i, a in enumerate(node.args))),), (0,), 1, dtype,
+        False)
+
+    def fn(v: Array) -> Array:
+        return sp.evaluate(single, v)[0]
+
+    s = jax.ShapeDtypeStruct((), dtype)
+    try:
+        jax.eval_shape(lambda x, g: jax.linear_transpose(
+            lambda c: jax.vjp(fn, x)[1](c)[0], g)(g), s, s)
+    except Exception:  # noqa: BLE001 - a rule JAX cannot transpose is not linear
+        return False
+    return True
+
+
+def _factored_form(op: Op, dtype: np.dtype) -> FactoredForm | None:
+    return _factored(op, dtype)[0]
+
+
+@functools.lru_cache(maxsize=512)
+def _factored(op: Op, dtype: np.dtype) -> tuple[FactoredForm | None, str | None]:
+    from jaxconv._src.core import scalar_program as sp  # noqa: PLC0415
+
+    if op.rewrite is not None or op.native is not None:
+        return None, None
+    caps = capabilities(op)
+    canonical = caps.canonical
+    try:
+        # Custom-rule calls stay whole: one of a single operand is moved out with its rule.
+        program = sp.rules_program(op.combine, dtype)
+    except sp.Untranslatable:
+        return None, None
+    rules = program.rules()
+    name = op.name or "user op"
+    reduce, outer = canonical.reduce, None
+    split = None
+    if caps.reduce in _DUAL and canonical.identity is None:
+        split = sp.monotone_split(program)
+    if split is not None:
+        program = split.inner
+        outer = ProgramFn(split.outer, f"{name} (outer)")
+        reduce = caps.reduce if split.direction > 0 else _DUAL[caps.reduce]
+    operands = sp.operand_split(program)
+    if operands is not None and rules:
+        side_rules = [p.nodes[k] for p in (operands.lhs, operands.rhs) if p is not None
+                      for k in p.rules()]
+        if not all(_linear_rule(n, dtype) for n in side_rules):
+            return None, ("its combine calls a custom-VJP function whose backward is not "
+                          "linear in the cotangent, so its rule runs once per product (the "
+                          "generic path, slow)")
+    lhs_map = rhs_map = None
+    pad_value = canonical.pad_value
+    if operands is not None:
+        if operands.lhs is not None:
+            lhs_map = ProgramFn(operands.lhs, f"{name} (input map)")
+            if pad_value is not None:
+                with jax.ensure_compile_time_eval():
+                    pad_value = float(lhs_map(jnp.asarray(pad_value, dtype)))
+        if pad_value is None or math.isfinite(pad_value):
+            program = operands.core
+            rhs_map = None if operands.rhs is None else ProgramFn(operands.rhs,
+                                                                   f"{name} (kernel map)")
+        else:
+            lhs_map, pad_value = None, canonical.pad_value
+    if rules and (program.rules() or lhs_map is None and rhs_map is None):
+        # A rule on a value of both operands: the combine runs whole, once per product.
+        return None, ("its combine calls a function with a custom derivative rule "
+                      "(custom_vjp / custom_jvp) on a value that depends on both operands, so "
+                      "the rule runs once per product (the generic path, slow); a rule of one "
+                      "operand only, as in ste(x) * ste(w), is factored out")
+    if outer is None and lhs_map is None and rhs_map is None:
+        return None, None
+    # What is left a multiply-and-add (ste(x) * ste(w), tanh(x) * w): one standard product,
+    # as op="xnor" runs, its gradient lax's own.
+    standard = reduce == "sum" and canonical.identity is None \
+        and single_primitive(program) == "mul"
+    inner = Op(ProgramFn(program, f"{name} (inner)"), reduce, identity=canonical.identity,
+               pad_value=pad_value, name=f"{name} (inner)", forward_mode=op.forward_mode,
+               rewrite=_standard_product if standard else None)
+    return FactoredForm(inner, outer, lhs_map, rhs_map), None
+
+
+def _standard_product(product: Callable[..., Array], lhs: Array, rhs: Array) -> Array:
+    """The rewrite of a factored multiply-and-add: the standard product of the mapped
+    operands, in full float32 precision on every platform (as the generic engine's)."""
+    return product(lhs, rhs, precision=jax.lax.Precision.HIGHEST)
