@@ -27,7 +27,7 @@ def _value_flags(a: Array) -> Array:
     bitwise-or reduction does not lower on CPU or NCCL collectives)."""
     ind = jnp.stack([a == jnp.inf, a == -jnp.inf, jnp.isnan(a), a == 0],
                     axis=-1).astype(jnp.int32)
-    seen = jnp.max(ind, axis=tuple(range(a.ndim)))
+    seen = jnp.max(ind, axis=tuple(range(a.ndim)), initial=0)  # 0: an empty operand
     return jnp.sum(seen * jnp.asarray([1, 2, 4, 8], jnp.int32))
 
 
