@@ -689,3 +689,22 @@ def test_kernel_table_is_the_librarys_own_list():
     built = {name: (int(kid), str(red)) for name, (kid, red) in _native.kernels().items()}
     assert built == ffi.KERNELS
     assert sorted(kid for kid, _ in built.values()) == list(range(len(built)))
+
+
+@pytest.mark.parametrize("stale", ["no_table", "other_table"])
+def test_a_stale_library_is_not_loaded_and_import_survives(monkeypatch, stale):
+    """A library built from other sources (no op table, or another one) makes the native
+    engine unavailable with the reason; it never breaks `import jaxconv`."""
+    import types
+
+    fake = types.ModuleType("jaxconv._native")
+    if stale == "other_table":
+        fake.kernels = lambda: {"max_plus": (1, "max")}
+    monkeypatch.setitem(sys.modules, "jaxconv._native", fake)
+    monkeypatch.setattr(jaxconv, "_native", fake, raising=False)
+    monkeypatch.setitem(ffi._state, "loaded", False)
+    monkeypatch.setitem(ffi._state, "module", None)
+    monkeypatch.setitem(ffi._state, "error", None)
+    assert ffi.available() is False
+    want = "AttributeError" if stale == "no_table" else "stale build"
+    assert want in ffi.load_error()

@@ -59,11 +59,13 @@ def _load() -> Any:
             _state["loaded"] = True
             try:
                 from jaxconv import _native  # noqa: PLC0415 - loaded on first use
+
+                # A library built from older sources may lack the table: not available.
+                built = {name: (int(kid), str(red))
+                         for name, (kid, red) in _native.kernels().items()}
             except Exception as e:  # noqa: BLE001 - any failure means "not available"
                 _state["error"] = f"{type(e).__name__}: {e}"
             else:
-                built = {name: (int(kid), str(red))
-                         for name, (kid, red) in _native.kernels().items()}
                 if built != KERNELS:
                     _state["error"] = (f"the compiled kernels {built} do not match this "
                                        f"package's table {KERNELS} (a stale build?)")
