@@ -29,9 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxconv._src.core import primitive
 from jaxconv._src.core.algebra import Op
 from jaxconv._src.core.geometry import Geometry
-from jaxconv._src.engines import pallas as engine_pallas
 from jaxconv._src.engines import taps
 
 Array = jax.Array
@@ -158,9 +158,11 @@ def _check_packed(fn: str, name: str, a: Array) -> None:
         raise TypeError(f"{fn}: `{name}` must be packed uint32 words, got dtype {a.dtype}.")
 
 
+# An op on integer words: it has no derivative (declared, so nothing traces it on floats).
 POPCOUNT_XOR = Op(
     lambda a, b: lax.population_count(a ^ b).astype(jnp.int32), "sum", name="popcount_xor",
     doc="""``popcount(x XOR w)`` summed: the mismatches of packed binary words.""",
+    forward_mode=False,
 )
 
 
@@ -323,9 +325,10 @@ def _packed_conv_canonical(
         xq, geom = _fill_padding(xq, geom, pad_value, per)
     if engine == "pallas":
         # sum of popcounts over the taps that read real cells (padded taps are skipped by the
-        # engine's identity padding), then K * (#valid taps) - 2 * mismatches.
-        mism = engine_pallas.generic_conv(xq, wq, geom, POPCOUNT_XOR,
-                                          preferred_element_type=jnp.int32)
+        # engine's identity padding), then K * (#valid taps) - 2 * mismatches; the product
+        # goes through the core's primitive with the Pallas engine asked for.
+        mism = primitive.canonical_conv(xq, wq, geom, POPCOUNT_XOR, engine="pallas",
+                                        preferred_element_type=jnp.int32)
         nvalid = jnp.asarray(_valid_taps(geom).astype(np.int32))[None, ..., None]
         return per * nvalid - 2 * mism
     return _popcount_conv_xla(xq, wq, geom, per)

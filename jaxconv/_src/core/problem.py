@@ -32,6 +32,8 @@ class Problem:
       max_block_bytes: the bound on the bytes of intermediate tiles.
       precision: the `lax` precision of native products (rewrites such as `xnor`, `l2`).
       dtype: the operands' common dtype (`None`: the accumulation dtype).
+      options: static, hashable settings that only the engine asked for reads (the Pallas
+        engine: its backend per platform); `()`: the engine's defaults.
 
     Example:
       >>> import numpy as np
@@ -49,8 +51,17 @@ class Problem:
     max_block_bytes: int
     precision: Any = None
     dtype: np.dtype | None = None
+    options: tuple[Any, ...] = ()
 
     def with_groups(self, groups: int) -> Problem:
+        """The same problem with ``groups`` feature groups (a vmapped kernel folds into them).
+
+        Args:
+          groups: the new number of feature groups.
+
+        Returns:
+          The new problem.
+        """
         return dataclasses.replace(self, geom=dataclasses.replace(self.geom, groups=groups))
 
     @property

@@ -14,7 +14,7 @@ race. Only the binary form of the reduce is used, so any reduce works (``sum``, 
 ``min``, ``prod``, ``logsumexp``, a user's ``myadd``) and NaN propagates.
 
 **One jitted function for every platform.** The platform is chosen when the program is
-lowered, never from ``jax.default_backend()``: ``generic_conv`` traces one variant per
+lowered, never from ``jax.default_backend()``: the engine traces one variant per
 platform and joins them with ``lax.platform_dependent`` (``cpu``: interpret mode; ``cuda`` /
 ``rocm``: Triton; ``tpu``: Mosaic), so a function lowered for another platform than the
 host's (cross-lowering, ``jax.export`` for that platform -- Triton calls need
@@ -54,7 +54,7 @@ combine's VJP, traced to a jaxpr outside of any kernel logic) through
 quantizer or ``jax.nn.relu`` lower on Triton and Mosaic. Gradients come from this engine's
 own backward kernels, never from differentiating inside a kernel.
 
-``generic_conv`` has the XLA engine's signature and semantics. **On GPU (and in interpret
+The engine has the XLA engine's semantics. **On GPU (and in interpret
 mode) a convolution is an implicit GEMM: every tap inside one kernel.** The padded input is
 split into stride phases and flattened to rows ``(n, position)``, so that a tap is a constant
 row shift of one phase; the kernel walks the taps (statically) and K inside, computing one
@@ -70,7 +70,7 @@ shifted row windows of the implicit form are unaligned dynamic sublane offsets, 
 handles poorly, and the whole input would have to sit in VMEM. Feature groups are the
 kernels' leading grid axis; a dense product is a conv with one tap.
 
-The gradient kernels (``custom_vjp``) serve ``sum``, ``max``, ``min`` and ``logsumexp``: they
+The gradient kernels (the engine's backward) serve ``sum``, ``max``, ``min`` and ``logsumexp``: they
 recompute ``combine`` and push the output cotangent through combine's own VJP (AdderNet's and
 the STE rules apply), with the reduce's rule: ``sum`` passes ``g``; ``max``/``min`` pass
 ``g / count`` to the taps equal to the output (ties split equally as ``jax.grad(jnp.max)``;
@@ -86,13 +86,13 @@ engines are the CPU engines; this one is for accelerators.
 
 One module per idea: `platforms` (block sizes and backends per platform), `matmul` (the
 semiring matmul kernels), `config`, `per_tap` (one call per tap, TPU), `implicit` (the
-implicit GEMM, GPU), `orchestration` (forward and backward passes), `autodiff` (the
-``custom_vjp`` wiring, apart from the kernels, as Pallas's megablox does), `engine` (the
-protocol, registered as ``"pallas"`` when first asked for).
+implicit GEMM, GPU), `orchestration` (forward and backward passes), `engine` (the
+protocol, registered as ``"pallas"`` when first asked for, and `generic_conv`). The kernels
+are apart from their differentiation, which is the core's primitive (no ``custom_vjp``).
 """
 
-from jaxconv._src.engines.pallas.autodiff import generic_conv as generic_conv
 from jaxconv._src.engines.pallas.engine import ENGINE as ENGINE
+from jaxconv._src.engines.pallas.engine import generic_conv as generic_conv
 from jaxconv._src.engines.pallas.matmul import semiring_matmul as semiring_matmul
 from jaxconv._src.engines.pallas.platforms import GPU_BLOCKS as GPU_BLOCKS
 from jaxconv._src.engines.pallas.platforms import INTERPRET_BLOCKS as INTERPRET_BLOCKS

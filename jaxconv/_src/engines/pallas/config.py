@@ -28,7 +28,7 @@ class Config:
 
 @dataclasses.dataclass(frozen=True)
 class Spec:
-    """Static parameters of one Pallas convolution on every platform (a ``custom_vjp`` arg)."""
+    """Static parameters of one Pallas convolution on every platform (hashable)."""
 
     op: Op
     geom: Geometry
@@ -37,6 +37,7 @@ class Spec:
     max_block_bytes: int | None
 
     def config(self, backend: Backend) -> Config:
+        """The parameters on one platform's ``backend``."""
         return Config(self.op, self.geom, self.acc_dtype, backend, self.max_block_bytes)
 
 

@@ -1,39 +1,69 @@
-"""The Pallas engine on the core's protocol."""
+"""The Pallas engine on the core's protocol, and `generic_conv`, the engine called through
+the core's primitive with its own block sizes or backend (tests, tuning)."""
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
-from jaxconv._src.core import algebra
+from jaxconv._src.core import algebra, primitive
 from jaxconv._src.core import engine as registry
-from jaxconv._src.core.problem import Problem
-from jaxconv._src.engines.pallas.autodiff import _conv_hand_bwd, _conv_xla_bwd, _forward_all
+from jaxconv._src.core.algebra import Op
+from jaxconv._src.core.geometry import Geometry
+from jaxconv._src.core.problem import DEFAULT_MAX_BLOCK_BYTES, Problem
+from jaxconv._src.engines import taps
 from jaxconv._src.engines.pallas.config import Spec
-from jaxconv._src.engines.pallas.platforms import platform_backends
+from jaxconv._src.engines.pallas.orchestration import _backward, _forward
+from jaxconv._src.engines.pallas.platforms import (
+    Backend,
+    BlockSizes,
+    _on_platforms,
+    platform_backends,
+)
 
 Array = jax.Array
 
 
 def _spec_of(problem: Problem) -> Spec:
-    return Spec(problem.op, problem.geom, problem.acc_dtype, platform_backends(),
-                problem.max_block_bytes)
+    """The problem's static Pallas parameters; `Problem.options` holds the backends (per
+    platform) when the caller chose them (`generic_conv`), else each platform's default."""
+    backends = problem.options or platform_backends()
+    return Spec(problem.op, problem.geom, problem.acc_dtype, backends, problem.max_block_bytes)
 
 
 def forward(problem: Problem, x: Array, w: Array) -> Array:
     """The product of canonical ``x`` and ``w`` in the accumulation dtype."""
-    return _forward_all(_spec_of(problem), x, w).astype(problem.acc_dtype)
+    spec = _spec_of(problem)
+    y = _on_platforms(
+        spec.backends, lambda be: functools.partial(_forward, spec.config(be)), x, w)
+    return y.astype(problem.acc_dtype)
 
 
 def backward(problem: Problem, x: Array, w: Array, y: Array, g: Array,
              need: tuple[bool, bool]) -> tuple[Array, Array]:
-    """The input and kernel gradients from the forward's ``y`` (not recomputed)."""
+    """The input and kernel gradients from the forward's ``y`` (not recomputed).
+
+    ``sum``, ``max``, ``min`` and ``logsumexp`` have gradient kernels; other reduces
+    (``prod``, user callables) take the XLA engine's gradient of the same product.
+    """
     del need
     spec = _spec_of(problem)
+    g = g.astype(problem.acc_dtype)
     if problem.op.reduce_name in algebra.HAND_VJP_REDUCES:
-        return _conv_hand_bwd(spec, (x, w, y), g.astype(problem.acc_dtype))
-    return _conv_xla_bwd(spec, (x, w), g)
+        return _on_platforms(
+            spec.backends, lambda be: functools.partial(_backward, spec.config(be)), x, w, y, g)
+
+    def f(xv: Array, wv: Array) -> Array:
+        return primitive.canonical_conv(
+            xv, wv, problem.geom, problem.op, engine="xla",
+            preferred_element_type=problem.acc_dtype, max_block_bytes=problem.max_block_bytes)
+
+    _, vjp = jax.vjp(f, x, w)
+    gx, gw = vjp(g)
+    return gx.astype(x.dtype), gw.astype(w.dtype)
 
 
 class PallasEngine(registry.Engine):
@@ -64,3 +94,59 @@ class PallasEngine(registry.Engine):
 
 
 ENGINE = PallasEngine()
+
+
+def generic_conv(
+    x: Array,
+    w: Array,
+    geom: Geometry,
+    op: Op,
+    *,
+    preferred_element_type: Any | None = None,
+    max_block_bytes: int | None = None,
+    interpret: bool | None = None,
+    blocks: BlockSizes | None = None,
+    backend: Backend | None = None,
+) -> Array:
+    """Generalized convolution on canonical layouts with Pallas kernels of a chosen form.
+
+    The call goes through the core's primitive (``jit``, ``grad``, ``jvp`` and ``vmap``
+    as for ``engine="pallas"``), the op taken as given (no factoring); the backends travel
+    in `Problem.options`. The kernels are chosen per platform when the program is lowered:
+    interpret mode on CPU, Triton on CUDA / ROCm, Mosaic on TPU.
+
+    Args:
+      x: ``(N, *spatial, C)`` input.
+      w: ``(*window, C // groups, O)`` kernel.
+      geom: the static geometry (padding already resolved to pairs).
+      op: the product.
+      preferred_element_type: accumulation / output dtype, as in ``lax``.
+      max_block_bytes: bound on intermediate bytes; the Pallas kernels keep one
+        ``(bm, bn)`` tile per program, so it only matters for the XLA-engine backward of
+        reduces without a kernel gradient (``prod``, user callables).
+      interpret: ``True``: interpret mode on every platform (debugging); default: each
+        platform's kernel.
+      blocks: tile sizes for every platform (default: each platform's).
+      backend: one `Backend` for every platform (tests; overrides the other two).
+
+    Returns:
+      ``(N, *out_spatial, O)``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxconv import ops
+      >>> from jaxconv._src.core.geometry import Geometry
+      >>> geom = Geometry((4,), (2,), (1,), ((0, 0),), (1,), (1,), 1)
+      >>> generic_conv(jnp.arange(4.0).reshape(1, 4, 1), jnp.zeros((2, 1, 1)), geom,
+      ...              ops.max_plus)[0, :, 0]
+      Array([1., 2., 3.], dtype=float32)
+    """
+    x, w, out_dtype, acc_dtype = taps.resolve_dtypes(x, w, op, preferred_element_type)
+    n, o = x.shape[0], w.shape[-1]
+    if n == 0 or o == 0:
+        return jnp.zeros((n, *geom.out_spatial, o), out_dtype)
+    mbb = DEFAULT_MAX_BLOCK_BYTES if max_block_bytes is None else int(max_block_bytes)
+    backends = platform_backends(interpret=interpret, blocks=blocks, backend=backend)
+    problem = Problem(op.replace(post=None), geom, ENGINE.name, acc_dtype, mbb, None,
+                      jnp.dtype(x.dtype), backends)
+    return taps.finish(primitive.conv(x, w, problem), op, out_dtype)
