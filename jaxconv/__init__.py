@@ -22,10 +22,9 @@ from jaxconv._src.kernel_ops import sharpened_cosine_conv as sharpened_cosine_co
 from jaxconv._src.mixed import conv_multi as conv_multi
 from jaxconv._src.prebuild import compile_kernels as compile_kernels
 from jaxconv._src.transpose import conv_transpose as conv_transpose
+from jaxconv._src.version import __version__ as __version__
 from jaxconv._src.wrappers import conv as conv
 from jaxconv._src.wrappers import dense as dense
-
-__version__ = "0.1.0"
 
 # A deserialized `jax.export` artifact that calls the native kernels runs in any process that
 # imported jaxconv: its FFI targets are registered here, not at the first product.

@@ -172,3 +172,51 @@ def test_no_op_is_recognised_by_comparison_with_a_builtin() -> None:
         if hits:
             bad[str(path.relative_to(src))] = hits
     assert not bad, bad
+
+
+def test_version_is_written_once() -> None:
+    """`jaxconv/_src/version.py` holds the version; pyproject reads it from there and the
+    installed metadata and `jaxconv.__version__` agree with it."""
+    import importlib.metadata
+    import tomllib
+
+    from jaxconv._src import version
+
+    root = pathlib.Path(_ROOT)
+    meta = tomllib.loads((root / "pyproject.toml").read_text())
+    assert "version" not in meta["project"] and "version" in meta["project"]["dynamic"]
+    provider = meta["tool"]["scikit-build"]["metadata"]["version"]
+    assert provider["input"] == "jaxconv/_src/version.py"
+    assert jaxconv.__version__ == version.__version__
+    assert importlib.metadata.version("jaxconv") == version.__version__
+
+
+def _imports(path: pathlib.Path) -> list[str]:
+    """The modules a source file imports (``from a import b`` gives ``a`` and ``a.b``)."""
+    import ast
+
+    names = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.extend(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.append(node.module)
+            names.extend(f"{node.module}.{a.name}" for a in node.names)
+    return names
+
+
+def test_the_internals_import_nothing_above_them() -> None:
+    """Nothing in `jaxconv/_src` imports the package's face (`jaxconv`, its public modules),
+    and one module, `engines/native/ffi.py`, imports the compiled extension."""
+    src = pathlib.Path(_ROOT) / "jaxconv" / "_src"
+    upward, extension = [], []
+    for path in sorted(src.rglob("*.py")):
+        rel = path.relative_to(src).as_posix()
+        for name in _imports(path):
+            if name == "jaxconv._native":
+                extension.append(rel)
+            elif name == "jaxconv" or (name.startswith("jaxconv.")
+                                       and not name.startswith("jaxconv._")):
+                upward.append((rel, name))
+    assert upward == []
+    assert sorted(set(extension)) == ["engines/native/ffi.py"]

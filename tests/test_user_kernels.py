@@ -341,7 +341,7 @@ def test_planning_compiles_nothing(monkeypatch):
     from jaxconv._src.core import planner
     from jaxconv._src.core.geometry import Geometry
     from jaxconv._src.core.problem import Problem
-    from jaxconv._src.engines.native import ffi, user_kernels
+    from jaxconv._src.engines.native import user_kernels
 
     op = jaxconv.Op(lambda x, w: jnp.tanh(x - w) * 0.25, "max", name="planned_only")
     built = []
@@ -350,7 +350,7 @@ def test_planning_compiles_nothing(monkeypatch):
     f32 = np.dtype("float32")
     problem = Problem(op, geom, "auto", f32, 2**20, None, f32)
     assert planner.engine_name(problem, f32, "cpu") == "native"
-    assert built == [] and ffi.built(op) is None
+    assert built == [] and user_kernels.built(op) is None
 
 
 def test_untranslated_primitive():

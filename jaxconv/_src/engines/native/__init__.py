@@ -2,8 +2,9 @@
 
 - `engine`: the engine on the core's protocol (registered here as ``"native"``);
 - `eligibility`: the one decision of what it serves (`eligibility.refusal`);
-- `ffi`: the library's loading, the FFI calls, user kernels compiled at first use;
-- `translation`, `codegen`: a user op's C++ source; `user_kernels`: its compiled cache.
+- `ffi`: the library's loading (the one importer of ``jaxconv._native``) and the FFI calls;
+- `translation`, `codegen`: a user op's C++ source; `user_kernels`: its kernels compiled at
+  first use (`user_kernel`) and their cache.
 
 Importing the package loads no library: that happens on first use.
 """
@@ -13,6 +14,6 @@ from jaxconv._src.engines.native.engine import ENGINE as ENGINE
 from jaxconv._src.engines.native.ffi import available as available
 from jaxconv._src.engines.native.ffi import isa as isa
 from jaxconv._src.engines.native.ffi import load_error as load_error
-from jaxconv._src.engines.native.ffi import user_kernel as user_kernel
+from jaxconv._src.engines.native.user_kernels import user_kernel as user_kernel
 
 _registry.register(ENGINE.name, lambda: ENGINE)

@@ -3,7 +3,7 @@
 `refusal` is the only eligibility function of the native engine: the planner reads its
 verdict, ``engine="native"`` raises it as an error, and `jaxconv.explain` prints it. It is
 static and compiles nothing: a user op is translated to C++ (`codegen.functor`, cached), and
-its kernels are compiled when the engine first lowers it (`ffi.user_kernel`); a compile
+its kernels are compiled when the engine first lowers it (`user_kernels.user_kernel`); a compile
 failure seen there is remembered and read here from then on.
 """
 
@@ -17,7 +17,7 @@ from jax.typing import DTypeLike
 from jaxconv._src.core import engine as registry
 from jaxconv._src.core.algebra import Op
 from jaxconv._src.core.problem import Problem
-from jaxconv._src.engines.native import ffi
+from jaxconv._src.engines.native import ffi, user_kernels
 from jaxconv._src.engines.native.translation import Refusal, translation
 
 # The operands' dtypes the kernels serve.
@@ -32,7 +32,7 @@ def _op_refusal(op: Op, auto: bool) -> str | None:
     got = translation(op)
     if isinstance(got, Refusal):
         return got.reason
-    built = ffi.built(op)
+    built = user_kernels.built(op)
     if isinstance(built, Refusal):
         return built.reason
     if auto and got.scalar:

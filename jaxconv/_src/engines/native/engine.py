@@ -20,7 +20,7 @@ from jax.typing import DTypeLike
 from jaxconv._src.core import algebra, products
 from jaxconv._src.core import engine as registry
 from jaxconv._src.core.problem import Problem
-from jaxconv._src.engines.native import eligibility, ffi
+from jaxconv._src.engines.native import eligibility, ffi, user_kernels
 from jaxconv._src.engines.native.translation import Refusal
 
 Array = jax.Array
@@ -72,7 +72,7 @@ class NativeEngine(registry.Engine):
         op = problem.op
         if op.native is not None:
             return (f"built-in kernel {op.native!r} ({ffi.isa()})",)
-        kernel = ffi.user_kernel(op)
+        kernel = user_kernels.user_kernel(op)
         if isinstance(kernel, Refusal):
             return (kernel.reason,)
         how = (f"compiled now in {kernel.seconds:.2f} s" if kernel.compiled
@@ -89,7 +89,7 @@ class NativeEngine(registry.Engine):
         warning); raises under engine="native"; ``None`` when the kernels are there."""
         if problem.op.native is not None:
             return None
-        got = ffi.user_kernel(problem.op)
+        got = user_kernels.user_kernel(problem.op)
         if not isinstance(got, Refusal):
             return None
         name = problem.op.display_name
@@ -103,7 +103,10 @@ class NativeEngine(registry.Engine):
 
     def _spec(self, problem: Problem, x: Array, w: Array) -> Any:
         ffi._register()
-        return ffi._call_spec(problem.op, problem.geom, x.shape, w.shape)
+        op_id = ffi.kernel_id(problem.op)
+        if op_id is None:
+            op_id = user_kernels.user_kernel(problem.op).op_id
+        return ffi._call_spec(problem.op, op_id, problem.geom, x.shape, w.shape)
 
     def forward(self, problem: Problem, x: Array, w: Array) -> Array:
         other = self._fallback(problem)

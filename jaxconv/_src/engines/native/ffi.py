@@ -5,10 +5,11 @@ implicit-GEMM loop nest over combine/reduce functors, built for AVX-512, AVX2 an
 baseline and picked at run time; they share their work on XLA's intra-op thread pool and give
 the same result whatever the thread count. A built-in op's kernel is chosen from ``op.native``
 (with ``op.reduce`` and ``op.pad_value``); a user op's kernels are generated and compiled at
-first use (`user_kernel`: ``codegen`` and ``user_kernels``). What the kernels do not serve is
+first use (``codegen`` and ``user_kernels.user_kernel``). What the kernels do not serve is
 decided by `eligibility.refusal`.
 
-This module holds the library's loading and the two FFI calls (forward and backward); the
+This module holds the library's loading (it is the one module that imports the extension;
+the others reach it through `extension`) and the two FFI calls (forward and backward); the
 engine (`engine.NativeEngine`) lowers the core's primitives to them: max/min ops route the
 cotangent to the winning taps (ties split equally, as ``jax.grad(jnp.max)``), sums use the
 op's gradient rule (AdderNet's for ``adder``, the exact subgradient for ``l1``, exact for
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -27,10 +28,6 @@ import numpy as np
 
 from jaxconv._src.core.algebra import Op
 from jaxconv._src.core.geometry import Geometry
-from jaxconv._src.engines.native import translation
-
-if TYPE_CHECKING:  # user_kernels is imported when an op is compiled
-    from jaxconv._src.engines.native.user_kernels import Kernel
 
 Array = jax.Array
 
@@ -58,7 +55,7 @@ def _load() -> Any:
         if not _state["loaded"]:
             _state["loaded"] = True
             try:
-                from jaxconv import _native  # noqa: PLC0415 - loaded on first use
+                import jaxconv._native as _native  # noqa: PLC0415 - loaded on first use
 
                 # A library built from older sources may lack the table: not available.
                 built = {name: (int(kid), str(red))
@@ -72,6 +69,27 @@ def _load() -> Any:
                 else:
                     _state["module"] = _native
         return _state["module"]
+
+
+def extension() -> Any:
+    """The loaded extension module ``jaxconv._native`` (kernels, FFI targets, build facts).
+
+    Returns:
+      The module.
+
+    Raises:
+      ImportError: it cannot be loaded here, or it was built from other sources (the reason
+        is `load_error`).
+
+    Example:
+      >>> from jaxconv._src.engines.native import ffi
+      >>> ffi.extension().isa() in ("avx512", "avx2", "base") if ffi.available() else True
+      True
+    """
+    mod = _load()
+    if mod is None:
+        raise ImportError(f"the native library could not be loaded ({load_error()})")
+    return mod
 
 
 def available() -> bool:
@@ -129,50 +147,13 @@ def kernel_id(op: Op) -> int | None:
     return entry[0]
 
 
-_built: dict[Op, Kernel | translation.Refusal] = {}
-
-
-def built(op: Op) -> Kernel | translation.Refusal | None:
-    """What compiling ``op``'s kernels gave (a kernel or a `Refusal`), ``None`` if not yet
-    tried: read by the eligibility decision, which never compiles."""
-    return _built.get(op)
-
-
-def user_kernel(op: Op) -> Kernel | translation.Refusal:
-    """The compiled kernels of a user op, or why it has none (compiled once per op).
-
-    Args:
-      op: an op without a built-in kernel (``op.native is None``).
-
-    Returns:
-      A `user_kernels.Kernel`, or an `translation.Refusal` saying why the op is not compiled.
-    """
-    from jaxconv._src.engines.native import user_kernels  # noqa: PLC0415 - compiles
-
-    with _lock:
-        if op in _built:
-            return _built[op]
-    got = translation.translation(op)
-    if isinstance(got, translation.Refusal):
-        return got
-    if not available():
-        return translation.Refusal(f"the native library could not be loaded ({load_error()})",
-                                   compile_failed=False)
-    try:
-        out = user_kernels.build(got)
-    except user_kernels.CompileError as e:
-        out = translation.Refusal(f"it could not be compiled: {e}", compile_failed=True)
-    with _lock:
-        return _built.setdefault(op, out)
-
-
 Triple = tuple[int, int, int]
 
 
 @dataclasses.dataclass(frozen=True)
 class _Call:
-    """Static attributes of one FFI call (hashable: the custom_vjp's static argument), on
-    the 3-D canonical layout (missing spatial dims have size 1)."""
+    """Static attributes of one FFI call (hashable), on the 3-D canonical layout (missing
+    spatial dims have size 1)."""
 
     op_id: int
     pad: float | None
@@ -205,8 +186,8 @@ class _Call:
                     rhs_dilation=triple(self.rhs_dilation))
 
 
-def _call_spec(op: Op, geom: Geometry, x_shape: tuple[int, ...], w_shape: tuple[int, ...]
-               ) -> _Call:
+def _call_spec(op: Op, op_id: int, geom: Geometry, x_shape: tuple[int, ...],
+               w_shape: tuple[int, ...]) -> _Call:
     lead = 3 - len(geom.window)
 
     def three(t: tuple, fill: Any) -> tuple:
@@ -217,10 +198,7 @@ def _call_spec(op: Op, geom: Geometry, x_shape: tuple[int, ...], w_shape: tuple[
 
     n, c = int(x_shape[0]), int(x_shape[-1])
     i, o = int(w_shape[-2]), int(w_shape[-1])
-    kid = kernel_id(op)
-    if kid is None:
-        kid = user_kernel(op).op_id
-    return _Call(kid, None if op.pad_value is None else float(op.pad_value),
+    return _Call(op_id, None if op.pad_value is None else float(op.pad_value),
                  (n, *ints(three(geom.in_spatial, 1)), c), (*ints(three(geom.window, 1)), i, o),
                  (n, *ints(three(geom.out_spatial, 1)), o), ints(three(geom.strides, 1)),
                  tuple((int(lo), int(hi)) for lo, hi in three(geom.padding, (0, 0))),

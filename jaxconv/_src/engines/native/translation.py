@@ -1,7 +1,7 @@
 """A user op's translation to the native kernels' C++ source, or why it has none.
 
 Translation is cheap and compiles nothing (`codegen.functor`, cached per op); compiling is
-`ffi.user_kernel`'s, when the engine first lowers the op.
+`user_kernels.user_kernel`'s, when the engine first lowers the op.
 """
 
 from __future__ import annotations

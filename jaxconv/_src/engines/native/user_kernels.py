@@ -52,7 +52,9 @@ import warnings
 from collections.abc import Iterator
 from typing import Any
 
-from jaxconv._src.engines.native import codegen
+from jaxconv._src.core.algebra import Op
+from jaxconv._src.engines.native import codegen, ffi, translation
+from jaxconv._src.version import __version__
 
 logger = logging.getLogger("jaxconv")
 
@@ -254,14 +256,8 @@ def _warn_private(asked: str, reason: str, private: str) -> None:
                   "README's 'Kernel cache').", RuntimeWarning, stacklevel=2)
 
 
-def _native() -> Any:
-    from jaxconv import _native  # noqa: PLC0415 - only once the native engine is used
-
-    return _native
-
-
 def _package_files() -> pathlib.Path:
-    return pathlib.Path(_native().__file__).parent / "_csrc"
+    return pathlib.Path(ffi.extension().__file__).parent / "_csrc"
 
 
 @functools.cache
@@ -302,11 +298,9 @@ def _command(cxx: str, isa: str, src: pathlib.Path, out: pathlib.Path) -> list[s
 
 
 def _key(source: str, isa: str, cxx: str) -> str:
-    from jaxconv import __version__  # noqa: PLC0415
-
     cfg = _build_config()
     text = json.dumps([source, isa, cxx, cfg["flags"], cfg["isa_flags"].get(isa, []),
-                       __version__, int(_native().abi())])
+                       __version__, int(ffi.extension().abi())])
     headers = b"".join((_package_files() / f).read_bytes() for f in cfg["headers"])
     return hashlib.sha256(text.encode() + headers).hexdigest()[:32]
 
@@ -392,7 +386,7 @@ def _compile(source: str, cxx: str, isa: str, directory: pathlib.Path, key: str)
 
 def _load(key: str, lib_path: pathlib.Path) -> int:
     """Loads the library (once per process), checks its ABI and registers it; the op id."""
-    native = _native()
+    native = ffi.extension()
     op_id = int(native.user_base()) + int(key[:10], 16)
     with _lock:
         if key not in _loaded:
@@ -465,7 +459,7 @@ def build(functor: codegen.Functor) -> Kernel:
         its output), or no directory could hold the library.
     """
     t0 = time.perf_counter()
-    isa = str(_native().isa())
+    isa = str(ffi.extension().isa())
     cxx = compiler()
     asked = cache_dir()
     with _dirs_lock:
@@ -496,3 +490,61 @@ def build(functor: codegen.Functor) -> Kernel:
     except OSError as e:
         raise CompileError(f"the kernel cache could not be used ({e})") from None
     return Kernel(op_id, lib, compiled, time.perf_counter() - t0, functor)
+
+
+_built_lock = threading.Lock()
+_built: dict[Op, Kernel | translation.Refusal] = {}
+
+
+def built(op: Op) -> Kernel | translation.Refusal | None:
+    """What compiling ``op``'s kernels gave, ``None`` if not tried yet.
+
+    Read by the eligibility decision, which never compiles.
+
+    Args:
+      op: a user op.
+
+    Returns:
+      Its `Kernel`, the `translation.Refusal` saying why it has none, or ``None``.
+
+    Example:
+      >>> import jaxconv
+      >>> from jaxconv._src.engines.native import user_kernels
+      >>> user_kernels.built(jaxconv.Op(lambda x, w: x - w, "max", name="never_built"))
+    """
+    with _built_lock:
+        return _built.get(op)
+
+
+def user_kernel(op: Op) -> Kernel | translation.Refusal:
+    """The compiled kernels of a user op, or why it has none (compiled once per op).
+
+    Args:
+      op: an op without a built-in kernel (``op.native is None``).
+
+    Returns:
+      A `Kernel`, or a `translation.Refusal` saying why the op is not compiled.
+
+    Example:
+      >>> import jaxconv
+      >>> from jaxconv._src.engines.native import user_kernels
+      >>> got = user_kernels.user_kernel(jaxconv.Op(lambda x, w: x - w, "max"))
+      >>> isinstance(got, (user_kernels.Kernel, translation.Refusal))
+      True
+    """
+    with _built_lock:
+        if op in _built:
+            return _built[op]
+    got = translation.translation(op)
+    if isinstance(got, translation.Refusal):
+        return got
+    if not ffi.available():
+        return translation.Refusal(
+            f"the native library could not be loaded ({ffi.load_error()})",
+            compile_failed=False)
+    try:
+        out = build(got)
+    except CompileError as e:
+        out = translation.Refusal(f"it could not be compiled: {e}", compile_failed=True)
+    with _built_lock:
+        return _built.setdefault(op, out)
