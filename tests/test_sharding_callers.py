@@ -110,17 +110,21 @@ def test_conv_multi() -> None:
     _check(f, _images(5), w, lax_f)
 
 
+def _nnx_layer(layer: str, seed: int, op: str | None = None, features: int = 12):
+    """A jaxconv NNX conv (4 -> 8 channels) or linear layer (``features`` -> 8) with ``op``
+    (``None``: Flax's own layer) and a batch of inputs for it."""
+    mod, kw = (jaxconv.nnx, dict(op=op)) if op is not None else (nnx, {})
+    if layer == "conv":
+        return mod.Conv(4, 8, (3, 3), rngs=nnx.Rngs(0), **kw), _images(seed)
+    x = jnp.asarray(np.random.default_rng(seed).normal(size=(N, features)), jnp.float32)
+    return mod.Linear(features, 8, rngs=nnx.Rngs(0), **kw), x
+
+
 # --- packed XNOR (inference: forward only) ---------------------------------------------------
 
 @pytest.mark.parametrize("layer", ["conv", "linear"])
 def test_packed_layers(layer: str) -> None:
-    rng = nnx.Rngs(0)
-    if layer == "conv":
-        trained = jaxconv.nnx.Conv(4, 8, (3, 3), op="xnor", rngs=rng)
-        x = _images(6)
-    else:
-        trained = jaxconv.nnx.Linear(40, 8, op="xnor", rngs=rng)
-        x = jnp.asarray(np.random.default_rng(6).normal(size=(N, 40)), jnp.float32)
+    trained, x = _nnx_layer(layer, 6, "xnor", features=40)
     model = packed.pack_model(nnx.Sequential(trained))
     assert isinstance(model.layers[0], (packed.PackedConv, packed.PackedLinear))
     graphdef, state = nnx.split(model)
@@ -135,17 +139,9 @@ def test_packed_layers(layer: str) -> None:
 
 @pytest.mark.parametrize("layer", ["conv", "linear"])
 def test_nnx_layers(layer: str) -> None:
-    rng = nnx.Rngs(0)
-    if layer == "conv":
-        model = jaxconv.nnx.Conv(4, 8, (3, 3), op="max_plus", rngs=rng)
-        x = _images(7)
-    else:
-        model = jaxconv.nnx.Linear(12, 8, op="max_plus", rngs=rng)
-        x = jnp.asarray(np.random.default_rng(7).normal(size=(N, 12)), jnp.float32)
+    model, x = _nnx_layer(layer, 7, "max_plus")
     graphdef, params = nnx.split(model)
-    twin = (nnx.Conv(4, 8, (3, 3), rngs=nnx.Rngs(0)) if layer == "conv"
-            else nnx.Linear(12, 8, rngs=nnx.Rngs(0)))
-    tdef, tparams = nnx.split(twin)
+    tdef, tparams = nnx.split(_nnx_layer(layer, 7)[0])  # Flax's layer: lax's sharding
 
     def f(x, params):
         return nnx.merge(graphdef, params)(x)
