@@ -192,6 +192,12 @@ class Op:
         when the change touches the math it vouches for: ``combine``, ``reduce``,
         ``identity``, ``pad_value``, ``rewrite`` or ``post``.
 
+        Args:
+          **changes: new values of ``Op`` fields, by name.
+
+        Returns:
+          The new op.
+
         Example:
           >>> import jaxconv
           >>> jaxconv.ops.standard.replace(name="mine").lax_product

@@ -114,8 +114,14 @@ def per_product_rule(op: Op, dtype: Any) -> str | None:
 
     A ``jax.custom_vjp`` / ``jax.custom_jvp`` function of one operand only (``ste(x)``) is
     factored out by `factored_form`; this says why one is not (it reads both operands, or its
-    backward is not linear in the cotangent), for `jaxconv.explain`. ``None``: no rule runs
-    once per product.
+    backward is not linear in the cotangent), for `jaxconv.explain`.
+
+    Args:
+      op: the op.
+      dtype: the operands' dtype.
+
+    Returns:
+      The reason as a sentence, or ``None`` when no rule runs once per product.
 
     Example:
       >>> import jax, jax.numpy as jnp

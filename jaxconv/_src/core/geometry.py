@@ -27,6 +27,7 @@ class Geometry:
 
     @property
     def padded_spatial(self) -> tuple[int, ...]:
+        """The input's spatial extents after ``lhs_dilation`` and padding."""
         return tuple(
             (s - 1) * d + 1 + lo + hi if s > 0 else lo + hi
             for s, d, (lo, hi) in zip(
@@ -35,6 +36,7 @@ class Geometry:
 
     @property
     def out_spatial(self) -> tuple[int, ...]:
+        """The output's spatial extents (as ``lax.conv_general_dilated``'s)."""
         return tuple(
             max(0, (p - (k - 1) * d - 1) // s + 1)
             for p, k, d, s in zip(
@@ -49,6 +51,15 @@ class Geometry:
         return [(0, 0, 0), *cfg, (0, 0, 0)]
 
     def taps(self) -> list[tuple[int, ...]]:
+        """The window's taps, as index tuples in row-major order.
+
+        Returns:
+          ``[(0, .., 0), ..., (k0 - 1, .., kd - 1)]``.
+
+        Example:
+          >>> Geometry((4,), (2,), (1,), ((0, 0),), (1,), (1,), 1).taps()
+          [(0,), (1,)]
+        """
         return list(itertools.product(*(range(k) for k in self.window)))
 
     def valid_mask(self) -> np.ndarray | None:

@@ -40,6 +40,12 @@ _HIGHEST = lax.Precision.HIGHEST
 def dimension_numbers(nsd: int) -> lax.ConvDimensionNumbers:
     """The canonical layouts' dimension numbers: ``(N, *S, C)``, ``(*K, I, O)``.
 
+    Args:
+      nsd: the number of spatial dimensions.
+
+    Returns:
+      The dimension numbers of ``lax.conv_general_dilated`` for the canonical layouts.
+
     Example:
       >>> dimension_numbers(2).lhs_spec
       (0, 3, 1, 2)
@@ -290,6 +296,16 @@ def separable_kernel_gradient(problem: Problem, kind: str, x: Array, w: Array,
     """The kernel gradient of a separable sum, in standard products (`separable_gradients`),
     for per-example gradients: under ``jax.vmap`` the product's kernel gradient is
     `per_example_kernel_grad`, which partitions over sharded examples.
+
+    Args:
+      problem: the canonical problem.
+      kind: ``"mul"``, ``"adder"`` or ``"sqdiff"`` (`algebra.Capabilities.separable`).
+      x: the canonical input.
+      w: the canonical kernel.
+      g: the output's cotangent.
+
+    Returns:
+      The kernel gradient, in ``w``'s dtype.
 
     Example:
       >>> import jax.numpy as jnp, numpy as np

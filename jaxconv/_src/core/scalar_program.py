@@ -64,6 +64,7 @@ class Node:
 
     @property
     def name(self) -> str:
+        """The primitive's name (``"mul"``, ``"tanh"``, ...)."""
         return self.primitive.name
 
     @property
@@ -402,6 +403,12 @@ def monotone_split(program: ScalarProgram) -> MonotoneSplit | None:
     nothing else. ``None`` when there is no such tail, when nothing would be left inside, or
     when a ``custom_jvp`` function was inlined (its rule would be lost on the JAX side).
 
+    Args:
+      program: a traced program with one output.
+
+    Returns:
+      The split (inner program, monotone outer tail, its direction), or ``None``.
+
     Example:
       >>> import jax.numpy as jnp
       >>> from jaxconv._src.core import scalar_program as sp
@@ -459,6 +466,12 @@ def nan_free(program: ScalarProgram) -> bool:
     Each value is finite, maybe infinite, or maybe NaN: sums and products of finite values
     may overflow to infinity, and infinity meets infinity (``inf - inf``, ``0 * inf``) in a
     NaN; ``log``, ``sqrt``, ``div``, ``pow``, ... may make a NaN from finite values.
+
+    Args:
+      program: a traced program.
+
+    Returns:
+      ``True`` only when no finite arguments can give a NaN.
 
     Example:
       >>> from jaxconv._src.core import scalar_program as sp
@@ -526,8 +539,14 @@ def operand_split(program: ScalarProgram) -> OperandSplit | None:
 
     ``tanh(x) * w`` is ``core(a, b) = a * b`` of ``a = tanh(x)`` and ``b = w``: the map of an
     operand runs once per element of the input (or kernel), not once per product. A side is
-    split when exactly one of its values reaches the rest of the program. ``None`` when
-    neither side is, or when a ``custom_jvp`` function was inlined.
+    split when exactly one of its values reaches the rest of the program.
+
+    Args:
+      program: a traced program of two arguments.
+
+    Returns:
+      The split (the core and each side's map), or ``None`` when neither side is split or
+      when a ``custom_jvp`` function was inlined.
 
     Example:
       >>> import jax.numpy as jnp

@@ -88,6 +88,23 @@ def int_tuple(name: str, value: Any, n: int, minimum: int | None = 1,
 
 
 def positive_int(name: str, value: Any) -> int:
+    """``value`` as an int, checked positive.
+
+    Args:
+      name: the argument's name, for the error.
+      value: the value given.
+
+    Returns:
+      The int.
+
+    Raises:
+      TypeError: not an integer.
+      ValueError: not positive.
+
+    Example:
+      >>> positive_int("feature_group_count", 2)
+      2
+    """
     try:
         iv = operator.index(value)
     except TypeError:
@@ -223,6 +240,21 @@ def padding_pairs(padding: Any, nsd: int, lhs_dilation: tuple[int, ...]) -> str 
 
 
 def engine_name(engine: Any) -> str:
+    """``engine``, checked to be ``"auto"`` or a registered engine's name.
+
+    Args:
+      engine: the value of ``engine=``.
+
+    Returns:
+      The name.
+
+    Raises:
+      ValueError: not a known engine (the message lists them).
+
+    Example:
+      >>> engine_name("xla")
+      'xla'
+    """
     allowed = (registry.AUTO, *registry.names())
     if not isinstance(engine, str) or engine not in allowed:
         raise ValueError(f"`engine` must be one of {allowed}, got {engine!r}.")
@@ -230,6 +262,22 @@ def engine_name(engine: Any) -> str:
 
 
 def max_block_bytes(value: Any) -> int | None:
+    """``max_block_bytes``, checked: ``None`` (the default bound) or a positive int.
+
+    Args:
+      value: the value given.
+
+    Returns:
+      The int, or ``None``.
+
+    Raises:
+      TypeError: not an integer or ``None``.
+      ValueError: not positive.
+
+    Example:
+      >>> max_block_bytes(2**20)
+      1048576
+    """
     if value is None:
         return None
     try:

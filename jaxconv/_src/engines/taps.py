@@ -96,7 +96,7 @@ def unblock(y: Array, n: int) -> Array:
 def resolve_dtypes(
     x: Array, w: Array, op: Op, preferred_element_type: Any | None
 ) -> tuple[Array, Array, Any, Any]:
-    """The dtype prologue of a direct engine call (Pallas ``generic_conv``, packed).
+    """The dtype prologue of a direct engine call (Pallas ``generic_conv``).
 
     Returns ``x`` and ``w`` cast to their common dtype, the output dtype
     (``preferred_element_type`` or the common dtype) and the accumulation dtype

@@ -528,9 +528,8 @@ def user_kernel(op: Op) -> Kernel | translation.Refusal:
     Example:
       >>> import jaxconv
       >>> from jaxconv._src.engines.native import user_kernels
-      >>> got = user_kernels.user_kernel(jaxconv.Op(lambda x, w: x - w, "max"))
-      >>> isinstance(got, (user_kernels.Kernel, translation.Refusal))
-      True
+      >>> user_kernels.user_kernel(jaxconv.Op(lambda x, w: x * w, "sum")).reason
+      'it is a multiply-and-add (a standard convolution is faster)'
     """
     with _built_lock:
         if op in _built:

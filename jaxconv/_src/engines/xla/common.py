@@ -19,6 +19,18 @@ Array = jax.Array
 
 @dataclasses.dataclass(frozen=True)
 class Config:
+    """Static parameters of one XLA-engine convolution (hashable).
+
+    Attributes:
+      op: the product.
+      geom: the geometry.
+      acc_dtype: the accumulation (and output) dtype.
+      max_block_bytes: the bound on one block's intermediate bytes.
+      block: images per block in the forward pass.
+      block_bwd: images per block in the backward pass.
+      unroll: steps of the input gradient's loop over output channels per iteration.
+    """
+
     op: Op
     geom: Geometry
     acc_dtype: Any
@@ -38,10 +50,12 @@ def block_size(
 
 
 def canonical_op(op: Op) -> Op:
+    """``op`` as the engine computes it (`algebra.Capabilities.canonical`)."""
     return algebra.capabilities(op).canonical
 
 
 def dominated_fill(op: Op) -> float | None:
+    """A padding value no real term beats (`algebra.Capabilities.dominated_fill`)."""
     return algebra.capabilities(op).dominated_fill
 
 

@@ -39,6 +39,16 @@ def winner_merge(red: str, va: Array, pa: tuple, vb: Array, pb: tuple) -> tuple:
     The larger value (smaller for ``"min"``) keeps its payloads; equal values (``-0 == 0``)
     add them; NaN beats every number (its window has no gradient, and the callers mask it).
 
+    Args:
+      red: ``"max"`` or ``"min"``.
+      va: the first part's values.
+      pa: the first part's payloads (each shaped as ``va``).
+      vb: the second part's values.
+      pb: the second part's payloads.
+
+    Returns:
+      ``(value, payloads)`` of the merged result.
+
     Example:
       >>> import jax.numpy as jnp
       >>> v, (n,) = winner_merge("max", jnp.array([3.0]), (jnp.array([2.0]),),
@@ -64,6 +74,14 @@ def winner_terms(red: str, c: Array, payloads: tuple) -> tuple[Array, tuple]:
     differently in each (XLA contracts ``x * w - x`` into an fma in one kernel and not in
     another), and then no entry would equal the max. A NaN may be dropped by the max
     (XLA CPU's vectorised reductions): the callers mask NaN windows.
+
+    Args:
+      red: ``"max"`` or ``"min"``.
+      c: the terms, reduced over the last axis.
+      payloads: arrays shaped as ``c``, summed over the winning entries.
+
+    Returns:
+      ``(value, sums)``.
 
     Example:
       >>> import jax.numpy as jnp
