@@ -41,8 +41,19 @@ from jaxconv._src.core.ops import resolve, standard
 Array = jax.Array
 
 def is_semiring(op: Op) -> bool | None:
-    """Whether ``op`` is a semiring, as it declares (``Op.semiring``): True, False, or None
-    (undeclared, e.g. a user op); an op with a post map is not."""
+    """Whether ``op`` is a semiring, as it declares (``Op.semiring``).
+
+    Args:
+      op: the product.
+
+    Returns:
+      True, False, or None (undeclared, e.g. a user op); an op with a post map is not.
+
+    Example:
+      >>> import jaxconv
+      >>> is_semiring(jaxconv.ops.max_plus)
+      True
+    """
     if op.post is not None:
         return False
     return op.semiring

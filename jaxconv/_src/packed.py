@@ -45,7 +45,19 @@ WORDS_PER_REDUCE = 32
 
 
 def packed_size(n: int) -> int:
-    """Number of ``uint32`` words holding ``n`` binary channels."""
+    """Number of ``uint32`` words holding ``n`` binary channels.
+
+    Args:
+      n: the number of channels.
+
+    Returns:
+      ``ceil(n / 32)``.
+
+    Example:
+      >>> from jaxconv import packed
+      >>> packed.packed_size(33)
+      2
+    """
     return -(-int(n) // WORD_BITS)
 
 
@@ -103,6 +115,12 @@ def unpack_signs(
 
     Returns:
       Array with ``axis`` of length ``size`` holding ``-1`` and ``+1``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxconv import packed
+      >>> packed.unpack_signs(jnp.array([5], jnp.uint32), 4)
+      Array([ 1., -1.,  1., -1.], dtype=float32)
     """
     packed = jnp.asarray(packed)
     _check_packed("unpack_signs", "packed", packed)
@@ -137,6 +155,12 @@ def pack_kernel(kernel: Any, *, groups: int = 1) -> Array:
 
     Returns:
       ``uint32`` kernel ``(*window, ceil(I / 32), O)``: 32 times smaller than float32.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxconv import packed
+      >>> packed.pack_kernel(jnp.ones((3, 3, 40, 8))).shape
+      (3, 3, 2, 8)
     """
     kernel = jnp.asarray(kernel)
     if kernel.ndim < 2:
@@ -267,6 +291,14 @@ def packed_conv(
 
     Returns:
       ``(N, *out_spatial, O)``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxconv import packed
+      >>> x = jnp.array([[[1.0], [-1.0], [2.0]]])  # (N, W, C): signs +, -, +
+      >>> w = packed.pack_kernel(jnp.array([[[1.0]], [[-1.0]]]))  # (2, 1, 1)
+      >>> packed.packed_conv(x, w, (1,), "VALID")[0, :, 0]
+      Array([ 2., -2.], dtype=float32)
     """
     w_packed = jnp.asarray(w_packed)
     _check_packed("packed_conv", "w_packed", w_packed)
@@ -396,6 +428,13 @@ def packed_dense(
 
     Returns:
       ``(..., O)``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxconv import packed
+      >>> w = packed.pack_kernel(jnp.array([[1.0], [1.0], [-1.0]]))
+      >>> packed.packed_dense(jnp.array([[0.5, -1.0, 2.0]]), w)
+      Array([[-1.]], dtype=float32)
     """
     w_packed = jnp.asarray(w_packed)
     _check_packed("packed_dense", "w_packed", w_packed)

@@ -74,7 +74,14 @@ _SIGN_QUANTIZERS = (_q.ste_sign, _q.approx_sign, _q.swish_sign)
 
 
 class PackedKernel(_nnx.Variable):
-    """An inference-only ``uint32`` kernel of packed signs (not a trainable ``Param``)."""
+    """An inference-only ``uint32`` kernel of packed signs (not a trainable ``Param``).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxconv import packed
+      >>> packed.PackedKernel(jnp.zeros((1, 8), jnp.uint32)).shape
+      (1, 8)
+    """
 
 
 def _is_sign(q: Any) -> bool:
@@ -135,6 +142,16 @@ class PackedConv(_nnx.Module):
       pad_value: ``None`` (padded taps contribute 0) or larq's ``pad_values`` (``+-1``).
       dtype: output dtype (default float32).
       engine: ``"xla"`` or ``"pallas"``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> import jaxconv
+      >>> from jaxconv import packed
+      >>> conv = jaxconv.nnx.Conv(3, 4, (3, 3), op="xnor", rngs=nnx.Rngs(0))
+      >>> x = jnp.linspace(-1.0, 1.0, 2 * 5 * 5 * 3).reshape(2, 5, 5, 3)
+      >>> bool((packed.PackedConv.from_conv(conv)(x) == conv(x)).all())
+      True
     """
 
     def __init__(
@@ -172,6 +189,17 @@ class PackedConv(_nnx.Module):
 
         Returns:
           The packed layer.
+
+        Raises:
+          ValueError: the layer is not binary, or has a mask or a hook.
+
+        Example:
+          >>> from flax import nnx
+          >>> import jaxconv
+          >>> from jaxconv import packed
+          >>> conv = jaxconv.nnx.Conv(40, 8, (3, 3), op="xnor", rngs=nnx.Rngs(0))
+          >>> packed.PackedConv.from_conv(conv).kernel.shape
+          (3, 3, 2, 8)
         """
         pad_value = _binary_pad_value(conv)
         if conv.mask is not None or conv.conv_general_dilated is not None:
@@ -214,6 +242,16 @@ class PackedLinear(_nnx.Module):
       in_features: ``K``.
       dtype: output dtype (default float32).
       engine: ``"xla"`` or ``"pallas"``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> import jaxconv
+      >>> from jaxconv import packed
+      >>> linear = jaxconv.nnx.Linear(40, 3, op="xnor", rngs=nnx.Rngs(0))
+      >>> x = jnp.linspace(-1.0, 1.0, 2 * 40).reshape(2, 40)
+      >>> bool((packed.PackedLinear.from_linear(linear)(x) == linear(x)).all())
+      True
     """
 
     def __init__(
@@ -232,6 +270,17 @@ class PackedLinear(_nnx.Module):
 
         Returns:
           The packed layer.
+
+        Raises:
+          ValueError: the layer is not binary, or has a hook.
+
+        Example:
+          >>> from flax import nnx
+          >>> import jaxconv
+          >>> from jaxconv import packed
+          >>> linear = jaxconv.nnx.Linear(40, 3, op="xnor", rngs=nnx.Rngs(0))
+          >>> packed.PackedLinear.from_linear(linear).kernel.shape
+          (2, 3)
         """
         _binary_pad_value(linear)
         if linear.dot_general is not None:
@@ -268,6 +317,14 @@ def pack_model(model: _nnx.Module, *, engine: str = "xla") -> _nnx.Module:
 
     Returns:
       The inference model (call it like the original).
+
+    Example:
+      >>> from flax import nnx
+      >>> import jaxconv
+      >>> from jaxconv import packed
+      >>> model = nnx.Sequential(jaxconv.nnx.Linear(40, 3, op="xnor", rngs=nnx.Rngs(0)))
+      >>> type(packed.pack_model(model).layers[0]).__name__
+      'PackedLinear'
     """
     model = _nnx.clone(model)
     targets = []
