@@ -44,7 +44,19 @@ Promote = Callable[[Array, Array, Array | None], tuple[Array, Array, Array | Non
 def kernel_size_tuple(kernel_size: int | Sequence[int]) -> tuple[int, ...]:
     """Flax's rule: an int is a 1-D kernel ``(k,)``, a sequence is taken as it is.
 
-    Every entry must be a positive int (a zero-size kernel has no taps).
+    Args:
+      kernel_size: an int or a sequence of ints.
+
+    Returns:
+      The window as a tuple of ints.
+
+    Raises:
+      TypeError: not an int or a sequence of ints.
+      ValueError: an entry is not positive (a zero-size kernel has no taps).
+
+    Example:
+      >>> kernel_size_tuple(3), kernel_size_tuple([3, 2])
+      ((3,), (3, 2))
     """
     if isinstance(kernel_size, (int, np.integer)) and not isinstance(kernel_size, bool):
         out = (int(kernel_size),)
@@ -66,7 +78,23 @@ def kernel_size_tuple(kernel_size: int | Sequence[int]) -> tuple[int, ...]:
 
 
 def broadcast_ints(name: str, value: None | int | Sequence[int], n: int) -> tuple[int, ...]:
-    """``None`` -> 1, an int -> repeated ``n`` times, a sequence -> checked to have length ``n``."""
+    """``None`` -> 1, an int -> repeated ``n`` times, a sequence -> checked to have length ``n``.
+
+    Args:
+      name: the argument's name, for the error.
+      value: ``None``, an int or a sequence of ints.
+      n: the number of spatial dimensions.
+
+    Returns:
+      ``n`` ints.
+
+    Raises:
+      ValueError: a sequence of another length.
+
+    Example:
+      >>> broadcast_ints("strides", 2, 3)
+      (2, 2, 2)
+    """
     if value is None:
         value = 1
     if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
@@ -91,6 +119,21 @@ def canonicalize_padding(padding: Any, rank: int,
 
     Strings are upper-cased (lax accepts any case) and must be one of ``accepted``; an int pads
     every side by it; a sequence of ``rank`` ints or pairs gives per-dimension padding.
+
+    Args:
+      padding: the layer's ``padding`` argument.
+      rank: the number of spatial dimensions.
+      accepted: the padding strings the layer accepts.
+
+    Returns:
+      The upper-cased string, or ``rank`` ``(low, high)`` pairs.
+
+    Raises:
+      ValueError: any other form.
+
+    Example:
+      >>> canonicalize_padding("same", 2), canonicalize_padding([1, (0, 2)], 2)
+      ('SAME', [(1, 1), (0, 2)])
     """
     if isinstance(padding, str):
         if padding.upper() not in accepted:
@@ -124,9 +167,22 @@ def canonicalize_padding(padding: Any, rank: int,
 def flatten_batch(inputs: Array, num_spatial: int) -> tuple[Array, tuple[int, ...] | None]:
     """Folds every leading batch dimension into one (adding one for unbatched inputs).
 
+    Args:
+      inputs: ``(*batch, *spatial, C)``.
+      num_spatial: the number of spatial dimensions.
+
     Returns:
       The ``(N, *spatial, C)`` input and the original batch shape (``None`` if the input had
       exactly one batch dimension and nothing was changed).
+
+    Raises:
+      ValueError: fewer dimensions than the spatial ones and the features.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> x, batch = flatten_batch(jnp.zeros((2, 3, 5, 4)), 1)
+      >>> x.shape, batch
+      ((6, 5, 4), (2, 3))
     """
     nb = inputs.ndim - (num_spatial + 1)
     if nb < 0:
@@ -141,7 +197,20 @@ def flatten_batch(inputs: Array, num_spatial: int) -> tuple[Array, tuple[int, ..
 
 
 def unflatten_batch(y: Array, batch_shape: tuple[int, ...] | None) -> Array:
-    """Restores the batch dimensions folded by `flatten_batch`."""
+    """Restores the batch dimensions folded by `flatten_batch`.
+
+    Args:
+      y: ``(N, ...)``.
+      batch_shape: what `flatten_batch` returned (``None``: nothing to restore).
+
+    Returns:
+      ``(*batch_shape, ...)``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> unflatten_batch(jnp.zeros((6, 5, 8)), (2, 3)).shape
+      (2, 3, 5, 8)
+    """
     if batch_shape is None:
         return y
     return jnp.reshape(y, batch_shape + tuple(y.shape[1:]))
@@ -162,8 +231,24 @@ def resolve_padding(
     jaxconv fills with the op's padding (the identity, or ``op.pad_value``); for the standard
     op that is Flax's zero padding. Other forms are returned canonicalised.
 
+    Args:
+      inputs: ``(N, *spatial, C)``.
+      padding: the layer's ``padding`` argument.
+      kernel_size: the window.
+      kernel_dilation: the kernel dilation per spatial dimension.
+      input_dilation: the input dilation per spatial dimension.
+
     Returns:
       The (possibly padded) inputs and the padding to give `jaxconv.conv_general_dilated`.
+
+    Raises:
+      ValueError: an unknown padding, or ``'CAUSAL'`` for more than one spatial dimension.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> x, pad = resolve_padding(jnp.zeros((1, 5, 2)), "CIRCULAR", (3,), (1,), (1,))
+      >>> x.shape, pad
+      ((1, 7, 2), 'VALID')
     """
     rank = len(kernel_size)
     pad = canonicalize_padding(padding, rank)
