@@ -21,7 +21,6 @@ NaN cannot be packed: a NaN input packs as ``-1`` (``ops.xnor`` would give NaN).
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import jax
@@ -37,11 +36,6 @@ from jaxconv._src.engines import taps
 Array = jax.Array
 
 WORD_BITS = 32
-
-# XLA CPU splits an integer reduction longer than 32 elements into a reduce-window and a
-# reduce, which materialises the whole (rows, O, K) XOR tensor (150 MiB for a 256-channel 3x3
-# layer); reductions over at most 32 words stay one fused loop with no temporary.
-WORDS_PER_REDUCE = 32
 
 
 def packed_size(n: int) -> int:
@@ -182,11 +176,12 @@ def _check_packed(fn: str, name: str, a: Array) -> None:
         raise TypeError(f"{fn}: `{name}` must be packed uint32 words, got dtype {a.dtype}.")
 
 
-# An op on integer words: it has no derivative (declared, so nothing traces it on floats).
+# An op on integer words: it has no derivative (declared, so nothing traces it on floats);
+# its declared combine kind makes the XLA engine run it as one fused word reduction.
 POPCOUNT_XOR = Op(
     lambda a, b: lax.population_count(a ^ b).astype(jnp.int32), "sum", name="popcount_xor",
     doc="""``popcount(x XOR w)`` summed: the mismatches of packed binary words.""",
-    forward_mode=False,
+    combine_kind="popcount_xor", forward_mode=False,
 )
 
 
@@ -355,58 +350,14 @@ def _packed_conv_canonical(
 ) -> Array:
     if pad_value is not None:
         xq, geom = _fill_padding(xq, geom, pad_value, per)
-    if engine == "pallas":
-        # sum of popcounts over the taps that read real cells (padded taps are skipped by the
-        # engine's identity padding), then K * (#valid taps) - 2 * mismatches; the product
-        # goes through the core's primitive with the Pallas engine asked for.
-        mism = primitive.canonical_conv(xq, wq, geom, POPCOUNT_XOR, engine="pallas",
-                                        preferred_element_type=jnp.int32)
-        nvalid = jnp.asarray(_valid_taps(geom).astype(np.int32))[None, ..., None]
-        return per * nvalid - 2 * mism
-    return _popcount_conv_xla(xq, wq, geom, per)
-
-
-def _popcount_conv_xla(xq: Array, wq: Array, geom: Geometry, per: int) -> Array:
-    """All taps in one fused XOR-popcount reduction over ``(taps, words)``.
-
-    Padded cells hold 0 words, so a padded tap adds ``popcount(w_tap)`` mismatches instead
-    of nothing; that is a static-mask x ``popcount(w)`` correction (a tiny integer matmul),
-    and the number of real taps per position replaces ``T`` in ``K * T - 2 * mismatches``.
-    The packed tap slices (``T / 32`` of the float input's bytes) feed the reduction.
-    """
-    n = xq.shape[0]
-    g = geom.groups
-    words = wq.shape[-2]
-    o = wq.shape[-1]
-    og = o // g
-    tap_list = geom.taps()
-    t = len(tap_list)
-    p = max(1, math.prod(geom.out_spatial))
-    xp = taps.pad_input(xq, POPCOUNT_XOR, geom, fill=0)
-    cols = jnp.stack([taps.tap_slice(xp, geom, tap) for tap in tap_list], axis=-2)
-    cols = cols.reshape(n, p, t, g, words).transpose(0, 1, 3, 2, 4).reshape(n, p, g, 1, t * words)
-    wt = wq.reshape(t, words, g, og).transpose(2, 3, 0, 1)  # (G, Og, T, words)
-    wflat = wt.reshape(g, og, t * words)
-    mism = None  # (N, P, G, Og)
-    for s in range(0, t * words, WORDS_PER_REDUCE):
-        e = min(s + WORDS_PER_REDUCE, t * words)
-        part = jnp.sum(lax.population_count(cols[..., s:e] ^ wflat[None, None, :, :, s:e]),
-                       axis=-1,
-                       dtype=jnp.int32)
-        mism = part if mism is None else mism + part
-    mask = geom.valid_mask()
-    nvalid = np.full((p,), t, np.int32)
-    if mask is not None:
-        invalid = np.stack([np.logical_not(geom.tap_mask(mask, tap)).reshape(p)
-                            for tap in tap_list]).astype(np.int32)
-        if invalid.any():
-            pcw = jnp.sum(lax.population_count(wt), axis=-1, dtype=jnp.int32)  # (G, Og, T)
-            corr = jnp.einsum("tp,got->pgo", jnp.asarray(invalid), pcw,
-                              preferred_element_type=jnp.int32)
-            mism = mism - corr[None, ...]
-            nvalid = nvalid - invalid.sum(axis=0, dtype=np.int32)
-    out = per * jnp.asarray(nvalid).reshape(1, p, 1, 1) - 2 * mism
-    return out.reshape(n, *geom.out_spatial, o)
+    # The mismatches over the taps that read real cells (padded taps are skipped: the op's
+    # identity padding), through the core's primitive with the engine asked for (XLA: one
+    # fused XOR-popcount reduction; Pallas: its semiring kernels); then
+    # K * (#valid taps) - 2 * mismatches.
+    mism = primitive.canonical_conv(xq, wq, geom, POPCOUNT_XOR, engine=engine,
+                                    preferred_element_type=jnp.int32)
+    nvalid = jnp.asarray(_valid_taps(geom).astype(np.int32))[None, ..., None]
+    return per * nvalid - 2 * mism
 
 
 def packed_dense(

@@ -60,7 +60,9 @@ class Op:
         (``"max_plus"``, ``"adder"``, ...), declared by built-in ops; ``None``: no native
         kernel (the XLA engine serves it).
       combine_kind: ``"add" | "mul" | "min" | "max"`` when ``combine`` is exactly that
-        primitive of ``x`` and ``w``; ``None``: inferred once from ``combine``'s jaxpr.
+        primitive of ``x`` and ``w``, ``"popcount_xor"`` when it is ``popcount(x ^ w)`` of
+        packed ``uint32`` words (bit-packed XNOR); ``None``: inferred once from
+        ``combine``'s jaxpr.
       separable: ``"mul"``, ``"adder"`` or ``"sqdiff"`` when a sum's kernel gradient is a
         native product (``"adder"``: ``sum g * (x - w)``, AdderNet's rule; ``"sqdiff"``:
         twice that, the exact gradient of ``-(x - w)**2``); ``None``: inferred (``"mul"``
@@ -352,7 +354,8 @@ class Capabilities:
         that reduce's identity, replaced by the built-in reduce, so that it takes the
         built-in's fast paths and hand-written backward pass.
       reduce: the (canonical) reduce's name, ``"custom"`` for a callable.
-      combine: ``"add" | "mul" | "min" | "max"`` when ``combine`` is that one primitive.
+      combine: ``"add" | "mul" | "min" | "max"`` when ``combine`` is that one primitive,
+        ``"popcount_xor"`` as declared (`Op.combine_kind`).
       dominated_fill: a pad value whose products the reduce provably ignores (identity
         padding without masks): ``-inf`` for ``x + w`` / ``min(x, w)`` under max and for
         ``x + w`` under logsumexp, ``+inf`` for ``x + w`` / ``max(x, w)`` under min.

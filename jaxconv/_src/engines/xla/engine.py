@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from jaxconv._src.core import algebra, products
 from jaxconv._src.core import engine as registry
 from jaxconv._src.core.problem import Problem
-from jaxconv._src.engines.xla import forward_mode
+from jaxconv._src.engines.xla import forward_mode, popcount
 from jaxconv._src.engines.xla.backward import _hand_backward
 from jaxconv._src.engines.xla.common import Config, block_size, canonical_op
 from jaxconv._src.engines.xla.forward import _forward
@@ -45,6 +45,8 @@ def forward(problem: Problem, x: Array, w: Array) -> Array:
     cfg = _config(problem, x, w)
     if cfg.op.rewrite is not None:
         return products.rewritten(problem, x, w)
+    if algebra.capabilities(cfg.op).combine == popcount.KIND:
+        return popcount.mismatches(cfg.op, cfg.geom, x, w).astype(cfg.acc_dtype)
     if is_log_semiring(cfg.op) and jnp.issubdtype(x.dtype, jnp.floating):
         y = _log_fast_or_exact(cfg, x, w)
     elif cfg.op.reduce_name in algebra.HAND_VJP_REDUCES:
