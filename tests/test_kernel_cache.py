@@ -23,6 +23,7 @@ import textwrap
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from subprocess_helpers import run_user_op
 
 import jaxconv
 from jaxconv._src.engines import native
@@ -39,43 +40,8 @@ def _op(name="cache_op"):
     return jaxconv.Op(lambda x, w: jnp.abs(x - w) - jnp.minimum(x, w), "max", name=name)
 
 
-_SCRIPT = textwrap.dedent("""
-    import json, warnings
-    import jax.numpy as jnp, numpy as np
-    import jaxconv
-    from jaxconv._src.engines import native
-    op = jaxconv.Op(lambda x, w: jnp.abs(x - w) - jnp.minimum(x, w), "max", name="cache_op")
-    x = np.linspace(-1, 1, 2 * 5 * 3, dtype=np.float32).reshape(2, 5, 3)
-    w = np.linspace(1, -1, 2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4)
-    kw = dict(window_strides=(1,), padding="SAME", dimension_numbers=("NWC", "WIO", "NWC"))
-    out = dict()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        y = jaxconv.conv_general_dilated(x, w, op=op, **kw)
-    out["warnings"] = [str(c.message) for c in caught]
-    xla = jaxconv.conv_general_dilated(x, w, op=op, engine="xla", **kw)
-    out["equal_to_xla"] = bool(np.array_equal(np.asarray(y), np.asarray(xla)))
-    got = native.user_kernel(op)
-    out["compiled"] = getattr(got, "compiled", None)
-    out["path"] = str(getattr(got, "path", ""))
-    try:
-        y = jaxconv.conv_general_dilated(x, w, op=op, engine="native", **kw)
-        out["native_error"] = None
-        out["native_equal_to_xla"] = bool(np.array_equal(np.asarray(y), np.asarray(xla)))
-    except ValueError as e:
-        out["native_error"] = str(e)
-    print(json.dumps(out))
-""")
-
-
 def _run(cache, **env):
-    full = dict(os.environ, JAXCONV_CACHE_DIR=str(cache), **env)
-    proc = subprocess.run([sys.executable, "-c", _SCRIPT], env=full, capture_output=True,
-                          text=True, cwd=ROOT, check=False, timeout=300)
-    assert proc.returncode == 0, (proc.returncode, proc.stderr[-3000:])
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
-    out["stderr"] = proc.stderr
-    return out
+    return run_user_op(cache, "jnp.abs(x - w) - jnp.minimum(x, w)", "cache_op", **env)
 
 
 def _key(functor, cxx=None):

@@ -10,19 +10,17 @@ of user ops and geometries, gradients included; the cache, the file lock and eve
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import math
 import os
 import re
 import subprocess
-import sys
-import textwrap
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from reference import conv_reference, dot_general_reference
+from subprocess_helpers import result, run_user_op, user_op_command, user_op_env
 
 import jaxconv
 from jaxconv._src.engines import native
@@ -371,40 +369,12 @@ def test_multiply_and_add_stays_a_standard_convolution():
 
 # --- the cache and the fallbacks, in fresh processes ------------------------------------------
 
-_SCRIPT = textwrap.dedent("""
-    import json, sys, warnings
-    import jax.numpy as jnp, numpy as np
-    import jaxconv
-    from jaxconv._src.engines import native
-    op = jaxconv.Op(lambda x, w: jnp.tanh(x - w) * {scale}, "max", name="cached_op")
-    x = np.linspace(-1, 1, 2 * 5 * 3, dtype=np.float32).reshape(2, 5, 3)
-    w = np.linspace(1, -1, 2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4)
-    kw = dict(window_strides=(1,), padding="SAME", dimension_numbers=("NWC", "WIO", "NWC"))
-    out = dict()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        y = jaxconv.conv_general_dilated(x, w, op=op, **kw)
-    out["warnings"] = [str(c.message) for c in caught]
-    xla = jaxconv.conv_general_dilated(x, w, op=op, engine="xla", **kw)
-    out["equal_to_xla"] = bool(np.array_equal(np.asarray(y), np.asarray(xla)))
-    got = native.user_kernel(jaxconv._src.core.factoring.factored_form(op, np.float32).inner)
-    out["compiled"] = getattr(got, "compiled", None)
-    out["refusal"] = getattr(got, "reason", None)
-    try:
-        jaxconv.conv_general_dilated(x, w, op=op, engine="native", **kw)
-        out["native_error"] = None
-    except ValueError as e:
-        out["native_error"] = str(e)
-    print(json.dumps(out))
-""")
+def _combine(scale):
+    return f"jnp.tanh(x - w) * {scale}"
 
 
 def _run(tmp_path, scale="1.0", **env):
-    full = dict(os.environ, JAXCONV_CACHE_DIR=str(tmp_path), **env)
-    proc = subprocess.run([sys.executable, "-c", _SCRIPT.format(scale=scale)], env=full,
-                          capture_output=True, text=True, cwd=ROOT, check=False, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_user_op(tmp_path, _combine(scale), "cached_op", **env)
 
 
 def test_cache_hit_in_a_second_process(tmp_path):
@@ -417,13 +387,12 @@ def test_cache_hit_in_a_second_process(tmp_path):
 
 
 def test_processes_compiling_one_op_at_once(tmp_path):
-    full = dict(os.environ, JAXCONV_CACHE_DIR=str(tmp_path))
-    procs = [subprocess.Popen([sys.executable, "-c", _SCRIPT.format(scale="2.0")], env=full,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              cwd=ROOT) for _ in range(2)]
+    procs = [subprocess.Popen(user_op_command(_combine("2.0"), "cached_op"),
+                              env=user_op_env(tmp_path), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, cwd=ROOT) for _ in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), [e[-2000:] for _, e in outs]
-    results = [json.loads(o.strip().splitlines()[-1]) for o, _ in outs]
+    results = [result(o) for o, _ in outs]
     assert sorted(r["compiled"] for r in results) == [False, True]  # one compiled, one waited
     assert all(r["equal_to_xla"] for r in results)
 
