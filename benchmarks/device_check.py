@@ -53,10 +53,12 @@ TIME_ENGINES = ("xla", "pallas")
 
 
 def _ste_times(x: Any, w: Any) -> Any:
-    return quantizers.ste_sign(x) * w
+    return quantizers.ste_sign(x * w)
 
 
-# A user op whose combine carries a custom_vjp (larq's straight-through sign).
+# A user op whose combine carries a custom_vjp (larq's straight-through sign) on each
+# product: the sign reads both operands, so it cannot be factored out of the product (a
+# one-operand rule such as ``ste_sign(x) * w`` is a lax rewrite that reaches no kernel).
 STE_TIMES = jaxconv.Op(_ste_times, "sum", name="ste_times")
 
 
