@@ -136,7 +136,11 @@ def register(name: str, factory: Callable[[], Engine]) -> None:
 
 
 def names() -> tuple[str, ...]:
-    """The registered engines' names, in registration order."""
+    """The registered engines' names, in registration order.
+
+    Returns:
+      The names.
+    """
     return tuple(_factories)
 
 

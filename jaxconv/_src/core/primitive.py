@@ -70,7 +70,17 @@ backward_p.multiple_results = True
 
 
 def conv(x: Array, w: Array, problem: Problem) -> Array:
-    """The generalized convolution of canonical `x` and `w`: `(N, *out_spatial, O)`."""
+    """The generalized convolution of canonical `x` and `w`, as the `conv` primitive.
+
+    Args:
+      x: `(N, *spatial, C)` input.
+      w: `(*window, I, O)` kernel.
+      problem: the problem (op, geometry, engine asked, dtypes); no factoring is done here
+        (`canonical_conv` does it).
+
+    Returns:
+      `(N, *out_spatial, O)` in `problem.acc_dtype`.
+    """
     return conv_p.bind(*_same_varying(x, w), problem=problem)
 
 

@@ -122,7 +122,16 @@ def load_error() -> str | None:
 
 
 def isa() -> str | None:
-    """The instruction set whose kernels run here (``"avx512"``, ``"avx2"`` or ``"base"``)."""
+    """The instruction set whose kernels run here.
+
+    Returns:
+      ``"avx512"``, ``"avx2"`` or ``"base"``; ``None`` when the library does not load.
+
+    Example:
+      >>> from jaxconv._src.engines.native import ffi
+      >>> ffi.isa() in ("avx512", "avx2", "base", None)
+      True
+    """
     mod = _load()
     return None if mod is None else str(mod.isa())
 
@@ -140,7 +149,20 @@ def _register() -> None:
 
 
 def kernel_id(op: Op) -> int | None:
-    """The built-in kernel serving ``op`` (``op.native`` with its reduce), or ``None``."""
+    """The built-in kernel serving ``op`` (``op.native`` with its reduce).
+
+    Args:
+      op: the product.
+
+    Returns:
+      The kernel's id in the library's table, or ``None`` (no built-in kernel).
+
+    Example:
+      >>> import jaxconv
+      >>> from jaxconv._src.engines.native import ffi
+      >>> ffi.kernel_id(jaxconv.ops.max_plus), ffi.kernel_id(jaxconv.ops.standard)
+      (0, None)
+    """
     entry = KERNELS.get(op.native) if op.native is not None else None
     if entry is None or op.reduce_name != entry[1]:
         return None

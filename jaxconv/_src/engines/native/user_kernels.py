@@ -243,7 +243,16 @@ def cache(path: str) -> Cache:
 
 @functools.cache
 def private_dir() -> pathlib.Path:
-    """This process's own kernel directory (mode 700, removed at exit), made on first use."""
+    """This process's own kernel directory (mode 700, removed at exit), made on first use.
+
+    Returns:
+      The directory.
+
+    Example:
+      >>> from jaxconv._src.engines.native import user_kernels
+      >>> user_kernels.private_dir().is_dir()
+      True
+    """
     path = pathlib.Path(tempfile.mkdtemp(prefix="jaxconv-kernels-"))
     atexit.register(shutil.rmtree, path, ignore_errors=True)
     return path
@@ -274,6 +283,14 @@ def compiler() -> str | None:
 
     ``$JAXCONV_CXX``, else the one the package was built with, else ``c++`` / ``g++`` /
     ``clang++`` on the ``PATH``.
+
+    Returns:
+      The compiler's path, or ``None``.
+
+    Example:
+      >>> from jaxconv._src.engines.native import user_kernels
+      >>> user_kernels.compiler() is None or isinstance(user_kernels.compiler(), str)
+      True
     """
     env = os.environ.get("JAXCONV_CXX")
     if env is not None:

@@ -35,7 +35,16 @@ def _spec_of(problem: Problem) -> Spec:
 
 
 def forward(problem: Problem, x: Array, w: Array) -> Array:
-    """The product of canonical ``x`` and ``w`` in the accumulation dtype."""
+    """The product of canonical ``x`` and ``w`` in the accumulation dtype.
+
+    Args:
+      problem: the canonical problem.
+      x: ``(N, *spatial, C)`` input.
+      w: ``(*window, I, O)`` kernel.
+
+    Returns:
+      ``(N, *out_spatial, O)``.
+    """
     spec = _spec_of(problem)
     y = _on_platforms(
         spec.backends, lambda be: functools.partial(_forward, spec.config(be)), x, w)
@@ -48,6 +57,17 @@ def backward(problem: Problem, x: Array, w: Array, y: Array, g: Array,
 
     ``sum``, ``max``, ``min`` and ``logsumexp`` have gradient kernels; other reduces
     (``prod``, user callables) take the XLA engine's gradient of the same product.
+
+    Args:
+      problem: the canonical problem.
+      x: the input.
+      w: the kernel.
+      y: the forward's output.
+      g: its cotangent.
+      need: which gradients are used (both are computed).
+
+    Returns:
+      ``(gx, gw)``.
     """
     del need
     spec = _spec_of(problem)
