@@ -319,7 +319,7 @@ void forward_packed(Ctx& c) {
   // least 16 items to share out.
   const int64_t blocks = call.batch * c.G * c.nJB;
   int64_t tpi = 64;
-  while (tpi > 8 && blocks * ((tiles + tpi - 1) / tpi) < 16) tpi /= 2;
+  while (tpi > 8 && blocks * ((tiles + tpi - 1) / tpi) < c.prm.items) tpi /= 2;
   const int64_t chunks = (tiles + tpi - 1) / tpi;
   constexpr bool kKey = keyed<Op>();
   constexpr bool kCen = centred<Op>();
@@ -335,8 +335,11 @@ void forward_packed(Ctx& c) {
     xsrc = xkey.get();
   }
   // A kernel block that stays in L2 is one panel (the taps of a tile run back to back); a
-  // larger one is cut into KC-row panels that stay in L1.
-  const int64_t kc = c.K * NR * int64_t(sizeof(float)) <= (int64_t(192) << 10) ? c.K : KC;
+  // larger one is cut into panels that stay in L1 (both sizes: the tuning parameters).
+  const int64_t rows = c.prm.panel_kib * 256 / NR;  // panel_kib KiB of NR-wide rows
+  const int64_t kc = c.K * NR * int64_t(sizeof(float)) <= (c.prm.block_kib << 10) ? c.K
+                     : rows > 0                                                   ? rows
+                                                                                  : 1;
   std::atomic<bool> failed{false};
   auto item = [&](int64_t it) {
     const int64_t ch = it % chunks;
@@ -408,7 +411,9 @@ void forward(Ctx& c) {
   }
   if constexpr (Safe) {
     forward_packed<Op, true>(c);
-  } else {
+  } else if (c.prm.keyed) {
     forward_packed<typename KeyOf<Op>::type, false>(c);
+  } else {
+    forward_packed<Op, false>(c);  // the same bits (the zero sign is fixed after the loop)
   }
 }
