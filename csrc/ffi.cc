@@ -6,7 +6,7 @@
 #include <nanobind/stl/string.h>
 
 #include <atomic>
-#include <chrono>
+#include <ctime>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>

@@ -411,9 +411,11 @@ void forward(Ctx& c) {
   }
   if constexpr (Safe) {
     forward_packed<Op, true>(c);
-  } else if (c.prm.keyed) {
+  } else if (!std::is_same_v<typename KeyOf<Op>::type, Op> && c.prm.keyed) {
     forward_packed<typename KeyOf<Op>::type, false>(c);
+  } else if (!c.prm.fma_add) {
+    forward_packed<typename AddOf<Op>::type, false>(c);  // the same bits
   } else {
-    forward_packed<Op, false>(c);  // the same bits (the zero sign is fixed after the loop)
+    forward_packed<Op, false>(c);  // keyed = 0: the same bits (zero signs fixed at the end)
   }
 }

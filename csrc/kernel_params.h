@@ -19,7 +19,9 @@ namespace jaxconv {
   /* max_min / min_max on integer keys (1) or on float min / max (0): the same bits */       \
   X(keyed, 1, 0, 1)                                                                          \
   /* adder / l1 forward in the min form (1) or the direct |x - w| loop (0) */                \
-  X(min_form, 1, 0, 1)
+  X(min_form, 1, 0, 1)                                                                       \
+  /* max_plus / min_plus and the min form add by fma(a, 1, b) (1) or add (0): same bits */   \
+  X(fma_add, 1, 0, 1)
 
 #define JAXCONV_PARAM_MEMBER(name, dflt, lo, hi) int64_t name = dflt;
 struct Params {

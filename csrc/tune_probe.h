@@ -51,7 +51,8 @@ void serial(void*, int64_t n, void (*fn)(void*, int64_t), void* arg) {
   for (int64_t i = 0; i < n; ++i) fn(arg, i);
 }
 
-// The best of `reps` single-threaded forward runs (seconds) of built-in op `op` with the
+// The best of `reps` single-threaded forward runs (seconds of this thread's CPU time, so that
+// time the thread spends descheduled on a busy machine does not count) of built-in op `op` with the
 // parameters `d` on x (n, h, w, c) * w (k, k, c, o), VALID, on fixed pseudo-random data in
 // [-1, 1) (`shift` added to x: the min form's and the direct loop's cost do not depend on
 // it). Negative when the kernels refuse the call.
@@ -90,10 +91,11 @@ double time_forward(int64_t op, int64_t n, int64_t h, int64_t wd, int64_t c, int
   FlushDenormals flush;
   double best = -1.0;
   for (int64_t r = 0; r < reps; ++r) {
-    const auto t0 = std::chrono::steady_clock::now();
+    timespec t0, t1;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t0);
     if (run_kernels(call, false) != 0) return -1.0;
-    const double dt =
-        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t1);
+    const double dt = double(t1.tv_sec - t0.tv_sec) + 1e-9 * double(t1.tv_nsec - t0.tv_nsec);
     if (best < 0 || dt < best) best = dt;
   }
   return best;

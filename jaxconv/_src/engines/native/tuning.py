@@ -8,7 +8,9 @@ The forward kernels take a few run-time parameters (``csrc/kernel_params.h``, on
 - ``items``: the forward shrinks its tiles per work item until at least this many items;
 - ``keyed``: ``max_min`` / ``min_max`` on integer keys (1) or on float min / max (0);
 - ``min_form``: ``adder`` / ``l1`` forward as ``2 sum min(x, w) - sum x - sum w`` (1) or
-  the direct ``-|x - w|`` loop (0).
+  the direct ``-|x - w|`` loop (0);
+- ``fma_add``: ``max_plus`` / ``min_plus`` and the min form add as ``fma(a, 1, b)`` on the
+  FMA ports (1) or as ``add`` (0), the same bits.
 
 No parameter changes a max/min result's bits; only ``min_form`` changes a sum's rounding
 (both forms stay within the documented bound of a product's sum). The register tile itself
@@ -17,9 +19,9 @@ stays a compile-time constant of each instruction set.
 How a process picks its parameters, at the native engine's first use (`ensure`):
 
 1. ``JAXCONV_NATIVE_TUNE`` = ``on`` (the default) takes the entry of this CPU from the cache,
-   or runs the search (single-threaded timings of a few small representative forwards, about
-   0.1-0.5 s) and stores it; ``rerun`` searches again and overwrites the entry; ``off`` keeps
-   the compiled-in defaults (no search, no file).
+   or runs the search (`search`: single-threaded timings of a few small representative
+   forwards, about 0.15 s of CPU time) and stores it; ``rerun`` searches again and overwrites
+   the entry; ``off`` keeps the compiled-in defaults (no search, no file).
 2. ``JAXCONV_NATIVE_PARAMS`` overrides fields on top: ``"panel_kib=32,keyed=0"`` (comma
    separated ``name=integer``; ``default`` alone means the compiled-in defaults). A name not
    in the list, a value that is not an integer or out of its range raises ``ValueError``.
@@ -231,11 +233,15 @@ def _write(path: pathlib.Path, values: dict[str, int], timings: dict[str, Any]) 
     return True
 
 
-# The search's problems (single-threaded, VALID): (op, n, h, w, c, k, o). The dense one is
-# a 1x1 product whose kernel block exceeds the default one-panel limit on AVX-512.
-_DENSE = (0, 96, 1, 1, 1024, 1, 128)
+# The search's problems (single-threaded, VALID): (op, n, h, w, c, k, o): a dense (1x1)
+# product and a 3x3 one whose kernel blocks (K x 64 on AVX-512: 1 MiB, 288 KiB) exceed the
+# default one-panel limit, and a 3x3 one whose block (147 KiB) does not.
+_DENSE = (0, 128, 1, 1, 1024, 1, 256)
+_CONV_BIG = (0, 1, 10, 10, 128, 3, 128)
 _CONV = (0, 2, 18, 18, 64, 3, 64)
-_PANELS = ((16, 192), (32, 192), (64, 192), (16, 1024), (64, 1024))
+# (panel_kib, block_kib) candidates, the compiled-in default first.
+_PANELS = ((16, 192), (64, 192), (128, 192), (16, 1024), (128, 1024), (16, 4096))
+_OPS = {"max_plus": 0, "max_min": 2, "adder": 4}
 # A choice that changes a sum's rounding must win by this much to replace the default.
 _ROUNDING_MARGIN = 0.95
 
@@ -245,19 +251,40 @@ def _time(problem: tuple[int, ...], values: dict[str, int], reps: int) -> float:
     return float(_native().time_forward(op, n, h, w, c, k, o, reps, values))
 
 
+def _scores(cands: list[dict[str, int]], problems: list[tuple[int, ...]],
+            rounds: int) -> list[float]:
+    """Each candidate's geometric mean over `problems` of its best time relative to the
+    first candidate's (rounds interleaved, so that a slow moment hits every candidate)."""
+    t = [[float("inf")] * len(problems) for _ in cands]
+    for _ in range(rounds):
+        for i, cand in enumerate(cands):
+            for j, prob in enumerate(problems):
+                t[i][j] = min(t[i][j], _time(prob, cand, 2))
+    scores = []
+    for row in t:
+        prod = 1.0
+        for a, b in zip(row, t[0], strict=True):
+            prod *= a / b if a > 0 and b > 0 else float("inf")
+        scores.append(prod ** (1.0 / len(row)))
+    return scores
+
+
 def search(rounds: int = 3) -> tuple[dict[str, int], dict[str, Any]]:
     """Measures the candidate parameters on small problems and returns the best set.
 
-    Single-threaded, best of `rounds` interleaved rounds: the panel sizes (max_plus on a dense
-    and a 3x3 problem, the geometric mean of the two), integer keys or float min/max
-    (max_min, dense) and the min form or the direct loop (adder, 3x3; the min form is left
-    only for a clear gain).
+    Each candidate runs single-threaded on fixed data, timed in the thread's CPU time (time
+    spent descheduled on a busy machine does not count), best of `rounds` interleaved
+    rounds. In turn: the panel sizes (max_plus on a dense and two 3x3 problems), the adds
+    (max_plus, dense), integer keys or float min/max (max_min, dense) and the min form or the
+    direct loop (adder, 3x3; the min form, which rounds differently, is left only for a clear
+    gain). ``items`` (the thread split) keeps its default.
 
     Args:
       rounds: interleaved rounds per candidate.
 
     Returns:
-      ``(params, timings)``: the chosen set and the seconds measured per candidate.
+      ``(params, timings)``: the chosen set and, per choice, each candidate's time relative
+      to the first.
 
     Example:
       >>> from jaxconv._src.engines.native import tuning
@@ -265,36 +292,28 @@ def search(rounds: int = 3) -> tuple[dict[str, int], dict[str, Any]]:
       >>> sorted(chosen) == sorted(tuning.fields())
       True
     """
-    base = defaults()
+    chosen = defaults()
     timings: dict[str, Any] = {}
 
-    def best_of(cands: list[dict[str, int]], problems: list[tuple[int, ...]]) -> list[float]:
-        t = [[float("inf")] * len(problems) for _ in cands]
-        for _ in range(rounds):
-            for i, cand in enumerate(cands):
-                for j, prob in enumerate(problems):
-                    t[i][j] = min(t[i][j], _time(prob, cand, 2))
-        ref = t[0]
-        scores = []
-        for row in t:
-            prod = 1.0
-            for a, b in zip(row, ref, strict=True):
-                prod *= a / b if a > 0 and b > 0 else float("inf")
-            scores.append(prod ** (1.0 / len(row)))
-        return scores
+    def pick(name: str, cands: list[dict[str, int]], labels: list[str], op: str,
+             problems: list[tuple[int, ...]], margin: float = 1.0) -> None:
+        probs = [(_OPS[op], *p[1:]) for p in problems]
+        scores = _scores(cands, probs, rounds)
+        timings[name] = dict(zip(labels, scores, strict=True))
+        best = min(range(len(cands)), key=scores.__getitem__)
+        if scores[best] < margin * scores[0]:
+            chosen.update(cands[best])
+        else:
+            chosen.update(cands[0])
 
-    panels = [dict(base, panel_kib=p, block_kib=b) for p, b in _PANELS]
-    scores = best_of(panels, [_DENSE, _CONV])
-    timings["panels"] = {f"{p}/{b}": s for (p, b), s in zip(_PANELS, scores, strict=True)}
-    chosen = dict(panels[min(range(len(panels)), key=scores.__getitem__)])
-    keyed = [dict(chosen, keyed=1), dict(chosen, keyed=0)]
-    scores = best_of(keyed, [(2, *_DENSE[1:])])
-    timings["keyed"] = {"1": scores[0], "0": scores[1]}
-    chosen["keyed"] = 0 if scores[1] < scores[0] else 1
-    forms = [dict(chosen, min_form=1), dict(chosen, min_form=0)]
-    scores = best_of(forms, [(4, *_CONV[1:])])
-    timings["min_form"] = {"1": scores[0], "0": scores[1]}
-    chosen["min_form"] = 0 if scores[1] < _ROUNDING_MARGIN * scores[0] else 1
+    pick("panels", [dict(chosen, panel_kib=p, block_kib=b) for p, b in _PANELS],
+         [f"{p}/{b}" for p, b in _PANELS], "max_plus", [_DENSE, _CONV_BIG, _CONV])
+    for name, op, problems, margin in (("fma_add", "max_plus", [_DENSE], 1.0),
+                                        ("keyed", "max_min", [_DENSE], 1.0),
+                                        ("min_form", "adder", [_CONV], _ROUNDING_MARGIN)):
+        first = chosen[name]
+        pick(name, [dict(chosen), dict(chosen, **{name: 1 - first})],
+             [str(first), str(1 - first)], op, problems, margin)
     return validate(chosen), timings
 
 
