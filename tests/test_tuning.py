@@ -197,6 +197,12 @@ def test_the_search_is_cached_reused_rerun_and_cleared(fresh, monkeypatch, tmp_p
     # retune(): a search now, stored, applied.
     tuning.retune()
     assert len(fresh) == 5 and tuning.params()["source"] == "search"
+    # Another CPU model has its own entry: searched, stored beside the first.
+    monkeypatch.setattr(tuning, "cpu_model", lambda: "Another CPU")
+    tuning._reset_for_tests()
+    tuning.ensure()
+    assert len(fresh) == 6 and tuning.params()["entry"] != str(entry) and entry.exists()
+    assert tuning.clear_cache() == 2
 
 
 def test_the_search_picks_a_valid_set():

@@ -226,10 +226,13 @@ def _write(path: pathlib.Path, values: dict[str, int], timings: dict[str, Any]) 
         return False
     record = {"key": cache_key(), "cpu": cpu_model(), "isa": str(_native().isa()),
               "params": values, "timings": timings}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".params-")
-    with os.fdopen(fd, "w") as f:
-        json.dump(record, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".params-")
+        with os.fdopen(fd, "w") as f:
+            json.dump(record, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)  # readers see the old entry or the new one, never a part
+    except OSError:
+        return False  # a full or read-only disk: this process keeps what it measured
     return True
 
 
