@@ -21,7 +21,9 @@ namespace jaxconv {
   /* adder / l1 forward in the min form (1) or the direct |x - w| loop (0) */                \
   X(min_form, 1, 0, 1)                                                                       \
   /* max_plus / min_plus and the min form add by fma(a, 1, b) (1) or add (0): same bits */   \
-  X(fma_add, 1, 0, 1)
+  X(fma_add, 1, 0, 1)                                                                        \
+  /* the forward's register tile: the instruction set's (0) or kernel_variants.h's (1) */     \
+  X(tile, 0, 0, 1)
 
 #define JAXCONV_PARAM_MEMBER(name, dflt, lo, hi) int64_t name = dflt;
 struct Params {

@@ -32,3 +32,9 @@ template <>
 struct AddOf<AbsViaMin> {
   using type = AbsViaMinAdd;
 };
+
+// The alternative register tile (`tile` = 1): rows x vectors of the vector width, as many
+// accumulators as the default's (AVX-512 6 x 4 -> 8 x 3, AVX2 4 x 3 -> 6 x 2, NEON 6 x 4 ->
+// 8 x 3, SSE2 4 x 2 -> 2 x 4).
+constexpr int kAltMR = S::W == 4 && S::MR == 4 ? 2 : S::W == 8 ? 6 : 8;
+constexpr int kAltNV = S::W == 4 && S::MR == 4 ? 4 : S::W == 8 ? 2 : 3;

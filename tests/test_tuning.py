@@ -35,11 +35,12 @@ CASES = {
 # largest size, one-panel blocks, both forms of the sums and of max_min / min_max, one item
 # per block and many.
 PARAM_SETS = (
-    dict(panel_kib=4, block_kib=0, items=1, keyed=0, min_form=0, fma_add=0),
-    dict(panel_kib=4, block_kib=0, items=4096, keyed=1, min_form=1, fma_add=0),
-    dict(panel_kib=1024, block_kib=0, items=16, keyed=0, min_form=1, fma_add=1),
-    dict(panel_kib=32, block_kib=65536, items=4096, keyed=1, min_form=0, fma_add=1),
-    dict(panel_kib=64, block_kib=192, items=2, keyed=0, min_form=1, fma_add=0),
+    dict(panel_kib=4, block_kib=0, items=1, keyed=0, min_form=0, fma_add=0, tile=1),
+    dict(panel_kib=4, block_kib=0, items=4096, keyed=1, min_form=1, fma_add=0, tile=0),
+    dict(panel_kib=1024, block_kib=0, items=16, keyed=0, min_form=1, fma_add=1, tile=1),
+    dict(panel_kib=32, block_kib=65536, items=4096, keyed=1, min_form=0, fma_add=1, tile=0),
+    dict(panel_kib=64, block_kib=192, items=2, keyed=0, min_form=1, fma_add=0, tile=1),
+    dict(panel_kib=16, block_kib=65536, items=16, keyed=1, min_form=1, fma_add=1, tile=1),
 )
 
 
@@ -131,7 +132,7 @@ def test_the_override_is_parsed_and_validated():
     with pytest.raises(ValueError, match="JAXCONV_NATIVE_PARAMS"):
         tuning.parse("items=0")
     with pytest.raises(ValueError, match="unknown tuning parameter"):
-        _native.set_params({**tuning.defaults(), "tile": 3})
+        _native.set_params({**tuning.defaults(), "mr": 3})
     with pytest.raises(ValueError, match="must be in"):
         _native.set_params({**tuning.defaults(), "items": 0})
 
@@ -208,5 +209,50 @@ def test_the_search_is_cached_reused_rerun_and_cleared(fresh, monkeypatch, tmp_p
 def test_the_search_picks_a_valid_set():
     chosen, timings = tuning.search(rounds=1)
     assert tuning.validate(chosen) == chosen and set(chosen) == set(tuning.fields())
-    assert set(timings) == {"panels", "fma_add", "keyed", "min_form"}
+    assert set(timings) == {"panels", "tile", "fma_add", "keyed", "min_form"}
     assert all(v > 0 for part in timings.values() for v in part.values())
+
+
+_ISA_SCRIPT = r"""
+import json, sys, numpy as np, jax, jaxconv
+from jaxconv import _native
+sys.path.insert(0, sys.argv[1])
+import test_tuning as t
+out = {}
+for case in ("groups", "dense", "same_stride"):
+    xs, ws, kw = t.CASES[case]
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal(xs).astype(np.float32)
+    w = rng.standard_normal(ws).astype(np.float32)
+    for name in ("max_plus", "min_max", "adder"):
+        f = t._conv(name, kw)
+        got = []
+        for values in (dict(_native.params(), tile=0), *t.PARAM_SETS):
+            _native.set_params(values)
+            got.append(np.asarray(f(x, w)).tobytes().hex())
+        out[f"{case}/{name}"] = got
+print(json.dumps([_native.isa(), out]))
+"""
+
+
+@pytest.mark.parametrize("isa", ["avx2", "base"])
+def test_lower_instruction_sets_give_the_same_numbers_under_every_set(isa):
+    """The forced lower instruction sets' alternative tiles and variants: max/min and the
+    sums under the default form give the default set's bits (in that instruction set)."""
+    import os  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, JAXCONV_NATIVE_ISA=isa, JAXCONV_NATIVE_TUNE="off")
+    proc = subprocess.run([sys.executable, "-c", _ISA_SCRIPT, here], env=env,
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr
+    got_isa, out = json.loads(proc.stdout.strip().splitlines()[-1])
+    if got_isa != isa:
+        assert isa == "avx2" and got_isa == "base"  # a CPU without AVX2
+    for key, runs in out.items():
+        name = key.split("/")[1]
+        for values, run in zip(PARAM_SETS, runs[1:], strict=True):
+            if name != "adder" or values["min_form"] == 1:
+                assert run == runs[0], (key, values)
