@@ -6,6 +6,7 @@
 #include <nanobind/stl/string.h>
 
 #include <atomic>
+#include <ctime>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -163,6 +164,8 @@ void run_parallel(void* ctx, int64_t n, void (*fn)(void*, int64_t), void* arg) {
   while (shared->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
 }
 
+#include "tune_probe.h"
+
 // The geometry and the op cross the FFI as named attributes (jaxconv/_src/engines/native.py,
 // `_Call.attrs`), one list here: X(type, name). Spatial triples are int64 arrays (D, H, W).
 using Triple = ffi::Span<const int64_t>;
@@ -238,6 +241,7 @@ ffi::Error forward_impl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
   call.w = w.typed_data();
   call.out = y->typed_data();
   call.par = {run_parallel, &pool};
+  call.params = current_params().load(std::memory_order_acquire);
   FlushDenormals flush;
   return finish(run_kernels(call, false));
 }
@@ -260,6 +264,7 @@ ffi::Error backward_impl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
   std::memset(call.out, 0, sizeof(float) * dx->element_count());
   std::memset(call.out2, 0, sizeof(float) * dw->element_count());
   call.par = {run_parallel, &pool};
+  call.params = current_params().load(std::memory_order_acquire);
   FlushDenormals flush;
   return finish(run_kernels(call, true));
 }
@@ -315,6 +320,15 @@ NB_MODULE(_native, m) {
       },
       "Registers `jaxconv_user_run` of a loaded user-op library under op id `op`.");
   m.def("user_base", []() { return jaxconv::kUserBase; });
+  // Tuning (csrc/kernel_params.h, tune_probe.h; jaxconv/_src/engines/native/tuning.py).
+  m.def("param_fields", &param_fields, "{name: (default, lowest, highest)} of each parameter.");
+  m.def("params", []() { return params_dict(*current_params().load()); },
+        "The tuning parameters this process's calls run with.");
+  m.def(
+      "set_params",
+      [](const nb::dict& d) { current_params().store(new jaxconv::Params(params_from(d))); },
+      "Sets the tuning parameters of later calls (every field, each within its range).");
+  m.def("time_forward", &time_forward, "The best single-threaded time of a small forward.");
   m.def(
       "kernels",
       []() {

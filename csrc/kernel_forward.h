@@ -61,10 +61,12 @@ struct Centring {
   float padsum;       // this batch entry's and group's pad row
 };
 
-template <class Op, bool Safe>
+// TM x TV: the register tile (rows x vectors), the instruction set's or kernel_variants.h's.
+template <class Op, bool Safe, int TM = MR, int TV = NV>
 void fwd_tile(const Ctx& c, const float* xb, const float* wb, const float* pad,
               const float* panel, int64_t k0, int64_t k1, float* accs, float* yb, int64_t p,
               int64_t grp, int64_t jb, const Centring* cen) {
+  constexpr int MR = TM, NV = TV, NR = TV * W;  // this tile's, in place of the default's
   using V = S::V;
   V acc[MR][NV];
   if (k0 == 0) {
@@ -268,8 +270,10 @@ Owned<float> key_copy(const Ctx& c) {
 // zero-padded (integer keys for keyed ops).
 // With `shift` (the batch entry's and group's per-channel shifts, the min form) each row is
 // shifted by its channel's and its NR sums are added to its tap's row of `wsum` (T, NR).
+template <int TV = NV>
 void pack_panel(const Ctx& c, const float* wb, int64_t grp, int64_t jb, int64_t k0, int64_t k1,
                 bool keys, float* dst, const float* shift = nullptr, float* wsum = nullptr) {
+  constexpr int NV = TV, NR = TV * W;  // TV vectors wide (the tile's)
   const int64_t o0 = grp * c.Og + jb * NR;
   const int64_t nvalid = c.Og - jb * NR < NR ? c.Og - jb * NR : NR;
   for (int64_t k = k0; k < k1; ++k, dst += NR) {
@@ -311,15 +315,17 @@ void pack_weights(Ctx& c, bool keys) {
 // The packed implicit GEMM: an item is a run of tiles x one block of output channels; it packs
 // each panel of its kernel block once and sweeps the run's tiles over it. Keyed ops run
 // on the integer keys of x, w and the pad value.
-template <class Op, bool Safe>
+template <class Op, bool Safe, int TM = MR, int TV = NV>
 void forward_packed(Ctx& c) {
+  constexpr int MR = TM, NV = TV, NR = TV * W;  // the register tile (`tile` parameter)
   const jaxconv::Call& call = *c.call;
+  const int64_t nJB = (c.Og + NR - 1) / NR;
   const int64_t tiles = (c.P + MR - 1) / MR;
   // Each item packs its kernel block once: as many tiles per item (up to 64) as leave at
   // least 16 items to share out.
-  const int64_t blocks = call.batch * c.G * c.nJB;
+  const int64_t blocks = call.batch * c.G * nJB;
   int64_t tpi = 64;
-  while (tpi > 8 && blocks * ((tiles + tpi - 1) / tpi) < 16) tpi /= 2;
+  while (tpi > 8 && blocks * ((tiles + tpi - 1) / tpi) < c.prm.items) tpi /= 2;
   const int64_t chunks = (tiles + tpi - 1) / tpi;
   constexpr bool kKey = keyed<Op>();
   constexpr bool kCen = centred<Op>();
@@ -331,17 +337,20 @@ void forward_packed(Ctx& c) {
       c.failed = true;
       return;
     }
-    for (int64_t j = 0; j < c.C + NR; ++j) c.padrow[j] = data_key(c.padrow[j]);
+    for (int64_t j = 0; j < c.C + c.NR; ++j) c.padrow[j] = data_key(c.padrow[j]);
     xsrc = xkey.get();
   }
   // A kernel block that stays in L2 is one panel (the taps of a tile run back to back); a
-  // larger one is cut into KC-row panels that stay in L1.
-  const int64_t kc = c.K * NR * int64_t(sizeof(float)) <= (int64_t(192) << 10) ? c.K : KC;
+  // larger one is cut into panels that stay in L1 (both sizes: the tuning parameters).
+  const int64_t rows = c.prm.panel_kib * 256 / NR;  // panel_kib KiB of NR-wide rows
+  const int64_t kc = c.K * NR * int64_t(sizeof(float)) <= (c.prm.block_kib << 10) ? c.K
+                     : rows > 0                                                   ? rows
+                                                                                  : 1;
   std::atomic<bool> failed{false};
   auto item = [&](int64_t it) {
     const int64_t ch = it % chunks;
     const int64_t blk = it / chunks;  // (b, grp, jb)
-    const int64_t jb = blk % c.nJB, grp = (blk / c.nJB) % c.G, b = blk / (c.nJB * c.G);
+    const int64_t jb = blk % nJB, grp = (blk / nJB) % c.G, b = blk / (nJB * c.G);
     const float* xb = xsrc + b * c.x_bs;
     const float* wb = call.w + b * c.w_bs;
     float* yb = call.out + b * c.y_bs;
@@ -366,12 +375,12 @@ void forward_packed(Ctx& c) {
       wsum = accs + nacc;
       std::memset(wsum, 0, sizeof(float) * nws);
       shift = c.shift + b * c.C + grp * c.I;
-      pad = c.padsh + b * (c.C + NR);
+      pad = c.padsh + b * (c.C + c.NR);  // centre()'s rows: the default tile's NR
       cen = Centring{wsum, c.csum + b * c.cells * c.G, c.padsum[b * c.G + grp]};
     }
     for (int64_t k0 = 0; k0 < c.K; k0 += kc) {
       const int64_t k1 = k0 + kc < c.K ? k0 + kc : c.K;
-      pack_panel(c, wb, grp, jb, k0, k1, kKey, panel, shift, wsum);
+      pack_panel<TV>(c, wb, grp, jb, k0, k1, kKey, panel, shift, wsum);
       if (kCen && k1 == c.K) {
         float* tot = wsum + c.T * NR;
         for (int v = 0; v < NV; ++v) {
@@ -381,12 +390,19 @@ void forward_packed(Ctx& c) {
         }
       }
       for (int64_t tl = tl0; tl < tl1; ++tl)
-        fwd_tile<Op, Safe>(c, xb, wb, pad, panel, k0, k1, accs + (tl - tl0) * MR * NR, yb,
-                           tl * MR, grp, jb, &cen);
+        fwd_tile<Op, Safe, TM, TV>(c, xb, wb, pad, panel, k0, k1,
+                                   accs + (tl - tl0) * MR * NR, yb, tl * MR, grp, jb, &cen);
     }
   };
   parallel(c, blocks * chunks, item);
   if (failed.load()) c.failed = true;
+}
+
+// forward_packed on the register tile that the call's `tile` parameter names.
+template <class Op, bool Safe>
+void forward_tiled(Ctx& c) {
+  if (c.prm.tile) forward_packed<Op, Safe, kAltMR, kAltNV>(c);
+  else forward_packed<Op, Safe>(c);
 }
 
 template <class Op, bool Safe>
@@ -407,8 +423,12 @@ void forward(Ctx& c) {
     return;
   }
   if constexpr (Safe) {
-    forward_packed<Op, true>(c);
+    forward_tiled<Op, true>(c);
+  } else if (!std::is_same_v<typename KeyOf<Op>::type, Op> && c.prm.keyed) {
+    forward_tiled<typename KeyOf<Op>::type, false>(c);
+  } else if (!c.prm.fma_add) {
+    forward_tiled<typename AddOf<Op>::type, false>(c);  // the same bits
   } else {
-    forward_packed<typename KeyOf<Op>::type, false>(c);
+    forward_tiled<Op, false>(c);  // keyed = 0: the same bits (zero signs fixed at the end)
   }
 }

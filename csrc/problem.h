@@ -3,6 +3,8 @@
 #pragma once
 #include <cstdint>
 
+#include "kernel_params.h"
+
 namespace jaxconv {
 
 // One canonical problem, always 3 spatial dims (missing ones have size 1): x (N, D, H, W, C),
@@ -34,7 +36,7 @@ constexpr int64_t kUserBase = int64_t(1) << 40;
 
 // The layout of Call and Geom: a compiled user op is loaded only if it was built against the
 // same version.
-constexpr int kAbiVersion = 1;
+constexpr int kAbiVersion = 2;
 
 // A fork-join over `n` independent items, implemented on XLA's intra-op pool in ffi.cc.
 struct Parallel {
@@ -54,6 +56,7 @@ struct Call {
   float* out2;     // backward: dw
   int64_t parts;   // backward: bit 0 computes dx, bit 1 dw
   Parallel par;
+  const Params* params;  // the tuning parameters (never null from ffi.cc; null: the defaults)
 };
 
 }  // namespace jaxconv

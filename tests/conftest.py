@@ -9,6 +9,9 @@ import jax
 
 # User ops compiled by the native engine go to a cache of this test session, not the user's.
 os.environ.setdefault("JAXCONV_CACHE_DIR", tempfile.mkdtemp(prefix="jaxconv-test-cache-"))
+# The suite runs the compiled-in tuning parameters (the same numbers in every process);
+# tests/test_tuning.py runs the search and every parameter set itself.
+os.environ.setdefault("JAXCONV_NATIVE_TUNE", "off")
 
 jax.config.update("jax_num_cpu_devices", 8)
 # No implicit rank promotion anywhere in the library: a silent broadcast is a bug.

@@ -20,10 +20,17 @@ from jax.typing import DTypeLike
 from jaxconv._src.core import algebra, products
 from jaxconv._src.core import engine as registry
 from jaxconv._src.core.problem import Problem
-from jaxconv._src.engines.native import eligibility, ffi, user_kernels
+from jaxconv._src.engines.native import eligibility, ffi, tuning, user_kernels
 from jaxconv._src.engines.native.translation import Refusal
 
 Array = jax.Array
+
+
+def _tuning_line() -> str:
+    """The tuning parameters this process runs with, and where they came from."""
+    got = tuning.params()
+    values = " ".join(f"{k}={v}" for k, v in got["params"].items())
+    return f"tuning ({got['source']}): {values}"
 
 
 @functools.cache
@@ -71,14 +78,14 @@ class NativeEngine(registry.Engine):
         del dtype
         op = problem.op
         if op.native is not None:
-            return (f"built-in kernel {op.native!r} ({ffi.isa()})",)
+            return (f"built-in kernel {op.native!r} ({ffi.isa()})", _tuning_line())
         kernel = user_kernels.user_kernel(op)
         if isinstance(kernel, Refusal):
             return (kernel.reason,)
         how = (f"compiled now in {kernel.seconds:.2f} s" if kernel.compiled
                else "loaded from the cache")
         lines = [f"compiled user kernel ({ffi.isa()}, {how}): {kernel.path}",
-                 f"primitives: {', '.join(kernel.functor.primitives)}"]
+                 f"primitives: {', '.join(kernel.functor.primitives)}", _tuning_line()]
         if kernel.functor.scalar:
             lines.append("lane by lane with libm (not vectorized): "
                          + ", ".join(kernel.functor.scalar))
@@ -103,6 +110,7 @@ class NativeEngine(registry.Engine):
 
     def _spec(self, problem: Problem, x: Array, w: Array) -> Any:
         ffi._register()
+        tuning.ensure()
         op_id = ffi.kernel_id(problem.op)
         if op_id is None:
             op_id = user_kernels.user_kernel(problem.op).op_id

@@ -1,0 +1,34 @@
+// The forward kernels' run-time tuning parameters: plain data shared by ffi.cc (which holds
+// the process's set, chosen by jaxconv/_src/engines/native/tuning.py) and the kernel template
+// (which reads it through Call::params). No parameter changes a max/min result's bits; only
+// `min_form` changes a sum's rounding (within the documented bound, see kernel_ops.h).
+#pragma once
+#include <cstdint>
+
+namespace jaxconv {
+
+// The fields, listed once: X(name, default, lowest, highest). Python reads the list through
+// `jaxconv._native.param_fields()`; JAXCONV_NATIVE_PARAMS uses these names.
+#define JAXCONV_PARAM_FIELDS(X)                                                              \
+  /* KiB of a kernel panel when a kernel block is cut into panels (rows = KiB * 256 / NR) */ \
+  X(panel_kib, 16, 4, 1024)                                                                  \
+  /* a kernel block up to this many KiB is one panel (its tiles run all taps at once) */     \
+  X(block_kib, 192, 0, 65536)                                                                \
+  /* the forward shrinks its tiles per item (64 .. 8) until at least this many items */      \
+  X(items, 16, 1, 4096)                                                                      \
+  /* max_min / min_max on integer keys (1) or on float min / max (0): the same bits */       \
+  X(keyed, 1, 0, 1)                                                                          \
+  /* adder / l1 forward in the min form (1) or the direct |x - w| loop (0) */                \
+  X(min_form, 1, 0, 1)                                                                       \
+  /* max_plus / min_plus and the min form add by fma(a, 1, b) (1) or add (0): same bits */   \
+  X(fma_add, 1, 0, 1)                                                                        \
+  /* the forward's register tile: the instruction set's (0) or kernel_variants.h's (1) */     \
+  X(tile, 0, 0, 1)
+
+#define JAXCONV_PARAM_MEMBER(name, dflt, lo, hi) int64_t name = dflt;
+struct Params {
+  JAXCONV_PARAM_FIELDS(JAXCONV_PARAM_MEMBER)
+};
+#undef JAXCONV_PARAM_MEMBER
+
+}  // namespace jaxconv
