@@ -136,3 +136,61 @@ def test_jacfwd_equals_jacrev_for_an_fma_contractible_combine(engine):
         np.testing.assert_allclose(jf, jr, rtol=1e-6, atol=1e-6)
     # Every output has a winner, whose derivative in x is w - 1 (never 0 for normal w).
     assert np.all(np.abs(np.asarray(fwd[0])).reshape(3, -1).max(axis=1) > 0)
+
+
+# The native backward's layouts: many output channels (dw routed in 64-column blocks, ties
+# among them), feature groups, and winners in the padding of an op with a pad value.
+PAD_HALF = jaxconv.ops.max_plus.replace(pad_value=0.5, name="max_plus_pad_half")
+WIDE_CASES = [  # (op, reduce, data offset, out channels, groups, pad value)
+    ("max_plus", "max", 0.0, 300, 2, None),
+    ("min_max", "min", 0.0, 260, 1, None),
+    (PAD_HALF, "max", -8.0, 5, 1, 0.5),  # x far below the pad: the padded taps win
+]
+
+
+def _padded_oracle(combine, red: str, pad: float | None, groups: int):
+    """`_oracle`'s 1-D convolution with feature groups and an optional pad value."""
+    ident = -jnp.inf if red == "max" else jnp.inf
+    reduce = jnp.max if red == "max" else jnp.min
+
+    def conv(x, w):
+        k, ig, o = w.shape
+        lo = (k - 1) // 2
+        pos = np.arange(x.shape[1])[:, None] + np.arange(k)[None, :] - lo
+        valid = jnp.asarray((pos >= 0) & (pos < x.shape[1]))[None, :, :, None]
+        cols = x[:, np.clip(pos, 0, x.shape[1] - 1)]  # (N, P, K, C)
+        cols = jnp.where(valid, cols, 0.0 if pad is None else pad)
+        outs = []
+        for gi in range(groups):
+            xc = cols[..., gi * ig:(gi + 1) * ig]
+            wc = w[..., gi * (o // groups):(gi + 1) * (o // groups)]
+            c = combine(xc[..., None], wc[None, None])  # (N, P, K, I, Og)
+            if pad is None:
+                c = jnp.where(valid[..., None], c, ident)
+            c = lax.optimization_barrier(c.reshape(*c.shape[:2], -1, c.shape[-1]))
+            outs.append(reduce(c, axis=2))
+        return jnp.concatenate(outs, axis=-1)
+
+    return conv
+
+
+@pytest.mark.parametrize("op,red,offset,out,groups,pad", WIDE_CASES)
+def test_native_winner_gradients_wide_grouped_and_padded(op, red, offset, out, groups, pad):
+    x = _data("ties", (2, 9, 4), 0) + offset
+    w = _data("ties", (3, 4 // groups, out), 1)
+    g = _data("normal", (2, 9, out), 2)
+    combine = jnp.add if red == "max" else jnp.maximum
+
+    def ours(a, b):
+        return jaxconv.conv_general_dilated(a, b, (1,), "SAME", dimension_numbers=DN,
+                                            feature_group_count=groups, op=op,
+                                            engine="native")
+
+    def vjp(f):
+        return jax.jit(lambda a, b, ct: jax.vjp(f, a, b)[1](ct))(x, w, g)
+
+    got, want = vjp(ours), vjp(_padded_oracle(combine, red, pad, groups))
+    for a, b in zip(got, want, strict=True):  # sums of many shares: rounding differs
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    if pad is not None:  # some windows' winners are padded taps: their x gradient is lost
+        assert float(jnp.abs(got[0]).sum()) < float(jnp.abs(g).sum())
