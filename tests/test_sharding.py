@@ -480,3 +480,57 @@ def test_undividable_or_uncollectible_axes_work_as_lax(op: str, groups: int, c: 
     # lax itself accepts the same constraint.
     jax.jit(lambda a, b: _lax_conv(lax.with_sharding_constraint(
         a, NamedSharding(mesh, spec)), b, feature_group_count=groups))(x, w)
+
+
+# --- the XLA engine on CPU: partitioned by the core as the native calls are -----------------
+
+@pytest.mark.parametrize(("op", "engine", "layout"), [
+    ("max_plus", "xla", "data"), ("log", "auto", "data"), ("adder", "xla", "data"),
+    ("log", "auto", "model"), ("adder", "xla", "contract"), ("log", "auto", "contract")])
+def test_xla_engine_partitions_forward_and_backward(op: str, engine: str, layout: str) -> None:
+    """The winner, `log` and AdderNet backward passes of the XLA engine hold only lax's
+    all-reduces (their tap loops all-gathered when left to the partitioner); a sum's sharded
+    contraction is one add all-reduce, a logsumexp's the stable max-then-sum combine."""
+    mesh = _mesh()
+    x, w = _data(14, c=8)
+    xspec, wspec = {"data": (P("data"), P()), "model": (P(), P(None, None, None, "data")),
+                    "contract": (P(None, None, None, "data"), P(None, None, "data"))}[layout]
+    xs = jax.device_put(x, NamedSharding(mesh, xspec))
+    ws = jax.device_put(w, NamedSharding(mesh, wspec))
+    f = _conv(op, engine)
+    hlo = jax.jit(f).lower(xs, ws).compile().as_text()
+    if layout == "contract":
+        want = {"add"} if op == "adder" else {"maximum", "add"}  # logsumexp: max, then sum
+        assert _collectives(hlo) == {"all-reduce"} and set(_all_reduce_kinds(hlo)) == want
+    else:
+        assert not _collectives(hlo), _collectives(hlo)
+    _close(jax.jit(f)(xs, ws), jax.jit(f)(x, w))
+    grad = jax.jit(_grad(f))
+    assert _collectives(grad.lower(xs, ws).compile().as_text()) <= {"all-reduce"}
+    _close(grad(xs, ws), grad(x, w))
+
+
+def test_sharded_logsumexp_contraction_special_values() -> None:
+    """`log` with its channels on 8 devices: windows that are all -inf on one device or on
+    every device, +inf and NaN give one device's outputs, and the gradient has no NaN
+    where one device has none (an all -inf window's is zero)."""
+    mesh = _mesh((8,), ("c",))
+    x, w = _data(15, c=8)
+    x = x.at[0].set(-jnp.inf).at[1, ..., 3].set(-jnp.inf).at[2, 0, 0, 5].set(jnp.nan)
+    x = x.at[3, 2, 2, 6].set(jnp.inf).at[4].multiply(300.0)  # exp would overflow
+    xs = jax.device_put(x, NamedSharding(mesh, P(None, None, None, "c")))
+    ws = jax.device_put(w, NamedSharding(mesh, P(None, None, "c", None)))
+    f = jax.jit(_conv("log"))
+    y, want = np.asarray(f(xs, ws)), np.asarray(f(x, w))
+    np.testing.assert_array_equal(np.isnan(y), np.isnan(want))
+    np.testing.assert_array_equal(np.isinf(y), np.isinf(want))
+    assert (want[0] == -np.inf).all()
+    np.testing.assert_allclose(y, want, rtol=1e-5)
+    finite = x.at[2, 0, 0, 5].set(0.0).at[3, 2, 2, 6].set(0.0)
+    grad = jax.jit(jax.grad(lambda a, b: jnp.sum(jnp.where(jnp.isfinite(_conv("log")(a, b)),
+                                                           _conv("log")(a, b), 0.0)),
+                            argnums=(0, 1)))
+    fs = jax.device_put(finite, NamedSharding(mesh, P(None, None, None, "c")))
+    got, ref = grad(fs, ws), grad(finite, w)
+    assert not any(np.isnan(np.asarray(a)).any() for a in ref)
+    _close(got, ref, tol=1e-4)

@@ -23,10 +23,13 @@ on each device's local shapes. `forward` and `backward` wrap an engine's call in
   collective (`prod`, a user's callable) and grouped convolutions gather the axis;
 - spatial axes are gathered (correct, not partitioned).
 
-Only the native engine on CPU goes through here: the XLA engine is plain lax code that the
-partitioner partitions itself, and accelerator programs (GPU / TPU) never contain a
-`custom_partitioning` call (it has had open problems on TPU). A single device and the inside
-of `jax.shard_map` (every axis manual) lower the engine directly.
+Engines that declare it (`Engine.opaque_call`: the native engine and the XLA engine, on CPU)
+go through here; accelerator programs (GPU / TPU) never contain a `custom_partitioning` call
+(it has had open problems on TPU), their XLA engine is partitioned by the partitioner itself.
+A max/min or logsumexp contraction is reduced across devices only for an engine whose
+backward reads the global `y` (`Engine.backward_reads_output`); otherwise it is gathered.
+A single device and the inside of `jax.shard_map` (every axis manual) lower the engine
+directly.
 
 The interface is two functions, `forward` and `backward`, with an engine that has the core's
 protocol (`jaxconv._src.core.engine.Engine`) and declares its custom call
@@ -164,7 +167,7 @@ def _spec(sharding: Any, ndim: int) -> tuple[Any, ...] | None:
     return spec + (None,) * (ndim - len(spec))
 
 
-def _split(problem: Any, mesh: Any, x_info: Any, w_info: Any) -> _Split:
+def _split(problem: Any, engine: Any, mesh: Any, x_info: Any, w_info: Any) -> _Split:
     """The split of a call whose operands the partitioner proposes sharded as given."""
     nsd = len(problem.geom.window)
     groups = problem.geom.groups
@@ -181,7 +184,7 @@ def _split(problem: Any, mesh: Any, x_info: Any, w_info: Any) -> _Split:
                 or (groups > 1 and groups % k)):
             out = None
     contract = None
-    if _reduces_contraction(problem):
+    if _reduces_contraction(problem, engine):
         contract = xs[-1] if xs[-1] is not None else ws[-2]
         if contract is not None and (set(_axes(contract)) & set(_axes(batch) + _axes(out))
                                      or w_info.shape[-2] % _size(mesh, contract)):
@@ -189,10 +192,13 @@ def _split(problem: Any, mesh: Any, x_info: Any, w_info: Any) -> _Split:
     return _Split(mesh, batch, out, groups, nsd, contract)
 
 
-def _reduces_contraction(problem: Any) -> bool:
-    """Whether a sharded contraction axis is reduced across devices (one group and a reduce
-    with a collective) rather than gathered."""
-    return problem.geom.groups == 1 and collectives.kind(problem.op) is not None
+def _reduces_contraction(problem: Any, engine: Any) -> bool:
+    """Whether a sharded contraction axis is reduced across devices (one group, a reduce
+    with a collective and, but for sums, an engine whose backward reads the global output)
+    rather than gathered."""
+    which = collectives.kind(problem.op)
+    return problem.geom.groups == 1 and which is not None and (
+        which == "sum" or engine.backward_reads_output(problem))
 
 
 def _local_problem(problem: Any, split: _Split) -> Any:
@@ -222,12 +228,12 @@ def _forward_fn(problem: Any, engine: Any, x_shape: tuple[int, ...],
 
     def infer(mesh: Any, arg_infos: Any, result_info: Any) -> Any:
         del result_info
-        split = _split(problem, mesh, *arg_infos)
+        split = _split(problem, engine, mesh, *arg_infos)
         return split.y() if split.mesh is not None and not split.mesh.empty else None
 
     def partition(mesh: Any, arg_infos: Any, result_info: Any) -> Any:
         del result_info
-        split = _split(problem, mesh, *arg_infos)
+        split = _split(problem, engine, mesh, *arg_infos)
         if not isinstance(arg_infos[0].sharding, NamedSharding) or mesh.empty:
             rep = _replicated_like(arg_infos[0])
             return mesh, lambda x, w: engine.forward(problem, x, w), rep, (rep, rep)
@@ -246,7 +252,7 @@ def _forward_fn(problem: Any, engine: Any, x_shape: tuple[int, ...],
     rule = f"{xf}, {wf} -> {yf}"
     call.def_partition(partition, infer_sharding_from_operands=infer, sharding_rule=rule,
                        need_replication_factors=_replicated_factors(
-                           rule, _reduces_contraction(problem)), **sizes)
+                           rule, _reduces_contraction(problem, engine)), **sizes)
     return call
 
 
@@ -267,14 +273,14 @@ def _backward_fn(problem: Any, engine: Any, need: tuple[bool, bool],
 
     def infer(mesh: Any, arg_infos: Any, result_info: Any) -> Any:
         del result_info
-        split = _split(problem, mesh, arg_infos[0], arg_infos[1])
+        split = _split(problem, engine, mesh, arg_infos[0], arg_infos[1])
         if split.mesh is None or split.mesh.empty:
             return None
         return split.x(), split.w()
 
     def partition(mesh: Any, arg_infos: Any, result_info: Any) -> Any:
         del result_info
-        split = _split(problem, mesh, arg_infos[0], arg_infos[1])
+        split = _split(problem, engine, mesh, arg_infos[0], arg_infos[1])
         if not isinstance(arg_infos[0].sharding, NamedSharding) or mesh.empty:
             rep = _replicated_like(arg_infos[0])
             return (mesh, functools.partial(run, problem), (rep, rep), (rep,) * 4)
@@ -304,7 +310,7 @@ def _backward_fn(problem: Any, engine: Any, need: tuple[bool, bool],
     rule = f"{xf}, {wf}, {yf}, {yf} -> {xf}, {wf}"
     call.def_partition(partition, infer_sharding_from_operands=infer, sharding_rule=rule,
                        need_replication_factors=_replicated_factors(
-                           rule, _reduces_contraction(problem)), **sizes)
+                           rule, _reduces_contraction(problem, engine)), **sizes)
     return call
 
 
