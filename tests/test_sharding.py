@@ -275,18 +275,103 @@ def test_benchmark_smoke(tmp_path) -> None:
     assert all(c.startswith("all-reduce") for c in row["step_collectives"])
 
 
-@pytest.mark.parametrize("op", ["max_plus", "adder"])
-def test_sharded_contraction_is_gathered_correctly(op: str) -> None:
-    """Input channels sharded (x's last axis, w's input axis): the native call needs them
-    whole, so they are gathered -- same numbers as one device, calls on all channels."""
-    mesh = _mesh()
+def _all_reduce_kinds(hlo: str) -> list[str]:
+    """The reduction of each all-reduce in compiled HLO text (the root instruction of its
+    `to_apply` computation: "maximum", "minimum", "add", ...)."""
+    kinds = []
+    for name in re.findall(r"all-reduce(?:-start)?\(.*?to_apply=%?([\w.\-]+)", hlo):
+        body = re.search(rf"^%?{re.escape(name)} .*?\{{\n(.*?)^\}}", hlo, re.M | re.S)
+        assert body is not None, name
+        root = re.search(r"ROOT \S+ = \S+ (\w+)\(", body.group(1))
+        kinds.append(root.group(1))
+    return kinds
+
+
+# Covering set: each reduce with a collective on the native engine (max by float keys, the
+# keyed min_max, a sum with pad value 0, a user max op and a user sum op); the contraction
+# alone, with the batch on a second mesh axis, and with only the input's channels sharded.
+CONTRACTION_CASES = [("max_plus", "contract", "maximum"), ("min_max", "contract", "minimum"),
+                     ("adder", "contract", "add"), ("tanh_max", "batch", "maximum"),
+                     ("smooth_sum", "contract", "add"), ("max_plus", "x_only", "maximum")]
+
+
+def _contraction_mesh(layout: str) -> tuple[Mesh, P, P, int]:
+    """The mesh, the input's and kernel's specs and the number of contraction shards."""
+    if layout == "batch":
+        mesh = _mesh((2, 4), ("data", "c"))
+        return mesh, P("data", None, None, "c"), P(None, None, "c", None), 4
+    mesh = _mesh((8,), ("c",))
+    wspec = P() if layout == "x_only" else P(None, None, "c", None)
+    return mesh, P(None, None, None, "c"), wspec, 8
+
+
+@pytest.mark.parametrize(("op", "layout", "reduction"), CONTRACTION_CASES)
+def test_sharded_contraction_reduces_with_the_ops_collective(op: str, layout: str,
+                                                             reduction: str) -> None:
+    """Input channels sharded: each device's call runs on its own channels and the partial
+    results are all-reduced with the op's reduce -- the forward's only collective, no
+    gather of x or w; same numbers as one device (max/min bit for bit)."""
+    mesh, xspec, wspec, k = _contraction_mesh(layout)
     x, w = _data(7, c=8)
-    xs = jax.device_put(x, NamedSharding(mesh, P(None, None, None, "data")))
-    ws = jax.device_put(w, NamedSharding(mesh, P(None, None, "data", None)))
+    xs = jax.device_put(x, NamedSharding(mesh, xspec))
+    ws = jax.device_put(w, NamedSharding(mesh, wspec))
     f = _conv(op)
     hlo = jax.jit(f).lower(xs, ws).compile().as_text()
-    assert all(c[0][-1] == 8 for c in _native_calls(hlo))
-    _close(jax.jit(f)(xs, ws), f(x, w))
+    assert _collectives(hlo) == {"all-reduce"}, _collectives(hlo)
+    assert set(_all_reduce_kinds(hlo)) == {reduction}, _all_reduce_kinds(hlo)
+    calls = _native_calls(hlo)
+    assert calls and all(c[0][-1] == 8 // k and c[1][-2] == 8 // k for c in calls), calls
+    y, want = jax.jit(f)(xs, ws), jax.jit(f)(x, w)
+    if reduction == "add":
+        _close(y, want)
+    else:
+        np.testing.assert_array_equal(np.asarray(y), np.asarray(want))
+    _close(jax.jit(_grad(f))(xs, ws), jax.jit(_grad(f))(x, w))
+
+
+@pytest.mark.parametrize("op", ["max_plus", "min_plus", "max_min"])
+def test_sharded_contraction_max_min_special_values_and_ties(op: str) -> None:
+    """NaN on one device's channels, +0 / -0 winners on different devices, -inf / +inf
+    products, and ties between devices (integer data): the forward equals one device's bit
+    for bit (XLA's float all-reduce would drop NaN and order zeros by position), and the
+    gradient splits ties among the taps of every device as one device does."""
+    mesh = _mesh((8,), ("c",))
+    x, w = _data(10, c=8)
+    x, w = jnp.round(x), jnp.round(w)  # ties everywhere, across devices too
+    other = -3.0 if op.startswith("max") else 3.0  # image 1: the zero products win
+    x = x.at[1].set(other).at[0, 1, 1, 5].set(jnp.nan)
+    x = x.at[1, :, :, 2].set(0.0).at[1, :, :, 6].set(-0.0)
+    x = x.at[2, 3, 3, 0].set(-jnp.inf).at[3, 2, 2, 7].set(jnp.inf)
+    w = w.at[:, :, 2, 0].set(0.0).at[:, :, 6, 0].set(-0.0)
+    xs = jax.device_put(x, NamedSharding(mesh, P(None, None, None, "c")))
+    ws = jax.device_put(w, NamedSharding(mesh, P(None, None, "c", None)))
+    f = jax.jit(_conv(op))
+    y, want = np.asarray(f(xs, ws)), np.asarray(f(x, w))
+    np.testing.assert_array_equal(y, want)
+    np.testing.assert_array_equal(np.signbit(y) & ~np.isnan(y),
+                                  np.signbit(want) & ~np.isnan(want))
+    assert (want[1, ..., 0] == 0).all()
+    xf, wf = jnp.nan_to_num(x, posinf=2.0, neginf=-2.0), w  # finite data for the gradient
+    scale = jnp.arange(8.0).reshape(1, 1, 1, 8)
+    grad = jax.jit(jax.grad(lambda a, b: jnp.sum(_conv(op)(a, b) * scale), argnums=(0, 1)))
+    xfs = jax.device_put(xf, NamedSharding(mesh, P(None, None, None, "c")))
+    _close(grad(xfs, ws), grad(xf, wf), tol=1e-6)
+
+
+def test_sharded_contraction_with_padding_value_and_batch() -> None:
+    """`adder` pads with 0 (its padded taps add -|w|): each device's padded taps count
+    for its own channels; the batch on another mesh axis passes through."""
+    mesh = _mesh((4, 2), ("data", "c"))
+    x, w = _data(11, n=8, c=4)
+    xs = jax.device_put(x, NamedSharding(mesh, P("data", None, None, "c")))
+    ws = jax.device_put(w, NamedSharding(mesh, P(None, None, "c", None)))
+    f = _conv("adder")
+    hlo = jax.jit(f).lower(xs, ws).compile().as_text()
+    assert _collectives(hlo) == {"all-reduce"}
+    assert [c[:2] for c in _native_calls(hlo)] == [[(2, 1, 6, 7, 2), (1, 3, 3, 2, 8)]]
+    y = jax.jit(f)(xs, ws)
+    assert y.sharding.is_equivalent_to(NamedSharding(mesh, P("data")), 4)
+    _close(y, f(x, w))
     _close(jax.jit(_grad(f))(xs, ws), jax.jit(_grad(f))(x, w))
 
 
@@ -334,3 +419,118 @@ def test_explicit_mesh_types_outputs_as_lax(op: str, layout: str) -> None:
     assert gw.sharding.is_equivalent_to(ws.sharding, 4)
     _close(y, f(x, w))
     _close((gx, gw), jax.jit(_grad(f))(x, w))
+
+
+# --- bad input: as lax does, or a ValueError naming the axis ---------------------------------
+
+def _lax_conv(a, b, **kw):
+    return lax.conv_general_dilated(a, b, (1, 1), "SAME", dimension_numbers=DN, **kw)
+
+
+@pytest.mark.parametrize(("case", "message"), [
+    ("no_mesh", "needs a mesh in context"), ("missing_axis", "names mesh axis 'nope'"),
+    ("indivisible_explicit", "output dimension 0 (size 12)")])
+def test_bad_out_sharding_raises_as_lax(case: str, message: str) -> None:
+    """An `out_sharding` naming a mesh axis that does not exist, a PartitionSpec without a
+    mesh, or an explicit axis that does not divide the output: lax raises a ValueError, and
+    so does jaxconv, naming `out_sharding` and the axis."""
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 devices")
+    x, w = _data(12, n=12)
+    spec = P("nope") if case != "indivisible_explicit" else P("data")
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+    for fn in (_lax_conv, _conv("max_plus")):
+        call = jax.jit(lambda a, b, fn=fn: fn(a, b, out_sharding=spec)) if fn is _lax_conv \
+            else jax.jit(lambda a, b: jaxconv.conv_general_dilated(
+                a, b, (1, 1), "SAME", dimension_numbers=DN, op="max_plus", out_sharding=spec))
+        with pytest.raises(ValueError) as info:
+            if case == "no_mesh":
+                call(x, w)
+            else:
+                with jax.set_mesh(mesh):
+                    call(x, w)
+        if fn is not _lax_conv:
+            assert "`out_sharding`" in str(info.value) and message in str(info.value)
+
+
+@pytest.mark.parametrize(("op", "groups", "c", "o", "spec"), [
+    ("max_plus", 1, 4, 8, P("data")),                        # 12 images on 8 devices
+    ("max_plus", 1, 4, 8, P(None, None, None, "data")),      # 4 channels on 8 devices
+    ("max_plus", 8, 16, 8, P(None, None, None, "data")),     # groups of one output feature
+    ("adder", 8, 8, 16, P(None, None, None, "data")),        # depthwise: one input channel
+    ("custom", 1, 8, 8, P(None, None, None, "data"))])       # a reduce with no collective
+def test_undividable_or_uncollectible_axes_work_as_lax(op: str, groups: int, c: int, o: int,
+                                                       spec: P) -> None:
+    """A sharding that does not divide its axis (on an automatic mesh, where lax pads), a
+    contraction sharded for an op whose reduce has no collective, and grouped inputs sharded
+    on their channels (depthwise included: a one-element factor of Shardy's rule): the
+    numbers of one device."""
+    mesh = _mesh()
+    x, w = _data(13, n=12, c=c, o=o, groups=groups)
+    the_op = op if op != "custom" else jaxconv.Op(
+        lambda a, b: jnp.tanh(a - b), lambda a, b: jnp.where(jnp.abs(a) >= jnp.abs(b), a, b),
+        identity=0.0, name="max_abs")
+    f = _conv(the_op, groups=groups)
+
+    def g(a, b):
+        return f(lax.with_sharding_constraint(a, NamedSharding(mesh, spec)), b)
+
+    _close(jax.jit(g)(x, w), jax.jit(f)(x, w))
+    _close(jax.jit(_grad(g))(x, w), jax.jit(_grad(f))(x, w))
+    # lax itself accepts the same constraint.
+    jax.jit(lambda a, b: _lax_conv(lax.with_sharding_constraint(
+        a, NamedSharding(mesh, spec)), b, feature_group_count=groups))(x, w)
+
+
+# --- the XLA engine on CPU: partitioned by the core as the native calls are -----------------
+
+@pytest.mark.parametrize(("op", "engine", "layout"), [
+    ("max_plus", "xla", "data"), ("log", "auto", "data"), ("adder", "xla", "data"),
+    ("log", "auto", "model"), ("adder", "xla", "contract"), ("log", "auto", "contract")])
+def test_xla_engine_partitions_forward_and_backward(op: str, engine: str, layout: str) -> None:
+    """The winner, `log` and AdderNet backward passes of the XLA engine hold only lax's
+    all-reduces (their tap loops all-gathered when left to the partitioner); a sum's sharded
+    contraction is one add all-reduce, a logsumexp's the stable max-then-sum combine."""
+    mesh = _mesh()
+    x, w = _data(14, c=8)
+    xspec, wspec = {"data": (P("data"), P()), "model": (P(), P(None, None, None, "data")),
+                    "contract": (P(None, None, None, "data"), P(None, None, "data"))}[layout]
+    xs = jax.device_put(x, NamedSharding(mesh, xspec))
+    ws = jax.device_put(w, NamedSharding(mesh, wspec))
+    f = _conv(op, engine)
+    hlo = jax.jit(f).lower(xs, ws).compile().as_text()
+    if layout == "contract":
+        want = {"add"} if op == "adder" else {"maximum", "add"}  # logsumexp: max, then sum
+        assert _collectives(hlo) == {"all-reduce"} and set(_all_reduce_kinds(hlo)) == want
+    else:
+        assert not _collectives(hlo), _collectives(hlo)
+    _close(jax.jit(f)(xs, ws), jax.jit(f)(x, w))
+    grad = jax.jit(_grad(f))
+    assert _collectives(grad.lower(xs, ws).compile().as_text()) <= {"all-reduce"}
+    _close(grad(xs, ws), grad(x, w))
+
+
+def test_sharded_logsumexp_contraction_special_values() -> None:
+    """`log` with its channels on 8 devices: windows that are all -inf on one device or on
+    every device, +inf and NaN give one device's outputs, and the gradient has no NaN
+    where one device has none (an all -inf window's is zero)."""
+    mesh = _mesh((8,), ("c",))
+    x, w = _data(15, c=8)
+    x = x.at[0].set(-jnp.inf).at[1, ..., 3].set(-jnp.inf).at[2, 0, 0, 5].set(jnp.nan)
+    x = x.at[3, 2, 2, 6].set(jnp.inf).at[4].multiply(300.0)  # exp would overflow
+    xs = jax.device_put(x, NamedSharding(mesh, P(None, None, None, "c")))
+    ws = jax.device_put(w, NamedSharding(mesh, P(None, None, "c", None)))
+    f = jax.jit(_conv("log"))
+    y, want = np.asarray(f(xs, ws)), np.asarray(f(x, w))
+    np.testing.assert_array_equal(np.isnan(y), np.isnan(want))
+    np.testing.assert_array_equal(np.isinf(y), np.isinf(want))
+    assert (want[0] == -np.inf).all()
+    np.testing.assert_allclose(y, want, rtol=1e-5)
+    finite = x.at[2, 0, 0, 5].set(0.0).at[3, 2, 2, 6].set(0.0)
+    grad = jax.jit(jax.grad(lambda a, b: jnp.sum(jnp.where(jnp.isfinite(_conv("log")(a, b)),
+                                                           _conv("log")(a, b), 0.0)),
+                            argnums=(0, 1)))
+    fs = jax.device_put(finite, NamedSharding(mesh, P(None, None, None, "c")))
+    got, ref = grad(fs, ws), grad(finite, w)
+    assert not any(np.isnan(np.asarray(a)).any() for a in ref)
+    _close(got, ref, tol=1e-4)

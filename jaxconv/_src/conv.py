@@ -21,6 +21,7 @@ Array = jax.Array
 def _with_out_sharding(y: Array, out_sharding: Any) -> Array:
     if out_sharding is None:
         return y
+    validation.out_sharding(out_sharding, y.shape)
     return jax.lax.with_sharding_constraint(y, out_sharding)
 
 

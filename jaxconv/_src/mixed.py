@@ -206,4 +206,5 @@ def conv_multi(
 def _sharded(y: Array, out_sharding: Any) -> Array:
     if out_sharding is None:
         return y
+    validation.out_sharding(out_sharding, y.shape)
     return jax.lax.with_sharding_constraint(y, out_sharding)

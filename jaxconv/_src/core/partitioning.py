@@ -12,13 +12,24 @@ on each device's local shapes. `forward` and `backward` wrap an engine's call in
   them); an output-feature sharding that does not divide the groups is gathered;
 - the backward's collectives are lax's all-reduces: the kernel gradient is summed over the
   batch's mesh axes, the input gradient (one group) over the output features' axes;
-- spatial axes and the contraction axis (input channels of one group) are gathered (correct,
-  not partitioned).
+- a sharded contraction axis (the input channels, one group) is reduced across devices with
+  the op's own reduce (`collectives`: `psum`, `pmax` / `pmin` on order-preserving integer
+  keys, a stable logsumexp combine): each device's call runs on its own channels and the
+  forward's only collective is that all-reduce. The backward of a sum needs nothing more
+  (each device's gradients are those of its channels); a max/min backward recomputes each
+  device's partial result, counts the devices that hold the winner (an integer all-reduce)
+  and, only where some output's winners sit on several devices, gathers the channels for
+  that backward (`lax.cond`), so that ties split exactly as on one device. A reduce with no
+  collective (`prod`, a user's callable) and grouped convolutions gather the axis;
+- spatial axes are gathered (correct, not partitioned).
 
-Only the native engine on CPU goes through here: the XLA engine is plain lax code that the
-partitioner partitions itself, and accelerator programs (GPU / TPU) never contain a
-`custom_partitioning` call (it has had open problems on TPU). A single device and the inside
-of `jax.shard_map` (every axis manual) lower the engine directly.
+Engines that declare it (`Engine.opaque_call`: the native engine and the XLA engine, on CPU)
+go through here; accelerator programs (GPU / TPU) never contain a `custom_partitioning` call
+(it has had open problems on TPU), their XLA engine is partitioned by the partitioner itself.
+A max/min or logsumexp contraction is reduced across devices only for an engine whose
+backward reads the global `y` (`Engine.backward_reads_output`); otherwise it is gathered.
+A single device and the inside of `jax.shard_map` (every axis manual) lower the engine
+directly.
 
 The interface is two functions, `forward` and `backward`, with an engine that has the core's
 protocol (`jaxconv._src.core.engine.Engine`) and declares its custom call
@@ -49,6 +60,8 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxconv._src.core import collectives
+
 Array = jax.Array
 
 
@@ -75,18 +88,28 @@ def _factors(nsd: int, groups: int, shape_w: tuple[int, ...]) -> tuple[str, str,
     if groups == 1:
         cx, cw, co, sizes = "i", "i o", "o", {}
     else:
-        cx, cw, co = "(g i)", "i (g q)", "(g q)"
-        sizes = {"g": groups, "q": shape_w[-1] // groups}
+        # Shardy refuses a compound dimension with a factor of size 1 (depthwise: one
+        # input channel, or one output feature, per group).
+        i, q = shape_w[-2], shape_w[-1] // groups
+        cx = "(g i)" if i > 1 else "g"
+        co = "(g q)" if q > 1 else "g"
+        cw = f"i {co}"
+        # Sizes for the factors that are never a whole dimension.
+        sizes = {"g": groups} if i > 1 and q > 1 else {}
+        if q > 1:
+            sizes["q"] = q
     join = lambda *parts: " ".join(q for q in parts if q)  # noqa: E731
     return join("n", s, cx), join(k, cw), join("n", p, co), sizes
 
 
-def _replicated_factors(rule: str) -> tuple[str, ...]:
-    """The factors each device needs whole (spatial, window, contraction; within-group output
-    features), in the order they first appear in `rule` (Shardy wants them sorted)."""
+def _replicated_factors(rule: str, reduce_contraction: bool) -> tuple[str, ...]:
+    """The factors each device needs whole (spatial, window, the contraction unless it is
+    reduced across devices; within-group output features), in the order they first appear
+    in `rule` (Shardy wants them sorted)."""
     seen: list[str] = []
+    whole = "skpq" if reduce_contraction else "skpiq"
     for token in rule.replace("(", " ").replace(")", " ").replace(",", " ").split():
-        if token not in seen and token[0] in "skpiq":
+        if token not in seen and token[0] in whole:
             seen.append(token)
     return tuple(seen)
 
@@ -95,21 +118,23 @@ def _replicated_factors(rule: str) -> tuple[str, ...]:
 
 @dataclasses.dataclass(frozen=True)
 class _Split:
-    """How a call is split: the mesh axes of the batch and of the output features (`None`:
-    not split), the local number of groups and the mesh."""
+    """How a call is split: the mesh axes of the batch, of the output features and of the
+    contraction (input channels of one group; `None`: not split), the local number of groups
+    and the mesh."""
 
     mesh: Any
     batch: Any
     out: Any
     groups: int
     nsd: int
+    contract: Any = None
 
     def x(self) -> NamedSharding:
         return self._named(self.batch, *(None,) * self.nsd, self.out if self.groups_split
-                           else None)
+                           else self.contract)
 
     def w(self) -> NamedSharding:
-        return self._named(*(None,) * (self.nsd + 1), self.out)
+        return self._named(*(None,) * self.nsd, self.contract, self.out)
 
     def y(self) -> NamedSharding:
         return self._named(self.batch, *(None,) * self.nsd, self.out)
@@ -142,7 +167,7 @@ def _spec(sharding: Any, ndim: int) -> tuple[Any, ...] | None:
     return spec + (None,) * (ndim - len(spec))
 
 
-def _split(problem: Any, mesh: Any, x_info: Any, w_info: Any) -> _Split:
+def _split(problem: Any, engine: Any, mesh: Any, x_info: Any, w_info: Any) -> _Split:
     """The split of a call whose operands the partitioner proposes sharded as given."""
     nsd = len(problem.geom.window)
     groups = problem.geom.groups
@@ -158,7 +183,22 @@ def _split(problem: Any, mesh: Any, x_info: Any, w_info: Any) -> _Split:
         if (set(_axes(out)) & set(_axes(batch)) or w_info.shape[-1] % k
                 or (groups > 1 and groups % k)):
             out = None
-    return _Split(mesh, batch, out, groups, nsd)
+    contract = None
+    if _reduces_contraction(problem, engine):
+        contract = xs[-1] if xs[-1] is not None else ws[-2]
+        if contract is not None and (set(_axes(contract)) & set(_axes(batch) + _axes(out))
+                                     or w_info.shape[-2] % _size(mesh, contract)):
+            contract = None
+    return _Split(mesh, batch, out, groups, nsd, contract)
+
+
+def _reduces_contraction(problem: Any, engine: Any) -> bool:
+    """Whether a sharded contraction axis is reduced across devices (one group, a reduce
+    with a collective and, but for sums, an engine whose backward reads the global output)
+    rather than gathered."""
+    which = collectives.kind(problem.op)
+    return problem.geom.groups == 1 and which is not None and (
+        which == "sum" or engine.backward_reads_output(problem))
 
 
 def _local_problem(problem: Any, split: _Split) -> Any:
@@ -188,23 +228,31 @@ def _forward_fn(problem: Any, engine: Any, x_shape: tuple[int, ...],
 
     def infer(mesh: Any, arg_infos: Any, result_info: Any) -> Any:
         del result_info
-        split = _split(problem, mesh, *arg_infos)
+        split = _split(problem, engine, mesh, *arg_infos)
         return split.y() if split.mesh is not None and not split.mesh.empty else None
 
     def partition(mesh: Any, arg_infos: Any, result_info: Any) -> Any:
         del result_info
-        split = _split(problem, mesh, *arg_infos)
+        split = _split(problem, engine, mesh, *arg_infos)
         if not isinstance(arg_infos[0].sharding, NamedSharding) or mesh.empty:
             rep = _replicated_like(arg_infos[0])
             return mesh, lambda x, w: engine.forward(problem, x, w), rep, (rep, rep)
         local = _local_problem(problem, split)
-        return (mesh, lambda x, w: engine.forward(local, x, w), split.y(),
-                (split.x(), split.w()))
+        contract = _axes(split.contract)
 
+        def lower(x: Array, w: Array) -> Array:
+            y = engine.forward(local, x, w)
+            # Partial products over this device's channels, reduced with the op's reduce.
+            return collectives.combine(which, y, contract) if contract else y
+
+        return mesh, lower, split.y(), (split.x(), split.w())
+
+    which = collectives.kind(problem.op)
     xf, wf, yf, sizes = _factors(nsd, groups, w_shape)
     rule = f"{xf}, {wf} -> {yf}"
     call.def_partition(partition, infer_sharding_from_operands=infer, sharding_rule=rule,
-                       need_replication_factors=_replicated_factors(rule), **sizes)
+                       need_replication_factors=_replicated_factors(
+                           rule, _reduces_contraction(problem, engine)), **sizes)
     return call
 
 
@@ -225,22 +273,27 @@ def _backward_fn(problem: Any, engine: Any, need: tuple[bool, bool],
 
     def infer(mesh: Any, arg_infos: Any, result_info: Any) -> Any:
         del result_info
-        split = _split(problem, mesh, arg_infos[0], arg_infos[1])
+        split = _split(problem, engine, mesh, arg_infos[0], arg_infos[1])
         if split.mesh is None or split.mesh.empty:
             return None
         return split.x(), split.w()
 
     def partition(mesh: Any, arg_infos: Any, result_info: Any) -> Any:
         del result_info
-        split = _split(problem, mesh, arg_infos[0], arg_infos[1])
+        split = _split(problem, engine, mesh, arg_infos[0], arg_infos[1])
         if not isinstance(arg_infos[0].sharding, NamedSharding) or mesh.empty:
             rep = _replicated_like(arg_infos[0])
             return (mesh, functools.partial(run, problem), (rep, rep), (rep,) * 4)
         local = _local_problem(problem, split)
         batch_axes, out_axes = _axes(split.batch), _axes(split.out)
+        contract = _axes(split.contract)
 
         def lower(x: Array, w: Array, y: Array, g: Array) -> tuple[Array, Array]:
-            gx, gw = run(local, x, w, y, g)
+            if contract and which in ("max", "min"):
+                gx, gw = _winner_backward(local, engine, need, contract, x, w, y, g)
+            else:
+                # Sums need no y; logsumexp's weights exp(c - y) take the global y.
+                gx, gw = run(local, x, w, y, g)
             # lax's all-reduces: the kernel gradient sums over the images of every device,
             # the input gradient (one group) over every device's output features.
             if need[1] and batch_axes:
@@ -252,8 +305,42 @@ def _backward_fn(problem: Any, engine: Any, need: tuple[bool, bool],
         return (mesh, lower, (split.x(), split.w()),
                 (split.x(), split.w(), split.y(), split.y()))
 
+    which = collectives.kind(problem.op)
     xf, wf, yf, sizes = _factors(nsd, groups, w_shape)
     rule = f"{xf}, {wf}, {yf}, {yf} -> {xf}, {wf}"
     call.def_partition(partition, infer_sharding_from_operands=infer, sharding_rule=rule,
-                       need_replication_factors=_replicated_factors(rule), **sizes)
+                       need_replication_factors=_replicated_factors(
+                           rule, _reduces_contraction(problem, engine)), **sizes)
     return call
+
+
+def _winner_backward(problem: Any, engine: Any, need: tuple[bool, bool],
+                     contract: tuple[str, ...], x: Array, w: Array, y: Array,
+                     g: Array) -> tuple[Array, Array]:
+    """The backward of a max/min op whose contraction is split over `contract`.
+
+    The engine's backward routes the cotangent to the taps whose product equals `y` (the
+    forward's result, bit for bit) and splits it among the taps it finds. Given the global
+    `y`, a device that did not win an output finds no such tap, and the one that did finds
+    exactly the winners of the single-device computation -- unless several devices tie for
+    an output (then each would split the cotangent among its own taps only). So each device
+    recomputes its partial result, the devices holding the winner are counted (one integer
+    all-reduce), and where any output has winners on several devices the contraction is
+    gathered and the whole window's backward run, this device keeping its channels' part:
+    the same numbers as one device in every case.
+    """
+    def local() -> tuple[Array, Array]:
+        return engine.backward(problem, x, w, y, g, need)
+
+    def gathered() -> tuple[Array, Array]:
+        xa = jax.lax.all_gather(x, contract, axis=x.ndim - 1, tiled=True)
+        wa = jax.lax.all_gather(w, contract, axis=w.ndim - 2, tiled=True)
+        gx, gw = engine.backward(problem, xa, wa, y, g, need)
+        at = jax.lax.axis_index(contract)
+        gx = jax.lax.dynamic_slice_in_dim(gx, at * x.shape[-1], x.shape[-1], x.ndim - 1)
+        gw = jax.lax.dynamic_slice_in_dim(gw, at * w.shape[-2], w.shape[-2], w.ndim - 2)
+        return gx, gw
+
+    y_local = engine.forward(problem, x, w)
+    shared = jax.numpy.any(collectives.tie_devices(y_local, y, contract) > 1)
+    return jax.lax.cond(shared, gathered, local)

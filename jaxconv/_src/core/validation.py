@@ -7,6 +7,7 @@ Every check runs on shapes and Python values before any tracing work starts and 
 from __future__ import annotations
 
 import functools
+import math
 import operator
 from collections.abc import Sequence
 from typing import Any
@@ -549,3 +550,53 @@ def _check_reduce(op: Any, c: np.ndarray) -> None:
             "reduce(a, reduce(b, c)) on probe values; the taps of a window are reduced in no "
             "fixed order, so `reduce` must be commutative and associative."
         )
+
+
+def out_sharding(value: Any, shape: Sequence[int]) -> Any:
+    """Checks `out_sharding` for an output of `shape`, as lax does: a `PartitionSpec` needs a
+    mesh in context, every mesh axis it names must exist, and on axes of type `Explicit` each
+    sharded dimension must divide evenly (on `Auto` axes the partitioner pads). Returns the
+    value unchanged.
+
+    Example:
+      >>> from jax.sharding import PartitionSpec as P
+      >>> out_sharding(P("data"), (4, 2))
+      Traceback (most recent call last):
+      ...
+      ValueError: `out_sharding`: a PartitionSpec needs a mesh in context ...
+    """
+    if value is None:
+        return value
+    from jax.sharding import NamedSharding, PartitionSpec  # noqa: PLC0415
+
+    if isinstance(value, PartitionSpec):
+        mesh, spec = jax.sharding.get_abstract_mesh(), value
+        if mesh.empty:
+            raise ValueError(
+                "`out_sharding`: a PartitionSpec needs a mesh in context (`jax.set_mesh(mesh)`); "
+                f"otherwise pass a NamedSharding. Got {value!r}.")
+    elif isinstance(value, NamedSharding):
+        mesh, spec = value.mesh, value.spec
+    else:
+        return value
+    if len(spec) > len(shape):
+        raise ValueError(f"`out_sharding` {spec!r} has {len(spec)} entries for an output of "
+                         f"rank {len(shape)} (shape {tuple(shape)}).")
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True))
+    explicit = set(getattr(mesh, "explicit_axes", ()))
+    for dim, entry in enumerate(spec):
+        if entry is None or entry is PartitionSpec.UNCONSTRAINED:
+            continue
+        names = entry if isinstance(entry, tuple) else (entry,)
+        for name in names:
+            if name not in sizes:
+                raise ValueError(
+                    f"`out_sharding` {spec!r} names mesh axis {name!r}, which the mesh does "
+                    f"not have; its axes are {tuple(mesh.axis_names)}.")
+        k = math.prod(sizes[n] for n in names)
+        if set(names) & explicit and shape[dim] % k:
+            raise ValueError(
+                f"`out_sharding` {spec!r} splits output dimension {dim} (size {shape[dim]}) "
+                f"over mesh axes {names} ({k} devices), which do not divide it evenly; "
+                f"output shape {tuple(shape)}.")
+    return value

@@ -73,6 +73,11 @@ class NativeEngine(registry.Engine):
         """On CPU the engine is an FFI custom call (partitioned by the core)."""
         return platform == "cpu"
 
+    def backward_reads_output(self, problem: Problem) -> bool:
+        """The kernels' winner scan matches products against the given `y` bit for bit (a
+        user op that falls back to the XLA engine does not)."""
+        return self._fallback(problem) is None
+
     def describe(self, problem: Problem, dtype: DTypeLike) -> tuple[str, ...]:
         """The kernel, compiling a user op's now (as the first call would)."""
         del dtype

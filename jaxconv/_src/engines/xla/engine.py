@@ -127,6 +127,20 @@ class XlaEngine(registry.Engine):
         del dtype
         return describe(problem)
 
+    def opaque_call(self, platform: str) -> bool:
+        """On CPU the core partitions the engine's calls itself (each device's loops on its
+        local shapes): left to the partitioner, the tap loops of the winner, `log` and
+        AdderNet backward passes all-gather under a batch sharding. GPU/TPU programs are
+        left to the partitioner (no `custom_partitioning` in accelerator programs)."""
+        return platform == "cpu"
+
+    def backward_reads_output(self, problem: Problem) -> bool:
+        """A logsumexp's softmax weights are ``exp(c - y)`` with the `y` given (both the
+        exp-space and the tap paths); max/min winners are found by index, not from `y`,
+        and a rewrite's backward recomputes its own forward."""
+        caps = algebra.capabilities(problem.op)
+        return caps.reduce == "logsumexp" and problem.op.rewrite is None
+
 
 ENGINE = XlaEngine()
 registry.register(ENGINE.name, lambda: ENGINE)
