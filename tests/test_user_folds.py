@@ -69,6 +69,26 @@ def ste_round(v):
 ste_round.defjvp(lambda p, t: (ste_round(p[0]), t[0]))
 
 
+@jax.custom_vjp
+def adder_rule(x, w):
+    """AdderNet's product with its rule, a custom VJP of both operands."""
+    return -jnp.abs(x - w)
+
+
+adder_rule.defvjp(lambda x, w: (-jnp.abs(x - w), (x, w)),
+                  lambda r, g: (g * jnp.clip(r[1] - r[0], -1.0, 1.0), g * (r[0] - r[1])))
+
+
+@jax.custom_vjp
+def clipped_cotangent(v):
+    """A sign whose backward is not linear in the cotangent."""
+    return jnp.where(v >= 0, 1.0, -1.0).astype(v.dtype)
+
+
+clipped_cotangent.defvjp(lambda v: (clipped_cotangent(v), v),
+                         lambda v, g: (jnp.clip(g, -0.5, 0.5),))
+
+
 FOLDS = {
     # name: (op, numpy combine, numpy fold, identity)
     "softplus_max": (jaxconv.Op(lambda x, w: x * w, smoothed_max, identity=-math.inf),
@@ -229,6 +249,7 @@ RULE_OPS = {
     "library_ste_sign": jaxconv.Op(lambda x, w: jaxconv.quantizers.ste_sign(x * w), "sum"),
     "relu_diff_max": jaxconv.Op(lambda x, w: jax.nn.relu(x - w), "max"),
     "round_ste_sum": jaxconv.Op(lambda x, w: ste_round(2.0 * x * w), "sum"),
+    "adder_rule_min": jaxconv.Op(adder_rule, "min", pad_value=0.5),
 }
 
 
@@ -237,12 +258,14 @@ def test_rule_combines_run_natively_and_explain_says_so(name):
     plan = jaxconv.explain(RULE_OPS[name], platform="cpu")
     assert plan.engine == "native", plan
     assert any("compiled user kernel" in d for d in plan.details)
+    assert any("custom derivative rule runs per product" in d for d in plan.details)
 
 
 @pytest.mark.parametrize("name, geometry", [("ste_of_product", "2d_same"),
                                             ("library_ste_sign", "rhs_dil_groups"),
                                             ("relu_diff_max", "wide"),
-                                            ("round_ste_sum", "1d_stride")])
+                                            ("round_ste_sum", "1d_stride"),
+                                            ("adder_rule_min", "depthwise")])
 def test_rule_combines_match_xla_values_and_gradients(name, geometry):
     op = RULE_OPS[name]
     x, w, kw = _data(geometry, seed=21, ties=name == "relu_diff_max")
@@ -279,3 +302,10 @@ def test_ste_gradient_is_the_users_rule_exactly():
     want_w = np.einsum("po,pko,pk->ko", g, inside, x)
     np.testing.assert_allclose(np.asarray(gx), want_x, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(gw), want_w, rtol=1e-5, atol=1e-5)
+
+
+def test_rule_not_linear_in_the_cotangent_stays_on_the_xla_engine():
+    op = jaxconv.Op(lambda x, w: clipped_cotangent(x * w), "sum")
+    plan = jaxconv.explain(op, platform="cpu")
+    assert plan.engine == "xla"
+    assert any("not native" in d and "not linear in the cotangent" in d for d in plan.details)

@@ -133,21 +133,22 @@ def linear_rule(node: Any, dtype: np.dtype) -> bool:
 
     if node.name == "custom_jvp_call":
         return True
-    args = [a for a in node.args if not isinstance(a, sp.Const)]
-    if len(args) != 1:
+    # Each distinct non-constant argument becomes one argument of a one-node program.
+    variables = list(dict.fromkeys(a for a in node.args if not isinstance(a, sp.Const)))
+    if not variables:
         return False
-    var = node.args.index(args[0])
     single = sp.ScalarProgram((dataclasses.replace(node, args=tuple(
-        sp.Arg(0) if i == var else a for i, a in enumerate(node.args))),), (0,), 1, dtype,
-        False)
+        a if isinstance(a, sp.Const) else sp.Arg(variables.index(a)) for a in node.args)),),
+        (0,), len(variables), dtype, False)
 
-    def fn(v: Array) -> Array:
-        return sp.evaluate(single, v)[0]
+    def fn(*v: Array) -> Array:
+        return sp.evaluate(single, *v)[0]
 
     s = jax.ShapeDtypeStruct((), dtype)
+    xs = [s] * len(variables)
     try:
-        jax.eval_shape(lambda x, g: jax.linear_transpose(
-            lambda c: jax.vjp(fn, x)[1](c)[0], g)(g), s, s)
+        jax.eval_shape(lambda g, *x: jax.linear_transpose(
+            lambda c: jax.vjp(fn, *x)[1](c), g)(tuple(x)), s, *xs)
     except Exception:  # noqa: BLE001 - a rule JAX cannot transpose is not linear
         return False
     return True
