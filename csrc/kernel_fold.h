@@ -114,23 +114,25 @@ void fold_forward(Ctx& c, const float* wp, int64_t Ogp) {
   parallel(c, call.batch * c.G * nvec * npb, item);
 }
 
-// Per work item (batch entry, group, vector of output channels): its own dw columns, and a
-// private input gradient of the group's channels (summed over the items afterwards).
+// Per work item (batch entry, group, vector of output channels, image): the image's part of a
+// private input gradient of the group's channels and a private kernel gradient of the vector's
+// columns (both summed over the items afterwards).
 template <class F>
-void fold_backward(Ctx& c, const float* wp, int64_t Ogp, float* dxp) {
+void fold_backward(Ctx& c, const float* wp, int64_t Ogp, float* dxp, float* dwp) {
   using namespace fold_detail;
   const jaxconv::Call& call = *c.call;
   const int64_t nvec = Ogp / W, T = c.T, I = c.I;
-  const int64_t cells = c.img / c.C * c.g.n;  // input cells per batch entry
+  const int64_t N = c.g.n, icells = c.img / c.C;  // input cells per image
+  const int64_t cells = icells * N;                 // per batch entry
   const int64_t tsz = tree_size(I);
   auto item = [&](int64_t it) {
-    const int64_t v = it % nvec, grp = (it / nvec) % c.G, b = it / (nvec * c.G);
+    const int64_t img = it % N, v = (it / N) % nvec, grp = (it / (N * nvec)) % c.G;
+    const int64_t b = it / (N * nvec * c.G);
     // Per tap: the tree (every level) and its gradient; the accumulator before the tap.
     Owned<S::V> hold = vectors(T * (2 * tsz + 1));
     Owned<Level> lhold = allocate<Level>(T * 64);
-    Owned<float> dwh = allocate<float>(T * I * W);
     Owned<int> nhold = allocate<int>(T);
-    if (!hold || !lhold || !dwh || !nhold) {
+    if (!hold || !lhold || !nhold) {
       c.failed = true;
       return;
     }
@@ -138,19 +140,19 @@ void fold_backward(Ctx& c, const float* wp, int64_t Ogp, float* dxp) {
     S::V* grads = trees + T * tsz;
     S::V* accs = grads + T * tsz;
     Level* levels = lhold.get();
-    float* dw = dwh.get();
+    float* dw = dwp + it * T * I * W;
     std::memset(dw, 0, sizeof(float) * size_t(T * I * W));
     const float* xb = call.x + b * c.x_bs;
     const float* wg = wp + (b * c.G + grp) * T * I * Ogp + v * W;
     const float* gb = call.g + b * c.y_bs;
     float* dx = dxp ? dxp + ((b * c.G + grp) * nvec + v) * cells * I : nullptr;
-    if (dx) std::memset(dx, 0, sizeof(float) * size_t(cells * I));
+    if (dx) std::memset(dx + img * icells * I, 0, sizeof(float) * size_t(icells * I));
     const int64_t o0 = grp * c.Og + v * W;
     const int64_t nl = c.Og - v * W < W ? c.Og - v * W : W;
     alignas(64) float gl[W];
     for (int l = 0; l < W; ++l) gl[l] = 0.0f;
     int* nlevs = nhold.get();
-    for (int64_t p = 0; p < c.P; ++p) {
+    for (int64_t p = img * c.OS; p < (img + 1) * c.OS; ++p) {
       const int64_t n = p / c.OS, osi = p % c.OS;
       S::V acc = S::set1(F::ident());
       for (int64_t t = 0; t < T; ++t) {
@@ -203,14 +205,26 @@ void fold_backward(Ctx& c, const float* wp, int64_t Ogp, float* dxp) {
         }
       }
     }
-    if (call.parts & 2) {
-      float* dwb = call.out2 + b * c.w_bs;
-      for (int64_t k = 0; k < T * I; ++k)
-        std::memcpy(dwb + k * c.O + o0, dw + k * W, sizeof(float) * size_t(nl));
+  };
+  parallel(c, call.batch * c.G * nvec * N, item);
+  if (c.failed) return;
+  // dw[b, k, o0 + l] = the sum over the images' items.
+  auto dw_sum = [&](int64_t it) {
+    const int64_t v = it % nvec, grp = (it / nvec) % c.G, b = it / (nvec * c.G);
+    const int64_t o0 = grp * c.Og + v * W;
+    const int64_t nl = c.Og - v * W < W ? c.Og - v * W : W;
+    const float* src = dwp + it * N * T * I * W;
+    float* dwb = call.out2 + b * c.w_bs;
+    for (int64_t k = 0; k < T * I; ++k) {
+      S::V s = S::load(src + k * W);
+      for (int64_t m = 1; m < N; ++m) s = S::add(s, S::load(src + (m * T * I + k) * W));
+      alignas(64) float tmp[W];
+      S::store(tmp, s);
+      std::memcpy(dwb + k * c.O + o0, tmp, sizeof(float) * size_t(nl));
     }
   };
-  parallel(c, call.batch * c.G * nvec, item);
-  if (!dxp || c.failed) return;
+  if (call.parts & 2) parallel(c, call.batch * c.G * nvec, dw_sum);
+  if (!dxp) return;
   // dx[b, cell, grp * I + i] = the sum over the group's items.
   auto sum = [&](int64_t it) {
     const int64_t grp = it % c.G, b = it / c.G;
@@ -270,7 +284,9 @@ int run_fold_op(const jaxconv::Call& call, bool backward) {
       dxp = c.scratch.get<float>(call.batch * c.G * (Ogp / W) * cells * c.I);
       if (!dxp) return 2;
     }
-    fold_backward<F>(c, wp, Ogp, dxp);
+    float* dwp = c.scratch.get<float>(call.batch * c.G * (Ogp / W) * g.n * c.T * c.I * W);
+    if (!dwp) return 2;
+    fold_backward<F>(c, wp, Ogp, dxp, dwp);
   }
   return c.failed ? 2 : 0;
 }

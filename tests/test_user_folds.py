@@ -309,3 +309,26 @@ def test_rule_not_linear_in_the_cotangent_stays_on_the_xla_engine():
     plan = jaxconv.explain(op, platform="cpu")
     assert plan.engine == "xla"
     assert any("not native" in d and "not linear in the cotangent" in d for d in plan.details)
+
+
+def test_fold_under_vmap_is_the_batched_call():
+    op = FOLDS["softplus_max"][0]
+    x, w, kw = _data("2d_same", seed=13)
+    f = _conv(op, "native", kw)
+    mapped = np.asarray(jax.vmap(lambda a, b: f(a[None], b)[0])(x, np.stack([w, -w])))
+    for k, wk in enumerate((w, -w)):
+        np.testing.assert_array_equal(mapped[k], np.asarray(f(x[k:k + 1], wk))[0])
+
+
+@pytest.mark.parametrize("scale", [0.25, -8.0, 2.0 ** -126])
+def test_division_by_a_power_of_two_is_exact(scale):
+    # Compiled as a multiply by the reciprocal: the same bits as the division.
+    special = np.array([-7.25, -1.0, -0.0, 0.0, 1e-30, 3.0, 1e30, 3e38, np.inf, -np.inf,
+                        np.nan], F32)
+    op = jaxconv.Op(lambda x, w: (x - w) / scale, "max")
+    x, w = special.reshape(-1, 1), special.reshape(1, -1)
+    dn = (((1,), (0,)), ((), ()))
+    got = jax.jit(lambda a, b: jaxconv.dot_general(a, b, dn, op=op, engine="native"))(x, w)
+    with np.errstate(all="ignore"):
+        want = (x - w) / F32(scale)
+    np.testing.assert_array_equal(np.asarray(got), want)
