@@ -10,8 +10,13 @@ out), with the reduce, identity and NaN behaviour the kernels need (``csrc/kerne
   and its partials ``dfa`` / ``dfb``, traced once like ``combine``, run by
   ``csrc/kernel_fold.h`` in the XLA engine's order, forward and backward.
 
-What is not translated (another reduce, a primitive outside `scalar_program.ELEMENTWISE`, a
-dtype other than float32, a custom VJP inside) raises `Untranslatable` with the reason.
+A ``jax.custom_vjp`` / ``jax.custom_jvp`` call in ``combine`` (or the fold) is compiled as the
+primal it wraps (`primal_program`); the partials come from ``jax.grad``, so they are the
+user's rule, applied per product.
+
+What is not translated (``logsumexp`` / ``prod``, a primitive outside
+`scalar_program.ELEMENTWISE`, a dtype other than float32, a custom VJP whose backward is not
+linear in the cotangent) raises `Untranslatable` with the reason.
 """
 
 from __future__ import annotations
