@@ -221,6 +221,22 @@ def test_fold_nan_and_infinity_as_the_xla_engine(name):
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("name", ["softplus_max", "prob_or"])
+def test_fold_gradients_with_nan_and_infinity_as_the_xla_engine(name):
+    op = FOLDS[name][0]
+    x, w, kw = _data("2d_same", seed=3, specials=True)
+    ct = np.random.default_rng(5).standard_normal(
+        _conv(op, "xla", kw)(x, w).shape).astype(F32)
+    got = _grads(op, "native", kw, x, w, ct)
+    with jax.numpy_rank_promotion("allow"):
+        want = _grads(op, "xla", kw, x, w, ct)
+    for a, b in zip(got, want, strict=True):
+        a, b = np.asarray(a), np.asarray(b)
+        assert np.isnan(b).any()
+        np.testing.assert_array_equal(np.isnan(a), np.isnan(b))
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+
+
 def test_fold_ties_gradients_as_the_xla_engine():
     # max inside the fold: equal operands split the cotangent as jnp.maximum's rule does.
     op = FOLDS["scaled_max"][0]
