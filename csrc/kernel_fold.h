@@ -1,7 +1,7 @@
 // A user op whose reduce is any associative callable `fold(a, b)` (not sum / max / min): the
 // forward folds each output's products in the XLA engine's generic order, and the backward
-// recomputes that fold per output and runs it backwards (the fold's own partials dfa / dfb,
-// then the combine's dcx / dcw), as JAX's derivative of the XLA engine's fold does.
+// recomputes that fold per output and runs it backwards (the fold's own partials dfab,
+// then the combine's dcxw), as JAX's derivative of the XLA engine's fold does.
 //
 // The order (jaxconv/_src/engines/xla/forward.py `_forward_block`, algebra.tree_reduce_last):
 // per output, acc = ident; for each tap in order that reads an input cell (or the pad value),
@@ -10,8 +10,8 @@
 // see identity padding are skipped (the XLA engine folds the identity there).
 //
 // Vectors run over output channels. Included by a generated user-op source (codegen.py) inside
-// the anonymous namespace, after kernels.inc; the functor provides ident, comb, dcx, dcw, fold,
-// dfa, dfb.
+// the anonymous namespace, after kernels.inc; the functor provides ident, comb, fold, and dcxw /
+// dfab (both partials of the combine / the fold at once).
 #pragma once
 
 namespace fold_detail {
@@ -177,15 +177,18 @@ void fold_backward(Ctx& c, const float* wp, int64_t Ogp, float* dxp, float* dwp)
         const S::V root = nlv ? tr[lv[nlv - 1].off + lv[nlv - 1].n] : tr[0];
         const S::V a = accs[t];
         // Cotangents flow as JAX's transpose multiplies them: g * (d fold / d operand).
-        if (nlv) gr[lv[nlv - 1].off + lv[nlv - 1].n] = S::mul(gacc, F::template dfb<S>(a, root));
-        else gr[0] = S::mul(gacc, F::template dfb<S>(a, root));
-        gacc = S::mul(gacc, F::template dfa<S>(a, root));
+        S::V da, db;
+        F::template dfab<S>(a, root, &da, &db);
+        gr[nlv ? lv[nlv - 1].off + lv[nlv - 1].n : 0] = S::mul(gacc, db);
+        gacc = S::mul(gacc, da);
         for (int L = nlv - 1; L >= 0; --L) {
           const int64_t off = lv[L].off, m = lv[L].n, h = m / 2;
           for (int64_t j = 0; j < h; ++j) {
             const S::V gp = gr[off + m + j];
-            gr[off + j] = S::mul(gp, F::template dfa<S>(tr[off + j], tr[off + j + h]));
-            gr[off + j + h] = S::mul(gp, F::template dfb<S>(tr[off + j], tr[off + j + h]));
+            S::V da, db;
+            F::template dfab<S>(tr[off + j], tr[off + j + h], &da, &db);
+            gr[off + j] = S::mul(gp, da);
+            gr[off + j + h] = S::mul(gp, db);
           }
         }
         const float* wt = wg + t * I * Ogp;
@@ -193,11 +196,13 @@ void fold_backward(Ctx& c, const float* wp, int64_t Ogp, float* dxp, float* dwp)
         for (int64_t i = 0; i < I; ++i) {
           const S::V xs = S::set1(xr[i]);
           const S::V wv = S::load(wt + i * Ogp);
+          S::V cx, cw;
+          F::template dcxw<S>(xs, wv, &cx, &cw);
           float* d = dw + (t * I + i) * W;
-          S::store(d, S::add(S::load(d), S::mul(gr[i], F::template dcw<S>(xs, wv))));
+          S::store(d, S::add(S::load(d), S::mul(gr[i], cw)));
           if (dx && off >= 0) {  // padded cells' gradient is dropped
             alignas(64) float hx[W];
-            S::store(hx, S::mul(gr[i], F::template dcx<S>(xs, wv)));
+            S::store(hx, S::mul(gr[i], cx));
             float s = 0.0f;
             for (int64_t l = 0; l < nl; ++l) s += hx[l];
             dx[(n * c.img + off) / c.C * I + i] += s;

@@ -7,7 +7,7 @@ out), with the reduce, identity and NaN behaviour the kernels need (``csrc/kerne
 - ``max`` / ``min``: ``comb`` per product, the winner backward through ``dcx`` / ``dcw``;
 - ``sum``: ``step = acc + comb``, the backward through ``hx`` / ``hw``;
 - a callable reduce that is none of the built-in ones (``"custom"``): the fold ``fold(a, b)``
-  and its partials ``dfa`` / ``dfb``, traced once like ``combine``, run by
+  and its partials (``dfab``), traced once like ``combine``, run by
   ``csrc/kernel_fold.h`` in the XLA engine's order, forward and backward.
 
 A ``jax.custom_vjp`` / ``jax.custom_jvp`` call in ``combine`` (or the fold) is compiled as the
@@ -139,6 +139,24 @@ def function(name: str, program: sp.ScalarProgram, output: int) -> str:
         if k in live:
             lines.append(f"    const VT<T> v{k} = {_expr(node)};")
     lines.append(f"    return {_ref(program.outputs[output])};")
+    lines.append("  }")
+    return "\n".join(lines)
+
+
+def both_function(name: str, program: sp.ScalarProgram) -> str:
+    """One templated static member ``name(x, w, a, b)`` storing `program`'s two outputs
+    through ``a`` and ``b`` (their common subexpressions computed once)."""
+    if program.dtype != _F32:
+        raise Untranslatable(f"its dtype is {program.dtype.name} (the native kernels are "
+                             "float32)")
+    lines = [f"  template <class T> static void {name}(VT<T> x, VT<T> w, VT<T>* a, VT<T>* b) {{",
+             "    (void)x;", "    (void)w;"]
+    live = set(program.live_of(*program.outputs[:2]))
+    for k, node in enumerate(program.nodes):
+        if k in live:
+            lines.append(f"    const VT<T> v{k} = {_expr(node)};")
+    lines.append(f"    *a = {_ref(program.outputs[0])};")
+    lines.append(f"    *b = {_ref(program.outputs[1])};")
     lines.append("  }")
     return "\n".join(lines)
 
@@ -319,11 +337,11 @@ def _fold_functor(op: Op, caps: object, dtype: np.dtype) -> Functor:
     fparts = partials_of(op.reduce, dtype)
     with jax.ensure_compile_time_eval():
         ident = float(identity_value(caps.canonical, dtype))  # type: ignore[attr-defined]
-    body = [function("comb", comb, 0), function("dcx", parts, 0), function("dcw", parts, 1),
-            function("fold", fold, 0), function("dfa", fparts, 0),
-            function("dfb", fparts, 1)]
-    # kernel_fold.h reads only ident, comb, dcx, dcw, fold, dfa and dfb; the reduce base
-    # and the flags are the template's requirements of every functor.
+    body = [function("comb", comb, 0), function("fold", fold, 0),
+            both_function("dcxw", parts), both_function("dfab", fparts)]
+    # kernel_fold.h reads only ident, comb, fold, dcxw and dfab (both partials at once, their
+    # common subexpressions computed once); the reduce base and the flags are the template's
+    # requirements of every functor.
     source = (PRELUDE.format(reduce="MaxR", nan_free="false", ident=literal(ident))
               + "\n".join(body) + "\n"
               + EPILOGUE.format(extra='#include "kernel_fold.h"\n', run="run_fold_op"))
