@@ -132,28 +132,29 @@ def per_product_rule(op: Op, dtype: Any) -> str | None:
     return _factored(op, np.dtype(dtype))[1]
 
 
-def _linear_rule(node: Any, dtype: np.dtype) -> bool:
+def linear_rule(node: Any, dtype: np.dtype) -> bool:
     """Whether a custom-rule node's backward is linear in the cotangent (always true of a
     custom JVP, whose tangent rule JAX transposes), checked by transposing it abstractly."""
     from jaxconv._src.core import scalar_program as sp  # noqa: PLC0415
 
     if node.name == "custom_jvp_call":
         return True
-    args = [a for a in node.args if not isinstance(a, sp.Const)]
-    if len(args) != 1:
+    # Each distinct non-constant argument becomes one argument of a one-node program.
+    variables = list(dict.fromkeys(a for a in node.args if not isinstance(a, sp.Const)))
+    if not variables:
         return False
-    var = node.args.index(args[0])
     single = sp.ScalarProgram((dataclasses.replace(node, args=tuple(
-        sp.Arg(0) if i == var else a for i, a in enumerate(node.args))),), (0,), 1, dtype,
-        False)
+        a if isinstance(a, sp.Const) else sp.Arg(variables.index(a)) for a in node.args)),),
+        (0,), len(variables), dtype, False)
 
-    def fn(v: Array) -> Array:
-        return sp.evaluate(single, v)[0]
+    def fn(*v: Array) -> Array:
+        return sp.evaluate(single, *v)[0]
 
     s = jax.ShapeDtypeStruct((), dtype)
+    xs = [s] * len(variables)
     try:
-        jax.eval_shape(lambda x, g: jax.linear_transpose(
-            lambda c: jax.vjp(fn, x)[1](c)[0], g)(g), s, s)
+        jax.eval_shape(lambda g, *x: jax.linear_transpose(
+            lambda c: jax.vjp(fn, *x)[1](c), g)(tuple(x)), s, *xs)
     except Exception:  # noqa: BLE001 - a rule JAX cannot transpose is not linear
         return False
     return True
@@ -190,10 +191,10 @@ def _factored(op: Op, dtype: np.dtype) -> tuple[FactoredForm | None, str | None]
     if operands is not None and rules:
         side_rules = [p.nodes[k] for p in (operands.lhs, operands.rhs) if p is not None
                       for k in p.rules()]
-        if not all(_linear_rule(n, dtype) for n in side_rules):
+        if not all(linear_rule(n, dtype) for n in side_rules):
             return None, ("its combine calls a custom-VJP function whose backward is not "
-                          "linear in the cotangent, so its rule runs once per product (the "
-                          "generic path, slow)")
+                          "linear in the cotangent, so its rule runs once per product (on the "
+                          "XLA engine's generic path, slow)")
     lhs_map = rhs_map = None
     pad_value = canonical.pad_value
     if operands is not None:
@@ -212,7 +213,7 @@ def _factored(op: Op, dtype: np.dtype) -> tuple[FactoredForm | None, str | None]
         # A rule on a value of both operands: the combine runs whole, once per product.
         return None, ("its combine calls a function with a custom derivative rule "
                       "(custom_vjp / custom_jvp) on a value that depends on both operands, so "
-                      "the rule runs once per product (the generic path, slow); a rule of one "
+                      "the rule runs once per product (see the engine's line below); a rule of one "
                       "operand only, as in ste(x) * ste(w), is factored out")
     if outer is None and lhs_map is None and rhs_map is None:
         return None, None

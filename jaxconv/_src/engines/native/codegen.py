@@ -5,10 +5,18 @@ over the kernel template's vector type (``csrc/userop.h``: lax's semantics, NaN 
 out), with the reduce, identity and NaN behaviour the kernels need (``csrc/kernels.inc``):
 
 - ``max`` / ``min``: ``comb`` per product, the winner backward through ``dcx`` / ``dcw``;
-- ``sum``: ``step = acc + comb``, the backward through ``hx`` / ``hw``.
+- ``sum``: ``step = acc + comb``, the backward through ``hx`` / ``hw``;
+- a callable reduce that is none of the built-in ones (``"custom"``): the fold ``fold(a, b)``
+  and its partials (``dfab``), traced once like ``combine``, run by
+  ``csrc/kernel_fold.h`` in the XLA engine's order, forward and backward.
 
-What is not translated (another reduce, a primitive outside `scalar_program.ELEMENTWISE`, a
-dtype other than float32, a custom VJP inside) raises `Untranslatable` with the reason.
+A ``jax.custom_vjp`` / ``jax.custom_jvp`` call in ``combine`` (or the fold) is compiled as the
+primal it wraps (`primal_program`); the partials come from ``jax.grad``, so they are the
+user's rule, applied per product.
+
+What is not translated (``logsumexp`` / ``prod``, a primitive outside
+`scalar_program.ELEMENTWISE`, a dtype other than float32, a custom VJP whose backward is not
+linear in the cotangent) raises `Untranslatable` with the reason.
 """
 
 from __future__ import annotations
@@ -19,8 +27,10 @@ import math
 import jax
 import numpy as np
 
+from jaxconv._src.core import factoring
 from jaxconv._src.core import scalar_program as sp
 from jaxconv._src.core.algebra import Op, capabilities, identity_value
+from jaxconv._src.engines.primal import primal
 
 Untranslatable = sp.Untranslatable
 
@@ -62,6 +72,10 @@ def _expr(node: sp.Node) -> str:
     if node.dtype not in (_F32, np.dtype(bool)):
         raise Untranslatable(f"it computes in {node.dtype.name} (the native kernels are "
                              "float32)")
+    if name == "div" and _power_of_two(node.args[1]):
+        # x / 2^k is x * 2^-k exactly (both round the same real number): a multiply, not a
+        # divide (several times its throughput).
+        return f"T::mul({a[0]}, T::set1({literal(1.0 / float(node.args[1].value))}))"
     if name in _BINARY:
         return f"u_{name}<T>({a[0]}, {a[1]})"
     if name == "add_any":  # the sum of two cotangents
@@ -85,6 +99,17 @@ def _expr(node: sp.Node) -> str:
     if name == "integer_pow":
         return _integer_pow(a[0], int(node.params["y"]))
     raise Untranslatable(f"primitive {name!r} is not translated")
+
+
+def _power_of_two(r: sp.Ref) -> bool:
+    """Whether `r` is a constant +-2^k whose reciprocal is a normal float32."""
+    if not isinstance(r, sp.Const) or isinstance(r.value, bool):
+        return False
+    v = abs(float(r.value))
+    if not math.isfinite(v) or v == 0.0:
+        return False
+    m, e = math.frexp(v)
+    return m == 0.5 and -126 <= 1 - e <= 127
 
 
 def _integer_pow(x: str, y: int) -> str:
@@ -114,6 +139,24 @@ def function(name: str, program: sp.ScalarProgram, output: int) -> str:
         if k in live:
             lines.append(f"    const VT<T> v{k} = {_expr(node)};")
     lines.append(f"    return {_ref(program.outputs[output])};")
+    lines.append("  }")
+    return "\n".join(lines)
+
+
+def both_function(name: str, program: sp.ScalarProgram) -> str:
+    """One templated static member ``name(x, w, a, b)`` storing `program`'s two outputs
+    through ``a`` and ``b`` (their common subexpressions computed once)."""
+    if program.dtype != _F32:
+        raise Untranslatable(f"its dtype is {program.dtype.name} (the native kernels are "
+                             "float32)")
+    lines = [f"  template <class T> static void {name}(VT<T> x, VT<T> w, VT<T>* a, VT<T>* b) {{",
+             "    (void)x;", "    (void)w;"]
+    live = set(program.live_of(*program.outputs[:2]))
+    for k, node in enumerate(program.nodes):
+        if k in live:
+            lines.append(f"    const VT<T> v{k} = {_expr(node)};")
+    lines.append(f"    *a = {_ref(program.outputs[0])};")
+    lines.append(f"    *b = {_ref(program.outputs[1])};")
     lines.append("  }")
     return "\n".join(lines)
 
@@ -158,12 +201,12 @@ struct UserOp : {reduce} {{
 
 EPILOGUE = """\
 }};
-
+{extra}
 }}  // namespace
 
 #define JAXCONV_EXPORT extern "C" __attribute__((visibility("default")))
 JAXCONV_EXPORT int jaxconv_user_run(const jaxconv::Call* call, int backward) {{
-  return run_op<UserOp>(*call, backward != 0);
+  return {run}<UserOp>(*call, backward != 0);
 }}
 JAXCONV_EXPORT int jaxconv_user_abi() {{ return jaxconv::kAbiVersion; }}
 """
@@ -197,15 +240,17 @@ def functor(op: Op, dtype: object = np.float32) -> Functor:
     caps = capabilities(op)
     if op.rewrite is not None:
         raise Untranslatable("it is a rewrite of a standard product")
+    if caps.reduce == "custom":
+        return _fold_functor(op, caps, dtype)
     if caps.reduce not in REDUCES:
         raise Untranslatable(f"its reduce {caps.reduce!r} has no native kernel (served: "
                              f"{sorted(REDUCES)})")
     if op.pad_value is not None and not math.isfinite(float(op.pad_value)):
         raise Untranslatable("its pad_value is not finite")
-    comb = sp.combine_program(op.combine, dtype)
+    comb = primal_program(op.combine, dtype)
     if len(comb.outputs) != 1:
         raise Untranslatable("its combine returns more than one value")
-    parts = sp.partials_program(op.combine, dtype)
+    parts = partials_of(op.combine, dtype)
     with jax.ensure_compile_time_eval():
         ident = float(identity_value(caps.canonical, dtype))
     body = [function("comb", comb, 0), function("dcx", parts, 0), function("dcw", parts, 1)]
@@ -224,9 +269,85 @@ def functor(op: Op, dtype: object = np.float32) -> Functor:
     # wrote: primitive names come from the tables above, numbers from `literal`.
     source = (PRELUDE.format(reduce=REDUCES[caps.reduce],
                              nan_free="true" if nan_free else "false", ident=literal(ident))
-              + "\n".join(body) + "\n" + EPILOGUE.format())
+              + "\n".join(body) + "\n" + EPILOGUE.format(extra="", run="run_op"))
     used = tuple(sorted(set(comb.primitives()) | set(parts.primitives())))
     return Functor(source, used, tuple(p for p in used if p in SCALAR_LIBM), nan_free,
+                   display_name(op))
+
+
+def has_rules(fn: object, dtype: object = np.float32) -> bool:
+    """Whether `fn` (on two scalars) calls a ``jax.custom_vjp`` / ``jax.custom_jvp`` function.
+
+    Example:
+      >>> import jax
+      >>> has_rules(lambda x, w: jax.nn.relu(x - w)), has_rules(lambda x, w: x - w)
+      (True, False)
+    """
+    try:
+        return bool(sp.rules_program(fn, np.dtype(dtype)).rules())
+    except Untranslatable:
+        return False
+
+
+def primal_program(fn: object, dtype: np.dtype) -> sp.ScalarProgram:
+    """`fn`'s program on two scalars, a ``jax.custom_vjp`` / ``jax.custom_jvp`` call inside
+    it replaced by the primal computation it wraps.
+
+    The kernels compute that primal; the derivative programs (`sp.partials_program`) come
+    from ``jax.grad`` of `fn` itself, so they are the user's rules, evaluated per product.
+    """
+    try:
+        return sp.combine_program(fn, dtype)
+    except Untranslatable:
+        ruled = sp.rules_program(fn, dtype)
+        if not ruled.rules():
+            raise
+    # The kernels multiply the cotangent by the rule's derivative at cotangent 1: exact only
+    # for a backward linear in the cotangent (as a VJP rule should be).
+    if not all(factoring.linear_rule(ruled.nodes[k], dtype) for k in ruled.rules()):
+        raise Untranslatable("it calls a custom-VJP function whose backward is not linear in "
+                             "the cotangent")
+    return sp.combine_program(primal(fn), dtype)
+
+
+def partials_of(fn: object, dtype: np.dtype) -> sp.ScalarProgram:
+    """`sp.partials_program` of `fn`, where the primal of a custom-VJP call inside it may stay
+    in the gradient's program as long as nothing the partials read depends on it."""
+    try:
+        return sp.partials_program(fn, dtype)
+    except Untranslatable:
+        if not has_rules(fn, dtype):
+            raise
+    program = sp.trace(jax.grad(fn, argnums=(0, 1)), dtype, 2, keep_rules=True)
+    if program.rules():
+        raise Untranslatable("its derivative reads the result of a custom-VJP function")
+    return program
+
+
+def _fold_functor(op: Op, caps: object, dtype: np.dtype) -> Functor:
+    """The functor of an op whose reduce is a callable fold (``csrc/kernel_fold.h``)."""
+    if op.pad_value is not None and not math.isfinite(float(op.pad_value)):
+        raise Untranslatable("its pad_value is not finite")
+    comb = primal_program(op.combine, dtype)
+    fold = primal_program(op.reduce, dtype)
+    for what, program in (("combine", comb), ("reduce", fold)):
+        if len(program.outputs) != 1:
+            raise Untranslatable(f"its {what} returns more than one value")
+    parts = partials_of(op.combine, dtype)
+    fparts = partials_of(op.reduce, dtype)
+    with jax.ensure_compile_time_eval():
+        ident = float(identity_value(caps.canonical, dtype))  # type: ignore[attr-defined]
+    body = [function("comb", comb, 0), function("fold", fold, 0),
+            both_function("dcxw", parts), both_function("dfab", fparts)]
+    # kernel_fold.h reads only ident, comb, fold, dcxw and dfab (both partials at once, their
+    # common subexpressions computed once); the reduce base and the flags are the template's
+    # requirements of every functor.
+    source = (PRELUDE.format(reduce="MaxR", nan_free="false", ident=literal(ident))
+              + "\n".join(body) + "\n"
+              + EPILOGUE.format(extra='#include "kernel_fold.h"\n', run="run_fold_op"))
+    used = tuple(sorted(set(comb.primitives()) | set(parts.primitives())
+                        | set(fold.primitives()) | set(fparts.primitives())))
+    return Functor(source, used, tuple(p for p in used if p in SCALAR_LIBM), False,
                    display_name(op))
 
 

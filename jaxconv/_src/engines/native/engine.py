@@ -20,7 +20,7 @@ from jax.typing import DTypeLike
 from jaxconv._src.core import algebra, products
 from jaxconv._src.core import engine as registry
 from jaxconv._src.core.problem import Problem
-from jaxconv._src.engines.native import eligibility, ffi, tuning, user_kernels
+from jaxconv._src.engines.native import codegen, eligibility, ffi, tuning, user_kernels
 from jaxconv._src.engines.native.translation import Refusal
 
 Array = jax.Array
@@ -94,6 +94,16 @@ class NativeEngine(registry.Engine):
         if kernel.functor.scalar:
             lines.append("lane by lane with libm (not vectorized): "
                          + ", ".join(kernel.functor.scalar))
+        if algebra.capabilities(op).reduce == "custom":
+            lines.append("the callable reduce compiled as the kernel's fold, vectorized over "
+                         "output channels, from its identity in the XLA engine's order (per "
+                         "tap a tree over the input channels); its gradient computed natively "
+                         "per tap from the fold's derivative (the forward recomputed per "
+                         "output, then run backwards)")
+        if codegen.has_rules(op.combine):
+            lines.append("the combine's custom derivative rule runs per product: the kernel "
+                         "computes its primal, the backward its rule (traced on scalars, "
+                         "compiled)")
         return tuple(lines)
 
     def _fallback(self, problem: Problem) -> registry.Engine | None:
