@@ -346,7 +346,8 @@ max_times = Op(
 )
 
 log = Op(
-    _add, "logsumexp", name="log", semiring=True, combine_kind="add", forward_mode=True,
+    _add, "logsumexp", name="log", semiring=True, native="log", combine_kind="add",
+    forward_mode=True,
     doc="""Log-semiring product: ``combine = x + w``, ``logsumexp`` (a soft max-plus).
 
     Padding: the identity (-inf in effect). Gradient: exact (the softmax of the window's

@@ -24,7 +24,7 @@ from jaxconv._src.core.algebra import Op, capabilities, identity_value
 
 Untranslatable = sp.Untranslatable
 
-REDUCES = {"max": "MaxR", "min": "MinR", "sum": "SumR"}
+REDUCES = {"max": "MaxR", "min": "MinR", "sum": "SumR", "logsumexp": "LseR"}
 _F32 = np.dtype(np.float32)
 
 _BINARY = {"add", "sub", "mul", "div", "max", "min", "pow", "atan2", "rem",

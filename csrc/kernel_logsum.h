@@ -1,0 +1,253 @@
+// The logsumexp reduce: y = log(sum_taps exp(comb(x, w))), stable for any range of values,
+// forward and backward, for the built-in log op (x + w) and every user combine under it.
+//
+// Forward: two passes over a tile's taps, the first for the running maximum m of the terms,
+// the second for s = sum exp(term - m'); y = m' + log(s), with m' = m where finite and 0
+// otherwise (then s is 0 for an all -inf window, inf where a term is +inf, NaN where one is
+// NaN: y is -inf, +inf, NaN as logsumexp's). No term overflows and the largest is exp(0).
+// Backward: d y / d term = exp(term - y), so dx and dw are the sums backward of the rule
+// g exp(comb - y) dcx (resp. dcw), with an all -inf window's cotangent zeroed and its output
+// read as 0 (no inf - inf), as the XLA engine's rule.
+//
+// Part of the kernel template: included by kernels.inc inside its anonymous namespace
+// (once per instruction set), never on its own.
+#pragma once
+
+struct LseR {
+  static constexpr int kReduce = 3;
+  static constexpr bool kKeyed = false;
+  static constexpr bool kDominated = false;
+  static constexpr bool kNanFree = false;
+  static float ident() { return -__builtin_inff(); }
+};
+// x + w under logsumexp (the log semiring).
+struct LogPlus : LseR {
+  template <class T> static VT<T> comb(VT<T> x, VT<T> w) { return T::add(x, w); }
+  template <class T> static VT<T> dcx(VT<T>, VT<T>) { return T::set1(1.0f); }
+  template <class T> static VT<T> dcw(VT<T>, VT<T>) { return T::set1(1.0f); }
+};
+
+// Rows per forward tile: the maxima and the sums of LR x NV vectors stay in registers.
+constexpr int LR = 2;
+
+// m' + log(s): the result of a window whose terms' maximum is m and shifted sum s.
+template <class T>
+inline VT<T> lse_shift(VT<T> m) {
+  return T::select(T::isfinite_m(m), m, T::zero());
+}
+
+// One tile of LR output positions x NR output channels over the packed (K, NR) kernel block.
+template <class Op>
+void lse_tile(const Ctx& c, const float* xb, const float* panel, float* yb, int64_t p,
+              int64_t grp, int64_t jb) {
+  using V = S::V;
+  int64_t nimg[LR], osi[LR];
+  bool live[LR];
+  for (int r = 0; r < LR; ++r) {
+    live[r] = p + r < c.P;
+    nimg[r] = live[r] ? (p + r) / c.OS : 0;
+    osi[r] = live[r] ? (p + r) % c.OS : 0;
+  }
+  const int64_t I = c.I;
+  const bool has_pad = c.g.has_pad != 0;
+  // Each row's input row per tap (the pad row where padded) and whether it is combined.
+  auto row = [&](int r, int64_t t, bool* keep) -> const float* {
+    const int32_t off = live[r] ? c.tab[osi[r] * c.T + t] : -1;
+    *keep = off >= 0 || (has_pad && live[r]);
+    if (off < 0) return c.padrow + grp * I;
+    return xb + nimg[r] * c.img + off + grp * I;
+  };
+  V m[LR][NV], s[LR][NV];
+  for (int r = 0; r < LR; ++r)
+    for (int v = 0; v < NV; ++v) m[r][v] = S::set1(-__builtin_inff());
+  // Pass 1: the maximum (a NaN term may be dropped here: pass 2 sums its exp, NaN).
+  for (int64_t t = 0; t < c.T; ++t) {
+    const float* ptr[LR];
+    S::M km[LR];
+    for (int r = 0; r < LR; ++r) {
+      bool k;
+      ptr[r] = row(r, t, &k);
+      km[r] = S::mask(k);
+    }
+    const float* wt = panel + t * I * NR;
+    for (int64_t i = 0; i < I; ++i) {
+      V wv[NV];
+      for (int v = 0; v < NV; ++v) wv[v] = S::load(wt + i * NR + v * W);
+      for (int r = 0; r < LR; ++r) {
+        const V xv = S::set1(ptr[r][i]);
+        for (int v = 0; v < NV; ++v)
+          m[r][v] = S::select(km[r], S::max(m[r][v], Op::template comb<S>(xv, wv[v])),
+                              m[r][v]);
+      }
+    }
+  }
+  for (int r = 0; r < LR; ++r)
+    for (int v = 0; v < NV; ++v) {
+      m[r][v] = lse_shift<S>(m[r][v]);
+      s[r][v] = S::zero();
+    }
+  // Pass 2: the shifted sum of exponentials.
+  for (int64_t t = 0; t < c.T; ++t) {
+    const float* ptr[LR];
+    S::M km[LR];
+    for (int r = 0; r < LR; ++r) {
+      bool k;
+      ptr[r] = row(r, t, &k);
+      km[r] = S::mask(k);
+    }
+    const float* wt = panel + t * I * NR;
+    for (int64_t i = 0; i < I; ++i) {
+      V wv[NV];
+      for (int v = 0; v < NV; ++v) wv[v] = S::load(wt + i * NR + v * W);
+      for (int r = 0; r < LR; ++r) {
+        const V xv = S::set1(ptr[r][i]);
+        for (int v = 0; v < NV; ++v) {
+          const V e = exp_<S>(S::sub(Op::template comb<S>(xv, wv[v]), m[r][v]));
+          s[r][v] = S::madd(km[r], s[r][v], e);
+        }
+      }
+    }
+  }
+  const int64_t o0 = grp * c.Og + jb * NR;
+  const int64_t nvalid = c.Og - jb * NR < NR ? c.Og - jb * NR : NR;
+  for (int r = 0; r < LR; ++r) {
+    if (!live[r]) continue;
+    alignas(64) float tmp[NR];
+    for (int v = 0; v < NV; ++v) S::store(tmp + v * W, S::add(m[r][v], log_<S>(s[r][v])));
+    std::memcpy(yb + (p + r) * c.O + o0, tmp, sizeof(float) * nvalid);
+  }
+}
+
+template <class Op>
+void lse_forward(Ctx& c) {
+  const jaxconv::Call& call = *c.call;
+  const int64_t tiles = (c.P + LR - 1) / LR;
+  const int64_t blocks = call.batch * c.G * c.nJB;
+  int64_t tpi = 128;
+  while (tpi > 8 && blocks * ((tiles + tpi - 1) / tpi) < 16) tpi /= 2;
+  const int64_t chunks = (tiles + tpi - 1) / tpi;
+  std::atomic<bool> failed{false};
+  auto item = [&](int64_t it) {
+    const int64_t ch = it % chunks, blk = it / chunks;
+    const int64_t jb = blk % c.nJB, grp = (blk / c.nJB) % c.G, b = blk / (c.nJB * c.G);
+    const Owned<float> panel = allocate<float>(c.K * NR);
+    if (!panel) {
+      failed.store(true, std::memory_order_relaxed);
+      return;
+    }
+    pack_panel(c, call.w + b * c.w_bs, grp, jb, 0, c.K, false, panel.get());
+    const int64_t t1 = (ch + 1) * tpi < tiles ? (ch + 1) * tpi : tiles;
+    for (int64_t tl = ch * tpi; tl < t1; ++tl)
+      lse_tile<Op>(c, call.x + b * c.x_bs, panel.get(), call.out + b * c.y_bs, tl * LR, grp,
+                   jb);
+  };
+  parallel(c, blocks * chunks, item);
+  if (failed.load()) c.failed = true;
+}
+
+// ---- backward ------------------------------------------------------------------------------
+// The rule's term for cotangent g and output y (both already masked) at one product.
+template <class Op, bool kX, class T>
+inline VT<T> lse_term(VT<T> x, VT<T> w, VT<T> g, VT<T> y) {
+  const VT<T> e = exp_<T>(T::sub(Op::template comb<T>(x, w), y));
+  const VT<T> d = kX ? Op::template dcx<T>(x, w) : Op::template dcw<T>(x, w);
+  return T::mul(T::mul(g, e), d);
+}
+
+template <class Op>
+void lse_backward(Ctx& c) {
+  const jaxconv::Call& call = *c.call;
+  const int64_t I = c.I, O = c.O, Og = c.Og, T = c.T;
+  const int64_t n_out = call.batch * c.y_bs;
+  // The masked cotangent and output: an all -inf window's g is 0 and its y 0.
+  float* gm = c.scratch.get<float>(n_out);
+  float* ym = c.scratch.get<float>(n_out);
+  if (!gm || !ym) {
+    c.failed = true;
+    return;
+  }
+  constexpr int64_t kChunk = 1 << 14;
+  auto mask = [&](int64_t it) {
+    const int64_t a = it * kChunk, e = a + kChunk < n_out ? a + kChunk : n_out;
+    for (int64_t j = a; j < e; ++j) {
+      const bool empty = call.y[j] == -__builtin_inff();
+      gm[j] = empty ? 0.0f : call.g[j];
+      ym[j] = empty ? 0.0f : call.y[j];
+    }
+  };
+  parallel(c, (n_out + kChunk - 1) / kChunk, mask);
+  // Input gradient: each item owns whole images (their dx), as the sums backward.
+  const int64_t ipi = c.OS >= 32 ? 1 : (32 + c.OS - 1) / c.OS;
+  const int64_t runs = (c.g.n + ipi - 1) / ipi;
+  auto dx_item = [&](int64_t it) {
+    const int64_t grp = it % c.G, bi = it / c.G;
+    const int64_t b = bi / runs, n0 = (bi % runs) * ipi;
+    const int64_t n1 = n0 + ipi < c.g.n ? n0 + ipi : c.g.n;
+    const float* xb = call.x + b * c.x_bs;
+    const float* wb = call.w + b * c.w_bs;
+    float* dxb = call.out + b * c.x_bs;
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t osi = 0; osi < c.OS; ++osi) {
+        const int64_t q = b * c.y_bs + (n * c.OS + osi) * O + grp * Og;
+        const float* gg = gm + q;
+        const float* yy = ym + q;
+        for (int64_t t = 0; t < T; ++t) {
+          const int32_t off = c.tab[osi * T + t];
+          if (off < 0) continue;  // padded cells' gradient is dropped
+          const int64_t base = n * c.img + off + grp * I;
+          for (int64_t i = 0; i < I; ++i) {
+            const float xv = xb[base + i];
+            const float* wr = wb + (t * I + i) * O + grp * Og;
+            const S::V xs = S::set1(xv);
+            S::V acc = S::zero();
+            int64_t o = 0;
+            for (; o + W <= Og; o += W)
+              acc = S::add(acc, lse_term<Op, true, S>(xs, S::load(wr + o), S::load(gg + o),
+                                                      S::load(yy + o)));
+            float sum = S::hsum(acc);
+            for (; o < Og; ++o) sum += lse_term<Op, true, Sc>(xv, wr[o], gg[o], yy[o]);
+            dxb[base + i] += sum;
+          }
+        }
+      }
+  };
+  if (call.parts & 1) parallel(c, call.batch * runs * c.G, dx_item);  // dx starts at 0
+  // Kernel gradient: per (batch, tap, input row), a pass over all positions, NR output
+  // channels at a time.
+  auto dw_item = [&](int64_t it) {
+    const int64_t i = it % I, t = (it / I) % T, b = it / (I * T);
+    const float* xb = call.x + b * c.x_bs;
+    const float* wb = call.w + b * c.w_bs;
+    float* dwb = call.out2 + b * c.w_bs;
+    for (int64_t grp = 0; grp < c.G; ++grp)
+      for (int64_t o0 = 0; o0 < Og; o0 += NR) {
+        const int64_t nc = Og - o0 < NR ? Og - o0 : NR;
+        const int64_t nvec = nc / W;
+        const int64_t ob = grp * Og + o0;
+        const float* wr = wb + (t * I + i) * O + ob;
+        S::V acc[NV], wv[NV];
+        float tacc[NR];
+        for (int v = 0; v < NV; ++v) {
+          acc[v] = S::zero();
+          wv[v] = v < nvec ? S::load(wr + v * W) : S::zero();
+        }
+        for (int64_t l = 0; l < NR; ++l) tacc[l] = 0.0f;
+        for (int64_t p = 0; p < c.P; ++p) {
+          const float* xr = cell(c, xb, p / c.OS, p % c.OS, t, grp);
+          if (!xr) continue;
+          const float xv = xr[i];
+          const S::V xs = S::set1(xv);
+          const int64_t q = b * c.y_bs + p * O + ob;
+          for (int v = 0; v < nvec; ++v)
+            acc[v] = S::add(acc[v], lse_term<Op, false, S>(xs, wv[v], S::load(gm + q + v * W),
+                                                           S::load(ym + q + v * W)));
+          for (int64_t l = nvec * W; l < nc; ++l)
+            tacc[l] += lse_term<Op, false, Sc>(xv, wr[l], gm[q + l], ym[q + l]);
+        }
+        float* dst = dwb + (t * I + i) * O + ob;
+        for (int v = 0; v < nvec; ++v) S::store(dst + v * W, acc[v]);
+        for (int64_t l = nvec * W; l < nc; ++l) dst[l] = tacc[l];
+      }
+  };
+  if (call.parts & 2) parallel(c, call.batch * T * I, dw_item);
+}
