@@ -1,10 +1,9 @@
 // The logsumexp reduce: y = log(sum_taps exp(comb(x, w))), stable for any range of values,
 // forward and backward, for the built-in log op (x + w) and every user combine under it.
 //
-// Forward: two passes over a tile's taps, the first for the running maximum m of the terms,
-// the second for s = sum exp(term - m'); y = m' + log(s), with m' = m where finite and 0
-// otherwise (then s is 0 for an all -inf window, inf where a term is +inf, NaN where one is
-// NaN: y is -inf, +inf, NaN as logsumexp's). No term overflows and the largest is exp(0).
+// Forward: two passes over a tile's taps, the first for the maximum m of the terms (NaN if
+// one is NaN), the second for s = sum exp(term - m); y = m + log(s) where m is finite, else
+// m itself (-inf: an all -inf window; +inf; NaN). No term overflows: the largest is exp(0).
 // Backward: d y / d term = exp(term - y), so dx and dw are the sums backward of the rule
 // g exp(comb - y) dcx (resp. dcw), with an all -inf window's cotangent zeroed and its output
 // read as 0 (no inf - inf), as the XLA engine's rule.
@@ -30,10 +29,14 @@ struct LogPlus : LseR {
 // Rows per forward tile: the maxima and the sums of LR x NV vectors stay in registers.
 constexpr int LR = 2;
 
-// m' + log(s): the result of a window whose terms' maximum is m and shifted sum s.
+// e^x for the exponents of a logsumexp, x <= ~0 (x = -inf and NaN included): vmath's exp_
+// with one scaling instead of two and no upper clamp. Below -88 the result is 0 (the values
+// it leaves out are below float's smallest normal number, which the calls flush to zero).
 template <class T>
-inline VT<T> lse_shift(VT<T> m) {
-  return T::select(T::isfinite_m(m), m, T::zero());
+inline VT<T> lse_exp(VT<T> x) {
+  VT<T> k;
+  const VT<T> r = vm_reduce<T>(T::max(T::set1(-88.0f), x), &k);  // NaN stays NaN
+  return T::mul(T::add(T::set1(1.0f), vm_expm1_r<T>(r)), vm_pow2i<T>(k));
 }
 
 // One tile of LR output positions x NR output channels over the packed (K, NR) kernel block.
@@ -60,7 +63,7 @@ void lse_tile(const Ctx& c, const float* xb, const float* panel, float* yb, int6
   V m[LR][NV], s[LR][NV];
   for (int r = 0; r < LR; ++r)
     for (int v = 0; v < NV; ++v) m[r][v] = S::set1(-__builtin_inff());
-  // Pass 1: the maximum (a NaN term may be dropped here: pass 2 sums its exp, NaN).
+  // Pass 1: the maximum, NaN once a term is NaN.
   for (int64_t t = 0; t < c.T; ++t) {
     const float* ptr[LR];
     S::M km[LR];
@@ -76,17 +79,15 @@ void lse_tile(const Ctx& c, const float* xb, const float* panel, float* yb, int6
       for (int r = 0; r < LR; ++r) {
         const V xv = S::set1(ptr[r][i]);
         for (int v = 0; v < NV; ++v)
-          m[r][v] = S::select(km[r], S::max(m[r][v], Op::template comb<S>(xv, wv[v])),
+          m[r][v] = S::select(km[r], MaxR::red_safe<S>(m[r][v], Op::template comb<S>(xv, wv[v])),
                               m[r][v]);
       }
     }
   }
   for (int r = 0; r < LR; ++r)
-    for (int v = 0; v < NV; ++v) {
-      m[r][v] = lse_shift<S>(m[r][v]);
-      s[r][v] = S::zero();
-    }
-  // Pass 2: the shifted sum of exponentials.
+    for (int v = 0; v < NV; ++v) s[r][v] = S::zero();
+  // Pass 2: the shifted sum of exponentials, each at most exp(0) (lanes whose maximum is not
+  // finite compute garbage here: their result is the maximum itself).
   for (int64_t t = 0; t < c.T; ++t) {
     const float* ptr[LR];
     S::M km[LR];
@@ -102,7 +103,7 @@ void lse_tile(const Ctx& c, const float* xb, const float* panel, float* yb, int6
       for (int r = 0; r < LR; ++r) {
         const V xv = S::set1(ptr[r][i]);
         for (int v = 0; v < NV; ++v) {
-          const V e = exp_<S>(S::sub(Op::template comb<S>(xv, wv[v]), m[r][v]));
+          const V e = lse_exp<S>(S::sub(Op::template comb<S>(xv, wv[v]), m[r][v]));
           s[r][v] = S::madd(km[r], s[r][v], e);
         }
       }
@@ -113,7 +114,10 @@ void lse_tile(const Ctx& c, const float* xb, const float* panel, float* yb, int6
   for (int r = 0; r < LR; ++r) {
     if (!live[r]) continue;
     alignas(64) float tmp[NR];
-    for (int v = 0; v < NV; ++v) S::store(tmp + v * W, S::add(m[r][v], log_<S>(s[r][v])));
+    for (int v = 0; v < NV; ++v) {
+      const V y = S::add(m[r][v], log_<S>(s[r][v]));
+      S::store(tmp + v * W, S::select(S::isfinite_m(m[r][v]), y, m[r][v]));
+    }
     std::memcpy(yb + (p + r) * c.O + o0, tmp, sizeof(float) * nvalid);
   }
 }
@@ -149,7 +153,7 @@ void lse_forward(Ctx& c) {
 // The rule's term for cotangent g and output y (both already masked) at one product.
 template <class Op, bool kX, class T>
 inline VT<T> lse_term(VT<T> x, VT<T> w, VT<T> g, VT<T> y) {
-  const VT<T> e = exp_<T>(T::sub(Op::template comb<T>(x, w), y));
+  const VT<T> e = lse_exp<T>(T::sub(Op::template comb<T>(x, w), y));
   const VT<T> d = kX ? Op::template dcx<T>(x, w) : Op::template dcw<T>(x, w);
   return T::mul(T::mul(g, e), d);
 }

@@ -5,7 +5,10 @@ over the kernel template's vector type (``csrc/userop.h``: lax's semantics, NaN 
 out), with the reduce, identity and NaN behaviour the kernels need (``csrc/kernels.inc``):
 
 - ``max`` / ``min``: ``comb`` per product, the winner backward through ``dcx`` / ``dcw``;
-- ``sum``: ``step = acc + comb``, the backward through ``hx`` / ``hw``.
+- ``sum``: ``step = acc + comb``, the backward through ``hx`` / ``hw``;
+- ``logsumexp``: ``comb`` per product in the two passes of ``csrc/kernel_logsum.h`` (a
+  running maximum, then the sum of exponentials), the backward through
+  ``exp(comb - y) * dcx`` / ``dcw``.
 
 What is not translated (another reduce, a primitive outside `scalar_program.ELEMENTWISE`, a
 dtype other than float32, a custom VJP inside) raises `Untranslatable` with the reason.
@@ -173,7 +176,7 @@ def functor(op: Op, dtype: object = np.float32) -> Functor:
     """The C++ source of `op`'s kernels.
 
     Args:
-      op: a user op with a ``sum``, ``max`` or ``min`` reduce (after
+      op: a user op with a ``sum``, ``max``, ``min`` or ``logsumexp`` reduce (after
         `algebra.capabilities`' canonicalization of a callable reduce) and no rewrite.
       dtype: the operands' dtype (float32).
 
