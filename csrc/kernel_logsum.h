@@ -150,14 +150,6 @@ void lse_forward(Ctx& c) {
 }
 
 // ---- backward ------------------------------------------------------------------------------
-// The rule's term for cotangent g and output y (both already masked) at one product.
-template <class Op, bool kX, class T>
-inline VT<T> lse_term(VT<T> x, VT<T> w, VT<T> g, VT<T> y) {
-  const VT<T> e = lse_exp<T>(T::sub(Op::template comb<T>(x, w), y));
-  const VT<T> d = kX ? Op::template dcx<T>(x, w) : Op::template dcw<T>(x, w);
-  return T::mul(T::mul(g, e), d);
-}
-
 template <class Op>
 void lse_backward(Ctx& c) {
   const jaxconv::Call& call = *c.call;
@@ -180,78 +172,70 @@ void lse_backward(Ctx& c) {
     }
   };
   parallel(c, (n_out + kChunk - 1) / kChunk, mask);
-  // Input gradient: each item owns whole images (their dx), as the sums backward.
-  const int64_t ipi = c.OS >= 32 ? 1 : (32 + c.OS - 1) / c.OS;
-  const int64_t runs = (c.g.n + ipi - 1) / ipi;
-  auto dx_item = [&](int64_t it) {
-    const int64_t grp = it % c.G, bi = it / c.G;
-    const int64_t b = bi / runs, n0 = (bi % runs) * ipi;
-    const int64_t n1 = n0 + ipi < c.g.n ? n0 + ipi : c.g.n;
+  // Both gradients in one pass over the terms (each exp once): an item owns a block of kIB
+  // input channels of one group and batch entry, so it alone writes their dx (every cell)
+  // and their dw rows (every tap and output channel, summed in L1 scratch), and loops over
+  // all positions and taps. The block's size leaves at least 8 items where I allows.
+  int64_t kIB = 16;
+  while (kIB > 1 && call.batch * c.G * ((I + kIB - 1) / kIB) < 8) kIB /= 2;
+  const int64_t nib = (I + kIB - 1) / kIB;
+  const bool want_dx = (call.parts & 1) != 0, want_dw = (call.parts & 2) != 0;
+  std::atomic<bool> failed{false};
+  auto item = [&](int64_t it) {
+    const int64_t ib = it % nib, grp = (it / nib) % c.G, b = it / (nib * c.G);
+    const int64_t i0 = ib * kIB, ni = I - i0 < kIB ? I - i0 : kIB;
     const float* xb = call.x + b * c.x_bs;
-    const float* wb = call.w + b * c.w_bs;
+    const float* wb = call.w + b * c.w_bs + grp * Og;
     float* dxb = call.out + b * c.x_bs;
-    for (int64_t n = n0; n < n1; ++n)
-      for (int64_t osi = 0; osi < c.OS; ++osi) {
-        const int64_t q = b * c.y_bs + (n * c.OS + osi) * O + grp * Og;
-        const float* gg = gm + q;
-        const float* yy = ym + q;
-        for (int64_t t = 0; t < T; ++t) {
-          const int32_t off = c.tab[osi * T + t];
-          if (off < 0) continue;  // padded cells' gradient is dropped
-          const int64_t base = n * c.img + off + grp * I;
-          for (int64_t i = 0; i < I; ++i) {
-            const float xv = xb[base + i];
-            const float* wr = wb + (t * I + i) * O + grp * Og;
-            const S::V xs = S::set1(xv);
-            S::V acc = S::zero();
-            int64_t o = 0;
-            for (; o + W <= Og; o += W)
-              acc = S::add(acc, lse_term<Op, true, S>(xs, S::load(wr + o), S::load(gg + o),
-                                                      S::load(yy + o)));
-            float sum = S::hsum(acc);
-            for (; o < Og; ++o) sum += lse_term<Op, true, Sc>(xv, wr[o], gg[o], yy[o]);
-            dxb[base + i] += sum;
-          }
-        }
-      }
-  };
-  if (call.parts & 1) parallel(c, call.batch * runs * c.G, dx_item);  // dx starts at 0
-  // Kernel gradient: per (batch, tap, input row), a pass over all positions, NR output
-  // channels at a time.
-  auto dw_item = [&](int64_t it) {
-    const int64_t i = it % I, t = (it / I) % T, b = it / (I * T);
-    const float* xb = call.x + b * c.x_bs;
-    const float* wb = call.w + b * c.w_bs;
-    float* dwb = call.out2 + b * c.w_bs;
-    for (int64_t grp = 0; grp < c.G; ++grp)
-      for (int64_t o0 = 0; o0 < Og; o0 += NR) {
-        const int64_t nc = Og - o0 < NR ? Og - o0 : NR;
-        const int64_t nvec = nc / W;
-        const int64_t ob = grp * Og + o0;
-        const float* wr = wb + (t * I + i) * O + ob;
-        S::V acc[NV], wv[NV];
-        float tacc[NR];
-        for (int v = 0; v < NV; ++v) {
-          acc[v] = S::zero();
-          wv[v] = v < nvec ? S::load(wr + v * W) : S::zero();
-        }
-        for (int64_t l = 0; l < NR; ++l) tacc[l] = 0.0f;
-        for (int64_t p = 0; p < c.P; ++p) {
-          const float* xr = cell(c, xb, p / c.OS, p % c.OS, t, grp);
-          if (!xr) continue;
-          const float xv = xr[i];
+    const Owned<float> owned = allocate<float>(T * ni * Og);
+    float* dwl = owned.get();  // (T, ni, Og)
+    if (!dwl) {
+      failed.store(true, std::memory_order_relaxed);
+      return;
+    }
+    std::memset(dwl, 0, sizeof(float) * size_t(T * ni * Og));
+    for (int64_t p = 0; p < c.P; ++p) {
+      const int64_t n = p / c.OS, osi = p % c.OS;
+      const int64_t q = b * c.y_bs + p * O + grp * Og;
+      const float* gg = gm + q;
+      const float* yy = ym + q;
+      for (int64_t t = 0; t < T; ++t) {
+        const int32_t off = c.tab[osi * T + t];
+        if (off < 0 && !c.g.has_pad) continue;  // identity padding: not a term
+        // A pad value is a term of dw; its dx is dropped.
+        const float* xr = off < 0 ? c.padrow + grp * I : xb + n * c.img + off + grp * I;
+        for (int64_t ii = 0; ii < ni; ++ii) {
+          const float xv = xr[i0 + ii];
+          const float* wr = wb + (t * I + i0 + ii) * O;
+          float* dwr = dwl + (t * ni + ii) * Og;
           const S::V xs = S::set1(xv);
-          const int64_t q = b * c.y_bs + p * O + ob;
-          for (int v = 0; v < nvec; ++v)
-            acc[v] = S::add(acc[v], lse_term<Op, false, S>(xs, wv[v], S::load(gm + q + v * W),
-                                                           S::load(ym + q + v * W)));
-          for (int64_t l = nvec * W; l < nc; ++l)
-            tacc[l] += lse_term<Op, false, Sc>(xv, wr[l], gm[q + l], ym[q + l]);
+          S::V acc = S::zero();
+          int64_t o = 0;
+          for (; o + W <= Og; o += W) {
+            const S::V wv = S::load(wr + o);
+            const S::V e = lse_exp<S>(S::sub(Op::template comb<S>(xs, wv), S::load(yy + o)));
+            const S::V h = S::mul(S::load(gg + o), e);
+            acc = S::fma(h, Op::template dcx<S>(xs, wv), acc);
+            S::store(dwr + o, S::fma(h, Op::template dcw<S>(xs, wv), S::load(dwr + o)));
+          }
+          float sum = S::hsum(acc);
+          for (; o < Og; ++o) {
+            const float e = lse_exp<Sc>(Op::template comb<Sc>(xv, wr[o]) - yy[o]);
+            const float h = gg[o] * e;
+            sum += h * Op::template dcx<Sc>(xv, wr[o]);
+            dwr[o] += h * Op::template dcw<Sc>(xv, wr[o]);
+          }
+          if (want_dx && off >= 0) dxb[n * c.img + off + grp * I + i0 + ii] += sum;
         }
-        float* dst = dwb + (t * I + i) * O + ob;
-        for (int v = 0; v < nvec; ++v) S::store(dst + v * W, acc[v]);
-        for (int64_t l = nvec * W; l < nc; ++l) dst[l] = tacc[l];
       }
+    }
+    if (!want_dw) return;
+    float* dwb = call.out2 + b * c.w_bs + grp * Og;
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t ii = 0; ii < ni; ++ii)
+        std::memcpy(dwb + (t * I + i0 + ii) * O, dwl + (t * ni + ii) * Og,
+                    sizeof(float) * size_t(Og));
   };
-  if (call.parts & 2) parallel(c, call.batch * T * I, dw_item);
+  parallel(c, call.batch * c.G * nib, item);
+  if (failed.load()) c.failed = true;
 }
