@@ -213,6 +213,10 @@ def test_exact_kernel_agrees_with_exp_space() -> None:
 def test_explain_and_auto_pick_native(op: object) -> None:
     plan = jaxconv.explain(op, dtype="float32", platform="cpu")
     assert plan.engine == "native", str(plan)
+    if op == "log":
+        assert any("exp-space" in d and "running maximum" in d for d in plan.details), str(plan)
+    else:
+        assert any("compiled user kernel" in d for d in plan.details), str(plan)
     x, w = _data("2d_same", "normal")
     kw = dict(window_strides=(1, 1), padding="SAME", dimension_numbers=_dn(4))
     hlo = jax.jit(lambda a, b: jaxconv.conv_general_dilated(a, b, op=op, **kw)).lower(

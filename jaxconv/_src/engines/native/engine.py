@@ -71,6 +71,11 @@ class NativeEngine(registry.Engine):
         del dtype
         op = problem.op
         if op.native is not None:
+            if _exp_space(problem):
+                return (f"built-in kernel {op.native!r} ({ffi.isa()}) behind the exp-space "
+                        "convolution: the kernel (two passes, a running maximum) takes the "
+                        "calls that exp space would not compute exactly (a spread beyond ~80, "
+                        "an all -inf window, NaN or +inf)",)
             return (f"built-in kernel {op.native!r} ({ffi.isa()})",)
         kernel = ffi.user_kernel(op)
         if isinstance(kernel, Refusal):
