@@ -25,7 +25,8 @@ struct Geom {
   X(kMinMax, MinMax, "min_max", "min")     \
   X(kAdder, Adder, "adder", "sum")         \
   X(kL1, L1, "l1", "sum")                  \
-  X(kL2, L2, "l2_exact", "sum")
+  X(kL2, L2, "l2_exact", "sum")            \
+  X(kLog, LogPlus, "log", "logsumexp")
 
 #define JAXCONV_OP_ENUMERATOR(e, functor, name, reduce) e,
 enum OpId : int64_t { JAXCONV_BUILTIN_OPS(JAXCONV_OP_ENUMERATOR) kNumBuiltinOps };

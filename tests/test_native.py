@@ -490,13 +490,18 @@ def test_auto_routes_to_native_on_cpu():
     assert "jaxconv_forward" in hlo
     hlo = jax.jit(lambda x, w: jaxconv.conv_general_dilated(x, w, op="log", **kw)).lower(
         x, w).as_text()
+    assert "jaxconv_forward" in hlo  # behind the exp-space convolution (engines/native/logspace)
+    prod = jaxconv.Op(lambda a, b: a + b, "prod", name="prod_op")  # no native reduce
+    hlo = jax.jit(lambda x, w: jaxconv.conv_general_dilated(x, w, op=prod, **kw)).lower(
+        x, w).as_text()
     assert "jaxconv_forward" not in hlo
 
 
 def test_unsupported_is_a_clear_error_and_auto_falls_back():
     x, w, kw = _case("2d_same")
-    with pytest.raises(ValueError, match="'log'"):
-        jaxconv.conv_general_dilated(x, w, op="log", engine="native", **kw)
+    prod = jaxconv.Op(lambda a, b: a + b, "prod", name="prod_op")
+    with pytest.raises(ValueError, match="'prod_op'"):
+        jaxconv.conv_general_dilated(x, w, op=prod, engine="native", **kw)
     xb, wb = jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16)
     with pytest.raises(ValueError, match="bfloat16"):
         jaxconv.conv_general_dilated(xb, wb, op="max_plus", engine="native", **kw)

@@ -346,7 +346,8 @@ max_times = Op(
 )
 
 log = Op(
-    _add, "logsumexp", name="log", semiring=True, combine_kind="add", forward_mode=True,
+    _add, "logsumexp", name="log", semiring=True, native="log", combine_kind="add",
+    forward_mode=True,
     doc="""Log-semiring product: ``combine = x + w``, ``logsumexp`` (a soft max-plus).
 
     Padding: the identity (-inf in effect). Gradient: exact (the softmax of the window's
@@ -355,8 +356,9 @@ log = Op(
     with per-sample and per-output-channel maxima ``mx``, ``mw`` (same numbers to ~1e-6
     relative). Where a window's largest term lies more than ~60 below ``mx + mw`` (a range
     of values above ~80 in practice), holds only -inf, or an input is NaN or +inf, the whole
-    call falls back to the exact engine (two passes per tap: max shift, then the sum of
-    exponentials; any range of values is exact there).
+    call falls back to the exact path (on CPU the native kernel, elsewhere the XLA engine:
+    two passes per tap, max shift, then the sum of exponentials; any range of values is
+    exact there). The gradients follow the same choice.
     Source: the log semiring (Goodman, "Semiring parsing", 1999); torch-semiring-einsum.""",
 )
 

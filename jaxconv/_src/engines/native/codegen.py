@@ -6,6 +6,9 @@ out), with the reduce, identity and NaN behaviour the kernels need (``csrc/kerne
 
 - ``max`` / ``min``: ``comb`` per product, the winner backward through ``dcx`` / ``dcw``;
 - ``sum``: ``step = acc + comb``, the backward through ``hx`` / ``hw``;
+- ``logsumexp``: ``comb`` per product in the two passes of ``csrc/kernel_logsum.h`` (a
+  running maximum, then the sum of exponentials), the backward through
+  ``exp(comb - y) * dcx`` / ``dcw``.
 - a callable reduce that is none of the built-in ones (``"custom"``): the fold ``fold(a, b)``
   and its partials (``dfab``), traced once like ``combine``, run by
   ``csrc/kernel_fold.h`` in the XLA engine's order, forward and backward.
@@ -14,7 +17,7 @@ A ``jax.custom_vjp`` / ``jax.custom_jvp`` call in ``combine`` (or the fold) is c
 primal it wraps (`primal_program`); the partials come from ``jax.grad``, so they are the
 user's rule, applied per product.
 
-What is not translated (``logsumexp`` / ``prod``, a primitive outside
+What is not translated (a ``prod`` reduce, a primitive outside
 `scalar_program.ELEMENTWISE`, a dtype other than float32, a custom VJP whose backward is not
 linear in the cotangent) raises `Untranslatable` with the reason.
 """
@@ -34,7 +37,7 @@ from jaxconv._src.engines.primal import primal
 
 Untranslatable = sp.Untranslatable
 
-REDUCES = {"max": "MaxR", "min": "MinR", "sum": "SumR"}
+REDUCES = {"max": "MaxR", "min": "MinR", "sum": "SumR", "logsumexp": "LseR"}
 _F32 = np.dtype(np.float32)
 
 _BINARY = {"add", "sub", "mul", "div", "max", "min", "pow", "atan2", "rem",
@@ -216,7 +219,7 @@ def functor(op: Op, dtype: object = np.float32) -> Functor:
     """The C++ source of `op`'s kernels.
 
     Args:
-      op: a user op with a ``sum``, ``max`` or ``min`` reduce (after
+      op: a user op with a ``sum``, ``max``, ``min`` or ``logsumexp`` reduce (after
         `algebra.capabilities`' canonicalization of a callable reduce) and no rewrite.
       dtype: the operands' dtype (float32).
 

@@ -20,7 +20,7 @@ from jax.typing import DTypeLike
 from jaxconv._src.core import algebra, products
 from jaxconv._src.core import engine as registry
 from jaxconv._src.core.problem import Problem
-from jaxconv._src.engines.native import codegen, eligibility, ffi, tuning, user_kernels
+from jaxconv._src.engines.native import codegen, eligibility, ffi, logspace, tuning, user_kernels
 from jaxconv._src.engines.native.translation import Refusal
 
 Array = jax.Array
@@ -83,6 +83,11 @@ class NativeEngine(registry.Engine):
         del dtype
         op = problem.op
         if op.native is not None:
+            if _exp_space(problem):
+                return (f"built-in kernel {op.native!r} ({ffi.isa()}) behind the exp-space "
+                        "convolution: the kernel (two passes, a running maximum) takes the "
+                        "calls that exp space would not compute exactly (a spread beyond ~80, "
+                        "an all -inf window, NaN or +inf)", _tuning_line())
             return (f"built-in kernel {op.native!r} ({ffi.isa()})", _tuning_line())
         kernel = user_kernels.user_kernel(op)
         if isinstance(kernel, Refusal):
@@ -136,8 +141,15 @@ class NativeEngine(registry.Engine):
         if other is not None:
             return other.forward(problem, x, w)
         spec = self._spec(problem, x, w)
-        y = ffi._forward_call(spec, x.reshape(spec.x_shape), w.reshape(spec.w_shape))
-        return y.reshape(x.shape[0], *problem.geom.out_spatial, w.shape[-1])
+        out_shape = (x.shape[0], *problem.geom.out_spatial, w.shape[-1])
+
+        def kernel(a: Array, b: Array) -> Array:
+            y = ffi._forward_call(spec, a.reshape(spec.x_shape), b.reshape(spec.w_shape))
+            return y.reshape(out_shape)
+
+        if _exp_space(problem):
+            return logspace.forward(problem, x, w, kernel)
+        return kernel(x, w)
 
     def backward(self, problem: Problem, x: Array, w: Array, y: Array, g: Array,
                  need: tuple[bool, bool]) -> tuple[Array, Array]:
@@ -156,9 +168,17 @@ class NativeEngine(registry.Engine):
             gw = products.separable_kernel_gradient(problem, kind, x, w, g)
             return gx.astype(x.dtype), gw.astype(w.dtype)
         parts = 1 if kind == "adder" else 3
-        gx, gw = ffi._backward_call(
-            spec, x.reshape(spec.x_shape), w.reshape(spec.w_shape), y.reshape(spec.y_shape),
-            g.reshape(spec.y_shape), parts=parts)
+
+        def kernel(x: Array, w: Array, y: Array, g: Array) -> tuple[Array, Array]:
+            gx, gw = ffi._backward_call(
+                spec, x.reshape(spec.x_shape), w.reshape(spec.w_shape),
+                y.reshape(spec.y_shape), g.reshape(spec.y_shape), parts=parts)
+            return gx.reshape(x.shape), gw.reshape(w.shape)
+
+        if _exp_space(problem):
+            gx, gw = logspace.backward(problem, x, w, y.astype(jnp.float32), g, kernel)
+        else:
+            gx, gw = kernel(x, w, y, g)
         if kind == "adder":
             gw = products.separable_kernel_gradient(problem, kind, x, w, g)
         return gx.reshape(x.shape).astype(x.dtype), gw.reshape(w.shape).astype(w.dtype)
@@ -166,6 +186,12 @@ class NativeEngine(registry.Engine):
     def tangent(self, problem: Problem, x: Array, w: Array, y: Array, tx: Array, tw: Array,
                 active: tuple[bool, bool]) -> Array:
         return registry.get("xla").tangent(problem, x, w, y, tx, tw, active)
+
+
+def _exp_space(problem: Problem) -> bool:
+    """Whether the built-in log kernel runs behind the exp-space convolution
+    (`logspace`): ``x + w`` under logsumexp with identity padding."""
+    return problem.op.native == "log" and algebra.capabilities(problem.op).log_semiring
 
 
 ENGINE = NativeEngine()

@@ -42,6 +42,7 @@ KERNELS: dict[str, tuple[int, str]] = {
     "adder": (4, "sum"),
     "l1": (5, "sum"),
     "l2_exact": (6, "sum"),
+    "log": (7, "logsumexp"),
 }
 _FORWARD = "jaxconv_forward"
 _BACKWARD = "jaxconv_backward"

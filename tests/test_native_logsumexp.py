@@ -1,0 +1,225 @@
+"""logsumexp on the native engine: the built-in ``log`` (exp space, and the two-pass kernel
+of ``csrc/kernel_logsum.h`` where exp space is not exact) and user combines under logsumexp
+(compiled into that kernel).
+
+Values against the numpy loop reference (``reference.py``), gradients against the XLA engine
+and against ``jax.grad`` of a brute-force ``jax.nn.logsumexp`` over explicit windows, over a
+covering set of geometries and of the contract's cases: all -inf windows, NaN, spreads beyond
+80, values of +-1e4.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+from reference import conv_reference
+
+import jaxconv
+from jaxconv._src.engines import native
+
+pytestmark = pytest.mark.skipif(not native.available(),
+                                reason=f"native engine not built: {native.load_error()}")
+
+INF = math.inf
+# The seed's own op: recognised as logsumexp from the traced program of jnp.logaddexp.
+SEED = jaxconv.Op(lambda a, b: -(a - b) ** 2, jnp.logaddexp, identity=-INF, name="seed")
+MUL_LSE = jaxconv.Op(lambda a, b: a * b, "logsumexp", name="mul_lse")
+# Numpy combines of the ops (the reference folds them with np.logaddexp from -inf).
+COMBINES = {"log": np.add, "seed": lambda a, b: -np.square(a - b), "mul_lse": np.multiply}
+OPS = {"log": "log", "seed": SEED, "mul_lse": MUL_LSE}
+
+# name -> (x shape (channels last), w shape (spatial..., I, O), conv kwargs).
+GEOMS = {
+    "2d_same": ((2, 6, 5, 3), (3, 3, 3, 4), dict(window_strides=(1, 1), padding="SAME")),
+    "2d_stride_dil": ((2, 9, 8, 3), (3, 2, 3, 5), dict(
+        window_strides=(2, 1), padding=((1, 2), (2, 0)), rhs_dilation=(1, 2))),
+    "2d_lhs_dil": ((1, 5, 6, 2), (2, 3, 2, 3), dict(
+        window_strides=(1, 2), padding=((1, 1), (0, 2)), lhs_dilation=(2, 1))),
+    "1d_valid": ((2, 11, 3), (4, 3, 5), dict(window_strides=(2,), padding="VALID")),
+    "3d": ((1, 4, 5, 4, 2), (2, 3, 2, 2, 3), dict(
+        window_strides=(1, 1, 2), padding="SAME", rhs_dilation=(1, 1, 2))),
+    "groups": ((2, 5, 5, 4), (3, 3, 2, 6), dict(
+        window_strides=(1, 1), padding="SAME", feature_group_count=2)),
+    "depthwise": ((2, 6, 6, 20), (3, 3, 1, 20), dict(
+        window_strides=(1, 1), padding="SAME", feature_group_count=20)),
+    "wide": ((1, 4, 5, 17), (3, 2, 17, 70), dict(window_strides=(1, 1), padding="SAME")),
+}
+
+
+def _dn(ndim: int) -> tuple[str, str, str]:
+    sp = {3: "W", 4: "HW", 5: "DHW"}[ndim]
+    return (f"N{sp}C", f"{sp}IO", f"N{sp}C")
+
+
+def _data(geom: str, regime: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Operands of a geometry in one of the contract's regimes."""
+    xs, ws, _ = GEOMS[geom]
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(xs).astype(np.float32)
+    w = rng.standard_normal(ws).astype(np.float32)
+    if regime == "spread":  # windows far apart: beyond the exp-space path's ~80
+        x = (x * 60).astype(np.float32)
+    elif regime == "neg_inf":  # all -inf windows among them
+        x[rng.random(x.shape) < 0.6] = -INF
+        w[rng.random(w.shape) < 0.2] = -INF
+    elif regime == "nan":
+        x.reshape(-1)[x.size // 3] = np.nan
+    elif regime == "big":
+        x = np.where(rng.random(x.shape) < 0.5, 1e4, -1e4).astype(np.float32) + x
+    return x, w
+
+
+def _conv(op: object, geom: str, engine: str = "native"):
+    _, _, kw = GEOMS[geom]
+    ndim = len(GEOMS[geom][0])
+
+    def f(x, w):
+        return jaxconv.conv_general_dilated(x, w, op=op, engine=engine,
+                                            dimension_numbers=_dn(ndim), **kw)
+
+    return f
+
+
+def _reference(name: str, geom: str, x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    _, _, kw = GEOMS[geom]
+    kw = dict(kw)
+    return conv_reference(x, w, kw.pop("window_strides"), kw.pop("padding"),
+                          dimension_numbers=_dn(x.ndim), combine=COMBINES[name],
+                          reduce=np.logaddexp, identity=-INF, **kw)
+
+
+FORWARD = [
+    ("log", "2d_same", "normal"), ("log", "2d_stride_dil", "spread"),
+    ("log", "2d_lhs_dil", "neg_inf"), ("log", "1d_valid", "nan"), ("log", "3d", "big"),
+    ("log", "groups", "spread"), ("log", "depthwise", "neg_inf"), ("log", "wide", "spread"),
+    ("seed", "2d_same", "spread"), ("seed", "groups", "neg_inf"), ("seed", "wide", "normal"),
+    ("seed", "1d_valid", "nan"), ("seed", "3d", "normal"), ("mul_lse", "2d_stride_dil", "big"),
+    ("mul_lse", "depthwise", "normal"), ("mul_lse", "2d_lhs_dil", "spread"),
+]
+
+
+@pytest.mark.parametrize("name,geom,regime", FORWARD)
+def test_forward_matches_reference(name: str, geom: str, regime: str) -> None:
+    x, w = _data(geom, regime)
+    got = np.asarray(jax.jit(_conv(OPS[name], geom))(x, w))
+    want = _reference(name, geom, x, w)
+    np.testing.assert_allclose(got, want, rtol=2e-6 if regime != "spread" else 1e-5,
+                               atol=1e-5)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_array_equal(np.isneginf(got), np.isneginf(want))
+
+
+GRADS = [
+    ("log", "2d_same", "normal"), ("log", "2d_stride_dil", "spread"),
+    ("log", "2d_lhs_dil", "neg_inf"), ("log", "groups", "nan"), ("log", "wide", "spread"),
+    ("log", "3d", "normal"), ("seed", "2d_same", "spread"), ("seed", "groups", "neg_inf"),
+    ("seed", "depthwise", "normal"), ("seed", "1d_valid", "nan"),
+    ("mul_lse", "wide", "normal"), ("mul_lse", "2d_lhs_dil", "spread"),
+]
+
+
+@pytest.mark.parametrize("name,geom,regime", GRADS)
+def test_gradients_match_xla_engine(name: str, geom: str, regime: str) -> None:
+    x, w = _data(geom, regime, seed=1)
+    f_nat, f_xla = _conv(OPS[name], geom), _conv(OPS[name], geom, "xla")
+    y = jax.eval_shape(f_nat, x, w)
+    ct = jnp.asarray(np.random.default_rng(2).standard_normal(y.shape), jnp.float32)
+    got = jax.jit(lambda a, b: jax.vjp(f_nat, a, b)[1](ct))(x, w)
+    want = jax.jit(lambda a, b: jax.vjp(f_xla, a, b)[1](ct))(x, w)
+    for g, h in zip(got, want, strict=True):
+        scale = float(np.nanmax(np.abs(np.asarray(h)), initial=1.0))
+        np.testing.assert_allclose(np.asarray(g), np.asarray(h), rtol=1e-4, atol=1e-5 * scale)
+    if regime == "neg_inf" and name == "log":  # the contract: zero, never NaN (a user
+        # combine's own derivative at -inf may be NaN, as on the XLA engine)
+        assert not any(np.isnan(np.asarray(g)).any() for g in got)
+
+
+def _brute(name: str, x: jax.Array, w: jax.Array) -> jax.Array:
+    """A 1-D VALID product by explicit windows and ``jax.nn.logsumexp``."""
+    comb = {"log": lambda a, b: a + b, "seed": lambda a, b: -(a - b) ** 2,
+            "mul_lse": lambda a, b: a * b}[name]
+    k = w.shape[0]
+    cols = []
+    for p in range(x.shape[1] - k + 1):
+        terms = comb(x[:, p:p + k, :, None], w[None])  # (N, K, I, O)
+        cols.append(jax.nn.logsumexp(terms.reshape(x.shape[0], -1, w.shape[-1]), axis=1))
+    return jnp.stack(cols, axis=1)
+
+
+@pytest.mark.parametrize("name,scale", [("log", 1.0), ("log", 50.0), ("seed", 1.0),
+                                        ("mul_lse", 3.0)])
+def test_gradients_match_brute_force(name: str, scale: float) -> None:
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((2, 9, 3)) * scale, jnp.float32)
+    w = jnp.asarray(rng.standard_normal((3, 3, 4)), jnp.float32)
+    ct = jnp.asarray(rng.standard_normal((2, 7, 4)), jnp.float32)
+    f = _conv_1d(OPS[name])
+    np.testing.assert_allclose(f(x, w), _brute(name, x, w), rtol=1e-5, atol=1e-5)
+    got = jax.vjp(f, x, w)[1](ct)
+    want = jax.vjp(lambda a, b: _brute(name, a, b), x, w)[1](ct)
+    for g, h in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, h, rtol=1e-4, atol=1e-5)
+
+
+def _conv_1d(op: object):
+    return lambda x, w: jaxconv.conv_general_dilated(
+        x, w, (1,), "VALID", dimension_numbers=("NWC", "WIO", "NWC"), op=op, engine="native")
+
+
+@pytest.mark.parametrize("name", ["log", "seed"])
+def test_check_grads(name: str) -> None:
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.standard_normal((1, 6, 2)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((3, 2, 3)), jnp.float32)
+    check_grads(_conv_1d(OPS[name]), (x, w), order=1, modes=["rev"],
+                              atol=2e-2, rtol=2e-2, eps=1e-2)
+
+
+@pytest.mark.parametrize("name", ["log", "seed"])
+def test_vmap_matches_a_loop(name: str) -> None:
+    rng = np.random.default_rng(5)
+    xs = jnp.asarray(rng.standard_normal((3, 2, 6, 5, 3)), jnp.float32)
+    ws = jnp.asarray(rng.standard_normal((3, 3, 3, 3, 4)), jnp.float32)
+    f = _conv(OPS[name], "2d_same")
+    got = jax.vmap(f)(xs, ws)
+    for i in range(3):
+        np.testing.assert_allclose(got[i], f(xs[i], ws[i]), rtol=1e-6, atol=1e-6)
+    loss = lambda a, b: jnp.sum(jnp.sin(jax.vmap(f)(a, b)))  # noqa: E731
+    gv = jax.grad(loss, argnums=(0, 1))(xs, ws)
+    for i in range(3):
+        gl = jax.grad(lambda a, b: jnp.sum(jnp.sin(f(a, b))), argnums=(0, 1))(xs[i], ws[i])
+        np.testing.assert_allclose(gv[0][i], gl[0], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(gv[1][i], gl[1], rtol=1e-5, atol=1e-5)
+
+
+def test_exact_kernel_agrees_with_exp_space() -> None:
+    """The two-pass kernel (taken for a spread beyond 80) and the exp-space path give the
+    same numbers: one sample far above the other sends only the call to the kernel."""
+    x, w = _data("2d_same", "normal", seed=6)
+    f = jax.jit(_conv("log", "2d_same"))
+    spread = x.copy()
+    spread[1] += 200.0  # sample 1's windows are far above sample 0's shift: exact kernel
+    y_fast, y_exact = np.asarray(f(x, w)), np.asarray(f(spread, w))
+    np.testing.assert_allclose(y_exact[0], y_fast[0], rtol=2e-6, atol=2e-6)
+    np.testing.assert_allclose(y_exact[1], y_fast[1] + 200.0, rtol=2e-6, atol=2e-5)
+
+
+@pytest.mark.parametrize("op", ["log", SEED, MUL_LSE], ids=["log", "seed", "mul_lse"])
+def test_explain_and_auto_pick_native(op: object) -> None:
+    plan = jaxconv.explain(op, dtype="float32", platform="cpu")
+    assert plan.engine == "native", str(plan)
+    if op == "log":
+        assert any("exp-space" in d and "running maximum" in d for d in plan.details), str(plan)
+    else:
+        assert any("compiled user kernel" in d for d in plan.details), str(plan)
+    x, w = _data("2d_same", "normal")
+    kw = dict(window_strides=(1, 1), padding="SAME", dimension_numbers=_dn(4))
+    hlo = jax.jit(lambda a, b: jaxconv.conv_general_dilated(a, b, op=op, **kw)).lower(
+        x, w).as_text()
+    assert "jaxconv_forward" in hlo
+
