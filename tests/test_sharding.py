@@ -172,21 +172,31 @@ def test_dot_general_rows_or_columns_sharded(spec: tuple[P, P]) -> None:
     _close(jax.jit(_grad(f))(sa, sb), jax.jit(_grad(f))(a, b))
 
 
-def test_gspmd_partitions_like_shardy() -> None:
+@pytest.mark.parametrize("layout", ["data", "contract"])
+def test_gspmd_partitions_like_shardy(layout: str) -> None:
     mesh = _mesh()
-    x, w = _data(3)
-    xs = jax.device_put(x, NamedSharding(mesh, P("data")))
+    x, w = _data(3, c=8)
+    x, w = jnp.round(x), jnp.round(w)  # ties across devices when the channels are split
+    xspec, wspec = (P("data"), P()) if layout == "data" else (P(None, None, None, "data"),
+                                                              P(None, None, "data"))
+    xs = jax.device_put(x, NamedSharding(mesh, xspec))
+    ws = jax.device_put(w, NamedSharding(mesh, wspec))
     f = _conv("max_plus")
     jax.config.update("jax_use_shardy_partitioner", False)
     try:
-        hlo = jax.jit(f).lower(xs, w).compile().as_text()
-        y = jax.jit(f)(xs, w)
-        g = jax.jit(_grad(f))(xs, w)
+        hlo = jax.jit(f).lower(xs, ws).compile().as_text()
+        y = jax.jit(f)(xs, ws)
+        g = jax.jit(_grad(f))(xs, ws)
     finally:
         jax.config.update("jax_use_shardy_partitioner", True)
-    assert not _collectives(hlo)
-    assert all(c[0][0] == 2 for c in _native_calls(hlo))
-    _close(y, f(x, w))
+    if layout == "data":
+        assert not _collectives(hlo)
+        assert all(c[0][0] == 2 for c in _native_calls(hlo))
+    else:
+        assert _collectives(hlo) == {"all-reduce"}
+        assert set(_all_reduce_kinds(hlo)) == {"maximum"}
+        assert all(c[0][-1] == 1 for c in _native_calls(hlo))
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(f(x, w)))
     _close(g, jax.jit(_grad(f))(x, w))
 
 

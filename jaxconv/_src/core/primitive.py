@@ -21,11 +21,12 @@ repeated once per group. Nothing is ever run once per mapped element.
 Each primitive is lowered, per platform, by the engine that `jaxconv._src.core.planner`
 picks for that platform: the platform is the one being lowered for, so a function
 cross-lowered for `"cuda"` or `"tpu"` on a CPU host gets the accelerator's engine. Under
-a mesh, the native engine's custom calls are partitioned by `jaxconv._src.core.partitioning`
-(each device's call on its local shapes); the other engines are plain lax code that JAX's
-partitioner partitions itself. Inside `jax.shard_map` the primitives type their results with
-the operands' varying mesh axes. Eager calls go through JAX's primitive dispatch, which
-compiles each primitive once per shape and problem and reuses it.
+a mesh, the calls of engines that declare `Engine.opaque_call` for the platform (the native
+and XLA engines on CPU) are partitioned by `jaxconv._src.core.partitioning` (each device's
+call on its local shapes); accelerator programs are left to JAX's partitioner. Inside
+`jax.shard_map` the primitives type their results with the operands' varying mesh axes.
+Eager calls go through JAX's primitive dispatch, which compiles each primitive once per
+shape and problem and reuses it.
 """
 
 from __future__ import annotations
