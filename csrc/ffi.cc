@@ -20,6 +20,7 @@
 #include <immintrin.h>
 #endif
 
+#include "peak_probe.h"
 #include "problem.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -315,6 +316,35 @@ NB_MODULE(_native, m) {
       },
       "Registers `jaxconv_user_run` of a loaded user-op library under op id `op`.");
   m.def("user_base", []() { return jaxconv::kUserBase; });
+  m.def(
+      "peak_probe",
+      [](const std::string& kind, int threads, double seconds, const std::string& isa) {
+        int k;
+        if (kind == "fma") k = jaxconv_probe::kFma;
+        else if (kind == "add_max") k = jaxconv_probe::kAddMax;
+        else if (kind == "min_add") k = jaxconv_probe::kMinAdd;
+        else throw nb::value_error("kind must be 'fma', 'add_max' or 'min_add'");
+        if (threads < 1 || threads > 1024) throw nb::value_error("threads must be 1..1024");
+        if (!(seconds > 0.0 && seconds <= 60.0))
+          throw nb::value_error("seconds must be in (0, 60]");
+        if (!isa.empty() && isa != "avx512" && isa != "avx2" && isa != "base")
+          throw nb::value_error("isa must be '', 'avx512', 'avx2' or 'base'");
+        jaxconv_probe::Result r;
+        {
+          nb::gil_scoped_release release;
+          r = jaxconv_probe::peak(k, threads, seconds, isa.c_str());
+        }
+        nb::dict d;
+        d["gterms_per_s"] = r.gterms_per_s;
+        d["isa"] = std::string(r.isa);
+        d["lanes"] = r.lanes;
+        d["threads"] = threads;
+        return d;
+      },
+      nb::arg("kind"), nb::arg("threads") = 1, nb::arg("seconds") = 0.1, nb::arg("isa") = "",
+      "The machine's peak rate of one kernel step, in G terms/s over `threads` threads: "
+      "kind 'fma' (x * w + acc), 'add_max' (max(acc, x + w)), 'min_add' (acc + min(x, w)); "
+      "`isa` caps the instruction set. Best of five runs of about seconds / 5.");
   m.def(
       "kernels",
       []() {

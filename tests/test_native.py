@@ -439,6 +439,25 @@ def test_results_do_not_depend_on_the_thread_count():
     assert one == many
 
 
+@pytest.mark.parametrize("kind", ["fma", "add_max", "min_add"])
+def test_peak_probe_reports_positive_rates(kind):
+    mod = ffi._load()
+    for threads in (1, 2):
+        got = mod.peak_probe(kind, threads, 0.005)
+        assert got["gterms_per_s"] > 0 and got["threads"] == threads
+        assert got["isa"] in ("avx512", "avx2", "base") and got["lanes"] in (4, 8, 16)
+    base = mod.peak_probe(kind, 1, 0.005, "base")
+    assert base["isa"] == "base" and base["lanes"] == 4 and base["gterms_per_s"] > 0
+
+
+@pytest.mark.parametrize("args,match", [
+    (("fmaa", 1, 0.01), "kind"), (("fma", 0, 0.01), "threads"), (("fma", 1, 0.0), "seconds"),
+    (("fma", 1, 0.01, "sse9"), "isa")])
+def test_peak_probe_rejects_bad_arguments(args, match):
+    with pytest.raises(ValueError, match=match):
+        ffi._load().peak_probe(*args)
+
+
 def test_instruction_sets_agree():
     """The AVX2 and baseline builds (forced) give the dispatched build's numbers: max/min
     forward bit for bit, sums and gradients to rounding."""
