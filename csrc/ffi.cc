@@ -6,14 +6,16 @@
 #include <nanobind/stl/string.h>
 
 #include <atomic>
+#include <chrono>
+#include <condition_variable>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <mutex>
 #include <shared_mutex>
 #include <string>
-#include <thread>
 #include <unordered_map>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -134,18 +136,35 @@ struct Shared {
   int64_t n = 0;
   void (*fn)(void*, int64_t) = nullptr;
   void* arg = nullptr;
+  std::mutex mu;  // with `all_done`: wakes a caller that sleeps on a straggler
+  std::condition_variable all_done;
 };
 
-void work(Shared& s) {
+// Runs items until none is left; returns how many this thread ran.
+int64_t work(Shared& s) {
   FlushDenormals flush;
-  for (int64_t i; (i = s.next.fetch_add(1, std::memory_order_relaxed)) < s.n;) {
+  int64_t mine = 0;
+  for (int64_t i; (i = s.next.fetch_add(1, std::memory_order_relaxed)) < s.n; ++mine)
     s.fn(s.arg, i);
-    s.done.fetch_add(1, std::memory_order_release);
+  // One count per thread, not per item; whoever completes the last item wakes the caller.
+  if (mine > 0 && s.done.fetch_add(mine, std::memory_order_acq_rel) + mine == s.n) {
+    std::lock_guard<std::mutex> lock(s.mu);
+    s.all_done.notify_all();
   }
+  return mine;
 }
 
-// Items are handed out dynamically; the caller works too and returns once all are done.
-// A task that starts late finds no item left and touches only the shared state it owns.
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(_M_X64)
+  _mm_pause();
+#endif
+}
+
+// Items are handed out dynamically, one at a time; the caller works too and returns once all
+// are done. A task that starts late finds no item left and touches only the shared state it
+// owns, so the caller never waits for a helper that has not started. Once the caller has run
+// out of items it spins briefly, then sleeps: on a busy machine the helper still holding an
+// item may be descheduled, and a spinning (or yielding) caller would keep a core from it.
 void run_parallel(void* ctx, int64_t n, void (*fn)(void*, int64_t), void* arg) {
   auto* pool = static_cast<ffi::ThreadPool*>(ctx);
   int64_t threads = pool ? pool->num_threads() : 1;
@@ -159,9 +178,39 @@ void run_parallel(void* ctx, int64_t n, void (*fn)(void*, int64_t), void* arg) {
   shared->n = n;
   shared->fn = fn;
   shared->arg = arg;
+#ifdef JAXCONV_PROFILE
+  const auto t0 = std::chrono::steady_clock::now();
+#endif
   for (int64_t h = 0; h < helpers; ++h) pool->Schedule([shared] { work(*shared); });
-  work(*shared);
-  while (shared->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
+  const int64_t mine = work(*shared);
+  (void)mine;
+  Shared& s = *shared;
+#ifdef JAXCONV_PROFILE
+  const auto t1 = std::chrono::steady_clock::now();
+  struct Report {  // the caller's share, and how long it then waited for the helpers
+    const std::chrono::steady_clock::time_point t0, t1;
+    int64_t n, mine;
+    bool slept = false;
+    ~Report() {
+      const auto t2 = std::chrono::steady_clock::now();
+      auto ms = [](auto d) { return std::chrono::duration<double, std::milli>(d).count(); };
+      std::fprintf(stderr, "run_parallel n=%ld caller %ld items %.3f ms, wait %.3f ms%s\n",
+                   long(n), long(mine), ms(t1 - t0), ms(t2 - t1), slept ? " (slept)" : "");
+    }
+  } report{t0, t1, n, mine};
+#endif
+  // 20 us of spinning covers a helper finishing its last item on a quiet machine.
+  const auto spin_end = std::chrono::steady_clock::now() + std::chrono::microseconds(20);
+  for (int spin = 0;; ++spin) {
+    if (s.done.load(std::memory_order_acquire) == n) return;
+    if (spin % 64 == 63 && std::chrono::steady_clock::now() > spin_end) break;
+    cpu_relax();
+  }
+#ifdef JAXCONV_PROFILE
+  report.slept = true;
+#endif
+  std::unique_lock<std::mutex> lock(s.mu);
+  s.all_done.wait(lock, [&s, n] { return s.done.load(std::memory_order_acquire) == n; });
 }
 
 // The geometry and the op cross the FFI as named attributes (jaxconv/_src/engines/native.py,

@@ -439,6 +439,44 @@ def test_results_do_not_depend_on_the_thread_count():
     assert one == many
 
 
+_SPLIT_SCRIPT = r"""
+import json, sys, numpy as np, jax, jax.numpy as jnp, jaxconv
+rng = np.random.default_rng(3)
+# Several kernel blocks of output channels (a thread's packed panel changes block between its
+# claims), and a kernel block too large for one panel (the fixed-item path).
+# The first has more bands than images, the second several images per run (small outputs).
+cases = [((3, 9, 11, 24), (3, 3, 24, 200)), ((2, 6, 7, 160), (3, 3, 160, 70))]
+out = {}
+for xs, ws in cases:
+    x = rng.standard_normal(xs).astype(np.float32)
+    w = rng.standard_normal(ws).astype(np.float32)
+    for op in sys.argv[1].split(","):
+        f = lambda x, w: jaxconv.conv_general_dilated(x, w, (1, 1), "SAME", op=op,
+            engine="native", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        y = jax.jit(f)(x, w)
+        dx, dw = jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.sin(f(x, w))), (0, 1)))(x, w)
+        out[f"{ws[-1]}/{op}"] = [np.asarray(a).tobytes().hex() for a in (y, dx, dw)]
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("names", ["max_plus,max_min,min_max", "adder,l1,l2_exact"])
+def test_dynamic_work_split_does_not_change_results(names):
+    """The forward's fine dynamic claims (a thread keeps its packed panel between claims of
+    one block) and the sums' backward (input gradient cut into bands of input cells, one
+    fork-join with the kernel gradient) give the one-thread numbers bit for bit, for plain,
+    keyed (max_min, min_max) and min-form (adder, l1) kernels."""
+    runs = []
+    for threads in ("1", "0"):
+        env = dict(os.environ, JAXCONV_NATIVE_THREADS=threads)
+        env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+        proc = subprocess.run([sys.executable, "-c", _SPLIT_SCRIPT, names], env=env,
+                              capture_output=True, text=True, timeout=600, check=False)
+        assert proc.returncode == 0, proc.stderr
+        runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    assert runs[0] == runs[1]
+
+
 @pytest.mark.parametrize("kind", ["fma", "add_max", "min_add"])
 def test_peak_probe_reports_positive_rates(kind):
     mod = ffi._load()
