@@ -70,18 +70,19 @@ def cpu_model() -> dict[str, str]:
 
 
 def kernel_params(mod: Any | None = None) -> dict[str, Any] | None:
-    """The native kernels' chosen parameters, from whichever of ``params``,
-    ``kernel_params`` or ``tuning`` the native module exports (``None`` if none does)."""
+    """The tuning parameters the native kernels run with: ``jaxconv._native.params()``
+    (``None`` without the module or, in an older build, without ``params``).
+
+    Example: ``kernel_params()`` -> ``{'panel_kib': 16, 'block_kib': 192, ...}``."""
     mod = native_module() if mod is None else mod
-    for name in ("params", "kernel_params", "tuning"):
-        fn = getattr(mod, name, None)
-        if callable(fn):
-            try:
-                got = fn()
-            except Exception as e:  # noqa: BLE001 - report, never fail a benchmark on it
-                return {"error": f"{name}(): {e}"}
-            return dict(got) if isinstance(got, dict) else {"value": got}
-    return None
+    fn = getattr(mod, "params", None)
+    if not callable(fn):
+        return None
+    try:
+        got = fn()
+    except Exception as e:  # noqa: BLE001 - report, never fail a benchmark on it
+        return {"error": f"params(): {e}"}
+    return dict(got) if isinstance(got, dict) else {"value": got}
 
 
 def threads() -> int:

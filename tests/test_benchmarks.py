@@ -133,5 +133,17 @@ def test_machine_description_tolerates_missing_parameters():
     line = machine.describe(meta)
     assert "Some CPU (family 6, model 143)" in line and "params (none reported)" in line
     assert "mr=6" in machine.describe(dict(meta, params={"mr": 6}))
+
+
+def test_machine_description_reports_the_tuning_parameters():
+    sys.path.insert(0, ROOT)
+    from benchmarks import machine
+    from jaxconv import _native
+
+    got = machine.kernel_params()
+    assert got == dict(_native.params())
+    assert set(got) == set(_native.param_fields())
+    line = machine.describe(machine.info())
+    assert all(f"{k}={v}" in line for k, v in got.items())
     assert machine.describe_peak({}) == "# peak: (no probe in this build)"
     assert "fma 50/90" in machine.describe_peak({"fma": {1: 50.0, 2: 90.0}})

@@ -77,15 +77,22 @@ print(json.dumps(out))
 """
 
 
-@pytest.mark.parametrize("names", ["max_plus,max_min,min_max", "adder,l1,l2_exact"])
-def test_dynamic_work_split_does_not_change_results(names):
+@pytest.mark.parametrize(("names", "params"), [
+    ("max_plus,max_min,min_max", ""),
+    ("adder,l1,l2_exact", ""),
+    # The other register tile, with claims of a different size and, in the second case, cut
+    # panels of the smallest size shared in one item per block.
+    ("max_plus,max_min,adder", "tile=1,panel_kib=4,items=1"),
+])
+def test_dynamic_work_split_does_not_change_results(names, params):
     """The forward's fine dynamic claims (a thread keeps its packed panel between claims of
     one block) and the sums' backward (input gradient cut into bands of input cells, one
     fork-join with the kernel gradient) give the one-thread numbers bit for bit, for plain,
-    keyed (max_min, min_max) and min-form (adder, l1) kernels."""
+    keyed (max_min, min_max) and min-form (adder, l1) kernels, under the default tuning
+    parameters and another set (JAXCONV_NATIVE_PARAMS)."""
     runs = []
     for threads in ("1", "0"):
-        env = dict(os.environ, JAXCONV_NATIVE_THREADS=threads)
+        env = dict(os.environ, JAXCONV_NATIVE_THREADS=threads, JAXCONV_NATIVE_PARAMS=params)
         env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
         proc = subprocess.run([sys.executable, "-c", _SPLIT_SCRIPT, names], env=env,
                               capture_output=True, text=True, timeout=600, check=False)
