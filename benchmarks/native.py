@@ -10,11 +10,19 @@ machine. Forward, and forward+backward (``jax.vjp`` with a fixed cotangent, both
 Also: the compiled executable's temp + output bytes next to lax's, and the compile time of
 ``jax.jit(jax.grad(conv))`` next to lax's.
 
+Every table starts with the CPU (model, family / model number), the native ISA, the threads and
+the kernel parameters the library reports, and the peak probe's rates (``benchmarks/machine.py``):
+each forward row says what fraction of the machine's limit for that op's inner step it reaches
+(``peak``: terms per second over the probe's rate at the same thread count; every window tap
+counted, padded or not). ``--busy`` times every row a second time beside one competing busy
+process (started and killed by the benchmark), right after the quiet timing, and prints both.
+
 Example::
 
     python -m benchmarks.native --layers A,E --ops max_plus,adder --rounds 15
     python -m benchmarks.native --layers A,E --ops user_tanh,user_clip --engines native,xla
     python -m benchmarks.native --compile-cost
+    python -m benchmarks.native --layers A --ops max_plus,adder --busy
     python -m benchmarks.native --smoke
 """
 
@@ -34,7 +42,7 @@ import numpy as np
 from jax import lax
 
 import jaxconv
-from benchmarks import timing
+from benchmarks import machine, timing
 from jaxconv._src.engines import native
 
 MiB = 2**20
@@ -125,34 +133,61 @@ def compile_seconds(f: Callable, args: tuple) -> float:
                                   args)
 
 
+def terms(layer: Layer, y_shape: tuple[int, ...]) -> int:
+    """Product terms of one forward call: each output combines a whole window (w's shape
+    without its output-channel axis for a convolution, the contracted size for a dense)."""
+    per_out = layer.w_shape[0] if layer.dense else int(np.prod(layer.w_shape[:-1]))
+    return int(np.prod(y_shape)) * per_out
+
+
+def _time(row: dict, prefix: str, ref_f: Callable, f: Callable, ref_fb: Callable | None,
+          fb: Callable | None, args: tuple, rounds: int, inner: int) -> None:
+    fw = timing.paired(ref_f, f, args, rounds=rounds, calls=inner, warmup=2)
+    row.update({f"{prefix}fwd_ratio": fw.ratio, f"{prefix}fwd_best": fw.best,
+                f"{prefix}fwd_ms": fw.ms, f"{prefix}lax_fwd_ms": fw.ref_ms})
+    if fb is not None:
+        r = timing.paired(ref_fb, fb, args, rounds=rounds, calls=inner, warmup=2)
+        row.update({f"{prefix}fwd_bwd_ratio": r.ratio, f"{prefix}fwd_bwd_best": r.best,
+                    f"{prefix}fwd_bwd_ms": r.ms, f"{prefix}lax_fwd_bwd_ms": r.ref_ms})
+
+
 def run(layers: list[Layer], ops_: list[str], engines: list[str], rounds: int, inner: int,
-        backward: bool, out: Any = sys.stdout) -> list[dict]:
+        backward: bool, out: Any = sys.stdout, busy: bool = False,
+        peak: dict[str, dict[int, float]] | None = None) -> list[dict]:
+    """Times each (layer, op, engine) against lax and prints one row each; with ``busy``
+    each row is timed again beside one competing process, right after the quiet timing."""
     rows = []
     rng = np.random.default_rng(0)
+    nthreads = machine.threads()
     for layer in layers:
         x = jnp.asarray(rng.standard_normal(layer.x_shape), jnp.float32)
         w = jnp.asarray(rng.standard_normal(layer.w_shape), jnp.float32)
         ref = product(layer, None, "xla")
-        ct = jnp.asarray(rng.standard_normal(jax.eval_shape(ref, x, w).shape), jnp.float32)
+        y_shape = jax.eval_shape(ref, x, w).shape
+        ct = jnp.asarray(rng.standard_normal(y_shape), jnp.float32)
         ref_f = jax.jit(ref)
         ref_fb = jax.jit(fwd_bwd(ref, ct))
         lax_mem = timing.memory_bytes(ref, (x, w))
-        lax_compile = compile_seconds(ref, (x, w))
+        lax_compile = compile_seconds(ref, (x, w)) if backward else None
         for op in ops_:
             for engine in engines:
                 f = product(layer, op, engine)
                 row = dict(layer=layer.name, op=op, engine=engine)
-                fw = timing.paired(ref_f, jax.jit(f), (x, w), rounds=rounds, calls=inner,
-                                   warmup=2)
-                row.update(fwd_ratio=fw.ratio, fwd_best=fw.best, fwd_ms=fw.ms,
-                           lax_fwd_ms=fw.ref_ms)
+                f_j = jax.jit(f)
+                fb_j = jax.jit(fwd_bwd(f, ct)) if backward else None
+                _time(row, "", ref_f, f_j, ref_fb, fb_j, (x, w), rounds, inner)
+                if busy:
+                    with machine.Spinner():
+                        _time(row, "busy_", ref_f, f_j, ref_fb, fb_j, (x, w), rounds, inner)
                 if backward:
-                    fb = timing.paired(ref_fb, jax.jit(fwd_bwd(f, ct)), (x, w),
-                                       rounds=rounds, calls=inner, warmup=2)
-                    row.update(fwd_bwd_ratio=fb.ratio, fwd_bwd_best=fb.best,
-                               fwd_bwd_ms=fb.ms, lax_fwd_bwd_ms=fb.ref_ms)
                     row.update(compile_s=compile_seconds(f, (x, w)), lax_compile_s=lax_compile)
                 row.update(mem=timing.memory_bytes(f, (x, w)), lax_mem=lax_mem)
+                kind = machine.PEAK_KIND.get(op, "fma")
+                limit = (peak or {}).get(kind, {})
+                limit_t = limit.get(nthreads) or (max(limit.values()) if limit else None)
+                row["gterms_per_s"] = terms(layer, y_shape) / (row["fwd_ms"] * 1e-3) * 1e-9
+                row["peak_kind"] = kind
+                row["peak_fraction"] = row["gterms_per_s"] / limit_t if limit_t else None
                 rows.append(row)
                 print(_format(row), file=out, flush=True)
     return rows
@@ -161,12 +196,21 @@ def run(layers: list[Layer], ops_: list[str], engines: list[str], rounds: int, i
 def _format(r: dict) -> str:
     s = (f"{r['layer']} {r['op']:>9} {r['engine']:>6}  fwd {r['fwd_ratio']:6.2f}x "
          f"(best {r['fwd_best']:5.2f}x, {r['fwd_ms']:8.2f} ms vs lax {r['lax_fwd_ms']:7.2f})")
+    if r.get("peak_fraction") is not None:
+        s += f"  {r['gterms_per_s']:6.1f} G/s = {r['peak_fraction']:4.0%} {r['peak_kind']} peak"
     if "fwd_bwd_ratio" in r:
         s += (f"  fwd+bwd {r['fwd_bwd_ratio']:6.2f}x (best {r['fwd_bwd_best']:5.2f}x, "
               f"{r['fwd_bwd_ms']:8.2f} ms vs lax {r['lax_fwd_bwd_ms']:7.2f})"
               f"  compile {r['compile_s']:5.2f}s vs {r['lax_compile_s']:4.2f}s")
     if r["mem"] is not None and r["lax_mem"]:
         s += f"  mem {r['mem'] / MiB:6.2f} MiB ({r['mem'] / r['lax_mem']:4.2f}x lax)"
+    if "busy_fwd_ratio" in r:
+        s += (f"\n{'':>19}busy: fwd {r['busy_fwd_ratio']:6.2f}x (best {r['busy_fwd_best']:5.2f}x, "
+              f"{r['busy_fwd_ms']:8.2f} ms vs lax {r['busy_lax_fwd_ms']:7.2f})")
+        if "busy_fwd_bwd_ratio" in r:
+            s += (f"  fwd+bwd {r['busy_fwd_bwd_ratio']:6.2f}x (best "
+                  f"{r['busy_fwd_bwd_best']:5.2f}x, {r['busy_fwd_bwd_ms']:8.2f} ms vs lax "
+                  f"{r['busy_lax_fwd_bwd_ms']:7.2f})")
     return s
 
 
@@ -217,6 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-backward", action="store_true")
     p.add_argument("--smoke", action="store_true", help="tiny shapes, two rounds")
     p.add_argument("--json", default=None)
+    p.add_argument("--busy", action="store_true",
+                   help="also time every row beside one competing busy process")
+    p.add_argument("--no-peak", action="store_true", help="skip the peak probe")
     p.add_argument("--compile-cost", action="store_true",
                    help="time compiling the user ops (fresh processes, empty cache)")
     a = p.parse_args(argv)
@@ -234,15 +281,22 @@ def main(argv: list[str] | None = None) -> int:
     if not native.available():
         print(f"native engine unavailable: {native.load_error()}", file=sys.stderr)
         return 1
-    threads = os.environ.get("JAXCONV_NATIVE_THREADS") or str(os.cpu_count())
-    print(f"# jax {jax.__version__}, isa {native.isa()}, threads {threads}, "
-          f"rounds {rounds}x{inner}; layers: " + "; ".join(x.describe() for x in layers))
+    meta = machine.info()
+    counts = tuple(sorted({1, meta["threads"]}))
+    peak = {} if a.no_peak else machine.peak(counts, seconds=0.02 if a.smoke else 0.2)
+    print(machine.describe(meta))
+    print(machine.describe_peak(peak))
+    print(f"# jax {jax.__version__}, rounds {rounds}x{inner}"
+          f"{', quiet then beside one busy process' if a.busy else ''}; layers: "
+          + "; ".join(x.describe() for x in layers))
     rows = run(layers, a.ops.split(","), a.engines.split(","), rounds, inner,
-               not a.no_backward)
+               not a.no_backward, busy=a.busy, peak=peak)
     if a.json:
         with open(a.json, "w") as fh:
-            json.dump(dict(meta=dict(smoke=a.smoke, isa=native.isa(), threads=int(threads),
-                                     jax=jax.__version__), results=rows), fh, indent=1)
+            json.dump(dict(meta=dict(meta, smoke=a.smoke, busy=a.busy, jax=jax.__version__,
+                                     peak={k: {str(t): v for t, v in d.items()}
+                                           for k, d in peak.items()}),
+                           results=rows), fh, indent=1)
     return 0
 
 

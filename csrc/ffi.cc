@@ -6,21 +6,24 @@
 #include <nanobind/stl/string.h>
 
 #include <atomic>
+#include <chrono>
+#include <condition_variable>
 #include <ctime>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <mutex>
 #include <shared_mutex>
 #include <string>
-#include <thread>
 #include <unordered_map>
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 #endif
 
+#include "peak_probe.h"
 #include "problem.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -134,18 +137,35 @@ struct Shared {
   int64_t n = 0;
   void (*fn)(void*, int64_t) = nullptr;
   void* arg = nullptr;
+  std::mutex mu;  // with `all_done`: wakes a caller that sleeps on a straggler
+  std::condition_variable all_done;
 };
 
-void work(Shared& s) {
+// Runs items until none is left; returns how many this thread ran.
+int64_t work(Shared& s) {
   FlushDenormals flush;
-  for (int64_t i; (i = s.next.fetch_add(1, std::memory_order_relaxed)) < s.n;) {
+  int64_t mine = 0;
+  for (int64_t i; (i = s.next.fetch_add(1, std::memory_order_relaxed)) < s.n; ++mine)
     s.fn(s.arg, i);
-    s.done.fetch_add(1, std::memory_order_release);
+  // One count per thread, not per item; whoever completes the last item wakes the caller.
+  if (mine > 0 && s.done.fetch_add(mine, std::memory_order_acq_rel) + mine == s.n) {
+    std::lock_guard<std::mutex> lock(s.mu);
+    s.all_done.notify_all();
   }
+  return mine;
 }
 
-// Items are handed out dynamically; the caller works too and returns once all are done.
-// A task that starts late finds no item left and touches only the shared state it owns.
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(_M_X64)
+  _mm_pause();
+#endif
+}
+
+// Items are handed out dynamically, one at a time; the caller works too and returns once all
+// are done. A task that starts late finds no item left and touches only the shared state it
+// owns, so the caller never waits for a helper that has not started. Once the caller has run
+// out of items it spins briefly, then sleeps: on a busy machine the helper still holding an
+// item may be descheduled, and a spinning (or yielding) caller would keep a core from it.
 void run_parallel(void* ctx, int64_t n, void (*fn)(void*, int64_t), void* arg) {
   auto* pool = static_cast<ffi::ThreadPool*>(ctx);
   int64_t threads = pool ? pool->num_threads() : 1;
@@ -159,9 +179,39 @@ void run_parallel(void* ctx, int64_t n, void (*fn)(void*, int64_t), void* arg) {
   shared->n = n;
   shared->fn = fn;
   shared->arg = arg;
+#ifdef JAXCONV_PROFILE
+  const auto t0 = std::chrono::steady_clock::now();
+#endif
   for (int64_t h = 0; h < helpers; ++h) pool->Schedule([shared] { work(*shared); });
-  work(*shared);
-  while (shared->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
+  const int64_t mine = work(*shared);
+  (void)mine;
+  Shared& s = *shared;
+#ifdef JAXCONV_PROFILE
+  const auto t1 = std::chrono::steady_clock::now();
+  struct Report {  // the caller's share, and how long it then waited for the helpers
+    const std::chrono::steady_clock::time_point t0, t1;
+    int64_t n, mine;
+    bool slept = false;
+    ~Report() {
+      const auto t2 = std::chrono::steady_clock::now();
+      auto ms = [](auto d) { return std::chrono::duration<double, std::milli>(d).count(); };
+      std::fprintf(stderr, "run_parallel n=%ld caller %ld items %.3f ms, wait %.3f ms%s\n",
+                   long(n), long(mine), ms(t1 - t0), ms(t2 - t1), slept ? " (slept)" : "");
+    }
+  } report{t0, t1, n, mine};
+#endif
+  // 20 us of spinning covers a helper finishing its last item on a quiet machine.
+  const auto spin_end = std::chrono::steady_clock::now() + std::chrono::microseconds(20);
+  for (int spin = 0;; ++spin) {
+    if (s.done.load(std::memory_order_acquire) == n) return;
+    if (spin % 64 == 63 && std::chrono::steady_clock::now() > spin_end) break;
+    cpu_relax();
+  }
+#ifdef JAXCONV_PROFILE
+  report.slept = true;
+#endif
+  std::unique_lock<std::mutex> lock(s.mu);
+  s.all_done.wait(lock, [&s, n] { return s.done.load(std::memory_order_acquire) == n; });
 }
 
 #include "tune_probe.h"
@@ -329,6 +379,35 @@ NB_MODULE(_native, m) {
       [](const nb::dict& d) { current_params().store(new jaxconv::Params(params_from(d))); },
       "Sets the tuning parameters of later calls (every field, each within its range).");
   m.def("time_forward", &time_forward, "The best single-threaded time of a small forward.");
+  m.def(
+      "peak_probe",
+      [](const std::string& kind, int threads, double seconds, const std::string& isa) {
+        int k;
+        if (kind == "fma") k = jaxconv_probe::kFma;
+        else if (kind == "add_max") k = jaxconv_probe::kAddMax;
+        else if (kind == "min_add") k = jaxconv_probe::kMinAdd;
+        else throw nb::value_error("kind must be 'fma', 'add_max' or 'min_add'");
+        if (threads < 1 || threads > 1024) throw nb::value_error("threads must be 1..1024");
+        if (!(seconds > 0.0 && seconds <= 60.0))
+          throw nb::value_error("seconds must be in (0, 60]");
+        if (!isa.empty() && isa != "avx512" && isa != "avx2" && isa != "base")
+          throw nb::value_error("isa must be '', 'avx512', 'avx2' or 'base'");
+        jaxconv_probe::Result r;
+        {
+          nb::gil_scoped_release release;
+          r = jaxconv_probe::peak(k, threads, seconds, isa.c_str());
+        }
+        nb::dict d;
+        d["gterms_per_s"] = r.gterms_per_s;
+        d["isa"] = std::string(r.isa);
+        d["lanes"] = r.lanes;
+        d["threads"] = threads;
+        return d;
+      },
+      nb::arg("kind"), nb::arg("threads") = 1, nb::arg("seconds") = 0.1, nb::arg("isa") = "",
+      "The machine's peak rate of one kernel step, in G terms/s over `threads` threads: "
+      "kind 'fma' (x * w + acc), 'add_max' (max(acc, x + w)), 'min_add' (acc + min(x, w)); "
+      "`isa` caps the instruction set. Best of five runs of about seconds / 5.");
   m.def(
       "kernels",
       []() {

@@ -138,19 +138,23 @@ inline const float* cell(const Ctx& c, const float* xb, int64_t n, int64_t osi, 
   return xb + n * c.img + off + grp * c.I;
 }
 
-// Whether all n floats at p are finite: a vector scan shared between the threads.
-bool all_finite(const Ctx& c, const float* p, int64_t n) {
+// Whether all n floats at p and all m at q are finite: one vector scan of both, shared
+// between the threads (one fork-join, not one per operand).
+bool all_finite(const Ctx& c, const float* p, int64_t n, const float* q, int64_t m) {
   constexpr int64_t kChunk = 1 << 15;
+  const int64_t np = (n + kChunk - 1) / kChunk;
   std::atomic<int> bad{0};
   auto scan = [&](int64_t it) {
-    const int64_t a = it * kChunk, e = a + kChunk < n ? a + kChunk : n;
+    const float* src = it < np ? p : q;
+    const int64_t len = it < np ? n : m;
+    const int64_t a = (it < np ? it : it - np) * kChunk, e = a + kChunk < len ? a + kChunk : len;
     S::M ok = S::mtrue();
     int64_t j = a;
-    for (; j + W <= e; j += W) ok = S::mand(ok, S::isfinite_m(S::load(p + j)));
+    for (; j + W <= e; j += W) ok = S::mand(ok, S::isfinite_m(S::load(src + j)));
     bool fin = !S::any(S::mnot(ok));
-    for (; j < e; ++j) fin &= finite(p[j]);
+    for (; j < e; ++j) fin &= finite(src[j]);
     if (!fin) bad.store(1, std::memory_order_relaxed);
   };
-  parallel(c, (n + kChunk - 1) / kChunk, scan);
+  parallel(c, np + (m + kChunk - 1) / kChunk, scan);
   return bad.load(std::memory_order_relaxed) == 0;
 }

@@ -312,9 +312,10 @@ void pack_weights(Ctx& c, bool keys) {
   parallel(c, call.batch * c.G * c.nJB, pack);
 }
 
-// The packed implicit GEMM: an item is a run of tiles x one block of output channels; it packs
-// each panel of its kernel block once and sweeps the run's tiles over it. Keyed ops run
-// on the integer keys of x, w and the pad value.
+// The packed implicit GEMM: runs of tiles x one block of output channels, each packing the
+// panels of its kernel block and sweeping its tiles over them. A block that is one panel is
+// shared out in claims (below); a larger one in fixed items (the `items` parameter). Keyed ops
+// run on the integer keys of x, w and the pad value.
 template <class Op, bool Safe, int TM = MR, int TV = NV>
 void forward_packed(Ctx& c) {
   constexpr int MR = TM, NV = TV, NR = TV * W;  // the register tile (`tile` parameter)
@@ -322,7 +323,7 @@ void forward_packed(Ctx& c) {
   const int64_t nJB = (c.Og + NR - 1) / NR;
   const int64_t tiles = (c.P + MR - 1) / MR;
   // Each item packs its kernel block once: as many tiles per item (up to 64) as leave at
-  // least 16 items to share out.
+  // least `items` items to share out.
   const int64_t blocks = call.batch * c.G * nJB;
   int64_t tpi = 64;
   while (tpi > 8 && blocks * ((tiles + tpi - 1) / tpi) < c.prm.items) tpi /= 2;
@@ -343,29 +344,23 @@ void forward_packed(Ctx& c) {
   // A kernel block that stays in L2 is one panel (the taps of a tile run back to back); a
   // larger one is cut into panels that stay in L1 (both sizes: the tuning parameters).
   const int64_t rows = c.prm.panel_kib * 256 / NR;  // panel_kib KiB of NR-wide rows
+  // (A panel of at least K rows is the whole block: the one-panel case below.)
   const int64_t kc = c.K * NR * int64_t(sizeof(float)) <= (c.prm.block_kib << 10) ? c.K
+                     : rows >= c.K                                                ? c.K
                      : rows > 0                                                   ? rows
                                                                                   : 1;
   std::atomic<bool> failed{false};
-  auto item = [&](int64_t it) {
-    const int64_t ch = it % chunks;
-    const int64_t blk = it / chunks;  // (b, grp, jb)
+  const size_t nws = kCen ? size_t(c.T + 1) * NR : 0;
+  // The panel, then (a panel boundary within an output's taps) the tiles' partial sums,
+  // then the min form's column sums.
+  const size_t nacc = kc < c.K ? size_t(tpi) * MR * NR : 0;
+  // Packs block blk's kernel panels into `panel` and runs tiles tl0..tl1 of it over them;
+  // with `packed` (one panel holding the whole block, already packed for blk) only the tiles.
+  auto block_tiles = [&](float* panel, int64_t blk, int64_t tl0, int64_t tl1, bool packed) {
     const int64_t jb = blk % nJB, grp = (blk / nJB) % c.G, b = blk / (nJB * c.G);
     const float* xb = xsrc + b * c.x_bs;
     const float* wb = call.w + b * c.w_bs;
     float* yb = call.out + b * c.y_bs;
-    const int64_t tl0 = ch * tpi;
-    const int64_t tl1 = tl0 + tpi < tiles ? tl0 + tpi : tiles;
-    const size_t nws = kCen ? size_t(c.T + 1) * NR : 0;
-    // The panel, then (a panel boundary within an output's taps) the tiles' partial sums,
-    // then the min form's column sums.
-    const size_t nacc = kc < c.K ? size_t(tpi) * MR * NR : 0;
-    const Owned<float> owned = allocate<float>(int64_t(kc * NR + nacc + nws));
-    float* panel = owned.get();
-    if (!panel) {
-      failed.store(true, std::memory_order_relaxed);
-      return;
-    }
     Centring cen{};
     const float* pad = c.padrow;
     const float* shift = nullptr;
@@ -373,15 +368,15 @@ void forward_packed(Ctx& c) {
     float* accs = panel + kc * NR;
     if constexpr (kCen) {
       wsum = accs + nacc;
-      std::memset(wsum, 0, sizeof(float) * nws);
+      if (!packed) std::memset(wsum, 0, sizeof(float) * nws);
       shift = c.shift + b * c.C + grp * c.I;
       pad = c.padsh + b * (c.C + c.NR);  // centre()'s rows: the default tile's NR
       cen = Centring{wsum, c.csum + b * c.cells * c.G, c.padsum[b * c.G + grp]};
     }
     for (int64_t k0 = 0; k0 < c.K; k0 += kc) {
       const int64_t k1 = k0 + kc < c.K ? k0 + kc : c.K;
-      pack_panel<TV>(c, wb, grp, jb, k0, k1, kKey, panel, shift, wsum);
-      if (kCen && k1 == c.K) {
+      if (!packed) pack_panel<TV>(c, wb, grp, jb, k0, k1, kKey, panel, shift, wsum);
+      if (kCen && k1 == c.K && !packed) {
         float* tot = wsum + c.T * NR;
         for (int v = 0; v < NV; ++v) {
           S::V a = S::zero();
@@ -394,7 +389,41 @@ void forward_packed(Ctx& c) {
                                    accs + (tl - tl0) * MR * NR, yb, tl * MR, grp, jb, &cen);
     }
   };
-  parallel(c, blocks * chunks, item);
+  auto scratch = [&]() {
+    Owned<float> owned = allocate<float>(int64_t(kc * NR + nacc + nws));
+    if (!owned) failed.store(true, std::memory_order_relaxed);
+    return owned;
+  };
+  if (kc == c.K) {
+    // One panel per block: fine claims of a few tiles (about 2^20 terms, a few microseconds)
+    // handed out dynamically, so that a thread the OS deschedules holds back little; a
+    // worker keeps its packed panel while its claims stay in one block. A worker that
+    // starts late finds no claim left. Each tile's result does not depend on the split.
+    const int64_t per = (int64_t(1) << 20) / (int64_t(MR) * NR * (c.K > 0 ? c.K : 1));
+    const int64_t tpc = per < 1 ? 1 : per > 64 ? 64 : per;
+    const int64_t cpb = (tiles + tpc - 1) / tpc;
+    const int64_t claims = blocks * cpb;
+    std::atomic<int64_t> next{0};
+    auto worker = [&](int64_t) {
+      Owned<float> owned;
+      int64_t held = -1;
+      for (int64_t u; (u = next.fetch_add(1, std::memory_order_relaxed)) < claims;) {
+        const int64_t blk = u / cpb, tl0 = (u % cpb) * tpc;
+        if (!owned && !(owned = scratch())) return;
+        block_tiles(owned.get(), blk, tl0, tl0 + tpc < tiles ? tl0 + tpc : tiles, blk == held);
+        held = blk;
+      }
+    };
+    parallel(c, claims < 256 ? claims : 256, worker);
+  } else {
+    auto item = [&](int64_t it) {
+      const int64_t ch = it % chunks, tl0 = ch * tpi;
+      const Owned<float> owned = scratch();
+      if (owned) block_tiles(owned.get(), it / chunks, tl0, tl0 + tpi < tiles ? tl0 + tpi : tiles,
+                             false);
+    };
+    parallel(c, blocks * chunks, item);
+  }
   if (failed.load()) c.failed = true;
 }
 

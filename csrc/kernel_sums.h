@@ -148,9 +148,19 @@ void sum_backward(Ctx& c, int64_t parts) {
   }
   const int64_t ipi = c.OS >= 32 ? 1 : (32 + c.OS - 1) / c.OS;
   const int64_t runs = (c.g.n + ipi - 1) / ipi;
-  auto dx_item = [&](int64_t it) {  // (batch, run, group), as the max/min pass 1
-    const int64_t grp = it % c.G, bi = it / c.G;
+  // Each run's input cells are cut into bands, one item each (at least 32 items in all): an
+  // item adds only the terms that land in its band, so items write disjoint dx, and each dx
+  // element still sums its terms in the same order (taps ascending, at most one position per
+  // tap), whatever the split.
+  const int64_t cells = c.img / (c.C > 0 ? c.C : 1);
+  const int64_t want = (32 + call.batch * runs * c.G - 1) / (call.batch * runs * c.G);
+  const int64_t nband = want < cells ? want : (cells > 0 ? cells : 1);
+  const int64_t band = (cells + nband - 1) / nband;
+  auto dx_item = [&](int64_t it) {  // (batch, run, group, band)
+    const int64_t bnd = it % nband, grp = (it / nband) % c.G, bi = it / (nband * c.G);
     const int64_t b = bi / runs, n0 = (bi % runs) * ipi;
+    // Tap offsets within an image are cell * C: the band's offsets are [lo, hi).
+    const int64_t lo = bnd * band * c.C, hi = (bnd + 1) * band * c.C;
     const int64_t n1 = n0 + ipi < c.g.n ? n0 + ipi : c.g.n;
     const float* xb = call.x + b * c.x_bs;
     const float* wb = call.w + b * c.w_bs;
@@ -163,7 +173,7 @@ void sum_backward(Ctx& c, int64_t parts) {
             const int64_t nvi = ((I - ib * NR < NR) ? I - ib * NR : NR) / W;
             for (int64_t p = n0 * c.OS; p < n1 * c.OS; ++p) {
               const int32_t off = c.tab[(p % c.OS) * T + t];
-              if (off < 0) continue;  // padded cells' gradient is dropped
+              if (off < lo || off >= hi) continue;  // another band's, or padded (dropped)
               const int64_t base = (p / c.OS) * c.img + off + grp * I + ib * NR;
               const float* gg = gb + p * O + grp * Og;
               if (nvi == NV) {
@@ -182,7 +192,7 @@ void sum_backward(Ctx& c, int64_t parts) {
         const float* gr = gb + (n * c.OS + osi) * O;
         for (int64_t t = 0; t < T; ++t) {
           const int32_t off = c.tab[osi * T + t];
-          if (off < 0) continue;
+          if (off < lo || off >= hi) continue;
           const int64_t base = n * c.img + off;
           {
             const float* gg = gr + grp * Og;
@@ -202,7 +212,6 @@ void sum_backward(Ctx& c, int64_t parts) {
         }
       }
   };
-  if (parts & 1) parallel(c, call.batch * runs * c.G, dx_item);
   // Kernel gradient, per (batch, tap, block of kRows input rows): a pass over all positions.
   constexpr int kRows = MR / 2;
   const int64_t nib = (I + kRows - 1) / kRows;
@@ -252,5 +261,14 @@ void sum_backward(Ctx& c, int64_t parts) {
       }
     }
   };
-  if (parts & 2) parallel(c, call.batch * T * nib, dw_item);
+  // Both gradients in one fork-join (they write disjoint outputs): the input gradient's
+  // coarse items first, the kernel gradient's finer ones after, so that the finer items even
+  // out the threads' finishing times.
+  const int64_t ndx = (parts & 1) ? call.batch * runs * c.G * nband : 0;
+  const int64_t ndw = (parts & 2) ? call.batch * T * nib : 0;
+  auto both = [&](int64_t it) {
+    if (it < ndx) dx_item(it);
+    else dw_item(it - ndx);
+  };
+  if (ndx + ndw > 0) parallel(c, ndx + ndw, both);
 }

@@ -73,3 +73,77 @@ def test_benchmark_flags_meaningless_ratios():
     assert len(busy) == 1 and "0.29x" in busy[0]
     noisy = bench._flags("max_plus", {**calm, "fwd_bwd_spread": 0.6})
     assert len(noisy) == 1 and "spread 60%" in noisy[0]
+
+
+def test_native_benchmark_busy_smoke(tmp_path):
+    """``benchmarks.native --smoke --busy``: every row timed quiet and beside one busy process,
+    the table headed by the CPU, ISA, threads and peak rates, the spinner gone afterwards."""
+    out = tmp_path / "native.json"
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.native", "--smoke", "--busy", "--layers", "A",
+         "--ops", "max_plus", "--json", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "# cpu: " in proc.stdout and "isa " in proc.stdout and "busy: fwd" in proc.stdout
+    assert "# peak G terms/s" in proc.stdout
+    data = json.loads(out.read_text())
+    meta = data["meta"]
+    assert meta["busy"] is True and meta["cpu"]["model_name"] and meta["threads"] >= 1
+    assert all(v > 0 for d in meta["peak"].values() for v in d.values())
+    (row,) = data["results"]
+    for key in ("busy_fwd_ratio", "busy_fwd_bwd_ratio", "busy_fwd_ms", "gterms_per_s",
+                "peak_fraction"):
+        assert row[key] > 0, key
+
+
+def test_spinner_competes_and_is_killed():
+    sys.path.insert(0, ROOT)
+    from benchmarks import machine
+
+    with machine.Spinner() as spin:
+        proc = spin.proc
+        assert proc is not None and proc.poll() is None  # running
+    assert proc.poll() is not None and spin.proc is None  # killed and reaped
+    try:
+        with machine.Spinner() as spin:
+            proc = spin.proc
+            raise KeyError("inside")
+    except KeyError:
+        pass
+    assert proc.poll() is not None
+
+
+def test_machine_description_tolerates_missing_parameters():
+    sys.path.insert(0, ROOT)
+    from benchmarks import machine
+
+    class NoParams:
+        def isa(self):
+            return "avx2"
+
+    class Params:
+        def params(self):
+            return {"mr": 6, "nv": 4}
+
+    assert machine.kernel_params(NoParams()) is None
+    assert machine.kernel_params(Params()) == {"mr": 6, "nv": 4}
+    meta = dict(cpu={"model_name": "Some CPU", "family": "6", "model": "143"}, cpus=4,
+                isa="avx2", threads=4, params=None, load_1min=0.5)
+    line = machine.describe(meta)
+    assert "Some CPU (family 6, model 143)" in line and "params (none reported)" in line
+    assert "mr=6" in machine.describe(dict(meta, params={"mr": 6}))
+
+
+def test_machine_description_reports_the_tuning_parameters():
+    sys.path.insert(0, ROOT)
+    from benchmarks import machine
+    from jaxconv import _native
+
+    got = machine.kernel_params()
+    assert got == dict(_native.params())
+    assert set(got) == set(_native.param_fields())
+    line = machine.describe(machine.info())
+    assert all(f"{k}={v}" in line for k, v in got.items())
+    assert machine.describe_peak({}) == "# peak: (no probe in this build)"
+    assert "fma 50/90" in machine.describe_peak({"fma": {1: 50.0, 2: 90.0}})

@@ -1,4 +1,5 @@
-"""The native CPU engine (``engine="native"``): values, gradients, IEEE cases, threads, vmap.
+"""The native CPU engine (``engine="native"``): values, gradients, IEEE cases, vmap (threads,
+instruction sets and the work split: ``test_native_parallel.py``).
 
 Forward values are checked against the numpy loop reference (``reference.py``) over a covering
 set of ops x geometries, and against the XLA engine (max/min bit for bit); gradients against
@@ -406,52 +407,6 @@ def test_pad_value_goes_through_combine():
     np.testing.assert_allclose(y, _reference("max_min", x, w, kw, pad_value=0.25), rtol=1e-6)
     with _allow():
         np.testing.assert_array_equal(y, np.asarray(_conv(op, "xla", kw)(x, w)))
-
-
-_THREAD_SCRIPT = r"""
-import json, sys, numpy as np, jax, jax.numpy as jnp, jaxconv
-rng = np.random.default_rng(0)
-x = rng.standard_normal((3, 13, 11, 24)).astype(np.float32)
-w = rng.standard_normal((3, 3, 24, 40)).astype(np.float32)
-out = {}
-for op in ("max_plus", "adder", "l1"):
-    f = lambda x, w: jaxconv.conv_general_dilated(x, w, (1, 1), "SAME", op=op,
-        engine="native", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    y = jax.jit(f)(x, w)
-    dx, dw = jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.sin(f(x, w))), (0, 1)))(x, w)
-    out[op] = [np.asarray(a).tobytes().hex() for a in (y, dx, dw)]
-print(json.dumps(out))
-"""
-
-
-def _run_script(env_extra):
-    env = dict(os.environ, **env_extra)
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", _THREAD_SCRIPT], env=env, capture_output=True,
-                          text=True, timeout=300, check=False)
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def test_results_do_not_depend_on_the_thread_count():
-    one = _run_script({"JAXCONV_NATIVE_THREADS": "1"})
-    many = _run_script({"JAXCONV_NATIVE_THREADS": "0"})
-    assert one == many
-
-
-def test_instruction_sets_agree():
-    """The AVX2 and baseline builds (forced) give the dispatched build's numbers: max/min
-    forward bit for bit, sums and gradients to rounding."""
-    best = _run_script({})
-    for isa in ("avx2", "base"):
-        other = _run_script({"JAXCONV_NATIVE_ISA": isa})
-        assert other["max_plus"][0] == best["max_plus"][0], isa  # max/min: bit for bit
-        for op in ("max_plus", "adder", "l1"):
-            # Gradient sums are accumulated in an order that follows the vector width.
-            for a, b in zip(other[op], best[op], strict=True):
-                fa = np.frombuffer(bytes.fromhex(a), np.float32)
-                fb = np.frombuffer(bytes.fromhex(b), np.float32)
-                np.testing.assert_allclose(fa, fb, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("name", ["max_plus", "adder"])

@@ -1,0 +1,179 @@
+"""What a benchmark table was measured on: the CPU, the native engine's ISA, threads and kernel
+parameters, a peak probe of the CPU's vector units, and a competing process for busy runs.
+
+Every table of ``benchmarks/native.py`` starts with `describe` (the CPU, ISA, threads and the
+parameters the native library reports), so that a table read later says where it came from.
+`peak` asks the native library's probe (``jaxconv._native.peak_probe``) how many terms per
+second this CPU can do for the inner step of each kind of kernel; a table then says what
+fraction of that limit an op reaches. `Spinner` runs one competing process (a busy loop, not
+pinned) beside a measurement: the "busy machine" of issue 23.
+
+Example::
+
+    from benchmarks import machine
+    print(machine.describe(machine.info()))
+    with machine.Spinner():
+        ...  # time something beside one busy process
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+import time
+from typing import Any
+
+# The probe kind whose inner step each built-in op's kernel runs: max/min of sums (add then
+# max or min), max/min of max/min (two compares, the same ports), the absolute-difference
+# sums in their min form (min then add), the squared difference (subtract, then FMA).
+PEAK_KIND = {"max_plus": "add_max", "min_plus": "add_max", "max_min": "add_max",
+             "min_max": "add_max", "adder": "min_add", "l1": "min_add", "l2_exact": "fma"}
+PEAK_KINDS = ("fma", "add_max", "min_add")
+
+
+def native_module() -> Any | None:
+    """The compiled ``jaxconv._native`` module, or ``None`` where it cannot be loaded."""
+    try:
+        from jaxconv import _native  # noqa: PLC0415 - optional, compiled
+    except ImportError:
+        return None
+    return _native
+
+
+def cpu_model() -> dict[str, str]:
+    """The CPU's model name, vendor, family and model number (``/proc/cpuinfo`` on Linux,
+    ``platform`` elsewhere); missing fields are left out.
+
+    Example::
+
+        >>> sorted(cpu_model())  # doctest: +SKIP
+        ['family', 'model', 'model_name', 'vendor']
+    """
+    keys = {"model name": "model_name", "vendor_id": "vendor", "cpu family": "family",
+            "model": "model"}
+    out: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if not line.strip():
+                    break  # the first processor's block is enough
+                name, _, value = line.partition(":")
+                if name.strip() in keys:
+                    out[keys[name.strip()]] = value.strip()
+    except OSError:
+        pass
+    if "model_name" not in out:
+        out["model_name"] = platform.processor() or platform.machine()
+    return out
+
+
+def kernel_params(mod: Any | None = None) -> dict[str, Any] | None:
+    """The tuning parameters the native kernels run with: ``jaxconv._native.params()``
+    (``None`` without the module or, in an older build, without ``params``).
+
+    Example: ``kernel_params()`` -> ``{'panel_kib': 16, 'block_kib': 192, ...}``."""
+    mod = native_module() if mod is None else mod
+    fn = getattr(mod, "params", None)
+    if not callable(fn):
+        return None
+    try:
+        got = fn()
+    except Exception as e:  # noqa: BLE001 - report, never fail a benchmark on it
+        return {"error": f"params(): {e}"}
+    return dict(got) if isinstance(got, dict) else {"value": got}
+
+
+def threads() -> int:
+    """The threads a native call may use: ``JAXCONV_NATIVE_THREADS`` if set and positive,
+    else the CPUs this process may run on."""
+    env = os.environ.get("JAXCONV_NATIVE_THREADS", "")
+    if env.strip().isdigit() and int(env) > 0:
+        return int(env)
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def info() -> dict[str, Any]:
+    """The machine a table comes from: CPU, ISA, threads, kernel parameters, load average."""
+    mod = native_module()
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    return dict(cpu=cpu_model(), isa=str(mod.isa()) if mod is not None else None,
+                threads=threads(), cpus=os.cpu_count(), params=kernel_params(mod),
+                load_1min=load)
+
+
+def describe(meta: dict[str, Any]) -> str:
+    """One comment line (``# ...``) for the head of a table."""
+    cpu = meta["cpu"]
+    fam = f" (family {cpu['family']}, model {cpu['model']})" if "family" in cpu else ""
+    s = (f"# cpu: {cpu.get('model_name', '?')}{fam}; {meta['cpus']} cpus; isa {meta['isa']}; "
+         f"threads {meta['threads']}")
+    if meta.get("load_1min") is not None:
+        s += f"; load {meta['load_1min']:.2f}"
+    params = meta.get("params")
+    s += "; params " + (", ".join(f"{k}={v}" for k, v in params.items()) if params
+                        else "(none reported)")
+    return s
+
+
+def peak(thread_counts: tuple[int, ...] = (1, 2), seconds: float = 0.1
+         ) -> dict[str, dict[int, float]]:
+    """G terms/s this CPU reaches for each probe kind (``fma``, ``add_max``, ``min_add``)
+    at each thread count, with the ISA the native kernels use; empty if the native module
+    has no probe.
+
+    Example::
+
+        >>> p = peak((1,), seconds=0.02)  # doctest: +SKIP
+        >>> p["fma"][1] > 0  # doctest: +SKIP
+        True
+    """
+    mod = native_module()
+    probe = getattr(mod, "peak_probe", None)
+    if probe is None:
+        return {}
+    isa = str(mod.isa())
+    return {kind: {t: float(probe(kind, t, seconds, isa)["gterms_per_s"])
+                   for t in thread_counts} for kind in PEAK_KINDS}
+
+
+def describe_peak(p: dict[str, dict[int, float]]) -> str:
+    """One comment line with the probe's rates."""
+    if not p:
+        return "# peak: (no probe in this build)"
+    parts = [f"{k} " + "/".join(f"{v:.0f}" for v in p[k].values()) for k in p]
+    ts = "/".join(str(t) for t in next(iter(p.values())))
+    return f"# peak G terms/s at {ts} threads: " + ", ".join(parts)
+
+
+_SPIN = "while True:\n    pass\n"
+
+
+class Spinner:
+    """One competing busy process (a Python spin loop, not pinned to a CPU) while the
+    ``with`` block runs; it is killed on exit, whatever happens inside.
+
+    Example::
+
+        with Spinner():
+            time_something()
+    """
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> Spinner:
+        self.proc = subprocess.Popen([sys.executable, "-c", _SPIN], stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.05)  # let it get going
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None

@@ -1,0 +1,163 @@
+// The peak probe (peak_probe.h): register-tiled loops that mimic the forward kernel's inner
+// step (MR broadcast rows x NV vectors of kernel columns) with nothing else in the loop.
+#include "peak_probe.h"
+
+#include <chrono>
+#include <string>
+#include <thread>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define JAXCONV_PROBE_X86 1
+#else
+#define JAXCONV_PROBE_X86 0
+#endif
+
+namespace jaxconv_probe {
+namespace {
+
+// The compiler must not hoist or fold the loop-invariant operands: an empty asm that
+// "changes" them costs no instruction.
+#if defined(__x86_64__) || defined(_M_X64)
+#define JAXCONV_OPAQUE(v) __asm__ volatile("" : "+v"(v))
+#elif defined(__aarch64__)
+#define JAXCONV_OPAQUE(v) __asm__ volatile("" : "+w"(v))
+#else
+#define JAXCONV_OPAQUE(v) __asm__ volatile("" : "+m"(v))
+#endif
+
+// R rows x C columns of accumulators (registers); `iters` steps of R * C terms each. Returns a
+// checksum, so that the work is not dead. The kind is a template parameter: one straight loop
+// each.
+#define JAXCONV_PROBE_BODY(V, SET1, ADD, MAX, MIN, FMA, SUM, R, C)                     \
+  V acc[R][C], x[R], w[C];                                                                 \
+  _Pragma("GCC unroll 8") for (int r = 0; r < R; ++r) x[r] = SET1(0.001f * float(r + 1));  \
+  _Pragma("GCC unroll 8") for (int c = 0; c < C; ++c) w[c] = SET1(-0.002f * float(c + 1)); \
+  _Pragma("GCC unroll 8") for (int r = 0; r < R; ++r)                                      \
+    _Pragma("GCC unroll 8") for (int c = 0; c < C; ++c) acc[r][c] = SET1(0.5f);           \
+  for (int64_t it = 0; it < iters; ++it) {                                                 \
+    _Pragma("GCC unroll 8") for (int r = 0; r < R; ++r) JAXCONV_OPAQUE(x[r]);              \
+    _Pragma("GCC unroll 8") for (int c = 0; c < C; ++c) JAXCONV_OPAQUE(w[c]);              \
+    _Pragma("GCC unroll 8") for (int r = 0; r < R; ++r)                                    \
+      _Pragma("GCC unroll 8") for (int c = 0; c < C; ++c) {                                \
+        if constexpr (K == kFma) acc[r][c] = FMA(x[r], w[c], acc[r][c]);                   \
+        else if constexpr (K == kAddMax) acc[r][c] = MAX(acc[r][c], ADD(x[r], w[c]));      \
+        else acc[r][c] = ADD(acc[r][c], MIN(x[r], w[c]));                                  \
+      }                                                                                    \
+  }                                                                                        \
+  float s = 0.0f;                                                                          \
+  _Pragma("GCC unroll 8") for (int r = 0; r < R; ++r)                                      \
+    _Pragma("GCC unroll 8") for (int c = 0; c < C; ++c) s += SUM(acc[r][c]);              \
+  return s;
+
+// The kind picked at run time, then the straight loop of that kind.
+#define JAXCONV_PROBE_DISPATCH(name)                      \
+  float name(int kind, int64_t iters) {                   \
+    if (kind == kFma) return name##_k<kFma>(iters);       \
+    if (kind == kAddMax) return name##_k<kAddMax>(iters); \
+    return name##_k<kMinAdd>(iters);                      \
+  }
+
+#if JAXCONV_PROBE_X86
+__attribute__((target("avx512f"))) inline float sum512(__m512 v) {
+  alignas(64) float t[16];
+  _mm512_store_ps(t, v);
+  float s = 0.0f;
+  for (float f : t) s += f;
+  return s;
+}
+
+template <int K>
+__attribute__((target("avx512f"))) float loop512_k(int64_t iters) {
+  JAXCONV_PROBE_BODY(__m512, _mm512_set1_ps, _mm512_add_ps, _mm512_max_ps, _mm512_min_ps,
+                     _mm512_fmadd_ps, sum512, 5, 4)
+}
+JAXCONV_PROBE_DISPATCH(loop512)
+
+__attribute__((target("avx2,fma"))) inline float sum256(__m256 v) {
+  alignas(32) float t[8];
+  _mm256_store_ps(t, v);
+  return t[0] + t[1] + t[2] + t[3] + t[4] + t[5] + t[6] + t[7];
+}
+
+template <int K>
+__attribute__((target("avx2,fma"))) float loop256_k(int64_t iters) {
+  JAXCONV_PROBE_BODY(__m256, _mm256_set1_ps, _mm256_add_ps, _mm256_max_ps, _mm256_min_ps,
+                     _mm256_fmadd_ps, sum256, 3, 3)
+}
+JAXCONV_PROBE_DISPATCH(loop256)
+#endif
+
+// The portable loop: 4-wide GCC vectors (SSE on x86, NEON on arm64); its "FMA" is a multiply
+// and an add (the library is built without contraction).
+typedef float v4 __attribute__((vector_size(16)));
+inline v4 set1_4(float a) { return v4{a, a, a, a}; }
+inline v4 add4(v4 a, v4 b) { return a + b; }
+inline v4 max4(v4 a, v4 b) { return a > b ? a : b; }
+inline v4 min4(v4 a, v4 b) { return a < b ? a : b; }
+inline v4 fma4(v4 a, v4 b, v4 c) { return a * b + c; }
+inline float sum4(v4 a) { return a[0] + a[1] + a[2] + a[3]; }
+
+template <int K>
+float loop_base_k(int64_t iters) {
+  JAXCONV_PROBE_BODY(v4, set1_4, add4, max4, min4, fma4, sum4, 3, 3)
+}
+JAXCONV_PROBE_DISPATCH(loop_base)
+
+struct Loop {
+  float (*fn)(int, int64_t);
+  const char* isa;
+  int64_t lanes;
+  int64_t terms;  // per iteration and lane: R * C
+};
+
+Loop pick(const std::string& want) {
+#if JAXCONV_PROBE_X86
+  __builtin_cpu_init();
+  const bool avx512 = __builtin_cpu_supports("avx512f");
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (avx512 && (want.empty() || want == "avx512")) return {loop512, "avx512", 16, 20};
+  if (avx2 && want != "base") return {loop256, "avx2", 8, 9};
+#endif
+  (void)want;
+  return {loop_base, "base", 4, 9};
+}
+
+volatile float g_sink;
+
+}  // namespace
+
+Result peak(int kind, int threads, double seconds, const char* isa) {
+  const Loop lp = pick(isa ? isa : "");
+  if (threads < 1) threads = 1;
+  using clock = std::chrono::steady_clock;
+  auto run_once = [&lp, kind](int64_t iters) {
+    const auto t0 = clock::now();
+    g_sink = lp.fn(kind, iters);
+    return std::chrono::duration<double>(clock::now() - t0).count();
+  };
+  // Calibrate on this thread: double the count until one run takes a tenth of the budget.
+  int64_t iters = 1 << 10;
+  double t = run_once(iters);
+  while (t < seconds * 0.02 && iters < (int64_t(1) << 40)) t = run_once(iters *= 2);
+  iters = int64_t(double(iters) * seconds * 0.2 / (t > 0 ? t : 1e-9));
+  if (iters < 1) iters = 1;
+  // Five timed repeats; the best is the peak (a busy machine only ever slows a repeat).
+  double best = 0.0;
+  for (int rep = 0; rep < 5; ++rep) {
+    const auto t0 = clock::now();
+    std::vector<std::thread> pool;
+    for (int k = 1; k < threads; ++k)
+      pool.emplace_back([&lp, kind, iters] { g_sink = lp.fn(kind, iters); });
+    g_sink = lp.fn(kind, iters);
+    for (auto& th : pool) th.join();
+    const double wall = std::chrono::duration<double>(clock::now() - t0).count();
+    const double rate = double(threads) * double(iters) * double(lp.terms * lp.lanes) /
+                        (wall > 0 ? wall : 1e-9) * 1e-9;
+    if (rate > best) best = rate;
+  }
+  return {best, lp.isa, lp.lanes};
+}
+
+}  // namespace jaxconv_probe

@@ -1,0 +1,135 @@
+"""The native engine across processes: results that do not depend on the thread count or on
+the work split (fine forward claims, banded input gradient), the forced instruction sets, and
+the peak probe (``jaxconv._native.peak_probe``) that the benchmark tables divide by.
+
+Each check that needs a different ``JAXCONV_NATIVE_THREADS`` / ``JAXCONV_NATIVE_ISA`` runs a
+script in a fresh process (the library reads them once).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from jaxconv._src.engines import native
+from jaxconv._src.engines.native import ffi
+
+pytestmark = pytest.mark.skipif(not native.available(),
+                                reason=f"native engine not built: {native.load_error()}")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+_THREAD_SCRIPT = r"""
+import json, sys, numpy as np, jax, jax.numpy as jnp, jaxconv
+rng = np.random.default_rng(0)
+x = rng.standard_normal((3, 13, 11, 24)).astype(np.float32)
+w = rng.standard_normal((3, 3, 24, 40)).astype(np.float32)
+out = {}
+for op in ("max_plus", "adder", "l1"):
+    f = lambda x, w: jaxconv.conv_general_dilated(x, w, (1, 1), "SAME", op=op,
+        engine="native", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    y = jax.jit(f)(x, w)
+    dx, dw = jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.sin(f(x, w))), (0, 1)))(x, w)
+    out[op] = [np.asarray(a).tobytes().hex() for a in (y, dx, dw)]
+print(json.dumps(out))
+"""
+
+
+def _run_script(env_extra):
+    env = dict(os.environ, **env_extra)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", _THREAD_SCRIPT], env=env, capture_output=True,
+                          text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_results_do_not_depend_on_the_thread_count():
+    one = _run_script({"JAXCONV_NATIVE_THREADS": "1"})
+    many = _run_script({"JAXCONV_NATIVE_THREADS": "0"})
+    assert one == many
+
+
+_SPLIT_SCRIPT = r"""
+import json, sys, numpy as np, jax, jax.numpy as jnp, jaxconv
+rng = np.random.default_rng(3)
+# Several kernel blocks of output channels (a thread's packed panel changes block between its
+# claims), and a kernel block too large for one panel (the fixed-item path).
+# The first has more bands than images, the second several images per run (small outputs).
+cases = [((3, 9, 11, 24), (3, 3, 24, 200)), ((2, 6, 7, 160), (3, 3, 160, 70))]
+out = {}
+for xs, ws in cases:
+    x = rng.standard_normal(xs).astype(np.float32)
+    w = rng.standard_normal(ws).astype(np.float32)
+    for op in sys.argv[1].split(","):
+        f = lambda x, w: jaxconv.conv_general_dilated(x, w, (1, 1), "SAME", op=op,
+            engine="native", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        y = jax.jit(f)(x, w)
+        dx, dw = jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.sin(f(x, w))), (0, 1)))(x, w)
+        out[f"{ws[-1]}/{op}"] = [np.asarray(a).tobytes().hex() for a in (y, dx, dw)]
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize(("names", "params"), [
+    ("max_plus,max_min,min_max", ""),
+    ("adder,l1,l2_exact", ""),
+    # The other register tile, with claims of a different size and, in the second case, cut
+    # panels of the smallest size shared in one item per block.
+    ("max_plus,max_min,adder", "tile=1,panel_kib=4,items=1"),
+])
+def test_dynamic_work_split_does_not_change_results(names, params):
+    """The forward's fine dynamic claims (a thread keeps its packed panel between claims of
+    one block) and the sums' backward (input gradient cut into bands of input cells, one
+    fork-join with the kernel gradient) give the one-thread numbers bit for bit, for plain,
+    keyed (max_min, min_max) and min-form (adder, l1) kernels, under the default tuning
+    parameters and another set (JAXCONV_NATIVE_PARAMS)."""
+    runs = []
+    for threads in ("1", "0"):
+        env = dict(os.environ, JAXCONV_NATIVE_THREADS=threads, JAXCONV_NATIVE_PARAMS=params)
+        env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+        proc = subprocess.run([sys.executable, "-c", _SPLIT_SCRIPT, names], env=env,
+                              capture_output=True, text=True, timeout=600, check=False)
+        assert proc.returncode == 0, proc.stderr
+        runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    assert runs[0] == runs[1]
+
+
+@pytest.mark.parametrize("kind", ["fma", "add_max", "min_add"])
+def test_peak_probe_reports_positive_rates(kind):
+    mod = ffi._load()
+    for threads in (1, 2):
+        got = mod.peak_probe(kind, threads, 0.005)
+        assert got["gterms_per_s"] > 0 and got["threads"] == threads
+        assert got["isa"] in ("avx512", "avx2", "base") and got["lanes"] in (4, 8, 16)
+    base = mod.peak_probe(kind, 1, 0.005, "base")
+    assert base["isa"] == "base" and base["lanes"] == 4 and base["gterms_per_s"] > 0
+
+
+@pytest.mark.parametrize("args,match", [
+    (("fmaa", 1, 0.01), "kind"), (("fma", 0, 0.01), "threads"), (("fma", 1, 0.0), "seconds"),
+    (("fma", 1, 0.01, "sse9"), "isa")])
+def test_peak_probe_rejects_bad_arguments(args, match):
+    with pytest.raises(ValueError, match=match):
+        ffi._load().peak_probe(*args)
+
+
+def test_instruction_sets_agree():
+    """The AVX2 and baseline builds (forced) give the dispatched build's numbers: max/min
+    forward bit for bit, sums and gradients to rounding."""
+    best = _run_script({})
+    for isa in ("avx2", "base"):
+        other = _run_script({"JAXCONV_NATIVE_ISA": isa})
+        assert other["max_plus"][0] == best["max_plus"][0], isa  # max/min: bit for bit
+        for op in ("max_plus", "adder", "l1"):
+            # Gradient sums are accumulated in an order that follows the vector width.
+            for a, b in zip(other[op], best[op], strict=True):
+                fa = np.frombuffer(bytes.fromhex(a), np.float32)
+                fb = np.frombuffer(bytes.fromhex(b), np.float32)
+                np.testing.assert_allclose(fa, fb, rtol=1e-4, atol=1e-4)
