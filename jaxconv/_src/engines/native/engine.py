@@ -1,6 +1,13 @@
 """The native engine on the core's protocol: the FFI calls (`ffi`) on the canonical problem,
 served where `eligibility.refusal` says so. Forward-mode tangents come from the XLA engine.
 
+bfloat16 and float16 operands are converted to float32 next to the call (XLA fuses the
+conversions) and run the float32 kernels: a sum's result is its float32 accumulator, a
+max/min op's is rounded once to the operands' dtype (bit for bit the XLA engine's, which
+`eligibility.rounds_once` checks for a user combine). The backward of such a max/min op runs
+on the XLA engine: its ties are those between the rounded products, which the float32 winner
+scan cannot see.
+
 A user op's kernels compile when the engine first lowers it (never while planning). If that
 compile fails, the call still computes: under ``engine="auto"`` it warns once and lowers on
 the XLA engine (and the planner, reading the remembered failure, picks that engine from then
@@ -9,12 +16,14 @@ on); with ``engine="native"`` it raises.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import warnings
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import DTypeLike
 
 from jaxconv._src.core import algebra, products
@@ -24,6 +33,18 @@ from jaxconv._src.engines.native import eligibility, ffi
 from jaxconv._src.engines.native.translation import Refusal
 
 Array = jax.Array
+
+
+def _winner(problem: Problem) -> bool:
+    """Whether the op's reduce is a max or min (its gradient goes to the winning taps)."""
+    op = problem.op
+    reduce = op.reduce_name if op.native is not None else algebra.capabilities(op).reduce
+    return reduce in ("max", "min")
+
+
+def _low(dtype: DTypeLike) -> bool:
+    """Whether operands of `dtype` are converted to float32 around the kernels."""
+    return np.dtype(dtype) in eligibility.LOW_PRECISION
 
 
 @functools.cache
@@ -68,10 +89,19 @@ class NativeEngine(registry.Engine):
 
     def describe(self, problem: Problem, dtype: DTypeLike) -> tuple[str, ...]:
         """The kernel, compiling a user op's now (as the first call would)."""
-        del dtype
         op = problem.op
+        low: tuple[str, ...] = ()
+        if _low(dtype):
+            name = np.dtype(dtype).name
+            if _winner(problem):
+                low = (f"{name} operands: computed in float32, the result rounded once to "
+                       f"{name} (bit for bit the products rounded in {name})",
+                       f"backward: the XLA engine (ties between the {name}-rounded products)")
+            else:
+                low = (f"{name} operands: computed and accumulated in float32 "
+                       f"(result {np.dtype(problem.acc_dtype).name})",)
         if op.native is not None:
-            return (f"built-in kernel {op.native!r} ({ffi.isa()})",)
+            return (f"built-in kernel {op.native!r} ({ffi.isa()})", *low)
         kernel = ffi.user_kernel(op)
         if isinstance(kernel, Refusal):
             return (kernel.reason,)
@@ -82,7 +112,7 @@ class NativeEngine(registry.Engine):
         if kernel.functor.scalar:
             lines.append("lane by lane with libm (not vectorized): "
                          + ", ".join(kernel.functor.scalar))
-        return tuple(lines)
+        return (*lines, *low)
 
     def _fallback(self, problem: Problem) -> registry.Engine | None:
         """The XLA engine where a user op's kernels fail to compile under "auto" (with one
@@ -103,39 +133,54 @@ class NativeEngine(registry.Engine):
 
     def _spec(self, problem: Problem, x: Array, w: Array) -> Any:
         ffi._register()
-        return ffi._call_spec(problem.op, problem.geom, x.shape, w.shape)
+        spec = ffi._call_spec(problem.op, problem.geom, x.shape, w.shape)
+        if spec.pad is not None and _low(x.dtype):
+            # The pad value the XLA engine pads with: the Python number in the dtype.
+            pad = float(np.asarray(spec.pad).astype(x.dtype).astype(np.float32))
+            spec = dataclasses.replace(spec, pad=pad)
+        return spec
 
     def forward(self, problem: Problem, x: Array, w: Array) -> Array:
         other = self._fallback(problem)
         if other is not None:
             return other.forward(problem, x, w)
         spec = self._spec(problem, x, w)
+        dtype = x.dtype
+        if _low(dtype):
+            x, w = x.astype(jnp.float32), w.astype(jnp.float32)
         y = ffi._forward_call(spec, x.reshape(spec.x_shape), w.reshape(spec.w_shape))
-        return y.reshape(x.shape[0], *problem.geom.out_spatial, w.shape[-1])
+        y = y.reshape(x.shape[0], *problem.geom.out_spatial, w.shape[-1])
+        if _low(dtype) and _winner(problem):
+            y = y.astype(dtype)  # one rounding: max of the rounded products (monotone)
+        return y.astype(problem.acc_dtype)
 
     def backward(self, problem: Problem, x: Array, w: Array, y: Array, g: Array,
                  need: tuple[bool, bool]) -> tuple[Array, Array]:
         """The FFI backward kernel, and standard products where those are faster: the
         kernel gradient of a ``x - w`` sum (AdderNet) and both gradients of l2's."""
         other = self._fallback(problem)
+        if other is None and _low(x.dtype) and _winner(problem):
+            other = registry.get("xla")  # ties between the rounded products (module doc)
         if other is not None:
             return other.backward(problem, x, w, y, g, need)
         op, geom = problem.op, problem.geom
         spec = self._spec(problem, x, w)
         g = g.astype(jnp.float32)
+        xd, wd = x.dtype, w.dtype
+        x, w, y = x.astype(jnp.float32), w.astype(jnp.float32), y.astype(jnp.float32)
         # Built-in kernels only: a user op's compiled backward computes both sides itself.
         kind = algebra.capabilities(op).separable if op.native is not None else None
         if kind == "sqdiff":
             gx = -2.0 * products.difference_input_gradient(op, geom, x, w, g)
             gw = products.separable_kernel_gradient(problem, kind, x, w, g)
-            return gx.astype(x.dtype), gw.astype(w.dtype)
+            return gx.astype(xd), gw.astype(wd)
         parts = 1 if kind == "adder" else 3
         gx, gw = ffi._backward_call(
             spec, x.reshape(spec.x_shape), w.reshape(spec.w_shape), y.reshape(spec.y_shape),
             g.reshape(spec.y_shape), parts=parts)
         if kind == "adder":
             gw = products.separable_kernel_gradient(problem, kind, x, w, g)
-        return gx.reshape(x.shape).astype(x.dtype), gw.reshape(w.shape).astype(w.dtype)
+        return gx.reshape(x.shape).astype(xd), gw.reshape(w.shape).astype(wd)
 
     def tangent(self, problem: Problem, x: Array, w: Array, y: Array, tx: Array, tw: Array,
                 active: tuple[bool, bool]) -> Array:
