@@ -25,9 +25,11 @@ from jaxconv._src.engines.native.translation import Refusal, translation
 FLOAT32 = np.dtype(np.float32)
 # Low-precision operands: converted to float32 next to the FFI call, the result rounded once.
 LOW_PRECISION = (np.dtype(jnp.bfloat16), np.dtype(np.float16))
+# The wide kernels' dtypes (built-in max/min ops, forward; the backward is the XLA engine's).
+WIDE = (np.dtype(np.float64), np.dtype(np.int32), np.dtype(np.int64))
 # The operands' dtypes the kernels serve.
-DTYPES = (FLOAT32, *LOW_PRECISION)
-SERVED = "float32, bfloat16 and float16"
+DTYPES = (FLOAT32, *LOW_PRECISION, *WIDE)
+SERVED = "float32, bfloat16, float16, float64, int32 and int64"
 
 # Primitives that commute with rounding to a lower precision when every argument is exact
 # (a value of the dtype) or once rounded: round(max(a, b)) = max(round(a), round(b)) since
@@ -112,6 +114,26 @@ def rounds_once(op: Op, dtype: DTypeLike) -> str | None:
     return None
 
 
+def _wide_refusal(op: Op, dtype: np.dtype, acc: np.dtype) -> str | None:
+    """Why a float64 / int32 / int64 call is not served by the wide kernels."""
+    if op.native not in ffi.WIDE_KERNELS or ffi.kernel_id(op) is None:
+        return (f"on {dtype.name} only the built-in max/min ops have kernels "
+                f"({', '.join(ffi.WIDE_KERNELS)})")
+    if acc != dtype:
+        return f"it accumulates in the operands' dtype, not {acc}"
+    if op.pad_value is not None:
+        v = float(op.pad_value)
+        exact = float(np.float32(v)) == v or math.isnan(v)
+        if dtype.kind == "i":
+            info = np.iinfo(dtype)
+            exact = exact and v.is_integer() and info.min <= v <= info.max
+        if not exact:
+            return f"its pad_value {v!r} is not exact in the kernels' attribute"
+    if not ffi.has_wide():
+        return "the native library has no wide kernels (built from older sources)"
+    return None
+
+
 def _low_precision_refusal(op: Op, dtype: np.dtype, acc: np.dtype) -> str | None:
     """Why a bf16 / f16 call is not served by the float32 kernels (``None``: it is)."""
     reduce = capabilities(op).reduce if op.native is None else op.reduce_name
@@ -166,8 +188,8 @@ def refusal(problem: Problem, dtype: DTypeLike, platform: str | None) -> str | N
       >>> p = Problem(ops.max_plus, g, "auto", np.dtype("float32"), 2**20)
       >>> refusal(p, "float32", "cpu") is None or ffi.load_error() is not None
       True
-      >>> refusal(p, "float64", "cpu")
-      'dtype float64 is not served (float32, bfloat16 and float16 only)'
+      >>> refusal(p, "complex64", "cpu")
+      'dtype complex64 is not served (float32, bfloat16, float16, float64, int32 and int64 only)'
     """
     op, geom = problem.op, problem.geom
     dtype = np.dtype(dtype)
@@ -189,6 +211,8 @@ def refusal(problem: Problem, dtype: DTypeLike, platform: str | None) -> str | N
     error = ffi.load_error()
     if error is not None:
         return f"the native library could not be loaded ({error})"
+    if dtype in WIDE:
+        return _wide_refusal(op, dtype, acc)
     why = _op_refusal(op, problem.engine == registry.AUTO)
     if why is None and dtype in LOW_PRECISION:
         why = _low_precision_refusal(op, dtype, acc)

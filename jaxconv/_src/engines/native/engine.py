@@ -42,6 +42,11 @@ def _winner(problem: Problem) -> bool:
     return reduce in ("max", "min")
 
 
+def _wide(dtype: DTypeLike) -> bool:
+    """Whether operands of `dtype` run the wide kernels (float64 / int32 / int64)."""
+    return np.dtype(dtype) in eligibility.WIDE
+
+
 def _low(dtype: DTypeLike) -> bool:
     """Whether operands of `dtype` are converted to float32 around the kernels."""
     return np.dtype(dtype) in eligibility.LOW_PRECISION
@@ -91,6 +96,9 @@ class NativeEngine(registry.Engine):
         """The kernel, compiling a user op's now (as the first call would)."""
         op = problem.op
         low: tuple[str, ...] = ()
+        if _wide(dtype):
+            return (f"built-in kernel {op.native!r} on {np.dtype(dtype).name} (the wide "
+                    f"kernels, {ffi.isa()})", "backward: the XLA engine")
         if _low(dtype):
             name = np.dtype(dtype).name
             if _winner(problem):
@@ -146,6 +154,9 @@ class NativeEngine(registry.Engine):
             return other.forward(problem, x, w)
         spec = self._spec(problem, x, w)
         dtype = x.dtype
+        if _wide(dtype):
+            y = ffi._wide_forward_call(spec, x.reshape(spec.x_shape), w.reshape(spec.w_shape))
+            return y.reshape(x.shape[0], *problem.geom.out_spatial, w.shape[-1])
         if _low(dtype):
             x, w = x.astype(jnp.float32), w.astype(jnp.float32)
         y = ffi._forward_call(spec, x.reshape(spec.x_shape), w.reshape(spec.w_shape))
@@ -159,7 +170,7 @@ class NativeEngine(registry.Engine):
         """The FFI backward kernel, and standard products where those are faster: the
         kernel gradient of a ``x - w`` sum (AdderNet) and both gradients of l2's."""
         other = self._fallback(problem)
-        if other is None and _low(x.dtype) and _winner(problem):
+        if other is None and (_wide(x.dtype) or (_low(x.dtype) and _winner(problem))):
             other = registry.get("xla")  # ties between the rounded products (module doc)
         if other is not None:
             return other.backward(problem, x, w, y, g, need)
