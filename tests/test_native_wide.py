@@ -153,3 +153,19 @@ def test_explain_names_the_wide_kernel() -> None:
     assert plan.engine == "native"
     assert any("wide kernels" in d for d in plan.details)
     assert "backward: the XLA engine" in plan.details
+
+
+def test_export_of_a_wide_call() -> None:
+    """jax.export serializes the wide kernels' FFI call with jaxconv's disabled checks."""
+    x = np.arange(12, dtype=I32).reshape(3, 4)
+    w = np.arange(20, dtype=I32).reshape(4, 5) - 7
+
+    def f(a: jax.Array, b: jax.Array) -> jax.Array:
+        return jaxconv.dot_general(a, b, (((1,), (0,)), ((), ())), op="max_plus",
+                                   engine="native")
+
+    exported = jax.export.export(jax.jit(f),
+                                 disabled_checks=jaxconv.export_disabled_checks())(x, w)
+    assert "jaxconv_wide_forward" in exported.mlir_module()
+    np.testing.assert_array_equal(np.asarray(exported.call(x, w)),
+                                  np.max(x[:, :, None] + w[None], axis=1))
