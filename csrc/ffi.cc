@@ -246,14 +246,14 @@ ffi::Error forward_impl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
   return finish(run_kernels(call, false));
 }
 
-// The wide kernels (kernel_wide.h): built-in max/min ops on float64 / int32 / int64, by the
+// The wide kernels (kernel_wide.h): built-in ops on float64 / int32 / int64, by the
 // instruction set the float32 kernels use.
 ffi::Error wide_forward_impl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y,
                              ForwardAttrs attrs, ffi::ThreadPool pool) {
   jaxconv::WideCall call{};
   if (auto e = decode(attrs, call.geom); e.failure()) return e;
-  if (attrs.op < jaxconv::kMaxPlus || attrs.op > jaxconv::kMinMax)
-    return ffi::Error::InvalidArgument("jaxconv: the wide kernels serve max/min ops only");
+  if (attrs.op < 0 || attrs.op >= jaxconv::kNumBuiltinOps)
+    return ffi::Error::InvalidArgument("jaxconv: the wide kernels serve built-in ops only");
   const auto t = x.element_type();
   if (w.element_type() != t || y->element_type() != t)
     return ffi::Error::InvalidArgument("jaxconv: operands of different dtypes");

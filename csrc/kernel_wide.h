@@ -1,5 +1,5 @@
-// The wide kernels: the built-in max/min ops (max_plus, min_plus, max_min, min_max) on
-// float64, int32 and int64 operands, forward only. One small register-tiled implicit GEMM
+// The wide kernels: the built-in ops (max_plus, min_plus, max_min, min_max, and the sums
+// adder, l1, l2_exact) on float64, int32 and int64 operands, forward only. One small register-tiled implicit GEMM
 // over GCC vector types (the instruction set's width, set by the including file), one
 // template over the element type and the op.
 //
@@ -8,7 +8,8 @@
 // Floats follow lax.max / lax.min exactly (NaN in, NaN out; -0 below +0): a call whose
 // operands hold no NaN, no infinity and no -0 where it could decide a tie takes the plain
 // compare-select loop, which then gives the same bits; any other call takes the exact loop.
-// Integers: the sum of a product wraps (two's complement), as XLA's.
+// Integers: every add, subtract and multiply wraps (two's complement), as XLA's. Float sums
+// add the terms in channel order (the XLA engine's order may differ: within rounding).
 //
 // Included by wide_<isa>.cc inside namespace JAXCONV_WIDE_NS with JAXCONV_WIDE_BYTES set.
 #pragma once
@@ -91,20 +92,71 @@ inline VecOf<E> add(VecOf<E> a, VecOf<E> b) {
   }
 }
 
-// The four ops: Comb 0 = x + w, 1 = min(x, w), 2 = max(x, w); Max: the reduce.
-template <int Comb, bool Max>
+template <class E>
+inline VecOf<E> sub(VecOf<E> a, VecOf<E> b) {
+  if constexpr (std::is_integral_v<E>) {
+    typedef std::make_unsigned_t<E> VU __attribute__((vector_size(JAXCONV_WIDE_BYTES)));
+    return (VecOf<E>)((VU)a - (VU)b);  // wraps
+  } else {
+    return a - b;
+  }
+}
+
+template <class E>
+inline VecOf<E> neg_square(VecOf<E> d) {
+  if constexpr (std::is_integral_v<E>) {
+    typedef std::make_unsigned_t<E> VU __attribute__((vector_size(JAXCONV_WIDE_BYTES)));
+    return (VecOf<E>)((VU){} - (VU)d * (VU)d);  // wraps
+  } else {
+    return -(d * d);
+  }
+}
+
+template <class E>
+inline VecOf<E> neg_abs(VecOf<E> d) {
+  if constexpr (std::is_integral_v<E>) {
+    typedef std::make_unsigned_t<E> VU __attribute__((vector_size(JAXCONV_WIDE_BYTES)));
+    const VecOf<E> zero = {};
+    const VecOf<E> neg = (VecOf<E>)((VU){} - (VU)d);  // wraps: -iinfo.min is iinfo.min
+    return d < zero ? d : neg;
+  } else {
+    using I = typename Bits<E>::I;
+    typedef I VI __attribute__((vector_size(JAXCONV_WIDE_BYTES)));
+    const VI sign = (VI)(-VecOf<E>{});  // -0: the sign bit
+    return (VecOf<E>)((VI)d | sign);    // -|d|, NaN stays NaN
+  }
+}
+
+// The ops. Comb: 0 x + w, 1 min(x, w), 2 max(x, w), 3 -|x - w|, 4 -(x - w)^2.
+// Red: 0 max, 1 min, 2 sum (an integer sum wraps).
+template <int Comb, int Red>
 struct WideOp {
-  static constexpr bool kMax = Max;
+  static constexpr int kComb = Comb;
+  static constexpr bool kSum = Red == 2;
   template <class E, bool Exact>
   static VecOf<E> comb(VecOf<E> x, VecOf<E> w) {
     if constexpr (Comb == 0) return add<E>(x, w);
+    else if constexpr (Comb == 3) return neg_abs<E>(sub<E>(x, w));
+    else if constexpr (Comb == 4) return neg_square<E>(sub<E>(x, w));
     else return pick<E, Exact, Comb == 2>(x, w);
   }
+  template <class E, bool Exact>
+  static VecOf<E> red(VecOf<E> acc, VecOf<E> t) {
+    if constexpr (Red == 2) {
+      if constexpr (std::is_integral_v<E>) return add<E>(acc, t);
+      else return acc + t;  // the add ports: the terms' subtractions are on them too
+    } else {
+      return pick<E, Exact, Red == 0>(acc, t);
+    }
+  }
   template <class E> static E ident() {
-    if constexpr (std::is_floating_point_v<E>)
-      return Max ? -std::numeric_limits<E>::infinity() : std::numeric_limits<E>::infinity();
+    if constexpr (Red == 2)
+      return E(0);
+    else if constexpr (std::is_floating_point_v<E>)
+      return Red == 0 ? -std::numeric_limits<E>::infinity()
+                      : std::numeric_limits<E>::infinity();
     else
-      return Max ? std::numeric_limits<E>::min() : std::numeric_limits<E>::max();
+      return Red == 0 ? std::numeric_limits<E>::min() : std::numeric_limits<E>::max();
   }
 };
 
@@ -177,8 +229,8 @@ void tile(const Plan<E>& pl, int64_t b, int64_t grp, int64_t blk, int64_t rt) {
       for (int m = 0; m < kMR; ++m) {
         const V xv = splat<E>(xr[m][i]);
         for (int v = 0; v < kNV; ++v)
-          acc[m][v] = pick<E, Exact, Op::kMax>(acc[m][v],
-                                               Op::template comb<E, Exact>(xv, wv[v]));
+          acc[m][v] = Op::template red<E, Exact>(acc[m][v],
+                                                 Op::template comb<E, Exact>(xv, wv[v]));
       }
     }
     if (any)
@@ -200,10 +252,10 @@ void tile(const Plan<E>& pl, int64_t b, int64_t grp, int64_t blk, int64_t rt) {
 // Whether the plain compare-select loop gives lax's bits: no NaN or infinity anywhere (no
 // NaN product), and no -0 that could decide a tie (a sum is -0 only from two -0 operands;
 // a min / max product is -0 from one).
-template <class E, int Comb>
+template <class E, int Comb, bool Sum>
 bool plain_ok(const E* x, int64_t nx, const E* w, int64_t nw, const Geom& g, E pad) {
-  if constexpr (!std::is_floating_point_v<E>) {
-    return true;
+  if constexpr (!std::is_floating_point_v<E> || Sum) {
+    return true;  // a sum has no tie to decide: NaN and infinities propagate by themselves
   } else {
     auto scan = [](const E* p, int64_t n, bool* negzero) {
       for (int64_t k = 0; k < n; ++k) {
@@ -219,7 +271,7 @@ bool plain_ok(const E* x, int64_t nx, const E* w, int64_t nw, const Geom& g, E p
   }
 }
 
-template <class E, class Op, int Comb>
+template <class E, class Op>
 int run_typed(const WideCall& call) {
   const Geom& g = call.geom;
   constexpr int L = Vt<E>::L;
@@ -265,7 +317,7 @@ int run_typed(const WideCall& call) {
         for (int64_t k = 0; k < pl.K; ++k)
           std::memcpy(dst + k * NB, wb + k * g.o + grp * pl.og + o0, sizeof(E) * size_t(cols));
       }
-    const bool plain = plain_ok<E, Comb>(pl.x + b * pl.xs, pl.xs, wb, wsize, g, pl.pad);
+    const bool plain = plain_ok<E, Op::kComb, Op::kSum>(pl.x + b * pl.xs, pl.xs, wb, wsize, g, pl.pad);
     struct Job {
       const Plan<E>* pl;
       int64_t b;
@@ -287,10 +339,13 @@ int run_typed(const WideCall& call) {
 template <class E>
 int run_type(const WideCall& call) {
   switch (call.op) {
-    case jaxconv::kMaxPlus: return run_typed<E, WideOp<0, true>, 0>(call);
-    case jaxconv::kMinPlus: return run_typed<E, WideOp<0, false>, 0>(call);
-    case jaxconv::kMaxMin: return run_typed<E, WideOp<1, true>, 1>(call);
-    case jaxconv::kMinMax: return run_typed<E, WideOp<2, false>, 2>(call);
+    case jaxconv::kMaxPlus: return run_typed<E, WideOp<0, 0>>(call);
+    case jaxconv::kMinPlus: return run_typed<E, WideOp<0, 1>>(call);
+    case jaxconv::kMaxMin: return run_typed<E, WideOp<1, 0>>(call);
+    case jaxconv::kMinMax: return run_typed<E, WideOp<2, 1>>(call);
+    case jaxconv::kAdder:  // adder and l1 have one forward (adder pads with 0)
+    case jaxconv::kL1: return run_typed<E, WideOp<3, 2>>(call);
+    case jaxconv::kL2: return run_typed<E, WideOp<4, 2>>(call);
     default: return 1;
   }
 }

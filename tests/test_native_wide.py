@@ -1,6 +1,6 @@
-"""The native engine's wide kernels (csrc/kernel_wide.h): the built-in max/min ops on float64,
-int32 and int64 operands, against the numpy plain loops (tests/reference.py) and the XLA
-engine. Their backward is the XLA engine's (checked against it for float64).
+"""The native engine's wide kernels (csrc/kernel_wide.h): the built-in ops on float64, int32
+and int64 operands, against the numpy plain loops (tests/reference.py) and the XLA engine.
+Their backward is the XLA engine's (checked against it for float64).
 """
 
 from __future__ import annotations
@@ -40,15 +40,15 @@ def _data(dtype: Any, seed: int = 0, shape: tuple = (2, 7, 6, 5), o: int = 19) -
 
 def _wrapped_reference(op: str, x: np.ndarray, w: np.ndarray, **kw: Any) -> np.ndarray:
     """The numpy plain loops in the operands' dtype: an integer x + w wraps (as XLA's)."""
-    r = NUMPY_OPS[op]
+    r = NUMPY_OPS["l2" if op == "l2_exact" else op]
     identity = r.identity
-    if x.dtype.kind == "i":
+    if x.dtype.kind == "i" and np.isinf(r.identity):  # max/min: the dtype's extremes
         info = np.iinfo(x.dtype)
         identity = info.min if r.identity < 0 else info.max
     kw = {"window_strides": (1, 1), "padding": "SAME", **kw}
     return conv_reference(x, w, kw.pop("window_strides"), kw.pop("padding"),
                           dimension_numbers=DN, combine=r.combine, reduce=r.reduce,
-                          identity=identity, dtype=x.dtype, **kw)
+                          identity=identity, pad_value=r.pad_value, dtype=x.dtype, **kw)
 
 
 # A covering set: each op, each dtype, strides / dilations / groups / explicit padding.
@@ -59,6 +59,10 @@ CASES = [
     ("min_max", F64, {"padding": ((2, 0), (1, 1)), "lhs_dilation": (2, 1)}),
     ("max_plus", I32, {"feature_group_count": 5}),
     ("max_plus", I64, {}),
+    ("adder", I32, {"window_strides": (1, 2)}),
+    ("l1", F64, {}),
+    ("l2_exact", I64, {"rhs_dilation": (2, 1)}),
+    ("l2_exact", F64, {"padding": "VALID"}),
 ]
 
 
@@ -73,8 +77,14 @@ def test_wide_kernels_against_reference_and_xla(op: str, dtype: Any, kw: dict) -
         assert "jaxconv_wide_forward" in f.lower(x, w).as_text()
         y = np.asarray(f(x, w))
         assert y.dtype == dtype
-        np.testing.assert_array_equal(y, np.asarray(_conv(op, "xla", **kw)(x, w)))
-        np.testing.assert_array_equal(y, _wrapped_reference(op, x, w, **kw))
+        yx = np.asarray(_conv(op, "xla", **kw)(x, w))
+        ref = _wrapped_reference(op, x, w, **kw)
+        if op in ("l1", "l2_exact", "adder") and dtype == F64:  # sums: within rounding
+            np.testing.assert_allclose(y, yx, rtol=1e-13, atol=1e-12)
+            np.testing.assert_allclose(y, ref, rtol=1e-13, atol=1e-12)
+        else:  # max/min, and integer sums (exact, wrapping)
+            np.testing.assert_array_equal(y, yx)
+            np.testing.assert_array_equal(y, ref)
 
 
 def test_integer_max_plus_wraps_like_xla() -> None:
@@ -135,9 +145,9 @@ def test_dense_and_vmap() -> None:
 
 
 @pytest.mark.parametrize("op,dtype,reason", [
-    ("adder", F64, "on float64 only the built-in max/min ops have kernels"),
-    (jaxconv.Op(jnp.add, "max", name="user"), I32,
-     "on int32 only the built-in max/min ops have kernels"),
+    (jaxconv.Op(lambda a, b: a * b, "max", name="user"), F64,
+     "on float64 only built-in ops have kernels"),
+    (jaxconv.Op(jnp.add, "max", name="user"), I32, "on int32 only built-in ops have kernels"),
 ])
 def test_wide_refusals_are_what_explain_says(op: Any, dtype: Any, reason: str) -> None:
     with jax.enable_x64(True):

@@ -25,7 +25,7 @@ from jaxconv._src.engines.native.translation import Refusal, translation
 FLOAT32 = np.dtype(np.float32)
 # Low-precision operands: converted to float32 next to the FFI call, the result rounded once.
 LOW_PRECISION = (np.dtype(jnp.bfloat16), np.dtype(np.float16))
-# The wide kernels' dtypes (built-in max/min ops, forward; the backward is the XLA engine's).
+# The wide kernels' dtypes (built-in ops, forward; the backward is the XLA engine's).
 WIDE = (np.dtype(np.float64), np.dtype(np.int32), np.dtype(np.int64))
 # The operands' dtypes the kernels serve.
 DTYPES = (FLOAT32, *LOW_PRECISION, *WIDE)
@@ -115,9 +115,10 @@ def rounds_once(op: Op, dtype: DTypeLike) -> str | None:
 
 
 def _wide_refusal(op: Op, dtype: np.dtype, acc: np.dtype) -> str | None:
-    """Why a float64 / int32 / int64 call is not served by the wide kernels."""
+    """Why a float64 / int32 / int64 call is not served by the wide kernels (built-in ops;
+    the XLA engine's order of a float sum may differ from theirs: within rounding)."""
     if op.native not in ffi.WIDE_KERNELS or ffi.kernel_id(op) is None:
-        return (f"on {dtype.name} only the built-in max/min ops have kernels "
+        return (f"on {dtype.name} only built-in ops have kernels "
                 f"({', '.join(ffi.WIDE_KERNELS)})")
     if acc != dtype:
         return f"it accumulates in the operands' dtype, not {acc}"

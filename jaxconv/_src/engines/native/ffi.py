@@ -50,7 +50,7 @@ _FORWARD = "jaxconv_forward"
 _BACKWARD = "jaxconv_backward"
 _WIDE_FORWARD = "jaxconv_wide_forward"
 # The built-in ops the wide kernels (csrc/kernel_wide.h: float64, int32, int64) serve.
-WIDE_KERNELS = ("max_plus", "min_plus", "max_min", "min_max")
+WIDE_KERNELS = ("max_plus", "min_plus", "max_min", "min_max", "adder", "l1", "l2_exact")
 
 _lock = threading.Lock()
 _state: dict[str, Any] = {"module": None, "error": None, "loaded": False, "registered": False}
