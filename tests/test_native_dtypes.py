@@ -192,7 +192,7 @@ def test_refused_where_rounding_once_would_differ(op: Any, dtype: Any, reason: s
 @pytest.mark.parametrize("op,dtype,acc,what", [
     ("max_plus", BF16, None, "rounded once to bfloat16"),
     ("max_plus", F16, None, "backward: the XLA engine"),
-    ("adder", BF16, None, "accumulated in float32"),
+    ("adder", BF16, None, "products and sum in float32"),
 ])
 def test_explain_says_what_the_call_does(op: str, dtype: Any, acc: Any, what: str) -> None:
     plan = jaxconv.explain(op, dtype=dtype, platform="cpu")

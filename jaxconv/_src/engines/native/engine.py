@@ -106,8 +106,8 @@ class NativeEngine(registry.Engine):
                        f"{name} (bit for bit the products rounded in {name})",
                        f"backward: the XLA engine (ties between the {name}-rounded products)")
             else:
-                low = (f"{name} operands: computed and accumulated in float32 "
-                       f"(result {np.dtype(problem.acc_dtype).name})",)
+                low = (f"{name} operands: products and sum in float32, rounded once to the "
+                       "result dtype",)
         if op.native is not None:
             return (f"built-in kernel {op.native!r} ({ffi.isa()})", *low)
         kernel = ffi.user_kernel(op)
