@@ -209,3 +209,21 @@ def test_a_pad_value_is_the_dtypes_value() -> None:
     with jax.numpy_rank_promotion("allow"):
         np.testing.assert_array_equal(np.asarray(_conv(op, "native")(x, w)),
                                       np.asarray(_conv(op, "xla")(x, w)))
+
+
+@pytest.mark.parametrize("op", ["max_plus", "min_max"])
+def test_max_min_with_a_float32_result(op: str) -> None:
+    """preferred_element_type=float32: the max of the bf16-rounded products, in float32."""
+    x, w = _data(BF16, seed=4)
+
+    def f(engine: str) -> Any:
+        return jax.jit(lambda a, b: jaxconv.conv_general_dilated(
+            a, b, (1, 1), "SAME", dimension_numbers=DN, op=op, engine=engine,
+            preferred_element_type=jnp.float32))
+
+    y = f("native")(x, w)
+    assert y.dtype == jnp.float32
+    assert "jaxconv_forward" in f("native").lower(x, w).as_text()
+    with jax.numpy_rank_promotion("allow"):
+        np.testing.assert_array_equal(np.asarray(y), np.asarray(f("xla")(x, w)))
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(y.astype(BF16), np.float32))
