@@ -25,13 +25,17 @@
 
 #include "peak_probe.h"
 #include "problem.h"
+#include "wide.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 namespace nb = nanobind;
 
 namespace jaxconv_base { int run(const jaxconv::Call& call, bool backward); }
+namespace jaxconv_wide_base { int run(const jaxconv::WideCall& call); }
 #if JAXCONV_X86
+namespace jaxconv_wide_avx2 { int run(const jaxconv::WideCall& call); }
+namespace jaxconv_wide_avx512 { int run(const jaxconv::WideCall& call); }
 namespace jaxconv_avx2 { int run(const jaxconv::Call& call, bool backward); }
 namespace jaxconv_avx512 { int run(const jaxconv::Call& call, bool backward); }
 #endif
@@ -296,6 +300,37 @@ ffi::Error forward_impl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
   return finish(run_kernels(call, false));
 }
 
+// The wide kernels (kernel_wide.h): built-in ops on float64 / int32 / int64, by the
+// instruction set the float32 kernels use.
+ffi::Error wide_forward_impl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y,
+                             ForwardAttrs attrs, ffi::ThreadPool pool) {
+  jaxconv::WideCall call{};
+  if (auto e = decode(attrs, call.geom); e.failure()) return e;
+  if (attrs.op < 0 || attrs.op >= jaxconv::kNumBuiltinOps)
+    return ffi::Error::InvalidArgument("jaxconv: the wide kernels serve built-in ops only");
+  const auto t = x.element_type();
+  if (w.element_type() != t || y->element_type() != t)
+    return ffi::Error::InvalidArgument("jaxconv: operands of different dtypes");
+  call.type = t == ffi::DataType::F64 ? jaxconv::kWideF64
+              : t == ffi::DataType::S32 ? jaxconv::kWideS32
+              : t == ffi::DataType::S64 ? jaxconv::kWideS64 : -1;
+  if (call.type < 0) return ffi::Error::InvalidArgument("jaxconv: a dtype the wide kernels lack");
+  call.op = attrs.op;
+  call.batch = batch_of(x.dimensions());
+  call.x = x.untyped_data();
+  call.w = w.untyped_data();
+  call.out = y->untyped_data();
+  call.par = {run_parallel, &pool};
+  FlushDenormals flush;
+  const std::string name = isa().name;
+  int (*run)(const jaxconv::WideCall&) = jaxconv_wide_base::run;
+#if JAXCONV_X86
+  if (name == "avx512") run = jaxconv_wide_avx512::run;
+  if (name == "avx2") run = jaxconv_wide_avx2::run;
+#endif
+  return finish(run(call));
+}
+
 ffi::Error backward_impl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                          ffi::Buffer<ffi::F32> y, ffi::Buffer<ffi::F32> g,
                          ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dw,
@@ -337,6 +372,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxconvForward, forward_impl,
                                   .Attrs<ForwardAttrs>()
                                   .Ctx<ffi::ThreadPool>());
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxconvWideForward, wide_forward_impl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attrs<ForwardAttrs>()
+                                  .Ctx<ffi::ThreadPool>());
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxconvBackward, backward_impl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
@@ -353,6 +396,7 @@ NB_MODULE(_native, m) {
   m.def("registrations", []() {
     nb::dict d;
     d["jaxconv_forward"] = nb::capsule(reinterpret_cast<void*>(JaxconvForward));
+    d["jaxconv_wide_forward"] = nb::capsule(reinterpret_cast<void*>(JaxconvWideForward));
     d["jaxconv_backward"] = nb::capsule(reinterpret_cast<void*>(JaxconvBackward));
     return d;
   });

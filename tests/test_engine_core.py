@@ -223,12 +223,15 @@ def test_planner_is_static_and_declared():
     assert planner.engine_name(xnor, np.float32, "cpu") == "xla"  # a rewrite is lax itself
 
 
+_TWICE = jaxconv.Op(lambda a, b: a * b + a, "max", name="twice")
+
+
 @pytest.mark.parametrize("explain_kw, call_kw, error", [
     # The call refuses logsumexp on integers: explain used to show a plan.
     (dict(op="log", dtype="int32"), dict(op="log", dtype="int32"), TypeError),
-    # The native kernels are float32: explain used to claim a bf16 kernel.
-    (dict(op="max_plus", dtype="bfloat16", engine="native"),
-     dict(op="max_plus", dtype="bfloat16", engine="native"), ValueError),
+    # A bf16 combine that rounds twice per product is not native: explain says so too.
+    (dict(op=_TWICE, dtype="bfloat16", engine="native"),
+     dict(op=_TWICE, dtype="bfloat16", engine="native"), ValueError),
 ])
 def test_explain_refuses_what_the_call_refuses(explain_kw, call_kw, error):
     x = jnp.ones((1, 6, 6, 2), call_kw.pop("dtype"))
@@ -245,7 +248,7 @@ def test_explain_names_only_the_engines_it_passed_over():
     plan = jaxconv.explain("max_plus", engine="pallas", platform="cpu")
     assert plan.engine == "pallas"
     assert not any("None" in d or d.startswith("not ") for d in plan.details), plan.details
-    auto = jaxconv.explain("max_plus", dtype="float64", platform="cpu")
+    auto = jaxconv.explain("log", dtype="float64", platform="cpu")
     assert auto.engine == "xla"
     assert any(d.startswith("not native: ") and "float64" in d for d in auto.details)
 

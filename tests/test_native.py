@@ -457,14 +457,17 @@ def test_unsupported_is_a_clear_error_and_auto_falls_back():
     prod = jaxconv.Op(lambda a, b: a + b, "prod", name="prod_op")
     with pytest.raises(ValueError, match="'prod_op'"):
         jaxconv.conv_general_dilated(x, w, op=prod, engine="native", **kw)
+    # In bfloat16 this combine rounds twice per product: the float32 kernels cannot match.
+    twice = jaxconv.Op(lambda a, b: a * b + a, "max", name="twice")
     xb, wb = jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16)
-    with pytest.raises(ValueError, match="bfloat16"):
-        jaxconv.conv_general_dilated(xb, wb, op="max_plus", engine="native", **kw)
+    with pytest.raises(ValueError, match="in bfloat16 its combine rounds 'add' of a rounded"):
+        jaxconv.conv_general_dilated(xb, wb, op=twice, engine="native", **kw)
     with _allow():
-        y = jaxconv.conv_general_dilated(xb, wb, op="max_plus", **kw)
-        z = jaxconv.conv_general_dilated(xb, wb, op="max_plus", engine="xla", **kw)
+        y = jaxconv.conv_general_dilated(xb, wb, op=twice, **kw)
+        z = jaxconv.conv_general_dilated(xb, wb, op=twice, engine="xla", **kw)
     np.testing.assert_array_equal(np.asarray(y), np.asarray(z))
-    assert not _supports(ops.max_plus, "float64")
+    assert not _supports(ops.log, "float64")  # wide kernels: max/min and sum built-ins
+    assert _supports(ops.max_plus, "float64")
     assert _supports(ops.l2_exact, "float32")
     assert not _supports(ops.l2, "float32")  # a lax rewrite, no kernel
 

@@ -2,7 +2,8 @@
 
 On the XLA engine a jaxconv product lowers to plain StableHLO: the serialized artifact runs
 wherever ``jax.export.deserialize`` does, without jaxconv. On the native CPU engine it is a
-call of jaxconv's XLA FFI targets (``jaxconv_forward``, ``jaxconv_backward``): JAX refuses
+call of jaxconv's XLA FFI targets (``jaxconv_forward``, ``jaxconv_backward``,
+``jaxconv_wide_forward``): JAX refuses
 to serialize custom calls it does not know unless told (`export_disabled_checks`), and the
 process that runs the artifact must have the targets registered, which ``import jaxconv``
 does.
@@ -13,7 +14,7 @@ from __future__ import annotations
 import jax
 
 # The FFI targets of the native engine (csrc/ffi.cc registers them under these names).
-FFI_TARGETS = ("jaxconv_forward", "jaxconv_backward")
+FFI_TARGETS = ("jaxconv_forward", "jaxconv_backward", "jaxconv_wide_forward")
 
 
 def export_disabled_checks() -> list[jax.export.DisabledSafetyCheck]:

@@ -1,6 +1,13 @@
 """The native engine on the core's protocol: the FFI calls (`ffi`) on the canonical problem,
 served where `eligibility.refusal` says so. Forward-mode tangents come from the XLA engine.
 
+bfloat16 and float16 operands are converted to float32 next to the call (XLA fuses the
+conversions) and run the float32 kernels: a sum's result is its float32 accumulator, a
+max/min op's is rounded once to the operands' dtype (bit for bit the XLA engine's, which
+`eligibility.rounds_once` checks for a user combine). The backward of such a max/min op runs
+on the XLA engine: its ties are those between the rounded products, which the float32 winner
+scan cannot see.
+
 A user op's kernels compile when the engine first lowers it (never while planning). If that
 compile fails, the call still computes: under ``engine="auto"`` it warns once and lowers on
 the XLA engine (and the planner, reading the remembered failure, picks that engine from then
@@ -9,12 +16,14 @@ on); with ``engine="native"`` it raises.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import warnings
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import DTypeLike
 
 from jaxconv._src.core import algebra, products
@@ -31,6 +40,23 @@ def _tuning_line() -> str:
     got = tuning.params()
     values = " ".join(f"{k}={v}" for k, v in got["params"].items())
     return f"tuning ({got['source']}): {values}"
+
+
+def _winner(problem: Problem) -> bool:
+    """Whether the op's reduce is a max or min (its gradient goes to the winning taps)."""
+    op = problem.op
+    reduce = op.reduce_name if op.native is not None else algebra.capabilities(op).reduce
+    return reduce in ("max", "min")
+
+
+def _wide(dtype: DTypeLike) -> bool:
+    """Whether operands of `dtype` run the wide kernels (float64 / int32 / int64)."""
+    return np.dtype(dtype) in eligibility.WIDE
+
+
+def _low(dtype: DTypeLike) -> bool:
+    """Whether operands of `dtype` are converted to float32 around the kernels."""
+    return np.dtype(dtype) in eligibility.LOW_PRECISION
 
 
 @functools.cache
@@ -80,15 +106,27 @@ class NativeEngine(registry.Engine):
 
     def describe(self, problem: Problem, dtype: DTypeLike) -> tuple[str, ...]:
         """The kernel, compiling a user op's now (as the first call would)."""
-        del dtype
         op = problem.op
+        low: tuple[str, ...] = ()
+        if _wide(dtype):
+            return (f"built-in kernel {op.native!r} on {np.dtype(dtype).name} (the wide "
+                    f"kernels, {ffi.isa()})", "backward: the XLA engine")
+        if _low(dtype):
+            name = np.dtype(dtype).name
+            if _winner(problem):
+                low = (f"{name} operands: computed in float32, the result rounded once to "
+                       f"{name} (bit for bit the products rounded in {name})",
+                       f"backward: the XLA engine (ties between the {name}-rounded products)")
+            else:
+                low = (f"{name} operands: products and sum in float32, rounded once to the "
+                       "result dtype",)
         if op.native is not None:
             if _exp_space(problem):
                 return (f"built-in kernel {op.native!r} ({ffi.isa()}) behind the exp-space "
                         "convolution: the kernel (two passes, a running maximum) takes the "
                         "calls that exp space would not compute exactly (a spread beyond ~80, "
-                        "an all -inf window, NaN or +inf)", _tuning_line())
-            return (f"built-in kernel {op.native!r} ({ffi.isa()})", _tuning_line())
+                        "an all -inf window, NaN or +inf)", _tuning_line(), *low)
+            return (f"built-in kernel {op.native!r} ({ffi.isa()})", _tuning_line(), *low)
         kernel = user_kernels.user_kernel(op)
         if isinstance(kernel, Refusal):
             return (kernel.reason,)
@@ -109,7 +147,7 @@ class NativeEngine(registry.Engine):
             lines.append("the combine's custom derivative rule runs per product: the kernel "
                          "computes its primal, the backward its rule (traced on scalars, "
                          "compiled)")
-        return tuple(lines)
+        return (*lines, *low)
 
     def _fallback(self, problem: Problem) -> registry.Engine | None:
         """The XLA engine where a user op's kernels fail to compile under "auto" (with one
@@ -134,39 +172,55 @@ class NativeEngine(registry.Engine):
         op_id = ffi.kernel_id(problem.op)
         if op_id is None:
             op_id = user_kernels.user_kernel(problem.op).op_id
-        return ffi._call_spec(problem.op, op_id, problem.geom, x.shape, w.shape)
+        spec = ffi._call_spec(problem.op, op_id, problem.geom, x.shape, w.shape)
+        if spec.pad is not None and _low(x.dtype):
+            # The pad value the XLA engine pads with: the Python number in the dtype.
+            pad = float(np.asarray(spec.pad).astype(x.dtype).astype(np.float32))
+            spec = dataclasses.replace(spec, pad=pad)
+        return spec
 
     def forward(self, problem: Problem, x: Array, w: Array) -> Array:
         other = self._fallback(problem)
         if other is not None:
             return other.forward(problem, x, w)
         spec = self._spec(problem, x, w)
+        dtype = x.dtype
         out_shape = (x.shape[0], *problem.geom.out_spatial, w.shape[-1])
+        if _wide(dtype):
+            y = ffi._wide_forward_call(spec, x.reshape(spec.x_shape), w.reshape(spec.w_shape))
+            return y.reshape(out_shape)
+        if _low(dtype):
+            x, w = x.astype(jnp.float32), w.astype(jnp.float32)
 
         def kernel(a: Array, b: Array) -> Array:
             y = ffi._forward_call(spec, a.reshape(spec.x_shape), b.reshape(spec.w_shape))
             return y.reshape(out_shape)
 
-        if _exp_space(problem):
-            return logspace.forward(problem, x, w, kernel)
-        return kernel(x, w)
+        y = logspace.forward(problem, x, w, kernel) if _exp_space(problem) else kernel(x, w)
+        if _low(dtype) and _winner(problem):
+            y = y.astype(dtype)  # one rounding: max of the rounded products (monotone)
+        return y.astype(problem.acc_dtype)
 
     def backward(self, problem: Problem, x: Array, w: Array, y: Array, g: Array,
                  need: tuple[bool, bool]) -> tuple[Array, Array]:
         """The FFI backward kernel, and standard products where those are faster: the
         kernel gradient of a ``x - w`` sum (AdderNet) and both gradients of l2's."""
         other = self._fallback(problem)
+        if other is None and (_wide(x.dtype) or (_low(x.dtype) and _winner(problem))):
+            other = registry.get("xla")  # ties between the rounded products (module doc)
         if other is not None:
             return other.backward(problem, x, w, y, g, need)
         op, geom = problem.op, problem.geom
         spec = self._spec(problem, x, w)
         g = g.astype(jnp.float32)
+        xd, wd = x.dtype, w.dtype
+        x, w, y = x.astype(jnp.float32), w.astype(jnp.float32), y.astype(jnp.float32)
         # Built-in kernels only: a user op's compiled backward computes both sides itself.
         kind = algebra.capabilities(op).separable if op.native is not None else None
         if kind == "sqdiff":
             gx = -2.0 * products.difference_input_gradient(op, geom, x, w, g)
             gw = products.separable_kernel_gradient(problem, kind, x, w, g)
-            return gx.astype(x.dtype), gw.astype(w.dtype)
+            return gx.astype(xd), gw.astype(wd)
         parts = 1 if kind == "adder" else 3
 
         def kernel(x: Array, w: Array, y: Array, g: Array) -> tuple[Array, Array]:
@@ -181,7 +235,7 @@ class NativeEngine(registry.Engine):
             gx, gw = kernel(x, w, y, g)
         if kind == "adder":
             gw = products.separable_kernel_gradient(problem, kind, x, w, g)
-        return gx.reshape(x.shape).astype(x.dtype), gw.reshape(w.shape).astype(w.dtype)
+        return gx.reshape(x.shape).astype(xd), gw.reshape(w.shape).astype(wd)
 
     def tangent(self, problem: Problem, x: Array, w: Array, y: Array, tx: Array, tw: Array,
                 active: tuple[bool, bool]) -> Array:

@@ -46,6 +46,9 @@ KERNELS: dict[str, tuple[int, str]] = {
 }
 _FORWARD = "jaxconv_forward"
 _BACKWARD = "jaxconv_backward"
+_WIDE_FORWARD = "jaxconv_wide_forward"
+# The built-in ops the wide kernels (csrc/kernel_wide.h: float64, int32, int64) serve.
+WIDE_KERNELS = ("max_plus", "min_plus", "max_min", "min_max", "adder", "l1", "l2_exact")
 
 _lock = threading.Lock()
 _state: dict[str, Any] = {"module": None, "error": None, "loaded": False, "registered": False}
@@ -135,6 +138,12 @@ def isa() -> str | None:
     """
     mod = _load()
     return None if mod is None else str(mod.isa())
+
+
+def has_wide() -> bool:
+    """Whether the loaded library has the wide kernels (float64 / int32 / int64 max/min)."""
+    mod = _load()
+    return mod is not None and _WIDE_FORWARD in mod.registrations()
 
 
 def _register() -> None:
@@ -240,3 +249,10 @@ def _backward_call(spec: _Call, x: Array, w: Array, y: Array, g: Array,
             jax.ShapeDtypeStruct(spec.w_shape, jnp.float32))
     return jax.ffi.ffi_call(_BACKWARD, outs, vmap_method="broadcast_all")(
         x, w, y, g, parts=np.int64(parts), **spec.attrs())
+
+
+def _wide_forward_call(spec: _Call, x: Array, w: Array) -> Array:
+    """The wide kernels' forward: the result in the operands' dtype."""
+    out = jax.ShapeDtypeStruct(spec.y_shape, x.dtype)
+    return jax.ffi.ffi_call(_WIDE_FORWARD, out, vmap_method="broadcast_all")(
+        x, w, **spec.attrs())

@@ -1,0 +1,24 @@
+// Plain data shared by ffi.cc and the per-ISA translation units of the wide kernels
+// (kernel_wide.h): the built-in ops on float64, int32 and int64 operands.
+#pragma once
+#include <cstdint>
+
+#include "problem.h"
+
+namespace jaxconv {
+
+// The element types of the wide kernels.
+enum WideType : int { kWideF64 = 0, kWideS32 = 1, kWideS64 = 2 };
+
+struct WideCall {
+  int64_t op;       // a built-in op id
+  int type;         // WideType
+  Geom geom;        // geom.pad read as the element type (an exact float32 value)
+  int64_t batch;    // leading (vmap) batch
+  const void* x;
+  const void* w;
+  void* out;
+  Parallel par;
+};
+
+}  // namespace jaxconv
