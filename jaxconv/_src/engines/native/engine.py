@@ -17,10 +17,10 @@ import jax
 import jax.numpy as jnp
 from jax.typing import DTypeLike
 
-from jaxconv._src.core import algebra, products
+from jaxconv._src.core import algebra, log_products, products
 from jaxconv._src.core import engine as registry
 from jaxconv._src.core.problem import Problem
-from jaxconv._src.engines.native import codegen, eligibility, ffi, logspace, tuning, user_kernels
+from jaxconv._src.engines.native import codegen, eligibility, ffi, tuning, user_kernels
 from jaxconv._src.engines.native.translation import Refusal
 
 Array = jax.Array
@@ -148,7 +148,7 @@ class NativeEngine(registry.Engine):
             return y.reshape(out_shape)
 
         if _exp_space(problem):
-            return logspace.forward(problem, x, w, kernel)
+            return log_products.forward(problem, x, w, kernel)
         return kernel(x, w)
 
     def backward(self, problem: Problem, x: Array, w: Array, y: Array, g: Array,
@@ -176,7 +176,7 @@ class NativeEngine(registry.Engine):
             return gx.reshape(x.shape), gw.reshape(w.shape)
 
         if _exp_space(problem):
-            gx, gw = logspace.backward(problem, x, w, y.astype(jnp.float32), g, kernel)
+            gx, gw = log_products.backward(problem, x, w, y.astype(jnp.float32), g, kernel)
         else:
             gx, gw = kernel(x, w, y, g)
         if kind == "adder":
@@ -190,7 +190,7 @@ class NativeEngine(registry.Engine):
 
 def _exp_space(problem: Problem) -> bool:
     """Whether the built-in log kernel runs behind the exp-space convolution
-    (`logspace`): ``x + w`` under logsumexp with identity padding."""
+    (`jaxconv._src.core.log_products`): ``x + w`` under logsumexp with identity padding."""
     return problem.op.native == "log" and algebra.capabilities(problem.op).log_semiring
 
 
