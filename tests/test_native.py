@@ -445,7 +445,7 @@ def test_auto_routes_to_native_on_cpu():
     assert "jaxconv_forward" in hlo
     hlo = jax.jit(lambda x, w: jaxconv.conv_general_dilated(x, w, op="log", **kw)).lower(
         x, w).as_text()
-    assert "jaxconv_forward" in hlo  # behind the exp-space convolution (engines/native/logspace)
+    assert "jaxconv_forward" in hlo  # behind the exp-space convolution (core/log_products)
     prod = jaxconv.Op(lambda a, b: a + b, "prod", name="prod_op")  # no native reduce
     hlo = jax.jit(lambda x, w: jaxconv.conv_general_dilated(x, w, op=prod, **kw)).lower(
         x, w).as_text()

@@ -26,10 +26,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import DTypeLike
 
-from jaxconv._src.core import algebra, products
+from jaxconv._src.core import algebra, log_products, products
 from jaxconv._src.core import engine as registry
 from jaxconv._src.core.problem import Problem
-from jaxconv._src.engines.native import codegen, eligibility, ffi, logspace, tuning, user_kernels
+from jaxconv._src.engines.native import codegen, eligibility, ffi, tuning, user_kernels
 from jaxconv._src.engines.native.translation import Refusal
 
 Array = jax.Array
@@ -196,7 +196,7 @@ class NativeEngine(registry.Engine):
             y = ffi._forward_call(spec, a.reshape(spec.x_shape), b.reshape(spec.w_shape))
             return y.reshape(out_shape)
 
-        y = logspace.forward(problem, x, w, kernel) if _exp_space(problem) else kernel(x, w)
+        y = log_products.forward(problem, x, w, kernel) if _exp_space(problem) else kernel(x, w)
         if _low(dtype) and _winner(problem):
             y = y.astype(dtype)  # one rounding: max of the rounded products (monotone)
         return y.astype(problem.acc_dtype)
@@ -230,7 +230,7 @@ class NativeEngine(registry.Engine):
             return gx.reshape(x.shape), gw.reshape(w.shape)
 
         if _exp_space(problem):
-            gx, gw = logspace.backward(problem, x, w, y.astype(jnp.float32), g, kernel)
+            gx, gw = log_products.backward(problem, x, w, y.astype(jnp.float32), g, kernel)
         else:
             gx, gw = kernel(x, w, y, g)
         if kind == "adder":
@@ -244,7 +244,7 @@ class NativeEngine(registry.Engine):
 
 def _exp_space(problem: Problem) -> bool:
     """Whether the built-in log kernel runs behind the exp-space convolution
-    (`logspace`): ``x + w`` under logsumexp with identity padding."""
+    (`jaxconv._src.core.log_products`): ``x + w`` under logsumexp with identity padding."""
     return problem.op.native == "log" and algebra.capabilities(problem.op).log_semiring
 
 

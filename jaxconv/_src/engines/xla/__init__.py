@@ -41,8 +41,8 @@ the tap loop is masked (no dominated fill, which a non-finite kernel entry would
 NaN).
 ``ops.log`` still chooses from the values (``lax.cond``; under ``vmap`` the primitives fold
 the mapped axis into the problem, so the predicate stays a scalar): a native convolution in
-exp space unless a window needs the exact two-pass path (`_log_fast_or_exact`), and its
-backward follows the same test.
+exp space unless a window needs the exact tap path (`log.forward`: the core's
+`log_products` with the tap engine as its exact path), and its backward follows the same test.
 
 Backward passes for sum, max, min and logsumexp are written by hand: they
 keep only ``x``, ``w`` and the output and recompute the products, pushing the cotangent

@@ -65,6 +65,11 @@ def separable_kind(op: Op) -> str | None:
     return algebra.capabilities(op).separable
 
 
+def grouped(cfg: Config, a: Array) -> Array:
+    """``(N, *out_spatial, O) -> (N, P, G, Og)``: an output as the tap passes hold it."""
+    return a.reshape(a.shape[0], max(1, math.prod(cfg.geom.out_spatial)), cfg.geom.groups, -1)
+
+
 def _div(a: Any, m: int) -> Array:
     """``a // m`` for nonnegative integers ``a`` (lax's division: no floor correction)."""
     a = jnp.asarray(a)

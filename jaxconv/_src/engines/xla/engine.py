@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any
 
 import jax
@@ -12,11 +11,10 @@ import jax.numpy as jnp
 from jaxconv._src.core import algebra, products
 from jaxconv._src.core import engine as registry
 from jaxconv._src.core.problem import Problem
-from jaxconv._src.engines.xla import forward_mode, popcount
+from jaxconv._src.engines.xla import forward_mode, log, popcount
 from jaxconv._src.engines.xla.backward import _hand_backward
-from jaxconv._src.engines.xla.common import Config, block_size, canonical_op
+from jaxconv._src.engines.xla.common import Config, block_size, canonical_op, grouped
 from jaxconv._src.engines.xla.forward import _forward
-from jaxconv._src.engines.xla.log import _log_backward, _log_fast_or_exact, is_log_semiring
 from jaxconv._src.engines.xla.nan import _forward_dispatch
 
 Array = jax.Array
@@ -34,11 +32,6 @@ def _config(problem: Problem, x: Array, w: Array) -> Config:
                   block_size(*args, mbb // 4))
 
 
-def _grouped(cfg: Config, a: Array) -> Array:
-    """``(N, *out_spatial, O) -> (N, P, G, Og)``."""
-    return a.reshape(a.shape[0], max(1, math.prod(cfg.geom.out_spatial)), cfg.geom.groups, -1)
-
-
 def forward(problem: Problem, x: Array, w: Array) -> Array:
     """The product of canonical ``x`` and ``w``: ``(N, *out_spatial, O)`` in the
     accumulation dtype."""
@@ -47,8 +40,8 @@ def forward(problem: Problem, x: Array, w: Array) -> Array:
         return products.rewritten(problem, x, w)
     if algebra.capabilities(cfg.op).combine == popcount.KIND:
         return popcount.mismatches(cfg.op, cfg.geom, x, w).astype(cfg.acc_dtype)
-    if is_log_semiring(cfg.op) and jnp.issubdtype(x.dtype, jnp.floating):
-        y = _log_fast_or_exact(cfg, x, w)
+    if log.is_log_semiring(cfg.op) and jnp.issubdtype(x.dtype, jnp.floating):
+        y = log.forward(problem, cfg, x, w)
     elif cfg.op.reduce_name in algebra.HAND_VJP_REDUCES:
         y = _forward_dispatch(cfg, x, w)
     else:
@@ -61,12 +54,12 @@ def backward(problem: Problem, x: Array, w: Array, y: Array, g: Array,
     """The input and kernel gradients given the output ``y`` and its cotangent ``g``."""
     del need  # both gradients come out of the same passes
     cfg = _config(problem, x, w)
-    y4, g4 = _grouped(cfg, y), _grouped(cfg, g)
+    y4, g4 = grouped(cfg, y), grouped(cfg, g)
     if cfg.op.rewrite is not None:
         _, vjp = jax.vjp(functools.partial(products.rewritten, problem), x, w)
         gx, gw = vjp(g.astype(cfg.acc_dtype))
-    elif is_log_semiring(cfg.op) and jnp.issubdtype(x.dtype, jnp.floating):
-        gx, gw = _log_backward(cfg, x, w, y4, g4)
+    elif log.is_log_semiring(cfg.op) and jnp.issubdtype(x.dtype, jnp.floating):
+        gx, gw = log.backward(problem, cfg, x, w, y, g)
     elif cfg.op.reduce_name in algebra.HAND_VJP_REDUCES:
         gx, gw = _hand_backward(cfg, x, w, y4, g4)
     else:
