@@ -70,11 +70,19 @@ def cpu_model() -> dict[str, str]:
 
 
 def kernel_params(mod: Any | None = None) -> dict[str, Any] | None:
-    """The tuning parameters the native kernels run with: ``jaxconv._native.params()``
+    """The tuning parameters the native kernels run with (after the first use's choice):
+    ``jaxconv._native.params()``
     (``None`` without the module or, in an older build, without ``params``).
 
     Example: ``kernel_params()`` -> ``{'panel_kib': 16, 'block_kib': 192, ...}``."""
-    mod = native_module() if mod is None else mod
+    if mod is None:
+        mod = native_module()
+        if mod is not None:
+            # The set the first native call will pick (cached search or JAXCONV_NATIVE_PARAMS),
+            # not the compiled-in defaults that precede it.
+            from jaxconv._src.engines.native import tuning  # noqa: PLC0415
+
+            tuning.ensure()
     fn = getattr(mod, "params", None)
     if not callable(fn):
         return None

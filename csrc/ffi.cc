@@ -450,7 +450,8 @@ NB_MODULE(_native, m) {
       },
       nb::arg("kind"), nb::arg("threads") = 1, nb::arg("seconds") = 0.1, nb::arg("isa") = "",
       "The machine's peak rate of one kernel step, in G terms/s over `threads` threads: "
-      "kind 'fma' (x * w + acc), 'add_max' (max(acc, x + w)), 'min_add' (acc + min(x, w)); "
+      "kind 'fma' (x * w + acc), 'add_max' (max(acc, x + w)), 'min_add' (acc + min(x, w)), the "
+        "sums issued as fma(a, 1, b) as the kernels issue them; "
       "`isa` caps the instruction set. Best of five runs of about seconds / 5.");
   m.def(
       "kernels",

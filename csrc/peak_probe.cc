@@ -27,11 +27,14 @@ namespace {
 #define JAXCONV_OPAQUE(v) __asm__ volatile("" : "+m"(v))
 #endif
 
-// R rows x C columns of accumulators (registers); `iters` steps of R * C terms each. Returns a
+// R rows x C columns of accumulators (registers); `iters` steps of R * C terms each. The sums
+// are issued as the kernels issue them by default (`fma_add`: x + w as fma(x, 1, w), which
+// keeps them off the ports the max/min use), so a rate is the limit of the kernels' own
+// instruction mix. Returns a
 // checksum, so that the work is not dead. The kind is a template parameter: one straight loop
 // each.
 #define JAXCONV_PROBE_BODY(V, SET1, ADD, MAX, MIN, FMA, SUM, R, C)                     \
-  V acc[R][C], x[R], w[C];                                                                 \
+  V acc[R][C], x[R], w[C], one = SET1(1.0f);                                               \
   _Pragma("GCC unroll 8") for (int r = 0; r < R; ++r) x[r] = SET1(0.001f * float(r + 1));  \
   _Pragma("GCC unroll 8") for (int c = 0; c < C; ++c) w[c] = SET1(-0.002f * float(c + 1)); \
   _Pragma("GCC unroll 8") for (int r = 0; r < R; ++r)                                      \
@@ -42,8 +45,8 @@ namespace {
     _Pragma("GCC unroll 8") for (int r = 0; r < R; ++r)                                    \
       _Pragma("GCC unroll 8") for (int c = 0; c < C; ++c) {                                \
         if constexpr (K == kFma) acc[r][c] = FMA(x[r], w[c], acc[r][c]);                   \
-        else if constexpr (K == kAddMax) acc[r][c] = MAX(acc[r][c], ADD(x[r], w[c]));      \
-        else acc[r][c] = ADD(acc[r][c], MIN(x[r], w[c]));                                  \
+        else if constexpr (K == kAddMax) acc[r][c] = MAX(acc[r][c], FMA(x[r], one, w[c])); \
+        else acc[r][c] = FMA(MIN(x[r], w[c]), one, acc[r][c]);                             \
       }                                                                                    \
   }                                                                                        \
   float s = 0.0f;                                                                          \
