@@ -60,55 +60,41 @@ void lse_tile(const Ctx& c, const float* xb, const float* panel, float* yb, int6
     if (off < 0) return c.padrow + grp * I;
     return xb + nimg[r] * c.img + off + grp * I;
   };
+  // Visits every combined term of the tile in tap order: f(r, v, mask of row r, comb value).
+  auto sweep = [&](auto&& f) {
+    for (int64_t t = 0; t < c.T; ++t) {
+      const float* ptr[LR];
+      S::M km[LR];
+      for (int r = 0; r < LR; ++r) {
+        bool k;
+        ptr[r] = row(r, t, &k);
+        km[r] = S::mask(k);
+      }
+      const float* wt = panel + t * I * NR;
+      for (int64_t i = 0; i < I; ++i) {
+        V wv[NV];
+        for (int v = 0; v < NV; ++v) wv[v] = S::load(wt + i * NR + v * W);
+        for (int r = 0; r < LR; ++r) {
+          const V xv = S::set1(ptr[r][i]);
+          for (int v = 0; v < NV; ++v) f(r, v, km[r], Op::template comb<S>(xv, wv[v]));
+        }
+      }
+    }
+  };
   V m[LR][NV], s[LR][NV];
   for (int r = 0; r < LR; ++r)
     for (int v = 0; v < NV; ++v) m[r][v] = S::set1(-__builtin_inff());
   // Pass 1: the maximum, NaN once a term is NaN.
-  for (int64_t t = 0; t < c.T; ++t) {
-    const float* ptr[LR];
-    S::M km[LR];
-    for (int r = 0; r < LR; ++r) {
-      bool k;
-      ptr[r] = row(r, t, &k);
-      km[r] = S::mask(k);
-    }
-    const float* wt = panel + t * I * NR;
-    for (int64_t i = 0; i < I; ++i) {
-      V wv[NV];
-      for (int v = 0; v < NV; ++v) wv[v] = S::load(wt + i * NR + v * W);
-      for (int r = 0; r < LR; ++r) {
-        const V xv = S::set1(ptr[r][i]);
-        for (int v = 0; v < NV; ++v)
-          m[r][v] = S::select(km[r], MaxR::red_safe<S>(m[r][v], Op::template comb<S>(xv, wv[v])),
-                              m[r][v]);
-      }
-    }
-  }
+  sweep([&](int r, int v, S::M km, V term) {
+    m[r][v] = S::select(km, MaxR::red_safe<S>(m[r][v], term), m[r][v]);
+  });
   for (int r = 0; r < LR; ++r)
     for (int v = 0; v < NV; ++v) s[r][v] = S::zero();
   // Pass 2: the shifted sum of exponentials, each at most exp(0) (lanes whose maximum is not
   // finite compute garbage here: their result is the maximum itself).
-  for (int64_t t = 0; t < c.T; ++t) {
-    const float* ptr[LR];
-    S::M km[LR];
-    for (int r = 0; r < LR; ++r) {
-      bool k;
-      ptr[r] = row(r, t, &k);
-      km[r] = S::mask(k);
-    }
-    const float* wt = panel + t * I * NR;
-    for (int64_t i = 0; i < I; ++i) {
-      V wv[NV];
-      for (int v = 0; v < NV; ++v) wv[v] = S::load(wt + i * NR + v * W);
-      for (int r = 0; r < LR; ++r) {
-        const V xv = S::set1(ptr[r][i]);
-        for (int v = 0; v < NV; ++v) {
-          const V e = lse_exp<S>(S::sub(Op::template comb<S>(xv, wv[v]), m[r][v]));
-          s[r][v] = S::madd(km[r], s[r][v], e);
-        }
-      }
-    }
-  }
+  sweep([&](int r, int v, S::M km, V term) {
+    s[r][v] = S::madd(km, s[r][v], lse_exp<S>(S::sub(term, m[r][v])));
+  });
   const int64_t o0 = grp * c.Og + jb * NR;
   const int64_t nvalid = c.Og - jb * NR < NR ? c.Og - jb * NR : NR;
   for (int r = 0; r < LR; ++r) {
