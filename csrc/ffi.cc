@@ -1,7 +1,9 @@
 // XLA FFI handlers for the semiring kernels and the `jaxconv._native` extension module.
 //
-// The handlers decode the canonical geometry, pick the kernels built for the best instruction
-// set this CPU has (once per process) and share the work on XLA's intra-op thread pool.
+// The handlers decode the canonical geometry, run the kernels that dispatch.h picks (the best
+// instruction set this CPU has, or a user op's library) and share the work on XLA's intra-op
+// thread pool; the module binds them with the tuning parameters (tune_probe.h) and the peak
+// probe (peak_probe.h).
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/string.h>
 
@@ -15,116 +17,26 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
-#include <shared_mutex>
 #include <string>
-#include <unordered_map>
 
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#endif
-
+#include "denormals.h"
+#include "dispatch.h"
 #include "peak_probe.h"
 #include "problem.h"
+#include "tune_probe.h"
 #include "wide.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 namespace nb = nanobind;
 
-namespace jaxconv_base { int run(const jaxconv::Call& call, bool backward); }
 namespace jaxconv_wide_base { int run(const jaxconv::WideCall& call); }
 #if JAXCONV_X86
 namespace jaxconv_wide_avx2 { int run(const jaxconv::WideCall& call); }
 namespace jaxconv_wide_avx512 { int run(const jaxconv::WideCall& call); }
-namespace jaxconv_avx2 { int run(const jaxconv::Call& call, bool backward); }
-namespace jaxconv_avx512 { int run(const jaxconv::Call& call, bool backward); }
 #endif
 
 namespace {
-
-using RunFn = int (*)(const jaxconv::Call&, bool);
-
-struct Isa {
-  RunFn fn;
-  const char* name;
-};
-
-// JAXCONV_NATIVE_ISA=base|avx2|avx512 forces a lower instruction set (tests, benchmarks).
-Isa pick_isa() {
-  const char* env = std::getenv("JAXCONV_NATIVE_ISA");
-  const std::string want = env ? env : "";
-#if JAXCONV_X86
-  __builtin_cpu_init();
-  const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-                      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
-  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (avx512 && (want.empty() || want == "avx512")) return {jaxconv_avx512::run, "avx512"};
-  if (avx2 && want != "base") return {jaxconv_avx2::run, "avx2"};
-#endif
-  return {jaxconv_base::run, "base"};
-}
-
-const Isa& isa() {
-  static const Isa chosen = pick_isa();
-  return chosen;
-}
-
-// User ops compiled at run time (jaxconv/_src/engines/user_kernels.py), by op id.
-using UserFn = int (*)(const jaxconv::Call*, int);
-
-struct UserKernels {
-  std::shared_mutex mu;
-  std::unordered_map<int64_t, UserFn> fns;
-};
-
-UserKernels& user_kernels() {
-  static UserKernels* table = new UserKernels();  // never destroyed: handlers may outlive exit
-  return *table;
-}
-
-// Runs the kernels of `call.op`: 3 when a user op id is not registered in this process.
-int run_kernels(const jaxconv::Call& call, bool backward) {
-  if (call.op < jaxconv::kUserBase) return isa().fn(call, backward);
-  UserFn fn = nullptr;
-  {
-    UserKernels& t = user_kernels();
-    std::shared_lock<std::shared_mutex> lock(t.mu);
-    auto it = t.fns.find(call.op);
-    if (it != t.fns.end()) fn = it->second;
-  }
-  return fn ? fn(&call, backward ? 1 : 0) : 3;
-}
-
-// Denormal inputs read as zero and denormal results flush to zero (both keeping their sign),
-// on every thread a call runs on: XLA's CPU runtime does the same, and the engines must agree
-// (DESIGN.md, "Engines agree"). Restores the caller's mode on exit.
-class FlushDenormals {
- public:
-  FlushDenormals() {
-#if defined(__x86_64__) || defined(_M_X64)
-    saved_ = _mm_getcsr();
-    _mm_setcsr(saved_ | 0x8040u);  // FTZ (bit 15) | DAZ (bit 6)
-#elif defined(__aarch64__)
-    uint64_t fpcr;
-    __asm__ __volatile__("mrs %0, fpcr" : "=r"(fpcr));
-    saved_ = fpcr;
-    fpcr |= uint64_t(1) << 24;  // FZ
-    __asm__ __volatile__("msr fpcr, %0" : : "r"(fpcr));
-#endif
-  }
-  ~FlushDenormals() {
-#if defined(__x86_64__) || defined(_M_X64)
-    _mm_setcsr(static_cast<unsigned>(saved_));
-#elif defined(__aarch64__)
-    __asm__ __volatile__("msr fpcr, %0" : : "r"(saved_));
-#endif
-  }
-  FlushDenormals(const FlushDenormals&) = delete;
-  FlushDenormals& operator=(const FlushDenormals&) = delete;
-
- private:
-  uint64_t saved_ = 0;
-};
 
 // JAXCONV_NATIVE_THREADS=k caps the threads a call uses (results never depend on it).
 int64_t thread_cap() {
@@ -147,7 +59,7 @@ struct Shared {
 
 // Runs items until none is left; returns how many this thread ran.
 int64_t work(Shared& s) {
-  FlushDenormals flush;
+  jaxconv_dispatch::FlushDenormals flush;
   int64_t mine = 0;
   for (int64_t i; (i = s.next.fetch_add(1, std::memory_order_relaxed)) < s.n; ++mine)
     s.fn(s.arg, i);
@@ -217,8 +129,6 @@ void run_parallel(void* ctx, int64_t n, void (*fn)(void*, int64_t), void* arg) {
   std::unique_lock<std::mutex> lock(s.mu);
   s.all_done.wait(lock, [&s, n] { return s.done.load(std::memory_order_acquire) == n; });
 }
-
-#include "tune_probe.h"
 
 // The geometry and the op cross the FFI as named attributes (jaxconv/_src/engines/native.py,
 // `_Call.attrs`), one list here: X(type, name). Spatial triples are int64 arrays (D, H, W).
@@ -295,9 +205,9 @@ ffi::Error forward_impl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
   call.w = w.typed_data();
   call.out = y->typed_data();
   call.par = {run_parallel, &pool};
-  call.params = current_params().load(std::memory_order_acquire);
-  FlushDenormals flush;
-  return finish(run_kernels(call, false));
+  call.params = jaxconv_tune::current_params().load(std::memory_order_acquire);
+  jaxconv_dispatch::FlushDenormals flush;
+  return finish(jaxconv_dispatch::run_kernels(call, false));
 }
 
 // The wide kernels (kernel_wide.h): built-in ops on float64 / int32 / int64, by the
@@ -321,8 +231,8 @@ ffi::Error wide_forward_impl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi
   call.w = w.untyped_data();
   call.out = y->untyped_data();
   call.par = {run_parallel, &pool};
-  FlushDenormals flush;
-  const std::string name = isa().name;
+  jaxconv_dispatch::FlushDenormals flush;
+  const std::string name = jaxconv_dispatch::isa_name();
   int (*run)(const jaxconv::WideCall&) = jaxconv_wide_base::run;
 #if JAXCONV_X86
   if (name == "avx512") run = jaxconv_wide_avx512::run;
@@ -349,9 +259,9 @@ ffi::Error backward_impl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
   std::memset(call.out, 0, sizeof(float) * dx->element_count());
   std::memset(call.out2, 0, sizeof(float) * dw->element_count());
   call.par = {run_parallel, &pool};
-  call.params = current_params().load(std::memory_order_acquire);
-  FlushDenormals flush;
-  return finish(run_kernels(call, true));
+  call.params = jaxconv_tune::current_params().load(std::memory_order_acquire);
+  jaxconv_dispatch::FlushDenormals flush;
+  return finish(jaxconv_dispatch::run_kernels(call, true));
 }
 
 }  // namespace
@@ -400,7 +310,7 @@ NB_MODULE(_native, m) {
     d["jaxconv_backward"] = nb::capsule(reinterpret_cast<void*>(JaxconvBackward));
     return d;
   });
-  m.def("isa", []() { return std::string(isa().name); },
+  m.def("isa", []() { return std::string(jaxconv_dispatch::isa_name()); },
         "The instruction set whose kernels this process runs.");
   m.def("abi", []() { return jaxconv::kAbiVersion; },
         "The Call/Geom layout version a compiled user op must be built against.");
@@ -408,21 +318,25 @@ NB_MODULE(_native, m) {
       "register_user_kernel",
       [](int64_t op, uintptr_t address) {
         if (op < jaxconv::kUserBase) throw nb::value_error("user op ids start at kUserBase");
-        UserKernels& t = user_kernels();
-        std::unique_lock<std::shared_mutex> lock(t.mu);
-        t.fns[op] = reinterpret_cast<UserFn>(address);
+        jaxconv_dispatch::register_user_kernel(
+            op, reinterpret_cast<jaxconv_dispatch::UserFn>(address));
       },
       "Registers `jaxconv_user_run` of a loaded user-op library under op id `op`.");
   m.def("user_base", []() { return jaxconv::kUserBase; });
   // Tuning (csrc/kernel_params.h, tune_probe.h; jaxconv/_src/engines/native/tuning.py).
-  m.def("param_fields", &param_fields, "{name: (default, lowest, highest)} of each parameter.");
-  m.def("params", []() { return params_dict(*current_params().load()); },
+  m.def("param_fields", &jaxconv_tune::param_fields,
+        "{name: (default, lowest, highest)} of each parameter.");
+  m.def("params",
+        []() { return jaxconv_tune::params_dict(*jaxconv_tune::current_params().load()); },
         "The tuning parameters this process's calls run with.");
   m.def(
       "set_params",
-      [](const nb::dict& d) { current_params().store(new jaxconv::Params(params_from(d))); },
+      [](const nb::dict& d) {
+        jaxconv_tune::current_params().store(new jaxconv::Params(jaxconv_tune::params_from(d)));
+      },
       "Sets the tuning parameters of later calls (every field, each within its range).");
-  m.def("time_forward", &time_forward, "The best single-threaded time of a small forward.");
+  m.def("time_forward", &jaxconv_tune::time_forward,
+        "The best single-threaded time of a small forward.");
   m.def(
       "peak_probe",
       [](const std::string& kind, int threads, double seconds, const std::string& isa) {
