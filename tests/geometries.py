@@ -161,3 +161,18 @@ def loop_reference(x: np.ndarray, w: np.ndarray, kw: dict[str, Any], combine: An
                           k.pop("dimension_numbers"), k.pop("feature_group_count", 1),
                           combine=combine, reduce=reduce, identity=identity,
                           pad_value=pad_value)
+
+
+def assert_grads_match_xla(op: Any, kw: dict[str, Any], x: np.ndarray, w: np.ndarray,
+                           ct: np.ndarray) -> None:
+    """The native engine's gradients of ``sum(conv(x, w) * ct)`` equal the XLA engine's (JAX's
+    derivative of its generic fold) to rtol 2e-4, atol 2e-5.
+
+    Example:
+        >>> assert_grads_match_xla(op, kw, x, w, ct)
+    """
+    got = grads(op, "native", kw, x, w, ct)
+    with jax.numpy_rank_promotion("allow"):  # the XLA engine is not written for "raise"
+        want = grads(op, "xla", kw, x, w, ct)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5)

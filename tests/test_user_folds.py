@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from geometries import assert_grads_match_xla, data, loop_reference, table
 from geometries import conv as _conv
-from geometries import data, loop_reference, table
 from geometries import grads as _grads
 
 import jaxconv
@@ -140,11 +140,7 @@ def test_fold_gradients_match_xla_engine(name, geometry):
     x, w, kw = _data(geometry, seed=4)
     y = _conv(op, "xla", kw)(x, w)
     ct = np.random.default_rng(5).standard_normal(y.shape).astype(F32)
-    got = _grads(op, "native", kw, x, w, ct)
-    with jax.numpy_rank_promotion("allow"):
-        want = _grads(op, "xla", kw, x, w, ct)
-    for a, b in zip(got, want, strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5)
+    assert_grads_match_xla(op, kw, x, w, ct)
 
 
 def test_fold_gradient_matches_finite_differences():
@@ -203,11 +199,7 @@ def test_fold_ties_gradients_as_the_xla_engine():
     x, w, kw = _data("2d_same", seed=11, ties=True)
     ct = np.random.default_rng(12).standard_normal(
         _conv(op, "xla", kw)(x, w).shape).astype(F32)
-    got = _grads(op, "native", kw, x, w, ct)
-    with jax.numpy_rank_promotion("allow"):
-        want = _grads(op, "xla", kw, x, w, ct)
-    for a, b in zip(got, want, strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5)
+    assert_grads_match_xla(op, kw, x, w, ct)
 
 
 def test_fold_explain_says_native_forward_and_backward():
@@ -250,11 +242,7 @@ def test_rule_combines_match_xla_values_and_gradients(name, geometry):
         want = np.asarray(_conv(op, "xla", kw)(x, w))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     ct = np.random.default_rng(22).standard_normal(got.shape).astype(F32)
-    g_native = _grads(op, "native", kw, x, w, ct)
-    with jax.numpy_rank_promotion("allow"):
-        g_xla = _grads(op, "xla", kw, x, w, ct)
-    for a, b in zip(g_native, g_xla, strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5)
+    assert_grads_match_xla(op, kw, x, w, ct)
 
 
 def test_ste_gradient_is_the_users_rule_exactly():

@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from geometries import assert_grads_match_xla, data, loop_reference, table
 from geometries import conv as _conv
-from geometries import data, loop_reference, table
 from geometries import grads as _grads
 from reference import conv_reference, dot_general_reference
 from subprocess_helpers import result, run_user_op, user_op_command, user_op_env
@@ -239,11 +239,7 @@ def test_gradients_match_xla_engine(name, geometry):
     x, w, kw = _data(geometry, seed=4)
     y = _conv(op, "xla", kw)(x, w)
     ct = np.random.default_rng(5).standard_normal(y.shape).astype(F32)
-    got = _grads(op, "native", kw, x, w, ct)
-    with jax.numpy_rank_promotion("allow"):
-        want = _grads(op, "xla", kw, x, w, ct)
-    for a, b in zip(got, want, strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5)
+    assert_grads_match_xla(op, kw, x, w, ct)
 
 
 def test_gradient_matches_finite_differences():
