@@ -18,7 +18,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from reference import NUMPY_OPS, conv_reference, dot_general_reference
+from geometries import conv as _conv
+from geometries import data, loop_reference, table
+from geometries import dn as _dn
+from geometries import grads as _grads
+from reference import NUMPY_OPS, dot_general_reference
 
 import jaxconv
 from jaxconv import ops
@@ -49,59 +53,18 @@ def _np_op(name: str):
     return NUMPY_OPS["l2" if name == "l2_exact" else name]
 
 
-# name -> (x shape, w shape, conv kwargs); layouts NHWC-style unless given.
-CASES = {
-    "2d_same": ((2, 6, 5, 3), (3, 3, 3, 4), dict(window_strides=(1, 1), padding="SAME")),
-    "2d_stride_rhs_dil": ((2, 9, 8, 3), (3, 2, 3, 5), dict(
-        window_strides=(2, 1), padding=((1, 2), (2, 0)), rhs_dilation=(1, 2))),
-    "2d_lhs_dil": ((1, 5, 6, 2), (2, 3, 2, 3), dict(
-        window_strides=(1, 2), padding=((1, 1), (0, 2)), lhs_dilation=(2, 1))),
-    "2d_negative_pad": ((2, 7, 7, 2), (3, 3, 2, 3), dict(
-        window_strides=(1, 1), padding=((-1, 1), (1, -2)))),
-    "1d_valid": ((2, 11, 3), (4, 3, 5), dict(window_strides=(2,), padding="VALID")),
-    "3d": ((1, 4, 5, 4, 2), (2, 3, 2, 2, 3), dict(
-        window_strides=(1, 1, 2), padding="SAME", rhs_dilation=(1, 1, 2))),
-    "groups": ((2, 5, 5, 4), (3, 3, 2, 6), dict(
-        window_strides=(1, 1), padding="SAME", feature_group_count=2)),
-    "depthwise": ((2, 6, 6, 20), (3, 3, 1, 20), dict(
-        window_strides=(1, 1), padding="SAME", feature_group_count=20)),
-    "depth_multiplier": ((1, 5, 5, 3), (3, 3, 1, 6), dict(
-        window_strides=(2, 2), padding="SAME", feature_group_count=3)),
-    "wide": ((1, 4, 5, 17), (3, 2, 17, 70), dict(window_strides=(1, 1), padding="SAME")),
-    # Channel counts that fill whole vectors (and a partial register tile) on every ISA.
-    "channels_80": ((2, 5, 4, 80), (3, 3, 80, 20), dict(window_strides=(1, 1), padding="SAME")),
-    "nchw": ((2, 3, 6, 5), (4, 3, 3, 2), dict(
-        window_strides=(1, 1), padding="SAME", dimension_numbers=("NCHW", "OIHW", "NCHW"))),
-}
-
-
-def _dn(x_ndim: int) -> tuple[str, str, str]:
-    sp = {3: "W", 4: "HW", 5: "DHW"}[x_ndim]
-    return (f"N{sp}C", f"{sp}IO", f"N{sp}C")
+CASES = table("2d_same", "2d_stride_rhs_dil", "2d_lhs_dil", "2d_negative_pad", "1d_valid", "3d",
+               "groups", "depthwise", "depth_multiplier", "wide", "channels_80", "nchw")
 
 
 def _case(name: str, seed: int = 0):
-    xs, ws, kw = CASES[name]
-    kw = dict(kw)
-    kw.setdefault("dimension_numbers", _dn(len(xs)))
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal(xs).astype(np.float32)
-    w = rng.standard_normal(ws).astype(np.float32)
-    return x, w, kw
-
-
-def _conv(op, engine, kw):
-    return jax.jit(lambda x, w: jaxconv.conv_general_dilated(x, w, op=op, engine=engine, **kw))
+    return data(CASES[name], seed)
 
 
 def _reference(name, x, w, kw, pad_value="default"):
     npop = _np_op(name)
-    kw = dict(kw)
-    return conv_reference(
-        x, w, kw.pop("window_strides"), kw.pop("padding"), kw.pop("lhs_dilation", None),
-        kw.pop("rhs_dilation", None), kw.pop("dimension_numbers"),
-        kw.pop("feature_group_count", 1), combine=npop.combine, reduce=npop.reduce,
-        identity=npop.identity, pad_value=npop.pad_value if pad_value == "default" else pad_value)
+    return loop_reference(x, w, kw, npop.combine, npop.reduce, npop.identity,
+                          npop.pad_value if pad_value == "default" else pad_value)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -142,12 +105,6 @@ def test_dense_dot_general_with_batch(name):
         x2 = jaxconv.dot_general(a, b, dn, op=name, engine="xla")
     if name in MAXMIN:
         np.testing.assert_array_equal(np.asarray(y), np.asarray(x2))
-
-
-def _grads(op, engine, kw, x, w, ct):
-    def loss(x, w):
-        return jnp.sum(jaxconv.conv_general_dilated(x, w, op=op, engine=engine, **kw) * ct)
-    return jax.jit(jax.grad(loss, argnums=(0, 1)))(x, w)
 
 
 @pytest.mark.parametrize("case", ["2d_stride_rhs_dil", "groups", "depthwise", "wide",

@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from geometries import dn as _dn
+from geometries import table
 from jax.test_util import check_grads
 from reference import conv_reference
 
@@ -33,27 +35,8 @@ MUL_LSE = jaxconv.Op(lambda a, b: a * b, "logsumexp", name="mul_lse")
 COMBINES = {"log": np.add, "seed": lambda a, b: -np.square(a - b), "mul_lse": np.multiply}
 OPS = {"log": "log", "seed": SEED, "mul_lse": MUL_LSE}
 
-# name -> (x shape (channels last), w shape (spatial..., I, O), conv kwargs).
-GEOMS = {
-    "2d_same": ((2, 6, 5, 3), (3, 3, 3, 4), dict(window_strides=(1, 1), padding="SAME")),
-    "2d_stride_dil": ((2, 9, 8, 3), (3, 2, 3, 5), dict(
-        window_strides=(2, 1), padding=((1, 2), (2, 0)), rhs_dilation=(1, 2))),
-    "2d_lhs_dil": ((1, 5, 6, 2), (2, 3, 2, 3), dict(
-        window_strides=(1, 2), padding=((1, 1), (0, 2)), lhs_dilation=(2, 1))),
-    "1d_valid": ((2, 11, 3), (4, 3, 5), dict(window_strides=(2,), padding="VALID")),
-    "3d": ((1, 4, 5, 4, 2), (2, 3, 2, 2, 3), dict(
-        window_strides=(1, 1, 2), padding="SAME", rhs_dilation=(1, 1, 2))),
-    "groups": ((2, 5, 5, 4), (3, 3, 2, 6), dict(
-        window_strides=(1, 1), padding="SAME", feature_group_count=2)),
-    "depthwise": ((2, 6, 6, 20), (3, 3, 1, 20), dict(
-        window_strides=(1, 1), padding="SAME", feature_group_count=20)),
-    "wide": ((1, 4, 5, 17), (3, 2, 17, 70), dict(window_strides=(1, 1), padding="SAME")),
-}
-
-
-def _dn(ndim: int) -> tuple[str, str, str]:
-    sp = {3: "W", 4: "HW", 5: "DHW"}[ndim]
-    return (f"N{sp}C", f"{sp}IO", f"N{sp}C")
+GEOMS = table("2d_same", ("2d_stride_dil", "2d_stride_rhs_dil"), "2d_lhs_dil", "1d_valid", "3d",
+              "groups", "depthwise", "wide")
 
 
 def _data(geom: str, regime: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -9,6 +9,7 @@ import json
 import jax
 import numpy as np
 import pytest
+from geometries import table
 from reference import NUMPY_OPS, conv_reference
 
 import jaxconv
@@ -20,16 +21,8 @@ SUMS = ("adder", "l1", "l2_exact")
 
 # name -> (x shape, w shape, conv kwargs), NHWC / HWIO: padding and strides, groups,
 # depthwise, a dense (1x1) product with a long kernel block, an odd channel count.
-CASES = {
-    "same_stride": ((2, 9, 8, 3), (3, 2, 3, 5), dict(
-        window_strides=(2, 1), padding=((1, 2), (2, 0)), rhs_dilation=(1, 2))),
-    "groups": ((2, 5, 5, 8), (3, 3, 4, 6), dict(
-        window_strides=(1, 1), padding="SAME", feature_group_count=2)),
-    "depthwise": ((2, 6, 6, 20), (3, 3, 1, 20), dict(
-        window_strides=(1, 1), padding="SAME", feature_group_count=20)),
-    "dense": ((1, 5, 8, 300), (1, 1, 300, 70), dict(window_strides=(1, 1), padding="VALID")),
-    "wide": ((1, 4, 5, 80), (3, 3, 80, 70), dict(window_strides=(1, 1), padding="SAME")),
-}
+CASES = table(("same_stride", "2d_stride_rhs_dil"), ("groups", "groups_8"), "depthwise", "dense",
+              ("wide", "wide_80"))
 
 # A covering set: each value of each parameter, cut panels (block_kib=0) of the smallest and
 # largest size, one-panel blocks, both forms of the sums and of max_min / min_max, one item

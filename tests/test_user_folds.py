@@ -16,7 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from reference import conv_reference
+from geometries import assert_grads_match_xla, data, loop_reference, table
+from geometries import conv as _conv
+from geometries import grads as _grads
 
 import jaxconv
 from jaxconv._src.engines import native
@@ -101,59 +103,17 @@ FOLDS = {
     "scaled_max": (jaxconv.Op(lambda x, w: x + w, scaled_max, identity=-math.inf),
                    np.add, np.maximum, -math.inf),
 }
-GEOMETRIES = {
-    "2d_same": ((2, 6, 5, 3), (3, 3, 3, 4), dict(window_strides=(1, 1), padding="SAME")),
-    "1d_stride": ((2, 11, 3), (4, 3, 5), dict(window_strides=(2,), padding=((1, 2),))),
-    "rhs_dil_groups": ((2, 7, 6, 4), (3, 2, 2, 6), dict(
-        window_strides=(1, 2), padding="SAME", rhs_dilation=(2, 1), feature_group_count=2)),
-    "depthwise": ((2, 6, 6, 20), (3, 3, 1, 20), dict(
-        window_strides=(1, 1), padding="SAME", feature_group_count=20)),
-    "lhs_dil_empty": ((1, 3, 3, 2), (2, 2, 2, 3), dict(
-        window_strides=(2, 2), padding=((3, 3), (2, 2)), lhs_dilation=(3, 3))),
-    "wide": ((1, 4, 5, 17), (3, 2, 17, 70), dict(window_strides=(1, 1), padding="SAME")),
-}
+GEOMETRIES = table("2d_same", "1d_stride", "rhs_dil_groups", "depthwise", "lhs_dil_empty", "wide")
 COVER = [("softplus_max", "2d_same"), ("softplus_max", "wide"), ("prob_or", "rhs_dil_groups"),
          ("prob_or", "lhs_dil_empty"), ("softplus_max_pad", "1d_stride"),
          ("softplus_max_pad", "depthwise"), ("scaled_max", "2d_same")]
 
 
-def _dn(ndim):
-    sp = {3: "W", 4: "HW", 5: "DHW"}[ndim]
-    return (f"N{sp}C", f"{sp}IO", f"N{sp}C")
-
-
 def _data(geometry, seed=0, specials=False, ties=False):
-    xs, ws, kw = GEOMETRIES[geometry]
-    rng = np.random.default_rng(seed)
-    if ties:  # small integers: many equal products and sums
-        x = rng.integers(-2, 3, xs).astype(F32)
-        w = rng.integers(-2, 3, ws).astype(F32)
-    else:
-        x = rng.standard_normal(xs).astype(F32)
-        w = rng.standard_normal(ws).astype(F32)
-    if specials:
-        flat = x.reshape(-1)
-        flat[rng.choice(flat.size, 3, replace=False)] = [np.nan, np.inf, -np.inf]
-    return x, w, dict(kw, dimension_numbers=_dn(len(xs)))
+    return data(GEOMETRIES[geometry], seed, specials, ties)
 
 
-def _conv(op, engine, kw):
-    return jax.jit(lambda x, w: jaxconv.conv_general_dilated(x, w, op=op, engine=engine, **kw))
-
-
-def _grads(op, engine, kw, x, w, ct):
-    def loss(a, b):
-        return jnp.sum(jaxconv.conv_general_dilated(a, b, op=op, engine=engine, **kw) * ct)
-    return jax.jit(jax.grad(loss, argnums=(0, 1)))(x, w)
-
-
-def _reference(x, w, kw, combine, reduce, identity, pad_value):
-    k = dict(kw)
-    return conv_reference(x, w, k.pop("window_strides"), k.pop("padding"),
-                          k.pop("lhs_dilation", None), k.pop("rhs_dilation", None),
-                          k.pop("dimension_numbers"), k.pop("feature_group_count", 1),
-                          combine=combine, reduce=reduce, identity=identity,
-                          pad_value=pad_value)
+_reference = loop_reference
 
 
 # --- callable folds ---------------------------------------------------------------------------
@@ -180,11 +140,7 @@ def test_fold_gradients_match_xla_engine(name, geometry):
     x, w, kw = _data(geometry, seed=4)
     y = _conv(op, "xla", kw)(x, w)
     ct = np.random.default_rng(5).standard_normal(y.shape).astype(F32)
-    got = _grads(op, "native", kw, x, w, ct)
-    with jax.numpy_rank_promotion("allow"):
-        want = _grads(op, "xla", kw, x, w, ct)
-    for a, b in zip(got, want, strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5)
+    assert_grads_match_xla(op, kw, x, w, ct)
 
 
 def test_fold_gradient_matches_finite_differences():
@@ -243,11 +199,7 @@ def test_fold_ties_gradients_as_the_xla_engine():
     x, w, kw = _data("2d_same", seed=11, ties=True)
     ct = np.random.default_rng(12).standard_normal(
         _conv(op, "xla", kw)(x, w).shape).astype(F32)
-    got = _grads(op, "native", kw, x, w, ct)
-    with jax.numpy_rank_promotion("allow"):
-        want = _grads(op, "xla", kw, x, w, ct)
-    for a, b in zip(got, want, strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5)
+    assert_grads_match_xla(op, kw, x, w, ct)
 
 
 def test_fold_explain_says_native_forward_and_backward():
@@ -290,11 +242,7 @@ def test_rule_combines_match_xla_values_and_gradients(name, geometry):
         want = np.asarray(_conv(op, "xla", kw)(x, w))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     ct = np.random.default_rng(22).standard_normal(got.shape).astype(F32)
-    g_native = _grads(op, "native", kw, x, w, ct)
-    with jax.numpy_rank_promotion("allow"):
-        g_xla = _grads(op, "xla", kw, x, w, ct)
-    for a, b in zip(g_native, g_xla, strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5)
+    assert_grads_match_xla(op, kw, x, w, ct)
 
 
 def test_ste_gradient_is_the_users_rule_exactly():

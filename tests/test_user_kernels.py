@@ -19,6 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from geometries import assert_grads_match_xla, data, loop_reference, table
+from geometries import conv as _conv
+from geometries import grads as _grads
 from reference import conv_reference, dot_general_reference
 from subprocess_helpers import result, run_user_op, user_op_command, user_op_env
 
@@ -171,18 +174,8 @@ USER_OPS = {
     "callable_max": (jaxconv.Op(lambda x, w: x * w - w, jnp.maximum, identity=-math.inf),
                      lambda x, w: x * w - w, np.maximum, -math.inf),
 }
-GEOMETRIES = {
-    "2d_same": ((2, 6, 5, 3), (3, 3, 3, 4), dict(window_strides=(1, 1), padding="SAME")),
-    "1d_stride": ((2, 11, 3), (4, 3, 5), dict(window_strides=(2,), padding=((1, 2),))),
-    "rhs_dil_groups": ((2, 7, 6, 4), (3, 2, 2, 6), dict(
-        window_strides=(1, 2), padding="SAME", rhs_dilation=(2, 1), feature_group_count=2)),
-    "depthwise": ((2, 6, 6, 20), (3, 3, 1, 20), dict(
-        window_strides=(1, 1), padding="SAME", feature_group_count=20)),
-    "3d": ((1, 4, 5, 4, 2), (2, 3, 2, 2, 3), dict(window_strides=(1, 1, 2), padding="SAME")),
-    "lhs_dil_empty": ((1, 3, 3, 2), (2, 2, 2, 3), dict(
-        window_strides=(2, 2), padding=((3, 3), (2, 2)), lhs_dilation=(3, 3))),
-    "wide": ((1, 4, 5, 17), (3, 2, 17, 70), dict(window_strides=(1, 1), padding="SAME")),
-}
+GEOMETRIES = table("2d_same", "1d_stride", "rhs_dil_groups", "depthwise", ("3d", "3d_no_dil"),
+                   "lhs_dil_empty", "wide")
 # A covering set: every op and every geometry at least once, not their product.
 COVER = [("tanh_sub_max", "2d_same"), ("tanh_sub_max", "lhs_dil_empty"),
          ("clip_mul_max", "rhs_dil_groups"), ("clip_mul_max", "wide"),
@@ -204,24 +197,8 @@ def _inner(op):
     return op if form is None else form.inner
 
 
-def _dn(ndim):
-    sp = {3: "W", 4: "HW", 5: "DHW"}[ndim]
-    return (f"N{sp}C", f"{sp}IO", f"N{sp}C")
-
-
 def _data(geometry, seed=0, specials=False):
-    xs, ws, kw = GEOMETRIES[geometry]
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal(xs).astype(F32)
-    w = rng.standard_normal(ws).astype(F32)
-    if specials:
-        flat = x.reshape(-1)
-        flat[rng.choice(flat.size, 3, replace=False)] = [np.nan, np.inf, -np.inf]
-    return x, w, dict(kw, dimension_numbers=_dn(len(xs)))
-
-
-def _conv(op, engine, kw):
-    return jax.jit(lambda x, w: jaxconv.conv_general_dilated(x, w, op=op, engine=engine, **kw))
+    return data(GEOMETRIES[geometry], seed, specials)
 
 
 @pytest.mark.parametrize("name, geometry", COVER)
@@ -229,12 +206,7 @@ def test_kernels_match_reference_and_xla(name, geometry):
     op, combine, reduce, identity = USER_OPS[name]
     x, w, kw = _data(geometry)
     got = np.asarray(_conv(op, "native", kw)(x, w))
-    k = dict(kw)
-    ref = conv_reference(x, w, k.pop("window_strides"), k.pop("padding"),
-                         k.pop("lhs_dilation", None), k.pop("rhs_dilation", None),
-                         k.pop("dimension_numbers"), k.pop("feature_group_count", 1),
-                         combine=combine, reduce=reduce, identity=identity,
-                         pad_value=op.pad_value)
+    ref = loop_reference(x, w, kw, combine, reduce, identity, op.pad_value)
     np.testing.assert_allclose(got, ref, rtol=2e-5, atol=2e-5)
     with jax.numpy_rank_promotion("allow"):
         xla = np.asarray(_conv(op, "xla", kw)(x, w))
@@ -258,12 +230,6 @@ def test_nan_and_infinity_as_the_xla_engine(name):
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
 
 
-def _grads(op, engine, kw, x, w, ct):
-    def loss(a, b):
-        return jnp.sum(jaxconv.conv_general_dilated(a, b, op=op, engine=engine, **kw) * ct)
-    return jax.jit(jax.grad(loss, argnums=(0, 1)))(x, w)
-
-
 @pytest.mark.parametrize("name, geometry", [("tanh_sub_max", "rhs_dil_groups"),
                                             ("tanh_x_mul_max", "2d_same"),
                                             ("gauss_sum", "3d"), ("hinge_min", "depthwise"),
@@ -273,11 +239,7 @@ def test_gradients_match_xla_engine(name, geometry):
     x, w, kw = _data(geometry, seed=4)
     y = _conv(op, "xla", kw)(x, w)
     ct = np.random.default_rng(5).standard_normal(y.shape).astype(F32)
-    got = _grads(op, "native", kw, x, w, ct)
-    with jax.numpy_rank_promotion("allow"):
-        want = _grads(op, "xla", kw, x, w, ct)
-    for a, b in zip(got, want, strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5)
+    assert_grads_match_xla(op, kw, x, w, ct)
 
 
 def test_gradient_matches_finite_differences():
