@@ -75,6 +75,21 @@ struct Ctx {
   Scratch scratch;  // owns every buffer above (the pointers are views)
 };
 
+// The image and the output position of rows p .. p + R - 1 of a tile (`live`: the row is
+// inside the problem; a dead row reads image 0, position 0 and is never stored).
+template <int R>
+struct TileRows {
+  int64_t nimg[R], osi[R];
+  bool live[R];
+  TileRows(const Ctx& c, int64_t p) {
+    for (int r = 0; r < R; ++r) {
+      live[r] = p + r < c.P;
+      nimg[r] = live[r] ? (p + r) / c.OS : 0;
+      osi[r] = live[r] ? (p + r) % c.OS : 0;
+    }
+  }
+};
+
 void build_table(Ctx& c) {
   const jaxconv::Geom& g = c.g;
   int64_t t = 0;

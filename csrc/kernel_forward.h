@@ -76,13 +76,10 @@ void fwd_tile(const Ctx& c, const float* xb, const float* wb, const float* pad,
     for (int r = 0; r < MR; ++r)
       for (int v = 0; v < NV; ++v) acc[r][v] = S::load(accs + (r * NV + v) * W);
   }
-  int64_t nimg[MR], osi[MR];
-  bool live[MR];
-  for (int r = 0; r < MR; ++r) {
-    live[r] = p + r < c.P;
-    nimg[r] = live[r] ? (p + r) / c.OS : 0;
-    osi[r] = live[r] ? (p + r) % c.OS : 0;
-  }
+  const TileRows<MR> rows(c, p);
+  const int64_t (&nimg)[MR] = rows.nimg;
+  const int64_t (&osi)[MR] = rows.osi;
+  const bool (&live)[MR] = rows.live;
   const int64_t I = c.I;
   // Finite max/min: the pad row holds the reduce's identity, whose products are dominated.
   const bool has_pad = c.g.has_pad != 0 || (Op::kReduce != 0 && Op::kDominated && !Safe);
@@ -195,13 +192,10 @@ void fwd_tile(const Ctx& c, const float* xb, const float* wb, const float* pad,
 template <class Op, bool Safe>
 void dw_tile(const Ctx& c, const float* xb, const float* wb, float* yb, int64_t p) {
   using V = S::V;
-  int64_t nimg[MR], osi[MR];
-  bool live[MR];
-  for (int r = 0; r < MR; ++r) {
-    live[r] = p + r < c.P;
-    nimg[r] = live[r] ? (p + r) / c.OS : 0;
-    osi[r] = live[r] ? (p + r) % c.OS : 0;
-  }
+  const TileRows<MR> rows(c, p);
+  const int64_t (&nimg)[MR] = rows.nimg;
+  const int64_t (&osi)[MR] = rows.osi;
+  const bool (&live)[MR] = rows.live;
   const bool has_pad = c.g.has_pad != 0;
   const int64_t C = c.C;
   for (int64_t c0 = 0; c0 < C; c0 += NR) {

@@ -44,13 +44,10 @@ template <class Op>
 void lse_tile(const Ctx& c, const float* xb, const float* panel, float* yb, int64_t p,
               int64_t grp, int64_t jb) {
   using V = S::V;
-  int64_t nimg[LR], osi[LR];
-  bool live[LR];
-  for (int r = 0; r < LR; ++r) {
-    live[r] = p + r < c.P;
-    nimg[r] = live[r] ? (p + r) / c.OS : 0;
-    osi[r] = live[r] ? (p + r) % c.OS : 0;
-  }
+  const TileRows<LR> rows(c, p);
+  const int64_t (&nimg)[LR] = rows.nimg;
+  const int64_t (&osi)[LR] = rows.osi;
+  const bool (&live)[LR] = rows.live;
   const int64_t I = c.I;
   const bool has_pad = c.g.has_pad != 0;
   // Each row's input row per tap (the pad row where padded) and whether it is combined.
