@@ -19,6 +19,12 @@ import pytest
 from geometries import assert_grads_match_xla, data, loop_reference, table
 from geometries import conv as _conv
 from geometries import grads as _grads
+from native_checks import (
+    assert_gradients_match_finite_differences,
+    assert_gradients_match_xla,
+    assert_matches_reference_and_xla,
+    assert_specials_as_xla,
+)
 
 import jaxconv
 from jaxconv._src.engines import native
@@ -122,12 +128,7 @@ _reference = loop_reference
 def test_fold_matches_reference_and_xla(name, geometry):
     op, combine, fold, identity = FOLDS[name]
     x, w, kw = _data(geometry)
-    got = np.asarray(_conv(op, "native", kw)(x, w))
-    ref = _reference(x, w, kw, combine, fold, identity, op.pad_value)
-    np.testing.assert_allclose(got, ref, rtol=2e-5, atol=2e-5)
-    with jax.numpy_rank_promotion("allow"):
-        xla = np.asarray(_conv(op, "xla", kw)(x, w))
-    np.testing.assert_allclose(got, xla, rtol=2e-5, atol=2e-5)
+    assert_matches_reference_and_xla(op, kw, x, w, combine, fold, identity)
 
 
 @pytest.mark.parametrize("name, geometry", [("softplus_max", "rhs_dil_groups"),
@@ -138,9 +139,7 @@ def test_fold_matches_reference_and_xla(name, geometry):
 def test_fold_gradients_match_xla_engine(name, geometry):
     op = FOLDS[name][0]
     x, w, kw = _data(geometry, seed=4)
-    y = _conv(op, "xla", kw)(x, w)
-    ct = np.random.default_rng(5).standard_normal(y.shape).astype(F32)
-    assert_grads_match_xla(op, kw, x, w, ct)
+    assert_gradients_match_xla(op, kw, x, w, seed=5)
 
 
 def test_fold_gradient_matches_finite_differences():
@@ -154,27 +153,15 @@ def test_fold_gradient_matches_finite_differences():
         y = _reference(a, b, kw, combine, fold, identity, None)
         return float(np.sum(y * ct))
 
-    x64, w64 = x.astype(np.float64), w.astype(np.float64)
-    rng = np.random.default_rng(8)
-    for arr, grad, which in ((x64, gx, 0), (w64, gw, 1)):
-        for idx in [tuple(rng.integers(0, s) for s in arr.shape) for _ in range(4)]:
-            e = np.zeros_like(arr)
-            e[idx] = 1e-5
-            plus = (x64 + e, w64) if which == 0 else (x64, w64 + e)
-            minus = (x64 - e, w64) if which == 0 else (x64, w64 - e)
-            fd = (f(*plus) - f(*minus)) / 2e-5
-            np.testing.assert_allclose(float(np.asarray(grad)[idx]), fd, rtol=1e-3, atol=1e-4)
+    assert_gradients_match_finite_differences(f, x.astype(np.float64), w.astype(np.float64),
+                                              (gx, gw), eps=1e-5, seed=8)
 
 
 @pytest.mark.parametrize("name", ["softplus_max", "prob_or", "scaled_max"])
 def test_fold_nan_and_infinity_as_the_xla_engine(name):
     op = FOLDS[name][0]
     x, w, kw = _data("2d_same", seed=3, specials=True)
-    got = np.asarray(_conv(op, "native", kw)(x, w))
-    with jax.numpy_rank_promotion("allow"):
-        want = np.asarray(_conv(op, "xla", kw)(x, w))
-    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
-    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+    assert_specials_as_xla(op, kw, x, w)
 
 
 @pytest.mark.parametrize("name", ["softplus_max", "prob_or"])
@@ -197,9 +184,7 @@ def test_fold_ties_gradients_as_the_xla_engine():
     # max inside the fold: equal operands split the cotangent as jnp.maximum's rule does.
     op = FOLDS["scaled_max"][0]
     x, w, kw = _data("2d_same", seed=11, ties=True)
-    ct = np.random.default_rng(12).standard_normal(
-        _conv(op, "xla", kw)(x, w).shape).astype(F32)
-    assert_grads_match_xla(op, kw, x, w, ct)
+    assert_gradients_match_xla(op, kw, x, w, seed=12)
 
 
 def test_fold_explain_says_native_forward_and_backward():

@@ -19,9 +19,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from geometries import assert_grads_match_xla, data, loop_reference, table
 from geometries import conv as _conv
+from geometries import data, table
 from geometries import grads as _grads
+from native_checks import (
+    assert_gradients_match_finite_differences,
+    assert_gradients_match_xla,
+    assert_matches_reference_and_xla,
+    assert_specials_as_xla,
+)
 from reference import conv_reference, dot_general_reference
 from subprocess_helpers import result, run_user_op, user_op_command, user_op_env
 
@@ -205,29 +211,20 @@ def _data(geometry, seed=0, specials=False):
 def test_kernels_match_reference_and_xla(name, geometry):
     op, combine, reduce, identity = USER_OPS[name]
     x, w, kw = _data(geometry)
-    got = np.asarray(_conv(op, "native", kw)(x, w))
-    ref = loop_reference(x, w, kw, combine, reduce, identity, op.pad_value)
-    np.testing.assert_allclose(got, ref, rtol=2e-5, atol=2e-5)
-    with jax.numpy_rank_promotion("allow"):
-        xla = np.asarray(_conv(op, "xla", kw)(x, w))
+    # Close to both; libm against XLA's approximations, and XLA may contract x * w - w into an
+    # fma. Without either, max / min of the same products are the XLA engine's bit for bit.
+    got, xla = assert_matches_reference_and_xla(op, kw, x, w, combine, reduce, identity)
     used = set(codegen.functor(_inner(op)).primitives)
     fma = "mul" in used and used & {"add", "sub"}
     if reduce is not np.add and used <= EXACT and not fma:
-        np.testing.assert_array_equal(got, xla)  # the same products, bit for bit
-    else:
-        # libm against XLA's approximations; XLA may contract x * w - w into an fma.
-        np.testing.assert_allclose(got, xla, rtol=2e-5, atol=2e-5)
+        np.testing.assert_array_equal(got, xla)
 
 
 @pytest.mark.parametrize("name", ["tanh_sub_max", "tanh_x_mul_max", "hinge_min", "gauss_sum"])
 def test_nan_and_infinity_as_the_xla_engine(name):
     op = USER_OPS[name][0]
     x, w, kw = _data("2d_same", seed=3, specials=True)
-    got = np.asarray(_conv(op, "native", kw)(x, w))
-    with jax.numpy_rank_promotion("allow"):
-        want = np.asarray(_conv(op, "xla", kw)(x, w))
-    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
-    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+    assert_specials_as_xla(op, kw, x, w)
 
 
 @pytest.mark.parametrize("name, geometry", [("tanh_sub_max", "rhs_dil_groups"),
@@ -237,9 +234,7 @@ def test_nan_and_infinity_as_the_xla_engine(name):
 def test_gradients_match_xla_engine(name, geometry):
     op = USER_OPS[name][0]
     x, w, kw = _data(geometry, seed=4)
-    y = _conv(op, "xla", kw)(x, w)
-    ct = np.random.default_rng(5).standard_normal(y.shape).astype(F32)
-    assert_grads_match_xla(op, kw, x, w, ct)
+    assert_gradients_match_xla(op, kw, x, w, seed=5)
 
 
 def test_gradient_matches_finite_differences():
@@ -257,15 +252,7 @@ def test_gradient_matches_finite_differences():
                            identity=0.0)
         return float(np.sum(y * ct))
 
-    rng = np.random.default_rng(8)
-    for arr, grad, which in ((x, gx, 0), (w, gw, 1)):
-        for idx in [tuple(rng.integers(0, s) for s in arr.shape) for _ in range(4)]:
-            e = np.zeros_like(arr)
-            e[idx] = 1e-4
-            args_p = (x + e, w) if which == 0 else (x, w + e)
-            args_m = (x - e, w) if which == 0 else (x, w - e)
-            fd = (f(*args_p) - f(*args_m)) / 2e-4
-            np.testing.assert_allclose(float(np.asarray(grad)[idx]), fd, rtol=1e-3, atol=1e-4)
+    assert_gradients_match_finite_differences(f, x, w, (gx, gw), eps=1e-4, seed=8)
 
 
 def test_vmap_of_a_user_op_is_the_batched_call():
