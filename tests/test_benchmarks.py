@@ -7,26 +7,57 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_benchmark_cli_smoke(tmp_path):
+def _run_extras(meta: dict, row: dict) -> None:
+    assert row["fwd_mem"] is not None and row["lax_fwd_mem"] is not None
+
+
+def _native_busy_extras(meta: dict, row: dict) -> None:
+    # Every row timed quiet and beside one busy process, the table headed by the CPU, ISA,
+    # threads and peak rates.
+    assert meta["busy"] is True and meta["cpu"]["model_name"]
+    assert all(v > 0 for d in meta["peak"].values() for v in d.values())
+
+
+# id: (module, arguments after --smoke, text the table prints, row fields that must be > 0,
+#      further checks of the JSON's meta and row)
+SMOKES = {
+    "run": ("benchmarks.run", ["--layers", "A", "--ops", "max_plus", "--no-torch"],
+            ["max_plus", "threads"],
+            ["fwd_ms", "fwd_bwd_ms", "lax_fwd_ms", "lax_fwd_bwd_ms", "fwd_ratio",
+             "fwd_bwd_ratio"], _run_extras),
+    "native_busy": ("benchmarks.native", ["--busy", "--layers", "A", "--ops", "max_plus"],
+                    ["# cpu: ", "isa ", "busy: fwd", "# peak G terms/s"],
+                    ["busy_fwd_ratio", "busy_fwd_bwd_ratio", "busy_fwd_ms", "gterms_per_s",
+                     "peak_fraction"], _native_busy_extras),
+}
+
+
+@pytest.mark.parametrize("name", list(SMOKES))
+def test_benchmark_cli_smoke(tmp_path, name):
+    """A benchmark CLI with ``--smoke`` exits cleanly, prints its table and writes one row
+    of positive timings for layer A and max_plus to its JSON."""
+    module, args, texts, keys, extras = SMOKES[name]
     out = tmp_path / "bench.json"
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.run", "--smoke", "--layers", "A", "--ops",
-         "max_plus", "--no-torch", "--json", str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False)
+        [sys.executable, "-m", module, "--smoke", *args, "--json", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr
-    assert "max_plus" in proc.stdout and "threads" in proc.stdout
+    for text in texts:
+        assert text in proc.stdout, text
     data = json.loads(out.read_text())
-    assert data["meta"]["smoke"] is True and data["meta"]["threads"] >= 1
+    meta = data["meta"]
+    assert meta["smoke"] is True and meta["threads"] >= 1
     (row,) = data["results"]
     assert row["layer"] == "A" and row["op"] == "max_plus"
-    for key in ("fwd_ms", "fwd_bwd_ms", "lax_fwd_ms", "lax_fwd_bwd_ms", "fwd_ratio",
-                "fwd_bwd_ratio"):
+    for key in keys:
         assert row[key] > 0, key
-    assert row["fwd_mem"] is not None and row["lax_fwd_mem"] is not None
+    extras(meta, row)
 
 
 def test_benchmark_cli_rejects_unknown_names():
@@ -44,6 +75,8 @@ def test_engine_core_benchmark_smoke():
     assert [r["op"] for r in rows] == ["lax", "max_plus", "user_clip_max"]
     for r in rows:
         assert r["vmap_fwd"] > 0 and r["compile"] > 0 and r["mem_fb"][0] > 0
+
+
 def test_benchmark_pairs_timings_and_says_what_is_missing(monkeypatch):
     import io
 
@@ -73,28 +106,6 @@ def test_benchmark_flags_meaningless_ratios():
     assert len(busy) == 1 and "0.29x" in busy[0]
     noisy = bench._flags("max_plus", {**calm, "fwd_bwd_spread": 0.6})
     assert len(noisy) == 1 and "spread 60%" in noisy[0]
-
-
-def test_native_benchmark_busy_smoke(tmp_path):
-    """``benchmarks.native --smoke --busy``: every row timed quiet and beside one busy process,
-    the table headed by the CPU, ISA, threads and peak rates, the spinner gone afterwards."""
-    out = tmp_path / "native.json"
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.native", "--smoke", "--busy", "--layers", "A",
-         "--ops", "max_plus", "--json", str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
-    assert proc.returncode == 0, proc.stderr
-    assert "# cpu: " in proc.stdout and "isa " in proc.stdout and "busy: fwd" in proc.stdout
-    assert "# peak G terms/s" in proc.stdout
-    data = json.loads(out.read_text())
-    meta = data["meta"]
-    assert meta["busy"] is True and meta["cpu"]["model_name"] and meta["threads"] >= 1
-    assert all(v > 0 for d in meta["peak"].values() for v in d.values())
-    (row,) = data["results"]
-    for key in ("busy_fwd_ratio", "busy_fwd_bwd_ratio", "busy_fwd_ms", "gterms_per_s",
-                "peak_fraction"):
-        assert row[key] > 0, key
 
 
 def test_spinner_competes_and_is_killed():
