@@ -18,7 +18,20 @@ from jaxconv._src.core.ops import resolve, standard
 Array = jax.Array
 
 
-def _with_out_sharding(y: Array, out_sharding: Any) -> Array:
+def with_out_sharding(y: Array, out_sharding: Any) -> Array:
+    """``y`` constrained to ``out_sharding`` (checked first), or ``y`` when it is ``None``.
+
+    Args:
+        y: a product's output.
+        out_sharding: the ``out_sharding`` given (``None``, a sharding or a
+            ``PartitionSpec``).
+
+    Returns:
+        ``y``, with a sharding constraint unless ``out_sharding`` is ``None``.
+
+    Raises:
+        ValueError: ``out_sharding`` does not fit (`validation.out_sharding`).
+    """
     if out_sharding is None:
         return y
     validation.out_sharding(out_sharding, y.shape)
@@ -29,7 +42,23 @@ def _common_options(
     op: Op, lhs: Array, rhs: Array, engine: Any, max_block_bytes: Any,
     preferred_element_type: Any, precision: Any,
 ) -> tuple[str, int, Any]:
-    """Validates the options both products share: ``(engine, max_block_bytes, pet)``."""
+    """Validates the options both products share: ``(engine, max_block_bytes, pet)``.
+
+    Args:
+        op: the op (generic or the standard product).
+        lhs: the left operand.
+        rhs: the right operand.
+        engine: the ``engine`` given.
+        max_block_bytes: the ``max_block_bytes`` given.
+        preferred_element_type: the ``preferred_element_type`` given.
+        precision: the ``precision`` given.
+
+    Returns:
+        The engine's name, the block bound and the output dtype (or ``None``).
+
+    Raises:
+        TypeError, ValueError: an option that is not allowed; the message names it.
+    """
     engine = validation.engine_name(engine)
     mbb = validation.max_block_bytes(max_block_bytes)
     preferred_element_type = validation.preferred_element_type(
@@ -40,12 +69,24 @@ def _common_options(
 
 def _empty_contraction(op: Op, shape: tuple[int, ...], lhs: Array, rhs: Array,
                        preferred_element_type: Any, out_sharding: Any) -> Array:
-    """The result of reducing over nothing: the reduce's identity (then ``op.post``)."""
+    """The result of reducing over nothing: the reduce's identity (then ``op.post``).
+
+    Args:
+        op: the op.
+        shape: the output's shape.
+        lhs: the left operand.
+        rhs: the right operand.
+        preferred_element_type: the output dtype, ``None`` for the operands' common one.
+        out_sharding: the output's sharding, ``None`` for none.
+
+    Returns:
+        The output filled with the identity.
+    """
     dtype = preferred_element_type or jnp.result_type(lhs, rhs)
     y = jnp.full(shape, identity_value(op, dtype), dtype)
     if op.post is not None:
         y = op.post(y)
-    return _with_out_sharding(y, out_sharding)
+    return with_out_sharding(y, out_sharding)
 
 
 def conv_general_dilated(
@@ -200,7 +241,7 @@ def conv_general_dilated(
     src[dn.out_spec[1]] = nsd + 1
     for i, d in enumerate(dn.out_spec[2:]):
         src[d] = 1 + i
-    return _with_out_sharding(jnp.transpose(y, src), out_sharding)
+    return with_out_sharding(jnp.transpose(y, src), out_sharding)
 
 
 def dot_general(
@@ -274,4 +315,4 @@ def dot_general(
                                  preferred_element_type=preferred_element_type,
                                  max_block_bytes=mbb, precision=precision)
     y = y.reshape(m, b, n).transpose(1, 0, 2).reshape(bshape + lfs + rfs)
-    return _with_out_sharding(y, out_sharding)
+    return with_out_sharding(y, out_sharding)

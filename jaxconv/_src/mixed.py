@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxconv._src.conv import conv_general_dilated
+from jaxconv._src.conv import conv_general_dilated, with_out_sharding
 from jaxconv._src.core import algebra, validation
 from jaxconv._src.core.algebra import Op
 from jaxconv._src.core.ops import resolve
@@ -40,7 +40,15 @@ _NEGATED = {("add", "max"): ("add", "min"), ("min", "max"): ("max", "min")}
 def _dual_sides(a: Op, b: Op) -> tuple[bool, bool] | None:
     """``(negated_a, negated_b)`` when one op is the other on negated operands, negated
     (``b(x, w) == -a(-x, -w)``: the max side is computed, the min side negated), else
-    ``None``."""
+    ``None``.
+
+    Args:
+        a: the first op.
+        b: the second op.
+
+    Returns:
+        Which side is computed negated, or ``None``.
+    """
     kinds = []
     for op in (a, b):
         caps = algebra.capabilities(op)
@@ -160,7 +168,7 @@ def conv_multi(
         return conv_general_dilated(x, k, *geo, feature_group_count=g, op=op, **kw)
 
     if len(pieces) == 1:
-        return _sharded(run(pieces[0][0], lhs, rhs, groups), out_sharding)
+        return with_out_sharding(run(pieces[0][0], lhs, rhs, groups), out_sharding)
 
     if len(pieces) == 2:
         (a, na), (b, nb) = pieces
@@ -187,7 +195,7 @@ def conv_multi(
         if y is not None:
             ya = lax.slice_in_dim(y, 0, na, axis=out_c) * sa
             yb = lax.slice_in_dim(y, na, na + nb, axis=out_c) * sb
-            return _sharded(jnp.concatenate([ya, yb], axis=out_c), out_sharding)
+            return with_out_sharding(jnp.concatenate([ya, yb], axis=out_c), out_sharding)
 
     cin = lhs.shape[c_axis]
     cg = cin // groups
@@ -200,11 +208,4 @@ def conv_multi(
                                                      axis=c_axis)
         outs.append(run(op, x, k, g_n if groups > 1 else 1))
         start += n
-    return _sharded(jnp.concatenate(outs, axis=out_c), out_sharding)
-
-
-def _sharded(y: Array, out_sharding: Any) -> Array:
-    if out_sharding is None:
-        return y
-    validation.out_sharding(out_sharding, y.shape)
-    return jax.lax.with_sharding_constraint(y, out_sharding)
+    return with_out_sharding(jnp.concatenate(outs, axis=out_c), out_sharding)
