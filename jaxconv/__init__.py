@@ -36,6 +36,7 @@ _LAZY_SUBMODULES = ("checkpoint", "linen", "nnx", "optim", "packed")
 
 
 def __getattr__(name: str) -> Any:
+    """Imports a lazy submodule on first use (PEP 562)."""
     if name in _LAZY_SUBMODULES:
         module = importlib.import_module(f"jaxconv.{name}")
         globals()[name] = module
@@ -44,6 +45,7 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
+    """The package's names, the lazy submodules included."""
     return sorted(set(globals()) | set(_LAZY_SUBMODULES))
 
 __all__ = (

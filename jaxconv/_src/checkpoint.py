@@ -45,6 +45,16 @@ def save(directory: str | os.PathLike[str], model: nnx.Module, *, filter: Any = 
       model: an ``nnx.Module``.
       filter: which variables to save (an nnx filter; default: all but RNG state).
       force: overwrite an existing checkpoint at ``directory``.
+
+    Example:
+      >>> import os, tempfile
+      >>> from flax import nnx
+      >>> import jaxconv
+      >>> model = jaxconv.nnx.Linear(2, 3, op="max_plus", rngs=nnx.Rngs(0))
+      >>> path = os.path.join(tempfile.mkdtemp(), "ckpt")
+      >>> jaxconv.checkpoint.save(path, model)
+      >>> os.path.isdir(path)
+      True
     """
     state = nnx.to_pure_dict(nnx.state(model, filter))
     path = os.path.abspath(os.fspath(directory))
@@ -65,6 +75,17 @@ def restore(directory: str | os.PathLike[str], model: nnx.Module, *,
 
     Returns:
       ``model``, updated with the restored values.
+
+    Example:
+      >>> import os, tempfile
+      >>> from flax import nnx
+      >>> import jaxconv
+      >>> model = jaxconv.nnx.Linear(2, 3, op="max_plus", rngs=nnx.Rngs(0))
+      >>> path = os.path.join(tempfile.mkdtemp(), "ckpt")
+      >>> jaxconv.checkpoint.save(path, model)
+      >>> fresh = jaxconv.nnx.Linear(2, 3, op="max_plus", rngs=nnx.Rngs(1))
+      >>> bool((jaxconv.checkpoint.restore(path, fresh).kernel[...] == model.kernel[...]).all())
+      True
     """
     state = nnx.state(model, filter)
     target = nnx.to_pure_dict(state)

@@ -60,7 +60,16 @@ def is_semiring(op: Op) -> bool | None:
 
 
 def _reduce_axes(op: Op, a: Array, axes: tuple[int, ...]) -> Array:
-    """Reduces ``axes`` of ``a`` with ``op.reduce`` (NaN propagating for max/min)."""
+    """Reduces ``axes`` of ``a`` with ``op.reduce`` (NaN propagating for max/min).
+
+    Args:
+        op: the op (its reduce and accumulation dtype).
+        a: the array.
+        axes: the axes to reduce.
+
+    Returns:
+        ``a`` reduced over ``axes``, in ``a``'s dtype.
+    """
     if not axes:
         return a
     keep = [d for d in range(a.ndim) if d not in axes]
@@ -77,7 +86,15 @@ def _reduce_axes(op: Op, a: Array, axes: tuple[int, ...]) -> Array:
 
 
 def _diagonals(a: Array, term: str) -> tuple[Array, str]:
-    """Takes the diagonal of every index repeated within one operand."""
+    """Takes the diagonal of every index repeated within one operand.
+
+    Args:
+        a: one operand.
+        term: its subscripts.
+
+    Returns:
+        The operand and its subscripts, each index once (a diagonal's index last).
+    """
     while True:
         seen: dict[str, int] = {}
         for pos, ch in enumerate(term):
@@ -95,7 +112,22 @@ def _contract_pair(
     op: Op, a: Array, ta: str, b: Array, tb: str, keep: set[str], exact_broadcast: bool,
     dg_kwargs: dict[str, Any],
 ) -> tuple[Array, str]:
-    """One pairwise contraction by ``dot_general``; returns the result and its indices."""
+    """One pairwise contraction by ``dot_general``; returns the result and its indices.
+
+    Args:
+        op: the op.
+        a: the first operand.
+        ta: its subscripts.
+        b: the second operand.
+        tb: its subscripts.
+        keep: the indices that stay (in the output or in a later operand).
+        exact_broadcast: contract an index that only one operand has against the other
+            broadcast along it (exact for any op) instead of reducing it first.
+        dg_kwargs: the keywords of each ``dot_general``.
+
+    Returns:
+        The result and its subscripts.
+    """
     only_a = [c for c in ta if c not in tb and c not in keep]
     only_b = [c for c in tb if c not in ta and c not in keep]
     if exact_broadcast:

@@ -32,19 +32,32 @@ Array = jax.Array
 
 
 def _multiply(x: Any, w: Any) -> Any:
+    """``x * w``, the combine of a polynomial kervolution."""
     return x * w
 
 
 def _product_rewrite(product: Any, lhs: Array, rhs: Array) -> Array:
+    """The standard product itself (the rewrite of a polynomial kervolution)."""
     return product(lhs, rhs)
 
 
 def _l2_combine(x: Any, w: Any) -> Any:
+    """``-(x - w)**2``, the combine of a Gaussian kervolution."""
     d = x - w
     return -(d * d)
 
 
 def _l2_rewrite(product: Any, lhs: Array, rhs: Array) -> Array:
+    """``-||x - w||^2`` through three standard products.
+
+    Args:
+        product: the standard product of the geometry.
+        lhs: the input.
+        rhs: the kernel.
+
+    Returns:
+        ``2 x.w - ||x||^2 - ||w||^2`` over the in-bounds taps.
+    """
     # -||x - w||^2 = 2 x.w - ||x||^2 - ||w||^2 over the in-bounds taps (zero padding).
     return (2 * product(lhs, rhs) - product(lhs * lhs, jnp.ones_like(rhs))
             - product(jnp.ones_like(lhs), rhs * rhs))
@@ -58,6 +71,14 @@ class PolynomialPost:
     p: int | float
 
     def __call__(self, s: Array) -> Array:
+        """``(s + c) ** p``.
+
+        Args:
+            s: the standard product's sum.
+
+        Returns:
+            The output.
+        """
         return (s + self.c) ** self.p
 
 
@@ -68,10 +89,19 @@ class GaussianPost:
     gamma: float
 
     def __call__(self, s: Array) -> Array:
+        """``exp(gamma * s)``.
+
+        Args:
+            s: the ``l2`` sum, ``-||x - w||^2``.
+
+        Returns:
+            The output.
+        """
         return jnp.exp(self.gamma * s)
 
 
 def _number(name: str, v: Any) -> float:
+    """``v`` if it is a real number (not a bool); the ``TypeError`` names ``name``."""
     if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
         raise TypeError(f"`{name}` must be a real number, got {v!r}.")
     return v
@@ -79,6 +109,15 @@ def _number(name: str, v: Any) -> float:
 
 @functools.cache
 def _polynomial(c: float, p: int | float) -> Op:
+    """The polynomial kervolution op, one per ``(c, p)``.
+
+    Args:
+        c: the offset.
+        p: the power.
+
+    Returns:
+        The op.
+    """
     return Op(
         _multiply, "sum", name=f"polynomial(c={c!r}, p={p!r})", rewrite=_product_rewrite,
         post=PolynomialPost(c, p),
@@ -90,6 +129,14 @@ def _polynomial(c: float, p: int | float) -> Op:
 
 @functools.cache
 def _gaussian(gamma: float) -> Op:
+    """The Gaussian kervolution op, one per ``gamma``.
+
+    Args:
+        gamma: the width (the output is ``exp(-gamma ||x - w||^2)``).
+
+    Returns:
+        The op.
+    """
     return Op(
         _l2_combine, "sum", name=f"gaussian(gamma={gamma!r})", rewrite=_l2_rewrite,
         post=GaussianPost(gamma),

@@ -56,6 +56,20 @@ __all__ = ["KernelMask", "adder_scale", "clip_latent_weights", "kernel_mask", "w
 
 
 def _check_positive(value: object, name: str, fn_name: str) -> float:
+    """A finite positive Python number.
+
+    Args:
+        value: the value.
+        name: the argument's name, for the messages.
+        fn_name: the function's name, for the messages.
+
+    Returns:
+        ``value`` as a float.
+
+    Raises:
+        TypeError: not a real number.
+        ValueError: not finite and positive.
+    """
     if isinstance(value, (bool, np.bool_)) or not isinstance(
         value, (int, float, np.integer, np.floating)
     ):
@@ -141,7 +155,17 @@ def adder_scale(eta: float = 0.2, eps: float = 1e-12) -> optax.GradientTransform
 
 
 def _static_bool(value: object) -> bool:
-    """Converts a mask leaf to a Python bool, refusing traced or non-boolean values."""
+    """Converts a mask leaf to a Python bool, refusing traced or non-boolean values.
+
+    Args:
+        value: the mask's leaf.
+
+    Returns:
+        The leaf as a bool.
+
+    Raises:
+        TypeError: a traced or non-boolean leaf.
+    """
     if isinstance(value, (bool, np.bool_)):
         return bool(value)
     if (
@@ -253,7 +277,14 @@ def clip_latent_weights(
 
 
 def _path_names(path: tuple) -> tuple[str, ...]:
-    """A pytree key path as plain names, without a Variable's trailing ``value``."""
+    """A pytree key path as plain names, without a Variable's trailing ``value``.
+
+    Args:
+        path: a key path from ``jax.tree_util``.
+
+    Returns:
+        The names along it.
+    """
     names = []
     for k in path:
         for attr in ("key", "name", "idx"):
@@ -276,13 +307,27 @@ class KernelMask:
     """
 
     def __init__(self, paths: Any) -> None:
+        """Keeps the selected kernels' paths.
+
+        Args:
+            paths: the paths, each a sequence of names.
+        """
         self.paths = frozenset(tuple(str(k) for k in p) for p in paths)
 
     def __call__(self, params: Any) -> Any:
+        """The mask of a parameter tree.
+
+        Args:
+            params: an ``nnx.State`` or a nested dict of the model's parameters.
+
+        Returns:
+            A tree of bools of the same structure, True at the selected kernels.
+        """
         return jax.tree_util.tree_map_with_path(
             lambda path, _: _path_names(path) in self.paths, params)
 
     def __repr__(self) -> str:
+        """The selected paths, sorted and joined by ``/``."""
         return f"KernelMask({sorted('/'.join(p) for p in self.paths)})"
 
 
@@ -373,6 +418,15 @@ def weight_clip(mask: Any, clip_value: float = 1.0) -> optax.GradientTransformat
 
     Raises:
         ValueError: at ``init``, if ``mask`` selects no leaf of the parameters.
+
+    Example:
+        >>> import jax.numpy as jnp, optax, jaxconv
+        >>> params = {"kernel": jnp.array([0.5, -0.75])}
+        >>> tx = optax.chain(optax.sgd(1.0), jaxconv.optim.weight_clip({"kernel": True}))
+        >>> state = tx.init(params)
+        >>> updates, state = tx.update({"kernel": jnp.array([-1.0, 1.0])}, state, params)
+        >>> optax.apply_updates(params, updates)["kernel"]
+        Array([ 1., -1.], dtype=float32)
     """
     c = _check_positive(clip_value, "clip_value", "weight_clip")
 

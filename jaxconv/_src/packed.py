@@ -166,12 +166,26 @@ def pack_kernel(kernel: Any, *, groups: int = 1) -> Array:
 
 
 def _check_axis(fn: str, axis: int, ndim: int) -> int:
+    """``axis`` as a non-negative int.
+
+    Args:
+        fn: the function's name, for the message.
+        axis: the axis given (negative counts from the end).
+        ndim: the array's rank.
+
+    Returns:
+        The axis in ``[0, ndim)``.
+
+    Raises:
+        ValueError: not an int in ``[-ndim, ndim)``.
+    """
     if not isinstance(axis, (int, np.integer)) or not -ndim <= axis < ndim:
         raise ValueError(f"{fn}: `axis` (={axis!r}) out of range for an array of rank {ndim}.")
     return int(axis) % ndim
 
 
 def _check_packed(fn: str, name: str, a: Array) -> None:
+    """Refuses an operand that is not packed ``uint32`` words (the message names ``name``)."""
     if a.dtype != jnp.uint32:
         raise TypeError(f"{fn}: `{name}` must be packed uint32 words, got dtype {a.dtype}.")
 
@@ -194,6 +208,24 @@ def _geometry(
     in_spatial: tuple[int, ...], window: tuple[int, ...], window_strides: Any, padding: Any,
     lhs_dilation: Any, rhs_dilation: Any, groups: int,
 ) -> Geometry:
+    """The `Geometry` of a packed convolution, checked as lax checks its arguments.
+
+    Args:
+        in_spatial: the input's spatial sizes.
+        window: the kernel's spatial sizes.
+        window_strides: the strides, ``None`` for ones.
+        padding: ``"SAME"``, ``"VALID"`` (any case) or ``(low, high)`` pairs.
+        lhs_dilation: the input dilation, ``None`` for ones.
+        rhs_dilation: the kernel dilation, ``None`` for ones.
+        groups: the number of feature groups.
+
+    Returns:
+        The geometry.
+
+    Raises:
+        ValueError: a stride or dilation that is not positive ints, padding of the wrong length,
+            a string padding with an input dilation, or a window larger than the padded input.
+    """
     nsd = len(in_spatial)
 
     def ints(name: str, v: Any) -> tuple[int, ...]:
@@ -227,7 +259,21 @@ def _geometry(
 
 
 def _as_packed_input(x: Any, groups: int, in_features: int | None) -> tuple[Array, int]:
-    """A float input is packed along its last axis; a ``uint32`` input is taken as packed."""
+    """A float input is packed along its last axis; a ``uint32`` input is taken as packed.
+
+    Args:
+        x: the input, float (packed here) or ``uint32`` words.
+        groups: the number of feature groups.
+        in_features: the real number of input channels per group (needed for a packed input).
+
+    Returns:
+        The packed input and the number of channels per group.
+
+    Raises:
+        TypeError: neither float nor ``uint32``.
+        ValueError: a packed input without ``in_features``, or channels that ``groups`` does
+            not divide.
+    """
     x = jnp.asarray(x)
     if x.dtype == jnp.uint32:
         if in_features is None:
@@ -323,7 +369,17 @@ def packed_conv(
 
 
 def _fill_padding(xq: Array, geom: Geometry, pad_value: float, per: int) -> tuple[Array, Geometry]:
-    """Pads packed ``x`` with ``sign(pad_value)`` words; returns it and a VALID geometry."""
+    """Pads packed ``x`` with ``sign(pad_value)`` words; returns it and a VALID geometry.
+
+    Args:
+        xq: the packed input.
+        geom: the product's geometry.
+        pad_value: the padding's real value (its sign is packed).
+        per: the number of real channels per group.
+
+    Returns:
+        The padded input and the geometry of a VALID product on it.
+    """
     xp = taps.pad_input(xq, POPCOUNT_XOR, geom, fill=0)
     vm = geom.valid_mask()
     if vm is not None:
@@ -336,7 +392,14 @@ def _fill_padding(xq: Array, geom: Geometry, pad_value: float, per: int) -> tupl
 
 
 def _valid_taps(geom: Geometry) -> np.ndarray:
-    """Number of taps reading a real cell, per output position (static)."""
+    """Number of taps reading a real cell, per output position (static).
+
+    Args:
+        geom: the product's geometry.
+
+    Returns:
+        The counts, of shape ``geom.out_spatial``.
+    """
     mask = geom.valid_mask()
     out = np.zeros(geom.out_spatial, np.int64)
     for tap in geom.taps():
@@ -348,6 +411,19 @@ def _valid_taps(geom: Geometry) -> np.ndarray:
 def _packed_conv_canonical(
     xq: Array, wq: Array, geom: Geometry, per: int, pad_value: float | None, engine: str
 ) -> Array:
+    """The XNOR-popcount convolution of packed operands in the canonical layout.
+
+    Args:
+        xq: the packed input ``(N, *S, words)``.
+        wq: the packed kernel ``(*K, words, O)``.
+        geom: the product's geometry.
+        per: the number of real channels per group.
+        pad_value: the padding's real value, ``None`` to skip padded taps.
+        engine: the engine asked for.
+
+    Returns:
+        The ±1 dot products, int32 ``(N, *out_spatial, O)``.
+    """
     if pad_value is not None:
         xq, geom = _fill_padding(xq, geom, pad_value, per)
     # The mismatches over the taps that read real cells (padded taps are skipped: the op's

@@ -69,6 +69,14 @@ def compile_kernels(ops: Op | Iterable[Op]) -> list[KernelInfo]:
 
 
 def _compile_one(op: Op) -> KernelInfo:
+    """Compiles one op's native kernel (through the cache) and says what happened.
+
+    Args:
+        op: the op.
+
+    Returns:
+        Its `KernelInfo`: the library's path, whether it was compiled now, or why not.
+    """
     from jaxconv._src.engines import native  # noqa: PLC0415 - loads the extension module
     from jaxconv._src.engines.native.translation import Refusal  # noqa: PLC0415
 
@@ -83,6 +91,14 @@ def _compile_one(op: Op) -> KernelInfo:
 
 
 def _collect(value: object) -> list[Op]:
+    """The ops in ``value``: itself, or those in a list, tuple or dict's values.
+
+    Args:
+        value: any value of a module.
+
+    Returns:
+        The ops found (none for any other value).
+    """
     if isinstance(value, Op):
         return [value]
     if isinstance(value, dict):
@@ -93,6 +109,18 @@ def _collect(value: object) -> list[Op]:
 
 
 def _ops_of(target: str) -> list[Op]:
+    """The ops a target names.
+
+    Args:
+        target: ``"module"`` (every op at its top level, also in lists, tuples and dicts) or
+            ``"module:attr.path"``.
+
+    Returns:
+        The ops.
+
+    Raises:
+        ValueError: the attribute holds no op.
+    """
     module_name, _, attr = target.partition(":")
     module = importlib.import_module(module_name)
     if attr:
@@ -114,6 +142,12 @@ def main(argv: list[str] | None = None) -> int:
 
     Returns:
       The exit status: 0, or 1 when a compile failed or no op was found.
+
+    Example:
+      >>> import jaxconv.prebuild
+      >>> jaxconv.prebuild.main(["jaxconv.ops:max_plus"])
+      skipped   'max_plus': built-in kernel ...
+      0
     """
     parser = argparse.ArgumentParser(
         prog="python -m jaxconv.prebuild",

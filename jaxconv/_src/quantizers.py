@@ -78,7 +78,18 @@ Quantizer = Callable[[jax.Array], jax.Array]
 
 
 def _as_float_array(x: jax.typing.ArrayLike, fn_name: str) -> jax.Array:
-    """Converts ``x`` to an array and checks that its dtype is real floating."""
+    """Converts ``x`` to an array and checks that its dtype is real floating.
+
+    Args:
+        x: the value.
+        fn_name: the quantizer's name, for the message.
+
+    Returns:
+        ``x`` as an array.
+
+    Raises:
+        TypeError: its dtype is not real floating.
+    """
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(
@@ -89,7 +100,20 @@ def _as_float_array(x: jax.typing.ArrayLike, fn_name: str) -> jax.Array:
 
 
 def _check_number(value: object, name: str, fn_name: str) -> float:
-    """Checks that ``value`` is a real Python/NumPy number (not a bool or an array)."""
+    """Checks that ``value`` is a real Python/NumPy number (not a bool or an array).
+
+    Args:
+        value: the value.
+        name: the argument's name, for the messages.
+        fn_name: the quantizer's name, for the messages.
+
+    Returns:
+        ``value`` as a float.
+
+    Raises:
+        TypeError: not a real number.
+        ValueError: NaN.
+    """
     if isinstance(value, (bool, np.bool_)) or not isinstance(
         value, (int, float, np.integer, np.floating)
     ):
@@ -104,7 +128,19 @@ def _check_number(value: object, name: str, fn_name: str) -> float:
 
 
 def _check_clip_value(clip_value: float | None, fn_name: str) -> float | None:
-    """Validates ``clip_value``: ``None`` or a number >= 0 (``inf`` allowed)."""
+    """Validates ``clip_value``: ``None`` or a number >= 0 (``inf`` allowed).
+
+    Args:
+        clip_value: the value.
+        fn_name: the quantizer's name, for the messages.
+
+    Returns:
+        ``clip_value`` as a float, or ``None``.
+
+    Raises:
+        TypeError: not a number.
+        ValueError: negative or NaN.
+    """
     if clip_value is None:
         return None
     value = _check_number(clip_value, "clip_value", fn_name)
@@ -187,6 +223,14 @@ class _Ternarize:
     ternary_weight_networks: bool
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        """Ternarizes ``x`` to -1, 0 or +1 around the threshold.
+
+        Args:
+            x: the values.
+
+        Returns:
+            ``sign(sign(x + t) + sign(x - t))``, ``t`` the fixed or the TWN threshold.
+        """
         if self.ternary_weight_networks:
             # TWN threshold 0.7 * mean|x| over the whole array, accumulated in float32.
             acc = _compute_dtype(x.dtype)
@@ -212,6 +256,16 @@ def _straight_through(
 def _straight_through_fwd(
     x: jax.Array, forward: Callable[[jax.Array], jax.Array], clip_value: float | None
 ) -> tuple[jax.Array, jax.Array | None]:
+    """The forward of the straight-through estimator: the value and the pass-through mask.
+
+    Args:
+        x: the input.
+        forward: the quantizer's forward map.
+        clip_value: the estimator's clip value, ``None`` for no clipping.
+
+    Returns:
+        ``(forward(x), mask)``, ``mask`` ``None`` without a clip value.
+    """
     # Only the boolean pass-through mask is kept for the backward pass.
     return forward(x), _pass_mask(x, clip_value)
 
@@ -222,6 +276,17 @@ def _straight_through_bwd(
     mask: jax.Array | None,
     g: jax.Array,
 ) -> tuple[jax.Array]:
+    """The backward of the straight-through estimator: the cotangent where ``|x| <= clip``.
+
+    Args:
+        forward: the quantizer's forward map (unused).
+        clip_value: the clip value (unused: the mask holds it).
+        mask: the forward's pass-through mask, ``None`` for all.
+        g: the output's cotangent.
+
+    Returns:
+        The input's cotangent, in a 1-tuple.
+    """
     del forward, clip_value
     return (_apply_mask(mask, g),)
 
@@ -231,14 +296,25 @@ _straight_through.defvjp(_straight_through_fwd, _straight_through_bwd)
 
 @jax.custom_vjp
 def _approx_sign(x: jax.Array) -> jax.Array:
+    """``sign(x)`` with the ApproxSign gradient (`_approx_sign_bwd`)."""
     return sign(x)
 
 
 def _approx_sign_fwd(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The forward of `_approx_sign`: the sign, with ``x`` as residual."""
     return sign(x), x
 
 
 def _approx_sign_bwd(x: jax.Array, g: jax.Array) -> tuple[jax.Array]:
+    """The ApproxSign gradient, ``g * max(0, 2 - 2 |x|)``.
+
+    Args:
+        x: the forward's input.
+        g: the output's cotangent.
+
+    Returns:
+        The input's cotangent, in a 1-tuple.
+    """
     acc = _compute_dtype(x.dtype)
     abs_x = jnp.abs(x).astype(acc)
     slope = jnp.where(abs_x <= 1.0, (1.0 - abs_x) * 2.0, jnp.zeros_like(abs_x))
@@ -250,14 +326,27 @@ _approx_sign.defvjp(_approx_sign_fwd, _approx_sign_bwd)
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def _swish_sign(x: jax.Array, beta: float) -> jax.Array:
+    """``sign(x)`` with the SwishSign gradient of slope ``beta`` (`_swish_sign_bwd`)."""
     return sign(x)
 
 
 def _swish_sign_fwd(x: jax.Array, beta: float) -> tuple[jax.Array, jax.Array]:
+    """The forward of `_swish_sign`: the sign, with ``x`` as residual."""
     return sign(x), x
 
 
 def _swish_sign_bwd(beta: float, x: jax.Array, g: jax.Array) -> tuple[jax.Array]:
+    """The SwishSign gradient: the derivative of ``2 s (1 + beta x (1 - s)) - 1``, ``s`` the
+    sigmoid of ``beta x``.
+
+    Args:
+        beta: the slope.
+        x: the forward's input.
+        g: the output's cotangent.
+
+    Returns:
+        The input's cotangent, in a 1-tuple.
+    """
     acc = _compute_dtype(x.dtype)
     bx = beta * x.astype(acc)
     # For large |beta * x|, cosh overflows to inf and the slope is (correctly) 0.

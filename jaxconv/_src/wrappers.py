@@ -18,6 +18,19 @@ _SPATIAL = "DHWXYZ"
 
 
 def _ints(name: str, v: int | Sequence[int], n: int) -> tuple[int, ...]:
+    """``v`` as ``n`` ints (an int is repeated).
+
+    Args:
+        name: the argument's name, for the message.
+        v: an int or a sequence of ints.
+        n: the number wanted.
+
+    Returns:
+        The ints as a tuple.
+
+    Raises:
+        ValueError: a sequence of another length.
+    """
     if isinstance(v, int) and not isinstance(v, bool):
         return (v,) * n
     t = tuple(v)
@@ -35,6 +48,15 @@ _RENAMED = {
 
 
 def _refuse_unknown(fn: str, unknown: dict[str, Any]) -> None:
+    """Raises a ``TypeError`` for the first of ``unknown`` (with the lax / Flax name).
+
+    Args:
+        fn: the function's name.
+        unknown: the unexpected keywords.
+
+    Raises:
+        TypeError: if there is any.
+    """
     for name in unknown:
         if name in _RENAMED:
             raise TypeError(
@@ -79,6 +101,8 @@ def conv(
       preferred_element_type: accumulation and output dtype.
       engine: ``"auto"``, ``"xla"``, ``"native"`` or ``"pallas"``.
       max_block_bytes: bound on the bytes of one block of intermediate products.
+      **unknown: refused: a ``TypeError`` names the keyword (and the lax / Flax name of a
+        renamed one, such as ``stride=``).
 
     Returns:
       ``(N, *out_spatial, O)``.

@@ -117,6 +117,7 @@ class Op:
     lax_product: bool = False
 
     def __post_init__(self) -> None:
+        """Checks the fields (``TypeError`` / ``ValueError`` naming the field)."""
         if not callable(self.combine):
             raise TypeError(
                 f"Op: `combine` must be a callable combine(x, w), got {type(self.combine)!r}."
@@ -160,6 +161,7 @@ class Op:
                 + ", ".join(f"{f}={getattr(self, f)!r}" for f in _LAX_FIXED) + ".")
 
     def __repr__(self) -> str:
+        """The name, the reduce and the pad value."""
         red = self.reduce if isinstance(self.reduce, str) else getattr(
             self.reduce, "__name__", "callable")
         return f"Op(name={self.name!r}, reduce={red!r}, pad_value={self.pad_value!r})"
@@ -224,7 +226,14 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def _callable_name(fn: Any) -> str:
-    """A function's name for messages: ``__name__``, through ``functools.partial`` layers."""
+    """A function's name for messages: ``__name__``, through ``functools.partial`` layers.
+
+    Args:
+        fn: a function (or a string, returned as it is).
+
+    Returns:
+        Its name.
+    """
     if isinstance(fn, str):
         return fn
     while isinstance(fn, functools.partial):
@@ -234,7 +243,15 @@ def _callable_name(fn: Any) -> str:
 
 
 def identity_value(op: Op, dtype: Any) -> Array:
-    """The identity of ``op.reduce`` as a scalar of ``dtype`` (the dtype's own infinities)."""
+    """The identity of ``op.reduce`` as a scalar of ``dtype`` (the dtype's own infinities).
+
+    Args:
+        op: the op.
+        dtype: the dtype.
+
+    Returns:
+        The identity as a scalar array.
+    """
     dtype = jnp.dtype(dtype)
     if op.identity is not None:
         v = op.identity
@@ -257,7 +274,14 @@ def identity_value(op: Op, dtype: Any) -> Array:
 
 
 def binary(op: Op) -> Callable[[Array, Array], Array]:
-    """The elementwise binary form of the reduce, used to accumulate across taps."""
+    """The elementwise binary form of the reduce, used to accumulate across taps.
+
+    Args:
+        op: the op.
+
+    Returns:
+        ``f(a, b)`` combining two partial results.
+    """
     r = op.reduce
     if callable(r):
         return r
@@ -275,6 +299,13 @@ def logaddexp(a: Array, b: Array) -> Array:
 
     The double ``where``: the all ``-inf`` case is the constant ``-inf``, and the inner
     ``logaddexp`` never sees it (its tangent would be ``exp(-inf - -inf)``).
+
+    Args:
+        a: one term (log space).
+        b: the other.
+
+    Returns:
+        ``log(exp(a) + exp(b))``.
     """
     empty = jnp.isneginf(a) & jnp.isneginf(b)
     out = jnp.logaddexp(jnp.where(empty, 0, a), jnp.where(empty, 0, b))
@@ -285,6 +316,14 @@ def reduce_last(op: Op, c: Array, acc_dtype: Any) -> Array:
     """Reduces ``c`` over its last axis with ``op.reduce``, accumulating in ``acc_dtype``.
 
     XLA's vectorised CPU max/min reductions drop NaN; the engines restore NaN separately.
+
+    Args:
+        op: the op.
+        c: the products, the reduced axis last.
+        acc_dtype: the accumulation dtype.
+
+    Returns:
+        ``c`` reduced over its last axis.
     """
     r = op.reduce
     if r == "sum":
@@ -312,6 +351,14 @@ def tree_reduce_last(fn: Callable[[Array, Array], Array], c: Array, identity: Ar
 
     Only elementwise calls of ``fn`` are made, so any jnp-traceable ``myadd`` works and is
     differentiable by ``jax.grad``.
+
+    Args:
+        fn: the binary reduce.
+        c: the values, the reduced axis last.
+        identity: the reduce's identity (pads an odd level).
+
+    Returns:
+        ``c`` reduced over its last axis.
     """
     while c.shape[-1] > 1:
         if c.shape[-1] % 2:
@@ -327,6 +374,14 @@ def accumulation_dtype(op: Op, dtype: Any, preferred: Any | None) -> Any:
 
     Sums and logsumexp of low-precision floats accumulate in float32 (or in
     ``preferred_element_type``); max/min keep the input dtype (no rounding happens).
+
+    Args:
+        op: the op.
+        dtype: the operands' dtype.
+        preferred: the ``preferred_element_type``, or ``None``.
+
+    Returns:
+        The accumulation dtype.
     """
     dtype = jnp.dtype(dtype)
     if preferred is not None:
@@ -381,6 +436,13 @@ def simple_primitive(fn: Any, dtype: Any = jnp.float32) -> str | None:
     """``"add" | "mul" | "max" | "min"`` if ``fn(a, b)`` is exactly that primitive of a, b.
 
     Traced once on abstract scalars (no values, never on a caller's tracer).
+
+    Args:
+        fn: a binary function.
+        dtype: the dtype it is traced in.
+
+    Returns:
+        The primitive's name, or ``None``.
     """
     s = jax.ShapeDtypeStruct((), dtype)
     try:
@@ -409,7 +471,14 @@ _LAE_PROBES = np.array([-np.inf, -1e4, -200.0, -88.5, -30.0, -3.5, -1.0, -0.6931
 
 def single_primitive(program: Any) -> str | None:
     """``"add" | "mul" | "max" | "min"`` if the program is that one primitive of its two
-    arguments (in either order), in its own dtype."""
+    arguments (in either order), in its own dtype.
+
+    Args:
+        program: a `scalar_program.Program` of two arguments.
+
+    Returns:
+        The primitive's name, or ``None``.
+    """
     from jaxconv._src.core import scalar_program as sp  # noqa: PLC0415
 
     live = program.live()
@@ -430,6 +499,12 @@ def _computes_logaddexp(program: Any) -> bool:
     are ``-inf``, hand-written stable forms (``m + log(exp(a - m) + exp(b - m))``) give NaN:
     accepted there, and the recognised reduce computes the built-in's answer (``+inf``;
     ``-inf`` for two ``-inf``, the identity law).
+
+    Args:
+        program: a `scalar_program.Program` of two arguments.
+
+    Returns:
+        True if it computes ``logaddexp``.
     """
     from jaxconv._src.core import scalar_program as sp  # noqa: PLC0415
 
@@ -493,7 +568,14 @@ def recognised_reduce(fn: Callable[[Any, Any], Any]) -> str | None:
 
 def _has_reverse_only_rule(jaxpr: Any) -> bool:
     """Whether ``jaxpr`` calls a ``custom_vjp`` function outside any ``custom_jvp`` one (whose
-    own JVP rule would cover it): such a program has no forward-mode rule."""
+    own JVP rule would cover it): such a program has no forward-mode rule.
+
+    Args:
+        jaxpr: a jaxpr (sub-jaxprs of its equations are searched too).
+
+    Returns:
+        True if it has such a call.
+    """
     for eqn in jaxpr.eqns:
         name = eqn.primitive.name
         if name.startswith("custom_vjp"):
@@ -512,6 +594,12 @@ def _reverse_only_part(op: Op) -> str | None:
     """``"combine"`` / ``"reduce"`` if that part of ``op`` defines only a reverse-mode rule.
 
     Found from the part's program, traced once on abstract values (nothing runs).
+
+    Args:
+        op: the op.
+
+    Returns:
+        The part's name, or ``None``.
     """
     s = jax.ShapeDtypeStruct((2,), jnp.float32)
     parts = [("combine", op.combine)]

@@ -80,41 +80,113 @@ class Engine(Protocol):
         return None
 
     def refusal(self, problem: Problem, dtype: DTypeLike, platform: str | None) -> str | None:
-        """Why the engine does not serve `problem` (`None`: it does)."""
+        """Why the engine does not serve `problem` (`None`: it does).
+
+        Args:
+            problem: the canonical problem.
+            dtype: the operands' dtype.
+            platform: the platform being lowered for, ``None`` when not known yet.
+
+        Returns:
+            A sentence for ``explain`` and the error of ``engine="..."``, or ``None``.
+        """
         ...
 
     def forward(self, problem: Problem, x: Array, w: Array) -> Array:
-        """The product `(N, *out_spatial, O)` in the problem's accumulation dtype."""
+        """The product `(N, *out_spatial, O)` in the problem's accumulation dtype.
+
+        Args:
+            problem: the canonical problem.
+            x: the input ``(N, *S, C)``.
+            w: the kernel ``(*K, I, O)``.
+
+        Returns:
+            The output.
+        """
         ...
 
     def backward(self, problem: Problem, x: Array, w: Array, y: Array, g: Array,
                  need: tuple[bool, bool]) -> tuple[Array, Array]:
-        """The input and kernel gradients, from the forward's `y` and its cotangent `g`."""
+        """The input and kernel gradients, from the forward's `y` and its cotangent `g`.
+
+        Args:
+            problem: the canonical problem.
+            x: the input.
+            w: the kernel.
+            y: the forward's output.
+            g: the output's cotangent.
+            need: which gradients are needed, ``(input, kernel)``; the others may be zeros.
+
+        Returns:
+            ``(gx, gw)``.
+        """
         ...
 
     def tangent(self, problem: Problem, x: Array, w: Array, y: Array, tx: Array, tw: Array,
                 active: tuple[bool, bool]) -> Array:
-        """The forward-mode tangent of the output, linear in `(tx, tw)`."""
+        """The forward-mode tangent of the output, linear in `(tx, tw)`.
+
+        Args:
+            problem: the canonical problem.
+            x: the input.
+            w: the kernel.
+            y: the forward's output.
+            tx: the input's tangent.
+            tw: the kernel's tangent.
+            active: which tangents are not zero.
+
+        Returns:
+            The output's tangent.
+        """
         ...
 
     def describe(self, problem: Problem, dtype: DTypeLike) -> tuple[str, ...]:
-        """The path this engine takes for `problem`, one line per fact (for `explain`)."""
+        """The path this engine takes for `problem`, one line per fact (for `explain`).
+
+        Args:
+            problem: the canonical problem.
+            dtype: the operands' dtype.
+
+        Returns:
+            The lines.
+        """
         del problem, dtype
         return ()
 
     def opaque_call(self, platform: str) -> bool:
         """Whether the lowering for `platform` is a custom call the partitioner would
-        replicate (the core then partitions it over batch and output features)."""
+        replicate (the core then partitions it over batch and output features).
+
+        Args:
+            platform: the platform being lowered for.
+
+        Returns:
+            True for an opaque custom call.
+        """
         del platform
         return False
 
     def backward_reads_output(self, problem: Problem) -> bool:
-        """Whether `backward` finds max/min winners (logsumexp weights) from the `y` given."""
+        """Whether `backward` finds max/min winners (logsumexp weights) from the `y` given.
+
+        Args:
+            problem: the canonical problem.
+
+        Returns:
+            True if the backward needs the forward's output.
+        """
         del problem
         return False
 
     def per_example_kernel_gradient(self, problem: Problem) -> PerExampleRule | None:
-        """Per-example kernel gradients in standard products, or `None` (the core's rule)."""
+        """Per-example kernel gradients in standard products, or `None` (the core's rule).
+
+        Args:
+            problem: the canonical problem.
+
+        Returns:
+            ``(fn, both)`` as the core's `_per_example_rule`, or ``None``.
+        """
         del problem
         return None
 

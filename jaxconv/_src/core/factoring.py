@@ -36,6 +36,14 @@ class ProgramFn:
     name: str
 
     def __call__(self, *args: Array) -> Array:
+        """Evaluates the program on the operands, broadcast to one shape.
+
+        Args:
+            *args: the program's arguments.
+
+        Returns:
+            Its first output.
+        """
         from jaxconv._src.core import scalar_program  # noqa: PLC0415
 
         shape = jnp.broadcast_shapes(*(jnp.shape(a) for a in args))
@@ -134,7 +142,15 @@ def per_product_rule(op: Op, dtype: Any) -> str | None:
 
 def linear_rule(node: Any, dtype: np.dtype) -> bool:
     """Whether a custom-rule node's backward is linear in the cotangent (always true of a
-    custom JVP, whose tangent rule JAX transposes), checked by transposing it abstractly."""
+    custom JVP, whose tangent rule JAX transposes), checked by transposing it abstractly.
+
+    Args:
+        node: a custom-rule node of a `scalar_program.ScalarProgram`.
+        dtype: the program's dtype.
+
+    Returns:
+        True if the backward is linear in the cotangent.
+    """
     from jaxconv._src.core import scalar_program as sp  # noqa: PLC0415
 
     if node.name == "custom_jvp_call":
@@ -161,11 +177,22 @@ def linear_rule(node: Any, dtype: np.dtype) -> bool:
 
 
 def _factored_form(op: Op, dtype: np.dtype) -> FactoredForm | None:
+    """The `FactoredForm` of `_factored` (cached there)."""
     return _factored(op, dtype)[0]
 
 
 @functools.lru_cache(maxsize=512)
 def _factored(op: Op, dtype: np.dtype) -> tuple[FactoredForm | None, str | None]:
+    """Factors one-operand maps and a monotone tail out of ``op``'s combine, once per dtype.
+
+    Args:
+        op: the op.
+        dtype: the operands' dtype.
+
+    Returns:
+        ``(form, None)`` when the op factors, ``(None, reason)`` when a custom rule keeps it
+        from the native engine, else ``(None, None)``.
+    """
     from jaxconv._src.core import scalar_program as sp  # noqa: PLC0415
 
     if op.rewrite is not None or op.native is not None:

@@ -88,7 +88,15 @@ class Geometry:
         return m
 
     def tap_mask(self, mask: np.ndarray | None, tap: tuple[int, ...]) -> np.ndarray | None:
-        """The mask of one tap over the output positions (``None``: all valid)."""
+        """The mask of one tap over the output positions (``None``: all valid).
+
+        Args:
+            mask: the padded input's validity mask, or ``None``.
+            tap: the tap's index in the window.
+
+        Returns:
+            The tap's mask of shape ``out_spatial``, or ``None``.
+        """
         if mask is None:
             return None
         idx = tuple(

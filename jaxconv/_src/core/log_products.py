@@ -42,7 +42,16 @@ MIN_EXPONENT = -60.0
 def _shifted(problem: Problem, x: Array, w: Array) -> tuple[Array, Array, Array]:
     """``exp(x - mx)``, ``exp(w - mw)`` and the shift ``mx + mw`` broadcastable to the
     output (``(N, 1.., O)``), in the accumulation dtype, with non-finite maxima replaced
-    by 0."""
+    by 0.
+
+    Args:
+        problem: the canonical problem.
+        x: the input.
+        w: the kernel.
+
+    Returns:
+        The two exponentials and the shift.
+    """
     nsd = len(problem.geom.window)
     xa, wa = x.astype(problem.acc_dtype), w.astype(problem.acc_dtype)
     mx = jnp.max(xa, axis=tuple(range(1, xa.ndim)), keepdims=True)

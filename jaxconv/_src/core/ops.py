@@ -13,6 +13,7 @@ from jaxconv._src.core.algebra import Op
 
 
 def _multiply(x, w):
+    """``x * w``, the standard product's combine."""
     return x * w
 
 
@@ -29,12 +30,23 @@ standard = Op(
 # --- xnor --------------------------------------------------------------------------------
 
 def _xnor_combine(x, w):
+    """``ste_sign(x) * ste_sign(w)``, the XNOR op's combine (straight-through gradients)."""
     from jaxconv._src.quantizers import ste_sign
 
     return ste_sign(x) * ste_sign(w)
 
 
 def _xnor_rewrite(product, lhs, rhs):
+    """The XNOR sum as the standard product of the signs.
+
+    Args:
+        product: the standard product of the geometry.
+        lhs: the input.
+        rhs: the kernel.
+
+    Returns:
+        ``sum sign(x) sign(w)`` over the window.
+    """
     from jaxconv._src.quantizers import ste_sign
 
     # sign(x)*sign(w) summed over the window is a standard product of the signs; padded cells
@@ -61,14 +73,25 @@ xnor = Op(
 
 @jax.custom_vjp
 def _adder_combine(x, w):
+    """``-|x - w|`` with AdderNet's gradients (`_adder_bwd`)."""
     return -jnp.abs(x - w)
 
 
 def _adder_fwd(x, w):
+    """The forward of `_adder_combine`, with the operands as residuals."""
     return -jnp.abs(x - w), (x, w)
 
 
 def _adder_bwd(res, g):
+    """AdderNet's gradients of ``-|x - w|``.
+
+    Args:
+        res: the operands ``(x, w)``.
+        g: the output's cotangent.
+
+    Returns:
+        ``(g * clip(w - x, -1, 1), g * (x - w))``.
+    """
     x, w = res
     # AdderNet (Chen et al., CVPR 2020), eqs. 5 and 7: the kernel gets the full-precision
     # gradient x - w, the input the HardTanh-clipped w - x.
@@ -92,6 +115,15 @@ adder = Op(
 
 
 def _l1_combine(x, w):
+    """``-|x - w|`` written with max and min, so that its derivative at ``x == w`` is 0.
+
+    Args:
+        x: the input's values.
+        w: the kernel's values.
+
+    Returns:
+        ``-|x - w|``.
+    """
     # -|d| written as -(max(d, 0) - min(d, 0)) (the same value, exactly): its derivative is
     # the stated subgradient, 0 at x == w (max and min split a tie), where jnp.abs's would
     # be 1. Only max/min, so that every engine's kernels lower it.
@@ -112,11 +144,25 @@ l1 = Op(
 # --- l2 ----------------------------------------------------------------------------------
 
 def _l2_combine(x, w):
+    """``-(x - w)**2``, the ``l2`` op's combine."""
     d = x - w
     return -(d * d)
 
 
 def _l2_rewrite(product, lhs, rhs):
+    """The ``l2`` sum ``sum -(x - w)^2`` through standard products.
+
+    Floats go through `_l2_float` (exact for infinities, NaN and overflowing squares); integers
+    through one product in a wide integer dtype, which wraps as the direct sum does.
+
+    Args:
+        product: the standard product of the geometry (a ``functools.partial`` of lax's).
+        lhs: the input.
+        rhs: the kernel.
+
+    Returns:
+        The sum, in the product's output dtype.
+    """
     # -(x - w)^2 = 2 x w - x^2 - w^2, computed in one native product (see `_l2_products`).
     dtype = jnp.result_type(lhs, rhs)
     kw = getattr(product, "keywords", None) or {}
@@ -132,7 +178,15 @@ def _l2_rewrite(product, lhs, rhs):
 
 
 def _with_dtype(product, dtype):
-    """``product`` accumulating in ``dtype`` (where it binds ``preferred_element_type``)."""
+    """``product`` accumulating in ``dtype`` (where it binds ``preferred_element_type``).
+
+    Args:
+        product: the standard product.
+        dtype: the accumulation dtype.
+
+    Returns:
+        The product, rebound where it has a ``preferred_element_type``.
+    """
     kw = getattr(product, "keywords", None)
     if kw is None or "preferred_element_type" not in kw:
         return product
@@ -150,6 +204,15 @@ def _l2_float(product, lhs, rhs, out_dtype):
     infinities' indicators. Where the largest finite magnitude exceeds ``limit`` (about
     ``1e11`` to ``1e13`` in float32, depending on the window), all data is scaled by one
     power of two into ``[-1, 1]`` (exactly) so that no square overflows.
+
+    Args:
+        product: the standard product of the geometry.
+        lhs: the input.
+        rhs: the kernel.
+        out_dtype: the output dtype.
+
+    Returns:
+        The ``l2`` sum.
     """
     acc = jnp.promote_types(jnp.result_type(lhs, rhs), jnp.float32)
     x = lhs.astype(acc)
@@ -182,6 +245,15 @@ def _l2_float(product, lhs, rhs, out_dtype):
 
 
 def _out_features(product, rhs) -> int:
+    """The number of output features of ``product`` on kernel ``rhs`` (1 if unknown).
+
+    Args:
+        product: the standard product (a ``functools.partial`` of lax's conv or dot).
+        rhs: the kernel.
+
+    Returns:
+        The count.
+    """
     kw = getattr(product, "keywords", None) or {}
     dn = kw.get("dimension_numbers")
     if isinstance(dn, jax.lax.ConvDimensionNumbers):
@@ -196,6 +268,13 @@ def _pad_like(product, x):
     """``(x padded explicitly with ones, product without padding)`` for a padded conv.
 
     Returns ``(x, product)`` unchanged where ``product`` pads nothing (or is not a conv).
+
+    Args:
+        product: the standard product (a ``functools.partial`` of lax's conv or dot).
+        x: the input.
+
+    Returns:
+        ``(x, product)``.
     """
     kw = getattr(product, "keywords", None) or {}
     dn = kw.get("dimension_numbers")
@@ -215,7 +294,18 @@ def _pad_like(product, x):
 
 
 def _l2_products(product, lhs, rhs, cx, cw):
-    """``2 x.w - |x|^2 - |w|^2``; ``cx`` / ``cw`` (or None) are subtracted inside the norms."""
+    """``2 x.w - |x|^2 - |w|^2``; ``cx`` / ``cw`` (or None) are subtracted inside the norms.
+
+    Args:
+        product: the standard product of the geometry.
+        lhs: the input.
+        rhs: the kernel.
+        cx: subtracted from ``x^2`` inside its norm, or ``None``.
+        cw: subtracted from ``w^2`` inside its norm, or ``None``.
+
+    Returns:
+        The sum, with one product where the layout allows (`_l2_conv`, `_l2_dot`).
+    """
     kw = getattr(product, "keywords", None) or {}
     dn = kw.get("dimension_numbers")
     if isinstance(dn, jax.lax.ConvDimensionNumbers) and kw.get("feature_group_count", 1) == 1:
@@ -233,6 +323,22 @@ def _l2_products(product, lhs, rhs, cx, cw):
 
 
 def _l2_conv(product, lhs, rhs, dn, groups, cx=None, cw=None):
+    """``2 x.w - |x|^2 - |w|^2`` of a convolution as one product with two extra channels.
+
+    The input gets the channels ``|x|^2`` and 1, the kernel ``-1`` and ``-|w|^2``.
+
+    Args:
+        product: the standard convolution.
+        lhs: the input.
+        rhs: the kernel.
+        dn: the convolution's dimension numbers.
+        groups: the number of feature groups.
+        cx: subtracted from ``x^2`` inside its norm, or ``None``.
+        cw: subtracted from ``w^2`` inside its norm, or ``None``.
+
+    Returns:
+        The sum.
+    """
     f_ax, i_ax = dn.lhs_spec[1], dn.rhs_spec[1]
     xs = jnp.moveaxis(lhs, f_ax, -1)
     xs = xs.reshape(*xs.shape[:-1], groups, xs.shape[-1] // groups)
@@ -251,6 +357,19 @@ def _l2_conv(product, lhs, rhs, dn, groups, cx=None, cw=None):
 
 
 def _l2_dot(product, lhs, rhs, dn, cx=None, cw=None):
+    """``2 x.w - |x|^2 - |w|^2`` of a ``dot_general``: one product and two broadcast norms.
+
+    Args:
+        product: the standard ``dot_general``.
+        lhs: the left operand.
+        rhs: the right operand.
+        dn: the dot's dimension numbers.
+        cx: subtracted from ``x^2`` inside its norm, or ``None``.
+        cw: subtracted from ``w^2`` inside its norm, or ``None``.
+
+    Returns:
+        The sum, in lax's output order (batch, lhs free, rhs free).
+    """
     (lc, rc), (lb, rb) = dn
     lf = [d for d in range(lhs.ndim) if d not in lc and d not in lb]
     rf = [d for d in range(rhs.ndim) if d not in rc and d not in rb]
@@ -292,6 +411,7 @@ l2_exact = Op(
 # --- tropical / morphological --------------------------------------------------------------
 
 def _add(x, w):
+    """``x + w``, the combine of the tropical ops."""
     return x + w
 
 
@@ -396,10 +516,26 @@ def get(name: str | Op) -> Op:
 
 
 def resolve(op: Any) -> Op:
-    """The ``op=`` argument of the public functions: an ``Op`` or a built-in name."""
+    """The ``op=`` argument of the public functions: an ``Op`` or a built-in name.
+
+    Args:
+        op: an ``Op`` or the name of a built-in one.
+
+    Returns:
+        The ``Op``.
+    """
     return get(op)
 
 
 def names() -> tuple[str, ...]:
-    """The built-in ops' names."""
+    """The built-in ops' names.
+
+    Returns:
+      The names, as `get` takes them.
+
+    Example:
+      >>> import jaxconv
+      >>> "max_plus" in jaxconv.ops.names()
+      True
+    """
     return tuple(BUILTIN_OPS)

@@ -39,6 +39,14 @@ def engine_name(problem: Problem, dtype: DTypeLike, platform: str) -> str:
     `"auto"` picks the first engine of `PREFERRED[platform]` that serves the problem (reads
     its `refusal`), else the XLA engine: on CPU the native engine where it has a kernel for
     the op, dtype and geometry (and its library loads); on GPU and TPU the XLA engine.
+
+    Args:
+        problem: the canonical problem (its op and the engine asked for).
+        dtype: the operands' dtype.
+        platform: the platform being lowered for.
+
+    Returns:
+        The engine's name.
     """
     asked = problem.engine
     if problem.op.rewrite is not None:
@@ -52,6 +60,17 @@ def engine_name(problem: Problem, dtype: DTypeLike, platform: str) -> str:
 
 
 def _refusal(name: str, problem: Problem, dtype: DTypeLike, platform: str | None) -> str | None:
+    """Engine ``name``'s refusal of the problem, or why it is not available (`None`: it serves).
+
+    Args:
+        name: the engine's name.
+        problem: the canonical problem.
+        dtype: the operands' dtype.
+        platform: the platform, ``None`` when not known yet.
+
+    Returns:
+        The reason, or ``None``.
+    """
     try:
         found = registry.get(name)
     except ImportError as e:
@@ -60,7 +79,16 @@ def _refusal(name: str, problem: Problem, dtype: DTypeLike, platform: str | None
 
 
 def check_engine(problem: Problem, dtype: DTypeLike) -> None:
-    """Raises a clear error, before any tracing, when the engine asked for cannot serve."""
+    """Raises a clear error, before any tracing, when the engine asked for cannot serve.
+
+    Args:
+        problem: the canonical problem.
+        dtype: the operands' dtype.
+
+    Raises:
+        RuntimeError: the engine is not available in this process.
+        ValueError: it does not serve the problem (its refusal is quoted).
+    """
     name = problem.engine
     if problem.op.rewrite is not None:
         return
@@ -83,7 +111,19 @@ def check_engine(problem: Problem, dtype: DTypeLike) -> None:
 
 
 def engine_for(problem: Problem, platform: str, dtype: DTypeLike | None = None) -> Engine:
-    """The engine for `problem` on `platform` (see `engine_name`)."""
+    """The engine for `problem` on `platform` (see `engine_name`).
+
+    Args:
+        problem: the canonical problem.
+        platform: the platform being lowered for.
+        dtype: the operands' dtype, ``None`` for the problem's.
+
+    Returns:
+        The engine.
+
+    Raises:
+        ValueError: the engine asked for does not serve the problem on ``platform``.
+    """
     if dtype is None:
         dtype = problem.operand_dtype
     name = engine_name(problem, dtype, platform)
@@ -116,6 +156,7 @@ class Plan:
     details: tuple[str, ...]
 
     def __str__(self) -> str:
+        """The op, platform and engine, then one line per detail."""
         lines = [f"op {self.op!r} on {self.platform}: engine {self.engine!r}"]
         return "\n".join(lines + [f"  - {d}" for d in self.details])
 

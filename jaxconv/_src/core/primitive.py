@@ -55,10 +55,12 @@ PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 
 
 def _engine(problem: Problem, platform: str) -> Engine:
+    """The engine the planner picks for ``problem`` on ``platform``."""
     return planner.engine_for(problem, platform)
 
 
 def _out_shape(problem: Problem, x_shape: tuple[int, ...], w_shape: tuple[int, ...]):
+    """The output's shape ``(N, *out_spatial, O)``."""
     return (x_shape[0], *problem.geom.out_spatial, w_shape[-1])
 
 
@@ -94,7 +96,14 @@ def conv(x: Array, w: Array, problem: Problem) -> Array:
 # gradient has its primal's type.
 
 def _same_varying(*args: Array) -> list[Array]:
-    """`args`, each cast to vary over the union of the manual axes any of them varies over."""
+    """`args`, each cast to vary over the union of the manual axes any of them varies over.
+
+    Args:
+        *args: the operands of one primitive.
+
+    Returns:
+        The operands, each varying over the same manual axes (unchanged without that check).
+    """
     if not _config._check_vma.value:
         return list(args)
     vmas = [_core.typeof(a).mat.varying for a in args]
@@ -106,7 +115,16 @@ def _same_varying(*args: Array) -> list[Array]:
 
 
 def _out_aval(shape: tuple[int, ...], dtype: Any, *operands: Any) -> Any:
-    """The output type: varying over the operands' manual axes, else unsharded in type."""
+    """The output type: varying over the operands' manual axes, else unsharded in type.
+
+    Args:
+        shape: the output's shape.
+        dtype: the output's dtype.
+        *operands: the primitive's operand types.
+
+    Returns:
+        The output's ``ShapedArray``.
+    """
     vma = frozenset().union(*(a.mat.varying for a in operands))
     if not vma:
         return _core.ShapedArray(shape, dtype)
@@ -117,7 +135,15 @@ def _out_aval(shape: tuple[int, ...], dtype: Any, *operands: Any) -> Any:
 
 def _explicit_spec(x: Any, w: Any) -> Any:
     """On a mesh with explicit axes, the output's spec as lax's convolution types it: the
-    input's batch axes and the kernel's output-feature axes (`None`: not typed sharded)."""
+    input's batch axes and the kernel's output-feature axes (`None`: not typed sharded).
+
+    Args:
+        x: the input's type.
+        w: the kernel's type.
+
+    Returns:
+        The output's ``PartitionSpec``, or ``None``.
+    """
     mesh = x.sharding.mesh
     if mesh.empty or not mesh.explicit_axes or x.mat.varying:
         return None
@@ -130,6 +156,16 @@ def _explicit_spec(x: Any, w: Any) -> Any:
 
 
 def _conv_abstract(x, w, *, problem):
+    """The abstract evaluation of `conv_p`.
+
+    Args:
+        x: the input's type.
+        w: the kernel's type.
+        problem: the canonical problem.
+
+    Returns:
+        The output's type, in the accumulation dtype.
+    """
     shape = _out_shape(problem, x.shape, w.shape)
     spec = _explicit_spec(x, w)
     if spec is not None:
@@ -139,6 +175,20 @@ def _conv_abstract(x, w, *, problem):
 
 
 def _tangent_abstract(x, w, y, tx, tw, *, problem, active):
+    """The abstract evaluation of `tangent_p`: the output's type.
+
+    Args:
+        x: the input's type.
+        w: the kernel's type.
+        y: the output's type.
+        tx: the input tangent's type.
+        tw: the kernel tangent's type.
+        problem: the canonical problem.
+        active: which of the tangents are not zero.
+
+    Returns:
+        The output tangent's type.
+    """
     del problem, active
     if _explicit_spec(x, w) is not None:
         return y.update(weak_type=False)
@@ -146,6 +196,19 @@ def _tangent_abstract(x, w, y, tx, tw, *, problem, active):
 
 
 def _backward_abstract(x, w, y, g, *, problem, need):
+    """The abstract evaluation of `backward_p`: the operands' types.
+
+    Args:
+        x: the input's type.
+        w: the kernel's type.
+        y: the output's type.
+        g: the cotangent's type.
+        problem: the canonical problem.
+        need: which gradients are needed.
+
+    Returns:
+        The types of the input's and the kernel's gradients.
+    """
     del y, g, problem, need
     return [x.update(weak_type=False), w.update(weak_type=False)]
 
@@ -167,6 +230,17 @@ def _custom_call(engine: Engine, platform: str) -> bool:
 
 
 def _forward_impl(x, w, *, problem, platform):
+    """The forward on ``platform``: the engine's, or its custom call with the SPMD rule.
+
+    Args:
+        x: the input.
+        w: the kernel.
+        problem: the canonical problem.
+        platform: the platform being lowered for.
+
+    Returns:
+        The output.
+    """
     engine = _engine(problem, platform)
     if _custom_call(engine, platform):
         return partitioning.forward(problem, engine, x, w)
@@ -174,10 +248,25 @@ def _forward_impl(x, w, *, problem, platform):
 
 
 def _tangent_impl(x, w, y, tx, tw, *, problem, active, platform):
+    """The tangent (forward mode) on ``platform``, by the engine the planner picks."""
     return _engine(problem, platform).tangent(problem, x, w, y, tx, tw, active)
 
 
 def _backward_impl(x, w, y, g, *, problem, need, platform):
+    """The backward on ``platform``: the engine's, or its custom call with the SPMD rule.
+
+    Args:
+        x: the input.
+        w: the kernel.
+        y: the output.
+        g: the output's cotangent.
+        problem: the canonical problem.
+        need: which gradients are needed, ``(input, kernel)``.
+        platform: the platform being lowered for.
+
+    Returns:
+        ``[gx, gw]``.
+    """
     engine = _engine(problem, platform)
     if _custom_call(engine, platform):
         gx, gw = partitioning.backward(problem, engine, x, w, y, g, need)
@@ -187,6 +276,7 @@ def _backward_impl(x, w, y, g, *, problem, need, platform):
 
 
 def _plain(aval: Any) -> Any:
+    """``aval`` without varying manual axes or a sharding."""
     return _core.ShapedArray(aval.shape, aval.dtype, aval.weak_type)
 
 
@@ -197,7 +287,15 @@ def _per_device(impl, multiple_results: bool):
     engines' loops start from constants (invariant) and update them with the operands
     (varying), a difference only that typing sees, and the primitive's own abstract
     evaluation has already typed its results. So the engine is traced as per-device code on
-    types without varying axes (or shardings)."""
+    types without varying axes (or shardings).
+
+    Args:
+        impl: the implementation, ``impl(*args, platform=..., **params)``.
+        multiple_results: whether it returns a list.
+
+    Returns:
+        The MLIR lowering rule.
+    """
     lower = mlir.lower_fun(impl, multiple_results=multiple_results)
 
     def rule(ctx, *args, **params):
@@ -224,6 +322,16 @@ for _platform in PLATFORMS:
 # --- differentiation -------------------------------------------------------------------------
 
 def _conv_jvp(primals, tangents, *, problem):
+    """The JVP of `conv_p`: the output and, if any tangent is not zero, `tangent_p`'s.
+
+    Args:
+        primals: ``(x, w)``.
+        tangents: ``(tx, tw)``, either a symbolic zero.
+        problem: the canonical problem.
+
+    Returns:
+        ``(y, ty)``.
+    """
     x, w = primals
     tx, tw = tangents
     y = conv_p.bind(x, w, problem=problem)
@@ -237,6 +345,24 @@ def _conv_jvp(primals, tangents, *, problem):
 
 
 def _tangent_transpose(ct, x, w, y, tx, tw, *, problem, active):
+    """The transpose of `tangent_p` (linear in its tangents): `backward_p`.
+
+    Args:
+        ct: the output tangent's cotangent.
+        x: the input (a primal).
+        w: the kernel (a primal).
+        y: the output (a primal).
+        tx: the input tangent (undefined when its gradient is needed).
+        tw: the kernel tangent (likewise).
+        problem: the canonical problem.
+        active: which tangents were not zero (unused).
+
+    Returns:
+        The cotangents of the five operands (``None`` for the primals).
+
+    Raises:
+        ValueError: a primal operand is undefined (not linear in it).
+    """
     del active
     if ad.is_undefined_primal(x) or ad.is_undefined_primal(w) or ad.is_undefined_primal(y):
         raise ValueError("jaxconv: the tangent of a convolution is linear in its tangents only.")
@@ -250,7 +376,14 @@ def _tangent_transpose(ct, x, w, y, tx, tw, *, problem, active):
 
 def _xla_jvp(name: str):
     """JVP of a derived primitive (second-order derivatives): the fallback (XLA) engine's own
-    formula differentiated by JAX (its paths are plain, differentiable JAX code)."""
+    formula differentiated by JAX (its paths are plain, differentiable JAX code).
+
+    Args:
+        name: the engine method, ``"tangent"`` or ``"backward"``.
+
+    Returns:
+        The JVP rule.
+    """
 
     def rule(primals, tangents, **params):
         tangents = [ad.instantiate_zeros(t) for t in tangents]
@@ -267,11 +400,13 @@ ad.primitive_transposes[tangent_p] = _tangent_transpose
 
 
 def _tangent_jvp(primals, tangents, *, problem, active):
+    """The JVP of `tangent_p` (second order), by the XLA engine's formula."""
     y, ty = _xla_jvp("tangent")(primals, tangents, problem=problem, active=active)
     return y, ty
 
 
 def _backward_jvp(primals, tangents, *, problem, need):
+    """The JVP of `backward_p` (second order), by the XLA engine's formula."""
     outs, touts = _xla_jvp("backward")(primals, tangents, problem=problem, need=need)
     return list(outs), list(touts)
 
@@ -286,6 +421,7 @@ ad.primitive_jvps[backward_p] = _backward_jvp
 # ("w": (*K, I, O)) or output-like ("y": (N, *P, O)).
 
 def _to_front(a: Array, d: int | None, size: int) -> Array:
+    """``a`` with its mapped axis ``d`` first (broadcast to ``size`` if unmapped)."""
     if d is None:
         return jnp.broadcast_to(a, (size, *a.shape))
     return jnp.moveaxis(a, d, 0)
@@ -307,19 +443,36 @@ def _fold_groups(a: Array) -> Array:
 
 
 def _unfold_batch(a: Array, size: int) -> Array:
+    """Inverse of `_fold_batch`: ``(size * N, ...) -> (size, N, ...)``."""
     return jnp.moveaxis(a.reshape(a.shape[0] // size, size, *a.shape[1:]), 1, 0)
 
 
 def _unfold_groups(a: Array, size: int) -> Array:
+    """Inverse of `_fold_groups` on an output: ``(..., size * C) -> (size, ..., C)``."""
     return jnp.moveaxis(a.reshape(*a.shape[:-1], size, a.shape[-1] // size), -2, 0)
 
 
 def _batch_size(args, dims) -> int:
+    """The mapped axis's size, from the first mapped operand."""
     return next(a.shape[d] for a, d in zip(args, dims, strict=True) if d is not None)
 
 
 def _folded_call(args, dims, kinds, out_kinds, by_groups, problem, call):
-    """Folds the mapped axis, calls `call(problem', *args')`, unfolds the outputs."""
+    """Folds the mapped axis, calls `call(problem', *args')`, unfolds the outputs.
+
+    Args:
+        args: the operands.
+        dims: each operand's mapped axis, or ``None``.
+        kinds: each operand's role, ``"x"``, ``"w"`` or ``"y"`` (kernel-like ones are shared
+            when folded into the batch).
+        out_kinds: each output's role.
+        by_groups: fold into feature groups (else into the batch).
+        problem: the canonical problem.
+        call: ``call(problem, *operands)`` returning a list of outputs.
+
+    Returns:
+        The outputs and their mapped axes.
+    """
     size = _batch_size(args, dims)
     front = [_to_front(a, d, size) for a, d in zip(args, dims, strict=True)]
     if by_groups:
@@ -338,6 +491,16 @@ def _folded_call(args, dims, kinds, out_kinds, by_groups, problem, call):
 
 
 def _conv_batch(args, dims, *, problem):
+    """The batching rule of `conv_p`: a mapped kernel into feature groups, else the batch.
+
+    Args:
+        args: ``(x, w)``.
+        dims: their mapped axes.
+        problem: the canonical problem.
+
+    Returns:
+        The output and its mapped axis.
+    """
     by_groups = dims[1] is not None
     outs, out_dims = _folded_call(
         args, dims, ("x", "w"), ("y",), by_groups, problem,
@@ -346,6 +509,17 @@ def _conv_batch(args, dims, *, problem):
 
 
 def _tangent_batch(args, dims, *, problem, active):
+    """The batching rule of `tangent_p`, folded as `_conv_batch` folds.
+
+    Args:
+        args: ``(x, w, y, tx, tw)``.
+        dims: their mapped axes.
+        problem: the canonical problem.
+        active: which tangents are not zero.
+
+    Returns:
+        The output tangent and its mapped axis.
+    """
     by_groups = dims[1] is not None or dims[4] is not None
     outs, out_dims = _folded_call(
         args, dims, ("x", "w", "y", "x", "w"), ("y",), by_groups, problem,
@@ -354,6 +528,20 @@ def _tangent_batch(args, dims, *, problem, active):
 
 
 def _backward_batch(args, dims, *, problem, need):
+    """The batching rule of `backward_p`.
+
+    A shared kernel whose gradient is needed per element goes through `_per_example_backward`
+    where the op allows, else everything is folded into feature groups.
+
+    Args:
+        args: ``(x, w, y, g)``.
+        dims: their mapped axes.
+        problem: the canonical problem.
+        need: which gradients are needed.
+
+    Returns:
+        ``[gx, gw]`` and their mapped axes.
+    """
     if dims[1] is None and need[1]:
         per_example = _per_example_rule(problem)
         if per_example is not None:
@@ -376,6 +564,12 @@ def _per_example_rule(problem: Problem):
     batching, a convolution with a feature group per example, is mis-partitioned by XLA
     when the examples are sharded). Folding the examples into feature groups would instead
     run the whole backward pass grouped (measured 20-35x slower on XLA CPU).
+
+    Args:
+        problem: the canonical problem.
+
+    Returns:
+        ``(fn, both)`` or ``None``.
     """
     if problem.engine != registry.AUTO:
         rule = registry.get(problem.engine).per_example_kernel_gradient(problem)
@@ -394,7 +588,18 @@ def _per_example_rule(problem: Problem):
 def _rewrite_backward(problem: Problem, x: Array, w: Array, y: Array, g: Array
                       ) -> tuple[Array, Array]:
     """A rewrite's gradients, per example: JAX's, through its standard products, whose kernel
-    gradient partitions over sharded examples (`products.rewritten`'s ``per_example``)."""
+    gradient partitions over sharded examples (`products.rewritten`'s ``per_example``).
+
+    Args:
+        problem: the canonical problem.
+        x: the input.
+        w: the kernel.
+        y: the output (unused).
+        g: the output's cotangent.
+
+    Returns:
+        ``(gx, gw)``.
+    """
     del y
     _, vjp = jax.vjp(functools.partial(products.rewritten, problem, per_example=True), x, w)
     gx, gw = vjp(g.astype(problem.acc_dtype))
@@ -403,7 +608,19 @@ def _rewrite_backward(problem: Problem, x: Array, w: Array, y: Array, g: Array
 
 def _per_example_backward(args, dims, problem, need, fn, both):
     """The backward pass with a shared kernel whose gradient is kept per mapped element: the
-    kernel gradient by `fn` under `jax.vmap`, the input gradient folded into the batch."""
+    kernel gradient by `fn` under `jax.vmap`, the input gradient folded into the batch.
+
+    Args:
+        args: ``(x, w, y, g)``.
+        dims: their mapped axes (the kernel's ``None``).
+        problem: the canonical problem.
+        need: which gradients are needed.
+        fn: the per-example kernel gradient (`_per_example_rule`).
+        both: whether ``fn`` returns both gradients.
+
+    Returns:
+        ``[gx, gw]`` and their mapped axes.
+    """
     x, w, y, g = args
     size = _batch_size(args, dims)
     xf, yf, gf = (_to_front(a, d, size) for a, d in ((x, dims[0]), (y, dims[2]),
@@ -424,6 +641,7 @@ batching.primitive_batchers[backward_p] = _backward_batch
 
 
 def _hashable_precision(precision: Any) -> Any:
+    """``precision`` as a hashable value (a list becomes a tuple)."""
     if isinstance(precision, list):
         return tuple(precision)
     return precision
@@ -483,7 +701,17 @@ def canonical_conv(
 
 
 def _apply_outer(y: Array, outer: Any, op: Op, geom: Geometry) -> Array:
-    """`outer(y)`, keeping the reduce's identity on windows that read no input cell."""
+    """`outer(y)`, keeping the reduce's identity on windows that read no input cell.
+
+    Args:
+        y: the reduced output.
+        outer: the monotone map applied after the reduce.
+        op: the op (its identity and pad value).
+        geom: the product's geometry.
+
+    Returns:
+        ``outer(y)``, the identity at empty windows.
+    """
     out = outer(y)
     empty = geom.empty_windows() if op.pad_value is None else None
     if empty is None:

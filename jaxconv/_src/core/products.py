@@ -61,6 +61,15 @@ def pad_input(x: Array, op: Op, geom: Geometry, fill: Any = None) -> Array:
 
     ``fill`` defaults to ``op.pad_value``, or 0 with identity padding (the padded taps are
     then masked, and 0 keeps ``combine`` finite there).
+
+    Args:
+        x: the input ``(N, *S, C)``.
+        op: the op (its ``pad_value``).
+        geom: the product's geometry (its padding and input dilation).
+        fill: the padding value, ``None`` for the default above.
+
+    Returns:
+        The padded input ``(N, *padded_spatial, C)``.
     """
     if fill is None:
         fill = 0 if op.pad_value is None else op.pad_value
@@ -68,12 +77,27 @@ def pad_input(x: Array, op: Op, geom: Geometry, fill: Any = None) -> Array:
 
 
 def span(geom: Geometry) -> tuple[int, ...]:
-    """Extent of one tap's strided slice in the padded input, per spatial dimension."""
+    """Extent of one tap's strided slice in the padded input, per spatial dimension.
+
+    Args:
+        geom: the product's geometry.
+
+    Returns:
+        The slice's extent per spatial dimension.
+    """
     return tuple((o - 1) * s + 1 for o, s in zip(geom.out_spatial, geom.strides, strict=True))
 
 
 def tap_offset(geom: Geometry, tap: tuple[int, ...]) -> tuple[int, ...]:
-    """Where tap ``tap`` starts in the padded input."""
+    """Where tap ``tap`` starts in the padded input.
+
+    Args:
+        geom: the product's geometry.
+        tap: the tap's index in the window.
+
+    Returns:
+        Its offset per spatial dimension.
+    """
     return tuple(k * d for k, d in zip(tap, geom.rhs_dilation, strict=True))
 
 
@@ -81,6 +105,14 @@ def tap_slice(xp: Array, geom: Geometry, tap: tuple[int, ...]) -> Array:
     """The cells of padded ``xp`` that tap ``tap`` reads for every output position.
 
     ``(N, *padded, C) -> (N, *out_spatial, C)``: a static strided slice.
+
+    Args:
+        xp: the padded input.
+        geom: the product's geometry.
+        tap: the tap's index in the window.
+
+    Returns:
+        The tap's slice ``(N, *out_spatial, C)``.
     """
     lo = tap_offset(geom, tap)
     hi = tuple(s + e for s, e in zip(lo, span(geom), strict=True))
@@ -90,13 +122,35 @@ def tap_slice(xp: Array, geom: Geometry, tap: tuple[int, ...]) -> Array:
 
 def tap_input(xp: Array, geom: Geometry, tap: tuple[int, ...], groups: int) -> Array:
     """One tap's input as ``(N, P, G, I)``: `tap_slice` with the positions flattened
-    and the channels split into groups."""
+    and the channels split into groups.
+
+    Args:
+        xp: the padded input.
+        geom: the product's geometry.
+        tap: the tap's index in the window.
+        groups: the number of feature groups.
+
+    Returns:
+        The tap's input ``(N, P, G, I)``.
+    """
     xs = tap_slice(xp, geom, tap)
     n, c = xs.shape[0], xs.shape[-1]
     return xs.reshape(n, max(1, math.prod(xs.shape[1:-1])), groups, c // groups)
 
 
 def _dense(x: Array, w: Array, groups: int, out_dtype: Any, precision: Any) -> Array:
+    """A grouped dense product ``(N, G*I) x (I, G*O) -> (N, G*O)`` (no spatial dimensions).
+
+    Args:
+        x: the input ``(N, G*I)``.
+        w: the kernel ``(I, G*O)``.
+        groups: the number of feature groups.
+        out_dtype: the accumulation and output dtype, ``None`` for the default.
+        precision: lax's precision.
+
+    Returns:
+        The product ``(N, G*O)``.
+    """
     n = x.shape[0]
     return jnp.einsum("ngi,igo->ngo", x.reshape(n, groups, -1),
                       w.reshape(w.shape[0], groups, -1), precision=precision,
@@ -105,7 +159,17 @@ def _dense(x: Array, w: Array, groups: int, out_dtype: Any, precision: Any) -> A
 
 def padded(xp: Array, w: Array, geom: Geometry, out_dtype: Any = None) -> Array:
     """The standard product of the padded input ``xp`` (N, *padded, C) and ``w`` (*K, I, O):
-    ``(N, *out_spatial, O)`` (a dense product when there are no spatial dimensions)."""
+    ``(N, *out_spatial, O)`` (a dense product when there are no spatial dimensions).
+
+    Args:
+        xp: the padded input.
+        w: the kernel.
+        geom: the product's geometry.
+        out_dtype: the output dtype, ``None`` for the default.
+
+    Returns:
+        The product ``(N, *out_spatial, O)``.
+    """
     nsd = len(geom.window)
     if nsd == 0:
         return _dense(xp, w, geom.groups, out_dtype, _HIGHEST)
@@ -117,7 +181,17 @@ def padded(xp: Array, w: Array, geom: Geometry, out_dtype: Any = None) -> Array:
 
 def standard(x: Array, w: Array, geom: Geometry, out_dtype: Any = None) -> Array:
     """The standard product of ``x`` (N, *S, C) and ``w`` (*K, I, O) with the geometry's
-    padding and dilations (zero padding): ``(N, *out_spatial, O)``."""
+    padding and dilations (zero padding): ``(N, *out_spatial, O)``.
+
+    Args:
+        x: the input.
+        w: the kernel.
+        geom: the product's geometry.
+        out_dtype: the output dtype, ``None`` for the default.
+
+    Returns:
+        The product ``(N, *out_spatial, O)``.
+    """
     nsd = len(geom.window)
     if nsd == 0:
         return _dense(x, w, geom.groups, out_dtype, _HIGHEST)
@@ -135,6 +209,15 @@ def rewritten(problem: Problem, x: Array, w: Array, per_example: bool = False) -
 
     ``per_example``: the call is ``jax.vmap``-ed over examples with a shared kernel; the
     product's kernel gradient then partitions over sharded examples (`_per_example_product`).
+
+    Args:
+        problem: the canonical problem (its op, geometry, precision and accumulation dtype).
+        x: the input in the canonical layout.
+        w: the kernel in the canonical layout.
+        per_example: whether the call is batched over examples with a shared kernel.
+
+    Returns:
+        The op's product ``(N, *out_spatial, O)``.
     """
     op, geom = problem.op, problem.geom
     nsd = len(geom.window)
@@ -178,6 +261,15 @@ def per_example_kernel_grad(xp: Array, ct: Array, geom: Geometry, acc: Any) -> A
     jax 0.10 with 8 CPU devices, Shardy returned the first device's examples right and the
     others wrong, and GSPMD failed to compile. A matrix product's batch dimension
     partitions like the batch.)
+
+    Args:
+        xp: the padded inputs ``(B, N, *padded, C)``.
+        ct: the cotangents ``(B, N, *out_spatial, O)``.
+        geom: the product's geometry.
+        acc: the accumulation dtype.
+
+    Returns:
+        The kernel gradients ``(B, *window, I, O)``.
     """
     b, n = xp.shape[:2]
     vg = _valid_geometry(geom, xp.shape[2:-1])
@@ -197,7 +289,16 @@ def per_example_kernel_grad(xp: Array, ct: Array, geom: Geometry, acc: Any) -> A
 @functools.lru_cache(maxsize=256)
 def _kernel_grad_fn(geom: Geometry, w_shape: tuple[int, ...], acc: Any) -> Any:
     """``(xp, ct) -> gw``, the kernel gradient of `padded` (``xp`` padded), batched by
-    `per_example_kernel_grad` under ``jax.vmap``."""
+    `per_example_kernel_grad` under ``jax.vmap``.
+
+    Args:
+        geom: the product's geometry.
+        w_shape: the kernel's shape.
+        acc: the accumulation dtype.
+
+    Returns:
+        The gradient function, cached per arguments.
+    """
     acc = jnp.dtype(acc)
 
     @jax.custom_batching.custom_vmap
@@ -218,7 +319,15 @@ def _per_example_product(product: Any, geom: Geometry) -> Any:
     """``product`` (a standard convolution of ``geom``, padding included) whose kernel
     gradient is `_kernel_grad_fn`'s: under ``jax.vmap`` (per-example gradients) one matrix
     product per tap with the examples as its batch dimension, which XLA partitions over
-    sharded examples (see `per_example_kernel_grad`)."""
+    sharded examples (see `per_example_kernel_grad`).
+
+    Args:
+        product: the standard convolution ``(lhs, rhs) -> y``.
+        geom: its geometry.
+
+    Returns:
+        ``product`` with that kernel gradient, as a ``jax.custom_vjp``.
+    """
 
     @jax.custom_vjp
     def prod(lhs: Array, rhs: Array) -> Array:
@@ -274,7 +383,20 @@ def _adder_terms(op: Op, geom: Geometry, acc: Any, kind: str, w: Array, gy: Arra
                  gw: Array) -> Array:
     """A separable kernel gradient from the standard product's ``gw``: itself for ``"mul"``;
     for ``"adder"`` (``"sqdiff"``: twice that) minus ``w`` times the sum of the cotangent
-    ``gy`` over the positions each tap sees."""
+    ``gy`` over the positions each tap sees.
+
+    Args:
+        op: the op (its pad value decides whether padded taps count).
+        geom: the product's geometry.
+        acc: the accumulation dtype.
+        kind: ``"mul"``, ``"adder"`` or ``"sqdiff"``.
+        w: the kernel.
+        gy: the output's cotangent.
+        gw: the standard product's kernel gradient.
+
+    Returns:
+        The op's kernel gradient, in ``w``'s dtype.
+    """
     if kind == "mul":
         return gw.astype(w.dtype)
     n = gy.shape[0]

@@ -105,7 +105,14 @@ class ScalarProgram:
         return self.live_of(*self.outputs)
 
     def live_of(self, *refs: Ref) -> list[int]:
-        """The nodes `refs` depend on, in order."""
+        """The nodes `refs` depend on, in order.
+
+        Args:
+            *refs: references into the program (node indices, arguments or constants).
+
+        Returns:
+            The indices of the nodes they read, directly or not, ascending.
+        """
         seen: set[int] = set()
         stack = [r for r in refs if isinstance(r, int)]
         while stack:
@@ -143,6 +150,18 @@ _FLOATS = (np.dtype(np.float32), np.dtype(np.float64), np.dtype(jnp.bfloat16),
 
 
 def _scalar_dtype(aval: Any, what: str) -> np.dtype:
+    """The dtype of a scalar value of a traced program.
+
+    Args:
+        aval: the value's abstract value.
+        what: what the value is, for the message.
+
+    Returns:
+        Its dtype.
+
+    Raises:
+        Untranslatable: not a scalar, or neither a float nor a bool.
+    """
     shape = getattr(aval, "shape", None)
     dtype = np.dtype(getattr(aval, "dtype", np.float32))
     if shape != ():
@@ -155,12 +174,30 @@ def _scalar_dtype(aval: Any, what: str) -> np.dtype:
 
 class _Builder:
     def __init__(self, arg_dtype: np.dtype, keep_rules: bool = False) -> None:
+        """An empty program.
+
+        Args:
+            arg_dtype: the arguments' dtype.
+            keep_rules: keep calls of custom-rule functions as one node (else inline them).
+        """
         self.arg_dtype = arg_dtype
         self.keep_rules = keep_rules
         self.nodes: list[Node] = []
         self.custom_jvp = False
 
     def const(self, value: Any, what: str) -> Const:
+        """A scalar constant of the program.
+
+        Args:
+            value: the constant's value.
+            what: where it comes from, for the message.
+
+        Returns:
+            The constant.
+
+        Raises:
+            Untranslatable: a non-scalar or untranslatable constant.
+        """
         arr = np.asarray(value)
         if arr.shape != ():
             raise Untranslatable(f"{what} captures a non-scalar constant of shape {arr.shape}")
@@ -168,6 +205,20 @@ class _Builder:
         return Const(bool(arr) if dtype == np.dtype(bool) else float(arr), dtype)
 
     def inline(self, closed: Any, args: list[Ref]) -> list[Ref]:
+        """Appends the equations of a jaxpr, called on ``args``, to the program.
+
+        Calls (``pjit``, custom rules unless kept) are inlined recursively.
+
+        Args:
+            closed: a jaxpr or closed jaxpr.
+            args: the references its inputs stand for.
+
+        Returns:
+            The references of its outputs.
+
+        Raises:
+            Untranslatable: an equation the program cannot hold.
+        """
         jaxpr = getattr(closed, "jaxpr", closed)
         consts = list(getattr(closed, "consts", ()))
         env: dict[Any, Ref] = {}
@@ -205,7 +256,18 @@ class _Builder:
         return [read(v) for v in jaxpr.outvars]
 
     def rule(self, eqn: Any, ins: list[Ref]) -> int:
-        """A call of a function with a custom derivative rule, as one opaque node."""
+        """A call of a function with a custom derivative rule, as one opaque node.
+
+        Args:
+            eqn: the equation of the call.
+            ins: the references of its inputs.
+
+        Returns:
+            The node's index.
+
+        Raises:
+            Untranslatable: the function returns several values or a non-scalar.
+        """
         if len(eqn.outvars) != 1:
             raise Untranslatable("it calls a function with a custom derivative rule that "
                                  "returns several values")
@@ -213,6 +275,15 @@ class _Builder:
         return self._node(eqn, ins, dtype)
 
     def add(self, eqn: Any, ins: list[Ref]) -> Ref:
+        """One primitive equation: a node, or a folded constant if all its inputs are constants.
+
+        Args:
+            eqn: the equation.
+            ins: the references of its inputs.
+
+        Returns:
+            The reference of its output.
+        """
         (out,) = eqn.outvars
         dtype = _scalar_dtype(out.aval, f"the result of {eqn.primitive.name!r}")
         if eqn.primitive.name == "convert_element_type" and self.dtype_of(ins[0]) == dtype:
@@ -226,6 +297,14 @@ class _Builder:
         return self._node(eqn, ins, dtype)
 
     def dtype_of(self, r: Ref) -> np.dtype | None:
+        """The dtype of a reference (a constant, a node or an argument).
+
+        Args:
+            r: the reference.
+
+        Returns:
+            Its dtype.
+        """
         if isinstance(r, Const):
             return r.dtype
         if isinstance(r, int):
@@ -233,6 +312,7 @@ class _Builder:
         return self.arg_dtype
 
     def _node(self, eqn: Any, ins: list[Ref], dtype: np.dtype) -> int:
+        """Appends a node for ``eqn`` on ``ins`` of ``dtype``; returns its index."""
         self.nodes.append(Node(eqn.primitive, dict(eqn.params), tuple(ins), dtype))
         return len(self.nodes) - 1
 
@@ -277,19 +357,43 @@ def trace(fn: Callable[..., Any], dtype: Any, n_args: int,
 
 @functools.lru_cache(maxsize=512)
 def combine_program(combine: Callable[..., Any], dtype: Any) -> ScalarProgram:
-    """`trace` of ``combine(x, w)``, once per function and dtype (cached)."""
+    """`trace` of ``combine(x, w)``, once per function and dtype (cached).
+
+    Args:
+        combine: the combine.
+        dtype: the operands' dtype.
+
+    Returns:
+        The program.
+    """
     return trace(combine, dtype, 2)
 
 
 @functools.lru_cache(maxsize=512)
 def rules_program(combine: Callable[..., Any], dtype: Any) -> ScalarProgram:
-    """`trace` of ``combine(x, w)`` keeping its custom-rule calls whole (cached)."""
+    """`trace` of ``combine(x, w)`` keeping its custom-rule calls whole (cached).
+
+    Args:
+        combine: the combine.
+        dtype: the operands' dtype.
+
+    Returns:
+        The program.
+    """
     return trace(combine, dtype, 2, keep_rules=True)
 
 
 @functools.lru_cache(maxsize=512)
 def partials_program(combine: Callable[..., Any], dtype: Any) -> ScalarProgram:
-    """The program of ``(d combine / dx, d combine / dw)`` from ``jax.grad`` (cached)."""
+    """The program of ``(d combine / dx, d combine / dw)`` from ``jax.grad`` (cached).
+
+    Args:
+        combine: the combine.
+        dtype: the operands' dtype.
+
+    Returns:
+        The program, with two outputs.
+    """
     return trace(jax.grad(combine, argnums=(0, 1)), dtype, 2)
 
 
@@ -344,12 +448,21 @@ def evaluate(program: ScalarProgram, *args: Array) -> list[Array]:
 # --- analyses ---------------------------------------------------------------------------------
 
 def _finite_const(r: Ref) -> bool:
+    """Whether ``r`` is a finite float constant."""
     return isinstance(r, Const) and isinstance(r.value, float) and math.isfinite(r.value)
 
 
 def _direction(node: Node, var: int) -> int | None:
     """+1 / -1 when `node`, as a function of its argument `var` (the others constant), is a
-    total non-decreasing / non-increasing map (never NaN from a non-NaN input); else None."""
+    total non-decreasing / non-increasing map (never NaN from a non-NaN input); else None.
+
+    Args:
+        node: a node of a program.
+        var: the index of the argument varied.
+
+    Returns:
+        +1, -1 or ``None``.
+    """
     name, args = node.name, node.args
     others = [a for i, a in enumerate(args) if i != var]
     if name in ("tanh", "logistic", "exp", "exp2", "expm1", "atan", "erf", "asinh", "cbrt",

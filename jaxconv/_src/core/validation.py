@@ -23,7 +23,18 @@ PADDING_STRINGS = ("VALID", "SAME", "SAME_LOWER")
 
 
 def as_array(name: str, x: Any) -> jax.Array:
-    """Accepts jax/numpy arrays and Python scalars; rejects everything else and complex."""
+    """Accepts jax/numpy arrays and Python scalars; rejects everything else and complex.
+
+    Args:
+        name: the argument's name, for the messages.
+        x: the value given.
+
+    Returns:
+        ``x`` as an array (a Python scalar through ``jnp.asarray``).
+
+    Raises:
+        TypeError: ``x`` is not an array or a real scalar, or it is complex.
+    """
     if isinstance(x, (jax.Array, np.ndarray, np.generic)) or hasattr(x, "__jax_array__"):
         arr = x
     elif isinstance(x, (int, float)) and not isinstance(x, bool):
@@ -44,7 +55,16 @@ def as_array(name: str, x: Any) -> jax.Array:
 
 
 def check_mixed_dtypes(lhs: Any, rhs: Any, generic: bool) -> None:
-    """Generic ops need both operands floating or both integer (no silent int/float mix)."""
+    """Generic ops need both operands floating or both integer (no silent int/float mix).
+
+    Args:
+        lhs: the left operand.
+        rhs: the right operand.
+        generic: whether the op is generic (the standard op mixes dtypes as lax does).
+
+    Raises:
+        TypeError: a generic op with one integer and one floating operand.
+    """
     if not generic:
         return
     lf = jnp.issubdtype(lhs.dtype, jnp.inexact)
@@ -58,7 +78,22 @@ def check_mixed_dtypes(lhs: Any, rhs: Any, generic: bool) -> None:
 
 def int_tuple(name: str, value: Any, n: int, minimum: int | None = 1,
               default: int | None = 1) -> tuple[int, ...]:
-    """A length-``n`` tuple of ints ``>= minimum``; ``None`` gives ``default`` everywhere."""
+    """A length-``n`` tuple of ints ``>= minimum``; ``None`` gives ``default`` everywhere.
+
+    Args:
+        name: the argument's name, for the messages.
+        value: a sequence of ``n`` ints, or ``None``.
+        n: the length wanted (the number of spatial dimensions).
+        minimum: the smallest value allowed, ``None`` for no bound.
+        default: the value of every entry when ``value`` is ``None``; ``None`` makes it required.
+
+    Returns:
+        The ints as a tuple.
+
+    Raises:
+        TypeError: ``value`` is not a sequence of ints (or is missing and required).
+        ValueError: it has the wrong length or an entry below ``minimum``.
+    """
     if value is None:
         if default is None:
             raise TypeError(f"`{name}` is required.")
@@ -116,7 +151,19 @@ def positive_int(name: str, value: Any) -> int:
 
 
 def conv_dimension_numbers(lhs_shape, rhs_shape, dimension_numbers) -> lax.ConvDimensionNumbers:
-    """Parses ``dimension_numbers`` as lax does, re-raising with the argument's name."""
+    """Parses ``dimension_numbers`` as lax does, re-raising with the argument's name.
+
+    Args:
+        lhs_shape: the input's shape.
+        rhs_shape: the kernel's shape.
+        dimension_numbers: ``None``, a ``ConvDimensionNumbers`` or three layout strings.
+
+    Returns:
+        The parsed ``ConvDimensionNumbers``.
+
+    Raises:
+        TypeError: ``dimension_numbers`` is not one of those, or does not fit the shapes.
+    """
     if dimension_numbers is not None and not isinstance(
         dimension_numbers, (lax.ConvDimensionNumbers, tuple, list)
     ):
@@ -155,7 +202,15 @@ def conv_dimension_numbers(lhs_shape, rhs_shape, dimension_numbers) -> lax.ConvD
 
 
 def _spec_string(spec: Sequence[int], letters: str) -> str:
-    """A layout string for ``spec`` (``letters[0]`` at ``spec[0]``, ...; spatial ``0, 1..``)."""
+    """A layout string for ``spec`` (``letters[0]`` at ``spec[0]``, ...; spatial ``0, 1..``).
+
+    Args:
+        spec: the dimension order of one operand (batch or output feature, feature, spatial...).
+        letters: the names of its first two dimensions (``"NC"`` or ``"OI"``).
+
+    Returns:
+        The layout string, such as ``"NHWC"``.
+    """
     out = [""] * len(spec)
     out[spec[0]], out[spec[1]] = letters[0], letters[1]
     for i, d in enumerate(spec[2:]):
@@ -171,6 +226,15 @@ def describe_layout(dn: lax.ConvDimensionNumbers, given: Any,
     With ``lhs_shape`` and the number of input ``channels`` the kernel expects, a mismatch gets
     a hint: when ``dimension_numbers`` were given and another axis of ``lhs`` has that many
     entries, the data's layout looks transposed, and the message says so.
+
+    Args:
+        dn: the dimension numbers in use.
+        given: the ``dimension_numbers`` the caller gave (``None`` for the default).
+        lhs_shape: the input's shape, for the transposed-layout hint.
+        channels: the number of input channels the kernel expects, for the same hint.
+
+    Returns:
+        A sentence for an error message.
     """
     lhs_s, rhs_s, out_s = (_spec_string(dn.lhs_spec, "NC"), _spec_string(dn.rhs_spec, "OI"),
                            _spec_string(dn.out_spec, "NC"))
@@ -208,7 +272,21 @@ def describe_layout(dn: lax.ConvDimensionNumbers, given: Any,
 
 
 def padding_pairs(padding: Any, nsd: int, lhs_dilation: tuple[int, ...]) -> str | tuple:
-    """Canonical padding: an upper-case string or a tuple of ``nsd`` (lo, hi) int pairs."""
+    """Canonical padding: an upper-case string or a tuple of ``nsd`` (lo, hi) int pairs.
+
+    Args:
+        padding: ``"SAME"``, ``"SAME_LOWER"``, ``"VALID"`` (any case) or ``nsd`` pairs.
+        nsd: the number of spatial dimensions.
+        lhs_dilation: the input dilation (a string padding refuses one).
+
+    Returns:
+        The padding string, upper case, or a tuple of ``(low, high)`` int pairs.
+
+    Raises:
+        TypeError: pairs that are not pairs of ints.
+        ValueError: an unknown string, the wrong number of pairs, or a string with an input
+            dilation.
+    """
     if isinstance(padding, str):
         p = padding.upper()
         if p not in PADDING_STRINGS:
@@ -292,7 +370,21 @@ def max_block_bytes(value: Any) -> int | None:
 
 def dot_dimension_numbers(lhs_shape: Sequence[int], rhs_shape: Sequence[int],
                           dimension_numbers: Any):
-    """Validates lax ``dot_general`` dimension numbers; returns them as int tuples."""
+    """Validates lax ``dot_general`` dimension numbers; returns them as int tuples.
+
+    Args:
+        lhs_shape: the left operand's shape.
+        rhs_shape: the right operand's shape.
+        dimension_numbers: ``((lhs_contracting, rhs_contracting), (lhs_batch, rhs_batch))``.
+
+    Returns:
+        The same four sequences as tuples of ints.
+
+    Raises:
+        TypeError: malformed dimension numbers.
+        ValueError: an axis out of range or repeated, or contracting / batch axes of different
+            sizes.
+    """
     try:
         (lc, rc), (lb, rb) = dimension_numbers
         lc, rc, lb, rb = (tuple(operator.index(i) for i in t) for t in (lc, rc, lb, rb))
@@ -332,7 +424,18 @@ def dot_dimension_numbers(lhs_shape: Sequence[int], rhs_shape: Sequence[int],
 
 
 def window_sizes(rhs_shape: Sequence[int], rhs_spec: Sequence[int]) -> tuple[int, ...]:
-    """The kernel's spatial sizes, each required to be ``>= 1``."""
+    """The kernel's spatial sizes, each required to be ``>= 1``.
+
+    Args:
+        rhs_shape: the kernel's shape.
+        rhs_spec: the kernel's dimension order (``ConvDimensionNumbers.rhs_spec``).
+
+    Returns:
+        The kernel's spatial sizes.
+
+    Raises:
+        ValueError: a spatial size below one.
+    """
     window = tuple(int(rhs_shape[d]) for d in rhs_spec[2:])
     if any(k < 1 for k in window):
         raise ValueError(
@@ -347,6 +450,19 @@ def preferred_element_type(value: Any, lhs: Any, rhs: Any, generic: bool) -> Any
 
     As in lax, any real dtype is accepted for the standard op. A generic op with floating
     inputs refuses an integer accumulation dtype (it would truncate every product).
+
+    Args:
+        value: the ``preferred_element_type`` given.
+        lhs: the left operand.
+        rhs: the right operand.
+        generic: whether the op is generic.
+
+    Returns:
+        The dtype, or ``None``.
+
+    Raises:
+        TypeError: not a dtype, a complex or non-numeric one, or an integer accumulation for a
+            generic op on floating inputs.
     """
     if value is None:
         return None
@@ -370,7 +486,17 @@ def preferred_element_type(value: Any, lhs: Any, rhs: Any, generic: bool) -> Any
 
 
 def precision(value: Any) -> Any:
-    """``precision``: anything ``lax`` accepts (checked even where lax is not called)."""
+    """``precision``: anything ``lax`` accepts (checked even where lax is not called).
+
+    Args:
+        value: the ``precision`` given.
+
+    Returns:
+        ``value`` unchanged.
+
+    Raises:
+        ValueError: lax would refuse it.
+    """
     if value is None:
         return None
     try:
@@ -400,6 +526,14 @@ def check_op(op: Any, lhs: Any, rhs: Any) -> None:
     that is not a two-sided identity of the reduce, and a callable ``reduce`` that is not
     commutative and associative on probe values. The op-level checks run once per
     ``(op, dtype)``, on concrete numpy values (never on the caller's tracers), and are cached.
+
+    Args:
+        op: the op.
+        lhs: the left operand.
+        rhs: the right operand.
+
+    Raises:
+        TypeError: any of the refusals above; the message names the op and what to change.
     """
     check_mixed_dtypes(lhs, rhs, generic=True)
     dtype = _common_dtype(lhs, rhs)
@@ -430,6 +564,15 @@ _PROBE_W = np.array([[0.5, -1.0, 1.5, -2.5, 0.0], [-0.75, 2.25, -1.25, 1.0, 0.25
 
 
 def _probe(dtype: Any, values: np.ndarray) -> np.ndarray:
+    """The probe values cast to ``dtype`` (scaled so that integer probes are not all zero).
+
+    Args:
+        dtype: the dtype to probe.
+        values: the float probe values.
+
+    Returns:
+        The probes in ``dtype``.
+    """
     if jnp.issubdtype(dtype, jnp.unsignedinteger):
         values = np.abs(values) * 2
     elif jnp.issubdtype(dtype, jnp.integer):
@@ -438,6 +581,15 @@ def _probe(dtype: Any, values: np.ndarray) -> np.ndarray:
 
 
 def _same(a: Any, b: Any) -> bool:
+    """Whether two probe results are equal (shape, values to 1e-3, NaN equal to NaN).
+
+    Args:
+        a: one result.
+        b: the other.
+
+    Returns:
+        True if they are equal.
+    """
     a = np.asarray(a, np.float64)
     b = np.asarray(b, np.float64)
     return a.shape == b.shape and bool(
@@ -445,7 +597,21 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def _elementwise(fn: Any, what: str, op: Any, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Runs ``fn`` on the (3, 5) arrays and element by element; raises if they differ."""
+    """Runs ``fn`` on the (3, 5) arrays and element by element; raises if they differ.
+
+    Args:
+        fn: the function to probe, ``f(a, b)``.
+        what: its role, ``"combine"`` or ``"reduce"``, for the messages.
+        op: the op, for the messages.
+        a: the first probe array.
+        b: the second probe array.
+
+    Returns:
+        ``fn(a, b)`` on the arrays.
+
+    Raises:
+        TypeError: ``fn`` fails on arrays, changes the shape, or differs element by element.
+    """
     sds = jax.ShapeDtypeStruct(a.shape, a.dtype)
     try:
         out = jax.eval_shape(fn, sds, jax.ShapeDtypeStruct(b.shape, b.dtype))
@@ -503,6 +669,16 @@ def _run(fn: Any, *args: np.ndarray) -> np.ndarray:
 
 @functools.lru_cache(maxsize=256)
 def _check_op_dtype(op: Any, dtype: Any) -> None:
+    """The op-level checks of `check_op` for one ``(op, dtype)``, cached.
+
+    Args:
+        op: the op.
+        dtype: the operands' common dtype.
+
+    Raises:
+        TypeError: the combine or the callable reduce is not elementwise, or the reduce is not a
+            commutative monoid with the declared identity.
+    """
     # The probes judge the op itself, whatever the caller's rank-promotion setting: a
     # combine that broadcasts is refused as not elementwise either way.
     with jax.numpy_rank_promotion("allow"):
@@ -514,7 +690,16 @@ def _check_op_dtype(op: Any, dtype: Any) -> None:
 
 
 def _check_reduce(op: Any, c: np.ndarray) -> None:
-    """Probes a callable ``reduce`` on the combine's outputs ``c``: a commutative monoid."""
+    """Probes a callable ``reduce`` on the combine's outputs ``c``: a commutative monoid.
+
+    Args:
+        op: the op (its ``reduce`` and ``identity``).
+        c: the combine's outputs on the probes.
+
+    Raises:
+        TypeError: the reduce is not commutative or associative, or ``op.identity`` is not its
+            identity, on the probes.
+    """
     c2 = c[::-1, ::-1].copy()
     c3 = np.roll(c, 2, axis=1)
     red = op.reduce
@@ -557,6 +742,17 @@ def out_sharding(value: Any, shape: Sequence[int]) -> Any:
     mesh in context, every mesh axis it names must exist, and on axes of type `Explicit` each
     sharded dimension must divide evenly (on `Auto` axes the partitioner pads). Returns the
     value unchanged.
+
+    Args:
+        value: the ``out_sharding`` given (``None``, a sharding or a ``PartitionSpec``).
+        shape: the output's shape.
+
+    Returns:
+        ``value`` unchanged.
+
+    Raises:
+        ValueError: a ``PartitionSpec`` without a mesh, an axis the mesh does not have, or an
+            explicit axis that does not divide its dimension; the message names ``out_sharding``.
 
     Example:
       >>> from jax.sharding import PartitionSpec as P

@@ -27,7 +27,14 @@ _INLINE_CALLS = frozenset({"pjit", "jit", "closed_call", "core_call", "remat", "
 
 
 def _has_custom(jaxpr: Any) -> bool:
-    """Whether a jaxpr (or any sub-jaxpr) holds a custom-derivative call."""
+    """Whether a jaxpr (or any sub-jaxpr) holds a custom-derivative call.
+
+    Args:
+        jaxpr: the jaxpr.
+
+    Returns:
+        True if it holds one.
+    """
     for eqn in jaxpr.eqns:
         if eqn.primitive.name in _CUSTOM_CALLS:
             return True
@@ -38,6 +45,14 @@ def _has_custom(jaxpr: Any) -> bool:
 
 
 def _sub_jaxprs(params: dict[str, Any]) -> list[Any]:
+    """The jaxprs among an equation's parameters (also inside tuples and lists).
+
+    Args:
+        params: the equation's parameters.
+
+    Returns:
+        The (closed) jaxprs.
+    """
     out = []
     for v in params.values():
         items = v if isinstance(v, (tuple, list)) else (v,)
@@ -46,7 +61,14 @@ def _sub_jaxprs(params: dict[str, Any]) -> list[Any]:
 
 
 def _strip_closed(cj: Any) -> Any:
-    """A ``ClosedJaxpr`` with the same signature, its custom-derivative calls inlined."""
+    """A ``ClosedJaxpr`` with the same signature, its custom-derivative calls inlined.
+
+    Args:
+        cj: the closed jaxpr.
+
+    Returns:
+        The closed jaxpr without custom-derivative calls (``cj`` itself if it has none).
+    """
     if not _has_custom(cj.jaxpr):
         return cj
     fn = functools.partial(_eval_closed, cj)
@@ -54,10 +76,19 @@ def _strip_closed(cj: Any) -> Any:
 
 
 def _eval_closed(cj: Any, *args: Any) -> list[Any]:
+    """Evaluates a closed jaxpr on ``args`` (for retracing it)."""
     return eval_jaxpr(cj.jaxpr, cj.consts, *args)
 
 
 def _strip_params(params: dict[str, Any]) -> dict[str, Any]:
+    """An equation's parameters with the custom-derivative calls of their jaxprs inlined.
+
+    Args:
+        params: the equation's parameters.
+
+    Returns:
+        The new parameters.
+    """
     new = {}
     for k, v in params.items():
         if isinstance(v, jex_core.ClosedJaxpr):

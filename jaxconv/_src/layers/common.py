@@ -268,7 +268,15 @@ def resolve_padding(
 
 
 def conv_dimension_numbers(ndim: int) -> lax.ConvDimensionNumbers:
-    """Channels-last input and output, ``(*window, I, O)`` kernel."""
+    """Channels-last input and output, ``(*window, I, O)`` kernel.
+
+    Args:
+        ndim: the rank of the input (batch, spatial dimensions, features).
+
+    Returns:
+        The dimension numbers of a channels-last input and output and a ``(*window, I, O)``
+        kernel.
+    """
     lhs = (0, ndim - 1) + tuple(range(1, ndim - 1))
     rhs = (ndim - 1, ndim - 2) + tuple(range(0, ndim - 2))
     return lax.ConvDimensionNumbers(lhs, rhs, lhs)
@@ -305,7 +313,15 @@ def masked_op(op: Op) -> Op:
 
 
 def check_mask(mask: Any, kernel_shape: tuple[int, ...]) -> None:
-    """Flax's check: a mask has exactly the kernel's shape."""
+    """Flax's check: a mask has exactly the kernel's shape.
+
+    Args:
+        mask: the layer's ``mask`` (``None`` for none).
+        kernel_shape: the kernel's shape.
+
+    Raises:
+        ValueError: the mask's shape is not the kernel's (Flax's message).
+    """
     if mask is not None and tuple(np.shape(mask)) != tuple(kernel_shape):
         raise ValueError(
             "Mask needs to have the same shape as weights. "
@@ -314,7 +330,18 @@ def check_mask(mask: Any, kernel_shape: tuple[int, ...]) -> None:
 
 
 def resolve_quantizer(name: str, q: Any) -> Callable[[Array], Array] | None:
-    """A quantizer given by name (``"ste_sign"``), as a callable, or ``None``."""
+    """A quantizer given by name (``"ste_sign"``), as a callable, or ``None``.
+
+    Args:
+        name: the argument's name, for the error message.
+        q: a quantizer's name, a callable, or ``None``.
+
+    Returns:
+        The quantizer as a callable, or ``None``.
+
+    Raises:
+        TypeError, ValueError: ``q`` is no quantizer; the message names ``name``.
+    """
     try:
         return _quantizers.get(q)
     except (TypeError, ValueError) as e:
@@ -322,12 +349,27 @@ def resolve_quantizer(name: str, q: Any) -> Callable[[Array], Array] | None:
 
 
 def check_op(op: Any) -> Op:
-    """The ``op=`` argument of the modules: an `jaxconv.Op` or a built-in name."""
+    """The ``op=`` argument of the modules: an `jaxconv.Op` or a built-in name.
+
+    Args:
+        op: the ``op=`` argument.
+
+    Returns:
+        The `jaxconv.Op`.
+    """
     return resolve(op)
 
 
 def nnx_promoter(fn: Callable[..., Any], dtype: Any) -> Promote:
-    """nnx's ``promote_dtype`` takes one tuple ``(inputs, kernel, bias)``."""
+    """nnx's ``promote_dtype`` takes one tuple ``(inputs, kernel, bias)``.
+
+    Args:
+        fn: the layer's ``promote_dtype``.
+        dtype: the layer's ``dtype``.
+
+    Returns:
+        ``promote(x, kernel, bias)``, returning the three promoted.
+    """
 
     def promote(x: Array, k: Array, b: Array | None) -> tuple[Any, Any, Any]:
         return tuple(fn((x, k, b), dtype=dtype))  # type: ignore[return-value]
@@ -336,7 +378,15 @@ def nnx_promoter(fn: Callable[..., Any], dtype: Any) -> Promote:
 
 
 def linen_promoter(fn: Callable[..., Any], dtype: Any) -> Promote:
-    """linen's ``promote_dtype`` is variadic."""
+    """linen's ``promote_dtype`` is variadic.
+
+    Args:
+        fn: linen's ``promote_dtype``, called as ``fn(x, kernel, bias, dtype=dtype)``.
+        dtype: the dtype to promote to (the module's ``dtype``).
+
+    Returns:
+        The same ``promote`` as `nnx_promoter`'s.
+    """
 
     def promote(x: Array, k: Array, b: Array | None) -> tuple[Any, Any, Any]:
         return tuple(fn(x, k, b, dtype=dtype))  # type: ignore[return-value]
@@ -349,6 +399,14 @@ def check_in_features(layer: Any, inputs: Any, spatial: int | None = None) -> No
 
     ``spatial``: the convolution's number of spatial dimensions (then a channels-first input,
     whose axis after the batch has ``in_features`` entries, gets a hint), ``None`` for dense.
+
+    Args:
+        layer: the layer (its ``in_features`` and type name go into the message).
+        inputs: the layer's input.
+        spatial: the convolution's number of spatial dimensions, ``None`` for a dense layer.
+
+    Raises:
+        ValueError: the last axis of ``inputs`` is not ``in_features`` long.
     """
     shape = tuple(jnp.shape(inputs))
     expected = layer.in_features
@@ -367,7 +425,16 @@ def check_in_features(layer: Any, inputs: Any, spatial: int | None = None) -> No
 
 
 def check_groups(groups: int, in_features: int, in_name: str = "`in_features`") -> None:
-    """``feature_group_count`` must be positive and divide the input features."""
+    """``feature_group_count`` must be positive and divide the input features.
+
+    Args:
+        groups: ``feature_group_count``.
+        in_features: the number of input features.
+        in_name: how the message names the input features.
+
+    Raises:
+        ValueError: ``groups`` is not positive or does not divide ``in_features``.
+    """
     if groups < 1 or in_features % groups:
         raise ValueError(
             f"`feature_group_count` (={groups}) must be >= 1 and divide {in_name} "
@@ -380,7 +447,22 @@ def nnx_params(
     param_dtype: Any, kernel_init: Callable[..., Array], bias_init: Callable[..., Array],
     kernel_metadata: Any = MappingProxyType({}), bias_metadata: Any = MappingProxyType({}),
 ) -> tuple[Any, Any]:
-    """An nnx layer's ``kernel`` and ``bias`` (``nnx.data(None)`` without bias), as Flax."""
+    """An nnx layer's ``kernel`` and ``bias`` (``nnx.data(None)`` without bias), as Flax.
+
+    Args:
+        rngs: the layer's ``nnx.Rngs``.
+        kernel_shape: the kernel's shape.
+        out_features: the number of output features (the bias's length).
+        use_bias: whether the layer has a bias.
+        param_dtype: the parameters' dtype.
+        kernel_init: the kernel's initializer.
+        bias_init: the bias's initializer.
+        kernel_metadata: keywords of the kernel's ``nnx.Param``.
+        bias_metadata: keywords of the bias's ``nnx.Param``.
+
+    Returns:
+        ``(kernel, bias)``.
+    """
     kernel = nnx.Param(kernel_init(rngs.params(), kernel_shape, param_dtype), **kernel_metadata)
     if not use_bias:
         return kernel, nnx.data(None)
@@ -389,12 +471,27 @@ def nnx_params(
 
 
 def nnx_value(param: Any) -> Array | None:
-    """The array of an nnx ``Param``, or ``None`` for an absent one (no bias)."""
+    """The array of an nnx ``Param``, or ``None`` for an absent one (no bias).
+
+    Args:
+        param: an ``nnx.Param`` or ``None``.
+
+    Returns:
+        Its value, or ``None``.
+    """
     return None if param is None else param[...]
 
 
 def linen_params(module: Any, kernel_shape: tuple[int, ...]) -> tuple[Array, Array | None]:
-    """A linen layer's ``kernel`` and ``bias`` (``None`` without bias), as Flax."""
+    """A linen layer's ``kernel`` and ``bias`` (``None`` without bias), as Flax.
+
+    Args:
+        module: the linen layer (its initializers, ``param_dtype``, ``features``, ``use_bias``).
+        kernel_shape: the kernel's shape.
+
+    Returns:
+        ``(kernel, bias)``.
+    """
     kernel = module.param("kernel", module.kernel_init, kernel_shape, module.param_dtype)
     bias = (module.param("bias", module.bias_init, (module.features,), module.param_dtype)
             if module.use_bias else None)
@@ -405,7 +502,17 @@ def quantize(
     x: Array, kernel: Array, input_quantizer: Callable[[Array], Array] | None,
     kernel_quantizer: Callable[[Array], Array] | None,
 ) -> tuple[Array, Array]:
-    """Applies the (optional) input and kernel quantizers."""
+    """Applies the (optional) input and kernel quantizers.
+
+    Args:
+        x: the input.
+        kernel: the kernel.
+        input_quantizer: applied to ``x`` unless ``None``.
+        kernel_quantizer: applied to ``kernel`` unless ``None``.
+
+    Returns:
+        ``(x, kernel)``, quantized.
+    """
     if input_quantizer is not None:
         x = input_quantizer(x)
     if kernel_quantizer is not None:
@@ -414,7 +521,15 @@ def quantize(
 
 
 def hook_kwargs(out_sharding: Any, preferred_element_type: Any) -> dict[str, Any]:
-    """The optional keywords of a Flax hook call (omitted when None, as Flax does)."""
+    """The optional keywords of a Flax hook call (omitted when None, as Flax does).
+
+    Args:
+        out_sharding: the layer's ``out_sharding``.
+        preferred_element_type: the layer's ``preferred_element_type``.
+
+    Returns:
+        The keywords that are not ``None``.
+    """
     kwargs: dict[str, Any] = {}
     if out_sharding is not None:
         kwargs["out_sharding"] = out_sharding
@@ -425,7 +540,17 @@ def hook_kwargs(out_sharding: Any, preferred_element_type: Any) -> dict[str, Any
 
 def mask_kernel(kernel: Array, mask: Any, op: Op, multiply: bool) -> tuple[Array, Op]:
     """Applies ``mask`` to the kernel: multiplies it (``multiply``: the standard product or a
-    hook) or encodes absent taps as NaN for `masked_op`, the op returned with it."""
+    hook) or encodes absent taps as NaN for `masked_op`, the op returned with it.
+
+    Args:
+        kernel: the kernel.
+        mask: the layer's mask, ``None`` for none.
+        op: the layer's op.
+        multiply: multiply the kernel by the mask instead of encoding absent taps.
+
+    Returns:
+        ``(kernel, op)`` to convolve with.
+    """
     if mask is None:
         return kernel, op
     if multiply:
@@ -435,7 +560,15 @@ def mask_kernel(kernel: Array, mask: Any, op: Op, multiply: bool) -> tuple[Array
 
 
 def add_bias(y: Array, bias: Array | None) -> Array:
-    """``y + bias`` over the trailing (feature) axes."""
+    """``y + bias`` over the trailing (feature) axes.
+
+    Args:
+        y: the layer's output.
+        bias: the bias, ``None`` for none.
+
+    Returns:
+        ``y`` with the bias added.
+    """
     if bias is None:
         return y
     return y + jnp.reshape(bias, (1,) * (y.ndim - bias.ndim) + tuple(bias.shape))
@@ -470,6 +603,34 @@ def conv_apply(
     promote dtypes; quantize inputs and kernel; apply the mask (multiply for the standard op,
     skip taps for any other op); convolve with `jaxconv.conv_general_dilated` (or the
     user's ``hook``); add the bias; restore the batch dimensions.
+
+    Args:
+        inputs: the input, channels last, with any number of batch dimensions.
+        kernel: the kernel, ``(*kernel_size, in_features // groups, out_features)``.
+        bias: the bias, ``None`` for none.
+        kernel_size: the window's size.
+        strides: the window strides (an int or one per spatial dimension).
+        padding: Flax's padding (a string, explicit pairs, or an int).
+        input_dilation: the input dilation.
+        kernel_dilation: the kernel dilation.
+        feature_group_count: the number of feature groups.
+        mask: the kernel mask, ``None`` for none.
+        precision: lax's precision.
+        promote: the dtype promotion (`nnx_promoter` / `linen_promoter`).
+        preferred_element_type: the output's dtype, ``None`` for the default.
+        out_sharding: the output's sharding, ``None`` for the default.
+        op: the product.
+        input_quantizer: applied to the input unless ``None``.
+        kernel_quantizer: applied to the kernel unless ``None``.
+        engine: the engine asked for.
+        max_block_bytes: the memory bound of one block, ``None`` for the default.
+        hook: a Flax-style ``conv_general_dilated`` called instead of jaxconv, or ``None``.
+
+    Returns:
+        The layer's output, with the input's batch dimensions.
+
+    Raises:
+        TypeError: a mask with a non-standard op on an integer kernel.
     """
     nsd = len(kernel_size)
     x, batch_shape = flatten_batch(inputs, nsd)
@@ -526,7 +687,26 @@ def dense_apply(
     max_block_bytes: int | None,
     hook: Callable[..., Array] | None,
 ) -> Array:
-    """The forward pass of a jaxconv ``Linear`` / ``Dense`` layer (last axis contracted)."""
+    """The forward pass of a jaxconv ``Linear`` / ``Dense`` layer (last axis contracted).
+
+    Args:
+        inputs: the input; the last axis is contracted.
+        kernel: the kernel, ``(in_features, out_features)``.
+        bias: the bias, ``None`` for none.
+        precision: lax's precision.
+        promote: the dtype promotion (`nnx_promoter` / `linen_promoter`).
+        preferred_element_type: the output's dtype, ``None`` for the default.
+        out_sharding: the output's sharding, ``None`` for the default.
+        op: the product.
+        input_quantizer: applied to the input unless ``None``.
+        kernel_quantizer: applied to the kernel unless ``None``.
+        engine: the engine asked for.
+        max_block_bytes: the memory bound of one block, ``None`` for the default.
+        hook: a Flax-style ``dot_general`` called instead of jaxconv, or ``None``.
+
+    Returns:
+        The layer's output.
+    """
     x, kernel, bias = promote(inputs, kernel, bias)
     x, kernel = quantize(x, kernel, input_quantizer, kernel_quantizer)
     dims = (((x.ndim - 1,), (0,)), ((), ()))
@@ -541,7 +721,17 @@ def dense_apply(
 
 
 def check_hook(name: str, hook: Any, op: Op) -> None:
-    """A Flax-style ``conv_general_dilated`` / ``dot_general`` hook excludes a custom op."""
+    """A Flax-style ``conv_general_dilated`` / ``dot_general`` hook excludes a custom op.
+
+    Args:
+        name: the hook argument's name, for the messages.
+        hook: the hook, ``None`` for none.
+        op: the layer's op.
+
+    Raises:
+        TypeError: the hook is not callable.
+        ValueError: both a hook and a non-standard op are given.
+    """
     if hook is None:
         return
     if not callable(hook):

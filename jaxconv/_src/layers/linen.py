@@ -36,7 +36,15 @@ __all__ = ("Conv", "ConvTranspose", "Dense")
 
 
 def _checked_op_and_hook(module: _nn.Module, name: str) -> tuple[Op, Any]:
-    """The module's op and its Flax hook ``name`` (or ``name_cls()``), which excludes it."""
+    """The module's op and its Flax hook ``name`` (or ``name_cls()``), which excludes it.
+
+    Args:
+        module: the linen layer.
+        name: the hook's name, ``"conv_general_dilated"`` or ``"dot_general"``.
+
+    Returns:
+        ``(op, hook)``, the hook ``None`` when none is given.
+    """
     op = _m.check_op(module.op)
     cls = getattr(module, f"{name}_cls")
     hook = cls() if cls is not None else getattr(module, name)
@@ -45,6 +53,7 @@ def _checked_op_and_hook(module: _nn.Module, name: str) -> tuple[Op, Any]:
 
 
 def _quantizers(module: _nn.Module) -> dict[str, Any]:
+    """The module's ``input_quantizer`` and ``kernel_quantizer``, resolved, as keywords."""
     return {name: _m.resolve_quantizer(name, getattr(module, name))
             for name in ("input_quantizer", "kernel_quantizer")}
 
@@ -118,7 +127,14 @@ class Conv(_nn.Module):
 
     @_nn.compact
     def __call__(self, inputs: Array) -> Array:
-        """Applies the convolution to ``(*batch_dims, *spatial, features)`` inputs."""
+        """Applies the convolution to ``(*batch_dims, *spatial, features)`` inputs.
+
+        Args:
+            inputs: the input, channels last.
+
+        Returns:
+            The output, with the input's batch dimensions.
+        """
         kernel_size = _m.kernel_size_tuple(self.kernel_size)
         op, hook = _checked_op_and_hook(self, "conv_general_dilated")
         in_features = jnp.shape(inputs)[-1]
@@ -187,7 +203,14 @@ class Dense(_nn.Module):
 
     @_nn.compact
     def __call__(self, inputs: Array) -> Array:
-        """Applies the dense layer over the last axis of ``inputs``."""
+        """Applies the dense layer over the last axis of ``inputs``.
+
+        Args:
+            inputs: the input; the last axis is contracted.
+
+        Returns:
+            The output.
+        """
         op, hook = _checked_op_and_hook(self, "dot_general")
         kernel, bias = _m.linen_params(self, (jnp.shape(inputs)[-1], self.features))
         return _m.dense_apply(

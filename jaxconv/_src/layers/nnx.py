@@ -64,7 +64,16 @@ __all__ = ("Conv", "ConvTranspose", "Linear", "MultiOpConv")
 
 def _init_product(module: _nnx.Module, op: Op | str, hook_name: str, hook: Any,
                   input_quantizer: Any, kernel_quantizer: Any) -> None:
-    """Sets ``op`` and the quantizers (resolved and checked, a hook excluding a custom op)."""
+    """Sets ``op`` and the quantizers (resolved and checked, a hook excluding a custom op).
+
+    Args:
+        module: the layer being built.
+        op: the ``op=`` argument.
+        hook_name: the Flax hook's name, for the message.
+        hook: the hook given, ``None`` for none.
+        input_quantizer: the input quantizer given.
+        kernel_quantizer: the kernel quantizer given.
+    """
     module.op = _m.check_op(op)
     _m.check_hook(hook_name, hook, module.op)
     module.input_quantizer = _m.resolve_quantizer("input_quantizer", input_quantizer)

@@ -85,12 +85,23 @@ class PackedKernel(_nnx.Variable):
 
 
 def _is_sign(q: Any) -> bool:
+    """Whether ``q`` (or the function a ``functools.partial`` wraps) is a sign quantizer."""
     base = q.func if isinstance(q, functools.partial) else q
     return base in _SIGN_QUANTIZERS
 
 
 def _binary_pad_value(layer: Any) -> float | None:
-    """The xnor padding of a jaxconv layer, or a ``ValueError`` if it is not binary."""
+    """The xnor padding of a jaxconv layer, or a ``ValueError`` if it is not binary.
+
+    Args:
+        layer: an nnx jaxconv ``Conv`` or ``Linear``.
+
+    Returns:
+        The xnor op's pad value (``None``: padded taps contribute 0).
+
+    Raises:
+        ValueError: the layer is not binary.
+    """
     op = layer.op
     qi, qk = layer.input_quantizer, layer.kernel_quantizer
     quant_ok = all(q is None or _is_sign(q) for q in (qi, qk))
@@ -106,7 +117,19 @@ def _binary_pad_value(layer: Any) -> float | None:
 
 def _init_packed(layer: _nnx.Module, kernel: Array, bias: Array | None, in_features: int,
                  dtype: Any, engine: str) -> None:
-    """The attributes ``PackedConv`` and ``PackedLinear`` share (``kernel`` checked packed)."""
+    """The attributes ``PackedConv`` and ``PackedLinear`` share (``kernel`` checked packed).
+
+    Args:
+        layer: the packed layer being built.
+        kernel: the packed kernel, ``uint32``.
+        bias: the bias, ``None`` for none.
+        in_features: the real number of input features.
+        dtype: the output dtype, ``None`` for float32.
+        engine: the engine asked for.
+
+    Raises:
+        TypeError: the kernel is not ``uint32``.
+    """
     kernel = jnp.asarray(kernel)
     if kernel.dtype != jnp.uint32:
         raise TypeError(
@@ -119,6 +142,7 @@ def _init_packed(layer: _nnx.Module, kernel: Array, bias: Array | None, in_featu
 
 
 def _add_bias(layer: _nnx.Module, y: Array) -> Array:
+    """``y`` plus the layer's bias (if any) in ``y``'s dtype."""
     return _m.add_bias(y, None if layer.bias is None else layer.bias[...].astype(y.dtype))
 
 
@@ -289,13 +313,28 @@ class PackedLinear(_nnx.Module):
                    in_features=linear.in_features, dtype=linear.dtype, engine=engine)
 
     def __call__(self, inputs: Array) -> Array:
-        """Applies the layer over the last axis of float or packed ``inputs``."""
+        """Applies the layer over the last axis of float or packed ``inputs``.
+
+        Args:
+            inputs: float inputs (packed here) or packed ``uint32`` words.
+
+        Returns:
+            The layer's output.
+        """
         y = packed_dense(inputs, self.kernel[...], in_features=self.in_features,
                          out_dtype=self.dtype or jnp.float32, engine=self.engine)
         return _add_bias(self, y)
 
 
 def _is_binary(layer: Any) -> bool:
+    """Whether `_binary_pad_value` accepts the layer.
+
+    Args:
+        layer: an nnx layer.
+
+    Returns:
+        True for a binary XNOR layer.
+    """
     try:
         _binary_pad_value(layer)
     except ValueError:

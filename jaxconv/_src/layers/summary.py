@@ -13,6 +13,14 @@ from jaxconv._src.layers.packed import PackedKernel, _is_sign
 
 
 def _name(q: Any) -> str:
+    """A quantizer's name for the table (``"-"`` for none).
+
+    Args:
+        q: the quantizer, ``None`` for none.
+
+    Returns:
+        Its name (that of the function a ``functools.partial`` wraps).
+    """
     if q is None:
         return "-"
     base = getattr(q, "func", q)
@@ -26,6 +34,15 @@ def _packed_bytes(kernel_shape: tuple[int, ...]) -> int:
 
 
 def _rows(model: nnx.Module) -> list[dict[str, Any]]:
+    """One row per module of ``model`` that holds variables.
+
+    Args:
+        model: the nnx model.
+
+    Returns:
+        Dicts with the path, layer type, op, quantizers, parameter and binary counts, and the
+        bytes as float and as packed.
+    """
     rows = []
     for path, node in nnx.graph.iter_graph(model):
         if not isinstance(node, nnx.Module):

@@ -42,7 +42,18 @@ default_bias_init = _init.zeros_init()
 
 def _circular_wrap(y: Array, x_spatial: Sequence[int], strides: Sequence[int],
                    transpose_kernel: bool, op: Op) -> Array:
-    """Flax's periodic wrap of a transposed convolution, with ``op``'s identity and reduce."""
+    """Flax's periodic wrap of a transposed convolution, with ``op``'s identity and reduce.
+
+    Args:
+        y: the transposed convolution's output with VALID padding.
+        x_spatial: the input's spatial sizes.
+        strides: the strides.
+        transpose_kernel: whether the kernel is flipped and its features swapped.
+        op: the op (its identity and reduce fold the wrapped cells).
+
+    Returns:
+        The output of CIRCULAR padding.
+    """
     periods = [d * s for d, s in zip(x_spatial, strides, strict=True)]
     diffs = [-(yd - p) % (2 * p) for yd, p in zip(y.shape[1:-1], periods, strict=True)]
     if transpose_kernel:
@@ -64,7 +75,31 @@ def _transpose_apply(
     transpose_kernel: bool, promote: Callable[..., tuple[Any, Any, Any]],
     preferred_element_type: Any, op: Op, engine: str, max_block_bytes: int | None,
 ) -> Array:
-    """The forward pass shared by the nnx and linen ``ConvTranspose``."""
+    """The forward pass shared by the nnx and linen ``ConvTranspose``.
+
+    Args:
+        inputs: the input, channels last, with any number of batch dimensions.
+        kernel: the kernel.
+        bias: the bias, ``None`` for none.
+        kernel_size: the window's size.
+        strides: the strides.
+        padding: Flax's transposed padding (a string, pairs or ``"CIRCULAR"``).
+        kernel_dilation: the kernel dilation.
+        mask: the kernel mask, ``None`` for none.
+        precision: lax's precision.
+        transpose_kernel: whether the kernel is flipped and its features swapped.
+        promote: the dtype promotion.
+        preferred_element_type: the output's dtype, ``None`` for the default.
+        op: the product.
+        engine: the engine asked for.
+        max_block_bytes: the memory bound of one block, ``None`` for the default.
+
+    Returns:
+        The output, with the input's batch dimensions.
+
+    Raises:
+        ValueError: CIRCULAR padding with an op that has a ``post`` map.
+    """
     nsd = len(kernel_size)
     x, batch_shape = _m.flatten_batch(inputs, nsd)
     strides_t = _m.broadcast_ints("strides", strides, nsd)
@@ -258,7 +293,14 @@ class LinenConvTranspose(_nn.Module):
 
     @_nn.compact
     def __call__(self, inputs: Array) -> Array:
-        """Applies the transposed convolution to ``(*batch_dims, *spatial, features)``."""
+        """Applies the transposed convolution to ``(*batch_dims, *spatial, features)``.
+
+        Args:
+            inputs: the input, channels last.
+
+        Returns:
+            The output, with the input's batch dimensions.
+        """
         kernel_size = _m.kernel_size_tuple(self.kernel_size)
         op = _m.check_op(self.op)
         in_features = jnp.shape(inputs)[-1]

@@ -87,9 +87,11 @@ class NativeEngine(registry.Engine):
     name = "native"
 
     def load_error(self) -> str | None:
+        """Why the extension cannot be loaded, or ``None``."""
         return ffi.load_error()
 
     def refusal(self, problem: Problem, dtype: DTypeLike, platform: str | None) -> str | None:
+        """`eligibility.refusal`, warning once under "auto" when the extension does not load."""
         if (problem.engine == registry.AUTO and problem.op.native is not None
                 and platform in (None, "cpu") and ffi.load_error() is not None):
             _warn_native_unavailable(ffi.load_error())
@@ -151,7 +153,17 @@ class NativeEngine(registry.Engine):
 
     def _fallback(self, problem: Problem) -> registry.Engine | None:
         """The XLA engine where a user op's kernels fail to compile under "auto" (with one
-        warning); raises under engine="native"; ``None`` when the kernels are there."""
+        warning); raises under engine="native"; ``None`` when the kernels are there.
+
+        Args:
+            problem: the canonical problem.
+
+        Returns:
+            The XLA engine, or ``None``.
+
+        Raises:
+            ValueError: the kernels fail under ``engine="native"``.
+        """
         if problem.op.native is not None:
             return None
         got = user_kernels.user_kernel(problem.op)
@@ -167,6 +179,16 @@ class NativeEngine(registry.Engine):
         return registry.get("xla")
 
     def _spec(self, problem: Problem, x: Array, w: Array) -> Any:
+        """The custom call's static description: shapes, op id, pad value (kernels loaded).
+
+        Args:
+            problem: the canonical problem.
+            x: the input.
+            w: the kernel.
+
+        Returns:
+            The ``_Call`` spec.
+        """
         ffi._register()
         tuning.ensure()
         op_id = ffi.kernel_id(problem.op)
@@ -180,6 +202,7 @@ class NativeEngine(registry.Engine):
         return spec
 
     def forward(self, problem: Problem, x: Array, w: Array) -> Array:
+        """The forward by the compiled kernels (wide dtypes by their family, bf16/f16 in f32)."""
         other = self._fallback(problem)
         if other is not None:
             return other.forward(problem, x, w)
@@ -239,6 +262,7 @@ class NativeEngine(registry.Engine):
 
     def tangent(self, problem: Problem, x: Array, w: Array, y: Array, tx: Array, tw: Array,
                 active: tuple[bool, bool]) -> Array:
+        """The XLA engine's forward-mode tangent (no native tangent kernels)."""
         return registry.get("xla").tangent(problem, x, w, y, tx, tw, active)
 
 

@@ -55,6 +55,11 @@ _state: dict[str, Any] = {"module": None, "error": None, "loaded": False, "regis
 
 
 def _load() -> Any:
+    """The extension module, imported once; ``None`` (with the error kept) if it fails.
+
+    Returns:
+        The module, or ``None``.
+    """
     with _lock:
         if not _state["loaded"]:
             _state["loaded"] = True
@@ -147,6 +152,11 @@ def has_wide() -> bool:
 
 
 def _register() -> None:
+    """Registers the extension's FFI targets with JAX, once.
+
+    Raises:
+        RuntimeError: the extension could not be loaded.
+    """
     mod = _load()
     if mod is None:
         raise RuntimeError(f"jaxconv native engine: the compiled library could not be loaded "
@@ -220,6 +230,18 @@ class _Call:
 
 def _call_spec(op: Op, op_id: int, geom: Geometry, x_shape: tuple[int, ...],
                w_shape: tuple[int, ...]) -> _Call:
+    """The static description of one custom call, in three spatial dimensions.
+
+    Args:
+        op: the op (its pad value).
+        op_id: the kernel's id.
+        geom: the product's geometry.
+        x_shape: the input's shape.
+        w_shape: the kernel's shape.
+
+    Returns:
+        The ``_Call`` spec, shapes padded to three spatial dimensions with ones.
+    """
     lead = 3 - len(geom.window)
 
     def three(t: tuple, fill: Any) -> tuple:
@@ -239,12 +261,35 @@ def _call_spec(op: Op, op_id: int, geom: Geometry, x_shape: tuple[int, ...],
 
 
 def _forward_call(spec: _Call, x: Array, w: Array) -> Array:
+    """The f32 kernels' forward custom call.
+
+    Args:
+        spec: the call's static description.
+        x: the input, in ``spec.x_shape``.
+        w: the kernel, in ``spec.w_shape``.
+
+    Returns:
+        The output, float32, in ``spec.y_shape``.
+    """
     out = jax.ShapeDtypeStruct(spec.y_shape, jnp.float32)
     return jax.ffi.ffi_call(_FORWARD, out, vmap_method="broadcast_all")(x, w, **spec.attrs())
 
 
 def _backward_call(spec: _Call, x: Array, w: Array, y: Array, g: Array,
                    parts: int = 3) -> tuple[Array, Array]:
+    """The f32 kernels' backward custom call.
+
+    Args:
+        spec: the call's static description.
+        x: the input, in ``spec.x_shape``.
+        w: the kernel, in ``spec.w_shape``.
+        y: the forward's output, in ``spec.y_shape``.
+        g: the output's cotangent, in ``spec.y_shape``.
+        parts: which gradients to compute: bit 0 the input's, bit 1 the kernel's.
+
+    Returns:
+        ``(gx, gw)``, float32; only the parts asked for are meaningful.
+    """
     outs = (jax.ShapeDtypeStruct(spec.x_shape, jnp.float32),
             jax.ShapeDtypeStruct(spec.w_shape, jnp.float32))
     return jax.ffi.ffi_call(_BACKWARD, outs, vmap_method="broadcast_all")(

@@ -62,6 +62,7 @@ _state: dict[str, Any] = {"done": False, "params": None, "source": None, "path":
 
 
 def _native() -> Any:
+    """The extension module (imported on first use)."""
     from jaxconv._src.engines.native import ffi  # noqa: PLC0415 - only once the engine is used
 
     return ffi.extension()
@@ -195,11 +196,19 @@ def cache_dir() -> pathlib.Path:
 
 
 def _entry() -> pathlib.Path:
+    """The cache file of this CPU's parameters."""
     return cache_dir() / f"params-{cache_key()}.json"
 
 
 def _read(path: pathlib.Path) -> dict[str, int] | None:
-    """A verified entry's parameters, or ``None`` (missing, untrusted or malformed)."""
+    """A verified entry's parameters, or ``None`` (missing, untrusted or malformed).
+
+    Args:
+        path: the entry's file.
+
+    Returns:
+        The parameters, or ``None``.
+    """
     from jaxconv._src.engines.native import user_kernels  # noqa: PLC0415
 
     where = user_kernels.cache(str(path.parent))
@@ -220,6 +229,16 @@ def _read(path: pathlib.Path) -> dict[str, int] | None:
 
 
 def _write(path: pathlib.Path, values: dict[str, int], timings: dict[str, Any]) -> bool:
+    """Writes the parameters to the cache atomically, if the cache is trusted and writable.
+
+    Args:
+        path: the entry's file.
+        values: the parameters.
+        timings: the search's measurements, kept in the record.
+
+    Returns:
+        True if written.
+    """
     from jaxconv._src.engines.native import user_kernels  # noqa: PLC0415
 
     user_kernels.cache.cache_clear()  # the directory may have been removed meanwhile
@@ -252,6 +271,16 @@ _ROUNDING_MARGIN = 0.95
 
 
 def _time(problem: tuple[int, ...], values: dict[str, int], reps: int) -> float:
+    """The time of one forward problem under ``values`` (thread CPU time, the kernel's own).
+
+    Args:
+        problem: ``(op, n, h, w, c, k, o)``.
+        values: the parameters.
+        reps: how many calls.
+
+    Returns:
+        The time the extension reports.
+    """
     op, n, h, w, c, k, o = problem
     return float(_native().time_forward(op, n, h, w, c, k, o, reps, values))
 
@@ -259,7 +288,16 @@ def _time(problem: tuple[int, ...], values: dict[str, int], reps: int) -> float:
 def _scores(cands: list[dict[str, int]], problems: list[tuple[int, ...]],
             rounds: int) -> list[float]:
     """Each candidate's geometric mean over `problems` of its best time relative to the
-    first candidate's (rounds interleaved, so that a slow moment hits every candidate)."""
+    first candidate's (rounds interleaved, so that a slow moment hits every candidate).
+
+    Args:
+        cands: the candidate parameter sets, the default first.
+        problems: the forward problems timed.
+        rounds: how many interleaved rounds.
+
+    Returns:
+        One score per candidate (1.0 for the first; lower is faster).
+    """
     t = [[float("inf")] * len(problems) for _ in cands]
     for _ in range(rounds):
         for i, cand in enumerate(cands):
@@ -325,6 +363,13 @@ def search(rounds: int = 3) -> tuple[dict[str, int], dict[str, Any]]:
 
 
 def _apply(values: dict[str, int], source: str, path: pathlib.Path | None) -> None:
+    """Sets the parameters in the extension and records where they came from.
+
+    Args:
+        values: the parameters.
+        source: where they come from (for ``explain``).
+        path: the cache file, or ``None``.
+    """
     _native().set_params(values)
     _state.update(done=True, params=dict(values), source=source, path=path)
 

@@ -164,7 +164,14 @@ def distrust(path: str | os.PathLike[str], *, directory: bool = False,
 @functools.cache
 def _private_group(gid: int) -> bool:
     """Whether `gid` is this user's own group (named after the user, no other member): the
-    default of many Linux distributions, whose umask 002 makes files group-writable."""
+    default of many Linux distributions, whose umask 002 makes files group-writable.
+
+    Args:
+        gid: a group id.
+
+    Returns:
+        True for such a group.
+    """
     try:
         user = pwd.getpwuid(os.getuid()).pw_name
         group = grp.getgrgid(gid)
@@ -180,7 +187,11 @@ def _tighten(path: pathlib.Path) -> None:
 
 def _makedirs(path: pathlib.Path) -> None:
     """``mkdir -p`` that leaves the directories it creates writable by their owner only, so
-    that a umask of 002 does not make the cache untrusted by its own rule."""
+    that a umask of 002 does not make the cache untrusted by its own rule.
+
+    Args:
+        path: the directory.
+    """
     missing = []
     p = path
     while not p.exists():
@@ -195,6 +206,14 @@ def _makedirs(path: pathlib.Path) -> None:
 
 
 def _writable(path: pathlib.Path) -> bool:
+    """Whether this process can create a file in ``path`` (by trying).
+
+    Args:
+        path: the directory.
+
+    Returns:
+        True if a probe file could be created (and was removed).
+    """
     # Permission bits say nothing for root or on a read-only mount: try.
     try:
         fd, probe = tempfile.mkstemp(dir=path, prefix=".probe-")
@@ -260,17 +279,33 @@ def private_dir() -> pathlib.Path:
 
 @functools.cache
 def _warn_private(asked: str, reason: str, private: str) -> None:
+    """Warns once per reason that kernels go into a private directory instead of ``asked``.
+
+    Args:
+        asked: the cache directory asked for.
+        reason: why it is not used.
+        private: the directory used instead.
+    """
     warnings.warn(f"jaxconv: the kernel cache {asked} is not used for new kernels ({reason}); "
                   f"user ops are compiled into {private}, for this process only (see the "
                   "README's 'Kernel cache').", RuntimeWarning, stacklevel=2)
 
 
 def _package_files() -> pathlib.Path:
+    """The kernel headers and build configuration installed with the extension."""
     return pathlib.Path(ffi.extension().__file__).parent / "_csrc"
 
 
 @functools.cache
 def _build_config() -> dict[str, Any]:
+    """The compiler flags the extension was built with (``build_config.json``), read once.
+
+    Returns:
+        The configuration: ``flags``, ``isa_flags`` per instruction set, ``headers``.
+
+    Raises:
+        CompileError: the file is not installed.
+    """
     path = _package_files() / "build_config.json"
     try:
         return json.loads(path.read_text())
@@ -309,12 +344,33 @@ def compiler() -> str | None:
 
 
 def _command(cxx: str, isa: str, src: pathlib.Path, out: pathlib.Path) -> list[str]:
+    """The compiler's command line for one user kernel.
+
+    Args:
+        cxx: the compiler.
+        isa: the instruction set built for.
+        src: the source file.
+        out: the library to write.
+
+    Returns:
+        The command.
+    """
     cfg = _build_config()
     return [cxx, *cfg["flags"], *cfg["isa_flags"].get(isa, []), "-std=c++17", "-fPIC",
             "-shared", "-fvisibility=hidden", f"-I{_package_files()}", str(src), "-o", str(out)]
 
 
 def _key(source: str, isa: str, cxx: str) -> str:
+    """The cache key of a kernel: its source, ISA, compiler, flags, version, ABI and headers.
+
+    Args:
+        source: the kernel's C++ source.
+        isa: the instruction set.
+        cxx: the compiler (``""`` for the compiler-independent key of a prebuilt kernel).
+
+    Returns:
+        32 hex digits.
+    """
     cfg = _build_config()
     text = json.dumps([source, isa, cxx, cfg["flags"], cfg["isa_flags"].get(isa, []),
                        __version__, int(ffi.extension().abi())])
@@ -324,6 +380,14 @@ def _key(source: str, isa: str, cxx: str) -> str:
 
 @contextlib.contextmanager
 def _file_lock(path: pathlib.Path) -> Iterator[None]:
+    """Holds an exclusive ``flock`` on ``path`` (created if missing) for the ``with`` block.
+
+    Args:
+        path: the lock file.
+
+    Yields:
+        Nothing; the lock is held meanwhile.
+    """
     with open(path, "a+") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
@@ -333,7 +397,14 @@ def _file_lock(path: pathlib.Path) -> Iterator[None]:
 
 
 def _digest(path: pathlib.Path) -> tuple[int, str]:
-    """The size and SHA-256 of a file, read through one descriptor (no symbolic link)."""
+    """The size and SHA-256 of a file, read through one descriptor (no symbolic link).
+
+    Args:
+        path: the file.
+
+    Returns:
+        ``(size, hex digest)``.
+    """
     h = hashlib.sha256()
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
     with os.fdopen(fd, "rb") as f:
@@ -377,7 +448,18 @@ def verify(directory: pathlib.Path, key: str) -> str | None:
 
 def _compile(source: str, cxx: str, isa: str, directory: pathlib.Path, key: str) -> None:
     """Builds the entry `key` in temporary files and renames them into place, the record
-    last; the caller holds the entry's lock."""
+    last; the caller holds the entry's lock.
+
+    Args:
+        source: the kernel's C++ source.
+        cxx: the compiler.
+        isa: the instruction set.
+        directory: the cache directory.
+        key: the entry's key.
+
+    Raises:
+        CompileError: the compiler failed.
+    """
     stem = f"jaxconv_{key}"
     with tempfile.TemporaryDirectory(dir=directory, prefix=".build-") as tmp:
         src = pathlib.Path(tmp) / f"{stem}.cc"
@@ -402,7 +484,18 @@ def _compile(source: str, cxx: str, isa: str, directory: pathlib.Path, key: str)
 
 
 def _load(key: str, lib_path: pathlib.Path) -> int:
-    """Loads the library (once per process), checks its ABI and registers it; the op id."""
+    """Loads the library (once per process), checks its ABI and registers it; the op id.
+
+    Args:
+        key: the entry's key.
+        lib_path: the library.
+
+    Returns:
+        The op id its kernels are registered under.
+
+    Raises:
+        CompileError: it does not load or has another ABI.
+    """
     native = ffi.extension()
     op_id = int(native.user_base()) + int(key[:10], 16)
     with _lock:
@@ -423,7 +516,18 @@ def _load(key: str, lib_path: pathlib.Path) -> int:
 
 def _build_in(directory: pathlib.Path, key: str, functor: codegen.Functor, cxx: str,
               isa: str) -> tuple[int, pathlib.Path, bool]:
-    """Verifies, else (re)builds, and loads the entry `key` in a trusted writable directory."""
+    """Verifies, else (re)builds, and loads the entry `key` in a trusted writable directory.
+
+    Args:
+        directory: the cache directory.
+        key: the entry's key.
+        functor: the op's generated functor.
+        cxx: the compiler.
+        isa: the instruction set.
+
+    Returns:
+        ``(op id, library path, whether it was compiled now)``.
+    """
     lib = directory / f"jaxconv_{key}.so"
     _makedirs(directory)  # it may have been deleted (the cache cleared) since `cache` saw it
     with _file_lock(directory / f"jaxconv_{key}.lock"):
@@ -441,7 +545,16 @@ def _build_in(directory: pathlib.Path, key: str, functor: codegen.Functor, cxx: 
 
 def _prebuilt(where: Cache, functor: codegen.Functor, isa: str) -> str | None:
     """Without a compiler: the key of a verified library of `functor` in a trusted cache that
-    some compiler built (e.g. ``python -m jaxconv.prebuild`` on a machine that has one)."""
+    some compiler built (e.g. ``python -m jaxconv.prebuild`` on a machine that has one).
+
+    Args:
+        where: the cache.
+        functor: the op's generated functor.
+        isa: the instruction set.
+
+    Returns:
+        The entry's key, or ``None``.
+    """
     if not where.trusted:
         return None
     want = _key(functor.source, isa, "")

@@ -37,7 +37,14 @@ class Spec:
     max_block_bytes: int | None
 
     def config(self, backend: Backend) -> Config:
-        """The parameters on one platform's ``backend``."""
+        """The parameters on one platform's ``backend``.
+
+        Args:
+            backend: the platform's backend.
+
+        Returns:
+            The `Config`.
+        """
         return Config(self.op, self.geom, self.acc_dtype, backend, self.max_block_bytes)
 
 
@@ -54,22 +61,36 @@ class _Problem:
 
     @property
     def m(self) -> int:
+        """The rows of the product: examples times output positions."""
         return self.n * self.p
 
     @property
     def mp(self) -> int:
+        """The rows, padded to the row tile."""
         return _padded(self.m, self.blocks.bm, self.blocks.pow2)
 
     @property
     def kp(self) -> int:
+        """The input channels per group, padded to the contraction tile."""
         return _padded(self.i, self.blocks.bk, self.blocks.pow2)
 
     @property
     def np_(self) -> int:
+        """The output features per group, padded to the column tile."""
         return _padded(self.og, self.blocks.bn, self.blocks.pow2)
 
 
 def _problem(cfg: Config, x: Array, w: Array) -> _Problem:
+    """The matrix extents and block sizes of one per-tap problem.
+
+    Args:
+        cfg: the call's configuration.
+        x: the input.
+        w: the kernel.
+
+    Returns:
+        The `_Problem`.
+    """
     g = cfg.geom.groups
     n = x.shape[0]
     p = max(1, math.prod(cfg.geom.out_spatial))

@@ -93,21 +93,26 @@ class PallasEngine(registry.Engine):
     name = "pallas"
 
     def refusal(self, problem: Problem, dtype: Any, platform: str | None) -> str | None:
+        """None: the Pallas engine serves every problem it is asked for."""
         del problem, dtype, platform
         return None
 
     def forward(self, problem: Problem, x: Array, w: Array) -> Array:
+        """The Pallas forward (`orchestration.forward`)."""
         return forward(problem, x, w)
 
     def backward(self, problem: Problem, x: Array, w: Array, y: Array, g: Array,
                  need: tuple[bool, bool]) -> tuple[Array, Array]:
+        """The Pallas backward (`orchestration.backward`)."""
         return backward(problem, x, w, y, g, need)
 
     def tangent(self, problem: Problem, x: Array, w: Array, y: Array, tx: Array, tw: Array,
                 active: tuple[bool, bool]) -> Array:
+        """The XLA engine's forward-mode tangent (no Pallas tangent kernels)."""
         return registry.get("xla").tangent(problem, x, w, y, tx, tw, active)
 
     def describe(self, problem: Problem, dtype: Any) -> tuple[str, ...]:
+        """One line: Pallas kernels under the op's reduce, and where each platform runs them."""
         del dtype
         return (f"Pallas kernels under {algebra.capabilities(problem.op).reduce!r} "
                 "(interpret mode on CPU, Triton on GPU, Mosaic on TPU)",)

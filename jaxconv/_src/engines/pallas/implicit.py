@@ -56,6 +56,15 @@ class _Plan:
 
 
 def _plan(geom: Geometry, op: Op) -> _Plan:
+    """The `_Plan` of a geometry: the taps that read input (per-tap masks), phases and shifts.
+
+    Args:
+        geom: the product's geometry.
+        op: the op (taps wholly in the padding are skipped without a pad value).
+
+    Returns:
+        The plan.
+    """
     vmask = geom.valid_mask() if op.pad_value is None else None
     used, qs, rs, masks = [], [], [], []
     for t, tap in enumerate(geom.taps()):
@@ -82,7 +91,16 @@ def _plan(geom: Geometry, op: Op) -> _Plan:
 
 
 def _phase_rows(xp: Array, geom: Geometry, plan: _Plan) -> Array:
-    """Padded input ``(N, *P, C)`` -> phases ``(R, N * prod(lengths), C)``."""
+    """Padded input ``(N, *P, C)`` -> phases ``(R, N * prod(lengths), C)``.
+
+    Args:
+        xp: the padded input.
+        geom: the product's geometry.
+        plan: the plan.
+
+    Returns:
+        The phase rows.
+    """
     out = []
     for r in plan.phases:
         sl = xp[(slice(None), *(slice(ri, None, st) for ri, st in zip(r, geom.strides,
@@ -103,6 +121,18 @@ def _implicit_kernel(
     ``a_ref`` is the whole phase-row input ``(1, R * rows_p, Kp)`` (Triton reads it through
     pointers: only the ``(bm, 1)`` columns the kernel indexes are loaded), ``b_ref`` the
     taps' weights ``(T, 1, Kp, bn)``, ``mask_ref`` ``(bm, T)``.
+
+    Args:
+        *refs: ``a_ref``, ``b_ref``, then ``y_ref`` (with ``has_y``), ``mask_ref`` (with
+            ``has_mask``), and the output ``o_ref``.
+        bases: each used tap's first row in ``a_ref``.
+        term: ``term(x, w, y)``, the value each product contributes.
+        binary: the reduce of two partial results.
+        ident: the reduce's identity.
+        acc_dtype: the accumulation dtype.
+        k_total: the real number of input channels.
+        has_y: whether a ``y_ref`` is passed (for a term that compares with the output).
+        has_mask: whether a ``mask_ref`` is passed.
     """
     refs = list(refs)
     a_ref, b_ref = refs[0], refs[1]
@@ -163,10 +193,22 @@ class _Layout:
 
     @property
     def total_rows(self) -> int:
+        """The rows of the kernels' input, every phase padded: ``nph_p * rows_p``."""
         return self.nph_p * self.rows_p
 
 
 def _layout(cfg: Config, plan: _Plan, x: Array, w: Array) -> _Layout:
+    """The padded extents and block sizes of one problem's implicit-GEMM kernels.
+
+    Args:
+        cfg: the call's configuration.
+        plan: the plan.
+        x: the input.
+        w: the kernel.
+
+    Returns:
+        The layout.
+    """
     n, g = x.shape[0], cfg.geom.groups
     i, og = w.shape[-2], w.shape[-1] // g
     rows = n * math.prod(plan.lengths)
@@ -190,7 +232,18 @@ def _layout(cfg: Config, plan: _Plan, x: Array, w: Array) -> _Layout:
 def _implicit_operands(
     cfg: Config, plan: _Plan, lay: _Layout, x: Array, w: Array
 ) -> tuple[Array, Array]:
-    """Phase-row input ``(G, R * rows_p, Kp)`` and used taps' weights ``(T, G, Kp, Np)``."""
+    """Phase-row input ``(G, R * rows_p, Kp)`` and used taps' weights ``(T, G, Kp, Np)``.
+
+    Args:
+        cfg: the call's configuration.
+        plan: the plan.
+        lay: the layout.
+        x: the input.
+        w: the kernel.
+
+    Returns:
+        ``(a, b)``.
+    """
     xr = _phase_rows(taps.pad_input(x, cfg.op, cfg.geom), cfg.geom, plan)  # (R, rows, C)
     xr = xr.reshape(len(plan.phases), lay.rows, lay.g, lay.i).transpose(2, 0, 1, 3)
     a = _pad_to(xr, (lay.g, lay.nph_p, lay.rows_p, lay.kp)).reshape(
@@ -220,6 +273,18 @@ def _contract_implicit(
     """The forward (or tie count) as one kernel with the taps inside: ``(N, *Os, O)``.
 
     ``y``: the forward's output ``(N, *Os, O)``, for a ``term`` that compares with it.
+
+    Args:
+        cfg: the call's configuration.
+        x: the input.
+        w: the kernel.
+        term: ``term(x, w, y)``, the value each product contributes.
+        binary: the reduce of two partial results.
+        ident: the reduce's identity.
+        y: the forward's output, or ``None``.
+
+    Returns:
+        The output ``(N, *out_spatial, O)``.
     """
     geom = cfg.geom
     plan = _plan(geom, cfg.op)
@@ -265,6 +330,20 @@ def _implicit_dw_kernel(
 
     ``at_ref``: phase rows transposed ``(1, bk, R * rows_p)``; ``b_ref`` ``(1, 1, bk, bn)``;
     ``y``/``s`` ``(1, red, bn)`` virtual rows; ``mask_ref`` ``(red, T_p)``.
+
+    Args:
+        at_ref: the transposed phase rows.
+        b_ref: the tap's weights.
+        y_ref: the forward's output rows.
+        s_ref: the cotangent rows.
+        mask_ref: the rows' tap masks.
+        o_ref: the output tile.
+        bases: each used tap's first row.
+        combine: the op's combine.
+        combine_vjp: its VJP.
+        rule: the reduce's gradient weight, ``rule(c, y, s)``.
+        acc_dtype: the accumulation dtype.
+        red: the rows of one chunk.
     """
     t = pl.program_id(1)
     base = jnp.int32(0)
@@ -297,6 +376,22 @@ def _implicit_dx_kernel(
     Input row ``q`` of a phase gets the terms of the output rows ``q - shift`` of the taps
     in that phase. ``bt_ref`` ``(T_p, 1, Np, bk)``; ``y``/``s`` ``(1, front + rows, Np)`` and
     ``mask_ref`` ``(front + rows, T_p)`` start with ``front`` zero rows (shifts reach back).
+
+    Args:
+        a_ref: the phase rows.
+        bt_ref: the transposed weights.
+        y_ref: the forward's output rows.
+        s_ref: the cotangent rows.
+        mask_ref: the rows' tap masks.
+        o_ref: the output tile.
+        phase_taps: per phase, its taps as ``(tap, shift)``.
+        rows_p: the rows per phase.
+        front: the zero rows ahead of ``y``, ``s`` and the mask.
+        n_total: the real number of output features.
+        combine: the op's combine.
+        combine_vjp: its VJP.
+        rule: the reduce's gradient weight, ``rule(c, y, s)``.
+        acc_dtype: the accumulation dtype.
     """
     shape = o_ref.shape[1:]
     bm = shape[0]
@@ -335,7 +430,19 @@ def _implicit_dx_kernel(
 def _backward_implicit(
     cfg: Config, x: Array, w: Array, s: Array, y: Array, rule: Callable[..., Array]
 ) -> tuple[Array, Array]:
-    """``dx``, ``dw`` with the taps inside the kernels; ``s``, ``y`` are ``(N, *Os, O)``."""
+    """``dx``, ``dw`` with the taps inside the kernels; ``s``, ``y`` are ``(N, *Os, O)``.
+
+    Args:
+        cfg: the call's configuration.
+        x: the input.
+        w: the kernel.
+        s: the output's cotangent.
+        y: the forward's output.
+        rule: the reduce's gradient weight, ``rule(c, y, s)``.
+
+    Returns:
+        ``(dx, dw)``.
+    """
     op, geom, acc_dtype = cfg.op, cfg.geom, cfg.acc_dtype
     plan = _plan(geom, op)
     xp = taps.pad_input(x, op, geom)

@@ -44,6 +44,17 @@ def _walk(
     slice of size 1 per index. ``"chunked"``: aligned chunks (``extent``, the padded length of
     the axis, is a multiple of the chunk), each walked with static slices; the last chunk only
     as far as ``total``.
+
+    Args:
+        backend: the backend (its style and chunk).
+        total: the real length of the walked axis.
+        extent: its padded length.
+        load: ``load(start, size)``, the operands' slices.
+        step: ``step(acc, views, j)``.
+        acc: the initial accumulator.
+
+    Returns:
+        The accumulator.
     """
     if backend.style == "rank1":
         return lax.fori_loop(0, total, lambda i, a: step(a, load(i, 1), 0), acc)
@@ -77,6 +88,15 @@ def _grid_walk(
     dynamic offset inside the kernel: Mosaic's layout rules) and walks it with static
     slices, accumulating into the output block, which stays resident while the axis (the
     last, ``"arbitrary"``) advances. The last block is walked only as far as ``total``.
+
+    Args:
+        axis: the grid axis that walks.
+        total: the real length of the walked axis.
+        size: the block's width.
+        views: the operands' blocks.
+        step: ``step(acc, views, j)``.
+        o_ref: the output block (the accumulator).
+        start: the accumulator's initial value.
     """
     kb = pl.program_id(axis)
 
@@ -114,6 +134,20 @@ def _contract_kernel(
     """One ``(bm, bn)`` output tile: ``acc = binary(acc, term(combine(a[:, k], b[k, :])))``.
 
     ``grid_k``: K is the last grid axis (blocks of ``bk``), walked by ``_grid_walk``.
+
+    Args:
+        *refs: ``a_ref``, ``b_ref``, then ``y_ref``, ``acc_ref``, ``mask_ref`` where their flags
+            say so, and the output ``o_ref``.
+        backend: the backend.
+        term: ``term(x, w, y)``, the value each product contributes.
+        binary: the reduce of two partial results.
+        ident: the reduce's identity.
+        acc_dtype: the accumulation dtype.
+        k_total: the real contraction length.
+        has_y: whether a ``y_ref`` is passed.
+        has_acc: whether an initial accumulator ``acc_ref`` is passed.
+        has_mask: whether a ``mask_ref`` is passed.
+        grid_k: whether the contraction is a grid axis (`_grid_walk`).
     """
     refs = list(refs)
     a_ref, b_ref = refs[0], refs[1]
@@ -172,6 +206,23 @@ def _contract(
     """Padded operands ``a (G, Mp, Kp)``, ``b (G, Kp, Np)`` -> ``(G, Mp, Np)``.
 
     Grid ``(G, Mp / bm, Np / bn)``, every axis parallel.
+
+    Args:
+        a: the left operand ``(G, Mp, Kp)``.
+        b: the right operand ``(G, Kp, Np)``.
+        backend: the backend.
+        term: ``term(x, w, y)``, the value each product contributes.
+        binary: the reduce of two partial results.
+        ident: the reduce's identity.
+        acc_dtype: the accumulation dtype.
+        blocks: the block sizes.
+        k_total: the real contraction length.
+        y: the forward's output ``(G, Mp, Np)``, for a term that compares with it.
+        acc: an initial accumulator ``(G, Mp, Np)``.
+        mask: a row mask ``(Mp, 1)``.
+
+    Returns:
+        The result ``(G, Mp, Np)``.
     """
     g, mp, kp = a.shape
     np_ = b.shape[-1]
@@ -220,11 +271,24 @@ def _contract(
 
 
 def _combine_term(op: Op) -> Callable[..., Array]:
+    """The term of a forward: the combine of the two values (``y`` unused)."""
     comb = primal(op.combine)
     return lambda xv, wv, y: comb(xv, wv)
 
 
 def _matmul_one(backend: Backend, op: Op, acc_dtype: Any, a: Array, b: Array) -> Array:
+    """The op's batched matrix product ``(G, M, K) x (G, K, N) -> (G, M, N)``, padded inside.
+
+    Args:
+        backend: the backend.
+        op: the op.
+        acc_dtype: the accumulation dtype.
+        a: the left operand.
+        b: the right operand.
+
+    Returns:
+        The product.
+    """
     g, m, k = a.shape
     n = b.shape[-1]
     bs = _fit(backend.blocks, m, n, k)
@@ -297,6 +361,22 @@ def _grad_kernel(
     for a chunk of ``R`` rows, ``bt_ref`` is ``b (bk, bn)``, ``y``/``s`` are ``(R, bn)``,
     ``mask`` ``(R, 1)``; step ``i`` takes column ``i`` of ``a^T`` and row ``i`` of ``y``, ``s``
     and the mask. Masked rows (padding, padded taps) contribute exactly 0.
+
+    Args:
+        a_ref: ``a`` (``wrt=0``) or ``a^T`` (``wrt=1``), as above.
+        bt_ref: ``b^T`` (``wrt=0``) or ``b`` (``wrt=1``), as above.
+        y_ref: the forward's output.
+        s_ref: the cotangent.
+        mask_ref: the row mask.
+        o_ref: the output tile.
+        backend: the backend.
+        combine: the op's combine.
+        combine_vjp: its VJP.
+        rule: the reduce's gradient weight, ``rule(c, y, s)``.
+        acc_dtype: the accumulation dtype.
+        red_total: the real length of the reduced axis.
+        wrt: 0 for ``dx``, 1 for ``dw``.
+        grid_n: whether the output features are a grid axis (`_grid_walk`).
     """
     shape = o_ref.shape[-2:]
     if wrt == 0:
@@ -352,6 +432,21 @@ def _grad_call(
     output features) or ``dw (G, Kp, Np)`` (``wrt=1``: grid over ``(G, K, N)`` tiles and
     chunks of ``blocks.red`` rows, a loop over a chunk's rows; the chunks' partial sums are
     added here, outside the kernel).
+
+    Args:
+        a: the left operand.
+        b: the right operand.
+        y: the forward's output.
+        s: the cotangent.
+        mask: the row mask.
+        backend: the backend.
+        op: the op.
+        rule: the reduce's gradient weight, ``rule(c, y, s)``.
+        acc_dtype: the accumulation dtype.
+        blocks: the block sizes.
+        m_total: the real number of rows.
+        n_total: the real number of output features.
+        wrt: 0 for ``dx``, 1 for ``dw``.
     """
     g, mp, kp = a.shape
     np_ = b.shape[-1]

@@ -34,7 +34,16 @@ def _unpad_output(cfg: Config, pr: _Problem, acc: Array) -> Array:
 
 
 def _forward(cfg: Config, x: Array, w: Array) -> Array:
-    """(N, *S, C), (*K, I, O) -> ``(N, *Os, O)`` in ``acc_dtype`` (before ``op.post``)."""
+    """(N, *S, C), (*K, I, O) -> ``(N, *Os, O)`` in ``acc_dtype`` (before ``op.post``).
+
+    Args:
+        cfg: the call's configuration.
+        x: the input.
+        w: the kernel.
+
+    Returns:
+        The output.
+    """
     op = cfg.op
     kw = dict(term=_combine_term(op), binary=algebra.binary(op),
               ident=_ident(op, cfg.acc_dtype))
@@ -44,7 +53,14 @@ def _forward(cfg: Config, x: Array, w: Array) -> Array:
 
 
 def _grad_rule(reduce: str) -> Callable[[Array, Array, Array], Array]:
-    """``dc(c, y, s)``: the cotangent of one product given the output ``y`` and scale ``s``."""
+    """``dc(c, y, s)``: the cotangent of one product given the output ``y`` and scale ``s``.
+
+    Args:
+        reduce: the built-in reduce, ``"sum"``, ``"max"``, ``"min"`` or ``"logsumexp"``.
+
+    Returns:
+        The rule.
+    """
     if reduce == "sum":
         return lambda c, y, s: jnp.broadcast_to(s, c.shape)
     if reduce in ("max", "min"):
@@ -66,7 +82,18 @@ def _tie_scale(gy: Array, count: Array) -> Array:
 
 
 def _backward(cfg: Config, x: Array, w: Array, y: Array, gy: Array) -> tuple[Array, Array]:
-    """The hand-written backward on one backend; ``y``, ``gy`` are ``(N, *Os, O)``."""
+    """The hand-written backward on one backend; ``y``, ``gy`` are ``(N, *Os, O)``.
+
+    Args:
+        cfg: the call's configuration.
+        x: the input.
+        w: the kernel.
+        y: the forward's output.
+        gy: the output's cotangent.
+
+    Returns:
+        ``(dx, dw)``.
+    """
     op, geom = cfg.op, cfg.geom
     pr = _problem(cfg, x, w)
     acc_dtype = cfg.acc_dtype

@@ -28,6 +28,10 @@ def _tap_tables(
     the padded input ``(T_used, nsd)`` and their row masks ``(T_used, Mp, 1)`` (1 where the
     output row's tap reads a real cell, 0 for padding, ``lhs_dilation`` holes and the rows
     that only pad M to a block multiple).
+
+    Args:
+        cfg: the call's configuration.
+        pr: the problem's extents.
     """
     geom, op = cfg.geom, cfg.op
     mask = geom.valid_mask() if op.pad_value is None else None
@@ -71,6 +75,18 @@ def _contract_taps(
 
     The taps are a ``lax.scan`` (the kernel is traced once); each step is one kernel call
     whose accumulator input is the running result.
+
+    Args:
+        cfg: the call's configuration.
+        x: the input.
+        w: the kernel.
+        term: ``term(x, w, y)``, the value each product contributes.
+        binary: the reduce of two partial results.
+        ident: the reduce's identity.
+        y: the forward's output, or ``None``.
+
+    Returns:
+        The padded result ``(G, Mp, Np)``.
     """
     op = cfg.op
     pr = _problem(cfg, x, w)

@@ -57,6 +57,7 @@ class Backend:
     num_stages: int = 2
 
     def __post_init__(self) -> None:
+        """Checks ``kind`` and ``style`` (``ValueError`` naming the field)."""
         if self.kind not in ("interpret", "triton", "mosaic"):
             raise ValueError(f"Backend: `kind` must be 'interpret', 'triton' or 'mosaic', "
                              f"got {self.kind!r}.")
@@ -113,7 +114,16 @@ def _on_platforms(
     backends: tuple[tuple[str, Backend], ...], make: Callable[[Backend], Callable[..., Any]],
     *args: Any,
 ) -> Any:
-    """``make(backend)(*args)`` for the platform the program is lowered for."""
+    """``make(backend)(*args)`` for the platform the program is lowered for.
+
+    Args:
+        backends: ``(platform, backend)`` pairs.
+        make: builds the function of one backend.
+        *args: its arguments.
+
+    Returns:
+        The result (one branch per backend under ``lax.platform_dependent``).
+    """
     kinds = {be for _, be in backends}
     if len(kinds) == 1:
         return make(next(iter(kinds)))(*args)
@@ -129,10 +139,12 @@ def _ident(op: Op, dtype: Any) -> float | int:
 
 
 def _round_up(v: int, m: int) -> int:
+    """``v`` rounded up to a multiple of ``m``."""
     return -(-v // m) * m
 
 
 def _next_pow2(v: int) -> int:
+    """The smallest power of two ``>= v`` (1 for ``v <= 1``)."""
     return 1 << max(0, int(v) - 1).bit_length()
 
 
@@ -141,6 +153,15 @@ def _fit(blocks: BlockSizes, m: int, n: int, k: int) -> BlockSizes:
 
     Tiles become multiples of 8 (then they equal the whole padded extent), or powers of two
     (at least 16) with ``pow2``.
+
+    Args:
+        blocks: the backend's block sizes.
+        m: the rows.
+        n: the output features.
+        k: the contraction length.
+
+    Returns:
+        The block sizes for this problem.
     """
     if blocks.pow2:
         def fit(b: int, v: int) -> int:
@@ -158,6 +179,15 @@ def _padded(v: int, block: int, pow2: bool) -> int:
 
 
 def _pad_to(a: Array, shape: tuple[int, ...]) -> Array:
+    """``a`` zero-padded at the end of each axis up to ``shape``.
+
+    Args:
+        a: the array.
+        shape: the shape wanted (no axis shorter than ``a``'s).
+
+    Returns:
+        The padded array.
+    """
     widths = [(0, s - d) for d, s in zip(a.shape, shape, strict=True)]
     if all(hi == 0 for _, hi in widths):
         return a
@@ -170,6 +200,14 @@ def _call_options(backend: Backend, ndims: int, arbitrary_last: bool = False
 
     Every grid axis is parallel, except the last with ``arbitrary_last`` (a reduction the
     TPU runs in order, accumulating into the resident output block).
+
+    Args:
+        backend: the backend.
+        ndims: the grid's number of axes.
+        arbitrary_last: whether the last grid axis is a sequential reduction.
+
+    Returns:
+        The keywords.
     """
     if backend.kind == "interpret":
         return {"interpret": True}
