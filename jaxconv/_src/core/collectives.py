@@ -87,6 +87,18 @@ def combine(which: str, y: Array, axes: tuple[str, ...]) -> Array:
 
 
 def _extremum(which: str, y: Array, axes: tuple[str, ...]) -> Array:
+    """The max (min) across ``axes``, on order-preserving integer keys for floats.
+
+    NaN wins; ``-0`` orders below ``+0``; the result equals one device's max bit for bit.
+
+    Args:
+        which: ``"max"`` or ``"min"``.
+        y: the partial results.
+        axes: the mesh axes.
+
+    Returns:
+        The reduced results, in ``y``'s dtype.
+    """
     if not jnp.issubdtype(y.dtype, jnp.floating):
         return (lax.pmax if which == "max" else lax.pmin)(y, axes)
     wide = np.dtype(np.float64) if y.dtype == np.float64 else np.dtype(np.float32)
@@ -108,10 +120,20 @@ def _flip(bits: Array, ints: np.dtype) -> Array:
 
 
 def _key(y: Array, ints: np.dtype) -> Array:
+    """The order-preserving integer key of the floats ``y`` (`_flip` of their bits)."""
     return _flip(lax.bitcast_convert_type(y, ints), ints)
 
 
 def _logsumexp(y: Array, axes: tuple[str, ...]) -> Array:
+    """``log sum exp`` across ``axes``: a ``pmax``, then the ``psum`` of shifted exponentials.
+
+    Args:
+        y: the partial results.
+        axes: the mesh axes.
+
+    Returns:
+        The reduced results (``-inf`` where every term is ``-inf``).
+    """
     m = lax.pmax(y, axes)
     m = jnp.where(jnp.isfinite(m), m, jnp.zeros_like(m))
     s = lax.psum(jnp.exp(y - m), axes)
@@ -124,6 +146,14 @@ def _logsumexp(y: Array, axes: tuple[str, ...]) -> Array:
 def tie_devices(y_local: Array, y: Array, axes: tuple[str, ...]) -> Array:
     """How many devices of `axes` hold the winner `y` of a max/min among their partial
     results `y_local` (equal floats: a `+0` / `-0` tie is a tie), per output.
+
+    Args:
+        y_local: this device's partial results.
+        y: the global results.
+        axes: the mesh axes of the contraction.
+
+    Returns:
+        The counts, int32.
 
     Example:
       >>> import jax, numpy as np

@@ -66,7 +66,17 @@ Array = jax.Array
 
 
 def forward(problem: Any, engine: Any, x: Array, w: Array) -> Array:
-    """`engine.forward(problem, x, w)`, partitioned over batch and output features."""
+    """`engine.forward(problem, x, w)`, partitioned over batch and output features.
+
+    Args:
+        problem: the canonical problem.
+        engine: the engine (an opaque custom call on this platform).
+        x: the input.
+        w: the kernel.
+
+    Returns:
+        The output.
+    """
     return _forward_fn(problem, engine, x.shape, w.shape)(x, w)
 
 
@@ -74,14 +84,36 @@ def backward(problem: Any, engine: Any, x: Array, w: Array, y: Array, g: Array,
              need: tuple[bool, bool]) -> tuple[Array, Array]:
     """`engine.backward(problem, x, w, y, g, need)`, partitioned as `forward` (the kernel
     gradient all-reduced over the batch's axes, the input gradient over the output
-    features' axes)."""
+    features' axes).
+
+    Args:
+        problem: the canonical problem.
+        engine: the engine.
+        x: the input.
+        w: the kernel.
+        y: the forward's output.
+        g: its cotangent.
+        need: which gradients are needed.
+
+    Returns:
+        ``(gx, gw)``.
+    """
     return _backward_fn(problem, engine, need, x.shape, w.shape)(x, w, y, g)
 
 
 # --- the sharding rule -----------------------------------------------------------------------
 
 def _factors(nsd: int, groups: int, shape_w: tuple[int, ...]) -> tuple[str, str, str, dict]:
-    """Shardy's einsum-like factors of `x`, `w`, `y` and the compound factors' sizes."""
+    """Shardy's einsum-like factors of `x`, `w`, `y` and the compound factors' sizes.
+
+    Args:
+        nsd: the number of spatial dimensions.
+        groups: the number of feature groups.
+        shape_w: the kernel's shape.
+
+    Returns:
+        The factors of ``x``, ``w`` and ``y``, and the sizes of the compound factors.
+    """
     s = " ".join(f"s{d}" for d in range(nsd))
     k = " ".join(f"k{d}" for d in range(nsd))
     p = " ".join(f"p{d}" for d in range(nsd))
@@ -105,7 +137,15 @@ def _factors(nsd: int, groups: int, shape_w: tuple[int, ...]) -> tuple[str, str,
 def _replicated_factors(rule: str, reduce_contraction: bool) -> tuple[str, ...]:
     """The factors each device needs whole (spatial, window, the contraction unless it is
     reduced across devices; within-group output features), in the order they first appear
-    in `rule` (Shardy wants them sorted)."""
+    in `rule` (Shardy wants them sorted).
+
+    Args:
+        rule: the Shardy rule.
+        reduce_contraction: whether the contraction is reduced across devices.
+
+    Returns:
+        The factor names.
+    """
     seen: list[str] = []
     whole = "skpq" if reduce_contraction else "skpiq"
     for token in rule.replace("(", " ").replace(")", " ").replace(",", " ").split():
@@ -130,35 +170,52 @@ class _Split:
     contract: Any = None
 
     def x(self) -> NamedSharding:
+        """The input's sharding: batch, and the output features' axes when groups are split,
+        else the contraction's.
+        """
         return self._named(self.batch, *(None,) * self.nsd, self.out if self.groups_split
                            else self.contract)
 
     def w(self) -> NamedSharding:
+        """The kernel's sharding: contraction and output features."""
         return self._named(*(None,) * self.nsd, self.contract, self.out)
 
     def y(self) -> NamedSharding:
+        """The output's sharding: batch and output features."""
         return self._named(self.batch, *(None,) * self.nsd, self.out)
 
     @property
     def groups_split(self) -> bool:
+        """Whether the feature groups are split (grouped, output features sharded)."""
         return self.out is not None and self.groups > 1
 
     def _named(self, *spec: Any) -> NamedSharding:
+        """A ``NamedSharding`` on the split's mesh."""
         return NamedSharding(self.mesh, P(*spec))
 
 
 def _axes(entry: Any) -> tuple[str, ...]:
+    """The mesh axes of one ``PartitionSpec`` entry, as a tuple."""
     if entry is None:
         return ()
     return tuple(entry) if isinstance(entry, tuple) else (entry,)
 
 
 def _size(mesh: Any, entry: Any) -> int:
+    """The number of devices along one ``PartitionSpec`` entry."""
     return math.prod(mesh.shape[a] for a in _axes(entry))
 
 
 def _spec(sharding: Any, ndim: int) -> tuple[Any, ...] | None:
-    """The mesh axes of each dimension (`None`: a sharding not on the mesh)."""
+    """The mesh axes of each dimension (`None`: a sharding not on the mesh).
+
+    Args:
+        sharding: the operand's sharding proposed by the partitioner, or ``None``.
+        ndim: the operand's rank.
+
+    Returns:
+        One entry per dimension, or ``None``.
+    """
     if sharding is None:  # not yet decided by the partitioner: nothing split
         return (None,) * ndim
     if not isinstance(sharding, NamedSharding):
@@ -168,7 +225,18 @@ def _spec(sharding: Any, ndim: int) -> tuple[Any, ...] | None:
 
 
 def _split(problem: Any, engine: Any, mesh: Any, x_info: Any, w_info: Any) -> _Split:
-    """The split of a call whose operands the partitioner proposes sharded as given."""
+    """The split of a call whose operands the partitioner proposes sharded as given.
+
+    Args:
+        problem: the canonical problem.
+        engine: the engine.
+        mesh: the mesh, or ``None``.
+        x_info: the input's proposed shape and sharding.
+        w_info: the kernel's.
+
+    Returns:
+        The split: axes that do not divide their dimension are dropped.
+    """
     nsd = len(problem.geom.window)
     groups = problem.geom.groups
     xs = _spec(x_info.sharding, len(x_info.shape))
@@ -202,6 +270,7 @@ def _reduces_contraction(problem: Any, engine: Any) -> bool:
 
 
 def _local_problem(problem: Any, split: _Split) -> Any:
+    """The problem each device computes (fewer groups when the groups are split)."""
     if split.groups_split:
         return problem.with_groups(problem.geom.groups // _size(split.mesh, split.out))
     return problem
@@ -219,6 +288,17 @@ def _replicated_like(info: Any) -> Any:
 @functools.lru_cache(maxsize=512)
 def _forward_fn(problem: Any, engine: Any, x_shape: tuple[int, ...],
                 w_shape: tuple[int, ...]) -> Any:
+    """The partitioned forward, one ``custom_partitioning`` function per problem and shapes.
+
+    Args:
+        problem: the canonical problem.
+        engine: the engine.
+        x_shape: the input's shape.
+        w_shape: the kernel's shape.
+
+    Returns:
+        ``call(x, w)``, with its Shardy rule and partitioning callbacks.
+    """
     nsd, groups = len(problem.geom.window), problem.geom.groups
 
     @custom_partitioning
@@ -259,6 +339,18 @@ def _forward_fn(problem: Any, engine: Any, x_shape: tuple[int, ...],
 @functools.lru_cache(maxsize=512)
 def _backward_fn(problem: Any, engine: Any, need: tuple[bool, bool],
                  x_shape: tuple[int, ...], w_shape: tuple[int, ...]) -> Any:
+    """The partitioned backward, one ``custom_partitioning`` function per problem and shapes.
+
+    Args:
+        problem: the canonical problem.
+        engine: the engine.
+        need: which gradients are needed.
+        x_shape: the input's shape.
+        w_shape: the kernel's shape.
+
+    Returns:
+        ``call(x, w, y, g)``, with its Shardy rule and partitioning callbacks.
+    """
     nsd, groups = len(problem.geom.window), problem.geom.groups
 
     def run(p: Any, x: Array, w: Array, y: Array, g: Array) -> tuple[Array, Array]:
@@ -328,6 +420,19 @@ def _winner_backward(problem: Any, engine: Any, need: tuple[bool, bool],
     all-reduce), and where any output has winners on several devices the contraction is
     gathered and the whole window's backward run, this device keeping its channels' part:
     the same numbers as one device in every case.
+
+    Args:
+        problem: the local problem.
+        engine: the engine.
+        need: which gradients are needed.
+        contract: the mesh axes of the contraction.
+        x: the local input.
+        w: the local kernel.
+        y: the global output.
+        g: its cotangent.
+
+    Returns:
+        The local ``(gx, gw)``.
     """
     def local() -> tuple[Array, Array]:
         return engine.backward(problem, x, w, y, g, need)

@@ -51,7 +51,14 @@ SCALAR_LIBM = frozenset({"atan2", "rem", "nextafter", "cbrt", "tan", "atan", "si
 
 
 def literal(value: float | bool) -> str:
-    """A number as an exact C++ float literal (rounded to float32 first, as the program)."""
+    """A number as an exact C++ float literal (rounded to float32 first, as the program).
+
+    Args:
+        value: the number (a bool is 0 or 1).
+
+    Returns:
+        The C++ expression.
+    """
     with np.errstate(over="ignore"):
         v = float(np.float64(float(value)).astype(np.float32))
     if math.isnan(v):
@@ -62,6 +69,14 @@ def literal(value: float | bool) -> str:
 
 
 def _ref(r: sp.Ref) -> str:
+    """The C++ name of a reference: a constant's broadcast, ``x`` / ``w``, or node ``v<k>``.
+
+    Args:
+        r: the reference.
+
+    Returns:
+        The C++ expression.
+    """
     if isinstance(r, sp.Const):
         return f"T::set1({literal(r.value)})"
     if isinstance(r, sp.Arg):
@@ -70,6 +85,17 @@ def _ref(r: sp.Ref) -> str:
 
 
 def _expr(node: sp.Node) -> str:
+    """The C++ expression of one program node on the kernels' vector type ``T``.
+
+    Args:
+        node: the node.
+
+    Returns:
+        The expression.
+
+    Raises:
+        Untranslatable: a dtype or primitive the kernels do not have.
+    """
     name = node.name
     a = [_ref(r) for r in node.args]
     if node.dtype not in (_F32, np.dtype(bool)):
@@ -105,7 +131,14 @@ def _expr(node: sp.Node) -> str:
 
 
 def _power_of_two(r: sp.Ref) -> bool:
-    """Whether `r` is a constant +-2^k whose reciprocal is a normal float32."""
+    """Whether `r` is a constant +-2^k whose reciprocal is a normal float32.
+
+    Args:
+        r: a reference of a program.
+
+    Returns:
+        True for such a constant.
+    """
     if not isinstance(r, sp.Const) or isinstance(r.value, bool):
         return False
     v = abs(float(r.value))
@@ -116,7 +149,15 @@ def _power_of_two(r: sp.Ref) -> bool:
 
 
 def _integer_pow(x: str, y: int) -> str:
-    """``x ** y`` by the multiplications of JAX's own lowering (the same rounding)."""
+    """``x ** y`` by the multiplications of JAX's own lowering (the same rounding).
+
+    Args:
+        x: the base's C++ expression.
+        y: the exponent.
+
+    Returns:
+        The C++ expression.
+    """
     if y == 0:
         return "T::set1(1.0f)"
     recip, y = y < 0, abs(y)
@@ -131,7 +172,19 @@ def _integer_pow(x: str, y: int) -> str:
 
 
 def function(name: str, program: sp.ScalarProgram, output: int) -> str:
-    """One templated static member ``name(x, w)`` returning `program`'s `output`."""
+    """One templated static member ``name(x, w)`` returning `program`'s `output`.
+
+    Args:
+        name: the member's name.
+        program: the program (float32).
+        output: the index of the output returned.
+
+    Returns:
+        The member's C++ source.
+
+    Raises:
+        Untranslatable: the program is not float32, or a node has no translation.
+    """
     if program.dtype != _F32:
         raise Untranslatable(f"its dtype is {program.dtype.name} (the native kernels are "
                              "float32)")
@@ -148,7 +201,18 @@ def function(name: str, program: sp.ScalarProgram, output: int) -> str:
 
 def both_function(name: str, program: sp.ScalarProgram) -> str:
     """One templated static member ``name(x, w, a, b)`` storing `program`'s two outputs
-    through ``a`` and ``b`` (their common subexpressions computed once)."""
+    through ``a`` and ``b`` (their common subexpressions computed once).
+
+    Args:
+        name: the member's name.
+        program: the program (float32, two outputs).
+
+    Returns:
+        The member's C++ source.
+
+    Raises:
+        Untranslatable: the program is not float32, or a node has no translation.
+    """
     if program.dtype != _F32:
         raise Untranslatable(f"its dtype is {program.dtype.name} (the native kernels are "
                              "float32)")
@@ -281,6 +345,13 @@ def functor(op: Op, dtype: object = np.float32) -> Functor:
 def has_rules(fn: object, dtype: object = np.float32) -> bool:
     """Whether `fn` (on two scalars) calls a ``jax.custom_vjp`` / ``jax.custom_jvp`` function.
 
+    Args:
+        fn: a binary function.
+        dtype: the dtype it is traced in.
+
+    Returns:
+        True if it does (False when it cannot be traced).
+
     Example:
       >>> import jax
       >>> has_rules(lambda x, w: jax.nn.relu(x - w)), has_rules(lambda x, w: x - w)
@@ -298,6 +369,17 @@ def primal_program(fn: object, dtype: np.dtype) -> sp.ScalarProgram:
 
     The kernels compute that primal; the derivative programs (`sp.partials_program`) come
     from ``jax.grad`` of `fn` itself, so they are the user's rules, evaluated per product.
+
+    Args:
+        fn: a binary function.
+        dtype: the dtype it is traced in.
+
+    Returns:
+        The program.
+
+    Raises:
+        Untranslatable: it cannot be traced, or a rule's backward is not linear in the
+            cotangent.
     """
     try:
         return sp.combine_program(fn, dtype)
@@ -315,7 +397,18 @@ def primal_program(fn: object, dtype: np.dtype) -> sp.ScalarProgram:
 
 def partials_of(fn: object, dtype: np.dtype) -> sp.ScalarProgram:
     """`sp.partials_program` of `fn`, where the primal of a custom-VJP call inside it may stay
-    in the gradient's program as long as nothing the partials read depends on it."""
+    in the gradient's program as long as nothing the partials read depends on it.
+
+    Args:
+        fn: a binary function.
+        dtype: the dtype it is traced in.
+
+    Returns:
+        The program of the two partial derivatives.
+
+    Raises:
+        Untranslatable: the derivative cannot be traced or reads a custom-VJP result.
+    """
     try:
         return sp.partials_program(fn, dtype)
     except Untranslatable:
@@ -328,7 +421,19 @@ def partials_of(fn: object, dtype: np.dtype) -> sp.ScalarProgram:
 
 
 def _fold_functor(op: Op, caps: object, dtype: np.dtype) -> Functor:
-    """The functor of an op whose reduce is a callable fold (``csrc/kernel_fold.h``)."""
+    """The functor of an op whose reduce is a callable fold (``csrc/kernel_fold.h``).
+
+    Args:
+        op: the op.
+        caps: its capabilities.
+        dtype: the operands' dtype.
+
+    Returns:
+        The functor.
+
+    Raises:
+        Untranslatable: a non-finite pad value, or a combine or fold that does not translate.
+    """
     if op.pad_value is not None and not math.isfinite(float(op.pad_value)):
         raise Untranslatable("its pad_value is not finite")
     comb = primal_program(op.combine, dtype)
@@ -355,7 +460,14 @@ def _fold_functor(op: Op, caps: object, dtype: np.dtype) -> Functor:
 
 
 def display_name(op: Op) -> str:
-    """The op's name for messages: its ``name``, else its combine's function name."""
+    """The op's name for messages: its ``name``, else its combine's function name.
+
+    Args:
+        op: the op.
+
+    Returns:
+        The name.
+    """
     if op.name:
         return str(op.name)
     return str(getattr(op.combine, "__qualname__", None) or type(op.combine).__name__)

@@ -44,7 +44,15 @@ _EXACT = frozenset({"eq", "ne", "lt", "le", "gt", "ge", "and", "or", "not", "xor
 def _midpoint(v: float, dtype: np.dtype) -> bool:
     """Whether float32 `v` may round to `dtype` otherwise than the literal it came from: a
     halfway point between two `dtype` values (then double rounding can differ), or, for
-    float16, outside its normal range (where the halfway test below does not hold)."""
+    float16, outside its normal range (where the halfway test below does not hold).
+
+    Args:
+        v: the float32 value.
+        dtype: ``float16`` or ``bfloat16``.
+
+    Returns:
+        True where rounding may differ.
+    """
     bits = int(np.asarray(v, np.float32).view(np.uint32))
     if dtype == np.dtype(np.float16):
         return not 2.0**-14 <= abs(v) <= 65504.0 or bits & 0x1FFF == 0x1000
@@ -116,7 +124,16 @@ def rounds_once(op: Op, dtype: DTypeLike) -> str | None:
 
 def _wide_refusal(op: Op, dtype: np.dtype, acc: np.dtype) -> str | None:
     """Why a float64 / int32 / int64 call is not served by the wide kernels (built-in ops;
-    the XLA engine's order of a float sum may differ from theirs: within rounding)."""
+    the XLA engine's order of a float sum may differ from theirs: within rounding).
+
+    Args:
+        op: the op.
+        dtype: the operands' dtype.
+        acc: the accumulation dtype.
+
+    Returns:
+        The reason, or ``None``.
+    """
     if op.native not in ffi.WIDE_KERNELS or ffi.kernel_id(op) is None:
         return (f"on {dtype.name} only built-in ops have kernels "
                 f"({', '.join(ffi.WIDE_KERNELS)})")
@@ -136,7 +153,16 @@ def _wide_refusal(op: Op, dtype: np.dtype, acc: np.dtype) -> str | None:
 
 
 def _low_precision_refusal(op: Op, dtype: np.dtype, acc: np.dtype) -> str | None:
-    """Why a bf16 / f16 call is not served by the float32 kernels (``None``: it is)."""
+    """Why a bf16 / f16 call is not served by the float32 kernels (``None``: it is).
+
+    Args:
+        op: the op.
+        dtype: the operands' dtype.
+        acc: the accumulation dtype.
+
+    Returns:
+        The reason, or ``None``.
+    """
     reduce = capabilities(op).reduce if op.native is None else op.reduce_name
     if reduce in ("max", "min"):
         if acc not in (dtype, FLOAT32):
@@ -151,6 +177,16 @@ def _low_precision_refusal(op: Op, dtype: np.dtype, acc: np.dtype) -> str | None
 
 
 def _op_refusal(op: Op, auto: bool) -> str | None:
+    """Why the native engine has no kernel for ``op`` (``None``: it has one).
+
+    Args:
+        op: the op.
+        auto: whether the engine was not named (then a kernel that evaluates libm lane by lane
+            is refused: XLA is faster).
+
+    Returns:
+        The reason, or ``None``.
+    """
     if op.native is not None:
         if ffi.kernel_id(op) is None:
             return f"no kernel {op.native!r} with reduce {op.reduce_name!r}"

@@ -33,6 +33,19 @@ def _cotangent_of_products(red: str, c: Array, yl: Array, gl: Array, sl: Array |
     For max/min that means finite ``x``, ``w`` and ``y`` with dominated padding: every
     product is ``<= y`` (``>=`` for min) and equals it exactly at the winners, since it is
     recomputed bit for bit, so ``1 - |sign(y - c)|`` marks the winners.
+
+    Args:
+        red: the reduce, ``"sum"``, ``"max"``, ``"min"`` or ``"logsumexp"``.
+        c: the products.
+        yl: the output, broadcast to the products' layout.
+        gl: the output's cotangent, likewise.
+        sl: the tie scale of max/min (the cotangent over the number of winners), or ``None``.
+        ml: the tap's validity mask, or ``None``.
+        fast: whether the fused formulas apply.
+        acc_dtype: the accumulation dtype.
+
+    Returns:
+        The products' cotangents.
     """
     if red == "sum":
         if ml is None:
@@ -58,7 +71,16 @@ _DW_ROWS = 64
 
 def _dw_rows(nbp: int, row_bytes: int, max_bytes: int) -> int:
     """Rows per kernel-gradient step: a divisor of ``nbp`` near ``_DW_ROWS`` if there is one,
-    fewer where one step's products (``row_bytes`` per row) would pass ``max_bytes``."""
+    fewer where one step's products (``row_bytes`` per row) would pass ``max_bytes``.
+
+    Args:
+        nbp: the positions of a block (images times output positions).
+        row_bytes: the bytes of one position's products.
+        max_bytes: the bound of one step.
+
+    Returns:
+        The rows per step.
+    """
     top = max(1, min(_DW_ROWS, nbp, max_bytes // max(row_bytes, 1)))
     for r in range(top, max(1, top // 4) - 1, -1):
         if nbp % r == 0:
@@ -75,6 +97,22 @@ def _dx_of_tap(op: Op, red: str, xs: Array, wk: Array, yf: Array, gf: Array,
     of the ``(NP, G, I)`` accumulator that XLA fuses into one vectorised loop (a reduction
     over the output channels as an axis is many times slower on CPU: the input is constant
     along it).
+
+    Args:
+        op: the op.
+        red: the reduce's name.
+        xs: the tap's input ``(NP, G, I)``.
+        wk: the tap's kernel ``(G, Og, I)``.
+        yf: the output ``(NP, G, Og)``.
+        gf: its cotangent ``(NP, G, Og)``.
+        sf: the tie scale, or ``None``.
+        m_pos: the tap's validity per position, or ``None``.
+        fast: whether the fused formulas apply.
+        acc: the accumulation dtype.
+        unroll: the loop's unroll factor.
+
+    Returns:
+        The tap's input gradient.
     """
     og = wk.shape[1]
     ml = None if m_pos is None else m_pos.reshape(-1, 1, 1)
@@ -97,6 +135,22 @@ def _dw_of_tap(op: Op, red: str, xs: Array, wk: Array, yf: Array, gf: Array,
     """One tap's kernel gradient ``(G, Og, I)``: a scan over blocks of ``rows`` positions.
 
     Each step reduces the ``(rows, G, Og, I)`` products over their leading axis.
+
+    Args:
+        op: the op.
+        red: the reduce's name.
+        xs: the tap's input ``(NP, G, I)``.
+        wk: the tap's kernel ``(G, Og, I)``.
+        yf: the output ``(NP, G, Og)``.
+        gf: its cotangent ``(NP, G, Og)``.
+        sf: the tie scale, or ``None``.
+        m_pos: the tap's validity per position, or ``None``.
+        fast: whether the fused formulas apply.
+        acc: the accumulation dtype.
+        rows: the positions per step (divides ``NP``).
+
+    Returns:
+        The tap's kernel gradient.
     """
     nbp, g, i = xs.shape
     og = wk.shape[1]
@@ -132,6 +186,20 @@ def _count_winners(op: Op, geom: Geometry, xb: Array, wt: Array, yb: Array, tap_
     (unrolled, XLA CPU merges the taps' reductions into one kernel fed by stored products),
     and over chunks of output channels, so that one step's comparisons, which XLA may store,
     fit in ``max_bytes``.
+
+    Args:
+        op: the op.
+        geom: the product's geometry.
+        xb: the padded input block.
+        wt: the kernel, taps major ``(T, G, Og, I)``.
+        yb: the block's output ``(Nb, P, G, Og)``.
+        tap_list: the live taps (`forward._live_taps`).
+        fast: whether the fused formulas apply.
+        acc: the accumulation dtype.
+        max_bytes: the bound of one step's comparisons.
+
+    Returns:
+        The counts ``(Nb, P, G, Og)``.
     """
     nb = xb.shape[0]
     g = wt.shape[1]
@@ -177,6 +245,17 @@ def _backward(cfg: Config, x: Array, w: Array, y: Array, gy: Array, fill: bool):
     the input gradient and ``(G, Og, I, Nb*P)`` summed over the positions for the kernel
     gradient. The cotangent goes through ``combine``'s own VJP (so AdderNet's custom rule
     applies). Max/min first count the winners of each window (ties split the gradient).
+
+    Args:
+        cfg: the engine's configuration.
+        x: the input.
+        w: the kernel.
+        y: the output ``(N, P, G, Og)``.
+        gy: its cotangent, likewise.
+        fill: whether the padding holds `dominated_fill`'s value (no mask needed).
+
+    Returns:
+        ``(gx, gw)``.
     """
     op, geom = cfg.op, cfg.geom
     acc = cfg.acc_dtype
@@ -279,6 +358,16 @@ def _hand_backward(cfg: Config, x: Array, w: Array, y: Array, gy: Array):
 
     Max/min take the winner path (`_winner_backward`) where its codes are exact (static);
     the others the exact pass with identity padding masked statically.
+
+    Args:
+        cfg: the engine's configuration.
+        x: the input.
+        w: the kernel.
+        y: the output ``(N, P, G, Og)``.
+        gy: its cotangent, likewise.
+
+    Returns:
+        ``(gx, gw)``.
     """
     if (jnp.issubdtype(x.dtype, jnp.floating) and cfg.op.reduce in ("max", "min")
             and _winner_ok(cfg, x, w)):

@@ -44,29 +44,70 @@ def block_size(
     geom: Geometry, n: int, in_features: int, out_per_group: int, itemsize: int,
     max_block_bytes: int,
 ) -> int:
-    """Images per block so that one tap's ``(block, P, G, Og, I)`` products fit the bound."""
+    """Images per block so that one tap's ``(block, P, G, Og, I)`` products fit the bound.
+
+    Args:
+        geom: the product's geometry.
+        n: the number of images.
+        in_features: the input features (all groups).
+        out_per_group: the output features per group.
+        itemsize: the bytes of one product.
+        max_block_bytes: the bound.
+
+    Returns:
+        The images per block, at least one.
+    """
     per_image = max(1, math.prod(geom.out_spatial)) * in_features * out_per_group * itemsize
     return int(max(1, min(n, max_block_bytes // max(per_image, 1))))
 
 
 def canonical_op(op: Op) -> Op:
-    """``op`` as the engine computes it (`algebra.Capabilities.canonical`)."""
+    """``op`` as the engine computes it (`algebra.Capabilities.canonical`).
+
+    Args:
+        op: the op.
+
+    Returns:
+        The canonical op.
+    """
     return algebra.capabilities(op).canonical
 
 
 def dominated_fill(op: Op) -> float | None:
-    """A padding value no real term beats (`algebra.Capabilities.dominated_fill`)."""
+    """A padding value no real term beats (`algebra.Capabilities.dominated_fill`).
+
+    Args:
+        op: the op.
+
+    Returns:
+        The value, or ``None``.
+    """
     return algebra.capabilities(op).dominated_fill
 
 
 def separable_kind(op: Op) -> str | None:
     """``"mul"`` or ``"adder"`` when a sum's kernel gradient is a native product (declared
-    or inferred: `jaxconv._src.core.algebra.Capabilities.separable`)."""
+    or inferred: `jaxconv._src.core.algebra.Capabilities.separable`).
+
+    Args:
+        op: the op.
+
+    Returns:
+        The kind, or ``None``.
+    """
     return algebra.capabilities(op).separable
 
 
 def grouped(cfg: Config, a: Array) -> Array:
-    """``(N, *out_spatial, O) -> (N, P, G, Og)``: an output as the tap passes hold it."""
+    """``(N, *out_spatial, O) -> (N, P, G, Og)``: an output as the tap passes hold it.
+
+    Args:
+        cfg: the engine's configuration.
+        a: the output.
+
+    Returns:
+        The output, positions flattened and features grouped.
+    """
     return a.reshape(a.shape[0], max(1, math.prod(cfg.geom.out_spatial)), cfg.geom.groups, -1)
 
 

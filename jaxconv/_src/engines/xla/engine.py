@@ -21,7 +21,16 @@ Array = jax.Array
 
 
 def _config(problem: Problem, x: Array, w: Array) -> Config:
-    """The engine's static configuration of a problem: canonical op and batch blocks."""
+    """The engine's static configuration of a problem: canonical op and batch blocks.
+
+    Args:
+        problem: the canonical problem.
+        x: the input.
+        w: the kernel.
+
+    Returns:
+        The `Config`.
+    """
     op = canonical_op(problem.op)
     geom, mbb = problem.geom, problem.max_block_bytes
     itemsize = max(jnp.dtype(x.dtype).itemsize, jnp.dtype(problem.acc_dtype).itemsize)
@@ -34,7 +43,16 @@ def _config(problem: Problem, x: Array, w: Array) -> Config:
 
 def forward(problem: Problem, x: Array, w: Array) -> Array:
     """The product of canonical ``x`` and ``w``: ``(N, *out_spatial, O)`` in the
-    accumulation dtype."""
+    accumulation dtype.
+
+    Args:
+        problem: the canonical problem.
+        x: the input ``(N, *S, C)``.
+        w: the kernel ``(*K, I, O)``.
+
+    Returns:
+        The output.
+    """
     cfg = _config(problem, x, w)
     if cfg.op.rewrite is not None:
         return products.rewritten(problem, x, w)
@@ -51,7 +69,19 @@ def forward(problem: Problem, x: Array, w: Array) -> Array:
 
 def backward(problem: Problem, x: Array, w: Array, y: Array, g: Array,
              need: tuple[bool, bool] = (True, True)) -> tuple[Array, Array]:
-    """The input and kernel gradients given the output ``y`` and its cotangent ``g``."""
+    """The input and kernel gradients given the output ``y`` and its cotangent ``g``.
+
+    Args:
+        problem: the canonical problem.
+        x: the input.
+        w: the kernel.
+        y: the forward's output.
+        g: the output's cotangent.
+        need: which gradients are needed (both are computed).
+
+    Returns:
+        ``(gx, gw)``.
+    """
     del need  # both gradients come out of the same passes
     cfg = _config(problem, x, w)
     y4, g4 = grouped(cfg, y), grouped(cfg, g)
@@ -70,7 +100,20 @@ def backward(problem: Problem, x: Array, w: Array, y: Array, g: Array,
 
 def tangent(problem: Problem, x: Array, w: Array, y: Array, tx: Array, tw: Array,
             active: tuple[bool, bool] = (True, True)) -> Array:
-    """The forward-mode tangent of the output, linear in ``(tx, tw)``."""
+    """The forward-mode tangent of the output, linear in ``(tx, tw)``.
+
+    Args:
+        problem: the canonical problem.
+        x: the input.
+        w: the kernel.
+        y: the forward's output.
+        tx: the input's tangent.
+        tw: the kernel's tangent.
+        active: which tangents are not zero.
+
+    Returns:
+        The output's tangent.
+    """
     if problem.op.rewrite is not None:
         forward_mode.check_forward_mode(problem.op)
         return jax.jvp(functools.partial(products.rewritten, problem), (x, w), (tx, tw))[1]
@@ -78,7 +121,14 @@ def tangent(problem: Problem, x: Array, w: Array, y: Array, tx: Array, tw: Array
 
 
 def describe(problem: Problem) -> tuple[str, ...]:
-    """The path this engine takes for `problem` (one line, for `jaxconv.explain`)."""
+    """The path this engine takes for `problem` (one line, for `jaxconv.explain`).
+
+    Args:
+        problem: the canonical problem.
+
+    Returns:
+        The line, in a tuple.
+    """
     op = problem.op
     caps = algebra.capabilities(op)
     if op.rewrite is not None:
@@ -102,21 +152,26 @@ class XlaEngine(registry.Engine):
     name = "xla"
 
     def refusal(self, problem: Problem, dtype: Any, platform: str | None) -> str | None:
+        """None: the XLA engine serves every problem (the fallback)."""
         del problem, dtype, platform
         return None
 
     def forward(self, problem: Problem, x: Array, w: Array) -> Array:
+        """The module's `forward`."""
         return forward(problem, x, w)
 
     def backward(self, problem: Problem, x: Array, w: Array, y: Array, g: Array,
                  need: tuple[bool, bool] = (True, True)) -> tuple[Array, Array]:
+        """The module's `backward`."""
         return backward(problem, x, w, y, g, need)
 
     def tangent(self, problem: Problem, x: Array, w: Array, y: Array, tx: Array, tw: Array,
                 active: tuple[bool, bool] = (True, True)) -> Array:
+        """The module's `tangent`."""
         return tangent(problem, x, w, y, tx, tw, active)
 
     def describe(self, problem: Problem, dtype: Any) -> tuple[str, ...]:
+        """The module's `describe`."""
         del dtype
         return describe(problem)
 

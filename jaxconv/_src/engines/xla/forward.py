@@ -28,7 +28,17 @@ def _fwd_products(op: Op, xs: Array, wk: Array) -> Array:
 
 
 def _reduce_tap(op: Op, xs: Array, wk: Array, acc_dtype: Any) -> Array:
-    """One tap's products reduced over the input channels: ``(Nb, P, G, Og)``."""
+    """One tap's products reduced over the input channels: ``(Nb, P, G, Og)``.
+
+    Args:
+        op: the op.
+        xs: the tap's input ``(Nb, P, G, I)``.
+        wk: the tap's kernel ``(G, Og, I)``.
+        acc_dtype: the accumulation dtype.
+
+    Returns:
+        The tap's partial result.
+    """
     if op.reduce == "sum" and algebra.capabilities(op).combine == "mul":
         # A user's multiply-and-add: the tap is a matrix product. (Written as a broadcast
         # and a reduction, XLA CPU turns it into one tiny matrix-vector product per
@@ -50,7 +60,15 @@ def _reduce_tap(op: Op, xs: Array, wk: Array, acc_dtype: Any) -> Array:
 
 
 def _live_taps(geom: Geometry, mask: np.ndarray | None) -> list[tuple[int, tuple, Any]]:
-    """The taps that see at least one real input cell: ``(t, tap, mask over P or None)``."""
+    """The taps that see at least one real input cell: ``(t, tap, mask over P or None)``.
+
+    Args:
+        geom: the product's geometry.
+        mask: the padded input's validity mask, or ``None``.
+
+    Returns:
+        The live taps.
+    """
     out = []
     for t, tap in enumerate(geom.taps()):
         m = geom.tap_mask(mask, tap)
@@ -63,7 +81,15 @@ def _live_taps(geom: Geometry, mask: np.ndarray | None) -> list[tuple[int, tuple
 
 def _tap_tables(geom: Geometry, live: list) -> tuple[Array, Array, Array | None]:
     """Per live tap: its start offsets ``(L, nsd)``, its kernel index ``(L,)`` and, where any
-    tap sees padding, its validity over the output positions ``(L, P)``."""
+    tap sees padding, its validity over the output positions ``(L, P)``.
+
+    Args:
+        geom: the product's geometry.
+        live: the live taps (`_live_taps`).
+
+    Returns:
+        ``(offsets, kernel indices, masks or None)``.
+    """
     offs = np.array([taps.tap_offset(geom, tap) for _, tap, _ in live],
                     np.int32).reshape(len(live), len(geom.window))
     tix = np.array([t for t, _, _ in live], np.int32)
@@ -84,6 +110,16 @@ def _forward_block(cfg: Config, xb: Array, wt: Array, fill: bool, rows: int | No
     whatever the window size and the number of blocks (a loop over blocks around a loop over
     taps is twice the loop code to compile); taps that only ever see padding are skipped
     statically. ``fill``: the padding holds `dominated_fill`'s value, so no mask is needed.
+
+    Args:
+        cfg: the engine's configuration.
+        xb: the padded images.
+        wt: the kernel, taps major.
+        fill: whether the padding holds the dominated fill.
+        rows: the images per step, ``None`` for all.
+
+    Returns:
+        The block's output.
     """
     op, geom = cfg.op, cfg.geom
     mask = geom.valid_mask() if op.pad_value is None and not fill else None
@@ -126,7 +162,17 @@ def _forward_block(cfg: Config, xb: Array, wt: Array, fill: bool, rows: int | No
 
 
 def _forward(cfg: Config, x: Array, w: Array, fill: bool = False) -> Array:
-    """Canonical forward without custom gradient: (N, *S, C), (*K, I, O) -> (N, P, G, Og)."""
+    """Canonical forward without custom gradient: (N, *S, C), (*K, I, O) -> (N, P, G, Og).
+
+    Args:
+        cfg: the engine's configuration.
+        x: the input.
+        w: the kernel.
+        fill: pad with the dominated fill (no masks).
+
+    Returns:
+        The output ``(N, P, G, Og)``.
+    """
     geom = cfg.geom
     xp = taps.pad_input(x, cfg.op, geom, dominated_fill(cfg.op) if fill else None)
     wt = taps.taps_major(w, geom.groups)
@@ -149,6 +195,14 @@ def _native_mul_forward(cfg: Config, x: Array, w: Array) -> Array:
     Padded cells hold the pad value (they go through ``x * w``) or, with identity padding,
     0, whose products ``0 * w`` are the identity unless ``w`` is not finite: then (``lax.cond``)
     the masked tap loop runs instead.
+
+    Args:
+        cfg: the engine's configuration.
+        x: the input.
+        w: the kernel.
+
+    Returns:
+        The output.
     """
     geom = cfg.geom
     shape = (x.shape[0], max(1, math.prod(geom.out_spatial)), geom.groups, -1)

@@ -60,6 +60,12 @@ class _Plain:
     """A plain (autodiff-friendly) tap loop over one block of images, for tangents."""
 
     def __init__(self, cfg: _Cfg, wt: Array):
+        """The live taps of the geometry and their masks.
+
+        Args:
+            cfg: the configuration.
+            wt: the kernel, taps major ``(T, G, Og, I)``.
+        """
         self.cfg, self.wt = cfg, wt
         geom = cfg.geom
         self.mask = geom.valid_mask() if cfg.op.pad_value is None else None
@@ -70,7 +76,16 @@ class _Plain:
         self.taps = [(t, tap, m) for t, tap, m in self.taps if m is None or m.any()]
 
     def terms(self, xb: Array, wk: Array, tap: tuple[int, ...]) -> Array:
-        """``combine`` of one tap: ``(Nb, P, G, Og, I)``."""
+        """``combine`` of one tap: ``(Nb, P, G, Og, I)``.
+
+        Args:
+            xb: the padded images.
+            wk: the tap's kernel ``(G, Og, I)``.
+            tap: the tap.
+
+        Returns:
+            The products.
+        """
         g, og, i = wk.shape
         xs = taps.tap_input(xb, self.cfg.geom, tap, g)  # (Nb, P, G, I)
         shape = (xs.shape[0], self.p, g, og, i)
@@ -78,11 +93,28 @@ class _Plain:
                                    jnp.broadcast_to(wk[None, None], shape))
 
     def in_bounds(self, m: np.ndarray | None) -> Array | None:
+        """The tap's mask shaped for the products, or ``None`` where every position is in bounds.
+
+        Args:
+            m: the tap's validity over the output positions, or ``None``.
+
+        Returns:
+            The mask ``(1, P, 1, 1, 1)``, or ``None``.
+        """
         if m is None or m.all():
             return None
         return jnp.asarray(m.reshape(1, self.p, 1, 1, 1))
 
     def forward(self, xb: Array, wt: Array) -> Array:
+        """The block's output ``(Nb, P, G, Og)``, tap by tap (padded taps give the identity).
+
+        Args:
+            xb: the padded images.
+            wt: the kernel, taps major.
+
+        Returns:
+            The output.
+        """
         op, acc = self.cfg.op, self.cfg.acc_dtype
         ident = algebra.identity_value(op, acc)
         # algebra.logaddexp: jnp.logaddexp's JVP is NaN where a window's first taps are padding.
@@ -107,6 +139,15 @@ class _Plain:
         a differently compiled forward (the native engine's, or an XLA kernel that contracts
         ``x * w - x`` into an fma where this one does not) may have rounded otherwise. ``yb``
         only marks the NaN windows, which have no tangent.
+
+        Args:
+            xb: the padded images.
+            txb: their tangent.
+            yb: the block's output.
+            twt: the kernel's tangent, taps major.
+
+        Returns:
+            The output's tangent.
         """
         acc = self.cfg.acc_dtype
         red = self.cfg.op.reduce

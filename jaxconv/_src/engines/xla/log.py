@@ -18,13 +18,30 @@ Array = jax.Array
 
 
 def is_log_semiring(op: Op) -> bool:
-    """Whether ``op`` is ``x + w`` under logsumexp with identity padding (``ops.log``)."""
+    """Whether ``op`` is ``x + w`` under logsumexp with identity padding (``ops.log``).
+
+    Args:
+        op: the op.
+
+    Returns:
+        True for the log semiring.
+    """
     return algebra.capabilities(op).log_semiring
 
 
 def forward(problem: Problem, cfg: Config, x: Array, w: Array) -> Array:
     """``(N, *out_spatial, O)`` in the accumulation dtype: a standard convolution in exp
-    space, or the exact tap engine (`_forward_dispatch`) where a window or an input needs it."""
+    space, or the exact tap engine (`_forward_dispatch`) where a window or an input needs it.
+
+    Args:
+        problem: the canonical problem.
+        cfg: the engine's configuration.
+        x: the input.
+        w: the kernel.
+
+    Returns:
+        The output.
+    """
     out_shape = (x.shape[0], *cfg.geom.out_spatial, w.shape[-1])
     return log_products.forward(
         problem, x, w, lambda a, b: _forward_dispatch(cfg, a, b).reshape(out_shape))
@@ -33,7 +50,19 @@ def forward(problem: Problem, cfg: Config, x: Array, w: Array) -> Array:
 def backward(problem: Problem, cfg: Config, x: Array, w: Array, y: Array,
              g: Array) -> tuple[Array, Array]:
     """The softmax rule through the exp-space convolution's transposes where the forward
-    took it, else the exact tap backward (`_hand_backward`)."""
+    took it, else the exact tap backward (`_hand_backward`).
+
+    Args:
+        problem: the canonical problem.
+        cfg: the engine's configuration.
+        x: the input.
+        w: the kernel.
+        y: the forward's output.
+        g: its cotangent.
+
+    Returns:
+        ``(gx, gw)``.
+    """
     out_shape = (x.shape[0], *cfg.geom.out_spatial, w.shape[-1])
     # The rare exact branch is compiled without unrolling (less code to compile).
     exact_cfg = dataclasses.replace(cfg, unroll=1)

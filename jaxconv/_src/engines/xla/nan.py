@@ -24,7 +24,14 @@ def _value_flags(a: Array) -> Array:
 
     One max reduction of the four 0/1 indicators (a trailing axis of 4), weighted into bits
     afterwards: a max partitions into an all-reduce every collective implements (an integer
-    bitwise-or reduction does not lower on CPU or NCCL collectives)."""
+    bitwise-or reduction does not lower on CPU or NCCL collectives).
+
+    Args:
+        a: an array.
+
+    Returns:
+        The flags, an int32 scalar.
+    """
     ind = jnp.stack([a == jnp.inf, a == -jnp.inf, jnp.isnan(a), a == 0],
                     axis=-1).astype(jnp.int32)
     seen = jnp.max(ind, axis=tuple(range(a.ndim)), initial=0)  # 0: an empty operand
@@ -45,6 +52,14 @@ def _nan_terms(op: Op, xs: Array, w: Array) -> tuple[Any, Array]:
     combine of unknown kind is evaluated at ``+-inf`` and NaN against every entry of the
     other operand, so that its own rule applies (``masked_op``'s NaN-encoded absent taps are
     not NaN products). Products of finite values are not examined.
+
+    Args:
+        op: the op.
+        xs: the input (padded).
+        w: the kernel.
+
+    Returns:
+        ``(indicators, needed)``.
     """
     kind = algebra.capabilities(op).combine
     fx, fw = _value_flags(xs), _value_flags(w)
@@ -103,6 +118,14 @@ def _nan_outputs(cfg: Config, x: Array, w: Array) -> Array:
     ``-inf`` for ``x + w``, ...) and else not at all: finite operands cost two reductions.
     That loop body is the only code compiled for it, and under ``vmap`` the primitive folds
     the mapped axis into the batch, so its predicate stays one scalar.
+
+    Args:
+        cfg: the engine's configuration.
+        x: the input.
+        w: the kernel.
+
+    Returns:
+        A bool array, True at the outputs to set to NaN.
     """
     op, geom = cfg.op, cfg.geom
     g = geom.groups
@@ -138,6 +161,14 @@ def _forward_dispatch(cfg: Config, x: Array, w: Array) -> Array:
 
     Max/min: XLA CPU's vectorised reductions drop NaN, so the outputs with a NaN product
     are set to NaN from `_nan_outputs`. The padding is masked statically.
+
+    Args:
+        cfg: the engine's configuration.
+        x: the input.
+        w: the kernel.
+
+    Returns:
+        The output ``(N, P, G, Og)``.
     """
     op = cfg.op
     floating = jnp.issubdtype(x.dtype, jnp.floating)

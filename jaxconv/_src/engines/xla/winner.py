@@ -115,6 +115,16 @@ def _winner_codes(cfg: Config, xp: Array, wt: Array, base: int,
     position; the padded cells hold 0, whose products may beat the window's (or be NaN), so
     a tap's reduced part is replaced by the identity with no code (a select on the reduced
     ``(Nb, P, G, Og)`` part, outside the products' reduction) where the tap sees padding.
+
+    Args:
+        cfg: the engine's configuration.
+        xp: the padded input.
+        wt: the kernel, taps major.
+        base: the code base (above every ``t * I + i``).
+        tmask: the taps' validity ``(T, P)``, or ``None``.
+
+    Returns:
+        ``(value, code)``.
     """
     op, geom = cfg.op, cfg.geom
     red = op.reduce
@@ -171,6 +181,13 @@ def _next_true(flags: Array, k: int) -> Array:
 
     A ``top_k`` of float32 keys (exact below ``2**24`` entries), else a sort: either
     compiles to one operation, where ``jnp.nonzero``'s prefix sum is some twenty kernels.
+
+    Args:
+        flags: the flags.
+        k: how many indices.
+
+    Returns:
+        The indices ``(k,)``.
     """
     idx = jnp.arange(flags.size, dtype=jnp.int32)
     if flags.size <= 2**24:
@@ -197,6 +214,16 @@ def _winner_backward(cfg: Config, x: Array, w: Array, y: Array, gy: Array) -> tu
     window with a NaN has no gradient, as in the exact rule. Winners are never found by
     comparing recomputed products with ``y``: the forward's kernel may round a user's
     combine differently (see `_winner_codes`), so ``y`` only marks the NaN windows.
+
+    Args:
+        cfg: the engine's configuration.
+        x: the input.
+        w: the kernel.
+        y: the forward's output ``(N, P, G, Og)``.
+        gy: its cotangent, likewise.
+
+    Returns:
+        ``(gx, gw)``.
     """
     op, geom = cfg.op, cfg.geom
     xp = taps.pad_input(x, op, geom)
@@ -313,7 +340,16 @@ def _winner_backward(cfg: Config, x: Array, w: Array, y: Array, gy: Array) -> tu
 
 
 def _winner_ok(cfg: Config, x: Array, w: Array) -> bool:
-    """Whether `_winner_backward`'s codes and int32 flat indices are exact here (static)."""
+    """Whether `_winner_backward`'s codes and int32 flat indices are exact here (static).
+
+    Args:
+        cfg: the engine's configuration.
+        x: the input.
+        w: the kernel.
+
+    Returns:
+        True if the winner path is exact.
+    """
     geom = cfg.geom
     xp_size = x.shape[0] * math.prod(geom.padded_spatial) * x.shape[-1]
     return (_winner_base(geom, w.shape[-2]) is not None and max(xp_size, w.size) < 2**31
