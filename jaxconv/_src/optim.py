@@ -52,6 +52,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxconv._src.core import validation
+
 __all__ = ["KernelMask", "adder_scale", "clip_latent_weights", "kernel_mask", "weight_clip"]
 
 
@@ -70,14 +72,7 @@ def _check_positive(value: object, name: str, fn_name: str) -> float:
         TypeError: not a real number.
         ValueError: not finite and positive.
     """
-    if isinstance(value, (bool, np.bool_)) or not isinstance(
-        value, (int, float, np.integer, np.floating)
-    ):
-        raise TypeError(
-            f"`{fn_name}`: `{name}` must be a Python number, got {value!r} of type "
-            f"{type(value).__name__}."
-        )
-    value = float(value)
+    value = validation.static_number(name, value, fn_name)
     if not (0.0 < value < math.inf):
         raise ValueError(f"`{fn_name}`: `{name}` must be finite and > 0, got {value}.")
     return value

@@ -58,6 +58,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxconv._src.core import validation
+
 __all__ = [
     "Quantizer",
     "approx_sign",
@@ -99,34 +101,6 @@ def _as_float_array(x: jax.typing.ArrayLike, fn_name: str) -> jax.Array:
     return x
 
 
-def _check_number(value: object, name: str, fn_name: str) -> float:
-    """Checks that ``value`` is a real Python/NumPy number (not a bool or an array).
-
-    Args:
-        value: the value.
-        name: the argument's name, for the messages.
-        fn_name: the quantizer's name, for the messages.
-
-    Returns:
-        ``value`` as a float.
-
-    Raises:
-        TypeError: not a real number.
-        ValueError: NaN.
-    """
-    if isinstance(value, (bool, np.bool_)) or not isinstance(
-        value, (int, float, np.integer, np.floating)
-    ):
-        raise TypeError(
-            f"`{fn_name}`: `{name}` must be a Python number (a static parameter), "
-            f"got {value!r} of type {type(value).__name__}."
-        )
-    value = float(value)
-    if math.isnan(value):
-        raise ValueError(f"`{fn_name}`: `{name}` must not be NaN, got {value}.")
-    return value
-
-
 def _check_clip_value(clip_value: float | None, fn_name: str) -> float | None:
     """Validates ``clip_value``: ``None`` or a number >= 0 (``inf`` allowed).
 
@@ -143,7 +117,7 @@ def _check_clip_value(clip_value: float | None, fn_name: str) -> float | None:
     """
     if clip_value is None:
         return None
-    value = _check_number(clip_value, "clip_value", fn_name)
+    value = validation.static_number("clip_value", clip_value, fn_name)
     if value < 0:
         raise ValueError(f"`{fn_name}`: `clip_value` must be None or >= 0, got {clip_value}.")
     return value
@@ -477,7 +451,7 @@ def swish_sign(x: jax.typing.ArrayLike, *, beta: float = 5.0) -> jax.Array:
           Training", 2018, https://arxiv.org/abs/1812.11800.
     """
     x = _as_float_array(x, "swish_sign")
-    beta = _check_number(beta, "beta", "swish_sign")
+    beta = validation.static_number("beta", beta, "swish_sign")
     if not (0.0 < beta < math.inf):
         raise ValueError(f"`swish_sign`: `beta` must be finite and > 0, got {beta}.")
     return _swish_sign(x, beta)
@@ -610,7 +584,7 @@ def ste_tern(
           https://arxiv.org/abs/1612.01064.
     """
     x = _as_float_array(x, "ste_tern")
-    threshold_value = _check_number(threshold_value, "threshold_value", "ste_tern")
+    threshold_value = validation.static_number("threshold_value", threshold_value, "ste_tern")
     if not (0.0 <= threshold_value < math.inf):
         raise ValueError(
             f"`ste_tern`: `threshold_value` must be finite and >= 0, got {threshold_value}."
