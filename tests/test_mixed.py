@@ -125,3 +125,28 @@ def test_dual_pairs_are_recognised_by_what_ops_compute(ops, ref, passes):
         if name is not None:
             want = _ref_slice(x, w[..., 2 * j:2 * j + 2], name)
             np.testing.assert_allclose(y[..., 2 * j:2 * j + 2], want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("ops,split", [
+    (("max_plus", "max_plus"), (2, 2)),      # one op: one convolution
+    (("max_plus", "min_plus"), (2, 2)),      # dual pair: single pass
+    (("max_plus", "adder"), (2, 2)),         # concatenation
+])
+def test_out_sharding_on_every_path(ops, split):
+    """Each way `conv_multi` computes its slices applies `out_sharding` as `conv_general_dilated`
+    does: the output is placed as asked and its values are unchanged, and a `PartitionSpec`
+    without a mesh is refused naming `out_sharding`."""
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.standard_normal((2, 5, 4, 4)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((3, 2, 4, 4)), jnp.float32)
+    kw = dict(dimension_numbers=DN, ops=ops, split=split)
+    plain = jaxconv.conv_multi(x, w, (1, 1), "SAME", **kw)
+    sharding = NamedSharding(Mesh(np.asarray(jax.devices()[:1]), ("data",)), P("data"))
+    y = jaxconv.conv_multi(x, w, (1, 1), "SAME", out_sharding=sharding, **kw)
+    assert y.sharding.is_equivalent_to(sharding, y.ndim)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(plain))
+    with pytest.raises(ValueError, match="`out_sharding`"):
+        jaxconv.conv_multi(x, w, (1, 1), "SAME", out_sharding=P("data"), **kw)
