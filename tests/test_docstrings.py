@@ -6,12 +6,15 @@ are part of its body and documented by it):
 * it has a docstring;
 * if it takes arguments (other than ``self`` / ``cls``), the docstring has an ``Args:`` section
   that names each of them (``name:``, ``*name:``, ``**name:``, or several as ``a, b:``);
-* exceptions to the ``Args:`` rule, where it would only repeat what is written next to it:
-  a tiny private helper (a leading underscore and a body of at most three lines) may be
-  described by its one-line summary; ``__init__`` may leave its arguments, and so its
-  docstring, to the class docstring's ``Args:`` (Google style); the other dunder methods but
-  ``__call__`` implement a Python protocol; an engine's methods named as a method of the
-  ``Engine`` protocol (``core/engine.py``) are documented there;
+* if it also returns a value (a ``return`` with a value in its own body), the docstring has a
+  ``Returns:`` (or ``Yields:``) section (a function of no arguments may say what it returns
+  in its summary);
+* exceptions to the ``Args:`` and ``Returns:`` rules, where they would only repeat what is
+  written next to them: a tiny private helper (a leading underscore and a body of at most
+  three lines) may be described by its one-line summary; ``__init__`` may leave its
+  arguments, and so its docstring, to the class docstring's ``Args:`` (Google style); the
+  other dunder methods but ``__call__`` implement a Python protocol; an engine's methods
+  named as a method of the ``Engine`` protocol (``core/engine.py``) are documented there;
 * a public function (one that ``jaxconv`` or a public submodule exports) shows an example.
 """
 
@@ -73,6 +76,20 @@ def _args_names(doc: str) -> set[str] | None:
     return names
 
 
+def _returns_value(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> bool:
+    """Whether ``fn``'s own body (not a nested function's) returns a value other than None."""
+    stack = list(fn.body)
+    while stack:
+        node = stack.pop()
+        if isinstance(node, ast.Return) and node.value is not None and not (
+                isinstance(node.value, ast.Constant) and node.value.value is None):
+            return True
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef,
+                                 ast.Lambda)):
+            stack.extend(ast.iter_child_nodes(node))
+    return False
+
+
 def _body_lines(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
     """Source lines of the body, without the docstring."""
     body = fn.body
@@ -125,6 +142,8 @@ def module_problems(rel: str, source: str, protocol: set[str]) -> list[str]:
         missing = [p for p in params if p not in documented]
         if missing:
             out.append(f"{rel}::{name}: Args does not name {', '.join(missing)}")
+        if _returns_value(fn) and not re.search(r"^\s*(Returns|Yields):\s*$", doc, re.MULTILINE):
+            out.append(f"{rel}::{name}: no Returns section")
     return out
 
 
@@ -183,6 +202,26 @@ def partial(a, b):
         a.
     """
     return a
+def no_returns(a):
+    """No Returns.
+
+    Args:
+        a: one.
+    """
+    def inner():
+        return a
+    if a:
+        return a
+    return None
+def nothing(a):
+    """Returns nothing of its own.
+
+    Args:
+        a: one.
+    """
+    def inner():
+        return a
+    return None
 def _tiny(a):
     """Tiny private helper."""
     return a
@@ -203,7 +242,7 @@ class K:
     assert _body_lines(names["_tiny"]) == 1 and _body_lines(names["partial"]) == 1
     assert module_problems("m.py", src, set()) == [
         "m.py::no_doc: no docstring", "m.py::no_args: no Args section",
-        "m.py::partial: Args does not name b"]
+        "m.py::partial: Args does not name b", "m.py::no_returns: no Returns section"]
     # An engine's protocol method is documented by the protocol; elsewhere it is not exempt.
     engine = 'class E:\n    """An engine."""\n    def forward(self, p):\n        """Run."""\n'
     assert module_problems("x/engines/e.py", engine, {"forward"}) == []

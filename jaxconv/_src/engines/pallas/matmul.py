@@ -447,6 +447,9 @@ def _grad_call(
         m_total: the real number of rows.
         n_total: the real number of output features.
         wrt: 0 for ``dx``, 1 for ``dw``.
+
+    Returns:
+        ``dx`` or ``dw``, padded, as above.
     """
     g, mp, kp = a.shape
     np_ = b.shape[-1]

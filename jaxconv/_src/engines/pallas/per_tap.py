@@ -32,6 +32,9 @@ def _tap_tables(
     Args:
         cfg: the call's configuration.
         pr: the problem's extents.
+
+    Returns:
+        ``(used, offsets, rows)``, as above.
     """
     geom, op = cfg.geom, cfg.op
     mask = geom.valid_mask() if op.pad_value is None else None
