@@ -220,26 +220,30 @@ def test_3d_depthwise_and_vmap():
     np.testing.assert_allclose(got[1], _reference("max_min", -x, w, cfg), rtol=1e-6)
 
 
+def _assert_matches_xla_engine(x, w, geom, op, weight, atol, **pallas):
+    """``sum(weight(y))`` of the canonical convolution and its gradients in x and w are the
+    XLA engine's on the Pallas engine configured by ``pallas`` (rtol 1e-5 for the value,
+    1e-4 and ``atol`` for the gradients)."""
+    def loss(conv, **kw):
+        return jax.jit(jax.value_and_grad(
+            lambda p, q: jnp.sum(weight(conv(p, q, geom, op, **kw))), argnums=(0, 1)))(x, w)
+
+    (v_p, g_p) = loss(engine_pallas.generic_conv, **pallas)
+    (v_x, g_x) = loss(functools.partial(primitive.canonical_conv, engine="xla"))
+    np.testing.assert_allclose(v_p, v_x, rtol=1e-5)
+    for got, expect in zip(g_p, g_x, strict=True):
+        np.testing.assert_allclose(got, expect, rtol=1e-4, atol=atol)
+
+
 def test_gpu_style_power_of_two_tiles_in_interpret_mode():
     # The GPU configuration pads whole extents to powers of two (Triton block shapes); run
     # that layout here in interpret mode, forward and backward, against the XLA engine.
-    xla_conv = functools.partial(primitive.canonical_conv, engine="xla")
-
     rng = np.random.default_rng(10)
     x = rng.standard_normal((2, 5, 6, 20)).astype(np.float32)
     w = rng.standard_normal((3, 3, 10, 6)).astype(np.float32)
     geom = Geometry((5, 6), (3, 3), (1, 1), ((1, 1), (1, 1)), (1, 1), (1, 1), 2)
     blocks = engine_pallas.BlockSizes(16, 16, 16, pow2=True)
-
-    def loss(conv, **kw):
-        return jax.jit(jax.value_and_grad(
-            lambda p, q: jnp.sum(jnp.cos(conv(p, q, geom, ops.log, **kw))),
-            argnums=(0, 1)))(x, w)
-
-    (v_p, g_p), (v_x, g_x) = loss(engine_pallas.generic_conv, blocks=blocks), loss(xla_conv)
-    np.testing.assert_allclose(v_p, v_x, rtol=1e-5)
-    for got, expect in zip(g_p, g_x, strict=True):
-        np.testing.assert_allclose(got, expect, rtol=1e-4, atol=1e-5)
+    _assert_matches_xla_engine(x, w, geom, ops.log, jnp.cos, 1e-5, blocks=blocks)
 
 
 # The TPU kernel form (aligned chunks walked with static slices, one kernel per tap) run in
@@ -250,24 +254,14 @@ CHUNKED = engine_pallas.Backend("interpret", engine_pallas.INTERPRET_BLOCKS, sty
 
 @pytest.mark.parametrize("name", ["max_plus", "adder", "log"])
 def test_tpu_chunked_form_in_interpret_mode(name):
-    xla_conv = functools.partial(primitive.canonical_conv, engine="xla")
-
     rng = np.random.default_rng(11)
     # K = 12 and 10 features per group (a full 8-block and a ragged one each), M = 24 rows.
     x = np.round(rng.standard_normal((2, 5, 4, 24)), 1).astype(np.float32)
     w = np.round(rng.standard_normal((3, 3, 12, 20)), 1).astype(np.float32)
     geom = Geometry((5, 4), (3, 3), (2, 1), ((1, 1), (1, 1)), (1, 1), (1, 1), 2)
-    op = ops.get(name)
     cot = rng.standard_normal((2, 3, 4, 20)).astype(np.float32)
-
-    def loss(conv, **kw):
-        return jax.jit(jax.value_and_grad(
-            lambda p, q: jnp.sum(conv(p, q, geom, op, **kw) * cot), argnums=(0, 1)))(x, w)
-
-    (v_p, g_p), (v_x, g_x) = loss(engine_pallas.generic_conv, backend=CHUNKED), loss(xla_conv)
-    np.testing.assert_allclose(v_p, v_x, rtol=1e-5)
-    for got, expect in zip(g_p, g_x, strict=True):
-        np.testing.assert_allclose(got, expect, rtol=1e-4, atol=1e-5)
+    _assert_matches_xla_engine(x, w, geom, ops.get(name), lambda y: y * cot, 1e-5,
+                               backend=CHUNKED)
 
 
 def test_custom_vjp_combine_keeps_its_rule():
@@ -359,8 +353,6 @@ def test_every_tap_in_padding_gives_the_identity():
 def test_gpu_blocks_several_row_chunks_in_interpret_mode():
     # The Triton configuration itself (64 x 64 tiles, K / N padded to powers of two, 256-row
     # dw chunks) with rows = 2 * 14 * 14 = 392 virtual rows: several row tiles and two chunks.
-    xla_conv = functools.partial(primitive.canonical_conv, engine="xla")
-
     rng = np.random.default_rng(15)
     x = np.round(rng.standard_normal((2, 12, 12, 40)), 1).astype(np.float32)
     w = np.round(rng.standard_normal((3, 3, 40, 70)), 1).astype(np.float32)
@@ -368,11 +360,4 @@ def test_gpu_blocks_several_row_chunks_in_interpret_mode():
     gpu = engine_pallas.Backend("interpret", engine_pallas.GPU_BLOCKS)
     cot = rng.standard_normal((2, 12, 12, 70)).astype(np.float32)
     for op in (ops.max_plus, ops.adder):
-        def loss(conv, op=op, **kw):
-            return jax.jit(jax.value_and_grad(
-                lambda p, q: jnp.sum(conv(p, q, geom, op, **kw) * cot), argnums=(0, 1)))(x, w)
-
-        (v_p, g_p), (v_x, g_x) = loss(engine_pallas.generic_conv, backend=gpu), loss(xla_conv)
-        np.testing.assert_allclose(v_p, v_x, rtol=1e-5)
-        for got, expect in zip(g_p, g_x, strict=True):
-            np.testing.assert_allclose(got, expect, rtol=1e-4, atol=1e-3)
+        _assert_matches_xla_engine(x, w, geom, op, lambda y: y * cot, 1e-3, backend=gpu)

@@ -6,35 +6,21 @@ comparisons with the float64 reference use exact equality.
 
 from __future__ import annotations
 
-import sys
 import zlib
-from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import lax
-
-try:
-    from tests.reference import (
-        NUMPY_OPS,
-        NUMPY_REDUCE_AXIS,
-        conv_reference,
-        dot_general_reference,
-        forum_unfold_recipe,
-        resolve_padding,
-    )
-except ImportError:  # tests/ is not a package on sys.path: import the sibling module
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from reference import (  # type: ignore[no-redef]
-        NUMPY_OPS,
-        NUMPY_REDUCE_AXIS,
-        conv_reference,
-        dot_general_reference,
-        forum_unfold_recipe,
-        resolve_padding,
-    )
+from reference import (
+    NUMPY_OPS,
+    NUMPY_REDUCE_AXIS,
+    conv_reference,
+    dot_general_reference,
+    forum_unfold_recipe,
+    resolve_padding,
+)
 
 STD = {"combine": np.multiply, "reduce": np.add, "identity": 0.0}
 
