@@ -134,22 +134,76 @@ def test_jit_partitions_batch_and_output_features(op: str, engine: str, layout: 
         assert all(c[0][0] == (2 if layout == "data" else 16) for c in calls), calls
 
 
-def test_grouped_output_features_split_group_aligned() -> None:
-    """Two groups, output features over a 2-device axis (one group per device), the batch
-    over the other 4 devices: each call runs one group of 2 images."""
+@pytest.mark.parametrize("groups", [8, 2])
+def test_grouped_output_features_split_group_aligned(groups: int) -> None:
+    """Output features over a 2-device axis (whole groups on each device), the batch over
+    the other 4 devices: each call runs its groups on 2 images. With 2 groups the 4-device
+    axis would cut the groups (`partitioning._compound_safe`), so the rule does not tie the
+    input's channels to the groups: the forward still has no collective, and the backward
+    gathers the input gradient's channels, as lax's own grouped convolution does here."""
     mesh = _mesh((4, 2), ("data", "model"))
-    x, w = _data(1, n=8, c=4, o=8, groups=2)
+    c = 2 * groups
+    x, w = _data(1, n=8, c=c, o=8, groups=groups)
     xs = jax.device_put(x, NamedSharding(mesh, P("data")))
     ws = jax.device_put(w, NamedSharding(mesh, P(None, None, None, "model")))
-    f = _conv("max_plus", groups=2)
+    f = _conv("max_plus", groups=groups)
     hlo = jax.jit(f).lower(xs, ws).compile().as_text()
     assert not _collectives(hlo)
-    assert [c[:2] for c in _native_calls(hlo)] == [[(2, 1, 6, 7, 2), (1, 3, 3, 2, 4)]]
+    assert [c[:2] for c in _native_calls(hlo)] == [[(2, 1, 6, 7, c // 2), (1, 3, 3, 2, 4)]]
     _close(jax.jit(f)(xs, ws), f(x, w))
     g = jax.jit(_grad(f))(xs, ws)
     _close(g, jax.jit(_grad(f))(x, w))
     hlo = jax.jit(_grad(f)).lower(xs, ws).compile().as_text()
-    assert _collectives(hlo) <= {"all-reduce"}
+    if groups == 8:
+        assert _collectives(hlo) <= {"all-reduce"}
+    else:
+        lax_grad = _grad(lambda a, b: _lax_conv(a, b, feature_group_count=groups))
+        lax_hlo = jax.jit(lax_grad).lower(xs, ws).compile().as_text()
+        assert _collectives(hlo) <= _collectives(lax_hlo), (_collectives(hlo),
+                                                             _collectives(lax_hlo))
+
+
+# Covering set: the input's channels sharded, the kernel's output features sharded (more
+# shards than groups: each device takes part of one group), both; 2 and 4 groups; the
+# native kernels and the XLA engine; Shardy and GSPMD.
+FEWER_GROUPS_CASES = [("max_plus", "auto", 2, "x", True), ("adder", "auto", 2, "w", True),
+                      ("max_plus", "xla", 2, "xw", True), ("max_plus", "auto", 4, "w", False),
+                      ("adder", "auto", 2, "x", False), ("max_plus", "xla", 4, "xw", False)]
+
+
+@pytest.mark.parametrize(("op", "engine", "groups", "layout", "shardy"), FEWER_GROUPS_CASES)
+def test_fewer_groups_than_devices(op: str, engine: str, groups: int, layout: str,
+                                   shardy: bool) -> None:
+    """Feature groups sharded over a mesh axis larger than their number (2 groups over 8
+    devices; Shardy used to cut the axis into a sub-axis that `custom_partitioning` could not
+    express, and the compile failed deep inside XLA): the output features split over the 8
+    devices, each device on its group's channels (no collective in the forward when only
+    the kernel is sharded), input channels that cannot be split group-aligned gathered;
+    the numbers of one device."""
+    mesh = _mesh((8,), ("model",))
+    x, w = _data(16, c=8, o=16, groups=groups)
+    chan = P(None, None, None, "model")
+    xs = jax.device_put(x, NamedSharding(mesh, chan if "x" in layout else P()))
+    ws = jax.device_put(w, NamedSharding(mesh, chan if "w" in layout else P()))
+    f = _conv(op, engine, groups=groups)
+    jax.config.update("jax_use_shardy_partitioner", shardy)
+    try:
+        fwd, grad = jax.jit(f), jax.jit(_grad(f))
+        hlo, ghlo = fwd.lower(xs, ws).compile().as_text(), grad.lower(xs, ws).compile().as_text()
+        y, g = fwd(xs, ws), grad(xs, ws)
+    finally:
+        jax.config.update("jax_use_shardy_partitioner", True)
+    _close(y, jax.jit(f)(x, w))
+    _close(g, jax.jit(_grad(f))(x, w))
+    if layout == "w":
+        assert not _collectives(hlo), _collectives(hlo)
+        assert _collectives(ghlo) <= {"all-reduce"}, _collectives(ghlo)
+        assert y.sharding.is_equivalent_to(NamedSharding(mesh, chan), 4), y.sharding
+        # Each call: all 16 images, its group's 8 // groups channels, 2 of 16 features.
+        assert [c[:2] for c in _native_calls(hlo)] == [
+            [(16, 1, 6, 7, 8 // groups), (1, 3, 3, 8 // groups, 2)]]
+    else:
+        assert _collectives(hlo) <= {"all-gather"}, _collectives(hlo)
 
 
 @pytest.mark.parametrize("spec", [(P("data"), P()), (P(), P(None, "data"))])

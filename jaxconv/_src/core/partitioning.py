@@ -9,7 +9,11 @@ on each device's local shapes. `forward` and `backward` wrap an engine's call in
 - the batch axis and the output-feature axis pass through: each device runs the engine on its
   own images and output features, with no collective in the forward;
 - with feature groups the output features are split group-aligned (the input channels with
-  them); an output-feature sharding that does not divide the groups is gathered;
+  them); where the output features' axes are a multiple of the groups (2 groups over 8
+  devices), each device takes its group's channels of the whole input; other splits are
+  gathered. The Shardy rule is chosen on the mesh (`_compound_safe`): Shardy would cut an
+  axis that only partly fits the groups into a sub-axis, which `custom_partitioning` cannot
+  express;
 - the backward's collectives are lax's all-reduces: the kernel gradient is summed over the
   batch's mesh axes, the input gradient (one group) over the output features' axes;
 - a sharded contraction axis (the input channels, one group) is reduced across devices with
@@ -52,6 +56,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 from typing import Any
 
@@ -80,13 +85,21 @@ def backward(problem: Any, engine: Any, x: Array, w: Array, y: Array, g: Array,
 
 # --- the sharding rule -----------------------------------------------------------------------
 
-def _factors(nsd: int, groups: int, shape_w: tuple[int, ...]) -> tuple[str, str, str, dict]:
-    """Shardy's einsum-like factors of `x`, `w`, `y` and the compound factors' sizes."""
+def _factors(nsd: int, groups: int, shape_w: tuple[int, ...],
+             compound: bool = True) -> tuple[str, str, str, dict]:
+    """Shardy's einsum-like factors of `x`, `w`, `y` and the compound factors' sizes.
+
+    With `compound` (and feature groups) the channel dimensions are written as (groups,
+    within-group) factors, so that a group-aligned sharding propagates between `x`'s
+    channels and the output features; without, `x`'s channels are one factor `c` and the
+    output features one factor `o` (see `_compound_safe`)."""
     s = " ".join(f"s{d}" for d in range(nsd))
     k = " ".join(f"k{d}" for d in range(nsd))
     p = " ".join(f"p{d}" for d in range(nsd))
     if groups == 1:
         cx, cw, co, sizes = "i", "i o", "o", {}
+    elif not compound:
+        cx, cw, co, sizes = "c", "i o", "o", {}
     else:
         # Shardy refuses a compound dimension with a factor of size 1 (depthwise: one
         # input channel, or one output feature, per group).
@@ -100,6 +113,44 @@ def _factors(nsd: int, groups: int, shape_w: tuple[int, ...]) -> tuple[str, str,
             sizes["q"] = q
     join = lambda *parts: " ".join(q for q in parts if q)  # noqa: E731
     return join("n", s, cx), join(k, cw), join("n", p, co), sizes
+
+
+def _compound_safe(mesh: Any, groups: int) -> bool:
+    """Whether Shardy can map any sharding of a (groups, within-group) dimension onto whole
+    mesh axes.
+
+    Shardy gives a compound dimension's axes to its major factor (the groups) while they
+    divide it, and cuts an axis that only partly fits into sub-axes (2 groups sharded over 8
+    devices: a sub-axis of size 2) -- which `custom_partitioning` (jax 0.10) cannot express
+    as a `PartitionSpec` and fails on. So on a mesh where some order of its axes would be
+    cut, the rule does not tie the channels to the groups (`_factors(compound=False)`);
+    the partition then splits what divides (`_Split.subgroups`) and gathers the rest."""
+    sizes = [n for n in (getattr(mesh, "shape", None) or {}).values() if n > 1]
+    for r in range(1, len(sizes) + 1):
+        for order in itertools.permutations(sizes, r):
+            left = groups
+            for n in order:
+                if left % n == 0:
+                    left //= n
+                elif math.gcd(left, n) > 1:
+                    return False
+                else:
+                    break
+    return True
+
+
+def _rule(nsd: int, groups: int, w_shape: tuple[int, ...], backward: bool,
+          reduce_contraction: bool) -> Any:
+    """The Shardy rule of a call, chosen on the mesh the call is lowered for."""
+    def rule(mesh: Any, value_types: Any, result_types: Any) -> tuple[str, dict]:
+        del value_types, result_types
+        xf, wf, yf, sizes = _factors(nsd, groups, w_shape, _compound_safe(mesh, groups))
+        text = (f"{xf}, {wf}, {yf}, {yf} -> {xf}, {wf}" if backward
+                else f"{xf}, {wf} -> {yf}")
+        need = _replicated_factors(text, reduce_contraction)
+        return text, dict(need_replication_factors=need, **sizes)
+
+    return rule
 
 
 def _replicated_factors(rule: str, reduce_contraction: bool) -> tuple[str, ...]:
@@ -130,8 +181,8 @@ class _Split:
     contract: Any = None
 
     def x(self) -> NamedSharding:
-        return self._named(self.batch, *(None,) * self.nsd, self.out if self.groups_split
-                           else self.contract)
+        channels = self.out if self.groups_split else None if self.subgroups else self.contract
+        return self._named(self.batch, *(None,) * self.nsd, channels)
 
     def w(self) -> NamedSharding:
         return self._named(*(None,) * self.nsd, self.contract, self.out)
@@ -141,7 +192,18 @@ class _Split:
 
     @property
     def groups_split(self) -> bool:
-        return self.out is not None and self.groups > 1
+        """Whole groups on each device (the groups divide over the output features' axes)."""
+        return self.out is not None and self.groups > 1 and self.groups % self.out_size == 0
+
+    @property
+    def subgroups(self) -> bool:
+        """Part of one group on each device (the output features' axes are a multiple of
+        the groups): each device takes its group's channels out of the whole input."""
+        return (self.out is not None and self.groups > 1 and not self.groups_split)
+
+    @property
+    def out_size(self) -> int:
+        return _size(self.mesh, self.out)
 
     def _named(self, *spec: Any) -> NamedSharding:
         return NamedSharding(self.mesh, P(*spec))
@@ -181,7 +243,7 @@ def _split(problem: Any, engine: Any, mesh: Any, x_info: Any, w_info: Any) -> _S
     if out is not None:
         k = _size(mesh, out)
         if (set(_axes(out)) & set(_axes(batch)) or w_info.shape[-1] % k
-                or (groups > 1 and groups % k)):
+                or (groups > 1 and groups % k and k % groups)):
             out = None
     contract = None
     if _reduces_contraction(problem, engine):
@@ -203,8 +265,18 @@ def _reduces_contraction(problem: Any, engine: Any) -> bool:
 
 def _local_problem(problem: Any, split: _Split) -> Any:
     if split.groups_split:
-        return problem.with_groups(problem.geom.groups // _size(split.mesh, split.out))
+        return problem.with_groups(problem.geom.groups // split.out_size)
+    if split.subgroups:
+        return problem.with_groups(1)
     return problem
+
+
+def _group_channels(split: _Split, x: Array) -> tuple[Array, Array]:
+    """This device's group's channels of the whole input `x` (`split.subgroups`), and
+    where they start."""
+    width = x.shape[-1] // split.groups
+    start = jax.lax.axis_index(_axes(split.out)) // (split.out_size // split.groups) * width
+    return jax.lax.dynamic_slice_in_dim(x, start, width, x.ndim - 1), start
 
 
 def _replicated_like(info: Any) -> Any:
@@ -241,6 +313,8 @@ def _forward_fn(problem: Any, engine: Any, x_shape: tuple[int, ...],
         contract = _axes(split.contract)
 
         def lower(x: Array, w: Array) -> Array:
+            if split.subgroups:
+                x = _group_channels(split, x)[0]
             y = engine.forward(local, x, w)
             # Partial products over this device's channels, reduced with the op's reduce.
             return collectives.combine(which, y, contract) if contract else y
@@ -248,11 +322,8 @@ def _forward_fn(problem: Any, engine: Any, x_shape: tuple[int, ...],
         return mesh, lower, split.y(), (split.x(), split.w())
 
     which = collectives.kind(problem.op)
-    xf, wf, yf, sizes = _factors(nsd, groups, w_shape)
-    rule = f"{xf}, {wf} -> {yf}"
-    call.def_partition(partition, infer_sharding_from_operands=infer, sharding_rule=rule,
-                       need_replication_factors=_replicated_factors(
-                           rule, _reduces_contraction(problem, engine)), **sizes)
+    call.def_partition(partition, infer_sharding_from_operands=infer, sharding_rule=_rule(
+        nsd, groups, w_shape, False, _reduces_contraction(problem, engine)))
     return call
 
 
@@ -289,7 +360,13 @@ def _backward_fn(problem: Any, engine: Any, need: tuple[bool, bool],
         contract = _axes(split.contract)
 
         def lower(x: Array, w: Array, y: Array, g: Array) -> tuple[Array, Array]:
-            if contract and which in ("max", "min"):
+            if split.subgroups:
+                xg, start = _group_channels(split, x)
+                gx, gw = run(local, xg, w, y, g)
+                # This device's group's channels of the whole input gradient.
+                gx = jax.lax.dynamic_update_slice_in_dim(jax.numpy.zeros_like(x), gx, start,
+                                                         x.ndim - 1)
+            elif contract and which in ("max", "min"):
                 gx, gw = _winner_backward(local, engine, need, contract, x, w, y, g)
             else:
                 # Sums need no y; logsumexp's weights exp(c - y) take the global y.
@@ -306,11 +383,8 @@ def _backward_fn(problem: Any, engine: Any, need: tuple[bool, bool],
                 (split.x(), split.w(), split.y(), split.y()))
 
     which = collectives.kind(problem.op)
-    xf, wf, yf, sizes = _factors(nsd, groups, w_shape)
-    rule = f"{xf}, {wf}, {yf}, {yf} -> {xf}, {wf}"
-    call.def_partition(partition, infer_sharding_from_operands=infer, sharding_rule=rule,
-                       need_replication_factors=_replicated_factors(
-                           rule, _reduces_contraction(problem, engine)), **sizes)
+    call.def_partition(partition, infer_sharding_from_operands=infer, sharding_rule=_rule(
+        nsd, groups, w_shape, True, _reduces_contraction(problem, engine)))
     return call
 
 
