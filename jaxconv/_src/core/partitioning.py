@@ -21,17 +21,18 @@ on each device's local shapes. `forward` and `backward` wrap an engine's call in
   keys, a stable logsumexp combine): each device's call runs on its own channels and the
   forward's only collective is that all-reduce. The backward of a sum needs nothing more
   (each device's gradients are those of its channels); a max/min backward recomputes each
-  device's partial result, counts the devices that hold the winner (an integer all-reduce)
-  and, only where some output's winners sit on several devices, gathers the channels for
-  that backward (`lax.cond`), so that ties split exactly as on one device. A reduce with no
+  device's partial result, counts the devices that hold the winner (an integer all-reduce),
+  runs each device's backward on the outputs it wins (any engine) and, only where some
+  output's winners sit on several devices, gathers the channels for that backward
+  (`lax.cond`), so that ties split exactly as on one device. A reduce with no
   collective (`prod`, a user's callable) and grouped convolutions gather the axis;
 - spatial axes are gathered (correct, not partitioned).
 
 Engines that declare it (`Engine.opaque_call`: the native engine and the XLA engine, on CPU)
 go through here; accelerator programs (GPU / TPU) never contain a `custom_partitioning` call
 (it has had open problems on TPU), their XLA engine is partitioned by the partitioner itself.
-A max/min or logsumexp contraction is reduced across devices only for an engine whose
-backward reads the global `y` (`Engine.backward_reads_output`); otherwise it is gathered.
+A logsumexp contraction is reduced across devices only for an engine whose backward reads
+the global `y` (`Engine.backward_reads_output`); otherwise it is gathered.
 A single device and the inside of `jax.shard_map` (every axis manual) lower the engine
 directly.
 
@@ -256,11 +257,12 @@ def _split(problem: Any, engine: Any, mesh: Any, x_info: Any, w_info: Any) -> _S
 
 def _reduces_contraction(problem: Any, engine: Any) -> bool:
     """Whether a sharded contraction axis is reduced across devices (one group, a reduce
-    with a collective and, but for sums, an engine whose backward reads the global output)
-    rather than gathered."""
+    with a collective and, for logsumexp, an engine whose backward reads the global output)
+    rather than gathered. Max/min need nothing of the engine: `_winner_backward` hands each
+    device its own partial result and the cotangent of the outputs it wins."""
     which = collectives.kind(problem.op)
     return problem.geom.groups == 1 and which is not None and (
-        which == "sum" or engine.backward_reads_output(problem))
+        which != "logsumexp" or engine.backward_reads_output(problem))
 
 
 def _local_problem(problem: Any, split: _Split) -> Any:
@@ -393,18 +395,26 @@ def _winner_backward(problem: Any, engine: Any, need: tuple[bool, bool],
                      g: Array) -> tuple[Array, Array]:
     """The backward of a max/min op whose contraction is split over `contract`.
 
-    The engine's backward routes the cotangent to the taps whose product equals `y` (the
-    forward's result, bit for bit) and splits it among the taps it finds. Given the global
-    `y`, a device that did not win an output finds no such tap, and the one that did finds
-    exactly the winners of the single-device computation -- unless several devices tie for
-    an output (then each would split the cotangent among its own taps only). So each device
-    recomputes its partial result, the devices holding the winner are counted (one integer
-    all-reduce), and where any output has winners on several devices the contraction is
-    gathered and the whole window's backward run, this device keeping its channels' part:
-    the same numbers as one device in every case.
+    Each device recomputes its partial result `y_local` (its channels' max/min); it holds
+    the winner of an output where `y_local == y` (the global result is one of the partial
+    results bit for bit: `collectives.combine` is exact). The devices holding each winner
+    are counted (one integer all-reduce). Where every output's winners sit on one device,
+    each device's part of the global backward is its own backward with `y_local` and the
+    cotangent of the outputs it wins (zero elsewhere): the engine splits a tie among that
+    device's taps exactly as one device splits it among all taps, whatever way it finds
+    winners (the native scan matches products against the `y` given; the XLA engine finds
+    them by index in its own recomputation). Where some output's winners sit on several
+    devices (a tie across devices), the contraction is gathered and the whole window's
+    backward run, this device keeping its channels' part (`lax.cond`: the all-gather runs
+    only then). A NaN output wins on no device (NaN equals nothing), and has no gradient,
+    as on one device.
     """
+    y_local = engine.forward(problem, x, w)
+    wins = y_local == y
+
     def local() -> tuple[Array, Array]:
-        return engine.backward(problem, x, w, y, g, need)
+        gl = jax.numpy.where(wins, g, jax.numpy.zeros_like(g))
+        return engine.backward(problem, x, w, y_local.astype(y.dtype), gl, need)
 
     def gathered() -> tuple[Array, Array]:
         xa = jax.lax.all_gather(x, contract, axis=x.ndim - 1, tiled=True)
@@ -415,6 +425,5 @@ def _winner_backward(problem: Any, engine: Any, need: tuple[bool, bool],
         gw = jax.lax.dynamic_slice_in_dim(gw, at * w.shape[-2], w.shape[-2], w.ndim - 2)
         return gx, gw
 
-    y_local = engine.forward(problem, x, w)
     shared = jax.numpy.any(collectives.tie_devices(y_local, y, contract) > 1)
     return jax.lax.cond(shared, gathered, local)
