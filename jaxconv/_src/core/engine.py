@@ -19,11 +19,12 @@ The protocol, in the style of a typed structural interface:
 - `opaque_call(platform)`: optional (`False`): whether the engine lowers to a custom call
   that JAX's SPMD partitioner cannot see into on `platform`; the core then partitions the
   call itself (`jaxconv._src.core.partitioning`) and the engine runs on local shapes;
-- `backward_reads_output(problem)`: optional (`False`): whether `backward` routes a max/min
-  cotangent to the products equal to the `y` it is given (and a logsumexp's by
-  `exp(c - y)`), so that a device's backward over its share of the contraction, given the
-  global `y`, is its part of the global backward (the core then reduces a sharded
-  contraction of such ops across devices instead of gathering it);
+- `backward_reads_output(problem)`: optional (`False`): whether `backward` weighs a
+  logsumexp's cotangent by `exp(c - y)` with the `y` it is given (a native max/min scan also
+  matches products against it), so that a device's backward over its share of the
+  contraction, given the global `y`, is its part of the global backward (the core then
+  reduces a sharded logsumexp contraction across devices instead of gathering it; max/min
+  contractions are reduced for every engine);
 - `per_example_kernel_gradient(problem)`: optional (`Engine` answers `None`): a function
   `(x, w, y, g) -> gw` (or `-> (gx, gw)`, see `PerExampleRule`) that JAX can batch like its
   own products, used for per-example kernel gradients under `jax.vmap`.

@@ -9,7 +9,11 @@ on each device's local shapes. `forward` and `backward` wrap an engine's call in
 - the batch axis and the output-feature axis pass through: each device runs the engine on its
   own images and output features, with no collective in the forward;
 - with feature groups the output features are split group-aligned (the input channels with
-  them); an output-feature sharding that does not divide the groups is gathered;
+  them); where the output features' axes are a multiple of the groups (2 groups over 8
+  devices), each device takes its group's channels of the whole input; other splits are
+  gathered. The Shardy rule is chosen on the mesh (`_compound_safe`): Shardy would cut an
+  axis that only partly fits the groups into a sub-axis, which `custom_partitioning` cannot
+  express;
 - the backward's collectives are lax's all-reduces: the kernel gradient is summed over the
   batch's mesh axes, the input gradient (one group) over the output features' axes;
 - a sharded contraction axis (the input channels, one group) is reduced across devices with
@@ -17,17 +21,18 @@ on each device's local shapes. `forward` and `backward` wrap an engine's call in
   keys, a stable logsumexp combine): each device's call runs on its own channels and the
   forward's only collective is that all-reduce. The backward of a sum needs nothing more
   (each device's gradients are those of its channels); a max/min backward recomputes each
-  device's partial result, counts the devices that hold the winner (an integer all-reduce)
-  and, only where some output's winners sit on several devices, gathers the channels for
-  that backward (`lax.cond`), so that ties split exactly as on one device. A reduce with no
+  device's partial result, counts the devices that hold the winner (an integer all-reduce),
+  runs each device's backward on the outputs it wins (any engine) and, only where some
+  output's winners sit on several devices, gathers the channels for that backward
+  (`lax.cond`), so that ties split exactly as on one device. A reduce with no
   collective (`prod`, a user's callable) and grouped convolutions gather the axis;
 - spatial axes are gathered (correct, not partitioned).
 
 Engines that declare it (`Engine.opaque_call`: the native engine and the XLA engine, on CPU)
 go through here; accelerator programs (GPU / TPU) never contain a `custom_partitioning` call
 (it has had open problems on TPU), their XLA engine is partitioned by the partitioner itself.
-A max/min or logsumexp contraction is reduced across devices only for an engine whose
-backward reads the global `y` (`Engine.backward_reads_output`); otherwise it is gathered.
+A logsumexp contraction is reduced across devices only for an engine whose backward reads
+the global `y` (`Engine.backward_reads_output`); otherwise it is gathered.
 A single device and the inside of `jax.shard_map` (every axis manual) lower the engine
 directly.
 
@@ -52,6 +57,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 from typing import Any
 
@@ -103,13 +109,20 @@ def backward(problem: Any, engine: Any, x: Array, w: Array, y: Array, g: Array,
 
 # --- the sharding rule -----------------------------------------------------------------------
 
-def _factors(nsd: int, groups: int, shape_w: tuple[int, ...]) -> tuple[str, str, str, dict]:
+def _factors(nsd: int, groups: int, shape_w: tuple[int, ...],
+             compound: bool = True) -> tuple[str, str, str, dict]:
     """Shardy's einsum-like factors of `x`, `w`, `y` and the compound factors' sizes.
+
+    With `compound` (and feature groups) the channel dimensions are written as (groups,
+    within-group) factors, so that a group-aligned sharding propagates between `x`'s
+    channels and the output features; without, `x`'s channels are one factor `c` and the
+    output features one factor `o` (see `_compound_safe`).
 
     Args:
         nsd: the number of spatial dimensions.
         groups: the number of feature groups.
         shape_w: the kernel's shape.
+        compound: whether to write grouped channels as (groups, within-group) factors.
 
     Returns:
         The factors of ``x``, ``w`` and ``y``, and the sizes of the compound factors.
@@ -119,6 +132,8 @@ def _factors(nsd: int, groups: int, shape_w: tuple[int, ...]) -> tuple[str, str,
     p = " ".join(f"p{d}" for d in range(nsd))
     if groups == 1:
         cx, cw, co, sizes = "i", "i o", "o", {}
+    elif not compound:
+        cx, cw, co, sizes = "c", "i o", "o", {}
     else:
         # Shardy refuses a compound dimension with a factor of size 1 (depthwise: one
         # input channel, or one output feature, per group).
@@ -132,6 +147,64 @@ def _factors(nsd: int, groups: int, shape_w: tuple[int, ...]) -> tuple[str, str,
             sizes["q"] = q
     join = lambda *parts: " ".join(q for q in parts if q)  # noqa: E731
     return join("n", s, cx), join(k, cw), join("n", p, co), sizes
+
+
+def _compound_safe(mesh: Any, groups: int) -> bool:
+    """Whether Shardy can map any sharding of a (groups, within-group) dimension onto whole
+    mesh axes.
+
+    Shardy gives a compound dimension's axes to its major factor (the groups) while they
+    divide it, and cuts an axis that only partly fits into sub-axes (2 groups sharded over 8
+    devices: a sub-axis of size 2) -- which `custom_partitioning` (jax 0.10) cannot express
+    as a `PartitionSpec` and fails on. So on a mesh where some order of its axes would be
+    cut, the rule does not tie the channels to the groups (`_factors(compound=False)`);
+    the partition then splits what divides (`_Split.subgroups`) and gathers the rest.
+
+    Args:
+        mesh: the mesh the call is lowered for.
+        groups: the number of feature groups.
+
+    Returns:
+        True when no order of the mesh's axes would cut one into a sub-axis.
+    """
+    sizes = [n for n in (getattr(mesh, "shape", None) or {}).values() if n > 1]
+    for r in range(1, len(sizes) + 1):
+        for order in itertools.permutations(sizes, r):
+            left = groups
+            for n in order:
+                if left % n == 0:
+                    left //= n
+                elif math.gcd(left, n) > 1:
+                    return False
+                else:
+                    break
+    return True
+
+
+def _rule(nsd: int, groups: int, w_shape: tuple[int, ...], backward: bool,
+          reduce_contraction: bool) -> Any:
+    """The Shardy rule of a call, chosen on the mesh the call is lowered for.
+
+    Args:
+        nsd: the number of spatial dimensions.
+        groups: the number of feature groups.
+        w_shape: the kernel's shape.
+        backward: whether the call is the backward (``x, w, y, g -> gx, gw``).
+        reduce_contraction: whether the contraction is reduced across devices.
+
+    Returns:
+        A function of ``(mesh, value_types, result_types)`` giving the rule's text and its
+        factor options.
+    """
+    def rule(mesh: Any, value_types: Any, result_types: Any) -> tuple[str, dict]:
+        del value_types, result_types
+        xf, wf, yf, sizes = _factors(nsd, groups, w_shape, _compound_safe(mesh, groups))
+        text = (f"{xf}, {wf}, {yf}, {yf} -> {xf}, {wf}" if backward
+                else f"{xf}, {wf} -> {yf}")
+        need = _replicated_factors(text, reduce_contraction)
+        return text, dict(need_replication_factors=need, **sizes)
+
+    return rule
 
 
 def _replicated_factors(rule: str, reduce_contraction: bool) -> tuple[str, ...]:
@@ -170,11 +243,11 @@ class _Split:
     contract: Any = None
 
     def x(self) -> NamedSharding:
-        """The input's sharding: batch, and the output features' axes when groups are split,
-        else the contraction's.
+        """The input's sharding: batch, and the output features' axes when whole groups are
+        split, none when parts of groups are, else the contraction's.
         """
-        return self._named(self.batch, *(None,) * self.nsd, self.out if self.groups_split
-                           else self.contract)
+        channels = self.out if self.groups_split else None if self.subgroups else self.contract
+        return self._named(self.batch, *(None,) * self.nsd, channels)
 
     def w(self) -> NamedSharding:
         """The kernel's sharding: contraction and output features."""
@@ -186,8 +259,19 @@ class _Split:
 
     @property
     def groups_split(self) -> bool:
-        """Whether the feature groups are split (grouped, output features sharded)."""
-        return self.out is not None and self.groups > 1
+        """Whole groups on each device (the groups divide over the output features' axes)."""
+        return self.out is not None and self.groups > 1 and self.groups % self.out_size == 0
+
+    @property
+    def subgroups(self) -> bool:
+        """Part of one group on each device (the output features' axes are a multiple of
+        the groups): each device takes its group's channels out of the whole input."""
+        return (self.out is not None and self.groups > 1 and not self.groups_split)
+
+    @property
+    def out_size(self) -> int:
+        """The number of devices along the output features' axes."""
+        return _size(self.mesh, self.out)
 
     def _named(self, *spec: Any) -> NamedSharding:
         """A ``NamedSharding`` on the split's mesh."""
@@ -249,7 +333,7 @@ def _split(problem: Any, engine: Any, mesh: Any, x_info: Any, w_info: Any) -> _S
     if out is not None:
         k = _size(mesh, out)
         if (set(_axes(out)) & set(_axes(batch)) or w_info.shape[-1] % k
-                or (groups > 1 and groups % k)):
+                or (groups > 1 and groups % k and k % groups)):
             out = None
     contract = None
     if _reduces_contraction(problem, engine):
@@ -262,18 +346,37 @@ def _split(problem: Any, engine: Any, mesh: Any, x_info: Any, w_info: Any) -> _S
 
 def _reduces_contraction(problem: Any, engine: Any) -> bool:
     """Whether a sharded contraction axis is reduced across devices (one group, a reduce
-    with a collective and, but for sums, an engine whose backward reads the global output)
-    rather than gathered."""
+    with a collective and, for logsumexp, an engine whose backward reads the global output)
+    rather than gathered. Max/min need nothing of the engine: `_winner_backward` hands each
+    device its own partial result and the cotangent of the outputs it wins."""
     which = collectives.kind(problem.op)
     return problem.geom.groups == 1 and which is not None and (
-        which == "sum" or engine.backward_reads_output(problem))
+        which != "logsumexp" or engine.backward_reads_output(problem))
 
 
 def _local_problem(problem: Any, split: _Split) -> Any:
-    """The problem each device computes (fewer groups when the groups are split)."""
+    """The problem each device computes (fewer groups when the groups are split).
+
+    Args:
+        problem: the global problem.
+        split: how the call is split over the mesh.
+
+    Returns:
+        The local problem.
+    """
     if split.groups_split:
-        return problem.with_groups(problem.geom.groups // _size(split.mesh, split.out))
+        return problem.with_groups(problem.geom.groups // split.out_size)
+    if split.subgroups:
+        return problem.with_groups(1)
     return problem
+
+
+def _group_channels(split: _Split, x: Array) -> tuple[Array, Array]:
+    """This device's group's channels of the whole input `x` (`split.subgroups`), and
+    where they start."""
+    width = x.shape[-1] // split.groups
+    start = jax.lax.axis_index(_axes(split.out)) // (split.out_size // split.groups) * width
+    return jax.lax.dynamic_slice_in_dim(x, start, width, x.ndim - 1), start
 
 
 def _replicated_like(info: Any) -> Any:
@@ -321,6 +424,8 @@ def _forward_fn(problem: Any, engine: Any, x_shape: tuple[int, ...],
         contract = _axes(split.contract)
 
         def lower(x: Array, w: Array) -> Array:
+            if split.subgroups:
+                x = _group_channels(split, x)[0]
             y = engine.forward(local, x, w)
             # Partial products over this device's channels, reduced with the op's reduce.
             return collectives.combine(which, y, contract) if contract else y
@@ -328,11 +433,8 @@ def _forward_fn(problem: Any, engine: Any, x_shape: tuple[int, ...],
         return mesh, lower, split.y(), (split.x(), split.w())
 
     which = collectives.kind(problem.op)
-    xf, wf, yf, sizes = _factors(nsd, groups, w_shape)
-    rule = f"{xf}, {wf} -> {yf}"
-    call.def_partition(partition, infer_sharding_from_operands=infer, sharding_rule=rule,
-                       need_replication_factors=_replicated_factors(
-                           rule, _reduces_contraction(problem, engine)), **sizes)
+    call.def_partition(partition, infer_sharding_from_operands=infer, sharding_rule=_rule(
+        nsd, groups, w_shape, False, _reduces_contraction(problem, engine)))
     return call
 
 
@@ -381,7 +483,13 @@ def _backward_fn(problem: Any, engine: Any, need: tuple[bool, bool],
         contract = _axes(split.contract)
 
         def lower(x: Array, w: Array, y: Array, g: Array) -> tuple[Array, Array]:
-            if contract and which in ("max", "min"):
+            if split.subgroups:
+                xg, start = _group_channels(split, x)
+                gx, gw = run(local, xg, w, y, g)
+                # This device's group's channels of the whole input gradient.
+                gx = jax.lax.dynamic_update_slice_in_dim(jax.numpy.zeros_like(x), gx, start,
+                                                         x.ndim - 1)
+            elif contract and which in ("max", "min"):
                 gx, gw = _winner_backward(local, engine, need, contract, x, w, y, g)
             else:
                 # Sums need no y; logsumexp's weights exp(c - y) take the global y.
@@ -398,11 +506,8 @@ def _backward_fn(problem: Any, engine: Any, need: tuple[bool, bool],
                 (split.x(), split.w(), split.y(), split.y()))
 
     which = collectives.kind(problem.op)
-    xf, wf, yf, sizes = _factors(nsd, groups, w_shape)
-    rule = f"{xf}, {wf}, {yf}, {yf} -> {xf}, {wf}"
-    call.def_partition(partition, infer_sharding_from_operands=infer, sharding_rule=rule,
-                       need_replication_factors=_replicated_factors(
-                           rule, _reduces_contraction(problem, engine)), **sizes)
+    call.def_partition(partition, infer_sharding_from_operands=infer, sharding_rule=_rule(
+        nsd, groups, w_shape, True, _reduces_contraction(problem, engine)))
     return call
 
 
@@ -411,15 +516,19 @@ def _winner_backward(problem: Any, engine: Any, need: tuple[bool, bool],
                      g: Array) -> tuple[Array, Array]:
     """The backward of a max/min op whose contraction is split over `contract`.
 
-    The engine's backward routes the cotangent to the taps whose product equals `y` (the
-    forward's result, bit for bit) and splits it among the taps it finds. Given the global
-    `y`, a device that did not win an output finds no such tap, and the one that did finds
-    exactly the winners of the single-device computation -- unless several devices tie for
-    an output (then each would split the cotangent among its own taps only). So each device
-    recomputes its partial result, the devices holding the winner are counted (one integer
-    all-reduce), and where any output has winners on several devices the contraction is
-    gathered and the whole window's backward run, this device keeping its channels' part:
-    the same numbers as one device in every case.
+    Each device recomputes its partial result `y_local` (its channels' max/min); it holds
+    the winner of an output where `y_local == y` (the global result is one of the partial
+    results bit for bit: `collectives.combine` is exact). The devices holding each winner
+    are counted (one integer all-reduce). Where every output's winners sit on one device,
+    each device's part of the global backward is its own backward with `y_local` and the
+    cotangent of the outputs it wins (zero elsewhere): the engine splits a tie among that
+    device's taps exactly as one device splits it among all taps, whatever way it finds
+    winners (the native scan matches products against the `y` given; the XLA engine finds
+    them by index in its own recomputation). Where some output's winners sit on several
+    devices (a tie across devices), the contraction is gathered and the whole window's
+    backward run, this device keeping its channels' part (`lax.cond`: the all-gather runs
+    only then). A NaN output wins on no device (NaN equals nothing), and has no gradient,
+    as on one device.
 
     Args:
         problem: the local problem.
@@ -434,8 +543,12 @@ def _winner_backward(problem: Any, engine: Any, need: tuple[bool, bool],
     Returns:
         The local ``(gx, gw)``.
     """
+    y_local = engine.forward(problem, x, w)
+    wins = y_local == y
+
     def local() -> tuple[Array, Array]:
-        return engine.backward(problem, x, w, y, g, need)
+        gl = jax.numpy.where(wins, g, jax.numpy.zeros_like(g))
+        return engine.backward(problem, x, w, y_local.astype(y.dtype), gl, need)
 
     def gathered() -> tuple[Array, Array]:
         xa = jax.lax.all_gather(x, contract, axis=x.ndim - 1, tiled=True)
@@ -446,6 +559,5 @@ def _winner_backward(problem: Any, engine: Any, need: tuple[bool, bool],
         gw = jax.lax.dynamic_slice_in_dim(gw, at * w.shape[-2], w.shape[-2], w.ndim - 2)
         return gx, gw
 
-    y_local = engine.forward(problem, x, w)
     shared = jax.numpy.any(collectives.tie_devices(y_local, y, contract) > 1)
     return jax.lax.cond(shared, gathered, local)

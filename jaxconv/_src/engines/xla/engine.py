@@ -179,7 +179,10 @@ class XlaEngine(registry.Engine):
         """On CPU the core partitions the engine's calls itself (each device's loops on its
         local shapes): left to the partitioner, the tap loops of the winner, `log` and
         AdderNet backward passes all-gather under a batch sharding. GPU/TPU programs are
-        left to the partitioner (no `custom_partitioning` in accelerator programs)."""
+        left to the partitioner (no `custom_partitioning` in accelerator programs: on a
+        multi-device TPU its partition callbacks never run and the program fails to
+        compile, jax#38196; docs/engines.md tables what the partitioner makes of the
+        engine's lax code there)."""
         return platform == "cpu"
 
     def backward_reads_output(self, problem: Problem) -> bool:
