@@ -439,7 +439,10 @@ void win_backward(Ctx& c) {
   // Pass 3: items (batch, block of output channels, each owning those kernel columns). With
   // many output channels a block is 64 wide: the code, term and dw rows are O apart, and
   // 16-wide blocks read and write one 64-byte piece per row (a page apart at O = 1024).
-  const int64_t kCols = O >= 256 ? kMaxCols : 16;
+  // Each item is a pass over all positions: with few channels the blocks narrow (down to 4)
+  // until there are 8 items, so that a thread descheduled in one holds back little.
+  int64_t kCols = O >= 256 ? kMaxCols : 16;
+  while (kCols > 4 && call.batch * ((O + kCols - 1) / kCols) < 8) kCols /= 2;
   const int64_t ncb = (O + kCols - 1) / kCols;
   const int64_t ndw = call.batch * ncb, ndx = units * nband;
   std::atomic<bool> failed{false};
