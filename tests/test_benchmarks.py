@@ -76,25 +76,37 @@ def test_benchmark_flags_meaningless_ratios():
 
 
 def test_native_benchmark_busy_smoke(tmp_path):
-    """``benchmarks.native --smoke --busy``: every row timed quiet and beside one busy process,
-    the table headed by the CPU, ISA, threads and peak rates, the spinner gone afterwards."""
+    """``benchmarks.native --smoke --busy --busy-cpu N``: every row timed quiet and beside one
+    busy process pinned to CPU N (the load said with it), the table headed by the CPU, ISA,
+    threads and peak rates, the spinner gone afterwards."""
     out = tmp_path / "native.json"
+    cpu = max(os.sched_getaffinity(0))
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.native", "--smoke", "--busy", "--layers", "A",
-         "--ops", "max_plus", "--json", str(out)],
+        [sys.executable, "-m", "benchmarks.native", "--smoke", "--busy", "--busy-cpu", str(cpu),
+         "--layers", "A", "--ops", "max_plus", "--json", str(out)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr
     assert "# cpu: " in proc.stdout and "isa " in proc.stdout and "busy: fwd" in proc.stdout
-    assert "# peak G terms/s" in proc.stdout
+    assert "# peak G terms/s" in proc.stdout and f"pinned to CPU {cpu}" in proc.stdout
     data = json.loads(out.read_text())
     meta = data["meta"]
     assert meta["busy"] is True and meta["cpu"]["model_name"] and meta["threads"] >= 1
+    assert meta["busy_cpu"] == cpu and data["results"][0]["busy_load"] >= 0
     assert all(v > 0 for d in meta["peak"].values() for v in d.values())
     (row,) = data["results"]
     for key in ("busy_fwd_ratio", "busy_fwd_bwd_ratio", "busy_fwd_ms", "gterms_per_s",
                 "peak_fraction"):
         assert row[key] > 0, key
+
+
+def test_native_benchmark_rejects_a_cpu_it_cannot_use():
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    bad = max(os.sched_getaffinity(0)) + 1
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.native", "--smoke", "--busy", "--busy-cpu", str(bad)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 2 and f"--busy-cpu {bad}" in proc.stderr
 
 
 def test_spinner_competes_and_is_killed():
