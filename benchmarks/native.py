@@ -15,7 +15,10 @@ the kernel parameters the library reports, and the peak probe's rates (``benchma
 each forward row says what fraction of the machine's limit for that op's inner step it reaches
 (``peak``: terms per second over the probe's rate at the same thread count; every window tap
 counted, padded or not). ``--busy`` times every row a second time beside one competing busy
-process (started and killed by the benchmark), right after the quiet timing, and prints both.
+process (started and killed by the benchmark), right after the quiet timing, and prints both;
+``--busy-cpu N`` pins that process to CPU N (``taskset``-style), so that it competes with one
+of the call's threads rather than wherever the OS puts it. Each busy row says the 1-minute load
+average at its start.
 
 Example::
 
@@ -23,17 +26,19 @@ Example::
     python -m benchmarks.native --layers A,E --ops user_tanh,user_clip --engines native,xla
     python -m benchmarks.native --compile-cost
     python -m benchmarks.native --layers A --ops max_plus,adder --busy
+    python -m benchmarks.native --layers A --ops max_plus,l1 --rounds 5 --busy --busy-cpu 1
     python -m benchmarks.native --smoke
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -151,11 +156,29 @@ def _time(row: dict, prefix: str, ref_f: Callable, f: Callable, ref_fb: Callable
                     f"{prefix}fwd_bwd_ms": r.ms, f"{prefix}lax_fwd_bwd_ms": r.ref_ms})
 
 
+@contextlib.contextmanager
+def competitor(cpu: int | None = None) -> Iterator[None]:
+    """One competing busy process while the block runs (`machine.Spinner`), pinned to CPU
+    ``cpu`` when given (else wherever the OS schedules it).
+
+    Example::
+
+        with competitor(1):
+            time_something()
+    """
+    with machine.Spinner() as spin:
+        if cpu is not None and spin.proc is not None:
+            os.sched_setaffinity(spin.proc.pid, {cpu})
+        yield
+
+
 def run(layers: list[Layer], ops_: list[str], engines: list[str], rounds: int, inner: int,
         backward: bool, out: Any = sys.stdout, busy: bool = False,
-        peak: dict[str, dict[int, float]] | None = None) -> list[dict]:
+        peak: dict[str, dict[int, float]] | None = None, busy_cpu: int | None = None
+        ) -> list[dict]:
     """Times each (layer, op, engine) against lax and prints one row each; with ``busy``
-    each row is timed again beside one competing process, right after the quiet timing."""
+    each row is timed again beside one competing process (pinned to ``busy_cpu`` if given),
+    right after the quiet timing."""
     rows = []
     rng = np.random.default_rng(0)
     nthreads = machine.threads()
@@ -177,7 +200,8 @@ def run(layers: list[Layer], ops_: list[str], engines: list[str], rounds: int, i
                 fb_j = jax.jit(fwd_bwd(f, ct)) if backward else None
                 _time(row, "", ref_f, f_j, ref_fb, fb_j, (x, w), rounds, inner)
                 if busy:
-                    with machine.Spinner():
+                    row["busy_load"] = os.getloadavg()[0]
+                    with competitor(busy_cpu):
                         _time(row, "busy_", ref_f, f_j, ref_fb, fb_j, (x, w), rounds, inner)
                 if backward:
                     row.update(compile_s=compile_seconds(f, (x, w)), lax_compile_s=lax_compile)
@@ -211,6 +235,7 @@ def _format(r: dict) -> str:
             s += (f"  fwd+bwd {r['busy_fwd_bwd_ratio']:6.2f}x (best "
                   f"{r['busy_fwd_bwd_best']:5.2f}x, {r['busy_fwd_bwd_ms']:8.2f} ms vs lax "
                   f"{r['busy_lax_fwd_bwd_ms']:7.2f})")
+        s += f"  load {r['busy_load']:.1f}"
     return s
 
 
@@ -263,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None)
     p.add_argument("--busy", action="store_true",
                    help="also time every row beside one competing busy process")
+    p.add_argument("--busy-cpu", type=int, default=None,
+                   help="pin the --busy process to this CPU (default: not pinned)")
     p.add_argument("--no-peak", action="store_true", help="skip the peak probe")
     p.add_argument("--compile-cost", action="store_true",
                    help="time compiling the user ops (fresh processes, empty cache)")
@@ -276,6 +303,9 @@ def main(argv: list[str] | None = None) -> int:
                                                         if o not in OPS and o not in USER_OPS]
     if unknown:
         p.error(f"unknown layer or op: {unknown}")
+    if a.busy_cpu is not None and a.busy_cpu not in os.sched_getaffinity(0):
+        p.error(f"--busy-cpu {a.busy_cpu}: not one of this process's CPUs "
+                f"{sorted(os.sched_getaffinity(0))}")
     layers = [table[n] for n in names if n in table]
     rounds, inner = (2, 1) if a.smoke else (a.rounds, a.inner)
     if not native.available():
@@ -287,13 +317,15 @@ def main(argv: list[str] | None = None) -> int:
     print(machine.describe(meta))
     print(machine.describe_peak(peak))
     print(f"# jax {jax.__version__}, rounds {rounds}x{inner}"
-          f"{', quiet then beside one busy process' if a.busy else ''}; layers: "
+          f"{', quiet then beside one busy process' if a.busy else ''}"
+          f"{f' pinned to CPU {a.busy_cpu}' if a.busy and a.busy_cpu is not None else ''}; layers: "
           + "; ".join(x.describe() for x in layers))
     rows = run(layers, a.ops.split(","), a.engines.split(","), rounds, inner,
-               not a.no_backward, busy=a.busy, peak=peak)
+               not a.no_backward, busy=a.busy, peak=peak, busy_cpu=a.busy_cpu)
     if a.json:
         with open(a.json, "w") as fh:
-            json.dump(dict(meta=dict(meta, smoke=a.smoke, busy=a.busy, jax=jax.__version__,
+            json.dump(dict(meta=dict(meta, smoke=a.smoke, busy=a.busy, busy_cpu=a.busy_cpu,
+                                     jax=jax.__version__,
                                      peak={k: {str(t): v for t, v in d.items()}
                                            for k, d in peak.items()}),
                            results=rows), fh, indent=1)

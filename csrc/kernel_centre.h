@@ -93,7 +93,13 @@ bool centre(Ctx& c) {
       c.shift[b * C + grp * I + i] = m;
     }
   };
-  parallel(c, B * G * nib, mean);
+  // A small kernel (layer A's: 37K floats, some microseconds) is averaged by the caller alone:
+  // a fork-join for it costs more than it saves, and waits on a descheduled helper.
+  if (B * c.w_bs <= (int64_t(1) << 16)) {
+    for (int64_t it = 0; it < B * G * nib; ++it) mean(it);
+  } else {
+    parallel(c, B * G * nib, mean);
+  }
   if (bad.load()) return false;
   // The shifted input and each cell's sums per group.
   const int64_t kCells = C >= (1 << 14) ? 1 : (1 << 14) / C;  // ~64 KB of x per item

@@ -16,10 +16,14 @@ def _run_extras(meta: dict, row: dict) -> None:
     assert row["fwd_mem"] is not None and row["lax_fwd_mem"] is not None
 
 
+BUSY_CPU = max(os.sched_getaffinity(0))
+
+
 def _native_busy_extras(meta: dict, row: dict) -> None:
-    # Every row timed quiet and beside one busy process, the table headed by the CPU, ISA,
-    # threads and peak rates.
+    # Every row timed quiet and beside one busy process pinned to BUSY_CPU (the load said
+    # with it), the table headed by the CPU, ISA, threads and peak rates.
     assert meta["busy"] is True and meta["cpu"]["model_name"]
+    assert meta["busy_cpu"] == BUSY_CPU and row["busy_load"] >= 0
     assert all(v > 0 for d in meta["peak"].values() for v in d.values())
 
 
@@ -30,8 +34,11 @@ SMOKES = {
             ["max_plus", "threads"],
             ["fwd_ms", "fwd_bwd_ms", "lax_fwd_ms", "lax_fwd_bwd_ms", "fwd_ratio",
              "fwd_bwd_ratio"], _run_extras),
-    "native_busy": ("benchmarks.native", ["--busy", "--layers", "A", "--ops", "max_plus"],
-                    ["# cpu: ", "isa ", "busy: fwd", "# peak G terms/s"],
+    "native_busy": ("benchmarks.native",
+                    ["--busy", "--busy-cpu", str(BUSY_CPU), "--layers", "A", "--ops",
+                     "max_plus"],
+                    ["# cpu: ", "isa ", "busy: fwd", "# peak G terms/s",
+                     f"pinned to CPU {BUSY_CPU}"],
                     ["busy_fwd_ratio", "busy_fwd_bwd_ratio", "busy_fwd_ms", "gterms_per_s",
                      "peak_fraction"], _native_busy_extras),
 }
@@ -106,6 +113,15 @@ def test_benchmark_flags_meaningless_ratios():
     assert len(busy) == 1 and "0.29x" in busy[0]
     noisy = bench._flags("max_plus", {**calm, "fwd_bwd_spread": 0.6})
     assert len(noisy) == 1 and "spread 60%" in noisy[0]
+
+
+def test_native_benchmark_rejects_a_cpu_it_cannot_use():
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    bad = max(os.sched_getaffinity(0)) + 1
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.native", "--smoke", "--busy", "--busy-cpu", str(bad)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 2 and f"--busy-cpu {bad}" in proc.stderr
 
 
 def test_spinner_competes_and_is_killed():

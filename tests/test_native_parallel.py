@@ -101,6 +101,55 @@ def test_dynamic_work_split_does_not_change_results(names, params):
     assert runs[0] == runs[1]
 
 
+_WINNER_SCRIPT = r"""
+import json, sys, numpy as np, jax, jax.numpy as jnp, jaxconv
+rng = np.random.default_rng(7)
+tanh_max = jaxconv.Op(lambda x, w: jnp.tanh(x - w), "max", name="tanh_diff_max")
+# (x, w, groups, data): one long image (the input gradient cut into bands of input cells,
+# windows across their borders), several kernel blocks with groups, images smaller than a
+# scan item; integer data (ties split between taps), and signed zeros (the keyed ops' float
+# recount of a zero result).
+cases = [((1, 45, 38, 8), (3, 3, 4, 12), 2, "ties"), ((2, 7, 9, 24), (3, 3, 24, 150), 1, "normal"),
+         ((5, 3, 4, 16), (3, 3, 8, 40), 2, "ties"), ((1, 30, 20, 8), (5, 5, 8, 16), 1, "zeros")]
+out = {}
+for xs, ws, groups, kind in cases:
+    if kind == "normal":
+        x, w = (rng.standard_normal(s).astype(np.float32) for s in (xs, ws))
+    else:
+        x, w = (rng.integers(-2, 3, s).astype(np.float32) for s in (xs, ws))
+        if kind == "zeros":
+            x = np.maximum(x, 0) * np.where(rng.random(xs) < 0.5, -1, 1).astype(np.float32)
+            w = np.abs(w)
+    for op in sys.argv[1].split(","):
+        op = tanh_max if op == "tanh_max" else op
+        f = lambda x, w: jaxconv.conv_general_dilated(x, w, (1, 1), "SAME", op=op,
+            feature_group_count=groups, engine="native",
+            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        y = jax.jit(f)(x, w)
+        dx, dw = jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.sin(f(x, w))), (0, 1)))(x, w)
+        out[f"{xs}/{kind}/{op}"] = [np.asarray(a).tobytes().hex() for a in (y, dx, dw)]
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("names", ["max_plus,min_max,tanh_max", "max_min,min_plus"])
+def test_winner_backward_split_does_not_change_results(names):
+    """The max/min backward's scan shared in small items of positions, then its input
+    gradient in bands of input cells and its kernel gradient in column blocks (one fork-join)
+    give the one-thread numbers bit for bit: ties, signed zeros, groups, several kernel
+    blocks, images smaller than an item and one long image, for built-in, keyed and compiled
+    user ops."""
+    runs = []
+    for threads in ("1", "0"):
+        env = dict(os.environ, JAXCONV_NATIVE_THREADS=threads)
+        env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+        proc = subprocess.run([sys.executable, "-c", _WINNER_SCRIPT, names], env=env,
+                              capture_output=True, text=True, timeout=600, check=False)
+        assert proc.returncode == 0, proc.stderr
+        runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    assert runs[0] == runs[1]
+
+
 @pytest.mark.parametrize("kind", ["fma", "add_max", "min_add"])
 def test_peak_probe_reports_positive_rates(kind):
     mod = ffi._load()
