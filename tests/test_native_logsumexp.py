@@ -1,5 +1,5 @@
-"""logsumexp on the native engine: the built-in ``log`` (exp space, and the two-pass kernel
-of ``csrc/kernel_logsum.h`` where exp space is not exact) and user combines under logsumexp
+"""logsumexp on the native engine: the built-in ``log`` (exp space, and the kernel of
+``csrc/kernel_logsum.h`` where exp space is not exact) and user combines under logsumexp
 (compiled into that kernel).
 
 Values against the numpy loop reference (``reference.py``), gradients against the XLA engine
@@ -229,7 +229,7 @@ def test_vmap_matches_a_loop(name: str) -> None:
 
 
 def test_exact_kernel_agrees_with_exp_space() -> None:
-    """The two-pass kernel (taken for a spread beyond 80) and the exp-space path give the
+    """The exact kernel (taken for a spread beyond 80) and the exp-space path give the
     same numbers: one sample far above the other sends only the call to the kernel."""
     x, w = _data("2d_same", "normal", seed=6)
     f = jax.jit(_conv("log", "2d_same"))
