@@ -5,7 +5,8 @@
 // rescaled only when a term exceeds it by a wide margin (once per tile on usual data); tiles
 // with an exceptional lane (all -inf, +inf, no term) take the exact two-pass lse_tile_exact.
 // Exponentials are 2^(t L - mL) (simd_exp.h): one FMA per term for the exponent, 13 vector
-// operations for the power. No term overflows.
+// operations for the power. No term overflows. The exponent's FMA must be fused (its product
+// is exact): the base build, without FMA instructions, pays a libm fmaf per lane for it.
 // Backward: d y / d term = exp(term - y) = 2^(term L - yL) times a per-output factor, so dx and
 // dw are the sums backward of the rule g exp(comb - y) dcx (resp. dcw), with an all -inf
 // window's cotangent zeroed and its output read as 0 (no inf - inf), as the XLA engine's rule.
@@ -299,7 +300,7 @@ void lse_backward(Ctx& c) {
           }
           float sum = S::hsum(acc);
           for (; o < Og; ++o) {
-            const float e = lse_exp2z<Sc>(Sc::mad(Op::template comb<Sc>(xv, wr[o]), kLog2e, yy[o]));
+            const float e = lse_exp2z<Sc>(Sc::fma(Op::template comb<Sc>(xv, wr[o]), kLog2e, yy[o]));
             const float h = gg[o] * e;
             sum += h * Op::template dcx<Sc>(xv, wr[o]);
             dwr[o] += h * Op::template dcw<Sc>(xv, wr[o]);
