@@ -1,4 +1,4 @@
-// The exponential of the logsumexp kernels: 2^u in 13 vector operations, with no conversion
+// The exponential of the logsumexp kernels: 2^u in 11 vector operations, with no conversion
 // and no multiply by the power of two, for the exponents a logsumexp forms (u <= ~64 after
 // its maximum is subtracted). Included by kernel_logsum.h (inside the kernel's anonymous
 // namespace, after simd.h and vmath.h), for S of any instruction set and for Sc.
