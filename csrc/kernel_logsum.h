@@ -4,7 +4,7 @@
 // Forward (lse_tile): one pass per tile with a running reference maximum per output lane,
 // rescaled only when a term exceeds it by a wide margin (once per tile on usual data); tiles
 // with an exceptional lane (all -inf, +inf, no term) take the exact two-pass lse_tile_exact.
-// Exponentials are 2^(t L - mL) (simd_exp.h): one FMA per term for the exponent, 13 vector
+// Exponentials are 2^(t L - mL) (simd_exp.h): one FMA per term for the exponent, 11 vector
 // operations for the power. No term overflows. The exponent's FMA must be fused (its product
 // is exact): the base build, without FMA instructions, pays a libm fmaf per lane for it.
 // Backward: d y / d term = exp(term - y) = 2^(term L - yL) times a per-output factor, so dx and
