@@ -1,16 +1,21 @@
 // The logsumexp reduce: y = log(sum_taps exp(comb(x, w))), stable for any range of values,
 // forward and backward, for the built-in log op (x + w) and every user combine under it.
 //
-// Forward: two passes over a tile's taps, the first for the maximum m of the terms (NaN if
-// one is NaN), the second for s = sum exp(term - m); y = m + log(s) where m is finite, else
-// m itself (-inf: an all -inf window; +inf; NaN). No term overflows: the largest is exp(0).
-// Backward: d y / d term = exp(term - y), so dx and dw are the sums backward of the rule
-// g exp(comb - y) dcx (resp. dcw), with an all -inf window's cotangent zeroed and its output
-// read as 0 (no inf - inf), as the XLA engine's rule.
+// Forward (lse_tile): one pass per tile with a running reference maximum per output lane,
+// rescaled only when a term exceeds it by a wide margin (once per tile on usual data); tiles
+// with an exceptional lane (all -inf, +inf, no term) take the exact two-pass lse_tile_exact.
+// Exponentials are 2^(t L - mL) (simd_exp.h): one FMA per term for the exponent, 11 vector
+// operations for the power. No term overflows. The exponent's FMA must be fused (its product
+// is exact): the base build, without FMA instructions, pays a libm fmaf per lane for it.
+// Backward: d y / d term = exp(term - y) = 2^(term L - yL) times a per-output factor, so dx and
+// dw are the sums backward of the rule g exp(comb - y) dcx (resp. dcw), with an all -inf
+// window's cotangent zeroed and its output read as 0 (no inf - inf), as the XLA engine's rule.
 //
 // Part of the kernel template: included by kernels.inc inside its anonymous namespace
 // (once per instruction set), never on its own.
 #pragma once
+
+#include "simd_exp.h"
 
 struct LseR {
   static constexpr int kReduce = 3;
@@ -29,20 +34,20 @@ struct LogPlus : LseR {
 // Rows per forward tile: the maxima and the sums of LR x NV vectors stay in registers.
 constexpr int LR = 2;
 
-// e^x for the exponents of a logsumexp, x <= ~0 (x = -inf and NaN included): vmath's exp_
-// with one scaling instead of two and no upper clamp. Below -88 the result is 0 (the values
-// it leaves out are below float's smallest normal number, which the calls flush to zero).
-template <class T>
-inline VT<T> lse_exp(VT<T> x) {
-  VT<T> k;
-  const VT<T> r = vm_reduce<T>(T::max(T::set1(-88.0f), x), &k);  // NaN stays NaN
-  return T::mul(T::add(T::set1(1.0f), vm_expm1_r<T>(r)), vm_pow2i<T>(k));
-}
+// Below this bound (in base 2, relative to the lane's reference maximum) a term is below the
+// sum's rounding; above kLseSlack the reference moves (2^64 per term leaves room for 2^60
+// terms before a sum could overflow).
+constexpr float kLseSlack = 64.0f;
+// The one-pass forward's initial reference: below it, a tile takes the two-pass path.
+constexpr float kLseInit = -1e30f;
 
-// One tile of LR output positions x NR output channels over the packed (K, NR) kernel block.
+// The two-pass tile, exact for every input (the fallback of lse_tile, which sends here any
+// tile with a non-finite maximum or none above kLseInit): one pass for the maximum m of the
+// terms (NaN if one is NaN), one for s = sum 2^(t L - mL); y = m + log(s) - bias ln2 where m is
+// finite, else m itself (-inf: an all -inf window; +inf; NaN). No term overflows.
 template <class Op>
-void lse_tile(const Ctx& c, const float* xb, const float* panel, float* yb, int64_t p,
-              int64_t grp, int64_t jb) {
+void lse_tile_exact(const Ctx& c, const float* xb, const float* panel, float* yb, int64_t p,
+                    int64_t grp, int64_t jb) {
   using V = S::V;
   const TileRows<LR> rows(c, p);
   const int64_t (&nimg)[LR] = rows.nimg;
@@ -78,7 +83,7 @@ void lse_tile(const Ctx& c, const float* xb, const float* panel, float* yb, int6
       }
     }
   };
-  V m[LR][NV], s[LR][NV];
+  V m[LR][NV], s[LR][NV], nml[LR][NV], bias[LR][NV];
   for (int r = 0; r < LR; ++r)
     for (int v = 0; v < NV; ++v) m[r][v] = S::set1(-__builtin_inff());
   // Pass 1: the maximum, NaN once a term is NaN.
@@ -86,11 +91,15 @@ void lse_tile(const Ctx& c, const float* xb, const float* panel, float* yb, int6
     m[r][v] = S::select(km, MaxR::red_safe<S>(m[r][v], term), m[r][v]);
   });
   for (int r = 0; r < LR; ++r)
-    for (int v = 0; v < NV; ++v) s[r][v] = S::zero();
-  // Pass 2: the shifted sum of exponentials, each at most exp(0) (lanes whose maximum is not
-  // finite compute garbage here: their result is the maximum itself).
+    for (int v = 0; v < NV; ++v) {
+      s[r][v] = S::zero();
+      nml[r][v] = S::neg(lse_scaled<S>(m[r][v], &bias[r][v]));
+    }
+  // Pass 2: the shifted sum, each term at most about 2^0 (lanes whose maximum is not finite
+  // compute garbage here: their result is the maximum itself).
+  const V L = S::set1(kLog2e);
   sweep([&](int r, int v, S::M km, V term) {
-    s[r][v] = S::madd(km, s[r][v], lse_exp<S>(S::sub(term, m[r][v])));
+    s[r][v] = S::madd(km, s[r][v], lse_exp2<S>(S::fma(term, L, nml[r][v])));
   });
   const int64_t o0 = grp * c.Og + jb * NR;
   const int64_t nvalid = c.Og - jb * NR < NR ? c.Og - jb * NR : NR;
@@ -98,8 +107,86 @@ void lse_tile(const Ctx& c, const float* xb, const float* panel, float* yb, int6
     if (!live[r]) continue;
     alignas(64) float tmp[NR];
     for (int v = 0; v < NV; ++v) {
-      const V y = S::add(m[r][v], log_<S>(s[r][v]));
+      const V lg = S::fnma(bias[r][v], S::set1(kLn2f), log_<S>(s[r][v]));
+      const V y = S::add(m[r][v], lg);
       S::store(tmp + v * W, S::select(S::isfinite_m(m[r][v]), y, m[r][v]));
+    }
+    std::memcpy(yb + (p + r) * c.O + o0, tmp, sizeof(float) * nvalid);
+  }
+}
+
+// One tile of LR output positions x NR output channels over the packed (K, NR) kernel block,
+// in one pass: each lane keeps a reference m (a term of its window; kLseInit at first) and
+// s = sum 2^(t L - mL). A term more than kLseSlack above the reference (in base 2) moves it,
+// and s is rescaled: with data of any usual spread that happens once, at the first tap. NaN
+// terms make s NaN (and so y). A lane whose reference is still kLseInit or not finite at the
+// end (all -inf, +inf, NaN only, no term) sends the tile to lse_tile_exact.
+template <class Op>
+void lse_tile(const Ctx& c, const float* xb, const float* panel, float* yb, int64_t p,
+              int64_t grp, int64_t jb) {
+  using V = S::V;
+  const TileRows<LR> rows(c, p);
+  const int64_t I = c.I;
+  const bool has_pad = c.g.has_pad != 0;
+  V s[LR][NV], nml[LR][NV], m[LR][NV];
+  for (int r = 0; r < LR; ++r)
+    for (int v = 0; v < NV; ++v) {
+      s[r][v] = S::zero();
+      m[r][v] = S::set1(kLseInit);
+      nml[r][v] = S::set1(-kLseInit * kLog2e);
+    }
+  const V L = S::set1(kLog2e), slack = S::set1(kLseSlack);
+  for (int64_t t = 0; t < c.T; ++t) {
+    const float* wt = panel + t * I * NR;
+    for (int r = 0; r < LR; ++r) {
+      const int32_t off = rows.live[r] ? c.tab[rows.osi[r] * c.T + t] : -1;
+      if (off < 0 && !(has_pad && rows.live[r])) continue;  // not a term
+      const float* xr = off < 0 ? c.padrow + grp * I : xb + rows.nimg[r] * c.img + off + grp * I;
+      for (int64_t i = 0; i < I; ++i) {
+        const V xv = S::set1(xr[i]);
+        V u[NV];
+        S::M up = S::mfalse();
+        for (int v = 0; v < NV; ++v) {
+          u[v] = S::fma(Op::template comb<S>(xv, S::load(wt + i * NR + v * W)), L, nml[r][v]);
+          up = S::mor(up, S::gt(u[v], slack));
+        }
+        if (__builtin_expect(S::any(up), 0)) {
+          for (int v = 0; v < NV; ++v) {
+            const V term = Op::template comb<S>(xv, S::load(wt + i * NR + v * W));
+            m[r][v] = S::max(term, m[r][v]);  // a NaN term leaves m
+            V unused;
+            const V nml2 = S::neg(lse_scaled<S>(m[r][v], &unused));
+            s[r][v] = S::mul(s[r][v], lse_exp2<S>(S::sub(nml2, nml[r][v])));
+            nml[r][v] = nml2;
+            u[v] = S::fma(term, L, nml2);
+          }
+        }
+        for (int v = 0; v < NV; ++v) s[r][v] = S::add(s[r][v], lse_exp2<S>(u[v]));
+      }
+    }
+  }
+  const int64_t o0 = grp * c.Og + jb * NR;
+  const int64_t nvalid = c.Og - jb * NR < NR ? c.Og - jb * NR : NR;
+  // Only the output's lanes count (the block's columns beyond Og and dead rows do not).
+  for (int r = 0; r < LR; ++r) {
+    if (!rows.live[r]) continue;
+    alignas(64) float mt[NR];
+    for (int v = 0; v < NV; ++v) S::store(mt + v * W, m[r][v]);
+    bool bad = false;
+    for (int64_t l = 0; l < nvalid; ++l) bad |= !(mt[l] > kLseInit && mt[l] < __builtin_inff());
+    if (bad) {
+      lse_tile_exact<Op>(c, xb, panel, yb, p, grp, jb);
+      return;
+    }
+  }
+  for (int r = 0; r < LR; ++r) {
+    if (!rows.live[r]) continue;
+    alignas(64) float tmp[NR];
+    for (int v = 0; v < NV; ++v) {
+      V bias;
+      lse_scaled<S>(m[r][v], &bias);
+      const V lg = S::fnma(bias, S::set1(kLn2f), log_<S>(s[r][v]));
+      S::store(tmp + v * W, S::add(m[r][v], lg));
     }
     std::memcpy(yb + (p + r) * c.O + o0, tmp, sizeof(float) * nvalid);
   }
@@ -138,7 +225,9 @@ void lse_backward(Ctx& c) {
   const jaxconv::Call& call = *c.call;
   const int64_t I = c.I, O = c.O, Og = c.Og, T = c.T;
   const int64_t n_out = call.batch * c.y_bs;
-  // The masked cotangent and output: an all -inf window's g is 0 and its y 0.
+  // Per output: the masked cotangent and -y L (an all -inf window's g is 0 and its y 0), so
+  // that g e^(t - y) = gm 2^(t L + ym). yL is y L rounded; the factor it lost, 2^-(y L - yL),
+  // is in gm (1 where y is not finite).
   float* gm = c.scratch.get<float>(n_out);
   float* ym = c.scratch.get<float>(n_out);
   if (!gm || !ym) {
@@ -149,9 +238,17 @@ void lse_backward(Ctx& c) {
   auto mask = [&](int64_t it) {
     const int64_t a = it * kChunk, e = a + kChunk < n_out ? a + kChunk : n_out;
     for (int64_t j = a; j < e; ++j) {
-      const bool empty = call.y[j] == -__builtin_inff();
-      gm[j] = empty ? 0.0f : call.g[j];
-      ym[j] = empty ? 0.0f : call.y[j];
+      const float y = call.y[j];
+      const bool empty = y == -__builtin_inff();
+      const float yl = y * kLog2e;
+      const double lost = double(y) * double(kLog2e) - double(yl);
+      const bool finite = __builtin_fabsf(y) < __builtin_inff();
+      // 2^-lost: |lost| is at most half an ulp of yL, so below 2^-10 for |y| < 7e3: a cubic.
+      const double z = -lost * 0.6931471805599453;
+      const double f = __builtin_fabs(z) < 0x1p-6 ? 1.0 + z * (1.0 + z * (0.5 + z / 6.0))
+                                                   : __builtin_exp2(-lost);
+      gm[j] = empty ? 0.0f : finite ? float(call.g[j] * f) : call.g[j];
+      ym[j] = empty ? 0.0f : -yl;
     }
   };
   parallel(c, (n_out + kChunk - 1) / kChunk, mask);
@@ -191,19 +288,19 @@ void lse_backward(Ctx& c) {
           const float xv = xr[i0 + ii];
           const float* wr = wb + (t * I + i0 + ii) * O;
           float* dwr = dwl + (t * ni + ii) * Og;
-          const S::V xs = S::set1(xv);
+          const S::V xs = S::set1(xv), L = S::set1(kLog2e);
           S::V acc = S::zero();
           int64_t o = 0;
           for (; o + W <= Og; o += W) {
             const S::V wv = S::load(wr + o);
-            const S::V e = lse_exp<S>(S::sub(Op::template comb<S>(xs, wv), S::load(yy + o)));
+            const S::V e = lse_exp2z<S>(S::fma(Op::template comb<S>(xs, wv), L, S::load(yy + o)));
             const S::V h = S::mul(S::load(gg + o), e);
             acc = S::fma(h, Op::template dcx<S>(xs, wv), acc);
             S::store(dwr + o, S::fma(h, Op::template dcw<S>(xs, wv), S::load(dwr + o)));
           }
           float sum = S::hsum(acc);
           for (; o < Og; ++o) {
-            const float e = lse_exp<Sc>(Op::template comb<Sc>(xv, wr[o]) - yy[o]);
+            const float e = lse_exp2z<Sc>(Sc::fma(Op::template comb<Sc>(xv, wr[o]), kLog2e, yy[o]));
             const float h = gg[o] * e;
             sum += h * Op::template dcx<Sc>(xv, wr[o]);
             dwr[o] += h * Op::template dcw<Sc>(xv, wr[o]);

@@ -1,11 +1,13 @@
-"""logsumexp on the native engine: the built-in ``log`` (exp space, and the two-pass kernel
-of ``csrc/kernel_logsum.h`` where exp space is not exact) and user combines under logsumexp
+"""logsumexp on the native engine: the built-in ``log`` (exp space, and the kernel of
+``csrc/kernel_logsum.h`` where exp space is not exact) and user combines under logsumexp
 (compiled into that kernel).
 
 Values against the numpy loop reference (``reference.py``), gradients against the XLA engine
 and against ``jax.grad`` of a brute-force ``jax.nn.logsumexp`` over explicit windows, over a
 covering set of geometries and of the contract's cases: all -inf windows, NaN, spreads beyond
-80, values of +-1e4.
+80, values of +-1e4; and the one-pass kernel's own cases: a running maximum that moves far
+(a ramp along the taps), +inf beside finite windows in a tile, windows below its first
+reference.
 """
 
 from __future__ import annotations
@@ -54,6 +56,17 @@ def _data(geom: str, regime: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray
         x.reshape(-1)[x.size // 3] = np.nan
     elif regime == "big":
         x = np.where(rng.random(x.shape) < 0.5, 1e4, -1e4).astype(np.float32) + x
+    elif regime == "ramp":  # later taps far above earlier ones: the running reference moves
+        x = x + (50.0 * np.arange(x.shape[1])).reshape((1, -1) + (1,) * (x.ndim - 2))
+        x = x.astype(np.float32)
+    elif regime == "pos_inf":  # +inf (and a NaN beside one) in tiles of finite windows
+        flat = x.reshape(-1)
+        flat[[3, x.size // 2]] = INF
+        flat[x.size // 2 + 1] = np.nan
+    elif regime == "huge_neg":  # finite windows below the one-pass kernel's first reference
+        x[0] = -3e31  # (terms x + w)
+    elif regime == "far_neg":  # the same for -(x - w)**2
+        x[0] = -2e16
     return x, w
 
 
@@ -83,6 +96,9 @@ FORWARD = [
     ("seed", "2d_same", "spread"), ("seed", "groups", "neg_inf"), ("seed", "wide", "normal"),
     ("seed", "1d_valid", "nan"), ("seed", "3d", "normal"), ("mul_lse", "2d_stride_dil", "big"),
     ("mul_lse", "depthwise", "normal"), ("mul_lse", "2d_lhs_dil", "spread"),
+    ("seed", "2d_same", "ramp"), ("log", "2d_stride_dil", "ramp"), ("mul_lse", "3d", "ramp"),
+    ("seed", "2d_same", "pos_inf"), ("log", "wide", "pos_inf"), ("mul_lse", "groups", "pos_inf"),
+    ("log", "2d_same", "huge_neg"), ("seed", "1d_valid", "far_neg"),
 ]
 
 
@@ -103,6 +119,7 @@ GRADS = [
     ("log", "3d", "normal"), ("seed", "2d_same", "spread"), ("seed", "groups", "neg_inf"),
     ("seed", "depthwise", "normal"), ("seed", "1d_valid", "nan"),
     ("mul_lse", "wide", "normal"), ("mul_lse", "2d_lhs_dil", "spread"),
+    ("log", "3d", "ramp"), ("mul_lse", "2d_same", "ramp"), ("log", "groups", "big"),
 ]
 
 
@@ -149,6 +166,37 @@ def test_gradients_match_brute_force(name: str, scale: float) -> None:
         np.testing.assert_allclose(g, h, rtol=1e-4, atol=1e-5)
 
 
+_PARTIALS = {"log": (lambda a, b: np.ones_like(a * b), lambda a, b: np.ones_like(a * b)),
+             "seed": (lambda a, b: -2 * (a - b), lambda a, b: 2 * (a - b)),
+             "mul_lse": (lambda a, b: b + 0 * a, lambda a, b: a + 0 * b)}
+
+
+@pytest.mark.parametrize("name", ["log", "seed", "mul_lse"])
+def test_gradients_of_a_ramp_match_float64(name: str) -> None:
+    """Windows whose terms climb by hundreds along the taps (the running maximum moves), the
+    gradients against a float64 softmax: within float32's conditioning of t - y (the XLA
+    engine's float32 rule is ~50x further off for the seed op here)."""
+    rng = np.random.default_rng(7)
+    x = (rng.standard_normal((2, 9, 3)) + 40.0 * np.arange(9)[None, :, None]).astype(np.float32)
+    w = rng.standard_normal((3, 3, 4)).astype(np.float32)
+    ct = rng.standard_normal((2, 7, 4)).astype(np.float32)
+    got = jax.vjp(_conv_1d(OPS[name]), x, w)[1](jnp.asarray(ct))
+    comb, (dcx, dcw) = COMBINES[name], _PARTIALS[name]
+    x64, w64 = x.astype(np.float64), w.astype(np.float64)
+    dx, dw = np.zeros_like(x64), np.zeros_like(w64)
+    for n in range(2):
+        for p in range(7):
+            xs = x64[n, p:p + 3, :, None]  # (K, I, 1)
+            t = comb(xs, w64)  # (K, I, O)
+            sm = np.exp(t - np.logaddexp.reduce(t.reshape(-1, 4), axis=0))
+            h = ct[n, p] * sm
+            dx[n, p:p + 3] += np.sum(h * dcx(xs, w64), axis=-1)
+            dw += h * dcw(xs, w64)
+    for g, want in zip(got, (dx, dw), strict=True):
+        scale = np.abs(want).max()
+        np.testing.assert_allclose(np.asarray(g), want, rtol=1e-4, atol=2e-5 * scale)
+
+
 def _conv_1d(op: object):
     return lambda x, w: jaxconv.conv_general_dilated(
         x, w, (1,), "VALID", dimension_numbers=("NWC", "WIO", "NWC"), op=op, engine="native")
@@ -181,7 +229,7 @@ def test_vmap_matches_a_loop(name: str) -> None:
 
 
 def test_exact_kernel_agrees_with_exp_space() -> None:
-    """The two-pass kernel (taken for a spread beyond 80) and the exp-space path give the
+    """The exact kernel (taken for a spread beyond 80) and the exp-space path give the
     same numbers: one sample far above the other sends only the call to the kernel."""
     x, w = _data("2d_same", "normal", seed=6)
     f = jax.jit(_conv("log", "2d_same"))

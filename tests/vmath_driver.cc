@@ -13,6 +13,7 @@
 namespace {
 #include "simd.h"
 #include "vmath.h"
+#include "simd_exp.h"
 
 template <class T>
 using V = typename T::V;
@@ -45,6 +46,7 @@ Fn<T> lookup(const std::string& name) {
       F1(log, log_<T>(x)), F1(log1p, log1p_<T>(x)), F1(log2, log2_<T>(x)),
       F1(tanh, tanh_<T>(x)), F1(logistic, logistic_<T>(x)), F2(pow, pow_<T>(x, y)),
       F1(sin, sin_<T>(x)), F1(cos, cos_<T>(x)), F1(erf, erf_<T>(x)),
+      F1(lse_exp2, lse_exp2<T>(x)), F1(lse_exp2z, lse_exp2z<T>(x)),
       F1(neg, T::neg(x)), F1(sqrt, T::sqrt(x)), F1(rsqrt, T::rsqrt(x)),
       F1(floor, T::floor(x)), F1(ceil, T::ceil(x)), F1(trunc, T::trunc(x)),
       F1(round_even, T::round_even(x)), F1(round_away, T::round_away(x)),

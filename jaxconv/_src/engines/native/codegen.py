@@ -6,8 +6,8 @@ out), with the reduce, identity and NaN behaviour the kernels need (``csrc/kerne
 
 - ``max`` / ``min``: ``comb`` per product, the winner backward through ``dcx`` / ``dcw``;
 - ``sum``: ``step = acc + comb``, the backward through ``hx`` / ``hw``;
-- ``logsumexp``: ``comb`` per product in the two passes of ``csrc/kernel_logsum.h`` (a
-  running maximum, then the sum of exponentials), the backward through
+- ``logsumexp``: ``comb`` per product in the one pass of ``csrc/kernel_logsum.h`` (a
+  running maximum, rescaled when it moves, and the sum of exponentials), the backward through
   ``exp(comb - y) * dcx`` / ``dcw``.
 - a callable reduce that is none of the built-in ones (``"custom"``): the fold ``fold(a, b)``
   and its partials (``dfab``), traced once like ``combine``, run by

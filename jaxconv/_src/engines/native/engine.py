@@ -125,7 +125,7 @@ class NativeEngine(registry.Engine):
         if op.native is not None:
             if _exp_space(problem):
                 return (f"built-in kernel {op.native!r} ({ffi.isa()}) behind the exp-space "
-                        "convolution: the kernel (two passes, a running maximum) takes the "
+                        "convolution: the kernel (one pass, a running maximum) takes the "
                         "calls that exp space would not compute exactly (a spread beyond ~80, "
                         "an all -inf window, NaN or +inf)", _tuning_line(), *low)
             return (f"built-in kernel {op.native!r} ({ffi.isa()})", _tuning_line(), *low)
