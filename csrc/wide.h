@@ -1,5 +1,6 @@
 // Plain data shared by ffi.cc and the per-ISA translation units of the wide kernels
-// (kernel_wide.h): the built-in ops on float64, int32 and int64 operands.
+// (kernel_wide.h, kernel_wide_backward.h): the built-in ops on float64, int32 and int64
+// operands.
 #pragma once
 #include <cstdint>
 
@@ -17,7 +18,10 @@ struct WideCall {
   int64_t batch;    // leading (vmap) batch
   const void* x;
   const void* w;
-  void* out;
+  void* out;         // forward: y; backward: dx (zeroed by the caller)
+  const void* y;     // backward: the forward output
+  const void* g;     // backward: the output cotangent
+  void* out2;        // backward: dw (zeroed by the caller)
   Parallel par;
 };
 

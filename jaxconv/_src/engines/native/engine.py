@@ -6,7 +6,8 @@ conversions) and run the float32 kernels: a sum's result is its float32 accumula
 max/min op's is rounded once to the operands' dtype (bit for bit the XLA engine's, which
 `eligibility.rounds_once` checks for a user combine). The backward of such a max/min op runs
 on the XLA engine: its ties are those between the rounded products, which the float32 winner
-scan cannot see.
+scan cannot see. float64, int32 and int64 operands run the wide kernels (float64 backward too;
+integers have no gradient).
 
 A user op's kernels compile when the engine first lowers it (never while planning). If that
 compile fails, the call still computes: under ``engine="auto"`` it warns once and lowers on
@@ -52,6 +53,11 @@ def _winner(problem: Problem) -> bool:
 def _wide(dtype: DTypeLike) -> bool:
     """Whether operands of `dtype` run the wide kernels (float64 / int32 / int64)."""
     return np.dtype(dtype) in eligibility.WIDE
+
+
+def _wide_backward(dtype: DTypeLike) -> bool:
+    """Whether the wide kernels compute the gradients of `dtype` operands (float64)."""
+    return np.dtype(dtype) == np.float64 and ffi.has_wide_backward()
 
 
 def _low(dtype: DTypeLike) -> bool:
@@ -109,8 +115,17 @@ class NativeEngine(registry.Engine):
         op = problem.op
         low: tuple[str, ...] = ()
         if _wide(dtype):
+            if np.dtype(dtype).kind == "i":
+                back = "backward: none (integer operands have no gradient)"
+            elif not _wide_backward(dtype):
+                back = "backward: the XLA engine"
+            elif _winner(problem):
+                back = ("backward: the wide kernels (the winners are the products equal to "
+                        "the forward's result, ties split equally)")
+            else:
+                back = "backward: the wide kernels (the op's gradient rule per term)"
             return (f"built-in kernel {op.native!r} on {np.dtype(dtype).name} (the wide "
-                    f"kernels, {ffi.isa()})", "backward: the XLA engine")
+                    f"kernels, {ffi.isa()})", back)
         if _low(dtype):
             name = np.dtype(dtype).name
             if _winner(problem):
@@ -206,12 +221,19 @@ class NativeEngine(registry.Engine):
         """The FFI backward kernel, and standard products where those are faster: the
         kernel gradient of a ``x - w`` sum (AdderNet) and both gradients of l2's."""
         other = self._fallback(problem)
-        if other is None and (_wide(x.dtype) or (_low(x.dtype) and _winner(problem))):
+        if other is None and ((_wide(x.dtype) and not _wide_backward(x.dtype))
+                              or (_low(x.dtype) and _winner(problem))):
             other = registry.get("xla")  # ties between the rounded products (module doc)
         if other is not None:
             return other.backward(problem, x, w, y, g, need)
         op, geom = problem.op, problem.geom
         spec = self._spec(problem, x, w)
+        if _wide(x.dtype):
+            dt = x.dtype
+            gx, gw = ffi._wide_backward_call(
+                spec, x.reshape(spec.x_shape), w.reshape(spec.w_shape),
+                y.astype(dt).reshape(spec.y_shape), g.astype(dt).reshape(spec.y_shape))
+            return gx.reshape(x.shape), gw.reshape(w.shape)
         g = g.astype(jnp.float32)
         xd, wd = x.dtype, w.dtype
         x, w, y = x.astype(jnp.float32), w.astype(jnp.float32), y.astype(jnp.float32)
