@@ -221,7 +221,8 @@ ffi::Error forward_impl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
 
 // The wide kernels (kernel_wide.h, kernel_wide_backward.h): built-in ops on float64 /
 // int32 / int64, by the instruction set the float32 kernels use.
-ffi::Error wide_call(const ForwardAttrs& attrs, ffi::AnyBuffer x, ffi::AnyBuffer w,
+template <class A>
+ffi::Error wide_call(const A& attrs, ffi::AnyBuffer x, ffi::AnyBuffer w,
                      ffi::DataType out_type, ffi::ThreadPool& pool, jaxconv::WideCall& call) {
   if (auto e = decode(attrs, call.geom); e.failure()) return e;
   if (attrs.op < 0 || attrs.op >= jaxconv::kNumBuiltinOps)
@@ -231,7 +232,8 @@ ffi::Error wide_call(const ForwardAttrs& attrs, ffi::AnyBuffer x, ffi::AnyBuffer
     return ffi::Error::InvalidArgument("jaxconv: operands of different dtypes");
   call.type = t == ffi::DataType::F64 ? jaxconv::kWideF64
               : t == ffi::DataType::S32 ? jaxconv::kWideS32
-              : t == ffi::DataType::S64 ? jaxconv::kWideS64 : -1;
+              : t == ffi::DataType::S64 ? jaxconv::kWideS64
+              : t == ffi::DataType::F32 ? jaxconv::kWideF32 : -1;
   if (call.type < 0) return ffi::Error::InvalidArgument("jaxconv: a dtype the wide kernels lack");
   call.op = attrs.op;
   call.batch = batch_of(x.dimensions());
@@ -257,6 +259,8 @@ ffi::Error wide_forward_impl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi
                              ForwardAttrs attrs, ffi::ThreadPool pool) {
   jaxconv::WideCall call{};
   if (auto e = wide_call(attrs, x, w, y->element_type(), pool, call); e.failure()) return e;
+  if (call.type == jaxconv::kWideF32)
+    return ffi::Error::InvalidArgument("jaxconv: float32 runs the float32 kernels");
   call.out = y->untyped_data();
   jaxconv_dispatch::FlushDenormals flush;
   return finish(wide_run(false)(call));
@@ -264,10 +268,13 @@ ffi::Error wide_forward_impl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi
 
 ffi::Error wide_backward_impl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer y,
                               ffi::AnyBuffer g, ffi::Result<ffi::AnyBuffer> dx,
-                              ffi::Result<ffi::AnyBuffer> dw, ForwardAttrs attrs,
+                              ffi::Result<ffi::AnyBuffer> dw, BackwardAttrs attrs,
                               ffi::ThreadPool pool) {
   jaxconv::WideCall call{};
   if (auto e = wide_call(attrs, x, w, y.element_type(), pool, call); e.failure()) return e;
+  // float32 copies of bfloat16 / float16 operands: `parts` names the dtype the products round
+  // to (jaxconv::WideRound).
+  call.round = int(attrs.parts);
   if (g.element_type() != y.element_type() || dx->element_type() != y.element_type() ||
       dw->element_type() != y.element_type())
     return ffi::Error::InvalidArgument("jaxconv: operands of different dtypes");
@@ -338,7 +345,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxconvWideBackward, wide_backward_impl,
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
-                                  .Attrs<ForwardAttrs>()
+                                  .Attrs<BackwardAttrs>()
                                   .Ctx<ffi::ThreadPool>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxconvBackward, backward_impl,

@@ -1,5 +1,7 @@
-// The wide kernels' backward (float64): the input and kernel gradients of the built-in ops
-// whose forward kernel_wide.h computes.
+// The wide kernels' backward: the input and kernel gradients of the built-in ops whose forward
+// kernel_wide.h computes (float64), and of the max/min ops on bfloat16 / float16 operands (on
+// float32 copies, each product rounded to the operands' dtype before the winner compare, as
+// the XLA engine computes it: its ties are between the rounded products).
 //
 // Max / min ops: each window's winners are the products equal to the forward's y, compared
 // exactly as the forward computed them (the same comb, so NaN matches nothing and -0 == +0);
@@ -60,6 +62,32 @@ struct WideGrad {
   }
 };
 
+// A float32 product as the XLA engine computes it in bfloat16 / float16: rounded to nearest
+// even (NaN kept); Rnd is a jaxconv::WideRound. float64 products are not rounded.
+template <class E, int Rnd>
+inline VecOf<E> round_product(VecOf<E> v) {
+  if constexpr (Rnd == jaxconv::kRoundBF16) {
+    typedef uint32_t VU __attribute__((vector_size(JAXCONV_WIDE_BYTES)));
+    const VU u = (VU)v;
+    const VU r = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;  // wraps: unsigned
+    return v != v ? v : (VecOf<E>)r;
+  } else if constexpr (Rnd == jaxconv::kRoundF16) {
+    constexpr int L = Vt<E>::L;
+    alignas(64) float a[L];
+    std::memcpy(a, &v, sizeof(v));
+    for (int l = 0; l < L; ++l) a[l] = float(static_cast<_Float16>(a[l]));
+    std::memcpy(&v, a, sizeof(v));
+    return v;
+  } else {
+    return v;
+  }
+}
+
+template <class Op, class E, bool Exact, int Rnd>
+inline VecOf<E> product(VecOf<E> x, VecOf<E> w) {
+  return round_product<E, Rnd>(Op::template comb<E, Exact>(x, w));
+}
+
 template <class E>
 struct BPlan {
   Plan<E> f;        // the forward's plan (geometry, packed kernel, pad row)
@@ -99,7 +127,7 @@ inline void load_rows(const E* src, const BPlan<E>& bp, int64_t r0, int nm, int6
 }
 
 // Pass 1 on one tile (rows r0 .. r0 + nm of batch element b, one group, one block).
-template <class E, class Op, int Id, bool Win, bool Exact>
+template <class E, class Op, int Id, bool Win, bool Exact, int Rnd>
 void dx_tile(const BPlan<E>& bp, int64_t b, int64_t grp, int64_t blk, int64_t r0, int nm) {
   using V = VecOf<E>;
   using I = typename Bits<E>::I;
@@ -140,7 +168,7 @@ void dx_tile(const BPlan<E>& bp, int64_t b, int64_t grp, int64_t blk, int64_t r0
           if (!on[m]) continue;
           const V xv = splat<E>(xr[m][i]);
           for (int v = 0; v < kNV; ++v)
-            cnt[m][v] -= (VI)(Op::template comb<E, Exact>(xv, wv[v]) == yv[m][v]);
+            cnt[m][v] -= (VI)(product<Op, E, Exact, Rnd>(xv, wv[v]) == yv[m][v]);
         }
       }
     }
@@ -174,7 +202,7 @@ void dx_tile(const BPlan<E>& bp, int64_t b, int64_t grp, int64_t blk, int64_t r0
           const V d = sv[m][v] * WideGrad<Id>::template dx<E>(xv, wv[v]);
           const V zero = {};
           if constexpr (Win)
-            a += Op::template comb<E, Exact>(xv, wv[v]) == yv[m][v] ? d : zero;
+            a += product<Op, E, Exact, Rnd>(xv, wv[v]) == yv[m][v] ? d : zero;
           else
             a += live[v] != zero ? d : zero;  // zero-padded columns: their rule may be NaN
         }
@@ -185,7 +213,7 @@ void dx_tile(const BPlan<E>& bp, int64_t b, int64_t grp, int64_t blk, int64_t r0
 }
 
 // Pass 2: the kernel gradient of one group's block of NB output channels, every position.
-template <class E, class Op, int Id, bool Win, bool Exact>
+template <class E, class Op, int Id, bool Win, bool Exact, int Rnd>
 void dw_block(const BPlan<E>& bp, int64_t b, int64_t grp, int64_t blk, E* acc) {
   using V = VecOf<E>;
   constexpr int L = Vt<E>::L;
@@ -226,7 +254,7 @@ void dw_block(const BPlan<E>& bp, int64_t b, int64_t grp, int64_t blk, E* acc) {
             const V d = sv[m][v] * WideGrad<Id>::template dw<E>(xv, wv[v]);
             if constexpr (Win) {
               const V zero = {};
-              a[v] += Op::template comb<E, Exact>(xv, wv[v]) == yv[m][v] ? d : zero;
+              a[v] += product<Op, E, Exact, Rnd>(xv, wv[v]) == yv[m][v] ? d : zero;
             } else {
               a[v] += d;  // lanes past the block are never written out
             }
@@ -241,7 +269,7 @@ void dw_block(const BPlan<E>& bp, int64_t b, int64_t grp, int64_t blk, E* acc) {
     std::memcpy(dwb + k * g.o + col0, acc + k * NB, sizeof(E) * size_t(cols));
 }
 
-template <class E, class Op, int Id>
+template <class E, class Op, int Id, int Rnd = jaxconv::kRoundNone>
 int backward_typed(const WideCall& call) {
   constexpr bool Win = !Op::kSum;
   constexpr int L = Vt<E>::L;
@@ -308,8 +336,8 @@ int backward_typed(const WideCall& call) {
       for (int64_t blk = 0; blk < f.blocks; ++blk)
         for (int64_t r0 = run * p.ipi * f.P; r0 < rend; r0 += kMR) {
           const int nm = int(rend - r0 < kMR ? rend - r0 : kMR);
-          if (p.plain) dx_tile<E, Op, Id, Win, false>(p, j.b, grp, blk, r0, nm);
-          else dx_tile<E, Op, Id, Win, true>(p, j.b, grp, blk, r0, nm);
+          if (p.plain) dx_tile<E, Op, Id, Win, false, Rnd>(p, j.b, grp, blk, r0, nm);
+          else dx_tile<E, Op, Id, Win, true, Rnd>(p, j.b, grp, blk, r0, nm);
         }
     };
     call.par.run(call.par.ctx, bp.runs * g.g, pass1, &job);
@@ -318,16 +346,35 @@ int backward_typed(const WideCall& call) {
       const BPlan<E>& p = *j.bp;
       const int64_t blk = item % p.f.blocks, grp = item / p.f.blocks;
       std::vector<E> acc(size_t(p.f.K * NB));
-      if (p.plain) dw_block<E, Op, Id, Win, false>(p, j.b, grp, blk, acc.data());
-      else dw_block<E, Op, Id, Win, true>(p, j.b, grp, blk, acc.data());
+      if (p.plain) dw_block<E, Op, Id, Win, false, Rnd>(p, j.b, grp, blk, acc.data());
+      else dw_block<E, Op, Id, Win, true, Rnd>(p, j.b, grp, blk, acc.data());
     };
     call.par.run(call.par.ctx, g.g * pl.blocks, pass2, &job);
   }
   return 0;
 }
 
-// The backward of the wide kernels: float64 only (integer operands have no gradient).
+// The max/min ops' backward on float32 copies of bfloat16 / float16 operands.
+template <int Rnd>
+int low_backward(const WideCall& call) {
+  using E = float;
+  switch (call.op) {
+    case jaxconv::kMaxPlus: return backward_typed<E, WideOp<0, 0>, jaxconv::kMaxPlus, Rnd>(call);
+    case jaxconv::kMinPlus: return backward_typed<E, WideOp<0, 1>, jaxconv::kMinPlus, Rnd>(call);
+    case jaxconv::kMaxMin: return backward_typed<E, WideOp<1, 0>, jaxconv::kMaxMin, Rnd>(call);
+    case jaxconv::kMinMax: return backward_typed<E, WideOp<2, 1>, jaxconv::kMinMax, Rnd>(call);
+    default: return 1;
+  }
+}
+
+// The backward of the wide kernels: float64, and the low-precision max/min ops (integer
+// operands have no gradient).
 inline int run_wide_backward(const WideCall& call) {
+  if (call.type == jaxconv::kWideF32) {
+    if (call.round == jaxconv::kRoundBF16) return low_backward<jaxconv::kRoundBF16>(call);
+    if (call.round == jaxconv::kRoundF16) return low_backward<jaxconv::kRoundF16>(call);
+    return 1;
+  }
   if (call.type != jaxconv::kWideF64) return 1;
   using E = double;
   switch (call.op) {

@@ -265,10 +265,16 @@ def _wide_forward_call(spec: _Call, x: Array, w: Array) -> Array:
         x, w, **spec.attrs())
 
 
-def _wide_backward_call(spec: _Call, x: Array, w: Array, y: Array, g: Array
-                        ) -> tuple[Array, Array]:
-    """The wide kernels' backward (float64): both gradients in the operands' dtype."""
+# The dtype whose rounding the wide backward applies to float32 products (csrc/wide.h).
+WIDE_ROUND = {"bfloat16": 1, "float16": 2}
+
+
+def _wide_backward_call(spec: _Call, x: Array, w: Array, y: Array, g: Array,
+                        round_to: str | None = None) -> tuple[Array, Array]:
+    """The wide kernels' backward: both gradients in the operands' dtype (float64, or float32
+    copies of bfloat16 / float16 operands whose products round to `round_to`)."""
     outs = (jax.ShapeDtypeStruct(spec.x_shape, x.dtype),
             jax.ShapeDtypeStruct(spec.w_shape, w.dtype))
+    parts = 0 if round_to is None else WIDE_ROUND[round_to]
     return jax.ffi.ffi_call(_WIDE_BACKWARD, outs, vmap_method="broadcast_all")(
-        x, w, y, g, **spec.attrs())
+        x, w, y, g, parts=np.int64(parts), **spec.attrs())
