@@ -12,9 +12,11 @@
 //
 // Two passes, each item owning what it writes (no atomics; the result does not depend on the
 // thread count): pass 1, per run of whole images and group, counts each output's winners in a
-// vector scan of MR positions x NB output channels (the forward's tile), stores the per-output
-// scale (g / count, or g for a sum) and routes the input gradient; pass 2, per group and block
-// of NB output channels, routes the kernel gradient into a (K, NB) accumulator.
+// vector scan of MR positions x NB output channels (the forward's tile), keeping the last
+// matching kernel row, stores the per-output scale (g / count, or g for a sum) and routes the
+// input gradient; pass 2, per group and block of NB output channels, routes the kernel
+// gradient into a (K, NB) accumulator. A tile without ties routes each output's one winner
+// directly (one term, as an argmax backward); a tile with a tie (and every sum) rescans.
 //
 // Included by wide_<isa>.cc after kernel_wide.h (same namespace, same vector width).
 #pragma once
@@ -94,6 +96,7 @@ struct BPlan {
   const E* y;       // forward output
   const E* gy;      // its cotangent
   E* scale;         // per output: g / count (max / min) or g (sums)
+  int64_t* code;    // max / min, per output: its one winner's kernel row, or -1 (a tie)
   E* dx;
   E* dw;
   int64_t ipi, runs;  // images per pass-1 item, and runs of them per batch element
@@ -151,7 +154,7 @@ void dx_tile(const BPlan<E>& bp, int64_t b, int64_t grp, int64_t blk, int64_t r0
   load_rows<E>(bp.gy + b * pl.ys, bp, r0, nm, col0, cols, E(0), sv);
   if constexpr (Win) {
     load_rows<E>(bp.y + b * pl.ys, bp, r0, nm, col0, cols, nan, yv);
-    VI cnt[kMR][kNV] = {};
+    VI cnt[kMR][kNV] = {}, idx[kMR][kNV] = {};
     for (int64_t t = 0; t < pl.T; ++t) {
       const E* xr[kMR];
       bool on[kMR];
@@ -164,11 +167,15 @@ void dx_tile(const BPlan<E>& bp, int64_t b, int64_t grp, int64_t blk, int64_t r0
       for (int64_t i = 0; i < g.i; ++i, wp += NB) {
         V wv[kNV];
         for (int v = 0; v < kNV; ++v) std::memcpy(&wv[v], wp + v * L, sizeof(V));
+        const VI kv = splat<I>(I(t * g.i + i));
         for (int m = 0; m < kMR; ++m) {
           if (!on[m]) continue;
           const V xv = splat<E>(xr[m][i]);
-          for (int v = 0; v < kNV; ++v)
-            cnt[m][v] -= (VI)(product<Op, E, Exact, Rnd>(xv, wv[v]) == yv[m][v]);
+          for (int v = 0; v < kNV; ++v) {
+            const VI e = (VI)(product<Op, E, Exact, Rnd>(xv, wv[v]) == yv[m][v]);
+            cnt[m][v] -= e;
+            idx[m][v] = e ? kv : idx[m][v];  // the last matching row
+          }
         }
       }
     }
@@ -178,6 +185,38 @@ void dx_tile(const BPlan<E>& bp, int64_t b, int64_t grp, int64_t blk, int64_t r0
         const V c = __builtin_convertvector(cnt[m][v], V);
         sv[m][v] = c > zero ? sv[m][v] / c : zero;
       }
+    // Each output's code; without a tie in the tile, each winner's gradient is one term.
+    bool tie = false;
+    for (int m = 0; m < nm; ++m) {
+      alignas(64) I cn[NB], ix[NB];
+      for (int v = 0; v < kNV; ++v) {
+        std::memcpy(cn + v * L, &cnt[m][v], sizeof(VI));
+        std::memcpy(ix + v * L, &idx[m][v], sizeof(VI));
+      }
+      int64_t* cr = bp.code + b * pl.ys + (r0 + m) * g.o + col0;
+      for (int64_t l = 0; l < cols; ++l) {
+        cr[l] = cn[l] == 0 ? -2 : cn[l] == 1 ? int64_t(ix[l]) : -1;
+        tie = tie || cn[l] > 1;
+      }
+    }
+    if (!tie) {
+      for (int m = 0; m < nm; ++m) {
+        alignas(64) E sc[NB];
+        for (int v = 0; v < kNV; ++v) std::memcpy(sc + v * L, &sv[m][v], sizeof(V));
+        std::memcpy(bp.scale + b * pl.ys + (r0 + m) * g.o + col0, sc, sizeof(E) * size_t(cols));
+        const int64_t* cr = bp.code + b * pl.ys + (r0 + m) * g.o + col0;
+        for (int64_t l = 0; l < cols; ++l) {
+          const int64_t k = cr[l];
+          if (k < 0) continue;
+          const E* p = row_at(pl, xb, r0 + m, k / g.i);
+          if (!p) continue;  // a winner in the padding: no input gradient
+          const int64_t at = (p - xb) + grp * g.i + k % g.i;
+          const E ws = panel[k * NB + l];
+          dxb[at] += sc[l] * WideGrad<Id>::template dx<E>(splat<E>(xb[at]), splat<E>(ws))[0];
+        }
+      }
+      return;
+    }
   }
   for (int m = 0; m < nm; ++m) {
     alignas(64) E t[NB];
@@ -230,7 +269,31 @@ void dw_block(const BPlan<E>& bp, int64_t b, int64_t grp, int64_t blk, E* acc) {
   for (int64_t r0 = 0; r0 < pl.R; r0 += kMR) {
     const int nm = int(pl.R - r0 < kMR ? pl.R - r0 : kMR);
     load_rows<E>(bp.scale + b * pl.ys, bp, r0, nm, col0, cols, E(0), sv);
-    if constexpr (Win) load_rows<E>(bp.y + b * pl.ys, bp, r0, nm, col0, cols, nan, yv);
+    if constexpr (Win) {
+      load_rows<E>(bp.y + b * pl.ys, bp, r0, nm, col0, cols, nan, yv);
+      bool tie = false;
+      for (int m = 0; m < nm && !tie; ++m) {
+        const int64_t* cr = bp.code + b * pl.ys + (r0 + m) * g.o + col0;
+        for (int64_t l = 0; l < cols; ++l) tie = tie || cr[l] == -1;
+      }
+      if (!tie) {  // each output's one winner: one term of the kernel gradient
+        for (int m = 0; m < nm; ++m) {
+          const int64_t* cr = bp.code + b * pl.ys + (r0 + m) * g.o + col0;
+          const E* sr = bp.scale + b * pl.ys + (r0 + m) * g.o + col0;
+          for (int64_t l = 0; l < cols; ++l) {
+            const int64_t k = cr[l];
+            if (k < 0) continue;
+            const int64_t i = k % g.i;
+            const E* p = row_at(pl, xb, r0 + m, k / g.i);
+            const E xs = p ? p[grp * g.i + i] : pl.fill[i];
+            const E ws = panel[k * NB + l];
+            acc[k * NB + l] +=
+                sr[l] * WideGrad<Id>::template dw<E>(splat<E>(xs), splat<E>(ws))[0];
+          }
+        }
+        continue;
+      }
+    }
     for (int64_t t = 0; t < pl.T; ++t) {
       const E* xr[kMR];
       bool on[kMR];
@@ -301,14 +364,17 @@ int backward_typed(const WideCall& call) {
   bp.runs = (g.n + bp.ipi - 1) / bp.ipi;
   const int64_t wsize = pl.K * g.o;
   std::vector<E> panels, scale;
+  std::vector<int64_t> code;
   try {
     panels.assign(size_t(g.g * pl.blocks * pl.K * NB), E(0));
     scale.assign(size_t(pl.ys), E(0));
+    if (Win) code.assign(size_t(pl.ys), -2);
   } catch (...) {
     return 2;
   }
   pl.panels = panels.data();
   bp.scale = scale.data();
+  bp.code = code.data();
   std::vector<E> fill(size_t(g.i), g.has_pad ? pl.pad : E(0));
   pl.fill = fill.data();
   const E* w = static_cast<const E*>(call.w);

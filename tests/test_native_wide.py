@@ -156,6 +156,22 @@ def test_float64_gradients_are_native_and_match_xla(op: str, kw: dict) -> None:
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("op,kw", [("max_plus", {"padding": ((2, 0), (1, 1))}),
+                                   ("min_max", {"window_strides": (2, 1)}),
+                                   ("max_min", {"padding": ((1, 1), (0, 2)),
+                                                "lhs_dilation": (2, 1)})])
+def test_float64_gradients_without_ties(op: str, kw: dict) -> None:
+    """Continuous data: every window has one winner, routed directly (no rescan)."""
+    with jax.enable_x64(True):
+        x, w = _data(F64, seed=5)
+        y = np.asarray(_conv(op, "xla", **kw)(x, w))
+        ct = np.random.default_rng(6).standard_normal(y.shape)
+        got = _grads(op, "native", x, w, ct, **kw)(x, w)
+        want = _grads(op, "xla", x, w, ct, **kw)(x, w)
+        for a, b in zip(got, want, strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("op,red,comb", [
     ("max_plus", jnp.max, jnp.add),
     ("min_plus", jnp.min, jnp.add),
