@@ -30,10 +30,19 @@
 namespace ffi = xla::ffi;
 namespace nb = nanobind;
 
-namespace jaxconv_wide_base { int run(const jaxconv::WideCall& call); }
+namespace jaxconv_wide_base {
+int run(const jaxconv::WideCall& call);
+int run_backward(const jaxconv::WideCall& call);
+}  // namespace jaxconv_wide_base
 #if JAXCONV_X86
-namespace jaxconv_wide_avx2 { int run(const jaxconv::WideCall& call); }
-namespace jaxconv_wide_avx512 { int run(const jaxconv::WideCall& call); }
+namespace jaxconv_wide_avx2 {
+int run(const jaxconv::WideCall& call);
+int run_backward(const jaxconv::WideCall& call);
+}  // namespace jaxconv_wide_avx2
+namespace jaxconv_wide_avx512 {
+int run(const jaxconv::WideCall& call);
+int run_backward(const jaxconv::WideCall& call);
+}  // namespace jaxconv_wide_avx512
 #endif
 
 namespace {
@@ -210,35 +219,73 @@ ffi::Error forward_impl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
   return finish(jaxconv_dispatch::run_kernels(call, false));
 }
 
-// The wide kernels (kernel_wide.h): built-in ops on float64 / int32 / int64, by the
-// instruction set the float32 kernels use.
-ffi::Error wide_forward_impl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y,
-                             ForwardAttrs attrs, ffi::ThreadPool pool) {
-  jaxconv::WideCall call{};
+// The wide kernels (kernel_wide.h, kernel_wide_backward.h): built-in ops on float64 /
+// int32 / int64, by the instruction set the float32 kernels use.
+template <class A>
+ffi::Error wide_call(const A& attrs, ffi::AnyBuffer x, ffi::AnyBuffer w,
+                     ffi::DataType out_type, ffi::ThreadPool& pool, jaxconv::WideCall& call) {
   if (auto e = decode(attrs, call.geom); e.failure()) return e;
   if (attrs.op < 0 || attrs.op >= jaxconv::kNumBuiltinOps)
     return ffi::Error::InvalidArgument("jaxconv: the wide kernels serve built-in ops only");
   const auto t = x.element_type();
-  if (w.element_type() != t || y->element_type() != t)
+  if (w.element_type() != t || out_type != t)
     return ffi::Error::InvalidArgument("jaxconv: operands of different dtypes");
   call.type = t == ffi::DataType::F64 ? jaxconv::kWideF64
               : t == ffi::DataType::S32 ? jaxconv::kWideS32
-              : t == ffi::DataType::S64 ? jaxconv::kWideS64 : -1;
+              : t == ffi::DataType::S64 ? jaxconv::kWideS64
+              : t == ffi::DataType::F32 ? jaxconv::kWideF32 : -1;
   if (call.type < 0) return ffi::Error::InvalidArgument("jaxconv: a dtype the wide kernels lack");
   call.op = attrs.op;
   call.batch = batch_of(x.dimensions());
   call.x = x.untyped_data();
   call.w = w.untyped_data();
-  call.out = y->untyped_data();
   call.par = {run_parallel, &pool};
-  jaxconv_dispatch::FlushDenormals flush;
+  return ffi::Error::Success();
+}
+
+using WideRun = int (*)(const jaxconv::WideCall&);
+
+WideRun wide_run(bool backward) {
   const std::string name = jaxconv_dispatch::isa_name();
-  int (*run)(const jaxconv::WideCall&) = jaxconv_wide_base::run;
 #if JAXCONV_X86
-  if (name == "avx512") run = jaxconv_wide_avx512::run;
-  if (name == "avx2") run = jaxconv_wide_avx2::run;
+  if (name == "avx512")
+    return backward ? jaxconv_wide_avx512::run_backward : jaxconv_wide_avx512::run;
+  if (name == "avx2") return backward ? jaxconv_wide_avx2::run_backward : jaxconv_wide_avx2::run;
 #endif
-  return finish(run(call));
+  return backward ? jaxconv_wide_base::run_backward : jaxconv_wide_base::run;
+}
+
+ffi::Error wide_forward_impl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y,
+                             ForwardAttrs attrs, ffi::ThreadPool pool) {
+  jaxconv::WideCall call{};
+  if (auto e = wide_call(attrs, x, w, y->element_type(), pool, call); e.failure()) return e;
+  if (call.type == jaxconv::kWideF32)
+    return ffi::Error::InvalidArgument("jaxconv: float32 runs the float32 kernels");
+  call.out = y->untyped_data();
+  jaxconv_dispatch::FlushDenormals flush;
+  return finish(wide_run(false)(call));
+}
+
+ffi::Error wide_backward_impl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer y,
+                              ffi::AnyBuffer g, ffi::Result<ffi::AnyBuffer> dx,
+                              ffi::Result<ffi::AnyBuffer> dw, BackwardAttrs attrs,
+                              ffi::ThreadPool pool) {
+  jaxconv::WideCall call{};
+  if (auto e = wide_call(attrs, x, w, y.element_type(), pool, call); e.failure()) return e;
+  // float32 copies of bfloat16 / float16 operands: `parts` names the dtype the products round
+  // to (jaxconv::WideRound).
+  call.round = int(attrs.parts);
+  if (g.element_type() != y.element_type() || dx->element_type() != y.element_type() ||
+      dw->element_type() != y.element_type())
+    return ffi::Error::InvalidArgument("jaxconv: operands of different dtypes");
+  call.y = y.untyped_data();
+  call.g = g.untyped_data();
+  call.out = dx->untyped_data();
+  call.out2 = dw->untyped_data();
+  std::memset(call.out, 0, dx->size_bytes());
+  std::memset(call.out2, 0, dw->size_bytes());
+  jaxconv_dispatch::FlushDenormals flush;
+  return finish(wide_run(true)(call));
 }
 
 ffi::Error backward_impl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
@@ -290,6 +337,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxconvWideForward, wide_forward_impl,
                                   .Attrs<ForwardAttrs>()
                                   .Ctx<ffi::ThreadPool>());
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxconvWideBackward, wide_backward_impl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attrs<BackwardAttrs>()
+                                  .Ctx<ffi::ThreadPool>());
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxconvBackward, backward_impl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
@@ -307,6 +365,7 @@ NB_MODULE(_native, m) {
     nb::dict d;
     d["jaxconv_forward"] = nb::capsule(reinterpret_cast<void*>(JaxconvForward));
     d["jaxconv_wide_forward"] = nb::capsule(reinterpret_cast<void*>(JaxconvWideForward));
+    d["jaxconv_wide_backward"] = nb::capsule(reinterpret_cast<void*>(JaxconvWideBackward));
     d["jaxconv_backward"] = nb::capsule(reinterpret_cast<void*>(JaxconvBackward));
     return d;
   });

@@ -52,6 +52,7 @@ inline VecOf<E> splat(E s) {
 // Same-width integer vector of a float vector, for bit operations.
 template <class E> struct Bits { using I = E; };
 template <> struct Bits<double> { using I = int64_t; };
+template <> struct Bits<float> { using I = int32_t; };
 
 // max / min: `Exact` follows lax for floats (NaN wins, -0 < +0); the plain form is a
 // compare-select, equal to it on operands without NaN and without a deciding -0.

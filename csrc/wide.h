@@ -1,5 +1,6 @@
 // Plain data shared by ffi.cc and the per-ISA translation units of the wide kernels
-// (kernel_wide.h): the built-in ops on float64, int32 and int64 operands.
+// (kernel_wide.h, kernel_wide_backward.h): the built-in ops on float64, int32 and int64
+// operands.
 #pragma once
 #include <cstdint>
 
@@ -8,7 +9,11 @@
 namespace jaxconv {
 
 // The element types of the wide kernels.
-enum WideType : int { kWideF64 = 0, kWideS32 = 1, kWideS64 = 2 };
+// kWideF32: the backward of bfloat16 / float16 max/min ops on float32 copies of the operands,
+// each product rounded to `round` before it is compared with y.
+enum WideType : int { kWideF64 = 0, kWideS32 = 1, kWideS64 = 2, kWideF32 = 3 };
+// The dtype a float32 product is rounded to before the winner compare.
+enum WideRound : int { kRoundNone = 0, kRoundBF16 = 1, kRoundF16 = 2 };
 
 struct WideCall {
   int64_t op;       // a built-in op id
@@ -17,7 +22,11 @@ struct WideCall {
   int64_t batch;    // leading (vmap) batch
   const void* x;
   const void* w;
-  void* out;
+  void* out;         // forward: y; backward: dx (zeroed by the caller)
+  const void* y;     // backward: the forward output
+  const void* g;     // backward: the output cotangent
+  void* out2;        // backward: dw (zeroed by the caller)
+  int round;         // backward, kWideF32: a WideRound
   Parallel par;
 };
 

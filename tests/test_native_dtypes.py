@@ -153,6 +153,53 @@ def test_ties_of_the_rounded_products_split_the_gradient() -> None:
     np.testing.assert_array_equal(np.asarray(expect, np.float32), [0.5, 0.5])
 
 
+@pytest.mark.parametrize("op,dtype,x0,w0", [
+    # 1 + (2^-11 + 2^-13) rounds to 1 + 2^-10 in float16: a tie with 1 + 2^-10 + 0.
+    ("max_plus", F16, 1.0, 2.0**-11 + 2.0**-13),
+    # -1 - (2^-8 + 2^-10) rounds to -1 - 2^-7 in bfloat16: a tie under min.
+    ("min_plus", BF16, -1.0, -(2.0**-8 + 2.0**-10)),
+])
+def test_ties_only_after_rounding_run_natively(op: str, dtype: Any, x0: float,
+                                               w0: float) -> None:
+    """The native backward (wide kernels on float32 copies) rounds each product to the dtype
+    before comparing it with y: the two products tie, the gradient is split."""
+    step = 2.0**-10 if dtype == F16 else 2.0**-7
+    x1 = x0 + step if x0 > 0 else x0 - step
+    x = _row([x0, x1], dtype)
+    w = jnp.asarray([w0, 0.0], dtype).reshape(1, 2, 1, 1)
+
+    def loss(a: jax.Array, b: jax.Array) -> jax.Array:
+        return _conv_1x(op, "native", a, b).astype(jnp.float32).sum()
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    assert "jaxconv_wide_backward" in grad.lower(x, w).as_text()
+    g = grad(x, w)
+    np.testing.assert_array_equal(np.asarray(g[0], np.float32).ravel(), [0.5, 0.5])
+    np.testing.assert_array_equal(np.asarray(g[1], np.float32).ravel(), [0.5, 0.5])
+    with jax.numpy_rank_promotion("allow"):
+        gx = jax.grad(lambda a, b: _conv_1x(op, "xla", a, b).astype(jnp.float32).sum(),
+                      argnums=(0, 1))(x, w)
+    for a, b in zip(g, gx, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("op,dtype", [("max_plus", BF16), ("min_plus", F16),
+                                      ("max_min", F16), ("min_max", BF16)])
+def test_gradients_with_many_rounded_ties(op: str, dtype: Any) -> None:
+    """Data on a coarse grid with a fine offset: many products tie only once rounded. The
+    winners and shares are the XLA engine's; a gradient summing several shares is rounded
+    once from float32 here, per addition there (one unit in the last place)."""
+    rng = np.random.default_rng(9)
+    x = jnp.asarray(np.round(rng.standard_normal((2, 6, 5, 4)) * 4) / 4 + 2.0**-9, dtype)
+    w = jnp.asarray(np.round(rng.standard_normal((3, 3, 4, 3)) * 4) / 4 + 2.0**-10, dtype)
+    got, want = _loss(op, "native")(x, w), _loss(op, "xla")(x, w)
+    assert "jaxconv_wide_backward" in _loss(op, "native").lower(x, w).as_text()
+    ulp = float(jnp.finfo(dtype).eps)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                                   rtol=ulp, atol=ulp / 4)
+
+
 def test_sums_accumulate_in_float32() -> None:
     """One large term and 128 small ones: a bfloat16 accumulator would drop the small."""
     xv = np.concatenate([[-256.0], -np.ones(128)]).astype(np.float32)
@@ -191,7 +238,8 @@ def test_refused_where_rounding_once_would_differ(op: Any, dtype: Any, reason: s
 
 @pytest.mark.parametrize("op,dtype,acc,what", [
     ("max_plus", BF16, None, "rounded once to bfloat16"),
-    ("max_plus", F16, None, "backward: the XLA engine"),
+    ("max_plus", F16, None, "each product rounded to float16 before the winner compare"),
+    (CLIP, BF16, None, "backward: the XLA engine (ties between the bfloat16-rounded"),
     ("adder", BF16, None, "products and sum in float32"),
 ])
 def test_explain_says_what_the_call_does(op: str, dtype: Any, acc: Any, what: str) -> None:

@@ -1,6 +1,8 @@
-"""The native engine's wide kernels (csrc/kernel_wide.h): the built-in ops on float64, int32
-and int64 operands, against the numpy plain loops (tests/reference.py) and the XLA engine.
-Their backward is the XLA engine's (checked against it for float64).
+"""The native engine's wide kernels (csrc/kernel_wide.h, kernel_wide_backward.h): the
+built-in ops on float64, int32 and int64 operands, against the numpy plain loops
+(tests/reference.py) and the XLA engine; their float64 gradients against the XLA engine and
+``jax.grad`` of brute-force jnp formulations (ties split equally, NaN and infinities).
+Integer operands have no gradient (float0, as on the XLA engine).
 """
 
 from __future__ import annotations
@@ -114,19 +116,139 @@ def test_float64_nan_inf_and_signed_zeros(op: str) -> None:
         np.testing.assert_array_equal(np.signbit(a[real]), np.signbit(b[real]))
 
 
-def test_float64_gradient_is_the_xla_engines() -> None:
+def _grads(op: Any, engine: str, x: np.ndarray, w: np.ndarray, ct: np.ndarray,
+           **kw: Any) -> tuple:
+    f = _conv(op, engine, **kw)
+    return jax.jit(jax.grad(lambda a, b: jnp.sum(f(a, b) * ct), argnums=(0, 1)))
+
+
+# A covering set for the float64 backward: each op, strides / dilations / groups / explicit
+# and lhs-dilated padding, adder's pad value (its padded cells count for dw only).
+GRAD_CASES = [
+    ("max_plus", {}),
+    ("min_plus", {"window_strides": (2, 1)}),
+    ("max_min", {"rhs_dilation": (1, 2)}),
+    ("min_max", {"padding": ((2, 0), (1, 1)), "lhs_dilation": (2, 1)}),
+    ("max_plus", {"feature_group_count": 5}),
+    ("adder", {"window_strides": (1, 2)}),
+    ("l1", {"padding": ((0, 2), (1, 0))}),
+    ("l2_exact", {"rhs_dilation": (2, 1)}),
+]
+
+
+@pytest.mark.parametrize("op,kw", GRAD_CASES)
+def test_float64_gradients_are_native_and_match_xla(op: str, kw: dict) -> None:
+    """Data on a 0.5 grid: many ties between products (and x == w for max_min / min_max)."""
     with jax.enable_x64(True):
-        x, w = _data(F64, seed=2)
-        x = np.round(x, 1)  # ties
-        w = np.round(w, 1)
+        groups = kw.get("feature_group_count", 1)
+        x, w = _data(F64, seed=2, o=20 if groups > 1 else 19)
+        if groups > 1:
+            w = w[:, :, :1, :]
+        x, w = np.round(x * 2) / 2, np.round(w * 2) / 2
+        y = np.asarray(_conv(op, "xla", **kw)(x, w))
+        ct = np.random.default_rng(3).standard_normal(y.shape)
+        f = _grads(op, "native", x, w, ct, **kw)
+        assert "jaxconv_wide_backward" in f.lower(x, w).as_text()
+        got, want = f(x, w), _grads(op, "xla", x, w, ct, **kw)(x, w)
+        for a, b in zip(got, want, strict=True):
+            assert a.dtype == F64
+            # the same terms, summed in another order
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("op,kw", [("max_plus", {"padding": ((2, 0), (1, 1))}),
+                                   ("min_max", {"window_strides": (2, 1)}),
+                                   ("max_min", {"padding": ((1, 1), (0, 2)),
+                                                "lhs_dilation": (2, 1)})])
+def test_float64_gradients_without_ties(op: str, kw: dict) -> None:
+    """Continuous data: every window has one winner, routed directly (no rescan)."""
+    with jax.enable_x64(True):
+        x, w = _data(F64, seed=5)
+        y = np.asarray(_conv(op, "xla", **kw)(x, w))
+        ct = np.random.default_rng(6).standard_normal(y.shape)
+        got = _grads(op, "native", x, w, ct, **kw)(x, w)
+        want = _grads(op, "xla", x, w, ct, **kw)(x, w)
+        for a, b in zip(got, want, strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("op,red,comb", [
+    ("max_plus", jnp.max, jnp.add),
+    ("min_plus", jnp.min, jnp.add),
+    ("max_min", jnp.max, jnp.minimum),
+    ("min_max", jnp.min, jnp.maximum),
+    ("l1", jnp.sum, lambda a, b: -(a - b) * jnp.sign(a - b)),  # 0 at x == w, as l1's rule
+    ("l2_exact", jnp.sum, lambda a, b: -((a - b) ** 2)),
+])
+def test_float64_dense_gradients_against_brute_force(op: str, red: Any, comb: Any) -> None:
+    """jax.grad of the gathered products under jnp.max / jnp.min / jnp.sum: ties split
+    equally, and the combine's own derivative (1/2 at x == w for min / max)."""
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(7)
+        a = rng.integers(-3, 4, (9, 6)).astype(F64)  # integers: ties everywhere
+        b = rng.integers(-3, 4, (6, 11)).astype(F64)
+        ct = rng.standard_normal((9, 11))
+
+        def native(u: jax.Array, v: jax.Array) -> jax.Array:
+            return jnp.sum(jaxconv.dot_general(u, v, (((1,), (0,)), ((), ())), op=op,
+                                               engine="native") * ct)
+
+        def brute(u: jax.Array, v: jax.Array) -> jax.Array:
+            return jnp.sum(red(comb(u[:, :, None], v[None]), axis=1) * ct)
+
+        got = jax.jit(jax.grad(native, argnums=(0, 1)))(a, b)
+        want = jax.grad(brute, argnums=(0, 1))(a, b)
+        for g, h in zip(got, want, strict=True):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(h), rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("op", ["max_plus", "min_plus", "max_min", "min_max", "adder", "l1",
+                                "l2_exact"])
+def test_float64_gradients_with_nan_and_infinities(op: str) -> None:
+    """NaN windows (no winner: zero gradient), infinite winners, all -inf windows; the sums'
+    rules at NaN (adder's and l2's NaN, l1's 0), as the XLA engine."""
+    with jax.enable_x64(True):
+        rows = [[np.nan, 1.0, 2.0], [np.inf, -np.inf, 0.0], [-np.inf, -np.inf, -np.inf],
+                [0.0, -0.0, 0.0], [1.0, 1.0, 1.0], [np.inf, np.inf, 2.0]]
+        x = np.asarray(rows, F64).reshape(1, len(rows), 3, 1)
+        w = np.asarray([[-0.0, 0.0, 1.0], [1.0, 1.0, -np.inf]], F64).T.reshape(1, 3, 1, 2)
+        ct = np.arange(1.0, 1.0 + 2 * len(rows)).reshape(1, len(rows), 1, 2)
+        got = _grads(op, "native", x, w, ct, padding="VALID")(x, w)
+        want = _grads(op, "xla", x, w, ct, padding="VALID")(x, w)
+        for a, b in zip(got, want, strict=True):  # NaN where NaN; sums within rounding
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-14, atol=0)
+
+
+def test_float64_gradients_under_vmap_of_kernels() -> None:
+    """Per-example kernels (a leading batch of problems in one call)."""
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(11)
+        a = np.round(rng.standard_normal((3, 10, 7)), 1)
+        b = np.round(rng.standard_normal((3, 7, 13)), 1)
+
+        def loss(engine: str) -> Any:
+            def one(u: jax.Array, v: jax.Array) -> jax.Array:
+                return jnp.sum(jaxconv.dot_general(u, v, (((1,), (0,)), ((), ())),
+                                                   op="max_plus", engine=engine) ** 2)
+            return jax.jit(jax.vmap(jax.grad(one, argnums=(0, 1))))
+
+        for g, h in zip(loss("native")(a, b), loss("xla")(a, b), strict=True):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(h), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [I32, I64])
+def test_integer_operands_have_no_gradient_as_on_xla(dtype: Any) -> None:
+    with jax.enable_x64(True):
+        x, w = _data(dtype, seed=4)
 
         def grads(engine: str) -> Any:
-            return jax.grad(lambda a, b: jnp.sum(_conv("max_plus", engine)(a, b) ** 2),
-                            argnums=(0, 1))(x, w)
+            f = _conv("max_plus", engine)
+            return jax.grad(lambda a, b: jnp.sum(f(a, b)).astype(F64), argnums=(0, 1),
+                            allow_int=True)(x, w)
 
         for a, b in zip(grads("native"), grads("xla"), strict=True):
-            assert a.dtype == F64
-            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+            assert a.dtype == b.dtype == jax.dtypes.float0
+            assert a.shape == b.shape
 
 
 def test_dense_and_vmap() -> None:
@@ -162,7 +284,10 @@ def test_explain_names_the_wide_kernel() -> None:
         plan = jaxconv.explain("max_plus", dtype="float64", platform="cpu")
     assert plan.engine == "native"
     assert any("wide kernels" in d for d in plan.details)
-    assert "backward: the XLA engine" in plan.details
+    assert any(d.startswith("backward: the wide kernels (the winners") for d in plan.details)
+    with jax.enable_x64(True):
+        plan = jaxconv.explain("max_plus", dtype="int32", platform="cpu")
+    assert "backward: none (integer operands have no gradient)" in plan.details
 
 
 def test_export_of_a_wide_call() -> None:

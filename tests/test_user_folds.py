@@ -88,6 +88,16 @@ adder_rule.defvjp(lambda x, w: (-jnp.abs(x - w), (x, w)),
 
 
 @jax.custom_vjp
+def ste_int(v):
+    """A straight-through sign whose backward is written with Python int literals."""
+    return jnp.where(v >= 0, 1.0, -1.0).astype(v.dtype)
+
+
+ste_int.defvjp(lambda v: (ste_int(v), v),
+               lambda v, g: (g * jnp.where(jnp.abs(v) <= 1, 1, 0),))
+
+
+@jax.custom_vjp
 def clipped_cotangent(v):
     """A sign whose backward is not linear in the cotangent."""
     return jnp.where(v >= 0, 1.0, -1.0).astype(v.dtype)
@@ -203,6 +213,7 @@ RULE_OPS = {
     "relu_diff_max": jaxconv.Op(lambda x, w: jax.nn.relu(x - w), "max"),
     "round_ste_sum": jaxconv.Op(lambda x, w: ste_round(2.0 * x * w), "sum"),
     "adder_rule_min": jaxconv.Op(adder_rule, "min", pad_value=0.5),
+    "ste_int_literals": jaxconv.Op(lambda x, w: ste_int(x * w), "sum"),
 }
 
 
@@ -218,7 +229,8 @@ def test_rule_combines_run_natively_and_explain_says_so(name):
                                             ("library_ste_sign", "rhs_dil_groups"),
                                             ("relu_diff_max", "wide"),
                                             ("round_ste_sum", "1d_stride"),
-                                            ("adder_rule_min", "depthwise")])
+                                            ("adder_rule_min", "depthwise"),
+                                            ("ste_int_literals", "2d_same")])
 def test_rule_combines_match_xla_values_and_gradients(name, geometry):
     op = RULE_OPS[name]
     x, w, kw = _data(geometry, seed=21, ties=name == "relu_diff_max")
@@ -251,6 +263,15 @@ def test_ste_gradient_is_the_users_rule_exactly():
     want_w = np.einsum("po,pko,pk->ko", g, inside, x)
     np.testing.assert_allclose(np.asarray(gx), want_x, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(gw), want_w, rtol=1e-5, atol=1e-5)
+
+
+def test_float_truncated_to_an_integer_is_not_translated():
+    """Int literals take the operands' dtype; a float converted to an integer (truncation)
+    is not held that way: it stays on the XLA engine, and explain says why."""
+    op = jaxconv.Op(lambda x, w: (x * w).astype(jnp.int32).astype(x.dtype), "max")
+    plan = jaxconv.explain(op, platform="cpu")
+    assert plan.engine == "xla"
+    assert any("not native" in d and "int32" in d for d in plan.details), plan.details
 
 
 def test_rule_not_linear_in_the_cotangent_stays_on_the_xla_engine():

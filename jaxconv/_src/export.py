@@ -3,7 +3,7 @@
 On the XLA engine a jaxconv product lowers to plain StableHLO: the serialized artifact runs
 wherever ``jax.export.deserialize`` does, without jaxconv. On the native CPU engine it is a
 call of jaxconv's XLA FFI targets (``jaxconv_forward``, ``jaxconv_backward``,
-``jaxconv_wide_forward``): JAX refuses
+``jaxconv_wide_forward``, ``jaxconv_wide_backward``): JAX refuses
 to serialize custom calls it does not know unless told (`export_disabled_checks`), and the
 process that runs the artifact must have the targets registered, which ``import jaxconv``
 does.
@@ -14,7 +14,8 @@ from __future__ import annotations
 import jax
 
 # The FFI targets of the native engine (csrc/ffi.cc registers them under these names).
-FFI_TARGETS = ("jaxconv_forward", "jaxconv_backward", "jaxconv_wide_forward")
+FFI_TARGETS = ("jaxconv_forward", "jaxconv_backward", "jaxconv_wide_forward",
+               "jaxconv_wide_backward")
 
 
 def export_disabled_checks() -> list[jax.export.DisabledSafetyCheck]:

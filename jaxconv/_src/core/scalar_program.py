@@ -149,12 +149,21 @@ _FLOATS = (np.dtype(np.float32), np.dtype(np.float64), np.dtype(jnp.bfloat16),
            np.dtype(np.float16))
 
 
-def _scalar_dtype(aval: Any, what: str) -> np.dtype:
+# Primitives that give the same number on small integers held in a float dtype as on the
+# integers themselves: an integer value made of Python int literals (``jnp.where(c, 1, 0)`` in
+# a rule's backward) is held in the arguments' float dtype, as the literal would be there.
+_INT_AS_FLOAT = frozenset({"select_n", "max", "min", "neg", "abs", "sign", "add", "sub",
+                           "mul", "clamp", "convert_element_type", "eq", "ne", "lt", "le",
+                           "gt", "ge"})
+
+
+def _scalar_dtype(aval: Any, what: str, as_float: np.dtype | None = None) -> np.dtype:
     """The dtype of a scalar value of a traced program.
 
     Args:
         aval: the value's abstract value.
         what: what the value is, for the message.
+        as_float: the float dtype an integer value made of int literals is held in, if any.
 
     Returns:
         Its dtype.
@@ -166,6 +175,8 @@ def _scalar_dtype(aval: Any, what: str) -> np.dtype:
     dtype = np.dtype(getattr(aval, "dtype", np.float32))
     if shape != ():
         raise Untranslatable(f"{what} is not a scalar (shape {shape})")
+    if dtype.kind in "iu" and as_float is not None:
+        return as_float
     if dtype != np.dtype(bool) and dtype not in _FLOATS:
         raise Untranslatable(f"{what} has dtype {dtype.name} (only floats and bools are "
                              "translated)")
@@ -201,6 +212,10 @@ class _Builder:
         arr = np.asarray(value)
         if arr.shape != ():
             raise Untranslatable(f"{what} captures a non-scalar constant of shape {arr.shape}")
+        if arr.dtype.kind in "iu" and self.arg_dtype in _FLOATS and arr.shape == ():
+            held = float(np.asarray(arr).astype(self.arg_dtype))
+            if held == int(arr):  # an int literal exact in the arguments' dtype: held there
+                return Const(held, self.arg_dtype)
         dtype = _scalar_dtype(arr, what)
         return Const(bool(arr) if dtype == np.dtype(bool) else float(arr), dtype)
 
@@ -285,16 +300,28 @@ class _Builder:
             The reference of its output.
         """
         (out,) = eqn.outvars
-        dtype = _scalar_dtype(out.aval, f"the result of {eqn.primitive.name!r}")
-        if eqn.primitive.name == "convert_element_type" and self.dtype_of(ins[0]) == dtype:
-            return ins[0]
+        name = eqn.primitive.name
         if all(isinstance(a, Const) for a in ins):
             vals = [np.asarray(a.value, a.dtype) for a in ins]
             with jax.ensure_compile_time_eval():  # concrete even inside a caller's jit
                 folded = np.asarray(eqn.primitive.bind(*vals, **eqn.params))
-            return self.const(folded,
-                              f"the constant {eqn.primitive.name!r}")
-        return self._node(eqn, ins, dtype)
+            return self.const(folded, f"the constant {name!r}")
+        params = dict(eqn.params)
+        as_float = None
+        # An integer value made of int literals (held in the arguments' float dtype, see
+        # _INT_AS_FLOAT), or a bool converted to an integer; a float converted to an integer
+        # truncates: refused.
+        if (np.dtype(getattr(out.aval, "dtype", np.float32)).kind in "iu"
+                and self.arg_dtype in _FLOATS and name in _INT_AS_FLOAT
+                and (name != "convert_element_type"
+                     or self.dtype_of(ins[0]) == np.dtype(bool))):
+            as_float = self.arg_dtype
+            if name == "convert_element_type":
+                params["new_dtype"] = self.arg_dtype
+        dtype = _scalar_dtype(out.aval, f"the result of {name!r}", as_float)
+        if name == "convert_element_type" and self.dtype_of(ins[0]) == dtype:
+            return ins[0]
+        return self._node(eqn, ins, dtype, params)
 
     def dtype_of(self, r: Ref) -> np.dtype | None:
         """The dtype of a reference (a constant, a node or an argument).
@@ -311,9 +338,12 @@ class _Builder:
             return self.nodes[r].dtype
         return self.arg_dtype
 
-    def _node(self, eqn: Any, ins: list[Ref], dtype: np.dtype) -> int:
-        """Appends a node for ``eqn`` on ``ins`` of ``dtype``; returns its index."""
-        self.nodes.append(Node(eqn.primitive, dict(eqn.params), tuple(ins), dtype))
+    def _node(self, eqn: Any, ins: list[Ref], dtype: np.dtype,
+              params: dict[str, Any] | None = None) -> int:
+        """Appends a node for ``eqn`` on ``ins`` of ``dtype`` (with ``params`` if given, else
+        the equation's); returns its index."""
+        params = dict(eqn.params) if params is None else params
+        self.nodes.append(Node(eqn.primitive, params, tuple(ins), dtype))
         return len(self.nodes) - 1
 
 

@@ -25,7 +25,8 @@ from jaxconv._src.engines.native.translation import Refusal, translation
 FLOAT32 = np.dtype(np.float32)
 # Low-precision operands: converted to float32 next to the FFI call, the result rounded once.
 LOW_PRECISION = (np.dtype(jnp.bfloat16), np.dtype(np.float16))
-# The wide kernels' dtypes (built-in ops, forward; the backward is the XLA engine's).
+# The wide kernels' dtypes (built-in ops, forward; the backward of float64; integers have no
+# gradient).
 WIDE = (np.dtype(np.float64), np.dtype(np.int32), np.dtype(np.int64))
 # The operands' dtypes the kernels serve.
 DTYPES = (FLOAT32, *LOW_PRECISION, *WIDE)

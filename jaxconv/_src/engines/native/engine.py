@@ -4,9 +4,12 @@ served where `eligibility.refusal` says so. Forward-mode tangents come from the 
 bfloat16 and float16 operands are converted to float32 next to the call (XLA fuses the
 conversions) and run the float32 kernels: a sum's result is its float32 accumulator, a
 max/min op's is rounded once to the operands' dtype (bit for bit the XLA engine's, which
-`eligibility.rounds_once` checks for a user combine). The backward of such a max/min op runs
-on the XLA engine: its ties are those between the rounded products, which the float32 winner
-scan cannot see.
+`eligibility.rounds_once` checks for a user combine). The backward of a built-in max/min op
+runs the wide backward on float32 copies, each product rounded to the operands' dtype before
+it is matched against y (its ties are those between the rounded products); a user max/min
+op's backward runs on the XLA engine (its compiled scan compares float32 products). float64,
+int32 and int64 operands run the wide kernels (float64 backward too; integers have no
+gradient).
 
 A user op's kernels compile when the engine first lowers it (never while planning). If that
 compile fails, the call still computes: under ``engine="auto"`` it warns once and lowers on
@@ -52,6 +55,18 @@ def _winner(problem: Problem) -> bool:
 def _wide(dtype: DTypeLike) -> bool:
     """Whether operands of `dtype` run the wide kernels (float64 / int32 / int64)."""
     return np.dtype(dtype) in eligibility.WIDE
+
+
+def _wide_backward(dtype: DTypeLike) -> bool:
+    """Whether the wide kernels compute the gradients of `dtype` operands (float64)."""
+    return np.dtype(dtype) == np.float64 and ffi.has_wide_backward()
+
+
+def _rounded_winners(problem: Problem) -> bool:
+    """Whether the wide backward serves a bf16 / f16 max/min op: the built-in kernels, whose
+    products it rounds to the operands' dtype before the winner compare."""
+    return (problem.op.native in ffi.WIDE_KERNELS and _winner(problem)
+            and ffi.has_wide_backward())
 
 
 def _low(dtype: DTypeLike) -> bool:
@@ -111,14 +126,27 @@ class NativeEngine(registry.Engine):
         op = problem.op
         low: tuple[str, ...] = ()
         if _wide(dtype):
+            if np.dtype(dtype).kind == "i":
+                back = "backward: none (integer operands have no gradient)"
+            elif not _wide_backward(dtype):
+                back = "backward: the XLA engine"
+            elif _winner(problem):
+                back = ("backward: the wide kernels (the winners are the products equal to "
+                        "the forward's result, ties split equally)")
+            else:
+                back = "backward: the wide kernels (the op's gradient rule per term)"
             return (f"built-in kernel {op.native!r} on {np.dtype(dtype).name} (the wide "
-                    f"kernels, {ffi.isa()})", "backward: the XLA engine")
+                    f"kernels, {ffi.isa()})", back)
         if _low(dtype):
             name = np.dtype(dtype).name
             if _winner(problem):
+                back = (f"backward: the wide kernels on float32 copies, each product rounded "
+                        f"to {name} before the winner compare (ties between the rounded "
+                        "products split equally)" if _rounded_winners(problem) else
+                        f"backward: the XLA engine (ties between the {name}-rounded "
+                        "products; a user op's compiled scan compares float32 products)")
                 low = (f"{name} operands: computed in float32, the result rounded once to "
-                       f"{name} (bit for bit the products rounded in {name})",
-                       f"backward: the XLA engine (ties between the {name}-rounded products)")
+                       f"{name} (bit for bit the products rounded in {name})", back)
             else:
                 low = (f"{name} operands: products and sum in float32, rounded once to the "
                        "result dtype",)
@@ -229,12 +257,24 @@ class NativeEngine(registry.Engine):
         """The FFI backward kernel, and standard products where those are faster: the
         kernel gradient of a ``x - w`` sum (AdderNet) and both gradients of l2's."""
         other = self._fallback(problem)
-        if other is None and (_wide(x.dtype) or (_low(x.dtype) and _winner(problem))):
+        low_winner = _low(x.dtype) and _winner(problem)
+        if other is None and ((_wide(x.dtype) and not _wide_backward(x.dtype))
+                              or (low_winner and not _rounded_winners(problem))):
             other = registry.get("xla")  # ties between the rounded products (module doc)
         if other is not None:
             return other.backward(problem, x, w, y, g, need)
         op, geom = problem.op, problem.geom
         spec = self._spec(problem, x, w)
+        if _wide(x.dtype) or low_winner:
+            # float64, or float32 copies of bf16 / f16 operands whose products the kernel
+            # rounds to their dtype before matching them against y (exact in float32).
+            xd, wd = x.dtype, w.dtype
+            dt = jnp.float32 if low_winner else xd
+            gx, gw = ffi._wide_backward_call(
+                spec, x.astype(dt).reshape(spec.x_shape), w.astype(dt).reshape(spec.w_shape),
+                y.astype(dt).reshape(spec.y_shape), g.astype(dt).reshape(spec.y_shape),
+                round_to=np.dtype(xd).name if low_winner else None)
+            return gx.reshape(x.shape).astype(xd), gw.reshape(w.shape).astype(wd)
         g = g.astype(jnp.float32)
         xd, wd = x.dtype, w.dtype
         x, w, y = x.astype(jnp.float32), w.astype(jnp.float32), y.astype(jnp.float32)

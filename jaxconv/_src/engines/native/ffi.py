@@ -47,6 +47,7 @@ KERNELS: dict[str, tuple[int, str]] = {
 _FORWARD = "jaxconv_forward"
 _BACKWARD = "jaxconv_backward"
 _WIDE_FORWARD = "jaxconv_wide_forward"
+_WIDE_BACKWARD = "jaxconv_wide_backward"
 # The built-in ops the wide kernels (csrc/kernel_wide.h: float64, int32, int64) serve.
 WIDE_KERNELS = ("max_plus", "min_plus", "max_min", "min_max", "adder", "l1", "l2_exact")
 
@@ -149,6 +150,12 @@ def has_wide() -> bool:
     """Whether the loaded library has the wide kernels (float64 / int32 / int64 max/min)."""
     mod = _load()
     return mod is not None and _WIDE_FORWARD in mod.registrations()
+
+
+def has_wide_backward() -> bool:
+    """Whether the loaded library has the wide kernels' backward (float64 gradients)."""
+    mod = _load()
+    return mod is not None and _WIDE_BACKWARD in mod.registrations()
 
 
 def _register() -> None:
@@ -301,3 +308,18 @@ def _wide_forward_call(spec: _Call, x: Array, w: Array) -> Array:
     out = jax.ShapeDtypeStruct(spec.y_shape, x.dtype)
     return jax.ffi.ffi_call(_WIDE_FORWARD, out, vmap_method="broadcast_all")(
         x, w, **spec.attrs())
+
+
+# The dtype whose rounding the wide backward applies to float32 products (csrc/wide.h).
+WIDE_ROUND = {"bfloat16": 1, "float16": 2}
+
+
+def _wide_backward_call(spec: _Call, x: Array, w: Array, y: Array, g: Array,
+                        round_to: str | None = None) -> tuple[Array, Array]:
+    """The wide kernels' backward: both gradients in the operands' dtype (float64, or float32
+    copies of bfloat16 / float16 operands whose products round to `round_to`)."""
+    outs = (jax.ShapeDtypeStruct(spec.x_shape, x.dtype),
+            jax.ShapeDtypeStruct(spec.w_shape, w.dtype))
+    parts = 0 if round_to is None else WIDE_ROUND[round_to]
+    return jax.ffi.ffi_call(_WIDE_BACKWARD, outs, vmap_method="broadcast_all")(
+        x, w, y, g, parts=np.int64(parts), **spec.attrs())

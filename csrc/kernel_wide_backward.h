@@ -1,0 +1,458 @@
+// The wide kernels' backward: the input and kernel gradients of the built-in ops whose forward
+// kernel_wide.h computes (float64), and of the max/min ops on bfloat16 / float16 operands (on
+// float32 copies, each product rounded to the operands' dtype before the winner compare, as
+// the XLA engine computes it: its ties are between the rounded products).
+//
+// Max / min ops: each window's winners are the products equal to the forward's y, compared
+// exactly as the forward computed them (the same comb, so NaN matches nothing and -0 == +0);
+// the cotangent is split equally among them and goes through the combine's derivative (1 for
+// x + w; 1, or 1/2 at x == w, for min(x, w) / max(x, w)), as the XLA engine's rule does. Sums:
+// the op's gradient rule per term (AdderNet's for adder, the exact subgradient for l1, exact
+// for l2), padded cells holding the pad value counting for the kernel gradient only.
+//
+// Two passes, each item owning what it writes (no atomics; the result does not depend on the
+// thread count): pass 1, per run of whole images and group, counts each output's winners in a
+// vector scan of MR positions x NB output channels (the forward's tile), keeping the last
+// matching kernel row, stores the per-output scale (g / count, or g for a sum) and routes the
+// input gradient; pass 2, per group and block of NB output channels, routes the kernel
+// gradient into a (K, NB) accumulator. A tile without ties routes each output's one winner
+// directly (one term, as an argmax backward); a tile with a tie (and every sum) rescans.
+//
+// Included by wide_<isa>.cc after kernel_wide.h (same namespace, same vector width).
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "kernel_wide.h"
+
+namespace JAXCONV_WIDE_NS {
+
+// The combine's derivatives (Comb as in WideOp) and the sums' rules, per op id.
+template <int Id>
+struct WideGrad {
+  template <class E>
+  static VecOf<E> dx(VecOf<E> x, VecOf<E> w) {
+    using V = VecOf<E>;
+    const V one = splat<E>(E(1)), zero = {};
+    if constexpr (Id == jaxconv::kMaxPlus || Id == jaxconv::kMinPlus) {
+      return one;
+    } else if constexpr (Id == jaxconv::kMaxMin) {  // min(x, w): 1 where x wins, 1/2 at a tie
+      return x < w ? one : (x == w ? splat<E>(E(0.5)) : zero);
+    } else if constexpr (Id == jaxconv::kMinMax) {  // max(x, w)
+      return x > w ? one : (x == w ? splat<E>(E(0.5)) : zero);
+    } else if constexpr (Id == jaxconv::kAdder) {  // clip(w - x, -1, 1), NaN stays NaN
+      const V d = w - x;
+      return d > one ? one : (d < -one ? -one : d);
+    } else if constexpr (Id == jaxconv::kL1) {
+      // sign(w - x), 0 at x == w and where w - x is NaN: l1's combine is written with max and
+      // min of x - w and 0, whose derivatives are 0 at a NaN (as on the XLA engine).
+      const V d = w - x;
+      return d > zero ? one : (d < zero ? -one : zero);
+    } else {  // l2: -2 (x - w)
+      return splat<E>(E(-2)) * (x - w);
+    }
+  }
+  template <class E>
+  static VecOf<E> dw(VecOf<E> x, VecOf<E> w) {
+    if constexpr (Id == jaxconv::kAdder) return x - w;
+    else if constexpr (Id == jaxconv::kL2) return splat<E>(E(2)) * (x - w);
+    else return dx<E>(w, x);  // symmetric in (x, w)
+  }
+};
+
+// A float32 product as the XLA engine computes it in bfloat16 / float16: rounded to nearest
+// even (NaN kept); Rnd is a jaxconv::WideRound. float64 products are not rounded.
+template <class E, int Rnd>
+inline VecOf<E> round_product(VecOf<E> v) {
+  if constexpr (Rnd == jaxconv::kRoundBF16) {
+    typedef uint32_t VU __attribute__((vector_size(JAXCONV_WIDE_BYTES)));
+    const VU u = (VU)v;
+    const VU r = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;  // wraps: unsigned
+    return v != v ? v : (VecOf<E>)r;
+  } else if constexpr (Rnd == jaxconv::kRoundF16) {
+    constexpr int L = Vt<E>::L;
+    alignas(64) float a[L];
+    std::memcpy(a, &v, sizeof(v));
+    for (int l = 0; l < L; ++l) a[l] = float(static_cast<_Float16>(a[l]));
+    std::memcpy(&v, a, sizeof(v));
+    return v;
+  } else {
+    return v;
+  }
+}
+
+template <class Op, class E, bool Exact, int Rnd>
+inline VecOf<E> product(VecOf<E> x, VecOf<E> w) {
+  return round_product<E, Rnd>(Op::template comb<E, Exact>(x, w));
+}
+
+template <class E>
+struct BPlan {
+  Plan<E> f;        // the forward's plan (geometry, packed kernel, pad row)
+  const E* y;       // forward output
+  const E* gy;      // its cotangent
+  E* scale;         // per output: g / count (max / min) or g (sums)
+  int64_t* code;    // max / min, per output: its one winner's kernel row, or -1 (a tie)
+  E* dx;
+  E* dw;
+  int64_t ipi, runs;  // images per pass-1 item, and runs of them per batch element
+  bool plain;
+};
+
+template <class E>
+inline E hsum(VecOf<E> v) {
+  constexpr int L = Vt<E>::L;
+  alignas(64) E a[L];
+  std::memcpy(a, &v, sizeof(v));
+  E s = a[0];
+  for (int l = 1; l < L; ++l) s += a[l];
+  return s;
+}
+
+// One tile's y and scale (or g) rows, NB columns from o0; lanes past the block's columns get
+// a y that matches no product (NaN) and a zero scale.
+template <class E>
+inline void load_rows(const E* src, const BPlan<E>& bp, int64_t r0, int nm, int64_t col0,
+                      int64_t cols, E tail, VecOf<E> (&out)[kMR][kNV]) {
+  constexpr int L = Vt<E>::L;
+  constexpr int NB = kNV * L;
+  const int64_t O = bp.f.g->o;
+  for (int m = 0; m < kMR; ++m) {
+    alignas(64) E t[NB];
+    for (int l = 0; l < NB; ++l)
+      t[l] = m < nm && l < cols ? src[(r0 + m) * O + col0 + l] : tail;
+    for (int v = 0; v < kNV; ++v) std::memcpy(&out[m][v], t + v * L, sizeof(VecOf<E>));
+  }
+}
+
+// Pass 1 on one tile (rows r0 .. r0 + nm of batch element b, one group, one block).
+template <class E, class Op, int Id, bool Win, bool Exact, int Rnd>
+void dx_tile(const BPlan<E>& bp, int64_t b, int64_t grp, int64_t blk, int64_t r0, int nm) {
+  using V = VecOf<E>;
+  using I = typename Bits<E>::I;
+  typedef I VI __attribute__((vector_size(JAXCONV_WIDE_BYTES)));
+  constexpr int L = Vt<E>::L;
+  constexpr int NB = kNV * L;
+  const Plan<E>& pl = bp.f;
+  const Geom& g = *pl.g;
+  const E* xb = pl.x + b * pl.xs;
+  E* dxb = bp.dx + b * pl.xs;
+  const E* panel = pl.panels + (grp * pl.blocks + blk) * pl.K * NB;
+  const int64_t o0 = blk * NB, col0 = grp * pl.og + o0;
+  const int64_t cols = pl.og - o0 < NB ? pl.og - o0 : NB;
+  const E nan = std::numeric_limits<E>::quiet_NaN();
+  V yv[kMR][kNV], sv[kMR][kNV], live[kNV];
+  {
+    alignas(64) E t[NB];
+    for (int l = 0; l < NB; ++l) t[l] = l < cols ? E(1) : E(0);
+    for (int v = 0; v < kNV; ++v) std::memcpy(&live[v], t + v * L, sizeof(V));
+  }
+  load_rows<E>(bp.gy + b * pl.ys, bp, r0, nm, col0, cols, E(0), sv);
+  if constexpr (Win) {
+    load_rows<E>(bp.y + b * pl.ys, bp, r0, nm, col0, cols, nan, yv);
+    VI cnt[kMR][kNV] = {}, idx[kMR][kNV] = {};
+    for (int64_t t = 0; t < pl.T; ++t) {
+      const E* xr[kMR];
+      bool on[kMR];
+      for (int m = 0; m < kMR; ++m) {
+        const E* p = m < nm ? row_at(pl, xb, r0 + m, t) : nullptr;
+        on[m] = m < nm && (p || g.has_pad);
+        xr[m] = p ? p + grp * g.i : pl.fill;
+      }
+      const E* wp = panel + t * g.i * NB;
+      for (int64_t i = 0; i < g.i; ++i, wp += NB) {
+        V wv[kNV];
+        for (int v = 0; v < kNV; ++v) std::memcpy(&wv[v], wp + v * L, sizeof(V));
+        const VI kv = splat<I>(I(t * g.i + i));
+        for (int m = 0; m < kMR; ++m) {
+          if (!on[m]) continue;
+          const V xv = splat<E>(xr[m][i]);
+          for (int v = 0; v < kNV; ++v) {
+            const VI e = (VI)(product<Op, E, Exact, Rnd>(xv, wv[v]) == yv[m][v]);
+            cnt[m][v] -= e;
+            idx[m][v] = e ? kv : idx[m][v];  // the last matching row
+          }
+        }
+      }
+    }
+    const V zero = {};
+    for (int m = 0; m < kMR; ++m)
+      for (int v = 0; v < kNV; ++v) {
+        const V c = __builtin_convertvector(cnt[m][v], V);
+        sv[m][v] = c > zero ? sv[m][v] / c : zero;
+      }
+    // Each output's code; without a tie in the tile, each winner's gradient is one term.
+    bool tie = false;
+    for (int m = 0; m < nm; ++m) {
+      alignas(64) I cn[NB], ix[NB];
+      for (int v = 0; v < kNV; ++v) {
+        std::memcpy(cn + v * L, &cnt[m][v], sizeof(VI));
+        std::memcpy(ix + v * L, &idx[m][v], sizeof(VI));
+      }
+      int64_t* cr = bp.code + b * pl.ys + (r0 + m) * g.o + col0;
+      for (int64_t l = 0; l < cols; ++l) {
+        cr[l] = cn[l] == 0 ? -2 : cn[l] == 1 ? int64_t(ix[l]) : -1;
+        tie = tie || cn[l] > 1;
+      }
+    }
+    if (!tie) {
+      for (int m = 0; m < nm; ++m) {
+        alignas(64) E sc[NB];
+        for (int v = 0; v < kNV; ++v) std::memcpy(sc + v * L, &sv[m][v], sizeof(V));
+        std::memcpy(bp.scale + b * pl.ys + (r0 + m) * g.o + col0, sc, sizeof(E) * size_t(cols));
+        const int64_t* cr = bp.code + b * pl.ys + (r0 + m) * g.o + col0;
+        for (int64_t l = 0; l < cols; ++l) {
+          const int64_t k = cr[l];
+          if (k < 0) continue;
+          const E* p = row_at(pl, xb, r0 + m, k / g.i);
+          if (!p) continue;  // a winner in the padding: no input gradient
+          const int64_t at = (p - xb) + grp * g.i + k % g.i;
+          const E ws = panel[k * NB + l];
+          dxb[at] += sc[l] * WideGrad<Id>::template dx<E>(splat<E>(xb[at]), splat<E>(ws))[0];
+        }
+      }
+      return;
+    }
+  }
+  for (int m = 0; m < nm; ++m) {
+    alignas(64) E t[NB];
+    for (int v = 0; v < kNV; ++v) std::memcpy(t + v * L, &sv[m][v], sizeof(V));
+    std::memcpy(bp.scale + b * pl.ys + (r0 + m) * g.o + col0, t, sizeof(E) * size_t(cols));
+  }
+  for (int64_t t = 0; t < pl.T; ++t) {
+    const E* xr[kMR];
+    for (int m = 0; m < kMR; ++m) {
+      const E* p = m < nm ? row_at(pl, xb, r0 + m, t) : nullptr;
+      xr[m] = p ? p + grp * g.i : nullptr;  // a padded cell has no input gradient
+    }
+    const E* wp = panel + t * g.i * NB;
+    for (int64_t i = 0; i < g.i; ++i, wp += NB) {
+      V wv[kNV];
+      for (int v = 0; v < kNV; ++v) std::memcpy(&wv[v], wp + v * L, sizeof(V));
+      for (int m = 0; m < kMR; ++m) {
+        if (!xr[m]) continue;
+        const V xv = splat<E>(xr[m][i]);
+        V a = {};
+        for (int v = 0; v < kNV; ++v) {
+          const V d = sv[m][v] * WideGrad<Id>::template dx<E>(xv, wv[v]);
+          const V zero = {};
+          if constexpr (Win)
+            a += product<Op, E, Exact, Rnd>(xv, wv[v]) == yv[m][v] ? d : zero;
+          else
+            a += live[v] != zero ? d : zero;  // zero-padded columns: their rule may be NaN
+        }
+        dxb[(xr[m] - xb) + i] += hsum<E>(a);
+      }
+    }
+  }
+}
+
+// Pass 2: the kernel gradient of one group's block of NB output channels, every position.
+template <class E, class Op, int Id, bool Win, bool Exact, int Rnd>
+void dw_block(const BPlan<E>& bp, int64_t b, int64_t grp, int64_t blk, E* acc) {
+  using V = VecOf<E>;
+  constexpr int L = Vt<E>::L;
+  constexpr int NB = kNV * L;
+  const Plan<E>& pl = bp.f;
+  const Geom& g = *pl.g;
+  const E* xb = pl.x + b * pl.xs;
+  const E* panel = pl.panels + (grp * pl.blocks + blk) * pl.K * NB;
+  const int64_t o0 = blk * NB, col0 = grp * pl.og + o0;
+  const int64_t cols = pl.og - o0 < NB ? pl.og - o0 : NB;
+  const E nan = std::numeric_limits<E>::quiet_NaN();
+  std::memset(acc, 0, sizeof(E) * size_t(pl.K * NB));
+  V yv[kMR][kNV], sv[kMR][kNV];
+  for (int64_t r0 = 0; r0 < pl.R; r0 += kMR) {
+    const int nm = int(pl.R - r0 < kMR ? pl.R - r0 : kMR);
+    load_rows<E>(bp.scale + b * pl.ys, bp, r0, nm, col0, cols, E(0), sv);
+    if constexpr (Win) {
+      load_rows<E>(bp.y + b * pl.ys, bp, r0, nm, col0, cols, nan, yv);
+      bool tie = false;
+      for (int m = 0; m < nm && !tie; ++m) {
+        const int64_t* cr = bp.code + b * pl.ys + (r0 + m) * g.o + col0;
+        for (int64_t l = 0; l < cols; ++l) tie = tie || cr[l] == -1;
+      }
+      if (!tie) {  // each output's one winner: one term of the kernel gradient
+        for (int m = 0; m < nm; ++m) {
+          const int64_t* cr = bp.code + b * pl.ys + (r0 + m) * g.o + col0;
+          const E* sr = bp.scale + b * pl.ys + (r0 + m) * g.o + col0;
+          for (int64_t l = 0; l < cols; ++l) {
+            const int64_t k = cr[l];
+            if (k < 0) continue;
+            const int64_t i = k % g.i;
+            const E* p = row_at(pl, xb, r0 + m, k / g.i);
+            const E xs = p ? p[grp * g.i + i] : pl.fill[i];
+            const E ws = panel[k * NB + l];
+            acc[k * NB + l] +=
+                sr[l] * WideGrad<Id>::template dw<E>(splat<E>(xs), splat<E>(ws))[0];
+          }
+        }
+        continue;
+      }
+    }
+    for (int64_t t = 0; t < pl.T; ++t) {
+      const E* xr[kMR];
+      bool on[kMR];
+      for (int m = 0; m < kMR; ++m) {
+        const E* p = m < nm ? row_at(pl, xb, r0 + m, t) : nullptr;
+        on[m] = m < nm && (p || g.has_pad);
+        xr[m] = p ? p + grp * g.i : pl.fill;
+      }
+      const E* wp = panel + t * g.i * NB;
+      E* ap = acc + t * g.i * NB;
+      for (int64_t i = 0; i < g.i; ++i, wp += NB, ap += NB) {
+        V wv[kNV], a[kNV];
+        for (int v = 0; v < kNV; ++v) {
+          std::memcpy(&wv[v], wp + v * L, sizeof(V));
+          std::memcpy(&a[v], ap + v * L, sizeof(V));
+        }
+        for (int m = 0; m < kMR; ++m) {
+          if (!on[m]) continue;
+          const V xv = splat<E>(xr[m][i]);
+          for (int v = 0; v < kNV; ++v) {
+            const V d = sv[m][v] * WideGrad<Id>::template dw<E>(xv, wv[v]);
+            if constexpr (Win) {
+              const V zero = {};
+              a[v] += product<Op, E, Exact, Rnd>(xv, wv[v]) == yv[m][v] ? d : zero;
+            } else {
+              a[v] += d;  // lanes past the block are never written out
+            }
+          }
+        }
+        for (int v = 0; v < kNV; ++v) std::memcpy(ap + v * L, &a[v], sizeof(V));
+      }
+    }
+  }
+  E* dwb = bp.dw + b * pl.K * g.o;
+  for (int64_t k = 0; k < pl.K; ++k)
+    std::memcpy(dwb + k * g.o + col0, acc + k * NB, sizeof(E) * size_t(cols));
+}
+
+template <class E, class Op, int Id, int Rnd = jaxconv::kRoundNone>
+int backward_typed(const WideCall& call) {
+  constexpr bool Win = !Op::kSum;
+  constexpr int L = Vt<E>::L;
+  constexpr int NB = kNV * L;
+  const Geom& g = call.geom;
+  BPlan<E> bp;
+  Plan<E>& pl = bp.f;
+  pl.g = &g;
+  pl.x = static_cast<const E*>(call.x);
+  pl.y = nullptr;
+  pl.pad = E(g.pad);
+  pl.P = g.os[0] * g.os[1] * g.os[2];
+  pl.R = g.n * pl.P;
+  pl.T = g.k[0] * g.k[1] * g.k[2];
+  pl.K = pl.T * g.i;
+  pl.og = g.g > 0 ? g.o / g.g : 0;
+  pl.nb = NB;
+  pl.blocks = (pl.og + NB - 1) / NB;
+  pl.tiles = (pl.R + kMR - 1) / kMR;
+  pl.xs = g.n * g.sp[0] * g.sp[1] * g.sp[2] * g.c;
+  pl.ys = pl.R * g.o;
+  bp.y = static_cast<const E*>(call.y);
+  bp.gy = static_cast<const E*>(call.g);
+  bp.dx = static_cast<E*>(call.out);
+  bp.dw = static_cast<E*>(call.out2);
+  // The caller zeroed dx and dw: an empty problem or contraction has zero gradients.
+  if (pl.R == 0 || g.o == 0 || pl.K == 0 || g.i == 0) return 0;
+  bp.ipi = pl.P >= 32 ? 1 : (32 + pl.P - 1) / pl.P;
+  bp.runs = (g.n + bp.ipi - 1) / bp.ipi;
+  const int64_t wsize = pl.K * g.o;
+  std::vector<E> panels, scale;
+  std::vector<int64_t> code;
+  try {
+    panels.assign(size_t(g.g * pl.blocks * pl.K * NB), E(0));
+    scale.assign(size_t(pl.ys), E(0));
+    if (Win) code.assign(size_t(pl.ys), -2);
+  } catch (...) {
+    return 2;
+  }
+  pl.panels = panels.data();
+  bp.scale = scale.data();
+  bp.code = code.data();
+  std::vector<E> fill(size_t(g.i), g.has_pad ? pl.pad : E(0));
+  pl.fill = fill.data();
+  const E* w = static_cast<const E*>(call.w);
+  for (int64_t b = 0; b < call.batch; ++b) {
+    const E* wb = w + b * wsize;
+    for (int64_t grp = 0; grp < g.g; ++grp)
+      for (int64_t blk = 0; blk < pl.blocks; ++blk) {
+        E* dst = panels.data() + (grp * pl.blocks + blk) * pl.K * NB;
+        const int64_t o0 = blk * NB, cols = pl.og - o0 < NB ? pl.og - o0 : NB;
+        for (int64_t k = 0; k < pl.K; ++k)
+          std::memcpy(dst + k * NB, wb + k * g.o + grp * pl.og + o0, sizeof(E) * size_t(cols));
+      }
+    bp.plain = plain_ok<E, Op::kComb, Op::kSum>(pl.x + b * pl.xs, pl.xs, wb, wsize, g, pl.pad);
+    struct Job {
+      const BPlan<E>* bp;
+      int64_t b;
+    } job{&bp, b};
+    auto pass1 = [](void* arg, int64_t item) {
+      const Job& j = *static_cast<const Job*>(arg);
+      const BPlan<E>& p = *j.bp;
+      const Plan<E>& f = p.f;
+      const int64_t grp = item % f.g->g, run = item / f.g->g;
+      const int64_t n1 = std::min((run + 1) * p.ipi, f.g->n);
+      const int64_t rend = n1 * f.P;
+      for (int64_t blk = 0; blk < f.blocks; ++blk)
+        for (int64_t r0 = run * p.ipi * f.P; r0 < rend; r0 += kMR) {
+          const int nm = int(rend - r0 < kMR ? rend - r0 : kMR);
+          if (p.plain) dx_tile<E, Op, Id, Win, false, Rnd>(p, j.b, grp, blk, r0, nm);
+          else dx_tile<E, Op, Id, Win, true, Rnd>(p, j.b, grp, blk, r0, nm);
+        }
+    };
+    call.par.run(call.par.ctx, bp.runs * g.g, pass1, &job);
+    auto pass2 = [](void* arg, int64_t item) {
+      const Job& j = *static_cast<const Job*>(arg);
+      const BPlan<E>& p = *j.bp;
+      const int64_t blk = item % p.f.blocks, grp = item / p.f.blocks;
+      std::vector<E> acc(size_t(p.f.K * NB));
+      if (p.plain) dw_block<E, Op, Id, Win, false, Rnd>(p, j.b, grp, blk, acc.data());
+      else dw_block<E, Op, Id, Win, true, Rnd>(p, j.b, grp, blk, acc.data());
+    };
+    call.par.run(call.par.ctx, g.g * pl.blocks, pass2, &job);
+  }
+  return 0;
+}
+
+// The max/min ops' backward on float32 copies of bfloat16 / float16 operands.
+template <int Rnd>
+int low_backward(const WideCall& call) {
+  using E = float;
+  switch (call.op) {
+    case jaxconv::kMaxPlus: return backward_typed<E, WideOp<0, 0>, jaxconv::kMaxPlus, Rnd>(call);
+    case jaxconv::kMinPlus: return backward_typed<E, WideOp<0, 1>, jaxconv::kMinPlus, Rnd>(call);
+    case jaxconv::kMaxMin: return backward_typed<E, WideOp<1, 0>, jaxconv::kMaxMin, Rnd>(call);
+    case jaxconv::kMinMax: return backward_typed<E, WideOp<2, 1>, jaxconv::kMinMax, Rnd>(call);
+    default: return 1;
+  }
+}
+
+// The backward of the wide kernels: float64, and the low-precision max/min ops (integer
+// operands have no gradient).
+inline int run_wide_backward(const WideCall& call) {
+  if (call.type == jaxconv::kWideF32) {
+    if (call.round == jaxconv::kRoundBF16) return low_backward<jaxconv::kRoundBF16>(call);
+    if (call.round == jaxconv::kRoundF16) return low_backward<jaxconv::kRoundF16>(call);
+    return 1;
+  }
+  if (call.type != jaxconv::kWideF64) return 1;
+  using E = double;
+  switch (call.op) {
+    case jaxconv::kMaxPlus: return backward_typed<E, WideOp<0, 0>, jaxconv::kMaxPlus>(call);
+    case jaxconv::kMinPlus: return backward_typed<E, WideOp<0, 1>, jaxconv::kMinPlus>(call);
+    case jaxconv::kMaxMin: return backward_typed<E, WideOp<1, 0>, jaxconv::kMaxMin>(call);
+    case jaxconv::kMinMax: return backward_typed<E, WideOp<2, 1>, jaxconv::kMinMax>(call);
+    case jaxconv::kAdder: return backward_typed<E, WideOp<3, 2>, jaxconv::kAdder>(call);
+    case jaxconv::kL1: return backward_typed<E, WideOp<3, 2>, jaxconv::kL1>(call);
+    case jaxconv::kL2: return backward_typed<E, WideOp<4, 2>, jaxconv::kL2>(call);
+    default: return 1;
+  }
+}
+
+}  // namespace JAXCONV_WIDE_NS
