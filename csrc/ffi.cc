@@ -157,6 +157,10 @@ struct BackwardAttrs {
   JAXCONV_CALL_ATTRS(JAXCONV_ATTR_FIELD)
   int64_t parts;  // bit 0 computes dx, bit 1 dw
 };
+struct WideBackwardAttrs {
+  JAXCONV_CALL_ATTRS(JAXCONV_ATTR_FIELD)
+  int64_t round_to;  // float32 copies of bfloat16 / float16 operands: jaxconv::WideRound
+};
 #undef JAXCONV_ATTR_FIELD
 
 template <class A>
@@ -268,13 +272,11 @@ ffi::Error wide_forward_impl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi
 
 ffi::Error wide_backward_impl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer y,
                               ffi::AnyBuffer g, ffi::Result<ffi::AnyBuffer> dx,
-                              ffi::Result<ffi::AnyBuffer> dw, BackwardAttrs attrs,
+                              ffi::Result<ffi::AnyBuffer> dw, WideBackwardAttrs attrs,
                               ffi::ThreadPool pool) {
   jaxconv::WideCall call{};
   if (auto e = wide_call(attrs, x, w, y.element_type(), pool, call); e.failure()) return e;
-  // float32 copies of bfloat16 / float16 operands: `parts` names the dtype the products round
-  // to (jaxconv::WideRound).
-  call.round = int(attrs.parts);
+  call.round = int(attrs.round_to);
   if (g.element_type() != y.element_type() || dx->element_type() != y.element_type() ||
       dw->element_type() != y.element_type())
     return ffi::Error::InvalidArgument("jaxconv: operands of different dtypes");
@@ -319,6 +321,9 @@ XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(ForwardAttrs, ::xla::ffi::StructMember<int
 XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(BackwardAttrs, ::xla::ffi::StructMember<int64_t>("op")
                                       JAXCONV_CALL_ATTRS_AFTER_OP(JAXCONV_ATTR_MEMBER),
                                       ::xla::ffi::StructMember<int64_t>("parts"));
+XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(WideBackwardAttrs, ::xla::ffi::StructMember<int64_t>("op")
+                                      JAXCONV_CALL_ATTRS_AFTER_OP(JAXCONV_ATTR_MEMBER),
+                                      ::xla::ffi::StructMember<int64_t>("round_to"));
 #undef JAXCONV_ATTR_MEMBER
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxconvForward, forward_impl,
@@ -345,7 +350,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxconvWideBackward, wide_backward_impl,
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
-                                  .Attrs<BackwardAttrs>()
+                                  .Attrs<WideBackwardAttrs>()
                                   .Ctx<ffi::ThreadPool>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxconvBackward, backward_impl,

@@ -320,6 +320,6 @@ def _wide_backward_call(spec: _Call, x: Array, w: Array, y: Array, g: Array,
     copies of bfloat16 / float16 operands whose products round to `round_to`)."""
     outs = (jax.ShapeDtypeStruct(spec.x_shape, x.dtype),
             jax.ShapeDtypeStruct(spec.w_shape, w.dtype))
-    parts = 0 if round_to is None else WIDE_ROUND[round_to]
+    rounding = 0 if round_to is None else WIDE_ROUND[round_to]
     return jax.ffi.ffi_call(_WIDE_BACKWARD, outs, vmap_method="broadcast_all")(
-        x, w, y, g, parts=np.int64(parts), **spec.attrs())
+        x, w, y, g, round_to=np.int64(rounding), **spec.attrs())
