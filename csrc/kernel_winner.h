@@ -146,6 +146,7 @@ void win_scan(const Ctx& c, const float* xb, const float* pad, const float* pane
 
 template <class Op>
 void win_backward(Ctx& c) {
+  if (dense_win_backward<Op>(c)) return;  // dense products: kernel_dense_backward.h
   const jaxconv::Call& call = *c.call;
   const int64_t I = c.I, O = c.O, Og = c.Og, T = c.T;
   // Pass 1, per run of whole images (they own their input gradient): find each output's
