@@ -41,9 +41,11 @@ inline int64_t dense_block_rows(int64_t K) {
   return kb;
 }
 
-// Whether the call is a dense product that dense_win_backward serves.
+// Whether the call is a dense product that dense_win_backward serves: at least two blocks of
+// kernel rows (with one, pass A would only repeat pass B's scan).
 inline bool dense_winner_case(const Ctx& c) {
-  return c.T == 1 && c.OS == 1 && c.tab[0] == 0 && !c.g.has_pad && c.finite && !depthwise(c);
+  return c.T == 1 && c.OS == 1 && c.tab[0] == 0 && !c.g.has_pad && c.finite &&
+         !depthwise(c) && c.K > 64;
 }
 
 // Pass A for MR rows p .. p + MR - 1 of block (b, grp, jb): each output's mask of the kernel
@@ -154,7 +156,7 @@ bool dense_win_backward(Ctx& c) {
   const int64_t I = c.I, O = c.O, Og = c.Og, K = c.K, P = c.P, G = c.G, B = call.batch;
   const int64_t kb = dense_block_rows(K);
   const int64_t tiles = (P + MR - 1) / MR;
-  std::atomic<bool> failed{false};
+  std::atomic<bool> failed{false}, tied{false};
   // dxv: a unique winner's dx term (dwv its dw term); for a tie dwv holds the share of the
   // cotangent. A code is the unique winner's k (>= 0) or -2 - mask (a tie, or none: mask 0).
   Owned<float> dxv_owned = allocate<float>(B * c.y_bs);
@@ -204,6 +206,7 @@ bool dense_win_backward(Ctx& c) {
         } else {
           cb[at] = -2 - int32_t(cnt == 0 ? 0 : mask);
           dwvb[at] = cnt == 0 ? 0.0f : gv / float(cnt);
+          if (cnt > 1) tied.store(true, std::memory_order_relaxed);
         }
       }
     }
@@ -213,15 +216,33 @@ bool dense_win_backward(Ctx& c) {
     c.failed = true;
     return true;
   }
+  // Ties (rare on real-valued data, common on quantized data) are routed from the whole
+  // kernel transposed per (batch, group) to (Og, K), built only when there is one.
+  Owned<float> wt_owned;
+  if (tied.load()) {
+    wt_owned = allocate<float>(B * G * Og * K);
+    if (!wt_owned) {
+      c.failed = true;
+      return true;
+    }
+    auto transpose_cols = [&](int64_t it) {
+      const int64_t jb = it % c.nJB, grp = (it / c.nJB) % G, b = it / (c.nJB * G);
+      const int64_t nvalid = Og - jb * NR < NR ? Og - jb * NR : NR;
+      transpose(call.w + b * c.w_bs + grp * Og + jb * NR, O,
+                wt_owned.get() + ((b * G + grp) * Og + jb * NR) * K, K, K, nvalid);
+    };
+    parallel(c, B * G * c.nJB, transpose_cols);
+  }
+  const float* wt = wt_owned.get();
   // The products of output (p, o) that equal y, in its masked blocks: calls f(k, x, w).
   auto each_tie = [&](int64_t b, int64_t p, int64_t o, uint32_t mask, float yv, auto&& f) {
     const int64_t grp = o / Og;
     const float* xp = call.x + b * c.x_bs + p * c.img + grp * I;
-    const float* wc = call.w + b * c.w_bs + o;
+    const float* wo = wt + ((b * G + grp) * Og + o - grp * Og) * K;
     for (uint32_t m = mask; m; m &= m - 1) {
       const int64_t k0 = int64_t(__builtin_ctz(m)) * kb, k1 = k0 + kb < K ? k0 + kb : K;
       for (int64_t k = k0; k < k1; ++k)
-        if (Op::template comb<Sc>(xp[k], wc[k * O]) == yv) f(k, xp[k], wc[k * O]);
+        if (Op::template comb<Sc>(xp[k], wo[k]) == yv) f(k, xp[k], wo[k]);
     }
   };
   // Pass C, per run of rows (they own their dx): dx summed over the outputs in order.
