@@ -154,3 +154,21 @@ def test_min_form_sampled_shift_keeps_a_products_precision(name, offsets):
     s = wd[:, :64].mean(1)
     scale = np.abs(xd - s).sum(1)[:, None] + np.abs(wd - s[:, None]).sum(0)[None]
     assert np.all(np.abs(y - ref) <= 8 * 1.2e-7 * scale)
+
+
+def test_dense_winner_backward_of_a_compiled_user_op():
+    """A user combine under max compiles the same backward: x * w (ties and signs of zero
+    among integer products) against the XLA engine."""
+    op = jaxconv.Op(lambda a, b: a * b, "max", name="dense_max_times")
+    rng = np.random.default_rng(9)
+    x = np.round(rng.standard_normal((9, 130)) * 2).astype(np.float32)
+    w = np.round(rng.standard_normal((130, 20)) * 2).astype(np.float32)
+    ct = rng.standard_normal((9, 20)).astype(np.float32)
+
+    def grads(engine):
+        return jax.jit(jax.grad(lambda a, b: jnp.sum(jaxconv.dot_general(
+            a, b, DN, op=op, engine=engine) * ct), (0, 1)))(x, w)
+
+    got, want = grads("native"), grads("xla")
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
