@@ -151,6 +151,9 @@ inline void transpose(const float* src, int64_t ss, float* dst, int64_t sd, int6
 // on finite data (win_backward's rescan serves it).
 template <class Op>
 bool dense_win_backward(Ctx& c) {
+  // max_min / min_max: the general rescan runs on integer keys, faster than pass A's float
+  // min and max (measured on Zen 4, dense E: 16.4 against 20.2 ms of CPU).
+  if constexpr (!std::is_same_v<typename KeyOf<Op>::type, Op>) return false;
   if (!dense_winner_case(c)) return false;
   const jaxconv::Call& call = *c.call;
   const int64_t I = c.I, O = c.O, Og = c.Og, K = c.K, P = c.P, G = c.G, B = call.batch;

@@ -88,7 +88,7 @@ def test_dense_winner_backward_splits_ties_as_the_rule(name, shape):
 
 
 @pytest.mark.parametrize("ties", [False, True], ids=["distinct", "ties"])
-@pytest.mark.parametrize("name", ["max_plus", "min_max"])
+@pytest.mark.parametrize("name", ["max_plus", "min_plus"])
 def test_dense_winner_backward_has_the_general_rescans_bits(name, ties):
     rng = np.random.default_rng(5)
     x = rng.standard_normal((14, 260)).astype(np.float32)
