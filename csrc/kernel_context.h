@@ -71,6 +71,7 @@ struct Ctx {
   bool safe;      // max/min with a non-finite input or pad value: NaN-propagating loop
   bool finite;    // !safe
   bool failed;    // a scratch allocation failed: the call reports out of memory
+  bool unbounded;  // the min form packed a weight beyond kCentreBound: run the exact loop
   jaxconv::Params prm;  // the tuning parameters of this call (kernel_params.h)
   Scratch scratch;  // owns every buffer above (the pointers are views)
 };

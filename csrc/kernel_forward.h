@@ -263,21 +263,29 @@ Owned<float> key_copy(const Ctx& c) {
 // Kernel rows k0..k1 of the block of NR output channels jb of group grp, as (k1 - k0, NR),
 // zero-padded (integer keys for keyed ops).
 // With `shift` (the batch entry's and group's per-channel shifts, the min form) each row is
-// shifted by its channel's and its NR sums are added to its tap's row of `wsum` (T, NR).
+// shifted by its channel's and its NR sums are added to its tap's row of `wsum` (T, NR); the
+// result is then false when a packed weight is NaN or larger than kCentreBound (centre()).
 template <int TV = NV>
-void pack_panel(const Ctx& c, const float* wb, int64_t grp, int64_t jb, int64_t k0, int64_t k1,
+bool pack_panel(const Ctx& c, const float* wb, int64_t grp, int64_t jb, int64_t k0, int64_t k1,
                 bool keys, float* dst, const float* shift = nullptr, float* wsum = nullptr) {
   constexpr int NV = TV, NR = TV * W;  // TV vectors wide (the tile's)
   const int64_t o0 = grp * c.Og + jb * NR;
   const int64_t nvalid = c.Og - jb * NR < NR ? c.Og - jb * NR : NR;
+  S::M ok = S::mtrue();
+  bool ok_tail = true;
   for (int64_t k = k0; k < k1; ++k, dst += NR) {
     const float* src = wb + k * c.O + o0;
     if (shift) {
       const float sh = shift[k % c.I];
       if (nvalid == NR) {
-        for (int v = 0; v < NV; ++v) S::store(dst + v * W, S::sub(S::load(src + v * W), S::set1(sh)));
+        for (int v = 0; v < NV; ++v) {
+          const S::V wv = S::load(src + v * W);
+          ok = S::mand(ok, S::le(S::abs(wv), S::set1(kCentreBound)));
+          S::store(dst + v * W, S::sub(wv, S::set1(sh)));
+        }
       } else {
         for (int64_t l = 0; l < NR; ++l) dst[l] = l < nvalid ? src[l] - sh : 0.0f;
+        ok_tail &= bounded(src, nvalid);
       }
       float* ws = wsum + (k / c.I) * NR;
       for (int v = 0; v < NV; ++v)
@@ -294,6 +302,7 @@ void pack_panel(const Ctx& c, const float* wb, int64_t grp, int64_t jb, int64_t 
     for (int64_t l = 0; l < nvalid; ++l) dst[l] = keys ? data_key(src[l]) : src[l];
     for (int64_t l = nvalid; l < NR; ++l) dst[l] = 0.0f;
   }
+  return ok_tail && !S::any(S::mnot(ok));
 }
 
 // Packs each (batch, group, block of NR output channels) of w as (K, NR), zero-padded.
@@ -343,7 +352,7 @@ void forward_packed(Ctx& c) {
                      : rows >= c.K                                                ? c.K
                      : rows > 0                                                   ? rows
                                                                                   : 1;
-  std::atomic<bool> failed{false};
+  std::atomic<bool> failed{false}, unbounded{false};
   const size_t nws = kCen ? size_t(c.T + 1) * NR : 0;
   // The panel, then (a panel boundary within an output's taps) the tiles' partial sums,
   // then the min form's column sums.
@@ -369,7 +378,8 @@ void forward_packed(Ctx& c) {
     }
     for (int64_t k0 = 0; k0 < c.K; k0 += kc) {
       const int64_t k1 = k0 + kc < c.K ? k0 + kc : c.K;
-      if (!packed) pack_panel<TV>(c, wb, grp, jb, k0, k1, kKey, panel, shift, wsum);
+      if (!packed && !pack_panel<TV>(c, wb, grp, jb, k0, k1, kKey, panel, shift, wsum))
+        unbounded.store(true, std::memory_order_relaxed);  // the min form only (centre())
       if (kCen && k1 == c.K && !packed) {
         float* tot = wsum + c.T * NR;
         for (int v = 0; v < NV; ++v) {
@@ -419,6 +429,7 @@ void forward_packed(Ctx& c) {
     parallel(c, blocks * chunks, item);
   }
   if (failed.load()) c.failed = true;
+  if (unbounded.load()) c.unbounded = true;
 }
 
 // forward_packed on the register tile that the call's `tile` parameter names.

@@ -126,23 +126,16 @@ void sum_backward(Ctx& c, int64_t parts) {
   const int64_t nIB = (I + NR - 1) / NR;
   const int64_t blk = Og * NR;
   if (vec_i) {
-    // Per (batch, tap, group, block of input rows); 16 output channels at a time, so that
-    // each kernel row is read along its length.
+    // Per (batch, tap, group, block of input rows), transposed 16 x 16 at a time.
     auto pack = [&](int64_t it) {
       const int64_t ib = it % nIB, grp = (it / nIB) % c.G, t = (it / (nIB * c.G)) % T;
       const int64_t b = it / (nIB * c.G * T);
       const float* src = call.w + b * c.w_bs + t * I * O + grp * Og;
       float* dst = c.wpack + it * blk;
       const int64_t nl = I - ib * NR < NR ? I - ib * NR : NR;
-      for (int64_t o0 = 0; o0 < Og; o0 += 16) {
-        const int64_t o1 = o0 + 16 < Og ? o0 + 16 : Og;
-        for (int64_t l = 0; l < nl; ++l) {
-          const float* s = src + (ib * NR + l) * O;
-          for (int64_t o = o0; o < o1; ++o) dst[o * NR + l] = s[o];
-        }
-        for (int64_t l = nl; l < NR; ++l)
-          for (int64_t o = o0; o < o1; ++o) dst[o * NR + l] = 0.0f;
-      }
+      transpose(src + ib * NR * O, O, dst, NR, nl, Og);  // kernel_dense_backward.h
+      for (int64_t o = 0; o < Og; ++o)
+        for (int64_t l = nl; l < NR; ++l) dst[o * NR + l] = 0.0f;
     };
     if (parts & 1) parallel(c, call.batch * T * c.G * nIB, pack);
   }

@@ -366,6 +366,7 @@ bool win_dw_item(const Ctx& c, const WinScratch& s, int64_t b, int64_t o0, int64
 
 template <class Op>
 void win_backward(Ctx& c) {
+  if (dense_win_backward<Op>(c)) return;  // dense products: kernel_dense_backward.h
   const jaxconv::Call& call = *c.call;
   const int64_t I = c.I, O = c.O, T = c.T;
   // The keyed scan matches the keyed forward (finite inputs, not depthwise) bit for bit.

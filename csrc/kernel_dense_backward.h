@@ -1,0 +1,315 @@
+// The backward pass of a dense max / min product (one tap, no padding, finite inputs): a
+// blocked rescan that finds, per output, the kernel-row blocks holding its winners, then
+// scans only those blocks. Same bits as win_backward (kernel_winner.h): every product is
+// compared with the forward result y, ties split equally, the gradients summed in the same
+// order.
+//
+// Pass A reruns the forward's register tile over the packed kernel panels, but restarts the
+// reduce every kB kernel rows and compares each block's result with y: block j's bit joins the
+// output's mask when the block holds a product equal to y. That is the forward's inner loop
+// (combine, reduce: two operations per term) plus a few per block, where the full rescan needs
+// three per term on a two-row tile (combine, compare, masked add). Pass B, in the same item
+// (a block of NR output channels), scans each output's masked blocks along k (x's row and the
+// block's transposed kernel column are contiguous there) and keeps the winner and its dx and
+// dw terms; pass C sums dx per run of rows, pass D dw per block of kernel columns, each term in
+// the order of the full rescan.
+//
+// Part of the kernel template: included by kernels.inc inside its anonymous namespace
+// (once per instruction set), never on its own.
+#pragma once
+
+// The lanes of a mask as bits (lane l: bit l).
+inline uint32_t mask_bits(S::M m) {
+#if defined(__AVX512F__)
+  return uint32_t(m);
+#elif defined(__AVX2__) && defined(__FMA__)
+  return uint32_t(_mm256_movemask_ps(m));
+#else
+  uint32_t b = 0;
+  for (int l = 0; l < W; ++l) b |= uint32_t(m[l] != 0) << l;
+  return b;
+#endif
+}
+
+// A block mask is a sum of distinct powers of two in a float lane: exact up to 2^23.
+constexpr int64_t kMaxBlocks = 24;
+
+// Kernel rows per block: 64, or more where K would need more than kMaxBlocks blocks.
+inline int64_t dense_block_rows(int64_t K) {
+  int64_t kb = 64;
+  while ((K + kb - 1) / kb > kMaxBlocks) kb *= 2;
+  return kb;
+}
+
+// Whether the call is a dense product that dense_win_backward serves: at least two blocks of
+// kernel rows (with one, pass A would only repeat pass B's scan).
+inline bool dense_winner_case(const Ctx& c) {
+  return c.T == 1 && c.OS == 1 && c.tab[0] == 0 && !c.g.has_pad && c.finite &&
+         !depthwise(c) && c.K > 64;
+}
+
+// Pass A for MR rows p .. p + MR - 1 of block (b, grp, jb): each output's mask of the kernel
+// row blocks whose reduce equals y, stored to `code` as an int32.
+template <class Op>
+void dense_block_masks(const Ctx& c, const float* xb, const float* panel, const float* yb,
+                       int32_t* cb, int64_t p, int64_t grp, int64_t jb, int64_t kb) {
+  using V = S::V;
+  const TileRows<MR> rows(c, p);
+  const int64_t o0 = grp * c.Og + jb * NR;
+  const int64_t nvalid = c.Og - jb * NR < NR ? c.Og - jb * NR : NR;
+  alignas(64) float ys[MR * NR], cd[MR * NR];
+  const float* xr[MR];
+  for (int r = 0; r < MR; ++r) {
+    xr[r] = xb + (rows.live[r] ? p + r : 0) * c.img + grp * c.I;
+    // Lanes past the block, and dead rows, match nothing: NaN.
+    for (int64_t l = 0; l < NR; ++l)
+      ys[r * NR + l] = rows.live[r] && l < nvalid ? yb[(p + r) * c.O + o0 + l]
+                                                   : __builtin_nanf("");
+  }
+  std::memset(cd, 0, sizeof(cd));
+  float bit = 1.0f;
+  for (int64_t k0 = 0; k0 < c.K; k0 += kb, bit *= 2.0f) {
+    const int64_t k1 = k0 + kb < c.K ? k0 + kb : c.K;
+    V acc[MR][NV];
+    for (int r = 0; r < MR; ++r)
+      for (int v = 0; v < NV; ++v) acc[r][v] = S::set1(Op::ident());
+    for (int64_t i = k0; i < k1; ++i) {
+      V wv[NV];
+      for (int v = 0; v < NV; ++v) wv[v] = S::load(panel + i * NR + v * W);
+      for (int r = 0; r < MR; ++r) {
+        const V xv = S::set1(xr[r][i]);
+        for (int v = 0; v < NV; ++v) acc[r][v] = step<Op, false, S>(acc[r][v], xv, wv[v]);
+      }
+    }
+    const V bv = S::set1(bit);
+    for (int r = 0; r < MR; ++r)
+      for (int v = 0; v < NV; ++v) {
+        float* cp = cd + r * NR + v * W;
+        const S::M e = S::eq(acc[r][v], S::load(ys + r * NR + v * W));
+        S::store(cp, S::madd(e, S::load(cp), bv));
+      }
+  }
+  for (int r = 0; r < MR; ++r) {
+    if (!rows.live[r]) continue;
+    for (int64_t l = 0; l < nvalid; ++l) cb[(p + r) * c.O + o0 + l] = int32_t(cd[r * NR + l]);
+  }
+}
+
+// The products of x's row `xp` and kernel column `wo` (both along k) in the blocks of `mask`
+// that equal y: their number, and the last one's k in *last. Branch-free within a block: the
+// compares of 64 rows at a time gather into one word (a winner's position is unpredictable).
+template <class Op>
+int64_t dense_matches(const float* xp, const float* wo, int64_t K, int64_t kb, uint32_t mask,
+                      float y, int64_t* last) {
+  static_assert(64 % W == 0, "64 rows are whole vectors");
+  const S::V yv = S::set1(y);
+  int64_t cnt = 0, at = *last;
+  for (; mask; mask &= mask - 1) {
+    const int64_t k0 = int64_t(__builtin_ctz(mask)) * kb, k1 = k0 + kb < K ? k0 + kb : K;
+    int64_t k = k0;
+    while (k + W <= k1) {
+      const int64_t base = k;
+      uint64_t word = 0;
+      for (int j = 0; j < 64 / W && k + W <= k1; ++j, k += W) {
+        const S::M e = S::eq(Op::template comb<S>(S::load(xp + k), S::load(wo + k)), yv);
+        word |= uint64_t(mask_bits(e)) << (j * W);
+      }
+      cnt += __builtin_popcountll(word);
+      const int64_t top = base + 63 - __builtin_clzll(word | 1);
+      at = word ? top : at;
+    }
+    for (; k < k1; ++k)
+      if (Op::template comb<Sc>(xp[k], wo[k]) == y) {
+        ++cnt;
+        at = k;
+      }
+  }
+  *last = at;
+  return cnt;
+}
+
+// Copies the (rows, cols) block at `src` (row stride ss) transposed to `dst` (row stride sd),
+// 16 x 16 at a time through a small buffer, so that each line of both is touched in one burst
+// (a column walk of rows 4 KiB apart thrashes one cache set).
+inline void transpose(const float* src, int64_t ss, float* dst, int64_t sd, int64_t rows,
+                      int64_t cols) {
+  constexpr int64_t kT = 16;
+  alignas(64) float tb[kT][kT];
+  for (int64_t r0 = 0; r0 < rows; r0 += kT) {
+    const int64_t nr = rows - r0 < kT ? rows - r0 : kT;
+    for (int64_t c0 = 0; c0 < cols; c0 += kT) {
+      const int64_t nc = cols - c0 < kT ? cols - c0 : kT;
+      for (int64_t r = 0; r < nr; ++r)
+        for (int64_t q = 0; q < nc; ++q) tb[r][q] = src[(r0 + r) * ss + c0 + q];
+      for (int64_t q = 0; q < nc; ++q)
+        for (int64_t r = 0; r < nr; ++r) dst[(c0 + q) * sd + r0 + r] = tb[r][q];
+    }
+  }
+}
+
+// The dense backward (see the top of this file); false when the call is not a dense product
+// on finite data (win_backward's rescan serves it).
+template <class Op>
+bool dense_win_backward(Ctx& c) {
+  // max_min / min_max: the general rescan runs on integer keys, faster than pass A's float
+  // min and max (measured on Zen 4, dense E: 16.4 against 20.2 ms of CPU).
+  if constexpr (!std::is_same_v<typename KeyOf<Op>::type, Op>) return false;
+  if (!dense_winner_case(c)) return false;
+  const jaxconv::Call& call = *c.call;
+  const int64_t I = c.I, O = c.O, Og = c.Og, K = c.K, P = c.P, G = c.G, B = call.batch;
+  const int64_t kb = dense_block_rows(K);
+  const int64_t tiles = (P + MR - 1) / MR;
+  std::atomic<bool> failed{false}, tied{false};
+  // dxv: a unique winner's dx term (dwv its dw term); for a tie dwv holds the share of the
+  // cotangent. A code is the unique winner's k (>= 0) or -2 - mask (a tie, or none: mask 0).
+  Owned<float> dxv_owned = allocate<float>(B * c.y_bs);
+  float* dxv = dxv_owned.get();
+  if (!dxv) {
+    c.failed = true;
+    return true;
+  }
+  // Pass A + B per block of NR output channels: pack its kernel panel (K, NR) and its
+  // transpose (NR, K); the block masks of every row tile; then each output's winners, scanned
+  // along k in its masked blocks. The block owns its outputs' codes and terms.
+  auto block = [&](int64_t blk) {
+    const int64_t jb = blk % c.nJB, grp = (blk / c.nJB) % G, b = blk / (c.nJB * G);
+    const int64_t nvalid = Og - jb * NR < NR ? Og - jb * NR : NR;
+    const int64_t o0 = grp * Og + jb * NR;
+    Owned<float> owned = allocate<float>(2 * K * NR);
+    float* panel = owned.get();
+    if (!panel) {
+      failed.store(true, std::memory_order_relaxed);
+      return;
+    }
+    float* tp = panel + K * NR;
+    const float* wb = call.w + b * c.w_bs;
+    pack_panel(c, wb, grp, jb, 0, K, false, panel);
+    transpose(wb + o0, O, tp, K, K, nvalid);
+    const float* xb = call.x + b * c.x_bs;
+    const float* yb = call.y + b * c.y_bs;
+    const float* gb = call.g + b * c.y_bs;
+    int32_t* cb = c.code + b * c.y_bs;
+    for (int64_t tl = 0; tl < tiles; ++tl)
+      dense_block_masks<Op>(c, xb, panel, yb, cb, tl * MR, grp, jb, kb);
+    float* dwvb = c.dwv + b * c.y_bs;
+    float* dxvb = dxv + b * c.y_bs;
+    for (int64_t p = 0; p < P; ++p) {
+      const float* xp = xb + p * c.img + grp * I;
+      for (int64_t l = 0; l < nvalid; ++l) {
+        const int64_t at = p * O + o0 + l;
+        const uint32_t mask = uint32_t(cb[at]);
+        const float* wo = tp + l * K;
+        const float yv = yb[at], gv = gb[at];
+        int64_t last = -1;
+        const int64_t cnt = mask ? dense_matches<Op>(xp, wo, K, kb, mask, yv, &last) : 0;
+        if (cnt == 1) {
+          cb[at] = int32_t(last);
+          dxvb[at] = gv * Op::template dcx<Sc>(xp[last], wo[last]);
+          dwvb[at] = gv * Op::template dcw<Sc>(xp[last], wo[last]);
+        } else {
+          cb[at] = -2 - int32_t(cnt == 0 ? 0 : mask);
+          dwvb[at] = cnt == 0 ? 0.0f : gv / float(cnt);
+          if (cnt > 1) tied.store(true, std::memory_order_relaxed);
+        }
+      }
+    }
+  };
+  parallel(c, B * G * c.nJB, block);
+  if (failed.load()) {
+    c.failed = true;
+    return true;
+  }
+  // Ties (rare on real-valued data, common on quantized data) are routed from the whole
+  // kernel transposed per (batch, group) to (Og, K), built only when there is one.
+  Owned<float> wt_owned;
+  if (tied.load()) {
+    wt_owned = allocate<float>(B * G * Og * K);
+    if (!wt_owned) {
+      c.failed = true;
+      return true;
+    }
+    auto transpose_cols = [&](int64_t it) {
+      const int64_t jb = it % c.nJB, grp = (it / c.nJB) % G, b = it / (c.nJB * G);
+      const int64_t nvalid = Og - jb * NR < NR ? Og - jb * NR : NR;
+      transpose(call.w + b * c.w_bs + grp * Og + jb * NR, O,
+                wt_owned.get() + ((b * G + grp) * Og + jb * NR) * K, K, K, nvalid);
+    };
+    parallel(c, B * G * c.nJB, transpose_cols);
+  }
+  const float* wt = wt_owned.get();
+  // The products of output (p, o) that equal y, in its masked blocks: calls f(k, x, w).
+  auto each_tie = [&](int64_t b, int64_t p, int64_t o, uint32_t mask, float yv, auto&& f) {
+    const int64_t grp = o / Og;
+    const float* xp = call.x + b * c.x_bs + p * c.img + grp * I;
+    const float* wo = wt + ((b * G + grp) * Og + o - grp * Og) * K;
+    for (uint32_t m = mask; m; m &= m - 1) {
+      const int64_t k0 = int64_t(__builtin_ctz(m)) * kb, k1 = k0 + kb < K ? k0 + kb : K;
+      for (int64_t k = k0; k < k1; ++k)
+        if (Op::template comb<Sc>(xp[k], wo[k]) == yv) f(k, xp[k], wo[k]);
+    }
+  };
+  // Pass C, per run of rows (they own their dx): dx summed over the outputs in order.
+  constexpr int64_t kRowsPerItem = 8;
+  const int64_t nrb = (P + kRowsPerItem - 1) / kRowsPerItem;
+  auto route_dx = [&](int64_t it) {
+    const int64_t rb = it % nrb, b = it / nrb;
+    const int64_t p1 = (rb + 1) * kRowsPerItem < P ? (rb + 1) * kRowsPerItem : P;
+    for (int64_t p = rb * kRowsPerItem; p < p1; ++p) {
+      const int64_t row = b * c.y_bs + p * O;
+      for (int64_t o = 0; o < O; ++o) {
+        const int32_t code = c.code[row + o];
+        float* dxp = call.out + b * c.x_bs + p * c.img + (o / Og) * I;
+        if (code >= 0) {
+          dxp[code] += dxv[row + o];
+        } else if (code < -2) {
+          const float share = c.dwv[row + o];
+          each_tie(b, p, o, uint32_t(-2 - code), call.y[row + o], [&](int64_t k, float xv, float wv) {
+            dxp[k] += share * Op::template dcx<Sc>(xv, wv);
+          });
+        }
+      }
+    }
+  };
+  // Pass D, per block of kernel columns: dw summed over the rows in order in a contiguous
+  // (K, kCols) block and copied out.
+  constexpr int64_t kCols = 64;
+  const int64_t ncb = (O + kCols - 1) / kCols;
+  auto sum_dw = [&](int64_t it) {
+    const int64_t b = it / ncb, o0 = (it % ncb) * kCols;
+    const int64_t o1 = o0 + kCols < O ? o0 + kCols : O;
+    const Owned<float> owned = allocate<float>(K * kCols);
+    float* acc = owned.get();
+    if (!acc) {
+      failed.store(true, std::memory_order_relaxed);
+      return;
+    }
+    std::memset(acc, 0, sizeof(float) * size_t(K) * kCols);
+    for (int64_t p = 0; p < P; ++p) {
+      const int64_t row = b * c.y_bs + p * O;
+      for (int64_t o = o0; o < o1; ++o) {
+        const int32_t code = c.code[row + o];
+        float* ac = acc + (o - o0);
+        if (code >= 0) {
+          ac[code * kCols] += c.dwv[row + o];
+        } else if (code < -2) {
+          const float share = c.dwv[row + o];
+          each_tie(b, p, o, uint32_t(-2 - code), call.y[row + o], [&](int64_t k, float xv, float wv) {
+            ac[k * kCols] += share * Op::template dcw<Sc>(xv, wv);
+          });
+        }
+      }
+    }
+    float* dwb = call.out2 + b * c.w_bs;
+    for (int64_t k = 0; k < K; ++k)
+      std::memcpy(dwb + k * O + o0, acc + k * kCols, sizeof(float) * (o1 - o0));
+  };
+  // Both in one fork-join (disjoint outputs).
+  const int64_t ndx = B * nrb;
+  auto both = [&](int64_t it) {
+    if (it < ndx) route_dx(it);
+    else sum_dw(it - ndx);
+  };
+  parallel(c, ndx + B * ncb, both);
+  if (failed.load()) c.failed = true;
+  return true;
+}

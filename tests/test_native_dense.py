@@ -1,0 +1,174 @@
+"""Dense products on the native engine: the blocked winner backward of max / min ops and the
+min form's sampled centring of adder / l1 (csrc/kernel_dense_backward.h, kernel_centre.h).
+
+The winner backward is checked against the tie rule written out in numpy (equal split among
+the products equal to the result) and bit for bit against the general rescan, which serves
+the same products laid out as a 1x1 convolution over two positions per image.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from reference import NUMPY_OPS, dot_general_reference
+
+import jaxconv
+from jaxconv._src.engines import native
+
+pytestmark = pytest.mark.skipif(not native.available(),
+                                reason=f"native engine not built: {native.load_error()}")
+
+DN = (((1,), (0,)), ((), ()))
+MAXMIN = ("max_plus", "min_plus", "max_min", "min_max")
+
+
+def _winner_grads(name: str, x: np.ndarray, w: np.ndarray, ct: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """The contract's rule in float64 loops: each output's cotangent split equally among the
+    products equal to its result, times the combine's partial derivatives (a tie x == w of
+    min / max split in half)."""
+    op = NUMPY_OPS[name]
+    red = np.max if op.reduce is np.maximum else np.min
+    dx, dw = np.zeros(x.shape), np.zeros(w.shape)
+    for p in range(x.shape[0]):
+        for o in range(w.shape[1]):
+            prod = op.combine(x[p], w[:, o])
+            hit = prod == red(prod)
+            share = ct[p, o] / hit.sum()
+            if name in ("max_plus", "min_plus"):
+                px = pw = np.ones(x.shape[1])
+            else:  # min(x, w) under max, max(x, w) under min
+                first = x[p] < w[:, o] if name == "max_min" else x[p] > w[:, o]
+                px = np.where(first, 1.0, np.where(x[p] == w[:, o], 0.5, 0.0))
+                pw = 1.0 - px
+            dx[p] += np.where(hit, share * px, 0.0)
+            dw[:, o] += np.where(hit, share * pw, 0.0)
+    return dx, dw
+
+
+def _dense_vjp(name: str, x, w, ct):
+    f = lambda a, b: jaxconv.dot_general(a, b, DN, op=name, engine="native")  # noqa: E731
+    y, vjp = jax.vjp(f, x, w)
+    return (y, *vjp(ct))
+
+
+def _conv_vjp(name: str, x, w, ct):
+    """The same product as a 1x1 convolution over images of two positions: the general
+    winner rescan (not the dense path)."""
+    m, k = x.shape
+    kw = dict(window_strides=(1, 1), padding="VALID",
+              dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    f = lambda a, b: jaxconv.conv_general_dilated(  # noqa: E731
+        a.reshape(m // 2, 2, 1, k), b.reshape(1, 1, *b.shape), op=name, engine="native",
+        **kw).reshape(m, -1)
+    y, vjp = jax.vjp(f, x, w)
+    return (y, *vjp(ct))
+
+
+# K: one block of 64 kernel rows; five with a tail; 27 blocks of 64 (so 14 of 128). Integer
+# data: ties within and across blocks, and x == w for max_min / min_max.
+@pytest.mark.parametrize("shape", [(6, 64, 17), (10, 300, 70), (4, 1700, 20)])
+@pytest.mark.parametrize("name", MAXMIN)
+def test_dense_winner_backward_splits_ties_as_the_rule(name, shape):
+    m, k, o = shape
+    rng = np.random.default_rng(3)
+    x = np.round(rng.standard_normal((m, k)) * 2).astype(np.float32)
+    w = np.round(rng.standard_normal((k, o)) * 2).astype(np.float32)
+    ct = rng.standard_normal((m, o)).astype(np.float32)
+    y, dx, dw = jax.jit(lambda a, b: _dense_vjp(name, a, b, ct))(x, w)
+    op = NUMPY_OPS[name]
+    ref = dot_general_reference(x, w, DN, combine=op.combine, reduce=op.reduce,
+                                identity=op.identity)
+    np.testing.assert_array_equal(np.asarray(y), ref)
+    rdx, rdw = _winner_grads(name, x.astype(np.float64), w.astype(np.float64), ct)
+    np.testing.assert_allclose(np.asarray(dx), rdx, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(dw), rdw, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("ties", [False, True], ids=["distinct", "ties"])
+@pytest.mark.parametrize("name", ["max_plus", "min_plus"])
+def test_dense_winner_backward_has_the_general_rescans_bits(name, ties):
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((14, 260)).astype(np.float32)
+    w = rng.standard_normal((260, 90)).astype(np.float32)
+    if ties:
+        x, w = np.round(x), np.round(w)
+    ct = rng.standard_normal((14, 90)).astype(np.float32)
+    got = jax.jit(lambda a, b: _dense_vjp(name, a, b, ct))(x, w)
+    want = jax.jit(lambda a, b: _conv_vjp(name, a, b, ct))(x, w)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_dense_winner_backward_under_vmap_of_the_kernel():
+    """A mapped kernel folds into feature groups: each group's block masks and winners."""
+    rng = np.random.default_rng(6)
+    x = np.round(rng.standard_normal((9, 130)) * 2).astype(np.float32)
+    ws = np.round(rng.standard_normal((3, 130, 40)) * 2).astype(np.float32)
+    ct = rng.standard_normal((3, 9, 40)).astype(np.float32)
+
+    def grads(w, c):
+        return jax.grad(lambda a, b: jnp.sum(jaxconv.dot_general(
+            a, b, DN, op="max_plus", engine="native") * c), (0, 1))(x, w)
+
+    dx, dw = jax.jit(jax.vmap(grads))(ws, ct)
+    for j in range(3):
+        rdx, rdw = _winner_grads("max_plus", x.astype(np.float64), ws[j].astype(np.float64),
+                                 ct[j])
+        np.testing.assert_allclose(np.asarray(dx[j]), rdx, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(dw[j]), rdw, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["adder", "l1"])
+def test_min_form_takes_the_exact_loop_for_an_unsampled_infinite_weight(name):
+    """centre() samples the first 64 output channels for its shifts; a -inf weight past them
+    must still send the call to the direct loop (-|x - w| = -inf, where the min form's
+    2 min - x - w would give -inf + inf = NaN)."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((5, 3)).astype(np.float32)
+    w = rng.standard_normal((3, 100)).astype(np.float32)
+    w[1, 80] = -np.inf
+    y = np.asarray(jaxconv.dot_general(x, w, DN, op=name, engine="native"))
+    op = NUMPY_OPS[name]
+    ref = dot_general_reference(x, w, DN, combine=op.combine, reduce=op.reduce,
+                                identity=op.identity)
+    np.testing.assert_array_equal(y[:, 80], ref[:, 80])
+    keep = np.arange(100) != 80
+    np.testing.assert_allclose(y[:, keep], ref[:, keep], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["adder", "l1"])
+@pytest.mark.parametrize("offsets", [(100.0, 100.0), (0.0, -1000.0)])
+def test_min_form_sampled_shift_keeps_a_products_precision(name, offsets):
+    """With more than 64 output channels the shift is a sample's mean: offset data must still
+    keep about a product's precision against a float64 reference."""
+    rng = np.random.default_rng(8)
+    x = (rng.standard_normal((12, 300)) + offsets[0]).astype(np.float32)
+    w = (rng.standard_normal((300, 200)) + offsets[1]).astype(np.float32)
+    y = np.asarray(jaxconv.dot_general(x, w, DN, op=name, engine="native"))
+    xd, wd = x.astype(np.float64), w.astype(np.float64)
+    ref = -np.abs(xd[:, :, None] - wd[None]).sum(1)
+    # A product's error, eps * sum(|x - s| + |w - s|), s the sample's mean (a few eps of it).
+    s = wd[:, :64].mean(1)
+    scale = np.abs(xd - s).sum(1)[:, None] + np.abs(wd - s[:, None]).sum(0)[None]
+    assert np.all(np.abs(y - ref) <= 8 * 1.2e-7 * scale)
+
+
+def test_dense_winner_backward_of_a_compiled_user_op():
+    """A user combine under max compiles the same backward: x * w (ties and signs of zero
+    among integer products) against the XLA engine."""
+    op = jaxconv.Op(lambda a, b: a * b, "max", name="dense_max_times")
+    rng = np.random.default_rng(9)
+    x = np.round(rng.standard_normal((9, 130)) * 2).astype(np.float32)
+    w = np.round(rng.standard_normal((130, 20)) * 2).astype(np.float32)
+    ct = rng.standard_normal((9, 20)).astype(np.float32)
+
+    def grads(engine):
+        return jax.jit(jax.grad(lambda a, b: jnp.sum(jaxconv.dot_general(
+            a, b, DN, op=op, engine=engine) * ct), (0, 1)))(x, w)
+
+    got, want = grads("native"), grads("xla")
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
