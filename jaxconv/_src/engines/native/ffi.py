@@ -317,7 +317,20 @@ WIDE_ROUND = {"bfloat16": 1, "float16": 2}
 def _wide_backward_call(spec: _Call, x: Array, w: Array, y: Array, g: Array,
                         round_to: str | None = None) -> tuple[Array, Array]:
     """The wide kernels' backward: both gradients in the operands' dtype (float64, or float32
-    copies of bfloat16 / float16 operands whose products round to `round_to`)."""
+    copies of bfloat16 / float16 operands whose products round to `round_to`).
+
+    Args:
+        spec: the call's geometry and op.
+        x: the input.
+        w: the kernel.
+        y: the forward's output.
+        g: its cotangent.
+        round_to: ``"bfloat16"`` or ``"float16"`` for float32 copies whose products round to
+            that dtype, None for none.
+
+    Returns:
+        ``(gx, gw)``.
+    """
     outs = (jax.ShapeDtypeStruct(spec.x_shape, x.dtype),
             jax.ShapeDtypeStruct(spec.w_shape, w.dtype))
     rounding = 0 if round_to is None else WIDE_ROUND[round_to]
