@@ -177,6 +177,30 @@ struct Plan {
   int64_t xs, ys;  // per-batch strides of x and y
 };
 
+// A call's plan: its sizes and strides, its input and output (the panels and the pad row
+// are the caller's).
+template <class E>
+inline Plan<E> make_plan(const WideCall& call, E* y) {
+  constexpr int NB = kNV * Vt<E>::L;
+  const Geom& g = call.geom;
+  Plan<E> pl{};
+  pl.g = &g;
+  pl.x = static_cast<const E*>(call.x);
+  pl.y = y;
+  pl.pad = E(g.pad);
+  pl.P = g.os[0] * g.os[1] * g.os[2];
+  pl.R = g.n * pl.P;
+  pl.T = g.k[0] * g.k[1] * g.k[2];
+  pl.K = pl.T * g.i;
+  pl.og = g.g > 0 ? g.o / g.g : 0;
+  pl.nb = NB;
+  pl.blocks = (pl.og + NB - 1) / NB;
+  pl.tiles = (pl.R + kMR - 1) / kMR;
+  pl.xs = g.n * g.sp[0] * g.sp[1] * g.sp[2] * g.c;
+  pl.ys = pl.R * g.o;
+  return pl;
+}
+
 // The input row of output row r (n * P + p) at tap t, or nullptr (padding / a hole).
 template <class E>
 inline const E* row_at(const Plan<E>& pl, const E* xb, int64_t r, int64_t t) {
@@ -277,21 +301,7 @@ int run_typed(const WideCall& call) {
   const Geom& g = call.geom;
   constexpr int L = Vt<E>::L;
   constexpr int NB = kNV * L;
-  Plan<E> pl;
-  pl.g = &g;
-  pl.x = static_cast<const E*>(call.x);
-  pl.y = static_cast<E*>(call.out);
-  pl.pad = E(g.pad);
-  pl.P = g.os[0] * g.os[1] * g.os[2];
-  pl.R = g.n * pl.P;
-  pl.T = g.k[0] * g.k[1] * g.k[2];
-  pl.K = pl.T * g.i;
-  pl.og = g.g > 0 ? g.o / g.g : 0;
-  pl.nb = NB;
-  pl.blocks = (pl.og + NB - 1) / NB;
-  pl.tiles = (pl.R + kMR - 1) / kMR;
-  pl.xs = g.n * g.sp[0] * g.sp[1] * g.sp[2] * g.c;
-  pl.ys = pl.R * g.o;
+  Plan<E> pl = make_plan<E>(call, static_cast<E*>(call.out));
   if (pl.R == 0 || g.o == 0) return 0;
   const E* w = static_cast<const E*>(call.w);
   if (pl.K == 0 || g.i == 0) {  // an empty contraction: the identity

@@ -129,6 +129,20 @@ inline void load_rows(const E* src, const BPlan<E>& bp, int64_t r0, int nm, int6
   }
 }
 
+// The input rows of a tile's nm live output rows (from r0) at tap t, this group's channels:
+// xr[m] (the pad row for a padded tap) and whether the row takes part (on[m]: live, and not
+// a padded tap when there is no pad value).
+template <class E>
+inline void tile_rows(const Plan<E>& pl, const E* xb, int64_t r0, int nm, int64_t t,
+                      int64_t grp, const E* xr[kMR], bool on[kMR]) {
+  const Geom& g = *pl.g;
+  for (int m = 0; m < kMR; ++m) {
+    const E* p = m < nm ? row_at(pl, xb, r0 + m, t) : nullptr;
+    on[m] = m < nm && (p || g.has_pad);
+    xr[m] = p ? p + grp * g.i : pl.fill;
+  }
+}
+
 // Pass 1 on one tile (rows r0 .. r0 + nm of batch element b, one group, one block).
 template <class E, class Op, int Id, bool Win, bool Exact, int Rnd>
 void dx_tile(const BPlan<E>& bp, int64_t b, int64_t grp, int64_t blk, int64_t r0, int nm) {
@@ -158,11 +172,7 @@ void dx_tile(const BPlan<E>& bp, int64_t b, int64_t grp, int64_t blk, int64_t r0
     for (int64_t t = 0; t < pl.T; ++t) {
       const E* xr[kMR];
       bool on[kMR];
-      for (int m = 0; m < kMR; ++m) {
-        const E* p = m < nm ? row_at(pl, xb, r0 + m, t) : nullptr;
-        on[m] = m < nm && (p || g.has_pad);
-        xr[m] = p ? p + grp * g.i : pl.fill;
-      }
+      tile_rows(pl, xb, r0, nm, t, grp, xr, on);
       const E* wp = panel + t * g.i * NB;
       for (int64_t i = 0; i < g.i; ++i, wp += NB) {
         V wv[kNV];
@@ -297,11 +307,7 @@ void dw_block(const BPlan<E>& bp, int64_t b, int64_t grp, int64_t blk, E* acc) {
     for (int64_t t = 0; t < pl.T; ++t) {
       const E* xr[kMR];
       bool on[kMR];
-      for (int m = 0; m < kMR; ++m) {
-        const E* p = m < nm ? row_at(pl, xb, r0 + m, t) : nullptr;
-        on[m] = m < nm && (p || g.has_pad);
-        xr[m] = p ? p + grp * g.i : pl.fill;
-      }
+      tile_rows(pl, xb, r0, nm, t, grp, xr, on);
       const E* wp = panel + t * g.i * NB;
       E* ap = acc + t * g.i * NB;
       for (int64_t i = 0; i < g.i; ++i, wp += NB, ap += NB) {
@@ -339,21 +345,8 @@ int backward_typed(const WideCall& call) {
   constexpr int NB = kNV * L;
   const Geom& g = call.geom;
   BPlan<E> bp;
+  bp.f = make_plan<E>(call, static_cast<E*>(nullptr));
   Plan<E>& pl = bp.f;
-  pl.g = &g;
-  pl.x = static_cast<const E*>(call.x);
-  pl.y = nullptr;
-  pl.pad = E(g.pad);
-  pl.P = g.os[0] * g.os[1] * g.os[2];
-  pl.R = g.n * pl.P;
-  pl.T = g.k[0] * g.k[1] * g.k[2];
-  pl.K = pl.T * g.i;
-  pl.og = g.g > 0 ? g.o / g.g : 0;
-  pl.nb = NB;
-  pl.blocks = (pl.og + NB - 1) / NB;
-  pl.tiles = (pl.R + kMR - 1) / kMR;
-  pl.xs = g.n * g.sp[0] * g.sp[1] * g.sp[2] * g.c;
-  pl.ys = pl.R * g.o;
   bp.y = static_cast<const E*>(call.y);
   bp.gy = static_cast<const E*>(call.g);
   bp.dx = static_cast<E*>(call.out);
