@@ -626,6 +626,8 @@ def smoothing_temperature(fn: Callable[[Any, Any], Any], dtype: Any = np.float32
 
     Args:
       fn: the binary callable.
+      dtype: the dtype it is traced in (``c`` is the literal in that dtype: float32's
+        ``0.1`` is ``0.10000000149...``; float64 operands need float64's).
 
     Returns:
       ``c`` (a float), or ``None``.
