@@ -215,3 +215,26 @@ def test_explain_says_what_happens():
     prob_or = jaxconv.Op(lambda a, b: a * b, lambda a, b: a + b - a * b, identity=0.0)
     fold = jaxconv.explain(prob_or, platform="cpu")
     assert not any("logaddexp(a / c" in d for d in fold.details)
+
+
+@pytest.mark.parametrize("c, engine", [(0.5, "auto"), (-2.0, "xla")])
+def test_spreads_beyond_exp_range(c, engine):
+    # Terms / c spread far beyond 88 (exp's float32 range): the running maximum keeps the
+    # values and the softmax-weight gradients finite and equal to the user's fold's.
+    fold = _tempered(c)
+    identity = -math.inf if c > 0 else math.inf
+    op = jaxconv.Op(lambda a, b: a + b, fold, identity=identity)
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((1, 4, 4, 2)) * 300).astype(np.float32)
+    w = (rng.standard_normal((3, 3, 2, 3)) * 300).astype(np.float32)
+    ref = conv_reference(x, w, (1, 1), "SAME", None, None, DN, combine=np.add,
+                         reduce=_np_tempered(c), identity=identity)
+    ours = _ours(op, engine)
+    np.testing.assert_allclose(np.asarray(ours(x, w)), ref, rtol=1e-5, atol=1e-3)
+    ct = jnp.asarray(rng.standard_normal(ref.shape), jnp.float32)
+    got = jax.grad(lambda a, b: jnp.sum(ct * ours(a, b)), argnums=(0, 1))(x, w)
+    want = jax.grad(lambda a, b: jnp.sum(ct * _brute_force(a, b, lambda p, q: p + q, fold)),
+                    argnums=(0, 1))(x, w)
+    for g, g0 in zip(got, want, strict=True):
+        assert np.isfinite(np.asarray(g)).all()
+        np.testing.assert_allclose(np.asarray(g), np.asarray(g0), rtol=1e-4, atol=1e-4)
