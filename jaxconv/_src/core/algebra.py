@@ -419,6 +419,10 @@ class Capabilities:
       native: the native CPU kernel's id, or ``None``.
       forward_mode: whether a forward-mode rule exists.
       reverse_only_part: ``"combine"`` / ``"reduce"``: the part that has only a custom VJP.
+      temperature: ``c`` when the callable reduce is ``c * logaddexp(a / c, b / c)``
+        (`smoothing_temperature`) with its identity (``-inf`` for ``c > 0``, ``+inf`` for
+        ``c < 0``): the op is ``c`` times the logsumexp of ``combine / c``, which
+        `factoring.factored_form` runs on the built-in logsumexp paths; else ``None``.
     """
 
     canonical: Op
@@ -430,6 +434,7 @@ class Capabilities:
     native: str | None
     forward_mode: bool
     reverse_only_part: str | None
+    temperature: float | None = None
 
 
 def simple_primitive(fn: Any, dtype: Any = jnp.float32) -> str | None:
@@ -566,6 +571,98 @@ def recognised_reduce(fn: Callable[[Any, Any], Any]) -> str | None:
     return "logsumexp" if _computes_logaddexp(program) else None
 
 
+def _matches_tempered_logaddexp(program: Any, c: float, dtype: Any) -> bool:
+    """Whether a two-argument program is ``c * logaddexp(a / c, b / c)`` on the probe values.
+
+    The probes are `_LAE_PROBES` and the same values scaled by ``|c|`` (spreads beyond exp's
+    range at this temperature). Every pair must match the float64 formula within a few
+    float32 rounding steps, NaN where an argument is NaN; where ``a / c`` or ``b / c`` is
+    ``+inf``, or both are ``-inf``, NaN is accepted too (hand-written stable forms), as for
+    `_computes_logaddexp`.
+
+    Args:
+        program: a `scalar_program.Program` of two arguments.
+        c: the temperature (non-zero, finite).
+        dtype: the program's dtype (the probes' dtype).
+
+    Returns:
+        True if it computes the tempered logaddexp.
+    """
+    from jaxconv._src.core import scalar_program as sp  # noqa: PLC0415
+
+    with np.errstate(over="ignore"):
+        probes = np.unique(np.concatenate([_LAE_PROBES, _LAE_PROBES * np.float32(abs(c))]))
+    a, b = (v.ravel().astype(dtype) for v in np.meshgrid(probes, probes))
+    try:
+        with jax.ensure_compile_time_eval():
+            got = np.asarray(sp.evaluate(program, jnp.asarray(a), jnp.asarray(b))[0],
+                             np.float64)
+    except Exception:  # noqa: BLE001 - a program that fails on values is not this fold
+        return False
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    nan_in = np.isnan(a64) | np.isnan(b64)
+    with np.errstate(invalid="ignore", over="ignore"):
+        u, v = a64 / c, b64 / c
+        edge = ~nan_in & ((u == np.inf) | (v == np.inf) | ((u == -np.inf) & (v == -np.inf)))
+        want = c * np.logaddexp(u, v)
+        scale = np.maximum(1.0, np.maximum(np.abs(a64), np.abs(b64)))
+        close = (got == want) | (np.abs(got - want) <= 8 * np.finfo(np.float32).eps * scale)
+    return bool(np.isnan(got[nan_in]).all() and close[~nan_in & ~edge].all()
+                and (close[edge] | np.isnan(got[edge])).all())
+
+
+@functools.lru_cache(maxsize=256)
+def smoothing_temperature(fn: Callable[[Any, Any], Any], dtype: Any = np.float32) -> float | None:
+    """The temperature ``c`` of a callable reduce that computes ``c * logaddexp(a / c, b / c)``.
+
+    Such a fold is a logsumexp at temperature ``c``: ``reduce(t_1, ..., t_n) = c *
+    logsumexp(t_i / c)``, a smoothed max for ``c > 0`` (identity ``-inf``) and a smoothed
+    min for ``c < 0`` (identity ``+inf``). Recognised from the traced program, never the
+    function's name: it must use an exponential and a logarithm, and for one of its
+    constants ``k`` (or ``1 / k``) match the formula with ``c = k`` on pairs of probe values
+    (`_matches_tempered_logaddexp`): ``c * jnp.logaddexp(a / c, b / c)``, the softplus form
+    ``max(a, b) + c * softplus(-|a - b| / c)``, ... ``c == 1`` is `recognised_reduce`'s
+    plain ``"logsumexp"``.
+
+    Args:
+      fn: the binary callable.
+      dtype: the dtype it is traced in (``c`` is the literal in that dtype: float32's
+        ``0.1`` is ``0.10000000149...``; float64 operands need float64's).
+
+    Returns:
+      ``c`` (a float), or ``None``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxconv._src.core.algebra import smoothing_temperature
+      >>> smoothing_temperature(lambda a, b: 0.5 * jnp.logaddexp(a / 0.5, b / 0.5))
+      0.5
+      >>> smoothing_temperature(lambda a, b: jnp.logaddexp(a, b) + 1.0) is None
+      True
+    """
+    from jaxconv._src.core import scalar_program as sp  # noqa: PLC0415
+
+    try:
+        program = sp.trace(fn, dtype, 2)
+    except sp.Untranslatable:
+        return None
+    used = set(program.primitives())
+    if len(program.outputs) != 1 or not used & {"exp", "exp2", "expm1", "logistic"} \
+            or not used & {"log", "log1p"}:
+        return None
+    consts = {float(r.value) for k in program.live() for r in program.nodes[k].args
+              if isinstance(r, sp.Const) and not isinstance(r.value, bool)}
+    candidates = []
+    for k in sorted(consts, key=abs):
+        if not math.isfinite(k) or k == 0:
+            continue
+        candidates += [k, float(np.dtype(dtype).type(1.0 / k))]
+    for c in dict.fromkeys(candidates):
+        if c != 1.0 and math.isfinite(c) and _matches_tempered_logaddexp(program, c, dtype):
+            return c
+    return None
+
+
 def _has_reverse_only_rule(jaxpr: Any) -> bool:
     """Whether ``jaxpr`` calls a ``custom_vjp`` function outside any ``custom_jvp`` one (whose
     own JVP rule would cover it): such a program has no forward-mode rule.
@@ -628,11 +725,16 @@ def capabilities(op: Op) -> Capabilities:
       -inf
     """
     canonical = op
+    temperature = None
     if callable(op.reduce):
         name = recognised_reduce(op.reduce)
         if name is not None and op.identity is not None \
                 and float(op.identity) == _DEFAULT_IDENTITY[name]:
             canonical = op.replace(reduce=name, identity=None)
+        elif name is None and op.identity is not None and op.rewrite is None:
+            c = smoothing_temperature(op.reduce)
+            if c is not None and float(op.identity) == (-math.inf if c > 0 else math.inf):
+                temperature = c
     elif op.identity is not None and float(op.identity) == _DEFAULT_IDENTITY.get(op.reduce):
         # A declared identity that is the reduce's own (max's -inf): the default, which
         # lets the engines fill padding, factor maps out of the product and so on.
@@ -657,4 +759,4 @@ def capabilities(op: Op) -> Capabilities:
         forward = bool(op.forward_mode)
         part = None if forward else "combine"
     return Capabilities(canonical, red, comb, fill, separable if red == "sum" else None,
-                        log_semiring, op.native, forward, part)
+                        log_semiring, op.native, forward, part, temperature)

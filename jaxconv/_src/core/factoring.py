@@ -51,21 +51,65 @@ class ProgramFn:
         return scalar_program.evaluate(self.program, *args)[0]
 
 
+@dataclasses.dataclass(frozen=True)
+class Tempered:
+    """``combine(x, w) / c``: the terms of a logsumexp at temperature ``c`` (hashable, equal
+    for the same combine and ``c``)."""
+
+    combine: Callable[[Any, Any], Any]
+    c: float
+
+    def __call__(self, x: Array, w: Array) -> Array:
+        """The user's combine divided by the temperature (in its own dtype).
+
+        Args:
+            x: the input's values.
+            w: the kernel's values.
+
+        Returns:
+            ``combine(x, w) / c``.
+        """
+        return self.combine(x, w) / self.c
+
+
+@dataclasses.dataclass(frozen=True)
+class Scale:
+    """``y * c``: the output map of a logsumexp at temperature ``c``."""
+
+    c: float
+
+    def __call__(self, y: Array) -> Array:
+        """Scales the reduced result back (in its own dtype).
+
+        Args:
+            y: the logsumexp of the scaled terms.
+
+        Returns:
+            ``c * y``.
+        """
+        return self.c * y
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class FactoredForm:
     """``op`` as ``outer(inner(lhs_map(x), rhs_map(w)))``: see `factored_form`.
 
     Attributes:
       inner: the op the engines compute.
-      outer: the monotone map of the reduced result, or ``None``.
+      outer: the monotone map of the reduced result (a `Scale` for a tempered logsumexp),
+        or ``None``.
       lhs_map: the map of the input applied before the product, or ``None``.
       rhs_map: the map of the kernel applied before the product, or ``None``.
+      temperature: ``c`` when the op's callable reduce is ``c * logaddexp(a / c, b / c)``
+        (`algebra.smoothing_temperature`), run as ``c`` times the built-in logsumexp of
+        ``combine / c``; else ``None``.
     """
 
     inner: Op
-    outer: ProgramFn | None
+    outer: ProgramFn | Scale | None
     lhs_map: ProgramFn | None
     rhs_map: ProgramFn | None
+    temperature: float | None = None
 
     def describe(self) -> list[str]:
         """One line per factor, for `jaxconv.explain`."""
@@ -75,7 +119,15 @@ class FactoredForm:
                 rule = " (with its custom derivative rule)" if fn.program.rules() else ""
                 lines.append(f"the map {fn.program.primitives()} of the {what} runs once per "
                              f"element, before the product{rule}")
-        if self.outer is not None:
+        if self.temperature is not None:
+            c = self.temperature
+            kind = "max" if c > 0 else "min"
+            lines.append(f"the callable reduce is c * logaddexp(a / c, b / c) with c = {c!r} "
+                         f"(a smoothed {kind}, recognised from its traced program): it runs "
+                         f"as the built-in 'logsumexp' of combine / {c!r}, the result times "
+                         f"{c!r} once per output (the gradient: softmax weights of the terms "
+                         f"/ {c!r})")
+        elif self.outer is not None:
             lines.append(f"the monotone map {self.outer.program.primitives()} runs once per "
                          f"output, after the {self.inner.reduce}")
         return lines
@@ -198,6 +250,8 @@ def _factored(op: Op, dtype: np.dtype) -> tuple[FactoredForm | None, str | None]
     if op.rewrite is not None or op.native is not None:
         return None, None
     caps = capabilities(op)
+    if caps.temperature is not None:
+        return _tempered(op, caps.temperature, dtype)
     canonical = caps.canonical
     try:
         # Custom-rule calls stay whole: one of a single operand is moved out with its rule.
@@ -252,6 +306,35 @@ def _factored(op: Op, dtype: np.dtype) -> tuple[FactoredForm | None, str | None]
                pad_value=pad_value, name=f"{name} (inner)", forward_mode=op.forward_mode,
                rewrite=_standard_product if standard else None)
     return FactoredForm(inner, outer, lhs_map, rhs_map), None
+
+
+def _tempered(op: Op, c: float, dtype: np.dtype) -> tuple[FactoredForm, str | None]:
+    """``op`` (a callable reduce ``c * logaddexp(a / c, b / c)``) as ``c`` times the built-in
+    logsumexp of ``combine / c``, the terms' one-operand maps factored out as for any op.
+
+    Empty windows: the inner logsumexp gives ``-inf``, scaled to ``-inf * c``, the op's own
+    identity (``-inf`` for ``c > 0``, ``+inf`` for ``c < 0``).
+
+    Args:
+        op: the op.
+        c: its temperature.
+        dtype: the operands' dtype.
+
+    Returns:
+        ``(form, reason)`` as `_factored`.
+    """
+    if dtype == np.float64:
+        # The literal in the operands' dtype (float32's 0.1 is not float64's).
+        from jaxconv._src.core.algebra import smoothing_temperature  # noqa: PLC0415
+
+        c = smoothing_temperature(op.reduce, dtype) or c
+    name = op.name or "user op"
+    scaled = Op(Tempered(op.combine, c), "logsumexp", pad_value=op.pad_value,
+                name=f"{name} (logsumexp at temperature {c!r})", forward_mode=op.forward_mode)
+    form, why = _factored(scaled, dtype)
+    if form is None:
+        return FactoredForm(scaled, Scale(c), None, None, c), why
+    return FactoredForm(form.inner, Scale(c), form.lhs_map, form.rhs_map, c), why
 
 
 def _standard_product(product: Callable[..., Array], lhs: Array, rhs: Array) -> Array:
