@@ -27,7 +27,7 @@ from jaxconv._src.engines.xla.forward import _forward
 
 Array = jax.Array
 
-SMALL_BIT = 16  # a value an addition can cancel into a flushed (signed) zero, zeros included
+SMALL_BIT = 16  # -0, or a nonzero value an addition can cancel into a flushed zero
 NEG_ZERO_BIT = 32  # -0, or a negative denormal (read as -0)
 
 
@@ -36,7 +36,8 @@ def zero_indicators(a: Array) -> list[Array]:
 
     A sum ``x + w`` is ``-0`` only from ``-0 + -0`` or when a tiny difference flushes to
     zero; the exact sum is a multiple of the smaller term's unit in the last place, so both
-    terms then lie below ``smallest_normal * 2**(nmant + 2)``.
+    terms then lie below ``smallest_normal * 2**(nmant + 2)``. A ``+0`` term never makes a
+    ``-0`` sum (so ReLU outputs and zero weights do not set the bit).
 
     Args:
         a: a floating array.
@@ -46,13 +47,14 @@ def zero_indicators(a: Array) -> list[Array]:
 
     Example:
         >>> import jax.numpy as jnp
-        >>> [m.tolist() for m in zero_indicators(jnp.array([-0.0, 1.0]))]
-        [[True, False], [True, False]]
+        >>> [m.tolist() for m in zero_indicators(jnp.array([-0.0, 0.0, 1.0]))]
+        [[True, False, False], [True, False, False]]
     """
     fi = jnp.finfo(a.dtype)
     mag = jnp.abs(a)
     small = float(fi.smallest_normal) * 2.0 ** (int(fi.nmant) + 2)
-    return [mag < small, jnp.signbit(a) & (mag < fi.smallest_normal)]
+    plus_zero = (a == 0) & ~jnp.signbit(a)
+    return [(mag < small) & ~plus_zero, jnp.signbit(a) & (mag < fi.smallest_normal)]
 
 
 def negative_zero_possible(op: Op, fx: Array, fw: Array, y: Array) -> Array:
