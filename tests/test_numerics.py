@@ -546,3 +546,98 @@ def test_empty_input_with_padding_gives_the_identity(op: str, engine: str) -> No
     expected = (-np.abs(w).sum(axis=(0, 1)) if op == "adder"
                 else np.full(2, IDENTITY[op], np.float32))
     np.testing.assert_array_equal(y, np.broadcast_to(expected, y.shape))
+
+
+# --------------------------------------------------------------------------------------------
+# Signed zeros: every max orders -0 below +0, every min +0 above -0 (docs/numerics.md).
+# --------------------------------------------------------------------------------------------
+
+
+def _signed_max(a: Any, b: Any) -> Any:
+    """``lax.max`` of two scalars: ``np.maximum`` returns either zero of a tie.
+
+    Args:
+        a: a number.
+        b: a number.
+
+    Returns:
+        The max, ``+0`` where a ``+0`` meets a ``-0``.
+    """
+    if a == 0 and b == 0:
+        return -0.0 if np.signbit(a) and np.signbit(b) else 0.0
+    return np.maximum(a, b)
+
+
+def _signed_min(a: Any, b: Any) -> Any:
+    """``lax.min`` of two scalars.
+
+    Args:
+        a: a number.
+        b: a number.
+
+    Returns:
+        The min, ``-0`` where a ``-0`` meets a ``+0``.
+    """
+    if a == 0 and b == 0:
+        return -0.0 if np.signbit(a) or np.signbit(b) else 0.0
+    return np.minimum(a, b)
+
+
+SIGNED_ZERO_REFERENCE = {  # op -> (combine, reduce, identity), zeros ordered as lax does
+    "max_plus": (np.add, _signed_max, -INF),
+    "min_plus": (np.add, _signed_min, INF),
+    "max_min": (_signed_min, _signed_max, -INF),
+    "min_max": (_signed_max, _signed_min, INF),
+}
+
+
+@pytest.mark.parametrize(("op", "channels", "batching"), [
+    ("max_plus", 16, None), ("min_plus", 17, "x"), ("max_min", 17, "w"), ("min_max", 16, None),
+    ("user_max_plus", 16, None)])
+def test_xla_engine_signs_zero_results_as_the_contract(op: str, channels: int,
+                                                       batching: str | None) -> None:
+    """Windows mixing ``+0`` and ``-0`` products, within a tap's channels and across taps,
+    among dominated values: the XLA engine's zero results carry the contract's sign, bit for
+    bit with the numpy loop (zeros ordered as ``lax.max`` / ``lax.min``) and with the native
+    engine, also under ``vmap`` of the input or of the kernel. (XLA CPU's vectorised channel
+    reduction returns whichever zero its lanes meet last, and inside it ``min(+0, -0)``
+    may be ``+0``.) A user op computing ``x + w`` under max runs the same path."""
+    name = "max_plus" if op == "user_max_plus" else op
+    jop: Any = jaxconv.Op(lambda a, b: a + b, "max", name=op) if op != name else name
+    rng = np.random.default_rng(channels)
+    other = -3.0 if name.startswith("max") else 3.0  # dominated: zero products win
+    # The winning zero (+0 in a max, -0 in a min) rare, so that some windows lack it.
+    rare, common = (0.0, -0.0) if name.startswith("max") else (-0.0, 0.0)
+    x = rng.choice(np.asarray([rare, common, other], np.float32), (2, 5, 6, channels),
+                   p=[0.03, 0.17, 0.8])
+    w = rng.choice(np.asarray([rare, common], np.float32), (3, 3, channels, 8), p=[0.2, 0.8])
+    combine, reduce, identity = SIGNED_ZERO_REFERENCE[name]
+    ref = conv_reference(x, w, (1, 1), "SAME", dimension_numbers=DN2, combine=combine,
+                         reduce=reduce, identity=identity, dtype=np.float32)
+    assert (ref == 0).all() and np.signbit(ref).any() and (~np.signbit(ref)).any()
+
+    def conv(a: Any, b: Any, engine: str) -> np.ndarray:
+        return np.asarray(jconv(a, b, (1, 1), "SAME", dimension_numbers=DN2, op=jop,
+                                engine=engine))
+
+    got = conv(x, w, "xla")
+    np.testing.assert_array_equal(np.signbit(got), np.signbit(ref))
+    np.testing.assert_array_equal(got, ref)
+    if op == name:
+        np.testing.assert_array_equal(np.signbit(conv(x, w, "native")), np.signbit(ref))
+    if batching is not None:
+        f = jax.jit(lambda a, b: jaxconv.conv_general_dilated(
+            a, b, (1, 1), "SAME", dimension_numbers=DN2, op=jop, engine="xla"))
+        if batching == "x":
+            xb = np.stack([x, x[:, ::-1]])
+            yb = np.asarray(jax.vmap(f, in_axes=(0, None))(xb, w))
+            want = [ref, conv_reference(xb[1], w, (1, 1), "SAME", dimension_numbers=DN2,
+                                        combine=combine, reduce=reduce, identity=identity,
+                                        dtype=np.float32)]
+        else:
+            wb = np.stack([w, w[::-1, ::-1]])
+            yb = np.asarray(jax.vmap(f, in_axes=(None, 0))(x, wb))
+            want = [ref, conv_reference(x, wb[1], (1, 1), "SAME", dimension_numbers=DN2,
+                                        combine=combine, reduce=reduce, identity=identity,
+                                        dtype=np.float32)]
+        np.testing.assert_array_equal(np.signbit(yb), np.signbit(np.stack(want)))

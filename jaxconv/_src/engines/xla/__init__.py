@@ -39,6 +39,9 @@ outputs with a NaN product are found by a native sum-convolution of 0/1 indicato
 make a NaN product: a NaN, or both infinities for ``x + w``) and set to NaN; the padding of
 the tap loop is masked (no dominated fill, which a non-finite kernel entry would turn into
 NaN).
+Nor do they order signed zeros: where an operand can make a ``-0`` product, a second loop
+with a zero trip count otherwise recomputes each zero result's sign from its window
+(`zeros.fix_zero_signs`).
 ``ops.log`` still chooses from the values (``lax.cond``; under ``vmap`` the primitives fold
 the mapped axis into the problem, so the predicate stays a scalar): a native convolution in
 exp space unless a window needs the exact tap path (`log.forward`: the core's

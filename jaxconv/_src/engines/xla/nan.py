@@ -12,6 +12,7 @@ from jax import lax
 from jaxconv._src.core import algebra, products
 from jaxconv._src.core.algebra import Op
 from jaxconv._src.engines import taps
+from jaxconv._src.engines.xla import zeros
 from jaxconv._src.engines.xla.common import Config, separable_kind
 from jaxconv._src.engines.xla.forward import _forward, _native_mul_forward
 
@@ -20,9 +21,9 @@ Array = jax.Array
 
 def _value_flags(a: Array) -> Array:
     """Which special values ``a`` holds, as the bits of one int32: ``+inf`` 1, ``-inf`` 2,
-    NaN 4, zero 8.
+    NaN 4, zero 8, and the signed-zero bits of `zeros.zero_indicators` (16, 32).
 
-    One max reduction of the four 0/1 indicators (a trailing axis of 4), weighted into bits
+    One max reduction of the 0/1 indicators (a trailing axis), weighted into bits
     afterwards: a max partitions into an all-reduce every collective implements (an integer
     bitwise-or reduction does not lower on CPU or NCCL collectives).
 
@@ -32,13 +33,31 @@ def _value_flags(a: Array) -> Array:
     Returns:
         The flags, an int32 scalar.
     """
-    ind = jnp.stack([a == jnp.inf, a == -jnp.inf, jnp.isnan(a), a == 0],
-                    axis=-1).astype(jnp.int32)
+    ind = jnp.stack([a == jnp.inf, a == -jnp.inf, jnp.isnan(a), a == 0,
+                     *zeros.zero_indicators(a)], axis=-1).astype(jnp.int32)
     seen = jnp.max(ind, axis=tuple(range(a.ndim)), initial=0)  # 0: an empty operand
-    return jnp.sum(seen * jnp.asarray([1, 2, 4, 8], jnp.int32))
+    bits = [1, 2, 4, 8, zeros.SMALL_BIT, zeros.NEG_ZERO_BIT]
+    return jnp.sum(seen * jnp.asarray(bits, jnp.int32))
 
 
-def _nan_terms(op: Op, xs: Array, w: Array) -> tuple[Any, Array]:
+def _operand_flags(cfg: Config, x: Array, w: Array) -> tuple[Array, Array]:
+    """`_value_flags` of the input as the products see it (padded where the op has a pad
+    value) and of the kernel.
+
+    Args:
+        cfg: the engine's configuration.
+        x: the input.
+        w: the kernel.
+
+    Returns:
+        ``(input flags, kernel flags)``.
+    """
+    xs = x if cfg.op.pad_value is None else taps.pad_input(x, cfg.op, cfg.geom)
+    return _value_flags(xs), _value_flags(w)
+
+
+def _nan_terms(op: Op, xs: Array, w: Array, flags: tuple[Array, Array]
+               ) -> tuple[Any, Array]:
     """0/1 indicators of the products ``combine(x, w)`` that are NaN because of a
     non-finite value: ``(indicators, needed)``.
 
@@ -46,7 +65,7 @@ def _nan_terms(op: Op, xs: Array, w: Array) -> tuple[Any, Array]:
     kernel entries ``(*K, J, I, O)`` (``J`` terms, each one elementwise fusion): a product
     is NaN exactly where some term ``j`` has ``a = b = 1``, the channels paired one to one.
     The scalar ``needed`` says whether any product can be such a NaN (from one reduction
-    of each operand, `_value_flags`); the indicators are built only then.
+    of each operand, `_operand_flags`); the indicators are built only then.
 
     ``combine_kind`` gives the IEEE rule (NaN in, NaN out; ``inf - inf``; ``0 * inf``); a
     combine of unknown kind is evaluated at ``+-inf`` and NaN against every entry of the
@@ -57,12 +76,13 @@ def _nan_terms(op: Op, xs: Array, w: Array) -> tuple[Any, Array]:
         op: the op.
         xs: the input (padded).
         w: the kernel.
+        flags: `_operand_flags`.
 
     Returns:
         ``(indicators, needed)``.
     """
     kind = algebra.capabilities(op).combine
-    fx, fw = _value_flags(xs), _value_flags(w)
+    fx, fw = flags
 
     def has(f: Array, bit: int) -> Array:
         return (f & bit) != 0
@@ -109,7 +129,7 @@ def _nan_terms(op: Op, xs: Array, w: Array) -> tuple[Any, Array]:
     return indicators, has(fx, 7) | has(fw, 7)
 
 
-def _nan_outputs(cfg: Config, x: Array, w: Array) -> Array:
+def _nan_outputs(cfg: Config, x: Array, w: Array, flags: tuple[Array, Array]) -> Array:
     """Which outputs ``(N, P, G, Og)`` have a NaN product involving a non-finite value.
 
     XLA CPU's vectorised max/min reductions drop NaN, so the engine restores it from one
@@ -123,6 +143,7 @@ def _nan_outputs(cfg: Config, x: Array, w: Array) -> Array:
         cfg: the engine's configuration.
         x: the input.
         w: the kernel.
+        flags: `_operand_flags`.
 
     Returns:
         A bool array, True at the outputs to set to NaN.
@@ -134,7 +155,7 @@ def _nan_outputs(cfg: Config, x: Array, w: Array) -> Array:
     # identity padding the indicator images are padded with 0.
     xs = x if op.pad_value is None else taps.pad_input(x, op, geom)
     xs = xs.reshape(*xs.shape[:-1], g, xs.shape[-1] // g)
-    indicators, needed = _nan_terms(op, xs, w)
+    indicators, needed = _nan_terms(op, xs, w, flags)
 
     def count(xs: Array, w: Array) -> Array:
         lhs, rhs = indicators(xs, w)
@@ -160,7 +181,9 @@ def _forward_dispatch(cfg: Config, x: Array, w: Array) -> Array:
     """The forward pass of a sum, max, min or logsumexp product (no branch on the values).
 
     Max/min: XLA CPU's vectorised reductions drop NaN, so the outputs with a NaN product
-    are set to NaN from `_nan_outputs`. The padding is masked statically.
+    are set to NaN from `_nan_outputs`, and they do not order signed zeros, so a zero result
+    takes the sign its window gives it (`zeros.fix_zero_signs`, run only where the operands
+    can make a ``-0`` product). The padding is masked statically.
 
     Args:
         cfg: the engine's configuration.
@@ -176,5 +199,8 @@ def _forward_dispatch(cfg: Config, x: Array, w: Array) -> Array:
         return _native_mul_forward(cfg, x, w)
     y = _forward(cfg, x, w)
     if op.reduce in ("max", "min") and floating:
-        y = jnp.where(_nan_outputs(cfg, x, w), jnp.asarray(jnp.nan, y.dtype), y)
+        flags = _operand_flags(cfg, x, w)
+        y = zeros.fix_zero_signs(cfg, x, w, y,
+                                 zeros.negative_zero_possible(op, *flags, y))
+        y = jnp.where(_nan_outputs(cfg, x, w, flags), jnp.asarray(jnp.nan, y.dtype), y)
     return y
