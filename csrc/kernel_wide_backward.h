@@ -92,6 +92,45 @@ inline VecOf<E> product(VecOf<E> x, VecOf<E> w) {
   return round_product<E, Rnd>(Op::template comb<E, Exact>(x, w));
 }
 
+// Whether a product rounds to y, decided without rounding it where that is cheaper: a
+// float32 product rounds (to nearest even) to the bfloat16 value y exactly when it lies in
+// [lo, hi], y's rounding interval (both signs of zero for a zero y; an empty one for a NaN
+// y, and the NaN product is in none). Other dtypes: lo = hi = y, compared after rounding.
+template <class E, int Rnd>
+inline void round_bounds(E y, E& lo, E& hi) {
+  if constexpr (Rnd == jaxconv::kRoundBF16) {
+    uint32_t u;
+    std::memcpy(&u, &y, sizeof(u));
+    const uint32_t mag = u & 0x7FFFFFFFu;
+    if (mag > 0x7F800000u) {  // NaN
+      lo = std::numeric_limits<E>::infinity();
+      hi = -lo;
+      return;
+    }
+    const uint32_t half = (mag >> 16) & 1u ? 0x7FFFu : 0x8000u;  // odd y: ties go away
+    const uint32_t a = mag == 0 ? 0 : mag - half;
+    const uint32_t z = mag == 0x7F800000u ? mag : mag + half;  // up to infinity itself
+    float fa, fz;
+    std::memcpy(&fa, &a, sizeof(fa));
+    std::memcpy(&fz, &z, sizeof(fz));
+    if (mag == 0) lo = -fz, hi = fz;
+    else if (u >> 31) lo = -fz, hi = -fa;
+    else lo = fa, hi = fz;
+  } else {
+    lo = hi = y;
+  }
+}
+
+template <class Op, class E, bool Exact, int Rnd>
+inline auto hits(VecOf<E> x, VecOf<E> w, VecOf<E> lo, VecOf<E> hi) {
+  if constexpr (Rnd == jaxconv::kRoundBF16) {
+    const VecOf<E> p = Op::template comb<E, Exact>(x, w);
+    return (p >= lo) & (p <= hi);
+  } else {
+    return product<Op, E, Exact, Rnd>(x, w) == lo;
+  }
+}
+
 template <class E>
 struct BPlan {
   Plan<E> f;        // the forward's plan (geometry, packed kernel, pad row)
@@ -152,6 +191,9 @@ inline void tile_rows(const Plan<E>& pl, const E* xb, int64_t r0, int nm, int64_
 template <class E, class Op, bool Exact, int Rnd, class F>
 inline void each_winner(const Plan<E>& pl, const E* xb, const E* panel, int64_t r,
                         int64_t grp, int64_t l, E y, int64_t n, F&& f) {
+  E lo, hi;
+  round_bounds<E, Rnd>(y, lo, hi);
+  const VecOf<E> lv = splat<E>(lo), hv = splat<E>(hi);
   constexpr int NB = kNV * Vt<E>::L;
   const Geom& g = *pl.g;
   for (int64_t t = 0; t < pl.T; ++t) {
@@ -161,7 +203,7 @@ inline void each_winner(const Plan<E>& pl, const E* xb, const E* panel, int64_t 
     const E* wp = panel + t * g.i * NB + l;
     for (int64_t i = 0; i < g.i; ++i) {
       const E xs = xr[i], ws = wp[i * NB];
-      if (product<Op, E, Exact, Rnd>(splat<E>(xs), splat<E>(ws))[0] != y) continue;
+      if (!hits<Op, E, Exact, Rnd>(splat<E>(xs), splat<E>(ws), lv, hv)[0]) continue;
       f(t * g.i + i, p, grp * g.i + i, xs, ws);
       if (--n == 0) return;
     }
@@ -193,6 +235,15 @@ void dx_tile(const BPlan<E>& bp, int64_t b, int64_t grp, int64_t blk, int64_t r0
   load_rows<E>(bp.gy + b * pl.ys, bp, r0, nm, col0, cols, E(0), sv);
   if constexpr (Win) {
     load_rows<E>(bp.y + b * pl.ys, bp, r0, nm, col0, cols, nan, yv);
+    V hv[kMR][kNV];  // yv becomes each output's lower bound, hv its upper
+    for (int m = 0; m < kMR; ++m)
+      for (int v = 0; v < kNV; ++v) {
+        alignas(64) E a[L], z[L];
+        std::memcpy(a, &yv[m][v], sizeof(V));
+        for (int l = 0; l < L; ++l) round_bounds<E, Rnd>(a[l], a[l], z[l]);
+        std::memcpy(&yv[m][v], a, sizeof(V));
+        std::memcpy(&hv[m][v], z, sizeof(V));
+      }
     VI cnt[kMR][kNV] = {}, idx[kMR][kNV] = {};
     for (int64_t t = 0; t < pl.T; ++t) {
       const E* xr[kMR];
@@ -207,7 +258,7 @@ void dx_tile(const BPlan<E>& bp, int64_t b, int64_t grp, int64_t blk, int64_t r0
           if (!on[m]) continue;
           const V xv = splat<E>(xr[m][i]);
           for (int v = 0; v < kNV; ++v) {
-            const VI e = (VI)(product<Op, E, Exact, Rnd>(xv, wv[v]) == yv[m][v]);
+            const VI e = (VI)hits<Op, E, Exact, Rnd>(xv, wv[v], yv[m][v], hv[m][v]);
             cnt[m][v] -= e;
             idx[m][v] = e ? kv : idx[m][v];  // the last matching row
           }
