@@ -15,8 +15,10 @@
 // vector scan of MR positions x NB output channels (the forward's tile), keeping the last
 // matching kernel row, stores the per-output scale (g / count, or g for a sum) and routes the
 // input gradient; pass 2, per group and block of NB output channels, routes the kernel
-// gradient into a (K, NB) accumulator. A tile without ties routes each output's one winner
-// directly (one term, as an argmax backward); a tile with a tie (and every sum) rescans.
+// gradient into a (K, NB) accumulator. The split is per output: one with a single winner
+// routes it directly (one term, as an argmax backward); a tied one rescans its own window
+// in kernel-row order, stopping at its last winner (bf16 / f16 products tie often, and one
+// tie no longer costs its whole tile a rescan); every sum rescans the tile.
 //
 // Included by wide_<isa>.cc after kernel_wide.h (same namespace, same vector width).
 #pragma once
@@ -90,13 +92,53 @@ inline VecOf<E> product(VecOf<E> x, VecOf<E> w) {
   return round_product<E, Rnd>(Op::template comb<E, Exact>(x, w));
 }
 
+// Whether a product rounds to y, decided without rounding it where that is cheaper: a
+// float32 product rounds (to nearest even) to the bfloat16 value y exactly when it lies in
+// [lo, hi], y's rounding interval (both signs of zero for a zero y; an empty one for a NaN
+// y, and the NaN product is in none). Other dtypes: lo = hi = y, compared after rounding.
+template <class E, int Rnd>
+inline void round_bounds(E y, E& lo, E& hi) {
+  if constexpr (Rnd == jaxconv::kRoundBF16) {
+    uint32_t u;
+    std::memcpy(&u, &y, sizeof(u));
+    const uint32_t mag = u & 0x7FFFFFFFu;
+    if (mag > 0x7F800000u) {  // NaN
+      lo = std::numeric_limits<E>::infinity();
+      hi = -lo;
+      return;
+    }
+    const uint32_t half = (mag >> 16) & 1u ? 0x7FFFu : 0x8000u;  // odd y: ties go away
+    const uint32_t a = mag == 0 ? 0 : mag - half;
+    const uint32_t z = mag == 0x7F800000u ? mag : mag + half;  // up to infinity itself
+    float fa, fz;
+    std::memcpy(&fa, &a, sizeof(fa));
+    std::memcpy(&fz, &z, sizeof(fz));
+    if (mag == 0) lo = -fz, hi = fz;
+    else if (u >> 31) lo = -fz, hi = -fa;
+    else lo = fa, hi = fz;
+  } else {
+    lo = hi = y;
+  }
+}
+
+template <class Op, class E, bool Exact, int Rnd>
+inline auto hits(VecOf<E> x, VecOf<E> w, VecOf<E> lo, VecOf<E> hi) {
+  if constexpr (Rnd == jaxconv::kRoundBF16) {
+    const VecOf<E> p = Op::template comb<E, Exact>(x, w);
+    return (p >= lo) & (p <= hi);
+  } else {
+    return product<Op, E, Exact, Rnd>(x, w) == lo;
+  }
+}
+
 template <class E>
 struct BPlan {
   Plan<E> f;        // the forward's plan (geometry, packed kernel, pad row)
   const E* y;       // forward output
   const E* gy;      // its cotangent
   E* scale;         // per output: g / count (max / min) or g (sums)
-  int64_t* code;    // max / min, per output: its one winner's kernel row, or -1 (a tie)
+  int64_t* code;    // max / min, per output: its one winner's kernel row, -2 (none), or
+                    // -1 - count (a tie of count >= 2 winners)
   E* dx;
   E* dw;
   int64_t ipi, runs;  // images per pass-1 item, and runs of them per batch element
@@ -143,6 +185,31 @@ inline void tile_rows(const Plan<E>& pl, const E* xb, int64_t r0, int nm, int64_
   }
 }
 
+// A tied output's winners (row r of batch element b's image, column l of the block whose
+// panel is given), found again by one exact scan of its own window in kernel-row order: f(k,
+// p, i, x, w) for each of its n winners, p the input row (nullptr for a padded tap).
+template <class E, class Op, bool Exact, int Rnd, class F>
+inline void each_winner(const Plan<E>& pl, const E* xb, const E* panel, int64_t r,
+                        int64_t grp, int64_t l, E y, int64_t n, F&& f) {
+  E lo, hi;
+  round_bounds<E, Rnd>(y, lo, hi);
+  const VecOf<E> lv = splat<E>(lo), hv = splat<E>(hi);
+  constexpr int NB = kNV * Vt<E>::L;
+  const Geom& g = *pl.g;
+  for (int64_t t = 0; t < pl.T; ++t) {
+    const E* p = row_at(pl, xb, r, t);
+    if (!p && !g.has_pad) continue;
+    const E* xr = p ? p + grp * g.i : pl.fill;
+    const E* wp = panel + t * g.i * NB + l;
+    for (int64_t i = 0; i < g.i; ++i) {
+      const E xs = xr[i], ws = wp[i * NB];
+      if (!hits<Op, E, Exact, Rnd>(splat<E>(xs), splat<E>(ws), lv, hv)[0]) continue;
+      f(t * g.i + i, p, grp * g.i + i, xs, ws);
+      if (--n == 0) return;
+    }
+  }
+}
+
 // Pass 1 on one tile (rows r0 .. r0 + nm of batch element b, one group, one block).
 template <class E, class Op, int Id, bool Win, bool Exact, int Rnd>
 void dx_tile(const BPlan<E>& bp, int64_t b, int64_t grp, int64_t blk, int64_t r0, int nm) {
@@ -168,6 +235,15 @@ void dx_tile(const BPlan<E>& bp, int64_t b, int64_t grp, int64_t blk, int64_t r0
   load_rows<E>(bp.gy + b * pl.ys, bp, r0, nm, col0, cols, E(0), sv);
   if constexpr (Win) {
     load_rows<E>(bp.y + b * pl.ys, bp, r0, nm, col0, cols, nan, yv);
+    V hv[kMR][kNV];  // yv becomes each output's lower bound, hv its upper
+    for (int m = 0; m < kMR; ++m)
+      for (int v = 0; v < kNV; ++v) {
+        alignas(64) E a[L], z[L];
+        std::memcpy(a, &yv[m][v], sizeof(V));
+        for (int l = 0; l < L; ++l) round_bounds<E, Rnd>(a[l], a[l], z[l]);
+        std::memcpy(&yv[m][v], a, sizeof(V));
+        std::memcpy(&hv[m][v], z, sizeof(V));
+      }
     VI cnt[kMR][kNV] = {}, idx[kMR][kNV] = {};
     for (int64_t t = 0; t < pl.T; ++t) {
       const E* xr[kMR];
@@ -182,7 +258,7 @@ void dx_tile(const BPlan<E>& bp, int64_t b, int64_t grp, int64_t blk, int64_t r0
           if (!on[m]) continue;
           const V xv = splat<E>(xr[m][i]);
           for (int v = 0; v < kNV; ++v) {
-            const VI e = (VI)(product<Op, E, Exact, Rnd>(xv, wv[v]) == yv[m][v]);
+            const VI e = (VI)hits<Op, E, Exact, Rnd>(xv, wv[v], yv[m][v], hv[m][v]);
             cnt[m][v] -= e;
             idx[m][v] = e ? kv : idx[m][v];  // the last matching row
           }
@@ -195,38 +271,39 @@ void dx_tile(const BPlan<E>& bp, int64_t b, int64_t grp, int64_t blk, int64_t r0
         const V c = __builtin_convertvector(cnt[m][v], V);
         sv[m][v] = c > zero ? sv[m][v] / c : zero;
       }
-    // Each output's code; without a tie in the tile, each winner's gradient is one term.
-    bool tie = false;
+    // Each output's code and scale; a one-winner output routes its one term (as an argmax
+    // backward), a tied one rescans its own window only.
+    const E* yb = bp.y + b * pl.ys;
     for (int m = 0; m < nm; ++m) {
       alignas(64) I cn[NB], ix[NB];
+      alignas(64) E sc[NB];
       for (int v = 0; v < kNV; ++v) {
         std::memcpy(cn + v * L, &cnt[m][v], sizeof(VI));
         std::memcpy(ix + v * L, &idx[m][v], sizeof(VI));
+        std::memcpy(sc + v * L, &sv[m][v], sizeof(V));
       }
-      int64_t* cr = bp.code + b * pl.ys + (r0 + m) * g.o + col0;
+      const int64_t at0 = b * pl.ys + (r0 + m) * g.o + col0;
+      int64_t* cr = bp.code + at0;
+      std::memcpy(bp.scale + at0, sc, sizeof(E) * size_t(cols));
       for (int64_t l = 0; l < cols; ++l) {
-        cr[l] = cn[l] == 0 ? -2 : cn[l] == 1 ? int64_t(ix[l]) : -1;
-        tie = tie || cn[l] > 1;
-      }
-    }
-    if (!tie) {
-      for (int m = 0; m < nm; ++m) {
-        alignas(64) E sc[NB];
-        for (int v = 0; v < kNV; ++v) std::memcpy(sc + v * L, &sv[m][v], sizeof(V));
-        std::memcpy(bp.scale + b * pl.ys + (r0 + m) * g.o + col0, sc, sizeof(E) * size_t(cols));
-        const int64_t* cr = bp.code + b * pl.ys + (r0 + m) * g.o + col0;
-        for (int64_t l = 0; l < cols; ++l) {
-          const int64_t k = cr[l];
-          if (k < 0) continue;
+        cr[l] = cn[l] == 0 ? -2 : cn[l] == 1 ? int64_t(ix[l]) : -1 - int64_t(cn[l]);
+        const int64_t k = cr[l];
+        if (k >= 0) {
           const E* p = row_at(pl, xb, r0 + m, k / g.i);
           if (!p) continue;  // a winner in the padding: no input gradient
           const int64_t at = (p - xb) + grp * g.i + k % g.i;
           const E ws = panel[k * NB + l];
           dxb[at] += sc[l] * WideGrad<Id>::template dx<E>(splat<E>(xb[at]), splat<E>(ws))[0];
+        } else if (k < -2) {
+          each_winner<E, Op, Exact, Rnd>(pl, xb, panel, r0 + m, grp, l, yb[(r0 + m) * g.o +
+              col0 + l], -1 - k, [&](int64_t, const E* p, int64_t i, E xs, E ws) {
+            if (p) dxb[(p - xb) + i] += sc[l] * WideGrad<Id>::template dx<E>(
+                splat<E>(xs), splat<E>(ws))[0];
+          });
         }
       }
-      return;
     }
+    return;
   }
   for (int m = 0; m < nm; ++m) {
     alignas(64) E t[NB];
@@ -250,10 +327,7 @@ void dx_tile(const BPlan<E>& bp, int64_t b, int64_t grp, int64_t blk, int64_t r0
         for (int v = 0; v < kNV; ++v) {
           const V d = sv[m][v] * WideGrad<Id>::template dx<E>(xv, wv[v]);
           const V zero = {};
-          if constexpr (Win)
-            a += product<Op, E, Exact, Rnd>(xv, wv[v]) == yv[m][v] ? d : zero;
-          else
-            a += live[v] != zero ? d : zero;  // zero-padded columns: their rule may be NaN
+          a += live[v] != zero ? d : zero;  // zero-padded columns: their rule may be NaN
         }
         dxb[(xr[m] - xb) + i] += hsum<E>(a);
       }
@@ -273,37 +347,36 @@ void dw_block(const BPlan<E>& bp, int64_t b, int64_t grp, int64_t blk, E* acc) {
   const E* panel = pl.panels + (grp * pl.blocks + blk) * pl.K * NB;
   const int64_t o0 = blk * NB, col0 = grp * pl.og + o0;
   const int64_t cols = pl.og - o0 < NB ? pl.og - o0 : NB;
-  const E nan = std::numeric_limits<E>::quiet_NaN();
   std::memset(acc, 0, sizeof(E) * size_t(pl.K * NB));
-  V yv[kMR][kNV], sv[kMR][kNV];
+  V sv[kMR][kNV];
   for (int64_t r0 = 0; r0 < pl.R; r0 += kMR) {
     const int nm = int(pl.R - r0 < kMR ? pl.R - r0 : kMR);
-    load_rows<E>(bp.scale + b * pl.ys, bp, r0, nm, col0, cols, E(0), sv);
-    if constexpr (Win) {
-      load_rows<E>(bp.y + b * pl.ys, bp, r0, nm, col0, cols, nan, yv);
-      bool tie = false;
-      for (int m = 0; m < nm && !tie; ++m) {
-        const int64_t* cr = bp.code + b * pl.ys + (r0 + m) * g.o + col0;
-        for (int64_t l = 0; l < cols; ++l) tie = tie || cr[l] == -1;
-      }
-      if (!tie) {  // each output's one winner: one term of the kernel gradient
-        for (int m = 0; m < nm; ++m) {
-          const int64_t* cr = bp.code + b * pl.ys + (r0 + m) * g.o + col0;
-          const E* sr = bp.scale + b * pl.ys + (r0 + m) * g.o + col0;
-          for (int64_t l = 0; l < cols; ++l) {
-            const int64_t k = cr[l];
-            if (k < 0) continue;
+    if constexpr (Win) {  // each output's one winner, or its own rescan where it ties
+      for (int m = 0; m < nm; ++m) {
+        const int64_t at0 = b * pl.ys + (r0 + m) * g.o + col0;
+        const int64_t* cr = bp.code + at0;
+        const E* sr = bp.scale + at0;
+        for (int64_t l = 0; l < cols; ++l) {
+          const int64_t k = cr[l];
+          if (k >= 0) {
             const int64_t i = k % g.i;
             const E* p = row_at(pl, xb, r0 + m, k / g.i);
             const E xs = p ? p[grp * g.i + i] : pl.fill[i];
             const E ws = panel[k * NB + l];
             acc[k * NB + l] +=
                 sr[l] * WideGrad<Id>::template dw<E>(splat<E>(xs), splat<E>(ws))[0];
+          } else if (k < -2) {
+            each_winner<E, Op, Exact, Rnd>(pl, xb, panel, r0 + m, grp, l, bp.y[at0 + l], -1 - k,
+                [&](int64_t kk, const E*, int64_t, E xs, E ws) {
+              acc[kk * NB + l] +=
+                  sr[l] * WideGrad<Id>::template dw<E>(splat<E>(xs), splat<E>(ws))[0];
+            });
           }
         }
-        continue;
       }
+      continue;
     }
+    load_rows<E>(bp.scale + b * pl.ys, bp, r0, nm, col0, cols, E(0), sv);
     for (int64_t t = 0; t < pl.T; ++t) {
       const E* xr[kMR];
       bool on[kMR];
@@ -320,13 +393,8 @@ void dw_block(const BPlan<E>& bp, int64_t b, int64_t grp, int64_t blk, E* acc) {
           if (!on[m]) continue;
           const V xv = splat<E>(xr[m][i]);
           for (int v = 0; v < kNV; ++v) {
-            const V d = sv[m][v] * WideGrad<Id>::template dw<E>(xv, wv[v]);
-            if constexpr (Win) {
-              const V zero = {};
-              a[v] += product<Op, E, Exact, Rnd>(xv, wv[v]) == yv[m][v] ? d : zero;
-            } else {
-              a[v] += d;  // lanes past the block are never written out
-            }
+            // lanes past the block are never written out
+            a[v] += sv[m][v] * WideGrad<Id>::template dw<E>(xv, wv[v]);
           }
         }
         for (int v = 0; v < kNV; ++v) std::memcpy(ap + v * L, &a[v], sizeof(V));

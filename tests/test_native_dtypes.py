@@ -153,6 +153,35 @@ def test_ties_of_the_rounded_products_split_the_gradient() -> None:
     np.testing.assert_array_equal(np.asarray(expect, np.float32), [0.5, 0.5])
 
 
+_BF16_MAX = float(jnp.finfo(BF16).max)
+
+
+@pytest.mark.parametrize("op,xs,ws", [
+    # a float32 product halfway between two bfloat16 values rounds to the even one:
+    ("max_plus", [1.0, 1.0], [2.0**-8, 0.0]),  # 1 + 2^-8 -> 1: a tie
+    ("max_plus", [1.0 + 2.0**-7, 1.0 + 2.0**-6], [2.0**-8, 0.0]),  # up to 1 + 2^-6: a tie
+    ("max_plus", [1.0 + 2.0**-7, 1.0 + 2.0**-7], [2.0**-8, 0.0]),  # one winner
+    ("min_plus", [1.0 + 2.0**-7, 1.0 + 2.0**-7], [2.0**-8, 0.0]),  # not the odd 1 + 2^-7
+    ("min_plus", [-1.0 - 2.0**-7, -1.0 - 2.0**-6], [-(2.0**-8), 0.0]),
+    # halfway past the largest finite value: rounds to infinity, a tie with one
+    ("max_plus", [_BF16_MAX, float("inf")], [2.0**119, 0.0]),
+    ("max_plus", [-0.0, 0.0], [-0.0, 0.0]),  # -0 and +0: a tie
+])
+def test_products_on_rounding_boundaries_tie_as_rounded(op: str, xs: list, ws: list) -> None:
+    """Products on the edges of a bfloat16 value's rounding interval win or tie as their
+    rounded values do (jax.grad of jnp.max / jnp.min over the rounded products)."""
+    x, w = _row(xs, BF16), jnp.asarray(ws, BF16).reshape(1, 2, 1, 1)
+    grad = jax.jit(jax.grad(lambda a, b: _conv_1x(op, "native", a, b).astype(
+        jnp.float32).sum(), argnums=(0, 1)))
+    assert "jaxconv_wide_backward" in grad.lower(x, w).as_text()
+    g = grad(x, w)
+    terms = (x.reshape(2) + w.reshape(2)).astype(BF16)
+    red = jnp.max if op == "max_plus" else jnp.min
+    expect = np.asarray(jax.grad(lambda t: red(t).astype(jnp.float32))(terms), np.float32)
+    for a in g:
+        np.testing.assert_array_equal(np.asarray(a, np.float32).ravel(), expect)
+
+
 @pytest.mark.parametrize("op,dtype,x0,w0", [
     # 1 + (2^-11 + 2^-13) rounds to 1 + 2^-10 in float16: a tie with 1 + 2^-10 + 0.
     ("max_plus", F16, 1.0, 2.0**-11 + 2.0**-13),

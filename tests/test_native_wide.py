@@ -172,6 +172,42 @@ def test_float64_gradients_without_ties(op: str, kw: dict) -> None:
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-12)
 
 
+def _tie_counts(op: str, x: np.ndarray, w: np.ndarray, groups: int) -> np.ndarray:
+    """How many products equal each output of a 3x3 SAME max_plus / min_plus (numpy)."""
+    big = -np.inf if op == "max_plus" else np.inf
+    xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=big)
+    n, hh, ww, c = x.shape
+    og, cg = w.shape[-1] // groups, c // groups
+    prods = np.stack([xp[:, a:a + hh, b:b + ww, g * cg:(g + 1) * cg, None]
+                      + w[a, b, None, None, None, :, g * og:(g + 1) * og]
+                      for a in range(3) for b in range(3) for g in range(groups)], 0)
+    prods = prods.reshape(3, 3, groups, n, hh, ww, cg, og)
+    red = np.max if op == "max_plus" else np.min
+    y = red(prods, axis=(0, 1, 6))
+    return (prods == y[None, None, :, :, :, :, None]).sum(axis=(0, 1, 6))
+
+
+@pytest.mark.parametrize("op,groups", [("max_plus", 1), ("min_plus", 2)])
+def test_float64_gradients_with_sparse_ties(op: str, groups: int) -> None:
+    """Data on a 1/4 grid: some outputs tie (some three ways or more) next to one-winner
+    outputs in the same tile, over several blocks of output channels; each tied output is
+    rescanned on its own, the others routed directly."""
+    with jax.enable_x64(True):
+        x, w = _data(F64, seed=7, shape=(2, 9, 8, 6), o=52)
+        if groups > 1:
+            w = w[:, :, :3, :]
+        x, w = np.round(x * 4) / 4, np.round(w * 4) / 4
+        counts = _tie_counts(op, x, w, groups)
+        assert 0.05 < (counts > 1).mean() < 0.8 and counts.max() >= 3  # a mix of both
+        kw = {"feature_group_count": groups}
+        y = np.asarray(_conv(op, "xla", **kw)(x, w))
+        ct = np.random.default_rng(8).standard_normal(y.shape)
+        got = _grads(op, "native", x, w, ct, **kw)(x, w)
+        want = _grads(op, "xla", x, w, ct, **kw)(x, w)
+        for a, b in zip(got, want, strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("op,red,comb", [
     ("max_plus", jnp.max, jnp.add),
     ("min_plus", jnp.min, jnp.add),
