@@ -52,7 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxconv._src.core import validation
+from jaxconv._src import static_parameters
 
 __all__ = ["KernelMask", "adder_scale", "clip_latent_weights", "kernel_mask", "weight_clip"]
 
@@ -72,7 +72,7 @@ def _check_positive(value: object, name: str, fn_name: str) -> float:
         TypeError: not a real number.
         ValueError: not finite and positive.
     """
-    value = validation.static_number(name, value, fn_name)
+    value = static_parameters.static_number(name, value, fn_name)
     if not (0.0 < value < math.inf):
         raise ValueError(f"`{fn_name}`: `{name}` must be finite and > 0, got {value}.")
     return value

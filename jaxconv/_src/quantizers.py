@@ -58,7 +58,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxconv._src.core import validation
+from jaxconv._src import static_parameters
 
 __all__ = [
     "Quantizer",
@@ -117,7 +117,7 @@ def _check_clip_value(clip_value: float | None, fn_name: str) -> float | None:
     """
     if clip_value is None:
         return None
-    value = validation.static_number("clip_value", clip_value, fn_name)
+    value = static_parameters.static_number("clip_value", clip_value, fn_name)
     if value < 0:
         raise ValueError(f"`{fn_name}`: `clip_value` must be None or >= 0, got {clip_value}.")
     return value
@@ -451,7 +451,7 @@ def swish_sign(x: jax.typing.ArrayLike, *, beta: float = 5.0) -> jax.Array:
           Training", 2018, https://arxiv.org/abs/1812.11800.
     """
     x = _as_float_array(x, "swish_sign")
-    beta = validation.static_number("beta", beta, "swish_sign")
+    beta = static_parameters.static_number("beta", beta, "swish_sign")
     if not (0.0 < beta < math.inf):
         raise ValueError(f"`swish_sign`: `beta` must be finite and > 0, got {beta}.")
     return _swish_sign(x, beta)
@@ -584,7 +584,8 @@ def ste_tern(
           https://arxiv.org/abs/1612.01064.
     """
     x = _as_float_array(x, "ste_tern")
-    threshold_value = validation.static_number("threshold_value", threshold_value, "ste_tern")
+    threshold_value = static_parameters.static_number(
+        "threshold_value", threshold_value, "ste_tern")
     if not (0.0 <= threshold_value < math.inf):
         raise ValueError(
             f"`ste_tern`: `threshold_value` must be finite and >= 0, got {threshold_value}."

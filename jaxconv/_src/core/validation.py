@@ -150,38 +150,6 @@ def positive_int(name: str, value: Any) -> int:
     return iv
 
 
-def static_number(name: str, value: Any, where: str) -> float:
-    """A static real parameter (a Python or NumPy number, not a bool, not NaN) as a float.
-
-    Args:
-      name: the argument's name, for the errors.
-      value: the value given.
-      where: the function's name, for the errors.
-
-    Returns:
-      ``float(value)``.
-
-    Raises:
-      TypeError: not a real number (a bool, a string or an array is refused).
-      ValueError: NaN.
-
-    Example:
-      >>> static_number("beta", 5, "swish_sign")
-      5.0
-    """
-    if isinstance(value, (bool, np.bool_)) or not isinstance(
-        value, (int, float, np.integer, np.floating)
-    ):
-        raise TypeError(
-            f"`{where}`: `{name}` must be a Python number (a static parameter), "
-            f"got {value!r} of type {type(value).__name__}."
-        )
-    value = float(value)
-    if math.isnan(value):
-        raise ValueError(f"`{where}`: `{name}` must not be NaN, got {value}.")
-    return value
-
-
 def conv_dimension_numbers(lhs_shape, rhs_shape, dimension_numbers) -> lax.ConvDimensionNumbers:
     """Parses ``dimension_numbers`` as lax does, re-raising with the argument's name.
 
