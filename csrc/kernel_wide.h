@@ -201,6 +201,21 @@ inline Plan<E> make_plan(const WideCall& call, E* y) {
   return pl;
 }
 
+// One batch element's kernel `wb` (K, O) packed into panels [G][blocks][K][NB] at `dst`
+// (a block's columns past the group's output channels keep what `dst` held).
+template <class E>
+inline void pack_panels(const Plan<E>& pl, const E* wb, E* panels) {
+  constexpr int NB = kNV * Vt<E>::L;
+  const Geom& g = *pl.g;
+  for (int64_t grp = 0; grp < g.g; ++grp)
+    for (int64_t blk = 0; blk < pl.blocks; ++blk) {
+      E* dst = panels + (grp * pl.blocks + blk) * pl.K * NB;
+      const int64_t o0 = blk * NB, cols = pl.og - o0 < NB ? pl.og - o0 : NB;
+      for (int64_t k = 0; k < pl.K; ++k)
+        std::memcpy(dst + k * NB, wb + k * g.o + grp * pl.og + o0, sizeof(E) * size_t(cols));
+    }
+}
+
 // The input row of output row r (n * P + p) at tap t, or nullptr (padding / a hole).
 template <class E>
 inline const E* row_at(const Plan<E>& pl, const E* xb, int64_t r, int64_t t) {
@@ -321,13 +336,7 @@ int run_typed(const WideCall& call) {
   pl.fill = fill.data();
   for (int64_t b = 0; b < call.batch; ++b) {
     const E* wb = w + b * wsize;
-    for (int64_t grp = 0; grp < g.g; ++grp)
-      for (int64_t blk = 0; blk < pl.blocks; ++blk) {
-        E* dst = panels.data() + (grp * pl.blocks + blk) * pl.K * NB;
-        const int64_t o0 = blk * NB, cols = pl.og - o0 < NB ? pl.og - o0 : NB;
-        for (int64_t k = 0; k < pl.K; ++k)
-          std::memcpy(dst + k * NB, wb + k * g.o + grp * pl.og + o0, sizeof(E) * size_t(cols));
-      }
+    pack_panels(pl, wb, panels.data());
     const bool plain = plain_ok<E, Op::kComb, Op::kSum>(pl.x + b * pl.xs, pl.xs, wb, wsize, g, pl.pad);
     struct Job {
       const Plan<E>* pl;

@@ -441,13 +441,7 @@ int backward_typed(const WideCall& call) {
   const E* w = static_cast<const E*>(call.w);
   for (int64_t b = 0; b < call.batch; ++b) {
     const E* wb = w + b * wsize;
-    for (int64_t grp = 0; grp < g.g; ++grp)
-      for (int64_t blk = 0; blk < pl.blocks; ++blk) {
-        E* dst = panels.data() + (grp * pl.blocks + blk) * pl.K * NB;
-        const int64_t o0 = blk * NB, cols = pl.og - o0 < NB ? pl.og - o0 : NB;
-        for (int64_t k = 0; k < pl.K; ++k)
-          std::memcpy(dst + k * NB, wb + k * g.o + grp * pl.og + o0, sizeof(E) * size_t(cols));
-      }
+    pack_panels(pl, wb, panels.data());
     bp.plain = plain_ok<E, Op::kComb, Op::kSum>(pl.x + b * pl.xs, pl.xs, wb, wsize, g, pl.pad);
     struct Job {
       const BPlan<E>* bp;

@@ -176,3 +176,37 @@ def assert_grads_match_xla(op: Any, kw: dict[str, Any], x: np.ndarray, w: np.nda
         want = grads(op, "xla", kw, x, w, ct)
     for a, b in zip(got, want, strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5)
+
+
+def brute_force_fold(x, w, combine, fold):
+    """SAME 3x3 stride-1 conv on explicit windows (NHWC / HWIO), folded tap by tap with the
+    user's ``fold``: the reference for a callable reduce's values and gradients.
+
+    Padded taps are skipped (the fold never sees the identity, so a hand-written fold that
+    is NaN at two infinities is differentiated only where it is defined).
+
+    Args:
+        x: the input.
+        w: the kernel (3x3).
+        combine: the op's product, broadcasting.
+        fold: the callable reduce.
+
+    Returns:
+        The output, in ``jnp``.
+    """
+    kh, kw, c, _ = w.shape
+    _, h, wd, _ = x.shape
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    valid = jnp.pad(jnp.ones((h, wd), bool), 1)
+    taps = [(1, 1)] + [(i, j) for i in range(kh) for j in range(kw) if (i, j) != (1, 1)]
+    out = None
+    for i, j in taps:  # the centre first: it is never padding
+        t = combine(xp[:, i:i + h, j:j + wd, :, None], w[i, j][None, None, None])
+        ok = valid[i:i + h, j:j + wd][None, :, :, None]
+        for ci in range(c):
+            if out is None:
+                out = t[..., ci, :]
+                continue
+            new = fold(out, jnp.where(ok, t[..., ci, :], 0.0))
+            out = jnp.where(ok, new, out)
+    return out

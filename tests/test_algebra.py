@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from geometries import brute_force_fold
 from reference import conv_reference
 
 import jaxconv
@@ -86,30 +87,6 @@ def test_canonical_reduce_needs_the_identity(name, identity, want):
 DN = ("NHWC", "HWIO", "NHWC")
 
 
-def _brute_force(x, w, combine, fold):
-    """SAME 3x3 stride-1 conv on explicit windows, folded tap by tap with ``fold``.
-
-    Padded taps are skipped (the fold never sees the identity, so a hand-written fold that
-    is NaN at two infinities is differentiated only where it is defined).
-    """
-    kh, kw, c, _ = w.shape
-    _, h, wd, _ = x.shape
-    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    valid = jnp.pad(jnp.ones((h, wd), bool), 1)
-    taps = [(1, 1)] + [(i, j) for i in range(kh) for j in range(kw) if (i, j) != (1, 1)]
-    out = None
-    for i, j in taps:  # the centre first: it is never padding
-        t = combine(xp[:, i:i + h, j:j + wd, :, None], w[i, j][None, None, None])
-        ok = valid[i:i + h, j:j + wd][None, :, :, None]
-        for ci in range(c):
-            if out is None:
-                out = t[..., ci, :]
-                continue
-            new = fold(out, jnp.where(ok, t[..., ci, :], 0.0))
-            out = jnp.where(ok, new, out)
-    return out
-
-
 @pytest.mark.parametrize("name, combine, np_combine, engine", [
     ("jnp.logaddexp", lambda a, b: -(a - b) ** 2, lambda a, b: -(a - b) ** 2, "xla"),
     ("textbook_lae", lambda a, b: a + b, np.add, "auto"),
@@ -132,7 +109,7 @@ def test_recognised_logaddexp_values_and_gradients(name, combine, np_combine, en
     np.testing.assert_allclose(np.asarray(ours(x, w)), ref, rtol=1e-5, atol=1e-5)
     ct = jnp.asarray(rng.standard_normal(ref.shape), jnp.float32)
     got = jax.grad(lambda a, b: jnp.sum(ct * ours(a, b)), argnums=(0, 1))(x, w)
-    want = jax.grad(lambda a, b: jnp.sum(ct * _brute_force(a, b, combine, fold)),
+    want = jax.grad(lambda a, b: jnp.sum(ct * brute_force_fold(a, b, combine, fold)),
                     argnums=(0, 1))(x, w)
     for g, g0 in zip(got, want, strict=True):
         np.testing.assert_allclose(np.asarray(g), np.asarray(g0), rtol=1e-4, atol=1e-5)

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from geometries import brute_force_fold
 from reference import conv_reference
 
 import jaxconv
@@ -96,27 +97,6 @@ def test_temperature_needs_the_identity(name, identity, want):
         assert form.temperature == want and form.inner.reduce == "logsumexp"
 
 
-def _brute_force(x, w, combine, fold):
-    """SAME 3x3 stride-1 conv on explicit windows, folded tap by tap with the user's ``fold``
-    (padded taps skipped: the fold never sees the identity)."""
-    kh, kw, c, _ = w.shape
-    _, h, wd, _ = x.shape
-    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    valid = jnp.pad(jnp.ones((h, wd), bool), 1)
-    taps = [(1, 1)] + [(i, j) for i in range(kh) for j in range(kw) if (i, j) != (1, 1)]
-    out = None
-    for i, j in taps:  # the centre first: it is never padding
-        t = combine(xp[:, i:i + h, j:j + wd, :, None], w[i, j][None, None, None])
-        ok = valid[i:i + h, j:j + wd][None, :, :, None]
-        for ci in range(c):
-            if out is None:
-                out = t[..., ci, :]
-                continue
-            new = fold(out, jnp.where(ok, t[..., ci, :], 0.0))
-            out = jnp.where(ok, new, out)
-    return out
-
-
 def _ours(op, engine):
     def f(a, b):
         return jaxconv.conv_general_dilated(a, b, (1, 1), "SAME", dimension_numbers=DN, op=op,
@@ -149,7 +129,7 @@ def test_values_and_gradients(name, c, combine, np_combine, engine):
     np.testing.assert_allclose(np.asarray(ours(x, w)), ref, rtol=2e-5, atol=2e-5)
     ct = jnp.asarray(rng.standard_normal(ref.shape), jnp.float32)
     got = jax.grad(lambda a, b: jnp.sum(ct * ours(a, b)), argnums=(0, 1))(x, w)
-    want = jax.grad(lambda a, b: jnp.sum(ct * _brute_force(a, b, combine, fold)),
+    want = jax.grad(lambda a, b: jnp.sum(ct * brute_force_fold(a, b, combine, fold)),
                     argnums=(0, 1))(x, w)
     for g, g0 in zip(got, want, strict=True):
         np.testing.assert_allclose(np.asarray(g), np.asarray(g0), rtol=2e-4, atol=2e-5)
@@ -233,7 +213,7 @@ def test_spreads_beyond_exp_range(c, engine):
     np.testing.assert_allclose(np.asarray(ours(x, w)), ref, rtol=1e-5, atol=1e-3)
     ct = jnp.asarray(rng.standard_normal(ref.shape), jnp.float32)
     got = jax.grad(lambda a, b: jnp.sum(ct * ours(a, b)), argnums=(0, 1))(x, w)
-    want = jax.grad(lambda a, b: jnp.sum(ct * _brute_force(a, b, lambda p, q: p + q, fold)),
+    want = jax.grad(lambda a, b: jnp.sum(ct * brute_force_fold(a, b, lambda p, q: p + q, fold)),
                     argnums=(0, 1))(x, w)
     for g, g0 in zip(got, want, strict=True):
         assert np.isfinite(np.asarray(g)).all()
