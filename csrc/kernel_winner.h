@@ -144,257 +144,34 @@ void win_scan(const Ctx& c, const float* xb, const float* pad, const float* pane
     }
 }
 
-// ---- the work split ----------------------------------------------------------------------
-// Pass 1 (scan) writes, per output: `code` (the winning kernel row, -1 tied, -2 none) and
-// `dwv` (a unique winner's dw term), which pass 3 reads; `dxo` and `dxv`, which pass 2 reads:
-// where the output's dx term lands in its image (or one of the codes below) and the term (a
-// tie's share of the cotangent). Every output is scanned independently, so pass 1 is shared
-// in small items of kScanPos positions; passes 2 and 3 own disjoint outputs (dx bands, dw
-// column blocks) and run in one fork-join. Each dx and dw element sums its terms in one fixed
-// order whatever the split: the results do not depend on the thread count.
-constexpr int64_t kScanPos = 32;  // positions per scan item (their state waits between panels)
-constexpr int32_t kNoDx = -1;     // no winner, or a unique winner in the padding
-constexpr int32_t kTiedDx = -2;   // tied: pass 2 rescans the window (ties are rare)
-// The dx pass has at least this many items: bands of input cells when images are few.
-constexpr int64_t kMinDxItems = 32;
-
-// The scratch of one max / min backward beyond the context's.
-struct WinScratch {
-  const float* xscan;   // x, or its integer keys (keyed scan)
-  const float* padscan; // the pad row, or its keys
-  bool keys;            // the scan, and the packed weights, are on integer keys
-  const int32_t* kti;   // (K, 2): each kernel row's tap and input channel
-  int32_t* dxo;         // (batch, P, O)
-  float* dxv;           // (batch, P, O)
-  const int32_t* span;  // (OS, 2): the lowest and highest input cell offset of each window
-};
-
-// Pass 1 for positions q0 .. q1 (at most kScanPos) of batch entry b, group grp, output block
-// jb: the vector scan over the packed kernel block, then each output's codes.
-template <class Op>
-void win_scan_item(const Ctx& c, const WinScratch& s, int64_t b, int64_t grp, int64_t jb,
-                   int64_t q0, int64_t q1) {
-  using ScanOp = typename KeyOf<Op>::type;
-  const jaxconv::Call& call = *c.call;
-  const int64_t I = c.I, O = c.O, Og = c.Og;
-  const float* xb = call.x + b * c.x_bs;
-  const float* xs = s.xscan + b * c.x_bs;
-  const float* yb = call.y + b * c.y_bs;
-  const float* gb = call.g + b * c.y_bs;
-  int32_t* cb = c.code + b * c.y_bs;
-  float* vb = c.dwv + b * c.y_bs;
-  int32_t* db = s.dxo + b * c.y_bs;
-  float* eb = s.dxv + b * c.y_bs;
-  const float* wp = c.wpack + ((b * c.G + grp) * c.nJB + jb) * c.K * NR;
-  const int64_t o0 = jb * NR;
-  const int64_t nl = Og - o0 < NR ? Og - o0 : NR;
-  const int64_t ob = grp * Og + o0;
-  const int64_t np = q1 - q0;
-  alignas(64) float ys[kScanPos * NR], cs[kScanPos * NR], is[kScanPos * NR];
-  int64_t pn[kScanPos], posi[kScanPos];
-  for (int64_t p = q0; p < q1; ++p) {
-    const float* yr = yb + p * O + ob;
-    float* yt = ys + (p - q0) * NR;
-    // Lanes past the block match nothing: NaN, whose key no finite product has.
-    for (int64_t l = 0; l < NR; ++l)
-      yt[l] = l < nl ? (s.keys ? data_key(yr[l]) : yr[l]) : __builtin_nanf("");
-    pn[p - q0] = p / c.OS;
-    posi[p - q0] = p % c.OS;
-  }
-  std::memset(cs, 0, sizeof(float) * np * NR);
-  std::memset(is, 0, sizeof(float) * np * NR);
-  // R rows from row j, kernel rows k0..k1: on the keys (keyed) or on the floats.
-  auto scan = [&](auto rows, int64_t j, int64_t k0, int64_t k1) {
-    constexpr int R = decltype(rows)::value;
-    const float* panel = wp + k0 * NR;
-    if (s.keys)
-      win_scan<ScanOp, R>(c, xs, s.padscan, panel, k0, k1, pn + j, posi + j, grp, ys + j * NR,
-                          cs + j * NR, is + j * NR);
-    else
-      win_scan<Op, R>(c, xs, s.padscan, panel, k0, k1, pn + j, posi + j, grp, ys + j * NR,
-                      cs + j * NR, is + j * NR);
-  };
-  for (int64_t k0 = 0; k0 < c.K; k0 += KS) {
-    const int64_t k1 = k0 + KS < c.K ? k0 + KS : c.K;
-    int64_t j = 0;
-    for (; j + 2 <= np; j += 2) scan(std::integral_constant<int, 2>{}, j, k0, k1);
-    if (j < np) scan(std::integral_constant<int, 1>{}, j, k0, k1);
-  }
-  for (int64_t p = q0; p < q1; ++p) {
-    const int64_t n = p / c.OS, osi = p % c.OS;
-    const float* cnt_l = cs + (p - q0) * NR;
-    const float* idx_l = is + (p - q0) * NR;
-    for (int64_t l = 0; l < nl; ++l) {
-      const int64_t e = p * O + ob + l;
-      const float gv = gb[e], yv = yb[e];
-      int64_t cnt = int64_t(cnt_l[l]), kw = int64_t(idx_l[l]);
-      // Keys tell -0 from +0, a tie does not (jax.grad of jnp.max splits between equal
-      // floats): a zero result is recounted with the float compare, the one the tie split
-      // and passes 2 and 3 use.
-      if (s.keys && yv == 0.0f) cnt = float_ties<Op>(c, xb, wp + l, true, n, osi, grp, yv, &kw);
-      if (cnt == 0) {
-        cb[e] = -2;
-        db[e] = kNoDx;
-      } else if (cnt == 1) {
-        cb[e] = int32_t(kw);
-        const int64_t t = s.kti[2 * kw], i = s.kti[2 * kw + 1];
-        const int32_t toff = c.tab[osi * c.T + t];
-        const float wk = wcol_at(wp + l, kw, s.keys);
-        float xv;
-        if (toff >= 0) {
-          const int64_t d = toff + grp * I + i;
-          xv = xb[n * c.img + d];
-          db[e] = int32_t(d);
-          eb[e] = gv * Op::template dcx<Sc>(xv, wk);
-        } else {
-          xv = c.padrow[grp * I + i];  // a winner in the padding (cell()'s pad row)
-          db[e] = kNoDx;
-        }
-        vb[e] = gv * Op::template dcw<Sc>(xv, wk);
-      } else {
-        cb[e] = -1;
-        db[e] = kTiedDx;
-        eb[e] = gv / float(cnt);
-      }
-    }
-  }
-}
-
-// Pass 2 for images n0 .. n1 of batch entry b, group grp: the dx terms that land in input
-// cells [lo, hi) (as offsets in an image), in the order output block, position, channel.
-template <class Op>
-void win_dx_item(const Ctx& c, const WinScratch& s, int64_t b, int64_t grp, int64_t n0,
-                 int64_t n1, int64_t lo, int64_t hi) {
-  const jaxconv::Call& call = *c.call;
-  const int64_t I = c.I, O = c.O, Og = c.Og, T = c.T;
-  const float* xb = call.x + b * c.x_bs;
-  const float* yb = call.y + b * c.y_bs;
-  float* dxb = call.out + b * c.x_bs;
-  const int32_t* db = s.dxo + b * c.y_bs;
-  const float* eb = s.dxv + b * c.y_bs;
-  for (int64_t jb = 0; jb < c.nJB; ++jb) {
-    const float* wp = c.wpack + ((b * c.G + grp) * c.nJB + jb) * c.K * NR;
-    const int64_t o0 = jb * NR;
-    const int64_t nl = Og - o0 < NR ? Og - o0 : NR;
-    const int64_t ob = grp * Og + o0;
-    for (int64_t n = n0; n < n1; ++n) {
-      float* dxn = dxb + n * c.img;
-      for (int64_t osi = 0; osi < c.OS; ++osi) {
-        if (s.span[2 * osi + 1] < lo || s.span[2 * osi] >= hi) continue;  // another band's
-        const int64_t p = n * c.OS + osi;
-        for (int64_t l = 0; l < nl; ++l) {
-          const int64_t e = p * O + ob + l;
-          const int32_t d = db[e];
-          if (d >= 0) {
-            if (d >= lo && d < hi) dxn[d] += eb[e];
-            continue;
-          }
-          if (d != kTiedDx) continue;
-          const float share = eb[e], yv = yb[e];
-          for (int64_t t = 0; t < T; ++t) {
-            const int32_t toff = c.tab[osi * T + t];
-            if (toff < lo || toff >= hi) continue;  // another band's, or padded (dropped)
-            const int64_t off = n * c.img + toff + grp * I;
-            for (int64_t i = 0; i < I; ++i) {
-              const float xv = xb[off + i], wv = wcol_at(wp + l, t * I + i, s.keys);
-              if (Op::template comb<Sc>(xv, wv) == yv)
-                dxb[off + i] += share * Op::template dcx<Sc>(xv, wv);
-            }
-          }
-        }
-      }
-    }
-  }
-}
-
-// Pass 3 for output channels o0 .. o1 (at most kMaxCols) of batch entry b: route dw, summed in
-// a contiguous (K, kCols) block (the kernel's rows are O apart: a column walk thrashes the
-// caches) and copied out. Kernel values come from the packed blocks for the same reason.
-// Returns false when its scratch cannot be allocated.
-constexpr int64_t kMaxCols = 64;
-template <class Op>
-bool win_dw_item(const Ctx& c, const WinScratch& s, int64_t b, int64_t o0, int64_t o1,
-                 int64_t kCols) {
-  const jaxconv::Call& call = *c.call;
-  const int64_t I = c.I, O = c.O, Og = c.Og, T = c.T;
-  const float* xb = call.x + b * c.x_bs;
-  const float* yb = call.y + b * c.y_bs;
-  const float* gb = call.g + b * c.y_bs;
-  float* dwb = call.out2 + b * c.w_bs;
-  const int32_t* cb = c.code + b * c.y_bs;
-  const float* vb = c.dwv + b * c.y_bs;
-  const Owned<float> owned = allocate<float>(c.K * kCols);
-  float* acc = owned.get();
-  if (!acc) return false;
-  std::memset(acc, 0, sizeof(float) * size_t(c.K) * kCols);
-  const float* cols[kMaxCols];
-  for (int64_t o = o0; o < o1; ++o) {
-    const int64_t og = o % Og;
-    cols[o - o0] = c.wpack + ((b * c.G + o / Og) * c.nJB + og / NR) * c.K * NR + og % NR;
-  }
-  for (int64_t p = 0; p < c.P; ++p) {
-    const int64_t n = p / c.OS, osi = p % c.OS;
-    for (int64_t o = o0; o < o1; ++o) {
-      const int32_t k = cb[p * O + o];
-      if (k == -2) continue;
-      float* ac = acc + (o - o0);
-      if (k >= 0) {
-        ac[k * kCols] += vb[p * O + o];
-        continue;
-      }
-      const int64_t grp = o / Og;
-      const float gv = gb[p * O + o];
-      const float* col = cols[o - o0];
-      const float yv = yb[p * O + o];
-      const float share = gv / float(count_ties<Op>(c, xb, col, s.keys, n, osi, grp, yv));
-      for (int64_t t = 0; t < T; ++t) {
-        const float* xr = cell(c, xb, n, osi, t, grp);
-        if (!xr) continue;
-        for (int64_t i = 0; i < I; ++i) {
-          const int64_t kk = t * I + i;
-          const float wv = wcol_at(col, kk, s.keys);
-          if (Op::template comb<Sc>(xr[i], wv) == yv)
-            ac[kk * kCols] += share * Op::template dcw<Sc>(xr[i], wv);
-        }
-      }
-    }
-  }
-  for (int64_t k = 0; k < c.K; ++k)
-    std::memcpy(dwb + k * O + o0, acc + k * kCols, sizeof(float) * (o1 - o0));
-  return true;
-}
-
 template <class Op>
 void win_backward(Ctx& c) {
   if (dense_win_backward<Op>(c)) return;  // dense products: kernel_dense_backward.h
   const jaxconv::Call& call = *c.call;
-  const int64_t I = c.I, O = c.O, T = c.T;
+  const int64_t I = c.I, O = c.O, Og = c.Og, T = c.T;
+  // Pass 1, per run of whole images (they own their input gradient): find each output's
+  // winner by a scan of the packed kernel block (reused over the run's positions), route dx.
   // The keyed scan matches the keyed forward (finite inputs, not depthwise) bit for bit.
   using ScanOp = typename KeyOf<Op>::type;
-  WinScratch s{};
-  s.keys = keyed<ScanOp>() && !depthwise(c) && c.finite;
-  pack_weights(c, s.keys);
-  Owned<float> xkey, padkey;
-  s.xscan = call.x;
-  s.padscan = c.padrow;
-  if (s.keys) {
+  const bool kKey = keyed<ScanOp>() && !depthwise(c) && c.finite;
+  pack_weights(c, kKey);
+  Owned<float> xkey, padkey_owned;
+  float* padkey = c.padrow;
+  if (kKey) {
     xkey = key_copy(c);
-    padkey = allocate<float>(c.C + NR);
+    padkey_owned = allocate<float>(c.C + NR);
+    padkey = padkey_owned.get();
     if (!xkey || !padkey) {
       c.failed = true;
       return;
     }
     for (int64_t j = 0; j < c.C + NR; ++j) padkey[j] = data_key(c.padrow[j]);
-    s.xscan = xkey.get();
-    s.padscan = padkey.get();
   }
+  const float* xscan = kKey ? xkey.get() : call.x;
   // Each kernel row's tap and input channel, (t, i) = (k / I, k % I): a winner's cell is found
   // by two loads instead of a 64-bit division per output (measured: a fifth of pass 1).
   const Owned<int32_t> kti = allocate<int32_t>(2 * c.K);
-  const Owned<int32_t> dxo = allocate<int32_t>(call.batch * c.y_bs);
-  const Owned<float> dxv = allocate<float>(call.batch * c.y_bs);
-  const Owned<int32_t> span = allocate<int32_t>(2 * c.OS);
-  if (!kti || !dxo || !dxv || !span) {
+  if (!kti) {
     c.failed = true;
     return;
   }
@@ -402,65 +179,180 @@ void win_backward(Ctx& c) {
     kti[2 * k] = int32_t(k / I);
     kti[2 * k + 1] = int32_t(k % I);
   }
-  for (int64_t osi = 0; osi < c.OS; ++osi) {
-    int32_t lo = INT32_MAX, hi = -1;
-    for (int64_t t = 0; t < T; ++t) {
-      const int32_t off = c.tab[osi * T + t];
-      if (off < 0) continue;
-      lo = off < lo ? off : lo;
-      hi = off > hi ? off : hi;
-    }
-    span[2 * osi] = lo;
-    span[2 * osi + 1] = hi;
-  }
-  s.kti = kti.get();
-  s.dxo = dxo.get();
-  s.dxv = dxv.get();
-  s.span = span.get();
-  // Pass 1: items (batch, group, output block, kScanPos positions), the positions fastest so
-  // that consecutive items scan the same packed block.
-  const int64_t nq = (c.P + kScanPos - 1) / kScanPos;
-  auto scan = [&](int64_t it) {
-    const int64_t q = it % nq, jb = (it / nq) % c.nJB, grp = (it / (nq * c.nJB)) % c.G;
-    const int64_t q1 = (q + 1) * kScanPos < c.P ? (q + 1) * kScanPos : c.P;
-    win_scan_item<Op>(c, s, it / (nq * c.nJB * c.G), grp, jb, q * kScanPos, q1);
-  };
-  parallel(c, call.batch * c.G * c.nJB * nq, scan);
-  xkey.reset();
-  padkey.reset();
-  // Pass 2: items (batch, run of whole images, group, band of input cells), as the sums'
-  // input gradient (kernel_sums.h) cuts them.
   const int64_t ipi = c.OS >= 32 ? 1 : (32 + c.OS - 1) / c.OS;
   const int64_t runs = (c.g.n + ipi - 1) / ipi;
-  const int64_t cells = c.img / (c.C > 0 ? c.C : 1);
-  const int64_t units = call.batch * runs * c.G;
-  const int64_t want = (kMinDxItems + units - 1) / units;
-  const int64_t nband = want < cells ? want : (cells > 0 ? cells : 1);
-  const int64_t band = (cells + nband - 1) / nband;
-  // Pass 3: items (batch, block of output channels, each owning those kernel columns). With
-  // many output channels a block is 64 wide: the code, term and dw rows are O apart, and
+  // Items are (batch, run, group): groups own disjoint channels of dx, codes and dw terms,
+  // so one image's groups (per-example gradients fold the examples into groups) run in
+  // parallel, bit for bit as in one item.
+  auto pass1 = [&](int64_t it) {
+    const int64_t grp = it % c.G, bi = it / c.G;
+    const int64_t b = bi / runs, n0 = (bi % runs) * ipi;
+    const int64_t n1 = n0 + ipi < c.g.n ? n0 + ipi : c.g.n;
+    const float* xb = call.x + b * c.x_bs;
+    const float* yb = call.y + b * c.y_bs;
+    const float* gb = call.g + b * c.y_bs;
+    float* dxb = call.out + b * c.x_bs;
+    int32_t* cb = c.code + b * c.y_bs;
+    float* vb = c.dwv + b * c.y_bs;
+    // Runs of kPos positions: their scan state waits in these buffers between kernel panels.
+    constexpr int64_t kPos = 32;
+    alignas(64) float ys[kPos * NR], cs[kPos * NR], is[kPos * NR];
+    {
+      for (int64_t jb = 0; jb < c.nJB; ++jb) {
+        const float* wp = c.wpack + ((b * c.G + grp) * c.nJB + jb) * c.K * NR;
+        const int64_t o0 = jb * NR;
+        const int64_t nl = Og - o0 < NR ? Og - o0 : NR;
+        const int64_t ob = grp * Og + o0;
+        for (int64_t q0 = n0 * c.OS; q0 < n1 * c.OS; q0 += kPos) {
+          const int64_t q1 = q0 + kPos < n1 * c.OS ? q0 + kPos : n1 * c.OS;
+          int64_t pn[kPos], posi[kPos];
+          for (int64_t p = q0; p < q1; ++p) {
+            const float* yr = yb + p * O + ob;
+            float* yt = ys + (p - q0) * NR;
+            // Lanes past the block match nothing: NaN, whose key no finite product has.
+            for (int64_t l = 0; l < NR; ++l)
+              yt[l] = l < nl ? (kKey ? data_key(yr[l]) : yr[l]) : __builtin_nanf("");
+            pn[p - q0] = p / c.OS;
+            posi[p - q0] = p % c.OS;
+          }
+          std::memset(cs, 0, sizeof(float) * (q1 - q0) * NR);
+          std::memset(is, 0, sizeof(float) * (q1 - q0) * NR);
+          for (int64_t k0 = 0; k0 < c.K; k0 += KS) {
+            const int64_t k1 = k0 + KS < c.K ? k0 + KS : c.K;
+            const float* panel = wp + k0 * NR;
+            int64_t j = 0;
+            for (; j + 2 <= q1 - q0; j += 2) {
+              if (kKey)
+                win_scan<ScanOp, 2>(c, xscan + b * c.x_bs, padkey, panel, k0, k1, pn + j,
+                                    posi + j, grp, ys + j * NR, cs + j * NR, is + j * NR);
+              else
+                win_scan<Op, 2>(c, xb, c.padrow, panel, k0, k1, pn + j, posi + j, grp,
+                                ys + j * NR, cs + j * NR, is + j * NR);
+            }
+            if (j < q1 - q0) {
+              if (kKey)
+                win_scan<ScanOp, 1>(c, xscan + b * c.x_bs, padkey, panel, k0, k1, pn + j,
+                                    posi + j, grp, ys + j * NR, cs + j * NR, is + j * NR);
+              else
+                win_scan<Op, 1>(c, xb, c.padrow, panel, k0, k1, pn + j, posi + j, grp,
+                                ys + j * NR, cs + j * NR, is + j * NR);
+            }
+          }
+          for (int64_t p = q0; p < q1; ++p) {
+            const int64_t n = p / c.OS, osi = p % c.OS;
+            const float* cnt_l = cs + (p - q0) * NR;
+            const float* idx_l = is + (p - q0) * NR;
+            for (int64_t l = 0; l < nl; ++l) {
+              const int64_t o = ob + l;
+              const float gv = gb[p * O + o];
+              int64_t cnt = int64_t(cnt_l[l]), kw = int64_t(idx_l[l]);
+              // Keys tell -0 from +0, a tie does not (jax.grad of jnp.max splits between
+              // equal floats): a zero result is recounted with the float compare, the one
+              // the tie split and pass 2 use.
+              if (kKey && yb[p * O + o] == 0.0f)
+                cnt = float_ties<Op>(c, xb, wp + l, kKey, n, osi, grp, yb[p * O + o], &kw);
+              if (cnt == 0) {
+                cb[p * O + o] = -2;
+              } else if (cnt == 1) {
+                const int64_t k = kw;
+                cb[p * O + o] = int32_t(k);
+                const int64_t t = kti[2 * k], i = kti[2 * k + 1];
+                const int32_t toff = c.tab[osi * T + t];
+                const float wk = wcol_at(wp + l, k, kKey);
+                float xv;
+                if (toff >= 0) {
+                  const int64_t off = n * c.img + toff + grp * I + i;
+                  xv = xb[off];
+                  dxb[off] += gv * Op::template dcx<Sc>(xv, wk);
+                } else {
+                  xv = c.padrow[grp * I + i];  // a winner in the padding (cell()'s pad row)
+                }
+                vb[p * O + o] = gv * Op::template dcw<Sc>(xv, wk);
+              } else {
+                cb[p * O + o] = -1;
+                const float share = gv / float(cnt);
+                const float yv = yb[p * O + o];
+                for (int64_t t = 0; t < T; ++t) {
+                  if (c.tab[osi * T + t] < 0) continue;
+                  const int64_t off = n * c.img + c.tab[osi * T + t] + grp * I;
+                  for (int64_t i = 0; i < I; ++i) {
+                    const float xv = xb[off + i], wv = wcol_at(wp + l, t * I + i, kKey);
+                    if (Op::template comb<Sc>(xv, wv) == yv)
+                      dxb[off + i] += share * Op::template dcx<Sc>(xv, wv);
+                  }
+                }
+              }
+            }
+          }
+        }
+      }
+    }
+  };
+  parallel(c, call.batch * runs * c.G, pass1);
+  xkey.reset();
+  padkey_owned.reset();
+  // Pass 2, per block of output channels (it owns those kernel columns): route dw, summed in a
+  // contiguous (K, kCols) block (the kernel's rows are O apart: a column walk thrashes the
+  // caches) and copied out. Kernel values come from the packed blocks for the same reason.
+  // With many output channels a block is 64 wide: the code, term and dw rows are O apart, and
   // 16-wide blocks read and write one 64-byte piece per row (a page apart at O = 1024).
-  // Each item is a pass over all positions: with few channels the blocks narrow (down to 4)
-  // until there are 8 items, so that a thread descheduled in one holds back little.
-  int64_t kCols = O >= 256 ? kMaxCols : 16;
-  while (kCols > 4 && call.batch * ((O + kCols - 1) / kCols) < 8) kCols /= 2;
+  constexpr int64_t kMaxCols = 64;
+  const int64_t kCols = O >= 256 ? kMaxCols : 16;
   const int64_t ncb = (O + kCols - 1) / kCols;
-  const int64_t ndw = call.batch * ncb, ndx = units * nband;
   std::atomic<bool> failed{false};
-  // Passes 3 and 2 in one fork-join: the coarser dw items first, the dx bands after, so that
-  // the finer items even out the threads' finishing times.
-  auto route = [&](int64_t it) {
-    if (it < ndw) {
-      const int64_t b = it / ncb, o0 = (it % ncb) * kCols;
-      if (!win_dw_item<Op>(c, s, b, o0, o0 + kCols < O ? o0 + kCols : O, kCols))
-        failed.store(true, std::memory_order_relaxed);
+  auto pass2 = [&](int64_t it) {
+    const int64_t b = it / ncb, o0 = (it % ncb) * kCols;
+    const int64_t o1 = o0 + kCols < O ? o0 + kCols : O;
+    const float* xb = call.x + b * c.x_bs;
+    const float* yb = call.y + b * c.y_bs;
+    const float* gb = call.g + b * c.y_bs;
+    float* dwb = call.out2 + b * c.w_bs;
+    const int32_t* cb = c.code + b * c.y_bs;
+    const float* vb = c.dwv + b * c.y_bs;
+    const Owned<float> owned = allocate<float>(c.K * kCols);
+    float* acc = owned.get();
+    if (acc) std::memset(acc, 0, sizeof(float) * size_t(c.K) * kCols);
+    if (!acc) {
+      failed.store(true, std::memory_order_relaxed);
       return;
     }
-    it -= ndw;
-    const int64_t bnd = it % nband, grp = (it / nband) % c.G, bi = it / (nband * c.G);
-    const int64_t n0 = (bi % runs) * ipi, n1 = n0 + ipi < c.g.n ? n0 + ipi : c.g.n;
-    win_dx_item<Op>(c, s, bi / runs, grp, n0, n1, bnd * band * c.C, (bnd + 1) * band * c.C);
+    const float* cols[kMaxCols];
+    for (int64_t o = o0; o < o1; ++o) {
+      const int64_t og = o % Og;
+      cols[o - o0] =
+          c.wpack + ((b * c.G + o / Og) * c.nJB + og / NR) * c.K * NR + og % NR;
+    }
+    for (int64_t p = 0; p < c.P; ++p) {
+      const int64_t n = p / c.OS, osi = p % c.OS;
+      for (int64_t o = o0; o < o1; ++o) {
+        const int32_t k = cb[p * O + o];
+        if (k == -2) continue;
+        float* ac = acc + (o - o0);
+        if (k >= 0) {
+          ac[k * kCols] += vb[p * O + o];
+        } else {
+          const int64_t grp = o / Og;
+          const float gv = gb[p * O + o];
+          const float* col = cols[o - o0];
+          const float yv = yb[p * O + o];
+          const float share =
+              gv / float(count_ties<Op>(c, xb, col, kKey, n, osi, grp, yv));
+          for (int64_t t = 0; t < T; ++t) {
+            const float* xr = cell(c, xb, n, osi, t, grp);
+            if (!xr) continue;
+            for (int64_t i = 0; i < I; ++i) {
+              const int64_t kk = t * I + i;
+              const float wv = wcol_at(col, kk, kKey);
+              if (Op::template comb<Sc>(xr[i], wv) == yv)
+                ac[kk * kCols] += share * Op::template dcw<Sc>(xr[i], wv);
+            }
+          }
+        }
+      }
+    }
+    for (int64_t k = 0; k < c.K; ++k)
+      std::memcpy(dwb + k * O + o0, acc + k * kCols, sizeof(float) * (o1 - o0));
   };
-  parallel(c, ndw + ndx, route);
+  parallel(c, call.batch * ncb, pass2);
   if (failed.load()) c.failed = true;
 }
