@@ -313,6 +313,52 @@ ffi::Error backward_impl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
   return finish(jaxconv_dispatch::run_kernels(call, true));
 }
 
+// The recording forward (csrc/kernel_dense_record.h): y and the dense winner masks, which
+// the recorded backward takes back as an operand.
+ffi::Error forward_record_impl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                               ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::S32> rec,
+                               ForwardAttrs attrs, ffi::ThreadPool pool) {
+  jaxconv::Call call{};
+  if (auto e = decode(attrs, call.geom); e.failure()) return e;
+  call.op = attrs.op;
+  call.batch = batch_of(x.dimensions());
+  call.x = x.typed_data();
+  call.w = w.typed_data();
+  call.out = y->typed_data();
+  call.rec = rec->typed_data();
+  call.par = {run_parallel, &pool};
+  call.params = jaxconv_tune::current_params().load(std::memory_order_acquire);
+  jaxconv_dispatch::FlushDenormals flush;
+  return finish(jaxconv_dispatch::run_kernels(call, false));
+}
+
+ffi::Error backward_recorded_impl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                                  ffi::Buffer<ffi::F32> y, ffi::Buffer<ffi::S32> rec,
+                                  ffi::Buffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> dx,
+                                  ffi::ResultBuffer<ffi::F32> dw, BackwardAttrs attrs,
+                                  ffi::ThreadPool pool) {
+  if (rec.element_count() != y.element_count())
+    return ffi::Error::InvalidArgument("jaxconv: the recorded masks are not y's shape");
+  jaxconv::Call call{};
+  if (auto e = decode(attrs, call.geom); e.failure()) return e;
+  call.op = attrs.op;
+  call.batch = batch_of(x.dimensions());
+  call.x = x.typed_data();
+  call.w = w.typed_data();
+  call.y = y.typed_data();
+  call.g = g.typed_data();
+  call.rec = const_cast<int32_t*>(rec.typed_data());  // read only by the backward
+  call.out = dx->typed_data();
+  call.out2 = dw->typed_data();
+  call.parts = attrs.parts;
+  std::memset(call.out, 0, sizeof(float) * dx->element_count());
+  std::memset(call.out2, 0, sizeof(float) * dw->element_count());
+  call.par = {run_parallel, &pool};
+  call.params = jaxconv_tune::current_params().load(std::memory_order_acquire);
+  jaxconv_dispatch::FlushDenormals flush;
+  return finish(jaxconv_dispatch::run_kernels(call, true));
+}
+
 }  // namespace
 
 #define JAXCONV_ATTR_MEMBER(type, name) , ::xla::ffi::StructMember<type>(#name)
@@ -364,6 +410,27 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxconvBackward, backward_impl,
                                   .Attrs<BackwardAttrs>()
                                   .Ctx<ffi::ThreadPool>());
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxconvForwardRecord, forward_record_impl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Attrs<ForwardAttrs>()
+                                  .Ctx<ffi::ThreadPool>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxconvBackwardRecorded, backward_recorded_impl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attrs<BackwardAttrs>()
+                                  .Ctx<ffi::ThreadPool>());
+
 NB_MODULE(_native, m) {
   m.doc() = "jaxconv's compiled CPU kernels (XLA FFI handlers).";
   m.def("registrations", []() {
@@ -372,6 +439,9 @@ NB_MODULE(_native, m) {
     d["jaxconv_wide_forward"] = nb::capsule(reinterpret_cast<void*>(JaxconvWideForward));
     d["jaxconv_wide_backward"] = nb::capsule(reinterpret_cast<void*>(JaxconvWideBackward));
     d["jaxconv_backward"] = nb::capsule(reinterpret_cast<void*>(JaxconvBackward));
+    d["jaxconv_forward_record"] = nb::capsule(reinterpret_cast<void*>(JaxconvForwardRecord));
+    d["jaxconv_backward_recorded"] =
+        nb::capsule(reinterpret_cast<void*>(JaxconvBackwardRecorded));
     return d;
   });
   m.def("isa", []() { return std::string(jaxconv_dispatch::isa_name()); },

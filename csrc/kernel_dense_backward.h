@@ -159,6 +159,7 @@ bool dense_win_backward(Ctx& c) {
   const int64_t I = c.I, O = c.O, Og = c.Og, K = c.K, P = c.P, G = c.G, B = call.batch;
   const int64_t kb = dense_block_rows(K);
   const int64_t tiles = (P + MR - 1) / MR;
+  const bool recorded = call.rec != nullptr && call.rec[0] >= 0;
   std::atomic<bool> failed{false}, tied{false};
   // dxv: a unique winner's dx term (dwv its dw term); for a tie dwv holds the share of the
   // cotangent. A code is the unique winner's k (>= 0) or -2 - mask (a tie, or none: mask 0).
@@ -189,15 +190,18 @@ bool dense_win_backward(Ctx& c) {
     const float* yb = call.y + b * c.y_bs;
     const float* gb = call.g + b * c.y_bs;
     int32_t* cb = c.code + b * c.y_bs;
-    for (int64_t tl = 0; tl < tiles; ++tl)
-      dense_block_masks<Op>(c, xb, panel, yb, cb, tl * MR, grp, jb, kb);
+    // The masks the recording forward kept (kernel_dense_record.h), else pass A.
+    const int32_t* rb = recorded ? call.rec + b * c.y_bs : cb;
+    if (!recorded)
+      for (int64_t tl = 0; tl < tiles; ++tl)
+        dense_block_masks<Op>(c, xb, panel, yb, cb, tl * MR, grp, jb, kb);
     float* dwvb = c.dwv + b * c.y_bs;
     float* dxvb = dxv + b * c.y_bs;
     for (int64_t p = 0; p < P; ++p) {
       const float* xp = xb + p * c.img + grp * I;
       for (int64_t l = 0; l < nvalid; ++l) {
         const int64_t at = p * O + o0 + l;
-        const uint32_t mask = uint32_t(cb[at]);
+        const uint32_t mask = uint32_t(rb[at]);
         const float* wo = tp + l * K;
         const float yv = yb[at], gv = gb[at];
         int64_t last = -1;

@@ -58,6 +58,9 @@ struct Call {
   int64_t parts;   // backward: bit 0 computes dx, bit 1 dw
   Parallel par;
   const Params* params;  // the tuning parameters (never null from ffi.cc; null: the defaults)
+  // Dense max/min winner masks (kernel_dense_record.h), (batch, P, O): the recording forward
+  // writes them (-1: not recorded), the backward reads them; null in every other call.
+  int32_t* rec;
 };
 
 }  // namespace jaxconv

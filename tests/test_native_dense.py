@@ -87,36 +87,97 @@ def test_dense_winner_backward_splits_ties_as_the_rule(name, shape):
     np.testing.assert_allclose(np.asarray(dw), rdw, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("ties", [False, True], ids=["distinct", "ties"])
-@pytest.mark.parametrize("name", ["max_plus", "min_plus"])
-def test_dense_winner_backward_has_the_general_rescans_bits(name, ties):
-    rng = np.random.default_rng(5)
+def _data(kind: str, seed: int = 5) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """x (14, 260), w (260, 90), a cotangent: distinct reals, integers (ties within and
+    across blocks), or integers with a NaN, a -inf and a +inf (nothing recorded: the
+    backward takes the general rescan)."""
+    rng = np.random.default_rng(seed)
     x = rng.standard_normal((14, 260)).astype(np.float32)
     w = rng.standard_normal((260, 90)).astype(np.float32)
-    if ties:
+    if kind != "distinct":
         x, w = np.round(x), np.round(w)
-    ct = rng.standard_normal((14, 90)).astype(np.float32)
+    if kind == "nonfinite":
+        x[2, 7], x[5, 200], w[100, 3] = np.nan, -np.inf, np.inf
+    return x, w, rng.standard_normal((14, 90)).astype(np.float32)
+
+
+@pytest.mark.parametrize("kind", ["distinct", "ties", "nonfinite"])
+@pytest.mark.parametrize("name", ["max_plus", "min_plus"])
+def test_dense_winner_backward_has_the_general_rescans_bits(name, kind):
+    """The recorded dense backward (the recording forward's block masks) against the general
+    rescan bit for bit, and against the XLA engine (which finds winners by index)."""
+    x, w, ct = _data(kind)
     got = jax.jit(lambda a, b: _dense_vjp(name, a, b, ct))(x, w)
     want = jax.jit(lambda a, b: _conv_vjp(name, a, b, ct))(x, w)
     for a, b in zip(got, want, strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    f = lambda a, b: jaxconv.dot_general(a, b, DN, op=name, engine="xla")  # noqa: E731
+    y, vjp = jax.vjp(f, x, w)
+    for a, b in zip(got, (y, *vjp(ct)), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
 
 
-def test_dense_winner_backward_under_vmap_of_the_kernel():
-    """A mapped kernel folds into feature groups: each group's block masks and winners."""
+def _primitives(jaxpr) -> list[str]:
+    """The names of every primitive in `jaxpr`, nested ones (jit, checkpoint) included."""
+    names = []
+    for eqn in jaxpr.eqns:
+        names.append(eqn.primitive.name)
+        for sub in jax.core.jaxprs_in_params(eqn.params):
+            names.extend(_primitives(sub))
+    return names
+
+
+@pytest.mark.parametrize("transform", ["grad", "checkpoint"])
+def test_recording_forward_runs_once_and_keeps_todays_bits(monkeypatch, transform):
+    """Under a gradient the recording forward runs once (no plain forward beside it) and its
+    masks reach the backward; the gradients equal the marking pass's (recording off) bit for
+    bit. The plain forward records nothing."""
+    from jaxconv._src.core import primitive  # noqa: PLC0415
+
+    x, w, ct = _data("ties", seed=8)
+
+    def loss(a, b):
+        y = jaxconv.dot_general(a, b, DN, op="max_plus", engine="native")
+        return jnp.sum(y * ct)
+
+    fn = jax.checkpoint(loss) if transform == "checkpoint" else loss
+    grad = jax.grad(fn, (0, 1))
+    names = _primitives(jax.make_jaxpr(grad)(x, w).jaxpr)
+    # Remat recomputes the forward in the backward: the recording one, once.
+    assert names.count("jaxconv_conv_record") == (2 if transform == "checkpoint" else 1)
+    assert "jaxconv_conv" not in names
+    assert "jaxconv_conv_record" not in _primitives(jax.make_jaxpr(loss)(x, w).jaxpr)
+    got = jax.jit(grad)(x, w)
+    monkeypatch.setattr(primitive, "_records", lambda problem: False)
+    want = jax.jit(jax.grad(lambda a, b: fn(a, b), (0, 1)))(x, w)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("mapped", ["kernel", "input"])
+def test_dense_winner_backward_under_vmap(mapped):
+    """A mapped kernel folds into feature groups: each group's block masks and winners. A
+    mapped input folds the recording forward into the batch and the backward (a kernel
+    gradient per element) into groups: an output's masks do not depend on the folding."""
     rng = np.random.default_rng(6)
-    x = np.round(rng.standard_normal((9, 130)) * 2).astype(np.float32)
+    xs = np.round(rng.standard_normal((3, 9, 130)) * 2).astype(np.float32)
     ws = np.round(rng.standard_normal((3, 130, 40)) * 2).astype(np.float32)
+    if mapped == "kernel":
+        xs[:] = xs[0]
+    else:
+        ws[:] = ws[0]
     ct = rng.standard_normal((3, 9, 40)).astype(np.float32)
 
-    def grads(w, c):
+    def grads(x, w, c):
         return jax.grad(lambda a, b: jnp.sum(jaxconv.dot_general(
             a, b, DN, op="max_plus", engine="native") * c), (0, 1))(x, w)
 
-    dx, dw = jax.jit(jax.vmap(grads))(ws, ct)
+    axes = (None, 0, 0) if mapped == "kernel" else (0, None, 0)
+    dx, dw = jax.jit(jax.vmap(grads, in_axes=axes))(xs[0] if mapped == "kernel" else xs,
+                                                   ws[0] if mapped == "input" else ws, ct)
     for j in range(3):
-        rdx, rdw = _winner_grads("max_plus", x.astype(np.float64), ws[j].astype(np.float64),
-                                 ct[j])
+        rdx, rdw = _winner_grads("max_plus", xs[j].astype(np.float64),
+                                 ws[j].astype(np.float64), ct[j])
         np.testing.assert_allclose(np.asarray(dx[j]), rdx, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(np.asarray(dw[j]), rdw, rtol=1e-5, atol=1e-5)
 

@@ -91,6 +91,7 @@ CASES = [
     ("max_plus", "native", "conv", "ties"),
     ("max_plus", "xla", "dense", "ties"),
     ("min_plus", "xla", "conv", "ties"),
+    ("min_plus", "native", "dense", "ties"),  # the recording forward's primitive (jvp, vjp)
     ("max_min", "native", "dense", "ties"),
     ("max_min", "xla", "conv", "normal"),
     ("max_times", "xla", "conv", "ties"),

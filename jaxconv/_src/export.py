@@ -3,7 +3,8 @@
 On the XLA engine a jaxconv product lowers to plain StableHLO: the serialized artifact runs
 wherever ``jax.export.deserialize`` does, without jaxconv. On the native CPU engine it is a
 call of jaxconv's XLA FFI targets (``jaxconv_forward``, ``jaxconv_backward``,
-``jaxconv_wide_forward``, ``jaxconv_wide_backward``): JAX refuses
+``jaxconv_wide_forward``, ``jaxconv_wide_backward``, and under a gradient of a dense
+max/min product ``jaxconv_forward_record`` and ``jaxconv_backward_recorded``): JAX refuses
 to serialize custom calls it does not know unless told (`export_disabled_checks`), and the
 process that runs the artifact must have the targets registered, which ``import jaxconv``
 does.
@@ -15,7 +16,7 @@ import jax
 
 # The FFI targets of the native engine (csrc/ffi.cc registers them under these names).
 FFI_TARGETS = ("jaxconv_forward", "jaxconv_backward", "jaxconv_wide_forward",
-               "jaxconv_wide_backward")
+               "jaxconv_wide_backward", "jaxconv_forward_record", "jaxconv_backward_recorded")
 
 
 def export_disabled_checks() -> list[jax.export.DisabledSafetyCheck]:

@@ -25,6 +25,11 @@ The protocol, in the style of a typed structural interface:
   contraction, given the global `y`, is its part of the global backward (the core then
   reduces a sharded logsumexp contraction across devices instead of gathering it; max/min
   contractions are reduced for every engine);
+- `records_winners(problem, platform)`: optional (`False`): whether, when a gradient will
+  be taken, the engine's forward keeps a record of where each output's winners are
+  (`forward_recording`) that its backward takes back (`backward_recorded`) instead of
+  finding them again; the core then runs the recording forward once and carries the record
+  to the backward as a residual (the native engine: dense max/min products);
 - `per_example_kernel_gradient(problem)`: optional (`Engine` answers `None`): a function
   `(x, w, y, g) -> gw` (or `-> (gx, gw)`, see `PerExampleRule`) that JAX can batch like its
   own products, used for per-example kernel gradients under `jax.vmap`.
@@ -178,6 +183,56 @@ class Engine(Protocol):
         """
         del problem
         return False
+
+    def records_winners(self, problem: Problem, platform: str) -> bool:
+        """Whether the forward records the winners for the backward (`forward_recording`).
+
+        Args:
+            problem: the canonical problem.
+            platform: the platform being lowered for.
+
+        Returns:
+            True if `forward_recording` keeps a record that `backward_recorded` reads.
+        """
+        del problem, platform
+        return False
+
+    def forward_recording(self, problem: Problem, x: Array, w: Array) -> tuple[Array, Array]:
+        """The forward and its record of the winners (by default none: `-1` everywhere).
+
+        The record is an int32 array of the output's shape whose meaning is the engine's own;
+        the core only carries it (a batch or output-feature split keeps it with its outputs).
+
+        Args:
+            problem: the canonical problem.
+            x: the input.
+            w: the kernel.
+
+        Returns:
+            ``(y, record)``.
+        """
+        y = self.forward(problem, x, w)
+        return y, jax.numpy.full(y.shape, -1, jax.numpy.int32)
+
+    def backward_recorded(self, problem: Problem, x: Array, w: Array, y: Array,
+                          record: Array, g: Array, need: tuple[bool, bool]
+                          ) -> tuple[Array, Array]:
+        """`backward` given the record of `forward_recording` (by default it is ignored).
+
+        Args:
+            problem: the canonical problem.
+            x: the input.
+            w: the kernel.
+            y: the forward's output.
+            record: the recording forward's record of the winners.
+            g: the output's cotangent.
+            need: which gradients are needed.
+
+        Returns:
+            ``(gx, gw)``.
+        """
+        del record
+        return self.backward(problem, x, w, y, g, need)
 
     def per_example_kernel_gradient(self, problem: Problem) -> PerExampleRule | None:
         """Per-example kernel gradients in standard products, or `None` (the core's rule).

@@ -86,11 +86,28 @@ def forward(problem: Any, engine: Any, x: Array, w: Array) -> Array:
     return _forward_fn(problem, engine, x.shape, w.shape)(x, w)
 
 
+def forward_recording(problem: Any, engine: Any, x: Array, w: Array) -> tuple[Array, Array]:
+    """`engine.forward_recording(problem, x, w)`, partitioned as `forward`: the record is
+    split as the output. With a sharded contraction nothing is recorded (an empty record:
+    each device's record would describe its partial result, not the output it is typed as).
+
+    Args:
+        problem: the canonical problem.
+        engine: the engine.
+        x: the input.
+        w: the kernel.
+
+    Returns:
+        ``(y, record)``.
+    """
+    return _forward_fn(problem, engine, x.shape, w.shape, True)(x, w)
+
+
 def backward(problem: Any, engine: Any, x: Array, w: Array, y: Array, g: Array,
-             need: tuple[bool, bool]) -> tuple[Array, Array]:
+             need: tuple[bool, bool], record: Array | None = None) -> tuple[Array, Array]:
     """`engine.backward(problem, x, w, y, g, need)`, partitioned as `forward` (the kernel
     gradient all-reduced over the batch's axes, the input gradient over the output
-    features' axes).
+    features' axes); with the recording forward's `record`, `engine.backward_recorded`.
 
     Args:
         problem: the canonical problem.
@@ -100,11 +117,14 @@ def backward(problem: Any, engine: Any, x: Array, w: Array, y: Array, g: Array,
         y: the forward's output.
         g: its cotangent.
         need: which gradients are needed.
+        record: the record of `forward_recording`, or ``None``.
 
     Returns:
         ``(gx, gw)``.
     """
-    return _backward_fn(problem, engine, need, x.shape, w.shape)(x, w, y, g)
+    if record is None:
+        return _backward_fn(problem, engine, need, x.shape, w.shape)(x, w, y, g)
+    return _backward_fn(problem, engine, need, x.shape, w.shape, True)(x, w, y, g, record)
 
 
 # --- the sharding rule -----------------------------------------------------------------------
@@ -182,7 +202,7 @@ def _compound_safe(mesh: Any, groups: int) -> bool:
 
 
 def _rule(nsd: int, groups: int, w_shape: tuple[int, ...], backward: bool,
-          reduce_contraction: bool) -> Any:
+          reduce_contraction: bool, recorded: bool = False) -> Any:
     """The Shardy rule of a call, chosen on the mesh the call is lowered for.
 
     Args:
@@ -191,6 +211,8 @@ def _rule(nsd: int, groups: int, w_shape: tuple[int, ...], backward: bool,
         w_shape: the kernel's shape.
         backward: whether the call is the backward (``x, w, y, g -> gx, gw``).
         reduce_contraction: whether the contraction is reduced across devices.
+        recorded: whether a record shaped as the output follows (the recording forward's
+            second result, the backward's fifth operand).
 
     Returns:
         A function of ``(mesh, value_types, result_types)`` giving the rule's text and its
@@ -199,8 +221,9 @@ def _rule(nsd: int, groups: int, w_shape: tuple[int, ...], backward: bool,
     def rule(mesh: Any, value_types: Any, result_types: Any) -> tuple[str, dict]:
         del value_types, result_types
         xf, wf, yf, sizes = _factors(nsd, groups, w_shape, _compound_safe(mesh, groups))
-        text = (f"{xf}, {wf}, {yf}, {yf} -> {xf}, {wf}" if backward
-                else f"{xf}, {wf} -> {yf}")
+        rec = f", {yf}" if recorded else ""
+        text = (f"{xf}, {wf}, {yf}, {yf}{rec} -> {xf}, {wf}" if backward
+                else f"{xf}, {wf} -> {yf}{rec}")
         need = _replicated_factors(text, reduce_contraction)
         return text, dict(need_replication_factors=need, **sizes)
 
@@ -390,7 +413,7 @@ def _replicated_like(info: Any) -> Any:
 
 @functools.lru_cache(maxsize=512)
 def _forward_fn(problem: Any, engine: Any, x_shape: tuple[int, ...],
-                w_shape: tuple[int, ...]) -> Any:
+                w_shape: tuple[int, ...], recording: bool = False) -> Any:
     """The partitioned forward, one ``custom_partitioning`` function per problem and shapes.
 
     Args:
@@ -398,49 +421,62 @@ def _forward_fn(problem: Any, engine: Any, x_shape: tuple[int, ...],
         engine: the engine.
         x_shape: the input's shape.
         w_shape: the kernel's shape.
+        recording: the recording forward (``(y, record)``, the record split as ``y``).
 
     Returns:
         ``call(x, w)``, with its Shardy rule and partitioning callbacks.
     """
     nsd, groups = len(problem.geom.window), problem.geom.groups
 
+    def run(p: Any, x: Array, w: Array) -> Any:
+        return engine.forward_recording(p, x, w) if recording else engine.forward(p, x, w)
+
+    def outs(sharding: Any) -> Any:
+        return (sharding, sharding) if recording else sharding
+
     @custom_partitioning
-    def call(x: Array, w: Array) -> Array:
+    def call(x: Array, w: Array) -> Any:
         # Under `jax.jit`: `custom_partitioning` refuses a body with hoisted constants.
-        return jax.jit(functools.partial(engine.forward, problem))(x, w)
+        return jax.jit(functools.partial(run, problem))(x, w)
 
     def infer(mesh: Any, arg_infos: Any, result_info: Any) -> Any:
         del result_info
         split = _split(problem, engine, mesh, *arg_infos)
-        return split.y() if split.mesh is not None and not split.mesh.empty else None
+        return outs(split.y()) if split.mesh is not None and not split.mesh.empty else None
 
     def partition(mesh: Any, arg_infos: Any, result_info: Any) -> Any:
         del result_info
         split = _split(problem, engine, mesh, *arg_infos)
         if not isinstance(arg_infos[0].sharding, NamedSharding) or mesh.empty:
             rep = _replicated_like(arg_infos[0])
-            return mesh, lambda x, w: engine.forward(problem, x, w), rep, (rep, rep)
+            return mesh, functools.partial(run, problem), outs(rep), (rep, rep)
         local = _local_problem(problem, split)
         contract = _axes(split.contract)
 
-        def lower(x: Array, w: Array) -> Array:
+        def lower(x: Array, w: Array) -> Any:
             if split.subgroups:
                 x = _group_channels(split, x)[0]
-            y = engine.forward(local, x, w)
+            if not contract:
+                return run(local, x, w)
             # Partial products over this device's channels, reduced with the op's reduce.
-            return collectives.combine(which, y, contract) if contract else y
+            # A record would describe this device's partial result while typed as the
+            # (replicated over the contraction) output: none is kept, the backward finds
+            # the winners itself.
+            y = collectives.combine(which, engine.forward(local, x, w), contract)
+            return (y, jax.numpy.full(y.shape, -1, jax.numpy.int32)) if recording else y
 
-        return mesh, lower, split.y(), (split.x(), split.w())
+        return mesh, lower, outs(split.y()), (split.x(), split.w())
 
     which = collectives.kind(problem.op)
     call.def_partition(partition, infer_sharding_from_operands=infer, sharding_rule=_rule(
-        nsd, groups, w_shape, False, _reduces_contraction(problem, engine)))
+        nsd, groups, w_shape, False, _reduces_contraction(problem, engine), recording))
     return call
 
 
 @functools.lru_cache(maxsize=512)
 def _backward_fn(problem: Any, engine: Any, need: tuple[bool, bool],
-                 x_shape: tuple[int, ...], w_shape: tuple[int, ...]) -> Any:
+                 x_shape: tuple[int, ...], w_shape: tuple[int, ...],
+                 recorded: bool = False) -> Any:
     """The partitioned backward, one ``custom_partitioning`` function per problem and shapes.
 
     Args:
@@ -449,21 +485,26 @@ def _backward_fn(problem: Any, engine: Any, need: tuple[bool, bool],
         need: which gradients are needed.
         x_shape: the input's shape.
         w_shape: the kernel's shape.
+        recorded: the call takes the recording forward's record as a fifth operand.
 
     Returns:
-        ``call(x, w, y, g)``, with its Shardy rule and partitioning callbacks.
+        ``call(x, w, y, g[, record])``, with its Shardy rule and partitioning callbacks.
     """
     nsd, groups = len(problem.geom.window), problem.geom.groups
 
-    def run(p: Any, x: Array, w: Array, y: Array, g: Array) -> tuple[Array, Array]:
-        gx, gw = engine.backward(p, x, w, y, g, need)
+    def run(p: Any, x: Array, w: Array, y: Array, g: Array, record: Array | None = None
+            ) -> tuple[Array, Array]:
+        if record is None:
+            gx, gw = engine.backward(p, x, w, y, g, need)
+        else:
+            gx, gw = engine.backward_recorded(p, x, w, y, record, g, need)
         return gx, gw
 
     @custom_partitioning
-    def call(x: Array, w: Array, y: Array, g: Array) -> tuple[Array, Array]:
+    def call(*args: Array) -> tuple[Array, Array]:
         # Under `jax.jit`: `custom_partitioning` refuses a body with hoisted constants, and
         # the backward's lax products may hold some (the static masks of padded taps).
-        return jax.jit(functools.partial(run, problem))(x, w, y, g)
+        return jax.jit(functools.partial(run, problem))(*args)
 
     def infer(mesh: Any, arg_infos: Any, result_info: Any) -> Any:
         del result_info
@@ -475,25 +516,28 @@ def _backward_fn(problem: Any, engine: Any, need: tuple[bool, bool],
     def partition(mesh: Any, arg_infos: Any, result_info: Any) -> Any:
         del result_info
         split = _split(problem, engine, mesh, arg_infos[0], arg_infos[1])
+        nargs = 5 if recorded else 4
         if not isinstance(arg_infos[0].sharding, NamedSharding) or mesh.empty:
             rep = _replicated_like(arg_infos[0])
-            return (mesh, functools.partial(run, problem), (rep, rep), (rep,) * 4)
+            return (mesh, functools.partial(run, problem), (rep, rep), (rep,) * nargs)
         local = _local_problem(problem, split)
         batch_axes, out_axes = _axes(split.batch), _axes(split.out)
         contract = _axes(split.contract)
 
-        def lower(x: Array, w: Array, y: Array, g: Array) -> tuple[Array, Array]:
+        def lower(x: Array, w: Array, y: Array, g: Array, record: Array | None = None
+                  ) -> tuple[Array, Array]:
             if split.subgroups:
                 xg, start = _group_channels(split, x)
-                gx, gw = run(local, xg, w, y, g)
+                gx, gw = run(local, xg, w, y, g, record)
                 # This device's group's channels of the whole input gradient.
                 gx = jax.lax.dynamic_update_slice_in_dim(jax.numpy.zeros_like(x), gx, start,
                                                          x.ndim - 1)
             elif contract and which in ("max", "min"):
+                # The record is empty here (`forward_recording`): not passed.
                 gx, gw = _winner_backward(local, engine, need, contract, x, w, y, g)
             else:
                 # Sums need no y; logsumexp's weights exp(c - y) take the global y.
-                gx, gw = run(local, x, w, y, g)
+                gx, gw = run(local, x, w, y, g, record)
             # lax's all-reduces: the kernel gradient sums over the images of every device,
             # the input gradient (one group) over every device's output features.
             if need[1] and batch_axes:
@@ -503,11 +547,11 @@ def _backward_fn(problem: Any, engine: Any, need: tuple[bool, bool],
             return gx, gw
 
         return (mesh, lower, (split.x(), split.w()),
-                (split.x(), split.w(), split.y(), split.y()))
+                (split.x(), split.w(), *(split.y(),) * (nargs - 2)))
 
     which = collectives.kind(problem.op)
     call.def_partition(partition, infer_sharding_from_operands=infer, sharding_rule=_rule(
-        nsd, groups, w_shape, True, _reduces_contraction(problem, engine)))
+        nsd, groups, w_shape, True, _reduces_contraction(problem, engine), recorded))
     return call
 
 

@@ -6,7 +6,15 @@ primitives:
 
 - `conv`: `(x, w) -> y`, the product itself;
 - `conv_tangent`: `(x, w, y, tx, tw) -> ty`, linear in `(tx, tw)`: forward mode;
-- `conv_backward`: `(x, w, y, g) -> (gx, gw)`: the transpose of the tangent: reverse mode.
+- `conv_backward`: `(x, w, y, g) -> (gx, gw)`: the transpose of the tangent: reverse mode;
+- `conv_record`: `(x, w) -> (y, record)`: the forward of an engine that records its winners
+  (`Engine.records_winners`), bound in place of `conv` when a gradient is taken.
+
+When the engine that the default backend would run records its winners (the native engine's
+dense max/min products), `conv`'s JVP binds `conv_record` instead of `conv` and passes the
+record (an int32 array of `y`'s shape) to the tangent and so to its transpose, the backward,
+as one more operand (`recorded=True`): under `jax.grad` the recording forward runs once and
+the record is a residual; the plain forward (no derivative) never records.
 
 `conv`'s JVP rule returns `y` and a `conv_tangent`; `jax.grad` transposes that tangent into a
 `conv_backward`. So `jax.jvp`, `jax.linearize`, `jax.jacfwd`, `jax.grad` and `jax.vjp` all
@@ -70,6 +78,8 @@ conv_p = jex_core.Primitive("jaxconv_conv")
 tangent_p = jex_core.Primitive("jaxconv_conv_tangent")
 backward_p = jex_core.Primitive("jaxconv_conv_backward")
 backward_p.multiple_results = True
+record_p = jex_core.Primitive("jaxconv_conv_record")
+record_p.multiple_results = True
 
 
 def conv(x: Array, w: Array, problem: Problem) -> Array:
@@ -174,52 +184,91 @@ def _conv_abstract(x, w, *, problem):
     return _out_aval(shape, problem.acc_dtype, x, w)
 
 
-def _tangent_abstract(x, w, y, tx, tw, *, problem, active):
-    """The abstract evaluation of `tangent_p`: the output's type.
+def _record_abstract(x, w, *, problem):
+    """The abstract evaluation of `record_p`: the output's type and the record's (int32).
 
     Args:
         x: the input's type.
         w: the kernel's type.
-        y: the output's type.
-        tx: the input tangent's type.
-        tw: the kernel tangent's type.
+        problem: the canonical problem.
+
+    Returns:
+        ``[y, record]``.
+    """
+    y = _conv_abstract(x, w, problem=problem)
+    return [y, y.update(dtype=jnp.dtype(jnp.int32), weak_type=False)]
+
+
+def _split_record(args: tuple, recorded: bool) -> tuple[tuple, Any]:
+    """The operands without the record (after `y`, the third) and the record, or ``None``."""
+    if not recorded:
+        return tuple(args), None
+    return (*args[:3], *args[4:]), args[3]
+
+
+def _tangent_abstract(*args, problem, active, recorded):
+    """The abstract evaluation of `tangent_p`: the output's type.
+
+    Args:
+        *args: the types of ``x, w, y, [record], tx, tw``.
         problem: the canonical problem.
         active: which of the tangents are not zero.
+        recorded: whether the record of a recording forward follows ``y``.
 
     Returns:
         The output tangent's type.
     """
     del problem, active
+    (x, w, y, tx, tw), _ = _split_record(args, recorded)
     if _explicit_spec(x, w) is not None:
         return y.update(weak_type=False)
     return _out_aval(y.shape, y.dtype, x, w, y, tx, tw)
 
 
-def _backward_abstract(x, w, y, g, *, problem, need):
+def _backward_abstract(*args, problem, need, recorded):
     """The abstract evaluation of `backward_p`: the operands' types.
 
     Args:
-        x: the input's type.
-        w: the kernel's type.
-        y: the output's type.
-        g: the cotangent's type.
+        *args: the types of ``x, w, y, [record], g``.
         problem: the canonical problem.
         need: which gradients are needed.
+        recorded: whether the record of a recording forward follows ``y``.
 
     Returns:
         The types of the input's and the kernel's gradients.
     """
-    del y, g, problem, need
+    del problem, need, recorded
+    x, w = args[0], args[1]
     return [x.update(weak_type=False), w.update(weak_type=False)]
 
 
 conv_p.def_abstract_eval(_conv_abstract)
 tangent_p.def_abstract_eval(_tangent_abstract)
 backward_p.def_abstract_eval(_backward_abstract)
-for _p in (conv_p, tangent_p, backward_p):
+record_p.def_abstract_eval(_record_abstract)
+for _p in (conv_p, tangent_p, backward_p, record_p):
     _p.def_impl(functools.partial(dispatch.apply_primitive, _p))
 # A native call is lowered through `custom_partitioning`, which needs the devices to lower.
-dispatch.prim_requires_devices_during_lowering.update((conv_p, backward_p))
+dispatch.prim_requires_devices_during_lowering.update((conv_p, backward_p, record_p))
+
+
+def _records(problem: Problem) -> bool:
+    """Whether a differentiated call binds the recording forward: the engine the default
+    backend's platform would run declares that it records its winners (another platform
+    lowering the same program runs its own engine's forward, with an empty record).
+
+    Args:
+        problem: the canonical problem.
+
+    Returns:
+        True to bind `record_p` in place of `conv_p` under a derivative.
+    """
+    platform = jax.default_backend()
+    try:
+        engine = _engine(problem, platform)
+    except ValueError:
+        return False
+    return engine.records_winners(problem, platform)
 
 
 def _custom_call(engine: Engine, platform: str) -> bool:
@@ -247,29 +296,52 @@ def _forward_impl(x, w, *, problem, platform):
     return engine.forward(problem, x, w)
 
 
-def _tangent_impl(x, w, y, tx, tw, *, problem, active, platform):
-    """The tangent (forward mode) on ``platform``, by the engine the planner picks."""
-    return _engine(problem, platform).tangent(problem, x, w, y, tx, tw, active)
-
-
-def _backward_impl(x, w, y, g, *, problem, need, platform):
-    """The backward on ``platform``: the engine's, or its custom call with the SPMD rule.
+def _record_impl(x, w, *, problem, platform):
+    """The recording forward on ``platform`` (an engine that does not record gives an
+    empty record).
 
     Args:
         x: the input.
         w: the kernel.
-        y: the output.
-        g: the output's cotangent.
+        problem: the canonical problem.
+        platform: the platform being lowered for.
+
+    Returns:
+        ``[y, record]``.
+    """
+    engine = _engine(problem, platform)
+    if _custom_call(engine, platform):
+        return list(partitioning.forward_recording(problem, engine, x, w))
+    return list(engine.forward_recording(problem, x, w))
+
+
+def _tangent_impl(*args, problem, active, recorded, platform):
+    """The tangent (forward mode) on ``platform``, by the engine the planner picks (the
+    record is not needed there)."""
+    (x, w, y, tx, tw), _ = _split_record(args, recorded)
+    return _engine(problem, platform).tangent(problem, x, w, y, tx, tw, active)
+
+
+def _backward_impl(*args, problem, need, recorded, platform):
+    """The backward on ``platform``: the engine's, or its custom call with the SPMD rule.
+
+    Args:
+        *args: the input, the kernel, the output, the record (when ``recorded``) and the
+            output's cotangent.
         problem: the canonical problem.
         need: which gradients are needed, ``(input, kernel)``.
+        recorded: whether the recording forward's record is among ``args``.
         platform: the platform being lowered for.
 
     Returns:
         ``[gx, gw]``.
     """
+    (x, w, y, g), record = _split_record(args, recorded)
     engine = _engine(problem, platform)
     if _custom_call(engine, platform):
-        gx, gw = partitioning.backward(problem, engine, x, w, y, g, need)
+        gx, gw = partitioning.backward(problem, engine, x, w, y, g, need, record)
+    elif record is not None:
+        gx, gw = engine.backward_recorded(problem, x, w, y, record, g, need)
     else:
         gx, gw = engine.backward(problem, x, w, y, g, need)
     return [gx, gw]
@@ -317,6 +389,9 @@ for _platform in PLATFORMS:
     mlir.register_lowering(
         backward_p, _per_device(functools.partial(_backward_impl, platform=_platform), True),
         platform=_platform)
+    mlir.register_lowering(
+        record_p, _per_device(functools.partial(_record_impl, platform=_platform), True),
+        platform=_platform)
 
 
 # --- differentiation -------------------------------------------------------------------------
@@ -334,44 +409,92 @@ def _conv_jvp(primals, tangents, *, problem):
     """
     x, w = primals
     tx, tw = tangents
-    y = conv_p.bind(x, w, problem=problem)
     active = (type(tx) is not ad.Zero, type(tw) is not ad.Zero)
     if not any(active):
+        y = conv_p.bind(x, w, problem=problem)
         return y, ad_util.p2tz(y)
-    ty = tangent_p.bind(*_same_varying(x, w, y, ad.instantiate_zeros(tx),
-                                       ad.instantiate_zeros(tw)),
-                        problem=problem, active=active)
-    return y, ty
+    if _records(problem):
+        y, record = record_p.bind(x, w, problem=problem)
+        return y, _bind_tangent(problem, active, x, w, y, record, tx, tw)
+    y = conv_p.bind(x, w, problem=problem)
+    return y, _bind_tangent(problem, active, x, w, y, None, tx, tw)
 
 
-def _tangent_transpose(ct, x, w, y, tx, tw, *, problem, active):
+def _bind_tangent(problem: Problem, active: tuple[bool, bool], x: Array, w: Array, y: Array,
+                  record: Array | None, tx: Any, tw: Any) -> Array:
+    """`tangent_p` of the operands, with the record after `y` when there is one.
+
+    Args:
+        problem: the canonical problem.
+        active: which tangents are not zero.
+        x: the input.
+        w: the kernel.
+        y: the output.
+        record: the recording forward's record, or ``None``.
+        tx: the input's tangent (maybe a symbolic zero).
+        tw: the kernel's tangent (likewise).
+
+    Returns:
+        The output's tangent.
+    """
+    rec = () if record is None else (record,)
+    return tangent_p.bind(*_same_varying(x, w, y, *rec, ad.instantiate_zeros(tx),
+                                         ad.instantiate_zeros(tw)),
+                          problem=problem, active=active, recorded=record is not None)
+
+
+def _record_jvp(primals, tangents, *, problem):
+    """The JVP of `record_p` (a derivative taken of a derivative): the record has none.
+
+    Args:
+        primals: ``(x, w)``.
+        tangents: ``(tx, tw)``.
+        problem: the canonical problem.
+
+    Returns:
+        ``([y, record], [ty, zero])``.
+    """
+    x, w = primals
+    tx, tw = tangents
+    y, record = record_p.bind(x, w, problem=problem)
+    active = (type(tx) is not ad.Zero, type(tw) is not ad.Zero)
+    zero = ad_util.p2tz(record)
+    if not any(active):
+        return [y, record], [ad_util.p2tz(y), zero]
+    return [y, record], [_bind_tangent(problem, active, x, w, y, record, tx, tw), zero]
+
+
+def _tangent_transpose(ct, *args, problem, active, recorded):
     """The transpose of `tangent_p` (linear in its tangents): `backward_p`.
 
     Args:
         ct: the output tangent's cotangent.
-        x: the input (a primal).
-        w: the kernel (a primal).
-        y: the output (a primal).
-        tx: the input tangent (undefined when its gradient is needed).
-        tw: the kernel tangent (likewise).
+        *args: the primals ``x, w, y`` (and the record when ``recorded``), then the tangents
+            ``tx, tw`` (undefined when their gradient is needed).
         problem: the canonical problem.
         active: which tangents were not zero (unused).
+        recorded: whether the recording forward's record follows ``y``.
 
     Returns:
-        The cotangents of the five operands (``None`` for the primals).
+        The cotangents of the operands (``None`` for the primals).
 
     Raises:
         ValueError: a primal operand is undefined (not linear in it).
     """
     del active
-    if ad.is_undefined_primal(x) or ad.is_undefined_primal(w) or ad.is_undefined_primal(y):
+    (x, w, y, tx, tw), record = _split_record(args, recorded)
+    primals = (x, w, y) if record is None else (x, w, y, record)
+    if any(ad.is_undefined_primal(a) for a in primals):
         raise ValueError("jaxconv: the tangent of a convolution is linear in its tangents only.")
     need = (ad.is_undefined_primal(tx), ad.is_undefined_primal(tw))
     zeros = [ad.Zero(tx.aval) if need[0] else None, ad.Zero(tw.aval) if need[1] else None]
+    nones = [None] * len(primals)
     if type(ct) is ad.Zero or not any(need):
-        return [None, None, None, *zeros]
-    gx, gw = backward_p.bind(*_same_varying(x, w, y, ct), problem=problem, need=need)
-    return [None, None, None, gx if need[0] else None, gw if need[1] else None]
+        return [*nones, *zeros]
+    rec = () if record is None else (record,)
+    gx, gw = backward_p.bind(*_same_varying(x, w, y, *rec, ct), problem=problem, need=need,
+                             recorded=recorded)
+    return [*nones, gx if need[0] else None, gw if need[1] else None]
 
 
 def _xla_jvp(name: str):
@@ -386,6 +509,9 @@ def _xla_jvp(name: str):
     """
 
     def rule(primals, tangents, **params):
+        # The XLA engine finds winners itself: the record (no tangent) is dropped.
+        primals, _ = _split_record(primals, params["recorded"])
+        tangents, _ = _split_record(tangents, params.pop("recorded"))
         tangents = [ad.instantiate_zeros(t) for t in tangents]
         fn = functools.partial(getattr(registry.get(planner.FALLBACK), name),
                                params.pop("problem"))
@@ -396,18 +522,21 @@ def _xla_jvp(name: str):
 
 
 ad.primitive_jvps[conv_p] = _conv_jvp
+ad.primitive_jvps[record_p] = _record_jvp
 ad.primitive_transposes[tangent_p] = _tangent_transpose
 
 
-def _tangent_jvp(primals, tangents, *, problem, active):
+def _tangent_jvp(primals, tangents, *, problem, active, recorded):
     """The JVP of `tangent_p` (second order), by the XLA engine's formula."""
-    y, ty = _xla_jvp("tangent")(primals, tangents, problem=problem, active=active)
+    y, ty = _xla_jvp("tangent")(primals, tangents, problem=problem, active=active,
+                                recorded=recorded)
     return y, ty
 
 
-def _backward_jvp(primals, tangents, *, problem, need):
+def _backward_jvp(primals, tangents, *, problem, need, recorded):
     """The JVP of `backward_p` (second order), by the XLA engine's formula."""
-    outs, touts = _xla_jvp("backward")(primals, tangents, problem=problem, need=need)
+    outs, touts = _xla_jvp("backward")(primals, tangents, problem=problem, need=need,
+                                       recorded=recorded)
     return list(outs), list(touts)
 
 
@@ -508,36 +637,55 @@ def _conv_batch(args, dims, *, problem):
     return outs[0], out_dims[0]
 
 
-def _tangent_batch(args, dims, *, problem, active):
+def _record_batch(args, dims, *, problem):
+    """The batching rule of `record_p`, folded as `_conv_batch` folds (the record is
+    output-like; an output's record does not depend on the folding).
+
+    Args:
+        args: ``(x, w)``.
+        dims: their mapped axes.
+        problem: the canonical problem.
+
+    Returns:
+        ``[y, record]`` and their mapped axes.
+    """
+    return _folded_call(args, dims, ("x", "w"), ("y", "y"), dims[1] is not None, problem,
+                        lambda p, x, w: record_p.bind(x, w, problem=p))
+
+
+def _tangent_batch(args, dims, *, problem, active, recorded):
     """The batching rule of `tangent_p`, folded as `_conv_batch` folds.
 
     Args:
-        args: ``(x, w, y, tx, tw)``.
+        args: ``(x, w, y, [record], tx, tw)``.
         dims: their mapped axes.
         problem: the canonical problem.
         active: which tangents are not zero.
+        recorded: whether the record follows ``y``.
 
     Returns:
         The output tangent and its mapped axis.
     """
-    by_groups = dims[1] is not None or dims[4] is not None
+    kinds = ("x", "w", "y", "y", "x", "w") if recorded else ("x", "w", "y", "x", "w")
+    by_groups = dims[1] is not None or dims[-1] is not None
     outs, out_dims = _folded_call(
-        args, dims, ("x", "w", "y", "x", "w"), ("y",), by_groups, problem,
-        lambda p, *a: [tangent_p.bind(*a, problem=p, active=active)])
+        args, dims, kinds, ("y",), by_groups, problem,
+        lambda p, *a: [tangent_p.bind(*a, problem=p, active=active, recorded=recorded)])
     return outs[0], out_dims[0]
 
 
-def _backward_batch(args, dims, *, problem, need):
+def _backward_batch(args, dims, *, problem, need, recorded):
     """The batching rule of `backward_p`.
 
     A shared kernel whose gradient is needed per element goes through `_per_example_backward`
     where the op allows, else everything is folded into feature groups.
 
     Args:
-        args: ``(x, w, y, g)``.
+        args: ``(x, w, y, [record], g)``.
         dims: their mapped axes.
         problem: the canonical problem.
         need: which gradients are needed.
+        recorded: whether the record follows ``y``.
 
     Returns:
         ``[gx, gw]`` and their mapped axes.
@@ -545,12 +693,16 @@ def _backward_batch(args, dims, *, problem, need):
     if dims[1] is None and need[1]:
         per_example = _per_example_rule(problem)
         if per_example is not None:
+            # Standard products there: the record is not read.
+            args, _ = _split_record(args, recorded)
+            dims, _ = _split_record(dims, recorded)
             return _per_example_backward(args, dims, problem, need, *per_example)
     # The kernel gradient of a mapped problem is per element: group folding keeps it apart.
     by_groups = dims[1] is not None or need[1]
     return _folded_call(
-        args, dims, ("x", "w", "y", "y"), ("x", "w"), by_groups, problem,
-        lambda p, *a: backward_p.bind(*a, problem=p, need=need))
+        args, dims, ("x", "w", "y", "y", "y") if recorded else ("x", "w", "y", "y"),
+        ("x", "w"), by_groups, problem,
+        lambda p, *a: backward_p.bind(*a, problem=p, need=need, recorded=recorded))
 
 
 def _per_example_rule(problem: Problem):
@@ -631,13 +783,14 @@ def _per_example_backward(args, dims, problem, need, fn, both):
     if not need[0]:
         return [jnp.zeros(xf.shape, x.dtype), mapped], [0, 0]
     gx, _ = backward_p.bind(_fold_batch(xf), w, _fold_batch(yf), _fold_batch(gf),
-                            problem=problem, need=(True, False))
+                            problem=problem, need=(True, False), recorded=False)
     return [_unfold_batch(gx, size), mapped], [0, 0]
 
 
 batching.primitive_batchers[conv_p] = _conv_batch
 batching.primitive_batchers[tangent_p] = _tangent_batch
 batching.primitive_batchers[backward_p] = _backward_batch
+batching.primitive_batchers[record_p] = _record_batch
 
 
 def _hashable_precision(precision: Any) -> Any:

@@ -121,6 +121,43 @@ class NativeEngine(registry.Engine):
         user op that falls back to the XLA engine does not)."""
         return self._fallback(problem) is None
 
+    def records_winners(self, problem: Problem, platform: str) -> bool:
+        """Dense float32 max-plus / min-plus products: the recording forward keeps, per
+        output, the kernel-row blocks holding its winners (``csrc/kernel_dense_record.h``),
+        and the backward scans only those. (max_min / min_max keep their integer-key rescan,
+        faster than a marking pass; the kernels decide the rest at run time: finite data,
+        more than 64 kernel rows, else nothing is recorded and the backward marks itself.)"""
+        geom = problem.geom
+        return (platform == "cpu" and problem.op.native in ("max_plus", "min_plus")
+                and ffi.kernel_id(problem.op) is not None
+                and problem.dtype is not None and np.dtype(problem.dtype) == np.float32
+                and problem.op.pad_value is None
+                and all(k == 1 for k in geom.window) and all(s == 1 for s in geom.out_spatial)
+                and ffi.has_recording())
+
+    def forward_recording(self, problem: Problem, x: Array, w: Array) -> tuple[Array, Array]:
+        """The recording forward (`records_winners`): ``y`` and the int32 block masks."""
+        if not self.records_winners(problem, "cpu"):
+            return super().forward_recording(problem, x, w)
+        spec = self._spec(problem, x, w)
+        out_shape = (x.shape[0], *problem.geom.out_spatial, w.shape[-1])
+        y, masks = ffi._forward_record_call(spec, x.reshape(spec.x_shape),
+                                            w.reshape(spec.w_shape))
+        return y.reshape(out_shape).astype(problem.acc_dtype), masks.reshape(out_shape)
+
+    def backward_recorded(self, problem: Problem, x: Array, w: Array, y: Array,
+                          record: Array, g: Array, need: tuple[bool, bool]
+                          ) -> tuple[Array, Array]:
+        """The backward kernel given the recording forward's masks (no marking pass)."""
+        if not self.records_winners(problem, "cpu"):
+            return self.backward(problem, x, w, y, g, need)
+        spec = self._spec(problem, x, w)
+        gx, gw = ffi._backward_recorded_call(
+            spec, x.reshape(spec.x_shape), w.reshape(spec.w_shape),
+            y.astype(jnp.float32).reshape(spec.y_shape), record.reshape(spec.y_shape),
+            g.astype(jnp.float32).reshape(spec.y_shape))
+        return gx.reshape(x.shape).astype(x.dtype), gw.reshape(w.shape).astype(w.dtype)
+
     def describe(self, problem: Problem, dtype: DTypeLike) -> tuple[str, ...]:
         """The kernel, compiling a user op's now (as the first call would)."""
         op = problem.op

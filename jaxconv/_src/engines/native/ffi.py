@@ -48,6 +48,8 @@ _FORWARD = "jaxconv_forward"
 _BACKWARD = "jaxconv_backward"
 _WIDE_FORWARD = "jaxconv_wide_forward"
 _WIDE_BACKWARD = "jaxconv_wide_backward"
+_FORWARD_RECORD = "jaxconv_forward_record"
+_BACKWARD_RECORDED = "jaxconv_backward_recorded"
 # The built-in ops the wide kernels (csrc/kernel_wide.h: float64, int32, int64) serve.
 WIDE_KERNELS = ("max_plus", "min_plus", "max_min", "min_max", "adder", "l1", "l2_exact")
 
@@ -156,6 +158,12 @@ def has_wide_backward() -> bool:
     """Whether the loaded library has the wide kernels' backward (float64 gradients)."""
     mod = _load()
     return mod is not None and _WIDE_BACKWARD in mod.registrations()
+
+
+def has_recording() -> bool:
+    """Whether the loaded library has the recording forward and the recorded backward."""
+    mod = _load()
+    return mod is not None and _FORWARD_RECORD in mod.registrations()
 
 
 def _register() -> None:
@@ -301,6 +309,46 @@ def _backward_call(spec: _Call, x: Array, w: Array, y: Array, g: Array,
             jax.ShapeDtypeStruct(spec.w_shape, jnp.float32))
     return jax.ffi.ffi_call(_BACKWARD, outs, vmap_method="broadcast_all")(
         x, w, y, g, parts=np.int64(parts), **spec.attrs())
+
+
+def _forward_record_call(spec: _Call, x: Array, w: Array) -> tuple[Array, Array]:
+    """The recording forward (``csrc/kernel_dense_record.h``): the output and, per output,
+    the mask of the kernel-row blocks holding its winners (-1 everywhere: not recorded).
+
+    Args:
+        spec: the call's static description.
+        x: the input, in ``spec.x_shape``.
+        w: the kernel, in ``spec.w_shape``.
+
+    Returns:
+        ``(y, masks)``: float32 and int32, both in ``spec.y_shape``.
+    """
+    outs = (jax.ShapeDtypeStruct(spec.y_shape, jnp.float32),
+            jax.ShapeDtypeStruct(spec.y_shape, jnp.int32))
+    return jax.ffi.ffi_call(_FORWARD_RECORD, outs, vmap_method="broadcast_all")(
+        x, w, **spec.attrs())
+
+
+def _backward_recorded_call(spec: _Call, x: Array, w: Array, y: Array, masks: Array,
+                            g: Array, parts: int = 3) -> tuple[Array, Array]:
+    """`_backward_call` with the recording forward's masks (its marking pass skipped).
+
+    Args:
+        spec: the call's static description.
+        x: the input, in ``spec.x_shape``.
+        w: the kernel, in ``spec.w_shape``.
+        y: the forward's output, in ``spec.y_shape``.
+        masks: the recording forward's masks, in ``spec.y_shape``.
+        g: the output's cotangent, in ``spec.y_shape``.
+        parts: which gradients to compute: bit 0 the input's, bit 1 the kernel's.
+
+    Returns:
+        ``(gx, gw)``, float32.
+    """
+    outs = (jax.ShapeDtypeStruct(spec.x_shape, jnp.float32),
+            jax.ShapeDtypeStruct(spec.w_shape, jnp.float32))
+    return jax.ffi.ffi_call(_BACKWARD_RECORDED, outs, vmap_method="broadcast_all")(
+        x, w, y, masks, g, parts=np.int64(parts), **spec.attrs())
 
 
 def _wide_forward_call(spec: _Call, x: Array, w: Array) -> Array:
