@@ -128,12 +128,9 @@ class NativeEngine(registry.Engine):
         faster than a marking pass; the kernels decide the rest at run time: finite data,
         more than 64 kernel rows, else nothing is recorded and the backward marks itself.)"""
         geom = problem.geom
-        return (platform == "cpu" and problem.op.native in ("max_plus", "min_plus")
-                and ffi.kernel_id(problem.op) is not None
-                and problem.dtype is not None and np.dtype(problem.dtype) == np.float32
-                and problem.op.pad_value is None
-                and all(k == 1 for k in geom.window) and all(s == 1 for s in geom.out_spatial)
-                and ffi.has_recording())
+        return (platform == "cpu" and problem.dtype is not None
+                and _records_op(problem, problem.dtype)
+                and all(k == 1 for k in geom.window) and all(s == 1 for s in geom.out_spatial))
 
     def forward_recording(self, problem: Problem, x: Array, w: Array) -> tuple[Array, Array]:
         """The recording forward (`records_winners`): ``y`` and the int32 block masks."""
@@ -193,7 +190,11 @@ class NativeEngine(registry.Engine):
                         "convolution: the kernel (one pass, a running maximum) takes the "
                         "calls that exp space would not compute exactly (a spread beyond ~80, "
                         "an all -inf window, NaN or +inf)", _tuning_line(), *low)
-            return (f"built-in kernel {op.native!r} ({ffi.isa()})", _tuning_line(), *low)
+            rec = (("dense products (one tap, one output position): under a derivative the "
+                    "forward records each output's blocks of 64 kernel rows holding its "
+                    "winners (finite data, more than 64 rows), and the backward scans only "
+                    "those",) if _records_op(problem, dtype) else ())
+            return (f"built-in kernel {op.native!r} ({ffi.isa()})", _tuning_line(), *rec, *low)
         kernel = user_kernels.user_kernel(op)
         if isinstance(kernel, Refusal):
             return (kernel.reason,)
@@ -341,6 +342,24 @@ class NativeEngine(registry.Engine):
                 active: tuple[bool, bool]) -> Array:
         """The XLA engine's forward-mode tangent (no native tangent kernels)."""
         return registry.get("xla").tangent(problem, x, w, y, tx, tw, active)
+
+
+def _records_op(problem: Problem, dtype: DTypeLike) -> bool:
+    """Whether the op and dtype have the recording forward (`NativeEngine.records_winners`,
+    geometry aside): built-in max_plus / min_plus on float32, identity padding, a library
+    that has it.
+
+    Args:
+        problem: the canonical problem.
+        dtype: the operands' dtype.
+
+    Returns:
+        True when the op and dtype have it.
+    """
+    op = problem.op
+    return (op.native in ("max_plus", "min_plus") and ffi.kernel_id(op) is not None
+            and np.dtype(dtype) == np.float32 and op.pad_value is None
+            and ffi.has_recording())
 
 
 def _exp_space(problem: Problem) -> bool:
