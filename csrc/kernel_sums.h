@@ -57,8 +57,12 @@ void dw_block(const Ctx& c, const float* xb, const float* wb, const float* gb, f
 
 // Both gradients of a dense problem (one tap, no padding) for an op with kOddRule: each
 // term's h = hx(x, w) feeds dx[p, k] += g[p, o] h and dw[k, o] -= g[p, o] h. An item owns
-// kKB kernel rows of one group (their dw rows, their dx columns); for each block of kPB
-// positions it keeps the dx sums as vectors over o in L1 and the dw sums in registers.
+// ksb blocks of kKB kernel rows of one group (their dw rows, their dx columns); for each
+// block of kPB positions it runs its row blocks one after another, each keeping the dx sums
+// as vectors over o in L1 and the dw sums in registers. The ksb blocks share each block of
+// g while it is in L2 (one block of rows per item read all of g from L3 once per 8 rows:
+// E's l1 backward streamed 128 MiB). Every sum keeps its order (o ascending for dx, the
+// position blocks ascending for dw), so the bits do not depend on ksb or on the split.
 template <class Op>
 void dense_odd_backward(Ctx& c) {
   using V = S::V;
@@ -67,47 +71,54 @@ void dense_odd_backward(Ctx& c) {
   const jaxconv::Call& call = *c.call;
   const int64_t I = c.I, O = c.O, Og = c.Og, P = c.P;
   const int64_t nkb = (I + kKB - 1) / kKB;
+  // Row blocks per item: up to 4, while at least 16 items remain for the threads.
+  int64_t ksb = 4;
+  while (ksb > 1 && call.batch * c.G * ((nkb + ksb - 1) / ksb) < 16) ksb /= 2;
+  const int64_t nsb = (nkb + ksb - 1) / ksb;
   auto item = [&](int64_t it) {
-    const int64_t kb = it % nkb, grp = (it / nkb) % c.G, b = it / (nkb * c.G);
-    const int64_t k0 = kb * kKB;
-    const int kn = int(I - k0 < kKB ? I - k0 : kKB);
-    const float* xb = call.x + b * c.x_bs + grp * I + k0;
-    const float* wb = call.w + b * c.w_bs + k0 * O + grp * Og;
-    const float* gb = call.g + b * c.y_bs + grp * Og;
-    float* dxb = call.out + b * c.x_bs + grp * I + k0;
-    float* dwb = call.out2 + b * c.w_bs + k0 * O + grp * Og;
+    const int64_t sb = it % nsb, grp = (it / nsb) % c.G, b = it / (nsb * c.G);
+    const int64_t kb1 = (sb + 1) * ksb < nkb ? (sb + 1) * ksb : nkb;
     alignas(64) float dxp[kPB * kKB * W];
     for (int64_t p0 = 0; p0 < P; p0 += kPB) {
-      const int64_t pn = P - p0 < kPB ? P - p0 : kPB;
-      std::memset(dxp, 0, sizeof(dxp));
-      for (int64_t o = 0; o < Og; o += W) {
-        V wv[kKB], dw[kKB];
-        for (int k = 0; k < kKB; ++k) {
-          wv[k] = k < kn ? S::load(wb + k * O + o) : S::zero();
-          dw[k] = S::zero();
-        }
-        for (int64_t p = 0; p < pn; ++p) {
-          const V gv = S::load(gb + (p0 + p) * O + o);
-          const float* xr = xb + (p0 + p) * c.img;  // one position per image
-          float* dr = dxp + p * kKB * W;
+      for (int64_t kb = sb * ksb; kb < kb1; ++kb) {
+        const int64_t k0 = kb * kKB;
+        const int kn = int(I - k0 < kKB ? I - k0 : kKB);
+        const float* xb = call.x + b * c.x_bs + grp * I + k0;
+        const float* wb = call.w + b * c.w_bs + k0 * O + grp * Og;
+        const float* gb = call.g + b * c.y_bs + grp * Og;
+        float* dxb = call.out + b * c.x_bs + grp * I + k0;
+        float* dwb = call.out2 + b * c.w_bs + k0 * O + grp * Og;
+        const int64_t pn = P - p0 < kPB ? P - p0 : kPB;
+        std::memset(dxp, 0, sizeof(dxp));
+        for (int64_t o = 0; o < Og; o += W) {
+          V wv[kKB], dw[kKB];
           for (int k = 0; k < kKB; ++k) {
-            if (k >= kn) break;
-            const V h = Op::template hx<S>(S::set1(xr[k]), wv[k]);
-            S::store(dr + k * W, S::fma(gv, h, S::load(dr + k * W)));
-            dw[k] = S::fnma(gv, h, dw[k]);
+            wv[k] = k < kn ? S::load(wb + k * O + o) : S::zero();
+            dw[k] = S::zero();
+          }
+          for (int64_t p = 0; p < pn; ++p) {
+            const V gv = S::load(gb + (p0 + p) * O + o);
+            const float* xr = xb + (p0 + p) * c.img;  // one position per image
+            float* dr = dxp + p * kKB * W;
+            for (int k = 0; k < kKB; ++k) {
+              if (k >= kn) break;
+              const V h = Op::template hx<S>(S::set1(xr[k]), wv[k]);
+              S::store(dr + k * W, S::fma(gv, h, S::load(dr + k * W)));
+              dw[k] = S::fnma(gv, h, dw[k]);
+            }
+          }
+          for (int k = 0; k < kn; ++k) {
+            float* d = dwb + k * O + o;
+            S::store(d, p0 == 0 ? dw[k] : S::add(S::load(d), dw[k]));
           }
         }
-        for (int k = 0; k < kn; ++k) {
-          float* d = dwb + k * O + o;
-          S::store(d, p0 == 0 ? dw[k] : S::add(S::load(d), dw[k]));
-        }
+        for (int64_t p = 0; p < pn; ++p)
+          for (int k = 0; k < kn; ++k)
+            dxb[(p0 + p) * c.img + k] = S::hsum(S::load(dxp + (p * kKB + k) * W));
       }
-      for (int64_t p = 0; p < pn; ++p)
-        for (int k = 0; k < kn; ++k)
-          dxb[(p0 + p) * c.img + k] = S::hsum(S::load(dxp + (p * kKB + k) * W));
     }
   };
-  parallel(c, call.batch * c.G * nkb, item);
+  parallel(c, call.batch * c.G * nsb, item);
 }
 
 template <class Op>

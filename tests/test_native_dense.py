@@ -1,5 +1,6 @@
 """Dense products on the native engine: the blocked winner backward of max / min ops and the
-min form's sampled centring of adder / l1 (csrc/kernel_dense_backward.h, kernel_centre.h).
+min form's sampled centring of adder / l1 (csrc/kernel_dense_backward.h, kernel_centre.h), l1's
+one-pass dense backward (kernel_sums.h).
 
 The winner backward is checked against the tie rule written out in numpy (equal split among
 the products equal to the result) and bit for bit against the general rescan, which serves
@@ -233,3 +234,22 @@ def test_dense_winner_backward_of_a_compiled_user_op():
     got, want = grads("native"), grads("xla")
     for a, b in zip(got, want, strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
+def test_dense_l1_backward_over_row_super_blocks():
+    """l1's one-pass dense backward (kernel_sums.h) in items of up to 4 blocks of 8 kernel rows:
+    530 rows give 67 blocks, so 4 per item with a last item of 3 and a partial last block; the
+    half-integer data put ties x == w (subgradient 0) in every block. Checked against the
+    exact subgradient summed in float64."""
+    rng = np.random.default_rng(5)
+    x = np.round(rng.standard_normal((9, 530)) * 2).astype(np.float32) / 2
+    w = np.round(rng.standard_normal((530, 32)) * 2).astype(np.float32) / 2
+    ct = rng.standard_normal((9, 32)).astype(np.float32)
+    f = lambda a, b: jaxconv.dot_general(a, b, DN, op="l1", engine="native")  # noqa: E731
+    _, vjp = jax.vjp(f, x, w)
+    dx, dw = jax.jit(vjp)(ct)
+    s = np.sign(w[None].astype(np.float64) - x[:, :, None])  # (p, k, o): -d|x - w|/dx
+    np.testing.assert_allclose(np.asarray(dx), np.einsum("po,pko->pk", ct, s), rtol=1e-5,
+                               atol=1e-5)
+    np.testing.assert_allclose(np.asarray(dw), -np.einsum("po,pko->ko", ct, s), rtol=1e-5,
+                               atol=1e-5)
