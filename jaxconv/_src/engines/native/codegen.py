@@ -85,13 +85,15 @@ def _ref(r: sp.Ref) -> str:
     return f"v{int(r)}"
 
 
-def _expr(node: sp.Node, plain: bool = False) -> str:
+def _expr(node: sp.Node, plain: bool = False, add_ports: bool = False) -> str:
     """The C++ expression of one program node on the kernels' vector type ``T``.
 
     Args:
         node: the node.
         plain: a ``max`` / ``min`` / ``clamp`` as the plain vector instructions (NaN and
             the sign of a zero tie not kept: `relaxed.relaxed_nodes`).
+        add_ports: a sum or difference on the add ports rather than the FMA ports (the same
+            bits; a sum's combine, whose reduce leaves the add ports nearly idle).
 
     Returns:
         The expression.
@@ -104,6 +106,8 @@ def _expr(node: sp.Node, plain: bool = False) -> str:
     if node.dtype not in (_F32, np.dtype(bool)):
         raise Untranslatable(f"it computes in {node.dtype.name} (the native kernels are "
                              "float32)")
+    if add_ports and name in ("add", "sub", "add_any"):
+        return f"T::{'sub' if name == 'sub' else 'add'}({a[0]}, {a[1]})"
     if plain and name in ("max", "min"):
         return f"T::{name}({a[0]}, {a[1]})"
     if plain and name == "clamp":
@@ -179,7 +183,7 @@ def _integer_pow(x: str, y: int) -> str:
 
 
 def function(name: str, program: sp.ScalarProgram, output: int,
-             relax: frozenset[int] = frozenset()) -> str:
+             relax: frozenset[int] = frozenset(), add_ports: bool = False) -> str:
     """One templated static member ``name(x, w)`` returning `program`'s `output`.
 
     Args:
@@ -187,6 +191,7 @@ def function(name: str, program: sp.ScalarProgram, output: int,
         program: the program (float32).
         output: the index of the output returned.
         relax: the nodes written as plain vector max / min (`relaxed.relaxed_nodes`).
+        add_ports: sums and differences on the add ports (`_expr`).
 
     Returns:
         The member's C++ source.
@@ -202,7 +207,7 @@ def function(name: str, program: sp.ScalarProgram, output: int,
     live = set(program.live_of(program.outputs[output]))
     for k, node in enumerate(program.nodes):
         if k in live:
-            lines.append(f"    const VT<T> v{k} = {_expr(node, k in relax)};")
+            lines.append(f"    const VT<T> v{k} = {_expr(node, k in relax, add_ports)};")
     lines.append(f"    return {_ref(program.outputs[output])};")
     lines.append("  }")
     return "\n".join(lines)
@@ -329,7 +334,11 @@ def functor(op: Op, dtype: object = np.float32) -> Functor:
     parts = partials_of(op.combine, dtype)
     with jax.ensure_compile_time_eval():
         ident = float(identity_value(caps.canonical, dtype))
-    body = [function("comb", comb, 0), function("dcx", parts, 0), function("dcw", parts, 1)]
+    # A sum's step adds on the add ports and leaves them idle otherwise, while its combine's
+    # products and polynomials load the FMA ports: its own sums go to the add ports.
+    sums = caps.reduce == "sum"
+    body = [function("comb", comb, 0, add_ports=sums), function("dcx", parts, 0, add_ports=sums),
+            function("dcw", parts, 1, add_ports=sums)]
     if caps.reduce == "sum":
         body.append("  template <class T> static VT<T> step(VT<T> acc, VT<T> x, VT<T> w) {\n"
                     "    return T::add(acc, comb<T>(x, w));\n  }")
