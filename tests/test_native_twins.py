@@ -66,10 +66,20 @@ def test_twin_is_the_builtin(name, specials):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_explain_names_the_builtin():
-    plan = jaxconv.explain(TWINS["fuzzy_max_min"][0], platform="cpu")
+@pytest.mark.parametrize("dtype", ["float32", "int32"])
+def test_explain_names_the_builtin(dtype):
+    # int32: the built-in's wide kernels, which no user kernel has.
+    plan = jaxconv.explain(TWINS["fuzzy_max_min"][0], dtype=dtype, platform="cpu")
     assert plan.engine == "native"
-    assert any("built-in kernel 'max_min'" in d for d in plan.details)
+    assert any("built-in kernel 'max_min'" in d for d in plan.details), plan.details
+    if dtype == "int32":
+        x, w, kw = data(GEOMETRIES["2d_same"], seed=5, ties=True)
+        x, w = x.astype(np.int32), w.astype(np.int32)
+        got = np.asarray(conv(TWINS["fuzzy_max_min"][0], "native", kw)(x, w))
+        ref = loop_reference(x.astype(np.float64), w.astype(np.float64), kw, np.minimum,
+                             np.maximum, -INF, None)
+        assert got.dtype == np.int32
+        np.testing.assert_array_equal(got, ref)
 
 
 @pytest.mark.parametrize("op", [

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+import jax.numpy as jnp
 import numpy as np
 
 from jaxconv._src.core import algebra
@@ -66,15 +67,18 @@ def builtin_twin(op: Op, dtype: np.dtype = np.dtype(np.float32)) -> Op | None:
     canonical = caps.canonical
     if canonical.identity is not None or caps.temperature is not None:
         return None
+    floating = jnp.issubdtype(dtype, jnp.floating)
     try:
-        program = sp.combine_program(op.combine, np.dtype(dtype))
+        # Scalar programs are traced on floats; an integer combine must also be that one
+        # primitive in its own dtype (`simple_primitive`, below).
+        program = sp.combine_program(op.combine, np.dtype(dtype if floating else np.float32))
     except sp.Untranslatable:
         return None
     if program.custom_jvp:
         return None  # a custom derivative rule: the user's, not the built-in's
     prim = algebra.single_primitive(program)
     twin = _TWINS.get((prim, caps.reduce)) if prim is not None else None
-    if twin is None:
+    if twin is None or (not floating and algebra.simple_primitive(op.combine, dtype) != prim):
         return None
     if canonical.pad_value is not None and twin.native == "log":
         return None  # the log kernel's exp-space path assumes identity padding
