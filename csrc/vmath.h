@@ -41,6 +41,7 @@ VmV<T> vm_scale(VmV<T> p, VmV<T> k) {
   const VmV<T> s1 = T::template shl<23>(T::iadd(k1, b));
   return T::mul(T::mul(p, s1), T::template shl<23>(T::iadd(T::isub(ki, k1), b)));
 }
+#include "vmath_scalef.h"
 
 // NaN-preserving clamp: T::min / T::max return their second operand when one is NaN.
 template <class T>

@@ -255,6 +255,31 @@ def test_gradient_matches_finite_differences():
     assert_gradients_match_finite_differences(f, x, w, (gx, gw), eps=1e-4, seed=8)
 
 
+@pytest.mark.parametrize("reduce", ["max", "min"])
+def test_relaxed_min_max_keep_nan_zero_signs_and_ties(reduce):
+    # min / max feeding only NaN- and zero-transparent operations run as the plain vector
+    # instructions in the fast loop (native/relaxed.py); the result must stay the XLA
+    # engine's bit for bit: zero signs, ties, NaN and infinities.
+    def comb(x, w):
+        return jnp.minimum(x, w) - 0.5 * w if reduce == "max" else jnp.maximum(x, w) + w
+
+    op = jaxconv.Op(comb, reduce, name=f"relaxed_{reduce}")
+    assert "T::min(x, w)" in codegen.functor(op).source or reduce == "min"
+    x, w, kw = _data("2d_same", seed=11)
+    x, w = np.round(x * 2) / 2, np.round(w * 2) / 2  # ties and zero products
+    x.reshape(-1)[::7] = -0.0
+    w.reshape(-1)[::5] = -0.0
+    got = np.asarray(_conv(op, "native", kw)(x, w))
+    with jax.numpy_rank_promotion("allow"):
+        want = np.asarray(_conv(op, "xla", kw)(x, w))
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(np.signbit(got), np.signbit(want))
+    assert_gradients_match_xla(op, kw, x, w, seed=12)
+    xs = x.copy()
+    xs.reshape(-1)[[3, 40, 77]] = [np.nan, np.inf, -np.inf]
+    assert_specials_as_xla(op, kw, xs, w)
+
+
 def test_vmap_of_a_user_op_is_the_batched_call():
     op = USER_OPS["clip_mul_max"][0]
     x, w, kw = _data("2d_same", seed=9)

@@ -33,6 +33,7 @@ import numpy as np
 from jaxconv._src.core import factoring
 from jaxconv._src.core import scalar_program as sp
 from jaxconv._src.core.algebra import Op, capabilities, identity_value
+from jaxconv._src.engines.native import relaxed
 from jaxconv._src.engines.primal import primal
 
 Untranslatable = sp.Untranslatable
@@ -84,11 +85,15 @@ def _ref(r: sp.Ref) -> str:
     return f"v{int(r)}"
 
 
-def _expr(node: sp.Node) -> str:
+def _expr(node: sp.Node, plain: bool = False, add_ports: bool = False) -> str:
     """The C++ expression of one program node on the kernels' vector type ``T``.
 
     Args:
         node: the node.
+        plain: a ``max`` / ``min`` / ``clamp`` as the plain vector instructions (NaN and
+            the sign of a zero tie not kept: `relaxed.relaxed_nodes`).
+        add_ports: a sum or difference on the add ports rather than the FMA ports (the same
+            bits; a sum's combine, whose reduce leaves the add ports nearly idle).
 
     Returns:
         The expression.
@@ -101,6 +106,12 @@ def _expr(node: sp.Node) -> str:
     if node.dtype not in (_F32, np.dtype(bool)):
         raise Untranslatable(f"it computes in {node.dtype.name} (the native kernels are "
                              "float32)")
+    if add_ports and name in ("add", "sub", "add_any"):
+        return f"T::{'sub' if name == 'sub' else 'add'}({a[0]}, {a[1]})"
+    if plain and name in ("max", "min"):
+        return f"T::{name}({a[0]}, {a[1]})"
+    if plain and name == "clamp":
+        return f"T::min(T::max({a[1]}, {a[0]}), {a[2]})"
     if name == "div" and _power_of_two(node.args[1]):
         # x / 2^k is x * 2^-k exactly (both round the same real number): a multiply, not a
         # divide (several times its throughput).
@@ -171,13 +182,16 @@ def _integer_pow(x: str, y: int) -> str:
     return f"u_div<T>(T::set1(1.0f), {acc})" if recip else acc
 
 
-def function(name: str, program: sp.ScalarProgram, output: int) -> str:
+def function(name: str, program: sp.ScalarProgram, output: int,
+             relax: frozenset[int] = frozenset(), add_ports: bool = False) -> str:
     """One templated static member ``name(x, w)`` returning `program`'s `output`.
 
     Args:
         name: the member's name.
         program: the program (float32).
         output: the index of the output returned.
+        relax: the nodes written as plain vector max / min (`relaxed.relaxed_nodes`).
+        add_ports: sums and differences on the add ports (`_expr`).
 
     Returns:
         The member's C++ source.
@@ -193,7 +207,7 @@ def function(name: str, program: sp.ScalarProgram, output: int) -> str:
     live = set(program.live_of(program.outputs[output]))
     for k, node in enumerate(program.nodes):
         if k in live:
-            lines.append(f"    const VT<T> v{k} = {_expr(node)};")
+            lines.append(f"    const VT<T> v{k} = {_expr(node, k in relax, add_ports)};")
     lines.append(f"    return {_ref(program.outputs[output])};")
     lines.append("  }")
     return "\n".join(lines)
@@ -296,7 +310,7 @@ def functor(op: Op, dtype: object = np.float32) -> Functor:
     Example:
       >>> import jax.numpy as jnp
       >>> import jaxconv
-      >>> from jaxconv._src.engines.native import codegen
+      >>> XX
       >>> f = codegen.functor(jaxconv.Op(lambda x, w: x * w, "max"))
       >>> f.primitives, f.nan_free
       (('mul',), True)
@@ -320,7 +334,11 @@ def functor(op: Op, dtype: object = np.float32) -> Functor:
     parts = partials_of(op.combine, dtype)
     with jax.ensure_compile_time_eval():
         ident = float(identity_value(caps.canonical, dtype))
-    body = [function("comb", comb, 0), function("dcx", parts, 0), function("dcw", parts, 1)]
+    # A sum's step adds on the add ports and leaves them idle otherwise, while its combine's
+    # products and polynomials load the FMA ports: its own sums go to the add ports.
+    sums = caps.reduce == "sum"
+    body = [function("comb", comb, 0, add_ports=sums), function("dcx", parts, 0, add_ports=sums),
+            function("dcw", parts, 1, add_ports=sums)]
     if caps.reduce == "sum":
         body.append("  template <class T> static VT<T> step(VT<T> acc, VT<T> x, VT<T> w) {\n"
                     "    return T::add(acc, comb<T>(x, w));\n  }")
@@ -328,10 +346,18 @@ def functor(op: Op, dtype: object = np.float32) -> Functor:
                     "{ return dcx<T>(x, w); }")
         body.append("  template <class T> static VT<T> hw(VT<T> x, VT<T> w) "
                     "{ return dcw<T>(x, w); }")
-    else:
+    nan_free = sp.nan_free(comb)
+    relax = relaxed.relaxed_nodes(comb) if caps.reduce in ("max", "min") and nan_free else None
+    if relax:
+        # The fast loop's combine (finite operands, zero signs fixed from combx); the exact
+        # one for NaN / infinite operands and the sign of a zero result.
+        body[0] = function("comb", comb, 0, relax)
+        body.append(function("comb_safe", comb, 0))
+        body.append("  template <class T> static VT<T> combx(VT<T> x, VT<T> w) "
+                    "{ return comb_safe<T>(x, w); }")
+    elif caps.reduce != "sum":
         body.append("  template <class T> static VT<T> comb_safe(VT<T> x, VT<T> w) "
                     "{ return comb<T>(x, w); }")
-    nan_free = sp.nan_free(comb)
     # Only the program reaches the source, never the op's name or anything else the user
     # wrote: primitive names come from the tables above, numbers from `literal`.
     source = (PRELUDE.format(reduce=REDUCES[caps.reduce],

@@ -32,7 +32,7 @@ from jax.typing import DTypeLike
 from jaxconv._src.core import algebra, log_products, products
 from jaxconv._src.core import engine as registry
 from jaxconv._src.core.problem import Problem
-from jaxconv._src.engines.native import codegen, eligibility, ffi, tuning, user_kernels
+from jaxconv._src.engines.native import codegen, eligibility, ffi, tuning, twins, user_kernels
 from jaxconv._src.engines.native.translation import Refusal
 
 Array = jax.Array
@@ -107,6 +107,7 @@ class NativeEngine(registry.Engine):
 
     def refusal(self, problem: Problem, dtype: DTypeLike, platform: str | None) -> str | None:
         """`eligibility.refusal`, warning once under "auto" when the extension does not load."""
+        problem = twins.served(problem)
         if (problem.engine == registry.AUTO and problem.op.native is not None
                 and platform in (None, "cpu") and ffi.load_error() is not None):
             _warn_native_unavailable(ffi.load_error())
@@ -119,7 +120,7 @@ class NativeEngine(registry.Engine):
     def backward_reads_output(self, problem: Problem) -> bool:
         """The kernels' winner scan matches products against the given `y` bit for bit (a
         user op that falls back to the XLA engine does not)."""
-        return self._fallback(problem) is None
+        return self._fallback(twins.served(problem)) is None
 
     def records_winners(self, problem: Problem, platform: str) -> bool:
         """Dense float32 max-plus / min-plus products: the recording forward keeps, per
@@ -157,6 +158,11 @@ class NativeEngine(registry.Engine):
 
     def describe(self, problem: Problem, dtype: DTypeLike) -> tuple[str, ...]:
         """The kernel, compiling a user op's now (as the first call would)."""
+        twin = twins.served(problem)
+        if twin is not problem:
+            return ("its combine's traced program is the built-in "
+                    f"{twin.op.native!r}'s combine under the same reduce: the built-in's "
+                    "kernels serve it", *self.describe(twin, dtype))
         op = problem.op
         low: tuple[str, ...] = ()
         if _wide(dtype):
@@ -269,6 +275,7 @@ class NativeEngine(registry.Engine):
 
     def forward(self, problem: Problem, x: Array, w: Array) -> Array:
         """The forward by the compiled kernels (wide dtypes by their family, bf16/f16 in f32)."""
+        problem = twins.served(problem)
         other = self._fallback(problem)
         if other is not None:
             return other.forward(problem, x, w)
@@ -294,6 +301,7 @@ class NativeEngine(registry.Engine):
                  need: tuple[bool, bool]) -> tuple[Array, Array]:
         """The FFI backward kernel, and standard products where those are faster: the
         kernel gradient of a ``x - w`` sum (AdderNet) and both gradients of l2's."""
+        problem = twins.served(problem)
         other = self._fallback(problem)
         low_winner = _low(x.dtype) and _winner(problem)
         if other is None and ((_wide(x.dtype) and not _wide_backward(x.dtype))

@@ -1,0 +1,102 @@
+"""User ops that are a built-in op: run on the built-in's kernels.
+
+A user op whose combine's traced program is exactly one primitive of the two operands (in
+either order) and whose canonical reduce is the one a built-in kernel pairs with it computes
+the same numbers as that built-in, forward and backward:
+
+- ``x + w`` under ``max`` / ``min`` / ``logsumexp``: ``max_plus`` / ``min_plus`` / ``log``;
+- ``min(x, w)`` under ``max``: ``max_min``; ``max(x, w)`` under ``min``: ``min_max``.
+
+The gradients agree: ``x + w`` has partials 1 and 1, and JAX's derivative of ``min`` /
+``max`` splits a tie ``x == w`` equally, as the built-ins' rules do. The reduce is the
+canonical one (`algebra.capabilities`: a callable ``jnp.maximum`` with identity ``-inf`` is
+``"max"``), the combine is recognised from its traced program (`algebra.single_primitive`,
+calls inlined), never from the function's identity or name. Such an op then takes the
+built-in's integer-key scan, dominated padding, wide (float64 / integer) and low-precision
+kernels and hand-written backward, instead of a compiled user kernel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax.numpy as jnp
+import numpy as np
+
+from jaxconv._src.core import algebra
+from jaxconv._src.core import ops as builtin_ops
+from jaxconv._src.core import scalar_program as sp
+from jaxconv._src.core.algebra import Op
+from jaxconv._src.core.problem import Problem
+
+# (combine primitive, canonical reduce) -> the built-in op with that kernel.
+_TWINS = {
+    ("add", "max"): builtin_ops.max_plus,
+    ("add", "min"): builtin_ops.min_plus,
+    ("min", "max"): builtin_ops.max_min,
+    ("max", "min"): builtin_ops.min_max,
+    ("add", "logsumexp"): builtin_ops.log,
+}
+
+
+@functools.lru_cache(maxsize=512)
+def builtin_twin(op: Op, dtype: np.dtype = np.dtype(np.float32)) -> Op | None:
+    """The built-in op whose kernels compute `op` (same values and gradients), or ``None``.
+
+    Args:
+      op: a user op (``op.native is None``).
+      dtype: the operands' dtype (the combine is traced in it).
+
+    Returns:
+      The built-in op, with `op`'s name and pad value, or ``None``.
+
+    Example:
+      >>> import math
+      >>> import jax.numpy as jnp
+      >>> import jaxconv
+      >>> fuzzy = jaxconv.Op(jnp.minimum, jnp.maximum, identity=-math.inf, name="fuzzy")
+      >>> builtin_twin(fuzzy).native
+      'max_min'
+      >>> builtin_twin(jaxconv.Op(lambda x, w: x * w, "max")) is None
+      True
+    """
+    if op.native is not None or op.rewrite is not None or op.post is not None:
+        return None
+    caps = algebra.capabilities(op)
+    canonical = caps.canonical
+    if canonical.identity is not None or caps.temperature is not None:
+        return None
+    floating = jnp.issubdtype(dtype, jnp.floating)
+    try:
+        # Scalar programs are traced on floats; an integer combine must also be that one
+        # primitive in its own dtype (`simple_primitive`, below).
+        program = sp.combine_program(op.combine, np.dtype(dtype if floating else np.float32))
+    except sp.Untranslatable:
+        return None
+    if program.custom_jvp:
+        return None  # a custom derivative rule: the user's, not the built-in's
+    prim = algebra.single_primitive(program)
+    twin = _TWINS.get((prim, caps.reduce)) if prim is not None else None
+    if twin is None or (not floating and algebra.simple_primitive(op.combine, dtype) != prim):
+        return None
+    if canonical.pad_value is not None and twin.native == "log":
+        return None  # the log kernel's exp-space path assumes identity padding
+    return twin.replace(name=op.name or twin.name, pad_value=canonical.pad_value)
+
+
+def served(problem: Problem) -> Problem:
+    """`problem` with its op replaced by its `builtin_twin`, when it has one.
+
+    Args:
+      problem: the canonical problem.
+
+    Returns:
+      The problem the native kernels run.
+    """
+    op = problem.op
+    if op.native is not None:
+        return problem
+    dtype = problem.dtype if problem.dtype is not None else problem.acc_dtype
+    twin = builtin_twin(op, np.dtype(dtype))
+    return problem if twin is None else dataclasses.replace(problem, op=twin)
