@@ -41,6 +41,22 @@ static_assert(kLK * kLK <= 4096, "a panel's row offsets must sum below kLBig");
 
 // The float16 rounding interval [lo, hi] of a float16 value y (not NaN), in float32.
 inline void f16_bounds(float y, float& lo, float& hi) {
+  uint32_t u;
+  std::memcpy(&u, &y, sizeof(u));
+  const uint32_t m32 = u & 0x7FFFFFFFu;
+  if (m32 > 0x38800000u && m32 < 0x7F800000u) {
+    // Finite and above 2^-14 (the smallest normal): float16 steps are 2^13 float32 units on
+    // both sides, so the halfway points are 0x1000 units away (kept for an even y, where
+    // halfway rounds to it), as round_bounds does for bfloat16.
+    const uint32_t half = (m32 >> 13) & 1u ? 0xFFFu : 0x1000u;
+    const uint32_t a = m32 - half, z = m32 + half;
+    float fa, fz;
+    std::memcpy(&fa, &a, sizeof(fa));
+    std::memcpy(&fz, &z, sizeof(fz));
+    if (u >> 31) lo = -fz, hi = -fa;
+    else lo = fa, hi = fz;
+    return;
+  }
   const _Float16 h = static_cast<_Float16>(y);
   uint16_t bits;
   std::memcpy(&bits, &h, sizeof(bits));
