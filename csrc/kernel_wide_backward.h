@@ -1,7 +1,9 @@
 // The wide kernels' backward: the input and kernel gradients of the built-in ops whose forward
 // kernel_wide.h computes (float64), and of the max/min ops on bfloat16 / float16 operands (on
 // float32 copies, each product rounded to the operands' dtype before the winner compare, as
-// the XLA engine computes it: its ties are between the rounded products).
+// the XLA engine computes it: its ties are between the rounded products). The latter run
+// kernel_wide_lowwin.h's interval scan, which routes as the rescan below (the same bits);
+// backward_typed's Rnd paths (no longer called) are the reference it was checked against.
 //
 // Max / min ops: each window's winners are the products equal to the forward's y, compared
 // exactly as the forward computed them (the same comb, so NaN matches nothing and -0 == +0);
@@ -475,15 +477,18 @@ int backward_typed(const WideCall& call) {
   return 0;
 }
 
-// The max/min ops' backward on float32 copies of bfloat16 / float16 operands.
+// The max/min ops' backward on float32 copies of bfloat16 / float16 operands: the interval
+// scan of kernel_wide_lowwin.h (included below).
+template <class Op, int Id, int Rnd>
+int low_win_backward(const WideCall& call);
+
 template <int Rnd>
 int low_backward(const WideCall& call) {
-  using E = float;
   switch (call.op) {
-    case jaxconv::kMaxPlus: return backward_typed<E, WideOp<0, 0>, jaxconv::kMaxPlus, Rnd>(call);
-    case jaxconv::kMinPlus: return backward_typed<E, WideOp<0, 1>, jaxconv::kMinPlus, Rnd>(call);
-    case jaxconv::kMaxMin: return backward_typed<E, WideOp<1, 0>, jaxconv::kMaxMin, Rnd>(call);
-    case jaxconv::kMinMax: return backward_typed<E, WideOp<2, 1>, jaxconv::kMinMax, Rnd>(call);
+    case jaxconv::kMaxPlus: return low_win_backward<WideOp<0, 0>, jaxconv::kMaxPlus, Rnd>(call);
+    case jaxconv::kMinPlus: return low_win_backward<WideOp<0, 1>, jaxconv::kMinPlus, Rnd>(call);
+    case jaxconv::kMaxMin: return low_win_backward<WideOp<1, 0>, jaxconv::kMaxMin, Rnd>(call);
+    case jaxconv::kMinMax: return low_win_backward<WideOp<2, 1>, jaxconv::kMinMax, Rnd>(call);
     default: return 1;
   }
 }
@@ -511,3 +516,5 @@ inline int run_wide_backward(const WideCall& call) {
 }
 
 }  // namespace JAXCONV_WIDE_NS
+
+#include "kernel_wide_lowwin.h"

@@ -156,26 +156,32 @@ def test_ties_of_the_rounded_products_split_the_gradient() -> None:
 _BF16_MAX = float(jnp.finfo(BF16).max)
 
 
-@pytest.mark.parametrize("op,xs,ws", [
+@pytest.mark.parametrize("op,xs,ws,dtype", [
     # a float32 product halfway between two bfloat16 values rounds to the even one:
-    ("max_plus", [1.0, 1.0], [2.0**-8, 0.0]),  # 1 + 2^-8 -> 1: a tie
-    ("max_plus", [1.0 + 2.0**-7, 1.0 + 2.0**-6], [2.0**-8, 0.0]),  # up to 1 + 2^-6: a tie
-    ("max_plus", [1.0 + 2.0**-7, 1.0 + 2.0**-7], [2.0**-8, 0.0]),  # one winner
-    ("min_plus", [1.0 + 2.0**-7, 1.0 + 2.0**-7], [2.0**-8, 0.0]),  # not the odd 1 + 2^-7
-    ("min_plus", [-1.0 - 2.0**-7, -1.0 - 2.0**-6], [-(2.0**-8), 0.0]),
+    ("max_plus", [1.0, 1.0], [2.0**-8, 0.0], BF16),  # 1 + 2^-8 -> 1: a tie
+    ("max_plus", [1.0 + 2.0**-7, 1.0 + 2.0**-6], [2.0**-8, 0.0], BF16),  # to 1 + 2^-6: a tie
+    ("max_plus", [1.0 + 2.0**-7, 1.0 + 2.0**-7], [2.0**-8, 0.0], BF16),  # one winner
+    ("min_plus", [1.0 + 2.0**-7, 1.0 + 2.0**-7], [2.0**-8, 0.0], BF16),  # not the odd 1 + 2^-7
+    ("min_plus", [-1.0 - 2.0**-7, -1.0 - 2.0**-6], [-(2.0**-8), 0.0], BF16),
     # halfway past the largest finite value: rounds to infinity, a tie with one
-    ("max_plus", [_BF16_MAX, float("inf")], [2.0**119, 0.0]),
-    ("max_plus", [-0.0, 0.0], [-0.0, 0.0]),  # -0 and +0: a tie
+    ("max_plus", [_BF16_MAX, float("inf")], [2.0**119, 0.0], BF16),
+    ("max_plus", [-0.0, 0.0], [-0.0, 0.0], BF16),  # -0 and +0: a tie
+    # float16's intervals: halfway to the even 1 (a tie), away from the odd 1 + 2^-10 (one
+    # winner), and 65504 + 16 = 65520 rounding to infinity (a tie with one)
+    ("max_plus", [1.0, 1.0], [2.0**-11, 0.0], F16),
+    ("min_plus", [1.0 + 2.0**-10, 1.0 + 2.0**-10], [2.0**-11, 0.0], F16),
+    ("max_plus", [65504.0, float("inf")], [16.0, 0.0], F16),
 ])
-def test_products_on_rounding_boundaries_tie_as_rounded(op: str, xs: list, ws: list) -> None:
-    """Products on the edges of a bfloat16 value's rounding interval win or tie as their
-    rounded values do (jax.grad of jnp.max / jnp.min over the rounded products)."""
-    x, w = _row(xs, BF16), jnp.asarray(ws, BF16).reshape(1, 2, 1, 1)
+def test_products_on_rounding_boundaries_tie_as_rounded(op: str, xs: list, ws: list,
+                                                        dtype: Any) -> None:
+    """Products on the edges of a bfloat16 / float16 value's rounding interval win or tie as
+    their rounded values do (jax.grad of jnp.max / jnp.min over the rounded products)."""
+    x, w = _row(xs, dtype), jnp.asarray(ws, dtype).reshape(1, 2, 1, 1)
     grad = jax.jit(jax.grad(lambda a, b: _conv_1x(op, "native", a, b).astype(
         jnp.float32).sum(), argnums=(0, 1)))
     assert "jaxconv_wide_backward" in grad.lower(x, w).as_text()
     g = grad(x, w)
-    terms = (x.reshape(2) + w.reshape(2)).astype(BF16)
+    terms = (x.reshape(2) + w.reshape(2)).astype(dtype)
     red = jnp.max if op == "max_plus" else jnp.min
     expect = np.asarray(jax.grad(lambda t: red(t).astype(jnp.float32))(terms), np.float32)
     for a in g:
@@ -225,6 +231,27 @@ def test_gradients_with_many_rounded_ties(op: str, dtype: Any) -> None:
     assert "jaxconv_wide_backward" in _loss(op, "native").lower(x, w).as_text()
     ulp = float(jnp.finfo(dtype).eps)
     for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                                   rtol=ulp, atol=ulp / 4)
+
+
+@pytest.mark.parametrize("op,dtype", [("max_plus", BF16), ("min_max", F16)])
+def test_rounded_ties_across_kernel_panels_and_channel_blocks(op: str, dtype: Any) -> None:
+    """The native scan lists winners per panel of 64 kernel rows and per block of output
+    channels: 108 kernel rows, 70 output channels and 25 positions (an odd count) on a coarse
+    grid tie within and across panels; the gradients are the XLA engine's (to one unit in
+    the last place, as above)."""
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(np.round(rng.standard_normal((1, 5, 5, 12)) * 2) / 2 + 2.0**-9, dtype)
+    w = jnp.asarray(np.round(rng.standard_normal((3, 3, 12, 70)) * 2) / 2 + 2.0**-10, dtype)
+    mix = jnp.cos(jnp.arange(70.0)).reshape(1, 1, 1, 70)
+
+    def grad(engine: str) -> Any:
+        return jax.jit(jax.grad(lambda a, b: jnp.sum(
+            _conv(op, engine)(a, b).astype(jnp.float32) * mix), argnums=(0, 1)))(x, w)
+
+    ulp = float(jnp.finfo(dtype).eps)
+    for a, b in zip(grad("native"), grad("xla"), strict=True):
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
                                    rtol=ulp, atol=ulp / 4)
 
