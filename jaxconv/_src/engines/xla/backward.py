@@ -67,6 +67,8 @@ def _cotangent_of_products(red: str, c: Array, yl: Array, gl: Array, sl: Array |
 # Positions per step when the kernel gradient sums over them; the products of one step,
 # (rows, G, Og, I), are reduced over their leading axis.
 _DW_ROWS = 64
+# Partial sums of the kernel gradient per tap (see `_dw_of_tap`).
+_DW_PARTS = 8
 
 
 def _dw_rows(nbp: int, row_bytes: int, max_bytes: int) -> int:
@@ -132,7 +134,8 @@ def _dx_of_tap(op: Op, red: str, xs: Array, wk: Array, yf: Array, gf: Array,
 def _dw_of_tap(op: Op, red: str, xs: Array, wk: Array, yf: Array, gf: Array,
                sf: Array | None, m_pos: np.ndarray | None, fast: bool, acc: Any,
                rows: int) -> Array:
-    """One tap's kernel gradient ``(G, Og, I)``: a scan over blocks of ``rows`` positions.
+    """One tap's kernel gradient ``(G, Og, I)``: a scan over blocks of ``rows`` positions
+    (interleaved: step ``b`` holds positions ``b, b + NP / rows, ...``).
 
     Each step reduces the ``(rows, G, Og, I)`` products over their leading axis.
 
@@ -155,12 +158,17 @@ def _dw_of_tap(op: Op, red: str, xs: Array, wk: Array, yf: Array, gf: Array,
     nbp, g, i = xs.shape
     og = wk.shape[1]
     nblk = nbp // rows
-    seq = [xs.reshape(nblk, rows, g, i), yf.reshape(nblk, rows, g, og),
-           gf.reshape(nblk, rows, g, og)]
+
+    def steps(a: Array) -> Array:
+        # Step b holds positions b, b + nblk, ...: the images (the positions' outer axis)
+        # stay the outer axis of each step, so a mesh's batch split holds in every step.
+        return a.reshape(rows, nblk, *a.shape[1:]).swapaxes(0, 1)
+
+    seq = [steps(xs), steps(yf), steps(gf)]
     if sf is not None:
-        seq.append(sf.reshape(nblk, rows, g, og))
+        seq.append(steps(sf))
     if m_pos is not None:
-        seq.append(jnp.asarray(m_pos.reshape(nblk, rows)))
+        seq.append(steps(jnp.asarray(m_pos)))
     shape = (rows, g, og, i)
 
     def body(a: Array, blk: list[Array]) -> tuple[Array, None]:
@@ -172,10 +180,15 @@ def _dw_of_tap(op: Op, red: str, xs: Array, wk: Array, yf: Array, gf: Array,
                          jnp.broadcast_to(wk[None], shape))
         dc = _cotangent_of_products(red, c, yb_[..., None], gb_[..., None], sb_, mb_, fast,
                                     acc)
-        return a + jnp.sum(vjp(dc.astype(c.dtype))[1], axis=0, dtype=acc), None
+        dwb = vjp(dc.astype(c.dtype))[1].reshape(parts, rows // parts, g, og, i)
+        return a + jnp.sum(dwb, axis=1, dtype=acc), None
 
-    out, _ = lax.scan(body, jnp.zeros(wk.shape, acc), seq)
-    return out
+    # The sum is kept in `parts` partial sums, one per slab of a step's rows, added up after
+    # the scan: under a mesh that splits the batch over up to `parts` devices, each device
+    # sums its own slab and the kernel gradient is all-reduced once per tap, not per step.
+    parts = max(d for d in range(1, min(rows, _DW_PARTS) + 1) if rows % d == 0)
+    out, _ = lax.scan(body, jnp.zeros((parts, *wk.shape), acc), seq)
+    return jnp.sum(out, axis=0)
 
 
 def _count_winners(op: Op, geom: Geometry, xb: Array, wt: Array, yb: Array, tap_list: list,
