@@ -69,6 +69,8 @@ def _cotangent_of_products(red: str, c: Array, yl: Array, gl: Array, sl: Array |
 _DW_ROWS = 64
 # Partial sums of the kernel gradient per tap (see `_dw_of_tap`).
 _DW_PARTS = 8
+# Partial sums of the input gradient per tap (see `_dx_of_tap`).
+_DX_PARTS = 8
 
 
 def _dw_rows(nbp: int, row_bytes: int, max_bytes: int) -> int:
@@ -117,18 +119,32 @@ def _dx_of_tap(op: Op, red: str, xs: Array, wk: Array, yf: Array, gf: Array,
         The tap's input gradient.
     """
     og = wk.shape[1]
-    ml = None if m_pos is None else m_pos.reshape(-1, 1, 1)
+    # Channels m * u + j go together in step j (m < parts), each into its own partial sum:
+    # under a mesh that splits the output features over up to `parts` devices, each device
+    # runs its own channels and the input gradient is all-reduced once per tap.
+    parts = max(d for d in range(1, min(og, _DX_PARTS) + 1) if og % d == 0)
+    u = og // parts
+    ml = None if m_pos is None else m_pos.reshape(1, -1, 1, 1)
+    wp = wk.reshape(wk.shape[0], parts, u, wk.shape[2])
+    yp = yf.reshape(*yf.shape[:2], parts, u)
+    gp = gf.reshape(*gf.shape[:2], parts, u)
+    sp = None if sf is None else sf.reshape(*sf.shape[:2], parts, u)
+    shape = (parts, *xs.shape)
+
+    def chan(a: Array, k: Any) -> Array:  # (NP, G, parts, u) -> (parts, NP, G, 1)
+        return lax.dynamic_index_in_dim(a, k, axis=3, keepdims=False).transpose(2, 0, 1)[
+            ..., None]
 
     def body(k: Any, a: Array) -> Array:
-        wo = lax.dynamic_index_in_dim(wk, k, axis=1, keepdims=False)  # (G, I)
-        yo = lax.dynamic_index_in_dim(yf, k, axis=2)  # (NP, G, 1)
-        go = lax.dynamic_index_in_dim(gf, k, axis=2)
-        so = None if sf is None else lax.dynamic_index_in_dim(sf, k, axis=2)
-        c, vjp = jax.vjp(op.combine, xs, jnp.broadcast_to(wo[None], xs.shape))
-        dc = _cotangent_of_products(red, c, yo, go, so, ml, fast, acc)
+        wo = lax.dynamic_index_in_dim(wp, k, axis=2, keepdims=False)  # (G, parts, I)
+        wo = jnp.broadcast_to(wo.transpose(1, 0, 2)[:, None], shape)
+        so = None if sp is None else chan(sp, k)
+        c, vjp = jax.vjp(op.combine, jnp.broadcast_to(xs[None], shape), wo)
+        dc = _cotangent_of_products(red, c, chan(yp, k), chan(gp, k), so, ml, fast, acc)
         return a + vjp(dc.astype(c.dtype))[0].astype(acc)
 
-    return lax.fori_loop(0, og, body, jnp.zeros(xs.shape, acc), unroll=max(1, min(og, unroll)))
+    out = lax.fori_loop(0, u, body, jnp.zeros(shape, acc), unroll=max(1, min(u, unroll)))
+    return jnp.sum(out, axis=0)
 
 
 def _dw_of_tap(op: Op, red: str, xs: Array, wk: Array, yf: Array, gf: Array,
