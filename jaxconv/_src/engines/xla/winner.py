@@ -254,7 +254,14 @@ def _batched_scatter_add(acc: Array, index: Array, upd: Array, nsd: int) -> Arra
 def _kernel_dims(gather: bool) -> Any:
     """Gather / scatter numbers of one kernel entry ``wt[t, g, o, i]`` per output
     ``(N, P, G, Og)``, indexed by ``(t, i)`` with ``(g, o)`` the batch axes shared with the
-    output (so that output features sharded stay on their device)."""
+    output (so that output features sharded stay on their device).
+
+    Args:
+        gather: the gather's numbers, else the scatter's.
+
+    Returns:
+        ``lax.GatherDimensionNumbers`` or ``lax.ScatterDimensionNumbers``.
+    """
     if gather:
         return lax.GatherDimensionNumbers(
             offset_dims=(), collapsed_slice_dims=(0, 3), start_index_map=(0, 3),
