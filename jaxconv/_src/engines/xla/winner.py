@@ -207,7 +207,7 @@ def _winner_codes(cfg: Config, xp: Array, wt: Array, base: int,
     return back(val), back(tot)
 
 
-def _batched_gather(xp: Array, index: Array, nsd: int, width: int = 1) -> Array:
+def _batched_gather(xp: Array, index: Array, nsd: int, width: int | None = None) -> Array:
     """``xp[n, *index[n, ...]]`` (``width`` channels from the indexed one): a gather whose
     batch axis is the operand's, so that the SPMD partitioner keeps it on each device.
 
@@ -215,17 +215,18 @@ def _batched_gather(xp: Array, index: Array, nsd: int, width: int = 1) -> Array:
         xp: the padded input ``(N, *padded, C)``.
         index: ``(N, ..., nsd + 1)`` int32 spatial and channel coordinates.
         nsd: the number of spatial dimensions.
-        width: the channels read from each index.
+        width: the channels read from each index (a trailing axis), ``None`` for one
+            channel and no axis.
 
     Returns:
-        ``(N, ...)``, with a trailing ``width`` axis where ``width > 1``.
+        ``(N, ...)``, with a trailing ``width`` axis unless ``width`` is ``None``.
     """
     dims = lax.GatherDimensionNumbers(
-        offset_dims=(index.ndim - 1,) if width > 1 else (),
-        collapsed_slice_dims=tuple(range(1, nsd + 1 + (width == 1))),
+        offset_dims=(index.ndim - 1,) if width is not None else (),
+        collapsed_slice_dims=tuple(range(1, nsd + 1 + (width is None))),
         start_index_map=tuple(range(1, nsd + 2)),
         operand_batching_dims=(0,), start_indices_batching_dims=(0,))
-    return lax.gather(xp, index, dims, (1, *(1,) * nsd, width),
+    return lax.gather(xp, index, dims, (1, *(1,) * nsd, width or 1),
                       mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS)
 
 
