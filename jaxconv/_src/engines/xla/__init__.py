@@ -66,8 +66,9 @@ Faster backward paths where the op allows them:
   taps masked statically): one fused reduction per tap writes, for each output, the sum of
   ``base + index`` over its winning products, which names the winner when there is one;
   the cotangent then goes through ``combine``'s VJP at that product and is scatter-added
-  onto the input and the kernel. Tied windows and infinite outputs are recomputed
-  `MAX_SPARSE_TIES` at a time in a ``while_loop`` (no iteration without them) and split
+  onto the input and the kernel (gathers and scatters per image: a mesh's batch and
+  feature splits hold). Tied windows and infinite outputs are recomputed a few per row
+  (image, output feature) at a time in a ``while_loop`` (no iteration without them) and split
   equally; there is no fallback branch.
 
 The canonical-layout helpers (tap slices, taps-major kernels, batch blocks, padding, dtypes)

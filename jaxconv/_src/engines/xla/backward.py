@@ -67,6 +67,10 @@ def _cotangent_of_products(red: str, c: Array, yl: Array, gl: Array, sl: Array |
 # Positions per step when the kernel gradient sums over them; the products of one step,
 # (rows, G, Og, I), are reduced over their leading axis.
 _DW_ROWS = 64
+# Partial sums of the kernel gradient per tap (see `_dw_of_tap`).
+_DW_PARTS = 8
+# Partial sums of the input gradient per tap (see `_dx_of_tap`).
+_DX_PARTS = 8
 
 
 def _dw_rows(nbp: int, row_bytes: int, max_bytes: int) -> int:
@@ -115,24 +119,39 @@ def _dx_of_tap(op: Op, red: str, xs: Array, wk: Array, yf: Array, gf: Array,
         The tap's input gradient.
     """
     og = wk.shape[1]
-    ml = None if m_pos is None else m_pos.reshape(-1, 1, 1)
+    # Channels m * u + j go together in step j (m < parts), each into its own partial sum:
+    # under a mesh that splits the output features over up to `parts` devices, each device
+    # runs its own channels and the input gradient is all-reduced once per tap.
+    parts = max(d for d in range(1, min(og, _DX_PARTS) + 1) if og % d == 0)
+    u = og // parts
+    ml = None if m_pos is None else m_pos.reshape(1, -1, 1, 1)
+    wp = wk.reshape(wk.shape[0], parts, u, wk.shape[2])
+    yp = yf.reshape(*yf.shape[:2], parts, u)
+    gp = gf.reshape(*gf.shape[:2], parts, u)
+    sp = None if sf is None else sf.reshape(*sf.shape[:2], parts, u)
+    shape = (parts, *xs.shape)
+
+    def chan(a: Array, k: Any) -> Array:  # (NP, G, parts, u) -> (parts, NP, G, 1)
+        return lax.dynamic_index_in_dim(a, k, axis=3, keepdims=False).transpose(2, 0, 1)[
+            ..., None]
 
     def body(k: Any, a: Array) -> Array:
-        wo = lax.dynamic_index_in_dim(wk, k, axis=1, keepdims=False)  # (G, I)
-        yo = lax.dynamic_index_in_dim(yf, k, axis=2)  # (NP, G, 1)
-        go = lax.dynamic_index_in_dim(gf, k, axis=2)
-        so = None if sf is None else lax.dynamic_index_in_dim(sf, k, axis=2)
-        c, vjp = jax.vjp(op.combine, xs, jnp.broadcast_to(wo[None], xs.shape))
-        dc = _cotangent_of_products(red, c, yo, go, so, ml, fast, acc)
+        wo = lax.dynamic_index_in_dim(wp, k, axis=2, keepdims=False)  # (G, parts, I)
+        wo = jnp.broadcast_to(wo.transpose(1, 0, 2)[:, None], shape)
+        so = None if sp is None else chan(sp, k)
+        c, vjp = jax.vjp(op.combine, jnp.broadcast_to(xs[None], shape), wo)
+        dc = _cotangent_of_products(red, c, chan(yp, k), chan(gp, k), so, ml, fast, acc)
         return a + vjp(dc.astype(c.dtype))[0].astype(acc)
 
-    return lax.fori_loop(0, og, body, jnp.zeros(xs.shape, acc), unroll=max(1, min(og, unroll)))
+    out = lax.fori_loop(0, u, body, jnp.zeros(shape, acc), unroll=max(1, min(u, unroll)))
+    return jnp.sum(out, axis=0)
 
 
 def _dw_of_tap(op: Op, red: str, xs: Array, wk: Array, yf: Array, gf: Array,
                sf: Array | None, m_pos: np.ndarray | None, fast: bool, acc: Any,
                rows: int) -> Array:
-    """One tap's kernel gradient ``(G, Og, I)``: a scan over blocks of ``rows`` positions.
+    """One tap's kernel gradient ``(G, Og, I)``: a scan over blocks of ``rows`` positions
+    (interleaved: step ``b`` holds positions ``b, b + NP / rows, ...``).
 
     Each step reduces the ``(rows, G, Og, I)`` products over their leading axis.
 
@@ -155,12 +174,17 @@ def _dw_of_tap(op: Op, red: str, xs: Array, wk: Array, yf: Array, gf: Array,
     nbp, g, i = xs.shape
     og = wk.shape[1]
     nblk = nbp // rows
-    seq = [xs.reshape(nblk, rows, g, i), yf.reshape(nblk, rows, g, og),
-           gf.reshape(nblk, rows, g, og)]
+
+    def steps(a: Array) -> Array:
+        # Step b holds positions b, b + nblk, ...: the images (the positions' outer axis)
+        # stay the outer axis of each step, so a mesh's batch split holds in every step.
+        return a.reshape(rows, nblk, *a.shape[1:]).swapaxes(0, 1)
+
+    seq = [steps(xs), steps(yf), steps(gf)]
     if sf is not None:
-        seq.append(sf.reshape(nblk, rows, g, og))
+        seq.append(steps(sf))
     if m_pos is not None:
-        seq.append(jnp.asarray(m_pos.reshape(nblk, rows)))
+        seq.append(steps(jnp.asarray(m_pos)))
     shape = (rows, g, og, i)
 
     def body(a: Array, blk: list[Array]) -> tuple[Array, None]:
@@ -172,10 +196,15 @@ def _dw_of_tap(op: Op, red: str, xs: Array, wk: Array, yf: Array, gf: Array,
                          jnp.broadcast_to(wk[None], shape))
         dc = _cotangent_of_products(red, c, yb_[..., None], gb_[..., None], sb_, mb_, fast,
                                     acc)
-        return a + jnp.sum(vjp(dc.astype(c.dtype))[1], axis=0, dtype=acc), None
+        dwb = vjp(dc.astype(c.dtype))[1].reshape(parts, rows // parts, g, og, i)
+        return a + jnp.sum(dwb, axis=1, dtype=acc), None
 
-    out, _ = lax.scan(body, jnp.zeros(wk.shape, acc), seq)
-    return out
+    # The sum is kept in `parts` partial sums, one per slab of a step's rows, added up after
+    # the scan: under a mesh that splits the batch over up to `parts` devices, each device
+    # sums its own slab and the kernel gradient is all-reduced once per tap, not per step.
+    parts = max(d for d in range(1, min(rows, _DW_PARTS) + 1) if rows % d == 0)
+    out, _ = lax.scan(body, jnp.zeros((parts, *wk.shape), acc), seq)
+    return jnp.sum(out, axis=0)
 
 
 def _count_winners(op: Op, geom: Geometry, xb: Array, wt: Array, yb: Array, tap_list: list,

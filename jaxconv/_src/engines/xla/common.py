@@ -121,3 +121,51 @@ def _rem(a: Any, m: int) -> Array:
     """``a % m`` for nonnegative integers ``a``."""
     a = jnp.asarray(a)
     return lax.rem(a, jnp.asarray(m, a.dtype))
+
+
+def interleaved_steps(n: int, per_step: int) -> int:
+    """Steps over ``n`` images, at most about ``per_step`` each: a divisor of ``n`` where one
+    is near (no padding rows), else ``ceil(n / per_step)``.
+
+    Args:
+        n: the images.
+        per_step: the images one step should hold.
+
+    Returns:
+        The number of steps.
+    """
+    k = -(-n // max(1, per_step))
+    for d in range(k, min(n, 2 * k) + 1):
+        if n % d == 0:
+            return d
+    return k
+
+
+def interleave(a: Array, steps: int) -> tuple[Array, int]:
+    """``(N, ...) -> (steps, nb, ...)`` with step ``b`` holding rows ``b, b + steps, ...``
+    (zero rows pad ``N`` up to ``steps * nb``), and ``N``.
+
+    Interleaved, not consecutive: the batch stays the outer axis of each step's block, so
+    that under a mesh that splits the batch the SPMD partitioner splits every block the
+    same way and no step reads another device's rows (consecutive blocks of a sharded batch
+    straddle devices and each step gathers one). Undo with `deinterleave`.
+
+    Args:
+        a: an array ``(N, ...)``.
+        steps: the number of steps.
+
+    Returns:
+        The blocks and ``N``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> interleave(jnp.arange(6), 2)[0].tolist()
+        [[0, 2, 4], [1, 3, 5]]
+    """
+    n = a.shape[0]
+    nb = -(-n // steps)
+    if nb * steps != n:
+        a = jnp.concatenate([a, jnp.zeros((nb * steps - n, *a.shape[1:]), a.dtype)])
+    if steps == 1:
+        return a[None], n
+    return a.reshape(nb, steps, *a.shape[1:]).swapaxes(0, 1), n

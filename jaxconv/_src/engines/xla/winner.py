@@ -13,7 +13,7 @@ from jax import lax
 
 from jaxconv._src.core.geometry import Geometry
 from jaxconv._src.engines import taps
-from jaxconv._src.engines.xla.common import Config, _div, _rem
+from jaxconv._src.engines.xla.common import Config, _div, _rem, interleave, interleaved_steps
 from jaxconv._src.engines.xla.forward import _fwd_products
 
 Array = jax.Array
@@ -97,6 +97,31 @@ def winner_terms(red: str, c: Array, payloads: tuple) -> tuple[Array, tuple]:
                         for p in payloads)
 
 
+def _digit(flat: Array, shape: tuple[int, ...], d: int) -> Array:
+    """Index ``d`` of the row-major ``shape`` at the nonnegative integers ``flat``."""
+    return _rem(_div(flat, math.prod(shape[d + 1:])), shape[d])
+
+
+def _block_tap(xbl: Array, geom: Geometry, offset: Array, b: Any) -> Array:
+    """The tap at ``offset`` of block ``b`` of interleaved image blocks ``xbl``
+    ``(B, nb, *padded, C)`` (`common.interleave`): ``(nb, *out_spatial, C)``.
+
+    Args:
+        xbl: the padded input in blocks.
+        geom: the product's geometry.
+        offset: the tap's offset ``(nsd,)`` (traced).
+        b: the block.
+
+    Returns:
+        The block's strided tap slice.
+    """
+    zero = jnp.zeros((), jnp.int32)
+    start = (jnp.asarray(b, jnp.int32), zero, *(offset[d] for d in range(len(geom.window))),
+             zero)
+    xs = lax.dynamic_slice(xbl, start, (1, xbl.shape[1], *taps.span(geom), xbl.shape[-1]))[0]
+    return lax.slice(xs, (0,) * xs.ndim, xs.shape, (1, *geom.strides, 1))
+
+
 def _winner_codes(cfg: Config, xp: Array, wt: Array, base: int,
                   tmask: np.ndarray | None = None) -> tuple[Array, Array]:
     """Per output, its recomputed max/min and ``sum over its winning products of (base + t * I
@@ -110,6 +135,11 @@ def _winner_codes(cfg: Config, xp: Array, wt: Array, base: int,
     and then no product would equal it. Where the two roundings order two nearly equal
     products differently, the gradient goes to this computation's winner. All sums are of
     integers below ``2**24``: exact.
+
+    One loop over (block of images, tap, chunk of output channels). The blocks and chunks
+    are interleaved (`common.interleave`: block ``b`` holds images ``b, b + B, ...``), so
+    that under a mesh the batch and the output features stay the outer axes of every slice
+    and the SPMD partitioner keeps each device's images and features on it.
 
     ``tmask`` (T, P): with identity padding, the static validity of each tap at each output
     position; the padded cells hold 0, whose products may beat the window's (or be NaN), so
@@ -128,20 +158,20 @@ def _winner_codes(cfg: Config, xp: Array, wt: Array, base: int,
     """
     op, geom = cfg.op, cfg.geom
     red = op.reduce
-    g, og, i = wt.shape[1:]
+    nt, g, og, i = wt.shape
     p = max(1, math.prod(geom.out_spatial))
-    nt = len(geom.taps())
-    offs = np.array([[k * d for k, d in zip(tap, geom.rhs_dilation, strict=True)]
-                     for tap in geom.taps()], np.int32).reshape(nt, len(geom.window))
-    offs_j = jnp.asarray(offs)
+    offs_j = jnp.asarray(np.array([[k * d for k, d in zip(tap, geom.rhs_dilation, strict=True)]
+                                   for tap in geom.taps()], np.int32).reshape(nt, -1))
     tmask_j = None if tmask is None else jnp.asarray(tmask)
 
-    nb = cfg.block
+    nblk = interleaved_steps(xp.shape[0], cfg.block)
+    xbl, n = interleave(xp, nblk)
+    nb = xbl.shape[1]
     fit = max(1, (cfg.max_block_bytes // 2) // max(1, nb * p * g * i * 4))
     oc = max(d for d in range(1, og + 1) if og % d == 0 and d <= fit)
     nc = og // oc
-    xp, n = taps.pad_rows(xp, nb)
-    nblk = xp.shape[0] // nb
+    # Chunk j of the output channels holds channels m * nc + j: (nc, T, G, oc, I).
+    wtc = wt.reshape(nt, g, oc, nc, i).transpose(3, 0, 1, 2, 4)
     dtype = jax.eval_shape(op.combine, jax.ShapeDtypeStruct((), xp.dtype),
                            jax.ShapeDtypeStruct((), wt.dtype)).dtype
     ident = jnp.asarray(-jnp.inf if red == "max" else jnp.inf, dtype)
@@ -149,9 +179,9 @@ def _winner_codes(cfg: Config, xp: Array, wt: Array, base: int,
     def step(s: Any, carry: tuple[Array, Array]) -> tuple[Array, Array]:
         # One loop over (block of images, tap, chunk of output channels): one compiled body.
         b, k, j = _div(s, nt * nc), _rem(_div(s, nc), nt), _rem(s, nc)
-        xs = taps.tap_slice_at(xp, geom, offs_j[k], b * nb, nb).reshape(nb, p, g, i)
-        wc = lax.dynamic_slice(wt, (k, 0, j * oc, 0), (1, g, oc, i))[0]
-        at = (b * nb, 0, 0, j * oc)
+        xs = _block_tap(xbl, geom, offs_j[k], b).reshape(nb, p, g, i)
+        wc = lax.dynamic_slice(wtc, (j, k, 0, 0, 0), (1, 1, g, oc, i))[0, 0]
+        at = (j, b, 0, 0, 0, 0)
         c = _fwd_products(op, xs, wc)
         code = jnp.broadcast_to(
             (base + k * i + jnp.arange(i)).astype(jnp.float32).reshape(1, 1, 1, 1, i), c.shape)
@@ -159,44 +189,114 @@ def _winner_codes(cfg: Config, xp: Array, wt: Array, base: int,
         if tmask_j is not None:
             mk = lax.dynamic_index_in_dim(tmask_j, k, axis=0, keepdims=False).reshape(1, p, 1, 1)
             val, part = jnp.where(mk, val, ident), jnp.where(mk, part, 0)
-        cur_v, cur_c = (lax.dynamic_slice(a, at, part.shape) for a in carry)
+        shape = (1, 1, *val.shape)
+        cur_v, cur_c = (lax.dynamic_slice(a, at, shape)[0, 0] for a in carry)
         val, (part,) = winner_merge(red, cur_v, (cur_c,), val, (part,))
-        return (lax.dynamic_update_slice(carry[0], val, at),
-                lax.dynamic_update_slice(carry[1], part, at))
+        return (lax.dynamic_update_slice(carry[0], val.reshape(shape), at),
+                lax.dynamic_update_slice(carry[1], part.reshape(shape), at))
 
-    shape = (nblk * nb, p, g, og)
+    shape = (nc, nblk, nb, p, g, oc)
     init = (jnp.broadcast_to(ident, shape), jnp.zeros(shape, jnp.float32))
     val, tot = lax.fori_loop(0, nblk * nt * nc, step, init)
-    return val[:n], tot[:n]
+
+    def back(a: Array) -> Array:
+        # (nc, B, nb, P, G, oc) -> (N, P, G, Og): image a * B + b, channel m * nc + j.
+        a = a.transpose(2, 1, 3, 4, 5, 0).reshape(nb * nblk, p, g, og)
+        return a[:n]
+
+    return back(val), back(tot)
 
 
-def _digit(flat: Array, shape: tuple[int, ...], d: int) -> Array:
-    """Index ``d`` of the row-major ``shape`` at the nonnegative integers ``flat``."""
-    return _rem(_div(flat, math.prod(shape[d + 1:])), shape[d])
-
-
-def _next_true(flags: Array, k: int) -> Array:
-    """The indices of the first ``k`` true entries of the flat ``flags`` in order (int32),
-    -1 past the last one.
-
-    A ``top_k`` of float32 keys (exact below ``2**24`` entries), else a sort: either
-    compiles to one operation, where ``jnp.nonzero``'s prefix sum is some twenty kernels.
+def _batched_gather(xp: Array, index: Array, nsd: int, width: int | None = None) -> Array:
+    """``xp[n, *index[n, ...]]`` (``width`` channels from the indexed one): a gather whose
+    batch axis is the operand's, so that the SPMD partitioner keeps it on each device.
 
     Args:
-        flags: the flags.
-        k: how many indices.
+        xp: the padded input ``(N, *padded, C)``.
+        index: ``(N, ..., nsd + 1)`` int32 spatial and channel coordinates.
+        nsd: the number of spatial dimensions.
+        width: the channels read from each index (a trailing axis), ``None`` for one
+            channel and no axis.
 
     Returns:
-        The indices ``(k,)``.
+        ``(N, ...)``, with a trailing ``width`` axis unless ``width`` is ``None``.
     """
-    idx = jnp.arange(flags.size, dtype=jnp.int32)
-    if flags.size <= 2**24:
-        key = jnp.where(flags, -idx.astype(jnp.float32), -jnp.inf)
-        top, _ = lax.top_k(key, k)
-        return jnp.where(top > -jnp.inf, -top, -1).astype(jnp.int32)
-    big = jnp.iinfo(jnp.int32).max
-    first = lax.sort(jnp.where(flags, idx, big))[:k]
-    return jnp.where(first < big, first, -1)
+    dims = lax.GatherDimensionNumbers(
+        offset_dims=(index.ndim - 1,) if width is not None else (),
+        collapsed_slice_dims=tuple(range(1, nsd + 1 + (width is None))),
+        start_index_map=tuple(range(1, nsd + 2)),
+        operand_batching_dims=(0,), start_indices_batching_dims=(0,))
+    return lax.gather(xp, index, dims, (1, *(1,) * nsd, width or 1),
+                      mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS)
+
+
+def _batched_scatter_add(acc: Array, index: Array, upd: Array, nsd: int) -> Array:
+    """The transpose of `_batched_gather`: ``upd`` added onto ``acc`` at ``index``.
+
+    Args:
+        acc: the padded input's gradient ``(N, *padded, C)``.
+        index: the coordinates, as for `_batched_gather`.
+        upd: the values, shaped as `_batched_gather`'s result.
+        nsd: the number of spatial dimensions.
+
+    Returns:
+        ``acc`` with ``upd`` added.
+    """
+    width = upd.ndim - (index.ndim - 1)
+    dims = lax.ScatterDimensionNumbers(
+        update_window_dims=(upd.ndim - 1,) if width else (),
+        inserted_window_dims=tuple(range(1, nsd + 1 + (width == 0))),
+        scatter_dims_to_operand_dims=tuple(range(1, nsd + 2)),
+        operand_batching_dims=(0,), scatter_indices_batching_dims=(0,))
+    return lax.scatter_add(acc, index, upd.astype(acc.dtype), dims,
+                           mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS)
+
+
+def _kernel_dims(gather: bool) -> Any:
+    """Gather / scatter numbers of one kernel entry ``wt[t, g, o, i]`` per output
+    ``(N, P, G, Og)``, indexed by ``(t, i)`` with ``(g, o)`` the batch axes shared with the
+    output (so that output features sharded stay on their device).
+
+    Args:
+        gather: the gather's numbers, else the scatter's.
+
+    Returns:
+        ``lax.GatherDimensionNumbers`` or ``lax.ScatterDimensionNumbers``.
+    """
+    if gather:
+        return lax.GatherDimensionNumbers(
+            offset_dims=(), collapsed_slice_dims=(0, 3), start_index_map=(0, 3),
+            operand_batching_dims=(1, 2), start_indices_batching_dims=(2, 3))
+    return lax.ScatterDimensionNumbers(
+        update_window_dims=(), inserted_window_dims=(0, 3), scatter_dims_to_operand_dims=(0, 3),
+        operand_batching_dims=(1, 2), scatter_indices_batching_dims=(2, 3))
+
+
+def _nth_true(ranks: Array, q: Array) -> Array:
+    """Per row, the index of the row's true entry of rank ``q`` (0-based), from the row's
+    running count ``ranks`` of true entries (an inclusive prefix sum along the last axis):
+    ``(..., k)`` int32 for ranks ``q`` ``(..., k)``, -1 where the row has no such entry.
+
+    The entry of rank ``q`` sits after exactly those positions whose running count is at
+    most ``q``. Rows (batch, output features) stay wherever a mesh puts them: one compare
+    and one sum along the last axis, where a ``top_k`` or a compaction across rows would be
+    gathered onto every device.
+
+    Args:
+        ranks: the running counts ``(..., P)``.
+        q: the ranks wanted ``(..., k)``.
+
+    Returns:
+        The positions.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> ranks = jnp.cumsum(jnp.array([[0, 1, 0, 1, 1]]), axis=-1)
+        >>> _nth_true(ranks, jnp.array([[0, 2, 3]])).tolist()
+        [[1, 4, -1]]
+    """
+    at = jnp.sum(ranks[..., None, :] <= q[..., None], axis=-1, dtype=jnp.int32)
+    return jnp.where(q < ranks[..., -1:], at, -1)
 
 
 def _winner_backward(cfg: Config, x: Array, w: Array, y: Array, gy: Array) -> tuple:
@@ -207,13 +307,17 @@ def _winner_backward(cfg: Config, x: Array, w: Array, y: Array, gy: Array) -> tu
     and of the tied windows' products); a dominated fill is not used, since a non-finite
     kernel entry would make it NaN. Where a window has one winner, its cotangent goes
     through ``combine``'s VJP at that one product (gathered) and is scatter-added onto the
-    input and the kernel. The tied windows (the next ones in index order, by `_next_true`)
-    are recomputed whole (their ``T x I`` products), `MAX_SPARSE_TIES` at a time in a
-    ``while_loop`` that runs once per such chunk (not at all without ties), and their
-    cotangent is split equally among the products equal to the max of that recomputation. A
-    window with a NaN has no gradient, as in the exact rule. Winners are never found by
-    comparing recomputed products with ``y``: the forward's kernel may round a user's
-    combine differently (see `_winner_codes`), so ``y`` only marks the NaN windows.
+    input and the kernel. The tied windows are recomputed whole (their ``T x I`` products)
+    in a ``while_loop`` that runs once per chunk of them (not at all without ties), and
+    their cotangent is split equally among the products equal to the max of that
+    recomputation. A window with a NaN has no gradient, as in the exact rule. Winners are
+    never found by comparing recomputed products with ``y``: the forward's kernel may round
+    a user's combine differently (see `_winner_codes`), so ``y`` only marks the NaN windows.
+
+    Every gather and scatter keeps the output's batch and feature axes as its own (batch
+    axes of the gather, rows of the tied windows' ``top_k``): under a mesh the SPMD
+    partitioner runs them where the images and features are, and the only collectives are
+    lax's all-reduces of the gradients (and the tied windows' count, one scalar).
 
     Args:
         cfg: the engine's configuration.
@@ -247,7 +351,6 @@ def _winner_backward(cfg: Config, x: Array, w: Array, y: Array, gy: Array) -> tu
     real = jnp.logical_not(jnp.isnan(y) | jnp.isnan(val))
     single = (tot >= base) & (tot < 2 * base) & real
     tie = (tot >= 2 * base) & real
-    n_ties = jnp.sum(tie, dtype=jnp.int32)
     gdt = jnp.promote_types(x.dtype, jnp.float32)
 
     def coords(pp: Array, tt: Array) -> list[Array]:
@@ -260,82 +363,67 @@ def _winner_backward(cfg: Config, x: Array, w: Array, y: Array, gy: Array) -> tu
             out.append(od * geom.strides[d] + kd * geom.rhs_dilation[d])
         return out
 
-    # Flat (row-major) strides of the padded input and of the taps-major kernel: scatters
-    # and gathers with one int32 index per element (a multi-dimensional index per element
-    # would be stored as an (elements, rank) array).
-    xstr = np.cumprod((1, *xp.shape[::-1]))[:-1][::-1].astype(np.int64)
-
-    def x_index(nn: Array, pos: list[Array], chan: Array) -> Array:
-        idx = nn * int(xstr[0]) + chan
-        for j, a in enumerate(pos):
-            idx = idx + a * int(xstr[j + 1])
-        return idx
-
-    def w_index(tt: Array, gg: Array, oo: Array, ii: Array) -> Array:
-        return ((tt * g + gg) * og + oo) * i + ii
-
     shp = (n, p, g, og)
-    n_i = lax.broadcasted_iota(jnp.int32, shp, 0)
     p_i = lax.broadcasted_iota(jnp.int32, shp, 1)
     g_i = lax.broadcasted_iota(jnp.int32, shp, 2)
-    o_i = lax.broadcasted_iota(jnp.int32, shp, 3)
     t_w, i_w = _div(flat, i), _rem(flat, i)
-    xi = x_index(n_i, coords(p_i, t_w), g_i * i + i_w).reshape(-1)
-    wi = w_index(t_w, g_i, o_i, i_w).reshape(-1)
-    xf, wf = xp.reshape(-1), wt.reshape(-1)
-    ct = jnp.where(single, gy, 0).astype(xf.dtype).reshape(-1)
-    _, vjp = jax.vjp(op.combine, xf[xi], wf[wi])
+    xi = jnp.stack([*coords(p_i, t_w), g_i * i + i_w], axis=-1)
+    wi = jnp.stack([t_w, i_w], axis=-1)
+    mode = lax.GatherScatterMode.PROMISE_IN_BOUNDS
+    ct = jnp.where(single, gy, 0).astype(xp.dtype)
+    _, vjp = jax.vjp(op.combine, _batched_gather(xp, xi, nsd),
+                     lax.gather(wt, wi, _kernel_dims(True), (1, 1, 1, 1), mode=mode))
     dx, dw = vjp(ct)
-    gxf = jnp.zeros(xf.shape, gdt).at[xi].add(dx.astype(gdt))
-    gwf = jnp.zeros(wf.shape, gdt).at[wi].add(dw.astype(gdt))
+    gxp = _batched_scatter_add(jnp.zeros(xp.shape, gdt), xi, dx, nsd)
+    gwt = lax.scatter_add(jnp.zeros(wt.shape, gdt), wi, dw.astype(gdt), _kernel_dims(False),
+                          mode=mode)
 
-    # Tied windows, a chunk of k at a time: (k, T, I) products each, within the bound.
-    total = n * p * g * og
-    k = max(1, min(MAX_SPARSE_TIES, total, cfg.max_block_bytes // max(1, 8 * nt * i * 4)))
-    flat_tie = tie.reshape(-1)
-    idx = jnp.arange(total, dtype=jnp.int32)
-    kt = jnp.arange(nt).reshape(1, nt, 1)
-    ki = jnp.arange(i).reshape(1, 1, i)
-    tmask_j = None if tmask is None else jnp.asarray(tmask.T)
-    gf_all = gy.reshape(-1)
+    # Tied windows, per row (image, group, output feature) the next k of its positions at a
+    # time: (rows, k, T, I) products per step, within the bound.
+    tie_r = tie.transpose(0, 2, 3, 1)  # (N, G, Og, P)
+    rows = n * g * og
+    k = max(1, min(p, MAX_SPARSE_TIES // max(1, rows),
+                   cfg.max_block_bytes // max(1, 8 * rows * nt * i * 4)))
+    ranks = jnp.cumsum(tie_r, axis=-1, dtype=jnp.int32)
+    most = jnp.max(ranks[..., -1], initial=0)
+    g_r = gy.transpose(0, 2, 3, 1)
+    w_r = wt.transpose(1, 2, 0, 3)[None, :, :, None]  # (1, G, Og, 1, T, I)
+    kt = jnp.arange(nt, dtype=jnp.int32).reshape(1, 1, 1, 1, nt)
+    kg = lax.broadcasted_iota(jnp.int32, (n, g, og, k, nt), 1)
+    tm = None if tmask is None else jnp.asarray(tmask.T)  # (P, T)
     red = op.reduce
     ident = -jnp.inf if red == "max" else jnp.inf
 
     def tie_chunk(carry: tuple) -> tuple:
-        j, last, gxf, gwf = carry
-        found = _next_true(flat_tie & (idx > last), k)
+        j, gxp, gwt = carry
+        found = _nth_true(ranks, j * k + lax.broadcasted_iota(jnp.int32, (n, g, og, k), 3))
         valid = found >= 0
         sel = jnp.maximum(found, 0)
-        kn, kp, kg, ko = (_digit(sel, shp, d) for d in range(4))
-        kxi = jnp.broadcast_to(
-            x_index(kn.reshape(k, 1, 1), coords(kp.reshape(k, 1, 1), kt),
-                    kg.reshape(k, 1, 1) * i + ki), (k, nt, i))
-        kwi = jnp.broadcast_to(
-            w_index(kt, kg.reshape(k, 1, 1), ko.reshape(k, 1, 1), ki), (k, nt, i))
-        ck, vjpk = jax.vjp(op.combine, xf[kxi], wf[kwi])
+        pp = jnp.broadcast_to(sel[..., None], (n, g, og, k, nt))
+        kxi = jnp.stack([*coords(pp, jnp.broadcast_to(kt, pp.shape)), kg * i], axis=-1)
+        xk = _batched_gather(xp, kxi, nsd, i)  # (N, G, Og, k, T, I)
+        ck, vjpk = jax.vjp(op.combine, xk, jnp.broadcast_to(w_r, xk.shape).astype(w.dtype))
         # The winners are those equal to the max of these very products: the barrier makes
         # XLA compute them once, so that the max and the comparisons read the same values.
         ck = lax.optimization_barrier(ck)
-        if tmask_j is not None:  # padded taps are not products
-            on = jnp.broadcast_to(tmask_j[kp].reshape(k, nt, 1), ck.shape)
+        if tm is not None:  # padded taps are not products
+            on = jnp.broadcast_to(tm[sel][..., None], ck.shape)
             ck = jnp.where(on, ck, jnp.asarray(ident, ck.dtype))
-        top = (jnp.max if red == "max" else jnp.min)(ck, axis=(1, 2), keepdims=True)
+        top = (jnp.max if red == "max" else jnp.min)(ck, axis=(4, 5), keepdims=True)
         eq = ck == top
-        if tmask_j is not None:
+        if tm is not None:
             eq = eq & on
-        cnt = jnp.maximum(jnp.sum(eq, axis=(1, 2)), 1)
-        sk = jnp.where(valid, gf_all[sel].astype(gdt) / cnt, 0).reshape(k, 1, 1)
+        cnt = jnp.maximum(jnp.sum(eq, axis=(4, 5)), 1)
+        gk = jnp.take_along_axis(g_r, sel, axis=-1).astype(gdt)
+        sk = jnp.where(valid, gk / cnt, 0)[..., None, None]
         dxk, dwk = vjpk(jnp.where(eq, sk, 0).astype(ck.dtype))
-        # The next chunk starts after this one's last window (where this one is not full,
-        # it was the last chunk).
-        return (j + 1, found[k - 1], gxf.at[kxi].add(dxk.astype(gdt)),
-                gwf.at[kwi].add(dwk.astype(gdt)))
+        gwk = jnp.sum(dwk.astype(gdt), axis=(0, 3)).transpose(2, 0, 1, 3)  # (T, G, Og, I)
+        return j + 1, _batched_scatter_add(gxp, kxi, dxk, nsd), gwt + gwk
 
-    _, _, gxf, gwf = lax.while_loop(lambda c: c[0] * k < n_ties, tie_chunk,
-                                    (jnp.int32(0), jnp.int32(-1), gxf, gwf))
+    _, gxp, gwt = lax.while_loop(lambda c: c[0] * k < most, tie_chunk,
+                                 (jnp.int32(0), gxp, gwt))
     _, pad_vjp = jax.vjp(lambda a: taps.pad_input(a, op, geom), x)
-    gx = pad_vjp(gxf.reshape(xp.shape).astype(x.dtype))[0]
-    gwt = gwf.reshape(wt.shape)
+    gx = pad_vjp(gxp.astype(x.dtype))[0]
     return gx, taps.taps_major_transpose(gwt, w.shape, geom.groups).astype(w.dtype)
 
 
