@@ -61,14 +61,15 @@ const char* isa_name() { return isa().name; }
 
 int run_kernels(const jaxconv::Call& call, bool backward) {
   if (call.op < jaxconv::kUserBase) return isa().fn(call, backward);
-  UserFn fn = nullptr;
-  {
-    UserKernels& t = user_kernels();
-    std::shared_lock<std::shared_mutex> lock(t.mu);
-    auto it = t.fns.find(call.op);
-    if (it != t.fns.end()) fn = it->second;
-  }
+  UserFn fn = user_kernel(call.op);
   return fn ? fn(&call, backward ? 1 : 0) : 3;
+}
+
+UserFn user_kernel(int64_t op) {
+  UserKernels& t = user_kernels();
+  std::shared_lock<std::shared_mutex> lock(t.mu);
+  auto it = t.fns.find(op);
+  return it != t.fns.end() ? it->second : nullptr;
 }
 
 void register_user_kernel(int64_t op, UserFn fn) {

@@ -20,4 +20,8 @@ int run_kernels(const jaxconv::Call& call, bool backward);
 // Registers a user op's entry point under its id (ids from jaxconv::kUserBase).
 void register_user_kernel(int64_t op, UserFn fn);
 
+// The entry point registered under a user op id, or nullptr. A library built for the wide
+// kernels (userop_wide.h) registers `int (*)(const jaxconv::WideCall*, int)` here, cast.
+UserFn user_kernel(int64_t op);
+
 }  // namespace jaxconv_dispatch

@@ -229,8 +229,8 @@ template <class A>
 ffi::Error wide_call(const A& attrs, ffi::AnyBuffer x, ffi::AnyBuffer w,
                      ffi::DataType out_type, ffi::ThreadPool& pool, jaxconv::WideCall& call) {
   if (auto e = decode(attrs, call.geom); e.failure()) return e;
-  if (attrs.op < 0 || attrs.op >= jaxconv::kNumBuiltinOps)
-    return ffi::Error::InvalidArgument("jaxconv: the wide kernels serve built-in ops only");
+  if (attrs.op < 0 || (attrs.op >= jaxconv::kNumBuiltinOps && attrs.op < jaxconv::kUserBase))
+    return ffi::Error::InvalidArgument("jaxconv: unknown native op id");
   const auto t = x.element_type();
   if (w.element_type() != t || out_type != t)
     return ffi::Error::InvalidArgument("jaxconv: operands of different dtypes");
@@ -259,6 +259,15 @@ WideRun wide_run(bool backward) {
   return backward ? jaxconv_wide_base::run_backward : jaxconv_wide_base::run;
 }
 
+// A built-in op by the wide kernels of this CPU's instruction set, or a user op by its
+// library built for them (userop_wide.h: registered under its id, taking a WideCall).
+int wide_dispatch(const jaxconv::WideCall& call, bool backward) {
+  if (call.op < jaxconv::kUserBase) return wide_run(backward)(call);
+  using WideUserFn = int (*)(const jaxconv::WideCall*, int);
+  auto fn = reinterpret_cast<WideUserFn>(jaxconv_dispatch::user_kernel(call.op));
+  return fn ? fn(&call, backward ? 1 : 0) : 3;
+}
+
 ffi::Error wide_forward_impl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y,
                              ForwardAttrs attrs, ffi::ThreadPool pool) {
   jaxconv::WideCall call{};
@@ -267,7 +276,7 @@ ffi::Error wide_forward_impl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi
     return ffi::Error::InvalidArgument("jaxconv: float32 runs the float32 kernels");
   call.out = y->untyped_data();
   jaxconv_dispatch::FlushDenormals flush;
-  return finish(wide_run(false)(call));
+  return finish(wide_dispatch(call, false));
 }
 
 ffi::Error wide_backward_impl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer y,
@@ -287,7 +296,7 @@ ffi::Error wide_backward_impl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer
   std::memset(call.out, 0, dx->size_bytes());
   std::memset(call.out2, 0, dw->size_bytes());
   jaxconv_dispatch::FlushDenormals flush;
-  return finish(wide_run(true)(call));
+  return finish(wide_dispatch(call, true));
 }
 
 ffi::Error backward_impl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,

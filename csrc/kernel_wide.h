@@ -291,11 +291,15 @@ void tile(const Plan<E>& pl, int64_t b, int64_t grp, int64_t blk, int64_t rt) {
 
 // Whether the plain compare-select loop gives lax's bits: no NaN or infinity anywhere (no
 // NaN product), and no -0 that could decide a tie (a sum is -0 only from two -0 operands;
-// a min / max product is -0 from one).
+// a min / max product is -0 from one). A user combine (userop_wide.h, Comb < 0): -2 may make
+// NaN from finite operands (never plain); -1 makes none, so finite operands suffice, its -0
+// products being handled by `rezero` (a tile with a zero result is recomputed exactly).
 template <class E, int Comb, bool Sum>
 bool plain_ok(const E* x, int64_t nx, const E* w, int64_t nw, const Geom& g, E pad) {
   if constexpr (!std::is_floating_point_v<E> || Sum) {
     return true;  // a sum has no tie to decide: NaN and infinities propagate by themselves
+  } else if constexpr (Comb == -2) {
+    return false;
   } else {
     auto scan = [](const E* p, int64_t n, bool* negzero) {
       for (int64_t k = 0; k < n; ++k) {
@@ -307,8 +311,24 @@ bool plain_ok(const E* x, int64_t nx, const E* w, int64_t nw, const Geom& g, E p
     bool zx = false, zw = false;
     if (!scan(x, nx, &zx) || !scan(w, nw, &zw)) return false;
     if (g.has_pad && !scan(&pad, 1, &zx)) return false;
-    return Comb == 0 ? !(zx && zw) : !(zx || zw);
+    if constexpr (Comb < 0) return true;
+    else return Comb == 0 ? !(zx && zw) : !(zx || zw);
   }
+}
+
+// Whether a tile's outputs hold a zero: with a user combine, the plain loop's zero may have
+// the wrong sign (-0 and +0 tie in its compare); every other result is exact.
+template <class E>
+bool tile_has_zero(const Plan<E>& pl, int64_t b, int64_t grp, int64_t blk, int64_t rt) {
+  const Geom& g = *pl.g;
+  const int64_t o0 = blk * pl.nb, cols = pl.og - o0 < pl.nb ? pl.og - o0 : pl.nb;
+  const E* yb = pl.y + b * pl.ys;
+  for (int64_t r = rt * kMR; r < (rt + 1) * kMR && r < pl.R; ++r) {
+    const E* yr = yb + r * g.o + grp * pl.og + o0;
+    for (int64_t c = 0; c < cols; ++c)
+      if (yr[c] == E(0)) return true;
+  }
+  return false;
 }
 
 template <class E, class Op>
@@ -348,8 +368,13 @@ int run_typed(const WideCall& call) {
       const Plan<E>& p = *j.pl;
       const int64_t rt = item % p.tiles, rest = item / p.tiles;
       const int64_t blk = rest % p.blocks, grp = rest / p.blocks;
-      if (j.plain) tile<E, Op, false>(p, j.b, grp, blk, rt);
-      else tile<E, Op, true>(p, j.b, grp, blk, rt);
+      if (j.plain) {
+        tile<E, Op, false>(p, j.b, grp, blk, rt);
+        if constexpr (Op::kComb < 0 && !Op::kSum && std::is_floating_point_v<E>)
+          if (tile_has_zero(p, j.b, grp, blk, rt)) tile<E, Op, true>(p, j.b, grp, blk, rt);
+      } else {
+        tile<E, Op, true>(p, j.b, grp, blk, rt);
+      }
     };
     call.par.run(call.par.ctx, g.g * pl.blocks * pl.tiles, fn, &job);
   }

@@ -2,8 +2,8 @@
 // kernel_wide.h computes (float64), and of the max/min ops on bfloat16 / float16 operands (on
 // float32 copies, each product rounded to the operands' dtype before the winner compare, as
 // the XLA engine computes it: its ties are between the rounded products). The latter run
-// kernel_wide_lowwin.h's interval scan, which routes as the rescan below (the same bits);
-// backward_typed's Rnd paths (no longer called) are the reference it was checked against.
+// kernel_wide_lowwin.h's interval scan for the built-in ops (it routes as the rescan below:
+// the same bits); backward_typed's Rnd paths serve user max/min ops (csrc/userop_wide.h).
 //
 // Max / min ops: each window's winners are the products equal to the forward's y, compared
 // exactly as the forward computed them (the same comb, so NaN matches nothing and -0 == +0);
@@ -35,7 +35,8 @@
 
 namespace JAXCONV_WIDE_NS {
 
-// The combine's derivatives (Comb as in WideOp) and the sums' rules, per op id.
+// The combine's derivatives (Comb as in WideOp) and the sums' rules, per op id: the gradient
+// rule (Gr) of the built-in ops; a user op's is userop_wide.h's WideUserGrad.
 template <int Id>
 struct WideGrad {
   template <class E>
@@ -213,7 +214,7 @@ inline void each_winner(const Plan<E>& pl, const E* xb, const E* panel, int64_t 
 }
 
 // Pass 1 on one tile (rows r0 .. r0 + nm of batch element b, one group, one block).
-template <class E, class Op, int Id, bool Win, bool Exact, int Rnd>
+template <class E, class Op, class Gr, bool Win, bool Exact, int Rnd>
 void dx_tile(const BPlan<E>& bp, int64_t b, int64_t grp, int64_t blk, int64_t r0, int nm) {
   using V = VecOf<E>;
   using I = typename Bits<E>::I;
@@ -295,11 +296,11 @@ void dx_tile(const BPlan<E>& bp, int64_t b, int64_t grp, int64_t blk, int64_t r0
           if (!p) continue;  // a winner in the padding: no input gradient
           const int64_t at = (p - xb) + grp * g.i + k % g.i;
           const E ws = panel[k * NB + l];
-          dxb[at] += sc[l] * WideGrad<Id>::template dx<E>(splat<E>(xb[at]), splat<E>(ws))[0];
+          dxb[at] += sc[l] * Gr::template dx<E>(splat<E>(xb[at]), splat<E>(ws))[0];
         } else if (k < -2) {
           each_winner<E, Op, Exact, Rnd>(pl, xb, panel, r0 + m, grp, l, yb[(r0 + m) * g.o +
               col0 + l], -1 - k, [&](int64_t, const E* p, int64_t i, E xs, E ws) {
-            if (p) dxb[(p - xb) + i] += sc[l] * WideGrad<Id>::template dx<E>(
+            if (p) dxb[(p - xb) + i] += sc[l] * Gr::template dx<E>(
                 splat<E>(xs), splat<E>(ws))[0];
           });
         }
@@ -327,7 +328,7 @@ void dx_tile(const BPlan<E>& bp, int64_t b, int64_t grp, int64_t blk, int64_t r0
         const V xv = splat<E>(xr[m][i]);
         V a = {};
         for (int v = 0; v < kNV; ++v) {
-          const V d = sv[m][v] * WideGrad<Id>::template dx<E>(xv, wv[v]);
+          const V d = sv[m][v] * Gr::template dx<E>(xv, wv[v]);
           const V zero = {};
           a += live[v] != zero ? d : zero;  // zero-padded columns: their rule may be NaN
         }
@@ -338,7 +339,7 @@ void dx_tile(const BPlan<E>& bp, int64_t b, int64_t grp, int64_t blk, int64_t r0
 }
 
 // Pass 2: the kernel gradient of one group's block of NB output channels, every position.
-template <class E, class Op, int Id, bool Win, bool Exact, int Rnd>
+template <class E, class Op, class Gr, bool Win, bool Exact, int Rnd>
 void dw_block(const BPlan<E>& bp, int64_t b, int64_t grp, int64_t blk, E* acc) {
   using V = VecOf<E>;
   constexpr int L = Vt<E>::L;
@@ -366,12 +367,12 @@ void dw_block(const BPlan<E>& bp, int64_t b, int64_t grp, int64_t blk, E* acc) {
             const E xs = p ? p[grp * g.i + i] : pl.fill[i];
             const E ws = panel[k * NB + l];
             acc[k * NB + l] +=
-                sr[l] * WideGrad<Id>::template dw<E>(splat<E>(xs), splat<E>(ws))[0];
+                sr[l] * Gr::template dw<E>(splat<E>(xs), splat<E>(ws))[0];
           } else if (k < -2) {
             each_winner<E, Op, Exact, Rnd>(pl, xb, panel, r0 + m, grp, l, bp.y[at0 + l], -1 - k,
                 [&](int64_t kk, const E*, int64_t, E xs, E ws) {
               acc[kk * NB + l] +=
-                  sr[l] * WideGrad<Id>::template dw<E>(splat<E>(xs), splat<E>(ws))[0];
+                  sr[l] * Gr::template dw<E>(splat<E>(xs), splat<E>(ws))[0];
             });
           }
         }
@@ -396,7 +397,7 @@ void dw_block(const BPlan<E>& bp, int64_t b, int64_t grp, int64_t blk, E* acc) {
           const V xv = splat<E>(xr[m][i]);
           for (int v = 0; v < kNV; ++v) {
             // lanes past the block are never written out
-            a[v] += sv[m][v] * WideGrad<Id>::template dw<E>(xv, wv[v]);
+            a[v] += sv[m][v] * Gr::template dw<E>(xv, wv[v]);
           }
         }
         for (int v = 0; v < kNV; ++v) std::memcpy(ap + v * L, &a[v], sizeof(V));
@@ -408,7 +409,7 @@ void dw_block(const BPlan<E>& bp, int64_t b, int64_t grp, int64_t blk, E* acc) {
     std::memcpy(dwb + k * g.o + col0, acc + k * NB, sizeof(E) * size_t(cols));
 }
 
-template <class E, class Op, int Id, int Rnd = jaxconv::kRoundNone>
+template <class E, class Op, class Gr, int Rnd = jaxconv::kRoundNone>
 int backward_typed(const WideCall& call) {
   constexpr bool Win = !Op::kSum;
   constexpr int L = Vt<E>::L;
@@ -459,8 +460,8 @@ int backward_typed(const WideCall& call) {
       for (int64_t blk = 0; blk < f.blocks; ++blk)
         for (int64_t r0 = run * p.ipi * f.P; r0 < rend; r0 += kMR) {
           const int nm = int(rend - r0 < kMR ? rend - r0 : kMR);
-          if (p.plain) dx_tile<E, Op, Id, Win, false, Rnd>(p, j.b, grp, blk, r0, nm);
-          else dx_tile<E, Op, Id, Win, true, Rnd>(p, j.b, grp, blk, r0, nm);
+          if (p.plain) dx_tile<E, Op, Gr, Win, false, Rnd>(p, j.b, grp, blk, r0, nm);
+          else dx_tile<E, Op, Gr, Win, true, Rnd>(p, j.b, grp, blk, r0, nm);
         }
     };
     call.par.run(call.par.ctx, bp.runs * g.g, pass1, &job);
@@ -469,8 +470,8 @@ int backward_typed(const WideCall& call) {
       const BPlan<E>& p = *j.bp;
       const int64_t blk = item % p.f.blocks, grp = item / p.f.blocks;
       std::vector<E> acc(size_t(p.f.K * NB));
-      if (p.plain) dw_block<E, Op, Id, Win, false, Rnd>(p, j.b, grp, blk, acc.data());
-      else dw_block<E, Op, Id, Win, true, Rnd>(p, j.b, grp, blk, acc.data());
+      if (p.plain) dw_block<E, Op, Gr, Win, false, Rnd>(p, j.b, grp, blk, acc.data());
+      else dw_block<E, Op, Gr, Win, true, Rnd>(p, j.b, grp, blk, acc.data());
     };
     call.par.run(call.par.ctx, g.g * pl.blocks, pass2, &job);
   }
@@ -504,13 +505,13 @@ inline int run_wide_backward(const WideCall& call) {
   if (call.type != jaxconv::kWideF64) return 1;
   using E = double;
   switch (call.op) {
-    case jaxconv::kMaxPlus: return backward_typed<E, WideOp<0, 0>, jaxconv::kMaxPlus>(call);
-    case jaxconv::kMinPlus: return backward_typed<E, WideOp<0, 1>, jaxconv::kMinPlus>(call);
-    case jaxconv::kMaxMin: return backward_typed<E, WideOp<1, 0>, jaxconv::kMaxMin>(call);
-    case jaxconv::kMinMax: return backward_typed<E, WideOp<2, 1>, jaxconv::kMinMax>(call);
-    case jaxconv::kAdder: return backward_typed<E, WideOp<3, 2>, jaxconv::kAdder>(call);
-    case jaxconv::kL1: return backward_typed<E, WideOp<3, 2>, jaxconv::kL1>(call);
-    case jaxconv::kL2: return backward_typed<E, WideOp<4, 2>, jaxconv::kL2>(call);
+    case jaxconv::kMaxPlus: return backward_typed<E, WideOp<0, 0>, WideGrad<jaxconv::kMaxPlus>>(call);
+    case jaxconv::kMinPlus: return backward_typed<E, WideOp<0, 1>, WideGrad<jaxconv::kMinPlus>>(call);
+    case jaxconv::kMaxMin: return backward_typed<E, WideOp<1, 0>, WideGrad<jaxconv::kMaxMin>>(call);
+    case jaxconv::kMinMax: return backward_typed<E, WideOp<2, 1>, WideGrad<jaxconv::kMinMax>>(call);
+    case jaxconv::kAdder: return backward_typed<E, WideOp<3, 2>, WideGrad<jaxconv::kAdder>>(call);
+    case jaxconv::kL1: return backward_typed<E, WideOp<3, 2>, WideGrad<jaxconv::kL1>>(call);
+    case jaxconv::kL2: return backward_typed<E, WideOp<4, 2>, WideGrad<jaxconv::kL2>>(call);
     default: return 1;
   }
 }

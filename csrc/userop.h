@@ -1,20 +1,27 @@
 // The operations a generated user-op functor is written in (jaxconv/_src/engines/codegen.py),
 // for every vector struct T of simd.h and the scalar Sc, with lax's semantics: NaN in, NaN
-// out. Booleans are 0.0f / 1.0f floats, so a functor needs no mask type.
+// out. Booleans are 0.0f / 1.0f floats, so a functor needs no mask type. The wide kernels'
+// WideT<E> (userop_wide.h) has the same interface on float64 / int32 / int64 lanes (its
+// booleans are 0 / 1 in E).
 //
 // Included by a generated source inside the anonymous namespace, after kernels.inc (and
-// <cmath>, included at file scope).
+// <cmath>, included at file scope), or inside the wide kernels' namespace (userop_wide.h).
 
-template <class T>
-inline VT<T> u_lanes(VT<T> a, float (*f)(float)) {
-  alignas(64) float t[T::W];
+// The lanes' scalar type: T::Elem where T names one (WideT), else float.
+template <class T> auto u_elem(int) -> typename T::Elem;
+template <class T> auto u_elem(long) -> float;
+template <class T> using UE = decltype(u_elem<T>(0));
+
+template <class T, class F>
+inline VT<T> u_lanes(VT<T> a, F f) {
+  alignas(64) UE<T> t[T::W];
   T::store(t, a);
   for (int l = 0; l < T::W; ++l) t[l] = f(t[l]);
   return T::load(t);
 }
-template <class T>
-inline VT<T> u_lanes2(VT<T> a, VT<T> b, float (*f)(float, float)) {
-  alignas(64) float s[T::W], t[T::W];
+template <class T, class F>
+inline VT<T> u_lanes2(VT<T> a, VT<T> b, F f) {
+  alignas(64) UE<T> s[T::W], t[T::W];
   T::store(s, a);
   T::store(t, b);
   for (int l = 0; l < T::W; ++l) s[l] = f(s[l], t[l]);
@@ -81,7 +88,7 @@ JAXCONV_U_VEC(erf, erf_<T>(a))
 // Functions of libm, lane by lane (correct, not vectorized).
 #define JAXCONV_U_LIBM(name, expr)                                      \
   template <class T> inline VT<T> u_##name(VT<T> a) {                  \
-    return u_lanes<T>(a, [](float x) { return static_cast<float>(expr); }); \
+    return u_lanes<T>(a, [](auto x) { return static_cast<decltype(x)>(expr); }); \
   }
 JAXCONV_U_LIBM(cbrt, std::cbrt(x))
 JAXCONV_U_LIBM(tan, std::tan(x))
@@ -95,11 +102,11 @@ JAXCONV_U_LIBM(erfc, std::erfc(x))
 #undef JAXCONV_U_LIBM
 template <class T> inline VT<T> u_pow(VT<T> a, VT<T> b) { return pow_<T>(a, b); }
 template <class T> inline VT<T> u_atan2(VT<T> a, VT<T> b) {
-  return u_lanes2<T>(a, b, [](float x, float y) { return std::atan2(x, y); });
+  return u_lanes2<T>(a, b, [](auto x, auto y) { return std::atan2(x, y); });
 }
 template <class T> inline VT<T> u_rem(VT<T> a, VT<T> b) {
-  return u_lanes2<T>(a, b, [](float x, float y) { return std::fmod(x, y); });
+  return u_lanes2<T>(a, b, [](auto x, auto y) { return std::fmod(x, y); });
 }
 template <class T> inline VT<T> u_nextafter(VT<T> a, VT<T> b) {
-  return u_lanes2<T>(a, b, [](float x, float y) { return std::nextafter(x, y); });
+  return u_lanes2<T>(a, b, [](auto x, auto y) { return std::nextafter(x, y); });
 }

@@ -303,11 +303,9 @@ def test_dense_and_vmap() -> None:
 
 
 @pytest.mark.parametrize("op,dtype,reason", [
-    (jaxconv.Op(lambda a, b: a * b, "max", name="user"), F64,
-     "on float64 only built-in ops have kernels"),
-    # (jnp.add under max is the built-in max_plus: tests/test_native_twins.py)
-    (jaxconv.Op(jnp.subtract, "max", name="user"), I32,
-     "on int32 only built-in ops have kernels"),
+    ("log", F64, "on float64 the built-in ops with kernels are max_plus, min_plus"),
+    (jaxconv.Op(lambda a, b: a // (b * b + 1), "max", name="user"), I32,
+     "it is not translated: primitive 'div' on int32 is not translated"),
 ])
 def test_wide_refusals_are_what_explain_says(op: Any, dtype: Any, reason: str) -> None:
     with jax.enable_x64(True):

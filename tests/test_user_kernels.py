@@ -128,14 +128,15 @@ def test_max_min_reduce_of_a_pair_is_the_combine(reduce):
     np.testing.assert_array_equal(got, want)
 
 
-def test_integer_dtypes_stay_on_the_xla_engine():
+def test_integer_dtypes_run_the_wide_kernels():
+    """An integer user op compiles for the wide kernels (tests/test_user_wide.py has more)."""
     op = jaxconv.Op(lambda x, w: jnp.maximum(x - w, 0), "sum", name="int_op")
     x = np.arange(12, dtype=np.int32).reshape(3, 4)
     w = np.arange(8, dtype=np.int32).reshape(4, 2)
     dn = (((1,), (0,)), ((), ()))
-    with pytest.raises(ValueError, match="int32"):
-        jaxconv.dot_general(x, w, dn, op=op, engine="native")
-    got = jaxconv.dot_general(x, w, dn, op=op)
+    f = jax.jit(lambda a, b: jaxconv.dot_general(a, b, dn, op=op, engine="native"))
+    assert "jaxconv_wide_forward" in f.lower(x, w).as_text()
+    got = f(x, w)
     want = dot_general_reference(x, w, dn, combine=lambda a, b: np.maximum(a - b, 0),
                                  reduce=np.add, identity=0)
     np.testing.assert_array_equal(np.asarray(got), want)

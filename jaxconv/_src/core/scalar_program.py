@@ -39,7 +39,7 @@ class Untranslatable(ValueError):
 class Const:
     """A scalar constant of the program."""
 
-    value: float | bool
+    value: float | bool | int  # an int for an integer dtype
     dtype: np.dtype
 
 
@@ -157,13 +157,15 @@ _INT_AS_FLOAT = frozenset({"select_n", "max", "min", "neg", "abs", "sign", "add"
                            "gt", "ge"})
 
 
-def _scalar_dtype(aval: Any, what: str, as_float: np.dtype | None = None) -> np.dtype:
+def _scalar_dtype(aval: Any, what: str, as_float: np.dtype | None = None,
+                  own: np.dtype | None = None) -> np.dtype:
     """The dtype of a scalar value of a traced program.
 
     Args:
         aval: the value's abstract value.
         what: what the value is, for the message.
         as_float: the float dtype an integer value made of int literals is held in, if any.
+        own: the arguments' dtype: an integer one is translated too (a program on integers).
 
     Returns:
         Its dtype.
@@ -177,6 +179,8 @@ def _scalar_dtype(aval: Any, what: str, as_float: np.dtype | None = None) -> np.
         raise Untranslatable(f"{what} is not a scalar (shape {shape})")
     if dtype.kind in "iu" and as_float is not None:
         return as_float
+    if dtype.kind in "iu" and dtype == own:
+        return dtype
     if dtype != np.dtype(bool) and dtype not in _FLOATS:
         raise Untranslatable(f"{what} has dtype {dtype.name} (only floats and bools are "
                              "translated)")
@@ -216,7 +220,9 @@ class _Builder:
             held = float(np.asarray(arr).astype(self.arg_dtype))
             if held == int(arr):  # an int literal exact in the arguments' dtype: held there
                 return Const(held, self.arg_dtype)
-        dtype = _scalar_dtype(arr, what)
+        dtype = _scalar_dtype(arr, what, own=self.arg_dtype)
+        if dtype.kind in "iu":  # exact, even beyond 2^53
+            return Const(int(arr), dtype)
         return Const(bool(arr) if dtype == np.dtype(bool) else float(arr), dtype)
 
     def inline(self, closed: Any, args: list[Ref]) -> list[Ref]:
@@ -286,7 +292,8 @@ class _Builder:
         if len(eqn.outvars) != 1:
             raise Untranslatable("it calls a function with a custom derivative rule that "
                                  "returns several values")
-        dtype = _scalar_dtype(eqn.outvars[0].aval, "the result of a custom-rule function")
+        dtype = _scalar_dtype(eqn.outvars[0].aval, "the result of a custom-rule function",
+                              own=self.arg_dtype)
         return self._node(eqn, ins, dtype)
 
     def add(self, eqn: Any, ins: list[Ref]) -> Ref:
@@ -318,7 +325,7 @@ class _Builder:
             as_float = self.arg_dtype
             if name == "convert_element_type":
                 params["new_dtype"] = self.arg_dtype
-        dtype = _scalar_dtype(out.aval, f"the result of {name!r}", as_float)
+        dtype = _scalar_dtype(out.aval, f"the result of {name!r}", as_float, self.arg_dtype)
         if name == "convert_element_type" and self.dtype_of(ins[0]) == dtype:
             return ins[0]
         return self._node(eqn, ins, dtype, params)

@@ -17,9 +17,15 @@ A ``jax.custom_vjp`` / ``jax.custom_jvp`` call in ``combine`` (or the fold) is c
 primal it wraps (`primal_program`); the partials come from ``jax.grad``, so they are the
 user's rule, applied per product.
 
+float64, int32 and int64 operands get the same functor on the wide kernels' vector types
+(``csrc/userop_wide.h``: the same ``u_*`` functions, literals in the operands' dtype, integers
+wrapping as XLA's), run by ``csrc/kernel_wide.h`` (forward) and ``kernel_wide_backward.h``
+(float64's backward) under a ``max``, ``min`` or ``sum`` reduce.
+
 What is not translated (a ``prod`` reduce, a primitive outside
-`scalar_program.ELEMENTWISE`, a dtype other than float32, a custom VJP whose backward is not
-linear in the cotangent) raises `Untranslatable` with the reason.
+`scalar_program.ELEMENTWISE`, a dtype other than float32 / float64 / int32 / int64, a custom
+VJP whose backward is not linear in the cotangent, integer division) raises `Untranslatable`
+with the reason.
 """
 
 from __future__ import annotations
@@ -39,7 +45,21 @@ from jaxconv._src.engines.primal import primal
 Untranslatable = sp.Untranslatable
 
 REDUCES = {"max": "MaxR", "min": "MinR", "sum": "SumR", "logsumexp": "LseR"}
+# The wide kernels' reduces (csrc/userop_wide.h's UserOp::kReduce) and element types.
+WIDE_REDUCES = {"max": 0, "min": 1, "sum": 2}
+WIDE_TYPES = {np.dtype(np.float64): "double", np.dtype(np.int32): "int32_t",
+              np.dtype(np.int64): "int64_t", np.dtype(np.float32): "float"}
 _F32 = np.dtype(np.float32)
+_BOOL = np.dtype(bool)
+# Integer programs: only what wraps or compares (lax's integer division and remainder round
+# toward zero with XLA's own rule for a zero divisor; not translated).
+_INTEGER = {"add", "sub", "mul", "neg", "abs", "sign", "max", "min", "eq", "ne", "lt", "le",
+            "gt", "ge", "select_n", "clamp", "convert_element_type", "integer_pow", "square",
+            "add_any", "and", "or", "xor", "not"}
+# Evaluated lane by lane with libm on the wide kernels (userop_wide.h), as SCALAR_LIBM is on
+# float32's.
+_WIDE_LIBM = {"exp", "exp2", "log", "log1p", "expm1", "tanh", "logistic", "sin", "cos", "erf",
+              "pow"}
 
 _BINARY = {"add", "sub", "mul", "div", "max", "min", "pow", "atan2", "rem",
            "nextafter", "eq", "ne", "lt", "le", "gt", "ge", "and", "or", "xor"}
@@ -51,15 +71,32 @@ SCALAR_LIBM = frozenset({"atan2", "rem", "nextafter", "cbrt", "tan", "atan", "si
                          "asinh", "acosh", "atanh", "erfc"})
 
 
-def literal(value: float | bool) -> str:
-    """A number as an exact C++ float literal (rounded to float32 first, as the program).
+def literal(value: float | bool | int, dtype: object = _F32) -> str:
+    """A number as an exact C++ literal of the kernel's dtype (rounded to it first, as the
+    program: float32's a float literal, float64's a double, an integer's a ``long long``).
 
     Args:
         value: the number (a bool is 0 or 1).
+        dtype: the kernel's dtype.
 
     Returns:
         The C++ expression.
+
+    Example:
+      >>> literal(0.1), literal(0.1, "float64"), literal(-2**63, "int64")
+      ('0x1.99999a0000000p-4f', '0x1.999999999999ap-4', '(-9223372036854775807LL - 1)')
     """
+    dtype = np.dtype(dtype)
+    if dtype.kind == "i":
+        v = int(value)
+        return f"({v + 1}LL - 1)" if v == -2**63 else f"{v}LL"
+    if dtype != _F32:
+        v = float(value)
+        if math.isnan(v):
+            return '__builtin_nan("")'
+        if math.isinf(v):
+            return "__builtin_inf()" if v > 0 else "-__builtin_inf()"
+        return v.hex()
     with np.errstate(over="ignore"):
         v = float(np.float64(float(value)).astype(np.float32))
     if math.isnan(v):
@@ -69,29 +106,32 @@ def literal(value: float | bool) -> str:
     return f"{v.hex()}f"
 
 
-def _ref(r: sp.Ref) -> str:
+def _ref(r: sp.Ref, dtype: np.dtype = _F32) -> str:
     """The C++ name of a reference: a constant's broadcast, ``x`` / ``w``, or node ``v<k>``.
 
     Args:
         r: the reference.
+        dtype: the kernel's dtype (a constant's literal is of it).
 
     Returns:
         The C++ expression.
     """
     if isinstance(r, sp.Const):
-        return f"T::set1({literal(r.value)})"
+        return f"T::set1({literal(r.value, dtype)})"
     if isinstance(r, sp.Arg):
         return ("x", "w")[r.index]
     return f"v{int(r)}"
 
 
-def _expr(node: sp.Node, plain: bool = False, add_ports: bool = False) -> str:
+def _expr(node: sp.Node, dtype: np.dtype = _F32, plain: bool = False,
+          add_ports: bool = False) -> str:
     """The C++ expression of one program node on the kernels' vector type ``T``.
 
     Args:
         node: the node.
+        dtype: the kernel's dtype (the program's).
         plain: a ``max`` / ``min`` / ``clamp`` as the plain vector instructions (NaN and
-            the sign of a zero tie not kept: `relaxed.relaxed_nodes`).
+            the sign of a zero tie not kept: `relaxed.relaxed_nodes`; float32 kernels only).
         add_ports: a sum or difference on the add ports rather than the FMA ports (the same
             bits; a sum's combine, whose reduce leaves the add ports nearly idle).
 
@@ -102,20 +142,25 @@ def _expr(node: sp.Node, plain: bool = False, add_ports: bool = False) -> str:
         Untranslatable: a dtype or primitive the kernels do not have.
     """
     name = node.name
-    a = [_ref(r) for r in node.args]
-    if node.dtype not in (_F32, np.dtype(bool)):
-        raise Untranslatable(f"it computes in {node.dtype.name} (the native kernels are "
-                             "float32)")
+    a = [_ref(r, dtype) for r in node.args]
+    if node.dtype not in (dtype, _BOOL):
+        raise Untranslatable(f"it computes in {node.dtype.name} (its kernels are "
+                             f"{dtype.name})")
+    if dtype.kind == "i" and name not in _INTEGER:
+        raise Untranslatable(f"primitive {name!r} on {dtype.name} is not translated")
+    if dtype.kind == "i" and name in ("and", "or", "xor", "not") and node.dtype != _BOOL:
+        raise Untranslatable(f"bitwise {name!r} on {dtype.name} is not translated")
     if add_ports and name in ("add", "sub", "add_any"):
         return f"T::{'sub' if name == 'sub' else 'add'}({a[0]}, {a[1]})"
     if plain and name in ("max", "min"):
         return f"T::{name}({a[0]}, {a[1]})"
     if plain and name == "clamp":
         return f"T::min(T::max({a[1]}, {a[0]}), {a[2]})"
-    if name == "div" and _power_of_two(node.args[1]):
+    if name == "div" and _power_of_two(node.args[1], dtype):
         # x / 2^k is x * 2^-k exactly (both round the same real number): a multiply, not a
         # divide (several times its throughput).
-        return f"T::mul({a[0]}, T::set1({literal(1.0 / float(node.args[1].value))}))"
+        recip = literal(1.0 / float(node.args[1].value), dtype)
+        return f"T::mul({a[0]}, T::set1({recip}))"
     if name in _BINARY:
         return f"u_{name}<T>({a[0]}, {a[1]})"
     if name == "add_any":  # the sum of two cotangents
@@ -137,40 +182,45 @@ def _expr(node: sp.Node, plain: bool = False, add_ports: bool = False) -> str:
             return f"u_ne<T>({a[0]}, T::zero())"
         return a[0]
     if name == "integer_pow":
-        return _integer_pow(a[0], int(node.params["y"]))
+        if dtype.kind == "i" and int(node.params["y"]) < 0:
+            raise Untranslatable(f"a negative integer power on {dtype.name}")
+        return _integer_pow(a[0], int(node.params["y"]), literal(1, dtype))
     raise Untranslatable(f"primitive {name!r} is not translated")
 
 
-def _power_of_two(r: sp.Ref) -> bool:
-    """Whether `r` is a constant +-2^k whose reciprocal is a normal float32.
+def _power_of_two(r: sp.Ref, dtype: np.dtype = _F32) -> bool:
+    """Whether `r` is a constant +-2^k whose reciprocal is a normal number of float `dtype`.
 
     Args:
         r: a reference of a program.
+        dtype: the kernel's dtype.
 
     Returns:
         True for such a constant.
     """
-    if not isinstance(r, sp.Const) or isinstance(r.value, bool):
+    if dtype.kind != "f" or not isinstance(r, sp.Const) or isinstance(r.value, bool):
         return False
     v = abs(float(r.value))
     if not math.isfinite(v) or v == 0.0:
         return False
     m, e = math.frexp(v)
-    return m == 0.5 and -126 <= 1 - e <= 127
+    info = np.finfo(dtype)
+    return m == 0.5 and info.minexp <= 1 - e <= info.maxexp - 1
 
 
-def _integer_pow(x: str, y: int) -> str:
+def _integer_pow(x: str, y: int, one: str = "1.0f") -> str:
     """``x ** y`` by the multiplications of JAX's own lowering (the same rounding).
 
     Args:
         x: the base's C++ expression.
         y: the exponent.
+        one: the literal 1 of the kernel's dtype.
 
     Returns:
         The C++ expression.
     """
     if y == 0:
-        return "T::set1(1.0f)"
+        return f"T::set1({one})"
     recip, y = y < 0, abs(y)
     acc = None
     while y > 0:
@@ -179,7 +229,25 @@ def _integer_pow(x: str, y: int) -> str:
         y >>= 1
         if y > 0:
             x = f"T::mul({x}, {x})"
-    return f"u_div<T>(T::set1(1.0f), {acc})" if recip else acc
+    return f"u_div<T>(T::set1({one}), {acc})" if recip else acc
+
+
+def _kernel_dtype(dtype: np.dtype) -> np.dtype:
+    """`dtype` if native kernels compute in it (float32, or the wide kernels' dtypes).
+
+    Args:
+        dtype: a program's dtype.
+
+    Returns:
+        The dtype.
+
+    Raises:
+        Untranslatable: no kernels compute in it.
+    """
+    if dtype != _F32 and dtype not in WIDE_TYPES:
+        raise Untranslatable(f"its dtype is {dtype.name} (the native kernels compute in "
+                             "float32, float64, int32 or int64)")
+    return dtype
 
 
 def function(name: str, program: sp.ScalarProgram, output: int,
@@ -188,7 +256,7 @@ def function(name: str, program: sp.ScalarProgram, output: int,
 
     Args:
         name: the member's name.
-        program: the program (float32).
+        program: the program (its dtype is the kernel's).
         output: the index of the output returned.
         relax: the nodes written as plain vector max / min (`relaxed.relaxed_nodes`).
         add_ports: sums and differences on the add ports (`_expr`).
@@ -197,18 +265,16 @@ def function(name: str, program: sp.ScalarProgram, output: int,
         The member's C++ source.
 
     Raises:
-        Untranslatable: the program is not float32, or a node has no translation.
+        Untranslatable: the program's dtype has no kernels, or a node has no translation.
     """
-    if program.dtype != _F32:
-        raise Untranslatable(f"its dtype is {program.dtype.name} (the native kernels are "
-                             "float32)")
+    dtype = _kernel_dtype(program.dtype)
     lines = [f"  template <class T> static VT<T> {name}(VT<T> x, VT<T> w) {{",
              "    (void)x;", "    (void)w;"]
     live = set(program.live_of(program.outputs[output]))
     for k, node in enumerate(program.nodes):
         if k in live:
-            lines.append(f"    const VT<T> v{k} = {_expr(node, k in relax, add_ports)};")
-    lines.append(f"    return {_ref(program.outputs[output])};")
+            lines.append(f"    const VT<T> v{k} = {_expr(node, dtype, k in relax, add_ports)};")
+    lines.append(f"    return {_ref(program.outputs[output], dtype)};")
     lines.append("  }")
     return "\n".join(lines)
 
@@ -228,7 +294,7 @@ def both_function(name: str, program: sp.ScalarProgram) -> str:
         Untranslatable: the program is not float32, or a node has no translation.
     """
     if program.dtype != _F32:
-        raise Untranslatable(f"its dtype is {program.dtype.name} (the native kernels are "
+        raise Untranslatable(f"its dtype is {program.dtype.name} (the fold kernels are "
                              "float32)")
     lines = [f"  template <class T> static void {name}(VT<T> x, VT<T> w, VT<T>* a, VT<T>* b) {{",
              "    (void)x;", "    (void)w;"]
@@ -252,6 +318,8 @@ class Functor:
       scalar: those of them evaluated lane by lane with libm (not vectorized).
       nan_free: whether finite inputs never make a NaN product (the fast max/min loop).
       name: the op's name, for messages only (it is not in the source).
+      dtype: the operands' dtype it is built for (float32: the float32 kernels; float64,
+        int32, int64: the wide kernels).
     """
 
     source: str
@@ -259,6 +327,7 @@ class Functor:
     scalar: tuple[str, ...]
     nan_free: bool
     name: str = ""
+    dtype: str = "float32"
 
 
 PRELUDE = """\
@@ -293,13 +362,52 @@ JAXCONV_EXPORT int jaxconv_user_abi() {{ return jaxconv::kAbiVersion; }}
 """
 
 
-def functor(op: Op, dtype: object = np.float32) -> Functor:
+WIDE_PRELUDE = """\
+// Generated by jaxconv: a user op's combine and partial derivatives as a functor of the wide
+// kernels (csrc/userop_wide.h). Do not edit: the cache key is this text.
+#define JAXCONV_WIDE_NS jaxconv_wide_user
+#if defined(__AVX512F__)
+#define JAXCONV_WIDE_BYTES 64
+#elif defined(__AVX2__)
+#define JAXCONV_WIDE_BYTES 32
+#else
+#define JAXCONV_WIDE_BYTES 16
+#endif
+#include "userop_wide.h"
+
+namespace JAXCONV_WIDE_NS {{
+
+struct UserOp {{
+  using E = {ctype};
+  static constexpr int kReduce = {reduce};
+  static constexpr bool kNanFree = {nan_free};
+  static E ident() {{ return {ident}; }}
+"""
+
+WIDE_EPILOGUE = """\
+}};
+
+}}  // namespace JAXCONV_WIDE_NS
+
+#define JAXCONV_EXPORT extern "C" __attribute__((visibility("default")))
+JAXCONV_EXPORT int jaxconv_user_run(const jaxconv::WideCall* call, int backward) {{
+  return JAXCONV_WIDE_NS::run_wide_user<JAXCONV_WIDE_NS::UserOp>(*call, backward != 0);
+}}
+JAXCONV_EXPORT int jaxconv_user_abi() {{ return jaxconv::kAbiVersion; }}
+"""
+
+
+def functor(op: Op, dtype: object = np.float32, wide: bool = False) -> Functor:
     """The C++ source of `op`'s kernels.
 
     Args:
       op: a user op with a ``sum``, ``max``, ``min`` or ``logsumexp`` reduce (after
         `algebra.capabilities`' canonicalization of a callable reduce) and no rewrite.
-      dtype: the operands' dtype (float32).
+      dtype: the operands' dtype: float32 (the float32 kernels), or float64, int32, int64
+        (the wide kernels: ``sum``, ``max`` or ``min``).
+      wide: float32 on the wide kernels: the backward of a ``max`` / ``min`` op on float32
+        copies of bfloat16 / float16 operands, each product rounded to their dtype before it
+        is matched against the forward's result (``csrc/kernel_wide_backward.h``).
 
     Returns:
       A `Functor`.
@@ -315,12 +423,12 @@ def functor(op: Op, dtype: object = np.float32) -> Functor:
       >>> f.primitives, f.nan_free
       (('mul',), True)
     """
-    dtype = np.dtype(dtype)
-    if dtype != _F32:
-        raise Untranslatable(f"its dtype is {dtype.name} (the native kernels are float32)")
+    dtype = _kernel_dtype(np.dtype(dtype))
     caps = capabilities(op)
     if op.rewrite is not None:
         raise Untranslatable("it is a rewrite of a standard product")
+    if dtype != _F32 or wide:
+        return _wide_functor(op, caps, dtype)
     if caps.reduce == "custom":
         return _fold_functor(op, caps, dtype)
     if caps.reduce not in REDUCES:
@@ -366,6 +474,48 @@ def functor(op: Op, dtype: object = np.float32) -> Functor:
     used = tuple(sorted(set(comb.primitives()) | set(parts.primitives())))
     return Functor(source, used, tuple(p for p in used if p in SCALAR_LIBM), nan_free,
                    display_name(op))
+
+
+def _wide_functor(op: Op, caps: object, dtype: np.dtype) -> Functor:
+    """The functor of an op on the wide kernels (float64, int32, int64): the same members as
+    float32's, on ``csrc/userop_wide.h``'s vector types.
+
+    Args:
+        op: the op.
+        caps: its capabilities.
+        dtype: the operands' dtype.
+
+    Returns:
+        The functor.
+
+    Raises:
+        Untranslatable: a reduce the wide kernels lack, or a combine that does not translate.
+    """
+    reduce = caps.reduce  # type: ignore[attr-defined]
+    if dtype == _F32 and reduce not in ("max", "min"):
+        raise Untranslatable(f"its reduce {reduce!r} has no rounded-winner backward")
+    if reduce not in WIDE_REDUCES:
+        raise Untranslatable(f"its reduce {reduce!r} has no kernel on {dtype.name} (served: "
+                             f"{sorted(WIDE_REDUCES)})")
+    comb = primal_program(op.combine, dtype)
+    if len(comb.outputs) != 1:
+        raise Untranslatable("its combine returns more than one value")
+    body = [function("comb", comb, 0)]
+    used = set(comb.primitives())
+    if dtype.kind == "f":  # integers have no gradient
+        parts = partials_of(op.combine, dtype)
+        body += [function("dcx", parts, 0), function("dcw", parts, 1)]
+        used |= set(parts.primitives())
+    with jax.ensure_compile_time_eval():
+        ident = identity_value(caps.canonical, dtype).item()  # type: ignore[attr-defined]
+    nan_free = sp.nan_free(comb) if dtype.kind == "f" else True
+    source = (WIDE_PRELUDE.format(ctype=WIDE_TYPES[dtype], reduce=WIDE_REDUCES[reduce],
+                                  nan_free="true" if nan_free else "false",
+                                  ident=literal(ident, dtype))
+              + "\n".join(body) + "\n" + WIDE_EPILOGUE.format())
+    prims = tuple(sorted(used))
+    return Functor(source, prims, tuple(p for p in prims if p in SCALAR_LIBM | _WIDE_LIBM),
+                   nan_free, display_name(op), dtype.name)
 
 
 def has_rules(fn: object, dtype: object = np.float32) -> bool:

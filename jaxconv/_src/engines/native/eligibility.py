@@ -25,8 +25,8 @@ from jaxconv._src.engines.native.translation import Refusal, translation
 FLOAT32 = np.dtype(np.float32)
 # Low-precision operands: converted to float32 next to the FFI call, the result rounded once.
 LOW_PRECISION = (np.dtype(jnp.bfloat16), np.dtype(np.float16))
-# The wide kernels' dtypes (built-in ops, forward; the backward of float64; integers have no
-# gradient).
+# The wide kernels' dtypes (built-in and user ops with a max, min or sum reduce; the backward
+# of float64; integers have no gradient).
 WIDE = (np.dtype(np.float64), np.dtype(np.int32), np.dtype(np.int64))
 # The operands' dtypes the kernels serve.
 DTYPES = (FLOAT32, *LOW_PRECISION, *WIDE)
@@ -123,21 +123,28 @@ def rounds_once(op: Op, dtype: DTypeLike) -> str | None:
     return None
 
 
-def _wide_refusal(op: Op, dtype: np.dtype, acc: np.dtype) -> str | None:
-    """Why a float64 / int32 / int64 call is not served by the wide kernels (built-in ops;
-    the XLA engine's order of a float sum may differ from theirs: within rounding).
+def _wide_refusal(op: Op, dtype: np.dtype, acc: np.dtype, auto: bool) -> str | None:
+    """Why a float64 / int32 / int64 call is not served by the wide kernels (built-in ops,
+    and user ops compiled for them; the XLA engine's order of a float sum may differ from
+    theirs: within rounding).
 
     Args:
         op: the op.
         dtype: the operands' dtype.
         acc: the accumulation dtype.
+        auto: whether the engine was not named (`_op_refusal`).
 
     Returns:
         The reason, or ``None``.
     """
-    if op.native not in ffi.WIDE_KERNELS or ffi.kernel_id(op) is None:
-        return (f"on {dtype.name} only built-in ops have kernels "
-                f"({', '.join(ffi.WIDE_KERNELS)})")
+    if op.native is not None and (op.native not in ffi.WIDE_KERNELS
+                                  or ffi.kernel_id(op) is None):
+        return (f"on {dtype.name} the built-in ops with kernels are "
+                f"{', '.join(ffi.WIDE_KERNELS)}")
+    if op.native is None:
+        why = _op_refusal(op, auto, dtype.name)
+        if why is not None:
+            return why
     if acc != dtype:
         return f"it accumulates in the operands' dtype, not {acc}"
     if op.pad_value is not None:
@@ -177,13 +184,14 @@ def _low_precision_refusal(op: Op, dtype: np.dtype, acc: np.dtype) -> str | None
     return None
 
 
-def _op_refusal(op: Op, auto: bool) -> str | None:
+def _op_refusal(op: Op, auto: bool, kernel_dtype: str = "float32") -> str | None:
     """Why the native engine has no kernel for ``op`` (``None``: it has one).
 
     Args:
         op: the op.
         auto: whether the engine was not named (then a kernel that evaluates libm lane by lane
             is refused: XLA is faster).
+        kernel_dtype: the dtype a user op's kernels compute in (float32, or a wide dtype).
 
     Returns:
         The reason, or ``None``.
@@ -192,10 +200,10 @@ def _op_refusal(op: Op, auto: bool) -> str | None:
         if ffi.kernel_id(op) is None:
             return f"no kernel {op.native!r} with reduce {op.reduce_name!r}"
         return None
-    got = translation(op)
+    got = translation(op, kernel_dtype)
     if isinstance(got, Refusal):
         return got.reason
-    built = user_kernels.built(op)
+    built = user_kernels.built(op, kernel_dtype)
     if isinstance(built, Refusal):
         return built.reason
     if auto and got.scalar:
@@ -250,7 +258,7 @@ def refusal(problem: Problem, dtype: DTypeLike, platform: str | None) -> str | N
     if error is not None:
         return f"the native library could not be loaded ({error})"
     if dtype in WIDE:
-        return _wide_refusal(op, dtype, acc)
+        return _wide_refusal(op, dtype, acc, problem.engine == registry.AUTO)
     why = _op_refusal(op, problem.engine == registry.AUTO)
     if why is None and dtype in LOW_PRECISION:
         why = _low_precision_refusal(op, dtype, acc)

@@ -4,12 +4,13 @@ served where `eligibility.refusal` says so. Forward-mode tangents come from the 
 bfloat16 and float16 operands are converted to float32 next to the call (XLA fuses the
 conversions) and run the float32 kernels: a sum's result is its float32 accumulator, a
 max/min op's is rounded once to the operands' dtype (bit for bit the XLA engine's, which
-`eligibility.rounds_once` checks for a user combine). The backward of a built-in max/min op
-runs the wide backward on float32 copies, each product rounded to the operands' dtype before
-it is matched against y (its ties are those between the rounded products); a user max/min
-op's backward runs on the XLA engine (its compiled scan compares float32 products). float64,
-int32 and int64 operands run the wide kernels (float64 backward too; integers have no
-gradient).
+`eligibility.rounds_once` checks for a user combine). The backward of a max/min op runs the
+wide backward on float32 copies, each product rounded to the operands' dtype before it is
+matched against y (its ties are those between the rounded products): a user op's through its
+combine compiled a second time for the wide kernels (`user_kernels.user_kernel(...,
+wide=True)`), or on the XLA engine where that library cannot be built. float64,
+int32 and int64 operands run the wide kernels, built-in ops and user ops alike (a user op's
+kernels compiled for the operands' dtype; float64 backward too; integers have no gradient).
 
 A user op's kernels compile when the engine first lowers it (never while planning). If that
 compile fails, the call still computes: under ``engine="auto"`` it warns once and lowers on
@@ -57,6 +58,12 @@ def _wide(dtype: DTypeLike) -> bool:
     return np.dtype(dtype) in eligibility.WIDE
 
 
+def _kernel_dtype(dtype: DTypeLike | None) -> str:
+    """The dtype a user op's kernels compute in for operands of `dtype`: the wide kernels'
+    own, else float32 (bfloat16 / float16 operands run on float32 copies)."""
+    return np.dtype(dtype).name if dtype is not None and _wide(dtype) else "float32"
+
+
 def _wide_backward(dtype: DTypeLike) -> bool:
     """Whether the wide kernels compute the gradients of `dtype` operands (float64)."""
     return np.dtype(dtype) == np.float64 and ffi.has_wide_backward()
@@ -67,6 +74,22 @@ def _rounded_winners(problem: Problem) -> bool:
     products it rounds to the operands' dtype before the winner compare."""
     return (problem.op.native in ffi.WIDE_KERNELS and _winner(problem)
             and ffi.has_wide_backward())
+
+
+def _rounded_user(problem: Problem) -> user_kernels.Kernel | None:
+    """A user max/min op's library for the wide backward on float32 copies of bf16 / f16
+    operands (compiled at first use), or ``None`` (a built-in op, or none can be built).
+
+    Args:
+        problem: the canonical problem.
+
+    Returns:
+        The compiled kernel, or ``None``.
+    """
+    if problem.op.native is not None or not _winner(problem) or not ffi.has_wide_backward():
+        return None
+    got = user_kernels.user_kernel(problem.op, "float32", wide=True)
+    return None if isinstance(got, Refusal) else got
 
 
 def _low(dtype: DTypeLike) -> bool:
@@ -120,7 +143,8 @@ class NativeEngine(registry.Engine):
     def backward_reads_output(self, problem: Problem) -> bool:
         """The kernels' winner scan matches products against the given `y` bit for bit (a
         user op that falls back to the XLA engine does not)."""
-        return self._fallback(twins.served(problem)) is None
+        served = twins.served(problem)
+        return self._fallback(served, served.dtype or served.acc_dtype) is None
 
     def records_winners(self, problem: Problem, platform: str) -> bool:
         """Dense float32 max-plus / min-plus products: the recording forward keeps, per
@@ -165,6 +189,8 @@ class NativeEngine(registry.Engine):
                     "kernels serve it", *self.describe(twin, dtype))
         op = problem.op
         low: tuple[str, ...] = ()
+        if _wide(dtype) and op.native is None:
+            return self._describe_user(problem, dtype)
         if _wide(dtype):
             if np.dtype(dtype).kind == "i":
                 back = "backward: none (integer operands have no gradient)"
@@ -182,9 +208,11 @@ class NativeEngine(registry.Engine):
             if _winner(problem):
                 back = (f"backward: the wide kernels on float32 copies, each product rounded "
                         f"to {name} before the winner compare (ties between the rounded "
-                        "products split equally)" if _rounded_winners(problem) else
-                        f"backward: the XLA engine (ties between the {name}-rounded "
-                        "products; a user op's compiled scan compares float32 products)")
+                        "products split equally)"
+                        if _rounded_winners(problem) or _rounded_user(problem) is not None
+                        else f"backward: the XLA engine (ties between the {name}-rounded "
+                        "products; this op's combine could not be compiled for the wide "
+                        "kernels)")
                 low = (f"{name} operands: computed in float32, the result rounded once to "
                        f"{name} (bit for bit the products rounded in {name})", back)
             else:
@@ -223,12 +251,48 @@ class NativeEngine(registry.Engine):
                          "compiled)")
         return (*lines, *low)
 
-    def _fallback(self, problem: Problem) -> registry.Engine | None:
+    def _describe_user(self, problem: Problem, dtype: DTypeLike) -> tuple[str, ...]:
+        """`describe` of a user op on float64 / int32 / int64 operands (the wide kernels).
+
+        Args:
+            problem: the canonical problem.
+            dtype: the operands' dtype.
+
+        Returns:
+            The lines.
+        """
+        name = np.dtype(dtype).name
+        kernel = user_kernels.user_kernel(problem.op, name)
+        if isinstance(kernel, Refusal):
+            return (kernel.reason,)
+        how = (f"compiled now in {kernel.seconds:.2f} s" if kernel.compiled
+               else "loaded from the cache")
+        if np.dtype(dtype).kind == "i":
+            back = "backward: none (integer operands have no gradient)"
+        elif not _wide_backward(dtype):
+            back = "backward: the XLA engine"
+        elif _winner(problem):
+            back = ("backward: the wide kernels (the winners are the products equal to the "
+                    "forward's result, ties split equally, through the combine's compiled "
+                    "partial derivatives)")
+        else:
+            back = ("backward: the wide kernels (the combine's compiled partial derivatives "
+                    "per term)")
+        lines = [f"compiled user kernel on {name} (the wide kernels, {ffi.isa()}, {how}): "
+                 f"{kernel.path}", f"primitives: {', '.join(kernel.functor.primitives)}"]
+        if kernel.functor.scalar:
+            lines.append("lane by lane with libm (not vectorized): "
+                         + ", ".join(kernel.functor.scalar))
+        return (*lines, back)
+
+    def _fallback(self, problem: Problem, dtype: DTypeLike | None = None
+                  ) -> registry.Engine | None:
         """The XLA engine where a user op's kernels fail to compile under "auto" (with one
         warning); raises under engine="native"; ``None`` when the kernels are there.
 
         Args:
             problem: the canonical problem.
+            dtype: the operands' dtype (``None``: float32's kernels).
 
         Returns:
             The XLA engine, or ``None``.
@@ -238,7 +302,7 @@ class NativeEngine(registry.Engine):
         """
         if problem.op.native is not None:
             return None
-        got = user_kernels.user_kernel(problem.op)
+        got = user_kernels.user_kernel(problem.op, _kernel_dtype(dtype))
         if not isinstance(got, Refusal):
             return None
         name = problem.op.display_name
@@ -265,7 +329,7 @@ class NativeEngine(registry.Engine):
         tuning.ensure()
         op_id = ffi.kernel_id(problem.op)
         if op_id is None:
-            op_id = user_kernels.user_kernel(problem.op).op_id
+            op_id = user_kernels.user_kernel(problem.op, _kernel_dtype(x.dtype)).op_id
         spec = ffi._call_spec(problem.op, op_id, problem.geom, x.shape, w.shape)
         if spec.pad is not None and _low(x.dtype):
             # The pad value the XLA engine pads with: the Python number in the dtype.
@@ -276,7 +340,7 @@ class NativeEngine(registry.Engine):
     def forward(self, problem: Problem, x: Array, w: Array) -> Array:
         """The forward by the compiled kernels (wide dtypes by their family, bf16/f16 in f32)."""
         problem = twins.served(problem)
-        other = self._fallback(problem)
+        other = self._fallback(problem, x.dtype)
         if other is not None:
             return other.forward(problem, x, w)
         spec = self._spec(problem, x, w)
@@ -302,15 +366,19 @@ class NativeEngine(registry.Engine):
         """The FFI backward kernel, and standard products where those are faster: the
         kernel gradient of a ``x - w`` sum (AdderNet) and both gradients of l2's."""
         problem = twins.served(problem)
-        other = self._fallback(problem)
+        other = self._fallback(problem, x.dtype)
         low_winner = _low(x.dtype) and _winner(problem)
+        rounded = _rounded_user(problem) if low_winner and other is None else None
         if other is None and ((_wide(x.dtype) and not _wide_backward(x.dtype))
-                              or (low_winner and not _rounded_winners(problem))):
+                              or (low_winner and not _rounded_winners(problem)
+                                  and rounded is None)):
             other = registry.get("xla")  # ties between the rounded products (module doc)
         if other is not None:
             return other.backward(problem, x, w, y, g, need)
         op, geom = problem.op, problem.geom
         spec = self._spec(problem, x, w)
+        if rounded is not None:  # the user op's library built for the wide kernels
+            spec = dataclasses.replace(spec, op_id=rounded.op_id)
         if _wide(x.dtype) or low_winner:
             # float64, or float32 copies of bf16 / f16 operands whose products the kernel
             # rounds to their dtype before matching them against y (exact in float32).

@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+import numpy as np
+
 from jaxconv._src.core import algebra
 from jaxconv._src.core.algebra import Op
 from jaxconv._src.engines.native import codegen
@@ -28,11 +30,16 @@ class Refusal:
 
 
 @functools.lru_cache(maxsize=256)
-def translation(op: Op) -> codegen.Functor | Refusal:
+def translation(op: Op, dtype: str = "float32", wide: bool = False
+                ) -> codegen.Functor | Refusal:
     """A user op's kernel source, or why it has none (translation only: nothing compiled).
 
     Args:
       op: an op without a built-in kernel.
+      dtype: the dtype its kernels compute in: ``"float32"`` (also for bfloat16 / float16
+        operands), or the wide kernels' ``"float64"``, ``"int32"``, ``"int64"``.
+      wide: float32 on the wide kernels (the winner backward of a max/min op on bfloat16 /
+        float16 operands: `codegen.functor`).
 
     Returns:
       A `codegen.Functor`, or a `Refusal`.
@@ -45,11 +52,11 @@ def translation(op: Op) -> codegen.Functor | Refusal:
     if op.native is not None or op.rewrite is not None:
         return Refusal("it is a built-in op or a rewrite", compile_failed=False)
     caps = algebra.capabilities(op)
-    if caps.reduce == "sum" and caps.separable == "mul":
+    if caps.reduce == "sum" and caps.separable == "mul" and np.dtype(dtype).kind == "f":
         return Refusal("it is a multiply-and-add (a standard convolution is faster)",
                        compile_failed=False)
     try:
-        return codegen.functor(op)
+        return codegen.functor(op, dtype, wide)
     except codegen.Untranslatable as e:
         return Refusal(f"it is not translated: {e}", compile_failed=False)
 

@@ -623,16 +623,19 @@ def build(functor: codegen.Functor) -> Kernel:
 
 
 _built_lock = threading.Lock()
-_built: dict[Op, Kernel | translation.Refusal] = {}
+_built: dict[tuple[Op, str, bool], Kernel | translation.Refusal] = {}
 
 
-def built(op: Op) -> Kernel | translation.Refusal | None:
+def built(op: Op, dtype: str = "float32", wide: bool = False
+          ) -> Kernel | translation.Refusal | None:
     """What compiling ``op``'s kernels gave, ``None`` if not tried yet.
 
     Read by the eligibility decision, which never compiles.
 
     Args:
       op: a user op.
+      dtype: the dtype its kernels compute in (`translation.translation`).
+      wide: float32 on the wide kernels (`translation.translation`).
 
     Returns:
       Its `Kernel`, the `translation.Refusal` saying why it has none, or ``None``.
@@ -643,14 +646,20 @@ def built(op: Op) -> Kernel | translation.Refusal | None:
       >>> user_kernels.built(jaxconv.Op(lambda x, w: x - w, "max", name="never_built"))
     """
     with _built_lock:
-        return _built.get(op)
+        return _built.get((op, dtype, wide))
 
 
-def user_kernel(op: Op) -> Kernel | translation.Refusal:
-    """The compiled kernels of a user op, or why it has none (compiled once per op).
+def user_kernel(op: Op, dtype: str = "float32", wide: bool = False
+                ) -> Kernel | translation.Refusal:
+    """The compiled kernels of a user op, or why it has none (compiled once per op and
+    dtype).
 
     Args:
       op: an op without a built-in kernel (``op.native is None``).
+      dtype: the dtype its kernels compute in: ``"float32"`` (also for bfloat16 / float16
+        operands), or the wide kernels' ``"float64"``, ``"int32"``, ``"int64"``.
+      wide: float32 on the wide kernels: the winner backward of a max/min op on bfloat16 /
+        float16 operands (`translation.translation`).
 
     Returns:
       A `Kernel`, or a `translation.Refusal` saying why the op is not compiled.
@@ -661,10 +670,11 @@ def user_kernel(op: Op) -> Kernel | translation.Refusal:
       >>> user_kernels.user_kernel(jaxconv.Op(lambda x, w: x * w, "sum")).reason
       'it is a multiply-and-add (a standard convolution is faster)'
     """
+    key = (op, dtype, wide)
     with _built_lock:
-        if op in _built:
-            return _built[op]
-    got = translation.translation(op)
+        if key in _built:
+            return _built[key]
+    got = translation.translation(op, dtype, wide)
     if isinstance(got, translation.Refusal):
         return got
     if not ffi.available():
@@ -676,4 +686,4 @@ def user_kernel(op: Op) -> Kernel | translation.Refusal:
     except CompileError as e:
         out = translation.Refusal(f"it could not be compiled: {e}", compile_failed=True)
     with _built_lock:
-        return _built.setdefault(op, out)
+        return _built.setdefault(key, out)
