@@ -10,11 +10,19 @@ Argument meanings and defaults follow ``jax.lax.conv_general_dilated`` and
 ``jax.lax.dot_general``. Taps that land in padding or in a hole inserted by
 ``lhs_dilation`` are skipped when ``pad_value is None`` (they contribute the
 identity), otherwise they read ``pad_value`` and go through ``combine``.
+
+Each output is a left fold from ``identity`` over its terms in the order written above
+(kernel taps, then input channels; the contracting index for dot_general). The loops run
+over output positions; the fold is vectorized over the batch and the output channels (a
+ufunc ``reduce`` by ``ufunc.accumulate``, which folds strictly left to right), so it is the
+same sequence of operations per output as a scalar loop. A ``combine`` or ``reduce`` that
+does not accept arrays (Python ``max``, ``math`` functions) gets the scalar loops.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -263,10 +271,82 @@ def conv_reference(
     out = np.empty((n_batch, c_out) + tuple(out_sp), dtype=dtype)
 
     with np.errstate(all="ignore"):  # IEEE results (NaN, inf) are wanted, not warnings
-        _conv_loops(x, w, out, out_sp, strides, pads, lhs_dil, rhs_dil, dil_in, groups,
-                    combine, reduce, identity, pad)
+        try:
+            _conv_vectorized(x, w, out, out_sp, strides, pads, lhs_dil, rhs_dil, dil_in,
+                             groups, combine, reduce, identity, pad)
+        except (TypeError, ValueError):  # a scalar-only combine or reduce
+            _conv_loops(x, w, out, out_sp, strides, pads, lhs_dil, rhs_dil, dil_in, groups,
+                        combine, reduce, identity, pad)
     # canonical = transpose(out_final, out_spec)  =>  out_final = transpose(canonical, argsort)
     return np.transpose(out, np.argsort(out_spec))
+
+
+def _left_fold(terms: np.ndarray, reduce: Reduce, identity: Any) -> np.ndarray:
+    """``reduce(...reduce(reduce(identity, t0), t1)..., tL)`` over the last axis of ``terms``."""
+    if isinstance(reduce, np.ufunc) and reduce.nin == 2:
+        start = np.broadcast_to(np.asarray(identity), terms.shape[:-1] + (1,))
+        return reduce.accumulate(np.concatenate([start, terms], axis=-1), axis=-1)[..., -1]
+    acc = np.broadcast_to(np.asarray(identity), terms.shape[:-1])
+    for j in range(terms.shape[-1]):
+        acc = reduce(acc, terms[..., j])
+    return np.asarray(acc)
+
+
+def _taps(o_idx: tuple[int, ...], k_sp: Sequence[int], strides: Sequence[int],
+          pads: Sequence[tuple[int, int]], lhs_dil: Sequence[int], rhs_dil: Sequence[int],
+          dil_in: Sequence[int]) -> list[tuple[tuple[int, ...], tuple[int, ...] | None]]:
+    """For each kernel tap of output ``o_idx``: the input index, or None in padding / a hole."""
+    tap_src: list[tuple[tuple[int, ...], tuple[int, ...] | None]] = []
+    for k_idx in itertools.product(*(range(k) for k in k_sp)):
+        src: tuple[int, ...] | None = ()
+        for d in range(len(k_sp)):
+            # Position in the lhs-dilated, padded input (pad_lo may be negative).
+            pos = o_idx[d] * strides[d] + k_idx[d] * rhs_dil[d] - pads[d][0]
+            if pos < 0 or pos >= dil_in[d] or pos % lhs_dil[d] != 0:
+                src = None  # padding or a hole inserted by lhs_dilation
+                break
+            src = src + (pos // lhs_dil[d],)
+        tap_src.append((k_idx, src))
+    return tap_src
+
+
+def _conv_vectorized(
+    x: np.ndarray,
+    w: np.ndarray,
+    out: np.ndarray,
+    out_sp: Sequence[int],
+    strides: Sequence[int],
+    pads: Sequence[tuple[int, int]],
+    lhs_dil: Sequence[int],
+    rhs_dil: Sequence[int],
+    dil_in: Sequence[int],
+    groups: int,
+    combine: Combine,
+    reduce: Reduce,
+    identity: Any,
+    pad: Any,
+) -> None:
+    """``_conv_loops`` with each output position's fold done for all (n, co) at once."""
+    n_batch = x.shape[0]
+    c_out, c_in_group = w.shape[:2]
+    out_per_group = c_out // groups
+    for o_idx in itertools.product(*(range(s) for s in out_sp)):
+        taps = [(k, src) for k, src in _taps(o_idx, w.shape[2:], strides, pads, lhs_dil,
+                                               rhs_dil, dil_in)
+                if src is not None or pad is not None]
+        for g in range(groups):
+            cos = slice(g * out_per_group, (g + 1) * out_per_group)
+            cis = slice(g * c_in_group, (g + 1) * c_in_group)
+            if not taps:
+                out[(slice(None), cos) + o_idx] = identity
+                continue
+            # Terms in fold order: taps, then input channels -> (n, co, term).
+            xv = np.concatenate([np.full((n_batch, c_in_group), pad, x.dtype) if src is None
+                                 else x[(slice(None), cis) + src] for _, src in taps], axis=1)
+            wv = np.concatenate([w[(cos, slice(None)) + k] for k, _ in taps], axis=1)
+            terms = np.broadcast_to(combine(xv[:, None, :], wv[None, :, :]),
+                                    (n_batch, out_per_group, xv.shape[1]))
+            out[(slice(None), cos) + o_idx] = _left_fold(terms, reduce, identity)
 
 
 def _conv_loops(
@@ -360,6 +440,21 @@ def dot_general_reference(
                 idx[a] = v
         return tuple(idx)
 
+    try:  # (batch, lhs free, contracting) x (batch, contracting, rhs free), folded per (b, i)
+        x = np.transpose(lhs, lb + lf + lc).reshape(
+            (math.prod(batch_shape), math.prod(lf_shape), math.prod(c_shape)))
+        w = np.transpose(rhs, rb + rc + rf).reshape(
+            (math.prod(batch_shape), math.prod(c_shape), math.prod(rf_shape)))
+        flat = np.empty((x.shape[0], x.shape[1], w.shape[2]), dtype=dtype)
+        with np.errstate(all="ignore"):
+            for b in range(x.shape[0]):
+                for i in range(x.shape[1]):
+                    terms = np.broadcast_to(combine(x[b, i][None, :], w[b].T), flat.shape[2:]
+                                            + (x.shape[2],))
+                    flat[b, i] = _left_fold(terms, reduce, identity)
+        return flat.reshape(out.shape)
+    except (TypeError, ValueError):  # a scalar-only combine or reduce: the scalar loops
+        pass
     for b in itertools.product(*(range(s) for s in batch_shape)):
         for i in itertools.product(*(range(s) for s in lf_shape)):
             for j in itertools.product(*(range(s) for s in rf_shape)):

@@ -359,6 +359,32 @@ def test_nan_in_nan_out() -> None:
         assert np.isnan(out[0]) and np.isnan(out[1]) and not np.isnan(out[2]), name
 
 
+def test_vectorized_fold_equals_the_scalar_loops() -> None:
+    """The fold over all (n, co) at once gives the scalar loops' bits (a scalar-only reduce,
+    Python's ``max``, takes the scalar loops): every op, padding read through combine or
+    skipped, lhs dilation, groups, NaN and infinities, float64 and float32; dot_general too."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((2, 4, 7, 4))
+    w = rng.standard_normal((4, 2, 3, 2))
+    x[0, 1, 2, 3], x[1, 0, 0, 0], w[0, 1, 2, 1] = np.nan, np.inf, -np.inf
+    kw = dict(window_strides=(2, 1), padding=((1, 2), (2, 0)), lhs_dilation=(1, 2),
+              dimension_numbers=("NCHW", "OIHW", "NCHW"), feature_group_count=2)
+    a, b = rng.standard_normal((2, 5, 3)), rng.standard_normal((2, 3, 4))
+    dn = (((2,), (1,)), ((0,), (0,)))
+    for name, op in NUMPY_OPS.items():
+        for dtype in (np.float64, np.float32):
+            args = dict(combine=op.combine, identity=op.identity, dtype=dtype)
+            loops = dict(args, reduce=lambda p, q, r=op.reduce: r(p, q) if np.ndim(p) == 0
+                         else max(p, q))  # raises on arrays: the scalar loops
+            for pad in (op.pad_value, 0.5):
+                got = conv_reference(x, w, **kw, **args, reduce=op.reduce, pad_value=pad)
+                want = conv_reference(x, w, **kw, **loops, pad_value=pad)
+                np.testing.assert_array_equal(got, want, err_msg=f"{name} {dtype} {pad}")
+            got = dot_general_reference(a, b, dn, **args, reduce=op.reduce)
+            want = dot_general_reference(a, b, dn, **loops)
+            np.testing.assert_array_equal(got, want, err_msg=f"{name} {dtype}")
+
+
 # --------------------------------------------------------------------------- forum recipe
 
 
