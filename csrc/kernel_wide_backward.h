@@ -480,16 +480,20 @@ int backward_typed(const WideCall& call) {
 
 // The max/min ops' backward on float32 copies of bfloat16 / float16 operands: the interval
 // scan of kernel_wide_lowwin.h (included below).
-template <class Op, int Id, int Rnd>
+template <class Op, class Gr, bool Max, int Rnd>
 int low_win_backward(const WideCall& call);
 
 template <int Rnd>
 int low_backward(const WideCall& call) {
   switch (call.op) {
-    case jaxconv::kMaxPlus: return low_win_backward<WideOp<0, 0>, jaxconv::kMaxPlus, Rnd>(call);
-    case jaxconv::kMinPlus: return low_win_backward<WideOp<0, 1>, jaxconv::kMinPlus, Rnd>(call);
-    case jaxconv::kMaxMin: return low_win_backward<WideOp<1, 0>, jaxconv::kMaxMin, Rnd>(call);
-    case jaxconv::kMinMax: return low_win_backward<WideOp<2, 1>, jaxconv::kMinMax, Rnd>(call);
+    case jaxconv::kMaxPlus:
+      return low_win_backward<WideOp<0, 0>, WideGrad<jaxconv::kMaxPlus>, true, Rnd>(call);
+    case jaxconv::kMinPlus:
+      return low_win_backward<WideOp<0, 1>, WideGrad<jaxconv::kMinPlus>, false, Rnd>(call);
+    case jaxconv::kMaxMin:
+      return low_win_backward<WideOp<1, 0>, WideGrad<jaxconv::kMaxMin>, true, Rnd>(call);
+    case jaxconv::kMinMax:
+      return low_win_backward<WideOp<2, 1>, WideGrad<jaxconv::kMinMax>, false, Rnd>(call);
     default: return 1;
   }
 }

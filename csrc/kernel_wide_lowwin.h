@@ -1,6 +1,8 @@
 // The backward of the max / min ops on bfloat16 / float16 operands (float32 copies, each
-// product rounded to the operands' dtype before it is matched against y): one interval scan
-// that lists every output's winners as it finds them, so no output rescans its window.
+// product rounded to the operands' dtype before it is matched against y), of the built-in ops
+// and of user ops (csrc/userop_wide.h: their products go through low_pass's generic Op::comb
+// compare): one interval scan that lists every output's winners as it finds them, so no
+// output rescans its window.
 //
 // A float32 product rounds (to nearest even) to y exactly when it lies in y's rounding
 // interval [lo, hi]. Every product is at most the forward's float32 maximum, which rounds to
@@ -334,10 +336,11 @@ inline void low_each(const LowWin& lw, int64_t item, int64_t code, F&& f) {
   }
 }
 
-template <class Op, int Id, int Rnd>
+// Gr: the gradient rule (WideGrad<Id> of a built-in op, WideUserGrad of a user op); Max:
+// whether the op reduces with max.
+template <class Op, class Gr, bool Max, int Rnd>
 int low_win_backward(const WideCall& call) {
   using E = float;
-  constexpr bool Max = Id == jaxconv::kMaxPlus || Id == jaxconv::kMaxMin;
   constexpr int L = Vt<E>::L;
   constexpr int NB = kNV * L, LNB = kLV * L;
   const Geom& g = call.geom;
@@ -446,7 +449,7 @@ int low_win_backward(const WideCall& call) {
               if (off < 0) return;  // a winner in the padding: no input gradient
               const int64_t at = n * lw.img + off + grp * g.i + lw.kt[2 * k + 1];
               const E ws = lw.w[k * g.o + col0 + l];
-              dxb[at] += sc * WideGrad<Id>::template dx<E>(splat<E>(xb[at]), splat<E>(ws))[0];
+              dxb[at] += sc * Gr::template dx<E>(splat<E>(xb[at]), splat<E>(ws))[0];
             });
           }
         }
@@ -485,7 +488,7 @@ int low_win_backward(const WideCall& call) {
             const E xs = off >= 0 ? xb[n * lw.img + off + grp * g.i + i] : f.fill[i];
             const E ws = lw.w[k * g.o + col0 + l];
             acc[size_t(k * kCols + l)] +=
-                sr * WideGrad<Id>::template dw<E>(splat<E>(xs), splat<E>(ws))[0];
+                sr * Gr::template dw<E>(splat<E>(xs), splat<E>(ws))[0];
           });
         }
       }

@@ -191,8 +191,11 @@ int run_wide_user(const jaxconv::WideCall& call, bool backward) {
   if (call.type != wide_type<E>()) return 1;
   if constexpr (std::is_same_v<E, float>) {
     if (!backward || Op::kSum) return 1;
-    if (call.round == jaxconv::kRoundBF16) return backward_typed<E, Op, Gr, jaxconv::kRoundBF16>(call);
-    if (call.round == jaxconv::kRoundF16) return backward_typed<E, Op, Gr, jaxconv::kRoundF16>(call);
+    constexpr bool Max = U::kReduce == 0;
+    if (call.round == jaxconv::kRoundBF16)
+      return low_win_backward<Op, Gr, Max, jaxconv::kRoundBF16>(call);
+    if (call.round == jaxconv::kRoundF16)
+      return low_win_backward<Op, Gr, Max, jaxconv::kRoundF16>(call);
     return 1;
   } else {
     if (!backward) return run_typed<E, Op>(call);
