@@ -208,19 +208,26 @@ ffi::Error finish(int rc) {
   return ffi::Error::InvalidArgument("jaxconv: native kernel refused the call");
 }
 
-ffi::Error forward_impl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                        ffi::ResultBuffer<ffi::F32> y, ForwardAttrs attrs, ffi::ThreadPool pool) {
+// The float32 forward; rec (the recording forward's winner masks) or nullptr.
+ffi::Error forward_call(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, float* y,
+                        int32_t* rec, const ForwardAttrs& attrs, ffi::ThreadPool& pool) {
   jaxconv::Call call{};
   if (auto e = decode(attrs, call.geom); e.failure()) return e;
   call.op = attrs.op;
   call.batch = batch_of(x.dimensions());
   call.x = x.typed_data();
   call.w = w.typed_data();
-  call.out = y->typed_data();
+  call.out = y;
+  call.rec = rec;
   call.par = {run_parallel, &pool};
   call.params = jaxconv_tune::current_params().load(std::memory_order_acquire);
   jaxconv_dispatch::FlushDenormals flush;
   return finish(jaxconv_dispatch::run_kernels(call, false));
+}
+
+ffi::Error forward_impl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                        ffi::ResultBuffer<ffi::F32> y, ForwardAttrs attrs, ffi::ThreadPool pool) {
+  return forward_call(x, w, y->typed_data(), nullptr, attrs, pool);
 }
 
 // The wide kernels (kernel_wide.h, kernel_wide_backward.h): built-in ops on float64 /
@@ -299,10 +306,12 @@ ffi::Error wide_backward_impl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer
   return finish(wide_dispatch(call, true));
 }
 
-ffi::Error backward_impl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                         ffi::Buffer<ffi::F32> y, ffi::Buffer<ffi::F32> g,
-                         ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dw,
-                         BackwardAttrs attrs, ffi::ThreadPool pool) {
+// The float32 backward into dx and dw; rec (the recorded winner masks, read only) or
+// nullptr.
+ffi::Error backward_call(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                         ffi::Buffer<ffi::F32> y, ffi::Buffer<ffi::F32> g, const int32_t* rec,
+                         ffi::ResultBuffer<ffi::F32>& dx, ffi::ResultBuffer<ffi::F32>& dw,
+                         const BackwardAttrs& attrs, ffi::ThreadPool& pool) {
   jaxconv::Call call{};
   if (auto e = decode(attrs, call.geom); e.failure()) return e;
   call.op = attrs.op;
@@ -311,6 +320,7 @@ ffi::Error backward_impl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
   call.w = w.typed_data();
   call.y = y.typed_data();
   call.g = g.typed_data();
+  call.rec = const_cast<int32_t*>(rec);
   call.out = dx->typed_data();
   call.out2 = dw->typed_data();
   call.parts = attrs.parts;
@@ -322,23 +332,19 @@ ffi::Error backward_impl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
   return finish(jaxconv_dispatch::run_kernels(call, true));
 }
 
+ffi::Error backward_impl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                         ffi::Buffer<ffi::F32> y, ffi::Buffer<ffi::F32> g,
+                         ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dw,
+                         BackwardAttrs attrs, ffi::ThreadPool pool) {
+  return backward_call(x, w, y, g, nullptr, dx, dw, attrs, pool);
+}
+
 // The recording forward (csrc/kernel_dense_record.h): y and the dense winner masks, which
 // the recorded backward takes back as an operand.
 ffi::Error forward_record_impl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                                ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::S32> rec,
                                ForwardAttrs attrs, ffi::ThreadPool pool) {
-  jaxconv::Call call{};
-  if (auto e = decode(attrs, call.geom); e.failure()) return e;
-  call.op = attrs.op;
-  call.batch = batch_of(x.dimensions());
-  call.x = x.typed_data();
-  call.w = w.typed_data();
-  call.out = y->typed_data();
-  call.rec = rec->typed_data();
-  call.par = {run_parallel, &pool};
-  call.params = jaxconv_tune::current_params().load(std::memory_order_acquire);
-  jaxconv_dispatch::FlushDenormals flush;
-  return finish(jaxconv_dispatch::run_kernels(call, false));
+  return forward_call(x, w, y->typed_data(), rec->typed_data(), attrs, pool);
 }
 
 ffi::Error backward_recorded_impl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
@@ -348,24 +354,7 @@ ffi::Error backward_recorded_impl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32>
                                   ffi::ThreadPool pool) {
   if (rec.element_count() != y.element_count())
     return ffi::Error::InvalidArgument("jaxconv: the recorded masks are not y's shape");
-  jaxconv::Call call{};
-  if (auto e = decode(attrs, call.geom); e.failure()) return e;
-  call.op = attrs.op;
-  call.batch = batch_of(x.dimensions());
-  call.x = x.typed_data();
-  call.w = w.typed_data();
-  call.y = y.typed_data();
-  call.g = g.typed_data();
-  call.rec = const_cast<int32_t*>(rec.typed_data());  // read only by the backward
-  call.out = dx->typed_data();
-  call.out2 = dw->typed_data();
-  call.parts = attrs.parts;
-  std::memset(call.out, 0, sizeof(float) * dx->element_count());
-  std::memset(call.out2, 0, sizeof(float) * dw->element_count());
-  call.par = {run_parallel, &pool};
-  call.params = jaxconv_tune::current_params().load(std::memory_order_acquire);
-  jaxconv_dispatch::FlushDenormals flush;
-  return finish(jaxconv_dispatch::run_kernels(call, true));
+  return backward_call(x, w, y, g, rec.typed_data(), dx, dw, attrs, pool);
 }
 
 }  // namespace

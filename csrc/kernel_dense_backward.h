@@ -48,6 +48,26 @@ inline bool dense_winner_case(const Ctx& c) {
          !depthwise(c) && c.K > 64;
 }
 
+// One block's reduce, the forward's register tile restarted at kernel row k0: acc[r] the
+// reduce over rows k0 .. k1 - 1 of the panel against input row xr[r] (always inlined, so
+// that acc stays in registers as in the loop it came from).
+template <class Op>
+__attribute__((always_inline)) inline void block_reduce(const float* panel,
+                                                        const float* const* xr, int64_t k0,
+                                                        int64_t k1, S::V (&acc)[MR][NV]) {
+  using V = S::V;
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = S::set1(Op::ident());
+  for (int64_t i = k0; i < k1; ++i) {
+    V wv[NV];
+    for (int v = 0; v < NV; ++v) wv[v] = S::load(panel + i * NR + v * W);
+    for (int r = 0; r < MR; ++r) {
+      const V xv = S::set1(xr[r][i]);
+      for (int v = 0; v < NV; ++v) acc[r][v] = step<Op, false, S>(acc[r][v], xv, wv[v]);
+    }
+  }
+}
+
 // Pass A for MR rows p .. p + MR - 1 of block (b, grp, jb): each output's mask of the kernel
 // row blocks whose reduce equals y, stored to `code` as an int32.
 template <class Op>
@@ -71,16 +91,7 @@ void dense_block_masks(const Ctx& c, const float* xb, const float* panel, const 
   for (int64_t k0 = 0; k0 < c.K; k0 += kb, bit *= 2.0f) {
     const int64_t k1 = k0 + kb < c.K ? k0 + kb : c.K;
     V acc[MR][NV];
-    for (int r = 0; r < MR; ++r)
-      for (int v = 0; v < NV; ++v) acc[r][v] = S::set1(Op::ident());
-    for (int64_t i = k0; i < k1; ++i) {
-      V wv[NV];
-      for (int v = 0; v < NV; ++v) wv[v] = S::load(panel + i * NR + v * W);
-      for (int r = 0; r < MR; ++r) {
-        const V xv = S::set1(xr[r][i]);
-        for (int v = 0; v < NV; ++v) acc[r][v] = step<Op, false, S>(acc[r][v], xv, wv[v]);
-      }
-    }
+    block_reduce<Op>(panel, xr, k0, k1, acc);
     const V bv = S::set1(bit);
     for (int r = 0; r < MR; ++r)
       for (int v = 0; v < NV; ++v) {

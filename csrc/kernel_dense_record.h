@@ -41,16 +41,7 @@ void dense_record_tile(const Ctx& c, const float* xb, const float* wb, const flo
   for (int64_t j = 0; j < nb; ++j) {
     const int64_t k0 = j * kb, k1 = k0 + kb < c.K ? k0 + kb : c.K;
     V acc[MR][NV];
-    for (int r = 0; r < MR; ++r)
-      for (int v = 0; v < NV; ++v) acc[r][v] = S::set1(Op::ident());
-    for (int64_t i = k0; i < k1; ++i) {
-      V wv[NV];
-      for (int v = 0; v < NV; ++v) wv[v] = S::load(panel + i * NR + v * W);
-      for (int r = 0; r < MR; ++r) {
-        const V xv = S::set1(xr[r][i]);
-        for (int v = 0; v < NV; ++v) acc[r][v] = step<Op, false, S>(acc[r][v], xv, wv[v]);
-      }
-    }
+    block_reduce<Op>(panel, xr, k0, k1, acc);
     for (int r = 0; r < MR; ++r)
       for (int v = 0; v < NV; ++v) S::store(blk[j] + r * NR + v * W, acc[r][v]);
   }

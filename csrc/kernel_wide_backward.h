@@ -1,9 +1,9 @@
 // The wide kernels' backward: the input and kernel gradients of the built-in ops whose forward
-// kernel_wide.h computes (float64), and of the max/min ops on bfloat16 / float16 operands (on
-// float32 copies, each product rounded to the operands' dtype before the winner compare, as
-// the XLA engine computes it: its ties are between the rounded products). The latter run
-// kernel_wide_lowwin.h's interval scan for the built-in ops (it routes as the rescan below:
-// the same bits); backward_typed's Rnd paths serve user max/min ops (csrc/userop_wide.h).
+// kernel_wide.h computes (float64). The max/min ops on bfloat16 / float16 operands (float32
+// copies, each product rounded to the operands' dtype before the winner compare, as the XLA
+// engine computes it), built-in and user (csrc/userop_wide.h), run kernel_wide_lowwin.h's
+// interval scan, which routes the gradients as the rescan below does; run_wide_backward
+// dispatches the built-in ops.
 //
 // Max / min ops: each window's winners are the products equal to the forward's y, compared
 // exactly as the forward computed them (the same comb, so NaN matches nothing and -0 == +0);
@@ -19,8 +19,8 @@
 // input gradient; pass 2, per group and block of NB output channels, routes the kernel
 // gradient into a (K, NB) accumulator. The split is per output: one with a single winner
 // routes it directly (one term, as an argmax backward); a tied one rescans its own window
-// in kernel-row order, stopping at its last winner (bf16 / f16 products tie often, and one
-// tie no longer costs its whole tile a rescan); every sum rescans the tile.
+// in kernel-row order, stopping at its last winner (one tie does not cost its whole tile a
+// rescan); every sum rescans the tile.
 //
 // Included by wide_<isa>.cc after kernel_wide.h (same namespace, same vector width).
 #pragma once
@@ -68,71 +68,6 @@ struct WideGrad {
     else return dx<E>(w, x);  // symmetric in (x, w)
   }
 };
-
-// A float32 product as the XLA engine computes it in bfloat16 / float16: rounded to nearest
-// even (NaN kept); Rnd is a jaxconv::WideRound. float64 products are not rounded.
-template <class E, int Rnd>
-inline VecOf<E> round_product(VecOf<E> v) {
-  if constexpr (Rnd == jaxconv::kRoundBF16) {
-    typedef uint32_t VU __attribute__((vector_size(JAXCONV_WIDE_BYTES)));
-    const VU u = (VU)v;
-    const VU r = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;  // wraps: unsigned
-    return v != v ? v : (VecOf<E>)r;
-  } else if constexpr (Rnd == jaxconv::kRoundF16) {
-    constexpr int L = Vt<E>::L;
-    alignas(64) float a[L];
-    std::memcpy(a, &v, sizeof(v));
-    for (int l = 0; l < L; ++l) a[l] = float(static_cast<_Float16>(a[l]));
-    std::memcpy(&v, a, sizeof(v));
-    return v;
-  } else {
-    return v;
-  }
-}
-
-template <class Op, class E, bool Exact, int Rnd>
-inline VecOf<E> product(VecOf<E> x, VecOf<E> w) {
-  return round_product<E, Rnd>(Op::template comb<E, Exact>(x, w));
-}
-
-// Whether a product rounds to y, decided without rounding it where that is cheaper: a
-// float32 product rounds (to nearest even) to the bfloat16 value y exactly when it lies in
-// [lo, hi], y's rounding interval (both signs of zero for a zero y; an empty one for a NaN
-// y, and the NaN product is in none). Other dtypes: lo = hi = y, compared after rounding.
-template <class E, int Rnd>
-inline void round_bounds(E y, E& lo, E& hi) {
-  if constexpr (Rnd == jaxconv::kRoundBF16) {
-    uint32_t u;
-    std::memcpy(&u, &y, sizeof(u));
-    const uint32_t mag = u & 0x7FFFFFFFu;
-    if (mag > 0x7F800000u) {  // NaN
-      lo = std::numeric_limits<E>::infinity();
-      hi = -lo;
-      return;
-    }
-    const uint32_t half = (mag >> 16) & 1u ? 0x7FFFu : 0x8000u;  // odd y: ties go away
-    const uint32_t a = mag == 0 ? 0 : mag - half;
-    const uint32_t z = mag == 0x7F800000u ? mag : mag + half;  // up to infinity itself
-    float fa, fz;
-    std::memcpy(&fa, &a, sizeof(fa));
-    std::memcpy(&fz, &z, sizeof(fz));
-    if (mag == 0) lo = -fz, hi = fz;
-    else if (u >> 31) lo = -fz, hi = -fa;
-    else lo = fa, hi = fz;
-  } else {
-    lo = hi = y;
-  }
-}
-
-template <class Op, class E, bool Exact, int Rnd>
-inline auto hits(VecOf<E> x, VecOf<E> w, VecOf<E> lo, VecOf<E> hi) {
-  if constexpr (Rnd == jaxconv::kRoundBF16) {
-    const VecOf<E> p = Op::template comb<E, Exact>(x, w);
-    return (p >= lo) & (p <= hi);
-  } else {
-    return product<Op, E, Exact, Rnd>(x, w) == lo;
-  }
-}
 
 template <class E>
 struct BPlan {
@@ -191,12 +126,10 @@ inline void tile_rows(const Plan<E>& pl, const E* xb, int64_t r0, int nm, int64_
 // A tied output's winners (row r of batch element b's image, column l of the block whose
 // panel is given), found again by one exact scan of its own window in kernel-row order: f(k,
 // p, i, x, w) for each of its n winners, p the input row (nullptr for a padded tap).
-template <class E, class Op, bool Exact, int Rnd, class F>
+template <class E, class Op, bool Exact, class F>
 inline void each_winner(const Plan<E>& pl, const E* xb, const E* panel, int64_t r,
                         int64_t grp, int64_t l, E y, int64_t n, F&& f) {
-  E lo, hi;
-  round_bounds<E, Rnd>(y, lo, hi);
-  const VecOf<E> lv = splat<E>(lo), hv = splat<E>(hi);
+  const VecOf<E> yv = splat<E>(y);
   constexpr int NB = kNV * Vt<E>::L;
   const Geom& g = *pl.g;
   for (int64_t t = 0; t < pl.T; ++t) {
@@ -206,7 +139,7 @@ inline void each_winner(const Plan<E>& pl, const E* xb, const E* panel, int64_t 
     const E* wp = panel + t * g.i * NB + l;
     for (int64_t i = 0; i < g.i; ++i) {
       const E xs = xr[i], ws = wp[i * NB];
-      if (!hits<Op, E, Exact, Rnd>(splat<E>(xs), splat<E>(ws), lv, hv)[0]) continue;
+      if (!(Op::template comb<E, Exact>(splat<E>(xs), splat<E>(ws)) == yv)[0]) continue;
       f(t * g.i + i, p, grp * g.i + i, xs, ws);
       if (--n == 0) return;
     }
@@ -214,7 +147,7 @@ inline void each_winner(const Plan<E>& pl, const E* xb, const E* panel, int64_t 
 }
 
 // Pass 1 on one tile (rows r0 .. r0 + nm of batch element b, one group, one block).
-template <class E, class Op, class Gr, bool Win, bool Exact, int Rnd>
+template <class E, class Op, class Gr, bool Win, bool Exact>
 void dx_tile(const BPlan<E>& bp, int64_t b, int64_t grp, int64_t blk, int64_t r0, int nm) {
   using V = VecOf<E>;
   using I = typename Bits<E>::I;
@@ -238,15 +171,6 @@ void dx_tile(const BPlan<E>& bp, int64_t b, int64_t grp, int64_t blk, int64_t r0
   load_rows<E>(bp.gy + b * pl.ys, bp, r0, nm, col0, cols, E(0), sv);
   if constexpr (Win) {
     load_rows<E>(bp.y + b * pl.ys, bp, r0, nm, col0, cols, nan, yv);
-    V hv[kMR][kNV];  // yv becomes each output's lower bound, hv its upper
-    for (int m = 0; m < kMR; ++m)
-      for (int v = 0; v < kNV; ++v) {
-        alignas(64) E a[L], z[L];
-        std::memcpy(a, &yv[m][v], sizeof(V));
-        for (int l = 0; l < L; ++l) round_bounds<E, Rnd>(a[l], a[l], z[l]);
-        std::memcpy(&yv[m][v], a, sizeof(V));
-        std::memcpy(&hv[m][v], z, sizeof(V));
-      }
     VI cnt[kMR][kNV] = {}, idx[kMR][kNV] = {};
     for (int64_t t = 0; t < pl.T; ++t) {
       const E* xr[kMR];
@@ -261,7 +185,7 @@ void dx_tile(const BPlan<E>& bp, int64_t b, int64_t grp, int64_t blk, int64_t r0
           if (!on[m]) continue;
           const V xv = splat<E>(xr[m][i]);
           for (int v = 0; v < kNV; ++v) {
-            const VI e = (VI)hits<Op, E, Exact, Rnd>(xv, wv[v], yv[m][v], hv[m][v]);
+            const VI e = (VI)(Op::template comb<E, Exact>(xv, wv[v]) == yv[m][v]);
             cnt[m][v] -= e;
             idx[m][v] = e ? kv : idx[m][v];  // the last matching row
           }
@@ -298,7 +222,7 @@ void dx_tile(const BPlan<E>& bp, int64_t b, int64_t grp, int64_t blk, int64_t r0
           const E ws = panel[k * NB + l];
           dxb[at] += sc[l] * Gr::template dx<E>(splat<E>(xb[at]), splat<E>(ws))[0];
         } else if (k < -2) {
-          each_winner<E, Op, Exact, Rnd>(pl, xb, panel, r0 + m, grp, l, yb[(r0 + m) * g.o +
+          each_winner<E, Op, Exact>(pl, xb, panel, r0 + m, grp, l, yb[(r0 + m) * g.o +
               col0 + l], -1 - k, [&](int64_t, const E* p, int64_t i, E xs, E ws) {
             if (p) dxb[(p - xb) + i] += sc[l] * Gr::template dx<E>(
                 splat<E>(xs), splat<E>(ws))[0];
@@ -339,7 +263,7 @@ void dx_tile(const BPlan<E>& bp, int64_t b, int64_t grp, int64_t blk, int64_t r0
 }
 
 // Pass 2: the kernel gradient of one group's block of NB output channels, every position.
-template <class E, class Op, class Gr, bool Win, bool Exact, int Rnd>
+template <class E, class Op, class Gr, bool Win, bool Exact>
 void dw_block(const BPlan<E>& bp, int64_t b, int64_t grp, int64_t blk, E* acc) {
   using V = VecOf<E>;
   constexpr int L = Vt<E>::L;
@@ -369,7 +293,7 @@ void dw_block(const BPlan<E>& bp, int64_t b, int64_t grp, int64_t blk, E* acc) {
             acc[k * NB + l] +=
                 sr[l] * Gr::template dw<E>(splat<E>(xs), splat<E>(ws))[0];
           } else if (k < -2) {
-            each_winner<E, Op, Exact, Rnd>(pl, xb, panel, r0 + m, grp, l, bp.y[at0 + l], -1 - k,
+            each_winner<E, Op, Exact>(pl, xb, panel, r0 + m, grp, l, bp.y[at0 + l], -1 - k,
                 [&](int64_t kk, const E*, int64_t, E xs, E ws) {
               acc[kk * NB + l] +=
                   sr[l] * Gr::template dw<E>(splat<E>(xs), splat<E>(ws))[0];
@@ -409,7 +333,7 @@ void dw_block(const BPlan<E>& bp, int64_t b, int64_t grp, int64_t blk, E* acc) {
     std::memcpy(dwb + k * g.o + col0, acc + k * NB, sizeof(E) * size_t(cols));
 }
 
-template <class E, class Op, class Gr, int Rnd = jaxconv::kRoundNone>
+template <class E, class Op, class Gr>
 int backward_typed(const WideCall& call) {
   constexpr bool Win = !Op::kSum;
   constexpr int L = Vt<E>::L;
@@ -460,8 +384,8 @@ int backward_typed(const WideCall& call) {
       for (int64_t blk = 0; blk < f.blocks; ++blk)
         for (int64_t r0 = run * p.ipi * f.P; r0 < rend; r0 += kMR) {
           const int nm = int(rend - r0 < kMR ? rend - r0 : kMR);
-          if (p.plain) dx_tile<E, Op, Gr, Win, false, Rnd>(p, j.b, grp, blk, r0, nm);
-          else dx_tile<E, Op, Gr, Win, true, Rnd>(p, j.b, grp, blk, r0, nm);
+          if (p.plain) dx_tile<E, Op, Gr, Win, false>(p, j.b, grp, blk, r0, nm);
+          else dx_tile<E, Op, Gr, Win, true>(p, j.b, grp, blk, r0, nm);
         }
     };
     call.par.run(call.par.ctx, bp.runs * g.g, pass1, &job);
@@ -470,8 +394,8 @@ int backward_typed(const WideCall& call) {
       const BPlan<E>& p = *j.bp;
       const int64_t blk = item % p.f.blocks, grp = item / p.f.blocks;
       std::vector<E> acc(size_t(p.f.K * NB));
-      if (p.plain) dw_block<E, Op, Gr, Win, false, Rnd>(p, j.b, grp, blk, acc.data());
-      else dw_block<E, Op, Gr, Win, true, Rnd>(p, j.b, grp, blk, acc.data());
+      if (p.plain) dw_block<E, Op, Gr, Win, false>(p, j.b, grp, blk, acc.data());
+      else dw_block<E, Op, Gr, Win, true>(p, j.b, grp, blk, acc.data());
     };
     call.par.run(call.par.ctx, g.g * pl.blocks, pass2, &job);
   }

@@ -41,6 +41,23 @@ constexpr int64_t kLPos = 32;                          // positions per run of t
 constexpr float kLBig = 4096.0f;
 static_assert(kLK * kLK <= 4096, "a panel's row offsets must sum below kLBig");
 
+// The bfloat16 rounding interval [lo, hi] of a bfloat16 value y (not NaN), in float32: the
+// float32 values that round (to nearest even) to y; both signs of zero for a zero y.
+inline void bf16_bounds(float y, float& lo, float& hi) {
+  uint32_t u;
+  std::memcpy(&u, &y, sizeof(u));
+  const uint32_t mag = u & 0x7FFFFFFFu;
+  const uint32_t half = (mag >> 16) & 1u ? 0x7FFFu : 0x8000u;  // odd y: ties go away
+  const uint32_t a = mag == 0 ? 0 : mag - half;
+  const uint32_t z = mag == 0x7F800000u ? mag : mag + half;  // up to infinity itself
+  float fa, fz;
+  std::memcpy(&fa, &a, sizeof(fa));
+  std::memcpy(&fz, &z, sizeof(fz));
+  if (mag == 0) lo = -fz, hi = fz;
+  else if (u >> 31) lo = -fz, hi = -fa;
+  else lo = fa, hi = fz;
+}
+
 // The float16 rounding interval [lo, hi] of a float16 value y (not NaN), in float32.
 inline void f16_bounds(float y, float& lo, float& hi) {
   uint32_t u;
@@ -49,7 +66,7 @@ inline void f16_bounds(float y, float& lo, float& hi) {
   if (m32 > 0x38800000u && m32 < 0x7F800000u) {
     // Finite and above 2^-14 (the smallest normal): float16 steps are 2^13 float32 units on
     // both sides, so the halfway points are 0x1000 units away (kept for an even y, where
-    // halfway rounds to it), as round_bounds does for bfloat16.
+    // halfway rounds to it), as bf16_bounds does for bfloat16.
     const uint32_t half = (m32 >> 13) & 1u ? 0xFFFu : 0x1000u;
     const uint32_t a = m32 - half, z = m32 + half;
     float fa, fz;
@@ -94,7 +111,7 @@ inline float low_bound(float y) {
   if (y != y) return y;
   float lo, hi;
   if constexpr (Rnd == jaxconv::kRoundF16) f16_bounds(y, lo, hi);
-  else round_bounds<float, Rnd>(y, lo, hi);
+  else bf16_bounds(y, lo, hi);
   return Max ? lo : hi;
 }
 
