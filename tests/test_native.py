@@ -331,8 +331,10 @@ def test_l1_one_pass_dense_backward(kind):
     engine, with position and kernel-row counts that leave partial blocks, and under vmap."""
     rng = np.random.default_rng(13)
     if kind == "dense":
-        x = rng.standard_normal((37, 21)).astype(np.float32)
-        w = rng.standard_normal((21, 48)).astype(np.float32)
+        # 19 positions, 11 kernel rows: partial blocks of kPB = 16 and kKB = 8 (csrc/
+        # kernel_sums.h dense_odd_backward); 16 outputs: Og % W == 0 for W = 8 and 16.
+        x = rng.standard_normal((19, 11)).astype(np.float32)
+        w = rng.standard_normal((11, 16)).astype(np.float32)
         w[3, :5] = x[2, 3]  # ties: a zero subgradient
         f = lambda eng: lambda a, b: jaxconv.dot_general(  # noqa: E731
             a, b, (((1,), (0,)), ((), ())), op="l1", engine=eng)
