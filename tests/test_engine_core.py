@@ -79,14 +79,9 @@ def test_vmap_equals_loop(op, axes, engine):
     np.testing.assert_allclose(got, _loop(f, xs, ws, axes=axes), rtol=1e-5, atol=1e-5)
 
 
-# Dropped legs: "auto" where auto == xla (the xla leg checks it); "xla" for min_plus and
-# max_min, whose winner backward is max_plus's / min_max's with the reduce flipped (both
-# reduces and both combines stay here; the XLA engine's gradients of all four against the
-# naive formulation: tests/test_engine.py test_winner_path_ties_and_borders).
 @pytest.mark.parametrize("op,engine", [
     pytest.param(o, e, id=f"{_id(o)}-{e}") for o in OPS for e in ("auto", "xla")
-    if not (e == "auto" and o in AUTO_IS_XLA) and (e, o) not in (("xla", "min_plus"),
-                                                                 ("xla", "max_min"))])
+    if not (e == "auto" and o in AUTO_IS_XLA)])  # auto == xla there: the xla leg checks it
 def test_vmap_of_grad_is_per_example(op, engine):
     """Per-example gradients: the kernel gradient of each example stays apart."""
     f = _conv(op, engine)
