@@ -53,6 +53,30 @@ def _np_op(name: str):
     return NUMPY_OPS["l2" if name == "l2_exact" else name]
 
 
+SUMS = ("adder", "l1", "l2_exact")
+
+
+def _covering(items: list) -> list[tuple[str, object]]:
+    """(op, item) pairs covering `items` without the full NATIVE_OPS cross product.
+
+    Each item runs one max and one min reduce (the pair's combine alternates between + and
+    min/max, so each of MAXMIN meets every other item) and two of SUMS in rotation (each
+    sum meets at least every other item). The full cross product of forward passes against
+    the numpy reference stays in test_forward_matches_reference.
+
+    Args:
+      items: the geometries or shapes to cover.
+
+    Returns:
+      The (op name, item) pairs.
+    """
+    pairs = []
+    for i, item in enumerate(items):
+        ops_ = (("max_plus", "min_max"), ("min_plus", "max_min"))[i % 2]
+        pairs += [(n, item) for n in (*ops_, SUMS[i % 3], SUMS[(i + 1) % 3])]
+    return pairs
+
+
 CASES = table("2d_same", "2d_stride_rhs_dil", "2d_lhs_dil", "2d_negative_pad", "1d_valid", "3d",
                "groups", "depthwise", "depth_multiplier", "wide", "channels_80", "nchw")
 
@@ -77,8 +101,9 @@ def test_forward_matches_reference(name, case):
     np.testing.assert_allclose(y, ref, rtol=2e-5, atol=2e-5)
 
 
-@pytest.mark.parametrize("case", ["2d_stride_rhs_dil", "2d_lhs_dil", "depthwise", "wide", "3d"])
-@pytest.mark.parametrize("name", NATIVE_OPS)
+# A covering set (20 of 35): see _covering.
+@pytest.mark.parametrize("name,case", _covering(
+    ["2d_stride_rhs_dil", "2d_lhs_dil", "depthwise", "wide", "3d"]))
 def test_forward_matches_xla_engine(name, case):
     x, w, kw = _case(case, seed=1)
     a = np.asarray(_conv(name, "native", kw)(x, w))
@@ -107,9 +132,9 @@ def test_dense_dot_general_with_batch(name):
         np.testing.assert_array_equal(np.asarray(y), np.asarray(x2))
 
 
-@pytest.mark.parametrize("case", ["2d_stride_rhs_dil", "groups", "depthwise", "wide",
-                                  "channels_80"])
-@pytest.mark.parametrize("name", NATIVE_OPS)
+# A covering set (20 of 35): see _covering.
+@pytest.mark.parametrize("name,case", _covering(
+    ["2d_stride_rhs_dil", "groups", "depthwise", "wide", "channels_80"]))
 def test_gradients_match_xla_engine(name, case):
     x, w, kw = _case(case, seed=3)
     y = _conv(name, "native", kw)(x, w)
@@ -145,8 +170,12 @@ def test_dense_gradients_match_xla_engine(name, batch):
 # Dense sizes around the kernel's blocks: K over several kernel-row panels with a tail (and
 # K = 1), O a partial block of output channels (and O = 1), M a partial register tile;
 # half-integer data give ties within and across panels (and x == w for l1).
-@pytest.mark.parametrize("shape", [(13, 150, 70), (7, 1, 5), (5, 65, 1), (1, 200, 130)])
-@pytest.mark.parametrize("name", NATIVE_OPS)
+# A covering set (16 of 28, every op at least twice): see _covering.
+DENSE_ODD = _covering([(13, 150, 70), (7, 1, 5), (5, 65, 1), (1, 200, 130)])
+
+
+@pytest.mark.parametrize("name,shape", DENSE_ODD,
+                         ids=[f"{n}-{'x'.join(map(str, s))}" for n, s in DENSE_ODD])
 def test_dense_odd_sizes(name, shape):
     m, k, o = shape
     rng = np.random.default_rng(11)
@@ -331,8 +360,10 @@ def test_l1_one_pass_dense_backward(kind):
     engine, with position and kernel-row counts that leave partial blocks, and under vmap."""
     rng = np.random.default_rng(13)
     if kind == "dense":
-        x = rng.standard_normal((37, 21)).astype(np.float32)
-        w = rng.standard_normal((21, 48)).astype(np.float32)
+        # 19 positions, 11 kernel rows: partial blocks of kPB = 16 and kKB = 8 (csrc/
+        # kernel_sums.h dense_odd_backward); 16 outputs: Og % W == 0 for W = 8 and 16.
+        x = rng.standard_normal((19, 11)).astype(np.float32)
+        w = rng.standard_normal((11, 16)).astype(np.float32)
         w[3, :5] = x[2, 3]  # ties: a zero subgradient
         f = lambda eng: lambda a, b: jaxconv.dot_general(  # noqa: E731
             a, b, (((1,), (0,)), ((), ())), op="l1", engine=eng)
