@@ -418,7 +418,7 @@ def functor(op: Op, dtype: object = np.float32, wide: bool = False) -> Functor:
     Example:
       >>> import jax.numpy as jnp
       >>> import jaxconv
-      >>> XX
+      >>> from jaxconv._src.engines.native import codegen
       >>> f = codegen.functor(jaxconv.Op(lambda x, w: x * w, "max"))
       >>> f.primitives, f.nan_free
       (('mul',), True)
