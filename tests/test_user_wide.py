@@ -16,6 +16,7 @@ import pytest
 
 import jaxconv
 from jaxconv._src.engines.native import user_kernels
+from tests import geometries
 from tests.reference import conv_reference
 
 DN = ("NHWC", "HWIO", "NHWC")
@@ -23,9 +24,9 @@ F64, I32, I64 = np.float64, np.int32, np.int64
 
 
 def _conv(op: Any, engine: str, **kw: Any) -> Any:
-    kw = {"window_strides": (1, 1), "padding": "SAME", **kw}
-    return jax.jit(lambda a, b: jaxconv.conv_general_dilated(
-        a, b, dimension_numbers=DN, op=op, engine=engine, **kw))
+    """`geometries.conv` with this file's defaults (NHWC, 1x1 strides, SAME)."""
+    return geometries.conv(op, engine, {"window_strides": (1, 1), "padding": "SAME",
+                                        "dimension_numbers": DN, **kw})
 
 
 def _data(dtype: Any, seed: int, o: int = 7, small: bool = False) -> tuple:
