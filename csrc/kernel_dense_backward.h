@@ -10,9 +10,10 @@
 // (combine, reduce: two operations per term) plus a few per block, where the full rescan needs
 // three per term on a two-row tile (combine, compare, masked add). Pass B, in the same item
 // (a block of NR output channels), scans each output's masked blocks along k (x's row and the
-// block's transposed kernel column are contiguous there) and keeps the winner and its dx and
-// dw terms; pass C sums dx per run of rows, pass D dw per block of kernel columns, each term in
-// the order of the full rescan.
+// block's transposed kernel column are contiguous there), keeps the winner and its dx term
+// and adds its dw term to the block's columns of dw (the item owns them and walks the rows in
+// order); pass C then sums dx per run of rows, each term in the order of the full rescan. With
+// the recording forward's masks (kernel_dense_record.h) pass A and its packed panel are skipped.
 //
 // Part of the kernel template: included by kernels.inc inside its anonymous namespace
 // (once per instruction set), never on its own.
@@ -139,9 +140,53 @@ int64_t dense_matches(const float* xp, const float* wo, int64_t K, int64_t kb, u
   return cnt;
 }
 
+// The products of one whole 64-row block (x's row `xp` and kernel column `wo`, both along k)
+// that equal y, as the bits of one word (always inlined: the backward's per-output scan).
+template <class Op>
+__attribute__((always_inline)) inline uint64_t dense_block_word(const float* xp,
+                                                                const float* wo, float y) {
+  const S::V yv = S::set1(y);
+  uint64_t word = 0;
+  for (int j = 0; j < 64 / W; ++j) {
+    const S::M e = S::eq(Op::template comb<S>(S::load(xp + j * W), S::load(wo + j * W)), yv);
+    word |= uint64_t(mask_bits(e)) << (j * W);
+  }
+  return word;
+}
+
+#if defined(__AVX512F__)
+// The 16 x 16 block at `src` (row stride ss) transposed to `dst` (row stride sd), in
+// registers: pairs of floats, then of pairs, then of 128-bit lanes.
+inline void transpose16(const float* src, int64_t ss, float* dst, int64_t sd) {
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * ss);
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  // u[4g + c], lane q: column 4q + c of rows 4g .. 4g + 3.
+  for (int g = 0; g < 16; g += 4)
+    for (int h = 0; h < 2; ++h) {
+      const __m512d a = _mm512_castps_pd(t[g + h]), b = _mm512_castps_pd(t[g + h + 2]);
+      r[g + 2 * h] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+      r[g + 2 * h + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+    }
+  for (int c = 0; c < 4; ++c) {
+    const __m512 s0 = _mm512_shuffle_f32x4(r[c], r[4 + c], 0x44);
+    const __m512 s1 = _mm512_shuffle_f32x4(r[c], r[4 + c], 0xEE);
+    const __m512 s2 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0x44);
+    const __m512 s3 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0xEE);
+    _mm512_storeu_ps(dst + (0 + c) * sd, _mm512_shuffle_f32x4(s0, s2, 0x88));
+    _mm512_storeu_ps(dst + (4 + c) * sd, _mm512_shuffle_f32x4(s0, s2, 0xDD));
+    _mm512_storeu_ps(dst + (8 + c) * sd, _mm512_shuffle_f32x4(s1, s3, 0x88));
+    _mm512_storeu_ps(dst + (12 + c) * sd, _mm512_shuffle_f32x4(s1, s3, 0xDD));
+  }
+}
+#endif
+
 // Copies the (rows, cols) block at `src` (row stride ss) transposed to `dst` (row stride sd),
-// 16 x 16 at a time through a small buffer, so that each line of both is touched in one burst
-// (a column walk of rows 4 KiB apart thrashes one cache set).
+// 16 x 16 at a time (in registers on AVX-512, else through a small buffer), so that each line
+// of both is touched in one burst (a column walk of rows 4 KiB apart thrashes one cache set).
 inline void transpose(const float* src, int64_t ss, float* dst, int64_t sd, int64_t rows,
                       int64_t cols) {
   constexpr int64_t kT = 16;
@@ -150,12 +195,73 @@ inline void transpose(const float* src, int64_t ss, float* dst, int64_t sd, int6
     const int64_t nr = rows - r0 < kT ? rows - r0 : kT;
     for (int64_t c0 = 0; c0 < cols; c0 += kT) {
       const int64_t nc = cols - c0 < kT ? cols - c0 : kT;
+#if defined(__AVX512F__)
+      if (nr == kT && nc == kT) {
+        transpose16(src + r0 * ss + c0, ss, dst + c0 * sd + r0, sd);
+        continue;
+      }
+#endif
       for (int64_t r = 0; r < nr; ++r)
         for (int64_t q = 0; q < nc; ++q) tb[r][q] = src[(r0 + r) * ss + c0 + q];
       for (int64_t q = 0; q < nc; ++q)
         for (int64_t r = 0; r < nr; ++r) dst[(c0 + q) * sd + r0 + r] = tb[r][q];
     }
   }
+}
+
+// Pass B for one row of positions `xp` against the block's transposed kernel columns `tp`
+// (nvalid of them, K apart): each output's winners in its masked blocks. A unique winner's
+// code is its k and `dx` its dx term; a tie (or no match) is coded -2 - mask and `dx` holds the
+// share of the cotangent. Every term of dw is added to `acc` (K, NR) at once: the caller walks
+// the rows in order, so each entry of dw sums its terms in the order of the rows. Returns
+// whether a row held a tie.
+template <class Op>
+bool dense_row_winners(const float* xp, const float* tp, int64_t K, int64_t kb, int64_t nvalid,
+                       const int32_t* rr, const float* yr, const float* gr, int32_t* cr,
+                       float* dx, float* acc) {
+  bool tied = false;
+  // The unique winners' dw terms wait here and are added after the scan, in a loop of their
+  // own: added inside it, each read-add-write of `acc` (an L1 miss) stalled the scan.
+  alignas(64) float dw[NR];
+  for (int64_t l = 0; l < nvalid; ++l) {
+    const uint32_t mask = uint32_t(rr[l]);
+    const float* wo = tp + l * K;
+    const float yv = yr[l], gv = gr[l];
+    const int64_t k0 = int64_t(__builtin_ctz(mask | 0x80000000u)) * 64;
+    if (kb == 64 && mask != 0 && mask == (mask & -mask) && k0 + 64 <= K) {
+      // One whole block of 64 rows (the usual case): its compares in one word, inline.
+      const uint64_t word = dense_block_word<Op>(xp + k0, wo + k0, yv);
+      if (__builtin_popcountll(word) == 1) {
+        const int64_t k = k0 + __builtin_ctzll(word);
+        cr[l] = int32_t(k);
+        dx[l] = gv * Op::template dcx<Sc>(xp[k], wo[k]);
+        dw[l] = gv * Op::template dcw<Sc>(xp[k], wo[k]);
+        continue;
+      }
+    }
+    int64_t last = -1;
+    const int64_t cnt = mask ? dense_matches<Op>(xp, wo, K, kb, mask, yv, &last) : 0;
+    if (cnt == 1) {
+      cr[l] = int32_t(last);
+      dx[l] = gv * Op::template dcx<Sc>(xp[last], wo[last]);
+      dw[l] = gv * Op::template dcw<Sc>(xp[last], wo[last]);
+      continue;
+    }
+    cr[l] = -2 - int32_t(cnt == 0 ? 0 : mask);
+    const float share = cnt == 0 ? 0.0f : gv / float(cnt);
+    dx[l] = share;
+    if (cnt == 0) continue;
+    tied = true;
+    for (uint32_t m = mask; m; m &= m - 1) {
+      const int64_t a = int64_t(__builtin_ctz(m)) * kb, e = a + kb < K ? a + kb : K;
+      for (int64_t k = a; k < e; ++k)
+        if (Op::template comb<Sc>(xp[k], wo[k]) == yv)
+          acc[k * NR + l] += share * Op::template dcw<Sc>(xp[k], wo[k]);
+    }
+  }
+  for (int64_t l = 0; l < nvalid; ++l)
+    if (cr[l] >= 0) acc[cr[l] * NR + l] += dw[l];
+  return tied;
 }
 
 // The dense backward (see the top of this file); false when the call is not a dense product
@@ -172,31 +278,35 @@ bool dense_win_backward(Ctx& c) {
   const int64_t tiles = (P + MR - 1) / MR;
   const bool recorded = call.rec != nullptr && call.rec[0] >= 0;
   std::atomic<bool> failed{false}, tied{false};
-  // dxv: a unique winner's dx term (dwv its dw term); for a tie dwv holds the share of the
-  // cotangent. A code is the unique winner's k (>= 0) or -2 - mask (a tie, or none: mask 0).
+  // dxv: a unique winner's dx term, or a tie's share of the cotangent. A code is the unique
+  // winner's k (>= 0) or -2 - mask (a tie, or none: mask 0).
   Owned<float> dxv_owned = allocate<float>(B * c.y_bs);
   float* dxv = dxv_owned.get();
   if (!dxv) {
     c.failed = true;
     return true;
   }
-  // Pass A + B per block of NR output channels: pack its kernel panel (K, NR) and its
-  // transpose (NR, K); the block masks of every row tile; then each output's winners, scanned
-  // along k in its masked blocks. The block owns its outputs' codes and terms.
+  // Passes A, B and D per block of NR output channels: its transposed kernel columns (NR, K)
+  // (and, for pass A, its packed panel (K, NR)); the block masks of every row tile (unless
+  // recorded); then each output's winners, scanned along k in its masked blocks, their dw
+  // terms summed into the block's (K, NR) columns of dw, row after row. The block owns its
+  // outputs' codes and terms and its columns of dw.
   auto block = [&](int64_t blk) {
     const int64_t jb = blk % c.nJB, grp = (blk / c.nJB) % G, b = blk / (c.nJB * G);
     const int64_t nvalid = Og - jb * NR < NR ? Og - jb * NR : NR;
     const int64_t o0 = grp * Og + jb * NR;
-    Owned<float> owned = allocate<float>(2 * K * NR);
-    float* panel = owned.get();
-    if (!panel) {
+    Owned<float> owned = allocate<float>((recorded ? 2 : 3) * K * NR);
+    float* tp = owned.get();
+    if (!tp) {
       failed.store(true, std::memory_order_relaxed);
       return;
     }
-    float* tp = panel + K * NR;
+    float* acc = tp + K * NR;
+    float* panel = acc + K * NR;
     const float* wb = call.w + b * c.w_bs;
-    pack_panel(c, wb, grp, jb, 0, K, false, panel);
+    if (!recorded) pack_panel(c, wb, grp, jb, 0, K, false, panel);
     transpose(wb + o0, O, tp, K, K, nvalid);
+    std::memset(acc, 0, sizeof(float) * size_t(K) * NR);
     const float* xb = call.x + b * c.x_bs;
     const float* yb = call.y + b * c.y_bs;
     const float* gb = call.g + b * c.y_bs;
@@ -206,35 +316,24 @@ bool dense_win_backward(Ctx& c) {
     if (!recorded)
       for (int64_t tl = 0; tl < tiles; ++tl)
         dense_block_masks<Op>(c, xb, panel, yb, cb, tl * MR, grp, jb, kb);
-    float* dwvb = c.dwv + b * c.y_bs;
     float* dxvb = dxv + b * c.y_bs;
+    bool any_tie = false;
     for (int64_t p = 0; p < P; ++p) {
-      const float* xp = xb + p * c.img + grp * I;
-      for (int64_t l = 0; l < nvalid; ++l) {
-        const int64_t at = p * O + o0 + l;
-        const uint32_t mask = uint32_t(rb[at]);
-        const float* wo = tp + l * K;
-        const float yv = yb[at], gv = gb[at];
-        int64_t last = -1;
-        const int64_t cnt = mask ? dense_matches<Op>(xp, wo, K, kb, mask, yv, &last) : 0;
-        if (cnt == 1) {
-          cb[at] = int32_t(last);
-          dxvb[at] = gv * Op::template dcx<Sc>(xp[last], wo[last]);
-          dwvb[at] = gv * Op::template dcw<Sc>(xp[last], wo[last]);
-        } else {
-          cb[at] = -2 - int32_t(cnt == 0 ? 0 : mask);
-          dwvb[at] = cnt == 0 ? 0.0f : gv / float(cnt);
-          if (cnt > 1) tied.store(true, std::memory_order_relaxed);
-        }
-      }
+      const int64_t at = p * O + o0;
+      any_tie |= dense_row_winners<Op>(xb + p * c.img + grp * I, tp, K, kb, nvalid, rb + at,
+                                       yb + at, gb + at, cb + at, dxvb + at, acc);
     }
+    if (any_tie) tied.store(true, std::memory_order_relaxed);
+    float* dwb = call.out2 + b * c.w_bs;
+    for (int64_t k = 0; k < K; ++k)
+      std::memcpy(dwb + k * O + o0, acc + k * NR, sizeof(float) * nvalid);
   };
   parallel(c, B * G * c.nJB, block);
   if (failed.load()) {
     c.failed = true;
     return true;
   }
-  // Ties (rare on real-valued data, common on quantized data) are routed from the whole
+  // Ties (rare on real-valued data, common on quantized data) are routed to dx from the whole
   // kernel transposed per (batch, group) to (Og, K), built only when there is one.
   Owned<float> wt_owned;
   if (tied.load()) {
@@ -252,79 +351,36 @@ bool dense_win_backward(Ctx& c) {
     parallel(c, B * G * c.nJB, transpose_cols);
   }
   const float* wt = wt_owned.get();
-  // The products of output (p, o) that equal y, in its masked blocks: calls f(k, x, w).
-  auto each_tie = [&](int64_t b, int64_t p, int64_t o, uint32_t mask, float yv, auto&& f) {
-    const int64_t grp = o / Og;
-    const float* xp = call.x + b * c.x_bs + p * c.img + grp * I;
-    const float* wo = wt + ((b * G + grp) * Og + o - grp * Og) * K;
-    for (uint32_t m = mask; m; m &= m - 1) {
-      const int64_t k0 = int64_t(__builtin_ctz(m)) * kb, k1 = k0 + kb < K ? k0 + kb : K;
-      for (int64_t k = k0; k < k1; ++k)
-        if (Op::template comb<Sc>(xp[k], wo[k]) == yv) f(k, xp[k], wo[k]);
-    }
-  };
   // Pass C, per run of rows (they own their dx): dx summed over the outputs in order.
   constexpr int64_t kRowsPerItem = 8;
   const int64_t nrb = (P + kRowsPerItem - 1) / kRowsPerItem;
   auto route_dx = [&](int64_t it) {
     const int64_t rb = it % nrb, b = it / nrb;
     const int64_t p1 = (rb + 1) * kRowsPerItem < P ? (rb + 1) * kRowsPerItem : P;
-    for (int64_t p = rb * kRowsPerItem; p < p1; ++p) {
-      const int64_t row = b * c.y_bs + p * O;
-      for (int64_t o = 0; o < O; ++o) {
-        const int32_t code = c.code[row + o];
-        float* dxp = call.out + b * c.x_bs + p * c.img + (o / Og) * I;
-        if (code >= 0) {
-          dxp[code] += dxv[row + o];
-        } else if (code < -2) {
-          const float share = c.dwv[row + o];
-          each_tie(b, p, o, uint32_t(-2 - code), call.y[row + o], [&](int64_t k, float xv, float wv) {
-            dxp[k] += share * Op::template dcx<Sc>(xv, wv);
-          });
+    for (int64_t p = rb * kRowsPerItem; p < p1; ++p)
+      for (int64_t grp = 0; grp < G; ++grp) {
+        const int64_t row = b * c.y_bs + p * O;
+        float* dxp = call.out + b * c.x_bs + p * c.img + grp * I;
+        for (int64_t o = grp * Og; o < (grp + 1) * Og; ++o) {
+          const int32_t code = c.code[row + o];
+          if (code >= 0) {
+            dxp[code] += dxv[row + o];
+            continue;
+          }
+          if (code == -2) continue;
+          // A tie: the products equal to y in its masked blocks.
+          const float share = dxv[row + o], yv = call.y[row + o];
+          const float* xp = call.x + b * c.x_bs + p * c.img + grp * I;
+          const float* wo = wt + ((b * G + grp) * Og + o - grp * Og) * K;
+          for (uint32_t m = uint32_t(-2 - code); m; m &= m - 1) {
+            const int64_t a = int64_t(__builtin_ctz(m)) * kb, e = a + kb < K ? a + kb : K;
+            for (int64_t k = a; k < e; ++k)
+              if (Op::template comb<Sc>(xp[k], wo[k]) == yv)
+                dxp[k] += share * Op::template dcx<Sc>(xp[k], wo[k]);
+          }
         }
       }
-    }
   };
-  // Pass D, per block of kernel columns: dw summed over the rows in order in a contiguous
-  // (K, kCols) block and copied out.
-  constexpr int64_t kCols = 64;
-  const int64_t ncb = (O + kCols - 1) / kCols;
-  auto sum_dw = [&](int64_t it) {
-    const int64_t b = it / ncb, o0 = (it % ncb) * kCols;
-    const int64_t o1 = o0 + kCols < O ? o0 + kCols : O;
-    const Owned<float> owned = allocate<float>(K * kCols);
-    float* acc = owned.get();
-    if (!acc) {
-      failed.store(true, std::memory_order_relaxed);
-      return;
-    }
-    std::memset(acc, 0, sizeof(float) * size_t(K) * kCols);
-    for (int64_t p = 0; p < P; ++p) {
-      const int64_t row = b * c.y_bs + p * O;
-      for (int64_t o = o0; o < o1; ++o) {
-        const int32_t code = c.code[row + o];
-        float* ac = acc + (o - o0);
-        if (code >= 0) {
-          ac[code * kCols] += c.dwv[row + o];
-        } else if (code < -2) {
-          const float share = c.dwv[row + o];
-          each_tie(b, p, o, uint32_t(-2 - code), call.y[row + o], [&](int64_t k, float xv, float wv) {
-            ac[k * kCols] += share * Op::template dcw<Sc>(xv, wv);
-          });
-        }
-      }
-    }
-    float* dwb = call.out2 + b * c.w_bs;
-    for (int64_t k = 0; k < K; ++k)
-      std::memcpy(dwb + k * O + o0, acc + k * kCols, sizeof(float) * (o1 - o0));
-  };
-  // Both in one fork-join (disjoint outputs).
-  const int64_t ndx = B * nrb;
-  auto both = [&](int64_t it) {
-    if (it < ndx) route_dx(it);
-    else sum_dw(it - ndx);
-  };
-  parallel(c, ndx + B * ncb, both);
-  if (failed.load()) c.failed = true;
+  parallel(c, B * nrb, route_dx);
   return true;
 }
