@@ -191,3 +191,55 @@ def test_one_function_every_platform():
     assert KERNEL_CALL["cuda"] not in cpu and KERNEL_CALL["tpu"] not in cpu
     assert KERNEL_CALL["cuda"] in traced.lower(lowering_platforms=("cuda",)).as_text()
     assert KERNEL_CALL["tpu"] in traced.lower(lowering_platforms=("tpu",)).as_text()
+
+
+# --- explicit-axes meshes: partitioned by shard_map, on every platform -------------------------
+
+COLLECTIVE_OPS = ("stablehlo.all_reduce", "stablehlo.all_gather", "stablehlo.all_to_all",
+                  "stablehlo.collective_permute", "stablehlo.reduce_scatter")
+
+
+def _signatures(text: str, platform: str, engine: str) -> list[str]:
+    """The operand and result types of each engine call: the kernel custom calls (Pallas) or
+    the tap loops (the XLA engine), sorted."""
+    mark = KERNEL_CALL[platform] if engine == "pallas" else "stablehlo.while("
+    return sorted(line.rsplit(") : ", 1)[-1] if engine != "pallas" else line.rsplit(" : ", 1)[-1]
+                  for line in text.splitlines() if mark in line)
+
+
+@pytest.mark.parametrize(("op_name", "engine", "layout"), [
+    ("max_plus", "pallas", "data"), ("adder", "pallas", "model"),
+    ("max_plus", "xla", "data"), ("log", "xla", "model")])
+def test_explicit_mesh_lowers_as_shard_map(op_name, engine, layout):
+    """On a mesh of explicit axes (8 simulated CPU devices) the product is lowered for CUDA
+    and TPU as a `shard_map` read from the operands' types, with no `custom_partitioning`
+    (jax#38196): the engine's calls (Pallas kernels, the XLA engine's loops) are those of one
+    device on its local shapes, the forward has no collective (the XLA engine's NaN / tie
+    flags are per device) and the gradient one all-reduce (lax's: the kernel gradient over
+    the batch, the input gradient over the output features)."""
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 devices (tests/conftest.py sets jax_num_cpu_devices=8)")
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+    x, w = jnp.zeros((16, 6, 7, 8)), jnp.zeros((3, 3, 8, 8))
+    xspec, wspec = (P("data"), P()) if layout == "data" else (P(), P(None, None, None, "data"))
+    local = (x[:2], w) if layout == "data" else (x, w[..., :1])
+    f = _conv(_op(op_name), ("NHWC", "HWIO", "NHWC"), "SAME", (1, 1), None, None, 1, engine)
+    for fn, collectives in ((f, 0), (f, 1)):
+        if collectives:  # the gradient: a cotangent shaped as each program's output
+            fn = _grad(f, jax.eval_shape(f, *local).shape)
+            sharded_fn = _grad(f, jax.eval_shape(f, x, w).shape)
+        else:
+            sharded_fn = f
+        one = _lowered(fn, *local)
+        with jax.set_mesh(mesh):
+            sharded = _lowered(sharded_fn, jax.device_put(x, NamedSharding(mesh, xspec)),
+                               jax.device_put(w, NamedSharding(mesh, wspec)))
+        for p, text in sharded.items():
+            assert "CustomSPMDPartitioning" not in text and "sdy.manual_computation" in text
+            found = {c: text.count(c) for c in COLLECTIVE_OPS if c in text}
+            assert found == ({"stablehlo.all_reduce": 1} if collectives else {}), (p, found)
+            assert _signatures(text, p, engine) == _signatures(one[p], p, engine), p
+            assert _signatures(text, p, engine), p

@@ -481,31 +481,57 @@ def test_vmap_of_a_sharded_call_keeps_the_batch_split() -> None:
     _close(y, jax.jit(f)(x, w))
 
 
-@pytest.mark.parametrize(("op", "layout"), [("max_plus", "data"), ("adder", "model"),
-                                            ("log", "data")])
-def test_explicit_mesh_types_outputs_as_lax(op: str, layout: str) -> None:
-    """On an explicit-axes mesh the output is typed as lax's convolution's (batch axes from
-    the input, output-feature axes from the kernel); gradients keep their primals' types."""
+# Covering set: the native max kernel, the native sum kernel (its lax kernel gradient), a
+# compiled user max op, `log`, the XLA engine's winner pass and logsumexp, each under a batch
+# or an output-feature split; one sharded contraction.
+EXPLICIT_CASES = [("max_plus", "auto", "data"), ("adder", "auto", "model"),
+                  ("log", "auto", "data"), ("tanh_max", "auto", "model"),
+                  ("max_plus", "xla", "data"), ("log", "xla", "model"),
+                  ("max_plus", "auto", "contract")]
+
+
+@pytest.mark.parametrize(("op", "engine", "layout"), EXPLICIT_CASES)
+def test_explicit_mesh_partitions_by_shard_map(op: str, engine: str, layout: str) -> None:
+    """On an explicit-axes mesh the call is a `shard_map` read from the operands' types
+    (`core/explicit.py`): the output is typed as lax's convolution's (batch axes from the
+    input, output-feature axes from the kernel), gradients keep their primals' types; the
+    forward has no collective (the XLA engine's NaN / tie flags are per device; the native
+    calls see local shapes), the gradient only lax's all-reduce, and a sharded contraction
+    only the op's own; the numbers are one device's."""
     if len(jax.devices()) < 8:
         pytest.skip("needs 8 devices")
     mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
-    x, w = _data(9)
-    xspec, wspec = (P("data"), P()) if layout == "data" else (P(), P(None, None, None, "data"))
+    x, w = _data(9, c=8)
+    xspec, wspec = {"data": (P("data"), P()), "model": (P(), P(None, None, None, "data")),
+                    "contract": (P(None, None, None, "data"), P(None, None, "data"))}[layout]
     xs = jax.device_put(x, NamedSharding(mesh, xspec))
     ws = jax.device_put(w, NamedSharding(mesh, wspec))
-    f = _conv(op)
+    f = _conv(op, engine)
     with jax.set_mesh(mesh):
-        y = jax.jit(f)(xs, ws)
-        gx, gw = jax.jit(_grad(f))(xs, ws)
+        fwd = jax.jit(f).lower(xs, ws).compile()
+        grad = jax.jit(_grad(f)).lower(xs, ws).compile()
+        y, (gx, gw) = fwd(xs, ws), grad(xs, ws)
         if layout == "data":
             y_lax = jax.jit(lambda a, b: lax.conv_general_dilated(
                 a, b, (1, 1), "SAME", dimension_numbers=DN))(xs, ws)
             assert jax.typeof(y).sharding.spec == jax.typeof(y_lax).sharding.spec
     # (lax asks for out_sharding= when the kernel is sharded; the output features it gets)
-    want = P("data", None, None, None) if layout == "data" else P(None, None, None, "data")
+    want = {"data": P("data", None, None, None), "model": P(None, None, None, "data"),
+            "contract": P(None, None, None, None)}[layout]
     assert jax.typeof(y).sharding.spec == want
     assert gx.sharding.is_equivalent_to(xs.sharding, 4)
     assert gw.sharding.is_equivalent_to(ws.sharding, 4)
+    hlo, ghlo = fwd.as_text(), grad.as_text()
+    if layout == "contract":
+        assert _all_reduce_kinds(hlo) == ["maximum"] and _collectives(hlo) == {"all-reduce"}
+    else:
+        assert not _collectives(hlo), _collectives(hlo)
+        assert _collectives(ghlo) == {"all-reduce"}, _collectives(ghlo)
+        assert len(re.findall(r"\ball-reduce(-start)?\(", ghlo)) == 1
+    for x_shape, w_shape in _native_calls(hlo):
+        assert (x_shape[0], x_shape[-1], w_shape[-1]) == {
+            "data": (2, 8, 8), "model": (16, 8, 1), "contract": (16, 1, 8)}[layout]
+    assert bool(_native_calls(hlo)) == (engine == "auto")
     _close(y, f(x, w))
     _close((gx, gw), jax.jit(_grad(f))(x, w))
 

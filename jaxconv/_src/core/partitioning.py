@@ -34,7 +34,8 @@ go through here; accelerator programs (GPU / TPU) never contain a `custom_partit
 A logsumexp contraction is reduced across devices only for an engine whose backward reads
 the global `y` (`Engine.backward_reads_output`); otherwise it is gathered.
 A single device and the inside of `jax.shard_map` (every axis manual) lower the engine
-directly.
+directly; meshes whose axes are all explicit are split the same way by `explicit` (a
+`jax.shard_map` over `device_forward` / `device_backward`, on every platform).
 
 The interface is two functions, `forward` and `backward`, with an engine that has the core's
 protocol (`jaxconv._src.core.engine.Engine`) and declares its custom call
@@ -178,7 +179,7 @@ def _compound_safe(mesh: Any, groups: int) -> bool:
     devices: a sub-axis of size 2) -- which `custom_partitioning` (jax 0.10) cannot express
     as a `PartitionSpec` and fails on. So on a mesh where some order of its axes would be
     cut, the rule does not tie the channels to the groups (`_factors(compound=False)`);
-    the partition then splits what divides (`_Split.subgroups`) and gathers the rest.
+    the partition then splits what divides (`Split.subgroups`) and gathers the rest.
 
     Args:
         mesh: the mesh the call is lowered for.
@@ -253,7 +254,7 @@ def _replicated_factors(rule: str, reduce_contraction: bool) -> tuple[str, ...]:
 # --- choosing each device's part ---------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
-class _Split:
+class Split:
     """How a call is split: the mesh axes of the batch, of the output features and of the
     contraction (input channels of one group; `None`: not split), the local number of groups
     and the mesh."""
@@ -331,7 +332,7 @@ def _spec(sharding: Any, ndim: int) -> tuple[Any, ...] | None:
     return spec + (None,) * (ndim - len(spec))
 
 
-def _split(problem: Any, engine: Any, mesh: Any, x_info: Any, w_info: Any) -> _Split:
+def split_for(problem: Any, engine: Any, mesh: Any, x_info: Any, w_info: Any) -> Split:
     """The split of a call whose operands the partitioner proposes sharded as given.
 
     Args:
@@ -349,7 +350,7 @@ def _split(problem: Any, engine: Any, mesh: Any, x_info: Any, w_info: Any) -> _S
     xs = _spec(x_info.sharding, len(x_info.shape))
     ws = _spec(w_info.sharding, len(w_info.shape))
     if xs is None or ws is None or mesh is None or mesh.empty:
-        return _Split(mesh, None, None, groups, nsd)
+        return Split(mesh, None, None, groups, nsd)
     batch, out = xs[0], ws[-1]
     if batch is not None and x_info.shape[0] % _size(mesh, batch):
         batch = None
@@ -364,7 +365,7 @@ def _split(problem: Any, engine: Any, mesh: Any, x_info: Any, w_info: Any) -> _S
         if contract is not None and (set(_axes(contract)) & set(_axes(batch) + _axes(out))
                                      or w_info.shape[-2] % _size(mesh, contract)):
             contract = None
-    return _Split(mesh, batch, out, groups, nsd, contract)
+    return Split(mesh, batch, out, groups, nsd, contract)
 
 
 def _reduces_contraction(problem: Any, engine: Any) -> bool:
@@ -377,7 +378,7 @@ def _reduces_contraction(problem: Any, engine: Any) -> bool:
         which != "logsumexp" or engine.backward_reads_output(problem))
 
 
-def _local_problem(problem: Any, split: _Split) -> Any:
+def _local_problem(problem: Any, split: Split) -> Any:
     """The problem each device computes (fewer groups when the groups are split).
 
     Args:
@@ -394,7 +395,7 @@ def _local_problem(problem: Any, split: _Split) -> Any:
     return problem
 
 
-def _group_channels(split: _Split, x: Array) -> tuple[Array, Array]:
+def _group_channels(split: Split, x: Array) -> tuple[Array, Array]:
     """This device's group's channels of the whole input `x` (`split.subgroups`), and
     where they start."""
     width = x.shape[-1] // split.groups
@@ -407,6 +408,120 @@ def _replicated_like(info: Any) -> Any:
     from jax._src import sharding_impls  # noqa: PLC0415 - GSPMD shardings have no public type
 
     return sharding_impls.GSPMDSharding.get_replicated(info.sharding._device_assignment)
+
+
+# --- each device's part (inside a partitioned or manual computation) ---------------------------
+
+def device_forward(problem: Any, engine: Any, split: Split, recording: bool = False) -> Any:
+    """What each device computes of the forward split as `split`: its engine's call on its
+    local shapes, a sharded contraction reduced with the op's collective.
+
+    Args:
+        problem: the global problem.
+        engine: the engine.
+        split: how the call is split (its mesh axes are manual where this runs).
+        recording: the recording forward (``(y, record)``).
+
+    Returns:
+        ``lower(x, w)`` on the local operands (sharded as ``split.x()``, ``split.w()``).
+
+    Example:
+        >>> import numpy as np
+        >>> from jaxconv import ops
+        >>> from jaxconv._src.core import engine, partitioning
+        >>> from jaxconv._src.core.geometry import Geometry
+        >>> from jaxconv._src.core.problem import Problem
+        >>> geom = Geometry((4,), (2,), (1,), ((0, 0),), (1,), (1,), 1)
+        >>> p = Problem(ops.max_plus, geom, "xla", np.dtype("float32"), 2**20)
+        >>> split = partitioning.Split(None, None, None, 1, 1)
+        >>> lower = partitioning.device_forward(p, engine.get("xla"), split)
+        >>> lower(np.ones((2, 4, 1), np.float32), np.zeros((2, 1, 3), np.float32)).shape
+        (2, 3, 3)
+    """
+    local = _local_problem(problem, split)
+    contract = _axes(split.contract)
+    which = collectives.kind(problem.op)
+
+    def lower(x: Array, w: Array) -> Any:
+        if split.subgroups:
+            x = _group_channels(split, x)[0]
+        if not contract:
+            return (engine.forward_recording(local, x, w) if recording
+                    else engine.forward(local, x, w))
+        # Partial products over this device's channels, reduced with the op's reduce.
+        # A record would describe this device's partial result while typed as the
+        # (replicated over the contraction) output: none is kept, the backward finds the
+        # winners itself.
+        y = collectives.combine(which, engine.forward(local, x, w), contract)
+        return (y, jax.numpy.full(y.shape, -1, jax.numpy.int32)) if recording else y
+
+    return lower
+
+
+def device_backward(problem: Any, engine: Any, split: Split, need: tuple[bool, bool]) -> Any:
+    """What each device computes of the backward split as `split`: its engine's backward on
+    its local shapes, then lax's all-reduces (the kernel gradient over the batch's axes, the
+    input gradient of one group over the output features' axes); a max/min contraction
+    split over devices by `_winner_backward`.
+
+    Args:
+        problem: the global problem.
+        engine: the engine.
+        split: how the call is split (its mesh axes are manual where this runs).
+        need: which gradients are needed.
+
+    Returns:
+        ``lower(x, w, y, g, record=None) -> (gx, gw)`` on the local operands.
+
+    Example:
+        >>> import numpy as np
+        >>> from jaxconv import ops
+        >>> from jaxconv._src.core import engine, partitioning
+        >>> from jaxconv._src.core.geometry import Geometry
+        >>> from jaxconv._src.core.problem import Problem
+        >>> geom = Geometry((4,), (2,), (1,), ((0, 0),), (1,), (1,), 1)
+        >>> p = Problem(ops.adder, geom, "xla", np.dtype("float32"), 2**20)
+        >>> split = partitioning.Split(None, None, None, 1, 1)
+        >>> lower = partitioning.device_backward(p, engine.get("xla"), split, (True, True))
+        >>> x, w = np.ones((2, 4, 1), np.float32), np.zeros((2, 1, 3), np.float32)
+        >>> y = g = np.ones((2, 3, 3), np.float32)
+        >>> [a.shape for a in lower(x, w, y, g)]
+        [(2, 4, 1), (2, 1, 3)]
+    """
+    local = _local_problem(problem, split)
+    batch_axes, out_axes = _axes(split.batch), _axes(split.out)
+    contract = _axes(split.contract)
+    which = collectives.kind(problem.op)
+
+    def run(x: Array, w: Array, y: Array, g: Array, record: Array | None
+            ) -> tuple[Array, Array]:
+        if record is None:
+            return engine.backward(local, x, w, y, g, need)
+        return engine.backward_recorded(local, x, w, y, record, g, need)
+
+    def lower(x: Array, w: Array, y: Array, g: Array, record: Array | None = None
+              ) -> tuple[Array, Array]:
+        if split.subgroups:
+            xg, start = _group_channels(split, x)
+            gx, gw = run(xg, w, y, g, record)
+            # This device's group's channels of the whole input gradient.
+            gx = jax.lax.dynamic_update_slice_in_dim(jax.numpy.zeros_like(x), gx, start,
+                                                     x.ndim - 1)
+        elif contract and which in ("max", "min"):
+            # The record is empty here (`device_forward`): not passed.
+            gx, gw = _winner_backward(local, engine, need, contract, x, w, y, g)
+        else:
+            # Sums need no y; logsumexp's weights exp(c - y) take the global y.
+            gx, gw = run(x, w, y, g, record)
+        # lax's all-reduces: the kernel gradient sums over the images of every device,
+        # the input gradient (one group) over every device's output features.
+        if need[1] and batch_axes:
+            gw = jax.lax.psum(gw, batch_axes)
+        if need[0] and out_axes and not split.groups_split:
+            gx = jax.lax.psum(gx, out_axes)
+        return gx, gw
+
+    return lower
 
 
 # --- the partitioned calls ---------------------------------------------------------------------
@@ -441,33 +556,18 @@ def _forward_fn(problem: Any, engine: Any, x_shape: tuple[int, ...],
 
     def infer(mesh: Any, arg_infos: Any, result_info: Any) -> Any:
         del result_info
-        split = _split(problem, engine, mesh, *arg_infos)
+        split = split_for(problem, engine, mesh, *arg_infos)
         return outs(split.y()) if split.mesh is not None and not split.mesh.empty else None
 
     def partition(mesh: Any, arg_infos: Any, result_info: Any) -> Any:
         del result_info
-        split = _split(problem, engine, mesh, *arg_infos)
+        split = split_for(problem, engine, mesh, *arg_infos)
         if not isinstance(arg_infos[0].sharding, NamedSharding) or mesh.empty:
             rep = _replicated_like(arg_infos[0])
             return mesh, functools.partial(run, problem), outs(rep), (rep, rep)
-        local = _local_problem(problem, split)
-        contract = _axes(split.contract)
-
-        def lower(x: Array, w: Array) -> Any:
-            if split.subgroups:
-                x = _group_channels(split, x)[0]
-            if not contract:
-                return run(local, x, w)
-            # Partial products over this device's channels, reduced with the op's reduce.
-            # A record would describe this device's partial result while typed as the
-            # (replicated over the contraction) output: none is kept, the backward finds
-            # the winners itself.
-            y = collectives.combine(which, engine.forward(local, x, w), contract)
-            return (y, jax.numpy.full(y.shape, -1, jax.numpy.int32)) if recording else y
-
+        lower = device_forward(problem, engine, split, recording)
         return mesh, lower, outs(split.y()), (split.x(), split.w())
 
-    which = collectives.kind(problem.op)
     call.def_partition(partition, infer_sharding_from_operands=infer, sharding_rule=_rule(
         nsd, groups, w_shape, False, _reduces_contraction(problem, engine), recording))
     return call
@@ -508,48 +608,22 @@ def _backward_fn(problem: Any, engine: Any, need: tuple[bool, bool],
 
     def infer(mesh: Any, arg_infos: Any, result_info: Any) -> Any:
         del result_info
-        split = _split(problem, engine, mesh, arg_infos[0], arg_infos[1])
+        split = split_for(problem, engine, mesh, arg_infos[0], arg_infos[1])
         if split.mesh is None or split.mesh.empty:
             return None
         return split.x(), split.w()
 
     def partition(mesh: Any, arg_infos: Any, result_info: Any) -> Any:
         del result_info
-        split = _split(problem, engine, mesh, arg_infos[0], arg_infos[1])
+        split = split_for(problem, engine, mesh, arg_infos[0], arg_infos[1])
         nargs = 5 if recorded else 4
         if not isinstance(arg_infos[0].sharding, NamedSharding) or mesh.empty:
             rep = _replicated_like(arg_infos[0])
             return (mesh, functools.partial(run, problem), (rep, rep), (rep,) * nargs)
-        local = _local_problem(problem, split)
-        batch_axes, out_axes = _axes(split.batch), _axes(split.out)
-        contract = _axes(split.contract)
-
-        def lower(x: Array, w: Array, y: Array, g: Array, record: Array | None = None
-                  ) -> tuple[Array, Array]:
-            if split.subgroups:
-                xg, start = _group_channels(split, x)
-                gx, gw = run(local, xg, w, y, g, record)
-                # This device's group's channels of the whole input gradient.
-                gx = jax.lax.dynamic_update_slice_in_dim(jax.numpy.zeros_like(x), gx, start,
-                                                         x.ndim - 1)
-            elif contract and which in ("max", "min"):
-                # The record is empty here (`forward_recording`): not passed.
-                gx, gw = _winner_backward(local, engine, need, contract, x, w, y, g)
-            else:
-                # Sums need no y; logsumexp's weights exp(c - y) take the global y.
-                gx, gw = run(local, x, w, y, g, record)
-            # lax's all-reduces: the kernel gradient sums over the images of every device,
-            # the input gradient (one group) over every device's output features.
-            if need[1] and batch_axes:
-                gw = jax.lax.psum(gw, batch_axes)
-            if need[0] and out_axes and not split.groups_split:
-                gx = jax.lax.psum(gx, out_axes)
-            return gx, gw
-
+        lower = device_backward(problem, engine, split, need)
         return (mesh, lower, (split.x(), split.w()),
                 (split.x(), split.w(), *(split.y(),) * (nargs - 2)))
 
-    which = collectives.kind(problem.op)
     call.def_partition(partition, infer_sharding_from_operands=infer, sharding_rule=_rule(
         nsd, groups, w_shape, True, _reduces_contraction(problem, engine), recorded))
     return call

@@ -31,7 +31,9 @@ picks for that platform: the platform is the one being lowered for, so a functio
 cross-lowered for `"cuda"` or `"tpu"` on a CPU host gets the accelerator's engine. Under
 a mesh, the calls of engines that declare `Engine.opaque_call` for the platform (the native
 and XLA engines on CPU) are partitioned by `jaxconv._src.core.partitioning` (each device's
-call on its local shapes); accelerator programs are left to JAX's partitioner. Inside
+call on its local shapes); accelerator programs are left to JAX's partitioner. On a mesh
+whose axes are all explicit, every engine on every platform is lowered as a `jax.shard_map`
+read from the operands' types (`jaxconv._src.core.explicit`). Inside
 `jax.shard_map` the primitives type their results with the operands' varying mesh axes.
 Eager calls go through JAX's primitive dispatch, which compiles each primitive once per
 shape and problem and reuses it.
@@ -50,7 +52,7 @@ from jax._src import core as _core
 from jax.extend import core as jex_core
 from jax.interpreters import ad, batching, mlir
 
-from jaxconv._src.core import algebra, factoring, partitioning, planner, products
+from jaxconv._src.core import algebra, explicit, factoring, partitioning, planner, products
 from jaxconv._src.core import engine as registry
 from jaxconv._src.core.algebra import Op
 from jaxconv._src.core.engine import Engine
@@ -347,23 +349,88 @@ def _backward_impl(*args, problem, need, recorded, platform):
     return [gx, gw]
 
 
+def _forward_explicit(x, w, *, problem, platform, types, out_types):
+    """The forward on an explicit-axes mesh: one `jax.shard_map` read from the types.
+
+    Args:
+        x: the input.
+        w: the kernel.
+        problem: the canonical problem.
+        platform: the platform being lowered for.
+        types: the operands' types.
+        out_types: the output's type.
+
+    Returns:
+        The output.
+    """
+    return explicit.forward(problem, _engine(problem, platform), x, w, types, out_types)
+
+
+def _record_explicit(x, w, *, problem, platform, types, out_types):
+    """The recording forward on an explicit-axes mesh (see `_forward_explicit`).
+
+    Args:
+        x: the input.
+        w: the kernel.
+        problem: the canonical problem.
+        platform: the platform being lowered for.
+        types: the operands' types.
+        out_types: the types of the output and the record.
+
+    Returns:
+        ``[y, record]``.
+    """
+    return explicit.forward(problem, _engine(problem, platform), x, w, types, out_types,
+                            recording=True)
+
+
+def _backward_explicit(*args, problem, need, recorded, platform, types, out_types):
+    """The backward on an explicit-axes mesh (see `_forward_explicit`).
+
+    Args:
+        *args: the input, the kernel, the output, the record (when ``recorded``) and the
+            output's cotangent.
+        problem: the canonical problem.
+        need: which gradients are needed, ``(input, kernel)``.
+        recorded: whether the recording forward's record is among ``args``.
+        platform: the platform being lowered for.
+        types: the operands' types.
+        out_types: the gradients' types.
+
+    Returns:
+        ``[gx, gw]``.
+    """
+    (x, w, y, g), record = _split_record(args, recorded)
+    (tx, tw, ty, tg), trecord = _split_record(types, recorded)
+    operands, operand_types = [x, w, y, g], [tx, tw, ty, tg]
+    if recorded:
+        operands.append(record)
+        operand_types.append(trecord)
+    return explicit.backward(problem, _engine(problem, platform), need, operands,
+                             operand_types, out_types)
+
+
 def _plain(aval: Any) -> Any:
     """``aval`` without varying manual axes or a sharding."""
     return _core.ShapedArray(aval.shape, aval.dtype, aval.weak_type)
 
 
-def _per_device(impl, multiple_results: bool):
+def _per_device(impl, multiple_results: bool, explicit_impl=None):
     """The lowering of `impl`, traced on plain per-device types.
 
     Inside `jax.shard_map` the operands' types say over which manual axes they vary; the
     engines' loops start from constants (invariant) and update them with the operands
     (varying), a difference only that typing sees, and the primitive's own abstract
     evaluation has already typed its results. So the engine is traced as per-device code on
-    types without varying axes (or shardings).
+    types without varying axes (or shardings). On a mesh whose axes are all explicit the
+    operands' types say how they are sharded: `explicit_impl` lowers the call as a
+    `jax.shard_map` read from them (`jaxconv._src.core.explicit`).
 
     Args:
         impl: the implementation, ``impl(*args, platform=..., **params)``.
         multiple_results: whether it returns a list.
+        explicit_impl: the implementation on explicit-axes meshes, ``explicit_impl(*args,
+            platform=..., types=..., out_types=..., **params)``, or ``None``.
 
     Returns:
         The MLIR lowering rule.
@@ -372,6 +439,10 @@ def _per_device(impl, multiple_results: bool):
 
     def rule(ctx, *args, **params):
         outs = ctx.avals_out
+        if explicit_impl is not None and explicit.mesh_of(*ctx.avals_in[:2]) is not None:
+            run = functools.partial(explicit_impl, types=tuple(ctx.avals_in),
+                                    out_types=tuple(outs))
+            return mlir.lower_fun(run, multiple_results=multiple_results)(ctx, *args, **params)
         ctx = ctx.replace(avals_in=[_plain(a) for a in ctx.avals_in],
                           avals_out=None if outs is None else [_plain(a) for a in outs])
         return lower(ctx, *args, **params)
@@ -381,16 +452,19 @@ def _per_device(impl, multiple_results: bool):
 
 for _platform in PLATFORMS:
     mlir.register_lowering(
-        conv_p, _per_device(functools.partial(_forward_impl, platform=_platform), False),
+        conv_p, _per_device(functools.partial(_forward_impl, platform=_platform), False,
+                            functools.partial(_forward_explicit, platform=_platform)),
         platform=_platform)
     mlir.register_lowering(
         tangent_p, _per_device(functools.partial(_tangent_impl, platform=_platform), False),
         platform=_platform)
     mlir.register_lowering(
-        backward_p, _per_device(functools.partial(_backward_impl, platform=_platform), True),
+        backward_p, _per_device(functools.partial(_backward_impl, platform=_platform), True,
+                                functools.partial(_backward_explicit, platform=_platform)),
         platform=_platform)
     mlir.register_lowering(
-        record_p, _per_device(functools.partial(_record_impl, platform=_platform), True),
+        record_p, _per_device(functools.partial(_record_impl, platform=_platform), True,
+                              functools.partial(_record_explicit, platform=_platform)),
         platform=_platform)
 
 

@@ -383,7 +383,10 @@ def trace(fn: Callable[..., Any], dtype: Any, n_args: int,
     dtype = np.dtype(dtype)
     s = jax.ShapeDtypeStruct((), dtype)
     try:
-        closed = jax.make_jaxpr(fn)(*([s] * n_args))
+        # Outside any mesh in context: under an explicit-axes mesh `jax.grad` would put
+        # `reshard`s of its scalar cotangents in the program (and a refusal is cached).
+        with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ())):
+            closed = jax.make_jaxpr(fn)(*([s] * n_args))
     except Exception as e:  # noqa: BLE001 - any tracing failure means "not translatable"
         raise Untranslatable(f"it cannot be traced on scalars ({type(e).__name__}: {e})") \
             from None
