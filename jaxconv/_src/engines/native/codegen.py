@@ -13,6 +13,10 @@ out), with the reduce, identity and NaN behaviour the kernels need (``csrc/kerne
   and its partials (``dfab``), traced once like ``combine``, run by
   ``csrc/kernel_fold.h`` in the XLA engine's order, forward and backward.
 
+Every float32 functor also declares ``kCombOps``, the vector operations of one combine
+(`comb_ops`, from the traced program): a heavy combine's forward runs its own register tile
+(``csrc/kernel_heavy.h``).
+
 A ``jax.custom_vjp`` / ``jax.custom_jvp`` call in ``combine`` (or the fold) is compiled as the
 primal it wraps (`primal_program`); the partials come from ``jax.grad``, so they are the
 user's rule, applied per product.
