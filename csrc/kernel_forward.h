@@ -108,7 +108,8 @@ void fwd_tile(const Ctx& c, const float* xb, const float* wb, const float* pad,
         for (int v = 0; v < NV; ++v) wv[v] = S::load(wt + i * NR + v * W);
         for (int r = 0; r < MR; ++r) {
           const V xv = S::set1(ptr[r][i]);
-          for (int v = 0; v < NV; ++v) acc[r][v] = step<Op, Safe, S>(acc[r][v], xv, wv[v]);
+          if constexpr (heavy<Op>()) paired_steps<Op, Safe, NV>(acc[r], xv, wv);  // kernel_heavy.h
+          else for (int v = 0; v < NV; ++v) acc[r][v] = step<Op, Safe, S>(acc[r][v], xv, wv[v]);
         }
       }
     } else {
@@ -432,10 +433,12 @@ void forward_packed(Ctx& c) {
   if (unbounded.load()) c.unbounded = true;
 }
 
-// forward_packed on the register tile that the call's `tile` parameter names.
+// forward_packed on the register tile that the call's `tile` parameter names (a heavy user
+// combine's own: kernel_heavy.h).
 template <class Op, bool Safe>
 void forward_tiled(Ctx& c) {
-  if (c.prm.tile) forward_packed<Op, Safe, kAltMR, kAltNV>(c);
+  if constexpr (heavy<Op>()) forward_packed<Op, Safe, kHeavyMR, kHeavyNV>(c);  // kernel_heavy.h
+  else if (c.prm.tile) forward_packed<Op, Safe, kAltMR, kAltNV>(c);
   else forward_packed<Op, Safe>(c);
 }
 

@@ -160,6 +160,10 @@ def _gauss(x, w):
     return np.exp(-np.square(np.subtract(x, w)))
 
 
+def _x_gauss(x, w):
+    return np.multiply(x, _gauss(x, w))
+
+
 def _hinge(x, w):
     return np.where(x > w, x - w, 0.5 * (w - x))
 
@@ -174,6 +178,10 @@ USER_OPS = {
                        np.maximum, -math.inf),
     "gauss_sum": (jaxconv.Op(lambda x, w: jnp.exp(-jnp.square(x - w)), "sum"), _gauss, np.add,
                   0.0),
+    # A heavy combine under max (not monotone in one map: the kernels' own heavy tile and its
+    # pairs of products, csrc/kernel_heavy.h, also on the NaN-safe path).
+    "x_gauss_max": (jaxconv.Op(lambda x, w: x * jnp.exp(-jnp.square(x - w)), "max"), _x_gauss,
+                    np.maximum, -math.inf),
     "hinge_min": (jaxconv.Op(lambda x, w: jnp.where(x > w, x - w, 0.5 * (w - x)), "min"),
                   _hinge, np.minimum, math.inf),
     "cube_sum_pad": (jaxconv.Op(lambda x, w: (x - w) ** 3, "sum", pad_value=0.5),
@@ -189,7 +197,8 @@ COVER = [("tanh_sub_max", "2d_same"), ("tanh_sub_max", "lhs_dil_empty"),
          ("tanh_x_mul_max", "depthwise"), ("tanh_x_mul_max", "2d_same"),
          ("gauss_sum", "1d_stride"), ("gauss_sum", "3d"), ("hinge_min", "rhs_dil_groups"),
          ("hinge_min", "lhs_dil_empty"), ("cube_sum_pad", "2d_same"),
-         ("cube_sum_pad", "1d_stride"), ("callable_max", "wide"), ("callable_max", "3d")]
+         ("cube_sum_pad", "1d_stride"), ("callable_max", "wide"), ("callable_max", "3d"),
+         ("x_gauss_max", "2d_same")]
 
 
 # Max / min of these give the XLA engine's numbers bit for bit (but a mul next to an add may
@@ -221,7 +230,8 @@ def test_kernels_match_reference_and_xla(name, geometry):
         np.testing.assert_array_equal(got, xla)
 
 
-@pytest.mark.parametrize("name", ["tanh_sub_max", "tanh_x_mul_max", "hinge_min", "gauss_sum"])
+@pytest.mark.parametrize("name", ["tanh_sub_max", "tanh_x_mul_max", "hinge_min", "gauss_sum",
+                                  "x_gauss_max"])
 def test_nan_and_infinity_as_the_xla_engine(name):
     op = USER_OPS[name][0]
     x, w, kw = _data("2d_same", seed=3, specials=True)

@@ -13,6 +13,10 @@ out), with the reduce, identity and NaN behaviour the kernels need (``csrc/kerne
   and its partials (``dfab``), traced once like ``combine``, run by
   ``csrc/kernel_fold.h`` in the XLA engine's order, forward and backward.
 
+Every float32 functor also declares ``kCombOps``, the vector operations of one combine
+(`comb_ops`, from the traced program): a heavy combine's forward runs its own register tile
+(``csrc/kernel_heavy.h``).
+
 A ``jax.custom_vjp`` / ``jax.custom_jvp`` call in ``combine`` (or the fold) is compiled as the
 primal it wraps (`primal_program`); the partials come from ``jax.grad``, so they are the
 user's rule, applied per product.
@@ -188,6 +192,35 @@ def _expr(node: sp.Node, dtype: np.dtype = _F32, plain: bool = False,
     raise Untranslatable(f"primitive {name!r} is not translated")
 
 
+# Vector operations of one call of the kernels' translation of a primitive (csrc/vmath.h and
+# simd.h on AVX-512, counted in the compiled loops; a division or square root counted as the
+# few operations its latency and throughput are worth); every other primitive is one. Only
+# the forward's choice of register tile reads them (`comb_ops`, csrc/kernel_heavy.h).
+_VECTOR_OPS = {"exp": 15, "exp2": 13, "expm1": 22, "log": 24, "log1p": 30, "tanh": 36,
+               "logistic": 22, "pow": 80, "sin": 40, "cos": 40, "erf": 40, "div": 6,
+               "sqrt": 6, "rsqrt": 12} | {p: 40 for p in SCALAR_LIBM}
+
+
+def comb_ops(program: sp.ScalarProgram) -> int:
+    """The vector operations one evaluation of `program`'s first output costs: the declared
+    cost the forward kernel picks its register tile from (``kCombOps``).
+
+    Args:
+        program: a combine's program.
+
+    Returns:
+        The estimate (a sum over its live nodes, `_VECTOR_OPS` or one each).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxconv._src.core import scalar_program as sp
+      >>> comb_ops(sp.combine_program(lambda x, w: jnp.exp(-(x - w) ** 2), np.float32))
+      18
+    """
+    return sum(_VECTOR_OPS.get(program.nodes[k].name, 1)
+               for k in program.live_of(program.outputs[0]))
+
+
 def _power_of_two(r: sp.Ref, dtype: np.dtype = _F32) -> bool:
     """Whether `r` is a constant +-2^k whose reciprocal is a normal number of float `dtype`.
 
@@ -346,6 +379,7 @@ namespace {{
 struct UserOp : {reduce} {{
   static constexpr bool kDominated = false;
   static constexpr bool kNanFree = {nan_free};
+  static constexpr int kCombOps = {ops};
   static float ident() {{ return {ident}; }}
 """
 
@@ -469,7 +503,8 @@ def functor(op: Op, dtype: object = np.float32, wide: bool = False) -> Functor:
     # Only the program reaches the source, never the op's name or anything else the user
     # wrote: primitive names come from the tables above, numbers from `literal`.
     source = (PRELUDE.format(reduce=REDUCES[caps.reduce],
-                             nan_free="true" if nan_free else "false", ident=literal(ident))
+                             nan_free="true" if nan_free else "false", ident=literal(ident),
+                             ops=comb_ops(comb))
               + "\n".join(body) + "\n" + EPILOGUE.format(extra="", run="run_op"))
     used = tuple(sorted(set(comb.primitives()) | set(parts.primitives())))
     return Functor(source, used, tuple(p for p in used if p in SCALAR_LIBM), nan_free,
@@ -626,7 +661,7 @@ def _fold_functor(op: Op, caps: object, dtype: np.dtype) -> Functor:
     # kernel_fold.h reads only ident, comb, fold, dcxw and dfab (both partials at once, their
     # common subexpressions computed once); the reduce base and the flags are the template's
     # requirements of every functor.
-    source = (PRELUDE.format(reduce="MaxR", nan_free="false", ident=literal(ident))
+    source = (PRELUDE.format(reduce="MaxR", nan_free="false", ident=literal(ident), ops=0)
               + "\n".join(body) + "\n"
               + EPILOGUE.format(extra='#include "kernel_fold.h"\n', run="run_fold_op"))
     used = tuple(sorted(set(comb.primitives()) | set(parts.primitives())
