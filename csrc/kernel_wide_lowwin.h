@@ -139,7 +139,7 @@ struct LowWin {
   const float* y;
   const float* gy;
   const float* w;        // this batch element's kernel (K, O)
-  float* scale;          // per output: g / count
+  float* scale;          // per output: g / count (one winner: after pass 1, its dw term)
   int64_t* code;         // per output: its one winner's row, -2 (none), or -3 - its list
   float* dx;
   float* dw;
@@ -461,7 +461,22 @@ int low_win_backward(const WideCall& call) {
           const int64_t at0 = lw.b * f.ys + r * g.o + col0;
           for (int64_t l = 0; l < cols; ++l) {
             const E sc = lw.scale[at0 + l];
-            low_each(lw, item, lw.code[at0 + l], [&](int64_t k) {
+            const int64_t code = lw.code[at0 + l];
+            if (code >= 0) {
+              // One winner: its input gradient, and its kernel gradient's term (the product
+              // pass 2 would form, the same rounding) in place of its scale, while its x
+              // and w are in cache: pass 2 then adds it without reading them again.
+              const int64_t i = lw.kt[2 * code + 1];
+              const int32_t off = lw.tab[p * f.T + lw.kt[2 * code]];
+              const int64_t at = n * lw.img + off + grp * g.i + i;
+              const E ws = lw.w[code * g.o + col0 + l];
+              const E xs = off >= 0 ? xb[at] : f.fill[i];
+              if (off >= 0)  // a winner in the padding has no input gradient
+                dxb[at] += sc * Gr::template dx<E>(splat<E>(xs), splat<E>(ws))[0];
+              lw.scale[at0 + l] = sc * Gr::template dw<E>(splat<E>(xs), splat<E>(ws))[0];
+              continue;
+            }
+            low_each(lw, item, code, [&](int64_t k) {
               const int32_t off = lw.tab[p * f.T + lw.kt[2 * k]];
               if (off < 0) return;  // a winner in the padding: no input gradient
               const int64_t at = n * lw.img + off + grp * g.i + lw.kt[2 * k + 1];
@@ -499,7 +514,12 @@ int low_win_backward(const WideCall& call) {
         const int64_t at0 = lw.b * f.ys + r * g.o + col0;
         for (int64_t l = 0; l < cols; ++l) {
           const E sr = lw.scale[at0 + l];
-          low_each(lw, owner, lw.code[at0 + l], [&](int64_t k) {
+          const int64_t code = lw.code[at0 + l];
+          if (code >= 0) {  // one winner: pass 1 left its term in its scale
+            acc[size_t(code * kCols + l)] += sr;
+            continue;
+          }
+          low_each(lw, owner, code, [&](int64_t k) {
             const int64_t i = lw.kt[2 * k + 1];
             const int32_t off = lw.tab[p * f.T + lw.kt[2 * k]];
             const E xs = off >= 0 ? xb[n * lw.img + off + grp * g.i + i] : f.fill[i];
