@@ -115,6 +115,35 @@ inline float low_bound(float y) {
   return Max ? lo : hi;
 }
 
+// low_bound for bfloat16 without branches (the bounds of a run are filled in one vector loop):
+// the same value as bf16_bounds' lo (Max) / hi.
+template <bool Max>
+inline float bf16_bound(float y) {
+  uint32_t u;
+  std::memcpy(&u, &y, sizeof(u));
+  const uint32_t mag = u & 0x7FFFFFFFu;
+  const uint32_t half = 0x8000u - ((mag >> 16) & 1u);
+  const uint32_t a = mag == 0 ? 0 : mag - half;
+  const uint32_t z = mag == 0x7F800000u ? mag : mag + half;
+  const bool neg = (u >> 31) != 0;
+  const uint32_t r = Max ? (neg || mag == 0 ? z | 0x80000000u : a)
+                         : (neg && mag != 0 ? a | 0x80000000u : z);
+  float f;
+  std::memcpy(&f, &r, sizeof(f));
+  return y != y ? y : f;
+}
+
+// The bound the scan compares an output's products with. A min(x, w) under max or a max(x, w)
+// under min is one of its operands, a value of their dtype: it passes y's bound exactly when
+// it passes y itself (the dtype's values in y's rounding interval are y alone; -0 == +0), so
+// y is the bound and no interval is computed.
+template <class Op, int Rnd, bool Max>
+inline float scan_bound(float y) {
+  if constexpr ((Op::kComb == 1 && Max) || (Op::kComb == 2 && !Max)) return y;
+  else if constexpr (Rnd == jaxconv::kRoundBF16) return bf16_bound<Max>(y);
+  else return low_bound<Rnd, Max>(y);
+}
+
 // The lanes of v that are not zero, as bits.
 inline uint32_t lane_bits(VecOf<float> v) {
 #if JAXCONV_WIDE_BYTES == 64 && defined(__AVX512F__)
@@ -241,9 +270,16 @@ void low_scan_run(const LowWin& lw, LowRun& st, std::vector<int32_t>& list, int6
   const int64_t cols = pl.og - o0 < LNB ? pl.og - o0 : LNB;
   const float nan = std::numeric_limits<float>::quiet_NaN();
   const float* yb = lw.y + lw.b * pl.ys;
-  for (int64_t q = 0; q < kLPos; ++q)
-    for (int64_t l = 0; l < LNB; ++l)
-      st.bnd[q][l] = q < nq && l < cols ? low_bound<Rnd, Max>(yb[(q0 + q) * O + col0 + l]) : nan;
+  for (int64_t q = 0; q < kLPos; ++q) {
+    float* bq = st.bnd[q];
+    if (q >= nq) {
+      for (int64_t l = 0; l < LNB; ++l) bq[l] = nan;
+      continue;
+    }
+    const float* yq = yb + (q0 + q) * O + col0;
+    for (int64_t l = 0; l < cols; ++l) bq[l] = scan_bound<Op, Rnd, Max>(yq[l]);
+    for (int64_t l = cols; l < LNB; ++l) bq[l] = nan;
+  }
   for (int64_t q = 0; q < nq; ++q) {
     const int64_t r = q0 + q, n = r / pl.P, p = r % pl.P;
     for (int64_t t = 0; t < T; ++t) {
