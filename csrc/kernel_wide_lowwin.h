@@ -115,6 +115,35 @@ inline float low_bound(float y) {
   return Max ? lo : hi;
 }
 
+// low_bound for bfloat16 without branches (the bounds of a run are filled in one vector loop):
+// the same value as bf16_bounds' lo (Max) / hi.
+template <bool Max>
+inline float bf16_bound(float y) {
+  uint32_t u;
+  std::memcpy(&u, &y, sizeof(u));
+  const uint32_t mag = u & 0x7FFFFFFFu;
+  const uint32_t half = 0x8000u - ((mag >> 16) & 1u);
+  const uint32_t a = mag == 0 ? 0 : mag - half;
+  const uint32_t z = mag == 0x7F800000u ? mag : mag + half;
+  const bool neg = (u >> 31) != 0;
+  const uint32_t r = Max ? (neg || mag == 0 ? z | 0x80000000u : a)
+                         : (neg && mag != 0 ? a | 0x80000000u : z);
+  float f;
+  std::memcpy(&f, &r, sizeof(f));
+  return y != y ? y : f;
+}
+
+// The bound the scan compares an output's products with. A min(x, w) under max or a max(x, w)
+// under min is one of its operands, a value of their dtype: it passes y's bound exactly when
+// it passes y itself (the dtype's values in y's rounding interval are y alone; -0 == +0), so
+// y is the bound and no interval is computed.
+template <class Op, int Rnd, bool Max>
+inline float scan_bound(float y) {
+  if constexpr ((Op::kComb == 1 && Max) || (Op::kComb == 2 && !Max)) return y;
+  else if constexpr (Rnd == jaxconv::kRoundBF16) return bf16_bound<Max>(y);
+  else return low_bound<Rnd, Max>(y);
+}
+
 // The lanes of v that are not zero, as bits.
 inline uint32_t lane_bits(VecOf<float> v) {
 #if JAXCONV_WIDE_BYTES == 64 && defined(__AVX512F__)
@@ -139,7 +168,7 @@ struct LowWin {
   const float* y;
   const float* gy;
   const float* w;        // this batch element's kernel (K, O)
-  float* scale;          // per output: g / count
+  float* scale;          // per output: g / count (one winner: after pass 1, its dw term)
   int64_t* code;         // per output: its one winner's row, -2 (none), or -3 - its list
   float* dx;
   float* dw;
@@ -241,9 +270,16 @@ void low_scan_run(const LowWin& lw, LowRun& st, std::vector<int32_t>& list, int6
   const int64_t cols = pl.og - o0 < LNB ? pl.og - o0 : LNB;
   const float nan = std::numeric_limits<float>::quiet_NaN();
   const float* yb = lw.y + lw.b * pl.ys;
-  for (int64_t q = 0; q < kLPos; ++q)
-    for (int64_t l = 0; l < LNB; ++l)
-      st.bnd[q][l] = q < nq && l < cols ? low_bound<Rnd, Max>(yb[(q0 + q) * O + col0 + l]) : nan;
+  for (int64_t q = 0; q < kLPos; ++q) {
+    float* bq = st.bnd[q];
+    if (q >= nq) {
+      for (int64_t l = 0; l < LNB; ++l) bq[l] = nan;
+      continue;
+    }
+    const float* yq = yb + (q0 + q) * O + col0;
+    for (int64_t l = 0; l < cols; ++l) bq[l] = scan_bound<Op, Rnd, Max>(yq[l]);
+    for (int64_t l = cols; l < LNB; ++l) bq[l] = nan;
+  }
   for (int64_t q = 0; q < nq; ++q) {
     const int64_t r = q0 + q, n = r / pl.P, p = r % pl.P;
     for (int64_t t = 0; t < T; ++t) {
@@ -461,7 +497,22 @@ int low_win_backward(const WideCall& call) {
           const int64_t at0 = lw.b * f.ys + r * g.o + col0;
           for (int64_t l = 0; l < cols; ++l) {
             const E sc = lw.scale[at0 + l];
-            low_each(lw, item, lw.code[at0 + l], [&](int64_t k) {
+            const int64_t code = lw.code[at0 + l];
+            if (code >= 0) {
+              // One winner: its input gradient, and its kernel gradient's term (the product
+              // pass 2 would form, the same rounding) in place of its scale, while its x
+              // and w are in cache: pass 2 then adds it without reading them again.
+              const int64_t i = lw.kt[2 * code + 1];
+              const int32_t off = lw.tab[p * f.T + lw.kt[2 * code]];
+              const int64_t at = n * lw.img + off + grp * g.i + i;
+              const E ws = lw.w[code * g.o + col0 + l];
+              const E xs = off >= 0 ? xb[at] : f.fill[i];
+              if (off >= 0)  // a winner in the padding has no input gradient
+                dxb[at] += sc * Gr::template dx<E>(splat<E>(xs), splat<E>(ws))[0];
+              lw.scale[at0 + l] = sc * Gr::template dw<E>(splat<E>(xs), splat<E>(ws))[0];
+              continue;
+            }
+            low_each(lw, item, code, [&](int64_t k) {
               const int32_t off = lw.tab[p * f.T + lw.kt[2 * k]];
               if (off < 0) return;  // a winner in the padding: no input gradient
               const int64_t at = n * lw.img + off + grp * g.i + lw.kt[2 * k + 1];
@@ -499,7 +550,12 @@ int low_win_backward(const WideCall& call) {
         const int64_t at0 = lw.b * f.ys + r * g.o + col0;
         for (int64_t l = 0; l < cols; ++l) {
           const E sr = lw.scale[at0 + l];
-          low_each(lw, owner, lw.code[at0 + l], [&](int64_t k) {
+          const int64_t code = lw.code[at0 + l];
+          if (code >= 0) {  // one winner: pass 1 left its term in its scale
+            acc[size_t(code * kCols + l)] += sr;
+            continue;
+          }
+          low_each(lw, owner, code, [&](int64_t k) {
             const int64_t i = lw.kt[2 * k + 1];
             const int32_t off = lw.tab[p * f.T + lw.kt[2 * k]];
             const E xs = off >= 0 ? xb[n * lw.img + off + grp * g.i + i] : f.fill[i];

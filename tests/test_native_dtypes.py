@@ -333,3 +333,19 @@ def test_max_min_with_a_float32_result(op: str) -> None:
     with jax.numpy_rank_promotion("allow"):
         np.testing.assert_array_equal(np.asarray(y), np.asarray(f("xla")(x, w)))
     np.testing.assert_array_equal(np.asarray(y), np.asarray(y.astype(BF16), np.float32))
+
+
+def test_kernel_gradient_of_winners_in_the_padding() -> None:
+    """max(x, w) under min with a pad value, x shifted up so that the padding wins at the
+    border: a winner in the padding has no input gradient and its kernel gradient reads the
+    pad value (0: max(0, w) is w's where w > 0, else the pad's, so dw depends on it). The
+    bf16 backward forms a one-winner output's kernel term in its first pass; the gradients
+    are the XLA engine's."""
+    op = jaxconv.Op(jnp.maximum, "min", pad_value=0.0, name="padded_min_max")
+    x, w = _data(BF16, seed=6)
+    x = x + 8.0
+    assert "jaxconv_wide_backward" in _loss(op, "native").lower(x, w).as_text()
+    ulp = float(jnp.finfo(BF16).eps)
+    for a, b in zip(_loss(op, "native")(x, w), _loss(op, "xla")(x, w), strict=True):
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                                   rtol=ulp, atol=ulp / 4)
