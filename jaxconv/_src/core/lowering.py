@@ -1,0 +1,157 @@
+"""The per-platform lowering of the primitives, by the engine the planner picks.
+
+Each primitive of `jaxconv._src.core.primitive` is lowered, per platform, by the engine that
+`jaxconv._src.core.planner` picks for that platform: the platform is the one being lowered
+for, so a function cross-lowered for `"cuda"` or `"tpu"` on a CPU host gets the accelerator's
+engine. Under a mesh, the calls of engines that declare `Engine.opaque_call` for the platform
+(the native and XLA engines on CPU) are partitioned by `jaxconv._src.core.partitioning` (each
+device's call on its local shapes); accelerator programs are left to JAX's partitioner.
+Inside `jax.shard_map` the engines are traced as per-device code (the primitives' abstract
+evaluation has already typed the results with the operands' varying mesh axes).
+
+Importing this module registers the lowerings.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from jax._src import core as _core
+from jax.interpreters import mlir
+
+from jaxconv._src.core import partitioning, planner
+from jaxconv._src.core.engine import Engine
+from jaxconv._src.core.primitive import (
+    backward_p,
+    conv_p,
+    record_p,
+    split_record,
+    tangent_p,
+)
+
+PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
+
+
+def _custom_call(engine: Engine, platform: str) -> bool:
+    """Whether `engine` lowers to a custom call that the SPMD partitioner would replicate
+    (declared by the engine: `Engine.opaque_call`): such calls are partitioned by
+    `partitioning`."""
+    return engine.opaque_call(platform)
+
+
+def _forward_impl(x, w, *, problem, platform):
+    """The forward on ``platform``: the engine's, or its custom call with the SPMD rule.
+
+    Args:
+        x: the input.
+        w: the kernel.
+        problem: the canonical problem.
+        platform: the platform being lowered for.
+
+    Returns:
+        The output.
+    """
+    engine = planner.engine_for(problem, platform)
+    if _custom_call(engine, platform):
+        return partitioning.forward(problem, engine, x, w)
+    return engine.forward(problem, x, w)
+
+
+def _record_impl(x, w, *, problem, platform):
+    """The recording forward on ``platform`` (an engine that does not record gives an
+    empty record).
+
+    Args:
+        x: the input.
+        w: the kernel.
+        problem: the canonical problem.
+        platform: the platform being lowered for.
+
+    Returns:
+        ``[y, record]``.
+    """
+    engine = planner.engine_for(problem, platform)
+    if _custom_call(engine, platform):
+        return list(partitioning.forward_recording(problem, engine, x, w))
+    return list(engine.forward_recording(problem, x, w))
+
+
+def _tangent_impl(*args, problem, active, recorded, platform):
+    """The tangent (forward mode) on ``platform``, by the engine the planner picks (the
+    record is not needed there)."""
+    (x, w, y, tx, tw), _ = split_record(args, recorded)
+    return planner.engine_for(problem, platform).tangent(problem, x, w, y, tx, tw, active)
+
+
+def _backward_impl(*args, problem, need, recorded, platform):
+    """The backward on ``platform``: the engine's, or its custom call with the SPMD rule.
+
+    Args:
+        *args: the input, the kernel, the output, the record (when ``recorded``) and the
+            output's cotangent.
+        problem: the canonical problem.
+        need: which gradients are needed, ``(input, kernel)``.
+        recorded: whether the recording forward's record is among ``args``.
+        platform: the platform being lowered for.
+
+    Returns:
+        ``[gx, gw]``.
+    """
+    (x, w, y, g), record = split_record(args, recorded)
+    engine = planner.engine_for(problem, platform)
+    if _custom_call(engine, platform):
+        gx, gw = partitioning.backward(problem, engine, x, w, y, g, need, record)
+    elif record is not None:
+        gx, gw = engine.backward_recorded(problem, x, w, y, record, g, need)
+    else:
+        gx, gw = engine.backward(problem, x, w, y, g, need)
+    return [gx, gw]
+
+
+def _plain(aval: Any) -> Any:
+    """``aval`` without varying manual axes or a sharding."""
+    return _core.ShapedArray(aval.shape, aval.dtype, aval.weak_type)
+
+
+def _per_device(impl, multiple_results: bool):
+    """The lowering of `impl`, traced on plain per-device types.
+
+    Inside `jax.shard_map` the operands' types say over which manual axes they vary; the
+    engines' loops start from constants (invariant) and update them with the operands
+    (varying), a difference only that typing sees, and the primitive's own abstract
+    evaluation has already typed its results. So the engine is traced as per-device code on
+    types without varying axes (or shardings).
+
+    Args:
+        impl: the implementation, ``impl(*args, platform=..., **params)``.
+        multiple_results: whether it returns a list.
+
+    Returns:
+        The MLIR lowering rule.
+    """
+    lower = mlir.lower_fun(impl, multiple_results=multiple_results)
+
+    def rule(ctx, *args, **params):
+        outs = ctx.avals_out
+        ctx = ctx.replace(avals_in=[_plain(a) for a in ctx.avals_in],
+                          avals_out=None if outs is None else [_plain(a) for a in outs])
+        return lower(ctx, *args, **params)
+
+    return rule
+
+
+for _platform in PLATFORMS:
+    mlir.register_lowering(
+        conv_p, _per_device(functools.partial(_forward_impl, platform=_platform), False),
+        platform=_platform)
+    mlir.register_lowering(
+        tangent_p, _per_device(functools.partial(_tangent_impl, platform=_platform), False),
+        platform=_platform)
+    mlir.register_lowering(
+        backward_p, _per_device(functools.partial(_backward_impl, platform=_platform), True),
+        platform=_platform)
+    mlir.register_lowering(
+        record_p, _per_device(functools.partial(_record_impl, platform=_platform), True),
+        platform=_platform)
+
