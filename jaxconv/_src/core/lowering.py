@@ -40,7 +40,7 @@ def _custom_call(engine: Engine, platform: str) -> bool:
     return engine.opaque_call(platform)
 
 
-def _forward_impl(x, w, *, problem, platform):
+def _forward_impl(x, w, *, problem, platform, recording=False):
     """The forward on ``platform``: the engine's, or its custom call with the SPMD rule.
 
     Args:
@@ -48,33 +48,19 @@ def _forward_impl(x, w, *, problem, platform):
         w: the kernel.
         problem: the canonical problem.
         platform: the platform being lowered for.
+        recording: the recording forward (an engine that does not record gives an empty
+            record).
 
     Returns:
-        The output.
+        The output, or ``[y, record]`` when ``recording``.
     """
     engine = planner.engine_for(problem, platform)
     if _custom_call(engine, platform):
-        return partitioning.forward(problem, engine, x, w)
-    return engine.forward(problem, x, w)
-
-
-def _record_impl(x, w, *, problem, platform):
-    """The recording forward on ``platform`` (an engine that does not record gives an
-    empty record).
-
-    Args:
-        x: the input.
-        w: the kernel.
-        problem: the canonical problem.
-        platform: the platform being lowered for.
-
-    Returns:
-        ``[y, record]``.
-    """
-    engine = planner.engine_for(problem, platform)
-    if _custom_call(engine, platform):
-        return list(partitioning.forward_recording(problem, engine, x, w))
-    return list(engine.forward_recording(problem, x, w))
+        run = partitioning.forward_recording if recording else partitioning.forward
+        out = run(problem, engine, x, w)
+    else:
+        out = (engine.forward_recording if recording else engine.forward)(problem, x, w)
+    return list(out) if recording else out
 
 
 def _tangent_impl(*args, problem, active, recorded, platform):
@@ -141,17 +127,14 @@ def _per_device(impl, multiple_results: bool):
     return rule
 
 
+_RULES = (  # (primitive, implementation, its keyword arguments, multiple results)
+    (conv_p, _forward_impl, {}, False),
+    (record_p, _forward_impl, {"recording": True}, True),
+    (tangent_p, _tangent_impl, {}, False),
+    (backward_p, _backward_impl, {}, True),
+)
 for _platform in PLATFORMS:
-    mlir.register_lowering(
-        conv_p, _per_device(functools.partial(_forward_impl, platform=_platform), False),
-        platform=_platform)
-    mlir.register_lowering(
-        tangent_p, _per_device(functools.partial(_tangent_impl, platform=_platform), False),
-        platform=_platform)
-    mlir.register_lowering(
-        backward_p, _per_device(functools.partial(_backward_impl, platform=_platform), True),
-        platform=_platform)
-    mlir.register_lowering(
-        record_p, _per_device(functools.partial(_record_impl, platform=_platform), True),
-        platform=_platform)
-
+    for _prim, _impl, _kw, _multiple in _RULES:
+        mlir.register_lowering(
+            _prim, _per_device(functools.partial(_impl, platform=_platform, **_kw), _multiple),
+            platform=_platform)
