@@ -107,15 +107,17 @@ def _pair_op(fn, reduce="sum", **kw):
     return jaxconv.Op(fn, reduce, name=f"test_{reduce}", **kw)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _compile_in_parallel():
-    """Compiles this module's kernels at once, one compiler per core (they are cached)."""
+@pytest.fixture(scope="module")
+def table_kernels():
+    """Compiles the kernels of PRIMITIVES and USER_OPS at once, one compiler per core (they
+    are cached); the tests that run them ask for it, so a run of the others compiles none."""
     ops = [_pair_op(fn, PAIR_REDUCE.get(name, "sum")) for name, (fn, _) in PRIMITIVES.items()]
     ops += [_inner(op) for op, *_ in USER_OPS.values()]
     with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
         list(pool.map(native.user_kernel, ops))
 
 
+@pytest.mark.usefixtures("table_kernels")
 @pytest.mark.parametrize("name", sorted(PRIMITIVES))
 def test_each_primitive_matches_jnp(name):
     fn, exact = PRIMITIVES[name]
@@ -207,6 +209,7 @@ def _data(geometry, seed=0, specials=False):
     return data(GEOMETRIES[geometry], seed, specials)
 
 
+@pytest.mark.usefixtures("table_kernels")
 @pytest.mark.parametrize("name, geometry", COVER)
 def test_kernels_match_reference_and_xla(name, geometry):
     op, combine, reduce, identity = USER_OPS[name]
@@ -220,6 +223,7 @@ def test_kernels_match_reference_and_xla(name, geometry):
         np.testing.assert_array_equal(got, xla)
 
 
+@pytest.mark.usefixtures("table_kernels")
 @pytest.mark.parametrize("name", ["tanh_sub_max", "tanh_x_mul_max", "hinge_min", "gauss_sum"])
 def test_nan_and_infinity_as_the_xla_engine(name):
     op = USER_OPS[name][0]
@@ -227,6 +231,7 @@ def test_nan_and_infinity_as_the_xla_engine(name):
     assert_specials_as_xla(op, kw, x, w)
 
 
+@pytest.mark.usefixtures("table_kernels")
 @pytest.mark.parametrize("name, geometry", [("tanh_sub_max", "rhs_dil_groups"),
                                             ("tanh_x_mul_max", "2d_same"),
                                             ("gauss_sum", "3d"), ("hinge_min", "depthwise"),
@@ -237,6 +242,7 @@ def test_gradients_match_xla_engine(name, geometry):
     assert_gradients_match_xla(op, kw, x, w, seed=5)
 
 
+@pytest.mark.usefixtures("table_kernels")
 def test_gradient_matches_finite_differences():
     op = USER_OPS["gauss_sum"][0]
     x, w, kw = _data("1d_stride", seed=6)
@@ -280,6 +286,7 @@ def test_relaxed_min_max_keep_nan_zero_signs_and_ties(reduce):
     assert_specials_as_xla(op, kw, xs, w)
 
 
+@pytest.mark.usefixtures("table_kernels")
 def test_vmap_of_a_user_op_is_the_batched_call():
     op = USER_OPS["clip_mul_max"][0]
     x, w, kw = _data("2d_same", seed=9)
@@ -291,6 +298,7 @@ def test_vmap_of_a_user_op_is_the_batched_call():
 
 # --- planner, explain, refusals -----------------------------------------------------------------
 
+@pytest.mark.usefixtures("table_kernels")
 def test_auto_compiles_vectorized_ops_and_explains():
     op = USER_OPS["tanh_sub_max"][0]
     plan = jaxconv.explain(op, platform="cpu")
@@ -300,6 +308,7 @@ def test_auto_compiles_vectorized_ops_and_explains():
     assert "engine 'native'" in str(plan)
 
 
+@pytest.mark.usefixtures("table_kernels")
 def test_auto_keeps_lane_by_lane_math_on_xla():
     op = jaxconv.Op(lambda x, w: jnp.cbrt(x - w), "sum", name="cbrt_op")
     assert codegen.functor(op).scalar == ("cbrt",)
