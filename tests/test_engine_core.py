@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 import jaxconv
-from jaxconv._src.core import algebra, planner, primitive
+from jaxconv._src.core import algebra, batching, planner
+from jaxconv._src.core.problem import Problem
 
 DN = ("NWC", "WIO", "NWC")
 CLIP_MAX = jaxconv.Op(lambda a, b: jnp.clip(a * b, -1.0, 1.0), "max", identity=-np.inf,
@@ -115,7 +116,7 @@ def test_per_example_kernel_gradient_in_lax_products(op, engine):
             return jnp.sum(jnp.sin(y))
         return jax.grad(loss, argnums=(0, 1))(a, b)
 
-    assert primitive._per_example_rule(primitive.Problem(
+    assert batching._per_example_rule(Problem(
         jaxconv.ops.get(op), None, engine, np.dtype("float32"), 1, None,
         np.dtype("float32"))) is not None
     got = jax.jit(jax.vmap(jax.vmap(grads, in_axes=(0, None)), in_axes=(0, None)))(x, w)
@@ -233,11 +234,11 @@ def test_planner_is_static_and_declared():
     user_mul = jaxconv.Op(lambda a, b: a * b, lambda a, b: a + b, identity=0.0, name="um")
     caps = algebra.capabilities(user_mul)
     assert caps.canonical.reduce == "sum" and caps.separable == "mul"
-    problem = primitive.Problem(jaxconv.ops.max_plus, geom, "auto", np.dtype("float32"),
+    problem = Problem(jaxconv.ops.max_plus, geom, "auto", np.dtype("float32"),
                                 2**20)
     for platform in ("cuda", "tpu", "rocm"):
         assert planner.engine_name(problem, np.float32, platform) == "xla"
-    xnor = primitive.Problem(jaxconv.ops.xnor, geom, "pallas", np.dtype("float32"), 2**20)
+    xnor = Problem(jaxconv.ops.xnor, geom, "pallas", np.dtype("float32"), 2**20)
     assert planner.engine_name(xnor, np.float32, "cpu") == "xla"  # a rewrite is lax itself
 
 

@@ -133,7 +133,7 @@ def test_recording_forward_runs_once_and_keeps_todays_bits(monkeypatch, transfor
     """Under a gradient the recording forward runs once (no plain forward beside it) and its
     masks reach the backward; the gradients equal the marking pass's (recording off) bit for
     bit. The plain forward records nothing."""
-    from jaxconv._src.core import primitive  # noqa: PLC0415
+    from jaxconv._src.core import differentiation  # noqa: PLC0415
 
     x, w, ct = _data("ties", seed=8)
 
@@ -149,7 +149,7 @@ def test_recording_forward_runs_once_and_keeps_todays_bits(monkeypatch, transfor
     assert "jaxconv_conv" not in names
     assert "jaxconv_conv_record" not in _primitives(jax.make_jaxpr(loss)(x, w).jaxpr)
     got = jax.jit(grad)(x, w)
-    monkeypatch.setattr(primitive, "_records", lambda problem: False)
+    monkeypatch.setattr(differentiation, "_records", lambda problem: False)
     want = jax.jit(jax.grad(lambda a, b: fn(a, b), (0, 1)))(x, w)
     for a, b in zip(got, want, strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

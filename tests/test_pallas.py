@@ -17,8 +17,9 @@ from reference import NUMPY_OPS, conv_reference, dot_general_reference
 
 import jaxconv
 from jaxconv import ops
-from jaxconv._src.core import planner, primitive
+from jaxconv._src.core import canonical, planner
 from jaxconv._src.core.geometry import Geometry
+from jaxconv._src.core.problem import Problem
 from jaxconv._src.engines import pallas as engine_pallas
 
 # (name, layout, padding, strides, lhs_dilation, rhs_dilation, groups, x shape, w shape)
@@ -203,7 +204,7 @@ def test_dispatch_platform_chosen_at_lowering():
         interpret=True))
     # "auto" keeps the XLA engine (the Pallas kernels are not measured faster anywhere yet).
     geom = Geometry((5,), (3,), (1,), ((1, 1),), (1,), (1,), 1)
-    problem = primitive.Problem(ops.max_plus, geom, "auto", np.dtype("float32"), 2**20)
+    problem = Problem(ops.max_plus, geom, "auto", np.dtype("float32"), 2**20)
     assert [planner.engine_name(problem, np.float32, p) for p in ("cuda", "rocm", "tpu")] == [
         "xla"] * 3
 
@@ -229,7 +230,7 @@ def _assert_matches_xla_engine(x, w, geom, op, weight, atol, **pallas):
             lambda p, q: jnp.sum(weight(conv(p, q, geom, op, **kw))), argnums=(0, 1)))(x, w)
 
     (v_p, g_p) = loss(engine_pallas.generic_conv, **pallas)
-    (v_x, g_x) = loss(functools.partial(primitive.canonical_conv, engine="xla"))
+    (v_x, g_x) = loss(functools.partial(canonical.canonical_conv, engine="xla"))
     np.testing.assert_allclose(v_p, v_x, rtol=1e-5)
     for got, expect in zip(g_p, g_x, strict=True):
         np.testing.assert_allclose(got, expect, rtol=1e-4, atol=atol)

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxconv._src.core import primitive, validation
+from jaxconv._src.core import canonical, validation
 from jaxconv._src.core.algebra import Op, identity_value
 from jaxconv._src.core.geometry import Geometry
 from jaxconv._src.core.ops import resolve, standard
@@ -233,7 +233,7 @@ def conv_general_dilated(
     x = jnp.transpose(lhs, (dn.lhs_spec[0], *dn.lhs_spec[2:], dn.lhs_spec[1]))
     w = jnp.transpose(rhs, (*dn.rhs_spec[2:], dn.rhs_spec[1], dn.rhs_spec[0]))
     geom = Geometry(in_spatial, window, strides, pads, lhs_dil, rhs_dil, groups)
-    y = primitive.canonical_conv(x, w, geom, op, engine=engine,
+    y = canonical.canonical_conv(x, w, geom, op, engine=engine,
                                  preferred_element_type=preferred_element_type,
                                  max_block_bytes=mbb, precision=precision)
     src = [0] * lhs.ndim
@@ -311,7 +311,7 @@ def dot_general(
     x = a3.transpose(1, 0, 2).reshape(m, b * k)
     w = r3.transpose(1, 0, 2).reshape(k, b * n)
     geom = Geometry((), (), (), (), (), (), b)
-    y = primitive.canonical_conv(x, w, geom, op, engine=engine,
+    y = canonical.canonical_conv(x, w, geom, op, engine=engine,
                                  preferred_element_type=preferred_element_type,
                                  max_block_bytes=mbb, precision=precision)
     y = y.reshape(m, b, n).transpose(1, 0, 2).reshape(bshape + lfs + rfs)

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxconv._src.core import primitive
+from jaxconv._src.core import canonical
 from jaxconv._src.core.algebra import Op
 from jaxconv._src.core.geometry import Geometry
 from jaxconv._src.engines import taps
@@ -430,7 +430,7 @@ def _packed_conv_canonical(
     # identity padding), through the core's primitive with the engine asked for (XLA: one
     # fused XOR-popcount reduction; Pallas: its semiring kernels); then
     # K * (#valid taps) - 2 * mismatches.
-    mism = primitive.canonical_conv(xq, wq, geom, POPCOUNT_XOR, engine=engine,
+    mism = canonical.canonical_conv(xq, wq, geom, POPCOUNT_XOR, engine=engine,
                                     preferred_element_type=jnp.int32)
     nvalid = jnp.asarray(_valid_taps(geom).astype(np.int32))[None, ..., None]
     return per * nvalid - 2 * mism

@@ -241,7 +241,7 @@ class Engine(Protocol):
             problem: the canonical problem.
 
         Returns:
-            ``(fn, both)`` as the core's `_per_example_rule`, or ``None``.
+            ``(fn, both)`` as the core's `batching._per_example_rule`, or ``None``.
         """
         del problem
         return None

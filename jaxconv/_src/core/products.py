@@ -1,6 +1,6 @@
 """Standard (multiply-and-add) products on the canonical layout, in `lax`, for every engine.
 
-Each engine, the per-example rule of `jaxconv._src.core.primitive` and the rewrites use these
+Each engine, the per-example rule of `jaxconv._src.core.batching` and the rewrites use these
 rather than their own copies:
 
 - `standard`: the standard product of a geometry (its padding and dilations); `padded`: the

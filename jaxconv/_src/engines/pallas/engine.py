@@ -9,7 +9,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxconv._src.core import algebra, primitive
+from jaxconv._src.core import algebra, canonical, primitive
 from jaxconv._src.core import engine as registry
 from jaxconv._src.core.algebra import Op
 from jaxconv._src.core.geometry import Geometry
@@ -77,7 +77,7 @@ def backward(problem: Problem, x: Array, w: Array, y: Array, g: Array,
             spec.backends, lambda be: functools.partial(_backward, spec.config(be)), x, w, y, g)
 
     def f(xv: Array, wv: Array) -> Array:
-        return primitive.canonical_conv(
+        return canonical.canonical_conv(
             xv, wv, problem.geom, problem.op, engine="xla",
             preferred_element_type=problem.acc_dtype, max_block_bytes=problem.max_block_bytes)
 

@@ -2,8 +2,9 @@
 
 It implements the core's engine protocol (`jaxconv._src.core.engine`): `forward`,
 `backward` (the transpose of the tangent, reverse mode) and `tangent` (forward
-mode), each the lowering of one of the core's primitives (`jaxconv._src.core.primitive`),
-which also fold ``vmap`` into the problem. It serves every op on every platform.
+mode), each the lowering (`jaxconv._src.core.lowering`) of one of the core's primitives
+(`jaxconv._src.core.primitive`), whose batching rules (`jaxconv._src.core.batching`) fold
+``vmap`` into the problem. It serves every op on every platform.
 
 One module per idea: `common` (configuration, shared helpers), `forward` (the tap loop),
 `nan` (NaN restoration for max/min), `backward` (the exact backward), `winner` (the max/min

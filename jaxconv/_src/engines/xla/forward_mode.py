@@ -11,7 +11,7 @@ The tangent of a product is linear in the operands' tangents `(tx, tw)`:
   computation, which may round a user's combine differently).
 
 The tangent of each term is the JVP of the op's `combine`. It is the `conv_tangent`
-primitive's XLA lowering (`jaxconv._src.core.primitive`), whose transpose is the
+primitive's XLA lowering (`jaxconv._src.core.lowering`), whose transpose is the
 engines' hand-written backward pass: reverse mode never differentiates this code. Ops whose
 `combine` (or `reduce`) defines only a reverse-mode rule -- `xnor` and `adder`, whose
 straight-through / AdderNet gradients are custom VJPs -- have no forward-mode rule: a clear
