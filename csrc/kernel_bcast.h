@@ -4,10 +4,12 @@
 // broadcasts (6 per 24 terms of the 6 x 4 tile) runs at ~72% of the add+max peak and the
 // embedded form at ~90% (by their rates, the separate broadcast of a 512-bit register takes
 // issue slots the combine and the reduce need; the VM has no counters to name the pipe):
-// layer A's forward, single-threaded, 40-44 -> 48-53 G terms/s for the seven built-in ops. The `bcast` tuning parameter picks it (kernel_params.h); each step gives the
-// bits of the op's own step (the combines below are the same operations with the operands
-// swapped where that is exact: x + w, integer min / max, min of the min form, |w - x| and
-// (w - x)^2; a NaN input of a sum may come out with another NaN payload).
+// layer A's forward, single-threaded, 40-44 -> 48-53 G terms/s for the seven built-in ops.
+// The `bcast` tuning parameter picks it (kernel_params.h) for the forward tile, the dense
+// recording forward's block reduce and the winner backward's scan. Each step gives the bits
+// of the op's own step (the combines below are the same operations with the operands swapped
+// where that is exact: x + w, integer min / max, min of the min form, |w - x| and (w - x)^2;
+// a NaN input of a sum may come out with another NaN payload).
 //
 // Part of the kernel template: included by kernels.inc inside its anonymous namespace (once
 // per instruction set), after kernel_variants.h, never on its own.
@@ -21,6 +23,13 @@ struct Bc {
   static S::V step(S::V acc, const float* x, S::V w) {
     return ::step<Op, false, S>(acc, S::set1(*x), w);
   }
+};
+
+// ScanBc<Op>::kOn: the winner scan's combine (kernel_winner.h's scan_comb, term j of a row)
+// has an embedded-broadcast form: ScanBc<Op>::comb(x, w, j).
+template <class Op>
+struct ScanBc {
+  static constexpr bool kOn = false;
 };
 
 #if defined(__AVX512F__) && (defined(__GNUC__) || defined(__clang__))
@@ -106,6 +115,17 @@ struct Bc<Adder> {
 };
 template <>
 struct Bc<L1> : Bc<Adder> {};
+// The scan alternates the FMA and the add form of x + w as scan_comb does (the same bits).
+template <class R>
+struct ScanBc<Plus<R>> {
+  static constexpr bool kOn = true;
+  static S::V comb(const float* x, S::V w, int j) { return j & 1 ? bc_add(x, w) : bc_addf(x, w); }
+};
+template <bool Max>
+struct ScanBc<KeyMinMax<Max>> {
+  static constexpr bool kOn = true;
+  static S::V comb(const float* x, S::V w, int) { return Max ? bc_imin(x, w) : bc_imax(x, w); }
+};
 template <>
 struct Bc<L2> {
   static constexpr bool kOn = true;
