@@ -51,8 +51,9 @@ inline bool dense_winner_case(const Ctx& c) {
 
 // One block's reduce, the forward's register tile restarted at kernel row k0: acc[r] the
 // reduce over rows k0 .. k1 - 1 of the panel against input row xr[r] (always inlined, so
-// that acc stays in registers as in the loop it came from).
-template <class Op>
+// that acc stays in registers as in the loop it came from). Bx: the forward tile's `bcast`
+// step (kernel_bcast.h).
+template <class Op, bool Bx = false>
 __attribute__((always_inline)) inline void block_reduce(const float* panel,
                                                         const float* const* xr, int64_t k0,
                                                         int64_t k1, S::V (&acc)[MR][NV]) {
@@ -63,8 +64,12 @@ __attribute__((always_inline)) inline void block_reduce(const float* panel,
     V wv[NV];
     for (int v = 0; v < NV; ++v) wv[v] = S::load(panel + i * NR + v * W);
     for (int r = 0; r < MR; ++r) {
-      const V xv = S::set1(xr[r][i]);
-      for (int v = 0; v < NV; ++v) acc[r][v] = step<Op, false, S>(acc[r][v], xv, wv[v]);
+      if constexpr (Bx) {
+        for (int v = 0; v < NV; ++v) acc[r][v] = Bc<Op>::step(acc[r][v], xr[r] + i, wv[v]);
+      } else {
+        const V xv = S::set1(xr[r][i]);
+        for (int v = 0; v < NV; ++v) acc[r][v] = step<Op, false, S>(acc[r][v], xv, wv[v]);
+      }
     }
   }
 }

@@ -27,7 +27,7 @@ bool dense_record_case(const Ctx& c) {
 // Each block's reduce is stored (one store per accumulator and block, the only cost in the
 // loop over blocks); the tile's end takes y as their reduce and sets the bits of the blocks
 // equal to it (pass A's compare, on results held in L1).
-template <class Op>
+template <class Op, bool Bx = false>
 void dense_record_tile(const Ctx& c, const float* xb, const float* wb, const float* panel,
                        float* yb, int32_t* rb, int64_t p, int64_t grp, int64_t jb, int64_t kb) {
   using V = S::V;
@@ -41,7 +41,7 @@ void dense_record_tile(const Ctx& c, const float* xb, const float* wb, const flo
   for (int64_t j = 0; j < nb; ++j) {
     const int64_t k0 = j * kb, k1 = k0 + kb < c.K ? k0 + kb : c.K;
     V acc[MR][NV];
-    block_reduce<Op>(panel, xr, k0, k1, acc);
+    block_reduce<Op, Bx>(panel, xr, k0, k1, acc);
     for (int r = 0; r < MR; ++r)
       for (int v = 0; v < NV; ++v) S::store(blk[j] + r * NR + v * W, acc[r][v]);
   }
@@ -101,6 +101,15 @@ bool dense_record_forward(Ctx& c) {
       const float* wb = call.w + b * c.w_bs;
       if (blk != held) pack_panel(c, wb, grp, jb, 0, c.K, false, owned.get());
       held = blk;
+      if constexpr (Bc<Op>::kOn) {
+        if (c.prm.bcast != 0) {  // the forward tile's choice (kernel_bcast.h)
+          for (int64_t tl = tl0; tl < tl1; ++tl)
+            dense_record_tile<Op, true>(c, call.x + b * c.x_bs, wb, owned.get(),
+                                        call.out + b * c.y_bs, call.rec + b * c.y_bs, tl * MR,
+                                        grp, jb, kb);
+          continue;
+        }
+      }
       for (int64_t tl = tl0; tl < tl1; ++tl)
         dense_record_tile<Op>(c, call.x + b * c.x_bs, wb, owned.get(), call.out + b * c.y_bs,
                               call.rec + b * c.y_bs, tl * MR, grp, jb, kb);

@@ -62,7 +62,8 @@ struct Centring {
 };
 
 // TM x TV: the register tile (rows x vectors), the instruction set's or kernel_variants.h's.
-template <class Op, bool Safe, int TM = MR, int TV = NV>
+// Bx: the combine reads x itself (kernel_bcast.h's step, the `bcast` parameter).
+template <class Op, bool Safe, int TM = MR, int TV = NV, bool Bx = false>
 void fwd_tile(const Ctx& c, const float* xb, const float* wb, const float* pad,
               const float* panel, int64_t k0, int64_t k1, float* accs, float* yb, int64_t p,
               int64_t grp, int64_t jb, const Centring* cen) {
@@ -107,9 +108,13 @@ void fwd_tile(const Ctx& c, const float* xb, const float* wb, const float* pad,
         V wv[NV];
         for (int v = 0; v < NV; ++v) wv[v] = S::load(wt + i * NR + v * W);
         for (int r = 0; r < MR; ++r) {
-          const V xv = S::set1(ptr[r][i]);
-          if constexpr (heavy<Op>()) paired_steps<Op, Safe, NV>(acc[r], xv, wv);  // kernel_heavy.h
-          else for (int v = 0; v < NV; ++v) acc[r][v] = step<Op, Safe, S>(acc[r][v], xv, wv[v]);
+          if constexpr (Bx) {
+            for (int v = 0; v < NV; ++v) acc[r][v] = Bc<Op>::step(acc[r][v], ptr[r] + i, wv[v]);
+          } else {
+            const V xv = S::set1(ptr[r][i]);
+            if constexpr (heavy<Op>()) paired_steps<Op, Safe, NV>(acc[r], xv, wv);  // kernel_heavy.h
+            else for (int v = 0; v < NV; ++v) acc[r][v] = step<Op, Safe, S>(acc[r][v], xv, wv[v]);
+          }
         }
       }
     } else {
@@ -120,9 +125,15 @@ void fwd_tile(const Ctx& c, const float* xb, const float* wb, const float* pad,
         V wv[NV];
         for (int v = 0; v < NV; ++v) wv[v] = S::load(wt + i * NR + v * W);
         for (int r = 0; r < MR; ++r) {
-          const V xv = S::set1(ptr[r][i]);
-          for (int v = 0; v < NV; ++v)
-            acc[r][v] = S::select(km[r], step<Op, Safe, S>(acc[r][v], xv, wv[v]), acc[r][v]);
+          if constexpr (Bx) {
+            for (int v = 0; v < NV; ++v)
+              acc[r][v] = S::select(km[r], Bc<Op>::step(acc[r][v], ptr[r] + i, wv[v]),
+                                    acc[r][v]);
+          } else {
+            const V xv = S::set1(ptr[r][i]);
+            for (int v = 0; v < NV; ++v)
+              acc[r][v] = S::select(km[r], step<Op, Safe, S>(acc[r][v], xv, wv[v]), acc[r][v]);
+          }
         }
       }
     }
@@ -389,9 +400,18 @@ void forward_packed(Ctx& c) {
           S::store(tot + v * W, a);
         }
       }
-      for (int64_t tl = tl0; tl < tl1; ++tl)
-        fwd_tile<Op, Safe, TM, TV>(c, xb, wb, pad, panel, k0, k1,
-                                   accs + (tl - tl0) * MR * NR, yb, tl * MR, grp, jb, &cen);
+      for (int64_t tl = tl0; tl < tl1; ++tl) {
+        float* acct = accs + (tl - tl0) * MR * NR;
+        if constexpr (Bc<Op>::kOn && !Safe) {
+          if (c.prm.bcast != 0) {
+            fwd_tile<Op, Safe, TM, TV, true>(c, xb, wb, pad, panel, k0, k1, acct, yb, tl * MR,
+                                             grp, jb, &cen);
+            continue;
+          }
+        }
+        fwd_tile<Op, Safe, TM, TV>(c, xb, wb, pad, panel, k0, k1, acct, yb, tl * MR, grp, jb,
+                                   &cen);
+      }
     }
   };
   auto scratch = [&]() {

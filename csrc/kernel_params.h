@@ -23,7 +23,9 @@ namespace jaxconv {
   /* max_plus / min_plus and the min form add by fma(a, 1, b) (1) or add (0): same bits */   \
   X(fma_add, 1, 0, 1)                                                                        \
   /* the forward's register tile: the instruction set's (0) or kernel_variants.h's (1) */     \
-  X(tile, 0, 0, 1)
+  X(tile, 0, 0, 1)                                                                           \
+  /* AVX-512: the combine reads x as an embedded broadcast (1) or from a broadcast (0) */    \
+  X(bcast, 1, 0, 1)
 
 #define JAXCONV_PARAM_MEMBER(name, dflt, lo, hi) int64_t name = dflt;
 struct Params {

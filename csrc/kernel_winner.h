@@ -76,7 +76,8 @@ inline S::V scan_comb(S::V x, S::V w, int j) {
   return Op::template comb<S>(x, w);
 }
 
-template <class Op, int R, bool Masked>
+// Bx: the combine reads x itself (kernel_bcast.h's ScanBc, the `bcast` parameter).
+template <class Op, int R, bool Masked, bool Bx = false>
 inline void win_scan_taps(const float* const* xr, const S::M* km, const float* wr, int64_t ni,
                           float kv0, const S::V (&yv)[R][NV], S::V (&acc)[R][NV]) {
   using V = S::V;
@@ -86,9 +87,12 @@ inline void win_scan_taps(const float* const* xr, const S::M* km, const float* w
     V wv[NV];
     for (int v = 0; v < NV; ++v) wv[v] = S::load(wr + i * NR + v * W);
     for (int r = 0; r < R; ++r) {
-      const V xs = S::set1(xr[r][i]);
+      V xs;
+      if constexpr (!Bx) xs = S::set1(xr[r][i]);
       for (int v = 0; v < NV; ++v) {
-        const V cv = scan_comb<Op>(xs, wv[v], r * NV + v);
+        V cv;
+        if constexpr (Bx) cv = ScanBc<Op>::comb(xr[r] + i, wv[v], r * NV + v);
+        else cv = scan_comb<Op>(xs, wv[v], r * NV + v);
         S::M e = keyed<Op>() ? S::ieq(cv, yv[r][v]) : S::eq(cv, yv[r][v]);
         if constexpr (Masked) e = S::mand(e, km[r]);
         acc[r][v] = S::madd(e, acc[r][v], kv);
@@ -98,10 +102,10 @@ inline void win_scan_taps(const float* const* xr, const S::M* km, const float* w
   }
 }
 
-template <class Op, int R>
-void win_scan(const Ctx& c, const float* xb, const float* pad, const float* panel, int64_t k0,
-              int64_t k1, const int64_t* n, const int64_t* osi, int64_t grp, const float* ys,
-              float* cs, float* is) {
+template <class Op, int R, bool Bx>
+void win_scan_rows(const Ctx& c, const float* xb, const float* pad, const float* panel,
+                   int64_t k0, int64_t k1, const int64_t* n, const int64_t* osi, int64_t grp,
+                   const float* ys, float* cs, float* is) {
   using V = S::V;
   const int64_t I = c.I;
   V yv[R][NV], acc[R][NV];
@@ -128,9 +132,9 @@ void win_scan(const Ctx& c, const float* xb, const float* pad, const float* pane
     const float* wr = panel + (t * I + ia - k0) * NR;
     const float kv0 = kBig + float(t * I + ia - k0);
     if (all)
-      win_scan_taps<Op, R, false>(xr, km, wr, ie - ia, kv0, yv, acc);
+      win_scan_taps<Op, R, false, Bx>(xr, km, wr, ie - ia, kv0, yv, acc);
     else
-      win_scan_taps<Op, R, true>(xr, km, wr, ie - ia, kv0, yv, acc);
+      win_scan_taps<Op, R, true, Bx>(xr, km, wr, ie - ia, kv0, yv, acc);
   }
   const V inv = S::set1(1.0f / kBig), one = S::set1(1.0f);
   const V base = S::set1(float(k0) - kBig);
@@ -142,6 +146,15 @@ void win_scan(const Ctx& c, const float* xb, const float* pad, const float* pane
       S::store(is + r * NR + v * W,
                S::select(uniq, S::add(acc[r][v], base), S::load(is + r * NR + v * W)));
     }
+}
+
+// win_scan with the combine the `bcast` parameter picks (kernel_bcast.h).
+template <class Op, int R, class... A>
+void win_scan(const Ctx& c, A... a) {
+  if constexpr (ScanBc<Op>::kOn) {
+    if (c.prm.bcast != 0) return win_scan_rows<Op, R, true>(c, a...);
+  }
+  win_scan_rows<Op, R, false>(c, a...);
 }
 
 template <class Op>

@@ -28,12 +28,14 @@ CASES = table(("same_stride", "2d_stride_rhs_dil"), ("groups", "groups_8"), "dep
 # largest size, one-panel blocks, both forms of the sums and of max_min / min_max, one item
 # per block and many.
 PARAM_SETS = (
-    dict(panel_kib=4, block_kib=0, items=1, keyed=0, min_form=0, fma_add=0, tile=1),
-    dict(panel_kib=4, block_kib=0, items=4096, keyed=1, min_form=1, fma_add=0, tile=0),
-    dict(panel_kib=1024, block_kib=0, items=16, keyed=0, min_form=1, fma_add=1, tile=1),
-    dict(panel_kib=32, block_kib=65536, items=4096, keyed=1, min_form=0, fma_add=1, tile=0),
-    dict(panel_kib=64, block_kib=192, items=2, keyed=0, min_form=1, fma_add=0, tile=1),
-    dict(panel_kib=16, block_kib=65536, items=16, keyed=1, min_form=1, fma_add=1, tile=1),
+    dict(panel_kib=4, block_kib=0, items=1, keyed=0, min_form=0, fma_add=0, tile=1, bcast=1),
+    dict(panel_kib=4, block_kib=0, items=4096, keyed=1, min_form=1, fma_add=0, tile=0, bcast=0),
+    dict(panel_kib=1024, block_kib=0, items=16, keyed=0, min_form=1, fma_add=1, tile=1, bcast=0),
+    dict(panel_kib=32, block_kib=65536, items=4096, keyed=1, min_form=0, fma_add=1, tile=0,
+         bcast=1),
+    dict(panel_kib=64, block_kib=192, items=2, keyed=0, min_form=1, fma_add=0, tile=1, bcast=1),
+    dict(panel_kib=16, block_kib=65536, items=16, keyed=1, min_form=1, fma_add=1, tile=1,
+         bcast=0),
 )
 
 
@@ -202,7 +204,7 @@ def test_the_search_is_cached_reused_rerun_and_cleared(fresh, monkeypatch, tmp_p
 def test_the_search_picks_a_valid_set():
     chosen, timings = tuning.search(rounds=1)
     assert tuning.validate(chosen) == chosen and set(chosen) == set(tuning.fields())
-    assert set(timings) == {"panels", "tile", "fma_add", "keyed", "min_form"}
+    assert set(timings) == {"panels", "tile", "bcast", "fma_add", "keyed", "min_form"}
     assert all(v > 0 for part in timings.values() for v in part.values())
 
 

@@ -13,7 +13,9 @@ The forward kernels take a few run-time parameters (``csrc/kernel_params.h``, on
   FMA ports (1) or as ``add`` (0), the same bits;
 - ``tile``: the forward's register tile, the instruction set's (0: 6 x 4 vectors on AVX-512,
   4 x 3 on AVX2) or an alternative with as many accumulators (1: 8 x 3, 6 x 2), both
-  compiled in.
+  compiled in;
+- ``bcast`` (AVX-512 only): the forward's combine reads each input value as an embedded
+  broadcast (1) or from one broadcast register per tile row (0), the same bits.
 
 No parameter changes a max/min result's bits; only ``min_form`` changes a sum's rounding
 (both forms stay within the documented bound of a product's sum).
@@ -318,7 +320,7 @@ def search(rounds: int = 3) -> tuple[dict[str, int], dict[str, Any]]:
     Each candidate runs single-threaded on fixed data, timed in the thread's CPU time (time
     spent descheduled on a busy machine does not count), best of `rounds` interleaved
     rounds. In turn: the panel sizes and the register tile (max_plus on a dense and two 3x3
-    problems), the adds
+    problems), the embedded broadcasts (max_plus, a 3x3 and the dense problem), the adds
     (max_plus, dense), integer keys or float min/max (max_min, dense) and the min form or the
     direct loop (adder, 3x3; the min form, which rounds differently, is left only for a clear
     gain). ``items`` (the thread split) keeps its default.
@@ -353,6 +355,7 @@ def search(rounds: int = 3) -> tuple[dict[str, int], dict[str, Any]]:
     pick("panels", [dict(chosen, panel_kib=p, block_kib=b) for p, b in _PANELS],
          [f"{p}/{b}" for p, b in _PANELS], "max_plus", [_DENSE, _CONV_BIG, _CONV])
     for name, op, problems, margin in (("tile", "max_plus", [_DENSE, _CONV_BIG, _CONV], 1.0),
+                                        ("bcast", "max_plus", [_DENSE, _CONV], 1.0),
                                         ("fma_add", "max_plus", [_DENSE], 1.0),
                                         ("keyed", "max_min", [_DENSE], 1.0),
                                         ("min_form", "adder", [_CONV], _ROUNDING_MARGIN)):
