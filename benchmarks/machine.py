@@ -77,12 +77,12 @@ def kernel_params(mod: Any | None = None) -> dict[str, Any] | None:
     Example: ``kernel_params()`` -> ``{'panel_kib': 16, 'block_kib': 192, ...}``."""
     if mod is None:
         mod = native_module()
-        if mod is not None:
-            # The set the first native call will pick (cached search or JAXCONV_NATIVE_PARAMS),
-            # not the compiled-in defaults that precede it.
-            from jaxconv._src.engines.native import tuning  # noqa: PLC0415
+    if mod is not None:
+        # The set the first native call will pick (cached search or JAXCONV_NATIVE_PARAMS),
+        # not the compiled-in defaults that precede it (`info` passes the module in).
+        from jaxconv._src.engines.native import tuning  # noqa: PLC0415
 
-            tuning.ensure()
+        tuning.ensure()
     fn = getattr(mod, "params", None)
     if not callable(fn):
         return None
