@@ -243,3 +243,25 @@ def test_explicit_mesh_lowers_as_shard_map(op_name, engine, layout):
             assert found == ({"stablehlo.all_reduce": 1} if collectives else {}), (p, found)
             assert _signatures(text, p, engine) == _signatures(one[p], p, engine), p
             assert _signatures(text, p, engine), p
+
+
+@pytest.mark.parametrize(("op_name", "layout"), [("max_plus", "data"), ("adder", "model")])
+def test_automatic_mesh_wraps_pallas_on_gpu_only(op_name, layout):
+    """On an automatic mesh (8 simulated CPU devices) the Pallas kernels are wrapped in
+    `custom_partitioning` for CUDA (each GPU's Triton kernels are lowered on its local
+    shapes when the program is partitioned), not for TPU (jax#38196), where JAX itself
+    refuses a Mosaic call that several devices would partition automatically."""
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 devices (tests/conftest.py sets jax_num_cpu_devices=8)")
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = Mesh(np.asarray(jax.devices()[:8]), ("data",))
+    xspec, wspec = (P("data"), P()) if layout == "data" else (P(), P(None, None, None, "data"))
+    x = jax.device_put(jnp.zeros((16, 6, 7, 8)), NamedSharding(mesh, xspec))
+    w = jax.device_put(jnp.zeros((3, 3, 8, 8)), NamedSharding(mesh, wspec))
+    f = _conv(_op(op_name), ("NHWC", "HWIO", "NHWC"), "SAME", (1, 1), None, None, 1, "pallas")
+    traced = jax.jit(f).trace(x, w)
+    assert "CustomSPMDPartitioning" in traced.lower(lowering_platforms=("cuda",)).as_text()
+    with pytest.raises(NotImplementedError, match="shard_map"):
+        traced.lower(lowering_platforms=("tpu",))

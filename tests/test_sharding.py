@@ -693,3 +693,24 @@ def test_xla_engine_left_to_the_partitioner(monkeypatch, op: str, layout: str) -
     assert _collectives(ghlo) <= {"all-reduce"}, _collectives(ghlo)
     _close(fwd(xs, ws), jax.jit(f)(x, w))
     _close(grad(xs, ws), jax.jit(_grad(f))(x, w))
+
+
+# --- Pallas on automatic meshes: wrapped on CPU (interpret mode) and GPU, not on TPU ---------
+
+@pytest.mark.parametrize(("op", "layout"), [("max_plus", "data"), ("adder", "model")])
+def test_pallas_partitions_batch_and_output_features(op: str, layout: str) -> None:
+    """Interpret-mode Pallas kernels (the engine's CPU form of its GPU custom calls) run on
+    each device's local batch or output features: one device's numbers, no collective in
+    the forward (left to the partitioner it all-gathered x9 and collective-permuted), only
+    all-reduces in the gradient (left alone, all-gather x18-20)."""
+    mesh = _mesh()
+    x, w = _data(18)
+    xspec, wspec = (P("data"), P()) if layout == "data" else (P(), P(None, None, None, "data"))
+    xs = jax.device_put(x, NamedSharding(mesh, xspec))
+    ws = jax.device_put(w, NamedSharding(mesh, wspec))
+    f = _conv(op, "pallas")
+    fwd, grad = jax.jit(f), jax.jit(_grad(f))
+    assert not _collectives(fwd.lower(xs, ws).compile().as_text())
+    assert _collectives(grad.lower(xs, ws).compile().as_text()) <= {"all-reduce"}
+    _close(fwd(xs, ws), fwd(x, w))
+    _close(grad(xs, ws), grad(x, w))

@@ -4,8 +4,9 @@ Each primitive of `jaxconv._src.core.primitive` is lowered, per platform, by the
 `jaxconv._src.core.planner` picks for that platform: the platform is the one being lowered
 for, so a function cross-lowered for `"cuda"` or `"tpu"` on a CPU host gets the accelerator's
 engine. Under a mesh, the calls of engines that declare `Engine.opaque_call` for the platform
-(the native and XLA engines on CPU) are partitioned by `jaxconv._src.core.partitioning` (each
-device's call on its local shapes); accelerator programs are left to JAX's partitioner. On
+(the native and XLA engines on CPU, the Pallas engine on CPU and GPU) are partitioned by
+`jaxconv._src.core.partitioning` (each device's call on its local shapes); the others (TPU, the
+XLA engine on GPU) are left to JAX's partitioner. On
 a mesh whose axes are all explicit, every engine on every platform is lowered as a
 `jax.shard_map` read from the operands' types (`jaxconv._src.core.explicit`). Inside
 `jax.shard_map` the engines are traced as per-device code (the primitives' abstract

@@ -28,9 +28,10 @@ on each device's local shapes. `forward` and `backward` wrap an engine's call in
   collective (`prod`, a user's callable) and grouped convolutions gather the axis;
 - spatial axes are gathered (correct, not partitioned).
 
-Engines that declare it (`Engine.opaque_call`: the native engine and the XLA engine, on CPU)
-go through here; accelerator programs (GPU / TPU) never contain a `custom_partitioning` call
-(it has had open problems on TPU), their XLA engine is partitioned by the partitioner itself.
+Engines that declare it (`Engine.opaque_call`: the native engine and the XLA engine on CPU,
+the Pallas engine on CPU and GPU) go through here; TPU programs never contain a
+`custom_partitioning` call (jax#38196), and the XLA engine on GPU / TPU is partitioned by the
+partitioner itself.
 A logsumexp contraction is reduced across devices only for an engine whose backward reads
 the global `y` (`Engine.backward_reads_output`); otherwise it is gathered.
 A single device and the inside of `jax.shard_map` (every axis manual) lower the engine

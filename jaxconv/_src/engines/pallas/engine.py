@@ -117,6 +117,31 @@ class PallasEngine(registry.Engine):
         return (f"Pallas kernels under {algebra.capabilities(problem.op).reduce!r} "
                 "(interpret mode on CPU, Triton on GPU, Mosaic on TPU)",)
 
+    def opaque_call(self, platform: str) -> bool:
+        """Whether the core wraps the kernels in `custom_partitioning` on `platform`.
+
+        A Triton (CUDA / ROCm) kernel is a custom call that the SPMD partitioner replicates
+        (every device computing the whole batch), and the interpret-mode loops on CPU
+        partition badly (all-gathers); wrapped, each device runs the kernels on its local
+        batch and output features. GPU custom calls are partitioned this way elsewhere too
+        (NVIDIA TransformerEngine's JAX bindings). Mosaic (TPU) is not wrapped: there a
+        `custom_partitioning` call fails to compile on several devices (jax#38196); JAX
+        refuses a Mosaic call on a multi-device automatic mesh, and explicit-axes meshes
+        partition it by `shard_map` instead.
+
+        Args:
+            platform: the platform being lowered for.
+
+        Returns:
+            True on ``"cpu"``, ``"cuda"`` and ``"rocm"``.
+
+        Example:
+            >>> from jaxconv._src.engines.pallas.engine import ENGINE
+            >>> ENGINE.opaque_call("cuda"), ENGINE.opaque_call("tpu")
+            (True, False)
+        """
+        return platform in ("cpu", "cuda", "rocm")
+
 
 ENGINE = PallasEngine()
 

@@ -179,10 +179,12 @@ class XlaEngine(registry.Engine):
         """On CPU the core partitions the engine's calls itself (each device's loops on its
         local shapes): left to the partitioner, the tap loops of the winner, `log` and
         AdderNet backward passes all-gather under a batch sharding. GPU/TPU programs are
-        left to the partitioner (no `custom_partitioning` in accelerator programs: on a
-        multi-device TPU its partition callbacks never run and the program fails to
-        compile, jax#38196; docs/engines.md tables what the partitioner makes of the
-        engine's lax code there)."""
+        left to the partitioner: on TPU a `custom_partitioning` call fails to compile on
+        several devices (jax#38196); on GPU it would work, but the partitioner already
+        splits the engine's lax code with only scalar flag all-reduces (docs/engines.md),
+        and wrapping this default GPU path would keep its sharded programs out of
+        `jax.export` and the persistent compilation cache (the wrapper is a Python
+        callback keyed by a process-local id)."""
         return platform == "cpu"
 
     def backward_reads_output(self, problem: Problem) -> bool:
