@@ -135,3 +135,23 @@ struct Bc<L2> {
   }
 };
 #endif
+
+// One row of the register tile (the forward tile's, the dense recording forward's block
+// reduce): acc[v] = step(acc[v], x, w[v]) over a kernel row's NV vectors for the input value
+// at x, which the combine reads itself (Bx: Bc<Op>::step, the `bcast` parameter) or which one
+// set1 broadcasts for the whole row. Masked: where `keep` is clear, acc keeps its value (a
+// blend, not a branch, keeps the tile unrolled). Always inlined, so that acc stays in
+// registers as in the loop it serves.
+template <class Op, bool Safe, bool Bx, bool Masked = false, int NV>
+__attribute__((always_inline)) inline void row_step(S::V (&acc)[NV], const float* x,
+                                                    const S::V (&w)[NV], S::M keep = S::M()) {
+  [[maybe_unused]] S::V xv;
+  if constexpr (!Bx) xv = S::set1(*x);
+  for (int v = 0; v < NV; ++v) {
+    S::V s;
+    if constexpr (Bx) s = Bc<Op>::step(acc[v], x, w[v]);
+    else s = step<Op, Safe, S>(acc[v], xv, w[v]);
+    if constexpr (Masked) s = S::select(keep, s, acc[v]);
+    acc[v] = s;
+  }
+}

@@ -63,14 +63,7 @@ __attribute__((always_inline)) inline void block_reduce(const float* panel,
   for (int64_t i = k0; i < k1; ++i) {
     V wv[NV];
     for (int v = 0; v < NV; ++v) wv[v] = S::load(panel + i * NR + v * W);
-    for (int r = 0; r < MR; ++r) {
-      if constexpr (Bx) {
-        for (int v = 0; v < NV; ++v) acc[r][v] = Bc<Op>::step(acc[r][v], xr[r] + i, wv[v]);
-      } else {
-        const V xv = S::set1(xr[r][i]);
-        for (int v = 0; v < NV; ++v) acc[r][v] = step<Op, false, S>(acc[r][v], xv, wv[v]);
-      }
-    }
+    for (int r = 0; r < MR; ++r) row_step<Op, false, Bx>(acc[r], xr[r] + i, wv);  // kernel_bcast.h
   }
 }
 

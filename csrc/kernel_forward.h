@@ -62,7 +62,7 @@ struct Centring {
 };
 
 // TM x TV: the register tile (rows x vectors), the instruction set's or kernel_variants.h's.
-// Bx: the combine reads x itself (kernel_bcast.h's step, the `bcast` parameter).
+// Bx: the combine reads x itself (kernel_bcast.h's row_step, the `bcast` parameter).
 template <class Op, bool Safe, int TM = MR, int TV = NV, bool Bx = false>
 void fwd_tile(const Ctx& c, const float* xb, const float* wb, const float* pad,
               const float* panel, int64_t k0, int64_t k1, float* accs, float* yb, int64_t p,
@@ -108,13 +108,9 @@ void fwd_tile(const Ctx& c, const float* xb, const float* wb, const float* pad,
         V wv[NV];
         for (int v = 0; v < NV; ++v) wv[v] = S::load(wt + i * NR + v * W);
         for (int r = 0; r < MR; ++r) {
-          if constexpr (Bx) {
-            for (int v = 0; v < NV; ++v) acc[r][v] = Bc<Op>::step(acc[r][v], ptr[r] + i, wv[v]);
-          } else {
-            const V xv = S::set1(ptr[r][i]);
-            if constexpr (heavy<Op>()) paired_steps<Op, Safe, NV>(acc[r], xv, wv);  // kernel_heavy.h
-            else for (int v = 0; v < NV; ++v) acc[r][v] = step<Op, Safe, S>(acc[r][v], xv, wv[v]);
-          }
+          if constexpr (heavy<Op>() && !Bx)  // kernel_heavy.h
+            paired_steps<Op, Safe, NV>(acc[r], S::set1(ptr[r][i]), wv);
+          else row_step<Op, Safe, Bx>(acc[r], ptr[r] + i, wv);  // kernel_bcast.h
         }
       }
     } else {
@@ -124,17 +120,7 @@ void fwd_tile(const Ctx& c, const float* xb, const float* wb, const float* pad,
       for (int64_t i = 0; i < ni; ++i) {
         V wv[NV];
         for (int v = 0; v < NV; ++v) wv[v] = S::load(wt + i * NR + v * W);
-        for (int r = 0; r < MR; ++r) {
-          if constexpr (Bx) {
-            for (int v = 0; v < NV; ++v)
-              acc[r][v] = S::select(km[r], Bc<Op>::step(acc[r][v], ptr[r] + i, wv[v]),
-                                    acc[r][v]);
-          } else {
-            const V xv = S::set1(ptr[r][i]);
-            for (int v = 0; v < NV; ++v)
-              acc[r][v] = S::select(km[r], step<Op, Safe, S>(acc[r][v], xv, wv[v]), acc[r][v]);
-          }
-        }
+        for (int r = 0; r < MR; ++r) row_step<Op, Safe, Bx, true>(acc[r], ptr[r] + i, wv, km[r]);
       }
     }
   }
