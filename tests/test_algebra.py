@@ -18,7 +18,8 @@ from geometries import brute_force_fold
 from reference import conv_reference
 
 import jaxconv
-from jaxconv._src.core import algebra, factoring
+from jaxconv._src.core import factoring
+from jaxconv._src.core.capabilities import capabilities, recognised_reduce
 from jaxconv._src.engines import native
 
 
@@ -64,7 +65,7 @@ REDUCES = {
 @pytest.mark.parametrize("name", sorted(REDUCES))
 def test_recognised_reduce(name):
     fn, want = REDUCES[name]
-    assert algebra.recognised_reduce(fn) == want
+    assert recognised_reduce(fn) == want
 
 
 @pytest.mark.parametrize("name, identity, want", [
@@ -79,7 +80,7 @@ def test_recognised_reduce(name):
 ])
 def test_canonical_reduce_needs_the_identity(name, identity, want):
     op = jaxconv.Op(lambda x, w: x - w, REDUCES[name][0], identity=identity)
-    caps = algebra.capabilities(op)
+    caps = capabilities(op)
     assert caps.reduce == want
     assert caps.canonical.reduce == (REDUCES[name][0] if want == "custom" else want)
 
@@ -95,7 +96,7 @@ DN = ("NHWC", "HWIO", "NHWC")
 def test_recognised_logaddexp_values_and_gradients(name, combine, np_combine, engine):
     fold = REDUCES[name][0]
     op = jaxconv.Op(combine, fold, identity=-math.inf)
-    assert algebra.capabilities(op).reduce == "logsumexp"
+    assert capabilities(op).reduce == "logsumexp"
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 5, 4, 3)).astype(np.float32)
     w = rng.standard_normal((3, 3, 3, 4)).astype(np.float32)

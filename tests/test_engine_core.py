@@ -14,6 +14,7 @@ import pytest
 
 import jaxconv
 from jaxconv._src.core import algebra, batching, planner
+from jaxconv._src.core.capabilities import capabilities
 from jaxconv._src.core.problem import Problem
 
 DN = ("NWC", "WIO", "NWC")
@@ -227,12 +228,12 @@ def test_repeated_eager_calls_do_not_recompile(op):
 def test_planner_is_static_and_declared():
     geom = jaxconv._src.core.geometry.Geometry((8,), (3,), (1,), ((1, 1),), (1,), (1,), 1)
     for name, want_fill in [("max_plus", -np.inf), ("min_max", np.inf), ("l1", None)]:
-        caps = algebra.capabilities(jaxconv.ops.get(name))
+        caps = capabilities(jaxconv.ops.get(name))
         assert caps.dominated_fill == want_fill
-    assert algebra.capabilities(jaxconv.ops.adder).separable == "adder"
-    assert not algebra.capabilities(jaxconv.ops.adder).forward_mode
+    assert capabilities(jaxconv.ops.adder).separable == "adder"
+    assert not capabilities(jaxconv.ops.adder).forward_mode
     user_mul = jaxconv.Op(lambda a, b: a * b, lambda a, b: a + b, identity=0.0, name="um")
-    caps = algebra.capabilities(user_mul)
+    caps = capabilities(user_mul)
     assert caps.canonical.reduce == "sum" and caps.separable == "mul"
     problem = Problem(jaxconv.ops.max_plus, geom, "auto", np.dtype("float32"),
                                 2**20)
@@ -286,7 +287,7 @@ def test_capabilities_are_inferred_once_without_values():
     n = len(calls)
     f(x * 2, w)
     jaxconv.conv_general_dilated(x, w, (1,), "SAME", dimension_numbers=DN, op=op)
-    assert algebra.capabilities(op).combine == "add"
+    assert capabilities(op).combine == "add"
     # No tracing per call beyond the engine's own trace of a new compilation.
     assert len(calls) >= n
 

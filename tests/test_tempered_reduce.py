@@ -1,6 +1,6 @@
 """A callable reduce ``c * logaddexp(a / c, b / c)``: a logsumexp at temperature ``c``.
 
-Recognised from its traced program and probe pairs (`algebra.smoothing_temperature`), on a
+Recognised from its traced program and probe pairs (`capabilities.smoothing_temperature`), on a
 covering set of spellings and near misses that must stay folds; the recognised op runs as
 ``c`` times the built-in logsumexp of ``combine / c`` (`factoring.factored_form`). Values
 against the numpy loop reference folding with the plain formula (NaN and infinities
@@ -21,7 +21,8 @@ from geometries import brute_force_fold
 from reference import conv_reference
 
 import jaxconv
-from jaxconv._src.core import algebra, factoring
+from jaxconv._src.core import factoring
+from jaxconv._src.core.capabilities import capabilities, smoothing_temperature
 from jaxconv._src.engines import native
 
 DN = ("NHWC", "HWIO", "NHWC")
@@ -74,7 +75,7 @@ FOLDS = {
 @pytest.mark.parametrize("name", sorted(FOLDS))
 def test_smoothing_temperature(name):
     fold, want = FOLDS[name]
-    got = algebra.smoothing_temperature(fold)
+    got = smoothing_temperature(fold)
     assert got == (None if want is None else float(np.float32(want)))
 
 
@@ -87,7 +88,7 @@ def test_smoothing_temperature(name):
 ])
 def test_temperature_needs_the_identity(name, identity, want):
     op = jaxconv.Op(lambda x, w: x * w, FOLDS[name][0], identity=identity)
-    caps = algebra.capabilities(op)
+    caps = capabilities(op)
     assert caps.temperature == want  # (float32 literals: exact for these)
     assert caps.reduce == "custom"
     form = factoring.factored_form(op, jnp.float32)

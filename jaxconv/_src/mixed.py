@@ -26,8 +26,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxconv._src.conv import conv_general_dilated, with_out_sharding
-from jaxconv._src.core import algebra, validation
+from jaxconv._src.core import validation
 from jaxconv._src.core.algebra import Op
+from jaxconv._src.core.capabilities import capabilities
 from jaxconv._src.core.ops import resolve
 
 Array = jax.Array
@@ -51,7 +52,7 @@ def _dual_sides(a: Op, b: Op) -> tuple[bool, bool] | None:
     """
     kinds = []
     for op in (a, b):
-        caps = algebra.capabilities(op)
+        caps = capabilities(op)
         plain = caps.canonical
         if (plain.pad_value is not None or plain.identity is not None or plain.post is not None
                 or plain.rewrite is not None):

@@ -21,8 +21,9 @@ import jax
 import jax.numpy as jnp
 from jax.interpreters import batching
 
-from jaxconv._src.core import algebra, products
 from jaxconv._src.core import engine as registry
+from jaxconv._src.core import products
+from jaxconv._src.core.capabilities import capabilities
 from jaxconv._src.core.primitive import (
     backward_p,
     conv_p,
@@ -213,7 +214,7 @@ def _per_example_rule(problem: Problem):
         rule = registry.get(problem.engine).per_example_kernel_gradient(problem)
         if rule is not None:
             return rule.fn, rule.both
-    kind = algebra.capabilities(problem.op).separable
+    kind = capabilities(problem.op).separable
     floating = problem.dtype is None or jnp.issubdtype(problem.dtype, jnp.floating)
     if kind is not None and floating:
         return (lambda x, w, y, g: products.separable_kernel_gradient(problem, kind, x, w, g),

@@ -4,7 +4,7 @@ across devices.
 When the contraction axis (the input channels of a convolution, `K` of a dense product) is
 split over mesh axes, each device reduces its own channels; the partial results are then
 reduced across the devices with the op's own reduce, as declared on the `Op` (its canonical
-reduce, `algebra.capabilities(op).reduce`; never its name):
+reduce, `capabilities(op).reduce`; never its name):
 
 - ``sum``: `psum`;
 - ``max`` / ``min``: `pmax` / `pmin` on an order-preserving integer key of each float, so that
@@ -31,6 +31,7 @@ import numpy as np
 from jax import lax
 
 from jaxconv._src.core import algebra
+from jaxconv._src.core.capabilities import capabilities
 
 Array = jax.Array
 
@@ -52,7 +53,7 @@ def kind(op: algebra.Op) -> str | None:
       >>> from jaxconv._src.core import collectives
       >>> collectives.kind(jaxconv.Op(jnp.add, lambda a, b: a * b + a + b, identity=0.0))
     """
-    red = algebra.capabilities(op).reduce
+    red = capabilities(op).reduce
     return red if red in KINDS else None
 
 

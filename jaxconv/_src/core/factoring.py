@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxconv._src.core.algebra import Op, capabilities, single_primitive
+from jaxconv._src.core.algebra import Op
+from jaxconv._src.core.capabilities import capabilities, single_primitive, smoothing_temperature
 
 Array = jax.Array
 
@@ -101,7 +102,7 @@ class FactoredForm:
       lhs_map: the map of the input applied before the product, or ``None``.
       rhs_map: the map of the kernel applied before the product, or ``None``.
       temperature: ``c`` when the op's callable reduce is ``c * logaddexp(a / c, b / c)``
-        (`algebra.smoothing_temperature`), run as ``c`` times the built-in logsumexp of
+        (`capabilities.smoothing_temperature`), run as ``c`` times the built-in logsumexp of
         ``combine / c``; else ``None``.
     """
 
@@ -325,8 +326,6 @@ def _tempered(op: Op, c: float, dtype: np.dtype) -> tuple[FactoredForm, str | No
     """
     if dtype == np.float64:
         # The literal in the operands' dtype (float32's 0.1 is not float64's).
-        from jaxconv._src.core.algebra import smoothing_temperature  # noqa: PLC0415
-
         c = smoothing_temperature(op.reduce, dtype) or c
     name = op.name or "user op"
     scaled = Op(Tempered(op.combine, c), "logsumexp", pad_value=op.pad_value,

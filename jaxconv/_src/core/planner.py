@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from jax.typing import DTypeLike
 
 from jaxconv._src.core import engine as registry
+from jaxconv._src.core.capabilities import capabilities
 
 if TYPE_CHECKING:
     from jaxconv._src.core.engine import Engine
@@ -210,8 +211,8 @@ def explain(op: Any, *, dtype: DTypeLike = "float32", platform: str | None = Non
     rule = factoring.per_product_rule(op.replace(post=None), dtype)
     if rule is not None:
         details.append(rule)
-    if callable(op.reduce) and algebra.capabilities(op).reduce != "custom":
-        details.append(f"the callable reduce is {algebra.capabilities(op).reduce!r} "
+    if callable(op.reduce) and capabilities(op).reduce != "custom":
+        details.append(f"the callable reduce is {capabilities(op).reduce!r} "
                        "(recognised from its traced program)")
     geom = Geometry((8, 8), (3, 3), (1, 1), ((1, 1), (1, 1)), (1, 1), (1, 1), 1)
     acc = np.dtype(algebra.accumulation_dtype(inner, dtype, None))

@@ -421,7 +421,7 @@ def separable_kernel_gradient(problem: Problem, kind: str, x: Array, w: Array,
 
     Args:
       problem: the canonical problem.
-      kind: ``"mul"``, ``"adder"`` or ``"sqdiff"`` (`algebra.Capabilities.separable`).
+      kind: ``"mul"``, ``"adder"`` or ``"sqdiff"`` (`capabilities.Capabilities.separable`).
       x: the canonical input.
       w: the canonical kernel.
       g: the output's cotangent.

@@ -42,7 +42,8 @@ import numpy as np
 
 from jaxconv._src.core import factoring
 from jaxconv._src.core import scalar_program as sp
-from jaxconv._src.core.algebra import Op, capabilities, identity_value
+from jaxconv._src.core.algebra import Op, identity_value
+from jaxconv._src.core.capabilities import capabilities
 from jaxconv._src.engines.native import relaxed
 from jaxconv._src.engines.primal import primal
 
@@ -436,7 +437,7 @@ def functor(op: Op, dtype: object = np.float32, wide: bool = False) -> Functor:
 
     Args:
       op: a user op with a ``sum``, ``max``, ``min`` or ``logsumexp`` reduce (after
-        `algebra.capabilities`' canonicalization of a callable reduce) and no rewrite.
+        `capabilities.capabilities`' canonicalization of a callable reduce) and no rewrite.
       dtype: the operands' dtype: float32 (the float32 kernels), or float64, int32, int64
         (the wide kernels: ``sum``, ``max`` or ``min``).
       wide: float32 on the wide kernels: the backward of a ``max`` / ``min`` op on float32

@@ -17,7 +17,8 @@ from jax.typing import DTypeLike
 
 from jaxconv._src.core import engine as registry
 from jaxconv._src.core import scalar_program as sp
-from jaxconv._src.core.algebra import Op, capabilities
+from jaxconv._src.core.algebra import Op
+from jaxconv._src.core.capabilities import capabilities
 from jaxconv._src.core.problem import Problem
 from jaxconv._src.engines.native import ffi, user_kernels
 from jaxconv._src.engines.native.translation import Refusal, translation

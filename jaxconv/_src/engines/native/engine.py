@@ -30,8 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import DTypeLike
 
-from jaxconv._src.core import algebra, log_products, products
 from jaxconv._src.core import engine as registry
+from jaxconv._src.core import log_products, products
+from jaxconv._src.core.capabilities import capabilities
 from jaxconv._src.core.problem import Problem
 from jaxconv._src.engines.native import codegen, eligibility, ffi, tuning, twins, user_kernels
 from jaxconv._src.engines.native.translation import Refusal
@@ -49,7 +50,7 @@ def _tuning_line() -> str:
 def _winner(problem: Problem) -> bool:
     """Whether the op's reduce is a max or min (its gradient goes to the winning taps)."""
     op = problem.op
-    reduce = op.reduce_name if op.native is not None else algebra.capabilities(op).reduce
+    reduce = op.reduce_name if op.native is not None else capabilities(op).reduce
     return reduce in ("max", "min")
 
 
@@ -239,7 +240,7 @@ class NativeEngine(registry.Engine):
         if kernel.functor.scalar:
             lines.append("lane by lane with libm (not vectorized): "
                          + ", ".join(kernel.functor.scalar))
-        if algebra.capabilities(op).reduce == "custom":
+        if capabilities(op).reduce == "custom":
             lines.append("the callable reduce compiled as the kernel's fold, vectorized over "
                          "output channels, from its identity in the XLA engine's order (per "
                          "tap a tree over the input channels); its gradient computed natively "
@@ -393,7 +394,7 @@ class NativeEngine(registry.Engine):
         xd, wd = x.dtype, w.dtype
         x, w, y = x.astype(jnp.float32), w.astype(jnp.float32), y.astype(jnp.float32)
         # Built-in kernels only: a user op's compiled backward computes both sides itself.
-        kind = algebra.capabilities(op).separable if op.native is not None else None
+        kind = capabilities(op).separable if op.native is not None else None
         if kind == "sqdiff":
             gx = -2.0 * products.difference_input_gradient(op, geom, x, w, g)
             gw = products.separable_kernel_gradient(problem, kind, x, w, g)
@@ -441,7 +442,7 @@ def _records_op(problem: Problem, dtype: DTypeLike) -> bool:
 def _exp_space(problem: Problem) -> bool:
     """Whether the built-in log kernel runs behind the exp-space convolution
     (`jaxconv._src.core.log_products`): ``x + w`` under logsumexp with identity padding."""
-    return problem.op.native == "log" and algebra.capabilities(problem.op).log_semiring
+    return problem.op.native == "log" and capabilities(problem.op).log_semiring
 
 
 ENGINE = NativeEngine()

@@ -11,8 +11,8 @@ import functools
 
 import numpy as np
 
-from jaxconv._src.core import algebra
 from jaxconv._src.core.algebra import Op
+from jaxconv._src.core.capabilities import capabilities
 from jaxconv._src.engines.native import codegen
 
 
@@ -51,7 +51,7 @@ def translation(op: Op, dtype: str = "float32", wide: bool = False
     """
     if op.native is not None or op.rewrite is not None:
         return Refusal("it is a built-in op or a rewrite", compile_failed=False)
-    caps = algebra.capabilities(op)
+    caps = capabilities(op)
     if caps.reduce == "sum" and caps.separable == "mul" and np.dtype(dtype).kind == "f":
         return Refusal("it is a multiply-and-add (a standard convolution is faster)",
                        compile_failed=False)

@@ -9,8 +9,8 @@ the same numbers as that built-in, forward and backward:
 
 The gradients agree: ``x + w`` has partials 1 and 1, and JAX's derivative of ``min`` /
 ``max`` splits a tie ``x == w`` equally, as the built-ins' rules do. The reduce is the
-canonical one (`algebra.capabilities`: a callable ``jnp.maximum`` with identity ``-inf`` is
-``"max"``), the combine is recognised from its traced program (`algebra.single_primitive`,
+canonical one (`capabilities.capabilities`: a callable ``jnp.maximum`` with identity ``-inf`` is
+``"max"``), the combine is recognised from its traced program (`capabilities.single_primitive`,
 calls inlined), never from the function's identity or name. Such an op then takes the
 built-in's integer-key scan, dominated padding, wide (float64 / integer) and low-precision
 kernels and hand-written backward, instead of a compiled user kernel.
@@ -24,10 +24,10 @@ import functools
 import jax.numpy as jnp
 import numpy as np
 
-from jaxconv._src.core import algebra
 from jaxconv._src.core import ops as builtin_ops
 from jaxconv._src.core import scalar_program as sp
 from jaxconv._src.core.algebra import Op
+from jaxconv._src.core.capabilities import capabilities, simple_primitive, single_primitive
 from jaxconv._src.core.problem import Problem
 
 # (combine primitive, canonical reduce) -> the built-in op with that kernel.
@@ -63,7 +63,7 @@ def builtin_twin(op: Op, dtype: np.dtype = np.dtype(np.float32)) -> Op | None:
     """
     if op.native is not None or op.rewrite is not None or op.post is not None:
         return None
-    caps = algebra.capabilities(op)
+    caps = capabilities(op)
     canonical = caps.canonical
     if canonical.identity is not None or caps.temperature is not None:
         return None
@@ -76,9 +76,9 @@ def builtin_twin(op: Op, dtype: np.dtype = np.dtype(np.float32)) -> Op | None:
         return None
     if program.custom_jvp:
         return None  # a custom derivative rule: the user's, not the built-in's
-    prim = algebra.single_primitive(program)
+    prim = single_primitive(program)
     twin = _TWINS.get((prim, caps.reduce)) if prim is not None else None
-    if twin is None or (not floating and algebra.simple_primitive(op.combine, dtype) != prim):
+    if twin is None or (not floating and simple_primitive(op.combine, dtype) != prim):
         return None
     if canonical.pad_value is not None and twin.native == "log":
         return None  # the log kernel's exp-space path assumes identity padding

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from jaxconv._src.core import algebra, canonical, primitive
 from jaxconv._src.core import engine as registry
 from jaxconv._src.core.algebra import Op
+from jaxconv._src.core.capabilities import capabilities
 from jaxconv._src.core.geometry import Geometry
 from jaxconv._src.core.problem import DEFAULT_MAX_BLOCK_BYTES, Problem
 from jaxconv._src.engines import taps
@@ -114,7 +115,7 @@ class PallasEngine(registry.Engine):
     def describe(self, problem: Problem, dtype: Any) -> tuple[str, ...]:
         """One line: Pallas kernels under the op's reduce, and where each platform runs them."""
         del dtype
-        return (f"Pallas kernels under {algebra.capabilities(problem.op).reduce!r} "
+        return (f"Pallas kernels under {capabilities(problem.op).reduce!r} "
                 "(interpret mode on CPU, Triton on GPU, Mosaic on TPU)",)
 
     def opaque_call(self, platform: str) -> bool:

@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxconv._src.core import algebra
 from jaxconv._src.core.algebra import Op
+from jaxconv._src.core.capabilities import capabilities
 from jaxconv._src.core.geometry import Geometry
 
 Array = jax.Array
@@ -62,7 +62,7 @@ def block_size(
 
 
 def canonical_op(op: Op) -> Op:
-    """``op`` as the engine computes it (`algebra.Capabilities.canonical`).
+    """``op`` as the engine computes it (`capabilities.Capabilities.canonical`).
 
     Args:
         op: the op.
@@ -70,11 +70,11 @@ def canonical_op(op: Op) -> Op:
     Returns:
         The canonical op.
     """
-    return algebra.capabilities(op).canonical
+    return capabilities(op).canonical
 
 
 def dominated_fill(op: Op) -> float | None:
-    """A padding value no real term beats (`algebra.Capabilities.dominated_fill`).
+    """A padding value no real term beats (`capabilities.Capabilities.dominated_fill`).
 
     Args:
         op: the op.
@@ -82,12 +82,12 @@ def dominated_fill(op: Op) -> float | None:
     Returns:
         The value, or ``None``.
     """
-    return algebra.capabilities(op).dominated_fill
+    return capabilities(op).dominated_fill
 
 
 def separable_kind(op: Op) -> str | None:
     """``"mul"`` or ``"adder"`` when a sum's kernel gradient is a native product (declared
-    or inferred: `jaxconv._src.core.algebra.Capabilities.separable`).
+    or inferred: `jaxconv._src.core.capabilities.Capabilities.separable`).
 
     Args:
         op: the op.
@@ -95,7 +95,7 @@ def separable_kind(op: Op) -> str | None:
     Returns:
         The kind, or ``None``.
     """
-    return algebra.capabilities(op).separable
+    return capabilities(op).separable
 
 
 def grouped(cfg: Config, a: Array) -> Array:

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from jaxconv._src.core import algebra, products
 from jaxconv._src.core import engine as registry
+from jaxconv._src.core.capabilities import capabilities
 from jaxconv._src.core.problem import Problem
 from jaxconv._src.engines.xla import forward_mode, log, popcount
 from jaxconv._src.engines.xla.backward import _hand_backward
@@ -56,7 +57,7 @@ def forward(problem: Problem, x: Array, w: Array) -> Array:
     cfg = _config(problem, x, w)
     if cfg.op.rewrite is not None:
         return products.rewritten(problem, x, w)
-    if algebra.capabilities(cfg.op).combine == popcount.KIND:
+    if capabilities(cfg.op).combine == popcount.KIND:
         return popcount.mismatches(cfg.op, cfg.geom, x, w).astype(cfg.acc_dtype)
     if log.is_log_semiring(cfg.op) and jnp.issubdtype(x.dtype, jnp.floating):
         y = log.forward(problem, cfg, x, w)
@@ -130,7 +131,7 @@ def describe(problem: Problem) -> tuple[str, ...]:
         The line, in a tuple.
     """
     op = problem.op
-    caps = algebra.capabilities(op)
+    caps = capabilities(op)
     if op.rewrite is not None:
         return ("a rewrite into standard lax products",)
     if caps.separable == "mul":
@@ -191,7 +192,7 @@ class XlaEngine(registry.Engine):
         """A logsumexp's softmax weights are ``exp(c - y)`` with the `y` given (both the
         exp-space and the tap paths); max/min winners are found by index, not from `y`,
         and a rewrite's backward recomputes its own forward."""
-        caps = algebra.capabilities(problem.op)
+        caps = capabilities(problem.op)
         return caps.reduce == "logsumexp" and problem.op.rewrite is None
 
 

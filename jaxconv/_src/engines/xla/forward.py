@@ -13,6 +13,7 @@ from jax import lax
 
 from jaxconv._src.core import algebra, products
 from jaxconv._src.core.algebra import Op
+from jaxconv._src.core.capabilities import capabilities
 from jaxconv._src.core.geometry import Geometry
 from jaxconv._src.engines import taps
 from jaxconv._src.engines.xla.common import Config, _div, _rem, dominated_fill
@@ -39,7 +40,7 @@ def _reduce_tap(op: Op, xs: Array, wk: Array, acc_dtype: Any) -> Array:
     Returns:
         The tap's partial result.
     """
-    if op.reduce == "sum" and algebra.capabilities(op).combine == "mul":
+    if op.reduce == "sum" and capabilities(op).combine == "mul":
         # A user's multiply-and-add: the tap is a matrix product. (Written as a broadcast
         # and a reduction, XLA CPU turns it into one tiny matrix-vector product per
         # position, ~100x slower.)

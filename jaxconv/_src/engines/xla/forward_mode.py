@@ -30,6 +30,7 @@ from jax import lax
 
 from jaxconv._src.core import algebra
 from jaxconv._src.core.algebra import Op
+from jaxconv._src.core.capabilities import capabilities
 from jaxconv._src.core.geometry import Geometry
 from jaxconv._src.core.problem import Problem
 from jaxconv._src.engines import taps
@@ -45,7 +46,7 @@ def check_forward_mode(op: Op) -> None:
     Args:
       op: the product.
     """
-    caps = algebra.capabilities(op)
+    caps = capabilities(op)
     if not caps.forward_mode:
         part = caps.reverse_only_part or "combine"
         raise TypeError(

@@ -7,8 +7,9 @@ import dataclasses
 
 import jax
 
-from jaxconv._src.core import algebra, log_products
+from jaxconv._src.core import log_products
 from jaxconv._src.core.algebra import Op
+from jaxconv._src.core.capabilities import capabilities
 from jaxconv._src.core.problem import Problem
 from jaxconv._src.engines.xla.backward import _hand_backward
 from jaxconv._src.engines.xla.common import Config, grouped
@@ -26,7 +27,7 @@ def is_log_semiring(op: Op) -> bool:
     Returns:
         True for the log semiring.
     """
-    return algebra.capabilities(op).log_semiring
+    return capabilities(op).log_semiring
 
 
 def forward(problem: Problem, cfg: Config, x: Array, w: Array) -> Array:

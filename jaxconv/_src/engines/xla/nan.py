@@ -9,8 +9,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxconv._src.core import algebra, products
+from jaxconv._src.core import products
 from jaxconv._src.core.algebra import Op
+from jaxconv._src.core.capabilities import capabilities
 from jaxconv._src.engines import taps
 from jaxconv._src.engines.xla import zeros
 from jaxconv._src.engines.xla.common import Config, separable_kind
@@ -81,7 +82,7 @@ def _nan_terms(op: Op, xs: Array, w: Array, flags: tuple[Array, Array]
     Returns:
         ``(indicators, needed)``.
     """
-    kind = algebra.capabilities(op).combine
+    kind = capabilities(op).combine
     fx, fw = flags
 
     def has(f: Array, bit: int) -> Array:

@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxconv._src.core import algebra
 from jaxconv._src.core.algebra import Op
+from jaxconv._src.core.capabilities import capabilities
 from jaxconv._src.engines.xla.common import Config
 from jaxconv._src.engines.xla.forward import _forward
 
@@ -71,7 +71,7 @@ def negative_zero_possible(op: Op, fx: Array, fw: Array, y: Array) -> Array:
         over the output); else whether ``y`` holds a zero that the contract may flip (a
         ``-0`` max, a ``+0`` min).
     """
-    kind = algebra.capabilities(op).combine
+    kind = capabilities(op).combine
 
     def has(f: Array, bit: int) -> Array:
         return (f & bit) != 0
@@ -108,7 +108,7 @@ def _indicator_op(op: Op) -> Op:
         The indicator op (cached, so that its compiled passes are shared).
     """
     want_neg = op.reduce == "min"
-    kind = algebra.capabilities(op).combine
+    kind = capabilities(op).combine
 
     def combine(x: Array, w: Array) -> Array:
         c = op.combine(x, w)
