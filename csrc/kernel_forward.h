@@ -285,10 +285,11 @@ bool pack_panel(const Ctx& c, const float* wb, int64_t grp, int64_t jb, int64_t 
   const int64_t nvalid = c.Og - jb * NR < NR ? c.Og - jb * NR : NR;
   S::M ok = S::mtrue();
   bool ok_tail = true;
+  int64_t tap = k0 / c.I, ch = k0 % c.I;  // row k's (the min form; no division per row)
   for (int64_t k = k0; k < k1; ++k, dst += NR) {
     const float* src = wb + k * c.O + o0;
     if (shift) {
-      const float sh = shift[k % c.I];
+      const float sh = shift[ch];
       if (nvalid == NR) {
         for (int v = 0; v < NV; ++v) {
           const S::V wv = S::load(src + v * W);
@@ -299,9 +300,10 @@ bool pack_panel(const Ctx& c, const float* wb, int64_t grp, int64_t jb, int64_t 
         for (int64_t l = 0; l < NR; ++l) dst[l] = l < nvalid ? src[l] - sh : 0.0f;
         ok_tail &= bounded(src, nvalid);
       }
-      float* ws = wsum + (k / c.I) * NR;
+      float* ws = wsum + tap * NR;
       for (int v = 0; v < NV; ++v)
         S::store(ws + v * W, S::add(S::load(ws + v * W), S::load(dst + v * W)));
+      if (++ch == c.I) ch = 0, ++tap;
       continue;
     }
     if (nvalid == NR) {
