@@ -430,11 +430,13 @@ void forward_packed(Ctx& c) {
     const int64_t tpc = per < 1 ? 1 : per > 64 ? 64 : per;
     const int64_t cpb = (tiles + tpc - 1) / tpc;
     const int64_t claims = blocks * cpb;
-    std::atomic<int64_t> next{0};
-    auto worker = [&](int64_t) {
+    // The blocks in `lanes` runs (the parameter), each with its own claim counter: worker i
+    // starts in run i % lanes, then helps the others in turn (kernel_lanes.h).
+    ClaimLanes lanes(c.prm.lanes, blocks, cpb);
+    auto worker = [&](int64_t i) {
       Owned<float> owned;
       int64_t held = -1;
-      for (int64_t u; (u = next.fetch_add(1, std::memory_order_relaxed)) < claims;) {
+      for (int64_t u; (u = lanes.claim(i)) >= 0;) {
         const int64_t blk = u / cpb, tl0 = (u % cpb) * tpc;
         if (!owned && !(owned = scratch())) return;
         block_tiles(owned.get(), blk, tl0, tl0 + tpc < tiles ? tl0 + tpc : tiles, blk == held);
