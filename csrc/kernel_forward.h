@@ -271,10 +271,11 @@ bool pack_panel(const Ctx& c, const float* wb, int64_t grp, int64_t jb, int64_t 
   const int64_t nvalid = c.Og - jb * NR < NR ? c.Og - jb * NR : NR;
   S::M ok = S::mtrue();
   bool ok_tail = true;
+  int64_t tap = k0 / c.I, ch = k0 % c.I;  // row k's (the min form; no division per row)
   for (int64_t k = k0; k < k1; ++k, dst += NR) {
     const float* src = wb + k * c.O + o0;
     if (shift) {
-      const float sh = shift[k % c.I];
+      const float sh = shift[ch];
       if (nvalid == NR) {
         for (int v = 0; v < NV; ++v) {
           const S::V wv = S::load(src + v * W);
@@ -285,9 +286,10 @@ bool pack_panel(const Ctx& c, const float* wb, int64_t grp, int64_t jb, int64_t 
         for (int64_t l = 0; l < NR; ++l) dst[l] = l < nvalid ? src[l] - sh : 0.0f;
         ok_tail &= bounded(src, nvalid);
       }
-      float* ws = wsum + (k / c.I) * NR;
+      float* ws = wsum + tap * NR;
       for (int v = 0; v < NV; ++v)
         S::store(ws + v * W, S::add(S::load(ws + v * W), S::load(dst + v * W)));
+      if (++ch == c.I) ch = 0, ++tap;
       continue;
     }
     if (nvalid == NR) {
@@ -414,11 +416,13 @@ void forward_packed(Ctx& c) {
     const int64_t tpc = per < 1 ? 1 : per > 64 ? 64 : per;
     const int64_t cpb = (tiles + tpc - 1) / tpc;
     const int64_t claims = blocks * cpb;
-    std::atomic<int64_t> next{0};
-    auto worker = [&](int64_t) {
+    // The blocks in `lanes` runs (the parameter), each with its own claim counter: worker i
+    // starts in run i % lanes, then helps the others in turn (kernel_lanes.h).
+    ClaimLanes lanes(c.prm.lanes, blocks, cpb);
+    auto worker = [&](int64_t i) {
       Owned<float> owned;
       int64_t held = -1;
-      for (int64_t u; (u = next.fetch_add(1, std::memory_order_relaxed)) < claims;) {
+      for (int64_t u; (u = lanes.claim(i)) >= 0;) {
         const int64_t blk = u / cpb, tl0 = (u % cpb) * tpc;
         if (!owned && !(owned = scratch())) return;
         block_tiles(owned.get(), blk, tl0, tl0 + tpc < tiles ? tl0 + tpc : tiles, blk == held);

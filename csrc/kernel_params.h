@@ -25,7 +25,9 @@ namespace jaxconv {
   /* the forward's register tile: the instruction set's (0) or kernel_variants.h's (1) */     \
   X(tile, 0, 0, 1)                                                                           \
   /* AVX-512: the combine reads x as an embedded broadcast (1) or from a broadcast (0) */    \
-  X(bcast, 1, 0, 1)
+  X(bcast, 1, 0, 1)                                                                          \
+  /* the forward's kernel blocks in this many runs, a claim counter each (kernel_lanes.h) */ \
+  X(lanes, 2, 1, 16)
 
 #define JAXCONV_PARAM_MEMBER(name, dflt, lo, hi) int64_t name = dflt;
 struct Params {

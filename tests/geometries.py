@@ -58,6 +58,9 @@ GEOMETRIES: dict[str, Geometry] = {
     "channels_80": ((2, 5, 4, 80), (3, 3, 80, 20), dict(window_strides=(1, 1), padding="SAME")),
     # A dense (1x1) product with a long kernel block.
     "dense": ((1, 5, 8, 300), (1, 1, 300, 70), dict(window_strides=(1, 1), padding="VALID")),
+    # A dense product of several column blocks (4 of 64 outputs, the last partial): the
+    # forward's claims in lanes.
+    "dense_wide": ((1, 3, 7, 40), (1, 1, 40, 200), dict(window_strides=(1, 1), padding="VALID")),
     "nchw": ((2, 3, 6, 5), (4, 3, 3, 2), dict(
         window_strides=(1, 1), padding="SAME", dimension_numbers=("NCHW", "OIHW", "NCHW"))),
 }

@@ -20,22 +20,27 @@ NATIVE_OPS = ("max_plus", "min_plus", "max_min", "min_max", "adder", "l1", "l2_e
 SUMS = ("adder", "l1", "l2_exact")
 
 # name -> (x shape, w shape, conv kwargs), NHWC / HWIO: padding and strides, groups,
-# depthwise, a dense (1x1) product with a long kernel block, an odd channel count.
+# depthwise, a dense (1x1) product with a long kernel block, an odd channel count, a dense
+# product of several kernel blocks.
 CASES = table(("same_stride", "2d_stride_rhs_dil"), ("groups", "groups_8"), "depthwise", "dense",
-              ("wide", "wide_80"))
+              ("wide", "wide_80"), "dense_wide")
 
 # A covering set: each value of each parameter, cut panels (block_kib=0) of the smallest and
 # largest size, one-panel blocks, both forms of the sums and of max_min / min_max, one item
-# per block and many.
+# per block and many, one claim counter and several (more than dense_wide's blocks too).
 PARAM_SETS = (
-    dict(panel_kib=4, block_kib=0, items=1, keyed=0, min_form=0, fma_add=0, tile=1, bcast=1),
-    dict(panel_kib=4, block_kib=0, items=4096, keyed=1, min_form=1, fma_add=0, tile=0, bcast=0),
-    dict(panel_kib=1024, block_kib=0, items=16, keyed=0, min_form=1, fma_add=1, tile=1, bcast=0),
+    dict(panel_kib=4, block_kib=0, items=1, keyed=0, min_form=0, fma_add=0, tile=1, bcast=1,
+         lanes=1),
+    dict(panel_kib=4, block_kib=0, items=4096, keyed=1, min_form=1, fma_add=0, tile=0, bcast=0,
+         lanes=2),
+    dict(panel_kib=1024, block_kib=0, items=16, keyed=0, min_form=1, fma_add=1, tile=1, bcast=0,
+         lanes=16),
     dict(panel_kib=32, block_kib=65536, items=4096, keyed=1, min_form=0, fma_add=1, tile=0,
-         bcast=1),
-    dict(panel_kib=64, block_kib=192, items=2, keyed=0, min_form=1, fma_add=0, tile=1, bcast=1),
+         bcast=1, lanes=3),
+    dict(panel_kib=64, block_kib=192, items=2, keyed=0, min_form=1, fma_add=0, tile=1, bcast=1,
+         lanes=1),
     dict(panel_kib=16, block_kib=65536, items=16, keyed=1, min_form=1, fma_add=1, tile=1,
-         bcast=0),
+         bcast=0, lanes=2),
 )
 
 

@@ -15,7 +15,10 @@ The forward kernels take a few run-time parameters (``csrc/kernel_params.h``, on
   4 x 3 on AVX2) or an alternative with as many accumulators (1: 8 x 3, 6 x 2), both
   compiled in;
 - ``bcast`` (AVX-512 only): the forward's combine reads each input value as an embedded
-  broadcast (1) or from one broadcast register per tile row (0), the same bits.
+  broadcast (1) or from one broadcast register per tile row (0), the same bits;
+- ``lanes``: the forward's kernel blocks are cut into this many runs with a work counter
+  each, a thread starting in its own, so that each thread packs only its blocks (1: one
+  counter, every thread packs every block), the same bits.
 
 No parameter changes a max/min result's bits; only ``min_form`` changes a sum's rounding
 (both forms stay within the documented bound of a product's sum).
@@ -323,7 +326,8 @@ def search(rounds: int = 3) -> tuple[dict[str, int], dict[str, Any]]:
     problems), the embedded broadcasts (max_plus, a 3x3 and the dense problem), the adds
     (max_plus, dense), integer keys or float min/max (max_min, dense) and the min form or the
     direct loop (adder, 3x3; the min form, which rounds differently, is left only for a clear
-    gain). ``items`` (the thread split) keeps its default.
+    gain). ``items`` and ``lanes`` (the thread split, which a single-threaded timing cannot
+    judge) keep their defaults.
 
     Args:
       rounds: interleaved rounds per candidate.
