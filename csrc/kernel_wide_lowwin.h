@@ -12,8 +12,10 @@
 // The scan (2 output positions x kLV vectors of output channels, panels of kLK kernel rows
 // that stay in L1 over a run of kLPos positions) adds kLBig + the row's offset in the panel
 // to each matching lane: one float then holds the panel's count and, for a single match, its
-// row. After each panel the lanes with a match record their winners; a panel holding two or
-// more of one output's winners is rescanned for that output only (kLK products). The winners
+// row. After each panel the lanes with a match record their winners (an output's first, alone
+// in its panel, in vector form; any other one by one); a panel holding two or more of one
+// output's winners is rescanned for that output only (kLK products). The products of the
+// built-in ops read x as an embedded broadcast (kernel_wide_lowbcast.h). The winners
 // come out in kernel-row order, each output's count gives its share g / count.
 //
 // The gradients are then routed as kernel_wide_backward.h's rescan routes them (dx: per its
