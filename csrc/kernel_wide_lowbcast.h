@@ -34,12 +34,17 @@ template <class Op, bool Max>
 struct LowBc {
   static constexpr bool kOn = false;
 };
+inline void lowbc_keep(VecOf<float>&);
 
 #if JAXCONV_WIDE_BYTES == 64 && defined(__AVX512F__) && (defined(__GNUC__) || defined(__clang__))
-inline VecOf<float> lowbc_fma(const float* x, VecOf<float> w) {  // fma(x, 1, w) = x + w
+// fma(x, 1, w) = x + w. The copy of w is made inside the assembly: with w as the read-write
+// operand the compiler reloads w from the panel for each fma instead (a load more per
+// product, on ports this scan already loads with the broadcasts).
+inline VecOf<float> lowbc_fma(const float* x, VecOf<float> w) {
   const __m512 one = _mm512_set1_ps(1.0f);
-  __m512 s = (__m512)w;
-  __asm__("vfmadd231ps (%[x])%{1to16%}, %[one], %[s]" : [s] "+v"(s) : [one] "v"(one), [x] "r"(x));
+  __m512 s;
+  __asm__("vmovaps %[w], %[s]\n\tvfmadd231ps (%[x])%{1to16%}, %[one], %[s]"
+          : [s] "=&v"(s) : [w] "v"((__m512)w), [one] "v"(one), [x] "r"(x));
   return (VecOf<float>)s;
 }
 inline VecOf<float> lowbc_add(const float* x, VecOf<float> w) {  // w + x
@@ -57,6 +62,9 @@ inline VecOf<float> lowbc_max(const float* x, VecOf<float> w) {  // max(w, x)
   __asm__("vmaxps (%[x])%{1to16%}, %[w], %[s]" : [s] "=v"(s) : [w] "v"((__m512)w), [x] "r"(x));
   return (VecOf<float>)s;
 }
+
+// Makes v's value opaque, so the compiler keeps it in a register instead of reloading it.
+inline void lowbc_keep(VecOf<float>& v) { __asm__("" : "+v"(v)); }
 
 // x + w under max or min.
 template <int Red>

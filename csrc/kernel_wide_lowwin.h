@@ -234,6 +234,9 @@ inline void low_scan_rows(const float* x0, const float* x1, const float* wr, int
     V wv[kLV];
     for (int v = 0; v < kLV; ++v) std::memcpy(&wv[v], wr + v * L, sizeof(V));
     if constexpr (LowBc<Op, Max>::kOn) {  // x read by the product's instruction
+      // The row's kernel vectors stay in registers (opaque to the compiler, which otherwise
+      // reloads each for every product: twice the loads, beside the broadcasts' own).
+      for (int v = 0; v < kLV; ++v) lowbc_keep(wv[v]);
       for (int r = 0; r < 2; ++r)
         for (int v = 0; v < kLV; ++v) {
           const V p = LowBc<Op, Max>::comb((r ? x1 : x0) + i, wv[v], r * kLV + v);
