@@ -12,8 +12,10 @@
 // The scan (2 output positions x kLV vectors of output channels, panels of kLK kernel rows
 // that stay in L1 over a run of kLPos positions) adds kLBig + the row's offset in the panel
 // to each matching lane: one float then holds the panel's count and, for a single match, its
-// row. After each panel the lanes with a match record their winners; a panel holding two or
-// more of one output's winners is rescanned for that output only (kLK products). The winners
+// row. After each panel the lanes with a match record their winners (an output's first, alone
+// in its panel, in vector form; any other one by one); a panel holding two or more of one
+// output's winners is rescanned for that output only (kLK products). The products of the
+// built-in ops read x as an embedded broadcast (kernel_wide_lowbcast.h). The winners
 // come out in kernel-row order, each output's count gives its share g / count.
 //
 // The gradients are then routed as kernel_wide_backward.h's rescan routes them (dx: per its
@@ -32,6 +34,7 @@
 #include <vector>
 
 #include "kernel_wide.h"
+#include "kernel_wide_lowbcast.h"
 
 namespace JAXCONV_WIDE_NS {
 
@@ -230,6 +233,19 @@ inline void low_scan_rows(const float* x0, const float* x1, const float* wr, int
   for (int64_t i = 0; i < n; ++i, wr += LNB) {
     V wv[kLV];
     for (int v = 0; v < kLV; ++v) std::memcpy(&wv[v], wr + v * L, sizeof(V));
+    if constexpr (LowBc<Op, Max>::kOn) {  // x read by the product's instruction
+      // The row's kernel vectors stay in registers (opaque to the compiler, which otherwise
+      // reloads each for every product: twice the loads, beside the broadcasts' own).
+      for (int v = 0; v < kLV; ++v) lowbc_keep(wv[v]);
+      for (int r = 0; r < 2; ++r)
+        for (int v = 0; v < kLV; ++v) {
+          const V p = LowBc<Op, Max>::comb((r ? x1 : x0) + i, wv[v], r * kLV + v);
+          const auto e = Max ? p >= bd[r][v] : p <= bd[r][v];
+          acc[r][v] = e ? acc[r][v] + kv : acc[r][v];
+        }
+      kv += one;
+      continue;
+    }
     const V xa = splat<float>(x0[i]), xb = splat<float>(x1[i]);
     for (int v = 0; v < kLV; ++v) {
       const auto e = low_pass<Op, Exact, Max>(xa, wv[v], bd[0][v], v);
@@ -320,7 +336,26 @@ void low_scan_run(const LowWin& lw, LowRun& st, std::vector<int32_t>& list, int6
       }
       for (int r = 0; r < nr; ++r)
         for (int v = 0; v < kLV; ++v) {
-          uint32_t bits = lane_bits(acc[r][v]);
+          if (!lane_bits(acc[r][v])) continue;
+          // The usual lane (an output's first winner, alone in the panel) is recorded in
+          // vector form; the others (a second winner, or two in one panel) one by one below,
+          // in the same panel order: the same counts, first rows and lists.
+          typedef int32_t VI __attribute__((vector_size(JAXCONV_WIDE_BYTES)));
+          const int64_t qv = (j + r) * LNB + v * L;
+          const V mf = acc[r][v] * splat<float>(1.0f / kLBig);
+          const VI m = __builtin_convertvector(mf, VI);  // exact: each lane is m * kLBig + row
+          const VI row = __builtin_convertvector(acc[r][v] - splat<float>(kLBig), VI);
+          VI prev, first;
+          std::memcpy(&prev, st.cnt + qv, sizeof(VI));
+          std::memcpy(&first, st.first + qv, sizeof(VI));
+          const VI one = m == 1, fresh = prev == 0;
+          const VI usual = one & fresh;
+          const VI k0v = VI{} + int32_t(k0);
+          prev = usual ? VI{} + 1 : prev;
+          first = usual ? row + k0v : first;
+          std::memcpy(st.cnt + qv, &prev, sizeof(VI));
+          std::memcpy(st.first + qv, &first, sizeof(VI));
+          uint32_t bits = lane_bits((V)((m != 0) & ~usual));
           if (!bits) continue;
           alignas(64) float a[L];
           std::memcpy(a, &acc[r][v], sizeof(V));
