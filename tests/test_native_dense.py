@@ -90,20 +90,25 @@ def test_dense_winner_backward_splits_ties_as_the_rule(name, shape):
 
 def _data(kind: str, seed: int = 5) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """x (14, 260), w (260, 90), a cotangent: distinct reals, integers (ties within and
-    across blocks), or integers with a NaN, a -inf and a +inf (nothing recorded: the
+    across blocks), mostly signed zeros with a few +-1 and denormals (max_min / min_max
+    results of +-0 tied across blocks: the keyed recording marks a block of -0 products
+    under a +0 result), or integers with a NaN, a -inf and a +inf (nothing recorded: the
     backward takes the general rescan)."""
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((14, 260)).astype(np.float32)
     w = rng.standard_normal((260, 90)).astype(np.float32)
-    if kind != "distinct":
+    if kind == "zeros":
+        x, w = np.round(x * 0.3), np.round(w * 0.3)
+        x[3, 10], x[9, 130], w[70, 4] = 1e-40, -1e-40, -1e-40
+    elif kind != "distinct":
         x, w = np.round(x), np.round(w)
     if kind == "nonfinite":
         x[2, 7], x[5, 200], w[100, 3] = np.nan, -np.inf, np.inf
     return x, w, rng.standard_normal((14, 90)).astype(np.float32)
 
 
-@pytest.mark.parametrize("kind", ["distinct", "ties", "nonfinite"])
-@pytest.mark.parametrize("name", ["max_plus", "min_plus"])
+@pytest.mark.parametrize("kind", ["distinct", "ties", "zeros", "nonfinite"])
+@pytest.mark.parametrize("name", MAXMIN)
 def test_dense_winner_backward_has_the_general_rescans_bits(name, kind):
     """The recorded dense backward (the recording forward's block masks) against the general
     rescan bit for bit, and against the XLA engine (which finds winners by index)."""
@@ -128,17 +133,19 @@ def _primitives(jaxpr) -> list[str]:
     return names
 
 
-@pytest.mark.parametrize("transform", ["grad", "checkpoint"])
-def test_recording_forward_runs_once_and_keeps_todays_bits(monkeypatch, transform):
+@pytest.mark.parametrize("transform,name", [("grad", "max_plus"), ("checkpoint", "min_max"),
+                                            ("grad", "max_min")])
+def test_recording_forward_runs_once_and_keeps_todays_bits(monkeypatch, transform, name):
     """Under a gradient the recording forward runs once (no plain forward beside it) and its
-    masks reach the backward; the gradients equal the marking pass's (recording off) bit for
-    bit. The plain forward records nothing."""
+    masks reach the backward; the gradients equal the marking pass's (recording off: for
+    max_min / min_max the integer-key rescan) bit for bit. The plain forward records
+    nothing."""
     from jaxconv._src.core import differentiation  # noqa: PLC0415
 
     x, w, ct = _data("ties", seed=8)
 
     def loss(a, b):
-        y = jaxconv.dot_general(a, b, DN, op="max_plus", engine="native")
+        y = jaxconv.dot_general(a, b, DN, op=name, engine="native")
         return jnp.sum(y * ct)
 
     fn = jax.checkpoint(loss) if transform == "checkpoint" else loss
