@@ -115,12 +115,35 @@ def test_dense_winner_backward_has_the_general_rescans_bits(name, kind):
     x, w, ct = _data(kind)
     got = jax.jit(lambda a, b: _dense_vjp(name, a, b, ct))(x, w)
     want = jax.jit(lambda a, b: _conv_vjp(name, a, b, ct))(x, w)
-    for a, b in zip(got, want, strict=True):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for a, b in zip(got, want, strict=True):  # bits: zero signs and NaNs included
+        np.testing.assert_array_equal(np.asarray(a).view(np.int32), np.asarray(b).view(np.int32))
     f = lambda a, b: jaxconv.dot_general(a, b, DN, op=name, engine="xla")  # noqa: E731
     y, vjp = jax.vjp(f, x, w)
     for a, b in zip(got, (y, *vjp(ct)), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["max_min", "min_max"])
+def test_recording_forward_on_floats_has_the_keyed_bits(name):
+    """The recording forward of max_min / min_max on float min / max (the `keyed = 0`
+    parameter: zero signs fixed by the forward's rule) gives the integer-key recording's y
+    and gradients bit for bit, on data whose results are mostly signed zeros."""
+    from jaxconv import _native  # noqa: PLC0415
+    from jaxconv._src.engines.native import tuning  # noqa: PLC0415
+
+    x, w, ct = _data("zeros", seed=9)
+    tuning.ensure()
+    saved = dict(_native.params())
+    fn = jax.jit(lambda a, b: _dense_vjp(name, a, b, ct))
+    try:
+        runs = []
+        for keyed in (1, 0):
+            _native.set_params(dict(saved, keyed=keyed))
+            runs.append([np.asarray(a).view(np.int32) for a in fn(x, w)])
+    finally:
+        _native.set_params(saved)
+    for a, b in zip(*runs, strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def _primitives(jaxpr) -> list[str]:
