@@ -239,8 +239,8 @@ bool dense_row_winners(const float* xp, const float* tp, int64_t K, int64_t kb, 
       if (__builtin_popcountll(word) == 1) {
         const int64_t k = k0 + __builtin_ctzll(word);
         cr[l] = int32_t(k);
-        dx[l] = gv * Op::template dcx<Sc>(xp[k], wo[k]);
-        dw[l] = gv * Op::template dcw<Sc>(xp[k], wo[k]);
+        dx[l] = WinTerms<Op>::x(gv, xp[k], wo[k]);
+        dw[l] = WinTerms<Op>::w(gv, xp[k], wo[k]);
         continue;
       }
     }
@@ -248,8 +248,8 @@ bool dense_row_winners(const float* xp, const float* tp, int64_t K, int64_t kb, 
     const int64_t cnt = mask ? dense_matches<Op>(xp, wo, K, kb, mask, yv, &last) : 0;
     if (cnt == 1) {
       cr[l] = int32_t(last);
-      dx[l] = gv * Op::template dcx<Sc>(xp[last], wo[last]);
-      dw[l] = gv * Op::template dcw<Sc>(xp[last], wo[last]);
+      dx[l] = WinTerms<Op>::x(gv, xp[last], wo[last]);
+      dw[l] = WinTerms<Op>::w(gv, xp[last], wo[last]);
       continue;
     }
     cr[l] = -2 - int32_t(cnt == 0 ? 0 : mask);
