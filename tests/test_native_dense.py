@@ -185,8 +185,8 @@ def test_recording_forward_runs_once_and_keeps_todays_bits(monkeypatch, transfor
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-@pytest.mark.parametrize("mapped", ["kernel", "input"])
-def test_dense_winner_backward_under_vmap(mapped):
+@pytest.mark.parametrize("mapped,name", [("kernel", "max_plus"), ("input", "min_max")])
+def test_dense_winner_backward_under_vmap(mapped, name):
     """A mapped kernel folds into feature groups: each group's block masks and winners. A
     mapped input folds the recording forward into the batch and the backward (a kernel
     gradient per element) into groups: an output's masks do not depend on the folding."""
@@ -201,13 +201,13 @@ def test_dense_winner_backward_under_vmap(mapped):
 
     def grads(x, w, c):
         return jax.grad(lambda a, b: jnp.sum(jaxconv.dot_general(
-            a, b, DN, op="max_plus", engine="native") * c), (0, 1))(x, w)
+            a, b, DN, op=name, engine="native") * c), (0, 1))(x, w)
 
     axes = (None, 0, 0) if mapped == "kernel" else (0, None, 0)
     dx, dw = jax.jit(jax.vmap(grads, in_axes=axes))(xs[0] if mapped == "kernel" else xs,
                                                    ws[0] if mapped == "input" else ws, ct)
     for j in range(3):
-        rdx, rdw = _winner_grads("max_plus", xs[j].astype(np.float64),
+        rdx, rdw = _winner_grads(name, xs[j].astype(np.float64),
                                  ws[j].astype(np.float64), ct[j])
         np.testing.assert_allclose(np.asarray(dx[j]), rdx, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(np.asarray(dw[j]), rdw, rtol=1e-5, atol=1e-5)
