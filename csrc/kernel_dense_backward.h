@@ -232,8 +232,8 @@ bool dense_row_winners(const float* xp, const float* tp, int64_t K, int64_t kb, 
       if (__builtin_popcountll(word) == 1) {
         const int64_t k = k0 + __builtin_ctzll(word);
         cr[l] = int32_t(k);
-        dx[l] = gv * Op::template dcx<Sc>(xp[k], wo[k]);
-        dw[l] = gv * Op::template dcw<Sc>(xp[k], wo[k]);
+        dx[l] = WinTerms<Op>::x(gv, xp[k], wo[k]);
+        dw[l] = WinTerms<Op>::w(gv, xp[k], wo[k]);
         continue;
       }
     }
@@ -241,8 +241,8 @@ bool dense_row_winners(const float* xp, const float* tp, int64_t K, int64_t kb, 
     const int64_t cnt = mask ? dense_matches<Op>(xp, wo, K, kb, mask, yv, &last) : 0;
     if (cnt == 1) {
       cr[l] = int32_t(last);
-      dx[l] = gv * Op::template dcx<Sc>(xp[last], wo[last]);
-      dw[l] = gv * Op::template dcw<Sc>(xp[last], wo[last]);
+      dx[l] = WinTerms<Op>::x(gv, xp[last], wo[last]);
+      dw[l] = WinTerms<Op>::w(gv, xp[last], wo[last]);
       continue;
     }
     cr[l] = -2 - int32_t(cnt == 0 ? 0 : mask);
@@ -266,15 +266,17 @@ bool dense_row_winners(const float* xp, const float* tp, int64_t K, int64_t kb, 
 // on finite data (win_backward's rescan serves it).
 template <class Op>
 bool dense_win_backward(Ctx& c) {
-  // max_min / min_max: the general rescan runs on integer keys, faster than pass A's float
-  // min and max (measured on Zen 4, dense E: 16.4 against 20.2 ms of CPU).
-  if constexpr (!std::is_same_v<typename KeyOf<Op>::type, Op>) return false;
   if (!dense_winner_case(c)) return false;
   const jaxconv::Call& call = *c.call;
+  const bool recorded = call.rec != nullptr && call.rec[0] >= 0;
+  // max_min / min_max unrecorded: the general rescan runs on integer keys, faster than pass
+  // A's float min and max (measured on Zen 4, dense E: 16.4 against 20.2 ms of CPU).
+  if constexpr (!std::is_same_v<typename KeyOf<Op>::type, Op>) {
+    if (!recorded) return false;
+  }
   const int64_t I = c.I, O = c.O, Og = c.Og, K = c.K, P = c.P, G = c.G, B = call.batch;
   const int64_t kb = dense_block_rows(K);
   const int64_t tiles = (P + MR - 1) / MR;
-  const bool recorded = call.rec != nullptr && call.rec[0] >= 0;
   std::atomic<bool> failed{false}, tied{false};
   // dxv: a unique winner's dx term, or a tie's share of the cotangent. A code is the unique
   // winner's k (>= 0) or -2 - mask (a tie, or none: mask 0).

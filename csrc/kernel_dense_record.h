@@ -7,30 +7,29 @@
 // kernel rows and each block's result is kept; y is their reduce and the mask the blocks
 // equal to it. Max and min are exact, so y is the forward's bit for bit (a zero's sign is
 // fixed by the same rule) and the mask is pass A's: the blocks whose reduce equals y.
+// max_min / min_max run it on integer keys when the forward would (the `keyed` parameter).
 //
 // Calls that are not the blocked backward's case (dense_winner_case: one tap, finite data,
-// more than one block; ops without integer keys) record nothing: the forward runs as usual
-// and every mask is written -1, which the backward reads as "not recorded".
+// more than one block) record nothing: the forward runs as usual and every mask is written
+// -1, which the backward reads as "not recorded".
 //
 // Part of the kernel template: included by kernels.inc inside its anonymous namespace
 // (once per instruction set), after kernel_dense_backward.h, never on its own.
 #pragma once
 
-// Whether the recording forward records this call's masks (see above).
-template <class Op>
-bool dense_record_case(const Ctx& c) {
-  if constexpr (!std::is_same_v<typename KeyOf<Op>::type, Op>) return false;
-  else return dense_winner_case(c);
-}
-
 // Rows p .. p + MR - 1 of block (b, grp, jb): their y and masks (`rb`: the batch entry's).
 // Each block's reduce is stored (one store per accumulator and block, the only cost in the
 // loop over blocks); the tile's end takes y as their reduce and sets the bits of the blocks
-// equal to it (pass A's compare, on results held in L1).
+// equal to it (pass A's compare, on results held in L1). A keyed Op (`xb` and `panel` hold
+// keys) reduces keys as the keyed forward does, and compares the blocks' results as floats:
+// a block whose result is -0 holds a product equal to a +0 y under the backward's float
+// compare, so it is marked too (a mask may name a block with no winner: the backward's scan
+// of it finds nothing).
 template <class Op, bool Bx = false>
 void dense_record_tile(const Ctx& c, const float* xb, const float* wb, const float* panel,
                        float* yb, int32_t* rb, int64_t p, int64_t grp, int64_t jb, int64_t kb) {
   using V = S::V;
+  constexpr bool kKey = keyed<Op>();
   const TileRows<MR> rows(c, p);
   const int64_t o0 = grp * c.Og + jb * NR;
   const int64_t nvalid = c.Og - jb * NR < NR ? c.Og - jb * NR : NR;
@@ -46,36 +45,49 @@ void dense_record_tile(const Ctx& c, const float* xb, const float* wb, const flo
       for (int v = 0; v < NV; ++v) S::store(blk[j] + r * NR + v * W, acc[r][v]);
   }
   alignas(64) float ys[MR * NR], cd[MR * NR];
-  // Finite inputs: no NaN, so "equal to y" is exact.
+  // Finite inputs: no NaN, so "equal to y" is exact. (The key map is its own inverse.)
   for (int64_t q = 0; q < MR * NR; q += W) {
     V t = S::load(blk[0] + q);
     for (int64_t j = 1; j < nb; ++j) t = Op::template red<S>(t, S::load(blk[j] + q));
+    if constexpr (kKey) t = S::key(t);
     V m = S::zero();
     float bit = 1.0f;
-    for (int64_t j = 0; j < nb; ++j, bit *= 2.0f)
-      m = S::madd(S::eq(S::load(blk[j] + q), t), m, S::set1(bit));
+    for (int64_t j = 0; j < nb; ++j, bit *= 2.0f) {
+      V bj = S::load(blk[j] + q);
+      if constexpr (kKey) bj = S::key(bj);
+      m = S::madd(S::eq(bj, t), m, S::set1(bit));
+    }
     S::store(ys + q, t);
     S::store(cd + q, m);
   }
   for (int r = 0; r < MR; ++r) {
     if (!rows.live[r]) continue;
-    for (int v = 0; v < NV; ++v) {
-      const V a = fix_zero_sign<Op>(c, S::load(ys + r * NR + v * W), xb, wb, rows.nimg[r],
-                                    rows.osi[r], o0 + v * W, nvalid - v * W);
-      S::store(ys + r * NR + v * W, a);
+    if constexpr (!kKey) {  // keys order -0 below +0 already
+      for (int v = 0; v < NV; ++v) {
+        const V a = fix_zero_sign<Op>(c, S::load(ys + r * NR + v * W), xb, wb, rows.nimg[r],
+                                      rows.osi[r], o0 + v * W, nvalid - v * W);
+        S::store(ys + r * NR + v * W, a);
+      }
     }
     std::memcpy(yb + (p + r) * c.O + o0, ys + r * NR, sizeof(float) * nvalid);
     for (int64_t l = 0; l < nvalid; ++l) rb[(p + r) * c.O + o0 + l] = int32_t(cd[r * NR + l]);
   }
 }
 
-// The recording forward: true when it wrote y and the masks (call.out, call.rec); false when
-// the call is not its case (nothing written: the caller runs the forward and marks the masks
-// not recorded).
+// The recording forward's tiles with the tile op Op (a keyed one reads copies of x and of
+// the kernel panels as keys). Returns true (y and the masks written).
 template <class Op>
-bool dense_record_forward(Ctx& c) {
-  if (!dense_record_case<Op>(c)) return false;
+bool dense_record_run(Ctx& c) {
   const jaxconv::Call& call = *c.call;
+  constexpr bool kKey = keyed<Op>();
+  Owned<float> xkey;
+  if constexpr (kKey) {
+    if (!(xkey = key_copy(c))) {
+      c.failed = true;
+      return true;
+    }
+  }
+  const float* xsrc = kKey ? xkey.get() : call.x;
   const int64_t kb = dense_block_rows(c.K);
   const int64_t tiles = (c.P + MR - 1) / MR;
   const int64_t blocks = call.batch * c.G * c.nJB;
@@ -99,23 +111,35 @@ bool dense_record_forward(Ctx& c) {
         return;
       }
       const float* wb = call.w + b * c.w_bs;
-      if (blk != held) pack_panel(c, wb, grp, jb, 0, c.K, false, owned.get());
+      if (blk != held) pack_panel(c, wb, grp, jb, 0, c.K, kKey, owned.get());
       held = blk;
       if constexpr (Bc<Op>::kOn) {
         if (c.prm.bcast != 0) {  // the forward tile's choice (kernel_bcast.h)
           for (int64_t tl = tl0; tl < tl1; ++tl)
-            dense_record_tile<Op, true>(c, call.x + b * c.x_bs, wb, owned.get(),
+            dense_record_tile<Op, true>(c, xsrc + b * c.x_bs, wb, owned.get(),
                                         call.out + b * c.y_bs, call.rec + b * c.y_bs, tl * MR,
                                         grp, jb, kb);
           continue;
         }
       }
       for (int64_t tl = tl0; tl < tl1; ++tl)
-        dense_record_tile<Op>(c, call.x + b * c.x_bs, wb, owned.get(), call.out + b * c.y_bs,
+        dense_record_tile<Op>(c, xsrc + b * c.x_bs, wb, owned.get(), call.out + b * c.y_bs,
                               call.rec + b * c.y_bs, tl * MR, grp, jb, kb);
     }
   };
   parallel(c, claims < 256 ? claims : 256, worker);
   if (failed.load()) c.failed = true;
   return true;
+}
+
+// The recording forward: true when it wrote y and the masks (call.out, call.rec); false when
+// the call is not its case (nothing written: the caller runs the forward and marks the masks
+// not recorded).
+template <class Op>
+bool dense_record_forward(Ctx& c) {
+  if (!dense_winner_case(c)) return false;
+  if constexpr (!std::is_same_v<typename KeyOf<Op>::type, Op>) {
+    if (c.prm.keyed) return dense_record_run<typename KeyOf<Op>::type>(c);  // as forward()
+  }
+  return dense_record_run<Op>(c);
 }

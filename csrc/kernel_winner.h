@@ -276,11 +276,11 @@ void win_backward(Ctx& c) {
                 if (toff >= 0) {
                   const int64_t off = n * c.img + toff + grp * I + i;
                   xv = xb[off];
-                  dxb[off] += gv * Op::template dcx<Sc>(xv, wk);
+                  dxb[off] += WinTerms<Op>::x(gv, xv, wk);
                 } else {
                   xv = c.padrow[grp * I + i];  // a winner in the padding (cell()'s pad row)
                 }
-                vb[p * O + o] = gv * Op::template dcw<Sc>(xv, wk);
+                vb[p * O + o] = WinTerms<Op>::w(gv, xv, wk);  // kernel_winner_terms.h
               } else {
                 cb[p * O + o] = -1;
                 const float share = gv / float(cnt);

@@ -90,32 +90,60 @@ def test_dense_winner_backward_splits_ties_as_the_rule(name, shape):
 
 def _data(kind: str, seed: int = 5) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """x (14, 260), w (260, 90), a cotangent: distinct reals, integers (ties within and
-    across blocks), or integers with a NaN, a -inf and a +inf (nothing recorded: the
+    across blocks), mostly signed zeros with a few +-1 and denormals (max_min / min_max
+    results of +-0 tied across blocks: the keyed recording marks a block of -0 products
+    under a +0 result), or integers with a NaN, a -inf and a +inf (nothing recorded: the
     backward takes the general rescan)."""
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((14, 260)).astype(np.float32)
     w = rng.standard_normal((260, 90)).astype(np.float32)
-    if kind != "distinct":
+    if kind == "zeros":
+        x, w = np.round(x * 0.3), np.round(w * 0.3)
+        x[3, 10], x[9, 130], w[70, 4] = 1e-40, -1e-40, -1e-40
+    elif kind != "distinct":
         x, w = np.round(x), np.round(w)
     if kind == "nonfinite":
         x[2, 7], x[5, 200], w[100, 3] = np.nan, -np.inf, np.inf
     return x, w, rng.standard_normal((14, 90)).astype(np.float32)
 
 
-@pytest.mark.parametrize("kind", ["distinct", "ties", "nonfinite"])
-@pytest.mark.parametrize("name", ["max_plus", "min_plus"])
+@pytest.mark.parametrize("kind", ["distinct", "ties", "zeros", "nonfinite"])
+@pytest.mark.parametrize("name", MAXMIN)
 def test_dense_winner_backward_has_the_general_rescans_bits(name, kind):
     """The recorded dense backward (the recording forward's block masks) against the general
     rescan bit for bit, and against the XLA engine (which finds winners by index)."""
     x, w, ct = _data(kind)
     got = jax.jit(lambda a, b: _dense_vjp(name, a, b, ct))(x, w)
     want = jax.jit(lambda a, b: _conv_vjp(name, a, b, ct))(x, w)
-    for a, b in zip(got, want, strict=True):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for a, b in zip(got, want, strict=True):  # bits: zero signs and NaNs included
+        np.testing.assert_array_equal(np.asarray(a).view(np.int32), np.asarray(b).view(np.int32))
     f = lambda a, b: jaxconv.dot_general(a, b, DN, op=name, engine="xla")  # noqa: E731
     y, vjp = jax.vjp(f, x, w)
     for a, b in zip(got, (y, *vjp(ct)), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["max_min", "min_max"])
+def test_recording_forward_on_floats_has_the_keyed_bits(name):
+    """The recording forward of max_min / min_max on float min / max (the `keyed = 0`
+    parameter: zero signs fixed by the forward's rule) gives the integer-key recording's y
+    and gradients bit for bit, on data whose results are mostly signed zeros."""
+    from jaxconv import _native  # noqa: PLC0415
+    from jaxconv._src.engines.native import tuning  # noqa: PLC0415
+
+    x, w, ct = _data("zeros", seed=9)
+    tuning.ensure()
+    saved = dict(_native.params())
+    fn = jax.jit(lambda a, b: _dense_vjp(name, a, b, ct))
+    try:
+        runs = []
+        for keyed in (1, 0):
+            _native.set_params(dict(saved, keyed=keyed))
+            runs.append([np.asarray(a).view(np.int32) for a in fn(x, w)])
+    finally:
+        _native.set_params(saved)
+    for a, b in zip(*runs, strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def _primitives(jaxpr) -> list[str]:
@@ -128,17 +156,19 @@ def _primitives(jaxpr) -> list[str]:
     return names
 
 
-@pytest.mark.parametrize("transform", ["grad", "checkpoint"])
-def test_recording_forward_runs_once_and_keeps_todays_bits(monkeypatch, transform):
+@pytest.mark.parametrize("transform,name", [("grad", "max_plus"), ("checkpoint", "min_max"),
+                                            ("grad", "max_min")])
+def test_recording_forward_runs_once_and_keeps_todays_bits(monkeypatch, transform, name):
     """Under a gradient the recording forward runs once (no plain forward beside it) and its
-    masks reach the backward; the gradients equal the marking pass's (recording off) bit for
-    bit. The plain forward records nothing."""
+    masks reach the backward; the gradients equal the marking pass's (recording off: for
+    max_min / min_max the integer-key rescan) bit for bit. The plain forward records
+    nothing."""
     from jaxconv._src.core import differentiation  # noqa: PLC0415
 
     x, w, ct = _data("ties", seed=8)
 
     def loss(a, b):
-        y = jaxconv.dot_general(a, b, DN, op="max_plus", engine="native")
+        y = jaxconv.dot_general(a, b, DN, op=name, engine="native")
         return jnp.sum(y * ct)
 
     fn = jax.checkpoint(loss) if transform == "checkpoint" else loss
@@ -155,8 +185,8 @@ def test_recording_forward_runs_once_and_keeps_todays_bits(monkeypatch, transfor
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-@pytest.mark.parametrize("mapped", ["kernel", "input"])
-def test_dense_winner_backward_under_vmap(mapped):
+@pytest.mark.parametrize("mapped,name", [("kernel", "max_plus"), ("input", "min_max")])
+def test_dense_winner_backward_under_vmap(mapped, name):
     """A mapped kernel folds into feature groups: each group's block masks and winners. A
     mapped input folds the recording forward into the batch and the backward (a kernel
     gradient per element) into groups: an output's masks do not depend on the folding."""
@@ -171,13 +201,13 @@ def test_dense_winner_backward_under_vmap(mapped):
 
     def grads(x, w, c):
         return jax.grad(lambda a, b: jnp.sum(jaxconv.dot_general(
-            a, b, DN, op="max_plus", engine="native") * c), (0, 1))(x, w)
+            a, b, DN, op=name, engine="native") * c), (0, 1))(x, w)
 
     axes = (None, 0, 0) if mapped == "kernel" else (0, None, 0)
     dx, dw = jax.jit(jax.vmap(grads, in_axes=axes))(xs[0] if mapped == "kernel" else xs,
                                                    ws[0] if mapped == "input" else ws, ct)
     for j in range(3):
-        rdx, rdw = _winner_grads("max_plus", xs[j].astype(np.float64),
+        rdx, rdw = _winner_grads(name, xs[j].astype(np.float64),
                                  ws[j].astype(np.float64), ct[j])
         np.testing.assert_allclose(np.asarray(dx[j]), rdx, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(np.asarray(dw[j]), rdw, rtol=1e-5, atol=1e-5)

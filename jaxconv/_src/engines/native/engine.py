@@ -148,11 +148,10 @@ class NativeEngine(registry.Engine):
         return self._fallback(served, served.dtype or served.acc_dtype) is None
 
     def records_winners(self, problem: Problem, platform: str) -> bool:
-        """Dense float32 max-plus / min-plus products: the recording forward keeps, per
-        output, the kernel-row blocks holding its winners (``csrc/kernel_dense_record.h``),
-        and the backward scans only those. (max_min / min_max keep their integer-key rescan,
-        faster than a marking pass; the kernels decide the rest at run time: finite data,
-        more than 64 kernel rows, else nothing is recorded and the backward marks itself.)"""
+        """Dense float32 max / min products: the recording forward keeps, per output, the
+        kernel-row blocks holding its winners (``csrc/kernel_dense_record.h``), and the
+        backward scans only those. (The kernels decide the rest at run time: finite data,
+        more than 64 kernel rows, else nothing is recorded and the backward rescans.)"""
         geom = problem.geom
         return (platform == "cpu" and problem.dtype is not None
                 and _records_op(problem, problem.dtype)
@@ -423,8 +422,8 @@ class NativeEngine(registry.Engine):
 
 def _records_op(problem: Problem, dtype: DTypeLike) -> bool:
     """Whether the op and dtype have the recording forward (`NativeEngine.records_winners`,
-    geometry aside): built-in max_plus / min_plus on float32, identity padding, a library
-    that has it.
+    geometry aside): built-in max_plus / min_plus / max_min / min_max on float32, identity
+    padding, a library that has it.
 
     Args:
         problem: the canonical problem.
@@ -434,7 +433,8 @@ def _records_op(problem: Problem, dtype: DTypeLike) -> bool:
         True when the op and dtype have it.
     """
     op = problem.op
-    return (op.native in ("max_plus", "min_plus") and ffi.kernel_id(op) is not None
+    return (op.native in ("max_plus", "min_plus", "max_min", "min_max")
+            and ffi.kernel_id(op) is not None
             and np.dtype(dtype) == np.float32 and op.pad_value is None
             and ffi.has_recording())
 
