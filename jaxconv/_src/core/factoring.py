@@ -103,6 +103,8 @@ class FactoredForm:
       temperature: ``c`` when the op's callable reduce is ``c * logaddexp(a / c, b / c)``
         (`algebra.smoothing_temperature`), run as ``c`` times the built-in logsumexp of
         ``combine / c``; else ``None``.
+      negated: whether a difference of the operands runs as a sum, one operand's map
+        negated (`negated_subtrahends`).
     """
 
     inner: Op
@@ -110,10 +112,15 @@ class FactoredForm:
     lhs_map: ProgramFn | None
     rhs_map: ProgramFn | None
     temperature: float | None = None
+    negated: bool = False
 
     def describe(self) -> list[str]:
         """One line per factor, for `jaxconv.explain`."""
         lines = []
+        if self.negated:
+            lines.append("a difference of the operands runs as their sum, one side negated "
+                         "once per element (a - b is a + (-b) in IEEE arithmetic: the same "
+                         "numbers, the same derivative)")
         for what, fn in (("input", self.lhs_map), ("kernel", self.rhs_map)):
             if fn is not None:
                 rule = " (with its custom derivative rule)" if fn.program.rules() else ""
@@ -143,6 +150,9 @@ def factored_form(op: Op, dtype: Any) -> FactoredForm | None:
     - ``combine(x, w) = core(u(x), v(w))``: the part of the combine that depends on one
       operand only runs once per element of that operand (``tanh(x) * w``: ``tanh`` of the
       input, then a product of ``*`` under the reduce).
+    - ``x - w = x + (-w)`` exactly: under a max, min or logsumexp a difference of the
+      operands runs as a sum, ``-w`` (or ``-x``) once per element, so that ``tanh(x - w)``
+      under a max runs on the built-in ``x + w`` kernels (`negated_subtrahends`).
 
     Values are the same (NaN and infinities included: the maps are applied to the same
     numbers). Only a gradient tie can differ for the monotone map: where ``f`` is flat (a
@@ -165,6 +175,8 @@ def factored_form(op: Op, dtype: Any) -> FactoredForm | None:
       >>> form = factored_form(op, jnp.float32)
       >>> form.inner.reduce, float(form.outer(jnp.float32(0.0))), form.lhs_map
       ('max', 0.0, None)
+      >>> form.rhs_map.program.primitives(), form.negated
+      (('neg',), True)
     """
     return _factored_form(op, np.dtype(dtype))
 
@@ -268,7 +280,7 @@ def _factored(op: Op, dtype: np.dtype) -> tuple[FactoredForm | None, str | None]
         program = split.inner
         outer = ProgramFn(split.outer, f"{name} (outer)")
         reduce = caps.reduce if split.direction > 0 else _DUAL[caps.reduce]
-    operands = sp.operand_split(program)
+    operands, negated = _operand_split(program, reduce)
     if operands is not None and rules:
         side_rules = [p.nodes[k] for p in (operands.lhs, operands.rhs) if p is not None
                       for k in p.rules()]
@@ -305,7 +317,93 @@ def _factored(op: Op, dtype: np.dtype) -> tuple[FactoredForm | None, str | None]
     inner = Op(ProgramFn(program, f"{name} (inner)"), reduce, identity=canonical.identity,
                pad_value=pad_value, name=f"{name} (inner)", forward_mode=op.forward_mode,
                rewrite=_standard_product if standard else None)
-    return FactoredForm(inner, outer, lhs_map, rhs_map), None
+    return FactoredForm(inner, outer, lhs_map, rhs_map, negated=negated), None
+
+
+def _operand_split(program: Any, reduce: Any) -> tuple[Any, bool]:
+    """`scalar_program.operand_split`, a difference of the operands taken as a sum first when
+    that leaves the built-in kernels' ``x + w`` inside a max, min or logsumexp.
+
+    ``x - w`` is ``x + (-w)`` exactly (`negated_subtrahends`), so ``tanh(x -
+    w)`` under a max runs as the kernel map ``-w`` (once per element) and ``max_plus``
+    instead of a compiled kernel of ``x - w``. Under a sum (no such built-in) and where the
+    negation would stay inside the product, the program is split as written.
+
+    Args:
+        program: the combine's program (its monotone tail already split off).
+        reduce: the reduce the product left inside runs.
+
+    Returns:
+        The `scalar_program.OperandSplit` (or ``None``), and whether a difference was negated.
+    """
+    from jaxconv._src.core import scalar_program as sp  # noqa: PLC0415
+
+    split = sp.operand_split(program)
+    if reduce not in ("max", "min", "logsumexp"):
+        return split, False
+    summed = negated_subtrahends(program)
+    if summed is None:
+        return split, False
+    alt = sp.operand_split(summed)
+    if alt is None or single_primitive(alt.core) != "add":
+        return split, False
+    return alt, True
+
+
+def negated_subtrahends(program: Any) -> Any:
+    """``program`` with each difference of the two operands' parts written as a sum.
+
+    A ``sub(a, b)`` node whose ``a`` depends on one argument only and ``b`` on the other only
+    becomes ``add(a, neg(b))``: the same number in IEEE arithmetic (``a - b`` is defined as
+    ``a + (-b)``; ``neg`` is exact: infinities, NaN-ness and signed zeros agree, and integers
+    wrap alike), and JAX's derivative is the same (``1`` and ``-1``). `neg(b)` is then a
+    value of one operand, which `operand_split` moves out of the product: ``tanh(x - w)``
+    under a max becomes ``x + w'`` with ``w' = -w`` (the built-in ``max_plus``'s combine).
+
+    Args:
+      program: a traced program of two arguments.
+
+    Returns:
+      The rewritten program, or ``None`` when no difference of that kind is live.
+
+    Example:
+      >>> from jaxconv._src.core import scalar_program as sp
+      >>> p = negated_subtrahends(sp.trace(lambda x, w: x - w, "float32", 2))
+      >>> p.primitives(), sp.operand_split(p).rhs.primitives()
+      (('add', 'neg'), ('neg',))
+    """
+    from jaxconv._src.core import scalar_program as sp  # noqa: PLC0415
+
+    if program.n_args != 2 or program.custom_jvp:
+        return None
+    live = set(program.live())
+    deps: dict[int, frozenset[int]] = {}
+
+    def deps_of(r: Any) -> frozenset[int]:
+        if isinstance(r, sp.Arg):
+            return frozenset((r.index,))
+        return deps[r] if isinstance(r, int) else frozenset()
+
+    nodes: list[Any] = []
+    remap: dict[int, int] = {}
+    changed = False
+    for k, node in enumerate(program.nodes):
+        args = tuple(remap[a] if isinstance(a, int) else a for a in node.args)
+        deps[k] = frozenset().union(*(deps_of(a) for a in node.args))
+        if (k in live and node.name == "sub" and not node.params and node.dtype == program.dtype
+                and len(deps_of(node.args[0])) == 1 and len(deps_of(node.args[1])) == 1
+                and deps_of(node.args[0]) != deps_of(node.args[1])):
+            nodes.append(sp.Node(jax.lax.neg_p, {}, (args[1],), node.dtype))
+            node = sp.Node(jax.lax.add_p, {}, (args[0], len(nodes) - 1), node.dtype)
+            changed = True
+        else:
+            node = dataclasses.replace(node, args=args)
+        nodes.append(node)
+        remap[k] = len(nodes) - 1
+    if not changed:
+        return None
+    outputs = tuple(remap[r] if isinstance(r, int) else r for r in program.outputs)
+    return dataclasses.replace(program, nodes=tuple(nodes), outputs=outputs)
 
 
 def _tempered(op: Op, c: float, dtype: np.dtype) -> tuple[FactoredForm, str | None]:
@@ -334,7 +432,7 @@ def _tempered(op: Op, c: float, dtype: np.dtype) -> tuple[FactoredForm, str | No
     form, why = _factored(scaled, dtype)
     if form is None:
         return FactoredForm(scaled, Scale(c), None, None, c), why
-    return FactoredForm(form.inner, Scale(c), form.lhs_map, form.rhs_map, c), why
+    return FactoredForm(form.inner, Scale(c), form.lhs_map, form.rhs_map, c, form.negated), why
 
 
 def _standard_product(product: Callable[..., Array], lhs: Array, rhs: Array) -> Array:
