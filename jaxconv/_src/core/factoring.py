@@ -119,8 +119,8 @@ class FactoredForm:
         lines = []
         if self.negated:
             lines.append("a difference of the operands runs as their sum, one side negated "
-                         "once per element (a - b is a + (-b) in IEEE arithmetic: the same "
-                         "numbers, the same derivative)")
+                         "once per element (a - b is a + (-b) exactly, in IEEE floats and "
+                         "in wrapping integers: the same numbers, the same derivative)")
         for what, fn in (("input", self.lhs_map), ("kernel", self.rhs_map)):
             if fn is not None:
                 rule = " (with its custom derivative rule)" if fn.program.rules() else ""
