@@ -83,8 +83,8 @@ def members(program: sp.ScalarProgram, relax: frozenset[int] = frozenset(),
     Example:
       >>> import jax.numpy as jnp
       >>> src = members(sp.combine_program(lambda x, w: x * w, np.float32))
-      >>> "kBcX = 5" in src and "return t;" in src
-      True
+      >>> "kBcX = 5" in src, "const VT<T> v0 = t;" in src
+      (True, True)
     """
     from jaxconv._src.engines.native import codegen  # noqa: PLC0415 - codegen imports this
 
