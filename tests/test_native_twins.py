@@ -176,3 +176,20 @@ def test_adder_net_as_written_is_no_builtin():
     assert [float(g) for g in at_tie] == [-1.0, 1.0]
     assert [float(g) for g in jax.grad(jaxconv.ops.l1.combine, (0, 1))(
         jnp.float32(1.0), jnp.float32(1.0))] == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("xs, ws, negated", [((2, 64), (64, 48), False),
+                                             ((64, 8), (8, 48), True)])
+def test_negation_only_where_it_pays(xs, ws, negated):
+    """A kernel with more elements than the output is not negated (a copy and a pass over it
+    cost more than the sum kernels save): the difference stays in a compiled kernel; the
+    numbers are the same either way."""
+    op = NEGATED["tanh_sub_max"][0]
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal(xs).astype(np.float32)
+    w = rng.standard_normal(ws).astype(np.float32)
+    dn = (((1,), (0,)), ((), ()))
+    f = jax.jit(lambda a, b: jaxconv.dot_general(a, b, dn, op=op, engine="native"))
+    assert ("stablehlo.negate" in f.lower(x, w).as_text()) == negated
+    want = np.max(np.tanh(x[:, :, None] - w[None]), axis=1)
+    np.testing.assert_allclose(np.asarray(f(x, w)), want, rtol=1e-6, atol=1e-6)
