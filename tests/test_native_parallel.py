@@ -104,7 +104,8 @@ def test_dynamic_work_split_does_not_change_results(names, params):
 _WINNER_SCRIPT = r"""
 import json, sys, numpy as np, jax, jax.numpy as jnp, jaxconv
 rng = np.random.default_rng(7)
-tanh_max = jaxconv.Op(lambda x, w: jnp.tanh(x - w), "max", name="tanh_diff_max")
+# x * w: a compiled user kernel (tanh(x - w) runs on max_plus, x + (-w)).
+tanh_max = jaxconv.Op(lambda x, w: jnp.tanh(x * w), "max", name="tanh_prod_max")
 # (x, w, groups, data): one long image (the input gradient cut into bands of input cells,
 # windows across their borders), several kernel blocks with groups, images smaller than a
 # scan item; integer data (ties split between taps), and signed zeros (the keyed ops' float

@@ -221,6 +221,54 @@ def test_operand_split(fn, lhs, rhs, core):
                                   np.asarray(fn(jnp.asarray(x), jnp.asarray(w))))
 
 
+def _specials(dtype: object) -> tuple[np.ndarray, np.ndarray]:
+    """Every pair of signed zeros, infinities, NaN, denormals, the extremes and a few normal
+    values of `dtype` (x, w flattened)."""
+    info = np.finfo(dtype)
+    vals = np.array([0.0, info.smallest_subnormal, info.tiny, 0.5, 1.0, 3.25,
+                     float(info.max), np.inf], np.float64).astype(dtype)
+    vals = np.concatenate([vals, -vals, np.array([np.nan], dtype)])
+    x, w = np.meshgrid(vals, vals)
+    return x.ravel(), w.ravel()
+
+
+@pytest.mark.parametrize("fn, dtype, lhs, rhs", [
+    (lambda x, w: x - w, F32, None, ("neg",)),
+    (lambda x, w: w - x, jnp.bfloat16, ("neg",), None),
+    (lambda x, w: jnp.tanh(x) - jnp.exp(w), np.float16, ("tanh",), ("exp", "neg")),
+])
+def test_negated_subtrahends_are_the_same_numbers_and_derivative(fn, dtype, lhs, rhs):
+    """a - b and a + (-b): the same bits (signed zeros, infinities, denormals; NaN where NaN)
+    and JAX's derivative the same, bit for bit."""
+    program = sp.trace(fn, F32, 2)
+    summed = factoring.negated_subtrahends(program)
+    split = sp.operand_split(summed)
+    assert "sub" not in summed.primitives() and split.core.primitives() == ("add",)
+    assert (None if split.lhs is None else split.lhs.primitives()) == lhs
+    assert (None if split.rhs is None else split.rhs.primitives()) == rhs
+    x, w = (jnp.asarray(a) for a in _specials(dtype))
+
+    def run(p):
+        def one(a, b):
+            return sp.evaluate(p, a, b)[0]
+        # DAZ / FTZ off on XLA CPU: denormals are read and written as they are.
+        return [np.asarray(v) for v in (one(x, w), *jax.vmap(jax.grad(one, (0, 1)))(x, w))]
+
+    bits = np.dtype(f"u{np.dtype(dtype).itemsize}")
+    for got, want in zip(run(summed), run(program), strict=True):
+        nan = np.isnan(want.astype(np.float32))
+        np.testing.assert_array_equal(np.isnan(got.astype(np.float32)), nan)
+        np.testing.assert_array_equal(got.view(bits)[~nan], want.view(bits)[~nan])
+
+
+def test_no_negated_subtrahend():
+    for fn in (lambda x, w: x * w, lambda x, w: x - 2.0 * x + w, lambda x, w: (x - w) - w):
+        program = sp.trace(fn, F32, 2)
+        got = factoring.negated_subtrahends(program)
+        # x * w and x - 2x: no difference of the two operands; (x - w) - w: the first one only.
+        assert got is None or got.primitives() == ("add", "neg", "sub")
+
+
 def test_a_factored_multiply_and_add_is_a_standard_convolution():
     plan = jaxconv.explain(jaxconv.Op(lambda x, w: jnp.tanh(x) * w, "sum"), platform="cpu")
     assert plan.engine == "xla"

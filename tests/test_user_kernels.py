@@ -146,7 +146,7 @@ def test_integer_dtypes_run_the_wide_kernels():
 # --- kernels against the numpy reference and the XLA engine ------------------------------------
 
 def _tanh_sub(x, w):
-    return np.tanh(np.subtract(x, w))
+    return np.tanh(np.subtract(x, np.multiply(x, w)))
 
 
 def _clip_mul(x, w):
@@ -171,8 +171,9 @@ def _hinge(x, w):
 
 USER_OPS = {
     # name: (op, numpy combine, numpy reduce, identity)
-    "tanh_sub_max": (jaxconv.Op(lambda x, w: jnp.tanh(x - w), "max"), _tanh_sub, np.maximum,
-                     -math.inf),
+    # x - x * w: compiled (tanh(x - w) runs on max_plus's kernels, as x + (-w)).
+    "tanh_sub_max": (jaxconv.Op(lambda x, w: jnp.tanh(x - x * w), "max"), _tanh_sub,
+                     np.maximum, -math.inf),
     "clip_mul_max": (jaxconv.Op(lambda x, w: jnp.clip(x * w, -1.0, 1.0), "max"), _clip_mul,
                      np.maximum, -math.inf),
     "tanh_x_mul_max": (jaxconv.Op(lambda x, w: jnp.tanh(x) * w, "max"), _tanh_x_mul,
@@ -310,7 +311,7 @@ def test_vmap_of_a_user_op_is_the_batched_call():
 
 @pytest.mark.usefixtures("table_kernels")
 def test_auto_compiles_vectorized_ops_and_explains():
-    op = USER_OPS["tanh_sub_max"][0]
+    op = USER_OPS["tanh_x_mul_max"][0]
     plan = jaxconv.explain(op, platform="cpu")
     assert plan.engine == "native"
     assert any("compiled user kernel" in d for d in plan.details)
@@ -363,7 +364,8 @@ def test_multiply_and_add_stays_a_standard_convolution():
 # --- the cache and the fallbacks, in fresh processes ------------------------------------------
 
 def _combine(scale):
-    return f"jnp.tanh(x - w) * {scale}"
+    # x * w: compiled (tanh(x - w) would run on max_plus's kernels, as x + (-w)).
+    return f"jnp.tanh(x * w) * {scale}"
 
 
 def _run(tmp_path, scale="1.0", **env):

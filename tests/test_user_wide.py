@@ -222,8 +222,9 @@ def test_explain_says_what_a_wide_user_op_does() -> None:
         assert plan.engine == "native", plan.details
         assert "backward: none (integer operands have no gradient)" in plan.details
         # what stays on the XLA engine says why (integer division: tests/test_native_wide.py)
-        # (a - b: x + w under logsumexp is the built-in log, tests/test_native_twins.py)
-        lse = jaxconv.Op(lambda a, b: a - b, "logsumexp", name="lse")
+        # (a * b: x + w, or x - w = x + (-w), under logsumexp is the built-in log,
+        # tests/test_native_twins.py)
+        lse = jaxconv.Op(lambda a, b: a * b, "logsumexp", name="lse")
         plan = jaxconv.explain(lse, dtype="float64", platform="cpu")
         assert plan.engine == "xla"
         assert any("has no kernel on float64" in d for d in plan.details), plan.details
