@@ -221,6 +221,27 @@ def comb_ops(program: sp.ScalarProgram) -> int:
                for k in program.live_of(program.outputs[0]))
 
 
+def grad_ops(program: sp.ScalarProgram) -> int:
+    """The vector operations of `program`'s first two outputs evaluated together (common
+    subexpressions once): the declared cost of a sum's partials (``kGradOps``), from which its
+    backward takes the one-pass loop (``csrc/kernel_sums_fused.h``).
+
+    Args:
+        program: the program of a combine's two partial derivatives.
+
+    Returns:
+        The estimate (a sum over the live nodes, `_VECTOR_OPS` or one each).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxconv._src.core import scalar_program as sp
+      >>> grad_ops(sp.partials_program(lambda x, w: jnp.exp(-(x - w) ** 2), np.float32))
+      23
+    """
+    return sum(_VECTOR_OPS.get(program.nodes[k].name, 1)
+               for k in program.live_of(*program.outputs[:2]))
+
+
 def _power_of_two(r: sp.Ref, dtype: np.dtype = _F32) -> bool:
     """Whether `r` is a constant +-2^k whose reciprocal is a normal number of float `dtype`.
 
@@ -488,6 +509,10 @@ def functor(op: Op, dtype: object = np.float32, wide: bool = False) -> Functor:
                     "{ return dcx<T>(x, w); }")
         body.append("  template <class T> static VT<T> hw(VT<T> x, VT<T> w) "
                     "{ return dcw<T>(x, w); }")
+        # Heavy partials: both from one evaluation, in one backward pass
+        # (csrc/kernel_sums_fused.h).
+        body.append(f"  static constexpr int kGradOps = {grad_ops(parts)};")
+        body.append(both_function("dcxw", parts))
     nan_free = sp.nan_free(comb)
     relax = relaxed.relaxed_nodes(comb) if caps.reduce in ("max", "min") and nan_free else None
     if relax:
