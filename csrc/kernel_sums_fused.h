@@ -24,8 +24,8 @@
 // (once per instruction set), after kernel_sums.h and kernel_heavy.h, never on its own.
 #pragma once
 
-// Vector operations of a functor's two partials together (codegen.py `grad_ops`): 0 for
-// the built-in ops, which declare none.
+// Vector operations of a functor's two partials together (codegen.py `comb_ops` of its
+// partials' program): 0 for the built-in ops, which declare none.
 template <class Op, class = void>
 struct GradOps {
   static constexpr int value = 0;
