@@ -33,7 +33,8 @@ struct LogPlus : LseR {
 
 // The exponent t L + n of a term t = comb(x, w). A generated functor whose combine ends in a
 // negation, t = -z, also gives comb_neg = z (codegen.py): then n - z L, one FMA with the
-// negation folded in (one vector operation fewer per term; the same bits).
+// negation folded in (one vector operation fewer per term, forward and backward; the same
+// bits).
 template <class Op, class = void>
 struct HasCombNeg : std::false_type {};
 template <class Op>
@@ -307,7 +308,7 @@ void lse_backward(Ctx& c) {
           int64_t o = 0;
           for (; o + W <= Og; o += W) {
             const S::V wv = S::load(wr + o);
-            const S::V e = lse_exp2z<S>(S::fma(Op::template comb<S>(xs, wv), L, S::load(yy + o)));
+            const S::V e = lse_exp2z<S>(lse_u<Op>(xs, wv, L, S::load(yy + o)));
             const S::V h = S::mul(S::load(gg + o), e);
             acc = S::fma(h, Op::template dcx<S>(xs, wv), acc);
             S::store(dwr + o, S::fma(h, Op::template dcw<S>(xs, wv), S::load(dwr + o)));
