@@ -40,6 +40,24 @@ inline VmV<T> lse_exp2(VmV<T> u) {
   return T::iadd(p, T::template shl<23>(kf));
 }
 
+#if defined(__AVX512F__)
+// AVX-512: rint(u) by one rounding instruction and the power of two by vscalefps (exact for
+// the normal results that u in [-125, 128) gives, like the exponent-bits addition): 9 vector
+// operations in place of 11, the same bits.
+template <>
+inline VmV<S> lse_exp2<S>(VmV<S> u) {
+  u = S::max(S::set1(-125.0f), u);  // max returns u when u is NaN
+  const VmV<S> k = _mm512_roundscale_ps(u, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const VmV<S> r = S::sub(u, k);  // exact, |r| <= 1/2
+  VmV<S> p = S::mad(S::set1(1.326472615e-3f), r, S::set1(9.671512991e-3f));
+  p = S::mad(p, r, S::set1(5.550733581e-2f));
+  p = S::mad(p, r, S::set1(2.402224243e-1f));
+  p = S::mad(p, r, S::set1(6.931470037e-1f));
+  p = S::mad(p, r, S::set1(1.0f));
+  return _mm512_scalef_ps(p, k);
+}
+#endif
+
 // lse_exp2 with an exact zero below -125 (-inf included) and NaN kept.
 template <class T>
 inline VmV<T> lse_exp2z(VmV<T> u) {

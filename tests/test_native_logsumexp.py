@@ -25,6 +25,7 @@ from reference import conv_reference
 
 import jaxconv
 from jaxconv._src.engines import native
+from jaxconv._src.engines.native import codegen
 
 pytestmark = pytest.mark.skipif(not native.available(),
                                 reason=f"native engine not built: {native.load_error()}")
@@ -226,6 +227,15 @@ def test_vmap_matches_a_loop(name: str) -> None:
         gl = jax.grad(lambda a, b: jnp.sum(jnp.sin(f(a, b))), argnums=(0, 1))(xs[i], ws[i])
         np.testing.assert_allclose(gv[0][i], gl[0], rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(gv[1][i], gl[1], rtol=1e-5, atol=1e-5)
+
+
+def test_negated_combine_folds_into_the_exponent() -> None:
+    """A combine that ends in a negation (the seed's ``-(a - b)**2``) also gives ``comb_neg``,
+    which the one-pass forward reads (``csrc/kernel_logsum.h`` ``lse_u``: the negation folded
+    into the exponent's FMA); one that does not, gives none (the seed's values: the tests
+    above)."""
+    assert "comb_neg" in codegen.functor(SEED).source
+    assert "comb_neg" not in codegen.functor(MUL_LSE).source
 
 
 def test_exact_kernel_agrees_with_exp_space() -> None:

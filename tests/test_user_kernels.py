@@ -180,6 +180,10 @@ USER_OPS = {
                        np.maximum, -math.inf),
     "gauss_sum": (jaxconv.Op(lambda x, w: jnp.exp(-jnp.square(x - w)), "sum"), _gauss, np.add,
                   0.0),
+    # Heavy partials with a pad value: the sums' one-pass backward over pad terms
+    # (csrc/kernel_sums_fused.h).
+    "gauss_sum_pad": (jaxconv.Op(lambda x, w: jnp.exp(-jnp.square(x - w)), "sum", pad_value=0.5),
+                      _gauss, np.add, 0.0),
     # A heavy combine under max (not monotone in one map: the kernels' own heavy tile and its
     # pairs of products, csrc/kernel_heavy.h, also on the NaN-safe path).
     "x_gauss_max": (jaxconv.Op(lambda x, w: x * jnp.exp(-jnp.square(x - w)), "max"), _x_gauss,
@@ -192,7 +196,7 @@ USER_OPS = {
                      lambda x, w: x * w - w, np.maximum, -math.inf),
 }
 GEOMETRIES = table("2d_same", "1d_stride", "rhs_dil_groups", "depthwise", ("3d", "3d_no_dil"),
-                   "lhs_dil_empty", "wide")
+                   "lhs_dil_empty", "wide", "channels_80")
 # A covering set: every op and every geometry at least once, not their product.
 COVER = [("tanh_sub_max", "2d_same"), ("tanh_sub_max", "lhs_dil_empty"),
          ("clip_mul_max", "rhs_dil_groups"), ("clip_mul_max", "wide"),
@@ -251,6 +255,16 @@ def test_gradients_match_xla_engine(name, geometry):
     op = USER_OPS[name][0]
     x, w, kw = _data(geometry, seed=4)
     assert_gradients_match_xla(op, kw, x, w, seed=5)
+
+
+@pytest.mark.usefixtures("table_kernels")
+@pytest.mark.parametrize("name, specials", [("gauss_sum", True), ("gauss_sum_pad", False)])
+def test_heavy_sum_gradients_in_one_pass(name, specials):
+    """Whole vectors of input channels: both gradients of an exp under sum come from one pass
+    (csrc/kernel_sums_fused.h), also with NaN / infinite inputs and pad terms."""
+    op = USER_OPS[name][0]
+    x, w, kw = _data("channels_80", seed=9, specials=specials)
+    assert_gradients_match_xla(op, kw, x, w, seed=10)
 
 
 @pytest.mark.usefixtures("table_kernels")

@@ -202,12 +202,15 @@ _VECTOR_OPS = {"exp": 15, "exp2": 13, "expm1": 22, "log": 24, "log1p": 30, "tanh
                "sqrt": 6, "rsqrt": 12} | {p: 40 for p in SCALAR_LIBM}
 
 
-def comb_ops(program: sp.ScalarProgram) -> int:
-    """The vector operations one evaluation of `program`'s first output costs: the declared
-    cost the forward kernel picks its register tile from (``kCombOps``).
+def comb_ops(program: sp.ScalarProgram, outputs: int = 1) -> int:
+    """The vector operations one evaluation of `program`'s first `outputs` outputs costs
+    (common subexpressions once): the declared cost the forward kernel picks its register
+    tile from (``kCombOps``), and that of a sum's two partials, from which its backward takes
+    the one-pass loop (``kGradOps``, ``csrc/kernel_sums_fused.h``).
 
     Args:
-        program: a combine's program.
+        program: a combine's program (or its partials' program).
+        outputs: how many of its outputs, from the first.
 
     Returns:
         The estimate (a sum over its live nodes, `_VECTOR_OPS` or one each).
@@ -219,7 +222,7 @@ def comb_ops(program: sp.ScalarProgram) -> int:
       18
     """
     return sum(_VECTOR_OPS.get(program.nodes[k].name, 1)
-               for k in program.live_of(program.outputs[0]))
+               for k in program.live_of(*program.outputs[:outputs]))
 
 
 def _power_of_two(r: sp.Ref, dtype: np.dtype = _F32) -> bool:
@@ -285,7 +288,8 @@ def _kernel_dtype(dtype: np.dtype) -> np.dtype:
 
 
 def function(name: str, program: sp.ScalarProgram, output: int,
-             relax: frozenset[int] = frozenset(), add_ports: bool = False) -> str:
+             relax: frozenset[int] = frozenset(), add_ports: bool = False,
+             ref: sp.Ref | None = None) -> str:
     """One templated static member ``name(x, w)`` returning `program`'s `output`.
 
     Args:
@@ -294,6 +298,7 @@ def function(name: str, program: sp.ScalarProgram, output: int,
         output: the index of the output returned.
         relax: the nodes written as plain vector max / min (`relaxed.relaxed_nodes`).
         add_ports: sums and differences on the add ports (`_expr`).
+        ref: return this value of the program instead of the output (an intermediate).
 
     Returns:
         The member's C++ source.
@@ -304,11 +309,12 @@ def function(name: str, program: sp.ScalarProgram, output: int,
     dtype = _kernel_dtype(program.dtype)
     lines = [f"  template <class T> static VT<T> {name}(VT<T> x, VT<T> w) {{",
              "    (void)x;", "    (void)w;"]
-    live = set(program.live_of(program.outputs[output]))
+    result = program.outputs[output] if ref is None else ref
+    live = set(program.live_of(result))
     for k, node in enumerate(program.nodes):
         if k in live:
             lines.append(f"    const VT<T> v{k} = {_expr(node, dtype, k in relax, add_ports)};")
-    lines.append(f"    return {_ref(program.outputs[output], dtype)};")
+    lines.append(f"    return {_ref(result, dtype)};")
     lines.append("  }")
     return "\n".join(lines)
 
@@ -489,6 +495,10 @@ def functor(op: Op, dtype: object = np.float32, wide: bool = False) -> Functor:
                     "{ return dcx<T>(x, w); }")
         body.append("  template <class T> static VT<T> hw(VT<T> x, VT<T> w) "
                     "{ return dcw<T>(x, w); }")
+        # Heavy partials: both from one evaluation, in one backward pass
+        # (csrc/kernel_sums_fused.h).
+        body.append(f"  static constexpr int kGradOps = {comb_ops(parts, 2)};")
+        body.append(both_function("dcxw", parts))
     nan_free = sp.nan_free(comb)
     relax = relaxed.relaxed_nodes(comb) if caps.reduce in ("max", "min") and nan_free else None
     if relax:
@@ -507,6 +517,11 @@ def functor(op: Op, dtype: object = np.float32, wide: bool = False) -> Functor:
         else None
     if broadcast is not None:
         body.append(broadcast)
+    out = comb.outputs[0]
+    if caps.reduce == "logsumexp" and isinstance(out, int) and comb.nodes[out].name == "neg":
+        # A combine -z: the logsumexp's exponent comb L + c is formed as c - z L, the negation
+        # folded into its FMA (csrc/kernel_logsum.h `lse_u`; the same bits).
+        body.append(function("comb_neg", comb, 0, ref=comb.nodes[out].args[0]))
     # Only the program reaches the source, never the op's name or anything else the user
     # wrote: primitive names come from the tables above, numbers from `literal`.
     source = (PRELUDE.format(reduce=REDUCES[caps.reduce],
