@@ -161,9 +161,9 @@ void sum_backward(Ctx& c, int64_t parts) {
         for (int64_t l = nl; l < NR; ++l) dst[o * NR + l] = 0.0f;
     };
     if (parts & 1) parallel(c, call.batch * T * c.G * nIB, pack);
-    // adder / l1 on a convolution: both gradients in one pass (kernel_sums_fused.h).
+    // adder / l1: both gradients in one pass (kernel_sums_fused.h).
     if constexpr (PairRule<Op>::kHas) {
-      if (parts == 3 && T > 1 && pair_backward<Op>(c)) return;
+      if (parts == 3 && pair_backward<Op>(c)) return;
     }
   }
   const int64_t ipi = c.OS >= 32 ? 1 : (32 + c.OS - 1) / c.OS;

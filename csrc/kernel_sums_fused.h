@@ -83,9 +83,10 @@ void pair_tile(const float* const* rows, float* const* dxr, const float* const* 
 
 // Input and kernel gradient of adder / l1 on a convolution whose input channels are whole
 // vectors (c.wpack holds the kernel transposed per tap, group and block of NR input channels,
-// as sum_backward packs it). Items are (batch, group, run of images); an item sums its terms
-// into its own dw partial ((T, nIB, Og, NR) floats), and a second pass adds the items'
-// partials in item order and transposes them into dw. dx keeps the bits of the separate pass
+// as sum_backward packs it). Items are (batch, group, block of input channels, run of
+// images); an item sums its terms into its own dw partial ((T, Og, NR) floats of its run's
+// (T, nIB, Og, NR)), and a second pass adds the runs' partials in order and transposes them
+// into dw. dx keeps the bits of the separate pass
 // (each (position, tap) sums its o ascending, taps ascending per cell); dw sums each item's
 // positions in order, then the items in order: the same bits whatever the threads.
 // Returns false (nothing written) when the scratch cannot be had.
@@ -96,74 +97,77 @@ bool pair_backward(Ctx& c) {
   const jaxconv::Call& call = *c.call;
   const int64_t I = c.I, O = c.O, Og = c.Og, T = c.T, OS = c.OS, N = c.g.n;
   const int64_t nIB = (I + NR - 1) / NR;
-  // At most 16 runs of images per (batch, group): as many dw partials.
-  const int64_t per = (N + 15) / 16;
+  // An item owns the dx columns and dw rows of one block of input channels; with fewer than
+  // 8 such blocks in all, the images are cut into runs too (at most 16 per (batch, group,
+  // block)), each summing into its own dw partial.
+  const bool cut = call.batch * c.G * nIB < 8;
+  const int64_t per = cut ? (N + 15) / 16 : N;
   const int64_t runs = (N + per - 1) / per;
-  const int64_t nit = call.batch * c.G * runs;
-  const int64_t pstride = T * nIB * Og * NR;  // one item's dw partial
-  float* dwp = c.scratch.get<float>(nit * pstride);
+  const int64_t nit = call.batch * c.G * nIB * runs;
+  const int64_t pstride = T * nIB * Og * NR;  // one run's dw partial, every block
+  float* dwp = c.scratch.get<float>(call.batch * c.G * runs * pstride);
   float* parts = c.scratch.get<float>(nit * kChunk * NR);
   if (!dwp || !parts) return false;
   auto item = [&](int64_t it) {
-    const int64_t run = it % runs, grp = (it / runs) % c.G, b = it / (runs * c.G);
+    const int64_t run = it % runs, ib = (it / runs) % nIB, bg = it / (runs * nIB);
+    const int64_t grp = bg % c.G, b = bg / c.G;
     const int64_t n0 = run * per, n1 = n0 + per < N ? n0 + per : N;
     const float* xb = call.x + b * c.x_bs;
     const float* gb = call.g + b * c.y_bs;
     float* dxb = call.out + b * c.x_bs;
-    float* mine = dwp + it * pstride;
+    float* mine = dwp + (bg * runs + run) * pstride;
     float* part = parts + it * kChunk * NR;
     const float* rows[kChunk];
     float* dxr[kChunk];
     const float* grow[kChunk];
-    for (int64_t t = 0; t < T; ++t)
-      for (int64_t ib = 0; ib < nIB; ++ib) {
-        const float* wt = c.wpack + (((b * T + t) * c.G + grp) * nIB + ib) * Og * NR;
-        const int64_t nvi = ((I - ib * NR < NR) ? I - ib * NR : NR) / W;
-        float* dwt = mine + (t * nIB + ib) * Og * NR;
-        bool first_p = true;
-        for (int64_t p0 = n0 * OS; p0 < n1 * OS; p0 += kChunk) {
-          const int64_t pn = n1 * OS - p0 < kChunk ? n1 * OS - p0 : kChunk;
-          for (int64_t q = 0; q < pn; ++q) {
-            const int64_t p = p0 + q, n = p / OS, osi = p % OS;
-            const int32_t off = c.tab[osi * T + t];
-            const int64_t col = grp * I + ib * NR;
-            if (off >= 0) {
-              rows[q] = xb + n * c.img + off + col;
-              dxr[q] = dxb + n * c.img + off + col;
-            } else {
-              rows[q] = c.g.has_pad ? c.padrow + col : nullptr;
-              dxr[q] = nullptr;
-            }
-            grow[q] = gb + p * O + grp * Og;
+    for (int64_t t = 0; t < T; ++t) {
+      const float* wt = c.wpack + (((b * T + t) * c.G + grp) * nIB + ib) * Og * NR;
+      const int64_t nvi = ((I - ib * NR < NR) ? I - ib * NR : NR) / W;
+      float* dwt = mine + (t * nIB + ib) * Og * NR;
+      bool first_p = true;
+      for (int64_t p0 = n0 * OS; p0 < n1 * OS; p0 += kChunk) {
+        const int64_t pn = n1 * OS - p0 < kChunk ? n1 * OS - p0 : kChunk;
+        for (int64_t q = 0; q < pn; ++q) {
+          const int64_t p = p0 + q, n = p / OS, osi = p % OS;
+          const int32_t off = c.tab[osi * T + t];
+          const int64_t col = grp * I + ib * NR;
+          if (off >= 0) {
+            rows[q] = xb + n * c.img + off + col;
+            dxr[q] = dxb + n * c.img + off + col;
+          } else {
+            rows[q] = c.g.has_pad ? c.padrow + col : nullptr;
+            dxr[q] = nullptr;
           }
-          for (int64_t o0 = 0; o0 < Og; o0 += R) {
-            const int64_t rn = Og - o0 < R ? Og - o0 : R;
-            const bool fo = o0 == 0, lo = o0 + R >= Og;
-            const float* w0 = wt + o0 * NR;
-            float* d0 = dwt + o0 * NR;
-            if (rn == R && nvi == NV) {
-              pair_tile<Op, R, NV>(rows, dxr, grow, o0, pn, w0, part, d0, fo, lo, first_p);
-            } else {
-              // A ragged tile: one output channel and one vector at a time (same order).
-              for (int64_t r = 0; r < rn; ++r)
-                for (int64_t v = 0; v < nvi; ++v) {
-                  const float* rv[kChunk];
-                  float* dv[kChunk];
-                  const float* gv[kChunk];
-                  for (int64_t q = 0; q < pn; ++q) {
-                    rv[q] = rows[q] ? rows[q] + v * W : nullptr;
-                    dv[q] = dxr[q] ? dxr[q] + v * W : nullptr;
-                    gv[q] = grow[q] + o0 + r;
-                  }
-                  pair_tile<Op, 1, 1>(rv, dv, gv, 0, pn, w0 + r * NR + v * W, part + v * W,
-                                      d0 + r * NR + v * W, fo && r == 0, lo && r == rn - 1,
-                                      first_p);
-                }
-            }
-          }
-          first_p = false;
+          grow[q] = gb + p * O + grp * Og;
         }
+        for (int64_t o0 = 0; o0 < Og; o0 += R) {
+          const int64_t rn = Og - o0 < R ? Og - o0 : R;
+          const bool fo = o0 == 0, lo = o0 + R >= Og;
+          const float* w0 = wt + o0 * NR;
+          float* d0 = dwt + o0 * NR;
+          if (rn == R && nvi == NV) {
+            pair_tile<Op, R, NV>(rows, dxr, grow, o0, pn, w0, part, d0, fo, lo, first_p);
+          } else {
+            // A ragged tile: one output channel and one vector at a time (same order).
+            for (int64_t r = 0; r < rn; ++r)
+              for (int64_t v = 0; v < nvi; ++v) {
+                const float* rv[kChunk];
+                float* dv[kChunk];
+                const float* gv[kChunk];
+                for (int64_t q = 0; q < pn; ++q) {
+                  rv[q] = rows[q] ? rows[q] + v * W : nullptr;
+                  dv[q] = dxr[q] ? dxr[q] + v * W : nullptr;
+                  gv[q] = grow[q] + o0 + r;
+                }
+                pair_tile<Op, 1, 1>(rv, dv, gv, 0, pn, w0 + r * NR + v * W, part + v * W,
+                                    d0 + r * NR + v * W, fo && r == 0, lo && r == rn - 1,
+                                    first_p);
+              }
+          }
+        }
+        first_p = false;
       }
+    }
   };
   parallel(c, nit, item);
   // dw[t, i, grp * Og + o] = the items' partials in item order, transposed.

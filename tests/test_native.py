@@ -271,11 +271,12 @@ def test_gradients_follow_the_stated_rules(name):
 
 # adder / l1's one pass over the terms for both gradients (csrc/kernel_sums_fused.h): input
 # channels in whole vectors (16; 80 = a full block and a ragged one), more than 16 images (an
-# item sums two), output channels beside its 4-channel tile, feature groups, padding on both
-# sides (adder's pad rows add dw terms, their dx is dropped); integer data give x == w.
+# item sums two), output channels beside its 4-channel tile, feature groups (8: enough
+# blocks of input channels that the images are not cut into runs), padding on both sides
+# (adder's pad rows add dw terms, their dx is dropped); integer data give x == w.
 @pytest.mark.parametrize("name,n,c,o,groups,pad", [
     ("adder", 18, 16, 6, 1, (1, 2)), ("l1", 3, 80, 5, 1, (2, 0)),
-    ("adder", 2, 32, 10, 2, (0, 1))])
+    ("adder", 2, 32, 10, 2, (0, 1)), ("l1", 3, 128, 16, 8, (1, 1))])
 def test_paired_backward_follows_the_stated_rules(name, n, c, o, groups, pad):
     rng = np.random.default_rng(12)
     x = rng.integers(-2, 3, (n, 7, c)).astype(np.float32)

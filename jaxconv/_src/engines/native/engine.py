@@ -441,8 +441,8 @@ def _records_op(problem: Problem, dtype: DTypeLike) -> bool:
 
 def _paired_adder(w_shape: tuple[int, ...]) -> bool:
     """Whether adder's kernel gradient comes from the native pass that computes both gradients
-    from each term's ``x - w`` (csrc/kernel_sums_fused.h: a kernel of several taps, input
-    channels in whole vectors) rather than from a standard product (`products`).
+    from each term's ``x - w`` (csrc/kernel_sums_fused.h: input channels in whole vectors)
+    rather than from a standard product (`products`).
 
     Args:
         w_shape: the kernel's shape in the call spec, ``(KD, KH, KW, I, O)``.
@@ -451,10 +451,10 @@ def _paired_adder(w_shape: tuple[int, ...]) -> bool:
         True for the fused pass.
 
     Example:
-        >>> _paired_adder((1, 3, 3, 64, 64)), _paired_adder((1, 1, 1, 64, 64))
+        >>> _paired_adder((1, 3, 3, 64, 64)), _paired_adder((1, 3, 3, 17, 64))
         (True, False)
     """
-    return int(np.prod(w_shape[:3])) > 1 and w_shape[3] % 16 == 0
+    return w_shape[3] % 16 == 0
 
 
 def _exp_space(problem: Problem) -> bool:
