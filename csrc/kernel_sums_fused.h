@@ -99,12 +99,15 @@ bool pair_backward(Ctx& c) {
   const int64_t nIB = (I + NR - 1) / NR;
   // An item owns the dx columns and dw rows of one block of input channels; with fewer than
   // 8 such blocks in all, the images are cut into runs too (at most 16 per (batch, group,
-  // block)), each summing into its own dw partial.
+  // block)), each summing into its own dw partial. The runs depend on the shape only.
+  // The partials stay within 64 MiB (16 runs of a large kernel would be 16 kernels' worth).
+  const int64_t pstride = T * nIB * Og * NR;  // one run's dw partial, every block
+  const int64_t fit = (int64_t(1) << 24) / (call.batch * c.G * pstride);
+  const int64_t most = fit < 1 ? 1 : fit < 16 ? fit : 16;
   const bool cut = call.batch * c.G * nIB < 8;
-  const int64_t per = cut ? (N + 15) / 16 : N;
+  const int64_t per = cut ? (N + most - 1) / most : N;
   const int64_t runs = (N + per - 1) / per;
   const int64_t nit = call.batch * c.G * nIB * runs;
-  const int64_t pstride = T * nIB * Og * NR;  // one run's dw partial, every block
   float* dwp = c.scratch.get<float>(call.batch * c.G * runs * pstride);
   float* parts = c.scratch.get<float>(nit * kChunk * NR);
   if (!dwp || !parts) return false;
