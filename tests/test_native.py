@@ -269,6 +269,34 @@ def test_gradients_follow_the_stated_rules(name):
     np.testing.assert_allclose(np.asarray(dw), rdw, rtol=1e-5, atol=1e-5)
 
 
+# adder / l1's one pass over the terms for both gradients (csrc/kernel_sums_paired.h): input
+# channels in whole vectors (16; 80 = a full block and a ragged one), more than 16 images (an
+# item sums two), output channels beside its 4-channel tile, feature groups (8: enough
+# blocks of input channels that the images are not cut into runs), padding on both sides
+# (adder's pad rows add dw terms, their dx is dropped); integer data give x == w.
+@pytest.mark.parametrize("name,n,c,o,groups,pad", [
+    ("adder", 18, 16, 6, 1, (1, 2)), ("l1", 3, 80, 5, 1, (2, 0)),
+    ("adder", 2, 32, 10, 2, (0, 1)), ("l1", 3, 128, 16, 8, (1, 1))])
+def test_paired_backward_follows_the_stated_rules(name, n, c, o, groups, pad):
+    rng = np.random.default_rng(12)
+    x = rng.integers(-2, 3, (n, 7, c)).astype(np.float32)
+    w = rng.integers(-2, 3, (3, c // groups, o)).astype(np.float32)
+    kw = dict(window_strides=(1,), padding=(pad,), dimension_numbers=_dn(3),
+              feature_group_count=groups)
+    y = _conv(name, "native", kw)(x, w)
+    ct = rng.standard_normal(y.shape).astype(np.float32)
+    dx, dw = _grads(name, "native", kw, x, w, ct)
+    ci, co = c // groups, o // groups
+    for grp in range(groups):
+        rdx, rdw = _rule_grads(name, x[..., grp * ci:(grp + 1) * ci],
+                               w[..., grp * co:(grp + 1) * co], pad,
+                               ct[..., grp * co:(grp + 1) * co])
+        np.testing.assert_allclose(np.asarray(dx)[..., grp * ci:(grp + 1) * ci], rdx,
+                                   rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(dw)[..., grp * co:(grp + 1) * co], rdw,
+                                   rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("name", MAXMIN)
 def test_constant_input_ties_split_like_jnp_max(name):
     x = jnp.zeros((1, 6, 2), jnp.float32)

@@ -181,7 +181,7 @@ USER_OPS = {
     "gauss_sum": (jaxconv.Op(lambda x, w: jnp.exp(-jnp.square(x - w)), "sum"), _gauss, np.add,
                   0.0),
     # Heavy partials with a pad value: the sums' one-pass backward over pad terms
-    # (csrc/kernel_sums_fused.h).
+    # (csrc/kernel_sums_heavy.h).
     "gauss_sum_pad": (jaxconv.Op(lambda x, w: jnp.exp(-jnp.square(x - w)), "sum", pad_value=0.5),
                       _gauss, np.add, 0.0),
     # A heavy combine under max (not monotone in one map: the kernels' own heavy tile and its
@@ -261,7 +261,7 @@ def test_gradients_match_xla_engine(name, geometry):
 @pytest.mark.parametrize("name, specials", [("gauss_sum", True), ("gauss_sum_pad", False)])
 def test_heavy_sum_gradients_in_one_pass(name, specials):
     """Whole vectors of input channels: both gradients of an exp under sum come from one pass
-    (csrc/kernel_sums_fused.h), also with NaN / infinite inputs and pad terms."""
+    (csrc/kernel_sums_heavy.h), also with NaN / infinite inputs and pad terms."""
     op = USER_OPS[name][0]
     x, w, kw = _data("channels_80", seed=9, specials=specials)
     assert_gradients_match_xla(op, kw, x, w, seed=10)

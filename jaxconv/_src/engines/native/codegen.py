@@ -206,7 +206,7 @@ def comb_ops(program: sp.ScalarProgram, outputs: int = 1) -> int:
     """The vector operations one evaluation of `program`'s first `outputs` outputs costs
     (common subexpressions once): the declared cost the forward kernel picks its register
     tile from (``kCombOps``), and that of a sum's two partials, from which its backward takes
-    the one-pass loop (``kGradOps``, ``csrc/kernel_sums_fused.h``).
+    the one-pass loop (``kGradOps``, ``csrc/kernel_sums_heavy.h``).
 
     Args:
         program: a combine's program (or its partials' program).
@@ -496,7 +496,7 @@ def functor(op: Op, dtype: object = np.float32, wide: bool = False) -> Functor:
         body.append("  template <class T> static VT<T> hw(VT<T> x, VT<T> w) "
                     "{ return dcw<T>(x, w); }")
         # Heavy partials: both from one evaluation, in one backward pass
-        # (csrc/kernel_sums_fused.h).
+        # (csrc/kernel_sums_heavy.h).
         body.append(f"  static constexpr int kGradOps = {comb_ops(parts, 2)};")
         body.append(both_function("dcxw", parts))
     nan_free = sp.nan_free(comb)

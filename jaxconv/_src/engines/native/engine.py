@@ -398,7 +398,8 @@ class NativeEngine(registry.Engine):
             gx = -2.0 * products.difference_input_gradient(op, geom, x, w, g)
             gw = products.separable_kernel_gradient(problem, kind, x, w, g)
             return gx.astype(xd), gw.astype(wd)
-        parts = 1 if kind == "adder" else 3
+        native_dw = kind != "adder" or _paired_adder(spec.w_shape)
+        parts = 3 if native_dw else 1
 
         def kernel(x: Array, w: Array, y: Array, g: Array) -> tuple[Array, Array]:
             gx, gw = ffi._backward_call(
@@ -410,7 +411,7 @@ class NativeEngine(registry.Engine):
             gx, gw = log_products.backward(problem, x, w, y.astype(jnp.float32), g, kernel)
         else:
             gx, gw = kernel(x, w, y, g)
-        if kind == "adder":
+        if not native_dw:
             gw = products.separable_kernel_gradient(problem, kind, x, w, g)
         return gx.reshape(x.shape).astype(xd), gw.reshape(w.shape).astype(wd)
 
@@ -437,6 +438,24 @@ def _records_op(problem: Problem, dtype: DTypeLike) -> bool:
             and ffi.kernel_id(op) is not None
             and np.dtype(dtype) == np.float32 and op.pad_value is None
             and ffi.has_recording())
+
+
+def _paired_adder(w_shape: tuple[int, ...]) -> bool:
+    """Whether adder's kernel gradient comes from the native pass that computes both gradients
+    from each term's ``x - w`` (csrc/kernel_sums_paired.h: input channels in whole vectors)
+    rather than from a standard product (`products`).
+
+    Args:
+        w_shape: the kernel's shape in the call spec, ``(KD, KH, KW, I, O)``.
+
+    Returns:
+        True for the fused pass.
+
+    Example:
+        >>> _paired_adder((1, 3, 3, 64, 64)), _paired_adder((1, 3, 3, 17, 64))
+        (True, False)
+    """
+    return w_shape[3] % 16 == 0
 
 
 def _exp_space(problem: Problem) -> bool:
