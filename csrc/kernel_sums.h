@@ -133,6 +133,27 @@ void dense_odd_backward(Ctx& c) {
   parallel(c, call.batch * c.G * nsb, item);
 }
 
+// Each (batch, tap, group, block of NR input rows) of the kernel transposed to (Og, NR),
+// zero-padded, into c.wpack, 16 x 16 at a time: the input gradient's operand (a run of whole
+// images reuses each block). Shared by sum_backward and the one-pass loops.
+inline void pack_kernel_blocks(Ctx& c) {
+  const jaxconv::Call& call = *c.call;
+  const int64_t I = c.I, O = c.O, Og = c.Og, T = c.T;
+  const int64_t nIB = (I + NR - 1) / NR;
+  const int64_t blk = Og * NR;
+  auto pack = [&](int64_t it) {
+    const int64_t ib = it % nIB, grp = (it / nIB) % c.G, t = (it / (nIB * c.G)) % T;
+    const int64_t b = it / (nIB * c.G * T);
+    const float* src = call.w + b * c.w_bs + t * I * O + grp * Og;
+    float* dst = c.wpack + it * blk;
+    const int64_t nl = I - ib * NR < NR ? I - ib * NR : NR;
+    transpose(src + ib * NR * O, O, dst, NR, nl, Og);  // kernel_dense_backward.h
+    for (int64_t o = 0; o < Og; ++o)
+      for (int64_t l = nl; l < NR; ++l) dst[o * NR + l] = 0.0f;
+  };
+  parallel(c, call.batch * T * c.G * nIB, pack);
+}
+
 template <class Op>
 void sum_backward(Ctx& c, int64_t parts) {
   const jaxconv::Call& call = *c.call;
@@ -147,23 +168,11 @@ void sum_backward(Ctx& c, int64_t parts) {
   }
   const int64_t I = c.I, O = c.O, Og = c.Og, T = c.T;
   const bool vec_i = I % W == 0;
-  // Each (tap, group, block of NR input rows) of the kernel transposed to (Og, NR), zero-padded,
-  // for the input gradient; a run of whole images (they own their dx) reuses each block.
+  // pack_kernel_blocks's layout: (batch, tap, group, block of NR input rows), each (Og, NR).
   const int64_t nIB = (I + NR - 1) / NR;
   const int64_t blk = Og * NR;
   if (vec_i) {
-    // Per (batch, tap, group, block of input rows), transposed 16 x 16 at a time.
-    auto pack = [&](int64_t it) {
-      const int64_t ib = it % nIB, grp = (it / nIB) % c.G, t = (it / (nIB * c.G)) % T;
-      const int64_t b = it / (nIB * c.G * T);
-      const float* src = call.w + b * c.w_bs + t * I * O + grp * Og;
-      float* dst = c.wpack + it * blk;
-      const int64_t nl = I - ib * NR < NR ? I - ib * NR : NR;
-      transpose(src + ib * NR * O, O, dst, NR, nl, Og);  // kernel_dense_backward.h
-      for (int64_t o = 0; o < Og; ++o)
-        for (int64_t l = nl; l < NR; ++l) dst[o * NR + l] = 0.0f;
-    };
-    if (parts & 1) parallel(c, call.batch * T * c.G * nIB, pack);
+    if (parts & 1) pack_kernel_blocks(c);
     // adder / l1: both gradients in one pass (kernel_sums_paired.h).
     if constexpr (PairRule<Op>::kHas) {
       if (parts == 3 && pair_backward<Op>(c)) return;

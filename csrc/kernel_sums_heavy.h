@@ -55,21 +55,9 @@ bool fused_sum_backward(Ctx& c) {
   if (call.parts != 3 || I % W != 0 || !c.wpack) return false;
   const int64_t nvi = I / W;
   if (call.batch * c.G * nvi < kFusedItems) return false;
-  // Each (batch, tap, group, block of NR input rows) of the kernel transposed to (Og, NR), as
-  // sum_backward packs it.
+  pack_kernel_blocks(c);  // kernel_sums.h: (batch, tap, group, block of NR input rows)
   const int64_t nIB = (I + NR - 1) / NR;
   const int64_t blk = Og * NR;
-  auto pack = [&](int64_t it) {
-    const int64_t ib = it % nIB, grp = (it / nIB) % c.G, t = (it / (nIB * c.G)) % T;
-    const int64_t b = it / (nIB * c.G * T);
-    const float* src = call.w + b * c.w_bs + t * I * O + grp * Og;
-    float* dst = c.wpack + it * blk;
-    const int64_t nl = I - ib * NR < NR ? I - ib * NR : NR;
-    transpose(src + ib * NR * O, O, dst, NR, nl, Og);  // kernel_dense_backward.h
-    for (int64_t o = 0; o < Og; ++o)
-      for (int64_t l = nl; l < NR; ++l) dst[o * NR + l] = 0.0f;
-  };
-  parallel(c, call.batch * T * c.G * nIB, pack);
   std::atomic<bool> failed{false};
   auto item = [&](int64_t it) {
     const int64_t iv = it % nvi, grp = (it / nvi) % c.G, b = it / (nvi * c.G);

@@ -123,6 +123,26 @@ def single_primitive(program: Any) -> str | None:
     return node.name if set(node.args) == {sp.Arg(0), sp.Arg(1)} else None
 
 
+def _probe(program: Any, a: np.ndarray, b: np.ndarray) -> np.ndarray | None:
+    """`program` evaluated on the probe pairs ``(a, b)``, as float64.
+
+    Args:
+        program: a `scalar_program.Program` of two arguments.
+        a: the first arguments.
+        b: the second arguments.
+
+    Returns:
+        The first output, or ``None`` where the program fails on values (then it computes
+        no fold this module recognises).
+    """
+    try:
+        with jax.ensure_compile_time_eval():
+            return np.asarray(sp.evaluate(program, jnp.asarray(a), jnp.asarray(b))[0],
+                              np.float64)
+    except Exception:  # noqa: BLE001 - a program that fails on values is no known fold
+        return None
+
+
 def _computes_logaddexp(program: Any) -> bool:
     """Whether a two-argument program is ``log(exp(a) + exp(b))`` on the probe values.
 
@@ -143,11 +163,8 @@ def _computes_logaddexp(program: Any) -> bool:
     if not used & {"exp", "exp2", "expm1", "logistic"} or not used & {"log", "log1p"}:
         return False
     a, b = (v.ravel() for v in np.meshgrid(_LAE_PROBES, _LAE_PROBES))
-    try:
-        with jax.ensure_compile_time_eval():
-            got = np.asarray(sp.evaluate(program, jnp.asarray(a), jnp.asarray(b))[0],
-                             np.float64)
-    except Exception:  # noqa: BLE001 - a program that fails on values is not a logaddexp
+    got = _probe(program, a, b)
+    if got is None:
         return False
     a64, b64 = a.astype(np.float64), b.astype(np.float64)
     nan_in = np.isnan(a64) | np.isnan(b64)
@@ -215,11 +232,8 @@ def _matches_tempered_logaddexp(program: Any, c: float, dtype: Any) -> bool:
     with np.errstate(over="ignore"):
         probes = np.unique(np.concatenate([_LAE_PROBES, _LAE_PROBES * np.float32(abs(c))]))
     a, b = (v.ravel().astype(dtype) for v in np.meshgrid(probes, probes))
-    try:
-        with jax.ensure_compile_time_eval():
-            got = np.asarray(sp.evaluate(program, jnp.asarray(a), jnp.asarray(b))[0],
-                             np.float64)
-    except Exception:  # noqa: BLE001 - a program that fails on values is not this fold
+    got = _probe(program, a, b)
+    if got is None:
         return False
     a64, b64 = a.astype(np.float64), b.astype(np.float64)
     nan_in = np.isnan(a64) | np.isnan(b64)

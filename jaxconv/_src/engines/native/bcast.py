@@ -17,6 +17,8 @@ program, never from the function's name.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from jaxconv._src.core import scalar_program as sp
@@ -68,12 +70,16 @@ def form(program: sp.ScalarProgram, add_ports: bool = False) -> tuple[int, int, 
     return kind, k, other
 
 
-def members(program: sp.ScalarProgram, relax: frozenset[int] = frozenset(),
+def members(program: sp.ScalarProgram, ref: Callable[[sp.Ref], str],
+            expr: Callable[[sp.Node, bool, bool], str], relax: frozenset[int] = frozenset(),
             add_ports: bool = False) -> str | None:
     """The functor members of `program`'s broadcast form (``kBcX``, ``bv``, ``bpost``).
 
     Args:
         program: the combine's program, as the functor's ``comb`` is written from it.
+        ref: the code generator's C++ name of a value (a node or an argument).
+        expr: the code generator's C++ expression of a float32 node, given whether it is a
+            plain vector max / min and whether sums run on the add ports (as ``comb``'s).
         relax: the nodes ``comb`` writes as plain vector max / min (`relaxed.relaxed_nodes`).
         add_ports: sums and differences on the add ports, as ``comb``'s.
 
@@ -82,12 +88,12 @@ def members(program: sp.ScalarProgram, relax: frozenset[int] = frozenset(),
 
     Example:
       >>> import jax.numpy as jnp
-      >>> src = members(sp.combine_program(lambda x, w: x * w, np.float32))
+      >>> from jaxconv._src.engines.native import codegen
+      >>> src = members(sp.combine_program(lambda x, w: x * w, np.float32), codegen._ref,
+      ...               lambda node, plain, add: codegen._expr(node, np.float32, plain, add))
       >>> "kBcX = 5" in src, "const VT<T> v0 = t;" in src
       (True, True)
     """
-    from jaxconv._src.engines.native import codegen  # noqa: PLC0415 - codegen imports this
-
     found = form(program, add_ports)
     if found is None:
         return None
@@ -96,8 +102,8 @@ def members(program: sp.ScalarProgram, relax: frozenset[int] = frozenset(),
     lines = [f"  static constexpr int kBcX = {kind};",
              "  template <class T> static VT<T> bv(VT<T> w) {", "    (void)w;"]
     for j in sorted(program.live_of(other)):
-        lines.append(f"    const VT<T> v{j} = {_expr(program.nodes[j], j in relax, add_ports)};")
-    lines += [f"    return {codegen._ref(other)};", "  }",
+        lines.append(f"    const VT<T> v{j} = {expr(program.nodes[j], j in relax, add_ports)};")
+    lines += [f"    return {ref(other)};", "  }",
               "  template <class T> static VT<T> bpost(VT<T> t, VT<T> w) {", "    (void)w;",
               f"    const VT<T> v{k} = t;", f"    (void)v{k};"]
     # The nodes after the cut at node k (whose value is t).
@@ -109,22 +115,7 @@ def members(program: sp.ScalarProgram, relax: frozenset[int] = frozenset(),
             needed.add(j)
             stack.extend(a for a in program.nodes[j].args if isinstance(a, int))
     for j in sorted(needed):
-        lines.append(f"    const VT<T> v{j} = {_expr(program.nodes[j], j in relax, add_ports)};")
-    lines += [f"    return {codegen._ref(out)};", "  }"]
+        lines.append(f"    const VT<T> v{j} = {expr(program.nodes[j], j in relax, add_ports)};")
+    lines += [f"    return {ref(out)};", "  }"]
     return "\n".join(lines)
 
-
-def _expr(node: sp.Node, plain: bool, add_ports: bool) -> str:
-    """The C++ expression of a float32 node, as the functor's ``comb`` writes it.
-
-    Args:
-        node: the node.
-        plain: a plain vector max / min (a relaxed node).
-        add_ports: sums and differences on the add ports.
-
-    Returns:
-        The expression.
-    """
-    from jaxconv._src.engines.native import codegen  # noqa: PLC0415 - codegen imports this
-
-    return codegen._expr(node, _F32, plain, add_ports)

@@ -513,8 +513,9 @@ def functor(op: Op, dtype: object = np.float32, wide: bool = False) -> Functor:
                     "{ return comb<T>(x, w); }")
     # The forward's embedded broadcast of x (csrc/kernel_bcast_user.h), from `comb` as written:
     # max / min only (under a sum, -|x - w| and -(x - w)^2 measured 8-13% slower with it).
-    broadcast = bcast.members(comb, relax or frozenset()) if caps.reduce in ("max", "min") \
-        else None
+    broadcast = bcast.members(
+        comb, _ref, lambda node, plain, add: _expr(node, _F32, plain, add),
+        relax or frozenset()) if caps.reduce in ("max", "min") else None
     if broadcast is not None:
         body.append(broadcast)
     out = comb.outputs[0]
