@@ -193,9 +193,10 @@ def _backward_batch(args, dims, *, problem, need, recorded):
 
 
 def _per_example_rule(problem: Problem):
-    """For the ops whose kernel gradient is standard `lax` products on every engine: `(fn,
-    both)`, `fn(x, w, y, g)` computing the kernel gradient (`both`: the pair `(gx, gw)`) in
-    those products; else `None`.
+    """For the ops whose kernel gradient can be written as standard `lax` products (an engine
+    may compute the batched one otherwise, as the native engine does adder's): `(fn, both)`,
+    `fn(x, w, y, g)` computing the kernel gradient (`both`: the pair `(gx, gw)`) in those
+    products; else `None`.
 
     Per-example kernel gradients (a mapped input, a shared kernel) of these ops are then
     `jax.vmap` of those products, whose kernel gradient is batched as one matrix product per
