@@ -75,11 +75,10 @@ def canonical_conv(
     if n == 0 or o == 0:
         return jnp.zeros((n, *geom.out_spatial, o), out_dtype)
     mbb = DEFAULT_MAX_BLOCK_BYTES if max_block_bytes is None else int(max_block_bytes)
-    form = factoring.factored_form(op.replace(post=None), dtype)
-    if form is not None and form.negated and not factoring.negation_pays(
-            form, x.size, w.size, n * math.prod(geom.out_spatial) * o):
-        form = factoring.factored_form(op.replace(post=None), dtype, negate=False)
-    inner = op.replace(post=None) if form is None else form.inner
+    bare = op.replace(post=None)
+    form = factoring.factored_form(bare, dtype,
+                                   (x.size, w.size, n * math.prod(geom.out_spatial) * o))
+    inner = bare if form is None else form.inner
     if form is not None and form.lhs_map is not None:
         x = form.lhs_map(x)
     if form is not None and form.rhs_map is not None:

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxconv._src.core import scalar_program as sp
 from jaxconv._src.core.algebra import Op
 from jaxconv._src.core.capabilities import capabilities, single_primitive, smoothing_temperature
 
@@ -45,11 +46,9 @@ class ProgramFn:
         Returns:
             Its first output.
         """
-        from jaxconv._src.core import scalar_program  # noqa: PLC0415
-
         shape = jnp.broadcast_shapes(*(jnp.shape(a) for a in args))
         args = tuple(jnp.broadcast_to(a, shape) for a in args)
-        return scalar_program.evaluate(self.program, *args)[0]
+        return sp.evaluate(self.program, *args)[0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,7 +142,8 @@ class FactoredForm:
         return lines
 
 
-def factored_form(op: Op, dtype: Any, negate: bool = True) -> FactoredForm | None:
+def factored_form(op: Op, dtype: Any,
+                  sizes: tuple[int, int, int] | None = None) -> FactoredForm | None:
     """Moves what does not need to run once per product out of the product.
 
     - ``max_t f(c_t) = f(max_t c_t)`` for a total monotone ``f`` (``min`` if decreasing):
@@ -166,8 +166,9 @@ def factored_form(op: Op, dtype: Any, negate: bool = True) -> FactoredForm | Non
     Args:
       op: the product.
       dtype: the operands' dtype.
-      negate: allow the third rewrite (`canonical` turns it off for a product whose negated
-        operand is larger than its output: see `negation_pays`).
+      sizes: the elements of the input, the kernel and the output, when known: the third
+        rewrite is then kept only where it pays (`negation_pays`); without them it is kept
+        wherever it applies (as `jaxconv.explain`, which has no shapes, describes it).
 
     Returns:
       A `FactoredForm`, or ``None`` when nothing factors out (or the op declares a native
@@ -182,8 +183,15 @@ def factored_form(op: Op, dtype: Any, negate: bool = True) -> FactoredForm | Non
       ('max', 0.0, None)
       >>> form.rhs_map.program.primitives(), form.negated
       (('neg',), True)
+      >>> factored_form(op, jnp.float32, (256 * 1024, 1024 * 1024, 256 * 1024)).negated
+      False
     """
-    return _factored_form(op, np.dtype(dtype), negate)
+    dtype = np.dtype(dtype)
+    form = _factored_form(op, dtype)
+    if form is not None and form.negated and sizes is not None \
+            and not negation_pays(form, *sizes):
+        form = _factored_form(op, dtype, negate=False)
+    return form
 
 
 def negation_pays(form: FactoredForm, lhs_size: int, rhs_size: int, out_size: int) -> bool:
@@ -254,8 +262,6 @@ def linear_rule(node: Any, dtype: np.dtype) -> bool:
     Returns:
         True if the backward is linear in the cotangent.
     """
-    from jaxconv._src.core import scalar_program as sp  # noqa: PLC0415
-
     if node.name == "custom_jvp_call":
         return True
     # Each distinct non-constant argument becomes one argument of a one-node program.
@@ -298,8 +304,6 @@ def _factored(op: Op, dtype: np.dtype,
         ``(form, None)`` when the op factors, ``(None, reason)`` when a custom rule keeps it
         from the native engine, else ``(None, None)``.
     """
-    from jaxconv._src.core import scalar_program as sp  # noqa: PLC0415
-
     if op.rewrite is not None or op.native is not None:
         return None, None
     caps = capabilities(op)
@@ -378,8 +382,6 @@ def _operand_split(program: Any, reduce: Any, negate: bool = True) -> tuple[Any,
     Returns:
         The `scalar_program.OperandSplit` (or ``None``), and whether a difference was negated.
     """
-    from jaxconv._src.core import scalar_program as sp  # noqa: PLC0415
-
     split = sp.operand_split(program)
     if not negate or reduce not in ("max", "min", "logsumexp"):
         return split, False
@@ -414,8 +416,6 @@ def negated_subtrahends(program: Any) -> Any:
       >>> p.primitives(), sp.operand_split(p).rhs.primitives()
       (('add', 'neg'), ('neg',))
     """
-    from jaxconv._src.core import scalar_program as sp  # noqa: PLC0415
-
     if program.n_args != 2 or program.custom_jvp:
         return None
     live = set(program.live())
