@@ -455,6 +455,7 @@ NB_MODULE(_native, m) {
       },
       "Registers `jaxconv_user_run` of a loaded user-op library under op id `op`.");
   m.def("user_base", []() { return jaxconv::kUserBase; });
+  m.attr("pair_channels") = jaxconv::kPairChannels;
   // Tuning (csrc/kernel_params.h, tune_probe.h; jaxconv/_src/engines/native/tuning.py).
   m.def("param_fields", &jaxconv_tune::param_fields,
         "{name: (default, lowest, highest)} of each parameter.");

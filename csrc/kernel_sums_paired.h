@@ -90,6 +90,7 @@ void pair_tile(const float* const* rows, float* const* dxr, const float* const* 
 // (each (position, tap) sums its o ascending, taps ascending per cell); dw sums each item's
 // positions in order, then the items in order: the same bits whatever the threads.
 // Returns false (nothing written) when the scratch cannot be had.
+static_assert(jaxconv::kPairChannels % W == 0, "kPairChannels is whole vectors (problem.h)");
 template <class Op>
 bool pair_backward(Ctx& c) {
   constexpr int R = 4;

@@ -35,6 +35,11 @@ enum OpId : int64_t { JAXCONV_BUILTIN_OPS(JAXCONV_OP_ENUMERATOR) kNumBuiltinOps 
 // Op ids from kUserBase up name user ops compiled at run time (registered by key in ffi.cc).
 constexpr int64_t kUserBase = int64_t(1) << 40;
 
+// The paired sums backward (kernel_sums_paired.h) needs a kernel's input channels in whole
+// vectors; a multiple of this count is that on every instruction set. The native engine reads
+// it (`_native.pair_channels`) to decide where adder's kernel gradient comes from that pass.
+constexpr int64_t kPairChannels = 16;
+
 // The layout of Call and Geom: a compiled user op is loaded only if it was built against the
 // same version.
 constexpr int kAbiVersion = 2;

@@ -442,8 +442,8 @@ def _records_op(problem: Problem, dtype: DTypeLike) -> bool:
 
 def _paired_adder(w_shape: tuple[int, ...]) -> bool:
     """Whether adder's kernel gradient comes from the native pass that computes both gradients
-    from each term's ``x - w`` (csrc/kernel_sums_paired.h: input channels in whole vectors)
-    rather than from a standard product (`products`).
+    from each term's ``x - w`` (csrc/kernel_sums_paired.h: input channels a multiple of the
+    library's `ffi.pair_channels`) rather than from a standard product (`products`).
 
     Args:
         w_shape: the kernel's shape in the call spec, ``(KD, KH, KW, I, O)``.
@@ -455,7 +455,7 @@ def _paired_adder(w_shape: tuple[int, ...]) -> bool:
         >>> _paired_adder((1, 3, 3, 64, 64)), _paired_adder((1, 3, 3, 17, 64))
         (True, False)
     """
-    return w_shape[3] % 16 == 0
+    return w_shape[3] % ffi.pair_channels() == 0
 
 
 def _exp_space(problem: Problem) -> bool:

@@ -166,6 +166,22 @@ def has_recording() -> bool:
     return mod is not None and _FORWARD_RECORD in mod.registrations()
 
 
+def pair_channels() -> int:
+    """The input channels the paired sums backward takes in whole vectors on every
+    instruction set (csrc/problem.h ``kPairChannels``): a kernel whose input channels are a
+    multiple of it runs adder's kernel gradient in that pass.
+
+    Returns:
+      The count, from the loaded library.
+
+    Example:
+      >>> from jaxconv._src.engines.native import ffi
+      >>> ffi.pair_channels() if ffi.available() else 16
+      16
+    """
+    return int(extension().pair_channels)
+
+
 def _register() -> None:
     """Registers the extension's FFI targets with JAX, once.
 
