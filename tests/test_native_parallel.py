@@ -25,39 +25,63 @@ pytestmark = pytest.mark.skipif(not native.available(),
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-_THREAD_SCRIPT = r"""
+# Each script prints {case: [y, dx, dw] as hex of their bytes} of native products.
+_PRELUDE = r"""
 import json, sys, numpy as np, jax, jax.numpy as jnp, jaxconv
+
+def bits(op, x, w, **kw):
+    f = lambda x, w: jaxconv.conv_general_dilated(x, w, (1, 1), "SAME", op=op,
+        engine="native", dimension_numbers=("NHWC", "HWIO", "NHWC"), **kw)
+    y = jax.jit(f)(x, w)
+    dx, dw = jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.sin(f(x, w))), (0, 1)))(x, w)
+    return [np.asarray(a).tobytes().hex() for a in (y, dx, dw)]
+"""
+
+_THREAD_SCRIPT = _PRELUDE + r"""
 rng = np.random.default_rng(0)
 x = rng.standard_normal((3, 13, 11, 24)).astype(np.float32)
 w = rng.standard_normal((3, 3, 24, 40)).astype(np.float32)
-out = {}
-for op in ("max_plus", "adder", "l1"):
-    f = lambda x, w: jaxconv.conv_general_dilated(x, w, (1, 1), "SAME", op=op,
-        engine="native", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    y = jax.jit(f)(x, w)
-    dx, dw = jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.sin(f(x, w))), (0, 1)))(x, w)
-    out[op] = [np.asarray(a).tobytes().hex() for a in (y, dx, dw)]
-print(json.dumps(out))
+print(json.dumps({op: bits(op, x, w) for op in ("max_plus", "adder", "l1")}))
 """
 
 
-def _run_script(env_extra):
+def _run_script(env_extra, script=_THREAD_SCRIPT, *argv):
+    """Runs ``script`` (with ``argv``) in a fresh process under ``env_extra``.
+
+    Args:
+        env_extra: environment variables set for the process.
+        script: the script, printing its results as JSON on its last line.
+        *argv: the script's arguments.
+
+    Returns:
+        The script's results.
+    """
     env = dict(os.environ, **env_extra)
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", _THREAD_SCRIPT], env=env, capture_output=True,
-                          text=True, timeout=300, check=False)
+    proc = subprocess.run([sys.executable, "-c", script, *argv], env=env, capture_output=True,
+                          text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_results_do_not_depend_on_the_thread_count():
-    one = _run_script({"JAXCONV_NATIVE_THREADS": "1"})
-    many = _run_script({"JAXCONV_NATIVE_THREADS": "0"})
+def _assert_same_on_one_and_all_threads(script, *argv, **env_extra):
+    """Asserts that ``script`` gives the same bits on one thread and on all of them.
+
+    Args:
+        script: the script (see `_run_script`).
+        *argv: its arguments.
+        **env_extra: other environment variables set for both runs.
+    """
+    one, many = (_run_script(dict(env_extra, JAXCONV_NATIVE_THREADS=threads), script, *argv)
+                 for threads in ("1", "0"))
     assert one == many
 
 
-_SPLIT_SCRIPT = r"""
-import json, sys, numpy as np, jax, jax.numpy as jnp, jaxconv
+def test_results_do_not_depend_on_the_thread_count():
+    _assert_same_on_one_and_all_threads(_THREAD_SCRIPT)
+
+
+_SPLIT_SCRIPT = _PRELUDE + r"""
 rng = np.random.default_rng(3)
 # Several kernel blocks of output channels (a thread's packed panel changes block between its
 # claims), and a kernel block too large for one panel (the fixed-item path).
@@ -68,11 +92,7 @@ for xs, ws in cases:
     x = rng.standard_normal(xs).astype(np.float32)
     w = rng.standard_normal(ws).astype(np.float32)
     for op in sys.argv[1].split(","):
-        f = lambda x, w: jaxconv.conv_general_dilated(x, w, (1, 1), "SAME", op=op,
-            engine="native", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-        y = jax.jit(f)(x, w)
-        dx, dw = jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.sin(f(x, w))), (0, 1)))(x, w)
-        out[f"{ws[-1]}/{op}"] = [np.asarray(a).tobytes().hex() for a in (y, dx, dw)]
+        out[f"{ws[-1]}/{op}"] = bits(op, x, w)
 print(json.dumps(out))
 """
 
@@ -90,19 +110,10 @@ def test_dynamic_work_split_does_not_change_results(names, params):
     fork-join with the kernel gradient) give the one-thread numbers bit for bit, for plain,
     keyed (max_min, min_max) and min-form (adder, l1) kernels, under the default tuning
     parameters and another set (JAXCONV_NATIVE_PARAMS)."""
-    runs = []
-    for threads in ("1", "0"):
-        env = dict(os.environ, JAXCONV_NATIVE_THREADS=threads, JAXCONV_NATIVE_PARAMS=params)
-        env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-        proc = subprocess.run([sys.executable, "-c", _SPLIT_SCRIPT, names], env=env,
-                              capture_output=True, text=True, timeout=600, check=False)
-        assert proc.returncode == 0, proc.stderr
-        runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    assert runs[0] == runs[1]
+    _assert_same_on_one_and_all_threads(_SPLIT_SCRIPT, names, JAXCONV_NATIVE_PARAMS=params)
 
 
-_WINNER_SCRIPT = r"""
-import json, sys, numpy as np, jax, jax.numpy as jnp, jaxconv
+_WINNER_SCRIPT = _PRELUDE + r"""
 rng = np.random.default_rng(7)
 # x * w: a compiled user kernel (tanh(x - w) runs on max_plus, x + (-w)).
 tanh_max = jaxconv.Op(lambda x, w: jnp.tanh(x * w), "max", name="tanh_prod_max")
@@ -123,12 +134,7 @@ for xs, ws, groups, kind in cases:
             w = np.abs(w)
     for op in sys.argv[1].split(","):
         op = tanh_max if op == "tanh_max" else op
-        f = lambda x, w: jaxconv.conv_general_dilated(x, w, (1, 1), "SAME", op=op,
-            feature_group_count=groups, engine="native",
-            dimension_numbers=("NHWC", "HWIO", "NHWC"))
-        y = jax.jit(f)(x, w)
-        dx, dw = jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.sin(f(x, w))), (0, 1)))(x, w)
-        out[f"{xs}/{kind}/{op}"] = [np.asarray(a).tobytes().hex() for a in (y, dx, dw)]
+        out[f"{xs}/{kind}/{op}"] = bits(op, x, w, feature_group_count=groups)
 print(json.dumps(out))
 """
 
@@ -140,15 +146,7 @@ def test_winner_backward_split_does_not_change_results(names):
     give the one-thread numbers bit for bit: ties, signed zeros, groups, several kernel
     blocks, images smaller than an item and one long image, for built-in, keyed and compiled
     user ops."""
-    runs = []
-    for threads in ("1", "0"):
-        env = dict(os.environ, JAXCONV_NATIVE_THREADS=threads)
-        env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-        proc = subprocess.run([sys.executable, "-c", _WINNER_SCRIPT, names], env=env,
-                              capture_output=True, text=True, timeout=600, check=False)
-        assert proc.returncode == 0, proc.stderr
-        runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    assert runs[0] == runs[1]
+    _assert_same_on_one_and_all_threads(_WINNER_SCRIPT, names)
 
 
 @pytest.mark.parametrize("kind", ["fma", "add_max", "min_add"])

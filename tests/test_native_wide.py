@@ -123,6 +123,30 @@ def _grads(op: Any, engine: str, x: np.ndarray, w: np.ndarray, ct: np.ndarray,
     return jax.jit(jax.grad(lambda a, b: jnp.sum(f(a, b) * ct), argnums=(0, 1)))
 
 
+def _assert_float64_gradients_match_xla(op: Any, x: np.ndarray, w: np.ndarray, seed: int,
+                                        **kw: Any) -> Any:
+    """Asserts that the native engine's float64 gradients of ``sum(conv * ct)`` (a random
+    cotangent) are the XLA engine's: the same terms, summed in another order.
+
+    Args:
+        op: the op.
+        x: the input.
+        w: the kernel.
+        seed: the cotangent's seed.
+        **kw: the convolution's arguments.
+
+    Returns:
+        The native gradient function (its lowering can be inspected).
+    """
+    y = np.asarray(_conv(op, "xla", **kw)(x, w))
+    ct = np.random.default_rng(seed).standard_normal(y.shape)
+    f = _grads(op, "native", x, w, ct, **kw)
+    for a, b in zip(f(x, w), _grads(op, "xla", x, w, ct, **kw)(x, w), strict=True):
+        assert a.dtype == F64
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-12)
+    return f
+
+
 # A covering set for the float64 backward: each op, strides / dilations / groups / explicit
 # and lhs-dilated padding, adder's pad value (its padded cells count for dw only).
 GRAD_CASES = [
@@ -146,15 +170,8 @@ def test_float64_gradients_are_native_and_match_xla(op: str, kw: dict) -> None:
         if groups > 1:
             w = w[:, :, :1, :]
         x, w = np.round(x * 2) / 2, np.round(w * 2) / 2
-        y = np.asarray(_conv(op, "xla", **kw)(x, w))
-        ct = np.random.default_rng(3).standard_normal(y.shape)
-        f = _grads(op, "native", x, w, ct, **kw)
+        f = _assert_float64_gradients_match_xla(op, x, w, 3, **kw)
         assert "jaxconv_wide_backward" in f.lower(x, w).as_text()
-        got, want = f(x, w), _grads(op, "xla", x, w, ct, **kw)(x, w)
-        for a, b in zip(got, want, strict=True):
-            assert a.dtype == F64
-            # the same terms, summed in another order
-            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("op,kw", [("max_plus", {"padding": ((2, 0), (1, 1))}),
@@ -165,12 +182,7 @@ def test_float64_gradients_without_ties(op: str, kw: dict) -> None:
     """Continuous data: every window has one winner, routed directly (no rescan)."""
     with jax.enable_x64(True):
         x, w = _data(F64, seed=5)
-        y = np.asarray(_conv(op, "xla", **kw)(x, w))
-        ct = np.random.default_rng(6).standard_normal(y.shape)
-        got = _grads(op, "native", x, w, ct, **kw)(x, w)
-        want = _grads(op, "xla", x, w, ct, **kw)(x, w)
-        for a, b in zip(got, want, strict=True):
-            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-12)
+        _assert_float64_gradients_match_xla(op, x, w, 6, **kw)
 
 
 def _tie_counts(op: str, x: np.ndarray, w: np.ndarray, groups: int) -> np.ndarray:
@@ -200,13 +212,7 @@ def test_float64_gradients_with_sparse_ties(op: str, groups: int) -> None:
         x, w = np.round(x * 4) / 4, np.round(w * 4) / 4
         counts = _tie_counts(op, x, w, groups)
         assert 0.05 < (counts > 1).mean() < 0.8 and counts.max() >= 3  # a mix of both
-        kw = {"feature_group_count": groups}
-        y = np.asarray(_conv(op, "xla", **kw)(x, w))
-        ct = np.random.default_rng(8).standard_normal(y.shape)
-        got = _grads(op, "native", x, w, ct, **kw)(x, w)
-        want = _grads(op, "xla", x, w, ct, **kw)(x, w)
-        for a, b in zip(got, want, strict=True):
-            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-12)
+        _assert_float64_gradients_match_xla(op, x, w, 8, feature_group_count=groups)
 
 
 @pytest.mark.parametrize("op,red,comb", [
