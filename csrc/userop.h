@@ -1,8 +1,8 @@
-// The operations a generated user-op functor is written in (jaxconv/_src/engines/codegen.py),
-// for every vector struct T of simd.h and the scalar Sc, with lax's semantics: NaN in, NaN
-// out. Booleans are 0.0f / 1.0f floats, so a functor needs no mask type. The wide kernels'
-// WideT<E> (userop_wide.h) has the same interface on float64 / int32 / int64 lanes (its
-// booleans are 0 / 1 in E).
+// The operations a generated user-op functor is written in
+// (jaxconv/_src/engines/native/codegen.py), for every vector struct T of simd.h and the scalar
+// Sc, with lax's semantics: NaN in, NaN out. Booleans are 0.0f / 1.0f floats, so a functor
+// needs no mask type. The wide kernels' WideT<E> (userop_wide.h) has the same interface on
+// float64 / int32 / int64 lanes (its booleans are 0 / 1 in E).
 //
 // Included by a generated source inside the anonymous namespace, after kernels.inc (and
 // <cmath>, included at file scope), or inside the wide kernels' namespace (userop_wide.h).
