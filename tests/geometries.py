@@ -213,3 +213,31 @@ def brute_force_fold(x, w, combine, fold):
             new = fold(out, jnp.where(ok, t[..., ci, :], 0.0))
             out = jnp.where(ok, new, out)
     return out
+
+
+def assert_grads_match_brute_force(f: Any, x: np.ndarray, w: np.ndarray, ct: Any, combine: Any,
+                                   fold: Any, rtol: float, atol: float) -> tuple:
+    """``jax.grad`` of ``sum(ct * f(x, w))`` equals JAX's derivative of `brute_force_fold`.
+
+    Args:
+        f: the product under test, ``f(x, w)``: a SAME 3x3 stride-1 conv (NHWC / HWIO).
+        x: the input.
+        w: the kernel (3x3).
+        ct: the output's cotangent.
+        combine: the op's product, broadcasting.
+        fold: the callable reduce.
+        rtol: the relative tolerance.
+        atol: the absolute tolerance.
+
+    Returns:
+        ``f``'s gradients ``(gx, gw)``.
+
+    Example:
+        >>> gx, gw = assert_grads_match_brute_force(ours, x, w, ct, combine, fold, 1e-4, 1e-5)
+    """
+    got = jax.grad(lambda a, b: jnp.sum(ct * f(a, b)), argnums=(0, 1))(x, w)
+    want = jax.grad(lambda a, b: jnp.sum(ct * brute_force_fold(a, b, combine, fold)),
+                    argnums=(0, 1))(x, w)
+    for g, g0 in zip(got, want, strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(g0), rtol=rtol, atol=atol)
+    return got
