@@ -19,23 +19,25 @@ inline S::V hx_at(int v, S::V x, S::V w) {
 }
 
 // Input gradient of one (position, tap, group) row, NVI vectors of input channels at a time:
-// dx[i] += sum_o g[o] * hx(x[i], w[o, i]), with the tap's kernel transposed to (O, I).
+// dx[i] += sum_o g[o] * hx(x[i], w[o, i]), with the tap's kernel transposed to (O, I); the
+// sum over o is added to dx 64 channels at a time, as the paired pass does (its kDxRun).
 template <class Op, int NVI>
 void dx_block(const float* xr, float* dxr, const float* gg, const float* wt, int64_t Og,
               int64_t I) {
   using V = S::V;
   V acc[NVI], xv[NVI];
-  for (int v = 0; v < NVI; ++v) {
-    acc[v] = S::zero();
-    xv[v] = S::load(xr + v * W);
+  for (int v = 0; v < NVI; ++v) xv[v] = S::load(xr + v * W);
+  for (int64_t o0 = 0; o0 < Og; o0 += 64) {
+    const int64_t o1 = o0 + 64 < Og ? o0 + 64 : Og;
+    for (int v = 0; v < NVI; ++v) acc[v] = S::zero();
+    for (int64_t o = o0; o < o1; ++o) {
+      const V gs = S::set1(gg[o]);
+      const float* wo = wt + o * I;
+      for (int v = 0; v < NVI; ++v)
+        acc[v] = S::fma(gs, hx_at<Op>(v, xv[v], S::load(wo + v * W)), acc[v]);
+    }
+    for (int v = 0; v < NVI; ++v) S::store(dxr + v * W, S::add(S::load(dxr + v * W), acc[v]));
   }
-  for (int64_t o = 0; o < Og; ++o) {
-    const V gs = S::set1(gg[o]);
-    const float* wo = wt + o * I;
-    for (int v = 0; v < NVI; ++v)
-      acc[v] = S::fma(gs, hx_at<Op>(v, xv[v], S::load(wo + v * W)), acc[v]);
-  }
-  for (int v = 0; v < NVI; ++v) S::store(dxr + v * W, S::add(S::load(dxr + v * W), acc[v]));
 }
 
 // Kernel gradient of RI kernel rows (tap t, input rows i0..) x NV vectors of output channels:

@@ -11,8 +11,8 @@
 //
 // The same sums in the same order as sum_backward's two passes, so the same bits: vectors run
 // over W input channels (as dx_block's); each dx element adds, tap by tap in ascending order,
-// its sum over the output channels o = 0, 1, ... (fma from zero); each dw element is the sum
-// over the positions in ascending order (fma from zero, as dw_block's), kept transposed
+// its sums over runs of 64 output channels o = 0, 1, ... (fma from zero); each dw element is
+// the sum over the positions in ascending order (fma from zero, as dw_block's), kept transposed
 // (Og, W) per tap in L1 and written once per tap.
 //
 // Work items: (batch entry, group, vector of W input channels); each owns those channels' dx
@@ -90,10 +90,13 @@ bool fused_sum_backward(Ctx& c) {
           Op::template dcxw<S>(xv, S::load(wt + o * NR), &cx, &cw);
           acc = S::fma(gs, cx, acc);
           S::store(dwt + o * W, S::fma(gs, cw, S::load(dwt + o * W)));
-        }
-        if (off >= 0) {  // a pad value's dx is dropped
-          float* d = dxb + n * c.img + off;
-          S::store(d, S::add(S::load(d), acc));
+          if ((o + 1) % 64 == 0 || o + 1 == Og) {  // dx_block's runs of 64 channels
+            if (off >= 0) {  // a pad value's dx is dropped
+              float* d = dxb + n * c.img + off;
+              S::store(d, S::add(S::load(d), acc));
+            }
+            acc = S::zero();
+          }
         }
       }
       for (int64_t l = 0; l < W; ++l) {

@@ -152,6 +152,12 @@ def _dense(x: Array, w: Array, groups: int, out_dtype: Any, precision: Any) -> A
         The product ``(N, G*O)``.
     """
     n = x.shape[0]
+    if groups == 1:
+        # One plain matrix product: the einsum's size-1 group axis made XLA copy the kernel
+        # transposed for the input gradient and transpose the kernel gradient (two 4 MiB
+        # copies on a 1024 x 1024 kernel; l2_exact's dense backward, ~10% of its time).
+        return lax.dot_general(x, w, (((1,), (0,)), ((), ())), precision=precision,
+                               preferred_element_type=out_dtype)
     return jnp.einsum("ngi,igo->ngo", x.reshape(n, groups, -1),
                       w.reshape(w.shape[0], groups, -1), precision=precision,
                       preferred_element_type=out_dtype).reshape(n, -1)
