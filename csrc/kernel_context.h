@@ -67,6 +67,7 @@ struct Ctx {
   float* csum;    // (batch, cells, G)
   float* padsum;  // (batch, G)
   int32_t* ctab;  // like tab: the input cell (tab / C), -1 where padded
+  float* xkey;    // a keyed forward: the integer keys of x (kernel_afwd_keys.h), or null
   int64_t cells;  // input cells per batch entry: N * D * H * W
   bool safe;      // max/min with a non-finite input or pad value: NaN-propagating loop
   bool finite;    // !safe

@@ -84,6 +84,10 @@ void fwd_tile(const Ctx& c, const float* xb, const float* wb, const float* pad,
   const int64_t I = c.I;
   // Finite max/min: the pad row holds the reduce's identity, whose products are dominated.
   const bool has_pad = c.g.has_pad != 0 || (Op::kReduce != 0 && Op::kDominated && !Safe);
+  const int64_t o0 = grp * c.Og + jb * NR;
+  const int64_t nvalid = c.Og - jb * NR < NR ? c.Og - jb * NR : NR;
+  // The output rows' lines, asked for now (kernel_afwd_outfetch.h).
+  if (k1 == c.K) prefetch_rows<MR>(yb + p * c.O + o0, c.O, nvalid, live);
   for (int64_t t = k0 / I; t * I < k1; ++t) {
     const int64_t ia = k0 > t * I ? k0 - t * I : 0;
     const int64_t ie = k1 - t * I < I ? k1 - t * I : I;
@@ -163,8 +167,6 @@ void fwd_tile(const Ctx& c, const float* xb, const float* wb, const float* pad,
         acc[r][v] = S::sub(S::add(acc[r][v], acc[r][v]), S::add(sxv, sw[v]));
     }
   }
-  const int64_t o0 = grp * c.Og + jb * NR;
-  const int64_t nvalid = c.Og - jb * NR < NR ? c.Og - jb * NR : NR;
   if constexpr (Op::kReduce != 0 && !keyed<Op>()) {  // keys order -0 below +0 already
     for (int r = 0; r < MR; ++r) {
       if (!live[r]) continue;
@@ -336,13 +338,12 @@ void forward_packed(Ctx& c) {
   const float* xsrc = kCen ? c.xsh : call.x;
   Owned<float> xkey;
   if constexpr (kKey) {
-    xkey = key_copy(c);
-    if (!xkey) {
+    if (!c.xkey && !(xkey = key_copy(c))) {  // c.xkey: finite_keys made them (kernel_afwd_keys.h)
       c.failed = true;
       return;
     }
     for (int64_t j = 0; j < c.C + c.NR; ++j) c.padrow[j] = data_key(c.padrow[j]);
-    xsrc = xkey.get();
+    xsrc = c.xkey ? c.xkey : xkey.get();
   }
   // A kernel block that stays in L2 is one panel (the taps of a tile run back to back); a
   // larger one is cut into panels that stay in L1 (both sizes: the tuning parameters).
