@@ -349,6 +349,12 @@ class NativeEngine(registry.Engine):
         if _wide(dtype):
             y = ffi._wide_forward_call(spec, x.reshape(spec.x_shape), w.reshape(spec.w_shape))
             return y.reshape(out_shape)
+        if _low(dtype) and _low_in_call(problem):
+            # Widened and rounded inside the call (csrc/kernel_bf16fuse_low.h): the same
+            # bits as the conversions below, without their passes over x and y.
+            keep = _winner(problem) or np.dtype(problem.acc_dtype) == np.dtype(dtype)
+            y = ffi._low_forward_call(spec, x, w, out_shape, dtype if keep else jnp.float32)
+            return y.reshape(out_shape).astype(problem.acc_dtype)
         if _low(dtype):
             x, w = x.astype(jnp.float32), w.astype(jnp.float32)
 
@@ -456,6 +462,20 @@ def _paired_adder(w_shape: tuple[int, ...]) -> bool:
         (True, False)
     """
     return w_shape[3] % 16 == 0
+
+
+def _low_in_call(problem: Problem) -> bool:
+    """Whether a bfloat16 / float16 forward widens its operands and rounds its result inside
+    the call: a built-in kernel (not the exp-space ``log``) and a library that has the entry.
+
+    Args:
+        problem: the canonical problem (its twin already served).
+
+    Returns:
+        True for the in-call conversions.
+    """
+    return (ffi.kernel_id(problem.op) is not None and not _exp_space(problem)
+            and ffi.has_low_forward())
 
 
 def _exp_space(problem: Problem) -> bool:
