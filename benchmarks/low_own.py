@@ -110,7 +110,6 @@ def run(layers: list[str], ops: list[str], dtypes: list[str], rounds: int, old: 
         w32 = jax.random.normal(k[1], ws, jnp.float32)
         for op in ops:
             for dt in dtypes:
-                f = product(layer, op)
                 kinds = {"f32": (x32, w32), "new": (x32.astype(dt), w32.astype(dt))}
                 if old:
                     kinds["old"] = kinds["new"]

@@ -242,7 +242,7 @@ ffi::Error low_forward_impl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi:
   if (attrs.op >= jaxconv::kUserBase)
     return ffi::Error::InvalidArgument("jaxconv: the low-precision forward runs built-in ops");
   const bool low_y = y->element_type() == t;
-  jaxconv::LowIO io{kind, static_cast<const uint16_t*>(x.untyped_data()),
+  jaxconv::LowIO io{kind, 1, static_cast<const uint16_t*>(x.untyped_data()),
                     static_cast<const uint16_t*>(w.untyped_data()),
                     low_y ? static_cast<uint16_t*>(y->untyped_data()) : nullptr, -1};
   jaxconv::Call call{};

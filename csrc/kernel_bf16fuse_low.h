@@ -79,6 +79,29 @@ bool widen_run(const uint16_t* __restrict src, float* __restrict dst, int64_t n)
   return bad == 0;
 }
 
+// Whether the n values at src are all finite (a scan that writes nothing).
+template <int Kind>
+bool finite_run(const uint16_t* src, int64_t n) {
+  constexpr uint16_t kExp = Kind == 1 ? 0x7f80u : 0x7c00u;
+  uint32_t bad = 0;
+  for (int64_t j = 0; j < n; ++j) bad |= uint32_t((src[j] & kExp) == kExp);
+  return bad == 0;
+}
+
+// key_copy's chunk from low values: the n values at src widened into dst, then made keys in
+// place while they are in L1 (data_key: the same keys as from the float32 copy).
+inline void low_keys(int64_t kind, const uint16_t* src, float* dst, int64_t n) {
+  constexpr int64_t kPiece = 512;
+  for (int64_t a = 0; a < n; a += kPiece) {
+    const int64_t len = a + kPiece < n ? kPiece : n - a;
+    if (kind == 1) widen_run<1>(src + a, dst + a, len);
+    else widen_run<2>(src + a, dst + a, len);
+    int64_t j = a;
+    for (; j + W <= a + len; j += W) S::store(dst + j, data_key(S::load(dst + j)));
+    for (; j < a + len; ++j) dst[j] = data_key(dst[j]);
+  }
+}
+
 // n float32 values at src rounded to the low dtype at dst.
 template <int Kind>
 void narrow_run(const float* __restrict src, uint16_t* __restrict dst, int64_t n) {
@@ -110,7 +133,8 @@ int run_op(const jaxconv::Call& call, bool backward);
 // and w made in one parallel pass that also finds whether they are finite (the max/min ops'
 // scan, so run_op skips its own), then the float32 kernels; the register tiles store y in the
 // low dtype, except in the loops that have no tiles (depthwise, logsumexp), which write a
-// float32 y that is rounded afterwards.
+// float32 y that is rounded afterwards. Where the forward will run on integer keys (finite
+// max_min / min_max), x is only scanned: key_copy makes its keys from the low values.
 template <class Op>
 int run_low(const jaxconv::Call& call) {
   const jaxconv::LowIO& io = *call.low;
@@ -121,8 +145,14 @@ int run_low(const jaxconv::Call& call) {
   const int64_t ny = call.batch * g.n * g.os[0] * g.os[1] * g.os[2] * g.o;
   Ctx c{};  // for parallel() only
   c.call = &call;
-  Owned<float> x32 = allocate<float>(nx + W), w32 = allocate<float>(nw + W);
-  if (!x32 || !w32) return 2;
+  const bool tiles = Op::kReduce != 3 && !(g.i == 1 && g.o == g.g);
+  // forward()'s and dispatch()'s choice of the keyed loop, finite data assumed.
+  const jaxconv::Params prm = call.params ? *call.params : jaxconv::Params{};
+  bool keys = !std::is_same_v<typename KeyOf<Op>::type, Op> && Op::kNanFree && prm.keyed &&
+              tiles && !(g.has_pad && !finite(g.pad));
+  Owned<float> x32, w32 = allocate<float>(nw + W);
+  if (!keys) x32 = allocate<float>(nx + W);
+  if (!w32 || (!keys && !x32)) return 2;
   constexpr int64_t kChunk = 1 << 15;
   const int64_t cx = (nx + kChunk - 1) / kChunk, cw = (nw + kChunk - 1) / kChunk;
   std::atomic<int> bad{0};
@@ -131,18 +161,33 @@ int run_low(const jaxconv::Call& call) {
     const int64_t n = onx ? nx : nw, a = (onx ? it : it - cx) * kChunk;
     const int64_t len = a + kChunk < n ? kChunk : n - a;
     const uint16_t* src = (onx ? io.x16 : io.w16) + a;
-    float* dst = (onx ? x32.get() : w32.get()) + a;
-    const bool fin = io.kind == 1 ? widen_run<1>(src, dst, len) : widen_run<2>(src, dst, len);
+    bool fin;
+    if (onx && !x32) {
+      fin = io.kind == 1 ? finite_run<1>(src, len) : finite_run<2>(src, len);
+    } else {
+      float* dst = (onx ? x32.get() : w32.get()) + a;
+      fin = io.kind == 1 ? widen_run<1>(src, dst, len) : widen_run<2>(src, dst, len);
+    }
     if (!fin) bad.store(1, std::memory_order_relaxed);
   };
   parallel(c, cx + cw, widen);
+  if (keys && bad.load()) {  // a NaN or infinity: the float loop, on a float32 copy of x
+    keys = false;
+    if (!(x32 = allocate<float>(nx + W))) return 2;
+    auto widen_x = [&](int64_t it) {
+      const int64_t a = it * kChunk, len = a + kChunk < nx ? kChunk : nx - a;
+      if (io.kind == 1) widen_run<1>(io.x16 + a, x32.get() + a, len);
+      else widen_run<2>(io.x16 + a, x32.get() + a, len);
+    };
+    parallel(c, cx, widen_x);
+  }
   constexpr bool kMinMax = Op::kReduce == 1 || Op::kReduce == 2;
-  jaxconv::LowIO io2{io.kind, nullptr, nullptr, nullptr, kMinMax ? (bad.load() ? 0 : 1) : -1};
+  jaxconv::LowIO io2{io.kind, 0, keys ? io.x16 : nullptr, nullptr, nullptr,
+                     kMinMax ? (bad.load() ? 0 : 1) : -1};
   jaxconv::Call c2 = call;
-  c2.x = x32.get();
+  c2.x = keys ? nullptr : x32.get();
   c2.w = w32.get();
   c2.low = &io2;
-  const bool tiles = Op::kReduce != 3 && !(g.i == 1 && g.o == g.g);
   Owned<float> y32;
   if (io.y16 && tiles) {
     io2.y16 = io.y16;

@@ -254,6 +254,10 @@ Owned<float> key_copy(const Ctx& c) {
   constexpr int64_t kChunk = 1 << 16;
   auto conv = [&](int64_t it) {
     const int64_t a = it * kChunk, e = a + kChunk < total ? a + kChunk : total;
+    if (!call.x) {  // bfloat16 / float16 x (run_low, kernel_bf16fuse_low.h)
+      low_keys(call.low->kind, call.low->x16 + a, xkey + a, e - a);
+      return;
+    }
     int64_t j = a;
     for (; j + W <= e; j += W) S::store(xkey + j, data_key(S::load(call.x + j)));
     for (; j < e; ++j) xkey[j] = data_key(call.x[j]);

@@ -46,9 +46,12 @@ struct Parallel {
 };
 
 // bfloat16 / float16 operands of a built-in op's forward (csrc/kernel_bf16fuse_low.h): x16
-// and w16 stand in for Call::x and Call::w, y16 (when not null) for Call::out.
+// and w16 stand in for Call::x and Call::w, y16 (when not null) for Call::out. The kernels'
+// own call on the widened operands keeps x16 only where Call::x is null (integer keys made
+// from the low values).
 struct LowIO {
-  int64_t kind;  // 1: bfloat16, 2: float16
+  int64_t kind;     // 1: bfloat16, 2: float16
+  int64_t widen;    // 1: from the FFI, x and w not yet widened (run_low); 0: widened
   const uint16_t* x16;
   const uint16_t* w16;
   uint16_t* y16;    // null: the result is float32, in Call::out
