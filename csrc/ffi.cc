@@ -230,6 +230,39 @@ ffi::Error forward_impl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
   return forward_call(x, w, y->typed_data(), nullptr, attrs, pool);
 }
 
+// A built-in op's forward on bfloat16 / float16 operands (kernel_bf16fuse_low.h): the kernels
+// widen x and w themselves and write y in the operands' dtype, or in float32 when y is.
+ffi::Error low_forward_impl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y,
+                            ForwardAttrs attrs, ffi::ThreadPool pool) {
+  const auto t = x.element_type();
+  const int64_t kind = t == ffi::DataType::BF16 ? 1 : t == ffi::DataType::F16 ? 2 : 0;
+  if (kind == 0 || w.element_type() != t ||
+      (y->element_type() != t && y->element_type() != ffi::DataType::F32))
+    return ffi::Error::InvalidArgument("jaxconv: the low-precision forward takes bf16 / f16");
+  if (attrs.op >= jaxconv::kUserBase)
+    return ffi::Error::InvalidArgument("jaxconv: the low-precision forward runs built-in ops");
+  const bool low_y = y->element_type() == t;
+  jaxconv::LowIO io{kind, 1, static_cast<const uint16_t*>(x.untyped_data()),
+                    static_cast<const uint16_t*>(w.untyped_data()),
+                    low_y ? static_cast<uint16_t*>(y->untyped_data()) : nullptr, -1};
+  jaxconv::Call call{};
+  if (auto e = decode(attrs, call.geom); e.failure()) return e;
+  call.op = attrs.op;
+  // x and y come in their own ranks (a size-1 spatial dimension added in front of H would
+  // cost XLA a copy of x): the batch from the element counts.
+  const jaxconv::Geom& g = call.geom;
+  const int64_t px = g.n * g.sp[0] * g.sp[1] * g.sp[2] * g.c;
+  const int64_t py = g.n * g.os[0] * g.os[1] * g.os[2] * g.o;
+  call.batch = px > 0 ? int64_t(x.element_count()) / px
+               : py > 0 ? int64_t(y->element_count()) / py : 0;
+  call.out = low_y ? nullptr : static_cast<float*>(y->untyped_data());
+  call.low = &io;
+  call.par = {run_parallel, &pool};
+  call.params = jaxconv_tune::current_params().load(std::memory_order_acquire);
+  jaxconv_dispatch::FlushDenormals flush;
+  return finish(jaxconv_dispatch::run_kernels(call, false));
+}
+
 // The wide kernels (kernel_wide.h, kernel_wide_backward.h): built-in ops on float64 /
 // int32 / int64, by the instruction set the float32 kernels use.
 template <class A>
@@ -378,6 +411,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxconvForward, forward_impl,
                                   .Attrs<ForwardAttrs>()
                                   .Ctx<ffi::ThreadPool>());
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxconvLowForward, low_forward_impl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attrs<ForwardAttrs>()
+                                  .Ctx<ffi::ThreadPool>());
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxconvWideForward, wide_forward_impl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::AnyBuffer>()
@@ -435,6 +476,7 @@ NB_MODULE(_native, m) {
     nb::dict d;
     d["jaxconv_forward"] = nb::capsule(reinterpret_cast<void*>(JaxconvForward));
     d["jaxconv_wide_forward"] = nb::capsule(reinterpret_cast<void*>(JaxconvWideForward));
+    d["jaxconv_low_forward"] = nb::capsule(reinterpret_cast<void*>(JaxconvLowForward));
     d["jaxconv_wide_backward"] = nb::capsule(reinterpret_cast<void*>(JaxconvWideBackward));
     d["jaxconv_backward"] = nb::capsule(reinterpret_cast<void*>(JaxconvBackward));
     d["jaxconv_forward_record"] = nb::capsule(reinterpret_cast<void*>(JaxconvForwardRecord));

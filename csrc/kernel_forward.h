@@ -66,7 +66,7 @@ struct Centring {
 template <class Op, bool Safe, int TM = MR, int TV = NV, bool Bx = false>
 void fwd_tile(const Ctx& c, const float* xb, const float* wb, const float* pad,
               const float* panel, int64_t k0, int64_t k1, float* accs, float* yb, int64_t p,
-              int64_t grp, int64_t jb, const Centring* cen) {
+              int64_t grp, int64_t jb, const Centring* cen, uint16_t* y16b = nullptr) {
   constexpr int MR = TM, NV = TV, NR = TV * W;  // this tile's, in place of the default's
   using V = S::V;
   V acc[MR][NV];
@@ -177,6 +177,10 @@ void fwd_tile(const Ctx& c, const float* xb, const float* wb, const float* pad,
   }
   for (int r = 0; r < MR; ++r) {
     if (!live[r]) continue;
+    if (y16b) {  // bfloat16 / float16 results (kernel_bf16fuse_low.h)
+      store_low<NV>(c, y16b + (p + r) * c.O + o0, acc[r], nvalid);
+      continue;
+    }
     float* dst = yb + (p + r) * c.O + o0;
     if (nvalid == NR) {
       for (int v = 0; v < NV; ++v) S::store(dst + v * W, acc[r][v]);
@@ -252,6 +256,10 @@ Owned<float> key_copy(const Ctx& c) {
   constexpr int64_t kChunk = 1 << 16;
   auto conv = [&](int64_t it) {
     const int64_t a = it * kChunk, e = a + kChunk < total ? a + kChunk : total;
+    if (!call.x) {  // bfloat16 / float16 x (run_low, kernel_bf16fuse_low.h)
+      low_keys(call.low->kind, call.low->x16 + a, xkey + a, e - a);
+      return;
+    }
     int64_t j = a;
     for (; j + W <= e; j += W) S::store(xkey + j, data_key(S::load(call.x + j)));
     for (; j < e; ++j) xkey[j] = data_key(call.x[j]);
@@ -364,7 +372,8 @@ void forward_packed(Ctx& c) {
     const int64_t jb = blk % nJB, grp = (blk / nJB) % c.G, b = blk / (nJB * c.G);
     const float* xb = xsrc + b * c.x_bs;
     const float* wb = call.w + b * c.w_bs;
-    float* yb = call.out + b * c.y_bs;
+    uint16_t* y16b = call.low && call.low->y16 ? call.low->y16 + b * c.y_bs : nullptr;
+    float* yb = y16b ? nullptr : call.out + b * c.y_bs;
     Centring cen{};
     const float* pad = c.padrow;
     const float* shift = nullptr;
@@ -394,12 +403,12 @@ void forward_packed(Ctx& c) {
         if constexpr (Bc<Op>::kOn && !Safe) {
           if (c.prm.bcast != 0) {
             fwd_tile<Op, Safe, TM, TV, true>(c, xb, wb, pad, panel, k0, k1, acct, yb, tl * MR,
-                                             grp, jb, &cen);
+                                             grp, jb, &cen, y16b);
             continue;
           }
         }
         fwd_tile<Op, Safe, TM, TV>(c, xb, wb, pad, panel, k0, k1, acct, yb, tl * MR, grp, jb,
-                                   &cen);
+                                   &cen, y16b);
       }
     }
   };

@@ -50,6 +50,19 @@ struct Parallel {
   void* ctx;
 };
 
+// bfloat16 / float16 operands of a built-in op's forward (csrc/kernel_bf16fuse_low.h): x16
+// and w16 stand in for Call::x and Call::w, y16 (when not null) for Call::out. The kernels'
+// own call on the widened operands keeps x16 only where Call::x is null (integer keys made
+// from the low values).
+struct LowIO {
+  int64_t kind;     // 1: bfloat16, 2: float16
+  int64_t widen;    // 1: from the FFI, x and w not yet widened (run_low); 0: widened
+  const uint16_t* x16;
+  const uint16_t* w16;
+  uint16_t* y16;    // null: the result is float32, in Call::out
+  int64_t finite;   // -1: not known; else whether every x and w is finite (the kernels' scan)
+};
+
 struct Call {
   int64_t op;
   Geom geom;
@@ -66,6 +79,8 @@ struct Call {
   // Dense max/min winner masks (kernel_dense_record.h), (batch, P, O): the recording forward
   // writes them (-1: not recorded), the backward reads them; null in every other call.
   int32_t* rec;
+  // bfloat16 / float16 operands (the built-in ops' forward only), else null.
+  const LowIO* low;
 };
 
 }  // namespace jaxconv

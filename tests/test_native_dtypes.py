@@ -1,7 +1,8 @@
 """The native engine on bfloat16 and float16 operands (engines/native/engine.py, eligibility).
 
-The operands are converted to float32 next to the FFI call; max/min results are rounded once
-(bit for bit the XLA engine's products rounded in the dtype), sums accumulate in float32.
+Built-in kernels convert the operands inside the forward call (csrc/kernel_bf16fuse_low.h),
+user ops are converted next to it; max/min results are rounded once (bit for bit the XLA
+engine's products rounded in the dtype), sums accumulate in float32.
 References: the numpy plain loops of tests/reference.py and the XLA engine.
 """
 
@@ -72,7 +73,9 @@ CASES = [("max_plus", BF16), ("min_plus", F16), ("max_min", F16), ("min_max", BF
 @pytest.mark.parametrize("op,dtype", CASES)
 def test_values_and_gradients_against_reference_and_xla(op: Any, dtype: Any) -> None:
     x, w = _data(dtype)
-    assert "jaxconv_forward" in _conv(op, "auto").lower(x, w).as_text()  # served natively
+    # Served natively: built-in kernels take the operands' dtype, user ops float32 copies.
+    text = _conv(op, "auto").lower(x, w).as_text()
+    assert ("jaxconv_low_forward" if isinstance(op, str) else "jaxconv_forward") in text
     y = _conv(op, "native")(x, w)
     assert y.dtype == dtype
     with jax.numpy_rank_promotion("allow"):
@@ -329,7 +332,7 @@ def test_max_min_with_a_float32_result(op: str) -> None:
 
     y = f("native")(x, w)
     assert y.dtype == jnp.float32
-    assert "jaxconv_forward" in f("native").lower(x, w).as_text()
+    assert "jaxconv_low_forward" in f("native").lower(x, w).as_text()
     with jax.numpy_rank_promotion("allow"):
         np.testing.assert_array_equal(np.asarray(y), np.asarray(f("xla")(x, w)))
     np.testing.assert_array_equal(np.asarray(y), np.asarray(y.astype(BF16), np.float32))

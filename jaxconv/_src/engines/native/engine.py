@@ -1,16 +1,18 @@
 """The native engine on the core's protocol: the FFI calls (`ffi`) on the canonical problem,
 served where `eligibility.refusal` says so. Forward-mode tangents come from the XLA engine.
 
-bfloat16 and float16 operands are converted to float32 next to the call (XLA fuses the
-conversions) and run the float32 kernels: a sum's result is its float32 accumulator, a
-max/min op's is rounded once to the operands' dtype (bit for bit the XLA engine's, which
-`eligibility.rounds_once` checks for a user combine). The backward of a max/min op runs the
-wide backward on float32 copies, each product rounded to the operands' dtype before it is
-matched against y (its ties are those between the rounded products): a user op's through its
-combine compiled a second time for the wide kernels (`user_kernels.user_kernel(...,
-wide=True)`), or on the XLA engine where that library cannot be built. float64,
-int32 and int64 operands run the wide kernels, built-in ops and user ops alike (a user op's
-kernels compiled for the operands' dtype; float64 backward too; integers have no gradient).
+bfloat16 and float16 operands run the float32 kernels: the built-in kernels' forward takes
+them as they are and converts inside the call (`_low_in_call`), a user op's are converted
+to float32 next to the call (XLA fuses the conversions). A sum's result is its float32
+accumulator, a max/min op's is rounded once to the operands' dtype (bit for bit the XLA
+engine's, which `eligibility.rounds_once` checks for a user combine). The backward of a
+max/min op runs the wide backward on float32 copies, each product rounded to the operands'
+dtype before it is matched against y (its ties are those between the rounded products): a
+user op's through its combine compiled a second time for the wide kernels
+(`user_kernels.user_kernel(..., wide=True)`), or on the XLA engine where that library cannot
+be built. float64, int32 and int64 operands run the wide kernels, built-in ops and user ops
+alike (a user op's kernels compiled for the operands' dtype; float64 backward too; integers
+have no gradient).
 
 A user op's kernels compile when the engine first lowers it (never while planning). If that
 compile fails, the call still computes: under ``engine="auto"`` it warns once and lowers on
@@ -349,6 +351,12 @@ class NativeEngine(registry.Engine):
         if _wide(dtype):
             y = ffi._wide_forward_call(spec, x.reshape(spec.x_shape), w.reshape(spec.w_shape))
             return y.reshape(out_shape)
+        if _low(dtype) and _low_in_call(problem):
+            # Widened and rounded inside the call (csrc/kernel_bf16fuse_low.h): the same
+            # bits as the conversions below, without their passes over x and y.
+            keep = _winner(problem) or np.dtype(problem.acc_dtype) == np.dtype(dtype)
+            y = ffi._low_forward_call(spec, x, w, out_shape, dtype if keep else jnp.float32)
+            return y.reshape(out_shape).astype(problem.acc_dtype)
         if _low(dtype):
             x, w = x.astype(jnp.float32), w.astype(jnp.float32)
 
@@ -456,6 +464,20 @@ def _paired_adder(w_shape: tuple[int, ...]) -> bool:
         (True, False)
     """
     return w_shape[3] % ffi.pair_channels() == 0
+
+
+def _low_in_call(problem: Problem) -> bool:
+    """Whether a bfloat16 / float16 forward widens its operands and rounds its result inside
+    the call: a built-in kernel (not the exp-space ``log``) and a library that has the entry.
+
+    Args:
+        problem: the canonical problem (its twin already served).
+
+    Returns:
+        True for the in-call conversions.
+    """
+    return (ffi.kernel_id(problem.op) is not None and not _exp_space(problem)
+            and ffi.has_low_forward())
 
 
 def _exp_space(problem: Problem) -> bool:

@@ -25,6 +25,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import DTypeLike
 
 from jaxconv._src.core.algebra import Op
 from jaxconv._src.core.geometry import Geometry
@@ -47,6 +48,7 @@ KERNELS: dict[str, tuple[int, str]] = {
 _FORWARD = "jaxconv_forward"
 _BACKWARD = "jaxconv_backward"
 _WIDE_FORWARD = "jaxconv_wide_forward"
+_LOW_FORWARD = "jaxconv_low_forward"
 _WIDE_BACKWARD = "jaxconv_wide_backward"
 _FORWARD_RECORD = "jaxconv_forward_record"
 _BACKWARD_RECORDED = "jaxconv_backward_recorded"
@@ -152,6 +154,13 @@ def has_wide() -> bool:
     """Whether the loaded library has the wide kernels (float64 / int32 / int64 max/min)."""
     mod = _load()
     return mod is not None and _WIDE_FORWARD in mod.registrations()
+
+
+def has_low_forward() -> bool:
+    """Whether the loaded library has the forward that takes bfloat16 / float16 operands itself
+    (``csrc/kernel_bf16fuse_low.h``)."""
+    mod = _load()
+    return mod is not None and _LOW_FORWARD in mod.registrations()
 
 
 def has_wide_backward() -> bool:
@@ -371,6 +380,30 @@ def _wide_forward_call(spec: _Call, x: Array, w: Array) -> Array:
     """The wide kernels' forward: the result in the operands' dtype."""
     out = jax.ShapeDtypeStruct(spec.y_shape, x.dtype)
     return jax.ffi.ffi_call(_WIDE_FORWARD, out, vmap_method="broadcast_all")(
+        x, w, **spec.attrs())
+
+
+def _low_forward_call(spec: _Call, x: Array, w: Array, out_shape: tuple[int, ...],
+                      out_dtype: DTypeLike) -> Array:
+    """The built-in kernels' forward on bfloat16 / float16 operands, widened inside the call;
+    the result rounded to `out_dtype` (the operands' dtype) or kept in float32.
+
+    The operands keep their own shapes (the kernel reads the geometry from `spec` and the vmap
+    batch from the element counts): reshaping x to ``spec.x_shape``, whose added size-1
+    dimension XLA lays out apart, would cost a copy of x.
+
+    Args:
+        spec: the call's static description (a built-in op).
+        x: the input, bfloat16 or float16, ``spec.x_shape``'s elements in any shape.
+        w: the kernel, in x's dtype, likewise.
+        out_shape: the output's shape (``spec.y_shape``'s elements).
+        out_dtype: x's dtype, or float32.
+
+    Returns:
+        The output in `out_shape`: the float32 result, rounded once to `out_dtype`.
+    """
+    out = jax.ShapeDtypeStruct(out_shape, out_dtype)
+    return jax.ffi.ffi_call(_LOW_FORWARD, out, vmap_method="broadcast_all")(
         x, w, **spec.attrs())
 
 

@@ -1,0 +1,164 @@
+"""bfloat16 / float16 products against the same op in float32 (issue 22: bf16 at no more
+than its own float32 time), paired and interleaved in one process.
+
+Each round times, one after the other, the op in float32, in the low dtype, and (with
+``--old``) in the low dtype by the conversions XLA runs around the float32 call (the path
+before ``csrc/kernel_bf16fuse_low.h``), forward and forward+backward (``jax.grad`` of a sum of
+the float32-converted output, both gradients). Per row: the median over rounds of the
+per-round ratio to float32 (which cancels drift of a shared machine's load), the per-call
+minimum in ms, and the ratio of process CPU time (every thread, XLA's included).
+
+Example::
+
+    python -m benchmarks.low_own --layers A,E --ops max_plus,min_max --rounds 9 --old
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jaxconv
+from jaxconv._src.engines.native import engine as native_engine
+
+LAYERS = {"A": ((8, 32, 32, 64), (3, 3, 64, 64)), "E": ((256, 1024), (1024, 1024))}
+
+
+def product(layer: str, op: str) -> Callable[[Any, Any], Any]:
+    """The layer's product with `op` (a SAME 3x3 convolution, or a dense product).
+
+    Args:
+        layer: ``"A"`` or ``"E"``.
+        op: a built-in op's name.
+
+    Returns:
+        ``f(x, w)``.
+    """
+    if layer == "E":
+        return lambda x, w: jaxconv.dot_general(x, w, (((1,), (0,)), ((), ())), op=op)
+    dn = ("NHWC", "HWIO", "NHWC")
+    return lambda x, w: jaxconv.conv_general_dilated(x, w, (1, 1), "SAME",
+                                                     dimension_numbers=dn, op=op)
+
+
+def compiled(f: Callable, old: bool) -> tuple[Callable, Callable]:
+    """The jitted forward and forward+backward of `f`, traced with the in-call conversions
+    (or, with `old`, with XLA's conversions around the float32 call).
+
+    Args:
+        f: the product.
+        old: trace the route before the in-call conversions.
+
+    Returns:
+        ``(fwd, fwd_bwd)``.
+    """
+    fwd = jax.jit(f)
+    fb = jax.jit(jax.grad(lambda x, w: jnp.sum(f(x, w).astype(jnp.float32) * 1e-3),
+                          argnums=(0, 1)))
+    keep = native_engine._low_in_call
+    if old:
+        native_engine._low_in_call = lambda problem: False
+    try:
+        return fwd.lower(*_ARGS[id(f)]).compile(), fb.lower(*_ARGS[id(f)]).compile()
+    finally:
+        native_engine._low_in_call = keep
+
+
+_ARGS: dict[int, tuple[Any, Any]] = {}
+
+
+def timed(fn: Callable, args: tuple) -> tuple[float, float]:
+    """One call's wall and process CPU seconds.
+
+    Args:
+        fn: a compiled function.
+        args: its arguments.
+
+    Returns:
+        ``(wall, cpu)``.
+    """
+    c0, t0 = time.process_time(), time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
+def run(layers: list[str], ops: list[str], dtypes: list[str], rounds: int, old: bool) -> None:
+    """Times every (layer, op, dtype) row and prints it.
+
+    Args:
+        layers: layer names.
+        ops: built-in op names.
+        dtypes: ``"bfloat16"`` / ``"float16"``.
+        rounds: timed rounds.
+        old: also time the conversions around the float32 call.
+    """
+    print(f"# load {os.getloadavg()[0]:.1f}, threads "
+          f"{os.environ.get('JAXCONV_NATIVE_THREADS', 'all')}; ratios: median over rounds "
+          "of per-round ratios to the op in float32 (cpu: process CPU time ratio)")
+    k = jax.random.split(jax.random.PRNGKey(0), 2)
+    for layer in layers:
+        xs, ws = LAYERS[layer]
+        x32 = jax.random.normal(k[0], xs, jnp.float32)
+        w32 = jax.random.normal(k[1], ws, jnp.float32)
+        for op in ops:
+            for dt in dtypes:
+                kinds = {"f32": (x32, w32), "new": (x32.astype(dt), w32.astype(dt))}
+                if old:
+                    kinds["old"] = kinds["new"]
+                fns = {}
+                for name, args in kinds.items():
+                    g = product(layer, op)
+                    _ARGS[id(g)] = args
+                    fns[name] = compiled(g, name == "old")
+                    for fn in fns[name]:
+                        jax.block_until_ready(fn(*args))
+                res = {(n, j): [] for n in fns for j in (0, 1)}
+                for _ in range(rounds):
+                    for j in (0, 1):
+                        for name in fns:
+                            res[(name, j)].append(timed(fns[name][j], kinds[name]))
+                line = f"{layer} {op:9s} {dt:8s}"
+                for j, part in ((0, "fwd"), (1, "f+b")):
+                    base = np.array(res[("f32", j)])
+                    line += f" | {part} f32 {base[:, 0].min() * 1e3:6.2f}ms"
+                    for name in fns:
+                        if name == "f32":
+                            continue
+                        r = np.array(res[(name, j)])
+                        ratio = np.median(r[:, 0] / base[:, 0])
+                        cpu = r[:, 1].sum() / max(base[:, 1].sum(), 1e-9)
+                        line += (f" {name} {r[:, 0].min() * 1e3:6.2f}ms {ratio:.3f}x"
+                                 f" (cpu {cpu:.3f}x)")
+                print(line, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line (see the module's docstring).
+
+    Args:
+        argv: the arguments, ``sys.argv[1:]`` by default.
+
+    Returns:
+        The exit status.
+    """
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--layers", default="A")
+    p.add_argument("--ops", default="max_plus,min_plus,max_min,min_max,adder")
+    p.add_argument("--dtypes", default="bfloat16,float16")
+    p.add_argument("--rounds", type=int, default=9)
+    p.add_argument("--old", action="store_true", help="also time XLA's conversions route")
+    a = p.parse_args(argv)
+    run(a.layers.split(","), a.ops.split(","), a.dtypes.split(","), a.rounds, a.old)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
