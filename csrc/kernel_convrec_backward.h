@@ -112,6 +112,15 @@ bool convrec_backward(Ctx& c) {
     float* dxb = call.out + b * c.x_bs;
     int32_t* cb = c.code + b * c.y_bs;
     float* vb = c.dwv + b * c.y_bs;
+    // A unique winner's dx term waits in a register while the next winners are the same input
+    // element (a large x wins for many output channels): dx[pend] = ((dx[pend] + t1) + t2) ...,
+    // the general pass's sums in its order, without a store-to-load round trip per term.
+    int64_t pend = -1;
+    float pval = 0.0f;
+    auto flush = [&]() {
+      if (pend >= 0) dxb[pend] = pval;
+      pend = -1;
+    };
     for (int64_t jb = 0; jb < c.nJB; ++jb) {
       const int64_t ob = grp * Og + jb * NR;
       const int64_t oe = ob + (Og - jb * NR < NR ? Og - jb * NR : NR);
@@ -156,13 +165,20 @@ bool convrec_backward(Ctx& c) {
             if (toff >= 0) {
               const int64_t off = n * c.img + toff + grp * I + i;
               xv = xb[off];
-              dxb[off] += WinTerms<Op>::x(gv, xv, wk);
+              const float term = WinTerms<Op>::x(gv, xv, wk);
+              if (off != pend) {
+                flush();
+                pend = off;
+                pval = dxb[off];
+              }
+              pval += term;
             } else {
               xv = c.padrow[grp * I + i];  // a winner in the padding (cell()'s pad row)
             }
             vb[at] = WinTerms<Op>::w(gv, xv, wk);  // kernel_winner_terms.h
           } else {
             cb[at] = -1;
+            flush();  // the tie's terms go straight to dx
             const float share = gv / float(cnt);
             for (uint32_t m = mask; m; m &= m - 1) {
               const int64_t k0 = int64_t(__builtin_ctz(m)) * kb, k1 = k0 + kb < K ? k0 + kb : K;
@@ -182,6 +198,7 @@ bool convrec_backward(Ctx& c) {
         }
       }
     }
+    flush();
   };
   parallel(c, call.batch * runs * c.G, pass1);
   win_route_dw<Op>(c, false);

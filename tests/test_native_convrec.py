@@ -66,20 +66,16 @@ def _vjp(f, x, w, ct):
     return (y, *vjp(ct))
 
 
-# A covering set: each op on three geometries, each geometry and data kind at least once.
+# A covering set: each op on two geometries, each geometry and data kind at least once.
 CASES = [
-    ("max_plus", "same", "ties"),
     ("max_plus", "groups", "distinct"),
     ("max_plus", "pointwise", "nonfinite"),
     ("min_plus", "strided", "distinct"),
-    ("min_plus", "transposed", "ties"),
-    ("min_plus", "pointwise", "zeros"),
+    ("min_plus", "transposed", "zeros"),
     ("max_min", "groups", "zeros"),
-    ("max_min", "same", "distinct"),
     ("max_min", "transposed", "ties"),
     ("min_max", "strided", "ties"),
     ("min_max", "same", "zeros"),
-    ("min_max", "groups", "ties"),
 ]
 
 
@@ -96,7 +92,7 @@ def test_recorded_conv_backward_has_the_rescans_bits(monkeypatch, name, geom, ki
     want = jax.jit(lambda a, b: _vjp(f, a, b, ct))(x, w)
     for a, b in zip(got, want, strict=True):
         np.testing.assert_array_equal(np.asarray(a).view(np.int32), np.asarray(b).view(np.int32))
-    ref = _vjp(_conv(name, geom, "xla"), x, w, ct)
+    ref = jax.jit(lambda a, b: _vjp(_conv(name, geom, "xla"), a, b, ct))(x, w)
     for a, b in zip(got, ref, strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
 
@@ -156,3 +152,10 @@ def test_recorded_masks_and_tie_split_follow_the_rule(name):
     rdw = pw.sum(axis=(0, 1, 2))
     np.testing.assert_allclose(np.asarray(dx).ravel(), rdx, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(dw).reshape(rdw.shape), rdw, rtol=1e-5, atol=1e-5)
+
+
+def test_explain_says_what_the_backward_does():
+    """`explain` names the recording forward and the backward that scans the marked blocks."""
+    text = str(jaxconv.explain("max_min", platform="cpu"))
+    assert "records, per output, which blocks of 64 kernel rows" in text
+    assert "compares only those blocks' products" in text
