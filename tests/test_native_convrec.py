@@ -5,7 +5,7 @@ Under a gradient the native engine's forward keeps, per output, which blocks of 
 hold its winners, and the backward compares only those blocks' products with y. Checked: the
 masks against numpy (the blocks holding a product equal to y), the gradients bit for bit
 against the backward that rescans every window (recording off), against the tie rule written
-out in numpy, and against the XLA engine.
+out in numpy, and (non-finite data) against the XLA engine.
 """
 
 from __future__ import annotations
@@ -82,7 +82,8 @@ CASES = [
 @pytest.mark.parametrize("name,geom,kind", CASES)
 def test_recorded_conv_backward_has_the_rescans_bits(monkeypatch, name, geom, kind):
     """y, dx and dw with the record equal the full rescan's bit for bit (zero signs and NaNs
-    included), and the XLA engine's (which finds winners by index) to rounding."""
+    included); with a NaN and infinities (nothing recorded) also the XLA engine's, which finds
+    winners by index. (The XLA engine's convolution compiles for seconds: one case.)"""
     x, w = _data(kind, *GEOMS[geom][:2])
     f = _conv(name, geom)
     ct = np.random.default_rng(1).standard_normal(jax.eval_shape(f, x, w).shape)
@@ -92,6 +93,8 @@ def test_recorded_conv_backward_has_the_rescans_bits(monkeypatch, name, geom, ki
     want = jax.jit(lambda a, b: _vjp(f, a, b, ct))(x, w)
     for a, b in zip(got, want, strict=True):
         np.testing.assert_array_equal(np.asarray(a).view(np.int32), np.asarray(b).view(np.int32))
+    if kind != "nonfinite":
+        return
     ref = jax.jit(lambda a, b: _vjp(_conv(name, geom, "xla"), a, b, ct))(x, w)
     for a, b in zip(got, ref, strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
