@@ -7,7 +7,11 @@
 // so a 2-row tile). Measured on Zen 4 (AVX-512, per output vector and tap): plain forward
 // 0.37 ns, this scan 0.54 ns, forward with first + last index 1.03 ns: recording costs as
 // much as the forward plus the scan, and adds an int32 output. (First index only, ties
-// ignored: 0.66 ns.)
+// ignored: 0.66 ns.) What the forward can afford is a mask of blocks of 64 taps: under a
+// derivative, float32 max_plus / min_plus / max_min / min_max record one (one store per
+// accumulator and block) and their backward scans only the marked blocks
+// (kernel_convrec_*.h, kernel_dense_*.h); this scan serves the rest (other ops, non-finite
+// data, small windows, no derivative recorded).
 //
 // Part of the kernel template: included by kernels.inc inside its anonymous namespace
 // (once per instruction set), never on its own.

@@ -170,7 +170,8 @@ class NativeEngine(registry.Engine):
     def backward_recorded(self, problem: Problem, x: Array, w: Array, y: Array,
                           record: Array, g: Array, need: tuple[bool, bool]
                           ) -> tuple[Array, Array]:
-        """The backward kernel given the recording forward's masks (no marking pass)."""
+        """The backward kernel given the recording forward's masks: a dense product skips its
+        marking pass, a convolution scans only each output's marked blocks."""
         if not (self.records_winners(problem, "cpu") and _records_shapes(x.shape, w.shape)):
             return self.backward(problem, x, w, y, g, need)
         spec = self._spec(problem, x, w)
