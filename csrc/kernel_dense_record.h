@@ -17,33 +17,15 @@
 // (once per instruction set), after kernel_dense_backward.h, never on its own.
 #pragma once
 
-// Rows p .. p + MR - 1 of block (b, grp, jb): their y and masks (`rb`: the batch entry's).
-// Each block's reduce is stored (one store per accumulator and block, the only cost in the
-// loop over blocks); the tile's end takes y as their reduce and sets the bits of the blocks
-// equal to it (pass A's compare, on results held in L1). A keyed Op (`xb` and `panel` hold
-// keys) reduces keys as the keyed forward does, and compares the blocks' results as floats:
-// a block whose result is -0 holds a product equal to a +0 y under the backward's float
-// compare, so it is marked too (a mask may name a block with no winner: the backward's scan
-// of it finds nothing).
-template <class Op, bool Bx = false>
-void dense_record_tile(const Ctx& c, const float* xb, const float* wb, const float* panel,
-                       float* yb, int32_t* rb, int64_t p, int64_t grp, int64_t jb, int64_t kb) {
+// The end of a recording tile (rows p .. p + MR - 1, output channels o0 .. o0 + nvalid - 1):
+// y, the reduce of the nb block results in `blk`, and the mask of the blocks equal to it,
+// written to yb and rb (`xb`: the floats of x, for the sign of a zero when Op is not keyed).
+template <class Op>
+void record_tile_end(const Ctx& c, const float (*blk)[MR * NR], int64_t nb,
+                     const TileRows<MR>& rows, const float* xb, const float* wb, float* yb,
+                     int32_t* rb, int64_t p, int64_t o0, int64_t nvalid) {
   using V = S::V;
   constexpr bool kKey = keyed<Op>();
-  const TileRows<MR> rows(c, p);
-  const int64_t o0 = grp * c.Og + jb * NR;
-  const int64_t nvalid = c.Og - jb * NR < NR ? c.Og - jb * NR : NR;
-  const int64_t nb = (c.K + kb - 1) / kb;  // <= kMaxBlocks
-  alignas(64) float blk[kMaxBlocks][MR * NR];
-  const float* xr[MR];
-  for (int r = 0; r < MR; ++r) xr[r] = xb + (rows.live[r] ? p + r : 0) * c.img + grp * c.I;
-  for (int64_t j = 0; j < nb; ++j) {
-    const int64_t k0 = j * kb, k1 = k0 + kb < c.K ? k0 + kb : c.K;
-    V acc[MR][NV];
-    block_reduce<Op, Bx>(panel, xr, k0, k1, acc);
-    for (int r = 0; r < MR; ++r)
-      for (int v = 0; v < NV; ++v) S::store(blk[j] + r * NR + v * W, acc[r][v]);
-  }
   alignas(64) float ys[MR * NR], cd[MR * NR];
   // Finite inputs: no NaN, so "equal to y" is exact. (The key map is its own inverse.)
   for (int64_t q = 0; q < MR * NR; q += W) {
@@ -72,6 +54,35 @@ void dense_record_tile(const Ctx& c, const float* xb, const float* wb, const flo
     std::memcpy(yb + (p + r) * c.O + o0, ys + r * NR, sizeof(float) * nvalid);
     for (int64_t l = 0; l < nvalid; ++l) rb[(p + r) * c.O + o0 + l] = int32_t(cd[r * NR + l]);
   }
+}
+
+// Rows p .. p + MR - 1 of block (b, grp, jb): their y and masks (`rb`: the batch entry's).
+// Each block's reduce is stored (one store per accumulator and block, the only cost in the
+// loop over blocks); the tile's end takes y as their reduce and sets the bits of the blocks
+// equal to it (pass A's compare, on results held in L1). A keyed Op (`xb` and `panel` hold
+// keys) reduces keys as the keyed forward does, and compares the blocks' results as floats:
+// a block whose result is -0 holds a product equal to a +0 y under the backward's float
+// compare, so it is marked too (a mask may name a block with no winner: the backward's scan
+// of it finds nothing).
+template <class Op, bool Bx = false>
+void dense_record_tile(const Ctx& c, const float* xb, const float* wb, const float* panel,
+                       float* yb, int32_t* rb, int64_t p, int64_t grp, int64_t jb, int64_t kb) {
+  using V = S::V;
+  const TileRows<MR> rows(c, p);
+  const int64_t o0 = grp * c.Og + jb * NR;
+  const int64_t nvalid = c.Og - jb * NR < NR ? c.Og - jb * NR : NR;
+  const int64_t nb = (c.K + kb - 1) / kb;  // <= kMaxBlocks
+  alignas(64) float blk[kMaxBlocks][MR * NR];
+  const float* xr[MR];
+  for (int r = 0; r < MR; ++r) xr[r] = xb + (rows.live[r] ? p + r : 0) * c.img + grp * c.I;
+  for (int64_t j = 0; j < nb; ++j) {
+    const int64_t k0 = j * kb, k1 = k0 + kb < c.K ? k0 + kb : c.K;
+    V acc[MR][NV];
+    block_reduce<Op, Bx>(panel, xr, k0, k1, acc);
+    for (int r = 0; r < MR; ++r)
+      for (int v = 0; v < NV; ++v) S::store(blk[j] + r * NR + v * W, acc[r][v]);
+  }
+  record_tile_end<Op>(c, blk, nb, rows, xb, wb, yb, rb, p, o0, nvalid);
 }
 
 // The recording forward's tiles with the tile op Op (a keyed one reads copies of x and of

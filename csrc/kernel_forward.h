@@ -61,33 +61,23 @@ struct Centring {
   float padsum;       // this batch entry's and group's pad row
 };
 
-// TM x TV: the register tile (rows x vectors), the instruction set's or kernel_variants.h's.
-// Bx: the combine reads x itself (kernel_bcast.h's row_step, the `bcast` parameter).
-template <class Op, bool Safe, int TM = MR, int TV = NV, bool Bx = false>
-void fwd_tile(const Ctx& c, const float* xb, const float* wb, const float* pad,
-              const float* panel, int64_t k0, int64_t k1, float* accs, float* yb, int64_t p,
-              int64_t grp, int64_t jb, const Centring* cen, uint16_t* y16b = nullptr) {
+// Kernel rows k0 .. k1 - 1 of the tile's rows combined into acc (the forward tile's loop over
+// taps; `wk0` is the packed panel's row k0). Always inlined, so that acc stays in registers as
+// in the tile it serves (fwd_tile's, the recording forward's blocks: kernel_convrec_forward.h).
+template <class Op, bool Safe, int TM, int TV, bool Bx>
+__attribute__((always_inline)) inline void tile_taps(const Ctx& c, const float* xb,
+                                                     const float* pad, const float* wk0,
+                                                     int64_t k0, int64_t k1,
+                                                     const TileRows<TM>& rows, int64_t grp,
+                                                     S::V (&acc)[TM][TV]) {
   constexpr int MR = TM, NV = TV, NR = TV * W;  // this tile's, in place of the default's
   using V = S::V;
-  V acc[MR][NV];
-  if (k0 == 0) {
-    for (int r = 0; r < MR; ++r)
-      for (int v = 0; v < NV; ++v) acc[r][v] = S::set1(Op::ident());
-  } else {
-    for (int r = 0; r < MR; ++r)
-      for (int v = 0; v < NV; ++v) acc[r][v] = S::load(accs + (r * NV + v) * W);
-  }
-  const TileRows<MR> rows(c, p);
   const int64_t (&nimg)[MR] = rows.nimg;
   const int64_t (&osi)[MR] = rows.osi;
   const bool (&live)[MR] = rows.live;
   const int64_t I = c.I;
   // Finite max/min: the pad row holds the reduce's identity, whose products are dominated.
   const bool has_pad = c.g.has_pad != 0 || (Op::kReduce != 0 && Op::kDominated && !Safe);
-  const int64_t o0 = grp * c.Og + jb * NR;
-  const int64_t nvalid = c.Og - jb * NR < NR ? c.Og - jb * NR : NR;
-  // The output rows' lines, asked for now (kernel_afwd_outfetch.h).
-  if (k1 == c.K) prefetch_rows<MR>(yb + p * c.O + o0, c.O, nvalid, live);
   for (int64_t t = k0 / I; t * I < k1; ++t) {
     const int64_t ia = k0 > t * I ? k0 - t * I : 0;
     const int64_t ie = k1 - t * I < I ? k1 - t * I : I;
@@ -106,7 +96,7 @@ void fwd_tile(const Ctx& c, const float* xb, const float* wb, const float* pad,
       }
       skip_any |= !keep[r];
     }
-    const float* wt = panel + (t * I + ia - k0) * NR;
+    const float* wt = wk0 + (t * I + ia - k0) * NR;
     if (!skip_any) {
       for (int64_t i = 0; i < ni; ++i) {
         V wv[NV];
@@ -128,6 +118,33 @@ void fwd_tile(const Ctx& c, const float* xb, const float* wb, const float* pad,
       }
     }
   }
+}
+
+// TM x TV: the register tile (rows x vectors), the instruction set's or kernel_variants.h's.
+// Bx: the combine reads x itself (kernel_bcast.h's row_step, the `bcast` parameter).
+template <class Op, bool Safe, int TM = MR, int TV = NV, bool Bx = false>
+void fwd_tile(const Ctx& c, const float* xb, const float* wb, const float* pad,
+              const float* panel, int64_t k0, int64_t k1, float* accs, float* yb, int64_t p,
+              int64_t grp, int64_t jb, const Centring* cen, uint16_t* y16b = nullptr) {
+  constexpr int MR = TM, NV = TV, NR = TV * W;  // this tile's, in place of the default's
+  using V = S::V;
+  V acc[MR][NV];
+  if (k0 == 0) {
+    for (int r = 0; r < MR; ++r)
+      for (int v = 0; v < NV; ++v) acc[r][v] = S::set1(Op::ident());
+  } else {
+    for (int r = 0; r < MR; ++r)
+      for (int v = 0; v < NV; ++v) acc[r][v] = S::load(accs + (r * NV + v) * W);
+  }
+  const TileRows<MR> rows(c, p);
+  const int64_t (&nimg)[MR] = rows.nimg;
+  const int64_t (&osi)[MR] = rows.osi;
+  const bool (&live)[MR] = rows.live;
+  const int64_t o0 = grp * c.Og + jb * NR;
+  const int64_t nvalid = c.Og - jb * NR < NR ? c.Og - jb * NR : NR;
+  // The output rows' lines, asked for now (kernel_afwd_outfetch.h).
+  if (k1 == c.K && yb) prefetch_rows<MR>(yb + p * c.O + o0, c.O, nvalid, live);
+  tile_taps<Op, Safe, TM, TV, Bx>(c, xb, pad, panel, k0, k1, rows, grp, acc);
   if (k1 < c.K) {
     for (int r = 0; r < MR; ++r)
       for (int v = 0; v < NV; ++v) S::store(accs + (r * NV + v) * W, acc[r][v]);

@@ -7,7 +7,11 @@
 // so a 2-row tile). Measured on Zen 4 (AVX-512, per output vector and tap): plain forward
 // 0.37 ns, this scan 0.54 ns, forward with first + last index 1.03 ns: recording costs as
 // much as the forward plus the scan, and adds an int32 output. (First index only, ties
-// ignored: 0.66 ns.)
+// ignored: 0.66 ns.) What the forward can afford is a mask of blocks of 64 taps: under a
+// derivative, float32 max_plus / min_plus / max_min / min_max record one (one store per
+// accumulator and block) and their backward scans only the marked blocks
+// (kernel_convrec_*.h, kernel_dense_*.h); this scan serves the rest (other ops, non-finite
+// data, small windows, no derivative recorded).
 //
 // Part of the kernel template: included by kernels.inc inside its anonymous namespace
 // (once per instruction set), never on its own.
@@ -157,6 +161,78 @@ void win_scan(const Ctx& c, A... a) {
   win_scan_rows<Op, R, false>(c, a...);
 }
 
+// Pass 2 of the winner backward, per block of output channels (it owns those kernel columns):
+// route dw from each output's code and term (c.code, c.dwv), ties recounted over the window
+// (`keys`: c.wpack holds integer keys), summed in a contiguous (K, kCols) block (the kernel's
+// rows are O apart: a column walk thrashes the caches) and copied out. Kernel values come
+// from the packed blocks for the same reason.
+template <class Op>
+void win_route_dw(Ctx& c, bool keys) {
+  const jaxconv::Call& call = *c.call;
+  const int64_t I = c.I, O = c.O, Og = c.Og, T = c.T;
+  // With many output channels a block is 64 wide: the code, term and dw rows are O apart, and
+  // 16-wide blocks read and write one 64-byte piece per row (a page apart at O = 1024).
+  constexpr int64_t kMaxCols = 64;
+  const int64_t kCols = O >= 256 ? kMaxCols : 16;
+  const int64_t ncb = (O + kCols - 1) / kCols;
+  std::atomic<bool> failed{false};
+  auto pass2 = [&](int64_t it) {
+    const int64_t b = it / ncb, o0 = (it % ncb) * kCols;
+    const int64_t o1 = o0 + kCols < O ? o0 + kCols : O;
+    const float* xb = call.x + b * c.x_bs;
+    const float* yb = call.y + b * c.y_bs;
+    const float* gb = call.g + b * c.y_bs;
+    float* dwb = call.out2 + b * c.w_bs;
+    const int32_t* cb = c.code + b * c.y_bs;
+    const float* vb = c.dwv + b * c.y_bs;
+    const Owned<float> owned = allocate<float>(c.K * kCols);
+    float* acc = owned.get();
+    if (acc) std::memset(acc, 0, sizeof(float) * size_t(c.K) * kCols);
+    if (!acc) {
+      failed.store(true, std::memory_order_relaxed);
+      return;
+    }
+    const float* cols[kMaxCols];
+    for (int64_t o = o0; o < o1; ++o) {
+      const int64_t og = o % Og;
+      cols[o - o0] =
+          c.wpack + ((b * c.G + o / Og) * c.nJB + og / NR) * c.K * NR + og % NR;
+    }
+    for (int64_t p = 0; p < c.P; ++p) {
+      const int64_t n = p / c.OS, osi = p % c.OS;
+      for (int64_t o = o0; o < o1; ++o) {
+        const int32_t k = cb[p * O + o];
+        if (k == -2) continue;
+        float* ac = acc + (o - o0);
+        if (k >= 0) {
+          ac[k * kCols] += vb[p * O + o];
+        } else {
+          const int64_t grp = o / Og;
+          const float gv = gb[p * O + o];
+          const float* col = cols[o - o0];
+          const float yv = yb[p * O + o];
+          const float share =
+              gv / float(count_ties<Op>(c, xb, col, keys, n, osi, grp, yv));
+          for (int64_t t = 0; t < T; ++t) {
+            const float* xr = cell(c, xb, n, osi, t, grp);
+            if (!xr) continue;
+            for (int64_t i = 0; i < I; ++i) {
+              const int64_t kk = t * I + i;
+              const float wv = wcol_at(col, kk, keys);
+              if (Op::template comb<Sc>(xr[i], wv) == yv)
+                ac[kk * kCols] += share * Op::template dcw<Sc>(xr[i], wv);
+            }
+          }
+        }
+      }
+    }
+    for (int64_t k = 0; k < c.K; ++k)
+      std::memcpy(dwb + k * O + o0, acc + k * kCols, sizeof(float) * (o1 - o0));
+  };
+  parallel(c, call.batch * ncb, pass2);
+  if (failed.load()) c.failed = true;
+}
+
 template <class Op>
 void win_backward(Ctx& c) {
   if (dense_win_backward<Op>(c)) return;  // dense products: kernel_dense_backward.h
@@ -304,68 +380,5 @@ void win_backward(Ctx& c) {
   parallel(c, call.batch * runs * c.G, pass1);
   xkey.reset();
   padkey_owned.reset();
-  // Pass 2, per block of output channels (it owns those kernel columns): route dw, summed in a
-  // contiguous (K, kCols) block (the kernel's rows are O apart: a column walk thrashes the
-  // caches) and copied out. Kernel values come from the packed blocks for the same reason.
-  // With many output channels a block is 64 wide: the code, term and dw rows are O apart, and
-  // 16-wide blocks read and write one 64-byte piece per row (a page apart at O = 1024).
-  constexpr int64_t kMaxCols = 64;
-  const int64_t kCols = O >= 256 ? kMaxCols : 16;
-  const int64_t ncb = (O + kCols - 1) / kCols;
-  std::atomic<bool> failed{false};
-  auto pass2 = [&](int64_t it) {
-    const int64_t b = it / ncb, o0 = (it % ncb) * kCols;
-    const int64_t o1 = o0 + kCols < O ? o0 + kCols : O;
-    const float* xb = call.x + b * c.x_bs;
-    const float* yb = call.y + b * c.y_bs;
-    const float* gb = call.g + b * c.y_bs;
-    float* dwb = call.out2 + b * c.w_bs;
-    const int32_t* cb = c.code + b * c.y_bs;
-    const float* vb = c.dwv + b * c.y_bs;
-    const Owned<float> owned = allocate<float>(c.K * kCols);
-    float* acc = owned.get();
-    if (acc) std::memset(acc, 0, sizeof(float) * size_t(c.K) * kCols);
-    if (!acc) {
-      failed.store(true, std::memory_order_relaxed);
-      return;
-    }
-    const float* cols[kMaxCols];
-    for (int64_t o = o0; o < o1; ++o) {
-      const int64_t og = o % Og;
-      cols[o - o0] =
-          c.wpack + ((b * c.G + o / Og) * c.nJB + og / NR) * c.K * NR + og % NR;
-    }
-    for (int64_t p = 0; p < c.P; ++p) {
-      const int64_t n = p / c.OS, osi = p % c.OS;
-      for (int64_t o = o0; o < o1; ++o) {
-        const int32_t k = cb[p * O + o];
-        if (k == -2) continue;
-        float* ac = acc + (o - o0);
-        if (k >= 0) {
-          ac[k * kCols] += vb[p * O + o];
-        } else {
-          const int64_t grp = o / Og;
-          const float gv = gb[p * O + o];
-          const float* col = cols[o - o0];
-          const float yv = yb[p * O + o];
-          const float share =
-              gv / float(count_ties<Op>(c, xb, col, kKey, n, osi, grp, yv));
-          for (int64_t t = 0; t < T; ++t) {
-            const float* xr = cell(c, xb, n, osi, t, grp);
-            if (!xr) continue;
-            for (int64_t i = 0; i < I; ++i) {
-              const int64_t kk = t * I + i;
-              const float wv = wcol_at(col, kk, kKey);
-              if (Op::template comb<Sc>(xr[i], wv) == yv)
-                ac[kk * kCols] += share * Op::template dcw<Sc>(xr[i], wv);
-            }
-          }
-        }
-      }
-    }
-    for (int64_t k = 0; k < c.K; ++k)
-      std::memcpy(dwb + k * O + o0, acc + k * kCols, sizeof(float) * (o1 - o0));
-  };
-  parallel(c, call.batch * ncb, pass2);
-  if (failed.load()) c.failed = true;
+  win_route_dw<Op>(c, kKey);
 }

@@ -150,18 +150,18 @@ class NativeEngine(registry.Engine):
         return self._fallback(served, served.dtype or served.acc_dtype) is None
 
     def records_winners(self, problem: Problem, platform: str) -> bool:
-        """Dense float32 max / min products: the recording forward keeps, per output, the
-        kernel-row blocks holding its winners (``csrc/kernel_dense_record.h``), and the
-        backward scans only those. (The kernels decide the rest at run time: finite data,
-        more than 64 kernel rows, else nothing is recorded and the backward rescans.)"""
-        geom = problem.geom
+        """float32 max / min products (dense or convolutions): the recording forward keeps, per
+        output, the blocks of 64 kernel rows holding its winners
+        (``csrc/kernel_dense_record.h``, ``kernel_convrec_forward.h``), and the backward scans
+        only those. (Shapes decide the rest in `forward_recording`, the kernels at run time:
+        finite data, more than 64 kernel rows, not depthwise; else the record says "not
+        recorded" and the backward rescans.)"""
         return (platform == "cpu" and problem.dtype is not None
-                and _records_op(problem, problem.dtype)
-                and all(k == 1 for k in geom.window) and all(s == 1 for s in geom.out_spatial))
+                and _records_op(problem, problem.dtype))
 
     def forward_recording(self, problem: Problem, x: Array, w: Array) -> tuple[Array, Array]:
         """The recording forward (`records_winners`): ``y`` and the int32 block masks."""
-        if not self.records_winners(problem, "cpu"):
+        if not (self.records_winners(problem, "cpu") and _records_shapes(x.shape, w.shape)):
             return super().forward_recording(problem, x, w)
         spec = self._spec(problem, x, w)
         out_shape = (x.shape[0], *problem.geom.out_spatial, w.shape[-1])
@@ -172,8 +172,9 @@ class NativeEngine(registry.Engine):
     def backward_recorded(self, problem: Problem, x: Array, w: Array, y: Array,
                           record: Array, g: Array, need: tuple[bool, bool]
                           ) -> tuple[Array, Array]:
-        """The backward kernel given the recording forward's masks (no marking pass)."""
-        if not self.records_winners(problem, "cpu"):
+        """The backward kernel given the recording forward's masks: a dense product skips its
+        marking pass, a convolution scans only each output's marked blocks."""
+        if not (self.records_winners(problem, "cpu") and _records_shapes(x.shape, w.shape)):
             return self.backward(problem, x, w, y, g, need)
         spec = self._spec(problem, x, w)
         gx, gw = ffi._backward_recorded_call(
@@ -226,10 +227,12 @@ class NativeEngine(registry.Engine):
                         "convolution: the kernel (one pass, a running maximum) takes the "
                         "calls that exp space would not compute exactly (a spread beyond ~80, "
                         "an all -inf window, NaN or +inf)", _tuning_line(), *low)
-            rec = (("dense products (one tap, one output position): under a derivative the "
-                    "forward records each output's blocks of 64 kernel rows holding its "
-                    "winners (finite data, more than 64 rows), and the backward scans only "
-                    "those",) if _records_op(problem, dtype) else ())
+            rec = (("under a derivative the forward records, per output, which blocks of 64 "
+                    "kernel rows (on a convolution: a tap's input channels, taps in order) "
+                    "hold its winners (finite data, more than 64 rows, not depthwise), and "
+                    "the backward compares only those blocks' products with the result to "
+                    "find the winners (ties split equally); otherwise the backward rescans "
+                    "every output's window",) if _records_op(problem, dtype) else ())
             return (f"built-in kernel {op.native!r} ({ffi.isa()})", _tuning_line(), *rec, *low)
         kernel = user_kernels.user_kernel(op)
         if isinstance(kernel, Refusal):
@@ -446,6 +449,26 @@ def _records_op(problem: Problem, dtype: DTypeLike) -> bool:
             and ffi.kernel_id(op) is not None
             and np.dtype(dtype) == np.float32 and op.pad_value is None
             and ffi.has_recording())
+
+
+def _records_shapes(x_shape: tuple[int, ...], w_shape: tuple[int, ...]) -> bool:
+    """Whether the recording forward's kernels record for these canonical shapes: more than
+    one block of 64 kernel rows, not depthwise (the kernels then decide by the data: finite).
+
+    Args:
+        x_shape: the input's shape, ``(N, *spatial, C)``.
+        w_shape: the kernel's shape, ``(*window, I, O)``.
+
+    Returns:
+        True when a record is worth its memory (an int32 per output).
+
+    Example:
+        >>> _records_shapes((8, 32, 32, 64), (3, 3, 64, 64)), _records_shapes((8, 5), (5, 9))
+        (True, False)
+    """
+    rows = int(np.prod(w_shape[:-1]))
+    groups = x_shape[-1] // w_shape[-2] if w_shape[-2] else 1
+    return rows > 64 and not (w_shape[-2] == 1 and w_shape[-1] == groups)
 
 
 def _paired_adder(w_shape: tuple[int, ...]) -> bool:
