@@ -151,7 +151,9 @@ class NativeEngine(registry.Engine):
         """Dense float32 max / min products: the recording forward keeps, per output, the
         kernel-row blocks holding its winners (``csrc/kernel_dense_record.h``), and the
         backward scans only those. (The kernels decide the rest at run time: finite data,
-        more than 64 kernel rows, else nothing is recorded and the backward rescans.)"""
+        more than 64 kernel rows, else nothing is recorded and the backward rescans.) A user
+        op served by a built-in's kernels (`twins.served`) records as the built-in does."""
+        problem = twins.served(problem)
         geom = problem.geom
         return (platform == "cpu" and problem.dtype is not None
                 and _records_op(problem, problem.dtype)
@@ -159,6 +161,7 @@ class NativeEngine(registry.Engine):
 
     def forward_recording(self, problem: Problem, x: Array, w: Array) -> tuple[Array, Array]:
         """The recording forward (`records_winners`): ``y`` and the int32 block masks."""
+        problem = twins.served(problem)
         if not self.records_winners(problem, "cpu"):
             return super().forward_recording(problem, x, w)
         spec = self._spec(problem, x, w)
@@ -171,6 +174,7 @@ class NativeEngine(registry.Engine):
                           record: Array, g: Array, need: tuple[bool, bool]
                           ) -> tuple[Array, Array]:
         """The backward kernel given the recording forward's masks (no marking pass)."""
+        problem = twins.served(problem)
         if not self.records_winners(problem, "cpu"):
             return self.backward(problem, x, w, y, g, need)
         spec = self._spec(problem, x, w)
@@ -423,7 +427,8 @@ class NativeEngine(registry.Engine):
 
 def _records_op(problem: Problem, dtype: DTypeLike) -> bool:
     """Whether the op and dtype have the recording forward (`NativeEngine.records_winners`,
-    geometry aside): built-in max_plus / min_plus / max_min / min_max on float32, identity
+    geometry aside): built-in max_plus / min_plus / max_min / min_max (and the kernels of
+    ``x - w`` under max / min, `twins.builtin_twin`) on float32, identity
     padding, a library that has it.
 
     Args:
@@ -434,7 +439,8 @@ def _records_op(problem: Problem, dtype: DTypeLike) -> bool:
         True when the op and dtype have it.
     """
     op = problem.op
-    return (op.native in ("max_plus", "min_plus", "max_min", "min_max")
+    return (op.native in ("max_plus", "min_plus", "max_min", "min_max", "max_minus",
+                          "min_minus")
             and ffi.kernel_id(op) is not None
             and np.dtype(dtype) == np.float32 and op.pad_value is None
             and ffi.has_recording())
