@@ -26,7 +26,9 @@ struct Geom {
   X(kAdder, Adder, "adder", "sum")         \
   X(kL1, L1, "l1", "sum")                  \
   X(kL2, L2, "l2_exact", "sum")            \
-  X(kLog, LogPlus, "log", "logsumexp")
+  X(kLog, LogPlus, "log", "logsumexp")     \
+  X(kMaxMinus, MaxMinus, "max_minus", "max") \
+  X(kMinMinus, MinMinus, "min_minus", "min")
 
 #define JAXCONV_OP_ENUMERATOR(e, functor, name, reduce) e,
 enum OpId : int64_t { JAXCONV_BUILTIN_OPS(JAXCONV_OP_ENUMERATOR) kNumBuiltinOps };

@@ -285,3 +285,61 @@ def test_dense_l1_backward_over_row_super_blocks():
                                atol=1e-5)
     np.testing.assert_allclose(np.asarray(dw), -np.einsum("po,pko->ko", ct, s), rtol=1e-5,
                                atol=1e-5)
+
+
+# x - w under max / min (csrc/kernel_dense_minus.h, native/twins.py): the difference kernels
+# serve a user op written as x - w, as the dense recording forward and its blocked backward.
+# Covering set: both reduces, the four kinds of data, and a monotone map after the reduce.
+@pytest.mark.parametrize("reduce, kind, outer", [("max", "distinct", False),
+                                                 ("min", "ties", False),
+                                                 ("max", "zeros", False),
+                                                 ("min", "nonfinite", False),
+                                                 ("max", "ties", True)])
+def test_difference_kernels_are_the_sum_kernels_on_the_negated_kernel(reduce, kind, outer):
+    """``x - w`` runs the kernels of ``x - w`` (no negated copy of the kernel), and gives the
+    bits of ``x + (-w)`` on the built-in sum kernels: y and dx bit for bit, dw negated bit for
+    bit (the partial -1; a sum of negated terms is the negated sum, exactly); against the tie
+    rule in float64 loops and the XLA engine."""
+    from jaxconv._src.engines.native.twins import builtin_twin  # noqa: PLC0415
+
+    if outer:
+        op = jaxconv.Op(lambda a, b: jnp.tanh(a - b), reduce, name="tanh_sub")
+    else:
+        op = jaxconv.Op(lambda a, b: a - b, reduce, name="sub")
+    plus = "max_plus" if reduce == "max" else "min_plus"
+    x, w, ct = _data(kind, seed=8)
+    f = lambda a, b: jaxconv.dot_general(a, b, DN, op=op, engine="native")  # noqa: E731
+    text = jax.jit(f).lower(x, w).as_text()
+    assert "stablehlo.negate" not in text  # the kernel is not negated in a pass of its own
+    if not outer:
+        assert builtin_twin(op).native == f"{reduce}_minus"
+
+    def vjp(fn, a, b):
+        y, back = jax.vjp(fn, a, b)
+        return (y, *back(ct))
+
+    got = [np.asarray(v) for v in jax.jit(lambda a, b: vjp(f, a, b))(x, w)]
+    if outer:  # the tanh after the reduce, its derivative in the cotangent
+        y0 = np.asarray(jax.jit(lambda a, b: jaxconv.dot_general(
+            a, b, DN, op=jaxconv.Op(lambda p, q: p - q, reduce), engine="native"))(x, w))
+        inner_ct = (ct * (1.0 - np.tanh(y0) ** 2)).astype(np.float32)
+    else:
+        inner_ct = ct
+    y, dx, dw = (np.asarray(v) for v in jax.jit(lambda a, b: _dense_vjp(plus, a, b, inner_ct))(
+        x, -w))
+    bits = lambda a: np.asarray(a).view(np.int32)  # noqa: E731
+    np.testing.assert_array_equal(bits(got[0]), bits(jax.jit(jnp.tanh)(y) if outer else y))
+    if not outer:
+        np.testing.assert_array_equal(bits(got[1]), bits(dx))
+        # (-dw + 0: an entry with no winner is +0 in both, not -0.)
+        np.testing.assert_array_equal(bits(got[2]), bits(-dw + np.float32(0.0)))
+    xla = lambda a, b: jaxconv.dot_general(a, b, DN, op=op, engine="xla")  # noqa: E731
+    want = [np.asarray(v) for v in jax.jit(lambda a, b: vjp(xla, a, b))(x, w)]
+    np.testing.assert_array_equal(bits(got[0]), bits(want[0]))
+    for a, b in zip(got[1:], want[1:], strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    if kind != "nonfinite":
+        rdx, rdw = _winner_grads(plus, x.astype(np.float64), -w.astype(np.float64),
+                                 inner_ct.astype(np.float64))
+        np.testing.assert_allclose(got[1], rdx, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(got[2], -rdw, rtol=1e-5, atol=1e-5)

@@ -236,4 +236,39 @@ def explain(op: Any, *, dtype: DTypeLike = "float32", platform: str | None = Non
         details.append(f"not {chosen}: {_refusal(chosen, prob, dtype, platform)}")
         chosen, lines = again, registry.get(again).describe(prob, dtype)
     details.extend(lines)
+    if form is not None and form.negated:
+        details.extend(_kept_difference(op, dtype, geom, platform, engine))
     return Plan(op.display_name, platform, chosen, tuple(details))
+
+
+def _kept_difference(op: Any, dtype: Any, geom: Any, platform: str,
+                     engine: str) -> list[str]:
+    """What computes a product whose difference of the operands is not negated
+    (`factoring.negation_pays` false: a negated operand larger than the output, such as a
+    dense layer's kernel), for `explain`: the engine the planner picks for the product left
+    inside, and the first lines of its `describe`.
+
+    Args:
+        op: the op.
+        dtype: the operands' dtype.
+        geom: the geometry `explain` plans on.
+        platform: the platform.
+        engine: the engine asked for.
+
+    Returns:
+        The lines (empty where nothing factors without the negation).
+    """
+    import numpy as np  # noqa: PLC0415
+
+    from jaxconv._src.core import algebra, factoring, problem  # noqa: PLC0415
+
+    form = factoring.factored_form(op.replace(post=None), dtype, negate=False)
+    inner = op.replace(post=None) if form is None else form.inner
+    acc = np.dtype(algebra.accumulation_dtype(inner, dtype, None))
+    prob = problem.Problem(inner, geom, engine, acc, problem.DEFAULT_MAX_BLOCK_BYTES, None,
+                           dtype)
+    name = engine_name(prob, dtype, platform)
+    lines = engine_for(prob, platform, dtype).describe(prob, dtype)
+    head = "; ".join(lines[:2]) if lines else "its generic path"
+    return [f"where the negation does not pay (negation_pays), the difference stays in the "
+            f"product: engine {name!r}, {head}"]

@@ -155,12 +155,15 @@ class NativeEngine(registry.Engine):
         (``csrc/kernel_dense_record.h``, ``kernel_convrec_forward.h``), and the backward scans
         only those. (Shapes decide the rest in `forward_recording`, the kernels at run time:
         finite data, more than 64 kernel rows, not depthwise; else the record says "not
-        recorded" and the backward rescans.)"""
+        recorded" and the backward rescans.) A user op served by a built-in's kernels
+        (`twins.served`) records as the built-in does."""
+        problem = twins.served(problem)
         return (platform == "cpu" and problem.dtype is not None
                 and _records_op(problem, problem.dtype))
 
     def forward_recording(self, problem: Problem, x: Array, w: Array) -> tuple[Array, Array]:
         """The recording forward (`records_winners`): ``y`` and the int32 block masks."""
+        problem = twins.served(problem)
         if not (self.records_winners(problem, "cpu") and _records_shapes(x.shape, w.shape)):
             return super().forward_recording(problem, x, w)
         spec = self._spec(problem, x, w)
@@ -174,6 +177,7 @@ class NativeEngine(registry.Engine):
                           ) -> tuple[Array, Array]:
         """The backward kernel given the recording forward's masks: a dense product skips its
         marking pass, a convolution scans only each output's marked blocks."""
+        problem = twins.served(problem)
         if not (self.records_winners(problem, "cpu") and _records_shapes(x.shape, w.shape)):
             return self.backward(problem, x, w, y, g, need)
         spec = self._spec(problem, x, w)
@@ -434,7 +438,8 @@ class NativeEngine(registry.Engine):
 
 def _records_op(problem: Problem, dtype: DTypeLike) -> bool:
     """Whether the op and dtype have the recording forward (`NativeEngine.records_winners`,
-    geometry aside): built-in max_plus / min_plus / max_min / min_max on float32, identity
+    geometry aside): built-in max_plus / min_plus / max_min / min_max (and the kernels of
+    ``x - w`` under max / min, `twins.builtin_twin`) on float32, identity
     padding, a library that has it.
 
     Args:
@@ -445,7 +450,8 @@ def _records_op(problem: Problem, dtype: DTypeLike) -> bool:
         True when the op and dtype have it.
     """
     op = problem.op
-    return (op.native in ("max_plus", "min_plus", "max_min", "min_max")
+    return (op.native in ("max_plus", "min_plus", "max_min", "min_max", "max_minus",
+                          "min_minus")
             and ffi.kernel_id(op) is not None
             and np.dtype(dtype) == np.float32 and op.pad_value is None
             and ffi.has_recording())

@@ -44,6 +44,8 @@ KERNELS: dict[str, tuple[int, str]] = {
     "l1": (5, "sum"),
     "l2_exact": (6, "sum"),
     "log": (7, "logsumexp"),
+    "max_minus": (8, "max"),
+    "min_minus": (9, "min"),
 }
 _FORWARD = "jaxconv_forward"
 _BACKWARD = "jaxconv_backward"
