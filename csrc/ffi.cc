@@ -83,8 +83,9 @@ int64_t thread_cap() {
   return cap;
 }
 
-// JAXCONV_NATIVE_SPREAD=0 lets a helper run on its caller's CPU (kernel_busy_spread.h) and
-// leaves a descheduled helper where it is (kernel_busy_rescue.h).
+// JAXCONV_NATIVE_SPREAD=0 lets a helper run on its caller's CPU (kernel_busy_spread.h),
+// leaves a descheduled thread where it is and has the caller sleep after 20 us of spinning
+// whatever the helpers do (kernel_busy_rescue.h).
 bool spread() {
   static const bool on = [] {
     const char* env = std::getenv("JAXCONV_NATIVE_SPREAD");
@@ -136,15 +137,16 @@ inline void cpu_relax() {
 }
 
 // Waits up to 20 us for the other threads' items (which covers a quiet machine's last item),
-// then moves any of them that did not run meanwhile to this thread's CPU. Returns whether
-// all items are done.
-bool wait_briefly(Shared& s, int64_t self) {
+// then moves any of them that did not run meanwhile to this thread's CPU
+// (kernel_busy_rescue.h: kStalled), or reports that all kept running (kRunning).
+jaxconv_busy::Waited wait_briefly(Shared& s, int64_t self) {
   auto finished = [&s] { return s.done.load(std::memory_order_acquire) == s.n; };
   if (!s.slots) {
     const int64_t t0 = jaxconv_busy::monotonic_ns();
     for (int spin = 0;; ++spin) {
-      if (finished()) return true;
-      if (spin % 64 == 63 && jaxconv_busy::monotonic_ns() - t0 > 20000) return false;
+      if (finished()) return jaxconv_busy::Waited::kFinished;
+      if (spin % 64 == 63 && jaxconv_busy::monotonic_ns() - t0 > 20000)
+        return jaxconv_busy::Waited::kStalled;
       cpu_relax();
     }
   }
@@ -214,7 +216,13 @@ void run_parallel(void* ctx, int64_t n, void (*fn)(void*, int64_t), void* arg) {
   } report{t0, t1, n};
 #endif
   JAXCONV_TRACE(kTraceWaitBeg, n - done);
-  if (done == n || wait_briefly(s, self)) {
+  // While every helper keeps running, keep spinning (up to 2 ms): they need no CPU of ours.
+  for (int round = 0; done < n && round < 100; ++round) {
+    const jaxconv_busy::Waited seen = wait_briefly(s, self);
+    if (seen == jaxconv_busy::Waited::kFinished) break;
+    if (seen == jaxconv_busy::Waited::kStalled) break;
+  }
+  if (s.done.load(std::memory_order_acquire) == n) {
     JAXCONV_TRACE(kTraceJoin, 0);
     return;
   }

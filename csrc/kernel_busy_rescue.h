@@ -102,37 +102,47 @@ inline int64_t monotonic_ns() {
   return int64_t(t.tv_sec) * 1000000000 + t.tv_nsec;
 }
 
+// What wait_or_pull saw.
+enum class Waited { kFinished, kStalled, kRunning };
+
 // Thread `self` (or -1), out of items: waits up to `spin_ns` for `finished()`; if it is still
 // false, moves each other registered thread (of the first 64) that ran for less than a
 // quarter of that time to this thread's CPU, and calls `on_pull(slot)` for each. Returns
-// whether `finished()` became true during the spin.
+// kFinished when `finished()` became true during the spin, kStalled when a thread had not
+// run (moved or not), else kRunning: every other thread kept running, so this one's CPU is
+// not needed by them and a sleep would only add a wakeup (which Linux may place behind the
+// competitor: a time slice).
 template <class Finished, class OnPull>
-bool wait_or_pull(Slot* slots, int64_t registered, int64_t self, int64_t spin_ns,
-                  Finished finished, OnPull on_pull) {
+Waited wait_or_pull(Slot* slots, int64_t registered, int64_t self, int64_t spin_ns,
+                    Finished finished, OnPull on_pull) {
   constexpr int64_t kMax = 64;
   const int64_t m = registered < kMax ? registered : kMax;
   int64_t before[kMax];
   for (int64_t h = 0; h < m; ++h) before[h] = h == self ? -1 : slots[h].cpu_ns();
   const int64_t t0 = monotonic_ns();
   for (int spin = 0;; ++spin) {
-    if (finished()) return true;
+    if (finished()) return Waited::kFinished;
     if (spin % 64 == 63 && monotonic_ns() - t0 > spin_ns) break;
 #if defined(__x86_64__) || defined(_M_X64)
     __builtin_ia32_pause();
 #endif
   }
+  Waited seen = Waited::kRunning;
 #if defined(__linux__)
   const int64_t wall = monotonic_ns() - t0;
   const int cpu = sched_getcpu();
   for (int64_t h = 0; h < m; ++h) {
     if (before[h] < 0) continue;
     const int64_t now = slots[h].cpu_ns();
-    if (now >= 0 && 4 * (now - before[h]) < wall && slots[h].pull_to(cpu)) on_pull(h);
+    if (now < 0 || 4 * (now - before[h]) >= wall) continue;
+    seen = Waited::kStalled;
+    if (slots[h].pull_to(cpu)) on_pull(h);
   }
 #else
   (void)on_pull;
+  seen = Waited::kStalled;
 #endif
-  return false;
+  return seen;
 }
 
 }  // namespace jaxconv_busy

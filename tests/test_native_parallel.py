@@ -26,7 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 _THREAD_SCRIPT = r"""
-import json, os, subprocess, sys, numpy as np, jax, jax.numpy as jnp, jaxconv
+import json, os, subprocess, sys, time, numpy as np, jax, jax.numpy as jnp, jaxconv
 rng = np.random.default_rng(0)
 x = rng.standard_normal((3, 13, 11, 24)).astype(np.float32)
 w = rng.standard_normal((3, 3, 24, 40)).astype(np.float32)
@@ -34,16 +34,14 @@ w = rng.standard_normal((3, 3, 24, 40)).astype(np.float32)
 # move apart and wait for each other (csrc/kernel_busy_*.h); afterwards no thread of this
 # process may keep a CPU set other than the one it had before.
 busy = sys.argv[1] == "busy"
-out, calls = {}, 12 if busy else 1
-masks = lambda: {t: os.sched_getaffinity(int(t)) for t in os.listdir("/proc/self/task")}
+out, calls, want = {}, 12 if busy else 1, os.sched_getaffinity(0)
 spin = None
 for op in ("max_plus", "adder", "l1"):
     f = lambda x, w: jaxconv.conv_general_dilated(x, w, (1, 1), "SAME", op=op,
         engine="native", dimension_numbers=("NHWC", "HWIO", "NHWC"))
     fj, gj = jax.jit(f), jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.sin(f(x, w))), (0, 1)))
-    y, (dx, dw) = fj(x, w), gj(x, w)
+    y, (dx, dw) = jax.block_until_ready((fj(x, w), gj(x, w)))
     if busy and spin is None:
-        before = masks()
         spin = subprocess.Popen([sys.executable, "-c", "while True: pass"])
         os.sched_setaffinity(spin.pid, {max(os.sched_getaffinity(0))})
     for _ in range(calls - 1):
@@ -52,8 +50,14 @@ for op in ("max_plus", "adder", "l1"):
 if spin is not None:
     spin.kill()
     spin.wait()
-    after = masks()
-    out["moved"] = sorted(t for t in before if t in after and after[t] != before[t])
+    # A helper task that started as its call ended may still be on its way back (a thread
+    # that moved waits for the CPU it moved to): give the pool a moment to settle.
+    for _ in range(200):
+        out["moved"] = [t for t in os.listdir("/proc/self/task")
+                        if os.sched_getaffinity(int(t)) != want]
+        if not out["moved"]:
+            break
+        time.sleep(0.01)
 print(json.dumps(out))
 """
 
