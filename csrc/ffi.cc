@@ -7,6 +7,7 @@
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/string.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -21,6 +22,9 @@
 
 #include "denormals.h"
 #include "dispatch.h"
+#include "kernel_busy_rescue.h"
+#include "kernel_busy_spread.h"
+#include "kernel_busy_trace.h"
 #include "peak_probe.h"
 #include "problem.h"
 #include "tune_probe.h"
@@ -45,6 +49,29 @@ int run_backward(const jaxconv::WideCall& call);
 }  // namespace jaxconv_wide_avx512
 #endif
 
+#ifdef JAXCONV_BUSY_TRACE
+#include <sched.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+namespace {
+struct TraceEvent {
+  int64_t ns, value;
+  int32_t tid, cpu, kind;
+};
+constexpr int64_t kTraceCap = int64_t(1) << 20;
+TraceEvent g_trace[kTraceCap];
+std::atomic<int64_t> g_trace_n{0};
+}  // namespace
+extern "C" void jaxconv_busy_trace(int kind, int64_t value) {
+  static thread_local const int32_t tid = int32_t(syscall(SYS_gettid));
+  const int64_t i = g_trace_n.fetch_add(1, std::memory_order_relaxed);
+  if (i >= kTraceCap) return;
+  timespec t;
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  g_trace[i] = {int64_t(t.tv_sec) * 1000000000 + t.tv_nsec, value, tid, sched_getcpu(), kind};
+}
+#endif
+
 namespace {
 
 // JAXCONV_NATIVE_THREADS=k caps the threads a call uses (results never depend on it).
@@ -56,28 +83,51 @@ int64_t thread_cap() {
   return cap;
 }
 
+// JAXCONV_NATIVE_SPREAD=0 lets a helper run on its caller's CPU (kernel_busy_spread.h),
+// leaves a descheduled thread where it is and has the caller sleep after 20 us of spinning
+// whatever the helpers do (kernel_busy_rescue.h).
+bool spread() {
+  static const bool on = [] {
+    const char* env = std::getenv("JAXCONV_NATIVE_SPREAD");
+    return !(env && std::strcmp(env, "0") == 0);
+  }();
+  return on;
+}
+
 struct Shared {
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};
   int64_t n = 0;
   void (*fn)(void*, int64_t) = nullptr;
   void* arg = nullptr;
+  int caller_cpu = -1;  // where the caller ran when it woke the helpers (kernel_busy_spread.h)
+  std::unique_ptr<jaxconv_busy::Slot[]> slots;  // one per helper task (kernel_busy_rescue.h)
+  std::atomic<int64_t> next_slot{0};
   std::mutex mu;  // with `all_done`: wakes a caller that sleeps on a straggler
   std::condition_variable all_done;
 };
 
-// Runs items until none is left; returns how many this thread ran.
-int64_t work(Shared& s) {
+// Runs items until none is left; returns how many this thread ran. With slots (kernel_busy_
+// rescue.h), `self` is this thread's: registered while it runs items, then, while others
+// still hold items, a short wait that moves a descheduled one to this thread's CPU.
+int64_t work(Shared& s, int64_t self = -1) {
   jaxconv_dispatch::FlushDenormals flush;
+  jaxconv_busy::Slot* slot = self >= 0 ? &s.slots[self] : nullptr;
+  if (slot) slot->enter();
   int64_t mine = 0;
-  for (int64_t i; (i = s.next.fetch_add(1, std::memory_order_relaxed)) < s.n; ++mine)
+  for (int64_t i; (i = s.next.fetch_add(1, std::memory_order_relaxed)) < s.n; ++mine) {
+    JAXCONV_TRACE(kTraceItem, i);
     s.fn(s.arg, i);
+  }
+  JAXCONV_TRACE(kTraceEnd, mine);
+  if (slot) slot->leave();  // before the count: the caller may return right after it
   // One count per thread, not per item; whoever completes the last item wakes the caller.
-  if (mine > 0 && s.done.fetch_add(mine, std::memory_order_acq_rel) + mine == s.n) {
+  const int64_t done = s.done.fetch_add(mine, std::memory_order_acq_rel) + mine;
+  if (mine > 0 && done == s.n) {
     std::lock_guard<std::mutex> lock(s.mu);
     s.all_done.notify_all();
   }
-  return mine;
+  return done;
 }
 
 inline void cpu_relax() {
@@ -86,11 +136,32 @@ inline void cpu_relax() {
 #endif
 }
 
+// Waits up to 20 us for the other threads' items (which covers a quiet machine's last item),
+// then moves any of them that did not run meanwhile to this thread's CPU
+// (kernel_busy_rescue.h: kStalled), or reports that all kept running (kRunning).
+jaxconv_busy::Waited wait_briefly(Shared& s, int64_t self) {
+  auto finished = [&s] { return s.done.load(std::memory_order_acquire) == s.n; };
+  if (!s.slots) {
+    const int64_t t0 = jaxconv_busy::monotonic_ns();
+    for (int spin = 0;; ++spin) {
+      if (finished()) return jaxconv_busy::Waited::kFinished;
+      if (spin % 64 == 63 && jaxconv_busy::monotonic_ns() - t0 > 20000)
+        return jaxconv_busy::Waited::kStalled;
+      cpu_relax();
+    }
+  }
+  return jaxconv_busy::wait_or_pull(
+      s.slots.get(), s.next_slot.load(std::memory_order_acquire), self, 20000, finished,
+      [](int64_t h) { JAXCONV_TRACE(kTracePull, h); });
+}
+
 // Items are handed out dynamically, one at a time; the caller works too and returns once all
 // are done. A task that starts late finds no item left and touches only the shared state it
 // owns, so the caller never waits for a helper that has not started. Once the caller has run
 // out of items it spins briefly, then sleeps: on a busy machine the helper still holding an
 // item may be descheduled, and a spinning (or yielding) caller would keep a core from it.
+// Beside a busy process the threads are kept on different CPUs (kernel_busy_spread.h), and a
+// thread that waits for a descheduled one lets it run on its own CPU (kernel_busy_rescue.h).
 void run_parallel(void* ctx, int64_t n, void (*fn)(void*, int64_t), void* arg) {
   auto* pool = static_cast<ffi::ThreadPool*>(ctx);
   int64_t threads = pool ? pool->num_threads() : 1;
@@ -107,36 +178,60 @@ void run_parallel(void* ctx, int64_t n, void (*fn)(void*, int64_t), void* arg) {
 #ifdef JAXCONV_PROFILE
   const auto t0 = std::chrono::steady_clock::now();
 #endif
-  for (int64_t h = 0; h < helpers; ++h) pool->Schedule([shared] { work(*shared); });
-  const int64_t mine = work(*shared);
-  (void)mine;
+  JAXCONV_TRACE(kTraceFork, n);
+  int64_t self = -1;
+  if (spread()) {
+    shared->caller_cpu = jaxconv_busy::current_cpu();
+    shared->slots.reset(new jaxconv_busy::Slot[size_t(helpers + 1)]);
+    self = shared->next_slot.fetch_add(1, std::memory_order_relaxed);
+  }
+  for (int64_t h = 0; h < helpers; ++h)
+    pool->Schedule([shared] {
+      Shared& s = *shared;
+      // A helper that starts late finds nothing to do: it neither moves nor registers.
+      if (s.next.load(std::memory_order_relaxed) >= s.n) return;
+      int64_t me = -1;
+      if (s.slots) {
+        jaxconv_busy::move_off(s.caller_cpu);
+        me = s.next_slot.fetch_add(1, std::memory_order_relaxed);
+      }
+      JAXCONV_TRACE(kTraceStart, 1);
+      if (work(s, me) < s.n && me >= 0) wait_briefly(s, me);
+    });
+  JAXCONV_TRACE(kTraceStart, 0);
+  const int64_t done = work(*shared, self);
   Shared& s = *shared;
 #ifdef JAXCONV_PROFILE
   const auto t1 = std::chrono::steady_clock::now();
   struct Report {  // the caller's share, and how long it then waited for the helpers
     const std::chrono::steady_clock::time_point t0, t1;
-    int64_t n, mine;
+    int64_t n;
     bool slept = false;
     ~Report() {
       const auto t2 = std::chrono::steady_clock::now();
       auto ms = [](auto d) { return std::chrono::duration<double, std::milli>(d).count(); };
-      std::fprintf(stderr, "run_parallel n=%ld caller %ld items %.3f ms, wait %.3f ms%s\n",
-                   long(n), long(mine), ms(t1 - t0), ms(t2 - t1), slept ? " (slept)" : "");
+      std::fprintf(stderr, "run_parallel n=%ld caller %.3f ms, wait %.3f ms%s\n", long(n),
+                   ms(t1 - t0), ms(t2 - t1), slept ? " (slept)" : "");
     }
-  } report{t0, t1, n, mine};
+  } report{t0, t1, n};
 #endif
-  // 20 us of spinning covers a helper finishing its last item on a quiet machine.
-  const auto spin_end = std::chrono::steady_clock::now() + std::chrono::microseconds(20);
-  for (int spin = 0;; ++spin) {
-    if (s.done.load(std::memory_order_acquire) == n) return;
-    if (spin % 64 == 63 && std::chrono::steady_clock::now() > spin_end) break;
-    cpu_relax();
+  JAXCONV_TRACE(kTraceWaitBeg, n - done);
+  // While every helper keeps running, keep spinning (up to 2 ms): they need no CPU of ours.
+  for (int round = 0; done < n && round < 100; ++round) {
+    const jaxconv_busy::Waited seen = wait_briefly(s, self);
+    if (seen == jaxconv_busy::Waited::kFinished) break;
+    if (seen == jaxconv_busy::Waited::kStalled) break;
+  }
+  if (s.done.load(std::memory_order_acquire) == n) {
+    JAXCONV_TRACE(kTraceJoin, 0);
+    return;
   }
 #ifdef JAXCONV_PROFILE
   report.slept = true;
 #endif
   std::unique_lock<std::mutex> lock(s.mu);
   s.all_done.wait(lock, [&s, n] { return s.done.load(std::memory_order_acquire) == n; });
+  JAXCONV_TRACE(kTraceJoin, 1);
 }
 
 // The geometry and the op cross the FFI as named attributes (jaxconv/_src/engines/native.py,
@@ -501,6 +596,21 @@ NB_MODULE(_native, m) {
       "Registers `jaxconv_user_run` of a loaded user-op library under op id `op`.");
   m.def("user_base", []() { return jaxconv::kUserBase; });
   m.attr("pair_channels") = jaxconv::kPairChannels;
+#ifdef JAXCONV_BUSY_TRACE
+  m.def(
+      "busy_trace_take",
+      []() {
+        const int64_t n = std::min(g_trace_n.load(), kTraceCap);
+        nb::list out;
+        for (int64_t i = 0; i < n; ++i) {
+          const TraceEvent& e = g_trace[i];
+          out.append(nb::make_tuple(e.ns, e.tid, e.cpu, e.kind, e.value));
+        }
+        g_trace_n.store(0);
+        return out;
+      },
+      "The work-sharing timeline since the last call (kernel_busy_trace.h), then cleared.");
+#endif
   // Tuning (csrc/kernel_params.h, tune_probe.h; jaxconv/_src/engines/native/tuning.py).
   m.def("param_fields", &jaxconv_tune::param_fields,
         "{name: (default, lowest, highest)} of each parameter.");

@@ -451,6 +451,7 @@ void forward_packed(Ctx& c) {
       int64_t held = -1;
       for (int64_t u; (u = lanes.claim(i)) >= 0;) {
         const int64_t blk = u / cpb, tl0 = (u % cpb) * tpc;
+        JAXCONV_TRACE(blk == held ? kTraceClaim : kTracePack, u);
         if (!owned && !(owned = scratch())) return;
         block_tiles(owned.get(), blk, tl0, tl0 + tpc < tiles ? tl0 + tpc : tiles, blk == held);
         held = blk;

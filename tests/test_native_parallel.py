@@ -37,11 +37,40 @@ def bits(op, x, w, **kw):
     return [np.asarray(a).tobytes().hex() for a in (y, dx, dw)]
 """
 
-_THREAD_SCRIPT = _PRELUDE + r"""
+_THREAD_SCRIPT = r"""
+import json, os, subprocess, sys, time, numpy as np, jax, jax.numpy as jnp, jaxconv
 rng = np.random.default_rng(0)
 x = rng.standard_normal((3, 13, 11, 24)).astype(np.float32)
 w = rng.standard_normal((3, 3, 24, 40)).astype(np.float32)
-print(json.dumps({op: bits(op, x, w) for op in ("max_plus", "adder", "l1")}))
+# "busy": every call again beside a spinner pinned to one CPU, where the threads of a call
+# move apart and wait for each other (csrc/kernel_busy_*.h); afterwards no thread of this
+# process may keep a CPU set other than the one it had before.
+busy = sys.argv[1] == "busy"
+out, calls, want = {}, 12 if busy else 1, os.sched_getaffinity(0)
+spin = None
+for op in ("max_plus", "adder", "l1"):
+    f = lambda x, w: jaxconv.conv_general_dilated(x, w, (1, 1), "SAME", op=op,
+        engine="native", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    fj, gj = jax.jit(f), jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.sin(f(x, w))), (0, 1)))
+    y, (dx, dw) = jax.block_until_ready((fj(x, w), gj(x, w)))
+    if busy and spin is None:
+        spin = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        os.sched_setaffinity(spin.pid, {max(os.sched_getaffinity(0))})
+    for _ in range(calls - 1):
+        assert np.array_equal(fj(x, w), y) and all(map(np.array_equal, gj(x, w), (dx, dw)))
+    out[op] = [np.asarray(a).tobytes().hex() for a in (y, dx, dw)]
+if spin is not None:
+    spin.kill()
+    spin.wait()
+    # A helper task that started as its call ended may still be on its way back (a thread
+    # that moved waits for the CPU it moved to): give the pool a moment to settle.
+    for _ in range(200):
+        out["moved"] = [t for t in os.listdir("/proc/self/task")
+                        if os.sched_getaffinity(int(t)) != want]
+        if not out["moved"]:
+            break
+        time.sleep(0.01)
+print(json.dumps(out))
 """
 
 
@@ -78,7 +107,13 @@ def _assert_same_on_one_and_all_threads(script, *argv, **env_extra):
 
 
 def test_results_do_not_depend_on_the_thread_count():
-    _assert_same_on_one_and_all_threads(_THREAD_SCRIPT)
+    """One thread, all threads, and all threads beside a busy process (where a call's helper
+    moves off its caller's CPU and a waiting thread takes in a descheduled one, csrc/
+    kernel_busy_*.h): the same bits, and no thread is left with a changed CPU set."""
+    one, many, busy = (_run_script({"JAXCONV_NATIVE_THREADS": threads}, _THREAD_SCRIPT, mode)
+                       for threads, mode in (("1", "quiet"), ("0", "quiet"), ("0", "busy")))
+    assert busy.pop("moved") == []
+    assert one == many == busy
 
 
 _SPLIT_SCRIPT = _PRELUDE + r"""
