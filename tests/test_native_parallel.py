@@ -206,9 +206,9 @@ def test_peak_probe_rejects_bad_arguments(args, match):
 def test_instruction_sets_agree():
     """The AVX2 and baseline builds (forced) give the dispatched build's numbers: max/min
     forward bit for bit, sums and gradients to rounding."""
-    best = _run_script({})
+    best = _run_script({}, _THREAD_SCRIPT, "quiet")
     for isa in ("avx2", "base"):
-        other = _run_script({"JAXCONV_NATIVE_ISA": isa})
+        other = _run_script({"JAXCONV_NATIVE_ISA": isa}, _THREAD_SCRIPT, "quiet")
         assert other["max_plus"][0] == best["max_plus"][0], isa  # max/min: bit for bit
         for op in ("max_plus", "adder", "l1"):
             # Gradient sums are accumulated in an order that follows the vector width.
