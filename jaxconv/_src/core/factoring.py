@@ -190,8 +190,29 @@ def factored_form(op: Op, dtype: Any,
     form = _factored_form(op, dtype)
     if form is not None and form.negated and sizes is not None \
             and not negation_pays(form, *sizes):
-        form = _factored_form(op, dtype, negate=False)
+        form = kept_difference_form(op, dtype)
     return form
+
+
+def kept_difference_form(op: Op, dtype: Any) -> FactoredForm | None:
+    """`factored_form` without the third rewrite: a difference of the operands stays in the
+    product (what runs where `negation_pays` is false, such as a dense layer's kernel).
+
+    Args:
+      op: the product.
+      dtype: the operands' dtype.
+
+    Returns:
+      A `FactoredForm`, or ``None`` when nothing else factors out.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import jaxconv
+      >>> form = kept_difference_form(jaxconv.Op(lambda x, w: jnp.tanh(x - w), "max"), jnp.float32)
+      >>> form.negated, form.rhs_map
+      (False, None)
+    """
+    return _factored_form(op, np.dtype(dtype), negate=False)
 
 
 def negation_pays(form: FactoredForm, lhs_size: int, rhs_size: int, out_size: int) -> bool:

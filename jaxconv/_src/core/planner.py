@@ -262,7 +262,7 @@ def _kept_difference(op: Any, dtype: Any, geom: Any, platform: str,
 
     from jaxconv._src.core import algebra, factoring, problem  # noqa: PLC0415
 
-    form = factoring.factored_form(op.replace(post=None), dtype, negate=False)
+    form = factoring.kept_difference_form(op.replace(post=None), dtype)
     inner = op.replace(post=None) if form is None else form.inner
     acc = np.dtype(algebra.accumulation_dtype(inner, dtype, None))
     prob = problem.Problem(inner, geom, engine, acc, problem.DEFAULT_MAX_BLOCK_BYTES, None,
