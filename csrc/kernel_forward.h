@@ -195,7 +195,9 @@ void fwd_tile(const Ctx& c, const float* xb, const float* wb, const float* pad,
   for (int r = 0; r < MR; ++r) {
     if (!live[r]) continue;
     if (y16b) {  // bfloat16 / float16 results (kernel_bf16fuse_low.h)
-      store_low<NV>(c, y16b + (p + r) * c.O + o0, acc[r], nvalid);
+      alignas(64) float t[NR];
+      for (int v = 0; v < NV; ++v) S::store(t + v * W, acc[r][v]);
+      narrow_row(c.call->low->kind, t, y16b + (p + r) * c.O + o0, nvalid);
       continue;
     }
     float* dst = yb + (p + r) * c.O + o0;
