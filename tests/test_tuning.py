@@ -213,6 +213,20 @@ def test_the_search_picks_a_valid_set():
     assert all(v > 0 for part in timings.values() for v in part.values())
 
 
+@pytest.mark.parametrize(("tile_score", "taken"), [(0.91, False), (0.85, True)])
+def test_the_other_tile_needs_a_clear_gain(monkeypatch, tile_score, taken):
+    """A small, noisy lead of the other register tile leaves the default (one such search
+    cached a forward 1.5x slower); a clear one takes it."""
+    def scores(cands, probs, rounds):
+        other = [c for c in cands if c["tile"] != tuning.defaults()["tile"]]
+        return [tile_score if other and c is other[0] else 1.0 for c in cands]
+
+    monkeypatch.setattr(tuning, "_scores", scores)
+    chosen, timings = tuning.search(rounds=1)
+    assert timings["tile"][str(1 - tuning.defaults()["tile"])] == tile_score
+    assert (chosen["tile"] != tuning.defaults()["tile"]) == taken
+
+
 _ISA_SCRIPT = r"""
 import json, sys, numpy as np, jax, jaxconv
 from jaxconv import _native

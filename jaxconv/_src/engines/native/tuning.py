@@ -273,6 +273,9 @@ _PANELS = ((16, 192), (64, 192), (128, 192), (16, 1024), (128, 1024), (16, 4096)
 _OPS = {"max_plus": 0, "max_min": 2, "adder": 4}
 # A choice that changes a sum's rounding must win by this much to replace the default.
 _ROUNDING_MARGIN = 0.95
+# The other register tile must win by this much: its timings here spread by ~10% from run to
+# run, and one search that read tile=1 at 0.91x cached a layer-A forward ~1.5x slower (Zen 4).
+_TILE_MARGIN = 0.9
 
 
 def _time(problem: tuple[int, ...], values: dict[str, int], reps: int) -> float:
@@ -325,9 +328,10 @@ def search(rounds: int = 3) -> tuple[dict[str, int], dict[str, Any]]:
     rounds. In turn: the panel sizes and the register tile (max_plus on a dense and two 3x3
     problems), the embedded broadcasts (max_plus, a 3x3 and the dense problem), the adds
     (max_plus, dense), integer keys or float min/max (max_min, dense) and the min form or the
-    direct loop (adder, 3x3; the min form, which rounds differently, is left only for a clear
-    gain). ``items`` and ``lanes`` (the thread split, which a single-threaded timing cannot
-    judge) keep their defaults.
+    direct loop (adder, 3x3; the min form, which rounds differently, and the other register
+    tile, whose timings spread most, are taken only for a clear gain). ``items`` and
+    ``lanes`` (the thread split, which a single-threaded timing cannot judge) keep their
+    defaults.
 
     Args:
       rounds: interleaved rounds per candidate.
@@ -358,7 +362,8 @@ def search(rounds: int = 3) -> tuple[dict[str, int], dict[str, Any]]:
 
     pick("panels", [dict(chosen, panel_kib=p, block_kib=b) for p, b in _PANELS],
          [f"{p}/{b}" for p, b in _PANELS], "max_plus", [_DENSE, _CONV_BIG, _CONV])
-    for name, op, problems, margin in (("tile", "max_plus", [_DENSE, _CONV_BIG, _CONV], 1.0),
+    for name, op, problems, margin in (("tile", "max_plus", [_DENSE, _CONV_BIG, _CONV],
+                                         _TILE_MARGIN),
                                         ("bcast", "max_plus", [_DENSE, _CONV], 1.0),
                                         ("fma_add", "max_plus", [_DENSE], 1.0),
                                         ("keyed", "max_min", [_DENSE], 1.0),
