@@ -105,17 +105,31 @@ def threads() -> int:
         return os.cpu_count() or 1
 
 
+def tuning_origin() -> dict[str, Any] | None:
+    """Where the kernel parameters came from (``default``, ``cache``, ``search``, ...) and,
+    after a search (fresh or cached), its one-line account of why (`tuning.summary`: the
+    scores, margins, load and rounds); ``None`` without the native module."""
+    if native_module() is None:
+        return None
+    from jaxconv._src.engines.native import tuning  # noqa: PLC0415
+
+    got = tuning.params()
+    return {"source": got["source"], "why": got["why"], "entry": got["entry"]}
+
+
 def info() -> dict[str, Any]:
-    """The machine a table comes from: CPU, ISA, threads, kernel parameters, load average."""
+    """The machine a table comes from: CPU, ISA, threads, kernel parameters (and why they
+    were chosen), load average."""
     mod = native_module()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     return dict(cpu=cpu_model(), isa=str(mod.isa()) if mod is not None else None,
                 threads=threads(), cpus=os.cpu_count(), params=kernel_params(mod),
-                load_1min=load)
+                tuning=tuning_origin(), load_1min=load)
 
 
 def describe(meta: dict[str, Any]) -> str:
-    """One comment line (``# ...``) for the head of a table."""
+    """Comment lines (``# ...``) for the head of a table: the machine, then where the kernel
+    parameters came from."""
     cpu = meta["cpu"]
     fam = f" (family {cpu['family']}, model {cpu['model']})" if "family" in cpu else ""
     s = (f"# cpu: {cpu.get('model_name', '?')}{fam}; {meta['cpus']} cpus; isa {meta['isa']}; "
@@ -125,14 +139,24 @@ def describe(meta: dict[str, Any]) -> str:
     params = meta.get("params")
     s += "; params " + (", ".join(f"{k}={v}" for k, v in params.items()) if params
                         else "(none reported)")
+    origin = meta.get("tuning")
+    if origin:
+        s += f"\n# tuning ({origin['source']})" + (f": {origin['why']}" if origin["why"] else "")
     return s
 
 
-def peak(thread_counts: tuple[int, ...] = (1, 2), seconds: float = 0.1
-         ) -> dict[str, dict[int, float]]:
+def peak(thread_counts: tuple[int, ...] = (1, 2), seconds: float = 0.1,
+         notes: list[str] | None = None) -> dict[str, dict[int, float]]:
     """G terms/s this CPU reaches for each probe kind (``fma``, ``add_max``, ``min_add``)
     at each thread count, with the ISA the native kernels use; empty if the native module
     has no probe.
+
+    The probe pins each of its threads to a CPU of its own and times each in its own CPU
+    time: the rate is then the sum of the threads' rates while they ran, which other
+    processes' time slices do not lower (on a machine at load ~10 the wall-clock rate of the
+    same run read 31-37 G terms/s at 2 threads, this one 116). Where the threads could not
+    each have a CPU (fewer CPUs than threads, pinning refused, a thread found off its CPU),
+    the wall-clock rate is used and a line is appended to `notes`.
 
     Example::
 
@@ -145,17 +169,30 @@ def peak(thread_counts: tuple[int, ...] = (1, 2), seconds: float = 0.1
     if probe is None:
         return {}
     isa = str(mod.isa())
-    return {kind: {t: float(probe(kind, t, seconds, isa)["gterms_per_s"])
-                   for t in thread_counts} for kind in PEAK_KINDS}
+    out: dict[str, dict[int, float]] = {}
+    for kind in PEAK_KINDS:
+        out[kind] = {}
+        for t in thread_counts:
+            got = probe(kind, t, seconds, isa)
+            placed = bool(got.get("distinct_cpus", False)) and "gterms_per_s_cpu" in got
+            out[kind][t] = float(got["gterms_per_s_cpu" if placed else "gterms_per_s"])
+            if not placed and notes is not None:
+                notes.append(f"{kind} at {t} threads: not each on a CPU of its own, "
+                             f"wall-clock rate (ran side by side {got.get('overlap', 0):.0%})")
+    return out
 
 
-def describe_peak(p: dict[str, dict[int, float]]) -> str:
-    """One comment line with the probe's rates."""
+def describe_peak(p: dict[str, dict[int, float]], notes: list[str] | None = None) -> str:
+    """One comment line with the probe's rates (and `peak`'s notes, if any)."""
     if not p:
         return "# peak: (no probe in this build)"
     parts = [f"{k} " + "/".join(f"{v:.0f}" for v in p[k].values()) for k in p]
     ts = "/".join(str(t) for t in next(iter(p.values())))
-    return f"# peak G terms/s at {ts} threads: " + ", ".join(parts)
+    s = f"# peak G terms/s at {ts} threads: " + ", ".join(parts)
+    s += " (threads pinned to CPUs of their own, each timed in its CPU time)"
+    if notes:
+        s += "; except: " + "; ".join(notes)
+    return s
 
 
 _SPIN = "while True:\n    pass\n"

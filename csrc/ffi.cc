@@ -648,13 +648,19 @@ NB_MODULE(_native, m) {
         d["isa"] = std::string(r.isa);
         d["lanes"] = r.lanes;
         d["threads"] = threads;
+        d["distinct_cpus"] = r.distinct_cpus;
+        d["overlap"] = r.overlap;
+        d["gterms_per_s_cpu"] = r.gterms_per_s_cpu;
         return d;
       },
       nb::arg("kind"), nb::arg("threads") = 1, nb::arg("seconds") = 0.1, nb::arg("isa") = "",
       "The machine's peak rate of one kernel step, in G terms/s over `threads` threads: "
       "kind 'fma' (x * w + acc), 'add_max' (max(acc, x + w)), 'min_add' (acc + min(x, w)), the "
         "sums issued as fma(a, 1, b) as the kernels issue them; "
-      "`isa` caps the instruction set. Best of five runs of about seconds / 5.");
+      "`isa` caps the instruction set. Best of five runs of about seconds / 5, each thread "
+      "pinned to a CPU of its own where the process has enough (`distinct_cpus` says whether "
+      "every thread ran on its own CPU; `overlap`: the best run's CPU time / (threads x wall); "
+      "`gterms_per_s_cpu`: the sum of the threads' rates in their own CPU time).");
   m.def(
       "kernels",
       []() {
