@@ -11,7 +11,8 @@ Also: the compiled executable's temp + output bytes next to lax's, and the compi
 ``jax.jit(jax.grad(conv))`` next to lax's.
 
 Every table starts with the CPU (model, family / model number), the native ISA, the threads and
-the kernel parameters the library reports, and the peak probe's rates (``benchmarks/machine.py``):
+the kernel parameters the library reports (and why the search chose them), and the peak
+probe's rates (``benchmarks/machine.py``):
 each forward row says what fraction of the machine's limit for that op's inner step it reaches
 (``peak``: terms per second over the probe's rate at the same thread count; every window tap
 counted, padded or not). ``--busy`` times every row a second time beside one competing busy
@@ -313,9 +314,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     meta = machine.info()
     counts = tuple(sorted({1, meta["threads"]}))
-    peak = {} if a.no_peak else machine.peak(counts, seconds=0.02 if a.smoke else 0.2)
+    peak_notes: list[str] = []
+    peak = {} if a.no_peak else machine.peak(counts, seconds=0.02 if a.smoke else 0.2,
+                                             notes=peak_notes)
     print(machine.describe(meta))
-    print(machine.describe_peak(peak))
+    print(machine.describe_peak(peak, peak_notes))
     print(f"# jax {jax.__version__}, rounds {rounds}x{inner}"
           f"{', quiet then beside one busy process' if a.busy else ''}"
           f"{f' pinned to CPU {a.busy_cpu}' if a.busy and a.busy_cpu is not None else ''}; layers: "
@@ -327,7 +330,8 @@ def main(argv: list[str] | None = None) -> int:
             json.dump(dict(meta=dict(meta, smoke=a.smoke, busy=a.busy, busy_cpu=a.busy_cpu,
                                      jax=jax.__version__,
                                      peak={k: {str(t): v for t, v in d.items()}
-                                           for k, d in peak.items()}),
+                                           for k, d in peak.items()},
+                                     peak_notes=peak_notes),
                            results=rows), fh, indent=1)
     return 0
 

@@ -63,9 +63,9 @@ def fresh(monkeypatch, tmp_path):
     calls = []
     real = tuning.search
 
-    def counted(rounds: int = 1):
+    def counted(rounds: int = 1, confirm_rounds: int = 1):
         calls.append(rounds)
-        return real(rounds=1)
+        return real(rounds=1, confirm_rounds=1)
 
     monkeypatch.setattr(tuning, "search", counted)
     saved = dict(_native.params())
@@ -175,6 +175,13 @@ def test_the_search_is_cached_reused_rerun_and_cleared(fresh, monkeypatch, tmp_p
     assert got["entry"] == str(entry)
     record = json.loads(entry.read_text())
     assert record["params"] == first and record["isa"] == _native.isa()
+    # The entry keeps the search's scores and conditions, and explain shows why.
+    report = record["search"]
+    assert set(report["steps"]) == {name for name, _, _ in tuning._STEPS}
+    assert report["conditions"]["rounds"] == 1 and report["conditions"]["cpu_s"] > 0
+    assert got["search"] == report and got["why"].startswith("searched at ")
+    text = str(jaxconv.explain("max_plus", platform="cpu", engine="native"))
+    assert "tuning (search): " in text and "; searched at " in text
     # A second process (here: a fresh start) reads the entry without searching.
     tuning._reset_for_tests()
     assert tuning.ensure() == first and len(fresh) == 1
@@ -207,24 +214,180 @@ def test_the_search_is_cached_reused_rerun_and_cleared(fresh, monkeypatch, tmp_p
 
 
 def test_the_search_picks_a_valid_set():
-    chosen, timings = tuning.search(rounds=1)
+    chosen, report = tuning.search(rounds=1, confirm_rounds=1)
     assert tuning.validate(chosen) == chosen and set(chosen) == set(tuning.fields())
-    assert set(timings) == {"panels", "tile", "bcast", "fma_add", "keyed", "min_form"}
-    assert all(v > 0 for part in timings.values() for v in part.values())
+    steps = report["steps"]
+    assert set(steps) == {"panels", "tile", "bcast", "fma_add", "keyed", "min_form"}
+    assert all(v > 0 for step in steps.values() for v in step["screen"].values())
+    cond = report["conditions"]
+    assert cond["rounds"] == 1 and cond["confirm_rounds"] == 1 and cond["wall_s"] > 0
+    assert isinstance(cond["busy"], bool) and len(cond["load_per_cpu"]) == 2
 
 
-@pytest.mark.parametrize(("tile_score", "taken"), [(0.91, False), (0.85, True)])
-def test_the_other_tile_needs_a_clear_gain(monkeypatch, tile_score, taken):
-    """A small, noisy lead of the other register tile leaves the default (one such search
-    cached a forward 1.5x slower); a clear one takes it."""
+def _synthetic(monkeypatch, screen, confirm, final=0.9):
+    """Replaces the timings with synthetic scores: in step `name`, the first candidate after
+    the current choice screens at ``screen[name]`` and re-times (paired) at
+    ``confirm[name]``, every other candidate at 1.0; a pair timed a second time (the chosen
+    set against the defaults, after the step that made it) at `final`. Returns the list of
+    paired re-timings asked for: (base, candidate)."""
+
+    def step(base, cand):
+        diff = {k for k in cand if cand[k] != base[k]}
+        return "panels" if diff <= {"panel_kib", "block_kib"} else diff.pop()
+
     def scores(cands, probs, rounds):
-        other = [c for c in cands if c["tile"] != tuning.defaults()["tile"]]
-        return [tile_score if other and c is other[0] else 1.0 for c in cands]
+        name = step(cands[0], cands[1])
+        return [1.0, screen.get(name, 1.0)] + [1.0] * (len(cands) - 2)
+
+    paired = []
+
+    def pair(base, cand, probs, rounds):
+        again = (base, cand) in paired
+        paired.append((dict(base), dict(cand)))
+        got = final if again else confirm.get(step(base, cand), 1.0)
+        return got, [got] * len(probs)
 
     monkeypatch.setattr(tuning, "_scores", scores)
-    chosen, timings = tuning.search(rounds=1)
-    assert timings["tile"][str(1 - tuning.defaults()["tile"])] == tile_score
-    assert (chosen["tile"] != tuning.defaults()["tile"]) == taken
+    monkeypatch.setattr(tuning, "_paired", pair)
+    return paired
+
+
+@pytest.mark.parametrize("name", ["panels", "tile", "bcast", "fma_add", "keyed", "min_form"])
+@pytest.mark.parametrize(("screen", "confirm", "taken"), [
+    (0.97, 0.5, False),  # a noise-level lead in the screening: not even re-timed
+    (0.80, 0.97, False),  # a lead the paired re-timing does not confirm
+    (0.80, 0.80, True),  # a real lead, confirmed
+])
+def test_only_a_confirmed_clear_lead_replaces_a_default(monkeypatch, name, screen, confirm,
+                                                          taken):
+    """Every searched parameter needs its margin twice: in the screening (best of rounds) and
+    in the paired re-timing against the current choice (one search under load cached
+    tile=1, block_kib=4096 on leads of a few percent: layer A's forward ~1.8x slower)."""
+    paired = _synthetic(monkeypatch, {name: screen}, {name: confirm})
+    chosen, report = tuning.search(rounds=1, confirm_rounds=3)
+    step = report["steps"][name]
+    assert step["screen"][step["challenger"]] == screen
+    assert (step["confirm"] is None) == (screen >= tuning._MARGINS[name])
+    assert len(paired) == (0 if screen >= tuning._MARGINS[name] else 1 + taken)
+    base = tuning.defaults()
+    if name == "panels":
+        expected = {**base, "panel_kib": tuning._PANELS[1][0], "block_kib": tuning._PANELS[1][1]}
+    else:
+        expected = {**base, name: 1 - base[name]}
+    assert chosen == (expected if taken else base)
+    assert (step["chosen"] == step["challenger"]) == taken
+    assert (report["final"] is not None) == taken
+    # The account names the step, its scores and its margin.
+    why = tuning.summary(report)
+    assert f"{name} {step['chosen']} ({step['challenger']} {screen:.2f}x" in why
+
+
+@pytest.mark.parametrize(("score", "margin", "taken"), [(0.91, 0.9, False), (0.85, 0.9, True),
+                                                        (0.96, 0.95, False),
+                                                        (0.93, 0.95, True)])
+def test_the_margins(monkeypatch, score, margin, taken):
+    """The register tile needs 10% (its timings spread most), the others 5%: a lead just
+    short of the margin, screened and confirmed, keeps the default."""
+    name = "tile" if margin == 0.9 else "keyed"
+    _synthetic(monkeypatch, {name: score}, {name: score})
+    chosen, report = tuning.search(rounds=1, confirm_rounds=3)
+    assert report["steps"][name]["margin"] == margin
+    assert (chosen[name] != tuning.defaults()[name]) == taken
+
+
+def test_a_set_that_does_not_beat_the_defaults_is_dropped(monkeypatch):
+    """Two confirmed steps whose set, timed against the defaults, is not faster: the
+    defaults stay (and the report says so)."""
+    paired = []
+
+    def scores(cands, probs, rounds):
+        diff = {k for c in cands[1:] for k in c if c[k] != cands[0][k]}
+        lead = diff <= {"panel_kib", "block_kib"} or diff == {"tile"}
+        return [1.0] + [0.8 if lead and i == 1 else 1.0 for i in range(1, len(cands))]
+
+    def pair(base, cand, probs, rounds):
+        paired.append((dict(base), dict(cand)))
+        both = cand["tile"] != base["tile"] and cand["panel_kib"] != base["panel_kib"]
+        return (1.02 if both else 0.8), [1.0] * len(probs)
+
+    monkeypatch.setattr(tuning, "_scores", scores)
+    monkeypatch.setattr(tuning, "_paired", pair)
+    chosen, report = tuning.search(rounds=1, confirm_rounds=3)
+    assert len(paired) == 3 and paired[-1][0] == tuning.defaults()
+    assert report["final"]["score"] == 1.02 and report["final"]["kept"] is False
+    assert chosen == tuning.defaults()
+    assert "dropped" in tuning.summary(report)
+
+
+def test_the_paired_retiming_alternates_and_takes_medians(monkeypatch):
+    """`_paired` times the pair back to back, the current choice first in even rounds, and
+    one disturbed pair does not move a problem's median."""
+    calls = []
+    slow = {3}  # the fourth pair's challenger run is disturbed (5x)
+
+    def fake_time(prob, values, reps):
+        calls.append(values["tile"])
+        pair = (len(calls) - 1) // 2
+        t = 1.0 if values["tile"] == 0 else 0.9
+        return t * (5.0 if values["tile"] == 1 and pair in slow else 1.0)
+
+    monkeypatch.setattr(tuning, "_time", fake_time)
+    base = tuning.defaults()
+    score, per = tuning._paired(dict(base, tile=0), dict(base, tile=1), [tuning._DENSE], 7)
+    assert calls == [0, 1, 1, 0, 0, 1, 1, 0, 0, 1, 1, 0, 0, 1]
+    assert per == [pytest.approx(0.9)] and score == pytest.approx(0.9)
+
+
+def test_an_entry_made_under_load_is_searched_again_when_quiet(fresh, monkeypatch, tmp_path):
+    """The entry records the load; one made under load is redone by the first process that
+    starts on a quiet machine, and kept while the machine stays busy."""
+    monkeypatch.setattr(tuning, "_load_per_cpu", lambda: 3.0)
+    tuning.ensure()
+    entry = tmp_path / "tuning" / f"params-{tuning.cache_key()}.json"
+    assert json.loads(entry.read_text())["search"]["conditions"]["busy"] is True
+    tuning._reset_for_tests()
+    tuning.ensure()
+    assert len(fresh) == 1 and tuning.params()["source"] == "cache"  # still busy: kept
+    monkeypatch.setattr(tuning, "_load_per_cpu", lambda: 0.2)
+    tuning._reset_for_tests()
+    tuning.ensure()
+    assert len(fresh) == 2
+    assert tuning.params()["source"] == "search (the entry was made under load)"
+    assert json.loads(entry.read_text())["search"]["conditions"]["busy"] is False
+    tuning._reset_for_tests()
+    tuning.ensure()
+    assert len(fresh) == 2 and tuning.params()["source"] == "cache"
+
+
+def test_an_entry_of_the_earlier_search_is_searched_again(fresh, tmp_path):
+    """Entries of the search before the confirmations (no record format) are not trusted."""
+    tuning.ensure()
+    entry = tmp_path / "tuning" / f"params-{tuning.cache_key()}.json"
+    record = json.loads(entry.read_text())
+    old = {k: v for k, v in record.items() if k not in ("search_version", "search")}
+    entry.write_text(json.dumps({**old, "params": {**record["params"], "tile": 1},
+                                 "timings": {}}))
+    tuning._reset_for_tests()
+    tuning.ensure()
+    assert len(fresh) == 2 and tuning.params()["source"] == "search"
+    assert json.loads(entry.read_text())["search_version"] == tuning._SEARCH_VERSION
+
+
+def test_the_peak_probe_places_its_threads():
+    """The probe runs its threads on CPUs of their own where the process has enough, says
+    so, and gives the calling thread its CPU set back."""
+    import os  # noqa: PLC0415
+
+    before = os.sched_getaffinity(0)
+    one = _native.peak_probe("add_max", 1, 0.01)
+    assert one["gterms_per_s"] > 0 and 0 < one["overlap"] <= 1.05
+    assert one["distinct_cpus"] is True
+    many = _native.peak_probe("add_max", len(before) + 1, 0.01)
+    assert many["distinct_cpus"] is False  # more threads than CPUs
+    if len(before) >= 2:
+        two = _native.peak_probe("add_max", 2, 0.01)
+        assert isinstance(two["distinct_cpus"], bool) and two["gterms_per_s"] > 0
+    assert os.sched_getaffinity(0) == before
 
 
 _ISA_SCRIPT = r"""

@@ -43,10 +43,12 @@ Array = jax.Array
 
 
 def _tuning_line() -> str:
-    """The tuning parameters this process runs with, and where they came from."""
+    """The tuning parameters this process runs with, where they came from, and (after a
+    search, fresh or cached) what it measured and why it chose them."""
     got = tuning.params()
     values = " ".join(f"{k}={v}" for k, v in got["params"].items())
-    return f"tuning ({got['source']}): {values}"
+    why = f"; {got['why']}" if got["why"] else ""
+    return f"tuning ({got['source']}): {values}{why}"
 
 
 def _winner(problem: Problem) -> bool:

@@ -27,8 +27,10 @@ How a process picks its parameters, at the native engine's first use (`ensure`):
 
 1. ``JAXCONV_NATIVE_TUNE`` = ``on`` (the default) takes the entry of this CPU from the cache,
    or runs the search (`search`: single-threaded timings of a few small representative
-   forwards, about 0.15 s of CPU time) and stores it; ``rerun`` searches again and overwrites
-   the entry; ``off`` keeps the compiled-in defaults (no search, no file).
+   forwards, a few tenths of a second of CPU time) and stores it; ``rerun`` searches again
+   and overwrites the entry; ``off`` keeps the compiled-in defaults (no search, no file).
+   An entry whose search ran under load (load average above one per CPU) is searched again
+   by the first process that starts on a quiet machine (load under half a CPU each), once.
 2. ``JAXCONV_NATIVE_PARAMS`` overrides fields on top: ``"panel_kib=32,keyed=0"`` (comma
    separated ``name=integer``; ``default`` alone means the compiled-in defaults). A name not
    in the list, a value that is not an integer or out of its range raises ``ValueError``.
@@ -37,23 +39,32 @@ The cache lives next to the user-kernel cache: ``<cache>/tuning/params-<key>.jso
 ``<cache>`` is ``$JAXCONV_CACHE_DIR``, else ``$XDG_CACHE_HOME/jaxconv``, else
 ``~/.cache/jaxconv``, and ``<key>`` hashes the CPU model, the instruction set, the jaxconv
 version, the kernels' ABI and the parameter list. An entry is read only from a trusted
-directory (the user-kernel cache's rule) and only if it names its key and every field within
-range; anything else is searched again. `clear_cache` (or deleting the directory) clears it;
-`retune` searches again now.
+directory (the user-kernel cache's rule) and only if it names its key, this search's record
+format and every field within range; anything else is searched again. `clear_cache` (or
+deleting the directory) clears it; `retune` searches again now.
 
-`params` says what this process runs with and where it came from.
+The search is built against noise: a parameter leaves its current value only when a
+challenger leads by the parameter's margin (5%, the register tile 10%) in a screening and
+again in paired, interleaved re-timings (medians), and a set other than the defaults must
+beat them once more, paired. The entry keeps every score and the conditions (load, CPUs,
+rounds, the search's own CPU time): `params` (``why``) and ``explain`` show them.
+
+`params` says what this process runs with, where it came from and why.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import hashlib
 import json
 import os
 import pathlib
 import platform
+import statistics
 import tempfile
 import threading
+import time
 from typing import Any
 
 from jaxconv._src.version import __version__
@@ -63,7 +74,8 @@ ENV_TUNE = "JAXCONV_NATIVE_TUNE"
 _TUNE_MODES = ("on", "off", "rerun")
 
 _lock = threading.RLock()
-_state: dict[str, Any] = {"done": False, "params": None, "source": None, "path": None}
+_state: dict[str, Any] = {"done": False, "params": None, "source": None, "path": None,
+                          "report": None}
 
 
 def _native() -> Any:
@@ -205,14 +217,15 @@ def _entry() -> pathlib.Path:
     return cache_dir() / f"params-{cache_key()}.json"
 
 
-def _read(path: pathlib.Path) -> dict[str, int] | None:
-    """A verified entry's parameters, or ``None`` (missing, untrusted or malformed).
+def _read(path: pathlib.Path) -> tuple[dict[str, int], dict[str, Any]] | None:
+    """A verified entry's parameters and search report, or ``None`` (missing, untrusted,
+    malformed, or written by another version of the search).
 
     Args:
         path: the entry's file.
 
     Returns:
-        The parameters, or ``None``.
+        ``(params, report)``, or ``None``.
     """
     from jaxconv._src.engines.native import user_kernels  # noqa: PLC0415
 
@@ -223,23 +236,35 @@ def _read(path: pathlib.Path) -> dict[str, int] | None:
         if user_kernels.distrust(path) is not None:
             return None
         meta = json.loads(path.read_text())
-        if not isinstance(meta, dict) or meta.get("key") != cache_key():
+        if (not isinstance(meta, dict) or meta.get("key") != cache_key()
+                or meta.get("search_version") != _SEARCH_VERSION):
             return None
-        got = meta.get("params")
-        if not isinstance(got, dict) or set(got) != set(fields()):
+        got, report = meta.get("params"), meta.get("search")
+        if not isinstance(got, dict) or set(got) != set(fields()) or not isinstance(report, dict):
             return None
-        return validate(got)
+        return validate(got), report
     except (OSError, ValueError):
         return None
 
 
-def _write(path: pathlib.Path, values: dict[str, int], timings: dict[str, Any]) -> bool:
+def _stale(report: dict[str, Any]) -> bool:
+    """Whether an entry is to be searched again now: it was made under load (`_BUSY_LOAD`)
+    and the machine is quiet now (`_QUIET_LOAD`), so that a search under load is redone once
+    a quiet moment comes, and never repeated while the machine stays busy."""
+    cond = report.get("conditions")
+    if not isinstance(cond, dict) or not cond.get("busy"):
+        return False
+    now = _load_per_cpu()
+    return now is not None and now < _QUIET_LOAD
+
+
+def _write(path: pathlib.Path, values: dict[str, int], report: dict[str, Any]) -> bool:
     """Writes the parameters to the cache atomically, if the cache is trusted and writable.
 
     Args:
         path: the entry's file.
         values: the parameters.
-        timings: the search's measurements, kept in the record.
+        report: the search's report (its scores and conditions), kept in the record.
 
     Returns:
         True if written.
@@ -251,7 +276,7 @@ def _write(path: pathlib.Path, values: dict[str, int], timings: dict[str, Any]) 
     if not (where.trusted and where.writable):
         return False
     record = {"key": cache_key(), "cpu": cpu_model(), "isa": str(_native().isa()),
-              "params": values, "timings": timings}
+              "params": values, "search_version": _SEARCH_VERSION, "search": report}
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".params-")
         with os.fdopen(fd, "w") as f:
@@ -271,11 +296,29 @@ _CONV = (0, 2, 18, 18, 64, 3, 64)
 # (panel_kib, block_kib) candidates, the compiled-in default first.
 _PANELS = ((16, 192), (64, 192), (128, 192), (16, 1024), (128, 1024), (16, 4096))
 _OPS = {"max_plus": 0, "max_min": 2, "adder": 4}
-# A choice that changes a sum's rounding must win by this much to replace the default.
-_ROUNDING_MARGIN = 0.95
-# The other register tile must win by this much: its timings here spread by ~10% from run to
-# run, and one search that read tile=1 at 0.91x cached a layer-A forward ~1.5x slower (Zen 4).
-_TILE_MARGIN = 0.9
+# The search's steps in order: (name, op, problems). "panels" sets panel_kib and block_kib
+# together; each other step is one 0/1 parameter of that name.
+_STEPS = (("panels", "max_plus", (_DENSE, _CONV_BIG, _CONV)),
+          ("tile", "max_plus", (_DENSE, _CONV_BIG, _CONV)),
+          ("bcast", "max_plus", (_DENSE, _CONV)),
+          ("fma_add", "max_plus", (_DENSE,)),
+          ("keyed", "max_min", (_DENSE,)),
+          ("min_form", "adder", (_CONV,)))
+# A challenger replaces the current choice only when its time relative to it is below the
+# step's margin, both in the screening and in the paired re-timing. Under load the screening
+# reads 5-10% leads that are not there (one search cached tile=1, block_kib=4096: layer A's
+# forward ~1.8x slower on Zen 4); the other register tile's timings spread most, and the min
+# form changes a sum's rounding.
+_MARGINS = {"panels": 0.95, "tile": 0.9, "bcast": 0.95, "fma_add": 0.95, "keyed": 0.95,
+            "min_form": 0.95}
+# Paired rounds (current, challenger, then challenger, current, ...) of a confirmation.
+_CONFIRM_ROUNDS = 7
+# The search's record format (an entry of another format is searched again).
+_SEARCH_VERSION = 2
+# Load average per CPU above which a search counts as made under load, and below which a
+# later process searches such an entry again (once the machine is quiet).
+_BUSY_LOAD = 1.0
+_QUIET_LOAD = 0.5
 
 
 def _time(problem: tuple[int, ...], values: dict[str, int], reps: int) -> float:
@@ -293,13 +336,22 @@ def _time(problem: tuple[int, ...], values: dict[str, int], reps: int) -> float:
     return float(_native().time_forward(op, n, h, w, c, k, o, reps, values))
 
 
+def _geomean(ratios: list[float]) -> float:
+    """The geometric mean of positive ratios (``inf`` if one is not)."""
+    prod = 1.0
+    for r in ratios:
+        prod *= r if r > 0 else float("inf")
+    return prod ** (1.0 / len(ratios))
+
+
 def _scores(cands: list[dict[str, int]], problems: list[tuple[int, ...]],
             rounds: int) -> list[float]:
-    """Each candidate's geometric mean over `problems` of its best time relative to the
-    first candidate's (rounds interleaved, so that a slow moment hits every candidate).
+    """The screening: each candidate's geometric mean over `problems` of its best time
+    relative to the first candidate's (rounds interleaved, so that a slow moment hits every
+    candidate).
 
     Args:
-        cands: the candidate parameter sets, the default first.
+        cands: the candidate parameter sets, the current choice first.
         problems: the forward problems timed.
         rounds: how many interleaved rounds.
 
@@ -311,79 +363,200 @@ def _scores(cands: list[dict[str, int]], problems: list[tuple[int, ...]],
         for i, cand in enumerate(cands):
             for j, prob in enumerate(problems):
                 t[i][j] = min(t[i][j], _time(prob, cand, 2))
-    scores = []
-    for row in t:
-        prod = 1.0
-        for a, b in zip(row, t[0], strict=True):
-            prod *= a / b if a > 0 and b > 0 else float("inf")
-        scores.append(prod ** (1.0 / len(row)))
-    return scores
+    return [_geomean([a / b if a > 0 and b > 0 else float("inf")
+                      for a, b in zip(row, t[0], strict=True)]) for row in t]
 
 
-def search(rounds: int = 3) -> tuple[dict[str, int], dict[str, Any]]:
+def _paired(base: dict[str, int], cand: dict[str, int], problems: list[tuple[int, ...]],
+            rounds: int) -> tuple[float, list[float]]:
+    """The confirmation: `cand`'s time relative to `base`'s in paired rounds.
+
+    Each round times both sets back to back on each problem (``base`` first in even rounds,
+    ``cand`` first in odd ones), so that a slow moment hits both members of a pair; a pair's
+    ratio is ``cand / base`` in thread CPU time, and a problem's ratio is the median over
+    rounds (one disturbed pair does not move it).
+
+    Args:
+        base: the current choice.
+        cand: the challenger.
+        problems: the forward problems timed.
+        rounds: how many paired rounds.
+
+    Returns:
+        ``(score, per_problem)``: the geometric mean over problems of the median ratios, and
+        those medians.
+    """
+    ratios: list[list[float]] = [[] for _ in problems]
+    for r in range(rounds):
+        for j, prob in enumerate(problems):
+            if r % 2:
+                tc, tb = _time(prob, cand, 1), _time(prob, base, 1)
+            else:
+                tb, tc = _time(prob, base, 1), _time(prob, cand, 1)
+            ratios[j].append(tc / tb if tc > 0 and tb > 0 else float("inf"))
+    medians = [statistics.median(rs) for rs in ratios]
+    return _geomean(medians), medians
+
+
+def _load_per_cpu() -> float | None:
+    """The 1-minute load average over the CPUs this process may use (``None`` if unknown)."""
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cpus = os.cpu_count() or 1
+    return load / max(cpus, 1)
+
+
+def search(rounds: int = 3, confirm_rounds: int = _CONFIRM_ROUNDS
+           ) -> tuple[dict[str, int], dict[str, Any]]:
     """Measures the candidate parameters on small problems and returns the best set.
 
     Each candidate runs single-threaded on fixed data, timed in the thread's CPU time (time
-    spent descheduled on a busy machine does not count), best of `rounds` interleaved
-    rounds. In turn: the panel sizes and the register tile (max_plus on a dense and two 3x3
-    problems), the embedded broadcasts (max_plus, a 3x3 and the dense problem), the adds
-    (max_plus, dense), integer keys or float min/max (max_min, dense) and the min form or the
-    direct loop (adder, 3x3; the min form, which rounds differently, and the other register
-    tile, whose timings spread most, are taken only for a clear gain). ``items`` and
+    spent descheduled on a busy machine does not count). In turn (`_STEPS`): the panel sizes
+    and the register tile (max_plus on a dense and two 3x3 problems), the embedded broadcasts
+    (max_plus, a 3x3 and the dense problem), the adds (max_plus, dense), integer keys or float
+    min/max (max_min, dense) and the min form or the direct loop (adder, 3x3). ``items`` and
     ``lanes`` (the thread split, which a single-threaded timing cannot judge) keep their
     defaults.
 
+    A step first screens its candidates against the current choice (best of `rounds`
+    interleaved rounds). The fastest, if it leads by the step's margin (`_MARGINS`), is then
+    re-timed against the current choice in `confirm_rounds` paired rounds (medians of the
+    pairs' ratios, `_paired`) and taken only if it still leads by the margin. If the set that
+    results is not the defaults, it is timed against them once more (paired, on the problems
+    of the steps that changed) and dropped for the defaults unless it is faster.
+
     Args:
-      rounds: interleaved rounds per candidate.
+      rounds: screening rounds per candidate.
+      confirm_rounds: paired rounds of a confirmation.
 
     Returns:
-      ``(params, timings)``: the chosen set and, per choice, each candidate's time relative
-      to the first.
+      ``(params, report)``: the chosen set and what the choice rests on: ``steps`` (per step:
+      ``screen`` {label: time relative to the current choice}, ``challenger``, ``confirm``
+      (its paired relative time, or ``None`` when it was not re-timed), ``margin``,
+      ``chosen``), ``final`` (the chosen set against the defaults, or ``None`` when they are
+      the defaults) and ``conditions`` (load per CPU before and after, CPUs, rounds, the
+      search's CPU and wall seconds, when).
 
     Example:
       >>> from jaxconv._src.engines.native import tuning
-      >>> chosen, _ = tuning.search(rounds=1)
+      >>> chosen, report = tuning.search(rounds=1, confirm_rounds=1)
       >>> sorted(chosen) == sorted(tuning.fields())
       True
     """
-    chosen = defaults()
-    timings: dict[str, Any] = {}
-
-    def pick(name: str, cands: list[dict[str, int]], labels: list[str], op: str,
-             problems: list[tuple[int, ...]], margin: float = 1.0) -> None:
+    cpu0, wall0, load0 = time.thread_time(), time.perf_counter(), _load_per_cpu()
+    base = defaults()
+    chosen = dict(base)
+    steps: dict[str, Any] = {}
+    changed: list[tuple[int, ...]] = []
+    for name, op, problems in _STEPS:
         probs = [(_OPS[op], *p[1:]) for p in problems]
-        scores = _scores(cands, probs, rounds)
-        timings[name] = dict(zip(labels, scores, strict=True))
-        best = min(range(len(cands)), key=scores.__getitem__)
-        if scores[best] < margin * scores[0]:
-            chosen.update(cands[best])
+        if name == "panels":
+            cands = [dict(chosen, panel_kib=p, block_kib=b) for p, b in _PANELS]
+            labels = [f"{p}/{b}" for p, b in _PANELS]
+            first = cands.index(chosen) if chosen in cands else None
+            if first is None:
+                cands.insert(0, dict(chosen))
+                labels.insert(0, f"{chosen['panel_kib']}/{chosen['block_kib']}")
+            else:
+                cands.insert(0, cands.pop(first))
+                labels.insert(0, labels.pop(first))
         else:
-            chosen.update(cands[0])
+            cands = [dict(chosen), dict(chosen, **{name: 1 - chosen[name]})]
+            labels = [str(chosen[name]), str(1 - chosen[name])]
+        margin = _MARGINS[name]
+        scores = _scores(cands, probs, rounds)
+        best = min(range(1, len(cands)), key=scores.__getitem__)
+        step: dict[str, Any] = {"screen": dict(zip(labels, scores, strict=True)),
+                                "challenger": labels[best], "confirm": None, "margin": margin,
+                                "chosen": labels[0]}
+        if scores[best] < margin:
+            score, per_problem = _paired(cands[0], cands[best], probs, confirm_rounds)
+            step.update(confirm=score, confirm_problems=per_problem)
+            if score < margin:
+                chosen = dict(cands[best])
+                step["chosen"] = labels[best]
+                changed.extend(p for p in probs if p not in changed)
+        steps[name] = step
+    final = None
+    if chosen != base:
+        score, per_problem = _paired(base, chosen, changed, confirm_rounds)
+        final = {"score": score, "problems": per_problem, "kept": score < 1.0}
+        if not final["kept"]:
+            chosen = dict(base)
+    load1 = _load_per_cpu()
+    loads = [x for x in (load0, load1) if x is not None]
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cpus = os.cpu_count() or 1
+    conditions = {"load_per_cpu": [load0, load1], "cpus": cpus, "busy": bool(loads) and
+                  max(loads) > _BUSY_LOAD, "rounds": rounds, "confirm_rounds": confirm_rounds,
+                  "cpu_s": round(time.thread_time() - cpu0, 4),
+                  "wall_s": round(time.perf_counter() - wall0, 4),
+                  "when": datetime.datetime.now(datetime.UTC).isoformat(
+                      timespec="seconds")}
+    return validate(chosen), {"steps": steps, "final": final, "conditions": conditions}
 
-    pick("panels", [dict(chosen, panel_kib=p, block_kib=b) for p, b in _PANELS],
-         [f"{p}/{b}" for p, b in _PANELS], "max_plus", [_DENSE, _CONV_BIG, _CONV])
-    for name, op, problems, margin in (("tile", "max_plus", [_DENSE, _CONV_BIG, _CONV],
-                                         _TILE_MARGIN),
-                                        ("bcast", "max_plus", [_DENSE, _CONV], 1.0),
-                                        ("fma_add", "max_plus", [_DENSE], 1.0),
-                                        ("keyed", "max_min", [_DENSE], 1.0),
-                                        ("min_form", "adder", [_CONV], _ROUNDING_MARGIN)):
-        first = chosen[name]
-        pick(name, [dict(chosen), dict(chosen, **{name: 1 - first})],
-             [str(first), str(1 - first)], op, problems, margin)
-    return validate(chosen), timings
+
+def summary(report: dict[str, Any] | None) -> str:
+    """One line saying what a search measured and why it chose what it did.
+
+    Args:
+      report: `search`'s report (as kept in the cache entry), or ``None``.
+
+    Returns:
+      E.g. ``"searched at load 4.9/CPU (2 CPUs), 3 + 7 paired rounds, 0.31 s CPU: panels
+      16/192 (16/1024 0.93x, paired 0.97x, needs < 0.95); tile 0 (1 1.04x); ..."``, or ``""``.
+    """
+    if not report:
+        return ""
+    cond = report.get("conditions", {})
+    loads = [x for x in cond.get("load_per_cpu", []) if x is not None]
+    load = f"load {max(loads):.1f}/CPU" if loads else "load unknown"
+    parts = []
+    steps = report.get("steps", {})
+    for name in [n for n, _, _ in _STEPS if n in steps]:
+        step = steps[name]
+        lead = f"{step['challenger']} {step['screen'][step['challenger']]:.2f}x"
+        if step.get("confirm") is not None:
+            lead += f", paired {step['confirm']:.2f}x"
+        if step["chosen"] == step["challenger"] or step.get("confirm") is not None:
+            lead += f", needs < {step['margin']:.2f}"
+        parts.append(f"{name} {step['chosen']} ({lead})")
+    final = report.get("final")
+    if final:
+        parts.append(f"the set {final['score']:.2f}x the defaults"
+                     + ("" if final["kept"] else ", dropped"))
+    return (f"searched at {load} ({cond.get('cpus', '?')} CPUs), {cond.get('rounds', '?')} + "
+            f"{cond.get('confirm_rounds', '?')} paired rounds, {cond.get('cpu_s', 0):.2f} s "
+            f"CPU{' (under load)' if cond.get('busy') else ''}: " + "; ".join(parts))
 
 
-def _apply(values: dict[str, int], source: str, path: pathlib.Path | None) -> None:
+def _apply(values: dict[str, int], source: str, path: pathlib.Path | None,
+           report: dict[str, Any] | None) -> None:
     """Sets the parameters in the extension and records where they came from.
 
     Args:
         values: the parameters.
         source: where they come from (for ``explain``).
         path: the cache file, or ``None``.
+        report: the search's report behind them, or ``None``.
     """
     _native().set_params(values)
-    _state.update(done=True, params=dict(values), source=source, path=path)
+    _state.update(done=True, params=dict(values), source=source, path=path, report=report)
+
+
+def _search_and_store(path: pathlib.Path) -> tuple[dict[str, int], dict[str, Any],
+                                                   pathlib.Path | None]:
+    """Runs the search and stores it in `path`; returns the set, its report and the path
+    (``None`` when it could not be written)."""
+    values, report = search()
+    return values, report, path if _write(path, values, report) else None
 
 
 def ensure() -> dict[str, int]:
@@ -400,41 +573,43 @@ def ensure() -> dict[str, int]:
             return dict(_state["params"])
         override = parse(os.environ.get(ENV_PARAMS, ""))
         mode = tune_mode()
-        values, source, path = defaults(), "default", None
+        values, source, path, report = defaults(), "default", None, None
         if mode != "off" and set(override) != set(values):
             path = _entry()
             got = _read(path) if mode == "on" else None
-            if got is not None:
-                values, source = got, "cache"
+            if got is not None and not _stale(got[1]):
+                (values, report), source = got, "cache"
             else:
-                values, timings = search()
-                source = "search"
-                if not _write(path, values, timings):
-                    path = None
+                values, report, path = _search_and_store(path)
+                source = "search" if got is None else "search (the entry was made under load)"
         if override:
             values = {**values, **override}
             source = f"{source}+{ENV_PARAMS}"
-        _apply(values, source, path)
+        _apply(values, source, path, report)
         return dict(values)
 
 
 def params() -> dict[str, Any]:
-    """The parameters this process runs with, where they came from, and the cache entry.
+    """The parameters this process runs with, where they came from, the cache entry, and why
+    the search chose them.
 
     Returns:
-      ``{"params": {...}, "source": "default" | "cache" | "search" (with
-      ``"+JAXCONV_NATIVE_PARAMS"`` when overridden) | "set", "entry": path or None}``, after
+      ``{"params": {...}, "source": "default" | "cache" | "search" (``"search (the entry was
+      made under load)"`` when a busy search was redone on a quiet machine; with
+      ``"+JAXCONV_NATIVE_PARAMS"`` when overridden) | "set", "entry": path or None,
+      "search": the search's report (`search`) or None, "why": its `summary`}``, after
       `ensure`.
 
     Example:
       >>> from jaxconv._src.engines.native import tuning
       >>> sorted(tuning.params())
-      ['entry', 'params', 'source']
+      ['entry', 'params', 'search', 'source', 'why']
     """
     ensure()
     with _lock:
         return {"params": dict(_native().params()), "source": _state["source"],
-                "entry": None if _state["path"] is None else str(_state["path"])}
+                "entry": None if _state["path"] is None else str(_state["path"]),
+                "search": _state["report"], "why": summary(_state["report"])}
 
 
 def set_params(values: dict[str, int]) -> None:
@@ -448,7 +623,8 @@ def set_params(values: dict[str, int]) -> None:
     """
     ensure()
     with _lock:
-        _apply({**dict(_native().params()), **validate(values)}, "set", _state["path"])
+        _apply({**dict(_native().params()), **validate(values)}, "set", _state["path"],
+               _state["report"])
 
 
 def retune() -> dict[str, int]:
@@ -459,12 +635,10 @@ def retune() -> dict[str, int]:
       The parameters set.
     """
     with _lock:
-        values, timings = search()
-        path: pathlib.Path | None = _entry()
-        if not _write(path, values, timings):
-            path = None
+        values, report, path = _search_and_store(_entry())
         override = parse(os.environ.get(ENV_PARAMS, ""))
-        _apply({**values, **override}, "search" + (f"+{ENV_PARAMS}" if override else ""), path)
+        _apply({**values, **override}, "search" + (f"+{ENV_PARAMS}" if override else ""), path,
+               report)
         return {**values, **override}
 
 
@@ -486,4 +660,4 @@ def clear_cache() -> int:
 def _reset_for_tests() -> None:
     """Forgets this process's choice so that the next `ensure` picks again (tests)."""
     with _lock:
-        _state.update(done=False, params=None, source=None, path=None)
+        _state.update(done=False, params=None, source=None, path=None, report=None)
