@@ -174,3 +174,14 @@ def test_machine_description_reports_the_tuning_parameters():
     assert all(f"{k}={v}" in line for k, v in got.items())
     assert machine.describe_peak({}) == "# peak: (no probe in this build)"
     assert "fma 50/90" in machine.describe_peak({"fma": {1: 50.0, 2: 90.0}})
+    # Where the kernel parameters came from, and why (after a search: its scores and load).
+    origin = machine.tuning_origin()
+    assert f"# tuning ({origin['source']})" in line
+    # The probe's rates, and a note where its threads could not each have a CPU.
+    notes: list[str] = []
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+    got = machine.peak((1, cpus + 1), seconds=0.005, notes=notes)
+    assert all(v > 0 for d in got.values() for v in d.values())
+    assert len(notes) == 3 and all(f"at {cpus + 1} threads: not each on a CPU" in n
+                                   for n in notes)
+    assert "except: " in machine.describe_peak(got, notes)

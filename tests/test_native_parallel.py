@@ -195,6 +195,24 @@ def test_peak_probe_reports_positive_rates(kind):
     assert base["isa"] == "base" and base["lanes"] == 4 and base["gterms_per_s"] > 0
 
 
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="CPU sets are Linux's")
+def test_peak_probe_places_its_threads_on_cpus_of_their_own():
+    """The probe pins each thread to a CPU of its own where the process has enough, says
+    whether every thread stayed there, gives the calling thread its CPU set back, and its
+    CPU-time rate (which other processes' time slices do not lower) is positive."""
+    mod = ffi._load()
+    before = os.sched_getaffinity(0)
+    one = mod.peak_probe("add_max", 1, 0.01)
+    assert one["distinct_cpus"] is True and one["gterms_per_s_cpu"] > 0
+    assert 0 < one["overlap"] <= 1.05
+    many = mod.peak_probe("add_max", len(before) + 1, 0.01)
+    assert many["distinct_cpus"] is False  # more threads than CPUs
+    if len(before) >= 2:
+        two = mod.peak_probe("add_max", 2, 0.01)
+        assert isinstance(two["distinct_cpus"], bool) and two["gterms_per_s_cpu"] > 0
+    assert os.sched_getaffinity(0) == before
+
+
 @pytest.mark.parametrize("args,match", [
     (("fmaa", 1, 0.01), "kind"), (("fma", 0, 0.01), "threads"), (("fma", 1, 0.0), "seconds"),
     (("fma", 1, 0.01, "sse9"), "isa")])

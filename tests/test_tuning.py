@@ -397,23 +397,6 @@ def test_an_entry_of_the_earlier_search_is_searched_again(fresh, tmp_path):
     assert json.loads(entry.read_text())["search_version"] == tuning._SEARCH_VERSION
 
 
-def test_the_peak_probe_places_its_threads():
-    """The probe runs its threads on CPUs of their own where the process has enough, says
-    so, and gives the calling thread its CPU set back."""
-    import os  # noqa: PLC0415
-
-    before = os.sched_getaffinity(0)
-    one = _native.peak_probe("add_max", 1, 0.01)
-    assert one["gterms_per_s"] > 0 and 0 < one["overlap"] <= 1.05
-    assert one["distinct_cpus"] is True
-    many = _native.peak_probe("add_max", len(before) + 1, 0.01)
-    assert many["distinct_cpus"] is False  # more threads than CPUs
-    if len(before) >= 2:
-        two = _native.peak_probe("add_max", 2, 0.01)
-        assert isinstance(two["distinct_cpus"], bool) and two["gterms_per_s"] > 0
-    assert os.sched_getaffinity(0) == before
-
-
 _ISA_SCRIPT = r"""
 import json, sys, numpy as np, jax, jaxconv
 from jaxconv import _native
