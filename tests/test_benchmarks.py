@@ -185,3 +185,25 @@ def test_machine_description_reports_the_tuning_parameters():
     assert len(notes) == 3 and all(f"at {cpus + 1} threads: not each on a CPU" in n
                                    for n in notes)
     assert "except: " in machine.describe_peak(got, notes)
+
+
+
+def test_tuning_search_benchmark_counts_the_picks(tmp_path, monkeypatch):
+    """``benchmarks.tuning_search`` runs the search, counts its picks, costs them against the
+    defaults and puts the real timing back after a noisy run."""
+    sys.path.insert(0, ROOT)
+    from benchmarks import tuning_search
+    from jaxconv._src.engines.native import tuning
+
+    real_time, real_search = tuning._time, tuning.search
+    monkeypatch.setattr(tuning, "search", lambda: real_search(rounds=1, confirm_rounds=1))
+    out = tmp_path / "t.json"
+    assert tuning_search.main(["--searches", "2", "--noise", "0.1", "--cost-rounds", "1",
+                               "--json", str(out)]) == 0
+    assert tuning._time is real_time
+    data = json.loads(out.read_text())
+    assert len(data["runs"]) == 2 and sum(data["counts"].values()) == 2
+    assert all(r["cpu_s"] > 0 and r["why"].startswith("searched at ") for r in data["runs"])
+    for key, ratios in data["costs"].items():
+        assert key != "{}" and set(ratios) == set(tuning_search.COST_PROBLEMS)
+        assert all(v > 0 for v in ratios.values())
