@@ -6,16 +6,22 @@ Each round times, one after the other, the op in float32, in the low dtype, and 
 before ``csrc/kernel_bf16fuse_low.h``), forward and forward+backward (``jax.grad`` of a sum of
 the float32-converted output, both gradients). Per row: the median over rounds of the
 per-round ratio to float32 (which cancels drift of a shared machine's load), the per-call
-minimum in ms, and the ratio of process CPU time (every thread, XLA's included).
+minimum in ms, and the median over rounds of the per-round ratio of process CPU time (every
+thread, XLA's included).
+
+``--ops`` takes built-in op names and the user ops of `USER_OPS` (a combine compiled by the
+native engine's code generator, as researchers write them).
 
 Example::
 
     python -m benchmarks.low_own --layers A,E --ops max_plus,min_max --rounds 9 --old
+    JAXCONV_NATIVE_THREADS=1 python -m benchmarks.low_own --ops clip_max,gauss_sum --old
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -31,17 +37,29 @@ from jaxconv._src.engines.native import engine as native_engine
 
 LAYERS = {"A": ((8, 32, 32, 64), (3, 3, 64, 64)), "E": ((256, 1024), (1024, 1024))}
 
+# User ops (compiled kernels), by the name --ops takes.
+USER_OPS = {
+    "clip_max": jaxconv.Op(lambda a, b: jnp.clip(a * b, -1.0, 1.0), "max", name="clip_max"),
+    "tanh_sub_max": jaxconv.Op(lambda a, b: jnp.tanh(a - b), "max", name="tanh_sub_max"),
+    "max_times": jaxconv.Op(lambda a, b: a * b, "max", name="max_times"),
+    "neg_abs_sum": jaxconv.Op(lambda a, b: -jnp.abs(a - b), "sum", name="neg_abs_sum"),
+    "gauss_sum": jaxconv.Op(lambda a, b: jnp.exp(-(a - b) ** 2), "sum", name="gauss_sum"),
+    "fuzzy_max_min": jaxconv.Op(jnp.minimum, jnp.maximum, identity=-math.inf,
+                                name="fuzzy_max_min"),
+}
+
 
 def product(layer: str, op: str) -> Callable[[Any, Any], Any]:
     """The layer's product with `op` (a SAME 3x3 convolution, or a dense product).
 
     Args:
         layer: ``"A"`` or ``"E"``.
-        op: a built-in op's name.
+        op: a built-in op's name, or a key of `USER_OPS`.
 
     Returns:
         ``f(x, w)``.
     """
+    op = USER_OPS.get(op, op)
     if layer == "E":
         return lambda x, w: jaxconv.dot_general(x, w, (((1,), (0,)), ((), ())), op=op)
     dn = ("NHWC", "HWIO", "NHWC")
@@ -102,7 +120,7 @@ def run(layers: list[str], ops: list[str], dtypes: list[str], rounds: int, old: 
     """
     print(f"# load {os.getloadavg()[0]:.1f}, threads "
           f"{os.environ.get('JAXCONV_NATIVE_THREADS', 'all')}; ratios: median over rounds "
-          "of per-round ratios to the op in float32 (cpu: process CPU time ratio)")
+          "of per-round ratios to the op in float32 (cpu: the same, of process CPU time)")
     k = jax.random.split(jax.random.PRNGKey(0), 2)
     for layer in layers:
         xs, ws = LAYERS[layer]
@@ -134,7 +152,7 @@ def run(layers: list[str], ops: list[str], dtypes: list[str], rounds: int, old: 
                             continue
                         r = np.array(res[(name, j)])
                         ratio = np.median(r[:, 0] / base[:, 0])
-                        cpu = r[:, 1].sum() / max(base[:, 1].sum(), 1e-9)
+                        cpu = np.median(r[:, 1] / np.maximum(base[:, 1], 1e-9))
                         line += (f" {name} {r[:, 0].min() * 1e3:6.2f}ms {ratio:.3f}x"
                                  f" (cpu {cpu:.3f}x)")
                 print(line, flush=True)
