@@ -108,7 +108,8 @@ def timed(fn: Callable, args: tuple) -> tuple[float, float]:
     return time.perf_counter() - t0, time.process_time() - c0
 
 
-def run(layers: list[str], ops: list[str], dtypes: list[str], rounds: int, old: bool) -> None:
+def run(layers: list[str], ops: list[str], dtypes: list[str], rounds: int, old: bool,
+        parts: tuple[int, ...] = (0, 1)) -> None:
     """Times every (layer, op, dtype) row and prints it.
 
     Args:
@@ -117,6 +118,7 @@ def run(layers: list[str], ops: list[str], dtypes: list[str], rounds: int, old: 
         dtypes: ``"bfloat16"`` / ``"float16"``.
         rounds: timed rounds.
         old: also time the conversions around the float32 call.
+        parts: 0 (the forward) and / or 1 (forward+backward).
     """
     print(f"# load {os.getloadavg()[0]:.1f}, threads "
           f"{os.environ.get('JAXCONV_NATIVE_THREADS', 'all')}; ratios: median over rounds "
@@ -138,13 +140,13 @@ def run(layers: list[str], ops: list[str], dtypes: list[str], rounds: int, old: 
                     fns[name] = compiled(g, name == "old")
                     for fn in fns[name]:
                         jax.block_until_ready(fn(*args))
-                res = {(n, j): [] for n in fns for j in (0, 1)}
+                res = {(n, j): [] for n in fns for j in parts}
                 for _ in range(rounds):
-                    for j in (0, 1):
+                    for j in parts:
                         for name in fns:
                             res[(name, j)].append(timed(fns[name][j], kinds[name]))
                 line = f"{layer} {op:9s} {dt:8s}"
-                for j, part in ((0, "fwd"), (1, "f+b")):
+                for j, part in ((j, ("fwd", "f+b")[j]) for j in parts):
                     base = np.array(res[("f32", j)])
                     line += f" | {part} f32 {base[:, 0].min() * 1e3:6.2f}ms"
                     for name in fns:
@@ -173,8 +175,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtypes", default="bfloat16,float16")
     p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--old", action="store_true", help="also time XLA's conversions route")
+    p.add_argument("--parts", default="fwd,fb", help="fwd and / or fb (forward+backward)")
     a = p.parse_args(argv)
-    run(a.layers.split(","), a.ops.split(","), a.dtypes.split(","), a.rounds, a.old)
+    parts = tuple(("fwd", "fb").index(q) for q in a.parts.split(","))
+    run(a.layers.split(","), a.ops.split(","), a.dtypes.split(","), a.rounds, a.old, parts)
     return 0
 
 
