@@ -141,9 +141,11 @@ def run(layers: list[str], ops: list[str], dtypes: list[str], rounds: int, old: 
                     for fn in fns[name]:
                         jax.block_until_ready(fn(*args))
                 res = {(n, j): [] for n in fns for j in parts}
-                for _ in range(rounds):
+                names = list(fns)
+                for i in range(rounds):
                     for j in parts:
-                        for name in fns:
+                        # Each round in another order: none always runs first or after another.
+                        for name in names[i % len(names):] + names[:i % len(names)]:
                             res[(name, j)].append(timed(fns[name][j], kinds[name]))
                 line = f"{layer} {op:9s} {dt:8s}"
                 for j, part in ((j, ("fwd", "f+b")[j]) for j in parts):
