@@ -25,10 +25,12 @@ DN = ("NHWC", "HWIO", "NHWC")
 BF16, F16 = jnp.bfloat16, jnp.float16
 NEG_ABS = jaxconv.Op(lambda a, b: -jnp.abs(a - b), "sum", name="neg_abs")
 DIFF = jaxconv.Op(lambda a, b: a - b, "max", name="diff")  # float32's twin; a user kernel here
+LSE = jaxconv.Op(lambda a, b: a * b, "logsumexp", name="lse_times")  # the untiled loop
 FOLD = jaxconv.Op(lambda a, b: a * b, lambda a, b: 2.0 * jnp.maximum(a / 2.0, b / 2.0),
                   identity=-math.inf, name="scaled_fold")  # a max not recognised as one
 NUMPY = {"neg_abs": (lambda a, b: -np.abs(a - b), np.add, 0.0, None),
-         "diff": (lambda a, b: a - b, np.maximum, -np.inf, None)}
+         "diff": (lambda a, b: a - b, np.maximum, -np.inf, None),
+         "lse_times": (np.multiply, np.logaddexp, -np.inf, None)}
 
 
 def _reference_op(op: jaxconv.Op) -> tuple[Any, Any, float, float | None]:
@@ -65,9 +67,10 @@ def _bits(a: jax.Array) -> np.ndarray:
 
 
 # The route's branches for user kernels: max / min (a clip, a select, a difference) and sums
-# (a light combine and a heavy one, kernel_heavy.h), both dtypes, full and partial channel
-# blocks, groups and strides, the depthwise loop (float32 y rounded after the kernels), a vmap
-# batch, specials (NaN payloads, infinities, signed zeros, rounding ties, subnormals).
+# (a light combine and a heavy one, kernel_heavy.h) and a logsumexp (float32 y, no tiles),
+# both dtypes, full and partial channel blocks, groups and strides, the depthwise loop (y
+# rounded after the kernels), a vmap batch, specials (NaN payloads, infinities, signed zeros,
+# rounding ties, subnormals).
 CASES = [
     (CLIP, BF16, (2, 7, 9, 16), (3, 3, 16, 20), 1, (1, 1), False, "specials"),
     (GATE, F16, (2, 7, 9, 16), (3, 3, 16, 20), 1, (1, 1), False, "specials"),
@@ -77,6 +80,7 @@ CASES = [
     (NEG_ABS, BF16, (2, 7, 9, 16), (3, 3, 16, 20), 1, (1, 1), False, "normal"),
     (GAUSS, F16, (2, 6, 6, 32), (3, 3, 8, 12), 4, (1, 2), False, "normal"),
     (NEG_ABS, F16, (2, 7, 9, 16), (3, 3, 16, 20), 1, (1, 1), False, "specials"),
+    (LSE, BF16, (2, 7, 9, 16), (3, 3, 16, 20), 1, (1, 1), False, "normal"),
 ]
 
 
