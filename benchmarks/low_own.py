@@ -6,16 +6,22 @@ Each round times, one after the other, the op in float32, in the low dtype, and 
 before ``csrc/kernel_bf16fuse_low.h``), forward and forward+backward (``jax.grad`` of a sum of
 the float32-converted output, both gradients). Per row: the median over rounds of the
 per-round ratio to float32 (which cancels drift of a shared machine's load), the per-call
-minimum in ms, and the ratio of process CPU time (every thread, XLA's included).
+minimum in ms, and the median over rounds of the per-round ratio of process CPU time (every
+thread, XLA's included).
+
+``--ops`` takes built-in op names and the user ops of `USER_OPS` (a combine compiled by the
+native engine's code generator, as researchers write them).
 
 Example::
 
     python -m benchmarks.low_own --layers A,E --ops max_plus,min_max --rounds 9 --old
+    JAXCONV_NATIVE_THREADS=1 python -m benchmarks.low_own --ops clip_max,gauss_sum --old
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -31,17 +37,29 @@ from jaxconv._src.engines.native import engine as native_engine
 
 LAYERS = {"A": ((8, 32, 32, 64), (3, 3, 64, 64)), "E": ((256, 1024), (1024, 1024))}
 
+# User ops (compiled kernels), by the name --ops takes.
+USER_OPS = {
+    "clip_max": jaxconv.Op(lambda a, b: jnp.clip(a * b, -1.0, 1.0), "max", name="clip_max"),
+    "tanh_sub_max": jaxconv.Op(lambda a, b: jnp.tanh(a - b), "max", name="tanh_sub_max"),
+    "max_times": jaxconv.Op(lambda a, b: a * b, "max", name="max_times"),
+    "neg_abs_sum": jaxconv.Op(lambda a, b: -jnp.abs(a - b), "sum", name="neg_abs_sum"),
+    "gauss_sum": jaxconv.Op(lambda a, b: jnp.exp(-(a - b) ** 2), "sum", name="gauss_sum"),
+    "fuzzy_max_min": jaxconv.Op(jnp.minimum, jnp.maximum, identity=-math.inf,
+                                name="fuzzy_max_min"),
+}
+
 
 def product(layer: str, op: str) -> Callable[[Any, Any], Any]:
     """The layer's product with `op` (a SAME 3x3 convolution, or a dense product).
 
     Args:
         layer: ``"A"`` or ``"E"``.
-        op: a built-in op's name.
+        op: a built-in op's name, or a key of `USER_OPS`.
 
     Returns:
         ``f(x, w)``.
     """
+    op = USER_OPS.get(op, op)
     if layer == "E":
         return lambda x, w: jaxconv.dot_general(x, w, (((1,), (0,)), ((), ())), op=op)
     dn = ("NHWC", "HWIO", "NHWC")
@@ -90,7 +108,8 @@ def timed(fn: Callable, args: tuple) -> tuple[float, float]:
     return time.perf_counter() - t0, time.process_time() - c0
 
 
-def run(layers: list[str], ops: list[str], dtypes: list[str], rounds: int, old: bool) -> None:
+def run(layers: list[str], ops: list[str], dtypes: list[str], rounds: int, old: bool,
+        parts: tuple[int, ...] = (0, 1)) -> None:
     """Times every (layer, op, dtype) row and prints it.
 
     Args:
@@ -99,10 +118,11 @@ def run(layers: list[str], ops: list[str], dtypes: list[str], rounds: int, old: 
         dtypes: ``"bfloat16"`` / ``"float16"``.
         rounds: timed rounds.
         old: also time the conversions around the float32 call.
+        parts: 0 (the forward) and / or 1 (forward+backward).
     """
     print(f"# load {os.getloadavg()[0]:.1f}, threads "
           f"{os.environ.get('JAXCONV_NATIVE_THREADS', 'all')}; ratios: median over rounds "
-          "of per-round ratios to the op in float32 (cpu: process CPU time ratio)")
+          "of per-round ratios to the op in float32 (cpu: the same, of process CPU time)")
     k = jax.random.split(jax.random.PRNGKey(0), 2)
     for layer in layers:
         xs, ws = LAYERS[layer]
@@ -120,13 +140,15 @@ def run(layers: list[str], ops: list[str], dtypes: list[str], rounds: int, old: 
                     fns[name] = compiled(g, name == "old")
                     for fn in fns[name]:
                         jax.block_until_ready(fn(*args))
-                res = {(n, j): [] for n in fns for j in (0, 1)}
-                for _ in range(rounds):
-                    for j in (0, 1):
-                        for name in fns:
+                res = {(n, j): [] for n in fns for j in parts}
+                names = list(fns)
+                for i in range(rounds):
+                    for j in parts:
+                        # Each round in another order: none always runs first or after another.
+                        for name in names[i % len(names):] + names[:i % len(names)]:
                             res[(name, j)].append(timed(fns[name][j], kinds[name]))
                 line = f"{layer} {op:9s} {dt:8s}"
-                for j, part in ((0, "fwd"), (1, "f+b")):
+                for j, part in ((j, ("fwd", "f+b")[j]) for j in parts):
                     base = np.array(res[("f32", j)])
                     line += f" | {part} f32 {base[:, 0].min() * 1e3:6.2f}ms"
                     for name in fns:
@@ -134,7 +156,7 @@ def run(layers: list[str], ops: list[str], dtypes: list[str], rounds: int, old: 
                             continue
                         r = np.array(res[(name, j)])
                         ratio = np.median(r[:, 0] / base[:, 0])
-                        cpu = r[:, 1].sum() / max(base[:, 1].sum(), 1e-9)
+                        cpu = np.median(r[:, 1] / np.maximum(base[:, 1], 1e-9))
                         line += (f" {name} {r[:, 0].min() * 1e3:6.2f}ms {ratio:.3f}x"
                                  f" (cpu {cpu:.3f}x)")
                 print(line, flush=True)
@@ -155,8 +177,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtypes", default="bfloat16,float16")
     p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--old", action="store_true", help="also time XLA's conversions route")
+    p.add_argument("--parts", default="fwd,fb", help="fwd and / or fb (forward+backward)")
     a = p.parse_args(argv)
-    run(a.layers.split(","), a.ops.split(","), a.dtypes.split(","), a.rounds, a.old)
+    parts = tuple(("fwd", "fb").index(q) for q in a.parts.split(","))
+    run(a.layers.split(","), a.ops.split(","), a.dtypes.split(","), a.rounds, a.old, parts)
     return 0
 
 

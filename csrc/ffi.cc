@@ -325,8 +325,9 @@ ffi::Error forward_impl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
   return forward_call(x, w, y->typed_data(), nullptr, attrs, pool);
 }
 
-// A built-in op's forward on bfloat16 / float16 operands (kernel_bf16fuse_low.h): the kernels
-// widen x and w themselves and write y in the operands' dtype, or in float32 when y is.
+// The forward on bfloat16 / float16 operands (kernel_bf16fuse_low.h) of a built-in op or of a
+// user op's float32 library (whose run_op is the same template's): the kernels widen x and w
+// themselves and write y in the operands' dtype, or in float32 when y is.
 ffi::Error low_forward_impl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y,
                             ForwardAttrs attrs, ffi::ThreadPool pool) {
   const auto t = x.element_type();
@@ -334,8 +335,6 @@ ffi::Error low_forward_impl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi:
   if (kind == 0 || w.element_type() != t ||
       (y->element_type() != t && y->element_type() != ffi::DataType::F32))
     return ffi::Error::InvalidArgument("jaxconv: the low-precision forward takes bf16 / f16");
-  if (attrs.op >= jaxconv::kUserBase)
-    return ffi::Error::InvalidArgument("jaxconv: the low-precision forward runs built-in ops");
   const bool low_y = y->element_type() == t;
   jaxconv::LowIO io{kind, 1, static_cast<const uint16_t*>(x.untyped_data()),
                     static_cast<const uint16_t*>(w.untyped_data()),

@@ -1,9 +1,10 @@
 """The native engine on the core's protocol: the FFI calls (`ffi`) on the canonical problem,
 served where `eligibility.refusal` says so. Forward-mode tangents come from the XLA engine.
 
-bfloat16 and float16 operands run the float32 kernels: the built-in kernels' forward takes
-them as they are and converts inside the call (`_low_in_call`), a user op's are converted
-to float32 next to the call (XLA fuses the conversions). A sum's result is its float32
+bfloat16 and float16 operands run the float32 kernels: the forward takes them as they are and
+converts inside the call (`_low_in_call`: the built-in kernels and a user op's compiled
+library alike; a callable reduce's fold and the exp-space ``log`` get float32 copies made next
+to the call, XLA fusing the conversions). A sum's result is its float32
 accumulator, a max/min op's is rounded once to the operands' dtype (bit for bit the XLA
 engine's, which `eligibility.rounds_once` checks for a user combine). The backward of a
 max/min op runs the wide backward on float32 copies, each product rounded to the operands'
@@ -227,6 +228,7 @@ class NativeEngine(registry.Engine):
             else:
                 low = (f"{name} operands: products and sum in float32, rounded once to the "
                        "result dtype",)
+            low = (*low, _low_route(problem, name))
         if op.native is not None:
             if _exp_space(problem):
                 return (f"built-in kernel {op.native!r} ({ffi.isa()}) behind the exp-space "
@@ -499,7 +501,9 @@ def _paired_adder(w_shape: tuple[int, ...]) -> bool:
 
 def _low_in_call(problem: Problem) -> bool:
     """Whether a bfloat16 / float16 forward widens its operands and rounds its result inside
-    the call: a built-in kernel (not the exp-space ``log``) and a library that has the entry.
+    the call (csrc/kernel_bf16fuse_low.h): a built-in kernel (not the exp-space ``log``) or a
+    user op's float32 library (its ``run_op`` is the same template's; not a callable reduce's
+    fold, csrc/kernel_fold.h), and a library that has the entry.
 
     Args:
         problem: the canonical problem (its twin already served).
@@ -507,8 +511,36 @@ def _low_in_call(problem: Problem) -> bool:
     Returns:
         True for the in-call conversions.
     """
-    return (ffi.kernel_id(problem.op) is not None and not _exp_space(problem)
-            and ffi.has_low_forward())
+    op = problem.op
+    if _exp_space(problem) or not ffi.has_low_forward():
+        return False
+    if op.native is not None:
+        return ffi.kernel_id(op) is not None
+    return capabilities(op).reduce != "custom"
+
+
+def _low_route(problem: Problem, name: str) -> str:
+    """`describe`'s line on where a bfloat16 / float16 forward converts (`_low_in_call`).
+
+    Args:
+        problem: the canonical problem (its twin already served).
+        name: the operands' dtype name.
+
+    Returns:
+        The line.
+    """
+    if _low_in_call(problem):
+        return (f"forward: the {name} operands widened to float32 inside the call and its "
+                "result rounded there (csrc/kernel_bf16fuse_low.h, the bits of XLA's "
+                "converts); the backward's operands are float32 copies made next to its call")
+    if _exp_space(problem):
+        why = "the exp-space convolution runs on float32"
+    elif problem.op.native is None and capabilities(problem.op).reduce == "custom":
+        why = "a callable reduce's fold (csrc/kernel_fold.h) reads float32 only"
+    else:
+        why = "the native library has no in-call conversions (built from older sources)"
+    return (f"forward: the {name} operands converted to float32 next to the call and its "
+            f"result rounded after it (XLA's converts): {why}")
 
 
 def _exp_space(problem: Problem) -> bool:

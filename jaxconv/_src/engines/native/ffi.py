@@ -387,15 +387,17 @@ def _wide_forward_call(spec: _Call, x: Array, w: Array) -> Array:
 
 def _low_forward_call(spec: _Call, x: Array, w: Array, out_shape: tuple[int, ...],
                       out_dtype: DTypeLike) -> Array:
-    """The built-in kernels' forward on bfloat16 / float16 operands, widened inside the call;
-    the result rounded to `out_dtype` (the operands' dtype) or kept in float32.
+    """The forward on bfloat16 / float16 operands, widened inside the call (a built-in op's
+    kernels, or a user op's float32 library: the same template); the result rounded to
+    `out_dtype` (the operands' dtype) or kept in float32.
 
     The operands keep their own shapes (the kernel reads the geometry from `spec` and the vmap
     batch from the element counts): reshaping x to ``spec.x_shape``, whose added size-1
     dimension XLA lays out apart, would cost a copy of x.
 
     Args:
-        spec: the call's static description (a built-in op).
+        spec: the call's static description (a built-in op, or a user op's float32 library
+            that is not a callable reduce's fold).
         x: the input, bfloat16 or float16, ``spec.x_shape``'s elements in any shape.
         w: the kernel, in x's dtype, likewise.
         out_shape: the output's shape (``spec.y_shape``'s elements).
