@@ -265,8 +265,12 @@ bool dense_row_winners(const float* xp, const float* tp, int64_t K, int64_t kb, 
 // The dense backward (see the top of this file); false when the call is not a dense product
 // on finite data (win_backward's rescan serves it).
 template <class Op>
+bool dense_exact_backward(Ctx& c);  // kernel_densebwd_exact.h
+
+template <class Op>
 bool dense_win_backward(Ctx& c) {
   if (!dense_winner_case(c)) return false;
+  if (dense_exact_backward<Op>(c)) return true;  // an exact record's scatter
   const jaxconv::Call& call = *c.call;
   const bool recorded = call.rec != nullptr && call.rec[0] >= 0;
   // max_min / min_max unrecorded: the general rescan runs on integer keys, faster than pass
