@@ -13,7 +13,8 @@
 // block's transposed kernel column are contiguous there), keeps the winner and its dx term
 // and adds its dw term to the block's columns of dw (the item owns them and walks the rows in
 // order); pass C then sums dx per run of rows, each term in the order of the full rescan. With
-// the recording forward's masks (kernel_dense_record.h) pass A and its packed panel are skipped.
+// the recording forward's masks (kernel_dense_record.h) pass A and its packed panel are skipped;
+// with its exact codes (x + w, x - w) passes A and B are (kernel_densebwd_exact.h).
 //
 // Part of the kernel template: included by kernels.inc inside its anonymous namespace
 // (once per instruction set), never on its own.

@@ -13,6 +13,10 @@
 // more than one block) record nothing: the forward runs as usual and every mask is written
 // -1, which the backward reads as "not recorded".
 //
+// Ops whose partials are constants (x + w, x - w: ConstTerms) then turn each mask into the
+// output's exact code at the tile's end (exact_codes; kernel_densebwd_exact.h), so that their
+// backward needs no product computed again.
+//
 // Part of the kernel template: included by kernels.inc inside its anonymous namespace
 // (once per instruction set), after kernel_dense_backward.h, never on its own.
 #pragma once
