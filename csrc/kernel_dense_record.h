@@ -72,13 +72,14 @@ template <class Op>
 __attribute__((noinline)) void exact_codes(const float* const* xr, int rows, const float* cols,
                                            int64_t cs, int64_t K, int64_t kb, const float* yr,
                                            int32_t* cr, int64_t O, int64_t nvalid) {
-  const bool whole = kb == 64 && K % 64 == 0;  // every single-block mask: one 64-row word
+  // A single block of 64 whole rows: its compares in one word (the last block may be short).
+  const int64_t whole = kb == 64 ? K / 64 : 0;
   for (int r = 0; r < rows; ++r, yr += O, cr += O) {
     const float* xp = xr[r];
     for (int64_t l = 0; l < nvalid; ++l) {
       const uint32_t mask = uint32_t(cr[l]);
       const float* wo = cols + l * cs;
-      if (whole && mask != 0 && (mask & (mask - 1)) == 0) {
+      if (mask != 0 && (mask & (mask - 1)) == 0 && __builtin_ctz(mask) < whole) {
         const int64_t k0 = int64_t(__builtin_ctz(mask)) * 64;
         const uint64_t word = dense_block_word<Op>(xp + k0, wo + k0, yr[l]);
         if (__builtin_popcountll(word) == 1) {
