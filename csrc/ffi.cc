@@ -452,10 +452,10 @@ ffi::Error backward_call(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
   call.out2 = dw->typed_data();
   call.parts = attrs.parts;
   std::memset(call.out, 0, sizeof(float) * dx->element_count());
-  // Recorded masks (rec[0] >= 0): the dense backward (kernel_dense_backward.h) runs and
-  // writes every entry of dw from its blocks' columns, so dw is not zeroed first (4 MiB for
-  // a 1024 x 1024 kernel).
-  if (rec == nullptr || rec[0] < 0) std::memset(call.out2, 0, sizeof(float) * dw->element_count());
+  // A record (rec[0] != -1: masks or exact codes): the dense backward
+  // (kernel_dense_backward.h, kernel_densebwd_exact.h) runs and writes every entry of dw from
+  // its blocks' columns, so dw is not zeroed first (4 MiB for a 1024 x 1024 kernel).
+  if (rec == nullptr || rec[0] == -1) std::memset(call.out2, 0, sizeof(float) * dw->element_count());
   call.par = {run_parallel, &pool};
   call.params = jaxconv_tune::current_params().load(std::memory_order_acquire);
   jaxconv_dispatch::FlushDenormals flush;

@@ -13,7 +13,8 @@
 // block's transposed kernel column are contiguous there), keeps the winner and its dx term
 // and adds its dw term to the block's columns of dw (the item owns them and walks the rows in
 // order); pass C then sums dx per run of rows, each term in the order of the full rescan. With
-// the recording forward's masks (kernel_dense_record.h) pass A and its packed panel are skipped.
+// the recording forward's masks (kernel_dense_record.h) pass A and its packed panel are skipped;
+// with its exact codes (x + w, x - w) passes A and B are (kernel_densebwd_exact.h).
 //
 // Part of the kernel template: included by kernels.inc inside its anonymous namespace
 // (once per instruction set), never on its own.
@@ -265,8 +266,12 @@ bool dense_row_winners(const float* xp, const float* tp, int64_t K, int64_t kb, 
 // The dense backward (see the top of this file); false when the call is not a dense product
 // on finite data (win_backward's rescan serves it).
 template <class Op>
+bool dense_exact_backward(Ctx& c);  // kernel_densebwd_exact.h
+
+template <class Op>
 bool dense_win_backward(Ctx& c) {
   if (!dense_winner_case(c)) return false;
+  if (dense_exact_backward<Op>(c)) return true;  // an exact record's scatter
   const jaxconv::Call& call = *c.call;
   const bool recorded = call.rec != nullptr && call.rec[0] >= 0;
   // max_min / min_max unrecorded: the general rescan runs on integer keys, faster than pass

@@ -13,6 +13,10 @@
 // more than one block) record nothing: the forward runs as usual and every mask is written
 // -1, which the backward reads as "not recorded".
 //
+// Ops whose partials are constants (x + w, x - w: ConstTerms) then turn each mask into the
+// output's exact code at the tile's end (exact_codes; kernel_densebwd_exact.h), so that their
+// backward needs no product computed again.
+//
 // Part of the kernel template: included by kernels.inc inside its anonymous namespace
 // (once per instruction set), after kernel_dense_backward.h, never on its own.
 #pragma once
@@ -56,6 +60,40 @@ void record_tile_end(const Ctx& c, const float (*blk)[MR * NR], int64_t nb,
   }
 }
 
+// The row stride of the transposed columns: K rounded up to an odd number of cache lines, so
+// that one segment of each column does not land in one set of L1 (rows 4 KiB apart would).
+inline int64_t cstride(int64_t K) { return ((K + 15) / 16 | 1) * 16; }
+
+// The exact codes (kernel_densebwd_exact.h) of `rows` output rows of one tile: row r's x in
+// xr[r], its nvalid y and masks at yr + r * O and cr + r * O (each mask replaced by its code),
+// the transposed kernel columns `cols` (rows cs apart). Out of line: the tile's frame (its
+// blocks' results) left its loop's bookkeeping on the stack.
+template <class Op>
+__attribute__((noinline)) void exact_codes(const float* const* xr, int rows, const float* cols,
+                                           int64_t cs, int64_t K, int64_t kb, const float* yr,
+                                           int32_t* cr, int64_t O, int64_t nvalid) {
+  // A single block of 64 whole rows: its compares in one word (the last block may be short).
+  const int64_t whole = kb == 64 ? K / 64 : 0;
+  for (int r = 0; r < rows; ++r, yr += O, cr += O) {
+    const float* xp = xr[r];
+    for (int64_t l = 0; l < nvalid; ++l) {
+      const uint32_t mask = uint32_t(cr[l]);
+      const float* wo = cols + l * cs;
+      if (mask != 0 && (mask & (mask - 1)) == 0 && __builtin_ctz(mask) < whole) {
+        const int64_t k0 = int64_t(__builtin_ctz(mask)) * 64;
+        const uint64_t word = dense_block_word<Op>(xp + k0, wo + k0, yr[l]);
+        if (__builtin_popcountll(word) == 1) {
+          cr[l] = int32_t(k0 + __builtin_ctzll(word));
+          continue;
+        }
+      }
+      // Two blocks or more: a tie (each block's result is one of its products, equal to y).
+      cr[l] = mask & (mask - 1) ? -2 - int32_t(mask)
+                                : winner_code_general<Op>(xp, wo, K, kb, mask, yr[l]);
+    }
+  }
+}
+
 // Rows p .. p + MR - 1 of block (b, grp, jb): their y and masks (`rb`: the batch entry's).
 // Each block's reduce is stored (one store per accumulator and block, the only cost in the
 // loop over blocks); the tile's end takes y as their reduce and sets the bits of the blocks
@@ -64,9 +102,14 @@ void record_tile_end(const Ctx& c, const float (*blk)[MR * NR], int64_t nb,
 // a block whose result is -0 holds a product equal to a +0 y under the backward's float
 // compare, so it is marked too (a mask may name a block with no winner: the backward's scan
 // of it finds nothing).
+//
+// With `cols` (the block's transposed kernel columns, (nvalid, K); constant-partial ops only),
+// each mask then becomes the output's exact code (kernel_densebwd_exact.h): its masked blocks
+// are scanned along k in x's rows, which the loop over blocks left in L1.
 template <class Op, bool Bx = false>
 void dense_record_tile(const Ctx& c, const float* xb, const float* wb, const float* panel,
-                       float* yb, int32_t* rb, int64_t p, int64_t grp, int64_t jb, int64_t kb) {
+                       const float* cols, float* yb, int32_t* rb, int64_t p, int64_t grp,
+                       int64_t jb, int64_t kb) {
   using V = S::V;
   const TileRows<MR> rows(c, p);
   const int64_t o0 = grp * c.Og + jb * NR;
@@ -83,6 +126,13 @@ void dense_record_tile(const Ctx& c, const float* xb, const float* wb, const flo
       for (int v = 0; v < NV; ++v) S::store(blk[j] + r * NR + v * W, acc[r][v]);
   }
   record_tile_end<Op>(c, blk, nb, rows, xb, wb, yb, rb, p, o0, nvalid);
+  if constexpr (ConstTerms<Op>::value) {
+    if (!cols) return;
+    int live = 0;
+    while (live < MR && rows.live[live]) ++live;  // the live rows come first
+    exact_codes<Op>(xr, live, cols, cstride(c.K), c.K, kb, yb + p * c.O + o0,
+                    rb + p * c.O + o0, c.O, nvalid);
+  }
 }
 
 // The recording forward's tiles with the tile op Op (a keyed one reads copies of x and of
@@ -91,6 +141,7 @@ template <class Op>
 bool dense_record_run(Ctx& c) {
   const jaxconv::Call& call = *c.call;
   constexpr bool kKey = keyed<Op>();
+  constexpr bool kExact = ConstTerms<Op>::value && !kKey;  // kernel_densebwd_exact.h
   Owned<float> xkey;
   if constexpr (kKey) {
     if (!(xkey = key_copy(c))) {
@@ -111,7 +162,7 @@ bool dense_record_run(Ctx& c) {
   std::atomic<int64_t> next{0};
   std::atomic<bool> failed{false};
   auto worker = [&](int64_t) {
-    Owned<float> owned;
+    Owned<float> owned, cols;  // the packed panel; the transposed columns (exact codes)
     int64_t held = -1;
     for (int64_t u; (u = next.fetch_add(1, std::memory_order_relaxed)) < claims;) {
       const int64_t blk = u / cpb, tl0 = (u % cpb) * tpc;
@@ -121,21 +172,33 @@ bool dense_record_run(Ctx& c) {
         failed.store(true, std::memory_order_relaxed);
         return;
       }
+      if (kExact && !cols && !(cols = allocate<float>(cstride(c.K) * NR))) {
+        failed.store(true, std::memory_order_relaxed);
+        return;
+      }
       const float* wb = call.w + b * c.w_bs;
-      if (blk != held) pack_panel(c, wb, grp, jb, 0, c.K, kKey, owned.get());
+      if (blk != held) {
+        pack_panel(c, wb, grp, jb, 0, c.K, kKey, owned.get());
+        if (kExact) {
+          const int64_t nvalid = c.Og - jb * NR < NR ? c.Og - jb * NR : NR;
+          // From the panel just packed (rows NR floats apart, in L2), not from w (rows O apart).
+          transpose(owned.get(), NR, cols.get(), cstride(c.K), c.K, nvalid);
+        }
+      }
       held = blk;
       if constexpr (Bc<Op>::kOn) {
         if (c.prm.bcast != 0) {  // the forward tile's choice (kernel_bcast.h)
           for (int64_t tl = tl0; tl < tl1; ++tl)
-            dense_record_tile<Op, true>(c, xsrc + b * c.x_bs, wb, owned.get(),
+            dense_record_tile<Op, true>(c, xsrc + b * c.x_bs, wb, owned.get(), cols.get(),
                                         call.out + b * c.y_bs, call.rec + b * c.y_bs, tl * MR,
                                         grp, jb, kb);
           continue;
         }
       }
       for (int64_t tl = tl0; tl < tl1; ++tl)
-        dense_record_tile<Op>(c, xsrc + b * c.x_bs, wb, owned.get(), call.out + b * c.y_bs,
-                              call.rec + b * c.y_bs, tl * MR, grp, jb, kb);
+        dense_record_tile<Op>(c, xsrc + b * c.x_bs, wb, owned.get(), cols.get(),
+                              call.out + b * c.y_bs, call.rec + b * c.y_bs, tl * MR, grp, jb,
+                              kb);
     }
   };
   parallel(c, claims < 256 ? claims : 256, worker);

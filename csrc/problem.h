@@ -78,8 +78,10 @@ struct Call {
   int64_t parts;   // backward: bit 0 computes dx, bit 1 dw
   Parallel par;
   const Params* params;  // the tuning parameters (never null from ffi.cc; null: the defaults)
-  // Dense max/min winner masks (kernel_dense_record.h), (batch, P, O): the recording forward
-  // writes them (-1: not recorded), the backward reads them; null in every other call.
+  // Dense max/min winner records (kernel_dense_record.h), (batch, P, O): block masks, or for
+  // x + w / x - w exact codes (kernel_densebwd_exact.h: k, or -2 - mask for a tie); the
+  // recording forward writes them (-1 everywhere: not recorded), the backward reads them;
+  // null in every other call.
   int32_t* rec;
   // bfloat16 / float16 operands (the built-in ops' forward only), else null.
   const LowIO* low;

@@ -127,6 +127,72 @@ def test_dense_winner_backward_has_the_general_rescans_bits(name, kind):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
 
 
+def _exact_record_reference(name: str, x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """The exact record of x + w (or x - w) under max / min, from numpy's float32 products:
+    per output the k of its one product equal to the result, or -2 - the mask of the 64-row
+    blocks holding its tied products (csrc/kernel_densebwd_exact.h)."""
+    prod = x[:, :, None] - w[None] if "minus" in name else x[:, :, None] + w[None]
+    y = prod.max(1) if name.startswith("max") else prod.min(1)
+    hit = prod == y[:, None, :]
+    blocks = hit.reshape(x.shape[0], -1, 64, w.shape[1]).any(2) if x.shape[1] % 64 == 0 else (
+        np.stack([hit[:, k:k + 64].any(1) for k in range(0, x.shape[1], 64)], 1))
+    mask = (blocks * (1 << np.arange(blocks.shape[1]))[None, :, None]).sum(1)
+    return np.where(hit.sum(1) == 1, hit.argmax(1), -2 - mask).astype(np.int32)
+
+
+@pytest.mark.parametrize("kind", ["distinct", "ties", "nonfinite"])
+@pytest.mark.parametrize("name", ["max_plus", "min_plus"])
+def test_recording_forward_keeps_each_outputs_exact_winner(monkeypatch, name, kind):
+    """x + w under max / min records each output's winning kernel row where it has one
+    product equal to the result, its tie's block mask (-2 - mask) where it has several, and
+    nothing (-1 everywhere: the backward rescans) on data with a NaN or an infinity."""
+    from jaxconv._src.engines.native.engine import NativeEngine  # noqa: PLC0415
+
+    seen = []
+    recording = NativeEngine.forward_recording
+
+    def spy(self, problem, a, b):
+        seen.append((self, problem))
+        return recording(self, problem, a, b)
+
+    monkeypatch.setattr(NativeEngine, "forward_recording", spy)
+    x, w, ct = _data(kind, seed=11)
+    jax.jit(lambda a, b: _dense_vjp(name, a, b, ct)).lower(x, w)  # the engine sees the problem
+    engine, problem = seen[0]
+    y, rec = jax.jit(lambda a, b: recording(engine, problem, a, b))(x, w)
+    rec = np.asarray(rec).reshape(x.shape[0], w.shape[1])
+    if kind == "nonfinite":
+        np.testing.assert_array_equal(rec, -1)
+        return
+    want = _exact_record_reference(name, x, w)
+    if kind == "ties":
+        assert (want >= 0).any() and (want < -2).any()  # both kinds of code are checked
+    np.testing.assert_array_equal(rec, want)
+
+
+@pytest.mark.parametrize("shape", [(9, 1024, 70), (5, 200, 130), (3, 2000, 20)])
+@pytest.mark.parametrize("name", ["max_plus", "min_plus"])
+def test_exact_record_backward_has_the_unrecorded_backwards_bits(monkeypatch, name, shape):
+    """Shapes of whole and partial 64-row blocks, more than one block of output channels and
+    wider kernel-row blocks (K = 2000: 128 rows), on small integers (ties within and across
+    blocks beside unique winners): the exact record's backward equals the unrecorded dense
+    backward (its masks found by pass A) bit for bit, and the tie rule in float64 loops."""
+    m, k, n = shape
+    rng = np.random.default_rng(12)
+    x = np.round(rng.standard_normal((m, k)) * 4).astype(np.float32)
+    w = np.round(rng.standard_normal((k, n)) * 4).astype(np.float32)
+    ct = rng.standard_normal((m, n)).astype(np.float32)
+    got = jax.jit(lambda a, b: _dense_vjp(name, a, b, ct))(x, w)
+    monkeypatch.setattr(differentiation, "_records", lambda problem: False)
+    want = jax.jit(lambda a, b: _dense_vjp(name, a, b, ct))(x, w)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(np.asarray(a).view(np.int32), np.asarray(b).view(np.int32))
+    if k <= 1024:
+        rdx, rdw = _winner_grads(name, x.astype(np.float64), w.astype(np.float64), ct)
+        np.testing.assert_allclose(np.asarray(got[1]), rdx, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(got[2]), rdw, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("name", ["max_min", "min_max"])
 def test_recording_forward_on_floats_has_the_keyed_bits(name):
     """The recording forward of max_min / min_max on float min / max (the `keyed = 0`
@@ -187,7 +253,8 @@ def test_recording_forward_runs_once_and_keeps_todays_bits(monkeypatch, transfor
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-@pytest.mark.parametrize("mapped,name", [("kernel", "max_plus"), ("input", "min_max")])
+@pytest.mark.parametrize("mapped,name", [("kernel", "max_plus"), ("input", "min_max"),
+                                         ("input", "min_plus")])
 def test_dense_winner_backward_under_vmap(mapped, name):
     """A mapped kernel folds into feature groups: each group's block masks and winners. A
     mapped input folds the recording forward into the batch and the backward (a kernel
