@@ -25,7 +25,7 @@
 // Whether a convolution's forward records its winner blocks (finite data: with a NaN the
 // blocks' reduce would not be the forward's; depthwise: a window is a handful of taps).
 inline bool convrec_case(const Ctx& c) {
-  return c.finite && !depthwise(c) && c.K > 64 && !dense_winner_case(c);
+  return c.finite && !depthwise(c) && c.K > jaxconv::kRecordBlockRows && !dense_winner_case(c);
 }
 
 // Rows p .. p + MR - 1 of block (b, grp, jb): each kernel-row block's reduce (the forward's
