@@ -180,19 +180,10 @@ bool convrec_backward(Ctx& c) {
             cb[at] = -1;
             flush();  // the tie's terms go straight to dx
             const float share = gv / float(cnt);
-            for (uint32_t m = mask; m; m &= m - 1) {
+            for (uint32_t m = mask; m; m &= m - 1) {  // the marked blocks (kernel_winner.h)
               const int64_t k0 = int64_t(__builtin_ctz(m)) * kb, k1 = k0 + kb < K ? k0 + kb : K;
-              for (int64_t t = k0 / I; t * I < k1; ++t) {
-                if (tabp[t] < 0) continue;
-                const int64_t off = n * c.img + tabp[t] + grp * I;
-                const int64_t ia = k0 > t * I ? k0 - t * I : 0;
-                const int64_t ie = k1 - t * I < I ? k1 - t * I : I;
-                for (int64_t i = ia; i < ie; ++i) {
-                  const float xv = xb[off + i], wv = wo[t * I + i];
-                  if (Op::template comb<Sc>(xv, wv) == yv)
-                    dxb[off + i] += share * Op::template dcx<Sc>(xv, wv);
-                }
-              }
+              tie_dx<Op>(c, xb, dxb, tabp, n, grp, k0, k1, yv, share,
+                         [wo](int64_t k) { return wo[k]; });
             }
           }
         }

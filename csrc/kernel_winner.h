@@ -56,6 +56,28 @@ int64_t float_ties(const Ctx& c, const float* xb, const float* col, bool keys, i
   return cnt;
 }
 
+// A tie's input gradient over kernel rows k0 .. k1 - 1 of one output (image n, tap offsets
+// `tabp`, group grp): share * dcx added to dx at every product equal to y, taps in order and
+// the padding skipped (a share of a tie in the padding goes nowhere). `wk(k)`: kernel row k of
+// the output's column. The general backward's pass 1 (the whole window) and the recorded
+// one's (each marked block) route ties through it.
+template <class Op, class WAt>
+inline void tie_dx(const Ctx& c, const float* xb, float* dxb, const int32_t* tabp, int64_t n,
+                   int64_t grp, int64_t k0, int64_t k1, float yv, float share, WAt&& wk) {
+  const int64_t I = c.I;
+  for (int64_t t = k0 / I; t * I < k1; ++t) {
+    if (tabp[t] < 0) continue;
+    const int64_t off = n * c.img + tabp[t] + grp * I;
+    const int64_t ia = k0 > t * I ? k0 - t * I : 0;
+    const int64_t ie = k1 - t * I < I ? k1 - t * I : I;
+    for (int64_t i = ia; i < ie; ++i) {
+      const float xv = xb[off + i], wv = wk(t * I + i);
+      if (Op::template comb<Sc>(xv, wv) == yv)
+        dxb[off + i] += share * Op::template dcx<Sc>(xv, wv);
+    }
+  }
+}
+
 // Vector scan of R output positions' windows, kernel rows k0..k1 (at most KS: a panel of the
 // packed block of NR output channels): how many products equal y (the forward result, bit for
 // bit) and the last tap that does, accumulated into cnt / idx (R rows of NR). Matching with the
@@ -359,17 +381,8 @@ void win_backward(Ctx& c) {
                 vb[p * O + o] = WinTerms<Op>::w(gv, xv, wk);  // kernel_winner_terms.h
               } else {
                 cb[p * O + o] = -1;
-                const float share = gv / float(cnt);
-                const float yv = yb[p * O + o];
-                for (int64_t t = 0; t < T; ++t) {
-                  if (c.tab[osi * T + t] < 0) continue;
-                  const int64_t off = n * c.img + c.tab[osi * T + t] + grp * I;
-                  for (int64_t i = 0; i < I; ++i) {
-                    const float xv = xb[off + i], wv = wcol_at(wp + l, t * I + i, kKey);
-                    if (Op::template comb<Sc>(xv, wv) == yv)
-                      dxb[off + i] += share * Op::template dcx<Sc>(xv, wv);
-                  }
-                }
+                tie_dx<Op>(c, xb, dxb, c.tab + osi * T, n, grp, 0, c.K, yb[p * O + o],
+                           gv / float(cnt), [&](int64_t k) { return wcol_at(wp + l, k, kKey); });
               }
             }
           }
