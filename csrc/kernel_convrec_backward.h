@@ -97,14 +97,12 @@ bool convrec_backward(Ctx& c) {
     btab[2 * j] = int32_t(t);
     btab[2 * j + 1] = kb == 64 && ia + 64 <= I ? int32_t(ia) : -1;
   }
-  // Pass 1, per run of whole images and group (general pass 1's items: they own their
-  // input gradient), in its order of outputs.
-  const int64_t ipi = c.OS >= 32 ? 1 : (32 + c.OS - 1) / c.OS;
-  const int64_t runs = (c.g.n + ipi - 1) / ipi;
+  // Pass 1, per run of whole images and group (general pass 1's items, ImageRuns: they own
+  // their input gradient), in its order of outputs.
+  const ImageRuns runs(c);
   auto pass1 = [&](int64_t it) {
-    const int64_t grp = it % c.G, bi = it / c.G;
-    const int64_t b = bi / runs, n0 = (bi % runs) * ipi;
-    const int64_t n1 = n0 + ipi < c.g.n ? n0 + ipi : c.g.n;
+    int64_t grp, b, n0, n1;
+    runs.item(c, it, grp, b, n0, n1);
     const float* xb = call.x + b * c.x_bs;
     const float* yb = call.y + b * c.y_bs;
     const float* gb = call.g + b * c.y_bs;
@@ -191,7 +189,7 @@ bool convrec_backward(Ctx& c) {
     }
     flush();
   };
-  parallel(c, call.batch * runs * c.G, pass1);
+  parallel(c, runs.items(c), pass1);
   win_route_dw<Op>(c, false);
   return true;
 }

@@ -255,6 +255,27 @@ void win_route_dw(Ctx& c, bool keys) {
   if (failed.load()) c.failed = true;
 }
 
+// Pass 1's items (win_backward's and the recorded convrec_backward's): runs of ipi whole
+// images (about 32 output positions) of one batch entry and group. An item owns its images'
+// input gradient, codes and dw terms: groups own disjoint channels, so one image's groups
+// (per-example gradients fold the examples into groups) run in parallel, bit for bit as in
+// one item.
+struct ImageRuns {
+  int64_t ipi, runs;
+  explicit ImageRuns(const Ctx& c)
+      : ipi(c.OS >= 32 ? 1 : (32 + c.OS - 1) / c.OS), runs((c.g.n + ipi - 1) / ipi) {}
+  int64_t items(const Ctx& c) const { return c.call->batch * runs * c.G; }
+  // Item `it`: its group, batch entry and images n0 .. n1 - 1.
+  void item(const Ctx& c, int64_t it, int64_t& grp, int64_t& b, int64_t& n0,
+            int64_t& n1) const {
+    const int64_t bi = it / c.G;
+    grp = it % c.G;
+    b = bi / runs;
+    n0 = (bi % runs) * ipi;
+    n1 = n0 + ipi < c.g.n ? n0 + ipi : c.g.n;
+  }
+};
+
 template <class Op>
 void win_backward(Ctx& c) {
   if (dense_win_backward<Op>(c)) return;  // dense products: kernel_dense_backward.h
@@ -290,15 +311,10 @@ void win_backward(Ctx& c) {
     kti[2 * k] = int32_t(k / I);
     kti[2 * k + 1] = int32_t(k % I);
   }
-  const int64_t ipi = c.OS >= 32 ? 1 : (32 + c.OS - 1) / c.OS;
-  const int64_t runs = (c.g.n + ipi - 1) / ipi;
-  // Items are (batch, run, group): groups own disjoint channels of dx, codes and dw terms,
-  // so one image's groups (per-example gradients fold the examples into groups) run in
-  // parallel, bit for bit as in one item.
+  const ImageRuns runs(c);
   auto pass1 = [&](int64_t it) {
-    const int64_t grp = it % c.G, bi = it / c.G;
-    const int64_t b = bi / runs, n0 = (bi % runs) * ipi;
-    const int64_t n1 = n0 + ipi < c.g.n ? n0 + ipi : c.g.n;
+    int64_t grp, b, n0, n1;
+    runs.item(c, it, grp, b, n0, n1);
     const float* xb = call.x + b * c.x_bs;
     const float* yb = call.y + b * c.y_bs;
     const float* gb = call.g + b * c.y_bs;
@@ -390,7 +406,7 @@ void win_backward(Ctx& c) {
       }
     }
   };
-  parallel(c, call.batch * runs * c.G, pass1);
+  parallel(c, runs.items(c), pass1);
   xkey.reset();
   padkey_owned.reset();
   win_route_dw<Op>(c, kKey);
