@@ -97,12 +97,14 @@ bool convrec_backward(Ctx& c) {
     btab[2 * j] = int32_t(t);
     btab[2 * j + 1] = kb == 64 && ia + 64 <= I ? int32_t(ia) : -1;
   }
-  // Pass 1, per run of whole images and group (general pass 1's items, ImageRuns: they own
-  // their input gradient), in its order of outputs.
-  const ImageRuns runs(c);
+  // Pass 1, per run of whole images and group (general pass 1's items: they own their
+  // input gradient), in its order of outputs.
+  const int64_t ipi = c.OS >= 32 ? 1 : (32 + c.OS - 1) / c.OS;
+  const int64_t runs = (c.g.n + ipi - 1) / ipi;
   auto pass1 = [&](int64_t it) {
-    int64_t grp, b, n0, n1;
-    runs.item(c, it, grp, b, n0, n1);
+    const int64_t grp = it % c.G, bi = it / c.G;
+    const int64_t b = bi / runs, n0 = (bi % runs) * ipi;
+    const int64_t n1 = n0 + ipi < c.g.n ? n0 + ipi : c.g.n;
     const float* xb = call.x + b * c.x_bs;
     const float* yb = call.y + b * c.y_bs;
     const float* gb = call.g + b * c.y_bs;
@@ -178,10 +180,19 @@ bool convrec_backward(Ctx& c) {
             cb[at] = -1;
             flush();  // the tie's terms go straight to dx
             const float share = gv / float(cnt);
-            for (uint32_t m = mask; m; m &= m - 1) {  // the marked blocks (kernel_winner.h)
+            for (uint32_t m = mask; m; m &= m - 1) {
               const int64_t k0 = int64_t(__builtin_ctz(m)) * kb, k1 = k0 + kb < K ? k0 + kb : K;
-              tie_dx<Op>(c, xb, dxb, tabp, n, grp, k0, k1, yv, share,
-                         [wo](int64_t k) { return wo[k]; });
+              for (int64_t t = k0 / I; t * I < k1; ++t) {
+                if (tabp[t] < 0) continue;
+                const int64_t off = n * c.img + tabp[t] + grp * I;
+                const int64_t ia = k0 > t * I ? k0 - t * I : 0;
+                const int64_t ie = k1 - t * I < I ? k1 - t * I : I;
+                for (int64_t i = ia; i < ie; ++i) {
+                  const float xv = xb[off + i], wv = wo[t * I + i];
+                  if (Op::template comb<Sc>(xv, wv) == yv)
+                    dxb[off + i] += share * Op::template dcx<Sc>(xv, wv);
+                }
+              }
             }
           }
         }
@@ -189,7 +200,7 @@ bool convrec_backward(Ctx& c) {
     }
     flush();
   };
-  parallel(c, runs.items(c), pass1);
+  parallel(c, call.batch * runs * c.G, pass1);
   win_route_dw<Op>(c, false);
   return true;
 }

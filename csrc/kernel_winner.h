@@ -56,28 +56,6 @@ int64_t float_ties(const Ctx& c, const float* xb, const float* col, bool keys, i
   return cnt;
 }
 
-// A tie's input gradient over kernel rows k0 .. k1 - 1 of one output (image n, tap offsets
-// `tabp`, group grp): share * dcx added to dx at every product equal to y, taps in order and
-// the padding skipped (a share of a tie in the padding goes nowhere). `wk(k)`: kernel row k of
-// the output's column. The general backward's pass 1 (the whole window) and the recorded
-// one's (each marked block) route ties through it.
-template <class Op, class WAt>
-inline void tie_dx(const Ctx& c, const float* xb, float* dxb, const int32_t* tabp, int64_t n,
-                   int64_t grp, int64_t k0, int64_t k1, float yv, float share, WAt&& wk) {
-  const int64_t I = c.I;
-  for (int64_t t = k0 / I; t * I < k1; ++t) {
-    if (tabp[t] < 0) continue;
-    const int64_t off = n * c.img + tabp[t] + grp * I;
-    const int64_t ia = k0 > t * I ? k0 - t * I : 0;
-    const int64_t ie = k1 - t * I < I ? k1 - t * I : I;
-    for (int64_t i = ia; i < ie; ++i) {
-      const float xv = xb[off + i], wv = wk(t * I + i);
-      if (Op::template comb<Sc>(xv, wv) == yv)
-        dxb[off + i] += share * Op::template dcx<Sc>(xv, wv);
-    }
-  }
-}
-
 // Vector scan of R output positions' windows, kernel rows k0..k1 (at most KS: a panel of the
 // packed block of NR output channels): how many products equal y (the forward result, bit for
 // bit) and the last tap that does, accumulated into cnt / idx (R rows of NR). Matching with the
@@ -255,27 +233,6 @@ void win_route_dw(Ctx& c, bool keys) {
   if (failed.load()) c.failed = true;
 }
 
-// Pass 1's items (win_backward's and the recorded convrec_backward's): runs of ipi whole
-// images (about 32 output positions) of one batch entry and group. An item owns its images'
-// input gradient, codes and dw terms: groups own disjoint channels, so one image's groups
-// (per-example gradients fold the examples into groups) run in parallel, bit for bit as in
-// one item.
-struct ImageRuns {
-  int64_t ipi, runs;
-  explicit ImageRuns(const Ctx& c)
-      : ipi(c.OS >= 32 ? 1 : (32 + c.OS - 1) / c.OS), runs((c.g.n + ipi - 1) / ipi) {}
-  int64_t items(const Ctx& c) const { return c.call->batch * runs * c.G; }
-  // Item `it`: its group, batch entry and images n0 .. n1 - 1.
-  void item(const Ctx& c, int64_t it, int64_t& grp, int64_t& b, int64_t& n0,
-            int64_t& n1) const {
-    const int64_t bi = it / c.G;
-    grp = it % c.G;
-    b = bi / runs;
-    n0 = (bi % runs) * ipi;
-    n1 = n0 + ipi < c.g.n ? n0 + ipi : c.g.n;
-  }
-};
-
 template <class Op>
 void win_backward(Ctx& c) {
   if (dense_win_backward<Op>(c)) return;  // dense products: kernel_dense_backward.h
@@ -311,10 +268,15 @@ void win_backward(Ctx& c) {
     kti[2 * k] = int32_t(k / I);
     kti[2 * k + 1] = int32_t(k % I);
   }
-  const ImageRuns runs(c);
+  const int64_t ipi = c.OS >= 32 ? 1 : (32 + c.OS - 1) / c.OS;
+  const int64_t runs = (c.g.n + ipi - 1) / ipi;
+  // Items are (batch, run, group): groups own disjoint channels of dx, codes and dw terms,
+  // so one image's groups (per-example gradients fold the examples into groups) run in
+  // parallel, bit for bit as in one item.
   auto pass1 = [&](int64_t it) {
-    int64_t grp, b, n0, n1;
-    runs.item(c, it, grp, b, n0, n1);
+    const int64_t grp = it % c.G, bi = it / c.G;
+    const int64_t b = bi / runs, n0 = (bi % runs) * ipi;
+    const int64_t n1 = n0 + ipi < c.g.n ? n0 + ipi : c.g.n;
     const float* xb = call.x + b * c.x_bs;
     const float* yb = call.y + b * c.y_bs;
     const float* gb = call.g + b * c.y_bs;
@@ -397,8 +359,17 @@ void win_backward(Ctx& c) {
                 vb[p * O + o] = WinTerms<Op>::w(gv, xv, wk);  // kernel_winner_terms.h
               } else {
                 cb[p * O + o] = -1;
-                tie_dx<Op>(c, xb, dxb, c.tab + osi * T, n, grp, 0, c.K, yb[p * O + o],
-                           gv / float(cnt), [&](int64_t k) { return wcol_at(wp + l, k, kKey); });
+                const float share = gv / float(cnt);
+                const float yv = yb[p * O + o];
+                for (int64_t t = 0; t < T; ++t) {
+                  if (c.tab[osi * T + t] < 0) continue;
+                  const int64_t off = n * c.img + c.tab[osi * T + t] + grp * I;
+                  for (int64_t i = 0; i < I; ++i) {
+                    const float xv = xb[off + i], wv = wcol_at(wp + l, t * I + i, kKey);
+                    if (Op::template comb<Sc>(xv, wv) == yv)
+                      dxb[off + i] += share * Op::template dcx<Sc>(xv, wv);
+                  }
+                }
               }
             }
           }
@@ -406,7 +377,7 @@ void win_backward(Ctx& c) {
       }
     }
   };
-  parallel(c, runs.items(c), pass1);
+  parallel(c, call.batch * runs * c.G, pass1);
   xkey.reset();
   padkey_owned.reset();
   win_route_dw<Op>(c, kKey);
