@@ -2,7 +2,9 @@
 // without JAX: layer A (x(8, 32, 32, 64) w(3, 3, 64, 64) SAME; adder pads with 0) or, with
 // DENSE=1, layer E (x(256, 1024) w(1024, 1024)). Prints per op the best and the median of
 // `reps` calls: this thread's CPU time (one thread) or wall time (TWO=1: this thread and one
-// helper share the items), G terms/s and a checksum. Tuning parameters as name=value.
+// helper share the items), G terms/s and a checksum. Tuning parameters as name=value. With
+// REC=1 it times the recording forward of the max / min ops (call.rec: y and the winner block
+// masks, kernel_dense_record.h / kernel_convrec_forward.h); the checksum adds the masks.
 // Build (against any checkout's csrc/, e.g. an old commit's via git archive) and run:
 //   g++ -O3 -mavx512f -mavx512dq -mavx512vl -mavx512bw -mfma -mavx2 -ffp-contract=off \
 //       -fno-math-errno -std=c++17 -pthread -Icsrc benchmarks/fwd_1t.cc -o /tmp/fwd_1t
@@ -52,6 +54,7 @@ int main(int argc, char** argv) {
   const bool dense = getenv("DENSE") != nullptr, thr2 = getenv("TWO") != nullptr;
   const int N = dense ? 256 : getenv("BN") ? atoi(getenv("BN")) : 8, H = dense ? 1 : 32, Wd = dense ? 1 : 32, C = dense ? 1024 : 64, K = dense ? 1 : 3, O = dense ? 1024 : 64;
   std::vector<float> x(N * H * Wd * C), w(K * K * C * O), y(N * H * Wd * O);
+  std::vector<int32_t> rec(getenv("REC") ? y.size() : 0);
   uint32_t s = 12345;
   auto next = [&s] { s = s * 1664525u + 1013904223u; return float(s >> 8) * (2.0f / 16777216.0f) - 1.0f; };
   for (auto& v : x) v = next();
@@ -65,6 +68,7 @@ int main(int argc, char** argv) {
     for (int d = 0; d < 3; ++d) { g.stride[d] = 1; g.ld[d] = 1; g.rd[d] = 1; g.lo[d] = d && !dense ? 1 : 0; }
     g.has_pad = op == 4 && !dense; g.pad = 0.0f;  // adder pads with 0
     call.op = op; call.batch = 1; call.x = x.data(); call.w = w.data(); call.out = y.data();
+    call.rec = rec.empty() ? nullptr : rec.data();
     call.par = {thr2 ? two : serial, nullptr}; call.params = &prm;
     std::vector<double> ts;
     jaxconv_avx512::run(call, false);
@@ -72,6 +76,7 @@ int main(int argc, char** argv) {
     std::sort(ts.begin(), ts.end());
     double terms = double(N) * H * Wd * O * K * K * C;
     double chk = 0; for (float v : y) chk += v;
+    for (int32_t m : rec) chk += m;
     printf("op %d  min %.3f ms  med %.3f ms  %.1f G/s(min) %.1f G/s(med)  chk %.6g\n", op, ts[0] * 1e3,
            ts[ts.size() / 2] * 1e3, terms / ts[0] * 1e-9, terms / ts[ts.size() / 2] * 1e-9, chk);
   }

@@ -595,6 +595,7 @@ NB_MODULE(_native, m) {
       "Registers `jaxconv_user_run` of a loaded user-op library under op id `op`.");
   m.def("user_base", []() { return jaxconv::kUserBase; });
   m.attr("pair_channels") = jaxconv::kPairChannels;
+  m.attr("record_block_rows") = jaxconv::kRecordBlockRows;
 #ifdef JAXCONV_BUSY_TRACE
   m.def(
       "busy_trace_take",

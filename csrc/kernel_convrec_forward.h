@@ -7,10 +7,11 @@
 // plain forward never runs it. The loop is the forward's register tile over the packed kernel
 // block (fwd_tile's tile_taps, the same embedded broadcast, key and add-port choices), but the
 // reduce restarts every kb kernel rows and each block's result is stored: one vector store
-// per accumulator and block, 1 / kb of the tile's work. The tile's end (record_tile_end,
-// shared with the dense record) takes y as the blocks' reduce and sets the bits of the blocks
-// equal to it. Max and min are exact: y is the forward's bit for bit (a zero's sign fixed by
-// the same rule; keys order -0 below +0), and every product equal to y lies in a marked block.
+// per accumulator and block, 1 / kb of the tile's work. The block loop, the tile's end and the
+// claims are the dense record's (record_blocks, record_tile_end, record_claims): y is the
+// blocks' reduce and the mask the bits of the blocks equal to it. Max and min are exact: y is
+// the forward's bit for bit (a zero's sign fixed by the same rule; keys order -0 below +0), and
+// every product equal to y lies in a marked block.
 //
 // Blocks: 64 kernel rows (dense_block_rows: doubled while there would be more than kMaxBlocks),
 // so on a 3 x 3 kernel over 64 input channels one block is one tap. A mask is an int32 per
@@ -25,38 +26,30 @@
 // Whether a convolution's forward records its winner blocks (finite data: with a NaN the
 // blocks' reduce would not be the forward's; depthwise: a window is a handful of taps).
 inline bool convrec_case(const Ctx& c) {
-  return c.finite && !depthwise(c) && c.K > 64 && !dense_winner_case(c);
+  return c.finite && !depthwise(c) && c.K > jaxconv::kRecordBlockRows && !dense_winner_case(c);
 }
 
 // Rows p .. p + MR - 1 of block (b, grp, jb): each kernel-row block's reduce (the forward's
 // tap loop restarted at the block's first row, against the packed panel of all K rows), then
-// y and the masks (`rb`: the batch entry's). `xs` holds x as the tile reads it (keys for a
-// keyed Op), `xf` its floats; `pad` the pad row as the tile reads it.
+// y and the masks (record_blocks; `rb`: the batch entry's). `xs` holds x as the tile reads it
+// (keys for a keyed Op), `xf` its floats; `pad` the pad row as the tile reads it.
 template <class Op, bool Bx>
 void convrec_tile(const Ctx& c, const float* xs, const float* xf, const float* wb,
                   const float* pad, const float* panel, float* yb, int32_t* rb, int64_t p,
                   int64_t grp, int64_t jb, int64_t kb) {
-  using V = S::V;
   const TileRows<MR> rows(c, p);
-  const int64_t o0 = grp * c.Og + jb * NR;
-  const int64_t nvalid = c.Og - jb * NR < NR ? c.Og - jb * NR : NR;
-  const int64_t nb = (c.K + kb - 1) / kb;  // <= kMaxBlocks
-  alignas(64) float blk[kMaxBlocks][MR * NR];
-  for (int64_t j = 0; j < nb; ++j) {
-    const int64_t k0 = j * kb, k1 = k0 + kb < c.K ? k0 + kb : c.K;
-    V acc[MR][NV];
-    for (int r = 0; r < MR; ++r)
-      for (int v = 0; v < NV; ++v) acc[r][v] = S::set1(Op::ident());
-    tile_taps<Op, false, MR, NV, Bx>(c, xs, pad, panel + k0 * NR, k0, k1, rows, grp, acc);
-    for (int r = 0; r < MR; ++r)
-      for (int v = 0; v < NV; ++v) S::store(blk[j] + r * NR + v * W, acc[r][v]);
-  }
-  record_tile_end<Op>(c, blk, nb, rows, xf, wb, yb, rb, p, o0, nvalid);
+  record_blocks<Op>(c, rows, xf, wb, yb, rb, p, grp, jb, kb,
+                    [&](int64_t k0, int64_t k1, S::V(&acc)[MR][NV])
+                        __attribute__((always_inline)) {
+                          for (int r = 0; r < MR; ++r)
+                            for (int v = 0; v < NV; ++v) acc[r][v] = S::set1(Op::ident());
+                          tile_taps<Op, false, MR, NV, Bx>(c, xs, pad, panel + k0 * NR, k0, k1,
+                                                           rows, grp, acc);
+                        });
 }
 
-// The recording forward's tiles with the tile op Op, shared out as the forward's one-panel
-// case: claims of a few tiles of one block of output channels, in `lanes` runs; a worker keeps
-// its packed panel while its claims stay in one block. Returns true (y and masks written).
+// The recording forward's tiles with the tile op Op (record_claims: the forward's one-panel
+// case). Returns true (y and masks written).
 template <class Op>
 bool convrec_run(Ctx& c) {
   const jaxconv::Call& call = *c.call;
@@ -75,46 +68,25 @@ bool convrec_run(Ctx& c) {
   }
   const float* xsrc = kKey ? xkey.get() : call.x;
   const int64_t kb = dense_block_rows(c.K);
-  const int64_t tiles = (c.P + MR - 1) / MR;
-  const int64_t blocks = call.batch * c.G * c.nJB;
-  const int64_t per = (int64_t(1) << 20) / (int64_t(MR) * NR * c.K);
-  const int64_t tpc = per < 1 ? 1 : per > 64 ? 64 : per;
-  const int64_t cpb = (tiles + tpc - 1) / tpc;
-  const int64_t claims = blocks * cpb;
-  ClaimLanes lanes(c.prm.lanes, blocks, cpb);
-  std::atomic<bool> failed{false};
-  auto worker = [&](int64_t wi) {
-    Owned<float> owned;
-    int64_t held = -1;
-    for (int64_t u; (u = lanes.claim(wi)) >= 0;) {
-      const int64_t blk = u / cpb, tl0 = (u % cpb) * tpc;
-      const int64_t tl1 = tl0 + tpc < tiles ? tl0 + tpc : tiles;
-      const int64_t jb = blk % c.nJB, grp = (blk / c.nJB) % c.G, b = blk / (c.nJB * c.G);
-      if (!owned && !(owned = allocate<float>(c.K * NR))) {
-        failed.store(true, std::memory_order_relaxed);
-        return;
-      }
-      const float* wb = call.w + b * c.w_bs;
-      if (blk != held) pack_panel(c, wb, grp, jb, 0, c.K, kKey, owned.get());
-      held = blk;
-      const float* xs = xsrc + b * c.x_bs;
-      const float* xf = call.x + b * c.x_bs;
-      float* yb = call.out + b * c.y_bs;
-      int32_t* rb = call.rec + b * c.y_bs;
-      if constexpr (Bc<Op>::kOn) {
-        if (c.prm.bcast != 0) {  // the forward tile's choice (kernel_bcast.h)
-          for (int64_t tl = tl0; tl < tl1; ++tl)
-            convrec_tile<Op, true>(c, xs, xf, wb, pad, owned.get(), yb, rb, tl * MR, grp, jb,
-                                   kb);
-          continue;
-        }
-      }
-      for (int64_t tl = tl0; tl < tl1; ++tl)
-        convrec_tile<Op, false>(c, xs, xf, wb, pad, owned.get(), yb, rb, tl * MR, grp, jb, kb);
-    }
-  };
-  parallel(c, claims < 256 ? claims : 256, worker);
-  if (failed.load()) c.failed = true;
+  record_claims(c, kKey,
+                [&](int64_t b, int64_t grp, int64_t jb, int64_t tl0, int64_t tl1,
+                    const float* wb, const float* panel, const float*) {
+                  const float* xs = xsrc + b * c.x_bs;
+                  const float* xf = call.x + b * c.x_bs;
+                  float* yb = call.out + b * c.y_bs;
+                  int32_t* rb = call.rec + b * c.y_bs;
+                  if constexpr (Bc<Op>::kOn) {
+                    if (c.prm.bcast != 0) {  // the forward tile's choice (kernel_bcast.h)
+                      for (int64_t tl = tl0; tl < tl1; ++tl)
+                        convrec_tile<Op, true>(c, xs, xf, wb, pad, panel, yb, rb, tl * MR, grp,
+                                               jb, kb);
+                      return;
+                    }
+                  }
+                  for (int64_t tl = tl0; tl < tl1; ++tl)
+                    convrec_tile<Op, false>(c, xs, xf, wb, pad, panel, yb, rb, tl * MR, grp, jb,
+                                            kb);
+                });
   return true;
 }
 

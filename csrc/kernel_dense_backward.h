@@ -36,9 +36,9 @@ inline uint32_t mask_bits(S::M m) {
 // A block mask is a sum of distinct powers of two in a float lane: exact up to 2^23.
 constexpr int64_t kMaxBlocks = 24;
 
-// Kernel rows per block: 64, or more where K would need more than kMaxBlocks blocks.
+// Kernel rows per block: kRecordBlockRows (64), or more where K would need more than kMaxBlocks.
 inline int64_t dense_block_rows(int64_t K) {
-  int64_t kb = 64;
+  int64_t kb = jaxconv::kRecordBlockRows;
   while ((K + kb - 1) / kb > kMaxBlocks) kb *= 2;
   return kb;
 }
@@ -47,7 +47,7 @@ inline int64_t dense_block_rows(int64_t K) {
 // kernel rows (with one, pass A would only repeat pass B's scan).
 inline bool dense_winner_case(const Ctx& c) {
   return c.T == 1 && c.OS == 1 && c.tab[0] == 0 && !c.g.has_pad && c.finite &&
-         !depthwise(c) && c.K > 64;
+         !depthwise(c) && c.K > jaxconv::kRecordBlockRows;
 }
 
 // One block's reduce, the forward's register tile restarted at kernel row k0: acc[r] the
@@ -141,6 +141,7 @@ int64_t dense_matches(const float* xp, const float* wo, int64_t K, int64_t kb, u
 
 // The products of one whole 64-row block (x's row `xp` and kernel column `wo`, both along k)
 // that equal y, as the bits of one word (always inlined: the backward's per-output scan).
+static_assert(jaxconv::kRecordBlockRows == 64, "a whole block's compares fill one 64-bit word");
 template <class Op>
 __attribute__((always_inline)) inline uint64_t dense_block_word(const float* xp,
                                                                 const float* wo, float y) {

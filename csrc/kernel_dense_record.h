@@ -17,6 +17,9 @@
 // output's exact code at the tile's end (exact_codes; kernel_densebwd_exact.h), so that their
 // backward needs no product computed again.
 //
+// The block loop, the tile's end and the work sharing (record_blocks, record_tile_end,
+// record_claims) serve the convolution's recording forward too (kernel_convrec_forward.h).
+//
 // Part of the kernel template: included by kernels.inc inside its anonymous namespace
 // (once per instruction set), after kernel_dense_backward.h, never on its own.
 #pragma once
@@ -94,14 +97,88 @@ __attribute__((noinline)) void exact_codes(const float* const* xr, int rows, con
   }
 }
 
-// Rows p .. p + MR - 1 of block (b, grp, jb): their y and masks (`rb`: the batch entry's).
-// Each block's reduce is stored (one store per accumulator and block, the only cost in the
-// loop over blocks); the tile's end takes y as their reduce and sets the bits of the blocks
-// equal to it (pass A's compare, on results held in L1). A keyed Op (`xb` and `panel` hold
-// keys) reduces keys as the keyed forward does, and compares the blocks' results as floats:
-// a block whose result is -0 holds a product equal to a +0 y under the backward's float
-// compare, so it is marked too (a mask may name a block with no winner: the backward's scan
-// of it finds nothing).
+// Rows p .. p + MR - 1 of block (grp, jb) of a recording tile (the dense record's and the
+// convolution's): each block of kb kernel rows reduced by `reduce(k0, k1, acc)` -- the tile's
+// loop over those rows, from the reduce's identity -- and its result stored (one store per
+// accumulator and block, the only cost in the loop over blocks), then y and the masks
+// (record_tile_end; `xf`: the floats of x, for the sign of a zero). Always inlined, and so is
+// `reduce`: acc stays in registers as in the loop it came from.
+template <class Op, class Reduce>
+__attribute__((always_inline)) inline void record_blocks(const Ctx& c, const TileRows<MR>& rows,
+                                                        const float* xf, const float* wb,
+                                                        float* yb, int32_t* rb, int64_t p,
+                                                        int64_t grp, int64_t jb, int64_t kb,
+                                                        Reduce&& reduce) {
+  using V = S::V;
+  const int64_t o0 = grp * c.Og + jb * NR;
+  const int64_t nvalid = c.Og - jb * NR < NR ? c.Og - jb * NR : NR;
+  const int64_t nb = (c.K + kb - 1) / kb;  // <= kMaxBlocks
+  alignas(64) float blk[kMaxBlocks][MR * NR];
+  for (int64_t j = 0; j < nb; ++j) {
+    const int64_t k0 = j * kb, k1 = k0 + kb < c.K ? k0 + kb : c.K;
+    V acc[MR][NV];
+    reduce(k0, k1, acc);
+    for (int r = 0; r < MR; ++r)
+      for (int v = 0; v < NV; ++v) S::store(blk[j] + r * NR + v * W, acc[r][v]);
+  }
+  record_tile_end<Op>(c, blk, nb, rows, xf, wb, yb, rb, p, o0, nvalid);
+}
+
+// The recording forwards' work (the dense record's and the convolution's), shared out as the
+// forward's one-panel case: claims of a few tiles (about 2^20 terms) of one block (b, grp, jb)
+// of output channels, handed out dynamically in `lanes` runs (kernel_lanes.h); a worker keeps
+// its packed panel of all K rows (keys with `keys`) while its claims stay in one block, and
+// runs each claim as tiles(b, grp, jb, tl0, tl1, wb, panel, extra): tiles tl0 .. tl1 - 1.
+// With extra_floats > 0 a worker also owns that many floats (`extra`, else null), which
+// repack(grp, jb, panel, extra) fills each time the worker packs a new panel.
+struct NoRepack {
+  void operator()(int64_t, int64_t, const float*, float*) const {}
+};
+
+template <class Tiles, class Repack = NoRepack>
+void record_claims(Ctx& c, bool keys, Tiles&& tiles, int64_t extra_floats = 0,
+                   Repack&& repack = {}) {
+  const jaxconv::Call& call = *c.call;
+  const int64_t ntiles = (c.P + MR - 1) / MR;
+  const int64_t blocks = call.batch * c.G * c.nJB;
+  const int64_t per = (int64_t(1) << 20) / (int64_t(MR) * NR * c.K);
+  const int64_t tpc = per < 1 ? 1 : per > 64 ? 64 : per;
+  const int64_t cpb = (ntiles + tpc - 1) / tpc;
+  const int64_t claims = blocks * cpb;
+  ClaimLanes lanes(c.prm.lanes, blocks, cpb);
+  std::atomic<bool> failed{false};
+  auto worker = [&](int64_t wi) {
+    Owned<float> owned, extra;
+    int64_t held = -1;
+    for (int64_t u; (u = lanes.claim(wi)) >= 0;) {
+      const int64_t blk = u / cpb, tl0 = (u % cpb) * tpc;
+      const int64_t tl1 = tl0 + tpc < ntiles ? tl0 + tpc : ntiles;
+      const int64_t jb = blk % c.nJB, grp = (blk / c.nJB) % c.G, b = blk / (c.nJB * c.G);
+      if ((!owned && !(owned = allocate<float>(c.K * NR))) ||
+          (extra_floats > 0 && !extra && !(extra = allocate<float>(extra_floats)))) {
+        failed.store(true, std::memory_order_relaxed);
+        return;
+      }
+      const float* wb = call.w + b * c.w_bs;
+      if (blk != held) {
+        pack_panel(c, wb, grp, jb, 0, c.K, keys, owned.get());
+        repack(grp, jb, static_cast<const float*>(owned.get()), extra.get());
+      }
+      held = blk;
+      tiles(b, grp, jb, tl0, tl1, wb, static_cast<const float*>(owned.get()),
+            static_cast<const float*>(extra.get()));
+    }
+  };
+  parallel(c, claims < 256 ? claims : 256, worker);
+  if (failed.load()) c.failed = true;
+}
+
+// Rows p .. p + MR - 1 of block (b, grp, jb): their y and masks (`rb`: the batch entry's), the
+// blocks' reduce by block_reduce (pass A's loop). A keyed Op (`xb` and `panel` hold keys)
+// reduces keys as the keyed forward does, and compares the blocks' results as floats: a block
+// whose result is -0 holds a product equal to a +0 y under the backward's float compare, so it
+// is marked too (a mask may name a block with no winner: the backward's scan of it finds
+// nothing).
 //
 // With `cols` (the block's transposed kernel columns, (nvalid, K); constant-partial ops only),
 // each mask then becomes the output's exact code (kernel_densebwd_exact.h): its masked blocks
@@ -110,24 +187,18 @@ template <class Op, bool Bx = false>
 void dense_record_tile(const Ctx& c, const float* xb, const float* wb, const float* panel,
                        const float* cols, float* yb, int32_t* rb, int64_t p, int64_t grp,
                        int64_t jb, int64_t kb) {
-  using V = S::V;
   const TileRows<MR> rows(c, p);
-  const int64_t o0 = grp * c.Og + jb * NR;
-  const int64_t nvalid = c.Og - jb * NR < NR ? c.Og - jb * NR : NR;
-  const int64_t nb = (c.K + kb - 1) / kb;  // <= kMaxBlocks
-  alignas(64) float blk[kMaxBlocks][MR * NR];
   const float* xr[MR];
   for (int r = 0; r < MR; ++r) xr[r] = xb + (rows.live[r] ? p + r : 0) * c.img + grp * c.I;
-  for (int64_t j = 0; j < nb; ++j) {
-    const int64_t k0 = j * kb, k1 = k0 + kb < c.K ? k0 + kb : c.K;
-    V acc[MR][NV];
-    block_reduce<Op, Bx>(panel, xr, k0, k1, acc);
-    for (int r = 0; r < MR; ++r)
-      for (int v = 0; v < NV; ++v) S::store(blk[j] + r * NR + v * W, acc[r][v]);
-  }
-  record_tile_end<Op>(c, blk, nb, rows, xb, wb, yb, rb, p, o0, nvalid);
+  record_blocks<Op>(c, rows, xb, wb, yb, rb, p, grp, jb, kb,
+                    [&](int64_t k0, int64_t k1, S::V(&acc)[MR][NV])
+                        __attribute__((always_inline)) {
+                          block_reduce<Op, Bx>(panel, xr, k0, k1, acc);
+                        });
   if constexpr (ConstTerms<Op>::value) {
     if (!cols) return;
+    const int64_t o0 = grp * c.Og + jb * NR;
+    const int64_t nvalid = c.Og - jb * NR < NR ? c.Og - jb * NR : NR;
     int live = 0;
     while (live < MR && rows.live[live]) ++live;  // the live rows come first
     exact_codes<Op>(xr, live, cols, cstride(c.K), c.K, kb, yb + p * c.O + o0,
@@ -151,58 +222,32 @@ bool dense_record_run(Ctx& c) {
   }
   const float* xsrc = kKey ? xkey.get() : call.x;
   const int64_t kb = dense_block_rows(c.K);
-  const int64_t tiles = (c.P + MR - 1) / MR;
-  const int64_t blocks = call.batch * c.G * c.nJB;
-  // Claims of a few tiles (about 2^20 terms), handed out dynamically as the forward's; a
-  // worker keeps its packed panel while its claims stay in one block.
-  const int64_t per = (int64_t(1) << 20) / (int64_t(MR) * NR * c.K);
-  const int64_t tpc = per < 1 ? 1 : per > 64 ? 64 : per;
-  const int64_t cpb = (tiles + tpc - 1) / tpc;
-  const int64_t claims = blocks * cpb;
-  std::atomic<int64_t> next{0};
-  std::atomic<bool> failed{false};
-  auto worker = [&](int64_t) {
-    Owned<float> owned, cols;  // the packed panel; the transposed columns (exact codes)
-    int64_t held = -1;
-    for (int64_t u; (u = next.fetch_add(1, std::memory_order_relaxed)) < claims;) {
-      const int64_t blk = u / cpb, tl0 = (u % cpb) * tpc;
-      const int64_t tl1 = tl0 + tpc < tiles ? tl0 + tpc : tiles;
-      const int64_t jb = blk % c.nJB, grp = (blk / c.nJB) % c.G, b = blk / (c.nJB * c.G);
-      if (!owned && !(owned = allocate<float>(c.K * NR))) {
-        failed.store(true, std::memory_order_relaxed);
-        return;
-      }
-      if (kExact && !cols && !(cols = allocate<float>(cstride(c.K) * NR))) {
-        failed.store(true, std::memory_order_relaxed);
-        return;
-      }
-      const float* wb = call.w + b * c.w_bs;
-      if (blk != held) {
-        pack_panel(c, wb, grp, jb, 0, c.K, kKey, owned.get());
-        if (kExact) {
-          const int64_t nvalid = c.Og - jb * NR < NR ? c.Og - jb * NR : NR;
-          // From the panel just packed (rows NR floats apart, in L2), not from w (rows O apart).
-          transpose(owned.get(), NR, cols.get(), cstride(c.K), c.K, nvalid);
-        }
-      }
-      held = blk;
-      if constexpr (Bc<Op>::kOn) {
-        if (c.prm.bcast != 0) {  // the forward tile's choice (kernel_bcast.h)
-          for (int64_t tl = tl0; tl < tl1; ++tl)
-            dense_record_tile<Op, true>(c, xsrc + b * c.x_bs, wb, owned.get(), cols.get(),
-                                        call.out + b * c.y_bs, call.rec + b * c.y_bs, tl * MR,
-                                        grp, jb, kb);
-          continue;
-        }
-      }
-      for (int64_t tl = tl0; tl < tl1; ++tl)
-        dense_record_tile<Op>(c, xsrc + b * c.x_bs, wb, owned.get(), cols.get(),
-                              call.out + b * c.y_bs, call.rec + b * c.y_bs, tl * MR, grp, jb,
-                              kb);
+  // From the panel just packed (rows NR floats apart, in L2), not from w (rows O apart).
+  auto transposed = [&](int64_t, int64_t jb, const float* panel, float* cols) {
+    if constexpr (kExact) {
+      const int64_t nvalid = c.Og - jb * NR < NR ? c.Og - jb * NR : NR;
+      transpose(panel, NR, cols, cstride(c.K), c.K, nvalid);
     }
   };
-  parallel(c, claims < 256 ? claims : 256, worker);
-  if (failed.load()) c.failed = true;
+  record_claims(c, kKey,
+                [&](int64_t b, int64_t grp, int64_t jb, int64_t tl0, int64_t tl1,
+                    const float* wb, const float* panel, const float* cols) {
+                  const float* xb = xsrc + b * c.x_bs;
+                  float* yb = call.out + b * c.y_bs;
+                  int32_t* rb = call.rec + b * c.y_bs;
+                  if constexpr (Bc<Op>::kOn) {
+                    if (c.prm.bcast != 0) {  // the forward tile's choice (kernel_bcast.h)
+                      for (int64_t tl = tl0; tl < tl1; ++tl)
+                        dense_record_tile<Op, true>(c, xb, wb, panel, cols, yb, rb, tl * MR,
+                                                    grp, jb, kb);
+                      return;
+                    }
+                  }
+                  for (int64_t tl = tl0; tl < tl1; ++tl)
+                    dense_record_tile<Op>(c, xb, wb, panel, cols, yb, rb, tl * MR, grp, jb,
+                                          kb);
+                },
+                kExact ? cstride(c.K) * NR : 0, transposed);
   return true;
 }
 

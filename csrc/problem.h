@@ -42,6 +42,12 @@ constexpr int64_t kUserBase = int64_t(1) << 40;
 // it (`_native.pair_channels`) to decide where adder's kernel gradient comes from that pass.
 constexpr int64_t kPairChannels = 16;
 
+// The winner record of a max / min product marks blocks of this many kernel rows (more where K
+// would need more than kMaxBlocks: kernel_dense_backward.h's dense_block_rows); a kernel of one
+// block records nothing (kernel_dense_record.h, kernel_convrec_forward.h). The native engine
+// reads it (`_native.record_block_rows`) to ask for a record only where one is kept.
+constexpr int64_t kRecordBlockRows = 64;
+
 // The layout of Call and Geom: a compiled user op is loaded only if it was built against the
 // same version.
 constexpr int kAbiVersion = 2;

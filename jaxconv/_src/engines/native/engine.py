@@ -463,7 +463,8 @@ def _records_op(problem: Problem, dtype: DTypeLike) -> bool:
 
 def _records_shapes(x_shape: tuple[int, ...], w_shape: tuple[int, ...]) -> bool:
     """Whether the recording forward's kernels record for these canonical shapes: more than
-    one block of 64 kernel rows, not depthwise (the kernels then decide by the data: finite).
+    one block of kernel rows (the library's `ffi.record_block_rows`, 64), not depthwise (the
+    kernels then decide by the data: finite).
 
     Args:
         x_shape: the input's shape, ``(N, *spatial, C)``.
@@ -478,7 +479,7 @@ def _records_shapes(x_shape: tuple[int, ...], w_shape: tuple[int, ...]) -> bool:
     """
     rows = int(np.prod(w_shape[:-1]))
     groups = x_shape[-1] // w_shape[-2] if w_shape[-2] else 1
-    return rows > 64 and not (w_shape[-2] == 1 and w_shape[-1] == groups)
+    return rows > ffi.record_block_rows() and not (w_shape[-2] == 1 and w_shape[-1] == groups)
 
 
 def _paired_adder(w_shape: tuple[int, ...]) -> bool:

@@ -193,6 +193,22 @@ def pair_channels() -> int:
     return int(extension().pair_channels)
 
 
+def record_block_rows() -> int:
+    """The kernel rows of one block of a max / min product's winner record (csrc/problem.h
+    ``kRecordBlockRows``): the recording forward keeps a record only for a kernel of more than
+    one block.
+
+    Returns:
+      The count, from the loaded library.
+
+    Example:
+      >>> from jaxconv._src.engines.native import ffi
+      >>> ffi.record_block_rows() if ffi.available() else 64
+      64
+    """
+    return int(extension().record_block_rows)
+
+
 def _register() -> None:
     """Registers the extension's FFI targets with JAX, once.
 
