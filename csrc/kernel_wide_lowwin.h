@@ -31,6 +31,9 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
+#include <mutex>
+#include <utility>
 #include <vector>
 
 #include "kernel_wide.h"
@@ -181,6 +184,12 @@ struct LowWin {
   std::vector<int32_t>* lists;  // per pass-1 item: n, then n rows in order, per tied output
   int64_t lblocks, img, ipi, runs, b;
   bool plain;
+  const int32_t* rec;    // the low recording forward's block masks, or null (a full scan)
+  const float* wt;       // rec: this batch element's kernel columns along k, (O, K)
+  const int32_t* btab;   // rec: per block, its tap and first channel (-1: not 64 of one tap)
+  int64_t kb;            // rec: kernel rows per block
+  const uint16_t* y16;   // rec: y in the low dtype (then y is null), or null
+  const uint16_t* g16;   // rec: g likewise
 };
 
 template <class Op, bool Exact, bool Max>
@@ -413,6 +422,8 @@ void low_scan_run(const LowWin& lw, LowRun& st, std::vector<int32_t>& list, int6
   }
 }
 
+#include "kernel_lowrec_backward.h"
+
 // One output's winners: f(k) for each, in kernel-row order.
 template <class F>
 inline void low_each(const LowWin& lw, int64_t item, int64_t code, F&& f) {
@@ -479,6 +490,29 @@ int low_win_backward(const WideCall& call) {
   lw.tab = tab.data();
   lw.kt = kt.data();
   lw.lists = lists.data();
+  // Recorded masks (kernel_lowrec_mark.h; identity padding): the scan of marked blocks only.
+  std::vector<E> wt;
+  std::vector<int32_t> btab;
+  if (call.rec && call.rec[0] >= 0 && !g.has_pad) {
+    lw.kb = jaxconv::record_block_rows(pl.K);
+    const int64_t nb = (pl.K + lw.kb - 1) / lw.kb;
+    try {
+      wt.assign(size_t(pl.K * g.o), E(0));
+      btab.assign(size_t(2 * nb), -1);
+    } catch (...) {
+      return 2;
+    }
+    for (int64_t j = 0; j < nb; ++j) {
+      const int64_t k0 = j * lw.kb, t = k0 / g.i, ia = k0 - t * g.i;
+      btab[size_t(2 * j)] = int32_t(t);
+      btab[size_t(2 * j + 1)] = lw.kb == 64 && ia + 64 <= g.i ? int32_t(ia) : -1;
+    }
+    lw.rec = call.rec;
+    lw.wt = wt.data();
+    lw.btab = btab.data();
+    if (call.low_y) lw.y16 = static_cast<const uint16_t*>(call.y), lw.y = nullptr;
+    if (call.low_g) lw.g16 = static_cast<const uint16_t*>(call.g), lw.gy = nullptr;
+  }
   const E* w = static_cast<const E*>(call.w);
   for (int64_t b = 0; b < call.batch; ++b) {
     const E* wb = w + b * wsize;
@@ -491,6 +525,9 @@ int low_win_backward(const WideCall& call) {
       }
     lw.b = b;
     lw.w = wb;
+    if (lw.rec)
+      for (int64_t k = 0; k < pl.K; ++k)
+        for (int64_t o = 0; o < g.o; ++o) wt[size_t(o * pl.K + k)] = wb[k * g.o + o];
     lw.plain = plain_ok<E, Op::kComb, Op::kSum>(pl.x + b * pl.xs, pl.xs, wb, wsize, g, pl.pad);
     std::atomic<bool> failed{false};
     struct Job {
@@ -510,9 +547,14 @@ int low_win_backward(const WideCall& call) {
       std::vector<int32_t>& list = lw.lists[item];
       list.clear();
       try {
+        if (lw.rec) {
+          std::vector<int32_t> rows;
+          if (lw.plain) low_rec_run<Op, false, Max, Rnd>(lw, list, rows, grp, rb, re);
+          else low_rec_run<Op, true, Max, Rnd>(lw, list, rows, grp, rb, re);
+        }
         LowRun st;
         st.xo.assign(size_t(kLPos * f.T), -1);
-        for (int64_t lblk = 0; lblk < lw.lblocks; ++lblk)
+        for (int64_t lblk = 0; lblk < (lw.rec ? 0 : lw.lblocks); ++lblk)
           for (int64_t q0 = rb; q0 < re; q0 += kLPos) {
             const int64_t nq = re - q0 < kLPos ? re - q0 : kLPos;
             if (lw.plain) low_scan_run<Op, false, Max, Rnd>(lw, st, list, grp, lblk, q0, nq);
