@@ -39,7 +39,8 @@ int run_op(const jaxconv::Call& call, bool backward);
 // The forward of a call whose operands are bfloat16 / float16 (call.low): float32 copies of x
 // and w made in one parallel pass that also finds whether they are finite (the max/min ops'
 // scan, so run_op skips its own), then the float32 kernels; the register tiles store y in the
-// low dtype, except in the loops that have no tiles (depthwise, logsumexp), which write a
+// low dtype, except in the loops that have no tiles (depthwise, logsumexp) and the recording
+// forward (call.rec: record_tile_end's y and masks, kernel_lowrec_mark.h), which write a
 // float32 y that is rounded afterwards. Where the forward will run on integer keys (finite
 // max_min / min_max), x is only scanned: key_copy makes its keys from the low values.
 template <class Op>

@@ -25,9 +25,14 @@ inline float low_at(const float* f, const uint16_t* h, int64_t at) {
 // output's count, code and scale (and list of rows where it has several winners), as
 // low_scan_run leaves them. The usual output (one marked block, 64 rows of one tap: lw.btab)
 // compares its block in one word of match bits; any other walks its blocks tap by tap.
-template <class Op, bool Exact, bool Max, int Rnd>
+// With `dxb` (the group's output channels are one block of pass 1's routing, which then
+// walks the outputs in this order) each output's input gradient is routed here, as pass 1
+// routes it (the same terms in the same order), and a single winner's scale becomes its
+// kernel gradient's term.
+template <class Op, class Gr, bool Exact, bool Max, int Rnd>
 void low_rec_run(const LowWin& lw, std::vector<int32_t>& list, std::vector<int32_t>& rows,
-                 int64_t grp, int64_t r0, int64_t r1) {
+                 int64_t grp, int64_t r0, int64_t r1, float* dxb) {
+  using E = float;
   using V = VecOf<float>;
   constexpr int L = Vt<float>::L;
   const Plan<float>& pl = *lw.f;
@@ -62,14 +67,31 @@ void low_rec_run(const LowWin& lw, std::vector<int32_t>& list, std::vector<int32
           }
         }
         const int c = __builtin_popcountll(word);
-        lw.scale[at0] = c > 0 ? low_at<Rnd>(lw.gy, lw.g16, at0) / float(c) : 0.0f;
+        const E sc = c > 0 ? low_at<Rnd>(lw.gy, lw.g16, at0) / float(c) : 0.0f;
+        lw.scale[at0] = sc;
         if (c <= 1) {
           lw.code[at0] = c == 0 ? -2 : k0 + __builtin_ctzll(word);
+          if (c == 1 && dxb) {  // pass 1's one-winner terms
+            const int64_t i = k0 - t * I + __builtin_ctzll(word);
+            const int64_t at = n * lw.img + tabp[t] + grp * I + i;
+            const E ws = wo[t * I + i];
+            const E xs = xb[at];
+            dxb[at] += sc * Gr::template dx<E>(splat<E>(xs), splat<E>(ws))[0];
+            lw.scale[at0] = sc * Gr::template dw<E>(splat<E>(xs), splat<E>(ws))[0];
+          }
           continue;
         }
         lw.code[at0] = -3 - int64_t(list.size());
         list.push_back(c);
-        for (; word; word &= word - 1) list.push_back(int32_t(k0 + __builtin_ctzll(word)));
+        for (; word; word &= word - 1) {
+          const int64_t i = k0 - t * I + __builtin_ctzll(word);
+          list.push_back(int32_t(t * I + i));
+          if (dxb) {  // pass 1's tie terms, in kernel-row order
+            const int64_t at = n * lw.img + tabp[t] + grp * I + i;
+            const E ws = wo[t * I + i];
+            dxb[at] += sc * Gr::template dx<E>(splat<E>(xb[at]), splat<E>(ws))[0];
+          }
+        }
         continue;
       }
       rows.clear();
@@ -96,7 +118,22 @@ void low_rec_run(const LowWin& lw, std::vector<int32_t>& list, std::vector<int32
         }
       }
       const int64_t c = int64_t(rows.size());
-      lw.scale[at0] = c > 0 ? low_at<Rnd>(lw.gy, lw.g16, at0) / float(c) : 0.0f;
+      const E sc = c > 0 ? low_at<Rnd>(lw.gy, lw.g16, at0) / float(c) : 0.0f;
+      lw.scale[at0] = sc;
+      if (dxb) {  // pass 1's terms, in kernel-row order
+        for (const int32_t k : rows) {
+          const int64_t t = lw.kt[2 * k], i = lw.kt[2 * k + 1];
+          const int64_t at = n * lw.img + tabp[t] + grp * I + i;
+          const E ws = wo[k];
+          if (c == 1) {
+            const E xs = xb[at];
+            dxb[at] += sc * Gr::template dx<E>(splat<E>(xs), splat<E>(ws))[0];
+            lw.scale[at0] = sc * Gr::template dw<E>(splat<E>(xs), splat<E>(ws))[0];
+          } else {
+            dxb[at] += sc * Gr::template dx<E>(splat<E>(xb[at]), splat<E>(ws))[0];
+          }
+        }
+      }
       if (c <= 1) {
         lw.code[at0] = c == 0 ? -2 : rows[0];
         continue;
@@ -108,9 +145,10 @@ void low_rec_run(const LowWin& lw, std::vector<int32_t>& list, std::vector<int32
   }
 }
 
-// Float buffers reused from call to call (the low backward's float32 copies and gradients):
-// fresh ones of layer A's size cost ~2,000 page faults per call. A call takes a free buffer
-// large enough (or allocates one) and gives it back when it ends; at most kLowKeep are kept.
+// Buffers reused from call to call (the low backward's float32 copies, gradients, scales and
+// codes; sizes in bytes): fresh ones of layer A's size cost thousands of page faults per call.
+// A call takes a free buffer large enough (or allocates one) and gives it back when it ends;
+// at most kLowKeep are kept.
 class LowBuf {
  public:
   explicit LowBuf(size_t n) : n_(n) {
@@ -125,7 +163,7 @@ class LowBuf {
           return;
         }
     }
-    buf_.reset(new float[n > 0 ? n : 1]);
+    buf_.reset(new unsigned char[n > 0 ? n : 1]);
   }
   ~LowBuf() {
     if (!buf_) return;
@@ -135,19 +173,22 @@ class LowBuf {
   }
   LowBuf(const LowBuf&) = delete;
   LowBuf& operator=(const LowBuf&) = delete;
-  float* get() { return buf_.get(); }
+  template <class T = float>
+  T* get() {
+    return reinterpret_cast<T*>(buf_.get());
+  }
 
  private:
-  static constexpr size_t kLowKeep = 8;
+  static constexpr size_t kLowKeep = 12;
   static std::mutex& mu() {
     static std::mutex m;
     return m;
   }
-  static std::vector<std::pair<std::unique_ptr<float[]>, size_t>>& free_list() {
-    static std::vector<std::pair<std::unique_ptr<float[]>, size_t>> f;
+  static std::vector<std::pair<std::unique_ptr<unsigned char[]>, size_t>>& free_list() {
+    static std::vector<std::pair<std::unique_ptr<unsigned char[]>, size_t>> f;
     return f;
   }
-  std::unique_ptr<float[]> buf_;
+  std::unique_ptr<unsigned char[]> buf_;
   size_t n_;
 };
 
@@ -186,12 +227,12 @@ int low_io_backward(const WideCall& call) {
   const bool wide_y = call.low_y && !recorded, wide_g = call.low_g && !recorded;
   std::unique_ptr<LowBuf> x32, w32, y32, g32, dx32, dw32;
   try {
-    x32.reset(new LowBuf(size_t(nx)));
-    w32.reset(new LowBuf(size_t(nw)));
-    if (wide_y) y32.reset(new LowBuf(size_t(ny)));
-    if (wide_g) g32.reset(new LowBuf(size_t(ny)));
-    dx32.reset(new LowBuf(size_t(nx)));
-    dw32.reset(new LowBuf(size_t(nw)));
+    x32.reset(new LowBuf(sizeof(float) * size_t(nx)));
+    w32.reset(new LowBuf(sizeof(float) * size_t(nw)));
+    if (wide_y) y32.reset(new LowBuf(sizeof(float) * size_t(ny)));
+    if (wide_g) g32.reset(new LowBuf(sizeof(float) * size_t(ny)));
+    dx32.reset(new LowBuf(sizeof(float) * size_t(nx)));
+    dw32.reset(new LowBuf(sizeof(float) * size_t(nw)));
   } catch (...) {
     return 2;
   }

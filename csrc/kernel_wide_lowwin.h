@@ -460,12 +460,21 @@ int low_win_backward(const WideCall& call) {
   const int64_t wsize = pl.K * g.o;
   std::vector<E> panels, scale, fill;
   std::vector<int64_t> code;
+  // Recorded masks (kernel_lowrec_mark.h; identity padding): the scan of marked blocks only,
+  // which writes every output's scale and code itself (reused buffers, no fill).
+  const bool recorded = call.rec && call.rec[0] >= 0 && !g.has_pad;
+  std::unique_ptr<LowBuf> scale_buf, code_buf;
   std::vector<int32_t> tab, kt;
   std::vector<std::vector<int32_t>> lists;
   try {
     panels.assign(size_t(g.g * lw.lblocks * pl.K * LNB), E(0));
-    scale.assign(size_t(pl.ys), E(0));
-    code.assign(size_t(pl.ys), -2);
+    if (recorded) {
+      scale_buf.reset(new LowBuf(sizeof(E) * size_t(call.batch * pl.ys)));
+      code_buf.reset(new LowBuf(sizeof(int64_t) * size_t(call.batch * pl.ys)));
+    } else {
+      scale.assign(size_t(pl.ys), E(0));
+      code.assign(size_t(pl.ys), -2);
+    }
     fill.assign(size_t(g.i), g.has_pad ? pl.pad : E(0));
     tab.assign(size_t(pl.P * pl.T), -1);
     kt.assign(size_t(2 * pl.K), 0);
@@ -485,15 +494,14 @@ int low_win_backward(const WideCall& call) {
     kt[size_t(2 * k + 1)] = int32_t(k % g.i);
   }
   lw.panels = panels.data();
-  lw.scale = scale.data();
-  lw.code = code.data();
+  lw.scale = recorded ? scale_buf->template get<E>() : scale.data();
+  lw.code = recorded ? code_buf->template get<int64_t>() : code.data();
   lw.tab = tab.data();
   lw.kt = kt.data();
   lw.lists = lists.data();
-  // Recorded masks (kernel_lowrec_mark.h; identity padding): the scan of marked blocks only.
   std::vector<E> wt;
   std::vector<int32_t> btab;
-  if (call.rec && call.rec[0] >= 0 && !g.has_pad) {
+  if (recorded) {
     lw.kb = jaxconv::record_block_rows(pl.K);
     const int64_t nb = (pl.K + lw.kb - 1) / lw.kb;
     try {
@@ -548,9 +556,12 @@ int low_win_backward(const WideCall& call) {
       list.clear();
       try {
         if (lw.rec) {
+          // One block of output channels: the scan routes dx itself, in the order below.
           std::vector<int32_t> rows;
-          if (lw.plain) low_rec_run<Op, false, Max, Rnd>(lw, list, rows, grp, rb, re);
-          else low_rec_run<Op, true, Max, Rnd>(lw, list, rows, grp, rb, re);
+          E* dxr = f.blocks == 1 ? lw.dx + lw.b * f.xs : nullptr;
+          if (lw.plain) low_rec_run<Op, Gr, false, Max, Rnd>(lw, list, rows, grp, rb, re, dxr);
+          else low_rec_run<Op, Gr, true, Max, Rnd>(lw, list, rows, grp, rb, re, dxr);
+          if (dxr) return;
         }
         LowRun st;
         st.xo.assign(size_t(kLPos * f.T), -1);
