@@ -25,13 +25,15 @@ inline float low_at(const float* f, const uint16_t* h, int64_t at) {
 // output's count, code and scale (and list of rows where it has several winners), as
 // low_scan_run leaves them. The usual output (one marked block, 64 rows of one tap: lw.btab)
 // compares its block in one word of match bits; any other walks its blocks tap by tap.
-// With `dxb` (the group's output channels are one block of pass 1's routing, which then
-// walks the outputs in this order) each output's input gradient is routed here, as pass 1
-// routes it (the same terms in the same order), and a single winner's scale becomes its
-// kernel gradient's term.
+// The outputs go in pass 1's routing order (blocks of nbw output channels, rows, channels),
+// and each output's input gradient is routed here into `dxb`, as pass 1 routes it (the same
+// terms in the same order); a single winner's scale becomes its kernel gradient's term. A
+// single winner's term waits in a register while the next ones are the same input element
+// (a large x wins for many output channels): dx[pend] = ((dx[pend] + t1) + t2) ..., without a
+// store-to-load round trip per term.
 template <class Op, class Gr, bool Exact, bool Max, int Rnd>
 void low_rec_run(const LowWin& lw, std::vector<int32_t>& list, std::vector<int32_t>& rows,
-                 int64_t grp, int64_t r0, int64_t r1, float* dxb) {
+                 int64_t grp, int64_t r0, int64_t r1, int64_t nbw, float* dxb) {
   using E = float;
   using V = VecOf<float>;
   constexpr int L = Vt<float>::L;
@@ -41,11 +43,18 @@ void low_rec_run(const LowWin& lw, std::vector<int32_t>& list, std::vector<int32
   const float* xb = pl.x + lw.b * pl.xs;
   const int64_t yo = lw.b * pl.ys;
   const int32_t* rb = lw.rec + yo;
+  int64_t pend = -1;
+  E pval = 0.0f;
+  auto flush = [&]() {
+    if (pend >= 0) dxb[pend] = pval;
+    pend = -1;
+  };
+  for (int64_t o0 = 0; o0 < pl.og; o0 += nbw)
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t n = r / pl.P, p = r % pl.P;
     const int32_t* tabp = lw.tab + p * T;
     const float* xn = xb + n * lw.img + grp * I;
-    for (int64_t l = 0; l < pl.og; ++l) {
+    for (int64_t l = o0; l < (o0 + nbw < pl.og ? o0 + nbw : pl.og); ++l) {
       const int64_t col = grp * pl.og + l, at = r * O + col, at0 = yo + at;
       const float bd = scan_bound<Op, Rnd, Max>(low_at<Rnd>(lw.y, lw.y16, at0));
       const V bv = splat<float>(bd);
@@ -71,26 +80,30 @@ void low_rec_run(const LowWin& lw, std::vector<int32_t>& list, std::vector<int32
         lw.scale[at0] = sc;
         if (c <= 1) {
           lw.code[at0] = c == 0 ? -2 : k0 + __builtin_ctzll(word);
-          if (c == 1 && dxb) {  // pass 1's one-winner terms
+          if (c == 1) {  // pass 1's one-winner terms
             const int64_t i = k0 - t * I + __builtin_ctzll(word);
             const int64_t at = n * lw.img + tabp[t] + grp * I + i;
             const E ws = wo[t * I + i];
             const E xs = xb[at];
-            dxb[at] += sc * Gr::template dx<E>(splat<E>(xs), splat<E>(ws))[0];
+            if (at != pend) {
+              flush();
+              pend = at;
+              pval = dxb[at];
+            }
+            pval += sc * Gr::template dx<E>(splat<E>(xs), splat<E>(ws))[0];
             lw.scale[at0] = sc * Gr::template dw<E>(splat<E>(xs), splat<E>(ws))[0];
           }
           continue;
         }
         lw.code[at0] = -3 - int64_t(list.size());
         list.push_back(c);
+        flush();  // the tie's terms go straight to dx, in kernel-row order
         for (; word; word &= word - 1) {
           const int64_t i = k0 - t * I + __builtin_ctzll(word);
           list.push_back(int32_t(t * I + i));
-          if (dxb) {  // pass 1's tie terms, in kernel-row order
-            const int64_t at = n * lw.img + tabp[t] + grp * I + i;
-            const E ws = wo[t * I + i];
-            dxb[at] += sc * Gr::template dx<E>(splat<E>(xb[at]), splat<E>(ws))[0];
-          }
+          const int64_t at = n * lw.img + tabp[t] + grp * I + i;
+          const E ws = wo[t * I + i];
+          dxb[at] += sc * Gr::template dx<E>(splat<E>(xb[at]), splat<E>(ws))[0];
         }
         continue;
       }
@@ -120,18 +133,17 @@ void low_rec_run(const LowWin& lw, std::vector<int32_t>& list, std::vector<int32
       const int64_t c = int64_t(rows.size());
       const E sc = c > 0 ? low_at<Rnd>(lw.gy, lw.g16, at0) / float(c) : 0.0f;
       lw.scale[at0] = sc;
-      if (dxb) {  // pass 1's terms, in kernel-row order
-        for (const int32_t k : rows) {
-          const int64_t t = lw.kt[2 * k], i = lw.kt[2 * k + 1];
-          const int64_t at = n * lw.img + tabp[t] + grp * I + i;
-          const E ws = wo[k];
-          if (c == 1) {
-            const E xs = xb[at];
-            dxb[at] += sc * Gr::template dx<E>(splat<E>(xs), splat<E>(ws))[0];
-            lw.scale[at0] = sc * Gr::template dw<E>(splat<E>(xs), splat<E>(ws))[0];
-          } else {
-            dxb[at] += sc * Gr::template dx<E>(splat<E>(xb[at]), splat<E>(ws))[0];
-          }
+      flush();  // pass 1's terms, in kernel-row order, straight to dx
+      for (const int32_t k : rows) {
+        const int64_t t = lw.kt[2 * k], i = lw.kt[2 * k + 1];
+        const int64_t at = n * lw.img + tabp[t] + grp * I + i;
+        const E ws = wo[k];
+        if (c == 1) {
+          const E xs = xb[at];
+          dxb[at] += sc * Gr::template dx<E>(splat<E>(xs), splat<E>(ws))[0];
+          lw.scale[at0] = sc * Gr::template dw<E>(splat<E>(xs), splat<E>(ws))[0];
+        } else {
+          dxb[at] += sc * Gr::template dx<E>(splat<E>(xb[at]), splat<E>(ws))[0];
         }
       }
       if (c <= 1) {
@@ -143,6 +155,7 @@ void low_rec_run(const LowWin& lw, std::vector<int32_t>& list, std::vector<int32
       list.insert(list.end(), rows.begin(), rows.end());
     }
   }
+  flush();
 }
 
 // Buffers reused from call to call (the low backward's float32 copies, gradients, scales and

@@ -555,13 +555,12 @@ int low_win_backward(const WideCall& call) {
       std::vector<int32_t>& list = lw.lists[item];
       list.clear();
       try {
-        if (lw.rec) {
-          // One block of output channels: the scan routes dx itself, in the order below.
+        if (lw.rec) {  // the recorded scan routes dx itself, in the order below
           std::vector<int32_t> rows;
-          E* dxr = f.blocks == 1 ? lw.dx + lw.b * f.xs : nullptr;
-          if (lw.plain) low_rec_run<Op, Gr, false, Max, Rnd>(lw, list, rows, grp, rb, re, dxr);
-          else low_rec_run<Op, Gr, true, Max, Rnd>(lw, list, rows, grp, rb, re, dxr);
-          if (dxr) return;
+          E* dxr = lw.dx + lw.b * f.xs;
+          if (lw.plain) low_rec_run<Op, Gr, false, Max, Rnd>(lw, list, rows, grp, rb, re, NB, dxr);
+          else low_rec_run<Op, Gr, true, Max, Rnd>(lw, list, rows, grp, rb, re, NB, dxr);
+          return;
         }
         LowRun st;
         st.xo.assign(size_t(kLPos * f.T), -1);
