@@ -5,10 +5,11 @@ Each round times, one after the other, the op in float32, in the low dtype, (wit
 in the low dtype by the conversions XLA runs around the float32 call (the path before
 ``csrc/kernel_bf16fuse_low.h``), and (with ``--norec``) in the low dtype without the recording
 forward and the one-call backward (the path before ``csrc/kernel_lowrec_backward.h``: XLA's
-conversions around the backward, every output's window scanned), forward and forward+backward (``jax.grad`` of a sum of
-the float32-converted output, both gradients). Per row: the median over rounds of the
-per-round ratio to float32 (which cancels drift of a shared machine's load), the per-call
-minimum in ms, and the ratio of process CPU time (every thread, XLA's included).
+conversions around the backward, every output's window scanned), forward and
+forward+backward (``jax.grad`` of a sum of the float32-converted output, both gradients).
+Per row: the median over rounds of the per-round ratio to float32 (which cancels drift of a
+shared machine's load), the per-call minimum in ms, and the ratio of process CPU time (every
+thread, XLA's included).
 
 Example::
 
