@@ -155,6 +155,33 @@ def test_batches_and_float32_results_keep_the_bits(op: str, dtype: Any, vmapped:
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
 
 
+@pytest.mark.parametrize("op,dtype,k", [("max_plus", F16, 300), ("min_max", BF16, 1700),
+                                        ("max_min", F16, 64)])
+def test_dense_products_keep_the_bits(op: str, dtype: Any, k: int) -> None:
+    """Dense products (the dense record's blocks; 1700 rows: blocks of 128; 64 rows: no
+    record) on a grid (ties once rounded)."""
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(np.round(rng.standard_normal((9, k)) * 4) / 4, dtype)
+    w = jnp.asarray(rng.standard_normal((k, 21)), dtype)
+    ct = jnp.asarray(rng.standard_normal((9, 21)), dtype)
+
+    def fb(a: jax.Array, b: jax.Array) -> Any:
+        y, vjp = jax.vjp(lambda p, q: jaxconv.dot_general(
+            p, q, (((1,), (0,)), ((), ())), op=op, engine="native"), a, b)
+        return (y, *vjp(ct))
+
+    new = jax.jit(fb).lower(x, w).compile()
+    keep = native_engine._low_records
+    native_engine._low_records = lambda problem: False
+    try:
+        old = jax.jit(fb).lower(x, w).compile()
+    finally:
+        native_engine._low_records = keep
+    assert "jaxconv_low_backward_recorded" in new.as_text()
+    for a, b in zip(new(x, w), old(x, w), strict=True):
+        np.testing.assert_array_equal(np.asarray(a).view(np.uint16), np.asarray(b).view(np.uint16))
+
+
 @pytest.mark.parametrize("op,dtype", [("max_plus", BF16), ("max_plus", F16),
                                       ("min_plus", BF16), ("min_plus", F16)])
 def test_a_tie_across_blocks_splits_the_gradient(op: str, dtype: Any) -> None:
