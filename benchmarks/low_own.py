@@ -1,20 +1,22 @@
 """bfloat16 / float16 products against the same op in float32 (issue 22: bf16 at no more
 than its own float32 time), paired and interleaved in one process.
 
-Each round times, one after the other, the op in float32, in the low dtype, and (with
-``--old``) in the low dtype by the conversions XLA runs around the float32 call (the path
-before ``csrc/kernel_bf16fuse_low.h``), forward and forward+backward (``jax.grad`` of a sum of
-the float32-converted output, both gradients). Per row: the median over rounds of the
-per-round ratio to float32 (which cancels drift of a shared machine's load), the per-call
-minimum in ms, and the median over rounds of the per-round ratio of process CPU time (every
-thread, XLA's included).
+Each round times, one after the other, the op in float32, in the low dtype, (with ``--old``)
+in the low dtype by the conversions XLA runs around the float32 call (the path before
+``csrc/kernel_bf16fuse_low.h``), and (with ``--norec``) in the low dtype without the recording
+forward and the one-call backward (the path before ``csrc/kernel_lowrec_backward.h``: XLA's
+conversions around the backward, every output's window scanned), forward and
+forward+backward (``jax.grad`` of a sum of the float32-converted output, both gradients).
+Per row: the median over rounds of the per-round ratio to float32 (which cancels drift of a
+shared machine's load), the per-call minimum in ms, and the median over rounds of the
+per-round ratio of process CPU time (every thread, XLA's included).
 
 ``--ops`` takes built-in op names and the user ops of `USER_OPS` (a combine compiled by the
 native engine's code generator, as researchers write them).
 
 Example::
 
-    python -m benchmarks.low_own --layers A,E --ops max_plus,min_max --rounds 9 --old
+    python -m benchmarks.low_own --layers A,E --ops max_plus,min_max --rounds 9 --old --norec
     JAXCONV_NATIVE_THREADS=1 python -m benchmarks.low_own --ops clip_max,gauss_sum --old
 """
 
@@ -67,13 +69,14 @@ def product(layer: str, op: str) -> Callable[[Any, Any], Any]:
                                                      dimension_numbers=dn, op=op)
 
 
-def compiled(f: Callable, old: bool) -> tuple[Callable, Callable]:
+def compiled(f: Callable, kind: str) -> tuple[Callable, Callable]:
     """The jitted forward and forward+backward of `f`, traced with the in-call conversions
-    (or, with `old`, with XLA's conversions around the float32 call).
+    (`kind` ``"old"``: with XLA's conversions around the float32 call; ``"norec"``: without
+    the low recording forward and the one-call backward).
 
     Args:
         f: the product.
-        old: trace the route before the in-call conversions.
+        kind: ``"f32"``, ``"new"``, ``"old"`` or ``"norec"``.
 
     Returns:
         ``(fwd, fwd_bwd)``.
@@ -81,13 +84,15 @@ def compiled(f: Callable, old: bool) -> tuple[Callable, Callable]:
     fwd = jax.jit(f)
     fb = jax.jit(jax.grad(lambda x, w: jnp.sum(f(x, w).astype(jnp.float32) * 1e-3),
                           argnums=(0, 1)))
-    keep = native_engine._low_in_call
-    if old:
+    keep = native_engine._low_in_call, native_engine._low_records
+    if kind == "old":
         native_engine._low_in_call = lambda problem: False
+    if kind in ("old", "norec"):
+        native_engine._low_records = lambda problem: False
     try:
         return fwd.lower(*_ARGS[id(f)]).compile(), fb.lower(*_ARGS[id(f)]).compile()
     finally:
-        native_engine._low_in_call = keep
+        native_engine._low_in_call, native_engine._low_records = keep
 
 
 _ARGS: dict[int, tuple[Any, Any]] = {}
@@ -109,7 +114,7 @@ def timed(fn: Callable, args: tuple) -> tuple[float, float]:
 
 
 def run(layers: list[str], ops: list[str], dtypes: list[str], rounds: int, old: bool,
-        parts: tuple[int, ...] = (0, 1)) -> None:
+        parts: tuple[int, ...] = (0, 1), norec: bool = False) -> None:
     """Times every (layer, op, dtype) row and prints it.
 
     Args:
@@ -119,6 +124,7 @@ def run(layers: list[str], ops: list[str], dtypes: list[str], rounds: int, old: 
         rounds: timed rounds.
         old: also time the conversions around the float32 call.
         parts: 0 (the forward) and / or 1 (forward+backward).
+        norec: also time the low dtype without the recording forward and one-call backward.
     """
     print(f"# load {os.getloadavg()[0]:.1f}, threads "
           f"{os.environ.get('JAXCONV_NATIVE_THREADS', 'all')}; ratios: median over rounds "
@@ -133,11 +139,13 @@ def run(layers: list[str], ops: list[str], dtypes: list[str], rounds: int, old: 
                 kinds = {"f32": (x32, w32), "new": (x32.astype(dt), w32.astype(dt))}
                 if old:
                     kinds["old"] = kinds["new"]
+                if norec:
+                    kinds["norec"] = kinds["new"]
                 fns = {}
                 for name, args in kinds.items():
                     g = product(layer, op)
                     _ARGS[id(g)] = args
-                    fns[name] = compiled(g, name == "old")
+                    fns[name] = compiled(g, name)
                     for fn in fns[name]:
                         jax.block_until_ready(fn(*args))
                 res = {(n, j): [] for n in fns for j in parts}
@@ -178,9 +186,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--old", action="store_true", help="also time XLA's conversions route")
     p.add_argument("--parts", default="fwd,fb", help="fwd and / or fb (forward+backward)")
+    p.add_argument("--norec", action="store_true",
+                   help="also time the route without the low recording forward")
     a = p.parse_args(argv)
     parts = tuple(("fwd", "fb").index(q) for q in a.parts.split(","))
-    run(a.layers.split(","), a.ops.split(","), a.dtypes.split(","), a.rounds, a.old, parts)
+    run(a.layers.split(","), a.ops.split(","), a.dtypes.split(","), a.rounds, a.old, parts,
+        a.norec)
     return 0
 
 

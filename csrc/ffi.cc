@@ -328,8 +328,9 @@ ffi::Error forward_impl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
 // The forward on bfloat16 / float16 operands (kernel_bf16fuse_low.h) of a built-in op or of a
 // user op's float32 library (whose run_op is the same template's): the kernels widen x and w
 // themselves and write y in the operands' dtype, or in float32 when y is.
-ffi::Error low_forward_impl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y,
-                            ForwardAttrs attrs, ffi::ThreadPool pool) {
+// rec: the recording forward's block masks (kernel_lowrec_mark.h), or nullptr.
+ffi::Error low_forward_call(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer>& y,
+                            int32_t* rec, const ForwardAttrs& attrs, ffi::ThreadPool& pool) {
   const auto t = x.element_type();
   const int64_t kind = t == ffi::DataType::BF16 ? 1 : t == ffi::DataType::F16 ? 2 : 0;
   if (kind == 0 || w.element_type() != t ||
@@ -351,10 +352,26 @@ ffi::Error low_forward_impl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi:
                : py > 0 ? int64_t(y->element_count()) / py : 0;
   call.out = low_y ? nullptr : static_cast<float*>(y->untyped_data());
   call.low = &io;
+  call.rec = rec;
   call.par = {run_parallel, &pool};
   call.params = jaxconv_tune::current_params().load(std::memory_order_acquire);
   jaxconv_dispatch::FlushDenormals flush;
   return finish(jaxconv_dispatch::run_kernels(call, false));
+}
+
+ffi::Error low_forward_impl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y,
+                            ForwardAttrs attrs, ffi::ThreadPool pool) {
+  return low_forward_call(x, w, y, nullptr, attrs, pool);
+}
+
+// The low forward that also records, per output, the blocks of kernel rows that may hold its
+// winners (the products rounding to y): the low recorded backward's masks.
+ffi::Error low_forward_record_impl(ffi::AnyBuffer x, ffi::AnyBuffer w,
+                                   ffi::Result<ffi::AnyBuffer> y, ffi::ResultBuffer<ffi::S32> rec,
+                                   ForwardAttrs attrs, ffi::ThreadPool pool) {
+  if (rec->element_count() != y->element_count())
+    return ffi::Error::InvalidArgument("jaxconv: the masks are not y's shape");
+  return low_forward_call(x, w, y, rec->typed_data(), attrs, pool);
 }
 
 // The wide kernels (kernel_wide.h, kernel_wide_backward.h): built-in ops on float64 /
@@ -431,6 +448,55 @@ ffi::Error wide_backward_impl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer
   std::memset(call.out2, 0, dw->size_bytes());
   jaxconv_dispatch::FlushDenormals flush;
   return finish(wide_dispatch(call, true));
+}
+
+// A built-in max / min op's backward on bfloat16 / float16 operands in one call
+// (kernel_lowrec_backward.h): x, w and y (y and g may be float32) widened inside, the scan
+// limited to the blocks that the low recording forward's masks name (rec: all -1 when it did
+// not record, or empty: the full scan), dx and dw written in the operands' dtype.
+ffi::Error low_backward_recorded_impl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer y,
+                                      ffi::Buffer<ffi::S32> rec, ffi::AnyBuffer g,
+                                      ffi::Result<ffi::AnyBuffer> dx,
+                                      ffi::Result<ffi::AnyBuffer> dw, ForwardAttrs attrs,
+                                      ffi::ThreadPool pool) {
+  const auto t = x.element_type();
+  const int kind = t == ffi::DataType::BF16 ? jaxconv::kRoundBF16
+                   : t == ffi::DataType::F16 ? jaxconv::kRoundF16 : 0;
+  auto low_or_f32 = [t](ffi::DataType u) { return u == t || u == ffi::DataType::F32; };
+  if (kind == 0 || w.element_type() != t || dx->element_type() != t ||
+      dw->element_type() != t || !low_or_f32(y.element_type()) || !low_or_f32(g.element_type()))
+    return ffi::Error::InvalidArgument("jaxconv: the low-precision backward takes bf16 / f16");
+  if (attrs.op != jaxconv::kMaxPlus && attrs.op != jaxconv::kMinPlus &&
+      attrs.op != jaxconv::kMaxMin && attrs.op != jaxconv::kMinMax)
+    return ffi::Error::InvalidArgument("jaxconv: the low-precision backward runs max/min ops");
+  if ((rec.element_count() != y.element_count() && rec.element_count() != 0) ||
+      g.element_count() != y.element_count() ||
+      dx->element_count() != x.element_count() || dw->element_count() != w.element_count())
+    return ffi::Error::InvalidArgument("jaxconv: operands of mismatched sizes");
+  jaxconv::WideCall call{};
+  if (auto e = decode(attrs, call.geom); e.failure()) return e;
+  call.op = attrs.op;
+  call.type = jaxconv::kWideF32;
+  call.round = kind;
+  // The operands in their own ranks (as the low forward's): the batch from the counts.
+  const jaxconv::Geom& gm = call.geom;
+  const int64_t px = gm.n * gm.sp[0] * gm.sp[1] * gm.sp[2] * gm.c;
+  const int64_t py = gm.n * gm.os[0] * gm.os[1] * gm.os[2] * gm.o;
+  call.batch = px > 0 ? int64_t(x.element_count()) / px
+               : py > 0 ? int64_t(y.element_count()) / py : 0;
+  call.x = x.untyped_data();
+  call.w = w.untyped_data();
+  call.y = y.untyped_data();
+  call.g = g.untyped_data();
+  call.out = dx->untyped_data();
+  call.out2 = dw->untyped_data();
+  call.low_x = 1;
+  call.low_y = y.element_type() == t;
+  call.low_g = g.element_type() == t;
+  call.rec = rec.element_count() > 0 ? rec.typed_data() : nullptr;
+  call.par = {run_parallel, &pool};
+  jaxconv_dispatch::FlushDenormals flush;
+  return finish(wide_run(true)(call));
 }
 
 // The float32 backward into dx and dw; rec (the recorded winner masks, read only) or
@@ -516,6 +582,27 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxconvLowForward, low_forward_impl,
                                   .Attrs<ForwardAttrs>()
                                   .Ctx<ffi::ThreadPool>());
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxconvLowForwardRecord, low_forward_record_impl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Attrs<ForwardAttrs>()
+                                  .Ctx<ffi::ThreadPool>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxconvLowBackwardRecorded, low_backward_recorded_impl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attrs<ForwardAttrs>()
+                                  .Ctx<ffi::ThreadPool>());
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxconvWideForward, wide_forward_impl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::AnyBuffer>()
@@ -574,6 +661,10 @@ NB_MODULE(_native, m) {
     d["jaxconv_forward"] = nb::capsule(reinterpret_cast<void*>(JaxconvForward));
     d["jaxconv_wide_forward"] = nb::capsule(reinterpret_cast<void*>(JaxconvWideForward));
     d["jaxconv_low_forward"] = nb::capsule(reinterpret_cast<void*>(JaxconvLowForward));
+    d["jaxconv_low_forward_record"] =
+        nb::capsule(reinterpret_cast<void*>(JaxconvLowForwardRecord));
+    d["jaxconv_low_backward_recorded"] =
+        nb::capsule(reinterpret_cast<void*>(JaxconvLowBackwardRecorded));
     d["jaxconv_wide_backward"] = nb::capsule(reinterpret_cast<void*>(JaxconvWideBackward));
     d["jaxconv_backward"] = nb::capsule(reinterpret_cast<void*>(JaxconvBackward));
     d["jaxconv_forward_record"] = nb::capsule(reinterpret_cast<void*>(JaxconvForwardRecord));

@@ -34,14 +34,11 @@ inline uint32_t mask_bits(S::M m) {
 }
 
 // A block mask is a sum of distinct powers of two in a float lane: exact up to 2^23.
-constexpr int64_t kMaxBlocks = 24;
+constexpr int64_t kMaxBlocks = jaxconv::kRecordMaxBlocks;
 
-// Kernel rows per block: kRecordBlockRows (64), or more where K would need more than kMaxBlocks.
-inline int64_t dense_block_rows(int64_t K) {
-  int64_t kb = jaxconv::kRecordBlockRows;
-  while ((K + kb - 1) / kb > kMaxBlocks) kb *= 2;
-  return kb;
-}
+// Kernel rows per block: kRecordBlockRows (64), or more where K would need more than kMaxBlocks blocks (problem.h,
+// shared with the low recorded backward of the wide kernels).
+inline int64_t dense_block_rows(int64_t K) { return jaxconv::record_block_rows(K); }
 
 // Whether the call is a dense product that dense_win_backward serves: at least two blocks of
 // kernel rows (with one, pass A would only repeat pass B's scan).

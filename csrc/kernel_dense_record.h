@@ -49,6 +49,9 @@ void record_tile_end(const Ctx& c, const float (*blk)[MR * NR], int64_t nb,
     S::store(ys + q, t);
     S::store(cd + q, m);
   }
+  if constexpr (lowrec_rounds<Op>()) {  // bfloat16 / float16 operands (kernel_lowrec_mark.h)
+    if (c.call->low) lowrec_mark<Op::kReduce == 1, MR * NR>(c.call->low->kind, blk, nb, ys, cd);
+  }
   for (int r = 0; r < MR; ++r) {
     if (!rows.live[r]) continue;
     if constexpr (!kKey) {  // keys order -0 below +0 already

@@ -407,17 +407,27 @@ int backward_typed(const WideCall& call) {
 template <class Op, class Gr, bool Max, int Rnd>
 int low_win_backward(const WideCall& call);
 
+// The same, its operands and gradients in the low dtype (kernel_lowrec_backward.h).
+template <class Op, class Gr, bool Max, int Rnd>
+int low_io_backward(const WideCall& call);
+
+template <class Op, class Gr, bool Max, int Rnd>
+int low_any_backward(const WideCall& call) {
+  return call.low_x ? low_io_backward<Op, Gr, Max, Rnd>(call)
+                    : low_win_backward<Op, Gr, Max, Rnd>(call);
+}
+
 template <int Rnd>
 int low_backward(const WideCall& call) {
   switch (call.op) {
     case jaxconv::kMaxPlus:
-      return low_win_backward<WideOp<0, 0>, WideGrad<jaxconv::kMaxPlus>, true, Rnd>(call);
+      return low_any_backward<WideOp<0, 0>, WideGrad<jaxconv::kMaxPlus>, true, Rnd>(call);
     case jaxconv::kMinPlus:
-      return low_win_backward<WideOp<0, 1>, WideGrad<jaxconv::kMinPlus>, false, Rnd>(call);
+      return low_any_backward<WideOp<0, 1>, WideGrad<jaxconv::kMinPlus>, false, Rnd>(call);
     case jaxconv::kMaxMin:
-      return low_win_backward<WideOp<1, 0>, WideGrad<jaxconv::kMaxMin>, true, Rnd>(call);
+      return low_any_backward<WideOp<1, 0>, WideGrad<jaxconv::kMaxMin>, true, Rnd>(call);
     case jaxconv::kMinMax:
-      return low_win_backward<WideOp<2, 1>, WideGrad<jaxconv::kMinMax>, false, Rnd>(call);
+      return low_any_backward<WideOp<2, 1>, WideGrad<jaxconv::kMinMax>, false, Rnd>(call);
     default: return 1;
   }
 }

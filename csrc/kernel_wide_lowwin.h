@@ -31,6 +31,9 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
+#include <mutex>
+#include <utility>
 #include <vector>
 
 #include "kernel_wide.h"
@@ -181,6 +184,12 @@ struct LowWin {
   std::vector<int32_t>* lists;  // per pass-1 item: n, then n rows in order, per tied output
   int64_t lblocks, img, ipi, runs, b;
   bool plain;
+  const int32_t* rec;    // the low recording forward's block masks, or null (a full scan)
+  const float* wt;       // rec: this batch element's kernel columns along k, (O, K)
+  const int32_t* btab;   // rec: per block, its tap and first channel (-1: not 64 of one tap)
+  int64_t kb;            // rec: kernel rows per block
+  const uint16_t* y16;   // rec: y in the low dtype (then y is null), or null
+  const uint16_t* g16;   // rec: g likewise
 };
 
 template <class Op, bool Exact, bool Max>
@@ -413,6 +422,8 @@ void low_scan_run(const LowWin& lw, LowRun& st, std::vector<int32_t>& list, int6
   }
 }
 
+#include "kernel_lowrec_backward.h"
+
 // One output's winners: f(k) for each, in kernel-row order.
 template <class F>
 inline void low_each(const LowWin& lw, int64_t item, int64_t code, F&& f) {
@@ -449,12 +460,21 @@ int low_win_backward(const WideCall& call) {
   const int64_t wsize = pl.K * g.o;
   std::vector<E> panels, scale, fill;
   std::vector<int64_t> code;
+  // Recorded masks (kernel_lowrec_mark.h; identity padding): the scan of marked blocks only,
+  // which writes every output's scale and code itself (reused buffers, no fill).
+  const bool recorded = call.rec && call.rec[0] >= 0 && !g.has_pad;
+  std::unique_ptr<LowBuf> scale_buf, code_buf;
   std::vector<int32_t> tab, kt;
   std::vector<std::vector<int32_t>> lists;
   try {
     panels.assign(size_t(g.g * lw.lblocks * pl.K * LNB), E(0));
-    scale.assign(size_t(pl.ys), E(0));
-    code.assign(size_t(pl.ys), -2);
+    if (recorded) {
+      scale_buf.reset(new LowBuf(sizeof(E) * size_t(call.batch * pl.ys)));
+      code_buf.reset(new LowBuf(sizeof(int64_t) * size_t(call.batch * pl.ys)));
+    } else {
+      scale.assign(size_t(pl.ys), E(0));
+      code.assign(size_t(pl.ys), -2);
+    }
     fill.assign(size_t(g.i), g.has_pad ? pl.pad : E(0));
     tab.assign(size_t(pl.P * pl.T), -1);
     kt.assign(size_t(2 * pl.K), 0);
@@ -474,11 +494,33 @@ int low_win_backward(const WideCall& call) {
     kt[size_t(2 * k + 1)] = int32_t(k % g.i);
   }
   lw.panels = panels.data();
-  lw.scale = scale.data();
-  lw.code = code.data();
+  lw.scale = recorded ? scale_buf->template get<E>() : scale.data();
+  lw.code = recorded ? code_buf->template get<int64_t>() : code.data();
   lw.tab = tab.data();
   lw.kt = kt.data();
   lw.lists = lists.data();
+  std::vector<E> wt;
+  std::vector<int32_t> btab;
+  if (recorded) {
+    lw.kb = jaxconv::record_block_rows(pl.K);
+    const int64_t nb = (pl.K + lw.kb - 1) / lw.kb;
+    try {
+      wt.assign(size_t(pl.K * g.o), E(0));
+      btab.assign(size_t(2 * nb), -1);
+    } catch (...) {
+      return 2;
+    }
+    for (int64_t j = 0; j < nb; ++j) {
+      const int64_t k0 = j * lw.kb, t = k0 / g.i, ia = k0 - t * g.i;
+      btab[size_t(2 * j)] = int32_t(t);
+      btab[size_t(2 * j + 1)] = lw.kb == 64 && ia + 64 <= g.i ? int32_t(ia) : -1;
+    }
+    lw.rec = call.rec;
+    lw.wt = wt.data();
+    lw.btab = btab.data();
+    if (call.low_y) lw.y16 = static_cast<const uint16_t*>(call.y), lw.y = nullptr;
+    if (call.low_g) lw.g16 = static_cast<const uint16_t*>(call.g), lw.gy = nullptr;
+  }
   const E* w = static_cast<const E*>(call.w);
   for (int64_t b = 0; b < call.batch; ++b) {
     const E* wb = w + b * wsize;
@@ -491,6 +533,9 @@ int low_win_backward(const WideCall& call) {
       }
     lw.b = b;
     lw.w = wb;
+    if (lw.rec)
+      for (int64_t k = 0; k < pl.K; ++k)
+        for (int64_t o = 0; o < g.o; ++o) wt[size_t(o * pl.K + k)] = wb[k * g.o + o];
     lw.plain = plain_ok<E, Op::kComb, Op::kSum>(pl.x + b * pl.xs, pl.xs, wb, wsize, g, pl.pad);
     std::atomic<bool> failed{false};
     struct Job {
@@ -510,9 +555,16 @@ int low_win_backward(const WideCall& call) {
       std::vector<int32_t>& list = lw.lists[item];
       list.clear();
       try {
+        if (lw.rec) {  // the recorded scan routes dx itself, in the order below
+          std::vector<int32_t> rows;
+          E* dxr = lw.dx + lw.b * f.xs;
+          if (lw.plain) low_rec_run<Op, Gr, false, Max, Rnd>(lw, list, rows, grp, rb, re, NB, dxr);
+          else low_rec_run<Op, Gr, true, Max, Rnd>(lw, list, rows, grp, rb, re, NB, dxr);
+          return;
+        }
         LowRun st;
         st.xo.assign(size_t(kLPos * f.T), -1);
-        for (int64_t lblk = 0; lblk < lw.lblocks; ++lblk)
+        for (int64_t lblk = 0; lblk < (lw.rec ? 0 : lw.lblocks); ++lblk)
           for (int64_t q0 = rb; q0 < re; q0 += kLPos) {
             const int64_t nq = re - q0 < kLPos ? re - q0 : kLPos;
             if (lw.plain) low_scan_run<Op, false, Max, Rnd>(lw, st, list, grp, lblk, q0, nq);

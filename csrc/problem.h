@@ -93,4 +93,15 @@ struct Call {
   const LowIO* low;
 };
 
+// The recording forwards' blocks of kernel rows (kernel_dense_record.h, kernel_convrec_*.h,
+// and the low recorded backward, kernel_lowrec_backward.h): 64 rows, doubled while K would
+// need more than kRecordMaxBlocks (a block mask is a sum of distinct powers of two in a float
+// lane: exact up to 2^23).
+constexpr int64_t kRecordMaxBlocks = 24;
+inline int64_t record_block_rows(int64_t K) {
+  int64_t kb = kRecordBlockRows;
+  while ((K + kb - 1) / kb > kRecordMaxBlocks) kb *= 2;
+  return kb;
+}
+
 }  // namespace jaxconv

@@ -28,6 +28,11 @@ struct WideCall {
   void* out2;        // backward: dw (zeroed by the caller)
   int round;         // backward, kWideF32: a WideRound
   Parallel par;
+  // The low recorded backward (kernel_lowrec_backward.h), kWideF32 with a `round`: x, w, dx
+  // and dw are in that dtype (low_x), y and g too where low_y / low_g, else float32; rec: the
+  // low recording forward's block masks (rec[0] < 0: not recorded), or null.
+  int low_x, low_y, low_g;
+  const int32_t* rec;
 };
 
 }  // namespace jaxconv

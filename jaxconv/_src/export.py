@@ -4,7 +4,9 @@ On the XLA engine a jaxconv product lowers to plain StableHLO: the serialized ar
 wherever ``jax.export.deserialize`` does, without jaxconv. On the native CPU engine it is a
 call of jaxconv's XLA FFI targets (``jaxconv_forward``, ``jaxconv_backward``,
 ``jaxconv_wide_forward``, ``jaxconv_wide_backward``, and under a gradient of a dense
-max/min product ``jaxconv_forward_record`` and ``jaxconv_backward_recorded``): JAX refuses
+max/min product ``jaxconv_forward_record`` and ``jaxconv_backward_recorded``; on bfloat16 /
+float16 operands ``jaxconv_low_forward`` and, under a gradient of a max/min product,
+``jaxconv_low_forward_record`` and ``jaxconv_low_backward_recorded``): JAX refuses
 to serialize custom calls it does not know unless told (`export_disabled_checks`), and the
 process that runs the artifact must have the targets registered, which ``import jaxconv``
 does.
@@ -16,7 +18,9 @@ import jax
 
 # The FFI targets of the native engine (csrc/ffi.cc registers them under these names).
 FFI_TARGETS = ("jaxconv_forward", "jaxconv_backward", "jaxconv_wide_forward",
-               "jaxconv_wide_backward", "jaxconv_forward_record", "jaxconv_backward_recorded")
+               "jaxconv_wide_backward", "jaxconv_forward_record", "jaxconv_backward_recorded",
+               "jaxconv_low_forward", "jaxconv_low_forward_record",
+               "jaxconv_low_backward_recorded")
 
 
 def export_disabled_checks() -> list[jax.export.DisabledSafetyCheck]:

@@ -171,6 +171,9 @@ class NativeEngine(registry.Engine):
             return super().forward_recording(problem, x, w)
         spec = self._spec(problem, x, w)
         out_shape = (x.shape[0], *problem.geom.out_spatial, w.shape[-1])
+        if _low(x.dtype):  # csrc/kernel_lowrec_mark.h: y in x's dtype, rounded in the call
+            y, masks = ffi._low_forward_record_call(spec, x, w, out_shape)
+            return y.astype(problem.acc_dtype), masks
         y, masks = ffi._forward_record_call(spec, x.reshape(spec.x_shape),
                                             w.reshape(spec.w_shape))
         return y.reshape(out_shape).astype(problem.acc_dtype), masks.reshape(out_shape)
@@ -184,6 +187,14 @@ class NativeEngine(registry.Engine):
         if not (self.records_winners(problem, "cpu") and _records_shapes(x.shape, w.shape)):
             return self.backward(problem, x, w, y, g, need)
         spec = self._spec(problem, x, w)
+        if _low(x.dtype):
+            # csrc/kernel_lowrec_backward.h: x, w, y and g widened in the call, the products
+            # rounded to x's dtype before the winner compare (the bits of `backward`'s route).
+            def kept(a: Array) -> Array:
+                return a if a.dtype in (x.dtype, jnp.float32) else a.astype(jnp.float32)
+
+            gx, gw = ffi._low_backward_recorded_call(spec, x, w, kept(y), record, kept(g))
+            return gx.astype(x.dtype), gw.astype(w.dtype)
         gx, gw = ffi._backward_recorded_call(
             spec, x.reshape(spec.x_shape), w.reshape(spec.w_shape),
             y.astype(jnp.float32).reshape(spec.y_shape), record.reshape(spec.y_shape),
@@ -215,7 +226,14 @@ class NativeEngine(registry.Engine):
                     f"kernels, {ffi.isa()})", back)
         if _low(dtype):
             name = np.dtype(dtype).name
-            if _winner(problem):
+            if _winner(problem) and _low_records(problem):
+                back = (f"backward: the wide kernels in one call on the {name} operands and "
+                        "cotangent (widened to float32 inside the call, dx and dw rounded "
+                        f"once to {name}), each product rounded to {name} before the winner "
+                        "compare (ties between the rounded products split equally)")
+                low = (f"{name} operands: computed in float32, the result rounded once to "
+                       f"{name} (bit for bit the products rounded in {name})", back)
+            elif _winner(problem):
                 back = (f"backward: the wide kernels on float32 copies, each product rounded "
                         f"to {name} before the winner compare (ties between the rounded "
                         "products split equally)"
@@ -235,12 +253,17 @@ class NativeEngine(registry.Engine):
                         "convolution: the kernel (one pass, a running maximum) takes the "
                         "calls that exp space would not compute exactly (a spread beyond ~80, "
                         "an all -inf window, NaN or +inf)", _tuning_line(), *low)
-            rec = (("under a derivative the forward records, per output, which blocks of 64 "
+            held = ("may hold a product that rounds to its result" if _low(dtype)
+                    else "hold its winners")
+            rows = ffi.record_block_rows()
+            rec = ((f"under a derivative the forward records, per output, which blocks of {rows} "
                     "kernel rows (on a convolution: a tap's input channels, taps in order) "
-                    "hold its winners (finite data, more than 64 rows, not depthwise), and "
+                    f"{held} (finite data, more than {rows} rows, not depthwise), and "
                     "the backward compares only those blocks' products with the result to "
-                    "find the winners (ties split equally); otherwise the backward rescans "
-                    "every output's window",) if _records_op(problem, dtype) else ())
+                    "find the winners (ties split equally; a float32 dense x + w or x - w "
+                    "records its single winner itself, and its backward scatters); otherwise "
+                    "the backward rescans every output's window",)
+                   if _records_op(problem, dtype) else ())
             return (f"built-in kernel {op.native!r} ({ffi.isa()})", _tuning_line(), *rec, *low)
         kernel = user_kernels.user_kernel(op)
         if isinstance(kernel, Refusal):
@@ -398,6 +421,15 @@ class NativeEngine(registry.Engine):
         spec = self._spec(problem, x, w)
         if rounded is not None:  # the user op's library built for the wide kernels
             spec = dataclasses.replace(spec, op_id=rounded.op_id)
+        if low_winner and rounded is None and _low_records(problem):
+            # The conversions in the call (csrc/kernel_lowrec_backward.h), no masks: the scan
+            # of every output's window.
+            def kept(a: Array) -> Array:
+                return a if a.dtype in (x.dtype, jnp.float32) else a.astype(jnp.float32)
+
+            none = jnp.zeros((0,), jnp.int32)
+            gx, gw = ffi._low_backward_recorded_call(spec, x, w, kept(y), none, kept(g))
+            return gx.astype(x.dtype), gw.astype(w.dtype)
         if _wide(x.dtype) or low_winner:
             # float64, or float32 copies of bf16 / f16 operands whose products the kernel
             # rounds to their dtype before matching them against y (exact in float32).
@@ -444,7 +476,8 @@ def _records_op(problem: Problem, dtype: DTypeLike) -> bool:
     """Whether the op and dtype have the recording forward (`NativeEngine.records_winners`,
     geometry aside): built-in max_plus / min_plus / max_min / min_max (and the kernels of
     ``x - w`` under max / min, `twins.builtin_twin`) on float32, identity
-    padding, a library that has it.
+    padding, a library that has it; on bfloat16 / float16 (`_low_records`) the four whose
+    backward the wide kernels serve.
 
     Args:
         problem: the canonical problem.
@@ -454,11 +487,29 @@ def _records_op(problem: Problem, dtype: DTypeLike) -> bool:
         True when the op and dtype have it.
     """
     op = problem.op
+    if _low(dtype):
+        return _low_records(problem)
     return (op.native in ("max_plus", "min_plus", "max_min", "min_max", "max_minus",
                           "min_minus")
             and ffi.kernel_id(op) is not None
             and np.dtype(dtype) == np.float32 and op.pad_value is None
             and ffi.has_recording())
+
+
+def _low_records(problem: Problem) -> bool:
+    """Whether a bfloat16 / float16 max / min op has the low recording forward and the
+    recorded backward in one call (``csrc/kernel_lowrec_mark.h``,
+    ``csrc/kernel_lowrec_backward.h``): a built-in op the wide backward serves
+    (`_rounded_winners`), identity padding, its forward converting in the call.
+
+    Args:
+        problem: the canonical problem (its twin already served).
+
+    Returns:
+        True when it has them.
+    """
+    return (_rounded_winners(problem) and problem.op.pad_value is None
+            and _low_in_call(problem) and ffi.has_low_recording())
 
 
 def _records_shapes(x_shape: tuple[int, ...], w_shape: tuple[int, ...]) -> bool:

@@ -54,6 +54,8 @@ _LOW_FORWARD = "jaxconv_low_forward"
 _WIDE_BACKWARD = "jaxconv_wide_backward"
 _FORWARD_RECORD = "jaxconv_forward_record"
 _BACKWARD_RECORDED = "jaxconv_backward_recorded"
+_LOW_FORWARD_RECORD = "jaxconv_low_forward_record"
+_LOW_BACKWARD_RECORDED = "jaxconv_low_backward_recorded"
 # The built-in ops the wide kernels (csrc/kernel_wide.h: float64, int32, int64) serve.
 WIDE_KERNELS = ("max_plus", "min_plus", "max_min", "min_max", "adder", "l1", "l2_exact")
 
@@ -175,6 +177,14 @@ def has_recording() -> bool:
     """Whether the loaded library has the recording forward and the recorded backward."""
     mod = _load()
     return mod is not None and _FORWARD_RECORD in mod.registrations()
+
+
+def has_low_recording() -> bool:
+    """Whether the loaded library has the bfloat16 / float16 recording forward and the low
+    backward that takes its masks (``csrc/kernel_lowrec_mark.h``,
+    ``csrc/kernel_lowrec_backward.h``)."""
+    mod = _load()
+    return mod is not None and _LOW_BACKWARD_RECORDED in mod.registrations()
 
 
 def pair_channels() -> int:
@@ -453,3 +463,45 @@ def _wide_backward_call(spec: _Call, x: Array, w: Array, y: Array, g: Array,
     rounding = 0 if round_to is None else WIDE_ROUND[round_to]
     return jax.ffi.ffi_call(_WIDE_BACKWARD, outs, vmap_method="broadcast_all")(
         x, w, y, g, round_to=np.int64(rounding), **spec.attrs())
+
+
+def _low_forward_record_call(spec: _Call, x: Array, w: Array, out_shape: tuple[int, ...]
+                             ) -> tuple[Array, Array]:
+    """`_low_forward_call` of a max / min op that also records, per output, the blocks of
+    kernel rows that may hold a product rounding to y (``csrc/kernel_lowrec_mark.h``; -1
+    everywhere: not recorded).
+
+    Args:
+        spec: the call's static description (a built-in max / min op).
+        x: the input, bfloat16 or float16, ``spec.x_shape``'s elements in any shape.
+        w: the kernel, in x's dtype, likewise.
+        out_shape: the output's shape (``spec.y_shape``'s elements).
+
+    Returns:
+        ``(y, masks)``: y in x's dtype and the int32 masks, both in `out_shape`.
+    """
+    outs = (jax.ShapeDtypeStruct(out_shape, x.dtype), jax.ShapeDtypeStruct(out_shape, jnp.int32))
+    return jax.ffi.ffi_call(_LOW_FORWARD_RECORD, outs, vmap_method="broadcast_all")(
+        x, w, **spec.attrs())
+
+
+def _low_backward_recorded_call(spec: _Call, x: Array, w: Array, y: Array, masks: Array,
+                                g: Array) -> tuple[Array, Array]:
+    """A built-in max / min op's backward on bfloat16 / float16 operands in one call
+    (``csrc/kernel_lowrec_backward.h``): x, w, y and g widened inside, only the blocks the
+    masks name scanned (all of them where the masks are -1), dx and dw rounded to x's dtype.
+
+    Args:
+        spec: the call's static description.
+        x: the input, bfloat16 or float16, ``spec.x_shape``'s elements in any shape.
+        w: the kernel, in x's dtype.
+        y: the forward's output, in x's dtype or float32.
+        masks: `_low_forward_record_call`'s masks, int32, y's shape.
+        g: the output's cotangent, in x's dtype or float32.
+
+    Returns:
+        ``(dx, dw)`` in x's and w's shapes and dtype.
+    """
+    outs = (jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(w.shape, w.dtype))
+    return jax.ffi.ffi_call(_LOW_BACKWARD_RECORDED, outs, vmap_method="broadcast_all")(
+        x, w, y, masks, g, **spec.attrs())

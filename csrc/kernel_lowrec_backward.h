@@ -1,0 +1,287 @@
+// The built-in max / min ops' backward on bfloat16 / float16 operands, in one call: the
+// operands, y and the cotangent are widened inside the call (no XLA conversions around it),
+// kernel_wide_lowwin.h's backward runs on the copies, and dx and dw are rounded to the dtype
+// on the way out (as XLA's convert rounds: the same bits as the conversions it replaces).
+//
+// With the low recording forward's block masks (kernel_lowrec_mark.h: per output, the blocks
+// of kernel rows that may hold a product rounding to y), pass 1's scan (low_rec_run) looks
+// for each output's winners only in its marked blocks, in kernel-row order, with the scan's
+// own compare (low_pass against scan_bound): every winner lies in a marked block, so the
+// counts, rows and lists are those of the full scan (low_scan_run), and the routing that
+// follows adds the same terms in the same order: the same bits.
+//
+// Included by kernel_wide_lowwin.h (same namespace and vector width).
+#pragma once
+
+#include "kernel_lowrec_convert.h"
+
+// y or g at `at` as float32: widened from the low dtype where the call has it so (y16 / g16).
+template <int Rnd>
+inline float low_at(const float* f, const uint16_t* h, int64_t at) {
+  return h ? low_float(widen_bits<Rnd == jaxconv::kRoundBF16 ? 1 : 2>(h[at])) : f[at];
+}
+
+// Pass 1's recorded scan of rows [r0, r1) of batch element lw.b, the group's columns: each
+// output's count, code and scale (and list of rows where it has several winners), as
+// low_scan_run leaves them. The usual output (one marked block, 64 rows of one tap: lw.btab)
+// compares its block in one word of match bits; any other walks its blocks tap by tap.
+// The outputs go in pass 1's routing order (blocks of nbw output channels, rows, channels),
+// and each output's input gradient is routed here into `dxb`, as pass 1 routes it (the same
+// terms in the same order); a single winner's scale becomes its kernel gradient's term. A
+// single winner's term waits in a register while the next ones are the same input element
+// (a large x wins for many output channels): dx[pend] = ((dx[pend] + t1) + t2) ..., without a
+// store-to-load round trip per term.
+template <class Op, class Gr, bool Exact, bool Max, int Rnd>
+void low_rec_run(const LowWin& lw, std::vector<int32_t>& list, std::vector<int32_t>& rows,
+                 int64_t grp, int64_t r0, int64_t r1, int64_t nbw, float* dxb) {
+  using E = float;
+  using V = VecOf<float>;
+  constexpr int L = Vt<float>::L;
+  const Plan<float>& pl = *lw.f;
+  const Geom& g = *pl.g;
+  const int64_t I = g.i, T = pl.T, K = pl.K, O = g.o, kb = lw.kb;
+  const float* xb = pl.x + lw.b * pl.xs;
+  const int64_t yo = lw.b * pl.ys;
+  const int32_t* rb = lw.rec + yo;
+  int64_t pend = -1;
+  E pval = 0.0f;
+  auto flush = [&]() {
+    if (pend >= 0) dxb[pend] = pval;
+    pend = -1;
+  };
+  for (int64_t o0 = 0; o0 < pl.og; o0 += nbw)
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t n = r / pl.P, p = r % pl.P;
+    const int32_t* tabp = lw.tab + p * T;
+    const float* xn = xb + n * lw.img + grp * I;
+    for (int64_t l = o0; l < (o0 + nbw < pl.og ? o0 + nbw : pl.og); ++l) {
+      const int64_t col = grp * pl.og + l, at = r * O + col, at0 = yo + at;
+      const float bd = scan_bound<Op, Rnd, Max>(low_at<Rnd>(lw.y, lw.y16, at0));
+      const V bv = splat<float>(bd);
+      const float* wo = lw.wt + col * K;
+      const uint32_t mask = uint32_t(rb[at]);
+      const int j = __builtin_ctz(mask | 0x80000000u);
+      if (mask != 0 && (mask & (mask - 1)) == 0 && lw.btab[2 * j + 1] >= 0) {
+        const int64_t t = lw.btab[2 * j], k0 = t * I + lw.btab[2 * j + 1];
+        const int32_t off = tabp[t];
+        uint64_t word = 0;
+        if (off >= 0) {  // identity padding: never a winner
+          const float* xr = xn + off + (k0 - t * I);
+          const float* wr = wo + k0;
+          for (int v = 0; v < 64 / L; ++v) {
+            V xv, wv;
+            std::memcpy(&xv, xr + v * L, sizeof(V));
+            std::memcpy(&wv, wr + v * L, sizeof(V));
+            word |= uint64_t(lane_bits((V)low_pass<Op, Exact, Max>(xv, wv, bv, 0))) << (v * L);
+          }
+        }
+        const int c = __builtin_popcountll(word);
+        const E sc = c > 0 ? low_at<Rnd>(lw.gy, lw.g16, at0) / float(c) : 0.0f;
+        lw.scale[at0] = sc;
+        if (c <= 1) {
+          lw.code[at0] = c == 0 ? -2 : k0 + __builtin_ctzll(word);
+          if (c == 1) {  // pass 1's one-winner terms
+            const int64_t i = k0 - t * I + __builtin_ctzll(word);
+            const int64_t at = n * lw.img + tabp[t] + grp * I + i;
+            const E ws = wo[t * I + i];
+            const E xs = xb[at];
+            if (at != pend) {
+              flush();
+              pend = at;
+              pval = dxb[at];
+            }
+            pval += sc * Gr::template dx<E>(splat<E>(xs), splat<E>(ws))[0];
+            lw.scale[at0] = sc * Gr::template dw<E>(splat<E>(xs), splat<E>(ws))[0];
+          }
+          continue;
+        }
+        lw.code[at0] = -3 - int64_t(list.size());
+        list.push_back(c);
+        flush();  // the tie's terms go straight to dx, in kernel-row order
+        for (; word; word &= word - 1) {
+          const int64_t i = k0 - t * I + __builtin_ctzll(word);
+          list.push_back(int32_t(t * I + i));
+          const int64_t at = n * lw.img + tabp[t] + grp * I + i;
+          const E ws = wo[t * I + i];
+          dxb[at] += sc * Gr::template dx<E>(splat<E>(xb[at]), splat<E>(ws))[0];
+        }
+        continue;
+      }
+      rows.clear();
+      for (uint32_t m = mask; m; m &= m - 1) {
+        const int64_t k0 = int64_t(__builtin_ctz(m)) * kb, k1 = k0 + kb < K ? k0 + kb : K;
+        for (int64_t t = k0 / I; t * I < k1; ++t) {
+          const int32_t off = tabp[t];
+          if (off < 0) continue;  // identity padding: never a winner
+          const float* xr = xn + off;
+          const float* wr = wo + t * I;
+          const int64_t ia = k0 > t * I ? k0 - t * I : 0;
+          const int64_t ie = k1 - t * I < I ? k1 - t * I : I;
+          int64_t i = ia;
+          for (; i + L <= ie; i += L) {
+            V xv, wv;
+            std::memcpy(&xv, xr + i, sizeof(V));
+            std::memcpy(&wv, wr + i, sizeof(V));
+            for (uint32_t bits = lane_bits((V)low_pass<Op, Exact, Max>(xv, wv, bv, 0)); bits;
+                 bits &= bits - 1)
+              rows.push_back(int32_t(t * I + i + __builtin_ctz(bits)));
+          }
+          for (; i < ie; ++i)
+            if (low_hit<Op, Exact, Max>(xr[i], wr[i], bd)) rows.push_back(int32_t(t * I + i));
+        }
+      }
+      const int64_t c = int64_t(rows.size());
+      const E sc = c > 0 ? low_at<Rnd>(lw.gy, lw.g16, at0) / float(c) : 0.0f;
+      lw.scale[at0] = sc;
+      flush();  // pass 1's terms, in kernel-row order, straight to dx
+      for (const int32_t k : rows) {
+        const int64_t t = lw.kt[2 * k], i = lw.kt[2 * k + 1];
+        const int64_t at = n * lw.img + tabp[t] + grp * I + i;
+        const E ws = wo[k];
+        if (c == 1) {
+          const E xs = xb[at];
+          dxb[at] += sc * Gr::template dx<E>(splat<E>(xs), splat<E>(ws))[0];
+          lw.scale[at0] = sc * Gr::template dw<E>(splat<E>(xs), splat<E>(ws))[0];
+        } else {
+          dxb[at] += sc * Gr::template dx<E>(splat<E>(xb[at]), splat<E>(ws))[0];
+        }
+      }
+      if (c <= 1) {
+        lw.code[at0] = c == 0 ? -2 : rows[0];
+        continue;
+      }
+      lw.code[at0] = -3 - int64_t(list.size());
+      list.push_back(int32_t(c));
+      list.insert(list.end(), rows.begin(), rows.end());
+    }
+  }
+  flush();
+}
+
+// Buffers reused from call to call (the low backward's float32 copies, gradients, scales and
+// codes; sizes in bytes): fresh ones of layer A's size cost thousands of page faults per call.
+// A call takes a free buffer large enough (or allocates one) and gives it back when it ends;
+// at most kLowKeep are kept.
+class LowBuf {
+ public:
+  explicit LowBuf(size_t n) : n_(n) {
+    {
+      std::lock_guard<std::mutex> lock(mu());
+      auto& fr = free_list();
+      for (size_t i = 0; i < fr.size(); ++i)
+        if (fr[i].second >= n) {
+          buf_ = std::move(fr[i].first);
+          n_ = fr[i].second;
+          fr.erase(fr.begin() + std::ptrdiff_t(i));
+          return;
+        }
+    }
+    buf_.reset(new unsigned char[n > 0 ? n : 1]);
+  }
+  ~LowBuf() {
+    if (!buf_) return;
+    std::lock_guard<std::mutex> lock(mu());
+    auto& fr = free_list();
+    if (fr.size() < kLowKeep) fr.emplace_back(std::move(buf_), n_);
+  }
+  LowBuf(const LowBuf&) = delete;
+  LowBuf& operator=(const LowBuf&) = delete;
+  template <class T = float>
+  T* get() {
+    return reinterpret_cast<T*>(buf_.get());
+  }
+
+ private:
+  static constexpr size_t kLowKeep = 12;
+  static std::mutex& mu() {
+    static std::mutex m;
+    return m;
+  }
+  static std::vector<std::pair<std::unique_ptr<unsigned char[]>, size_t>>& free_list() {
+    static std::vector<std::pair<std::unique_ptr<unsigned char[]>, size_t>> f;
+    return f;
+  }
+  std::unique_ptr<unsigned char[]> buf_;
+  size_t n_;
+};
+
+// n values in parallel chunks: f(a, len) for each chunk.
+template <class F>
+void low_chunks(const WideCall& call, int64_t n, F&& f) {
+  constexpr int64_t kChunk = 1 << 15;
+  struct Job {
+    F* f;
+    int64_t n;
+  } job{&f, n};
+  auto run = [](void* arg, int64_t it) {
+    const Job& j = *static_cast<const Job*>(arg);
+    const int64_t a = it * kChunk, len = a + kChunk < j.n ? kChunk : j.n - a;
+    (*j.f)(a, len);
+  };
+  call.par.run(call.par.ctx, (n + kChunk - 1) / kChunk, run, &job);
+}
+
+template <class Op, class Gr, bool Max, int Rnd>
+int low_win_backward(const WideCall& call);
+
+// The backward of a call whose x, w, dx and dw are in the low dtype (call.low_x; y and g in
+// it or in float32): float32 copies in, kernel_wide_lowwin.h's backward (recorded where
+// call.rec has masks), dx and dw rounded out.
+template <class Op, class Gr, bool Max, int Rnd>
+int low_io_backward(const WideCall& call) {
+  constexpr int Kind = Rnd == jaxconv::kRoundBF16 ? 1 : 2;
+  const Geom& g = call.geom;
+  const int64_t nx = call.batch * g.n * g.sp[0] * g.sp[1] * g.sp[2] * g.c;
+  const int64_t nw = call.batch * g.k[0] * g.k[1] * g.k[2] * g.i * g.o;
+  const int64_t ny = call.batch * g.n * g.os[0] * g.os[1] * g.os[2] * g.o;
+  // The recorded scan reads y and g in the low dtype itself (low_at); the full scan's bounds
+  // and shares read float32 copies.
+  const bool recorded = call.rec && call.rec[0] >= 0 && !g.has_pad;
+  const bool wide_y = call.low_y && !recorded, wide_g = call.low_g && !recorded;
+  std::unique_ptr<LowBuf> x32, w32, y32, g32, dx32, dw32;
+  try {
+    x32.reset(new LowBuf(sizeof(float) * size_t(nx)));
+    w32.reset(new LowBuf(sizeof(float) * size_t(nw)));
+    if (wide_y) y32.reset(new LowBuf(sizeof(float) * size_t(ny)));
+    if (wide_g) g32.reset(new LowBuf(sizeof(float) * size_t(ny)));
+    dx32.reset(new LowBuf(sizeof(float) * size_t(nx)));
+    dw32.reset(new LowBuf(sizeof(float) * size_t(nw)));
+  } catch (...) {
+    return 2;
+  }
+  auto widen = [](const void* src, float* dst) {
+    return [src, dst](int64_t a, int64_t len) {
+      widen_run<Kind>(static_cast<const uint16_t*>(src) + a, dst + a, len);
+    };
+  };
+  low_chunks(call, nx, widen(call.x, x32->get()));
+  low_chunks(call, nw, widen(call.w, w32->get()));
+  if (y32) low_chunks(call, ny, widen(call.y, y32->get()));
+  if (g32) low_chunks(call, ny, widen(call.g, g32->get()));
+  float* dx = dx32->get();
+  float* dw = dw32->get();
+  low_chunks(call, nx, [dx](int64_t a, int64_t len) {
+    std::memset(dx + a, 0, sizeof(float) * size_t(len));
+  });
+  std::memset(dw, 0, sizeof(float) * size_t(nw));
+  WideCall c32 = call;
+  c32.x = x32->get();
+  c32.w = w32->get();
+  c32.y = y32 ? y32->get() : call.y;
+  c32.g = g32 ? g32->get() : call.g;
+  c32.out = dx;
+  c32.out2 = dw;
+  c32.low_x = 0;
+  c32.low_y = y32 ? 0 : call.low_y;
+  c32.low_g = g32 ? 0 : call.low_g;
+  const int rc = low_win_backward<Op, Gr, Max, Rnd>(c32);
+  if (rc != 0) return rc;
+  auto narrow = [](const float* src, void* dst) {
+    return [src, dst](int64_t a, int64_t len) {
+      narrow_run<Kind>(src + a, static_cast<uint16_t*>(dst) + a, len);
+    };
+  };
+  low_chunks(call, nx, narrow(dx, call.out));
+  low_chunks(call, nw, narrow(dw, call.out2));
+  return 0;
+}
