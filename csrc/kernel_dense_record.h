@@ -165,7 +165,7 @@ void record_claims(Ctx& c, bool keys, Tiles&& tiles, int64_t extra_floats = 0,
       const float* wb = call.w + b * c.w_bs;
       if (blk != held) {
         pack_panel(c, wb, grp, jb, 0, c.K, keys, owned.get());
-        repack(grp, jb, static_cast<const float*>(owned.get()), extra.get());
+        if (extra) repack(grp, jb, static_cast<const float*>(owned.get()), extra.get());
       }
       held = blk;
       tiles(b, grp, jb, tl0, tl1, wb, static_cast<const float*>(owned.get()),
@@ -225,6 +225,9 @@ bool dense_record_run(Ctx& c) {
   }
   const float* xsrc = kKey ? xkey.get() : call.x;
   const int64_t kb = dense_block_rows(c.K);
+  // bf16 / f16 operands keep their masks: their winners are the products rounding to y
+  // (kernel_lowrec_mark.h), which the low recorded backward scans for.
+  const bool exact = kExact && !call.low;
   // From the panel just packed (rows NR floats apart, in L2), not from w (rows O apart).
   auto transposed = [&](int64_t, int64_t jb, const float* panel, float* cols) {
     if constexpr (kExact) {
@@ -250,7 +253,7 @@ bool dense_record_run(Ctx& c) {
                     dense_record_tile<Op>(c, xb, wb, panel, cols, yb, rb, tl * MR, grp, jb,
                                           kb);
                 },
-                kExact ? cstride(c.K) * NR : 0, transposed);
+                exact ? cstride(c.K) * NR : 0, transposed);
   return true;
 }
 
