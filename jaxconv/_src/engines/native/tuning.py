@@ -250,7 +250,14 @@ def _read(path: pathlib.Path) -> tuple[dict[str, int], dict[str, Any]] | None:
 def _stale(report: dict[str, Any]) -> bool:
     """Whether an entry is to be searched again now: it was made under load (`_BUSY_LOAD`)
     and the machine is quiet now (`_QUIET_LOAD`), so that a search under load is redone once
-    a quiet moment comes, and never repeated while the machine stays busy."""
+    a quiet moment comes, and never repeated while the machine stays busy.
+
+    Args:
+        report: the cache entry's search report (its ``conditions`` say the load).
+
+    Returns:
+        True when the entry should be searched again.
+    """
     cond = report.get("conditions")
     if not isinstance(cond, dict) or not cond.get("busy"):
         return False
@@ -340,7 +347,18 @@ def _time(problem: tuple[int, ...], values: dict[str, int], reps: int) -> float:
 
 
 def _geomean(ratios: list[float]) -> float:
-    """The geometric mean of positive ratios (``inf`` if one is not)."""
+    """The geometric mean of positive ratios (``inf`` if one is not).
+
+    Args:
+        ratios: the ratios, at least one.
+
+    Returns:
+        Their geometric mean.
+
+    Example:
+        >>> round(_geomean([2.0, 0.5]), 6)
+        1.0
+    """
     prod = 1.0
     for r in ratios:
         prod *= r if r > 0 else float("inf")
