@@ -261,6 +261,81 @@ bool dense_row_winners(const float* xp, const float* tp, int64_t K, int64_t kb, 
   return tied;
 }
 
+// A tie's matches (code -2 - mask) of x's row `xp` and kernel column `wo`: fn(k) per match,
+// in the order of k; returns their count.
+template <class Op, class Fn>
+int64_t tie_matches(const float* xp, const float* wo, int64_t K, int64_t kb, int32_t code,
+                    float y, Fn&& fn) {
+  int64_t cnt = 0;
+  for (uint32_t m = uint32_t(-2 - code); m; m &= m - 1) {
+    const int64_t a = int64_t(__builtin_ctz(m)) * kb, e = a + kb < K ? a + kb : K;
+    for (int64_t k = a; k < e; ++k)
+      if (Op::template comb<Sc>(xp[k], wo[k]) == y) fn(k), ++cnt;
+  }
+  return cnt;
+}
+
+// The dense backward's last pass, for the block-mask record and the exact one alike (after
+// their per-block passes; `failed`: one of those could not allocate): with any tie, the whole
+// kernel transposed per (batch, group) to (Og, K), then dx per run of rows (they own their
+// dx), summed over the outputs in order. An output's code k >= 0 adds unique(at) at k; a tie
+// (-2 - mask) adds share(at) times dcx of each product equal to y in its masked blocks; -2 (no
+// product equal to y) adds nothing. Returns true (the call is served).
+template <class Op, class Unique, class Share>
+bool dense_route_dx(Ctx& c, bool failed, bool tied, int64_t kb, const int32_t* codes,
+                    Unique&& unique, Share&& share) {
+  if (failed) {
+    c.failed = true;
+    return true;
+  }
+  const jaxconv::Call& call = *c.call;
+  const int64_t I = c.I, O = c.O, Og = c.Og, K = c.K, P = c.P, G = c.G, B = call.batch;
+  // Ties (rare on real-valued data, common on quantized data) read the kernel along k.
+  Owned<float> wt_owned;
+  if (tied) {
+    wt_owned = allocate<float>(B * G * Og * K);
+    if (!wt_owned) {
+      c.failed = true;
+      return true;
+    }
+    auto transpose_cols = [&](int64_t it) {
+      const int64_t jb = it % c.nJB, grp = (it / c.nJB) % G, b = it / (c.nJB * G);
+      const int64_t nvalid = Og - jb * NR < NR ? Og - jb * NR : NR;
+      transpose(call.w + b * c.w_bs + grp * Og + jb * NR, O,
+                wt_owned.get() + ((b * G + grp) * Og + jb * NR) * K, K, K, nvalid);
+    };
+    parallel(c, B * G * c.nJB, transpose_cols);
+  }
+  const float* wt = wt_owned.get();
+  constexpr int64_t kRowsPerItem = 8;
+  const int64_t nrb = (P + kRowsPerItem - 1) / kRowsPerItem;
+  auto route_dx = [&](int64_t it) {
+    const int64_t rb = it % nrb, b = it / nrb;
+    const int64_t p1 = (rb + 1) * kRowsPerItem < P ? (rb + 1) * kRowsPerItem : P;
+    for (int64_t p = rb * kRowsPerItem; p < p1; ++p)
+      for (int64_t grp = 0; grp < G; ++grp) {
+        const int64_t row = b * c.y_bs + p * O;
+        float* dxp = call.out + b * c.x_bs + p * c.img + grp * I;
+        for (int64_t o = grp * Og; o < (grp + 1) * Og; ++o) {
+          const int32_t code = codes[row + o];
+          if (code >= 0) {
+            dxp[code] += unique(row + o);
+            continue;
+          }
+          if (code == -2) continue;
+          const float sh = share(row + o);
+          const float* xp = call.x + b * c.x_bs + p * c.img + grp * I;
+          const float* wo = wt + ((b * G + grp) * Og + o - grp * Og) * K;
+          tie_matches<Op>(xp, wo, K, kb, code, call.y[row + o], [&](int64_t k) {
+            dxp[k] += sh * Op::template dcx<Sc>(xp[k], wo[k]);
+          });
+        }
+      }
+  };
+  parallel(c, B * nrb, route_dx);
+  return true;
+}
+
 // The dense backward (see the top of this file); false when the call is not a dense product
 // on finite data (win_backward's rescan serves it).
 template <class Op>
@@ -332,58 +407,8 @@ bool dense_win_backward(Ctx& c) {
       std::memcpy(dwb + k * O + o0, acc + k * NR, sizeof(float) * nvalid);
   };
   parallel(c, B * G * c.nJB, block);
-  if (failed.load()) {
-    c.failed = true;
-    return true;
-  }
-  // Ties (rare on real-valued data, common on quantized data) are routed to dx from the whole
-  // kernel transposed per (batch, group) to (Og, K), built only when there is one.
-  Owned<float> wt_owned;
-  if (tied.load()) {
-    wt_owned = allocate<float>(B * G * Og * K);
-    if (!wt_owned) {
-      c.failed = true;
-      return true;
-    }
-    auto transpose_cols = [&](int64_t it) {
-      const int64_t jb = it % c.nJB, grp = (it / c.nJB) % G, b = it / (c.nJB * G);
-      const int64_t nvalid = Og - jb * NR < NR ? Og - jb * NR : NR;
-      transpose(call.w + b * c.w_bs + grp * Og + jb * NR, O,
-                wt_owned.get() + ((b * G + grp) * Og + jb * NR) * K, K, K, nvalid);
-    };
-    parallel(c, B * G * c.nJB, transpose_cols);
-  }
-  const float* wt = wt_owned.get();
-  // Pass C, per run of rows (they own their dx): dx summed over the outputs in order.
-  constexpr int64_t kRowsPerItem = 8;
-  const int64_t nrb = (P + kRowsPerItem - 1) / kRowsPerItem;
-  auto route_dx = [&](int64_t it) {
-    const int64_t rb = it % nrb, b = it / nrb;
-    const int64_t p1 = (rb + 1) * kRowsPerItem < P ? (rb + 1) * kRowsPerItem : P;
-    for (int64_t p = rb * kRowsPerItem; p < p1; ++p)
-      for (int64_t grp = 0; grp < G; ++grp) {
-        const int64_t row = b * c.y_bs + p * O;
-        float* dxp = call.out + b * c.x_bs + p * c.img + grp * I;
-        for (int64_t o = grp * Og; o < (grp + 1) * Og; ++o) {
-          const int32_t code = c.code[row + o];
-          if (code >= 0) {
-            dxp[code] += dxv[row + o];
-            continue;
-          }
-          if (code == -2) continue;
-          // A tie: the products equal to y in its masked blocks.
-          const float share = dxv[row + o], yv = call.y[row + o];
-          const float* xp = call.x + b * c.x_bs + p * c.img + grp * I;
-          const float* wo = wt + ((b * G + grp) * Og + o - grp * Og) * K;
-          for (uint32_t m = uint32_t(-2 - code); m; m &= m - 1) {
-            const int64_t a = int64_t(__builtin_ctz(m)) * kb, e = a + kb < K ? a + kb : K;
-            for (int64_t k = a; k < e; ++k)
-              if (Op::template comb<Sc>(xp[k], wo[k]) == yv)
-                dxp[k] += share * Op::template dcx<Sc>(xp[k], wo[k]);
-          }
-        }
-      }
-  };
-  parallel(c, B * nrb, route_dx);
-  return true;
+  // Pass C.
+  return dense_route_dx<Op>(
+      c, failed.load(), tied.load(), kb, c.code, [&](int64_t at) { return dxv[at]; },
+      [&](int64_t at) { return dxv[at]; });
 }

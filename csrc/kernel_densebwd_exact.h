@@ -42,20 +42,6 @@ __attribute__((noinline)) int32_t winner_code_general(const float* xp, const flo
   return -2 - int32_t(cnt == 0 ? 0 : mask);
 }
 
-// A tie's matches (code -2 - mask) of x's row `xp` and kernel column `wo`: fn(k) per match,
-// in the order of k; returns their count.
-template <class Op, class Fn>
-int64_t tie_matches(const float* xp, const float* wo, int64_t K, int64_t kb, int32_t code,
-                    float y, Fn&& fn) {
-  int64_t cnt = 0;
-  for (uint32_t m = uint32_t(-2 - code); m; m &= m - 1) {
-    const int64_t a = int64_t(__builtin_ctz(m)) * kb, e = a + kb < K ? a + kb : K;
-    for (int64_t k = a; k < e; ++k)
-      if (Op::template comb<Sc>(xp[k], wo[k]) == y) fn(k), ++cnt;
-  }
-  return cnt;
-}
-
 // The backward of an exact record (see the top of this file); false when the call has none
 // (not a constant-partial op, not the dense case, or not recorded).
 template <class Op>
@@ -122,57 +108,11 @@ bool dense_exact_backward(Ctx& c) {
         std::memcpy(dwb + k * O + o0, acc + k * NR, sizeof(float) * nvalid);
     };
     parallel(c, B * G * c.nJB, block);
-    if (failed.load()) {
-      c.failed = true;
-      return true;
-    }
-    // Ties are routed to dx from the whole kernel transposed per (batch, group) to (Og, K),
-    // built only when there is one.
-    Owned<float> wt_owned;
-    if (tied.load()) {
-      wt_owned = allocate<float>(B * G * Og * K);
-      if (!wt_owned) {
-        c.failed = true;
-        return true;
-      }
-      auto transpose_cols = [&](int64_t it) {
-        const int64_t jb = it % c.nJB, grp = (it / c.nJB) % G, b = it / (c.nJB * G);
-        const int64_t nvalid = Og - jb * NR < NR ? Og - jb * NR : NR;
-        transpose(call.w + b * c.w_bs + grp * Og + jb * NR, O,
-                  wt_owned.get() + ((b * G + grp) * Og + jb * NR) * K, K, K, nvalid);
-      };
-      parallel(c, B * G * c.nJB, transpose_cols);
-    }
-    const float* wt = wt_owned.get();
-    // dx per run of rows (they own their dx): summed over the outputs in order.
-    constexpr int64_t kRowsPerItem = 8;
-    const int64_t nrb = (P + kRowsPerItem - 1) / kRowsPerItem;
-    auto route_dx = [&](int64_t it) {
-      const int64_t rb = it % nrb, b = it / nrb;
-      const int64_t p1 = (rb + 1) * kRowsPerItem < P ? (rb + 1) * kRowsPerItem : P;
-      for (int64_t p = rb * kRowsPerItem; p < p1; ++p)
-        for (int64_t grp = 0; grp < G; ++grp) {
-          const int64_t row = b * c.y_bs + p * O;
-          float* dxp = call.out + b * c.x_bs + p * c.img + grp * I;
-          const int32_t* rr = call.rec + row;
-          const float* gr = call.g + row;
-          for (int64_t o = grp * Og; o < (grp + 1) * Og; ++o) {
-            const int32_t code = rr[o];
-            if (code >= 0) {
-              dxp[code] += WinTerms<Op>::x(gr[o], 0.0f, 0.0f);
-              continue;
-            }
-            if (code == -2) continue;
-            const float* xp = call.x + b * c.x_bs + p * c.img + grp * I;
-            const float* wo = wt + ((b * G + grp) * Og + o - grp * Og) * K;
-            const float share = c.dwv[row + o];
-            tie_matches<Op>(xp, wo, K, kb, code, call.y[row + o], [&](int64_t k) {
-              dxp[k] += share * Op::template dcx<Sc>(xp[k], wo[k]);
-            });
-          }
-        }
-    };
-    parallel(c, B * nrb, route_dx);
-    return true;
+    const float* g = call.g;
+    const float* dwv = c.dwv;
+    return dense_route_dx<Op>(
+        c, failed.load(), tied.load(), kb, call.rec,
+        [&](int64_t at) { return WinTerms<Op>::x(g[at], 0.0f, 0.0f); },
+        [&](int64_t at) { return dwv[at]; });
   }
 }
