@@ -223,7 +223,7 @@ Result peak(int kind, int threads, double seconds, const char* isa) {
   double best = 0.0, best_overlap = 0.0, best_cpu = 0.0;
   std::vector<double> cpu_s(size_t(threads), 0.0);
   std::vector<char> placed(size_t(threads), 0);
-  auto work = [&](int k) {
+  auto probe_thread = [&](int k) {
     const bool there = distinct && (k == 0 ? place.on(0) : place.pin(k));
     const double c0 = thread_cpu_seconds();
     g_sink = lp.fn(kind, iters);
@@ -233,8 +233,8 @@ Result peak(int kind, int threads, double seconds, const char* isa) {
   for (int rep = 0; rep < 5; ++rep) {
     const auto t0 = clock::now();
     std::vector<std::thread> pool;
-    for (int k = 1; k < threads; ++k) pool.emplace_back(work, k);
-    work(0);
+    for (int k = 1; k < threads; ++k) pool.emplace_back(probe_thread, k);
+    probe_thread(0);
     for (auto& th : pool) th.join();
     const double wall = std::chrono::duration<double>(clock::now() - t0).count();
     const double rate = double(threads) * double(iters) * double(lp.terms * lp.lanes) /
