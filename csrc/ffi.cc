@@ -450,8 +450,8 @@ ffi::Error wide_backward_impl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer
   return finish(wide_dispatch(call, true));
 }
 
-// A built-in max / min op's backward on bfloat16 / float16 operands in one call
-// (kernel_lowrec_backward.h): x, w and y (y and g may be float32) widened inside, the scan
+// A max / min op's backward on bfloat16 / float16 operands in one call
+// (kernel_lowrec_backward.h; a built-in op, or a user op's wide library): x, w and y (y and g may be float32) widened inside, the scan
 // limited to the blocks that the low recording forward's masks name (rec: all -1 when it did
 // not record, or empty: the full scan), dx and dw written in the operands' dtype.
 ffi::Error low_backward_recorded_impl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer y,
@@ -466,8 +466,11 @@ ffi::Error low_backward_recorded_impl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::A
   if (kind == 0 || w.element_type() != t || dx->element_type() != t ||
       dw->element_type() != t || !low_or_f32(y.element_type()) || !low_or_f32(g.element_type()))
     return ffi::Error::InvalidArgument("jaxconv: the low-precision backward takes bf16 / f16");
-  if (attrs.op != jaxconv::kMaxPlus && attrs.op != jaxconv::kMinPlus &&
-      attrs.op != jaxconv::kMaxMin && attrs.op != jaxconv::kMinMax)
+  // A user op's id names its library built for the wide kernels on float32 (userop_wide.h),
+  // which refuses (1) an op that is not max / min.
+  if (attrs.op < jaxconv::kUserBase && attrs.op != jaxconv::kMaxPlus &&
+      attrs.op != jaxconv::kMinPlus && attrs.op != jaxconv::kMaxMin &&
+      attrs.op != jaxconv::kMinMax)
     return ffi::Error::InvalidArgument("jaxconv: the low-precision backward runs max/min ops");
   if ((rec.element_count() != y.element_count() && rec.element_count() != 0) ||
       g.element_count() != y.element_count() ||
@@ -496,7 +499,7 @@ ffi::Error low_backward_recorded_impl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::A
   call.rec = rec.element_count() > 0 ? rec.typed_data() : nullptr;
   call.par = {run_parallel, &pool};
   jaxconv_dispatch::FlushDenormals flush;
-  return finish(wide_run(true)(call));
+  return finish(wide_dispatch(call, true));
 }
 
 // The float32 backward into dx and dw; rec (the recorded winner masks, read only) or

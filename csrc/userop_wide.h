@@ -193,9 +193,9 @@ int run_wide_user(const jaxconv::WideCall& call, bool backward) {
     if (!backward || Op::kSum) return 1;
     constexpr bool Max = U::kReduce == 0;
     if (call.round == jaxconv::kRoundBF16)
-      return low_win_backward<Op, Gr, Max, jaxconv::kRoundBF16>(call);
+      return low_any_backward<Op, Gr, Max, jaxconv::kRoundBF16>(call);
     if (call.round == jaxconv::kRoundF16)
-      return low_win_backward<Op, Gr, Max, jaxconv::kRoundF16>(call);
+      return low_any_backward<Op, Gr, Max, jaxconv::kRoundF16>(call);
     return 1;
   } else {
     if (!backward) return run_typed<E, Op>(call);

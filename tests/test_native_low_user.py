@@ -197,3 +197,171 @@ def test_explain_says_the_forward_converts_in_the_call(op: Any, dtype: Any) -> N
     name = np.dtype(dtype).name
     assert any(f"the {name} operands widened to float32 inside the call" in d
                for d in plan.details), plan.details
+
+
+# ---- the recording route of a user max / min op (csrc/kernel_lowrec_mark.h through the
+# user's float32 library, csrc/kernel_lowrec_backward.h through its wide library) ----------
+
+MAX_TIMES = jaxconv.Op(lambda a, b: a * b, "max", name="max_times")  # tropical max-times
+CLIP1 = jaxconv.Op(lambda a, b: jnp.clip(a * b, -1.0, 1.0), "max", name="clip1")
+MIN_GATE = GATE  # where(a > 0, a + b, -b) under min
+POW = jaxconv.Op(jnp.power, "max", name="pow_max")  # vmath.h forward, libm wide backward
+DIV = jaxconv.Op(lambda a, b: a / b, "max", name="div_max")  # 0 / 0: a NaN of finite operands
+NUMPY_REC = {"max_times": (np.multiply, np.maximum, -np.inf, None),
+             "clip1": (lambda a, b: np.clip(a * b, -1.0, 1.0), np.maximum, -np.inf, None),
+             "gate": (lambda a, b: np.where(a > 0, a + b, -b), np.minimum, np.inf, None)}
+
+
+def _rec_data(kind: str, xs: tuple, ws: tuple, dtype: Any, seed: int) -> tuple[Any, Any]:
+    """x and w of the dtype: normal; on a coarse grid (many ties once rounded); or specials
+    (NaN payloads, infinities, signed zeros, rounding ties, subnormals: `_values`)."""
+    if kind == "specials":
+        return (_nan_payloads(jnp.asarray(_values(kind, xs, dtype, seed)), seed),
+                _nan_payloads(jnp.asarray(_values(kind, ws, dtype, seed + 1)), seed + 1))
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(xs).astype(np.float32)
+    w = rng.standard_normal(ws).astype(np.float32)
+    if kind == "ties":
+        x, w = np.round(x * 4) / 4 + 2.0**-9, np.round(w * 2) / 2
+    return jnp.asarray(x, dtype), jnp.asarray(w, dtype)
+
+
+def _product(op: Any, dense: bool, engine: str = "native") -> Any:
+    if dense:
+        return lambda a, b: jaxconv.dot_general(a, b, (((1,), (0,)), ((), ())), op=op,
+                                                engine=engine)
+    return lambda a, b: jaxconv.conv_general_dilated(a, b, (1, 1), "SAME", dimension_numbers=DN,
+                                                     op=op, engine=engine)
+
+
+def _vjp(op: Any, dense: bool, recorded: bool, args: tuple) -> Any:
+    """The compiled y, dx, dw of a cotangent, by the recording route or (`recorded` false) the
+    route before it (XLA's conversions around the wide backward, every window scanned)."""
+    f = _product(op, dense)
+
+    def fb(x: jax.Array, w: jax.Array, ct: jax.Array) -> Any:
+        y, vjp = jax.vjp(f, x, w)
+        return (y, *vjp(ct))
+
+    keep = native_engine._low_records
+    if not recorded:
+        native_engine._low_records = lambda problem: False
+    try:
+        return jax.jit(fb).lower(*args).compile()
+    finally:
+        native_engine._low_records = keep
+
+
+# Conv (layer A's shape, smaller: 9 blocks of 64 rows, one per tap; 40 channels: blocks across
+# taps) and dense (300 rows: 5 blocks; 1700: blocks of 128); max and min; a monotone tail
+# factored out (clip); both dtypes; normal data, ties, specials (not recorded: the one call's
+# full scan).
+REC_CASES = [
+    (MAX_TIMES, BF16, False, (2, 8, 8, 64), (3, 3, 64, 24), "normal"),
+    (MAX_TIMES, F16, False, (2, 8, 8, 64), (3, 3, 64, 24), "ties"),
+    (CLIP1, F16, False, (2, 8, 8, 64), (3, 3, 64, 24), "normal"),
+    (CLIP1, BF16, False, (2, 9, 9, 40), (3, 3, 40, 20), "ties"),
+    (MIN_GATE, BF16, False, (2, 8, 8, 64), (3, 3, 64, 24), "ties"),
+    (MIN_GATE, F16, False, (2, 8, 8, 64), (3, 3, 64, 24), "specials"),
+    (MAX_TIMES, BF16, False, (2, 8, 8, 64), (3, 3, 64, 24), "specials"),
+    (MAX_TIMES, F16, True, (9, 300), (300, 21), "ties"),
+    (CLIP1, BF16, True, (9, 1700), (1700, 21), "normal"),
+    (MIN_GATE, F16, True, (9, 300), (300, 21), "normal"),
+    (MAX_TIMES, BF16, True, (9, 300), (300, 21), "specials"),
+]
+
+
+@pytest.mark.parametrize("op,dtype,dense,xs,ws,kind", REC_CASES)
+def test_user_recorded_route_has_the_earlier_routes_bits(op: Any, dtype: Any, dense: bool,
+                                                         xs: tuple, ws: tuple, kind: str) -> None:
+    """y, dx and dw by the recording route are the earlier route's bits; y is the numpy
+    reference rounded once; dx and dw are the XLA engine's within a unit in the last place
+    (finite data)."""
+    x, w = _rec_data(kind, xs, ws, dtype, 11)
+    out = jax.eval_shape(_product(op, dense), x, w)
+    ct = jnp.asarray(np.random.default_rng(12).standard_normal(out.shape), dtype)
+    args = (x, w, ct)
+    new, old = _vjp(op, dense, True, args), _vjp(op, dense, False, args)
+    assert "jaxconv_low_forward_record" in new.as_text()
+    assert "jaxconv_low_backward_recorded" in new.as_text()
+    assert "jaxconv_low_backward_recorded" not in old.as_text()
+    got, want = new(*args), old(*args)
+    for a, b in zip(got, want, strict=True):
+        assert a.dtype == b.dtype == dtype
+        np.testing.assert_array_equal(_bits(a), _bits(b))
+    if kind == "specials":
+        return  # the bits above are the check (NaN / infinite products)
+    combine, reduce, identity, pad = NUMPY_REC[op.name]
+    x64, w64 = (np.asarray(a, np.float32).astype(np.float64) for a in (x, w))
+    if dense:
+        ref = reduce.reduce(combine(x64[:, :, None], w64[None]), axis=1)
+    else:
+        ref = conv_reference(x64, w64, (1, 1), "SAME", dimension_numbers=DN, combine=combine,
+                             reduce=reduce, identity=identity, pad_value=pad)
+    want_y = ref.astype(np.float32).astype(dtype).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(got[0], np.float32), want_y)
+    with jax.numpy_rank_promotion("allow"):
+        xla = jax.vjp(_product(op, dense, "xla"), x, w)[1](ct)
+    # Ties share a cotangent over many products: each share times the partial is rounded in
+    # the dtype per term there, once here.
+    ulp = float(jnp.finfo(dtype).eps) * (1 if kind == "normal" else 8)
+    for a, b in zip(got[1:], xla, strict=True):
+        b = np.asarray(b, np.float32)
+        np.testing.assert_allclose(np.asarray(a, np.float32), b, rtol=ulp,
+                                   atol=ulp / 4 * max(1.0, float(np.abs(b).max())))
+
+
+@pytest.mark.parametrize("dtype", [BF16, F16])
+def test_user_tie_across_blocks_splits_the_gradient(dtype: Any) -> None:
+    """Two max_times products that differ in float32 but round to one value, in two taps (two
+    blocks of 64 rows): 1 * (1 + step) and a * b just below it. Both blocks are marked, and
+    the gradient is split between them as the XLA engine splits it."""
+    step, a, b = (2.0**-7, 5.0, 103 / 512) if dtype == BF16 else (2.0**-10, 7.0, 1171 / 8192)
+    x = np.full((1, 1, 2, 64), 0.25, np.float32)
+    w = np.full((1, 2, 64, 1), -1.0, np.float32)
+    x[0, 0, 0, 5], w[0, 0, 5, 0] = 1.0, 1.0 + step
+    x[0, 0, 1, 7], w[0, 1, 7, 0] = a, b
+    assert a * b != 1.0 + step and np.float32(a * b).astype(dtype) == np.float32(1.0 + step)
+    x, w = jnp.asarray(x, dtype), jnp.asarray(w, dtype)
+
+    def grad(engine: str) -> Any:
+        return jax.jit(jax.grad(lambda p, q: jaxconv.conv_general_dilated(
+            p, q, (1, 1), "VALID", dimension_numbers=DN, op=MAX_TIMES, engine=engine
+        ).astype(jnp.float32).sum(), argnums=(0, 1)))
+
+    assert "jaxconv_low_forward_record" in grad("native").lower(x, w).as_text()
+    gx, gw = grad("native")(x, w)
+    assert float(gx[0, 0, 0, 5]) == float(jnp.asarray((1.0 + step) / 2, dtype))
+    assert float(gw[0, 1, 7, 0]) == a / 2
+    for got, want in zip((gx, gw), grad("xla")(x, w), strict=True):
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
+@pytest.mark.parametrize("op,recorded,why", [
+    (MAX_TIMES, True, None),
+    (CLIP1, True, None),
+    (POW, False, "not recorded: the forward vectorizes a function"),
+    (DIV, False, "not recorded: finite operands can make a NaN product"),
+])
+@pytest.mark.parametrize("dtype", [BF16, F16])
+def test_explain_says_which_backward_a_user_op_takes(op: Any, recorded: bool, why: str | None,
+                                                     dtype: Any) -> None:
+    name = np.dtype(dtype).name
+    details = jaxconv.explain(op, dtype=dtype, platform="cpu").details
+    assert any("may hold a product that rounds to its result" in d
+               for d in details) == recorded, details
+    assert any(f"in one call on the {name} operands" in d for d in details) == recorded, details
+    if why is not None:
+        assert any(why in d for d in details), details
+
+
+@pytest.mark.parametrize("op", [POW, DIV])
+def test_these_user_ops_keep_the_earlier_route(op: Any) -> None:
+    """A combine whose function the forward vectorizes and the wide kernels take from libm
+    (pow) does not record: the forward's marks could miss a backward winner; nor one that
+    makes a NaN of finite operands (the recording tiles run the fast loop)."""
+    x, w = _rec_data("normal", (2, 8, 8, 64), (3, 3, 64, 24), BF16, 13)
+    ct = jnp.ones((2, 8, 8, 24), BF16)
+    text = _vjp(op, False, True, (x, w, ct)).as_text()
+    assert "jaxconv_low_forward_record" not in text
+    assert "jaxconv_wide_backward" in text

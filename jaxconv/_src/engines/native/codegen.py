@@ -577,6 +577,28 @@ def _wide_functor(op: Op, caps: object, dtype: np.dtype) -> Functor:
                    nan_free, display_name(op), dtype.name)
 
 
+def same_products(functor: Functor) -> bool:
+    """Whether the float32 kernels and the wide kernels (on float32: the bfloat16 / float16
+    backward's) compute the functor's values bit for bit: none of its primitives is one that
+    the float32 kernels vectorize (``csrc/vmath.h``) and the wide kernels take from libm.
+
+    Args:
+      functor: a functor of either.
+
+    Returns:
+      True when they do.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import jaxconv
+      >>> same_products(functor(jaxconv.Op(lambda x, w: jnp.clip(x * w, -1.0, 1.0), "max")))
+      True
+      >>> same_products(functor(jaxconv.Op(lambda x, w: jnp.tanh(x * w) + x, "max")))
+      False
+    """
+    return not set(functor.primitives) & _WIDE_LIBM
+
+
 def has_rules(fn: object, dtype: object = np.float32) -> bool:
     """Whether `fn` (on two scalars) calls a ``jax.custom_vjp`` / ``jax.custom_jvp`` function.
 

@@ -37,7 +37,15 @@ from jaxconv._src.core import engine as registry
 from jaxconv._src.core import log_products, products
 from jaxconv._src.core.capabilities import capabilities
 from jaxconv._src.core.problem import Problem
-from jaxconv._src.engines.native import codegen, eligibility, ffi, tuning, twins, user_kernels
+from jaxconv._src.engines.native import (
+    codegen,
+    eligibility,
+    ffi,
+    translation,
+    tuning,
+    twins,
+    user_kernels,
+)
 from jaxconv._src.engines.native.translation import Refusal
 
 Array = jax.Array
@@ -167,7 +175,8 @@ class NativeEngine(registry.Engine):
     def forward_recording(self, problem: Problem, x: Array, w: Array) -> tuple[Array, Array]:
         """The recording forward (`records_winners`): ``y`` and the int32 block masks."""
         problem = twins.served(problem)
-        if not (self.records_winners(problem, "cpu") and _records_shapes(x.shape, w.shape)):
+        if not (self.records_winners(problem, "cpu") and _records_shapes(x.shape, w.shape)
+                and _user_built(problem)):
             return super().forward_recording(problem, x, w)
         spec = self._spec(problem, x, w)
         out_shape = (x.shape[0], *problem.geom.out_spatial, w.shape[-1])
@@ -184,10 +193,13 @@ class NativeEngine(registry.Engine):
         """The backward kernel given the recording forward's masks: a dense product skips its
         marking pass, a convolution scans only each output's marked blocks."""
         problem = twins.served(problem)
-        if not (self.records_winners(problem, "cpu") and _records_shapes(x.shape, w.shape)):
+        if not (self.records_winners(problem, "cpu") and _records_shapes(x.shape, w.shape)
+                and _user_built(problem)):
             return self.backward(problem, x, w, y, g, need)
         spec = self._spec(problem, x, w)
         if _low(x.dtype):
+            if problem.op.native is None:  # the user op's library for the wide kernels
+                spec = dataclasses.replace(spec, op_id=_rounded_user(problem).op_id)
             # csrc/kernel_lowrec_backward.h: x, w, y and g widened in the call, the products
             # rounded to x's dtype before the winner compare (the bits of `backward`'s route).
             def kept(a: Array) -> Array:
@@ -230,13 +242,17 @@ class NativeEngine(registry.Engine):
                 back = (f"backward: the wide kernels in one call on the {name} operands and "
                         "cotangent (widened to float32 inside the call, dx and dw rounded "
                         f"once to {name}), each product rounded to {name} before the winner "
-                        "compare (ties between the rounded products split equally)")
+                        "compare (ties between the rounded products split equally)"
+                        + ("; the combine compiled a second time for the wide kernels, its "
+                           "compiled partial derivatives per winner" if op.native is None
+                           else ""))
                 low = (f"{name} operands: computed in float32, the result rounded once to "
                        f"{name} (bit for bit the products rounded in {name})", back)
             elif _winner(problem):
                 back = (f"backward: the wide kernels on float32 copies, each product rounded "
                         f"to {name} before the winner compare (ties between the rounded "
-                        "products split equally)"
+                        "products split equally), made next to the call by XLA's conversions, "
+                        "every output's window scanned" + _no_low_record(problem)
                         if _rounded_winners(problem) or _rounded_user(problem) is not None
                         else f"backward: the XLA engine (ties between the {name}-rounded "
                         "products; this op's combine could not be compiled for the wide "
@@ -253,18 +269,8 @@ class NativeEngine(registry.Engine):
                         "convolution: the kernel (one pass, a running maximum) takes the "
                         "calls that exp space would not compute exactly (a spread beyond ~80, "
                         "an all -inf window, NaN or +inf)", _tuning_line(), *low)
-            held = ("may hold a product that rounds to its result" if _low(dtype)
-                    else "hold its winners")
-            rows = ffi.record_block_rows()
-            rec = ((f"under a derivative the forward records, per output, which blocks of {rows} "
-                    "kernel rows (on a convolution: a tap's input channels, taps in order) "
-                    f"{held} (finite data, more than {rows} rows, not depthwise), and "
-                    "the backward compares only those blocks' products with the result to "
-                    "find the winners (ties split equally; a float32 dense x + w or x - w "
-                    "records its single winner itself, and its backward scatters); otherwise "
-                    "the backward rescans every output's window",)
-                   if _records_op(problem, dtype) else ())
-            return (f"built-in kernel {op.native!r} ({ffi.isa()})", _tuning_line(), *rec, *low)
+            return (f"built-in kernel {op.native!r} ({ffi.isa()})", _tuning_line(),
+                    *_record_lines(problem, dtype), *low)
         kernel = user_kernels.user_kernel(op)
         if isinstance(kernel, Refusal):
             return (kernel.reason,)
@@ -285,7 +291,7 @@ class NativeEngine(registry.Engine):
             lines.append("the combine's custom derivative rule runs per product: the kernel "
                          "computes its primal, the backward its rule (traced on scalars, "
                          "compiled)")
-        return (*lines, *low)
+        return (*lines, *_record_lines(problem, dtype), *low)
 
     def _describe_user(self, problem: Problem, dtype: DTypeLike) -> tuple[str, ...]:
         """`describe` of a user op on float64 / int32 / int64 operands (the wide kernels).
@@ -421,7 +427,7 @@ class NativeEngine(registry.Engine):
         spec = self._spec(problem, x, w)
         if rounded is not None:  # the user op's library built for the wide kernels
             spec = dataclasses.replace(spec, op_id=rounded.op_id)
-        if low_winner and rounded is None and _low_records(problem):
+        if low_winner and _low_records(problem):
             # The conversions in the call (csrc/kernel_lowrec_backward.h), no masks: the scan
             # of every output's window.
             def kept(a: Array) -> Array:
@@ -500,7 +506,8 @@ def _low_records(problem: Problem) -> bool:
     """Whether a bfloat16 / float16 max / min op has the low recording forward and the
     recorded backward in one call (``csrc/kernel_lowrec_mark.h``,
     ``csrc/kernel_lowrec_backward.h``): a built-in op the wide backward serves
-    (`_rounded_winners`), identity padding, its forward converting in the call.
+    (`_rounded_winners`) or a user op that `_user_records` admits, identity padding, its
+    forward converting in the call.
 
     Args:
         problem: the canonical problem (its twin already served).
@@ -508,8 +515,101 @@ def _low_records(problem: Problem) -> bool:
     Returns:
         True when it has them.
     """
-    return (_rounded_winners(problem) and problem.op.pad_value is None
-            and _low_in_call(problem) and ffi.has_low_recording())
+    if problem.op.native is None and not _user_records(problem):
+        return False
+    return ((problem.op.native is None or _rounded_winners(problem))
+            and problem.op.pad_value is None and _low_in_call(problem)
+            and ffi.has_low_recording())
+
+
+def _user_records(problem: Problem) -> bool:
+    """Whether a user max / min op on bfloat16 / float16 takes the low recording route: its
+    float32 library (the forward's; its recording tiles are the template's, run_op) and its
+    library for the wide kernels (the backward's, ``csrc/userop_wide.h``) translate, and the
+    two compute its products bit for bit (`codegen.same_products`: no function that the
+    float32 kernels vectorize and the wide ones take from libm; the marks are the forward's
+    products, the scan the backward's) and finite operands make no NaN product (the recording
+    tiles run the fast loop). Translation only: nothing is compiled while planning.
+
+    Args:
+        problem: the canonical problem (its twin already served).
+
+    Returns:
+        True when it does.
+    """
+    op = problem.op
+    if not _winner(problem) or not ffi.has_wide_backward():
+        return False
+    f32 = translation.translation(op, "float32")
+    wide = translation.translation(op, "float32", True)
+    return (isinstance(f32, codegen.Functor) and isinstance(wide, codegen.Functor)
+            and f32.nan_free and codegen.same_products(f32) and codegen.same_products(wide))
+
+
+def _user_built(problem: Problem) -> bool:
+    """Whether a bfloat16 / float16 user op's recording route has its libraries (compiled at
+    first use: `_rounded_user` and the float32 one); a built-in op or another dtype: True.
+
+    Args:
+        problem: the canonical problem (its twin already served).
+
+    Returns:
+        False where a library could not be built (the plain route then runs, falling back
+        as it does).
+    """
+    if problem.op.native is not None or not _low(problem.operand_dtype):
+        return True
+    got = user_kernels.user_kernel(problem.op, "float32")
+    return not isinstance(got, Refusal) and _rounded_user(problem) is not None
+
+
+def _record_lines(problem: Problem, dtype: DTypeLike) -> tuple[str, ...]:
+    """`describe`'s line on the recording forward (`_records_op`), or none.
+
+    Args:
+        problem: the canonical problem (its twin already served).
+        dtype: the operands' dtype.
+
+    Returns:
+        The line, or ``()``.
+    """
+    if not _records_op(problem, dtype):
+        return ()
+    held = ("may hold a product that rounds to its result" if _low(dtype)
+            else "hold its winners")
+    rows = ffi.record_block_rows()
+    return (f"under a derivative the forward records, per output, which blocks of {rows} "
+            "kernel rows (on a convolution: a tap's input channels, taps in order) "
+            f"{held} (finite data, more than {rows} rows, not depthwise), and "
+            "the backward compares only those blocks' products with the result to "
+            "find the winners (ties split equally; a float32 dense x + w or x - w "
+            "records its single winner itself, and its backward scatters); otherwise "
+            "the backward rescans every output's window",)
+
+
+def _no_low_record(problem: Problem) -> str:
+    """`describe`'s reason why a bfloat16 / float16 max / min op has no recording forward
+    and one-call backward (`_low_records` false), or "" for none given.
+
+    Args:
+        problem: the canonical problem (its twin already served).
+
+    Returns:
+        The reason, starting with "; ", or "".
+    """
+    op = problem.op
+    if op.pad_value is not None:
+        return "; not recorded: a pad_value (the recording route pads with the identity)"
+    if op.native is not None or not _low_in_call(problem) or not ffi.has_low_recording():
+        return ""
+    f32 = translation.translation(op, "float32")
+    if isinstance(f32, codegen.Functor) and not codegen.same_products(f32):
+        return ("; not recorded: the forward vectorizes a function that the wide kernels "
+                "take from libm, so the forward's marks might miss a backward winner")
+    if isinstance(f32, codegen.Functor) and not f32.nan_free:
+        return ("; not recorded: finite operands can make a NaN product (the recording tiles "
+                "run the fast loop)")
+    return ""
 
 
 def _records_shapes(x_shape: tuple[int, ...], w_shape: tuple[int, ...]) -> bool:
