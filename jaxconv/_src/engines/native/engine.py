@@ -11,9 +11,12 @@ max/min op runs the wide backward on float32 copies, each product rounded to the
 dtype before it is matched against y (its ties are those between the rounded products): a
 user op's through its combine compiled a second time for the wide kernels
 (`user_kernels.user_kernel(..., wide=True)`), or on the XLA engine where that library cannot
-be built. float64, int32 and int64 operands run the wide kernels, built-in ops and user ops
-alike (a user op's kernels compiled for the operands' dtype; float64 backward too; integers
-have no gradient).
+be built. Under a derivative (`_low_records`) the forward records the blocks that may hold a
+winner and that backward runs in one call on the low operands themselves (the built-ins', and
+a user op's through the same wide library where its two libraries compute the same products:
+`_user_records`). float64, int32 and int64 operands run the wide kernels, built-in ops and
+user ops alike (a user op's kernels compiled for the operands' dtype; float64 backward too;
+integers have no gradient).
 
 A user op's kernels compile when the engine first lowers it (never while planning). If that
 compile fails, the call still computes: under ``engine="auto"`` it warns once and lowers on
