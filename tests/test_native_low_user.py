@@ -311,6 +311,43 @@ def test_user_recorded_route_has_the_earlier_routes_bits(op: Any, dtype: Any, de
                                    atol=ulp / 4 * max(1.0, float(np.abs(b).max())))
 
 
+@pytest.mark.parametrize("op,dtype,vmapped,acc", [
+    (MAX_TIMES, F16, True, None),
+    (CLIP1, BF16, False, jnp.float32),
+    (MIN_GATE, F16, False, jnp.float32),
+])
+def test_user_batches_and_float32_results_keep_the_bits(op: Any, dtype: Any, vmapped: bool,
+                                                        acc: Any) -> None:
+    """A vmap batch (read from the element counts) and a float32 result (y and the cotangent
+    in float32, widened by neither call): the earlier route's bits."""
+    lead = (2,) if vmapped else ()
+    x, w = _rec_data("ties", (*lead, 2, 7, 7, 64), (*lead, 3, 3, 64, 20), dtype, 14)
+    ct = jnp.asarray(np.random.default_rng(15).standard_normal((*lead, 2, 7, 7, 20)),
+                     dtype if acc is None else acc)
+
+    def f(a: jax.Array, b: jax.Array) -> jax.Array:
+        return jaxconv.conv_general_dilated(a, b, (1, 1), "SAME", dimension_numbers=DN, op=op,
+                                            engine="native", preferred_element_type=acc)
+
+    g = jax.vmap(f) if vmapped else f
+
+    def fb(a: jax.Array, b: jax.Array, c: jax.Array) -> Any:
+        y, vjp = jax.vjp(g, a, b)
+        return (y, *vjp(c))
+
+    new = jax.jit(fb).lower(x, w, ct).compile()
+    keep = native_engine._low_records
+    native_engine._low_records = lambda problem: False
+    try:
+        old = jax.jit(fb).lower(x, w, ct).compile()
+    finally:
+        native_engine._low_records = keep
+    assert "jaxconv_low_backward_recorded" in new.as_text()
+    for a, b in zip(new(x, w, ct), old(x, w, ct), strict=True):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
 @pytest.mark.parametrize("dtype", [BF16, F16])
 def test_user_tie_across_blocks_splits_the_gradient(dtype: Any) -> None:
     """Two max_times products that differ in float32 but round to one value, in two taps (two
