@@ -685,9 +685,12 @@ def _low_route(problem: Problem, name: str) -> str:
         The line.
     """
     if _low_in_call(problem):
+        back = ("the backward takes them as they are (one call, above)"
+                if _winner(problem) and _low_records(problem)
+                else "the backward's operands are float32 copies made next to its call")
         return (f"forward: the {name} operands widened to float32 inside the call and its "
                 "result rounded there (csrc/kernel_bf16fuse_low.h, the bits of XLA's "
-                "converts); the backward's operands are float32 copies made next to its call")
+                f"converts); {back}")
     if _exp_space(problem):
         why = "the exp-space convolution runs on float32"
     elif problem.op.native is None and capabilities(problem.op).reduce == "custom":
