@@ -8,6 +8,7 @@ taken here by patching `engine._low_in_call`; every case also checks the numpy p
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import jax
@@ -120,3 +121,53 @@ def test_in_call_conversions_are_xlas_bits(op: str, dtype: Any, xs: tuple, ws: t
         np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
         real = ~np.isnan(want)
         np.testing.assert_array_equal(got[real], want[real])
+
+
+# The FFI targets of `jax.grad` of a recording bf16 max_plus, per JAXCONV_NATIVE_LOW route.
+ROUTE_TARGETS = {
+    "record": {"jaxconv_low_forward_record", "jaxconv_low_backward_recorded"},
+    "call": {"jaxconv_low_forward", "jaxconv_wide_backward"},
+    "convert": {"jaxconv_forward", "jaxconv_wide_backward"},
+}
+
+
+@pytest.mark.parametrize("route", sorted(ROUTE_TARGETS))
+def test_jaxconv_native_low_selects_the_route(route: str, monkeypatch: pytest.MonkeyPatch
+                                              ) -> None:
+    """``JAXCONV_NATIVE_LOW``, read while tracing, picks the FFI calls (the lowered HLO's
+    custom-call targets) and `explain`'s lines; every route gives the default's bits."""
+    x = jnp.asarray(_values("normal", (2, 8, 8, 64), BF16, 5))
+    w = jnp.asarray(_values("normal", (3, 3, 64, 24), BF16, 6))
+
+    def loss(a: jax.Array, b: jax.Array) -> jax.Array:
+        y = jaxconv.conv_general_dilated(a, b, (1, 1), "SAME", dimension_numbers=DN,
+                                         op="max_plus", engine="native")
+        return jnp.sum(y.astype(jnp.float32) * jnp.cos(jnp.arange(y.size, dtype=jnp.float32)
+                                                       ).reshape(y.shape))
+
+    def run() -> tuple[set[str], Any]:
+        fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(x, w).compile()
+        return set(re.findall(r'custom_call_target="(jaxconv_[a-z_]+)"', fn.as_text())), fn(x, w)
+
+    want_targets, want = run()
+    assert want_targets == ROUTE_TARGETS["record"]
+    monkeypatch.setenv("JAXCONV_NATIVE_LOW", route)
+    targets, got = run()
+    assert targets == ROUTE_TARGETS[route]
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    details = " ".join(jaxconv.explain("max_plus", dtype=BF16, platform="cpu").details)
+    assert ("widened to float32 inside the call" in details) == (route != "convert")
+    assert ("JAXCONV_NATIVE_LOW=convert chooses this route" in details) == (route == "convert")
+    assert ("in one call on the bfloat16 operands" in details) == (route == "record")
+    assert (f"JAXCONV_NATIVE_LOW={route}: no record" in details) == (route != "record")
+
+
+def test_jaxconv_native_low_refuses_other_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("JAXCONV_NATIVE_LOW", "fast")
+    x = jnp.zeros((1, 4, 4, 8), BF16)
+    w = jnp.zeros((3, 3, 8, 8), BF16)
+    with pytest.raises(ValueError, match="JAXCONV_NATIVE_LOW must be one of record, call, "
+                                         "convert, got 'fast'"):
+        jaxconv.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=DN,
+                                     op="max_plus", engine="native")

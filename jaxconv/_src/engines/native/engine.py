@@ -38,6 +38,7 @@ from jaxconv._src.core import log_products, products
 from jaxconv._src.core.capabilities import capabilities
 from jaxconv._src.core.problem import Problem
 from jaxconv._src.engines.native import codegen, eligibility, ffi, tuning, twins, user_kernels
+from jaxconv._src.engines.native.low_route import ENV_LOW, low_route
 from jaxconv._src.engines.native.translation import Refusal
 
 Array = jax.Array
@@ -241,6 +242,8 @@ class NativeEngine(registry.Engine):
                         else f"backward: the XLA engine (ties between the {name}-rounded "
                         "products; this op's combine could not be compiled for the wide "
                         "kernels)")
+                if _rounded_winners(problem) and low_route() != "record":
+                    back += f" ({ENV_LOW}={low_route()}: no record)"
                 low = (f"{name} operands: computed in float32, the result rounded once to "
                        f"{name} (bit for bit the products rounded in {name})", back)
             else:
@@ -500,7 +503,8 @@ def _low_records(problem: Problem) -> bool:
     """Whether a bfloat16 / float16 max / min op has the low recording forward and the
     recorded backward in one call (``csrc/kernel_lowrec_mark.h``,
     ``csrc/kernel_lowrec_backward.h``): a built-in op the wide backward serves
-    (`_rounded_winners`), identity padding, its forward converting in the call.
+    (`_rounded_winners`), identity padding, its forward converting in the call, and
+    ``JAXCONV_NATIVE_LOW`` at ``record`` (`low_route`).
 
     Args:
         problem: the canonical problem (its twin already served).
@@ -509,7 +513,8 @@ def _low_records(problem: Problem) -> bool:
         True when it has them.
     """
     return (_rounded_winners(problem) and problem.op.pad_value is None
-            and _low_in_call(problem) and ffi.has_low_recording())
+            and _low_in_call(problem) and ffi.has_low_recording()
+            and low_route() == "record")
 
 
 def _records_shapes(x_shape: tuple[int, ...], w_shape: tuple[int, ...]) -> bool:
@@ -555,7 +560,8 @@ def _low_in_call(problem: Problem) -> bool:
     """Whether a bfloat16 / float16 forward widens its operands and rounds its result inside
     the call (csrc/kernel_bf16fuse_low.h): a built-in kernel (not the exp-space ``log``) or a
     user op's float32 library (its ``run_op`` is the same template's; not a callable reduce's
-    fold, csrc/kernel_fold.h), and a library that has the entry.
+    fold, csrc/kernel_fold.h), a library that has the entry, and ``JAXCONV_NATIVE_LOW`` not
+    ``convert`` (`low_route`).
 
     Args:
         problem: the canonical problem (its twin already served).
@@ -564,7 +570,7 @@ def _low_in_call(problem: Problem) -> bool:
         True for the in-call conversions.
     """
     op = problem.op
-    if _exp_space(problem) or not ffi.has_low_forward():
+    if _exp_space(problem) or not ffi.has_low_forward() or low_route() == "convert":
         return False
     if op.native is not None:
         return ffi.kernel_id(op) is not None
@@ -589,6 +595,8 @@ def _low_route(problem: Problem, name: str) -> str:
         why = "the exp-space convolution runs on float32"
     elif problem.op.native is None and capabilities(problem.op).reduce == "custom":
         why = "a callable reduce's fold (csrc/kernel_fold.h) reads float32 only"
+    elif low_route() == "convert":
+        why = f"{ENV_LOW}=convert chooses this route"
     else:
         why = "the native library has no in-call conversions (built from older sources)"
     return (f"forward: the {name} operands converted to float32 next to the call and its "
