@@ -258,7 +258,7 @@ class NativeEngine(registry.Engine):
                         "an all -inf window, NaN or +inf)", _tuning_line(), *low)
             held = ("may hold a product that rounds to its result" if _low(dtype)
                     else "hold its winners")
-            rows = ffi.record_block_rows()
+            rows = ffi.native_constant("record_block_rows")
             rec = ((f"under a derivative the forward records, per output, which blocks of {rows} "
                     "kernel rows (on a convolution: a tap's input channels, taps in order) "
                     f"{held} (finite data, more than {rows} rows, not depthwise), and "
@@ -519,8 +519,8 @@ def _low_records(problem: Problem) -> bool:
 
 def _records_shapes(x_shape: tuple[int, ...], w_shape: tuple[int, ...]) -> bool:
     """Whether the recording forward's kernels record for these canonical shapes: more than
-    one block of kernel rows (the library's `ffi.record_block_rows`, 64), not depthwise (the
-    kernels then decide by the data: finite).
+    one block of kernel rows (the library's ``ffi.native_constant("record_block_rows")``, 64),
+    not depthwise (the kernels then decide by the data: finite).
 
     Args:
         x_shape: the input's shape, ``(N, *spatial, C)``.
@@ -535,13 +535,15 @@ def _records_shapes(x_shape: tuple[int, ...], w_shape: tuple[int, ...]) -> bool:
     """
     rows = int(np.prod(w_shape[:-1]))
     groups = x_shape[-1] // w_shape[-2] if w_shape[-2] else 1
-    return rows > ffi.record_block_rows() and not (w_shape[-2] == 1 and w_shape[-1] == groups)
+    depthwise = w_shape[-2] == 1 and w_shape[-1] == groups
+    return rows > ffi.native_constant("record_block_rows") and not depthwise
 
 
 def _paired_adder(w_shape: tuple[int, ...]) -> bool:
     """Whether adder's kernel gradient comes from the native pass that computes both gradients
     from each term's ``x - w`` (csrc/kernel_sums_paired.h: input channels a multiple of the
-    library's `ffi.pair_channels`) rather than from a standard product (`products`).
+    library's ``ffi.native_constant("pair_channels")``) rather than from a standard product
+    (`products`).
 
     Args:
         w_shape: the kernel's shape in the call spec, ``(KD, KH, KW, I, O)``.
@@ -553,7 +555,7 @@ def _paired_adder(w_shape: tuple[int, ...]) -> bool:
         >>> _paired_adder((1, 3, 3, 64, 64)), _paired_adder((1, 3, 3, 17, 64))
         (True, False)
     """
-    return w_shape[3] % ffi.pair_channels() == 0
+    return w_shape[3] % ffi.native_constant("pair_channels") == 0
 
 
 def _low_in_call(problem: Problem) -> bool:
