@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxconv
-from jaxconv._src.engines.native.low_route import ENV_LOW
+from jaxconv._src.engines.native import low_route
 
 # The native engine's low route (JAXCONV_NATIVE_LOW) each kind is traced with.
 ROUTES = {"old": "convert", "norec": "call"}
@@ -88,15 +88,8 @@ def compiled(f: Callable, kind: str) -> tuple[Callable, Callable]:
     fwd = jax.jit(f)
     fb = jax.jit(jax.grad(lambda x, w: jnp.sum(f(x, w).astype(jnp.float32) * 1e-3),
                           argnums=(0, 1)))
-    keep = os.environ.get(ENV_LOW)
-    os.environ[ENV_LOW] = ROUTES.get(kind, "record")  # read while tracing
-    try:
+    with low_route.chosen(ROUTES.get(kind, "record")):  # read while tracing
         return fwd.lower(*_ARGS[id(f)]).compile(), fb.lower(*_ARGS[id(f)]).compile()
-    finally:
-        if keep is None:
-            del os.environ[ENV_LOW]
-        else:
-            os.environ[ENV_LOW] = keep
 
 
 _ARGS: dict[int, tuple[Any, Any]] = {}

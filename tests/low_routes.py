@@ -3,7 +3,7 @@ compare their bits (tests/test_native_low_forward.py, test_native_low_user.py,
 test_native_lowrec.py).
 
 A route is chosen by ``JAXCONV_NATIVE_LOW`` (`jaxconv._src.engines.native.low_route`), read
-while the function is traced: `compiled` sets it around the lowering only.
+while the function is traced: `compiled` sets it around the lowering only (`low_route.chosen`).
 
 Example:
     >>> f = native_conv("max_plus", window_strides=(1, 1), padding="SAME")
@@ -13,40 +13,17 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
-import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 import jaxconv
-from jaxconv._src.engines.native.low_route import ENV_LOW, LowRoute
+from jaxconv._src.engines.native.low_route import LowRoute, chosen
 
 DN = ("NHWC", "HWIO", "NHWC")
 DENSE = (((1,), (0,)), ((), ()))
-
-
-@contextlib.contextmanager
-def route(name: LowRoute) -> Iterator[None]:
-    """``JAXCONV_NATIVE_LOW=name`` inside the block, its earlier value (or none) after it.
-
-    Args:
-        name: ``"record"``, ``"call"`` or ``"convert"``.
-
-    Yields:
-        Nothing.
-    """
-    keep = os.environ.get(ENV_LOW)
-    os.environ[ENV_LOW] = name
-    try:
-        yield
-    finally:
-        if keep is None:
-            del os.environ[ENV_LOW]
-        else:
-            os.environ[ENV_LOW] = keep
 
 
 def native_conv(op: Any, acc: Any = None, **geom: Any) -> Callable[[Any, Any], Any]:
@@ -93,7 +70,7 @@ def compiled(
     Args:
         f: the product, ``f(x, w)``.
         args: ``(x, w)``, and the cotangent last for ``derivative="vjp"``.
-        name: the route (`route`).
+        name: the route (``JAXCONV_NATIVE_LOW``'s value).
         vmapped: map `f` over a leading axis of x and w.
         derivative: ``None`` (the forward), ``"grad"`` (both gradients of a fixed weighting
             of the float32 result: ``(dx, dw)``) or ``"vjp"`` (``(y, dx, dw)`` of the given
@@ -118,5 +95,5 @@ def compiled(
             return (y, *vjp(ct))
     else:
         fn = g
-    with route(name):
+    with chosen(name):
         return jax.jit(fn).lower(*args).compile()

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import jaxconv
+from jaxconv._src.engines.native import low_route
 from tests.low_routes import compiled, native_conv
 from tests.reference import NUMPY_OPS, conv_reference
 
@@ -144,3 +145,6 @@ def test_jaxconv_native_low_refuses_other_values(monkeypatch: pytest.MonkeyPatch
                                          "convert, got 'fast'"):
         jaxconv.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=DN,
                                      op="max_plus", engine="native")
+    with pytest.raises(ValueError, match="route must be one of record, call, convert"):
+        with low_route.chosen("fast"):  # type: ignore[arg-type]
+            pass

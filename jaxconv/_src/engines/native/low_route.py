@@ -21,7 +21,9 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from typing import Literal
 
 ENV_LOW = "JAXCONV_NATIVE_LOW"
@@ -45,3 +47,36 @@ def low_route() -> LowRoute:
         if route == known:
             return known
     raise ValueError(f"{ENV_LOW} must be one of {', '.join(ROUTES)}, got {raw!r}.")
+
+
+@contextlib.contextmanager
+def chosen(route: LowRoute) -> Iterator[None]:
+    """``JAXCONV_NATIVE_LOW=route`` inside the block (for the calls traced there), the variable
+    as it was (or unset) after it: how the benchmarks and tests compile the routes side by
+    side.
+
+    Args:
+        route: ``"record"``, ``"call"`` or ``"convert"``.
+
+    Yields:
+        Nothing.
+
+    Raises:
+        ValueError: for another route.
+
+    Example:
+        >>> with chosen("convert"):
+        ...     low_route()
+        'convert'
+    """
+    if route not in ROUTES:
+        raise ValueError(f"route must be one of {', '.join(ROUTES)}, got {route!r}.")
+    keep = os.environ.get(ENV_LOW)
+    os.environ[ENV_LOW] = route
+    try:
+        yield
+    finally:
+        if keep is None:
+            del os.environ[ENV_LOW]
+        else:
+            os.environ[ENV_LOW] = keep
