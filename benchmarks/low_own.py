@@ -35,7 +35,10 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxconv
-from jaxconv._src.engines.native import engine as native_engine
+from jaxconv._src.engines.native import low_route
+
+# The native engine's low route (JAXCONV_NATIVE_LOW) each kind is traced with.
+ROUTES = {"old": "convert", "norec": "call"}
 
 LAYERS = {"A": ((8, 32, 32, 64), (3, 3, 64, 64)), "E": ((256, 1024), (1024, 1024))}
 
@@ -70,9 +73,10 @@ def product(layer: str, op: str) -> Callable[[Any, Any], Any]:
 
 
 def compiled(f: Callable, kind: str) -> tuple[Callable, Callable]:
-    """The jitted forward and forward+backward of `f`, traced with the in-call conversions
-    (`kind` ``"old"``: with XLA's conversions around the float32 call; ``"norec"``: without
-    the low recording forward and the one-call backward).
+    """The jitted forward and forward+backward of `f`, traced on the native engine's low route
+    of `kind` (`ROUTES`, ``JAXCONV_NATIVE_LOW``): the in-call conversions and the records
+    (``"f32"``, ``"new"``), XLA's conversions around the float32 call (``"old"``), or without
+    the low recording forward and the one-call backward (``"norec"``).
 
     Args:
         f: the product.
@@ -84,15 +88,8 @@ def compiled(f: Callable, kind: str) -> tuple[Callable, Callable]:
     fwd = jax.jit(f)
     fb = jax.jit(jax.grad(lambda x, w: jnp.sum(f(x, w).astype(jnp.float32) * 1e-3),
                           argnums=(0, 1)))
-    keep = native_engine._low_in_call, native_engine._low_records
-    if kind == "old":
-        native_engine._low_in_call = lambda problem: False
-    if kind in ("old", "norec"):
-        native_engine._low_records = lambda problem: False
-    try:
+    with low_route.chosen(ROUTES.get(kind, "record")):  # read while tracing
         return fwd.lower(*_ARGS[id(f)]).compile(), fb.lower(*_ARGS[id(f)]).compile()
-    finally:
-        native_engine._low_in_call, native_engine._low_records = keep
 
 
 _ARGS: dict[int, tuple[Any, Any]] = {}

@@ -88,13 +88,16 @@ bool finite_run(const uint16_t* src, int64_t n) {
   return bad == 0;
 }
 
-// n float32 values at src rounded to the low dtype at dst.
+// n float32 values at src rounded to the low dtype at dst. The vector loop's end is computed
+// before it (not `j + 16 <= n`): with that test GCC could not bound the scalar tail of a clone
+// whose n is constant (lowrec_mark's N) and warned of an iteration 2^62 (a false alarm: the
+// tail runs n % 16 times).
 template <int Kind>
 void narrow_run(const float* __restrict src, uint16_t* __restrict dst, int64_t n) {
   int64_t j = 0;
 #if defined(__AVX512F__)
   if constexpr (Kind == 2) {
-    for (; j + 16 <= n; j += 16)
+    for (const int64_t whole = n - n % 16; j < whole; j += 16)
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + j),
                           _mm512_cvtps_ph(_mm512_loadu_ps(src + j),
                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));

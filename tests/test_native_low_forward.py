@@ -3,11 +3,12 @@
 numpy reference's values.
 
 The reference route (the float32 call between XLA's converts) is the engine's own fallback,
-taken here by patching `engine._low_in_call`; every case also checks the numpy plain loop.
+taken here by ``JAXCONV_NATIVE_LOW=convert``; every case also checks the numpy plain loop.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import jax
@@ -16,7 +17,8 @@ import numpy as np
 import pytest
 
 import jaxconv
-from jaxconv._src.engines.native import engine as native_engine
+from jaxconv._src.engines.native import low_route
+from tests.low_routes import compiled, native_conv
 from tests.reference import NUMPY_OPS, conv_reference
 
 DN = ("NHWC", "HWIO", "NHWC")
@@ -49,24 +51,6 @@ def _nan_payloads(a: jax.Array, seed: int) -> jax.Array:
     return jnp.asarray(bits.view(a.dtype))
 
 
-def _fn(op: str, groups: int, strides: tuple[int, int], old: bool, vmapped: bool) -> Any:
-    """The compiled forward, by the in-call conversions or (`old`) XLA's around the call."""
-    def f(x: jax.Array, w: jax.Array) -> jax.Array:
-        return jaxconv.conv_general_dilated(x, w, strides, "SAME", dimension_numbers=DN, op=op,
-                                            feature_group_count=groups, engine="native")
-
-    g = jax.vmap(f) if vmapped else f
-    keep = native_engine._low_in_call
-    if old:
-        native_engine._low_in_call = lambda problem: False
-    try:
-        return jax.jit(g).lower(*_ARGS).compile()
-    finally:
-        native_engine._low_in_call = keep
-
-
-_ARGS: list[Any] = []
-
 # A covering set of the route's branches: every max/min kernel and a sum, both dtypes, the
 # register tiles' full and partial channel blocks, groups and strides, the depthwise loop
 # (float32 y rounded after the kernels), a vmap batch (read from the element counts), specials.
@@ -89,8 +73,8 @@ def test_in_call_conversions_are_xlas_bits(op: str, dtype: Any, xs: tuple, ws: t
     w = jnp.asarray(_values(kind, ws, dtype, 2))
     if kind == "specials":
         x, w = _nan_payloads(x, 3), _nan_payloads(w, 4)
-    _ARGS[:] = [x, w]
-    new, old = (_fn(op, groups, strides, o, vmapped) for o in (False, True))
+    f = native_conv(op, window_strides=strides, padding="SAME", feature_group_count=groups)
+    new, old = (compiled(f, (x, w), route, vmapped) for route in ("record", "convert"))
     assert "jaxconv_low_forward" in new.as_text()
     assert "jaxconv_low_forward" not in old.as_text()
     if op != "adder":  # max/min: nothing converts outside the call
@@ -120,3 +104,47 @@ def test_in_call_conversions_are_xlas_bits(op: str, dtype: Any, xs: tuple, ws: t
         np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
         real = ~np.isnan(want)
         np.testing.assert_array_equal(got[real], want[real])
+
+
+# The FFI targets of `jax.grad` of a recording bf16 max_plus, per JAXCONV_NATIVE_LOW route.
+ROUTE_TARGETS = {
+    "record": {"jaxconv_low_forward_record", "jaxconv_low_backward_recorded"},
+    "call": {"jaxconv_low_forward", "jaxconv_wide_backward"},
+    "convert": {"jaxconv_forward", "jaxconv_wide_backward"},
+}
+
+
+@pytest.mark.parametrize("route", sorted(ROUTE_TARGETS))
+def test_jaxconv_native_low_selects_the_route(route: str, monkeypatch: pytest.MonkeyPatch
+                                              ) -> None:
+    """``JAXCONV_NATIVE_LOW``, read while tracing, picks the FFI calls (the compiled HLO's
+    custom-call targets) and `explain`'s lines; every route gives the default's bits."""
+    x = jnp.asarray(_values("normal", (2, 8, 8, 64), BF16, 5))
+    w = jnp.asarray(_values("normal", (3, 3, 64, 24), BF16, 6))
+    ct = jnp.asarray(_values("normal", (2, 8, 8, 24), BF16, 7))
+    f = native_conv("max_plus", window_strides=(1, 1), padding="SAME")
+    new, got = (compiled(f, (x, w, ct), r, derivative="vjp") for r in ("record", route))
+    for fn, r in ((new, "record"), (got, route)):
+        assert set(re.findall(r'custom_call_target="(jaxconv_[a-z_]+)"', fn.as_text())
+                   ) == ROUTE_TARGETS[r]
+    for a, b in zip(got(x, w, ct), new(x, w, ct), strict=True):
+        np.testing.assert_array_equal(np.asarray(a).view(np.uint16), np.asarray(b).view(np.uint16))
+    monkeypatch.setenv("JAXCONV_NATIVE_LOW", route)
+    details = " ".join(jaxconv.explain("max_plus", dtype=BF16, platform="cpu").details)
+    assert ("widened to float32 inside the call" in details) == (route != "convert")
+    assert ("JAXCONV_NATIVE_LOW=convert chooses this route" in details) == (route == "convert")
+    assert ("in one call on the bfloat16 operands" in details) == (route == "record")
+    assert (f"JAXCONV_NATIVE_LOW={route}: no record" in details) == (route != "record")
+
+
+def test_jaxconv_native_low_refuses_other_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("JAXCONV_NATIVE_LOW", "fast")
+    x = jnp.zeros((1, 4, 4, 8), BF16)
+    w = jnp.zeros((3, 3, 8, 8), BF16)
+    with pytest.raises(ValueError, match="JAXCONV_NATIVE_LOW must be one of record, call, "
+                                         "convert, got 'fast'"):
+        jaxconv.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=DN,
+                                     op="max_plus", engine="native")
+    with pytest.raises(ValueError, match="route must be one of record, call, convert"):
+        with low_route.chosen("fast"):  # type: ignore[arg-type]
+            pass

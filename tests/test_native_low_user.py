@@ -1,7 +1,7 @@
 """A compiled user op's forward on bfloat16 / float16 operands converts inside the call, as the
 built-in kernels' does (csrc/kernel_bf16fuse_low.h through the user library's own run_op):
 the bits of XLA's conversions around the float32 call (the route before, taken here by
-patching `engine._low_in_call`), and the numpy reference's values. A callable reduce's fold
+``JAXCONV_NATIVE_LOW=convert``), and the numpy reference's values. A callable reduce's fold
 keeps the conversions next to the call; `jaxconv.explain` says which route a call takes.
 """
 
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import jaxconv
-from jaxconv._src.engines.native import engine as native_engine
+from tests.low_routes import compiled, native_conv, native_dense
 from tests.reference import conv_reference
 from tests.test_native_dtypes import CLIP, GATE, GAUSS, _np
 from tests.test_native_low_forward import _nan_payloads, _values
@@ -36,30 +36,6 @@ NUMPY = {"neg_abs": (lambda a, b: -np.abs(a - b), np.add, 0.0, None),
 def _reference_op(op: jaxconv.Op) -> tuple[Any, Any, float, float | None]:
     """(combine, reduce, identity, pad) in numpy for the ops above."""
     return NUMPY[op.name] if op.name in NUMPY else _np(op)
-
-
-def _fn(op: Any, groups: int, strides: tuple[int, int], old: bool, vmapped: bool,
-        args: tuple[Any, Any], grad: bool = False) -> Any:
-    """The compiled forward (or both gradients), by the in-call conversions or (`old`) XLA's
-    around the float32 call."""
-    def f(x: jax.Array, w: jax.Array) -> jax.Array:
-        return jaxconv.conv_general_dilated(x, w, strides, "SAME", dimension_numbers=DN, op=op,
-                                            feature_group_count=groups, engine="native")
-
-    g = jax.vmap(f) if vmapped else f
-    if grad:
-        def loss(x: jax.Array, w: jax.Array) -> jax.Array:
-            y = f(x, w).astype(jnp.float32)
-            return jnp.sum(y * jnp.cos(jnp.arange(y.size, dtype=jnp.float32)).reshape(y.shape))
-
-        g = jax.grad(loss, argnums=(0, 1))
-    keep = native_engine._low_in_call
-    if old:
-        native_engine._low_in_call = lambda problem: False
-    try:
-        return jax.jit(g).lower(*args).compile()
-    finally:
-        native_engine._low_in_call = keep
 
 
 def _bits(a: jax.Array) -> np.ndarray:
@@ -92,7 +68,8 @@ def test_user_in_call_conversions_are_xlas_bits(op: Any, dtype: Any, xs: tuple, 
     w = jnp.asarray(_values(kind, ws, dtype, 2))
     if kind == "specials":
         x, w = _nan_payloads(x, 3), _nan_payloads(w, 4)
-    new, old = (_fn(op, groups, strides, o, vmapped, (x, w)) for o in (False, True))
+    f = native_conv(op, window_strides=strides, padding="SAME", feature_group_count=groups)
+    new, old = (compiled(f, (x, w), route, vmapped) for route in ("record", "convert"))
     assert "jaxconv_low_forward" in new.as_text()
     assert "jaxconv_low_forward" not in old.as_text()
     maxmin = op.reduce in ("max", "min")
@@ -142,16 +119,7 @@ def test_dense_user_ops_convert_in_the_call() -> None:
     x = jnp.asarray(rng.standard_normal((5, 40)), BF16)
     w = jnp.asarray(rng.standard_normal((40, 33)), BF16)
     for op in (DIFF, NEG_ABS):
-        def f(a: jax.Array, b: jax.Array, op: Any = op) -> jax.Array:
-            return jaxconv.dot_general(a, b, (((1,), (0,)), ((), ())), op=op, engine="native")
-
-        new = jax.jit(f).lower(x, w).compile()
-        keep = native_engine._low_in_call
-        native_engine._low_in_call = lambda problem: False
-        try:
-            old = jax.jit(lambda a, b, f=f: f(a, b)).lower(x, w).compile()
-        finally:
-            native_engine._low_in_call = keep
+        new, old = (compiled(native_dense(op), (x, w), route) for route in ("record", "convert"))
         assert "jaxconv_low_forward" in new.as_text()
         assert "jaxconv_low_forward" not in old.as_text()
         a, b = np.asarray(new(x, w)), np.asarray(old(x, w))
@@ -164,7 +132,8 @@ def test_gradients_unchanged(op: Any, dtype: Any) -> None:
     """Both gradients, whose winner scan reads the forward's y, are the old route's bits."""
     x = jnp.asarray(_values("normal", (2, 7, 9, 16), dtype, 6))
     w = jnp.asarray(_values("normal", (3, 3, 16, 20), dtype, 7))
-    new, old = (_fn(op, 1, (1, 1), o, False, (x, w), grad=True) for o in (False, True))
+    f = native_conv(op, window_strides=(1, 1), padding="SAME")
+    new, old = (compiled(f, (x, w), route, derivative="grad") for route in ("record", "convert"))
     assert "jaxconv_low_forward" in new.as_text()
     for a, b in zip(new(x, w), old(x, w), strict=True):
         assert a.dtype == b.dtype == dtype

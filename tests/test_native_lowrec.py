@@ -4,8 +4,8 @@ the backward runs in one call on the low operands, scanning only those blocks
 (csrc/kernel_lowrec_backward.h).
 
 The reference route is the engine's own earlier one (no record; XLA's conversions around the
-wide backward on float32 copies, every window scanned), taken by patching
-`engine._low_records`: y, dx and dw must be its bits. Values are checked against the numpy
+wide backward on float32 copies, every window scanned), taken by ``JAXCONV_NATIVE_LOW=call``:
+y, dx and dw must be its bits. Values are checked against the numpy
 plain loop, gradients against the XLA engine (one unit in the last place: a gradient that
 sums several shares is rounded once here, per addition there).
 """
@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 
 import jaxconv
-from jaxconv._src.engines.native import engine as native_engine
 from jaxconv._src.engines.native import ffi
+from tests.low_routes import compiled, native_conv, native_dense
 from tests.reference import NUMPY_OPS, conv_reference
 
 DN = ("NHWC", "HWIO", "NHWC")
@@ -46,30 +46,6 @@ def _data(kind: str, xs: tuple, ws: tuple, dtype: Any, seed: int) -> tuple[Any, 
         x[0, :3, :3, :] = -np.inf
     return jnp.asarray(x, dtype), jnp.asarray(w, dtype)
 
-
-def _grad(op: str, geom: dict, recorded: bool, vmapped: bool = False, acc: Any = None
-          ) -> Any:
-    """The compiled y and (dx, dw) of a cotangent, by the recorded route or the earlier one."""
-    def f(x: jax.Array, w: jax.Array) -> jax.Array:
-        return jaxconv.conv_general_dilated(x, w, dimension_numbers=DN, op=op, engine="native",
-                                            preferred_element_type=acc, **geom)
-
-    g = jax.vmap(f) if vmapped else f
-
-    def fb(x: jax.Array, w: jax.Array, ct: jax.Array) -> Any:
-        y, vjp = jax.vjp(g, x, w)
-        return (y, *vjp(ct))
-
-    keep = native_engine._low_records
-    if not recorded:
-        native_engine._low_records = lambda problem: False
-    try:
-        return jax.jit(fb).lower(*_ARGS).compile()
-    finally:
-        native_engine._low_records = keep
-
-
-_ARGS: list[Any] = []
 
 SAME = {"window_strides": (1, 1), "padding": "SAME"}
 # A covering set: every max/min op in both dtypes; one 64-row block per tap (the usual
@@ -105,8 +81,8 @@ def test_recorded_route_has_the_earlier_routes_bits(op: str, dtype: Any, xs: tup
     out = jax.eval_shape(lambda a, b: jaxconv.conv_general_dilated(
         a, b, dimension_numbers=DN, op=op, **geom), x, w)
     ct = jnp.asarray(np.random.default_rng(2).standard_normal(out.shape), dtype)
-    _ARGS[:] = [x, w, ct]
-    new, old = _grad(op, geom, True), _grad(op, geom, False)
+    f = native_conv(op, **geom)
+    new, old = (compiled(f, (x, w, ct), route, derivative="vjp") for route in ("record", "call"))
     assert "jaxconv_low_forward_record" in new.as_text()
     assert "jaxconv_low_backward_recorded" in new.as_text()
     assert "jaxconv_wide_backward" in old.as_text()
@@ -147,8 +123,8 @@ def test_batches_and_float32_results_keep_the_bits(op: str, dtype: Any, vmapped:
     x, w = _data("ties", (*lead, 2, 7, 7, 64), (*lead, 3, 3, 64, 20), dtype, 3)
     ct_dtype = dtype if acc is None else acc
     ct = jnp.asarray(np.random.default_rng(4).standard_normal((*lead, 2, 7, 7, 20)), ct_dtype)
-    _ARGS[:] = [x, w, ct]
-    new, old = _grad(op, SAME, True, vmapped, acc), _grad(op, SAME, False, vmapped, acc)
+    f = native_conv(op, acc, **SAME)
+    new, old = (compiled(f, (x, w, ct), route, vmapped, "vjp") for route in ("record", "call"))
     assert "jaxconv_low_backward_recorded" in new.as_text()
     for a, b in zip(new(x, w, ct), old(x, w, ct), strict=True):
         assert a.dtype == b.dtype
@@ -165,20 +141,10 @@ def test_dense_products_keep_the_bits(op: str, dtype: Any, k: int) -> None:
     w = jnp.asarray(rng.standard_normal((k, 21)), dtype)
     ct = jnp.asarray(rng.standard_normal((9, 21)), dtype)
 
-    def fb(a: jax.Array, b: jax.Array) -> Any:
-        y, vjp = jax.vjp(lambda p, q: jaxconv.dot_general(
-            p, q, (((1,), (0,)), ((), ())), op=op, engine="native"), a, b)
-        return (y, *vjp(ct))
-
-    new = jax.jit(fb).lower(x, w).compile()
-    keep = native_engine._low_records
-    native_engine._low_records = lambda problem: False
-    try:
-        old = jax.jit(fb).lower(x, w).compile()
-    finally:
-        native_engine._low_records = keep
+    new, old = (compiled(native_dense(op), (x, w, ct), route, derivative="vjp")
+                for route in ("record", "call"))
     assert "jaxconv_low_backward_recorded" in new.as_text()
-    for a, b in zip(new(x, w), old(x, w), strict=True):
+    for a, b in zip(new(x, w, ct), old(x, w, ct), strict=True):
         np.testing.assert_array_equal(np.asarray(a).view(np.uint16), np.asarray(b).view(np.uint16))
 
 

@@ -3,8 +3,9 @@ compiled HLO as well as on the numbers.
 
 - `jit` with sharded operands: the batch axis and the output-feature axis pass through the
   native engine's calls (each device's call on its local shapes, no collective in the
-  forward; the backward's only collectives all-reduces); the XLA engine's max/min ops
-  compile sharded (no integer-or reduction);
+  forward; the backward's only collectives all-reduces), bfloat16's recording forward and
+  one-call backward (``jaxconv_low_forward_record``, ``jaxconv_low_backward_recorded``)
+  included; the XLA engine's max/min ops compile sharded (no integer-or reduction);
 - `jax.shard_map` with its default varying-axes check: forward and gradient of every engine
   path equal one device's, and a user op first used there keeps its native kernels.
 """
@@ -47,11 +48,12 @@ def _mesh(shape: tuple[int, ...] = (8,), names: tuple[str, ...] = ("data",)) -> 
     return Mesh(np.asarray(jax.devices()[:8]).reshape(shape), names)
 
 
-def _data(seed: int, n: int = 16, c: int = 4, o: int = 8, groups: int = 1):
+def _data(seed: int, n: int = 16, c: int = 4, o: int = 8, groups: int = 1,
+          dtype: str = "float32"):
     rng = np.random.default_rng(seed)
     x = rng.uniform(-1.5, 1.5, (n, 6, 7, c)).astype(np.float32)
     w = rng.uniform(-1.5, 1.5, (3, 3, c // groups, o)).astype(np.float32)
-    return jnp.asarray(x), jnp.asarray(w)
+    return jnp.asarray(x, dtype), jnp.asarray(w, dtype)
 
 
 def _conv(op, engine: str = "auto", groups: int = 1):
@@ -71,35 +73,44 @@ def _collectives(hlo: str) -> set[str]:
 
 
 def _native_calls(hlo: str) -> list[list[tuple[int, ...]]]:
-    """The operand shapes of each native FFI call in compiled HLO text."""
+    """The operand shapes of each native FFI call in compiled HLO text (float32, bfloat16 and
+    int32 operands: a low call's data, a record)."""
     calls = []
     for line in hlo.splitlines():
         if 'custom_call_target="jaxconv_' not in line:
             continue
         constraints = re.search(r"operand_layout_constraints=\{((?:[^{}]|\{[^{}]*\})*)\}", line)
         assert constraints is not None, line
-        shapes = re.findall(r"f32\[([0-9,]*)\]", constraints.group(1))
+        shapes = re.findall(r"(?:f32|bf16|s32)\[([0-9,]*)\]", constraints.group(1))
         calls.append([tuple(int(d) for d in s.split(",") if d) for s in shapes])
     return calls
 
 
 def _close(got, want, tol: float = 1e-4) -> None:
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=tol, atol=tol)
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                                   rtol=tol, atol=tol)
 
 
 # Covering set: each engine path (built-in max kernel, built-in sum kernel with its lax
-# kernel gradient, a compiled user op, the XLA engine's max) under both layouts.
-CASES = [("max_plus", "auto", "data"), ("max_plus", "auto", "model"),
-         ("adder", "auto", "data"), ("adder", "auto", "model"),
-         ("tanh_max", "auto", "data"), ("tanh_max", "auto", "model"),
-         ("max_plus", "xla", "data"), ("max_plus", "xla", "model")]
+# kernel gradient, a compiled user op, the XLA engine's max) under both layouts, and bfloat16
+# max_plus with 16 channels (144 kernel rows: the low recording forward keeps its masks, the
+# one-call backward reads them).
+CASES = [("max_plus", "auto", "data", "float32"), ("max_plus", "auto", "model", "float32"),
+         ("adder", "auto", "data", "float32"), ("adder", "auto", "model", "float32"),
+         ("tanh_max", "auto", "data", "float32"), ("tanh_max", "auto", "model", "float32"),
+         ("max_plus", "xla", "data", "float32"), ("max_plus", "xla", "model", "float32"),
+         ("max_plus", "auto", "data", "bfloat16"), ("max_plus", "auto", "model", "bfloat16")]
+# The native calls of a bfloat16 max/min op's gradient.
+LOW_RECORDED = {"jaxconv_low_forward_record", "jaxconv_low_backward_recorded"}
 
 
-@pytest.mark.parametrize(("op", "engine", "layout"), CASES)
-def test_jit_partitions_batch_and_output_features(op: str, engine: str, layout: str) -> None:
+@pytest.mark.parametrize(("op", "engine", "layout", "dtype"), CASES)
+def test_jit_partitions_batch_and_output_features(op: str, engine: str, layout: str,
+                                                  dtype: str) -> None:
     mesh = _mesh()
-    x, w = _data(0)
+    low = dtype != "float32"
+    x, w = _data(0, c=16 if low else 4, dtype=dtype)
     xspec, wspec = (P("data"), P()) if layout == "data" else (P(), P(None, None, None, "data"))
     xs = jax.device_put(x, NamedSharding(mesh, xspec))
     ws = jax.device_put(w, NamedSharding(mesh, wspec))
@@ -110,6 +121,9 @@ def test_jit_partitions_batch_and_output_features(op: str, engine: str, layout: 
     hlo = fwd.lower(xs, ws).compile().as_text()
     y = fwd(xs, ws)
     _close(y, jax.jit(f)(x, w))
+    if low:  # a max: one device's bits
+        np.testing.assert_array_equal(np.asarray(y, np.float32),
+                                      np.asarray(jax.jit(f)(x, w), np.float32))
     # Sharded as lax's own convolution would be.
     y_lax = jax.jit(lambda a, b: lax.conv_general_dilated(a, b, (1, 1), "SAME",
                                                           dimension_numbers=DN))(xs, ws)
@@ -126,13 +140,23 @@ def test_jit_partitions_batch_and_output_features(op: str, engine: str, layout: 
                 assert x_shape[0] == 16 and w_shape[-1] == 1, (x_shape, w_shape)
 
     grad = jax.jit(_grad(f))
-    g = grad(xs, ws)
-    _close(g, jax.jit(_grad(f))(x, w))
+    g, want = grad(xs, ws), jax.jit(_grad(f))(x, w)
+    # bfloat16: the gradient summed over shards is rounded per shard before the all-reduce
+    # (within an ulp, 2^-7); the sharded operand's is its shard's own, one device's bits.
+    _close(g, want, tol=1e-2 if low else 1e-4)
+    if low:
+        own = 0 if layout == "data" else 1
+        np.testing.assert_array_equal(np.asarray(g[own], np.float32),
+                                      np.asarray(want[own], np.float32))
     if native:
         hlo = grad.lower(xs, ws).compile().as_text()
         assert _collectives(hlo) <= {"all-reduce"}, _collectives(hlo)
         calls = _native_calls(hlo)
         assert all(c[0][0] == (2 if layout == "data" else 16) for c in calls), calls
+        if low:  # the low recording forward and the one-call backward, each on its shard
+            targets = set(re.findall(r'custom_call_target="(jaxconv_[a-z_]+)"', hlo))
+            assert targets == LOW_RECORDED, targets
+            assert all(c[1][-1] == (8 if layout == "data" else 1) for c in calls), calls
 
 
 @pytest.mark.parametrize("groups", [8, 2])

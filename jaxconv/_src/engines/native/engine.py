@@ -49,6 +49,7 @@ from jaxconv._src.engines.native import (
     twins,
     user_kernels,
 )
+from jaxconv._src.engines.native.low_route import ENV_LOW, low_route
 from jaxconv._src.engines.native.translation import Refusal
 
 Array = jax.Array
@@ -260,6 +261,8 @@ class NativeEngine(registry.Engine):
                         else f"backward: the XLA engine (ties between the {name}-rounded "
                         "products; this op's combine could not be compiled for the wide "
                         "kernels)")
+                if _rounded_winners(problem) and low_route() != "record":
+                    back += f" ({ENV_LOW}={low_route()}: no record)"
                 low = (f"{name} operands: computed in float32, the result rounded once to "
                        f"{name} (bit for bit the products rounded in {name})", back)
             else:
@@ -510,7 +513,7 @@ def _low_records(problem: Problem) -> bool:
     recorded backward in one call (``csrc/kernel_lowrec_mark.h``,
     ``csrc/kernel_lowrec_backward.h``): a built-in op the wide backward serves
     (`_rounded_winners`) or a user op that `_user_records` admits, identity padding, its
-    forward converting in the call.
+    forward converting in the call, and ``JAXCONV_NATIVE_LOW`` at ``record`` (`low_route`).
 
     Args:
         problem: the canonical problem (its twin already served).
@@ -522,7 +525,7 @@ def _low_records(problem: Problem) -> bool:
         return False
     return ((problem.op.native is None or _rounded_winners(problem))
             and problem.op.pad_value is None and _low_in_call(problem)
-            and ffi.has_low_recording())
+            and ffi.has_low_recording() and low_route() == "record")
 
 
 def _user_records(problem: Problem) -> bool:
@@ -580,7 +583,7 @@ def _record_lines(problem: Problem, dtype: DTypeLike) -> tuple[str, ...]:
         return ()
     held = ("may hold a product that rounds to its result" if _low(dtype)
             else "hold its winners")
-    rows = ffi.record_block_rows()
+    rows = ffi.native_constant("record_block_rows")
     return (f"under a derivative the forward records, per output, which blocks of {rows} "
             "kernel rows (on a convolution: a tap's input channels, taps in order) "
             f"{held} (finite data, more than {rows} rows, not depthwise), and "
@@ -617,8 +620,8 @@ def _no_low_record(problem: Problem) -> str:
 
 def _records_shapes(x_shape: tuple[int, ...], w_shape: tuple[int, ...]) -> bool:
     """Whether the recording forward's kernels record for these canonical shapes: more than
-    one block of kernel rows (the library's `ffi.record_block_rows`, 64), not depthwise (the
-    kernels then decide by the data: finite).
+    one block of kernel rows (the library's ``ffi.native_constant("record_block_rows")``, 64),
+    not depthwise (the kernels then decide by the data: finite).
 
     Args:
         x_shape: the input's shape, ``(N, *spatial, C)``.
@@ -633,13 +636,15 @@ def _records_shapes(x_shape: tuple[int, ...], w_shape: tuple[int, ...]) -> bool:
     """
     rows = int(np.prod(w_shape[:-1]))
     groups = x_shape[-1] // w_shape[-2] if w_shape[-2] else 1
-    return rows > ffi.record_block_rows() and not (w_shape[-2] == 1 and w_shape[-1] == groups)
+    depthwise = w_shape[-2] == 1 and w_shape[-1] == groups
+    return rows > ffi.native_constant("record_block_rows") and not depthwise
 
 
 def _paired_adder(w_shape: tuple[int, ...]) -> bool:
     """Whether adder's kernel gradient comes from the native pass that computes both gradients
     from each term's ``x - w`` (csrc/kernel_sums_paired.h: input channels a multiple of the
-    library's `ffi.pair_channels`) rather than from a standard product (`products`).
+    library's ``ffi.native_constant("pair_channels")``) rather than from a standard product
+    (`products`).
 
     Args:
         w_shape: the kernel's shape in the call spec, ``(KD, KH, KW, I, O)``.
@@ -651,14 +656,15 @@ def _paired_adder(w_shape: tuple[int, ...]) -> bool:
         >>> _paired_adder((1, 3, 3, 64, 64)), _paired_adder((1, 3, 3, 17, 64))
         (True, False)
     """
-    return w_shape[3] % ffi.pair_channels() == 0
+    return w_shape[3] % ffi.native_constant("pair_channels") == 0
 
 
 def _low_in_call(problem: Problem) -> bool:
     """Whether a bfloat16 / float16 forward widens its operands and rounds its result inside
     the call (csrc/kernel_bf16fuse_low.h): a built-in kernel (not the exp-space ``log``) or a
     user op's float32 library (its ``run_op`` is the same template's; not a callable reduce's
-    fold, csrc/kernel_fold.h), and a library that has the entry.
+    fold, csrc/kernel_fold.h), a library that has the entry, and ``JAXCONV_NATIVE_LOW`` not
+    ``convert`` (`low_route`).
 
     Args:
         problem: the canonical problem (its twin already served).
@@ -667,7 +673,7 @@ def _low_in_call(problem: Problem) -> bool:
         True for the in-call conversions.
     """
     op = problem.op
-    if _exp_space(problem) or not ffi.has_low_forward():
+    if _exp_space(problem) or not ffi.has_low_forward() or low_route() == "convert":
         return False
     if op.native is not None:
         return ffi.kernel_id(op) is not None
@@ -695,6 +701,8 @@ def _low_route(problem: Problem, name: str) -> str:
         why = "the exp-space convolution runs on float32"
     elif problem.op.native is None and capabilities(problem.op).reduce == "custom":
         why = "a callable reduce's fold (csrc/kernel_fold.h) reads float32 only"
+    elif low_route() == "convert":
+        why = f"{ENV_LOW}=convert chooses this route"
     else:
         why = "the native library has no in-call conversions (built from older sources)"
     return (f"forward: the {name} operands converted to float32 next to the call and its "

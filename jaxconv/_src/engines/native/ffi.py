@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -187,36 +187,33 @@ def has_low_recording() -> bool:
     return mod is not None and _LOW_BACKWARD_RECORDED in mod.registrations()
 
 
-def pair_channels() -> int:
-    """The input channels the paired sums backward takes in whole vectors on every
-    instruction set (csrc/problem.h ``kPairChannels``): a kernel whose input channels are a
-    multiple of it runs adder's kernel gradient in that pass.
+NativeConstant = Literal["pair_channels", "record_block_rows"]
+
+
+def native_constant(name: NativeConstant) -> int:
+    """A count compiled into the loaded library (csrc/problem.h), which the engine reads to
+    decide what to ask of the kernels:
+
+    - ``"pair_channels"`` (``kPairChannels``): the input channels the paired sums backward
+      takes in whole vectors on every instruction set; a kernel whose input channels are a
+      multiple of it runs adder's kernel gradient in that pass;
+    - ``"record_block_rows"`` (``kRecordBlockRows``): the kernel rows of one block of a max /
+      min product's winner record; the recording forward keeps a record only for a kernel of
+      more than one block.
+
+    Args:
+        name: the constant's name (the extension module's attribute).
 
     Returns:
-      The count, from the loaded library.
+        Its value in the loaded library.
 
     Example:
-      >>> from jaxconv._src.engines.native import ffi
-      >>> ffi.pair_channels() if ffi.available() else 16
-      16
+        >>> from jaxconv._src.engines.native import ffi
+        >>> [ffi.native_constant(n) if ffi.available() else d
+        ...  for n, d in (("pair_channels", 16), ("record_block_rows", 64))]
+        [16, 64]
     """
-    return int(extension().pair_channels)
-
-
-def record_block_rows() -> int:
-    """The kernel rows of one block of a max / min product's winner record (csrc/problem.h
-    ``kRecordBlockRows``): the recording forward keeps a record only for a kernel of more than
-    one block.
-
-    Returns:
-      The count, from the loaded library.
-
-    Example:
-      >>> from jaxconv._src.engines.native import ffi
-      >>> ffi.record_block_rows() if ffi.available() else 64
-      64
-    """
-    return int(extension().record_block_rows)
+    return int(getattr(extension(), name))
 
 
 def _register() -> None:
