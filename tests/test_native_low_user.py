@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import jaxconv
+from jaxconv._src.engines.native import low_route
 from tests.low_routes import compiled, native_conv, native_dense
 from tests.reference import conv_reference
 from tests.test_native_dtypes import CLIP, GATE, GAUSS, _np
@@ -212,13 +213,8 @@ def _vjp(op: Any, dense: bool, recorded: bool, args: tuple) -> Any:
         y, vjp = jax.vjp(f, x, w)
         return (y, *vjp(ct))
 
-    keep = native_engine._low_records
-    if not recorded:
-        native_engine._low_records = lambda problem: False
-    try:
+    with low_route.chosen("record" if recorded else "call"):
         return jax.jit(fb).lower(*args).compile()
-    finally:
-        native_engine._low_records = keep
 
 
 # Conv (layer A's shape, smaller: 9 blocks of 64 rows, one per tap; 40 channels: blocks across
@@ -302,18 +298,17 @@ def test_user_batches_and_float32_results_keep_the_bits(op: Any, dtype: Any, vma
 
     g = jax.vmap(f) if vmapped else f
 
-    def fb(a: jax.Array, b: jax.Array, c: jax.Array) -> Any:
-        y, vjp = jax.vjp(g, a, b)
-        return (y, *vjp(c))
+    def compiled(route: low_route.LowRoute) -> Any:
+        def fb(a: jax.Array, b: jax.Array, c: jax.Array) -> Any:  # fresh: no cached trace
+            y, vjp = jax.vjp(g, a, b)
+            return (y, *vjp(c))
 
-    new = jax.jit(fb).lower(x, w, ct).compile()
-    keep = native_engine._low_records
-    native_engine._low_records = lambda problem: False
-    try:
-        old = jax.jit(fb).lower(x, w, ct).compile()
-    finally:
-        native_engine._low_records = keep
+        with low_route.chosen(route):
+            return jax.jit(fb).lower(x, w, ct).compile()
+
+    new, old = compiled("record"), compiled("call")
     assert "jaxconv_low_backward_recorded" in new.as_text()
+    assert "jaxconv_low_backward_recorded" not in old.as_text()
     for a, b in zip(new(x, w, ct), old(x, w, ct), strict=True):
         assert a.dtype == b.dtype
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))

@@ -5,7 +5,8 @@ to compare against and to time (``benchmarks/low_own.py``). It is read when a ca
 so a function already traced under `jax.jit` keeps the route it was traced with.
 
 - ``record`` (the default): the forward converts inside the call
-  (``csrc/kernel_bf16fuse_low.h``), and a built-in max / min op under a derivative records its
+  (``csrc/kernel_bf16fuse_low.h``), and a max / min op (built-in, or a user op whose
+  products the forward and the wide kernels compute alike) under a derivative records its
   winners' blocks and runs its backward in one call on the low operands
   (``csrc/kernel_lowrec_mark.h``, ``csrc/kernel_lowrec_backward.h``);
 - ``call``: the forward converts inside the call, no record: the backward runs on float32
