@@ -65,34 +65,48 @@ CASES = [
 
 
 @pytest.mark.parametrize("op,dtype,xs,ws,kind", CASES)
-def test_min_form_low_x_is_xlas_bits(op: str, dtype: Any, xs: tuple, ws: tuple,
-                                     kind: str) -> None:
+def test_min_form_low_x_is_xlas_bits(op: str, dtype: Any, xs: tuple, ws: tuple, kind: str) -> None:
     x, w = _data(kind, xs, ws, dtype)
 
     def f(x: jax.Array, w: jax.Array) -> jax.Array:
-        return jaxconv.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=DN, op=op,
-                                            engine="native")
+        return jaxconv.conv_general_dilated(
+            x, w, (1, 1), "SAME", dimension_numbers=DN, op=op, engine="native"
+        )
 
     new, old = (_compiled(f, [x, w], o) for o in (False, True))
     assert "jaxconv_low_forward" in new.as_text()
     y, ref_bits = new(x, w), old(x, w)
     assert y.dtype == ref_bits.dtype == dtype
-    np.testing.assert_array_equal(np.asarray(y).view(np.uint16),
-                                  np.asarray(ref_bits).view(np.uint16))
+    np.testing.assert_array_equal(
+        np.asarray(y).view(np.uint16), np.asarray(ref_bits).view(np.uint16)
+    )
     r = NUMPY_OPS[op]
     with np.errstate(invalid="ignore", over="ignore"):
         x64, w64 = (np.asarray(a).astype(np.float32).astype(np.float64) for a in (x, w))
         got = np.asarray(y).astype(np.float32)
-        ref = conv_reference(x64, w64, (1, 1), "SAME", dimension_numbers=DN,
-                             combine=r.combine, reduce=r.reduce, identity=r.identity,
-                             pad_value=r.pad_value).astype(np.float32).astype(dtype)
+        ref = (
+            conv_reference(
+                x64,
+                w64,
+                (1, 1),
+                "SAME",
+                dimension_numbers=DN,
+                combine=r.combine,
+                reduce=r.reduce,
+                identity=r.identity,
+                pad_value=r.pad_value,
+            )
+            .astype(np.float32)
+            .astype(dtype)
+        )
     ref = np.asarray(ref).astype(np.float32)
     np.testing.assert_array_equal(np.isnan(got), np.isnan(ref))
     fin = np.isfinite(ref)
     np.testing.assert_array_equal(got[~fin], ref[~fin])  # NaN compares equal here
     if fin.any():
-        np.testing.assert_allclose(got[fin], ref[fin], rtol=2e-2,
-                                   atol=2e-2 * np.abs(ref[fin]).max())
+        np.testing.assert_allclose(
+            got[fin], ref[fin], rtol=2e-2, atol=2e-2 * np.abs(ref[fin]).max()
+        )
 
 
 @pytest.mark.parametrize("op,dtype", [("adder", BF16), ("l1", F16)])
@@ -104,5 +118,6 @@ def test_min_form_low_x_dense_is_xlas_bits(op: str, dtype: Any) -> None:
         return jaxconv.dot_general(x, w, (((1,), (0,)), ((), ())), op=op, engine="native")
 
     new, old = (_compiled(f, [x, w], o) for o in (False, True))
-    np.testing.assert_array_equal(np.asarray(new(x, w)).view(np.uint16),
-                                  np.asarray(old(x, w)).view(np.uint16))
+    np.testing.assert_array_equal(
+        np.asarray(new(x, w)).view(np.uint16), np.asarray(old(x, w)).view(np.uint16)
+    )
