@@ -42,7 +42,9 @@ int run_op(const jaxconv::Call& call, bool backward);
 // low dtype, except in the loops that have no tiles (depthwise, logsumexp) and the recording
 // forward (call.rec: record_tile_end's y and masks, kernel_lowrec_mark.h), which write a
 // float32 y that is rounded afterwards. Where the forward will run on integer keys (finite
-// max_min / min_max), x is only scanned: key_copy makes its keys from the low values.
+// max_min / min_max), x is only scanned: key_copy makes its keys from the low values; where it
+// will run the min form (adder, l1), x is left as it is: centre() widens it as it shifts it
+// (kernel_lowtile_minform.h).
 template <class Op>
 int run_low(const jaxconv::Call& call) {
   const jaxconv::LowIO& io = *call.low;
@@ -58,11 +60,14 @@ int run_low(const jaxconv::Call& call) {
   const jaxconv::Params prm = call.params ? *call.params : jaxconv::Params{};
   bool keys = !std::is_same_v<typename KeyOf<Op>::type, Op> && Op::kNanFree && prm.keyed &&
               tiles && !(g.has_pad && !finite(g.pad));
+  // The min form's ops widen x themselves (kernel_lowtile_minform.h): x is neither copied
+  // nor scanned here (their forward needs no finite scan).
+  const bool lazy = lowtile_lazy_x<Op>() && prm.min_form && tiles;
   Owned<float> x32, w32 = allocate<float>(nw + W);
-  if (!keys) x32 = allocate<float>(nx + W);
-  if (!w32 || (!keys && !x32)) return 2;
+  if (!keys && !lazy) x32 = allocate<float>(nx + W);
+  if (!w32 || (!keys && !lazy && !x32)) return 2;
   constexpr int64_t kChunk = 1 << 15;
-  const int64_t cx = (nx + kChunk - 1) / kChunk, cw = (nw + kChunk - 1) / kChunk;
+  const int64_t cx = lazy ? 0 : (nx + kChunk - 1) / kChunk, cw = (nw + kChunk - 1) / kChunk;
   std::atomic<int> bad{0};
   auto widen = [&](int64_t it) {
     const bool onx = it < cx;
@@ -90,10 +95,10 @@ int run_low(const jaxconv::Call& call) {
     parallel(c, cx, widen_x);
   }
   constexpr bool kMinMax = Op::kReduce == 1 || Op::kReduce == 2;
-  jaxconv::LowIO io2{io.kind, 0, keys ? io.x16 : nullptr, nullptr, nullptr,
+  jaxconv::LowIO io2{io.kind, 0, keys || lazy ? io.x16 : nullptr, nullptr, nullptr,
                      kMinMax ? (bad.load() ? 0 : 1) : -1};
   jaxconv::Call c2 = call;
-  c2.x = keys ? nullptr : x32.get();
+  c2.x = keys || lazy ? nullptr : x32.get();
   c2.w = w32.get();
   c2.low = &io2;
   Owned<float> y32;

@@ -129,13 +129,22 @@ bool centre(Ctx& c) {
   // The shifted input and each cell's sums per group.
   const int64_t kCells = C >= (1 << 14) ? 1 : (1 << 14) / C;  // ~64 KB of x per item
   const int64_t ncb = (c.cells + kCells - 1) / kCells;
+  // A bfloat16 / float16 x (run_low leaves call.x null, kernel_lowtile_minform.h) is widened
+  // a cell at a time into `row`, in L1: no float32 copy of x is made.
+  const jaxconv::LowIO* low = call.x ? nullptr : call.low;
   auto shift_x = [&](int64_t it) {
     const int64_t b = it / ncb, q0 = (it % ncb) * kCells;
     const int64_t q1 = q0 + kCells < c.cells ? q0 + kCells : c.cells;
     const float* sh = c.shift + b * C;
     bool fin = true;
+    Owned<float> row = low ? allocate<float>(C) : Owned<float>();
+    if (low && !row) {
+      bad.store(1, std::memory_order_relaxed);
+      return;
+    }
     for (int64_t q = q0; q < q1; ++q) {
-      const float* src = call.x + b * c.x_bs + q * C;
+      const float* src = low ? row.get() : call.x + b * c.x_bs + q * C;
+      if (low) lowtile_widen(low->kind, low->x16 + b * c.x_bs + q * C, row.get(), C);
       float* dst = c.xsh + b * c.x_bs + q * C;
       fin &= bounded_v(src, C);
       for (int64_t grp = 0; grp < G; ++grp) {
