@@ -166,13 +166,15 @@ def test_explain_says_what_the_backward_does():
 
 # float32 user max / min ops record through their own library (the template's recording tiles
 # and recorded scans): a product that saturates (clip: ties across many blocks), a tropical
-# max-times (signed zeros and infinities from finite data are not NaN), a min, and a combine
-# whose -inf input makes -inf products (all -inf windows).
+# max-times (signed zeros and infinities from finite data are not NaN), a min, a combine
+# whose -inf input makes -inf products (all -inf windows), and a custom derivative rule.
 USER_OPS = {
     "max_times": jaxconv.Op(lambda a, b: a * b, "max", name="rec_max_times"),
     "clip_max": jaxconv.Op(lambda a, b: jnp.clip(a * b, -1.0, 1.0), "max", name="rec_clip_max"),
     "min_times": jaxconv.Op(lambda a, b: a * b, "min", name="rec_min_times"),
     "max_plus2": jaxconv.Op(lambda a, b: a + 2.0 * b, "max", name="rec_max_plus2"),
+    # jax.nn.relu's custom_jvp rule: the backward runs the rule per winner.
+    "relu_times": jaxconv.Op(lambda a, b: jax.nn.relu(a) * b, "max", name="rec_relu_times"),
 }
 USER_CASES = [
     ("max_times", "groups", "distinct"),
@@ -183,6 +185,7 @@ USER_CASES = [
     ("clip_max", "transposed", "nonfinite"),
     ("min_times", "strided", "ties"),
     ("max_plus2", "same", "neginf"),
+    ("relu_times", "groups", "ties"),
 ]
 
 
