@@ -226,10 +226,13 @@ def test_user_op_recorded_backward_has_the_rescans_bits(monkeypatch, name, geom,
 
 def test_explain_says_whether_a_user_op_records():
     """`explain` names the recording forward for a float32 user max op, and says why a
-    combine that finite operands can make NaN (inf - inf) does not record."""
+    combine that finite operands can make NaN (inf - inf) or a pad_value does not record."""
     text = str(jaxconv.explain(USER_OPS["max_times"], platform="cpu", dtype=jnp.float32))
     assert "records, per output, which blocks of 64 kernel rows" in text
     nan = jaxconv.Op(lambda a, b: a * b - b * a, "max", name="rec_nan_max")
     text = str(jaxconv.explain(nan, platform="cpu", dtype=jnp.float32))
     assert "records, per output" not in text
     assert "does not record its winner blocks: finite operands can make a NaN" in text
+    padded = jaxconv.Op(lambda a, b: a * b, "max", pad_value=0.0, name="rec_padded_times")
+    text = str(jaxconv.explain(padded, platform="cpu", dtype=jnp.float32))
+    assert "does not record its winner blocks: a pad_value" in text
