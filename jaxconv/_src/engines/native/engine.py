@@ -170,7 +170,8 @@ class NativeEngine(registry.Engine):
         only those. (Shapes decide the rest in `forward_recording`, the kernels at run time:
         finite data, more than 64 kernel rows, not depthwise; else the record says "not
         recorded" and the backward rescans.) A user op served by a built-in's kernels
-        (`twins.served`) records as the built-in does."""
+        (`twins.served`) records as the built-in does; another float32 user max / min op
+        through its own library where `_user_f32_records` admits it."""
         problem = twins.served(problem)
         return (platform == "cpu" and problem.dtype is not None
                 and _records_op(problem, problem.dtype))
