@@ -162,3 +162,77 @@ def test_explain_says_what_the_backward_does():
     text = str(jaxconv.explain("max_min", platform="cpu"))
     assert "records, per output, which blocks of 64 kernel rows" in text
     assert "compares only those blocks' products" in text
+
+
+# float32 user max / min ops record through their own library (the template's recording tiles
+# and recorded scans): a product that saturates (clip: ties across many blocks), a tropical
+# max-times (signed zeros and infinities from finite data are not NaN), a min, a combine
+# whose -inf input makes -inf products (all -inf windows), and a custom derivative rule.
+USER_OPS = {
+    "max_times": jaxconv.Op(lambda a, b: a * b, "max", name="rec_max_times"),
+    "clip_max": jaxconv.Op(lambda a, b: jnp.clip(a * b, -1.0, 1.0), "max", name="rec_clip_max"),
+    "min_times": jaxconv.Op(lambda a, b: a * b, "min", name="rec_min_times"),
+    "max_plus2": jaxconv.Op(lambda a, b: a + 2.0 * b, "max", name="rec_max_plus2"),
+    # jax.nn.relu's custom_jvp rule: the backward runs the rule per winner.
+    "relu_times": jaxconv.Op(lambda a, b: jax.nn.relu(a) * b, "max", name="rec_relu_times"),
+}
+USER_CASES = [
+    ("max_times", "groups", "distinct"),
+    ("max_times", "same", "ties"),
+    ("max_times", "pointwise", "nonfinite"),
+    ("clip_max", "same", "distinct"),
+    ("clip_max", "strided", "zeros"),
+    ("clip_max", "transposed", "nonfinite"),
+    ("min_times", "strided", "ties"),
+    ("max_plus2", "same", "neginf"),
+    ("relu_times", "groups", "ties"),
+]
+
+
+def _user_data(kind: str, xs, ws):
+    """`_data`'s kinds, and "neginf": integers with x's first image all -inf (windows whose
+    every product is -inf: nothing recorded)."""
+    if kind != "neginf":
+        return _data(kind, xs, ws)
+    x, w = _data("ties", xs, ws)
+    x[0] = -np.inf
+    return x, w
+
+
+@pytest.mark.parametrize("name,geom,kind", USER_CASES)
+def test_user_op_recorded_backward_has_the_rescans_bits(monkeypatch, name, geom, kind):
+    """A float32 user max / min op's y, dx and dw with the record equal the full rescan's
+    (recording off) bit for bit, and (data without NaN: on a NaN input the user backward and
+    the XLA engine's already place NaN differently, recorded or not) the XLA engine's."""
+    x, w = _user_data(kind, *GEOMS[geom][:2])
+    op = USER_OPS[name]
+    f = _conv(op, geom)
+    ct = np.random.default_rng(1).standard_normal(jax.eval_shape(f, x, w).shape)
+    ct = ct.astype(np.float32)
+    eqn = next(e for e in jax.make_jaxpr(f)(x, w).eqns if e.primitive.name == "jaxconv_conv")
+    _, masks = record_p.bind(jnp.asarray(x), jnp.asarray(w), problem=eqn.params["problem"])
+    assert (np.asarray(masks) == -1).all() == (kind in ("nonfinite", "neginf"))
+    got = jax.jit(lambda a, b: _vjp(f, a, b, ct))(x, w)
+    monkeypatch.setattr(differentiation, "_records", lambda problem: False)
+    want = jax.jit(lambda a, b: _vjp(f, a, b, ct))(x, w)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(np.asarray(a).view(np.int32), np.asarray(b).view(np.int32))
+    if kind == "nonfinite":
+        return
+    ref = jax.jit(lambda a, b: _vjp(_conv(op, geom, "xla"), a, b, ct))(x, w)
+    for a, b in zip(got, ref, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
+def test_explain_says_whether_a_user_op_records():
+    """`explain` names the recording forward for a float32 user max op, and says why a
+    combine that finite operands can make NaN (inf - inf) or a pad_value does not record."""
+    text = str(jaxconv.explain(USER_OPS["max_times"], platform="cpu", dtype=jnp.float32))
+    assert "records, per output, which blocks of 64 kernel rows" in text
+    nan = jaxconv.Op(lambda a, b: a * b - b * a, "max", name="rec_nan_max")
+    text = str(jaxconv.explain(nan, platform="cpu", dtype=jnp.float32))
+    assert "records, per output" not in text
+    assert "does not record its winner blocks: finite operands can make a NaN" in text
+    padded = jaxconv.Op(lambda a, b: a * b, "max", pad_value=0.0, name="rec_padded_times")
+    text = str(jaxconv.explain(padded, platform="cpu", dtype=jnp.float32))
+    assert "does not record its winner blocks: a pad_value" in text

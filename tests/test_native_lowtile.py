@@ -15,24 +15,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import jaxconv
-from jaxconv._src.engines.native import engine as native_engine
+from tests.low_routes import compiled, native_conv, native_dense
 from tests.reference import NUMPY_OPS, conv_reference
 from tests.test_native_low_forward import _nan_payloads, _values
 
 DN = ("NHWC", "HWIO", "NHWC")
 BF16, F16 = jnp.bfloat16, jnp.float16
-
-
-def _compiled(f: Any, args: list[Any], old: bool) -> Any:
-    """`f` jitted and compiled, by the in-call conversions or (`old`) XLA's around the call."""
-    keep = native_engine._low_in_call
-    if old:
-        native_engine._low_in_call = lambda problem: False
-    try:
-        return jax.jit(f).lower(*args).compile()
-    finally:
-        native_engine._low_in_call = keep
 
 
 def _data(kind: str, xs: tuple, ws: tuple, dtype: Any) -> tuple[jax.Array, jax.Array]:
@@ -68,12 +56,8 @@ CASES = [
 def test_min_form_low_x_is_xlas_bits(op: str, dtype: Any, xs: tuple, ws: tuple, kind: str) -> None:
     x, w = _data(kind, xs, ws, dtype)
 
-    def f(x: jax.Array, w: jax.Array) -> jax.Array:
-        return jaxconv.conv_general_dilated(
-            x, w, (1, 1), "SAME", dimension_numbers=DN, op=op, engine="native"
-        )
-
-    new, old = (_compiled(f, [x, w], o) for o in (False, True))
+    f = native_conv(op, window_strides=(1, 1), padding="SAME")
+    new, old = (compiled(f, (x, w), route) for route in ("record", "convert"))
     assert "jaxconv_low_forward" in new.as_text()
     y, ref_bits = new(x, w), old(x, w)
     assert y.dtype == ref_bits.dtype == dtype
@@ -114,10 +98,8 @@ def test_min_form_low_x_dense_is_xlas_bits(op: str, dtype: Any) -> None:
     x = jnp.asarray(_values("normal", (9, 37), dtype, 5))
     w = jnp.asarray(_values("normal", (37, 21), dtype, 6))
 
-    def f(x: jax.Array, w: jax.Array) -> jax.Array:
-        return jaxconv.dot_general(x, w, (((1,), (0,)), ((), ())), op=op, engine="native")
-
-    new, old = (_compiled(f, [x, w], o) for o in (False, True))
+    f = native_dense(op)
+    new, old = (compiled(f, (x, w), route) for route in ("record", "convert"))
     np.testing.assert_array_equal(
         np.asarray(new(x, w)).view(np.uint16), np.asarray(old(x, w)).view(np.uint16)
     )

@@ -171,7 +171,8 @@ class NativeEngine(registry.Engine):
         only those. (Shapes decide the rest in `forward_recording`, the kernels at run time:
         finite data, more than 64 kernel rows, not depthwise; else the record says "not
         recorded" and the backward rescans.) A user op served by a built-in's kernels
-        (`twins.served`) records as the built-in does."""
+        (`twins.served`) records as the built-in does; another float32 user max / min op
+        through its own library where `_user_f32_records` admits it."""
         problem = twins.served(problem)
         return (platform == "cpu" and problem.dtype is not None
                 and _records_op(problem, problem.dtype))
@@ -297,7 +298,7 @@ class NativeEngine(registry.Engine):
             lines.append("the combine's custom derivative rule runs per product: the kernel "
                          "computes its primal, the backward its rule (traced on scalars, "
                          "compiled)")
-        return (*lines, *_record_lines(problem, dtype), *low)
+        return (*lines, *_record_lines(problem, dtype), *_no_f32_record(problem, dtype), *low)
 
     def _describe_user(self, problem: Problem, dtype: DTypeLike) -> tuple[str, ...]:
         """`describe` of a user op on float64 / int32 / int64 operands (the wide kernels).
@@ -501,11 +502,32 @@ def _records_op(problem: Problem, dtype: DTypeLike) -> bool:
     op = problem.op
     if _low(dtype):
         return _low_records(problem)
+    if np.dtype(dtype) != np.float32 or op.pad_value is not None or not ffi.has_recording():
+        return False
+    if op.native is None:
+        return _user_f32_records(problem)
     return (op.native in ("max_plus", "min_plus", "max_min", "min_max", "max_minus",
                           "min_minus")
-            and ffi.kernel_id(op) is not None
-            and np.dtype(dtype) == np.float32 and op.pad_value is None
-            and ffi.has_recording())
+            and ffi.kernel_id(op) is not None)
+
+
+def _user_f32_records(problem: Problem) -> bool:
+    """Whether a user max / min op on float32 records as the built-ins do: its float32 library
+    (the forward's and the backward's: the template's recording tiles and recorded scans,
+    ``run_op``) translates, and finite operands make no NaN product (the recording tiles run
+    the fast loop; the plain forward of such a combine runs the safe one). Translation only:
+    nothing is compiled while planning (`_user_built` checks the library at lowering).
+
+    Args:
+        problem: the canonical problem (its twin already served).
+
+    Returns:
+        True when it records.
+    """
+    if not _winner(problem):
+        return False
+    f32 = translation.translation(problem.op, "float32")
+    return isinstance(f32, codegen.Functor) and f32.nan_free
 
 
 def _low_records(problem: Problem) -> bool:
@@ -553,8 +575,8 @@ def _user_records(problem: Problem) -> bool:
 
 
 def _user_built(problem: Problem) -> bool:
-    """Whether a bfloat16 / float16 user op's recording route has its libraries (compiled at
-    first use: `_rounded_user` and the float32 one); a built-in op or another dtype: True.
+    """Whether a user op's recording route has its libraries (compiled at first use): the
+    float32 one, and on bfloat16 / float16 also `_rounded_user`; a built-in op: True.
 
     Args:
         problem: the canonical problem (its twin already served).
@@ -563,10 +585,12 @@ def _user_built(problem: Problem) -> bool:
         False where a library could not be built (the plain route then runs, falling back
         as it does).
     """
-    if problem.op.native is not None or not _low(problem.operand_dtype):
+    if problem.op.native is not None:
         return True
     got = user_kernels.user_kernel(problem.op, "float32")
-    return not isinstance(got, Refusal) and _rounded_user(problem) is not None
+    if isinstance(got, Refusal):
+        return False
+    return not _low(problem.operand_dtype) or _rounded_user(problem) is not None
 
 
 def _record_lines(problem: Problem, dtype: DTypeLike) -> tuple[str, ...]:
@@ -591,6 +615,29 @@ def _record_lines(problem: Problem, dtype: DTypeLike) -> tuple[str, ...]:
             "find the winners (ties split equally; a float32 dense x + w or x - w "
             "records its single winner itself, and its backward scatters); otherwise "
             "the backward rescans every output's window",)
+
+
+def _no_f32_record(problem: Problem, dtype: DTypeLike) -> tuple[str, ...]:
+    """`describe`'s line on why a float32 user max / min op's forward does not record
+    (`_user_f32_records` false), or none.
+
+    Args:
+        problem: the canonical problem (its twin already served).
+        dtype: the operands' dtype.
+
+    Returns:
+        The line, or ``()``.
+    """
+    if (np.dtype(dtype) != np.float32 or not _winner(problem)
+            or _records_op(problem, dtype) or not ffi.has_recording()):
+        return ()
+    if problem.op.pad_value is not None:
+        why = "a pad_value (the recording forward pads with the identity)"
+    else:
+        why = ("finite operands can make a NaN product (the recording tiles run the fast "
+               "loop)")
+    return (f"under a derivative the forward does not record its winner blocks: {why}; the "
+            "backward rescans every output's window",)
 
 
 def _no_low_record(problem: Problem) -> str:
