@@ -25,6 +25,8 @@ struct PairRule<Adder> {
     dx = S::fnma(gs, S::clip1(d), dx);
     dw = S::fma(gs, d, dw);
   }
+  static S::V dx_run(S::V a) { return a; }
+  static void dw_scale(float*, int64_t) {}
 };
 template <>
 struct PairRule<L1> {
@@ -33,6 +35,23 @@ struct PairRule<L1> {
     const S::V h = L1::hw<S>(x, w);
     dx = S::fnma(gs, h, dx);
     dw = S::fma(gs, h, dw);
+  }
+  static S::V dx_run(S::V a) { return a; }
+  static void dw_scale(float*, int64_t) {}
+};
+// l2 (-(x - w)^2): both sums of g (x - w), scaled once at the end, by -2 for dx (each run of
+// output channels) and by 2 for dw (exact: powers of two; the same bits as scaling each term).
+template <>
+struct PairRule<L2> {
+  static constexpr bool kHas = true;
+  static void term(S::V gs, S::V x, S::V w, S::V& dx, S::V& dw) {
+    const S::V d = S::sub(x, w);
+    dx = S::fma(gs, d, dx);
+    dw = S::fma(gs, d, dw);
+  }
+  static S::V dx_run(S::V a) { return S::mul(a, S::set1(-2.0f)); }
+  static void dw_scale(float* p, int64_t n) {
+    for (int64_t j = 0; j < n; j += W) S::store(p + j, S::mul(S::load(p + j), S::set1(2.0f)));
   }
 };
 
@@ -74,7 +93,8 @@ void pair_tile(const float* const* rows, float* const* dxr, const float* const* 
     if (!last_o) {
       for (int v = 0; v < V; ++v) S::store(pr + v * W, acc[v]);
     } else if (float* d = dxr[q]) {
-      for (int v = 0; v < V; ++v) S::store(d + v * W, S::add(S::load(d + v * W), acc[v]));
+      for (int v = 0; v < V; ++v)
+        S::store(d + v * W, S::add(S::load(d + v * W), PairRule<Op>::dx_run(acc[v])));
     }
   }
   for (int r = 0; r < R; ++r)
@@ -191,6 +211,7 @@ bool pair_backward(Ctx& c) {
       for (int64_t j = 0; j < Og * NR; j += W) S::store(first + j, S::add(S::load(first + j),
                                                                           S::load(src + j)));
     }
+    PairRule<Op>::dw_scale(first, Og * NR);
     float* dst = call.out2 + b * c.w_bs + (t * I + ib * NR) * O + grp * Og;
     transpose(first, NR, dst, O, Og, nl);
   };

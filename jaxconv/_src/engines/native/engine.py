@@ -405,8 +405,9 @@ class NativeEngine(registry.Engine):
 
     def backward(self, problem: Problem, x: Array, w: Array, y: Array, g: Array,
                  need: tuple[bool, bool]) -> tuple[Array, Array]:
-        """The FFI backward kernel, and standard products where those are faster: the
-        kernel gradient of a ``x - w`` sum (AdderNet) and both gradients of l2's."""
+        """The FFI backward kernel, and standard products where the paired native pass does
+        not serve the shape (`_paired`): the kernel gradient of a ``x - w`` sum (AdderNet)
+        and both gradients of l2_exact's."""
         problem = twins.served(problem)
         other = self._fallback(problem, x.dtype)
         low_winner = _low(x.dtype) and _winner(problem)
@@ -445,11 +446,14 @@ class NativeEngine(registry.Engine):
         x, w, y = x.astype(jnp.float32), w.astype(jnp.float32), y.astype(jnp.float32)
         # Built-in kernels only: a user op's compiled backward computes both sides itself.
         kind = capabilities(op).separable if op.native is not None else None
-        if kind == "sqdiff":
+        if kind == "sqdiff" and not _paired(spec.w_shape):
+            # Standard products: x times the cotangent's sums, less the standard gradients
+            # (cancels where x ~ w); where the channels fit, the native pass below sums each
+            # term's g * (x - w) itself (csrc/kernel_sums_paired.h, kernel_sumbwd_dense.h).
             gx = -2.0 * products.difference_input_gradient(op, geom, x, w, g)
             gw = products.separable_kernel_gradient(problem, kind, x, w, g)
             return gx.astype(xd), gw.astype(wd)
-        native_dw = kind != "adder" or _paired_adder(spec.w_shape)
+        native_dw = kind != "adder" or _paired(spec.w_shape)
         parts = 3 if native_dw else 1
 
         def kernel(x: Array, w: Array, y: Array, g: Array) -> tuple[Array, Array]:
@@ -533,10 +537,11 @@ def _records_shapes(x_shape: tuple[int, ...], w_shape: tuple[int, ...]) -> bool:
     return rows > ffi.record_block_rows() and not (w_shape[-2] == 1 and w_shape[-1] == groups)
 
 
-def _paired_adder(w_shape: tuple[int, ...]) -> bool:
-    """Whether adder's kernel gradient comes from the native pass that computes both gradients
-    from each term's ``x - w`` (csrc/kernel_sums_paired.h: input channels a multiple of the
-    library's `ffi.pair_channels`) rather than from a standard product (`products`).
+def _paired(w_shape: tuple[int, ...]) -> bool:
+    """Whether adder's kernel gradient, and l2_exact's two gradients, come from the native pass
+    that computes both gradients from each term's ``x - w`` (csrc/kernel_sums_paired.h,
+    csrc/kernel_sumbwd_dense.h: input channels a multiple of the library's
+    `ffi.pair_channels`) rather than from standard products (`products`).
 
     Args:
         w_shape: the kernel's shape in the call spec, ``(KD, KH, KW, I, O)``.
@@ -545,7 +550,7 @@ def _paired_adder(w_shape: tuple[int, ...]) -> bool:
         True for the fused pass.
 
     Example:
-        >>> _paired_adder((1, 3, 3, 64, 64)), _paired_adder((1, 3, 3, 17, 64))
+        >>> _paired((1, 3, 3, 64, 64)), _paired((1, 3, 3, 17, 64))
         (True, False)
     """
     return w_shape[3] % ffi.pair_channels() == 0
