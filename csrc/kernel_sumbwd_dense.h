@@ -1,7 +1,7 @@
-// Both gradients of adder / l1 / l2 on a dense problem (one tap, one output position per
-// image, no padding) in one pass over the terms, with the positions outside and the output
-// channels inside: a tile of PB positions x V vectors of input channels keeps its x values and
-// its input-gradient sums in registers while it walks a block of output channels, each output
+// Both gradients of adder / l1 on a dense problem (one tap, one output position per image,
+// no padding) in one pass over the terms, with the positions outside and the output channels
+// inside: a tile of PB positions x V vectors of input channels keeps its x values and its
+// input-gradient sums in registers while it walks a block of output channels, each output
 // channel's V kernel vectors loaded once and its V kernel-gradient sums updated PB times.
 //
 // Why: the convolution's pair pass (kernel_sums_paired.h) keeps the kernel-gradient sums in
@@ -9,13 +9,15 @@
 // partials of every position for each 16 vector-terms (1.75 loads per term). On a dense layer
 // (E: 256 x 1024 @ 1024 x 1024) its x rows and cotangent rows lie 4 KiB apart and its
 // partials (16 KiB of dx, 256 KiB of dw per block of channels) do not stay in L1: one thread
-// spent 3.4 cycles per vector-term there against 2.0 on layer A. Here a term costs 10 loads and
-// 2 stores per 12 terms (PB = 6, V = 2), everything but the cotangent rows in L1.
+// took 20.6-22.1 ms for adder's backward there (layer A, as many terms: 14.9). Here a term
+// costs 10 loads and 2 stores per 12 terms (PB = 6, V = 2), everything but the cotangent rows
+// in L1: 14.9-15.3 ms (benchmarks/sumbwd_1t.cc).
 //
-// The same sums in the same order as pair_backward, so the same bits: each dx element sums
-// its output channels ascending in runs of kDxRun (from zero; each run then added to dx), each
-// dw element its positions ascending (from zero; one run of positions, as pair_backward has
-// when it does not cut the images, which it does not for the shapes taken here).
+// Each dx element sums its output channels ascending in runs of kDxRun (from zero; each run
+// then added to dx), each dw element its positions ascending from zero: pair_backward's sums
+// in its order, so its bits, wherever it does not cut the images into runs (at least 8 blocks
+// of 64 input channels, as on E); with fewer, dw sums the positions in one run instead of
+// several. Neither depends on the threads.
 //
 // Part of the kernel template: included by kernels.inc inside its anonymous namespace
 // (once per instruction set), after kernel_sums_paired.h, never on its own.
@@ -24,8 +26,8 @@
 // Positions and vectors of input channels of one dense tile.
 constexpr int kDensePB = 6;
 constexpr int kDenseV = 2;
-// Output channels per block: the input gradient's run (pair_backward's kDxRun).
-constexpr int64_t kDenseOB = 64;
+// Output channels per block (a multiple of the input gradient's runs, kDxRun).
+constexpr int64_t kDenseOB = 128;
 
 // One tile: PB positions (x rows `xr`, row stride xs; cotangent rows `gr`, row stride gs; dx
 // rows `dxr`, row stride xs) x V vectors of input channels, against `no` output channels
@@ -36,27 +38,29 @@ void dense_pair_tile(const float* xr, const float* gr, float* dxr, int64_t xs, i
   using Vec = S::V;
   Vec xv[PB][V], acc[PB][V];
   for (int p = 0; p < PB; ++p)
-    for (int v = 0; v < V; ++v) {
-      xv[p][v] = S::load(xr + p * xs + v * W);
-      acc[p][v] = S::zero();
+    for (int v = 0; v < V; ++v) xv[p][v] = S::load(xr + p * xs + v * W);
+  for (int64_t o0 = 0; o0 < no; o0 += kDxRun) {
+    const int64_t o1 = o0 + kDxRun < no ? o0 + kDxRun : no;
+    for (int p = 0; p < PB; ++p)
+      for (int v = 0; v < V; ++v) acc[p][v] = S::zero();
+    for (int64_t o = o0; o < o1; ++o) {
+      Vec wv[V], dw[V];
+      for (int v = 0; v < V; ++v) {
+        wv[v] = S::load(wt + o * NR + v * W);
+        dw[v] = S::load(dwl + o * (V * W) + v * W);
+      }
+      for (int p = 0; p < PB; ++p) {
+        const Vec g = S::set1(gr[p * gs + o]);
+        for (int v = 0; v < V; ++v) PairRule<Op>::term(g, xv[p][v], wv[v], acc[p][v], dw[v]);
+      }
+      for (int v = 0; v < V; ++v) S::store(dwl + o * (V * W) + v * W, dw[v]);
     }
-  for (int64_t o = 0; o < no; ++o) {
-    Vec wv[V], dw[V];
-    for (int v = 0; v < V; ++v) {
-      wv[v] = S::load(wt + o * NR + v * W);
-      dw[v] = S::load(dwl + o * (V * W) + v * W);
-    }
-    for (int p = 0; p < PB; ++p) {
-      const Vec g = S::set1(gr[p * gs + o]);
-      for (int v = 0; v < V; ++v) PairRule<Op>::term(g, xv[p][v], wv[v], acc[p][v], dw[v]);
-    }
-    for (int v = 0; v < V; ++v) S::store(dwl + o * (V * W) + v * W, dw[v]);
+    for (int p = 0; p < PB; ++p)
+      for (int v = 0; v < V; ++v) {
+        float* d = dxr + p * xs + v * W;
+        S::store(d, S::add(S::load(d), acc[p][v]));
+      }
   }
-  for (int p = 0; p < PB; ++p)
-    for (int v = 0; v < V; ++v) {
-      float* d = dxr + p * xs + v * W;
-      S::store(d, S::add(S::load(d), PairRule<Op>::dx_run(acc[p][v])));
-    }
 }
 
 // The tile of the last pn < PB positions (one instantiation per count).
@@ -94,7 +98,6 @@ void dense_pair_block(const Ctx& c, int64_t b, int64_t grp, int64_t i0, float* d
     if (p < P)
       dense_pair_rest<Op, V>(int(P - p), xb + p * xs, gb + p * O + o0, dxb + p * xs, xs, O,
                              wt + o0 * NR, dwl, no);
-    PairRule<Op>::dw_scale(dwl, no * V * W);
     transpose(dwl, V * W, dwb + o0, O, no, V * W);  // kernel_dense_backward.h
   }
 }
@@ -108,7 +111,7 @@ inline bool dense_pair_fits(const Ctx& c) {
          c.call->batch * c.G * blocks >= 8;
 }
 
-// Both gradients of adder / l1 / l2 on a dense problem (dense_pair_fits), c.wpack packed
+// Both gradients of adder / l1 on a dense problem (dense_pair_fits), c.wpack packed
 // (pack_kernel_blocks). Items are (batch entry, group, block of kDenseV vectors of input
 // channels; a last block of one vector where I is an odd number of vectors); each owns its
 // dx columns and dw rows.

@@ -25,8 +25,6 @@ struct PairRule<Adder> {
     dx = S::fnma(gs, S::clip1(d), dx);
     dw = S::fma(gs, d, dw);
   }
-  static S::V dx_run(S::V a) { return a; }
-  static void dw_scale(float*, int64_t) {}
 };
 template <>
 struct PairRule<L1> {
@@ -35,23 +33,6 @@ struct PairRule<L1> {
     const S::V h = L1::hw<S>(x, w);
     dx = S::fnma(gs, h, dx);
     dw = S::fma(gs, h, dw);
-  }
-  static S::V dx_run(S::V a) { return a; }
-  static void dw_scale(float*, int64_t) {}
-};
-// l2 (-(x - w)^2): both sums of g (x - w), scaled once at the end, by -2 for dx (each run of
-// output channels) and by 2 for dw (exact: powers of two; the same bits as scaling each term).
-template <>
-struct PairRule<L2> {
-  static constexpr bool kHas = true;
-  static void term(S::V gs, S::V x, S::V w, S::V& dx, S::V& dw) {
-    const S::V d = S::sub(x, w);
-    dx = S::fma(gs, d, dx);
-    dw = S::fma(gs, d, dw);
-  }
-  static S::V dx_run(S::V a) { return S::mul(a, S::set1(-2.0f)); }
-  static void dw_scale(float* p, int64_t n) {
-    for (int64_t j = 0; j < n; j += W) S::store(p + j, S::mul(S::load(p + j), S::set1(2.0f)));
   }
 };
 
@@ -93,13 +74,18 @@ void pair_tile(const float* const* rows, float* const* dxr, const float* const* 
     if (!last_o) {
       for (int v = 0; v < V; ++v) S::store(pr + v * W, acc[v]);
     } else if (float* d = dxr[q]) {
-      for (int v = 0; v < V; ++v)
-        S::store(d + v * W, S::add(S::load(d + v * W), PairRule<Op>::dx_run(acc[v])));
+      for (int v = 0; v < V; ++v) S::store(d + v * W, S::add(S::load(d + v * W), acc[v]));
     }
   }
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < V; ++v) S::store(dwp + r * NR + v * W, dw[r][v]);
 }
+
+// dx's sums over o run kDxRun channels at a time, each run's sum then added to dx: over E's
+// 1024 output channels one running sum had lost 5x the accuracy of a product (l1 dx max
+// error 1.8e-4 -> 3.7e-5 at |dx| <= 155, with no measured cost). At most kDxRun output
+// channels (layer A's 64) keep one sum, and the same bits.
+constexpr int64_t kDxRun = 64;
 
 // Input and kernel gradient of adder / l1 on a convolution whose input channels are whole
 // vectors (c.wpack holds the kernel transposed per tap, group and block of NR input channels,
@@ -115,11 +101,6 @@ template <class Op>
 bool pair_backward(Ctx& c) {
   constexpr int R = 4;
   constexpr int64_t kChunk = 64;  // positions whose x rows and dx sums stay in L1
-  // dx's sums over o run kDxRun channels at a time, each run's sum then added to dx: over
-  // E's 1024 output channels one running sum had lost 5x the accuracy of a product (l1 dx
-  // max error 1.8e-4 -> 3.7e-5 at |dx| <= 155, with no measured cost). At most kDxRun output
-  // channels (layer A's 64) keep one sum, and the same bits.
-  constexpr int64_t kDxRun = 64;
   const jaxconv::Call& call = *c.call;
   const int64_t I = c.I, O = c.O, Og = c.Og, T = c.T, OS = c.OS, N = c.g.n;
   const int64_t nIB = (I + NR - 1) / NR;
@@ -211,7 +192,6 @@ bool pair_backward(Ctx& c) {
       for (int64_t j = 0; j < Og * NR; j += W) S::store(first + j, S::add(S::load(first + j),
                                                                           S::load(src + j)));
     }
-    PairRule<Op>::dw_scale(first, Og * NR);
     float* dst = call.out2 + b * c.w_bs + (t * I + ib * NR) * O + grp * Og;
     transpose(first, NR, dst, O, Og, nl);
   };

@@ -38,8 +38,10 @@ def _rule(name: str, x: np.ndarray, w: np.ndarray, ct: np.ndarray):
 
 def _grads(name: str, x: np.ndarray, w: np.ndarray, ct: np.ndarray):
     """The native dense product's gradients for the cotangent ``ct``."""
+
     def f(a, b):
         return jaxconv.dot_general(a, b, DN, op=name, engine="native")
+
     _, vjp = jax.vjp(f, jnp.asarray(x), jnp.asarray(w))
     return tuple(np.asarray(v) for v in vjp(jnp.asarray(ct)))
 
@@ -75,11 +77,13 @@ def test_l2_exact_gradients_do_not_cancel(kind):
     else:
         x = (1000 + 0.01 * rng.standard_normal((2, 6, 6, 32))).astype(np.float32)
         w = (1000 + 0.01 * rng.standard_normal((3, 3, 32, 16))).astype(np.float32)
-        kw = dict(window_strides=(1, 1), padding="VALID",
-                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        kw = dict(
+            window_strides=(1, 1), padding="VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
 
         def f(a, b):
             return jaxconv.conv_general_dilated(a, b, op="l2_exact", engine="native", **kw)
+
         y, vjp = jax.vjp(f, jnp.asarray(x), jnp.asarray(w))
         ct = rng.standard_normal(y.shape).astype(np.float32)
         dx, dw = (np.asarray(v) for v in vjp(jnp.asarray(ct)))
@@ -88,9 +92,9 @@ def test_l2_exact_gradients_do_not_cancel(kind):
         rdx, rdw = np.zeros_like(xd), np.zeros_like(wd)
         for i in range(3):
             for j in range(3):
-                d = xd[:, i:i + 4, j:j + 4, :, None] - wd[i, j][None, None, None]
+                d = xd[:, i : i + 4, j : j + 4, :, None] - wd[i, j][None, None, None]
                 t = g[:, :, :, None, :] * d  # (N, 4, 4, I, O)
-                rdx[:, i:i + 4, j:j + 4, :] += -2 * t.sum(axis=4)
+                rdx[:, i : i + 4, j : j + 4, :] += -2 * t.sum(axis=4)
                 rdw[i, j] = 2 * t.sum(axis=(0, 1, 2))
     for got, ref in ((dx, rdx), (dw, rdw)):
         err = np.max(np.abs(got - ref)) / np.max(np.abs(ref))
