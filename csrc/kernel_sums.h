@@ -177,6 +177,10 @@ void sum_backward(Ctx& c, int64_t parts) {
     if (parts & 1) pack_kernel_blocks(c);
     // adder / l1: both gradients in one pass (kernel_sums_paired.h).
     if constexpr (PairRule<Op>::kHas) {
+      if (parts == 3 && dense_pair_fits(c)) {  // kernel_sumbwd_dense.h
+        dense_pair_backward<Op>(c);
+        return;
+      }
       if (parts == 3 && pair_backward<Op>(c)) return;
     }
   }

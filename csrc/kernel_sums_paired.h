@@ -81,6 +81,12 @@ void pair_tile(const float* const* rows, float* const* dxr, const float* const* 
     for (int v = 0; v < V; ++v) S::store(dwp + r * NR + v * W, dw[r][v]);
 }
 
+// dx's sums over o run kDxRun channels at a time, each run's sum then added to dx: over E's
+// 1024 output channels one running sum had lost 5x the accuracy of a product (l1 dx max
+// error 1.8e-4 -> 3.7e-5 at |dx| <= 155, with no measured cost). At most kDxRun output
+// channels (layer A's 64) keep one sum, and the same bits.
+constexpr int64_t kDxRun = 64;
+
 // Input and kernel gradient of adder / l1 on a convolution whose input channels are whole
 // vectors (c.wpack holds the kernel transposed per tap, group and block of NR input channels,
 // as sum_backward packs it). Items are (batch, group, block of input channels, run of
@@ -95,11 +101,6 @@ template <class Op>
 bool pair_backward(Ctx& c) {
   constexpr int R = 4;
   constexpr int64_t kChunk = 64;  // positions whose x rows and dx sums stay in L1
-  // dx's sums over o run kDxRun channels at a time, each run's sum then added to dx: over
-  // E's 1024 output channels one running sum had lost 5x the accuracy of a product (l1 dx
-  // max error 1.8e-4 -> 3.7e-5 at |dx| <= 155, with no measured cost). At most kDxRun output
-  // channels (layer A's 64) keep one sum, and the same bits.
-  constexpr int64_t kDxRun = 64;
   const jaxconv::Call& call = *c.call;
   const int64_t I = c.I, O = c.O, Og = c.Og, T = c.T, OS = c.OS, N = c.g.n;
   const int64_t nIB = (I + NR - 1) / NR;

@@ -1,0 +1,131 @@
+// Both gradients of adder / l1 on a dense problem (one tap, one output position per image,
+// no padding) in one pass over the terms, with the positions outside and the output channels
+// inside: a tile of PB positions x V vectors of input channels keeps its x values and its
+// input-gradient sums in registers while it walks a block of output channels, each output
+// channel's V kernel vectors loaded once and its V kernel-gradient sums updated PB times.
+//
+// Why: the convolution's pair pass (kernel_sums_paired.h) keeps the kernel-gradient sums in
+// registers and walks the positions inside, loading 4 x 4 kernel vectors and the input-gradient
+// partials of every position for each 16 vector-terms (1.75 loads per term). On a dense layer
+// (E: 256 x 1024 @ 1024 x 1024) its x rows and cotangent rows lie 4 KiB apart and its
+// partials (16 KiB of dx, 256 KiB of dw per block of channels) do not stay in L1: one thread
+// took 20.6-22.1 ms for adder's backward there (layer A, as many terms: 14.9). Here a term
+// costs 10 loads and 2 stores per 12 terms (PB = 6, V = 2), everything but the cotangent rows
+// in L1: 14.9-15.3 ms (benchmarks/sumbwd_1t.cc).
+//
+// Each dx element sums its output channels ascending in runs of kDxRun (from zero; each run
+// then added to dx), each dw element its positions ascending from zero: pair_backward's sums
+// in its order, so its bits, wherever it does not cut the images into runs (at least 8 blocks
+// of 64 input channels, as on E); with fewer, dw sums the positions in one run instead of
+// several. Neither depends on the threads.
+//
+// Part of the kernel template: included by kernels.inc inside its anonymous namespace
+// (once per instruction set), after kernel_sums_paired.h, never on its own.
+#pragma once
+
+// Positions and vectors of input channels of one dense tile.
+constexpr int kDensePB = 6;
+constexpr int kDenseV = 2;
+// Output channels per block (a multiple of the input gradient's runs, kDxRun).
+constexpr int64_t kDenseOB = 128;
+
+// One tile: PB positions (x rows `xr`, row stride xs; cotangent rows `gr`, row stride gs; dx
+// rows `dxr`, row stride xs) x V vectors of input channels, against `no` output channels
+// (kernel vectors `wt`, row stride NR; kernel-gradient sums `dwl`, row stride V * W).
+template <class Op, int PB, int V>
+void dense_pair_tile(const float* xr, const float* gr, float* dxr, int64_t xs, int64_t gs,
+                     const float* wt, float* dwl, int64_t no) {
+  using Vec = S::V;
+  Vec xv[PB][V], acc[PB][V];
+  for (int p = 0; p < PB; ++p)
+    for (int v = 0; v < V; ++v) xv[p][v] = S::load(xr + p * xs + v * W);
+  for (int64_t o0 = 0; o0 < no; o0 += kDxRun) {
+    const int64_t o1 = o0 + kDxRun < no ? o0 + kDxRun : no;
+    for (int p = 0; p < PB; ++p)
+      for (int v = 0; v < V; ++v) acc[p][v] = S::zero();
+    for (int64_t o = o0; o < o1; ++o) {
+      Vec wv[V], dw[V];
+      for (int v = 0; v < V; ++v) {
+        wv[v] = S::load(wt + o * NR + v * W);
+        dw[v] = S::load(dwl + o * (V * W) + v * W);
+      }
+      for (int p = 0; p < PB; ++p) {
+        const Vec g = S::set1(gr[p * gs + o]);
+        for (int v = 0; v < V; ++v) PairRule<Op>::term(g, xv[p][v], wv[v], acc[p][v], dw[v]);
+      }
+      for (int v = 0; v < V; ++v) S::store(dwl + o * (V * W) + v * W, dw[v]);
+    }
+    for (int p = 0; p < PB; ++p)
+      for (int v = 0; v < V; ++v) {
+        float* d = dxr + p * xs + v * W;
+        S::store(d, S::add(S::load(d), acc[p][v]));
+      }
+  }
+}
+
+// The tile of the last pn < PB positions (one instantiation per count).
+template <class Op, int V>
+void dense_pair_rest(int pn, const float* xr, const float* gr, float* dxr, int64_t xs,
+                     int64_t gs, const float* wt, float* dwl, int64_t no) {
+  switch (pn) {
+    case 1: return dense_pair_tile<Op, 1, V>(xr, gr, dxr, xs, gs, wt, dwl, no);
+    case 2: return dense_pair_tile<Op, 2, V>(xr, gr, dxr, xs, gs, wt, dwl, no);
+    case 3: return dense_pair_tile<Op, 3, V>(xr, gr, dxr, xs, gs, wt, dwl, no);
+    case 4: return dense_pair_tile<Op, 4, V>(xr, gr, dxr, xs, gs, wt, dwl, no);
+    default: return dense_pair_tile<Op, 5, V>(xr, gr, dxr, xs, gs, wt, dwl, no);
+  }
+}
+
+// One block of V vectors of input channels (from i0) of one (batch entry, group): every
+// position, every output channel.
+template <class Op, int V>
+void dense_pair_block(const Ctx& c, int64_t b, int64_t grp, int64_t i0, float* dwl) {
+  const jaxconv::Call& call = *c.call;
+  const int64_t I = c.I, O = c.O, Og = c.Og, P = c.P, xs = c.img;
+  const int64_t nIB = (I + NR - 1) / NR;
+  const float* xb = call.x + b * c.x_bs + grp * I + i0;
+  const float* gb = call.g + b * c.y_bs + grp * Og;
+  float* dxb = call.out + b * c.x_bs + grp * I + i0;
+  float* dwb = call.out2 + b * c.w_bs + i0 * O + grp * Og;
+  const float* wt = c.wpack + ((b * c.G + grp) * nIB + i0 / NR) * Og * NR + i0 % NR;
+  for (int64_t o0 = 0; o0 < Og; o0 += kDenseOB) {
+    const int64_t no = Og - o0 < kDenseOB ? Og - o0 : kDenseOB;
+    for (int64_t k = 0; k < no * V * W; k += W) S::store(dwl + k, S::zero());
+    int64_t p = 0;
+    for (; p + kDensePB <= P; p += kDensePB)
+      dense_pair_tile<Op, kDensePB, V>(xb + p * xs, gb + p * O + o0, dxb + p * xs, xs, O,
+                                       wt + o0 * NR, dwl, no);
+    if (p < P)
+      dense_pair_rest<Op, V>(int(P - p), xb + p * xs, gb + p * O + o0, dxb + p * xs, xs, O,
+                             wt + o0 * NR, dwl, no);
+    transpose(dwl, V * W, dwb + o0, O, no, V * W);  // kernel_dense_backward.h
+  }
+}
+
+// Whether dense_pair_backward serves the call: a dense problem whose input channels are whole
+// vectors, with enough blocks of them for the threads (else pair_backward, which cuts the
+// positions into runs).
+inline bool dense_pair_fits(const Ctx& c) {
+  const int64_t blocks = (c.I + kDenseV * W - 1) / (kDenseV * W);
+  return c.T == 1 && c.OS == 1 && c.tab[0] == 0 && c.I % W == 0 &&
+         c.call->batch * c.G * blocks >= 8;
+}
+
+// Both gradients of adder / l1 on a dense problem (dense_pair_fits), c.wpack packed
+// (pack_kernel_blocks). Items are (batch entry, group, block of kDenseV vectors of input
+// channels; a last block of one vector where I is an odd number of vectors); each owns its
+// dx columns and dw rows.
+template <class Op>
+void dense_pair_backward(Ctx& c) {
+  const jaxconv::Call& call = *c.call;
+  const int64_t nvec = c.I / W;
+  const int64_t blocks = (nvec + kDenseV - 1) / kDenseV;
+  auto item = [&](int64_t it) {
+    const int64_t blk = it % blocks, grp = (it / blocks) % c.G, b = it / (blocks * c.G);
+    alignas(64) float dwl[kDenseOB * kDenseV * W];
+    const int64_t i0 = blk * kDenseV * W;
+    if (nvec - blk * kDenseV >= kDenseV) dense_pair_block<Op, kDenseV>(c, b, grp, i0, dwl);
+    else dense_pair_block<Op, 1>(c, b, grp, i0, dwl);
+  };
+  parallel(c, call.batch * c.G * blocks, item);
+}
