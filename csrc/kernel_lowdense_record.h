@@ -1,0 +1,151 @@
+// Exact winner codes for the dense recording forward on bfloat16 / float16 operands
+// (kernel_dense_record.h with call.low; the ops of LowCodes), so that their backward is a scatter
+// (kernel_lowdense_backward.h) rather than the low recorded scan of marked blocks.
+//
+// The winners of a low max / min are the float32 products that round to the output's result y
+// (its dtype's value), found by the low backward's compare (kernel_wide_lowwin.h): under max a
+// product wins when it is >= the lower end of y's rounding interval, under min when it is <= the
+// upper end. At a tile's end the masks (kernel_lowrec_mark.h: the blocks that may hold such a
+// product) are turned into codes as exact_codes does for float32 (kernel_densebwd_exact.h), the
+// marked blocks scanned along k in x's row (in L1 from the tile's loop) against the block's
+// transposed kernel columns, with that compare:
+// - bfloat16: the product against the bound lowrec_bf16_bound gives (the scan's bound, the same
+//   bits; a bound below 2^-126 reads as zero under DAZ in both compares);
+// - float16: the product rounded to float16 against y rounded (every float16 bound is a normal
+//   float32 and the products are below y's float32 maximum under max, above it under min: a
+//   product passes the bound exactly when it rounds to y).
+// An output's code is then the winner's k when it has exactly one, its two winners when it has
+// two, -2 - mask when it has more (a tie: the backward rescans the marked blocks), -2 when it has
+// none (kernel_lowdense_case.h) -- the counts of the low scan, which rescans the same blocks with
+// the same compare.
+//
+// Part of the kernel template: included by kernels.inc inside its anonymous namespace (once per
+// instruction set), after kernel_lowrec_mark.h and before kernel_dense_record.h, never on its
+// own.
+#pragma once
+
+#include "kernel_lowdense_case.h"
+
+// The ops whose low dense record holds codes: those whose partials are constants (x + w).
+template <class Op>
+struct LowCodes : std::false_type {};
+template <class R>
+struct LowCodes<Plus<R>> : std::true_type {};
+
+// Whether a low call's dense record holds codes (else the block masks).
+template <class Op>
+bool lowdense_records(const Ctx& c) {
+  return LowCodes<Op>::value && lowdense_case(c.g);
+}
+
+// W products rounded to float16 and widened back (exact), as XLA's convert rounds them.
+inline S::V lowdense_f16(S::V p) {
+#if defined(__AVX512F__)
+  return _mm512_cvtph_ps(_mm512_cvtps_ph(p, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#else
+  alignas(64) float a[W];
+  S::store(a, p);
+  for (int l = 0; l < W; ++l) a[l] = low_float(widen_bits<2>(narrow_bits<2>(a[l])));
+  return S::load(a);
+#endif
+}
+
+// The lanes of W products p that are an output's winners (bd: its bound for bfloat16, its
+// rounded y for float16), as bits.
+template <bool Max, int Kind>
+inline uint32_t lowdense_hits(S::V p, S::V bd) {
+  if constexpr (Kind == 2) return mask_bits(S::eq(lowdense_f16(p), bd));
+  else return mask_bits(Max ? S::ge(p, bd) : S::le(p, bd));
+}
+
+// The same for one product.
+template <bool Max, int Kind>
+inline bool lowdense_hit(float p, float bd) {
+  if constexpr (Kind == 2) return low_float(widen_bits<2>(narrow_bits<2>(p))) == bd;
+  else return Max ? p >= bd : p <= bd;
+}
+
+// The number of winners of x's row `xp` against kernel column `wo` (both along k) in the blocks
+// of `mask`, and the first and last one's k in *first and *last.
+template <class Op, int Kind>
+int64_t lowdense_count(const float* xp, const float* wo, int64_t K, int64_t kb, uint32_t mask,
+                       float bd, int64_t* first, int64_t* last) {
+  constexpr bool kMax = Op::kReduce == 1;
+  const S::V bv = S::set1(bd);
+  int64_t cnt = 0, at = -1, lo = -1;
+  for (; mask; mask &= mask - 1) {
+    const int64_t k0 = int64_t(__builtin_ctz(mask)) * kb, k1 = k0 + kb < K ? k0 + kb : K;
+    int64_t k = k0;
+    for (; k + W <= k1; k += W) {
+      const uint32_t bits = lowdense_hits<kMax, Kind>(
+          Op::template comb<S>(S::load(xp + k), S::load(wo + k)), bv);
+      if (bits && cnt == 0) lo = k + __builtin_ctz(bits);
+      cnt += __builtin_popcount(bits);
+      if (bits) at = k + 31 - __builtin_clz(bits);
+    }
+    for (; k < k1; ++k)
+      if (lowdense_hit<kMax, Kind>(Op::template comb<Sc>(xp[k], wo[k]), bd)) {
+        if (cnt++ == 0) lo = k;
+        at = k;
+      }
+  }
+  *first = lo;
+  *last = at;
+  return cnt;
+}
+
+// An output's code (kernel_lowdense_case.h) from its winners' count c, first and last k and
+// block mask.
+inline int32_t lowdense_code(int64_t c, int64_t first, int64_t last, uint32_t mask, bool pairs) {
+  if (c == 1) return int32_t(last);
+  if (c == 0) return -2;
+  return c == 2 && pairs ? lowdense_pair(first, last) : -2 - int32_t(mask);
+}
+
+// The codes of `rows` output rows of one tile (as exact_codes: row r's x in xr[r], its nvalid
+// float32 results and masks at yr + r * O and cr + r * O, each mask replaced by its code; the
+// transposed kernel columns `cols`, rows cs apart). Out of line, as exact_codes.
+template <class Op, int Kind>
+__attribute__((noinline)) void lowdense_codes(const float* const* xr, int rows,
+                                              const float* cols, int64_t cs, int64_t K,
+                                              int64_t kb, const float* yr, int32_t* cr,
+                                              int64_t O, int64_t nvalid) {
+  constexpr bool kMax = Op::kReduce == 1;
+  const int64_t whole = kb == 64 ? K / 64 : 0;
+  const bool pairs = lowdense_pairs(K);
+  alignas(64) float bd[NR];
+  alignas(64) uint16_t h[NR];
+  for (int r = 0; r < rows; ++r, yr += O, cr += O) {
+    // Each output's bound (bfloat16) or result rounded to float16.
+    if constexpr (Kind == 2) {
+      narrow_run<2>(yr, h, nvalid);
+      for (int64_t l = 0; l < nvalid; ++l) bd[l] = low_float(widen_bits<2>(h[l]));
+    } else {
+      for (int64_t l = 0; l < nvalid; ++l)
+        bd[l] = low_float(lowrec_bf16_bound<kMax>(low_bits(yr[l])));
+    }
+    const float* xp = xr[r];
+    for (int64_t l = 0; l < nvalid; ++l) {
+      const uint32_t mask = uint32_t(cr[l]);
+      const float* wo = cols + l * cs;
+      if (mask != 0 && (mask & (mask - 1)) == 0 && __builtin_ctz(mask) < whole) {
+        // One whole block of 64 rows (the usual output): its compares in one word.
+        const int64_t k0 = int64_t(__builtin_ctz(mask)) * 64;
+        const S::V bv = S::set1(bd[l]);
+        uint64_t word = 0;
+        for (int j = 0; j < 64 / W; ++j)
+          word |= uint64_t(lowdense_hits<kMax, Kind>(
+                      Op::template comb<S>(S::load(xp + k0 + j * W), S::load(wo + k0 + j * W)),
+                      bv))
+                  << (j * W);
+        cr[l] = lowdense_code(__builtin_popcountll(word), k0 + __builtin_ctzll(word | (1ull << 63)),
+                              k0 + 63 - __builtin_clzll(word | 1), mask, pairs);
+        continue;
+      }
+      int64_t first = -1, last = -1;
+      const int64_t c =
+          mask ? lowdense_count<Op, Kind>(xp, wo, K, kb, mask, bd[l], &first, &last) : 0;
+      cr[l] = lowdense_code(c, first, last, mask, pairs);
+    }
+  }
+}
