@@ -2,12 +2,11 @@
 // its recording forward (kernel_lowdense_record.h): a scatter of the cotangent straight from
 // the low operands, with no product computed again where an output has one winner.
 //
-// An output's code (kernel_lowdense_case.h) is its one winner's kernel row k (>= 0), its two
-// winners, -2 - mask for a tie of more (the blocks that hold its winners), or -2 (none). Pass W, per block of kCB output channels (the item owns those
+// An output's code (kernel_lowdense_case.h) is its one winner's kernel row k (>= 0), its two or
+// three winners, -2 - mask for a tie of more (the blocks that hold its winners), or -2 (none). Pass W, per block of kCB output channels (the item owns those
 // columns of dw): each output's terms added to the block's float32 columns (K, kCB), rows in
-// order; a tie's winners found again in its marked blocks with the low scan's compare
-// (low_pass against scan_bound, kernel_wide_lowwin.h; the block's kernel columns widened along
-// k at its first tie) and listed for pass X. Pass X, per run of rows (they own their dx): each
+// order; a tie of three winners or more found again in its marked blocks with the low scan's
+// compare (low_pass against scan_bound, kernel_wide_lowwin.h) and listed for pass X. Pass X, per run of rows (they own their dx): each
 // row's terms in the order of its outputs, a tie's in kernel-row order from its list. Every
 // float32 sum so adds the terms of the low recorded backward (kernel_lowrec_backward.h, the
 // route it replaces) in its order -- dx over the outputs in order, dw over the rows in order, a
@@ -18,7 +17,6 @@
 #pragma once
 
 #include "kernel_lowdense_case.h"
-#include "kernel_lowdense_transpose.h"
 
 // The ops whose dense low record holds codes (kernel_lowdense_record.h's LowCodes): x + w.
 template <class Op>
@@ -31,33 +29,6 @@ template <class F>
 void lowdense_items(const WideCall& call, int64_t n, F& f) {
   auto run = [](void* arg, int64_t it) { (*static_cast<F*>(arg))(it); };
   call.par.run(call.par.ctx, n, run, &f);
-}
-
-// The row stride of the widened kernel columns: K rounded up to an odd number of cache lines
-// (columns 4 KiB apart would share one set of L1).
-inline int64_t lowdense_stride(int64_t K) { return ((K + 15) / 16 | 1) * 16; }
-
-// Columns 0 .. cols - 1 (at most kCB) of the low kernel `w` (K rows, O apart) widened to
-// float32 along k: column q at ct + q * cs. 16 rows at a time are widened into `buf` (16 x kCB
-// floats) and their whole blocks of 16 columns transposed in registers (AVX-512).
-template <int Kind, int64_t kCB>
-void lowdense_columns(const uint16_t* w, int64_t O, int64_t K, int64_t cols, float* ct,
-                      int64_t cs, float* buf) {
-  int64_t k = 0;
-#if defined(__AVX512F__)
-  const int64_t whole = cols / 16 * 16;
-  if (whole > 0)
-    for (; k + 16 <= K; k += 16) {
-      for (int64_t r = 0; r < 16; ++r) widen_run<Kind>(w + (k + r) * O, buf + r * kCB, cols);
-      for (int64_t q = 0; q < whole; q += 16) transpose16(buf + q, kCB, ct + q * cs + k, cs);
-      for (int64_t q = whole; q < cols; ++q)
-        for (int64_t r = 0; r < 16; ++r) ct[q * cs + k + r] = buf[r * kCB + q];
-    }
-#endif
-  for (; k < K; ++k) {
-    widen_run<Kind>(w + k * O, buf, cols);
-    for (int64_t q = 0; q < cols; ++q) ct[q * cs + k] = buf[q];
-  }
 }
 
 // A winner's term: the share s (g / count) times the partial (a constant 1 for x + w: s itself,
@@ -83,7 +54,7 @@ struct LowDense {
   const uint16_t* g16;
   const int32_t* rec;
   int32_t* tie_at;        // per tied output: its place in its pass-W item's list (-1: none)
-  int64_t N, K, O, G, Og, C, kb, nblk, cs;
+  int64_t N, K, O, G, Og, C, kb, nblk;
 };
 
 // n values of g (or y) from `at` as float32 into dst.
@@ -93,66 +64,71 @@ inline void lowdense_row(const float* f, const uint16_t* h, int64_t at, int64_t 
   else std::memcpy(dst, f + at, sizeof(float) * size_t(n));
 }
 
-// A pass-W item's scratch for its ties: its kernel columns widened along k (made at its first
-// tie), a widened row of x, the winners of one output, and the item's list (per tied output:
-// its count, then its winners in kernel-row order).
+// A pass-W item's scratch for its ties of three winners or more: a widened block of x's row and
+// of a kernel column, the winners of one output, and the item's list (per tied output: its
+// count, then its winners in kernel-row order).
 struct LowTies {
-  std::unique_ptr<LowBuf> cols;
-  std::vector<float> buf, xw;
+  std::vector<float> xw, ww;
   std::vector<int32_t> win;
   std::vector<int32_t>* list;
 };
 
-// A tie of pass W (output `at`, row n of batch element b, column col0 + l of group grp; share
-// numerator gv): its winners in the marked blocks of its code, listed, their dw terms added to
-// the item's columns `acc`. Out of line: the scatter's loop keeps its registers.
+// A tie of pass W (output `at`, row n of batch element b, column col of group grp; share
+// numerator gv; l: its column in the item's `acc`): its winners in the marked blocks of its
+// code, listed, their dw terms added to acc. Its kernel column is read along k (a gather: such
+// ties are rare). Out of line: the scatter's loop keeps its registers.
 template <class Op, class Gr, bool Max, int Rnd, int64_t kCB>
 __attribute__((noinline)) void lowdense_tie(const LowDense& d, LowTies& ts, int64_t b,
-                                            int64_t grp, int64_t n, int64_t col0, int64_t cols,
-                                            int64_t l, int32_t code, float gv, float* acc) {
+                                            int64_t grp, int64_t n, int64_t col, int64_t l,
+                                            int32_t code, float gv, float* acc) {
   using V = VecOf<float>;
   constexpr int L = Vt<float>::L;
   constexpr int Kind = Rnd == jaxconv::kRoundBF16 ? 1 : 2;
-  const int64_t K = d.K, at = (b * d.N + n) * d.O + col0 + l;
-  if (!ts.cols) {
-    ts.cols.reset(new LowBuf(sizeof(float) * size_t(kCB * d.cs)));
-    ts.buf.resize(size_t(16 * kCB));
-    ts.xw.resize(size_t(K));
-    lowdense_columns<Kind, kCB>(d.w16 + b * K * d.O + col0, d.O, K, cols,
-                                ts.cols->template get<float>(), d.cs, ts.buf.data());
-  }
-  const float* wo = ts.cols->template get<float>() + l * d.cs;
-  const uint16_t* xr = d.x16 + (b * d.N + n) * d.C + grp * K;
+  const int64_t K = d.K, O = d.O, at = (b * d.N + n) * O + col;
+  ts.xw.resize(size_t(d.kb));
+  ts.ww.resize(size_t(d.kb));
   float* xw = ts.xw.data();
+  float* ww = ts.ww.data();
+  const uint16_t* xr = d.x16 + (b * d.N + n) * d.C + grp * K;
+  const uint16_t* wc = d.w16 + b * K * O + col;
   const float bd = scan_bound<Op, Rnd, Max>(low_at<Rnd>(d.yf, d.y16, at));
   const V bv = splat<float>(bd);
   ts.win.clear();
+  const size_t start = ts.list->size();
+  ts.list->push_back(0);
   for (uint32_t m = uint32_t(-2 - code); m; m &= m - 1) {
     const int64_t k0 = int64_t(__builtin_ctz(m)) * d.kb, k1 = k0 + d.kb < K ? k0 + d.kb : K;
-    widen_run<Kind>(xr + k0, xw + k0, k1 - k0);
+    widen_run<Kind>(xr + k0, xw, k1 - k0);
+    for (int64_t k = k0; k < k1; ++k) ww[k - k0] = low_float(widen_bits<Kind>(wc[k * O]));
     int64_t k = k0;
     for (; k + L <= k1; k += L) {
       V xv, wv;
-      std::memcpy(&xv, xw + k, sizeof(V));
-      std::memcpy(&wv, wo + k, sizeof(V));
+      std::memcpy(&xv, xw + (k - k0), sizeof(V));
+      std::memcpy(&wv, ww + (k - k0), sizeof(V));
       for (uint32_t bits = lane_bits((V)low_pass<Op, false, Max>(xv, wv, bv, 0)); bits;
            bits &= bits - 1)
         ts.win.push_back(int32_t(k + __builtin_ctz(bits)));
     }
     for (; k < k1; ++k)
-      if (low_hit<Op, false, Max>(xw[k], wo[k], bd)) ts.win.push_back(int32_t(k));
+      if (low_hit<Op, false, Max>(xw[k - k0], ww[k - k0], bd)) ts.win.push_back(int32_t(k));
+    // This block's terms wait until the count is known: kept as (k, x, w) in the list's tail.
+    for (const int32_t kk : ts.win) ts.list->push_back(kk);
+    ts.win.clear();
   }
-  const int32_t c = int32_t(ts.win.size());
+  const int32_t c = int32_t(ts.list->size() - start - 1);
   if (c == 0) {
+    ts.list->resize(start);
     d.tie_at[at] = -1;
     return;
   }
+  (*ts.list)[start] = c;
+  d.tie_at[at] = int32_t(start);
   const float s = gv / float(c);
-  d.tie_at[at] = int32_t(ts.list->size());
-  ts.list->push_back(c);
-  for (const int32_t k : ts.win) {
-    ts.list->push_back(k);
-    acc[k * kCB + l] += lowdense_term<Op, Gr, false>(s, xw[k], wo[k]);
+  for (int32_t q = 1; q <= c; ++q) {
+    const int64_t k = (*ts.list)[start + size_t(q)];
+    const float xs = low_float(widen_bits<Kind>(xr[k]));
+    const float ws = low_float(widen_bits<Kind>(wc[k * O]));
+    acc[k * kCB + l] += lowdense_term<Op, Gr, false>(s, xs, ws);
   }
 }
 
@@ -160,12 +136,12 @@ __attribute__((noinline)) void lowdense_tie(const LowDense& d, LowTies& ts, int6
 template <class Op, class Gr, bool Max, int Rnd, int64_t kCB>
 void lowdense_dw(const LowDense& d, int64_t item, std::vector<int32_t>& list, uint16_t* dw) {
   constexpr int Kind = Rnd == jaxconv::kRoundBF16 ? 1 : 2;
-  constexpr int64_t kAhead = 6;  // rows fetched ahead: they are a page apart (no hardware
+  constexpr int64_t kAhead = 24;  // rows fetched ahead: they are a page apart (no hardware
                                  // prefetch across pages)
   const int64_t blk = item % d.nblk, grp = (item / d.nblk) % d.G, b = item / (d.nblk * d.G);
   const int64_t K = d.K, O = d.O, col0 = grp * d.Og + blk * kCB;
   const int64_t cols = d.Og - blk * kCB < kCB ? d.Og - blk * kCB : kCB;
-  LowBuf acc_buf(sizeof(float) * size_t(K * kCB));
+  LowBuf acc_buf((sizeof(float) + sizeof(uint16_t)) * size_t(K * kCB));
   float* acc = acc_buf.template get<float>();
   std::memset(acc, 0, sizeof(float) * size_t(K * kCB));
   LowTies ts;
@@ -192,25 +168,30 @@ void lowdense_dw(const LowDense& d, int64_t item, std::vector<int32_t>& list, ui
           const float ws = low_float(widen_bits<Kind>(d.w16[(b * K + code) * O + col0 + l]));
           acc[code * kCB + l] += lowdense_term<Op, Gr, false>(gr[l] / 1.0f, xs, ws);
         }
-      } else if (code <= kLowPair) {  // two winners, in kernel-row order
-        const int32_t v = kLowPair - code;
-        const float s = gr[l] / 2.0f;
-        for (const int64_t k : {int64_t(v >> 15), int64_t(v & 0x7fff)}) {
+      } else if (code <= kLowList) {  // two or three winners, in kernel-row order
+        int64_t ks[3];
+        const int c = lowdense_unlist(code, K, ks);
+        const float s = gr[l] / float(c);
+        for (int q = 0; q < c; ++q) {
           if constexpr (Op::kComb == 0) {
-            acc[k * kCB + l] += s;
+            acc[ks[q] * kCB + l] += s;
           } else {
-            const float xs = low_float(widen_bits<Kind>(d.x16[(b * d.N + n) * d.C + grp * K + k]));
-            const float ws = low_float(widen_bits<Kind>(d.w16[(b * K + k) * O + col0 + l]));
-            acc[k * kCB + l] += lowdense_term<Op, Gr, false>(s, xs, ws);
+            const float xs =
+                low_float(widen_bits<Kind>(d.x16[(b * d.N + n) * d.C + grp * K + ks[q]]));
+            const float ws = low_float(widen_bits<Kind>(d.w16[(b * K + ks[q]) * O + col0 + l]));
+            acc[ks[q] * kCB + l] += lowdense_term<Op, Gr, false>(s, xs, ws);
           }
         }
       } else if (code <= -3) {
-        lowdense_tie<Op, Gr, Max, Rnd, kCB>(d, ts, b, grp, n, col0, cols, l, code, gr[l], acc);
+        lowdense_tie<Op, Gr, Max, Rnd, kCB>(d, ts, b, grp, n, col0 + l, l, code, gr[l], acc);
       }
     }
   }
+  // Rounded in one run (the columns' runs are short), then copied to dw's rows.
+  uint16_t* h = reinterpret_cast<uint16_t*>(acc + K * kCB);
+  narrow_run<Kind>(acc, h, K * kCB);
   for (int64_t k = 0; k < K; ++k)
-    narrow_run<Kind>(acc + k * kCB, dw + (b * K + k) * O + col0, cols);
+    std::memcpy(dw + (b * K + k) * O + col0, h + k * kCB, sizeof(uint16_t) * size_t(cols));
 }
 
 // Pass X's item (b, rows n0 .. n1 - 1): dx's rows, each output's terms in order.
@@ -237,12 +218,13 @@ void lowdense_dx(const LowDense& d, const std::vector<std::vector<int32_t>>& lis
                                                     wide(d.w16[(b * K + code) * O + o]));
           continue;
         }
-        if (code <= kLowPair) {  // two winners, in kernel-row order
-          const int32_t v = kLowPair - code;
-          const float s = gr[o] / 2.0f;
-          for (const int64_t k : {int64_t(v >> 15), int64_t(v & 0x7fff)})
-            dg[k] += lowdense_term<Op, Gr, true>(s, wide(xr[grp * K + k]),
-                                                 wide(d.w16[(b * K + k) * O + o]));
+        if (code <= kLowList) {  // two or three winners, in kernel-row order
+          int64_t ks[3];
+          const int c = lowdense_unlist(code, K, ks);
+          const float s = gr[o] / float(c);
+          for (int q = 0; q < c; ++q)
+            dg[ks[q]] += lowdense_term<Op, Gr, true>(s, wide(xr[grp * K + ks[q]]),
+                                                     wide(d.w16[(b * K + ks[q]) * O + o]));
           continue;
         }
         if (code > -3 || d.tie_at[at + o] < 0) continue;
@@ -282,7 +264,6 @@ int lowdense_backward(const WideCall& call) {
     d.N = g.n, d.K = g.i, d.O = g.o, d.G = g.g, d.Og = g.o / g.g, d.C = g.c;
     d.kb = jaxconv::record_block_rows(d.K);
     d.nblk = (d.Og + kCB - 1) / kCB;
-    d.cs = lowdense_stride(d.K);
     const int64_t B = call.batch;
     std::vector<std::vector<int32_t>> lists;
     std::unique_ptr<LowBuf> tie_buf;

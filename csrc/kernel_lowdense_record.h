@@ -14,9 +14,9 @@
 // - float16: the product rounded to float16 against y rounded (every float16 bound is a normal
 //   float32 and the products are below y's float32 maximum under max, above it under min: a
 //   product passes the bound exactly when it rounds to y).
-// An output's code is then the winner's k when it has exactly one, its two winners when it has
-// two, -2 - mask when it has more (a tie: the backward rescans the marked blocks), -2 when it has
-// none (kernel_lowdense_case.h) -- the counts of the low scan, which rescans the same blocks with
+// An output's code is then the winner's k when it has exactly one, its winners when it has two
+// (or three), -2 - mask when it has more (a tie: the backward rescans the marked blocks), -2 when
+// it has none (kernel_lowdense_case.h) -- the counts of the low scan, which rescans the same blocks with
 // the same compare.
 //
 // Part of the kernel template: included by kernels.inc inside its anonymous namespace (once per
@@ -66,40 +66,38 @@ inline bool lowdense_hit(float p, float bd) {
 }
 
 // The number of winners of x's row `xp` against kernel column `wo` (both along k) in the blocks
-// of `mask`, and the first and last one's k in *first and *last.
+// of `mask`, and the first three's k in pos[] (in the order of k).
 template <class Op, int Kind>
 int64_t lowdense_count(const float* xp, const float* wo, int64_t K, int64_t kb, uint32_t mask,
-                       float bd, int64_t* first, int64_t* last) {
+                       float bd, int64_t* pos) {
   constexpr bool kMax = Op::kReduce == 1;
   const S::V bv = S::set1(bd);
-  int64_t cnt = 0, at = -1, lo = -1;
+  int64_t cnt = 0;
   for (; mask; mask &= mask - 1) {
     const int64_t k0 = int64_t(__builtin_ctz(mask)) * kb, k1 = k0 + kb < K ? k0 + kb : K;
     int64_t k = k0;
     for (; k + W <= k1; k += W) {
-      const uint32_t bits = lowdense_hits<kMax, Kind>(
+      uint32_t bits = lowdense_hits<kMax, Kind>(
           Op::template comb<S>(S::load(xp + k), S::load(wo + k)), bv);
-      if (bits && cnt == 0) lo = k + __builtin_ctz(bits);
-      cnt += __builtin_popcount(bits);
-      if (bits) at = k + 31 - __builtin_clz(bits);
+      for (; bits; bits &= bits - 1, ++cnt)
+        if (cnt < 3) pos[cnt] = k + __builtin_ctz(bits);
     }
     for (; k < k1; ++k)
       if (lowdense_hit<kMax, Kind>(Op::template comb<Sc>(xp[k], wo[k]), bd)) {
-        if (cnt++ == 0) lo = k;
-        at = k;
+        if (cnt < 3) pos[cnt] = k;
+        ++cnt;
       }
   }
-  *first = lo;
-  *last = at;
   return cnt;
 }
 
-// An output's code (kernel_lowdense_case.h) from its winners' count c, first and last k and
-// block mask.
-inline int32_t lowdense_code(int64_t c, int64_t first, int64_t last, uint32_t mask, bool pairs) {
-  if (c == 1) return int32_t(last);
+// An output's code (kernel_lowdense_case.h) from its winners' count c, the first three's k and
+// its block mask; `listed`: lowdense_listed(K).
+inline int32_t lowdense_code(int64_t c, const int64_t* pos, uint32_t mask, int listed,
+                             int64_t K) {
+  if (c == 1) return int32_t(pos[0]);
   if (c == 0) return -2;
-  return c == 2 && pairs ? lowdense_pair(first, last) : -2 - int32_t(mask);
+  return c <= listed ? lowdense_list(pos, c, K) : -2 - int32_t(mask);
 }
 
 // The codes of `rows` output rows of one tile (as exact_codes: row r's x in xr[r], its nvalid
@@ -112,7 +110,7 @@ __attribute__((noinline)) void lowdense_codes(const float* const* xr, int rows,
                                               int64_t O, int64_t nvalid) {
   constexpr bool kMax = Op::kReduce == 1;
   const int64_t whole = kb == 64 ? K / 64 : 0;
-  const bool pairs = lowdense_pairs(K);
+  const int listed = lowdense_listed(K);
   alignas(64) float bd[NR];
   alignas(64) uint16_t h[NR];
   for (int r = 0; r < rows; ++r, yr += O, cr += O) {
@@ -128,24 +126,27 @@ __attribute__((noinline)) void lowdense_codes(const float* const* xr, int rows,
     for (int64_t l = 0; l < nvalid; ++l) {
       const uint32_t mask = uint32_t(cr[l]);
       const float* wo = cols + l * cs;
-      if (mask != 0 && (mask & (mask - 1)) == 0 && __builtin_ctz(mask) < whole) {
-        // One whole block of 64 rows (the usual output): its compares in one word.
-        const int64_t k0 = int64_t(__builtin_ctz(mask)) * 64;
+      int64_t pos[3] = {0, 0, 0};
+      if (mask != 0 && 32 - __builtin_clz(mask) <= whole) {
+        // Whole blocks of 64 rows (the usual output has one): each block's compares in one word.
         const S::V bv = S::set1(bd[l]);
-        uint64_t word = 0;
-        for (int j = 0; j < 64 / W; ++j)
-          word |= uint64_t(lowdense_hits<kMax, Kind>(
-                      Op::template comb<S>(S::load(xp + k0 + j * W), S::load(wo + k0 + j * W)),
-                      bv))
-                  << (j * W);
-        cr[l] = lowdense_code(__builtin_popcountll(word), k0 + __builtin_ctzll(word | (1ull << 63)),
-                              k0 + 63 - __builtin_clzll(word | 1), mask, pairs);
+        int64_t c = 0;
+        for (uint32_t m = mask; m; m &= m - 1) {
+          const int64_t k0 = int64_t(__builtin_ctz(m)) * 64;
+          uint64_t word = 0;
+          for (int j = 0; j < 64 / W; ++j)
+            word |= uint64_t(lowdense_hits<kMax, Kind>(
+                        Op::template comb<S>(S::load(xp + k0 + j * W), S::load(wo + k0 + j * W)),
+                        bv))
+                    << (j * W);
+          for (; word; word &= word - 1, ++c)
+            if (c < 3) pos[c] = k0 + __builtin_ctzll(word);
+        }
+        cr[l] = lowdense_code(c, pos, mask, listed, K);
         continue;
       }
-      int64_t first = -1, last = -1;
-      const int64_t c =
-          mask ? lowdense_count<Op, Kind>(xp, wo, K, kb, mask, bd[l], &first, &last) : 0;
-      cr[l] = lowdense_code(c, first, last, mask, pairs);
+      const int64_t c = mask ? lowdense_count<Op, Kind>(xp, wo, K, kb, mask, bd[l], pos) : 0;
+      cr[l] = lowdense_code(c, pos, mask, listed, K);
     }
   }
 }
