@@ -18,10 +18,12 @@
 
 #include "kernel_lowdense_case.h"
 
-// The ops whose dense low record holds codes (kernel_lowdense_record.h's LowCodes): x + w.
+// The ops whose dense low record holds codes (kernel_lowdense_record.h's LowCodes): the
+// built-in max_plus, min_plus, max_min and min_max.
 template <class Op>
 constexpr bool lowdense_op() {
-  return std::is_same_v<Op, WideOp<0, 0>> || std::is_same_v<Op, WideOp<0, 1>>;
+  return std::is_same_v<Op, WideOp<0, 0>> || std::is_same_v<Op, WideOp<0, 1>> ||
+         std::is_same_v<Op, WideOp<1, 0>> || std::is_same_v<Op, WideOp<2, 1>>;
 }
 
 // f(item) for items [0, n), in parallel.
@@ -53,7 +55,10 @@ struct LowDense {
   const float* gf;        // g in float32, or null (g16)
   const uint16_t* g16;
   const int32_t* rec;
-  int32_t* tie_at;        // per tied output: its place in its pass-W item's list (-1: none)
+  // Per output, a side slot: a rescanned tie's place in its pass-W item's list (-1: none); one
+  // winner's dx term where it depends on the operands (dxt: the same slots, as floats).
+  int32_t* tie_at;
+  float* dxt;
   int64_t N, K, O, G, Og, C, kb, nblk;
 };
 
@@ -164,9 +169,11 @@ void lowdense_dw(const LowDense& d, int64_t item, std::vector<int32_t>& list, ui
         if constexpr (Op::kComb == 0) {
           acc[code * kCB + l] += gr[l];
         } else {
+          // Both terms while x and w are at hand; dx's waits in the output's side slot.
           const float xs = low_float(widen_bits<Kind>(d.x16[(b * d.N + n) * d.C + grp * K + code]));
           const float ws = low_float(widen_bits<Kind>(d.w16[(b * K + code) * O + col0 + l]));
           acc[code * kCB + l] += lowdense_term<Op, Gr, false>(gr[l] / 1.0f, xs, ws);
+          d.dxt[at + l] = lowdense_term<Op, Gr, true>(gr[l] / 1.0f, xs, ws);
         }
       } else if (code <= kLowList) {  // two or three winners, in kernel-row order
         int64_t ks[3];
@@ -211,11 +218,8 @@ void lowdense_dx(const LowDense& d, const std::vector<std::vector<int32_t>>& lis
       for (int64_t o = grp * d.Og; o < (grp + 1) * d.Og; ++o) {
         const int32_t code = d.rec[at + o];
         if (code >= 0) {
-          if constexpr (Op::kComb == 0)
-            dg[code] += gr[o];
-          else
-            dg[code] += lowdense_term<Op, Gr, true>(gr[o] / 1.0f, wide(xr[grp * K + code]),
-                                                    wide(d.w16[(b * K + code) * O + o]));
+          if constexpr (Op::kComb == 0) dg[code] += gr[o];
+          else dg[code] += d.dxt[at + o];  // pass W's term
           continue;
         }
         if (code <= kLowList) {  // two or three winners, in kernel-row order
@@ -249,7 +253,7 @@ int lowdense_backward(const WideCall& call) {
   if constexpr (!lowdense_op<Op>()) {
     return -1;
   } else {
-    constexpr int64_t kCB = 32;   // output channels per pass-W item: one line of the low dw
+    constexpr int64_t kCB = 64;   // output channels per pass-W item: two lines of the low dw
     constexpr int64_t kRows = 8;  // rows per pass-X item
     const Geom& g = call.geom;
     if (!call.rec || !lowdense_case(g) || call.rec[0] == -1) return -1;
@@ -274,6 +278,7 @@ int lowdense_backward(const WideCall& call) {
       return 2;
     }
     d.tie_at = tie_buf->template get<int32_t>();
+    d.dxt = tie_buf->template get<float>();
     std::atomic<bool> failed{false};
     auto pass_w = [&](int64_t item) {
       try {

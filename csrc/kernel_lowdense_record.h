@@ -26,11 +26,29 @@
 
 #include "kernel_lowdense_case.h"
 
-// The ops whose low dense record holds codes: those whose partials are constants (x + w).
+// The ops whose low dense record holds codes, and how a product is matched: 0, x + w rounded
+// to the dtype (its bound, or its rounded value, against y's); 1, min(x, w) under max; 2,
+// max(x, w) under min (values of the dtype: a product equals y exactly when both operands pass
+// y, the low scan's compare; on integer keys, those of the float forward's keyed loop, they are
+// compared as the floats they stand for).
 template <class Op>
 struct LowCodes : std::false_type {};
 template <class R>
-struct LowCodes<Plus<R>> : std::true_type {};
+struct LowCodes<Plus<R>> : std::true_type {
+  static constexpr int kPick = 0;
+};
+template <>
+struct LowCodes<MaxMin> : std::true_type {
+  static constexpr int kPick = 1;
+};
+template <>
+struct LowCodes<MinMax> : std::true_type {
+  static constexpr int kPick = 2;
+};
+template <bool Max>
+struct LowCodes<KeyMinMax<Max>> : std::true_type {
+  static constexpr int kPick = Max ? 1 : 2;
+};
 
 // Whether a low call's dense record holds codes (else the block masks).
 template <class Op>
@@ -50,19 +68,34 @@ inline S::V lowdense_f16(S::V p) {
 #endif
 }
 
-// The lanes of W products p that are an output's winners (bd: its bound for bfloat16, its
-// rounded y for float16), as bits.
-template <bool Max, int Kind>
-inline uint32_t lowdense_hits(S::V p, S::V bd) {
-  if constexpr (Kind == 2) return mask_bits(S::eq(lowdense_f16(p), bd));
-  else return mask_bits(Max ? S::ge(p, bd) : S::le(p, bd));
+// The lanes of W pairs of operands (x, w: keys for a keyed Op) whose product is an output's
+// winner, as bits. bd: for x + w the bound (bfloat16) or y rounded (float16), else y.
+template <class Op, int Kind>
+inline uint32_t lowdense_hits(S::V x, S::V w, S::V bd) {
+  constexpr int kPick = LowCodes<Op>::kPick;
+  if constexpr (kPick == 0) {
+    const S::V p = Op::template comb<S>(x, w);
+    if constexpr (Kind == 2) return mask_bits(S::eq(lowdense_f16(p), bd));
+    else return mask_bits(Op::kReduce == 1 ? S::ge(p, bd) : S::le(p, bd));
+  } else {
+    if constexpr (Op::kKeyed) x = S::key(x), w = S::key(w);
+    if constexpr (kPick == 1) return mask_bits(S::ge(x, bd)) & mask_bits(S::ge(w, bd));
+    else return mask_bits(S::le(x, bd)) & mask_bits(S::le(w, bd));
+  }
 }
 
-// The same for one product.
-template <bool Max, int Kind>
-inline bool lowdense_hit(float p, float bd) {
-  if constexpr (Kind == 2) return low_float(widen_bits<2>(narrow_bits<2>(p))) == bd;
-  else return Max ? p >= bd : p <= bd;
+// The same for one pair.
+template <class Op, int Kind>
+inline bool lowdense_hit(float x, float w, float bd) {
+  constexpr int kPick = LowCodes<Op>::kPick;
+  if constexpr (kPick == 0) {
+    const float p = Op::template comb<Sc>(x, w);
+    if constexpr (Kind == 2) return low_float(widen_bits<2>(narrow_bits<2>(p))) == bd;
+    else return Op::kReduce == 1 ? p >= bd : p <= bd;
+  } else {
+    if constexpr (Op::kKeyed) x = key_of(x), w = key_of(w);
+    return kPick == 1 ? x >= bd && w >= bd : x <= bd && w <= bd;
+  }
 }
 
 // The number of winners of x's row `xp` against kernel column `wo` (both along k) in the blocks
@@ -70,20 +103,18 @@ inline bool lowdense_hit(float p, float bd) {
 template <class Op, int Kind>
 int64_t lowdense_count(const float* xp, const float* wo, int64_t K, int64_t kb, uint32_t mask,
                        float bd, int64_t* pos) {
-  constexpr bool kMax = Op::kReduce == 1;
   const S::V bv = S::set1(bd);
   int64_t cnt = 0;
   for (; mask; mask &= mask - 1) {
     const int64_t k0 = int64_t(__builtin_ctz(mask)) * kb, k1 = k0 + kb < K ? k0 + kb : K;
     int64_t k = k0;
     for (; k + W <= k1; k += W) {
-      uint32_t bits = lowdense_hits<kMax, Kind>(
-          Op::template comb<S>(S::load(xp + k), S::load(wo + k)), bv);
+      uint32_t bits = lowdense_hits<Op, Kind>(S::load(xp + k), S::load(wo + k), bv);
       for (; bits; bits &= bits - 1, ++cnt)
         if (cnt < 3) pos[cnt] = k + __builtin_ctz(bits);
     }
     for (; k < k1; ++k)
-      if (lowdense_hit<kMax, Kind>(Op::template comb<Sc>(xp[k], wo[k]), bd)) {
+      if (lowdense_hit<Op, Kind>(xp[k], wo[k], bd)) {
         if (cnt < 3) pos[cnt] = k;
         ++cnt;
       }
@@ -114,8 +145,10 @@ __attribute__((noinline)) void lowdense_codes(const float* const* xr, int rows,
   alignas(64) float bd[NR];
   alignas(64) uint16_t h[NR];
   for (int r = 0; r < rows; ++r, yr += O, cr += O) {
-    // Each output's bound (bfloat16) or result rounded to float16.
-    if constexpr (Kind == 2) {
+    // Each output's bound (bfloat16) or result rounded to float16 (x + w), else its result.
+    if constexpr (LowCodes<Op>::kPick != 0) {
+      for (int64_t l = 0; l < nvalid; ++l) bd[l] = yr[l];
+    } else if constexpr (Kind == 2) {
       narrow_run<2>(yr, h, nvalid);
       for (int64_t l = 0; l < nvalid; ++l) bd[l] = low_float(widen_bits<2>(h[l]));
     } else {
@@ -135,9 +168,8 @@ __attribute__((noinline)) void lowdense_codes(const float* const* xr, int rows,
           const int64_t k0 = int64_t(__builtin_ctz(m)) * 64;
           uint64_t word = 0;
           for (int j = 0; j < 64 / W; ++j)
-            word |= uint64_t(lowdense_hits<kMax, Kind>(
-                        Op::template comb<S>(S::load(xp + k0 + j * W), S::load(wo + k0 + j * W)),
-                        bv))
+            word |= uint64_t(lowdense_hits<Op, Kind>(S::load(xp + k0 + j * W),
+                                                      S::load(wo + k0 + j * W), bv))
                     << (j * W);
           for (; word; word &= word - 1, ++c)
             if (c < 3) pos[c] = k0 + __builtin_ctzll(word);
