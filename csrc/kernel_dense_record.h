@@ -198,14 +198,25 @@ void dense_record_tile(const Ctx& c, const float* xb, const float* wb, const flo
                         __attribute__((always_inline)) {
                           block_reduce<Op, Bx>(panel, xr, k0, k1, acc);
                         });
-  if constexpr (ConstTerms<Op>::value) {
+  if constexpr (ConstTerms<Op>::value || LowCodes<Op>::value) {
     if (!cols) return;
     const int64_t o0 = grp * c.Og + jb * NR;
     const int64_t nvalid = c.Og - jb * NR < NR ? c.Og - jb * NR : NR;
     int live = 0;
     while (live < MR && rows.live[live]) ++live;  // the live rows come first
-    exact_codes<Op>(xr, live, cols, cstride(c.K), c.K, kb, yb + p * c.O + o0,
-                    rb + p * c.O + o0, c.O, nvalid);
+    const float* yr = yb + p * c.O + o0;
+    int32_t* cr = rb + p * c.O + o0;
+    if constexpr (LowCodes<Op>::value) {  // bfloat16 / float16 (kernel_lowdense_record.h)
+      if (c.call->low) {
+        if (c.call->low->kind == 1)
+          lowdense_codes<Op, 1>(xr, live, cols, cstride(c.K), c.K, kb, yr, cr, c.O, nvalid);
+        else
+          lowdense_codes<Op, 2>(xr, live, cols, cstride(c.K), c.K, kb, yr, cr, c.O, nvalid);
+        return;
+      }
+    }
+    if constexpr (ConstTerms<Op>::value)
+      exact_codes<Op>(xr, live, cols, cstride(c.K), c.K, kb, yr, cr, c.O, nvalid);
   }
 }
 
@@ -225,12 +236,12 @@ bool dense_record_run(Ctx& c) {
   }
   const float* xsrc = kKey ? xkey.get() : call.x;
   const int64_t kb = dense_block_rows(c.K);
-  // bf16 / f16 operands keep their masks: their winners are the products rounding to y
-  // (kernel_lowrec_mark.h), which the low recorded backward scans for.
-  const bool exact = kExact && !call.low;
+  // bf16 / f16 operands: their winners are the products rounding to y; codes where the low
+  // backward reads them (kernel_lowdense_record.h), else the masks (kernel_lowrec_mark.h).
+  const bool exact = call.low ? lowdense_records<Op>(c) : kExact;
   // From the panel just packed (rows NR floats apart, in L2), not from w (rows O apart).
   auto transposed = [&](int64_t, int64_t jb, const float* panel, float* cols) {
-    if constexpr (kExact) {
+    if constexpr (kExact || LowCodes<Op>::value) {
       const int64_t nvalid = c.Og - jb * NR < NR ? c.Og - jb * NR : NR;
       transpose(panel, NR, cols, cstride(c.K), c.K, nvalid);
     }

@@ -224,11 +224,15 @@ void low_chunks(const WideCall& call, int64_t n, F&& f) {
 template <class Op, class Gr, bool Max, int Rnd>
 int low_win_backward(const WideCall& call);
 
+#include "kernel_lowdense_backward.h"
+
 // The backward of a call whose x, w, dx and dw are in the low dtype (call.low_x; y and g in
 // it or in float32): float32 copies in, kernel_wide_lowwin.h's backward (recorded where
 // call.rec has masks), dx and dw rounded out.
 template <class Op, class Gr, bool Max, int Rnd>
 int low_io_backward(const WideCall& call) {
+  // A dense x + w whose record holds exact winner codes: their scatter.
+  if (const int rc = lowdense_backward<Op, Gr, Max, Rnd>(call); rc >= 0) return rc;
   constexpr int Kind = Rnd == jaxconv::kRoundBF16 ? 1 : 2;
   const Geom& g = call.geom;
   const int64_t nx = call.batch * g.n * g.sp[0] * g.sp[1] * g.sp[2] * g.c;

@@ -1,0 +1,195 @@
+"""Dense bfloat16 / float16 max/min products under a gradient: the low recording forward keeps an
+exact winner code per output (csrc/kernel_lowdense_record.h: one winner's k, two or three
+winners listed, else a tie's blocks) and the backward scatters the cotangent from it
+(csrc/kernel_lowdense_backward.h).
+
+The reference route is the engine's earlier one (no record: the wide backward on float32
+copies, every output's window scanned), taken by patching `engine._low_records`: y, dx and dw
+must be its bits, over normal data, ties (a coarse grid, small integers), subnormals, zeros of
+both signs, sums that overflow, NaN / infinities (not recorded), vmap batches and float32
+results. Values are checked against the numpy plain loop.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxconv
+from jaxconv._src.engines.native import engine as native_engine
+from jaxconv._src.engines.native import ffi
+from tests.reference import NUMPY_OPS, conv_reference
+
+BF16, F16 = jnp.bfloat16, jnp.float16
+LIST = -2 - (1 << 24)  # csrc/kernel_lowdense_case.h: kLowList
+
+pytestmark = pytest.mark.skipif(
+    not ffi.available() or not ffi.has_low_recording(),
+    reason="the native library with the low recording forward",
+)
+
+
+def _data(kind: str, xs: tuple, ws: tuple, dtype: Any, seed: int) -> tuple[Any, Any]:
+    """x and w of the dtype, drawn as `kind` says."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(xs).astype(np.float32)
+    w = rng.standard_normal(ws).astype(np.float32)
+    big = 3e4 if dtype == F16 else 1.5e38
+    if kind == "ties":
+        x, w = np.round(x * 4) / 4 + 2.0**-9, np.round(w * 4) / 4 + 2.0**-10
+    elif kind == "ints":
+        x, w = np.round(x * 2), np.round(w * 2)
+    elif kind == "tiny":  # float16 subnormals; bfloat16 products near the smallest normal
+        scale = 2.0**-14 if dtype == F16 else 2.0**-124
+        x, w = x * scale, w * scale
+    elif kind == "zeros":
+        x = np.where(np.abs(x) < 0.7, 0.0, x) * np.sign(rng.standard_normal(xs))
+        w = np.where(np.abs(w) < 0.7, -0.0, w)
+    elif kind == "big":  # finite operands whose sums reach infinity
+        x, w = np.clip(x, -1, 1) * big, np.clip(w, -1, 1) * big
+    elif kind == "nan":
+        x[0, 1], x[-1, 2], w[0, 0] = np.nan, np.inf, -np.inf
+    elif kind == "ninf":
+        x[0, :] = -np.inf
+    return jnp.asarray(x, dtype), jnp.asarray(w, dtype)
+
+
+def _compiled(op: str, recorded: bool, vmapped: bool, acc: Any, args: list) -> Any:
+    """The compiled y, dx, dw of a cotangent, by the recorded route or the earlier one."""
+
+    def f(a: jax.Array, b: jax.Array) -> jax.Array:
+        return jaxconv.dot_general(
+            a,
+            b,
+            (((a.ndim - 1,), (0,)), ((), ())),
+            op=op,
+            engine="native",
+            preferred_element_type=acc,
+        )
+
+    g = jax.vmap(f) if vmapped else f
+
+    def fb(x: jax.Array, w: jax.Array, ct: jax.Array) -> Any:
+        y, vjp = jax.vjp(g, x, w)
+        return (y, *vjp(ct))
+
+    keep = native_engine._low_records
+    if not recorded:
+        native_engine._low_records = lambda problem: False
+    try:
+        return jax.jit(fb).lower(*args).compile()
+    finally:
+        native_engine._low_records = keep
+
+
+def _codes(op: str, x: Any, w: Any) -> np.ndarray:
+    """The record the forward keeps for the backward (the vjp's int32 residual)."""
+    y, vjp = jax.vjp(
+        lambda a, b: jaxconv.dot_general(a, b, (((1,), (0,)), ((), ())), op=op, engine="native"),
+        x,
+        w,
+    )
+    recs = [
+        a
+        for a in jax.tree_util.tree_leaves(vjp)
+        if getattr(a, "dtype", None) == jnp.int32 and a.shape == y.shape
+    ]
+    assert len(recs) == 1
+    return np.asarray(recs[0])
+
+
+OPS = ("max_plus", "min_plus", "max_min", "min_max")
+KINDS = ("normal", "ties", "ints", "tiny", "zeros", "big", "nan", "ninf")
+
+
+@pytest.mark.parametrize("dtype", [BF16, F16])
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_codes_route_has_the_earlier_routes_bits(op: str, dtype: Any, kind: str) -> None:
+    x, w = _data(kind, (9, 200), (200, 70), dtype, 1)
+    ct = jnp.asarray(np.random.default_rng(2).standard_normal((9, 70)), dtype)
+    args = [x, w, ct]
+    new, old = _compiled(op, True, False, None, args), _compiled(op, False, False, None, args)
+    assert "jaxconv_low_forward_record" in new.as_text()
+    for a, b in zip(new(*args), old(*args), strict=True):
+        assert a.dtype == b.dtype == dtype
+        np.testing.assert_array_equal(np.asarray(a).view(np.uint16), np.asarray(b).view(np.uint16))
+    if kind == "tiny" and dtype == BF16:
+        return  # float32 subnormal operands: the native engines read them as zero (DAZ)
+    r = NUMPY_OPS[op]
+    x64, w64 = (np.asarray(a, np.float32).astype(np.float64) for a in (x, w))
+    ref = conv_reference(
+        x64[:, None, None, :],
+        w64[None, None],
+        (1, 1),
+        "VALID",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        combine=r.combine,
+        reduce=r.reduce,
+        identity=r.identity,
+        pad_value=r.pad_value,
+    )
+    with np.errstate(invalid="ignore", over="ignore"):
+        want = ref[:, 0, 0].astype(np.float32).astype(dtype).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(new(*args)[0], np.float32), want)
+
+
+@pytest.mark.parametrize(
+    "op,dtype,k,kind",
+    [
+        ("max_plus", BF16, 2000, "ties"),  # blocks of 128 rows, two winners listed at most
+        ("min_max", F16, 2000, "ints"),
+        ("min_plus", F16, 128, "ties"),  # two blocks
+        ("max_min", BF16, 1000, "normal"),  # a short last block
+        ("max_plus", F16, 33000, "ints"),  # K > 2^15: no winners listed, every tie rescanned
+    ],
+)
+def test_kernel_rows_and_block_sizes_keep_the_bits(op: str, dtype: Any, k: int, kind: str) -> None:
+    x, w = _data(kind, (3, k), (k, 18), dtype, 5)
+    ct = jnp.asarray(np.random.default_rng(6).standard_normal((3, 18)), dtype)
+    args = [x, w, ct]
+    new, old = _compiled(op, True, False, None, args), _compiled(op, False, False, None, args)
+    for a, b in zip(new(*args), old(*args), strict=True):
+        np.testing.assert_array_equal(np.asarray(a).view(np.uint16), np.asarray(b).view(np.uint16))
+
+
+@pytest.mark.parametrize(
+    "op,dtype,vmapped,acc",
+    [
+        ("max_plus", BF16, True, None),
+        ("min_max", F16, True, None),
+        ("min_plus", F16, False, jnp.float32),
+        ("max_min", BF16, False, jnp.float32),
+    ],
+)
+def test_batches_and_float32_results_keep_the_bits(
+    op: str, dtype: Any, vmapped: bool, acc: Any
+) -> None:
+    """A vmap batch (one record per batch element), and a float32 result (y and the cotangent
+    in float32)."""
+    lead = (2,) if vmapped else ()
+    x, w = _data("ties", (*lead, 6, 130), (*lead, 130, 40), dtype, 3)
+    ct = jnp.asarray(
+        np.random.default_rng(4).standard_normal((*lead, 6, 40)), dtype if acc is None else acc
+    )
+    args = [x, w, ct]
+    new = _compiled(op, True, vmapped, acc, args)
+    old = _compiled(op, False, vmapped, acc, args)
+    for a, b in zip(new(*args), old(*args), strict=True):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_the_record_holds_codes(op: str) -> None:
+    """Tied data gives every kind of code: one winner, winners listed, ties rescanned."""
+    x, w = _data("ints", (9, 200), (200, 70), BF16, 1)
+    r = _codes(op, x, w).astype(np.int64)
+    assert (r >= 0).any() and (r <= LIST).any() and ((r < -2) & (r > LIST)).any()
+    # Not finite: not recorded (-1), the earlier full scan.
+    x, w = _data("nan", (9, 200), (200, 70), BF16, 1)
+    assert (_codes(op, x, w) == -1).all()
