@@ -111,9 +111,10 @@ __attribute__((noinline)) void lowdense_tie(const LowDense& d, LowTies& ts, int6
   }
   const float bd = scan_bound<Op, Rnd, Max>(low_at<Rnd>(d.yf, d.y16, at));
   const V bv = splat<float>(bd);
-  ts.win.clear();
-  const size_t start = ts.list->size();
-  ts.list->push_back(0);
+  // The winners gather in win (room for all K: no growth checks in the scan), then the list.
+  if (ts.win.size() < size_t(K)) ts.win.resize(size_t(K));
+  int32_t* win = ts.win.data();
+  int64_t nw = 0;
   for (uint32_t m = uint32_t(-2 - code); m; m &= m - 1) {
     const int64_t k0 = int64_t(__builtin_ctz(m)) * d.kb, k1 = k0 + d.kb < K ? k0 + d.kb : K;
     const float* xw;
@@ -136,25 +137,23 @@ __attribute__((noinline)) void lowdense_tie(const LowDense& d, LowTies& ts, int6
       std::memcpy(&wv, ww + (k - k0), sizeof(V));
       for (uint32_t bits = lane_bits((V)low_pass<Op, false, Max>(xv, wv, bv, 0)); bits;
            bits &= bits - 1)
-        ts.win.push_back(int32_t(k + __builtin_ctz(bits)));
+        win[nw++] = int32_t(k + __builtin_ctz(bits));
     }
     for (; k < k1; ++k)
-      if (low_hit<Op, false, Max>(xw[k - k0], ww[k - k0], bd)) ts.win.push_back(int32_t(k));
-    // This block's terms wait until the count is known: kept as (k, x, w) in the list's tail.
-    for (const int32_t kk : ts.win) ts.list->push_back(kk);
-    ts.win.clear();
+      if (low_hit<Op, false, Max>(xw[k - k0], ww[k - k0], bd)) win[nw++] = int32_t(k);
   }
-  const int32_t c = int32_t(ts.list->size() - start - 1);
+  const int32_t c = int32_t(nw);
   if (c == 0) {
-    ts.list->resize(start);
     d.tie_at[at] = -1;
     return;
   }
-  (*ts.list)[start] = c;
+  const size_t start = ts.list->size();
+  ts.list->push_back(c);
+  ts.list->insert(ts.list->end(), win, win + nw);
   d.tie_at[at] = int32_t(start);
   const float s = gv / float(c);
   for (int32_t q = 1; q <= c; ++q) {
-    const int64_t k = (*ts.list)[start + size_t(q)];
+    const int64_t k = win[q - 1];
     if constexpr (Op::kComb == 0) {
       acc[k * kCB + l] += s;
     } else {
