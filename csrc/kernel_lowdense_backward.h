@@ -72,16 +72,16 @@ inline void lowdense_row(const float* f, const uint16_t* h, int64_t at, int64_t 
 // A pass-W item's scratch for its ties of three winners or more: a widened block of x's row and
 // of a kernel column, the winners of one output, and the item's list (per tied output: its
 // count, then its winners in kernel-row order).
-// Once the item has met kBuild such ties (tie-heavy data: small integers), its kernel columns
-// are widened and transposed once (wt, column l at l * ldt, along k) and each row of x widened
-// once (xr_n: the row in xw), so that a tie reads both along k instead of gathering its column a
-// page per element.
+// Once the item's ties have marked kBuild blocks (tie-heavy data: small integers), its kernel
+// columns are widened and transposed once (wt, column l at l * ldt, along k) and each row of x
+// widened once (xr_n: the row in xw), so that a tie reads both along k instead of gathering its
+// column a page per element.
 struct LowTies {
-  static constexpr int64_t kBuild = 16;
+  static constexpr int64_t kBuild = 256;  // blocks gathered: about the build's cost
   std::vector<float> xw, ww;
   std::vector<int32_t> win;
   std::vector<int32_t>* list;
-  int64_t seen = 0;    // ties met so far
+  int64_t seen = 0;    // marked blocks of the ties met so far
   int64_t ldt = 0;     // wt's column stride (0: not built)
   int64_t xr_n = -1;   // the row of x widened whole in xw (-1: none)
   std::unique_ptr<LowBuf> wt;
@@ -237,7 +237,9 @@ void lowdense_dw(const LowDense& d, int64_t item, std::vector<int32_t>& list, ui
           }
         }
       } else if (code <= -3) {
-        if (++ts.seen == LowTies::kBuild) lowdense_build<Kind, kCB>(d, ts, b, col0, cols);
+        ts.seen += __builtin_popcount(uint32_t(-2 - code));
+        if (ts.ldt == 0 && ts.seen >= LowTies::kBuild)
+          lowdense_build<Kind, kCB>(d, ts, b, col0, cols);
         lowdense_tie<Op, Gr, Max, Rnd, kCB>(d, ts, b, grp, n, col0 + l, l, code, gr[l], acc);
       }
     }
