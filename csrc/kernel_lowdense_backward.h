@@ -72,16 +72,26 @@ inline void lowdense_row(const float* f, const uint16_t* h, int64_t at, int64_t 
 // A pass-W item's scratch for its ties of three winners or more: a widened block of x's row and
 // of a kernel column, the winners of one output, and the item's list (per tied output: its
 // count, then its winners in kernel-row order).
+// Once the item's ties have marked kBuild blocks (tie-heavy data: small integers), its kernel
+// columns are widened and transposed once (wt, column l at l * ldt, along k) and each row of x
+// widened once (xr_n: the row in xw), so that a tie reads both along k instead of gathering its
+// column a page per element.
 struct LowTies {
+  static constexpr int64_t kBuild = 256;  // blocks gathered: about the build's cost
   std::vector<float> xw, ww;
   std::vector<int32_t> win;
   std::vector<int32_t>* list;
+  int64_t seen = 0;    // marked blocks of the ties met so far
+  int64_t ldt = 0;     // wt's column stride (0: not built)
+  int64_t xr_n = -1;   // the row of x widened whole in xw (-1: none)
+  std::unique_ptr<LowBuf> wt;
 };
 
 // A tie of pass W (output `at`, row n of batch element b, column col of group grp; share
 // numerator gv; l: its column in the item's `acc`): its winners in the marked blocks of its
 // code, listed, their dw terms added to acc. Its kernel column is read along k (a gather: such
-// ties are rare). Out of line: the scatter's loop keeps its registers.
+// ties are rare) unless the item's columns are built (ts.ldt: x's row and the column widened
+// whole, read in place). Out of line: the scatter's loop keeps its registers.
 template <class Op, class Gr, bool Max, int Rnd, int64_t kCB>
 __attribute__((noinline)) void lowdense_tie(const LowDense& d, LowTies& ts, int64_t b,
                                             int64_t grp, int64_t n, int64_t col, int64_t l,
@@ -90,21 +100,36 @@ __attribute__((noinline)) void lowdense_tie(const LowDense& d, LowTies& ts, int6
   constexpr int L = Vt<float>::L;
   constexpr int Kind = Rnd == jaxconv::kRoundBF16 ? 1 : 2;
   const int64_t K = d.K, O = d.O, at = (b * d.N + n) * O + col;
-  ts.xw.resize(size_t(d.kb));
-  ts.ww.resize(size_t(d.kb));
-  float* xw = ts.xw.data();
-  float* ww = ts.ww.data();
   const uint16_t* xr = d.x16 + (b * d.N + n) * d.C + grp * K;
   const uint16_t* wc = d.w16 + b * K * O + col;
+  const bool built = ts.ldt != 0;
+  const float* wt = built ? ts.wt->template get<float>() + l * ts.ldt : nullptr;
+  if (built && ts.xr_n != n) {
+    ts.xw.resize(size_t(K));
+    widen_run<Kind>(xr, ts.xw.data(), K);
+    ts.xr_n = n;
+  }
   const float bd = scan_bound<Op, Rnd, Max>(low_at<Rnd>(d.yf, d.y16, at));
   const V bv = splat<float>(bd);
-  ts.win.clear();
-  const size_t start = ts.list->size();
-  ts.list->push_back(0);
+  // The winners gather in win (room for all K: no growth checks in the scan), then the list.
+  if (ts.win.size() < size_t(K)) ts.win.resize(size_t(K));
+  int32_t* win = ts.win.data();
+  int64_t nw = 0;
   for (uint32_t m = uint32_t(-2 - code); m; m &= m - 1) {
     const int64_t k0 = int64_t(__builtin_ctz(m)) * d.kb, k1 = k0 + d.kb < K ? k0 + d.kb : K;
-    widen_run<Kind>(xr + k0, xw, k1 - k0);
-    for (int64_t k = k0; k < k1; ++k) ww[k - k0] = low_float(widen_bits<Kind>(wc[k * O]));
+    const float* xw;
+    const float* ww;
+    if (built) {
+      xw = ts.xw.data() + k0;
+      ww = wt + k0;
+    } else {
+      ts.xw.resize(size_t(d.kb));
+      ts.ww.resize(size_t(d.kb));
+      widen_run<Kind>(xr + k0, ts.xw.data(), k1 - k0);
+      for (int64_t k = k0; k < k1; ++k) ts.ww[k - k0] = low_float(widen_bits<Kind>(wc[k * O]));
+      xw = ts.xw.data();
+      ww = ts.ww.data();
+    }
     int64_t k = k0;
     for (; k + L <= k1; k += L) {
       V xv, wv;
@@ -112,29 +137,51 @@ __attribute__((noinline)) void lowdense_tie(const LowDense& d, LowTies& ts, int6
       std::memcpy(&wv, ww + (k - k0), sizeof(V));
       for (uint32_t bits = lane_bits((V)low_pass<Op, false, Max>(xv, wv, bv, 0)); bits;
            bits &= bits - 1)
-        ts.win.push_back(int32_t(k + __builtin_ctz(bits)));
+        win[nw++] = int32_t(k + __builtin_ctz(bits));
     }
     for (; k < k1; ++k)
-      if (low_hit<Op, false, Max>(xw[k - k0], ww[k - k0], bd)) ts.win.push_back(int32_t(k));
-    // This block's terms wait until the count is known: kept as (k, x, w) in the list's tail.
-    for (const int32_t kk : ts.win) ts.list->push_back(kk);
-    ts.win.clear();
+      if (low_hit<Op, false, Max>(xw[k - k0], ww[k - k0], bd)) win[nw++] = int32_t(k);
   }
-  const int32_t c = int32_t(ts.list->size() - start - 1);
+  const int32_t c = int32_t(nw);
   if (c == 0) {
-    ts.list->resize(start);
     d.tie_at[at] = -1;
     return;
   }
-  (*ts.list)[start] = c;
+  const size_t start = ts.list->size();
+  ts.list->push_back(c);
+  ts.list->insert(ts.list->end(), win, win + nw);
   d.tie_at[at] = int32_t(start);
   const float s = gv / float(c);
   for (int32_t q = 1; q <= c; ++q) {
-    const int64_t k = (*ts.list)[start + size_t(q)];
-    const float xs = low_float(widen_bits<Kind>(xr[k]));
-    const float ws = low_float(widen_bits<Kind>(wc[k * O]));
-    acc[k * kCB + l] += lowdense_term<Op, Gr, false>(s, xs, ws);
+    const int64_t k = win[q - 1];
+    if constexpr (Op::kComb == 0) {
+      acc[k * kCB + l] += s;
+    } else {
+      const float xs = built ? ts.xw[size_t(k)] : low_float(widen_bits<Kind>(xr[k]));
+      const float ws = built ? wt[k] : low_float(widen_bits<Kind>(wc[k * O]));
+      acc[k * kCB + l] += lowdense_term<Op, Gr, false>(s, xs, ws);
+    }
   }
+}
+
+// The item's kernel columns col0 .. col0 + cols - 1 widened and transposed into ts.wt (column l
+// at l * ldt along k; ldt a multiple of 16 plus 16, so that the columns' stores of one row fall
+// in different cache sets). Out of line, as lowdense_tie.
+template <int Kind, int64_t kCB>
+__attribute__((noinline)) void lowdense_build(const LowDense& d, LowTies& ts, int64_t b,
+                                              int64_t col0, int64_t cols) {
+  const int64_t K = d.K, ldt = (K + 15) / 16 * 16 + 16;
+  ts.wt.reset(new LowBuf(sizeof(float) * size_t(ldt * kCB)));
+  float* wt = ts.wt->template get<float>();
+  alignas(64) float row[16][kCB];
+  for (int64_t k0 = 0; k0 < K; k0 += 16) {
+    const int64_t rows = K - k0 < 16 ? K - k0 : 16;
+    for (int64_t r = 0; r < rows; ++r)
+      widen_run<Kind>(d.w16 + (b * K + k0 + r) * d.O + col0, row[r], cols);
+    for (int64_t l = 0; l < cols; ++l)
+      for (int64_t r = 0; r < rows; ++r) wt[l * ldt + k0 + r] = row[r][l];
+  }
+  ts.ldt = ldt;
 }
 
 // Pass W's item (b, grp, blk): dw's columns col0 .. col0 + cols - 1, rows in order.
@@ -190,6 +237,9 @@ void lowdense_dw(const LowDense& d, int64_t item, std::vector<int32_t>& list, ui
           }
         }
       } else if (code <= -3) {
+        ts.seen += __builtin_popcount(uint32_t(-2 - code));
+        if (ts.ldt == 0 && ts.seen >= LowTies::kBuild)
+          lowdense_build<Kind, kCB>(d, ts, b, col0, cols);
         lowdense_tie<Op, Gr, Max, Rnd, kCB>(d, ts, b, grp, n, col0 + l, l, code, gr[l], acc);
       }
     }

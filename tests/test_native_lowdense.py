@@ -4,7 +4,7 @@ winners listed, else a tie's blocks) and the backward scatters the cotangent fro
 (csrc/kernel_lowdense_backward.h).
 
 The reference route is the engine's earlier one (no record: the wide backward on float32
-copies, every output's window scanned), taken by patching `engine._low_records`: y, dx and dw
+copies, every output's window scanned), taken by ``JAXCONV_NATIVE_LOW=call``: y, dx and dw
 must be its bits, over normal data, ties (a coarse grid, small integers), subnormals, zeros of
 both signs, sums that overflow, NaN / infinities (not recorded), vmap batches and float32
 results. Values are checked against the numpy plain loop.
@@ -20,8 +20,7 @@ import numpy as np
 import pytest
 
 import jaxconv
-from jaxconv._src.engines.native import engine as native_engine
-from jaxconv._src.engines.native import ffi
+from jaxconv._src.engines.native import ffi, low_route
 from tests.reference import NUMPY_OPS, conv_reference
 
 BF16, F16 = jnp.bfloat16, jnp.float16
@@ -43,6 +42,8 @@ def _data(kind: str, xs: tuple, ws: tuple, dtype: Any, seed: int) -> tuple[Any, 
         x, w = np.round(x * 4) / 4 + 2.0**-9, np.round(w * 4) / 4 + 2.0**-10
     elif kind == "ints":
         x, w = np.round(x * 2), np.round(w * 2)
+    elif kind == "ints3":  # -3..3: nearly every output a tie of many winners
+        x, w = (rng.integers(-3, 4, a.shape).astype(np.float32) for a in (x, w))
     elif kind == "tiny":  # float16 subnormals; bfloat16 products near the smallest normal
         scale = 2.0**-14 if dtype == F16 else 2.0**-124
         x, w = x * scale, w * scale
@@ -77,13 +78,8 @@ def _compiled(op: str, recorded: bool, vmapped: bool, acc: Any, args: list) -> A
         y, vjp = jax.vjp(g, x, w)
         return (y, *vjp(ct))
 
-    keep = native_engine._low_records
-    if not recorded:
-        native_engine._low_records = lambda problem: False
-    try:
+    with low_route.chosen("record" if recorded else "call"):
         return jax.jit(fb).lower(*args).compile()
-    finally:
-        native_engine._low_records = keep
 
 
 def _codes(op: str, x: Any, w: Any) -> np.ndarray:
@@ -106,9 +102,15 @@ OPS = ("max_plus", "min_plus", "max_min", "min_max")
 KINDS = ("normal", "ties", "ints", "tiny", "zeros", "big", "nan", "ninf")
 
 
-@pytest.mark.parametrize("dtype", [BF16, F16])
-@pytest.mark.parametrize("op", OPS)
-@pytest.mark.parametrize("kind", KINDS)
+# A covering set: every kind of data twice, every op with both dtypes.
+CODE_CASES = [
+    (kind, OPS[(2 * i + j) % 4], (BF16, F16)[(i // 2 + j) % 2])
+    for i, kind in enumerate(KINDS)
+    for j in range(2)
+]
+
+
+@pytest.mark.parametrize("kind,op,dtype", CODE_CASES)
 def test_codes_route_has_the_earlier_routes_bits(op: str, dtype: Any, kind: str) -> None:
     x, w = _data(kind, (9, 200), (200, 70), dtype, 1)
     ct = jnp.asarray(np.random.default_rng(2).standard_normal((9, 70)), dtype)
@@ -152,6 +154,20 @@ def test_kernel_rows_and_block_sizes_keep_the_bits(op: str, dtype: Any, k: int, 
     x, w = _data(kind, (3, k), (k, 18), dtype, 5)
     ct = jnp.asarray(np.random.default_rng(6).standard_normal((3, 18)), dtype)
     args = [x, w, ct]
+    new, old = _compiled(op, True, False, None, args), _compiled(op, False, False, None, args)
+    for a, b in zip(new(*args), old(*args), strict=True):
+        np.testing.assert_array_equal(np.asarray(a).view(np.uint16), np.asarray(b).view(np.uint16))
+
+
+@pytest.mark.parametrize("op,dtype", [("max_plus", BF16), ("max_min", F16)])
+def test_tie_heavy_items_keep_the_bits(op: str, dtype: Any) -> None:
+    """Small integers over 1024 kernel rows and two items of 64 columns: nearly every output a
+    tie of many winners, so each item widens and transposes its kernel columns once
+    (csrc/kernel_lowdense_backward.h) before its ties are scanned."""
+    x, w = _data("ints3", (40, 1024), (1024, 128), dtype, 7)
+    ct = jnp.asarray(np.random.default_rng(8).standard_normal((40, 128)), dtype)
+    args = [x, w, ct]
+    assert (_codes(op, x, w).astype(np.int64) < -2).mean() > 0.5  # mostly ties' blocks
     new, old = _compiled(op, True, False, None, args), _compiled(op, False, False, None, args)
     for a, b in zip(new(*args), old(*args), strict=True):
         np.testing.assert_array_equal(np.asarray(a).view(np.uint16), np.asarray(b).view(np.uint16))
