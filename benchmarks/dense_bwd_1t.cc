@@ -23,28 +23,11 @@
 #include "denormals.h"
 #define JAXCONV_NS jaxconv_avx512
 #include "kernels.inc"
+#include "harness_1t.h"
 
-static void serial(void*, int64_t n, void (*fn)(void*, int64_t), void* arg) {
-  for (int64_t i = 0; i < n; ++i) fn(arg, i);
-}
-static double now() {
-  timespec t;
-  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
-  return t.tv_sec + 1e-9 * t.tv_nsec;
-}
-static int env(const char* name, int d) { return getenv(name) ? atoi(getenv(name)) : d; }
 
 int main(int argc, char** argv) {
-  std::vector<int> ops;
-  {
-    std::string s = argc > 1 ? argv[1] : "0,1";
-    for (size_t p = 0; p < s.size();) {
-      ops.push_back(atoi(s.c_str() + p));
-      p = s.find(',', p);
-      if (p == std::string::npos) break;
-      ++p;
-    }
-  }
+  const std::vector<int> ops = ints(argc > 1 ? argv[1] : "0,1");
   const int reps = argc > 2 ? atoi(argv[2]) : 15;
   const int M = env("M", 256), K = env("K", 1024), N = env("N", 1024);
   const bool ties = getenv("TIES") != nullptr;

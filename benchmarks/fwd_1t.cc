@@ -21,12 +21,10 @@
 #include "denormals.h"
 #define JAXCONV_NS jaxconv_avx512
 #include "kernels.inc"
+#include "harness_1t.h"
 
 #include <atomic>
 #include <thread>
-static void serial(void*, int64_t n, void (*fn)(void*, int64_t), void* arg) {
-  for (int64_t i = 0; i < n; ++i) fn(arg, i);
-}
 // Two threads (this one and a helper) taking items from one counter.
 static void two(void*, int64_t n, void (*fn)(void*, int64_t), void* arg) {
   std::atomic<int64_t> next{0};
@@ -36,13 +34,10 @@ static void two(void*, int64_t n, void (*fn)(void*, int64_t), void* arg) {
   t.join();
 }
 static double wall() { timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec + 1e-9 * t.tv_nsec; }
-static double now() { timespec t; clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t); return t.tv_sec + 1e-9 * t.tv_nsec; }
 
 int main(int argc, char** argv) {
   // usage: bench ops(comma ids) reps [name=val ...]
-  std::vector<int> ops;
-  { std::string s = argc > 1 ? argv[1] : "0,1,2,3,4,5,6"; size_t p = 0;
-    while (p < s.size()) { ops.push_back(atoi(s.c_str() + p)); p = s.find(',', p); if (p == std::string::npos) break; ++p; } }
+  const std::vector<int> ops = ints(argc > 1 ? argv[1] : "0,1,2,3,4,5,6");
   int reps = argc > 2 ? atoi(argv[2]) : 15;
   jaxconv::Params prm;
   for (int a = 3; a < argc; ++a) {

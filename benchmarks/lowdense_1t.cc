@@ -27,6 +27,7 @@
 #include "denormals.h"
 #include "problem.h"
 #include "wide.h"
+#include "harness_1t.h"
 
 namespace jaxconv_avx512 {
 int run(const jaxconv::Call& call, bool backward);
@@ -35,24 +36,6 @@ namespace jaxconv_wide_avx512 {
 int run_backward(const jaxconv::WideCall& call);
 }
 
-static void serial(void*, int64_t n, void (*fn)(void*, int64_t), void* arg) {
-  for (int64_t i = 0; i < n; ++i) fn(arg, i);
-}
-static double now() {
-  timespec t;
-  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
-  return t.tv_sec + 1e-9 * t.tv_nsec;
-}
-static int env(const char* name, int d) { return getenv(name) ? atoi(getenv(name)) : d; }
-static std::vector<int> ints(const char* s) {
-  std::vector<int> v;
-  for (const char* p = s; *p;) {
-    v.push_back(atoi(p));
-    while (*p && *p != ',') ++p;
-    if (*p) ++p;
-  }
-  return v;
-}
 // A float32 value rounded to bfloat16 (kind 1) or float16 (kind 2), nearest even (finite).
 static uint16_t narrow(int kind, float f) {
   if (kind == 1) {

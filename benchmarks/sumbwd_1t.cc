@@ -22,31 +22,14 @@
 #include "denormals.h"
 #define JAXCONV_NS jaxconv_avx512
 #include "kernels.inc"
+#include "harness_1t.h"
 
-static void serial(void*, int64_t n, void (*fn)(void*, int64_t), void* arg) {
-  for (int64_t i = 0; i < n; ++i) fn(arg, i);
-}
-static double now() {
-  timespec t;
-  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
-  return t.tv_sec + 1e-9 * t.tv_nsec;
-}
 
 int main(int argc, char** argv) {
-  std::vector<int> ops;
-  {
-    std::string s = argc > 1 ? argv[1] : "4,5,6";
-    for (size_t p = 0; p < s.size();) {
-      ops.push_back(atoi(s.c_str() + p));
-      p = s.find(',', p);
-      if (p == std::string::npos) break;
-      ++p;
-    }
-  }
+  const std::vector<int> ops = ints(argc > 1 ? argv[1] : "4,5,6");
   const int reps = argc > 2 ? atoi(argv[2]) : 15;
   const bool dense = getenv("DENSE") != nullptr;
   const int parts = getenv("PARTS") ? atoi(getenv("PARTS")) : 3;
-  auto env = [](const char* name, int d) { return getenv(name) ? atoi(getenv(name)) : d; };
   const int N = dense ? env("M", 256) : 8, H = dense ? 1 : 32, Wd = dense ? 1 : 32,
             C = dense ? env("K", 1024) : 64, K = dense ? 1 : 3, O = dense ? env("N", 1024) : 64;
   std::vector<float> x(size_t(N) * H * Wd * C), w(size_t(K) * K * C * O), y(size_t(N) * H * Wd * O),

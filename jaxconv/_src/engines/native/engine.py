@@ -461,8 +461,9 @@ class NativeEngine(registry.Engine):
         kind = capabilities(op).separable if op.native is not None else None
         if kind == "sqdiff":
             # Standard products on operands centred per input channel (`_centred`): x times
-            # the cotangent's sums, less the standard gradients.
-            xc, wc = _centred(x, w, geom.groups)
+            # the cotangent's sums, less the standard gradients. A pad_value is one scalar
+            # for every channel, so it cannot move with them: such an op keeps its operands.
+            xc, wc = _centred(x, w, geom.groups) if op.pad_value is None else (x, w)
             gx = -2.0 * products.difference_input_gradient(op, geom, xc, wc, g)
             gw = products.separable_kernel_gradient(problem, kind, xc, wc, g)
             return gx.astype(xd), gw.astype(wd)
@@ -617,8 +618,9 @@ def _record_lines(problem: Problem, dtype: DTypeLike) -> tuple[str, ...]:
             f"{held} (finite data, more than {rows} rows, not depthwise), and "
             "the backward compares only those blocks' products with the result to "
             "find the winners (ties split equally; a float32 dense x + w or x - w "
-            "records its single winner itself, and its backward scatters); otherwise "
-            "the backward rescans every output's window",)
+            "records its single winner itself, and a bfloat16 / float16 dense max_plus, "
+            "min_plus, max_min or min_max up to three winners, and their backward "
+            "scatters); otherwise the backward rescans every output's window",)
 
 
 def _no_f32_record(problem: Problem, dtype: DTypeLike) -> tuple[str, ...]:
