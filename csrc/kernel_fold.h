@@ -249,7 +249,7 @@ void fold_backward(Ctx& c, const float* wp, int64_t Ogp, float* dxp, float* dwp)
 // widened) or 2 (an allocation failed).
 template <class F>
 int run_fold_op(const jaxconv::Call& call, bool backward) {
-  // bfloat16 / float16 operands reach a fold as float32 copies (engine.py `_low_in_call`):
+  // bfloat16 / float16 operands reach a fold as float32 copies (kinds.py `low_in_call`):
   // the in-call widening (kernel_bf16fuse_low.h) is the tiled loops' only.
   if (call.low && call.low->widen) return 1;
   Ctx c{};

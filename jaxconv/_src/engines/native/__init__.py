@@ -2,6 +2,8 @@
 
 - `engine`: the engine on the core's protocol (registered here as ``"native"``);
 - `eligibility`: the one decision of what it serves (`eligibility.refusal`);
+- `records`: which max/min calls record their winners in the forward (`records.records_op`),
+  and why not (`records.refusal`);
 - `ffi`: the library's loading (the one importer of ``jaxconv._native``) and the FFI calls;
 - `translation`, `codegen`: a user op's C++ source; `user_kernels`: its kernels compiled at
   first use (`user_kernel`) and their cache.

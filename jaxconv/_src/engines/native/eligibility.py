@@ -25,7 +25,7 @@ from jaxconv._src.engines.native.translation import Refusal, translation
 
 FLOAT32 = np.dtype(np.float32)
 # Low-precision operands: run on the float32 kernels (widened inside the forward call,
-# engine._low_in_call, or next to it), a max/min result rounded once.
+# kinds.low_in_call, or next to it), a max/min result rounded once.
 LOW_PRECISION = (np.dtype(jnp.bfloat16), np.dtype(np.float16))
 # The wide kernels' dtypes (built-in and user ops with a max, min or sum reduce; the backward
 # of float64; integers have no gradient).

@@ -2,7 +2,7 @@
 served where `eligibility.refusal` says so. Forward-mode tangents come from the XLA engine.
 
 bfloat16 and float16 operands run the float32 kernels: the forward takes them as they are and
-converts inside the call (`_low_in_call`: the built-in kernels and a user op's compiled
+converts inside the call (`kinds.low_in_call`: the built-in kernels and a user op's compiled
 library alike; a callable reduce's fold and the exp-space ``log`` get float32 copies made next
 to the call, XLA fusing the conversions). A sum's result is its float32
 accumulator, a max/min op's is rounded once to the operands' dtype (bit for bit the XLA
@@ -11,11 +11,12 @@ max/min op runs the wide backward on float32 copies, each product rounded to the
 dtype before it is matched against y (its ties are those between the rounded products): a
 user op's through its combine compiled a second time for the wide kernels
 (`user_kernels.user_kernel(..., wide=True)`), or on the XLA engine where that library cannot
-be built. Under a derivative (`_low_records`) the forward records the blocks that may hold a
-winner and that backward runs in one call on the low operands themselves (the built-ins', and
-a user op's through the same wide library where its two libraries compute the same products:
-`_user_records`). float64, int32 and int64 operands run the wide kernels, built-in ops and
-user ops alike (a user op's kernels compiled for the operands' dtype; float64 backward too;
+be built. Under a derivative (`records.low_records`) the forward records the blocks that may
+hold a winner and that backward runs in one call on the low operands themselves (the
+built-ins', and a user op's through the same wide library where its two libraries compute the
+same products: `records.user_records`; `records` decides which max/min calls record).
+float64, int32 and int64 operands run the wide kernels, built-in ops and user ops alike (a
+user op's kernels compiled for the operands' dtype; float64 backward too;
 integers have no gradient).
 
 A user op's kernels compile when the engine first lowers it (never while planning). If that
@@ -44,7 +45,8 @@ from jaxconv._src.engines.native import (
     codegen,
     eligibility,
     ffi,
-    translation,
+    kinds,
+    records,
     tuning,
     twins,
     user_kernels,
@@ -64,13 +66,6 @@ def _tuning_line() -> str:
     return f"tuning ({got['source']}): {values}{why}"
 
 
-def _winner(problem: Problem) -> bool:
-    """Whether the op's reduce is a max or min (its gradient goes to the winning taps)."""
-    op = problem.op
-    reduce = op.reduce_name if op.native is not None else capabilities(op).reduce
-    return reduce in ("max", "min")
-
-
 def _wide(dtype: DTypeLike) -> bool:
     """Whether operands of `dtype` run the wide kernels (float64 / int32 / int64)."""
     return np.dtype(dtype) in eligibility.WIDE
@@ -85,34 +80,6 @@ def _kernel_dtype(dtype: DTypeLike | None) -> str:
 def _wide_backward(dtype: DTypeLike) -> bool:
     """Whether the wide kernels compute the gradients of `dtype` operands (float64)."""
     return np.dtype(dtype) == np.float64 and ffi.has_wide_backward()
-
-
-def _rounded_winners(problem: Problem) -> bool:
-    """Whether the wide backward serves a bf16 / f16 max/min op: the built-in kernels, whose
-    products it rounds to the operands' dtype before the winner compare."""
-    return (problem.op.native in ffi.WIDE_KERNELS and _winner(problem)
-            and ffi.has_wide_backward())
-
-
-def _rounded_user(problem: Problem) -> user_kernels.Kernel | None:
-    """A user max/min op's library for the wide backward on float32 copies of bf16 / f16
-    operands (compiled at first use), or ``None`` (a built-in op, or none can be built).
-
-    Args:
-        problem: the canonical problem.
-
-    Returns:
-        The compiled kernel, or ``None``.
-    """
-    if problem.op.native is not None or not _winner(problem) or not ffi.has_wide_backward():
-        return None
-    got = user_kernels.user_kernel(problem.op, "float32", wide=True)
-    return None if isinstance(got, Refusal) else got
-
-
-def _low(dtype: DTypeLike) -> bool:
-    """Whether operands of `dtype` are converted to float32 around the kernels."""
-    return np.dtype(dtype) in eligibility.LOW_PRECISION
 
 
 @functools.cache
@@ -172,20 +139,20 @@ class NativeEngine(registry.Engine):
         finite data, more than 64 kernel rows, not depthwise; else the record says "not
         recorded" and the backward rescans.) A user op served by a built-in's kernels
         (`twins.served`) records as the built-in does; another float32 user max / min op
-        through its own library where `_user_f32_records` admits it."""
+        through its own library where `records.user_f32_records` admits it."""
         problem = twins.served(problem)
         return (platform == "cpu" and problem.dtype is not None
-                and _records_op(problem, problem.dtype))
+                and records.records_op(problem, problem.dtype))
 
     def forward_recording(self, problem: Problem, x: Array, w: Array) -> tuple[Array, Array]:
         """The recording forward (`records_winners`): ``y`` and the int32 block masks."""
         problem = twins.served(problem)
         if not (self.records_winners(problem, "cpu") and _records_shapes(x.shape, w.shape)
-                and _user_built(problem)):
+                and records.user_built(problem)):
             return super().forward_recording(problem, x, w)
         spec = self._spec(problem, x, w)
         out_shape = (x.shape[0], *problem.geom.out_spatial, w.shape[-1])
-        if _low(x.dtype):  # csrc/kernel_lowrec_mark.h: y in x's dtype, rounded in the call
+        if kinds.low(x.dtype):  # csrc/kernel_lowrec_mark.h: y in x's dtype, rounded in it
             y, masks = ffi._low_forward_record_call(spec, x, w, out_shape)
             return y.astype(problem.acc_dtype), masks
         y, masks = ffi._forward_record_call(spec, x.reshape(spec.x_shape),
@@ -199,12 +166,12 @@ class NativeEngine(registry.Engine):
         marking pass, a convolution scans only each output's marked blocks."""
         problem = twins.served(problem)
         if not (self.records_winners(problem, "cpu") and _records_shapes(x.shape, w.shape)
-                and _user_built(problem)):
+                and records.user_built(problem)):
             return self.backward(problem, x, w, y, g, need)
         spec = self._spec(problem, x, w)
-        if _low(x.dtype):
+        if kinds.low(x.dtype):
             if problem.op.native is None:  # the user op's library for the wide kernels
-                spec = dataclasses.replace(spec, op_id=_rounded_user(problem).op_id)
+                spec = dataclasses.replace(spec, op_id=kinds.rounded_user(problem).op_id)
             # csrc/kernel_lowrec_backward.h: x, w, y and g widened in the call, the products
             # rounded to x's dtype before the winner compare (the bits of `backward`'s route).
             def kept(a: Array) -> Array:
@@ -234,16 +201,16 @@ class NativeEngine(registry.Engine):
                 back = "backward: none (integer operands have no gradient)"
             elif not _wide_backward(dtype):
                 back = "backward: the XLA engine"
-            elif _winner(problem):
+            elif kinds.winner(problem):
                 back = ("backward: the wide kernels (the winners are the products equal to "
                         "the forward's result, ties split equally)")
             else:
                 back = "backward: the wide kernels (the op's gradient rule per term)"
             return (f"built-in kernel {op.native!r} on {np.dtype(dtype).name} (the wide "
                     f"kernels, {ffi.isa()})", back)
-        if _low(dtype):
+        if kinds.low(dtype):
             name = np.dtype(dtype).name
-            if _winner(problem) and _low_records(problem):
+            if kinds.winner(problem) and records.low_records(problem):
                 back = (f"backward: the wide kernels in one call on the {name} operands and "
                         "cotangent (widened to float32 inside the call, dx and dw rounded "
                         f"once to {name}), each product rounded to {name} before the winner "
@@ -253,16 +220,19 @@ class NativeEngine(registry.Engine):
                            else ""))
                 low = (f"{name} operands: computed in float32, the result rounded once to "
                        f"{name} (bit for bit the products rounded in {name})", back)
-            elif _winner(problem):
+            elif kinds.winner(problem):
+                why = records.refusal(problem, dtype)
+                not_recorded = f"; not recorded: {why}" if why is not None else ""
                 back = (f"backward: the wide kernels on float32 copies, each product rounded "
                         f"to {name} before the winner compare (ties between the rounded "
                         "products split equally), made next to the call by XLA's conversions, "
-                        "every output's window scanned" + _no_low_record(problem)
-                        if _rounded_winners(problem) or _rounded_user(problem) is not None
+                        "every output's window scanned" + not_recorded
+                        if kinds.rounded_winners(problem)
+                        or kinds.rounded_user(problem) is not None
                         else f"backward: the XLA engine (ties between the {name}-rounded "
                         "products; this op's combine could not be compiled for the wide "
                         "kernels)")
-                if _rounded_winners(problem) and low_route() != "record":
+                if kinds.rounded_winners(problem) and low_route() != "record":
                     back += f" ({ENV_LOW}={low_route()}: no record)"
                 low = (f"{name} operands: computed in float32, the result rounded once to "
                        f"{name} (bit for bit the products rounded in {name})", back)
@@ -271,13 +241,13 @@ class NativeEngine(registry.Engine):
                        "result dtype",)
             low = (*low, _low_route(problem, name))
         if op.native is not None:
-            if _exp_space(problem):
+            if kinds.exp_space(problem):
                 return (f"built-in kernel {op.native!r} ({ffi.isa()}) behind the exp-space "
                         "convolution: the kernel (one pass, a running maximum) takes the "
                         "calls that exp space would not compute exactly (a spread beyond ~80, "
                         "an all -inf window, NaN or +inf)", _tuning_line(), *low)
             return (f"built-in kernel {op.native!r} ({ffi.isa()})", _tuning_line(),
-                    *_record_lines(problem, dtype), *low)
+                    *records.record_lines(problem, dtype), *low)
         kernel = user_kernels.user_kernel(op)
         if isinstance(kernel, Refusal):
             return (kernel.reason,)
@@ -298,7 +268,7 @@ class NativeEngine(registry.Engine):
             lines.append("the combine's custom derivative rule runs per product: the kernel "
                          "computes its primal, the backward its rule (traced on scalars, "
                          "compiled)")
-        return (*lines, *_record_lines(problem, dtype), *_no_f32_record(problem, dtype), *low)
+        return (*lines, *records.record_lines(problem, dtype), *low)
 
     def _describe_user(self, problem: Problem, dtype: DTypeLike) -> tuple[str, ...]:
         """`describe` of a user op on float64 / int32 / int64 operands (the wide kernels).
@@ -320,7 +290,7 @@ class NativeEngine(registry.Engine):
             back = "backward: none (integer operands have no gradient)"
         elif not _wide_backward(dtype):
             back = "backward: the XLA engine"
-        elif _winner(problem):
+        elif kinds.winner(problem):
             back = ("backward: the wide kernels (the winners are the products equal to the "
                     "forward's result, ties split equally, through the combine's compiled "
                     "partial derivatives)")
@@ -380,7 +350,7 @@ class NativeEngine(registry.Engine):
         if op_id is None:
             op_id = user_kernels.user_kernel(problem.op, _kernel_dtype(x.dtype)).op_id
         spec = ffi._call_spec(problem.op, op_id, problem.geom, x.shape, w.shape)
-        if spec.pad is not None and _low(x.dtype):
+        if spec.pad is not None and kinds.low(x.dtype):
             # The pad value the XLA engine pads with: the Python number in the dtype.
             pad = float(np.asarray(spec.pad).astype(x.dtype).astype(np.float32))
             spec = dataclasses.replace(spec, pad=pad)
@@ -398,21 +368,22 @@ class NativeEngine(registry.Engine):
         if _wide(dtype):
             y = ffi._wide_forward_call(spec, x.reshape(spec.x_shape), w.reshape(spec.w_shape))
             return y.reshape(out_shape)
-        if _low(dtype) and _low_in_call(problem):
+        if kinds.low(dtype) and kinds.low_in_call(problem):
             # Widened and rounded inside the call (csrc/kernel_bf16fuse_low.h): the same
             # bits as the conversions below, without their passes over x and y.
-            keep = _winner(problem) or np.dtype(problem.acc_dtype) == np.dtype(dtype)
+            keep = kinds.winner(problem) or np.dtype(problem.acc_dtype) == np.dtype(dtype)
             y = ffi._low_forward_call(spec, x, w, out_shape, dtype if keep else jnp.float32)
             return y.reshape(out_shape).astype(problem.acc_dtype)
-        if _low(dtype):
+        if kinds.low(dtype):
             x, w = x.astype(jnp.float32), w.astype(jnp.float32)
 
         def kernel(a: Array, b: Array) -> Array:
             y = ffi._forward_call(spec, a.reshape(spec.x_shape), b.reshape(spec.w_shape))
             return y.reshape(out_shape)
 
-        y = log_products.forward(problem, x, w, kernel) if _exp_space(problem) else kernel(x, w)
-        if _low(dtype) and _winner(problem):
+        exp = kinds.exp_space(problem)
+        y = log_products.forward(problem, x, w, kernel) if exp else kernel(x, w)
+        if kinds.low(dtype) and kinds.winner(problem):
             y = y.astype(dtype)  # one rounding: max of the rounded products (monotone)
         return y.astype(problem.acc_dtype)
 
@@ -423,10 +394,10 @@ class NativeEngine(registry.Engine):
         serve the shape (`_paired`), and both gradients of l2's (centred, `_centred`)."""
         problem = twins.served(problem)
         other = self._fallback(problem, x.dtype)
-        low_winner = _low(x.dtype) and _winner(problem)
-        rounded = _rounded_user(problem) if low_winner and other is None else None
+        low_winner = kinds.low(x.dtype) and kinds.winner(problem)
+        rounded = kinds.rounded_user(problem) if low_winner and other is None else None
         if other is None and ((_wide(x.dtype) and not _wide_backward(x.dtype))
-                              or (low_winner and not _rounded_winners(problem)
+                              or (low_winner and not kinds.rounded_winners(problem)
                                   and rounded is None)):
             other = registry.get("xla")  # ties between the rounded products (module doc)
         if other is not None:
@@ -435,7 +406,7 @@ class NativeEngine(registry.Engine):
         spec = self._spec(problem, x, w)
         if rounded is not None:  # the user op's library built for the wide kernels
             spec = dataclasses.replace(spec, op_id=rounded.op_id)
-        if low_winner and _low_records(problem):
+        if low_winner and records.low_records(problem):
             # The conversions in the call (csrc/kernel_lowrec_backward.h), no masks: the scan
             # of every output's window.
             def kept(a: Array) -> Array:
@@ -476,7 +447,7 @@ class NativeEngine(registry.Engine):
                 y.reshape(spec.y_shape), g.reshape(spec.y_shape), parts=parts)
             return gx.reshape(x.shape), gw.reshape(w.shape)
 
-        if _exp_space(problem):
+        if kinds.exp_space(problem):
             gx, gw = log_products.backward(problem, x, w, y.astype(jnp.float32), g, kernel)
         else:
             gx, gw = kernel(x, w, y, g)
@@ -488,187 +459,6 @@ class NativeEngine(registry.Engine):
                 active: tuple[bool, bool]) -> Array:
         """The XLA engine's forward-mode tangent (no native tangent kernels)."""
         return registry.get("xla").tangent(problem, x, w, y, tx, tw, active)
-
-
-def _records_op(problem: Problem, dtype: DTypeLike) -> bool:
-    """Whether the op and dtype have the recording forward (`NativeEngine.records_winners`,
-    geometry aside): built-in max_plus / min_plus / max_min / min_max (and the kernels of
-    ``x - w`` under max / min, `twins.builtin_twin`) on float32, identity
-    padding, a library that has it; on bfloat16 / float16 (`_low_records`) the four whose
-    backward the wide kernels serve.
-
-    Args:
-        problem: the canonical problem.
-        dtype: the operands' dtype.
-
-    Returns:
-        True when the op and dtype have it.
-    """
-    op = problem.op
-    if _low(dtype):
-        return _low_records(problem)
-    if np.dtype(dtype) != np.float32 or op.pad_value is not None or not ffi.has_recording():
-        return False
-    if op.native is None:
-        return _user_f32_records(problem)
-    return (op.native in ("max_plus", "min_plus", "max_min", "min_max", "max_minus",
-                          "min_minus")
-            and ffi.kernel_id(op) is not None)
-
-
-def _user_f32_records(problem: Problem) -> bool:
-    """Whether a user max / min op on float32 records as the built-ins do: its float32 library
-    (the forward's and the backward's: the template's recording tiles and recorded scans,
-    ``run_op``) translates, and finite operands make no NaN product (the recording tiles run
-    the fast loop; the plain forward of such a combine runs the safe one). Translation only:
-    nothing is compiled while planning (`_user_built` checks the library at lowering).
-
-    Args:
-        problem: the canonical problem (its twin already served).
-
-    Returns:
-        True when it records.
-    """
-    if not _winner(problem):
-        return False
-    f32 = translation.translation(problem.op, "float32")
-    return isinstance(f32, codegen.Functor) and f32.nan_free
-
-
-def _low_records(problem: Problem) -> bool:
-    """Whether a bfloat16 / float16 max / min op has the low recording forward and the
-    recorded backward in one call (``csrc/kernel_lowrec_mark.h``,
-    ``csrc/kernel_lowrec_backward.h``): a built-in op the wide backward serves
-    (`_rounded_winners`) or a user op that `_user_records` admits, identity padding, its
-    forward converting in the call, and ``JAXCONV_NATIVE_LOW`` at ``record`` (`low_route`).
-
-    Args:
-        problem: the canonical problem (its twin already served).
-
-    Returns:
-        True when it has them.
-    """
-    if problem.op.native is None and not _user_records(problem):
-        return False
-    return ((problem.op.native is None or _rounded_winners(problem))
-            and problem.op.pad_value is None and _low_in_call(problem)
-            and ffi.has_low_recording() and low_route() == "record")
-
-
-def _user_records(problem: Problem) -> bool:
-    """Whether a user max / min op on bfloat16 / float16 takes the low recording route: its
-    float32 library (the forward's; its recording tiles are the template's, run_op) and its
-    library for the wide kernels (the backward's, ``csrc/userop_wide.h``) translate, and the
-    two compute its products bit for bit (`codegen.same_products`: no function that the
-    float32 kernels vectorize and the wide ones take from libm; the marks are the forward's
-    products, the scan the backward's) and finite operands make no NaN product (the recording
-    tiles run the fast loop). Translation only: nothing is compiled while planning.
-
-    Args:
-        problem: the canonical problem (its twin already served).
-
-    Returns:
-        True when it does.
-    """
-    op = problem.op
-    if not _winner(problem) or not ffi.has_wide_backward():
-        return False
-    f32 = translation.translation(op, "float32")
-    wide = translation.translation(op, "float32", True)
-    return (isinstance(f32, codegen.Functor) and isinstance(wide, codegen.Functor)
-            and f32.nan_free and codegen.same_products(f32) and codegen.same_products(wide))
-
-
-def _user_built(problem: Problem) -> bool:
-    """Whether a user op's recording route has its libraries (compiled at first use): the
-    float32 one, and on bfloat16 / float16 also `_rounded_user`; a built-in op: True.
-
-    Args:
-        problem: the canonical problem (its twin already served).
-
-    Returns:
-        False where a library could not be built (the plain route then runs, falling back
-        as it does).
-    """
-    if problem.op.native is not None:
-        return True
-    got = user_kernels.user_kernel(problem.op, "float32")
-    if isinstance(got, Refusal):
-        return False
-    return not _low(problem.operand_dtype) or _rounded_user(problem) is not None
-
-
-def _record_lines(problem: Problem, dtype: DTypeLike) -> tuple[str, ...]:
-    """`describe`'s line on the recording forward (`_records_op`), or none.
-
-    Args:
-        problem: the canonical problem (its twin already served).
-        dtype: the operands' dtype.
-
-    Returns:
-        The line, or ``()``.
-    """
-    if not _records_op(problem, dtype):
-        return ()
-    held = ("may hold a product that rounds to its result" if _low(dtype)
-            else "hold its winners")
-    rows = ffi.native_constant("record_block_rows")
-    return (f"under a derivative the forward records, per output, which blocks of {rows} "
-            "kernel rows (on a convolution: a tap's input channels, taps in order) "
-            f"{held} (finite data, more than {rows} rows, not depthwise), and "
-            "the backward compares only those blocks' products with the result to "
-            "find the winners (ties split equally; a float32 dense x + w or x - w "
-            "records its single winner itself, and a bfloat16 / float16 dense max_plus, "
-            "min_plus, max_min or min_max up to three winners, and their backward "
-            "scatters); otherwise the backward rescans every output's window",)
-
-
-def _no_f32_record(problem: Problem, dtype: DTypeLike) -> tuple[str, ...]:
-    """`describe`'s line on why a float32 user max / min op's forward does not record
-    (`_user_f32_records` false), or none.
-
-    Args:
-        problem: the canonical problem (its twin already served).
-        dtype: the operands' dtype.
-
-    Returns:
-        The line, or ``()``.
-    """
-    if (np.dtype(dtype) != np.float32 or not _winner(problem)
-            or _records_op(problem, dtype) or not ffi.has_recording()):
-        return ()
-    if problem.op.pad_value is not None:
-        why = "a pad_value (the recording forward pads with the identity)"
-    else:
-        why = ("finite operands can make a NaN product (the recording tiles run the fast "
-               "loop)")
-    return (f"under a derivative the forward does not record its winner blocks: {why}; the "
-            "backward rescans every output's window",)
-
-
-def _no_low_record(problem: Problem) -> str:
-    """`describe`'s reason why a bfloat16 / float16 max / min op has no recording forward
-    and one-call backward (`_low_records` false), or "" for none given.
-
-    Args:
-        problem: the canonical problem (its twin already served).
-
-    Returns:
-        The reason, starting with "; ", or "".
-    """
-    op = problem.op
-    if op.pad_value is not None:
-        return "; not recorded: a pad_value (the recording route pads with the identity)"
-    if op.native is not None or not _low_in_call(problem) or not ffi.has_low_recording():
-        return ""
-    f32 = translation.translation(op, "float32")
-    if isinstance(f32, codegen.Functor) and not codegen.same_products(f32):
-        return ("; not recorded: the forward vectorizes a function that the wide kernels "
-                "take from libm, so the forward's marks might miss a backward winner")
-    if isinstance(f32, codegen.Functor) and not f32.nan_free:
-        return ("; not recorded: finite operands can make a NaN product (the recording tiles "
-                "run the fast loop)")
-    return ""
 
 
 def _records_shapes(x_shape: tuple[int, ...], w_shape: tuple[int, ...]) -> bool:
@@ -742,29 +532,9 @@ def _paired(w_shape: tuple[int, ...]) -> bool:
     return w_shape[3] % ffi.native_constant("pair_channels") == 0
 
 
-def _low_in_call(problem: Problem) -> bool:
-    """Whether a bfloat16 / float16 forward widens its operands and rounds its result inside
-    the call (csrc/kernel_bf16fuse_low.h): a built-in kernel (not the exp-space ``log``) or a
-    user op's float32 library (its ``run_op`` is the same template's; not a callable reduce's
-    fold, csrc/kernel_fold.h), a library that has the entry, and ``JAXCONV_NATIVE_LOW`` not
-    ``convert`` (`low_route`).
-
-    Args:
-        problem: the canonical problem (its twin already served).
-
-    Returns:
-        True for the in-call conversions.
-    """
-    op = problem.op
-    if _exp_space(problem) or not ffi.has_low_forward() or low_route() == "convert":
-        return False
-    if op.native is not None:
-        return ffi.kernel_id(op) is not None
-    return capabilities(op).reduce != "custom"
-
-
 def _low_route(problem: Problem, name: str) -> str:
-    """`describe`'s line on where a bfloat16 / float16 forward converts (`_low_in_call`).
+    """`describe`'s line on where a bfloat16 / float16 forward converts
+    (`kinds.low_in_call`).
 
     Args:
         problem: the canonical problem (its twin already served).
@@ -773,14 +543,14 @@ def _low_route(problem: Problem, name: str) -> str:
     Returns:
         The line.
     """
-    if _low_in_call(problem):
+    if kinds.low_in_call(problem):
         back = ("the backward takes them as they are (one call, above)"
-                if _winner(problem) and _low_records(problem)
+                if kinds.winner(problem) and records.low_records(problem)
                 else "the backward's operands are float32 copies made next to its call")
         return (f"forward: the {name} operands widened to float32 inside the call and its "
                 "result rounded there (csrc/kernel_bf16fuse_low.h, the bits of XLA's "
                 f"converts); {back}")
-    if _exp_space(problem):
+    if kinds.exp_space(problem):
         why = "the exp-space convolution runs on float32"
     elif problem.op.native is None and capabilities(problem.op).reduce == "custom":
         why = "a callable reduce's fold (csrc/kernel_fold.h) reads float32 only"
@@ -790,12 +560,6 @@ def _low_route(problem: Problem, name: str) -> str:
         why = "the native library has no in-call conversions (built from older sources)"
     return (f"forward: the {name} operands converted to float32 next to the call and its "
             f"result rounded after it (XLA's converts): {why}")
-
-
-def _exp_space(problem: Problem) -> bool:
-    """Whether the built-in log kernel runs behind the exp-space convolution
-    (`jaxconv._src.core.log_products`): ``x + w`` under logsumexp with identity padding."""
-    return problem.op.native == "log" and capabilities(problem.op).log_semiring
 
 
 ENGINE = NativeEngine()
