@@ -34,45 +34,19 @@ int main(int argc, char** argv) {
   std::vector<float> x(size_t(M) * K), w(size_t(K) * N), y(size_t(M) * N), g(size_t(M) * N, 1.0f),
       dx(x.size()), dw(w.size());
   std::vector<int32_t> rec(y.size());
-  uint32_t s = 12345;
-  auto next = [&s, ties] {
-    s = s * 1664525u + 1013904223u;
-    return ties ? float(int((s >> 8) % 7) - 3) : float(s >> 8) * (2.0f / 16777216.0f) - 1.0f;
-  };
-  for (auto& v : x) v = next();
-  for (auto& v : w) v = next();
+  draw(ties, x, w);
   jaxconv_dispatch::FlushDenormals flush;
   jaxconv::Params prm;
   FILE* dump = getenv("DUMP") ? fopen(getenv("DUMP"), "wb") : nullptr;
   for (int op : ops) {
-    jaxconv::Call call{};
-    jaxconv::Geom& gm = call.geom;
-    gm.n = M;
-    gm.sp[0] = gm.sp[1] = gm.sp[2] = 1;
-    gm.c = gm.i = K;
-    gm.o = N;
-    gm.g = 1;
-    gm.k[0] = gm.k[1] = gm.k[2] = 1;
-    gm.os[0] = gm.os[1] = gm.os[2] = 1;
-    for (int d = 0; d < 3; ++d) gm.stride[d] = gm.ld[d] = gm.rd[d] = 1, gm.lo[d] = 0;
-    call.op = op;
-    call.batch = 1;
-    call.x = x.data();
-    call.w = w.data();
-    call.par = {serial, nullptr};
-    call.params = &prm;
+    jaxconv::Call call = forward_call(dense_geom(M, K, N), op, x.data(), w.data(), &prm);
     auto fwd = [&](bool record) {
       call.out = y.data();
       call.rec = record ? rec.data() : nullptr;
       jaxconv_avx512::run(call, false);
     };
     auto bwd = [&] {
-      jaxconv::Call b = call;
-      b.y = y.data();
-      b.g = g.data();
-      b.out = dx.data();
-      b.out2 = dw.data();
-      b.parts = 3;
+      jaxconv::Call b = backward_call(call, y.data(), g.data(), dx.data(), dw.data(), 3);
       b.rec = rec.data();
       std::memset(dx.data(), 0, sizeof(float) * dx.size());
       if (rec[0] < 0) std::memset(dw.data(), 0, sizeof(float) * dw.size());
@@ -90,11 +64,6 @@ int main(int argc, char** argv) {
       double t3 = now();
       tf.push_back(t1 - t0), tr.push_back(t2 - t1), tb.push_back(t3 - t2), tt.push_back(t3 - t1);
     }
-    auto med = [](std::vector<double> v) {
-      std::sort(v.begin(), v.end());
-      return v[v.size() / 2] * 1e3;
-    };
-    auto best = [](const std::vector<double>& v) { return *std::min_element(v.begin(), v.end()) * 1e3; };
     double cy = 0, cx = 0, cw = 0;
     for (float v : y) cy += v;
     for (float v : dx) cx += v;

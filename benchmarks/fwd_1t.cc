@@ -50,21 +50,15 @@ int main(int argc, char** argv) {
   const int N = dense ? 256 : getenv("BN") ? atoi(getenv("BN")) : 8, H = dense ? 1 : 32, Wd = dense ? 1 : 32, C = dense ? 1024 : 64, K = dense ? 1 : 3, O = dense ? 1024 : 64;
   std::vector<float> x(N * H * Wd * C), w(K * K * C * O), y(N * H * Wd * O);
   std::vector<int32_t> rec(getenv("REC") ? y.size() : 0);
-  uint32_t s = 12345;
-  auto next = [&s] { s = s * 1664525u + 1013904223u; return float(s >> 8) * (2.0f / 16777216.0f) - 1.0f; };
-  for (auto& v : x) v = next();
-  for (auto& v : w) v = next();
+  draw(false, x, w);
   jaxconv_dispatch::FlushDenormals flush;
   for (int op : ops) {
-    jaxconv::Call call{};
-    jaxconv::Geom& g = call.geom;
-    g.n = N; g.sp[0] = 1; g.sp[1] = H; g.sp[2] = Wd; g.c = C; g.i = C; g.o = O; g.g = 1;
-    g.k[0] = 1; g.k[1] = K; g.k[2] = K; g.os[0] = 1; g.os[1] = H; g.os[2] = Wd;
-    for (int d = 0; d < 3; ++d) { g.stride[d] = 1; g.ld[d] = 1; g.rd[d] = 1; g.lo[d] = d && !dense ? 1 : 0; }
-    g.has_pad = op == 4 && !dense; g.pad = 0.0f;  // adder pads with 0
-    call.op = op; call.batch = 1; call.x = x.data(); call.w = w.data(); call.out = y.data();
+    jaxconv::Call call =
+        forward_call(conv_geom(N, H, Wd, C, K, O), op, x.data(), w.data(), &prm);
+    call.geom.has_pad = op == 4 && !dense;  // adder pads with 0
+    call.out = y.data();
     call.rec = rec.empty() ? nullptr : rec.data();
-    call.par = {thr2 ? two : serial, nullptr}; call.params = &prm;
+    if (thr2) call.par = {two, nullptr};
     std::vector<double> ts;
     jaxconv_avx512::run(call, false);
     for (int r = 0; r < reps; ++r) { double t0 = thr2 ? wall() : now(); jaxconv_avx512::run(call, false); ts.push_back((thr2 ? wall() : now()) - t0); }

@@ -48,13 +48,6 @@ static uint16_t narrow(int kind, float f) {
   std::memcpy(&b, &h, 2);
   return b;
 }
-static double med(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2] * 1e3;
-}
-static double best(const std::vector<double>& v) {
-  return *std::min_element(v.begin(), v.end()) * 1e3;
-}
 
 int main(int argc, char** argv) {
   const std::vector<int> ops = ints(argc > 1 ? argv[1] : "0,1");
@@ -65,37 +58,16 @@ int main(int argc, char** argv) {
   std::vector<float> x(size_t(M) * K), w(size_t(K) * N), y(size_t(M) * N), g(y.size(), 1.0f),
       dx(x.size()), dw(w.size());
   std::vector<int32_t> rec(y.size());
-  uint32_t s = 12345;
-  auto next = [&s, ties] {
-    s = s * 1664525u + 1013904223u;
-    return ties ? float(int((s >> 8) % 7) - 3) : float(s >> 8) * (2.0f / 16777216.0f) - 1.0f;
-  };
-  for (auto& v : x) v = next();
-  for (auto& v : w) v = next();
+  draw(ties, x, w);
   std::vector<uint16_t> x16(x.size()), w16(w.size()), y16(y.size()), g16(y.size()),
       dx16(x.size()), dw16(w.size());
   jaxconv_dispatch::FlushDenormals flush;
   jaxconv::Params prm;
   FILE* dump = getenv("DUMP") ? fopen(getenv("DUMP"), "wb") : nullptr;
-  jaxconv::Geom gm{};
-  gm.n = M;
-  gm.sp[0] = gm.sp[1] = gm.sp[2] = 1;
-  gm.c = gm.i = K;
-  gm.o = N;
-  gm.g = 1;
-  gm.k[0] = gm.k[1] = gm.k[2] = 1;
-  gm.os[0] = gm.os[1] = gm.os[2] = 1;
-  for (int d = 0; d < 3; ++d) gm.stride[d] = gm.ld[d] = gm.rd[d] = 1, gm.lo[d] = 0;
+  const jaxconv::Geom gm = dense_geom(M, K, N);
   for (int op : ops) {
     // float32: the recording forward and the recorded backward.
-    jaxconv::Call call{};
-    call.geom = gm;
-    call.op = op;
-    call.batch = 1;
-    call.x = x.data();
-    call.w = w.data();
-    call.par = {serial, nullptr};
-    call.params = &prm;
+    jaxconv::Call call = forward_call(gm, op, x.data(), w.data(), &prm);
     std::vector<double> t32, r32;
     for (int r = 0; r <= reps; ++r) {
       const double t0 = now();
@@ -103,12 +75,7 @@ int main(int argc, char** argv) {
       call.rec = rec.data();
       jaxconv_avx512::run(call, false);
       const double t1 = now();
-      jaxconv::Call b = call;
-      b.y = y.data();
-      b.g = g.data();
-      b.out = dx.data();
-      b.out2 = dw.data();
-      b.parts = 3;
+      jaxconv::Call b = backward_call(call, y.data(), g.data(), dx.data(), dw.data(), 3);
       std::memset(dx.data(), 0, sizeof(float) * dx.size());
       if (rec[0] < 0) std::memset(dw.data(), 0, sizeof(float) * dw.size());
       jaxconv_avx512::run(b, true);

@@ -34,47 +34,20 @@ int main(int argc, char** argv) {
             C = dense ? env("K", 1024) : 64, K = dense ? 1 : 3, O = dense ? env("N", 1024) : 64;
   std::vector<float> x(size_t(N) * H * Wd * C), w(size_t(K) * K * C * O), y(size_t(N) * H * Wd * O),
       g(y.size()), dx(x.size()), dw(w.size());
-  uint32_t s = 12345;
-  auto next = [&s] {
-    s = s * 1664525u + 1013904223u;
-    return float(s >> 8) * (2.0f / 16777216.0f) - 1.0f;
-  };
-  for (auto& v : x) v = next();
-  for (auto& v : w) v = next();
-  for (auto& v : g) v = next();
+  draw(false, x, w, g);
   jaxconv_dispatch::FlushDenormals flush;
   jaxconv::Params prm;
   FILE* dump = getenv("DUMP") ? fopen(getenv("DUMP"), "wb") : nullptr;
   for (int op : ops) {
-    jaxconv::Call call{};
-    jaxconv::Geom& gm = call.geom;
-    gm.n = N;
-    gm.sp[0] = 1, gm.sp[1] = H, gm.sp[2] = Wd;
-    gm.c = gm.i = C;
-    gm.o = O;
-    gm.g = 1;
-    gm.k[0] = 1, gm.k[1] = gm.k[2] = K;
-    gm.os[0] = 1, gm.os[1] = H, gm.os[2] = Wd;
-    for (int d = 0; d < 3; ++d) gm.stride[d] = gm.ld[d] = gm.rd[d] = 1, gm.lo[d] = d && !dense;
-    gm.has_pad = op == 4 && !dense;  // adder pads with 0
-    gm.pad = 0.0f;
-    call.op = op;
-    call.batch = 1;
-    call.x = x.data();
-    call.w = w.data();
-    call.par = {serial, nullptr};
-    call.params = &prm;
+    jaxconv::Call call =
+        forward_call(conv_geom(N, H, Wd, C, K, O), op, x.data(), w.data(), &prm);
+    call.geom.has_pad = op == 4 && !dense;  // adder pads with 0
     auto fwd = [&] {
       call.out = y.data();
       jaxconv_avx512::run(call, false);
     };
     auto bwd = [&] {
-      jaxconv::Call b = call;
-      b.y = y.data();
-      b.g = g.data();
-      b.out = dx.data();
-      b.out2 = dw.data();
-      b.parts = parts;
+      jaxconv::Call b = backward_call(call, y.data(), g.data(), dx.data(), dw.data(), parts);
       std::memset(dx.data(), 0, sizeof(float) * dx.size());
       std::memset(dw.data(), 0, sizeof(float) * dw.size());
       jaxconv_avx512::run(b, true);
@@ -89,13 +62,6 @@ int main(int argc, char** argv) {
       double t2 = now();
       tf.push_back(t1 - t0), tb.push_back(t2 - t1);
     }
-    auto med = [](std::vector<double> v) {
-      std::sort(v.begin(), v.end());
-      return v[v.size() / 2] * 1e3;
-    };
-    auto best = [](const std::vector<double>& v) {
-      return *std::min_element(v.begin(), v.end()) * 1e3;
-    };
     double cx = 0, cw = 0;
     for (float v : dx) cx += v;
     for (float v : dw) cw += v;
