@@ -16,6 +16,7 @@ from reference import NUMPY_OPS, conv_reference
 import jaxconv
 from jaxconv import ops
 from jaxconv._src.core import algebra
+from jaxconv._src.engines import native
 from jaxconv._src.engines import xla as engine_xla
 from jaxconv._src.engines.xla import winner as xla_winner
 
@@ -160,6 +161,52 @@ def test_max_plus_nan_inf_and_ties():
     _check("max_plus", xi, w, pads)
     z = np.zeros_like(x)  # every product ties: the gradient is split equally
     _check("max_plus", z, np.zeros_like(w), pads)
+
+
+MAX_TIMES = jaxconv.Op(lambda x, w: x * w, "max", name="nan_max_times")
+MIN_TIMES = jaxconv.Op(lambda x, w: x * w, "min", name="nan_min_times")
+
+
+def _winner_grads_reference(x, w, g, reduce):
+    """numpy loops: the gradients of ``x * w`` under max / min on a VALID 2-D convolution by
+    the rule every engine follows: a window with a NaN product has no gradient; otherwise the
+    cotangent is split equally among the products equal to the result."""
+    dx, dw = np.zeros(x.shape), np.zeros(w.shape)
+    kh, kw, _, o_n = w.shape
+    for n, i, j, o in np.ndindex(g.shape):
+        p = x[n, i:i + kh, j:j + kw, :] * w[..., o]
+        if np.isnan(p).any():
+            continue
+        win = p == (p.max() if reduce == "max" else p.min())
+        share = g[n, i, j, o] / win.sum()
+        dx[n, i:i + kh, j:j + kw, :] += np.where(win, share * w[..., o], 0.0)
+        dw[..., o] += np.where(win, share * x[n, i:i + kh, j:j + kw, :], 0.0)
+    return dx, dw
+
+
+@pytest.mark.parametrize("engine", ["xla", "native"])
+@pytest.mark.parametrize("op,reduce", [(MAX_TIMES, "max"), (MIN_TIMES, "min")])
+def test_a_nan_window_has_no_gradient(engine, op, reduce):
+    """With a NaN and infinities in x and w (0 * inf products too), the gradients of a
+    user max / min op whose partials read the operands (``x * w``) are the rule's: no NaN
+    leaks from a NaN window (its cotangent is dropped, not multiplied by 0), ties split."""
+    if engine == "native" and not native.available():
+        pytest.skip(f"native engine not built: {native.load_error()}")
+    rng = np.random.default_rng(5)
+    x = np.round(rng.standard_normal((2, 6, 5, 3)) * 1.5).astype(np.float32)
+    w = np.round(rng.standard_normal((2, 2, 3, 4)) * 1.5).astype(np.float32)
+    x[0, 2, 1, 0], x[1, 4, 3, 2], x[1, 0, 0, 1] = np.nan, np.inf, -np.inf
+    w[1, 0, 2, 3] = np.nan
+    w[0, 1, 1, 0] = np.inf
+    f = lambda a, b: jaxconv.conv_general_dilated(  # noqa: E731
+        a, b, (1, 1), "VALID", dimension_numbers=DN, op=op, engine=engine)
+    y, vjp = jax.vjp(jax.jit(f), x, w)
+    g = rng.standard_normal(y.shape).astype(np.float32)
+    with np.errstate(invalid="ignore"):
+        want = _winner_grads_reference(x.astype(np.float64), w.astype(np.float64), g, reduce)
+    assert np.isnan(np.asarray(y)).any()
+    for got, ref in zip(vjp(g), want, strict=True):
+        np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_log_fast_path_fallbacks():

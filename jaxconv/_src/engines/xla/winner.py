@@ -374,6 +374,9 @@ def _winner_backward(cfg: Config, x: Array, w: Array, y: Array, gy: Array) -> tu
     _, vjp = jax.vjp(op.combine, _batched_gather(xp, xi, nsd),
                      lax.gather(wt, wi, _kernel_dims(True), (1, 1, 1, 1), mode=mode))
     dx, dw = vjp(ct)
+    # Only the winners carry a cotangent: the VJP's 0 * inf at another window's gathered
+    # product (a NaN window's, which has no gradient) would scatter a NaN.
+    dx, dw = jnp.where(single, dx, 0), jnp.where(single, dw, 0)
     gxp = _batched_scatter_add(jnp.zeros(xp.shape, gdt), xi, dx, nsd)
     gwt = lax.scatter_add(jnp.zeros(wt.shape, gdt), wi, dw.astype(gdt), _kernel_dims(False),
                           mode=mode)
@@ -416,7 +419,9 @@ def _winner_backward(cfg: Config, x: Array, w: Array, y: Array, gy: Array) -> tu
         cnt = jnp.maximum(jnp.sum(eq, axis=(4, 5)), 1)
         gk = jnp.take_along_axis(g_r, sel, axis=-1).astype(gdt)
         sk = jnp.where(valid, gk / cnt, 0)[..., None, None]
-        dxk, dwk = vjpk(jnp.where(eq, sk, 0).astype(ck.dtype))
+        keep = eq & valid[..., None, None]  # the winners; likewise no 0 * inf elsewhere
+        dxk, dwk = vjpk(jnp.where(keep, sk, 0).astype(ck.dtype))
+        dxk, dwk = jnp.where(keep, dxk, 0), jnp.where(keep, dwk, 0)
         gwk = jnp.sum(dwk.astype(gdt), axis=(0, 3)).transpose(2, 0, 1, 3)  # (T, G, Og, I)
         return j + 1, _batched_scatter_add(gxp, kxi, dxk, nsd), gwt + gwk
 
