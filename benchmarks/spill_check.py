@@ -29,6 +29,10 @@ fails when one of them is missing from the object, or has no hot loop, so that i
 by finding nothing. Not checked:
 the depthwise tile (``dw_tile``: a branch per row in its tap loop, mostly scalar code; 7 stack
 stores per tap) and ``sum_backward`` (12 per step): both spill today, by their design.
+``sum_backward``'s 12 are its kernel gradient's ragged loop (``dw_item``: output channels
+short of a whole NR block or rows short of a block, its ``acc[v < nvec]`` and scalar tails
+kept in stack arrays), not ``dw_block`` (the full blocks: none), and neither runs where the
+paired pass serves (input channels whole vectors, both gradients: layer A's adder, l1).
 
 Only the AVX-512 build is held to it (`CHECKED_ISAS`): AVX2 and the baseline have 16 vector
 registers, and their tiles of ops with temporaries (adder, l1, l2, the safe max/min) spill by

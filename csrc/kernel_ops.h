@@ -168,8 +168,9 @@ struct AbsViaMin : SumR {
     return T::addf(T::min(x, w), acc);
   }
 };
-// -(x - w)^2, exact.
+// -(x - w)^2, exact; hw(x, w) == -hx(x, w) exactly (both scale x - w by a power of two).
 struct L2 : SumR {
+  static constexpr bool kOddRule = true;
   template <class T> static VT<T> step(VT<T> acc, VT<T> x, VT<T> w) {
     const VT<T> d = T::sub(x, w);
     return T::fnma(d, d, acc);

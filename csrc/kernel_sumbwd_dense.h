@@ -50,7 +50,7 @@ void dense_pair_tile(const float* xr, const float* gr, float* dxr, int64_t xs, i
         dw[v] = S::load(dwl + o * (V * W) + v * W);
       }
       for (int p = 0; p < PB; ++p) {
-        const Vec g = S::set1(gr[p * gs + o]);
+        const Vec g = PairRule<Op>::cot(S::set1(gr[p * gs + o]));
         for (int v = 0; v < V; ++v) PairRule<Op>::term(g, xv[p][v], wv[v], acc[p][v], dw[v]);
       }
       for (int v = 0; v < V; ++v) S::store(dwl + o * (V * W) + v * W, dw[v]);

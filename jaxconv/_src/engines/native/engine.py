@@ -51,6 +51,7 @@ from jaxconv._src.engines.native import (
     twins,
     user_kernels,
 )
+from jaxconv._src.engines.native.l2_route import l2_route
 from jaxconv._src.engines.native.low_route import ENV_LOW, low_route
 from jaxconv._src.engines.native.translation import Refusal
 
@@ -391,7 +392,8 @@ class NativeEngine(registry.Engine):
                  need: tuple[bool, bool]) -> tuple[Array, Array]:
         """The FFI backward kernel, and standard products where those are faster: the
         kernel gradient of a ``x - w`` sum (AdderNet) where the paired native pass does not
-        serve the shape (`_paired`), and both gradients of l2's (centred, `_centred`)."""
+        serve the shape (`_paired`), and both gradients of l2's (centred, `_centred`) unless
+        ``JAXCONV_NATIVE_L2=native`` (`l2_route`)."""
         problem = twins.served(problem)
         other = self._fallback(problem, x.dtype)
         low_winner = kinds.low(x.dtype) and kinds.winner(problem)
@@ -430,10 +432,11 @@ class NativeEngine(registry.Engine):
         x, w, y = x.astype(jnp.float32), w.astype(jnp.float32), y.astype(jnp.float32)
         # Built-in kernels only: a user op's compiled backward computes both sides itself.
         kind = capabilities(op).separable if op.native is not None else None
-        if kind == "sqdiff":
+        if kind == "sqdiff" and l2_route() == "products":
             # Standard products on operands centred per input channel (`_centred`): x times
             # the cotangent's sums, less the standard gradients. A pad_value is one scalar
             # for every channel, so it cannot move with them: such an op keeps its operands.
+            # JAXCONV_NATIVE_L2=native takes the kernel below instead (l2_route.py: why).
             xc, wc = _centred(x, w, geom.groups) if op.pad_value is None else (x, w)
             gx = -2.0 * products.difference_input_gradient(op, geom, xc, wc, g)
             gw = products.separable_kernel_gradient(problem, kind, xc, wc, g)
