@@ -34,6 +34,10 @@ short of a whole NR block or rows short of a block, its ``acc[v < nvec]`` and sc
 kept in stack arrays), not ``dw_block`` (the full blocks: none), and neither runs where the
 paired pass serves (input channels whole vectors, both gradients: layer A's adder, l1).
 
+The wide kernel object (``wide_<isa>.cc.o``) is read too, for `STACK_FREE_KERNELS`: loops
+of mostly scalar code that must hold no stack store at all (the vector-share rule does not
+apply to them).
+
 Only the AVX-512 build is held to it (`CHECKED_ISAS`): AVX2 and the baseline have 16 vector
 registers, and their tiles of ops with temporaries (adder, l1, l2, the safe max/min) spill by
 design; ``--isa avx2`` / ``--isa base`` print the same table and exit 0.
@@ -84,6 +88,28 @@ HOT_KERNELS = (
 )
 """The functions checked, by the name of their template (each instantiation kept out of line
 is checked on its own)."""
+
+STACK_FREE_KERNELS = ("low_rec_usual",)
+"""Functions of the wide kernel object (``wide_<isa>.cc.o``) none of whose innermost loops,
+hot or not, may store to the stack: per-output loops of mostly scalar code that carry a
+running value from output to output (``low_rec_usual``: the pending input gradient term of
+the bfloat16 / float16 recorded backward, csrc/kernel_lowrec_backward.h). When such a loop
+also held a call (a vector's push_back), GCC kept that value on the stack, a store and a load
+per output, and the loop ran 1.4x the float32 one's time; the vector-share rule of hot loops
+does not see it (the loop is mostly scalar)."""
+
+STACK_FREE_KNOWN: dict[str, int] = {
+    # y's bits (the bound's input) saved and reloaded within one output's iteration, beside
+    # the bound's scratch registers (GCC 12, AVX-512; checked on bfloat16 max_plus): not a
+    # value carried from output to output, which takes two stores of its own.
+    "low_rec_usual<WideOp<0, 0>, WideGrad<0>, false, true, 1>": 2,
+    "low_rec_usual<WideOp<0, 0>, WideGrad<0>, true, true, 1>": 2,
+    "low_rec_usual<WideOp<1, 0>, WideGrad<2>, false, true, 2>": 2,
+    "low_rec_usual<WideOp<1, 0>, WideGrad<2>, true, true, 2>": 2,
+    "low_rec_usual<WideOp<2, 1>, WideGrad<3>, false, false, 2>": 2,
+    "low_rec_usual<WideOp<2, 1>, WideGrad<3>, true, false, 2>": 2,
+}
+"""Stack stores accepted in `STACK_FREE_KERNELS`' innermost loops, per function."""
 
 KNOWN_SPILLS: dict[str, dict[str, int]] = {
     # Adder's blend step on the default 6 x 4 tile (rows in the padding: a minority of taps)
@@ -166,7 +192,7 @@ class Function:
         return max((lp.stack_stores for lp in self.hot_loops), default=0)
 
 
-def find_object(isa: str, repo: str = REPO) -> str | None:
+def find_object(isa: str, repo: str = REPO, stem: str = "kernels") -> str | None:
     """The kernel object of one instruction set in the build folder of this checkout.
 
     scikit-build-core builds in ``build/<wheel tag>`` (pyproject.toml); with several tags
@@ -175,12 +201,13 @@ def find_object(isa: str, repo: str = REPO) -> str | None:
     Args:
         isa: ``avx512``, ``avx2`` or ``base``.
         repo: the checkout.
+        stem: ``kernels`` (the float32 kernels) or ``wide`` (the wide engine's kernels).
 
     Returns:
-        The path of ``kernels_<isa>.cc.o``, or None when there is none.
+        The path of ``<stem>_<isa>.cc.o``, or None when there is none.
     """
     pattern = os.path.join(
-        repo, "build", "*", "CMakeFiles", "_native.dir", "csrc", f"kernels_{isa}.cc.o"
+        repo, "build", "*", "CMakeFiles", "_native.dir", "csrc", f"{stem}_{isa}.cc.o"
     )
     found = glob.glob(pattern)
     if not found:
@@ -373,8 +400,9 @@ def short_name(name: str) -> str:
     ``void fwd_tile<Adder, false, 6, 4, false>(Ctx const&, ...) [clone .constprop.0]`` ->
     ``fwd_tile<Adder, false, 6, 4, false>``."""
     name = re.sub(r" \[clone [^]]*\]", "", name)
-    if name.startswith("void "):
-        name = name[5:]
+    for ret in ("void ", "bool "):
+        if name.startswith(ret):
+            name = name[len(ret) :]
     depth = 0
     for i, ch in enumerate(name):
         depth += (ch == "<") - (ch == ">")
@@ -414,6 +442,41 @@ def check(
                 problems.append(
                     f"{fn.name}: {fn.worst} stack stores in a hot loop"
                     f" (accepted: {known.get(fn.name, 0)})"
+                )
+    return funcs, problems
+
+
+def check_stack_free(
+    text: str, kernels: Iterable[str] = STACK_FREE_KERNELS
+) -> tuple[list[Function], list[str]]:
+    """Measures functions none of whose innermost loops may store to the stack.
+
+    Args:
+        text: ``objdump -d -C`` output (of the wide kernel object).
+        kernels: the template names to check (`STACK_FREE_KERNELS`).
+
+    Returns:
+        The measured functions and the problems (empty: clean).
+    """
+    funcs, problems = [], []
+    # The wide kernels live in a namespace per instruction set (jaxconv_wide_avx512::...).
+    parsed = {re.sub(r"\bjaxconv_wide_\w+::", "", n): v for n, v in parse(text).items()}
+    for kernel in kernels:
+        names = [
+            n for n in parsed if short_name(n).startswith(kernel + "<") and "[clone .cold]" not in n
+        ]
+        if not names:
+            problems.append(f"{kernel}: no instantiation in the object")
+        for n in sorted(names):
+            fn = measure(short_name(n), parsed[n])
+            funcs.append(fn)
+            if not fn.loops:
+                problems.append(f"{fn.name}: no loop found")
+            worst = max((lp.stack_stores for lp in fn.loops), default=0)
+            if worst > STACK_FREE_KNOWN.get(fn.name, 0):
+                problems.append(
+                    f"{fn.name}: {worst} stack stores in an innermost loop"
+                    f" (accepted: {STACK_FREE_KNOWN.get(fn.name, 0)})"
                 )
     return funcs, problems
 
@@ -464,6 +527,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"spill_check: {e}", file=sys.stderr)
         return 2
     funcs, problems = check(text, args.isa)
+    wide = None if args.object else find_object(args.isa, stem="wide")
+    if wide is not None:
+        try:
+            wfuncs, wproblems = check_stack_free(disassemble(wide))
+        except (FileNotFoundError, subprocess.CalledProcessError) as e:
+            print(f"spill_check: {e}", file=sys.stderr)
+            return 2
+        print(f"# {wide}: every innermost loop of {', '.join(STACK_FREE_KERNELS)}")
+        print(report(wfuncs, verbose=True))
+        problems += wproblems
     print(f"# {path}")
     print(
         "# worst  function  hot loops as @head:instructions/vector ops/stack stores/"

@@ -21,19 +21,152 @@ inline float low_at(const float* f, const uint16_t* h, int64_t at) {
   return h ? low_float(widen_bits<Rnd == jaxconv::kRoundBF16 ? 1 : 2>(h[at])) : f[at];
 }
 
-// Pass 1's recorded scan of rows [r0, r1) of batch element lw.b, the group's columns: each
-// output's count, code and scale (and list of rows where it has several winners), as
-// low_scan_run leaves them. The usual output (one marked block, 64 rows of one tap: lw.btab)
-// compares its block in one word of match bits; any other walks its blocks tap by tap.
-// The outputs go in pass 1's routing order (blocks of nbw output channels, rows, channels),
-// and each output's input gradient is routed here into `dxb`, as pass 1 routes it (the same
-// terms in the same order); a single winner's scale becomes its kernel gradient's term. A
-// single winner's term waits in a register while the next ones are the same input element
-// (a large x wins for many output channels): dx[pend] = ((dx[pend] + t1) + t2) ..., without a
-// store-to-load round trip per term.
+// Whether scan_bound<Op, Rnd, Max> is y itself (a min(x, w) under max, a max(x, w) under min).
+template <class Op, bool Max>
+constexpr bool scan_bound_is_y() {
+  return (Op::kComb == 1 && Max) || (Op::kComb == 2 && !Max);
+}
+
+// Whether a float16 value y (widened) is finite and above 2^-14, where f16_bounds takes its
+// first branch: the bound without its library calls (ldexp, nextafter, the conversion).
+inline bool f16_bound_plain(float y) {
+  const uint32_t m32 = low_bits(y) & 0x7fffffffu;
+  return m32 > 0x38800000u && m32 < 0x7f800000u;
+}
+
+// low_bound<kRoundF16, Max>(y) for such a y (f16_bound_plain): f16_bounds' first branch, the
+// same bits.
+template <bool Max>
+inline float f16_bound_normal(float y) {
+  const uint32_t u = low_bits(y), m32 = u & 0x7fffffffu;
+  const uint32_t half = (m32 >> 13) & 1u ? 0xfffu : 0x1000u;
+  const uint32_t a = m32 - half, z = m32 + half;
+  const bool neg = (u >> 31) != 0;
+  return low_float(Max ? (neg ? z | 0x80000000u : a) : (neg ? a | 0x80000000u : z));
+}
+
+// Where pass 1's walk over one item's outputs stands: the block of output channels o0, the
+// row r and the channel l (pass 1's routing order: blocks of nbw channels, rows, channels).
+struct LowRecAt {
+  int64_t o0, r, l;
+};
+
+// Pass 1's recorded scan of the usual outputs (one marked block, 64 rows of one tap: lw.btab;
+// at most one winner), from `at` on, in pass 1's order, up to the first other one (left in
+// `at`: true) or the end of rows [r0, r1) (false). A block's products are compared in one
+// word of match bits; the output's count, code and scale are written as low_scan_run leaves
+// them, and its one winner's input gradient is routed into `dxb`, as pass 1 routes it (the
+// same terms in the same order) while its kernel gradient's term takes its scale's place.
+// The term waits in a register while the next ones are the same input element (a large x
+// wins for many output channels): dx[pend] = ((dx[pend] + t1) + t2) ..., without a
+// store-to-load round trip per term. This loop calls nothing: in the loop that also walked
+// the other outputs (whose lists' push_back may call operator new, which clobbers every
+// vector register) GCC kept that term on the stack, a store and a load per output (and
+// 1.4x the float32 pass 1's time on layer A, perf on Zen 4).
+//
+// A float16 bound that needs f16_bounds' library calls (y zero, below 2^-14, infinite or NaN)
+// makes the output one of the others: no call in this loop.
+//
+// One winner's share g / 1 is g: the same bits wherever it is used (each use is a product or
+// a sum, which reads a denormal g as zero under DAZ as the quotient flushes it). Out of line
+// (a call per run of usual outputs), so that benchmarks/spill_check.py reads its loop.
 template <class Op, class Gr, bool Exact, bool Max, int Rnd>
-void low_rec_run(const LowWin& lw, std::vector<int32_t>& list, std::vector<int32_t>& rows,
-                 int64_t grp, int64_t r0, int64_t r1, int64_t nbw, float* dxb) {
+__attribute__((noinline)) bool low_rec_usual(const LowWin& lw, int64_t grp, int64_t r0, int64_t r1, int64_t nbw,
+                   float* dxb, LowRecAt& at) {
+  using E = float;
+  using V = VecOf<float>;
+  constexpr int L = Vt<float>::L;
+  const Plan<float>& pl = *lw.f;
+  const Geom& g = *pl.g;
+  const int64_t I = g.i, T = pl.T, K = pl.K, O = g.o;
+  const float* xb = pl.x + lw.b * pl.xs;
+  const int64_t yo = lw.b * pl.ys;
+  const int32_t* rb = lw.rec + yo;
+  int64_t pend = -1;
+  E pval = 0.0f;
+  int64_t o0 = at.o0, r = at.r, l = at.l;
+  for (; o0 < pl.og; o0 += nbw, r = r0, l = o0) {
+    const int64_t le = o0 + nbw < pl.og ? o0 + nbw : pl.og;
+    for (; r < r1; ++r, l = o0) {
+      const int64_t n = r / pl.P, p = r % pl.P;
+      const int32_t* tabp = lw.tab + p * T;
+      const float* xn = xb + n * lw.img + grp * I;
+      for (; l < le; ++l) {
+        const int64_t col = grp * pl.og + l, a = r * O + col, at0 = yo + a;
+        const uint32_t mask = uint32_t(rb[a]);
+        const int j = __builtin_ctz(mask | 0x80000000u);
+        if (mask == 0 || (mask & (mask - 1)) != 0 || lw.btab[2 * j + 1] < 0) {
+          if (pend >= 0) dxb[pend] = pval;
+          at = LowRecAt{o0, r, l};
+          return true;
+        }
+        const int64_t t = lw.btab[2 * j], i0 = lw.btab[2 * j + 1];
+        const int32_t off = tabp[t];
+        const float* wo = lw.wt + col * K;
+        uint64_t word = 0;
+        if (off >= 0) {  // identity padding: never a winner
+          const float yv = low_at<Rnd>(lw.y, lw.y16, at0);
+          float bd;
+          if constexpr (Rnd == jaxconv::kRoundF16 && !scan_bound_is_y<Op, Max>()) {
+            if (!f16_bound_plain(yv)) {  // zero, tiny, infinite or NaN: low_bound's calls
+              if (pend >= 0) dxb[pend] = pval;
+              at = LowRecAt{o0, r, l};
+              return true;
+            }
+            bd = f16_bound_normal<Max>(yv);
+          } else {
+            bd = scan_bound<Op, Rnd, Max>(yv);
+          }
+          const V bv = splat<float>(bd);
+          const float* xr = xn + off + i0;
+          const float* wr = wo + t * I + i0;
+          for (int v = 0; v < 64 / L; ++v) {
+            V xv, wv;
+            std::memcpy(&xv, xr + v * L, sizeof(V));
+            std::memcpy(&wv, wr + v * L, sizeof(V));
+            word |= uint64_t(lane_bits((V)low_pass<Op, Exact, Max>(xv, wv, bv, 0))) << (v * L);
+          }
+        }
+        if (word & (word - 1)) {  // a tie: its list
+          if (pend >= 0) dxb[pend] = pval;
+          at = LowRecAt{o0, r, l};
+          return true;
+        }
+        if (word == 0) {
+          lw.scale[at0] = 0.0f;
+          lw.code[at0] = -2;
+          continue;
+        }
+        const int64_t i = i0 + __builtin_ctzll(word);
+        lw.code[at0] = t * I + i;
+        const E sc = low_at<Rnd>(lw.gy, lw.g16, at0);
+        const int64_t xa = n * lw.img + off + grp * I + i;
+        const E ws = wo[t * I + i];
+        const E xs = xb[xa];
+        if (xa != pend) {
+          if (pend >= 0) dxb[pend] = pval;
+          pend = xa;
+          pval = dxb[xa];
+        }
+        pval += sc * Gr::template dx<E>(splat<E>(xs), splat<E>(ws))[0];
+        lw.scale[at0] = sc * Gr::template dw<E>(splat<E>(xs), splat<E>(ws))[0];
+      }
+    }
+  }
+  if (pend >= 0) dxb[pend] = pval;
+  at = LowRecAt{o0, r, l};
+  return false;
+}
+
+// Pass 1's recorded scan of one output that low_rec_usual leaves (several marked blocks, a
+// block that is not 64 rows of one tap, a tie): its blocks walked tap by tap, its winners'
+// rows in kernel-row order, its count, code and scale (and its list of rows where it has
+// several winners), its input gradient's terms straight to `dxb`, as pass 1 routes them.
+// Out of line: its push_back calls stay out of low_rec_usual's loop.
+template <class Op, class Gr, bool Exact, bool Max, int Rnd>
+__attribute__((noinline)) void low_rec_other(const LowWin& lw, std::vector<int32_t>& list,
+                                             std::vector<int32_t>& rows, int64_t grp,
+                                             int64_t r, int64_t l, float* dxb) {
   using E = float;
   using V = VecOf<float>;
   constexpr int L = Vt<float>::L;
@@ -42,120 +175,75 @@ void low_rec_run(const LowWin& lw, std::vector<int32_t>& list, std::vector<int32
   const int64_t I = g.i, T = pl.T, K = pl.K, O = g.o, kb = lw.kb;
   const float* xb = pl.x + lw.b * pl.xs;
   const int64_t yo = lw.b * pl.ys;
-  const int32_t* rb = lw.rec + yo;
-  int64_t pend = -1;
-  E pval = 0.0f;
-  auto flush = [&]() {
-    if (pend >= 0) dxb[pend] = pval;
-    pend = -1;
-  };
-  for (int64_t o0 = 0; o0 < pl.og; o0 += nbw)
-  for (int64_t r = r0; r < r1; ++r) {
-    const int64_t n = r / pl.P, p = r % pl.P;
-    const int32_t* tabp = lw.tab + p * T;
-    const float* xn = xb + n * lw.img + grp * I;
-    for (int64_t l = o0; l < (o0 + nbw < pl.og ? o0 + nbw : pl.og); ++l) {
-      const int64_t col = grp * pl.og + l, at = r * O + col, at0 = yo + at;
-      const float bd = scan_bound<Op, Rnd, Max>(low_at<Rnd>(lw.y, lw.y16, at0));
-      const V bv = splat<float>(bd);
-      const float* wo = lw.wt + col * K;
-      const uint32_t mask = uint32_t(rb[at]);
-      const int j = __builtin_ctz(mask | 0x80000000u);
-      if (mask != 0 && (mask & (mask - 1)) == 0 && lw.btab[2 * j + 1] >= 0) {
-        const int64_t t = lw.btab[2 * j], k0 = t * I + lw.btab[2 * j + 1];
-        const int32_t off = tabp[t];
-        uint64_t word = 0;
-        if (off >= 0) {  // identity padding: never a winner
-          const float* xr = xn + off + (k0 - t * I);
-          const float* wr = wo + k0;
-          for (int v = 0; v < 64 / L; ++v) {
-            V xv, wv;
-            std::memcpy(&xv, xr + v * L, sizeof(V));
-            std::memcpy(&wv, wr + v * L, sizeof(V));
-            word |= uint64_t(lane_bits((V)low_pass<Op, Exact, Max>(xv, wv, bv, 0))) << (v * L);
-          }
-        }
-        const int c = __builtin_popcountll(word);
-        const E sc = c > 0 ? low_at<Rnd>(lw.gy, lw.g16, at0) / float(c) : 0.0f;
-        lw.scale[at0] = sc;
-        if (c <= 1) {
-          lw.code[at0] = c == 0 ? -2 : k0 + __builtin_ctzll(word);
-          if (c == 1) {  // pass 1's one-winner terms
-            const int64_t i = k0 - t * I + __builtin_ctzll(word);
-            const int64_t at = n * lw.img + tabp[t] + grp * I + i;
-            const E ws = wo[t * I + i];
-            const E xs = xb[at];
-            if (at != pend) {
-              flush();
-              pend = at;
-              pval = dxb[at];
-            }
-            pval += sc * Gr::template dx<E>(splat<E>(xs), splat<E>(ws))[0];
-            lw.scale[at0] = sc * Gr::template dw<E>(splat<E>(xs), splat<E>(ws))[0];
-          }
-          continue;
-        }
-        lw.code[at0] = -3 - int64_t(list.size());
-        list.push_back(c);
-        flush();  // the tie's terms go straight to dx, in kernel-row order
-        for (; word; word &= word - 1) {
-          const int64_t i = k0 - t * I + __builtin_ctzll(word);
-          list.push_back(int32_t(t * I + i));
-          const int64_t at = n * lw.img + tabp[t] + grp * I + i;
-          const E ws = wo[t * I + i];
-          dxb[at] += sc * Gr::template dx<E>(splat<E>(xb[at]), splat<E>(ws))[0];
-        }
-        continue;
+  const int64_t n = r / pl.P, p = r % pl.P;
+  const int32_t* tabp = lw.tab + p * T;
+  const float* xn = xb + n * lw.img + grp * I;
+  const int64_t col = grp * pl.og + l, at0 = yo + r * O + col;
+  const float bd = scan_bound<Op, Rnd, Max>(low_at<Rnd>(lw.y, lw.y16, at0));
+  const V bv = splat<float>(bd);
+  const float* wo = lw.wt + col * K;
+  const uint32_t mask = uint32_t(lw.rec[at0]);
+  rows.clear();
+  for (uint32_t m = mask; m; m &= m - 1) {
+    const int64_t k0 = int64_t(__builtin_ctz(m)) * kb, k1 = k0 + kb < K ? k0 + kb : K;
+    for (int64_t t = k0 / I; t * I < k1; ++t) {
+      const int32_t off = tabp[t];
+      if (off < 0) continue;  // identity padding: never a winner
+      const float* xr = xn + off;
+      const float* wr = wo + t * I;
+      const int64_t ia = k0 > t * I ? k0 - t * I : 0;
+      const int64_t ie = k1 - t * I < I ? k1 - t * I : I;
+      int64_t i = ia;
+      for (; i + L <= ie; i += L) {
+        V xv, wv;
+        std::memcpy(&xv, xr + i, sizeof(V));
+        std::memcpy(&wv, wr + i, sizeof(V));
+        for (uint32_t bits = lane_bits((V)low_pass<Op, Exact, Max>(xv, wv, bv, 0)); bits;
+             bits &= bits - 1)
+          rows.push_back(int32_t(t * I + i + __builtin_ctz(bits)));
       }
-      rows.clear();
-      for (uint32_t m = mask; m; m &= m - 1) {
-        const int64_t k0 = int64_t(__builtin_ctz(m)) * kb, k1 = k0 + kb < K ? k0 + kb : K;
-        for (int64_t t = k0 / I; t * I < k1; ++t) {
-          const int32_t off = tabp[t];
-          if (off < 0) continue;  // identity padding: never a winner
-          const float* xr = xn + off;
-          const float* wr = wo + t * I;
-          const int64_t ia = k0 > t * I ? k0 - t * I : 0;
-          const int64_t ie = k1 - t * I < I ? k1 - t * I : I;
-          int64_t i = ia;
-          for (; i + L <= ie; i += L) {
-            V xv, wv;
-            std::memcpy(&xv, xr + i, sizeof(V));
-            std::memcpy(&wv, wr + i, sizeof(V));
-            for (uint32_t bits = lane_bits((V)low_pass<Op, Exact, Max>(xv, wv, bv, 0)); bits;
-                 bits &= bits - 1)
-              rows.push_back(int32_t(t * I + i + __builtin_ctz(bits)));
-          }
-          for (; i < ie; ++i)
-            if (low_hit<Op, Exact, Max>(xr[i], wr[i], bd)) rows.push_back(int32_t(t * I + i));
-        }
-      }
-      const int64_t c = int64_t(rows.size());
-      const E sc = c > 0 ? low_at<Rnd>(lw.gy, lw.g16, at0) / float(c) : 0.0f;
-      lw.scale[at0] = sc;
-      flush();  // pass 1's terms, in kernel-row order, straight to dx
-      for (const int32_t k : rows) {
-        const int64_t t = lw.kt[2 * k], i = lw.kt[2 * k + 1];
-        const int64_t at = n * lw.img + tabp[t] + grp * I + i;
-        const E ws = wo[k];
-        if (c == 1) {
-          const E xs = xb[at];
-          dxb[at] += sc * Gr::template dx<E>(splat<E>(xs), splat<E>(ws))[0];
-          lw.scale[at0] = sc * Gr::template dw<E>(splat<E>(xs), splat<E>(ws))[0];
-        } else {
-          dxb[at] += sc * Gr::template dx<E>(splat<E>(xb[at]), splat<E>(ws))[0];
-        }
-      }
-      if (c <= 1) {
-        lw.code[at0] = c == 0 ? -2 : rows[0];
-        continue;
-      }
-      lw.code[at0] = -3 - int64_t(list.size());
-      list.push_back(int32_t(c));
-      list.insert(list.end(), rows.begin(), rows.end());
+      for (; i < ie; ++i)
+        if (low_hit<Op, Exact, Max>(xr[i], wr[i], bd)) rows.push_back(int32_t(t * I + i));
     }
   }
-  flush();
+  const int64_t c = int64_t(rows.size());
+  const E sc = c > 0 ? low_at<Rnd>(lw.gy, lw.g16, at0) / float(c) : 0.0f;
+  lw.scale[at0] = sc;
+  for (const int32_t k : rows) {
+    const int64_t t = lw.kt[2 * k], i = lw.kt[2 * k + 1];
+    const int64_t at = n * lw.img + tabp[t] + grp * I + i;
+    const E ws = wo[k];
+    if (c == 1) {
+      const E xs = xb[at];
+      dxb[at] += sc * Gr::template dx<E>(splat<E>(xs), splat<E>(ws))[0];
+      lw.scale[at0] = sc * Gr::template dw<E>(splat<E>(xs), splat<E>(ws))[0];
+    } else {
+      dxb[at] += sc * Gr::template dx<E>(splat<E>(xb[at]), splat<E>(ws))[0];
+    }
+  }
+  if (c <= 1) {
+    lw.code[at0] = c == 0 ? -2 : rows[0];
+    return;
+  }
+  lw.code[at0] = -3 - int64_t(list.size());
+  list.push_back(int32_t(c));
+  list.insert(list.end(), rows.begin(), rows.end());
+}
+
+// Pass 1's recorded scan of rows [r0, r1) of batch element lw.b, the group's columns: each
+// output's count, code and scale (and list of rows where it has several winners), as
+// low_scan_run leaves them, and each output's input gradient routed into `dxb` as pass 1
+// routes it (the same terms in the same order). The outputs go in pass 1's routing order
+// (blocks of nbw output channels, rows, channels): runs of usual ones (low_rec_usual), each
+// other one on its own (low_rec_other), whose terms go straight to dx.
+template <class Op, class Gr, bool Exact, bool Max, int Rnd>
+void low_rec_run(const LowWin& lw, std::vector<int32_t>& list, std::vector<int32_t>& rows,
+                 int64_t grp, int64_t r0, int64_t r1, int64_t nbw, float* dxb) {
+  LowRecAt at{0, r0, 0};
+  while (low_rec_usual<Op, Gr, Exact, Max, Rnd>(lw, grp, r0, r1, nbw, dxb, at)) {
+    low_rec_other<Op, Gr, Exact, Max, Rnd>(lw, list, rows, grp, at.r, at.l, dxb);
+    ++at.l;
+  }
 }
 
 // Buffers reused from call to call (the low backward's float32 copies, gradients, scales and

@@ -301,10 +301,38 @@ bool plain_ok(const E* x, int64_t nx, const E* w, int64_t nw, const Geom& g, E p
   } else if constexpr (Comb == -2) {
     return false;
   } else {
+    // A negative zero: -0 or a negative denormal (which compares equal to 0 under the DAZ
+    // mode every call runs in). Pieces of 1024 values, each scanned without a branch, on the
+    // bits, so that GCC vectorizes it: the loop that returned at the first infinity stayed
+    // scalar (0.7 ms of layer A's bfloat16 max_plus backward, one thread on Zen 4).
     auto scan = [](const E* p, int64_t n, bool* negzero) {
-      for (int64_t k = 0; k < n; ++k) {
-        if (!std::isfinite(p[k])) return false;
-        if (p[k] == 0 && std::signbit(p[k])) *negzero = true;
+      using U = std::conditional_t<sizeof(E) == 8, uint64_t, uint32_t>;
+      constexpr bool kBits = (sizeof(E) == 4 || sizeof(E) == 8) &&
+                             std::numeric_limits<E>::is_iec559 && sizeof(E) == sizeof(U);
+      constexpr U kSign = U(1) << (8 * sizeof(U) - 1);
+      constexpr U kExp = sizeof(E) == 8 ? U(0x7ff0000000000000ull) : U(0x7f800000u);
+      constexpr int64_t kPiece = 1024;
+      for (int64_t a = 0; a < n; a += kPiece) {
+        const int64_t e = a + kPiece < n ? a + kPiece : n;
+        bool bad = false, nz = false;
+        if constexpr (kBits) {
+          U any_inf = 0, any_nz = 0;
+          for (int64_t k = a; k < e; ++k) {
+            U u;
+            std::memcpy(&u, p + k, sizeof(U));
+            any_inf |= U((u & kExp) == kExp);
+            any_nz |= U((u & (kSign | kExp)) == kSign);  // -0, or a -denormal (== 0 under DAZ)
+          }
+          bad = any_inf != 0;
+          nz = any_nz != 0;
+        } else {
+          for (int64_t k = a; k < e; ++k) {
+            bad = bad || !std::isfinite(p[k]);
+            nz = nz || (p[k] == 0 && std::signbit(p[k]));
+          }
+        }
+        if (bad) return false;
+        if (nz) *negzero = true;
       }
       return true;
     };

@@ -7,6 +7,8 @@ compiler, flags and source: CI builds the extension with GCC 12 from a clean clo
 checkout's ``build/`` folder (``pip install -e .``), where the object is. A second test
 compiles a small register tile with and without an escaping pointer to its accumulators (the
 pattern that once made the forward 2.3x slower) and checks that the detector tells them apart.
+A third reads the wide kernel object's per-output loops that must not store to the stack at
+all (``spill_check.STACK_FREE_KERNELS``).
 
 x86-64 only: elsewhere there is no AVX-512 build to read.
 """
@@ -70,6 +72,16 @@ def test_built_avx512_kernels_do_not_spill():
     assert not problems, "\n".join(problems) + "\n" + spill_check.report(funcs)
     names = {f.name.split("<", 1)[0] for f in funcs}
     assert names == set(spill_check.HOT_KERNELS)
+
+
+def test_built_low_recorded_scan_keeps_its_term_in_registers():
+    # The bfloat16 / float16 recorded backward's loop over outputs (low_rec_usual): no value
+    # carried from output to output on the stack (a call in that loop once put it there).
+    path = spill_check.find_object("avx512", stem="wide")
+    assert path is not None, "no AVX-512 wide kernel object under build/ (pip install -e .)"
+    funcs, problems = spill_check.check_stack_free(spill_check.disassemble(path))
+    assert not problems, "\n".join(problems) + "\n" + spill_check.report(funcs, verbose=True)
+    assert all(f.loops for f in funcs) and funcs
 
 
 @pytest.mark.parametrize("escape", [False, True])
