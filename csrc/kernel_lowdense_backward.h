@@ -18,12 +18,22 @@
 
 #include "kernel_lowdense_case.h"
 
+// Whether an op declares `static constexpr bool kLowCodes` true (a generated user op's
+// WideUser, csrc/userop_wide.h, from the same declaration as its float32 functor's).
+template <class Op, class = void>
+struct LowCodesDeclared : std::false_type {};
+template <class Op>
+struct LowCodesDeclared<Op, std::enable_if_t<Op::kLowCodes>> : std::true_type {};
+
 // The ops whose dense low record holds codes (kernel_lowdense_record.h's LowCodes): the
-// built-in max_plus, min_plus, max_min and min_max.
+// built-in max_plus, min_plus, max_min and min_max, and the ops that declare kLowCodes (their
+// products matched by low_pass's generic compare against scan_bound's bound, as the forward
+// matched them).
 template <class Op>
 constexpr bool lowdense_op() {
   return std::is_same_v<Op, WideOp<0, 0>> || std::is_same_v<Op, WideOp<0, 1>> ||
-         std::is_same_v<Op, WideOp<1, 0>> || std::is_same_v<Op, WideOp<2, 1>>;
+         std::is_same_v<Op, WideOp<1, 0>> || std::is_same_v<Op, WideOp<2, 1>> ||
+         LowCodesDeclared<Op>::value;
 }
 
 // f(item) for items [0, n), in parallel.
