@@ -218,6 +218,22 @@ void lowdense_dw(const LowDense& d, int64_t item, std::vector<int32_t>& list, ui
       else
         for (int64_t q = 0; q < cols; q += 16) __builtin_prefetch(d.gf + ahead + q);
     }
+    if constexpr (Op::kComb != 0) {
+      // The operands a winner's terms read (kernel rows in the order of the codes: a gather),
+      // fetched kOperands rows ahead from the codes fetched above.
+      constexpr int64_t kOperands = 8;
+      if (n + kOperands < d.N) {
+        const int32_t* ra = d.rec + at + kOperands * O;
+        const uint16_t* xa = d.x16 + (b * d.N + n + kOperands) * d.C + grp * K;
+        for (int64_t l = 0; l < cols; ++l) {
+          const int32_t code = ra[l];
+          if (code >= 0) {
+            __builtin_prefetch(d.w16 + (b * K + code) * O + col0 + l);
+            __builtin_prefetch(xa + code);
+          }
+        }
+      }
+    }
     lowdense_row<Kind>(d.gf, d.g16, at, cols, gr);
     const int32_t* rr = d.rec + at;
     for (int64_t l = 0; l < cols; ++l) {
