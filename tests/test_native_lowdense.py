@@ -257,8 +257,9 @@ def test_user_codes_route_has_the_earlier_routes_bits(op: Any, dtype: Any, kind:
     np.testing.assert_array_equal(np.asarray(new(*args)[0], np.float32), want)
 
 
-@pytest.mark.parametrize("op,dtype", [(CLIP_MAX, BF16), (MAX_TIMES, F16), (MIN_TIMES, BF16),
-                                      (MIN_GATE, F16)])
+@pytest.mark.parametrize(
+    "op,dtype", [(CLIP_MAX, BF16), (MAX_TIMES, F16), (MIN_TIMES, BF16), (MIN_GATE, F16)]
+)
 def test_user_tie_heavy_items_keep_the_bits(op: Any, dtype: Any) -> None:
     """Small integers: nearly every output a tie of many winners, the ties' blocks rescanned
     by the wide library's compare, the items' kernel columns built once. (A clip under max
@@ -273,7 +274,9 @@ def test_user_tie_heavy_items_keep_the_bits(op: Any, dtype: Any) -> None:
         np.testing.assert_array_equal(np.asarray(a).view(np.uint16), np.asarray(b).view(np.uint16))
 
 
-@pytest.mark.parametrize("op,vmapped,acc", [(MAX_TIMES, True, None), (CLIP_MAX, False, jnp.float32)])
+@pytest.mark.parametrize(
+    "op,vmapped,acc", [(MAX_TIMES, True, None), (CLIP_MAX, False, jnp.float32)]
+)
 def test_user_batches_and_float32_results_keep_the_bits(op: Any, vmapped: bool, acc: Any) -> None:
     lead = (2,) if vmapped else ()
     x, w = _data("ties", (*lead, 6, 130), (*lead, 130, 40), F16, 25)
@@ -326,6 +329,7 @@ def test_functors_declare_low_codes_alike(fn: Any, reduce: str, codes: bool) -> 
 def test_explain_says_a_user_op_records_codes() -> None:
     details = " ".join(jaxconv.explain(CLIP_MAX, dtype=BF16, platform="cpu").details)
     assert "kLowCodes" in details and "up to three winners" in details
-    details = " ".join(jaxconv.explain(jaxconv.Op(jnp.power, "max"), dtype=BF16,
-                                       platform="cpu").details)
+    details = " ".join(
+        jaxconv.explain(jaxconv.Op(jnp.power, "max"), dtype=BF16, platform="cpu").details
+    )
     assert "kLowCodes" not in details
