@@ -18,12 +18,22 @@
 
 #include "kernel_lowdense_case.h"
 
+// Whether an op declares `static constexpr bool kLowCodes` true (a generated user op's
+// WideUser, csrc/userop_wide.h, from the same declaration as its float32 functor's).
+template <class Op, class = void>
+struct LowCodesDeclared : std::false_type {};
+template <class Op>
+struct LowCodesDeclared<Op, std::enable_if_t<Op::kLowCodes>> : std::true_type {};
+
 // The ops whose dense low record holds codes (kernel_lowdense_record.h's LowCodes): the
-// built-in max_plus, min_plus, max_min and min_max.
+// built-in max_plus, min_plus, max_min and min_max, and the ops that declare kLowCodes (their
+// products matched by low_pass's generic compare against scan_bound's bound, as the forward
+// matched them).
 template <class Op>
 constexpr bool lowdense_op() {
   return std::is_same_v<Op, WideOp<0, 0>> || std::is_same_v<Op, WideOp<0, 1>> ||
-         std::is_same_v<Op, WideOp<1, 0>> || std::is_same_v<Op, WideOp<2, 1>>;
+         std::is_same_v<Op, WideOp<1, 0>> || std::is_same_v<Op, WideOp<2, 1>> ||
+         LowCodesDeclared<Op>::value;
 }
 
 // f(item) for items [0, n), in parallel.
@@ -207,6 +217,22 @@ void lowdense_dw(const LowDense& d, int64_t item, std::vector<int32_t>& list, ui
       if (d.g16) __builtin_prefetch(d.g16 + ahead);
       else
         for (int64_t q = 0; q < cols; q += 16) __builtin_prefetch(d.gf + ahead + q);
+    }
+    if constexpr (Op::kComb != 0) {
+      // The operands a winner's terms read (kernel rows in the order of the codes: a gather),
+      // fetched kOperands rows ahead from the codes fetched above.
+      constexpr int64_t kOperands = 8;
+      if (n + kOperands < d.N) {
+        const int32_t* ra = d.rec + at + kOperands * O;
+        const uint16_t* xa = d.x16 + (b * d.N + n + kOperands) * d.C + grp * K;
+        for (int64_t l = 0; l < cols; ++l) {
+          const int32_t code = ra[l];
+          if (code >= 0) {
+            __builtin_prefetch(d.w16 + (b * K + code) * O + col0 + l);
+            __builtin_prefetch(xa + code);
+          }
+        }
+      }
     }
     lowdense_row<Kind>(d.gf, d.g16, at, cols, gr);
     const int32_t* rr = d.rec + at;

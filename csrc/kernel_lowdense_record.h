@@ -26,13 +26,23 @@
 
 #include "kernel_lowdense_case.h"
 
-// The ops whose low dense record holds codes, and how a product is matched: 0, x + w rounded
-// to the dtype (its bound, or its rounded value, against y's); 1, min(x, w) under max; 2,
-// max(x, w) under min (values of the dtype: a product equals y exactly when both operands pass
-// y, the low scan's compare; on integer keys, those of the float forward's keyed loop, they are
-// compared as the floats they stand for).
-template <class Op>
+// The ops whose low dense record holds codes, and how a product is matched: 0, the product
+// (x + w, or a user combine) rounded to the dtype (its bound, or its rounded value, against
+// y's); 1, min(x, w) under max; 2, max(x, w) under min (values of the dtype: a product equals
+// y exactly when both operands pass y, the low scan's compare; on integer keys, those of the
+// float forward's keyed loop, they are compared as the floats they stand for).
+//
+// A functor says so itself with `static constexpr bool kLowCodes` (a generated user op,
+// jaxconv/_src/engines/native/codegen.py: a max / min whose products the wide kernels compute
+// bit for bit and whose finite operands make no NaN, so the backward's compare of its products
+// against y's bound finds the winners found here); the built-in ops below by their type. Both
+// sides must agree: the user op's wide library declares the same (kernel_lowdense_backward.h).
+template <class Op, class = void>
 struct LowCodes : std::false_type {};
+template <class Op>
+struct LowCodes<Op, std::enable_if_t<Op::kLowCodes>> : std::true_type {
+  static constexpr int kPick = 0;
+};
 template <class R>
 struct LowCodes<Plus<R>> : std::true_type {
   static constexpr int kPick = 0;

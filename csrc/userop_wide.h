@@ -14,6 +14,8 @@
 // then defines in that namespace
 //   struct UserOp { using E = ...; static constexpr int kReduce = 0 (max) | 1 (min) | 2 (sum);
 //                   static constexpr bool kNanFree (finite operands make no NaN product);
+//                   optionally static constexpr bool kLowCodes (float: the dense low record
+//                   holds exact winner codes, kernel_lowdense_backward.h);
 //                   static E ident(); comb / dcx / dcw (templates over T) };
 // and exports `jaxconv_user_run(const jaxconv::WideCall*, int backward)` calling
 // run_wide_user<UserOp>.
@@ -142,6 +144,8 @@ struct WideUser {
   // No built-in combine (kernel_wide.h's plain_ok): -1 when finite operands make no NaN.
   static constexpr int kComb = U::kNanFree ? -1 : -2;
   static constexpr bool kSum = U::kReduce == 2;
+  // The dense low record's codes (kernel_lowdense_backward.h): as the user op declares.
+  static constexpr bool kLowCodes = LowCodesDeclared<U>::value;
   template <class E, bool Exact>
   static VecOf<E> comb(VecOf<E> x, VecOf<E> w) {
     return U::template comb<WideT<E>>(x, w);

@@ -1,7 +1,8 @@
 """Dense bfloat16 / float16 max/min products under a gradient: the low recording forward keeps an
 exact winner code per output (csrc/kernel_lowdense_record.h: one winner's k, two or three
 winners listed, else a tie's blocks) and the backward scatters the cotangent from it
-(csrc/kernel_lowdense_backward.h).
+(csrc/kernel_lowdense_backward.h); the built-in ops, and user max / min ops whose functor
+declares ``kLowCodes`` (codegen.low_codes).
 
 The reference route is the engine's earlier one (no record: the wide backward on float32
 copies, every output's window scanned), taken by ``JAXCONV_NATIVE_LOW=call``: y, dx and dw
@@ -20,7 +21,7 @@ import numpy as np
 import pytest
 
 import jaxconv
-from jaxconv._src.engines.native import ffi, low_route
+from jaxconv._src.engines.native import codegen, ffi, low_route
 from tests.reference import NUMPY_OPS, conv_reference
 
 BF16, F16 = jnp.bfloat16, jnp.float16
@@ -209,3 +210,126 @@ def test_the_record_holds_codes(op: str) -> None:
     # Not finite: not recorded (-1), the earlier full scan.
     x, w = _data("nan", (9, 200), (200, 70), BF16, 1)
     assert (_codes(op, x, w) == -1).all()
+
+
+# User max / min ops (compiled kernels) whose functors declare kLowCodes: a clip (run as
+# max-times, the clip a monotone tail applied to the result), the tropical max-times (products
+# that overflow to infinity on "big" data), a min of products and a select under min.
+CLIP_MAX = jaxconv.Op(lambda a, b: jnp.clip(a * b, -1.0, 1.0), "max", name="clip_max")
+MAX_TIMES = jaxconv.Op(lambda a, b: a * b, "max", name="max_times")
+MIN_TIMES = jaxconv.Op(lambda a, b: a * b, "min", name="min_times")
+MIN_GATE = jaxconv.Op(lambda a, b: jnp.where(a > 0, a + b, -b), "min", name="min_gate")
+USER_NUMPY = {
+    "min_gate": (lambda a, b: np.where(a > 0, a + b, -b), np.minimum, np.inf),
+    "clip_max": (lambda a, b: np.clip(a * b, -1.0, 1.0), np.maximum, -np.inf),
+    "max_times": (np.multiply, np.maximum, -np.inf),
+    "min_times": (np.multiply, np.minimum, np.inf),
+}
+USER_OPS = (CLIP_MAX, MAX_TIMES, MIN_TIMES, MIN_GATE)
+
+# Every kind of data once (ties, overflow, NaN / infinities twice), ops and dtypes across them.
+USER_CASES = [
+    (kind, USER_OPS[(i + j) % 4], (BF16, F16)[(i // 2 + j) % 2])
+    for i, kind in enumerate(KINDS)
+    for j in range(2 if kind in ("ties", "big", "nan") else 1)
+]
+
+
+@pytest.mark.parametrize("kind,op,dtype", USER_CASES)
+def test_user_codes_route_has_the_earlier_routes_bits(op: Any, dtype: Any, kind: str) -> None:
+    """A user op's codes and scatter: the earlier route's bits (the full scan of the wide
+    kernels' user library); y the numpy reference rounded once."""
+    x, w = _data(kind, (9, 200), (200, 70), dtype, 21)
+    ct = jnp.asarray(np.random.default_rng(22).standard_normal((9, 70)), dtype)
+    args = [x, w, ct]
+    new, old = _compiled(op, True, False, None, args), _compiled(op, False, False, None, args)
+    assert "jaxconv_low_forward_record" in new.as_text()
+    for a, b in zip(new(*args), old(*args), strict=True):
+        assert a.dtype == b.dtype == dtype
+        np.testing.assert_array_equal(np.asarray(a).view(np.uint16), np.asarray(b).view(np.uint16))
+    if kind == "tiny" and dtype == BF16:
+        return  # float32 subnormal products: the native engines flush them (DAZ / FTZ)
+    combine, reduce, _ = USER_NUMPY[op.name]
+    x64, w64 = (np.asarray(a, np.float32).astype(np.float64) for a in (x, w))
+    with np.errstate(invalid="ignore", over="ignore"):
+        ref = reduce.reduce(combine(x64[:, :, None], w64[None]).astype(np.float32), axis=1)
+        want = ref.astype(dtype).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(new(*args)[0], np.float32), want)
+
+
+@pytest.mark.parametrize(
+    "op,dtype", [(CLIP_MAX, BF16), (MAX_TIMES, F16), (MIN_TIMES, BF16), (MIN_GATE, F16)]
+)
+def test_user_tie_heavy_items_keep_the_bits(op: Any, dtype: Any) -> None:
+    """Small integers: nearly every output a tie of many winners, the ties' blocks rescanned
+    by the wide library's compare, the items' kernel columns built once. (A clip under max
+    runs as max-times with the clip applied to the result, a monotone tail factored out: its
+    ties are max-times's.)"""
+    x, w = _data("ints3", (40, 1024), (1024, 128), dtype, 23)
+    ct = jnp.asarray(np.random.default_rng(24).standard_normal((40, 128)), dtype)
+    args = [x, w, ct]
+    assert (_codes(op, x, w).astype(np.int64) < -2).mean() > 0.5  # mostly ties' blocks
+    new, old = _compiled(op, True, False, None, args), _compiled(op, False, False, None, args)
+    for a, b in zip(new(*args), old(*args), strict=True):
+        np.testing.assert_array_equal(np.asarray(a).view(np.uint16), np.asarray(b).view(np.uint16))
+
+
+@pytest.mark.parametrize(
+    "op,vmapped,acc", [(MAX_TIMES, True, None), (CLIP_MAX, False, jnp.float32)]
+)
+def test_user_batches_and_float32_results_keep_the_bits(op: Any, vmapped: bool, acc: Any) -> None:
+    lead = (2,) if vmapped else ()
+    x, w = _data("ties", (*lead, 6, 130), (*lead, 130, 40), F16, 25)
+    ct = jnp.asarray(
+        np.random.default_rng(26).standard_normal((*lead, 6, 40)), F16 if acc is None else acc
+    )
+    args = [x, w, ct]
+    new = _compiled(op, True, vmapped, acc, args)
+    old = _compiled(op, False, vmapped, acc, args)
+    for a, b in zip(new(*args), old(*args), strict=True):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+@pytest.mark.parametrize("op", USER_OPS)
+def test_a_user_record_holds_codes(op: Any) -> None:
+    """A user op that declares kLowCodes keeps codes of every kind (tied data); not finite:
+    not recorded."""
+    x, w = _data("ints", (9, 200), (200, 70), F16, 1)
+    r = _codes(op, x, w).astype(np.int64)
+    assert (r >= 0).any() and (r <= LIST).any() and ((r < -2) & (r > LIST)).any()
+    x, w = _data("nan", (9, 200), (200, 70), F16, 1)
+    assert (_codes(op, x, w) == -1).all()
+
+
+@pytest.mark.parametrize(
+    "fn,reduce,codes",
+    [
+        (lambda a, b: jnp.clip(a * b, -1.0, 1.0), "max", True),
+        (lambda a, b: a * b, "min", True),
+        (lambda a, b: jnp.where(a > 0, a + b, -b), "min", True),
+        (lambda a, b: jnp.tanh(a - b), "max", False),  # vectorized here, libm there
+        (jnp.power, "max", False),
+        (lambda a, b: a / b, "max", False),  # 0 / 0: a NaN of finite operands
+        (lambda a, b: a * b, "sum", False),
+    ],
+)
+def test_functors_declare_low_codes_alike(fn: Any, reduce: str, codes: bool) -> None:
+    """The float32 functor (the forward's) and the wide one (the backward's) declare kLowCodes
+    alike: both sides read the record by it."""
+    op = jaxconv.Op(fn, reduce)
+    f32 = codegen.functor(op)
+    assert f32.low_codes == codes
+    assert (codegen.LOW_CODES in f32.source) == codes
+    if reduce != "sum":
+        wide = codegen.functor(op, np.float32, wide=True)
+        assert wide.low_codes == codes and (codegen.LOW_CODES in wide.source) == codes
+
+
+def test_explain_says_a_user_op_records_codes() -> None:
+    details = " ".join(jaxconv.explain(CLIP_MAX, dtype=BF16, platform="cpu").details)
+    assert "kLowCodes" in details and "up to three winners" in details
+    details = " ".join(
+        jaxconv.explain(jaxconv.Op(jnp.power, "max"), dtype=BF16, platform="cpu").details
+    )
+    assert "kLowCodes" not in details

@@ -360,6 +360,8 @@ class Functor:
       name: the op's name, for messages only (it is not in the source).
       dtype: the operands' dtype it is built for (float32: the float32 kernels; float64,
         int32, int64: the wide kernels).
+      low_codes: whether it declares ``kLowCodes`` (`low_codes`): on bfloat16 / float16, a
+        dense recording forward keeps exact winner codes and the backward scatters them.
     """
 
     source: str
@@ -368,6 +370,7 @@ class Functor:
     nan_free: bool
     name: str = ""
     dtype: str = "float32"
+    low_codes: bool = False
 
 
 PRELUDE = """\
@@ -511,6 +514,10 @@ def functor(op: Op, dtype: object = np.float32, wide: bool = False) -> Functor:
     elif caps.reduce != "sum":
         body.append("  template <class T> static VT<T> comb_safe(VT<T> x, VT<T> w) "
                     "{ return comb<T>(x, w); }")
+    used = set(comb.primitives()) | set(parts.primitives())
+    codes = low_codes(caps.reduce, comb, used)
+    if codes:
+        body.append(LOW_CODES)
     # The forward's embedded broadcast of x (csrc/kernel_bcast_user.h), from `comb` as written:
     # max / min only (under a sum, -|x - w| and -(x - w)^2 measured 8-13% slower with it).
     broadcast = bcast.members(
@@ -530,9 +537,9 @@ def functor(op: Op, dtype: object = np.float32, wide: bool = False) -> Functor:
                              ops=comb_ops(comb))
               + "\n".join(body) + "\n"
               + EPILOGUE.format(extra=bcast.SPECIALIZATION if broadcast else "", run="run_op"))
-    used = tuple(sorted(set(comb.primitives()) | set(parts.primitives())))
-    return Functor(source, used, tuple(p for p in used if p in SCALAR_LIBM), nan_free,
-                   display_name(op))
+    prims = tuple(sorted(used))
+    return Functor(source, prims, tuple(p for p in prims if p in SCALAR_LIBM), nan_free,
+                   display_name(op), low_codes=codes)
 
 
 def _wide_functor(op: Op, caps: object, dtype: np.dtype) -> Functor:
@@ -568,13 +575,45 @@ def _wide_functor(op: Op, caps: object, dtype: np.dtype) -> Functor:
     with jax.ensure_compile_time_eval():
         ident = identity_value(caps.canonical, dtype).item()  # type: ignore[attr-defined]
     nan_free = sp.nan_free(comb) if dtype.kind == "f" else True
+    codes = dtype == _F32 and low_codes(reduce, comb, used)
+    if codes:
+        body.append(LOW_CODES)
     source = (WIDE_PRELUDE.format(ctype=WIDE_TYPES[dtype], reduce=WIDE_REDUCES[reduce],
                                   nan_free="true" if nan_free else "false",
                                   ident=literal(ident, dtype))
               + "\n".join(body) + "\n" + WIDE_EPILOGUE.format())
     prims = tuple(sorted(used))
     return Functor(source, prims, tuple(p for p in prims if p in SCALAR_LIBM | _WIDE_LIBM),
-                   nan_free, display_name(op), dtype.name)
+                   nan_free, display_name(op), dtype.name, codes)
+
+
+# The member a max / min functor declares where `low_codes` holds (csrc/kernel_lowdense_record.h's
+# LowCodes, kernel_lowdense_backward.h's lowdense_op).
+LOW_CODES = "  static constexpr bool kLowCodes = true;"
+
+
+def low_codes(reduce: str, comb: sp.ScalarProgram, primitives: set[str]) -> bool:
+    """Whether a max / min op's bfloat16 / float16 dense record may hold exact winner codes
+    (``csrc/kernel_lowdense_record.h``) and its backward scatter them
+    (``csrc/kernel_lowdense_backward.h``): the forward (float32 kernels) matches each product
+    against the result's rounding bound (bfloat16) or rounded value (float16), the backward
+    (wide kernels) rescans a tie's blocks against the bound, and the earlier route's scan
+    finds its winners with that bound too, so the three must see the same products: none of
+    the primitives of the combine and its partials is one that the float32 kernels vectorize
+    and the wide kernels take from libm (`same_products`), and finite operands make no NaN
+    product (the recording tiles run the fast loop, whose relaxed max / min differ from the
+    exact ones only in the sign of a zero, which no compare sees). The float32 functor and the
+    wide one of an op decide alike: both sides read the record by it.
+
+    Args:
+      reduce: the op's reduce.
+      comb: the combine's program.
+      primitives: the primitives of the combine and its partials.
+
+    Returns:
+        True when the functor declares ``kLowCodes``.
+    """
+    return reduce in ("max", "min") and sp.nan_free(comb) and not primitives & _WIDE_LIBM
 
 
 def same_products(functor: Functor) -> bool:

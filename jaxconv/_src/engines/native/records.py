@@ -230,13 +230,20 @@ def record_lines(problem: Problem, dtype: DTypeLike) -> tuple[str, ...]:
         )
     held = "may hold a product that rounds to its result" if low(dtype) else "hold its winners"
     rows = ffi.native_constant("record_block_rows")
+    lists = "a bfloat16 / float16 dense max_plus, min_plus, max_min or min_max up to three winners"
+    f32 = translation.translation(problem.op, "float32") if problem.op.native is None else None
+    if low(dtype) and isinstance(f32, codegen.Functor) and f32.low_codes:
+        lists = (
+            "this op's bfloat16 / float16 dense call (one position per output, no "
+            "padding) up to three winners, more as a tie's blocks (its functor declares "
+            "kLowCodes: both kernels compute its products bit for bit)"
+        )
     return (
         f"under a derivative the forward records, per output, which blocks of {rows} "
         "kernel rows (on a convolution: a tap's input channels, taps in order) "
         f"{held} (finite data, more than {rows} rows, not depthwise), and "
         "the backward compares only those blocks' products with the result to "
         "find the winners (ties split equally; a float32 dense x + w or x - w "
-        "records its single winner itself, and a bfloat16 / float16 dense max_plus, "
-        "min_plus, max_min or min_max up to three winners, and their backward "
+        f"records its single winner itself, and {lists}, and their backward "
         "scatters); otherwise the backward rescans every output's window",
     )
