@@ -392,8 +392,8 @@ class NativeEngine(registry.Engine):
                  need: tuple[bool, bool]) -> tuple[Array, Array]:
         """The FFI backward kernel, and standard products where those are faster: the
         kernel gradient of a ``x - w`` sum (AdderNet) where the paired native pass does not
-        serve the shape (`_paired`), and both gradients of l2's (centred, `_centred`) unless
-        ``JAXCONV_NATIVE_L2=native`` (`l2_route`)."""
+        serve the shape (`_paired`), and both gradients of l2's (centred, `_centred`) under
+        ``JAXCONV_NATIVE_L2=products`` (`l2_route`)."""
         problem = twins.served(problem)
         other = self._fallback(problem, x.dtype)
         low_winner = kinds.low(x.dtype) and kinds.winner(problem)

@@ -1,19 +1,20 @@
 """Which route l2_exact's float32 gradients take on the native engine: ``JAXCONV_NATIVE_L2``.
 
-- ``products`` (the default): standard products on operands centred per input channel
-  (``engine._centred``): x times the cotangent's sums less the standard gradients, two
-  convolutions (or dots) that XLA runs at its GEMM speed;
-- ``native``: the sums' backward kernel (``csrc/kernel_sums_paired.h``,
+- ``native`` (the default): the sums' backward kernel (``csrc/kernel_sums_paired.h``,
   ``csrc/kernel_sumbwd_dense.h``): each term's ``2 g (x - w)`` feeds both gradients in one
-  pass over the terms, no cancellation, on the engine's threads.
+  pass over the terms, no cancellation, on the engine's threads;
+- ``products``: standard products on operands centred per input channel
+  (``engine._centred``): x times the cotangent's sums less the standard gradients, two
+  convolutions (or dots) that XLA runs at its GEMM speed.
 
 Why the default: per term both routes issue two fused multiply-adds (one per gradient), and
 XLA's products reach nearer the FMA peak on one thread (Zen 4, one thread, CPU time, f+b less
-forward: layer A 12.3 ms against 16.6, layer E 6.8 against 13.2). XLA's convolution runs on one
-thread on this machine, the native pass on every thread of the call: with two or more threads
-free the native route may win on layer A; the variable lets a quiet machine's benchmark decide
-(``benchmarks/native.py`` traces under the calling environment). Both routes are tested
-against the float64 rule (``tests/test_native_sumbwd.py``); their bits differ.
+forward: layer A 12.3 ms against 16.6, layer E 6.8 against 13.2), but XLA's convolution runs on
+one thread on CPU while the kernel runs on every thread of the call: with two threads (Zen 4,
+forward+backward against lax's, interleaved) layer A takes 0.66x with the kernel and 1.34x
+with the products, layer E 0.85x and 1.11x. A job pinned to one thread may set ``products``.
+Both routes are tested against the float64 rule (``tests/test_native_sumbwd.py``); their bits
+differ.
 
 The variable is read when a call is traced, so a function already traced under `jax.jit`
 keeps the route it was traced with (and eager calls of one problem keep their first trace's):
@@ -33,12 +34,12 @@ from typing import Literal
 
 ENV_L2 = "JAXCONV_NATIVE_L2"
 L2Route = Literal["products", "native"]
-ROUTES: tuple[L2Route, ...] = ("products", "native")
+ROUTES: tuple[L2Route, ...] = ("native", "products")
 
 
 def l2_route() -> L2Route:
-    """``JAXCONV_NATIVE_L2``: ``"products"`` (default, also for an empty value) or
-    ``"native"``.
+    """``JAXCONV_NATIVE_L2``: ``"native"`` (default, also for an empty value) or
+    ``"products"``.
 
     Returns:
         The route the variable selects.
@@ -47,7 +48,7 @@ def l2_route() -> L2Route:
         ValueError: for any other value, naming the variable.
     """
     raw = os.environ.get(ENV_L2, "")
-    route = raw.strip().lower() or "products"
+    route = raw.strip().lower() or "native"
     for known in ROUTES:
         if route == known:
             return known
@@ -69,9 +70,9 @@ def chosen(route: L2Route) -> Iterator[None]:
         ValueError: for another route.
 
     Example:
-        >>> with chosen("native"):
+        >>> with chosen("products"):
         ...     l2_route()
-        'native'
+        'products'
     """
     if route not in ROUTES:
         raise ValueError(f"route must be one of {', '.join(ROUTES)}, got {route!r}.")
