@@ -289,13 +289,15 @@ Owned<float> key_copy(const Ctx& c) {
 
 // Kernel rows k0..k1 of the block of NR output channels jb of group grp, as (k1 - k0, NR),
 // zero-padded (integer keys for keyed ops).
-// Returns false when a packed weight is NaN or infinite (kernel_densefwd_wcheck.h).
+// With `check`, returns false when a packed weight is NaN or infinite (a max / min forward:
+// kernel_densefwd_wcheck.h).
 // With `shift` (the batch entry's and group's per-channel shifts, the min form) each row is
 // shifted by its channel's and its NR sums are added to its tap's row of `wsum` (T, NR); the
 // result is then false when a packed weight is NaN or larger than kCentreBound (centre()).
 template <int TV = NV>
 bool pack_panel(const Ctx& c, const float* wb, int64_t grp, int64_t jb, int64_t k0, int64_t k1,
-                bool keys, float* dst, const float* shift = nullptr, float* wsum = nullptr) {
+                bool keys, float* dst, const float* shift = nullptr, float* wsum = nullptr,
+                bool check = false) {
   constexpr int NV = TV, NR = TV * W;  // TV vectors wide (the tile's)
   const int64_t o0 = grp * c.Og + jb * NR;
   const int64_t nvalid = c.Og - jb * NR < NR ? c.Og - jb * NR : NR;
@@ -325,13 +327,13 @@ bool pack_panel(const Ctx& c, const float* wb, int64_t grp, int64_t jb, int64_t 
     if (nvalid == NR) {
       for (int v = 0; v < NV; ++v) {
         const S::V wv = S::load(src + v * W);
-        ok = S::mand(ok, S::isfinite_m(wv));
+        if (check) ok = S::mand(ok, S::isfinite_m(wv));
         S::store(dst + v * W, keys ? data_key(wv) : wv);
       }
       continue;
     }
     for (int64_t l = 0; l < nvalid; ++l) {
-      ok_tail &= finite(src[l]);
+      ok_tail &= !check || finite(src[l]);
       dst[l] = keys ? data_key(src[l]) : src[l];
     }
     for (int64_t l = nvalid; l < NR; ++l) dst[l] = 0.0f;
@@ -417,7 +419,8 @@ void forward_packed(Ctx& c) {
     for (int64_t k0 = 0; k0 < c.K; k0 += kc) {
       const int64_t k1 = k0 + kc < c.K ? k0 + kc : c.K;
       // The min form's weight beyond kCentreBound (centre()); else a NaN or an infinity.
-      if (!packed && !pack_panel<TV>(c, wb, grp, jb, k0, k1, kKey, panel, shift, wsum))
+      if (!packed && !pack_panel<TV>(c, wb, grp, jb, k0, k1, kKey, panel, shift, wsum,
+                                     Op::kReduce != 0))
         (kCen ? unbounded : nonfinite).store(true, std::memory_order_relaxed);
       if (stopped()) return;
       if (kCen && k1 == c.K && !packed) {

@@ -479,8 +479,9 @@ def test_dense_forward_checks_the_weights_it_packs(name, where):
             f = jax.jit(lambda a, b: jaxconv.dot_general(a, b, DN, op=name, engine="native"))
             got = np.asarray(f(x, w))
             num = ~np.isnan(want)  # bits where a number (zero signs too); NaN where NaN
-            np.testing.assert_array_equal(got[num].view(np.int32), want[num].view(np.int32),
-                                          err_msg=str(extra))
+            np.testing.assert_array_equal(
+                got[num].view(np.int32), want[num].view(np.int32), err_msg=str(extra)
+            )
             np.testing.assert_array_equal(np.isnan(got), ~num, err_msg=str(extra))
     finally:
         _native.set_params(saved)
