@@ -20,12 +20,13 @@ bool keys_ahead(const Ctx& c, bool backward) {
   }
 }
 
-// Whether x and w are all finite (all_finite's answer), leaving the keys of x in c.xkey
-// (forward_packed reads them instead of making its own copy). Without scratch for the keys it
-// is all_finite itself (and the forward copies the keys as before).
-bool finite_keys(Ctx& c) {
+// Whether x and (with `with_w`; else the packing checks it: kernel_densefwd_wcheck.h) w are
+// all finite (all_finite's answer), leaving the keys of x in c.xkey (forward_packed reads them
+// instead of making its own copy). Without scratch for the keys it is all_finite itself (and
+// the forward copies the keys as before).
+bool finite_keys(Ctx& c, bool with_w) {
   const jaxconv::Call& call = *c.call;
-  const int64_t total = call.batch * c.x_bs, wn = call.batch * c.w_bs;
+  const int64_t total = call.batch * c.x_bs, wn = with_w ? call.batch * c.w_bs : 0;
   float* xkey = c.scratch.get<float>(total + W);
   if (!xkey) return all_finite(c, call.x, total, call.w, wn);
   constexpr int64_t kChunk = 1 << 16;  // floats of x per item, as key_copy

@@ -73,6 +73,7 @@ struct Ctx {
   bool finite;    // !safe
   bool failed;    // a scratch allocation failed: the call reports out of memory
   bool unbounded;  // the min form packed a weight beyond kCentreBound: run the exact loop
+  bool w_nonfinite;  // the forward packed a NaN or an infinity (kernel_densefwd_wcheck.h)
   jaxconv::Params prm;  // the tuning parameters of this call (kernel_params.h)
   Scratch scratch;  // owns every buffer above (the pointers are views)
 };

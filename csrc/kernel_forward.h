@@ -289,12 +289,15 @@ Owned<float> key_copy(const Ctx& c) {
 
 // Kernel rows k0..k1 of the block of NR output channels jb of group grp, as (k1 - k0, NR),
 // zero-padded (integer keys for keyed ops).
+// With `check`, returns false when a packed weight is NaN or infinite (a max / min forward:
+// kernel_densefwd_wcheck.h).
 // With `shift` (the batch entry's and group's per-channel shifts, the min form) each row is
 // shifted by its channel's and its NR sums are added to its tap's row of `wsum` (T, NR); the
 // result is then false when a packed weight is NaN or larger than kCentreBound (centre()).
 template <int TV = NV>
 bool pack_panel(const Ctx& c, const float* wb, int64_t grp, int64_t jb, int64_t k0, int64_t k1,
-                bool keys, float* dst, const float* shift = nullptr, float* wsum = nullptr) {
+                bool keys, float* dst, const float* shift = nullptr, float* wsum = nullptr,
+                bool check = false) {
   constexpr int NV = TV, NR = TV * W;  // TV vectors wide (the tile's)
   const int64_t o0 = grp * c.Og + jb * NR;
   const int64_t nvalid = c.Og - jb * NR < NR ? c.Og - jb * NR : NR;
@@ -324,11 +327,15 @@ bool pack_panel(const Ctx& c, const float* wb, int64_t grp, int64_t jb, int64_t 
     if (nvalid == NR) {
       for (int v = 0; v < NV; ++v) {
         const S::V wv = S::load(src + v * W);
+        if (check) ok = S::mand(ok, S::isfinite_m(wv));
         S::store(dst + v * W, keys ? data_key(wv) : wv);
       }
       continue;
     }
-    for (int64_t l = 0; l < nvalid; ++l) dst[l] = keys ? data_key(src[l]) : src[l];
+    for (int64_t l = 0; l < nvalid; ++l) {
+      ok_tail &= !check || finite(src[l]);
+      dst[l] = keys ? data_key(src[l]) : src[l];
+    }
     for (int64_t l = nvalid; l < NR; ++l) dst[l] = 0.0f;
   }
   return ok_tail && !S::any(S::mnot(ok));
@@ -380,7 +387,11 @@ void forward_packed(Ctx& c) {
                      : rows >= c.K                                                ? c.K
                      : rows > 0                                                   ? rows
                                                                                   : 1;
-  std::atomic<bool> failed{false}, unbounded{false};
+  std::atomic<bool> failed{false}, unbounded{false}, nonfinite{false};
+  // A NaN-free max / min forward that packed a non-finite weight runs again on the
+  // NaN-propagating loop (kernel_densefwd_wcheck.h): its remaining tiles are not worth running.
+  constexpr bool kStop = !Safe && Op::kReduce != 0;
+  auto stopped = [&] { return kStop && nonfinite.load(std::memory_order_relaxed); };
   const size_t nws = kCen ? size_t(c.T + 1) * NR : 0;
   // The panel, then (a panel boundary within an output's taps) the tiles' partial sums,
   // then the min form's column sums.
@@ -407,8 +418,11 @@ void forward_packed(Ctx& c) {
     }
     for (int64_t k0 = 0; k0 < c.K; k0 += kc) {
       const int64_t k1 = k0 + kc < c.K ? k0 + kc : c.K;
-      if (!packed && !pack_panel<TV>(c, wb, grp, jb, k0, k1, kKey, panel, shift, wsum))
-        unbounded.store(true, std::memory_order_relaxed);  // the min form only (centre())
+      // The min form's weight beyond kCentreBound (centre()); else a NaN or an infinity.
+      if (!packed && !pack_panel<TV>(c, wb, grp, jb, k0, k1, kKey, panel, shift, wsum,
+                                     Op::kReduce != 0))
+        (kCen ? unbounded : nonfinite).store(true, std::memory_order_relaxed);
+      if (stopped()) return;
       if (kCen && k1 == c.K && !packed) {
         float* tot = wsum + c.T * NR;
         for (int v = 0; v < NV; ++v) {
@@ -451,7 +465,7 @@ void forward_packed(Ctx& c) {
     auto worker = [&](int64_t i) {
       Owned<float> owned;
       int64_t held = -1;
-      for (int64_t u; (u = lanes.claim(i)) >= 0;) {
+      for (int64_t u; !stopped() && (u = lanes.claim(i)) >= 0;) {
         const int64_t blk = u / cpb, tl0 = (u % cpb) * tpc;
         JAXCONV_TRACE(blk == held ? kTraceClaim : kTracePack, u);
         if (!owned && !(owned = scratch())) return;
@@ -463,6 +477,7 @@ void forward_packed(Ctx& c) {
   } else {
     auto item = [&](int64_t it) {
       const int64_t ch = it % chunks, tl0 = ch * tpi;
+      if (stopped()) return;
       const Owned<float> owned = scratch();
       if (owned) block_tiles(owned.get(), it / chunks, tl0, tl0 + tpi < tiles ? tl0 + tpi : tiles,
                              false);
@@ -471,6 +486,7 @@ void forward_packed(Ctx& c) {
   }
   if (failed.load()) c.failed = true;
   if (unbounded.load()) c.unbounded = true;
+  if (nonfinite.load()) c.w_nonfinite = true;
 }
 
 // forward_packed on the register tile that the call's `tile` parameter names (a heavy user

@@ -448,3 +448,40 @@ def test_difference_kernels_are_the_sum_kernels_on_the_negated_kernel(reduce, ki
                                  inner_ct.astype(np.float64))
         np.testing.assert_allclose(got[1], rdx, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(got[2], -rdw, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("where", ["first_block", "tail_columns", "last_row", "finite"])
+@pytest.mark.parametrize("name", MAXMIN)
+def test_dense_forward_checks_the_weights_it_packs(name, where):
+    """The plain max / min forward scans x alone and checks w as it packs it
+    (csrc/kernel_densefwd_wcheck.h): a NaN in the first block or in the partial last block's
+    columns, an infinity in the last kernel row must still give the NaN-propagating loop's
+    bits, under one-panel blocks (claims), cut panels (items), one lane and float min / max."""
+    from jaxconv import _native
+    from jaxconv._src.engines.native import tuning
+
+    rng = np.random.default_rng(11)
+    x = np.round(rng.standard_normal((9, 300)) * 2).astype(np.float32)
+    w = np.round(rng.standard_normal((300, 150)) * 2).astype(np.float32)
+    if where == "first_block":
+        w[5, 3] = np.nan
+    elif where == "tail_columns":  # columns 128..149: the last block's 22 of 64
+        w[200, 140] = np.nan
+    elif where == "last_row":
+        w[299, 70] = np.inf
+    want = np.asarray(jaxconv.dot_general(x, w, DN, op=name, engine="xla"))
+    assert np.isnan(want).any() == (where in ("first_block", "tail_columns"))
+    tuning.ensure()
+    saved = dict(_native.params())
+    try:
+        for extra in ({}, {"block_kib": 0}, {"lanes": 1}, {"keyed": 0, "bcast": 0}):
+            _native.set_params({**tuning.defaults(), **extra})
+            f = jax.jit(lambda a, b: jaxconv.dot_general(a, b, DN, op=name, engine="native"))
+            got = np.asarray(f(x, w))
+            num = ~np.isnan(want)  # bits where a number (zero signs too); NaN where NaN
+            np.testing.assert_array_equal(
+                got[num].view(np.int32), want[num].view(np.int32), err_msg=str(extra)
+            )
+            np.testing.assert_array_equal(np.isnan(got), ~num, err_msg=str(extra))
+    finally:
+        _native.set_params(saved)
