@@ -31,9 +31,12 @@ sys.path.insert(0, os.path.dirname(__file__))
 LONG_FILES_FIRST = (
     "test_wheel.py",
     "test_native.py",
+    "test_engine.py",
     "test_sharding_processes.py",
     "test_examples.py",
     "test_tuning.py",
+    "test_native_dense.py",
+    "test_user_zoo.py",
 )
 
 
