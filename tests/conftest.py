@@ -19,3 +19,29 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 
 # Make `tests/reference.py` importable as `reference` under --import-mode=importlib.
 sys.path.insert(0, os.path.dirname(__file__))
+
+
+# The files that take longest, longest first. With `--dist loadfile --no-loadscope-reorder`
+# (pyproject's addopts) pytest-xdist hands whole files to its two workers in collection order,
+# each worker taking the next file when it runs low; a long file handed out last (xdist's
+# default order is by test count, so a long file of a few tests went last) keeps one worker
+# busy while the other is idle. Run long files first and the short ones fill the gaps. The
+# other files keep their alphabetical order after these; the list is a schedule, not a
+# selection (every collected test runs).
+LONG_FILES_FIRST = (
+    "test_wheel.py",
+    "test_native.py",
+    "test_engine.py",
+    "test_sharding_processes.py",
+    "test_examples.py",
+    "test_tuning.py",
+    "test_native_dense.py",
+    "test_user_zoo.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Moves the files of ``LONG_FILES_FIRST`` to the front (a stable sort by file rank)."""
+    del config
+    rank = {name: i for i, name in enumerate(LONG_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

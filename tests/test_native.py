@@ -56,16 +56,19 @@ def _np_op(name: str):
 SUMS = ("adder", "l1", "l2_exact")
 
 
-def _covering(items: list) -> list[tuple[str, object]]:
+def _covering(items: list, extremes: int = 2) -> list[tuple[str, object]]:
     """(op, item) pairs covering `items` without the full NATIVE_OPS cross product.
 
-    Each item runs one max and one min reduce (the pair's combine alternates between + and
-    min/max, so each of MAXMIN meets every other item) and two of SUMS in rotation (each
-    sum meets at least every other item). The full cross product of forward passes against
-    the numpy reference stays in test_forward_matches_reference.
+    With ``extremes=2`` each item runs one max and one min reduce (the pair's combine
+    alternates between + and min/max, so each of MAXMIN meets every other item); with
+    ``extremes=1`` one of MAXMIN in rotation (max and min reduces alternate over the items,
+    and with 4 items or more each of MAXMIN appears). Each item runs two of SUMS in rotation
+    (each sum meets at least every other item). The full cross product of forward passes
+    against the numpy reference stays in test_forward_matches_reference.
 
     Args:
       items: the geometries or shapes to cover.
+      extremes: how many of MAXMIN each item runs (1 or 2).
 
     Returns:
       The (op name, item) pairs.
@@ -73,6 +76,8 @@ def _covering(items: list) -> list[tuple[str, object]]:
     pairs = []
     for i, item in enumerate(items):
         ops_ = (("max_plus", "min_max"), ("min_plus", "max_min"))[i % 2]
+        if extremes == 1:
+            ops_ = (("max_plus", "min_max", "min_plus", "max_min")[i % 4],)
         pairs += [(n, item) for n in (*ops_, SUMS[i % 3], SUMS[(i + 1) % 3])]
     return pairs
 
@@ -132,9 +137,12 @@ def test_dense_dot_general_with_batch(name):
         np.testing.assert_array_equal(np.asarray(y), np.asarray(x2))
 
 
-# A covering set (20 of 35): see _covering.
+# A covering set (15 of 35): see _covering. One of MAXMIN per geometry (the XLA engine's
+# max / min gradient, the yardstick, is ~3 s of XLA compile on CPU each): every geometry
+# meets a max or a min reduce and two sums, every op of MAXMIN a geometry (max_plus two);
+# the forward covering set above keeps a max and a min per geometry.
 @pytest.mark.parametrize("name,case", _covering(
-    ["2d_stride_rhs_dil", "groups", "depthwise", "wide", "channels_80"]))
+    ["2d_stride_rhs_dil", "groups", "depthwise", "wide", "channels_80"], extremes=1))
 def test_gradients_match_xla_engine(name, case):
     x, w, kw = _case(case, seed=3)
     y = _conv(name, "native", kw)(x, w)
@@ -146,8 +154,12 @@ def test_gradients_match_xla_engine(name, case):
     np.testing.assert_allclose(np.asarray(dwa), np.asarray(dwb), rtol=1e-4, atol=2e-4)
 
 
-@pytest.mark.parametrize("name", ["max_plus", "min_max", "adder", "l1", "l2_exact"])
-@pytest.mark.parametrize("batch", [0, 3], ids=["plain", "batch_dims"])
+# A covering set (6 of 10): every op once; both forms (plain and with batch dimensions)
+# meet a max reduce (max_plus in both), a min reduce or a sum of each kind of form: plain
+# with l1 and l2_exact, batch dimensions with min_max and adder.
+@pytest.mark.parametrize("name,batch", [
+    ("max_plus", 0), ("l1", 0), ("l2_exact", 0), ("max_plus", 3), ("min_max", 3),
+    ("adder", 3)], ids=lambda v: {0: "plain", 3: "batch_dims"}.get(v, v))
 def test_dense_gradients_match_xla_engine(name, batch):
     rng = np.random.default_rng(10)
     lead = (batch,) if batch else ()
@@ -170,8 +182,9 @@ def test_dense_gradients_match_xla_engine(name, batch):
 # Dense sizes around the kernel's blocks: K over several kernel-row panels with a tail (and
 # K = 1), O a partial block of output channels (and O = 1), M a partial register tile;
 # half-integer data give ties within and across panels (and x == w for l1).
-# A covering set (16 of 28, every op at least twice): see _covering.
-DENSE_ODD = _covering([(13, 150, 70), (7, 1, 5), (5, 65, 1), (1, 200, 130)])
+# A covering set (12 of 28; every op once or twice, each of MAXMIN once: max reduces on the
+# first and last shapes, min reduces on the middle two): see _covering.
+DENSE_ODD = _covering([(13, 150, 70), (7, 1, 5), (5, 65, 1), (1, 200, 130)], extremes=1)
 
 
 @pytest.mark.parametrize("name,shape", DENSE_ODD,
