@@ -411,6 +411,26 @@ def short_name(name: str) -> str:
     return name
 
 
+def _instantiations(parsed: dict, kernel: str, problems: list[str]) -> list[str]:
+    """The names of a template's instantiations in a parsed object (its cold clones aside),
+    sorted; none adds a problem.
+
+    Args:
+        parsed: `parse`'s functions by name.
+        kernel: the template's name.
+        problems: where a missing template is reported.
+
+    Returns:
+        The instantiations' names.
+    """
+    names = sorted(
+        n for n in parsed if short_name(n).startswith(kernel + "<") and "[clone .cold]" not in n
+    )
+    if not names:
+        problems.append(f"{kernel}: no instantiation in the object")
+    return names
+
+
 def check(
     text: str, isa: str, kernels: Iterable[str] = HOT_KERNELS
 ) -> tuple[list[Function], list[str]]:
@@ -428,12 +448,7 @@ def check(
     funcs, problems = [], []
     parsed = parse(text)
     for kernel in kernels:
-        names = [
-            n for n in parsed if short_name(n).startswith(kernel + "<") and "[clone .cold]" not in n
-        ]
-        if not names:
-            problems.append(f"{kernel}: no instantiation in the object")
-        for n in sorted(names):
+        for n in _instantiations(parsed, kernel, problems):
             fn = measure(short_name(n), parsed[n])
             funcs.append(fn)
             if not fn.hot_loops:
@@ -462,12 +477,7 @@ def check_stack_free(
     # The wide kernels live in a namespace per instruction set (jaxconv_wide_avx512::...).
     parsed = {re.sub(r"\bjaxconv_wide_\w+::", "", n): v for n, v in parse(text).items()}
     for kernel in kernels:
-        names = [
-            n for n in parsed if short_name(n).startswith(kernel + "<") and "[clone .cold]" not in n
-        ]
-        if not names:
-            problems.append(f"{kernel}: no instantiation in the object")
-        for n in sorted(names):
+        for n in _instantiations(parsed, kernel, problems):
             fn = measure(short_name(n), parsed[n])
             funcs.append(fn)
             if not fn.loops:

@@ -60,7 +60,7 @@ def _data(kind: str, xs: tuple, ws: tuple, dtype: Any, seed: int) -> tuple[Any, 
     return jnp.asarray(x, dtype), jnp.asarray(w, dtype)
 
 
-def _compiled(op: str, recorded: bool, vmapped: bool, acc: Any, args: list) -> Any:
+def _compiled(op: str | jaxconv.Op, recorded: bool, vmapped: bool, acc: Any, args: list) -> Any:
     """The compiled y, dx, dw of a cotangent, by the recorded route or the earlier one."""
 
     def f(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -83,7 +83,7 @@ def _compiled(op: str, recorded: bool, vmapped: bool, acc: Any, args: list) -> A
         return jax.jit(fb).lower(*args).compile()
 
 
-def _codes(op: str, x: Any, w: Any) -> np.ndarray:
+def _codes(op: str | jaxconv.Op, x: Any, w: Any) -> np.ndarray:
     """The record the forward keeps for the backward (the vjp's int32 residual)."""
     y, vjp = jax.vjp(
         lambda a, b: jaxconv.dot_general(a, b, (((1,), (0,)), ((), ())), op=op, engine="native"),
@@ -99,8 +99,40 @@ def _codes(op: str, x: Any, w: Any) -> np.ndarray:
     return np.asarray(recs[0])
 
 
+def _recorded_y_with_earlier_bits(
+    op: str | jaxconv.Op, kind: str, dtype: Any, seed: int
+) -> tuple[Any, Any, jax.Array]:
+    """A 9 x 200 @ 200 x 70 problem of ``kind`` data: asserts the recorded route compiles to
+    the recording target and gives the earlier route's bits (y, dx, dw); returns x, w, y."""
+    x, w = _data(kind, (9, 200), (200, 70), dtype, seed)
+    ct = jnp.asarray(np.random.default_rng(seed + 1).standard_normal((9, 70)), dtype)
+    args = [x, w, ct]
+    new, old = _compiled(op, True, False, None, args), _compiled(op, False, False, None, args)
+    assert "jaxconv_low_forward_record" in new.as_text()
+    got = new(*args)
+    for a, b in zip(got, old(*args), strict=True):
+        assert a.dtype == b.dtype == dtype
+        np.testing.assert_array_equal(np.asarray(a).view(np.uint16), np.asarray(b).view(np.uint16))
+    return x, w, got[0]
+
+
 OPS = ("max_plus", "min_plus", "max_min", "min_max")
 KINDS = ("normal", "ties", "ints", "tiny", "zeros", "big", "nan", "ninf")
+
+# User max / min ops (compiled kernels) whose functors declare kLowCodes: a clip (run as
+# max-times, the clip a monotone tail applied to the result), the tropical max-times (products
+# that overflow to infinity on "big" data), a min of products and a select under min.
+CLIP_MAX = jaxconv.Op(lambda a, b: jnp.clip(a * b, -1.0, 1.0), "max", name="clip_max")
+MAX_TIMES = jaxconv.Op(lambda a, b: a * b, "max", name="max_times")
+MIN_TIMES = jaxconv.Op(lambda a, b: a * b, "min", name="min_times")
+MIN_GATE = jaxconv.Op(lambda a, b: jnp.where(a > 0, a + b, -b), "min", name="min_gate")
+USER_NUMPY = {
+    "min_gate": (lambda a, b: np.where(a > 0, a + b, -b), np.minimum, np.inf),
+    "clip_max": (lambda a, b: np.clip(a * b, -1.0, 1.0), np.maximum, -np.inf),
+    "max_times": (np.multiply, np.maximum, -np.inf),
+    "min_times": (np.multiply, np.minimum, np.inf),
+}
+USER_OPS = (CLIP_MAX, MAX_TIMES, MIN_TIMES, MIN_GATE)
 
 
 # A covering set: every kind of data twice, every op with both dtypes.
@@ -113,14 +145,7 @@ CODE_CASES = [
 
 @pytest.mark.parametrize("kind,op,dtype", CODE_CASES)
 def test_codes_route_has_the_earlier_routes_bits(op: str, dtype: Any, kind: str) -> None:
-    x, w = _data(kind, (9, 200), (200, 70), dtype, 1)
-    ct = jnp.asarray(np.random.default_rng(2).standard_normal((9, 70)), dtype)
-    args = [x, w, ct]
-    new, old = _compiled(op, True, False, None, args), _compiled(op, False, False, None, args)
-    assert "jaxconv_low_forward_record" in new.as_text()
-    for a, b in zip(new(*args), old(*args), strict=True):
-        assert a.dtype == b.dtype == dtype
-        np.testing.assert_array_equal(np.asarray(a).view(np.uint16), np.asarray(b).view(np.uint16))
+    x, w, y = _recorded_y_with_earlier_bits(op, kind, dtype, 1)
     if kind == "tiny" and dtype == BF16:
         return  # float32 subnormal operands: the native engines read them as zero (DAZ)
     r = NUMPY_OPS[op]
@@ -138,7 +163,7 @@ def test_codes_route_has_the_earlier_routes_bits(op: str, dtype: Any, kind: str)
     )
     with np.errstate(invalid="ignore", over="ignore"):
         want = ref[:, 0, 0].astype(np.float32).astype(dtype).astype(np.float32)
-    np.testing.assert_array_equal(np.asarray(new(*args)[0], np.float32), want)
+    np.testing.assert_array_equal(np.asarray(y, np.float32), want)
 
 
 @pytest.mark.parametrize(
@@ -160,11 +185,17 @@ def test_kernel_rows_and_block_sizes_keep_the_bits(op: str, dtype: Any, k: int, 
         np.testing.assert_array_equal(np.asarray(a).view(np.uint16), np.asarray(b).view(np.uint16))
 
 
-@pytest.mark.parametrize("op,dtype", [("max_plus", BF16), ("max_min", F16)])
-def test_tie_heavy_items_keep_the_bits(op: str, dtype: Any) -> None:
+@pytest.mark.parametrize(
+    "op,dtype",
+    [("max_plus", BF16), ("max_min", F16)]
+    + [(CLIP_MAX, BF16), (MAX_TIMES, F16), (MIN_TIMES, BF16), (MIN_GATE, F16)],
+)
+def test_tie_heavy_items_keep_the_bits(op: Any, dtype: Any) -> None:
     """Small integers over 1024 kernel rows and two items of 64 columns: nearly every output a
     tie of many winners, so each item widens and transposes its kernel columns once
-    (csrc/kernel_lowdense_backward.h) before its ties are scanned."""
+    (csrc/kernel_lowdense_backward.h) before its ties are scanned; a user op's by the wide
+    library's compare. (A clip under max runs as max-times with the clip applied to the
+    result, a monotone tail factored out: its ties are max-times's.)"""
     x, w = _data("ints3", (40, 1024), (1024, 128), dtype, 7)
     ct = jnp.asarray(np.random.default_rng(8).standard_normal((40, 128)), dtype)
     args = [x, w, ct]
@@ -181,10 +212,12 @@ def test_tie_heavy_items_keep_the_bits(op: str, dtype: Any) -> None:
         ("min_max", F16, True, None),
         ("min_plus", F16, False, jnp.float32),
         ("max_min", BF16, False, jnp.float32),
+        (MAX_TIMES, F16, True, None),
+        (CLIP_MAX, F16, False, jnp.float32),
     ],
 )
 def test_batches_and_float32_results_keep_the_bits(
-    op: str, dtype: Any, vmapped: bool, acc: Any
+    op: Any, dtype: Any, vmapped: bool, acc: Any
 ) -> None:
     """A vmap batch (one record per batch element), and a float32 result (y and the cotangent
     in float32)."""
@@ -201,31 +234,17 @@ def test_batches_and_float32_results_keep_the_bits(
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
 
 
-@pytest.mark.parametrize("op", OPS)
-def test_the_record_holds_codes(op: str) -> None:
-    """Tied data gives every kind of code: one winner, winners listed, ties rescanned."""
-    x, w = _data("ints", (9, 200), (200, 70), BF16, 1)
+@pytest.mark.parametrize("op,dtype", [(op, BF16) for op in OPS] + [(op, F16) for op in USER_OPS])
+def test_the_record_holds_codes(op: Any, dtype: Any) -> None:
+    """Tied data gives every kind of code: one winner, winners listed, ties rescanned (a user
+    op's too: its functors declare kLowCodes)."""
+    x, w = _data("ints", (9, 200), (200, 70), dtype, 1)
     r = _codes(op, x, w).astype(np.int64)
     assert (r >= 0).any() and (r <= LIST).any() and ((r < -2) & (r > LIST)).any()
     # Not finite: not recorded (-1), the earlier full scan.
-    x, w = _data("nan", (9, 200), (200, 70), BF16, 1)
+    x, w = _data("nan", (9, 200), (200, 70), dtype, 1)
     assert (_codes(op, x, w) == -1).all()
 
-
-# User max / min ops (compiled kernels) whose functors declare kLowCodes: a clip (run as
-# max-times, the clip a monotone tail applied to the result), the tropical max-times (products
-# that overflow to infinity on "big" data), a min of products and a select under min.
-CLIP_MAX = jaxconv.Op(lambda a, b: jnp.clip(a * b, -1.0, 1.0), "max", name="clip_max")
-MAX_TIMES = jaxconv.Op(lambda a, b: a * b, "max", name="max_times")
-MIN_TIMES = jaxconv.Op(lambda a, b: a * b, "min", name="min_times")
-MIN_GATE = jaxconv.Op(lambda a, b: jnp.where(a > 0, a + b, -b), "min", name="min_gate")
-USER_NUMPY = {
-    "min_gate": (lambda a, b: np.where(a > 0, a + b, -b), np.minimum, np.inf),
-    "clip_max": (lambda a, b: np.clip(a * b, -1.0, 1.0), np.maximum, -np.inf),
-    "max_times": (np.multiply, np.maximum, -np.inf),
-    "min_times": (np.multiply, np.minimum, np.inf),
-}
-USER_OPS = (CLIP_MAX, MAX_TIMES, MIN_TIMES, MIN_GATE)
 
 # Every kind of data once (ties, overflow, NaN / infinities twice), ops and dtypes across them.
 USER_CASES = [
@@ -239,14 +258,7 @@ USER_CASES = [
 def test_user_codes_route_has_the_earlier_routes_bits(op: Any, dtype: Any, kind: str) -> None:
     """A user op's codes and scatter: the earlier route's bits (the full scan of the wide
     kernels' user library); y the numpy reference rounded once."""
-    x, w = _data(kind, (9, 200), (200, 70), dtype, 21)
-    ct = jnp.asarray(np.random.default_rng(22).standard_normal((9, 70)), dtype)
-    args = [x, w, ct]
-    new, old = _compiled(op, True, False, None, args), _compiled(op, False, False, None, args)
-    assert "jaxconv_low_forward_record" in new.as_text()
-    for a, b in zip(new(*args), old(*args), strict=True):
-        assert a.dtype == b.dtype == dtype
-        np.testing.assert_array_equal(np.asarray(a).view(np.uint16), np.asarray(b).view(np.uint16))
+    x, w, y = _recorded_y_with_earlier_bits(op, kind, dtype, 21)
     if kind == "tiny" and dtype == BF16:
         return  # float32 subnormal products: the native engines flush them (DAZ / FTZ)
     combine, reduce, _ = USER_NUMPY[op.name]
@@ -254,52 +266,7 @@ def test_user_codes_route_has_the_earlier_routes_bits(op: Any, dtype: Any, kind:
     with np.errstate(invalid="ignore", over="ignore"):
         ref = reduce.reduce(combine(x64[:, :, None], w64[None]).astype(np.float32), axis=1)
         want = ref.astype(dtype).astype(np.float32)
-    np.testing.assert_array_equal(np.asarray(new(*args)[0], np.float32), want)
-
-
-@pytest.mark.parametrize(
-    "op,dtype", [(CLIP_MAX, BF16), (MAX_TIMES, F16), (MIN_TIMES, BF16), (MIN_GATE, F16)]
-)
-def test_user_tie_heavy_items_keep_the_bits(op: Any, dtype: Any) -> None:
-    """Small integers: nearly every output a tie of many winners, the ties' blocks rescanned
-    by the wide library's compare, the items' kernel columns built once. (A clip under max
-    runs as max-times with the clip applied to the result, a monotone tail factored out: its
-    ties are max-times's.)"""
-    x, w = _data("ints3", (40, 1024), (1024, 128), dtype, 23)
-    ct = jnp.asarray(np.random.default_rng(24).standard_normal((40, 128)), dtype)
-    args = [x, w, ct]
-    assert (_codes(op, x, w).astype(np.int64) < -2).mean() > 0.5  # mostly ties' blocks
-    new, old = _compiled(op, True, False, None, args), _compiled(op, False, False, None, args)
-    for a, b in zip(new(*args), old(*args), strict=True):
-        np.testing.assert_array_equal(np.asarray(a).view(np.uint16), np.asarray(b).view(np.uint16))
-
-
-@pytest.mark.parametrize(
-    "op,vmapped,acc", [(MAX_TIMES, True, None), (CLIP_MAX, False, jnp.float32)]
-)
-def test_user_batches_and_float32_results_keep_the_bits(op: Any, vmapped: bool, acc: Any) -> None:
-    lead = (2,) if vmapped else ()
-    x, w = _data("ties", (*lead, 6, 130), (*lead, 130, 40), F16, 25)
-    ct = jnp.asarray(
-        np.random.default_rng(26).standard_normal((*lead, 6, 40)), F16 if acc is None else acc
-    )
-    args = [x, w, ct]
-    new = _compiled(op, True, vmapped, acc, args)
-    old = _compiled(op, False, vmapped, acc, args)
-    for a, b in zip(new(*args), old(*args), strict=True):
-        assert a.dtype == b.dtype
-        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
-
-
-@pytest.mark.parametrize("op", USER_OPS)
-def test_a_user_record_holds_codes(op: Any) -> None:
-    """A user op that declares kLowCodes keeps codes of every kind (tied data); not finite:
-    not recorded."""
-    x, w = _data("ints", (9, 200), (200, 70), F16, 1)
-    r = _codes(op, x, w).astype(np.int64)
-    assert (r >= 0).any() and (r <= LIST).any() and ((r < -2) & (r > LIST)).any()
-    x, w = _data("nan", (9, 200), (200, 70), F16, 1)
-    assert (_codes(op, x, w) == -1).all()
+    np.testing.assert_array_equal(np.asarray(y, np.float32), want)
 
 
 @pytest.mark.parametrize(

@@ -23,65 +23,24 @@ compare the routes by jitting a new function under each (`chosen`).
 Example:
     >>> l2_route() in ROUTES
     True
+    >>> with chosen("products"):
+    ...     l2_route()
+    'products'
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-from collections.abc import Iterator
 from typing import Literal
+
+from jaxconv._src.engines.native.env_choice import EnvChoice
 
 ENV_L2 = "JAXCONV_NATIVE_L2"
 L2Route = Literal["products", "native"]
 ROUTES: tuple[L2Route, ...] = ("native", "products")
+_CHOICE: EnvChoice[L2Route] = EnvChoice(ENV_L2, ROUTES)
 
-
-def l2_route() -> L2Route:
-    """``JAXCONV_NATIVE_L2``: ``"native"`` (default, also for an empty value) or
-    ``"products"``.
-
-    Returns:
-        The route the variable selects.
-
-    Raises:
-        ValueError: for any other value, naming the variable.
-    """
-    raw = os.environ.get(ENV_L2, "")
-    route = raw.strip().lower() or "native"
-    for known in ROUTES:
-        if route == known:
-            return known
-    raise ValueError(f"{ENV_L2} must be one of {', '.join(ROUTES)}, got {raw!r}.")
-
-
-@contextlib.contextmanager
-def chosen(route: L2Route) -> Iterator[None]:
-    """``JAXCONV_NATIVE_L2=route`` inside the block (for the calls traced there), the variable
-    as it was (or unset) after it: how the tests and benchmarks compile both routes.
-
-    Args:
-        route: ``"products"`` or ``"native"``.
-
-    Yields:
-        Nothing.
-
-    Raises:
-        ValueError: for another route.
-
-    Example:
-        >>> with chosen("products"):
-        ...     l2_route()
-        'products'
-    """
-    if route not in ROUTES:
-        raise ValueError(f"route must be one of {', '.join(ROUTES)}, got {route!r}.")
-    keep = os.environ.get(ENV_L2)
-    os.environ[ENV_L2] = route
-    try:
-        yield
-    finally:
-        if keep is None:
-            del os.environ[ENV_L2]
-        else:
-            os.environ[ENV_L2] = keep
+# The route the variable selects (`EnvChoice.read`: the default for an unset or empty value, a
+# ValueError naming the variable for an unknown one), and the variable set for the calls
+# traced inside a block (`EnvChoice.chosen`).
+l2_route = _CHOICE.read
+chosen = _CHOICE.chosen

@@ -18,66 +18,24 @@ A library built without an entry falls back to the next route whatever the varia
 Example:
     >>> low_route() in ROUTES
     True
+    >>> with chosen("convert"):
+    ...     low_route()
+    'convert'
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-from collections.abc import Iterator
 from typing import Literal
+
+from jaxconv._src.engines.native.env_choice import EnvChoice
 
 ENV_LOW = "JAXCONV_NATIVE_LOW"
 LowRoute = Literal["record", "call", "convert"]
 ROUTES: tuple[LowRoute, ...] = ("record", "call", "convert")
+_CHOICE: EnvChoice[LowRoute] = EnvChoice(ENV_LOW, ROUTES)
 
-
-def low_route() -> LowRoute:
-    """``JAXCONV_NATIVE_LOW``: ``"record"`` (default, also for an empty value), ``"call"`` or
-    ``"convert"``.
-
-    Returns:
-        The route the variable selects.
-
-    Raises:
-        ValueError: for any other value, naming the variable.
-    """
-    raw = os.environ.get(ENV_LOW, "")
-    route = raw.strip().lower() or "record"
-    for known in ROUTES:
-        if route == known:
-            return known
-    raise ValueError(f"{ENV_LOW} must be one of {', '.join(ROUTES)}, got {raw!r}.")
-
-
-@contextlib.contextmanager
-def chosen(route: LowRoute) -> Iterator[None]:
-    """``JAXCONV_NATIVE_LOW=route`` inside the block (for the calls traced there), the variable
-    as it was (or unset) after it: how the benchmarks and tests compile the routes side by
-    side.
-
-    Args:
-        route: ``"record"``, ``"call"`` or ``"convert"``.
-
-    Yields:
-        Nothing.
-
-    Raises:
-        ValueError: for another route.
-
-    Example:
-        >>> with chosen("convert"):
-        ...     low_route()
-        'convert'
-    """
-    if route not in ROUTES:
-        raise ValueError(f"route must be one of {', '.join(ROUTES)}, got {route!r}.")
-    keep = os.environ.get(ENV_LOW)
-    os.environ[ENV_LOW] = route
-    try:
-        yield
-    finally:
-        if keep is None:
-            del os.environ[ENV_LOW]
-        else:
-            os.environ[ENV_LOW] = keep
+# The route the variable selects (`EnvChoice.read`: the default for an unset or empty value, a
+# ValueError naming the variable for an unknown one), and the variable set for the calls
+# traced inside a block (`EnvChoice.chosen`).
+low_route = _CHOICE.read
+chosen = _CHOICE.chosen
