@@ -14,11 +14,12 @@
 #pragma once
 
 // Whether the finiteness scan of a max / min call may leave w to the forward's packing: the
-// plain forward (no winner record, no backward) of a NaN-free op that packs every weight
-// (forward_packed; the depthwise loop reads w unpacked).
+// plain forward (no winner record, no backward) of a NaN-free max / min op that packs every
+// weight (forward_packed; the depthwise loop reads w unpacked). Sums keep the scan: their
+// packing checks nothing (a user sum's fast combine, a clip say, may drop a NaN).
 template <class Op>
 bool w_checked_in_pack(const Ctx& c, bool backward) {
-  return Op::kNanFree && !backward && !c.call->rec && !depthwise(c);
+  return Op::kNanFree && Op::kReduce != 0 && !backward && !c.call->rec && !depthwise(c);
 }
 
 // The forward of a call whose scan found x (and the pad value) finite: the NaN-free loop, and
