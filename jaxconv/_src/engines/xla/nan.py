@@ -182,7 +182,8 @@ def _forward_dispatch(cfg: Config, x: Array, w: Array) -> Array:
     """The forward pass of a sum, max, min or logsumexp product (no branch on the values).
 
     Max/min: XLA CPU's vectorised reductions drop NaN, so the outputs with a NaN product
-    are set to NaN from `_nan_outputs`, and they do not order signed zeros, so a zero result
+    are set to NaN from `_nan_outputs` (as are a sum's or logsumexp's whose combine holds a
+    max or min, `_combine_may_drop_nan`), and they do not order signed zeros, so a zero result
     takes the sign its window gives it (`zeros.fix_zero_signs`, run only where the operands
     can make a ``-0`` product). The padding is masked statically.
 
@@ -199,9 +200,36 @@ def _forward_dispatch(cfg: Config, x: Array, w: Array) -> Array:
     if floating and separable_kind(op) == "mul":
         return _native_mul_forward(cfg, x, w)
     y = _forward(cfg, x, w)
-    if op.reduce in ("max", "min") and floating:
+    if not floating:
+        return y
+    if op.reduce in ("max", "min"):
         flags = _operand_flags(cfg, x, w)
         y = zeros.fix_zero_signs(cfg, x, w, y,
                                  zeros.negative_zero_possible(op, *flags, y))
         y = jnp.where(_nan_outputs(cfg, x, w, flags), jnp.asarray(jnp.nan, y.dtype), y)
+    elif _combine_may_drop_nan(op):
+        flags = _operand_flags(cfg, x, w)
+        y = jnp.where(_nan_outputs(cfg, x, w, flags), jnp.asarray(jnp.nan, y.dtype), y)
     return y
+
+
+def _combine_may_drop_nan(op: Op) -> bool:
+    """Whether a sum's or logsumexp's tap reduction can lose a NaN product.
+
+    XLA CPU hands a reduction fused with its elementwise producers to YNNPACK (jaxlib
+    0.10: ``__ynn_fusion``, fusion type ``LIBRARY_FUSION_TYPE_REDUCE``), whose ``maximum``
+    and ``minimum`` return the other operand where one is NaN: ``sum(max(x - w, 0))`` over
+    a NaN ``w`` gives a number at larger shapes, while the same ``max`` outside a reduction
+    gives NaN. So a combine with a max or min inside (``l1``'s ``-|x - w|``, written with
+    both; a ``min``/``max`` combine kind; a user's combine of unknown kind) has its NaN
+    products restored from `_nan_outputs`, like the max/min reductions'; an ``add`` or
+    ``mul`` combine has none to lose.
+
+    Args:
+        op: the op (canonical).
+
+    Returns:
+        True where the NaN outputs are restored.
+    """
+    return (op.reduce in ("sum", "logsumexp")
+            and capabilities(op).combine not in ("add", "mul"))
