@@ -41,6 +41,20 @@ def _value_flags(a: Array) -> Array:
     return jnp.sum(seen * jnp.asarray(bits, jnp.int32))
 
 
+def _nonfinite_flags(a: Array) -> Array:
+    """`_value_flags`' non-finite bits, all set (7) where ``a`` holds any non-finite value:
+    one and-reduction, for the sums, whose NaN restoration needs no more (`_nan_terms` then
+    examines every non-finite value, and no zero).
+
+    Args:
+        a: an array.
+
+    Returns:
+        The flags, an int32 scalar: 0 or 7.
+    """
+    return jnp.where(jnp.all(jnp.isfinite(a)), jnp.int32(0), jnp.int32(7))
+
+
 def _operand_flags(cfg: Config, x: Array, w: Array) -> tuple[Array, Array]:
     """`_value_flags` of the input as the products see it (padded where the op has a pad
     value) and of the kernel.
@@ -208,7 +222,7 @@ def _forward_dispatch(cfg: Config, x: Array, w: Array) -> Array:
                                  zeros.negative_zero_possible(op, *flags, y))
         y = jnp.where(_nan_outputs(cfg, x, w, flags), jnp.asarray(jnp.nan, y.dtype), y)
     elif _combine_may_drop_nan(op):
-        flags = _operand_flags(cfg, x, w)
+        flags = (_nonfinite_flags(x), _nonfinite_flags(w))
         y = jnp.where(_nan_outputs(cfg, x, w, flags), jnp.asarray(jnp.nan, y.dtype), y)
     return y
 
