@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -43,7 +44,8 @@ def _value_flags(a: Array) -> Array:
 
 def _nonfinite_flags(a: Array) -> Array:
     """`_value_flags`' non-finite bits, all set (7) where ``a`` holds any non-finite value:
-    one and-reduction, for the sums, whose NaN restoration needs no more (`_nan_terms` then
+    one max reduction of one indicator (partitioned, one scalar all-reduce, as
+    `_value_flags`'), for the sums, whose NaN restoration needs no more (`_nan_terms` then
     examines every non-finite value, and no zero).
 
     Args:
@@ -52,7 +54,8 @@ def _nonfinite_flags(a: Array) -> Array:
     Returns:
         The flags, an int32 scalar: 0 or 7.
     """
-    return jnp.where(jnp.all(jnp.isfinite(a)), jnp.int32(0), jnp.int32(7))
+    bad = jnp.logical_not(jnp.isfinite(a)).astype(jnp.int32)
+    return 7 * jnp.max(bad, axis=tuple(range(a.ndim)), initial=0)  # 0: an empty operand
 
 
 def _operand_flags(cfg: Config, x: Array, w: Array) -> tuple[Array, Array]:
@@ -227,6 +230,31 @@ def _forward_dispatch(cfg: Config, x: Array, w: Array) -> Array:
     return y
 
 
+# Primitives that YNNPACK's fused reductions evaluate without propagating NaN.
+_NAN_DROPPING = frozenset({"max", "min", "clamp", "reduce_max", "reduce_min"})
+
+
+def _uses_max_min(jaxpr: Any) -> bool:
+    """Whether ``jaxpr`` (or a sub-jaxpr of its equations) applies one of `_NAN_DROPPING`.
+
+    Args:
+        jaxpr: a jaxpr.
+
+    Returns:
+        True if it does.
+    """
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in _NAN_DROPPING:
+            return True
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, tuple | list) else (value,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns") and _uses_max_min(inner):
+                    return True
+    return False
+
+
+@functools.lru_cache(maxsize=1024)
 def _combine_may_drop_nan(op: Op) -> bool:
     """Whether a sum's or logsumexp's tap reduction can lose a NaN product.
 
@@ -234,10 +262,10 @@ def _combine_may_drop_nan(op: Op) -> bool:
     0.10: ``__ynn_fusion``, fusion type ``LIBRARY_FUSION_TYPE_REDUCE``), whose ``maximum``
     and ``minimum`` return the other operand where one is NaN: ``sum(max(x - w, 0))`` over
     a NaN ``w`` gives a number at larger shapes, while the same ``max`` outside a reduction
-    gives NaN. So a combine with a max or min inside (``l1``'s ``-|x - w|``, written with
-    both; a ``min``/``max`` combine kind; a user's combine of unknown kind) has its NaN
-    products restored from `_nan_outputs`, like the max/min reductions'; an ``add`` or
-    ``mul`` combine has none to lose.
+    gives NaN. So a combine with a max or min in its program (``l1``'s ``-|x - w|``, written
+    with both; a ``min``/``max`` combine kind; a user's ``relu(x - w)``), or one that cannot
+    be traced, has its NaN products restored from `_nan_outputs`, like the max/min
+    reductions'; the others (``add``, ``mul``, ``adder``'s ``-abs``) have none to lose.
 
     Args:
         op: the op (canonical).
@@ -245,5 +273,14 @@ def _combine_may_drop_nan(op: Op) -> bool:
     Returns:
         True where the NaN outputs are restored.
     """
-    return (op.reduce in ("sum", "logsumexp")
-            and capabilities(op).combine not in ("add", "mul"))
+    if op.reduce not in ("sum", "logsumexp"):
+        return False
+    kind = capabilities(op).combine
+    if kind in ("add", "mul", "max", "min"):
+        return kind in ("max", "min")
+    s = jax.ShapeDtypeStruct((2,), jnp.float32)
+    try:
+        jaxpr = jax.make_jaxpr(op.combine)(s, s).jaxpr
+    except Exception:  # noqa: BLE001 - an untraceable combine: restore, to be safe
+        return True
+    return _uses_max_min(jaxpr)
