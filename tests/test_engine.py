@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from reference import NUMPY_OPS, conv_reference
+from reference import NUMPY_OPS, NumpyOp, conv_reference, dot_general_reference
 
 import jaxconv
 from jaxconv import ops
@@ -207,6 +207,67 @@ def test_a_nan_window_has_no_gradient(engine, op, reduce):
     assert np.isnan(np.asarray(y)).any()
     for got, ref in zip(vjp(g), want, strict=True):
         np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-5, atol=1e-5)
+
+
+NAN_SUM_OPS = {
+    # name -> (op, numpy reference (combine, reduce, identity, pad_value))
+    "l1": ("l1", NUMPY_OPS["l1"]),
+    "user_neg_abs": (jaxconv.Op(lambda a, b: -jnp.abs(a - b), "sum", name="nan_user_l1"),
+                     NUMPY_OPS["l1"]),
+    "user_max_sum": (jaxconv.Op(jnp.maximum, "sum", name="nan_user_max_sum"),
+                     NumpyOp(np.maximum, np.add, 0.0, None)),
+    "max_plus": ("max_plus", NUMPY_OPS["max_plus"]),
+    "min_plus": ("min_plus", NUMPY_OPS["min_plus"]),
+    "max_min": ("max_min", NUMPY_OPS["max_min"]),
+    "min_max": ("min_max", NUMPY_OPS["min_max"]),
+}
+
+
+def _special_operands(dense):
+    """Integer-valued operands (every engine's sum is exact) with NaN, +inf and -inf in x
+    and w, at shapes where XLA CPU fuses the tap reduction into YNNPACK (whose max/min drop
+    NaN): some windows hold NaN, some inf - inf, some one infinity."""
+    rng = np.random.default_rng(11)
+    if dense:
+        x = np.round(rng.standard_normal((8, 16)) * 2).astype(np.float32)
+        w = np.round(rng.standard_normal((16, 70)) * 2).astype(np.float32)
+        x[1, 3], x[2, 5], x[3, 7] = np.nan, np.inf, -np.inf
+        w[8, 0], w[5, 1], w[7, 2], w[5, 3] = np.nan, np.inf, -np.inf, -np.inf
+    else:
+        x = np.round(rng.standard_normal((2, 5, 5, 16)) * 2).astype(np.float32)
+        w = np.round(rng.standard_normal((3, 3, 16, 16)) * 2).astype(np.float32)
+        x[0, 2, 2, 1], x[1, 0, 4, 5], x[1, 3, 1, 7] = np.nan, np.inf, -np.inf
+        w[1, 1, 3, 5], w[0, 2, 5, 1], w[2, 0, 7, 2], w[1, 1, 5, 3] = (
+            np.nan, np.inf, -np.inf, -np.inf)
+    return x, w
+
+
+@pytest.mark.parametrize("dense", [True, False], ids=["dense", "conv"])
+@pytest.mark.parametrize("name", list(NAN_SUM_OPS))
+def test_nan_and_infinities_in_x_and_w(name, dense):
+    """NaN in, NaN out, with NaN and +-inf in both operands: the XLA engine against the
+    numpy loops and the native engine (bit-identical; the values are integers). A sum whose
+    combine holds a max or min (l1, a user's) lost its NaN products in XLA CPU's YNNPACK
+    reduce fusion (l1 gave -0.0 for a NaN weight)."""
+    op, (comb, red, ident, padv) = NAN_SUM_OPS[name]
+    x, w = _special_operands(dense)
+    pads = ((1, 1), (1, 1))
+    if dense:
+        dims = (((1,), (0,)), ((), ()))
+        f = lambda a, b, e: jaxconv.dot_general(a, b, dims, op=op, engine=e)  # noqa: E731
+        with np.errstate(invalid="ignore"):
+            want = dot_general_reference(x, w, dims, combine=comb, reduce=red, identity=ident)
+    else:
+        f = lambda a, b, e: jaxconv.conv_general_dilated(  # noqa: E731
+            a, b, (1, 1), pads, dimension_numbers=DN, op=op, engine=e)
+        with np.errstate(invalid="ignore"):
+            want = conv_reference(x, w, (1, 1), pads, dimension_numbers=DN, combine=comb,
+                                  reduce=red, identity=ident, pad_value=padv)
+    got = np.asarray(jax.jit(lambda a, b: f(a, b, "xla"))(x, w))
+    assert np.isnan(want).any() and np.isinf(want).any()
+    np.testing.assert_array_equal(got, want.astype(np.float32))
+    if native.available():
+        np.testing.assert_array_equal(got, np.asarray(f(x, w, "native")))
 
 
 def test_log_fast_path_fallbacks():

@@ -682,13 +682,14 @@ def test_sharded_logsumexp_contraction_special_values() -> None:
 # separable AdderNet / l1 gradients, the winner backward (built-in and user max), the
 # logsumexp in exp space, under a batch and an output-feature sharding. What the
 # partitioner makes of each (jax 0.10.2, Shardy) is tabled in docs/engines.md: no case moves
-# data; the sums' forward has no collective, max/min and logsumexp forwards one scalar
-# all-reduce of their NaN / infinity flags (FLAGGED), and every backward only all-reduces.
+# data; the sums' forward has no collective, max/min and logsumexp forwards (and l1's,
+# whose combine holds a max and a min: `nan._combine_may_drop_nan`) one scalar all-reduce
+# of their NaN / infinity flags (FLAGGED), and every backward only all-reduces.
 UNWRAPPED_CASES = [("standard", "data"), ("standard", "model"), ("adder", "data"),
                    ("adder", "model"), ("l1", "data"), ("max_plus", "data"),
                    ("min_max", "model"), ("tanh_max", "data"), ("log", "model"),
                    ("log", "data")]
-FLAGGED = {"max_plus", "min_max", "tanh_max", "log"}
+FLAGGED = {"l1", "max_plus", "min_max", "tanh_max", "log"}
 
 
 @pytest.mark.parametrize(("op", "layout"), UNWRAPPED_CASES)
@@ -699,8 +700,8 @@ def test_xla_engine_left_to_the_partitioner(monkeypatch, op: str, layout: str) -
     devices (the engine's CPU wrapping switched off): the numbers of one device in every
     case; no all-gather, all-to-all or collective-permute in any forward or backward (the
     winner pass gathers and scatters per image, its tied windows are found per row, image
-    blocks and channel chunks are interleaved); the sums' forward has no collective (max/min
-    and logsumexp carry one small all-reduce of their NaN / infinity flags) and every
+    blocks and channel chunks are interleaved); the sums' forward has no collective (max/min,
+    logsumexp and l1 carry one small all-reduce of their NaN / infinity flags) and every
     backward only all-reduces (the gradients, as lax, and the scalar flags)."""
     from jaxconv._src.engines.xla import engine as xla_engine
 

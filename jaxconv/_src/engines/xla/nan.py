@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -39,6 +40,22 @@ def _value_flags(a: Array) -> Array:
     seen = jnp.max(ind, axis=tuple(range(a.ndim)), initial=0)  # 0: an empty operand
     bits = [1, 2, 4, 8, zeros.SMALL_BIT, zeros.NEG_ZERO_BIT]
     return jnp.sum(seen * jnp.asarray(bits, jnp.int32))
+
+
+def _nonfinite_flags(a: Array) -> Array:
+    """`_value_flags`' non-finite bits, all set (7) where ``a`` holds any non-finite value:
+    one max reduction of one indicator (partitioned, one scalar all-reduce, as
+    `_value_flags`'), for the sums, whose NaN restoration needs no more (`_nan_terms` then
+    examines every non-finite value, and no zero).
+
+    Args:
+        a: an array.
+
+    Returns:
+        The flags, an int32 scalar: 0 or 7.
+    """
+    bad = jnp.logical_not(jnp.isfinite(a)).astype(jnp.int32)
+    return 7 * jnp.max(bad, axis=tuple(range(a.ndim)), initial=0)  # 0: an empty operand
 
 
 def _operand_flags(cfg: Config, x: Array, w: Array) -> tuple[Array, Array]:
@@ -182,7 +199,8 @@ def _forward_dispatch(cfg: Config, x: Array, w: Array) -> Array:
     """The forward pass of a sum, max, min or logsumexp product (no branch on the values).
 
     Max/min: XLA CPU's vectorised reductions drop NaN, so the outputs with a NaN product
-    are set to NaN from `_nan_outputs`, and they do not order signed zeros, so a zero result
+    are set to NaN from `_nan_outputs` (as are a sum's or logsumexp's whose combine holds a
+    max or min, `_combine_may_drop_nan`), and they do not order signed zeros, so a zero result
     takes the sign its window gives it (`zeros.fix_zero_signs`, run only where the operands
     can make a ``-0`` product). The padding is masked statically.
 
@@ -199,9 +217,70 @@ def _forward_dispatch(cfg: Config, x: Array, w: Array) -> Array:
     if floating and separable_kind(op) == "mul":
         return _native_mul_forward(cfg, x, w)
     y = _forward(cfg, x, w)
-    if op.reduce in ("max", "min") and floating:
+    if not floating:
+        return y
+    if op.reduce in ("max", "min"):
         flags = _operand_flags(cfg, x, w)
         y = zeros.fix_zero_signs(cfg, x, w, y,
                                  zeros.negative_zero_possible(op, *flags, y))
         y = jnp.where(_nan_outputs(cfg, x, w, flags), jnp.asarray(jnp.nan, y.dtype), y)
+    elif _combine_may_drop_nan(op):
+        flags = (_nonfinite_flags(x), _nonfinite_flags(w))
+        y = jnp.where(_nan_outputs(cfg, x, w, flags), jnp.asarray(jnp.nan, y.dtype), y)
     return y
+
+
+# Primitives that YNNPACK's fused reductions evaluate without propagating NaN.
+_NAN_DROPPING = frozenset({"max", "min", "clamp", "reduce_max", "reduce_min"})
+
+
+def _uses_max_min(jaxpr: Any) -> bool:
+    """Whether ``jaxpr`` (or a sub-jaxpr of its equations) applies one of `_NAN_DROPPING`.
+
+    Args:
+        jaxpr: a jaxpr.
+
+    Returns:
+        True if it does.
+    """
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in _NAN_DROPPING:
+            return True
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, tuple | list) else (value,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns") and _uses_max_min(inner):
+                    return True
+    return False
+
+
+@functools.lru_cache(maxsize=1024)
+def _combine_may_drop_nan(op: Op) -> bool:
+    """Whether a sum's or logsumexp's tap reduction can lose a NaN product.
+
+    XLA CPU hands a reduction fused with its elementwise producers to YNNPACK (jaxlib
+    0.10: ``__ynn_fusion``, fusion type ``LIBRARY_FUSION_TYPE_REDUCE``), whose ``maximum``
+    and ``minimum`` return the other operand where one is NaN: ``sum(max(x - w, 0))`` over
+    a NaN ``w`` gives a number at larger shapes, while the same ``max`` outside a reduction
+    gives NaN. So a combine with a max or min in its program (``l1``'s ``-|x - w|``, written
+    with both; a ``min``/``max`` combine kind; a user's ``relu(x - w)``), or one that cannot
+    be traced, has its NaN products restored from `_nan_outputs`, like the max/min
+    reductions'; the others (``add``, ``mul``, ``adder``'s ``-abs``) have none to lose.
+
+    Args:
+        op: the op (canonical).
+
+    Returns:
+        True where the NaN outputs are restored.
+    """
+    if op.reduce not in ("sum", "logsumexp"):
+        return False
+    kind = capabilities(op).combine
+    if kind in ("add", "mul", "max", "min"):
+        return kind in ("max", "min")
+    s = jax.ShapeDtypeStruct((2,), jnp.float32)
+    try:
+        jaxpr = jax.make_jaxpr(op.combine)(s, s).jaxpr
+    except Exception:  # noqa: BLE001 - an untraceable combine: restore, to be safe
+        return True
+    return _uses_max_min(jaxpr)
