@@ -17,10 +17,35 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
+from unittest import mock
 
 import jax
 import numpy as np
 from geometries import assert_grads_match_xla, conv, loop_reference
+
+from jaxconv._src.core import differentiation
+
+
+def recorded_equals_rescan(fn: Callable, *args: Any) -> tuple[Any, ...]:
+    """``fn(*args)`` (a tuple of arrays, jitted) is the same bit for bit with the recording
+    forward and with recording off (the backward rescanning every window).
+
+    Args:
+        fn: a function of ``args`` that differentiates a native call (e.g. returns y, dx, dw).
+        *args: its arguments.
+
+    Returns:
+        The recorded run's results.
+    """
+    # A new function object for each jit: the same one would reuse the first trace.
+    got = jax.jit(lambda *a: fn(*a))(*args)
+    with mock.patch.object(differentiation, "_records", lambda problem: False):
+        want = jax.jit(lambda *a: fn(*a))(*args)
+    for a, b in zip(got, want, strict=True):
+        a, b = np.asarray(a), np.asarray(b)
+        np.testing.assert_array_equal(a.view(np.dtype(f"i{a.itemsize}")),
+                                      b.view(np.dtype(f"i{b.itemsize}")))
+    return got
 
 
 def _xla(op: Any, kw: dict[str, Any], x: np.ndarray, w: np.ndarray) -> np.ndarray:

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from native_checks import recorded_equals_rescan
 from reference import NUMPY_OPS, dot_general_reference
 
 import jaxconv
@@ -172,7 +173,7 @@ def test_recording_forward_keeps_each_outputs_exact_winner(monkeypatch, name, ki
 
 @pytest.mark.parametrize("shape", [(9, 1024, 70), (5, 200, 130), (3, 2000, 20)])
 @pytest.mark.parametrize("name", ["max_plus", "min_plus"])
-def test_exact_record_backward_has_the_unrecorded_backwards_bits(monkeypatch, name, shape):
+def test_exact_record_backward_has_the_unrecorded_backwards_bits(name, shape):
     """Shapes of whole and partial 64-row blocks, more than one block of output channels and
     wider kernel-row blocks (K = 2000: 128 rows), on small integers (ties within and across
     blocks beside unique winners): the exact record's backward equals the unrecorded dense
@@ -182,11 +183,7 @@ def test_exact_record_backward_has_the_unrecorded_backwards_bits(monkeypatch, na
     x = np.round(rng.standard_normal((m, k)) * 4).astype(np.float32)
     w = np.round(rng.standard_normal((k, n)) * 4).astype(np.float32)
     ct = rng.standard_normal((m, n)).astype(np.float32)
-    got = jax.jit(lambda a, b: _dense_vjp(name, a, b, ct))(x, w)
-    monkeypatch.setattr(differentiation, "_records", lambda problem: False)
-    want = jax.jit(lambda a, b: _dense_vjp(name, a, b, ct))(x, w)
-    for a, b in zip(got, want, strict=True):
-        np.testing.assert_array_equal(np.asarray(a).view(np.int32), np.asarray(b).view(np.int32))
+    got = recorded_equals_rescan(lambda a, b: _dense_vjp(name, a, b, ct), x, w)
     if k <= 1024:
         rdx, rdw = _winner_grads(name, x.astype(np.float64), w.astype(np.float64), ct)
         np.testing.assert_allclose(np.asarray(got[1]), rdx, rtol=1e-5, atol=1e-5)
@@ -228,7 +225,7 @@ def _primitives(jaxpr) -> list[str]:
 
 @pytest.mark.parametrize("transform,name", [("grad", "max_plus"), ("checkpoint", "min_max"),
                                             ("grad", "max_min")])
-def test_recording_forward_runs_once_and_keeps_todays_bits(monkeypatch, transform, name):
+def test_recording_forward_runs_once_and_keeps_todays_bits(transform, name):
     """Under a gradient the recording forward runs once (no plain forward beside it) and its
     masks reach the backward; the gradients equal the marking pass's (recording off: for
     max_min / min_max the integer-key rescan) bit for bit. The plain forward records
@@ -246,11 +243,7 @@ def test_recording_forward_runs_once_and_keeps_todays_bits(monkeypatch, transfor
     assert names.count("jaxconv_conv_record") == (2 if transform == "checkpoint" else 1)
     assert "jaxconv_conv" not in names
     assert "jaxconv_conv_record" not in _primitives(jax.make_jaxpr(loss)(x, w).jaxpr)
-    got = jax.jit(grad)(x, w)
-    monkeypatch.setattr(differentiation, "_records", lambda problem: False)
-    want = jax.jit(jax.grad(lambda a, b: fn(a, b), (0, 1)))(x, w)
-    for a, b in zip(got, want, strict=True):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    recorded_equals_rescan(grad, x, w)
 
 
 @pytest.mark.parametrize("mapped,name", [("kernel", "max_plus"), ("input", "min_max"),
@@ -346,7 +339,7 @@ USER_MAXMIN = {
 @pytest.mark.parametrize("shape", [(9, 300, 70), (3, 2000, 20)])
 @pytest.mark.parametrize("name", list(USER_MAXMIN))
 @pytest.mark.parametrize("kind", ["ties", "specials"])
-def test_dense_user_op_recorded_backward_has_the_rescans_bits(monkeypatch, name, shape, kind):
+def test_dense_user_op_recorded_backward_has_the_rescans_bits(name, shape, kind):
     """A float32 user max / min op's dense product records its winner blocks (K of whole and
     partial 64-row blocks, and 2000: blocks of 128): y, dx and dw equal the unrecorded
     backward's bit for bit on small integers (ties within and across blocks, signed zeros;
@@ -361,11 +354,7 @@ def test_dense_user_op_recorded_backward_has_the_rescans_bits(monkeypatch, name,
         x[0] = -np.inf
         x[1, 5], w[7, 3], w[9, 1] = np.nan, np.inf, -np.inf
     ct = rng.standard_normal((m, n)).astype(np.float32)
-    got = jax.jit(lambda a, b: _dense_vjp(op, a, b, ct))(x, w)
-    monkeypatch.setattr(differentiation, "_records", lambda problem: False)
-    want = jax.jit(lambda a, b: _dense_vjp(op, a, b, ct))(x, w)
-    for a, b in zip(got, want, strict=True):
-        np.testing.assert_array_equal(np.asarray(a).view(np.int32), np.asarray(b).view(np.int32))
+    got = recorded_equals_rescan(lambda a, b: _dense_vjp(op, a, b, ct), x, w)
     if kind == "ties":
         ref = jax.jit(lambda a, b: jax.vjp(lambda c, d: jaxconv.dot_general(
             c, d, DN, op=op, engine="xla"), a, b)[1](ct))(x, w)

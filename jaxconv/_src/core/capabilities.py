@@ -22,6 +22,7 @@ import numpy as np
 
 from jaxconv._src.core import scalar_program as sp
 from jaxconv._src.core.algebra import Op
+from jaxconv._src.core.jaxpr_walk import iter_eqns
 
 COMBINE_KINDS = ("add", "mul", "min", "max")
 _REDUCE_OF_PRIMITIVE = {"add": ("sum", 0.0), "mul": ("prod", 1.0), "max": ("max", -math.inf),
@@ -307,18 +308,20 @@ def _has_reverse_only_rule(jaxpr: Any) -> bool:
     Returns:
         True if it has such a call.
     """
-    for eqn in jaxpr.eqns:
-        name = eqn.primitive.name
-        if name.startswith("custom_vjp"):
-            return True
-        if name.startswith("custom_jvp"):
-            continue
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, tuple | list) else (value,):
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns") and _has_reverse_only_rule(inner):
-                    return True
-    return False
+    return any(eqn.primitive.name.startswith("custom_vjp")
+               for eqn in iter_eqns(jaxpr, descend=_outside_custom_jvp))
+
+
+def _outside_custom_jvp(eqn: Any) -> bool:
+    """Whether a walk enters ``eqn``'s sub-jaxprs: not a ``custom_jvp`` call's (its rule's).
+
+    Args:
+        eqn: a jaxpr equation.
+
+    Returns:
+        False for a ``custom_jvp`` call.
+    """
+    return not eqn.primitive.name.startswith("custom_jvp")
 
 
 def _reverse_only_part(op: Op) -> str | None:

@@ -22,6 +22,8 @@ from typing import Any
 import jax
 from jax.extend import core as jex_core
 
+from jaxconv._src.core.jaxpr_walk import iter_eqns
+
 _CUSTOM_CALLS = frozenset({"custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr"})
 _INLINE_CALLS = frozenset({"pjit", "jit", "closed_call", "core_call", "remat", "checkpoint"})
 
@@ -35,29 +37,7 @@ def _has_custom(jaxpr: Any) -> bool:
     Returns:
         True if it holds one.
     """
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name in _CUSTOM_CALLS:
-            return True
-        for sub in _sub_jaxprs(eqn.params):
-            if _has_custom(sub.jaxpr if isinstance(sub, jex_core.ClosedJaxpr) else sub):
-                return True
-    return False
-
-
-def _sub_jaxprs(params: dict[str, Any]) -> list[Any]:
-    """The jaxprs among an equation's parameters (also inside tuples and lists).
-
-    Args:
-        params: the equation's parameters.
-
-    Returns:
-        The (closed) jaxprs.
-    """
-    out = []
-    for v in params.values():
-        items = v if isinstance(v, (tuple, list)) else (v,)
-        out.extend(s for s in items if isinstance(s, (jex_core.ClosedJaxpr, jex_core.Jaxpr)))
-    return out
+    return any(eqn.primitive.name in _CUSTOM_CALLS for eqn in iter_eqns(jaxpr))
 
 
 def _strip_closed(cj: Any) -> Any:

@@ -13,6 +13,7 @@ from jax import lax
 from jaxconv._src.core import products
 from jaxconv._src.core.algebra import Op
 from jaxconv._src.core.capabilities import capabilities
+from jaxconv._src.core.jaxpr_walk import iter_eqns
 from jaxconv._src.engines import taps
 from jaxconv._src.engines.xla import zeros
 from jaxconv._src.engines.xla.common import Config, separable_kind
@@ -243,15 +244,7 @@ def _uses_max_min(jaxpr: Any) -> bool:
     Returns:
         True if it does.
     """
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name in _NAN_DROPPING:
-            return True
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, tuple | list) else (value,):
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns") and _uses_max_min(inner):
-                    return True
-    return False
+    return any(eqn.primitive.name in _NAN_DROPPING for eqn in iter_eqns(jaxpr))
 
 
 @functools.lru_cache(maxsize=1024)
