@@ -92,8 +92,25 @@ def _no_record(lib):
     lib.with_suffix(".json").unlink()
 
 
-@pytest.mark.parametrize("damage, cxx", [(_truncate, None), (_empty, None), (_garbage, None),
-                                         (_no_record, None), (_truncate, "false")])
+# What each damage leaves, as `verify` names it: any reason but "missing" makes the engine log
+# a WARNING and rebuild the entry (`user_kernels._build_in`), whatever the reason.
+DAMAGES = [(_truncate, "bytes where"), (_empty, "has 0 bytes"), (_garbage, "SHA-256 differs"),
+           (_no_record, "no record of a complete build")]
+
+
+@pytest.mark.parametrize("damage, why", DAMAGES)
+def test_damaged_entry_is_not_verified(tmp_path, built, damage, why):
+    """Every kind of damage is caught before a load (the rebuild that follows is the same for
+    all of them: `test_damaged_entry_is_rebuilt_or_skipped` runs it in a fresh process)."""
+    lib, key = _entry(built, tmp_path)
+    damage(lib)
+    assert why in user_kernels.verify(lib.parent, key)
+
+
+# The rebuild in a fresh process, once with a compiler and once without: a garbage library of
+# the right size (caught by its SHA-256 alone, the damage most likely to crash a load), and a
+# truncated one where the rebuild fails.
+@pytest.mark.parametrize("damage, cxx", [(_garbage, None), (_truncate, "false")])
 def test_damaged_entry_is_rebuilt_or_skipped(tmp_path, built, damage, cxx):
     lib, key = _entry(built, tmp_path, cxx)
     damage(lib)
@@ -104,6 +121,7 @@ def test_damaged_entry_is_rebuilt_or_skipped(tmp_path, built, damage, cxx):
         assert out["path"] == str(lib) and out["native_equal_to_xla"]
         assert user_kernels.verify(lib.parent, key) is None
         assert "rebuilding" in out["stderr"]  # the logger's WARNING, with the reason
+        assert dict(DAMAGES)[damage] in out["stderr"]
     else:  # the rebuild fails: the promised warning under auto, an error under native
         (warning,) = out["warnings"]
         assert "cache_op" in warning and "XLA engine" in warning and "compiler" in warning
@@ -171,9 +189,12 @@ def _parent_world_writable(tmp_path):
     return tmp_path / "shared" / "mine", "shared is writable by its group or others"
 
 
-@pytest.mark.parametrize("where", [_world_writable, _under_a_file])
-def test_unusable_directory_warns_once_and_compiles_privately(tmp_path, where):
-    asked, why = where(tmp_path)
+def test_unusable_directory_warns_once_and_compiles_privately(tmp_path):
+    """In a fresh process: one warning with the reason, the op compiled into the process's
+    private directory. What happens after `user_kernels.cache` said "not trusted / not
+    writable" does not depend on the reason (`user_kernels.build`), so one directory runs it
+    here; `test_trust_rule` checks the reason of each unusable directory."""
+    asked, why = _world_writable(tmp_path)
     out = _run(asked)
     (warning,) = out["warnings"]
     assert why in warning and "for this process only" in warning

@@ -178,11 +178,13 @@ USER_OPS = {
                      np.maximum, -math.inf),
     "tanh_x_mul_max": (jaxconv.Op(lambda x, w: jnp.tanh(x) * w, "max"), _tanh_x_mul,
                        np.maximum, -math.inf),
-    "gauss_sum": (jaxconv.Op(lambda x, w: jnp.exp(-jnp.square(x - w)), "sum"), _gauss, np.add,
+    # (x - w) ** 2 (the square is x_gauss_max's and PRIMITIVES'): tests/test_native_dtypes.py's
+    # GAUSS, one kernel for the session.
+    "gauss_sum": (jaxconv.Op(lambda x, w: jnp.exp(-((x - w) ** 2)), "sum"), _gauss, np.add,
                   0.0),
     # Heavy partials with a pad value: the sums' one-pass backward over pad terms
     # (csrc/kernel_sums_heavy.h).
-    "gauss_sum_pad": (jaxconv.Op(lambda x, w: jnp.exp(-jnp.square(x - w)), "sum", pad_value=0.5),
+    "gauss_sum_pad": (jaxconv.Op(lambda x, w: jnp.exp(-((x - w) ** 2)), "sum", pad_value=0.5),
                       _gauss, np.add, 0.0),
     # A heavy combine under max (not monotone in one map: the kernels' own heavy tile and its
     # pairs of products, csrc/kernel_heavy.h, also on the NaN-safe path).
@@ -192,8 +194,10 @@ USER_OPS = {
                   _hinge, np.minimum, math.inf),
     "cube_sum_pad": (jaxconv.Op(lambda x, w: (x - w) ** 3, "sum", pad_value=0.5),
                      lambda x, w: np.subtract(x, w) ** 3, np.add, 0.0),
-    "callable_max": (jaxconv.Op(lambda x, w: x * w - w, jnp.maximum, identity=-math.inf),
-                     lambda x, w: x * w - w, np.maximum, -math.inf),
+    # A callable reduce (canonicalised to max); the combine is tests/test_winners.py's
+    # fmsub_max, one kernel for the session.
+    "callable_max": (jaxconv.Op(lambda x, w: x * w - x, jnp.maximum, identity=-math.inf),
+                     lambda x, w: x * w - x, np.maximum, -math.inf),
 }
 GEOMETRIES = table("2d_same", "1d_stride", "rhs_dil_groups", "depthwise", ("3d", "3d_no_dil"),
                    "lhs_dil_empty", "wide", "channels_80")
