@@ -34,15 +34,19 @@ struct LogPlus : LseR {
 // The exponent t L + n of a term t = comb(x, w). A generated functor whose combine ends in a
 // negation, t = -z, also gives comb_neg = z (codegen.py): then n - z L, one FMA with the
 // negation folded in (one vector operation fewer per term, forward and backward; the same
-// bits).
-template <class Op, class = void>
-struct HasCombNeg : std::false_type {};
+// bits). (Tested by overload, not a class specialization: a vector type in a template
+// argument drops its attributes, which GCC warns about at every user kernel's compile.)
 template <class Op>
-struct HasCombNeg<Op, std::void_t<decltype(Op::template comb_neg<S>(S::V{}, S::V{}))>>
-    : std::true_type {};
+constexpr auto has_comb_neg(int) -> decltype(Op::template comb_neg<S>(S::V{}, S::V{}), true) {
+  return true;
+}
+template <class Op>
+constexpr bool has_comb_neg(long) {
+  return false;
+}
 template <class Op>
 inline S::V lse_u(S::V xv, S::V wv, S::V L, S::V n) {
-  if constexpr (HasCombNeg<Op>::value) return S::fnma(Op::template comb_neg<S>(xv, wv), L, n);
+  if constexpr (has_comb_neg<Op>(0)) return S::fnma(Op::template comb_neg<S>(xv, wv), L, n);
   else return S::fma(Op::template comb<S>(xv, wv), L, n);
 }
 
