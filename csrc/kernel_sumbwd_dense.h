@@ -32,7 +32,11 @@ constexpr int64_t kDenseOB = 128;
 // One tile: PB positions (x rows `xr`, row stride xs; cotangent rows `gr`, row stride gs; dx
 // rows `dxr`, row stride xs) x V vectors of input channels, against `no` output channels
 // (kernel vectors `wt`, row stride NR; kernel-gradient sums `dwl`, row stride V * W).
-template <class Op, int PB, int V>
+//
+// Mode 0: each cotangent broadcast into a register (PairRule); 1: read by the term's
+// instructions (MemCot, kernel_densebwd_memcot.h); 2: as 1, l1 taking two terms in three in
+// its product form. The same bits in every mode.
+template <class Op, int PB, int V, int Mode>
 void dense_pair_tile(const float* xr, const float* gr, float* dxr, int64_t xs, int64_t gs,
                      const float* wt, float* dwl, int64_t no) {
   using Vec = S::V;
@@ -50,8 +54,15 @@ void dense_pair_tile(const float* xr, const float* gr, float* dxr, int64_t xs, i
         dw[v] = S::load(dwl + o * (V * W) + v * W);
       }
       for (int p = 0; p < PB; ++p) {
-        const Vec g = PairRule<Op>::cot(S::set1(gr[p * gs + o]));
-        for (int v = 0; v < V; ++v) PairRule<Op>::term(g, xv[p][v], wv[v], acc[p][v], dw[v]);
+        if constexpr (Mode != 0) {
+          const float* g = gr + p * gs + o;
+          for (int v = 0; v < V; ++v)
+            MemCot<Op>::term(g, xv[p][v], wv[v], acc[p][v], dw[v],
+                             Mode == 2 && (p * V + v) % 3 != 0);
+        } else {
+          const Vec g = PairRule<Op>::cot(S::set1(gr[p * gs + o]));
+          for (int v = 0; v < V; ++v) PairRule<Op>::term(g, xv[p][v], wv[v], acc[p][v], dw[v]);
+        }
       }
       for (int v = 0; v < V; ++v) S::store(dwl + o * (V * W) + v * W, dw[v]);
     }
@@ -64,21 +75,21 @@ void dense_pair_tile(const float* xr, const float* gr, float* dxr, int64_t xs, i
 }
 
 // The tile of the last pn < PB positions (one instantiation per count).
-template <class Op, int V>
+template <class Op, int V, int Mode>
 void dense_pair_rest(int pn, const float* xr, const float* gr, float* dxr, int64_t xs,
                      int64_t gs, const float* wt, float* dwl, int64_t no) {
   switch (pn) {
-    case 1: return dense_pair_tile<Op, 1, V>(xr, gr, dxr, xs, gs, wt, dwl, no);
-    case 2: return dense_pair_tile<Op, 2, V>(xr, gr, dxr, xs, gs, wt, dwl, no);
-    case 3: return dense_pair_tile<Op, 3, V>(xr, gr, dxr, xs, gs, wt, dwl, no);
-    case 4: return dense_pair_tile<Op, 4, V>(xr, gr, dxr, xs, gs, wt, dwl, no);
-    default: return dense_pair_tile<Op, 5, V>(xr, gr, dxr, xs, gs, wt, dwl, no);
+    case 1: return dense_pair_tile<Op, 1, V, Mode>(xr, gr, dxr, xs, gs, wt, dwl, no);
+    case 2: return dense_pair_tile<Op, 2, V, Mode>(xr, gr, dxr, xs, gs, wt, dwl, no);
+    case 3: return dense_pair_tile<Op, 3, V, Mode>(xr, gr, dxr, xs, gs, wt, dwl, no);
+    case 4: return dense_pair_tile<Op, 4, V, Mode>(xr, gr, dxr, xs, gs, wt, dwl, no);
+    default: return dense_pair_tile<Op, 5, V, Mode>(xr, gr, dxr, xs, gs, wt, dwl, no);
   }
 }
 
 // One block of V vectors of input channels (from i0) of one (batch entry, group): every
 // position, every output channel.
-template <class Op, int V>
+template <class Op, int V, int Mode>
 void dense_pair_block(const Ctx& c, int64_t b, int64_t grp, int64_t i0, float* dwl) {
   const jaxconv::Call& call = *c.call;
   const int64_t I = c.I, O = c.O, Og = c.Og, P = c.P, xs = c.img;
@@ -93,10 +104,10 @@ void dense_pair_block(const Ctx& c, int64_t b, int64_t grp, int64_t i0, float* d
     for (int64_t k = 0; k < no * V * W; k += W) S::store(dwl + k, S::zero());
     int64_t p = 0;
     for (; p + kDensePB <= P; p += kDensePB)
-      dense_pair_tile<Op, kDensePB, V>(xb + p * xs, gb + p * O + o0, dxb + p * xs, xs, O,
+      dense_pair_tile<Op, kDensePB, V, Mode>(xb + p * xs, gb + p * O + o0, dxb + p * xs, xs, O,
                                        wt + o0 * NR, dwl, no);
     if (p < P)
-      dense_pair_rest<Op, V>(int(P - p), xb + p * xs, gb + p * O + o0, dxb + p * xs, xs, O,
+      dense_pair_rest<Op, V, Mode>(int(P - p), xb + p * xs, gb + p * O + o0, dxb + p * xs, xs, O,
                              wt + o0 * NR, dwl, no);
     transpose(dwl, V * W, dwb + o0, O, no, V * W);  // kernel_dense_backward.h
   }
@@ -115,8 +126,8 @@ inline bool dense_pair_fits(const Ctx& c) {
 // (pack_kernel_blocks). Items are (batch entry, group, block of kDenseV vectors of input
 // channels; a last block of one vector where I is an odd number of vectors); each owns its
 // dx columns and dw rows.
-template <class Op>
-void dense_pair_backward(Ctx& c) {
+template <class Op, int Mode>
+void dense_pair_backward_mode(Ctx& c) {
   const jaxconv::Call& call = *c.call;
   const int64_t nvec = c.I / W;
   const int64_t blocks = (nvec + kDenseV - 1) / kDenseV;
@@ -124,8 +135,24 @@ void dense_pair_backward(Ctx& c) {
     const int64_t blk = it % blocks, grp = (it / blocks) % c.G, b = it / (blocks * c.G);
     alignas(64) float dwl[kDenseOB * kDenseV * W];
     const int64_t i0 = blk * kDenseV * W;
-    if (nvec - blk * kDenseV >= kDenseV) dense_pair_block<Op, kDenseV>(c, b, grp, i0, dwl);
-    else dense_pair_block<Op, 1>(c, b, grp, i0, dwl);
+    if (nvec - blk * kDenseV >= kDenseV)
+      dense_pair_block<Op, kDenseV, Mode>(c, b, grp, i0, dwl);
+    else
+      dense_pair_block<Op, 1, Mode>(c, b, grp, i0, dwl);
   };
   parallel(c, call.batch * c.G * blocks, item);
+}
+
+// The mode by the tuning parameters (kernel_params.h): `bcast` (the embedded broadcast, as
+// the forward's) and `l1_split` (l1's product form).
+template <class Op>
+void dense_pair_backward(Ctx& c) {
+  if constexpr (MemCot<Op>::kOn) {
+    if (c.prm.bcast != 0) {
+      if (std::is_same_v<Op, L1> && c.prm.l1_split != 0)
+        return dense_pair_backward_mode<Op, 2>(c);
+      return dense_pair_backward_mode<Op, 1>(c);
+    }
+  }
+  dense_pair_backward_mode<Op, 0>(c);
 }
