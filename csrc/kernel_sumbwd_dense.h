@@ -11,7 +11,19 @@
 // partials (16 KiB of dx, 256 KiB of dw per block of channels) do not stay in L1: one thread
 // took 20.6-22.1 ms for adder's backward there (layer A, as many terms: 14.9). Here a term
 // costs 10 loads and 2 stores per 12 terms (PB = 6, V = 2), everything but the cotangent rows
-// in L1: 14.9-15.3 ms (benchmarks/sumbwd_1t.cc).
+// in L1: 14.9-15.3 ms (benchmarks/sumbwd_1t.cc); 12.6-13.6 with the cotangent read by the
+// fused multiply-adds (mode 1 below).
+//
+// The floor (Zen 4, one thread; a 512-bit op a cycle on the FMA pipes and one on the add
+// pipes, the peak probe's 57 G fma terms/s; vrangeps and min/add/sub on the add pipes,
+// vfixupimmps on the FMA pipes, measured): per vector of 16 terms adder takes 2 + 2 (fma,
+// fnma | sub, range): 2 cycles, 9.4 ms for E's 268 M terms; l2 2 + 1: 2 cycles, 9.4 ms; l1
+// 3 + 1 (fixup, fnma, fma | sub): 3 cycles, 14.1 ms, or 7 + 7 per 3 terms in its split form
+// (kernel_densebwd_memcot.h): 2.33 cycles, 11 ms. The tile loop alone (no packing, no
+// transposes) ran adder 13.3-13.6 ms with a vbroadcastss per (position, channel) (6 per 24
+// cycles, each taking a pipe slot when both kinds are full) and 11.4-11.7 with the embedded
+// broadcast; l1 15.4-16.1 -> 13.5-13.9 split; l2 11.4-11.6: ~80% of each floor. The rest of
+// the backward (the kernel's pack, dw's transposes) is ~1.5 ms.
 //
 // Each dx element sums its output channels ascending in runs of kDxRun (from zero; each run
 // then added to dx), each dw element its positions ascending from zero: pair_backward's sums
