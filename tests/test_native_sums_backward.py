@@ -151,8 +151,9 @@ def test_dense_pair_backward_same_bits_in_every_mode(op, special):
         np.testing.assert_array_equal(dx.view(np.int32), dx0.view(np.int32), err_msg=str(extra))
         np.testing.assert_array_equal(dw.view(np.int32), dw0.view(np.int32), err_msg=str(extra))
     if op == "l1":
-        rdx, rdw = (np.asarray(v) for v in _l1_rule(jnp.asarray(x), jnp.asarray(w),
-                                                      jnp.asarray(ct)))
+        rdx, rdw = (
+            np.asarray(v) for v in _l1_rule(jnp.asarray(x), jnp.asarray(w), jnp.asarray(ct))
+        )
         np.testing.assert_array_equal(np.isnan(dx0), np.isnan(rdx))
         np.testing.assert_array_equal(np.isnan(dw0), np.isnan(rdw))
         np.testing.assert_allclose(dx0, rdx, rtol=1e-5, atol=1e-5)
