@@ -24,10 +24,14 @@ namespace jaxconv {
   X(fma_add, 1, 0, 1)                                                                        \
   /* the forward's register tile: the instruction set's (0) or kernel_variants.h's (1) */     \
   X(tile, 0, 0, 1)                                                                           \
-  /* AVX-512: the combine reads x as an embedded broadcast (1) or from a broadcast (0) */    \
+  /* AVX-512: the combine reads x as an embedded broadcast (1) or from a broadcast (0); */  \
+  /* so does the dense sums backward its cotangent (kernel_densebwd_memcot.h) */              \
   X(bcast, 1, 0, 1)                                                                          \
   /* the forward's kernel blocks in this many runs, a claim counter each (kernel_lanes.h) */ \
-  X(lanes, 2, 1, 16)
+  X(lanes, 2, 1, 16)                                                                         \
+  /* AVX-512, bcast = 1: l1's dense backward takes 2 terms in 3 as g sign(x - w) (1) or */   \
+  /* every term as two fused multiply-adds (0): the same bits (kernel_densebwd_memcot.h) */  \
+  X(l1_split, 1, 0, 1)
 
 #define JAXCONV_PARAM_MEMBER(name, dflt, lo, hi) int64_t name = dflt;
 struct Params {

@@ -11,7 +11,19 @@
 // partials (16 KiB of dx, 256 KiB of dw per block of channels) do not stay in L1: one thread
 // took 20.6-22.1 ms for adder's backward there (layer A, as many terms: 14.9). Here a term
 // costs 10 loads and 2 stores per 12 terms (PB = 6, V = 2), everything but the cotangent rows
-// in L1: 14.9-15.3 ms (benchmarks/sumbwd_1t.cc).
+// in L1: 14.9-15.3 ms (benchmarks/sumbwd_1t.cc); 12.6-13.6 with the cotangent read by the
+// fused multiply-adds (mode 1 below).
+//
+// The floor (Zen 4, one thread; a 512-bit op a cycle on the FMA pipes and one on the add
+// pipes, the peak probe's 57 G fma terms/s; vrangeps and min/add/sub on the add pipes,
+// vfixupimmps on the FMA pipes, measured): per vector of 16 terms adder takes 2 + 2 (fma,
+// fnma | sub, range): 2 cycles, 9.4 ms for E's 268 M terms; l2 2 + 1: 2 cycles, 9.4 ms; l1
+// 3 + 1 (fixup, fnma, fma | sub): 3 cycles, 14.1 ms, or 7 + 7 per 3 terms in its split form
+// (kernel_densebwd_memcot.h): 2.33 cycles, 11 ms. The tile loop alone (no packing, no
+// transposes) ran adder 13.3-13.6 ms with a vbroadcastss per (position, channel) (6 per 24
+// cycles, each taking a pipe slot when both kinds are full) and 11.4-11.7 with the embedded
+// broadcast; l1 15.4-16.1 -> 13.5-13.9 split; l2 11.4-11.6: ~80% of each floor. The rest of
+// the backward (the kernel's pack, dw's transposes) is ~1.5 ms.
 //
 // Each dx element sums its output channels ascending in runs of kDxRun (from zero; each run
 // then added to dx), each dw element its positions ascending from zero: pair_backward's sums
@@ -32,7 +44,11 @@ constexpr int64_t kDenseOB = 128;
 // One tile: PB positions (x rows `xr`, row stride xs; cotangent rows `gr`, row stride gs; dx
 // rows `dxr`, row stride xs) x V vectors of input channels, against `no` output channels
 // (kernel vectors `wt`, row stride NR; kernel-gradient sums `dwl`, row stride V * W).
-template <class Op, int PB, int V>
+//
+// Mode 0: each cotangent broadcast into a register (PairRule); 1: read by the term's
+// instructions (MemCot, kernel_densebwd_memcot.h); 2: as 1, l1 taking two terms in three in
+// its product form. The same bits in every mode.
+template <class Op, int PB, int V, int Mode>
 void dense_pair_tile(const float* xr, const float* gr, float* dxr, int64_t xs, int64_t gs,
                      const float* wt, float* dwl, int64_t no) {
   using Vec = S::V;
@@ -50,8 +66,15 @@ void dense_pair_tile(const float* xr, const float* gr, float* dxr, int64_t xs, i
         dw[v] = S::load(dwl + o * (V * W) + v * W);
       }
       for (int p = 0; p < PB; ++p) {
-        const Vec g = PairRule<Op>::cot(S::set1(gr[p * gs + o]));
-        for (int v = 0; v < V; ++v) PairRule<Op>::term(g, xv[p][v], wv[v], acc[p][v], dw[v]);
+        if constexpr (Mode != 0) {
+          const float* g = gr + p * gs + o;
+          for (int v = 0; v < V; ++v)
+            MemCot<Op>::term(g, xv[p][v], wv[v], acc[p][v], dw[v],
+                             Mode == 2 && (p * V + v) % 3 != 0);
+        } else {
+          const Vec g = PairRule<Op>::cot(S::set1(gr[p * gs + o]));
+          for (int v = 0; v < V; ++v) PairRule<Op>::term(g, xv[p][v], wv[v], acc[p][v], dw[v]);
+        }
       }
       for (int v = 0; v < V; ++v) S::store(dwl + o * (V * W) + v * W, dw[v]);
     }
@@ -64,21 +87,21 @@ void dense_pair_tile(const float* xr, const float* gr, float* dxr, int64_t xs, i
 }
 
 // The tile of the last pn < PB positions (one instantiation per count).
-template <class Op, int V>
+template <class Op, int V, int Mode>
 void dense_pair_rest(int pn, const float* xr, const float* gr, float* dxr, int64_t xs,
                      int64_t gs, const float* wt, float* dwl, int64_t no) {
   switch (pn) {
-    case 1: return dense_pair_tile<Op, 1, V>(xr, gr, dxr, xs, gs, wt, dwl, no);
-    case 2: return dense_pair_tile<Op, 2, V>(xr, gr, dxr, xs, gs, wt, dwl, no);
-    case 3: return dense_pair_tile<Op, 3, V>(xr, gr, dxr, xs, gs, wt, dwl, no);
-    case 4: return dense_pair_tile<Op, 4, V>(xr, gr, dxr, xs, gs, wt, dwl, no);
-    default: return dense_pair_tile<Op, 5, V>(xr, gr, dxr, xs, gs, wt, dwl, no);
+    case 1: return dense_pair_tile<Op, 1, V, Mode>(xr, gr, dxr, xs, gs, wt, dwl, no);
+    case 2: return dense_pair_tile<Op, 2, V, Mode>(xr, gr, dxr, xs, gs, wt, dwl, no);
+    case 3: return dense_pair_tile<Op, 3, V, Mode>(xr, gr, dxr, xs, gs, wt, dwl, no);
+    case 4: return dense_pair_tile<Op, 4, V, Mode>(xr, gr, dxr, xs, gs, wt, dwl, no);
+    default: return dense_pair_tile<Op, 5, V, Mode>(xr, gr, dxr, xs, gs, wt, dwl, no);
   }
 }
 
 // One block of V vectors of input channels (from i0) of one (batch entry, group): every
 // position, every output channel.
-template <class Op, int V>
+template <class Op, int V, int Mode>
 void dense_pair_block(const Ctx& c, int64_t b, int64_t grp, int64_t i0, float* dwl) {
   const jaxconv::Call& call = *c.call;
   const int64_t I = c.I, O = c.O, Og = c.Og, P = c.P, xs = c.img;
@@ -93,10 +116,10 @@ void dense_pair_block(const Ctx& c, int64_t b, int64_t grp, int64_t i0, float* d
     for (int64_t k = 0; k < no * V * W; k += W) S::store(dwl + k, S::zero());
     int64_t p = 0;
     for (; p + kDensePB <= P; p += kDensePB)
-      dense_pair_tile<Op, kDensePB, V>(xb + p * xs, gb + p * O + o0, dxb + p * xs, xs, O,
+      dense_pair_tile<Op, kDensePB, V, Mode>(xb + p * xs, gb + p * O + o0, dxb + p * xs, xs, O,
                                        wt + o0 * NR, dwl, no);
     if (p < P)
-      dense_pair_rest<Op, V>(int(P - p), xb + p * xs, gb + p * O + o0, dxb + p * xs, xs, O,
+      dense_pair_rest<Op, V, Mode>(int(P - p), xb + p * xs, gb + p * O + o0, dxb + p * xs, xs, O,
                              wt + o0 * NR, dwl, no);
     transpose(dwl, V * W, dwb + o0, O, no, V * W);  // kernel_dense_backward.h
   }
@@ -115,8 +138,8 @@ inline bool dense_pair_fits(const Ctx& c) {
 // (pack_kernel_blocks). Items are (batch entry, group, block of kDenseV vectors of input
 // channels; a last block of one vector where I is an odd number of vectors); each owns its
 // dx columns and dw rows.
-template <class Op>
-void dense_pair_backward(Ctx& c) {
+template <class Op, int Mode>
+void dense_pair_backward_mode(Ctx& c) {
   const jaxconv::Call& call = *c.call;
   const int64_t nvec = c.I / W;
   const int64_t blocks = (nvec + kDenseV - 1) / kDenseV;
@@ -124,8 +147,24 @@ void dense_pair_backward(Ctx& c) {
     const int64_t blk = it % blocks, grp = (it / blocks) % c.G, b = it / (blocks * c.G);
     alignas(64) float dwl[kDenseOB * kDenseV * W];
     const int64_t i0 = blk * kDenseV * W;
-    if (nvec - blk * kDenseV >= kDenseV) dense_pair_block<Op, kDenseV>(c, b, grp, i0, dwl);
-    else dense_pair_block<Op, 1>(c, b, grp, i0, dwl);
+    if (nvec - blk * kDenseV >= kDenseV)
+      dense_pair_block<Op, kDenseV, Mode>(c, b, grp, i0, dwl);
+    else
+      dense_pair_block<Op, 1, Mode>(c, b, grp, i0, dwl);
   };
   parallel(c, call.batch * c.G * blocks, item);
+}
+
+// The mode by the tuning parameters (kernel_params.h): `bcast` (the embedded broadcast, as
+// the forward's) and `l1_split` (l1's product form).
+template <class Op>
+void dense_pair_backward(Ctx& c) {
+  if constexpr (MemCot<Op>::kOn) {
+    if (c.prm.bcast != 0) {
+      if (std::is_same_v<Op, L1> && c.prm.l1_split != 0)
+        return dense_pair_backward_mode<Op, 2>(c);
+      return dense_pair_backward_mode<Op, 1>(c);
+    }
+  }
+  dense_pair_backward_mode<Op, 0>(c);
 }

@@ -115,3 +115,46 @@ def test_l2_exact_dense_gradients_copy_no_kernel():
     d = x[:, :, None] - w[None].astype(np.float64)
     np.testing.assert_allclose(dx, -2 * np.einsum("po,pio->pi", ct, d), rtol=1e-4, atol=1e-3)
     np.testing.assert_allclose(dw, 2 * np.einsum("po,pio->io", ct, d), rtol=1e-4, atol=1e-3)
+
+
+# 272 input channels: eight blocks of two vectors and a last block of one, so the dense pair
+# pass serves (kernel_sumbwd_dense.h); 13 positions: two full tiles of 6 and one rest tile;
+# 136 output channels: a ragged last block of 128 and of the input gradient's runs of 64.
+@pytest.mark.parametrize("op", ["adder", "l1"])
+@pytest.mark.parametrize("special", [None, "inf_at_tie"])
+def test_dense_pair_backward_same_bits_in_every_mode(op, special):
+    """The dense adder / l1 backward gives the same bits with its cotangent broadcast into a
+    register (bcast=0), read by the instructions (bcast=1) and with l1's product form in two
+    terms of three (l1_split=1) (csrc/kernel_densebwd_memcot.h), and l1's matches its rule."""
+    from jaxconv import _native
+    from jaxconv._src.engines.native import tuning
+
+    rng = np.random.default_rng(5)
+    x = rng.integers(-2, 3, (13, 272)).astype(np.float32)
+    w = rng.integers(-2, 3, (272, 136)).astype(np.float32)
+    ct = rng.standard_normal((13, 136)).astype(np.float32)
+    if special == "inf_at_tie":
+        p, i = np.argwhere(x[:, :, None] == w[None])[0][:2]
+        o = int(np.flatnonzero(x[p, i] == w[i])[0])
+        ct[p, o] = np.inf
+    tuning.ensure()
+    saved = dict(_native.params())
+    got = []
+    try:
+        for extra in ({"bcast": 0}, {"bcast": 1, "l1_split": 0}, {"bcast": 1, "l1_split": 1}):
+            _native.set_params({**tuning.defaults(), **extra})
+            got.append((extra, _vjp(op, x, w, ct)))
+    finally:
+        _native.set_params(saved)
+    (_, (dx0, dw0)), rest = got[0], got[1:]
+    for extra, (dx, dw) in rest:
+        np.testing.assert_array_equal(dx.view(np.int32), dx0.view(np.int32), err_msg=str(extra))
+        np.testing.assert_array_equal(dw.view(np.int32), dw0.view(np.int32), err_msg=str(extra))
+    if op == "l1":
+        rdx, rdw = (
+            np.asarray(v) for v in _l1_rule(jnp.asarray(x), jnp.asarray(w), jnp.asarray(ct))
+        )
+        np.testing.assert_array_equal(np.isnan(dx0), np.isnan(rdx))
+        np.testing.assert_array_equal(np.isnan(dw0), np.isnan(rdw))
+        np.testing.assert_allclose(dx0, rdx, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(dw0, rdw, rtol=1e-5, atol=1e-5)

@@ -30,17 +30,17 @@ CASES = table(("same_stride", "2d_stride_rhs_dil"), ("groups", "groups_8"), "dep
 # per block and many, one claim counter and several (more than dense_wide's blocks too).
 PARAM_SETS = (
     dict(panel_kib=4, block_kib=0, items=1, keyed=0, min_form=0, fma_add=0, tile=1, bcast=1,
-         lanes=1),
+         lanes=1, l1_split=0),
     dict(panel_kib=4, block_kib=0, items=4096, keyed=1, min_form=1, fma_add=0, tile=0, bcast=0,
-         lanes=2),
+         lanes=2, l1_split=1),
     dict(panel_kib=1024, block_kib=0, items=16, keyed=0, min_form=1, fma_add=1, tile=1, bcast=0,
-         lanes=16),
+         lanes=16, l1_split=0),
     dict(panel_kib=32, block_kib=65536, items=4096, keyed=1, min_form=0, fma_add=1, tile=0,
-         bcast=1, lanes=3),
+         bcast=1, lanes=3, l1_split=1),
     dict(panel_kib=64, block_kib=192, items=2, keyed=0, min_form=1, fma_add=0, tile=1, bcast=1,
-         lanes=1),
+         lanes=1, l1_split=0),
     dict(panel_kib=16, block_kib=65536, items=16, keyed=1, min_form=1, fma_add=1, tile=1,
-         bcast=0, lanes=2),
+         bcast=0, lanes=2, l1_split=1),
 )
 
 

@@ -15,10 +15,14 @@ The forward kernels take a few run-time parameters (``csrc/kernel_params.h``, on
   4 x 3 on AVX2) or an alternative with as many accumulators (1: 8 x 3, 6 x 2), both
   compiled in;
 - ``bcast`` (AVX-512 only): the forward's combine reads each input value as an embedded
-  broadcast (1) or from one broadcast register per tile row (0), the same bits;
+  broadcast (1) or from one broadcast register per tile row (0), the same bits; the dense
+  adder / l1 backward reads its cotangent the same way;
 - ``lanes``: the forward's kernel blocks are cut into this many runs with a work counter
   each, a thread starting in its own, so that each thread packs only its blocks (1: one
-  counter, every thread packs every block), the same bits.
+  counter, every thread packs every block), the same bits;
+- ``l1_split`` (AVX-512 with ``bcast``, not searched): ``l1``'s dense backward takes two
+  terms in three as ``g * sign(x - w)`` added to both gradients (1) or every term as two
+  fused multiply-adds (0), the same bits.
 
 No parameter changes a max/min result's bits; only ``min_form`` changes a sum's rounding
 (both forms stay within the documented bound of a product's sum).
