@@ -1,0 +1,84 @@
+"""The NaN of AdderNet's input gradient that the AVX-512 kernels' clip drops.
+
+The native kernels clip ``w - x`` to ``[-1, 1]`` with one ``vrangeps`` on AVX-512 (one
+instruction on the add ports, where ``min(max())`` takes two), and on Zen 4 it returns ``+-1``
+for a NaN: ``dX = sum g * clip(w - x, -1, 1)`` then lost the NaN that the rule, written with
+``jnp.clip`` (and the XLA engine, and the AVX2 / base builds), gives wherever a term's
+difference is NaN. It is restored here, only where an operand is not finite.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxconv._src.core import products
+from jaxconv._src.core.geometry import Geometry
+
+Array = jax.Array
+
+
+def _nan_cells(geom: Geometry, x: Array, w: Array, out_shape: tuple[int, ...]) -> Array:
+    """Which input cells ``(N, *S, C)`` meet a NaN difference ``w - x`` in some term: a NaN
+    ``x`` read by some output, a NaN ``w`` at a tap that reads the cell, or ``x`` and ``w``
+    the same infinity.
+
+    ``reach(b)`` counts, per cell and input channel, the entries of ``b`` (a kernel-shaped
+    0/1 indicator) at the taps and output channels that read it: the transpose of a standard
+    product, with ones as its cotangent (finite values only, so no ``0 * inf``).
+
+    Args:
+        geom: the product's geometry.
+        x: the input.
+        w: the kernel.
+        out_shape: the output's shape.
+
+    Returns:
+        A bool array shaped as ``x``.
+    """
+    f32 = jnp.float32
+    ones = jnp.ones(out_shape, f32)
+
+    def reach(b: Array) -> Array:
+        _, vjp = jax.vjp(lambda a: products.standard(a, b, geom), jnp.zeros(x.shape, f32))
+        return vjp(ones)[0] > 0
+
+    return (
+        (jnp.isnan(x) & reach(jnp.ones(w.shape, f32)))
+        | reach(jnp.isnan(w).astype(f32))
+        | ((x == jnp.inf) & reach((w == jnp.inf).astype(f32)))
+        | ((x == -jnp.inf) & reach((w == -jnp.inf).astype(f32)))
+    )
+
+
+def restore_input_nan(
+    geom: Geometry, x: Array, w: Array, gx: Array, out_shape: tuple[int, ...]
+) -> Array:
+    """``gx`` (AdderNet's input gradient from the native kernel) with NaN where a term's
+    ``clip(w - x, -1, 1)`` is NaN (`_nan_cells`).
+
+    Finite operands cost two ``isfinite`` reductions: the cells are found inside a
+    ``while_loop`` that runs its body once where ``x`` or ``w`` holds a NaN or an infinity and
+    else not at all (a ``cond`` would run both branches under ``vmap``).
+
+    Args:
+        geom: the product's geometry.
+        x: the input (float32, canonical).
+        w: the kernel (float32, canonical).
+        gx: the kernel's input gradient, shaped as ``x``.
+        out_shape: the output's shape.
+
+    Returns:
+        The input gradient.
+    """
+    needed = jnp.logical_not(jnp.all(jnp.isfinite(x)) & jnp.all(jnp.isfinite(w)))
+
+    def body(carry: tuple[Array, Array]) -> tuple[Array, Array]:
+        # ``+ 0 * i`` keeps the work inside the loop: XLA hoists loop-invariant code out.
+        z = carry[0].astype(x.dtype) * jnp.asarray(0, x.dtype)
+        return carry[0] + 1, _nan_cells(geom, x + z, w + z, out_shape)
+
+    init = (jnp.int32(0), jnp.zeros(x.shape, bool))
+    _, cells = lax.while_loop(lambda c: (c[0] == 0) & needed, body, init)
+    return jnp.where(cells, jnp.asarray(jnp.nan, gx.dtype), gx)
