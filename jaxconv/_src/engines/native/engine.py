@@ -458,7 +458,8 @@ class NativeEngine(registry.Engine):
         if not native_dw:
             gw = products.separable_kernel_gradient(problem, kind, x, w, g)
         if op.native == "adder":  # the AVX-512 clip drops a NaN difference (adder_nan.py)
-            gx = adder_nan.restore_input_nan(geom, x, w, gx.reshape(x.shape), g.shape)
+            gx = adder_nan.restore_input_nan(
+                geom, x, w, gx.reshape(x.shape), gw, g.shape)
         return gx.reshape(x.shape).astype(xd), gw.reshape(w.shape).astype(wd)
 
     def tangent(self, problem: Problem, x: Array, w: Array, y: Array, tx: Array, tw: Array,
