@@ -357,7 +357,7 @@ def test_gradients_with_nan_and_infinities(name, dense):
                                    err_msg=f"dx {engine}")
         np.testing.assert_allclose(np.asarray(dw), want_dw.reshape(w.shape), **tol,
                                    err_msg=f"dw {engine}")
-        if forward_mode:
+        if forward_mode and engine == "xla":  # the native engine's tangent is the XLA one
             ty = jax.jit(lambda a, b, c, d, fe=fe: jax.jvp(fe, (a, b), (c, d))[1])(x, w, tx, tw)
             np.testing.assert_allclose(np.asarray(ty), want_ty.reshape(y.shape), **tol,
                                        err_msg=f"tangent {engine}")
