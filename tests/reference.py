@@ -34,9 +34,13 @@ Specs = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
 
 __all__ = [
     "NUMPY_OPS",
+    "NUMPY_PARTIALS",
+    "NUMPY_TERM_TANGENTS",
     "NUMPY_REDUCE_AXIS",
     "NumpyOp",
+    "conv_grads_reference",
     "conv_reference",
+    "conv_tangent_reference",
     "dimension_specs",
     "dot_general_reference",
     "forum_unfold_recipe",
@@ -515,3 +519,204 @@ def forum_unfold_recipe(
     prod = combine(unf[:, :, :, None], w_flat[None, None, :, :])  # (N, L, K, Cout)
     res = reduce_axis_fn(prod, axis=2)  # (N, L, Cout)
     return np.asarray(res).transpose(0, 2, 1).reshape(n, c_out, oh, ow)
+
+
+# --------------------------------------------------------------------------
+# Gradients (the rules of docs/numerics.md), including NaN and infinities.
+# --------------------------------------------------------------------------
+
+
+def _maxmin_partials(first_wins: Any) -> Callable[[Any, Any], tuple[Any, Any]]:
+    """The partials of ``max(x, w)`` (``first_wins = np.greater``) or ``min`` as lax's rule
+    has them: 1 to the strict winner, 1/2 each on a tie, 0 to both where one is NaN."""
+
+    def partials(x: Any, w: Any) -> tuple[Any, Any]:
+        tie = 0.5 * (x == w)
+        return first_wins(x, w) + tie, first_wins(w, x) + tie
+
+    return partials
+
+
+def _l1_partials(x: Any, w: Any) -> tuple[Any, Any]:
+    """``-(max(d, 0) - min(d, 0))`` with ``d = x - w``: ``-sign(d)``, 0 at a tie and 0 where
+    ``d`` is NaN (lax's max/min give a NaN argument no derivative)."""
+    d = np.subtract(x, w)
+    s = -(np.greater(d, 0) * 1.0 - np.less(d, 0))
+    return s, -s
+
+
+def _xnor_partials(x: Any, w: Any) -> tuple[Any, Any]:
+    """The straight-through rule of ``sign(x) sign(w)``: ``sign(w)`` where ``|x| <= 1``, else
+    0 (selected, so a NaN ``sign(w)`` is dropped where ``|x| > 1`` or ``x`` is NaN)."""
+    with np.errstate(invalid="ignore"):
+        return (np.where(np.abs(x) <= 1, _sign_pos0(w), 0.0),
+                np.where(np.abs(w) <= 1, _sign_pos0(x), 0.0))
+
+
+NUMPY_PARTIALS: dict[str, Callable[[Any, Any], tuple[Any, Any]]] = {
+    "standard": lambda x, w: (w, x),
+    "xnor": _xnor_partials,
+    "adder": lambda x, w: (np.clip(np.subtract(w, x), -1, 1), np.subtract(x, w)),
+    "l1": _l1_partials,
+    "l2": lambda x, w: (-2 * np.subtract(x, w), 2 * np.subtract(x, w)),
+    "max_plus": lambda x, w: (np.ones_like(x * w), np.ones_like(x * w)),
+    "min_plus": lambda x, w: (np.ones_like(x * w), np.ones_like(x * w)),
+    "max_min": _maxmin_partials(np.less),
+    "min_max": _maxmin_partials(np.greater),
+    "max_times": lambda x, w: (np.broadcast_to(w, np.broadcast_shapes(np.shape(x), np.shape(w))),
+                               np.broadcast_to(x, np.broadcast_shapes(np.shape(x), np.shape(w)))),
+    "log": lambda x, w: (np.ones_like(x * w), np.ones_like(x * w)),
+}
+"""Built-in op name -> ``partials(x, w) = (d combine / dx, d combine / dw)`` elementwise,
+as JAX differentiates the op's combine (AdderNet's and XNOR's surrogate rules for theirs)."""
+
+
+NUMPY_TERM_TANGENTS: dict[str, Callable[[Any, Any, Any, Any], Any]] = {
+    "l2": lambda x, w, tx, tw: -2 * np.subtract(x, w) * np.subtract(tx, tw),
+}
+"""Ops whose term tangent is not ``partial_x * tx + partial_w * tw`` when a partial is
+infinite: ``-(x - w)^2``'s chain rule forms ``tx - tw`` first (``inf * (tx - tw)``, where
+the two products would give ``inf - inf``)."""
+
+
+def _window_terms(x: np.ndarray, w: np.ndarray, out_shape: tuple[int, ...],
+                  padding: Sequence[tuple[int, int]], combine: Combine,
+                  partials: Callable[[Any, Any], tuple[Any, Any]], reduce: str,
+                  pad_value: float | None) -> Any:
+    """For each output ``(n, i, j, o)`` of a stride-1 2-D NHWC / HWIO product that has a
+    derivative: ``(index, window, selected, d out / d term, d term / dx, d term / dw)``, the
+    window a slice of the padded input and the rest over its ``(KH, KW, C)`` terms.
+
+    The rules of docs/numerics.md: a sum gives every term 1 (NaN and infinities propagate
+    through the partials as IEEE says); a max / min window holding a NaN term has no
+    derivative (it is not yielded: its cotangent is dropped, its tangent 0), otherwise each
+    term equal to the result gets ``1 / count``; logsumexp gives each term
+    ``exp(term - out)`` and an all ``-inf`` window nothing. Taps in identity padding are not
+    selected; with a ``pad_value`` they are terms.
+    """
+    (pt, pb), (pl, pr) = padding
+    kh, kw = w.shape[:2]
+    fill = 0.0 if pad_value is None else pad_value
+    xp = np.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)), constant_values=fill)
+    valid = np.pad(np.ones(x.shape, bool), ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+    if pad_value is not None:
+        valid[:] = True
+    for n, i, j, o in np.ndindex(out_shape):
+        win = (n, slice(i, i + kh), slice(j, j + kw))
+        xs, ws, ok = xp[win], w[..., o], valid[win]
+        c = np.asarray(combine(xs, ws), np.float64)
+        if reduce == "sum":
+            sel, weight = ok, np.ones(c.shape)
+        elif reduce in ("max", "min"):
+            if np.isnan(c[ok]).any() or not ok.any():
+                continue
+            y = c[ok].max() if reduce == "max" else c[ok].min()
+            sel = ok & (c == y)
+            weight = np.full(c.shape, 1.0 / sel.sum())
+        else:  # logsumexp
+            y = np.logaddexp.reduce(c[ok]) if ok.any() else -np.inf
+            if y == -np.inf:
+                continue
+            sel, weight = ok, np.exp(c - y)
+        yield (n, i, j, o), win, sel, weight, *partials(xs, ws)
+
+
+def _padded_shape(x: np.ndarray, padding: Sequence[tuple[int, int]]) -> tuple[int, ...]:
+    (pt, pb), (pl, pr) = padding
+    return (x.shape[0], x.shape[1] + pt + pb, x.shape[2] + pl + pr, x.shape[3])
+
+
+def conv_grads_reference(
+    x: Any,
+    w: Any,
+    g: Any,
+    padding: Sequence[tuple[int, int]],
+    *,
+    combine: Combine,
+    partials: Callable[[Any, Any], tuple[Any, Any]],
+    reduce: str,
+    pad_value: float | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(dx, dw)`` of a stride-1, undilated 2-D NHWC / HWIO product by loops over the output,
+    in float64, given the cotangent ``g`` of its output: each selected term of
+    `_window_terms` adds ``g * d out / d term * partial``; an unselected one adds nothing
+    (it is not multiplied by 0). A padded cell's input gradient is discarded.
+
+    Args:
+        x: the input ``(N, H, W, C)``.
+        w: the kernel ``(KH, KW, C, O)``.
+        g: the output's cotangent ``(N, OH, OW, O)``.
+        padding: ``((lo, hi), (lo, hi))``.
+        combine: the elementwise product (numpy).
+        partials: its partial derivatives, ``partials(x, w) -> (dx, dw)``.
+        reduce: ``"sum"``, ``"max"``, ``"min"`` or ``"logsumexp"``.
+        pad_value: the value of padded cells, or None for identity padding.
+
+    Returns:
+        ``(dx, dw)`` in float64.
+    """
+    x, w, g = (np.asarray(a, np.float64) for a in (x, w, g))
+    dxp, dw = np.zeros(_padded_shape(x, padding)), np.zeros(w.shape)
+    with np.errstate(all="ignore"):
+        for idx, win, sel, weight, px, pw in _window_terms(
+                x, w, g.shape, padding, combine, partials, reduce, pad_value):
+            share = g[idx] * weight
+            dxp[win] += np.where(sel, share * px, 0.0)
+            dw[..., idx[3]] += np.where(sel, share * pw, 0.0)
+    (pt, _), (pl, _) = padding
+    return dxp[:, pt:pt + x.shape[1], pl:pl + x.shape[2]], dw
+
+
+def conv_tangent_reference(
+    x: Any,
+    w: Any,
+    tx: Any,
+    tw: Any,
+    out_shape: tuple[int, ...],
+    padding: Sequence[tuple[int, int]],
+    *,
+    combine: Combine,
+    partials: Callable[[Any, Any], tuple[Any, Any]],
+    reduce: str,
+    pad_value: float | None = None,
+    term_tangent: Callable[[Any, Any, Any, Any], Any] | None = None,
+) -> np.ndarray:
+    """The output's tangent (forward mode) of the product of `conv_grads_reference`, given
+    the operands' tangents: each selected term of `_window_terms` adds
+    ``d out / d term * (partial_x * tx + partial_w * tw)``; an output without a derivative
+    (a NaN max / min window, an all ``-inf`` logsumexp one) has tangent 0; a padded cell's
+    tangent is 0.
+
+    Args:
+        x: the input ``(N, H, W, C)``.
+        w: the kernel ``(KH, KW, C, O)``.
+        tx: the input's tangent.
+        tw: the kernel's tangent.
+        out_shape: the output's shape ``(N, OH, OW, O)``.
+        padding: ``((lo, hi), (lo, hi))``.
+        combine: the elementwise product (numpy).
+        partials: its partial derivatives, ``partials(x, w) -> (dx, dw)``.
+        reduce: ``"sum"``, ``"max"``, ``"min"`` or ``"logsumexp"``.
+        pad_value: the value of padded cells, or None for identity padding.
+        term_tangent: ``(x, w, tx, tw) -> `` a term's tangent, where the chain rule through
+            the combine's own expression differs from ``partial_x * tx + partial_w * tw``
+            with infinite partials (`NUMPY_TERM_TANGENTS`); None for that sum.
+
+    Returns:
+        The tangent ``(N, OH, OW, O)`` in float64.
+    """
+    x, w, tx, tw = (np.asarray(a, np.float64) for a in (x, w, tx, tw))
+    (pt, pb), (pl, pr) = padding
+    fill = 0.0 if pad_value is None else pad_value
+    xp = np.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)), constant_values=fill)
+    txp = np.pad(tx, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+    ty = np.zeros(out_shape)
+    with np.errstate(all="ignore"):
+        for idx, win, sel, weight, px, pw in _window_terms(
+                x, w, out_shape, padding, combine, partials, reduce, pad_value):
+            if term_tangent is None:
+                t = px * txp[win] + pw * tw[..., idx[3]]
+            else:
+                t = term_tangent(xp[win], w[..., idx[3]], txp[win], tw[..., idx[3]])
+            ty[idx] = np.sum(np.where(sel, weight * t, 0.0))
+    return ty

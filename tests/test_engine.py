@@ -11,7 +11,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from reference import NUMPY_OPS, NumpyOp, conv_reference, dot_general_reference
+from reference import (
+    NUMPY_OPS,
+    NUMPY_PARTIALS,
+    NUMPY_TERM_TANGENTS,
+    NumpyOp,
+    conv_grads_reference,
+    conv_reference,
+    conv_tangent_reference,
+    dot_general_reference,
+)
 
 import jaxconv
 from jaxconv import ops
@@ -268,6 +277,90 @@ def test_nan_and_infinities_in_x_and_w(name, dense):
     np.testing.assert_array_equal(got, want.astype(np.float32))
     if native.available():
         np.testing.assert_array_equal(got, np.asarray(f(x, w, "native")))
+
+
+def _tie_partials(first_wins):
+    """The partials of lax's max (``first_wins = np.greater``) / min: 1/2 each on a tie, 0
+    to both where one is NaN."""
+    return lambda a, b: (first_wins(a, b) + 0.5 * (a == b), first_wins(b, a) + 0.5 * (a == b))
+
+
+def _user_min2_partials(a, b):
+    pa, pb = _tie_partials(np.less)(a, 2 * b)
+    return pa, 2 * pb
+
+
+GRAD_OPS = {
+    # name -> (op, numpy combine, partials, reduce, pad value)
+    **{name: (name, NUMPY_OPS["l2" if name == "l2_exact" else name].combine,
+              NUMPY_PARTIALS["l2" if name == "l2_exact" else name],
+              {np.add: "sum", np.maximum: "max", np.minimum: "min",
+               np.logaddexp: "logsumexp"}[NUMPY_OPS["l2" if name == "l2_exact" else name].reduce],
+              NUMPY_OPS["l2" if name == "l2_exact" else name].pad_value)
+       for name in ("max_plus", "min_plus", "max_min", "min_max", "max_times", "adder", "l1",
+                    "l2", "l2_exact", "log", "xnor")},
+    # A sum whose combine holds a max (YNNPACK's fused reductions drop NaN in max / min).
+    "user_max_sum": (jaxconv.Op(lambda a, b: jnp.maximum(a, b) - a, "sum", name="g_max_sum"),
+                     lambda a, b: np.maximum(a, b) - a,
+                     lambda a, b: (np.greater(a, b) + 0.5 * (a == b) - 1.0,
+                                   np.greater(b, a) + 0.5 * (a == b)), "sum", None),
+    "user_max": (jaxconv.Op(lambda a, b: jnp.minimum(a, 2 * b), "max", name="g_min2_max"),
+                 lambda a, b: np.minimum(a, 2 * b), _user_min2_partials, "max", None),
+}
+
+
+@pytest.mark.parametrize("dense", [True, False], ids=["dense", "conv"])
+@pytest.mark.parametrize("name", list(GRAD_OPS))
+def test_gradients_with_nan_and_infinities(name, dense):
+    """Reverse and forward mode with NaN and +-inf in x and w, both engines, against the
+    numpy loops of the documented rules (reference.py): a sum's terms keep their own
+    derivatives (NaN / inf as IEEE gives them, through the combine as JAX differentiates
+    it), a NaN max / min window has none, ties split. At YNNPACK-fused shapes (whose max /
+    min drop NaN). Found: the AVX-512 clip of adder's input gradient dropped NaN (native);
+    the separable kernel gradient of adder / l2_exact gave +-inf for an infinite w where the
+    terms' sum is NaN (XLA); l2's gradient was 0 over every window holding a NaN or inf."""
+    op, comb, parts, red, padv = GRAD_OPS[name]
+    x, w = _special_operands(dense)
+    if name == "xnor":  # values inside the straight-through window too
+        x, w = x / 2, w / 2
+    if name == "l2":  # its expanded products differ from the terms' sum with infinities
+        x, w = np.where(np.isinf(x), 3.0, x), np.where(np.isinf(w), -3.0, w)
+    if dense:
+        dims = (((1,), (0,)), ((), ()))
+        f = lambda a, b, e: jaxconv.dot_general(a, b, dims, op=op, engine=e)  # noqa: E731
+        pads, x4, w4 = ((0, 0), (0, 0)), x[:, None, None, :], w[None, None]
+    else:
+        pads = ((1, 1), (1, 1))
+        f = lambda a, b, e: jaxconv.conv_general_dilated(  # noqa: E731
+            a, b, (1, 1), pads, dimension_numbers=DN, op=op, engine=e)
+        x4, w4 = x, w
+    rng = np.random.default_rng(3)
+    out4 = (x4.shape[0], *((1, 1) if dense else x.shape[1:3]), w4.shape[-1])
+    g = (np.round(rng.standard_normal(out4) * 2) + 0.5).astype(np.float32)
+    tx = (np.round(rng.standard_normal(x.shape) * 2) + 0.5).astype(np.float32)
+    tw = (np.round(rng.standard_normal(w.shape) * 2) + 0.5).astype(np.float32)
+    rule = {"combine": comb, "partials": parts, "reduce": red, "pad_value": padv}
+    want_dx, want_dw = conv_grads_reference(x4, w4, g, pads, **rule)
+    forward_mode = name not in ("adder", "xnor")  # reverse-only surrogate rules
+    if forward_mode:
+        want_ty = conv_tangent_reference(
+            x4, w4, tx.reshape(x4.shape), tw.reshape(w4.shape), out4, pads, **rule,
+            term_tangent=NUMPY_TERM_TANGENTS.get(name.removesuffix("_exact")))
+    engines = ["xla"] + (["native"] if native.available() else [])
+    for engine in engines:
+        fe = lambda a, b, e=engine: f(a, b, e)  # noqa: E731
+        y, vjp = jax.vjp(jax.jit(fe), x, w)
+        dx, dw = vjp(g.reshape(y.shape))
+        assert np.isnan(np.asarray(y)).any()
+        tol = {"rtol": 1e-5, "atol": 1e-5}
+        np.testing.assert_allclose(np.asarray(dx), want_dx.reshape(x.shape), **tol,
+                                   err_msg=f"dx {engine}")
+        np.testing.assert_allclose(np.asarray(dw), want_dw.reshape(w.shape), **tol,
+                                   err_msg=f"dw {engine}")
+        if forward_mode and engine == "xla":  # the native engine's tangent is the XLA one
+            ty = jax.jit(lambda a, b, c, d, fe=fe: jax.jvp(fe, (a, b), (c, d))[1])(x, w, tx, tw)
+            np.testing.assert_allclose(np.asarray(ty), want_ty.reshape(y.shape), **tol,
+                                       err_msg=f"tangent {engine}")
 
 
 def test_log_fast_path_fallbacks():

@@ -194,6 +194,22 @@ def _with_dtype(product, dtype):
 
 
 def _l2_float(product, lhs, rhs, out_dtype):
+    """The float rewrite (`_l2_float_exact`) with the derivative of ``-(x - w)^2`` summed.
+
+    Args:
+        product: the standard product of the geometry.
+        lhs: the input.
+        rhs: the kernel.
+        out_dtype: the output dtype.
+
+    Returns:
+        The ``l2`` sum.
+    """
+    return _l2_float_exact(product, out_dtype, lhs, rhs)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
+def _l2_float_exact(product, out_dtype, lhs, rhs):
     """The float rewrite, exact for infinities, NaN and values whose squares overflow.
 
     Branch-free. Non-finite cells enter the product as 0 and their counts ride along in the
@@ -242,6 +258,64 @@ def _l2_float(product, lhs, rhs, out_dtype):
     nan = (y > big_g * big_m / 2) | jnp.isnan(both) | jnp.isnan(y)
     out = jnp.where(y > big_g / 2, -jnp.inf, y * s * s)
     return jnp.where(nan, jnp.nan, out).astype(out_dtype)
+
+
+@_l2_float_exact.defjvp
+def _l2_float_jvp(product, out_dtype, primals, tangents):
+    """The tangent of ``sum -(x - w)^2``, ``2 x.tw + 2 tx.w - 2 x.tx - 2 w.tw`` in standard
+    products (no square, so no overflow), whatever the values: differentiated through
+    `_l2_float_exact`'s selects, a window holding a NaN or an infinity had a zero derivative
+    (its finite terms too) where the sum of the terms' derivatives has the terms' own, and
+    NaN or infinities where IEEE gives them (as ``l2_exact``).
+
+    Args:
+        product: the standard product of the geometry.
+        out_dtype: the output dtype.
+        primals: ``(lhs, rhs)``.
+        tangents: their tangents.
+
+    Returns:
+        ``(the l2 sum, its tangent)``.
+    """
+    lhs, rhs = primals
+    acc = jnp.promote_types(jnp.result_type(lhs, rhs), jnp.float32)
+    prod = _with_dtype(product, acc)
+    x, w, tx, tw = (a.astype(acc) for a in (*primals, *tangents))
+    kw = getattr(product, "keywords", None) or {}
+    dn = kw.get("dimension_numbers")
+    if isinstance(dn, jax.lax.ConvDimensionNumbers) and kw.get("feature_group_count", 1) == 1:
+        t = _l2_conv_tangent(prod, x, w, tx, tw, dn)
+    else:  # no constant channel here: JAX skips the products of the constants' zero tangents
+        _, t = jax.jvp(lambda a, b: _l2_products(prod, a, b, None, None), (x, w), (tx, tw))
+    return _l2_float_exact(product, out_dtype, lhs, rhs), t.astype(out_dtype)
+
+
+def _l2_conv_tangent(product, x, w, tx, tw, dn):
+    """The tangent of `_l2_conv`'s sum in two products of one extra channel each,
+    ``[tx, 2 x.tx] * [2 w, -1] + [x, 1] * [2 tw, -2 w.tw]``: differentiated as written,
+    `_l2_conv`'s constant channels (1, -1) would meet the norms ``|w|^2``, ``|x|^2`` with a
+    zero tangent, ``0 * inf`` = NaN where an operand is infinite.
+
+    Args:
+        product: the standard convolution.
+        x: the input.
+        w: the kernel.
+        tx: the input's tangent.
+        tw: the kernel's tangent.
+        dn: the convolution's dimension numbers.
+
+    Returns:
+        The tangent.
+    """
+    f_ax, i_ax = dn.lhs_spec[1], dn.rhs_spec[1]
+    xs, txs = jnp.moveaxis(x, f_ax, -1), jnp.moveaxis(tx, f_ax, -1)
+    sx = 2 * jnp.sum(xs * txs, axis=-1, keepdims=True)
+    sw = 2 * jnp.sum(w * tw, axis=i_ax, keepdims=True)
+    a1 = jnp.moveaxis(jnp.concatenate([txs, sx], axis=-1), -1, f_ax)
+    a2 = jnp.moveaxis(jnp.concatenate([xs, jnp.ones_like(sx)], axis=-1), -1, f_ax)
+    b1 = jnp.concatenate([2 * w, -jnp.ones_like(sw)], axis=i_ax)
+    b2 = jnp.concatenate([2 * tw, -sw], axis=i_ax)
+    return product(a1, b1) + product(a2, b2)
 
 
 def _out_features(product, rhs) -> int:

@@ -407,15 +407,27 @@ def _adder_terms(op: Op, geom: Geometry, acc: Any, kind: str, w: Array, gy: Arra
         return gw.astype(w.dtype)
     n = gy.shape[0]
     p = max(1, math.prod(geom.out_spatial))
-    gsum = jnp.sum(gy.astype(acc).reshape(n, p, -1), axis=0)  # (P, O)
+    g3 = gy.astype(acc).reshape(n, p, -1)
+    # Per position and output channel: the cotangent's sum, and how many are > 0, < 0, any.
+    sums = jnp.stack([jnp.sum(g3, axis=0), jnp.sum(g3 > 0, axis=0, dtype=acc),
+                      jnp.sum(g3 < 0, axis=0, dtype=acc),
+                      jnp.full(g3.shape[1:], n, acc)])  # (4, P, O)
     mask = geom.valid_mask() if op.pad_value is None else None
     if mask is None:
-        s = jnp.broadcast_to(jnp.sum(gsum, axis=0), (len(geom.taps()), gsum.shape[-1]))
+        per_tap = jnp.broadcast_to(jnp.sum(sums, axis=1, keepdims=True),
+                                   (4, len(geom.taps()), g3.shape[-1]))
     else:
         masks = np.stack([geom.tap_mask(mask, tap).reshape(p) for tap in geom.taps()])
-        s = jnp.asarray(masks, acc) @ gsum  # (T, O)
-    s = s.reshape(*geom.window, 1, w.shape[-1])
-    gw = gw - w.astype(acc) * s
+        per_tap = jnp.asarray(masks, acc) @ sums  # (4, T, O)
+    s, pos, neg, total = per_tap.reshape(4, *geom.window, 1, w.shape[-1])
+    wa = w.astype(acc)
+    gw = gw - wa * s
+    # An infinite w makes each term g (x - w) an infinity of the sign of -g w (NaN at g = 0),
+    # so their sum is NaN where the cotangents its tap meets hold both signs or a zero, and 0
+    # where it meets none; the form above would give +-inf (finite - w * sum g) and NaN.
+    mixed = (pos < total) & (neg < total)
+    gw = jnp.where(jnp.isinf(wa) & mixed, jnp.nan, gw)
+    gw = jnp.where(jnp.isinf(wa) & (total == 0), 0, gw)
     return (2 * gw if kind == "sqdiff" else gw).astype(w.dtype)
 
 
