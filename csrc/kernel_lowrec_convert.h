@@ -55,6 +55,26 @@ inline uint16_t narrow_bits(float f) {
   }
 }
 
+// Whether a float16 value y (widened) is finite and above 2^-14, where f16_bounds
+// (kernel_wide_lowwin.h) takes its first branch: the bound without its library calls (ldexp,
+// nextafter, the conversion). The low recorded backward's, and the float32 kernels' low
+// records (kernel_lowrec_mark.h, kernel_lowdense_record.h), which compare with that bound.
+inline bool f16_bound_plain(float y) {
+  const uint32_t m32 = low_bits(y) & 0x7fffffffu;
+  return m32 > 0x38800000u && m32 < 0x7f800000u;
+}
+
+// low_bound<kRoundF16, Max>(y) for such a y (f16_bound_plain): f16_bounds' first branch, the
+// same bits.
+template <bool Max>
+inline float f16_bound_normal(float y) {
+  const uint32_t u = low_bits(y), m32 = u & 0x7fffffffu;
+  const uint32_t half = (m32 >> 13) & 1u ? 0xfffu : 0x1000u;
+  const uint32_t a = m32 - half, z = m32 + half;
+  const bool neg = (u >> 31) != 0;
+  return low_float(Max ? (neg ? z | 0x80000000u : a) : (neg ? a | 0x80000000u : z));
+}
+
 // n values at src widened to float32 at dst; false when one of them is not finite.
 template <int Kind>
 bool widen_run(const uint16_t* __restrict src, float* __restrict dst, int64_t n) {
