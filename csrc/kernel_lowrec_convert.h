@@ -1,7 +1,8 @@
 // Conversions between bfloat16 / float16 and float32, bit for bit as XLA converts (nearest,
 // ties to even; bfloat16 NaN -> the quiet NaN with its sign; float16 NaN keeps its top payload,
-// quietened), and the finite-value scans that come with them: the low forward's
-// (kernel_bf16fuse_low.h) and the low recorded backward's (kernel_lowrec_backward.h).
+// quietened), the finite-value scans that come with them: the low forward's
+// (kernel_bf16fuse_low.h) and the low recorded backward's (kernel_lowrec_backward.h), and the
+// float16 rounding interval's bound that both sides compare products with.
 //
 // No namespace of its own and no dependency on the kernels' vector types: included inside the
 // float32 kernels' anonymous namespace (kernels.inc, through kernel_bf16fuse_low.h) and inside
@@ -57,8 +58,8 @@ inline uint16_t narrow_bits(float f) {
 
 // Whether a float16 value y (widened) is finite and above 2^-14, where f16_bounds
 // (kernel_wide_lowwin.h) takes its first branch: the bound without its library calls (ldexp,
-// nextafter, the conversion). The low recorded backward's, and the float32 kernels' low
-// records (kernel_lowrec_mark.h, kernel_lowdense_record.h), which compare with that bound.
+// nextafter, the conversion). Shared by the low recorded backward and the float32 kernels'
+// float16 dense record (kernel_lowdense_record.h), which compares products with that bound.
 inline bool f16_bound_plain(float y) {
   const uint32_t m32 = low_bits(y) & 0x7fffffffu;
   return m32 > 0x38800000u && m32 < 0x7f800000u;
