@@ -11,10 +11,9 @@
 // transposed kernel columns, with that compare:
 // - bfloat16: the product against the bound lowrec_bf16_bound gives (the scan's bound, the same
 //   bits; a bound below 2^-126 reads as zero under DAZ in both compares);
-// - float16: the product against the scan's bound where y is plain (f16_bound_plain: finite,
-//   above 2^-14; every such bound is a normal float32 and the products are below y's float32
-//   maximum under max, above it under min: a product passes the bound exactly when it rounds
-//   to y), else the product rounded to float16 against y rounded.
+// - float16: the product rounded to float16 against y rounded (every float16 bound is a normal
+//   float32 and the products are below y's float32 maximum under max, above it under min: a
+//   product passes the bound exactly when it rounds to y).
 // An output's code is then the winner's k when it has exactly one, its winners when it has two
 // (or three), -2 - mask when it has more (a tie: the backward rescans the marked blocks), -2 when
 // it has none (kernel_lowdense_case.h) -- the counts of the low scan, which rescans the same blocks with
@@ -80,8 +79,7 @@ inline S::V lowdense_f16(S::V p) {
 }
 
 // The lanes of W pairs of operands (x, w: keys for a keyed Op) whose product is an output's
-// winner, as bits. bd: for x + w (or a user combine) the bound (Kind 1: bfloat16's, or float16's
-// for a plain y) or y rounded (Kind 2: float16), else y.
+// winner, as bits. bd: for x + w the bound (bfloat16) or y rounded (float16), else y.
 template <class Op, int Kind>
 inline uint32_t lowdense_hits(S::V x, S::V w, S::V bd) {
   constexpr int kPick = LowCodes<Op>::kPick;
@@ -143,33 +141,6 @@ inline int32_t lowdense_code(int64_t c, const int64_t* pos, uint32_t mask, int l
   return c <= listed ? lowdense_list(pos, c, K) : -2 - int32_t(mask);
 }
 
-// One output's code from its block mask (x's row xp and kernel column wo along k; its bound bd
-// as lowdense_hits takes it; whole: the whole 64-row blocks, 0 where kb is not 64).
-template <class Op, int Kind>
-__attribute__((always_inline)) inline int32_t lowdense_one(const float* xp, const float* wo,
-                                                          int64_t K, int64_t kb, int64_t whole,
-                                                          uint32_t mask, float bd, int listed) {
-  int64_t pos[3] = {0, 0, 0};
-  if (mask != 0 && 32 - __builtin_clz(mask) <= whole) {
-    // Whole blocks of 64 rows (the usual output has one): each block's compares in one word.
-    const S::V bv = S::set1(bd);
-    int64_t c = 0;
-    for (uint32_t m = mask; m; m &= m - 1) {
-      const int64_t k0 = int64_t(__builtin_ctz(m)) * 64;
-      uint64_t word = 0;
-      for (int j = 0; j < 64 / W; ++j)
-        word |= uint64_t(lowdense_hits<Op, Kind>(S::load(xp + k0 + j * W),
-                                                  S::load(wo + k0 + j * W), bv))
-                << (j * W);
-      for (; word; word &= word - 1, ++c)
-        if (c < 3) pos[c] = k0 + __builtin_ctzll(word);
-    }
-    return lowdense_code(c, pos, mask, listed, K);
-  }
-  const int64_t c = mask ? lowdense_count<Op, Kind>(xp, wo, K, kb, mask, bd, pos) : 0;
-  return lowdense_code(c, pos, mask, listed, K);
-}
-
 // The codes of `rows` output rows of one tile (as exact_codes: row r's x in xr[r], its nvalid
 // float32 results and masks at yr + r * O and cr + r * O, each mask replaced by its code; the
 // transposed kernel columns `cols`, rows cs apart). Out of line, as exact_codes.
@@ -183,19 +154,13 @@ __attribute__((noinline)) void lowdense_codes(const float* const* xr, int rows,
   const int listed = lowdense_listed(K);
   alignas(64) float bd[NR];
   alignas(64) uint16_t h[NR];
-  [[maybe_unused]] bool plain[NR];
   for (int r = 0; r < rows; ++r, yr += O, cr += O) {
-    // Each output's bound (bfloat16; float16 where y is plain) or result rounded to float16
-    // (x + w, other float16 y), else its result.
+    // Each output's bound (bfloat16) or result rounded to float16 (x + w), else its result.
     if constexpr (LowCodes<Op>::kPick != 0) {
       for (int64_t l = 0; l < nvalid; ++l) bd[l] = yr[l];
     } else if constexpr (Kind == 2) {
       narrow_run<2>(yr, h, nvalid);
-      for (int64_t l = 0; l < nvalid; ++l) {
-        const float yv = low_float(widen_bits<2>(h[l]));
-        plain[l] = f16_bound_plain(yv);
-        bd[l] = plain[l] ? f16_bound_normal<kMax>(yv) : yv;
-      }
+      for (int64_t l = 0; l < nvalid; ++l) bd[l] = low_float(widen_bits<2>(h[l]));
     } else {
       for (int64_t l = 0; l < nvalid; ++l)
         bd[l] = low_float(lowrec_bf16_bound<kMax>(low_bits(yr[l])));
@@ -204,14 +169,26 @@ __attribute__((noinline)) void lowdense_codes(const float* const* xr, int rows,
     for (int64_t l = 0; l < nvalid; ++l) {
       const uint32_t mask = uint32_t(cr[l]);
       const float* wo = cols + l * cs;
-      if constexpr (Kind == 2 && LowCodes<Op>::kPick == 0) {
-        // A plain float16 y: its products against its bound, as bfloat16's (kernel_lowrec_mark.h:
-        // the same winners, one compare per product instead of a rounding).
-        cr[l] = plain[l] ? lowdense_one<Op, 1>(xp, wo, K, kb, whole, mask, bd[l], listed)
-                         : lowdense_one<Op, 2>(xp, wo, K, kb, whole, mask, bd[l], listed);
-      } else {
-        cr[l] = lowdense_one<Op, Kind>(xp, wo, K, kb, whole, mask, bd[l], listed);
+      int64_t pos[3] = {0, 0, 0};
+      if (mask != 0 && 32 - __builtin_clz(mask) <= whole) {
+        // Whole blocks of 64 rows (the usual output has one): each block's compares in one word.
+        const S::V bv = S::set1(bd[l]);
+        int64_t c = 0;
+        for (uint32_t m = mask; m; m &= m - 1) {
+          const int64_t k0 = int64_t(__builtin_ctz(m)) * 64;
+          uint64_t word = 0;
+          for (int j = 0; j < 64 / W; ++j)
+            word |= uint64_t(lowdense_hits<Op, Kind>(S::load(xp + k0 + j * W),
+                                                      S::load(wo + k0 + j * W), bv))
+                    << (j * W);
+          for (; word; word &= word - 1, ++c)
+            if (c < 3) pos[c] = k0 + __builtin_ctzll(word);
+        }
+        cr[l] = lowdense_code(c, pos, mask, listed, K);
+        continue;
       }
+      const int64_t c = mask ? lowdense_count<Op, Kind>(xp, wo, K, kb, mask, bd[l], pos) : 0;
+      cr[l] = lowdense_code(c, pos, mask, listed, K);
     }
   }
 }

@@ -27,6 +27,24 @@ constexpr bool scan_bound_is_y() {
   return (Op::kComb == 1 && Max) || (Op::kComb == 2 && !Max);
 }
 
+// Whether a float16 value y (widened) is finite and above 2^-14, where f16_bounds takes its
+// first branch: the bound without its library calls (ldexp, nextafter, the conversion).
+inline bool f16_bound_plain(float y) {
+  const uint32_t m32 = low_bits(y) & 0x7fffffffu;
+  return m32 > 0x38800000u && m32 < 0x7f800000u;
+}
+
+// low_bound<kRoundF16, Max>(y) for such a y (f16_bound_plain): f16_bounds' first branch, the
+// same bits.
+template <bool Max>
+inline float f16_bound_normal(float y) {
+  const uint32_t u = low_bits(y), m32 = u & 0x7fffffffu;
+  const uint32_t half = (m32 >> 13) & 1u ? 0xfffu : 0x1000u;
+  const uint32_t a = m32 - half, z = m32 + half;
+  const bool neg = (u >> 31) != 0;
+  return low_float(Max ? (neg ? z | 0x80000000u : a) : (neg ? a | 0x80000000u : z));
+}
+
 // Where pass 1's walk over one item's outputs stands: the block of output channels o0, the
 // row r and the channel l (pass 1's routing order: blocks of nbw channels, rows, channels).
 struct LowRecAt {

@@ -1,8 +1,7 @@
 // Conversions between bfloat16 / float16 and float32, bit for bit as XLA converts (nearest,
 // ties to even; bfloat16 NaN -> the quiet NaN with its sign; float16 NaN keeps its top payload,
-// quietened), the finite-value scans that come with them: the low forward's
-// (kernel_bf16fuse_low.h) and the low recorded backward's (kernel_lowrec_backward.h), and the
-// float16 rounding interval's bound that both sides compare products with.
+// quietened), and the finite-value scans that come with them: the low forward's
+// (kernel_bf16fuse_low.h) and the low recorded backward's (kernel_lowrec_backward.h).
 //
 // No namespace of its own and no dependency on the kernels' vector types: included inside the
 // float32 kernels' anonymous namespace (kernels.inc, through kernel_bf16fuse_low.h) and inside
@@ -54,26 +53,6 @@ inline uint16_t narrow_bits(float f) {
     // way).
     return uint16_t(s | (low_bits(low_float(a) + 0.5f) - 0x3f000000u));
   }
-}
-
-// Whether a float16 value y (widened) is finite and above 2^-14, where f16_bounds
-// (kernel_wide_lowwin.h) takes its first branch: the bound without its library calls (ldexp,
-// nextafter, the conversion). Shared by the low recorded backward and the float32 kernels'
-// float16 dense record (kernel_lowdense_record.h), which compares products with that bound.
-inline bool f16_bound_plain(float y) {
-  const uint32_t m32 = low_bits(y) & 0x7fffffffu;
-  return m32 > 0x38800000u && m32 < 0x7f800000u;
-}
-
-// low_bound<kRoundF16, Max>(y) for such a y (f16_bound_plain): f16_bounds' first branch, the
-// same bits.
-template <bool Max>
-inline float f16_bound_normal(float y) {
-  const uint32_t u = low_bits(y), m32 = u & 0x7fffffffu;
-  const uint32_t half = (m32 >> 13) & 1u ? 0xfffu : 0x1000u;
-  const uint32_t a = m32 - half, z = m32 + half;
-  const bool neg = (u >> 31) != 0;
-  return low_float(Max ? (neg ? z | 0x80000000u : a) : (neg ? a | 0x80000000u : z));
 }
 
 // n values at src widened to float32 at dst; false when one of them is not finite.
