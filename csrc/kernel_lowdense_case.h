@@ -27,11 +27,11 @@ inline bool lowdense_case(const jaxconv::Geom& g) {
 static_assert(jaxconv::kRecordMaxBlocks <= 24, "a tie's mask fits above kLowList");
 constexpr int32_t kLowList = -2 - (int32_t(1) << 24);
 
-// F, the field width, and how many winners a code lists (0: none; K > 2^15).
+// F, the field width (the least f >= 1 with 2^f >= K), and how many winners a code lists (0:
+// none; K > 2^15). Without a loop: both run per listed output (two or three winners) in the
+// record and in the backward, twice per code.
 inline int lowdense_field(int64_t K) {
-  int f = 1;
-  while ((int64_t(1) << f) < K) ++f;
-  return f;
+  return K <= 2 ? 1 : 64 - __builtin_clzll(uint64_t(K - 1));
 }
 inline int lowdense_listed(int64_t K) {
   const int f = lowdense_field(K);
