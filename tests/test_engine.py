@@ -586,3 +586,20 @@ def test_dense_rewrite_of_narrow_operands_runs_on_cpu(name, dtype):
     eps = float(jnp.finfo(dtype).eps)
     np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=eps,
                                atol=1e-5 * float(np.max(np.abs(want))))
+
+
+def test_logsumexp_of_huge_products_is_finite():
+    """A user ``x * w`` under logsumexp with products near 1e10: XLA CPU fused the product
+    recomputed for the shifted sum into ``c - m`` (an FMA, the unrounded product), up to
+    half an ulp (512) above 0, and ``exp`` overflowed: inf outputs (found by
+    ``tests/fuzz.py``). Against the numpy loops."""
+    op = jaxconv.Op(lambda a, b: a * b, "logsumexp", name="huge_mul_lse")
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((1, 3, 3, 4)) * 3e9).astype(np.float32)
+    w = rng.standard_normal((3, 3, 2, 6)).astype(np.float32)
+    got = jax.jit(lambda a, b: jaxconv.conv_general_dilated(
+        a, b, (1, 1), "SAME", dimension_numbers=DN, feature_group_count=2, op=op,
+        engine="xla"))(x, w)
+    want = conv_reference(x, w, (1, 1), "SAME", dimension_numbers=DN, feature_group_count=2,
+                          combine=np.multiply, reduce=np.logaddexp, identity=-np.inf)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6)
