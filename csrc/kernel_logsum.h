@@ -59,6 +59,12 @@ constexpr int LR = 2;
 constexpr float kLseSlack = 64.0f;
 // The one-pass forward's initial reference: below it, a tile takes the two-pass path.
 constexpr float kLseInit = -1e30f;
+// At or above this magnitude of the reference m (or of y, backward), m L loses up to half an
+// ulp of itself when rounded (4 at 2^25, 256 at 3e9), and that part, 2^(m L - mL) in every
+// term, would overflow (or underflow) the sum. Such a lane's exponents are (t - m) L
+// instead (a subtraction and a product, exact enough at any magnitude: its terms are 2^0 at
+// t = m), in the two-pass tile forward and in the backward's second loop.
+constexpr float kLseBig = 0x1p24f;
 
 // The two-pass tile, exact for every input (the fallback of lse_tile, which sends here any
 // tile with a non-finite maximum or none above kLseInit): one pass for the maximum m of the
@@ -109,16 +115,22 @@ void lse_tile_exact(const Ctx& c, const float* xb, const float* panel, float* yb
   sweep([&](int r, int v, S::M km, V term) {
     m[r][v] = S::select(km, MaxR::red_safe<S>(m[r][v], term), m[r][v]);
   });
+  S::M big[LR][NV];  // lanes with |m| >= kLseBig: exponents (t - m) L, no bias
   for (int r = 0; r < LR; ++r)
     for (int v = 0; v < NV; ++v) {
       s[r][v] = S::zero();
-      nml[r][v] = S::neg(lse_scaled<S>(m[r][v], &bias[r][v]));
+      big[r][v] = S::ge(S::abs(m[r][v]), S::set1(kLseBig));
+      const V nml_small = S::neg(lse_scaled<S>(m[r][v], &bias[r][v]));
+      nml[r][v] = S::select(big[r][v], S::neg(m[r][v]), nml_small);
+      bias[r][v] = S::select(big[r][v], S::zero(), bias[r][v]);
     }
   // Pass 2: the shifted sum, each term at most about 2^0 (lanes whose maximum is not finite
   // compute garbage here: their result is the maximum itself).
   const V L = S::set1(kLog2e);
   sweep([&](int r, int v, S::M km, V term) {
-    s[r][v] = S::madd(km, s[r][v], lse_exp2<S>(S::fma(term, L, nml[r][v])));
+    const V u = S::select(big[r][v], S::mul(S::add(term, nml[r][v]), L),
+                          S::fma(term, L, nml[r][v]));
+    s[r][v] = S::madd(km, s[r][v], lse_exp2<S>(u));
   });
   const int64_t o0 = grp * c.Og + jb * NR;
   const int64_t nvalid = c.Og - jb * NR < NR ? c.Og - jb * NR : NR;
@@ -155,6 +167,10 @@ void lse_tile(const Ctx& c, const float* xb, const float* panel, float* yb, int6
       nml[r][v] = S::set1(-kLseInit * kLog2e);
     }
   const V L = S::set1(kLog2e), slack = S::set1(kLseSlack);
+  // Whether a lane's reference ever reached kLseBig: its terms then carried m L's rounding
+  // (garbage in s, which a later rescale does not clear), and the tile goes to the two-pass
+  // path. Checked where the reference moves, off the terms' loop.
+  bool big_ref = false;
   for (int64_t t = 0; t < c.T; ++t) {
     const float* wt = panel + t * I * NR;
     for (int r = 0; r < LR; ++r) {
@@ -173,6 +189,7 @@ void lse_tile(const Ctx& c, const float* xb, const float* panel, float* yb, int6
           for (int v = 0; v < NV; ++v) {
             const V term = Op::template comb<S>(xv, S::load(wt + i * NR + v * W));
             m[r][v] = S::max(term, m[r][v]);  // a NaN term leaves m
+            big_ref |= S::any(S::ge(S::abs(m[r][v]), S::set1(kLseBig)));
             V unused;
             const V nml2 = S::neg(lse_scaled<S>(m[r][v], &unused));
             s[r][v] = S::mul(s[r][v], lse_exp2<S>(S::sub(nml2, nml[r][v])));
@@ -191,7 +208,9 @@ void lse_tile(const Ctx& c, const float* xb, const float* panel, float* yb, int6
     if (!rows.live[r]) continue;
     alignas(64) float mt[NR];
     for (int v = 0; v < NV; ++v) S::store(mt + v * W, m[r][v]);
-    bool bad = false;
+    // (a reference of magnitude kLseBig or more: the two-pass tile, whose exponents there
+    // carry no rounding of m L)
+    bool bad = big_ref;
     for (int64_t l = 0; l < nvalid; ++l) bad |= !(mt[l] > kLseInit && mt[l] < __builtin_inff());
     if (bad) {
       lse_tile_exact<Op>(c, xb, panel, yb, p, grp, jb);
@@ -271,6 +290,18 @@ void lse_backward(Ctx& c) {
     }
   };
   parallel(c, (n_out + kChunk - 1) / kChunk, mask);
+  // A finite y of magnitude kLseBig or more: its y L lost up to half an ulp of itself, and
+  // 2^(lost) overflows or underflows. Then the whole call takes g e^(t - y) = g 2^((t - y) L)
+  // (gm = g, ym = -y), one operation more per term, only on such data.
+  bool big = false;
+  for (int64_t j = 0; j < n_out && !big; ++j)
+    big = __builtin_fabsf(call.y[j]) >= kLseBig && __builtin_fabsf(call.y[j]) < __builtin_inff();
+  if (big)
+    for (int64_t j = 0; j < n_out; ++j) {
+      const bool empty = call.y[j] == -__builtin_inff();
+      gm[j] = empty ? 0.0f : call.g[j];
+      ym[j] = empty ? 0.0f : -call.y[j];
+    }
   // Both gradients in one pass over the terms (each exp once): an item owns a block of kIB
   // input channels of one group and batch entry, so it alone writes their dx (every cell)
   // and their dw rows (every tap and output channel, summed in L1 scratch), and loops over
@@ -280,7 +311,8 @@ void lse_backward(Ctx& c) {
   const int64_t nib = (I + kIB - 1) / kIB;
   const bool want_dx = (call.parts & 1) != 0, want_dw = (call.parts & 2) != 0;
   std::atomic<bool> failed{false};
-  auto item = [&](int64_t it) {
+  auto item_for = [&](auto unscaled) { return [&, unscaled](int64_t it) {
+    constexpr bool kUnscaled = decltype(unscaled)::value;
     const int64_t ib = it % nib, grp = (it / nib) % c.G, b = it / (nib * c.G);
     const int64_t i0 = ib * kIB, ni = I - i0 < kIB ? I - i0 : kIB;
     const float* xb = call.x + b * c.x_bs;
@@ -312,14 +344,21 @@ void lse_backward(Ctx& c) {
           int64_t o = 0;
           for (; o + W <= Og; o += W) {
             const S::V wv = S::load(wr + o);
-            const S::V e = lse_exp2z<S>(lse_u<Op>(xs, wv, L, S::load(yy + o)));
+            S::V u;
+            if constexpr (kUnscaled)
+              u = S::mul(S::add(Op::template comb<S>(xs, wv), S::load(yy + o)), L);
+            else
+              u = lse_u<Op>(xs, wv, L, S::load(yy + o));
+            const S::V e = lse_exp2z<S>(u);
             const S::V h = S::mul(S::load(gg + o), e);
             acc = S::fma(h, Op::template dcx<S>(xs, wv), acc);
             S::store(dwr + o, S::fma(h, Op::template dcw<S>(xs, wv), S::load(dwr + o)));
           }
           float sum = S::hsum(acc);
           for (; o < Og; ++o) {
-            const float e = lse_exp2z<Sc>(Sc::fma(Op::template comb<Sc>(xv, wr[o]), kLog2e, yy[o]));
+            const float tv = Op::template comb<Sc>(xv, wr[o]);
+            const float e = lse_exp2z<Sc>(kUnscaled ? (tv + yy[o]) * kLog2e
+                                                    : Sc::fma(tv, kLog2e, yy[o]));
             const float h = gg[o] * e;
             sum += h * Op::template dcx<Sc>(xv, wr[o]);
             dwr[o] += h * Op::template dcw<Sc>(xv, wr[o]);
@@ -334,7 +373,13 @@ void lse_backward(Ctx& c) {
       for (int64_t ii = 0; ii < ni; ++ii)
         std::memcpy(dwb + (t * I + i0 + ii) * O, dwl + (t * ni + ii) * Og,
                     sizeof(float) * size_t(Og));
-  };
-  parallel(c, call.batch * c.G * nib, item);
+  }; };
+  if (big) {
+    auto item = item_for(std::true_type{});
+    parallel(c, call.batch * c.G * nib, item);
+  } else {
+    auto item = item_for(std::false_type{});
+    parallel(c, call.batch * c.G * nib, item);
+  }
   if (failed.load()) c.failed = true;
 }

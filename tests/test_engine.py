@@ -659,3 +659,40 @@ def test_max_times_gradient_on_mixed_signs_is_brute_force(engine, padding):
         a, b, (1, 1), padding, dimension_numbers=dn, op="max_times", engine=engine))
     for a, b in zip(got, loss(brute), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("name", ["xnor", "l2"])
+def test_dense_rewrite_of_narrow_operands_runs_on_cpu(name, dtype):
+    """A dense rewrite (xnor's signs, l2's products) of bf16 / f16 operands under ``jit``:
+    XLA CPU kept the transposed operands' batched ``bf16 x bf16 -> f32`` dot, which its
+    dot thunk cannot run ("UNIMPLEMENTED: Unsupported element type for DotThunk::Execute";
+    found by ``tests/fuzz.py``, seed 100038). The values against the numpy loops."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((63, 17)).astype(dtype)
+    w = rng.standard_normal((65, 63)).astype(dtype)
+    dims = (((0,), (1,)), ((), ()))  # contract x's first axis with w's second
+    got = jax.jit(lambda a, b: jaxconv.dot_general(a, b, dims, op=name, engine="xla"))(x, w)
+    ref = NUMPY_OPS[name]
+    want = dot_general_reference(x.astype(np.float64), w.astype(np.float64), dims,
+                                 combine=ref.combine, reduce=ref.reduce, identity=ref.identity)
+    eps = float(jnp.finfo(dtype).eps)
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=eps,
+                               atol=1e-5 * float(np.max(np.abs(want))))
+
+
+def test_logsumexp_of_huge_products_is_finite():
+    """A user ``x * w`` under logsumexp with products near 1e10: XLA CPU fused the product
+    recomputed for the shifted sum into ``c - m`` (an FMA, the unrounded product), up to
+    half an ulp (512) above 0, and ``exp`` overflowed: inf outputs (found by
+    ``tests/fuzz.py``). Against the numpy loops."""
+    op = jaxconv.Op(lambda a, b: a * b, "logsumexp", name="huge_mul_lse")
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((1, 3, 3, 4)) * 3e9).astype(np.float32)
+    w = rng.standard_normal((3, 3, 2, 6)).astype(np.float32)
+    got = jax.jit(lambda a, b: jaxconv.conv_general_dilated(
+        a, b, (1, 1), "SAME", dimension_numbers=DN, feature_group_count=2, op=op,
+        engine="xla"))(x, w)
+    want = conv_reference(x, w, (1, 1), "SAME", dimension_numbers=DN, feature_group_count=2,
+                          combine=np.multiply, reduce=np.logaddexp, identity=-np.inf)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6)

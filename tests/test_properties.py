@@ -155,3 +155,16 @@ def test_dot_general_equals_one_by_one_conv(p: dict[str, Any], name: str) -> Non
     expect = jax.jit(jax.vmap(one))(a3, r3)
     expect = np.asarray(expect).reshape(np.shape(got))
     np.testing.assert_allclose(got, expect, rtol=1e-5, atol=1e-5)
+
+
+def test_fuzz_driver_runs_one_example() -> None:
+    """``tests/fuzz.py`` (run by hand, not in CI) still draws and checks an example: seed 43
+    is a small float32 user max convolution with NaN and infinities, forward on both engines
+    against the numpy loops."""
+    import fuzz
+    import jax.numpy as jnp
+
+    ex = fuzz.Example(43, fuzz._specs(jnp, jaxconv), x64=False, transform=None)
+    assert (ex.transform, ex.dtype, ex.data, ex.spec.name) == (
+        "forward", "float32", "specials", "u_sub_max")
+    ex.run()

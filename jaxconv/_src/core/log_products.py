@@ -37,6 +37,10 @@ Array = jax.Array
 # matters in float32 is a normal number, and the standard convolution's sum is accurate to a
 # few ulps.
 MIN_EXPONENT = -60.0
+# The exp-space gradient's d y / d s = exp(shift - y) carries y's rounding, up to half an ulp
+# of y: beyond this magnitude (half an ulp 2^-12) the backward takes the exact branch (at
+# |y| = 3e9 the factor was off by up to e^128: infinite or zero gradients).
+MAX_EXP_SPACE_Y = 2.0**12
 
 
 def _shifted(problem: Problem, x: Array, w: Array) -> tuple[Array, Array, Array]:
@@ -127,7 +131,8 @@ def backward(problem: Problem, x: Array, w: Array, y: Array, g: Array,
     ex, ew, shift = _shifted(problem, x, w)
     acc = problem.acc_dtype
     yo, go = y.astype(acc), g.astype(acc)
-    ok = jnp.all(yo - shift >= MIN_EXPONENT) & _inputs_ok(x, w)
+    ok = (jnp.all(yo - shift >= MIN_EXPONENT) & jnp.all(jnp.abs(yo) <= MAX_EXP_SPACE_Y)
+          & _inputs_ok(x, w))
     # d y / d s = 1 / s = exp(shift - y); where that exceeds exp(-MIN_EXPONENT) the exact
     # branch is taken, and the bound keeps the discarded values finite.
     gs = go * jnp.exp(jnp.minimum(shift - yo, -MIN_EXPONENT))

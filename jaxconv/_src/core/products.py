@@ -231,7 +231,7 @@ def rewritten(problem: Problem, x: Array, w: Array, per_example: bool = False) -
     if nsd == 0:
         m, g = x.shape[0], geom.groups
         product = functools.partial(
-            lax.dot_general, dimension_numbers=(((2,), (0,)), ((1,), (1,))), **kw)
+            _widened_on_cpu, dimension_numbers=(((2,), (0,)), ((1,), (1,))), **kw)
         y = op.rewrite(product, x.reshape(m, g, -1), w.reshape(w.shape[0], g, -1))
         return jnp.transpose(y, (1, 0, 2)).reshape(m, -1).astype(problem.acc_dtype)
     pads, lhs_dil = geom.padding, geom.lhs_dilation
@@ -248,6 +248,28 @@ def rewritten(problem: Problem, x: Array, w: Array, per_example: bool = False) -
         product = _per_example_product(product, dataclasses.replace(
             geom, padding=tuple(pads), lhs_dilation=tuple(lhs_dil)))
     return op.rewrite(product, x, w).astype(problem.acc_dtype)
+
+
+def _widened_on_cpu(a: Array, b: Array, **kw: Any) -> Array:
+    """``lax.dot_general(a, b, **kw)``; on CPU, bf16 / f16 operands of a wider float
+    accumulation are converted to it first.
+
+    XLA CPU's dot thunk has no kernel for ``bf16 x bf16 -> f32`` (nor f16): where its fusion
+    keeps such a batched dot (``xnor``'s dense rewrite on transposed operands, ``jit`` of a
+    17x63 by 63x65 ``dot_general`` contracting the first axis), the call failed at run time
+    with ``UNIMPLEMENTED: Unsupported element type for DotThunk::Execute``. The products of
+    two bf16 / f16 numbers are exact in float32, so the converted product has the same terms;
+    other platforms keep their narrow dots.
+    """
+    acc = kw.get("preferred_element_type")
+    plain = functools.partial(lax.dot_general, **kw)
+    narrow = [v.dtype for v in (a, b) if jnp.issubdtype(v.dtype, jnp.floating)
+              and acc is not None and jnp.issubdtype(acc, jnp.floating)
+              and jnp.finfo(v.dtype).bits < jnp.finfo(acc).bits]
+    if not narrow:
+        return plain(a, b)
+    return lax.platform_dependent(
+        a, b, cpu=lambda u, v: plain(u.astype(acc), v.astype(acc)), default=plain)
 
 
 def _valid_geometry(geom: Geometry, padded_spatial: tuple[int, ...]) -> Geometry:

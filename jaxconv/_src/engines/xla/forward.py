@@ -56,7 +56,11 @@ def _reduce_tap(op: Op, xs: Array, wk: Array, acc_dtype: Any) -> Array:
     m = jnp.where(jnp.isfinite(m), m, 0).astype(acc_dtype)
     xs2, wk2 = lax.optimization_barrier((xs, wk))
     c2 = _fwd_products(op, xs2, wk2).astype(acc_dtype)
-    s = jnp.sum(jnp.exp(c2 - m[..., None]), axis=-1)
+    # XLA CPU may fuse the product into ``c2 - m`` (an FMA: the unrounded product minus m),
+    # which exceeds 0 by up to half an ulp of the product: e^512 = inf for x * w near 1e10.
+    # No finite term exceeds the maximum, so a finite term's exponent is clamped at 0.
+    d = c2 - m[..., None]
+    s = jnp.sum(jnp.exp(jnp.where(jnp.isfinite(c2), jnp.minimum(d, 0), d)), axis=-1)
     return jnp.log(s) + m
 
 

@@ -1,0 +1,747 @@
+"""Differential fuzzing of jaxconv: native engine against XLA engine against numpy loops.
+
+Not part of CI (pytest collects ``test_*.py`` only). Run it by hand, one process::
+
+    python tests/fuzz.py --minutes 30              # float32 / bf16 / f16 / int32
+    python tests/fuzz.py --minutes 10 --x64        # adds float64 / int64 (jax_enable_x64)
+    python tests/fuzz.py --replay 1234 [--x64]     # rerun one example, with a traceback
+
+Each example is drawn from its own seed (``--seed`` + index), so a failure's seed is its
+reproducer. An example draws:
+
+- a product: ``conv_general_dilated`` (1-3 spatial dims, random ``dimension_numbers``,
+  strides, both dilations, string / explicit / negative padding, feature groups up to
+  depthwise), ``dot_general`` (batch dims, any dimension order) or ``einsum``; sizes small (as
+  ``tests/test_properties.py``) or wide (channels 15/16/17/31/33/63/65, larger images and
+  dense operands, where the native kernels' vector tails and XLA CPU's multithreaded and
+  YNNPACK-fused reductions run);
+- an op: every built-in generic op of ``jaxconv.ops`` (some with a ``pad_value``) and user
+  ``jaxconv.Op``s under ``sum``, ``max``, ``min``, ``logsumexp`` and callable reduces;
+- a dtype: float32, bfloat16, float16, int32 (ops that take integers); float64 / int64
+  with ``--x64``;
+- data: normal, centred far from 0, small integers (many ties), NaN / +-inf sprinkled,
+  signed zeros with denormals and values near the smallest normal, huge magnitudes;
+- a transform: forward, ``jax.grad`` (a random cotangent), ``jax.jvp`` (under ``jit``),
+  ``jax.vmap`` over x or over x and w, or ``vmap`` of ``grad`` (per-example gradients).
+
+It checks (the contracts of docs/numerics.md):
+
+- forward: XLA engine and native engine against the float64 numpy loops
+  (``tests/reference.py``, operands flushed as the engines flush denormals); NaN and
+  infinities at the same places; max / min results bit-identical between the engines;
+  sums within ``eps * K * |terms|``;
+- gradients and tangents: engine against engine, and for float data the directional
+  derivative against central finite differences of the float64 reference (smooth ops,
+  normal data); a JVP against its engine's VJP (``<g, J t> == <J^T g, t>``);
+- vmap: against a loop of unbatched calls on the same engine.
+
+Failures are printed and appended as JSON lines to ``--log`` (default
+``/tmp/jaxconv_fuzz.jsonl``); a summary of examples per category ends the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import math
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+os.environ.setdefault("JAXCONV_NATIVE_TUNE", "off")
+
+_ARGS = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+_ARGS.add_argument("--minutes", type=float, default=5.0, help="time budget")
+_ARGS.add_argument("--examples", type=int, default=10**9, help="at most this many examples")
+_ARGS.add_argument("--seed", type=int, default=None, help="first seed (default: from time)")
+_ARGS.add_argument("--x64", action="store_true", help="enable x64: float64 / int64 too")
+_ARGS.add_argument("--replay", type=int, default=None, help="run one seed, raise on failure")
+_ARGS.add_argument("--transform", default=None,
+                   help="only this transform (forward, grad, jvp, vmap, vmap_grad)")
+_ARGS.add_argument("--log", default="/tmp/jaxconv_fuzz.jsonl", help="failures, JSON lines")
+
+
+class Skip(Exception):
+    """The example exercises a documented limitation; counted, not a failure."""
+
+
+# --------------------------------------------------------------------------------------------
+# Ops: the library's op and its numpy ground truth.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One op of the fuzzer: the jaxconv op, its numpy reference and what it supports."""
+
+    name: str
+    op: Any  # a built-in name or a jaxconv.Op
+    combine: Callable[[Any, Any], Any]
+    reduce: Callable[[Any, Any], Any]
+    identity: float
+    pad_value: float | None
+    family: str  # "sum", "max", "min", "lse"
+    term: str  # how big a term is: "mul", "add", "sq", "one"
+    ints: bool = True  # integer operands accepted
+    jvp: bool = True  # forward mode defined (not the surrogate rules)
+    exact_grad: bool = True  # the gradient is the true derivative (finite differences apply)
+    lax: bool = False  # a lax rewrite: both engines run lax
+
+
+def _specs(jnp: Any, jaxconv: Any) -> list[Spec]:
+    from reference import NUMPY_OPS
+
+    inf = math.inf
+    fam = {"max_plus": "max", "min_plus": "min", "max_min": "max", "min_max": "min",
+           "max_times": "max", "log": "lse"}
+    term = {"xnor": "one", "adder": "add", "l1": "add", "l2": "sq", "max_plus": "add",
+            "min_plus": "add", "max_min": "add", "min_max": "add", "max_times": "mul",
+            "log": "add"}
+    out = []
+    for name, ref in NUMPY_OPS.items():
+        if name == "standard":
+            continue
+        out.append(Spec(name, name, ref.combine, ref.reduce, ref.identity, ref.pad_value,
+                        fam.get(name, "sum"), term[name],
+                        ints=name not in ("xnor", "log", "l2", "max_times"),
+                        jvp=name not in ("xnor", "adder"),
+                        exact_grad=name not in ("xnor", "adder"),
+                        lax=name in ("xnor", "l2")))
+    l2e = NUMPY_OPS["l2"]
+    out.append(Spec("l2_exact", "l2_exact", l2e.combine, l2e.reduce, 0.0, None, "sum", "sq"))
+    for name, pv in (("max_plus", 0.5), ("min_max", -1.0), ("l1", 0.25), ("log", 0.0)):
+        ref = NUMPY_OPS[name]
+        base = next(s for s in out if s.name == name)
+        out.append(Spec(f"{name}[pad={pv}]", jaxconv.ops.get(name).replace(pad_value=pv),
+                        ref.combine, ref.reduce, ref.identity, pv, base.family, base.term,
+                        ints=base.ints and pv == int(pv), jvp=base.jvp))
+
+    def relu_diff(x: Any, w: Any) -> Any:
+        return np.maximum(np.subtract(x, w), 0)
+
+    user = [
+        ("u_mul_sum", jaxconv.Op(jnp.multiply, "sum", name="fz_mul_sum"),
+         np.multiply, np.add, 0.0, None, "sum", "mul"),
+        ("u_relu_sum", jaxconv.Op(lambda x, w: jnp.maximum(x - w, 0), "sum",
+                                  name="fz_relu_sum"),
+         relu_diff, np.add, 0.0, None, "sum", "add"),
+        ("u_sub_max", jaxconv.Op(lambda x, w: x - w, "max", name="fz_sub_max"),
+         np.subtract, np.maximum, -inf, None, "max", "add"),
+        ("u_mul_min", jaxconv.Op(jnp.multiply, "min", name="fz_mul_min"),
+         np.multiply, np.minimum, inf, None, "min", "mul"),
+        ("u_absadd_max", jaxconv.Op(lambda x, w: jnp.abs(x) + w, "max", name="fz_absadd_max"),
+         lambda x, w: np.abs(x) + w, np.maximum, -inf, None, "max", "add"),
+        ("u_sub_lse", jaxconv.Op(lambda x, w: x - w, "logsumexp", name="fz_sub_lse"),
+         np.subtract, np.logaddexp, -inf, None, "lse", "add"),
+        ("u_call_max", jaxconv.Op(jnp.add, lambda a, b: jnp.maximum(a, b), identity=-inf,
+                                  name="fz_call_max"),
+         np.add, np.maximum, -inf, None, "max", "add"),
+        ("u_call_sum", jaxconv.Op(jnp.multiply, lambda a, b: a + b, identity=0.0,
+                                  name="fz_call_sum"),
+         np.multiply, np.add, 0.0, None, "sum", "mul"),
+        ("u_sub_max[pad=0.5]", jaxconv.Op(lambda x, w: x - w, "max", pad_value=0.5,
+                                          name="fz_sub_max_pad"),
+         np.subtract, np.maximum, -inf, 0.5, "max", "add"),
+        ("u_mul_sum[pad=1]", jaxconv.Op(jnp.multiply, "sum", pad_value=1.0,
+                                        name="fz_mul_sum_pad"),
+         np.multiply, np.add, 0.0, 1.0, "sum", "mul"),
+    ]
+    for name, op, comb, red, ident, pv, family, t in user:
+        out.append(Spec(name, op, comb, red, ident, pv, family, t,
+                        ints=family != "lse" and (pv is None or pv == int(pv))))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Problems.
+# --------------------------------------------------------------------------------------------
+
+ODD = (15, 16, 17, 31, 33, 63, 65)
+
+
+def _dilated(size: int, d: int) -> int:
+    return (size - 1) * d + 1 if size > 0 else 0
+
+
+def _conv_problem(rng: np.random.Generator, wide: bool) -> dict[str, Any] | None:
+    """Geometry and layouts of a convolution, as ``test_properties.problems`` draws them
+    (wider when ``wide``); None when the draw has no output position."""
+    from jax import lax
+
+    nsd = int(rng.choice([1, 2, 2, 3]))
+    depthwise = rng.random() < 0.15
+    if wide:
+        c = int(rng.choice(ODD))
+        groups = c if depthwise else int(rng.choice([1, 1, 1, 3]))
+        ci = max(1, c // groups)
+        og = 1 if depthwise else max(1, int(rng.choice(ODD)) // groups)
+        n = int(rng.integers(1, 5))
+        top = {1: 40, 2: 12, 3: 6}[nsd]
+        spatial = [int(rng.integers(3, top + 1)) for _ in range(nsd)]
+    else:
+        ci = int(rng.integers(1, 3))
+        groups = int(rng.integers(1, 3))
+        og = int(rng.integers(1, 3))
+        n = int(rng.integers(1, 3))
+        spatial = [int(rng.integers(1, 7 if nsd == 1 else 5)) for _ in range(nsd)]
+    window = [int(rng.integers(1, 4)) for _ in range(nsd)]
+    strides = [int(rng.integers(1, 3)) for _ in range(nsd)]
+    rdil = [int(rng.integers(1, 3)) for _ in range(nsd)]
+    ldil = [int(rng.choice([1, 1, 2])) for _ in range(nsd)]
+    if all(d == 1 for d in ldil) and rng.random() < 0.5:
+        padding: Any = str(rng.choice(["VALID", "SAME", "SAME_LOWER"]))
+        dil_win = [_dilated(k, d) for k, d in zip(window, rdil, strict=True)]
+        pads = lax.padtype_to_pads(spatial, dil_win, strides, padding)
+    else:
+        padding = tuple((int(rng.integers(-1, 3)), int(rng.integers(-1, 3)))
+                        for _ in range(nsd))
+        pads = padding
+    for s, ld, k, rd, (lo, hi) in zip(spatial, ldil, window, rdil, pads, strict=True):
+        din = _dilated(s, ld)
+        if not (lo > -din and hi > -din and din + lo + hi >= _dilated(k, rd)):
+            return None
+    sp = "HWD"[:nsd]
+    lhs_spec = "".join(rng.permutation(["N", "C", *sp]))
+    rhs_spec = "".join(rng.permutation(["O", "I", *sp]))
+    out_spec = "".join(rng.permutation(["N", "C", *sp]))
+    sp_order = [ch for ch in rhs_spec if ch in sp]
+    sizes_l = {"N": n, "C": groups * ci, **dict(zip(sp_order, spatial, strict=True))}
+    sizes_r = {"O": groups * og, "I": ci, **dict(zip(sp_order, window, strict=True))}
+    return dict(kind="conv", xshape=[sizes_l[ch] for ch in lhs_spec],
+                wshape=[sizes_r[ch] for ch in rhs_spec], strides=tuple(strides),
+                padding=padding, kw=dict(lhs_dilation=tuple(ldil), rhs_dilation=tuple(rdil),
+                                          dimension_numbers=(lhs_spec, rhs_spec, out_spec),
+                                          feature_group_count=groups),
+                terms=ci * math.prod(window))
+
+
+def _dot_problem(rng: np.random.Generator, wide: bool) -> dict[str, Any]:
+    nb = int(rng.integers(0, 2))
+    if wide:
+        b = int(rng.integers(1, 4))
+        m, k, nn = (int(rng.choice(ODD + (64, 130))) for _ in range(3))
+    else:
+        b, m, k, nn = (int(rng.integers(1, hi)) for hi in (4, 5, 6, 5))
+    lr = list(rng.permutation(["b", "m", "k"] if nb else ["m", "k"]))
+    rr = list(rng.permutation(["b", "k", "n"] if nb else ["k", "n"]))
+    sizes = {"b": b, "m": m, "k": k, "n": nn}
+    dn = (((lr.index("k"),), (rr.index("k"),)),
+          ((lr.index("b"),), (rr.index("b"),)) if nb else ((), ()))
+    if rng.random() < 0.3:  # the same contraction through einsum
+        eq = "".join(lr) + "," + "".join(rr) + "->" + ("b" if nb else "") + "mn"
+        return dict(kind="einsum", eq=eq, xshape=[sizes[r] for r in lr],
+                    wshape=[sizes[r] for r in rr], dn=dn, terms=k)
+    return dict(kind="dot", xshape=[sizes[r] for r in lr], wshape=[sizes[r] for r in rr],
+                dn=dn, terms=k)
+
+
+DATA = ("normal", "offset", "ints", "specials", "zeros", "huge")
+
+
+def _data(rng: np.random.Generator, shape: list[int], kind: str, dtype: Any,
+          term: str = "add") -> np.ndarray:
+    """float64 values of ``kind`` (the caller casts to the dtype); ``term`` bounds huge
+    values so that a product or a square of two stays finite in float32."""
+    if np.issubdtype(dtype, np.integer):
+        hi = 4 if rng.random() < 0.7 else 100
+        return rng.integers(-hi, hi, size=shape).astype(np.float64)
+    v = rng.standard_normal(shape)
+    if kind == "offset":
+        v = v + float(rng.choice([100.0, -1000.0]))
+    elif kind == "ints":
+        v = np.round(v * 1.5)
+    elif kind == "specials":
+        v = np.round(v * 2) if rng.random() < 0.5 else v
+        mask = rng.random(shape)
+        v[mask < 0.03] = np.nan
+        v[(mask >= 0.03) & (mask < 0.06)] = np.inf
+        v[(mask >= 0.06) & (mask < 0.09)] = -np.inf
+    elif kind == "zeros":
+        tiny = float(np.finfo(np.float32).tiny) if dtype != np.float16 else 6.1e-5
+        pool = np.array([0.0, -0.0, 1.0, -1.0, tiny, -tiny, tiny * 0.25, -tiny * 0.25,
+                         tiny * 1.5, -tiny * 1.5, 2.0])
+        v = pool[rng.integers(0, len(pool), size=shape)]
+    elif kind == "huge":  # beyond 2^96 (the native l1 / adder direct loop) for x - w terms
+        v = v * (2.0**100 if term in ("add", "one") else 2.0**40)
+    return v
+
+
+def _flush(a: np.ndarray, dtype: Any) -> np.ndarray:
+    """Denormals of float32 / bfloat16 / float64 as zeros of their sign (the engines' FTZ/DAZ);
+    float16 denormals are normal float32 numbers, kept."""
+    if dtype in ("float16",) or not np.issubdtype(a.dtype, np.floating):
+        return a
+    tiny = np.finfo(np.float64 if dtype == "float64" else np.float32).tiny
+    with np.errstate(invalid="ignore"):
+        small = np.abs(a) < tiny
+    return np.where(small, np.copysign(0.0, a), a)
+
+
+# --------------------------------------------------------------------------------------------
+# One example.
+# --------------------------------------------------------------------------------------------
+
+
+class Example:
+    """A drawn example and the machinery to run and check it."""
+
+    def __init__(self, seed: int, specs: list[Spec], x64: bool, transform: str | None):
+        import jax.numpy as jnp
+        import ml_dtypes
+
+        rng = np.random.default_rng(seed)
+        self.rng = rng
+        self.seed = seed
+        for _ in range(20):
+            wide = rng.random() < 0.35
+            prob = (_conv_problem(rng, wide) if rng.random() < 0.65
+                    else _dot_problem(rng, wide))
+            if prob is not None:
+                break
+        else:
+            raise Skip("no valid geometry drawn")
+        self.prob = prob
+        self.wide = wide
+        self.spec = specs[int(rng.integers(0, len(specs)))]
+        dtypes = ["float32"] * 4 + ["bfloat16", "float16"]
+        if self.spec.ints:
+            dtypes.append("int32")
+        if x64:
+            dtypes += ["float64"] * 4 + (["int64"] if self.spec.ints else [])
+        self.dtype = str(rng.choice(dtypes))
+        self.np_dtype = {"bfloat16": ml_dtypes.bfloat16}.get(self.dtype, np.dtype(self.dtype))
+        self.is_int = self.dtype.startswith("int")
+        self.data = "ints" if self.is_int else str(rng.choice(DATA))
+        if self.data == "huge" and self.dtype not in ("float32", "float64"):
+            self.data = "normal"
+        transforms = ["forward", "forward", "grad", "jvp", "vmap", "vmap_grad"]
+        self.transform = transform or str(rng.choice(transforms))
+        if self.is_int and self.transform in ("grad", "jvp", "vmap_grad"):
+            self.transform = "forward"
+        t = self.spec.term
+        self.x = _data(rng, prob["xshape"], self.data, self.np_dtype, t).astype(self.np_dtype)
+        self.w = _data(rng, prob["wshape"], self.data, self.np_dtype, t).astype(self.np_dtype)
+        self.jnp = jnp
+
+    def describe(self) -> dict[str, Any]:
+        p = {k: v for k, v in self.prob.items() if k != "kw"}
+        p.update(self.prob.get("kw", {}))
+        return dict(seed=self.seed, op=self.spec.name, dtype=self.dtype, data=self.data,
+                    transform=self.transform, wide=self.wide, **{k: repr(v) for k, v in
+                                                                 p.items()})
+
+    def category(self) -> str:
+        return f"{self.transform}/{self.prob['kind']}/{self.spec.family}/{self.dtype}/{self.data}"
+
+    # --- calls ----------------------------------------------------------------------------
+
+    def fn(self, engine: str) -> Callable[[Any, Any], Any]:
+        import jaxconv
+
+        p, op = self.prob, self.spec.op
+        if p["kind"] == "conv":
+            return lambda a, b: jaxconv.conv_general_dilated(
+                a, b, p["strides"], p["padding"], **p["kw"], op=op, engine=engine)
+        if p["kind"] == "dot":
+            return lambda a, b: jaxconv.dot_general(a, b, p["dn"], op=op, engine=engine)
+        return lambda a, b: jaxconv.einsum(p["eq"], a, b, op=op, engine=engine)
+
+    def reference(self, x: np.ndarray, w: np.ndarray) -> np.ndarray:
+        from reference import conv_reference, dot_general_reference
+
+        s, p = self.spec, self.prob
+        x = _flush(np.asarray(x, np.float64), self.dtype)
+        w = _flush(np.asarray(w, np.float64), self.dtype)
+        with np.errstate(all="ignore"):
+            if p["kind"] == "conv":
+                y = conv_reference(x, w, p["strides"], p["padding"], **p["kw"],
+                                   combine=s.combine, reduce=s.reduce, identity=s.identity,
+                                   pad_value=s.pad_value)
+            else:
+                y = dot_general_reference(x, w, p["dn"], combine=s.combine, reduce=s.reduce,
+                                          identity=s.identity)
+        return y
+
+    def run_engines(self, build: Callable[[str], Any], *args: Any) -> dict[str, Any]:
+        """``build(engine)(*args)`` on both engines; native may refuse (recorded)."""
+        import jax
+
+        out: dict[str, Any] = {}
+        for engine in ("xla", "native"):
+            try:
+                out[engine] = jax.tree.map(np.asarray, build(engine)(*args))
+            except ValueError as e:
+                if "does not serve" in str(e) and engine == "native":
+                    self.native_refused = str(e)
+                    continue
+                raise
+        return out
+
+    # --- checks ---------------------------------------------------------------------------
+
+    def eps(self) -> float:
+        import ml_dtypes
+
+        if self.is_int:
+            return 0.0
+        return float(ml_dtypes.finfo(self.np_dtype).eps)
+
+    def term_scale(self, x: np.ndarray, w: np.ndarray) -> float:
+        with np.errstate(all="ignore"):
+            ax = np.abs(np.asarray(x, np.float64))
+            aw = np.abs(np.asarray(w, np.float64))
+            mx = float(np.max(ax[np.isfinite(ax)], initial=0.0))
+            mw = float(np.max(aw[np.isfinite(aw)], initial=0.0))
+        pv = abs(self.spec.pad_value or 0.0)
+        mx = max(mx, pv)
+        return {"mul": mx * mw, "add": mx + mw, "sq": (mx + mw) ** 2, "one": 1.0}[
+            self.spec.term] or 1.0
+
+    def check_forward(self, got: np.ndarray, want: np.ndarray, who: str) -> None:
+        got = np.asarray(got, np.float64)
+        assert got.shape == want.shape, f"{who}: shape {got.shape} != {want.shape}"
+        fam = self.spec.family
+        if self.is_int:  # documented: integer max / min ops use iinfo.min / iinfo.max
+            info = np.iinfo(self.dtype)
+            want = np.where(np.isposinf(want), info.max,
+                            np.where(np.isneginf(want), info.min, want))
+        want = _flush(want, self.dtype)
+        got_c = _flush(got, self.dtype)
+        nan_g, nan_w = np.isnan(got_c), np.isnan(want)
+        if self.spec.lax and self.prob["kind"] == "conv":
+            # Documented (docs/numerics.md, NaN in, NaN out): the lax rewrites (xnor's signs,
+            # l2) compute 0 * NaN for a NaN weight on a padded tap, which the loops skip.
+            nan_w = nan_w | (nan_g & bool(np.isnan(np.asarray(self.w, np.float64)).any()))
+        if not np.array_equal(nan_g, nan_w):
+            i = tuple(np.argwhere(nan_g != nan_w)[0])
+            raise AssertionError(f"{who}: NaN at different places, first at {i}: got "
+                                 f"{got[i]!r}, want {want[i]!r}")
+        fin = ~nan_w
+        if self.data == "huge" and fam in ("sum", "lse") or self.dtype == "float16":
+            # float32 / float16 sums overflow where the float64 reference does not.
+            fin &= np.abs(want) < float(np.finfo(np.float16 if self.dtype == "float16"
+                                                 else np.float32).max) / 4
+            fin |= np.isinf(want) & np.isinf(got_c)
+        inf_w = np.isinf(want) & fin
+        if not np.array_equal(got_c[inf_w], want[inf_w]):
+            i = tuple(np.argwhere(inf_w & (got_c != want))[0])
+            raise AssertionError(f"{who}: infinity differs at {i}: got {got[i]!r}, want "
+                                 f"{want[i]!r}")
+        m = fin & ~inf_w
+        eps = self.eps()
+        np.seterr(invalid="ignore")
+        # The output's rounding near zero: float16 results round to its subnormals (2^-24
+        # apart); float32 / bfloat16 / float64 results below the smallest normal flush.
+        floor = 0.0 if self.is_int else (2.0**-24 if self.dtype == "float16" else float(
+            np.finfo(np.float64 if self.dtype == "float64" else np.float32).tiny))
+        if self.is_int:
+            bad = m & (got_c != want)
+        elif fam in ("max", "min"):
+            # One rounding of the combine in the dtype (bf16 / f16: computed in float32, then
+            # rounded once more): within 1 ulp of the dtype.
+            tol = eps * np.abs(want) if self.dtype in ("bfloat16", "float16") else 0.0
+            if self.dtype in ("bfloat16", "float16") or self.spec.term != "one":
+                tol = np.maximum(tol, 2.0**-24 * np.abs(want) * 1.0001)
+            bad = m & (np.abs(got_c - want) > tol + floor)
+        else:
+            acc_eps = 2.0**-23 if self.dtype in ("bfloat16", "float16") else eps
+            k = self.prob["terms"] + 2
+            tol = (4 * acc_eps * k * self.term_scale(self.x, self.w)
+                   + 2 * eps * np.abs(want))
+            if fam == "lse":
+                tol = tol / max(1.0, self.term_scale(self.x, self.w)) * 4 + 8 * eps * (
+                    1 + np.abs(want))
+            bad = m & (np.abs(got_c - want) > tol + floor)
+        if bad.any():
+            i = tuple(np.argwhere(bad)[0])
+            raise AssertionError(f"{who}: {int(bad.sum())} of {bad.size} values differ, first "
+                                 f"at {i}: got {got[i]!r}, want {want[i]!r}")
+
+    def check_close(self, a: np.ndarray, b: np.ndarray, who: str, bitwise: bool = False,
+                    rtol: float | None = None) -> None:
+        a = np.asarray(a, np.float64)
+        b = np.asarray(b, np.float64)
+        assert a.shape == b.shape, f"{who}: shape {a.shape} != {b.shape}"
+        if not np.array_equal(np.isnan(a), np.isnan(b)):
+            i = tuple(np.argwhere(np.isnan(a) != np.isnan(b))[0])
+            raise AssertionError(f"{who}: NaN at different places, first at {i}: {a[i]!r} vs "
+                                 f"{b[i]!r}")
+        if bitwise:
+            same = (a == b) | np.isnan(a)
+            same &= (np.signbit(a) == np.signbit(b)) | np.isnan(a)  # a NaN's sign is free
+            if not same.all():
+                i = tuple(np.argwhere(~same)[0])
+                raise AssertionError(f"{who}: not bit-identical, {int((~same).sum())} differ, "
+                                     f"first at {i}: {a[i]!r} vs {b[i]!r}")
+            return
+        if rtol is None:
+            rtol = {"float32": 2e-4, "float64": 1e-9, "bfloat16": 3e-2, "float16": 4e-3}.get(
+                self.dtype, 0.0)
+        fin = np.isfinite(a) & np.isfinite(b)
+        if not np.array_equal(a[~fin & ~np.isnan(a)], b[~fin & ~np.isnan(a)]):
+            raise AssertionError(f"{who}: infinities differ")
+        scale = float(np.max(np.abs(b[fin]), initial=0.0))
+        with np.errstate(invalid="ignore"):
+            diff = np.abs(a - b)
+        bad = fin & (diff > rtol * (np.abs(b) + scale))
+        if bad.any():
+            i = tuple(np.argwhere(bad)[0])
+            raise AssertionError(f"{who}: {int(bad.sum())} of {bad.size} differ, first at {i}: "
+                                 f"{a[i]!r} vs {b[i]!r} (scale {scale:.3g})")
+
+    def engines_agree(self, got: dict[str, Any], who: str) -> None:
+        if "native" not in got:
+            return
+        fam = self.spec.family
+        bitwise = (fam in ("max", "min") or self.is_int) and who == "forward"
+        for a, b in zip(_leaves(got["xla"]), _leaves(got["native"]), strict=True):
+            self.check_close(b, a, f"{who}: native vs xla", bitwise=bitwise)
+
+    # --- transforms -----------------------------------------------------------------------
+
+    def run(self) -> None:
+        import jax
+
+        self.native_refused = None
+        t = self.transform
+        if t == "forward":
+            got = self.run_engines(lambda e: jax.jit(self.fn(e)), self.x, self.w)
+            want = self.reference(self.x, self.w)
+            for e, y in got.items():
+                self.check_forward(y, want, f"forward {e} vs reference")
+            self.engines_agree(got, "forward")
+        elif t == "vmap":
+            self.check_vmap()
+        elif t == "grad":
+            self.check_grad()
+        elif t == "jvp":
+            self.check_jvp()
+        elif t == "vmap_grad":
+            self.check_vmap_grad()
+
+    def _float_only(self) -> None:
+        if self.spec.lax and self.transform != "forward":
+            raise Skip("lax rewrite: both engines run lax's own derivative")
+
+    def cotangent(self, shape: tuple[int, ...]) -> np.ndarray:
+        g = self.rng.standard_normal(shape)
+        if self.data == "ints":
+            g = np.round(g * 2)
+        return g.astype(self.np_dtype)
+
+    def check_grad(self) -> None:
+        import jax
+
+        self._float_only()
+        y = np.asarray(jax.jit(self.fn("xla"))(self.x, self.w))
+        g = self.cotangent(y.shape)
+
+        def build(e: str) -> Any:
+            f = self.fn(e)
+            return jax.jit(lambda a, b, c: jax.vjp(f, a, b)[1](c))
+
+        got = self.run_engines(build, self.x, self.w, g)
+        self.engines_agree(got, "grad")
+        self.finite_differences(got["xla"], g, "grad xla")
+
+    def finite_differences(self, grads: Any, g: np.ndarray, who: str) -> None:
+        """<grad, t> against the central difference of sum(g * reference) along t."""
+        if not (self.spec.exact_grad and self.data in ("normal", "offset")
+                and self.dtype in ("float32", "float64") and not self.wide):
+            return
+        tx = self.rng.standard_normal(self.x.shape)
+        tw = self.rng.standard_normal(self.w.shape)
+        x = np.asarray(self.x, np.float64)
+        w = np.asarray(self.w, np.float64)
+        g64 = np.asarray(g, np.float64)
+        h = 1e-6 * max(1.0, float(np.max(np.abs(x))), float(np.max(np.abs(w))))
+        lp = float(np.sum(g64 * self.reference(x + h * tx, w + h * tw)))
+        lm = float(np.sum(g64 * self.reference(x - h * tx, w - h * tw)))
+        fd = (lp - lm) / (2 * h)
+        dx, dw = (np.asarray(v, np.float64) for v in grads)
+        got = float(np.sum(dx * tx) + np.sum(dw * tw))
+        scale = float(np.sum(np.abs(dx * tx)) + np.sum(np.abs(dw * tw))) + 1e-3
+        if abs(got - fd) > 1e-3 * scale + 1e-6 * abs(lp):
+            # A max / min whose winner changes within h (a near tie) is not differentiable
+            # there: check the one-sided differences bracket the engine's value.
+            l0 = float(np.sum(g64 * self.reference(x, w)))
+            lo, hi = sorted(((lp - l0) / h, (l0 - lm) / h))
+            if not (self.spec.family in ("max", "min")
+                    and lo - 1e-3 * scale <= got <= hi + 1e-3 * scale):
+                raise AssertionError(f"{who}: <grad, t> = {got!r}, finite differences {fd!r} "
+                                     f"(scale {scale:.3g})")
+
+    def check_jvp(self) -> None:
+        import jax
+
+        self._float_only()
+        if not self.spec.jvp:
+            raise Skip("documented: xnor / adder gradients are reverse-only surrogate rules")
+        tx = self.cotangent(self.x.shape)
+        tw = self.cotangent(self.w.shape)
+
+        def build(e: str) -> Any:
+            f = self.fn(e)
+            return jax.jit(lambda a, b, u, v: jax.jvp(f, (a, b), (u, v)))
+
+        got = self.run_engines(build, self.x, self.w, tx, tw)
+        self.engines_agree(got, "jvp")
+        y, ty = got["xla"]
+        g = self.cotangent(y.shape)
+        for e in got:
+            f = self.fn(e)
+            dx, dw = (np.asarray(v, np.float64) for v in
+                      jax.jit(lambda a, b, c, f=f: jax.vjp(f, a, b)[1](c))(self.x, self.w, g))
+            lhs = float(np.sum(np.asarray(g, np.float64) * np.asarray(got[e][1], np.float64)))
+            rhs = float(np.sum(dx * np.asarray(tx, np.float64))
+                        + np.sum(dw * np.asarray(tw, np.float64)))
+            scale = float(np.sum(np.abs(dx * np.asarray(tx, np.float64)))
+                          + np.sum(np.abs(dw * np.asarray(tw, np.float64)))) + 1e-6
+            if not (math.isnan(lhs) and math.isnan(rhs)) and lhs != rhs and not (
+                    abs(lhs - rhs) <= 20 * self.eps() * scale * 10):
+                raise AssertionError(f"jvp {e}: <g, J t> = {lhs!r} but <J^T g, t> = {rhs!r}")
+
+    def _batched(self) -> tuple[np.ndarray, np.ndarray, bool]:
+        b = int(self.rng.integers(2, 4))
+        xs = np.stack([self.x] + [_data(self.rng, list(self.x.shape), self.data,
+                                        self.np_dtype, self.spec.term).astype(self.np_dtype)
+                                  for _ in range(b - 1)])
+        both = self.rng.random() < 0.5
+        ws = np.stack([self.w] + [_data(self.rng, list(self.w.shape), self.data,
+                                        self.np_dtype, self.spec.term).astype(self.np_dtype)
+                                  for _ in range(b - 1)]) if both else self.w
+        return xs, ws, both
+
+    def check_vmap(self) -> None:
+        import jax
+
+        xs, ws, both = self._batched()
+        in_axes = (0, 0 if both else None)
+        got = self.run_engines(lambda e: jax.jit(jax.vmap(self.fn(e), in_axes=in_axes)),
+                               xs, ws)
+        bitwise = self.spec.family in ("max", "min") or self.is_int
+        for e, y in got.items():
+            f = jax.jit(self.fn(e))
+            loop = np.stack([np.asarray(f(xs[i], ws[i] if both else ws))
+                             for i in range(xs.shape[0])])
+            self.check_close(y, loop, f"vmap {e} vs loop", bitwise=bitwise)
+        self.engines_agree(got, "forward")
+
+    def check_vmap_grad(self) -> None:
+        import jax
+
+        self._float_only()
+        xs, ws, both = self._batched()
+        in_axes = (0, 0 if both else None)
+        y = np.asarray(jax.jit(jax.vmap(self.fn("xla"), in_axes=in_axes))(xs, ws))
+        g = self.cotangent(y.shape)
+
+        def build(e: str) -> Any:
+            f = self.fn(e)
+
+            def one(a: Any, b: Any, c: Any) -> Any:
+                return jax.vjp(f, a, b)[1](c)
+            return jax.jit(jax.vmap(one, in_axes=(0, in_axes[1], 0)))
+
+        got = self.run_engines(build, xs, ws, g)
+        self.engines_agree(got, "vmap_grad")
+        for e, (dxs, dws) in got.items():
+            f = self.fn(e)
+            one = jax.jit(lambda a, b, c, f=f: jax.vjp(f, a, b)[1](c))
+            for i in range(xs.shape[0]):
+                dx, dw = one(xs[i], ws[i] if both else ws, g[i])
+                self.check_close(dxs[i], dx, f"vmap_grad {e} dx[{i}] vs loop")
+                self.check_close(dws[i], dw, f"vmap_grad {e} dw[{i}] vs loop")
+
+
+def _leaves(t: Any) -> list[Any]:
+    import jax
+
+    return jax.tree.leaves(t)
+
+
+# --------------------------------------------------------------------------------------------
+# Driver.
+# --------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _ARGS.parse_args(argv)
+    import jax
+
+    if args.x64:
+        jax.config.update("jax_enable_x64", True)
+    import jax.numpy as jnp
+
+    import jaxconv
+
+    specs = _specs(jnp, jaxconv)
+    if args.replay is not None:
+        ex = Example(args.replay, specs, args.x64, args.transform)
+        print(json.dumps(ex.describe(), indent=1))
+        ex.run()
+        print("ok" + (f" (native refused: {ex.native_refused})" if ex.native_refused else ""))
+        return 0
+    seed0 = args.seed if args.seed is not None else int(time.time()) % 10**6 * 1000
+    stop = time.monotonic() + 60 * args.minutes
+    counts: collections.Counter[str] = collections.Counter()
+    outcome: collections.Counter[str] = collections.Counter()
+    failures = 0
+    i = 0
+    while time.monotonic() < stop and i < args.examples:
+        seed = seed0 + i
+        i += 1
+        try:
+            ex = Example(seed, specs, args.x64, args.transform)
+        except Skip:
+            outcome["no geometry"] += 1
+            continue
+        counts[ex.category()] += 1
+        try:
+            ex.run()
+            outcome["native refused" if ex.native_refused else "passed"] += 1
+        except Skip as e:
+            outcome[f"skipped: {e}"] += 1
+        except Exception as e:  # noqa: BLE001 - every failure is recorded, the run goes on
+            failures += 1
+            outcome["FAILED"] += 1
+            rec = dict(ex.describe(), error=f"{type(e).__name__}: {e}"[:2000],
+                       where=traceback.format_exc(limit=-3)[-1500:], x64=args.x64)
+            print(f"FAIL seed={seed} {ex.category()} op={ex.spec.name}: "
+                  f"{type(e).__name__}: {str(e)[:300]}", flush=True)
+            with open(args.log, "a") as fh:
+                fh.write(json.dumps(rec) + "\n")
+        if i % 25 == 0:
+            print(f"[{i} examples, {failures} failures]", flush=True)
+    print(f"\n{i} examples from seed {seed0} ({'x64' if args.x64 else 'x32'}), "
+          f"{failures} failures")
+    for k, v in sorted(outcome.items()):
+        print(f"  {k}: {v}")
+    by_transform: collections.Counter[str] = collections.Counter()
+    by_family: collections.Counter[str] = collections.Counter()
+    by_dtype: collections.Counter[str] = collections.Counter()
+    by_data: collections.Counter[str] = collections.Counter()
+    by_kind: collections.Counter[str] = collections.Counter()
+    for cat, n in counts.items():
+        t, kind, fam, dt, data = cat.split("/")
+        by_transform[t] += n
+        by_kind[kind] += n
+        by_family[fam] += n
+        by_dtype[dt] += n
+        by_data[data] += n
+    for title, c in (("transform", by_transform), ("product", by_kind), ("reduce", by_family),
+                     ("dtype", by_dtype), ("data", by_data)):
+        print(f"  by {title}: " + ", ".join(f"{k} {v}" for k, v in c.most_common()))
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
