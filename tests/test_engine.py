@@ -696,3 +696,26 @@ def test_logsumexp_of_huge_products_is_finite():
     want = conv_reference(x, w, (1, 1), "SAME", dimension_numbers=DN, feature_group_count=2,
                           combine=np.multiply, reduce=np.logaddexp, identity=-np.inf)
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6)
+
+
+def test_logsumexp_gradient_of_huge_products_is_finite():
+    """The same fusion in the backward's softmax weights ``exp(c - y)`` gave weights up to
+    6.5e37 and -inf gradients (found by ``tests/fuzz.py``): the XLA engine's gradients equal
+    the native engine's (its exponents formed in the kernel) and are finite."""
+    op = jaxconv.Op(lambda a, b: a * b, "logsumexp", name="huge_mul_lse")
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((1, 3, 3, 4)) * 3e9).astype(np.float32)
+    w = rng.standard_normal((3, 3, 2, 6)).astype(np.float32)
+    ct = rng.standard_normal((1, 3, 3, 6)).astype(np.float32)
+
+    def grads(engine):
+        def loss(a, b):
+            return jnp.sum(ct * jaxconv.conv_general_dilated(
+                a, b, (1, 1), "SAME", dimension_numbers=DN, feature_group_count=2, op=op,
+                engine=engine))
+        return jax.jit(jax.grad(loss, (0, 1)))(x, w)
+
+    for got, want in zip(grads("xla"), grads("native"), strict=True):
+        assert np.isfinite(np.asarray(got)).all()
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5,
+                                   atol=1e-5 * np.abs(np.asarray(want)).max())

@@ -58,7 +58,11 @@ def _cotangent_of_products(red: str, c: Array, yl: Array, gl: Array, sl: Array |
     else:
         # logsumexp: the softmax weight of each product; ``gl`` and ``yl`` come in with an
         # all -inf window's cotangent zeroed and its output replaced by 0 (no inf - inf).
-        d = gl * jnp.exp(c.astype(acc_dtype) - yl)
+        # No finite product exceeds the output, but XLA CPU may fuse a recomputed product
+        # into ``c - y`` unrounded (an FMA), up to half an ulp above 0 (e^512 near 1e10):
+        # a finite product's exponent is clamped at 0, as in the forward's shifted sum.
+        u = c.astype(acc_dtype) - yl
+        d = gl * jnp.exp(jnp.where(jnp.isfinite(c), jnp.minimum(u, 0), u))
     if ml is not None:
         d = jnp.where(jnp.asarray(ml), d, 0)
     return d
