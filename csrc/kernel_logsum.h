@@ -167,10 +167,11 @@ void lse_tile(const Ctx& c, const float* xb, const float* panel, float* yb, int6
       nml[r][v] = S::set1(-kLseInit * kLog2e);
     }
   const V L = S::set1(kLog2e), slack = S::set1(kLseSlack);
-  // Whether a lane's reference ever reached kLseBig: its terms then carried m L's rounding
-  // (garbage in s, which a later rescale does not clear), and the tile goes to the two-pass
-  // path. Checked where the reference moves, off the terms' loop.
-  bool big_ref = false;
+  // The largest magnitude a reference took (any lane): one that reached kLseBig left m L's
+  // rounding in its terms (garbage in s, which a later rescale does not clear), and the tile
+  // goes to the two-pass path. Kept where the reference moves, off the terms' loop, in one
+  // vector (a flag there took a stack slot in the loop).
+  V ref_mag = S::zero();
   for (int64_t t = 0; t < c.T; ++t) {
     const float* wt = panel + t * I * NR;
     for (int r = 0; r < LR; ++r) {
@@ -189,7 +190,7 @@ void lse_tile(const Ctx& c, const float* xb, const float* panel, float* yb, int6
           for (int v = 0; v < NV; ++v) {
             const V term = Op::template comb<S>(xv, S::load(wt + i * NR + v * W));
             m[r][v] = S::max(term, m[r][v]);  // a NaN term leaves m
-            big_ref |= S::any(S::ge(S::abs(m[r][v]), S::set1(kLseBig)));
+            ref_mag = S::max(ref_mag, S::abs(m[r][v]));
             V unused;
             const V nml2 = S::neg(lse_scaled<S>(m[r][v], &unused));
             s[r][v] = S::mul(s[r][v], lse_exp2<S>(S::sub(nml2, nml[r][v])));
@@ -201,6 +202,7 @@ void lse_tile(const Ctx& c, const float* xb, const float* panel, float* yb, int6
       }
     }
   }
+  const bool big_ref = S::any(S::ge(ref_mag, S::set1(kLseBig)));
   const int64_t o0 = grp * c.Og + jb * NR;
   const int64_t nvalid = c.Og - jb * NR < NR ? c.Og - jb * NR : NR;
   // Only the output's lanes count (the block's columns beyond Og and dead rows do not).
