@@ -719,3 +719,39 @@ def test_logsumexp_gradient_of_huge_products_is_finite():
         assert np.isfinite(np.asarray(got)).all()
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5,
                                    atol=1e-5 * np.abs(np.asarray(want)).max())
+
+
+# (combine, d combine / dx, d combine / dw) in float64: `log` with a pad value (not the
+# exp-space log semiring) and the seed op, both under logsumexp.
+_LSE_RULES = {
+    "log_pad": (ops.log.replace(pad_value=0.0), lambda x, w: x + w,
+                lambda x, w: np.ones_like(x + w), lambda x, w: np.ones_like(x + w)),
+    "seed": (jaxconv.Op(lambda a, b: -(a - b) ** 2, "logsumexp", name="seed_lse_bf16"),
+             lambda x, w: -(x - w) ** 2, lambda x, w: -2 * (x - w), lambda x, w: 2 * (x - w)),
+}
+
+
+@pytest.mark.parametrize("engine", ["xla", "native"])
+@pytest.mark.parametrize("name", sorted(_LSE_RULES))
+def test_bf16_logsumexp_gradient_weights_are_the_softmax(name, engine):
+    """bf16 operands near 300: the XLA engine rounded each product to bf16 (half an ulp: 1
+    for ``x + w`` there, 256 for the seed op's squares) before the softmax weights
+    ``exp(c - y)``, which were off by up to a factor e (found by ``tests/fuzz.py``). Products
+    of narrower floats under a sum or logsumexp are now computed in float32 on both engines:
+    the gradients are the float64 softmax of the rounded operands' exact products."""
+    op, comb, dcx, dcw = _LSE_RULES[name]
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((4, 8)) + 300, jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((8, 3)) * (1 if name == "log_pad" else 0.05),
+                    jnp.bfloat16)
+    dn = (((1,), (0,)), ((), ()))
+    gx, gw = jax.jit(jax.grad(lambda a, b: jnp.sum(jaxconv.dot_general(
+        a, b, dn, op=op, engine=engine).astype(jnp.float32)), (0, 1)))(x, w)
+    xf, wf = np.asarray(x, np.float64)[:, :, None], np.asarray(w, np.float64)[None]
+    c = comb(xf, wf)  # (n, k, o)
+    p = np.exp(c - c.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    rdx, rdw = (p * dcx(xf, wf)).sum(2), (p * dcw(xf, wf)).sum(0)
+    for got, want in ((gx, rdx), (gw, rdw)):
+        np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=0,
+                                   atol=1e-2 * np.abs(want).max())

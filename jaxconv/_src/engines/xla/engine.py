@@ -42,6 +42,28 @@ def _config(problem: Problem, x: Array, w: Array) -> Config:
                   block_size(*args, mbb // 4))
 
 
+def _widened(cfg: Config, *operands: Array) -> tuple[Array, ...]:
+    """The operands of a sum or logsumexp in the accumulation dtype where they are narrower
+    floats (bf16 / f16 accumulating in float32): each product is then computed in float32,
+    as the native engine computes it, not rounded to the operands' dtype first. A rounded
+    product was an error of half its ulp in every term (1 near 300 in bf16): within the
+    result's own rounding for the output, but a factor of up to e in logsumexp's gradient
+    weights ``exp(c - y)``. Max/min keep the dtype (their products round, exactly).
+
+    Args:
+        cfg: the engine's configuration.
+        *operands: the operands (and tangents).
+
+    Returns:
+        The operands, widened where that applies.
+    """
+    acc = cfg.acc_dtype
+    if cfg.op.reduce_name not in ("sum", "logsumexp") or not jnp.issubdtype(acc, jnp.floating):
+        return operands
+    return tuple(a.astype(acc) if jnp.issubdtype(a.dtype, jnp.floating)
+                 and jnp.finfo(a.dtype).bits < jnp.finfo(acc).bits else a for a in operands)
+
+
 def forward(problem: Problem, x: Array, w: Array) -> Array:
     """The product of canonical ``x`` and ``w``: ``(N, *out_spatial, O)`` in the
     accumulation dtype.
@@ -62,7 +84,7 @@ def forward(problem: Problem, x: Array, w: Array) -> Array:
     if log.is_log_semiring(cfg.op) and jnp.issubdtype(x.dtype, jnp.floating):
         y = log.forward(problem, cfg, x, w)
     elif cfg.op.reduce_name in algebra.HAND_VJP_REDUCES:
-        y = _forward_dispatch(cfg, x, w)
+        y = _forward_dispatch(cfg, *_widened(cfg, x, w))
     else:
         y = _forward(cfg, x, w)
     return y.reshape(x.shape[0], *cfg.geom.out_spatial, w.shape[-1]).astype(cfg.acc_dtype)
@@ -92,7 +114,7 @@ def backward(problem: Problem, x: Array, w: Array, y: Array, g: Array,
     elif log.is_log_semiring(cfg.op) and jnp.issubdtype(x.dtype, jnp.floating):
         gx, gw = log.backward(problem, cfg, x, w, y, g)
     elif cfg.op.reduce_name in algebra.HAND_VJP_REDUCES:
-        gx, gw = _hand_backward(cfg, x, w, y4, g4)
+        gx, gw = _hand_backward(cfg, *_widened(cfg, x, w), y4, g4)
     else:
         _, vjp = jax.vjp(lambda a, b: _forward(cfg, a, b).astype(cfg.acc_dtype), x, w)
         gx, gw = vjp(g4.astype(cfg.acc_dtype))
@@ -118,7 +140,10 @@ def tangent(problem: Problem, x: Array, w: Array, y: Array, tx: Array, tw: Array
     if problem.op.rewrite is not None:
         forward_mode.check_forward_mode(problem.op)
         return jax.jvp(functools.partial(products.rewritten, problem), (x, w), (tx, tw))[1]
-    return forward_mode.tangent(problem, _config(problem, x, w), x, w, y, tx, tw, active)
+    cfg = _config(problem, x, w)
+    if not log.is_log_semiring(cfg.op):
+        x, w, tx, tw = _widened(cfg, x, w, tx, tw)
+    return forward_mode.tangent(problem, cfg, x, w, y, tx, tw, active)
 
 
 def describe(problem: Problem) -> tuple[str, ...]:
