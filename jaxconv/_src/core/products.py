@@ -260,6 +260,14 @@ def _widened_on_cpu(a: Array, b: Array, **kw: Any) -> Array:
     with ``UNIMPLEMENTED: Unsupported element type for DotThunk::Execute``. The products of
     two bf16 / f16 numbers are exact in float32, so the converted product has the same terms;
     other platforms keep their narrow dots.
+
+    Args:
+        a: the left operand.
+        b: the right operand.
+        **kw: ``lax.dot_general``'s keyword arguments.
+
+    Returns:
+        The product.
     """
     acc = kw.get("preferred_element_type")
     plain = functools.partial(lax.dot_general, **kw)
