@@ -152,8 +152,8 @@ def _l2_combine(x, w):
 def _l2_rewrite(product, lhs, rhs):
     """The ``l2`` sum ``sum -(x - w)^2`` through standard products.
 
-    Floats go through `_l2_float` (exact for infinities, NaN and overflowing squares); integers
-    through one product in a wide integer dtype, which wraps as the direct sum does.
+    Floats go through `_l2_float_exact` (exact for infinities, NaN and overflowing squares);
+    integers through one product in a wide integer dtype, which wraps as the direct sum does.
 
     Args:
         product: the standard product of the geometry (a ``functools.partial`` of lax's).
@@ -174,7 +174,7 @@ def _l2_rewrite(product, lhs, rhs):
         y = _l2_products(_with_dtype(product, wide), lhs.astype(wide), rhs.astype(wide),
                          None, None)
         return y.astype(out_dtype)
-    return _l2_float(product, lhs, rhs, out_dtype)
+    return _l2_float_exact(product, out_dtype, lhs, rhs)
 
 
 def _with_dtype(product, dtype):
@@ -191,21 +191,6 @@ def _with_dtype(product, dtype):
     if kw is None or "preferred_element_type" not in kw:
         return product
     return functools.partial(product, preferred_element_type=dtype)
-
-
-def _l2_float(product, lhs, rhs, out_dtype):
-    """The float rewrite (`_l2_float_exact`) with the derivative of ``-(x - w)^2`` summed.
-
-    Args:
-        product: the standard product of the geometry.
-        lhs: the input.
-        rhs: the kernel.
-        out_dtype: the output dtype.
-
-    Returns:
-        The ``l2`` sum.
-    """
-    return _l2_float_exact(product, out_dtype, lhs, rhs)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))

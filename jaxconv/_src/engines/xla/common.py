@@ -29,6 +29,9 @@ class Config:
       block: images per block in the forward pass.
       block_bwd: images per block in the backward pass.
       unroll: steps of the input gradient's loop over output channels per iteration.
+      product_dtype: the dtype each product is computed in where it is wider than the
+        operands' (a sum's or logsumexp's bf16 / f16 operands: the accumulation dtype), else
+        None. One decision for the forward, the backward and the tangent (`widen`).
     """
 
     op: Op
@@ -38,6 +41,25 @@ class Config:
     block: int  # images (rows) per block in the forward pass
     block_bwd: int  # images per block in the backward pass (several products live at once)
     unroll: int = 8  # steps of the input gradient's loop over output channels per iteration
+    product_dtype: Any = None
+
+    def widen(self, *operands: Array) -> tuple[Array, ...]:
+        """The operands (and tangents) in `product_dtype` where they are narrower floats.
+
+        Args:
+            *operands: the operands (and tangents).
+
+        Returns:
+            The operands, widened where that applies.
+
+        Example:
+            >>> x, w = cfg.widen(x, w)  # doctest: +SKIP
+        """
+        if self.product_dtype is None:
+            return operands
+        bits = jnp.finfo(self.product_dtype).bits
+        return tuple(a.astype(self.product_dtype) if jnp.issubdtype(a.dtype, jnp.floating)
+                     and jnp.finfo(a.dtype).bits < bits else a for a in operands)
 
 
 def block_size(

@@ -22,7 +22,15 @@ Array = jax.Array
 
 
 def _config(problem: Problem, x: Array, w: Array) -> Config:
-    """The engine's static configuration of a problem: canonical op and batch blocks.
+    """The engine's static configuration of a problem: canonical op, batch blocks and the
+    dtype the products are computed in.
+
+    A sum's or logsumexp's products of narrower floats (bf16 / f16 accumulating in float32)
+    are computed in the accumulation dtype, as the native engine computes them, not rounded to
+    the operands' dtype first: a rounded product was an error of half its ulp in every term (1
+    near 300 in bf16), within the result's own rounding for the output but a factor of up to e
+    in logsumexp's gradient weights ``exp(c - y)``. Max/min keep the dtype (their products
+    round, exactly); the log semiring computes in exp space on its own terms.
 
     Args:
         problem: the canonical problem.
@@ -34,34 +42,15 @@ def _config(problem: Problem, x: Array, w: Array) -> Config:
     """
     op = canonical_op(problem.op)
     geom, mbb = problem.geom, problem.max_block_bytes
-    itemsize = max(jnp.dtype(x.dtype).itemsize, jnp.dtype(problem.acc_dtype).itemsize)
+    acc = jnp.dtype(problem.acc_dtype)
+    itemsize = max(jnp.dtype(x.dtype).itemsize, acc.itemsize)
     args = (geom, x.shape[0], w.shape[-2] * geom.groups, w.shape[-1] // geom.groups, itemsize)
+    widen = (op.reduce_name in ("sum", "logsumexp") and jnp.issubdtype(acc, jnp.floating)
+             and not log.is_log_semiring(op))
     # Backward blocks stay small although the backward never holds a block's products:
     # measured, one image per block runs faster than the whole batch (cache locality).
-    return Config(op, geom, jnp.dtype(problem.acc_dtype), mbb, block_size(*args, mbb),
-                  block_size(*args, mbb // 4))
-
-
-def _widened(cfg: Config, *operands: Array) -> tuple[Array, ...]:
-    """The operands of a sum or logsumexp in the accumulation dtype where they are narrower
-    floats (bf16 / f16 accumulating in float32): each product is then computed in float32,
-    as the native engine computes it, not rounded to the operands' dtype first. A rounded
-    product was an error of half its ulp in every term (1 near 300 in bf16): within the
-    result's own rounding for the output, but a factor of up to e in logsumexp's gradient
-    weights ``exp(c - y)``. Max/min keep the dtype (their products round, exactly).
-
-    Args:
-        cfg: the engine's configuration.
-        *operands: the operands (and tangents).
-
-    Returns:
-        The operands, widened where that applies.
-    """
-    acc = cfg.acc_dtype
-    if cfg.op.reduce_name not in ("sum", "logsumexp") or not jnp.issubdtype(acc, jnp.floating):
-        return operands
-    return tuple(a.astype(acc) if jnp.issubdtype(a.dtype, jnp.floating)
-                 and jnp.finfo(a.dtype).bits < jnp.finfo(acc).bits else a for a in operands)
+    return Config(op, geom, acc, mbb, block_size(*args, mbb), block_size(*args, mbb // 4),
+                  product_dtype=acc if widen else None)
 
 
 def forward(problem: Problem, x: Array, w: Array) -> Array:
@@ -84,7 +73,7 @@ def forward(problem: Problem, x: Array, w: Array) -> Array:
     if log.is_log_semiring(cfg.op) and jnp.issubdtype(x.dtype, jnp.floating):
         y = log.forward(problem, cfg, x, w)
     elif cfg.op.reduce_name in algebra.HAND_VJP_REDUCES:
-        y = _forward_dispatch(cfg, *_widened(cfg, x, w))
+        y = _forward_dispatch(cfg, *cfg.widen(x, w))
     else:
         y = _forward(cfg, x, w)
     return y.reshape(x.shape[0], *cfg.geom.out_spatial, w.shape[-1]).astype(cfg.acc_dtype)
@@ -114,7 +103,7 @@ def backward(problem: Problem, x: Array, w: Array, y: Array, g: Array,
     elif log.is_log_semiring(cfg.op) and jnp.issubdtype(x.dtype, jnp.floating):
         gx, gw = log.backward(problem, cfg, x, w, y, g)
     elif cfg.op.reduce_name in algebra.HAND_VJP_REDUCES:
-        gx, gw = _hand_backward(cfg, *_widened(cfg, x, w), y4, g4)
+        gx, gw = _hand_backward(cfg, *cfg.widen(x, w), y4, g4)
     else:
         _, vjp = jax.vjp(lambda a, b: _forward(cfg, a, b).astype(cfg.acc_dtype), x, w)
         gx, gw = vjp(g4.astype(cfg.acc_dtype))
@@ -141,8 +130,7 @@ def tangent(problem: Problem, x: Array, w: Array, y: Array, tx: Array, tw: Array
         forward_mode.check_forward_mode(problem.op)
         return jax.jvp(functools.partial(products.rewritten, problem), (x, w), (tx, tw))[1]
     cfg = _config(problem, x, w)
-    if not log.is_log_semiring(cfg.op):
-        x, w, tx, tw = _widened(cfg, x, w, tx, tw)
+    x, w, tx, tw = cfg.widen(x, w, tx, tw)
     return forward_mode.tangent(problem, cfg, x, w, y, tx, tw, active)
 
 
