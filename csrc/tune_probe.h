@@ -32,4 +32,9 @@ jaxconv::Params params_from(const nb::dict& d);
 double time_forward(int64_t op, int64_t n, int64_t h, int64_t wd, int64_t c, int64_t k,
                     int64_t o, int64_t reps, const nb::dict& d);
 
+// The same for the backward of that problem (both gradients; max / min without a winner
+// record, so they rescan) at its forward output and a fixed pseudo-random cotangent.
+double time_backward(int64_t op, int64_t n, int64_t h, int64_t wd, int64_t c, int64_t k,
+                     int64_t o, int64_t reps, const nb::dict& d);
+
 }  // namespace jaxconv_tune

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 from geometries import table
-from reference import NUMPY_OPS, conv_reference
+from reference import NUMPY_OPS, NUMPY_PARTIALS, conv_grads_reference, conv_reference
 
 import jaxconv
 from jaxconv import _native
@@ -115,6 +115,52 @@ def test_every_parameter_set_gives_the_reference_numbers(name, case, restore_par
                                        err_msg=str(values))
 
 
+# The backward's problems: a dense product whose 272 input channels make the dense sums
+# backward's blocks (csrc/kernel_sumbwd_dense.h: eight of two vectors and one of one; `bcast`
+# and `l1_split` pick its form) with 13 positions (two tiles of 6 and a rest) and 136 output
+# channels (a ragged last block), and a 3x3 convolution (the max/min winner scan reads x the
+# way `bcast` says); (x shape, w shape, padding), NHWC / HWIO, stride 1.
+BACKWARD_CASES = {"dense": ((13, 1, 1, 272), (1, 1, 272, 136), ((0, 0), (0, 0))),
+                  "conv": ((2, 6, 5, 32), (3, 3, 32, 24), ((1, 1), (1, 1)))}
+
+
+@pytest.mark.parametrize("case", sorted(BACKWARD_CASES))
+@pytest.mark.parametrize("name", NATIVE_OPS)
+def test_every_parameter_set_gives_the_reference_gradients(name, case, restore_params):
+    """The backward (both gradients) under the defaults matches the numpy loop reference, and
+    under every set (each value of `bcast` and `l1_split`, which act in it) gives the
+    defaults' bits: no parameter changes a gradient's sum order."""
+    xs, ws, pads = BACKWARD_CASES[case]
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal(xs).astype(np.float32)
+    w = rng.standard_normal(ws).astype(np.float32)
+    out = (xs[0], xs[1] + sum(pads[0]) - ws[0] + 1, xs[2] + sum(pads[1]) - ws[1] + 1, ws[3])
+    g = rng.standard_normal(out).astype(np.float32)
+    npname = "l2" if name == "l2_exact" else name
+    npop = NUMPY_OPS[npname]
+    reduce = {np.add: "sum", np.maximum: "max", np.minimum: "min"}[npop.reduce]
+    want_dx, want_dw = conv_grads_reference(x, w, g, pads, combine=npop.combine,
+                                            partials=NUMPY_PARTIALS[npname], reduce=reduce,
+                                            pad_value=npop.pad_value)
+
+    def grads():
+        f = lambda a, b: jaxconv.conv_general_dilated(  # noqa: E731
+            a, b, (1, 1), pads, op=name, engine="native",
+            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        _, vjp = jax.vjp(f, x, w)
+        return tuple(np.asarray(v) for v in vjp(g))
+
+    _native.set_params(tuning.defaults())
+    base = grads()
+    for got, want in zip(base, (want_dx, want_dw), strict=True):
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * np.max(np.abs(want)))
+    for values in (*PARAM_SETS, *({**tuning.defaults(), "bcast": b, "l1_split": s}
+                                  for b in (0, 1) for s in (0, 1))):
+        _native.set_params(values)
+        for got, want in zip(grads(), base, strict=True):
+            np.testing.assert_array_equal(got, want, err_msg=str(values))
+
+
 def test_the_override_is_parsed_and_validated():
     assert tuning.parse("") == {} and tuning.parse("default") == {}
     assert tuning.parse(" panel_kib = 32 ,keyed=0") == {"panel_kib": 32, "keyed": 0}
@@ -153,8 +199,8 @@ def test_a_forced_set_is_used(fresh, monkeypatch):
     """The override replaces the fields it names (over the search or the defaults), and the
     calls run with it: `_native.params()` and `explain` say so."""
     monkeypatch.setenv(tuning.ENV_TUNE, "off")
-    monkeypatch.setenv(tuning.ENV_PARAMS, "panel_kib=48,keyed=0")
-    expected = {**tuning.defaults(), "panel_kib": 48, "keyed": 0}
+    monkeypatch.setenv(tuning.ENV_PARAMS, "panel_kib=48,keyed=0,bcast=0,l1_split=0")
+    expected = {**tuning.defaults(), "panel_kib": 48, "keyed": 0, "bcast": 0, "l1_split": 0}
     x = np.ones((1, 4, 4, 2), np.float32)
     w = np.ones((3, 3, 2, 2), np.float32)
     _conv("max_min", dict(window_strides=(1, 1), padding="SAME"))(x, w)
@@ -177,7 +223,7 @@ def test_the_search_is_cached_reused_rerun_and_cleared(fresh, monkeypatch, tmp_p
     assert record["params"] == first and record["isa"] == _native.isa()
     # The entry keeps the search's scores and conditions, and explain shows why.
     report = record["search"]
-    assert set(report["steps"]) == {name for name, _, _ in tuning._STEPS}
+    assert set(report["steps"]) == {name for name, _ in tuning._STEPS}
     assert report["conditions"]["rounds"] == 1 and report["conditions"]["cpu_s"] > 0
     assert got["search"] == report and got["why"].startswith("searched at ")
     text = str(jaxconv.explain("max_plus", platform="cpu", engine="native"))
@@ -217,8 +263,19 @@ def test_the_search_picks_a_valid_set():
     chosen, report = tuning.search(rounds=1, confirm_rounds=1)
     assert tuning.validate(chosen) == chosen and set(chosen) == set(tuning.fields())
     steps = report["steps"]
-    assert set(steps) == {"panels", "tile", "bcast", "fma_add", "keyed", "min_form"}
-    assert all(v > 0 for step in steps.values() for v in step["screen"].values())
+    assert set(steps) == {"panels", "tile", "bcast", "l1_split", "fma_add", "keyed", "min_form"}
+    searched = {k: v for k, v in steps.items() if "skipped" not in v}
+    assert all(v > 0 for step in searched.values() for v in step["screen"].values())
+    # The backward is timed where a parameter acts in it: bcast in both directions, l1_split
+    # (AVX-512 with bcast) in the backward alone; the others in the forward.
+    assert set(steps["bcast"]["screen_dirs"]["0"]) == {"fwd", "bwd"}
+    assert any(p.startswith("bwd l1 ") for p in steps["bcast"]["problems"])
+    if "skipped" in steps["l1_split"]:
+        assert steps["l1_split"]["skipped"].startswith("acts ")
+    else:
+        assert set(steps["l1_split"]["screen_dirs"]["0"]) == {"bwd"}
+        assert all(p.startswith("bwd ") for p in steps["l1_split"]["problems"])
+    assert all(p.startswith("fwd ") for p in steps["panels"]["problems"])
     cond = report["conditions"]
     assert cond["rounds"] == 1 and cond["confirm_rounds"] == 1 and cond["wall_s"] > 0
     assert isinstance(cond["busy"], bool) and len(cond["load_per_cpu"]) == 2
@@ -252,7 +309,8 @@ def _synthetic(monkeypatch, screen, confirm, final=0.9):
     return paired
 
 
-@pytest.mark.parametrize("name", ["panels", "tile", "bcast", "fma_add", "keyed", "min_form"])
+@pytest.mark.parametrize("name", ["panels", "tile", "bcast", "l1_split", "fma_add", "keyed",
+                                  "min_form"])
 @pytest.mark.parametrize(("screen", "confirm", "taken"), [
     (0.97, 0.5, False),  # a noise-level lead in the screening: not even re-timed
     (0.80, 0.97, False),  # a lead the paired re-timing does not confirm
@@ -263,6 +321,8 @@ def test_only_a_confirmed_clear_lead_replaces_a_default(monkeypatch, name, scree
     """Every searched parameter needs its margin twice: in the screening (best of rounds) and
     in the paired re-timing against the current choice (one search under load cached
     tile=1, block_kib=4096 on leads of a few percent: layer A's forward ~1.8x slower)."""
+    if tuning._applies(name, tuning.defaults()) is not None:
+        pytest.skip(f"{name} is not searched here: {tuning._applies(name, tuning.defaults())}")
     paired = _synthetic(monkeypatch, {name: screen}, {name: confirm})
     chosen, report = tuning.search(rounds=1, confirm_rounds=3)
     step = report["steps"][name]
@@ -384,7 +444,8 @@ def test_an_entry_made_under_load_is_searched_again_when_quiet(fresh, monkeypatc
 
 
 def test_an_entry_of_the_earlier_search_is_searched_again(fresh, tmp_path):
-    """Entries of the search before the confirmations (no record format) are not trusted."""
+    """Entries of the search before the confirmations (no record format) and of the
+    forward-only search (format 2) are not trusted."""
     tuning.ensure()
     entry = tmp_path / "tuning" / f"params-{tuning.cache_key()}.json"
     record = json.loads(entry.read_text())
@@ -394,7 +455,14 @@ def test_an_entry_of_the_earlier_search_is_searched_again(fresh, tmp_path):
     tuning._reset_for_tests()
     tuning.ensure()
     assert len(fresh) == 2 and tuning.params()["source"] == "search"
-    assert json.loads(entry.read_text())["search_version"] == tuning._SEARCH_VERSION
+    record = json.loads(entry.read_text())
+    assert record["search_version"] == tuning._SEARCH_VERSION
+    # An entry of the forward-only search (format 2: no backward scores) is searched again.
+    entry.write_text(json.dumps({**record, "search_version": 2}))
+    tuning._reset_for_tests()
+    tuning.ensure()
+    assert len(fresh) == 3 and tuning.params()["source"] == "search"
+    assert json.loads(entry.read_text())["search_version"] == tuning._SEARCH_VERSION == 3
 
 
 _ISA_SCRIPT = r"""
