@@ -380,6 +380,34 @@ def test_a_set_that_does_not_beat_the_defaults_is_dropped(monkeypatch):
     assert "dropped" in tuning.summary(report)
 
 
+def test_a_step_scores_each_direction_and_says_when_they_disagree(monkeypatch):
+    """bcast is screened on forwards and backwards: its score is the geometric mean over its
+    problems, the report keeps each direction's, and a challenger that leads by the margin
+    in one direction and trails by it in the other is flagged (one value serves both)."""
+    seen = []
+
+    def scores(cands, probs, rounds):
+        diff = {k for c in cands[1:] for k in c if c[k] != cands[0][k]}
+        seen.append((tuple(sorted(diff)), {p[0] for p in probs}))
+        if diff == {"bcast"}:
+            return [1.0, 1.2 if probs[0][0] == "bwd" else 0.8]
+        return [1.0] * len(cands)
+
+    monkeypatch.setattr(tuning, "_scores", scores)
+    chosen, report = tuning.search(rounds=1, confirm_rounds=1)
+    assert (("bcast",), {"fwd"}) in seen and (("bcast",), {"bwd"}) in seen
+    step = report["steps"]["bcast"]
+    n_fwd = sum(p.startswith("fwd ") for p in step["problems"])
+    n_bwd = len(step["problems"]) - n_fwd
+    assert step["screen_dirs"]["0"] == {"fwd": 0.8, "bwd": 1.2}
+    want = (0.8**n_fwd * 1.2**n_bwd) ** (1 / (n_fwd + n_bwd))
+    assert step["screen"]["0"] == pytest.approx(want)
+    assert step["directions_disagree"] is True and step["confirm"] is None
+    assert chosen == tuning.defaults()
+    assert "bcast 1 (0 1.0" in tuning.summary(report)
+    assert "[fwd 0.80x, bwd 1.20x], fwd and bwd disagree)" in tuning.summary(report)
+
+
 def test_tied_challengers_retime_the_first_listed(monkeypatch):
     """Panel sizes the screening cannot tell apart (within 3%): the first listed is re-timed,
     so that the cached choice does not follow the noise."""

@@ -318,15 +318,17 @@ _FWD, _BWD = "fwd", "bwd"
 # The search's steps in order: (name, problems), each problem (direction, op, shape): the
 # forward, or the backward (both gradients) at the forward's output. "panels" sets panel_kib
 # and block_kib together; each other step is one 0/1 parameter of that name. `bcast` acts in
-# the forward and in the dense adder / l1 backward (which reads its cotangent the same way),
-# and is timed in both; `l1_split` acts only in l1's dense backward, and only with `bcast` on
+# the forward, in the dense adder / l1 backward (which reads its cotangent the same way) and
+# in the max / min backward's winner scan (a rescan: the probe keeps no record), and is timed
+# in both directions; `l1_split` acts only in l1's dense backward, and only with `bcast` on
 # AVX-512 (`_applies`).
 _STEPS = (("panels", ((_FWD, "max_plus", _DENSE), (_FWD, "max_plus", _CONV_BIG),
                       (_FWD, "max_plus", _CONV))),
           ("tile", ((_FWD, "max_plus", _DENSE), (_FWD, "max_plus", _CONV_BIG),
                     (_FWD, "max_plus", _CONV))),
           ("bcast", ((_FWD, "max_plus", _DENSE), (_FWD, "max_plus", _CONV),
-                     (_BWD, "adder", _DENSE_BWD), (_BWD, "l1", _DENSE_BWD))),
+                     (_BWD, "adder", _DENSE_BWD), (_BWD, "l1", _DENSE_BWD),
+                     (_BWD, "max_plus", _CONV))),
           ("l1_split", ((_BWD, "l1", _DENSE_BWD),)),
           ("fma_add", ((_FWD, "max_plus", _DENSE),)),
           ("keyed", ((_FWD, "max_min", _DENSE),)),
@@ -539,8 +541,9 @@ def search(rounds: int = 3, confirm_rounds: int = _CONFIRM_ROUNDS
     Each candidate runs single-threaded on fixed data, timed in the thread's CPU time (time
     spent descheduled on a busy machine does not count). In turn (`_STEPS`): the panel sizes
     and the register tile (max_plus forwards on a dense and two 3x3 problems), the embedded
-    broadcasts (max_plus forwards, a 3x3 and the dense problem, and the dense adder and l1
-    backwards: both gradients, where the backward reads its cotangent that way), l1's split
+    broadcasts (max_plus forwards, a 3x3 and the dense problem, and backwards (both
+    gradients): the dense adder and l1, which read their cotangent that way, and max_plus's
+    3x3 winner scan), l1's split
     backward (l1's dense backward; AVX-512 with ``bcast`` only, else not searched), the adds
     (max_plus, dense), integer keys or float min/max (max_min, dense) and the min form or the
     direct loop (adder, 3x3). ``items`` and ``lanes`` (the thread split, which a
@@ -565,7 +568,9 @@ def search(rounds: int = 3, confirm_rounds: int = _CONFIRM_ROUNDS
       ``problems`` (their names), ``screen`` {label: time relative to the current choice},
       ``screen_dirs`` {label: {"fwd" | "bwd": the same in one direction}}, ``challenger``,
       ``confirm`` (its paired relative time, or ``None`` when it was not re-timed),
-      ``confirm_problems``, ``confirm_dirs``, ``margin``, ``chosen``; a step that does not
+      ``confirm_problems``, ``confirm_dirs``, ``margin``, ``chosen``, and
+      ``directions_disagree`` where the screening's challenger leads by the margin in one
+      direction and trails by it in the other; a step that does not
       apply under the choice so far has only ``skipped`` (why) and ``chosen``), ``final``
       (the chosen set against the defaults, or ``None`` when they are the defaults) and
       ``conditions`` (load per CPU before and after, CPUs, rounds, the search's CPU and wall
@@ -614,6 +619,11 @@ def search(rounds: int = 3, confirm_rounds: int = _CONFIRM_ROUNDS
                                 "screen_dirs": dict(zip(labels, dirs, strict=True)),
                                 "challenger": labels[best], "confirm": None, "margin": margin,
                                 "chosen": labels[0]}
+        by_dir = dirs[best]
+        if len(by_dir) == 2 and min(by_dir.values()) < margin and max(by_dir.values()) * margin > 1:
+            # The directions disagree beyond the margin: one value for both costs one of them
+            # (on Zen 4 bcast=1 leads in both: 1.1-1.3x forward, 1.07-1.2x backward).
+            step["directions_disagree"] = True
         if scores[best] < margin:
             score, per_problem = _paired(cands[0], cands[best], probs, confirm_rounds)
             step.update(confirm=score, confirm_problems=per_problem,
@@ -695,6 +705,8 @@ def summary(report: dict[str, Any] | None) -> str:
             lead += f", paired {step['confirm']:.2f}x" + _directions(step.get("confirm_dirs"))
         if step["chosen"] == step["challenger"] or step.get("confirm") is not None:
             lead += f", needs < {step['margin']:.2f}"
+        if step.get("directions_disagree"):
+            lead += ", fwd and bwd disagree"
         parts.append(f"{name} {step['chosen']} ({lead})")
     final = report.get("final")
     if final:
