@@ -76,6 +76,7 @@ def cost(values: dict[str, int], base: dict[str, int], rounds: int) -> dict[str,
             t = {tag: probe(*prob[1:], 1, vals) for vals, tag in order}
             ratios.append(t["set"] / t["base"])
         out[name] = statistics.median(ratios)
+    _native.release_probes()
     return out
 
 

@@ -721,6 +721,8 @@ NB_MODULE(_native, m) {
         "The best single-threaded time of a small forward.");
   m.def("time_backward", &jaxconv_tune::time_backward,
         "The best single-threaded time of a small backward (both gradients).");
+  m.def("release_probes", &jaxconv_tune::release_probes,
+        "Frees the timing probes' problems kept by this thread; returns how many.");
   m.def(
       "peak_probe",
       [](const std::string& kind, int threads, double seconds, const std::string& isa) {

@@ -281,6 +281,24 @@ def test_the_search_picks_a_valid_set():
     assert isinstance(cond["busy"], bool) and len(cond["load_per_cpu"]) == 2
 
 
+def test_the_probes_time_forwards_and_backwards_and_free_their_data():
+    """The search's probes: positive single-threaded times of each built-in op's forward and
+    backward (the same problem's data kept between calls, freed by `release_probes`, which
+    the search calls when it ends); a problem that is not small and non-empty is refused."""
+    base = tuning.defaults()
+    _native.release_probes()
+    for op in range(7):  # max_plus .. l2_exact
+        assert _native.time_forward(op, 2, 6, 6, 16, 3, 16, 1, base) > 0
+        assert _native.time_backward(op, 2, 6, 6, 16, 3, 16, 1, base) > 0
+        assert _native.time_backward(op, 13, 1, 1, 272, 1, 136, 2, base) > 0
+    assert _native.release_probes() == 14 and _native.release_probes() == 0
+    for bad in ((0, 1, 2, 2, 4, 3, 4, 1), (0, 1, 4, 4, 4, 3, 4, 0), (99, 1, 4, 4, 4, 3, 4, 1)):
+        with pytest.raises(ValueError):
+            _native.time_backward(*bad, base)
+    tuning.search(rounds=1, confirm_rounds=1)
+    assert _native.release_probes() == 0
+
+
 def _synthetic(monkeypatch, screen, confirm, final=0.9):
     """Replaces the timings with synthetic scores: in step `name`, the first candidate after
     the current choice screens at ``screen[name]`` and re-times (paired) at

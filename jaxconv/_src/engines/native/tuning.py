@@ -16,7 +16,8 @@ The forward kernels take a few run-time parameters (``csrc/kernel_params.h``, on
   compiled in;
 - ``bcast`` (AVX-512 only): the forward's combine reads each input value as an embedded
   broadcast (1) or from one broadcast register per tile row (0), the same bits; the dense
-  adder / l1 backward reads its cotangent the same way;
+  adder / l1 backward reads its cotangent the same way, and the max / min backward's winner
+  scan its x;
 - ``lanes``: the forward's kernel blocks are cut into this many runs with a work counter
   each, a thread starting in its own, so that each thread packs only its blocks (1: one
   counter, every thread packs every block), the same bits;
@@ -26,6 +27,9 @@ The forward kernels take a few run-time parameters (``csrc/kernel_params.h``, on
 
 ``bcast`` and ``l1_split`` act in the backward, and the search times them there too (small
 single-threaded backwards, both gradients: ``time_backward`` in ``csrc/tune_probe.cc``).
+One ``bcast`` serves both directions: on Zen 4 both want 1 (0 is 1.1-1.3x slower forward,
+1.07-1.2x backward); a search whose screening finds them disagreeing by the margin says so
+(``directions_disagree``), the sign that a CPU would want them apart.
 
 No parameter changes a max/min result's bits; only ``min_form`` changes a sum's rounding
 (both forms stay within the documented bound of a product's sum).
@@ -581,6 +585,22 @@ def search(rounds: int = 3, confirm_rounds: int = _CONFIRM_ROUNDS
       >>> chosen, report = tuning.search(rounds=1, confirm_rounds=1)
       >>> sorted(chosen) == sorted(tuning.fields())
       True
+    """
+    try:
+        return _search(rounds, confirm_rounds)
+    finally:
+        _native().release_probes()  # the probes' data, kept between their calls
+
+
+def _search(rounds: int, confirm_rounds: int) -> tuple[dict[str, int], dict[str, Any]]:
+    """`search`'s steps (the probes keep their problems' data until `search` frees them).
+
+    Args:
+      rounds: screening rounds per candidate.
+      confirm_rounds: paired rounds of a confirmation.
+
+    Returns:
+      ``(params, report)``, as `search`.
     """
     cpu0, wall0, load0 = time.thread_time(), time.perf_counter(), _load_per_cpu()
     base = defaults()
