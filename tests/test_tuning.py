@@ -426,6 +426,53 @@ def test_a_step_scores_each_direction_and_says_when_they_disagree(monkeypatch):
     assert "[fwd 0.80x, bwd 1.20x], fwd and bwd disagree)" in tuning.summary(report)
 
 
+def test_a_step_of_fewer_problems_retimes_more_rounds(monkeypatch):
+    """A one-problem step's confirmation takes three times the paired rounds of a
+    three-problem one (its median then rests on as many pairs): under synthetic noise 1 of 20
+    searches took l1_split=0 with 7 (a true 1.18x loss on l1's backward)."""
+    rounds_seen = {}
+
+    def scores(cands, probs, rounds):
+        return [1.0, 0.8] + [1.0] * (len(cands) - 2)
+
+    def pair(base, cand, probs, rounds):
+        diff = {k for k in cand if cand[k] != base[k]}
+        rounds_seen.setdefault("panels" if "panel_kib" in diff else diff.pop(), rounds)
+        return 1.0, [1.0] * len(probs)
+
+    monkeypatch.setattr(tuning, "_scores", scores)
+    monkeypatch.setattr(tuning, "_paired", pair)
+    _, report = tuning.search(rounds=1, confirm_rounds=7)
+    assert rounds_seen["panels"] == 7 and rounds_seen["keyed"] == 21
+    assert report["steps"]["keyed"]["confirm_rounds"] == 21
+
+
+def test_a_changed_step_whose_problems_are_slower_in_the_set_goes_back(monkeypatch):
+    """The set against the defaults: faster over all its problems (panels 0.8x) but one
+    step's own problem slower (keyed 1.1x): that step goes back to its default, the rest
+    stays, and the report says so."""
+
+    def scores(cands, probs, rounds):
+        diff = {k for c in cands[1:] for k in c if c[k] != cands[0][k]}
+        lead = diff <= {"panel_kib", "block_kib"} or diff == {"keyed"}
+        return [1.0] + [0.8 if lead and i == 1 else 1.0 for i in range(1, len(cands))]
+
+    def pair(base, cand, probs, rounds):
+        if cand["keyed"] != base["keyed"] and cand["panel_kib"] != base["panel_kib"]:
+            per = [1.1 if p[1] == tuning._OPS["max_min"] else 0.8 for p in probs]
+            return tuning._geomean(per), per
+        return 0.8, [0.8] * len(probs)
+
+    monkeypatch.setattr(tuning, "_scores", scores)
+    monkeypatch.setattr(tuning, "_paired", pair)
+    chosen, report = tuning.search(rounds=1, confirm_rounds=3)
+    base = tuning.defaults()
+    assert report["final"]["kept"] is True and report["final"]["reverted"] == ["keyed"]
+    assert chosen == {**base, "panel_kib": tuning._PANELS[1][0],
+                      "block_kib": tuning._PANELS[1][1]}
+    assert "keyed reverted" in tuning.summary(report)
+
+
 def test_tied_challengers_retime_the_first_listed(monkeypatch):
     """Panel sizes the screening cannot tell apart (within 3%): the first listed is re-timed,
     so that the cached choice does not follow the noise."""

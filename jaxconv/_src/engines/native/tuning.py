@@ -347,8 +347,12 @@ _MARGINS = {"panels": 0.95, "tile": 0.9, "bcast": 0.95, "l1_split": 0.95, "fma_a
 # Challengers whose screening is within this of the fastest count as tied: the first listed
 # of them is the one re-timed.
 _TIE = 0.03
-# Paired rounds (current, challenger, then challenger, current, ...) of a confirmation.
+# Paired rounds (current, challenger, then challenger, current, ...) of a confirmation, times
+# ceil(_CONFIRM_PAIRS / the step's problem count): a one-problem step re-times 21 rounds. With
+# 7 alone, 1 of 20 searches under synthetic noise (benchmarks/tuning_search.py --noise 0.2)
+# took l1_split=0 (one problem, a true 1.18x loss: E's l1 backward 1.16x slower).
 _CONFIRM_ROUNDS = 7
+_CONFIRM_PAIRS = 3
 # The search's record format (an entry of another format is searched again): 3 adds the
 # backward's problems and scores (the bcast and l1_split steps).
 _SEARCH_VERSION = 3
@@ -556,12 +560,14 @@ def search(rounds: int = 3, confirm_rounds: int = _CONFIRM_ROUNDS
     A step first screens its candidates against the current choice (best of `rounds`
     interleaved rounds, in each direction; the step's score is the geometric mean over its
     problems). The fastest, if it leads by the step's margin (`_MARGINS`), is then re-timed
-    against the current choice in `confirm_rounds` paired rounds (medians of the pairs'
-    ratios, `_paired`) and taken only if it still leads by the margin (of challengers within
-    `_TIE` of the fastest, the first listed is the one re-timed). If the set that results is
-    not the defaults and more than one step changed it, it is timed against them once more
-    (paired, on the problems of the steps that changed) and dropped for the defaults unless
-    it is faster.
+    against the current choice in `confirm_rounds` paired rounds (times
+    ``ceil(_CONFIRM_PAIRS / problems)``: a one-problem step takes three times as many; medians
+    of the pairs' ratios, `_paired`) and taken only if it still leads by the margin (of
+    challengers within `_TIE` of the fastest, the first listed is the one re-timed). If the
+    set that results is not the defaults and more than one step changed it, it is timed
+    against them once more (paired, on the problems of the steps that changed) and dropped
+    for the defaults unless it is faster; a changed step whose own problems are not faster in
+    that timing goes back to its defaults.
 
     Args:
       rounds: screening rounds per candidate.
@@ -576,7 +582,8 @@ def search(rounds: int = 3, confirm_rounds: int = _CONFIRM_ROUNDS
       ``directions_disagree`` where the screening's challenger leads by the margin in one
       direction and trails by it in the other; a step that does not
       apply under the choice so far has only ``skipped`` (why) and ``chosen``), ``final``
-      (the chosen set against the defaults, or ``None`` when they are the defaults) and
+      (the chosen set against the defaults: ``score``, ``problems``, ``kept``, and
+      ``reverted``, the steps put back; or ``None`` when they are the defaults) and
       ``conditions`` (load per CPU before and after, CPUs, rounds, the search's CPU and wall
       seconds, when).
 
@@ -608,6 +615,7 @@ def _search(rounds: int, confirm_rounds: int) -> tuple[dict[str, int], dict[str,
     steps: dict[str, Any] = {}
     changed: list[tuple[Any, ...]] = []
     moved: list[str] = []
+    own: dict[str, list[tuple[Any, ...]]] = {}
     for name, problems in _STEPS:
         skip = _applies(name, chosen)
         if skip is not None:
@@ -645,14 +653,19 @@ def _search(rounds: int, confirm_rounds: int) -> tuple[dict[str, int], dict[str,
             # (on Zen 4 bcast=1 leads in both: 1.1-1.3x forward, 1.07-1.2x backward).
             step["directions_disagree"] = True
         if scores[best] < margin:
-            score, per_problem = _paired(cands[0], cands[best], probs, confirm_rounds)
-            step.update(confirm=score, confirm_problems=per_problem,
+            # A step of fewer problems re-times more rounds: its median has as many pairs
+            # behind it as the three-problem steps' geometric mean (only a step that screened
+            # a lead pays for them).
+            n_rounds = confirm_rounds * -(-_CONFIRM_PAIRS // len(probs))
+            score, per_problem = _paired(cands[0], cands[best], probs, n_rounds)
+            step.update(confirm=score, confirm_problems=per_problem, confirm_rounds=n_rounds,
                         confirm_dirs=_by_direction(probs, per_problem))
             if score < margin:
                 chosen = dict(cands[best])
                 step["chosen"] = labels[best]
                 changed.extend(p for p in probs if p not in changed)
                 moved.append(name)
+                own[name] = probs
         steps[name] = step
     final = None
     if chosen != base:
@@ -663,6 +676,17 @@ def _search(rounds: int, confirm_rounds: int) -> tuple[dict[str, int], dict[str,
         final = {"score": score, "problems": per_problem, "kept": score < 1.0}
         if not final["kept"]:
             chosen = dict(base)
+        elif len(moved) > 1:
+            # Each changed step's own problems must be faster too: the set's geometric mean
+            # over all of them can hide one step's loss behind another's gain (one noisy
+            # search took l1_split=0, 1.2x slower on l1's backward, behind the panels' 0.8x).
+            ratio = dict(zip(changed, per_problem, strict=True))
+            slower = [n for n in moved if _geomean([ratio[p] for p in own[n]]) >= 1.0]
+            if slower:
+                for n in slower:
+                    for field in (("panel_kib", "block_kib") if n == "panels" else (n,)):
+                        chosen[field] = base[field]
+                final["reverted"] = slower
     load1 = _load_per_cpu()
     loads = [x for x in (load0, load1) if x is not None]
     try:
@@ -731,7 +755,8 @@ def summary(report: dict[str, Any] | None) -> str:
     final = report.get("final")
     if final:
         parts.append(f"the set {final['score']:.2f}x the defaults"
-                     + ("" if final["kept"] else ", dropped"))
+                     + ("" if final["kept"] else ", dropped")
+                     + "".join(f", {n} reverted" for n in final.get("reverted", ())))
     return (f"searched at {load} ({cond.get('cpus', '?')} CPUs), {cond.get('rounds', '?')} + "
             f"{cond.get('confirm_rounds', '?')} paired rounds, {cond.get('cpu_s', 0):.2f} s "
             f"CPU{' (under load)' if cond.get('busy') else ''}: " + "; ".join(parts))
