@@ -8,8 +8,9 @@ exp(N(0, sigma)), one in ten x U(1.2, 2), seeded), and prints each search's CPU 
 and the parameters it set apart from the defaults, then how often each set came out. Each set
 that came out is then timed against the defaults on layer A's forward (max_plus and adder,
 3x3 on 8 x 32 x 32 x 64 -> 64; VALID on a 34 x 34 input, the same work as SAME) and layer E's
-(max_plus, dense 256 x 1024 @ 1024 x 1024): single-threaded, each call timed in the thread's
-CPU time by the extension (``_native.time_forward``), the defaults and the set back to back,
+(max_plus, dense 256 x 1024 @ 1024 x 1024), and E's adder and l1 backward: single-threaded,
+each call timed in the thread's CPU time by the extension (``_native.time_forward`` /
+``time_backward``), the defaults and the set back to back,
 alternating which runs first, median of the pairs' ratios. Wall time is not used: on a shared
 machine it measures the neighbours.
 
@@ -32,10 +33,14 @@ import sys
 import time
 from typing import Any
 
-# (op id, n, h, w, c, k, o) of `_native.time_forward`: layer A (VALID on the SAME-padded input)
-# and layer E (dense) of benchmarks/native.py.
-COST_PROBLEMS = {"A max_plus": (0, 8, 34, 34, 64, 3, 64), "A adder": (4, 8, 34, 34, 64, 3, 64),
-                 "E max_plus": (0, 256, 1, 1, 1024, 1, 1024)}
+# (direction, op id, n, h, w, c, k, o) of `_native.time_forward` / `time_backward`: layer A
+# (VALID on the SAME-padded input) and layer E (dense) of benchmarks/native.py, and E's adder
+# and l1 backward (both gradients), where `bcast` and `l1_split` act.
+COST_PROBLEMS = {"A max_plus": ("fwd", 0, 8, 34, 34, 64, 3, 64),
+                 "A adder": ("fwd", 4, 8, 34, 34, 64, 3, 64),
+                 "E max_plus": ("fwd", 0, 256, 1, 1, 1024, 1, 1024),
+                 "E adder bwd": ("bwd", 4, 256, 1, 1, 1024, 1, 1024),
+                 "E l1 bwd": ("bwd", 5, 256, 1, 1, 1024, 1, 1024)}
 
 
 def _noisy(real: Any, sigma: float, rng: random.Random) -> Any:
@@ -49,7 +54,7 @@ def _noisy(real: Any, sigma: float, rng: random.Random) -> Any:
 
 
 def cost(values: dict[str, int], base: dict[str, int], rounds: int) -> dict[str, float]:
-    """`values`' single-threaded forward time over the defaults' on each `COST_PROBLEMS` entry
+    """`values`' single-threaded time over the defaults' on each `COST_PROBLEMS` entry
     (median of `rounds` back-to-back pairs, alternating which runs first).
 
     Args:
@@ -67,9 +72,11 @@ def cost(values: dict[str, int], base: dict[str, int], rounds: int) -> dict[str,
         ratios = []
         for r in range(rounds):
             order = [(base, "base"), (values, "set")][:: 1 if r % 2 == 0 else -1]
-            t = {tag: _native.time_forward(*prob, 1, vals) for vals, tag in order}
+            probe = _native.time_backward if prob[0] == "bwd" else _native.time_forward
+            t = {tag: probe(*prob[1:], 1, vals) for vals, tag in order}
             ratios.append(t["set"] / t["base"])
         out[name] = statistics.median(ratios)
+    _native.release_probes()
     return out
 
 

@@ -719,6 +719,10 @@ NB_MODULE(_native, m) {
       "Sets the tuning parameters of later calls (every field, each within its range).");
   m.def("time_forward", &jaxconv_tune::time_forward,
         "The best single-threaded time of a small forward.");
+  m.def("time_backward", &jaxconv_tune::time_backward,
+        "The best single-threaded time of a small backward (both gradients).");
+  m.def("release_probes", &jaxconv_tune::release_probes,
+        "Frees the timing probes' problems kept by this thread; returns how many.");
   m.def(
       "peak_probe",
       [](const std::string& kind, int threads, double seconds, const std::string& isa) {

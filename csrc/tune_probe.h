@@ -32,4 +32,13 @@ jaxconv::Params params_from(const nb::dict& d);
 double time_forward(int64_t op, int64_t n, int64_t h, int64_t wd, int64_t c, int64_t k,
                     int64_t o, int64_t reps, const nb::dict& d);
 
+// The same for the backward of that problem (both gradients; max / min without a winner
+// record, so they rescan) at its forward output and a fixed pseudo-random cotangent.
+double time_backward(int64_t op, int64_t n, int64_t h, int64_t wd, int64_t c, int64_t k,
+                     int64_t o, int64_t reps, const nb::dict& d);
+
+// The probes keep their problems' data (per thread) from one call to the next; this frees
+// them (the search calls it when it ends). Returns how many problems were kept.
+int64_t release_probes();
+
 }  // namespace jaxconv_tune

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 from geometries import table
-from reference import NUMPY_OPS, conv_reference
+from reference import NUMPY_OPS, NUMPY_PARTIALS, conv_grads_reference, conv_reference
 
 import jaxconv
 from jaxconv import _native
@@ -115,6 +115,52 @@ def test_every_parameter_set_gives_the_reference_numbers(name, case, restore_par
                                        err_msg=str(values))
 
 
+# The backward's problems: a dense product whose 272 input channels make the dense sums
+# backward's blocks (csrc/kernel_sumbwd_dense.h: eight of two vectors and one of one; `bcast`
+# and `l1_split` pick its form) with 13 positions (two tiles of 6 and a rest) and 136 output
+# channels (a ragged last block), and a 3x3 convolution (the max/min winner scan reads x the
+# way `bcast` says); (x shape, w shape, padding), NHWC / HWIO, stride 1.
+BACKWARD_CASES = {"dense": ((13, 1, 1, 272), (1, 1, 272, 136), ((0, 0), (0, 0))),
+                  "conv": ((2, 6, 5, 32), (3, 3, 32, 24), ((1, 1), (1, 1)))}
+
+
+@pytest.mark.parametrize("case", sorted(BACKWARD_CASES))
+@pytest.mark.parametrize("name", NATIVE_OPS)
+def test_every_parameter_set_gives_the_reference_gradients(name, case, restore_params):
+    """The backward (both gradients) under the defaults matches the numpy loop reference, and
+    under every set (each value of `bcast` and `l1_split`, which act in it) gives the
+    defaults' bits: no parameter changes a gradient's sum order."""
+    xs, ws, pads = BACKWARD_CASES[case]
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal(xs).astype(np.float32)
+    w = rng.standard_normal(ws).astype(np.float32)
+    out = (xs[0], xs[1] + sum(pads[0]) - ws[0] + 1, xs[2] + sum(pads[1]) - ws[1] + 1, ws[3])
+    g = rng.standard_normal(out).astype(np.float32)
+    npname = "l2" if name == "l2_exact" else name
+    npop = NUMPY_OPS[npname]
+    reduce = {np.add: "sum", np.maximum: "max", np.minimum: "min"}[npop.reduce]
+    want_dx, want_dw = conv_grads_reference(x, w, g, pads, combine=npop.combine,
+                                            partials=NUMPY_PARTIALS[npname], reduce=reduce,
+                                            pad_value=npop.pad_value)
+
+    def grads():
+        f = lambda a, b: jaxconv.conv_general_dilated(  # noqa: E731
+            a, b, (1, 1), pads, op=name, engine="native",
+            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        _, vjp = jax.vjp(f, x, w)
+        return tuple(np.asarray(v) for v in vjp(g))
+
+    _native.set_params(tuning.defaults())
+    base = grads()
+    for got, want in zip(base, (want_dx, want_dw), strict=True):
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * np.max(np.abs(want)))
+    for values in (*PARAM_SETS, *({**tuning.defaults(), "bcast": b, "l1_split": s}
+                                  for b in (0, 1) for s in (0, 1))):
+        _native.set_params(values)
+        for got, want in zip(grads(), base, strict=True):
+            np.testing.assert_array_equal(got, want, err_msg=str(values))
+
+
 def test_the_override_is_parsed_and_validated():
     assert tuning.parse("") == {} and tuning.parse("default") == {}
     assert tuning.parse(" panel_kib = 32 ,keyed=0") == {"panel_kib": 32, "keyed": 0}
@@ -153,8 +199,8 @@ def test_a_forced_set_is_used(fresh, monkeypatch):
     """The override replaces the fields it names (over the search or the defaults), and the
     calls run with it: `_native.params()` and `explain` say so."""
     monkeypatch.setenv(tuning.ENV_TUNE, "off")
-    monkeypatch.setenv(tuning.ENV_PARAMS, "panel_kib=48,keyed=0")
-    expected = {**tuning.defaults(), "panel_kib": 48, "keyed": 0}
+    monkeypatch.setenv(tuning.ENV_PARAMS, "panel_kib=48,keyed=0,bcast=0,l1_split=0")
+    expected = {**tuning.defaults(), "panel_kib": 48, "keyed": 0, "bcast": 0, "l1_split": 0}
     x = np.ones((1, 4, 4, 2), np.float32)
     w = np.ones((3, 3, 2, 2), np.float32)
     _conv("max_min", dict(window_strides=(1, 1), padding="SAME"))(x, w)
@@ -177,7 +223,7 @@ def test_the_search_is_cached_reused_rerun_and_cleared(fresh, monkeypatch, tmp_p
     assert record["params"] == first and record["isa"] == _native.isa()
     # The entry keeps the search's scores and conditions, and explain shows why.
     report = record["search"]
-    assert set(report["steps"]) == {name for name, _, _ in tuning._STEPS}
+    assert set(report["steps"]) == {name for name, _ in tuning._STEPS}
     assert report["conditions"]["rounds"] == 1 and report["conditions"]["cpu_s"] > 0
     assert got["search"] == report and got["why"].startswith("searched at ")
     text = str(jaxconv.explain("max_plus", platform="cpu", engine="native"))
@@ -217,11 +263,40 @@ def test_the_search_picks_a_valid_set():
     chosen, report = tuning.search(rounds=1, confirm_rounds=1)
     assert tuning.validate(chosen) == chosen and set(chosen) == set(tuning.fields())
     steps = report["steps"]
-    assert set(steps) == {"panels", "tile", "bcast", "fma_add", "keyed", "min_form"}
-    assert all(v > 0 for step in steps.values() for v in step["screen"].values())
+    assert set(steps) == {"panels", "tile", "bcast", "l1_split", "fma_add", "keyed", "min_form"}
+    searched = {k: v for k, v in steps.items() if "skipped" not in v}
+    assert all(v > 0 for step in searched.values() for v in step["screen"].values())
+    # The backward is timed where a parameter acts in it: bcast in both directions, l1_split
+    # (AVX-512 with bcast) in the backward alone; the others in the forward.
+    assert set(steps["bcast"]["screen_dirs"]["0"]) == {"fwd", "bwd"}
+    assert any(p.startswith("bwd l1 ") for p in steps["bcast"]["problems"])
+    if "skipped" in steps["l1_split"]:
+        assert steps["l1_split"]["skipped"].startswith("acts ")
+    else:
+        assert set(steps["l1_split"]["screen_dirs"]["0"]) == {"bwd"}
+        assert all(p.startswith("bwd ") for p in steps["l1_split"]["problems"])
+    assert all(p.startswith("fwd ") for p in steps["panels"]["problems"])
     cond = report["conditions"]
     assert cond["rounds"] == 1 and cond["confirm_rounds"] == 1 and cond["wall_s"] > 0
     assert isinstance(cond["busy"], bool) and len(cond["load_per_cpu"]) == 2
+
+
+def test_the_probes_time_forwards_and_backwards_and_free_their_data():
+    """The search's probes: positive single-threaded times of each built-in op's forward and
+    backward (the same problem's data kept between calls, freed by `release_probes`, which
+    the search calls when it ends); a problem that is not small and non-empty is refused."""
+    base = tuning.defaults()
+    _native.release_probes()
+    for op in range(7):  # max_plus .. l2_exact
+        assert _native.time_forward(op, 2, 6, 6, 16, 3, 16, 1, base) > 0
+        assert _native.time_backward(op, 2, 6, 6, 16, 3, 16, 1, base) > 0
+        assert _native.time_backward(op, 13, 1, 1, 272, 1, 136, 2, base) > 0
+    assert _native.release_probes() == 14 and _native.release_probes() == 0
+    for bad in ((0, 1, 2, 2, 4, 3, 4, 1), (0, 1, 4, 4, 4, 3, 4, 0), (99, 1, 4, 4, 4, 3, 4, 1)):
+        with pytest.raises(ValueError):
+            _native.time_backward(*bad, base)
+    tuning.search(rounds=1, confirm_rounds=1)
+    assert _native.release_probes() == 0
 
 
 def _synthetic(monkeypatch, screen, confirm, final=0.9):
@@ -252,7 +327,8 @@ def _synthetic(monkeypatch, screen, confirm, final=0.9):
     return paired
 
 
-@pytest.mark.parametrize("name", ["panels", "tile", "bcast", "fma_add", "keyed", "min_form"])
+@pytest.mark.parametrize("name", ["panels", "tile", "bcast", "l1_split", "fma_add", "keyed",
+                                  "min_form"])
 @pytest.mark.parametrize(("screen", "confirm", "taken"), [
     (0.97, 0.5, False),  # a noise-level lead in the screening: not even re-timed
     (0.80, 0.97, False),  # a lead the paired re-timing does not confirm
@@ -263,6 +339,8 @@ def test_only_a_confirmed_clear_lead_replaces_a_default(monkeypatch, name, scree
     """Every searched parameter needs its margin twice: in the screening (best of rounds) and
     in the paired re-timing against the current choice (one search under load cached
     tile=1, block_kib=4096 on leads of a few percent: layer A's forward ~1.8x slower)."""
+    if tuning._applies(name, tuning.defaults()) is not None:
+        pytest.skip(f"{name} is not searched here: {tuning._applies(name, tuning.defaults())}")
     paired = _synthetic(monkeypatch, {name: screen}, {name: confirm})
     chosen, report = tuning.search(rounds=1, confirm_rounds=3)
     step = report["steps"][name]
@@ -318,6 +396,81 @@ def test_a_set_that_does_not_beat_the_defaults_is_dropped(monkeypatch):
     assert report["final"]["score"] == 1.02 and report["final"]["kept"] is False
     assert chosen == tuning.defaults()
     assert "dropped" in tuning.summary(report)
+
+
+def test_a_step_scores_each_direction_and_says_when_they_disagree(monkeypatch):
+    """bcast is screened on forwards and backwards: its score is the geometric mean over its
+    problems, the report keeps each direction's, and a challenger that leads by the margin
+    in one direction and trails by it in the other is flagged (one value serves both)."""
+    seen = []
+
+    def scores(cands, probs, rounds):
+        diff = {k for c in cands[1:] for k in c if c[k] != cands[0][k]}
+        seen.append((tuple(sorted(diff)), {p[0] for p in probs}))
+        if diff == {"bcast"}:
+            return [1.0, 1.2 if probs[0][0] == "bwd" else 0.8]
+        return [1.0] * len(cands)
+
+    monkeypatch.setattr(tuning, "_scores", scores)
+    chosen, report = tuning.search(rounds=1, confirm_rounds=1)
+    assert (("bcast",), {"fwd"}) in seen and (("bcast",), {"bwd"}) in seen
+    step = report["steps"]["bcast"]
+    n_fwd = sum(p.startswith("fwd ") for p in step["problems"])
+    n_bwd = len(step["problems"]) - n_fwd
+    assert step["screen_dirs"]["0"] == {"fwd": 0.8, "bwd": 1.2}
+    want = (0.8**n_fwd * 1.2**n_bwd) ** (1 / (n_fwd + n_bwd))
+    assert step["screen"]["0"] == pytest.approx(want)
+    assert step["directions_disagree"] is True and step["confirm"] is None
+    assert chosen == tuning.defaults()
+    assert "bcast 1 (0 1.0" in tuning.summary(report)
+    assert "[fwd 0.80x, bwd 1.20x], fwd and bwd disagree)" in tuning.summary(report)
+
+
+def test_a_step_of_fewer_problems_retimes_more_rounds(monkeypatch):
+    """A one-problem step's confirmation takes three times the paired rounds of a
+    three-problem one (its median then rests on as many pairs): under synthetic noise 1 of 20
+    searches took l1_split=0 with 7 (a true 1.18x loss on l1's backward)."""
+    rounds_seen = {}
+
+    def scores(cands, probs, rounds):
+        return [1.0, 0.8] + [1.0] * (len(cands) - 2)
+
+    def pair(base, cand, probs, rounds):
+        diff = {k for k in cand if cand[k] != base[k]}
+        rounds_seen.setdefault("panels" if "panel_kib" in diff else diff.pop(), rounds)
+        return 1.0, [1.0] * len(probs)
+
+    monkeypatch.setattr(tuning, "_scores", scores)
+    monkeypatch.setattr(tuning, "_paired", pair)
+    _, report = tuning.search(rounds=1, confirm_rounds=7)
+    assert rounds_seen["panels"] == 7 and rounds_seen["keyed"] == 21
+    assert report["steps"]["keyed"]["confirm_rounds"] == 21
+
+
+def test_a_changed_step_whose_problems_are_slower_in_the_set_goes_back(monkeypatch):
+    """The set against the defaults: faster over all its problems (panels 0.8x) but one
+    step's own problem slower (keyed 1.1x): that step goes back to its default, the rest
+    stays, and the report says so."""
+
+    def scores(cands, probs, rounds):
+        diff = {k for c in cands[1:] for k in c if c[k] != cands[0][k]}
+        lead = diff <= {"panel_kib", "block_kib"} or diff == {"keyed"}
+        return [1.0] + [0.8 if lead and i == 1 else 1.0 for i in range(1, len(cands))]
+
+    def pair(base, cand, probs, rounds):
+        if cand["keyed"] != base["keyed"] and cand["panel_kib"] != base["panel_kib"]:
+            per = [1.1 if p[1] == tuning._OPS["max_min"] else 0.8 for p in probs]
+            return tuning._geomean(per), per
+        return 0.8, [0.8] * len(probs)
+
+    monkeypatch.setattr(tuning, "_scores", scores)
+    monkeypatch.setattr(tuning, "_paired", pair)
+    chosen, report = tuning.search(rounds=1, confirm_rounds=3)
+    base = tuning.defaults()
+    assert report["final"]["kept"] is True and report["final"]["reverted"] == ["keyed"]
+    assert chosen == {**base, "panel_kib": tuning._PANELS[1][0],
+                      "block_kib": tuning._PANELS[1][1]}
+    assert "keyed reverted" in tuning.summary(report)
 
 
 def test_tied_challengers_retime_the_first_listed(monkeypatch):
@@ -384,7 +537,8 @@ def test_an_entry_made_under_load_is_searched_again_when_quiet(fresh, monkeypatc
 
 
 def test_an_entry_of_the_earlier_search_is_searched_again(fresh, tmp_path):
-    """Entries of the search before the confirmations (no record format) are not trusted."""
+    """Entries of the search before the confirmations (no record format) and of the
+    forward-only search (format 2) are not trusted."""
     tuning.ensure()
     entry = tmp_path / "tuning" / f"params-{tuning.cache_key()}.json"
     record = json.loads(entry.read_text())
@@ -394,7 +548,14 @@ def test_an_entry_of_the_earlier_search_is_searched_again(fresh, tmp_path):
     tuning._reset_for_tests()
     tuning.ensure()
     assert len(fresh) == 2 and tuning.params()["source"] == "search"
-    assert json.loads(entry.read_text())["search_version"] == tuning._SEARCH_VERSION
+    record = json.loads(entry.read_text())
+    assert record["search_version"] == tuning._SEARCH_VERSION
+    # An entry of the forward-only search (format 2: no backward scores) is searched again.
+    entry.write_text(json.dumps({**record, "search_version": 2}))
+    tuning._reset_for_tests()
+    tuning.ensure()
+    assert len(fresh) == 3 and tuning.params()["source"] == "search"
+    assert json.loads(entry.read_text())["search_version"] == tuning._SEARCH_VERSION == 3
 
 
 _ISA_SCRIPT = r"""

@@ -16,13 +16,20 @@ The forward kernels take a few run-time parameters (``csrc/kernel_params.h``, on
   compiled in;
 - ``bcast`` (AVX-512 only): the forward's combine reads each input value as an embedded
   broadcast (1) or from one broadcast register per tile row (0), the same bits; the dense
-  adder / l1 backward reads its cotangent the same way;
+  adder / l1 backward reads its cotangent the same way, and the max / min backward's winner
+  scan its x;
 - ``lanes``: the forward's kernel blocks are cut into this many runs with a work counter
   each, a thread starting in its own, so that each thread packs only its blocks (1: one
   counter, every thread packs every block), the same bits;
-- ``l1_split`` (AVX-512 with ``bcast``, not searched): ``l1``'s dense backward takes two
-  terms in three as ``g * sign(x - w)`` added to both gradients (1) or every term as two
-  fused multiply-adds (0), the same bits.
+- ``l1_split`` (AVX-512 with ``bcast``): ``l1``'s dense backward takes two terms in three as
+  ``g * sign(x - w)`` added to both gradients (1) or every term as two fused multiply-adds
+  (0), the same bits.
+
+``bcast`` and ``l1_split`` act in the backward, and the search times them there too (small
+single-threaded backwards, both gradients: ``time_backward`` in ``csrc/tune_probe.cc``).
+One ``bcast`` serves both directions: on Zen 4 both want 1 (0 is 1.1-1.3x slower forward,
+1.07-1.2x backward); a search whose screening finds them disagreeing by the margin says so
+(``directions_disagree``), the sign that a CPU would want them apart.
 
 No parameter changes a max/min result's bits; only ``min_form`` changes a sum's rounding
 (both forms stay within the documented bound of a product's sum).
@@ -31,10 +38,11 @@ How a process picks its parameters, at the native engine's first use (`ensure`):
 
 1. ``JAXCONV_NATIVE_TUNE`` = ``on`` (the default) takes the entry of this CPU from the cache,
    or runs the search (`search`: single-threaded timings of a few small representative
-   forwards, a few tenths of a second of CPU time) and stores it; ``rerun`` searches again
-   and overwrites the entry; ``off`` keeps the compiled-in defaults (no search, no file).
-   An entry whose search ran under load (load average above one per CPU) is searched again
-   by the first process that starts on a quiet machine (load under half a CPU each), once.
+   forwards and backwards, a few tenths of a second of CPU time) and stores it; ``rerun``
+   searches again and overwrites the entry; ``off`` keeps the compiled-in defaults (no
+   search, no file). An entry whose search ran under load (load average above one per CPU)
+   is searched again by the first process that starts on a quiet machine (load under half a
+   CPU each), once.
 2. ``JAXCONV_NATIVE_PARAMS`` overrides fields on top: ``"panel_kib=32,keyed=0"`` (comma
    separated ``name=integer``; ``default`` alone means the compiled-in defaults). A name not
    in the list, a value that is not an integer or out of its range raises ``ValueError``.
@@ -298,56 +306,108 @@ def _write(path: pathlib.Path, values: dict[str, int], report: dict[str, Any]) -
     return True
 
 
-# The search's problems (single-threaded, VALID): (op, n, h, w, c, k, o): a dense (1x1)
-# product and a 3x3 one whose kernel blocks (K x 64 on AVX-512: 1 MiB, 288 KiB) exceed the
-# default one-panel limit, and a 3x3 one whose block (147 KiB) does not.
-_DENSE = (0, 128, 1, 1, 1024, 1, 256)
-_CONV_BIG = (0, 1, 10, 10, 128, 3, 128)
-_CONV = (0, 2, 18, 18, 64, 3, 64)
+# The search's problems (single-threaded, VALID): (n, h, w, c, k, o): a dense (1x1) product
+# and a 3x3 one whose kernel blocks (K x 64 on AVX-512: 1 MiB, 288 KiB) exceed the default
+# one-panel limit, and a 3x3 one whose block (147 KiB) does not; for the backward, a dense
+# product whose input channels make 16 blocks of the dense sums backward
+# (kernel_sumbwd_dense.h: 12.6 M terms, ~0.6 ms on Zen 4).
+_DENSE = (128, 1, 1, 1024, 1, 256)
+_CONV_BIG = (1, 10, 10, 128, 3, 128)
+_CONV = (2, 18, 18, 64, 3, 64)
+_DENSE_BWD = (96, 1, 1, 512, 1, 256)
 # (panel_kib, block_kib) candidates, the compiled-in default first.
 _PANELS = ((16, 192), (64, 192), (128, 192), (16, 1024), (128, 1024), (16, 4096))
-_OPS = {"max_plus": 0, "max_min": 2, "adder": 4}
-# The search's steps in order: (name, op, problems). "panels" sets panel_kib and block_kib
-# together; each other step is one 0/1 parameter of that name.
-_STEPS = (("panels", "max_plus", (_DENSE, _CONV_BIG, _CONV)),
-          ("tile", "max_plus", (_DENSE, _CONV_BIG, _CONV)),
-          ("bcast", "max_plus", (_DENSE, _CONV)),
-          ("fma_add", "max_plus", (_DENSE,)),
-          ("keyed", "max_min", (_DENSE,)),
-          ("min_form", "adder", (_CONV,)))
+_OPS = {"max_plus": 0, "max_min": 2, "adder": 4, "l1": 5}
+_FWD, _BWD = "fwd", "bwd"
+# The search's steps in order: (name, problems), each problem (direction, op, shape): the
+# forward, or the backward (both gradients) at the forward's output. "panels" sets panel_kib
+# and block_kib together; each other step is one 0/1 parameter of that name. `bcast` acts in
+# the forward, in the dense adder / l1 backward (which reads its cotangent the same way) and
+# in the max / min backward's winner scan (a rescan: the probe keeps no record), and is timed
+# in both directions; `l1_split` acts only in l1's dense backward, and only with `bcast` on
+# AVX-512 (`_applies`).
+_STEPS = (("panels", ((_FWD, "max_plus", _DENSE), (_FWD, "max_plus", _CONV_BIG),
+                      (_FWD, "max_plus", _CONV))),
+          ("tile", ((_FWD, "max_plus", _DENSE), (_FWD, "max_plus", _CONV_BIG),
+                    (_FWD, "max_plus", _CONV))),
+          ("bcast", ((_FWD, "max_plus", _DENSE), (_FWD, "max_plus", _CONV),
+                     (_BWD, "adder", _DENSE_BWD), (_BWD, "l1", _DENSE_BWD),
+                     (_BWD, "max_plus", _CONV))),
+          ("l1_split", ((_BWD, "l1", _DENSE_BWD),)),
+          ("fma_add", ((_FWD, "max_plus", _DENSE),)),
+          ("keyed", ((_FWD, "max_min", _DENSE),)),
+          ("min_form", ((_FWD, "adder", _CONV),)))
 # A challenger replaces the current choice only when its time relative to it is below the
 # step's margin, both in the screening and in the paired re-timing. Under load the screening
 # reads 5-10% leads that are not there (one search cached tile=1, block_kib=4096: layer A's
 # forward ~1.8x slower on Zen 4); the other register tile's timings spread most, and the min
 # form changes a sum's rounding.
-_MARGINS = {"panels": 0.95, "tile": 0.9, "bcast": 0.95, "fma_add": 0.95, "keyed": 0.95,
-            "min_form": 0.95}
+_MARGINS = {"panels": 0.95, "tile": 0.9, "bcast": 0.95, "l1_split": 0.95, "fma_add": 0.95,
+            "keyed": 0.95, "min_form": 0.95}
 # Challengers whose screening is within this of the fastest count as tied: the first listed
 # of them is the one re-timed.
 _TIE = 0.03
-# Paired rounds (current, challenger, then challenger, current, ...) of a confirmation.
+# Paired rounds (current, challenger, then challenger, current, ...) of a confirmation, times
+# ceil(_CONFIRM_PAIRS / the step's problem count): a one-problem step re-times 21 rounds. With
+# 7 alone, 1 of 20 searches under synthetic noise (benchmarks/tuning_search.py --noise 0.2)
+# took l1_split=0 (one problem, a true 1.18x loss: E's l1 backward 1.16x slower).
 _CONFIRM_ROUNDS = 7
-# The search's record format (an entry of another format is searched again).
-_SEARCH_VERSION = 2
+_CONFIRM_PAIRS = 3
+# The search's record format (an entry of another format is searched again): 3 adds the
+# backward's problems and scores (the bcast and l1_split steps).
+_SEARCH_VERSION = 3
 # Load average per CPU above which a search counts as made under load, and below which a
 # later process searches such an entry again (once the machine is quiet).
 _BUSY_LOAD = 1.0
 _QUIET_LOAD = 0.5
 
 
-def _time(problem: tuple[int, ...], values: dict[str, int], reps: int) -> float:
-    """The time of one forward problem under ``values`` (thread CPU time, the kernel's own).
+def _time(problem: tuple[Any, ...], values: dict[str, int], reps: int) -> float:
+    """The time of one probe problem under ``values`` (thread CPU time, the kernel's own).
 
     Args:
-        problem: ``(op, n, h, w, c, k, o)``.
+        problem: ``(direction, op id, n, h, w, c, k, o)``, direction ``"fwd"`` or ``"bwd"``.
         values: the parameters.
         reps: how many calls.
 
     Returns:
-        The time the extension reports.
+        The time the extension reports (its best of `reps`).
     """
-    op, n, h, w, c, k, o = problem
-    return float(_native().time_forward(op, n, h, w, c, k, o, reps, values))
+    direction, op, n, h, w, c, k, o = problem
+    probe = _native().time_backward if direction == _BWD else _native().time_forward
+    return float(probe(op, n, h, w, c, k, o, reps, values))
+
+
+def _applies(name: str, chosen: dict[str, int]) -> str | None:
+    """Why step `name` is not searched under the current choice, or ``None`` when it is.
+
+    Args:
+        name: the step.
+        chosen: the parameters chosen so far.
+
+    Returns:
+        The reason (kept in the report), or ``None``.
+    """
+    if name == "l1_split":
+        if str(_native().isa()) != "avx512":
+            return "acts on AVX-512 only"
+        if chosen["bcast"] == 0:
+            return "acts with bcast=1 only"
+    return None
+
+
+def _label(problem: tuple[Any, ...]) -> str:
+    """A problem's name in the report: ``"bwd l1 96x1x1x512 k1 o256"``.
+
+    Args:
+        problem: ``(direction, op id, n, h, w, c, k, o)``.
+
+    Returns:
+        The name.
+    """
+    direction, op, n, h, w, c, k, o = problem
+    name = next((nm for nm, i in _OPS.items() if i == op), str(op))
+    return f"{direction} {name} {n}x{h}x{w}x{c} k{k} o{o}"
 
 
 def _geomean(ratios: list[float]) -> float:
@@ -369,7 +429,7 @@ def _geomean(ratios: list[float]) -> float:
     return prod ** (1.0 / len(ratios))
 
 
-def _scores(cands: list[dict[str, int]], problems: list[tuple[int, ...]],
+def _scores(cands: list[dict[str, int]], problems: list[tuple[Any, ...]],
             rounds: int) -> list[float]:
     """The screening: each candidate's geometric mean over `problems` of its best time
     relative to the first candidate's (rounds interleaved, so that a slow moment hits every
@@ -377,7 +437,7 @@ def _scores(cands: list[dict[str, int]], problems: list[tuple[int, ...]],
 
     Args:
         cands: the candidate parameter sets, the current choice first.
-        problems: the forward problems timed.
+        problems: the problems timed (`_time`).
         rounds: how many interleaved rounds.
 
     Returns:
@@ -392,7 +452,7 @@ def _scores(cands: list[dict[str, int]], problems: list[tuple[int, ...]],
                       for a, b in zip(row, t[0], strict=True)]) for row in t]
 
 
-def _paired(base: dict[str, int], cand: dict[str, int], problems: list[tuple[int, ...]],
+def _paired(base: dict[str, int], cand: dict[str, int], problems: list[tuple[Any, ...]],
             rounds: int) -> tuple[float, list[float]]:
     """The confirmation: `cand`'s time relative to `base`'s in paired rounds.
 
@@ -404,7 +464,7 @@ def _paired(base: dict[str, int], cand: dict[str, int], problems: list[tuple[int
     Args:
         base: the current choice.
         cand: the challenger.
-        problems: the forward problems timed.
+        problems: the problems timed (`_time`).
         rounds: how many paired rounds.
 
     Returns:
@@ -436,26 +496,78 @@ def _load_per_cpu() -> float | None:
     return load / max(cpus, 1)
 
 
+def _by_direction(problems: list[tuple[Any, ...]], values: list[float]) -> dict[str, float]:
+    """The geometric mean of per-problem `values` in each direction (``fwd``, ``bwd``).
+
+    Args:
+        problems: the problems (`_time`).
+        values: one positive value per problem.
+
+    Returns:
+        ``{direction: geometric mean}`` over the directions present.
+    """
+    out = {}
+    for d in (_FWD, _BWD):
+        vs = [v for p, v in zip(problems, values, strict=True) if p[0] == d]
+        if vs:
+            out[d] = _geomean(vs)
+    return out
+
+
+def _screen(cands: list[dict[str, int]], problems: list[tuple[Any, ...]],
+            rounds: int) -> tuple[list[float], list[dict[str, float]]]:
+    """`_scores` in each direction, and over all problems.
+
+    Args:
+        cands: the candidate parameter sets, the current choice first.
+        problems: the problems timed (`_time`).
+        rounds: how many interleaved rounds.
+
+    Returns:
+        ``(scores, directions)``: one score per candidate over every problem (the geometric
+        mean of its directions' scores weighted by their problem counts), and per candidate
+        ``{direction: score}``.
+    """
+    per = {d: _scores(cands, [p for p in problems if p[0] == d], rounds)
+           for d in (_FWD, _BWD) if any(p[0] == d for p in problems)}
+    counts = {d: sum(1 for p in problems if p[0] == d) for d in per}
+    total = sum(counts.values())
+    scores, dirs = [], []
+    for i in range(len(cands)):
+        prod = 1.0
+        for d, sc in per.items():
+            prod *= (sc[i] if sc[i] > 0 else float("inf")) ** counts[d]
+        scores.append(prod ** (1.0 / total))
+        dirs.append({d: sc[i] for d, sc in per.items()})
+    return scores, dirs
+
+
 def search(rounds: int = 3, confirm_rounds: int = _CONFIRM_ROUNDS
            ) -> tuple[dict[str, int], dict[str, Any]]:
     """Measures the candidate parameters on small problems and returns the best set.
 
     Each candidate runs single-threaded on fixed data, timed in the thread's CPU time (time
     spent descheduled on a busy machine does not count). In turn (`_STEPS`): the panel sizes
-    and the register tile (max_plus on a dense and two 3x3 problems), the embedded broadcasts
-    (max_plus, a 3x3 and the dense problem), the adds (max_plus, dense), integer keys or float
-    min/max (max_min, dense) and the min form or the direct loop (adder, 3x3). ``items`` and
-    ``lanes`` (the thread split, which a single-threaded timing cannot judge) keep their
-    defaults.
+    and the register tile (max_plus forwards on a dense and two 3x3 problems), the embedded
+    broadcasts (max_plus forwards, a 3x3 and the dense problem, and backwards (both
+    gradients): the dense adder and l1, which read their cotangent that way, and max_plus's
+    3x3 winner scan), l1's split
+    backward (l1's dense backward; AVX-512 with ``bcast`` only, else not searched), the adds
+    (max_plus, dense), integer keys or float min/max (max_min, dense) and the min form or the
+    direct loop (adder, 3x3). ``items`` and ``lanes`` (the thread split, which a
+    single-threaded timing cannot judge) keep their defaults.
 
     A step first screens its candidates against the current choice (best of `rounds`
-    interleaved rounds). The fastest, if it leads by the step's margin (`_MARGINS`), is then
-    re-timed against the current choice in `confirm_rounds` paired rounds (medians of the
-    pairs' ratios, `_paired`) and taken only if it still leads by the margin (of challengers
-    within `_TIE` of the fastest, the first listed is the one re-timed). If the set that
-    results is not the defaults and more than one step changed it, it is timed against them
-    once more (paired, on the problems of the steps that changed) and dropped for the
-    defaults unless it is faster.
+    interleaved rounds, in each direction; the step's score is the geometric mean over its
+    problems). The fastest, if it leads by the step's margin (`_MARGINS`), is then re-timed
+    against the current choice in `confirm_rounds` paired rounds (times
+    ``ceil(_CONFIRM_PAIRS / problems)``: a one-problem step takes three times as many; medians
+    of the pairs' ratios, `_paired`) and taken only if it still leads by the margin (of
+    challengers within `_TIE` of the fastest, the first listed is the one re-timed). If the
+    set that results is not the defaults and more than one step changed it, it is timed
+    against them once more (paired, on the problems of the steps that changed) and dropped
+    for the defaults unless it is faster; a changed step whose own problems are not faster in
+    that timing goes back to its defaults.
 
     Args:
       rounds: screening rounds per candidate.
@@ -463,11 +575,17 @@ def search(rounds: int = 3, confirm_rounds: int = _CONFIRM_ROUNDS
 
     Returns:
       ``(params, report)``: the chosen set and what the choice rests on: ``steps`` (per step:
-      ``screen`` {label: time relative to the current choice}, ``challenger``, ``confirm``
-      (its paired relative time, or ``None`` when it was not re-timed), ``margin``,
-      ``chosen``), ``final`` (the chosen set against the defaults, or ``None`` when they are
-      the defaults) and ``conditions`` (load per CPU before and after, CPUs, rounds, the
-      search's CPU and wall seconds, when).
+      ``problems`` (their names), ``screen`` {label: time relative to the current choice},
+      ``screen_dirs`` {label: {"fwd" | "bwd": the same in one direction}}, ``challenger``,
+      ``confirm`` (its paired relative time, or ``None`` when it was not re-timed),
+      ``confirm_problems``, ``confirm_dirs``, ``margin``, ``chosen``, and
+      ``directions_disagree`` where the screening's challenger leads by the margin in one
+      direction and trails by it in the other; a step that does not
+      apply under the choice so far has only ``skipped`` (why) and ``chosen``), ``final``
+      (the chosen set against the defaults: ``score``, ``problems``, ``kept``, and
+      ``reverted``, the steps put back; or ``None`` when they are the defaults) and
+      ``conditions`` (load per CPU before and after, CPUs, rounds, the search's CPU and wall
+      seconds, when).
 
     Example:
       >>> from jaxconv._src.engines.native import tuning
@@ -475,14 +593,35 @@ def search(rounds: int = 3, confirm_rounds: int = _CONFIRM_ROUNDS
       >>> sorted(chosen) == sorted(tuning.fields())
       True
     """
+    try:
+        return _search(rounds, confirm_rounds)
+    finally:
+        _native().release_probes()  # the probes' data, kept between their calls
+
+
+def _search(rounds: int, confirm_rounds: int) -> tuple[dict[str, int], dict[str, Any]]:
+    """`search`'s steps (the probes keep their problems' data until `search` frees them).
+
+    Args:
+      rounds: screening rounds per candidate.
+      confirm_rounds: paired rounds of a confirmation.
+
+    Returns:
+      ``(params, report)``, as `search`.
+    """
     cpu0, wall0, load0 = time.thread_time(), time.perf_counter(), _load_per_cpu()
     base = defaults()
     chosen = dict(base)
     steps: dict[str, Any] = {}
-    changed: list[tuple[int, ...]] = []
+    changed: list[tuple[Any, ...]] = []
     moved: list[str] = []
-    for name, op, problems in _STEPS:
-        probs = [(_OPS[op], *p[1:]) for p in problems]
+    own: dict[str, list[tuple[Any, ...]]] = {}
+    for name, problems in _STEPS:
+        skip = _applies(name, chosen)
+        if skip is not None:
+            steps[name] = {"skipped": skip, "chosen": str(chosen[name])}
+            continue
+        probs = [(d, _OPS[op], *shape) for d, op, shape in problems]
         if name == "panels":
             cands = [dict(chosen, panel_kib=p, block_kib=b) for p, b in _PANELS]
             labels = [f"{p}/{b}" for p, b in _PANELS]
@@ -497,23 +636,36 @@ def search(rounds: int = 3, confirm_rounds: int = _CONFIRM_ROUNDS
             cands = [dict(chosen), dict(chosen, **{name: 1 - chosen[name]})]
             labels = [str(chosen[name]), str(1 - chosen[name])]
         margin = _MARGINS[name]
-        scores = _scores(cands, probs, rounds)
+        scores, dirs = _screen(cands, probs, rounds)
         # The first listed of the challengers within `_TIE` of the fastest: among candidates
         # that the screening cannot tell apart (the large blocks on Zen 4) the choice, and
         # so the cached set, does not follow the noise from one search to the next.
         fastest = min(scores[1:])
         best = next(i for i in range(1, len(cands)) if scores[i] <= fastest * (1.0 + _TIE))
-        step: dict[str, Any] = {"screen": dict(zip(labels, scores, strict=True)),
+        step: dict[str, Any] = {"problems": [_label(p) for p in probs],
+                                "screen": dict(zip(labels, scores, strict=True)),
+                                "screen_dirs": dict(zip(labels, dirs, strict=True)),
                                 "challenger": labels[best], "confirm": None, "margin": margin,
                                 "chosen": labels[0]}
+        by_dir = dirs[best]
+        if len(by_dir) == 2 and min(by_dir.values()) < margin and max(by_dir.values()) * margin > 1:
+            # The directions disagree beyond the margin: one value for both costs one of them
+            # (on Zen 4 bcast=1 leads in both: 1.1-1.3x forward, 1.07-1.2x backward).
+            step["directions_disagree"] = True
         if scores[best] < margin:
-            score, per_problem = _paired(cands[0], cands[best], probs, confirm_rounds)
-            step.update(confirm=score, confirm_problems=per_problem)
+            # A step of fewer problems re-times more rounds: its median has as many pairs
+            # behind it as the three-problem steps' geometric mean (only a step that screened
+            # a lead pays for them).
+            n_rounds = confirm_rounds * -(-_CONFIRM_PAIRS // len(probs))
+            score, per_problem = _paired(cands[0], cands[best], probs, n_rounds)
+            step.update(confirm=score, confirm_problems=per_problem, confirm_rounds=n_rounds,
+                        confirm_dirs=_by_direction(probs, per_problem))
             if score < margin:
                 chosen = dict(cands[best])
                 step["chosen"] = labels[best]
                 changed.extend(p for p in probs if p not in changed)
                 moved.append(name)
+                own[name] = probs
         steps[name] = step
     final = None
     if chosen != base:
@@ -524,6 +676,17 @@ def search(rounds: int = 3, confirm_rounds: int = _CONFIRM_ROUNDS
         final = {"score": score, "problems": per_problem, "kept": score < 1.0}
         if not final["kept"]:
             chosen = dict(base)
+        elif len(moved) > 1:
+            # Each changed step's own problems must be faster too: the set's geometric mean
+            # over all of them can hide one step's loss behind another's gain (one noisy
+            # search took l1_split=0, 1.2x slower on l1's backward, behind the panels' 0.8x).
+            ratio = dict(zip(changed, per_problem, strict=True))
+            slower = [n for n in moved if _geomean([ratio[p] for p in own[n]]) >= 1.0]
+            if slower:
+                for n in slower:
+                    for field in (("panel_kib", "block_kib") if n == "panels" else (n,)):
+                        chosen[field] = base[field]
+                final["reverted"] = slower
     load1 = _load_per_cpu()
     loads = [x for x in (load0, load1) if x is not None]
     try:
@@ -539,6 +702,23 @@ def search(rounds: int = 3, confirm_rounds: int = _CONFIRM_ROUNDS
     return validate(chosen), {"steps": steps, "final": final, "conditions": conditions}
 
 
+def _directions(dirs: dict[str, float] | None) -> str:
+    """A step's scores by direction for `summary`: ``" [fwd 1.15x, bwd 1.08x]"`` where the
+    step timed a backward, ``" [bwd]"`` where it timed only backwards, else ``""``.
+
+    Args:
+        dirs: ``{direction: score}``, or ``None``.
+
+    Returns:
+        The text.
+    """
+    if not dirs or _BWD not in dirs:
+        return ""
+    if len(dirs) == 1:
+        return f" [{_BWD}]"
+    return " [" + ", ".join(f"{d} {dirs[d]:.2f}x" for d in (_FWD, _BWD) if d in dirs) + "]"
+
+
 def summary(report: dict[str, Any] | None) -> str:
     """One line saying what a search measured and why it chose what it did.
 
@@ -547,7 +727,9 @@ def summary(report: dict[str, Any] | None) -> str:
 
     Returns:
       E.g. ``"searched at load 4.9/CPU (2 CPUs), 3 + 7 paired rounds, 0.31 s CPU: panels
-      16/192 (16/1024 0.93x, paired 0.97x, needs < 0.95); tile 0 (1 1.04x); ..."``, or ``""``.
+      16/192 (16/1024 0.93x, paired 0.97x, needs < 0.95); tile 0 (1 1.04x); bcast 1 (0
+      1.12x [fwd 1.15x, bwd 1.08x]); l1_split 1 (0 1.03x [bwd]); ..."`` (a step that timed
+      backwards gives its scores by direction), or ``""``.
     """
     if not report:
         return ""
@@ -556,18 +738,25 @@ def summary(report: dict[str, Any] | None) -> str:
     load = f"load {max(loads):.1f}/CPU" if loads else "load unknown"
     parts = []
     steps = report.get("steps", {})
-    for name in [n for n, _, _ in _STEPS if n in steps]:
+    for name in [n for n, _ in _STEPS if n in steps]:
         step = steps[name]
-        lead = f"{step['challenger']} {step['screen'][step['challenger']]:.2f}x"
+        if "skipped" in step:
+            parts.append(f"{name} {step['chosen']} (not searched: {step['skipped']})")
+            continue
+        lead = (f"{step['challenger']} {step['screen'][step['challenger']]:.2f}x"
+                + _directions(step.get("screen_dirs", {}).get(step["challenger"])))
         if step.get("confirm") is not None:
-            lead += f", paired {step['confirm']:.2f}x"
+            lead += f", paired {step['confirm']:.2f}x" + _directions(step.get("confirm_dirs"))
         if step["chosen"] == step["challenger"] or step.get("confirm") is not None:
             lead += f", needs < {step['margin']:.2f}"
+        if step.get("directions_disagree"):
+            lead += ", fwd and bwd disagree"
         parts.append(f"{name} {step['chosen']} ({lead})")
     final = report.get("final")
     if final:
         parts.append(f"the set {final['score']:.2f}x the defaults"
-                     + ("" if final["kept"] else ", dropped"))
+                     + ("" if final["kept"] else ", dropped")
+                     + "".join(f", {n} reverted" for n in final.get("reverted", ())))
     return (f"searched at {load} ({cond.get('cpus', '?')} CPUs), {cond.get('rounds', '?')} + "
             f"{cond.get('confirm_rounds', '?')} paired rounds, {cond.get('cpu_s', 0):.2f} s "
             f"CPU{' (under load)' if cond.get('busy') else ''}: " + "; ".join(parts))
