@@ -47,12 +47,12 @@ inline __m512 mc_mul(const float* g, __m512 a) {  // g a
   return s;
 }
 
-template <>
-struct MemCot<Adder> {
+template <class Clip>
+struct MemCot<AdderOf<Clip>> {
   static constexpr bool kOn = true;
   static void term(const float* g, S::V x, S::V w, S::V& dx, S::V& dw, bool) {
     const S::V d = S::sub(x, w);
-    dx = mc_fnma(g, S::clip1(d), dx);
+    dx = mc_fnma(g, AdderOf<Clip>::template clip<S>(d), dx);
     dw = mc_fma(g, d, dw);
   }
 };

@@ -132,16 +132,35 @@ struct SumR {
   static constexpr bool kOddRule = false;
   static float ident() { return 0.0f; }
 };
-// -|x - w|, AdderNet: dX = clip(w - x, -1, 1), dW = x - w.
-struct Adder : SumR {
+// The clips of adder's input rule clip(w - x, -1, 1) (simd.h): ClipKeepNan keeps a NaN
+// difference NaN on every instruction set; ClipNoNan may give +-1 for one (AVX-512's one
+// vrangeps, where ClipKeepNan takes a max and a min on the add ports), so it serves operands
+// whose differences are never NaN: no NaN and no infinity among them.
+struct ClipKeepNan {
+  template <class T> static VT<T> clip(VT<T> d) { return T::clip1(d); }
+};
+struct ClipNoNan {
+  template <class T> static VT<T> clip(VT<T> d) { return T::clip1_nonan(d); }
+};
+// -|x - w|, AdderNet: dX = clip(w - x, -1, 1), dW = x - w, the clip by `Clip`. The table's op
+// is `Adder`, ClipNoNan's; its backward takes AdderOf<ClipKeepNan> (NanTwin, kernel_sums.h)
+// where the instruction set's ClipNoNan drops NaN and an operand is not finite.
+template <class Clip>
+struct AdderOf : SumR {
   static constexpr bool kMinForm = true;
   template <class T> static VT<T> step(VT<T> acc, VT<T> x, VT<T> w) {
     return T::fma(T::abs(T::sub(x, w)), T::set1(-1.0f), acc);
   }
+  template <class T> static VT<T> clip(VT<T> d) { return Clip::template clip<T>(d); }
   // w - x issued on the FMA ports (exact), leaving the add ports to the clip.
-  template <class T> static VT<T> hx(VT<T> x, VT<T> w) { return T::clip1(T::subf(w, x)); }
+  template <class T> static VT<T> hx(VT<T> x, VT<T> w) { return clip<T>(T::subf(w, x)); }
   template <class T> static VT<T> hw(VT<T> x, VT<T> w) { return T::sub(x, w); }
 };
+using Adder = AdderOf<ClipNoNan>;
+template <class Op>
+constexpr bool kIsAdder = false;
+template <class Clip>
+constexpr bool kIsAdder<AdderOf<Clip>> = true;
 // -|x - w| with its exact subgradient: d/dx = -sign(x - w), d/dw = sign(x - w), 0 at x == w.
 struct L1 : SumR {
   static constexpr bool kMinForm = true;

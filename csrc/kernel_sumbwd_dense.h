@@ -127,10 +127,14 @@ void dense_pair_block(const Ctx& c, int64_t b, int64_t grp, int64_t i0, float* d
 
 // Whether dense_pair_backward serves the call: a dense problem whose input channels are whole
 // vectors, with enough blocks of them for the threads (else pair_backward, which cuts the
-// positions into runs).
+// positions into runs). A tile's kDenseV vectors must lie in one packed block of NR input
+// channels (dense_pair_block reads them at i0 % NR): on AVX2 (NR = 24, kDenseV * W = 16) a
+// tile from channel 16 read channels 24..31 from the next output channel's row of the block,
+// and dx / dw of 48 of 272 channels were wrong (tests/test_native_sumbwd.py under
+// JAXCONV_NATIVE_ISA=avx2): there pair_backward serves instead.
 inline bool dense_pair_fits(const Ctx& c) {
   const int64_t blocks = (c.I + kDenseV * W - 1) / (kDenseV * W);
-  return c.T == 1 && c.OS == 1 && c.tab[0] == 0 && c.I % W == 0 &&
+  return NR % (kDenseV * W) == 0 && c.T == 1 && c.OS == 1 && c.tab[0] == 0 && c.I % W == 0 &&
          c.call->batch * c.G * blocks >= 8;
 }
 

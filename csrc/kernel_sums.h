@@ -12,8 +12,8 @@
 // 1.5 slots. Stand-alone loop of layer A's rows, Zen 4: 2.0 -> 1.7 cycles per vector-term.
 template <class Op>
 inline S::V hx_at(int v, S::V x, S::V w) {
-  if constexpr (std::is_same_v<Op, Adder>) {
-    if (v & 1) return S::clip1(S::sub(w, x));
+  if constexpr (kIsAdder<Op>) {
+    if (v & 1) return Op::template clip<S>(S::sub(w, x));
   }
   return Op::template hx<S>(x, w);
 }
@@ -309,4 +309,37 @@ void sum_backward(Ctx& c, int64_t parts) {
     else dw_item(it - ndx);
   };
   if (ndx + ndw > 0) parallel(c, ndx + ndw, both);
+}
+
+// NanTwin<Op>::type: the op whose backward keeps NaN where Op's, built for operands whose
+// terms are never NaN, may drop it: adder's input rule with ClipKeepNan (kernel_ops.h) where
+// this instruction set's one-instruction clip returns +-1 for NaN. Op itself elsewhere.
+template <class Op>
+struct NanTwin {
+  using type = Op;
+};
+template <>
+struct NanTwin<Adder> {
+  using type = std::conditional_t<S::kClipNoNanDropsNan, AdderOf<ClipKeepNan>, Adder>;
+};
+
+// The backward of Op's NaN twin, where it has one, the input gradient is asked for and an
+// operand holds a value that is not finite (a NaN, or an infinity that may meet the same one:
+// a NaN difference w - x); returns whether it ran. A finite call pays one scan of x and w
+// (all_finite: memory-bound, shared by the threads) and keeps the one-instruction clip.
+// The cotangent and a pad value need no scan: a NaN g makes the term's g * clip NaN with
+// either clip, and a padded term's input gradient is dropped.
+template <class Op>
+bool nan_twin_backward(Ctx& c) {
+  using Twin = typename NanTwin<Op>::type;
+  if constexpr (std::is_same_v<Twin, Op>) {
+    return false;
+  } else {
+    const jaxconv::Call& call = *c.call;
+    if (!(call.parts & 1) ||
+        all_finite(c, call.x, call.batch * c.x_bs, call.w, call.batch * c.w_bs))
+      return false;
+    sum_backward<Twin>(c, call.parts);
+    return true;
+  }
 }

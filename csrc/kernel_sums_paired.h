@@ -21,13 +21,13 @@ template <class Op>
 struct PairRule {
   static constexpr bool kHas = false;
 };
-template <>
-struct PairRule<Adder> {
+template <class Clip>
+struct PairRule<AdderOf<Clip>> {
   static constexpr bool kHas = true;
   static S::V cot(S::V g) { return g; }
   static void term(S::V gs, S::V x, S::V w, S::V& dx, S::V& dw) {
     const S::V d = S::sub(x, w);
-    dx = S::fnma(gs, S::clip1(d), dx);
+    dx = S::fnma(gs, AdderOf<Clip>::template clip<S>(d), dx);
     dw = S::fma(gs, d, dw);
   }
 };

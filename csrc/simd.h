@@ -60,6 +60,10 @@ struct Derived {
   template <class U = T> static V_<U> clip1(V_<U> a) {
     return U::min(U::set1(1.0f), U::max(U::set1(-1.0f), a));
   }
+  // clip1 for an `a` that is not NaN (+-inf clip to +-1): where it may return +-1 for a NaN,
+  // the struct says so with kClipNoNanDropsNan (AVX-512's one-instruction form).
+  static constexpr bool kClipNoNanDropsNan = false;
+  template <class U = T> static V_<U> clip1_nonan(V_<U> a) { return U::clip1(a); }
 };
 #if defined(__AVX512F__)
 struct S : Derived<S> {
@@ -81,8 +85,10 @@ struct S : Derived<S> {
   static V max(V a, V b) { return _mm512_max_ps(a, b); }
   static V min(V a, V b) { return _mm512_min_ps(a, b); }
   static V abs(V a) { return _mm512_abs_ps(a); }
-  // One instruction: the operand of smaller magnitude of (a, 1), with a's sign.
-  static V clip1(V a) { return _mm512_range_ps(a, _mm512_set1_ps(1.0f), 0x02); }
+  // One instruction (clip1's two): the operand of smaller magnitude of (a, 1), with a's sign;
+  // +-1 for a NaN `a` on Zen 4 (a probe: vrangeps(NaN, 1, 2) = 1, of -NaN -1).
+  static constexpr bool kClipNoNanDropsNan = true;
+  static V clip1_nonan(V a) { return _mm512_range_ps(a, _mm512_set1_ps(1.0f), 0x02); }
   // One instruction: a's class (NaN, zero, +1, -inf, +inf, negative, positive) picks
   // +0, +0, +1, -1, +1, -1, +1 from the table.
   static V sign0(V a) {

@@ -290,6 +290,15 @@ def _user_min2_partials(a, b):
     return pa, 2 * pb
 
 
+def _user_clip_partials(a, b):
+    """``jnp.clip(a - b, -1, 1)``, that is ``minimum(1, maximum(-1, a - b))``, as JAX
+    differentiates it (`_tie_partials`): 0 where ``a - b`` is NaN or beyond +-1."""
+    d = np.subtract(a, b)
+    m = np.maximum(-1.0, d)
+    p = (np.greater(d, -1) + 0.5 * (d == -1)) * (np.less(m, 1) + 0.5 * (m == 1))
+    return p, -p
+
+
 GRAD_OPS = {
     # name -> (op, numpy combine, partials, reduce, pad value)
     **{name: (name, NUMPY_OPS["l2" if name == "l2_exact" else name].combine,
@@ -306,6 +315,11 @@ GRAD_OPS = {
                                    np.greater(b, a) + 0.5 * (a == b)), "sum", None),
     "user_max": (jaxconv.Op(lambda a, b: jnp.minimum(a, 2 * b), "max", name="g_min2_max"),
                  lambda a, b: np.minimum(a, 2 * b), _user_min2_partials, "max", None),
+    # A user's clip under a sum (adder's built-in clip drops NaN in AVX-512's vrangeps).
+    "user_clip_sum": (jaxconv.Op(lambda a, b: jnp.clip(a - b, -1.0, 1.0), "sum",
+                                 name="g_clip_sum"),
+                      lambda a, b: np.clip(np.subtract(a, b), -1, 1), _user_clip_partials,
+                      "sum", None),
 }
 
 

@@ -42,7 +42,6 @@ from jaxconv._src.core import log_products, products
 from jaxconv._src.core.capabilities import capabilities
 from jaxconv._src.core.problem import Problem
 from jaxconv._src.engines.native import (
-    adder_nan,
     codegen,
     eligibility,
     ffi,
@@ -457,9 +456,6 @@ class NativeEngine(registry.Engine):
             gx, gw = kernel(x, w, y, g)
         if not native_dw:
             gw = products.separable_kernel_gradient(problem, kind, x, w, g)
-        if op.native == "adder":  # the AVX-512 clip drops a NaN difference (adder_nan.py)
-            gx = adder_nan.restore_input_nan(
-                geom, x, w, gx.reshape(x.shape), gw, g.shape)
         return gx.reshape(x.shape).astype(xd), gw.reshape(w.shape).astype(wd)
 
     def tangent(self, problem: Problem, x: Array, w: Array, y: Array, tx: Array, tw: Array,
