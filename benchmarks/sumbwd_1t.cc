@@ -3,7 +3,8 @@
 // with 0) or, with DENSE=1, layer E (x(256, 1024) w(1024, 1024); or M K N from the environment). Prints per op the median and
 // best of `reps` calls of the forward and of the backward (both gradients, parts = 3; dx
 // zeroed first, as the FFI does), with checksums of dx and dw. DUMP=path writes dx and dw
-// (raw) for a bit-for-bit comparison of two builds; PARTS=1 or 2 times one gradient.
+// (raw) for a bit-for-bit comparison of two builds; PARTS=1 or 2 times one gradient. The
+// timed backward includes the zeroing of dx and dw that the kernel does (the FFI's part before).
 // Build (against any checkout's csrc/, e.g. an old commit's via git archive) and run:
 //   g++ -O3 -mavx512f -mavx512dq -mavx512vl -mavx512bw -mfma -mavx2 -ffp-contract=off \
 //       -fno-math-errno -std=c++17 -pthread -Icsrc benchmarks/sumbwd_1t.cc -o /tmp/sbwd
@@ -48,8 +49,11 @@ int main(int argc, char** argv) {
     };
     auto bwd = [&] {
       jaxconv::Call b = backward_call(call, y.data(), g.data(), dx.data(), dw.data(), parts);
-      std::memset(dx.data(), 0, sizeof(float) * dx.size());
-      std::memset(dw.data(), 0, sizeof(float) * dw.size());
+      // dx and dw left to the kernel to zero, as the FFI leaves them (Call::zero_dx); the
+      // last run's values poisoned first, so a pass that skipped an entry would show.
+      std::memset(dx.data(), 0xff, sizeof(float) * dx.size());
+      std::memset(dw.data(), 0xff, sizeof(float) * dw.size());
+      b.zero_dx = b.zero_dw = true;
       jaxconv_avx512::run(b, true);
     };
     std::vector<double> tf, tb;
