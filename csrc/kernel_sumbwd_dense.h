@@ -23,7 +23,20 @@
 // transposes) ran adder 13.3-13.6 ms with a vbroadcastss per (position, channel) (6 per 24
 // cycles, each taking a pipe slot when both kinds are full) and 11.4-11.7 with the embedded
 // broadcast; l1 15.4-16.1 -> 13.5-13.9 split; l2 11.4-11.6: ~80% of each floor. The rest of
-// the backward (the kernel's pack, dw's transposes) is ~1.5 ms.
+// the backward was ~1.5 ms: pack_kernel_blocks' pass over a 4 MiB copy of the kernel and the
+// FFI's serial memsets of dx and dw (5 MiB). Each block of output channels now transposes
+// its own kernel slice into L1 (dense_pair_block) and nothing is zeroed (the tiles' first run
+// writes dx, the transposes every dw entry): one thread, CPU time, sumbwd_1t.cc, 7 alternating
+// rounds, load 12-16: adder 13.46 -> 12.01 ms, l1 14.06 -> 13.46, l2 12.96 -> 12.31, the same
+// bits; what is left besides the tile loop is dw's and the kernel's transposes (~0.5 ms).
+// Trying two output channels per step (PB 4, 5 or 6; more scheduler room for the dw chains'
+// six dependent fused multiply-adds) ran no faster (adder 12.4-13.6 against 12.4-12.6 ms).
+//
+// The structural ratio: a term of the backward is 4 vector operations on 2 pipes (2 cycles
+// per 16 terms), the forward's about 1.2 cycles, max_plus's recorded backward a scatter. On
+// E, one thread: adder's forward 6.5 ms + the backward's floor 9.4 = 15.9 ms at best, against
+// max_plus's forward + backward ~10.3 ms (JAX, CPU time): >= 1.5x on this CPU, whatever the
+// overheads; measured now ~18.5 ms (1.8x).
 //
 // Each dx element sums its output channels ascending in runs of kDxRun (from zero; each run
 // then added to dx), each dw element its positions ascending from zero: pair_backward's sums
