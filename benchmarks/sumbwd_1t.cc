@@ -1,9 +1,10 @@
 // One thread's CPU time of the sums' backward (adder, l1, l2_exact: kernel_sums*.h) straight on
 // the kernel template, without JAX: layer A (x(8, 32, 32, 64) w(3, 3, 64, 64) SAME; adder pads
 // with 0) or, with DENSE=1, layer E (x(256, 1024) w(1024, 1024); or M K N from the environment). Prints per op the median and
-// best of `reps` calls of the forward and of the backward (both gradients, parts = 3; dx
-// zeroed first, as the FFI does), with checksums of dx and dw. DUMP=path writes dx and dw
-// (raw) for a bit-for-bit comparison of two builds; PARTS=1 or 2 times one gradient.
+// best of `reps` calls of the forward and of the backward (both gradients, parts = 3), with checksums of dx and dw. DUMP=path writes dx and dw
+// (raw) for a bit-for-bit comparison of two builds; PARTS=1 or 2 times one gradient. The
+// timed backward includes the zeroing of dx and dw where the kernel does it (Call::zero_dx;
+// before 2026-12-07 the FFI did, and this harness timed its memsets).
 // Build (against any checkout's csrc/, e.g. an old commit's via git archive) and run:
 //   g++ -O3 -mavx512f -mavx512dq -mavx512vl -mavx512bw -mfma -mavx2 -ffp-contract=off \
 //       -fno-math-errno -std=c++17 -pthread -Icsrc benchmarks/sumbwd_1t.cc -o /tmp/sbwd
@@ -46,17 +47,23 @@ int main(int argc, char** argv) {
       call.out = y.data();
       jaxconv_avx512::run(call, false);
     };
+    // dx and dw left to the kernel to zero, as the FFI leaves them (Call::zero_dx); poisoned
+    // first (untimed), so a pass that skipped an entry would show.
+    auto poison = [&] {
+      std::memset(dx.data(), 0xff, sizeof(float) * dx.size());
+      std::memset(dw.data(), 0xff, sizeof(float) * dw.size());
+    };
     auto bwd = [&] {
       jaxconv::Call b = backward_call(call, y.data(), g.data(), dx.data(), dw.data(), parts);
-      std::memset(dx.data(), 0, sizeof(float) * dx.size());
-      std::memset(dw.data(), 0, sizeof(float) * dw.size());
+      b.zero_dx = b.zero_dw = true;
       jaxconv_avx512::run(b, true);
     };
     std::vector<double> tf, tb;
-    fwd(), bwd();
+    fwd(), poison(), bwd();
     for (int r = 0; r < reps; ++r) {
       double t0 = now();
       fwd();
+      poison();
       double t1 = now();
       bwd();
       double t2 = now();

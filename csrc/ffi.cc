@@ -520,11 +520,19 @@ ffi::Error backward_call(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
   call.out = dx->typed_data();
   call.out2 = dw->typed_data();
   call.parts = attrs.parts;
-  std::memset(call.out, 0, sizeof(float) * dx->element_count());
   // A record (rec[0] != -1: masks or exact codes): the dense backward
   // (kernel_dense_backward.h, kernel_densebwd_exact.h) runs and writes every entry of dw from
   // its blocks' columns, so dw is not zeroed first (4 MiB for a 1024 x 1024 kernel).
-  if (rec == nullptr || rec[0] == -1) std::memset(call.out2, 0, sizeof(float) * dw->element_count());
+  const bool zero_dw = rec == nullptr || rec[0] == -1;
+  if (attrs.op < jaxconv::kUserBase) {
+    // The built-in kernels zero them where their pass needs it (kernels.inc's run_op: the
+    // dense sums backward writes every entry, so E skips 5 MiB of serial memset).
+    call.zero_dx = true;
+    call.zero_dw = zero_dw;
+  } else {  // a user library (maybe cached from a build without the flags) expects them zeroed
+    std::memset(call.out, 0, sizeof(float) * dx->element_count());
+    if (zero_dw) std::memset(call.out2, 0, sizeof(float) * dw->element_count());
+  }
   call.par = {run_parallel, &pool};
   call.params = jaxconv_tune::current_params().load(std::memory_order_acquire);
   jaxconv_dispatch::FlushDenormals flush;

@@ -23,7 +23,20 @@
 // transposes) ran adder 13.3-13.6 ms with a vbroadcastss per (position, channel) (6 per 24
 // cycles, each taking a pipe slot when both kinds are full) and 11.4-11.7 with the embedded
 // broadcast; l1 15.4-16.1 -> 13.5-13.9 split; l2 11.4-11.6: ~80% of each floor. The rest of
-// the backward (the kernel's pack, dw's transposes) is ~1.5 ms.
+// the backward was ~1.5 ms: pack_kernel_blocks' pass over a 4 MiB copy of the kernel and the
+// FFI's serial memsets of dx and dw (5 MiB). Each block of output channels now transposes
+// its own kernel slice into L1 (dense_pair_block) and nothing is zeroed (the tiles' first run
+// writes dx, the transposes every dw entry): one thread, CPU time, sumbwd_1t.cc, 7 alternating
+// rounds, load 12-16: adder 13.46 -> 12.01 ms, l1 14.06 -> 13.46, l2 12.96 -> 12.31, the same
+// bits; what is left besides the tile loop is dw's and the kernel's transposes (~0.5 ms).
+// Trying two output channels per step (PB 4, 5 or 6; more scheduler room for the dw chains'
+// six dependent fused multiply-adds) ran no faster (adder 12.4-13.6 against 12.4-12.6 ms).
+//
+// The structural ratio: a term of the backward is 4 vector operations on 2 pipes (2 cycles
+// per 16 terms), the forward's about 1.2 cycles, max_plus's recorded backward a scatter. On
+// E, one thread: adder's forward 6.5 ms + the backward's floor 9.4 = 15.9 ms at best, against
+// max_plus's forward + backward ~10.3 ms (JAX, CPU time): >= 1.5x on this CPU, whatever the
+// overheads; measured now ~18.5 ms (1.8x).
 //
 // Each dx element sums its output channels ascending in runs of kDxRun (from zero; each run
 // then added to dx), each dw element its positions ascending from zero: pair_backward's sums
@@ -43,14 +56,16 @@ constexpr int64_t kDenseOB = 128;
 
 // One tile: PB positions (x rows `xr`, row stride xs; cotangent rows `gr`, row stride gs; dx
 // rows `dxr`, row stride xs) x V vectors of input channels, against `no` output channels
-// (kernel vectors `wt`, row stride NR; kernel-gradient sums `dwl`, row stride V * W).
+// (kernel vectors `wt` and kernel-gradient sums `dwl`, both row stride V * W). `first`: the
+// tile's first run writes 0 + its sums to dx (which the caller did not zero: the same bits as
+// adding them to a zeroed dx) instead of adding them to it.
 //
 // Mode 0: each cotangent broadcast into a register (PairRule); 1: read by the term's
 // instructions (MemCot, kernel_densebwd_memcot.h); 2: as 1, l1 taking two terms in three in
 // its product form. The same bits in every mode.
 template <class Op, int PB, int V, int Mode>
 void dense_pair_tile(const float* xr, const float* gr, float* dxr, int64_t xs, int64_t gs,
-                     const float* wt, float* dwl, int64_t no) {
+                     const float* wt, float* dwl, int64_t no, bool first) {
   using Vec = S::V;
   Vec xv[PB][V], acc[PB][V];
   for (int p = 0; p < PB; ++p)
@@ -62,7 +77,7 @@ void dense_pair_tile(const float* xr, const float* gr, float* dxr, int64_t xs, i
     for (int64_t o = o0; o < o1; ++o) {
       Vec wv[V], dw[V];
       for (int v = 0; v < V; ++v) {
-        wv[v] = S::load(wt + o * NR + v * W);
+        wv[v] = S::load(wt + o * (V * W) + v * W);
         dw[v] = S::load(dwl + o * (V * W) + v * W);
       }
       for (int p = 0; p < PB; ++p) {
@@ -81,7 +96,7 @@ void dense_pair_tile(const float* xr, const float* gr, float* dxr, int64_t xs, i
     for (int p = 0; p < PB; ++p)
       for (int v = 0; v < V; ++v) {
         float* d = dxr + p * xs + v * W;
-        S::store(d, S::add(S::load(d), acc[p][v]));
+        S::store(d, S::add(first && o0 == 0 ? S::zero() : S::load(d), acc[p][v]));
       }
   }
 }
@@ -89,38 +104,43 @@ void dense_pair_tile(const float* xr, const float* gr, float* dxr, int64_t xs, i
 // The tile of the last pn < PB positions (one instantiation per count).
 template <class Op, int V, int Mode>
 void dense_pair_rest(int pn, const float* xr, const float* gr, float* dxr, int64_t xs,
-                     int64_t gs, const float* wt, float* dwl, int64_t no) {
+                     int64_t gs, const float* wt, float* dwl, int64_t no, bool first) {
   switch (pn) {
-    case 1: return dense_pair_tile<Op, 1, V, Mode>(xr, gr, dxr, xs, gs, wt, dwl, no);
-    case 2: return dense_pair_tile<Op, 2, V, Mode>(xr, gr, dxr, xs, gs, wt, dwl, no);
-    case 3: return dense_pair_tile<Op, 3, V, Mode>(xr, gr, dxr, xs, gs, wt, dwl, no);
-    case 4: return dense_pair_tile<Op, 4, V, Mode>(xr, gr, dxr, xs, gs, wt, dwl, no);
-    default: return dense_pair_tile<Op, 5, V, Mode>(xr, gr, dxr, xs, gs, wt, dwl, no);
+    case 1: return dense_pair_tile<Op, 1, V, Mode>(xr, gr, dxr, xs, gs, wt, dwl, no, first);
+    case 2: return dense_pair_tile<Op, 2, V, Mode>(xr, gr, dxr, xs, gs, wt, dwl, no, first);
+    case 3: return dense_pair_tile<Op, 3, V, Mode>(xr, gr, dxr, xs, gs, wt, dwl, no, first);
+    case 4: return dense_pair_tile<Op, 4, V, Mode>(xr, gr, dxr, xs, gs, wt, dwl, no, first);
+    default: return dense_pair_tile<Op, 5, V, Mode>(xr, gr, dxr, xs, gs, wt, dwl, no, first);
   }
 }
 
 // One block of V vectors of input channels (from i0) of one (batch entry, group): every
-// position, every output channel.
+// position, every output channel. Each block of output channels first transposes its
+// (V * W, no) slice of the kernel into `wl` (its rows, V * W apart, are the tiles' kernel
+// vectors): the item's own rows, read once, in L1 beside its kernel-gradient sums `dwl`,
+// where a packed copy of the whole kernel (pack_kernel_blocks) took a pass of its own and
+// 4 MiB of scratch on E.
 template <class Op, int V, int Mode>
-void dense_pair_block(const Ctx& c, int64_t b, int64_t grp, int64_t i0, float* dwl) {
+void dense_pair_block(const Ctx& c, int64_t b, int64_t grp, int64_t i0, float* wl, float* dwl) {
   const jaxconv::Call& call = *c.call;
   const int64_t I = c.I, O = c.O, Og = c.Og, P = c.P, xs = c.img;
-  const int64_t nIB = (I + NR - 1) / NR;
   const float* xb = call.x + b * c.x_bs + grp * I + i0;
   const float* gb = call.g + b * c.y_bs + grp * Og;
   float* dxb = call.out + b * c.x_bs + grp * I + i0;
   float* dwb = call.out2 + b * c.w_bs + i0 * O + grp * Og;
-  const float* wt = c.wpack + ((b * c.G + grp) * nIB + i0 / NR) * Og * NR + i0 % NR;
+  const float* wb = call.w + b * c.w_bs + i0 * O + grp * Og;
   for (int64_t o0 = 0; o0 < Og; o0 += kDenseOB) {
     const int64_t no = Og - o0 < kDenseOB ? Og - o0 : kDenseOB;
+    const bool first = o0 == 0;
+    transpose(wb + o0, O, wl, V * W, V * W, no);  // kernel_dense_backward.h
     for (int64_t k = 0; k < no * V * W; k += W) S::store(dwl + k, S::zero());
     int64_t p = 0;
     for (; p + kDensePB <= P; p += kDensePB)
       dense_pair_tile<Op, kDensePB, V, Mode>(xb + p * xs, gb + p * O + o0, dxb + p * xs, xs, O,
-                                       wt + o0 * NR, dwl, no);
+                                             wl, dwl, no, first);
     if (p < P)
-      dense_pair_rest<Op, V, Mode>(int(P - p), xb + p * xs, gb + p * O + o0, dxb + p * xs, xs, O,
-                             wt + o0 * NR, dwl, no);
+      dense_pair_rest<Op, V, Mode>(int(P - p), xb + p * xs, gb + p * O + o0, dxb + p * xs, xs,
+                                   O, wl, dwl, no, first);
     transpose(dwl, V * W, dwb + o0, O, no, V * W);  // kernel_dense_backward.h
   }
 }
@@ -138,8 +158,8 @@ inline bool dense_pair_fits(const Ctx& c) {
          c.call->batch * c.G * blocks >= 8;
 }
 
-// Both gradients of adder / l1 on a dense problem (dense_pair_fits), c.wpack packed
-// (pack_kernel_blocks). Items are (batch entry, group, block of kDenseV vectors of input
+// Both gradients of adder / l1 / l2 on a dense problem (dense_pair_fits), into dx and dw
+// that need not be zeroed first (every entry is written). Items are (batch entry, group, block of kDenseV vectors of input
 // channels; a last block of one vector where I is an odd number of vectors); each owns its
 // dx columns and dw rows.
 template <class Op, int Mode>
@@ -149,12 +169,12 @@ void dense_pair_backward_mode(Ctx& c) {
   const int64_t blocks = (nvec + kDenseV - 1) / kDenseV;
   auto item = [&](int64_t it) {
     const int64_t blk = it % blocks, grp = (it / blocks) % c.G, b = it / (blocks * c.G);
-    alignas(64) float dwl[kDenseOB * kDenseV * W];
+    alignas(64) float wl[kDenseOB * kDenseV * W], dwl[kDenseOB * kDenseV * W];
     const int64_t i0 = blk * kDenseV * W;
     if (nvec - blk * kDenseV >= kDenseV)
-      dense_pair_block<Op, kDenseV, Mode>(c, b, grp, i0, dwl);
+      dense_pair_block<Op, kDenseV, Mode>(c, b, grp, i0, wl, dwl);
     else
-      dense_pair_block<Op, 1, Mode>(c, b, grp, i0, dwl);
+      dense_pair_block<Op, 1, Mode>(c, b, grp, i0, wl, dwl);
   };
   parallel(c, call.batch * c.G * blocks, item);
 }

@@ -174,13 +174,16 @@ void sum_backward(Ctx& c, int64_t parts) {
   const int64_t nIB = (I + NR - 1) / NR;
   const int64_t blk = Og * NR;
   if (vec_i) {
-    if (parts & 1) pack_kernel_blocks(c);
-    // adder / l1: both gradients in one pass (kernel_sums_paired.h).
+    // adder / l1 / l2: both gradients in one pass (kernel_sumbwd_dense.h, which packs the
+    // kernel itself; kernel_sums_paired.h).
     if constexpr (PairRule<Op>::kHas) {
-      if (parts == 3 && dense_pair_fits(c)) {  // kernel_sumbwd_dense.h
+      if (parts == 3 && dense_pair_fits(c)) {
         dense_pair_backward<Op>(c);
         return;
       }
+    }
+    if (parts & 1) pack_kernel_blocks(c);
+    if constexpr (PairRule<Op>::kHas) {
       if (parts == 3 && pair_backward<Op>(c)) return;
     }
   }

@@ -91,6 +91,11 @@ struct Call {
   int32_t* rec;
   // bfloat16 / float16 operands (the built-in ops' forward only), else null.
   const LowIO* low;
+  // Backward: dx (and dw where `zero_dw`) not yet zeroed; the kernel zeroes them unless its
+  // pass writes every entry (kernels.inc's run_op: the dense sums backward,
+  // kernel_sumbwd_dense.h). False: the caller zeroed them (user kernels, the harnesses).
+  bool zero_dx;
+  bool zero_dw;
 };
 
 // The recording forwards' blocks of kernel rows (kernel_dense_record.h, kernel_convrec_*.h,
