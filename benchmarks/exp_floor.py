@@ -26,7 +26,7 @@ The probe times each thread in its own CPU time (other processes do not lower it
 ops are timed by wall clock: on a busy machine ``fraction`` reads low and ``floor`` high.
 
 `loop_ops` counts what the compiled kernel's innermost loop spends per exponential (vector
-instructions, and those on the FMA / multiply pipes), from ``objdump`` of the kernel
+instructions, and of them the FMAs and multiplies), from ``objdump`` of the kernel
 (AVX-512 builds: each exponential there ends in one ``vscalefps``).
 """
 
@@ -46,8 +46,10 @@ EXP_BOUND = {"seed_myadd": "exp2", "handwritten_lae": "exp2", "builtin_log": "ex
 # The kernel functions whose innermost loops hold each pass's exponentials, per probe kind.
 FUNCTIONS = {"exp2": ("lse_tile<", "lse_backward<"),
              "exp": ("fwd_tile<", "fused_sum_backward<")}
-# Instructions on the FMA / multiply pipes (Zen 4 and Intel cores alike).
-_FMA_PIPE = ("vfmadd", "vfmsub", "vfnmadd", "vfnmsub", "vmul", "vscalef")
+# FMAs and multiplies: the FMA ports' instructions (on Zen 4 the rest of an exponential --
+# adds, max / min, compares, roundings, vscalefps -- runs on the add ports: README's port
+# micro-benchmark).
+_FMA_PIPE = ("vfmadd", "vfmsub", "vfnmadd", "vfnmsub", "vmul")
 # Register moves, loads, stores and broadcasts: not operations on the data.
 _MOVES = ("vmov", "vbroadcast", "vpbroadcast", "vzeroupper")
 
@@ -59,7 +61,7 @@ class LoopOps:
     Attributes:
         exps: exponentials in the loop (``vscalefps``).
         vector_ops: vector instructions per exponential, moves and broadcasts left out.
-        fma_pipe_ops: of those, on the FMA / multiply pipes.
+        fma_pipe_ops: of those, FMAs and multiplies (the FMA ports').
     """
 
     exps: int
@@ -68,26 +70,41 @@ class LoopOps:
 
 
 def loop_ops(library: str, function: str) -> LoopOps | None:
-    """The innermost loop with the most exponentials among the functions of ``library``
-    whose name contains ``function``, counted per exponential; ``None`` without objdump, or
-    where no loop holds one (an AVX2 / baseline build: no ``vscalefps``)."""
+    """The first innermost loop (in address order: the source's order, so a logsumexp
+    tile's one-pass loop before its two-pass fallback's) holding an exponential among the
+    functions of ``library`` whose name contains ``function``, counted per exponential on
+    its hot path (`_hot_path`);
+    ``None`` without objdump, or where no loop holds one (an AVX2 / baseline build: no
+    ``vscalefps``)."""
     try:
         funcs = spill_check.parse(spill_check.disassemble(library))
     except (OSError, ValueError):
         return None
-    best: LoopOps | None = None
     for name, insns in funcs.items():
         if function not in name:
             continue
-        for body in spill_check.innermost_loops(insns):
+        for loop in sorted(spill_check.innermost_loops(insns), key=lambda b: b[0].addr):
+            body = _hot_path(loop)
             exps = sum(1 for i in body if i.mnemonic.startswith("vscalef"))
-            if exps == 0 or (best is not None and exps <= best.exps):
+            if exps == 0:
                 continue
             vec = [i for i in body if re.search(r"%[xyz]mm", i.operands)
                    and not i.mnemonic.startswith(_MOVES)]
             fma = [i for i in vec if i.mnemonic.startswith(_FMA_PIPE)]
-            best = LoopOps(exps, len(vec) / exps, len(fma) / exps)
-    return best
+            return LoopOps(exps, len(vec) / exps, len(fma) / exps)
+    return None
+
+
+def _hot_path(loop: list[Any]) -> list[Any]:
+    """The instructions of a loop from its top to the jump back there: the path every
+    iteration runs. Blocks GCC puts out of line (below the back edge: a logsumexp's rescale
+    when a term exceeds its reference, rare) are left out."""
+    top = min(i.addr for i in loop)
+    back = [i.addr for i in loop if i.mnemonic.startswith("j")
+            and re.match(rf"{top:x}\s", i.operands + " ")]
+    if not back:
+        return loop
+    return [i for i in loop if i.addr <= max(back)]
 
 
 def kernel_library(details: tuple[str, ...] | list[str], isa: str) -> str | None:
@@ -145,5 +162,5 @@ def describe(row: dict[str, Any]) -> str:
         ops = row.get(f"{p}_loop_ops")
         if ops:
             s += (f"; {p} loop {ops['vector_ops']:.1f} vector ops / exp "
-                  f"({ops['fma_pipe_ops']:.1f} on the FMA pipes)")
+                  f"({ops['fma_pipe_ops']:.1f} FMA / mul)")
     return s
