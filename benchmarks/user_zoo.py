@@ -11,11 +11,11 @@ tropical-gemm (an optional package, ``pip install tropical-gemm``; never require
 as the peer of dense max-plus and max-times, in float32 and float64, against the same lax
 product.
 
-The rows bound by an exponential per term (`exp_floor.EXP_BOUND`: the logsumexp rows and the
-Gaussian) get a second line: the share of this CPU's exp-limited peak they reach, forward and
-forward+backward, the ratio to lax an op at that peak would have (the floor), and the vector
-operations per exponential in the compiled kernel's loops (`benchmarks.exp_floor` says how
-each is computed; ``--no-floor`` skips the probe).
+The rows bound by an exponential per term (`exp_floor.EXP_BOUND`: the seed op, the smoothed
+max, the Gaussian) get a second line: the share of this CPU's exp-limited peak they reach,
+forward and forward+backward, the ratio to lax an op at that peak would have (the floor), and
+the vector operations per exponential in the compiled kernel's loops (`benchmarks.exp_floor`
+says how each is computed; ``--no-floor`` skips the probe).
 
 Example::
 
