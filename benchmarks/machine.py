@@ -31,6 +31,10 @@ from typing import Any
 PEAK_KIND = {"max_plus": "add_max", "min_plus": "add_max", "max_min": "add_max",
              "min_max": "add_max", "adder": "min_add", "l1": "min_add", "l2_exact": "fma"}
 PEAK_KINDS = ("fma", "add_max", "min_add")
+# The exp-limited steps, run by the kernels' own exponentials (csrc/kernel_expfloor_probe.h):
+# ``exp2`` the logsumexp kernels' term (2^(x L + w), csrc/simd_exp.h), ``exp`` vmath.h's exp
+# of compiled user combines (benchmarks/exp_floor.py divides by them).
+EXP_KINDS = ("exp2", "exp")
 
 
 def native_module() -> Any | None:
@@ -146,10 +150,12 @@ def describe(meta: dict[str, Any]) -> str:
 
 
 def peak(thread_counts: tuple[int, ...] = (1, 2), seconds: float = 0.1,
-         notes: list[str] | None = None) -> dict[str, dict[int, float]]:
-    """G terms/s this CPU reaches for each probe kind (``fma``, ``add_max``, ``min_add``)
-    at each thread count, with the ISA the native kernels use; empty if the native module
-    has no probe.
+         notes: list[str] | None = None, kinds: tuple[str, ...] = PEAK_KINDS
+         ) -> dict[str, dict[int, float]]:
+    """G terms/s this CPU reaches for each probe kind of ``kinds`` (`PEAK_KINDS`: ``fma``,
+    ``add_max``, ``min_add``; `EXP_KINDS`: ``exp2``, ``exp``) at each thread count, with the
+    ISA the native kernels use; empty if the native module has no probe (or, for the exp
+    kinds, a build older than them).
 
     The probe pins each of its threads to a CPU of its own and times each in its own CPU
     time: the rate is then the sum of the threads' rates while they ran, which other
@@ -170,10 +176,14 @@ def peak(thread_counts: tuple[int, ...] = (1, 2), seconds: float = 0.1,
         return {}
     isa = str(mod.isa())
     out: dict[str, dict[int, float]] = {}
-    for kind in PEAK_KINDS:
+    for kind in kinds:
         out[kind] = {}
         for t in thread_counts:
-            got = probe(kind, t, seconds, isa)
+            try:
+                got = probe(kind, t, seconds, isa)
+            except ValueError:  # a build without this kind
+                del out[kind]
+                break
             placed = bool(got.get("distinct_cpus", False)) and "gterms_per_s_cpu" in got
             out[kind][t] = float(got["gterms_per_s_cpu" if placed else "gterms_per_s"])
             if not placed and notes is not None:
@@ -186,7 +196,8 @@ def describe_peak(p: dict[str, dict[int, float]], notes: list[str] | None = None
     """One comment line with the probe's rates (and `peak`'s notes, if any)."""
     if not p:
         return "# peak: (no probe in this build)"
-    parts = [f"{k} " + "/".join(f"{v:.0f}" for v in p[k].values()) for k in p]
+    parts = [f"{k} " + "/".join(f"{v:.0f}" if v >= 20 else f"{v:.1f}" for v in p[k].values())
+             for k in p]
     ts = "/".join(str(t) for t in next(iter(p.values())))
     s = f"# peak G terms/s at {ts} threads: " + ", ".join(parts)
     s += " (threads pinned to CPUs of their own, each timed in its CPU time)"

@@ -11,6 +11,12 @@ tropical-gemm (an optional package, ``pip install tropical-gemm``; never require
 as the peer of dense max-plus and max-times, in float32 and float64, against the same lax
 product.
 
+The rows bound by an exponential per term (`exp_floor.EXP_BOUND`: the seed op, the smoothed
+max, the Gaussian) get a second line: the share of this CPU's exp-limited peak they reach,
+forward and forward+backward, the ratio to lax an op at that peak would have (the floor), and
+the vector operations per exponential in the compiled kernel's loops (`benchmarks.exp_floor`
+says how each is computed; ``--no-floor`` skips the probe).
+
 Example::
 
     python -m benchmarks.user_zoo --layers A,E --rounds 7
@@ -37,8 +43,8 @@ import numpy as np
 from jax import lax
 
 import jaxconv
-from benchmarks import timing
-from benchmarks.native import LAYERS, SMOKE, Layer, fwd_bwd
+from benchmarks import exp_floor, machine, timing
+from benchmarks.native import LAYERS, SMOKE, Layer, fwd_bwd, terms
 
 
 @jax.custom_vjp
@@ -201,8 +207,11 @@ def _data(layer: Layer, dtype: str, seed: int) -> Iterator[Any]:
 
 
 def run(layers: list[Layer], names: list[str], rounds: int, backward: bool,
-        peers: bool, out: Any = None) -> list[dict]:
-    """Times every zoo op on every layer; prints one line per (layer, op) and returns rows."""
+        peers: bool, out: Any = None, peak: dict[str, dict[int, float]] | None = None
+        ) -> list[dict]:
+    """Times every zoo op on every layer; prints one line per (layer, op) and returns rows.
+    With ``peak`` (`machine.peak` of the fma and exp kinds at `machine.threads`), an
+    exp-bound row gets its floor columns (`exp_floor.columns`) and a second line."""
     out = sys.stdout if out is None else out
     rows = []
     tg = tropical_gemm() if peers else None
@@ -225,9 +234,29 @@ def run(layers: list[Layer], names: list[str], rounds: int, backward: bool,
                 if layer.dense and name in PEERS and peers:
                     row.update(_peer(tg, PEERS[name], entry.dtype, ref, ct, x, w, rounds,
                                      backward))
+                if peak and name in exp_floor.EXP_BOUND and engine == "native":
+                    row.update(_floor(name, entry, layer, ref, x, w, row, peak))
             rows.append(row)
             print(_format(row), file=out, flush=True)
+            if "exp_fraction" in row:
+                print(exp_floor.describe(row), file=out, flush=True)
     return rows
+
+
+def _floor(name: str, entry: ZooOp, layer: Layer, ref: Callable, x: Any, w: Any, row: dict,
+           peak: dict[str, dict[int, float]]) -> dict:
+    kind = exp_floor.EXP_BOUND[name]
+    n = terms(layer, jax.eval_shape(ref, x, w).shape)
+    got: dict[str, Any] = dict(exp_kind=kind, terms=n)
+    got.update(exp_floor.columns(row, n, peak, machine.threads(), kind))
+    details = jaxconv.explain(entry.op, dtype=entry.dtype).details
+    lib = exp_floor.kernel_library(details, str(machine.native_module().isa()))
+    if lib is not None:
+        for p, fn in zip(("fwd", "bwd"), exp_floor.FUNCTIONS[kind], strict=True):
+            ops = exp_floor.loop_ops(lib, fn)
+            if ops is not None:
+                got[f"{p}_loop_ops"] = dataclasses.asdict(ops)
+    return got
 
 
 def _peer(tg: Any, stem: str, dtype: str, ref: Callable, ct: Any, x: Any, w: Any,
@@ -267,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--no-backward", action="store_true")
     p.add_argument("--no-peers", action="store_true", help="skip tropical-gemm")
+    p.add_argument("--no-floor", action="store_true",
+                   help="skip the exp-limited peak probe (and the exp rows' floor lines)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes, one round")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
@@ -285,7 +316,12 @@ def main(argv: list[str] | None = None) -> int:
           f"{rounds} paired rounds; tropical-gemm "
           f"{'absent' if tg is None else getattr(tg, '__version__', 'present')}; layers: "
           + "; ".join(x.describe() for x in layers), flush=True)
-    rows = run(layers, names, rounds, not a.no_backward, not a.no_peers)
+    peak = None
+    if not a.no_floor and any(n in exp_floor.EXP_BOUND for n in names):
+        peak = machine.peak((machine.threads(),), seconds=0.02 if a.smoke else 0.2,
+                            kinds=("fma", *machine.EXP_KINDS))
+        print(machine.describe_peak(peak), flush=True)
+    rows = run(layers, names, rounds, not a.no_backward, not a.no_peers, peak=peak)
     if a.json:
         with open(a.json, "w") as fh:
             json.dump(dict(meta=dict(cpu=cpu_model(), threads=threads(), jax=jax.__version__,

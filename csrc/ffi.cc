@@ -738,7 +738,9 @@ NB_MODULE(_native, m) {
         if (kind == "fma") k = jaxconv_probe::kFma;
         else if (kind == "add_max") k = jaxconv_probe::kAddMax;
         else if (kind == "min_add") k = jaxconv_probe::kMinAdd;
-        else throw nb::value_error("kind must be 'fma', 'add_max' or 'min_add'");
+        else if (kind == "exp2") k = jaxconv_probe::kExp2;
+        else if (kind == "exp") k = jaxconv_probe::kExp;
+        else throw nb::value_error("kind must be 'fma', 'add_max', 'min_add', 'exp2' or 'exp'");
         if (threads < 1 || threads > 1024) throw nb::value_error("threads must be 1..1024");
         if (!(seconds > 0.0 && seconds <= 60.0))
           throw nb::value_error("seconds must be in (0, 60]");
@@ -762,7 +764,9 @@ NB_MODULE(_native, m) {
       nb::arg("kind"), nb::arg("threads") = 1, nb::arg("seconds") = 0.1, nb::arg("isa") = "",
       "The machine's peak rate of one kernel step, in G terms/s over `threads` threads: "
       "kind 'fma' (x * w + acc), 'add_max' (max(acc, x + w)), 'min_add' (acc + min(x, w)), the "
-        "sums issued as fma(a, 1, b) as the kernels issue them; "
+        "sums issued as fma(a, 1, b) as the kernels issue them; 'exp2' (acc + 2^(x L + w), the "
+        "logsumexp kernels' term and exponential) and 'exp' (acc + exp(x - w), the exp of "
+        "compiled user combines), run by the kernels' own code for the instruction set; "
       "`isa` caps the instruction set. Best of five runs of about seconds / 5, each thread "
       "pinned to a CPU of its own where the process has enough (`distinct_cpus` says whether "
       "every thread ran on its own CPU; `overlap`: the best run's CPU time / (threads x wall); "

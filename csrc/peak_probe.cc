@@ -1,5 +1,6 @@
 // The peak probe (peak_probe.h): register-tiled loops that mimic the forward kernel's inner
-// step (MR broadcast rows x NV vectors of kernel columns) with nothing else in the loop.
+// step (MR broadcast rows x NV vectors of kernel columns) with nothing else in the loop; the
+// exp-limited steps are the kernels' own loops (kernel_expfloor_probe.h), timed here.
 #include "peak_probe.h"
 
 #include <chrono>
@@ -17,6 +18,13 @@
 #define JAXCONV_PROBE_X86 1
 #else
 #define JAXCONV_PROBE_X86 0
+#endif
+
+// The exp-limited loops, in each instruction set's copy of the kernels (kernels.inc).
+namespace jaxconv_base { float exp_probe(int kind, int64_t iters, int* terms, int* lanes); }
+#if JAXCONV_PROBE_X86
+namespace jaxconv_avx2 { float exp_probe(int kind, int64_t iters, int* terms, int* lanes); }
+namespace jaxconv_avx512 { float exp_probe(int kind, int64_t iters, int* terms, int* lanes); }
 #endif
 
 namespace jaxconv_probe {
@@ -120,16 +128,36 @@ struct Loop {
   int64_t terms;  // per iteration and lane: R * C
 };
 
-Loop pick(const std::string& want) {
+// The exp-limited loops: the kernels' exp_probe of one instruction set, kind passed through.
+template <float (*F)(int, int64_t, int*, int*)>
+float exp_loop(int kind, int64_t iters) {
+  int terms, lanes;
+  return F(kind, iters, &terms, &lanes);
+}
+template <float (*F)(int, int64_t, int*, int*)>
+Loop exp_shape(const char* isa) {
+  int terms, lanes;
+  F(kExp2, 0, &terms, &lanes);
+  return {exp_loop<F>, isa, lanes, terms};
+}
+
+Loop pick(const std::string& want, int kind) {
+  const bool exp = kind == kExp2 || kind == kExp;
 #if JAXCONV_PROBE_X86
   __builtin_cpu_init();
-  const bool avx512 = __builtin_cpu_supports("avx512f");
+  // The exp loops run the kernels' copies, which need what dispatch.cc asks of each.
+  const bool avx512 = __builtin_cpu_supports("avx512f") &&
+                      (!exp || (__builtin_cpu_supports("avx512dq") &&
+                                __builtin_cpu_supports("avx512bw") &&
+                                __builtin_cpu_supports("avx512vl")));
   const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (avx512 && (want.empty() || want == "avx512")) return {loop512, "avx512", 16, 20};
-  if (avx2 && want != "base") return {loop256, "avx2", 8, 9};
+  if (avx512 && (want.empty() || want == "avx512"))
+    return exp ? exp_shape<jaxconv_avx512::exp_probe>("avx512") : Loop{loop512, "avx512", 16, 20};
+  if (avx2 && want != "base")
+    return exp ? exp_shape<jaxconv_avx2::exp_probe>("avx2") : Loop{loop256, "avx2", 8, 9};
 #endif
   (void)want;
-  return {loop_base, "base", 4, 9};
+  return exp ? exp_shape<jaxconv_base::exp_probe>("base") : Loop{loop_base, "base", 4, 9};
 }
 
 volatile float g_sink;
@@ -202,7 +230,7 @@ double thread_cpu_seconds() {
 }  // namespace
 
 Result peak(int kind, int threads, double seconds, const char* isa) {
-  const Loop lp = pick(isa ? isa : "");
+  const Loop lp = pick(isa ? isa : "", kind);
   if (threads < 1) threads = 1;
   using clock = std::chrono::steady_clock;
   Placement place(threads);

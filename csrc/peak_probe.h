@@ -1,5 +1,6 @@
 // A peak probe: how many product terms per second this CPU's vector units can do for the
-// inner steps the kernels use (FMA; add then max; min then add), on 1 or more threads.
+// inner steps the kernels use (FMA; add then max; min then add; an exponential and a sum), on
+// 1 or more threads.
 // Each table of benchmarks/native.py divides an op's term rate by it (a fraction of the
 // machine's limit). Not part of the kernels: compiled in ffi.cc's library, x86 ISAs chosen
 // by function attributes at run time.
@@ -8,7 +9,10 @@
 
 namespace jaxconv_probe {
 
-enum Kind : int { kFma = 0, kAddMax = 1, kMinAdd = 2 };
+// kExp2, kExp: the exp-limited steps, run by the kernels' own exponentials (compiled with the
+// kernels of each instruction set, kernel_expfloor_probe.h): s += 2^(x L + w) as the logsumexp
+// kernels form a term (simd_exp.h), s += exp(x - w) with vmath.h's exp (user combines).
+enum Kind : int { kFma = 0, kAddMax = 1, kMinAdd = 2, kExp2 = 3, kExp = 4 };
 
 struct Result {
   double gterms_per_s;  // terms (one lane of one step) per second over all threads, / 1e9

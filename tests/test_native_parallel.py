@@ -193,7 +193,7 @@ def test_winner_backward_split_does_not_change_results():
                                         "max_plus,min_max,max_min,min_plus,tanh_max")
 
 
-@pytest.mark.parametrize("kind", ["fma", "add_max", "min_add"])
+@pytest.mark.parametrize("kind", ["fma", "add_max", "min_add", "exp2", "exp"])
 def test_peak_probe_reports_positive_rates(kind):
     mod = ffi._load()
     for threads in (1, 2):

@@ -110,3 +110,43 @@ def test_explain_agrees_with_the_zoo_ops():
     assert any("rewrite into standard lax products" in d for d in ste.details)
     smooth = jaxconv.explain(user_zoo.ZOO["softplus_max"].op, platform="cpu")
     assert any("built-in 'logsumexp' of combine / 0.5" in d for d in smooth.details)
+
+
+def test_exp_floor_columns_follow_their_definitions():
+    """``fraction`` = e n / t_op / R_exp, ``floor`` = e n / R_exp / t_lax, ``floor_fma`` =
+    e R_fma / (p R_exp), with e exponentials per term (1 forward, 2 forward+backward) and p
+    lax's FMA passes (1 forward, 3 forward+backward)."""
+    from benchmarks import exp_floor
+
+    row = dict(fwd_ms=20.0, lax_fwd_ms=4.0, fwd_bwd_ms=50.0, lax_fwd_bwd_ms=10.0)
+    got = exp_floor.columns(row, 10**9, {"exp": {2: 100.0}, "fma": {2: 600.0}}, 2, "exp")
+    assert got["exp_fraction"] == pytest.approx(0.5)  # 1e9 / 20 ms / 1e11
+    assert got["exp_floor"] == pytest.approx(2.5)  # 10 ms / 4 ms
+    assert got["exp_floor_fma"] == pytest.approx(6.0)
+    assert got["fwd_bwd_exp_fraction"] == pytest.approx(0.4)  # 2e9 / 50 ms / 1e11
+    assert got["fwd_bwd_exp_floor"] == pytest.approx(2.0)  # 20 ms / 10 ms
+    assert got["fwd_bwd_exp_floor_fma"] == pytest.approx(4.0)
+    assert exp_floor.columns(row, 10**9, {}, 2, "exp") == {}
+    assert "at 50% of it" in exp_floor.describe(dict(row, exp_kind="exp", **got))
+
+
+def test_cli_prints_the_exp_floor_of_exp_bound_rows(monkeypatch):
+    """An exp-bound row gets its floor line (the probe's exp rates, the share of them it
+    reaches, the kernel loop's operations per exponential on AVX-512); other rows none."""
+    from benchmarks import machine
+
+    if "exp2" not in machine.peak((1,), seconds=0.002, kinds=("exp2",)):
+        pytest.skip("no native probe with the exp kinds")
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", out)
+    assert user_zoo.main(["--smoke", "--layers", "A", "--ops", "seed_myadd,clip_max",
+                          "--no-backward"]) == 0
+    text = out.getvalue()
+    assert "exp2 " in next(ln for ln in text.splitlines() if ln.startswith("# peak"))
+    lines = text.splitlines()
+    seed = next(i for i, ln in enumerate(lines) if "seed_myadd" in ln)
+    assert lines[seed + 1].strip().startswith("exp floor (exp2")
+    if machine.native_module().isa() == "avx512":
+        assert "vector ops / exp" in lines[seed + 1]
+    clip = next(i for i, ln in enumerate(lines) if "clip_max" in ln)
+    assert clip + 1 == len(lines) or "exp floor" not in lines[clip + 1]
