@@ -31,7 +31,8 @@ seeds as the fuzzer drew them before they existed):
   (Python float literals: float64 operands under ``--x64``);
 - focused draws: ``adder`` / ``l1`` / the clip under sum with NaN and infinities on bf16 /
   f16 / float64 (the wide and low kernels' clip and the engine's NaN restore), reverse mode;
-  bf16 / f16 logsumexp tangents (``jax.jvp``) against finite differences;
+  bf16 / f16 logsumexp tangents (``jax.jvp``, against finite differences) and gradients,
+  with data also near 2500 (the log semiring's exact branches);
 - a ``jax.export`` round trip (serialize, deserialize, call: bit for bit the jitted call) of
   the forward and the VJP, on both engines;
 - with two or more devices (the driver asks for ``--devices 2`` simulated CPU devices), a
@@ -308,6 +309,8 @@ def _data(rng: np.random.Generator, shape: list[int], kind: str, dtype: Any,
         pool = np.array([0.0, -0.0, 1.0, -1.0, tiny, -tiny, tiny * 0.25, -tiny * 0.25,
                          tiny * 1.5, -tiny * 1.5, 2.0])
         v = pool[rng.integers(0, len(pool), size=shape)]
+    elif kind == "far":  # x + w near 5000: beyond the log semiring's exp-space |y| <= 2^12
+        v = v + 2500.0
     elif kind == "huge":  # beyond 2^96 (the native l1 / adder direct loop) for x - w terms
         v = v * (2.0**100 if term in ("add", "one") else 2.0**40)
     return v
@@ -373,7 +376,7 @@ class Example:
         if x64:
             dtypes += ["float64"] * 4 + (["int64"] if self.spec.ints else [])
         self.dtype = str(rng.choice(dtypes))
-        if self.focus in ("nan_clip", "lse_tangent"):
+        if self.focus in ("nan_clip", "low_lse"):
             low = ["bfloat16", "float16"] + (["float64"] if x64 else [])
             self.dtype = str(xr.choice(low))
         self.np_dtype = {"bfloat16": ml_dtypes.bfloat16}.get(self.dtype, np.dtype(self.dtype))
@@ -387,9 +390,9 @@ class Example:
             self.data = "specials"
             modes = ["grad", "grad", "vmap_grad"] + (["jvp"] if self.spec.jvp else [])
             self.transform = transform or str(xr.choice(modes))
-        elif self.focus == "lse_tangent":
-            self.data = str(xr.choice(["normal", "offset"]))
-            self.transform = transform or "jvp"
+        elif self.focus == "low_lse":
+            self.data = str(xr.choice(["normal", "offset", "far"]))
+            self.transform = transform or str(xr.choice(["jvp", "jvp", "grad"]))
         if self.is_int and self.transform in ("grad", "jvp", "vmap_grad"):
             self.transform = "forward"
         t = self.spec.term
@@ -405,7 +408,8 @@ class Example:
         - ``clip``: a user combine holding a clip, any dtype, data and transform;
         - ``nan_clip``: ``adder``, ``l1`` or the clip under sum on bf16 / f16 / float64 with NaN
           and infinities, mostly reverse mode (the clip of adder's gradient, ``l1``'s sign);
-        - ``lse_tangent``: a logsumexp op's tangent on bf16 / f16 / float64 data.
+        - ``low_lse``: a logsumexp op's tangent or gradient on bf16 / f16 / float64 data,
+          also near 2500 (``x + w`` beyond the log semiring's exp-space bound, 2^12).
         """
         del x64
         u = xr.random()
@@ -417,7 +421,7 @@ class Example:
             return "nan_clip", pool[int(xr.integers(0, len(pool)))]
         if u < 0.25:
             pool = [s for s in specs if s.family == "lse"]
-            return "lse_tangent", pool[int(xr.integers(0, len(pool)))]
+            return "low_lse", pool[int(xr.integers(0, len(pool)))]
         return None, None
 
     def describe(self) -> dict[str, Any]:
@@ -648,7 +652,7 @@ class Example:
 
     def finite_differences(self, grads: Any, g: np.ndarray, who: str) -> None:
         """<grad, t> against the central difference of sum(g * reference) along t."""
-        if not (self.spec.exact_grad and self.data in ("normal", "offset")
+        if not (self.spec.exact_grad and self.data in ("normal", "offset", "far")
                 and self.dtype in ("float32", "float64") and not self.wide):
             return
         tx = self.rng.standard_normal(self.x.shape)
@@ -708,12 +712,12 @@ class Example:
         """Each engine's tangent against the central difference of the float64 reference,
         element by element, where the one-sided differences agree (no kink within the step).
 
-        Smooth data only (normal / offset), sums and logsumexp in every float dtype (the
+        Smooth data only (normal / offset / far), sums and logsumexp in every float dtype (the
         low-precision tangents: products and weights ``exp(c - y)`` in float32), max / min in
         float32 / float64 (a bf16 / f16 product rounds and may tie where the float64 ones do
         not, and the winner's share is then split)."""
         fam = self.spec.family
-        if not (self.spec.exact_grad and self.data in ("normal", "offset")) or (
+        if not (self.spec.exact_grad and self.data in ("normal", "offset", "far")) or (
                 fam in ("max", "min") and self.dtype not in ("float32", "float64")):
             return
         x = np.asarray(self.x, np.float64)

@@ -791,3 +791,28 @@ def test_low_precision_logsumexp_tangent_weights_are_the_softmax(name, dtype, en
     want = (p * (dcx(xf, wf) * txf + dcw(xf, wf) * twf)).sum(1)
     np.testing.assert_allclose(np.asarray(ty, np.float64), want, rtol=0,
                                atol=1e-2 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("engine", ["xla", "native"])
+def test_f16_log_semiring_exact_backward_weights_are_the_softmax(engine):
+    """``ops.log`` on f16 operands near 5000: ``|y| > 2^12`` sends the backward to its exact
+    branch (``log_products.MAX_EXP_SPACE_Y``), where the XLA engine computed ``x + w`` in f16
+    (half an ulp: 2) before the weights ``exp(c - y)``: gradients off by up to e^2 (240% of
+    their largest; found probing the f16 log semiring's paths after the fuzzer's tangent
+    finding above; the fuzzer's low-precision logsumexp focus now draws such data). The
+    operands are now widened to float32 there too, as the native engine computes them."""
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.standard_normal((4, 16)) + 5000, jnp.float16)
+    w = jnp.asarray(rng.standard_normal((16, 3)), jnp.float16)
+    g = rng.standard_normal((4, 3))
+    dn = (((1,), (0,)), ((), ()))
+    gx, gw = jax.jit(lambda a, b: jax.vjp(
+        lambda p, q: jaxconv.dot_general(p, q, dn, op="log", engine=engine), a, b)[1](
+        jnp.asarray(g, jnp.float16)))(x, w)
+    c = np.asarray(x, np.float64)[:, :, None] + np.asarray(w, np.float64)[None]
+    p = np.exp(c - c.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    gp = p * np.asarray(jnp.asarray(g, jnp.float16), np.float64)[:, None, :]
+    for got, want in ((gx, gp.sum(2)), (gw, gp.sum(0))):
+        np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=0,
+                                   atol=1e-2 * np.abs(want).max())

@@ -82,7 +82,7 @@ def forward(problem: Problem, x: Array, w: Array) -> Array:
     if capabilities(cfg.op).combine == popcount.KIND:
         return popcount.mismatches(cfg.op, cfg.geom, x, w).astype(cfg.acc_dtype)
     if log.is_log_semiring(cfg.op) and jnp.issubdtype(x.dtype, jnp.floating):
-        y = log.forward(problem, cfg, x, w)
+        y = log.forward(problem, cfg, *_widened(cfg, x, w))
     elif cfg.op.reduce_name in algebra.HAND_VJP_REDUCES:
         y = _forward_dispatch(cfg, *_widened(cfg, x, w))
     else:
@@ -112,7 +112,9 @@ def backward(problem: Problem, x: Array, w: Array, y: Array, g: Array,
         _, vjp = jax.vjp(functools.partial(products.rewritten, problem), x, w)
         gx, gw = vjp(g.astype(cfg.acc_dtype))
     elif log.is_log_semiring(cfg.op) and jnp.issubdtype(x.dtype, jnp.floating):
-        gx, gw = log.backward(problem, cfg, x, w, y, g)
+        # Widened for the exact branch (|y| > 2^12, +inf / NaN inputs): its weights
+        # exp(c - y) of f16-rounded products were off by up to e^2 near 5000.
+        gx, gw = log.backward(problem, cfg, *_widened(cfg, x, w), y, g)
     elif cfg.op.reduce_name in algebra.HAND_VJP_REDUCES:
         gx, gw = _hand_backward(cfg, *_widened(cfg, x, w), y4, g4)
     else:
