@@ -24,6 +24,21 @@ reproducer. An example draws:
 - a transform: forward, ``jax.grad`` (a random cotangent), ``jax.jvp`` (under ``jit``),
   ``jax.vmap`` over x or over x and w, or ``vmap`` of ``grad`` (per-example gradients).
 
+Extras, drawn from a second stream of the seed (``--no-extras`` turns them off and replays
+seeds as the fuzzer drew them before they existed):
+
+- user combines holding a clip, ``jnp.clip(x * w, -1.0, 1.0)`` under ``max`` and ``sum``
+  (Python float literals: float64 operands under ``--x64``);
+- focused draws: ``adder`` / ``l1`` / the clip under sum with NaN and infinities on bf16 /
+  f16 / float64 (the wide and low kernels' clip and the engine's NaN restore), reverse mode;
+  bf16 / f16 logsumexp tangents (``jax.jvp``, against finite differences) and gradients,
+  with data also near 2500 (the log semiring's exact branches);
+- a ``jax.export`` round trip (serialize, deserialize, call: bit for bit the jitted call) of
+  the forward and the VJP, on both engines;
+- with two or more devices (the driver asks for ``--devices 2`` simulated CPU devices), a
+  batch of two examples sharded over two devices, through ``shard_map`` and through ``jit``
+  of a sharded ``vmap``, forward and VJP, against the unsharded call.
+
 It checks (the contracts of docs/numerics.md):
 
 - forward: XLA engine and native engine against the float64 numpy loops
@@ -33,6 +48,10 @@ It checks (the contracts of docs/numerics.md):
 - gradients and tangents: engine against engine, and for float data the directional
   derivative against central finite differences of the float64 reference (smooth ops,
   normal data); a JVP against its engine's VJP (``<g, J t> == <J^T g, t>``);
+- tangents: elementwise against central finite differences of the float64 reference where
+  the one-sided differences agree (no kink within the step), for every float dtype of a sum
+  or logsumexp and float32 / float64 max / min (bf16 / f16 rounded products tie where the
+  float64 products do not);
 - vmap: against a loop of unbatched calls on the same engine.
 
 Failures are printed and appended as JSON lines to ``--log`` (default
@@ -67,6 +86,10 @@ _ARGS.add_argument("--replay", type=int, default=None, help="run one seed, raise
 _ARGS.add_argument("--transform", default=None,
                    help="only this transform (forward, grad, jvp, vmap, vmap_grad)")
 _ARGS.add_argument("--log", default="/tmp/jaxconv_fuzz.jsonl", help="failures, JSON lines")
+_ARGS.add_argument("--no-extras", action="store_true",
+                   help="no clip ops, focused draws, export or sharding (earlier seeds' draws)")
+_ARGS.add_argument("--devices", type=int, default=2,
+                   help="simulated CPU devices (jax_num_cpu_devices); 1: no sharded checks")
 
 
 class Skip(Exception):
@@ -158,6 +181,23 @@ def _specs(jnp: Any, jaxconv: Any) -> list[Spec]:
         out.append(Spec(name, op, comb, red, ident, pv, family, t,
                         ints=family != "lse" and (pv is None or pv == int(pv))))
     return out
+
+
+def _clip_mul(x: Any, w: Any) -> Any:
+    return np.clip(np.multiply(x, w), -1.0, 1.0)
+
+
+def _extra_specs(jnp: Any, jaxconv: Any) -> list[Spec]:
+    """User combines holding a clip (drawn from the extras' stream, so that adding them did
+    not change what the earlier seeds draw). Their literals are Python floats."""
+    return [
+        Spec("u_clipmul_max", jaxconv.Op(lambda x, w: jnp.clip(x * w, -1.0, 1.0), "max",
+                                         name="fz_clipmul_max"),
+             _clip_mul, np.maximum, -math.inf, None, "max", "mul"),
+        Spec("u_clipmul_sum", jaxconv.Op(lambda x, w: jnp.clip(x * w, -1.0, 1.0), "sum",
+                                         name="fz_clipmul_sum"),
+             _clip_mul, np.add, 0.0, None, "sum", "mul"),
+    ]
 
 
 # --------------------------------------------------------------------------------------------
@@ -269,6 +309,8 @@ def _data(rng: np.random.Generator, shape: list[int], kind: str, dtype: Any,
         pool = np.array([0.0, -0.0, 1.0, -1.0, tiny, -tiny, tiny * 0.25, -tiny * 0.25,
                          tiny * 1.5, -tiny * 1.5, 2.0])
         v = pool[rng.integers(0, len(pool), size=shape)]
+    elif kind == "far":  # x + w near 5000: beyond the log semiring's exp-space |y| <= 2^12
+        v = v + 2500.0
     elif kind == "huge":  # beyond 2^96 (the native l1 / adder direct loop) for x - w terms
         v = v * (2.0**100 if term in ("add", "one") else 2.0**40)
     return v
@@ -293,11 +335,15 @@ def _flush(a: np.ndarray, dtype: Any) -> np.ndarray:
 class Example:
     """A drawn example and the machinery to run and check it."""
 
-    def __init__(self, seed: int, specs: list[Spec], x64: bool, transform: str | None):
+    def __init__(self, seed: int, specs: list[Spec], x64: bool, transform: str | None,
+                 extras: list[Spec] | None = None):
         import jax.numpy as jnp
         import ml_dtypes
 
         rng = np.random.default_rng(seed)
+        # The extras' own stream: an example that draws no focus is the one the seed drew
+        # before the extras existed (plus the export / sharded checks, run after it).
+        xr = np.random.default_rng([seed, 7919])
         self.rng = rng
         self.seed = seed
         for _ in range(20):
@@ -308,15 +354,31 @@ class Example:
                 break
         else:
             raise Skip("no valid geometry drawn")
+        self.spec = specs[int(rng.integers(0, len(specs)))]
+        self.focus = self.export = self.sharded = None
+        if extras is not None:
+            self.focus, spec = self._focus(xr, specs, extras, x64)
+            self.spec = spec or self.spec
+            if self.focus is not None and xr.random() < 0.5:  # the kernels' vector paths
+                for _ in range(20):
+                    p = (_conv_problem(xr, True) if xr.random() < 0.6
+                         else _dot_problem(xr, True))
+                    if p is not None:
+                        prob, wide = p, True
+                        break
+            self.export = bool(xr.random() < 0.05)
+            self.sharded = bool(xr.random() < 0.06)
         self.prob = prob
         self.wide = wide
-        self.spec = specs[int(rng.integers(0, len(specs)))]
         dtypes = ["float32"] * 4 + ["bfloat16", "float16"]
         if self.spec.ints:
             dtypes.append("int32")
         if x64:
             dtypes += ["float64"] * 4 + (["int64"] if self.spec.ints else [])
         self.dtype = str(rng.choice(dtypes))
+        if self.focus in ("nan_clip", "low_lse"):
+            low = ["bfloat16", "float16"] + (["float64"] if x64 else [])
+            self.dtype = str(xr.choice(low))
         self.np_dtype = {"bfloat16": ml_dtypes.bfloat16}.get(self.dtype, np.dtype(self.dtype))
         self.is_int = self.dtype.startswith("int")
         self.data = "ints" if self.is_int else str(rng.choice(DATA))
@@ -324,6 +386,13 @@ class Example:
             self.data = "normal"
         transforms = ["forward", "forward", "grad", "jvp", "vmap", "vmap_grad"]
         self.transform = transform or str(rng.choice(transforms))
+        if self.focus == "nan_clip":
+            self.data = "specials"
+            modes = ["grad", "grad", "vmap_grad"] + (["jvp"] if self.spec.jvp else [])
+            self.transform = transform or str(xr.choice(modes))
+        elif self.focus == "low_lse":
+            self.data = str(xr.choice(["normal", "offset", "far"]))
+            self.transform = transform or str(xr.choice(["jvp", "jvp", "grad"]))
         if self.is_int and self.transform in ("grad", "jvp", "vmap_grad"):
             self.transform = "forward"
         t = self.spec.term
@@ -331,12 +400,37 @@ class Example:
         self.w = _data(rng, prob["wshape"], self.data, self.np_dtype, t).astype(self.np_dtype)
         self.jnp = jnp
 
+    @staticmethod
+    def _focus(xr: np.random.Generator, specs: list[Spec], extras: list[Spec],
+               x64: bool) -> tuple[str | None, Spec | None]:
+        """The extras' focus of an example and its op (None, None: the primary draw's).
+
+        - ``clip``: a user combine holding a clip, any dtype, data and transform;
+        - ``nan_clip``: ``adder``, ``l1`` or the clip under sum on bf16 / f16 / float64 with NaN
+          and infinities, mostly reverse mode (the clip of adder's gradient, ``l1``'s sign);
+        - ``low_lse``: a logsumexp op's tangent or gradient on bf16 / f16 / float64 data,
+          also near 2500 (``x + w`` beyond the log semiring's exp-space bound, 2^12).
+        """
+        del x64
+        u = xr.random()
+        if u < 0.10:
+            return "clip", extras[int(xr.integers(0, len(extras)))]
+        if u < 0.18:
+            pool = [s for s in specs if s.name in ("adder", "l1")] + [
+                s for s in extras if s.family == "sum"]
+            return "nan_clip", pool[int(xr.integers(0, len(pool)))]
+        if u < 0.25:
+            pool = [s for s in specs if s.family == "lse"]
+            return "low_lse", pool[int(xr.integers(0, len(pool)))]
+        return None, None
+
     def describe(self) -> dict[str, Any]:
         p = {k: v for k, v in self.prob.items() if k != "kw"}
         p.update(self.prob.get("kw", {}))
         return dict(seed=self.seed, op=self.spec.name, dtype=self.dtype, data=self.data,
-                    transform=self.transform, wide=self.wide, **{k: repr(v) for k, v in
-                                                                 p.items()})
+                    transform=self.transform, wide=self.wide, focus=self.focus,
+                    export=self.export, sharded=self.sharded,
+                    **{k: repr(v) for k, v in p.items()})
 
     def category(self) -> str:
         return f"{self.transform}/{self.prob['kind']}/{self.spec.family}/{self.dtype}/{self.data}"
@@ -526,6 +620,10 @@ class Example:
             self.check_jvp()
         elif t == "vmap_grad":
             self.check_vmap_grad()
+        if self.export:
+            self.check_export()
+        if self.sharded:
+            self.check_sharded()
 
     def _float_only(self) -> None:
         if self.spec.lax and self.transform != "forward":
@@ -554,7 +652,7 @@ class Example:
 
     def finite_differences(self, grads: Any, g: np.ndarray, who: str) -> None:
         """<grad, t> against the central difference of sum(g * reference) along t."""
-        if not (self.spec.exact_grad and self.data in ("normal", "offset")
+        if not (self.spec.exact_grad and self.data in ("normal", "offset", "far")
                 and self.dtype in ("float32", "float64") and not self.wide):
             return
         tx = self.rng.standard_normal(self.x.shape)
@@ -594,6 +692,7 @@ class Example:
 
         got = self.run_engines(build, self.x, self.w, tx, tw)
         self.engines_agree(got, "jvp")
+        self.tangent_differences(got, tx, tw)
         y, ty = got["xla"]
         g = self.cotangent(y.shape)
         for e in got:
@@ -608,6 +707,139 @@ class Example:
             if not (math.isnan(lhs) and math.isnan(rhs)) and lhs != rhs and not (
                     abs(lhs - rhs) <= 20 * self.eps() * scale * 10):
                 raise AssertionError(f"jvp {e}: <g, J t> = {lhs!r} but <J^T g, t> = {rhs!r}")
+
+    def tangent_differences(self, got: dict[str, Any], tx: np.ndarray, tw: np.ndarray) -> None:
+        """Each engine's tangent against the central difference of the float64 reference,
+        element by element, where the one-sided differences agree (no kink within the step).
+
+        Smooth data only (normal / offset / far), sums and logsumexp in every float dtype (the
+        low-precision tangents: products and weights ``exp(c - y)`` in float32), max / min in
+        float32 / float64 (a bf16 / f16 product rounds and may tie where the float64 ones do
+        not, and the winner's share is then split)."""
+        fam = self.spec.family
+        if not (self.spec.exact_grad and self.data in ("normal", "offset", "far")) or (
+                fam in ("max", "min") and self.dtype not in ("float32", "float64")):
+            return
+        x = np.asarray(self.x, np.float64)
+        w = np.asarray(self.w, np.float64)
+        t_x = np.asarray(tx, np.float64)
+        t_w = np.asarray(tw, np.float64)
+        h = 1e-6 * max(1.0, float(np.max(np.abs(x), initial=0.0)),
+                       float(np.max(np.abs(w), initial=0.0)))
+        yp = self.reference(x + h * t_x, w + h * t_w)
+        ym = self.reference(x - h * t_x, w - h * t_w)
+        y0 = self.reference(x, w)
+        with np.errstate(all="ignore"):
+            fd = (yp - ym) / (2 * h)
+            left, right = (y0 - ym) / h, (yp - y0) / h
+            fin = np.isfinite(fd) & np.isfinite(left) & np.isfinite(right)
+            scale = float(np.max(np.abs(fd[fin]), initial=0.0)) + 1e-30
+            smooth = fin & (np.abs(left - right) <= 1e-4 * (np.abs(fd) + scale))
+        # The output's dtype bounds a low-precision tangent (f16 overflows past 65504).
+        smooth &= np.abs(fd) < float(np.finfo(np.float32).max if self.dtype != "float16"
+                                     else 65504.0) / 4
+        eps = self.eps()
+        acc_eps = 2.0**-23 if self.dtype in ("bfloat16", "float16") else eps
+        k = self.prob["terms"] + 2
+        # Terms' tangents are bounded by the operands' and the tangents' magnitudes; a
+        # logsumexp's weights exp(c - y) carry eps * |y| of relative error each.
+        mx, mw = (float(np.max(np.abs(v), initial=0.0)) for v in (x, w))
+        mtx, mtw = (float(np.max(np.abs(v), initial=0.0)) for v in (t_x, t_w))
+        dterm = {"mul": mtx * mw + mx * mtw, "add": mtx + mtw,
+                 "sq": 2 * (mx + mw) * (mtx + mtw), "one": 0.0}[self.spec.term]
+        with np.errstate(all="ignore"):
+            ymax = float(np.max(np.abs(y0[np.isfinite(y0)]), initial=0.0))
+        rel = 4 * acc_eps * k + (8 * acc_eps * (ymax + 1) if fam == "lse" else 0.0)
+        tol = 4 * eps * np.abs(fd) + rel * dterm + 1e-6 * scale
+        for e, (_, ty) in got.items():
+            ty = np.asarray(ty, np.float64)
+            with np.errstate(invalid="ignore"):
+                bad = smooth & ~(np.abs(ty - fd) <= tol)
+            if bad.any():
+                i = tuple(np.argwhere(bad)[0])
+                raise AssertionError(
+                    f"jvp {e} vs finite differences: {int(bad.sum())} of {int(smooth.sum())} "
+                    f"smooth values differ, first at {i}: {ty[i]!r} vs {fd[i]!r} "
+                    f"(tolerance {tol[i]:.3g})")
+
+    def check_export(self) -> None:
+        """A ``jax.export`` round trip of the forward (and the VJP for floats) on both engines:
+        the deserialized call gives the jitted call's bits."""
+        import jax
+
+        import jaxconv
+
+        calls: list[tuple[str, Callable[[str], Any], tuple[Any, ...]]] = [
+            ("forward", lambda e: jax.jit(self.fn(e)), (self.x, self.w))]
+        if not self.is_int:
+            y = np.asarray(jax.jit(self.fn("xla"))(self.x, self.w))
+            g = self.cotangent(y.shape)
+
+            def vjp(e: str) -> Any:
+                f = self.fn(e)
+                return jax.jit(lambda a, b, c: jax.vjp(f, a, b)[1](c))
+            calls.append(("vjp", vjp, (self.x, self.w, g)))
+        for name, build, args in calls:
+            for e in ("xla", "native"):
+                f = build(e)
+                try:
+                    direct = f(*args)
+                except ValueError as err:
+                    if "does not serve" in str(err):
+                        continue
+                    raise
+                exp = jax.export.export(f, disabled_checks=jaxconv.export_disabled_checks())(
+                    *args)
+                back = jax.export.deserialize(exp.serialize())
+                for a, b in zip(_leaves(back.call(*args)), _leaves(direct), strict=True):
+                    self.check_close(a, b, f"export {name} {e}: round trip vs jit",
+                                     bitwise=True)
+
+    def check_sharded(self) -> None:
+        """Two examples over two devices: ``shard_map`` (forward; for floats the VJP, the
+        kernel gradient summed over devices) and ``jit`` of a ``vmap`` over a batch-sharded
+        input, against unsharded calls on the same engine."""
+        import jax
+        from jax.sharding import Mesh, NamedSharding
+        from jax.sharding import PartitionSpec as P
+
+        if len(jax.devices()) < 2:
+            return
+        mesh = Mesh(np.asarray(jax.devices()[:2]), ("d",))
+        xs = np.stack([self.x, _data(self.rng, list(self.x.shape), self.data, self.np_dtype,
+                                     self.spec.term).astype(self.np_dtype)])
+        bitwise = self.spec.family in ("max", "min") or self.is_int
+        for e in ("xla", "native"):
+            f = self.fn(e)
+            one = jax.jit(f)
+            try:
+                loop = np.stack([np.asarray(one(xs[i], self.w)) for i in range(2)])
+            except ValueError as err:
+                if "does not serve" in str(err):
+                    continue
+                raise
+            sm = jax.jit(jax.shard_map(lambda a, b, f=f: f(a[0], b)[None], mesh=mesh,
+                                       in_specs=(P("d"), P()), out_specs=P("d")))
+            self.check_close(sm(xs, self.w), loop, f"shard_map {e} vs unsharded",
+                             bitwise=bitwise)
+            xs_d = jax.device_put(xs, NamedSharding(mesh, P("d")))
+            vm = jax.jit(jax.vmap(f, in_axes=(0, None)))(xs_d, self.w)
+            self.check_close(vm, loop, f"sharded vmap {e} vs unsharded", bitwise=bitwise)
+            if self.is_int:
+                continue
+            g = self.cotangent(loop.shape)
+
+            def local(a: Any, b: Any, c: Any, f: Any = f) -> Any:
+                dx, dw = jax.vjp(f, a[0], b)[1](c[0])
+                return dx[None], dw
+            dxs, dw = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P("d"), P(), P("d")),
+                                            out_specs=(P("d"), P())))(xs, self.w, g)
+            vjp1 = jax.jit(lambda a, b, c, f=f: jax.vjp(f, a, b)[1](c))
+            parts = [vjp1(xs[i], self.w, g[i]) for i in range(2)]
+            for i in range(2):
+                self.check_close(dxs[i], parts[i][0], f"shard_map vjp {e} dx[{i}] vs unsharded")
+            dw_sum = (np.asarray(parts[0][1], np.float64) + np.asarray(parts[1][1], np.float64))
+            self.check_close(dw, dw_sum, f"shard_map vjp {e} dw vs unsharded sum")
 
     def _batched(self) -> tuple[np.ndarray, np.ndarray, bool]:
         b = int(self.rng.integers(2, 4))
@@ -679,13 +911,16 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.x64:
         jax.config.update("jax_enable_x64", True)
+    if args.devices > 1:
+        jax.config.update("jax_num_cpu_devices", args.devices)
     import jax.numpy as jnp
 
     import jaxconv
 
     specs = _specs(jnp, jaxconv)
+    extras = None if args.no_extras else _extra_specs(jnp, jaxconv)
     if args.replay is not None:
-        ex = Example(args.replay, specs, args.x64, args.transform)
+        ex = Example(args.replay, specs, args.x64, args.transform, extras)
         print(json.dumps(ex.describe(), indent=1))
         ex.run()
         print("ok" + (f" (native refused: {ex.native_refused})" if ex.native_refused else ""))
@@ -694,17 +929,21 @@ def main(argv: list[str] | None = None) -> int:
     stop = time.monotonic() + 60 * args.minutes
     counts: collections.Counter[str] = collections.Counter()
     outcome: collections.Counter[str] = collections.Counter()
+    extra_counts: collections.Counter[str] = collections.Counter()
     failures = 0
     i = 0
     while time.monotonic() < stop and i < args.examples:
         seed = seed0 + i
         i += 1
         try:
-            ex = Example(seed, specs, args.x64, args.transform)
+            ex = Example(seed, specs, args.x64, args.transform, extras)
         except Skip:
             outcome["no geometry"] += 1
             continue
         counts[ex.category()] += 1
+        for flag in ("focus", "export", "sharded"):
+            if getattr(ex, flag):
+                extra_counts[ex.focus if flag == "focus" else flag] += 1
         try:
             ex.run()
             outcome["native refused" if ex.native_refused else "passed"] += 1
@@ -738,7 +977,7 @@ def main(argv: list[str] | None = None) -> int:
         by_dtype[dt] += n
         by_data[data] += n
     for title, c in (("transform", by_transform), ("product", by_kind), ("reduce", by_family),
-                     ("dtype", by_dtype), ("data", by_data)):
+                     ("dtype", by_dtype), ("data", by_data), ("extras", extra_counts)):
         print(f"  by {title}: " + ", ".join(f"{k} {v}" for k, v in c.most_common()))
     return 1 if failures else 0
 

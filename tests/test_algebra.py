@@ -255,3 +255,39 @@ def test_factored_custom_jvp_rule_in_forward_mode(name):
                       (x, w), (tx, tw))
     np.testing.assert_allclose(np.asarray(y), np.asarray(y0), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(ty), np.asarray(ty0), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("reduce", ["sum", "logsumexp"])
+def test_recognised_reduce_accumulates_as_the_declared_one(reduce, dtype):
+    """A callable recognised as ``sum`` / ``logsumexp`` accumulates bf16 / f16 terms in
+    float32 as the declared reduce does (docs/numerics.md): it accumulated in the operands'
+    dtype, 3 half-ulps off at 576 f16 terms, and ``x * w`` under ``lambda a, b: a + b`` took
+    a tangent of two f16-rounded standard products (found by ``tests/fuzz.py``'s tangent
+    check, seed 6000045). The forward and the tangent are now the declared op's, bit for bit,
+    and within the dtype's rounding of the float64 reference. ``jnp.logaddexp`` on bf16 was
+    refused as not associative: its probes ran in bf16, whose roundings exceed the probes'
+    1e-3; a callable is now probed in the dtype it folds in."""
+    fold, ident = (lambda a, b: a + b, 0.0) if reduce == "sum" else (jnp.logaddexp, -math.inf)
+    relu = lambda a, b: jnp.maximum(a - b, 0)  # noqa: E731 - the combine of both ops
+    callable_op = jaxconv.Op(relu, fold, identity=ident, name=f"relu_callable_{reduce}")
+    declared = jaxconv.Op(relu, reduce, name=f"relu_declared_{reduce}")
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.standard_normal((6, 576)) + 3, dtype)
+    w = jnp.asarray(rng.standard_normal((576, 4)), dtype)
+    tx, tw = (jnp.asarray(rng.standard_normal(v.shape), dtype) for v in (x, w))
+    dn = (((1,), (0,)), ((), ()))
+
+    def run(op):
+        return jax.jit(lambda a, b, u, v: jax.jvp(
+            lambda p, q: jaxconv.dot_general(p, q, dn, op=op, engine="xla"), (a, b), (u, v)))(
+            x, w, tx, tw)
+
+    got, want = run(callable_op), run(declared)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    terms = np.maximum(np.asarray(x, np.float64)[:, :, None]
+                       - np.asarray(w, np.float64)[None], 0)
+    ref = terms.sum(1) if reduce == "sum" else np.logaddexp.reduce(terms, axis=1)
+    eps = float(jnp.finfo(dtype).eps)
+    np.testing.assert_allclose(np.asarray(got[0], np.float64), ref, rtol=eps, atol=0)

@@ -769,3 +769,64 @@ def test_bf16_logsumexp_gradient_weights_are_the_softmax(name, engine):
     for got, want in ((gx, rdx), (gw, rdw)):
         np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=0,
                                    atol=1e-2 * np.abs(want).max())
+
+
+# The native engine's tangent is the XLA engine's: one native case checks it delegates.
+_LSE_TANGENT_CASES = [(n, d, "xla") for n in ("log", "log_pad", "seed")
+                      for d in ("bfloat16", "float16")] + [("log", "float16", "native")]
+
+
+@pytest.mark.parametrize(("name", "dtype", "engine"), _LSE_TANGENT_CASES)
+def test_low_precision_logsumexp_tangent_weights_are_the_softmax(name, dtype, engine):
+    """The tangent (``jax.jvp``) of a logsumexp op on bf16 / f16 operands far from 0: the
+    softmax of the exact products times the terms' tangents. The XLA engine's tangent (which
+    the native engine's is) of the log semiring (``ops.log`` without a pad value) computed
+    ``x + w`` in the operands' dtype, so its weights ``exp(c - y)`` were off by up to
+    e^(half an ulp): 2.8% for f16 near 300 (found by ``tests/fuzz.py``'s tangent check; the
+    f16 ``log`` cases failed before). bf16 passed before on CPU only: XLA CPU computes bf16
+    arithmetic in float32 and drops the intermediate rounding."""
+    op, comb, dcx, dcw = _LSE_RULES.get(name, (ops.log, *_LSE_RULES["log_pad"][1:]))
+    rng = np.random.default_rng(4)
+    offset, wscale = (30.0, 0.05) if (name, dtype) == ("seed", "float16") else (
+        (300.0, 0.05) if name == "seed" else (300.0, 1.0))
+    x = jnp.asarray(rng.standard_normal((4, 8)) + offset, dtype)
+    w = jnp.asarray(rng.standard_normal((8, 3)) * wscale, dtype)
+    tx = jnp.asarray(rng.standard_normal(x.shape), dtype)
+    tw = jnp.asarray(rng.standard_normal(w.shape), dtype)
+    dn = (((1,), (0,)), ((), ()))
+    _, ty = jax.jit(lambda a, b, u, v: jax.jvp(
+        lambda p, q: jaxconv.dot_general(p, q, dn, op=op, engine=engine), (a, b), (u, v)))(
+        x, w, tx, tw)
+    xf, wf = np.asarray(x, np.float64)[:, :, None], np.asarray(w, np.float64)[None]
+    txf, twf = np.asarray(tx, np.float64)[:, :, None], np.asarray(tw, np.float64)[None]
+    c = comb(xf, wf)  # (n, k, o)
+    p = np.exp(c - c.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    want = (p * (dcx(xf, wf) * txf + dcw(xf, wf) * twf)).sum(1)
+    np.testing.assert_allclose(np.asarray(ty, np.float64), want, rtol=0,
+                               atol=1e-2 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("engine", ["xla", "native"])
+def test_f16_log_semiring_exact_backward_weights_are_the_softmax(engine):
+    """``ops.log`` on f16 operands near 5000: ``|y| > 2^12`` sends the backward to its exact
+    branch (``log_products.MAX_EXP_SPACE_Y``), where the XLA engine computed ``x + w`` in f16
+    (half an ulp: 2) before the weights ``exp(c - y)``: gradients off by up to e^2 (240% of
+    their largest; found probing the f16 log semiring's paths after the fuzzer's tangent
+    finding above; the fuzzer's low-precision logsumexp focus now draws such data). The
+    operands are now widened to float32 there too, as the native engine computes them."""
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.standard_normal((4, 16)) + 5000, jnp.float16)
+    w = jnp.asarray(rng.standard_normal((16, 3)), jnp.float16)
+    g = rng.standard_normal((4, 3))
+    dn = (((1,), (0,)), ((), ()))
+    gx, gw = jax.jit(lambda a, b: jax.vjp(
+        lambda p, q: jaxconv.dot_general(p, q, dn, op="log", engine=engine), a, b)[1](
+        jnp.asarray(g, jnp.float16)))(x, w)
+    c = np.asarray(x, np.float64)[:, :, None] + np.asarray(w, np.float64)[None]
+    p = np.exp(c - c.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    gp = p * np.asarray(jnp.asarray(g, jnp.float16), np.float64)[:, None, :]
+    for got, want in ((gx, gp.sum(2)), (gw, gp.sum(0))):
+        np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=0,
+                                   atol=1e-2 * np.abs(want).max())

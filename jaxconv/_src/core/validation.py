@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxconv._src.core import algebra
 from jaxconv._src.core import engine as registry
 
 PADDING_STRINGS = ("VALID", "SAME", "SAME_LOWER")
@@ -686,15 +687,19 @@ def _check_op_dtype(op: Any, dtype: Any) -> None:
         b = _probe(dtype, _PROBE_W)
         c = _elementwise(op.combine, "combine", op, a, b)
         if callable(op.reduce):
-            _check_reduce(op, np.asarray(c))
+            _check_reduce(op, np.asarray(c), dtype)
 
 
-def _check_reduce(op: Any, c: np.ndarray) -> None:
-    """Probes a callable ``reduce`` on the combine's outputs ``c``: a commutative monoid.
+def _check_reduce(op: Any, c: np.ndarray, dtype: Any) -> None:
+    """Probes a callable ``reduce`` on the combine's outputs ``c``: a commutative monoid, in
+    the dtype it folds in (a reduce recognised as sum / logsumexp folds bf16 / f16 terms in
+    float32: ``jnp.logaddexp``'s bf16 roundings broke the probes' associativity by more than
+    their 1e-3).
 
     Args:
         op: the op (its ``reduce`` and ``identity``).
         c: the combine's outputs on the probes.
+        dtype: the operands' common dtype.
 
     Raises:
         TypeError: the reduce is not commutative or associative, or ``op.identity`` is not its
@@ -704,6 +709,8 @@ def _check_reduce(op: Any, c: np.ndarray) -> None:
     c3 = np.roll(c, 2, axis=1)
     red = op.reduce
     _elementwise(red, "reduce", op, c, c2)
+    acc = np.dtype(algebra.accumulation_dtype(op, dtype, None))
+    c, c2, c3 = (v.astype(acc) for v in (c, c2, c3))
     v = op.identity
     if np.isinf(v) and not jnp.issubdtype(c.dtype, jnp.inexact):
         # An integer reduce's infinite identity stands for the dtype's extreme.

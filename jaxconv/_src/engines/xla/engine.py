@@ -29,8 +29,9 @@ def _config(problem: Problem, x: Array, w: Array) -> Config:
     are computed in the accumulation dtype, as the native engine computes them, not rounded to
     the operands' dtype first: a rounded product was an error of half its ulp in every term (1
     near 300 in bf16), within the result's own rounding for the output but a factor of up to e
-    in logsumexp's gradient weights ``exp(c - y)``. Max/min keep the dtype (their products
-    round, exactly); the log semiring computes in exp space on its own terms.
+    in logsumexp's gradient and tangent weights ``exp(c - y)`` (the log semiring's exact
+    branches too: f16 weights off by up to e^2 near 5000). Max/min keep the dtype (their
+    products round, exactly).
 
     Args:
         problem: the canonical problem.
@@ -45,8 +46,7 @@ def _config(problem: Problem, x: Array, w: Array) -> Config:
     acc = jnp.dtype(problem.acc_dtype)
     itemsize = max(jnp.dtype(x.dtype).itemsize, acc.itemsize)
     args = (geom, x.shape[0], w.shape[-2] * geom.groups, w.shape[-1] // geom.groups, itemsize)
-    widen = (op.reduce_name in ("sum", "logsumexp") and jnp.issubdtype(acc, jnp.floating)
-             and not log.is_log_semiring(op))
+    widen = op.reduce_name in ("sum", "logsumexp") and jnp.issubdtype(acc, jnp.floating)
     # Backward blocks stay small although the backward never holds a block's products:
     # measured, one image per block runs faster than the whole batch (cache locality).
     return Config(op, geom, acc, mbb, block_size(*args, mbb), block_size(*args, mbb // 4),
@@ -71,7 +71,7 @@ def forward(problem: Problem, x: Array, w: Array) -> Array:
     if capabilities(cfg.op).combine == popcount.KIND:
         return popcount.mismatches(cfg.op, cfg.geom, x, w).astype(cfg.acc_dtype)
     if log.is_log_semiring(cfg.op) and jnp.issubdtype(x.dtype, jnp.floating):
-        y = log.forward(problem, cfg, x, w)
+        y = log.forward(problem, cfg, *cfg.widen(x, w))
     elif cfg.op.reduce_name in algebra.HAND_VJP_REDUCES:
         y = _forward_dispatch(cfg, *cfg.widen(x, w))
     else:
@@ -101,7 +101,9 @@ def backward(problem: Problem, x: Array, w: Array, y: Array, g: Array,
         _, vjp = jax.vjp(functools.partial(products.rewritten, problem), x, w)
         gx, gw = vjp(g.astype(cfg.acc_dtype))
     elif log.is_log_semiring(cfg.op) and jnp.issubdtype(x.dtype, jnp.floating):
-        gx, gw = log.backward(problem, cfg, x, w, y, g)
+        # Widened for the exact branch (|y| > 2^12, +inf / NaN inputs): its weights
+        # exp(c - y) of f16-rounded products were off by up to e^2 near 5000.
+        gx, gw = log.backward(problem, cfg, *cfg.widen(x, w), y, g)
     elif cfg.op.reduce_name in algebra.HAND_VJP_REDUCES:
         gx, gw = _hand_backward(cfg, *cfg.widen(x, w), y4, g4)
     else:
