@@ -160,11 +160,7 @@ def test_dense_pair_backward_same_bits_in_every_mode(op, special):
         np.testing.assert_allclose(dw0, rdw, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "open (fuzz seed 6000073, float32 mode): a bf16 l2_exact convolution with lhs and rhs "
-    "dilation, negative padding and 3 groups (NaN / inf data): the native kernel gradient "
-    "has no NaN where the XLA engine's (and the native engine's own vmap of it) has 26"))
-def test_bf16_l2_exact_kernel_gradient_nan_as_xla_fuzz_6000073():
+def test_bf16_l2_exact_kernel_gradient_nan_on_both_engines_fuzz_6000073():
     import fuzz
 
     ex = fuzz.Example(6000073, fuzz._specs(jnp, jaxconv), x64=False, transform=None)

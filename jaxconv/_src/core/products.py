@@ -453,11 +453,13 @@ def _adder_terms(op: Op, geom: Geometry, acc: Any, kind: str, w: Array, gy: Arra
     wa = w.astype(acc)
     gw = gw - wa * s
     # An infinite w makes each term g (x - w) an infinity of the sign of -g w (NaN at g = 0),
-    # so their sum is NaN where the cotangents its tap meets hold both signs or a zero, and 0
-    # where it meets none; the form above would give +-inf (finite - w * sum g) and NaN.
+    # so their sum is NaN where the cotangents its tap meets hold both signs or a zero; the
+    # form above would give +-inf (finite - w * sum g). A tap that meets no term (negative
+    # padding, dilation) has no term to sum: 0 whatever w holds, where the form gives
+    # NaN * 0 for a NaN or infinite w.
     mixed = (pos < total) & (neg < total)
     gw = jnp.where(jnp.isinf(wa) & mixed, jnp.nan, gw)
-    gw = jnp.where(jnp.isinf(wa) & (total == 0), 0, gw)
+    gw = jnp.where(~jnp.isfinite(wa) & (total == 0), 0, gw)
     return (2 * gw if kind == "sqdiff" else gw).astype(w.dtype)
 
 
