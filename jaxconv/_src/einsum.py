@@ -36,6 +36,7 @@ from opt_einsum import parser
 from jaxconv._src.conv import dot_general
 from jaxconv._src.core import algebra, validation
 from jaxconv._src.core.algebra import Op
+from jaxconv._src.core.capabilities import accumulation_dtype
 from jaxconv._src.core.ops import resolve, standard
 
 Array = jax.Array
@@ -75,7 +76,7 @@ def _reduce_axes(op: Op, a: Array, axes: tuple[int, ...]) -> Array:
     keep = [d for d in range(a.ndim) if d not in axes]
     moved = jnp.transpose(a, keep + list(axes))
     flat = moved.reshape(*moved.shape[: len(keep)], -1)
-    acc = algebra.accumulation_dtype(op, a.dtype, None)
+    acc = accumulation_dtype(op, a.dtype, None)
     if flat.shape[-1] == 0:
         return jnp.broadcast_to(algebra.identity_value(op, acc), flat.shape[:-1])
     out = algebra.reduce_last(op, flat, acc)

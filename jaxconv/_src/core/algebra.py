@@ -368,35 +368,3 @@ def tree_reduce_last(fn: Callable[[Array, Array], Array], c: Array, identity: Ar
         h = c.shape[-1] // 2
         c = fn(c[..., :h], c[..., h:])
     return c[..., 0]
-
-
-def accumulation_dtype(op: Op, dtype: Any, preferred: Any | None) -> Any:
-    """The dtype partial results are accumulated in.
-
-    Sums and logsumexp of low-precision floats accumulate in float32 (or in
-    ``preferred_element_type``); max/min keep the input dtype (no rounding happens). A
-    callable reduce recognised as one of them (``lambda a, b: a + b``, ``jnp.logaddexp``)
-    accumulates as the declared one does (it accumulated in f16, 3 half-ulps off at 576
-    terms, and its standard-product tangent 25x the declared sum's error).
-
-    Args:
-        op: the op.
-        dtype: the operands' dtype.
-        preferred: the ``preferred_element_type``, or ``None``.
-
-    Returns:
-        The accumulation dtype.
-    """
-    dtype = jnp.dtype(dtype)
-    if preferred is not None:
-        return jnp.dtype(preferred)
-    reduce = op.reduce
-    if not isinstance(reduce, str) and jnp.issubdtype(dtype, jnp.floating):
-        # The op's canonical reduce (the callable recognised from its traced program, with
-        # the built-in's identity; cached). Imported here: capabilities builds on this module.
-        from jaxconv._src.core.capabilities import capabilities  # noqa: PLC0415
-
-        reduce = capabilities(op).reduce
-    if reduce in ("sum", "prod", "logsumexp") and jnp.issubdtype(dtype, jnp.floating):
-        return jnp.promote_types(dtype, jnp.float32)
-    return dtype

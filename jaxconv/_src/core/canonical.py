@@ -26,6 +26,7 @@ from jaxconv._src.core import (  # noqa: F401
 )
 from jaxconv._src.core import engine as registry
 from jaxconv._src.core.algebra import Op
+from jaxconv._src.core.capabilities import accumulation_dtype
 from jaxconv._src.core.geometry import Geometry
 from jaxconv._src.core.primitive import conv
 from jaxconv._src.core.problem import DEFAULT_MAX_BLOCK_BYTES, Problem
@@ -70,7 +71,7 @@ def canonical_conv(
     dtype = jnp.result_type(x.dtype, w.dtype)
     x, w = x.astype(dtype), w.astype(dtype)
     out_dtype = dtype if preferred_element_type is None else jnp.dtype(preferred_element_type)
-    acc_dtype = jnp.dtype(algebra.accumulation_dtype(op, dtype, preferred_element_type))
+    acc_dtype = jnp.dtype(accumulation_dtype(op, dtype, preferred_element_type))
     n, o = x.shape[0], w.shape[-1]
     if n == 0 or o == 0:
         return jnp.zeros((n, *geom.out_spatial, o), out_dtype)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from jax.typing import DTypeLike
 
 from jaxconv._src.core import engine as registry
-from jaxconv._src.core.capabilities import capabilities
+from jaxconv._src.core.capabilities import accumulation_dtype, capabilities
 
 if TYPE_CHECKING:
     from jaxconv._src.core.engine import Engine
@@ -193,7 +193,7 @@ def explain(op: Any, *, dtype: DTypeLike = "float32", platform: str | None = Non
     import jax.numpy as jnp  # noqa: PLC0415
     import numpy as np  # noqa: PLC0415
 
-    from jaxconv._src.core import algebra, factoring, ops, problem, validation  # noqa: PLC0415
+    from jaxconv._src.core import factoring, ops, problem, validation  # noqa: PLC0415
     from jaxconv._src.core.geometry import Geometry  # noqa: PLC0415
 
     op = ops.get(op)
@@ -215,7 +215,7 @@ def explain(op: Any, *, dtype: DTypeLike = "float32", platform: str | None = Non
         details.append(f"the callable reduce is {capabilities(op).reduce!r} "
                        "(recognised from its traced program)")
     geom = Geometry((8, 8), (3, 3), (1, 1), ((1, 1), (1, 1)), (1, 1), (1, 1), 1)
-    acc = np.dtype(algebra.accumulation_dtype(inner, dtype, None))
+    acc = np.dtype(accumulation_dtype(inner, dtype, None))
     prob = problem.Problem(inner, geom, engine, acc, problem.DEFAULT_MAX_BLOCK_BYTES, None,
                            dtype)
     if engine != registry.AUTO:
@@ -260,11 +260,11 @@ def _kept_difference(op: Any, dtype: Any, geom: Any, platform: str,
     """
     import numpy as np  # noqa: PLC0415
 
-    from jaxconv._src.core import algebra, factoring, problem  # noqa: PLC0415
+    from jaxconv._src.core import factoring, problem  # noqa: PLC0415
 
     form = factoring.kept_difference_form(op.replace(post=None), dtype)
     inner = op.replace(post=None) if form is None else form.inner
-    acc = np.dtype(algebra.accumulation_dtype(inner, dtype, None))
+    acc = np.dtype(accumulation_dtype(inner, dtype, None))
     prob = problem.Problem(inner, geom, engine, acc, problem.DEFAULT_MAX_BLOCK_BYTES, None,
                            dtype)
     name = engine_name(prob, dtype, platform)

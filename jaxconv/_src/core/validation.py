@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxconv._src.core import algebra
 from jaxconv._src.core import engine as registry
+from jaxconv._src.core.capabilities import accumulation_dtype
 
 PADDING_STRINGS = ("VALID", "SAME", "SAME_LOWER")
 
@@ -709,7 +709,7 @@ def _check_reduce(op: Any, c: np.ndarray, dtype: Any) -> None:
     c3 = np.roll(c, 2, axis=1)
     red = op.reduce
     _elementwise(red, "reduce", op, c, c2)
-    acc = np.dtype(algebra.accumulation_dtype(op, dtype, None))
+    acc = np.dtype(accumulation_dtype(op, dtype, None))
     c, c2, c3 = (v.astype(acc) for v in (c, c2, c3))
     v = op.identity
     if np.isinf(v) and not jnp.issubdtype(c.dtype, jnp.inexact):

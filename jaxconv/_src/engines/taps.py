@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxconv._src.core import algebra
 from jaxconv._src.core.algebra import Op
+from jaxconv._src.core.capabilities import accumulation_dtype
 from jaxconv._src.core.geometry import Geometry
 from jaxconv._src.core.products import pad_input as pad_input
 from jaxconv._src.core.products import span as span
@@ -171,7 +171,7 @@ def resolve_dtypes(
 
     Returns ``x`` and ``w`` cast to their common dtype, the output dtype
     (``preferred_element_type`` or the common dtype) and the accumulation dtype
-    (`algebra.accumulation_dtype`).
+    (`capabilities.accumulation_dtype`).
 
     Args:
         x: the input.
@@ -184,7 +184,7 @@ def resolve_dtypes(
     """
     dtype = jnp.result_type(x.dtype, w.dtype)
     out_dtype = dtype if preferred_element_type is None else jnp.dtype(preferred_element_type)
-    acc_dtype = jnp.dtype(algebra.accumulation_dtype(op, dtype, preferred_element_type))
+    acc_dtype = jnp.dtype(accumulation_dtype(op, dtype, preferred_element_type))
     return x.astype(dtype), w.astype(dtype), out_dtype, acc_dtype
 
 

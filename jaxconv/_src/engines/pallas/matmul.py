@@ -13,6 +13,7 @@ from jax.experimental import pallas as pl
 
 from jaxconv._src.core import algebra
 from jaxconv._src.core.algebra import Op
+from jaxconv._src.core.capabilities import accumulation_dtype
 from jaxconv._src.engines.pallas.platforms import (
     Backend,
     BlockSizes,
@@ -338,7 +339,7 @@ def semiring_matmul(
         a, b = a[None], b[None]
     dtype = jnp.result_type(a.dtype, b.dtype)
     a, b = a.astype(dtype), b.astype(dtype)
-    acc_dtype = jnp.dtype(acc_dtype or algebra.accumulation_dtype(op, dtype, None))
+    acc_dtype = jnp.dtype(acc_dtype or accumulation_dtype(op, dtype, None))
     backends = platform_backends(interpret=interpret, blocks=blocks, backend=backend)
     out = _on_platforms(
         backends, lambda be: functools.partial(_matmul_one, be, op, acc_dtype), a, b)
