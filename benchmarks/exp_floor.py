@@ -49,8 +49,8 @@ EXP_BOUND = {"seed_myadd": "exp2", "softplus_max": "exp2", "gauss_sum": "exp"}
 FUNCTIONS = {"exp2": ("lse_tile<", "lse_backward<"),
              "exp": ("fwd_tile<", "fused_sum_backward<")}
 # FMAs and multiplies: the FMA ports' instructions (on Zen 4 the rest of an exponential --
-# adds, max / min, compares, roundings, vscalefps -- runs on the add ports: README's port
-# micro-benchmark).
+# adds, max / min, compares, roundings, vscalefps -- runs on the add ports: the port
+# micro-benchmark in docs/performance.md).
 _FMA_PIPE = ("vfmadd", "vfmsub", "vfnmadd", "vfnmsub", "vmul")
 # Register moves, loads, stores and broadcasts: not operations on the data.
 _MOVES = ("vmov", "vbroadcast", "vpbroadcast", "vzeroupper")
