@@ -10,6 +10,9 @@
 // Backward: d y / d term = exp(term - y) = 2^(term L - yL) times a per-output factor, so dx and
 // dw are the sums backward of the rule g exp(comb - y) dcx (resp. dcw), with an all -inf
 // window's cotangent zeroed and its output read as 0 (no inf - inf), as the XLA engine's rule.
+// Each term's exponential serves both gradients: input channels in whole vectors take the loop
+// with vectors over them (kernel_lsebwd_ivec.h), others lse_backward's loop over output
+// channels.
 //
 // Part of the kernel template: included by kernels.inc inside its anonymous namespace
 // (once per instruction set), never on its own.
@@ -338,9 +341,7 @@ void lse_backward(Ctx& c) {
   const jaxconv::Call& call = *c.call;
   const int64_t I = c.I, O = c.O, Og = c.Og, T = c.T;
   const int64_t n_out = call.batch * c.y_bs;
-  // Per output: the masked cotangent and -y L (an all -inf window's g is 0 and its y 0), so
-  // that g e^(t - y) = gm 2^(t L + ym). yL is y L rounded; the factor it lost, 2^-(y L - yL),
-  // is in gm (1 where y is not finite).
+  // Per output: the masked cotangent and -y L (lse_prepare).
   float* gm = c.scratch.get<float>(n_out);
   float* ym = c.scratch.get<float>(n_out);
   if (!gm || !ym) {
