@@ -46,7 +46,7 @@ from benchmarks import spill_check
 # exponentials of the operands, no exponential per term (measured at 135% of "exp2").
 EXP_BOUND = {"seed_myadd": "exp2", "softplus_max": "exp2", "gauss_sum": "exp"}
 # The kernel functions whose innermost loops hold each pass's exponentials, per probe kind.
-FUNCTIONS = {"exp2": ("lse_tile<", "lse_backward<"),
+FUNCTIONS = {"exp2": ("lse_tile<", "lse_backward_ivec<"),
              "exp": ("fwd_tile<", "fused_sum_backward<")}
 # FMAs and multiplies: the FMA ports' instructions (on Zen 4 the rest of an exponential --
 # adds, max / min, compares, roundings, vscalefps -- runs on the add ports: the port

@@ -23,8 +23,9 @@ stays a vector instruction (a store and a load per row), so a spill never makes 
 Checked functions (`HOT_KERNELS`): the forward tiles (``fwd_tile``, each op, Safe, tile shape
 and bcast choice that GCC keeps out of line), the recording forward's tiles (``convrec_tile``,
 ``dense_record_tile``), the dense backward's pass A (``dense_block_masks``), the winner scan
-(``win_scan_rows``), the log-sum-exp tile (``lse_tile``) and the sums backward's paired
-passes and dx blocks (``pair_backward``, ``dense_pair_backward_mode``, ``dx_block``). The check
+(``win_scan_rows``), the log-sum-exp tile (``lse_tile``) and backward (``lse_backward_ivec``),
+the sums backward's paired passes and dx blocks (``pair_backward``,
+``dense_pair_backward_mode``, ``dx_block``). The check
 fails when one of them is missing from the object, or has no hot loop, so that it cannot pass
 by finding nothing. Not checked:
 the depthwise tile (``dw_tile``: a branch per row in its tap loop, mostly scalar code; 7 stack
@@ -82,6 +83,7 @@ HOT_KERNELS = (
     "dense_block_masks",
     "win_scan_rows",
     "lse_tile",
+    "lse_backward_ivec",
     "pair_backward",
     "dense_pair_backward_mode",
     "dx_block",

@@ -10,6 +10,9 @@
 // Backward: d y / d term = exp(term - y) = 2^(term L - yL) times a per-output factor, so dx and
 // dw are the sums backward of the rule g exp(comb - y) dcx (resp. dcw), with an all -inf
 // window's cotangent zeroed and its output read as 0 (no inf - inf), as the XLA engine's rule.
+// Each term's exponential serves both gradients: input channels in whole vectors take the loop
+// with vectors over them (kernel_lsebwd_ivec.h), others lse_backward's loop over output
+// channels.
 //
 // Part of the kernel template: included by kernels.inc inside its anonymous namespace
 // (once per instruction set), never on its own.
@@ -260,50 +263,95 @@ void lse_forward(Ctx& c) {
 }
 
 // ---- backward ------------------------------------------------------------------------------
+// 2^-lost for |lost| <= 1 (the part of y L that yL = y L rounded lost, y finite and below
+// kLseBig), in double: e^z at z = -lost ln2 by its Taylor polynomial of degree 11 (error
+// below 5e-11 relative on |z| <= ln 2: exact for the float product it scales).
+template <class D>  // double, or a vector of doubles
+inline D lse_lost_factor(D lost) {
+  constexpr double kInvFact[10] = {1.0 / 3628800.0, 1.0 / 362880.0, 1.0 / 40320.0,
+                                   1.0 / 5040.0,    1.0 / 720.0,    1.0 / 120.0,
+                                   1.0 / 24.0,      1.0 / 6.0,      0.5,
+                                   1.0};  // 1 / k! for k = 10 .. 1
+  const D z = lost * -0.6931471805599453;
+  D f = z * (1.0 / 39916800.0);
+  for (double k : kInvFact) f = (f + k) * z;
+  return f + 1.0;
+}
+
+// Per output: the masked cotangent gm and -y L in ym (an all -inf window's g is 0 and its y
+// 0), so that g e^(t - y) = gm 2^(t L + ym). yL is y L rounded; the factor it lost, 2^-(y L -
+// yL), is in gm (1 where y is not finite), the product rounded once. Returns whether a finite
+// y has magnitude kLseBig or more: its y L lost up to half an ulp of itself, and 2^(lost)
+// overflows or underflows; then gm = g and ym = -y (the terms are g 2^((t - y) L), one
+// operation more per term, only on such data).
+inline bool lse_prepare(Ctx& c, float* gm, float* ym) {
+  using V = S::V;
+  using D = S::D;
+  const jaxconv::Call& call = *c.call;
+  const int64_t n_out = call.batch * c.y_bs;
+  constexpr int64_t kChunk = 1 << 14;
+  std::atomic<bool> big{false};
+  auto mask = [&](int64_t it) {
+    const int64_t a = it * kChunk, e = a + kChunk < n_out ? a + kChunk : n_out;
+    const V L = S::set1(kLog2e), inf = S::set1(__builtin_inff());
+    S::M huge = S::mfalse();
+    int64_t j = a;
+    for (; j + W <= e; j += W) {
+      const V y = S::load(call.y + j), g = S::load(call.g + j);
+      const V yl = S::mul(y, L);
+      D yd[S::ND], yld[S::ND], gd[S::ND];
+      S::to_d(y, yd);
+      S::to_d(yl, yld);
+      S::to_d(g, gd);
+      // y L - yL is exact in double (a product of two floats, less its rounding: a float).
+      for (int i = 0; i < S::ND; ++i)
+        gd[i] = gd[i] * lse_lost_factor<D>(yd[i] * double(kLog2e) - yld[i]);
+      const S::M empty = S::eq(y, S::neg(inf)), finite = S::lt(S::abs(y), inf);
+      huge = S::mor(huge, S::mand(finite, S::ge(S::abs(y), S::set1(kLseBig))));
+      S::store(gm + j, S::select(empty, S::zero(), S::select(finite, S::from_d(gd), g)));
+      S::store(ym + j, S::select(empty, S::zero(), S::neg(yl)));
+    }
+    bool any = S::any(huge);
+    for (; j < e; ++j) {
+      const float y = call.y[j];
+      const bool empty = y == -__builtin_inff();
+      const float yl = y * kLog2e;
+      const bool finite = __builtin_fabsf(y) < __builtin_inff();
+      any |= finite && __builtin_fabsf(y) >= kLseBig;
+      const double f = lse_lost_factor<double>(double(y) * double(kLog2e) - double(yl));
+      gm[j] = empty ? 0.0f : finite ? float(call.g[j] * f) : call.g[j];
+      ym[j] = empty ? 0.0f : -yl;
+    }
+    if (any) big.store(true, std::memory_order_relaxed);
+  };
+  parallel(c, (n_out + kChunk - 1) / kChunk, mask);
+  if (!big.load()) return false;
+  for (int64_t j = 0; j < n_out; ++j) {
+    const bool empty = call.y[j] == -__builtin_inff();
+    gm[j] = empty ? 0.0f : call.g[j];
+    ym[j] = empty ? 0.0f : -call.y[j];
+  }
+  return true;
+}
+
+#include "kernel_lsebwd_ivec.h"  // the loop for input channels in whole vectors
+
 template <class Op>
 void lse_backward(Ctx& c) {
   const jaxconv::Call& call = *c.call;
   const int64_t I = c.I, O = c.O, Og = c.Og, T = c.T;
   const int64_t n_out = call.batch * c.y_bs;
-  // Per output: the masked cotangent and -y L (an all -inf window's g is 0 and its y 0), so
-  // that g e^(t - y) = gm 2^(t L + ym). yL is y L rounded; the factor it lost, 2^-(y L - yL),
-  // is in gm (1 where y is not finite).
+  // Per output: the masked cotangent and -y L (lse_prepare).
   float* gm = c.scratch.get<float>(n_out);
   float* ym = c.scratch.get<float>(n_out);
   if (!gm || !ym) {
     c.failed = true;
     return;
   }
-  constexpr int64_t kChunk = 1 << 14;
-  auto mask = [&](int64_t it) {
-    const int64_t a = it * kChunk, e = a + kChunk < n_out ? a + kChunk : n_out;
-    for (int64_t j = a; j < e; ++j) {
-      const float y = call.y[j];
-      const bool empty = y == -__builtin_inff();
-      const float yl = y * kLog2e;
-      const double lost = double(y) * double(kLog2e) - double(yl);
-      const bool finite = __builtin_fabsf(y) < __builtin_inff();
-      // 2^-lost: |lost| is at most half an ulp of yL, so below 2^-10 for |y| < 7e3: a cubic.
-      const double z = -lost * 0.6931471805599453;
-      const double f = __builtin_fabs(z) < 0x1p-6 ? 1.0 + z * (1.0 + z * (0.5 + z / 6.0))
-                                                   : __builtin_exp2(-lost);
-      gm[j] = empty ? 0.0f : finite ? float(call.g[j] * f) : call.g[j];
-      ym[j] = empty ? 0.0f : -yl;
-    }
-  };
-  parallel(c, (n_out + kChunk - 1) / kChunk, mask);
-  // A finite y of magnitude kLseBig or more: its y L lost up to half an ulp of itself, and
-  // 2^(lost) overflows or underflows. Then the whole call takes g e^(t - y) = g 2^((t - y) L)
-  // (gm = g, ym = -y), one operation more per term, only on such data.
-  bool big = false;
-  for (int64_t j = 0; j < n_out && !big; ++j)
-    big = __builtin_fabsf(call.y[j]) >= kLseBig && __builtin_fabsf(call.y[j]) < __builtin_inff();
-  if (big)
-    for (int64_t j = 0; j < n_out; ++j) {
-      const bool empty = call.y[j] == -__builtin_inff();
-      gm[j] = empty ? 0.0f : call.g[j];
-      ym[j] = empty ? 0.0f : -call.y[j];
-    }
+  const bool big = lse_prepare(c, gm, ym);
+  // Input channels in whole vectors: the loop with vectors over them (kernel_lsebwd_ivec.h).
+  if (big ? lse_backward_ivec<Op, true>(c, gm, ym) : lse_backward_ivec<Op, false>(c, gm, ym))
+    return;
   // Both gradients in one pass over the terms (each exp once): an item owns a block of kIB
   // input channels of one group and batch entry, so it alone writes their dx (every cell)
   // and their dw rows (every tap and output channel, summed in L1 scratch), and loops over

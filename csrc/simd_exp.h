@@ -64,6 +64,24 @@ inline VmV<T> lse_exp2z(VmV<T> u) {
   return T::select(T::lt(u, T::set1(-125.0f)), T::zero(), lse_exp2<T>(u));
 }
 
+#if defined(__AVX512F__)
+// AVX-512: the zero by the scaling's zero-masking, and no clamp at -125 (the lanes it guarded
+// are the zeroed ones; a NaN u still gives NaN): 9 vector operations in place of 11, the
+// same bits. The logsumexp backward's exponential.
+template <>
+inline VmV<S> lse_exp2z<S>(VmV<S> u) {
+  const __mmask16 keep = _mm512_cmp_ps_mask(u, S::set1(-125.0f), _CMP_NLT_UQ);  // NaN kept
+  const VmV<S> k = _mm512_roundscale_ps(u, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const VmV<S> r = S::sub(u, k);  // exact, |r| <= 1/2 where kept
+  VmV<S> p = S::mad(S::set1(1.326472615e-3f), r, S::set1(9.671512991e-3f));
+  p = S::mad(p, r, S::set1(5.550733581e-2f));
+  p = S::mad(p, r, S::set1(2.402224243e-1f));
+  p = S::mad(p, r, S::set1(6.931470037e-1f));
+  p = S::mad(p, r, S::set1(1.0f));
+  return _mm512_maskz_scalef_ps(keep, p, k);
+}
+#endif
+
 // mL = m L rounded, and the part of m L it lost (m L - mL, exact: computed in double, where the
 // product of two floats is exact, so also on targets without FMA): every term of the lane
 // computed as 2^(t L - mL) is 2^(bias) times its true e^(t - m).

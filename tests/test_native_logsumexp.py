@@ -34,12 +34,28 @@ INF = math.inf
 # The seed's own op: recognised as logsumexp from the traced program of jnp.logaddexp.
 SEED = jaxconv.Op(lambda a, b: -(a - b) ** 2, jnp.logaddexp, identity=-INF, name="seed")
 MUL_LSE = jaxconv.Op(lambda a, b: a * b, "logsumexp", name="mul_lse")
+# A padded op (pad_value: padded taps are terms of dw, their dx dropped).
+SEED_PAD = jaxconv.Op(lambda a, b: -(a - b) ** 2, jnp.logaddexp, identity=-INF, pad_value=0.5,
+                      name="seed_pad")
 # Numpy combines of the ops (the reference folds them with np.logaddexp from -inf).
-COMBINES = {"log": np.add, "seed": lambda a, b: -np.square(a - b), "mul_lse": np.multiply}
-OPS = {"log": "log", "seed": SEED, "mul_lse": MUL_LSE}
+COMBINES = {"log": np.add, "seed": lambda a, b: -np.square(a - b), "mul_lse": np.multiply,
+            "seed_pad": lambda a, b: -np.square(a - b)}
+OPS = {"log": "log", "seed": SEED, "mul_lse": MUL_LSE, "seed_pad": SEED_PAD}
 
 GEOMS = table("2d_same", ("2d_stride_dil", "2d_stride_rhs_dil"), "2d_lhs_dil", "1d_valid", "3d",
-              "groups", "depthwise", "wide")
+              "groups", "depthwise", "wide", "channels_80", "dense_wide")
+# Input channels in whole vectors (per group; 16 fill an AVX-512 vector, 8 an AVX2 one): the
+# backward's loop with vectors over them (csrc/kernel_lsebwd_ivec.h), with a single image
+# (one split of the images), three (uneven splits), strides and dilation, and groups.
+GEOMS |= {
+    "vec_same": ((3, 6, 5, 32), (3, 3, 32, 5), dict(window_strides=(1, 1), padding="SAME")),
+    "vec_one_image": ((1, 5, 4, 16), (3, 3, 16, 7), dict(window_strides=(1, 1),
+                                                         padding="SAME")),
+    "vec_stride_dil": ((2, 9, 8, 16), (3, 2, 16, 6), dict(
+        window_strides=(2, 1), padding=((1, 2), (2, 0)), rhs_dilation=(1, 2))),
+    "vec_groups": ((2, 5, 6, 64), (3, 3, 32, 6), dict(
+        window_strides=(1, 1), padding="SAME", feature_group_count=2)),
+}
 
 
 def _data(geom: str, regime: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -144,6 +160,81 @@ def test_gradients_match_xla_engine(name: str, geom: str, regime: str) -> None:
         assert not any(np.isnan(np.asarray(g)).any() for g in got)
 
 
+VEC_GRADS = [
+    ("seed", "vec_same", "normal"), ("seed", "vec_same", "spread"),
+    ("seed", "vec_same", "neg_inf"), ("seed", "vec_same", "nan"), ("seed", "vec_same", "big"),
+    ("seed", "vec_same", "ramp"), ("seed", "vec_same", "pos_inf"), ("seed", "vec_same", "huge"),
+    ("seed", "vec_one_image", "normal"), ("seed", "vec_stride_dil", "spread"),
+    ("seed", "vec_groups", "normal"), ("seed", "channels_80", "far_neg"),
+    ("seed", "dense_wide", "normal"), ("mul_lse", "vec_same", "normal"),
+    ("mul_lse", "vec_groups", "huge"), ("mul_lse", "vec_stride_dil", "ramp"),
+    ("log", "vec_same", "spread"), ("log", "vec_groups", "neg_inf"),
+    ("seed_pad", "vec_same", "normal"), ("seed_pad", "vec_stride_dil", "spread"),
+]
+
+
+@pytest.mark.parametrize("name,geom,regime", VEC_GRADS)
+def test_vector_loop_gradients_match_xla_engine(name: str, geom: str, regime: str) -> None:
+    """Input channels in whole vectors (csrc/kernel_lsebwd_ivec.h): both gradients, and
+    each alone, against the XLA engine, over the contract's cases."""
+    x, w = _data(geom, regime, seed=1)
+    f_nat, f_xla = _conv(OPS[name], geom), _conv(OPS[name], geom, "xla")
+    y = jax.eval_shape(f_nat, x, w)
+    ct = jnp.asarray(np.random.default_rng(2).standard_normal(y.shape), jnp.float32)
+    got = jax.jit(lambda a, b: jax.vjp(f_nat, a, b)[1](ct))(x, w)
+    want = jax.jit(lambda a, b: jax.vjp(f_xla, a, b)[1](ct))(x, w)
+    only_x = jax.jit(lambda a, b: jax.vjp(lambda u: f_nat(u, b), a)[1](ct))(x, w)
+    only_w = jax.jit(lambda a, b: jax.vjp(lambda v: f_nat(a, v), b)[1](ct))(x, w)
+    for g, alone, h in zip(got, (*only_x, *only_w), want, strict=True):
+        scale = float(np.nanmax(np.abs(np.asarray(h)), initial=1.0))
+        np.testing.assert_allclose(np.asarray(g), np.asarray(h), rtol=1e-4, atol=1e-5 * scale)
+        np.testing.assert_array_equal(np.asarray(alone), np.asarray(g))
+    if regime == "neg_inf" and name == "log":  # the contract: zero, never NaN
+        assert not any(np.isnan(np.asarray(g)).any() for g in got)
+
+
+@pytest.mark.parametrize("name,regime", [("seed", "normal"), ("mul_lse", "ramp"),
+                                         ("mul_lse", "spread"), ("log", "spread"),
+                                         ("seed_pad", "normal")])
+def test_vector_loop_gradients_match_float64(name: str, regime: str) -> None:
+    """The vector loop's gradients against a float64 softmax of explicit 3x3 SAME windows
+    (32 input channels, three images): within float32's conditioning of t - y (regimes whose
+    terms float32 holds to ~1e-5 absolute: the seed op's ramp and spread have terms of
+    magnitude 1e4 and more, whose own rounding moves each weight by 1e-3)."""
+    x, w = _data("vec_same", regime, seed=8)
+    ct = np.random.default_rng(9).standard_normal((3, 6, 5, 5)).astype(np.float32)
+    got = jax.vjp(_conv(OPS[name], "vec_same"), x, w)[1](jnp.asarray(ct))
+    comb, (dcx, dcw) = COMBINES[name], _PARTIALS[name]
+    pad = OPS[name].pad_value if isinstance(OPS[name], jaxconv.Op) else None
+    x64, w64 = x.astype(np.float64), w.astype(np.float64)
+    xp = np.pad(x64, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=np.nan)
+    inside = ~np.isnan(xp)
+    if pad is not None:
+        xp = np.where(inside, xp, pad)
+    # terms (N, H, W, tap, I, O); identity padding: a padded tap is no term (-inf)
+    xs = np.stack([xp[:, a:a + 6, b:b + 5] for a in range(3) for b in range(3)], axis=3)
+    ins = np.stack([inside[:, a:a + 6, b:b + 5] for a in range(3) for b in range(3)], axis=3)
+    wt = w64.reshape(9, 32, 5)
+    with np.errstate(invalid="ignore"):
+        t = comb(xs[..., None], wt)
+    live = ins[..., None] | (pad is not None)
+    t = np.where(live, t, -np.inf)
+    y = np.logaddexp.reduce(t.reshape(3, 6, 5, -1, 5), axis=3)
+    h = ct[:, :, :, None, None, :] * np.where(live, np.exp(t - y[:, :, :, None, None, :]), 0.0)
+    with np.errstate(invalid="ignore"):
+        hx = np.where(live, h * dcx(xs[..., None], wt), 0.0).sum(-1)  # (N, H, W, tap, I)
+        hw = np.where(live, h * dcw(xs[..., None], wt), 0.0)
+    dx = np.zeros_like(xp)
+    for k in range(9):
+        a, b = divmod(k, 3)
+        dx[:, a:a + 6, b:b + 5] += np.where(ins[:, :, :, k], hx[:, :, :, k], 0.0)
+    dx = dx[:, 1:-1, 1:-1]
+    dw = hw.sum(axis=(0, 1, 2)).reshape(w.shape)
+    for g, want in zip(got, (dx, dw), strict=True):
+        scale = np.abs(want).max()
+        np.testing.assert_allclose(np.asarray(g), want, rtol=1e-4, atol=2e-5 * scale)
+
+
 def _brute(name: str, x: jax.Array, w: jax.Array) -> jax.Array:
     """A 1-D VALID product by explicit windows and ``jax.nn.logsumexp``."""
     comb = {"log": lambda a, b: a + b, "seed": lambda a, b: -(a - b) ** 2,
@@ -175,6 +266,7 @@ def test_gradients_match_brute_force(name: str, scale: float) -> None:
 _PARTIALS = {"log": (lambda a, b: np.ones_like(a * b), lambda a, b: np.ones_like(a * b)),
              "seed": (lambda a, b: -2 * (a - b), lambda a, b: 2 * (a - b)),
              "mul_lse": (lambda a, b: b + 0 * a, lambda a, b: a + 0 * b)}
+_PARTIALS["seed_pad"] = _PARTIALS["seed"]
 
 
 @pytest.mark.parametrize("name", ["log", "seed", "mul_lse"])
@@ -217,12 +309,13 @@ def test_check_grads(name: str) -> None:
                               atol=2e-2, rtol=2e-2, eps=1e-2)
 
 
-@pytest.mark.parametrize("name", ["log", "seed"])
-def test_vmap_matches_a_loop(name: str) -> None:
+@pytest.mark.parametrize("name,geom", [("log", "2d_same"), ("seed", "2d_same"),
+                                       ("seed", "vec_one_image")])
+def test_vmap_matches_a_loop(name: str, geom: str) -> None:
     rng = np.random.default_rng(5)
-    xs = jnp.asarray(rng.standard_normal((3, 2, 6, 5, 3)), jnp.float32)
-    ws = jnp.asarray(rng.standard_normal((3, 3, 3, 3, 4)), jnp.float32)
-    f = _conv(OPS[name], "2d_same")
+    xs = jnp.asarray(rng.standard_normal((3, *GEOMS[geom][0])), jnp.float32)
+    ws = jnp.asarray(rng.standard_normal((3, *GEOMS[geom][1])), jnp.float32)
+    f = _conv(OPS[name], geom)
     got = jax.vmap(f)(xs, ws)
     for i in range(3):
         np.testing.assert_allclose(got[i], f(xs[i], ws[i]), rtol=1e-6, atol=1e-6)

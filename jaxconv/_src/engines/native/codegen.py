@@ -348,6 +348,56 @@ def both_function(name: str, program: sp.ScalarProgram) -> str:
     return "\n".join(lines)
 
 
+def _doubling(node: sp.Node) -> str | None:
+    """``a + a`` for a product of a value and the constant 2 (the same bits, on the add
+    ports), else ``None``."""
+    if node.name != "mul" or len(node.args) != 2:
+        return None
+    for k in (0, 1):
+        c, a = node.args[k], node.args[1 - k]
+        if isinstance(c, sp.Const) and not isinstance(a, sp.Const) and float(c.value) == 2.0:
+            return f"T::add({_ref(a)}, {_ref(a)})"
+    return None
+
+
+def terms_function(name: str, comb: sp.ScalarProgram, term: sp.Ref,
+                   parts: sp.ScalarProgram) -> str:
+    """One templated static member ``name(x, w, t, a, b)`` storing a logsumexp backward's
+    per-term values through ``t`` (`term`, a value of `comb`: the combine or, where it ends
+    in a negation, its argument), ``a`` and ``b`` (the two outputs of `parts`).
+
+    The backward's exponential loads the FMA ports; here sums, differences and doublings go
+    to the add ports (the same bits). Each program is written in its own block; the compiler
+    computes their common subexpressions (``x - w`` in both) once.
+
+    Args:
+        name: the member's name.
+        comb: the combine's program (float32).
+        term: the value of `comb` stored through ``t``.
+        parts: the partials' program (float32, two outputs).
+
+    Returns:
+        The member's C++ source.
+
+    Raises:
+        Untranslatable: a node has no translation.
+    """
+    lines = [f"  template <class T> static void {name}(VT<T> x, VT<T> w, VT<T>* t, VT<T>* a, "
+             "VT<T>* b) {", "    (void)x;", "    (void)w;"]
+    for program, stores in ((comb, (("t", term),)),
+                            (parts, (("a", parts.outputs[0]), ("b", parts.outputs[1])))):
+        lines.append("    {")
+        live = set(program.live_of(*(r for _, r in stores)))
+        for k, node in enumerate(program.nodes):
+            if k in live:
+                expr = _doubling(node) or _expr(node, _F32, False, True)
+                lines.append(f"      const VT<T> v{k} = {expr};")
+        lines.extend(f"      *{out} = {_ref(r)};" for out, r in stores)
+        lines.append("    }")
+    lines.append("  }")
+    return "\n".join(lines)
+
+
 @dataclasses.dataclass(frozen=True)
 class Functor:
     """The generated functor of one op.
@@ -530,6 +580,13 @@ def functor(op: Op, dtype: object = np.float32, wide: bool = False) -> Functor:
         # A combine -z: the logsumexp's exponent comb L + c is formed as c - z L, the negation
         # folded into its FMA (csrc/kernel_logsum.h `lse_u`; the same bits).
         body.append(function("comb_neg", comb, 0, ref=comb.nodes[out].args[0]))
+    if caps.reduce == "logsumexp":
+        # The backward's per-term values, on the add ports where they can go
+        # (csrc/kernel_lsebwd_ivec.h); kTermNeg: its t is comb_neg's z (exponent c - z L).
+        neg = isinstance(out, int) and comb.nodes[out].name == "neg"
+        body.append(f"  static constexpr bool kTermNeg = {'true' if neg else 'false'};")
+        body.append(terms_function("bterms", comb, comb.nodes[out].args[0] if neg else out,
+                                   parts))
     # Only the program reaches the source, never the op's name or anything else the user
     # wrote: primitive names come from the tables above, numbers from `literal`.
     source = (PRELUDE.format(reduce=REDUCES[caps.reduce],
