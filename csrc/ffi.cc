@@ -528,19 +528,15 @@ ffi::Error backward_call(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
   call.out = dx->typed_data();
   call.out2 = dw->typed_data();
   call.parts = attrs.parts;
+  // dx and dw are zeroed by the kernels, where their pass needs it (kernels.inc's run_op: the
+  // dense sums backward writes every entry, so E skips 5 MiB of serial memset; kernel_fold.h's
+  // run_fold_op zeroes its own). A user op's library runs the same template: its cache key
+  // hashes every kernel header (user_kernels.py `_key`), so a loaded library honours the flags.
   // A record (rec[0] != -1: masks or exact codes): the dense backward
   // (kernel_dense_backward.h, kernel_densebwd_exact.h) runs and writes every entry of dw from
   // its blocks' columns, so dw is not zeroed first (4 MiB for a 1024 x 1024 kernel).
-  const bool zero_dw = rec == nullptr || rec[0] == -1;
-  if (attrs.op < jaxconv::kUserBase) {
-    // The built-in kernels zero them where their pass needs it (kernels.inc's run_op: the
-    // dense sums backward writes every entry, so E skips 5 MiB of serial memset).
-    call.zero_dx = true;
-    call.zero_dw = zero_dw;
-  } else {  // a user library (maybe cached from a build without the flags) expects them zeroed
-    std::memset(call.out, 0, sizeof(float) * dx->element_count());
-    if (zero_dw) std::memset(call.out2, 0, sizeof(float) * dw->element_count());
-  }
+  call.zero_dx = true;
+  call.zero_dw = rec == nullptr || rec[0] == -1;
   return run_call(call, pool, true);
 }
 
