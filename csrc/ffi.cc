@@ -303,21 +303,51 @@ ffi::Error finish(int rc) {
   return ffi::Error::InvalidArgument("jaxconv: native kernel refused the call");
 }
 
-// The float32 forward; rec (the recording forward's winner masks) or nullptr.
-ffi::Error forward_call(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, float* y,
-                        int32_t* rec, const ForwardAttrs& attrs, ffi::ThreadPool& pool) {
-  jaxconv::Call call{};
+// Runs a float32-kernel call (jaxconv::Call) on XLA's pool with this process's tuning
+// parameters, denormals flushed.
+ffi::Error run_call(jaxconv::Call& call, ffi::ThreadPool& pool, bool backward) {
+  call.par = {run_parallel, &pool};
+  call.params = jaxconv_tune::current_params().load(std::memory_order_acquire);
+  jaxconv_dispatch::FlushDenormals flush;
+  return finish(jaxconv_dispatch::run_kernels(call, backward));
+}
+
+// bfloat16 / float16: jaxconv::kRoundBF16 / kRoundF16 (1 / 2, LowIO::kind's values); 0 for
+// any other dtype.
+int low_kind(ffi::DataType t) {
+  return t == ffi::DataType::BF16 ? jaxconv::kRoundBF16
+         : t == ffi::DataType::F16 ? jaxconv::kRoundF16 : 0;
+}
+
+// The leading batch of operands that come in their own ranks (the low-precision calls: a
+// size-1 spatial dimension added in front of H would cost XLA a copy of x), from the element
+// counts of x and y.
+int64_t batch_of_counts(const jaxconv::Geom& g, int64_t x_count, int64_t y_count) {
+  const int64_t px = g.n * g.sp[0] * g.sp[1] * g.sp[2] * g.c;
+  const int64_t py = g.n * g.os[0] * g.os[1] * g.os[2] * g.o;
+  return px > 0 ? x_count / px : py > 0 ? y_count / py : 0;
+}
+
+// The float32 kernels' call on x and w: the geometry, the op, the batch and the operands.
+template <class A>
+ffi::Error f32_call(const A& attrs, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                    jaxconv::Call& call) {
   if (auto e = decode(attrs, call.geom); e.failure()) return e;
   call.op = attrs.op;
   call.batch = batch_of(x.dimensions());
   call.x = x.typed_data();
   call.w = w.typed_data();
+  return ffi::Error::Success();
+}
+
+// The float32 forward; rec (the recording forward's winner masks) or nullptr.
+ffi::Error forward_call(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, float* y,
+                        int32_t* rec, const ForwardAttrs& attrs, ffi::ThreadPool& pool) {
+  jaxconv::Call call{};
+  if (auto e = f32_call(attrs, x, w, call); e.failure()) return e;
   call.out = y;
   call.rec = rec;
-  call.par = {run_parallel, &pool};
-  call.params = jaxconv_tune::current_params().load(std::memory_order_acquire);
-  jaxconv_dispatch::FlushDenormals flush;
-  return finish(jaxconv_dispatch::run_kernels(call, false));
+  return run_call(call, pool, false);
 }
 
 ffi::Error forward_impl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
@@ -332,7 +362,7 @@ ffi::Error forward_impl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
 ffi::Error low_forward_call(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer>& y,
                             int32_t* rec, const ForwardAttrs& attrs, ffi::ThreadPool& pool) {
   const auto t = x.element_type();
-  const int64_t kind = t == ffi::DataType::BF16 ? 1 : t == ffi::DataType::F16 ? 2 : 0;
+  const int64_t kind = low_kind(t);
   if (kind == 0 || w.element_type() != t ||
       (y->element_type() != t && y->element_type() != ffi::DataType::F32))
     return ffi::Error::InvalidArgument("jaxconv: the low-precision forward takes bf16 / f16");
@@ -343,20 +373,11 @@ ffi::Error low_forward_call(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi:
   jaxconv::Call call{};
   if (auto e = decode(attrs, call.geom); e.failure()) return e;
   call.op = attrs.op;
-  // x and y come in their own ranks (a size-1 spatial dimension added in front of H would
-  // cost XLA a copy of x): the batch from the element counts.
-  const jaxconv::Geom& g = call.geom;
-  const int64_t px = g.n * g.sp[0] * g.sp[1] * g.sp[2] * g.c;
-  const int64_t py = g.n * g.os[0] * g.os[1] * g.os[2] * g.o;
-  call.batch = px > 0 ? int64_t(x.element_count()) / px
-               : py > 0 ? int64_t(y->element_count()) / py : 0;
+  call.batch = batch_of_counts(call.geom, x.element_count(), y->element_count());
   call.out = low_y ? nullptr : static_cast<float*>(y->untyped_data());
   call.low = &io;
   call.rec = rec;
-  call.par = {run_parallel, &pool};
-  call.params = jaxconv_tune::current_params().load(std::memory_order_acquire);
-  jaxconv_dispatch::FlushDenormals flush;
-  return finish(jaxconv_dispatch::run_kernels(call, false));
+  return run_call(call, pool, false);
 }
 
 ffi::Error low_forward_impl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y,
@@ -379,9 +400,7 @@ ffi::Error low_forward_record_impl(ffi::AnyBuffer x, ffi::AnyBuffer w,
 template <class A>
 ffi::Error wide_call(const A& attrs, ffi::AnyBuffer x, ffi::AnyBuffer w,
                      ffi::DataType out_type, ffi::ThreadPool& pool, jaxconv::WideCall& call) {
-  if (auto e = decode(attrs, call.geom); e.failure()) return e;
-  if (attrs.op < 0 || (attrs.op >= jaxconv::kNumBuiltinOps && attrs.op < jaxconv::kUserBase))
-    return ffi::Error::InvalidArgument("jaxconv: unknown native op id");
+  if (auto e = decode(attrs, call.geom); e.failure()) return e;  // also refuses unknown op ids
   const auto t = x.element_type();
   if (w.element_type() != t || out_type != t)
     return ffi::Error::InvalidArgument("jaxconv: operands of different dtypes");
@@ -411,12 +430,14 @@ WideRun wide_run(bool backward) {
 }
 
 // A built-in op by the wide kernels of this CPU's instruction set, or a user op by its
-// library built for them (userop_wide.h: registered under its id, taking a WideCall).
-int wide_dispatch(const jaxconv::WideCall& call, bool backward) {
-  if (call.op < jaxconv::kUserBase) return wide_run(backward)(call);
+// library built for them (userop_wide.h: registered under its id, taking a WideCall);
+// denormals flushed.
+ffi::Error run_wide_call(const jaxconv::WideCall& call, bool backward) {
+  jaxconv_dispatch::FlushDenormals flush;
+  if (call.op < jaxconv::kUserBase) return finish(wide_run(backward)(call));
   using WideUserFn = int (*)(const jaxconv::WideCall*, int);
   auto fn = reinterpret_cast<WideUserFn>(jaxconv_dispatch::user_kernel(call.op));
-  return fn ? fn(&call, backward ? 1 : 0) : 3;
+  return finish(fn ? fn(&call, backward ? 1 : 0) : 3);
 }
 
 ffi::Error wide_forward_impl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y,
@@ -426,8 +447,7 @@ ffi::Error wide_forward_impl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi
   if (call.type == jaxconv::kWideF32)
     return ffi::Error::InvalidArgument("jaxconv: float32 runs the float32 kernels");
   call.out = y->untyped_data();
-  jaxconv_dispatch::FlushDenormals flush;
-  return finish(wide_dispatch(call, false));
+  return run_wide_call(call, false);
 }
 
 ffi::Error wide_backward_impl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer y,
@@ -446,8 +466,7 @@ ffi::Error wide_backward_impl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer
   call.out2 = dw->untyped_data();
   std::memset(call.out, 0, dx->size_bytes());
   std::memset(call.out2, 0, dw->size_bytes());
-  jaxconv_dispatch::FlushDenormals flush;
-  return finish(wide_dispatch(call, true));
+  return run_wide_call(call, true);
 }
 
 // A max / min op's backward on bfloat16 / float16 operands in one call
@@ -460,8 +479,7 @@ ffi::Error low_backward_recorded_impl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::A
                                       ffi::Result<ffi::AnyBuffer> dw, ForwardAttrs attrs,
                                       ffi::ThreadPool pool) {
   const auto t = x.element_type();
-  const int kind = t == ffi::DataType::BF16 ? jaxconv::kRoundBF16
-                   : t == ffi::DataType::F16 ? jaxconv::kRoundF16 : 0;
+  const int kind = low_kind(t);
   auto low_or_f32 = [t](ffi::DataType u) { return u == t || u == ffi::DataType::F32; };
   if (kind == 0 || w.element_type() != t || dx->element_type() != t ||
       dw->element_type() != t || !low_or_f32(y.element_type()) || !low_or_f32(g.element_type()))
@@ -481,12 +499,7 @@ ffi::Error low_backward_recorded_impl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::A
   call.op = attrs.op;
   call.type = jaxconv::kWideF32;
   call.round = kind;
-  // The operands in their own ranks (as the low forward's): the batch from the counts.
-  const jaxconv::Geom& gm = call.geom;
-  const int64_t px = gm.n * gm.sp[0] * gm.sp[1] * gm.sp[2] * gm.c;
-  const int64_t py = gm.n * gm.os[0] * gm.os[1] * gm.os[2] * gm.o;
-  call.batch = px > 0 ? int64_t(x.element_count()) / px
-               : py > 0 ? int64_t(y.element_count()) / py : 0;
+  call.batch = batch_of_counts(call.geom, x.element_count(), y.element_count());
   call.x = x.untyped_data();
   call.w = w.untyped_data();
   call.y = y.untyped_data();
@@ -498,8 +511,7 @@ ffi::Error low_backward_recorded_impl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::A
   call.low_g = g.element_type() == t;
   call.rec = rec.element_count() > 0 ? rec.typed_data() : nullptr;
   call.par = {run_parallel, &pool};
-  jaxconv_dispatch::FlushDenormals flush;
-  return finish(wide_dispatch(call, true));
+  return run_wide_call(call, true);
 }
 
 // The float32 backward into dx and dw; rec (the recorded winner masks, read only) or
@@ -509,34 +521,23 @@ ffi::Error backward_call(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                          ffi::ResultBuffer<ffi::F32>& dx, ffi::ResultBuffer<ffi::F32>& dw,
                          const BackwardAttrs& attrs, ffi::ThreadPool& pool) {
   jaxconv::Call call{};
-  if (auto e = decode(attrs, call.geom); e.failure()) return e;
-  call.op = attrs.op;
-  call.batch = batch_of(x.dimensions());
-  call.x = x.typed_data();
-  call.w = w.typed_data();
+  if (auto e = f32_call(attrs, x, w, call); e.failure()) return e;
   call.y = y.typed_data();
   call.g = g.typed_data();
   call.rec = const_cast<int32_t*>(rec);
   call.out = dx->typed_data();
   call.out2 = dw->typed_data();
   call.parts = attrs.parts;
+  // dx and dw are zeroed by the kernels, where their pass needs it (kernels.inc's run_op: the
+  // dense sums backward writes every entry, so E skips 5 MiB of serial memset; kernel_fold.h's
+  // run_fold_op zeroes its own). A user op's library runs the same template: its cache key
+  // hashes every kernel header (user_kernels.py `_key`), so a loaded library honours the flags.
   // A record (rec[0] != -1: masks or exact codes): the dense backward
   // (kernel_dense_backward.h, kernel_densebwd_exact.h) runs and writes every entry of dw from
   // its blocks' columns, so dw is not zeroed first (4 MiB for a 1024 x 1024 kernel).
-  const bool zero_dw = rec == nullptr || rec[0] == -1;
-  if (attrs.op < jaxconv::kUserBase) {
-    // The built-in kernels zero them where their pass needs it (kernels.inc's run_op: the
-    // dense sums backward writes every entry, so E skips 5 MiB of serial memset).
-    call.zero_dx = true;
-    call.zero_dw = zero_dw;
-  } else {  // a user library (maybe cached from a build without the flags) expects them zeroed
-    std::memset(call.out, 0, sizeof(float) * dx->element_count());
-    if (zero_dw) std::memset(call.out2, 0, sizeof(float) * dw->element_count());
-  }
-  call.par = {run_parallel, &pool};
-  call.params = jaxconv_tune::current_params().load(std::memory_order_acquire);
-  jaxconv_dispatch::FlushDenormals flush;
-  return finish(jaxconv_dispatch::run_kernels(call, true));
+  call.zero_dx = true;
+  call.zero_dw = rec == nullptr || rec[0] == -1;
+  return run_call(call, pool, true);
 }
 
 ffi::Error backward_impl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
@@ -577,110 +578,74 @@ XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(WideBackwardAttrs, ::xla::ffi::StructMembe
                                       ::xla::ffi::StructMember<int64_t>("round_to"));
 #undef JAXCONV_ATTR_MEMBER
 
+// The handlers' bindings: their operands, their results, the attributes A and XLA's pool.
+template <class... T>
+struct Operands {};
+template <class... T>
+struct Results {};
+
+template <class A, class B>
+auto bound(B b, Operands<>, Results<>) {
+  return std::move(b).template Attrs<A>().template Ctx<ffi::ThreadPool>();
+}
+template <class A, class B, class T, class... Ts, class... Rs>
+auto bound(B b, Operands<T, Ts...>, Results<Rs...> rets) {
+  return bound<A>(std::move(b).template Arg<T>(), Operands<Ts...>{}, rets);
+}
+template <class A, class B, class R, class... Rs>
+auto bound(B b, Operands<>, Results<R, Rs...>) {
+  return bound<A>(std::move(b).template Ret<R>(), Operands<>{}, Results<Rs...>{});
+}
+template <class A, class... Ts, class... Rs>
+auto binding(Operands<Ts...> args, Results<Rs...> rets) {
+  return bound<A>(ffi::Ffi::Bind(), args, rets);
+}
+
+using F32 = ffi::Buffer<ffi::F32>;   // float32 operands
+using Any = ffi::AnyBuffer;          // operands of the dtypes the handler checks
+using Masks = ffi::Buffer<ffi::S32>;  // the recording forwards' winner records
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxconvForward, forward_impl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attrs<ForwardAttrs>()
-                                  .Ctx<ffi::ThreadPool>());
-
+                              binding<ForwardAttrs>(Operands<F32, F32>{}, Results<F32>{}));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxconvLowForward, low_forward_impl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attrs<ForwardAttrs>()
-                                  .Ctx<ffi::ThreadPool>());
-
+                              binding<ForwardAttrs>(Operands<Any, Any>{}, Results<Any>{}));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxconvLowForwardRecord, low_forward_record_impl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::Buffer<ffi::S32>>()
-                                  .Attrs<ForwardAttrs>()
-                                  .Ctx<ffi::ThreadPool>());
-
+                              binding<ForwardAttrs>(Operands<Any, Any>{},
+                                                    Results<Any, Masks>{}));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxconvLowBackwardRecorded, low_backward_recorded_impl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attrs<ForwardAttrs>()
-                                  .Ctx<ffi::ThreadPool>());
-
+                              binding<ForwardAttrs>(Operands<Any, Any, Any, Masks, Any>{},
+                                                    Results<Any, Any>{}));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxconvWideForward, wide_forward_impl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attrs<ForwardAttrs>()
-                                  .Ctx<ffi::ThreadPool>());
-
+                              binding<ForwardAttrs>(Operands<Any, Any>{}, Results<Any>{}));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxconvWideBackward, wide_backward_impl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attrs<WideBackwardAttrs>()
-                                  .Ctx<ffi::ThreadPool>());
-
+                              binding<WideBackwardAttrs>(Operands<Any, Any, Any, Any>{},
+                                                         Results<Any, Any>{}));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxconvBackward, backward_impl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attrs<BackwardAttrs>()
-                                  .Ctx<ffi::ThreadPool>());
-
+                              binding<BackwardAttrs>(Operands<F32, F32, F32, F32>{},
+                                                     Results<F32, F32>{}));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxconvForwardRecord, forward_record_impl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::S32>>()
-                                  .Attrs<ForwardAttrs>()
-                                  .Ctx<ffi::ThreadPool>());
-
+                              binding<ForwardAttrs>(Operands<F32, F32>{},
+                                                    Results<F32, Masks>{}));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxconvBackwardRecorded, backward_recorded_impl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attrs<BackwardAttrs>()
-                                  .Ctx<ffi::ThreadPool>());
+                              binding<BackwardAttrs>(Operands<F32, F32, F32, Masks, F32>{},
+                                                     Results<F32, F32>{}));
 
 NB_MODULE(_native, m) {
   m.doc() = "jaxconv's compiled CPU kernels (XLA FFI handlers).";
   m.def("registrations", []() {
     nb::dict d;
-    d["jaxconv_forward"] = nb::capsule(reinterpret_cast<void*>(JaxconvForward));
-    d["jaxconv_wide_forward"] = nb::capsule(reinterpret_cast<void*>(JaxconvWideForward));
-    d["jaxconv_low_forward"] = nb::capsule(reinterpret_cast<void*>(JaxconvLowForward));
-    d["jaxconv_low_forward_record"] =
-        nb::capsule(reinterpret_cast<void*>(JaxconvLowForwardRecord));
-    d["jaxconv_low_backward_recorded"] =
-        nb::capsule(reinterpret_cast<void*>(JaxconvLowBackwardRecorded));
-    d["jaxconv_wide_backward"] = nb::capsule(reinterpret_cast<void*>(JaxconvWideBackward));
-    d["jaxconv_backward"] = nb::capsule(reinterpret_cast<void*>(JaxconvBackward));
-    d["jaxconv_forward_record"] = nb::capsule(reinterpret_cast<void*>(JaxconvForwardRecord));
-    d["jaxconv_backward_recorded"] =
-        nb::capsule(reinterpret_cast<void*>(JaxconvBackwardRecorded));
+    auto add = [&d](const char* name, XLA_FFI_Error* (*handler)(XLA_FFI_CallFrame*)) {
+      d[name] = nb::capsule(reinterpret_cast<void*>(handler));
+    };
+    add("jaxconv_forward", JaxconvForward);
+    add("jaxconv_wide_forward", JaxconvWideForward);
+    add("jaxconv_low_forward", JaxconvLowForward);
+    add("jaxconv_low_forward_record", JaxconvLowForwardRecord);
+    add("jaxconv_low_backward_recorded", JaxconvLowBackwardRecorded);
+    add("jaxconv_wide_backward", JaxconvWideBackward);
+    add("jaxconv_backward", JaxconvBackward);
+    add("jaxconv_forward_record", JaxconvForwardRecord);
+    add("jaxconv_backward_recorded", JaxconvBackwardRecorded);
     return d;
   });
   m.def("isa", []() { return std::string(jaxconv_dispatch::isa_name()); },

@@ -93,7 +93,8 @@ struct Call {
   const LowIO* low;
   // Backward: dx (and dw where `zero_dw`) not yet zeroed; the kernel zeroes them unless its
   // pass writes every entry (kernels.inc's run_op: the dense sums backward,
-  // kernel_sumbwd_dense.h). False: the caller zeroed them (user kernels, the harnesses).
+  // kernel_sumbwd_dense.h). The FFI sets both for built-in and user ops alike (a user op's
+  // library is built from these headers). False: the caller zeroed them (the harnesses).
   bool zero_dx;
   bool zero_dw;
 };

@@ -129,25 +129,37 @@ VmV<T> vm_split(VmV<T> u, VmV<T>* e) {
   return T::sub(T::iadd(T::band(d, T::from_bits(0x7fffffu)), c), T::set1(1.0f));
 }
 
-// log(u) = e ln2 + log1p(f) + extra; then the special values of log at u.
+// vm_split of any positive x, a denormal one first scaled by 2^23 (its e corrected).
 template <class T>
-VmV<T> vm_log_finish(VmV<T> u, VmV<T> e, VmV<T> f, VmV<T> extra) {
-  const VmV<T> lo = T::mad(e, T::set1(kLn2Lo), extra);
-  VmV<T> y = T::mad(e, T::set1(kLn2Hi), vm_log1p_f<T>(f, lo));
+VmV<T> vm_split_any(VmV<T> x, VmV<T>* e) {
+  const auto tiny = T::lt(x, T::set1(1.17549435e-38f));
+  const VmV<T> u = T::select(tiny, T::mul(x, T::set1(8388608.0f)), x);
+  const VmV<T> f = vm_split<T>(u, e);
+  *e = T::sub(*e, T::select(tiny, T::set1(23.0f), T::zero()));
+  return f;
+}
+
+// y, a logarithm of finite positive u, with the special values of a logarithm at u: +inf and
+// NaN kept, NaN below zero, -inf at zero.
+template <class T>
+VmV<T> vm_log_specials(VmV<T> u, VmV<T> y) {
   const float inf = __builtin_inff();
   y = T::select(T::lt(u, T::set1(inf)), y, u);  // +inf, NaN
   y = T::select(T::lt(u, T::zero()), T::set1(__builtin_nanf("")), y);
   return T::select(T::eq(u, T::zero()), T::set1(-inf), y);
 }
 
+// log(u) = e ln2 + log1p(f) + extra; then the special values of log at u.
+template <class T>
+VmV<T> vm_log_finish(VmV<T> u, VmV<T> e, VmV<T> f, VmV<T> extra) {
+  const VmV<T> lo = T::mad(e, T::set1(kLn2Lo), extra);
+  return vm_log_specials<T>(u, T::mad(e, T::set1(kLn2Hi), vm_log1p_f<T>(f, lo)));
+}
+
 template <class T>
 VmV<T> log_(VmV<T> x) {
-  // Denormals: scale by 2^23 first.
-  const auto tiny = T::lt(x, T::set1(1.17549435e-38f));
-  const VmV<T> u = T::select(tiny, T::mul(x, T::set1(8388608.0f)), x);
   VmV<T> e;
-  const VmV<T> f = vm_split<T>(u, &e);
-  e = T::sub(e, T::select(tiny, T::set1(23.0f), T::zero()));
+  const VmV<T> f = vm_split_any<T>(x, &e);
   return vm_log_finish<T>(x, e, f, T::zero());
 }
 
@@ -166,18 +178,12 @@ VmV<T> log1p_(VmV<T> x) {
 
 template <class T>
 VmV<T> log2_(VmV<T> x) {
-  const auto tiny = T::lt(x, T::set1(1.17549435e-38f));
-  const VmV<T> u = T::select(tiny, T::mul(x, T::set1(8388608.0f)), x);
   VmV<T> e;
-  const VmV<T> f = vm_split<T>(u, &e);
-  e = T::sub(e, T::select(tiny, T::set1(23.0f), T::zero()));
+  const VmV<T> f = vm_split_any<T>(x, &e);
   // log2 = e + log1p(f) log2(e), log2(e) split in two so the product keeps ~30 bits.
   const VmV<T> l = vm_log1p_f<T>(f, T::zero());
-  VmV<T> y = T::mad(l, T::set1(1.44269502f), T::mad(l, T::set1(1.92596299e-8f), e));
-  const float inf = __builtin_inff();
-  y = T::select(T::lt(x, T::set1(inf)), y, x);
-  y = T::select(T::lt(x, T::zero()), T::set1(__builtin_nanf("")), y);
-  return T::select(T::eq(x, T::zero()), T::set1(-inf), y);
+  return vm_log_specials<T>(
+      x, T::mad(l, T::set1(1.44269502f), T::mad(l, T::set1(1.92596299e-8f), e)));
 }
 
 // |x| < 0.625: x + x^3 P(x^2) (relative error 2^-27.7); above, 1 - 2 / (e^2|x| + 1), which

@@ -372,22 +372,9 @@ def _conv_loops(
     """Fill canonical ``out`` (N, O, spatial...) from x (N, C, ...) and w (O, I, ...)."""
     n_batch = x.shape[0]
     c_out, c_in_group = w.shape[:2]
-    k_sp = w.shape[2:]
-    nsp = len(k_sp)
     out_per_group = c_out // groups
     for o_idx in itertools.product(*(range(s) for s in out_sp)):
-        # For each tap: the input index (tuple) or None when in padding / a hole.
-        tap_src: list[tuple[tuple[int, ...], tuple[int, ...] | None]] = []
-        for k_idx in itertools.product(*(range(k) for k in k_sp)):
-            src: tuple[int, ...] | None = ()
-            for d in range(nsp):
-                # Position in the lhs-dilated, padded input (pad_lo may be negative).
-                pos = o_idx[d] * strides[d] + k_idx[d] * rhs_dil[d] - pads[d][0]
-                if pos < 0 or pos >= dil_in[d] or pos % lhs_dil[d] != 0:
-                    src = None  # padding or a hole inserted by lhs_dilation
-                    break
-                src = src + (pos // lhs_dil[d],)
-            tap_src.append((k_idx, src))
+        tap_src = _taps(o_idx, w.shape[2:], strides, pads, lhs_dil, rhs_dil, dil_in)
         for n in range(n_batch):
             for co in range(c_out):
                 g = co // out_per_group

@@ -163,6 +163,31 @@ def _dense(x: Array, w: Array, groups: int, out_dtype: Any, precision: Any) -> A
                       preferred_element_type=out_dtype).reshape(n, -1)
 
 
+def _highest(x: Array, w: Array, geom: Geometry, padding: Any, lhs_dilation: Any,
+             out_dtype: Any) -> Array:
+    """The standard product at lax's highest precision with the geometry's strides, kernel
+    dilation and groups, and the given padding and input dilation (a grouped dense product
+    when there are no spatial dimensions).
+
+    Args:
+        x: the input ``(N, *S, C)``.
+        w: the kernel ``(*K, I, O)``.
+        geom: the product's geometry.
+        padding: lax's ``(low, high)`` pairs.
+        lhs_dilation: lax's input dilation (``None``: none).
+        out_dtype: the output dtype, ``None`` for the default.
+
+    Returns:
+        The product ``(N, *out_spatial, O)``.
+    """
+    nsd = len(geom.window)
+    if nsd == 0:
+        return _dense(x, w, geom.groups, out_dtype, _HIGHEST)
+    return lax.conv_general_dilated(
+        x, w, geom.strides, padding, lhs_dilation, geom.rhs_dilation, dimension_numbers(nsd),
+        geom.groups, precision=_HIGHEST, preferred_element_type=out_dtype)
+
+
 def padded(xp: Array, w: Array, geom: Geometry, out_dtype: Any = None) -> Array:
     """The standard product of the padded input ``xp`` (N, *padded, C) and ``w`` (*K, I, O):
     ``(N, *out_spatial, O)`` (a dense product when there are no spatial dimensions).
@@ -176,13 +201,7 @@ def padded(xp: Array, w: Array, geom: Geometry, out_dtype: Any = None) -> Array:
     Returns:
         The product ``(N, *out_spatial, O)``.
     """
-    nsd = len(geom.window)
-    if nsd == 0:
-        return _dense(xp, w, geom.groups, out_dtype, _HIGHEST)
-    return lax.conv_general_dilated(
-        xp, w, geom.strides, [(0, 0)] * nsd, None, geom.rhs_dilation,
-        dimension_numbers(nsd), geom.groups, precision=_HIGHEST,
-        preferred_element_type=out_dtype)
+    return _highest(xp, w, geom, [(0, 0)] * len(geom.window), None, out_dtype)
 
 
 def standard(x: Array, w: Array, geom: Geometry, out_dtype: Any = None) -> Array:
@@ -198,13 +217,7 @@ def standard(x: Array, w: Array, geom: Geometry, out_dtype: Any = None) -> Array
     Returns:
         The product ``(N, *out_spatial, O)``.
     """
-    nsd = len(geom.window)
-    if nsd == 0:
-        return _dense(x, w, geom.groups, out_dtype, _HIGHEST)
-    return lax.conv_general_dilated(
-        x, w, geom.strides, geom.padding, geom.lhs_dilation, geom.rhs_dilation,
-        dimension_numbers(nsd), geom.groups, precision=_HIGHEST,
-        preferred_element_type=out_dtype)
+    return _highest(x, w, geom, geom.padding, geom.lhs_dilation, out_dtype)
 
 
 def rewritten(problem: Problem, x: Array, w: Array, per_example: bool = False) -> Array:
