@@ -47,14 +47,29 @@ constexpr int64_t kLPos = 32;                          // positions per run of t
 constexpr float kLBig = 4096.0f;
 static_assert(kLK * kLK <= 4096, "a panel's row offsets must sum below kLBig");
 
+// The smallest normal float32 magnitude (2^-126), as bits.
+constexpr uint32_t kMinNormalBits = 0x00800000u;
+
+// The inner end (toward zero) of a normal bfloat16 magnitude's rounding interval, as bits:
+// mag - half, but never below 2^-126. The kernels run under DAZ / FTZ (csrc/denormals.h):
+// no product is a float32 subnormal and every compare reads a subnormal bound as zero, so the
+// interval of +-2^-126 (whose inner end, 2^-126 less half a bfloat16 step, is subnormal) must
+// end at 2^-126 itself; a zero bound there made every zero product a winner of a +-2^-126
+// result (fuzz seed 7100015). A zero or subnormal y keeps mag - half.
+inline uint32_t bf16_inner(uint32_t mag, uint32_t half) {
+  const uint32_t a = mag == 0 ? 0 : mag - half;
+  return mag >= kMinNormalBits && a < kMinNormalBits ? kMinNormalBits : a;
+}
+
 // The bfloat16 rounding interval [lo, hi] of a bfloat16 value y (not NaN), in float32: the
-// float32 values that round (to nearest even) to y; both signs of zero for a zero y.
+// float32 values that round (to nearest even) to y, less the subnormals (bf16_inner); both
+// signs of zero for a zero y.
 inline void bf16_bounds(float y, float& lo, float& hi) {
   uint32_t u;
   std::memcpy(&u, &y, sizeof(u));
   const uint32_t mag = u & 0x7FFFFFFFu;
   const uint32_t half = (mag >> 16) & 1u ? 0x7FFFu : 0x8000u;  // odd y: ties go away
-  const uint32_t a = mag == 0 ? 0 : mag - half;
+  const uint32_t a = bf16_inner(mag, half);
   const uint32_t z = mag == 0x7F800000u ? mag : mag + half;  // up to infinity itself
   float fa, fz;
   std::memcpy(&fa, &a, sizeof(fa));
@@ -129,7 +144,7 @@ inline float bf16_bound(float y) {
   std::memcpy(&u, &y, sizeof(u));
   const uint32_t mag = u & 0x7FFFFFFFu;
   const uint32_t half = 0x8000u - ((mag >> 16) & 1u);
-  const uint32_t a = mag == 0 ? 0 : mag - half;
+  const uint32_t a = bf16_inner(mag, half);
   const uint32_t z = mag == 0x7F800000u ? mag : mag + half;
   const bool neg = (u >> 31) != 0;
   const uint32_t r = Max ? (neg || mag == 0 ? z | 0x80000000u : a)
