@@ -166,9 +166,19 @@ inline float scan_bound(float y) {
 }
 
 // The lanes of v that are not zero, as bits.
+//
+// AVX-512: the 16-bit mask is widened in a general register by kmovw in an asm statement.
+// Left to GCC 12 at -O1 (user ops), the widening of a mask that is spilled became a kmovw
+// *store* of 2 bytes into the 4-byte stack slot of low_scan_run's `bits`, which was then read
+// back with 32-bit loads: bits 16..31 held stale stack bytes, phantom winners in lanes
+// 16..31 (another output's) and reads past a[16] (UBSan), so the bf16 gradients of a user op
+// changed from run to run (tests/test_native_low_user.py's MIN_GATE ties case, -O1 only).
 inline uint32_t lane_bits(VecOf<float> v) {
 #if JAXCONV_WIDE_BYTES == 64 && defined(__AVX512F__)
-  return _mm512_cmp_ps_mask((__m512)v, _mm512_setzero_ps(), _CMP_NEQ_UQ);
+  const __mmask16 k = _mm512_cmp_ps_mask((__m512)v, _mm512_setzero_ps(), _CMP_NEQ_UQ);
+  uint32_t bits;
+  __asm__("kmovw %1, %0" : "=r"(bits) : "k"(k));  // zero-extends into the register
+  return bits;
 #elif JAXCONV_WIDE_BYTES == 32 && defined(__AVX__)
   return uint32_t(_mm256_movemask_ps(_mm256_cmp_ps((__m256)v, _mm256_setzero_ps(),
                                                    _CMP_NEQ_UQ)));
