@@ -26,7 +26,9 @@ instruction set the built-in kernels run here, into a shared library in a per-us
   flag for user ops (the test suite compiles its ops at ``-O1``, about half the compile time
   of ``-O3``): the flags keep ``-ffp-contract=off`` and no fast-math option, so every level
   computes the same IEEE operations in the same order, only slower (tests/test_user_kernels.py
-  compares ``-O1`` with ``-O3`` bit for bit); the flag is part of the cache key.
+  compares ``-O1`` with ``-O3`` bit for bit; GCC 12 at ``-O1`` once widened an AVX-512 mask
+  with a 2-byte store read back as 4 bytes, which ``lane_bits`` in
+  csrc/kernel_wide_lowwin.h now rules out); the flag is part of the cache key.
 
 The library is loaded once per process and its entry point registered with the extension
 module under an op id derived from the same hash.
