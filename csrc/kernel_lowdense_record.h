@@ -10,7 +10,7 @@
 // marked blocks scanned along k in x's row (in L1 from the tile's loop) against the block's
 // transposed kernel columns, with that compare:
 // - bfloat16: the product against the bound lowrec_bf16_bound gives (the scan's bound, the same
-//   bits; a bound below 2^-126 reads as zero under DAZ in both compares);
+//   bits; a zero y's bound is subnormal and reads as zero under DAZ in both compares);
 // - float16: the product rounded to float16 against y rounded (every float16 bound is a normal
 //   float32 and the products are below y's float32 maximum under max, above it under min: a
 //   product passes the bound exactly when it rounds to y).

@@ -8,7 +8,8 @@
 // the products >= the bound of y's rounding interval (the scan's own compare), so a block
 // holds one exactly when its maximum passes the same compare (every product is at most the
 // block's maximum); under min, <= the upper bound. bfloat16 takes the scan's bound formula
-// (bf16_bound, the same bits; a bound below 2^-126 reads as zero under DAZ in both compares);
+// (bf16_bound, the same bits; a zero y's bound is subnormal and reads as zero under DAZ in
+// both compares, a +-2^-126 y's is 2^-126: bf16_inner);
 // float16 marks the blocks whose result rounds to y's float16 value (every float16 bound is
 // a normal float32 and no product is subnormal under FTZ, so this is the same set).
 //
@@ -23,6 +24,13 @@ constexpr bool lowrec_rounds() {
   return !Op::kKeyed && !std::is_same_v<Op, MaxMin> && !std::is_same_v<Op, MinMax>;
 }
 
+// kernel_wide_lowwin.h's bf16_inner (another namespace): a normal bfloat16 magnitude's inner
+// rounding end, mag - half, never below 2^-126 (a subnormal bound reads as zero under DAZ).
+inline uint32_t lowrec_bf16_inner(uint32_t mag, uint32_t half) {
+  const uint32_t a = mag == 0 ? 0 : mag - half;
+  return mag >= 0x00800000u && a < 0x00800000u ? 0x00800000u : a;
+}
+
 // The bound kernel_wide_lowwin.h's scan compares products with for the result y32 rounded to
 // bfloat16 (y32 not NaN): bf16_bound<Max>(bfloat16(y32)).
 template <bool Max>
@@ -30,7 +38,7 @@ inline uint32_t lowrec_bf16_bound(uint32_t u0) {
   const uint32_t u = ((u0 + 0x7fffu + ((u0 >> 16) & 1u)) >> 16) << 16;
   const uint32_t mag = u & 0x7fffffffu;
   const uint32_t half = 0x8000u - ((mag >> 16) & 1u);
-  const uint32_t a = mag == 0 ? 0 : mag - half;
+  const uint32_t a = lowrec_bf16_inner(mag, half);
   const uint32_t z = mag == 0x7f800000u ? mag : mag + half;
   const bool neg = (u >> 31) != 0;
   return Max ? (neg || mag == 0 ? z | 0x80000000u : a) : (neg && mag != 0 ? a | 0x80000000u : z);

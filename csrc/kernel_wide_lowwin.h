@@ -47,14 +47,29 @@ constexpr int64_t kLPos = 32;                          // positions per run of t
 constexpr float kLBig = 4096.0f;
 static_assert(kLK * kLK <= 4096, "a panel's row offsets must sum below kLBig");
 
+// The smallest normal float32 magnitude (2^-126), as bits.
+constexpr uint32_t kMinNormalBits = 0x00800000u;
+
+// The inner end (toward zero) of a normal bfloat16 magnitude's rounding interval, as bits:
+// mag - half, but never below 2^-126. The kernels run under DAZ / FTZ (csrc/denormals.h):
+// no product is a float32 subnormal and every compare reads a subnormal bound as zero, so the
+// interval of +-2^-126 (whose inner end, 2^-126 less half a bfloat16 step, is subnormal) must
+// end at 2^-126 itself; a zero bound there made every zero product a winner of a +-2^-126
+// result (fuzz seed 7100015). A zero or subnormal y keeps mag - half.
+inline uint32_t bf16_inner(uint32_t mag, uint32_t half) {
+  const uint32_t a = mag == 0 ? 0 : mag - half;
+  return mag >= kMinNormalBits && a < kMinNormalBits ? kMinNormalBits : a;
+}
+
 // The bfloat16 rounding interval [lo, hi] of a bfloat16 value y (not NaN), in float32: the
-// float32 values that round (to nearest even) to y; both signs of zero for a zero y.
+// float32 values that round (to nearest even) to y, less the subnormals (bf16_inner); both
+// signs of zero for a zero y.
 inline void bf16_bounds(float y, float& lo, float& hi) {
   uint32_t u;
   std::memcpy(&u, &y, sizeof(u));
   const uint32_t mag = u & 0x7FFFFFFFu;
   const uint32_t half = (mag >> 16) & 1u ? 0x7FFFu : 0x8000u;  // odd y: ties go away
-  const uint32_t a = mag == 0 ? 0 : mag - half;
+  const uint32_t a = bf16_inner(mag, half);
   const uint32_t z = mag == 0x7F800000u ? mag : mag + half;  // up to infinity itself
   float fa, fz;
   std::memcpy(&fa, &a, sizeof(fa));
@@ -129,7 +144,7 @@ inline float bf16_bound(float y) {
   std::memcpy(&u, &y, sizeof(u));
   const uint32_t mag = u & 0x7FFFFFFFu;
   const uint32_t half = 0x8000u - ((mag >> 16) & 1u);
-  const uint32_t a = mag == 0 ? 0 : mag - half;
+  const uint32_t a = bf16_inner(mag, half);
   const uint32_t z = mag == 0x7F800000u ? mag : mag + half;
   const bool neg = (u >> 31) != 0;
   const uint32_t r = Max ? (neg || mag == 0 ? z | 0x80000000u : a)
@@ -151,9 +166,19 @@ inline float scan_bound(float y) {
 }
 
 // The lanes of v that are not zero, as bits.
+//
+// AVX-512: the 16-bit mask is widened in a general register by kmovw in an asm statement.
+// Left to GCC 12 at -O1 (user ops), the widening of a mask that is spilled became a kmovw
+// *store* of 2 bytes into the 4-byte stack slot of low_scan_run's `bits`, which was then read
+// back with 32-bit loads: bits 16..31 held stale stack bytes, phantom winners in lanes
+// 16..31 (another output's) and reads past a[16] (UBSan), so the bf16 gradients of a user op
+// changed from run to run (tests/test_native_low_user.py's MIN_GATE ties case, -O1 only).
 inline uint32_t lane_bits(VecOf<float> v) {
 #if JAXCONV_WIDE_BYTES == 64 && defined(__AVX512F__)
-  return _mm512_cmp_ps_mask((__m512)v, _mm512_setzero_ps(), _CMP_NEQ_UQ);
+  const __mmask16 k = _mm512_cmp_ps_mask((__m512)v, _mm512_setzero_ps(), _CMP_NEQ_UQ);
+  uint32_t bits;
+  __asm__("kmovw %1, %0" : "=r"(bits) : "k"(k));  // zero-extends into the register
+  return bits;
 #elif JAXCONV_WIDE_BYTES == 32 && defined(__AVX__)
   return uint32_t(_mm256_movemask_ps(_mm256_cmp_ps((__m256)v, _mm256_setzero_ps(),
                                                    _CMP_NEQ_UQ)));

@@ -21,6 +21,10 @@ os.environ.setdefault("JAXCONV_CACHE_DIR", tempfile.mkdtemp(prefix="jaxconv-test
 # The suite runs the compiled-in tuning parameters (the same numbers in every process);
 # tests/test_tuning.py runs the search and every parameter set itself.
 os.environ.setdefault("JAXCONV_NATIVE_TUNE", "off")
+# User ops compile at -O1: half the compile time of the package's -O3 for the same bits (the
+# flags keep -ffp-contract=off, no fast-math; test_user_kernels.py compares the two levels).
+# The tests check values, never speed.
+os.environ.setdefault("JAXCONV_USER_OPT", "-O1")
 
 jax.config.update("jax_num_cpu_devices", 8)
 # No implicit rank promotion anywhere in the library: a silent broadcast is a bug.

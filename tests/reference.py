@@ -39,6 +39,7 @@ __all__ = [
     "NUMPY_REDUCE_AXIS",
     "NumpyOp",
     "conv_grads_reference",
+    "conv_maxmin_grads_reference",
     "conv_reference",
     "conv_tangent_reference",
     "dimension_specs",
@@ -652,6 +653,85 @@ def conv_grads_reference(
             dw[..., idx[3]] += np.where(sel, share * pw, 0.0)
     (pt, _), (pl, _) = padding
     return dxp[:, pt:pt + x.shape[1], pl:pl + x.shape[2]], dw
+
+
+def conv_maxmin_grads_reference(
+    lhs: Any,
+    rhs: Any,
+    g: Any,
+    window_strides: Sequence[int],
+    padding: str | Sequence[tuple[int, int]],
+    lhs_dilation: Sequence[int] | None = None,
+    rhs_dilation: Sequence[int] | None = None,
+    dimension_numbers: Any = None,
+    feature_group_count: int = 1,
+    *,
+    combine: Combine,
+    partials: Callable[[Any, Any], tuple[Any, Any]],
+    reduce: str,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(dx, dw)`` of a max / min product of any `conv_reference` geometry (identity
+    padding), by loops over its outputs, in float64, given the output's cotangent ``g``.
+
+    Each output's terms are its window's ``combine(x, w)`` over the taps that read the input
+    (taps in padding or a hole are not terms), exactly as `conv_reference` folds them; the
+    terms equal to the result share its cotangent equally (``-0 == +0``), each adding
+    ``g / count * partial`` to its operands' gradients; a window holding a NaN term, or none,
+    has no derivative.
+
+    Args:
+        lhs: the input, laid out as ``dimension_numbers`` says.
+        rhs: the kernel, likewise.
+        g: the output's cotangent, likewise.
+        window_strides: as ``lax.conv_general_dilated``.
+        padding: likewise.
+        lhs_dilation: likewise.
+        rhs_dilation: likewise.
+        dimension_numbers: likewise.
+        feature_group_count: likewise.
+        combine: the elementwise product (numpy, on scalars).
+        partials: its partial derivatives, ``partials(x, w) -> (dx, dw)``.
+        reduce: ``"max"`` or ``"min"``.
+
+    Returns:
+        ``(dx, dw)`` in float64, laid out as ``lhs`` and ``rhs``.
+    """
+    lhs, rhs, g = (np.asarray(a, np.float64) for a in (lhs, rhs, g))
+    nsp = lhs.ndim - 2
+    lhs_spec, rhs_spec, out_spec = dimension_specs(dimension_numbers, lhs.ndim)
+    x, w, gc = np.transpose(lhs, lhs_spec), np.transpose(rhs, rhs_spec), np.transpose(g, out_spec)
+    strides = tuple(int(s) for s in window_strides)
+    lhs_dil = tuple(lhs_dilation) if lhs_dilation is not None else (1,) * nsp
+    rhs_dil = tuple(rhs_dilation) if rhs_dilation is not None else (1,) * nsp
+    k_sp = w.shape[2:]
+    dil_kernel = [_dilate_dim(k, d) for k, d in zip(k_sp, rhs_dil, strict=True)]
+    pads = resolve_padding(padding, x.shape[2:], dil_kernel, strides)
+    dil_in = [_dilate_dim(s, d) for s, d in zip(x.shape[2:], lhs_dil, strict=True)]
+    c_out, c_in_group = w.shape[:2]
+    out_per_group = c_out // int(feature_group_count)
+    dx, dw = np.zeros(x.shape), np.zeros(w.shape)
+    pick = np.max if reduce == "max" else np.min
+    with np.errstate(all="ignore"):
+        for o_idx in itertools.product(*(range(s) for s in gc.shape[2:])):
+            taps = [(k, src) for k, src in _taps(o_idx, k_sp, strides, pads, lhs_dil, rhs_dil,
+                                                 dil_in) if src is not None]
+            for n, co in itertools.product(range(x.shape[0]), range(c_out)):
+                cis = co // out_per_group * c_in_group
+                at = [((n, cis + ci) + src, (co, ci) + k)
+                      for k, src in taps for ci in range(c_in_group)]
+                if not at:
+                    continue
+                c = np.array([combine(x[i], w[j]) for i, j in at], np.float64)
+                if np.isnan(c).any():
+                    continue
+                won = c == pick(c)
+                share = gc[(n, co) + o_idx] / won.sum()
+                for (i, j), hit in zip(at, won, strict=True):
+                    if hit:
+                        px, pw = partials(x[i], w[j])
+                        dx[i] += share * px
+                        dw[j] += share * pw
+    return (np.transpose(dx, np.argsort(lhs_spec)), np.transpose(dw, np.argsort(rhs_spec)))
 
 
 def conv_tangent_reference(

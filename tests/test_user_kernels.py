@@ -379,6 +379,32 @@ def test_multiply_and_add_stays_a_standard_convolution():
     assert "multiply-and-add" in translation.translation(op).reason
 
 
+@pytest.mark.usefixtures("table_kernels")
+@pytest.mark.parametrize("name", ["clip_mul_max", "gauss_sum"])
+def test_optimization_level_keeps_the_bits(monkeypatch, name):
+    """The suite compiles user ops at ``$JAXCONV_USER_OPT=-O1`` (tests/conftest.py); the
+    package's own flags (-O3) give the same bits, forward and backward: no fast-math and no
+    contraction at any level."""
+    assert os.environ.get("JAXCONV_USER_OPT") == "-O1"
+    op = USER_OPS[name][0]
+    x, w, kw = _data("2d_same", seed=12, specials=True)
+    ct = np.random.default_rng(13).standard_normal(
+        _conv(op, "native", kw)(x, w).shape).astype(F32)
+    low = (_conv(op, "native", kw)(x, w), *_grads(op, "native", kw, x, w, ct))
+    monkeypatch.delenv("JAXCONV_USER_OPT")
+    package = op.replace(name=f"{name}_package_flags")  # not the -O1 op's compiled kernels
+    assert native.user_kernel(_inner(package)).path != native.user_kernel(_inner(op)).path
+    high = (_conv(package, "native", kw)(x, w), *_grads(package, "native", kw, x, w, ct))
+    for a, b in zip(low, high, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_optimization_level_is_checked(monkeypatch):
+    monkeypatch.setenv("JAXCONV_USER_OPT", "-Ofast")
+    with pytest.raises(ValueError, match="JAXCONV_USER_OPT"):
+        native.user_kernel(jaxconv.Op(lambda x, w: jnp.sin(x * w), "max", name="bad_opt"))
+
+
 # --- the cache and the fallbacks, in fresh processes ------------------------------------------
 
 def _combine(scale):

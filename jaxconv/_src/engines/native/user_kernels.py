@@ -21,7 +21,14 @@ instruction set the built-in kernels run here, into a shared library in a per-us
 - processes that compile the same op at once serialize on a file lock; the library and its
   record are written to temporary names and renamed into place;
 - ``$JAXCONV_CXX`` overrides the compiler; a compile at first use is logged at INFO level on
-  the ``"jaxconv"`` logger, with the op's name and the library's path.
+  the ``"jaxconv"`` logger, with the op's name and the library's path;
+- ``$JAXCONV_USER_OPT`` (``-O0`` ... ``-O3``, ``-Os``) replaces the package's optimization
+  flag for user ops (the test suite compiles its ops at ``-O1``, about half the compile time
+  of ``-O3``): the flags keep ``-ffp-contract=off`` and no fast-math option, so every level
+  computes the same IEEE operations in the same order, only slower (tests/test_user_kernels.py
+  compares ``-O1`` with ``-O3`` bit for bit; GCC 12 at ``-O1`` once widened an AVX-512 mask
+  with a 2-byte store read back as 4 bytes, which ``lane_bits`` in
+  csrc/kernel_wide_lowwin.h now rules out); the flag is part of the cache key.
 
 The library is loaded once per process and its entry point registered with the extension
 module under an op id derived from the same hash.
@@ -343,6 +350,29 @@ def compiler() -> str | None:
     return None
 
 
+_OPT_LEVELS = ("-O0", "-O1", "-O2", "-O3", "-Os")
+
+
+def _flags() -> list[str]:
+    """The compiler flags of user ops: the package's, its optimization flag replaced by
+    ``$JAXCONV_USER_OPT`` when that is set.
+
+    Returns:
+        The flags (without the instruction set's).
+
+    Raises:
+        ValueError: ``$JAXCONV_USER_OPT`` is not one of ``-O0``, ``-O1``, ``-O2``, ``-O3``,
+            ``-Os``.
+    """
+    flags = list(_build_config()["flags"])
+    opt = os.environ.get("JAXCONV_USER_OPT")
+    if opt is None or opt == "":
+        return flags
+    if opt not in _OPT_LEVELS:
+        raise ValueError(f"JAXCONV_USER_OPT must be one of {', '.join(_OPT_LEVELS)}, got {opt!r}")
+    return [opt, *(f for f in flags if not f.startswith("-O"))]
+
+
 def _command(cxx: str, isa: str, src: pathlib.Path, out: pathlib.Path) -> list[str]:
     """The compiler's command line for one user kernel.
 
@@ -356,7 +386,7 @@ def _command(cxx: str, isa: str, src: pathlib.Path, out: pathlib.Path) -> list[s
         The command.
     """
     cfg = _build_config()
-    return [cxx, *cfg["flags"], *cfg["isa_flags"].get(isa, []), "-std=c++17", "-fPIC",
+    return [cxx, *_flags(), *cfg["isa_flags"].get(isa, []), "-std=c++17", "-fPIC",
             "-shared", "-fvisibility=hidden", f"-I{_package_files()}", str(src), "-o", str(out)]
 
 
@@ -372,7 +402,7 @@ def _key(source: str, isa: str, cxx: str) -> str:
         32 hex digits.
     """
     cfg = _build_config()
-    text = json.dumps([source, isa, cxx, cfg["flags"], cfg["isa_flags"].get(isa, []),
+    text = json.dumps([source, isa, cxx, _flags(), cfg["isa_flags"].get(isa, []),
                        __version__, int(ffi.extension().abi())])
     headers = b"".join((_package_files() / f).read_bytes() for f in cfg["headers"])
     return hashlib.sha256(text.encode() + headers).hexdigest()[:32]
