@@ -33,6 +33,7 @@
 #include <limits>
 #include <memory>
 #include <mutex>
+#include <stdexcept>
 #include <utility>
 #include <vector>
 
@@ -175,7 +176,7 @@ struct LowWin {
   const float* gy;
   const float* w;        // this batch element's kernel (K, O)
   float* scale;          // per output: g / count (one winner: after pass 1, its dw term)
-  int64_t* code;         // per output: its one winner's row, -2 (none), or -3 - its list
+  int32_t* code;         // per output: its one winner's row, -2 (none), or -3 - its list
   float* dx;
   float* dw;
   const float* panels;   // [G][lblocks][K][LNB]
@@ -191,6 +192,14 @@ struct LowWin {
   const uint16_t* y16;   // rec: y in the low dtype (then y is null), or null
   const uint16_t* g16;   // rec: g likewise
 };
+
+// An output's code for its list at `at` in its item's lists: -3 - at. Codes are 32 bits (a
+// kernel row is below 2^30; half the bytes of 64-bit codes, which pass 1 writes and pass 2
+// reads for every output); a list past 2^31 entries (8 GiB of them) fails the call.
+inline int32_t low_list_code(size_t at) {
+  if (at > size_t(std::numeric_limits<int32_t>::max()) - 3) throw std::length_error("lists");
+  return -3 - int32_t(at);
+}
 
 template <class Op, bool Exact, bool Max>
 inline bool low_hit(float x, float w, float bound) {
@@ -413,7 +422,7 @@ void low_scan_run(const LowWin& lw, LowRun& st, std::vector<int32_t>& list, int6
         lw.code[at0 + l] = c == 0 ? -2 : st.first[o];
         continue;
       }
-      lw.code[at0 + l] = -3 - int64_t(list.size());
+      lw.code[at0 + l] = low_list_code(list.size());
       list.push_back(c);
       list.push_back(st.first[o]);
       for (int32_t e = st.start[size_t(o)]; e < st.start[size_t(o) + 1]; ++e)
@@ -459,7 +468,7 @@ int low_win_backward(const WideCall& call) {
   lw.img = g.sp[0] * g.sp[1] * g.sp[2] * g.c;
   const int64_t wsize = pl.K * g.o;
   std::vector<E> panels, scale, fill;
-  std::vector<int64_t> code;
+  std::vector<int32_t> code;
   // Recorded masks (kernel_lowrec_mark.h; identity padding): the scan of marked blocks only,
   // which writes every output's scale and code itself (reused buffers, no fill).
   const bool recorded = call.rec && call.rec[0] >= 0 && !g.has_pad;
@@ -470,7 +479,7 @@ int low_win_backward(const WideCall& call) {
     panels.assign(size_t(g.g * lw.lblocks * pl.K * LNB), E(0));
     if (recorded) {
       scale_buf.reset(new LowBuf(sizeof(E) * size_t(call.batch * pl.ys)));
-      code_buf.reset(new LowBuf(sizeof(int64_t) * size_t(call.batch * pl.ys)));
+      code_buf.reset(new LowBuf(sizeof(int32_t) * size_t(call.batch * pl.ys)));
     } else {
       scale.assign(size_t(pl.ys), E(0));
       code.assign(size_t(pl.ys), -2);
@@ -495,7 +504,7 @@ int low_win_backward(const WideCall& call) {
   }
   lw.panels = panels.data();
   lw.scale = recorded ? scale_buf->template get<E>() : scale.data();
-  lw.code = recorded ? code_buf->template get<int64_t>() : code.data();
+  lw.code = recorded ? code_buf->template get<int32_t>() : code.data();
   lw.tab = tab.data();
   lw.kt = kt.data();
   lw.lists = lists.data();
