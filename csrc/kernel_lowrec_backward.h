@@ -277,6 +277,15 @@ __attribute__((noinline)) void low_rec_other(const LowWin& lw, std::vector<int32
   lw.code[at0] = low_list_code(list.size());
   list.push_back(int32_t(c));
   list.insert(list.end(), rows.begin(), rows.end());
+  // Then each winner's kernel gradient term, as pass 2 would form it (its scale sc, the same
+  // x and w; float bits): pass 2 adds them without reading x, w and the row tables again (a
+  // chain of dependent loads per winner, out of cache by then; a bfloat16 min_max of layer A
+  // ties at 1.5% of its outputs, and those loads were a quarter of its pass 2).
+  for (const int32_t k : rows) {
+    const int64_t t = lw.kt[2 * k], i = lw.kt[2 * k + 1];
+    const E xs = xb[n * lw.img + tabp[t] + grp * I + i];
+    list.push_back(int32_t(low_bits(sc * Gr::template dw<E>(splat<E>(xs), splat<E>(wo[k]))[0])));
+  }
 }
 
 // Pass 1's recorded scan of rows [r0, r1) of batch element lw.b, the group's columns: each

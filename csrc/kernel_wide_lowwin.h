@@ -183,6 +183,7 @@ struct LowWin {
   const int32_t* tab;    // [P][T]: the input row's offset in its image, -1 in the padding
   const int32_t* kt;     // [K][2]: a kernel row's tap and channel
   std::vector<int32_t>* lists;  // per pass-1 item: n, then n rows in order, per tied output
+                                // (recorded: then their n dw terms, float bits)
   int64_t lblocks, img, ipi, runs, b;
   bool plain;
   const int32_t* rec;    // the low recording forward's block masks, or null (a full scan)
@@ -649,6 +650,12 @@ int low_win_backward(const WideCall& call) {
           const int64_t code = lw.code[at0 + l];
           if (code >= 0) {  // one winner: pass 1 left its term in its scale
             acc[size_t(code * kCols + l)] += sr;
+            continue;
+          }
+          if (lw.rec && code <= -3) {  // a recorded list: its rows, then their terms
+            const int32_t* e = lw.lists[owner].data() + (-3 - code);
+            for (int32_t s = 1; s <= e[0]; ++s)
+              acc[size_t(int64_t(e[s]) * kCols + l)] += low_float(uint32_t(e[e[0] + s]));
             continue;
           }
           low_each(lw, owner, code, [&](int64_t k) {
