@@ -45,6 +45,43 @@ inline float f16_bound_normal(float y) {
   return low_float(Max ? (neg ? z | 0x80000000u : a) : (neg ? a | 0x80000000u : z));
 }
 
+// The lanes where a compare of low_pass holds (all bits set there), as bits: one instruction on
+// the compare's result, where lane_bits((V)m) read it back as floats and compared them with
+// zero (a vector move and a compare per vector more in low_rec_usual's loop).
+template <class M>
+inline uint32_t true_bits(M m) {
+#if JAXCONV_WIDE_BYTES == 64 && defined(__AVX512DQ__)
+  return uint32_t(_mm512_movepi32_mask((__m512i)m));
+#elif JAXCONV_WIDE_BYTES == 32 && defined(__AVX__)
+  return uint32_t(_mm256_movemask_ps((__m256)m));
+#elif JAXCONV_WIDE_BYTES == 16 && defined(__SSE2__)
+  return uint32_t(_mm_movemask_ps((__m128)m));
+#else
+  return lane_bits((VecOf<float>)m);
+#endif
+}
+
+// true_bits(low_pass<Op, Exact, Max>(x, w, bd, 0)): on AVX-512 the compares write mask
+// registers straight away (GCC turned the vector of lanes back into a mask: two instructions
+// more per vector).
+template <class Op, bool Exact, bool Max>
+inline uint32_t low_pass_bits(VecOf<float> x, VecOf<float> w, VecOf<float> bd) {
+#if JAXCONV_WIDE_BYTES == 64 && defined(__AVX512F__)
+  constexpr int kCmp = Max ? _CMP_GE_OS : _CMP_LE_OS;  // as GCC compiles >= and <=
+  if constexpr ((Op::kComb == 1 && Max) || (Op::kComb == 2 && !Max)) {
+    const __mmask16 mx = _mm512_cmp_ps_mask((__m512)x, (__m512)bd, kCmp);
+    return _mm512_mask_cmp_ps_mask(mx, (__m512)w, (__m512)bd, kCmp);
+  } else {
+    VecOf<float> p;
+    if constexpr (Op::kComb == 0) p = add_on_fma(x, w);  // low_pass's block 0
+    else p = Op::template comb<float, Exact>(x, w);
+    return _mm512_cmp_ps_mask((__m512)p, (__m512)bd, kCmp);
+  }
+#else
+  return true_bits(low_pass<Op, Exact, Max>(x, w, bd, 0));
+#endif
+}
+
 // Where pass 1's walk over one item's outputs stands: the block of output channels o0, the
 // row r and the channel l (pass 1's routing order: blocks of nbw channels, rows, channels).
 struct LowRecAt {
@@ -82,30 +119,42 @@ __attribute__((noinline)) bool low_rec_usual(const LowWin& lw, int64_t grp, int6
   const float* xb = pl.x + lw.b * pl.xs;
   const int64_t yo = lw.b * pl.ys;
   const int32_t* rb = lw.rec + yo;
+  // The call's tables and outputs in locals: stores through lw.code and lw.scale would make
+  // GCC reload lw's fields for every output.
+  const int32_t* const btab = lw.btab;
+  const int32_t* const tab = lw.tab;
+  const float* const wt = lw.wt;
+  const float* const yf = lw.y;
+  const float* const gf = lw.gy;
+  const uint16_t* const y16 = lw.y16;
+  const uint16_t* const g16 = lw.g16;
+  float* const scale = lw.scale;
+  int32_t* const code = lw.code;
+  const int64_t img = lw.img, P = pl.P, og = pl.og;
   int64_t pend = -1;
   E pval = 0.0f;
   int64_t o0 = at.o0, r = at.r, l = at.l;
-  for (; o0 < pl.og; o0 += nbw, r = r0, l = o0) {
-    const int64_t le = o0 + nbw < pl.og ? o0 + nbw : pl.og;
+  for (; o0 < og; o0 += nbw, r = r0, l = o0) {
+    const int64_t le = o0 + nbw < og ? o0 + nbw : og;
     for (; r < r1; ++r, l = o0) {
-      const int64_t n = r / pl.P, p = r % pl.P;
-      const int32_t* tabp = lw.tab + p * T;
-      const float* xn = xb + n * lw.img + grp * I;
+      const int64_t n = r / P, p = r % P;
+      const int32_t* tabp = tab + p * T;
+      const float* xn = xb + n * img + grp * I;
       for (; l < le; ++l) {
-        const int64_t col = grp * pl.og + l, a = r * O + col, at0 = yo + a;
+        const int64_t col = grp * og + l, a = r * O + col, at0 = yo + a;
         const uint32_t mask = uint32_t(rb[a]);
         const int j = __builtin_ctz(mask | 0x80000000u);
-        if (mask == 0 || (mask & (mask - 1)) != 0 || lw.btab[2 * j + 1] < 0) {
+        if (mask == 0 || (mask & (mask - 1)) != 0 || btab[2 * j + 1] < 0) {
           if (pend >= 0) dxb[pend] = pval;
           at = LowRecAt{o0, r, l};
           return true;
         }
-        const int64_t t = lw.btab[2 * j], i0 = lw.btab[2 * j + 1];
+        const int64_t t = btab[2 * j], i0 = btab[2 * j + 1];
         const int32_t off = tabp[t];
-        const float* wo = lw.wt + col * K;
+        const float* wo = wt + col * K;
         uint64_t word = 0;
         if (off >= 0) {  // identity padding: never a winner
-          const float yv = low_at<Rnd>(lw.y, lw.y16, at0);
+          const float yv = low_at<Rnd>(yf, y16, at0);
           float bd;
           if constexpr (Rnd == jaxconv::kRoundF16 && !scan_bound_is_y<Op, Max>()) {
             if (!f16_bound_plain(yv)) {  // zero, tiny, infinite or NaN: low_bound's calls
@@ -124,7 +173,7 @@ __attribute__((noinline)) bool low_rec_usual(const LowWin& lw, int64_t grp, int6
             V xv, wv;
             std::memcpy(&xv, xr + v * L, sizeof(V));
             std::memcpy(&wv, wr + v * L, sizeof(V));
-            word |= uint64_t(lane_bits((V)low_pass<Op, Exact, Max>(xv, wv, bv, 0))) << (v * L);
+            word |= uint64_t(low_pass_bits<Op, Exact, Max>(xv, wv, bv)) << (v * L);
           }
         }
         if (word & (word - 1)) {  // a tie: its list
@@ -133,14 +182,14 @@ __attribute__((noinline)) bool low_rec_usual(const LowWin& lw, int64_t grp, int6
           return true;
         }
         if (word == 0) {
-          lw.scale[at0] = 0.0f;
-          lw.code[at0] = -2;
+          scale[at0] = 0.0f;
+          code[at0] = -2;
           continue;
         }
         const int64_t i = i0 + __builtin_ctzll(word);
-        lw.code[at0] = t * I + i;
-        const E sc = low_at<Rnd>(lw.gy, lw.g16, at0);
-        const int64_t xa = n * lw.img + off + grp * I + i;
+        code[at0] = int32_t(t * I + i);
+        const E sc = low_at<Rnd>(gf, g16, at0);
+        const int64_t xa = n * img + off + grp * I + i;
         const E ws = wo[t * I + i];
         const E xs = xb[xa];
         if (xa != pend) {
@@ -149,7 +198,7 @@ __attribute__((noinline)) bool low_rec_usual(const LowWin& lw, int64_t grp, int6
           pval = dxb[xa];
         }
         pval += sc * Gr::template dx<E>(splat<E>(xs), splat<E>(ws))[0];
-        lw.scale[at0] = sc * Gr::template dw<E>(splat<E>(xs), splat<E>(ws))[0];
+        scale[at0] = sc * Gr::template dw<E>(splat<E>(xs), splat<E>(ws))[0];
       }
     }
   }
@@ -198,7 +247,7 @@ __attribute__((noinline)) void low_rec_other(const LowWin& lw, std::vector<int32
         V xv, wv;
         std::memcpy(&xv, xr + i, sizeof(V));
         std::memcpy(&wv, wr + i, sizeof(V));
-        for (uint32_t bits = lane_bits((V)low_pass<Op, Exact, Max>(xv, wv, bv, 0)); bits;
+        for (uint32_t bits = low_pass_bits<Op, Exact, Max>(xv, wv, bv); bits;
              bits &= bits - 1)
           rows.push_back(int32_t(t * I + i + __builtin_ctz(bits)));
       }
@@ -225,9 +274,18 @@ __attribute__((noinline)) void low_rec_other(const LowWin& lw, std::vector<int32
     lw.code[at0] = c == 0 ? -2 : rows[0];
     return;
   }
-  lw.code[at0] = -3 - int64_t(list.size());
+  lw.code[at0] = low_list_code(list.size());
   list.push_back(int32_t(c));
   list.insert(list.end(), rows.begin(), rows.end());
+  // Then each winner's kernel gradient term, as pass 2 would form it (its scale sc, the same
+  // x and w; float bits): pass 2 adds them without reading x, w and the row tables again (a
+  // chain of dependent loads per winner, out of cache by then; a bfloat16 min_max of layer A
+  // ties at 1.5% of its outputs, and those loads were a quarter of its pass 2).
+  for (const int32_t k : rows) {
+    const int64_t t = lw.kt[2 * k], i = lw.kt[2 * k + 1];
+    const E xs = xb[n * lw.img + tabp[t] + grp * I + i];
+    list.push_back(int32_t(low_bits(sc * Gr::template dw<E>(splat<E>(xs), splat<E>(wo[k]))[0])));
+  }
 }
 
 // Pass 1's recorded scan of rows [r0, r1) of batch element lw.b, the group's columns: each

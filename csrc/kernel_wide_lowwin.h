@@ -33,6 +33,7 @@
 #include <limits>
 #include <memory>
 #include <mutex>
+#include <stdexcept>
 #include <utility>
 #include <vector>
 
@@ -200,13 +201,14 @@ struct LowWin {
   const float* gy;
   const float* w;        // this batch element's kernel (K, O)
   float* scale;          // per output: g / count (one winner: after pass 1, its dw term)
-  int64_t* code;         // per output: its one winner's row, -2 (none), or -3 - its list
+  int32_t* code;         // per output: its one winner's row, -2 (none), or -3 - its list
   float* dx;
   float* dw;
   const float* panels;   // [G][lblocks][K][LNB]
   const int32_t* tab;    // [P][T]: the input row's offset in its image, -1 in the padding
   const int32_t* kt;     // [K][2]: a kernel row's tap and channel
   std::vector<int32_t>* lists;  // per pass-1 item: n, then n rows in order, per tied output
+                                // (recorded: then their n dw terms, float bits)
   int64_t lblocks, img, ipi, runs, b;
   bool plain;
   const int32_t* rec;    // the low recording forward's block masks, or null (a full scan)
@@ -216,6 +218,14 @@ struct LowWin {
   const uint16_t* y16;   // rec: y in the low dtype (then y is null), or null
   const uint16_t* g16;   // rec: g likewise
 };
+
+// An output's code for its list at `at` in its item's lists: -3 - at. Codes are 32 bits (a
+// kernel row is below 2^30; half the bytes of 64-bit codes, which pass 1 writes and pass 2
+// reads for every output); a list past 2^31 entries (8 GiB of them) fails the call.
+inline int32_t low_list_code(size_t at) {
+  if (at > size_t(std::numeric_limits<int32_t>::max()) - 3) throw std::length_error("lists");
+  return -3 - int32_t(at);
+}
 
 template <class Op, bool Exact, bool Max>
 inline bool low_hit(float x, float w, float bound) {
@@ -438,7 +448,7 @@ void low_scan_run(const LowWin& lw, LowRun& st, std::vector<int32_t>& list, int6
         lw.code[at0 + l] = c == 0 ? -2 : st.first[o];
         continue;
       }
-      lw.code[at0 + l] = -3 - int64_t(list.size());
+      lw.code[at0 + l] = low_list_code(list.size());
       list.push_back(c);
       list.push_back(st.first[o]);
       for (int32_t e = st.start[size_t(o)]; e < st.start[size_t(o) + 1]; ++e)
@@ -484,7 +494,7 @@ int low_win_backward(const WideCall& call) {
   lw.img = g.sp[0] * g.sp[1] * g.sp[2] * g.c;
   const int64_t wsize = pl.K * g.o;
   std::vector<E> panels, scale, fill;
-  std::vector<int64_t> code;
+  std::vector<int32_t> code;
   // Recorded masks (kernel_lowrec_mark.h; identity padding): the scan of marked blocks only,
   // which writes every output's scale and code itself (reused buffers, no fill).
   const bool recorded = call.rec && call.rec[0] >= 0 && !g.has_pad;
@@ -495,7 +505,7 @@ int low_win_backward(const WideCall& call) {
     panels.assign(size_t(g.g * lw.lblocks * pl.K * LNB), E(0));
     if (recorded) {
       scale_buf.reset(new LowBuf(sizeof(E) * size_t(call.batch * pl.ys)));
-      code_buf.reset(new LowBuf(sizeof(int64_t) * size_t(call.batch * pl.ys)));
+      code_buf.reset(new LowBuf(sizeof(int32_t) * size_t(call.batch * pl.ys)));
     } else {
       scale.assign(size_t(pl.ys), E(0));
       code.assign(size_t(pl.ys), -2);
@@ -520,7 +530,7 @@ int low_win_backward(const WideCall& call) {
   }
   lw.panels = panels.data();
   lw.scale = recorded ? scale_buf->template get<E>() : scale.data();
-  lw.code = recorded ? code_buf->template get<int64_t>() : code.data();
+  lw.code = recorded ? code_buf->template get<int32_t>() : code.data();
   lw.tab = tab.data();
   lw.kt = kt.data();
   lw.lists = lists.data();
@@ -665,6 +675,12 @@ int low_win_backward(const WideCall& call) {
           const int64_t code = lw.code[at0 + l];
           if (code >= 0) {  // one winner: pass 1 left its term in its scale
             acc[size_t(code * kCols + l)] += sr;
+            continue;
+          }
+          if (lw.rec && code <= -3) {  // a recorded list: its rows, then their terms
+            const int32_t* e = lw.lists[owner].data() + (-3 - code);
+            for (int32_t s = 1; s <= e[0]; ++s)
+              acc[size_t(int64_t(e[s]) * kCols + l)] += low_float(uint32_t(e[e[0] + s]));
             continue;
           }
           low_each(lw, owner, code, [&](int64_t k) {
