@@ -350,7 +350,14 @@ def both_function(name: str, program: sp.ScalarProgram) -> str:
 
 def _doubling(node: sp.Node) -> str | None:
     """``a + a`` for a product of a value and the constant 2 (the same bits, on the add
-    ports), else ``None``."""
+    ports), else ``None``.
+
+    Args:
+        node: a node of a scalar program.
+
+    Returns:
+        The C++ expression ``T::add(a, a)``, or ``None`` where `node` is not ``2 * a``.
+    """
     if node.name != "mul" or len(node.args) != 2:
         return None
     for k in (0, 1):
