@@ -2,7 +2,9 @@
 
 Ops: ``seed`` (``-(a - b)**2`` under ``jnp.logaddexp``, the seed's own op) and ``tempered``
 (``a * b`` under a softplus-smoothed max at temperature 0.5: the kernel runs the built-in
-logsumexp of ``a * b / 0.5``, `benchmarks.user_zoo`'s ``softplus_max``).
+logsumexp of ``a * b / 0.5``, `benchmarks.user_zoo`'s ``softplus_max``); and two heavy
+combines under sum, whose backward is the sums' one-pass loop (``csrc/kernel_sums_heavy.h``):
+``gauss`` (``exp(-(x - w)**2)``, the zoo's Gaussian) and ``tanh`` (``tanh(x - w)``).
 
 Example::
 
@@ -25,6 +27,8 @@ from jaxconv._src.engines.native import codegen
 OPS = {
     "seed": jaxconv.Op(lambda a, b: -((a - b) ** 2), jnp.logaddexp, identity=-math.inf),
     "tempered": jaxconv.Op(Tempered(lambda a, b: a * b, 0.5), "logsumexp"),
+    "gauss": jaxconv.Op(lambda x, w: jnp.exp(-((x - w) ** 2)), "sum"),
+    "tanh": jaxconv.Op(lambda x, w: jnp.tanh(x - w), "sum"),
 }
 
 

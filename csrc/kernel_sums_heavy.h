@@ -7,13 +7,21 @@
 // passes evaluate every term's exponential twice and the backward cost twice the forward.
 // Here the generated functor's dcxw (codegen.py `both_function`: the two outputs of JAX's
 // derivative program, their common subexpressions computed once) gives both partials of a
-// term at once, and the term feeds dx and dw in the same step.
+// term at once, and the term feeds dx and dw in the same step. A functor that declares
+// dparts (codegen.py `signed_function`) gives the same partials with their negations left to
+// this loop's multiply-adds (kNegCx / kNegCw: an FNMA in place of an FMA, the same bits) and
+// its sums and doublings on the add ports: for the Gaussian, its difference moves off the FMA
+// ports and two of its three sign flips go (FMA-port operations and sign flips per term, from
+// the compiled loops: AVX-512 16 -> 13, its forward 11; AVX2 19 -> 16, its forward 13). Rows of kFusedRows positions share each kernel vector load and each dw load and
+// store (fused_rows).
 //
 // The same sums in the same order as sum_backward's two passes, so the same bits: vectors run
 // over W input channels (as dx_block's); each dx element adds, tap by tap in ascending order,
 // its sums over runs of 64 output channels o = 0, 1, ... (fma from zero); each dw element is
 // the sum over the positions in ascending order (fma from zero, as dw_block's), kept transposed
-// (Og, W) per tap in L1 and written once per tap.
+// (Og, W) per tap in L1 and written once per tap. (Rows of two positions
+// keep both orders: a tap's positions are distinct input cells, and each dw vector takes the
+// rows' terms in ascending position order.)
 //
 // Work items: (batch entry, group, vector of W input channels); each owns those channels' dx
 // (every cell) and dw rows (every tap), so items write disjoint outputs. The pass is taken only
@@ -35,11 +43,86 @@ struct GradOps<Op, std::void_t<decltype(Op::kGradOps)>> {
   static constexpr int value = Op::kGradOps;
 };
 
+// Whether the generated functor Op declares dparts (codegen.py `signed_function`: both partials
+// with their negations left to the caller: kNegCx / kNegCw say which it stores negated).
+template <class Op>
+constexpr auto has_dparts(int)
+    -> decltype(Op::template dparts<S>(S::V{}, S::V{}, nullptr, nullptr), true) {
+  return true;
+}
+template <class Op>
+constexpr bool has_dparts(long) {
+  return false;
+}
+
+// acc + g c where the functor's partial was stored as c, or acc - g c where it stored -c
+// (the same bits: the fused multiply-add rounds g (-c) + acc once either way).
+template <bool kNeg>
+inline S::V fused_step(S::V g, S::V c, S::V acc) {
+  if constexpr (kNeg) return S::fnma(g, c, acc);
+  else return S::fma(g, c, acc);
+}
+
+// One term's partials: cx, cw, and whether each is stored negated.
+template <class Op>
+struct FusedParts {
+  static constexpr bool kSigned = has_dparts<Op>(0);
+  static constexpr bool kNegX = [] {
+    if constexpr (kSigned) return Op::kNegCx;
+    else return false;
+  }();
+  static constexpr bool kNegW = [] {
+    if constexpr (kSigned) return Op::kNegCw;
+    else return false;
+  }();
+  static void get(S::V x, S::V w, S::V* cx, S::V* cw) {
+    if constexpr (kSigned) Op::template dparts<S>(x, w, cx, cw);
+    else Op::template dcxw<S>(x, w, cx, cw);
+  }
+};
+
 // Whether Op's sum backward takes the one-pass loop (its partials cost at least as much as
 // a heavy combine: below, the two passes' lighter loops are as fast).
 template <class Op>
 constexpr bool fused_sums() {
   return Op::kReduce == 0 && GradOps<Op>::value >= kHeavyOps;
+}
+
+// Positions per register tile: one kernel vector load and one dw load and store serve R terms.
+constexpr int kFusedRows = 2;
+
+// R positions' terms against one tap's kernel slice (wt: row o at o * NR; dt: its dw, (Og,
+// W)): for each output channel o in ascending order, each row r's input vector xr[r] with its
+// cotangent gq[r][o]. Each row's dx sum runs over 64 output channels at a time (dx_block's
+// runs) and is added to dxr[r] (skipped where null: a pad value's dx).
+template <class Op, int R>
+inline void fused_rows(const float* const* xr, const float* const* gq, float* const* dxr,
+                       const float* wt, float* dt, int64_t Og) {
+  using V = S::V;
+  using Parts = FusedParts<Op>;
+  V xv[R], acc[R];
+  for (int r = 0; r < R; ++r) {
+    xv[r] = S::load(xr[r]);
+    acc[r] = S::zero();
+  }
+  for (int64_t o = 0; o < Og; ++o) {
+    const V wv = S::load(wt + o * NR);
+    V dw = S::load(dt + o * W);
+    for (int r = 0; r < R; ++r) {
+      const V gs = S::set1(gq[r][o]);
+      V cx, cw;
+      Parts::get(xv[r], wv, &cx, &cw);
+      acc[r] = fused_step<Parts::kNegX>(gs, cx, acc[r]);
+      dw = fused_step<Parts::kNegW>(gs, cw, dw);
+    }
+    S::store(dt + o * W, dw);
+    if ((o + 1) % 64 == 0 || o + 1 == Og) {  // dx_block's runs of 64 channels
+      for (int r = 0; r < R; ++r) {
+        if (dxr[r]) S::store(dxr[r], S::add(S::load(dxr[r]), acc[r]));
+        acc[r] = S::zero();
+      }
+    }
+  }
 }
 
 // The fewest work items the one-pass loop runs with.
@@ -49,7 +132,6 @@ constexpr int64_t kFusedItems = 4;
 // two-pass sum_backward must run instead.
 template <class Op>
 bool fused_sum_backward(Ctx& c) {
-  using V = S::V;
   const jaxconv::Call& call = *c.call;
   const int64_t I = c.I, O = c.O, Og = c.Og, T = c.T;
   if (call.parts != 3 || I % W != 0 || !c.wpack) return false;
@@ -76,29 +158,24 @@ bool fused_sum_backward(Ctx& c) {
     for (int64_t t = 0; t < T; ++t) {
       const float* wt = c.wpack + (((b * T + t) * c.G + grp) * nIB + ib) * blk + l0;
       for (int64_t k = 0; k < Og * W; k += W) S::store(dwt + k, S::zero());
+      const float* xr[kFusedRows];
+      const float* gq[kFusedRows];
+      float* dxr[kFusedRows];
+      int nr = 0;
       for (int64_t p = 0; p < c.P; ++p) {
         const int64_t n = p / c.OS, osi = p % c.OS;
         const int32_t off = c.tab[osi * T + t];
-        const float* xr = cell(c, xb, n, osi, t, grp);
-        if (!xr) continue;  // identity padding: not a term
-        const V xv = S::load(xr + i0);
-        const float* gg = gb + p * O;
-        V acc = S::zero();
-        for (int64_t o = 0; o < Og; ++o) {
-          const V gs = S::set1(gg[o]);
-          V cx, cw;
-          Op::template dcxw<S>(xv, S::load(wt + o * NR), &cx, &cw);
-          acc = S::fma(gs, cx, acc);
-          S::store(dwt + o * W, S::fma(gs, cw, S::load(dwt + o * W)));
-          if ((o + 1) % 64 == 0 || o + 1 == Og) {  // dx_block's runs of 64 channels
-            if (off >= 0) {  // a pad value's dx is dropped
-              float* d = dxb + n * c.img + off;
-              S::store(d, S::add(S::load(d), acc));
-            }
-            acc = S::zero();
-          }
+        const float* x = cell(c, xb, n, osi, t, grp);
+        if (!x) continue;  // identity padding: not a term
+        xr[nr] = x + i0;
+        gq[nr] = gb + p * O;
+        dxr[nr] = off >= 0 ? dxb + n * c.img + off : nullptr;  // a pad value's dx is dropped
+        if (++nr == kFusedRows) {
+          fused_rows<Op, kFusedRows>(xr, gq, dxr, wt, dwt, Og);
+          nr = 0;
         }
       }
+      for (int r = 0; r < nr; ++r) fused_rows<Op, 1>(xr + r, gq + r, dxr + r, wt, dwt, Og);
       for (int64_t l = 0; l < W; ++l) {
         float* d = dwb + (t * I + i0 + l) * O;
         for (int64_t o = 0; o < Og; ++o) d[o] = dwt[o * W + l];

@@ -186,6 +186,10 @@ USER_OPS = {
     # (csrc/kernel_sums_heavy.h).
     "gauss_sum_pad": (jaxconv.Op(lambda x, w: jnp.exp(-((x - w) ** 2)), "sum", pad_value=0.5),
                       _gauss, np.add, 0.0),
+    # Heavy partials whose kernel partial is the negated one (codegen.signed_function: kNegCw;
+    # the Gaussian's is kNegCx).
+    "tanh_sum": (jaxconv.Op(lambda x, w: jnp.tanh(x - w), "sum"),
+                 lambda x, w: np.tanh(np.subtract(x, w)), np.add, 0.0),
     # A heavy combine under max (not monotone in one map: the kernels' own heavy tile and its
     # pairs of products, csrc/kernel_heavy.h, also on the NaN-safe path).
     "x_gauss_max": (jaxconv.Op(lambda x, w: x * jnp.exp(-jnp.square(x - w)), "max"), _x_gauss,
@@ -261,14 +265,47 @@ def test_gradients_match_xla_engine(name, geometry):
     assert_gradients_match_xla(op, kw, x, w, seed=5)
 
 
+# Input channels in whole vectors (per group: 16 on AVX-512, 8 on AVX2) and at least four of
+# them: the sums' one-pass backward (csrc/kernel_sums_heavy.h), whose rows of two positions
+# leave one over where a tap has an odd number of terms.
+HEAVY_SUM_GEOMETRIES = table("channels_80") | {
+    # Two groups of 32 channels, strided and dilated, 15 positions (odd).
+    "groups_32_stride_dil": ((1, 5, 5, 64), (3, 2, 32, 10), dict(
+        window_strides=(2, 1), padding="SAME", rhs_dilation=(1, 2), feature_group_count=2)),
+    # A dense (1x1) product of 35 positions.
+    "dense_64": ((1, 5, 7, 64), (1, 1, 64, 33), dict(window_strides=(1, 1), padding="VALID")),
+}
+
+
 @pytest.mark.usefixtures("table_kernels")
-@pytest.mark.parametrize("name, specials", [("gauss_sum", True), ("gauss_sum_pad", False)])
-def test_heavy_sum_gradients_in_one_pass(name, specials):
-    """Whole vectors of input channels: both gradients of an exp under sum come from one pass
-    (csrc/kernel_sums_heavy.h), also with NaN / infinite inputs and pad terms."""
+@pytest.mark.parametrize("name, geometry, specials", [
+    ("gauss_sum", "channels_80", True), ("gauss_sum_pad", "channels_80", False),
+    ("tanh_sum", "groups_32_stride_dil", False), ("gauss_sum_pad", "groups_32_stride_dil", False),
+    ("gauss_sum", "dense_64", False), ("tanh_sum", "dense_64", True)])
+def test_heavy_sum_gradients_in_one_pass(name, geometry, specials):
+    """Whole vectors of input channels: both gradients of a heavy combine under sum come from
+    one pass (csrc/kernel_sums_heavy.h), with either partial stored negated (the Gaussian's
+    input partial, tanh's kernel partial), groups, strides, dilations, a dense product, pad
+    terms and NaN / infinite inputs."""
     op = USER_OPS[name][0]
-    x, w, kw = _data("channels_80", seed=9, specials=specials)
+    x, w, kw = data(HEAVY_SUM_GEOMETRIES[geometry], 9, specials)
     assert_gradients_match_xla(op, kw, x, w, seed=10)
+
+
+def test_signed_partials_carry_negations_out_of_products():
+    """The one-pass loop's partials (codegen.signed_function): negations leave the products
+    for its multiply-adds, sums and doublings go to the add ports, and an exponential's
+    negated argument is still negated."""
+    src = codegen.functor(USER_OPS["gauss_sum"][0]).source
+    body = src[src.index("static void dparts"):]
+    body = body[:body.index("\n  }")]
+    assert "kNegCx = true;" in src and "kNegCw = false;" in src
+    assert "u_neg" not in body and body.count("T::neg(") == 1  # exp(-(x - w)^2)'s argument
+    assert "T::sub(x, w)" in body and "T::add(v0, v0)" in body
+    assert "kNegCx = false;" in codegen.functor(USER_OPS["tanh_sum"][0]).source
+    # No negation at all: neither partial is stored negated.
+    plain = codegen.functor(jaxconv.Op(lambda x, w: jnp.exp(x * w), "sum")).source
+    assert "kNegCx = false;" in plain and "kNegCw = false;" in plain
 
 
 @pytest.mark.usefixtures("table_kernels")

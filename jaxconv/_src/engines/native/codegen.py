@@ -348,6 +348,82 @@ def both_function(name: str, program: sp.ScalarProgram) -> str:
     return "\n".join(lines)
 
 
+def signed_function(name: str, program: sp.ScalarProgram) -> tuple[str, tuple[bool, bool]]:
+    """One templated static member ``name(x, w, a, b)`` storing `program`'s two outputs, each
+    possibly negated, through ``a`` and ``b``, and which of them are negated.
+
+    For the heavy sums' one-pass backward (``csrc/kernel_sums_heavy.h``): there each partial
+    only multiplies the cotangent into a sum, so a negated partial is added with a
+    fused negative multiply-add (``c - g a`` is ``c + g (-a)`` exactly: the same bits) and its
+    negation costs nothing. Negations are carried out of products (``(-a) b`` is ``-(a b)``
+    exactly, rounding to nearest being symmetric) up to the outputs; a value whose sign
+    matters elsewhere (an exponential's argument) is negated where it is used. Sums,
+    differences and doublings go to the add ports (the same bits).
+
+    Args:
+        name: the member's name.
+        program: the partials' program (float32, two outputs).
+
+    Returns:
+        The member's C++ source and, per output, whether it stores the negated partial.
+
+    Raises:
+        Untranslatable: the program is not float32, or a node has no translation.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> p = partials_of(lambda x, w: jnp.exp(-(x - w) ** 2), np.float32)
+      >>> signed_function("dparts", p)[1]
+      (True, False)
+    """
+    if program.dtype != _F32:
+        raise Untranslatable(f"its dtype is {program.dtype.name} (the fold kernels are "
+                             "float32)")
+    lines = [f"  template <class T> static void {name}(VT<T> x, VT<T> w, VT<T>* a, VT<T>* b) {{",
+             "    (void)x;", "    (void)w;"]
+    signed: dict[int, tuple[str, bool]] = {}  # node -> (C++ magnitude, negated)
+    defined: set[int] = set()  # nodes whose own value v<k> is written
+
+    def sign_of(r: sp.Ref) -> tuple[str, bool]:
+        return signed[r] if isinstance(r, int) else (_ref(r), False)
+
+    def need(r: sp.Ref) -> None:
+        if isinstance(r, int) and r not in defined:
+            mag, neg = signed[r]
+            lines.append(f"    const VT<T> v{r} = {f'T::neg({mag})' if neg else mag};")
+            defined.add(r)
+
+    for k in program.live_of(*program.outputs[:2]):
+        node = program.nodes[k]
+        if node.name == "neg" and node.dtype == _F32:
+            mag, neg = sign_of(node.args[0])
+            signed[k] = (mag, not neg)
+            continue
+        if (node.name == "mul" and node.dtype == _F32 and len(node.args) == 2
+                and any(sign_of(r)[1] for r in node.args)):
+            (ma, na), (mb, nb) = (sign_of(r) for r in node.args)
+            expr = f"T::mul({ma}, {mb})"
+            for c, m in ((node.args[0], mb), (node.args[1], ma)):
+                if isinstance(c, sp.Const) and float(c.value) == 2.0:
+                    expr = f"T::add({m}, {m})"
+            lines.append(f"    const VT<T> m{k} = {expr};")
+            signed[k] = (f"m{k}", na != nb)
+            continue
+        for r in node.args:
+            need(r)
+        expr = _doubling(node) or _expr(node, _F32, False, True)
+        lines.append(f"    const VT<T> v{k} = {expr};")
+        signed[k] = (f"v{k}", False)
+        defined.add(k)
+    negs = []
+    for out, r in zip("ab", program.outputs[:2], strict=True):
+        mag, neg = sign_of(r)
+        lines.append(f"    *{out} = {mag};")
+        negs.append(neg)
+    lines.append("  }")
+    return "\n".join(lines), (negs[0], negs[1])
+
+
 def _doubling(node: sp.Node) -> str | None:
     """``a + a`` for a product of a value and the constant 2 (the same bits, on the add
     ports), else ``None``.
@@ -559,6 +635,12 @@ def functor(op: Op, dtype: object = np.float32, wide: bool = False) -> Functor:
         # (csrc/kernel_sums_heavy.h).
         body.append(f"  static constexpr int kGradOps = {comb_ops(parts, 2)};")
         body.append(both_function("dcxw", parts))
+        # The same partials for the one-pass loop: negations left to its multiply-adds
+        # (kNegCx / kNegCw: dparts stores the negated partial), sums on the add ports.
+        dparts, (neg_cx, neg_cw) = signed_function("dparts", parts)
+        body.append(f"  static constexpr bool kNegCx = {'true' if neg_cx else 'false'};")
+        body.append(f"  static constexpr bool kNegCw = {'true' if neg_cw else 'false'};")
+        body.append(dparts)
     nan_free = sp.nan_free(comb)
     relax = relaxed.relaxed_nodes(comb) if caps.reduce in ("max", "min") and nan_free else None
     if relax:
