@@ -39,6 +39,9 @@ namespace JAXCONV_WIDE_NS {
 // rule (Gr) of the built-in ops; a user op's is userop_wide.h's WideUserGrad.
 template <int Id>
 struct WideGrad {
+  // The max / min ops' partials are constants (finite wherever x and w are: FiniteRule).
+  static constexpr bool kFinite = Id == jaxconv::kMaxPlus || Id == jaxconv::kMinPlus ||
+                                  Id == jaxconv::kMaxMin || Id == jaxconv::kMinMax;
   template <class E>
   static VecOf<E> dx(VecOf<E> x, VecOf<E> w) {
     using V = VecOf<E>;
@@ -403,9 +406,11 @@ int backward_typed(const WideCall& call) {
 }
 
 // The max/min ops' backward on float32 copies of bfloat16 / float16 operands: the interval
-// scan of kernel_wide_lowwin.h (included below).
+// scan of kernel_wide_lowwin.h (included below). skip0: the recorded scan skips the outputs
+// whose cotangent is zero where Gr's partials are finite (kernel_lowrec_backward.h's
+// FiniteRule; low_io_backward checks the result).
 template <class Op, class Gr, bool Max, int Rnd>
-int low_win_backward(const WideCall& call);
+int low_win_backward(const WideCall& call, bool skip0 = false);
 
 // The same, its operands and gradients in the low dtype (kernel_lowrec_backward.h).
 template <class Op, class Gr, bool Max, int Rnd>
