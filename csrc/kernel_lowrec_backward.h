@@ -22,8 +22,9 @@ inline float low_at(const float* f, const uint16_t* h, int64_t at) {
 }
 
 // Whether the gradient rule Gr declares (kFinite) that its partials are finite wherever x and
-// w are: the built-in max / min ops' (constants), and a user op's where codegen.py's analysis
-// finds so (kFinitePartials). An output whose cotangent g is zero (or a subnormal, zero under
+// w are: a user op's where codegen.py's analysis finds so (kFinitePartials). Not the built-ins
+// (constants, finite): in their low_rec_usual loops the check took registers that GCC 12 then
+// spilled (AVX-512: 2-5 more stack stores, benchmarks/spill_check.py), so they keep the scan. An output whose cotangent g is zero (or a subnormal, zero under
 // DAZ) then has the share g / count = +-0 and adds only +-0 terms to dx and dw, which change a
 // sum's bits only where it is -0 (a sum flushed to zero under FTZ): the recorded scan
 // (LowWin::skip0) marks such an output as winnerless (-2) without scanning its blocks, and
@@ -158,10 +159,13 @@ __attribute__((noinline)) bool low_rec_usual(const LowWin& lw, int64_t grp, int6
       const float* xn = xb + n * img + grp * I;
       for (; l < le; ++l) {
         const int64_t col = grp * og + l, a = r * O + col, at0 = yo + a;
-        const E sc = low_at<Rnd>(gf, g16, at0);  // its share (one winner: g / 1 is g)
-        if (skip0 && sc == 0.0f) {  // only +-0 terms (FiniteRule)
-          code[at0] = -2;
-          continue;
+        E sc = 0.0f;  // its share (one winner: g / 1 is g)
+        if constexpr (FiniteRule<Gr>::value) {
+          sc = low_at<Rnd>(gf, g16, at0);
+          if (skip0 && sc == 0.0f) {  // only +-0 terms
+            code[at0] = -2;
+            continue;
+          }
         }
         const uint32_t mask = uint32_t(rb[a]);
         const int j = __builtin_ctz(mask | 0x80000000u);
@@ -209,6 +213,7 @@ __attribute__((noinline)) bool low_rec_usual(const LowWin& lw, int64_t grp, int6
         }
         const int64_t i = i0 + __builtin_ctzll(word);
         code[at0] = int32_t(t * I + i);
+        if constexpr (!FiniteRule<Gr>::value) sc = low_at<Rnd>(gf, g16, at0);
         const int64_t xa = n * img + off + grp * I + i;
         const E ws = wo[t * I + i];
         const E xs = xb[xa];

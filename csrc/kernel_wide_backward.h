@@ -39,9 +39,6 @@ namespace JAXCONV_WIDE_NS {
 // rule (Gr) of the built-in ops; a user op's is userop_wide.h's WideUserGrad.
 template <int Id>
 struct WideGrad {
-  // The max / min ops' partials are constants (finite wherever x and w are: FiniteRule).
-  static constexpr bool kFinite = Id == jaxconv::kMaxPlus || Id == jaxconv::kMinPlus ||
-                                  Id == jaxconv::kMaxMin || Id == jaxconv::kMinMax;
   template <class E>
   static VecOf<E> dx(VecOf<E> x, VecOf<E> w) {
     using V = VecOf<E>;
