@@ -221,7 +221,7 @@ def test_bf16_max_times_tie_gradients_agree_fuzz_7100015() -> None:
 
 def _sparse_cotangent(shape: tuple, dtype: Any, seed: int) -> jax.Array:
     """A cotangent zero (+0, -0 and a bfloat16 subnormal: zero under DAZ) on about two thirds
-    of the outputs, normal elsewhere: the recorded backward skips the zero ones' scans."""
+    of the outputs, normal elsewhere."""
     rng = np.random.default_rng(seed)
     ct = rng.standard_normal(shape).astype(np.float32)
     pick = rng.integers(0, 6, shape)
@@ -241,9 +241,9 @@ def _sparse_cotangent(shape: tuple, dtype: Any, seed: int) -> jax.Array:
 ])
 def test_zero_cotangents_keep_the_bits(op: str, dtype: Any, kind: str, groups: int,
                                        strides: tuple) -> None:
-    """Outputs whose cotangent is zero are skipped (their terms are +-0: FiniteRule in
-    csrc/kernel_lowrec_backward.h): y, dx and dw are the full scan's bits, with ties, groups
-    and strides."""
+    """Cotangents zero on most outputs (+0, -0, a subnormal): y, dx and dw are the full
+    scan's bits, with ties, groups and strides (the built-ins scan every output; a user op
+    with finite partials skips the zero ones: test_native_low_user.py)."""
     x, w = _data(kind, (2, 8, 8, 64), (3, 3, 64 // groups, 24), dtype, 5)
     geom = {"window_strides": strides, "padding": "SAME", "feature_group_count": groups}
     out = jax.eval_shape(lambda a, b: jaxconv.conv_general_dilated(
@@ -276,7 +276,8 @@ def ftz_case(op: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
 
 def test_a_gradient_flushed_to_minus_zero_keeps_the_bits() -> None:
     """The dw entry of ftz_case's winner is +0 after its three shares (the last one +0), as
-    the full scan leaves it: the recorded backward finds a -0 and runs its scan again."""
+    the full scan leaves it (a user op's recorded backward, which skips the zero share, finds
+    the -0 and runs its scan again: test_native_low_user.py)."""
     x, w, ct = ftz_case("max_plus")
     f = native_conv("max_plus", window_strides=(1, 1), padding="VALID")
     new, old = (compiled(f, (x, w, ct), route, derivative="vjp") for route in ("record", "call"))
