@@ -21,6 +21,22 @@ inline float low_at(const float* f, const uint16_t* h, int64_t at) {
   return h ? low_float(widen_bits<Rnd == jaxconv::kRoundBF16 ? 1 : 2>(h[at])) : f[at];
 }
 
+// Whether the gradient rule Gr declares (kFinite) that its partials are finite wherever x and
+// w are: a user op's where codegen.py's analysis finds so (kFinitePartials). Not the built-ins
+// (constants, finite): in their low_rec_usual loops the check took registers that GCC 12 then
+// spilled (AVX-512: 2-5 more stack stores, benchmarks/spill_check.py), so they keep the scan. An output whose cotangent g is zero (or a subnormal, zero under
+// DAZ) then has the share g / count = +-0 and adds only +-0 terms to dx and dw, which change a
+// sum's bits only where it is -0 (a sum flushed to zero under FTZ): the recorded scan
+// (LowWin::skip0) marks such an output as winnerless (-2) without scanning its blocks, and
+// low_io_backward runs the scan again without skipping where a gradient ends -0 (a skipped
+// +0 term after a -0 sum leaves the sum -0 to the end: no -0 at the end, the same bits).
+// A clip under max whose clip runs after the max (factoring.py) on layer A's normal data:
+// every output saturates, every cotangent of the product is zero.
+template <class Gr, class = void>
+struct FiniteRule : std::false_type {};
+template <class Gr>
+struct FiniteRule<Gr, std::enable_if_t<Gr::kFinite>> : std::true_type {};
+
 // Whether scan_bound<Op, Rnd, Max> is y itself (a min(x, w) under max, a max(x, w) under min).
 template <class Op, bool Max>
 constexpr bool scan_bound_is_y() {
@@ -130,6 +146,7 @@ __attribute__((noinline)) bool low_rec_usual(const LowWin& lw, int64_t grp, int6
   const uint16_t* const g16 = lw.g16;
   float* const scale = lw.scale;
   int32_t* const code = lw.code;
+  const bool skip0 = FiniteRule<Gr>::value && lw.skip0;
   const int64_t img = lw.img, P = pl.P, og = pl.og;
   int64_t pend = -1;
   E pval = 0.0f;
@@ -142,6 +159,14 @@ __attribute__((noinline)) bool low_rec_usual(const LowWin& lw, int64_t grp, int6
       const float* xn = xb + n * img + grp * I;
       for (; l < le; ++l) {
         const int64_t col = grp * og + l, a = r * O + col, at0 = yo + a;
+        E sc = 0.0f;  // its share (one winner: g / 1 is g)
+        if constexpr (FiniteRule<Gr>::value) {
+          sc = low_at<Rnd>(gf, g16, at0);
+          if (skip0 && sc == 0.0f) {  // only +-0 terms
+            code[at0] = -2;
+            continue;
+          }
+        }
         const uint32_t mask = uint32_t(rb[a]);
         const int j = __builtin_ctz(mask | 0x80000000u);
         if (mask == 0 || (mask & (mask - 1)) != 0 || btab[2 * j + 1] < 0) {
@@ -188,7 +213,7 @@ __attribute__((noinline)) bool low_rec_usual(const LowWin& lw, int64_t grp, int6
         }
         const int64_t i = i0 + __builtin_ctzll(word);
         code[at0] = int32_t(t * I + i);
-        const E sc = low_at<Rnd>(gf, g16, at0);
+        if constexpr (!FiniteRule<Gr>::value) sc = low_at<Rnd>(gf, g16, at0);
         const int64_t xa = n * img + off + grp * I + i;
         const E ws = wo[t * I + i];
         const E xs = xb[xa];
@@ -228,6 +253,10 @@ __attribute__((noinline)) void low_rec_other(const LowWin& lw, std::vector<int32
   const int32_t* tabp = lw.tab + p * T;
   const float* xn = xb + n * lw.img + grp * I;
   const int64_t col = grp * pl.og + l, at0 = yo + r * O + col;
+  if (FiniteRule<Gr>::value && lw.skip0 && low_at<Rnd>(lw.gy, lw.g16, at0) == 0.0f) {
+    lw.code[at0] = -2;  // only +-0 terms (FiniteRule)
+    return;
+  }
   const float bd = scan_bound<Op, Rnd, Max>(low_at<Rnd>(lw.y, lw.y16, at0));
   const V bv = splat<float>(bd);
   const float* wo = lw.wt + col * K;
@@ -367,8 +396,19 @@ void low_chunks(const WideCall& call, int64_t n, F&& f) {
   call.par.run(call.par.ctx, (n + kChunk - 1) / kChunk, run, &job);
 }
 
+// Whether one of the n float32 values at v is -0 (in parallel chunks).
+inline bool low_neg_zero(const WideCall& call, const float* v, int64_t n) {
+  std::atomic<bool> any{false};
+  low_chunks(call, n, [v, &any](int64_t a, int64_t len) {
+    uint32_t hit = 0;
+    for (int64_t j = a; j < a + len; ++j) hit |= uint32_t(low_bits(v[j]) == 0x80000000u);
+    if (hit) any.store(true, std::memory_order_relaxed);
+  });
+  return any.load();
+}
+
 template <class Op, class Gr, bool Max, int Rnd>
-int low_win_backward(const WideCall& call);
+int low_win_backward(const WideCall& call, bool skip0);
 
 #include "kernel_lowdense_backward.h"
 
@@ -424,8 +464,19 @@ int low_io_backward(const WideCall& call) {
   c32.low_x = 0;
   c32.low_y = y32 ? 0 : call.low_y;
   c32.low_g = g32 ? 0 : call.low_g;
-  const int rc = low_win_backward<Op, Gr, Max, Rnd>(c32);
+  const bool skip0 = FiniteRule<Gr>::value && recorded;
+  int rc = low_win_backward<Op, Gr, Max, Rnd>(c32, skip0);
   if (rc != 0) return rc;
+  if (skip0 && (low_neg_zero(call, dx, nx) || low_neg_zero(call, dw, nw))) {
+    // A -0 gradient: a skipped +0 term may have made it +0 (FiniteRule). Rare (a sum flushed
+    // to zero under FTZ): the scan again, every output's terms added.
+    low_chunks(call, nx, [dx](int64_t a, int64_t len) {
+      std::memset(dx + a, 0, sizeof(float) * size_t(len));
+    });
+    std::memset(dw, 0, sizeof(float) * size_t(nw));
+    rc = low_win_backward<Op, Gr, Max, Rnd>(c32, false);
+    if (rc != 0) return rc;
+  }
   auto narrow = [](const float* src, void* dst) {
     return [src, dst](int64_t a, int64_t len) {
       narrow_run<Kind>(src + a, static_cast<uint16_t*>(dst) + a, len);

@@ -403,9 +403,11 @@ int backward_typed(const WideCall& call) {
 }
 
 // The max/min ops' backward on float32 copies of bfloat16 / float16 operands: the interval
-// scan of kernel_wide_lowwin.h (included below).
+// scan of kernel_wide_lowwin.h (included below). skip0: the recorded scan skips the outputs
+// whose cotangent is zero where Gr's partials are finite (kernel_lowrec_backward.h's
+// FiniteRule; low_io_backward checks the result).
 template <class Op, class Gr, bool Max, int Rnd>
-int low_win_backward(const WideCall& call);
+int low_win_backward(const WideCall& call, bool skip0 = false);
 
 // The same, its operands and gradients in the low dtype (kernel_lowrec_backward.h).
 template <class Op, class Gr, bool Max, int Rnd>

@@ -217,6 +217,7 @@ struct LowWin {
   int64_t kb;            // rec: kernel rows per block
   const uint16_t* y16;   // rec: y in the low dtype (then y is null), or null
   const uint16_t* g16;   // rec: g likewise
+  bool skip0;            // rec: skip the outputs whose g is zero (FiniteRule)
 };
 
 // An output's code for its list at `at` in its item's lists: -3 - at. Codes are 32 bits (a
@@ -473,7 +474,7 @@ inline void low_each(const LowWin& lw, int64_t item, int64_t code, F&& f) {
 // Gr: the gradient rule (WideGrad<Id> of a built-in op, WideUserGrad of a user op); Max:
 // whether the op reduces with max.
 template <class Op, class Gr, bool Max, int Rnd>
-int low_win_backward(const WideCall& call) {
+int low_win_backward(const WideCall& call, bool skip0) {
   using E = float;
   constexpr int L = Vt<E>::L;
   constexpr int NB = kNV * L, LNB = kLV * L;
@@ -551,6 +552,7 @@ int low_win_backward(const WideCall& call) {
       btab[size_t(2 * j + 1)] = lw.kb == 64 && ia + 64 <= g.i ? int32_t(ia) : -1;
     }
     lw.rec = call.rec;
+    lw.skip0 = skip0;
     lw.wt = wt.data();
     lw.btab = btab.data();
     if (call.low_y) lw.y16 = static_cast<const uint16_t*>(call.y), lw.y = nullptr;

@@ -15,7 +15,8 @@
 //   struct UserOp { using E = ...; static constexpr int kReduce = 0 (max) | 1 (min) | 2 (sum);
 //                   static constexpr bool kNanFree (finite operands make no NaN product);
 //                   optionally static constexpr bool kLowCodes (float: the dense low record
-//                   holds exact winner codes, kernel_lowdense_backward.h);
+//                   holds exact winner codes, kernel_lowdense_backward.h) and
+//                   kFinitePartials (float: dcx and dcw are finite wherever x and w are);
 //                   static E ident(); comb / dcx / dcw (templates over T) };
 // and exports `jaxconv_user_run(const jaxconv::WideCall*, int backward)` calling
 // run_wide_user<UserOp>.
@@ -161,9 +162,17 @@ struct WideUser {
   }
 };
 
+// Whether a generated UserOp declares kFinitePartials (codegen.py: its partials are finite
+// wherever the operands are).
+template <class U, class = void>
+struct FinitePartialsDeclared : std::false_type {};
+template <class U>
+struct FinitePartialsDeclared<U, std::enable_if_t<U::kFinitePartials>> : std::true_type {};
+
 // Its partial derivatives as kernel_wide_backward.h's gradient rule (per product).
 template <class U>
 struct WideUserGrad {
+  static constexpr bool kFinite = FinitePartialsDeclared<U>::value;  // FiniteRule
   template <class E>
   static VecOf<E> dx(VecOf<E> x, VecOf<E> w) {
     return U::template dcx<WideT<E>>(x, w);

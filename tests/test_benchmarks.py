@@ -213,7 +213,7 @@ def test_tuning_search_benchmark_counts_the_picks(tmp_path, monkeypatch):
 # The one-thread kernel harnesses (benchmarks/*_1t.cc) build against today's csrc/: nothing
 # else compiles them, and a harness that no longer builds is found only when a measurement is
 # due. -fsyntax-only instantiates the kernel templates they call without generating code.
-HARNESSES = ["fwd_1t.cc", "dense_bwd_1t.cc", "sumbwd_1t.cc", "lowdense_1t.cc"]
+HARNESSES = ["fwd_1t.cc", "dense_bwd_1t.cc", "sumbwd_1t.cc", "lowdense_1t.cc", "lowuser_1t.cc"]
 
 
 @pytest.mark.parametrize("harness", HARNESSES)

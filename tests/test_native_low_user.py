@@ -368,3 +368,89 @@ def test_these_user_ops_keep_the_earlier_route(op: Any) -> None:
     text = _vjp(op, False, True, (x, w, ct)).as_text()
     assert "jaxconv_low_forward_record" not in text
     assert "jaxconv_wide_backward" in text
+
+
+@pytest.mark.parametrize("op,dtype,dense,xs,ws,kind", [
+    (CLIP1, BF16, False, (2, 8, 8, 64), (3, 3, 64, 24), "normal"),
+    (MAX_TIMES, F16, False, (2, 8, 8, 64), (3, 3, 64, 24), "ties"),
+    (MIN_GATE, BF16, False, (2, 9, 9, 40), (3, 3, 40, 20), "ties"),
+    (MAX_TIMES, BF16, True, (9, 300), (300, 21), "normal"),
+])
+def test_user_zero_cotangents_keep_the_bits(op: Any, dtype: Any, dense: bool, xs: tuple,
+                                            ws: tuple, kind: str) -> None:
+    """Outputs whose cotangent is zero, where the op's partials are finite (kFinitePartials:
+    max-times; the clip runs it, its clip after the max), are skipped by the recorded
+    backward: y, dx and dw are the earlier route's bits. where(a > 0, a + b, -b) declares
+    nothing (every output scanned); blocks across taps (40 channels); a dense product."""
+    from tests.test_native_lowrec import _sparse_cotangent
+
+    x, w = _rec_data(kind, xs, ws, dtype, 21)
+    out = jax.eval_shape(_product(op, dense), x, w)
+    ct = _sparse_cotangent(out.shape, dtype, 22)
+    args = (x, w, ct)
+    new, old = _vjp(op, dense, True, args), _vjp(op, dense, False, args)
+    assert "jaxconv_low_backward_recorded" in new.as_text()
+    for a, b in zip(new(*args), old(*args), strict=True):
+        np.testing.assert_array_equal(_bits(a), _bits(b))
+
+
+def test_user_gradient_flushed_to_minus_zero_keeps_the_bits() -> None:
+    """test_native_lowrec.py's ftz_case with max-times: the winner's dw sums the shares
+    2^-126 (1 + 2^-7), -2^-125 (flushed to -0) and +0: +0, as the earlier route leaves it."""
+    from tests.test_native_lowrec import ftz_case
+
+    x, w, ct = ftz_case("max_times")
+
+    def fb(route: str) -> Any:
+        f = lambda a, b: jaxconv.conv_general_dilated(  # noqa: E731
+            a, b, (1, 1), "VALID", dimension_numbers=DN, op=MAX_TIMES, engine="native")
+
+        def g(a: jax.Array, b: jax.Array, c: jax.Array) -> Any:
+            y, vjp = jax.vjp(f, a, b)
+            return (y, *vjp(c))
+
+        with low_route.chosen(route):
+            return jax.jit(g).lower(x, w, ct).compile()
+
+    new, old = fb("record"), fb("call")
+    assert "jaxconv_low_forward_record" in new.as_text()
+    got, want = new(x, w, ct), old(x, w, ct)
+    assert _bits(want[2])[0, 0, 5, 0] == 0
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(_bits(a), _bits(b))
+
+
+@pytest.mark.parametrize("op,finite", [
+    (MAX_TIMES, True), (MIN_GATE, False), (DIV, False), (POW, False),
+    (jaxconv.Op(lambda a, b: a * b * 2.0, "max", name="twice"), False),
+])
+def test_wide_functor_declares_finite_partials(op: Any, finite: bool) -> None:
+    """The bfloat16 / float16 backward's functor declares kFinitePartials exactly where its
+    partials are finite for finite operands (scalar_program.always_finite, conservative): x * w's
+    are w and x (a clip under max runs this product); 2 x w's are 2 w and 2 x (which
+    overflow); a quotient's and a power's are not; where(a > 0, a + b, -b)'s traced partials
+    hold a sum (not declared)."""
+    from jaxconv._src.engines.native import codegen
+
+    source = codegen.functor(op, np.float32, wide=True).source
+    assert ("kFinitePartials = true" in source) == finite
+
+
+def test_always_finite_is_conservative() -> None:
+    """Sampled finite operands never make an infinite or NaN output where the analysis says
+    finite; the analysis refuses the sums and products that can overflow."""
+    from jaxconv._src.core import scalar_program as sp
+
+    fns = {True: [lambda a, b: jnp.maximum(a, -b) * 0.5,
+                  lambda a, b: jnp.clip(jnp.tanh(a), -1.0, 1.0) * 0.25,
+                  lambda a, b: jnp.where(a > b, jnp.abs(a), jnp.floor(b))],
+           False: [lambda a, b: a + b, lambda a, b: a * b, lambda a, b: a / b,
+                   lambda a, b: jnp.exp(a) - b]}
+    big = np.float32(3e38)
+    for want, group in fns.items():
+        for fn in group:
+            assert sp.always_finite(sp.trace(fn, "float32", 2)) == want
+            if want:
+                vals = np.array([-big, -1.0, -0.0, 0.0, 2.0**-126, 1.5, big], np.float32)
+                a, b = np.meshgrid(vals, vals)
+                assert np.isfinite(np.asarray(fn(jnp.asarray(a), jnp.asarray(b)))).all()

@@ -217,3 +217,72 @@ def test_bf16_max_times_tie_gradients_agree_fuzz_7100015() -> None:
                                        atol=4 * tiny)
         np.testing.assert_allclose(np.asarray(b, np.float32), np.asarray(a, np.float32),
                                    rtol=1e-2, atol=1e-2)
+
+
+def _sparse_cotangent(shape: tuple, dtype: Any, seed: int) -> jax.Array:
+    """A cotangent zero (+0, -0 and a bfloat16 subnormal: zero under DAZ) on about two thirds
+    of the outputs, normal elsewhere."""
+    rng = np.random.default_rng(seed)
+    ct = rng.standard_normal(shape).astype(np.float32)
+    pick = rng.integers(0, 6, shape)
+    ct[pick == 0], ct[pick == 1], ct[pick == 2] = 0.0, -0.0, 0.0
+    if dtype == BF16:
+        ct[pick == 3] = 2.0**-130  # a bfloat16 subnormal
+    else:
+        ct[pick == 3] = -0.0
+    return jnp.asarray(ct, dtype)
+
+
+@pytest.mark.parametrize("op,dtype,kind,groups,strides", [
+    ("max_plus", BF16, "normal", 1, (1, 1)),
+    ("min_max", BF16, "ties", 2, (2, 1)),
+    ("max_min", F16, "ties", 1, (1, 1)),
+    ("min_plus", F16, "normal", 1, (1, 2)),
+])
+def test_zero_cotangents_keep_the_bits(op: str, dtype: Any, kind: str, groups: int,
+                                       strides: tuple) -> None:
+    """Cotangents zero on most outputs (+0, -0, a subnormal): y, dx and dw are the full
+    scan's bits, with ties, groups and strides (the built-ins scan every output; a user op
+    with finite partials skips the zero ones: test_native_low_user.py)."""
+    x, w = _data(kind, (2, 8, 8, 64), (3, 3, 64 // groups, 24), dtype, 5)
+    geom = {"window_strides": strides, "padding": "SAME", "feature_group_count": groups}
+    out = jax.eval_shape(lambda a, b: jaxconv.conv_general_dilated(
+        a, b, dimension_numbers=DN, op=op, **geom), x, w)
+    ct = _sparse_cotangent(out.shape, dtype, 6)
+    f = native_conv(op, **geom)
+    new, old = (compiled(f, (x, w, ct), route, derivative="vjp") for route in ("record", "call"))
+    assert "jaxconv_low_backward_recorded" in new.as_text()
+    for a, b in zip(new(x, w, ct), old(x, w, ct), strict=True):
+        np.testing.assert_array_equal(np.asarray(a).view(np.uint16), np.asarray(b).view(np.uint16))
+
+
+def ftz_case(op: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """x (1, 1, 4, 64), w (1, 2, 64, 1) in bfloat16 and a cotangent of the three positions
+    (VALID) where one kernel entry wins at every position and its dw sums the three shares:
+    2^-126 (1 + 2^-7) - 2^-125 is below 2^-126 and flushes to -0 (FTZ); the third share, +0,
+    makes it +0. A backward that skipped the zero share without looking would leave -0."""
+    x = np.zeros((1, 1, 4, 64), np.float32)
+    w = np.full((1, 2, 64, 1), -100.0, np.float32)
+    if op == "max_plus":
+        w[0, 0, 5, 0] = 8.0
+    else:  # x * w: the winner's dw term is its share times x = 1
+        x[:] = 1.0
+        w[:] = 0.5
+        w[0, 0, 5, 0] = 8.0
+    ct = np.array([2.0**-126 * (1 + 2.0**-7), -(2.0**-125), 0.0], np.float32)
+    return (jnp.asarray(x, BF16), jnp.asarray(w, BF16),
+            jnp.asarray(ct.reshape(1, 1, 3, 1), BF16))
+
+
+def test_a_gradient_flushed_to_minus_zero_keeps_the_bits() -> None:
+    """The dw entry of ftz_case's winner is +0 after its three shares (the last one +0), as
+    the full scan leaves it (a user op's recorded backward, which skips the zero share, finds
+    the -0 and runs its scan again: test_native_low_user.py)."""
+    x, w, ct = ftz_case("max_plus")
+    f = native_conv("max_plus", window_strides=(1, 1), padding="VALID")
+    new, old = (compiled(f, (x, w, ct), route, derivative="vjp") for route in ("record", "call"))
+    assert "jaxconv_low_forward_record" in new.as_text()
+    got, want = new(x, w, ct), old(x, w, ct)
+    assert np.asarray(want[2]).view(np.uint16)[0, 0, 5, 0] == 0  # +0, not -0 (0x8000)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(np.asarray(a).view(np.uint16), np.asarray(b).view(np.uint16))

@@ -672,6 +672,54 @@ def nan_free(program: ScalarProgram) -> bool:
     return all(of(r) != nan for r in program.outputs)
 
 
+def always_finite(program: ScalarProgram) -> bool:
+    """Whether finite arguments always give finite outputs (a conservative analysis): each
+    value is built from the arguments and finite constants by maps that keep finite values
+    finite (negation, ``abs``, ``max``, ``min``, ``select_n``, rounding, bounded functions
+    such as ``tanh``, comparisons) or by a product with a constant of magnitude at most 1;
+    sums and other products may overflow to infinity.
+
+    Args:
+      program: a traced program.
+
+    Returns:
+      ``True`` only when no finite arguments can give an infinite or NaN output.
+
+    Example:
+      >>> from jaxconv._src.core import scalar_program as sp
+      >>> sp.always_finite(sp.trace(lambda x, w: jnp.maximum(x, -w) * 0.5, "float32", 2))
+      True
+      >>> sp.always_finite(sp.trace(lambda x, w: x * w, "float32", 2))
+      False
+    """
+    fin: list[bool] = []
+
+    def of(r: Ref) -> bool:
+        if isinstance(r, Arg):
+            return True
+        if isinstance(r, Const):
+            return isinstance(r.value, bool) or math.isfinite(r.value)
+        return fin[r]
+
+    for node in program.nodes:
+        s = [of(a) for a in node.args]
+        name = node.name
+        from_bool = name == "convert_element_type" and isinstance(node.args[0], int) and \
+            program.nodes[node.args[0]].dtype == np.dtype(bool)
+        if node.dtype == np.dtype(bool) or from_bool:
+            out = True
+        elif name in _KEEPS:
+            out = all(s[1:] if name == "select_n" else s)
+        elif name in _BOUNDED:
+            out = all(s)
+        elif name == "mul":
+            out = all(s) and any(_finite_const(a) and abs(a.value) <= 1 for a in node.args)
+        else:
+            out = False
+        fin.append(out)
+    return all(of(r) for r in program.outputs)
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class OperandSplit:
     """``program(x, w) = core(lhs(x), rhs(w))`` (see `operand_split`).

@@ -724,6 +724,8 @@ def _wide_functor(op: Op, caps: object, dtype: np.dtype) -> Functor:
     codes = dtype == _F32 and low_codes(reduce, comb, used)
     if codes:
         body.append(LOW_CODES)
+    if dtype == _F32 and sp.always_finite(parts):
+        body.append(FINITE_PARTIALS)
     source = (WIDE_PRELUDE.format(ctype=WIDE_TYPES[dtype], reduce=WIDE_REDUCES[reduce],
                                   nan_free="true" if nan_free else "false",
                                   ident=literal(ident, dtype))
@@ -736,6 +738,12 @@ def _wide_functor(op: Op, caps: object, dtype: np.dtype) -> Functor:
 # The member a max / min functor declares where `low_codes` holds (csrc/kernel_lowdense_record.h's
 # LowCodes, kernel_lowdense_backward.h's lowdense_op).
 LOW_CODES = "  static constexpr bool kLowCodes = true;"
+
+# The member a float32 wide functor (the bfloat16 / float16 backward) declares where its
+# partials are finite wherever the operands are (`scalar_program.always_finite`): an output
+# whose cotangent is zero then adds only zeros, and the recorded backward skips its scan
+# (csrc/kernel_lowrec_backward.h, FiniteRule).
+FINITE_PARTIALS = "  static constexpr bool kFinitePartials = true;"
 
 
 def low_codes(reduce: str, comb: sp.ScalarProgram, primitives: set[str]) -> bool:
