@@ -410,10 +410,6 @@ int low_io_backward(const WideCall& call) {
   if (g32) low_chunks(call, ny, widen(call.g, g32->get()));
   float* dx = dx32->get();
   float* dw = dw32->get();
-  low_chunks(call, nx, [dx](int64_t a, int64_t len) {
-    std::memset(dx + a, 0, sizeof(float) * size_t(len));
-  });
-  std::memset(dw, 0, sizeof(float) * size_t(nw));
   WideCall c32 = call;
   c32.x = x32->get();
   c32.w = w32->get();
@@ -424,6 +420,7 @@ int low_io_backward(const WideCall& call) {
   c32.low_x = 0;
   c32.low_y = y32 ? 0 : call.low_y;
   c32.low_g = g32 ? 0 : call.low_g;
+  c32.zero_dx = c32.zero_dw = true;  // the scratch gradients, zeroed by the pass (wide.h)
   const int rc = low_win_backward<Op, Gr, Max, Rnd>(c32);
   if (rc != 0) return rc;
   auto narrow = [](const float* src, void* dst) {
