@@ -464,8 +464,7 @@ ffi::Error wide_backward_impl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer
   call.g = g.untyped_data();
   call.out = dx->untyped_data();
   call.out2 = dw->untyped_data();
-  std::memset(call.out, 0, dx->size_bytes());
-  std::memset(call.out2, 0, dw->size_bytes());
+  call.zero_dx = call.zero_dw = true;  // zeroed by the kernels, as a float32 op's (wide.h)
   return run_wide_call(call, true);
 }
 
@@ -511,6 +510,7 @@ ffi::Error low_backward_recorded_impl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::A
   call.low_g = g.element_type() == t;
   call.rec = rec.element_count() > 0 ? rec.typed_data() : nullptr;
   call.par = {run_parallel, &pool};
+  call.zero_dx = call.zero_dw = true;  // kernel_lowrec_backward.h writes every entry anyway
   return run_wide_call(call, true);
 }
 
@@ -530,8 +530,9 @@ ffi::Error backward_call(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
   call.parts = attrs.parts;
   // dx and dw are zeroed by the kernels, where their pass needs it (kernels.inc's run_op: the
   // dense sums backward writes every entry, so E skips 5 MiB of serial memset; kernel_fold.h's
-  // run_fold_op zeroes its own). A user op's library runs the same template: its cache key
-  // hashes every kernel header (user_kernels.py `_key`), so a loaded library honours the flags.
+  // run_fold_op, whose sums write every entry, zeroes an empty problem's). A user op's library
+  // runs the same template: its cache key hashes every kernel header and kAbiVersion
+  // (user_kernels.py `_key`), so a loaded library honours the flags.
   // A record (rec[0] != -1: masks or exact codes): the dense backward
   // (kernel_dense_backward.h, kernel_densebwd_exact.h) runs and writes every entry of dw from
   // its blocks' columns, so dw is not zeroed first (4 MiB for a 1024 x 1024 kernel).

@@ -271,11 +271,12 @@ int run_fold_op(const jaxconv::Call& call, bool backward) {
   c.x_bs = g.n * c.img;
   c.w_bs = c.K * c.O;
   c.y_bs = c.P * c.O;
-  if (backward) {  // gradients of an empty problem are zero
-    if (call.parts & 1) std::memset(call.out, 0, sizeof(float) * size_t(call.batch * c.x_bs));
-    if (call.parts & 2) std::memset(call.out2, 0, sizeof(float) * size_t(call.batch * c.w_bs));
+  // The zeroing rule (problem.h's Call::zero_dx): fold_backward's sums write every entry of
+  // the parts asked for, so only an empty problem's gradients are zeroed (kernels.inc).
+  if (call.batch == 0 || c.P == 0 || c.O == 0) {
+    if (backward) zero_outputs(c);
+    return 0;
   }
-  if (call.batch == 0 || c.P == 0 || c.O == 0) return 0;
   const int64_t Ogp = (c.Og + W - 1) / W * W;
   c.tab = c.scratch.get<int32_t>(c.OS * c.T);
   c.padrow = c.scratch.get<float>(c.C + NR);

@@ -450,10 +450,6 @@ int low_io_backward(const WideCall& call) {
   if (g32) low_chunks(call, ny, widen(call.g, g32->get()));
   float* dx = dx32->get();
   float* dw = dw32->get();
-  low_chunks(call, nx, [dx](int64_t a, int64_t len) {
-    std::memset(dx + a, 0, sizeof(float) * size_t(len));
-  });
-  std::memset(dw, 0, sizeof(float) * size_t(nw));
   WideCall c32 = call;
   c32.x = x32->get();
   c32.w = w32->get();
@@ -464,16 +460,14 @@ int low_io_backward(const WideCall& call) {
   c32.low_x = 0;
   c32.low_y = y32 ? 0 : call.low_y;
   c32.low_g = g32 ? 0 : call.low_g;
+  c32.zero_dx = c32.zero_dw = true;  // the scratch gradients, zeroed by the pass (wide.h)
   const bool skip0 = FiniteRule<Gr>::value && recorded;
   int rc = low_win_backward<Op, Gr, Max, Rnd>(c32, skip0);
   if (rc != 0) return rc;
   if (skip0 && (low_neg_zero(call, dx, nx) || low_neg_zero(call, dw, nw))) {
     // A -0 gradient: a skipped +0 term may have made it +0 (FiniteRule). Rare (a sum flushed
-    // to zero under FTZ): the scan again, every output's terms added.
-    low_chunks(call, nx, [dx](int64_t a, int64_t len) {
-      std::memset(dx + a, 0, sizeof(float) * size_t(len));
-    });
-    std::memset(dw, 0, sizeof(float) * size_t(nw));
+    // to zero under FTZ): the scan again, every output's terms added (the pass zeroes dx
+    // itself and writes every dw entry: zero_dx above).
     rc = low_win_backward<Op, Gr, Max, Rnd>(c32, false);
     if (rc != 0) return rc;
   }

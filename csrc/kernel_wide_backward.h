@@ -69,6 +69,27 @@ struct WideGrad {
   }
 };
 
+// Pass 1's items (this backward's and kernel_wide_lowwin.h's): runs of whole images, at
+// least 32 output positions each, per group (groups fastest). An item owns the input gradient
+// of its images in its group's channels (no atomics; the result does not depend on the thread
+// count) and zeroes it first (zero_dx_images).
+struct ImageRuns {
+  int64_t ipi = 0;   // images per run
+  int64_t runs = 0;  // runs per batch element
+  ImageRuns() = default;
+  ImageRuns(const Geom& g, int64_t P)
+      : ipi(P >= 32 ? 1 : (32 + P - 1) / P), runs((g.n + ipi - 1) / ipi) {}
+  int64_t items(const Geom& g) const { return runs * g.g; }
+  // Item `item`'s group and images [n0, n1).
+  void at(const Geom& g, int64_t item, int64_t& grp, int64_t& n0, int64_t& n1) const {
+    grp = item % g.g;
+    n0 = item / g.g * ipi;
+    n1 = std::min(n0 + ipi, g.n);
+  }
+  // The item that owns image n's outputs in group grp.
+  int64_t owner(const Geom& g, int64_t n, int64_t grp) const { return n / ipi * g.g + grp; }
+};
+
 template <class E>
 struct BPlan {
   Plan<E> f;        // the forward's plan (geometry, packed kernel, pad row)
@@ -79,9 +100,40 @@ struct BPlan {
                     // -1 - count (a tie of count >= 2 winners)
   E* dx;
   E* dw;
-  int64_t ipi, runs;  // images per pass-1 item, and runs of them per batch element
+  ImageRuns runs;     // pass 1's items
   bool plain;
 };
+
+// The zeroing rule of WideCall::zero_dx / zero_dw (problem.h's Call): pass 1's items add into
+// the input gradient of their own images' group channels, so each zeroes that part first;
+// pass 2 writes every entry of dw (its blocks' columns, every kernel row), so dw is zeroed
+// only where no pass runs.
+
+// The input gradient dxb (one batch element's) of images [n0, n1), group grp's channels
+// (a pass-1 item's, ImageRuns), zeroed where the caller left that to the kernel.
+template <class E>
+inline void zero_dx_images(const WideCall& call, const Geom& g, E* dxb, int64_t n0, int64_t n1,
+                           int64_t grp) {
+  if (!call.zero_dx) return;
+  const int64_t cells = g.sp[0] * g.sp[1] * g.sp[2];
+  if (g.g == 1) {
+    std::memset(dxb + n0 * cells * g.c, 0, sizeof(E) * size_t((n1 - n0) * cells * g.c));
+    return;
+  }
+  for (int64_t q = n0 * cells; q < n1 * cells; ++q)
+    std::memset(dxb + q * g.c + grp * g.i, 0, sizeof(E) * size_t(g.i));
+}
+
+// Whether the problem has no term (no output, kernel or channel: no pass runs); its
+// gradients are then zero, zeroed here where the caller left that to the kernel.
+template <class E>
+inline bool no_terms(const WideCall& call, const Plan<E>& pl) {
+  const Geom& g = *pl.g;
+  if (pl.R != 0 && g.o != 0 && pl.K != 0 && g.i != 0) return false;
+  if (call.zero_dx) std::memset(call.out, 0, sizeof(E) * size_t(call.batch * pl.xs));
+  if (call.zero_dw) std::memset(call.out2, 0, sizeof(E) * size_t(call.batch * pl.K * g.o));
+  return true;
+}
 
 template <class E>
 inline E hsum(VecOf<E> v) {
@@ -346,10 +398,8 @@ int backward_typed(const WideCall& call) {
   bp.gy = static_cast<const E*>(call.g);
   bp.dx = static_cast<E*>(call.out);
   bp.dw = static_cast<E*>(call.out2);
-  // The caller zeroed dx and dw: an empty problem or contraction has zero gradients.
-  if (pl.R == 0 || g.o == 0 || pl.K == 0 || g.i == 0) return 0;
-  bp.ipi = pl.P >= 32 ? 1 : (32 + pl.P - 1) / pl.P;
-  bp.runs = (g.n + bp.ipi - 1) / bp.ipi;
+  if (no_terms<E>(call, pl)) return 0;
+  bp.runs = ImageRuns(g, pl.P);
   const int64_t wsize = pl.K * g.o;
   std::vector<E> panels, scale;
   std::vector<int64_t> code;
@@ -373,22 +423,24 @@ int backward_typed(const WideCall& call) {
     struct Job {
       const BPlan<E>* bp;
       int64_t b;
-    } job{&bp, b};
+      const WideCall* call;
+    } job{&bp, b, &call};
     auto pass1 = [](void* arg, int64_t item) {
       const Job& j = *static_cast<const Job*>(arg);
       const BPlan<E>& p = *j.bp;
       const Plan<E>& f = p.f;
-      const int64_t grp = item % f.g->g, run = item / f.g->g;
-      const int64_t n1 = std::min((run + 1) * p.ipi, f.g->n);
+      int64_t grp, n0, n1;
+      p.runs.at(*f.g, item, grp, n0, n1);
       const int64_t rend = n1 * f.P;
+      zero_dx_images<E>(*j.call, *f.g, p.dx + j.b * f.xs, n0, n1, grp);
       for (int64_t blk = 0; blk < f.blocks; ++blk)
-        for (int64_t r0 = run * p.ipi * f.P; r0 < rend; r0 += kMR) {
+        for (int64_t r0 = n0 * f.P; r0 < rend; r0 += kMR) {
           const int nm = int(rend - r0 < kMR ? rend - r0 : kMR);
           if (p.plain) dx_tile<E, Op, Gr, Win, false>(p, j.b, grp, blk, r0, nm);
           else dx_tile<E, Op, Gr, Win, true>(p, j.b, grp, blk, r0, nm);
         }
     };
-    call.par.run(call.par.ctx, bp.runs * g.g, pass1, &job);
+    call.par.run(call.par.ctx, bp.runs.items(g), pass1, &job);
     auto pass2 = [](void* arg, int64_t item) {
       const Job& j = *static_cast<const Job*>(arg);
       const BPlan<E>& p = *j.bp;

@@ -209,7 +209,8 @@ struct LowWin {
   const int32_t* kt;     // [K][2]: a kernel row's tap and channel
   std::vector<int32_t>* lists;  // per pass-1 item: n, then n rows in order, per tied output
                                 // (recorded: then their n dw terms, float bits)
-  int64_t lblocks, img, ipi, runs, b;
+  ImageRuns runs;        // pass 1's items (kernel_wide_backward.h)
+  int64_t lblocks, img, b;
   bool plain;
   const int32_t* rec;    // the low recording forward's block masks, or null (a full scan)
   const float* wt;       // rec: this batch element's kernel columns along k, (O, K)
@@ -486,11 +487,9 @@ int low_win_backward(const WideCall& call, bool skip0) {
   lw.gy = static_cast<const E*>(call.g);
   lw.dx = static_cast<E*>(call.out);
   lw.dw = static_cast<E*>(call.out2);
-  // The caller zeroed dx and dw: an empty problem or contraction has zero gradients.
-  if (pl.R == 0 || g.o == 0 || pl.K == 0 || g.i == 0) return 0;
+  if (no_terms<E>(call, pl)) return 0;
   if (pl.K > (int64_t(1) << 30)) return 1;
-  lw.ipi = pl.P >= 32 ? 1 : (32 + pl.P - 1) / pl.P;
-  lw.runs = (g.n + lw.ipi - 1) / lw.ipi;
+  lw.runs = ImageRuns(g, pl.P);
   lw.lblocks = (pl.og + LNB - 1) / LNB;
   lw.img = g.sp[0] * g.sp[1] * g.sp[2] * g.c;
   const int64_t wsize = pl.K * g.o;
@@ -514,7 +513,7 @@ int low_win_backward(const WideCall& call, bool skip0) {
     fill.assign(size_t(g.i), g.has_pad ? pl.pad : E(0));
     tab.assign(size_t(pl.P * pl.T), -1);
     kt.assign(size_t(2 * pl.K), 0);
-    lists.resize(size_t(lw.runs * g.g));
+    lists.resize(size_t(lw.runs.items(g)));
   } catch (...) {
     return 2;
   }
@@ -578,7 +577,8 @@ int low_win_backward(const WideCall& call, bool skip0) {
     struct Job {
       LowWin* lw;
       std::atomic<bool>* failed;
-    } job{&lw, &failed};
+      const WideCall* call;
+    } job{&lw, &failed, &call};
     // Pass 1, per run of whole images and group (they own their dx and lists): the scan,
     // then dx routed block by block of NB columns, row by row (kernel_wide_backward.h's
     // order).
@@ -587,8 +587,10 @@ int low_win_backward(const WideCall& call, bool skip0) {
       const LowWin& lw = *j.lw;
       const Plan<E>& f = *lw.f;
       const Geom& g = *f.g;
-      const int64_t grp = item % g.g, run = item / g.g;
-      const int64_t rb = run * lw.ipi * f.P, re = std::min((run + 1) * lw.ipi, g.n) * f.P;
+      int64_t grp, n0, n1;
+      lw.runs.at(g, item, grp, n0, n1);
+      const int64_t rb = n0 * f.P, re = n1 * f.P;
+      zero_dx_images<E>(*j.call, g, lw.dx + lw.b * f.xs, n0, n1, grp);
       std::vector<int32_t>& list = lw.lists[item];
       list.clear();
       try {
@@ -647,7 +649,7 @@ int low_win_backward(const WideCall& call, bool skip0) {
         }
       }
     };
-    call.par.run(call.par.ctx, lw.runs * g.g, pass1, &job);
+    call.par.run(call.par.ctx, lw.runs.items(g), pass1, &job);
     if (failed.load()) return 2;
     // Pass 2, per group and 16 columns (they own those kernel columns): dw, rows in order.
     constexpr int64_t kCols = 16;
@@ -670,7 +672,7 @@ int low_win_backward(const WideCall& call, bool skip0) {
       const E* xb = f.x + lw.b * f.xs;
       for (int64_t r = 0; r < f.R; ++r) {
         const int64_t n = r / f.P, p = r % f.P;
-        const int64_t owner = (n / lw.ipi) * g.g + grp;
+        const int64_t owner = lw.runs.owner(g, n, grp);
         const int64_t at0 = lw.b * f.ys + r * g.o + col0;
         for (int64_t l = 0; l < cols; ++l) {
           const E sr = lw.scale[at0 + l];

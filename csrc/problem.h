@@ -48,9 +48,9 @@ constexpr int64_t kPairChannels = 16;
 // reads it (`_native.record_block_rows`) to ask for a record only where one is kept.
 constexpr int64_t kRecordBlockRows = 64;
 
-// The layout of Call and Geom: a compiled user op is loaded only if it was built against the
-// same version.
-constexpr int kAbiVersion = 2;
+// The layout of Call, Geom and WideCall (wide.h): a compiled user op is loaded only if it was
+// built against the same version (3: WideCall's zero_dx / zero_dw).
+constexpr int kAbiVersion = 3;
 
 // A fork-join over `n` independent items, implemented on XLA's intra-op pool in ffi.cc.
 struct Parallel {
@@ -91,10 +91,12 @@ struct Call {
   int32_t* rec;
   // bfloat16 / float16 operands (the built-in ops' forward only), else null.
   const LowIO* low;
-  // Backward: dx (and dw where `zero_dw`) not yet zeroed; the kernel zeroes them unless its
-  // pass writes every entry (kernels.inc's run_op: the dense sums backward,
-  // kernel_sumbwd_dense.h). The FFI sets both for built-in and user ops alike (a user op's
-  // library is built from these headers). False: the caller zeroed them (the harnesses).
+  // Backward, the one zeroing rule (WideCall's too): where zero_dx (zero_dw) is set, dx (dw)
+  // is not yet zeroed and the kernel zeroes whatever of it its passes do not write (an empty
+  // problem's gradients; kernels.inc's run_op zeroes both except where the dense sums backward,
+  // kernel_sumbwd_dense.h, writes every entry; kernel_fold.h's passes write every entry of the
+  // parts asked for). The FFI sets both for built-in and user ops alike (a user op's library
+  // is built from these headers). False: the caller zeroed them (the harnesses).
   bool zero_dx;
   bool zero_dw;
 };

@@ -22,10 +22,10 @@ struct WideCall {
   int64_t batch;    // leading (vmap) batch
   const void* x;
   const void* w;
-  void* out;         // forward: y; backward: dx (zeroed by the caller)
+  void* out;         // forward: y; backward: dx
   const void* y;     // backward: the forward output
   const void* g;     // backward: the output cotangent
-  void* out2;        // backward: dw (zeroed by the caller)
+  void* out2;        // backward: dw
   int round;         // backward, kWideF32: a WideRound
   Parallel par;
   // The low recorded backward (kernel_lowrec_backward.h), kWideF32 with a `round`: x, w, dx
@@ -33,6 +33,11 @@ struct WideCall {
   // low recording forward's block masks (rec[0] < 0: not recorded), or null.
   int low_x, low_y, low_g;
   const int32_t* rec;
+  // Backward: Call's zeroing rule (problem.h). Pass 1's items zero the part of dx they add
+  // into; pass 2 writes every entry of dw, so dw is zeroed only where no pass runs
+  // (kernel_wide_backward.h's zero_dx_images, no_terms). False: the caller zeroed them.
+  bool zero_dx;
+  bool zero_dw;
 };
 
 }  // namespace jaxconv

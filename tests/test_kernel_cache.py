@@ -27,7 +27,7 @@ from subprocess_helpers import run_user_op
 
 import jaxconv
 from jaxconv._src.engines import native
-from jaxconv._src.engines.native import codegen, user_kernels
+from jaxconv._src.engines.native import codegen, ffi, user_kernels
 
 pytestmark = pytest.mark.skipif(not native.available(),
                                 reason=f"native engine not built: {native.load_error()}")
@@ -168,6 +168,46 @@ def test_entry_writable_by_others_or_of_another_owner_is_not_loaded(tmp_path, bu
     if os.getuid() == 0:  # only root can give a file away
         os.chown(lib.with_suffix(".json"), 12345, -1)
         assert "owned by uid 12345" in user_kernels.verify(lib.parent, key)
+
+
+# --- the ABI (csrc/problem.h kAbiVersion: the layout of Call, Geom and WideCall) ---------------
+
+def test_another_abi_gives_another_key(monkeypatch):
+    """The key hashes the extension's ABI: after a layout change, every kernel of the older
+    ABI is looked up under a key no entry has, so it is rebuilt, never loaded."""
+    functor = codegen.functor(_op())
+    now = _key(functor)
+    real = ffi.extension()
+
+    class Older:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def abi(self):
+            return real.abi() - 1
+
+    monkeypatch.setattr(ffi, "extension", Older)
+    assert _key(functor) != now
+
+
+def test_library_of_another_abi_is_never_run(tmp_path, built):
+    """A verified entry whose library reports another ABI (`jaxconv_user_abi`) is refused at
+    load, in a fresh process: "auto" warns and runs the XLA engine, "native" raises, both
+    naming the ABI."""
+    functor = codegen.functor(_op())
+    source = functor.source.replace("return jaxconv::kAbiVersion;",
+                                    "return jaxconv::kAbiVersion - 1;")
+    assert source != functor.source
+    (tmp_path / "kernels").mkdir()
+    key = _key(functor)
+    user_kernels._compile(source, user_kernels.compiler(), native.isa(), tmp_path / "kernels",
+                          key)
+    assert user_kernels.verify(tmp_path / "kernels", key) is None
+    out = _run(tmp_path)
+    assert out["equal_to_xla"]
+    (warning,) = out["warnings"]
+    assert "cache_op" in warning and "XLA engine" in warning and "another ABI" in warning
+    assert "another ABI" in out["native_error"] and "delete it" in out["native_error"]
 
 
 # --- 25.8 and 25.10: a directory that cannot be written or trusted ----------------------------

@@ -83,6 +83,30 @@ def _wide_backward(dtype: DTypeLike) -> bool:
     return np.dtype(dtype) == np.float64 and ffi.has_wide_backward()
 
 
+def _wide_backward_line(problem: Problem, dtype: DTypeLike) -> str:
+    """What computes the gradients of an op on the wide kernels' `dtype` (for `explain`).
+
+    Args:
+        problem: the canonical problem (a built-in op, or a user op compiled for `dtype`).
+        dtype: the operands' dtype (float64, int32, int64).
+
+    Returns:
+        The line.
+    """
+    if np.dtype(dtype).kind == "i":
+        return "backward: none (integer operands have no gradient)"
+    if not _wide_backward(dtype):
+        return "backward: the XLA engine"
+    user = problem.op.native is None
+    if kinds.winner(problem):
+        return ("backward: the wide kernels (the winners are the products equal to the "
+                "forward's result, ties split equally"
+                + (", through the combine's compiled partial derivatives)" if user else ")"))
+    return ("backward: the wide kernels ("
+            + ("the combine's compiled partial derivatives" if user else "the op's gradient rule")
+            + " per term)")
+
+
 @functools.cache
 def _warn_compile_failed(name: str, reason: str) -> None:
     """Warns once per op that `engine="auto"` runs a user op on the XLA engine because its
@@ -198,17 +222,8 @@ class NativeEngine(registry.Engine):
         if _wide(dtype) and op.native is None:
             return self._describe_user(problem, dtype)
         if _wide(dtype):
-            if np.dtype(dtype).kind == "i":
-                back = "backward: none (integer operands have no gradient)"
-            elif not _wide_backward(dtype):
-                back = "backward: the XLA engine"
-            elif kinds.winner(problem):
-                back = ("backward: the wide kernels (the winners are the products equal to "
-                        "the forward's result, ties split equally)")
-            else:
-                back = "backward: the wide kernels (the op's gradient rule per term)"
             return (f"built-in kernel {op.native!r} on {np.dtype(dtype).name} (the wide "
-                    f"kernels, {ffi.isa()})", back)
+                    f"kernels, {ffi.isa()})", _wide_backward_line(problem, dtype))
         if kinds.low(dtype):
             name = np.dtype(dtype).name
             if kinds.winner(problem) and records.low_records(problem):
@@ -287,17 +302,7 @@ class NativeEngine(registry.Engine):
             return (kernel.reason,)
         how = (f"compiled now in {kernel.seconds:.2f} s" if kernel.compiled
                else "loaded from the cache")
-        if np.dtype(dtype).kind == "i":
-            back = "backward: none (integer operands have no gradient)"
-        elif not _wide_backward(dtype):
-            back = "backward: the XLA engine"
-        elif kinds.winner(problem):
-            back = ("backward: the wide kernels (the winners are the products equal to the "
-                    "forward's result, ties split equally, through the combine's compiled "
-                    "partial derivatives)")
-        else:
-            back = ("backward: the wide kernels (the combine's compiled partial derivatives "
-                    "per term)")
+        back = _wide_backward_line(problem, dtype)
         lines = [f"compiled user kernel on {name} (the wide kernels, {ffi.isa()}, {how}): "
                  f"{kernel.path}", f"primitives: {', '.join(kernel.functor.primitives)}"]
         if kernel.functor.scalar:

@@ -538,7 +538,10 @@ def _load(key: str, lib_path: pathlib.Path) -> int:
             except (OSError, AttributeError) as e:
                 raise CompileError(f"{lib_path} could not be loaded ({e})") from None
             if abi != native.abi():
-                raise CompileError(f"{lib_path} was built for another ABI")
+                # Another layout of the kernels' call structures (problem.h kAbiVersion): a
+                # cached entry under this key cannot hold one (the key hashes the ABI).
+                raise CompileError(f"{lib_path} was built for another ABI ({abi}; this "
+                                   f"jaxconv's is {native.abi()}): delete it to rebuild it")
             native.register_user_kernel(op_id, ctypes.cast(run, ctypes.c_void_p).value)
             _loaded[key] = (lib, lib_path)
     return op_id
