@@ -744,7 +744,8 @@ class Example:
         Returns:
             ``explain`` (its engine), ``forward`` / ``backward`` (the engine that runs;
             backward ``None`` for integers and the lax rewrites), ``reason`` (why the forward
-            falls back, from ``explain``) and ``mismatch`` (a list of texts).
+            falls back, from ``explain``: its refusal, else its first line, such as a
+            factored form's) and ``mismatch`` (a list of texts).
         """
         import re
 
@@ -766,7 +767,8 @@ class Example:
 
         fwd = "native" if calls(jax.jit(f).lower(self.x, self.w).as_text()) else "xla"
         out = dict(explain=plan.engine, forward=fwd, backward=None,
-                   reason=why[0] if why else None, mismatch=[])
+                   reason=why[0] if why else (plan.details[0] if plan.engine == "xla"
+                                               and plan.details else None), mismatch=[])
         if not (self.is_int or self.spec.lax):
             y = jax.eval_shape(f, self.x, self.w)
             g = jax.ShapeDtypeStruct(y.shape, y.dtype)
