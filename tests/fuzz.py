@@ -289,7 +289,7 @@ def _recent_specs(jnp: Any, jaxconv: Any) -> list[Spec]:
                                       lambda a, b: a + b - a * b, identity=0.0,
                                       name="fz_por_fold"),
              lambda x, w: 1.0 / (1.0 + np.exp(-np.multiply(x, w))),
-             lambda a, b: a + b - a * b, 0.0, None, "sum", "one", ints=False),
+             lambda a, b: a + b - a * b, 0.0, None, "sum", "one", ints=False, low=False),
     ]
 
 
