@@ -39,6 +39,24 @@ seeds as the fuzzer drew them before they existed):
   batch of two examples sharded over two devices, through ``shard_map`` and through ``jit``
   of a sharded ``vmap``, forward and VJP, against the unsharded call.
 
+The recent focus, drawn from a third stream of the seed (``--no-recent`` turns it off and
+replays seeds as the fuzzer drew them before it existed), redraws half of the examples that
+have no extras focus in an area the native engine changed recently (``RECENT``): bf16 / f16
+max / min backward (recorded route, ties, signed zeros, denormals, NaN), logsumexp backward
+and tangents (all -inf windows, spreads up to 1e4), user ops with ``custom_vjp`` /
+``custom_jvp`` combines and callable reduces, the wide kernels (float64 / int32 / int64,
+``--x64``), feature groups / strides / dilations / paddings at their edges, and dense products.
+
+Routes: after its checks each example lowers its call on ``engine="auto"`` (forward, and
+the VJP for floats) and reads which engine runs from the program (the native engine's
+``@jaxconv_*`` custom calls), against ``jaxconv.explain(op, dtype=...)``: the engine it
+plans, its ``not native: ...`` reason and its ``backward:`` line. A disagreement (explain
+says native and the call runs XLA or the reverse, a fallback with no reason, a backward
+elsewhere than explain says, explain saying native where ``engine="native"`` refuses) fails
+the example (issue 22, item 6). Each example's route is appended to ``--engines`` (JSON
+lines) and the run ends with a table of the reasons ``"auto"`` ran the XLA engine
+(``--no-route`` skips all this).
+
 It checks (the contracts of docs/numerics.md):
 
 - forward: XLA engine and native engine against the float64 numpy loops
@@ -88,8 +106,23 @@ _ARGS.add_argument("--transform", default=None,
 _ARGS.add_argument("--log", default="/tmp/jaxconv_fuzz.jsonl", help="failures, JSON lines")
 _ARGS.add_argument("--no-extras", action="store_true",
                    help="no clip ops, focused draws, export or sharding (earlier seeds' draws)")
+_ARGS.add_argument("--no-recent", action="store_true",
+                   help="no recent-area focus (the draws of seeds before it existed)")
+_ARGS.add_argument("--engines", default="/tmp/jaxconv_fuzz_engines.jsonl",
+                   help="each example's engine='auto' route and explain's reasons, JSON lines")
+_ARGS.add_argument("--no-route", action="store_true",
+                   help="do not lower engine='auto' nor compare it with jaxconv.explain")
 _ARGS.add_argument("--devices", type=int, default=2,
                    help="simulated CPU devices (jax_num_cpu_devices); 1: no sharded checks")
+
+
+# The native engine's backward custom calls (`jaxconv._src.engines.native.ffi`).
+_BACKWARD_CALLS = frozenset({"jaxconv_backward", "jaxconv_wide_backward",
+                             "jaxconv_backward_recorded", "jaxconv_low_backward_recorded"})
+# The built-in ops that are rewrites into lax products (no native engine by design).
+_LAX_OPS = ("xnor", "l2")
+# jaxconv.explain's plan per (op name, dtype): the same op and dtype plan the same way.
+_EXPLAINED: dict[tuple[str, str], Any] = {}
 
 
 class Skip(Exception):
@@ -117,6 +150,7 @@ class Spec:
     jvp: bool = True  # forward mode defined (not the surrogate rules)
     exact_grad: bool = True  # the gradient is the true derivative (finite differences apply)
     lax: bool = False  # a lax rewrite: both engines run lax
+    low: bool = True  # bf16 / f16 operands accepted (a smoothed fold is not associative there)
 
 
 def _specs(jnp: Any, jaxconv: Any) -> list[Spec]:
@@ -200,6 +234,69 @@ def _extra_specs(jnp: Any, jaxconv: Any) -> list[Spec]:
     ]
 
 
+def _recent_specs(jnp: Any, jaxconv: Any) -> list[Spec]:
+    """User ops of the recent native paths (drawn from the recent focus's own stream):
+    combines with custom derivative rules (``jax.custom_vjp``: a straight-through sign, and
+    rules equal to the true derivative so that finite differences apply; ``jax.custom_jvp``:
+    ``jax.nn.relu``) and callable reduces (a softplus-smoothed max, a probabilistic or)."""
+    import jax
+
+    @jax.custom_vjp
+    def ste(v: Any) -> Any:
+        return jnp.where(v >= 0, 1.0, -1.0).astype(v.dtype)
+
+    ste.defvjp(lambda v: (ste(v), v), lambda v, g: (g * (jnp.abs(v) <= 1.0).astype(g.dtype),))
+
+    @jax.custom_vjp
+    def mul_rule(x: Any, w: Any) -> Any:
+        return x * w
+
+    mul_rule.defvjp(lambda x, w: (x * w, (x, w)), lambda r, g: (g * r[1], g * r[0]))
+
+    @jax.custom_vjp
+    def sub_rule(x: Any, w: Any) -> Any:
+        return x - w
+
+    sub_rule.defvjp(lambda x, w: (x - w, None), lambda r, g: (g, -g))
+
+    def smoothed_max(a: Any, b: Any) -> Any:
+        return 0.5 * jnp.logaddexp(a / 0.5, b / 0.5)
+
+    def np_sign(v: Any) -> Any:
+        return np.where(np.asarray(v) >= 0, 1.0, -1.0)
+
+    inf = math.inf
+    return [
+        Spec("u_ste_xnor_sum", jaxconv.Op(lambda x, w: ste(x) * ste(w), "sum",
+                                          name="fz_ste_xnor"),
+             lambda x, w: np_sign(x) * np_sign(w), np.add, 0.0, None, "sum", "one",
+             ints=False, jvp=False, exact_grad=False),
+        Spec("u_vjp_mul_sum", jaxconv.Op(mul_rule, "sum", name="fz_vjp_mul_sum"),
+             np.multiply, np.add, 0.0, None, "sum", "mul", ints=False, jvp=False),
+        Spec("u_vjp_sub_max", jaxconv.Op(sub_rule, "max", name="fz_vjp_sub_max"),
+             np.subtract, np.maximum, -inf, None, "max", "add", ints=False, jvp=False),
+        Spec("u_vjp_mul_min", jaxconv.Op(mul_rule, "min", name="fz_vjp_mul_min"),
+             np.multiply, np.minimum, inf, None, "min", "mul", ints=False, jvp=False),
+        Spec("u_relu_max", jaxconv.Op(lambda x, w: jax.nn.relu(x * w), "max",
+                                      name="fz_relu_max"),
+             lambda x, w: np.maximum(np.multiply(x, w), 0), np.maximum, -inf, None, "max",
+             "mul", ints=False),
+        Spec("u_smax_fold", jaxconv.Op(lambda x, w: x * w, smoothed_max, identity=-inf,
+                                       name="fz_smax_fold"),
+             np.multiply, lambda a, b: 0.5 * np.logaddexp(2 * a, 2 * b), -inf, None, "lse",
+             "mul", ints=False, low=False),
+        Spec("u_por_fold", jaxconv.Op(lambda x, w: jax.nn.sigmoid(x * w),
+                                      lambda a, b: a + b - a * b, identity=0.0,
+                                      name="fz_por_fold"),
+             lambda x, w: 1.0 / (1.0 + np.exp(-np.multiply(x, w))),
+             lambda a, b: a + b - a * b, 0.0, None, "sum", "one", ints=False, low=False),
+    ]
+
+
+# The recent focus's areas (``Example._recent``).
+RECENT = ("low_maxmin_bwd", "lse_bwd", "custom_rule", "wide", "geometry", "dense")
+
+
 # --------------------------------------------------------------------------------------------
 # Problems.
 # --------------------------------------------------------------------------------------------
@@ -211,10 +308,16 @@ def _dilated(size: int, d: int) -> int:
     return (size - 1) * d + 1 if size > 0 else 0
 
 
-def _conv_problem(rng: np.random.Generator, wide: bool) -> dict[str, Any] | None:
+def _conv_problem(rng: np.random.Generator, wide: bool,
+                  edge: bool = False) -> dict[str, Any] | None:
     """Geometry and layouts of a convolution, as ``test_properties.problems`` draws them
-    (wider when ``wide``); None when the draw has no output position."""
+    (wider when ``wide``); None when the draw has no output position. ``edge``: feature
+    groups, strides and both dilations up to 3 and explicit paddings from -2 to 4 (the
+    draw's other sizes as without it)."""
     from jax import lax
+
+    if edge:
+        return _edge_conv(rng, _conv_problem(rng, wide))
 
     nsd = int(rng.choice([1, 2, 2, 3]))
     depthwise = rng.random() < 0.15
@@ -263,6 +366,46 @@ def _conv_problem(rng: np.random.Generator, wide: bool) -> dict[str, Any] | None
                 terms=ci * math.prod(window))
 
 
+def _edge_conv(rng: np.random.Generator, base: dict[str, Any] | None
+               ) -> dict[str, Any] | None:
+    """``base``'s layouts and sizes with grouping, strides, dilations and padding at their
+    edges: 2-4 feature groups (or depthwise), strides and dilations 1-3, explicit paddings
+    -2..4 (None when the draw has no output position).
+
+    Args:
+        rng: the stream.
+        base: a convolution drawn by `_conv_problem` (None: none).
+
+    Returns:
+        The problem, or None.
+    """
+    if base is None:
+        return None
+    lhs_spec, rhs_spec, _ = base["kw"]["dimension_numbers"]
+    nsd = len(lhs_spec) - 2
+    xs = dict(zip(lhs_spec, base["xshape"], strict=True))
+    ws = dict(zip(rhs_spec, base["wshape"], strict=True))
+    og = max(1, ws["O"] // base["kw"]["feature_group_count"])
+    if rng.random() < 0.8:
+        groups, ci = int(rng.choice([2, 3, 4])), ws["I"]
+    else:  # depthwise, a channel multiplier of og
+        groups, ci = max(2, xs["C"]), 1
+    xs["C"], ws["I"], ws["O"] = groups * ci, ci, groups * og
+    sp = [ch for ch in rhs_spec if ch not in "OI"]
+    strides = tuple(int(rng.integers(1, 4)) for _ in range(nsd))
+    rdil = tuple(int(rng.integers(1, 4)) for _ in range(nsd))
+    ldil = tuple(int(rng.integers(1, 4)) for _ in range(nsd))
+    pads = tuple((int(rng.integers(-2, 5)), int(rng.integers(-2, 5))) for _ in range(nsd))
+    for ch, ld, rd, (lo, hi) in zip(sp, ldil, rdil, pads, strict=True):
+        din = _dilated(xs[ch], ld)
+        if not (lo > -din and hi > -din and din + lo + hi >= _dilated(ws[ch], rd)):
+            return None
+    kw = dict(base["kw"], lhs_dilation=ldil, rhs_dilation=rdil, feature_group_count=groups)
+    return dict(base, xshape=[xs[ch] for ch in lhs_spec], wshape=[ws[ch] for ch in rhs_spec],
+                strides=strides, padding=pads, kw=kw,
+                terms=ci * math.prod(ws[ch] for ch in sp))
+
+
 def _dot_problem(rng: np.random.Generator, wide: bool) -> dict[str, Any]:
     nb = int(rng.integers(0, 2))
     if wide:
@@ -309,6 +452,9 @@ def _data(rng: np.random.Generator, shape: list[int], kind: str, dtype: Any,
         pool = np.array([0.0, -0.0, 1.0, -1.0, tiny, -tiny, tiny * 0.25, -tiny * 0.25,
                          tiny * 1.5, -tiny * 1.5, 2.0])
         v = pool[rng.integers(0, len(pool), size=shape)]
+    elif kind == "lse_edge":  # a log-sum-exp's edges: all -inf windows, spreads past 80
+        v = v * float(rng.choice([1.0, 30.0, 1e4]))
+        v[rng.random(shape) < float(rng.uniform(0.3, 0.9))] = -np.inf
     elif kind == "far":  # x + w near 5000: beyond the log semiring's exp-space |y| <= 2^12
         v = v + 2500.0
     elif kind == "huge":  # beyond 2^96 (the native l1 / adder direct loop) for x - w terms
@@ -336,7 +482,7 @@ class Example:
     """A drawn example and the machinery to run and check it."""
 
     def __init__(self, seed: int, specs: list[Spec], x64: bool, transform: str | None,
-                 extras: list[Spec] | None = None):
+                 extras: list[Spec] | None = None, recent: list[Spec] | None = None):
         import jax.numpy as jnp
         import ml_dtypes
 
@@ -356,6 +502,7 @@ class Example:
             raise Skip("no valid geometry drawn")
         self.spec = specs[int(rng.integers(0, len(specs)))]
         self.focus = self.export = self.sharded = None
+        self.native_refused: str | None = None
         if extras is not None:
             self.focus, spec = self._focus(xr, specs, extras, x64)
             self.spec = spec or self.spec
@@ -393,12 +540,116 @@ class Example:
         elif self.focus == "low_lse":
             self.data = str(xr.choice(["normal", "offset", "far"]))
             self.transform = transform or str(xr.choice(["jvp", "jvp", "grad"]))
+        self.recent = None
+        if recent is not None and self.focus is None:
+            # The recent focus's own stream: without it (--no-recent) a seed draws as before.
+            self._recent(np.random.default_rng([seed, 104729]), specs, extras or [], recent,
+                         x64, transform)
         if self.is_int and self.transform in ("grad", "jvp", "vmap_grad"):
             self.transform = "forward"
         t = self.spec.term
-        self.x = _data(rng, prob["xshape"], self.data, self.np_dtype, t).astype(self.np_dtype)
-        self.w = _data(rng, prob["wshape"], self.data, self.np_dtype, t).astype(self.np_dtype)
+        self.x = _data(rng, self.prob["xshape"], self.data, self.np_dtype, t).astype(
+            self.np_dtype)
+        self.w = _data(rng, self.prob["wshape"], self.data, self.np_dtype, t).astype(
+            self.np_dtype)
         self.jnp = jnp
+
+    def _recent(self, rr: np.random.Generator, specs: list[Spec], extras: list[Spec],
+                recent: list[Spec], x64: bool, transform: str | None) -> None:
+        """With probability 0.5, redraws the example in one of the areas changed recently
+        (`RECENT`), setting ``recent`` and overriding the op, dtype, data, transform and
+        problem as the area asks:
+
+        - ``low_maxmin_bwd``: bf16 / f16 max / min ops (built-in, user, custom rules), mostly
+          reverse mode, on ties, signed zeros and denormals, NaN / inf; wide problems (more
+          than 64 kernel rows: the recorded route) half of the time;
+        - ``lse_bwd``: logsumexp ops and the smoothed-max fold on all -inf windows and spreads
+          up to 1e4, reverse mode and tangents, any float dtype;
+        - ``custom_rule``: user ops with ``custom_vjp`` / ``custom_jvp`` combines and callable
+          reduces, any float dtype;
+        - ``wide`` (``--x64`` only): float64 / int32 / int64 on wide problems;
+        - ``geometry``: feature groups, strides, dilations and paddings at their edges;
+        - ``dense``: ``dot_general`` / ``einsum``, wide half of the time.
+
+        Args:
+            rr: the recent focus's stream.
+            specs: the primary ops.
+            extras: the extras' ops.
+            recent: `_recent_specs`.
+            x64: whether float64 / int64 are on.
+            transform: the transform asked for (``None``: drawn).
+        """
+        if rr.random() >= 0.5:
+            return
+        areas = [a for a in RECENT if a != "wide" or x64]
+        area = str(rr.choice(areas))
+        floats = ["float32", "bfloat16", "float16"] + (["float64"] if x64 else [])
+
+        def pick(pool: list[Spec]) -> Spec:
+            return pool[int(rr.integers(0, len(pool)))]
+
+        def problem(kind: str, wide: bool) -> dict[str, Any] | None:
+            for _ in range(30):
+                p = (_conv_problem(rr, wide, edge=kind == "edge") if kind != "dot"
+                     else _dot_problem(rr, wide))
+                if p is not None:
+                    return dict(p, wide=wide)
+            return None
+
+        allspecs = specs + extras + recent
+        spec, dtype, data, modes, prob = None, None, None, None, None
+        wide = bool(rr.random() < 0.5)
+        if area == "low_maxmin_bwd":
+            spec = pick([s for s in allspecs if s.family in ("max", "min")])
+            dtype = str(rr.choice(["bfloat16", "float16"]))
+            data = str(rr.choice(["ints", "zeros", "zeros", "specials", "normal"]))
+            modes = ["grad", "grad", "vmap_grad", "forward"]
+            prob = problem("conv" if rr.random() < 0.6 else "dot", wide)
+        elif area == "lse_bwd":
+            spec = pick([s for s in allspecs if s.family == "lse"])
+            dtype = str(rr.choice(["float32", "float32", *floats]))
+            data = str(rr.choice(["lse_edge", "lse_edge", "far", "specials"]))
+            modes = ["grad", "grad", "vmap_grad", "jvp", "forward"]
+        elif area == "custom_rule":
+            spec = pick(recent)
+            dtype = str(rr.choice(["float32", "float32", *floats]))
+            data = str(rr.choice(["normal", "normal", "ints", "zeros", "specials", "offset"]))
+            modes = ["grad", "grad", "vmap_grad", "forward", "vmap"] + (
+                ["jvp"] if spec.jvp else [])
+        elif area == "wide":
+            spec = pick(allspecs)
+            dtype = str(rr.choice(["float64", "float64"]
+                                  + (["int32", "int64"] if spec.ints else [])))
+            prob = problem("conv" if rr.random() < 0.6 else "dot", True)
+        elif area == "geometry":
+            prob = problem("edge", bool(rr.random() < 0.3))
+        elif area == "dense":
+            prob = problem("dot", wide)
+        self.recent = area
+        self.spec = spec or self.spec
+        if dtype is not None:
+            self.dtype = dtype
+        elif self.dtype.startswith("int") and not self.spec.ints:
+            self.dtype = "float32"
+        if self.dtype in ("bfloat16", "float16") and not self.spec.low:
+            self.dtype = "float32"
+        import ml_dtypes
+
+        self.np_dtype = {"bfloat16": ml_dtypes.bfloat16}.get(self.dtype, np.dtype(self.dtype))
+        self.is_int = self.dtype.startswith("int")
+        if self.is_int:
+            self.data = "ints"
+        elif data is not None:
+            self.data = data
+        elif self.data == "ints" and not self.is_int and rr.random() < 0.5:
+            self.data = "normal"
+        if self.data in ("huge",) and self.dtype not in ("float32", "float64"):
+            self.data = "normal"
+        if modes is not None and transform is None:
+            self.transform = str(rr.choice(modes))
+        if prob is not None:
+            self.wide = prob.pop("wide")
+            self.prob = prob
 
     @staticmethod
     def _focus(xr: np.random.Generator, specs: list[Spec], extras: list[Spec],
@@ -429,6 +680,7 @@ class Example:
         p.update(self.prob.get("kw", {}))
         return dict(seed=self.seed, op=self.spec.name, dtype=self.dtype, data=self.data,
                     transform=self.transform, wide=self.wide, focus=self.focus,
+                    recent=self.recent,
                     export=self.export, sharded=self.sharded,
                     **{k: repr(v) for k, v in p.items()})
 
@@ -477,6 +729,65 @@ class Example:
                     self.native_refused = str(e)
                     continue
                 raise
+        return out
+
+    def route(self) -> dict[str, Any]:
+        """What ``engine="auto"`` does with this example and what `jaxconv.explain` says it does.
+
+        The engine that runs is read from the lowered program (the native engine's custom
+        calls, ``@jaxconv_*``): the forward of ``jit(f)`` and, for floats, the backward calls
+        in ``jit`` of the VJP. `jaxconv.explain` (the op and dtype, ``engine="auto"``) gives the
+        planned engine, the native engine's refusal (its ``not native: ...`` line) and its
+        backward (a ``backward: the XLA engine`` line). Issue 22's item 6 makes every
+        disagreement a bug: they are listed under ``"mismatch"`` (`run` fails on them).
+
+        Returns:
+            ``explain`` (its engine), ``forward`` / ``backward`` (the engine that runs;
+            backward ``None`` for integers and the lax rewrites), ``reason`` (why the forward
+            falls back, from ``explain``: its refusal, else its first line, such as a
+            factored form's) and ``mismatch`` (a list of texts).
+        """
+        import re
+
+        import jax
+
+        import jaxconv
+
+        key = (self.spec.name, self.dtype)
+        if key not in _EXPLAINED:
+            _EXPLAINED[key] = jaxconv.explain(self.spec.op, dtype=self.dtype, engine="auto")
+        plan = _EXPLAINED[key]
+        why = [d.removeprefix("not native: ") for d in plan.details
+               if d.startswith("not native: ")]
+        said_back = next((d for d in plan.details if d.startswith("backward:")), "")
+        f = self.fn("auto")
+
+        def calls(text: str) -> set[str]:
+            return set(re.findall(r"custom_call @(jaxconv_\w+)", text))
+
+        fwd = "native" if calls(jax.jit(f).lower(self.x, self.w).as_text()) else "xla"
+        out = dict(explain=plan.engine, forward=fwd, backward=None,
+                   reason=why[0] if why else (plan.details[0] if plan.engine == "xla"
+                                               and plan.details else None), mismatch=[])
+        if not (self.is_int or self.spec.lax):
+            y = jax.eval_shape(f, self.x, self.w)
+            g = jax.ShapeDtypeStruct(y.shape, y.dtype)
+            text = jax.jit(lambda a, b, c: jax.vjp(f, a, b)[1](c)).lower(
+                self.x, self.w, g).as_text()
+            out["backward"] = "native" if calls(text) & _BACKWARD_CALLS else "xla"
+        bad = out["mismatch"]
+        if plan.engine != fwd:
+            bad.append(f"explain says engine {plan.engine!r}, the forward runs on {fwd}")
+        if plan.engine == "xla" and not why and self.spec.op not in _LAX_OPS and not any(
+                "rewrite" in d or "lax" in d for d in plan.details):
+            bad.append("falls back to XLA and explain gives no reason")
+        if plan.engine == "native" and self.native_refused:
+            bad.append(f"explain says native, engine='native' refuses: {self.native_refused}")
+        if fwd == "native" and out["backward"] is not None:
+            said = "xla" if "the XLA engine" in said_back else "native"
+            if said != out["backward"]:
+                bad.append(f"explain says the backward runs on {said} ({said_back!r}), it "
+                           f"runs on {out['backward']}")
         return out
 
     # --- checks ---------------------------------------------------------------------------
@@ -682,7 +993,8 @@ class Example:
 
         self._float_only()
         if not self.spec.jvp:
-            raise Skip("documented: xnor / adder gradients are reverse-only surrogate rules")
+            raise Skip("documented: xnor / adder gradients and custom_vjp combines are "
+                       "reverse-only")
         tx = self.cotangent(self.x.shape)
         tw = self.cotangent(self.w.shape)
 
@@ -919,11 +1231,17 @@ def main(argv: list[str] | None = None) -> int:
 
     specs = _specs(jnp, jaxconv)
     extras = None if args.no_extras else _extra_specs(jnp, jaxconv)
+    recent = None if args.no_recent else _recent_specs(jnp, jaxconv)
     if args.replay is not None:
-        ex = Example(args.replay, specs, args.x64, args.transform, extras)
+        ex = Example(args.replay, specs, args.x64, args.transform, extras, recent)
         print(json.dumps(ex.describe(), indent=1))
         ex.run()
         print("ok" + (f" (native refused: {ex.native_refused})" if ex.native_refused else ""))
+        if not args.no_route:
+            r = ex.route()
+            print(json.dumps(r, indent=1))
+            if r["mismatch"]:
+                raise AssertionError("; ".join(r["mismatch"]))
         return 0
     seed0 = args.seed if args.seed is not None else int(time.time()) % 10**6 * 1000
     stop = time.monotonic() + 60 * args.minutes
@@ -931,24 +1249,35 @@ def main(argv: list[str] | None = None) -> int:
     outcome: collections.Counter[str] = collections.Counter()
     extra_counts: collections.Counter[str] = collections.Counter()
     failures = 0
+    routes: list[dict[str, Any]] = []
     i = 0
     while time.monotonic() < stop and i < args.examples:
         seed = seed0 + i
         i += 1
         try:
-            ex = Example(seed, specs, args.x64, args.transform, extras)
+            ex = Example(seed, specs, args.x64, args.transform, extras, recent)
         except Skip:
             outcome["no geometry"] += 1
             continue
         counts[ex.category()] += 1
-        for flag in ("focus", "export", "sharded"):
+        for flag in ("focus", "export", "sharded", "recent"):
             if getattr(ex, flag):
-                extra_counts[ex.focus if flag == "focus" else flag] += 1
+                extra_counts[getattr(ex, flag) if flag in ("focus", "recent") else flag] += 1
+        t0 = time.monotonic()
         try:
-            ex.run()
-            outcome["native refused" if ex.native_refused else "passed"] += 1
-        except Skip as e:
-            outcome[f"skipped: {e}"] += 1
+            try:
+                ex.run()
+                outcome["native refused" if ex.native_refused else "passed"] += 1
+            except Skip as e:
+                outcome[f"skipped: {e}"] += 1
+            if not args.no_route:
+                r = ex.route()
+                routes.append(dict(seed=seed, op=ex.spec.name, dtype=ex.dtype,
+                                   kind=ex.prob["kind"], transform=ex.transform,
+                                   refused=ex.native_refused, seconds=round(
+                                       time.monotonic() - t0, 2), **r))
+                if r["mismatch"]:
+                    raise AssertionError("route: " + "; ".join(r["mismatch"]))
         except Exception as e:  # noqa: BLE001 - every failure is recorded, the run goes on
             failures += 1
             outcome["FAILED"] += 1
@@ -979,7 +1308,40 @@ def main(argv: list[str] | None = None) -> int:
     for title, c in (("transform", by_transform), ("product", by_kind), ("reduce", by_family),
                      ("dtype", by_dtype), ("data", by_data), ("extras", extra_counts)):
         print(f"  by {title}: " + ", ".join(f"{k} {v}" for k, v in c.most_common()))
+    if routes:
+        _route_summary(routes, args.engines)
     return 1 if failures else 0
+
+
+def _route_summary(routes: list[dict[str, Any]], path: str) -> None:
+    """Appends each example's route (`Example.route`) to ``path`` as JSON lines and prints
+    which engine ran how often, and a table of the reasons ``engine="auto"`` did not run the
+    native engine's forward (``explain``'s), with the ops and dtypes they came from.
+
+    Args:
+        routes: one record per example (seed, op, dtype, ``Example.route``'s fields).
+        path: the JSON lines file.
+    """
+    with open(path, "a") as fh:
+        for r in routes:
+            fh.write(json.dumps(r) + "\n")
+    ran = collections.Counter(f"{r['forward']}/{r['backward'] or '-'}" for r in routes)
+    print("  engine='auto' ran (forward/backward): "
+          + ", ".join(f"{k} {v}" for k, v in ran.most_common()))
+    refused = collections.Counter(r["refused"] is not None for r in routes)
+    print(f"  engine='native' refused {refused[True]} of {len(routes)} examples")
+    reasons: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+    for r in routes:
+        if r["forward"] == "xla":
+            why = r["reason"] or ("a lax rewrite" if r["op"].split("[")[0] in _LAX_OPS
+                                  else "(no reason given)")
+            reasons[why][f"{r['op']}:{r['dtype']}"] += 1
+    if reasons:
+        print("  why engine='auto' ran the XLA engine's forward (jaxconv.explain):")
+        for why, c in sorted(reasons.items(), key=lambda kv: -sum(kv[1].values())):
+            print(f"    {sum(c.values()):4d}  {why}\n          "
+                  + ", ".join(f"{k} {v}" for k, v in c.most_common()))
+    print(f"  routes appended to {path}")
 
 
 if __name__ == "__main__":

@@ -454,3 +454,54 @@ def test_always_finite_is_conservative() -> None:
                 vals = np.array([-big, -1.0, -0.0, 0.0, 2.0**-126, 1.5, big], np.float32)
                 a, b = np.meshgrid(vals, vals)
                 assert np.isfinite(np.asarray(fn(jnp.asarray(a), jnp.asarray(b)))).all()
+
+
+@jax.custom_vjp
+def _halved_rule(x: Any, w: Any) -> Any:
+    """``x - w`` whose rule passes ``-g / 2`` to w (not the derivative: the rule must be the
+    one that runs)."""
+    return x - w
+
+
+_halved_rule.defvjp(lambda x, w: (x - w, None), lambda r, g: (g, -0.5 * g))
+PLAIN = {"max": jaxconv.Op(lambda x, w: x - w, "max", name="plain_sub_max"),
+         "min": jaxconv.Op(lambda x, w: x - w, "min", name="plain_sub_min")}
+
+
+@pytest.mark.parametrize("reduce,dtype", [("max", BF16), ("min", F16)])
+def test_custom_vjp_max_min_combine_runs_natively(reduce: str, dtype: Any) -> None:
+    """A ``jax.custom_vjp`` combine under max / min on bf16 / f16 runs on the native engine
+    (issue 22: custom rules and every floating dtype; its primal's roundings are the
+    question, `eligibility.rounds_once`, which refused the custom VJP's call before), as
+    `explain` says: the forward bit for bit the numpy loops rounded once and the XLA
+    engine's; the gradients the XLA engine's and the rule's (dw half the plain
+    difference's), ties (integer data) split equally."""
+    op = jaxconv.Op(_halved_rule, reduce, name=f"halved_{reduce}")
+    assert jaxconv.explain(op, dtype=dtype).engine == "native"
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.integers(-3, 4, (2, 6, 5, 16)), dtype)
+    w = jnp.asarray(rng.integers(-3, 4, (3, 3, 16, 8)), dtype)
+
+    def conv(o: Any, engine: str) -> Any:
+        return lambda a, b: jaxconv.conv_general_dilated(
+            a, b, (1, 1), "SAME", dimension_numbers=DN, op=o, engine=engine)
+
+    assert "jaxconv_low_forward" in jax.jit(conv(op, "auto")).lower(x, w).as_text()
+    y = jax.jit(conv(op, "native"))(x, w)
+    np.testing.assert_array_equal(_bits(y), _bits(jax.jit(conv(op, "xla"))(x, w)))
+    red = np.maximum if reduce == "max" else np.minimum
+    ref = conv_reference(np.asarray(x, np.float64), np.asarray(w, np.float64), (1, 1), "SAME",
+                         dimension_numbers=DN, combine=np.subtract, reduce=red,
+                         identity=-np.inf if reduce == "max" else np.inf)
+    np.testing.assert_array_equal(np.asarray(y, np.float64), ref)
+    g = jnp.asarray(rng.standard_normal(y.shape), dtype)
+
+    def grads(o: Any, engine: str) -> Any:
+        return jax.jit(lambda a, b: jax.vjp(conv(o, engine), a, b)[1](g))(x, w)
+
+    (dxn, dwn), (dxx, dwx), (_, dwp) = (grads(op, "native"), grads(op, "xla"),
+                                        grads(PLAIN[reduce], "xla"))
+    for got, want in ((dxn, dxx), (dwn, dwx), (dwn, 0.5 * np.asarray(dwp, np.float32))):
+        want = np.asarray(want, np.float32)
+        np.testing.assert_allclose(np.asarray(got, np.float32), want,
+                                   atol=0.02 * np.abs(want).max())

@@ -188,15 +188,18 @@ def _scalar_dtype(aval: Any, what: str, as_float: np.dtype | None = None,
 
 
 class _Builder:
-    def __init__(self, arg_dtype: np.dtype, keep_rules: bool = False) -> None:
+    def __init__(self, arg_dtype: np.dtype, keep_rules: bool = False,
+                 primal: bool = False) -> None:
         """An empty program.
 
         Args:
             arg_dtype: the arguments' dtype.
             keep_rules: keep calls of custom-rule functions as one node (else inline them).
+            primal: inline a custom VJP's primal function (else refuse it).
         """
         self.arg_dtype = arg_dtype
         self.keep_rules = keep_rules
+        self.primal = primal
         self.nodes: list[Node] = []
         self.custom_jvp = False
 
@@ -262,6 +265,8 @@ class _Builder:
                 if name == "custom_jvp_call":
                     self.custom_jvp = True
                 outs = self.inline(eqn.params[_CALLS[name]], ins)
+            elif name.startswith("custom_vjp") and self.primal:
+                outs = self.inline(eqn.params["call_jaxpr"], ins)
             elif name.startswith("custom_vjp"):
                 raise Untranslatable("it calls a function with a custom VJP (such as a "
                                      "straight-through estimator)")
@@ -355,7 +360,7 @@ class _Builder:
 
 
 def trace(fn: Callable[..., Any], dtype: Any, n_args: int,
-          keep_rules: bool = False) -> ScalarProgram:
+          keep_rules: bool = False, primal: bool = False) -> ScalarProgram:
     """The flat program of ``fn`` on ``n_args`` scalars of ``dtype``.
 
     Args:
@@ -365,6 +370,8 @@ def trace(fn: Callable[..., Any], dtype: Any, n_args: int,
       keep_rules: keep each call of a ``jax.custom_vjp`` / ``jax.custom_jvp`` function as
         one node (`Node.rule`) that `evaluate` calls with its rule, instead of refusing a
         custom VJP and inlining a custom JVP's primal.
+      primal: inline a ``jax.custom_vjp`` function's primal (its forward's values: the
+        program computes the primal only, its derivative is not the rule's).
 
     Returns:
       A `ScalarProgram` (its ``outputs`` are ``fn``'s results, flattened).
@@ -390,7 +397,7 @@ def trace(fn: Callable[..., Any], dtype: Any, n_args: int,
     except Exception as e:  # noqa: BLE001 - any tracing failure means "not translatable"
         raise Untranslatable(f"it cannot be traced on scalars ({type(e).__name__}: {e})") \
             from None
-    b = _Builder(dtype, keep_rules)
+    b = _Builder(dtype, keep_rules, primal)
     outs = b.inline(closed, [Arg(i) for i in range(n_args)])
     return ScalarProgram(tuple(b.nodes), tuple(outs), n_args, dtype, b.custom_jvp)
 
@@ -407,6 +414,21 @@ def combine_program(combine: Callable[..., Any], dtype: Any) -> ScalarProgram:
         The program.
     """
     return trace(combine, dtype, 2)
+
+
+@functools.lru_cache(maxsize=512)
+def primal_program(combine: Callable[..., Any], dtype: Any) -> ScalarProgram:
+    """`trace` of ``combine(x, w)``'s primal values, custom-VJP functions inlined (cached):
+    for questions about the forward's roundings, never for derivatives.
+
+    Args:
+        combine: the combine.
+        dtype: the operands' dtype.
+
+    Returns:
+        The program.
+    """
+    return trace(combine, dtype, 2, primal=True)
 
 
 @functools.lru_cache(maxsize=512)

@@ -86,8 +86,9 @@ def rounds_once(op: Op, dtype: DTypeLike) -> str | None:
     """
     dtype = np.dtype(dtype)
     try:
-        program = sp.combine_program(op.combine, dtype)
-        kernel = sp.combine_program(op.combine, FLOAT32)
+        # The primal's roundings (a custom-VJP function's rule is the backward's business).
+        program = sp.primal_program(op.combine, dtype)
+        kernel = sp.primal_program(op.combine, FLOAT32)
     except sp.Untranslatable as e:
         return f"it is not translated: {e}"
     # The kernel's constants are float32: each must be the dtype's own value, except a
