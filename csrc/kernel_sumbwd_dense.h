@@ -48,9 +48,13 @@
 // (once per instruction set), after kernel_sums_paired.h, never on its own.
 #pragma once
 
-// Positions and vectors of input channels of one dense tile.
+// Positions and vectors of input channels of one dense tile. Two vectors where a packed block
+// of NR input channels holds a whole number of pairs (AVX-512: NR 32, W 16); else one (AVX2:
+// NR 24, W 8, where a pair could straddle two blocks; 6 x values, 6 sums, a kernel vector,
+// its dw sums and the cotangent fill 15 of the 16 registers). Without it AVX2's dense sums
+// took the convolution's pair pass: E's adder forward+backward 2.3x lax on a Zen 3.
 constexpr int kDensePB = 6;
-constexpr int kDenseV = 2;
+constexpr int kDenseV = NR % (2 * W) == 0 ? 2 : 1;
 // Output channels per block (a multiple of the input gradient's runs, kDxRun).
 constexpr int64_t kDenseOB = 128;
 
@@ -151,7 +155,7 @@ void dense_pair_block(const Ctx& c, int64_t b, int64_t grp, int64_t i0, float* w
 // channels (dense_pair_block reads them at i0 % NR): on AVX2 (NR = 24, kDenseV * W = 16) a
 // tile from channel 16 read channels 24..31 from the next output channel's row of the block,
 // and dx / dw of 48 of 272 channels were wrong (tests/test_native_sumbwd.py under
-// JAXCONV_NATIVE_ISA=avx2): there pair_backward serves instead.
+// JAXCONV_NATIVE_ISA=avx2): there kDenseV is 1.
 inline bool dense_pair_fits(const Ctx& c) {
   const int64_t blocks = (c.I + kDenseV * W - 1) / (kDenseV * W);
   return NR % (kDenseV * W) == 0 && c.T == 1 && c.OS == 1 && c.tab[0] == 0 && c.I % W == 0 &&

@@ -49,7 +49,7 @@ def _grads(name: str, x: np.ndarray, w: np.ndarray, ct: np.ndarray):
 
 
 # 272 input channels: 8 blocks of two vectors and a last one of one (W = 16; on AVX2's W = 8,
-# 17 blocks); 13 positions: two tiles of 6 and one of 1; 136 output channels: two blocks of
+# 34 blocks of one vector, kDenseV = 1); 13 positions: two tiles of 6 and one of 1; 136 output channels: two blocks of
 # 64 and a ragged one of 8. Integer data: many x == w (l1's zero subgradient).
 # The l2_exact cases on the kernel's route too, and 20 input channels (not whole vectors:
 # the one-pass dense loop of an odd rule, dense_odd_backward).
